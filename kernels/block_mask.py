@@ -1,0 +1,115 @@
+"""The block-mask type and its one conversion to per-row index lists.
+
+A block mask is a bool tensor ``[B, HQ, NB, NB]`` with NB = ceil(T / block_size): entry
+(b, h, i, j) True means query block i of head h attends key block j. With ``causal`` only
+the lower triangle (j <= i) is meaningful; entries above the diagonal are ignored.
+
+The kernels read masks as index lists: for every row, the selected column indices in
+ascending order, packed at the start of the row, plus a count. :func:`block_mask_to_indices`
+is the only place that conversion happens.
+"""
+import torch
+
+from .kernel_utils import HAS_TRITON, interpreting, tl, triton
+
+
+@triton.jit
+def _mask_to_indices_kernel(M, IDX, CNT, NB, s_mr, s_mc, CAUSAL: tl.constexpr, TRANSPOSE: tl.constexpr,
+                            BLOCK: tl.constexpr):
+    row = tl.program_id(0)  # one row of the [B*HQ*NB, NB] (possibly transposed) mask
+    bh = row // NB
+    i = row % NB
+    base = M + bh.to(tl.int64) * NB * NB
+    if CAUSAL and TRANSPOSE:
+        lo = i  # key block i is seen by query blocks i..NB-1
+    else:
+        lo = 0
+    if CAUSAL and not TRANSPOSE:
+        hi = i + 1
+    else:
+        hi = NB
+    count = 0
+    for c0 in range(lo, hi, BLOCK):
+        cols = c0 + tl.arange(0, BLOCK)
+        inb = cols < hi
+        if TRANSPOSE:
+            m = tl.load(base + cols * s_mr + i * s_mc, mask=inb, other=0)
+        else:
+            m = tl.load(base + i * s_mr + cols * s_mc, mask=inb, other=0)
+        sel = (m != 0) & inb
+        pos = tl.cumsum(sel.to(tl.int32), axis=0) - 1 + count
+        tl.store(IDX + row.to(tl.int64) * NB + pos, cols.to(tl.int32), mask=sel)
+        count += tl.sum(sel.to(tl.int32), axis=0)
+    tl.store(CNT + row, count)
+
+
+def _indices_torch(mask):
+    NB = mask.shape[-1]
+    cnt = mask.sum(-1, dtype=torch.int32)
+    pos = (mask.cumsum(-1) - 1).masked_fill(~mask, NB)  # unselected -> spill column NB
+    idx = torch.zeros(*mask.shape[:-1], NB + 1, dtype=torch.int32, device=mask.device)
+    cols = torch.arange(NB, dtype=torch.int32, device=mask.device).expand_as(mask)
+    idx.scatter_(-1, pos.long(), cols)
+    return idx[..., :NB].contiguous(), cnt
+
+
+def block_mask_to_indices(block_mask: torch.Tensor, causal: bool = True, transpose: bool = False):
+    """Convert a bool block mask to per-row ascending index lists.
+
+    Args:
+        block_mask: bool ``[B, HQ, NB, NB]``.
+        causal: drop entries above the diagonal (key block j > query block i).
+        transpose: index the mask by key block instead: row j lists the query blocks i that
+            attend key block j (what the dK/dV backward pass iterates over).
+
+    Returns:
+        ``(idx, cnt)``: int32 ``[B, HQ, NB, NB]`` whose row r holds the ``cnt[..., r]``
+        selected indices in ascending order (entries past the count are unspecified), and
+        int32 ``[B, HQ, NB]`` counts.
+    """
+    B, HQ, NB, _ = block_mask.shape
+    if HAS_TRITON and (block_mask.is_cuda or interpreting()):
+        m = block_mask.contiguous()
+        idx = torch.empty(B, HQ, NB, NB, dtype=torch.int32, device=m.device)
+        cnt = torch.empty(B, HQ, NB, dtype=torch.int32, device=m.device)
+        if B * HQ * NB > 0:
+            m8 = m.view(torch.uint8)
+            _mask_to_indices_kernel[(B * HQ * NB,)](m8, idx, cnt, NB, NB, 1, CAUSAL=causal, TRANSPOSE=transpose,
+                                                    BLOCK=min(1024, max(16, triton.next_power_of_2(NB))))
+        return idx, cnt
+    m = block_mask
+    if causal:
+        m = m & torch.ones(NB, NB, dtype=torch.bool, device=m.device).tril()
+    if transpose:
+        m = m.transpose(-1, -2)
+    return _indices_torch(m)
+
+
+def causal_block_density(block_mask: torch.Tensor, seq_len: int | None = None, block_size: int = 64) -> float:
+    """Kept share of the causal blocks (i >= j): the density this project reports."""
+    NB = block_mask.shape[-1]
+    tril = torch.ones(NB, NB, dtype=torch.bool, device=block_mask.device).tril()
+    kept = (block_mask & tril).sum().item()
+    total = tril.sum().item() * block_mask.shape[0] * block_mask.shape[1]
+    return kept / max(total, 1)
+
+
+def random_block_mask(B, HQ, NB, density, *, generator=None, device="cpu", keep_diagonal=True):
+    """A random causal block mask keeping ``density`` of the causal blocks per (b, h) on average.
+
+    The diagonal is always kept when ``keep_diagonal``; off-diagonal blocks are drawn so
+    that the total kept share of causal blocks is ``density`` (benchmarks and tests).
+    """
+    if not 0.0 <= density <= 1.0:
+        raise ValueError(f"density must be in [0, 1], got {density}")
+    tril = torch.ones(NB, NB, dtype=torch.bool, device=device).tril()
+    diag = torch.eye(NB, dtype=torch.bool, device=device)
+    n_causal = NB * (NB + 1) / 2
+    n_off = n_causal - NB
+    want_off = max(0.0, density * n_causal - (NB if keep_diagonal else 0))
+    p_off = 0.0 if n_off == 0 else min(1.0, want_off / n_off)
+    r = torch.rand(B, HQ, NB, NB, generator=generator, device=device)
+    m = (r < p_off) & tril & ~diag
+    if keep_diagonal:
+        m = m | diag
+    return m

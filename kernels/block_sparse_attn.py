@@ -1,0 +1,625 @@
+"""Block-sparse FlashAttention: forward, backward, and the dense variant that also emits the
+max-pooled attention map (SeerAttention's distillation ground truth).
+
+Layout: q ``[B, HQ, T, D]``, k/v ``[B, H, T, D]`` with ``HQ % H == 0`` (GQA is resolved
+inside the kernels through ``hq // (HQ // H)``; K/V are never repeated in memory).
+
+Structure (one file per op): ``@triton.jit`` kernels -> launchers (allocation, grid,
+strides) -> ``torch.autograd.Function`` -> public functions. The public functions dispatch
+to the torch references (``reference.py``) on CPU.
+
+Kernel design. A forward program owns ``BLOCK_M`` query rows (one 64-row query block when
+sparse) and walks the key blocks it must visit: with a mask, the row's ascending index
+list; dense, all blocks up to the diagonal. Blocks strictly below the diagonal need no
+masking and are processed ``BLOCK_N // 64`` at a time (gathered into one tile, so a
+sparse row still feeds the tensor cores 128-wide tiles); the leftover single block and the
+diagonal band come after, the latter with the causal mask. Scores live in the log2
+domain (``qk_scale = sm_scale * log2(e)``) and the per-row log-sum-exp is stored for the
+backward pass; rows that attend no key store ``+inf`` so that they contribute nothing
+there. The pooling variant re-walks the key tiles after the softmax statistics are final
+and reduces ``max(s - lse)`` over each 64x64 tile: exactly the block max of the softmax
+probabilities, with O(B*HQ*T) extra memory.
+"""
+import torch
+
+from .block_mask import block_mask_to_indices
+from .kernel_utils import (HAS_TRITON, check_attention_inputs, check_block_mask, check_seq_bounds,
+                           interpreting, new_output, num_blocks, tl, triton)
+from .reference import attn_with_pooling_ref, block_sparse_attn_ref
+
+_LOG2E = 1.4426950408889634
+
+
+# ----------------------------------------------------------------------------- kernels
+
+@triton.jit
+def _tile_offsets(idx_row, p, BLOCK: tl.constexpr, BS: tl.constexpr, SPARSE: tl.constexpr):
+    """Token offsets of the tile made of the BLOCK // BS blocks at list positions p, p+1..."""
+    if SPARSE:
+        r = tl.arange(0, BLOCK)
+        bid = tl.load(idx_row + p + r // BS)
+        offs = bid * BS + r % BS
+    else:
+        offs = p * BS + tl.arange(0, BLOCK)
+    return offs
+
+
+@triton.jit
+def _fwd_step(acc, l_i, m_i, q, k_base, v_base, s_kt, s_vt, offs_m, offs_n, offs_d, qk_scale, T, kv_lo, kv_hi,
+              CAUSAL_MASK: tl.constexpr, KV_MASK: tl.constexpr, PREC: tl.constexpr):
+    if CAUSAL_MASK or KV_MASK:
+        kin = (offs_n < T)[:, None]
+        k = tl.load(k_base + offs_n[:, None] * s_kt + offs_d[None, :], mask=kin, other=0.0)
+        v = tl.load(v_base + offs_n[:, None] * s_vt + offs_d[None, :], mask=kin, other=0.0)
+    else:
+        k = tl.load(k_base + offs_n[:, None] * s_kt + offs_d[None, :])
+        v = tl.load(v_base + offs_n[:, None] * s_vt + offs_d[None, :])
+    qk = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
+    if CAUSAL_MASK:
+        qk = tl.where(offs_m[:, None] >= offs_n[None, :], qk, float("-inf"))
+    if KV_MASK:
+        qk = tl.where(((offs_n >= kv_lo) & (offs_n < kv_hi))[None, :], qk, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    if CAUSAL_MASK or KV_MASK:
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # fully masked row so far
+    else:
+        m_use = m_new
+    p = tl.math.exp2(qk - m_use[:, None])
+    alpha = tl.math.exp2(m_i - m_use)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
+    acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PREC)
+    return acc, l_i, m_new
+
+
+@triton.jit
+def _attn_fwd_kernel(
+    Q, K, V, O, LSE, POOL, IDX, CNT, BOUNDS, qk_scale,
+    s_qb, s_qh, s_qt, s_kb, s_kh, s_kt, s_vb, s_vh, s_vt, s_ob, s_oh, s_ot,
+    HQ, T, NB,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BS: tl.constexpr, SPARSE: tl.constexpr, CAUSAL: tl.constexpr, POOLING: tl.constexpr,
+    HAS_BOUNDS: tl.constexpr, EVEN_T: tl.constexpr, PREC: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // HQ
+    hq = pid_bh % HQ
+    h = hq // GROUP
+    RB: tl.constexpr = BLOCK_M // BS  # query blocks per program
+    NSUB: tl.constexpr = BLOCK_N // BS  # key blocks per full tile
+    MASK_KV: tl.constexpr = HAS_BOUNDS or ((not CAUSAL) and (not EVEN_T))
+    m0 = pid_m * BLOCK_M
+    qb0 = pid_m * RB
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    q_base = Q + b.to(tl.int64) * s_qb + hq.to(tl.int64) * s_qh
+    k_base = K + b.to(tl.int64) * s_kb + h.to(tl.int64) * s_kh
+    v_base = V + b.to(tl.int64) * s_vb + h.to(tl.int64) * s_vh
+    q = tl.load(q_base + offs_m[:, None] * s_qt + offs_d[None, :], mask=(offs_m < T)[:, None], other=0.0)
+    if HAS_BOUNDS:
+        kv_lo = tl.load(BOUNDS + 2 * b)
+        kv_hi = tl.load(BOUNDS + 2 * b + 1)
+    else:
+        kv_lo = 0
+        kv_hi = T
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+
+    idx_row = IDX
+    has_diag = False
+    if SPARSE:
+        row = pid_bh * NB + qb0
+        idx_row = IDX + row.to(tl.int64) * NB
+        cnt = tl.load(CNT + row)
+        n_off = cnt
+        if CAUSAL:  # lists are causal-filtered and ascending: the diagonal, if kept, is last
+            last = tl.load(idx_row + tl.maximum(cnt - 1, 0))
+            has_diag = (cnt > 0) & (last == qb0)
+            n_off = cnt - has_diag.to(tl.int32)
+    else:
+        if CAUSAL:
+            n_off = qb0
+        else:
+            n_off = NB
+
+    # blocks strictly below the diagonal band: no causal mask, NSUB blocks per tile
+    n_full = n_off // NSUB
+    for t in range(0, n_full):
+        offs_n = _tile_offsets(idx_row, t * NSUB, BLOCK_N, BS, SPARSE)
+        acc, l_i, m_i = _fwd_step(acc, l_i, m_i, q, k_base, v_base, s_kt, s_vt, offs_m, offs_n, offs_d, qk_scale,
+                                  T, kv_lo, kv_hi, False, MASK_KV, PREC)
+    for p in range(n_full * NSUB, n_off):
+        offs_n = _tile_offsets(idx_row, p, BS, BS, SPARSE)
+        acc, l_i, m_i = _fwd_step(acc, l_i, m_i, q, k_base, v_base, s_kt, s_vt, offs_m, offs_n, offs_d, qk_scale,
+                                  T, kv_lo, kv_hi, False, MASK_KV, PREC)
+    # the diagonal band, causal mask inside
+    if CAUSAL:
+        if SPARSE:
+            if has_diag:
+                offs_n = qb0 * BS + tl.arange(0, BS)
+                acc, l_i, m_i = _fwd_step(acc, l_i, m_i, q, k_base, v_base, s_kt, s_vt, offs_m, offs_n, offs_d,
+                                          qk_scale, T, kv_lo, kv_hi, True, MASK_KV, PREC)
+        else:
+            for jb in range(qb0, tl.minimum(qb0 + RB, NB)):
+                offs_n = jb * BS + tl.arange(0, BS)
+                acc, l_i, m_i = _fwd_step(acc, l_i, m_i, q, k_base, v_base, s_kt, s_vt, offs_m, offs_n, offs_d,
+                                          qk_scale, T, kv_lo, kv_hi, True, MASK_KV, PREC)
+
+    row_ok = offs_m < T
+    if HAS_BOUNDS:
+        row_ok = row_ok & (offs_m >= kv_lo) & (offs_m < kv_hi)
+    empty = (l_i == 0.0) | (~row_ok)  # rows that attend no key output zeros
+    l_safe = tl.where(empty, 1.0, l_i)
+    out = tl.where(empty[:, None], 0.0, acc / l_safe[:, None])
+    lse = tl.where(empty, float("inf"), m_i + tl.math.log2(l_safe))
+    o_base = O + b.to(tl.int64) * s_ob + hq.to(tl.int64) * s_oh
+    tl.store(o_base + offs_m[:, None] * s_ot + offs_d[None, :], out.to(O.dtype.element_ty),
+             mask=(offs_m < T)[:, None])
+    tl.store(LSE + pid_bh.to(tl.int64) * T + offs_m, lse, mask=offs_m < T)
+
+    if POOLING:
+        # Second walk over the key tiles with final statistics: the block max of
+        # exp2(s - lse) is the block max of the softmax probabilities.
+        RN: tl.constexpr = BLOCK_N // BS
+        pool_base = POOL + pid_bh.to(tl.int64) * NB * NB
+        rows_b = qb0 + tl.arange(0, RB)
+        if CAUSAL:
+            n_cb = tl.minimum(qb0 + RB, NB)
+        else:
+            n_cb = NB
+        for n0 in range(0, n_cb * BS, BLOCK_N):
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            k = tl.load(k_base + offs_n[:, None] * s_kt + offs_d[None, :], mask=(offs_n < T)[:, None], other=0.0)
+            s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale - lse[:, None]
+            valid = (offs_n < T)[None, :]
+            if CAUSAL:
+                valid = valid & (offs_m[:, None] >= offs_n[None, :])
+            if HAS_BOUNDS:
+                valid = valid & ((offs_n >= kv_lo) & (offs_n < kv_hi))[None, :]
+            s = tl.where(valid, s, float("-inf"))
+            blk = tl.max(tl.max(tl.reshape(s, (RB, BS, RN, BS)), axis=3), axis=1)
+            cols_b = n0 // BS + tl.arange(0, RN)
+            tl.store(pool_base + rows_b[:, None] * NB + cols_b[None, :], tl.math.exp2(blk),
+                     mask=(rows_b < NB)[:, None] & (cols_b < NB)[None, :])
+        z0 = ((n_cb + RN - 1) // RN) * RN  # blocks above the diagonal band are zero
+        for c0 in range(z0, NB, BS):
+            cols = c0 + tl.arange(0, BS)
+            tl.store(pool_base + rows_b[:, None] * NB + cols[None, :], tl.zeros([RB, BS], dtype=tl.float32),
+                     mask=(rows_b < NB)[:, None] & (cols < NB)[None, :])
+
+
+@triton.jit
+def _bwd_preprocess_kernel(O, DO, DELTA, s_ob, s_oh, s_ot, s_db, s_dh, s_dt, HQ, T,
+                           HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // HQ
+    hq = pid_bh % HQ
+    offs_m = pid_m * BLOCK + tl.arange(0, BLOCK)
+    offs_d = tl.arange(0, HEAD_DIM)
+    msk = (offs_m < T)[:, None]
+    o = tl.load(O + b.to(tl.int64) * s_ob + hq.to(tl.int64) * s_oh + offs_m[:, None] * s_ot + offs_d[None, :],
+                mask=msk, other=0.0)
+    do = tl.load(DO + b.to(tl.int64) * s_db + hq.to(tl.int64) * s_dh + offs_m[:, None] * s_dt + offs_d[None, :],
+                 mask=msk, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
+    tl.store(DELTA + pid_bh.to(tl.int64) * T + offs_m, delta, mask=offs_m < T)
+
+
+@triton.jit
+def _bwd_dq_step(dq, q, do, lse, delta, k_base, v_base, s_kt, s_vt, offs_m, offs_n, offs_d, qk_scale, T,
+                 kv_lo, kv_hi, CAUSAL_MASK: tl.constexpr, KV_MASK: tl.constexpr, PREC: tl.constexpr):
+    if CAUSAL_MASK or KV_MASK:
+        kin = (offs_n < T)[:, None]
+        k = tl.load(k_base + offs_n[:, None] * s_kt + offs_d[None, :], mask=kin, other=0.0)
+        v = tl.load(v_base + offs_n[:, None] * s_vt + offs_d[None, :], mask=kin, other=0.0)
+    else:
+        k = tl.load(k_base + offs_n[:, None] * s_kt + offs_d[None, :])
+        v = tl.load(v_base + offs_n[:, None] * s_vt + offs_d[None, :])
+    qk = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
+    p = tl.math.exp2(qk - lse[:, None])
+    if CAUSAL_MASK:
+        p = tl.where(offs_m[:, None] >= offs_n[None, :], p, 0.0)
+    if KV_MASK:
+        p = tl.where(((offs_n >= kv_lo) & (offs_n < kv_hi))[None, :], p, 0.0)
+    dp = tl.dot(do, tl.trans(v), input_precision=PREC)
+    ds = p * (dp - delta[:, None])
+    dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PREC)
+    return dq
+
+
+@triton.jit
+def _attn_bwd_dq_kernel(
+    Q, K, V, DO, DQ, LSE, DELTA, IDX, CNT, BOUNDS, qk_scale, sm_scale,
+    s_qb, s_qh, s_qt, s_kb, s_kh, s_kt, s_vb, s_vh, s_vt, s_db, s_dh, s_dt, s_gb, s_gh, s_gt,
+    HQ, T, NB,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BS: tl.constexpr, SPARSE: tl.constexpr, CAUSAL: tl.constexpr, HAS_BOUNDS: tl.constexpr,
+    EVEN_T: tl.constexpr, PREC: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // HQ
+    hq = pid_bh % HQ
+    h = hq // GROUP
+    RB: tl.constexpr = BLOCK_M // BS
+    NSUB: tl.constexpr = BLOCK_N // BS
+    MASK_KV: tl.constexpr = HAS_BOUNDS or ((not CAUSAL) and (not EVEN_T))
+    qb0 = pid_m * RB
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    rmask = (offs_m < T)[:, None]
+    q = tl.load(Q + b.to(tl.int64) * s_qb + hq.to(tl.int64) * s_qh + offs_m[:, None] * s_qt + offs_d[None, :],
+                mask=rmask, other=0.0)
+    do = tl.load(DO + b.to(tl.int64) * s_db + hq.to(tl.int64) * s_dh + offs_m[:, None] * s_dt + offs_d[None, :],
+                 mask=rmask, other=0.0)
+    lse = tl.load(LSE + pid_bh.to(tl.int64) * T + offs_m, mask=offs_m < T, other=float("inf"))
+    delta = tl.load(DELTA + pid_bh.to(tl.int64) * T + offs_m, mask=offs_m < T, other=0.0)
+    k_base = K + b.to(tl.int64) * s_kb + h.to(tl.int64) * s_kh
+    v_base = V + b.to(tl.int64) * s_vb + h.to(tl.int64) * s_vh
+    if HAS_BOUNDS:
+        kv_lo = tl.load(BOUNDS + 2 * b)
+        kv_hi = tl.load(BOUNDS + 2 * b + 1)
+    else:
+        kv_lo = 0
+        kv_hi = T
+    dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+
+    idx_row = IDX
+    has_diag = False
+    if SPARSE:
+        row = pid_bh * NB + qb0
+        idx_row = IDX + row.to(tl.int64) * NB
+        cnt = tl.load(CNT + row)
+        n_off = cnt
+        if CAUSAL:
+            last = tl.load(idx_row + tl.maximum(cnt - 1, 0))
+            has_diag = (cnt > 0) & (last == qb0)
+            n_off = cnt - has_diag.to(tl.int32)
+    else:
+        if CAUSAL:
+            n_off = qb0
+        else:
+            n_off = NB
+    n_full = n_off // NSUB
+    for t in range(0, n_full):
+        offs_n = _tile_offsets(idx_row, t * NSUB, BLOCK_N, BS, SPARSE)
+        dq = _bwd_dq_step(dq, q, do, lse, delta, k_base, v_base, s_kt, s_vt, offs_m, offs_n, offs_d, qk_scale, T,
+                          kv_lo, kv_hi, False, MASK_KV, PREC)
+    for p in range(n_full * NSUB, n_off):
+        offs_n = _tile_offsets(idx_row, p, BS, BS, SPARSE)
+        dq = _bwd_dq_step(dq, q, do, lse, delta, k_base, v_base, s_kt, s_vt, offs_m, offs_n, offs_d, qk_scale, T,
+                          kv_lo, kv_hi, False, MASK_KV, PREC)
+    if CAUSAL:
+        if SPARSE:
+            if has_diag:
+                offs_n = qb0 * BS + tl.arange(0, BS)
+                dq = _bwd_dq_step(dq, q, do, lse, delta, k_base, v_base, s_kt, s_vt, offs_m, offs_n, offs_d,
+                                  qk_scale, T, kv_lo, kv_hi, True, MASK_KV, PREC)
+        else:
+            for jb in range(qb0, tl.minimum(qb0 + RB, NB)):
+                offs_n = jb * BS + tl.arange(0, BS)
+                dq = _bwd_dq_step(dq, q, do, lse, delta, k_base, v_base, s_kt, s_vt, offs_m, offs_n, offs_d,
+                                  qk_scale, T, kv_lo, kv_hi, True, MASK_KV, PREC)
+    dq = dq * sm_scale
+    tl.store(DQ + b.to(tl.int64) * s_gb + hq.to(tl.int64) * s_gh + offs_m[:, None] * s_gt + offs_d[None, :],
+             dq.to(DQ.dtype.element_ty), mask=rmask)
+
+
+@triton.jit
+def _bwd_dkdv_step(dk, dv, k, v, q_base, do_base, lse_base, delta_base, s_qt, s_dt, offs_m, offs_n, offs_d,
+                   qk_scale, T, CAUSAL_MASK: tl.constexpr, ROW_MASK: tl.constexpr, PREC: tl.constexpr):
+    if CAUSAL_MASK or ROW_MASK:
+        rin = offs_m < T
+        q = tl.load(q_base + offs_m[:, None] * s_qt + offs_d[None, :], mask=rin[:, None], other=0.0)
+        do = tl.load(do_base + offs_m[:, None] * s_dt + offs_d[None, :], mask=rin[:, None], other=0.0)
+        lse = tl.load(lse_base + offs_m, mask=rin, other=float("inf"))
+        delta = tl.load(delta_base + offs_m, mask=rin, other=0.0)
+    else:
+        q = tl.load(q_base + offs_m[:, None] * s_qt + offs_d[None, :])
+        do = tl.load(do_base + offs_m[:, None] * s_dt + offs_d[None, :])
+        lse = tl.load(lse_base + offs_m)
+        delta = tl.load(delta_base + offs_m)
+    qkT = tl.dot(k, tl.trans(q), input_precision=PREC) * qk_scale
+    pT = tl.math.exp2(qkT - lse[None, :])
+    if CAUSAL_MASK:
+        pT = tl.where(offs_m[None, :] >= offs_n[:, None], pT, 0.0)
+    dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=PREC)
+    dpT = tl.dot(v, tl.trans(do), input_precision=PREC)
+    dsT = pT * (dpT - delta[None, :])
+    dk = tl.dot(dsT.to(q.dtype), q, dk, input_precision=PREC)
+    return dk, dv
+
+
+@triton.jit
+def _attn_bwd_dkdv_kernel(
+    Q, K, V, DO, DK, DV, LSE, DELTA, IDXT, CNTT, BOUNDS, qk_scale, sm_scale,
+    s_qb, s_qh, s_qt, s_kb, s_kh, s_kt, s_vb, s_vh, s_vt, s_db, s_dh, s_dt,
+    s_kgb, s_kgh, s_kgt, s_vgb, s_vgh, s_vgt,
+    HQ, H, T, NB,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BS: tl.constexpr, SPARSE: tl.constexpr, CAUSAL: tl.constexpr, HAS_BOUNDS: tl.constexpr,
+    EVEN_T: tl.constexpr, PREC: tl.constexpr,
+):
+    # one program: BLOCK_N keys of one KV head; loops over the GROUP query heads that share it
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    RK: tl.constexpr = BLOCK_N // BS  # key blocks per program
+    MSUB: tl.constexpr = BLOCK_M // BS  # query blocks per full tile
+    ROW_MASK: tl.constexpr = not EVEN_T
+    kb0 = pid_n * RK
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    kin = (offs_n < T)[:, None]
+    k = tl.load(K + b.to(tl.int64) * s_kb + h.to(tl.int64) * s_kh + offs_n[:, None] * s_kt + offs_d[None, :],
+                mask=kin, other=0.0)
+    v = tl.load(V + b.to(tl.int64) * s_vb + h.to(tl.int64) * s_vh + offs_n[:, None] * s_vt + offs_d[None, :],
+                mask=kin, other=0.0)
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    kv_ok = offs_n < T
+    if HAS_BOUNDS:
+        kv_lo = tl.load(BOUNDS + 2 * b)
+        kv_hi = tl.load(BOUNDS + 2 * b + 1)
+        kv_ok = kv_ok & (offs_n >= kv_lo) & (offs_n < kv_hi)
+
+    for g in range(0, GROUP):
+        hq = h * GROUP + g
+        bhq = b * HQ + hq
+        q_base = Q + b.to(tl.int64) * s_qb + hq.to(tl.int64) * s_qh
+        do_base = DO + b.to(tl.int64) * s_db + hq.to(tl.int64) * s_dh
+        lse_base = LSE + bhq.to(tl.int64) * T
+        delta_base = DELTA + bhq.to(tl.int64) * T
+        idx_row = IDXT
+        has_diag = False
+        if SPARSE:
+            row = bhq * NB + kb0
+            idx_row = IDXT + row.to(tl.int64) * NB
+            cnt = tl.load(CNTT + row)
+            p0 = 0
+            if CAUSAL:  # transposed lists are ascending: the diagonal, if kept, is first
+                first = tl.load(idx_row)
+                has_diag = (cnt > 0) & (first == kb0)
+                p0 = has_diag.to(tl.int32)
+            p1 = cnt
+        else:
+            if CAUSAL:
+                p0 = tl.minimum(kb0 + RK, NB)
+            else:
+                p0 = 0
+            p1 = NB
+        if CAUSAL:
+            if SPARSE:
+                if has_diag:
+                    offs_m = kb0 * BS + tl.arange(0, BS)
+                    dk, dv = _bwd_dkdv_step(dk, dv, k, v, q_base, do_base, lse_base, delta_base, s_qt, s_dt,
+                                            offs_m, offs_n, offs_d, qk_scale, T, True, ROW_MASK, PREC)
+            else:
+                for ib in range(kb0, tl.minimum(kb0 + RK, NB)):
+                    offs_m = ib * BS + tl.arange(0, BS)
+                    dk, dv = _bwd_dkdv_step(dk, dv, k, v, q_base, do_base, lse_base, delta_base, s_qt, s_dt,
+                                            offs_m, offs_n, offs_d, qk_scale, T, True, ROW_MASK, PREC)
+        n_full = (p1 - p0) // MSUB
+        for t in range(0, n_full):
+            offs_m = _tile_offsets(idx_row, p0 + t * MSUB, BLOCK_M, BS, SPARSE)
+            dk, dv = _bwd_dkdv_step(dk, dv, k, v, q_base, do_base, lse_base, delta_base, s_qt, s_dt,
+                                    offs_m, offs_n, offs_d, qk_scale, T, False, ROW_MASK, PREC)
+        for p in range(p0 + n_full * MSUB, p1):
+            offs_m = _tile_offsets(idx_row, p, BS, BS, SPARSE)
+            dk, dv = _bwd_dkdv_step(dk, dv, k, v, q_base, do_base, lse_base, delta_base, s_qt, s_dt,
+                                    offs_m, offs_n, offs_d, qk_scale, T, False, ROW_MASK, PREC)
+
+    # padded keys receive no gradient (their probabilities were masked in the forward)
+    dk = tl.where(kv_ok[:, None], dk * sm_scale, 0.0)
+    dv = tl.where(kv_ok[:, None], dv, 0.0)
+    tl.store(DK + b.to(tl.int64) * s_kgb + h.to(tl.int64) * s_kgh + offs_n[:, None] * s_kgt + offs_d[None, :],
+             dk.to(DK.dtype.element_ty), mask=kin)
+    tl.store(DV + b.to(tl.int64) * s_vgb + h.to(tl.int64) * s_vgh + offs_n[:, None] * s_vgt + offs_d[None, :],
+             dv.to(DV.dtype.element_ty), mask=kin)
+
+
+# ----------------------------------------------------------------------------- launchers
+
+#: Per-kernel launch configurations ``(BLOCK_M, BLOCK_N, num_warps, num_stages)`` keyed by
+#: ``(kernel, sparse, head_dim)``; benchmarks may override entries to tune.
+CONFIG_OVERRIDES: dict = {}
+
+
+def _config(kernel, sparse, head_dim, on_gpu):
+    key = (kernel, sparse, head_dim)
+    if key in CONFIG_OVERRIDES:
+        return CONFIG_OVERRIDES[key]
+    if not on_gpu:  # interpreter: small tiles, but still exercising gathered multi-block tiles
+        return {"fwd": (64 if sparse else 128, 128, 4, 1), "dq": (64 if sparse else 128, 128, 4, 1),
+                "dkdv": (128, 64 if sparse else 128, 4, 1)}[kernel]
+    big = head_dim > 64
+    if kernel == "fwd":
+        return (64, 128, 4, 3) if sparse else (128, 64 if big else 128, 8, 3)
+    if kernel == "dq":
+        return (64, 64, 4, 3) if sparse else (128, 64, 8, 2)
+    return (128, 64, 8, 2) if sparse else (128, 128, 8, 2)
+
+
+def _prec(dtype):
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _attn_fwd(q, k, v, idx, cnt, bounds, causal, sm_scale, block_size, pooling):
+    B, HQ, T, D = q.shape
+    H = k.shape[1]
+    NB = num_blocks(T, block_size)
+    sparse = idx is not None
+    BLOCK_M, BLOCK_N, warps, stages = _config("fwd", sparse, D, q.is_cuda)
+    assert BLOCK_M % block_size == 0 and BLOCK_N % block_size == 0 and (not sparse or BLOCK_M == block_size)
+    o = new_output((B, HQ, T, D), q.dtype, q.device)
+    lse = new_output((B, HQ, T), torch.float32, q.device)
+    pool = new_output((B, HQ, NB, NB), torch.float32, q.device) if pooling else lse
+    dummy = lse
+    grid = (triton.cdiv(T, BLOCK_M), B * HQ)
+    _attn_fwd_kernel[grid](
+        q, k, v, o, lse, pool, idx if sparse else dummy, cnt if sparse else dummy,
+        bounds if bounds is not None else dummy, sm_scale * _LOG2E,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
+        HQ, T, NB,
+        GROUP=HQ // H, HEAD_DIM=D, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BS=block_size, SPARSE=sparse,
+        CAUSAL=causal, POOLING=pooling, HAS_BOUNDS=bounds is not None, EVEN_T=T % block_size == 0,
+        PREC=_prec(q.dtype), num_warps=warps, num_stages=stages,
+    )
+    if pooling:
+        pool.div_(pool.sum(-1, keepdim=True).clamp_min_(torch.finfo(torch.float32).tiny))
+    return o, lse, (pool if pooling else None)
+
+
+def _attn_bwd(do, q, k, v, o, lse, block_mask, bounds, causal, sm_scale, block_size):
+    B, HQ, T, D = q.shape
+    H = k.shape[1]
+    NB = num_blocks(T, block_size)
+    sparse = block_mask is not None
+    do = do.contiguous() if do.stride(-1) != 1 else do
+    delta = torch.empty(B, HQ, T, dtype=torch.float32, device=q.device)
+    _bwd_preprocess_kernel[(triton.cdiv(T, 64), B * HQ)](
+        o, do, delta, o.stride(0), o.stride(1), o.stride(2), do.stride(0), do.stride(1), do.stride(2), HQ, T,
+        HEAD_DIM=D, BLOCK=64)
+    dq = new_output(q.shape, q.dtype, q.device)
+    dk = new_output(k.shape, k.dtype, k.device)
+    dv = new_output(v.shape, v.dtype, v.device)
+    dummy = delta
+    b_arg = bounds if bounds is not None else dummy
+    common = dict(GROUP=HQ // H, HEAD_DIM=D, BS=block_size, SPARSE=sparse, CAUSAL=causal,
+                  HAS_BOUNDS=bounds is not None, EVEN_T=T % block_size == 0, PREC=_prec(q.dtype))
+    if sparse:
+        idx, cnt = block_mask_to_indices(block_mask, causal=causal)
+    BM, BN, warps, stages = _config("dq", sparse, D, q.is_cuda)
+    _attn_bwd_dq_kernel[(triton.cdiv(T, BM), B * HQ)](
+        q, k, v, do, dq, lse, delta, idx if sparse else dummy, cnt if sparse else dummy, b_arg,
+        sm_scale * _LOG2E, sm_scale,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1),
+        v.stride(2), do.stride(0), do.stride(1), do.stride(2), dq.stride(0), dq.stride(1), dq.stride(2),
+        HQ, T, NB, BLOCK_M=BM, BLOCK_N=BN, num_warps=warps, num_stages=stages, **common)
+    if sparse:
+        del idx, cnt
+        idx, cnt = block_mask_to_indices(block_mask, causal=causal, transpose=True)
+    BM, BN, warps, stages = _config("dkdv", sparse, D, q.is_cuda)
+    _attn_bwd_dkdv_kernel[(triton.cdiv(T, BN), B * H)](
+        q, k, v, do, dk, dv, lse, delta, idx if sparse else dummy, cnt if sparse else dummy, b_arg,
+        sm_scale * _LOG2E, sm_scale,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1),
+        v.stride(2), do.stride(0), do.stride(1), do.stride(2), dk.stride(0), dk.stride(1), dk.stride(2),
+        dv.stride(0), dv.stride(1), dv.stride(2),
+        HQ, H, T, NB, BLOCK_M=BM, BLOCK_N=BN, num_warps=warps, num_stages=stages, **common)
+    return dq, dk, dv
+
+
+# ----------------------------------------------------------------------------- autograd
+
+def _last_dim_contiguous(t):
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+class _AttnFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, block_mask, bounds, causal, sm_scale, block_size, pooling):
+        q, k, v = _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v)
+        idx = cnt = None
+        if block_mask is not None:
+            idx, cnt = block_mask_to_indices(block_mask, causal=causal)
+        o, lse, pooled = _attn_fwd(q, k, v, idx, cnt, bounds, causal, sm_scale, block_size, pooling)
+        ctx.save_for_backward(q, k, v, o, lse, block_mask, bounds)
+        ctx.cfg = (causal, sm_scale, block_size)
+        if pooled is not None:
+            ctx.mark_non_differentiable(pooled)
+        return o, pooled
+
+    @staticmethod
+    def backward(ctx, do, _dpooled):
+        q, k, v, o, lse, block_mask, bounds = ctx.saved_tensors
+        causal, sm_scale, block_size = ctx.cfg
+        dq, dk, dv = _attn_bwd(do, q, k, v, o, lse, block_mask, bounds, causal, sm_scale, block_size)
+        return dq, dk, dv, None, None, None, None, None, None
+
+
+def _check_backend(backend, q):
+    if backend not in ("auto", "triton", "torch"):
+        raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
+    if backend == "triton":
+        if not HAS_TRITON:
+            raise RuntimeError("backend='triton' needs the triton package (pip install triton)")
+        if not (q.is_cuda or interpreting()):
+            raise ValueError(f"backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1), got device {q.device}")
+        return True
+    return backend == "auto" and HAS_TRITON and q.is_cuda
+
+
+# ----------------------------------------------------------------------------- public API
+
+def block_sparse_attn(q, k, v, block_mask, causal=True, sm_scale=None, block_size=64, *, seq_bounds=None,
+                      backend="auto"):
+    """Block-sparse attention: only the (query block, key block) pairs kept by ``block_mask``.
+
+    Args:
+        q: ``[B, HQ, T, D]`` fp16/bf16 (fp32 accepted for tests), D in 16/32/64/128.
+        k, v: ``[B, H, T, D]`` with ``HQ % H == 0`` (GQA).
+        block_mask: bool ``[B, HQ, NB, NB]``, NB = ceil(T / block_size); True = compute the
+            block. With ``causal`` entries above the diagonal are ignored and the diagonal
+            blocks are masked causally inside.
+        causal: causal masking.
+        sm_scale: softmax scale, default ``1 / sqrt(D)``.
+        block_size: 64 (the only supported value).
+        seq_bounds: optional int ``[B, 2]`` of (start, end) for padded batches: keys outside
+            [start, end) are never attended and query rows outside it output zeros.
+            Left padding: (T - len, T); right padding: (0, len).
+        backend: ``"auto"`` (Triton on CUDA, the torch reference elsewhere), ``"triton"``
+            or ``"torch"``.
+
+    Returns:
+        ``[B, HQ, T, D]`` in q's dtype. A query row that attends no key (no selected block,
+        or only padding) outputs zeros. Differentiable in q, k, v; the backward pass also
+        skips unselected blocks.
+    """
+    B, HQ, H, T, D, scale = check_attention_inputs(q, k, v, sm_scale, block_size)
+    check_block_mask(block_mask, B, HQ, num_blocks(T, block_size), q.device)
+    bounds = check_seq_bounds(seq_bounds, B, T, q.device)
+    if not _check_backend(backend, q):
+        return block_sparse_attn_ref(q, k, v, block_mask, causal, scale, block_size, seq_bounds=bounds)
+    out, _ = _AttnFunction.apply(q, k, v, block_mask, bounds, bool(causal), scale, block_size, False)
+    return out
+
+
+def dense_attn(q, k, v, causal=True, sm_scale=None, block_size=64, *, seq_bounds=None, backend="auto"):
+    """Dense attention through the same kernels (every block kept); see :func:`block_sparse_attn`."""
+    B, HQ, H, T, D, scale = check_attention_inputs(q, k, v, sm_scale, block_size)
+    bounds = check_seq_bounds(seq_bounds, B, T, q.device)
+    if not _check_backend(backend, q):
+        full = torch.ones(B, HQ, num_blocks(T, block_size), num_blocks(T, block_size), dtype=torch.bool,
+                          device=q.device)
+        return block_sparse_attn_ref(q, k, v, full, causal, scale, block_size, seq_bounds=bounds)
+    out, _ = _AttnFunction.apply(q, k, v, None, bounds, bool(causal), scale, block_size, False)
+    return out
+
+
+def attn_with_pooling(q, k, v, causal=True, sm_scale=None, block_size=64, *, seq_bounds=None, backend="auto"):
+    """Exact attention plus the 2D max-pooled attention map (distillation ground truth).
+
+    Args:
+        q, k, v, causal, sm_scale, block_size, seq_bounds, backend: as in
+            :func:`block_sparse_attn` (no mask: every causal block is computed).
+
+    Returns:
+        ``(out, pooled)``: ``out`` ``[B, HQ, T, D]`` is the exact attention output (q's dtype,
+        differentiable); ``pooled`` is float32 ``[B, HQ, NB, NB]`` whose entry (i, j) is the
+        maximum of softmax(q k^T * scale + mask)[r, c] over rows r of query block i and keys
+        c of key block j, each row then divided by its sum (rows sum to 1; blocks above the
+        diagonal are 0 when causal; a block of rows that attends nothing is all zero).
+        No T x T matrix is materialised; extra memory is O(B * HQ * T).
+    """
+    B, HQ, H, T, D, scale = check_attention_inputs(q, k, v, sm_scale, block_size)
+    bounds = check_seq_bounds(seq_bounds, B, T, q.device)
+    if not _check_backend(backend, q):
+        return attn_with_pooling_ref(q, k, v, causal, scale, block_size, seq_bounds=bounds)
+    return _AttnFunction.apply(q, k, v, None, bounds, bool(causal), scale, block_size, True)

@@ -1,0 +1,140 @@
+"""Shared helpers of the attention kernels: the optional Triton import, input validation,
+output allocation and backend dispatch.
+
+This module is copied flat into saved model folders (remote code), so it imports only
+torch and the standard library outside ``try`` blocks.
+"""
+import math
+import os
+
+import torch
+
+try:  # Triton is optional: CPU installs run the torch references.
+    import triton
+    import triton.language as tl
+
+    HAS_TRITON = True
+except ImportError:  # pragma: no cover - exercised in the fresh-environment test
+    HAS_TRITON = False
+
+    class _TritonStub:
+        """Lets the kernel modules define their ``@triton.jit`` functions without Triton."""
+
+        @staticmethod
+        def jit(fn=None, **kwargs):
+            return fn if fn is not None else (lambda f: f)
+
+        @staticmethod
+        def cdiv(a, b):
+            return -(-a // b)
+
+    class _TlStub:
+        constexpr = None
+
+    triton = _TritonStub()
+    tl = _TlStub()
+
+#: The only block size the kernels implement (SeerAttention's 64x64 blocks).
+SUPPORTED_BLOCK_SIZES = (64,)
+SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+#: Tests set this to True: launchers then fill outputs with NaN before the kernel runs,
+#: so an element the kernel forgets to write shows up as NaN instead of stale memory.
+POISON_OUTPUTS = False
+
+
+def interpreting() -> bool:
+    """True when Triton runs in its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def use_triton(t: torch.Tensor) -> bool:
+    """Backend dispatch for the public ops: Triton on CUDA, torch references elsewhere."""
+    return HAS_TRITON and t.is_cuda
+
+
+def new_output(shape, dtype, device) -> torch.Tensor:
+    if POISON_OUTPUTS:
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def num_blocks(seq_len: int, block_size: int) -> int:
+    return (seq_len + block_size - 1) // block_size
+
+
+def check_attention_inputs(q, k, v, sm_scale, block_size, *, allow_fp32=True):
+    """Validate q/k/v in the transformers layout ``[B, H, T, D]``; return (B, HQ, H, T, D, scale).
+
+    K and V may have fewer heads than Q (GQA) when ``HQ % H == 0``. Raises TypeError or
+    ValueError naming the offending argument and value.
+    """
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{name} must have rank 4 [B, H, T, D], got shape {tuple(t.shape)}")
+    dtypes = SUPPORTED_DTYPES if allow_fp32 else SUPPORTED_DTYPES[:2]
+    if q.dtype not in dtypes:
+        raise TypeError(f"q.dtype must be one of {[str(d) for d in dtypes]}, got {q.dtype}")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise TypeError(f"q, k, v must share one dtype, got q={q.dtype}, k={k.dtype}, v={v.dtype}")
+    if k.device != q.device or v.device != q.device:
+        raise ValueError(f"q, k, v must be on one device, got q={q.device}, k={k.device}, v={v.device}")
+    B, HQ, T, D = q.shape
+    if tuple(k.shape) != tuple(v.shape):
+        raise ValueError(f"k and v must have the same shape, got k={tuple(k.shape)}, v={tuple(v.shape)}")
+    if k.shape[0] != B or k.shape[2] != T or k.shape[3] != D:
+        raise ValueError(
+            f"k/v shape {tuple(k.shape)} does not match q shape {tuple(q.shape)} in batch, length or head_dim "
+            "(these kernels compute prefill attention, where queries and keys have the same length)"
+        )
+    H = k.shape[1]
+    if H == 0 or HQ % H != 0:
+        raise ValueError(f"the number of query heads ({HQ}) must be a multiple of the number of key/value heads ({H})")
+    if T == 0:
+        raise ValueError("sequence length T must be >= 1, got 0")
+    if D not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"head_dim {D} is not supported; supported: {SUPPORTED_HEAD_DIMS}")
+    if block_size not in SUPPORTED_BLOCK_SIZES:
+        raise ValueError(f"block_size {block_size!r} is not supported; supported: {SUPPORTED_BLOCK_SIZES}")
+    if sm_scale is None:
+        sm_scale = 1.0 / math.sqrt(D)
+    elif not isinstance(sm_scale, (int, float)) or not math.isfinite(sm_scale) or sm_scale <= 0:
+        raise ValueError(f"sm_scale must be a positive finite number, got {sm_scale!r}")
+    return B, HQ, H, T, D, float(sm_scale)
+
+
+def check_block_mask(block_mask, B, HQ, NB, device):
+    if not isinstance(block_mask, torch.Tensor):
+        raise TypeError(f"block_mask must be a torch.Tensor, got {type(block_mask).__name__}")
+    if block_mask.dtype != torch.bool:
+        raise TypeError(f"block_mask must have dtype torch.bool, got {block_mask.dtype}")
+    if tuple(block_mask.shape) != (B, HQ, NB, NB):
+        raise ValueError(
+            f"block_mask must have shape [B, HQ, NB, NB] = {(B, HQ, NB, NB)}, got {tuple(block_mask.shape)}"
+        )
+    if block_mask.device != device:
+        raise ValueError(f"block_mask is on {block_mask.device}, q is on {device}")
+
+
+def check_seq_bounds(seq_bounds, B, T, device):
+    """``seq_bounds``: int tensor [B, 2] of (start, end): tokens start <= t < end are real.
+
+    Left padding (as ``generate`` produces) is start = T - length, end = T; right padding is
+    start = 0, end = length. Returns an int32 contiguous tensor or None.
+    """
+    if seq_bounds is None:
+        return None
+    if not isinstance(seq_bounds, torch.Tensor):
+        raise TypeError(f"seq_bounds must be a torch.Tensor of shape [B, 2], got {type(seq_bounds).__name__}")
+    if seq_bounds.dtype.is_floating_point or seq_bounds.dtype == torch.bool:
+        raise TypeError(f"seq_bounds must be an integer tensor, got {seq_bounds.dtype}")
+    if tuple(seq_bounds.shape) != (B, 2):
+        raise ValueError(f"seq_bounds must have shape [B, 2] = {(B, 2)}, got {tuple(seq_bounds.shape)}")
+    sb = seq_bounds.to(device=device, dtype=torch.int32).contiguous()
+    start, end = sb[:, 0], sb[:, 1]
+    if bool(((start < 0) | (end > T) | (start > end)).any()):
+        raise ValueError(f"seq_bounds must satisfy 0 <= start <= end <= T={T}, got {seq_bounds.tolist()}")
+    return sb

@@ -1,0 +1,91 @@
+"""Torch references of the attention kernels: same signatures, explicit masks, fp32 math.
+
+They are the CPU code path (model on CPU, demo, tests) and the ground truth the Triton
+kernels are tested against. Work is chunked along the query axis so a 16k-token call
+never holds a T x T matrix: memory is O(chunk * T) per head.
+
+``upcast=False`` runs the same math in the inputs' own precision; tests use it to measure
+how much error low precision alone causes, and bound the kernels' error by it.
+"""
+import torch
+
+from .kernel_utils import check_attention_inputs, check_block_mask, check_seq_bounds, num_blocks
+
+_CHUNK_ELEMS = 1 << 26  # ~256 MB of fp32 scores per chunk
+
+
+def _chunk_rows(B, HQ, T):
+    return max(1, min(T, _CHUNK_ELEMS // max(1, B * HQ * T)))
+
+
+def _expand_kv(k, group):
+    return k if group == 1 else k.repeat_interleave(group, dim=1)
+
+
+def _allowed(r0, r1, T, causal, seq_bounds, block_mask, block_size, device):
+    """Boolean [B or 1, HQ or 1, r1-r0, T]: which keys each query row may attend."""
+    rows = torch.arange(r0, r1, device=device)
+    cols = torch.arange(T, device=device)
+    allowed = torch.ones(r1 - r0, T, dtype=torch.bool, device=device)
+    if causal:
+        allowed = cols[None, :] <= rows[:, None]
+    allowed = allowed[None, None]
+    if seq_bounds is not None:
+        start = seq_bounds[:, 0].view(-1, 1, 1, 1).long()
+        end = seq_bounds[:, 1].view(-1, 1, 1, 1).long()
+        col_ok = (cols.view(1, 1, 1, -1) >= start) & (cols.view(1, 1, 1, -1) < end)
+        row_ok = (rows.view(1, 1, -1, 1) >= start) & (rows.view(1, 1, -1, 1) < end)
+        allowed = allowed & col_ok & row_ok
+    if block_mask is not None:
+        bm = block_mask[:, :, r0 // block_size:(r1 - 1) // block_size + 1]  # [B, HQ, nrb, NB]
+        bm = bm.repeat_interleave(block_size, dim=2).repeat_interleave(block_size, dim=3)
+        off = r0 - (r0 // block_size) * block_size
+        allowed = allowed & bm[:, :, off:off + (r1 - r0), :T]
+    return allowed
+
+
+def _attention(q, k, v, causal, sm_scale, block_size, block_mask, seq_bounds, upcast, pooled_out):
+    B, HQ, H, T, D, scale = check_attention_inputs(q, k, v, sm_scale, block_size)
+    seq_bounds = check_seq_bounds(seq_bounds, B, T, q.device)
+    dt = torch.float32 if upcast else q.dtype
+    group = HQ // H
+    qf, kf, vf = q.to(dt), _expand_kv(k.to(dt), group), _expand_kv(v.to(dt), group)
+    out = torch.empty(B, HQ, T, D, dtype=dt, device=q.device)
+    NB = num_blocks(T, block_size)
+    rows = _chunk_rows(B, HQ, T)
+    rows = max(block_size, rows // block_size * block_size) if pooled_out is not None else rows
+    for r0 in range(0, T, rows):
+        r1 = min(T, r0 + rows)
+        s = torch.matmul(qf[:, :, r0:r1], kf.transpose(-1, -2)) * scale
+        allowed = _allowed(r0, r1, T, causal, seq_bounds, block_mask, block_size, q.device)
+        s = s.masked_fill(~allowed, float("-inf"))
+        p = torch.softmax(s.float(), dim=-1)
+        p = torch.nan_to_num(p, nan=0.0)  # rows with no allowed key -> zeros
+        out[:, :, r0:r1] = torch.matmul(p.to(dt), vf)
+        if pooled_out is not None:
+            # max-pool the probabilities over 64x64 tiles (partial tiles padded with 0)
+            pad_r = (-(r1 - r0)) % block_size
+            pad_c = NB * block_size - T
+            pp = torch.nn.functional.pad(p, (0, pad_c, 0, pad_r))
+            nrb = pp.shape[2] // block_size
+            pp = pp.view(B, HQ, nrb, block_size, NB, block_size).amax(dim=(3, 5))
+            pooled_out[:, :, r0 // block_size:r0 // block_size + nrb] = pp
+    return out.to(q.dtype)
+
+
+def attn_with_pooling_ref(q, k, v, causal=True, sm_scale=None, block_size=64, *, seq_bounds=None, upcast=True):
+    """Reference of :func:`attn_with_pooling` (see there for shapes); fp32 math by default."""
+    B, HQ, T = q.shape[0], q.shape[1], q.shape[2]
+    NB = num_blocks(T, block_size) if T > 0 else 0
+    pooled = torch.zeros(B, HQ, NB, NB, dtype=torch.float32, device=q.device)
+    out = _attention(q, k, v, causal, sm_scale, block_size, None, seq_bounds, upcast, pooled)
+    pooled = pooled / pooled.sum(-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+    return out, pooled
+
+
+def block_sparse_attn_ref(q, k, v, block_mask, causal=True, sm_scale=None, block_size=64, *, seq_bounds=None,
+                          upcast=True):
+    """Reference of :func:`block_sparse_attn` (see there for shapes); fp32 math by default."""
+    B, HQ, T = q.shape[0], q.shape[1], q.shape[2]
+    check_block_mask(block_mask, B, HQ, num_blocks(max(T, 1), block_size), q.device)
+    return _attention(q, k, v, causal, sm_scale, block_size, block_mask, seq_bounds, upcast, None)
