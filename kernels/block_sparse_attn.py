@@ -79,7 +79,7 @@ def _attn_fwd_kernel(
     HQ, T, NB,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BS: tl.constexpr, SPARSE: tl.constexpr, CAUSAL: tl.constexpr, POOLING: tl.constexpr,
-    HAS_BOUNDS: tl.constexpr, EVEN_T: tl.constexpr, PREC: tl.constexpr,
+    POOL_SUM: tl.constexpr, HAS_BOUNDS: tl.constexpr, EVEN_T: tl.constexpr, PREC: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -161,8 +161,8 @@ def _attn_fwd_kernel(
     tl.store(LSE + pid_bh.to(tl.int64) * T + offs_m, lse, mask=offs_m < T)
 
     if POOLING:
-        # Second walk over the key tiles with final statistics: the block max of
-        # exp2(s - lse) is the block max of the softmax probabilities.
+        # Second walk over the key tiles with final statistics: the block max (or sum) of
+        # exp2(s - lse) is the block max (or mass) of the softmax probabilities.
         RN: tl.constexpr = BLOCK_N // BS
         pool_base = POOL + pid_bh.to(tl.int64) * NB * NB
         rows_b = qb0 + tl.arange(0, RB)
@@ -180,9 +180,12 @@ def _attn_fwd_kernel(
             if HAS_BOUNDS:
                 valid = valid & ((offs_n >= kv_lo) & (offs_n < kv_hi))[None, :]
             s = tl.where(valid, s, float("-inf"))
-            blk = tl.max(tl.max(tl.reshape(s, (RB, BS, RN, BS)), axis=3), axis=1)
+            if POOL_SUM:  # probability mass of each tile
+                blk = tl.sum(tl.sum(tl.reshape(tl.math.exp2(s), (RB, BS, RN, BS)), axis=3), axis=1)
+            else:
+                blk = tl.math.exp2(tl.max(tl.max(tl.reshape(s, (RB, BS, RN, BS)), axis=3), axis=1))
             cols_b = n0 // BS + tl.arange(0, RN)
-            tl.store(pool_base + rows_b[:, None] * NB + cols_b[None, :], tl.math.exp2(blk),
+            tl.store(pool_base + rows_b[:, None] * NB + cols_b[None, :], blk,
                      mask=(rows_b < NB)[:, None] & (cols_b < NB)[None, :])
         z0 = ((n_cb + RN - 1) // RN) * RN  # blocks above the diagonal band are zero
         for c0 in range(z0, NB, BS):
@@ -449,7 +452,7 @@ def _prec(dtype):
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def _attn_fwd(q, k, v, idx, cnt, bounds, causal, sm_scale, block_size, pooling):
+def _attn_fwd(q, k, v, idx, cnt, bounds, causal, sm_scale, block_size, pooling, pool_op="max"):
     B, HQ, T, D = q.shape
     H = k.shape[1]
     NB = num_blocks(T, block_size)
@@ -468,7 +471,7 @@ def _attn_fwd(q, k, v, idx, cnt, bounds, causal, sm_scale, block_size, pooling):
         v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
         HQ, T, NB,
         GROUP=HQ // H, HEAD_DIM=D, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BS=block_size, SPARSE=sparse,
-        CAUSAL=causal, POOLING=pooling, HAS_BOUNDS=bounds is not None, EVEN_T=T % block_size == 0,
+        CAUSAL=causal, POOLING=pooling, POOL_SUM=pool_op == "sum", HAS_BOUNDS=bounds is not None, EVEN_T=T % block_size == 0,
         PREC=_prec(q.dtype), num_warps=warps, num_stages=stages,
     )
     if pooling:
@@ -524,12 +527,12 @@ def _last_dim_contiguous(t):
 
 class _AttnFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, block_mask, bounds, causal, sm_scale, block_size, pooling):
+    def forward(ctx, q, k, v, block_mask, bounds, causal, sm_scale, block_size, pooling, pool_op):
         q, k, v = _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v)
         idx = cnt = None
         if block_mask is not None:
             idx, cnt = block_mask_to_indices(block_mask, causal=causal)
-        o, lse, pooled = _attn_fwd(q, k, v, idx, cnt, bounds, causal, sm_scale, block_size, pooling)
+        o, lse, pooled = _attn_fwd(q, k, v, idx, cnt, bounds, causal, sm_scale, block_size, pooling, pool_op)
         ctx.save_for_backward(q, k, v, o, lse, block_mask, bounds)
         ctx.cfg = (causal, sm_scale, block_size)
         if pooled is not None:
@@ -541,7 +544,7 @@ class _AttnFunction(torch.autograd.Function):
         q, k, v, o, lse, block_mask, bounds = ctx.saved_tensors
         causal, sm_scale, block_size = ctx.cfg
         dq, dk, dv = _attn_bwd(do, q, k, v, o, lse, block_mask, bounds, causal, sm_scale, block_size)
-        return dq, dk, dv, None, None, None, None, None, None
+        return dq, dk, dv, None, None, None, None, None, None, None
 
 
 def _check_backend(backend, q):
@@ -587,7 +590,7 @@ def block_sparse_attn(q, k, v, block_mask, causal=True, sm_scale=None, block_siz
     bounds = check_seq_bounds(seq_bounds, B, T, q.device)
     if not _check_backend(backend, q):
         return block_sparse_attn_ref(q, k, v, block_mask, causal, scale, block_size, seq_bounds=bounds)
-    out, _ = _AttnFunction.apply(q, k, v, block_mask, bounds, bool(causal), scale, block_size, False)
+    out, _ = _AttnFunction.apply(q, k, v, block_mask, bounds, bool(causal), scale, block_size, False, "max")
     return out
 
 
@@ -599,16 +602,19 @@ def dense_attn(q, k, v, causal=True, sm_scale=None, block_size=64, *, seq_bounds
         full = torch.ones(B, HQ, num_blocks(T, block_size), num_blocks(T, block_size), dtype=torch.bool,
                           device=q.device)
         return block_sparse_attn_ref(q, k, v, full, causal, scale, block_size, seq_bounds=bounds)
-    out, _ = _AttnFunction.apply(q, k, v, None, bounds, bool(causal), scale, block_size, False)
+    out, _ = _AttnFunction.apply(q, k, v, None, bounds, bool(causal), scale, block_size, False, "max")
     return out
 
 
-def attn_with_pooling(q, k, v, causal=True, sm_scale=None, block_size=64, *, seq_bounds=None, backend="auto"):
+def attn_with_pooling(q, k, v, causal=True, sm_scale=None, block_size=64, *, seq_bounds=None, backend="auto",
+                      pool_op="max"):
     """Exact attention plus the 2D max-pooled attention map (distillation ground truth).
 
     Args:
         q, k, v, causal, sm_scale, block_size, seq_bounds, backend: as in
             :func:`block_sparse_attn` (no mask: every causal block is computed).
+        pool_op: ``"max"`` (SeerAttention's target) or ``"sum"`` (probability mass per
+            block instead of its maximum), then row-normalised either way.
 
     Returns:
         ``(out, pooled)``: ``out`` ``[B, HQ, T, D]`` is the exact attention output (q's dtype,
@@ -620,6 +626,8 @@ def attn_with_pooling(q, k, v, causal=True, sm_scale=None, block_size=64, *, seq
     """
     B, HQ, H, T, D, scale = check_attention_inputs(q, k, v, sm_scale, block_size)
     bounds = check_seq_bounds(seq_bounds, B, T, q.device)
+    if pool_op not in ("max", "sum"):
+        raise ValueError(f"pool_op must be 'max' or 'sum', got {pool_op!r}")
     if not _check_backend(backend, q):
-        return attn_with_pooling_ref(q, k, v, causal, scale, block_size, seq_bounds=bounds)
-    return _AttnFunction.apply(q, k, v, None, bounds, bool(causal), scale, block_size, True)
+        return attn_with_pooling_ref(q, k, v, causal, scale, block_size, seq_bounds=bounds, pool_op=pool_op)
+    return _AttnFunction.apply(q, k, v, None, bounds, bool(causal), scale, block_size, True, pool_op)

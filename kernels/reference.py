@@ -44,7 +44,7 @@ def _allowed(r0, r1, T, causal, seq_bounds, block_mask, block_size, device):
     return allowed
 
 
-def _attention(q, k, v, causal, sm_scale, block_size, block_mask, seq_bounds, upcast, pooled_out):
+def _attention(q, k, v, causal, sm_scale, block_size, block_mask, seq_bounds, upcast, pooled_out, pool_op="max"):
     B, HQ, H, T, D, scale = check_attention_inputs(q, k, v, sm_scale, block_size)
     seq_bounds = check_seq_bounds(seq_bounds, B, T, q.device)
     dt = torch.float32 if upcast else q.dtype
@@ -63,22 +63,26 @@ def _attention(q, k, v, causal, sm_scale, block_size, block_mask, seq_bounds, up
         p = torch.nan_to_num(p, nan=0.0)  # rows with no allowed key -> zeros
         out[:, :, r0:r1] = torch.matmul(p.to(dt), vf)
         if pooled_out is not None:
-            # max-pool the probabilities over 64x64 tiles (partial tiles padded with 0)
+            # max- (or sum-) pool the probabilities over 64x64 tiles (partial tiles padded with 0)
             pad_r = (-(r1 - r0)) % block_size
             pad_c = NB * block_size - T
             pp = torch.nn.functional.pad(p, (0, pad_c, 0, pad_r))
             nrb = pp.shape[2] // block_size
-            pp = pp.view(B, HQ, nrb, block_size, NB, block_size).amax(dim=(3, 5))
+            pp = pp.view(B, HQ, nrb, block_size, NB, block_size)
+            pp = pp.amax(dim=(3, 5)) if pool_op == "max" else pp.sum(dim=(3, 5))
             pooled_out[:, :, r0 // block_size:r0 // block_size + nrb] = pp
     return out.to(q.dtype)
 
 
-def attn_with_pooling_ref(q, k, v, causal=True, sm_scale=None, block_size=64, *, seq_bounds=None, upcast=True):
+def attn_with_pooling_ref(q, k, v, causal=True, sm_scale=None, block_size=64, *, seq_bounds=None, upcast=True,
+                          pool_op="max"):
     """Reference of :func:`attn_with_pooling` (see there for shapes); fp32 math by default."""
     B, HQ, T = q.shape[0], q.shape[1], q.shape[2]
     NB = num_blocks(T, block_size) if T > 0 else 0
     pooled = torch.zeros(B, HQ, NB, NB, dtype=torch.float32, device=q.device)
-    out = _attention(q, k, v, causal, sm_scale, block_size, None, seq_bounds, upcast, pooled)
+    if pool_op not in ("max", "sum"):
+        raise ValueError(f"pool_op must be 'max' or 'sum', got {pool_op!r}")
+    out = _attention(q, k, v, causal, sm_scale, block_size, None, seq_bounds, upcast, pooled, pool_op)
     pooled = pooled / pooled.sum(-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
     return out, pooled
 

@@ -1,0 +1,1 @@
+"""seer_attn.hub_cards"""

@@ -1,0 +1,92 @@
+"""SeerLlamaConfig: a LlamaConfig plus the ``seer_*`` fields of SeerAttention.
+
+Copied flat into saved model folders (remote code): imports only torch/transformers.
+"""
+from transformers import LlamaConfig
+
+SEER_MODES = ("dense", "distill", "sparse")
+SPARSITY_METHODS = ("threshold", "nz_ratio")
+POOLING_TYPES = ("avg", "max", "min")
+DISTILL_TARGETS = ("max", "mass")
+
+
+class SeerLlamaConfig(LlamaConfig):
+    r"""Configuration of :class:`SeerLlamaForCausalLM`.
+
+    Every field of :class:`~transformers.LlamaConfig`, plus:
+
+    Args:
+        seer_mode: ``"dense"`` (stock Llama attention), ``"distill"`` (exact attention that
+            also emits the max-pooled map; the gate KL loss is returned as ``gate_loss``) or
+            ``"sparse"`` (gate -> block mask -> block-sparse attention at prefill).
+        seer_block_size: attention block size; only 64 is implemented by the kernels.
+        seer_gate_hidden_size: width of the gate's per-head projections (paper: 128).
+        seer_q_pooling / seer_k_pooling: pooling types over each 64-token block, from
+            {"avg", "max", "min"}, concatenated on the channel axis
+            (paper default: Q ``["avg"]``, K ``["max", "min", "avg"]``).
+        seer_gate_rope: apply RoPE to pooled q/k at each block's first-token position.
+        seer_sparsity_method: ``"threshold"`` (keep blocks whose softmaxed gate score is
+            >= ``seer_threshold``; adaptive per head and row) or ``"nz_ratio"`` (the same
+            top-k for every row, k = (1 - sqrt(1 - nz_ratio)) * NB, so that about
+            ``nz_ratio`` of the causal blocks are kept).
+        seer_threshold: threshold tau, in (0, 1).
+        seer_nz_ratio: target kept share of causal blocks, in (0, 1].
+        seer_keep_diagonal: always keep each row's diagonal block.
+        seer_keep_sink: always keep the first (sink) key block.
+        seer_dense_last_rows: number of last block rows kept dense (reference: 2).
+        seer_distill_loss_scale: multiplier of the summed per-layer KL loss (paper: 10).
+        seer_distill_target: ``"max"`` (paper: row-normalised max-pooled probabilities)
+            or ``"mass"`` (row-normalised probability mass per block, a variant).
+    """
+
+    model_type = "seer_llama"
+
+    seer_mode: str = "dense"
+    seer_block_size: int = 64
+    seer_gate_hidden_size: int = 128
+    seer_q_pooling: list | tuple = ("avg",)
+    seer_k_pooling: list | tuple = ("max", "min", "avg")
+    seer_gate_rope: bool = True
+    seer_sparsity_method: str = "threshold"
+    seer_threshold: float = 2e-3
+    seer_nz_ratio: float = 0.3
+    seer_keep_diagonal: bool = True
+    seer_keep_sink: bool = False
+    seer_dense_last_rows: int = 2
+    seer_distill_loss_scale: float = 10.0
+    seer_distill_target: str = "max"
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        self.seer_q_pooling = list(self.seer_q_pooling)
+        self.seer_k_pooling = list(self.seer_k_pooling)
+        self.validate_seer()
+
+    def validate_seer(self):
+        """Check every ``seer_*`` field; raises ValueError naming the bad field and value."""
+        def bad(name, why):
+            raise ValueError(f"{name}={getattr(self, name)!r} is invalid: {why}")
+
+        if self.seer_mode not in SEER_MODES:
+            bad("seer_mode", f"expected one of {SEER_MODES}")
+        if self.seer_block_size != 64:
+            bad("seer_block_size", "the kernels implement 64 only")
+        if not isinstance(self.seer_gate_hidden_size, int) or self.seer_gate_hidden_size <= 0 \
+                or self.seer_gate_hidden_size % 2:
+            bad("seer_gate_hidden_size", "expected a positive even integer (RoPE rotates pairs)")
+        for name in ("seer_q_pooling", "seer_k_pooling"):
+            val = getattr(self, name)
+            if not val or any(p not in POOLING_TYPES for p in val) or len(set(val)) != len(val):
+                bad(name, f"expected a non-empty list of distinct types from {POOLING_TYPES}")
+        if self.seer_sparsity_method not in SPARSITY_METHODS:
+            bad("seer_sparsity_method", f"expected one of {SPARSITY_METHODS}")
+        if not 0.0 < float(self.seer_threshold) < 1.0:
+            bad("seer_threshold", "expected 0 < threshold < 1")
+        if not 0.0 < float(self.seer_nz_ratio) <= 1.0:
+            bad("seer_nz_ratio", "expected 0 < nz_ratio <= 1")
+        if not isinstance(self.seer_dense_last_rows, int) or self.seer_dense_last_rows < 0:
+            bad("seer_dense_last_rows", "expected an integer >= 0")
+        if float(self.seer_distill_loss_scale) <= 0:
+            bad("seer_distill_loss_scale", "expected > 0")
+        if self.seer_distill_target not in DISTILL_TARGETS:
+            bad("seer_distill_target", f"expected one of {DISTILL_TARGETS}")

@@ -1,0 +1,320 @@
+"""SeerLlamaForCausalLM: Llama with a per-layer AttnGate and block-sparse attention.
+
+Modes (``config.seer_mode``, dispatched in :meth:`SeerLlamaAttention.forward` only):
+
+- ``dense``: the stock Llama attention path (same logits as ``LlamaForCausalLM``);
+- ``distill``: prefill attention from :func:`attn_with_pooling`; the gate's KL loss against
+  the pooled map is returned as ``outputs.gate_loss`` (the LM loss is unchanged);
+- ``sparse``: gate -> block mask -> :func:`block_sparse_attn` at prefill. Decode steps and
+  chunked prefill (queries shorter than keys) attend densely to the KV cache.
+
+This file is copied flat into saved folders. In the package it imports the kernels from
+``seer_attn.kernels``; the remote-code writer (``remote_bundle.py``) rewrites those imports
+to flat sibling modules and copies the kernel files next to it.
+"""
+import json
+import os
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from transformers import LlamaForCausalLM, LlamaModel
+from transformers.models.llama.modeling_llama import (LlamaAttention, LlamaDecoderLayer, LlamaMLP,
+                                                      LlamaPreTrainedModel, LlamaRMSNorm, LlamaRotaryEmbedding,
+                                                      apply_rotary_pos_emb, eager_attention_forward)
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from seer_attn.kernels.block_sparse_attn import attn_with_pooling, block_sparse_attn
+
+from .configuration_seer_llama import SeerLlamaConfig
+from .gate import AttnGate, causal_density, gate_distill_loss, select_blocks
+from .remote_bundle import write_remote_code
+
+GATES_FILE = "seer_gates.safetensors"
+
+
+@dataclass
+class SeerForwardContext:
+    """Per-forward state shared by all layers (created by the model, passed as a kwarg).
+
+    ``seq_bounds``: int32 ``[B, 2]`` real-token (start, end) per row, or None without
+    padding; ``valid``: bool ``[B, T]`` or None; ``gate_rope``: ``(cos, sin)`` ``[B, NB, G]``.
+    Layers append their gate losses (distill) and block densities ``[B, HQ]`` (sparse).
+    """
+
+    seq_bounds: torch.Tensor | None = None
+    valid: torch.Tensor | None = None
+    gate_rope: tuple | None = None
+    gate_losses: list = field(default_factory=list)
+    densities: list = field(default_factory=list)
+    masks: list | None = None  # set to [] to record every layer's block mask
+
+
+def _padding_bounds(attention_mask, T):
+    """From a 2D 0/1 mask, (valid [B, T], bounds [B, 2]) or (None, None) without padding."""
+    if attention_mask is None or attention_mask.dim() != 2 or attention_mask.shape[1] != T:
+        return None, None
+    valid = attention_mask.bool()
+    if bool(valid.all()):
+        return None, None
+    pos = torch.arange(T, device=valid.device)
+    start = torch.where(valid, pos, T).amin(-1)
+    end = torch.where(valid, pos + 1, 0).amax(-1)
+    count = valid.sum(-1)
+    holes = (count != (end - start).clamp_min(0)) & (count > 0)
+    if bool(holes.any()):
+        rows = holes.nonzero().flatten().tolist()
+        raise ValueError(f"attention_mask rows {rows} are not one contiguous run of ones; sparse/distill attention "
+                         "supports left or right padding only")
+    start = torch.where(count > 0, start, 0)
+    end = torch.where(count > 0, end, 0)
+    return valid, torch.stack([start, end], dim=-1).to(torch.int32)
+
+
+class SeerLlamaAttention(LlamaAttention):
+    """LlamaAttention plus an :class:`AttnGate`; see the module docstring for the modes."""
+
+    def __init__(self, config: SeerLlamaConfig, layer_idx: int):
+        super().__init__(config, layer_idx)
+        self.attn_gate = AttnGate(
+            config.num_attention_heads, config.num_key_value_heads, self.head_dim,
+            hidden_size=config.seer_gate_hidden_size, block_size=config.seer_block_size,
+            q_pooling=config.seer_q_pooling, k_pooling=config.seer_k_pooling, use_rope=config.seer_gate_rope)
+
+    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None,
+                cache=None, seer_ctx: SeerForwardContext | None = None, **kwargs):
+        cache = past_key_values if past_key_values is not None else cache
+        input_shape = hidden_states.shape[:-1]
+        hidden_shape = (*input_shape, -1, self.head_dim)
+        q_pre = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        k_pre = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        v = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        cos, sin = position_embeddings
+        q, k = apply_rotary_pos_emb(q_pre, k_pre, cos, sin)
+        if cache is not None:
+            k, v = cache.update(k, v, self.layer_idx)
+
+        mode = self.config.seer_mode
+        attn_weights = None
+        if mode != "dense" and q.shape[2] == k.shape[2]:  # prefill: the gate and the kernels
+            if seer_ctx is None:
+                raise ValueError("SeerLlamaAttention in seer_mode "
+                                 f"{mode!r} needs the seer_ctx built by SeerLlamaModel.forward")
+            attn_output = self._seer_attention(mode, q, k, v, q_pre, k_pre, seer_ctx)
+        else:
+            interface = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation,
+                                                              eager_attention_forward)
+            attn_output, attn_weights = interface(
+                self, q, k, v, attention_mask, dropout=0.0 if not self.training else self.attention_dropout,
+                scaling=self.scaling, **kwargs)
+        attn_output = attn_output.reshape(*input_shape, -1).contiguous()
+        return self.o_proj(attn_output), attn_weights
+
+    def _seer_attention(self, mode, q, k, v, q_pre, k_pre, ctx):
+        cfg = self.config
+        scores = self.attn_gate(q_pre, k_pre, rope=ctx.gate_rope, valid=ctx.valid)
+        if mode == "distill":
+            pool_op = "max" if cfg.seer_distill_target == "max" else "sum"
+            out, pooled = attn_with_pooling(q, k, v, True, self.scaling, cfg.seer_block_size,
+                                            seq_bounds=ctx.seq_bounds, pool_op=pool_op)
+            ctx.gate_losses.append(gate_distill_loss(scores, pooled))
+        else:
+            with torch.no_grad():
+                mask = select_blocks(scores, cfg.seer_sparsity_method, cfg.seer_threshold, cfg.seer_nz_ratio,
+                                     cfg.seer_keep_diagonal, cfg.seer_keep_sink, cfg.seer_dense_last_rows)
+            out = block_sparse_attn(q, k, v, mask, True, self.scaling, cfg.seer_block_size,
+                                    seq_bounds=ctx.seq_bounds)
+            ctx.densities.append(causal_density(mask))
+            if ctx.masks is not None:
+                ctx.masks.append(mask)
+        return out.transpose(1, 2)
+
+
+class SeerLlamaDecoderLayer(LlamaDecoderLayer):
+    def __init__(self, config: SeerLlamaConfig, layer_idx: int):
+        # Same submodules as LlamaDecoderLayer, with SeerLlamaAttention (built once, not replaced).
+        nn.Module.__init__(self)
+        self.hidden_size = config.hidden_size
+        self.self_attn = SeerLlamaAttention(config=config, layer_idx=layer_idx)
+        self.mlp = LlamaMLP(config)
+        self.input_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+
+class SeerLlamaPreTrainedModel(LlamaPreTrainedModel):
+    config_class = SeerLlamaConfig
+    config: SeerLlamaConfig
+    _no_split_modules = ["SeerLlamaDecoderLayer"]
+    _keep_in_fp32_modules = ["attn_gate"]
+    _can_compile_fullgraph = False
+    _can_record_outputs = {"hidden_states": SeerLlamaDecoderLayer, "attentions": SeerLlamaAttention}
+
+    def _init_weights(self, module):
+        if isinstance(module, AttnGate):
+            module.reset_parameters()
+        else:
+            super()._init_weights(module)
+
+
+class SeerLlamaModel(SeerLlamaPreTrainedModel, LlamaModel):
+    def __init__(self, config: SeerLlamaConfig):
+        SeerLlamaPreTrainedModel.__init__(self, config)
+        self.padding_idx = config.pad_token_id
+        self.vocab_size = config.vocab_size
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
+        self.layers = nn.ModuleList([SeerLlamaDecoderLayer(config, i) for i in range(config.num_hidden_layers)])
+        self.norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.rotary_emb = LlamaRotaryEmbedding(config=config)
+        gate_cfg = config.__class__.from_dict(config.to_dict())
+        gate_cfg.head_dim = config.seer_gate_hidden_size  # RoPE table sized for the gate width
+        self.gate_rotary_emb = LlamaRotaryEmbedding(config=gate_cfg)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None,
+                seer_ctx: SeerForwardContext | None = None, **kwargs):
+        if self.config.seer_mode != "dense":
+            seer_ctx = seer_ctx if seer_ctx is not None else SeerForwardContext()
+            ref = input_ids if input_ids is not None else inputs_embeds
+            self._prepare_context(seer_ctx, attention_mask, position_ids, ref.shape[1], ref.device)
+        return super().forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                               inputs_embeds=inputs_embeds, seer_ctx=seer_ctx, **kwargs)
+
+    def _prepare_context(self, ctx, attention_mask, position_ids, T, device):
+        if attention_mask is not None and attention_mask.dim() != 2:
+            raise ValueError(f"seer_mode {self.config.seer_mode!r} takes a 2D padding attention_mask [B, T]; "
+                             f"got a {attention_mask.dim()}D mask")
+        ctx.valid, ctx.seq_bounds = _padding_bounds(attention_mask, T)
+        bs = self.config.seer_block_size
+        NB = (T + bs - 1) // bs
+        pos = position_ids if position_ids is not None else torch.arange(T, device=device)[None]
+        pos = pos[:, -T:] if pos.shape[-1] >= T else torch.arange(T, device=device)[None]
+        big = torch.iinfo(torch.long).max
+        if ctx.valid is not None:
+            pos = torch.where(ctx.valid, pos.expand(ctx.valid.shape[0], -1), big)
+        pos = nn.functional.pad(pos, (0, NB * bs - T), value=big).view(pos.shape[0], NB, bs).amin(-1)
+        block_pos = torch.where(pos == big, 0, pos)  # first real token of each block
+        ctx.gate_rope = self.gate_rotary_emb(torch.empty(0, device=device, dtype=torch.float32), block_pos)
+
+
+class SeerLlamaForCausalLM(SeerLlamaPreTrainedModel, LlamaForCausalLM):
+    """Llama causal LM with SeerAttention gates. After a sparse prefill,
+    :meth:`seer_density` returns the kept share of causal blocks per layer and head."""
+
+    def __init__(self, config: SeerLlamaConfig):
+        SeerLlamaPreTrainedModel.__init__(self, config)
+        self.model = SeerLlamaModel(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self._last_density = None
+        self._last_masks = None
+        self.post_init()
+
+    def forward(self, *args, seer_ctx: SeerForwardContext | None = None, **kwargs):
+        """Llama's forward; in distill mode the output also carries ``gate_loss``: the
+        per-layer KL losses summed and scaled by ``config.seer_distill_loss_scale``."""
+        ctx = seer_ctx if seer_ctx is not None else SeerForwardContext()
+        out = super().forward(*args, seer_ctx=ctx, **kwargs)
+        if ctx.gate_losses:
+            loss = torch.stack([l.float() for l in ctx.gate_losses]).sum() * self.config.seer_distill_loss_scale
+            if isinstance(out, tuple):
+                out = out + (loss,)
+            else:
+                out["gate_loss"] = loss
+        if ctx.densities:
+            self._last_density = torch.stack(ctx.densities).detach()  # [L, B, HQ]
+            self._last_masks = ctx.masks
+        return out
+
+    # -- modes and statistics ------------------------------------------------------------
+
+    def set_seer_mode(self, mode: str, **seer_overrides):
+        """Switch the mode (and any ``seer_*`` option, e.g. ``seer_threshold=1e-3``)."""
+        new = {"seer_mode": mode, **seer_overrides}
+        unknown = [k for k in new if not k.startswith("seer_") or not hasattr(self.config, k)]
+        if unknown:
+            raise ValueError(f"unknown seer options {unknown}")
+        old = {k: getattr(self.config, k) for k in new}
+        for k, val in new.items():
+            setattr(self.config, k, val)
+        try:
+            self.config.validate_seer()
+        except ValueError:
+            for k, val in old.items():
+                setattr(self.config, k, val)
+            raise
+        return self
+
+    def seer_density(self):
+        """Kept share of causal blocks of the last sparse prefill: float ``[layers, batch, heads]``
+        (None before any sparse prefill)."""
+        return self._last_density
+
+    # -- gates only ------------------------------------------------------------------------
+
+    def gate_state_dict(self):
+        return {k: v for k, v in self.state_dict().items() if ".attn_gate." in k}
+
+    def _gate_metadata(self):
+        c = self.config
+        return {"num_hidden_layers": c.num_hidden_layers, "num_attention_heads": c.num_attention_heads,
+                "num_key_value_heads": c.num_key_value_heads, "head_dim": c.head_dim,
+                **{k: getattr(c, k) for k in ("seer_block_size", "seer_gate_hidden_size", "seer_q_pooling",
+                                              "seer_k_pooling", "seer_gate_rope")}}
+
+    def save_gates(self, path):
+        """Write the gate tensors only (a few MB) to ``path`` (a folder or a .safetensors file)."""
+        from safetensors.torch import save_file
+        if not str(path).endswith(".safetensors"):
+            os.makedirs(path, exist_ok=True)
+            path = os.path.join(path, GATES_FILE)
+        tensors = {k: v.detach().contiguous().cpu() for k, v in self.gate_state_dict().items()}
+        save_file(tensors, str(path), metadata={"seer": json.dumps(self._gate_metadata())})
+        return str(path)
+
+    def load_gates(self, path, **hub_kwargs):
+        """Load gates written by :meth:`save_gates` (local folder/file or Hub repo id).
+
+        Raises ValueError when the gates were trained for another shape (layers, heads,
+        head_dim, gate width, poolings)."""
+        from safetensors import safe_open
+        path = str(path)
+        if not path.endswith(".safetensors"):
+            if os.path.isdir(path):
+                path = os.path.join(path, GATES_FILE)
+            elif not os.path.exists(path):
+                from huggingface_hub import hf_hub_download
+                path = hf_hub_download(path, GATES_FILE, **hub_kwargs)
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"no gate file at {path}")
+        with safe_open(path, framework="pt") as f:
+            meta = json.loads((f.metadata() or {}).get("seer", "{}"))
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        mine = self._gate_metadata()
+        diffs = {k: (meta.get(k), v) for k, v in mine.items() if meta.get(k) != v}
+        if diffs:
+            raise ValueError("gates do not match this model: "
+                             + ", ".join(f"{k}: gates {a!r} vs model {b!r}" for k, (a, b) in diffs.items()))
+        own = self.gate_state_dict()
+        if set(tensors) != set(own):
+            raise ValueError(f"gate file keys differ from the model's: missing {sorted(set(own) - set(tensors))[:4]}, "
+                             f"unexpected {sorted(set(tensors) - set(own))[:4]}")
+        for k, t in tensors.items():
+            if tuple(t.shape) != tuple(own[k].shape):
+                raise ValueError(f"gate tensor {k} has shape {tuple(t.shape)}, model expects {tuple(own[k].shape)}")
+        self.load_state_dict(tensors, strict=False)
+        return self
+
+    # -- saving --------------------------------------------------------------------------
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """Save weights and config plus a flat remote-code bundle (config, model, gate and
+        kernel modules), so ``AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)``
+        works where this package is not installed."""
+        super().save_pretrained(save_directory, *args, **kwargs)
+        if kwargs.get("is_main_process", True):
+            write_remote_code(save_directory)
+
+
+SeerLlamaConfig.register_for_auto_class()
+SeerLlamaForCausalLM.register_for_auto_class("AutoModelForCausalLM")
