@@ -5,7 +5,8 @@ Copied flat into saved model folders (remote code): imports only torch/transform
 from transformers import LlamaConfig
 
 SEER_MODES = ("dense", "distill", "sparse")
-SPARSITY_METHODS = ("threshold", "nz_ratio")
+SPARSITY_METHODS = ("threshold", "nz_ratio", "coverage")
+SELECTORS = ("gate", "streaming", "meanpool", "oracle_max", "oracle_mass")
 POOLING_TYPES = ("avg", "max", "min")
 DISTILL_TARGETS = ("max", "mass")
 
@@ -29,8 +30,15 @@ class SeerLlamaConfig(LlamaConfig):
             >= ``seer_threshold``; adaptive per head and row) or ``"nz_ratio"`` (the same
             top-k for every row, k = (1 - sqrt(1 - nz_ratio)) * NB, so that about
             ``nz_ratio`` of the causal blocks are kept).
+            ``"coverage"`` keeps per row the fewest best blocks whose softmaxed scores sum
+            to >= ``seer_coverage`` (adaptive budget).
         seer_threshold: threshold tau, in (0, 1).
         seer_nz_ratio: target kept share of causal blocks, in (0, 1].
+        seer_coverage: probability mass kept per row by ``"coverage"``, in (0, 1].
+        seer_selector: what scores the blocks in sparse mode: ``"gate"`` (the learned
+            AttnGate) or a training-free baseline: ``"streaming"`` (sink + recent blocks),
+            ``"meanpool"`` (MoBA-like mean-pooled q.k), ``"oracle_max"`` / ``"oracle_mass"``
+            (the true max-pooled / mass-pooled attention map, which costs a dense pass).
         seer_keep_diagonal: always keep each row's diagonal block.
         seer_keep_sink: always keep the first (sink) key block.
         seer_dense_last_rows: number of last block rows kept dense (reference: 2).
@@ -50,6 +58,8 @@ class SeerLlamaConfig(LlamaConfig):
     seer_sparsity_method: str = "threshold"
     seer_threshold: float = 2e-3
     seer_nz_ratio: float = 0.3
+    seer_coverage: float = 0.9
+    seer_selector: str = "gate"
     seer_keep_diagonal: bool = True
     seer_keep_sink: bool = False
     seer_dense_last_rows: int = 2
@@ -84,6 +94,10 @@ class SeerLlamaConfig(LlamaConfig):
             bad("seer_threshold", "expected 0 < threshold < 1")
         if not 0.0 < float(self.seer_nz_ratio) <= 1.0:
             bad("seer_nz_ratio", "expected 0 < nz_ratio <= 1")
+        if not 0.0 < float(self.seer_coverage) <= 1.0:
+            bad("seer_coverage", "expected 0 < coverage <= 1")
+        if self.seer_selector not in SELECTORS:
+            bad("seer_selector", f"expected one of {SELECTORS}")
         if not isinstance(self.seer_dense_last_rows, int) or self.seer_dense_last_rows < 0:
             bad("seer_dense_last_rows", "expected an integer >= 0")
         if float(self.seer_distill_loss_scale) <= 0:

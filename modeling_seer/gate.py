@@ -116,12 +116,14 @@ class AttnGate(nn.Module):
 
 
 def select_blocks(scores, method, threshold=2e-3, nz_ratio=0.3, keep_diagonal=True, keep_sink=False,
-                  dense_last_rows=2):
-    """Turn gate logits ``[B, HQ, NB, NB]`` into a causal bool block mask of the same shape.
+                  dense_last_rows=2, coverage=0.9):
+    """Turn block logits ``[B, HQ, NB, NB]`` into a causal bool block mask of the same shape.
 
-    ``threshold``: keep blocks whose softmaxed score is >= ``threshold``. ``nz_ratio``: keep
-    the top k = max(1, int((1 - sqrt(1 - nz_ratio)) * NB)) blocks of every row. Then the
-    keep-options are applied and everything above the diagonal is dropped.
+    Methods: ``threshold`` keeps blocks whose softmaxed score is >= ``threshold``;
+    ``nz_ratio`` keeps the top k = max(1, int((1 - sqrt(1 - nz_ratio)) * NB)) blocks of
+    every row; ``coverage`` keeps, per row, the fewest highest-scoring blocks whose
+    softmaxed scores sum to >= ``coverage``. Then the keep-options are applied and
+    everything above the diagonal is dropped.
     """
     NB = scores.shape[-1]
     if method == "threshold":
@@ -130,8 +132,13 @@ def select_blocks(scores, method, threshold=2e-3, nz_ratio=0.3, keep_diagonal=Tr
         k = min(NB, max(1, int((1.0 - math.sqrt(1.0 - nz_ratio)) * NB)))
         idx = torch.topk(scores, k, dim=-1).indices
         mask = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, idx, True)
+    elif method == "coverage":
+        p, order = torch.sort(torch.softmax(scores.float(), dim=-1), dim=-1, descending=True)
+        before = p.cumsum(-1) - p  # mass of the strictly better blocks
+        keep_sorted = before < coverage
+        mask = torch.zeros_like(keep_sorted).scatter_(-1, order, keep_sorted)
     else:
-        raise ValueError(f"sparsity method must be 'threshold' or 'nz_ratio', got {method!r}")
+        raise ValueError(f"sparsity method must be 'threshold', 'nz_ratio' or 'coverage', got {method!r}")
     if keep_diagonal:
         mask |= torch.eye(NB, dtype=torch.bool, device=mask.device)
     if keep_sink:
@@ -139,6 +146,37 @@ def select_blocks(scores, method, threshold=2e-3, nz_ratio=0.3, keep_diagonal=Tr
     if dense_last_rows > 0:
         mask[..., -dense_last_rows:, :] = True
     return mask.tril_()
+
+
+def _causal_fill(scores):
+    NB = scores.shape[-1]
+    tril = torch.ones(NB, NB, dtype=torch.bool, device=scores.device).tril()
+    return scores.masked_fill(~tril, MASKED_LOGIT)
+
+
+def streaming_scores(B, HQ, NB, device):
+    """Block logits of the "streaming" baseline (attention sink + most recent blocks): the
+    sink block first, then blocks ranked by recency, so top-k keeps sink + k-1 recent."""
+    i = torch.arange(NB, device=device)
+    s = (i[None, :] - i[:, None]).float()  # 0 on the diagonal, more negative further back
+    s[:, 0] = 1.0
+    return _causal_fill(s.expand(B, HQ, NB, NB))
+
+
+def meanpool_scores(q, k, block_size, valid=None):
+    """MoBA-like baseline: mean-pooled (post-RoPE) q . k per block pair, GQA-expanded."""
+    qp = block_pool(q.float(), block_size, ("avg",), valid)
+    kp = block_pool(k.float(), block_size, ("avg",), valid)
+    group = q.shape[1] // k.shape[1]
+    if group > 1:
+        kp = kp.repeat_interleave(group, dim=1)
+    return _causal_fill(torch.matmul(qp, kp.transpose(-1, -2)) / math.sqrt(q.shape[-1]))
+
+
+def oracle_scores(pooled):
+    """Oracle baselines: log of the true pooled attention map, so that the softmax used by
+    the selection methods gives back the (row-normalised) map itself."""
+    return _causal_fill(torch.log(pooled.float().clamp_min(1e-30)))
 
 
 def causal_density(mask):

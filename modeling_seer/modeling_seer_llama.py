@@ -27,7 +27,8 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from seer_attn.kernels.block_sparse_attn import attn_with_pooling, block_sparse_attn
 
 from .configuration_seer_llama import SeerLlamaConfig
-from .gate import AttnGate, causal_density, gate_distill_loss, select_blocks
+from .gate import (AttnGate, causal_density, gate_distill_loss, meanpool_scores, oracle_scores, select_blocks,
+                   streaming_scores)
 from .remote_bundle import write_remote_code
 
 GATES_FILE = "seer_gates.safetensors"
@@ -112,22 +113,36 @@ class SeerLlamaAttention(LlamaAttention):
 
     def _seer_attention(self, mode, q, k, v, q_pre, k_pre, ctx):
         cfg = self.config
-        scores = self.attn_gate(q_pre, k_pre, rope=ctx.gate_rope, valid=ctx.valid)
         if mode == "distill":
+            scores = self.attn_gate(q_pre, k_pre, rope=ctx.gate_rope, valid=ctx.valid)
             pool_op = "max" if cfg.seer_distill_target == "max" else "sum"
             out, pooled = attn_with_pooling(q, k, v, True, self.scaling, cfg.seer_block_size,
                                             seq_bounds=ctx.seq_bounds, pool_op=pool_op)
             ctx.gate_losses.append(gate_distill_loss(scores, pooled))
-        else:
-            with torch.no_grad():
-                mask = select_blocks(scores, cfg.seer_sparsity_method, cfg.seer_threshold, cfg.seer_nz_ratio,
-                                     cfg.seer_keep_diagonal, cfg.seer_keep_sink, cfg.seer_dense_last_rows)
-            out = block_sparse_attn(q, k, v, mask, True, self.scaling, cfg.seer_block_size,
-                                    seq_bounds=ctx.seq_bounds)
-            ctx.densities.append(causal_density(mask))
-            if ctx.masks is not None:
-                ctx.masks.append(mask)
+            return out.transpose(1, 2)
+        with torch.no_grad():
+            scores = self.block_scores(q, k, v, q_pre, k_pre, ctx)
+            mask = select_blocks(scores, cfg.seer_sparsity_method, cfg.seer_threshold, cfg.seer_nz_ratio,
+                                 cfg.seer_keep_diagonal, cfg.seer_keep_sink, cfg.seer_dense_last_rows,
+                                 cfg.seer_coverage)
+        out = block_sparse_attn(q, k, v, mask, True, self.scaling, cfg.seer_block_size, seq_bounds=ctx.seq_bounds)
+        ctx.densities.append(causal_density(mask))
+        if ctx.masks is not None:
+            ctx.masks.append(mask)
         return out.transpose(1, 2)
+
+    def block_scores(self, q, k, v, q_pre, k_pre, ctx):
+        """Block logits ``[B, HQ, NB, NB]`` from ``config.seer_selector`` (the gate or a baseline)."""
+        sel, bs = self.config.seer_selector, self.config.seer_block_size
+        if sel == "gate":
+            return self.attn_gate(q_pre, k_pre, rope=ctx.gate_rope, valid=ctx.valid)
+        if sel == "streaming":
+            return streaming_scores(q.shape[0], q.shape[1], (q.shape[2] + bs - 1) // bs, q.device)
+        if sel == "meanpool":
+            return meanpool_scores(q, k, bs, ctx.valid)
+        _, pooled = attn_with_pooling(q, k, v, True, self.scaling, bs, seq_bounds=ctx.seq_bounds,
+                                      pool_op="max" if sel == "oracle_max" else "sum")
+        return oracle_scores(pooled)
 
 
 class SeerLlamaDecoderLayer(LlamaDecoderLayer):

