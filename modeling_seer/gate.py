@@ -197,6 +197,6 @@ def gate_distill_loss(scores, target, skip_fraction=0.25):
     """
     r0 = int(scores.shape[2] * skip_fraction)
     logp = F.log_softmax(scores[:, :, r0:].float(), dim=-1)
-    t = target[:, :, r0:].float()
+    t = target[:, :, r0:].detach().float()  # the target trains the gate, never the base model
     # elementwise mean, as torch.nn.KLDivLoss() in the reference; xlogy makes 0 * log 0 = 0
     return (torch.xlogy(t, t) - t * logp).mean()

@@ -49,6 +49,7 @@ class SeerForwardContext:
     gate_losses: list = field(default_factory=list)
     densities: list = field(default_factory=list)
     masks: list | None = None  # set to [] to record every layer's block mask
+    forced_masks: list | None = None  # per-layer block masks to use instead of the selector
 
 
 def _padding_bounds(attention_mask, T):
@@ -114,17 +115,22 @@ class SeerLlamaAttention(LlamaAttention):
     def _seer_attention(self, mode, q, k, v, q_pre, k_pre, ctx):
         cfg = self.config
         if mode == "distill":
-            scores = self.attn_gate(q_pre, k_pre, rope=ctx.gate_rope, valid=ctx.valid)
+            # Detached inputs: the gate learns to predict the model's attention; its loss must
+            # never move the base weights (they stay frozen in post-training either way).
+            scores = self.attn_gate(q_pre.detach(), k_pre.detach(), rope=ctx.gate_rope, valid=ctx.valid)
             pool_op = "max" if cfg.seer_distill_target == "max" else "sum"
             out, pooled = attn_with_pooling(q, k, v, True, self.scaling, cfg.seer_block_size,
                                             seq_bounds=ctx.seq_bounds, pool_op=pool_op)
             ctx.gate_losses.append(gate_distill_loss(scores, pooled))
             return out.transpose(1, 2)
-        with torch.no_grad():
-            scores = self.block_scores(q, k, v, q_pre, k_pre, ctx)
-            mask = select_blocks(scores, cfg.seer_sparsity_method, cfg.seer_threshold, cfg.seer_nz_ratio,
-                                 cfg.seer_keep_diagonal, cfg.seer_keep_sink, cfg.seer_dense_last_rows,
-                                 cfg.seer_coverage)
+        if ctx.forced_masks is not None:
+            mask = ctx.forced_masks[self.layer_idx]
+        else:
+            with torch.no_grad():
+                scores = self.block_scores(q, k, v, q_pre, k_pre, ctx)
+                mask = select_blocks(scores, cfg.seer_sparsity_method, cfg.seer_threshold, cfg.seer_nz_ratio,
+                                     cfg.seer_keep_diagonal, cfg.seer_keep_sink, cfg.seer_dense_last_rows,
+                                     cfg.seer_coverage)
         out = block_sparse_attn(q, k, v, mask, True, self.scaling, cfg.seer_block_size, seq_bounds=ctx.seq_bounds)
         ctx.densities.append(causal_density(mask))
         if ctx.masks is not None:

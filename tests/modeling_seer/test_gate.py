@@ -1,0 +1,113 @@
+import math
+
+import pytest
+import torch
+
+from seer_attn.modeling_seer.gate import (MASKED_LOGIT, AttnGate, block_pool, causal_density, gate_distill_loss,
+                                          select_blocks)
+
+
+@pytest.mark.parametrize("T", [1, 63, 64, 65, 200])
+def test_block_pool_matches_explicit_loops(T):
+    g = torch.Generator().manual_seed(T)
+    x = torch.randn(2, 3, T, 8, generator=g)
+    out = block_pool(x, 64, ("max", "min", "avg"))
+    NB = math.ceil(T / 64)
+    assert out.shape == (2, 3, NB, 24)
+    for i in range(NB):
+        blk = x[:, :, i * 64:(i + 1) * 64]
+        torch.testing.assert_close(out[:, :, i, :8], blk.amax(2))
+        torch.testing.assert_close(out[:, :, i, 8:16], blk.amin(2))
+        torch.testing.assert_close(out[:, :, i, 16:], blk.mean(2))
+
+
+def test_block_pool_ignores_padding():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 2, 130, 4, generator=g)
+    valid = torch.zeros(1, 130, dtype=torch.bool)
+    valid[:, 70:] = True  # left padding: block 0 is all padding, block 1 partly
+    out = block_pool(x, 64, ("avg", "max"), valid)
+    assert torch.equal(out[:, :, 0], torch.zeros_like(out[:, :, 0]))
+    torch.testing.assert_close(out[:, :, 1, :4], x[:, :, 70:128].mean(2))
+    torch.testing.assert_close(out[:, :, 1, 4:], x[:, :, 70:128].amax(2))
+
+
+def test_gate_shapes_gqa_sharing_and_causality():
+    g = torch.Generator().manual_seed(1)
+    gate = AttnGate(num_heads=6, num_kv_heads=2, head_dim=16, hidden_size=32)
+    assert gate.q_weight.shape == (6, 16, 32) and gate.k_weight.shape == (2, 48, 32)
+    q, k = torch.randn(1, 6, 300, 16, generator=g), torch.randn(1, 2, 300, 16, generator=g)
+    s = gate(q, k)
+    assert s.shape == (1, 6, 5, 5) and s.dtype == torch.float32
+    assert (s.triu(1)[s.triu(1) != 0] == MASKED_LOGIT).all()
+    # heads of one GQA group share the K map: changing KV head 1's keys leaves heads 0-2 alone
+    k2 = k.clone()
+    k2[:, 1] += 1.0
+    s2 = gate(q, k2)
+    assert torch.equal(s[:, :3], s2[:, :3]) and not torch.equal(s[:, 3:], s2[:, 3:])
+
+
+def test_gate_rope_is_relative_in_block_positions():
+    g = torch.Generator().manual_seed(2)
+    gate = AttnGate(2, 2, 16, hidden_size=32)
+    q, k = torch.randn(1, 2, 256, 16, generator=g), torch.randn(1, 2, 256, 16, generator=g)
+    inv = 1.0 / (10000 ** (torch.arange(0, 32, 2).float() / 32))
+
+    def rope(offset):
+        pos = torch.arange(4).float()[None] * 64 + offset
+        f = pos[..., None] * inv
+        e = torch.cat([f, f], -1)
+        return e.cos(), e.sin()
+    # shifting every position by the same amount keeps q.k (RoPE is relative)
+    torch.testing.assert_close(gate(q, k, rope(0)), gate(q, k, rope(640)), atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(gate(q, k, rope(0)), gate(q, k, None), atol=1e-3)
+
+
+def test_threshold_mask_consistent_with_gate_scores():
+    g = torch.Generator().manual_seed(3)
+    scores = torch.randn(2, 3, 9, 9, generator=g) * 3
+    NB = 9
+    scores = scores.masked_fill(~torch.ones(NB, NB, dtype=torch.bool).tril(), MASKED_LOGIT)
+    tau = 0.08
+    m = select_blocks(scores, "threshold", threshold=tau, keep_diagonal=False, dense_last_rows=0)
+    p = torch.softmax(scores, -1)
+    assert torch.equal(m, (p >= tau).tril())
+    m2 = select_blocks(scores, "threshold", threshold=tau, keep_diagonal=True, keep_sink=True, dense_last_rows=2)
+    assert m2.diagonal(dim1=-2, dim2=-1).all() and m2[..., 0].all() and m2[..., -2:, :].tril(0).sum() > 0
+    assert torch.equal(m2[..., -2:, :], torch.ones(NB, NB, dtype=torch.bool).tril()[-2:].expand(2, 3, 2, NB))
+    assert not m2.triu(1).any()
+
+
+def test_nz_ratio_keeps_reference_k_per_row():
+    g = torch.Generator().manual_seed(4)
+    NB = 32
+    scores = torch.randn(1, 2, NB, NB, generator=g)
+    m = select_blocks(scores.masked_fill(~torch.ones(NB, NB, dtype=torch.bool).tril(), MASKED_LOGIT),
+                      "nz_ratio", nz_ratio=0.3, keep_diagonal=False, dense_last_rows=0)
+    k = int((1 - math.sqrt(1 - 0.3)) * NB)
+    rows = m.sum(-1)
+    full_rows = torch.arange(NB) + 1
+    assert torch.equal(rows, torch.minimum(full_rows, torch.tensor(k)).expand_as(rows))
+    assert abs(causal_density(m).mean().item() - 0.3) < 0.06
+
+
+def test_coverage_keeps_fewest_blocks_reaching_the_mass():
+    p = torch.tensor([[[[0.5, 0.3, 0.15, 0.05]]]]).expand(1, 1, 4, 4).clone()
+    scores = torch.log(p)
+    m = select_blocks(scores, "coverage", coverage=0.8, keep_diagonal=False, dense_last_rows=0)
+    assert m[0, 0, 3].tolist() == [True, True, False, False]
+    m = select_blocks(scores, "coverage", coverage=0.81, keep_diagonal=False, dense_last_rows=0)
+    assert m[0, 0, 3].tolist() == [True, True, True, False]
+
+
+def test_distill_loss_zero_at_target_and_positive_elsewhere():
+    g = torch.Generator().manual_seed(5)
+    NB = 8
+    tril = torch.ones(NB, NB, dtype=torch.bool).tril()
+    target = torch.rand(1, 2, NB, NB, generator=g) * tril
+    target = target / target.sum(-1, keepdim=True)
+    perfect = torch.log(target.clamp_min(1e-30)).masked_fill(~tril, MASKED_LOGIT)
+    assert gate_distill_loss(perfect, target).abs().item() < 1e-6
+    wrong = torch.zeros(1, 2, NB, NB).masked_fill(~tril, MASKED_LOGIT)
+    loss = gate_distill_loss(wrong, target)
+    assert loss.item() > 1e-3 and torch.isfinite(loss)

@@ -1,0 +1,118 @@
+"""Saving: full folders, gates only, and the flat trust_remote_code bundle."""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import seer_attn.kernels as kernels_pkg
+from seer_attn.modeling_seer import SeerLlamaConfig, SeerLlamaForCausalLM
+from seer_attn.modeling_seer.remote_bundle import bundle_sources, flatten_source
+
+SPARSE = dict(seer_mode="sparse", seer_sparsity_method="nz_ratio", seer_nz_ratio=0.4, seer_dense_last_rows=0)
+
+
+def _x(T=400):
+    return torch.randint(0, 96, (1, T), generator=torch.Generator().manual_seed(7))
+
+
+@torch.no_grad()
+def test_save_pretrained_round_trip(tiny, tmp_path):
+    m = tiny(seed=3, **SPARSE)
+    ref = m(_x()).logits
+    m.save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    assert cfg["model_type"] == "seer_llama" and cfg["seer_mode"] == "sparse"
+    assert cfg["auto_map"] == {"AutoConfig": "configuration_seer_llama.SeerLlamaConfig",
+                               "AutoModelForCausalLM": "modeling_seer_llama.SeerLlamaForCausalLM"}
+    m2 = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert isinstance(m2, SeerLlamaForCausalLM)
+    assert torch.equal(m2(_x()).logits, ref)
+
+
+@torch.no_grad()
+def test_gates_only_round_trip_and_mismatch(tiny, tmp_path):
+    trained = tiny(seed=3, **SPARSE)
+    path = trained.save_gates(tmp_path / "g")
+    assert os.path.getsize(path) < 200_000  # gates only, not the model
+    fresh = tiny(seed=3, **SPARSE)  # same base weights (same seed) ...
+    for layer in fresh.model.layers:  # ... but other gates
+        torch.nn.init.normal_(layer.self_attn.attn_gate.q_weight)
+    assert not torch.equal(fresh(_x()).logits, trained(_x()).logits)
+    fresh.load_gates(tmp_path / "g")
+    assert torch.equal(fresh(_x()).logits, trained(_x()).logits)
+
+
+def test_gates_of_another_model_are_refused(tiny, tiny_kwargs, tmp_path):
+    tiny(seed=0).save_gates(tmp_path)
+    other = SeerLlamaForCausalLM(SeerLlamaConfig(**{**tiny_kwargs, "num_hidden_layers": 3},
+                                                 seer_gate_hidden_size=32))
+    with pytest.raises(ValueError, match="num_hidden_layers: gates 2 vs model 3"):
+        other.load_gates(tmp_path)
+    with pytest.raises(FileNotFoundError):
+        other.load_gates(tmp_path / "nowhere.safetensors")
+
+
+def test_bundle_is_generated_from_the_kernel_sources():
+    files = bundle_sources()
+    kdir = Path(kernels_pkg.__file__).parent
+    expected = {"configuration_seer_llama.py", "modeling_seer_llama.py", "gate.py", "remote_bundle.py",
+                "block_sparse_attn.py", "block_mask.py", "kernel_utils.py", "reference.py"}
+    assert expected <= set(files)
+    for name in ("block_sparse_attn.py", "block_mask.py", "kernel_utils.py", "reference.py"):
+        assert files[name] == flatten_source((kdir / name).read_text())
+    for name, text in files.items():
+        assert "seer_attn." not in "".join(l for l in text.splitlines() if l.lstrip().startswith(("from", "import"))), name
+
+
+FRESH = textwrap.dedent("""
+    import importlib.abc, sys, torch
+    class Block(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] in ("seer_attn", "triton"):
+                raise ImportError("not installed here: " + name)
+    sys.meta_path.insert(0, Block())
+    for mod in ("seer_attn.kernels", "triton"):
+        try:
+            __import__(mod)
+            raise SystemExit(mod + " importable: the test would prove nothing")
+        except ImportError:
+            pass
+    from transformers import AutoModelForCausalLM
+    folder, ref_path = sys.argv[1], sys.argv[2]
+    m = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
+    x, ref = torch.load(ref_path)
+    assert type(m).__module__.startswith("transformers_modules"), type(m).__module__
+    with torch.no_grad():
+        out = m(x).logits
+    print("MAXDIFF", (out - ref).abs().max().item(), "DENSITY", m.seer_density().mean().item())
+    # fine-tuning through remote code: the kernels' backward is there too
+    m.set_seer_mode("distill").train()
+    m(x).gate_loss.backward()
+    print("GATEGRAD", sum(p.grad.abs().sum().item() for n, p in m.named_parameters() if p.grad is not None))
+""")
+
+
+def test_fresh_environment_trust_remote_code(tiny, tmp_path):
+    m = tiny(seed=5, **SPARSE)
+    x = _x()
+    with torch.no_grad():
+        ref = m(x).logits
+    m.save_pretrained(tmp_path / "model")
+    torch.save((x, ref), tmp_path / "ref.pt")
+    script = tmp_path / "fresh.py"
+    script.write_text(FRESH)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"))
+    r = subprocess.run([sys.executable, str(script), str(tmp_path / "model"), str(tmp_path / "ref.pt")],
+                       capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    line = next(l for l in r.stdout.splitlines() if l.startswith("MAXDIFF"))
+    assert float(line.split()[1]) == 0.0 and float(line.split()[3]) < 0.9
+    grad_line = next(l for l in r.stdout.splitlines() if l.startswith("GATEGRAD"))
+    assert float(grad_line.split()[1]) > 0
