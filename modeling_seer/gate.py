@@ -33,6 +33,13 @@ def block_pool(x, block_size, kinds, valid=None):
     B, H, T, D = x.shape
     NB = (T + block_size - 1) // block_size
     pad = NB * block_size - T
+    if valid is None and pad == 0:  # fast path (prefill of full blocks): views, no copies of x
+        xb = x.view(B, H, NB, block_size, D)
+        red = {"avg": lambda: xb.mean(dim=3), "max": lambda: xb.amax(dim=3), "min": lambda: xb.amin(dim=3)}
+        for kind in kinds:
+            if kind not in red:
+                raise ValueError(f"unknown pooling type {kind!r}; expected avg, max or min")
+        return torch.cat([red[kind]() for kind in kinds], dim=-1)
     if valid is None:
         valid = torch.ones(B, T, dtype=torch.bool, device=x.device)
     v = F.pad(valid, (0, pad), value=False).view(B, 1, NB, block_size, 1)
@@ -94,8 +101,8 @@ class AttnGate(nn.Module):
             any real token hold :data:`MASKED_LOGIT`.
         """
         w_dtype = self.q_weight.dtype
-        qp = block_pool(q.to(w_dtype), self.block_size, self.q_pooling, valid)
-        kp = block_pool(k.to(w_dtype), self.block_size, self.k_pooling, valid)
+        qp = block_pool(q, self.block_size, self.q_pooling, valid).to(w_dtype)
+        kp = block_pool(k, self.block_size, self.k_pooling, valid).to(w_dtype)
         qg = torch.einsum("bhnd,hdg->bhng", qp, self.q_weight).float()
         kg = torch.einsum("bhnd,hdg->bhng", kp, self.k_weight).float()
         if self.use_rope and rope is not None:

@@ -1,0 +1,141 @@
+"""Time to first token of a Llama-3.1-8B-shaped model with random weights, dense vs seer.
+
+bf16, batch 1, no KV cache kept, logits for the last token only (``logits_to_keep=1``).
+Rows: transformers' SDPA with the flash and cuDNN backends (dense mode), and seer sparse
+prefill with the gate at ``nz_ratio`` 0.3 / 0.1 (random gates: the gate picks blocks, the
+count per row is what nz_ratio fixes). Also the gate + block-mask overhead per layer as a
+share of one layer's dense attention time.
+
+    python -m seer_attn.eval.bench_ttft --lengths 32768 65536 131072 --out results/ttft
+"""
+import argparse
+import csv
+import json
+import os
+import time
+
+import torch
+
+
+def _time_s(fn, reps=3):
+    fn()  # warm-up (Triton compilation, cuDNN plans)
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        torch.cuda.synchronize()
+        times.append(a.elapsed_time(b) / 1e3)
+    return sorted(times)[len(times) // 2]
+
+
+def llama8b_config(max_len, layers=32):
+    from seer_attn.modeling_seer import SeerLlamaConfig
+    return SeerLlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=layers,
+                           num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=max(131072, max_len),
+                           rms_norm_eps=1e-5, rope_parameters={"rope_type": "default", "rope_theta": 500000.0},
+                           tie_word_embeddings=False)
+
+
+def overhead(T, bench):
+    """Gate scoring + selection + index conversion vs dense attention, one layer, 8B shape."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from seer_attn.kernels import block_mask_to_indices
+    from seer_attn.modeling_seer.gate import AttnGate, select_blocks
+    dev, dt = "cuda", torch.bfloat16
+    gate = AttnGate(32, 8, 128).to(dev)
+    q = torch.randn(1, 32, T, 128, device=dev, dtype=dt)
+    k = torch.randn(1, 8, T, 128, device=dev, dtype=dt)
+    v = torch.randn(1, 8, T, 128, device=dev, dtype=dt)
+    NB = T // 64
+    pos = torch.arange(NB, device=dev)[None] * 64
+    inv = 1.0 / (500000.0 ** (torch.arange(0, 128, 2, device=dev).float() / 128))
+    e = torch.cat([pos[..., None] * inv] * 2, -1)
+    rope = (e.cos(), e.sin())
+
+    def gate_and_mask():
+        with torch.no_grad():
+            m = select_blocks(gate(q, k, rope), "nz_ratio", nz_ratio=0.1)
+            block_mask_to_indices(m)
+
+    def dense():
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    g, d = bench(gate_and_mask), bench(dense)
+    return {"T": T, "gate_mask_ms": g, "dense_attn_ms": d, "overhead_share": g / d}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--lengths", type=int, nargs="+", default=[32768, 65536, 131072])
+    ap.add_argument("--nz-ratios", type=float, nargs="+", default=[0.3, 0.1])
+    ap.add_argument("--layers", type=int, default=32)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--out", default="results/ttft")
+    args = ap.parse_args(argv)
+    import triton
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from seer_attn.modeling_seer import SeerLlamaForCausalLM
+
+    os.makedirs(args.out, exist_ok=True)
+    bench = lambda fn: triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median")  # noqa: E731
+    over = [overhead(T, bench) for T in sorted({32768, *[t for t in args.lengths if t <= 65536]})]
+    for o in over:
+        print("overhead", json.dumps(o), flush=True)
+
+    cfg = llama8b_config(max(args.lengths), args.layers)
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = SeerLlamaForCausalLM(cfg).to(torch.bfloat16).eval()
+    rows = []
+    for T in args.lengths:
+        ids = torch.randint(0, cfg.vocab_size, (1, T), device="cuda")
+        settings = [("sdpa_flash", "dense", SDPBackend.FLASH_ATTENTION, None),
+                    ("sdpa_cudnn", "dense", SDPBackend.CUDNN_ATTENTION, None)]
+        settings += [(f"seer_nz{r:g}", "sparse", SDPBackend.FLASH_ATTENTION, r) for r in args.nz_ratios]
+        row = {"T": T}
+        for name, mode, backend, nz in settings:
+            model.set_seer_mode(mode, seer_sparsity_method="nz_ratio", seer_nz_ratio=nz or 0.3)
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+
+            def step():
+                with torch.no_grad(), sdpa_kernel(backend):
+                    return model(ids, logits_to_keep=1, use_cache=False).logits
+            try:
+                row[name] = _time_s(step, args.reps)
+                row[f"{name}_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+                if mode == "sparse":
+                    row[f"{name}_density"] = model.seer_density().mean().item()
+            except torch.OutOfMemoryError:
+                row[name] = float("nan")
+                print(f"{name} at {T}: out of memory", flush=True)
+            print(name, T, row.get(name), flush=True)
+        rows.append(row)
+        print("row", json.dumps(row), flush=True)
+    meta = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+            "layers": args.layers, "time": time.strftime("%Y-%m-%d %H:%M")}
+    with open(os.path.join(args.out, "ttft.json"), "w") as f:
+        json.dump({"meta": meta, "rows": rows, "overhead": over}, f, indent=1)
+    keys = sorted({k for r in rows for k in r}, key=lambda s: (s != "T", s))
+    with open(os.path.join(args.out, "ttft.csv"), "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        w.writerows(rows)
+    print(f"\n# TTFT seconds, {meta['gpu']}, {args.layers} layers, bf16, random weights")
+    names = ["sdpa_flash", "sdpa_cudnn"] + [f"seer_nz{r:g}" for r in args.nz_ratios]
+    print(" | ".join(["T"] + names + [f"flash/{n}" for n in names[2:]] + ["density"]))
+    for r in rows:
+        sp = [f"{r['sdpa_flash'] / r[n]:.2f}x" if r.get(n) == r.get(n) and n in r else "-" for n in names[2:]]
+        dens = [f"{r.get(f'{n}_density', float('nan')):.3f}" for n in names[2:]]
+        print(" | ".join([str(r["T"])] + [f"{r.get(n, float('nan')):.3f}" for n in names] + sp + ["/".join(dens)]))
+    for o in over:
+        print(f"gate+mask overhead at {o['T']}: {o['gate_mask_ms']:.3f} ms vs dense attention "
+              f"{o['dense_attn_ms']:.2f} ms per layer = {100 * o['overhead_share']:.1f}%")
+
+
+if __name__ == "__main__":
+    main()
