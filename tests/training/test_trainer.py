@@ -1,0 +1,335 @@
+"""GateDistillationTrainer on a tiny random SeerLlama (CPU, torch reference attention):
+the KL falls, base weights stay bit-identical, resuming equals an uninterrupted run,
+gradient checkpointing and bf16 work, the logged block density is the sparse path's, the
+saved folders are complete, and ``run_distill`` runs end to end."""
+import argparse
+import json
+import os
+
+import pytest
+import torch
+from transformers import TrainerCallback
+
+from seer_attn.modeling_seer.conversion import load_seer_model
+from seer_attn.modeling_seer.modeling_seer_llama import GATES_FILE
+from seer_attn.training.distill import SUMMARY_FILE, add_distill_args, run_distill
+from seer_attn.training.trainer import (GateDistillationTrainer, SeerTrainingArguments, check_only_gates_trainable,
+                                        freeze_non_gate_parameters, is_gate_parameter)
+
+
+def _args(out, **kw):
+    base = dict(output_dir=str(out), max_steps=20, per_device_train_batch_size=2, logging_steps=5, warmup_steps=2,
+                save_strategy="no", save_final_model=False, use_cpu=True, seed=0, disable_tqdm=True,
+                report_to="none", dataloader_num_workers=0)
+    base.update(kw)
+    return SeerTrainingArguments(**base)
+
+
+def _gates(model):
+    return {k: v.detach().clone() for k, v in model.gate_state_dict().items()}
+
+
+def _non_gates(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if ".attn_gate." not in k}
+
+
+@torch.no_grad()
+def _gate_loss(model, input_ids):
+    was = model.training
+    model.eval()
+    out = model(input_ids=input_ids, use_cache=False, logits_to_keep=1).gate_loss.item()
+    model.train(was)
+    return out
+
+
+@pytest.fixture(scope="module")
+def eval_batch(byte_tokenizer, datasets_cache):
+    from seer_attn.training.data import load_packed_dataset
+    return load_packed_dataset(None, byte_tokenizer, 512, split="eval", cache_dir=datasets_cache)[:4]["input_ids"]
+
+
+# ----------------------------------------------------------------------------- learning
+
+def test_kl_falls_and_base_weights_stay_identical(tmp_path, make_tiny_model, packed_train_512, eval_batch):
+    model = make_tiny_model()
+    base_before, gates_before = _non_gates(model), _gates(model)
+    trainer = GateDistillationTrainer(model=model, args=_args(tmp_path / "out"), train_dataset=packed_train_512)
+    kl_before = _gate_loss(model, eval_batch)
+    trainer.train()
+    kl_after = _gate_loss(model, eval_batch)
+
+    # Held-out batch (eval corpus), so batch-to-batch noise does not enter. Observed: the
+    # scaled KL goes 0.86 -> 0.21 (ratio 0.24) in 20 steps at the paper's lr 1e-3; requiring
+    # at least a halving leaves a 2x margin and still fails if the gates do not learn.
+    assert kl_after < 0.5 * kl_before, (kl_before, kl_after)
+    for k, v in _non_gates(model).items():
+        assert torch.equal(v, base_before[k]), f"base tensor {k} changed"
+    assert all(not torch.equal(v, gates_before[k]) for k, v in _gates(model).items())
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert [entry["step"] for entry in logs] == [5, 10, 15, 20]
+    assert all(0.0 < entry["block_density"] <= 1.0 for entry in logs)
+    assert logs[-1]["loss"] < logs[0]["loss"]
+    assert model.config.seer_mode == "distill"
+
+
+def test_freezing_and_its_check(tmp_path, make_tiny_model, packed_train_512):
+    model = make_tiny_model()
+    for p in model.parameters():
+        p.requires_grad_(True)
+    trainer = GateDistillationTrainer(model=model, args=_args(tmp_path / "out"), train_dataset=packed_train_512)
+    trainable = sorted(n for n, p in model.named_parameters() if p.requires_grad)
+    assert trainable == sorted(n for n, _ in model.named_parameters() if ".attn_gate." in n)
+    assert len(trainable) == 2 * model.config.num_hidden_layers
+    assert model.config.seer_mode == "distill"
+
+    # unfreezing a base weight after init is caught before the optimizer is built
+    model.model.embed_tokens.weight.requires_grad_(True)
+    with pytest.raises(ValueError, match=r"non-gate parameters require grad: \['model.embed_tokens.weight'\]"):
+        trainer.create_optimizer()
+    freeze_non_gate_parameters(model)
+    for n, p in model.named_parameters():
+        if is_gate_parameter(n):
+            p.requires_grad_(False)
+    with pytest.raises(ValueError, match="no gate parameter requires grad"):
+        check_only_gates_trainable(model)
+
+    assert is_gate_parameter("model.layers.3.self_attn.attn_gate.q_weight")
+    assert not is_gate_parameter("model.layers.3.self_attn.q_proj.weight")
+    assert not is_gate_parameter("model.layers.3.self_attn.attn_gate_q_weight")
+    with pytest.raises(ValueError, match="has no .*attn_gate"):
+        check_only_gates_trainable(torch.nn.Linear(2, 2))
+
+
+def test_rejects_models_without_gates_and_bad_arguments(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    llama = LlamaForCausalLM(LlamaConfig(vocab_size=16, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=1))
+    with pytest.raises(TypeError, match=r"expected a SeerLlamaForCausalLM, got LlamaForCausalLM"):
+        GateDistillationTrainer(model=llama, args=_args(tmp_path))
+    with pytest.raises(ValueError, match="use_reentrant"):
+        _args(tmp_path, gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": True})
+    with pytest.raises(ValueError, match="gate_lr=-1"):
+        _args(tmp_path, gate_lr=-1.0)
+    with pytest.raises(ValueError, match="export_seer_mode='fast'"):
+        _args(tmp_path, export_seer_mode="fast")
+
+
+def test_paper_defaults():
+    args = SeerTrainingArguments(output_dir="unused")
+    assert args.learning_rate == 1e-3 and args.lr_scheduler_type == "cosine"
+    assert args.warmup_steps == 20 and args.weight_decay == 0.0
+    assert args.gradient_checkpointing_kwargs == {"use_reentrant": False}
+    assert args.gate_lr is None and args.save_gates_only and args.save_final_model
+
+
+def test_gate_lr_sets_the_optimizer_lr(tmp_path, make_tiny_model, packed_train_512):
+    trainer = GateDistillationTrainer(model=make_tiny_model(), args=_args(tmp_path, gate_lr=5e-3),
+                                      train_dataset=packed_train_512)
+    opt = trainer.create_optimizer()
+    assert {g["lr"] for g in opt.param_groups} == {5e-3}
+
+
+# ----------------------------------------------------------------------------- resume
+
+class _StopAt(TrainerCallback):
+    """Stands in for a killed job: stop right after the checkpoint of step ``n``."""
+
+    def __init__(self, n):
+        self.n = n
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.n:
+            control.should_training_stop = True
+        return control
+
+
+def test_resume_matches_uninterrupted_run(tmp_path, make_tiny_model, packed_train_512):
+    ckpt_args = dict(save_strategy="steps", save_steps=10)
+    full = make_tiny_model()
+    GateDistillationTrainer(model=full, args=_args(tmp_path / "full", **ckpt_args),
+                            train_dataset=packed_train_512).train()
+
+    first = make_tiny_model()
+    GateDistillationTrainer(model=first, args=_args(tmp_path / "split", **ckpt_args), train_dataset=packed_train_512,
+                            callbacks=[_StopAt(10)]).train()
+    ckpt = tmp_path / "split" / "checkpoint-10"
+    assert sorted(os.listdir(tmp_path / "split")) == ["checkpoint-10"]
+    files = set(os.listdir(ckpt))
+    assert {GATES_FILE, "optimizer.pt", "scheduler.pt", "trainer_state.json", "rng_state.pth"} <= files
+    assert "model.safetensors" not in files  # save_gates_only: no base weights in checkpoints
+
+    resumed = make_tiny_model()  # fresh gates: everything must come from the checkpoint
+    trainer = GateDistillationTrainer(model=resumed, args=_args(tmp_path / "split", **ckpt_args),
+                                      train_dataset=packed_train_512)
+    trainer.train(resume_from_checkpoint=str(ckpt))
+    assert trainer.state.global_step == 20
+
+    # Same CPU, same thread count, same operations in the same order (gates, AdamW moments,
+    # scheduler step, data position and RNG all restored): the result is bit-identical,
+    # so the tolerance is zero.
+    g_full, g_resumed = _gates(full), _gates(resumed)
+    for k in g_full:
+        assert torch.equal(g_full[k], g_resumed[k]), (k, (g_full[k] - g_resumed[k]).abs().max().item())
+    loss_full = [e["loss"] for e in _logs(tmp_path / "full" / "checkpoint-20")]
+    loss_resumed = [e["loss"] for e in _logs(tmp_path / "split" / "checkpoint-20")]
+    assert loss_full == loss_resumed
+
+
+def _logs(ckpt):
+    with open(os.path.join(ckpt, "trainer_state.json")) as f:
+        return [e for e in json.load(f)["log_history"] if "loss" in e]
+
+
+# ----------------------------------------------------------------------------- precision / memory
+
+def test_gradient_checkpointing_gives_identical_gates(tmp_path, make_tiny_model, packed_train_512):
+    plain, ckpt = make_tiny_model(), make_tiny_model()
+    GateDistillationTrainer(model=plain, args=_args(tmp_path / "a", max_steps=4),
+                            train_dataset=packed_train_512).train()
+    trainer = GateDistillationTrainer(model=ckpt, args=_args(tmp_path / "b", max_steps=4, gradient_checkpointing=True),
+                                      train_dataset=packed_train_512)
+    trainer.train()
+    assert all(layer.gradient_checkpointing for layer in ckpt.model.layers)
+    # the embedding requires-grad hook of gradient_checkpointing_enable() was removed, so
+    # backward never ran through the frozen network
+    assert not getattr(ckpt, "_require_grads_hooks", None)
+    # the recomputed forward is the same computation: identical gradients, identical gates
+    a, b = _gates(plain), _gates(ckpt)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_bf16(tmp_path, make_tiny_model, packed_train_512):
+    model = make_tiny_model()
+    with pytest.raises(ValueError, match=r"bf16=True needs the base weights in half precision.*dtype=torch.bfloat16"):
+        GateDistillationTrainer(model=model, args=_args(tmp_path, bf16=True))
+    model.to(torch.bfloat16)
+    base_before, gates_before = _non_gates(model), _gates(model)
+    trainer = GateDistillationTrainer(model=model, args=_args(tmp_path, bf16=True, max_steps=3, logging_steps=1),
+                                      train_dataset=packed_train_512)
+    trainer.train()
+    assert all(v.dtype == torch.float32 for v in model.gate_state_dict().values())  # gates train in fp32
+    assert all(torch.isfinite(torch.tensor(e["loss"])) for e in trainer.state.log_history if "loss" in e)
+    for k, v in _non_gates(model).items():
+        assert v.dtype == base_before[k].dtype and torch.equal(v, base_before[k]), k
+    assert all(not torch.equal(v, gates_before[k].float()) for k, v in _gates(model).items())
+
+
+# ----------------------------------------------------------------------------- density log
+
+def test_logged_density_equals_the_sparse_prefill(tmp_path, make_tiny_model, eval_batch):
+    # One layer, so the gate sees the same input in the distill forward and in a sparse
+    # prefill; threshold 0.05 without dense last rows keeps the density away from 1.
+    model = make_tiny_model(layers=1, seer_threshold=0.05, seer_dense_last_rows=0)
+    trainer = GateDistillationTrainer(model=model, args=_args(tmp_path))
+    model.train()
+    trainer.compute_loss(model, {"input_ids": eval_batch, "labels": eval_batch})  # labels are ignored
+    trainer.log({"loss": 0.0})
+    logged = trainer.state.log_history[-1]["block_density"]
+    with torch.no_grad():
+        model.set_seer_mode("sparse")
+        model(input_ids=eval_batch, use_cache=False)
+    expected = model.seer_density().mean().item()
+    assert 0.2 < expected < 0.99
+    assert logged == pytest.approx(expected, abs=1e-6)
+
+
+# ----------------------------------------------------------------------------- saving
+
+def test_final_save_is_a_complete_sparse_model_folder(tmp_path, make_tiny_model, packed_train_512, byte_tokenizer,
+                                                      eval_batch):
+    model = make_tiny_model()
+    out = tmp_path / "out"
+    trainer = GateDistillationTrainer(model=model, args=_args(out, max_steps=3, save_final_model=True),
+                                      train_dataset=packed_train_512, processing_class=byte_tokenizer)
+    trainer.train()
+    files = set(os.listdir(out))
+    assert {"config.json", "model.safetensors", GATES_FILE, "tokenizer.json", "modeling_seer_llama.py",
+            "configuration_seer_llama.py", "gate.py", "block_sparse_attn.py"} <= files
+    with open(out / "config.json") as f:
+        cfg = json.load(f)
+    assert cfg["seer_mode"] == "sparse" and cfg["auto_map"]["AutoModelForCausalLM"].endswith("SeerLlamaForCausalLM")
+    assert model.config.seer_mode == "distill"  # the in-memory model keeps training mode
+    # the tokenizer's special tokens were not aligned into the model config (bos 0 vs None)
+    assert model.config.bos_token_id == 0 and cfg["bos_token_id"] == 0
+
+    reloaded = load_seer_model(str(out))
+    assert reloaded.config.seer_mode == "sparse"
+    for k, v in model.state_dict().items():
+        assert torch.equal(reloaded.state_dict()[k], v), k
+    gates_only = load_seer_model(str(out), gates=str(out / GATES_FILE))
+    assert all(torch.equal(gates_only.gate_state_dict()[k], v) for k, v in model.gate_state_dict().items())
+
+    # (in this process the seer_llama Auto classes are registered, so this resolves to the
+    # package's class; the remote-code bundle itself is the modeling tests' business)
+    from transformers import AutoModelForCausalLM
+    auto = AutoModelForCausalLM.from_pretrained(str(out), trust_remote_code=True).eval()
+    assert auto.config.seer_mode == "sparse"
+    with torch.no_grad():
+        logits = auto(input_ids=eval_batch[:1]).logits
+    assert torch.isfinite(logits).all() and auto.seer_density() is not None
+
+
+# ----------------------------------------------------------------------------- CLI driver
+
+def _parse(argv):
+    return add_distill_args(argparse.ArgumentParser()).parse_args(argv)
+
+
+def test_run_distill_end_to_end_and_resume(tmp_path, byte_tokenizer):
+    from transformers import LlamaForCausalLM
+    from seer_attn.modeling_seer import SeerLlamaConfig
+
+    # a plain Llama folder (with its tokenizer), converted by run_distill
+    cfg = SeerLlamaConfig(vocab_size=257, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, initializer_range=0.3,
+                          bos_token_id=0, eos_token_id=0, pad_token_id=0).to_dict()
+    from transformers import LlamaConfig
+    llama_cfg = LlamaConfig(**{k: v for k, v in cfg.items() if not k.startswith("seer_") and k != "model_type"})
+    torch.manual_seed(0)
+    src = tmp_path / "llama"
+    LlamaForCausalLM(llama_cfg).save_pretrained(src)
+    byte_tokenizer.save_pretrained(src)
+    data = tmp_path / "train.jsonl"
+    with open(data, "w") as f:
+        for i in range(20):
+            f.write(json.dumps({"text": f"Passage {i}. " + "The quick brown fox jumps over the lazy dog. " * 12})
+                    + "\n")
+
+    out = tmp_path / "run"
+    argv = ["--model", str(src), "--data", str(data), "--seq-len", "256", "--batch-size", "2", "--lr", "1e-3",
+            "--warmup-steps", "1", "--logging-steps", "2", "--save-steps", "2", "--output", str(out), "--seed", "1",
+            "--cpu", "--threshold", "0.01"]
+    res = run_distill(_parse(argv + ["--steps", "4"]))
+    assert res["global_step"] == 4 and res["output_dir"] == str(out.resolve())
+    assert os.path.isfile(res["gates_path"]) and os.path.isfile(os.path.join(res["model_dir"], "config.json"))
+    assert res["final_loss"] > 0 and 0 < res["block_density"] <= 1 and res["threshold"] == 0.01
+    with open(res["summary_path"]) as f:
+        summary = json.load(f)
+    assert summary["final_loss"] == res["final_loss"] and summary["data"] == [str(data)]
+    assert os.path.basename(res["summary_path"]) == SUMMARY_FILE
+    model = load_seer_model(res["model_dir"])
+    assert model.config.seer_mode == "sparse" and model.config.seer_threshold == 0.01
+
+    res2 = run_distill(_parse(argv + ["--steps", "6", "--resume"]))
+    assert res2["global_step"] == 6
+    assert [e["step"] for e in res2["log_history"] if "loss" in e] == [2, 4, 6]
+
+    with pytest.raises(ValueError, match="--steps must be a positive integer, got 0"):
+        run_distill(_parse(argv + ["--steps", "0"]))
+    with pytest.raises(FileNotFoundError, match="--resume checkpoint folder not found"):
+        run_distill(_parse(argv + ["--resume", str(tmp_path / "missing")]))
+
+
+def test_streaming_dataset_trains_and_resumes(tmp_path, make_tiny_model, byte_tokenizer):
+    from seer_attn.training.data import load_packed_dataset
+    stream = load_packed_dataset(None, byte_tokenizer, 512, streaming=True, seed=0)
+    kw = dict(max_steps=4, save_strategy="steps", save_steps=2, logging_steps=2)
+    full = make_tiny_model()
+    GateDistillationTrainer(model=full, args=_args(tmp_path / "a", **kw), train_dataset=stream).train()
+    resumed = make_tiny_model()
+    trainer = GateDistillationTrainer(model=resumed, args=_args(tmp_path / "a", **kw), train_dataset=stream)
+    trainer.train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-2"))
+    assert trainer.state.global_step == 4
+    # the stream is replayed and its first 2 steps skipped: same batches, bit-identical gates
+    a, b = _gates(full), _gates(resumed)
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -1,0 +1,323 @@
+"""Gate distillation (post-training) with the Hugging Face ``Trainer``.
+
+:class:`GateDistillationTrainer` trains only the AttnGate parameters
+(``*.attn_gate.q_weight`` / ``*.attn_gate.k_weight``) of a :class:`SeerLlamaForCausalLM`
+in ``seer_mode="distill"``: each layer's attention also emits the frozen model's
+max-pooled attention map and the model returns ``outputs.gate_loss`` (the per-layer KL
+losses summed and scaled, DESIGN §2). That is the training loss; the LM loss is not used
+and no labels are passed. Base weights are frozen and stay bit-identical.
+
+Its extra knobs live in :class:`SeerTrainingArguments`, which also carries the paper's
+defaults (learning rate 1e-3, cosine schedule, 20 warm-up steps, no weight decay).
+
+Memory: the frozen base needs no activation gradients, so autograd keeps only the small
+block-pooled gate inputs (``[B, H, T/64, D]`` per layer); the attention and MLP
+activations are not saved for backward even without gradient checkpointing. Gradient
+checkpointing is supported (non-reentrant only, the default here): the trainer removes
+the input-embedding ``requires_grad`` hook that ``gradient_checkpointing_enable`` installs,
+so that backward stays inside the gates instead of running through the frozen network.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+
+import torch
+from transformers import Trainer, TrainerCallback, TrainingArguments, default_data_collator
+from transformers.trainer import TRAINING_ARGS_NAME
+from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME
+
+from seer_attn.modeling_seer import causal_density, select_blocks
+from seer_attn.modeling_seer.configuration_seer_llama import SEER_MODES
+from seer_attn.modeling_seer.modeling_seer_llama import GATES_FILE
+
+logger = logging.getLogger(__name__)
+
+#: parameter names of the gates: ``...attn_gate.q_weight`` and ``...attn_gate.k_weight``
+GATE_MODULE = "attn_gate"
+GATE_PARAMS = ("q_weight", "k_weight")
+#: batch keys forwarded to the model (anything else, ``labels`` included, is dropped)
+MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids", "inputs_embeds")
+
+
+# ----------------------------------------------------------------------------- arguments
+
+@dataclass
+class SeerTrainingArguments(TrainingArguments):
+    """``TrainingArguments`` with SeerAttention's defaults and knobs.
+
+    Changed defaults (paper, §4): ``learning_rate=1e-3``, ``lr_scheduler_type="cosine"``,
+    ``warmup_steps=20``, ``weight_decay=0.0``; ``logging_steps=10``;
+    ``gradient_checkpointing_kwargs={"use_reentrant": False}`` (reentrant checkpointing
+    is refused: it would need the inputs to require grad, i.e. a backward pass through
+    the whole frozen model).
+
+    Extra fields:
+        gate_lr: learning rate of the gate parameters; None means ``learning_rate``.
+        save_gates_only: intermediate checkpoints (``checkpoint-N/``) hold only the gate
+            tensors (``seer_gates.safetensors``, a few MB) next to the optimizer, scheduler,
+            RNG and trainer state; resuming loads them onto the frozen base the trainer was
+            built with. False: full model weights as in a plain ``Trainer``.
+        save_final_model: at the end of ``train()`` save to ``output_dir`` the full
+            ``trust_remote_code`` model folder (``save_pretrained`` + tokenizer) and the
+            gates-only file.
+        export_seer_mode: ``seer_mode`` written into saved configs, so that loading the
+            folder gives the inference model ("sparse" by default).
+        log_block_density: log ``block_density``, the kept share of causal blocks that the
+            current gates and the model's sparsity settings (``seer_sparsity_method``,
+            ``seer_threshold``, keep-options) would give, averaged over the steps since
+            the last log.
+    """
+
+    learning_rate: float = field(default=1e-3, metadata={"help": "Initial learning rate (SeerAttention: 1e-3)."})
+    lr_scheduler_type: str = field(default="cosine", metadata={"help": "Learning-rate schedule (paper: cosine)."})
+    warmup_steps: float = field(default=20, metadata={"help": "Linear warm-up steps (paper: 20)."})
+    weight_decay: float = field(default=0.0, metadata={"help": "Weight decay (paper: none)."})
+    logging_steps: float = field(default=10, metadata={"help": "Log every N optimizer steps."})
+    gate_lr: float | None = field(default=None, metadata={"help": "Learning rate of the gate parameters "
+                                                                  "(default: learning_rate)."})
+    save_gates_only: bool = field(default=True, metadata={"help": "Checkpoints hold the gate tensors only."})
+    save_final_model: bool = field(default=True, metadata={"help": "After train(), save the full remote-code "
+                                                                   "folder and the gates-only file to output_dir."})
+    export_seer_mode: str = field(default="sparse", metadata={"help": "seer_mode written into saved configs."})
+    log_block_density: bool = field(default=True, metadata={"help": "Log the block density of the gates."})
+
+    def __post_init__(self):
+        if self.gradient_checkpointing_kwargs is None:
+            self.gradient_checkpointing_kwargs = {"use_reentrant": False}
+        super().__post_init__()
+        gc_kwargs = self.gradient_checkpointing_kwargs or {}
+        if gc_kwargs.get("use_reentrant", False):
+            raise ValueError(f"gradient_checkpointing_kwargs={gc_kwargs!r}: gate distillation needs non-reentrant "
+                             "checkpointing (use_reentrant=False); reentrant checkpointing would make gradients "
+                             "flow through the whole frozen model")
+        if self.gate_lr is not None and not self.gate_lr > 0:
+            raise ValueError(f"gate_lr={self.gate_lr!r} is invalid: expected a positive learning rate or None")
+        if self.export_seer_mode not in SEER_MODES:
+            raise ValueError(f"export_seer_mode={self.export_seer_mode!r} is invalid: expected one of {SEER_MODES}")
+        if self.save_gates_only and self.load_best_model_at_end:
+            raise ValueError("load_best_model_at_end=True needs full checkpoints; set save_gates_only=False")
+
+
+# ----------------------------------------------------------------------------- freezing
+
+def is_gate_parameter(name: str) -> bool:
+    """True for ``...attn_gate.q_weight`` / ``...attn_gate.k_weight`` parameter names."""
+    parts = name.split(".")
+    return len(parts) >= 2 and parts[-2] == GATE_MODULE and parts[-1] in GATE_PARAMS
+
+
+def freeze_non_gate_parameters(model: torch.nn.Module) -> int:
+    """Set ``requires_grad`` True on gate parameters and False on all others.
+
+    Returns:
+        the number of gate parameter tensors (0 means the model has no gates).
+    """
+    n_gates = 0
+    for name, p in model.named_parameters():
+        gate = is_gate_parameter(name)
+        p.requires_grad_(gate)
+        n_gates += gate
+    return n_gates
+
+
+def check_only_gates_trainable(model: torch.nn.Module) -> None:
+    """Raise ValueError if a non-gate parameter requires grad or no gate parameter does."""
+    gates = [n for n, p in model.named_parameters() if is_gate_parameter(n)]
+    if not gates:
+        raise ValueError(f"{type(model).__name__} has no '*.{GATE_MODULE}.q_weight/k_weight' parameters; "
+                         "gate distillation needs a SeerLlamaForCausalLM")
+    bad = [n for n, p in model.named_parameters() if p.requires_grad and not is_gate_parameter(n)]
+    if bad:
+        raise ValueError(f"gate distillation trains the gates only, but {len(bad)} non-gate parameters require "
+                         f"grad: {bad[:5]}{' ...' if len(bad) > 5 else ''}")
+    if not any(p.requires_grad for n, p in model.named_parameters() if is_gate_parameter(n)):
+        raise ValueError(f"no gate parameter requires grad (of {len(gates)}: {gates[:2]} ...); nothing would train")
+
+
+def _check_low_precision_base(model, flag):
+    """Mixed precision needs the base weights already in half precision.
+
+    Under autocast over float32 weights, SeerLlama's distill attention receives q/k in
+    float32 (RoPE tables follow the float32 hidden states) and v in half precision, which
+    the attention kernels refuse. Loading the base in bf16 (the gates stay float32) runs
+    the same math without that mismatch.
+    """
+    fp32 = [n for n, p in model.named_parameters() if not is_gate_parameter(n) and p.dtype == torch.float32]
+    if fp32:
+        want = "torch.bfloat16" if flag == "bf16" else "torch.float16"
+        raise ValueError(f"{flag}=True needs the base weights in half precision, but {len(fp32)} non-gate "
+                         f"parameters are float32 (e.g. {fp32[0]}); load the model with dtype={want} "
+                         "(the gates stay float32)")
+
+
+def _has_full_weights(folder: str) -> bool:
+    return any(os.path.isfile(os.path.join(folder, n))
+               for n in (SAFE_WEIGHTS_NAME, WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME, WEIGHTS_INDEX_NAME))
+
+
+class _LogLastStep(TrainerCallback):
+    """Log at the final step too, so the last loss/density window always reaches the logs."""
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.max_steps > 0 and state.global_step >= state.max_steps:
+            control.should_log = True
+        return control
+
+
+# ----------------------------------------------------------------------------- trainer
+
+class GateDistillationTrainer(Trainer):
+    """Distil the AttnGates of a SeerLlama model against its own attention (base frozen).
+
+    On init the model is switched to ``seer_mode="distill"``, the gates are cast to float32,
+    every non-gate parameter is frozen and the result is checked (ValueError otherwise;
+    checked again when the optimizer is built). The loss is ``outputs.gate_loss``, with
+    last-token logits only and no KV cache. ``block_density`` is logged
+    next to the loss: forward hooks on the ``attn_gate`` modules receive the gate logits
+    ``[B, HQ, NB, NB]`` of the distillation forward itself (no extra forward), and
+    :func:`select_blocks` with the model's sparsity settings turns them into the block
+    mask a sparse prefill would use; the logged value is the kept share of causal blocks,
+    averaged over layers, heads, batch rows and the steps since the last log. It is
+    measured on the dense forward: from the second layer on, the gates of a real sparse
+    prefill see inputs computed with sparse attention, which can shift it slightly.
+
+    Args:
+        model: a :class:`SeerLlamaForCausalLM` (or remote-code equivalent).
+        args: :class:`SeerTrainingArguments` (default: ``output_dir="seer_outputs/distill"``).
+        **kwargs: passed to :class:`~transformers.Trainer` (``train_dataset`` of
+            ``{"input_ids": [T]}`` rows, ``processing_class`` = the tokenizer (saved with full
+            models only; unlike a plain Trainer, its special tokens are not copied into the
+            model config), ``callbacks``, ...). ``data_collator`` defaults to
+            ``default_data_collator`` (the packed sequences need no padding).
+
+    Checkpoints and saving: see :class:`SeerTrainingArguments` (``save_gates_only``,
+    ``save_final_model``, ``export_seer_mode``). ``train(resume_from_checkpoint=...)``
+    restores gates, optimizer, scheduler, RNG and data position.
+    """
+
+    def __init__(self, model=None, args: SeerTrainingArguments | None = None, **kwargs):
+        if model is None or kwargs.get("model_init") is not None:
+            raise ValueError("GateDistillationTrainer needs a model instance (model_init is not supported)")
+        for method in ("set_seer_mode", "save_gates", "load_gates"):
+            if not hasattr(model, method):
+                raise TypeError(f"expected a SeerLlamaForCausalLM, got {type(model).__name__} (no {method}())")
+        if args is None:
+            args = SeerTrainingArguments(output_dir="seer_outputs/distill")
+        if not isinstance(args, SeerTrainingArguments):
+            raise TypeError(f"args must be SeerTrainingArguments, got {type(args).__name__}")
+        if args.bf16 or args.fp16:
+            _check_low_precision_base(model, "bf16" if args.bf16 else "fp16")
+        model.set_seer_mode("distill")
+        gate_modules = [m for name, m in model.named_modules() if name.split(".")[-1] == GATE_MODULE]
+        for m in gate_modules:
+            m.float()  # gates train in float32 whatever the base dtype (a no-op for converted models)
+        freeze_non_gate_parameters(model)
+        check_only_gates_trainable(model)
+        kwargs.setdefault("data_collator", default_data_collator)
+        # The tokenizer is only saved with the final model. It is kept away from the Trainer,
+        # whose train() would otherwise copy its special-token ids into the model config and
+        # generation config (distillation changes the gates and nothing else).
+        self.tokenizer = kwargs.pop("processing_class", None)
+        super().__init__(model=model, args=args, **kwargs)
+        self._seer = model
+        # The loss is a mean over gate logits: no token-count normalisation from the Trainer.
+        self.model_accepts_loss_kwargs = False
+        # The model's forward is (*args, **kwargs); tell the Trainer which columns it consumes.
+        self._signature_columns = list(MODEL_INPUTS)
+        self._in_checkpoint = False
+        self._record_density = False
+        self._density_sum = None
+        self._density_n = 0
+        self._density_hooks = [m.register_forward_hook(self._gate_density_hook) for m in gate_modules]
+        self.add_callback(_LogLastStep())
+
+    # -- loss -----------------------------------------------------------------------------
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """``outputs.gate_loss`` of a distill-mode forward (no labels, last-token logits only)."""
+        inputs = {k: v for k, v in inputs.items() if k in MODEL_INPUTS}
+        if getattr(self._seer, "_require_grads_hooks", None):
+            # Installed by gradient_checkpointing_enable() for adapter training; here it would
+            # only make backward run through the frozen network (the gates get the same grads).
+            self._seer.disable_input_require_grads()
+        self._record_density = self.args.log_block_density and model.training
+        try:
+            outputs = model(**inputs, use_cache=False, logits_to_keep=1)
+        finally:
+            self._record_density = False
+        loss = outputs.get("gate_loss") if isinstance(outputs, dict) else None
+        if loss is None:
+            raise RuntimeError(f"the model returned no gate_loss (seer_mode={self._seer.config.seer_mode!r}; "
+                               "distillation needs seer_mode='distill' and a prefill forward)")
+        return (loss, outputs) if return_outputs else loss
+
+    @torch.no_grad()
+    def _gate_density_hook(self, module, args, scores):
+        if not self._record_density:
+            return
+        cfg = self._seer.config
+        mask = select_blocks(scores.detach(), cfg.seer_sparsity_method, cfg.seer_threshold, cfg.seer_nz_ratio,
+                             cfg.seer_keep_diagonal, cfg.seer_keep_sink, cfg.seer_dense_last_rows, cfg.seer_coverage)
+        d = causal_density(mask).mean()
+        self._density_sum = d if self._density_sum is None else self._density_sum + d
+        self._density_n += 1
+
+    def log(self, logs, start_time=None):
+        if "loss" in logs and self._density_n:
+            logs["block_density"] = (self._density_sum / self._density_n).item()
+            self._density_sum, self._density_n = None, 0
+        super().log(logs, start_time)
+
+    # -- optimizer ------------------------------------------------------------------------
+
+    def create_optimizer(self, model=None):
+        check_only_gates_trainable(self._seer)
+        created = self.optimizer is None
+        optimizer = super().create_optimizer(model)
+        if created and self.args.gate_lr is not None:
+            for group in optimizer.param_groups:  # every trainable parameter is a gate (checked above)
+                group["lr"] = self.args.gate_lr
+        return optimizer
+
+    # -- saving and resuming --------------------------------------------------------------
+
+    def train(self, *args, **kwargs):
+        """``Trainer.train``; then, with ``save_final_model``, :meth:`save_model` to ``output_dir``."""
+        output = super().train(*args, **kwargs)
+        if self.args.save_final_model:
+            self.save_model()
+        return output
+
+    def _save_checkpoint(self, model, trial):
+        self._in_checkpoint = True
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._in_checkpoint = False
+
+    def _save(self, output_dir=None, state_dict=None):
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        os.makedirs(output_dir, exist_ok=True)
+        if self._in_checkpoint and self.args.save_gates_only:
+            self._seer.save_gates(output_dir)
+            torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
+            return
+        mode = self._seer.config.seer_mode
+        self._seer.set_seer_mode(self.args.export_seer_mode)
+        try:
+            super()._save(output_dir, state_dict=state_dict)
+        finally:
+            self._seer.set_seer_mode(mode)
+        if self.tokenizer is not None:
+            self.tokenizer.save_pretrained(output_dir)
+        self._seer.save_gates(output_dir)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        gates = os.path.join(resume_from_checkpoint, GATES_FILE)
+        if os.path.isfile(gates) and not _has_full_weights(resume_from_checkpoint):
+            logger.info(f"Resuming gates from {gates} (gates-only checkpoint; base weights unchanged)")
+            self._seer.load_gates(gates)
+            return
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
