@@ -49,7 +49,8 @@ def add_distill_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
     parser.add_argument("--bf16", action="store_true",
                         help="load the base weights in bfloat16 and train with bf16 autocast (gates stay float32)")
     parser.add_argument("--gradient-checkpointing", action="store_true",
-                        help="non-reentrant gradient checkpointing of the decoder layers")
+                        help="non-reentrant gradient checkpointing of the decoder layers (same gates; slower, and "
+                             "no memory gain here: the frozen base keeps no activations for backward)")
     parser.add_argument("--resume", nargs="?", const="last", default=None, metavar="CHECKPOINT",
                         help="resume from a checkpoint folder, or (without a value) from the last one in --output")
     parser.add_argument("--logging-steps", type=int, default=10, help="log every N steps (default: 10)")

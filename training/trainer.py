@@ -16,6 +16,9 @@ activations are not saved for backward even without gradient checkpointing. Grad
 checkpointing is supported (non-reentrant only, the default here): the trainer removes
 the input-embedding ``requires_grad`` hook that ``gradient_checkpointing_enable`` installs,
 so that backward stays inside the gates instead of running through the frozen network.
+It gives identical gates but, for that reason, no memory saving: on one H100 with a
+SmolLM2-135M-shaped model, bf16, batch 2 x 4096 tokens, peak memory was 0.70 GiB with
+checkpointing and 0.56 GiB without, at 0.26 vs 0.15 s per step.
 """
 from __future__ import annotations
 
