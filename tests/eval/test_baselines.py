@@ -1,0 +1,200 @@
+"""seer_attn.eval.baselines: settings, density calibration, and the side-by-side comparison."""
+import os
+
+import pytest
+import torch
+
+from seer_attn.eval.baselines import (BASELINES, SELECTOR_LABELS, Setting, apply_setting, calibrate, compare,
+                                      default_settings, format_table, measure_density, plot_ppl_vs_density,
+                                      preserved_seer_mode)
+from seer_attn.eval.perplexity import load_documents, make_windows
+from seer_attn.modeling_seer import SeerForwardContext, causal_density
+
+TOL = 0.01  # the calibration tolerance compare() and seer-attn eval use by default
+
+
+@pytest.fixture(scope="module")
+def windows_512(corpus_path, tokenizer):
+    """Two 512-token windows: 8 blocks of 64, 36 causal blocks per head."""
+    ws = make_windows(load_documents(corpus_path), tokenizer, 512, 1)
+    return [next(w for w in ws if w.source == s) for s in ("austen", "cpython-stdlib")]
+
+
+@pytest.fixture(scope="module")
+def windows_1k(corpus_path, tokenizer):
+    """Two 1024-token windows: 16 blocks of 64, 136 causal blocks per head."""
+    ws = make_windows(load_documents(corpus_path), tokenizer, 1024, 1)
+    return [next(w for w in ws if w.source == s) for s in ("austen", "cpython-stdlib")]  # prose and code
+
+
+# ----------------------------------------------------------------------------- settings
+
+@pytest.mark.parametrize("spec,expected", [
+    ("dense", Setting("dense")),
+    ("gate:threshold=2e-3", Setting("gate", "threshold", param=2e-3)),
+    ("streaming:nz_ratio@0.21", Setting("streaming", "nz_ratio", target_density=0.21)),
+    (" oracle_mass:coverage=0.9 ", Setting("oracle_mass", "coverage", param=0.9)),
+])
+def test_setting_parse_roundtrip(spec, expected):
+    s = Setting.parse(spec)
+    assert s == expected
+    assert Setting.parse(str(s)) == s
+
+
+@pytest.mark.parametrize("spec,match", [
+    ("gate", "SELECTOR:METHOD"),
+    ("topk:nz_ratio=0.3", "selector='topk'"),
+    ("gate:topk=0.3", "method='topk'"),
+    ("gate:threshold=1.5", "param=1.5"),
+    ("gate:nz_ratio=0", "param=0.0"),
+    ("gate:coverage@0", "target_density=0"),
+    ("gate:threshold=abc", "'abc' is not a number"),
+    ("gate:threshold", "'=PARAM' or '@DENSITY'"),
+])
+def test_setting_parse_errors(spec, match):
+    with pytest.raises(ValueError, match=match):
+        Setting.parse(spec)
+
+
+def test_setting_needs_exactly_one_of_param_density():
+    with pytest.raises(ValueError, match="exactly one"):
+        Setting("gate", "threshold")
+    with pytest.raises(ValueError, match="exactly one"):
+        Setting("gate", "threshold", param=0.1, target_density=0.2)
+    with pytest.raises(ValueError, match="dense setting"):
+        Setting("dense", "threshold")
+
+
+def test_default_settings_cover_every_baseline():
+    s = default_settings((0.3, 0.1), gate_methods=("threshold", "coverage"))
+    assert s[0] == Setting("dense")
+    for d in (0.3, 0.1):
+        got = {(x.selector, x.method) for x in s if x.target_density == d}
+        assert got == set(BASELINES) | {("gate", "threshold"), ("gate", "coverage")}
+
+
+def test_apply_and_preserve(model):
+    with preserved_seer_mode(model):
+        apply_setting(model, "meanpool:coverage=0.8")
+        c = model.config
+        assert (c.seer_mode, c.seer_selector, c.seer_sparsity_method, c.seer_coverage) == \
+            ("sparse", "meanpool", "coverage", 0.8)
+        with pytest.raises(ValueError, match="calibrate it first"):
+            apply_setting(model, "gate:threshold@0.3")
+    assert model.config.seer_mode == "dense" and model.config.seer_selector == "gate"
+    assert model.config.seer_coverage == 0.9
+
+
+# ----------------------------------------------------------------------------- calibration
+
+def _mask_density(model, windows):
+    """Kept share of causal blocks of the block masks the model actually used (recorded masks)."""
+    vals = []
+    with torch.no_grad():
+        for w in windows:
+            ctx = SeerForwardContext(masks=[])
+            model(w.input_ids[None], seer_ctx=ctx)
+            assert len(ctx.masks) == model.config.num_hidden_layers
+            vals += [causal_density(m).mean().item() for m in ctx.masks]
+    return sum(vals) / len(vals)
+
+
+def test_streaming_topk_density_is_exact(model, windows_1k):
+    # 16 blocks, k = 3 for nz_ratio in [0.359, 0.4375): rows 0..13 keep min(i + 1, 3) blocks
+    # (sink + recent, diagonal included), the 2 dense last rows keep 15 + 16: 70 of 136.
+    cal = calibrate(model, "nz_ratio", 70 / 136, windows_1k, selector="streaming", tol=1e-6)
+    assert cal.within_tol and cal.density == pytest.approx(70 / 136, abs=1e-6)
+    assert 0.359375 <= cal.param < 0.4375
+    apply_setting(model, Setting("streaming", "nz_ratio", param=cal.param))
+    assert _mask_density(model, windows_1k) == pytest.approx(70 / 136, abs=1e-6)
+    assert model.config.seer_mode == "sparse"
+
+
+@pytest.mark.parametrize("selector,method,target", [
+    ("gate", "threshold", 0.5),
+    ("oracle_mass", "coverage", 0.6),
+    ("oracle_max", "threshold", 0.45),
+], ids=["gate-threshold", "oracle_mass-coverage", "oracle_max-threshold"])
+def test_calibrate_hits_target_density(model, windows_1k, selector, method, target):
+    cal = calibrate(model, method, target, windows_1k, selector=selector, tol=TOL)
+    assert cal.within_tol and abs(cal.density - target) <= TOL
+    assert model.config.seer_mode == "dense"  # calibrate restores the mode
+    apply_setting(model, Setting(selector, method, param=cal.param))
+    # the masks the model then uses keep the requested share of causal blocks
+    assert abs(_mask_density(model, windows_1k) - target) <= TOL
+    assert measure_density(model, windows_1k) == pytest.approx(cal.density, abs=1e-6)
+    # monotone search: every evaluated parameter on the far side of the result gives the far-side density
+    for p, d in cal.history:
+        if method == "threshold" and p > cal.param or method != "threshold" and p < cal.param:
+            assert d <= cal.density + 1e-9
+
+
+def test_calibrate_unreachable_and_discrete(model, windows_1k):
+    one = windows_1k[:1]  # streaming selects the same blocks in every window
+    with pytest.raises(ValueError, match=r"out of reach.*between 0\.4265 and 1\.0000"):
+        calibrate(model, "nz_ratio", 0.1, one, selector="streaming")
+    # streaming top-k keeps 58/136 = 0.4265 (k <= 2: sink + diagonal), 70/136 = 0.515 (k = 3), 81/136 = 0.596
+    # (k = 4) of the causal blocks: 0.1 is below the floor and 0.55 lies between two steps
+    cal = calibrate(model, "nz_ratio", 0.55, one, selector="streaming", tol=TOL, strict=False)
+    assert not cal.within_tol and cal.density == pytest.approx(70 / 136, abs=1e-6)
+    assert len(cal.history) <= 2 + 14  # the search stops at the jump (interval < 1e-4), not after max_iter
+    assert {round(d * 136) for _, d in cal.history} <= {58, 70, 81, 91, 100, 108, 115, 121, 126, 130, 133, 135, 136}
+    with pytest.raises(ValueError, match="could not calibrate streaming:nz_ratio to density 0.55"):
+        calibrate(model, "nz_ratio", 0.55, one, selector="streaming", tol=TOL)
+    with pytest.raises(ValueError, match="method='topk'"):
+        calibrate(model, "topk", 0.5, one)
+    with pytest.raises(ValueError, match="target_density=1.5"):
+        calibrate(model, "threshold", 1.5, one)
+    with pytest.raises(ValueError, match="selector='nope'"):
+        calibrate(model, "threshold", 0.5, one, selector="nope")
+
+
+def test_measure_density_needs_sparse_mode(model, windows_1k):
+    with pytest.raises(ValueError, match="seer_mode='dense'"):
+        measure_density(model, windows_1k)
+
+
+# ----------------------------------------------------------------------------- comparison
+
+def test_compare_shows_baselines_at_equal_density(model, windows_512, tmp_path):
+    # 512 tokens: 8 blocks, 36 causal; streaming with k = 3 keeps 1 + 2 + 3 * 4 + 15 = 30 of them
+    target = 30 / 36
+    rows = compare(model, [f"gate:threshold@{target}"], windows=windows_512, n_calib=2, tol=TOL, progress=False)
+    assert model.config.seer_mode == "dense"
+    assert rows[0]["selector"] == "dense" and rows[0]["density"] == 1.0
+    assert rows[1]["setting"] == f"gate:threshold@{target:g}"
+    assert [(r["selector"], r["method"]) for r in rows[2:]] == list(BASELINES)
+    dense_ppl = rows[0]["ppl"]
+    for r in rows[1:]:
+        assert r["target_density"] == pytest.approx(target)
+        if r.get("error"):  # a top-k baseline whose discrete densities miss the target is reported, not run
+            assert r["method"] == "nz_ratio" and "could not calibrate" in r["error"] and r["ppl"] is None
+            continue
+        # calibrated on the evaluation windows themselves: the evaluation keeps the same share
+        assert abs(r["density"] - target) <= TOL
+        assert r["ppl"] > 0 and r["ppl"] != pytest.approx(dense_ppl, rel=1e-7)
+        assert set(r["per_source"]) == {"austen", "cpython-stdlib"}
+    ran = {(r["selector"], r["method"]) for r in rows[1:] if not r.get("error")}
+    assert {("gate", "threshold"), ("streaming", "nz_ratio"), ("oracle_mass", "coverage")} <= ran
+
+    table = format_table(rows)
+    lines = table.splitlines()
+    assert lines[0].startswith("| selection | method | parameter | target density | density | PPL (all) |")
+    assert len(lines) == 2 + len(rows)
+    for sel, _ in BASELINES:
+        assert SELECTOR_LABELS[sel] in table
+    assert f"{dense_ppl:.3f}" in lines[2]
+    assert sum("unreachable" in line for line in lines) == sum(bool(r.get("error")) for r in rows)
+
+    png = plot_ppl_vs_density(rows, str(tmp_path / "p.png"))
+    assert png is not None and os.path.getsize(png) > 1000
+
+
+def test_compare_adds_baselines_at_measured_density_of_fixed_param(model, windows_512):
+    rows = compare(model, ["oracle_mass:coverage=0.5"], windows=windows_512[:1], n_calib=1, tol=TOL,
+                   progress=False)
+    fixed = [r for r in rows if r["setting"] == "oracle_mass:coverage=0.5"][0]
+    assert fixed["target_density"] is None and 0 < fixed["density"] < 1
+    others = [r for r in rows if r["selector"] != "dense" and r is not fixed]
+    assert others and all(r["target_density"] == pytest.approx(round(fixed["density"], 4)) for r in others)
+    assert len(others) == len(BASELINES)  # oracle_mass:coverage@d is a baseline too, at that density

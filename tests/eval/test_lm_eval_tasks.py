@@ -1,0 +1,203 @@
+"""The lm-eval tasks in seer_attn/eval/tasks and ``seer-attn eval`` (harness), offline, on a tiny
+random SeerLlama: tasks load from local files, token perplexity is exp(-sum ll / sum tokens)
+with lm-eval's own windows, passkey prompts come from the generator, densities are recorded."""
+import argparse
+import importlib.util
+import json
+import math
+import os
+
+import pytest
+import torch
+
+from seer_attn.eval.harness import TASKS_DIR, add_eval_args, run_eval, settings_from_args
+from seer_attn.eval.passkey import PasskeyGenerator, score_passkey
+
+lm_eval = pytest.importorskip("lm_eval", reason="the eval extra (lm-eval) is not installed")
+from lm_eval import simple_evaluate  # noqa: E402
+from lm_eval.models.huggingface import HFLM  # noqa: E402
+from lm_eval.tasks import TaskManager  # noqa: E402
+
+SEER_TASKS = ("seer_ppl", "seer_ppl_pg19", "seer_ppl_proofpile", "seer_passkey")
+
+
+def _utils():
+    spec = importlib.util.spec_from_file_location("seer_task_utils_under_test", os.path.join(TASKS_DIR, "utils.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _evaluate(model, tokenizer, task, metadata, max_length, limit=None):
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, max_length=max_length, batch_size=1)
+    tm = TaskManager(include_path=TASKS_DIR, include_defaults=False, metadata=metadata)
+    return simple_evaluate(model=lm, tasks=[task], task_manager=tm, limit=limit, bootstrap_iters=0, log_samples=True)
+
+
+def test_tasks_load_from_the_include_path():
+    tm = TaskManager(include_path=TASKS_DIR, include_defaults=False)
+    assert set(SEER_TASKS) <= set(tm.all_tasks)
+    assert "seer_long" in tm.all_tags
+    for name in SEER_TASKS:
+        assert os.path.isfile(os.path.join(TASKS_DIR, f"{name}.yaml"))
+    assert os.path.isfile(os.path.join(TASKS_DIR, "README.md"))
+
+
+def test_seer_ppl_token_perplexity(model, tokenizer, tokenizer_dir, corpus_path, corpus_docs):
+    L = 256
+    res = _evaluate(model, tokenizer, "seer_ppl", {"tokenizer": tokenizer_dir, "max_length": L, "corpus": corpus_path},
+                    L, limit=2)
+    samples = res["samples"]["seer_ppl"]
+    assert len(samples) == 2
+    lls, counts = [], []
+    for s in samples:
+        doc = s["doc"]
+        original = next(d["text"] for d in corpus_docs if d["id"] == doc["id"])
+        assert original.startswith(doc["text"])  # cut at a token boundary after 2 full windows
+        ids = tokenizer(doc["text"])["input_ids"]  # what HFLM.tok_encode scores
+        assert doc["n_tokens"] == len(ids) == 2 * L and doc["n_windows"] == 2
+        ll = s["resps"][0][0]
+        # lm-eval's disjoint rolling windows, recomputed: [prefix] + t[0:L-1] -> t[0:L], [t[L-1]] + t[L:2L-1] -> t[L:2L]
+        t = torch.tensor(ids)
+        ref = 0.0
+        with torch.no_grad():
+            for inp, tgt in ((torch.cat([torch.tensor([tokenizer.bos_token_id]), t[:L - 1]]), t[:L]),
+                             (t[L - 1:2 * L - 1], t[L:2 * L])):
+                logp = torch.log_softmax(model(inp[None]).logits[0].double(), -1)
+                ref += logp[torch.arange(L), tgt].sum().item()
+        assert ll == pytest.approx(ref, rel=1e-5)
+        lls.append(ll)
+        counts.append(doc["n_tokens"])
+    r = res["results"]["seer_ppl"]
+    assert r["token_perplexity,none"] == pytest.approx(math.exp(-sum(lls) / sum(counts)), rel=1e-9)
+    austen = [(s["resps"][0][0], s["doc"]["n_tokens"]) for s in samples if s["doc"]["source"] == "austen"]
+    assert r["token_perplexity_austen,none"] == pytest.approx(math.exp(-austen[0][0] / austen[0][1]), rel=1e-9)
+    words = sum(len(s["doc"]["text"].split()) for s in samples)
+    assert r["word_perplexity,none"] == pytest.approx(math.exp(-sum(lls) / words), rel=1e-9)
+    assert r["token_perplexity,none"] < r["word_perplexity,none"]
+
+
+def test_seer_passkey_task(model, tokenizer, tokenizer_dir):
+    meta = {"tokenizer": tokenizer_dir, "max_length": 320, "passkey_lengths": [256, 320], "passkey_depths": [0, 1],
+            "passkey_seed": 5}
+    res = _evaluate(model, tokenizer, "seer_passkey", meta, 320)
+    samples = res["samples"]["seer_passkey"]
+    expected = PasskeyGenerator(tokenizer, seed=5, answer_tokens=12).samples([256, 320], [0.0, 1.0])
+    assert [s["doc"]["prompt"] for s in samples] == [e.prompt for e in expected]  # fixed seed, same prompts
+    assert [s["arguments"][0][0] for s in samples] == [e.prompt for e in expected]  # sent as they are
+    correct = [score_passkey(s["resps"][0][0], s["doc"]["passkey"]) for s in samples]
+    r = res["results"]["seer_passkey"]
+    assert r["acc,none"] == pytest.approx(sum(correct) / 4)
+    assert r["acc_len256,none"] == pytest.approx(sum(correct[:2]) / 2)
+    assert r["acc_len320_depth1,none"] == pytest.approx(float(correct[3]))
+
+
+def test_task_utils_validate_metadata(tokenizer_dir, corpus_path, tokenizer):
+    u = _utils()
+    with pytest.raises(ValueError, match="needs `max_length`"):
+        u.ppl_local(tokenizer=tokenizer_dir, corpus=corpus_path)
+    with pytest.raises(ValueError, match="needs the model's tokenizer"):
+        u.ppl_local(max_length=256, corpus=corpus_path)
+    with pytest.raises(ValueError, match="no document has a full window of max_length=100000"):
+        u.ppl_local(tokenizer=tokenizer_dir, max_length=100000, corpus=corpus_path)
+    with pytest.raises(ValueError, match=r"passkey_lengths \[400\] exceed max_length=320"):
+        u.passkey(tokenizer=tokenizer_dir, max_length=320, passkey_lengths=[256, 400])
+    with pytest.raises(ValueError, match="windows_per_doc=0"):
+        u.ppl_local(tokenizer=tokenizer_dir, max_length=256, corpus=corpus_path, windows_per_doc=0)
+    # metadata as lm-eval's --metadata / --model_args strings
+    ds = u.passkey(pretrained=tokenizer_dir, max_length="400", passkey_lengths="256,400", passkey_depths="[0.5]")
+    assert ds["test"]["length"] == [256, 400]
+
+
+@pytest.mark.parametrize("partial", [False, True], ids=["full-windows", "partial"])
+def test_task_documents_are_cut_to_windows(tokenizer_dir, corpus_path, corpus_docs, tokenizer, partial):
+    L = 1000
+    docs = _utils().ppl_local(tokenizer=tokenizer_dir, max_length=L, corpus=corpus_path,
+                              partial_windows=partial)["test"]
+    by_id = {d["id"]: d for d in docs}
+    for d in corpus_docs:
+        n = len(tokenizer(d["text"])["input_ids"])
+        if n < L and not partial:
+            assert d["id"] not in by_id
+            continue
+        doc = by_id[d["id"]]
+        want = min(n, 2 * L) if partial else min(2, n // L) * L
+        assert doc["n_tokens"] == want == len(tokenizer(doc["text"])["input_ids"])
+        assert d["text"].startswith(doc["text"])
+
+
+def test_process_ppl_weights():
+    u = _utils()
+    out = u.process_ppl({"text": "a bc déf", "n_tokens": 7, "source": "kjv"}, [-3.5])
+    assert out["token_perplexity"] == (-3.5, 7) and out["token_perplexity_kjv"] == (-3.5, 7)
+    assert out["word_perplexity"] == (-3.5, 3) and out["byte_perplexity"] == (-3.5, 9)
+    other = u.process_ppl({"text": "x", "n_tokens": 1, "source": "pg19"}, [-1.0])
+    assert not any(k.startswith("token_perplexity_") for k in other)
+
+
+def test_hflm_truncates_prompts_from_the_left(model, tokenizer):
+    """The fact README.md states for LongBench: HFLM keeps the last max_length - max_gen_toks tokens."""
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, max_length=64, batch_size=1)
+    text = " ".join(str(i) for i in range(200))
+    ids = tokenizer(text)["input_ids"]
+    enc, _ = lm.tok_batch_encode([text], left_truncate_len=64 - 12)
+    assert enc[0].tolist() == ids[-(64 - 12):]
+
+
+# ----------------------------------------------------------------------------- harness
+
+def _args(argv):
+    return add_eval_args(argparse.ArgumentParser()).parse_args(argv)
+
+
+def test_settings_from_args(model):
+    assert [str(s) for s in settings_from_args(_args(["--max-length", "8", "--output", "x"]), model)] == ["dense"]
+    a = _args(["--max-length", "8", "--output", "x", "--seer-mode", "sparse", "--selector", "oracle_max",
+               "--method", "nz_ratio", "--param", "0.2", "0.1"])
+    assert [str(s) for s in settings_from_args(a, model)] == ["oracle_max:nz_ratio=0.2", "oracle_max:nz_ratio=0.1"]
+    a = _args(["--max-length", "8", "--output", "x", "--seer-mode", "sparse", "--density", "0.3"])
+    assert [str(s) for s in settings_from_args(a, model)] == ["gate:threshold@0.3"]
+    with pytest.raises(ValueError, match="add --seer-mode sparse"):
+        settings_from_args(_args(["--max-length", "8", "--output", "x", "--param", "0.1"]), model)
+    with pytest.raises(ValueError, match="either --param or --density"):
+        settings_from_args(_args(["--max-length", "8", "--output", "x", "--seer-mode", "sparse", "--param", "0.1",
+                                  "--density", "0.2"]), model)
+    with pytest.raises(SystemExit):  # --max-length is required: HFLM must never guess it
+        _args(["--output", "x"])
+
+
+def test_run_eval_end_to_end(model_dir, corpus_path, tmp_path):
+    out_dir = tmp_path / "out"
+    args = _args(["--model", model_dir, "--tasks", "seer_ppl,seer_passkey", "--max-length", "512", "--limit", "2",
+                  "--corpus", corpus_path, "--metadata", json.dumps({"passkey_lengths": [256, 512],
+                                                                     "passkey_depths": [0.5]}),
+                  "--settings", "dense", "streaming:nz_ratio=0.3", "--output", str(out_dir)])
+    out = run_eval(args)
+    saved = json.loads((out_dir / "results.json").read_text())
+    assert saved["model"] == model_dir and saved["gpu"] == "cpu" and saved["max_length"] == 512
+    assert saved["commit"] and saved["tasks"] == ["seer_ppl", "seer_passkey"]
+    assert saved["task_metadata"]["max_length"] == 512
+    assert os.path.isfile(os.path.join(saved["task_metadata"]["tokenizer"], "tokenizer.json"))
+    dense, sparse = saved["runs"]
+    assert dense["setting"] == "dense" and dense["seer"] == {"mode": "dense"} and dense["density"] is None
+    assert sparse["seer"]["selector"] == "streaming" and sparse["seer"]["param"] == pytest.approx(0.3)
+    # every perplexity window is a 512-token forward (HFLM got max_length): streaming keeps 26 of 36 blocks
+    assert sparse["task_density"]["seer_ppl"] == pytest.approx(26 / 36, abs=1e-6)
+    # passkey prompts of <= 244 tokens (4 blocks, all kept) and <= 500 tokens (8 blocks, 26 of 36)
+    assert sparse["task_density"]["seer_passkey"] == pytest.approx((1 + 26 / 36) / 2, abs=1e-6)
+    ppl_d = dense["lm_eval"]["results"]["seer_ppl"]["token_perplexity,none"]
+    ppl_s = sparse["lm_eval"]["results"]["seer_ppl"]["token_perplexity,none"]
+    assert ppl_d > 1 and ppl_s > 1 and ppl_d != pytest.approx(ppl_s, rel=1e-7)
+    assert sparse["metrics"]["seer_ppl"]["token_perplexity"] == ppl_s
+    assert "acc" in sparse["metrics"]["seer_passkey"]
+    table = (out_dir / "results.md").read_text()
+    assert "| setting | density | density seer_ppl | density seer_passkey |" in table
+    assert "| dense | 1.000 |" in table and "| streaming:nz_ratio=0.3 | " in table
+    assert out["plot"] == str(out_dir / "ppl_vs_density.png") and os.path.getsize(out["plot"]) > 1000
+
+
+def test_run_eval_rejects_bad_arguments(model_dir, tmp_path):
+    with pytest.raises(ValueError, match="--max-length=1"):
+        run_eval(_args(["--model", model_dir, "--max-length", "1", "--output", str(tmp_path)]))
+    with pytest.raises(ValueError, match="--metadata is not valid JSON"):
+        run_eval(_args(["--model", model_dir, "--max-length", "64", "--metadata", "{oops", "--output", str(tmp_path)]))

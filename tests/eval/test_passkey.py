@@ -1,0 +1,124 @@
+"""seer_attn.eval.passkey: deterministic prompts, the scorer, and the runner."""
+import random
+import re
+
+import pytest
+
+from seer_attn.eval.passkey import (INSTRUCTION, QUESTION, PasskeyGenerator, generate_passkey_samples,
+                                    random_passkey, run_passkey, score_passkey)
+
+
+# ----------------------------------------------------------------------------- scorer
+
+@pytest.mark.parametrize("generation,key", [
+    (" 68130. Remember it.", "68130"),
+    ("68130", "68130"),
+    ("\n 1234567 is the pass key", "1234567"),
+    (" is 555555, yes 12", 555555),
+], ids=["sentence", "bare", "newline", "int-key"])
+def test_score_right(generation, key):
+    assert score_passkey(generation, key)
+
+
+@pytest.mark.parametrize("generation,key", [
+    (" 6813.", "68130"),  # prefix of the key
+    (" 681301", "68130"),  # longer number
+    (" 12 68130", "68130"),  # the first number is not the key
+    (" sixty-eight thousand", "68130"),
+    ("", "68130"),
+    (None, "68130"),
+], ids=["short", "long", "other-first", "words", "empty", "none"])
+def test_score_wrong(generation, key):
+    assert not score_passkey(generation, key)
+
+
+# ----------------------------------------------------------------------------- generator
+
+def test_random_passkey_has_5_to_7_digits():
+    rng = random.Random(0)
+    keys = [random_passkey(rng) for _ in range(300)]
+    assert {len(k) for k in keys} == {5, 6, 7}
+    assert all(k.isdigit() and k[0] != "0" for k in keys)
+
+
+def test_same_seed_same_prompts(tokenizer):
+    a = generate_passkey_samples(tokenizer, [256, 400], [0.0, 0.5, 1.0], 2, seed=7)
+    b = generate_passkey_samples(tokenizer, [256, 400], [0.0, 0.5, 1.0], 2, seed=7)
+    assert a == b and len(a) == 12
+    c = generate_passkey_samples(tokenizer, [256, 400], [0.0, 0.5, 1.0], 2, seed=8)
+    assert [s.passkey for s in a] != [s.passkey for s in c]
+    assert len({s.passkey for s in a}) > 6  # keys vary across cells and samples
+    # a sample depends on (seed, length, depth, index) only, not on the rest of the grid
+    single = PasskeyGenerator(tokenizer, seed=7).sample(400, 0.5, 1)
+    assert single == [s for s in a if (s.length, s.depth, s.sample) == (400, 0.5, 1)][0]
+
+
+@pytest.mark.parametrize("length", [256, 400, 1000])
+@pytest.mark.parametrize("depth", [0.0, 0.3, 1.0])
+def test_prompt_fills_length_and_places_needle(tokenizer, length, depth):
+    gen = PasskeyGenerator(tokenizer, seed=0, answer_tokens=12)
+    s = gen.sample(length, depth)
+    n = len(tokenizer(s.prompt)["input_ids"])
+    assert n == s.prompt_tokens and n + 12 <= length
+    # maximal: one more filler sentence would not fit (a sentence is at most ~20 tokens here)
+    assert n > length - 12 - 25
+    assert s.prompt.startswith(INSTRUCTION) and s.prompt.endswith(QUESTION)
+    assert re.findall(r"\d+", s.prompt) == [s.passkey, s.passkey] and 5 <= len(s.passkey) <= 7
+    filler_start, filler_end = len(INSTRUCTION), len(s.prompt) - len(QUESTION)
+    pos = s.prompt.index("The pass key is")
+    needle_len = len(f"The pass key is {s.passkey}. Remember it. {s.passkey} is the pass key.")
+    share = (pos - filler_start) / (filler_end - filler_start - needle_len)
+    assert share == pytest.approx(depth, abs=0.05)
+
+
+def test_corpus_and_text_filler(tokenizer, corpus_docs):
+    text = corpus_docs[0]["text"]
+    s = PasskeyGenerator(tokenizer, seed=1, filler=text).sample(300, 0.5)
+    assert s.prompt_tokens + 12 <= 300
+    words = s.prompt[len(INSTRUCTION):].split()
+    assert words[0] in text.split()
+    assert "The grass is green" not in s.prompt
+    s2 = PasskeyGenerator(tokenizer, seed=1, filler="corpus").sample(300, 0.5)  # the bundled eval corpus
+    assert s2.prompt_tokens + 12 <= 300 and "The grass is green" not in s2.prompt
+
+
+def test_generator_errors(tokenizer):
+    gen = PasskeyGenerator(tokenizer)
+    with pytest.raises(ValueError, match="length=40 is too short"):
+        gen.sample(40, 0.5)
+    with pytest.raises(ValueError, match="depth=1.5"):
+        gen.sample(300, 1.5)
+    with pytest.raises(ValueError, match="length=0"):
+        gen.sample(0, 0.5)
+    with pytest.raises(ValueError, match="filler=''"):
+        PasskeyGenerator(tokenizer, filler="")
+    with pytest.raises(ValueError, match="too short for length=5000"):
+        PasskeyGenerator(tokenizer, filler="just a few words here").sample(5000, 0.5)
+    with pytest.raises(ValueError, match="samples_per_cell=0"):
+        gen.samples([300], [0.5], 0)
+
+
+# ----------------------------------------------------------------------------- runner
+
+def test_run_passkey_dense_and_sparse(model, tokenizer):
+    res = run_passkey(model, tokenizer, lengths=[256, 320], depths=[0.0, 1.0], seed=3, max_new_tokens=6,
+                      progress=False)
+    assert len(res["samples"]) == 4 and res["density"] is None
+    assert [(c["length"], c["depth"], c["n"]) for c in res["cells"]] == [(256, 0.0, 1), (256, 1.0, 1),
+                                                                      (320, 0.0, 1), (320, 1.0, 1)]
+    for r in res["samples"]:
+        assert r["correct"] == score_passkey(r["generation"], r["passkey"])
+        assert 1 <= r["generated_tokens"] <= 6
+    assert res["accuracy"] == sum(r["correct"] for r in res["samples"]) / 4
+    assert res["per_length"][256] == (res["samples"][0]["correct"] + res["samples"][1]["correct"]) / 2
+    again = run_passkey(model, tokenizer, lengths=[256, 320], depths=[0.0, 1.0], seed=3, max_new_tokens=6,
+                        progress=False)
+    assert [r["generation"] for r in again["samples"]] == [r["generation"] for r in res["samples"]]  # greedy
+
+    model.set_seer_mode("sparse", seer_selector="streaming", seer_sparsity_method="nz_ratio", seer_nz_ratio=0.3)
+    samples = generate_passkey_samples(tokenizer, [700], [0.5], seed=3, answer_tokens=6)
+    assert 640 < samples[0].prompt_tokens <= 694
+    sparse = run_passkey(model, tokenizer, samples=samples, max_new_tokens=6, progress=False)
+    # one prefill of 641..694 tokens: 11 blocks; streaming with k = 1 keeps {0, i} in rows 0..8,
+    # the last 2 rows dense: (1 + 2 * 8 + 10 + 11) of 66 causal blocks; decode steps add nothing
+    assert sparse["density"] == pytest.approx((1 + 2 * 8 + 10 + 11) / 66, abs=1e-6)
