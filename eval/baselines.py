@@ -175,6 +175,8 @@ def measure_density(model, windows, batch_size=1) -> float:
                          f"{getattr(model.config, 'seer_mode', None)!r}")
     if not windows:
         raise ValueError("measure_density needs at least one window")
+    if model.config.seer_selector == "streaming":
+        return _streaming_density(model.config, windows)
     dev = model_device(model)
     vals = []
     for i in range(0, len(windows), batch_size):
@@ -190,6 +192,20 @@ def measure_density(model, windows, batch_size=1) -> float:
         if d is None or d is before:
             raise RuntimeError("the model reported no block density for a sparse forward")
         vals.extend(d.float().mean(dim=(0, 2)).tolist())
+    return sum(vals) / len(vals)
+
+
+def _streaming_density(cfg, windows):
+    """The streaming selection ignores the content: its density follows from the block
+    count alone, so no forward pass is needed (same selection code as the model's)."""
+    from seer_attn.modeling_seer.gate import causal_density, select_blocks, streaming_scores
+    vals = []
+    for w in windows:
+        nb = (w.input_ids.numel() + cfg.seer_block_size - 1) // cfg.seer_block_size
+        mask = select_blocks(streaming_scores(1, 1, nb, "cpu"), cfg.seer_sparsity_method, cfg.seer_threshold,
+                             cfg.seer_nz_ratio, cfg.seer_keep_diagonal, cfg.seer_keep_sink,
+                             cfg.seer_dense_last_rows, cfg.seer_coverage)
+        vals.append(causal_density(mask).mean().item())
     return sum(vals) / len(vals)
 
 

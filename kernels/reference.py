@@ -56,11 +56,19 @@ def _attention(q, k, v, causal, sm_scale, block_size, block_mask, seq_bounds, up
     rows = max(block_size, rows // block_size * block_size) if pooled_out is not None else rows
     for r0 in range(0, T, rows):
         r1 = min(T, r0 + rows)
-        s = torch.matmul(qf[:, :, r0:r1], kf.transpose(-1, -2)) * scale
         allowed = _allowed(r0, r1, T, causal, seq_bounds, block_mask, block_size, q.device)
-        s = s.masked_fill(~allowed, float("-inf"))
+        empty = ~allowed.any(-1, keepdim=True)  # rows with no allowed key output zeros
+        has_empty = bool(empty.any())
+        if pooled_out is None and upcast and not has_empty:
+            # the same fp32 math and explicit mask through torch's fused kernel (much faster on CPU)
+            out[:, :, r0:r1] = torch.nn.functional.scaled_dot_product_attention(
+                qf[:, :, r0:r1], kf, vf, attn_mask=allowed, scale=scale)
+            continue
+        s = torch.matmul(qf[:, :, r0:r1] * scale, kf.transpose(-1, -2))
+        s.masked_fill_(~allowed, float("-inf"))
         p = torch.softmax(s.float(), dim=-1)
-        p = torch.nan_to_num(p, nan=0.0)  # rows with no allowed key -> zeros
+        if has_empty:
+            p = p.masked_fill(empty, 0.0)
         out[:, :, r0:r1] = torch.matmul(p.to(dt), vf)
         if pooled_out is not None:
             # max- (or sum-) pool the probabilities over 64x64 tiles (partial tiles padded with 0)

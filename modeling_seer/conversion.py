@@ -35,7 +35,7 @@ def seer_config_from_llama(llama_config: LlamaConfig, **seer_kwargs) -> SeerLlam
     if bad:
         raise ValueError(f"only seer_* options can be set here, got {bad}")
     d = llama_config.to_dict()
-    for key in ("model_type", "architectures", "auto_map", "transformers_version"):
+    for key in ("model_type", "architectures", "auto_map", "transformers_version", "quantization_config"):
         d.pop(key, None)
     d.update(seer_kwargs)
     return SeerLlamaConfig(**d)
@@ -121,8 +121,13 @@ def load_tokenizer(source=None):
         source = source.name_or_path
     source = str(source)
     if source.endswith(".gguf"):
-        tok = AutoTokenizer.from_pretrained(os.path.dirname(os.path.abspath(source)),
-                                            gguf_file=os.path.basename(source))
+        folder, name = os.path.dirname(os.path.abspath(source)), os.path.basename(source)
+        tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+        # transformers' GGUF tokenizer conversion can report bos as eos (SmolLM2: both
+        # <|im_start|>); the model's own config knows the real end-of-sequence id.
+        eos_id = AutoConfig.from_pretrained(folder, gguf_file=name).eos_token_id
+        if isinstance(eos_id, int) and tok.eos_token_id != eos_id:
+            tok.eos_token = tok.convert_ids_to_tokens(eos_id)
     else:
         tok = AutoTokenizer.from_pretrained(source)
     if tok.pad_token is None:

@@ -114,6 +114,8 @@ class SeerLlamaAttention(LlamaAttention):
 
     def _seer_attention(self, mode, q, k, v, q_pre, k_pre, ctx):
         cfg = self.config
+        if not q.dtype == k.dtype == v.dtype:  # e.g. autocast: RoPE in fp32, v in bf16
+            q, k = q.to(v.dtype), k.to(v.dtype)
         if mode == "distill":
             # Detached inputs: the gate learns to predict the model's attention; its loss must
             # never move the base weights (they stay frozen in post-training either way).
