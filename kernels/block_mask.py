@@ -67,6 +67,11 @@ def block_mask_to_indices(block_mask: torch.Tensor, causal: bool = True, transpo
         selected indices in ascending order (entries past the count are unspecified), and
         int32 ``[B, HQ, NB]`` counts.
     """
+    if not isinstance(block_mask, torch.Tensor) or block_mask.dtype != torch.bool:
+        raise TypeError("block_mask must be a bool torch.Tensor, got "
+                        f"{getattr(block_mask, 'dtype', type(block_mask).__name__)}")
+    if block_mask.dim() != 4 or block_mask.shape[-1] != block_mask.shape[-2]:
+        raise ValueError(f"block_mask must have shape [B, HQ, NB, NB], got {tuple(block_mask.shape)}")
     B, HQ, NB, _ = block_mask.shape
     if HAS_TRITON and (block_mask.is_cuda or interpreting()):
         m = block_mask.contiguous()
@@ -85,13 +90,15 @@ def block_mask_to_indices(block_mask: torch.Tensor, causal: bool = True, transpo
     return _indices_torch(m)
 
 
-def causal_block_density(block_mask: torch.Tensor, seq_len: int | None = None, block_size: int = 64) -> float:
-    """Kept share of the causal blocks (i >= j): the density this project reports."""
+def causal_block_density(block_mask: torch.Tensor, per_head: bool = False):
+    """Kept share of the causal blocks (i >= j): the density this project reports.
+
+    Returns a float over the whole mask, or with ``per_head`` a float tensor ``[B, HQ]``.
+    """
     NB = block_mask.shape[-1]
     tril = torch.ones(NB, NB, dtype=torch.bool, device=block_mask.device).tril()
-    kept = (block_mask & tril).sum().item()
-    total = tril.sum().item() * block_mask.shape[0] * block_mask.shape[1]
-    return kept / max(total, 1)
+    kept = (block_mask & tril).sum(dim=(-1, -2)).float() / tril.sum().float()
+    return kept if per_head else kept.mean().item()
 
 
 def random_block_mask(B, HQ, NB, density, *, generator=None, device="cpu", keep_diagonal=True):

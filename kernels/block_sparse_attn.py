@@ -439,10 +439,12 @@ def _attn_bwd_dkdv_kernel(
 CONFIG_OVERRIDES: dict = {}
 
 
-def _config(kernel, sparse, head_dim, on_gpu):
+def _config(kernel, sparse, head_dim, on_gpu, dtype=torch.bfloat16):
     key = (kernel, sparse, head_dim)
     if key in CONFIG_OVERRIDES:
         return CONFIG_OVERRIDES[key]
+    if on_gpu and dtype == torch.float32:  # 4-byte tiles: the 16-bit configs overflow shared memory
+        return (64, 64, 4, 2)
     if not on_gpu:  # interpreter: small tiles, but still exercising gathered multi-block tiles
         return {"fwd": (64 if sparse else 128, 128, 4, 1), "dq": (64 if sparse else 128, 128, 4, 1),
                 "dkdv": (128, 64 if sparse else 128, 4, 1)}[kernel]
@@ -464,7 +466,7 @@ def _attn_fwd(q, k, v, idx, cnt, bounds, causal, sm_scale, block_size, pooling, 
     H = k.shape[1]
     NB = num_blocks(T, block_size)
     sparse = idx is not None
-    BLOCK_M, BLOCK_N, warps, stages = _config("fwd", sparse, D, q.is_cuda)
+    BLOCK_M, BLOCK_N, warps, stages = _config("fwd", sparse, D, q.is_cuda, q.dtype)
     assert BLOCK_M % block_size == 0 and BLOCK_N % block_size == 0 and (not sparse or BLOCK_M == block_size)
     o = new_output((B, HQ, T, D), q.dtype, q.device)
     lse = new_output((B, HQ, T), torch.float32, q.device)
@@ -505,7 +507,7 @@ def _attn_bwd(do, q, k, v, o, lse, block_mask, bounds, causal, sm_scale, block_s
                   HAS_BOUNDS=bounds is not None, EVEN_T=T % block_size == 0, PREC=_prec(q.dtype))
     if sparse:
         idx, cnt = block_mask_to_indices(block_mask, causal=causal)
-    BM, BN, warps, stages = _config("dq", sparse, D, q.is_cuda)
+    BM, BN, warps, stages = _config("dq", sparse, D, q.is_cuda, q.dtype)
     _attn_bwd_dq_kernel[(triton.cdiv(T, BM), B * HQ)](
         q, k, v, do, dq, lse, delta, idx if sparse else dummy, cnt if sparse else dummy, b_arg,
         sm_scale * _LOG2E, sm_scale,
@@ -515,7 +517,7 @@ def _attn_bwd(do, q, k, v, o, lse, block_mask, bounds, causal, sm_scale, block_s
     if sparse:
         del idx, cnt
         idx, cnt = block_mask_to_indices(block_mask, causal=causal, transpose=True)
-    BM, BN, warps, stages = _config("dkdv", sparse, D, q.is_cuda)
+    BM, BN, warps, stages = _config("dkdv", sparse, D, q.is_cuda, q.dtype)
     _attn_bwd_dkdv_kernel[(triton.cdiv(T, BN), B * H)](
         q, k, v, do, dk, dv, lse, delta, idx if sparse else dummy, cnt if sparse else dummy, b_arg,
         sm_scale * _LOG2E, sm_scale,

@@ -97,11 +97,12 @@ def check_attention_inputs(q, k, v, sm_scale, block_size, *, allow_fp32=True):
         raise ValueError("sequence length T must be >= 1, got 0")
     if D not in SUPPORTED_HEAD_DIMS:
         raise ValueError(f"head_dim {D} is not supported; supported: {SUPPORTED_HEAD_DIMS}")
-    if block_size not in SUPPORTED_BLOCK_SIZES:
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size not in SUPPORTED_BLOCK_SIZES:
         raise ValueError(f"block_size {block_size!r} is not supported; supported: {SUPPORTED_BLOCK_SIZES}")
     if sm_scale is None:
         sm_scale = 1.0 / math.sqrt(D)
-    elif not isinstance(sm_scale, (int, float)) or not math.isfinite(sm_scale) or sm_scale <= 0:
+    elif isinstance(sm_scale, bool) or not isinstance(sm_scale, (int, float)) or not math.isfinite(sm_scale) \
+            or sm_scale <= 0:
         raise ValueError(f"sm_scale must be a positive finite number, got {sm_scale!r}")
     return B, HQ, H, T, D, float(sm_scale)
 

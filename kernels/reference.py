@@ -84,13 +84,15 @@ def _attention(q, k, v, causal, sm_scale, block_size, block_mask, seq_bounds, up
 
 def attn_with_pooling_ref(q, k, v, causal=True, sm_scale=None, block_size=64, *, seq_bounds=None, upcast=True,
                           pool_op="max"):
-    """Reference of :func:`attn_with_pooling` (see there for shapes); fp32 math by default."""
-    B, HQ, T = q.shape[0], q.shape[1], q.shape[2]
-    NB = num_blocks(T, block_size) if T > 0 else 0
+    """Reference of :func:`attn_with_pooling` (see there for shapes); fp32 math by default.
+    The pooled map is a target, not differentiable (as in the Triton path)."""
+    B, HQ, _, T, _, _ = check_attention_inputs(q, k, v, sm_scale, block_size)
+    NB = num_blocks(T, block_size)
     pooled = torch.zeros(B, HQ, NB, NB, dtype=torch.float32, device=q.device)
     if pool_op not in ("max", "sum"):
         raise ValueError(f"pool_op must be 'max' or 'sum', got {pool_op!r}")
     out = _attention(q, k, v, causal, sm_scale, block_size, None, seq_bounds, upcast, pooled, pool_op)
+    pooled = pooled.detach()
     pooled = pooled / pooled.sum(-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
     return out, pooled
 
@@ -98,6 +100,6 @@ def attn_with_pooling_ref(q, k, v, causal=True, sm_scale=None, block_size=64, *,
 def block_sparse_attn_ref(q, k, v, block_mask, causal=True, sm_scale=None, block_size=64, *, seq_bounds=None,
                           upcast=True):
     """Reference of :func:`block_sparse_attn` (see there for shapes); fp32 math by default."""
-    B, HQ, T = q.shape[0], q.shape[1], q.shape[2]
-    check_block_mask(block_mask, B, HQ, num_blocks(max(T, 1), block_size), q.device)
+    B, HQ, _, T, _, _ = check_attention_inputs(q, k, v, sm_scale, block_size)
+    check_block_mask(block_mask, B, HQ, num_blocks(T, block_size), q.device)
     return _attention(q, k, v, causal, sm_scale, block_size, block_mask, seq_bounds, upcast, None)

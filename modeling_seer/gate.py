@@ -9,6 +9,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import initialization as hf_init
 
+from seer_attn.kernels.block_mask import causal_block_density
+
 #: Logit given to blocks a gate must never pick (above the diagonal, padding-only keys).
 #: Finite, so that KL terms with a zero target stay 0 instead of NaN.
 MASKED_LOGIT = -1e9
@@ -188,9 +190,7 @@ def oracle_scores(pooled):
 
 def causal_density(mask):
     """Kept share of causal blocks per (batch, head): float ``[B, HQ]``."""
-    NB = mask.shape[-1]
-    tril = torch.ones(NB, NB, dtype=torch.bool, device=mask.device).tril()
-    return (mask & tril).sum(dim=(-1, -2)).float() / tril.sum().float()
+    return causal_block_density(mask, per_head=True)
 
 
 def gate_distill_loss(scores, target, skip_fraction=0.25):

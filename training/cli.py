@@ -13,10 +13,32 @@ import sys
 
 
 def _distill(sub):
-    from .distill import add_distill_args, run_distill
-    p = sub.add_parser("distill", help="train the gates of a model (base weights frozen)")
+    from .distill import add_distill_args
+    p = sub.add_parser("distill", help="train the gates of a model (base weights frozen), then print the "
+                                       "perplexity table of dense vs gate vs streaming")
     add_distill_args(p)
-    p.set_defaults(func=run_distill)
+    p.add_argument("--no-eval", action="store_true", help="skip the closing evaluation table")
+    p.add_argument("--eval-length", type=int, default=None,
+                   help="evaluation window of the closing table (default: 8192 on GPU, 1024 on CPU)")
+    p.add_argument("--eval-thresholds", type=float, nargs="+", default=None,
+                   help="gate thresholds of the closing table (default: as in seer-attn demo)")
+    p.set_defaults(func=_run_distill)
+
+
+def _run_distill(args):
+    import torch
+
+    from .demo import CPU_DEFAULTS, GPU_DEFAULTS, evaluate_gates
+    from .distill import run_distill
+    res = run_distill(args)
+    if not args.no_eval:
+        on_gpu = torch.cuda.is_available() and not args.cpu
+        d = GPU_DEFAULTS if on_gpu else CPU_DEFAULTS
+        _, table, plot = evaluate_gates(res["model_dir"], on_gpu, args.eval_length or d["eval_length"],
+                                        d["windows_per_doc"], args.eval_thresholds or d["thresholds"], args.output)
+        print(table)
+        print(f"plot: {plot}")
+    return res
 
 
 def _demo(sub):

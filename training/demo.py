@@ -37,20 +37,17 @@ def add_demo_args(p: argparse.ArgumentParser):
 
 
 def run_demo(args) -> dict:
-    from seer_attn.eval.baselines import Setting, compare, format_table, plot_ppl_vs_density
-    from seer_attn.eval.perplexity import load_documents, make_windows
-    from seer_attn.modeling_seer.conversion import load_seer_model, load_tokenizer
-
     from .distill import add_distill_args, run_distill
 
     on_gpu = torch.cuda.is_available() and not args.cpu
     d = GPU_DEFAULTS if on_gpu else CPU_DEFAULTS
-    seq_len, steps = args.seq_len or d["seq_len"], args.steps or d["steps"]
-    eval_len = args.eval_length or d["eval_length"]
+    pick = lambda val, key: d[key] if val is None else val  # noqa: E731
+    seq_len, steps, eval_len = pick(args.seq_len, "seq_len"), pick(args.steps, "steps"), \
+        pick(args.eval_length, "eval_length")
     for name, val in (("--seq-len", seq_len), ("--steps", steps), ("--eval-length", eval_len)):
         if val <= 0:
             raise ValueError(f"{name} must be positive, got {val}")
-    thresholds = args.thresholds or d["thresholds"]
+    thresholds = pick(args.thresholds, "thresholds")
     bad = [t for t in thresholds if not 0 < t < 1]
     if bad:
         raise ValueError(f"--thresholds must lie in (0, 1), got {bad}")
@@ -66,28 +63,10 @@ def run_demo(args) -> dict:
     t_train = time.time() - t0
 
     print(f"[demo] 2/3 evaluating perplexity on held-out text ({eval_len}-token windows)")
-    device = "cuda" if on_gpu else "cpu"
-    model = load_seer_model(dist["model_dir"], dtype=torch.bfloat16 if on_gpu else torch.float32, device=device)
-    tok = load_tokenizer(dist["model_dir"])
-    windows = make_windows(load_documents(), tok, eval_len, d["windows_per_doc"])
-    # Measure every selection as it is (no block rows forced dense), diagonal kept.
-    model.set_seer_mode("sparse", seer_dense_last_rows=0, seer_keep_diagonal=True)
-    gate = [Setting("gate", "threshold", param=t) for t in thresholds]
-    rows = compare(model, gate, windows=windows, with_baselines=False)
-    rows += compare(model, [Setting("dense")], windows=windows, with_baselines=False)
-    dens = sorted({round(r["density"], 3) for r in rows if r["selector"] == "gate" and r.get("density")})
-    stream = [Setting("streaming", "nz_ratio", target_density=x) for x in dens]
-    rows += compare(model, stream, windows=windows, with_baselines=False, tol=0.02)
-
+    rows, table, plot = evaluate_gates(dist["model_dir"], on_gpu, eval_len, d["windows_per_doc"], thresholds,
+                                       args.output)
     print("[demo] 3/3 results")
-    table = format_table(rows)
     print(table)
-    plot = os.path.join(args.output, "ppl_vs_density.png")
-    try:
-        plot_ppl_vs_density(rows, plot, title=f"SmolLM2-135M, {eval_len}-token windows")
-    except ImportError:
-        plot = None
-        print("[demo] matplotlib is not installed: no plot (pip install matplotlib)")
     result = {"model_dir": dist["model_dir"], "gates_path": dist["gates_path"], "train_seconds": t_train,
               "total_seconds": time.time() - t0, "seq_len": seq_len, "steps": steps, "eval_length": eval_len,
               "device": torch.cuda.get_device_name() if on_gpu else "cpu", "final_loss": dist.get("final_loss"),
@@ -101,3 +80,35 @@ def run_demo(args) -> dict:
     print(f"[demo] plot: {plot}   results: {os.path.join(args.output, 'results.json')}   "
           f"total {result['total_seconds'] / 60:.1f} min")
     return result
+
+
+def evaluate_gates(model_dir, on_gpu, eval_len, windows_per_doc, thresholds, output):
+    """Perplexity table of a distilled model on the held-out bundled corpus: dense, the gate
+    at ``thresholds`` and the streaming baseline at the densities the gate reached.
+
+    Returns ``(rows, markdown table, plot path or None)``; writes the plot into ``output``.
+    """
+    from seer_attn.eval.baselines import Setting, compare, format_table, plot_ppl_vs_density
+    from seer_attn.eval.perplexity import load_documents, make_windows
+    from seer_attn.modeling_seer.conversion import load_seer_model, load_tokenizer
+
+    device = "cuda" if on_gpu else "cpu"
+    model = load_seer_model(model_dir, dtype=torch.bfloat16 if on_gpu else torch.float32, device=device)
+    tok = load_tokenizer(model_dir)
+    windows = make_windows(load_documents(), tok, eval_len, windows_per_doc)
+    # Measure every selection as it is (no block rows forced dense), diagonal kept.
+    model.set_seer_mode("sparse", seer_dense_last_rows=0, seer_keep_diagonal=True)
+    gate = [Setting("gate", "threshold", param=t) for t in thresholds]
+    rows = compare(model, gate, windows=windows, with_baselines=False)
+    rows += compare(model, [Setting("dense")], windows=windows, with_baselines=False)
+    dens = sorted({round(r["density"], 3) for r in rows if r["selector"] == "gate" and r.get("density")})
+    stream = [Setting("streaming", "nz_ratio", target_density=x) for x in dens]
+    rows += compare(model, stream, windows=windows, with_baselines=False, tol=0.05)  # top-k steps are coarse
+    plot = os.path.join(output, "ppl_vs_density.png")
+    try:
+        plot_ppl_vs_density(rows, plot, title=f"{os.path.basename(os.path.normpath(model_dir))}, "
+                                              f"{eval_len}-token windows")
+    except ImportError:
+        plot = None
+        print("matplotlib is not installed: no plot (pip install matplotlib)")
+    return rows, format_table(rows), plot

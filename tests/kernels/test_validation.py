@@ -103,27 +103,11 @@ INPUT_CASES = [
     ("bounds-negative", lambda d: dict(seq_bounds=torch.tensor([[-1, 65]])), ValueError, r"got \[\[-1, 65\]\]"),
 ]
 
-# Known gaps of reference.py, kept visible as strict xfails (they turn into failures once fixed,
-# so the marks get removed): both references read q.shape before validating q, and
-# block_sparse_attn_ref checks block_mask (whose expected shape needs T and block_size) before
-# q and block_size. A non-tensor or rank-2 q then raises AttributeError / IndexError, and a
-# rank-3 q or an unsupported block size gets an error blaming block_mask.
-_REF_VALIDATION_ORDER = {
-    ("block_sparse_attn_ref", "q-not-tensor"), ("attn_with_pooling_ref", "q-not-tensor"),
-    ("block_sparse_attn_ref", "q-rank2"), ("attn_with_pooling_ref", "q-rank2"),
-    ("block_sparse_attn_ref", "q-rank3"),
-    ("block_sparse_attn_ref", "block-size-32"), ("block_sparse_attn_ref", "block-size-128"),
-}
-_REF_BUG = pytest.mark.xfail(strict=True, reason="reference.py validates q after reading q.shape / checking "
-                                                 "block_mask (reported, not fixed here)")
-
-
 def _input_params():
     params = []
     for op in ALL_OPS:
         for cid, make, exc, match in INPUT_CASES:
-            marks = [_REF_BUG] if (op, cid) in _REF_VALIDATION_ORDER else []
-            params.append(pytest.param(op, make, exc, match, id=f"{op}-{cid}", marks=marks))
+            params.append(pytest.param(op, make, exc, match, id=f"{op}-{cid}"))
     return params
 
 
@@ -185,3 +169,25 @@ def test_empty_sequence_raises(op, device):
 def test_bad_pool_op_raises(op, pool_op, device):
     with pytest.raises(ValueError, match=rf"pool_op must be 'max' or 'sum', got {re.escape(repr(pool_op))}"):
         _run(op, device, pool_op=pool_op)
+
+
+@pytest.mark.parametrize("kw, exc, match", [
+    (dict(sm_scale=True), ValueError, r"sm_scale must be a positive finite number, got True"),
+    (dict(block_size=64.0), ValueError, r"block_size 64\.0 is not supported"),
+], ids=["sm_scale-bool", "block_size-float"])
+@pytest.mark.parametrize("op", ALL_OPS)
+def test_scalar_types_are_checked(op, kw, exc, match, device):
+    with pytest.raises(exc, match=match):
+        _run(op, device, **kw)
+
+
+@pytest.mark.parametrize("mask, exc, match", [
+    (lambda: torch.ones(1, 2, 3, 3), TypeError, r"bool torch\.Tensor, got torch\.float32"),
+    (lambda: [[True]], TypeError, r"got list"),
+    (lambda: torch.ones(2, 3, 3, dtype=torch.bool), ValueError, r"\[B, HQ, NB, NB\], got \(2, 3, 3\)"),
+    (lambda: torch.ones(1, 1, 3, 4, dtype=torch.bool), ValueError, r"got \(1, 1, 3, 4\)"),
+], ids=["float", "list", "rank3", "not-square"])
+def test_block_mask_to_indices_validates(mask, exc, match):
+    from seer_attn.kernels import block_mask_to_indices
+    with pytest.raises(exc, match=match):
+        block_mask_to_indices(mask())
