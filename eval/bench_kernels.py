@@ -263,7 +263,7 @@ def plot(csv_path, png_path):
         rows = list(csv.DictReader(f))
     Ts = [int(r["T"]) for r in rows]
     fig, ax = plt.subplots(figsize=(8, 5))
-    for c in ["sdpa_flash", "sdpa_cudnn", "flex_dense", "ours_d1", "ours_d0.5", "ours_d0.3", "ours_d0.1",
+    for c in ["sdpa_flash", "sdpa_cudnn", "flex_dense", "ours_dense", "ours_d1", "ours_d0.5", "ours_d0.3", "ours_d0.1",
               "flex64_d0.1", "attn_with_pooling"]:
         ys = [float(r[c]) if r.get(c) not in (None, "") else math.nan for r in rows]
         if any(not math.isnan(y) for y in ys):
