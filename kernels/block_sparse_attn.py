@@ -51,6 +51,29 @@ def _tile_offsets(idx_row, p, BLOCK: tl.constexpr, BS: tl.constexpr, SPARSE: tl.
 
 
 @triton.jit
+def _query_block_list(IDX, CNT, pid_bh, qb0, NB, SPARSE: tl.constexpr, CAUSAL: tl.constexpr):
+    """The key blocks query block ``qb0`` visits: its index-list row (sparse), how many
+    blocks lie strictly below the diagonal band, and whether its diagonal block is kept."""
+    idx_row = IDX
+    has_diag = qb0 < 0  # a (false) tensor in both variants: one return type
+    if SPARSE:
+        row = pid_bh * NB + qb0
+        idx_row = IDX + row.to(tl.int64) * NB
+        cnt = tl.load(CNT + row)
+        n_off = cnt
+        if CAUSAL:  # lists are causal-filtered and ascending: the diagonal, if kept, is last
+            last = tl.load(idx_row + tl.maximum(cnt - 1, 0))
+            has_diag = (cnt > 0) & (last == qb0)
+            n_off = cnt - has_diag.to(tl.int32)
+    else:
+        if CAUSAL:
+            n_off = qb0
+        else:
+            n_off = NB
+    return idx_row, n_off, has_diag
+
+
+@triton.jit
 def _fwd_step(acc, l_i, m_i, q, k_base, v_base, s_kt, s_vt, offs_m, offs_n, offs_d, qk_scale, T, kv_lo, kv_hi,
               CAUSAL_MASK: tl.constexpr, KV_MASK: tl.constexpr, PREC: tl.constexpr):
     if CAUSAL_MASK or KV_MASK:
@@ -114,22 +137,7 @@ def _attn_fwd_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
 
-    idx_row = IDX
-    has_diag = False
-    if SPARSE:
-        row = pid_bh * NB + qb0
-        idx_row = IDX + row.to(tl.int64) * NB
-        cnt = tl.load(CNT + row)
-        n_off = cnt
-        if CAUSAL:  # lists are causal-filtered and ascending: the diagonal, if kept, is last
-            last = tl.load(idx_row + tl.maximum(cnt - 1, 0))
-            has_diag = (cnt > 0) & (last == qb0)
-            n_off = cnt - has_diag.to(tl.int32)
-    else:
-        if CAUSAL:
-            n_off = qb0
-        else:
-            n_off = NB
+    idx_row, n_off, has_diag = _query_block_list(IDX, CNT, pid_bh, qb0, NB, SPARSE, CAUSAL)
 
     # blocks strictly below the diagonal band: no causal mask, NSUB blocks per tile
     n_full = n_off // NSUB
@@ -277,22 +285,7 @@ def _attn_bwd_dq_kernel(
         kv_hi = T
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
 
-    idx_row = IDX
-    has_diag = False
-    if SPARSE:
-        row = pid_bh * NB + qb0
-        idx_row = IDX + row.to(tl.int64) * NB
-        cnt = tl.load(CNT + row)
-        n_off = cnt
-        if CAUSAL:
-            last = tl.load(idx_row + tl.maximum(cnt - 1, 0))
-            has_diag = (cnt > 0) & (last == qb0)
-            n_off = cnt - has_diag.to(tl.int32)
-    else:
-        if CAUSAL:
-            n_off = qb0
-        else:
-            n_off = NB
+    idx_row, n_off, has_diag = _query_block_list(IDX, CNT, pid_bh, qb0, NB, SPARSE, CAUSAL)
     n_full = n_off // NSUB
     for t in range(0, n_full):
         offs_n = _tile_offsets(idx_row, t * NSUB, BLOCK_N, BS, SPARSE)
