@@ -74,15 +74,22 @@ def _query_block_list(IDX, CNT, pid_bh, qb0, NB, SPARSE: tl.constexpr, CAUSAL: t
 
 
 @triton.jit
-def _fwd_step(acc, l_i, m_i, q, k_base, v_base, s_kt, s_vt, offs_m, offs_n, offs_d, qk_scale, T, kv_lo, kv_hi,
-              CAUSAL_MASK: tl.constexpr, KV_MASK: tl.constexpr, PREC: tl.constexpr):
-    if CAUSAL_MASK or KV_MASK:
+def _load_kv(k_base, v_base, s_kt, s_vt, offs_n, offs_d, T, BOUNDARY: tl.constexpr):
+    """K and V rows ``offs_n``; only boundary tiles (which may run past T) are masked."""
+    if BOUNDARY:
         kin = (offs_n < T)[:, None]
         k = tl.load(k_base + offs_n[:, None] * s_kt + offs_d[None, :], mask=kin, other=0.0)
         v = tl.load(v_base + offs_n[:, None] * s_vt + offs_d[None, :], mask=kin, other=0.0)
     else:
         k = tl.load(k_base + offs_n[:, None] * s_kt + offs_d[None, :])
         v = tl.load(v_base + offs_n[:, None] * s_vt + offs_d[None, :])
+    return k, v
+
+
+@triton.jit
+def _fwd_step(acc, l_i, m_i, q, k_base, v_base, s_kt, s_vt, offs_m, offs_n, offs_d, qk_scale, T, kv_lo, kv_hi,
+              CAUSAL_MASK: tl.constexpr, KV_MASK: tl.constexpr, PREC: tl.constexpr):
+    k, v = _load_kv(k_base, v_base, s_kt, s_vt, offs_n, offs_d, T, CAUSAL_MASK or KV_MASK)
     qk = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
     if CAUSAL_MASK:
         qk = tl.where(offs_m[:, None] >= offs_n[None, :], qk, float("-inf"))
@@ -229,13 +236,7 @@ def _bwd_preprocess_kernel(O, DO, DELTA, s_ob, s_oh, s_ot, s_db, s_dh, s_dt, HQ,
 @triton.jit
 def _bwd_dq_step(dq, q, do, lse, delta, k_base, v_base, s_kt, s_vt, offs_m, offs_n, offs_d, qk_scale, T,
                  kv_lo, kv_hi, CAUSAL_MASK: tl.constexpr, KV_MASK: tl.constexpr, PREC: tl.constexpr):
-    if CAUSAL_MASK or KV_MASK:
-        kin = (offs_n < T)[:, None]
-        k = tl.load(k_base + offs_n[:, None] * s_kt + offs_d[None, :], mask=kin, other=0.0)
-        v = tl.load(v_base + offs_n[:, None] * s_vt + offs_d[None, :], mask=kin, other=0.0)
-    else:
-        k = tl.load(k_base + offs_n[:, None] * s_kt + offs_d[None, :])
-        v = tl.load(v_base + offs_n[:, None] * s_vt + offs_d[None, :])
+    k, v = _load_kv(k_base, v_base, s_kt, s_vt, offs_n, offs_d, T, CAUSAL_MASK or KV_MASK)
     qk = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
     p = tl.math.exp2(qk - lse[:, None])
     if CAUSAL_MASK:
