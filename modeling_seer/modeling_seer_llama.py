@@ -22,6 +22,7 @@ from transformers import LlamaForCausalLM, LlamaModel
 from transformers.models.llama.modeling_llama import (LlamaAttention, LlamaDecoderLayer, LlamaMLP,
                                                       LlamaPreTrainedModel, LlamaRMSNorm, LlamaRotaryEmbedding,
                                                       apply_rotary_pos_emb, eager_attention_forward)
+from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from seer_attn.kernels.block_sparse_attn import attn_with_pooling, block_sparse_attn
@@ -220,6 +221,14 @@ class SeerLlamaModel(SeerLlamaPreTrainedModel, LlamaModel):
         ctx.gate_rope = self.gate_rotary_emb(torch.empty(0, device=device, dtype=torch.float32), block_pos)
 
 
+@dataclass
+class SeerCausalLMOutputWithPast(CausalLMOutputWithPast):
+    """``CausalLMOutputWithPast`` plus ``gate_loss``: in distill mode, the per-layer gate KL
+    losses summed and scaled by ``config.seer_distill_loss_scale`` (None otherwise)."""
+
+    gate_loss: torch.FloatTensor | None = None
+
+
 class SeerLlamaForCausalLM(SeerLlamaPreTrainedModel, LlamaForCausalLM):
     """Llama causal LM with SeerAttention gates. After a sparse prefill,
     :meth:`seer_density` returns the kept share of causal blocks per layer and head."""
@@ -242,8 +251,8 @@ class SeerLlamaForCausalLM(SeerLlamaPreTrainedModel, LlamaForCausalLM):
             loss = torch.stack([l.float() for l in ctx.gate_losses]).sum() * self.config.seer_distill_loss_scale
             if isinstance(out, tuple):
                 out = out + (loss,)
-            else:
-                out["gate_loss"] = loss
+            else:  # a real output class: DDP/FSDP flatten and rebuild outputs by their fields
+                out = SeerCausalLMOutputWithPast(**out, gate_loss=loss)
         if ctx.densities:
             self._last_density = torch.stack(ctx.densities).detach()  # [L, B, HQ]
             self._last_masks = ctx.masks
