@@ -16,6 +16,13 @@ WORKER = os.path.join(os.path.dirname(__file__), "ddp_worker.py")
 STEPS = 10
 
 
+def _free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
+
+
 def _env():
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_", "MASTER_"))}
     env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
@@ -25,7 +32,7 @@ def _env():
 def test_two_process_distillation_matches_one_process(tmp_path):
     out = str(tmp_path)
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                          "--master_port", "29531", WORKER, out, "2", str(STEPS)],
+                          "--master_port", _free_port(), WORKER, out, "2", str(STEPS)],
                          capture_output=True, text=True, env=_env(), timeout=600)
     assert two.returncode == 0, two.stdout[-3000:] + two.stderr[-3000:]
     one = subprocess.run([sys.executable, WORKER, out, "4", str(STEPS)], capture_output=True, text=True,
