@@ -7,6 +7,7 @@ import warnings
 
 import pytest
 import torch
+from kernel_inputs import nb as _nb, qkv as _qkv, randn as _randn, up as _up
 
 from seer_attn.kernels import attn_with_pooling, attn_with_pooling_ref
 
@@ -17,23 +18,6 @@ GRAD_BUDGET = {torch.float16: dict(slack=1e-3, cap=2e-2), torch.float32: dict(sl
 #: The pooled map is float32 probabilities computed from the same inputs in fp32 in both the
 #: kernel and the reference: only summation order differs.
 POOL_ATOL, POOL_RTOL = 1e-5, 1e-4
-
-
-def _nb(T):
-    return (T + 63) // 64
-
-
-def _randn(gen, shape, dtype, device, scale=1.0, shift=0.0):
-    return (torch.randn(shape, generator=gen) * scale + shift).to(dtype).to(device)
-
-
-def _qkv(gen, B, HQ, H, T, D, dtype, device):
-    return (_randn(gen, (B, HQ, T, D), dtype, device), _randn(gen, (B, H, T, D), dtype, device),
-            _randn(gen, (B, H, T, D), dtype, device))
-
-
-def _up(*ts):
-    return tuple(t.float() for t in ts)
 
 
 def _check_pooled(pooled, ref_pooled, causal, live_rows=None):

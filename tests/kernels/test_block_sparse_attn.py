@@ -11,6 +11,7 @@ import warnings
 
 import pytest
 import torch
+from kernel_inputs import nb as _nb, qkv as _qkv, randn as _randn, up as _up
 
 from seer_attn.kernels import (attn_with_pooling, attn_with_pooling_ref, block_sparse_attn, block_sparse_attn_ref,
                                dense_attn, random_block_mask)
@@ -24,19 +25,6 @@ SHAPES = {1: (2, 2, 2), 3: (1, 6, 2)}
 #: Error budgets: outputs in absolute error, gradients relative to max(1, max|ref|).
 OUT_BUDGET = {torch.float16: dict(slack=1e-3, cap=2e-2), torch.float32: dict(slack=1e-5, cap=1e-4)}
 GRAD_BUDGET = {torch.float16: dict(slack=1e-3, cap=2e-2), torch.float32: dict(slack=1e-5, cap=1e-4)}
-
-
-def _nb(T):
-    return (T + 63) // 64
-
-
-def _randn(gen, shape, dtype, device, scale=1.0, shift=0.0):
-    return (torch.randn(shape, generator=gen) * scale + shift).to(dtype).to(device)
-
-
-def _qkv(gen, B, HQ, H, T, D, dtype, device):
-    return (_randn(gen, (B, HQ, T, D), dtype, device), _randn(gen, (B, H, T, D), dtype, device),
-            _randn(gen, (B, H, T, D), dtype, device))
 
 
 def _mask(gen, B, HQ, T, density, causal, device):
@@ -59,10 +47,6 @@ def _grads(fn, q, k, v, do):
     out = fn(q, k, v)
     out.backward(do)
     return out.detach(), q.grad, k.grad, v.grad
-
-
-def _up(*ts):
-    return tuple(t.float() for t in ts)
 
 
 def _case_id(T, gqa, D, density, dtype, causal):
