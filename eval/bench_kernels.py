@@ -82,7 +82,6 @@ def main(argv=None):
 
     import triton
     from seer_attn.kernels import attn_with_pooling, block_mask_to_indices, block_sparse_attn, random_block_mask
-    from seer_attn.kernels import block_sparse_attn as bsa_mod  # noqa: F401
     from seer_attn.kernels.block_sparse_attn import CONFIG_OVERRIDES, dense_attn
     from seer_attn.kernels.reference import block_sparse_attn_ref
 
@@ -132,7 +131,7 @@ def main(argv=None):
                     best = (ms, cfg)
             CONFIG_OVERRIDES[(kern, sparse, D)] = best[1]
         print("chosen:", {str(k): v for k, v in CONFIG_OVERRIDES.items()}, flush=True)
-        del q, k, v, m
+        q = k = v = m = None
 
     for T in args.lengths:
         torch.cuda.empty_cache()
@@ -219,7 +218,7 @@ def main(argv=None):
             del qg, kg, vg, do, o_ref, o_d, g_ours, g_ref
         rows.append(row)
         print("row", json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}), flush=True)
-        del q, k, v
+        q = k = v = None  # free this length's inputs before the next allocation
 
     meta = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
             "commit": _commit(), "shape": {"HQ": HQ, "H": H, "D": D, "dtype": "bf16", "B": 1},

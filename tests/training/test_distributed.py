@@ -9,7 +9,6 @@ import os
 import subprocess
 import sys
 
-import pytest
 import torch
 
 WORKER = os.path.join(os.path.dirname(__file__), "ddp_worker.py")
