@@ -487,7 +487,7 @@ def _attn_bwd(do, q, k, v, o, lse, block_mask, bounds, causal, sm_scale, block_s
     H = k.shape[1]
     NB = num_blocks(T, block_size)
     sparse = block_mask is not None
-    do = do.contiguous() if do.stride(-1) != 1 else do
+    do = _last_dim_contiguous(do)
     delta = torch.empty(B, HQ, T, dtype=torch.float32, device=q.device)
     _bwd_preprocess_kernel[(triton.cdiv(T, 64), B * HQ)](
         o, do, delta, o.stride(0), o.stride(1), o.stride(2), do.stride(0), do.stride(1), do.stride(2), HQ, T,

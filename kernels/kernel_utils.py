@@ -49,11 +49,6 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def use_triton(t: torch.Tensor) -> bool:
-    """Backend dispatch for the public ops: Triton on CUDA, torch references elsewhere."""
-    return HAS_TRITON and t.is_cuda
-
-
 def new_output(shape, dtype, device) -> torch.Tensor:
     if POISON_OUTPUTS:
         return torch.full(shape, float("nan"), dtype=dtype, device=device)

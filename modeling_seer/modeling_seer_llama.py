@@ -239,7 +239,6 @@ class SeerLlamaForCausalLM(SeerLlamaPreTrainedModel, LlamaForCausalLM):
         self.vocab_size = config.vocab_size
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self._last_density = None
-        self._last_masks = None
         self.post_init()
 
     def forward(self, *args, seer_ctx: SeerForwardContext | None = None, **kwargs):
@@ -255,7 +254,6 @@ class SeerLlamaForCausalLM(SeerLlamaPreTrainedModel, LlamaForCausalLM):
                 out = SeerCausalLMOutputWithPast(**out, gate_loss=loss)
         if ctx.densities:
             self._last_density = torch.stack(ctx.densities).detach()  # [L, B, HQ]
-            self._last_masks = ctx.masks
         return out
 
     # -- modes and statistics ------------------------------------------------------------
