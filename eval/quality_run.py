@@ -1,27 +1,37 @@
 """One GPU run for the quality numbers: distill a model's gates, then the DESIGN §5
-perplexity protocol for the gate (threshold and nz_ratio) beside dense and the streaming
-baseline at the same densities, and passkey retrieval dense vs sparse.
+perplexity protocol for the gate (threshold and nz_ratio) beside dense and every baseline
+at the same densities, and passkey retrieval dense vs sparse.
 
     python -m seer_attn.eval.quality_run --model /tmp/seer/smollm2.gguf \\
         --train /tmp/seer/corpora/train.jsonl --eval /tmp/seer/corpora/eval.jsonl --out results/quality
 
-Prints a table last; writes ``quality.json`` (rows, training cost, passkey, GPU, commit)
-and ``quality.md``. ``--distill-target mass`` distills against the mass-pooled target.
+The work runs in phases (``--phases``, in this order): ``distill`` (skipped when
+``--gates`` gives distilled gates), ``ppl`` (dense, the gate at each threshold and
+nz_ratio, streaming at each gate density), ``baselines`` (oracle max / mass, mean-pooled
+top-k and oracle coverage at ``--baseline-densities``, default: the nz_ratio rows'
+densities) and ``passkey``. ``quality.json`` and ``quality.md`` in ``--out`` are rewritten
+after every phase and every baseline density, with ``complete: false`` until the last phase
+has finished, so a run stopped by a time limit keeps what it measured and says it is
+partial. The distilled gates are copied to ``--out`` (a few MB); the full model folder and
+checkpoints go to ``--work``. The table is printed last.
 """
 import argparse
 import json
 import os
+import shutil
 import time
 
 import torch
 
 THRESHOLDS = (5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2)
 NZ_RATIOS = (0.1, 0.2, 0.3)
+PHASES = ("distill", "ppl", "baselines", "passkey")
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=None, help="default: the embedded SmolLM2 GGUF")
+    ap.add_argument("--gates", default=None, help="distilled gates (skips the distill phase)")
     ap.add_argument("--train", nargs="+", default=None, help="training files (default: bundled corpus)")
     ap.add_argument("--eval", default=None, help="evaluation jsonl (default: bundled eval corpus)")
     ap.add_argument("--seq-len", type=int, default=8192)
@@ -30,88 +40,156 @@ def main(argv=None):
     ap.add_argument("--batch-size", type=int, default=1)
     ap.add_argument("--thresholds", type=float, nargs="+", default=list(THRESHOLDS))
     ap.add_argument("--nz-ratios", type=float, nargs="+", default=list(NZ_RATIOS))
+    ap.add_argument("--baseline-densities", type=float, nargs="*", default=None,
+                    help="densities for the oracle and mean-pool baselines (default: those of the nz_ratio rows)")
     ap.add_argument("--distill-target", choices=("max", "mass"), default="max")
+    ap.add_argument("--phases", nargs="+", choices=PHASES, default=list(PHASES))
     ap.add_argument("--passkey-lengths", type=int, nargs="*", default=[2048, 4096, 8192])
     ap.add_argument("--passkey-threshold", type=float, default=None,
                     help="gate threshold for passkey (default: the one whose density is closest to 0.15)")
     ap.add_argument("--out", default="results/quality")
+    ap.add_argument("--work", default=None, help="model folder and checkpoints (default: OUT/work)")
     ap.add_argument("--cpu", action="store_true", help="smoke-test on the CPU (tiny sizes only)")
     args = ap.parse_args(argv)
     if not args.cpu and not torch.cuda.is_available():
         raise SystemExit("quality_run needs a CUDA GPU (or --cpu for a smoke test)")
+    if "distill" in args.phases and args.gates:
+        raise SystemExit("--gates skips distillation: drop 'distill' from --phases or drop --gates")
+    if "distill" not in args.phases and not args.gates:
+        raise SystemExit("without the distill phase, --gates must name distilled gates")
     dev, dtype = ("cpu", torch.float32) if args.cpu else ("cuda", torch.bfloat16)
 
-    from seer_attn.training.distill import add_distill_args, run_distill
     from seer_attn.modeling_seer.conversion import load_seer_model, load_tokenizer
-    from .baselines import Setting, compare, format_table
-    from .passkey import run_passkey
     from .perplexity import load_documents, make_windows
 
     os.makedirs(args.out, exist_ok=True)
+    work = args.work or os.path.join(args.out, "work")
+    report = Report(args)
+    phases = [p for p in PHASES if p in args.phases]
+
+    if "distill" in phases:
+        dist = _distill(args, work, report)
+        model = load_seer_model(dist["model_dir"], dtype=dtype, device=dev)
+    else:
+        model = load_seer_model(args.model, dtype=dtype, device=dev, gates=args.gates)
+    tok = load_tokenizer(args.model)
+    windows = make_windows(load_documents(args.eval), tok, args.eval_length, 2)
+    model.set_seer_mode("sparse", seer_dense_last_rows=0, seer_keep_diagonal=True)
+
+    if "ppl" in phases:
+        _ppl(model, windows, args, report)
+    if "baselines" in phases:
+        _baselines(model, windows, args, report)
+    if "passkey" in phases:
+        _passkey(model, tok, args, report)
+    report.save(complete=True)
+    print("\n" + report.text())
+
+
+class Report:
+    """Everything measured so far, rewritten to ``quality.json`` / ``quality.md`` on each save."""
+
+    def __init__(self, args):
+        self.args, self.rows, self.cost, self.passkey, self.commit = args, [], None, {}, None
+
+    def text(self):
+        from .baselines import format_table, sort_rows
+        lines = [format_table(sort_rows(self.rows)) if self.rows else "(no perplexity rows)", ""]
+        if self.cost:
+            lines.append(f"training: {json.dumps(self.cost)}")
+        for name, res in self.passkey.items():
+            lines.append(f"passkey {name}: accuracy {res['accuracy']:.3f} per length {res['per_length']} "
+                         f"density {res.get('density')}")
+        return "\n".join(lines)
+
+    def save(self, complete=False):
+        from .baselines import sort_rows
+        args = self.args
+        meta = {"gpu": "cpu" if args.cpu else torch.cuda.get_device_name(), "torch": torch.__version__,
+                "args": vars(args), "commit": self.commit, "complete": complete}
+        out = {"meta": meta, "cost": self.cost, "rows": sort_rows(self.rows),
+               "passkey": {k: {kk: vv for kk, vv in v.items() if kk != "samples"} for k, v in self.passkey.items()}}
+        _atomic_write(os.path.join(args.out, "quality.json"), json.dumps(out, indent=1, default=str))
+        status = "" if complete else "**partial run: not every phase finished**\n\n"
+        _atomic_write(os.path.join(args.out, "quality.md"), status + self.text() + "\n")
+
+
+def _atomic_write(path, text):
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def _distill(args, work, report):
+    from seer_attn.modeling_seer.modeling_seer_llama import GATES_FILE
+    from seer_attn.training.distill import add_distill_args, run_distill
     d = add_distill_args(argparse.ArgumentParser()).parse_args([])
     d.model, d.data, d.seq_len, d.steps, d.batch_size = args.model, args.train, args.seq_len, args.steps, \
         args.batch_size
-    d.output, d.bf16, d.save_steps, d.logging_steps = os.path.join(args.out, "model"), not args.cpu, args.steps, 25
-    d.cpu = args.cpu
-    if args.distill_target != "max":
-        d.model = _with_target(args.model, args.distill_target, args.out)
+    d.output, d.bf16, d.save_steps, d.logging_steps = work, not args.cpu, args.steps, 25
+    d.cpu, d.distill_target = args.cpu, args.distill_target
     if not args.cpu:
         torch.cuda.reset_peak_memory_stats()
     t0 = time.time()
     dist = run_distill(d)
     train_s = time.time() - t0
-    cost = {"train_seconds": train_s, "steps": args.steps, "steps_per_s": args.steps / train_s,
-            "peak_gib": None if args.cpu else torch.cuda.max_memory_allocated() / 2**30,
-            "final_loss": dist.get("final_loss")}
-    print("cost", json.dumps(cost), flush=True)
+    report.commit = dist.get("commit")
+    report.cost = {"train_seconds": train_s, "steps": args.steps, "seq_len": args.seq_len,
+                   "steps_per_s": args.steps / train_s,
+                   "peak_gib": None if args.cpu else torch.cuda.max_memory_allocated() / 2**30,
+                   "final_loss": dist.get("final_loss"), "distill_target": args.distill_target}
+    shutil.copyfile(os.path.join(dist["model_dir"], GATES_FILE),
+                    os.path.join(args.out, f"gates_{args.distill_target}.safetensors"))
+    report.save()
+    print("cost", json.dumps(report.cost), flush=True)
+    return dist
 
-    model = load_seer_model(dist["model_dir"], dtype=dtype, device=dev)
-    tok = load_tokenizer(dist["model_dir"])
-    windows = make_windows(load_documents(args.eval), tok, args.eval_length, 2)
-    model.set_seer_mode("sparse", seer_dense_last_rows=0, seer_keep_diagonal=True)
+
+def _ppl(model, windows, args, report):
+    from .baselines import Setting, compare
     gate = [Setting("gate", "threshold", param=t) for t in args.thresholds]
     gate += [Setting("gate", "nz_ratio", param=r) for r in args.nz_ratios]
-    rows = compare(model, [Setting("dense")] + gate, windows=windows, with_baselines=False)
-    dens = sorted({round(r["density"], 3) for r in rows if r["selector"] == "gate" and r.get("density")})
-    rows += compare(model, [Setting("streaming", "nz_ratio", target_density=x) for x in dens], windows=windows,
-                    with_baselines=False, tol=0.01)
-    table = format_table(rows)
-    print(table, flush=True)
+    report.rows += compare(model, [Setting("dense")] + gate, windows=windows, with_baselines=False)
+    report.save()
+    dens = sorted({round(r["density"], 3) for r in report.rows if r["selector"] == "gate" and r.get("density")})
+    report.rows += compare(model, [Setting("streaming", "nz_ratio", target_density=x) for x in dens],
+                           windows=windows, with_baselines=False, tol=0.01)
+    report.save()
 
+
+def _baselines(model, windows, args, report):
+    from .baselines import BASELINES, Setting, compare
+    dens = args.baseline_densities
+    if dens is None:
+        dens = sorted({round(r["density"], 3) for r in report.rows
+                       if r["selector"] == "gate" and r["method"] == "nz_ratio" and r.get("density")})
+    if not dens:
+        raise SystemExit("the baselines phase needs --baseline-densities (or the ppl phase before it)")
+    done = {r["setting"] for r in report.rows}
+    for t in dens:
+        todo = [Setting(sel, m, target_density=t) for sel, m in BASELINES]
+        todo = [s for s in todo if str(s) not in done]
+        report.rows += compare(model, todo, windows=windows, with_baselines=False, tol=0.01)
+        report.save()
+
+
+def _passkey(model, tok, args, report):
+    from .passkey import run_passkey
+    if not args.passkey_lengths:
+        return
     thr = args.passkey_threshold
     if thr is None:
-        cand = [r for r in rows if r["selector"] == "gate" and r["method"] == "threshold" and r.get("density")]
+        cand = [r for r in report.rows if r["selector"] == "gate" and r["method"] == "threshold" and r.get("density")]
+        if not cand:
+            raise SystemExit("the passkey phase needs --passkey-threshold (or the ppl phase before it)")
         thr = min(cand, key=lambda r: abs(r["density"] - 0.15))["param"]
-    passkey = {}
-    if args.passkey_lengths:
-        model.set_seer_mode("dense")
-        passkey["dense"] = run_passkey(model, tok, args.passkey_lengths)
-        model.set_seer_mode("sparse", seer_sparsity_method="threshold", seer_threshold=thr)
-        passkey[f"seer_threshold_{thr:g}"] = run_passkey(model, tok, args.passkey_lengths)
-    lines = [table, "", f"training: {json.dumps(cost)}", ""]
-    for name, res in passkey.items():
-        lines.append(f"passkey {name}: accuracy {res['accuracy']:.3f} per length {res['per_length']} "
-                     f"density {res.get('density')}")
-    report = "\n".join(lines)
-    meta = {"gpu": "cpu" if args.cpu else torch.cuda.get_device_name(), "torch": torch.__version__, "args": vars(args),
-            "commit": dist.get("commit")}
-    with open(os.path.join(args.out, "quality.json"), "w") as f:
-        json.dump({"meta": meta, "cost": cost, "rows": rows,
-                   "passkey": {k: {kk: vv for kk, vv in v.items() if kk != "samples"} for k, v in passkey.items()}},
-                  f, indent=1, default=str)
-    with open(os.path.join(args.out, "quality.md"), "w") as f:
-        f.write(report + "\n")
-    print("\n" + report)
-
-
-def _with_target(model, target, out):
-    """A converted copy of ``model`` whose config distills against ``target``."""
-    from seer_attn.modeling_seer.conversion import load_seer_model, load_tokenizer
-    m = load_seer_model(model, seer_distill_target=target)
-    path = os.path.join(out, f"base_{target}")
-    m.save_pretrained(path)
-    load_tokenizer(model).save_pretrained(path)
-    return path
+    model.set_seer_mode("dense")
+    report.passkey["dense"] = run_passkey(model, tok, args.passkey_lengths)
+    report.save()
+    model.set_seer_mode("sparse", seer_selector="gate", seer_sparsity_method="threshold", seer_threshold=thr)
+    report.passkey[f"seer_threshold_{thr:g}"] = run_passkey(model, tok, args.passkey_lengths)
+    report.save()
 
 
 if __name__ == "__main__":

@@ -44,6 +44,9 @@ def add_distill_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
     parser.add_argument("--threshold", type=float, default=None,
                         help="seer_threshold for the logged block density and the saved config "
                              "(default: the model's, 2e-3 for a new conversion)")
+    parser.add_argument("--distill-target", choices=("max", "mass"), default=None,
+                        help="what the gate learns: max (paper: row-normalised max-pooled attention) or mass "
+                             "(block attention mass); default: the model's, max for a new conversion")
     parser.add_argument("--output", default=DEFAULT_OUTPUT, help=f"output folder (default: {DEFAULT_OUTPUT})")
     parser.add_argument("--seed", type=int, default=42, help="seed of data order and training (default: 42)")
     parser.add_argument("--bf16", action="store_true",
@@ -114,6 +117,8 @@ def run_distill(args: argparse.Namespace) -> dict:
     seer_kwargs = {"seer_mode": "distill"}
     if args.threshold is not None:
         seer_kwargs["seer_threshold"] = args.threshold
+    if getattr(args, "distill_target", None) is not None:
+        seer_kwargs["seer_distill_target"] = args.distill_target
     tokenizer = load_tokenizer(source)
     model = load_seer_model(source, dtype=torch.bfloat16 if args.bf16 else None, **seer_kwargs)
 
