@@ -172,7 +172,8 @@ def main(argv=None):
         if flex:
             from torch.nn.attention.flex_attention import create_block_mask, flex_attention
             flex_c = torch.compile(flex_attention, dynamic=False)
-            cm = create_block_mask(lambda b, h, qi, ki: qi >= ki, None, None, T, T, device=dev)
+            # compiled mask_mod: the eager path materialises T x T (128 GiB at 128k)
+            cm = create_block_mask(lambda b, h, qi, ki: qi >= ki, None, None, T, T, device=dev, _compile=True)
             row["flex_dense"] = bench(lambda: flex_c(q, k, v, block_mask=cm, enable_gqa=True))
         for dens in args.densities:
             m = masks(T, dens)

@@ -47,6 +47,9 @@ def main(argv=None):
     ap.add_argument("--passkey-lengths", type=int, nargs="*", default=[2048, 4096, 8192])
     ap.add_argument("--passkey-threshold", type=float, default=None,
                     help="gate threshold for passkey (default: the one whose density is closest to 0.15)")
+    ap.add_argument("--passkey-dense-last-rows", type=int, nargs="+", default=[0, 2],
+                    help="seer_dense_last_rows values for the sparse passkey runs (0: the question's rows sparse "
+                         "too; 2: the model default, last two block rows dense)")
     ap.add_argument("--out", default="results/quality")
     ap.add_argument("--work", default=None, help="model folder and checkpoints (default: OUT/work)")
     ap.add_argument("--cpu", action="store_true", help="smoke-test on the CPU (tiny sizes only)")
@@ -187,9 +190,12 @@ def _passkey(model, tok, args, report):
     model.set_seer_mode("dense")
     report.passkey["dense"] = run_passkey(model, tok, args.passkey_lengths)
     report.save()
-    model.set_seer_mode("sparse", seer_selector="gate", seer_sparsity_method="threshold", seer_threshold=thr)
-    report.passkey[f"seer_threshold_{thr:g}"] = run_passkey(model, tok, args.passkey_lengths)
-    report.save()
+    for rows in args.passkey_dense_last_rows:
+        model.set_seer_mode("sparse", seer_selector="gate", seer_sparsity_method="threshold", seer_threshold=thr,
+                            seer_dense_last_rows=rows)
+        report.passkey[f"seer_threshold_{thr:g}_dense_last_rows_{rows}"] = run_passkey(model, tok,
+                                                                                      args.passkey_lengths)
+        report.save()
 
 
 if __name__ == "__main__":
