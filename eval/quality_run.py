@@ -45,8 +45,10 @@ def main(argv=None):
     ap.add_argument("--distill-target", choices=("max", "mass"), default="max")
     ap.add_argument("--phases", nargs="+", choices=PHASES, default=list(PHASES))
     ap.add_argument("--passkey-lengths", type=int, nargs="*", default=[2048, 4096, 8192])
-    ap.add_argument("--passkey-threshold", type=float, default=None,
-                    help="gate threshold for passkey (default: the one whose density is closest to 0.15)")
+    ap.add_argument("--passkey-threshold", type=float, nargs="+", default=None,
+                    help="gate thresholds for passkey (default: the one whose density is closest to 0.15)")
+    ap.add_argument("--keep-sink", action="store_true",
+                    help="keep the first (sink) block in every sparse row, for every selection (seer_keep_sink)")
     ap.add_argument("--passkey-dense-last-rows", type=int, nargs="+", default=[0, 2],
                     help="seer_dense_last_rows values for the sparse passkey runs (0: the question's rows sparse "
                          "too; 2: the model default, last two block rows dense)")
@@ -77,7 +79,7 @@ def main(argv=None):
         model = load_seer_model(args.model, dtype=dtype, device=dev, gates=args.gates)
     tok = load_tokenizer(args.model)
     windows = make_windows(load_documents(args.eval), tok, args.eval_length, 2)
-    model.set_seer_mode("sparse", seer_dense_last_rows=0, seer_keep_diagonal=True)
+    model.set_seer_mode("sparse", seer_dense_last_rows=0, seer_keep_diagonal=True, seer_keep_sink=args.keep_sink)
 
     if "ppl" in phases:
         _ppl(model, windows, args, report)
@@ -181,21 +183,23 @@ def _passkey(model, tok, args, report):
     from .passkey import run_passkey
     if not args.passkey_lengths:
         return
-    thr = args.passkey_threshold
-    if thr is None:
+    thrs = args.passkey_threshold
+    if thrs is None:
         cand = [r for r in report.rows if r["selector"] == "gate" and r["method"] == "threshold" and r.get("density")]
         if not cand:
             raise SystemExit("the passkey phase needs --passkey-threshold (or the ppl phase before it)")
-        thr = min(cand, key=lambda r: abs(r["density"] - 0.15))["param"]
+        thrs = [min(cand, key=lambda r: abs(r["density"] - 0.15))["param"]]
     model.set_seer_mode("dense")
     report.passkey["dense"] = run_passkey(model, tok, args.passkey_lengths)
     report.save()
-    for rows in args.passkey_dense_last_rows:
-        model.set_seer_mode("sparse", seer_selector="gate", seer_sparsity_method="threshold", seer_threshold=thr,
-                            seer_dense_last_rows=rows)
-        report.passkey[f"seer_threshold_{thr:g}_dense_last_rows_{rows}"] = run_passkey(model, tok,
-                                                                                      args.passkey_lengths)
-        report.save()
+    sink = "_keep_sink" if args.keep_sink else ""
+    for thr in thrs:
+        for rows in args.passkey_dense_last_rows:
+            model.set_seer_mode("sparse", seer_selector="gate", seer_sparsity_method="threshold", seer_threshold=thr,
+                                seer_dense_last_rows=rows, seer_keep_sink=args.keep_sink)
+            report.passkey[f"seer_threshold_{thr:g}_dense_last_rows_{rows}{sink}"] = run_passkey(
+                model, tok, args.passkey_lengths)
+            report.save()
 
 
 if __name__ == "__main__":
