@@ -1,0 +1,57 @@
+"""quality_run: every phase on a tiny model, partial results marked as such, bad arguments."""
+import json
+import os
+
+import pytest
+
+from seer_attn.eval import quality_run
+from seer_attn.eval.baselines import BASELINES
+
+
+def _args(model_dir, corpus_path, out, *extra):
+    return ["--cpu", "--model", model_dir, "--train", corpus_path, "--eval", corpus_path, "--seq-len", "256",
+            "--eval-length", "512", "--steps", "2", "--thresholds", "2e-3", "--nz-ratios", "0.5",
+            "--passkey-lengths", "256", "--out", str(out), "--work", str(out.parent / "work"), *extra]
+
+
+def test_all_phases(model_dir, corpus_path, tmp_path):
+    out = tmp_path / "out"
+    quality_run.main(_args(model_dir, corpus_path, out, "--baseline-densities", "0.6", "--passkey-threshold", "1e-2",
+                           "--passkey-dense-last-rows", "0", "2"))
+    res = json.loads((out / "quality.json").read_text())
+    assert res["meta"]["complete"] is True
+    assert res["cost"]["steps"] == 2 and res["cost"]["steps_per_s"] > 0
+    assert (out / "gates_max.safetensors").is_file() and not (out / "work").exists()
+    settings = {r["setting"] for r in res["rows"]}
+    assert {"dense", "gate:threshold=0.002", "gate:nz_ratio=0.5"} <= settings
+    assert any(s.startswith("streaming:nz_ratio@") for s in settings)
+    for sel, method in BASELINES:  # each baseline at the asked density: a PPL or an "unreachable" row
+        assert f"{sel}:{method}@0.6" in settings
+    dense = next(r for r in res["rows"] if r["setting"] == "dense")
+    assert dense["ppl"] > 1 and dense["density"] == 1.0
+    assert set(res["passkey"]) == {"dense", "seer_threshold_0.01_dense_last_rows_0",
+                                   "seer_threshold_0.01_dense_last_rows_2"}
+    assert not (out / "quality.md").read_text().startswith("**partial")
+
+
+def test_stopped_run_is_marked_partial(model_dir, corpus_path, tmp_path, monkeypatch):
+    def fail(*a, **k):
+        raise RuntimeError("stopped")
+    monkeypatch.setattr("seer_attn.eval.passkey.run_passkey", fail)
+    out = tmp_path / "out"
+    with pytest.raises(RuntimeError, match="stopped"):
+        quality_run.main(_args(model_dir, corpus_path, out, "--phases", "distill", "ppl", "passkey"))
+    res = json.loads((out / "quality.json").read_text())
+    assert res["meta"]["complete"] is False and res["passkey"] == {}
+    assert any(r["setting"] == "dense" for r in res["rows"])  # the ppl phase's rows were kept
+    assert (out / "quality.md").read_text().startswith("**partial run")
+    assert not [f for f in os.listdir(out) if f.endswith(".tmp")]
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--gates", "g.safetensors"], "--gates skips distillation"),
+    (["--phases", "ppl"], "--gates must name distilled gates"),
+])
+def test_bad_phase_arguments(model_dir, corpus_path, tmp_path, extra, message):
+    with pytest.raises(SystemExit, match=message):
+        quality_run.main(_args(model_dir, corpus_path, tmp_path / "out", *extra))
