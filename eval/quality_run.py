@@ -12,13 +12,12 @@ top-k and oracle coverage at ``--baseline-densities``, default: the nz_ratio row
 densities) and ``passkey``. ``quality.json`` and ``quality.md`` in ``--out`` are rewritten
 after every phase and every baseline density, with ``complete: false`` until the last phase
 has finished, so a run stopped by a time limit keeps what it measured and says it is
-partial. The distilled gates are copied to ``--out`` (a few MB); the full model folder and
+partial. The distilled gates are saved to ``--out`` in bfloat16 (a few MB); the full model folder and
 checkpoints go to ``--work``. The table is printed last.
 """
 import argparse
 import json
 import os
-import shutil
 import time
 
 import torch
@@ -54,6 +53,7 @@ def main(argv=None):
                          "too; 2: the model default, last two block rows dense)")
     ap.add_argument("--out", default="results/quality")
     ap.add_argument("--work", default=None, help="model folder and checkpoints (default: OUT/work)")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bars (short logs)")
     ap.add_argument("--cpu", action="store_true", help="smoke-test on the CPU (tiny sizes only)")
     args = ap.parse_args(argv)
     if not args.cpu and not torch.cuda.is_available():
@@ -75,6 +75,8 @@ def main(argv=None):
     if "distill" in phases:
         dist = _distill(args, work, report)
         model = load_seer_model(dist["model_dir"], dtype=dtype, device=dev)
+        # bf16: half the size (SmolLM2's float32 gates are 17.7 MB); the float32 ones stay in --work
+        model.save_gates(os.path.join(args.out, f"gates_{args.distill_target}_bf16.safetensors"), dtype=torch.bfloat16)
     else:
         model = load_seer_model(args.model, dtype=dtype, device=dev, gates=args.gates)
     tok = load_tokenizer(args.model)
@@ -127,7 +129,6 @@ def _atomic_write(path, text):
 
 
 def _distill(args, work, report):
-    from seer_attn.modeling_seer.modeling_seer_llama import GATES_FILE
     from seer_attn.training.distill import add_distill_args, run_distill
     d = add_distill_args(argparse.ArgumentParser()).parse_args([])
     d.model, d.data, d.seq_len, d.steps, d.batch_size = args.model, args.train, args.seq_len, args.steps, \
@@ -144,8 +145,6 @@ def _distill(args, work, report):
                    "steps_per_s": args.steps / train_s,
                    "peak_gib": None if args.cpu else torch.cuda.max_memory_allocated() / 2**30,
                    "final_loss": dist.get("final_loss"), "distill_target": args.distill_target}
-    shutil.copyfile(os.path.join(dist["model_dir"], GATES_FILE),
-                    os.path.join(args.out, f"gates_{args.distill_target}.safetensors"))
     report.save()
     print("cost", json.dumps(report.cost), flush=True)
     return dist
@@ -155,11 +154,12 @@ def _ppl(model, windows, args, report):
     from .baselines import Setting, compare
     gate = [Setting("gate", "threshold", param=t) for t in args.thresholds]
     gate += [Setting("gate", "nz_ratio", param=r) for r in args.nz_ratios]
-    report.rows += compare(model, [Setting("dense")] + gate, windows=windows, with_baselines=False)
+    report.rows += compare(model, [Setting("dense")] + gate, windows=windows, with_baselines=False,
+                           progress=not args.no_progress)
     report.save()
     dens = sorted({round(r["density"], 3) for r in report.rows if r["selector"] == "gate" and r.get("density")})
     report.rows += compare(model, [Setting("streaming", "nz_ratio", target_density=x) for x in dens],
-                           windows=windows, with_baselines=False, tol=0.01)
+                           windows=windows, with_baselines=False, tol=0.01, progress=not args.no_progress)
     report.save()
 
 
@@ -175,7 +175,8 @@ def _baselines(model, windows, args, report):
     for t in dens:
         todo = [Setting(sel, m, target_density=t) for sel, m in BASELINES]
         todo = [s for s in todo if str(s) not in done]
-        report.rows += compare(model, todo, windows=windows, with_baselines=False, tol=0.01)
+        report.rows += compare(model, todo, windows=windows, with_baselines=False, tol=0.01,
+                               progress=not args.no_progress)
         report.save()
 
 
@@ -190,7 +191,7 @@ def _passkey(model, tok, args, report):
             raise SystemExit("the passkey phase needs --passkey-threshold (or the ppl phase before it)")
         thrs = [min(cand, key=lambda r: abs(r["density"] - 0.15))["param"]]
     model.set_seer_mode("dense")
-    report.passkey["dense"] = run_passkey(model, tok, args.passkey_lengths)
+    report.passkey["dense"] = run_passkey(model, tok, args.passkey_lengths, progress=not args.no_progress)
     report.save()
     sink = "_keep_sink" if args.keep_sink else ""
     for thr in thrs:
@@ -198,7 +199,7 @@ def _passkey(model, tok, args, report):
             model.set_seer_mode("sparse", seer_selector="gate", seer_sparsity_method="threshold", seer_threshold=thr,
                                 seer_dense_last_rows=rows, seer_keep_sink=args.keep_sink)
             report.passkey[f"seer_threshold_{thr:g}_dense_last_rows_{rows}{sink}"] = run_passkey(
-                model, tok, args.passkey_lengths)
+                model, tok, args.passkey_lengths, progress=not args.no_progress)
             report.save()
 
 

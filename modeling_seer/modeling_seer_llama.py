@@ -292,13 +292,18 @@ class SeerLlamaForCausalLM(SeerLlamaPreTrainedModel, LlamaForCausalLM):
                 **{k: getattr(c, k) for k in ("seer_block_size", "seer_gate_hidden_size", "seer_q_pooling",
                                               "seer_k_pooling", "seer_gate_rope")}}
 
-    def save_gates(self, path):
-        """Write the gate tensors only (a few MB) to ``path`` (a folder or a .safetensors file)."""
+    def save_gates(self, path, dtype=None):
+        """Write the gate tensors only (a few MB) to ``path`` (a folder or a .safetensors file).
+
+        ``dtype``: a floating torch dtype to store them in (e.g. ``torch.bfloat16`` halves the
+        file); default: as trained (float32). :meth:`load_gates` casts back to the model's."""
         from safetensors.torch import save_file
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise TypeError(f"dtype={dtype!r} is invalid: expected a floating torch dtype such as torch.bfloat16")
         if not str(path).endswith(".safetensors"):
             os.makedirs(path, exist_ok=True)
             path = os.path.join(path, GATES_FILE)
-        tensors = {k: v.detach().contiguous().cpu() for k, v in self.gate_state_dict().items()}
+        tensors = {k: v.detach().to(dtype or v.dtype).contiguous().cpu() for k, v in self.gate_state_dict().items()}
         save_file(tensors, str(path), metadata={"seer": json.dumps(self._gate_metadata())})
         return str(path)
 

@@ -16,12 +16,12 @@ def _args(model_dir, corpus_path, out, *extra):
 
 def test_all_phases(model_dir, corpus_path, tmp_path):
     out = tmp_path / "out"
-    quality_run.main(_args(model_dir, corpus_path, out, "--baseline-densities", "0.6", "--passkey-threshold", "1e-2",
-                           "--passkey-dense-last-rows", "0", "2"))
+    quality_run.main(_args(model_dir, corpus_path, out, "--no-progress", "--baseline-densities", "0.6",
+                           "--passkey-threshold", "1e-2", "--passkey-dense-last-rows", "0", "2"))
     res = json.loads((out / "quality.json").read_text())
     assert res["meta"]["complete"] is True
     assert res["cost"]["steps"] == 2 and res["cost"]["steps_per_s"] > 0
-    assert (out / "gates_max.safetensors").is_file() and not (out / "work").exists()
+    assert (out / "gates_max_bf16.safetensors").is_file() and not (out / "work").exists()
     settings = {r["setting"] for r in res["rows"]}
     assert {"dense", "gate:threshold=0.002", "gate:nz_ratio=0.5"} <= settings
     assert any(s.startswith("streaming:nz_ratio@") for s in settings)

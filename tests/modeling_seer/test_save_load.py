@@ -116,3 +116,17 @@ def test_fresh_environment_trust_remote_code(tiny, tmp_path):
     assert float(line.split()[1]) == 0.0 and float(line.split()[3]) < 0.9
     grad_line = next(l for l in r.stdout.splitlines() if l.startswith("GATEGRAD"))
     assert float(grad_line.split()[1]) > 0
+
+
+def test_gates_saved_in_bfloat16(tiny, tmp_path):
+    from safetensors import safe_open
+    trained = tiny(seed=0)
+    path = trained.save_gates(tmp_path / "g.safetensors", dtype=torch.bfloat16)
+    with safe_open(path, framework="pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}
+    fresh = tiny(seed=1).load_gates(path)
+    for k, v in trained.gate_state_dict().items():
+        got = fresh.gate_state_dict()[k]
+        assert got.dtype == v.dtype and torch.equal(got, v.to(torch.bfloat16).to(v.dtype))
+    with pytest.raises(TypeError, match="dtype=torch.int8 is invalid"):
+        trained.save_gates(tmp_path / "bad.safetensors", dtype=torch.int8)
