@@ -198,13 +198,11 @@ def measure_density(model, windows, batch_size=1) -> float:
 def _streaming_density(cfg, windows):
     """The streaming selection ignores the content: its density follows from the block
     count alone, so no forward pass is needed (same selection code as the model's)."""
-    from seer_attn.modeling_seer.gate import causal_density, select_blocks, streaming_scores
+    from seer_attn.modeling_seer.gate import causal_density, select_blocks_for, streaming_scores
     vals = []
     for w in windows:
         nb = (w.input_ids.numel() + cfg.seer_block_size - 1) // cfg.seer_block_size
-        mask = select_blocks(streaming_scores(1, 1, nb, "cpu"), cfg.seer_sparsity_method, cfg.seer_threshold,
-                             cfg.seer_nz_ratio, cfg.seer_keep_diagonal, cfg.seer_keep_sink,
-                             cfg.seer_dense_last_rows, cfg.seer_coverage)
+        mask = select_blocks_for(streaming_scores(1, 1, nb, "cpu"), cfg)
         vals.append(causal_density(mask).mean().item())
     return sum(vals) / len(vals)
 

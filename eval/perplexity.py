@@ -166,7 +166,7 @@ def seer_settings(model) -> dict:
     return {"mode": "sparse", "selector": cfg.seer_selector, "method": method,
             "param": float(getattr(cfg, _METHOD_PARAM[method])),
             "keep_diagonal": bool(cfg.seer_keep_diagonal), "keep_sink": bool(cfg.seer_keep_sink),
-            "dense_last_rows": int(cfg.seer_dense_last_rows)}
+            "keep_local": int(cfg.seer_keep_local), "dense_last_rows": int(cfg.seer_dense_last_rows)}
 
 
 def _density_tensor(model):

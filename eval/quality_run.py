@@ -53,6 +53,9 @@ def main(argv=None):
                          "too; 2: the model default, last two block rows dense)")
     ap.add_argument("--out", default="results/quality")
     ap.add_argument("--work", default=None, help="model folder and checkpoints (default: OUT/work)")
+    ap.add_argument("--keep-local", type=int, default=0,
+                    help="keep this many blocks before the diagonal in every sparse row, for every selection "
+                         "(seer_keep_local)")
     ap.add_argument("--no-progress", action="store_true", help="no progress bars (short logs)")
     ap.add_argument("--cpu", action="store_true", help="smoke-test on the CPU (tiny sizes only)")
     args = ap.parse_args(argv)
@@ -81,7 +84,8 @@ def main(argv=None):
         model = load_seer_model(args.model, dtype=dtype, device=dev, gates=args.gates)
     tok = load_tokenizer(args.model)
     windows = make_windows(load_documents(args.eval), tok, args.eval_length, 2)
-    model.set_seer_mode("sparse", seer_dense_last_rows=0, seer_keep_diagonal=True, seer_keep_sink=args.keep_sink)
+    model.set_seer_mode("sparse", seer_dense_last_rows=0, seer_keep_diagonal=True, seer_keep_sink=args.keep_sink,
+                         seer_keep_local=args.keep_local)
 
     if "ppl" in phases:
         _ppl(model, windows, args, report)
@@ -193,11 +197,12 @@ def _passkey(model, tok, args, report):
     model.set_seer_mode("dense")
     report.passkey["dense"] = run_passkey(model, tok, args.passkey_lengths, progress=not args.no_progress)
     report.save()
-    sink = "_keep_sink" if args.keep_sink else ""
+    sink = ("_keep_sink" if args.keep_sink else "") + (f"_keep_local_{args.keep_local}" if args.keep_local else "")
     for thr in thrs:
         for rows in args.passkey_dense_last_rows:
             model.set_seer_mode("sparse", seer_selector="gate", seer_sparsity_method="threshold", seer_threshold=thr,
-                                seer_dense_last_rows=rows, seer_keep_sink=args.keep_sink)
+                                seer_dense_last_rows=rows, seer_keep_sink=args.keep_sink,
+                                seer_keep_local=args.keep_local)
             report.passkey[f"seer_threshold_{thr:g}_dense_last_rows_{rows}{sink}"] = run_passkey(
                 model, tok, args.passkey_lengths, progress=not args.no_progress)
             report.save()

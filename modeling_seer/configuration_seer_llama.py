@@ -41,6 +41,8 @@ class SeerLlamaConfig(LlamaConfig):
             (the true max-pooled / mass-pooled attention map, which costs a dense pass).
         seer_keep_diagonal: always keep each row's diagonal block.
         seer_keep_sink: always keep the first (sink) key block.
+        seer_keep_local: always keep this many key blocks just before the diagonal (a
+            local window, so tokens near a block start see their preceding text; 0: off).
         seer_dense_last_rows: number of last block rows kept dense (reference: 2).
         seer_distill_loss_scale: multiplier of the summed per-layer KL loss (paper: 10).
         seer_distill_target: ``"max"`` (paper: row-normalised max-pooled probabilities)
@@ -62,6 +64,7 @@ class SeerLlamaConfig(LlamaConfig):
     seer_selector: str = "gate"
     seer_keep_diagonal: bool = True
     seer_keep_sink: bool = False
+    seer_keep_local: int = 0
     seer_dense_last_rows: int = 2
     seer_distill_loss_scale: float = 10.0
     seer_distill_target: str = "max"
@@ -98,6 +101,9 @@ class SeerLlamaConfig(LlamaConfig):
             bad("seer_coverage", "expected 0 < coverage <= 1")
         if self.seer_selector not in SELECTORS:
             bad("seer_selector", f"expected one of {SELECTORS}")
+        if not isinstance(self.seer_keep_local, int) or isinstance(self.seer_keep_local, bool) \
+                or self.seer_keep_local < 0:
+            bad("seer_keep_local", "expected an integer >= 0")
         if not isinstance(self.seer_dense_last_rows, int) or self.seer_dense_last_rows < 0:
             bad("seer_dense_last_rows", "expected an integer >= 0")
         if float(self.seer_distill_loss_scale) <= 0:

@@ -125,14 +125,15 @@ class AttnGate(nn.Module):
 
 
 def select_blocks(scores, method, threshold=2e-3, nz_ratio=0.3, keep_diagonal=True, keep_sink=False,
-                  dense_last_rows=2, coverage=0.9):
+                  dense_last_rows=2, coverage=0.9, keep_local=0):
     """Turn block logits ``[B, HQ, NB, NB]`` into a causal bool block mask of the same shape.
 
     Methods: ``threshold`` keeps blocks whose softmaxed score is >= ``threshold``;
     ``nz_ratio`` keeps the top k = max(1, int((1 - sqrt(1 - nz_ratio)) * NB)) blocks of
     every row; ``coverage`` keeps, per row, the fewest highest-scoring blocks whose
-    softmaxed scores sum to >= ``coverage``. Then the keep-options are applied and
-    everything above the diagonal is dropped.
+    softmaxed scores sum to >= ``coverage``. Then the keep-options are applied (the
+    diagonal block, the sink block, the ``keep_local`` blocks just before the diagonal, the
+    ``dense_last_rows`` last rows) and everything above the diagonal is dropped.
     """
     NB = scores.shape[-1]
     if method == "threshold":
@@ -152,9 +153,22 @@ def select_blocks(scores, method, threshold=2e-3, nz_ratio=0.3, keep_diagonal=Tr
         mask |= torch.eye(NB, dtype=torch.bool, device=mask.device)
     if keep_sink:
         mask[..., 0] = True
+    if keep_local > 0:
+        i = torch.arange(NB, device=mask.device)
+        back = i[:, None] - i[None, :]  # how many blocks key j lies before query block i
+        mask |= (back >= 1) & (back <= keep_local)
     if dense_last_rows > 0:
         mask[..., -dense_last_rows:, :] = True
     return mask.tril_()
+
+
+def select_blocks_for(scores, cfg):
+    """:func:`select_blocks` with the method, parameter and keep-options of a
+    ``SeerLlamaConfig``: the one place that maps config fields to the selection."""
+    return select_blocks(scores, cfg.seer_sparsity_method, threshold=cfg.seer_threshold, nz_ratio=cfg.seer_nz_ratio,
+                         keep_diagonal=cfg.seer_keep_diagonal, keep_sink=cfg.seer_keep_sink,
+                         dense_last_rows=cfg.seer_dense_last_rows, coverage=cfg.seer_coverage,
+                         keep_local=cfg.seer_keep_local)
 
 
 def _causal_fill(scores):

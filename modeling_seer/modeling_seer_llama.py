@@ -28,8 +28,8 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from seer_attn.kernels.block_sparse_attn import attn_with_pooling, block_sparse_attn
 
 from .configuration_seer_llama import SeerLlamaConfig
-from .gate import (AttnGate, causal_density, gate_distill_loss, meanpool_scores, oracle_scores, select_blocks,
-                   streaming_scores)
+from .gate import (AttnGate, causal_density, gate_distill_loss, meanpool_scores, oracle_scores,
+                   select_blocks_for, streaming_scores)
 from .remote_bundle import write_remote_code
 
 GATES_FILE = "seer_gates.safetensors"
@@ -131,9 +131,7 @@ class SeerLlamaAttention(LlamaAttention):
         else:
             with torch.no_grad():
                 scores = self.block_scores(q, k, v, q_pre, k_pre, ctx)
-                mask = select_blocks(scores, cfg.seer_sparsity_method, cfg.seer_threshold, cfg.seer_nz_ratio,
-                                     cfg.seer_keep_diagonal, cfg.seer_keep_sink, cfg.seer_dense_last_rows,
-                                     cfg.seer_coverage)
+                mask = select_blocks_for(scores, cfg)
         out = block_sparse_attn(q, k, v, mask, True, self.scaling, cfg.seer_block_size, seq_bounds=ctx.seq_bounds)
         ctx.densities.append(causal_density(mask))
         if ctx.masks is not None:

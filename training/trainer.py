@@ -31,7 +31,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments, default_da
 from transformers.trainer import TRAINING_ARGS_NAME
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME
 
-from seer_attn.modeling_seer import causal_density, select_blocks
+from seer_attn.modeling_seer import causal_density, select_blocks_for
 from seer_attn.modeling_seer.configuration_seer_llama import SEER_MODES
 from seer_attn.modeling_seer.modeling_seer_llama import GATES_FILE
 
@@ -180,7 +180,7 @@ class GateDistillationTrainer(Trainer):
     last-token logits only and no KV cache. ``block_density`` is logged
     next to the loss: forward hooks on the ``attn_gate`` modules receive the gate logits
     ``[B, HQ, NB, NB]`` of the distillation forward itself (no extra forward), and
-    :func:`select_blocks` with the model's sparsity settings turns them into the block
+    :func:`select_blocks_for` with the model's sparsity settings turns them into the block
     mask a sparse prefill would use; the logged value is the kept share of causal blocks,
     averaged over layers, heads, batch rows and the steps since the last log. It is
     measured on the dense forward: from the second layer on, the gates of a real sparse
@@ -261,8 +261,7 @@ class GateDistillationTrainer(Trainer):
         if not self._record_density:
             return
         cfg = self._seer.config
-        mask = select_blocks(scores.detach(), cfg.seer_sparsity_method, cfg.seer_threshold, cfg.seer_nz_ratio,
-                             cfg.seer_keep_diagonal, cfg.seer_keep_sink, cfg.seer_dense_last_rows, cfg.seer_coverage)
+        mask = select_blocks_for(scores.detach(), cfg)
         d = causal_density(mask).mean()
         self._density_sum = d if self._density_sum is None else self._density_sum + d
         self._density_n += 1

@@ -18,6 +18,9 @@ from seer_attn.modeling_seer import SeerLlamaConfig
     ("seer_coverage", 1.2, "seer_coverage"),
     ("seer_selector", "random", "seer_selector"),
     ("seer_dense_last_rows", -1, "seer_dense_last_rows"),
+    ("seer_keep_local", -1, "seer_keep_local"),
+    ("seer_keep_local", 1.5, "seer_keep_local"),
+    ("seer_keep_local", True, "seer_keep_local"),
     ("seer_distill_loss_scale", 0.0, "seer_distill_loss_scale"),
     ("seer_distill_target", "mean", "seer_distill_target"),
 ], ids=lambda v: str(v))

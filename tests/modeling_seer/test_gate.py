@@ -78,6 +78,20 @@ def test_threshold_mask_consistent_with_gate_scores():
     assert not m2.triu(1).any()
 
 
+def test_keep_local_adds_the_blocks_just_before_the_diagonal():
+    NB = 8
+    scores = torch.zeros(1, 2, NB, NB)
+    scores[..., 0] = 5.0  # top-1 of every row: the first block
+    scores = scores.masked_fill(~torch.ones(NB, NB, dtype=torch.bool).tril(), MASKED_LOGIT)
+    base = select_blocks(scores, "nz_ratio", nz_ratio=0.01, keep_diagonal=True, dense_last_rows=0)
+    i = torch.arange(NB)
+    first_and_diag = (i[None, :] == 0) | (i[:, None] == i[None, :])
+    assert torch.equal(base, first_and_diag.expand_as(base))
+    m = select_blocks(scores, "nz_ratio", nz_ratio=0.01, keep_diagonal=True, dense_last_rows=0, keep_local=2)
+    band = ((i[:, None] - i[None, :]) >= 1) & ((i[:, None] - i[None, :]) <= 2)
+    assert torch.equal(m, base | band)
+
+
 def test_nz_ratio_keeps_reference_k_per_row():
     g = torch.Generator().manual_seed(4)
     NB = 32

@@ -34,6 +34,19 @@ def test_sparse_with_every_block_equals_dense(tiny, T):
 
 
 @torch.no_grad()
+def test_keep_local_reaches_the_model_masks(tiny):
+    m = tiny(seer_mode="sparse", seer_sparsity_method="nz_ratio", seer_nz_ratio=0.05, seer_dense_last_rows=0,
+             seer_keep_local=3)
+    ctx = SeerForwardContext(masks=[])
+    m(_ids(1000), seer_ctx=ctx)
+    NB = 16
+    i = torch.arange(NB)
+    band = ((i[:, None] - i[None, :]) >= 0) & ((i[:, None] - i[None, :]) <= 3)  # diagonal + 3 before it
+    for mask in ctx.masks:
+        assert (mask | ~band).all()
+
+
+@torch.no_grad()
 def test_sparse_prefill_drops_blocks_and_reports_density(tiny):
     m = tiny(seer_mode="sparse", seer_sparsity_method="nz_ratio", seer_nz_ratio=0.3, seer_dense_last_rows=0)
     x = _ids(1000)
