@@ -73,9 +73,8 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
     work = args.work or os.path.join(args.out, "work")
     report = Report(args)
-    phases = [p for p in PHASES if p in args.phases]
 
-    if "distill" in phases:
+    if "distill" in args.phases:
         dist = _distill(args, work, report)
         model = load_seer_model(dist["model_dir"], dtype=dtype, device=dev)
         # bf16: half the size (SmolLM2's float32 gates are 17.7 MB); the float32 ones stay in --work
@@ -87,11 +86,11 @@ def main(argv=None):
     model.set_seer_mode("sparse", seer_dense_last_rows=0, seer_keep_diagonal=True, seer_keep_sink=args.keep_sink,
                          seer_keep_local=args.keep_local)
 
-    if "ppl" in phases:
+    if "ppl" in args.phases:
         _ppl(model, windows, args, report)
-    if "baselines" in phases:
+    if "baselines" in args.phases:
         _baselines(model, windows, args, report)
-    if "passkey" in phases:
+    if "passkey" in args.phases:
         _passkey(model, tok, args, report)
     report.save(complete=True)
     print("\n" + report.text())
@@ -161,18 +160,24 @@ def _ppl(model, windows, args, report):
     report.rows += compare(model, [Setting("dense")] + gate, windows=windows, with_baselines=False,
                            progress=not args.no_progress)
     report.save()
-    dens = sorted({round(r["density"], 3) for r in report.rows if r["selector"] == "gate" and r.get("density")})
+    dens = _gate_densities(report.rows)
     report.rows += compare(model, [Setting("streaming", "nz_ratio", target_density=x) for x in dens],
                            windows=windows, with_baselines=False, tol=0.01, progress=not args.no_progress)
     report.save()
+
+
+def _gate_densities(rows, method=None):
+    """Achieved densities (3 decimals, ascending) of the gate rows measured so far, of
+    ``method`` only when given: the densities the baselines are matched to."""
+    return sorted({round(r["density"], 3) for r in rows
+                   if r["selector"] == "gate" and (method is None or r["method"] == method) and r.get("density")})
 
 
 def _baselines(model, windows, args, report):
     from .baselines import BASELINES, Setting, compare
     dens = args.baseline_densities
     if dens is None:
-        dens = sorted({round(r["density"], 3) for r in report.rows
-                       if r["selector"] == "gate" and r["method"] == "nz_ratio" and r.get("density")})
+        dens = _gate_densities(report.rows, method="nz_ratio")
     if not dens:
         raise SystemExit("the baselines phase needs --baseline-densities (or the ppl phase before it)")
     done = {r["setting"] for r in report.rows}
