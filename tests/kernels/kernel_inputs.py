@@ -22,3 +22,22 @@ def qkv(gen, B, HQ, H, T, D, dtype, device="cpu"):
 def up(*ts):
     """The same tensors in fp32 (inputs of the fp32 references)."""
     return tuple(t.float() for t in ts)
+
+
+def dense_cases(d128_gqas=(1, 3), extra=()):
+    """pytest params ``(T, gqa, D, dtype, causal)`` for the kernels without a block mask:
+    every T, GQA ratio, causal flag and dtype at head_dim 64; fp16 at head_dim 128 for T 65
+    and 200 with the GQA ratios ``d128_gqas``; then the cases ``extra``."""
+    import pytest
+    cases = []
+    for T in (1, 63, 64, 65, 192, 200):
+        for gqa in (1, 3):
+            for causal in (True, False):
+                for dtype in ("fp16", "fp32"):
+                    cases.append((T, gqa, 64, dtype, causal))
+    for T in (65, 200):
+        for gqa in d128_gqas:
+            for causal in (True, False):
+                cases.append((T, gqa, 128, "fp16", causal))
+    cases += list(extra)
+    return [pytest.param(*c, id=f"T{c[0]}-gqa{c[1]}-d{c[2]}-{c[3]}-{'causal' if c[4] else 'full'}") for c in cases]

@@ -7,7 +7,7 @@ import warnings
 
 import pytest
 import torch
-from kernel_inputs import nb as _nb, qkv as _qkv, randn as _randn, up as _up
+from kernel_inputs import dense_cases, nb as _nb, qkv as _qkv, randn as _randn, up as _up
 
 from seer_attn.kernels import attn_with_pooling, attn_with_pooling_ref
 
@@ -41,23 +41,9 @@ def _check_pooled(pooled, ref_pooled, causal, live_rows=None):
     assert torch.equal(pooled[~live], torch.zeros_like(pooled[~live])), "dead block rows must be all 0"
 
 
-def _cases():
-    cases = []
-    for T in (1, 63, 64, 65, 192, 200):
-        for gqa in (1, 3):
-            for causal in (True, False):
-                for dtype in ("fp16", "fp32"):
-                    cases.append((T, gqa, 64, dtype, causal))
-    for T in (65, 200):
-        for gqa in (1, 3):
-            for causal in (True, False):
-                cases.append((T, gqa, 128, "fp16", causal))
-    cases += [(200, 3, 128, "fp32", True), (63, 1, 128, "fp32", False)]
-    return [pytest.param(*c, id=f"T{c[0]}-gqa{c[1]}-d{c[2]}-{c[3]}-{'causal' if c[4] else 'full'}") for c in cases]
-
-
 @pytest.mark.parametrize("pool_op", ["max", "sum"])
-@pytest.mark.parametrize("T, gqa, D, dtype, causal", _cases())
+@pytest.mark.parametrize("T, gqa, D, dtype, causal",
+                         dense_cases(extra=[(200, 3, 128, "fp32", True), (63, 1, 128, "fp32", False)]))
 def test_forward_and_pooled_map_match_reference(T, gqa, D, dtype, causal, pool_op, gen, device, error_budget):
     """pool_op "max": SeerAttention's target; "sum": the probability mass of each block."""
     dt = DTYPES[dtype]

@@ -11,7 +11,7 @@ import warnings
 
 import pytest
 import torch
-from kernel_inputs import nb as _nb, qkv as _qkv, randn as _randn, up as _up
+from kernel_inputs import dense_cases, nb as _nb, qkv as _qkv, randn as _randn, up as _up
 
 from seer_attn.kernels import (attn_with_pooling, attn_with_pooling_ref, block_sparse_attn, block_sparse_attn_ref,
                                dense_attn, random_block_mask)
@@ -85,20 +85,7 @@ def test_forward_matches_reference(T, gqa, D, density, dtype, causal, gen, devic
     error_budget(out, ref32, ref_lp, **OUT_BUDGET[dt])
 
 
-def _dense_cases():
-    cases = []
-    for T in (1, 63, 64, 65, 192, 200):
-        for gqa in (1, 3):
-            for causal in (True, False):
-                for dtype in ("fp16", "fp32"):
-                    cases.append((T, gqa, 64, dtype, causal))
-    for T in (65, 200):
-        for causal in (True, False):
-            cases.append((T, 3, 128, "fp16", causal))
-    return [pytest.param(*c, id=f"T{c[0]}-gqa{c[1]}-d{c[2]}-{c[3]}-{'causal' if c[4] else 'full'}") for c in cases]
-
-
-@pytest.mark.parametrize("T, gqa, D, dtype, causal", _dense_cases())
+@pytest.mark.parametrize("T, gqa, D, dtype, causal", dense_cases(d128_gqas=(3,)))
 def test_dense_forward_matches_reference(T, gqa, D, dtype, causal, gen, device, error_budget):
     """dense_attn runs the non-sparse kernel variant (128-row programs, no index lists)."""
     dt = DTYPES[dtype]
