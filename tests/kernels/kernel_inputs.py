@@ -24,6 +24,16 @@ def up(*ts):
     return tuple(t.float() for t in ts)
 
 
+def grads(fn, q, k, v, do):
+    """Output and (dq, dk, dv) of ``fn`` through autograd, on fresh leaf copies; when ``fn``
+    returns a tuple (attn_with_pooling), its first element is the output."""
+    q, k, v = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
+    out = fn(q, k, v)
+    out = out[0] if isinstance(out, tuple) else out
+    out.backward(do)
+    return out.detach(), q.grad, k.grad, v.grad
+
+
 def dense_cases(d128_gqas=(1, 3), extra=()):
     """pytest params ``(T, gqa, D, dtype, causal)`` for the kernels without a block mask:
     every T, GQA ratio, causal flag and dtype at head_dim 64; fp16 at head_dim 128 for T 65

@@ -11,7 +11,7 @@ import warnings
 
 import pytest
 import torch
-from kernel_inputs import dense_cases, nb as _nb, qkv as _qkv, randn as _randn, up as _up
+from kernel_inputs import dense_cases, grads as _grads, nb as _nb, qkv as _qkv, randn as _randn, up as _up
 
 from seer_attn.kernels import (attn_with_pooling, attn_with_pooling_ref, block_sparse_attn, block_sparse_attn_ref,
                                dense_attn, random_block_mask)
@@ -39,14 +39,6 @@ def _mask(gen, B, HQ, T, density, causal, device):
         upper = torch.ones(NB, NB, dtype=torch.bool).triu(1)
         m = m | ((torch.rand(B, HQ, NB, NB, generator=gen) < density) & upper)
     return m.to(device)
-
-
-def _grads(fn, q, k, v, do):
-    """Output and (dq, dk, dv) of ``fn`` through autograd, on fresh leaf copies."""
-    q, k, v = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
-    out = fn(q, k, v)
-    out.backward(do)
-    return out.detach(), q.grad, k.grad, v.grad
 
 
 def _case_id(T, gqa, D, density, dtype, causal):

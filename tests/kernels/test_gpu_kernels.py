@@ -6,14 +6,19 @@ Tolerance (style guide): error against the fp32 reference on the same (upcast) i
 <= 2x the error of a low-precision baseline (the reference with ``upcast=False``, and SDPA)
 plus a small slack, and <= a hard cap.
 """
+from functools import partial
+
 import pytest
 import torch
 import torch.nn.functional as F
+from kernel_inputs import grads as _grads, nb as _nb, qkv, randn, up as _up
 
 from seer_attn.kernels import (attn_with_pooling, attn_with_pooling_ref, block_sparse_attn, block_sparse_attn_ref,
                                dense_attn, random_block_mask)
 
 pytestmark = pytest.mark.requires_cuda
+_randn = partial(randn, device="cuda")
+_qkv = partial(qkv, device="cuda")
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 OUT_BUDGET = {torch.bfloat16: dict(slack=4e-3, cap=5e-2), torch.float16: dict(slack=1e-3, cap=2e-2),
@@ -33,18 +38,6 @@ def _exact_fp32_matmul():
     torch.cuda.empty_cache()
 
 
-def _nb(T):
-    return (T + 63) // 64
-
-
-def _randn(gen, shape, dtype, scale=1.0, shift=0.0):
-    return (torch.randn(shape, generator=gen) * scale + shift).to(dtype).cuda()
-
-
-def _qkv(gen, B, HQ, H, T, D, dtype):
-    return _randn(gen, (B, HQ, T, D), dtype), _randn(gen, (B, H, T, D), dtype), _randn(gen, (B, H, T, D), dtype)
-
-
 def _mask(gen, B, HQ, T, density, causal):
     NB = _nb(T)
     m = random_block_mask(B, HQ, NB, density, generator=gen)
@@ -56,18 +49,6 @@ def _mask(gen, B, HQ, T, density, causal):
 
 def _full(B, HQ, T):
     return torch.ones(B, HQ, _nb(T), _nb(T), dtype=torch.bool, device="cuda")
-
-
-def _up(*ts):
-    return tuple(t.float() for t in ts)
-
-
-def _grads(fn, q, k, v, do):
-    q, k, v = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
-    out = fn(q, k, v)
-    out = out[0] if isinstance(out, tuple) else out
-    out.backward(do)
-    return out.detach(), q.grad, k.grad, v.grad
 
 
 def _sdpa(q, k, v, causal):
