@@ -44,6 +44,8 @@ def main(argv=None):
     ap.add_argument("--distill-target", choices=("max", "mass"), default="max")
     ap.add_argument("--phases", nargs="+", choices=PHASES, default=list(PHASES))
     ap.add_argument("--passkey-lengths", type=int, nargs="*", default=[2048, 4096, 8192])
+    ap.add_argument("--passkey-samples", type=int, default=1,
+                    help="prompts per (length, depth) cell, each with its own random key (default 1)")
     ap.add_argument("--passkey-threshold", type=float, nargs="+", default=None,
                     help="gate thresholds for passkey (default: the one whose density is closest to 0.15)")
     ap.add_argument("--keep-sink", action="store_true",
@@ -61,6 +63,8 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if not args.cpu and not torch.cuda.is_available():
         raise SystemExit("quality_run needs a CUDA GPU (or --cpu for a smoke test)")
+    if args.passkey_samples < 1:
+        raise SystemExit(f"--passkey-samples must be >= 1, got {args.passkey_samples}")
     if "distill" in args.phases and args.gates:
         raise SystemExit("--gates skips distillation: drop 'distill' from --phases or drop --gates")
     if "distill" not in args.phases and not args.gates:
@@ -200,7 +204,8 @@ def _passkey(model, tok, args, report):
             raise SystemExit("the passkey phase needs --passkey-threshold (or the ppl phase before it)")
         thrs = [min(cand, key=lambda r: abs(r["density"] - 0.15))["param"]]
     model.set_seer_mode("dense")
-    report.passkey["dense"] = run_passkey(model, tok, args.passkey_lengths, progress=not args.no_progress)
+    report.passkey["dense"] = run_passkey(model, tok, args.passkey_lengths, samples_per_cell=args.passkey_samples,
+                                           progress=not args.no_progress)
     report.save()
     sink = ("_keep_sink" if args.keep_sink else "") + (f"_keep_local_{args.keep_local}" if args.keep_local else "")
     for thr in thrs:
@@ -209,7 +214,7 @@ def _passkey(model, tok, args, report):
                                 seer_dense_last_rows=rows, seer_keep_sink=args.keep_sink,
                                 seer_keep_local=args.keep_local)
             report.passkey[f"seer_threshold_{thr:g}_dense_last_rows_{rows}{sink}"] = run_passkey(
-                model, tok, args.passkey_lengths, progress=not args.no_progress)
+                model, tok, args.passkey_lengths, samples_per_cell=args.passkey_samples, progress=not args.no_progress)
             report.save()
 
 

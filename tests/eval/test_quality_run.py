@@ -34,6 +34,17 @@ def test_all_phases(model_dir, corpus_path, tmp_path):
     assert not (out / "quality.md").read_text().startswith("**partial")
 
 
+def test_passkey_samples_per_cell(model_dir, corpus_path, tmp_path):
+    out = tmp_path / "out"
+    quality_run.main(_args(model_dir, corpus_path, out, "--no-progress", "--phases", "distill", "passkey",
+                           "--passkey-threshold", "1e-2", "--passkey-dense-last-rows", "2", "--passkey-samples", "3",
+                           "--keep-local", "1"))
+    res = json.loads((out / "quality.json").read_text())
+    assert set(res["passkey"]) == {"dense", "seer_threshold_0.01_dense_last_rows_2_keep_local_1"}
+    for run in res["passkey"].values():
+        assert [c["n"] for c in run["cells"]] == [3] * 5  # one length, five depths
+
+
 def test_stopped_run_is_marked_partial(model_dir, corpus_path, tmp_path, monkeypatch):
     def fail(*a, **k):
         raise RuntimeError("stopped")
@@ -51,6 +62,7 @@ def test_stopped_run_is_marked_partial(model_dir, corpus_path, tmp_path, monkeyp
 @pytest.mark.parametrize("extra, message", [
     (["--gates", "g.safetensors"], "--gates skips distillation"),
     (["--phases", "ppl"], "--gates must name distilled gates"),
+    (["--passkey-samples", "0"], "--passkey-samples must be >= 1, got 0"),
 ])
 def test_bad_phase_arguments(model_dir, corpus_path, tmp_path, extra, message):
     with pytest.raises(SystemExit, match=message):
