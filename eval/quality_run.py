@@ -48,6 +48,9 @@ def main(argv=None):
                     help="prompts per (length, depth) cell, each with its own random key (default 1)")
     ap.add_argument("--passkey-threshold", type=float, nargs="+", default=None,
                     help="gate thresholds for passkey (default: the one whose density is closest to 0.15)")
+    ap.add_argument("--passkey-settings", nargs="+", default=[], metavar="SELECTOR:METHOD=PARAM",
+                    help="more sparse passkey runs besides the gate thresholds, e.g. gate:nz_ratio=0.15 "
+                         "oracle_max:nz_ratio=0.15 streaming:nz_ratio=0.2 (fixed parameters only)")
     ap.add_argument("--keep-sink", action="store_true",
                     help="keep the first (sink) block in every sparse row, for every selection (seer_keep_sink)")
     ap.add_argument("--passkey-dense-last-rows", type=int, nargs="+", default=[0, 2],
@@ -63,6 +66,15 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if not args.cpu and not torch.cuda.is_available():
         raise SystemExit("quality_run needs a CUDA GPU (or --cpu for a smoke test)")
+    from .baselines import Setting
+    try:
+        args.passkey_settings = [Setting.parse(x) for x in args.passkey_settings]
+    except ValueError as e:
+        raise SystemExit(f"--passkey-settings: {e}") from None
+    for st in args.passkey_settings:
+        if st.selector == "dense" or st.param is None:
+            raise SystemExit(f"--passkey-settings {st}: give a sparse SELECTOR:METHOD=PARAM (dense always runs; "
+                             "'@DENSITY' calibration is for perplexity)")
     if args.passkey_samples < 1:
         raise SystemExit(f"--passkey-samples must be >= 1, got {args.passkey_samples}")
     if "distill" in args.phases and args.gates:
@@ -208,15 +220,18 @@ def _passkey(model, tok, args, report):
                                            progress=not args.no_progress)
     report.save()
     sink = ("_keep_sink" if args.keep_sink else "") + (f"_keep_local_{args.keep_local}" if args.keep_local else "")
-    for thr in thrs:
+    runs = [(f"seer_threshold_{thr:g}", dict(seer_selector="gate", seer_sparsity_method="threshold",
+                                             seer_threshold=thr)) for thr in thrs]
+    for st in args.passkey_settings:
+        opt = {"threshold": "seer_threshold", "nz_ratio": "seer_nz_ratio", "coverage": "seer_coverage"}[st.method]
+        runs.append((str(st), {"seer_selector": st.selector, "seer_sparsity_method": st.method, opt: st.param}))
+    for name, opts in runs:
         for rows in args.passkey_dense_last_rows:
-            model.set_seer_mode("sparse", seer_selector="gate", seer_sparsity_method="threshold", seer_threshold=thr,
-                                seer_dense_last_rows=rows, seer_keep_sink=args.keep_sink,
+            model.set_seer_mode("sparse", **opts, seer_dense_last_rows=rows, seer_keep_sink=args.keep_sink,
                                 seer_keep_local=args.keep_local)
-            report.passkey[f"seer_threshold_{thr:g}_dense_last_rows_{rows}{sink}"] = run_passkey(
+            report.passkey[f"{name}_dense_last_rows_{rows}{sink}"] = run_passkey(
                 model, tok, args.passkey_lengths, samples_per_cell=args.passkey_samples, progress=not args.no_progress)
             report.save()
-
 
 if __name__ == "__main__":
     main()

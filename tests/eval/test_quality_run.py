@@ -38,9 +38,16 @@ def test_passkey_samples_per_cell(model_dir, corpus_path, tmp_path):
     out = tmp_path / "out"
     quality_run.main(_args(model_dir, corpus_path, out, "--no-progress", "--phases", "distill", "passkey",
                            "--passkey-threshold", "1e-2", "--passkey-dense-last-rows", "2", "--passkey-samples", "3",
-                           "--keep-local", "1"))
+                           "--keep-local", "1", "--passkey-lengths", "1024", "--passkey-settings", "oracle_max:nz_ratio=0.5",
+                           "streaming:nz_ratio=0.5"))
     res = json.loads((out / "quality.json").read_text())
-    assert set(res["passkey"]) == {"dense", "seer_threshold_0.01_dense_last_rows_2_keep_local_1"}
+    assert set(res["passkey"]) == {"dense", "seer_threshold_0.01_dense_last_rows_2_keep_local_1",
+                                   "oracle_max:nz_ratio=0.5_dense_last_rows_2_keep_local_1",
+                                   "streaming:nz_ratio=0.5_dense_last_rows_2_keep_local_1"}
+    assert res["passkey"]["dense"]["density"] is None
+    for name in ("oracle_max:nz_ratio=0.5_dense_last_rows_2_keep_local_1",
+                 "streaming:nz_ratio=0.5_dense_last_rows_2_keep_local_1"):
+        assert 0 < res["passkey"][name]["density"] < 1
     for run in res["passkey"].values():
         assert [c["n"] for c in run["cells"]] == [3] * 5  # one length, five depths
 
@@ -63,6 +70,9 @@ def test_stopped_run_is_marked_partial(model_dir, corpus_path, tmp_path, monkeyp
     (["--gates", "g.safetensors"], "--gates skips distillation"),
     (["--phases", "ppl"], "--gates must name distilled gates"),
     (["--passkey-samples", "0"], "--passkey-samples must be >= 1, got 0"),
+    (["--passkey-settings", "oracle_max:nz_ratio@0.2"], "'@DENSITY' calibration is for perplexity"),
+    (["--passkey-settings", "dense"], "give a sparse SELECTOR:METHOD=PARAM"),
+    (["--passkey-settings", "bogus:nz_ratio=0.2"], "selector='bogus' is invalid"),
 ])
 def test_bad_phase_arguments(model_dir, corpus_path, tmp_path, extra, message):
     with pytest.raises(SystemExit, match=message):
