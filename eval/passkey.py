@@ -173,8 +173,10 @@ def run_passkey(model, tokenizer, lengths=DEFAULT_LENGTHS, depths=DEFAULT_DEPTHS
     Returns:
         dict with ``accuracy`` (all samples), ``cells`` (list of ``{length, depth,
         accuracy, n}``), ``per_length`` (``{length: accuracy}``), ``density`` (mean kept
-        share of causal blocks over the prefills; None unless sparse), ``samples`` (each
-        with its generation and whether it was right), ``seed`` and ``filler``.
+        share of causal blocks over the prefills; None unless sparse), ``density_per_length``
+        (``{length: density}``; None unless sparse; short prompts keep a larger share, since the
+        diagonal, sink and dense last rows weigh more), ``samples`` (each with its generation,
+        whether it was right and its prefill's density), ``seed`` and ``filler``.
     """
     if samples is None:
         samples = generate_passkey_samples(tokenizer, lengths, depths, samples_per_cell, seed=seed, filler=filler,
@@ -187,27 +189,33 @@ def run_passkey(model, tokenizer, lengths=DEFAULT_LENGTHS, depths=DEFAULT_DEPTHS
     try:
         with DensityMeter(model) as meter:
             for s in tqdm(samples, desc="passkey", unit="prompt", disable=not progress):
+                n_before = len(meter.values)
                 enc = tokenizer(s.prompt, return_tensors="pt")
                 ids = enc["input_ids"].to(dev)
                 out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
                                      do_sample=False, num_beams=1, pad_token_id=pad)
                 text = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+                kept = meter.values[n_before:]  # the prompt's prefill (decode steps add nothing)
                 records.append({**asdict(s), "generation": text, "generated_tokens": out.shape[1] - ids.shape[1],
-                                "correct": score_passkey(text, s.passkey)})
+                                "correct": score_passkey(text, s.passkey),
+                                "density": sum(kept) / len(kept) if kept else None})
     finally:
         model.train(was_training)
     cells = {}
     for r in records:
         cells.setdefault((r["length"], r["depth"]), []).append(r["correct"])
-    per_length = {}
+    per_length, dens_length = {}, {}
     for r in records:
         per_length.setdefault(r["length"], []).append(r["correct"])
+        if r["density"] is not None:
+            dens_length.setdefault(r["length"], []).append(r["density"])
     return {
         "accuracy": sum(r["correct"] for r in records) / len(records) if records else float("nan"),
         "cells": [{"length": n, "depth": d, "accuracy": sum(v) / len(v), "n": len(v)}
                   for (n, d), v in sorted(cells.items())],
         "per_length": {n: sum(v) / len(v) for n, v in sorted(per_length.items())},
         "density": meter.mean,
+        "density_per_length": {n: sum(v) / len(v) for n, v in sorted(dens_length.items())} or None,
         "samples": records,
         "seed": seed,
         "filler": filler,

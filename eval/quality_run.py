@@ -124,8 +124,12 @@ class Report:
         if self.cost:
             lines.append(f"training: {json.dumps(self.cost)}")
         for name, res in self.passkey.items():
-            lines.append(f"passkey {name}: accuracy {res['accuracy']:.3f} per length {res['per_length']} "
-                         f"density {res.get('density')}")
+            acc = " ".join(f"{n}: {a:.3f}" for n, a in res["per_length"].items())
+            line = f"passkey {name}: accuracy {res['accuracy']:.3f} ({acc})"
+            if res.get("density") is not None:
+                dens = " ".join(f"{n}: {d:.3f}" for n, d in (res.get("density_per_length") or {}).items())
+                line += f"; density {res['density']:.3f} ({dens})"
+            lines.append(line)
         return "\n".join(lines)
 
     def save(self, complete=False):

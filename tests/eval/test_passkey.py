@@ -103,7 +103,8 @@ def test_generator_errors(tokenizer):
 def test_run_passkey_dense_and_sparse(model, tokenizer):
     res = run_passkey(model, tokenizer, lengths=[256, 320], depths=[0.0, 1.0], seed=3, max_new_tokens=6,
                       progress=False)
-    assert len(res["samples"]) == 4 and res["density"] is None
+    assert len(res["samples"]) == 4 and res["density"] is None and res["density_per_length"] is None
+    assert all(r["density"] is None for r in res["samples"])
     assert [(c["length"], c["depth"], c["n"]) for c in res["cells"]] == [(256, 0.0, 1), (256, 1.0, 1),
                                                                       (320, 0.0, 1), (320, 1.0, 1)]
     for r in res["samples"]:
@@ -122,3 +123,5 @@ def test_run_passkey_dense_and_sparse(model, tokenizer):
     # one prefill of 641..694 tokens: 11 blocks; streaming with k = 1 keeps {0, i} in rows 0..8,
     # the last 2 rows dense: (1 + 2 * 8 + 10 + 11) of 66 causal blocks; decode steps add nothing
     assert sparse["density"] == pytest.approx((1 + 2 * 8 + 10 + 11) / 66, abs=1e-6)
+    assert sparse["samples"][0]["density"] == pytest.approx(sparse["density"], abs=1e-6)
+    assert sparse["density_per_length"] == {700: pytest.approx(sparse["density"], abs=1e-6)}
