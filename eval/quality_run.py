@@ -81,6 +81,18 @@ def main(argv=None):
         raise SystemExit("--gates skips distillation: drop 'distill' from --phases or drop --gates")
     if "distill" not in args.phases and not args.gates:
         raise SystemExit("without the distill phase, --gates must name distilled gates")
+    from transformers.utils import logging as hf_logging
+    bars = hf_logging.is_progress_bar_enabled()
+    if args.no_progress:  # transformers' own bars too (loading weights, writing shards)
+        hf_logging.disable_progress_bar()
+    try:
+        _run(args)
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def _run(args):
     dev, dtype = ("cpu", torch.float32) if args.cpu else ("cuda", torch.bfloat16)
 
     from seer_attn.modeling_seer.conversion import load_seer_model, load_tokenizer
@@ -157,7 +169,7 @@ def _distill(args, work, report):
     d.model, d.data, d.seq_len, d.steps, d.batch_size = args.model, args.train, args.seq_len, args.steps, \
         args.batch_size
     d.output, d.bf16, d.save_steps, d.logging_steps = work, not args.cpu, args.steps, 25
-    d.cpu, d.distill_target = args.cpu, args.distill_target
+    d.cpu, d.distill_target, d.no_progress = args.cpu, args.distill_target, args.no_progress
     if not args.cpu:
         torch.cuda.reset_peak_memory_stats()
     t0 = time.time()

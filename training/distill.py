@@ -63,6 +63,7 @@ def add_distill_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
                         help="write full model weights into checkpoints (default: gates only)")
     parser.add_argument("--num-proc", type=int, default=None, help="processes for tokenisation")
     parser.add_argument("--cpu", action="store_true", help="train on the CPU even when a GPU is present")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar (log lines only)")
     return parser
 
 
@@ -130,7 +131,8 @@ def run_distill(args: argparse.Namespace) -> dict:
         gradient_accumulation_steps=args.grad_accum, learning_rate=args.lr, warmup_steps=args.warmup_steps,
         seed=args.seed, bf16=args.bf16, gradient_checkpointing=args.gradient_checkpointing,
         logging_steps=args.logging_steps, save_steps=args.save_steps, save_total_limit=args.save_total_limit,
-        save_gates_only=not args.full_checkpoints, use_cpu=args.cpu, report_to="none")
+        save_gates_only=not args.full_checkpoints, use_cpu=args.cpu, report_to="none",
+        disable_tqdm=getattr(args, "no_progress", False))
     trainer = GateDistillationTrainer(model=model, args=targs, train_dataset=train_dataset,
                                       processing_class=tokenizer)
     resume = True if args.resume == "last" else args.resume

@@ -14,10 +14,11 @@ def _args(model_dir, corpus_path, out, *extra):
             "--passkey-lengths", "256", "--out", str(out), "--work", str(out.parent / "work"), *extra]
 
 
-def test_all_phases(model_dir, corpus_path, tmp_path):
+def test_all_phases(model_dir, corpus_path, tmp_path, capfd):
     out = tmp_path / "out"
     quality_run.main(_args(model_dir, corpus_path, out, "--no-progress", "--baseline-densities", "0.6",
                            "--passkey-threshold", "1e-2", "--passkey-dense-last-rows", "0", "2"))
+    assert "it/s]" not in capfd.readouterr().err  # --no-progress reaches the distillation Trainer too
     res = json.loads((out / "quality.json").read_text())
     assert res["meta"]["complete"] is True
     assert res["cost"]["steps"] == 2 and res["cost"]["steps_per_s"] > 0
