@@ -47,7 +47,8 @@ def main(argv=None):
     ap.add_argument("--passkey-samples", type=int, default=1,
                     help="prompts per (length, depth) cell, each with its own random key (default 1)")
     ap.add_argument("--passkey-threshold", type=float, nargs="+", default=None,
-                    help="gate thresholds for passkey (default: the one whose density is closest to 0.15)")
+                    help="gate thresholds for passkey (default: none if --passkey-settings is given, else the one "
+                         "whose density in the ppl phase is closest to 0.15)")
     ap.add_argument("--passkey-settings", nargs="+", default=[], metavar="SELECTOR:METHOD=PARAM",
                     help="more sparse passkey runs besides the gate thresholds, e.g. gate:nz_ratio=0.15 "
                          "oracle_max:nz_ratio=0.15 streaming:nz_ratio=0.2 (fixed parameters only)")
@@ -75,6 +76,10 @@ def main(argv=None):
         if st.selector == "dense" or st.param is None:
             raise SystemExit(f"--passkey-settings {st}: give a sparse SELECTOR:METHOD=PARAM (dense always runs; "
                              "'@DENSITY' calibration is for perplexity)")
+    if ("passkey" in args.phases and args.passkey_lengths and args.passkey_threshold is None
+            and not args.passkey_settings and "ppl" not in args.phases):
+        raise SystemExit("the passkey phase needs --passkey-threshold or --passkey-settings (or the ppl phase "
+                         "before it, to pick the threshold closest to density 0.15)")
     if args.passkey_samples < 1:
         raise SystemExit(f"--passkey-samples must be >= 1, got {args.passkey_samples}")
     if "distill" in args.phases and args.gates:
@@ -226,7 +231,9 @@ def _passkey(model, tok, args, report):
     if not args.passkey_lengths:
         return
     thrs = args.passkey_threshold
-    if thrs is None:
+    if thrs is None and args.passkey_settings:
+        thrs = []  # only the named settings
+    elif thrs is None:
         cand = [r for r in report.rows if r["selector"] == "gate" and r["method"] == "threshold" and r.get("density")]
         if not cand:
             raise SystemExit("the passkey phase needs --passkey-threshold (or the ppl phase before it)")

@@ -53,6 +53,14 @@ def test_passkey_samples_per_cell(model_dir, corpus_path, tmp_path):
         assert [c["n"] for c in run["cells"]] == [3] * 5  # one length, five depths
 
 
+def test_passkey_settings_alone(model_dir, corpus_path, tmp_path):
+    out = tmp_path / "out"
+    quality_run.main(_args(model_dir, corpus_path, out, "--no-progress", "--phases", "distill", "passkey",
+                           "--passkey-dense-last-rows", "0", "--passkey-settings", "gate:nz_ratio=0.3"))
+    res = json.loads((out / "quality.json").read_text())
+    assert set(res["passkey"]) == {"dense", "gate:nz_ratio=0.3_dense_last_rows_0"}
+
+
 def test_stopped_run_is_marked_partial(model_dir, corpus_path, tmp_path, monkeypatch):
     def fail(*a, **k):
         raise RuntimeError("stopped")
@@ -70,6 +78,7 @@ def test_stopped_run_is_marked_partial(model_dir, corpus_path, tmp_path, monkeyp
 @pytest.mark.parametrize("extra, message", [
     (["--gates", "g.safetensors"], "--gates skips distillation"),
     (["--phases", "ppl"], "--gates must name distilled gates"),
+    (["--phases", "distill", "passkey"], "the passkey phase needs --passkey-threshold"),
     (["--passkey-samples", "0"], "--passkey-samples must be >= 1, got 0"),
     (["--passkey-settings", "oracle_max:nz_ratio@0.2"], "'@DENSITY' calibration is for perplexity"),
     (["--passkey-settings", "dense"], "give a sparse SELECTOR:METHOD=PARAM"),
