@@ -23,6 +23,7 @@ A generation is right when the first run of digits in it is exactly the passkey.
     res = run_passkey(model, tokenizer, lengths=[2048, 4096, 8192], depths=[0, 0.25, 0.5, 0.75, 1])
     res["accuracy"], res["cells"]
 """
+import math
 import random
 import re
 from dataclasses import asdict, dataclass
@@ -220,3 +221,34 @@ def run_passkey(model, tokenizer, lengths=DEFAULT_LENGTHS, depths=DEFAULT_DEPTHS
         "seed": seed,
         "filler": filler,
     }
+
+
+def _sample_key(r):
+    return r["seed"], r["length"], round(float(r["depth"]), 6), r["sample"]
+
+
+def paired_passkey(reference: dict, other: dict) -> dict:
+    """Prompt-by-prompt comparison of two :func:`run_passkey` results on the same prompts.
+
+    Returns ``{"n", "lost", "gained", "p_value"}``: ``lost`` prompts right in ``reference``
+    and wrong in ``other``, ``gained`` the reverse, and the exact two-sided sign-test
+    (McNemar) p-value of that split under "both are equally accurate" (1.0 when no prompt
+    differs). A small p-value says the accuracies really differ; a large one says the
+    difference is within what these prompts can resolve, not that they are equal.
+
+    Raises:
+        ValueError: a result without ``samples``, or the two were not run on the same prompts.
+    """
+    for name, res in (("reference", reference), ("other", other)):
+        if not res.get("samples"):
+            raise ValueError(f"the {name} result has no samples to pair (run_passkey keeps them under 'samples')")
+    ref = {_sample_key(r): bool(r["correct"]) for r in reference["samples"]}
+    oth = {_sample_key(r): bool(r["correct"]) for r in other["samples"]}
+    if ref.keys() != oth.keys():
+        raise ValueError(f"the results were run on different prompts ({len(ref.keys() - oth.keys())} only in the "
+                         f"reference, {len(oth.keys() - ref.keys())} only in the other); pair runs of one prompt set")
+    lost = sum(ref[k] and not oth[k] for k in ref)
+    gained = sum(oth[k] and not ref[k] for k in ref)
+    m = lost + gained
+    tail = sum(math.comb(m, i) for i in range(min(lost, gained) + 1)) / 2 ** m if m else 0.5
+    return {"n": len(ref), "lost": lost, "gained": gained, "p_value": min(1.0, 2 * tail)}

@@ -146,6 +146,9 @@ class Report:
             if res.get("density") is not None:
                 dens = " ".join(f"{n}: {d:.3f}" for n, d in (res.get("density_per_length") or {}).items())
                 line += f"; density {res['density']:.3f} ({dens})"
+            if res.get("vs_dense"):
+                v = res["vs_dense"]
+                line += f"; vs dense: lost {v['lost']}, gained {v['gained']} of {v['n']} (sign test p={v['p_value']:.3g})"
             lines.append(line)
         return "\n".join(lines)
 
@@ -155,7 +158,8 @@ class Report:
         meta = {"gpu": "cpu" if args.cpu else torch.cuda.get_device_name(), "torch": torch.__version__,
                 "args": vars(args), "commit": self.commit, "complete": complete}
         out = {"meta": meta, "cost": self.cost, "rows": sort_rows(self.rows),
-               "passkey": {k: {kk: vv for kk, vv in v.items() if kk != "samples"} for k, v in self.passkey.items()}}
+               "passkey": {k: {**v, "samples": [{kk: vv for kk, vv in r.items() if kk != "prompt"}  # prompts: MBs
+                                                for r in v.get("samples", ())]} for k, v in self.passkey.items()}}
         _atomic_write(os.path.join(args.out, "quality.json"), json.dumps(out, indent=1, default=str))
         status = "" if complete else "**partial run: not every phase finished**\n\n"
         _atomic_write(os.path.join(args.out, "quality.md"), status + self.text() + "\n")
@@ -227,7 +231,7 @@ def _baselines(model, windows, args, report):
 
 
 def _passkey(model, tok, args, report):
-    from .passkey import run_passkey
+    from .passkey import paired_passkey, run_passkey
     if not args.passkey_lengths:
         return
     thrs = args.passkey_threshold
@@ -252,8 +256,10 @@ def _passkey(model, tok, args, report):
         for rows in args.passkey_dense_last_rows:
             model.set_seer_mode("sparse", **opts, seer_dense_last_rows=rows, seer_keep_sink=args.keep_sink,
                                 seer_keep_local=args.keep_local)
-            report.passkey[f"{name}_dense_last_rows_{rows}{sink}"] = run_passkey(
-                model, tok, args.passkey_lengths, samples_per_cell=args.passkey_samples, progress=not args.no_progress)
+            res = run_passkey(model, tok, args.passkey_lengths, samples_per_cell=args.passkey_samples,
+                              progress=not args.no_progress)
+            res["vs_dense"] = paired_passkey(report.passkey["dense"], res)
+            report.passkey[f"{name}_dense_last_rows_{rows}{sink}"] = res
             report.save()
 
 if __name__ == "__main__":

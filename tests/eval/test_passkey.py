@@ -5,7 +5,7 @@ import re
 import pytest
 
 from seer_attn.eval.passkey import (INSTRUCTION, QUESTION, PasskeyGenerator, generate_passkey_samples,
-                                    random_passkey, run_passkey, score_passkey)
+                                    paired_passkey, random_passkey, run_passkey, score_passkey)
 
 
 # ----------------------------------------------------------------------------- scorer
@@ -125,3 +125,29 @@ def test_run_passkey_dense_and_sparse(model, tokenizer):
     assert sparse["density"] == pytest.approx((1 + 2 * 8 + 10 + 11) / 66, abs=1e-6)
     assert sparse["samples"][0]["density"] == pytest.approx(sparse["density"], abs=1e-6)
     assert sparse["density_per_length"] == {700: pytest.approx(sparse["density"], abs=1e-6)}
+
+
+# ----------------------------------------------------------------------------- paired comparison
+
+def _res(correct, seed=0):
+    return {"samples": [{"seed": seed, "length": 2048, "depth": i / 10, "sample": 0, "correct": c}
+                        for i, c in enumerate(correct)]}
+
+
+def test_paired_passkey_counts_and_sign_test():
+    ref = _res([1, 1, 1, 1, 1, 1, 0, 0, 1])
+    oth = _res([0, 0, 0, 0, 0, 1, 1, 0, 1])  # lost 5, gained 1
+    v = paired_passkey(ref, oth)
+    assert (v["n"], v["lost"], v["gained"]) == (9, 5, 1)
+    assert v["p_value"] == pytest.approx(2 * (1 + 6) / 64)  # exact: 2 * P(Bin(6, 1/2) <= 1)
+    assert paired_passkey(ref, ref) == {"n": 9, "lost": 0, "gained": 0, "p_value": 1.0}
+    many = paired_passkey(_res([1] * 12), _res([0] * 12))
+    assert many["p_value"] == pytest.approx(2 / 2 ** 12)
+    assert paired_passkey(_res([0, 1]), _res([1, 0]))["p_value"] == 1.0  # one each way: capped at 1
+
+
+def test_paired_passkey_rejects_unpaired_results():
+    with pytest.raises(ValueError, match="different prompts"):
+        paired_passkey(_res([1, 1]), _res([1, 1], seed=1))
+    with pytest.raises(ValueError, match="the other result has no samples"):
+        paired_passkey(_res([1]), {"accuracy": 1.0})

@@ -49,8 +49,12 @@ def test_passkey_samples_per_cell(model_dir, corpus_path, tmp_path):
     for name in ("oracle_max:nz_ratio=0.5_dense_last_rows_2_keep_local_1",
                  "streaming:nz_ratio=0.5_dense_last_rows_2_keep_local_1"):
         assert 0 < res["passkey"][name]["density"] < 1
-    for run in res["passkey"].values():
+    for name, run in res["passkey"].items():
         assert [c["n"] for c in run["cells"]] == [3] * 5  # one length, five depths
+        assert len(run["samples"]) == 15 and all("prompt" not in r and "generation" in r for r in run["samples"])
+        if name != "dense":
+            v = run["vs_dense"]
+            assert v["n"] == 15 and 0 <= v["lost"] + v["gained"] <= 15 and 0 < v["p_value"] <= 1
 
 
 def test_passkey_settings_alone(model_dir, corpus_path, tmp_path):
