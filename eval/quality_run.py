@@ -9,7 +9,11 @@ The work runs in phases (``--phases``, in this order): ``distill`` (skipped when
 ``--gates`` gives distilled gates), ``ppl`` (dense, the gate at each threshold and
 nz_ratio, streaming at each gate density), ``baselines`` (oracle max / mass, mean-pooled
 top-k and oracle coverage at ``--baseline-densities``, default: the nz_ratio rows'
-densities) and ``passkey``. ``quality.json`` and ``quality.md`` in ``--out`` are rewritten
+densities) and ``passkey`` (dense, then the gate at each ``--passkey-threshold`` and each
+``--passkey-settings`` selection such as ``oracle_max:nz_ratio=0.1``, each paired prompt by
+prompt against dense: lost, gained and a sign-test p-value; ``--passkey-samples`` prompts per
+length and depth). ``--keep-sink`` / ``--keep-local N`` apply to every sparse selection, the
+gate's and the baselines' alike. ``quality.json`` and ``quality.md`` in ``--out`` are rewritten
 after every phase and every baseline density, with ``complete: false`` until the last phase
 has finished, so a run stopped by a time limit keeps what it measured and says it is
 partial. The distilled gates are saved to ``--out`` in bfloat16 (a few MB); the full model folder and
