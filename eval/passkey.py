@@ -252,3 +252,50 @@ def paired_passkey(reference: dict, other: dict) -> dict:
     m = lost + gained
     tail = sum(math.comb(m, i) for i in range(min(lost, gained) + 1)) / 2 ** m if m else 0.5
     return {"n": len(ref), "lost": lost, "gained": gained, "p_value": min(1.0, 2 * tail)}
+
+
+@torch.no_grad()
+def needle_block_recall(model, tokenizer, sample: PasskeySample) -> dict:
+    """Which heads keep the needle's block, in ``model``'s current sparse mode, for one prompt.
+
+    Runs one prefill of ``sample.prompt`` recording every layer's block mask and reads the
+    needle's block column over the rows where nothing forces it: after the needle's own block
+    and the ``seer_keep_local`` blocks after it, before the ``seer_dense_last_rows``. Comparing
+    selectors (the gate, ``oracle_max``, ...) at equal density shows where a selection drops
+    the block that retrieval needs.
+
+    Returns:
+        dict with ``needle_token`` and ``needle_block`` (of the key's first token),
+        ``num_blocks``, ``rows`` (``[first, last)`` block rows read) and ``recall``: float
+        ``[layers, query heads]``, the share of those rows that keep the needle's block.
+
+    Raises:
+        ValueError: the model is not in sparse mode, the tokenizer gives no offsets, or the
+            needle sits too close to the end to leave any such row.
+    """
+    from seer_attn.modeling_seer.modeling_seer_llama import SeerForwardContext
+    cfg = model.config
+    if cfg.seer_mode != "sparse":
+        raise ValueError(f"needle_block_recall needs seer_mode 'sparse', the model is in {cfg.seer_mode!r}")
+    if not getattr(tokenizer, "is_fast", False):
+        raise ValueError("needle_block_recall needs a fast tokenizer (it locates the key by character offsets)")
+    enc = tokenizer(sample.prompt, return_offsets_mapping=True, return_tensors="pt")
+    char = sample.prompt.index(NEEDLE.format(key=sample.passkey).strip()) + NEEDLE.strip().index("{key}")
+    offsets = enc["offset_mapping"][0].tolist()
+    token = next(i for i, (a, b) in enumerate(offsets) if a <= char < b)
+    bs = cfg.seer_block_size
+    T = enc["input_ids"].shape[1]
+    nb, block = (T + bs - 1) // bs, token // bs
+    first, last = block + 1 + cfg.seer_keep_local, nb - cfg.seer_dense_last_rows
+    if first >= last:
+        raise ValueError(f"the needle (block {block} of {nb}) leaves no block row between its keep_local="
+                         f"{cfg.seer_keep_local} window and the {cfg.seer_dense_last_rows} dense last rows")
+    ctx = SeerForwardContext(masks=[])
+    was_training = model.training
+    model.eval()
+    try:
+        model(input_ids=enc["input_ids"].to(model_device(model)), seer_ctx=ctx, logits_to_keep=1)
+    finally:
+        model.train(was_training)
+    recall = torch.stack([m[0, :, first:last, block].float().mean(-1).cpu() for m in ctx.masks])
+    return {"needle_token": token, "needle_block": block, "num_blocks": nb, "rows": (first, last), "recall": recall}

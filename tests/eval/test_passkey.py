@@ -3,9 +3,10 @@ import random
 import re
 
 import pytest
+import torch
 
 from seer_attn.eval.passkey import (INSTRUCTION, QUESTION, PasskeyGenerator, generate_passkey_samples,
-                                    paired_passkey, random_passkey, run_passkey, score_passkey)
+                                    needle_block_recall, paired_passkey, random_passkey, run_passkey, score_passkey)
 
 
 # ----------------------------------------------------------------------------- scorer
@@ -151,3 +152,31 @@ def test_paired_passkey_rejects_unpaired_results():
         paired_passkey(_res([1, 1]), _res([1, 1], seed=1))
     with pytest.raises(ValueError, match="the other result has no samples"):
         paired_passkey(_res([1]), {"accuracy": 1.0})
+
+
+# ----------------------------------------------------------------------------- needle recall
+
+def test_needle_block_recall(model, tokenizer):
+    gen = PasskeyGenerator(tokenizer, seed=5)
+    s = gen.sample(1000, 0.4)
+    ids = tokenizer(s.prompt)["input_ids"]
+    model.set_seer_mode("sparse", seer_selector="oracle_max", seer_sparsity_method="nz_ratio", seer_nz_ratio=1.0,
+                        seer_keep_local=1, seer_dense_last_rows=2)
+    full = needle_block_recall(model, tokenizer, s)
+    nb = (len(ids) + 63) // 64
+    assert full["num_blocks"] == nb and full["needle_block"] == full["needle_token"] // 64
+    assert s.passkey.startswith(tokenizer.decode(ids[full["needle_token"]]).strip())  # the key's first token
+    assert full["rows"] == (full["needle_block"] + 2, nb - 2)
+    assert full["recall"].shape == (model.config.num_hidden_layers, model.config.num_attention_heads)
+    assert torch.all(full["recall"] == 1.0)  # everything kept
+    # streaming keeping 2 blocks a row (sink + diagonal): no row after the needle keeps it
+    model.set_seer_mode("sparse", seer_selector="streaming", seer_nz_ratio=2 / nb, seer_keep_local=0,
+                        seer_dense_last_rows=0, seer_keep_sink=False)
+    none = needle_block_recall(model, tokenizer, s)
+    assert none["rows"] == (none["needle_block"] + 1, nb) and torch.all(none["recall"] == 0.0)
+    model.set_seer_mode("sparse", seer_dense_last_rows=nb)
+    with pytest.raises(ValueError, match="leaves no block row"):
+        needle_block_recall(model, tokenizer, s)
+    model.set_seer_mode("dense")
+    with pytest.raises(ValueError, match="needs seer_mode 'sparse'"):
+        needle_block_recall(model, tokenizer, s)
