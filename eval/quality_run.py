@@ -235,6 +235,7 @@ def _baselines(model, windows, args, report):
 
 
 def _passkey(model, tok, args, report):
+    from .baselines import Setting, apply_setting
     from .passkey import paired_passkey, run_passkey
     if not args.passkey_lengths:
         return
@@ -251,14 +252,12 @@ def _passkey(model, tok, args, report):
                                            progress=not args.no_progress)
     report.save()
     sink = ("_keep_sink" if args.keep_sink else "") + (f"_keep_local_{args.keep_local}" if args.keep_local else "")
-    runs = [(f"seer_threshold_{thr:g}", dict(seer_selector="gate", seer_sparsity_method="threshold",
-                                             seer_threshold=thr)) for thr in thrs]
-    for st in args.passkey_settings:
-        opt = {"threshold": "seer_threshold", "nz_ratio": "seer_nz_ratio", "coverage": "seer_coverage"}[st.method]
-        runs.append((str(st), {"seer_selector": st.selector, "seer_sparsity_method": st.method, opt: st.param}))
-    for name, opts in runs:
+    runs = [(f"seer_threshold_{thr:g}", Setting("gate", "threshold", param=thr)) for thr in thrs]
+    runs += [(str(st), st) for st in args.passkey_settings]
+    for name, setting in runs:
         for rows in args.passkey_dense_last_rows:
-            model.set_seer_mode("sparse", **opts, seer_dense_last_rows=rows, seer_keep_sink=args.keep_sink,
+            apply_setting(model, setting)
+            model.set_seer_mode("sparse", seer_dense_last_rows=rows, seer_keep_sink=args.keep_sink,
                                 seer_keep_local=args.keep_local)
             res = run_passkey(model, tok, args.passkey_lengths, samples_per_cell=args.passkey_samples,
                               progress=not args.no_progress)
