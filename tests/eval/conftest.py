@@ -118,10 +118,11 @@ def _session_model(tokenizer):
 
 @pytest.fixture
 def model(_session_model):
-    """The session's tiny model, put back in dense mode with the default selection afterwards."""
+    """The session's tiny model; every ``seer_*`` option (mode, selection, keep rules) is put
+    back afterwards, so no test sees another's settings."""
+    saved = {k: v for k, v in vars(_session_model.config).items() if k.startswith("seer_")}
     yield _session_model
-    _session_model.set_seer_mode("dense", seer_selector="gate", seer_sparsity_method="threshold",
-                                 seer_threshold=2e-3, seer_nz_ratio=0.3, seer_coverage=0.9)
+    _session_model.set_seer_mode(saved["seer_mode"], **{k: v for k, v in saved.items() if k != "seer_mode"})
 
 
 @pytest.fixture(scope="session")
