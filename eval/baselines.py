@@ -50,8 +50,6 @@ SELECTOR_LABELS = {
     "meanpool": "mean-pooled q.k (MoBA-like)",
 }
 DEFAULT_DENSITIES = (0.21, 0.11)
-_SEER_KEYS = ("seer_mode", "seer_selector", "seer_sparsity_method", "seer_threshold", "seer_nz_ratio",
-              "seer_coverage")
 # Search interval of each method's parameter: (low, high, log-scale, density grows with the parameter)
 _SEARCH = {"threshold": (1e-7, 0.99, True, False), "nz_ratio": (1e-3, 1.0, False, True),
            "coverage": (1e-3, 1.0, False, True)}
@@ -158,8 +156,8 @@ def apply_setting(model, setting, param=None):
 
 @contextlib.contextmanager
 def preserved_seer_mode(model):
-    """Restore the model's mode and selection options on exit."""
-    saved = {k: getattr(model.config, k) for k in _SEER_KEYS}
+    """Restore the model's mode and every other ``seer_*`` option (selection, keep rules) on exit."""
+    saved = {k: v for k, v in vars(model.config).items() if k.startswith("seer_")}
     try:
         yield model
     finally:

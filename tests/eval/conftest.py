@@ -120,9 +120,9 @@ def _session_model(tokenizer):
 def model(_session_model):
     """The session's tiny model; every ``seer_*`` option (mode, selection, keep rules) is put
     back afterwards, so no test sees another's settings."""
-    saved = {k: v for k, v in vars(_session_model.config).items() if k.startswith("seer_")}
-    yield _session_model
-    _session_model.set_seer_mode(saved["seer_mode"], **{k: v for k, v in saved.items() if k != "seer_mode"})
+    from seer_attn.eval.baselines import preserved_seer_mode
+    with preserved_seer_mode(_session_model):
+        yield _session_model
 
 
 @pytest.fixture(scope="session")

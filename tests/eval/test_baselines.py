@@ -81,8 +81,10 @@ def test_apply_and_preserve(model):
             ("sparse", "meanpool", "coverage", 0.8)
         with pytest.raises(ValueError, match="calibrate it first"):
             apply_setting(model, "gate:threshold@0.3")
+        model.set_seer_mode("sparse", seer_keep_local=2, seer_dense_last_rows=5)
     assert model.config.seer_mode == "dense" and model.config.seer_selector == "gate"
     assert model.config.seer_coverage == 0.9
+    assert (model.config.seer_keep_local, model.config.seer_dense_last_rows) == (0, 2)  # keep rules too
 
 
 # ----------------------------------------------------------------------------- calibration
