@@ -426,6 +426,13 @@ def _failed_row(setting, err):
             "nll": None, "tokens": None, "windows": None, "per_source": {}, "error": str(err)}
 
 
+def gate_densities(rows, method=None) -> list:
+    """Achieved densities (3 decimals, ascending, distinct) of the gate rows of ``rows``, of
+    ``method`` only when given: the densities baselines are matched to."""
+    return sorted({round(r["density"], 3) for r in rows
+                   if r["selector"] == "gate" and (method is None or r["method"] == method) and r.get("density")})
+
+
 def sort_rows(rows) -> list:
     """Dense first, then by target (or achieved) density descending; gate rows before the
     baselines, baselines in :data:`BASELINES` order."""

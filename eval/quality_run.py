@@ -199,30 +199,23 @@ def _distill(args, work, report):
 
 
 def _ppl(model, windows, args, report):
-    from .baselines import Setting, compare
+    from .baselines import Setting, compare, gate_densities
     gate = [Setting("gate", "threshold", param=t) for t in args.thresholds]
     gate += [Setting("gate", "nz_ratio", param=r) for r in args.nz_ratios]
     report.rows += compare(model, [Setting("dense")] + gate, windows=windows, with_baselines=False,
                            progress=not args.no_progress)
     report.save()
-    dens = _gate_densities(report.rows)
+    dens = gate_densities(report.rows)
     report.rows += compare(model, [Setting("streaming", "nz_ratio", target_density=x) for x in dens],
                            windows=windows, with_baselines=False, tol=0.01, progress=not args.no_progress)
     report.save()
 
 
-def _gate_densities(rows, method=None):
-    """Achieved densities (3 decimals, ascending) of the gate rows measured so far, of
-    ``method`` only when given: the densities the baselines are matched to."""
-    return sorted({round(r["density"], 3) for r in rows
-                   if r["selector"] == "gate" and (method is None or r["method"] == method) and r.get("density")})
-
-
 def _baselines(model, windows, args, report):
-    from .baselines import BASELINES, Setting, compare
+    from .baselines import BASELINES, Setting, compare, gate_densities
     dens = args.baseline_densities
     if dens is None:
-        dens = _gate_densities(report.rows, method="nz_ratio")
+        dens = gate_densities(report.rows, method="nz_ratio")
     if not dens:
         raise SystemExit("the baselines phase needs --baseline-densities (or the ppl phase before it)")
     done = {r["setting"] for r in report.rows}

@@ -88,7 +88,7 @@ def evaluate_gates(model_dir, on_gpu, eval_len, windows_per_doc, thresholds, out
 
     Returns ``(rows, markdown table, plot path or None)``; writes the plot into ``output``.
     """
-    from seer_attn.eval.baselines import Setting, compare, format_table, plot_ppl_vs_density
+    from seer_attn.eval.baselines import Setting, compare, format_table, gate_densities, plot_ppl_vs_density
     from seer_attn.eval.perplexity import load_documents, make_windows
     from seer_attn.modeling_seer.conversion import load_seer_model, load_tokenizer
 
@@ -101,8 +101,7 @@ def evaluate_gates(model_dir, on_gpu, eval_len, windows_per_doc, thresholds, out
     gate = [Setting("gate", "threshold", param=t) for t in thresholds]
     rows = compare(model, gate, windows=windows, with_baselines=False)
     rows += compare(model, [Setting("dense")], windows=windows, with_baselines=False)
-    dens = sorted({round(r["density"], 3) for r in rows if r["selector"] == "gate" and r.get("density")})
-    stream = [Setting("streaming", "nz_ratio", target_density=x) for x in dens]
+    stream = [Setting("streaming", "nz_ratio", target_density=x) for x in gate_densities(rows)]
     rows += compare(model, stream, windows=windows, with_baselines=False, tol=0.05)  # top-k steps are coarse
     plot = os.path.join(output, "ppl_vs_density.png")
     try:

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from seer_attn.eval.baselines import (BASELINES, SELECTOR_LABELS, Setting, apply_setting, calibrate, compare,
-                                      default_settings, format_table, measure_density, plot_ppl_vs_density,
-                                      preserved_seer_mode)
+                                      default_settings, format_table, gate_densities, measure_density,
+                                      plot_ppl_vs_density, preserved_seer_mode)
 from seer_attn.eval.perplexity import load_documents, make_windows
 from seer_attn.modeling_seer import SeerForwardContext, causal_density
 
@@ -71,6 +71,16 @@ def test_default_settings_cover_every_baseline():
     for d in (0.3, 0.1):
         got = {(x.selector, x.method) for x in s if x.target_density == d}
         assert got == set(BASELINES) | {("gate", "threshold"), ("gate", "coverage")}
+
+
+def test_gate_densities():
+    rows = [{"selector": "gate", "method": "threshold", "density": 0.18249},
+            {"selector": "gate", "method": "nz_ratio", "density": 0.1921},
+            {"selector": "gate", "method": "threshold", "density": 0.1825},  # same at 3 decimals
+            {"selector": "gate", "method": "threshold", "density": None},  # unmeasured row
+            {"selector": "streaming", "method": "nz_ratio", "density": 0.15}]
+    assert gate_densities(rows) == [0.182, 0.192]
+    assert gate_densities(rows, method="nz_ratio") == [0.192]
 
 
 def test_apply_and_preserve(model):
