@@ -48,8 +48,9 @@ def main():
     ap.add_argument("--data", default=None)
     ap.add_argument("--out", required=True)
     ap.add_argument("--runs", nargs="+", default=["2048:40"], help="SEQ_LEN:STEPS[:bf16]")
+    ap.add_argument("--keep-steps", type=int, default=500, help="copy gates of runs this long to --out (bf16)")
     ap.add_argument("--eval-length", type=int, nargs="+", default=[2048])
-    ap.add_argument("--thresholds", type=float, nargs="+", default=[5e-3, 1e-2, 2e-2, 4e-2, 8e-2, 0.15])
+    ap.add_argument("--thresholds", type=float, nargs="+", default=[5e-3, 1e-2, 2e-2, 4e-2, 8e-2, 0.15, 0.25])
     ap.add_argument("--stream-k", type=int, nargs="+", default=[2, 3, 4, 5, 6, 8, 10, 12])
     args = ap.parse_args()
     from seer_attn.eval.perplexity import evaluate_perplexity, load_documents, make_windows
@@ -65,7 +66,6 @@ def main():
         g = find_gates(d)
         gates[spec] = g
         print(f"distilled {spec} in {secs:.0f} s -> {g}", flush=True)
-        os.system(f"cp {g} {args.out}/gates_{spec.replace(':', '_')}.safetensors")
 
     model = load_seer_model(args.model, dtype=torch.float32, device="cuda")
     tok = load_tokenizer(args.model)
@@ -85,6 +85,9 @@ def main():
             rows.append({"eval_length": L, "what": f"streaming k={k}", "density": r["density"], "ppl": r["ppl"]})
         for spec, g in gates.items():
             model.load_gates(g)
+            if int(spec.split(":")[1]) >= args.keep_steps and L == args.eval_length[0]:  # candidates to ship (bf16)
+                model.save_gates(os.path.join(args.out, f"gates_{spec.replace(':', '_')}.safetensors"),
+                                 dtype=torch.bfloat16)
             for t in args.thresholds:
                 model.set_seer_mode("sparse", seer_selector="gate", seer_sparsity_method="threshold",
                                     seer_threshold=t, **KEEP)
