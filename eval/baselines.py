@@ -24,7 +24,6 @@ density of every sparse setting it is given, so each table shows them side by si
 """
 import argparse
 import contextlib
-import json
 import math
 import os
 from dataclasses import dataclass, field
@@ -509,46 +508,63 @@ def plot_ppl_vs_density(rows, path, title=None, metric="ppl"):
     return path
 
 
-def main(argv=None):
-    from seer_attn.modeling_seer.conversion import load_seer_model, load_tokenizer
+#: ``seer-attn compare`` on a CPU without ``--max-length``: 8192 tokens would take hours there
+CPU_MAX_LENGTH = 1024
 
-    from .harness import environment_info  # commit / GPU / versions for the results JSON
+
+def main(argv=None):
+    """``seer-attn compare``: dense, the gate and every baseline at equal density; prints the
+    table, writes ``baselines.json`` (a results envelope of kind ``"ppl_compare"``,
+    :mod:`seer_attn.training.results`), ``baselines.md`` and ``baselines.png`` to ``--out``.
+    Without ``--max-length`` a CPU run uses :data:`CPU_MAX_LENGTH` tokens (and says so)."""
+    from seer_attn.modeling_seer.conversion import load_seer_model, load_tokenizer
+    from seer_attn.training.results import write_envelope
+
+    from . import cli_args as ca
 
     ap = argparse.ArgumentParser(description="Perplexity of the Seer gate and the baselines at equal density")
     ap.add_argument("--model", default=None, help="model folder / Hub id / .gguf (default: embedded SmolLM2)")
     ap.add_argument("--gates", default=None, help="gates file or folder to load")
     ap.add_argument("--corpus", default=None, help="jsonl corpus (default: the bundled eval corpus)")
-    ap.add_argument("--max-length", type=int, default=DEFAULT_MAX_LENGTH)
-    ap.add_argument("--windows-per-doc", type=int, default=DEFAULT_WINDOWS_PER_DOC)
+    ap.add_argument("--max-length", type=ca.int_at_least(2), default=None,
+                    help=f"tokens per window (default: {DEFAULT_MAX_LENGTH} on a GPU, {CPU_MAX_LENGTH} on a CPU)")
+    ap.add_argument("--windows-per-doc", type=ca.positive_int, default=DEFAULT_WINDOWS_PER_DOC)
     ap.add_argument("--partial-windows", action="store_true")
-    ap.add_argument("--settings", nargs="*", default=None,
+    ap.add_argument("--settings", nargs="*", default=None, type=ca.setting,
                     help="e.g. dense gate:threshold=2e-3 streaming:nz_ratio@0.21")
-    ap.add_argument("--densities", type=float, nargs="+", default=list(DEFAULT_DENSITIES))
+    ap.add_argument("--densities", type=ca.unit_interval, nargs="+", default=list(DEFAULT_DENSITIES))
     ap.add_argument("--gate-methods", nargs="+", default=["threshold"], choices=list(SPARSITY_METHODS))
     ap.add_argument("--no-gate", action="store_true", help="baselines only (untrained gates are meaningless)")
-    ap.add_argument("--tol", type=float, default=0.01)
-    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    ap.add_argument("--tol", type=ca.open_unit_interval, default=0.01, help="accepted density error of calibration")
+    ap.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
+                    help="default: bfloat16 on CUDA, float32 on CPU")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", default="results/baselines")
     args = ap.parse_args(argv)
-    model = load_seer_model(args.model, dtype=getattr(torch, args.dtype), device=args.device, gates=args.gates)
+    on_cpu = torch.device(args.device).type == "cpu"
+    max_length = args.max_length or (CPU_MAX_LENGTH if on_cpu else DEFAULT_MAX_LENGTH)
+    if args.max_length is None and on_cpu:
+        print(f"[seer-attn compare] on the CPU: --max-length {CPU_MAX_LENGTH} ({DEFAULT_MAX_LENGTH}, the GPU "
+              "default, takes hours here); pass --max-length to choose", flush=True)
+    dtype = args.dtype or ("float32" if on_cpu else "bfloat16")
+    documents = load_documents(args.corpus)  # a bad corpus fails before the model loads
+    model = load_seer_model(args.model, dtype=getattr(torch, dtype), device=args.device, gates=args.gates)
     tok = load_tokenizer(args.model)
     settings = args.settings
     if settings is None:
         settings = default_settings(args.densities, () if args.no_gate else tuple(args.gate_methods))
-    rows = compare(model, settings, tok, corpus=args.corpus, max_length=args.max_length,
+    rows = compare(model, settings, tok, documents=documents, max_length=max_length,
                    windows_per_doc=args.windows_per_doc, partial_windows=args.partial_windows, tol=args.tol)
     table = format_table(rows)
     print(table)
     os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "baselines.json"), "w") as f:
-        json.dump({**environment_info(model), "model_source": args.model or "embedded SmolLM2-135M GGUF",
-                   "dtype": args.dtype, "max_length": args.max_length, "windows_per_doc": args.windows_per_doc,
-                   "partial_windows": args.partial_windows, "rows": rows}, f, indent=2)
+    config = ca.config_of(args, max_length=max_length, dtype=dtype, settings=[str(s) for s in settings])
+    write_envelope(os.path.join(args.out, "baselines.json"), "ppl_compare", rows, config=config,
+                   model=args.model or ca.DEFAULT_MODEL_LABEL, device=model_device(model))
     with open(os.path.join(args.out, "baselines.md"), "w") as f:
         f.write(table + "\n")
     plot_ppl_vs_density(rows, os.path.join(args.out, "baselines.png"),
-                        title=f"PPL vs density, {args.max_length} tokens")
+                        title=f"PPL vs density, {max_length} tokens")
     return rows
 
 

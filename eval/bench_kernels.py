@@ -7,8 +7,10 @@ and the backward pass (dense SDPA flash vs ours).
 
     python -m seer_attn.eval.bench_kernels --lengths 8192 32768 131072 --out results/kernels
 
-Writes ``kernels.csv``, ``kernels.json`` (with GPU, commit, versions) and, when matplotlib
-is installed, ``kernels.png``; ``--plot CSV`` redraws the PNG from a CSV elsewhere.
+Writes ``kernels.csv``, ``kernels.json`` (a results envelope of kind ``"kernels"``,
+:mod:`seer_attn.training.results`: provenance, config, rows, plus ``checks`` and ``tuning``)
+and, when matplotlib is installed, ``kernels.png``; ``--plot CSV`` redraws the PNG from a CSV
+elsewhere. Needs a CUDA GPU (without one: a one-line error, exit code 2).
 Times: ``triton.testing.do_bench`` medians (CUDA events), never wall clock.
 """
 import argparse
@@ -16,19 +18,10 @@ import csv
 import json
 import math
 import os
-import subprocess
-import sys
-import time
 
 import torch
 
-
-def _commit():
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or "unknown"
-    except OSError:
-        return "unknown"
+from . import cli_args as ca
 
 
 def rel_err(a, b):
@@ -62,23 +55,30 @@ def flex_block_mask(mask, idx, cnt, T, block_size):
                                     BLOCK_SIZE=block_size, mask_mod=causal, seq_lengths=(T, T))
 
 
-def main(argv=None):
+def parser() -> argparse.ArgumentParser:
+    """The command line of the benchmark (module docstring)."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--lengths", type=int, nargs="+", default=[8192, 32768, 65536, 131072])
-    ap.add_argument("--densities", type=float, nargs="+", default=[1.0, 0.5, 0.3, 0.1])
-    ap.add_argument("--heads", type=int, default=32)
-    ap.add_argument("--kv-heads", type=int, default=8)
-    ap.add_argument("--head-dim", type=int, default=128)
-    ap.add_argument("--bwd-lengths", type=int, nargs="*", default=[8192, 32768])
-    ap.add_argument("--flex-lengths", type=int, nargs="*", default=None, help="default: all lengths")
+    ap.add_argument("--lengths", type=ca.positive_int, nargs="+", default=[8192, 32768, 65536, 131072])
+    ap.add_argument("--densities", type=ca.unit_interval, nargs="+", default=[1.0, 0.5, 0.3, 0.1])
+    ap.add_argument("--heads", type=ca.positive_int, default=32)
+    ap.add_argument("--kv-heads", type=ca.positive_int, default=8)
+    ap.add_argument("--head-dim", type=ca.positive_int, default=128)
+    ap.add_argument("--bwd-lengths", type=ca.positive_int, nargs="*", default=[8192, 32768])
+    ap.add_argument("--flex-lengths", type=ca.positive_int, nargs="*", default=None, help="default: all lengths")
     ap.add_argument("--tune", action="store_true", help="sweep launch configs at 32k first, keep the fastest")
     ap.add_argument("--out", default="results/kernels")
     ap.add_argument("--plot", default=None, help="only redraw the PNG from this CSV")
+    return ap
+
+
+def main(argv=None):
+    ap = parser()
     args = ap.parse_args(argv)
+    if args.heads % args.kv_heads:
+        ap.error(f"argument --kv-heads: {args.kv_heads} does not divide --heads {args.heads}")
     if args.plot:
         return plot(args.plot, os.path.splitext(args.plot)[0] + ".png")
-    if not torch.cuda.is_available():
-        sys.exit("bench_kernels needs a CUDA GPU")
+    ca.require_cuda(ap.prog)
 
     import triton
     from seer_attn.kernels import attn_with_pooling, block_mask_to_indices, block_sparse_attn, random_block_mask
@@ -221,26 +221,38 @@ def main(argv=None):
         print("row", json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}), flush=True)
         q = k = v = None  # free this length's inputs before the next allocation
 
-    meta = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-            "commit": _commit(), "shape": {"HQ": HQ, "H": H, "D": D, "dtype": "bf16", "B": 1},
-            "configs": {str(k): v for k, v in CONFIG_OVERRIDES.items()}, "time": time.strftime("%Y-%m-%d %H:%M")}
-    with open(os.path.join(args.out, "kernels.json"), "w") as f:
-        json.dump({"meta": meta, "rows": rows, "checks": checks, "tuning": tuning}, f, indent=1, default=str)
+    env = write_results(args, rows, checks, tuning, {str(k): v for k, v in CONFIG_OVERRIDES.items()}, dev)
+    try:
+        plot(os.path.join(args.out, "kernels.csv"), os.path.join(args.out, "kernels.png"))
+    except ImportError:
+        print("matplotlib missing: CSV written, redraw with --plot", os.path.join(args.out, "kernels.csv"))
+    print_table(rows, env["provenance"])
+
+
+def write_results(args, rows, checks, tuning, configs, device) -> dict:
+    """Write ``kernels.json`` (the envelope, returned) and ``kernels.csv`` to ``args.out``."""
+    from seer_attn.training.results import write_envelope
+    shape = {"HQ": args.heads, "H": args.kv_heads, "D": args.head_dim, "dtype": "bf16", "B": 1}
+    env = write_envelope(os.path.join(args.out, "kernels.json"), "kernels", rows,
+                         config=ca.config_of(args, shape=shape, configs=configs), device=device,
+                         model=f"random q/k/v: {args.heads} query heads, {args.kv_heads} KV heads, "
+                               f"head_dim {args.head_dim}, bf16, batch 1", checks=checks, tuning=tuning)
+    write_csv(os.path.join(args.out, "kernels.csv"), rows)
+    return env
+
+
+def write_csv(path, rows):
+    """``rows`` as CSV: the union of their keys, ``T`` first."""
     keys = sorted({k for r in rows for k in r}, key=lambda s: (s != "T", s))
-    csv_path = os.path.join(args.out, "kernels.csv")
-    with open(csv_path, "w", newline="") as f:
+    with open(path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=keys)
         w.writeheader()
         w.writerows(rows)
-    try:
-        plot(csv_path, os.path.join(args.out, "kernels.png"))
-    except ImportError:
-        print("matplotlib missing: CSV written, redraw with --plot", csv_path)
-    print_table(rows, meta)
 
 
-def print_table(rows, meta):
-    print(f"\n# {meta['gpu']}  torch {meta['torch']}  triton {meta['triton']}  commit {meta['commit']}")
+def print_table(rows, prov):
+    v, commit = prov["versions"], (prov["commit"] or "unknown")[:7]
+    print(f"\n# {prov['gpu']}  torch {v['torch']}  triton {v.get('triton')}  commit {commit}")
     cols = ["sdpa_flash", "sdpa_cudnn", "flex_dense", "ours_dense", "ours_d1", "ours_d0.5", "ours_d0.3",
             "ours_d0.1", "flex64_d0.5", "flex64_d0.3", "flex64_d0.1", "attn_with_pooling"]
     print("median ms | " + " | ".join(["T"] + cols))

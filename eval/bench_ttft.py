@@ -7,14 +7,19 @@ count per row is what nz_ratio fixes). Also the gate + block-mask overhead per l
 share of one layer's dense attention time.
 
     python -m seer_attn.eval.bench_ttft --lengths 32768 65536 131072 --out results/ttft
+
+Writes ``ttft.json`` (a results envelope of kind ``"ttft"``, :mod:`seer_attn.training.results`:
+provenance, config, rows, plus ``overhead``) and ``ttft.csv``. Needs a CUDA GPU (without one:
+a one-line error, exit code 2).
 """
 import argparse
-import csv
 import json
 import os
-import time
 
 import torch
+
+from . import cli_args as ca
+from .bench_kernels import write_csv
 
 
 def _time_s(fn, reps=3):
@@ -67,14 +72,23 @@ def overhead(T, bench):
     return {"T": T, "gate_mask_ms": g, "dense_attn_ms": d, "overhead_share": g / d}
 
 
-def main(argv=None):
+def parser() -> argparse.ArgumentParser:
+    """The command line of the benchmark (module docstring)."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--lengths", type=int, nargs="+", default=[32768, 65536, 131072])
-    ap.add_argument("--nz-ratios", type=float, nargs="+", default=[0.3, 0.1])
-    ap.add_argument("--layers", type=int, default=32)
-    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--lengths", type=ca.int_at_least(64), nargs="+", default=[32768, 65536, 131072],
+                    help="prompt lengths in tokens")
+    ap.add_argument("--nz-ratios", type=ca.unit_interval, nargs="+", default=[0.3, 0.1],
+                    help="gate nz_ratio of each seer row")
+    ap.add_argument("--layers", type=ca.positive_int, default=32, help="decoder layers of the 8B-shaped model")
+    ap.add_argument("--reps", type=ca.positive_int, default=3, help="timed prefills per setting (median)")
     ap.add_argument("--out", default="results/ttft")
+    return ap
+
+
+def main(argv=None):
+    ap = parser()
     args = ap.parse_args(argv)
+    ca.require_cuda(ap.prog)
     import triton
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from seer_attn.modeling_seer import SeerLlamaForCausalLM
@@ -116,16 +130,8 @@ def main(argv=None):
             print(name, T, row.get(name), flush=True)
         rows.append(row)
         print("row", json.dumps(row), flush=True)
-    meta = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-            "layers": args.layers, "time": time.strftime("%Y-%m-%d %H:%M")}
-    with open(os.path.join(args.out, "ttft.json"), "w") as f:
-        json.dump({"meta": meta, "rows": rows, "overhead": over}, f, indent=1)
-    keys = sorted({k for r in rows for k in r}, key=lambda s: (s != "T", s))
-    with open(os.path.join(args.out, "ttft.csv"), "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=keys)
-        w.writeheader()
-        w.writerows(rows)
-    print(f"\n# TTFT seconds, {meta['gpu']}, {args.layers} layers, bf16, random weights")
+    env = write_results(args, rows, over, "cuda")
+    print(f"\n# TTFT seconds, {env['provenance']['gpu']}, {args.layers} layers, bf16, random weights")
     names = ["sdpa_flash", "sdpa_cudnn"] + [f"seer_nz{r:g}" for r in args.nz_ratios]
     print(" | ".join(["T"] + names + [f"flash/{n}" for n in names[2:]] + ["density"]))
     for r in rows:
@@ -135,6 +141,17 @@ def main(argv=None):
     for o in over:
         print(f"gate+mask overhead at {o['T']}: {o['gate_mask_ms']:.3f} ms vs dense attention "
               f"{o['dense_attn_ms']:.2f} ms per layer = {100 * o['overhead_share']:.1f}%")
+
+
+
+def write_results(args, rows, over, device) -> dict:
+    """Write ``ttft.json`` (the envelope, returned) and ``ttft.csv`` to ``args.out``."""
+    from seer_attn.training.results import write_envelope
+    env = write_envelope(os.path.join(args.out, "ttft.json"), "ttft", rows, config=ca.config_of(args),
+                         model=f"random weights, Llama-3.1-8B shape, {args.layers} layers, bf16", device=device,
+                         overhead=over)
+    write_csv(os.path.join(args.out, "ttft.csv"), rows)
+    return env
 
 
 if __name__ == "__main__":

@@ -11,32 +11,50 @@ to the config's ``max_position_embeddings``), with this package's task folder
 (``seer_attn/eval/tasks``: ``seer_ppl``, ``seer_ppl_pg19``, ``seer_ppl_proofpile``,
 ``seer_passkey``) on the include path next to lm-eval's own tasks (``longbench_*`` ...).
 
-Written to ``--output``: ``results.json`` (model, commit, GPU or "cpu", versions, and per
-setting its seer config, calibration, achieved density and the lm-eval results),
+Written to ``--output``: ``results.json`` (a results envelope of kind ``"lm_eval"``,
+:mod:`seer_attn.training.results`: provenance, the run's ``config`` and one row per setting
+with its seer config, calibration, achieved density and the lm-eval results),
 ``results.md`` (a table), ``tokenizer/`` (the tokenizer the tasks counted tokens with) and,
 with several settings and matplotlib installed, ``ppl_vs_density.png``.
 """
 import argparse
 import json
 import os
-import platform
-import subprocess
 import sys
 
 import torch
 
-from .baselines import (Setting, apply_setting, calibrate, pick_calibration_windows, plot_ppl_vs_density,
-                        preserved_seer_mode)
+from seer_attn.training.results import envelope, write_json
+
+from . import cli_args as ca
+from .baselines import (Setting, _check_param, apply_setting, calibrate, pick_calibration_windows,
+                        plot_ppl_vs_density, preserved_seer_mode)
 from .perplexity import (DensityMeter, default_corpus_path, load_documents, make_windows, model_device,
                          seer_settings)
 
 TASKS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tasks")
 DEFAULT_TASKS = "seer_ppl"
+MAX_LENGTH = ca.int_at_least(2)  # HFLM's rolling windows need a context token and a target
 _PPL_METRICS = ("token_perplexity", "word_perplexity")
 
 
+class _MethodParam(argparse.Action):
+    """``--method`` / ``--param``: the parameter's range depends on the method (a threshold
+    is below 1, an nz_ratio or coverage may be 1), checked whichever option comes first."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, values)
+        method = getattr(namespace, "method", None)
+        for p in (getattr(namespace, "param", None) or ()) if method else ():
+            try:
+                _check_param(method, p, "--param")
+            except ValueError as err:
+                raise argparse.ArgumentError(None, str(err)) from None
+
+
 def add_eval_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Arguments of ``seer-attn eval`` (see the module docstring)."""
+    """Arguments of ``seer-attn eval`` (see the module docstring); out-of-range values are
+    argparse errors (:mod:`seer_attn.eval.cli_args`)."""
     g = parser.add_argument_group("model")
     g.add_argument("--model", default=None,
                    help="SeerLlama or Llama folder / Hub id, or a .gguf file (default: the embedded SmolLM2-135M)")
@@ -46,70 +64,39 @@ def add_eval_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="base weights dtype (default: bfloat16 on CUDA, float32 on CPU)")
     g.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     g = parser.add_argument_group("lm-eval")
-    g.add_argument("--tasks", default=DEFAULT_TASKS,
+    g.add_argument("--tasks", default=DEFAULT_TASKS, type=ca.task_list,
                    help="comma-separated lm-eval task names: seer_ppl, seer_ppl_pg19, seer_ppl_proofpile, "
                         "seer_passkey, or any lm-eval task such as longbench_passage_retrieval_en")
-    g.add_argument("--max-length", type=int, required=True,
+    g.add_argument("--max-length", type=MAX_LENGTH, required=True,
                    help="HFLM max_length: rolling-window length for perplexity, left-truncation length for prompts")
-    g.add_argument("--batch-size", type=int, default=1,
+    g.add_argument("--batch-size", type=ca.positive_int, default=1,
                    help="HFLM batch size; keep 1 for sparse runs (HFLM right-pads loglikelihood batches "
                         "without a mask, and padding changes the pooled block scores)")
-    g.add_argument("--limit", type=float, default=None, help="documents per task (testing only)")
-    g.add_argument("--metadata", default=None,
+    g.add_argument("--limit", type=ca.positive_float, default=None, help="documents per task (testing only)")
+    g.add_argument("--metadata", default=None, type=ca.json_object,
                    help="JSON object of extra task metadata, e.g. '{\"passkey_lengths\": [2048, 4096]}'")
     g.add_argument("--corpus", default=None,
                    help="jsonl corpus for seer_ppl and for density calibration (default: the bundled eval corpus)")
-    g.add_argument("--bootstrap-iters", type=int, default=0, help="lm-eval stderr bootstrap iterations")
+    g.add_argument("--bootstrap-iters", type=ca.nonneg_int, default=0, help="lm-eval stderr bootstrap iterations")
     g.add_argument("--log-samples", action="store_true", help="also write every sample to samples_<run>.json")
     g = parser.add_argument_group("block selection")
     g.add_argument("--seer-mode", default=None, choices=["dense", "sparse"],
                    help="default: the model's configured mode")
     g.add_argument("--selector", default=None, choices=["gate", "streaming", "meanpool", "oracle_max", "oracle_mass"])
-    g.add_argument("--method", default=None, choices=["threshold", "nz_ratio", "coverage"])
-    g.add_argument("--param", type=float, nargs="+", default=None,
+    g.add_argument("--method", default=None, choices=["threshold", "nz_ratio", "coverage"], action=_MethodParam)
+    g.add_argument("--param", type=ca.unit_interval, nargs="+", default=None, action=_MethodParam,
                    help="threshold / nz_ratio / coverage value(s); several values give several runs")
-    g.add_argument("--density", type=float, nargs="+", default=None,
+    g.add_argument("--density", type=ca.unit_interval, nargs="+", default=None,
                    help="target densities: calibrate the method's parameter to each (instead of --param)")
-    g.add_argument("--settings", nargs="+", default=None,
+    g.add_argument("--settings", nargs="+", default=None, type=ca.setting,
                    help="explicit settings, e.g. dense gate:threshold=2e-3 streaming:nz_ratio@0.21 "
                         "(overrides --seer-mode/--selector/--method/--param/--density)")
-    g.add_argument("--calib-windows", type=int, default=4, help="corpus windows used to calibrate --density")
-    g.add_argument("--calib-tol", type=float, default=0.01, help="accepted density error of the calibration")
+    g.add_argument("--calib-windows", type=ca.positive_int, default=4,
+                   help="corpus windows used to calibrate --density")
+    g.add_argument("--calib-tol", type=ca.open_unit_interval, default=0.01,
+                   help="accepted density error of the calibration")
     parser.add_argument("--output", required=True, help="output folder")
     return parser
-
-
-# ----------------------------------------------------------------------------- environment
-
-def _git(*cmd):
-    try:
-        out = subprocess.run(["git", *cmd], capture_output=True, text=True, timeout=10,
-                             cwd=os.path.dirname(os.path.abspath(__file__)))
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() if out.returncode == 0 else None
-
-
-def environment_info(model=None) -> dict:
-    """Commit, GPU name (or "cpu"), versions: the provenance part of every results JSON."""
-    import transformers
-    commit = _git("rev-parse", "HEAD")
-    dirty = _git("status", "--porcelain", "--untracked-files=no")
-    dev = model_device(model) if model is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    info = {
-        "commit": commit or "unknown",
-        "commit_dirty": bool(dirty) if commit and dirty is not None else None,
-        "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-    }
-    try:
-        import lm_eval
-        info["lm_eval"] = getattr(lm_eval, "__version__", "unknown")
-    except ImportError:
-        pass
-    return info
 
 
 # ----------------------------------------------------------------------------- settings
@@ -138,22 +125,8 @@ def settings_from_args(args, model) -> list:
     return [Setting(selector, method, param=p) for p in params]
 
 
-def _tasks(spec):
-    tasks = [t.strip() for t in (spec.split(",") if isinstance(spec, str) else spec) if t.strip()]
-    if not tasks:
-        raise ValueError(f"--tasks={spec!r} names no task")
-    return tasks
-
-
 def _metadata(args, tokenizer_dir):
-    meta = {}
-    if args.metadata:
-        try:
-            meta = json.loads(args.metadata)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"--metadata is not valid JSON: {err}") from None
-        if not isinstance(meta, dict):
-            raise ValueError(f"--metadata must be a JSON object, got {type(meta).__name__}")
+    meta = dict(ca.json_object(args.metadata)) if args.metadata else {}
     meta.setdefault("tokenizer", tokenizer_dir)
     meta["max_length"] = args.max_length
     if args.corpus:
@@ -212,22 +185,16 @@ def _load(args):
 
 
 def run_eval(args) -> dict:
-    """Run ``seer-attn eval`` (arguments of :func:`add_eval_args`); returns what results.json holds."""
+    """Run ``seer-attn eval``: ``args`` parsed by :func:`add_eval_args`, or a dict of its
+    options (``max_length`` and ``output`` required; checked as the command line checks them).
+    Returns the envelope written to results.json, with ``table`` and ``plot`` added."""
     if isinstance(args, dict):
-        missing = [k for k in ("max_length", "output") if k not in args]
-        if missing:
-            raise ValueError(f"run_eval needs {missing}")
-        defaults = add_eval_args(argparse.ArgumentParser()).parse_args(["--max-length", "0", "--output", ""])
-        args = argparse.Namespace(**{**vars(defaults), **args})
-    if not isinstance(args.max_length, int) or args.max_length < 2:
-        raise ValueError(f"--max-length={args.max_length!r} is invalid: expected an integer >= 2")
-    if args.batch_size < 1:
-        raise ValueError(f"--batch-size={args.batch_size!r} is invalid: expected >= 1")
+        args = ca.namespace_from_dict(add_eval_args(argparse.ArgumentParser()), args)
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
-    tasks = _tasks(args.tasks)
+    tasks = ca.task_list(args.tasks)
     os.makedirs(args.output, exist_ok=True)
     model, tokenizer, dtype = _load(args)
     settings = settings_from_args(args, model)
@@ -246,9 +213,7 @@ def run_eval(args) -> dict:
             raise ValueError(f"no calibration window: no corpus document has {args.max_length} tokens")
         calib_windows = pick_calibration_windows(windows, args.calib_windows)
 
-    out = {"model": args.model or "embedded SmolLM2-135M-Instruct GGUF", "gates": args.gates,
-           **environment_info(model), "dtype": dtype, "max_length": args.max_length, "batch_size": args.batch_size,
-           "tasks": tasks, "limit": args.limit, "task_metadata": metadata, "runs": []}
+    runs = []
     # calibrate every density target first, so that an unreachable one fails before any lm-eval run
     calibs = [None if s.target_density is None else
               calibrate(model, s.method, s.target_density, calib_windows, selector=s.selector, tol=args.calib_tol,
@@ -284,17 +249,22 @@ def run_eval(args) -> dict:
                 with open(path, "w") as f:
                     json.dump(samples, f, default=str)
                 run["samples_file"] = os.path.basename(path)
-            out["runs"].append(run)
+            runs.append(run)
 
-    with open(os.path.join(args.output, "results.json"), "w") as f:
-        json.dump(out, f, indent=2, default=str)
-    table = format_results_table(out["runs"])
+    config = ca.config_of(args, tasks=tasks, dtype=dtype, device=str(model_device(model)), task_metadata=metadata,
+                          settings=[str(s) for s in settings])
+    out = envelope("lm_eval", runs, config=config, model=args.model or ca.DEFAULT_MODEL_LABEL,
+                   device=model_device(model))
+    write_json(os.path.join(args.output, "results.json"), out)
+    table = format_results_table(out["rows"])
+    prov = out["provenance"]
     with open(os.path.join(args.output, "results.md"), "w") as f:
-        f.write(f"{out['model']} · max_length {args.max_length} · {out['gpu']} · commit {out['commit'][:12]}\n\n")
+        f.write(f"{prov['model']} · max_length {args.max_length} · {prov['gpu']} · "
+                f"commit {(prov['commit'] or 'unknown')[:12]}{' (dirty)' if prov['commit_dirty'] else ''}\n\n")
         f.write(table + "\n")
     print(table)
     out["table"] = table
-    out["plot"] = _plot(out["runs"], os.path.join(args.output, "ppl_vs_density.png"), args.max_length)
+    out["plot"] = _plot(out["rows"], os.path.join(args.output, "ppl_vs_density.png"), args.max_length)
     return out
 
 

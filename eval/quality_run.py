@@ -13,11 +13,13 @@ densities) and ``passkey`` (dense, then the gate at each ``--passkey-threshold``
 ``--passkey-settings`` selection such as ``oracle_max:nz_ratio=0.1``, each paired prompt by
 prompt against dense: lost, gained and a sign-test p-value; ``--passkey-samples`` prompts per
 length and depth). ``--keep-sink`` / ``--keep-local N`` apply to every sparse selection, the
-gate's and the baselines' alike. ``quality.json`` and ``quality.md`` in ``--out`` are rewritten
-after every phase and every baseline density, with ``complete: false`` until the last phase
-has finished, so a run stopped by a time limit keeps what it measured and says it is
-partial. The distilled gates are saved to ``--out`` in bfloat16 (a few MB); the full model folder and
-checkpoints go to ``--work``. The table is printed last.
+gate's and the baselines' alike. ``quality.json`` (a results envelope of kind ``"quality"``,
+:mod:`seer_attn.training.results`: provenance, config, the perplexity rows, plus ``cost`` and
+``passkey``) and ``quality.md`` in ``--out`` are rewritten after every phase and every
+baseline density, with ``complete: false`` until the last phase has finished, so a run
+stopped by a time limit keeps what it measured and says it is partial. The distilled gates
+are saved to ``--out`` in bfloat16 (a few MB); the full model folder and checkpoints go to
+``--work``. The table is printed last.
 """
 import argparse
 import json
@@ -25,6 +27,8 @@ import os
 import time
 
 import torch
+
+from . import cli_args as ca
 
 THRESHOLDS = (5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2)
 NZ_RATIOS = (0.1, 0.2, 0.3)
@@ -37,59 +41,52 @@ def main(argv=None):
     ap.add_argument("--gates", default=None, help="distilled gates (skips the distill phase)")
     ap.add_argument("--train", nargs="+", default=None, help="training files (default: bundled corpus)")
     ap.add_argument("--eval", default=None, help="evaluation jsonl (default: bundled eval corpus)")
-    ap.add_argument("--seq-len", type=int, default=8192)
-    ap.add_argument("--eval-length", type=int, default=8192)
-    ap.add_argument("--steps", type=int, default=400)
-    ap.add_argument("--batch-size", type=int, default=1)
-    ap.add_argument("--thresholds", type=float, nargs="+", default=list(THRESHOLDS))
-    ap.add_argument("--nz-ratios", type=float, nargs="+", default=list(NZ_RATIOS))
-    ap.add_argument("--baseline-densities", type=float, nargs="*", default=None,
+    ap.add_argument("--seq-len", type=ca.int_at_least(2), default=8192)
+    ap.add_argument("--eval-length", type=ca.int_at_least(2), default=8192)
+    ap.add_argument("--steps", type=ca.positive_int, default=400)
+    ap.add_argument("--batch-size", type=ca.positive_int, default=1)
+    ap.add_argument("--thresholds", type=ca.open_unit_interval, nargs="+", default=list(THRESHOLDS))
+    ap.add_argument("--nz-ratios", type=ca.unit_interval, nargs="+", default=list(NZ_RATIOS))
+    ap.add_argument("--baseline-densities", type=ca.unit_interval, nargs="*", default=None,
                     help="densities for the oracle and mean-pool baselines (default: those of the nz_ratio rows)")
     ap.add_argument("--distill-target", choices=("max", "mass"), default="max")
     ap.add_argument("--phases", nargs="+", choices=PHASES, default=list(PHASES))
-    ap.add_argument("--passkey-lengths", type=int, nargs="*", default=[2048, 4096, 8192])
-    ap.add_argument("--passkey-samples", type=int, default=1,
+    ap.add_argument("--passkey-lengths", type=ca.positive_int, nargs="*", default=[2048, 4096, 8192])
+    ap.add_argument("--passkey-samples", type=ca.positive_int, default=1,
                     help="prompts per (length, depth) cell, each with its own random key (default 1)")
-    ap.add_argument("--passkey-threshold", type=float, nargs="+", default=None,
+    ap.add_argument("--passkey-threshold", type=ca.open_unit_interval, nargs="+", default=None,
                     help="gate thresholds for passkey (default: none if --passkey-settings is given, else the one "
                          "whose density in the ppl phase is closest to 0.15)")
-    ap.add_argument("--passkey-settings", nargs="+", default=[], metavar="SELECTOR:METHOD=PARAM",
+    ap.add_argument("--passkey-settings", nargs="+", default=[], metavar="SELECTOR:METHOD=PARAM", type=ca.setting,
                     help="more sparse passkey runs besides the gate thresholds, e.g. gate:nz_ratio=0.15 "
                          "oracle_max:nz_ratio=0.15 streaming:nz_ratio=0.2 (fixed parameters only)")
     ap.add_argument("--keep-sink", action="store_true",
                     help="keep the first (sink) block in every sparse row, for every selection (seer_keep_sink)")
-    ap.add_argument("--passkey-dense-last-rows", type=int, nargs="+", default=[0, 2],
+    ap.add_argument("--passkey-dense-last-rows", type=ca.nonneg_int, nargs="+", default=[0, 2],
                     help="seer_dense_last_rows values for the sparse passkey runs (0: the question's rows sparse "
                          "too; 2: the model default, last two block rows dense)")
     ap.add_argument("--out", default="results/quality")
     ap.add_argument("--work", default=None, help="model folder and checkpoints (default: OUT/work)")
-    ap.add_argument("--keep-local", type=int, default=0,
+    ap.add_argument("--keep-local", type=ca.nonneg_int, default=0,
                     help="keep this many blocks before the diagonal in every sparse row, for every selection "
                          "(seer_keep_local)")
     ap.add_argument("--no-progress", action="store_true", help="no progress bars (short logs)")
     ap.add_argument("--cpu", action="store_true", help="smoke-test on the CPU (tiny sizes only)")
     args = ap.parse_args(argv)
-    if not args.cpu and not torch.cuda.is_available():
-        raise SystemExit("quality_run needs a CUDA GPU (or --cpu for a smoke test)")
-    from .baselines import Setting
-    try:
-        args.passkey_settings = [Setting.parse(x) for x in args.passkey_settings]
-    except ValueError as e:
-        raise SystemExit(f"--passkey-settings: {e}") from None
     for st in args.passkey_settings:
         if st.selector == "dense" or st.param is None:
-            raise SystemExit(f"--passkey-settings {st}: give a sparse SELECTOR:METHOD=PARAM (dense always runs; "
-                             "'@DENSITY' calibration is for perplexity)")
+            ap.error(f"argument --passkey-settings: {st}: give a sparse SELECTOR:METHOD=PARAM (dense always runs; "
+                     "'@DENSITY' calibration is for perplexity)")
     if ("passkey" in args.phases and args.passkey_lengths and args.passkey_threshold is None
             and not args.passkey_settings and "ppl" not in args.phases):
-        raise SystemExit("the passkey phase needs --passkey-threshold or --passkey-settings (or the ppl phase "
-                         "before it, to pick the threshold closest to density 0.15)")
-    if args.passkey_samples < 1:
-        raise SystemExit(f"--passkey-samples must be >= 1, got {args.passkey_samples}")
+        ap.error("the passkey phase needs --passkey-threshold or --passkey-settings (or the ppl phase "
+                 "before it, to pick the threshold closest to density 0.15)")
     if "distill" in args.phases and args.gates:
-        raise SystemExit("--gates skips distillation: drop 'distill' from --phases or drop --gates")
+        ap.error("--gates skips distillation: drop 'distill' from --phases or drop --gates")
     if "distill" not in args.phases and not args.gates:
-        raise SystemExit("without the distill phase, --gates must name distilled gates")
+        ap.error("without the distill phase, --gates must name distilled gates")
+    if not args.cpu:
+        ca.require_cuda(ap.prog, " (or pass --cpu for a smoke test)")
     from transformers.utils import logging as hf_logging
     bars = hf_logging.is_progress_bar_enabled()
     if args.no_progress:  # transformers' own bars too (loading weights, writing shards)
@@ -137,7 +134,7 @@ class Report:
     """Everything measured so far, rewritten to ``quality.json`` / ``quality.md`` on each save."""
 
     def __init__(self, args):
-        self.args, self.rows, self.cost, self.passkey, self.commit = args, [], None, {}, None
+        self.args, self.rows, self.cost, self.passkey = args, [], None, {}
 
     def text(self):
         from .baselines import format_table, sort_rows
@@ -157,14 +154,16 @@ class Report:
         return "\n".join(lines)
 
     def save(self, complete=False):
+        from seer_attn.training.results import write_envelope
+
         from .baselines import sort_rows
         args = self.args
-        meta = {"gpu": "cpu" if args.cpu else torch.cuda.get_device_name(), "torch": torch.__version__,
-                "args": vars(args), "commit": self.commit, "complete": complete}
-        out = {"meta": meta, "cost": self.cost, "rows": sort_rows(self.rows),
-               "passkey": {k: {**v, "samples": [{kk: vv for kk, vv in r.items() if kk != "prompt"}  # prompts: MBs
-                                                for r in v.get("samples", ())]} for k, v in self.passkey.items()}}
-        _atomic_write(os.path.join(args.out, "quality.json"), json.dumps(out, indent=1, default=str))
+        passkey = {k: {**v, "samples": [{kk: vv for kk, vv in r.items() if kk != "prompt"}  # prompts: MBs
+                                        for r in v.get("samples", ())]} for k, v in self.passkey.items()}
+        config = ca.config_of(args, passkey_settings=[str(s) for s in args.passkey_settings])
+        write_envelope(os.path.join(args.out, "quality.json"), "quality", sort_rows(self.rows), config=config,
+                       model=args.model or ca.DEFAULT_MODEL_LABEL, device="cpu" if args.cpu else "cuda",
+                       complete=complete, cost=self.cost, passkey=passkey)
         status = "" if complete else "**partial run: not every phase finished**\n\n"
         _atomic_write(os.path.join(args.out, "quality.md"), status + self.text() + "\n")
 
@@ -188,7 +187,6 @@ def _distill(args, work, report):
     t0 = time.time()
     dist = run_distill(d)
     train_s = time.time() - t0
-    report.commit = dist.get("commit")
     report.cost = {"train_seconds": train_s, "steps": args.steps, "seq_len": args.seq_len,
                    "steps_per_s": args.steps / train_s,
                    "peak_gib": None if args.cpu else torch.cuda.max_memory_allocated() / 2**30,

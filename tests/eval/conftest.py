@@ -1,9 +1,10 @@
 """Fixtures of the eval tests: a small synthetic corpus, a BPE tokenizer trained on it, and a
 tiny random SeerLlama (2 layers, hidden 64, 4 query / 2 KV heads), all offline and built
-once per session."""
+once per session; ``check_envelope``, the checks every results JSON must pass."""
 import json
 import os
 import random
+import re
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -132,3 +133,22 @@ def model_dir(tmp_path_factory, tokenizer):
     _tiny_model(tokenizer).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return str(path)
+
+
+def _check_envelope(env, kind, complete=True):
+    """``env`` (a results JSON, as read back) is an envelope of ``kind``
+    (seer_attn.training.results) whose provenance names the commit of this checkout."""
+    assert env["schema_version"] == 1 and env["kind"] == kind and env["complete"] is complete
+    prov = env["provenance"]
+    assert re.fullmatch(r"[0-9a-f]{40}", prov["commit"] or ""), prov["commit"]  # the tests run in the git checkout
+    assert isinstance(prov["commit_dirty"], bool)
+    assert prov["model"] and prov["gpu"] and prov["versions"]["torch"] and prov["versions"]["transformers"]
+    assert isinstance(prov["command"], list) and prov["command"] and prov["created"]
+    assert isinstance(env["config"], dict) and env["config"] and isinstance(env["rows"], list)
+    return env
+
+
+@pytest.fixture
+def check_envelope():
+    """The checks of every results JSON (:func:`_check_envelope`), as a function."""
+    return _check_envelope

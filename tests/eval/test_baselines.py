@@ -1,12 +1,15 @@
-"""seer_attn.eval.baselines: settings, density calibration, and the side-by-side comparison."""
+"""seer_attn.eval.baselines: settings, density calibration, the side-by-side comparison and
+its command line (``seer-attn compare``)."""
+import json
 import os
 
 import pytest
 import torch
 
-from seer_attn.eval.baselines import (BASELINES, SELECTOR_LABELS, Setting, apply_setting, calibrate, compare,
-                                      default_settings, format_table, gate_densities, measure_density,
+from seer_attn.eval.baselines import (BASELINES, SELECTOR_LABELS, Setting, apply_setting, calibrate,
+                                      compare, default_settings, format_table, gate_densities, measure_density,
                                       plot_ppl_vs_density, preserved_seer_mode)
+from seer_attn.eval.baselines import main as baselines_main
 from seer_attn.eval.perplexity import load_documents, make_windows
 from seer_attn.modeling_seer import SeerForwardContext, causal_density
 
@@ -210,3 +213,39 @@ def test_compare_adds_baselines_at_measured_density_of_fixed_param(model, window
     others = [r for r in rows if r["selector"] != "dense" and r is not fixed]
     assert others and all(r["target_density"] == pytest.approx(round(fixed["density"], 4)) for r in others)
     assert len(others) == len(BASELINES)  # oracle_mass:coverage@d is a baseline too, at that density
+
+
+# ----------------------------------------------------------------------------- seer-attn compare
+
+def test_compare_main_cpu_default_and_envelope(model_dir, corpus_path, tmp_path, capsys, monkeypatch, check_envelope):
+    monkeypatch.setattr("seer_attn.eval.baselines.CPU_MAX_LENGTH", 256)  # the CPU default, small for speed
+    out = tmp_path / "cmp"
+    rows = baselines_main(["--model", model_dir, "--corpus", corpus_path, "--device", "cpu", "--windows-per-doc", "1",
+                           "--settings", "dense", "streaming:nz_ratio=0.5", "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert "on the CPU: --max-length 256 (8192, the GPU default, takes hours here); pass --max-length" in printed
+    assert format_table(rows) in printed  # the table, as before
+    env = check_envelope(json.loads((out / "baselines.json").read_text()), "ppl_compare")
+    assert env["provenance"]["model"] == model_dir and env["provenance"]["gpu"] == "cpu"
+    cfg = env["config"]
+    assert cfg["max_length"] == 256 and cfg["dtype"] == "float32" and cfg["corpus"] == corpus_path
+    assert cfg["settings"] == ["dense", "streaming:nz_ratio=0.5"]
+    assert [r["setting"] for r in env["rows"]] == [r["setting"] for r in rows]
+    assert {(r["selector"], r["method"]) for r in env["rows"][2:]} == set(BASELINES)
+    assert (out / "baselines.md").read_text().strip() == format_table(rows)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--max-length", "0"], "argument --max-length: invalid value '0': expected an integer >= 2"),
+    (["--densities", "1.5"], "argument --densities: invalid value '1.5': expected a number 0 < x <= 1"),
+    (["--densities", "0.2", "-0.1"], "argument --densities: invalid value '-0.1'"),
+    (["--tol", "0"], "argument --tol: invalid value '0': expected a number 0 < x < 1"),
+    (["--windows-per-doc", "0"], "argument --windows-per-doc: invalid value '0': expected an integer >= 1"),
+    (["--settings", "gate:coverage=2"], "argument --settings: param=2.0 is invalid for method 'coverage'"),
+])
+def test_compare_main_rejects_bad_arguments(extra, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        baselines_main(extra)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err.splitlines()[-1] and "Traceback" not in err

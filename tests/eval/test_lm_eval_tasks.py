@@ -166,7 +166,7 @@ def test_settings_from_args(model):
         _args(["--output", "x"])
 
 
-def test_run_eval_end_to_end(model_dir, corpus_path, tmp_path):
+def test_run_eval_end_to_end(model_dir, corpus_path, tmp_path, check_envelope):
     out_dir = tmp_path / "out"
     args = _args(["--model", model_dir, "--tasks", "seer_ppl,seer_passkey", "--max-length", "512", "--limit", "2",
                   "--corpus", corpus_path, "--metadata", json.dumps({"passkey_lengths": [256, 512],
@@ -174,12 +174,14 @@ def test_run_eval_end_to_end(model_dir, corpus_path, tmp_path):
                   "--settings", "dense", "streaming:nz_ratio=0.3", "--output", str(out_dir)])
     out = run_eval(args)
     saved = json.loads((out_dir / "results.json").read_text())
+    check_envelope(saved, "lm_eval")
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"  # the harness's device
-    assert saved["model"] == model_dir and saved["gpu"] == device and saved["max_length"] == 512
-    assert saved["commit"] and saved["tasks"] == ["seer_ppl", "seer_passkey"]
-    assert saved["task_metadata"]["max_length"] == 512
-    assert os.path.isfile(os.path.join(saved["task_metadata"]["tokenizer"], "tokenizer.json"))
-    dense, sparse = saved["runs"]
+    prov, cfg = saved["provenance"], saved["config"]
+    assert prov["model"] == model_dir and prov["gpu"] == device and cfg["max_length"] == 512
+    assert cfg["tasks"] == ["seer_ppl", "seer_passkey"] and cfg["settings"] == ["dense", "streaming:nz_ratio=0.3"]
+    assert cfg["task_metadata"]["max_length"] == 512 and cfg["dtype"] == "float32"
+    assert os.path.isfile(os.path.join(cfg["task_metadata"]["tokenizer"], "tokenizer.json"))
+    dense, sparse = saved["rows"]
     assert dense["setting"] == "dense" and dense["seer"] == {"mode": "dense"} and dense["density"] is None
     assert sparse["seer"]["selector"] == "streaming" and sparse["seer"]["param"] == pytest.approx(0.3)
     # every perplexity window is a 512-token forward (HFLM got max_length): streaming keeps 26 of 36 blocks
@@ -197,8 +199,36 @@ def test_run_eval_end_to_end(model_dir, corpus_path, tmp_path):
     assert out["plot"] == str(out_dir / "ppl_vs_density.png") and os.path.getsize(out["plot"]) > 1000
 
 
-def test_run_eval_rejects_bad_arguments(model_dir, tmp_path):
-    with pytest.raises(ValueError, match="--max-length=1"):
-        run_eval(_args(["--model", model_dir, "--max-length", "1", "--output", str(tmp_path)]))
-    with pytest.raises(ValueError, match="--metadata is not valid JSON"):
-        run_eval(_args(["--model", model_dir, "--max-length", "64", "--metadata", "{oops", "--output", str(tmp_path)]))
+@pytest.mark.parametrize("extra, message", [
+    (["--max-length", "1"], "argument --max-length: invalid value '1': expected an integer >= 2"),
+    (["--max-length", "64", "--batch-size", "0"], "argument --batch-size: invalid value '0': expected an integer >= 1"),
+    (["--max-length", "64", "--param", "1.5"], "argument --param: invalid value '1.5': expected a number 0 < x <= 1"),
+    (["--max-length", "64", "--param", "1", "--method", "threshold"],
+     "--param=1.0 is invalid for method 'threshold': expected 0 < threshold < 1"),
+    (["--max-length", "64", "--method", "threshold", "--param", "0.1", "1"], "--param=1.0 is invalid for method"),
+    (["--max-length", "64", "--density", "0"], "argument --density: invalid value '0'"),
+    (["--max-length", "64", "--calib-tol", "inf"], "argument --calib-tol: invalid value 'inf'"),
+    (["--max-length", "64", "--limit", "-1"], "argument --limit: invalid value '-1'"),
+    (["--max-length", "64", "--tasks", ","], "argument --tasks: invalid value ',': names no task"),
+    (["--max-length", "64", "--metadata", "{oops"], "argument --metadata: invalid value '{oops': not valid JSON"),
+    (["--max-length", "64", "--settings", "gate:threshold=2"], "argument --settings: param=2.0 is invalid"),
+])
+def test_eval_rejects_bad_arguments(extra, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        _args(["--output", "x", *extra])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err.splitlines()[-1] and "Traceback" not in err
+
+
+def test_eval_accepts_nz_ratio_one():
+    assert _args(["--output", "x", "--max-length", "64", "--method", "nz_ratio", "--param", "1"]).param == [1.0]
+
+
+def test_run_eval_checks_a_dict_of_options(tmp_path):
+    with pytest.raises(ValueError, match="--max-length: invalid value 1: expected an integer >= 2"):
+        run_eval({"max_length": 1, "output": str(tmp_path)})
+    with pytest.raises(ValueError, match="--output must be given"):
+        run_eval({"max_length": 64})
+    with pytest.raises(ValueError, match=r"unknown options \['max_len'\]"):
+        run_eval({"max_len": 64, "output": str(tmp_path)})

@@ -14,13 +14,14 @@ def _args(model_dir, corpus_path, out, *extra):
             "--passkey-lengths", "256", "--out", str(out), "--work", str(out.parent / "work"), *extra]
 
 
-def test_all_phases(model_dir, corpus_path, tmp_path, capfd):
+def test_all_phases(model_dir, corpus_path, tmp_path, capfd, check_envelope):
     out = tmp_path / "out"
     quality_run.main(_args(model_dir, corpus_path, out, "--no-progress", "--baseline-densities", "0.6",
                            "--passkey-threshold", "1e-2", "--passkey-dense-last-rows", "0", "2"))
     assert "it/s]" not in capfd.readouterr().err  # --no-progress reaches the distillation Trainer too
-    res = json.loads((out / "quality.json").read_text())
-    assert res["meta"]["complete"] is True
+    res = check_envelope(json.loads((out / "quality.json").read_text()), "quality")
+    assert res["provenance"]["model"] == model_dir and res["provenance"]["gpu"] == "cpu"
+    assert res["config"]["steps"] == 2 and res["config"]["baseline_densities"] == [0.6]
     assert res["cost"]["steps"] == 2 and res["cost"]["steps_per_s"] > 0
     assert (out / "gates_max_bf16.safetensors").is_file() and not (out / "work").exists()
     settings = {r["setting"] for r in res["rows"]}
@@ -63,31 +64,52 @@ def test_passkey_settings_alone(model_dir, corpus_path, tmp_path):
                            "--passkey-dense-last-rows", "0", "--passkey-settings", "gate:nz_ratio=0.3"))
     res = json.loads((out / "quality.json").read_text())
     assert set(res["passkey"]) == {"dense", "gate:nz_ratio=0.3_dense_last_rows_0"}
+    assert res["config"]["passkey_settings"] == ["gate:nz_ratio=0.3"]
 
 
-def test_stopped_run_is_marked_partial(model_dir, corpus_path, tmp_path, monkeypatch):
+def test_stopped_run_is_marked_partial(model_dir, corpus_path, tmp_path, monkeypatch, check_envelope):
     def fail(*a, **k):
         raise RuntimeError("stopped")
     monkeypatch.setattr("seer_attn.eval.passkey.run_passkey", fail)
     out = tmp_path / "out"
     with pytest.raises(RuntimeError, match="stopped"):
         quality_run.main(_args(model_dir, corpus_path, out, "--phases", "distill", "ppl", "passkey"))
-    res = json.loads((out / "quality.json").read_text())
-    assert res["meta"]["complete"] is False and res["passkey"] == {}
+    res = check_envelope(json.loads((out / "quality.json").read_text()), "quality", complete=False)
+    assert res["passkey"] == {}
     assert any(r["setting"] == "dense" for r in res["rows"])  # the ppl phase's rows were kept
     assert (out / "quality.md").read_text().startswith("**partial run")
     assert not [f for f in os.listdir(out) if f.endswith(".tmp")]
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["--gates", "g.safetensors"], "--gates skips distillation"),
-    (["--phases", "ppl"], "--gates must name distilled gates"),
-    (["--phases", "distill", "passkey"], "the passkey phase needs --passkey-threshold"),
-    (["--passkey-samples", "0"], "--passkey-samples must be >= 1, got 0"),
+    (["--gates", "g.safetensors"], "error: --gates skips distillation"),
+    (["--phases", "ppl"], "error: without the distill phase, --gates must name distilled gates"),
+    (["--phases", "distill", "passkey"], "error: the passkey phase needs --passkey-threshold"),
+    (["--passkey-samples", "0"], "error: argument --passkey-samples: invalid value '0': expected an integer >= 1"),
     (["--passkey-settings", "oracle_max:nz_ratio@0.2"], "'@DENSITY' calibration is for perplexity"),
-    (["--passkey-settings", "dense"], "give a sparse SELECTOR:METHOD=PARAM"),
-    (["--passkey-settings", "bogus:nz_ratio=0.2"], "selector='bogus' is invalid"),
+    (["--passkey-settings", "dense"], "argument --passkey-settings: dense: give a sparse SELECTOR:METHOD=PARAM"),
+    (["--passkey-settings", "bogus:nz_ratio=0.2"], "argument --passkey-settings: selector='bogus' is invalid"),
+    (["--steps", "-3"], "argument --steps: invalid value '-3': expected an integer >= 1"),
+    (["--seq-len", "0"], "argument --seq-len: invalid value '0': expected an integer >= 2"),
+    (["--thresholds", "1.5"], "argument --thresholds: invalid value '1.5': expected a number 0 < x < 1"),
+    (["--nz-ratios", "0"], "argument --nz-ratios: invalid value '0': expected a number 0 < x <= 1"),
+    (["--baseline-densities", "nan"], "argument --baseline-densities: invalid value 'nan'"),
+    (["--keep-local", "-1"], "argument --keep-local: invalid value '-1': expected an integer >= 0"),
 ])
-def test_bad_phase_arguments(model_dir, corpus_path, tmp_path, extra, message):
-    with pytest.raises(SystemExit, match=message):
+def test_bad_arguments_are_one_line_errors(model_dir, corpus_path, tmp_path, extra, message, capsys):
+    with pytest.raises(SystemExit) as exc:
         quality_run.main(_args(model_dir, corpus_path, tmp_path / "out", *extra))
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err.splitlines()[-1] and "Traceback" not in err
+    assert not (tmp_path / "out").exists()  # refused before anything ran
+
+
+def test_no_gpu_is_one_line(monkeypatch, capsys, tmp_path):
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    with pytest.raises(SystemExit) as exc:
+        quality_run.main(["--out", str(tmp_path / "out")])
+    assert exc.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].endswith("error: needs a CUDA GPU, and torch sees none "
+                                                 "(or pass --cpu for a smoke test)")

@@ -1,0 +1,133 @@
+"""What every eval command line shares: argparse ``type=`` checks, the no-GPU exit, the
+``config`` of a results envelope.
+
+A bad value becomes one argparse line naming the option and the value, exit code 2::
+
+    seer-attn compare: error: argument --max-length: invalid value '0': expected an integer >= 2
+
+The checks raise :class:`ArgValueError`, both an ``argparse.ArgumentTypeError`` (so argparse
+prints the message as is) and a ``ValueError`` (for callers outside argparse, e.g.
+:func:`namespace_from_dict`).
+"""
+import argparse
+import json
+import math
+import sys
+
+#: what the results' provenance calls the model when ``--model`` is not given
+DEFAULT_MODEL_LABEL = "embedded SmolLM2-135M-Instruct GGUF"
+
+
+class ArgValueError(argparse.ArgumentTypeError, ValueError):
+    """An option value out of its range (see the module docstring)."""
+
+
+def _check(kind, expected, ok):
+    """A ``type=`` check: ``kind(text)`` (a finite number, no bool, an int no fraction) for
+    which ``ok`` holds."""
+    def check(text):
+        try:
+            value = kind(text)
+        except (TypeError, ValueError):
+            value = None
+        if value is None or isinstance(text, bool) or kind is float and not math.isfinite(value) or \
+                kind is int and isinstance(text, float) and not text.is_integer() or not ok(value):
+            raise ArgValueError(f"invalid value {text!r}: expected {expected}")
+        return value
+    return check
+
+
+def int_at_least(low: int):
+    """``type=`` check: an integer >= ``low``."""
+    return _check(int, f"an integer >= {low}", lambda v: v >= low)
+
+
+positive_int = int_at_least(1)
+nonneg_int = int_at_least(0)
+
+
+def float_in(low, high, *, low_open=True, high_open=False):
+    """``type=`` check: a finite number in the interval from ``low`` to ``high`` (``None``: no
+    bound), each end open or closed."""
+    lo = "" if low is None else f"{low:g} {'<' if low_open else '<='} "
+    hi = "" if high is None else f" {'<' if high_open else '<='} {high:g}"
+    return _check(float, f"a number {lo}x{hi}",
+                  lambda v: (low is None or (v > low if low_open else v >= low)) and
+                            (high is None or (v < high if high_open else v <= high)))
+
+
+positive_float = float_in(0, None)
+#: a density, nz_ratio or coverage: 0 < x <= 1
+unit_interval = float_in(0, 1)
+#: a threshold or a density tolerance: 0 < x < 1
+open_unit_interval = float_in(0, 1, high_open=True)
+
+
+def json_object(text):
+    """``type=`` check: a JSON object (a dict passes as is)."""
+    if isinstance(text, dict):
+        return text
+    try:
+        value = json.loads(text)
+    except (TypeError, json.JSONDecodeError) as err:
+        raise ArgValueError(f"invalid value {text!r}: not valid JSON ({err})") from None
+    if not isinstance(value, dict):
+        raise ArgValueError(f"invalid value {text!r}: expected a JSON object, got {type(value).__name__}")
+    return value
+
+
+def task_list(text):
+    """``type=`` check: comma-separated lm-eval task names (a list passes as is), at least one."""
+    tasks = [t.strip() for t in (text.split(",") if isinstance(text, str) else text) if t.strip()]
+    if not tasks:
+        raise ArgValueError(f"invalid value {text!r}: names no task")
+    return tasks
+
+
+def setting(text):
+    """``type=`` check: a block selection (:meth:`seer_attn.eval.baselines.Setting.parse`)."""
+    from .baselines import Setting
+    try:
+        return Setting.parse(text)
+    except (TypeError, ValueError) as err:
+        raise ArgValueError(str(err)) from None
+
+
+def namespace_from_dict(parser: argparse.ArgumentParser, values: dict) -> argparse.Namespace:
+    """``parser``'s defaults updated by ``values`` (keys: option dests), each given value put
+    through its option's ``type=`` check as ``parse_args`` would; a bad or unknown key raises
+    ValueError naming the option."""
+    actions = {a.dest: a for a in parser._actions if a.dest != "help"}
+    unknown = sorted(set(values) - set(actions))
+    if unknown:
+        raise ValueError(f"unknown options {unknown}: expected some of {sorted(actions)}")
+    missing = [a.option_strings[-1] for a in actions.values() if a.required and a.dest not in values]
+    if missing:
+        raise ValueError(f"{', '.join(missing)} must be given")
+    out = {dest: a.default for dest, a in actions.items()}
+    for dest, value in values.items():
+        action = actions[dest]
+        if action.type is not None and value is not None:
+            many = action.nargs in ("+", "*") and isinstance(value, (list, tuple))
+            try:
+                value = [action.type(v) for v in value] if many else action.type(value)
+            except ValueError as err:
+                raise ValueError(f"{action.option_strings[-1]}: {err}") from None
+        out[dest] = value
+    return argparse.Namespace(**out)
+
+
+def require_cuda(prog: str, hint: str = "") -> None:
+    """Exit with one line ``PROG: error: needs a CUDA GPU ...HINT`` (code 2, as argparse
+    does) when torch sees no CUDA GPU."""
+    import torch
+    if not torch.cuda.is_available():
+        print(f"{prog}: error: needs a CUDA GPU, and torch sees none{hint}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def config_of(args, **resolved) -> dict:
+    """A results envelope's ``config``: every option of ``args`` (a parsed command line; the
+    CLI's ``func`` callback left out), then ``resolved``, the values the run picked itself
+    (device, dtype, a default chosen at run time)."""
+    return {**{k: v for k, v in vars(args).items() if not callable(v)}, **resolved}

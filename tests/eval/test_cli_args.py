@@ -1,0 +1,61 @@
+"""seer_attn.eval.cli_args: the argparse checks shared by every eval command line."""
+import argparse
+
+import pytest
+
+from seer_attn.eval import cli_args as ca
+
+
+@pytest.mark.parametrize("check, good, bad", [
+    (ca.positive_int, [("1", 1), ("12", 12), (3, 3), (4.0, 4)], ["0", "-2", "1.5", "x", "", True, 2.5, None]),
+    (ca.nonneg_int, [("0", 0), ("7", 7)], ["-1", "nan"]),
+    (ca.int_at_least(2), [("2", 2)], ["1"]),
+    (ca.positive_float, [("1e-9", 1e-9), ("3", 3.0)], ["0", "-1", "nan", "inf", "abc"]),
+    (ca.unit_interval, [("1", 1.0), ("0.2", 0.2)], ["0", "1.0001", "-0.5", "nan"]),
+    (ca.open_unit_interval, [("0.999", 0.999), ("1e-7", 1e-7)], ["1", "0", "inf"]),
+])
+def test_number_checks(check, good, bad):
+    for text, value in good:
+        assert check(text) == value and type(check(text)) is type(value)
+    for text in bad:
+        with pytest.raises(argparse.ArgumentTypeError, match=f"invalid value {text!r}: expected "):
+            check(text)
+        with pytest.raises(ValueError):  # the same error outside argparse
+            check(text)
+
+
+def test_json_tasks_and_setting():
+    assert ca.json_object('{"a": [1]}') == {"a": [1]} and ca.json_object({"b": 2}) == {"b": 2}
+    for text, match in (("{oops", "not valid JSON"), ("[1]", "expected a JSON object, got list")):
+        with pytest.raises(ca.ArgValueError, match=match):
+            ca.json_object(text)
+    assert ca.task_list(" a, b ,,") == ["a", "b"] and ca.task_list(["c"]) == ["c"]
+    with pytest.raises(ca.ArgValueError, match="names no task"):
+        ca.task_list(" , ")
+    assert str(ca.setting("gate:threshold=2e-3")) == "gate:threshold=0.002"
+    with pytest.raises(ca.ArgValueError, match="selector='nope'"):
+        ca.setting("nope:nz_ratio=0.1")
+
+
+def _parser():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--n", type=ca.positive_int, required=True)
+    ap.add_argument("--ratios", type=ca.unit_interval, nargs="+", default=[0.5])
+    ap.add_argument("--name", default="x")
+    return ap
+
+
+def test_namespace_from_dict():
+    ns = ca.namespace_from_dict(_parser(), {"n": "3", "ratios": [1, "0.25"]})
+    assert (ns.n, ns.ratios, ns.name) == (3, [1.0, 0.25], "x")
+    for values, match in (({"n": 0}, "--n: invalid value 0: expected an integer >= 1"),
+                          ({"n": 1, "ratios": [0.5, 2]}, "--ratios: invalid value 2"),
+                          ({"ratios": [0.5]}, "--n must be given"),
+                          ({"n": 1, "nmae": "y"}, r"unknown options \['nmae'\]")):
+        with pytest.raises(ValueError, match=match):
+            ca.namespace_from_dict(_parser(), values)
+
+
+def test_config_of_leaves_callbacks_out():
+    ns = argparse.Namespace(n=3, func=print, command="eval")
+    assert ca.config_of(ns, device="cpu") == {"n": 3, "command": "eval", "device": "cpu"}
