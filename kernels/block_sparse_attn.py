@@ -574,8 +574,9 @@ def block_sparse_attn(q, k, v, block_mask, causal=True, sm_scale=None, block_siz
         block_mask: bool ``[B, HQ, NB, NB]``, NB = ceil(T / block_size); True = compute the
             block. With ``causal`` entries above the diagonal are ignored and the diagonal
             blocks are masked causally inside.
-        causal: causal masking.
-        sm_scale: softmax scale, default ``1 / sqrt(D)``.
+        causal: causal masking (a bool).
+        sm_scale: softmax scale, default ``1 / sqrt(D)``; a real number in (0, 1e4]
+            (``kernel_utils.MAX_SM_SCALE``: larger scales overflow the fp32 logits).
         block_size: 64 (the only supported value).
         seq_bounds: optional int ``[B, 2]`` of (start, end) for padded batches: keys outside
             [start, end) are never attended and query rows outside it output zeros.
@@ -588,7 +589,7 @@ def block_sparse_attn(q, k, v, block_mask, causal=True, sm_scale=None, block_siz
         or only padding) outputs zeros. Differentiable in q, k, v; the backward pass also
         skips unselected blocks.
     """
-    B, HQ, H, T, D, scale = check_attention_inputs(q, k, v, sm_scale, block_size)
+    B, HQ, H, T, D, scale = check_attention_inputs(q, k, v, sm_scale, block_size, causal=causal)
     check_block_mask(block_mask, B, HQ, num_blocks(T, block_size), q.device)
     bounds = check_seq_bounds(seq_bounds, B, T, q.device)
     if not _check_backend(backend, q):
@@ -599,7 +600,7 @@ def block_sparse_attn(q, k, v, block_mask, causal=True, sm_scale=None, block_siz
 
 def dense_attn(q, k, v, causal=True, sm_scale=None, block_size=64, *, seq_bounds=None, backend="auto"):
     """Dense attention through the same kernels (every block kept); see :func:`block_sparse_attn`."""
-    B, HQ, H, T, D, scale = check_attention_inputs(q, k, v, sm_scale, block_size)
+    B, HQ, H, T, D, scale = check_attention_inputs(q, k, v, sm_scale, block_size, causal=causal)
     bounds = check_seq_bounds(seq_bounds, B, T, q.device)
     if not _check_backend(backend, q):
         full = torch.ones(B, HQ, num_blocks(T, block_size), num_blocks(T, block_size), dtype=torch.bool,
@@ -627,7 +628,7 @@ def attn_with_pooling(q, k, v, causal=True, sm_scale=None, block_size=64, *, seq
         diagonal are 0 when causal; a block of rows that attends nothing is all zero).
         No T x T matrix is materialised; extra memory is O(B * HQ * T).
     """
-    B, HQ, H, T, D, scale = check_attention_inputs(q, k, v, sm_scale, block_size)
+    B, HQ, H, T, D, scale = check_attention_inputs(q, k, v, sm_scale, block_size, causal=causal)
     bounds = check_seq_bounds(seq_bounds, B, T, q.device)
     if pool_op not in ("max", "sum"):
         raise ValueError(f"pool_op must be 'max' or 'sum', got {pool_op!r}")

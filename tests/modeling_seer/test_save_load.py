@@ -1,5 +1,6 @@
 """Saving: full folders, gates only, and the flat trust_remote_code bundle."""
 import json
+import re
 import os
 import subprocess
 import sys
@@ -130,3 +131,27 @@ def test_gates_saved_in_bfloat16(tiny, tmp_path):
         assert got.dtype == v.dtype and torch.equal(got, v.to(torch.bfloat16).to(v.dtype))
     with pytest.raises(TypeError, match="dtype=torch.int8 is invalid"):
         trained.save_gates(tmp_path / "bad.safetensors", dtype=torch.int8)
+
+
+@pytest.mark.parametrize("bad", ["nan", "inf", "int32"])
+def test_load_gates_refuses_non_finite_or_integer_tensors(tiny, tmp_path, bad):
+    """NaN/inf or integer gate tensors were loaded silently (NaN scores, or a cast of int weights)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    path = tiny(seed=0).save_gates(tmp_path / "g.safetensors")
+    with safe_open(path, framework="pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    name = sorted(tensors)[1]
+    t = tensors[name]
+    if bad == "int32":
+        tensors[name] = t.to(torch.int32)
+    else:
+        t.view(-1)[3] = float(bad)
+    save_file(tensors, str(tmp_path / "bad.safetensors"), metadata=meta)
+    fresh = tiny(seed=1)
+    before = {k: v.clone() for k, v in fresh.gate_state_dict().items()}
+    match = rf"gate tensor {re.escape(name)} " + ("has dtype torch.int32, expected a floating dtype"
+                                                   if bad == "int32" else r"holds 1 NaN/inf values")
+    with pytest.raises(ValueError, match=match):
+        fresh.load_gates(tmp_path / "bad.safetensors")
+    assert all(torch.equal(v, before[k]) for k, v in fresh.gate_state_dict().items())  # nothing half-loaded
