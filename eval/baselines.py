@@ -316,6 +316,67 @@ def calibrate(model, method, target_density, windows, *, selector="gate", tol=0.
     return Calibration(selector, method, target, best_p, best_d, tol, within, history)
 
 
+@torch.no_grad()
+def gate_thresholds_for(model, windows, densities, *, iters=48) -> list:
+    """Gate thresholds that keep each of ``densities`` of the causal blocks on ``windows``,
+    solved from the gate's scores in one exact-attention pass (no search over forwards).
+
+    Each window runs once in ``seer_mode="distill"`` (exact attention, the gate scoring every
+    layer's blocks); the threshold of each target is then bisected (log scale, in
+    [1e-7, 0.99]) on those stored scores with the model's keep rules. The scores come from
+    the dense trajectory, so a sparse prefill at the returned threshold lands near, not
+    exactly on, the target: measure the achieved density (``evaluate_perplexity`` does). A
+    target below the keep rules' floor gives the highest threshold; above the reachable
+    maximum, the lowest.
+
+    Returns:
+        one threshold per target density, in the order given.
+    """
+    from seer_attn.modeling_seer.gate import causal_density, select_blocks_for
+
+    targets = [float(d) for d in densities]
+    bad = [d for d in targets if not 0.0 < d <= 1.0]
+    if bad:
+        raise ValueError(f"densities {bad} are invalid: expected 0 < density <= 1")
+    if not windows:
+        raise ValueError("gate_thresholds_for needs at least one window")
+    per_window = []
+    gates = [m for name, m in model.named_modules() if name.endswith("attn_gate")]
+    if not gates:
+        raise ValueError(f"{type(model).__name__} has no attn_gate modules")
+    scores = []
+    hooks = [m.register_forward_hook(lambda mod, args, out: scores.append(out.detach())) for m in gates]
+    dev = model_device(model)
+    with preserved_seer_mode(model):
+        try:
+            model.set_seer_mode("distill")
+            for w in windows:
+                model(input_ids=w.input_ids[None].to(dev), use_cache=False, logits_to_keep=1)
+                per_window.append(scores[:])
+                scores.clear()
+        finally:
+            for h in hooks:
+                h.remove()
+
+        def density(t):  # mean over windows of the mean over layers and heads, as measure_density
+            model.set_seer_mode("sparse", seer_selector="gate", seer_sparsity_method="threshold", seer_threshold=t)
+            return sum(torch.stack([causal_density(select_blocks_for(s, model.config)).mean() for s in layers]).mean()
+                       for layers in per_window).item() / len(per_window)
+
+        lo, hi = math.log(1e-7), math.log(0.99)
+        out = []
+        for target in targets:
+            a, b = lo, hi  # density falls as the threshold rises
+            for _ in range(iters):
+                mid = (a + b) / 2
+                if density(math.exp(mid)) > target:
+                    a = mid
+                else:
+                    b = mid
+            out.append(math.exp((a + b) / 2))
+    return out
+
+
 def pick_calibration_windows(windows, n) -> list:
     """``n`` windows evenly spaced over ``windows`` (all of them when there are not more)."""
     if n >= len(windows):
@@ -450,6 +511,12 @@ def _fmt(x, spec):
     return "—" if x is None else format(x, spec)
 
 
+def row_label(row) -> str:
+    """A row's name in tables and plots: its own ``label`` when set (e.g. two gates side by
+    side), else the selector's entry in :data:`SELECTOR_LABELS`."""
+    return row.get("label") or SELECTOR_LABELS.get(row["selector"], row["selector"])
+
+
 def format_table(rows, sources=None) -> str:
     """Markdown table: selection, method, parameter, target and achieved density, PPL (all)
     and PPL per source (``sources``: default, every source seen in the rows)."""
@@ -459,7 +526,7 @@ def format_table(rows, sources=None) -> str:
         [f"PPL {s}" for s in sources]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        cells = [SELECTOR_LABELS.get(r["selector"], r["selector"]), r["method"] or "—", _fmt(r["param"], ".4g"),
+        cells = [row_label(r), r["method"] or "—", _fmt(r["param"], ".4g"),
                  _fmt(r["target_density"], ".3f"), _fmt(r["density"], ".3f"), _fmt(r["ppl"], ".3f")]
         cells += [_fmt(r.get("per_source", {}).get(s), ".3f") for s in sources]
         if r.get("error"):
@@ -487,12 +554,11 @@ def plot_ppl_vs_density(rows, path, title=None, metric="ppl"):
             continue
         if r.get("density") is None:
             continue
-        lines.setdefault((r["selector"], r["method"]), []).append((r["density"], r[metric]))
+        lines.setdefault((row_label(r), r["method"]), []).append((r["density"], r[metric]))
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for (sel, method), pts in sorted(lines.items()):
+    for (label, method), pts in sorted(lines.items()):
         pts.sort()
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o",
-                label=f"{SELECTOR_LABELS.get(sel, sel)} ({method})")
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{label} ({method})")
     if dense is not None:
         ax.axhline(dense, color="black", linestyle="--", linewidth=1, label="dense")
     ax.set_xlabel("kept share of causal blocks (density)")

@@ -6,9 +6,9 @@ import os
 import pytest
 import torch
 
-from seer_attn.eval.baselines import (BASELINES, SELECTOR_LABELS, Setting, apply_setting, calibrate,
-                                      compare, default_settings, format_table, gate_densities, measure_density,
-                                      plot_ppl_vs_density, preserved_seer_mode)
+from seer_attn.eval.baselines import (BASELINES, SELECTOR_LABELS, Setting, apply_setting, calibrate, compare,
+                                      default_settings, format_table, gate_densities, gate_thresholds_for,
+                                      measure_density, plot_ppl_vs_density, preserved_seer_mode)
 from seer_attn.eval.baselines import main as baselines_main
 from seer_attn.eval.perplexity import load_documents, make_windows
 from seer_attn.modeling_seer import SeerForwardContext, causal_density
@@ -162,6 +162,33 @@ def test_calibrate_unreachable_and_discrete(model, windows_1k):
         calibrate(model, "threshold", 1.5, one)
     with pytest.raises(ValueError, match="selector='nope'"):
         calibrate(model, "threshold", 0.5, one, selector="nope")
+
+
+@pytest.mark.parametrize("target", [0.35, 0.6], ids=["d0.35", "d0.6"])
+def test_gate_thresholds_for_solves_density_from_one_pass(model, windows_1k, target):
+    # The tiny model's first layer sees the same input in every mode, so its density at the
+    # solved threshold is met on the dense trajectory; the whole model's lands near the target.
+    with preserved_seer_mode(model):
+        model.set_seer_mode("sparse", seer_dense_last_rows=0, seer_keep_sink=True)
+        (t,) = gate_thresholds_for(model, windows_1k, [target])
+        apply_setting(model, Setting("gate", "threshold", param=t))
+        achieved = measure_density(model, windows_1k)
+        assert abs(achieved - target) <= 0.05
+        # a slightly higher / lower threshold moves the density to the other side of the target
+        apply_setting(model, Setting("gate", "threshold", param=min(0.99, t * 1.5)))
+        lower = measure_density(model, windows_1k)
+        apply_setting(model, Setting("gate", "threshold", param=t / 1.5))
+        higher = measure_density(model, windows_1k)
+        assert lower <= achieved <= higher and lower < higher
+        assert model.config.seer_dense_last_rows == 0 and model.config.seer_keep_sink  # keep rules used, then kept
+    with pytest.raises(ValueError, match=r"densities \[1.5\]"):
+        gate_thresholds_for(model, windows_1k, [1.5])
+
+
+def test_gate_thresholds_for_clips_to_the_floor(model, windows_1k):
+    # below the keep rules' floor (diagonal + 2 dense last rows) the highest threshold comes back
+    (t,) = gate_thresholds_for(model, windows_1k, [0.01])
+    assert t == pytest.approx(0.99, rel=1e-6)
 
 
 def test_measure_density_needs_sparse_mode(model, windows_1k):
