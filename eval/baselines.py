@@ -2,7 +2,7 @@
 
 Every comparison runs the same perplexity protocol (:mod:`seer_attn.eval.perplexity`) for
 dense attention, the learned gate (``threshold`` / ``nz_ratio`` / ``coverage``) and the
-baselines that ``config.seer_selector`` offers (DESIGN.md §5):
+baselines that ``config.seer_selector`` offers (docs/design.md §4):
 
 ==============  ==========  ==================================================
 selector        method      meaning

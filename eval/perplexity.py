@@ -1,4 +1,4 @@
-"""Perplexity of a (Seer)Llama model on long documents, the protocol of DESIGN.md §5.
+"""Perplexity of a (Seer)Llama model on long documents, the protocol of docs/design.md §4.
 
 Protocol (``evaluate_perplexity``):
 
@@ -20,8 +20,8 @@ In sparse mode the achieved density is the mean over windows (each window weighs
 same) of ``model.seer_density()`` averaged over layers and heads: the kept share of
 causal 64x64 blocks.
 
-Check against DESIGN.md §5 (H100, SmolLM2-135M GGUF in bf16, the project corpus
-``shared/data/corpora/eval.jsonl``, 8192 tokens): 25 windows of 17 documents, dense PPL
+Check against the H100 measurement (SmolLM2-135M GGUF in bf16, the project corpus
+``eval.jsonl`` of the project corpora, 8192 tokens): 25 windows of 17 documents, dense PPL
 11.301 (11.30 in the table; 11.291 in fp32). The bundled default corpus is a smaller
 subset of that file, so its numbers differ.
 

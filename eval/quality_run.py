@@ -1,4 +1,4 @@
-"""One GPU run for the quality numbers: distill a model's gates, then the DESIGN §5
+"""One GPU run for the quality numbers: distill a model's gates, then the docs/design.md §4
 perplexity protocol for the gate (threshold and nz_ratio) beside dense and every baseline
 at the same densities, and passkey retrieval dense vs sparse.
 

@@ -137,7 +137,7 @@ def test_custom_sm_scale(sm_scale, gen, device, error_budget):
 @pytest.mark.parametrize("pool_op", ["max", "sum"])
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
 def test_reference_pooling_matches_definition(causal, pool_op, gen):
-    """The reference itself against DESIGN.md section 2, on a materialised attention matrix:
+    """The reference itself against docs/design.md §2, on a materialised attention matrix:
     softmax probabilities, max (or sum) over each 64x64 tile, each block row normalised to sum 1."""
     B, HQ, H, T, D = 1, 4, 2, 150, 16
     q, k, v = _qkv(gen, B, HQ, H, T, D, torch.float64, "cpu")
