@@ -129,6 +129,16 @@ class Setting:
         return f"{self.selector}:{self.method}@{self.target_density:g}"
 
 
+def setting_arg(text) -> Setting:
+    """argparse ``type=`` check: a :class:`Setting` from its string form; a bad one is a
+    one-line usage error."""
+    from seer_attn.training.cli_args import ArgValueError
+    try:
+        return Setting.parse(text)
+    except (TypeError, ValueError) as err:
+        raise ArgValueError(str(err)) from None
+
+
 def default_settings(densities=DEFAULT_DENSITIES, gate_methods=("threshold",)) -> list:
     """Dense, the gate (each of ``gate_methods``) and every baseline at each target density."""
     out = [Setting("dense")]
@@ -586,7 +596,7 @@ def main(argv=None):
     from seer_attn.modeling_seer.conversion import load_seer_model, load_tokenizer
     from seer_attn.training.results import write_envelope
 
-    from . import cli_args as ca
+    from seer_attn.training import cli_args as ca
 
     ap = argparse.ArgumentParser(description="Perplexity of the Seer gate and the baselines at equal density")
     ap.add_argument("--model", default=None, help="model folder / Hub id / .gguf (default: embedded SmolLM2)")
@@ -596,7 +606,7 @@ def main(argv=None):
                     help=f"tokens per window (default: {DEFAULT_MAX_LENGTH} on a GPU, {CPU_MAX_LENGTH} on a CPU)")
     ap.add_argument("--windows-per-doc", type=ca.positive_int, default=DEFAULT_WINDOWS_PER_DOC)
     ap.add_argument("--partial-windows", action="store_true")
-    ap.add_argument("--settings", nargs="*", default=None, type=ca.setting,
+    ap.add_argument("--settings", nargs="*", default=None, type=setting_arg,
                     help="e.g. dense gate:threshold=2e-3 streaming:nz_ratio@0.21")
     ap.add_argument("--densities", type=ca.unit_interval, nargs="+", default=list(DEFAULT_DENSITIES))
     ap.add_argument("--gate-methods", nargs="+", default=["threshold"], choices=list(SPARSITY_METHODS))

@@ -21,7 +21,7 @@ import os
 
 import torch
 
-from . import cli_args as ca
+from seer_attn.training import cli_args as ca
 
 
 def rel_err(a, b):

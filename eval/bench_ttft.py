@@ -18,7 +18,7 @@ import os
 
 import torch
 
-from . import cli_args as ca
+from seer_attn.training import cli_args as ca
 from .bench_kernels import write_csv
 
 

@@ -26,8 +26,9 @@ import torch
 
 from seer_attn.training.results import envelope, write_json
 
-from . import cli_args as ca
-from .baselines import (Setting, _check_param, apply_setting, calibrate, pick_calibration_windows,
+from seer_attn.training import cli_args as ca
+
+from .baselines import (Setting, _check_param, apply_setting, calibrate, pick_calibration_windows, setting_arg,
                         plot_ppl_vs_density, preserved_seer_mode)
 from .perplexity import (DensityMeter, default_corpus_path, load_documents, make_windows, model_device,
                          seer_settings)
@@ -54,7 +55,7 @@ class _MethodParam(argparse.Action):
 
 def add_eval_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Arguments of ``seer-attn eval`` (see the module docstring); out-of-range values are
-    argparse errors (:mod:`seer_attn.eval.cli_args`)."""
+    argparse errors (:mod:`seer_attn.training.cli_args`)."""
     g = parser.add_argument_group("model")
     g.add_argument("--model", default=None,
                    help="SeerLlama or Llama folder / Hub id, or a .gguf file (default: the embedded SmolLM2-135M)")
@@ -88,7 +89,7 @@ def add_eval_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="threshold / nz_ratio / coverage value(s); several values give several runs")
     g.add_argument("--density", type=ca.unit_interval, nargs="+", default=None,
                    help="target densities: calibrate the method's parameter to each (instead of --param)")
-    g.add_argument("--settings", nargs="+", default=None, type=ca.setting,
+    g.add_argument("--settings", nargs="+", default=None, type=setting_arg,
                    help="explicit settings, e.g. dense gate:threshold=2e-3 streaming:nz_ratio@0.21 "
                         "(overrides --seer-mode/--selector/--method/--param/--density)")
     g.add_argument("--calib-windows", type=ca.positive_int, default=4,

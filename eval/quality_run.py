@@ -28,7 +28,9 @@ import time
 
 import torch
 
-from . import cli_args as ca
+from seer_attn.training import cli_args as ca
+
+from .baselines import setting_arg
 
 THRESHOLDS = (5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2)
 NZ_RATIOS = (0.1, 0.2, 0.3)
@@ -57,7 +59,7 @@ def main(argv=None):
     ap.add_argument("--passkey-threshold", type=ca.open_unit_interval, nargs="+", default=None,
                     help="gate thresholds for passkey (default: none if --passkey-settings is given, else the one "
                          "whose density in the ppl phase is closest to 0.15)")
-    ap.add_argument("--passkey-settings", nargs="+", default=[], metavar="SELECTOR:METHOD=PARAM", type=ca.setting,
+    ap.add_argument("--passkey-settings", nargs="+", default=[], metavar="SELECTOR:METHOD=PARAM", type=setting_arg,
                     help="more sparse passkey runs besides the gate thresholds, e.g. gate:nz_ratio=0.15 "
                          "oracle_max:nz_ratio=0.15 streaming:nz_ratio=0.2 (fixed parameters only)")
     ap.add_argument("--keep-sink", action="store_true",

@@ -6,89 +6,165 @@
     seer-attn compare --model ...       PPL of the gate and every baseline at equal density
     seer-attn bench-kernels / bench-ttft   GPU benchmarks (CSV + PNG)
 
-Each subcommand's module is imported only when it runs, so ``seer-attn --help`` is fast.
+Only the command that runs is imported, and only when it runs: ``seer-attn --help`` lists
+the commands without importing any, ``seer-attn distill --help`` imports no torch.
+``compare``, ``bench-kernels`` and ``bench-ttft`` hand every option (``--help`` included)
+to their module's own ``main(argv)``.
+
+Bad input (an option value, a data file, a model path, a checkpoint) ends with one line,
+``seer-attn <command>: error: <message>``, and exit code 2, as argparse's own errors do:
+option values are checked by argparse ``type=`` functions, and errors raised inside
+:func:`user_input` (the checking and loading before any training or evaluation starts)
+are printed that way instead of as a traceback. Anything else is a bug and keeps its traceback.
 """
 import argparse
+import contextlib
+import importlib
 import sys
 
+#: the exception types :func:`user_input` marks as the user's input
+USER_ERRORS = (ValueError, OSError)
+_MARK = "seer_user_input"
 
-def _distill(sub):
+
+@contextlib.contextmanager
+def user_input():
+    """Mark a ValueError / OSError (FileNotFoundError included) raised inside as bad user
+    input: ``seer-attn`` prints it as one usage-error line (exit 2). Callers from Python
+    get the exception unchanged."""
+    try:
+        yield
+    except USER_ERRORS as err:
+        setattr(err, _MARK, True)
+        raise
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with its errors on one line, ``seer-attn <command>: error: <message>``
+    (the usage, a screenful for ``distill``, is what ``--help`` is for)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _distill(p):
+    from .cli_args import positive_int, unit_interval
+
     from .distill import add_distill_args
-    p = sub.add_parser("distill", help="train the gates of a model (base weights frozen), then print the "
-                                       "perplexity table of dense vs gate vs streaming")
     add_distill_args(p)
     p.add_argument("--no-eval", action="store_true", help="skip the closing evaluation table")
-    p.add_argument("--eval-length", type=int, default=None,
-                   help="evaluation window of the closing table (default: 8192 on GPU, 1024 on CPU)")
-    p.add_argument("--eval-thresholds", type=float, nargs="+", default=None,
-                   help="gate thresholds of the closing table (default: as in seer-attn demo)")
+    p.add_argument("--eval-length", type=positive_int, default=None,
+                   help="evaluation window of the closing table (default: as in seer-attn demo, 8192 on GPU, "
+                        "2048 on CPU)")
+    p.add_argument("--eval-windows", type=positive_int, default=None,
+                   help="evaluation windows, one per document (default: as in seer-attn demo)")
+    p.add_argument("--eval-densities", type=unit_interval, nargs="+", default=None,
+                   help="block densities at which the closing table compares the gate with streaming "
+                        "(default: as in seer-attn demo)")
     p.set_defaults(func=_run_distill)
+
+
+def _eval_corpus(args):
+    """What the closing table evaluates on: ``(corpus for evaluate_gates, description)``;
+    the corpus is None for the bundled eval corpus, False when ``--data`` cannot be read there."""
+    if not args.data:
+        return None, "the bundled held-out eval corpus"
+    path = str(args.data[0])
+    if len(args.data) == 1 and args.text_column == "text" and path.lower().endswith((".jsonl", ".jsonl.gz")):
+        return path, f"your --data {path} (the training text itself: not held out)"
+    return False, "your --data"
 
 
 def _run_distill(args):
     import torch
 
-    from .demo import CPU_DEFAULTS, GPU_DEFAULTS, evaluate_gates
+    from .demo import PROFILES, evaluate_gates
     from .distill import run_distill
     res = run_distill(args)
-    if not args.no_eval:
-        on_gpu = torch.cuda.is_available() and not args.cpu
-        d = GPU_DEFAULTS if on_gpu else CPU_DEFAULTS
-        _, table, plot = evaluate_gates(res["model_dir"], on_gpu, args.eval_length or d["eval_length"],
-                                        d["windows_per_doc"], args.eval_thresholds or d["thresholds"], args.output)
-        print(table)
-        print(f"plot: {plot}")
+    print(f"[distill] model folder: {res['model_dir']}  (gates only: {res['gates_path']})", flush=True)
+    if args.no_eval:
+        return res
+    corpus, what = _eval_corpus(args)
+    if corpus is False:
+        print(f"[distill] no closing evaluation: it reads one .jsonl(.gz) file with a 'text' field, not {what}; "
+              f"evaluate with: seer-attn compare --model {res['model_dir']} --corpus FILE.jsonl", flush=True)
+        return res
+    on_gpu = torch.cuda.is_available() and not args.cpu
+    prof = PROFILES["gpu" if on_gpu else "cpu"]
+    pick = lambda val, default: default if val is None else val  # noqa: E731
+    eval_len, windows = pick(args.eval_length, prof.eval_length), pick(args.eval_windows, prof.windows)
+    densities = tuple(pick(args.eval_densities, prof.densities))
+    print(f"[distill] closing evaluation on {what}: {windows} windows of {eval_len} tokens; dense, streaming and "
+          f"the gate at densities {', '.join(f'{d:g}' for d in densities)}, "
+          f"about {1 + 2 * len(densities)} passes over the windows (--no-eval skips it)", flush=True)
+    with user_input():  # e.g. no document of the corpus as long as one window
+        ev = evaluate_gates(res["model_dir"], on_gpu, eval_len, windows, densities, args.output, corpus=corpus,
+                            calib_windows=min(prof.calib_windows, windows))
+    print(ev["table"])
+    print(ev["conclusion"])
+    print(f"plot: {ev['plot']}")
     return res
 
 
-def _demo(sub):
+def _demo(p):
     from .demo import add_demo_args, run_demo
-    p = sub.add_parser("demo", help="distill the embedded SmolLM2 and evaluate dense vs sparse (the main job)")
     add_demo_args(p)
     p.set_defaults(func=run_demo)
 
 
-def _eval(sub):
+def _eval(p):
     from seer_attn.eval.harness import add_eval_args, run_eval
-    p = sub.add_parser("eval", help="lm-eval-harness tasks (perplexity, passkey, LongBench) with a SeerLlama model")
     add_eval_args(p)
     p.set_defaults(func=run_eval)
 
 
-def _forward(name, module, help_):
-    def add(sub):
-        p = sub.add_parser(name, help=help_, add_help=False)
-        p.add_argument("rest", nargs=argparse.REMAINDER)
-        p.set_defaults(func=lambda args: __import__(module, fromlist=["main"]).main(args.rest))
-    return add
-
-
+#: name: (one-line help, the function adding its options, or the module whose main(argv) parses them)
 COMMANDS = {
-    "demo": _demo,
-    "distill": _distill,
-    "eval": _eval,
-    "compare": _forward("compare", "seer_attn.eval.baselines", "PPL of the gate and baselines at equal density"),
-    "bench-kernels": _forward("bench-kernels", "seer_attn.eval.bench_kernels", "GPU kernel benchmark"),
-    "bench-ttft": _forward("bench-ttft", "seer_attn.eval.bench_ttft", "GPU time-to-first-token benchmark"),
+    "demo": ("distill the embedded SmolLM2 and evaluate dense vs sparse (the main job)", _demo),
+    "distill": ("train the gates of a model (base weights frozen), then print the perplexity table of dense vs "
+                "gate vs streaming", _distill),
+    "eval": ("lm-eval-harness tasks (perplexity, passkey, LongBench) with a SeerLlama model", _eval),
+    "compare": ("PPL of the gate and baselines at equal density", "seer_attn.eval.baselines"),
+    "bench-kernels": ("GPU kernel benchmark", "seer_attn.eval.bench_kernels"),
+    "bench-ttft": ("GPU time-to-first-token benchmark", "seer_attn.eval.bench_ttft"),
 }
+
+
+def _exit_code(result):
+    return result if isinstance(result, int) and not isinstance(result, bool) else 0
+
+
+def _run(prog, func, arg):
+    """``func(arg)``; bad user input (:func:`user_input`) ends as one line and exit code 2."""
+    try:
+        return _exit_code(func(arg))
+    except USER_ERRORS as err:
+        if not getattr(err, _MARK, False):
+            raise
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
-    parser = argparse.ArgumentParser(prog="seer-attn", description="SeerAttention for Hugging Face models")
-    sub = parser.add_subparsers(dest="command", metavar="{" + ",".join(COMMANDS) + "}")
-    wanted = argv[0] if argv and argv[0] in COMMANDS else None
-    for name, add in COMMANDS.items():
-        if wanted is None or name == wanted:
-            add(sub)
-        else:
-            sub.add_parser(name, help=f"see: seer-attn {name} --help")
-    args = parser.parse_args(argv)
+    name = argv[0] if argv and argv[0] in COMMANDS else None
+    if name is not None and isinstance(COMMANDS[name][1], str):  # the module parses its own options
+        return _run(f"seer-attn {name}", lambda rest: importlib.import_module(COMMANDS[name][1]).main(rest),
+                    argv[1:])
+    parser = _Parser(prog="seer-attn", description="SeerAttention for Hugging Face models")
+    sub = parser.add_subparsers(dest="command", metavar="{" + ",".join(COMMANDS) + "}", parser_class=_Parser)
+    for cmd, (help_, add) in COMMANDS.items():
+        p = sub.add_parser(cmd, help=help_, description=help_)
+        if cmd == name:
+            add(p)
+            command_parser = p
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        (command_parser if name else parser).error(f"unrecognized arguments: {' '.join(extra)}")
     if args.command is None:
         parser.print_help()
         return 2
-    result = args.func(args)
-    return 0 if result is None or not isinstance(result, int) else result
+    return _run(f"seer-attn {name}", args.func, args)
 
 
 if __name__ == "__main__":

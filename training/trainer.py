@@ -12,23 +12,32 @@ defaults (learning rate 1e-3, cosine schedule, 20 warm-up steps, no weight decay
 
 Memory: the frozen base needs no activation gradients, so autograd keeps only the small
 block-pooled gate inputs (``[B, H, T/64, D]`` per layer); the attention and MLP
-activations are not saved for backward even without gradient checkpointing. Gradient
-checkpointing is supported (non-reentrant only, the default here): the trainer removes
-the input-embedding ``requires_grad`` hook that ``gradient_checkpointing_enable`` installs,
-so that backward stays inside the gates instead of running through the frozen network.
+activations are not saved for backward even without gradient checkpointing. Activation
+(gradient) checkpointing is supported (non-reentrant only, the default here): the trainer
+removes the input-embedding ``requires_grad`` hook that ``activation_checkpointing_enable``
+installs, so that backward stays inside the gates instead of running through the frozen network.
 It gives identical gates but, for that reason, no memory saving: on one H100 with a
 SmolLM2-135M-shaped model, bf16, batch 2 x 4096 tokens, peak memory was 0.70 GiB with
 checkpointing and 0.56 GiB without, at 0.26 vs 0.15 s per step.
+
+Folders: checkpoints go to ``output_dir/checkpoint-N/`` (Trainer's layout, with its
+optimizer, scheduler, RNG and arguments pickles, for an exact resume); the final model to
+``final_model_dir`` (default ``output_dir/model/``), beside them and never holding them:
+config, safetensors weights, tokenizer, remote code and gates, no pickle.
+:func:`last_complete_checkpoint` finds the newest checkpoint a killed run did not leave
+half-written.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from dataclasses import dataclass, field
 
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments, default_data_collator
-from transformers.trainer import TRAINING_ARGS_NAME
+from transformers.trainer import TRAINER_STATE_NAME, TRAINING_ARGS_NAME
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME
 
 from seer_attn.modeling_seer import causal_density, select_blocks_for
@@ -42,6 +51,10 @@ GATE_MODULE = "attn_gate"
 GATE_PARAMS = ("q_weight", "k_weight")
 #: batch keys forwarded to the model (anything else, ``labels`` included, is dropped)
 MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids", "inputs_embeds")
+#: TrainingArguments' name of activation checkpointing (``gradient_checkpointing`` is its
+#: deprecated alias in transformers 5.x, removed in v6; older 5.x releases know only that one)
+CHECKPOINTING_ARG = ("activation_checkpointing" if "activation_checkpointing" in TrainingArguments.__dataclass_fields__
+                     else "gradient_checkpointing")
 
 
 # ----------------------------------------------------------------------------- arguments
@@ -52,9 +65,11 @@ class SeerTrainingArguments(TrainingArguments):
 
     Changed defaults (paper, §4): ``learning_rate=1e-3``, ``lr_scheduler_type="cosine"``,
     ``warmup_steps=20``, ``weight_decay=0.0``; ``logging_steps=10``;
-    ``gradient_checkpointing_kwargs={"use_reentrant": False}`` (reentrant checkpointing
-    is refused: it would need the inputs to require grad, i.e. a backward pass through
-    the whole frozen model).
+    ``activation_checkpointing_kwargs={"use_reentrant": False}`` (reentrant checkpointing,
+    under either name, is refused: it would need the inputs to require grad, i.e. a
+    backward pass through the whole frozen model). Turn checkpointing on with
+    ``activation_checkpointing=True`` (:data:`CHECKPOINTING_ARG`; ``gradient_checkpointing``
+    is the deprecated alias).
 
     Extra fields:
         gate_lr: learning rate of the gate parameters; None means ``learning_rate``.
@@ -62,9 +77,12 @@ class SeerTrainingArguments(TrainingArguments):
             tensors (``seer_gates.safetensors``, a few MB) next to the optimizer, scheduler,
             RNG and trainer state; resuming loads them onto the frozen base the trainer was
             built with. False: full model weights as in a plain ``Trainer``.
-        save_final_model: at the end of ``train()`` save to ``output_dir`` the full
+        save_final_model: at the end of ``train()`` save to ``final_model_dir`` the full
             ``trust_remote_code`` model folder (``save_pretrained`` + tokenizer) and the
             gates-only file.
+        final_model_dir: the shareable model folder (default: ``output_dir/model``, beside
+            the checkpoints); it holds no pickle (Trainer's ``training_args.bin`` stays in
+            the checkpoints).
         export_seer_mode: ``seer_mode`` written into saved configs, so that loading the
             folder gives the inference model ("sparse" by default).
         log_block_density: log ``block_density``, the kept share of causal blocks that the
@@ -82,17 +100,23 @@ class SeerTrainingArguments(TrainingArguments):
                                                                   "(default: learning_rate)."})
     save_gates_only: bool = field(default=True, metadata={"help": "Checkpoints hold the gate tensors only."})
     save_final_model: bool = field(default=True, metadata={"help": "After train(), save the full remote-code "
-                                                                   "folder and the gates-only file to output_dir."})
+                                                                   "folder and the gates-only file to "
+                                                                   "final_model_dir."})
+    final_model_dir: str | None = field(default=None, metadata={"help": "Folder of the final model (default: "
+                                                                        "output_dir/model)."})
     export_seer_mode: str = field(default="sparse", metadata={"help": "seer_mode written into saved configs."})
     log_block_density: bool = field(default=True, metadata={"help": "Log the block density of the gates."})
 
     def __post_init__(self):
-        if self.gradient_checkpointing_kwargs is None:
-            self.gradient_checkpointing_kwargs = {"use_reentrant": False}
+        kwargs_name = f"{CHECKPOINTING_ARG}_kwargs"
+        if getattr(self, kwargs_name) is None and self.gradient_checkpointing_kwargs is None:
+            setattr(self, kwargs_name, {"use_reentrant": False})  # the current name: no deprecation warning
         super().__post_init__()
-        gc_kwargs = self.gradient_checkpointing_kwargs or {}
+        if self.final_model_dir is None:
+            self.final_model_dir = os.path.join(self.output_dir, "model")
+        gc_kwargs = getattr(self, kwargs_name) or {}
         if gc_kwargs.get("use_reentrant", False):
-            raise ValueError(f"gradient_checkpointing_kwargs={gc_kwargs!r}: gate distillation needs non-reentrant "
+            raise ValueError(f"{kwargs_name}={gc_kwargs!r}: gate distillation needs non-reentrant "
                              "checkpointing (use_reentrant=False); reentrant checkpointing would make gradients "
                              "flow through the whole frozen model")
         if self.gate_lr is not None and not self.gate_lr > 0:
@@ -160,6 +184,35 @@ def _has_full_weights(folder: str) -> bool:
                for n in (SAFE_WEIGHTS_NAME, WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME, WEIGHTS_INDEX_NAME))
 
 
+def checkpoint_problem(folder: str) -> str | None:
+    """What makes ``folder`` an incomplete checkpoint (a save a kill interrupted), or None
+    when it is complete: Trainer writes ``trainer_state.json`` last, after the gates (or
+    model weights), optimizer, scheduler and RNG state."""
+    if not os.path.isfile(os.path.join(folder, TRAINER_STATE_NAME)):
+        return f"no {TRAINER_STATE_NAME}"
+    if not (os.path.isfile(os.path.join(folder, GATES_FILE)) or _has_full_weights(folder)):
+        return f"no {GATES_FILE} and no model weights"
+    return None
+
+
+def last_complete_checkpoint(folder: str) -> tuple[str | None, list[tuple[str, str]]]:
+    """The newest complete ``checkpoint-N`` folder in ``folder`` (None: there is none) and
+    the newer incomplete ones passed over, as ``(path, what is missing)`` pairs."""
+    steps = {}
+    if os.path.isdir(folder):
+        for name in os.listdir(folder):
+            prefix, _, step = name.partition("-")
+            if prefix == PREFIX_CHECKPOINT_DIR and step.isdigit() and os.path.isdir(os.path.join(folder, name)):
+                steps[os.path.join(folder, name)] = int(step)
+    skipped = []
+    for path in sorted(steps, key=steps.get, reverse=True):
+        problem = checkpoint_problem(path)
+        if problem is None:
+            return path, skipped
+        skipped.append((path, problem))
+    return None, skipped
+
+
 class _LogLastStep(TrainerCallback):
     """Log at the final step too, so the last loss/density window always reaches the logs."""
 
@@ -196,8 +249,10 @@ class GateDistillationTrainer(Trainer):
             ``default_data_collator`` (the packed sequences need no padding).
 
     Checkpoints and saving: see :class:`SeerTrainingArguments` (``save_gates_only``,
-    ``save_final_model``, ``export_seer_mode``). ``train(resume_from_checkpoint=...)``
-    restores gates, optimizer, scheduler, RNG and data position.
+    ``save_final_model``, ``final_model_dir``, ``export_seer_mode``).
+    ``train(resume_from_checkpoint=...)`` restores gates, optimizer, scheduler, RNG and data
+    position; ``resume_from_checkpoint=True`` takes the newest *complete* checkpoint in
+    ``output_dir`` (:func:`last_complete_checkpoint`; the incomplete ones skipped are logged).
     """
 
     def __init__(self, model=None, args: SeerTrainingArguments | None = None, **kwargs):
@@ -242,7 +297,7 @@ class GateDistillationTrainer(Trainer):
         """``outputs.gate_loss`` of a distill-mode forward (no labels, last-token logits only)."""
         inputs = {k: v for k, v in inputs.items() if k in MODEL_INPUTS}
         if getattr(self._seer, "_require_grads_hooks", None):
-            # Installed by gradient_checkpointing_enable() for adapter training; here it would
+            # Installed by activation_checkpointing_enable() for adapter training; here it would
             # only make backward run through the frozen network (the gates get the same grads).
             self._seer.disable_input_require_grads()
         self._record_density = self.args.log_block_density and model.training
@@ -285,11 +340,19 @@ class GateDistillationTrainer(Trainer):
 
     # -- saving and resuming --------------------------------------------------------------
 
-    def train(self, *args, **kwargs):
-        """``Trainer.train``; then, with ``save_final_model``, :meth:`save_model` to ``output_dir``."""
-        output = super().train(*args, **kwargs)
+    def train(self, resume_from_checkpoint=None, **kwargs):
+        """``Trainer.train``; then, with ``save_final_model``, :meth:`save_model` to
+        ``final_model_dir``. ``resume_from_checkpoint=True``: the newest complete checkpoint."""
+        if resume_from_checkpoint is True:
+            path, skipped = last_complete_checkpoint(self.args.output_dir)
+            for folder, problem in skipped:
+                logger.warning(f"not resuming from {folder}: incomplete checkpoint ({problem})")
+            if path is None:
+                raise ValueError(f"no complete checkpoint to resume from in {self.args.output_dir!r}")
+            resume_from_checkpoint = path
+        output = super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
         if self.args.save_final_model:
-            self.save_model()
+            self.save_model(self.args.final_model_dir)
         return output
 
     def _save_checkpoint(self, model, trial):
@@ -312,6 +375,9 @@ class GateDistillationTrainer(Trainer):
             super()._save(output_dir, state_dict=state_dict)
         finally:
             self._seer.set_seer_mode(mode)
+        if not self._in_checkpoint:  # a folder to share: no pickle (Trainer writes its arguments as one)
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(output_dir, TRAINING_ARGS_NAME))
         if self.tokenizer is not None:
             self.tokenizer.save_pretrained(output_dir)
         self._seer.save_gates(output_dir)

@@ -8,10 +8,11 @@ import torch
 
 from seer_attn.eval.baselines import (BASELINES, SELECTOR_LABELS, Setting, apply_setting, calibrate, compare,
                                       default_settings, format_table, gate_densities, gate_thresholds_for,
-                                      measure_density, plot_ppl_vs_density, preserved_seer_mode)
+                                      measure_density, plot_ppl_vs_density, preserved_seer_mode, setting_arg)
 from seer_attn.eval.baselines import main as baselines_main
 from seer_attn.eval.perplexity import load_documents, make_windows
 from seer_attn.modeling_seer import SeerForwardContext, causal_density
+from seer_attn.training.cli_args import ArgValueError
 
 TOL = 0.01  # the calibration tolerance compare() and seer-attn eval use by default
 
@@ -57,6 +58,12 @@ def test_setting_parse_roundtrip(spec, expected):
 def test_setting_parse_errors(spec, match):
     with pytest.raises(ValueError, match=match):
         Setting.parse(spec)
+
+
+def test_setting_arg_is_an_argparse_type():
+    assert str(setting_arg("gate:threshold=2e-3")) == "gate:threshold=0.002"
+    with pytest.raises(ArgValueError, match="selector='nope'"):
+        setting_arg("nope:nz_ratio=0.1")
 
 
 def test_setting_needs_exactly_one_of_param_density():

@@ -4,6 +4,7 @@ expected token stream is computed independently of the tokenizer."""
 import gzip
 import json
 import logging
+import re
 
 import pytest
 import torch
@@ -203,6 +204,45 @@ def test_unknown_file_type_and_missing_file(tmp_path, byte_tokenizer, datasets_c
     empty_dir.mkdir()
     with pytest.raises(ValueError, match="holds no supported files"):
         _load(str(empty_dir), byte_tokenizer, datasets_cache)
+
+
+#: text values that are not a string, and how the error describes them
+NOT_STRINGS = {"null": (None, "is null or missing"), "int": (7, "holds an int (7)"),
+               "list": (["a", "b"], "holds a list (['a', 'b'])"), "object": ({"x": 1}, "holds an object ({'x': 1})"),
+               "missing": (..., "is null or missing")}
+
+
+@pytest.mark.parametrize("streaming", [False, True], ids=["map", "stream"])
+@pytest.mark.parametrize("kind", sorted(NOT_STRINGS))
+def test_non_string_text_names_file_line_and_column(tmp_path, byte_tokenizer, datasets_cache, kind, streaming):
+    """Null, integer, list or object text failed in the tokenizer without naming the file, or
+    (a list) was silently joined; a record without the column read as null."""
+    value, described = NOT_STRINGS[kind]
+    bad = {"other": 1} if value is ... else {"body": value}
+    path = tmp_path / "d.jsonl"  # line 2 is blank: the line number counts it
+    path.write_text("\n".join([json.dumps({"body": "fine"}), "", json.dumps(bad), json.dumps({"body": "more"})]))
+    expected = re.escape(f"data file '{path}', line 3: column 'body' {described}; every record's text must be a string")
+    with pytest.raises(ValueError, match=expected):
+        ds = D.load_packed_dataset(str(path), byte_tokenizer, 8, text_column="body", streaming=streaming,
+                                   cache_dir=datasets_cache)
+        list(ds)  # a stream is checked as it is read
+
+
+def test_non_string_text_in_parquet_json_array_and_bad_json(tmp_path, byte_tokenizer, datasets_cache):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    parquet = tmp_path / "d.parquet"
+    pq.write_table(pa.table({"text": ["a", None]}), parquet)
+    with pytest.raises(ValueError, match=re.escape(f"data file '{parquet}', row 2: column 'text' is null")):
+        _load(str(parquet), byte_tokenizer, datasets_cache)
+    array = tmp_path / "d.json"
+    array.write_text(json.dumps([{"text": "a"}, {"text": 3}]))
+    with pytest.raises(ValueError, match=re.escape(f"data file '{array}', record 2: column 'text' holds an int (3)")):
+        _load(str(array), byte_tokenizer, datasets_cache)
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text(json.dumps({"text": "a"}) + "\n" + '{"text": "b"\n')
+    with pytest.raises(ValueError, match=re.escape(f"data file '{broken}', line 2: not valid JSON")):
+        _load(str(broken), byte_tokenizer, datasets_cache)
 
 
 @pytest.mark.parametrize("seq_len", [0, -5, 2.5])

@@ -25,7 +25,7 @@ def test_console_script_is_installed():
 def test_demo_runs_end_to_end_tiny(tmp_path):
     out = tmp_path / "demo"
     res = main(["demo", "--cpu", "--steps", "2", "--seq-len", "256", "--eval-length", "256",
-                "--thresholds", "0.05", "--output", str(out)])
+                "--densities", "0.5", "--windows", "1", "--output", str(out)])
     assert res == 0
     result = json.loads((out / "results.json").read_text())
     selectors = {r["selector"] for r in result["rows"]}
@@ -38,12 +38,21 @@ def test_demo_runs_end_to_end_tiny(tmp_path):
     model_dir = result["model_dir"]
     assert os.path.isfile(os.path.join(model_dir, "seer_gates.safetensors"))
     assert os.path.isfile(os.path.join(model_dir, "block_sparse_attn.py"))  # remote-code bundle
+    # the folder to share: the GGUF's tokenizer, no pickle, no checkpoint inside
+    assert {"tokenizer.json", "tokenizer_config.json"} <= set(os.listdir(model_dir))
+    assert not [n for n in os.listdir(model_dir) if n.endswith((".bin", ".pt", ".pth"))
+                or os.path.isdir(os.path.join(model_dir, n))]
     with open(os.path.join(model_dir, "config.json")) as f:
         assert json.load(f)["seer_mode"] == "sparse"
 
 
-def test_demo_rejects_bad_sizes(tmp_path):
-    with pytest.raises(ValueError, match="--steps"):
-        main(["demo", "--cpu", "--steps", "-1", "--output", str(tmp_path)])
-    with pytest.raises(ValueError, match="--thresholds"):
-        main(["demo", "--cpu", "--thresholds", "2", "--output", str(tmp_path)])
+@pytest.mark.parametrize("argv,match", [(["--steps", "-1"], "argument --steps: invalid value '-1'"),
+                                        (["--densities", "2"], "argument --densities: invalid value '2'"),
+                                        (["--windows", "0"], "argument --windows: invalid value '0'")],
+                         ids=["steps", "densities", "windows"])
+def test_demo_rejects_bad_sizes(tmp_path, capsys, argv, match):
+    with pytest.raises(SystemExit) as exc:
+        main(["demo", "--cpu", *argv, "--output", str(tmp_path)])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert match in err and "Traceback" not in err and len(err.strip().splitlines()) == 1

@@ -1,10 +1,18 @@
 """GateDistillationTrainer on a tiny random SeerLlama (CPU, torch reference attention):
 the KL falls, base weights stay bit-identical, resuming equals an uninterrupted run,
-gradient checkpointing and bf16 work, the logged block density is the sparse path's, the
-saved folders are complete, and ``run_distill`` runs end to end."""
+gradient checkpointing and bf16 work (without deprecated arguments), the logged block density
+is the sparse path's, the saved model folder is complete and shareable (no pickle, no
+checkpoint inside, the tokenizer loads alone), and ``run_distill`` runs end to end: the same
+seed gives the same gates, ``--resume`` passes over half-written checkpoints, and bad data
+fails before any model loads."""
 import argparse
 import json
+import logging
 import os
+import shutil
+import subprocess
+import sys
+import warnings
 
 import pytest
 import torch
@@ -13,8 +21,8 @@ from transformers import TrainerCallback
 from seer_attn.modeling_seer.conversion import load_seer_model
 from seer_attn.modeling_seer.modeling_seer_llama import GATES_FILE
 from seer_attn.training.distill import SUMMARY_FILE, add_distill_args, run_distill
-from seer_attn.training.trainer import (GateDistillationTrainer, SeerTrainingArguments, check_only_gates_trainable,
-                                        freeze_non_gate_parameters, is_gate_parameter)
+from seer_attn.training.trainer import (CHECKPOINTING_ARG, GateDistillationTrainer, SeerTrainingArguments,
+                                        check_only_gates_trainable, freeze_non_gate_parameters, is_gate_parameter)
 
 
 def _args(out, **kw):
@@ -107,6 +115,9 @@ def test_rejects_models_without_gates_and_bad_arguments(tmp_path):
     with pytest.raises(TypeError, match=r"expected a SeerLlamaForCausalLM, got LlamaForCausalLM"):
         GateDistillationTrainer(model=llama, args=_args(tmp_path))
     with pytest.raises(ValueError, match="use_reentrant"):
+        _args(tmp_path, **{CHECKPOINTING_ARG: True, f"{CHECKPOINTING_ARG}_kwargs": {"use_reentrant": True}})
+    with warnings.catch_warnings(), pytest.raises(ValueError, match="use_reentrant"):
+        warnings.simplefilter("ignore", FutureWarning)  # the deprecated names are refused just the same
         _args(tmp_path, gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": True})
     with pytest.raises(ValueError, match="gate_lr=-1"):
         _args(tmp_path, gate_lr=-1.0)
@@ -115,11 +126,17 @@ def test_rejects_models_without_gates_and_bad_arguments(tmp_path):
 
 
 def test_paper_defaults():
-    args = SeerTrainingArguments(output_dir="unused")
+    with warnings.catch_warnings():
+        # the defaults set no deprecated TrainingArguments field (gradient_checkpointing_kwargs
+        # warned on every run in transformers 5.x)
+        warnings.simplefilter("error", FutureWarning)
+        args = SeerTrainingArguments(output_dir="unused")
+        SeerTrainingArguments(output_dir="unused", **{CHECKPOINTING_ARG: True})
     assert args.learning_rate == 1e-3 and args.lr_scheduler_type == "cosine"
     assert args.warmup_steps == 20 and args.weight_decay == 0.0
     assert args.gradient_checkpointing_kwargs == {"use_reentrant": False}
     assert args.gate_lr is None and args.save_gates_only and args.save_final_model
+    assert args.final_model_dir == os.path.join("unused", "model")  # beside the checkpoints, not holding them
 
 
 def test_gate_lr_sets_the_optimizer_lr(tmp_path, make_tiny_model, packed_train_512):
@@ -175,6 +192,20 @@ def test_resume_matches_uninterrupted_run(tmp_path, make_tiny_model, packed_trai
     assert loss_full == loss_resumed
 
 
+def test_resume_true_takes_the_newest_complete_checkpoint(tmp_path, make_tiny_model, packed_train_512, caplog):
+    kw = dict(max_steps=4, save_strategy="steps", save_steps=2)
+    GateDistillationTrainer(model=make_tiny_model(), args=_args(tmp_path, **kw), train_dataset=packed_train_512,
+                            callbacks=[_StopAt(2)]).train()
+    (tmp_path / "checkpoint-4").mkdir()  # a save a kill interrupted: nothing written yet
+    trainer = GateDistillationTrainer(model=make_tiny_model(), args=_args(tmp_path, **kw),
+                                      train_dataset=packed_train_512)
+    with caplog.at_level(logging.WARNING, logger="seer_attn.training.trainer"):
+        trainer.train(resume_from_checkpoint=True)  # Trainer's own pick, checkpoint-4, died on it
+    assert trainer.state.global_step == 4
+    assert f"not resuming from {tmp_path / 'checkpoint-4'}: incomplete checkpoint (no trainer_state.json)" \
+        in caplog.text
+
+
 def _logs(ckpt):
     with open(os.path.join(ckpt, "trainer_state.json")) as f:
         return [e for e in json.load(f)["log_history"] if "loss" in e]
@@ -186,9 +217,13 @@ def test_gradient_checkpointing_gives_identical_gates(tmp_path, make_tiny_model,
     plain, ckpt = make_tiny_model(), make_tiny_model()
     GateDistillationTrainer(model=plain, args=_args(tmp_path / "a", max_steps=4),
                             train_dataset=packed_train_512).train()
-    trainer = GateDistillationTrainer(model=ckpt, args=_args(tmp_path / "b", max_steps=4, gradient_checkpointing=True),
-                                      train_dataset=packed_train_512)
-    trainer.train()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer = GateDistillationTrainer(model=ckpt, args=_args(tmp_path / "b", max_steps=4,
+                                                                 **{CHECKPOINTING_ARG: True}),
+                                          train_dataset=packed_train_512)
+        trainer.train()
+    assert not [str(w.message) for w in caught if "checkpointing" in str(w.message)]  # no deprecated name used
     assert all(layer.gradient_checkpointing for layer in ckpt.model.layers)
     # the embedding requires-grad hook of gradient_checkpointing_enable() was removed, so
     # backward never ran through the frozen network
@@ -238,13 +273,16 @@ def test_logged_density_equals_the_sparse_prefill(tmp_path, make_tiny_model, eva
 def test_final_save_is_a_complete_sparse_model_folder(tmp_path, make_tiny_model, packed_train_512, byte_tokenizer,
                                                       eval_batch):
     model = make_tiny_model()
-    out = tmp_path / "out"
-    trainer = GateDistillationTrainer(model=model, args=_args(out, max_steps=3, save_final_model=True),
+    trainer = GateDistillationTrainer(model=model, args=_args(tmp_path / "run", max_steps=3, save_final_model=True,
+                                                              save_strategy="steps", save_steps=2),
                                       train_dataset=packed_train_512, processing_class=byte_tokenizer)
     trainer.train()
+    out = tmp_path / "run" / "model"  # beside the checkpoints (run/checkpoint-N), not holding them
+    assert sorted(os.listdir(tmp_path / "run")) == ["checkpoint-2", "checkpoint-3", "model"]
     files = set(os.listdir(out))
     assert {"config.json", "model.safetensors", GATES_FILE, "tokenizer.json", "modeling_seer_llama.py",
             "configuration_seer_llama.py", "gate.py", "block_sparse_attn.py"} <= files
+    assert _pickles_and_folders(out) == []  # Trainer's training_args.bin is not in a folder meant to be shared
     with open(out / "config.json") as f:
         cfg = json.load(f)
     assert cfg["seer_mode"] == "sparse" and cfg["auto_map"]["AutoModelForCausalLM"].endswith("SeerLlamaForCausalLM")
@@ -271,53 +309,183 @@ def test_final_save_is_a_complete_sparse_model_folder(tmp_path, make_tiny_model,
 
 # ----------------------------------------------------------------------------- CLI driver
 
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+
+
+def _pickles_and_folders(folder):
+    """Sub-folders of ``folder`` and its files that are pickles, by name or by content (a raw
+    pickle starts with 0x80; torch.save writes a zip holding ``*/data.pkl``)."""
+    import zipfile
+    bad = []
+    for name in sorted(os.listdir(folder)):
+        path = os.path.join(folder, name)
+        if os.path.isdir(path):
+            bad.append(name + "/")
+            continue
+        with open(path, "rb") as f:
+            head = f.read(2)
+        zipped_pickle = head == b"PK" and any(n.endswith(".pkl") for n in zipfile.ZipFile(path).namelist())
+        if name.endswith(PICKLE_SUFFIXES) or head[:1] == b"\x80" or zipped_pickle:
+            bad.append(name)
+    return bad
+
+
 def _parse(argv):
     return add_distill_args(argparse.ArgumentParser()).parse_args(argv)
 
 
-def test_run_distill_end_to_end_and_resume(tmp_path, byte_tokenizer):
-    from transformers import LlamaForCausalLM
-    from seer_attn.modeling_seer import SeerLlamaConfig
-
-    # a plain Llama folder (with its tokenizer), converted by run_distill
-    cfg = SeerLlamaConfig(vocab_size=257, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                          num_attention_heads=4, num_key_value_heads=2, initializer_range=0.3,
-                          bos_token_id=0, eos_token_id=0, pad_token_id=0).to_dict()
-    from transformers import LlamaConfig
-    llama_cfg = LlamaConfig(**{k: v for k, v in cfg.items() if not k.startswith("seer_") and k != "model_type"})
+@pytest.fixture(scope="module")
+def llama_folder(tmp_path_factory, byte_tokenizer):
+    """A stock LlamaForCausalLM folder with its tokenizer: run_distill converts it, drawing new gates."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    cfg = LlamaConfig(vocab_size=257, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, initializer_range=0.3,
+                      bos_token_id=0, eos_token_id=0, pad_token_id=0)
     torch.manual_seed(0)
-    src = tmp_path / "llama"
-    LlamaForCausalLM(llama_cfg).save_pretrained(src)
+    src = tmp_path_factory.mktemp("llama")
+    LlamaForCausalLM(cfg).save_pretrained(src)
     byte_tokenizer.save_pretrained(src)
-    data = tmp_path / "train.jsonl"
-    with open(data, "w") as f:
+    return str(src)
+
+
+@pytest.fixture(scope="module")
+def train_jsonl(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "train.jsonl"
+    with open(path, "w") as f:
         for i in range(20):
             f.write(json.dumps({"text": f"Passage {i}. " + "The quick brown fox jumps over the lazy dog. " * 12})
                     + "\n")
+    return str(path)
 
-    out = tmp_path / "run"
-    argv = ["--model", str(src), "--data", str(data), "--seq-len", "256", "--batch-size", "2", "--lr", "1e-3",
+
+def _argv(model, data, out, *extra):
+    return ["--model", model, "--data", data, "--seq-len", "256", "--batch-size", "2", "--lr", "1e-3",
             "--warmup-steps", "1", "--logging-steps", "2", "--save-steps", "2", "--output", str(out), "--seed", "1",
-            "--cpu", "--threshold", "0.01"]
+            "--cpu", "--threshold", "0.01", "--no-progress", *extra]
+
+
+def _losses(res):
+    return [e["loss"] for e in res["log_history"] if "loss" in e]
+
+
+def test_run_distill_end_to_end_and_resume(tmp_path, llama_folder, train_jsonl):
+    out = tmp_path / "run"
+    argv = _argv(llama_folder, train_jsonl, out)
     res = run_distill(_parse(argv + ["--steps", "4"]))
     assert res["global_step"] == 4 and res["output_dir"] == str(out.resolve())
-    assert os.path.isfile(res["gates_path"]) and os.path.isfile(os.path.join(res["model_dir"], "config.json"))
+    # the model to share beside the checkpoints, not holding them
+    assert sorted(os.listdir(out)) == ["checkpoints", SUMMARY_FILE, "model"]
+    assert res["model_dir"] == str(out.resolve() / "model")
+    assert res["checkpoints_dir"] == str(out.resolve() / "checkpoints")
+    assert sorted(os.listdir(res["checkpoints_dir"])) == ["checkpoint-2", "checkpoint-4"]
+    assert res["gates_path"] == os.path.join(res["model_dir"], GATES_FILE) and os.path.isfile(res["gates_path"])
     assert res["final_loss"] > 0 and 0 < res["block_density"] <= 1 and res["threshold"] == 0.01
     with open(res["summary_path"]) as f:
         summary = json.load(f)
-    assert summary["final_loss"] == res["final_loss"] and summary["data"] == [str(data)]
     assert os.path.basename(res["summary_path"]) == SUMMARY_FILE
+    # a results envelope (training/results.py): provenance, the options, the log history as rows
+    assert summary["kind"] == "distill" and summary["complete"] and summary["rows"] == res["log_history"]
+    assert summary["final_loss"] == res["final_loss"] and summary["data"] == [train_jsonl]
+    assert summary["config"]["seq_len"] == 256 and summary["config"]["steps"] == 4
+    assert summary["provenance"]["model"] == llama_folder and res["provenance"] == summary["provenance"]
+    assert "commit" in res and res["commit"] == summary["provenance"]["commit"]
     model = load_seer_model(res["model_dir"])
     assert model.config.seer_mode == "sparse" and model.config.seer_threshold == 0.01
 
     res2 = run_distill(_parse(argv + ["--steps", "6", "--resume"]))
-    assert res2["global_step"] == 6
+    assert res2["global_step"] == 6 and res2["resumed_from"] == os.path.join(res["checkpoints_dir"], "checkpoint-4")
     assert [e["step"] for e in res2["log_history"] if "loss" in e] == [2, 4, 6]
 
-    with pytest.raises(ValueError, match="--steps must be a positive integer, got 0"):
-        run_distill(_parse(argv + ["--steps", "0"]))
+    built_in_code = _parse(argv + ["--steps", "4"])
+    built_in_code.steps = 0  # as the demo or quality_run would set it: the command line's checks apply
+    with pytest.raises(ValueError, match="--steps: invalid value 0: expected an integer >= 1"):
+        run_distill(built_in_code)
     with pytest.raises(FileNotFoundError, match="--resume checkpoint folder not found"):
         run_distill(_parse(argv + ["--resume", str(tmp_path / "missing")]))
+
+
+def test_same_seed_same_gates_when_converting(tmp_path, llama_folder, train_jsonl):
+    """The new gates of a conversion are drawn after the seed is set (they were drawn before,
+    from whatever state the RNG was in: two identical runs differed)."""
+    from safetensors.torch import load_file
+
+    def run(name, seed):
+        res = run_distill(_parse(_argv(llama_folder, train_jsonl, tmp_path / name, "--steps", "2", "--seed", seed)))
+        return load_file(res["gates_path"]), _losses(res)
+
+    gates_a, loss_a = run("a", "7")
+    torch.rand(5)  # a different RNG state before the second run
+    gates_b, loss_b = run("b", "7")
+    gates_c, loss_c = run("c", "8")
+    assert loss_a == loss_b and all(torch.equal(gates_a[k], gates_b[k]) for k in gates_a)
+    assert loss_a != loss_c and not any(torch.equal(gates_a[k], gates_c[k]) for k in gates_a)
+
+
+def test_resume_skips_a_half_written_checkpoint(tmp_path, llama_folder, train_jsonl, capsys):
+    out = tmp_path / "run"
+    argv = _argv(llama_folder, train_jsonl, out)
+    first = run_distill(_parse(argv + ["--steps", "4"]))
+    # a kill during the save of step 6: the gates were written, trainer_state.json (written last) was not
+    broken = os.path.join(first["checkpoints_dir"], "checkpoint-6")
+    os.mkdir(broken)
+    shutil.copy(os.path.join(first["checkpoints_dir"], "checkpoint-4", GATES_FILE), broken)
+    with pytest.raises(ValueError, match=r"is an incomplete checkpoint \(no trainer_state.json\)"):
+        run_distill(_parse(argv + ["--steps", "8", "--resume", broken]))
+    capsys.readouterr()
+    res = run_distill(_parse(argv + ["--steps", "8", "--resume"]))
+    printed = capsys.readouterr().out
+    assert f"skipping {broken}: incomplete (no trainer_state.json" in printed
+    assert res["resumed_from"] == os.path.join(first["checkpoints_dir"], "checkpoint-4")
+    assert res["global_step"] == 8 and [e["step"] for e in res["log_history"] if "loss" in e] == [2, 4, 6, 8]
+
+
+FRESH_LOAD = """
+import sys
+from transformers import AutoModelForCausalLM, AutoTokenizer
+tok = AutoTokenizer.from_pretrained(sys.argv[1])
+print("IDS", tok("fox", add_special_tokens=False)["input_ids"])
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True)
+print("MODEL", type(model).__name__, model.config.seer_mode, "seer_attn" in sys.modules)
+"""
+
+
+def test_model_folder_is_what_a_user_uploads(tmp_path, llama_folder, train_jsonl):
+    res = run_distill(_parse(_argv(llama_folder, train_jsonl, tmp_path / "run", "--steps", "2")))
+    model_dir = res["model_dir"]
+    assert _pickles_and_folders(model_dir) == []  # no training_args.bin, no checkpoint-N/ with optimizer.pt
+    assert {"config.json", "model.safetensors", GATES_FILE, "tokenizer.json", "tokenizer_config.json",
+            "modeling_seer_llama.py"} <= set(os.listdir(model_dir))
+    # a fresh process, with nothing of seer_attn imported or registered: the tokenizer loads
+    # without trust_remote_code, the model with it (from the folder's own remote code)
+    script = tmp_path / "fresh.py"
+    script.write_text(FRESH_LOAD)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"))
+    r = subprocess.run([sys.executable, str(script), model_dir], capture_output=True, text=True, env=env,
+                       cwd=tmp_path, stdin=subprocess.DEVNULL, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "IDS [103, 112, 121]" in r.stdout  # the byte tokenizer: byte b -> id b + 1
+    assert "MODEL SeerLlamaForCausalLM sparse False" in r.stdout
+
+
+def test_bad_data_fails_before_any_model_loads(tmp_path, monkeypatch, llama_folder):
+    import seer_attn.modeling_seer.conversion as conversion
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was loaded before the data was checked")
+
+    monkeypatch.setattr(conversion, "load_seer_model", no_model)
+    files = {"empty.jsonl": "", "other.jsonl": json.dumps({"body": "x"}) + "\n",
+             "nulls.jsonl": json.dumps({"text": None}) + "\n", "short.jsonl": json.dumps({"text": "hi"}) + "\n"}
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    cases = [("missing.jsonl", "data file not found"), ("empty.jsonl", "is empty"),
+             ("other.jsonl", "text column 'text' not found"), ("nulls.jsonl", "line 1: column 'text' is null"),
+             ("short.jsonl", "fewer than one sequence of seq_len=256")]
+    for name, message in cases:
+        with pytest.raises((ValueError, FileNotFoundError), match=message) as err:
+            run_distill(_parse(_argv(llama_folder, str(tmp_path / name), tmp_path / "out", "--steps", "1")))
+        assert getattr(err.value, "seer_user_input", False)  # the CLI prints it as one line, exit 2
 
 
 def test_streaming_dataset_trains_and_resumes(tmp_path, make_tiny_model, byte_tokenizer):

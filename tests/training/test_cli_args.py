@@ -1,9 +1,9 @@
-"""seer_attn.eval.cli_args: the argparse checks shared by every eval command line."""
+"""seer_attn.training.cli_args: the argparse checks shared by the command lines."""
 import argparse
 
 import pytest
 
-from seer_attn.eval import cli_args as ca
+from seer_attn.training import cli_args as ca
 
 
 @pytest.mark.parametrize("check, good, bad", [
@@ -24,7 +24,7 @@ def test_number_checks(check, good, bad):
             check(text)
 
 
-def test_json_tasks_and_setting():
+def test_json_and_tasks():
     assert ca.json_object('{"a": [1]}') == {"a": [1]} and ca.json_object({"b": 2}) == {"b": 2}
     for text, match in (("{oops", "not valid JSON"), ("[1]", "expected a JSON object, got list")):
         with pytest.raises(ca.ArgValueError, match=match):
@@ -32,9 +32,6 @@ def test_json_tasks_and_setting():
     assert ca.task_list(" a, b ,,") == ["a", "b"] and ca.task_list(["c"]) == ["c"]
     with pytest.raises(ca.ArgValueError, match="names no task"):
         ca.task_list(" , ")
-    assert str(ca.setting("gate:threshold=2e-3")) == "gate:threshold=0.002"
-    with pytest.raises(ca.ArgValueError, match="selector='nope'"):
-        ca.setting("nope:nz_ratio=0.1")
 
 
 def _parser():

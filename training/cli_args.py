@@ -1,4 +1,4 @@
-"""What every eval command line shares: argparse ``type=`` checks, the no-GPU exit, the
+"""What the command lines share (training and eval): argparse ``type=`` checks, the no-GPU exit, the
 ``config`` of a results envelope.
 
 A bad value becomes one argparse line naming the option and the value, exit code 2::
@@ -82,15 +82,6 @@ def task_list(text):
     if not tasks:
         raise ArgValueError(f"invalid value {text!r}: names no task")
     return tasks
-
-
-def setting(text):
-    """``type=`` check: a block selection (:meth:`seer_attn.eval.baselines.Setting.parse`)."""
-    from .baselines import Setting
-    try:
-        return Setting.parse(text)
-    except (TypeError, ValueError) as err:
-        raise ArgValueError(str(err)) from None
 
 
 def namespace_from_dict(parser: argparse.ArgumentParser, values: dict) -> argparse.Namespace:
