@@ -12,6 +12,7 @@ import torch
 from .kernel_utils import check_attention_inputs, check_block_mask, check_seq_bounds, num_blocks
 
 _CHUNK_ELEMS = 1 << 26  # ~256 MB of fp32 scores per chunk
+_CAUSAL_CHUNK = 256  # causal: query rows per chunk, each reading only the keys up to its last row
 
 
 def _chunk_rows(B, HQ, T):
@@ -51,34 +52,38 @@ def _attention(q, k, v, causal, sm_scale, block_size, block_mask, seq_bounds, up
     group = HQ // H
     qf, kf, vf = q.to(dt), _expand_kv(k.to(dt), group), _expand_kv(v.to(dt), group)
     out = torch.empty(B, HQ, T, D, dtype=dt, device=q.device)
-    NB = num_blocks(T, block_size)
     rows = _chunk_rows(B, HQ, T)
+    if causal:  # smaller chunks skip the masked upper triangle: about half the work
+        rows = min(rows, _CAUSAL_CHUNK)
     rows = max(block_size, rows // block_size * block_size) if pooled_out is not None else rows
     for r0 in range(0, T, rows):
         r1 = min(T, r0 + rows)
-        allowed = _allowed(r0, r1, T, causal, seq_bounds, block_mask, block_size, q.device)
+        n = r1 if causal else T  # keys that any row of the chunk may attend
+        allowed = _allowed(r0, r1, T, causal, seq_bounds, block_mask, block_size, q.device)[..., :n]
         empty = ~allowed.any(-1, keepdim=True)  # rows with no allowed key output zeros
         has_empty = bool(empty.any())
+        kc, vc = kf[:, :, :n], vf[:, :, :n]
         if pooled_out is None and upcast and not has_empty:
             # the same fp32 math and explicit mask through torch's fused kernel (much faster on CPU)
             out[:, :, r0:r1] = torch.nn.functional.scaled_dot_product_attention(
-                qf[:, :, r0:r1], kf, vf, attn_mask=allowed, scale=scale)
+                qf[:, :, r0:r1], kc, vc, attn_mask=allowed, scale=scale)
             continue
-        s = torch.matmul(qf[:, :, r0:r1] * scale, kf.transpose(-1, -2))
+        s = torch.matmul(qf[:, :, r0:r1] * scale, kc.transpose(-1, -2))
         s.masked_fill_(~allowed, float("-inf"))
         p = torch.softmax(s.float(), dim=-1)
         if has_empty:
             p = p.masked_fill(empty, 0.0)
-        out[:, :, r0:r1] = torch.matmul(p.to(dt), vf)
+        out[:, :, r0:r1] = torch.matmul(p.to(dt), vc)
         if pooled_out is not None:
-            # max- (or sum-) pool the probabilities over 64x64 tiles (partial tiles padded with 0)
+            # max- (or sum-) pool the probabilities over 64x64 tiles (partial tiles padded with 0;
+            # key blocks past the chunk keep the zeros they were initialised with)
+            nbk = num_blocks(n, block_size)
             pad_r = (-(r1 - r0)) % block_size
-            pad_c = NB * block_size - T
-            pp = torch.nn.functional.pad(p, (0, pad_c, 0, pad_r))
+            pp = torch.nn.functional.pad(p, (0, nbk * block_size - n, 0, pad_r))
             nrb = pp.shape[2] // block_size
-            pp = pp.view(B, HQ, nrb, block_size, NB, block_size)
+            pp = pp.view(B, HQ, nrb, block_size, nbk, block_size)
             pp = pp.amax(dim=(3, 5)) if pool_op == "max" else pp.sum(dim=(3, 5))
-            pooled_out[:, :, r0 // block_size:r0 // block_size + nrb] = pp
+            pooled_out[:, :, r0 // block_size:r0 // block_size + nrb, :nbk] = pp
     return out.to(q.dtype)
 
 
