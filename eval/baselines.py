@@ -14,6 +14,9 @@ selector        method      meaning
 ``oracle_mass`` coverage    fewest blocks holding a share of the true mass
 ==============  ==========  ==================================================
 
+The selectors, their labels and baseline methods come from the selector registry
+(:data:`seer_attn.modeling_seer.selection.SELECTORS`): a new baseline is one entry there.
+
 A setting is written ``SELECTOR:METHOD=PARAM`` (fixed parameter, e.g.
 ``gate:threshold=2e-3``), ``SELECTOR:METHOD@DENSITY`` (parameter calibrated by
 :func:`calibrate` so that the kept share of causal blocks is ``DENSITY``, e.g.
@@ -26,28 +29,38 @@ import argparse
 import contextlib
 import math
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
 from tqdm.auto import tqdm
 
-from seer_attn.modeling_seer.configuration_seer_llama import SELECTORS, SPARSITY_METHODS
+from seer_attn.modeling_seer.selection import (SELECTORS, SPARSITY_METHODS, ScoreInputs, baseline_pairs,
+                                               causal_density, select_blocks_for)
 
 from .perplexity import (DEFAULT_MAX_LENGTH, DEFAULT_WINDOWS_PER_DOC, evaluate_perplexity, load_documents,
                          make_windows, model_device)
 
 METHOD_PARAM = {"threshold": "seer_threshold", "nz_ratio": "seer_nz_ratio", "coverage": "seer_coverage"}
-#: (selector, method) of the training-free baselines, in table order.
-BASELINES = (("streaming", "nz_ratio"), ("oracle_max", "nz_ratio"), ("oracle_mass", "nz_ratio"),
-             ("meanpool", "nz_ratio"), ("oracle_mass", "coverage"))
-SELECTOR_LABELS = {
-    "dense": "dense",
-    "gate": "Seer gate",
-    "streaming": "sink + recent blocks (streaming)",
-    "oracle_max": "true max-pooled map",
-    "oracle_mass": "true block attention mass",
-    "meanpool": "mean-pooled q.k (MoBA-like)",
-}
+#: (selector, method) of the training-free baselines, in table order, as registered at import
+#: (:data:`~seer_attn.modeling_seer.selection.SELECTORS`; the functions here read it live).
+BASELINES = baseline_pairs()
+
+
+class _Labels(Mapping):
+    """Selector name -> table label, read live from the selector registry (plus ``dense``)."""
+
+    def __getitem__(self, name):
+        return "dense" if name == "dense" else SELECTORS[name].label
+
+    def __iter__(self):
+        return iter(("dense", *SELECTORS))
+
+    def __len__(self):
+        return len(SELECTORS) + 1
+
+
+SELECTOR_LABELS = _Labels()
 DEFAULT_DENSITIES = (0.21, 0.11)
 # Search interval of each method's parameter: (low, high, log-scale, density grows with the parameter)
 _SEARCH = {"threshold": (1e-7, 0.99, True, False), "nz_ratio": (1e-3, 1.0, False, True),
@@ -82,7 +95,7 @@ class Setting:
                 raise ValueError(f"the dense setting takes no method/param/density, got {self!r}")
             return
         if self.selector not in SELECTORS:
-            raise ValueError(f"selector={self.selector!r} is invalid: expected 'dense' or one of {SELECTORS}")
+            raise ValueError(f"selector={self.selector!r} is invalid: expected 'dense' or one of {tuple(SELECTORS)}")
         if self.method not in SPARSITY_METHODS:
             raise ValueError(f"method={self.method!r} is invalid: expected one of {SPARSITY_METHODS}")
         if (self.param is None) == (self.target_density is None):
@@ -144,7 +157,7 @@ def default_settings(densities=DEFAULT_DENSITIES, gate_methods=("threshold",)) -
     out = [Setting("dense")]
     for d in densities:
         out += [Setting("gate", m, target_density=d) for m in gate_methods]
-        out += [Setting(sel, m, target_density=d) for sel, m in BASELINES]
+        out += [Setting(sel, m, target_density=d) for sel, m in baseline_pairs()]
     return out
 
 
@@ -182,8 +195,8 @@ def measure_density(model, windows, batch_size=1) -> float:
                          f"{getattr(model.config, 'seer_mode', None)!r}")
     if not windows:
         raise ValueError("measure_density needs at least one window")
-    if model.config.seer_selector == "streaming":
-        return _streaming_density(model.config, windows)
+    if SELECTORS[model.config.seer_selector].content_free:
+        return _content_free_density(model.config, windows)
     dev = model_device(model)
     vals = []
     for i in range(0, len(windows), batch_size):
@@ -202,15 +215,15 @@ def measure_density(model, windows, batch_size=1) -> float:
     return sum(vals) / len(vals)
 
 
-def _streaming_density(cfg, windows):
-    """The streaming selection ignores the content: its density follows from the block
-    count alone, so no forward pass is needed (same selection code as the model's)."""
-    from seer_attn.modeling_seer.gate import causal_density, select_blocks_for, streaming_scores
+def _content_free_density(cfg, windows):
+    """A content-free selection (e.g. streaming) reads only the block count: its density
+    follows from the window lengths, so no forward pass is needed (same selection code as
+    the model's, on placeholder tensors of the window's length)."""
     vals = []
     for w in windows:
-        nb = (w.input_ids.numel() + cfg.seer_block_size - 1) // cfg.seer_block_size
-        mask = select_blocks_for(streaming_scores(1, 1, nb, "cpu"), cfg)
-        vals.append(causal_density(mask).mean().item())
+        x = torch.zeros(1, 1, w.input_ids.numel(), 1)
+        scores = SELECTORS[cfg.seer_selector].scores(ScoreInputs(x, x, x, x, x, cfg.seer_block_size, 1.0))
+        vals.append(causal_density(select_blocks_for(scores, cfg)).mean().item())
     return sum(vals) / len(vals)
 
 
@@ -342,8 +355,6 @@ def gate_thresholds_for(model, windows, densities, *, iters=48) -> list:
     Returns:
         one threshold per target density, in the order given.
     """
-    from seer_attn.modeling_seer.gate import causal_density, select_blocks_for
-
     targets = [float(d) for d in densities]
     bad = [d for d in targets if not 0.0 < d <= 1.0]
     if bad:
@@ -434,7 +445,7 @@ def compare(model, settings=None, tokenizer=None, *, densities=DEFAULT_DENSITIES
         model: a ``SeerLlamaForCausalLM``; its mode is restored afterwards.
         settings: :class:`Setting` objects or strings (module docstring); None:
             :func:`default_settings` at ``densities``.
-        with_baselines: also run dense and every baseline of :data:`BASELINES` at the
+        with_baselines: also run dense and every baseline of :func:`baseline_pairs` at the
             target density of each sparse setting (its measured density for a fixed
             parameter), unless already present. A setting whose density cannot be
             calibrated (:class:`CalibrationError`) gives a row with ``error`` and no PPL.
@@ -485,7 +496,7 @@ def compare(model, settings=None, tokenizer=None, *, densities=DEFAULT_DENSITIES
             if all(abs(t - x) > 1e-9 for x in targets):
                 targets.append(t)
         for t in targets:
-            for sel, method in BASELINES:
+            for sel, method in baseline_pairs():
                 run(Setting(sel, method, target_density=t))
     return sort_rows(rows)
 
@@ -505,9 +516,9 @@ def gate_densities(rows, method=None) -> list:
 
 def sort_rows(rows) -> list:
     """Dense first, then by target (or achieved) density descending; gate rows before the
-    baselines, baselines in :data:`BASELINES` order."""
+    baselines, baselines in :func:`baseline_pairs` order."""
     order = {("gate", m): i for i, m in enumerate(SPARSITY_METHODS)}
-    order.update({b: 10 + i for i, b in enumerate(BASELINES)})
+    order.update({b: 10 + i for i, b in enumerate(baseline_pairs())})
 
     def key(r):
         if r["selector"] == "dense":

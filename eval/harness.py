@@ -24,6 +24,7 @@ import sys
 
 import torch
 
+from seer_attn.modeling_seer.selection import SELECTORS, SPARSITY_METHODS
 from seer_attn.training.results import envelope, write_json
 
 from seer_attn.training import cli_args as ca
@@ -83,8 +84,8 @@ def add_eval_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g = parser.add_argument_group("block selection")
     g.add_argument("--seer-mode", default=None, choices=["dense", "sparse"],
                    help="default: the model's configured mode")
-    g.add_argument("--selector", default=None, choices=["gate", "streaming", "meanpool", "oracle_max", "oracle_mass"])
-    g.add_argument("--method", default=None, choices=["threshold", "nz_ratio", "coverage"], action=_MethodParam)
+    g.add_argument("--selector", default=None, choices=list(SELECTORS), help="a registered block selector")
+    g.add_argument("--method", default=None, choices=list(SPARSITY_METHODS), action=_MethodParam)
     g.add_argument("--param", type=ca.unit_interval, nargs="+", default=None, action=_MethodParam,
                    help="threshold / nz_ratio / coverage value(s); several values give several runs")
     g.add_argument("--density", type=ca.unit_interval, nargs="+", default=None,

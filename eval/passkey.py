@@ -273,7 +273,7 @@ def needle_block_recall(model, tokenizer, sample: PasskeySample) -> dict:
         ValueError: the model is not in sparse mode, the tokenizer gives no offsets, or the
             needle sits too close to the end to leave any such row.
     """
-    from seer_attn.modeling_seer.modeling_seer_llama import SeerForwardContext
+    from seer_attn.modeling_seer.seer_layer import SeerForwardContext
     cfg = model.config
     if cfg.seer_mode != "sparse":
         raise ValueError(f"needle_block_recall needs seer_mode 'sparse', the model is in {cfg.seer_mode!r}")

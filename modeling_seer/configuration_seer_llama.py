@@ -2,154 +2,17 @@
 
 Copied flat into saved model folders (remote code): imports only torch/transformers.
 """
-import dataclasses
-import difflib
-import math
-
 from transformers import LlamaConfig
 
-SEER_MODES = ("dense", "distill", "sparse")
-SPARSITY_METHODS = ("threshold", "nz_ratio", "coverage")
-SELECTORS = ("gate", "streaming", "meanpool", "oracle_max", "oracle_mass")
-POOLING_TYPES = ("avg", "max", "min")
-DISTILL_TARGETS = ("max", "mass")
-BOOL_FIELDS = ("seer_gate_rope", "seer_keep_diagonal", "seer_keep_sink")
-INT_FIELDS = ("seer_block_size", "seer_gate_hidden_size", "seer_keep_local", "seer_dense_last_rows")
-FLOAT_FIELDS = ("seer_threshold", "seer_nz_ratio", "seer_coverage", "seer_distill_loss_scale")
-#: Options the gates are built from (their shapes and RoPE): fixed once a model exists.
-STRUCTURAL_FIELDS = ("seer_block_size", "seer_gate_hidden_size", "seer_q_pooling", "seer_k_pooling",
-                     "seer_gate_rope")
+from .configuration_seer import SeerConfigMixin
+# names importers used before the layer tier existed
+from .configuration_seer import (BOOL_FIELDS, DISTILL_TARGETS, FLOAT_FIELDS, INT_FIELDS,  # noqa: F401
+                                 POOLING_TYPES, SEER_MODES, STRUCTURAL_FIELDS)
+from .selection import SELECTORS, SPARSITY_METHODS  # noqa: F401
 
 
-class SeerLlamaConfig(LlamaConfig):
-    r"""Configuration of :class:`SeerLlamaForCausalLM`.
-
-    Every field of :class:`~transformers.LlamaConfig`, plus:
-
-    Args:
-        seer_mode: ``"dense"`` (stock Llama attention), ``"distill"`` (exact attention that
-            also emits the max-pooled map; the gate KL loss is returned as ``gate_loss``) or
-            ``"sparse"`` (gate -> block mask -> block-sparse attention at prefill).
-        seer_block_size: attention block size; only 64 is implemented by the kernels.
-        seer_gate_hidden_size: width of the gate's per-head projections (paper: 128).
-        seer_q_pooling / seer_k_pooling: pooling types over each 64-token block, from
-            {"avg", "max", "min"}, concatenated on the channel axis
-            (paper default: Q ``["avg"]``, K ``["max", "min", "avg"]``).
-        seer_gate_rope: apply RoPE to pooled q/k at each block's first-token position.
-        seer_sparsity_method: ``"threshold"`` (keep blocks whose softmaxed gate score is
-            >= ``seer_threshold``; adaptive per head and row) or ``"nz_ratio"`` (the same
-            top-k for every row, k = (1 - sqrt(1 - nz_ratio)) * NB, so that about
-            ``nz_ratio`` of the causal blocks are kept).
-            ``"coverage"`` keeps per row the fewest best blocks whose softmaxed scores sum
-            to >= ``seer_coverage`` (adaptive budget).
-        seer_threshold: threshold tau, in (0, 1).
-        seer_nz_ratio: target kept share of causal blocks, in (0, 1].
-        seer_coverage: probability mass kept per row by ``"coverage"``, in (0, 1].
-        seer_selector: what scores the blocks in sparse mode: ``"gate"`` (the learned
-            AttnGate) or a training-free baseline: ``"streaming"`` (sink + recent blocks),
-            ``"meanpool"`` (MoBA-like mean-pooled q.k), ``"oracle_max"`` / ``"oracle_mass"``
-            (the true max-pooled / mass-pooled attention map, which costs a dense pass).
-        seer_keep_diagonal: always keep each row's diagonal block.
-        seer_keep_sink: always keep the first (sink) key block.
-        seer_keep_local: always keep this many key blocks just before the diagonal (a
-            local window, so tokens near a block start see their preceding text; 0: off).
-        seer_dense_last_rows: number of last block rows kept dense (reference: 2).
-        seer_distill_loss_scale: multiplier of the summed per-layer KL loss (paper: 10).
-        seer_distill_target: ``"max"`` (paper: row-normalised max-pooled probabilities)
-            or ``"mass"`` (row-normalised probability mass per block, a variant).
-    """
+class SeerLlamaConfig(SeerConfigMixin, LlamaConfig):
+    """Configuration of :class:`SeerLlamaForCausalLM`: every field of
+    :class:`~transformers.LlamaConfig` plus the ``seer_*`` fields of :class:`SeerConfigMixin`."""
 
     model_type = "seer_llama"
-
-    seer_mode: str = "dense"
-    seer_block_size: int = 64
-    seer_gate_hidden_size: int = 128
-    seer_q_pooling: list | tuple = ("avg",)
-    seer_k_pooling: list | tuple = ("max", "min", "avg")
-    seer_gate_rope: bool = True
-    seer_sparsity_method: str = "threshold"
-    seer_threshold: float = 2e-3
-    seer_nz_ratio: float = 0.3
-    seer_coverage: float = 0.9
-    seer_selector: str = "gate"
-    seer_keep_diagonal: bool = True
-    seer_keep_sink: bool = False
-    seer_keep_local: int = 0
-    seer_dense_last_rows: int = 2
-    seer_distill_loss_scale: float = 10.0
-    seer_distill_target: str = "max"
-
-    def __post_init__(self, **kwargs):
-        super().__post_init__(**kwargs)
-        for name in ("seer_q_pooling", "seer_k_pooling"):
-            if isinstance(getattr(self, name), tuple):
-                setattr(self, name, list(getattr(self, name)))
-        self.validate_seer()
-
-    def validate_seer(self):
-        """Check every ``seer_*`` field (and refuse undeclared ``seer_*`` attributes, e.g. a
-        typo); raises ValueError naming the bad field and value."""
-        def bad(name, why):
-            raise ValueError(f"{name}={getattr(self, name)!r} is invalid: {why}")
-
-        declared = [f.name for f in dataclasses.fields(self) if f.name.startswith("seer_")]
-        for name in vars(self):
-            if name.startswith("seer_") and name not in declared:
-                close = difflib.get_close_matches(name, declared, 1)
-                bad(name, "no such seer option" + (f" (did you mean {close[0]}?)" if close else ""))
-        for name in BOOL_FIELDS:
-            if not isinstance(getattr(self, name), bool):
-                bad(name, "expected True or False")
-        for name in INT_FIELDS:
-            val = getattr(self, name)
-            if isinstance(val, bool) or not isinstance(val, int):
-                bad(name, "expected an integer")
-        for name in FLOAT_FIELDS:
-            val = getattr(self, name)
-            if isinstance(val, bool) or not isinstance(val, (int, float)) or not math.isfinite(val):
-                bad(name, "expected a finite real number (int or float)")
-        if self.seer_mode not in SEER_MODES:
-            bad("seer_mode", f"expected one of {SEER_MODES}")
-        if self.seer_block_size != 64:
-            bad("seer_block_size", "the kernels implement 64 only")
-        if self.seer_gate_hidden_size <= 0 or self.seer_gate_hidden_size % 2:
-            bad("seer_gate_hidden_size", "expected a positive even integer (RoPE rotates pairs)")
-        for name in ("seer_q_pooling", "seer_k_pooling"):
-            val = getattr(self, name)
-            if not isinstance(val, (list, tuple)) or not val or any(p not in POOLING_TYPES for p in val) \
-                    or len(set(val)) != len(val):
-                bad(name, f"expected a non-empty list of distinct types from {POOLING_TYPES}")
-        if self.seer_sparsity_method not in SPARSITY_METHODS:
-            bad("seer_sparsity_method", f"expected one of {SPARSITY_METHODS}")
-        if not 0.0 < self.seer_threshold < 1.0:
-            bad("seer_threshold", "expected 0 < threshold < 1")
-        if not 0.0 < self.seer_nz_ratio <= 1.0:
-            bad("seer_nz_ratio", "expected 0 < nz_ratio <= 1")
-        if not 0.0 < self.seer_coverage <= 1.0:
-            bad("seer_coverage", "expected 0 < coverage <= 1")
-        if self.seer_selector not in SELECTORS:
-            bad("seer_selector", f"expected one of {SELECTORS}")
-        if self.seer_keep_local < 0:
-            bad("seer_keep_local", "expected an integer >= 0")
-        if self.seer_dense_last_rows < 0:
-            bad("seer_dense_last_rows", "expected an integer >= 0")
-        if self.seer_distill_loss_scale <= 0:
-            bad("seer_distill_loss_scale", "expected > 0")
-        if self.seer_distill_target not in DISTILL_TARGETS:
-            bad("seer_distill_target", f"expected one of {DISTILL_TARGETS}")
-
-    def runtime_overrides(self, overrides):
-        """``overrides`` less the structural options (:data:`STRUCTURAL_FIELDS`) equal to this
-        config's; raises ValueError for one that differs: the built gates would ignore it."""
-        out = dict(overrides)
-        for name in STRUCTURAL_FIELDS:
-            if name not in overrides:
-                continue
-            val, cur = overrides[name], getattr(self, name)
-            if (list(val) if isinstance(val, tuple) else val) != cur:
-                raise ValueError(f"{name}={val!r} cannot be changed on a built model (its gates were built with "
-                                 f"{name}={cur!r}); convert the base model again to get new gates: "
-                                 f"load_seer_model(base, {name}={val!r})")
-            if type(val) is type(cur) or isinstance(val, tuple):
-                del out[name]  # unchanged (an equal value of another type is left to validate_seer)
-        return out

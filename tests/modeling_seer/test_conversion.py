@@ -10,7 +10,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from seer_attn.modeling_seer import SeerLlamaForCausalLM
 from seer_attn.modeling_seer import conversion
 from seer_attn.modeling_seer.conversion import default_model_path, from_llama, load_seer_model, load_tokenizer
-from seer_attn.modeling_seer.modeling_seer_llama import resolve_source
+from seer_attn.modeling_seer.hub_utils import resolve_source
 
 
 def _llama(tiny_kwargs, seed=0):

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from seer_attn.modeling_seer import SeerForwardContext
-from seer_attn.modeling_seer import modeling_seer_llama
+from seer_attn.modeling_seer import seer_layer
 
 T_CASES = [1, 63, 64, 65, 100, 127, 150, 191]
 SPARSE = dict(seer_sparsity_method="nz_ratio", seer_nz_ratio=0.2, seer_dense_last_rows=0)
@@ -52,14 +52,14 @@ def test_distill_padded_rows_match_the_prompt_alone(tiny, T, monkeypatch):
     scores, pooled = [], []
     for layer in m.model.layers:
         layer.self_attn.attn_gate.register_forward_hook(lambda mod, args, out: scores.append(out))
-    real_pool = modeling_seer_llama.attn_with_pooling
+    real_pool = seer_layer.attn_with_pooling
 
     def recording_pool(*args, **kwargs):
         out, p = real_pool(*args, **kwargs)
         pooled.append(p)
         return out, p
 
-    monkeypatch.setattr(modeling_seer_llama, "attn_with_pooling", recording_pool)
+    monkeypatch.setattr(seer_layer, "attn_with_pooling", recording_pool)
     prompt = _ids(T, seed=T)
     alone_loss = m(prompt[None]).gate_loss
     alone_scores, alone_pooled = scores[:], pooled[:]
@@ -73,7 +73,7 @@ def test_distill_padded_rows_match_the_prompt_alone(tiny, T, monkeypatch):
             s, p = s[row:row + 1, :, real, real], p[row:row + 1, :, real, real]
             torch.testing.assert_close(s, s1, atol=1e-5, rtol=1e-5)
             torch.testing.assert_close(p, p1, atol=1e-5, rtol=1e-5)
-            loss = loss + modeling_seer_llama.gate_distill_loss(s, p)
+            loss = loss + seer_layer.gate_distill_loss(s, p)
         torch.testing.assert_close(loss * m.config.seer_distill_loss_scale, alone_loss, atol=1e-5, rtol=1e-5)
 
 

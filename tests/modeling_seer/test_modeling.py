@@ -1,9 +1,15 @@
 """SeerLlamaForCausalLM on CPU (torch-reference kernels): modes, cache, padding, gradients."""
+import inspect
+
 import pytest
 import torch
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 from seer_attn.modeling_seer import SeerForwardContext
+
+# transformers >= 5.2x renamed the cache argument (``past_key_values`` -> ``cache``) and the
+# checkpointing switch; the tests use whichever name the installed version takes.
+CACHE = "cache" if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters else "past_key_values"
 
 
 def _ids(T, B=1, seed=0, vocab=96):
@@ -92,7 +98,10 @@ def test_distill_gate_gradients_same_with_gradient_checkpointing(tiny):
         for n, p in m.named_parameters():
             p.requires_grad_(".attn_gate." in n)
         if gc:
-            m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            if hasattr(m, "activation_checkpointing_enable"):
+                m.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         m(x).gate_loss.backward()
         grads.append({n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None})
     assert grads[0].keys() == grads[1].keys() and len(grads[0]) == 4
@@ -106,10 +115,10 @@ def test_dense_prefill_then_decode_equals_full_forward(tiny):
     x = _ids(140)
     full = m(x).logits
     cache = DynamicCache(config=m.config)
-    out = m(x[:, :130], past_key_values=cache, use_cache=True)
+    out = m(x[:, :130], **{CACHE: cache}, use_cache=True)
     steps = [out.logits[:, -1]]
     for t in range(130, 139):
-        steps.append(m(x[:, t:t + 1], past_key_values=cache, use_cache=True).logits[:, -1])
+        steps.append(m(x[:, t:t + 1], **{CACHE: cache}, use_cache=True).logits[:, -1])
     torch.testing.assert_close(torch.stack(steps, 1), full[:, 129:139], atol=2e-5, rtol=1e-5)
 
 
@@ -122,11 +131,11 @@ def test_sparse_prefill_then_decode_uses_the_cache(tiny):
     for nz, compare_full in ((0.3, False), (1.0, True)):
         m = tiny(seer_mode="sparse", seer_sparsity_method="nz_ratio", seer_nz_ratio=nz, seer_dense_last_rows=0)
         c1 = DynamicCache(config=m.config)
-        m(x[:, :320], past_key_values=c1, use_cache=True)
-        dec = torch.cat([m(x[:, t:t + 1], past_key_values=c1, use_cache=True).logits for t in range(320, 330)], 1)
+        m(x[:, :320], **{CACHE: c1}, use_cache=True)
+        dec = torch.cat([m(x[:, t:t + 1], **{CACHE: c1}, use_cache=True).logits for t in range(320, 330)], 1)
         c2 = DynamicCache(config=m.config)
-        m(x[:, :320], past_key_values=c2, use_cache=True)
-        chunk = m(x[:, 320:330], past_key_values=c2, use_cache=True).logits
+        m(x[:, :320], **{CACHE: c2}, use_cache=True)
+        chunk = m(x[:, 320:330], **{CACHE: c2}, use_cache=True).logits
         torch.testing.assert_close(dec, chunk, atol=2e-5, rtol=1e-5)
         if compare_full:
             torch.testing.assert_close(dec, m(x).logits[:, 320:330], atol=2e-5, rtol=1e-5)

@@ -60,7 +60,7 @@ def test_gates_of_another_model_are_refused(tiny, tiny_kwargs, tmp_path):
 
 
 def test_bundle_is_generated_from_the_kernel_sources():
-    files = bundle_sources()
+    files = bundle_sources("seer_llama")
     kdir = Path(kernels_pkg.__file__).parent
     expected = {"configuration_seer_llama.py", "modeling_seer_llama.py", "gate.py", "remote_bundle.py",
                 "block_sparse_attn.py", "block_mask.py", "kernel_utils.py", "reference.py"}

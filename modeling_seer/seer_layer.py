@@ -1,0 +1,337 @@
+"""The Seer layer tier: everything of SeerAttention that no model family owns.
+
+A family (``configuration_seer_X.py`` + ``modeling_seer_X.py``, one row of
+:mod:`.families`) composes transformers' own classes with these pieces:
+
+- :class:`SeerAttentionMixin` on the attention module: its forward computes q/k/v
+  ``[B, H, T, D]`` (keeping q/k before RoPE for the gate), applies RoPE and the cache, then
+  calls :meth:`~SeerAttentionMixin.seer_attention`, the one place where the modes are
+  dispatched (``config.seer_mode``):
+
+  - ``dense``: the family's attention interface (same logits as the stock model);
+  - ``distill``: prefill attention from :func:`attn_with_pooling`; the gate's KL loss
+    against the pooled map is collected for ``outputs.gate_loss`` (LM loss unchanged);
+  - ``sparse``: selector scores -> block mask -> :func:`block_sparse_attn` at prefill.
+
+  Decode steps and chunked prefill (queries shorter than keys) attend densely to the cache.
+- :class:`SeerModelMixin` on the base model: builds the per-forward
+  :class:`SeerForwardContext` (padding bounds, gate RoPE at block positions).
+- :class:`SeerPreTrainedMixin` and :class:`SeerCausalLMMixin`: gate init, modes, density,
+  gate save/load, ``gate_loss`` output and saving with the remote-code bundle.
+
+Copied flat into saved folders (remote code): imports only torch/transformers; package
+imports are rewritten flat by ``remote_bundle.py``.
+"""
+import json
+import os
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from seer_attn.kernels.block_sparse_attn import attn_with_pooling, block_sparse_attn
+
+from .gate import AttnGate, gate_distill_loss
+from .hub_utils import hub_call, resolve_source
+from .remote_bundle import write_remote_code
+from .selection import ScoreInputs, causal_density, get_selector, select_blocks_for
+
+GATES_FILE = "seer_gates.safetensors"
+
+
+@dataclass
+class SeerForwardContext:
+    """Per-forward state shared by all layers (created by the model, passed as a kwarg).
+
+    ``seq_bounds``: int32 ``[B, 2]`` real-token (start, end) per row, or None without
+    padding; ``valid``: bool ``[B, T]`` or None; ``gate_rope``: ``(cos, sin)`` ``[B, NB, G]``.
+    Layers append their gate losses (distill) and block densities ``[B, HQ]`` (sparse).
+    """
+
+    seq_bounds: torch.Tensor | None = None
+    valid: torch.Tensor | None = None
+    gate_rope: tuple | None = None
+    gate_losses: list = field(default_factory=list)
+    densities: list = field(default_factory=list)
+    masks: list | None = None  # set to [] to record every layer's block mask
+    forced_masks: list | None = None  # per-layer block masks to use instead of the selector
+
+
+def padding_bounds(attention_mask, T):
+    """From a 2D 0/1 mask, (valid [B, T], bounds [B, 2]) or (None, None) without padding."""
+    if attention_mask is None or attention_mask.dim() != 2 or attention_mask.shape[1] != T:
+        return None, None
+    valid = attention_mask.bool()
+    if bool(valid.all()):
+        return None, None
+    pos = torch.arange(T, device=valid.device)
+    start = torch.where(valid, pos, T).amin(-1)
+    end = torch.where(valid, pos + 1, 0).amax(-1)
+    count = valid.sum(-1)
+    holes = (count != (end - start).clamp_min(0)) & (count > 0)
+    if bool(holes.any()):
+        rows = holes.nonzero().flatten().tolist()
+        raise ValueError(f"attention_mask rows {rows} are not one contiguous run of ones; sparse/distill attention "
+                         "supports left or right padding only")
+    start = torch.where(count > 0, start, 0)
+    end = torch.where(count > 0, end, 0)
+    return valid, torch.stack([start, end], dim=-1).to(torch.int32)
+
+
+class SeerAttentionMixin:
+    """Mixed into a family's attention module (before the stock class), which provides
+    ``config``, ``layer_idx``, ``scaling`` and ``attention_dropout``."""
+
+    def init_seer_gate(self, config):
+        """Build this layer's :class:`AttnGate` (``self.attn_gate``) from the ``seer_*`` fields."""
+        self.attn_gate = AttnGate(
+            config.num_attention_heads, config.num_key_value_heads, self.head_dim,
+            hidden_size=config.seer_gate_hidden_size, block_size=config.seer_block_size,
+            q_pooling=config.seer_q_pooling, k_pooling=config.seer_k_pooling, use_rope=config.seer_gate_rope)
+
+    def seer_attention(self, q, k, v, q_pre, k_pre, attention_mask, seer_ctx, eager_attention, **kwargs):
+        """Attention in ``config.seer_mode``.
+
+        Args:
+            q: ``[B, HQ, Tq, D]`` after RoPE; k, v: ``[B, H, Tk, D]`` after RoPE and the cache
+                (KV heads not repeated).
+            q_pre, k_pre: q and k before RoPE (what the gate sees; family-specific norms applied).
+            attention_mask, kwargs: as the family's attention interface takes them (dense path).
+            seer_ctx: the :class:`SeerForwardContext` of this forward (needed at sparse/distill prefill).
+            eager_attention: the family's eager attention function (the interface's fallback).
+
+        Returns:
+            ``(output [B, Tq, HQ, D], attention weights or None)``.
+        """
+        mode = self.config.seer_mode
+        if mode != "dense" and q.shape[2] == k.shape[2]:  # prefill: the gate and the kernels
+            if seer_ctx is None:
+                raise ValueError(f"{type(self).__name__} in seer_mode {mode!r} needs the seer_ctx built by the "
+                                 "model's forward")
+            return self._seer_prefill(mode, q, k, v, q_pre, k_pre, seer_ctx), None
+        interface = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention)
+        return interface(self, q, k, v, attention_mask, dropout=0.0 if not self.training else self.attention_dropout,
+                         scaling=self.scaling, **kwargs)
+
+    def _seer_prefill(self, mode, q, k, v, q_pre, k_pre, ctx):
+        cfg = self.config
+        if not q.dtype == k.dtype == v.dtype:  # e.g. autocast: RoPE in fp32, v in bf16
+            q, k = q.to(v.dtype), k.to(v.dtype)
+        if mode == "distill":
+            # Detached inputs: the gate learns to predict the model's attention; its loss must
+            # never move the base weights (they stay frozen in post-training either way).
+            scores = self.attn_gate(q_pre.detach(), k_pre.detach(), rope=ctx.gate_rope, valid=ctx.valid)
+            pool_op = "max" if cfg.seer_distill_target == "max" else "sum"
+            out, pooled = attn_with_pooling(q, k, v, True, self.scaling, cfg.seer_block_size,
+                                            seq_bounds=ctx.seq_bounds, pool_op=pool_op)
+            ctx.gate_losses.append(gate_distill_loss(scores, pooled))
+            return out.transpose(1, 2)
+        if ctx.forced_masks is not None:
+            mask = ctx.forced_masks[self.layer_idx]
+        else:
+            with torch.no_grad():
+                mask = select_blocks_for(self.block_scores(q, k, v, q_pre, k_pre, ctx), cfg)
+        out = block_sparse_attn(q, k, v, mask, True, self.scaling, cfg.seer_block_size, seq_bounds=ctx.seq_bounds)
+        ctx.densities.append(causal_density(mask))
+        if ctx.masks is not None:
+            ctx.masks.append(mask)
+        return out.transpose(1, 2)
+
+    def block_scores(self, q, k, v, q_pre, k_pre, ctx):
+        """Block logits ``[B, HQ, NB, NB]`` of the registered selector ``config.seer_selector``
+        (shapes as in :meth:`seer_attention`)."""
+        return get_selector(self.config.seer_selector).scores(ScoreInputs(
+            q, k, v, q_pre, k_pre, self.config.seer_block_size, self.scaling, gate=self.attn_gate,
+            valid=ctx.valid, seq_bounds=ctx.seq_bounds, gate_rope=ctx.gate_rope))
+
+
+def gate_rotary_config(config):
+    """A copy of ``config`` whose ``head_dim`` is the gate width: the family's rotary
+    embedding built from it gives the gate's RoPE table."""
+    gate_cfg = config.__class__.from_dict(config.to_dict())
+    gate_cfg.head_dim = config.seer_gate_hidden_size
+    return gate_cfg
+
+
+class SeerPreTrainedMixin:
+    """Mixed into a family's PreTrainedModel (before the stock class): gates stay float32
+    and are initialised by :meth:`AttnGate.reset_parameters`."""
+
+    _keep_in_fp32_modules = ["attn_gate"]
+    _can_compile_fullgraph = False
+
+    def _init_weights(self, module):
+        if isinstance(module, AttnGate):
+            module.reset_parameters()
+        else:
+            super()._init_weights(module)
+
+
+class SeerModelMixin:
+    """Mixed into a family's base model (before the stock class), which sets
+    ``self.gate_rotary_emb`` (its rotary class built from :func:`gate_rotary_config`)."""
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None,
+                seer_ctx: SeerForwardContext | None = None, **kwargs):
+        if self.config.seer_mode != "dense":
+            seer_ctx = seer_ctx if seer_ctx is not None else SeerForwardContext()
+            ref = input_ids if input_ids is not None else inputs_embeds
+            self._prepare_context(seer_ctx, attention_mask, position_ids, ref.shape[1], ref.device)
+        return super().forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                               inputs_embeds=inputs_embeds, seer_ctx=seer_ctx, **kwargs)
+
+    def _prepare_context(self, ctx, attention_mask, position_ids, T, device):
+        """Fill ``ctx`` for a prefill of ``T`` tokens: padding (``valid`` ``[B, T]``,
+        ``seq_bounds`` ``[B, 2]``) from the 2D ``attention_mask`` and the gate's RoPE
+        ``(cos, sin)`` ``[B, NB, G]`` at each block's first real token position."""
+        if attention_mask is not None and attention_mask.dim() != 2:
+            raise ValueError(f"seer_mode {self.config.seer_mode!r} takes a 2D padding attention_mask [B, T]; "
+                             f"got a {attention_mask.dim()}D mask")
+        ctx.valid, ctx.seq_bounds = padding_bounds(attention_mask, T)
+        bs = self.config.seer_block_size
+        NB = (T + bs - 1) // bs
+        pos = position_ids if position_ids is not None else torch.arange(T, device=device)[None]
+        pos = pos[:, -T:] if pos.shape[-1] >= T else torch.arange(T, device=device)[None]
+        # each block sits at the position of its first real token (0: a block of padding only)
+        real = ctx.valid if ctx.valid is not None else torch.ones(1, T, dtype=torch.bool, device=device)
+        rows, pad = max(pos.shape[0], real.shape[0]), NB * bs - T
+        real = nn.functional.pad(real.expand(rows, -1), (0, pad), value=False).view(rows, NB, bs)
+        pos = nn.functional.pad(pos.expand(rows, -1), (0, pad)).view(rows, NB, bs)
+        first = real.to(torch.uint8).argmax(-1, keepdim=True)  # argmax returns the first maximum
+        block_pos = pos.gather(-1, first).squeeze(-1).masked_fill(~real.any(-1), 0)
+        ctx.gate_rope = self.gate_rotary_emb(torch.empty(0, device=device, dtype=torch.float32), block_pos)
+
+
+@dataclass
+class SeerCausalLMOutputWithPast(CausalLMOutputWithPast):
+    """``CausalLMOutputWithPast`` plus ``gate_loss``: in distill mode, the per-layer gate KL
+    losses summed and scaled by ``config.seer_distill_loss_scale`` (None otherwise)."""
+
+    gate_loss: torch.FloatTensor | None = None
+
+
+class SeerCausalLMMixin:
+    """Mixed into a family's causal LM (before the stock class). After a sparse prefill,
+    :meth:`seer_density` returns the kept share of causal blocks per layer and head."""
+
+    def forward(self, *args, seer_ctx: SeerForwardContext | None = None, **kwargs):
+        """The family's forward; in distill mode the output also carries ``gate_loss``: the
+        per-layer KL losses summed and scaled by ``config.seer_distill_loss_scale``."""
+        ctx = seer_ctx if seer_ctx is not None else SeerForwardContext()
+        out = super().forward(*args, seer_ctx=ctx, **kwargs)
+        if ctx.gate_losses:
+            loss = torch.stack([l.float() for l in ctx.gate_losses]).sum() * self.config.seer_distill_loss_scale
+            if isinstance(out, tuple):
+                out = out + (loss,)
+            else:  # a real output class: DDP/FSDP flatten and rebuild outputs by their fields
+                out = SeerCausalLMOutputWithPast(**out, gate_loss=loss)
+        if ctx.densities:
+            self._last_density = torch.stack(ctx.densities).detach()  # [L, B, HQ]
+        return out
+
+    # -- modes and statistics ------------------------------------------------------------
+
+    def set_seer_mode(self, mode: str, **seer_overrides):
+        """Switch the mode (and any runtime ``seer_*`` option, e.g. ``seer_threshold=1e-3``).
+
+        Structural options (gate width, poolings, gate RoPE, block size) are fixed by the
+        built gates: changing one raises ValueError (convert the base model again instead)."""
+        new = {"seer_mode": mode, **seer_overrides}
+        unknown = [k for k in new if not k.startswith("seer_")]
+        if unknown:
+            raise ValueError(f"unknown seer options {unknown}: every option is named seer_*")
+        new = self.config.runtime_overrides(new)
+        missing = object()
+        old = {k: getattr(self.config, k, missing) for k in new}
+        for k, val in new.items():
+            setattr(self.config, k, val)
+        try:
+            self.config.validate_seer()
+        except ValueError:
+            for k, val in old.items():
+                if val is missing:
+                    delattr(self.config, k)
+                else:
+                    setattr(self.config, k, val)
+            raise
+        return self
+
+    def seer_density(self):
+        """Kept share of causal blocks of the last sparse prefill: float ``[layers, batch, heads]``
+        (None before any sparse prefill)."""
+        return getattr(self, "_last_density", None)
+
+    # -- gates only ------------------------------------------------------------------------
+
+    def gate_state_dict(self):
+        return {k: v for k, v in self.state_dict().items() if ".attn_gate." in k}
+
+    def _gate_metadata(self):
+        c = self.config
+        return {"num_hidden_layers": c.num_hidden_layers, "num_attention_heads": c.num_attention_heads,
+                "num_key_value_heads": c.num_key_value_heads, "head_dim": c.head_dim,
+                **{k: getattr(c, k) for k in ("seer_block_size", "seer_gate_hidden_size", "seer_q_pooling",
+                                              "seer_k_pooling", "seer_gate_rope")}}
+
+    def save_gates(self, path, dtype=None):
+        """Write the gate tensors only (a few MB) to ``path`` (a folder or a .safetensors file).
+
+        ``dtype``: a floating torch dtype to store them in (e.g. ``torch.bfloat16`` halves the
+        file); default: as trained (float32). :meth:`load_gates` casts back to the model's."""
+        from safetensors.torch import save_file
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise TypeError(f"dtype={dtype!r} is invalid: expected a floating torch dtype such as torch.bfloat16")
+        if not str(path).endswith(".safetensors"):
+            os.makedirs(path, exist_ok=True)
+            path = os.path.join(path, GATES_FILE)
+        tensors = {k: v.detach().to(dtype or v.dtype).contiguous().cpu() for k, v in self.gate_state_dict().items()}
+        save_file(tensors, str(path), metadata={"seer": json.dumps(self._gate_metadata())})
+        return str(path)
+
+    def load_gates(self, path, **hub_kwargs):
+        """Load gates written by :meth:`save_gates` (local folder/file or Hub repo id).
+
+        Raises ValueError when the gates were trained for another shape (layers, heads,
+        head_dim, gate width, poolings) or a tensor is not floating point or not finite."""
+        from safetensors import safe_open
+        path, local = resolve_source(path)
+        if not local:
+            from huggingface_hub import hf_hub_download
+            path = hub_call(path, hf_hub_download, path, GATES_FILE, **hub_kwargs)
+        elif os.path.isdir(path):
+            path = os.path.join(path, GATES_FILE)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"no gate file at {path}")
+        with safe_open(path, framework="pt") as f:
+            meta = json.loads((f.metadata() or {}).get("seer", "{}"))
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        mine = self._gate_metadata()
+        diffs = {k: (meta.get(k), v) for k, v in mine.items() if meta.get(k) != v}
+        if diffs:
+            raise ValueError("gates do not match this model: "
+                             + ", ".join(f"{k}: gates {a!r} vs model {b!r}" for k, (a, b) in diffs.items()))
+        own = self.gate_state_dict()
+        if set(tensors) != set(own):
+            raise ValueError(f"gate file keys differ from the model's: missing {sorted(set(own) - set(tensors))[:4]}, "
+                             f"unexpected {sorted(set(tensors) - set(own))[:4]}")
+        for k, t in tensors.items():
+            if tuple(t.shape) != tuple(own[k].shape):
+                raise ValueError(f"gate tensor {k} has shape {tuple(t.shape)}, model expects {tuple(own[k].shape)}")
+            if not t.dtype.is_floating_point:
+                raise ValueError(f"gate tensor {k} has dtype {t.dtype}, expected a floating dtype")
+            if not bool(torch.isfinite(t).all()):
+                raise ValueError(f"gate tensor {k} holds {int((~torch.isfinite(t)).sum())} NaN/inf values")
+        self.load_state_dict(tensors, strict=False)
+        return self
+
+    # -- saving --------------------------------------------------------------------------
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """Save weights and config plus a flat remote-code bundle (config, model, gate and
+        kernel modules), so ``AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)``
+        works where this package is not installed."""
+        super().save_pretrained(save_directory, *args, **kwargs)
+        if kwargs.get("is_main_process", True):
+            write_remote_code(save_directory, self.config.model_type)

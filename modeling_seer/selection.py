@@ -1,0 +1,256 @@
+"""Block selection, family-agnostic: the selector registry, block scores, keep rules, density.
+
+A *selector* scores every (query block, key block) pair of a prefill; a *method*
+(``threshold`` / ``nz_ratio`` / ``coverage``) and the keep rules turn the scores into a
+block mask (docs/design.md §2). Every selector is one :class:`Selector` entry of
+:data:`SELECTORS`, read by config validation, the model's sparse attention, eval and the
+CLI: adding a baseline is one :func:`register_selector` call.
+
+Copied flat into saved model folders (remote code): imports only torch/transformers.
+"""
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from seer_attn.kernels.block_mask import causal_block_density
+from seer_attn.kernels.block_sparse_attn import attn_with_pooling
+
+#: Logit given to blocks a selection must never pick (above the diagonal, padding-only keys).
+#: Finite, so that KL terms with a zero target stay 0 instead of NaN.
+MASKED_LOGIT = -1e9
+SPARSITY_METHODS = ("threshold", "nz_ratio", "coverage")
+
+
+def block_pool(x, block_size, kinds, valid=None):
+    """Pool ``x`` ``[B, H, T, D]`` over blocks of ``block_size`` tokens (last one partial).
+
+    Args:
+        kinds: pooling types from {"avg", "max", "min"}, concatenated on the channel axis.
+        valid: optional bool ``[B, T]``; invalid (padding) tokens are left out of every pool,
+            and a block without valid tokens pools to 0.
+
+    Returns:
+        ``[B, H, ceil(T / block_size), D * len(kinds)]``.
+    """
+    B, H, T, D = x.shape
+    NB = (T + block_size - 1) // block_size
+    pad = NB * block_size - T
+    if valid is None and pad == 0:  # fast path (prefill of full blocks): views, no copies of x
+        xb = x.view(B, H, NB, block_size, D)
+        red = {"avg": lambda: xb.mean(dim=3), "max": lambda: xb.amax(dim=3), "min": lambda: xb.amin(dim=3)}
+        for kind in kinds:
+            if kind not in red:
+                raise ValueError(f"unknown pooling type {kind!r}; expected avg, max or min")
+        return torch.cat([red[kind]() for kind in kinds], dim=-1)
+    if valid is None:
+        valid = torch.ones(B, T, dtype=torch.bool, device=x.device)
+    v = F.pad(valid, (0, pad), value=False).view(B, 1, NB, block_size, 1)
+    xb = F.pad(x, (0, 0, 0, pad)).view(B, H, NB, block_size, D)
+    any_valid = v.any(dim=3)
+    outs = []
+    for kind in kinds:
+        if kind == "avg":
+            cnt = v.sum(dim=3).clamp_min(1)
+            outs.append((xb * v).sum(dim=3) / cnt)
+        elif kind == "max":
+            outs.append(torch.where(any_valid, xb.masked_fill(~v, float("-inf")).amax(dim=3), 0.0))
+        elif kind == "min":
+            outs.append(torch.where(any_valid, xb.masked_fill(~v, float("inf")).amin(dim=3), 0.0))
+        else:
+            raise ValueError(f"unknown pooling type {kind!r}; expected avg, max or min")
+    return torch.cat(outs, dim=-1)
+
+
+def select_blocks(scores, method, threshold=2e-3, nz_ratio=0.3, keep_diagonal=True, keep_sink=False,
+                  dense_last_rows=2, coverage=0.9, keep_local=0):
+    """Turn block logits ``[B, HQ, NB, NB]`` into a causal bool block mask of the same shape.
+
+    Methods: ``threshold`` keeps blocks whose softmaxed score is >= ``threshold``;
+    ``nz_ratio`` keeps the top k = max(1, int((1 - sqrt(1 - nz_ratio)) * NB)) blocks of
+    every row; ``coverage`` keeps, per row, the fewest highest-scoring blocks whose
+    softmaxed scores sum to >= ``coverage``. Then the keep-options are applied (the
+    diagonal block, the sink block, the ``keep_local`` blocks just before the diagonal, the
+    ``dense_last_rows`` last rows) and everything above the diagonal is dropped.
+    """
+    NB = scores.shape[-1]
+    if method == "threshold":
+        mask = torch.softmax(scores.float(), dim=-1) >= threshold
+    elif method == "nz_ratio":
+        k = min(NB, max(1, int((1.0 - math.sqrt(1.0 - nz_ratio)) * NB)))
+        idx = torch.topk(scores, k, dim=-1).indices
+        mask = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, idx, True)
+    elif method == "coverage":
+        p, order = torch.sort(torch.softmax(scores.float(), dim=-1), dim=-1, descending=True)
+        before = p.cumsum(-1) - p  # mass of the strictly better blocks
+        keep_sorted = before < coverage
+        mask = torch.zeros_like(keep_sorted).scatter_(-1, order, keep_sorted)
+    else:
+        raise ValueError(f"sparsity method must be one of {SPARSITY_METHODS}, got {method!r}")
+    if keep_diagonal:
+        mask |= torch.eye(NB, dtype=torch.bool, device=mask.device)
+    if keep_sink:
+        mask[..., 0] = True
+    if keep_local > 0:
+        i = torch.arange(NB, device=mask.device)
+        back = i[:, None] - i[None, :]  # how many blocks key j lies before query block i
+        mask |= (back >= 1) & (back <= keep_local)
+    if dense_last_rows > 0:
+        mask[..., -dense_last_rows:, :] = True
+    return mask.tril_()
+
+
+def select_blocks_for(scores, cfg):
+    """:func:`select_blocks` with the method, parameter and keep-options of a Seer config:
+    the one place that maps config fields to the selection."""
+    return select_blocks(scores, cfg.seer_sparsity_method, threshold=cfg.seer_threshold, nz_ratio=cfg.seer_nz_ratio,
+                         keep_diagonal=cfg.seer_keep_diagonal, keep_sink=cfg.seer_keep_sink,
+                         dense_last_rows=cfg.seer_dense_last_rows, coverage=cfg.seer_coverage,
+                         keep_local=cfg.seer_keep_local)
+
+
+def causal_density(mask):
+    """Kept share of causal blocks per (batch, head): float ``[B, HQ]``."""
+    return causal_block_density(mask, per_head=True)
+
+
+def causal_fill(scores):
+    """``scores`` ``[..., NB, NB]`` with the entries above the diagonal set to :data:`MASKED_LOGIT`."""
+    NB = scores.shape[-1]
+    tril = torch.ones(NB, NB, dtype=torch.bool, device=scores.device).tril()
+    return scores.masked_fill(~tril, MASKED_LOGIT)
+
+
+def streaming_scores(B, HQ, NB, device):
+    """Block logits of the "streaming" baseline (attention sink + most recent blocks): the
+    sink block first, then blocks ranked by recency, so top-k keeps sink + k-1 recent."""
+    i = torch.arange(NB, device=device)
+    s = (i[None, :] - i[:, None]).float()  # 0 on the diagonal, more negative further back
+    s[:, 0] = 1.0
+    return causal_fill(s.expand(B, HQ, NB, NB))
+
+
+def meanpool_scores(q, k, block_size, valid=None):
+    """MoBA-like baseline: mean-pooled (post-RoPE) q . k per block pair, GQA-expanded."""
+    qp = block_pool(q.float(), block_size, ("avg",), valid)
+    kp = block_pool(k.float(), block_size, ("avg",), valid)
+    group = q.shape[1] // k.shape[1]
+    if group > 1:
+        kp = kp.repeat_interleave(group, dim=1)
+    return causal_fill(torch.matmul(qp, kp.transpose(-1, -2)) / math.sqrt(q.shape[-1]))
+
+
+def oracle_scores(pooled):
+    """Oracle baselines: log of the true pooled attention map, so that the softmax used by
+    the selection methods gives back the (row-normalised) map itself."""
+    return causal_fill(torch.log(pooled.float().clamp_min(1e-30)))
+
+
+# -- the selector registry ---------------------------------------------------------------
+
+@dataclass
+class ScoreInputs:
+    """What a selector may read, for one layer's prefill.
+
+    ``q`` ``[B, HQ, T, D]``, ``k`` / ``v`` ``[B, H, T, D]`` after RoPE; ``q_pre`` / ``k_pre``
+    the same before RoPE (what the gate sees); ``block_size``; ``scale`` the softmax scale;
+    ``gate`` the layer's AttnGate; ``valid`` bool ``[B, T]``, ``seq_bounds`` int32 ``[B, 2]``
+    and ``gate_rope`` from the forward context (None without padding / gate RoPE).
+    """
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    q_pre: torch.Tensor
+    k_pre: torch.Tensor
+    block_size: int
+    scale: float
+    gate: torch.nn.Module | None = None
+    valid: torch.Tensor | None = None
+    seq_bounds: torch.Tensor | None = None
+    gate_rope: tuple | None = None
+
+    @property
+    def num_blocks(self):
+        return (self.q.shape[2] + self.block_size - 1) // self.block_size
+
+
+@dataclass(frozen=True)
+class Selector:
+    """One entry of :data:`SELECTORS`.
+
+    Args:
+        name: the ``seer_selector`` value.
+        scores: ``fn(ScoreInputs) -> float [B, HQ, NB, NB]`` block logits (causal; masked
+            entries at :data:`MASKED_LOGIT`).
+        label: its name in tables and plots.
+        trained: it reads the learned gate (False: a training-free baseline).
+        exact_pass: it costs one exact attention pass (the oracles).
+        content_free: its scores depend on the block count only, so its density follows
+            without a forward pass.
+        baseline_methods: methods with which eval compares it at equal density.
+    """
+
+    name: str
+    scores: Callable
+    label: str
+    trained: bool = False
+    exact_pass: bool = False
+    content_free: bool = False
+    baseline_methods: tuple = ()
+
+
+#: name -> :class:`Selector`, in table order.
+SELECTORS: dict = {}
+
+
+def register_selector(selector: Selector, replace=False) -> Selector:
+    """Add ``selector`` to :data:`SELECTORS`; ValueError if its name is taken (unless
+    ``replace``) or a baseline method is unknown."""
+    if not isinstance(selector, Selector):
+        raise TypeError(f"expected a Selector, got {type(selector).__name__}")
+    if selector.name in SELECTORS and not replace:
+        raise ValueError(f"selector {selector.name!r} is already registered")
+    bad = [m for m in selector.baseline_methods if m not in SPARSITY_METHODS]
+    if bad:
+        raise ValueError(f"baseline_methods {bad} of selector {selector.name!r} are invalid: expected "
+                         f"methods from {SPARSITY_METHODS}")
+    SELECTORS[selector.name] = selector
+    return selector
+
+
+def get_selector(name) -> Selector:
+    """The registered selector ``name``; ValueError naming the known ones otherwise."""
+    if name not in SELECTORS:
+        raise ValueError(f"selector {name!r} is not registered: expected one of {tuple(SELECTORS)}")
+    return SELECTORS[name]
+
+
+def baseline_pairs() -> tuple:
+    """``(selector, method)`` of every baseline comparison, in table order: by method
+    (:data:`SPARSITY_METHODS` order), then by registration."""
+    pairs = [(s.name, m) for s in SELECTORS.values() for m in s.baseline_methods]
+    return tuple(sorted(pairs, key=lambda p: SPARSITY_METHODS.index(p[1])))
+
+
+def _oracle(pool_op):
+    def scores(x):
+        _, pooled = attn_with_pooling(x.q, x.k, x.v, True, x.scale, x.block_size, seq_bounds=x.seq_bounds,
+                                      pool_op=pool_op)
+        return oracle_scores(pooled)
+    return scores
+
+
+register_selector(Selector("gate", lambda x: x.gate(x.q_pre, x.k_pre, rope=x.gate_rope, valid=x.valid),
+                           "Seer gate", trained=True))
+register_selector(Selector("streaming", lambda x: streaming_scores(x.q.shape[0], x.q.shape[1], x.num_blocks,
+                                                                   x.q.device),
+                           "sink + recent blocks (streaming)", content_free=True, baseline_methods=("nz_ratio",)))
+register_selector(Selector("oracle_max", _oracle("max"), "true max-pooled map", exact_pass=True,
+                           baseline_methods=("nz_ratio",)))
+register_selector(Selector("oracle_mass", _oracle("sum"), "true block attention mass", exact_pass=True,
+                           baseline_methods=("nz_ratio", "coverage")))
+register_selector(Selector("meanpool", lambda x: meanpool_scores(x.q, x.k, x.block_size, x.valid),
+                           "mean-pooled q.k (MoBA-like)", baseline_methods=("nz_ratio",)))
