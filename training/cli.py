@@ -145,11 +145,22 @@ def _run(prog, func, arg):
         raise SystemExit(2) from None
 
 
+def _forward(prog, module, argv):
+    """``module.main(argv)`` with ``sys.argv[0]`` set to ``prog``, so that the module's own
+    argparse usage and error lines name the command (``seer-attn compare: error: ...``)."""
+    saved = sys.argv[0] if sys.argv else None
+    sys.argv[:1] = [prog]
+    try:
+        return importlib.import_module(module).main(argv)
+    finally:
+        sys.argv[:1] = [saved] if saved is not None else []
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     name = argv[0] if argv and argv[0] in COMMANDS else None
     if name is not None and isinstance(COMMANDS[name][1], str):  # the module parses its own options
-        return _run(f"seer-attn {name}", lambda rest: importlib.import_module(COMMANDS[name][1]).main(rest),
+        return _run(f"seer-attn {name}", lambda rest: _forward(f"seer-attn {name}", COMMANDS[name][1], rest),
                     argv[1:])
     parser = _Parser(prog="seer-attn", description="SeerAttention for Hugging Face models")
     sub = parser.add_subparsers(dest="command", metavar="{" + ",".join(COMMANDS) + "}", parser_class=_Parser)

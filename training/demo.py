@@ -51,7 +51,7 @@ PROFILES = {
     "gpu": DemoProfile(seq_len=8192, steps=300, eval_length=8192, windows=11, calib_windows=4,
                        densities=(0.1, 0.2, 0.3), bf16=True),
     "cpu": DemoProfile(seq_len=2048, steps=40, eval_length=2048, windows=4, calib_windows=2,
-                       densities=(0.2, 0.3, 0.4), bf16=False),
+                       densities=(0.25, 0.35, 0.45), bf16=False),
 }
 #: kept for callers of the previous names (``seer-attn distill``'s closing table)
 GPU_DEFAULTS = dict(eval_length=8192, windows_per_doc=1, thresholds=None)
@@ -69,7 +69,7 @@ def add_demo_args(p: argparse.ArgumentParser):
                       ("--eval-length", "evaluation window"), ("--windows", "evaluation windows")):
         p.add_argument(opt, type=positive_int, default=None, help=f"{what} (default: the profile's)")
     p.add_argument("--densities", type=unit_interval, nargs="+", default=None,
-                   help="target densities of the comparison (default: 0.1 0.2 0.3 on gpu, 0.2 0.3 0.4 on cpu)")
+                   help="target densities of the comparison (default: 0.1 0.2 0.3 on gpu, 0.25 0.35 0.45 on cpu)")
     p.add_argument("--no-shipped-gates", action="store_true",
                    help="do not evaluate the gates shipped with the package beside the fresh ones")
     p.add_argument("--cpu", action="store_true", help="run on the CPU even when a GPU is present")
@@ -95,6 +95,7 @@ def _resolve(args):
 
 
 def run_demo(args) -> dict:
+    from .cli import user_input
     from .distill import add_distill_args, run_distill
     from .results import write_envelope
 
@@ -116,11 +117,13 @@ def run_demo(args) -> dict:
     shipped = None
     if not args.no_shipped_gates and args.model is None and os.path.isfile(SHIPPED_GATES):
         shipped = SHIPPED_GATES
-    ev = evaluate_gates(dist["model_dir"], on_gpu, prof.eval_length, prof.windows, prof.densities, args.output,
-                        extra_gates={"Seer gate, shipped": shipped} if shipped else None,
-                        calib_windows=prof.calib_windows, dtype=torch.bfloat16 if prof.bf16 and on_gpu else None)
+    with user_input():  # e.g. densities below what the keep rules keep anyway: one line, exit 2
+        ev = evaluate_gates(dist["model_dir"], on_gpu, prof.eval_length, prof.windows, prof.densities,
+                            args.output, extra_gates={"Seer gate, shipped": shipped} if shipped else None,
+                            calib_windows=prof.calib_windows, dtype=torch.bfloat16 if prof.bf16 and on_gpu else None)
     print("[demo] 3/3 results", flush=True)
     print(ev["table"])
+    print(density_table(ev["rows"]))
     print(ev["conclusion"])
     total = time.time() - t0
     config = {"profile": asdict(prof), "seed": args.seed, "model": args.model, "keep_rules": KEEP_RULES,
@@ -131,7 +134,7 @@ def run_demo(args) -> dict:
                    train_seconds=t_train, total_seconds=total, final_loss=dist.get("final_loss"),
                    conclusion=ev["conclusion"], best=ev["best"], plot=ev["plot"])
     with open(os.path.join(args.output, "results.md"), "w") as f:
-        f.write(ev["table"] + "\n\n" + ev["conclusion"] + "\n")
+        f.write(ev["table"] + "\n\n" + density_table(ev["rows"]) + "\n\n" + ev["conclusion"] + "\n")
     print(f"[demo] model folder: {dist['model_dir']}  (load with AutoModelForCausalLM.from_pretrained(folder, "
           f"trust_remote_code=True))")
     print(f"[demo] plot: {ev['plot']}   results: {res_path}   total {total / 60:.1f} min")
@@ -160,8 +163,9 @@ def evaluate_gates(model_dir, on_gpu, eval_len, windows, densities, output, *, c
         dict with ``rows``, ``table`` (markdown), ``conclusion`` (one sentence), ``best``
         (the saved setting or None) and ``plot`` (path or None).
     """
-    from seer_attn.eval.baselines import (Setting, calibrate, compare, format_table, gate_thresholds_for,
-                                          pick_calibration_windows, plot_ppl_vs_density)
+    from seer_attn.eval.baselines import (Setting, apply_setting, calibrate, compare, format_table,
+                                          gate_thresholds_for, measure_density, pick_calibration_windows,
+                                          plot_ppl_vs_density)
     from seer_attn.eval.perplexity import load_documents, make_windows
     from seer_attn.modeling_seer.conversion import load_seer_model, load_tokenizer
 
@@ -176,11 +180,19 @@ def evaluate_gates(model_dir, on_gpu, eval_len, windows, densities, output, *, c
     calib = pick_calibration_windows(wins, calib_windows)
     model.set_seer_mode("sparse", **KEEP_RULES)
 
-    stream = []  # (param, density) of streaming's top-k nearest each target, distinct
+    # the keep rules alone: every selection keeps exactly these blocks, so no comparison there
+    floor = measure_density(apply_setting(model, Setting("streaming", "nz_ratio", param=1e-3)), calib)
+    stream = []  # (param, density) of streaming's top-k nearest each target, distinct, above the floor
     for d in densities:
         c = calibrate(model, "nz_ratio", d, calib, selector="streaming", tol=0.05, strict=False)
-        if all(abs(c.density - s[1]) > 1e-9 for s in stream):
+        if c.density <= floor + 1e-9:
+            print(f"[demo] density {d:g}: streaming's nearest top-k keeps only what the keep rules keep "
+                  f"(density {floor:.3f}), where every selection is the same; skipped")
+        elif all(abs(c.density - s[1]) > 1e-9 for s in stream):
             stream.append((c.param, c.density))
+    if not stream:
+        raise ValueError(f"no density of {list(densities)} lies above the keep rules' floor ({floor:.3f}) at "
+                         f"{eval_len} tokens: ask for higher densities or longer windows")
     targets = [s[1] for s in stream]
 
     rows = compare(model, [Setting("dense")], windows=wins, with_baselines=False)
@@ -215,6 +227,23 @@ def evaluate_gates(model_dir, on_gpu, eval_len, windows, densities, output, *, c
         plot = None
         print("matplotlib is not installed: no plot (pip install matplotlib)")
     return {"rows": rows, "table": table, "conclusion": conclusion, "best": best, "plot": plot}
+
+
+def density_table(rows) -> str:
+    """Markdown: one line per matched density, each gate's and streaming's PPL above dense
+    (the compact view of :func:`evaluate_gates`' rows; the README's demo table)."""
+    dense = next((r["ppl"] for r in rows if r["selector"] == "dense"), None)
+    labels = list(dict.fromkeys(r.get("label") or "Seer gate" for r in rows if r["selector"] == "gate"))
+    lines = ["| density | " + " | ".join(labels) + " | streaming (sink + recent) |",
+             "|---|" + "---|" * (len(labels) + 1)]
+    for s in sorted((r for r in rows if r["selector"] == "streaming" and r.get("ppl")), key=lambda r: r["density"]):
+        cells = []
+        for label in labels:
+            g = next((r for r in rows if r["selector"] == "gate" and (r.get("label") or "Seer gate") == label
+                      and r["target_density"] == s["target_density"] and r.get("ppl")), None)
+            cells.append("—" if g is None else f"{100 * (g['ppl'] / dense - 1):+.1f}%")
+        lines.append(f"| {s['density']:.2f} | " + " | ".join(cells) + f" | {100 * (s['ppl'] / dense - 1):+.1f}% |")
+    return "\n".join(lines) + f"\n\n(PPL above dense, {dense:.3f}.)"
 
 
 def summarize(rows) -> str:

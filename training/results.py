@@ -9,9 +9,10 @@ benchmarks) writes one JSON *envelope*::
                     "command": [...], "created": "2026-12-01T21:00:00Z"},
      "config": {...}, "rows": [...], ...}
 
-``commit`` comes from ``git`` in the source tree. A copy of the tree without ``.git`` (a
-GPU machine that receives the working tree only) passes it in the environment:
-``SEER_GIT_COMMIT`` and ``SEER_GIT_DIRTY`` (``0`` / ``1``), e.g.
+``commit`` comes from ``git`` in the source tree, unless the environment names it:
+``SEER_GIT_COMMIT`` and ``SEER_GIT_DIRTY`` (``0`` / ``1``) win over git, for copies of the
+tree whose ``.git`` is missing or stale (a GPU machine that receives the working tree over
+an old checkout reported that checkout's commit), e.g.
 ``SEER_GIT_COMMIT=$(git rev-parse HEAD) SEER_GIT_DIRTY=$(git status --porcelain -uno | grep -q . && echo 1 || echo 0)``.
 Without either, ``commit`` is ``None`` and ``commit_dirty`` is ``None``: nothing is guessed.
 
@@ -45,13 +46,14 @@ def _git(*cmd):
 def git_state() -> tuple:
     """``(commit, dirty)`` of the source tree: the full commit hash (or None) and whether
     tracked files differ from it (or None when unknown); see the module docstring."""
+    if os.environ.get(COMMIT_ENV):
+        dirty = os.environ.get(DIRTY_ENV)
+        return os.environ[COMMIT_ENV].strip(), ({"0": False, "1": True}.get(dirty.strip()) if dirty else None)
     commit = _git("rev-parse", "HEAD")
-    if commit:
-        status = _git("status", "--porcelain", "--untracked-files=no")
-        return commit, (bool(status) if status is not None else None)
-    commit = os.environ.get(COMMIT_ENV) or None
-    dirty = os.environ.get(DIRTY_ENV)
-    return commit, ({"0": False, "1": True}.get(dirty.strip()) if dirty is not None else None)
+    if not commit:
+        return None, None
+    status = _git("status", "--porcelain", "--untracked-files=no")
+    return commit, (bool(status) if status is not None else None)
 
 
 def _versions() -> dict:

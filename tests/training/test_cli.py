@@ -19,7 +19,9 @@ def test_forwarded_commands_get_every_option(command, option, capsys, monkeypatc
     """They rejected every option, --help included (an argparse.REMAINDER took no leading option)."""
     with pytest.raises(SystemExit) as exit_:
         cli.main([command, "--help"])
-    assert exit_.value.code == 0 and option in capsys.readouterr().out  # the module's own help
+    out = capsys.readouterr().out
+    assert exit_.value.code == 0 and option in out  # the module's own help
+    assert out.startswith(f"usage: seer-attn {command} ")  # named as the command, not as bare seer-attn
     module = importlib.import_module(cli.COMMANDS[command][1])
     seen = []
     monkeypatch.setattr(module, "main", seen.append)

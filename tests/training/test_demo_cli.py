@@ -24,8 +24,9 @@ def test_console_script_is_installed():
 
 def test_demo_runs_end_to_end_tiny(tmp_path):
     out = tmp_path / "demo"
-    res = main(["demo", "--cpu", "--steps", "2", "--seq-len", "256", "--eval-length", "256",
-                "--densities", "0.5", "--windows", "1", "--output", str(out)])
+    # 512 tokens: 8 blocks; the keep rules alone keep 21 of 36 causal blocks, streaming's top-4 26
+    res = main(["demo", "--cpu", "--steps", "2", "--seq-len", "256", "--eval-length", "512",
+                "--densities", "0.7", "--windows", "1", "--output", str(out)])
     assert res == 0
     result = json.loads((out / "results.json").read_text())
     selectors = {r["selector"] for r in result["rows"]}
@@ -56,3 +57,28 @@ def test_demo_rejects_bad_sizes(tmp_path, capsys, argv, match):
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert match in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def _row(selector, density, ppl, target=None, label=None):
+    return {"selector": selector, "density": density, "ppl": ppl, "target_density": target, "label": label}
+
+
+def test_summary_says_where_the_gate_is_behind():
+    from seer_attn.training.demo import summarize
+    rows = [_row("dense", 1.0, 10.0), _row("streaming", 0.3, 11.0, 0.3), _row("streaming", 0.5, 10.5, 0.5),
+            _row("gate", 0.29, 10.4, 0.3, "Seer gate, distilled now"), _row("gate", 0.5, 10.6, 0.5, "Seer gate, x")]
+    text = summarize(rows)
+    assert "at density 0.30: gate distilled now +4.0% (at 0.29), streaming +10.0%" in text
+    assert text.endswith("The gate is NOT ahead of streaming for: Seer gate, x at 0.50.")
+    rows[-1]["ppl"] = 10.4
+    assert summarize(rows).endswith("The gate is ahead of streaming at every density.")
+
+
+def test_densities_at_the_keep_rules_floor_are_refused(tmp_path, capsys):
+    # 256 tokens: 4 blocks; sink + local + diagonal already keep 9 of 10, streaming cannot go below
+    with pytest.raises(SystemExit) as exc:  # bad input: one line, exit 2
+        main(["demo", "--cpu", "--steps", "1", "--seq-len", "256", "--eval-length", "256", "--densities", "0.5",
+              "--windows", "1", "--no-shipped-gates", "--output", str(tmp_path)])
+    out = capsys.readouterr()
+    assert exc.value.code == 2 and "density 0.5: streaming's nearest top-k keeps only what the keep rules keep" in out.out
+    assert "lies above the keep rules' floor (0.900) at 256 tokens" in out.err and "Traceback" not in out.err
