@@ -10,6 +10,7 @@ prints the message as is) and a ``ValueError`` (for callers outside argparse, e.
 :func:`namespace_from_dict`).
 """
 import argparse
+import contextlib
 import json
 import math
 import sys
@@ -122,3 +123,20 @@ def config_of(args, **resolved) -> dict:
     CLI's ``func`` callback left out), then ``resolved``, the values the run picked itself
     (device, dtype, a default chosen at run time)."""
     return {**{k: v for k, v in vars(args).items() if not callable(v)}, **resolved}
+
+
+#: the exception types :func:`user_input` marks as the user's input
+USER_ERRORS = (ValueError, OSError)
+_MARK = "seer_user_input"
+
+
+@contextlib.contextmanager
+def user_input():
+    """Mark a ValueError / OSError (FileNotFoundError included) raised inside as bad user
+    input: ``seer-attn`` prints it as one usage-error line (exit 2). Callers from Python
+    get the exception unchanged."""
+    try:
+        yield
+    except USER_ERRORS as err:
+        setattr(err, _MARK, True)
+        raise

@@ -1,6 +1,6 @@
 """``seer-attn distill``: gate distillation from the command line.
 
-The CLI entry point (``training/cli.py``) registers :func:`add_distill_args` on its
+The CLI entry point (``eval/cli.py``) registers :func:`add_distill_args` on its
 ``distill`` sub-parser and calls :func:`run_distill`. Flow:
 
 1. check what the user named before any model loads: the option values, the checkpoint
@@ -144,7 +144,7 @@ def _resume_checkpoint(resume, checkpoints_dir):
 def run_distill(args: argparse.Namespace) -> dict:
     """Distil the gates as configured by :func:`add_distill_args`'s options (layout of
     ``--output``: module docstring). Errors in what the user named (options, data, model,
-    checkpoint) come before training, marked for the CLI (:func:`seer_attn.training.cli.user_input`).
+    checkpoint) come before training, marked for the CLI (:func:`seer_attn.training.cli_args.user_input`).
 
     Returns:
         dict with ``output_dir`` (``--output``), ``model_dir`` (the shareable model folder,
@@ -165,7 +165,7 @@ def run_distill(args: argparse.Namespace) -> dict:
     from seer_attn.modeling_seer.conversion import default_model_path, load_seer_model, load_tokenizer
     from seer_attn.modeling_seer.modeling_seer_llama import GATES_FILE
 
-    from .cli import user_input
+    from .cli_args import user_input
     from .data import default_corpus_path, load_documents, pack_documents
     from .results import envelope, write_json
     from .trainer import CHECKPOINTING_ARG, GateDistillationTrainer, SeerTrainingArguments

@@ -23,7 +23,7 @@ KEEP = dict(seer_keep_diagonal=True, seer_keep_sink=True, seer_keep_local=1, see
 
 
 def distill(model, seq_len, steps, bf16, out, data):
-    cmd = [sys.executable, "-m", "seer_attn.training.cli", "distill", "--model", model, "--seq-len", str(seq_len),
+    cmd = [sys.executable, "-m", "seer_attn.eval.cli", "distill", "--model", model, "--seq-len", str(seq_len),
            "--steps", str(steps), "--seed", "42", "--output", out, "--no-eval", "--no-progress",
            "--save-steps", str(10 ** 6)]
     if data:

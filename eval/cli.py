@@ -18,26 +18,10 @@ option values are checked by argparse ``type=`` functions, and errors raised ins
 are printed that way instead of as a traceback. Anything else is a bug and keeps its traceback.
 """
 import argparse
-import contextlib
 import importlib
 import sys
 
-#: the exception types :func:`user_input` marks as the user's input
-USER_ERRORS = (ValueError, OSError)
-_MARK = "seer_user_input"
-
-
-@contextlib.contextmanager
-def user_input():
-    """Mark a ValueError / OSError (FileNotFoundError included) raised inside as bad user
-    input: ``seer-attn`` prints it as one usage-error line (exit 2). Callers from Python
-    get the exception unchanged."""
-    try:
-        yield
-    except USER_ERRORS as err:
-        setattr(err, _MARK, True)
-        raise
-
+from seer_attn.training.cli_args import USER_ERRORS, _MARK, user_input
 
 class _Parser(argparse.ArgumentParser):
     """argparse with its errors on one line, ``seer-attn <command>: error: <message>``
@@ -48,9 +32,9 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _distill(p):
-    from .cli_args import positive_int, unit_interval
+    from seer_attn.training.cli_args import positive_int, unit_interval
 
-    from .distill import add_distill_args
+    from seer_attn.training.distill import add_distill_args
     add_distill_args(p)
     p.add_argument("--no-eval", action="store_true", help="skip the closing evaluation table")
     p.add_argument("--eval-length", type=positive_int, default=None,
@@ -79,7 +63,7 @@ def _run_distill(args):
     import torch
 
     from .demo import PROFILES, evaluate_gates
-    from .distill import run_distill
+    from seer_attn.training.distill import run_distill
     res = run_distill(args)
     print(f"[distill] model folder: {res['model_dir']}  (gates only: {res['gates_path']})", flush=True)
     if args.no_eval:
@@ -113,7 +97,7 @@ def _demo(p):
 
 
 def _eval(p):
-    from seer_attn.eval.harness import add_eval_args, run_eval
+    from .harness import add_eval_args, run_eval
     add_eval_args(p)
     p.set_defaults(func=run_eval)
 

@@ -6,7 +6,7 @@
    dense; the streaming baseline (sink + most recent blocks) at the densities of its top-k
    nearest each target; the gates just distilled, and, for the embedded model, the gates
    shipped with the package (distilled on a GPU by ``seer-attn distill``, see
-   ``gates/README.md``), each at the threshold that keeps the same density. Every
+   ``training/gates/README.md``), each at the threshold that keeps the same density. Every
    selection keeps the same blocks whatever the scores say: the diagonal, the sink block
    and the block before the diagonal; no block row is forced dense;
 3. print the table and a one-sentence conclusion, save ``ppl_vs_density.png``,
@@ -26,11 +26,14 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+import seer_attn.training
+
 #: keep rules applied to every selection of the demo's comparison
 KEEP_RULES = dict(seer_keep_diagonal=True, seer_keep_sink=True, seer_keep_local=1, seer_dense_last_rows=0)
 #: a gate setting is "best" when its PPL is within this factor of dense (the sparsest such)
 BEST_PPL_RATIO = 1.05
-GATES_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "gates")
+#: gates shipped as package data of seer_attn.training (training/gates/README.md)
+GATES_DIR = os.path.join(os.path.dirname(os.path.abspath(seer_attn.training.__file__)), "gates")
 SHIPPED_GATES = os.path.join(GATES_DIR, "smollm2-135m-instruct.seer_gates.safetensors")
 
 
@@ -59,7 +62,7 @@ CPU_DEFAULTS = dict(eval_length=2048, windows_per_doc=1, thresholds=None)
 
 
 def add_demo_args(p: argparse.ArgumentParser):
-    from .cli_args import positive_int, unit_interval
+    from seer_attn.training.cli_args import positive_int, unit_interval
     p.add_argument("--model", default=None, help="model to distill (default: the embedded SmolLM2-135M GGUF)")
     p.add_argument("--output", default="seer_outputs/demo", help="output folder (default: seer_outputs/demo)")
     p.add_argument("--profile", choices=sorted(PROFILES), default=None,
@@ -95,9 +98,9 @@ def _resolve(args):
 
 
 def run_demo(args) -> dict:
-    from .cli import user_input
-    from .distill import add_distill_args, run_distill
-    from .results import write_envelope
+    from seer_attn.training.cli_args import user_input
+    from seer_attn.training.distill import add_distill_args, run_distill
+    from seer_attn.training.results import write_envelope
 
     on_gpu, prof = _resolve(args)
     os.makedirs(args.output, exist_ok=True)
@@ -163,10 +166,9 @@ def evaluate_gates(model_dir, on_gpu, eval_len, windows, densities, output, *, c
         dict with ``rows``, ``table`` (markdown), ``conclusion`` (one sentence), ``best``
         (the saved setting or None) and ``plot`` (path or None).
     """
-    from seer_attn.eval.baselines import (Setting, apply_setting, calibrate, compare, format_table,
-                                          gate_thresholds_for, measure_density, pick_calibration_windows,
-                                          plot_ppl_vs_density)
-    from seer_attn.eval.perplexity import load_documents, make_windows
+    from .baselines import (Setting, apply_setting, calibrate, compare, format_table, gate_thresholds_for,
+                            measure_density, pick_calibration_windows, plot_ppl_vs_density)
+    from .perplexity import load_documents, make_windows
     from seer_attn.modeling_seer.conversion import load_seer_model, load_tokenizer
 
     device = "cuda" if on_gpu else "cpu"

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from seer_attn.training.cli import main
+from seer_attn.eval.cli import main
 
 
 def test_cli_help_lists_every_command(capsys):
@@ -44,7 +44,11 @@ def test_demo_runs_end_to_end_tiny(tmp_path):
     assert not [n for n in os.listdir(model_dir) if n.endswith((".bin", ".pt", ".pth"))
                 or os.path.isdir(os.path.join(model_dir, n))]
     with open(os.path.join(model_dir, "config.json")) as f:
-        assert json.load(f)["seer_mode"] == "sparse"
+        cfg = json.load(f)
+    # the saved folder is set to the gate threshold the run measured as best, not the default 2e-3
+    own = [r for r in result["rows"] if r.get("label") == "Seer gate, distilled now"]
+    assert cfg["seer_mode"] == "sparse" and cfg["seer_threshold"] == result["best"]["seer_threshold"]
+    assert cfg["seer_threshold"] in [r["param"] for r in own] and cfg["seer_keep_sink"] is True
 
 
 @pytest.mark.parametrize("argv,match", [(["--steps", "-1"], "argument --steps: invalid value '-1'"),
@@ -64,7 +68,7 @@ def _row(selector, density, ppl, target=None, label=None):
 
 
 def test_summary_says_where_the_gate_is_behind():
-    from seer_attn.training.demo import summarize
+    from seer_attn.eval.demo import summarize
     rows = [_row("dense", 1.0, 10.0), _row("streaming", 0.3, 11.0, 0.3), _row("streaming", 0.5, 10.5, 0.5),
             _row("gate", 0.29, 10.4, 0.3, "Seer gate, distilled now"), _row("gate", 0.5, 10.6, 0.5, "Seer gate, x")]
     text = summarize(rows)

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from seer_attn.training import cli
+from seer_attn.eval import cli
 
 EXE = os.path.join(os.path.dirname(sys.executable), "seer-attn")
 
@@ -80,7 +80,7 @@ def test_only_input_errors_become_usage_lines(capsys):
 @pytest.mark.parametrize("argv", [["--help"], ["distill", "--help"], []], ids=["help", "distill-help", "bare"])
 def test_help_imports_nothing_heavy(argv):
     """``seer-attn --help`` took 5-7 s: it imported torch, transformers and lm-eval."""
-    code = (f"import sys\nfrom seer_attn.training.cli import main\ntry:\n    main({argv!r})\nexcept SystemExit:\n"
+    code = (f"import sys\nfrom seer_attn.eval.cli import main\ntry:\n    main({argv!r})\nexcept SystemExit:\n"
             "    pass\nheavy = ('torch', 'transformers', 'datasets', 'lm_eval')\n"
             "print('HEAVY', [m for m in heavy if m in sys.modules])")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
@@ -89,7 +89,8 @@ def test_help_imports_nothing_heavy(argv):
 
 def test_closing_evaluation_reads_the_users_data(tmp_path, monkeypatch, capsys):
     """It evaluated on the bundled corpus whatever --data said."""
-    from seer_attn.training import demo, distill
+    from seer_attn.eval import demo
+    from seer_attn.training import distill
     calls = []
     monkeypatch.setattr(distill, "run_distill", lambda args: {"model_dir": "M", "gates_path": "G"})
     monkeypatch.setattr(demo, "evaluate_gates", lambda *a, **kw: calls.append((a, kw)) or
