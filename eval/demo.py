@@ -56,9 +56,6 @@ PROFILES = {
     "cpu": DemoProfile(seq_len=2048, steps=40, eval_length=2048, windows=4, calib_windows=2,
                        densities=(0.25, 0.35, 0.45), bf16=False),
 }
-#: kept for callers of the previous names (``seer-attn distill``'s closing table)
-GPU_DEFAULTS = dict(eval_length=8192, windows_per_doc=1, thresholds=None)
-CPU_DEFAULTS = dict(eval_length=2048, windows_per_doc=1, thresholds=None)
 
 
 def add_demo_args(p: argparse.ArgumentParser):
