@@ -82,3 +82,6 @@ def family_for(model_type: str) -> Family:
 register_family(Family("llama", "llama", "seer_llama", "LlamaConfig", "LlamaForCausalLM", "SeerLlamaConfig",
                        "SeerLlamaForCausalLM", "SeerLlamaDecoderLayer", "configuration_seer_llama",
                        "modeling_seer_llama"))
+register_family(Family("qwen2", "qwen2", "seer_qwen2", "Qwen2Config", "Qwen2ForCausalLM", "SeerQwen2Config",
+                       "SeerQwen2ForCausalLM", "SeerQwen2DecoderLayer", "configuration_seer_qwen2",
+                       "modeling_seer_qwen2"))

@@ -1,0 +1,131 @@
+"""One suite for every family of the registry (docs/design.md §3): on a tiny random config,
+dense logits equal the stock class with the same weights, sparse at density 1 equals dense,
+distillation gives a finite gate loss that falls, the saved folder loads through
+trust_remote_code in a process that cannot import this package, and conversion from the
+stock model keeps its weights."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from seer_attn.modeling_seer.conversion import from_stock
+from seer_attn.modeling_seer.families import FAMILIES
+
+TINY = dict(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=4096, rms_norm_eps=1e-6,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, tie_word_embeddings=False)
+
+
+def _stock(name, seed=0):
+    torch.manual_seed(seed)
+    fam = FAMILIES[name]
+    return fam.stock_model_class(fam.stock_config_class(**TINY)).eval()
+
+
+def _x(T=200, B=2):
+    return torch.randint(0, TINY["vocab_size"], (B, T), generator=torch.Generator().manual_seed(3))
+
+
+@pytest.fixture(params=sorted(FAMILIES))
+def family(request):
+    return request.param
+
+
+def test_dense_equals_stock_and_conversion_keeps_weights(family):
+    stock = _stock(family)
+    seer = from_stock(stock, seer_gate_hidden_size=32)
+    assert type(seer).__name__ == FAMILIES[family].seer_model and seer.config.model_type == f"seer_{family}"
+    x = _x()
+    with torch.no_grad():
+        torch.testing.assert_close(seer(x).logits, stock(x).logits, atol=1e-5, rtol=0)
+    own = seer.state_dict()
+    assert all(torch.equal(own[k], v) for k, v in stock.state_dict().items())
+
+
+def test_sparse_at_density_one_equals_dense(family):
+    seer = from_stock(_stock(family, 1), seer_gate_hidden_size=32)
+    x = _x()
+    with torch.no_grad():
+        dense = seer(x).logits
+        seer.set_seer_mode("sparse", seer_sparsity_method="nz_ratio", seer_nz_ratio=1.0)
+        sparse = seer(x).logits
+    assert seer.seer_density().min().item() == 1.0
+    torch.testing.assert_close(sparse, dense, atol=1e-4, rtol=0)
+
+
+def test_distill_loss_finite_and_falling(family):
+    seer = from_stock(_stock(family, 2), seer_gate_hidden_size=32, seer_mode="distill")
+    for n, p in seer.named_parameters():
+        p.requires_grad_(".attn_gate." in n)
+    opt = torch.optim.AdamW([p for p in seer.parameters() if p.requires_grad], lr=1e-2)
+    x = _x(T=320, B=1)
+    losses = []
+    for _ in range(10):
+        loss = seer(x, logits_to_keep=1).gate_loss
+        assert torch.isfinite(loss)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0], losses
+
+
+FRESH = """
+import builtins, sys, torch
+real_import = builtins.__import__
+def guard(name, *a, **kw):
+    if name.split(".")[0] == "seer_attn":
+        raise ImportError("seer_attn must not be importable here")
+    return real_import(name, *a, **kw)
+builtins.__import__ = guard
+from transformers import AutoModelForCausalLM
+m = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True).eval()
+x, ref = torch.load(sys.argv[2])
+with torch.no_grad():
+    print("MAXDIFF", (m(x).logits - ref).abs().max().item(), type(m).__name__)
+"""
+
+
+def test_saved_folder_loads_without_the_package(family, tmp_path):
+    seer = from_stock(_stock(family, 4), seer_gate_hidden_size=32, seer_mode="sparse", seer_sparsity_method="nz_ratio",
+                      seer_nz_ratio=0.3, seer_dense_last_rows=0)
+    x = _x(T=300, B=1)
+    with torch.no_grad():
+        ref = seer(x).logits
+    seer.save_pretrained(tmp_path / "model")
+    torch.save((x, ref), tmp_path / "ref.pt")
+    (tmp_path / "fresh.py").write_text(FRESH)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"))
+    r = subprocess.run([sys.executable, str(tmp_path / "fresh.py"), str(tmp_path / "model"), str(tmp_path / "ref.pt")],
+                       capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    line = next(l for l in r.stdout.splitlines() if l.startswith("MAXDIFF")).split()
+    assert float(line[1]) == 0.0 and line[2] == FAMILIES[family].seer_model
+
+
+def test_qwen2_sliding_window_layers_are_refused_when_sparse():
+    fam = FAMILIES["qwen2"]
+    torch.manual_seed(0)
+    stock = fam.stock_model_class(fam.stock_config_class(**TINY, use_sliding_window=True, sliding_window=64,
+                                                         max_window_layers=0)).eval()
+    seer = from_stock(stock, seer_gate_hidden_size=32)
+    x = _x(T=100, B=1)
+    with torch.no_grad():
+        torch.testing.assert_close(seer(x).logits, stock(x).logits, atol=1e-5, rtol=0)  # dense: as Qwen2
+        seer.set_seer_mode("sparse")
+        with pytest.raises(ValueError, match="sliding-window attention"):
+            seer(x)
+
+
+def test_load_seer_model_converts_a_stock_folder(family, tmp_path):
+    from seer_attn.modeling_seer.conversion import load_seer_model
+    stock = _stock(family, 5)
+    stock.save_pretrained(tmp_path / "stock")
+    seer = load_seer_model(str(tmp_path / "stock"), seer_gate_hidden_size=32).eval()
+    assert type(seer).__name__ == FAMILIES[family].seer_model
+    x = _x()
+    with torch.no_grad():
+        torch.testing.assert_close(seer(x).logits, stock(x).logits, atol=1e-5, rtol=0)
