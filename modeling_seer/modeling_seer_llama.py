@@ -13,8 +13,7 @@ from transformers.models.llama.modeling_llama import (LlamaAttention, LlamaDecod
 from .configuration_seer_llama import SeerLlamaConfig
 # names importers used before the layer tier existed
 from .seer_layer import GATES_FILE, SeerCausalLMOutputWithPast, SeerForwardContext  # noqa: F401
-from .seer_layer import (SeerAttentionMixin, SeerCausalLMMixin, SeerModelMixin, SeerPreTrainedMixin,
-                         gate_rotary_config)
+from .seer_layer import SeerAttentionMixin, SeerCausalLMMixin, SeerModelMixin, SeerPreTrainedMixin
 
 
 class SeerLlamaAttention(SeerAttentionMixin, LlamaAttention):
@@ -61,14 +60,7 @@ class SeerLlamaPreTrainedModel(SeerPreTrainedMixin, LlamaPreTrainedModel):
 class SeerLlamaModel(SeerModelMixin, SeerLlamaPreTrainedModel, LlamaModel):
     def __init__(self, config: SeerLlamaConfig):
         SeerLlamaPreTrainedModel.__init__(self, config)
-        self.padding_idx = config.pad_token_id
-        self.vocab_size = config.vocab_size
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
-        self.layers = nn.ModuleList([SeerLlamaDecoderLayer(config, i) for i in range(config.num_hidden_layers)])
-        self.norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.rotary_emb = LlamaRotaryEmbedding(config=config)
-        self.gate_rotary_emb = LlamaRotaryEmbedding(config=gate_rotary_config(config))
-        self.gradient_checkpointing = False
+        self.build_seer_model(config, SeerLlamaDecoderLayer, LlamaRMSNorm, LlamaRotaryEmbedding)
         self.post_init()
 
 
@@ -77,9 +69,7 @@ class SeerLlamaForCausalLM(SeerCausalLMMixin, SeerLlamaPreTrainedModel, LlamaFor
 
     def __init__(self, config: SeerLlamaConfig):
         SeerLlamaPreTrainedModel.__init__(self, config)
-        self.model = SeerLlamaModel(config)
-        self.vocab_size = config.vocab_size
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.build_seer_lm(config, SeerLlamaModel)
         self.post_init()
 
 

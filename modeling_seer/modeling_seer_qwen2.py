@@ -13,7 +13,7 @@ from transformers.models.qwen2.modeling_qwen2 import (Qwen2Attention, Qwen2Decod
 
 from .configuration_seer_qwen2 import SeerQwen2Config
 from .seer_layer import (SeerAttentionMixin, SeerCausalLMMixin, SeerForwardContext, SeerModelMixin,
-                         SeerPreTrainedMixin, gate_rotary_config)
+                         SeerPreTrainedMixin)
 
 
 class SeerQwen2Attention(SeerAttentionMixin, Qwen2Attention):
@@ -65,14 +65,7 @@ class SeerQwen2PreTrainedModel(SeerPreTrainedMixin, Qwen2PreTrainedModel):
 class SeerQwen2Model(SeerModelMixin, SeerQwen2PreTrainedModel, Qwen2Model):
     def __init__(self, config: SeerQwen2Config):
         SeerQwen2PreTrainedModel.__init__(self, config)
-        self.padding_idx = config.pad_token_id
-        self.vocab_size = config.vocab_size
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
-        self.layers = nn.ModuleList([SeerQwen2DecoderLayer(config, i) for i in range(config.num_hidden_layers)])
-        self.norm = Qwen2RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.rotary_emb = Qwen2RotaryEmbedding(config=config)
-        self.gate_rotary_emb = Qwen2RotaryEmbedding(config=gate_rotary_config(config))
-        self.gradient_checkpointing = False
+        self.build_seer_model(config, SeerQwen2DecoderLayer, Qwen2RMSNorm, Qwen2RotaryEmbedding)
         self.has_sliding_layers = "sliding_attention" in config.layer_types
         self.post_init()
 
@@ -82,9 +75,7 @@ class SeerQwen2ForCausalLM(SeerCausalLMMixin, SeerQwen2PreTrainedModel, Qwen2For
 
     def __init__(self, config: SeerQwen2Config):
         SeerQwen2PreTrainedModel.__init__(self, config)
-        self.model = SeerQwen2Model(config)
-        self.vocab_size = config.vocab_size
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.build_seer_lm(config, SeerQwen2Model)
         self.post_init()
 
 

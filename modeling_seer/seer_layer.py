@@ -170,8 +170,20 @@ class SeerPreTrainedMixin:
 
 
 class SeerModelMixin:
-    """Mixed into a family's base model (before the stock class), which sets
-    ``self.gate_rotary_emb`` (its rotary class built from :func:`gate_rotary_config`)."""
+    """Mixed into a family's base model (before the stock class); its ``__init__`` calls
+    :meth:`build_seer_model` instead of the stock one (which would build stock layers)."""
+
+    def build_seer_model(self, config, decoder_layer, norm, rotary):
+        """The stock base model's submodules, with ``decoder_layer`` (the family's Seer decoder
+        layer class) for every layer and ``gate_rotary_emb`` (``rotary`` sized for the gate)."""
+        self.padding_idx = config.pad_token_id
+        self.vocab_size = config.vocab_size
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
+        self.layers = nn.ModuleList([decoder_layer(config, i) for i in range(config.num_hidden_layers)])
+        self.norm = norm(config.hidden_size, eps=config.rms_norm_eps)
+        self.rotary_emb = rotary(config=config)
+        self.gate_rotary_emb = rotary(config=gate_rotary_config(config))
+        self.gradient_checkpointing = False
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None,
                 seer_ctx: SeerForwardContext | None = None, **kwargs):
@@ -215,6 +227,12 @@ class SeerCausalLMOutputWithPast(CausalLMOutputWithPast):
 class SeerCausalLMMixin:
     """Mixed into a family's causal LM (before the stock class). After a sparse prefill,
     :meth:`seer_density` returns the kept share of causal blocks per layer and head."""
+
+    def build_seer_lm(self, config, base_model):
+        """The stock causal LM's submodules around ``base_model`` (the family's Seer base model class)."""
+        self.model = base_model(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
 
     def forward(self, *args, seer_ctx: SeerForwardContext | None = None, **kwargs):
         """The family's forward; in distill mode the output also carries ``gate_loss``: the
