@@ -1,0 +1,153 @@
+"""``seer-attn push`` (hub_cards/push.py) and ``--push-to-hub``: bad repo ids and offline mode
+stop before anything is uploaded, the folder is validated (card, no pickles, loads where
+seer_attn is absent) before any Hub call, network failures end in one line, no token is shown."""
+import shutil
+from types import SimpleNamespace
+
+import pytest
+
+import huggingface_hub
+from seer_attn.hub_cards.cli import main
+from seer_attn.hub_cards.export import ExportOptions, export
+from seer_attn.hub_cards.push import push_folder, validate_folder
+
+TOKEN = "hf_NotARealTokenButSecret0123456789"
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory, tiny):
+    root = tmp_path_factory.mktemp("push-folders")
+    stock = tiny.stock()
+    stock.save_pretrained(root / "base")
+    seer = tiny.seer(stock)
+    export(ExportOptions(output=str(root / "full"), model=str(root / "base")), model=seer)
+    export(ExportOptions(output=str(root / "gates"), model=str(root / "base"), gates_only=True), model=seer)
+    return root
+
+
+@pytest.fixture
+def hub_calls(monkeypatch):
+    """Records every Hub write (create_repo, create_branch, upload_folder) instead of making it."""
+    calls = []
+
+    def record(name, result):
+        def call(*args, **kwargs):
+            calls.append((name, args, kwargs))
+            return result
+        return call
+    monkeypatch.setattr(huggingface_hub, "create_repo", record("create_repo", SimpleNamespace(
+        url="https://huggingface.co/me/tiny")))
+    monkeypatch.setattr(huggingface_hub, "create_branch", record("create_branch", None))
+    monkeypatch.setattr(huggingface_hub, "upload_folder", record("upload_folder", SimpleNamespace(
+        pr_url="https://huggingface.co/me/tiny/discussions/1")))
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    return calls
+
+
+def _cli(argv, capsys):
+    with pytest.raises(SystemExit) as ex:
+        main(argv)
+    out = capsys.readouterr()
+    return ex.value.code, out.out + out.err
+
+
+def test_offline_push_fails_with_one_message_and_uploads_nothing(folders, hub_calls, monkeypatch, capsys):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    code, text = _cli(["push", str(folders / "full"), "--repo-id", "me/tiny"], capsys)
+    assert code == 2 and hub_calls == []
+    assert text.strip().count("\n") == 0 and "offline mode" in text and "nothing was uploaded" in text, text
+    assert TOKEN not in text
+
+
+@pytest.mark.parametrize("repo_id", ["a/b/c", "bad..id", "x--y", "-lead", "name.git", "spaces here", ""],
+                         ids=["three-parts", "double-dot", "double-dash", "leading-dash", "dot-git", "space", "empty"])
+def test_bad_repo_ids_are_refused_before_anything(repo_id, hub_calls, tmp_path, capsys):
+    with pytest.raises(ValueError, match="not a valid Hub repo id"):
+        push_folder(str(tmp_path / "no-such-folder"), repo_id)  # the id is refused before the folder is looked at
+    code, text = _cli(["push", str(tmp_path / "no-such-folder"), f"--repo-id={repo_id}"], capsys)
+    assert code == 2 and "not a valid Hub repo id" in text and hub_calls == []
+
+
+def test_an_unreachable_hub_fails_in_one_line(folders, hub_calls, monkeypatch):
+    dead = huggingface_hub.HfApi(endpoint="http://127.0.0.1:9")  # nothing listens there: no network
+    monkeypatch.setattr(huggingface_hub, "create_repo", dead.create_repo)
+    with pytest.raises(OSError) as err:
+        push_folder(str(folders / "gates"), "me/tiny", load_check=False)
+    msg = str(err.value)
+    assert msg.startswith("creating the repo me/tiny failed") and "\n" not in msg and TOKEN not in msg, msg
+    assert hub_calls == []  # no upload after the failure
+
+
+def test_validated_then_uploaded_in_one_commit(folders, hub_calls, capsys):
+    url = push_folder(str(folders / "gates"), "me/tiny", revision="v1", commit_message="gates")
+    assert url == "https://huggingface.co/me/tiny/tree/v1"
+    assert [c[0] for c in hub_calls] == ["create_repo", "create_branch", "upload_folder"]
+    up = hub_calls[-1][2]
+    assert (up["repo_id"], up["folder_path"], up["revision"], up["commit_message"], up["create_pr"]) == \
+        ("me/tiny", str(folders / "gates"), "v1", "gates", False)
+    hub_calls.clear()
+    code, text = 0, ""
+    try:
+        main(["push", str(folders / "full"), "--repo-id", "me/tiny", "--create-pr"])
+    except SystemExit as ex:
+        code = ex.code
+    text = capsys.readouterr().out
+    assert code in (0, None) and "https://huggingface.co/me/tiny/discussions/1" in text and TOKEN not in text
+    assert [c[0] for c in hub_calls] == ["create_repo", "upload_folder"] and hub_calls[-1][2]["create_pr"] is True
+
+
+def _broken(folders, tmp_path, how):
+    dst = tmp_path / "folder"
+    shutil.copytree(folders / "full", dst)
+    if how == "pickle":
+        (dst / "weights.bin").write_bytes(b"\x80\x04")
+    elif how == "dead-link":
+        (dst / "README.md").write_text((dst / "README.md").read_text() + "\n![plot](missing.png)\n")
+    elif how == "bad-yaml":
+        (dst / "README.md").write_text("---\nlicense: [unclosed\n---\n# card\n")
+    elif how == "no-card":
+        (dst / "README.md").unlink()
+    elif how == "broken-code":
+        (dst / "gate.py").unlink()
+    return dst
+
+
+@pytest.mark.parametrize("how, match", [
+    ("pickle", "pickled files"), ("dead-link", "links files the folder lacks"), ("bad-yaml", "does not parse"),
+    ("no-card", "no model card"), ("broken-code", "does not load with trust_remote_code=True"),
+], ids=["pickle", "dead-link", "bad-yaml", "no-card", "broken-code"])
+def test_invalid_folders_are_refused_before_any_hub_call(folders, hub_calls, tmp_path, how, match):
+    with pytest.raises(ValueError, match=match):
+        push_folder(str(_broken(folders, tmp_path, how)), "me/tiny")
+    assert hub_calls == []
+
+
+@pytest.mark.parametrize("kind", ["full", "gates"])
+def test_exported_folders_validate_and_load_without_the_package(folders, kind):
+    meta = validate_folder(str(folders / kind))  # includes the load in a process without seer_attn
+    assert meta["library_name"] == "transformers" and "seer-attention" in meta["tags"]
+
+
+@pytest.mark.parametrize("problem, match", [
+    ("offline", "offline mode"), ("no-token", "no Hugging Face token"), ("upload-folder-exists", "exists"),
+], ids=["offline", "no-token", "upload-folder-exists"])
+def test_push_to_hub_is_checked_before_training(hub_calls, monkeypatch, tmp_path, capsys, problem, match):
+    out = tmp_path / "out"
+    if problem == "offline":
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    elif problem == "no-token":
+        monkeypatch.setattr(huggingface_hub, "get_token", lambda: None)
+    else:
+        (out / "hub").mkdir(parents=True)
+        (out / "hub" / "old.txt").write_text("x")
+    code, text = _cli(["distill", "--push-to-hub", "me/tiny", "--output", str(out), "--steps", "1"], capsys)
+    assert code == 2 and match in text and hub_calls == [] and TOKEN not in text, text
+    assert not out.exists() or sorted(p.name for p in out.iterdir()) == ["hub"]  # training never started
+
+
+def test_push_to_hub_refuses_a_bad_repo_id_at_parse_time(tmp_path, capsys):
+    code, text = _cli(["distill", "--push-to-hub", "x--y", "--output", str(tmp_path / "out")], capsys)
+    assert code == 2 and "argument --push-to-hub" in text and "not a valid Hub repo id" in text
+    assert not (tmp_path / "out").exists()
