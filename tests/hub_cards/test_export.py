@@ -32,29 +32,33 @@ def guard(name, *a, **kw):
     return real_import(name, *a, **kw)
 builtins.__import__ = guard
 from transformers import AutoModelForCausalLM
-x = torch.load(sys.argv[1])
+x_path, out_path, dtype, device, *sources = sys.argv[1:]
+x = torch.load(x_path).to(device)
 out = {}
-for source in sys.argv[3:]:
+for source in sources:
     try:
-        m = AutoModelForCausalLM.from_pretrained(source, trust_remote_code=True).eval()
+        m = AutoModelForCausalLM.from_pretrained(source, trust_remote_code=True, dtype=getattr(torch, dtype))
+        m = m.to(device).eval()
         with torch.no_grad():
-            out[source] = (type(m).__module__, m(x).logits)
+            out[source] = (type(m).__module__, m(x).logits.float().cpu())
     except OSError as err:
         out[source] = str(err)
-torch.save(out, sys.argv[2])
+torch.save(out, out_path)
 """
 
 
-def load_elsewhere(tmp, cache, x, sources):
+def load_elsewhere(tmp, cache, x, sources, dtype="float32", device="cpu"):
     """``{source: (module of the class, logits) or the OSError's message}``: each source
-    loaded by ``AutoModelForCausalLM.from_pretrained(source, trust_remote_code=True)`` in a
-    fresh process that cannot import seer_attn, offline, with ``cache`` as the Hub cache."""
+    loaded by ``AutoModelForCausalLM.from_pretrained(source, trust_remote_code=True,
+    dtype=dtype)`` onto ``device`` in a fresh process that cannot import seer_attn, offline,
+    with ``cache`` as the Hub cache."""
     torch.save(x, tmp / "x.pt")
     (tmp / "load.py").write_text(LOAD)
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env.update(HF_HUB_CACHE=str(cache), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
                HF_MODULES_CACHE=str(tmp / "modules"))
-    r = subprocess.run([sys.executable, str(tmp / "load.py"), str(tmp / "x.pt"), str(tmp / "out.pt"), *sources],
+    r = subprocess.run([sys.executable, str(tmp / "load.py"), str(tmp / "x.pt"), str(tmp / "out.pt"), dtype, device,
+                        *sources],
                        capture_output=True, text=True, env=env, cwd=tmp, timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr
     return torch.load(tmp / "out.pt")
@@ -197,7 +201,8 @@ def test_cli_refuses_a_bad_repo_id_in_one_line(tmp_path, capsys):
 def test_smollm2_gates_only_is_small_and_loads_onto_the_gguf_by_hub_id(committed, hubfs, hub_cache, tmp_path):
     """The real embedded model with the shipped gates and the committed GPU results: the
     gates-only folder is under 10% of the full one, names the GGUF's Hub origin, and loaded
-    by Hub id (its GGUF base by Hub id too, from the cache) gives the full folder's logits."""
+    by Hub id (its GGUF base by Hub id too, from the cache) gives the full folder's logits;
+    with CUDA, also in bfloat16 through the Triton kernels at 2048 tokens."""
     from seer_attn.modeling_seer.conversion import default_model_path, load_seer_model
     gguf = default_model_path()
     model = load_seer_model(gguf, gates=str(committed.gates))
@@ -219,3 +224,9 @@ def test_smollm2_gates_only_is_small_and_loads_onto_the_gguf_by_hub_id(committed
     (_, ref), hub = out[str(tmp_path / "full")], out["seer-test/smollm2-gates"]
     assert not isinstance(hub, str), hub
     assert torch.equal(hub[1], ref)
+    if torch.cuda.is_available():
+        x = torch.randint(0, 49152, (1, 2048), generator=torch.Generator().manual_seed(0))
+        out = load_elsewhere(tmp_path, hub_cache.path, x, [str(tmp_path / "full"), "seer-test/smollm2-gates"],
+                             dtype="bfloat16", device="cuda")
+        (_, ref), (_, hub) = out[str(tmp_path / "full")], out["seer-test/smollm2-gates"]
+        assert torch.isfinite(ref).all() and torch.equal(hub, ref)
