@@ -57,7 +57,7 @@ def run_then_push(run, args):
     and push it (:mod:`.export`, :mod:`.push`); what can be checked is checked before training."""
     from seer_attn.training.cli_args import user_input
 
-    from .export import ExportOptions, export, listing
+    from .export import ExportOptions, export, listing, resolve_base
     from .push import check_online, check_token, push_folder
     repo = getattr(args, "push_to_hub", None)
     folder = os.path.join(args.output, HUB_FOLDER)
@@ -68,6 +68,10 @@ def run_then_push(run, args):
             if os.path.exists(folder) and (not os.path.isdir(folder) or os.listdir(folder)):
                 raise ValueError(f"--push-to-hub writes the upload folder {folder}, which exists: remove it or choose "
                                  "another --output")
+            if args.push_gates_only and not resolve_base(ExportOptions(output=folder, model=args.model), None).hub:
+                raise ValueError(f"--push-gates-only names --model {args.model!r} as the base, and others cannot load "
+                                 "a local path: distill a Hub model, or push the whole model (without "
+                                 "--push-gates-only)")
     res = run(args)
     if not repo:
         return res

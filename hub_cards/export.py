@@ -251,7 +251,9 @@ def _tokenizer(opts, base: BaseRef):
     """The tokenizer to ship in a full folder, or None when neither the source nor the base
     has one here (the card then loads the base's)."""
     from seer_attn.modeling_seer.conversion import load_tokenizer
-    for source in (opts.model, base.model if not base.hub else None):
+    # opts.model None is the embedded model (whose tokenizer load_tokenizer(None) reads); a
+    # local base is tried next (a Hub base is not fetched: export makes no network call)
+    for source in [opts.model] + ([base.model] if base.model and not base.hub else []):
         try:
             return load_tokenizer(source)
         except (OSError, ValueError):

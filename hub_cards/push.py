@@ -7,8 +7,9 @@ In this order, stopping at the first problem with one line (exit code 2) and not
 
 1. the repo id is checked with huggingface_hub's own validator;
 2. offline mode (``HF_HUB_OFFLINE`` / ``TRANSFORMERS_OFFLINE``) refuses at once;
-3. the folder: no pickled weights, a model card that ``ModelCard.load`` reads, whose
-   metadata (``model-index`` included) parses, and whose links name files of the folder;
+3. the folder: no pickled weights, a gates-only base named by Hub id (not a local path), a
+   model card that ``ModelCard.load`` reads, whose metadata (``model-index`` included)
+   parses, and whose links name files of the folder;
 4. the folder loads with ``AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)``
    in a fresh process where this package cannot be imported, and gives finite logits (a
    gates-only folder fetches its base for that, as its users will);
@@ -146,10 +147,29 @@ def validate_folder(folder, load=True) -> dict:
         raise ValueError(f"{folder} holds pickled files {pickles}: export writes safetensors only")
     if not os.path.isfile(os.path.join(folder, "config.json")):
         raise ValueError(f"{folder} has no config.json: make the folder with seer-attn export")
+    check_base(folder)
     meta = check_card(folder)
     if load:
         check_loads(folder)
     return meta
+
+
+def check_base(folder):
+    """A gates-only folder must name its base by Hub id: a local path loads nowhere else."""
+    import json
+
+    from seer_attn.modeling_seer.hub_utils import resolve_source
+    with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
+        base = json.load(f).get("seer_base_model")
+    if not base:
+        return
+    try:
+        local = resolve_source(base)[1]
+    except FileNotFoundError:
+        local = True
+    if local:
+        raise ValueError(f"{folder} is gates-only with the local base {base!r}, which others cannot load: export it "
+                         "again with --base naming the base's Hub id")
 
 
 def _hub_step(what, fn, *args, **kwargs):

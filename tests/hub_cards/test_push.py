@@ -1,6 +1,7 @@
 """``seer-attn push`` (hub_cards/push.py) and ``--push-to-hub``: bad repo ids and offline mode
 stop before anything is uploaded, the folder is validated (card, no pickles, loads where
 seer_attn is absent) before any Hub call, network failures end in one line, no token is shown."""
+import json
 import shutil
 from types import SimpleNamespace
 
@@ -15,13 +16,17 @@ TOKEN = "hf_NotARealTokenButSecret0123456789"
 
 
 @pytest.fixture(scope="module")
-def folders(tmp_path_factory, tiny):
+def folders(tmp_path_factory, tiny, hubfs):
+    """A full and a gates-only export of a tiny model; the gates-only base, by Hub id, is in
+    the Hugging Face cache ``ROOT/hf-cache``."""
     root = tmp_path_factory.mktemp("push-folders")
     stock = tiny.stock()
     stock.save_pretrained(root / "base")
+    hubfs.put(root / "hf-cache", "seer-test/tiny-base", hubfs.files(root / "base"), "1" * 40)
     seer = tiny.seer(stock)
     export(ExportOptions(output=str(root / "full"), model=str(root / "base")), model=seer)
-    export(ExportOptions(output=str(root / "gates"), model=str(root / "base"), gates_only=True), model=seer)
+    export(ExportOptions(output=str(root / "gates"), model=str(root / "base"), gates_only=True,
+                         base="seer-test/tiny-base", base_revision="1" * 40), model=seer)
     return root
 
 
@@ -81,7 +86,7 @@ def test_an_unreachable_hub_fails_in_one_line(folders, hub_calls, monkeypatch):
 
 
 def test_validated_then_uploaded_in_one_commit(folders, hub_calls, capsys):
-    url = push_folder(str(folders / "gates"), "me/tiny", revision="v1", commit_message="gates")
+    url = push_folder(str(folders / "gates"), "me/tiny", revision="v1", commit_message="gates", load_check=False)
     assert url == "https://huggingface.co/me/tiny/tree/v1"
     assert [c[0] for c in hub_calls] == ["create_repo", "create_branch", "upload_folder"]
     up = hub_calls[-1][2]
@@ -100,7 +105,7 @@ def test_validated_then_uploaded_in_one_commit(folders, hub_calls, capsys):
 
 def _broken(folders, tmp_path, how):
     dst = tmp_path / "folder"
-    shutil.copytree(folders / "full", dst)
+    shutil.copytree(folders / ("gates" if how == "local-base" else "full"), dst)
     if how == "pickle":
         (dst / "weights.bin").write_bytes(b"\x80\x04")
     elif how == "dead-link":
@@ -111,13 +116,18 @@ def _broken(folders, tmp_path, how):
         (dst / "README.md").unlink()
     elif how == "broken-code":
         (dst / "gate.py").unlink()
+    elif how == "local-base":
+        cfg = json.loads((dst / "config.json").read_text())
+        cfg["seer_base_model"], cfg["seer_base_revision"] = str(folders / "base"), None
+        (dst / "config.json").write_text(json.dumps(cfg))
     return dst
 
 
 @pytest.mark.parametrize("how, match", [
     ("pickle", "pickled files"), ("dead-link", "links files the folder lacks"), ("bad-yaml", "does not parse"),
     ("no-card", "no model card"), ("broken-code", "does not load with trust_remote_code=True"),
-], ids=["pickle", "dead-link", "bad-yaml", "no-card", "broken-code"])
+    ("local-base", "local base .* which others cannot load"),
+], ids=["pickle", "dead-link", "bad-yaml", "no-card", "broken-code", "local-base"])
 def test_invalid_folders_are_refused_before_any_hub_call(folders, hub_calls, tmp_path, how, match):
     with pytest.raises(ValueError, match=match):
         push_folder(str(_broken(folders, tmp_path, how)), "me/tiny")
@@ -125,24 +135,30 @@ def test_invalid_folders_are_refused_before_any_hub_call(folders, hub_calls, tmp
 
 
 @pytest.mark.parametrize("kind", ["full", "gates"])
-def test_exported_folders_validate_and_load_without_the_package(folders, kind):
+def test_exported_folders_validate_and_load_without_the_package(folders, monkeypatch, kind):
+    monkeypatch.setenv("HF_HUB_CACHE", str(folders / "hf-cache"))  # where the gates-only base is
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     meta = validate_folder(str(folders / kind))  # includes the load in a process without seer_attn
     assert meta["library_name"] == "transformers" and "seer-attention" in meta["tags"]
 
 
 @pytest.mark.parametrize("problem, match", [
     ("offline", "offline mode"), ("no-token", "no Hugging Face token"), ("upload-folder-exists", "exists"),
-], ids=["offline", "no-token", "upload-folder-exists"])
-def test_push_to_hub_is_checked_before_training(hub_calls, monkeypatch, tmp_path, capsys, problem, match):
+    ("local-base", "others cannot load a local path"),
+], ids=["offline", "no-token", "upload-folder-exists", "local-base"])
+def test_push_to_hub_is_checked_before_training(folders, hub_calls, monkeypatch, tmp_path, capsys, problem, match):
     out = tmp_path / "out"
-    if problem == "offline":
+    extra = []
+    if problem == "local-base":
+        extra = ["--push-gates-only", "--model", str(folders / "base")]
+    elif problem == "offline":
         monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     elif problem == "no-token":
         monkeypatch.setattr(huggingface_hub, "get_token", lambda: None)
     else:
         (out / "hub").mkdir(parents=True)
         (out / "hub" / "old.txt").write_text("x")
-    code, text = _cli(["distill", "--push-to-hub", "me/tiny", "--output", str(out), "--steps", "1"], capsys)
+    code, text = _cli(["distill", "--push-to-hub", "me/tiny", "--output", str(out), "--steps", "1", *extra], capsys)
     assert code == 2 and match in text and hub_calls == [] and TOKEN not in text, text
     assert not out.exists() or sorted(p.name for p in out.iterdir()) == ["hub"]  # training never started
 
@@ -151,3 +167,21 @@ def test_push_to_hub_refuses_a_bad_repo_id_at_parse_time(tmp_path, capsys):
     code, text = _cli(["distill", "--push-to-hub", "x--y", "--output", str(tmp_path / "out")], capsys)
     assert code == 2 and "argument --push-to-hub" in text and "not a valid Hub repo id" in text
     assert not (tmp_path / "out").exists()
+
+
+def test_push_to_hub_exports_the_trained_folder_with_its_envelope_and_pushes_it(folders, hub_calls, committed,
+                                                                                tmp_path, capsys):
+    """What --push-to-hub does after training, given what ``distill`` returns (its model
+    folder and results envelope: here a tiny model's folder and the shipped gates' envelope)."""
+    from seer_attn.hub_cards.cli import run_then_push
+    args = SimpleNamespace(output=str(tmp_path / "out"), push_to_hub="me/tiny", push_gates_only=False,
+                           push_private=True, model="seer-test/tiny-base")
+    res = {"model_dir": str(folders / "full"), "summary_path": str(committed.distill), "model": args.model}
+    assert run_then_push(lambda a: res, args) is res
+    hub = tmp_path / "out" / "hub"
+    assert [c[0] for c in hub_calls] == ["create_repo", "upload_folder"]
+    assert hub_calls[0][2]["private"] is True and hub_calls[1][2]["folder_path"] == str(hub)
+    card = (hub / "README.md").read_text()
+    assert "me/tiny" in card and "1000 optimizer steps of 2048 tokens" in card
+    assert (hub / "results" / committed.distill.name).is_file() and (hub / "model.safetensors").is_file()
+    assert "https://huggingface.co/me/tiny" in capsys.readouterr().out
