@@ -198,35 +198,47 @@ def test_cli_refuses_a_bad_repo_id_in_one_line(tmp_path, capsys):
     assert not (tmp_path / "o").exists()
 
 
-def test_smollm2_gates_only_is_small_and_loads_onto_the_gguf_by_hub_id(committed, hubfs, hub_cache, tmp_path):
-    """The real embedded model with the shipped gates and the committed GPU results: the
-    gates-only folder is under 10% of the full one, names the GGUF's Hub origin, and loaded
-    by Hub id (its GGUF base by Hub id too, from the cache) gives the full folder's logits;
-    with CUDA, also in bfloat16 through the Triton kernels at 2048 tokens."""
+@pytest.fixture(scope="module")
+def smollm2(tmp_path_factory, committed, hubfs):
+    """The real embedded model with the shipped gates, exported full and gates-only from the
+    committed GPU results; a Hub cache holding the gates-only folder and its GGUF base."""
     from seer_attn.modeling_seer.conversion import default_model_path, load_seer_model
+    root = tmp_path_factory.mktemp("smollm2")
     gguf = default_model_path()
     model = load_seer_model(gguf, gates=str(committed.gates))
     common = dict(model=gguf, results=[str(committed.demo_gpu), str(committed.distill)],
                   gate_label=committed.shipped_label)
-    full = export(ExportOptions(output=str(tmp_path / "full"), **common), model=model)
-    gates = export(ExportOptions(output=str(tmp_path / "gates"), gates_only=True, **common), model=model)
+    full = export(ExportOptions(output=str(root / "full"), **common), model=model)
+    gates = export(ExportOptions(output=str(root / "gates"), gates_only=True, **common), model=model)
+    cache = root / "hf-cache"
+    hubfs.put(cache, EMBEDDED_BASE["model"], {EMBEDDED_BASE["gguf_file"]: gguf}, EMBEDDED_BASE["revision"])
+    hubfs.put(cache, "seer-test/smollm2-gates", hubfs.files(root / "gates"), "5" * 40)
+    return SimpleNamespace(root=root, full=full, gates=gates, cache=cache)
+
+
+def test_smollm2_gates_only_is_small_and_loads_onto_the_gguf_by_hub_id(smollm2, hubfs, tmp_path):
+    """The gates-only folder is under 10% of the full one, names the GGUF's Hub origin, and
+    loaded by Hub id (its GGUF base by Hub id too, from the cache) gives the full folder's logits."""
+    full, gates, root = smollm2.full, smollm2.gates, smollm2.root
     assert gates["total_bytes"] < 0.1 * full["total_bytes"], (gates["total_bytes"], full["total_bytes"])
     assert {k: gates["base"][k] for k in EMBEDDED_BASE} == EMBEDDED_BASE and gates["base"]["license"] == "apache-2.0"
-    check_folder(tmp_path / "full", hubfs, TOKENIZER_FILES)
-    assert "tokenizer.json" in hubfs.files(tmp_path / "full")
-    check_folder(tmp_path / "gates", hubfs)
+    check_folder(root / "full", hubfs, TOKENIZER_FILES)
+    assert "tokenizer.json" in hubfs.files(root / "full")
+    check_folder(root / "gates", hubfs)
     assert gates["settings"]["seer_threshold"] == pytest.approx(gates["recommended"]["param"], rel=1e-5)
-
-    hub_cache.put(EMBEDDED_BASE["model"], {EMBEDDED_BASE["gguf_file"]: gguf}, EMBEDDED_BASE["revision"])
-    hub_cache.put("seer-test/smollm2-gates", hubfs.files(tmp_path / "gates"), "5" * 40)
     x = torch.randint(0, 49152, (1, 150), generator=torch.Generator().manual_seed(0))
-    out = load_elsewhere(tmp_path, hub_cache.path, x, [str(tmp_path / "full"), "seer-test/smollm2-gates"])
-    (_, ref), hub = out[str(tmp_path / "full")], out["seer-test/smollm2-gates"]
+    out = load_elsewhere(tmp_path, smollm2.cache, x, [str(root / "full"), "seer-test/smollm2-gates"])
+    (_, ref), hub = out[str(root / "full")], out["seer-test/smollm2-gates"]
     assert not isinstance(hub, str), hub
     assert torch.equal(hub[1], ref)
-    if torch.cuda.is_available():
-        x = torch.randint(0, 49152, (1, 2048), generator=torch.Generator().manual_seed(0))
-        out = load_elsewhere(tmp_path, hub_cache.path, x, [str(tmp_path / "full"), "seer-test/smollm2-gates"],
-                             dtype="bfloat16", device="cuda")
-        (_, ref), (_, hub) = out[str(tmp_path / "full")], out["seer-test/smollm2-gates"]
-        assert torch.isfinite(ref).all() and torch.equal(hub, ref)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (bfloat16 through the Triton kernels)")
+def test_gpu_smollm2_gates_only_matches_the_full_folder_in_bf16(smollm2, tmp_path):
+    root = smollm2.root
+    x = torch.randint(0, 49152, (1, 2048), generator=torch.Generator().manual_seed(0))
+    out = load_elsewhere(tmp_path, smollm2.cache, x, [str(root / "full"), "seer-test/smollm2-gates"],
+                         dtype="bfloat16", device="cuda")
+    (_, ref), hub = out[str(root / "full")], out["seer-test/smollm2-gates"]
+    assert not isinstance(hub, str), hub
+    assert torch.isfinite(ref).all() and torch.equal(hub[1], ref)
