@@ -397,6 +397,14 @@ def _usage(spec: CardSpec, rec_settings) -> str:
     return "\n".join(lines)
 
 
+def _needs(spec: CardSpec) -> str:
+    """What loading the repository needs installed."""
+    gguf = spec.gates_only and (spec.base.gguf_file or str(spec.base.model or "").lower().endswith(".gguf"))
+    return ("Needs `torch` and `transformers` (5.x)" + (", and `gguf` to read the base's GGUF file" if gguf else "") +
+            "; the model code ships in this repository (on a GPU its kernels use Triton, which CUDA builds of "
+            "torch include).")
+
+
 def _contents(spec: CardSpec) -> str:
     b = spec.base
     base = f"`{b.model}`" + (f" (revision `{b.revision}`" if b.revision else "") + \
@@ -509,7 +517,7 @@ def render_card(spec: CardSpec, sources, plot_file=PLOT_FILE):
             "outputs exactly.", "",
             "## What is here", "", _contents(spec), "",
             "## Usage", "",
-            "Needs `transformers` (5.x) and `torch`; no other package, the model code ships in this repository.", "",
+            _needs(spec), "",
             _usage(spec, spec.settings), ""]
     if spec.settings:
         s = spec.settings
