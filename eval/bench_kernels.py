@@ -5,7 +5,7 @@ batch 1, causal. Columns: SDPA flash (FA2) and cuDNN backends, FlexAttention (de
 with the same 64x64 block masks as ours), ours at several densities, attn_with_pooling,
 and the backward pass (dense SDPA flash vs ours).
 
-    python -m seer_attn.eval.bench_kernels --lengths 8192 32768 131072 --out results/kernels
+    python -m seer_attn.eval.bench_kernels --lengths 8192 32768 131072 --out seer_outputs/kernels
 
 Writes ``kernels.csv``, ``kernels.json`` (a results envelope of kind ``"kernels"``,
 :mod:`seer_attn.training.results`: provenance, config, rows, plus ``checks`` and ``tuning``)
@@ -66,7 +66,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--bwd-lengths", type=ca.positive_int, nargs="*", default=[8192, 32768])
     ap.add_argument("--flex-lengths", type=ca.positive_int, nargs="*", default=None, help="default: all lengths")
     ap.add_argument("--tune", action="store_true", help="sweep launch configs at 32k first, keep the fastest")
-    ap.add_argument("--out", default="results/kernels")
+    ap.add_argument("--out", default="seer_outputs/kernels", help="output folder (default: %(default)s)")
     ap.add_argument("--plot", default=None, help="only redraw the PNG from this CSV")
     return ap
 

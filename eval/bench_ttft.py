@@ -6,7 +6,7 @@ prefill with the gate at ``nz_ratio`` 0.3 / 0.1 (random gates: the gate picks bl
 count per row is what nz_ratio fixes). Also the gate + block-mask overhead per layer as a
 share of one layer's dense attention time.
 
-    python -m seer_attn.eval.bench_ttft --lengths 32768 65536 131072 --out results/ttft
+    python -m seer_attn.eval.bench_ttft --lengths 32768 65536 131072 --out seer_outputs/ttft
 
 Writes ``ttft.json`` (a results envelope of kind ``"ttft"``, :mod:`seer_attn.training.results`:
 provenance, config, rows, plus ``overhead``) and ``ttft.csv``. Needs a CUDA GPU (without one:
@@ -81,7 +81,7 @@ def parser() -> argparse.ArgumentParser:
                     help="gate nz_ratio of each seer row")
     ap.add_argument("--layers", type=ca.positive_int, default=32, help="decoder layers of the 8B-shaped model")
     ap.add_argument("--reps", type=ca.positive_int, default=3, help="timed prefills per setting (median)")
-    ap.add_argument("--out", default="results/ttft")
+    ap.add_argument("--out", default="seer_outputs/ttft", help="output folder (default: %(default)s)")
     return ap
 
 
