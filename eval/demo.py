@@ -243,9 +243,10 @@ def evaluate_gates(model_dir, on_gpu, eval_len, windows, densities, output, *, c
     return {"rows": rows, "table": table, "conclusion": conclusion, "best": best, "plot": plot}
 
 
-def density_table(rows) -> str:
+def density_table(rows, footer=True) -> str:
     """Markdown: one line per matched density, each gate's and streaming's PPL above dense
-    (the compact view of :func:`evaluate_gates`' rows; the README's demo table)."""
+    (the compact view of :func:`evaluate_gates`' rows; the README's demo table), then, with
+    ``footer``, the dense PPL."""
     dense = next((r["ppl"] for r in rows if r["selector"] == "dense"), None)
     labels = list(dict.fromkeys(r.get("label") or "Seer gate" for r in rows if r["selector"] == "gate"))
     lines = ["| density | " + " | ".join(labels) + " | streaming (sink + recent) |",
@@ -257,7 +258,7 @@ def density_table(rows) -> str:
                       and r["target_density"] == s["target_density"] and r.get("ppl")), None)
             cells.append("—" if g is None else f"{100 * (g['ppl'] / dense - 1):+.1f}%")
         lines.append(f"| {s['density']:.2f} | " + " | ".join(cells) + f" | {100 * (s['ppl'] / dense - 1):+.1f}% |")
-    return "\n".join(lines) + f"\n\n(PPL above dense, {dense:.3f}.)"
+    return "\n".join(lines) + (f"\n\n(PPL above dense, {dense:.3f}.)" if footer else "")
 
 
 def summarize(rows) -> str:
