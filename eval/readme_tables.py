@@ -113,8 +113,8 @@ _KERNEL_COLUMNS = [("SDPA flash", "sdpa_flash"), ("SDPA cuDNN", "sdpa_cudnn"), (
 def _kernels(path):
     def render(root):
         env = load_envelope(root, path)
-        prov, cfg = env["provenance"], env["config"]
-        shape = cfg["shape"]
+        prov = env["provenance"]
+        shape = env.get("resolved", {}).get("shape") or env["config"]["shape"]  # runs before resolved: in config
         caption = (f"{prov['gpu']}, torch {prov['versions'].get('torch', '?').split('+')[0]}, triton "
                    f"{prov['versions'].get('triton', '?')}, commit {_commit(prov)} ({path}); causal prefill, "
                    f"{shape['dtype']}, {shape['HQ']} query / {shape['H']} KV heads, d={shape['D']}, batch "
@@ -236,8 +236,8 @@ def passkey_h100(root) -> str:
     cfg = env["config"]
     depths = len({c["depth"] for c in dense["cells"]})
     caption = (f"Passkey retrieval, {n} prompts ({' / '.join(_tokens(int(x)) for x in lengths)} tokens × {depths} "
-               f"depths × {cfg['passkey_samples']} prompts), greedy; last {cfg['passkey_dense_last_rows'][0]} block rows "
-               f"dense, sink + local block kept; each run paired prompt by prompt with dense (lost, gained, exact "
+               f"depths × {cfg['passkey_samples']} prompts), greedy; last {cfg['passkey_dense_last_rows'][0]} block "
+               f"rows dense, sink + local block kept; each run paired prompt by prompt with dense (lost, gained, exact "
                f"two-sided sign test p) ({path}):")
     return caption + "\n\n" + _table(["selection", "density", f"density at {_tokens(int(longest))}", "accuracy",
                                       "lost", "gained", "p"], body)

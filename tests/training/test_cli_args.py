@@ -38,8 +38,3 @@ def test_reason_is_what_the_run_configs_say():
     err = pytest.raises(ca.ArgValueError, ca.int_at_least(2), "1").value
     assert str(err) == "invalid value '1': expected an integer >= 2" and err.reason == "expected an integer >= 2"
     assert str(ca.ArgValueError("no value named")) == "no value named"
-
-
-def test_config_of_leaves_callbacks_out():
-    ns = argparse.Namespace(n=3, func=print, command="eval")
-    assert ca.config_of(ns, device="cpu") == {"n": 3, "command": "eval", "device": "cpu"}
