@@ -36,7 +36,7 @@ from seer_attn.kernels.block_sparse_attn import attn_with_pooling, block_sparse_
 from .gate import AttnGate, gate_distill_loss
 from .hub_utils import hub_call, resolve_source
 from .remote_bundle import write_remote_code
-from .selection import ScoreInputs, causal_density, get_selector, select_blocks_for
+from .selection import ScoreInputs, causal_density, get_selector, select_blocks_for, window_fill
 
 GATES_FILE = "seer_gates.safetensors"
 
@@ -98,7 +98,8 @@ class SeerAttentionMixin:
             q: ``[B, HQ, Tq, D]`` after RoPE; k, v: ``[B, H, Tk, D]`` after RoPE and the cache
                 (KV heads not repeated).
             q_pre, k_pre: q and k before RoPE (what the gate sees; family-specific norms applied).
-            attention_mask, kwargs: as the family's attention interface takes them (dense path).
+            attention_mask, kwargs: as the family's attention interface takes them (dense path);
+                ``sliding_window`` among them (tokens, or None) is the layer's window in every mode.
             seer_ctx: the :class:`SeerForwardContext` of this forward (needed at sparse/distill prefill).
             eager_attention: the family's eager attention function (the interface's fallback).
 
@@ -110,12 +111,12 @@ class SeerAttentionMixin:
             if seer_ctx is None:
                 raise ValueError(f"{type(self).__name__} in seer_mode {mode!r} needs the seer_ctx built by the "
                                  "model's forward")
-            return self._seer_prefill(mode, q, k, v, q_pre, k_pre, seer_ctx), None
+            return self._seer_prefill(mode, q, k, v, q_pre, k_pre, seer_ctx, kwargs.get("sliding_window")), None
         interface = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention)
         return interface(self, q, k, v, attention_mask, dropout=0.0 if not self.training else self.attention_dropout,
                          scaling=self.scaling, **kwargs)
 
-    def _seer_prefill(self, mode, q, k, v, q_pre, k_pre, ctx):
+    def _seer_prefill(self, mode, q, k, v, q_pre, k_pre, ctx, window=None):
         cfg = self.config
         if not q.dtype == k.dtype == v.dtype:  # e.g. autocast: RoPE in fp32, v in bf16
             q, k = q.to(v.dtype), k.to(v.dtype)
@@ -123,28 +124,30 @@ class SeerAttentionMixin:
             # Detached inputs: the gate learns to predict the model's attention; its loss must
             # never move the base weights (they stay frozen in post-training either way).
             scores = self.attn_gate(q_pre.detach(), k_pre.detach(), rope=ctx.gate_rope, valid=ctx.valid)
+            scores = window_fill(scores, window, cfg.seer_block_size)  # the gate ranks only reachable blocks
             pool_op = "max" if cfg.seer_distill_target == "max" else "sum"
             out, pooled = attn_with_pooling(q, k, v, True, self.scaling, cfg.seer_block_size,
-                                            seq_bounds=ctx.seq_bounds, pool_op=pool_op)
+                                            seq_bounds=ctx.seq_bounds, pool_op=pool_op, window=window)
             ctx.gate_losses.append(gate_distill_loss(scores, pooled))
             return out.transpose(1, 2)
         if ctx.forced_masks is not None:
             mask = ctx.forced_masks[self.layer_idx]
         else:
             with torch.no_grad():
-                mask = select_blocks_for(self.block_scores(q, k, v, q_pre, k_pre, ctx), cfg)
-        out = block_sparse_attn(q, k, v, mask, True, self.scaling, cfg.seer_block_size, seq_bounds=ctx.seq_bounds)
-        ctx.densities.append(causal_density(mask))
+                mask = select_blocks_for(self.block_scores(q, k, v, q_pre, k_pre, ctx, window), cfg, window)
+        out = block_sparse_attn(q, k, v, mask, True, self.scaling, cfg.seer_block_size, seq_bounds=ctx.seq_bounds,
+                                window=window)
+        ctx.densities.append(causal_density(mask, window, cfg.seer_block_size))
         if ctx.masks is not None:
             ctx.masks.append(mask)
         return out.transpose(1, 2)
 
-    def block_scores(self, q, k, v, q_pre, k_pre, ctx):
+    def block_scores(self, q, k, v, q_pre, k_pre, ctx, window=None):
         """Block logits ``[B, HQ, NB, NB]`` of the registered selector ``config.seer_selector``
-        (shapes as in :meth:`seer_attention`)."""
+        (shapes as in :meth:`seer_attention`; ``window``: the layer's sliding window)."""
         return get_selector(self.config.seer_selector).scores(ScoreInputs(
             q, k, v, q_pre, k_pre, self.config.seer_block_size, self.scaling, gate=self.attn_gate,
-            valid=ctx.valid, seq_bounds=ctx.seq_bounds, gate_rope=ctx.gate_rope))
+            valid=ctx.valid, seq_bounds=ctx.seq_bounds, gate_rope=ctx.gate_rope, window=window))
 
 
 def gate_rotary_config(config):
