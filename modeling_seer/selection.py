@@ -254,3 +254,60 @@ register_selector(Selector("oracle_mass", _oracle("sum"), "true block attention 
                            baseline_methods=("nz_ratio", "coverage")))
 register_selector(Selector("meanpool", lambda x: meanpool_scores(x.q, x.k, x.block_size, x.valid),
                            "mean-pooled q.k (MoBA-like)", baseline_methods=("nz_ratio",)))
+
+
+# -- decode steps ------------------------------------------------------------------------
+
+#: How a decode step picks its KV blocks: a token budget, a share of the sequence's blocks,
+#: or a threshold on the decode gate's softmaxed scores.
+DECODE_METHODS = ("budget", "share", "threshold")
+
+
+def select_decode_blocks(scores, first_block, method, budget=2048, share=0.1, threshold=1e-3, block_size=64):
+    """The KV blocks one decode step reads, per KV head (shared by its query group).
+
+    Args:
+        scores: float ``[B, H, NC]`` decode-gate logits of the full blocks ``0 .. NC - 1``
+            before the current block (whose index is NC).
+        first_block: long ``[B]``, each sequence's first block holding a real token (blocks
+            before it are left padding): the sink block.
+        method: ``"budget"`` keeps ``max(2, budget // block_size)`` blocks; ``"share"`` keeps
+            ``max(2, ceil(share * n))`` of the sequence's n blocks (the current one included);
+            ``"threshold"`` keeps the blocks whose score, softmaxed over the candidates, is
+            >= ``threshold``. The sink and the current block are always kept (and count in
+            the budget and the share).
+
+    Returns:
+        ``(idx, cnt)``: int32 ``[B, H, K]`` block lists for :func:`block_sparse_decode` (-1
+        entries are skipped; the current block last) and int32 ``[B, H]`` the number of kept blocks.
+    """
+    B, H, NC = scores.shape
+    dev = scores.device
+    j = torch.arange(NC, device=dev)
+    first_block = first_block.to(dev)
+    valid = (j[None, :] >= first_block[:, None])[:, None]  # [B, 1, NC]
+    sink = (j[None, :] == first_block[:, None])[:, None]
+    s = scores.float().masked_fill(~valid, float("-inf"))
+    if method == "threshold":
+        p = torch.softmax(s, dim=-1).nan_to_num_(0.0)
+        keep = ((p >= threshold) | sink) & valid
+        pos = (keep.cumsum(-1) - 1).masked_fill(~keep, NC)
+        idx = torch.full((B, H, NC + 1), -1, dtype=torch.int32, device=dev)
+        idx.scatter_(-1, pos, j.to(torch.int32).expand(B, H, NC))
+        idx = idx[..., :NC]
+    elif method in ("budget", "share"):
+        if method == "budget":
+            want = torch.full((B,), max(2, budget // block_size), device=dev)
+            kk = min(NC, max(2, budget // block_size) - 1)
+        else:
+            n_real = NC - first_block + 1
+            want = torch.ceil(share * n_real.double()).long().clamp_min(2)
+            kk = min(NC, max(1, math.ceil(share * (NC + 1)) - 1))
+        vals, idx = torch.topk(s.masked_fill(sink, float("inf")), kk, dim=-1)
+        rank = torch.arange(kk, device=dev)
+        drop = (vals == float("-inf")) | (rank[None, None, :] >= (want - 1)[:, None, None])
+        idx = idx.to(torch.int32).masked_fill(drop, -1)
+    else:
+        raise ValueError(f"decode method must be one of {DECODE_METHODS}, got {method!r}")
+    idx = torch.cat([idx, torch.full((B, H, 1), NC, dtype=torch.int32, device=dev)], dim=-1)
+    return idx, (idx >= 0).sum(-1, dtype=torch.int32)
