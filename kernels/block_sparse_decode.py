@@ -212,8 +212,9 @@ def block_sparse_decode(q, k_cache, v_cache, block_index_or_mask, seq_lens, sm_s
         block_counts: optional int ``[B, H]`` with int indices: only the first
             ``block_counts`` entries of each row are read (lists of unequal lengths).
         num_splits: parts each block list is cut into (default: enough to fill the GPU).
-        check_lengths: check the values of ``seq_lens`` / ``seq_starts`` (one device sync);
-            a decode loop whose lengths are right by construction passes False.
+        check_lengths: check the values of ``seq_lens`` / ``seq_starts`` (one device sync) and
+            clamp ``block_counts`` to K; a decode loop whose lengths and counts are right by
+            construction passes False.
         backend: ``"auto"`` (Triton on CUDA, the torch reference elsewhere), ``"triton"``
             or ``"torch"``.
 

@@ -121,7 +121,8 @@ def check_decode_inputs(q, k_cache, v_cache, block_index_or_mask, seq_lens, sm_s
     block indices of which the first ``cnt`` (int32 ``[B, H]``) entries are read (entries
     outside ``[0, NB)`` are skipped), ``lens`` / ``starts`` int32 ``[B]`` (``starts`` None when
     not given). Raises TypeError / ValueError naming the offending argument and value;
-    ``check_lengths=False`` skips the value checks of ``seq_lens`` / ``seq_starts`` (a device sync).
+    ``check_lengths=False`` trusts the values of ``seq_lens`` / ``seq_starts`` / ``block_counts`` (their
+    checks cost a device sync and kernels on a decode loop's hot path).
     """
     for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
         if not isinstance(t, torch.Tensor):
@@ -169,7 +170,9 @@ def check_decode_inputs(q, k_cache, v_cache, block_index_or_mask, seq_lens, sm_s
                                 f"{getattr(block_counts, 'dtype', type(block_counts).__name__)}")
             if tuple(block_counts.shape) != (B, H):
                 raise ValueError(f"block_counts must have shape [B, H] = {(B, H)}, got {tuple(block_counts.shape)}")
-            cnt = block_counts.to(device=q.device, dtype=torch.int32).clamp(0, idx.shape[-1]).contiguous()
+            cnt = block_counts.to(device=q.device, dtype=torch.int32).contiguous()
+            if check_lengths:
+                cnt = cnt.clamp(0, idx.shape[-1])
     lens = _check_lengths("seq_lens", seq_lens, B, S, q.device, check_lengths)
     starts = None if seq_starts is None else _check_lengths("seq_starts", seq_starts, B, S, q.device, check_lengths)
     if check_lengths:

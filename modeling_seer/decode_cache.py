@@ -71,7 +71,7 @@ class PooledKCache:
         self.first_block = self.starts // block_size  # each sequence's sink block
         self.layers = [_LayerBlocks() for _ in range(num_layers)]
         self.length = 0  # cache slots recorded (after a whole forward)
-        self._kept = None  # sum over decode steps and layers of the kept share, per sequence
+        self._kept = None  # sum over decode steps of the kept share (mean over layers and heads), per sequence
         self._kept_n = 0
 
     @property
@@ -88,10 +88,11 @@ class PooledKCache:
         L = self.layers[layer]
         return L.keys[:, :, :L.n] if L.keys is not None else None
 
-    def note_kept(self, kept, current):
-        """Record one layer's decode step: ``kept`` int ``[B, H]`` blocks read, ``current`` the
-        current block's index (the sequence has ``current - first_block + 1`` blocks)."""
-        share = kept.float().mean(-1) / (current - self.first_block + 1).float()
+    def note_kept(self, kept_sum, layers_heads, current):
+        """Record one decode step: ``kept_sum`` ``[B]`` blocks read summed over ``layers_heads``
+        (layer, KV head) pairs, ``current`` the current block's index (the sequence has
+        ``current - first_block + 1`` blocks)."""
+        share = kept_sum.float() / (layers_heads * (current - self.first_block + 1).float())
         self._kept = share if self._kept is None else self._kept + share
         self._kept_n += 1
 
@@ -148,6 +149,15 @@ class DecodeStep:
             self.block_rope = None
         self.lens = torch.full((state.batch_size,), past + T, dtype=torch.int32, device=device)
         self.seq_starts = starts if state.padded else None
+        self.current = past // bs  # the new token's block (decode steps)
+        self.selection = None  # prepare_decode_selection of this step, made by the first layer
+        self._kept, self._kept_layers = None, 0
+
+    def note_kept(self, cnt):
+        """Add one layer's kept block counts ``[B, H]`` (folded into the state by :meth:`finish`)."""
+        kept = cnt.sum(-1)
+        self._kept = kept if self._kept is None else self._kept + kept
+        self._kept_layers += cnt.shape[1]
 
     def record(self, layer, k_pre, gate):
         """Add this forward's pre-RoPE keys ``[B, H, T, D]`` of layer ``layer``: pool and project
@@ -171,6 +181,8 @@ class DecodeStep:
 
     def finish(self):
         self.state.length = self.past + self.T
+        if self._kept is not None:
+            self.state.note_kept(self._kept, self._kept_layers, self.current)
 
 
 def decode_step_for(cache, config, B, T, attention_mask, rope_at, device):

@@ -45,8 +45,8 @@ from .decode_gate import DecodeGate, decode_block_target, decode_candidates, dec
 from .gate import AttnGate, gate_distill_loss
 from .hub_utils import hub_call, resolve_source
 from .remote_bundle import write_remote_code
-from .selection import ScoreInputs, block_pool, causal_density, get_selector, select_blocks_for, \
-    select_decode_blocks
+from .selection import ScoreInputs, block_pool, causal_density, get_selector, prepare_decode_selection, \
+    select_blocks_for, select_decode_blocks
 
 logger = logging.getLogger(__name__)
 
@@ -183,16 +183,19 @@ class SeerAttentionMixin:
         if not q.dtype == k.dtype == v.dtype:
             q, k = q.to(v.dtype), k.to(v.dtype)
         gate = getattr(self.attn_gate, DECODE_GATE)
-        current = step.past // cfg.seer_block_size  # the new token's block
+        current = step.current  # the new token's block
         with torch.no_grad():
+            if step.selection is None:  # the same for every layer of this step
+                step.selection = prepare_decode_selection(state.first_block, current, cfg.seer_decode_method,
+                                                          cfg.seer_decode_budget, cfg.seer_decode_share,
+                                                          cfg.seer_block_size)
             keys = state.gate_keys(self.layer_idx)
             scores = gate.scores(gate.query(q_pre, rope=step.q_rope), keys[:, :, :current]).squeeze(2)
             idx, cnt = select_decode_blocks(scores, state.first_block, cfg.seer_decode_method,
-                                            budget=cfg.seer_decode_budget, share=cfg.seer_decode_share,
-                                            threshold=cfg.seer_decode_threshold, block_size=cfg.seer_block_size)
+                                            threshold=cfg.seer_decode_threshold, prepared=step.selection)
         out = block_sparse_decode(q, k, v, idx, step.lens, self.scaling, cfg.seer_block_size,
                                   seq_starts=step.seq_starts, block_counts=cnt, check_lengths=False)
-        state.note_kept(cnt, current)
+        step.note_kept(cnt)
         return out.transpose(1, 2)
 
     def _decode_distill_loss(self, q, k, q_pre, k_pre, ctx):

@@ -263,7 +263,41 @@ register_selector(Selector("meanpool", lambda x: meanpool_scores(x.q, x.k, x.blo
 DECODE_METHODS = ("budget", "share", "threshold")
 
 
-def select_decode_blocks(scores, first_block, method, budget=2048, share=0.1, threshold=1e-3, block_size=64):
+def prepare_decode_selection(first_block, num_candidates, method, budget=2048, share=0.1, block_size=64):
+    """What :func:`select_decode_blocks` needs besides the scores, for one decode step of a
+    batch (the same for every layer, so a model computes it once per step).
+
+    Returns a dict: ``bias`` float ``[B, 1, NC]`` added to the scores (-inf on left-padding
+    blocks, +inf on the sink for the top-k methods), ``valid`` / ``sink`` bool ``[B, 1, NC]``,
+    ``k`` the top-k width, ``last_rank`` long ``[B, 1, 1]`` (the rank below which a row keeps
+    its top-k entries; None when every row keeps ``k``) and ``current`` int32 ``[B, 1, 1]``."""
+    NC = num_candidates
+    dev = first_block.device
+    j = torch.arange(NC, device=dev)
+    first_block = first_block.long()
+    valid = (j[None, :] >= first_block[:, None])[:, None]  # [B, 1, NC]
+    sink = (j[None, :] == first_block[:, None])[:, None]
+    bias = torch.zeros(valid.shape, device=dev).masked_fill_(~valid, float("-inf"))
+    last_rank = None
+    if method == "budget":
+        k = min(NC, max(2, budget // block_size) - 1)
+    elif method == "share":
+        n_real = NC - first_block + 1  # the sequence's blocks, the current one included
+        last_rank = (torch.ceil(share * n_real.double()).long().clamp_min(2) - 1)[:, None, None]
+        k = min(NC, max(1, math.ceil(share * (NC + 1)) - 1))
+    elif method == "threshold":
+        k = NC
+    else:
+        raise ValueError(f"decode method must be one of {DECODE_METHODS}, got {method!r}")
+    if method != "threshold":
+        bias.masked_fill_(sink, float("inf"))
+    current = torch.full((first_block.shape[0], 1, 1), NC, dtype=torch.int32, device=dev)
+    return {"method": method, "bias": bias, "valid": valid, "sink": sink, "k": k, "last_rank": last_rank,
+            "current": current}
+
+
+def select_decode_blocks(scores, first_block, method, budget=2048, share=0.1, threshold=1e-3, block_size=64,
+                         prepared=None):
     """The KV blocks one decode step reads, per KV head (shared by its query group).
 
     Args:
@@ -276,38 +310,27 @@ def select_decode_blocks(scores, first_block, method, budget=2048, share=0.1, th
             ``"threshold"`` keeps the blocks whose score, softmaxed over the candidates, is
             >= ``threshold``. The sink and the current block are always kept (and count in
             the budget and the share).
+        prepared: :func:`prepare_decode_selection` of the same step (computed here when None).
 
     Returns:
         ``(idx, cnt)``: int32 ``[B, H, K]`` block lists for :func:`block_sparse_decode` (-1
         entries are skipped; the current block last) and int32 ``[B, H]`` the number of kept blocks.
     """
     B, H, NC = scores.shape
-    dev = scores.device
-    j = torch.arange(NC, device=dev)
-    first_block = first_block.to(dev)
-    valid = (j[None, :] >= first_block[:, None])[:, None]  # [B, 1, NC]
-    sink = (j[None, :] == first_block[:, None])[:, None]
-    s = scores.float().masked_fill(~valid, float("-inf"))
+    if prepared is None:
+        prepared = prepare_decode_selection(first_block.to(scores.device), NC, method, budget, share, block_size)
+    s = scores.float() + prepared["bias"]
     if method == "threshold":
-        p = torch.softmax(s, dim=-1).nan_to_num_(0.0)
-        keep = ((p >= threshold) | sink) & valid
+        keep = ((torch.softmax(s, dim=-1).nan_to_num_(0.0) >= threshold) | prepared["sink"]) & prepared["valid"]
         pos = (keep.cumsum(-1) - 1).masked_fill(~keep, NC)
-        idx = torch.full((B, H, NC + 1), -1, dtype=torch.int32, device=dev)
-        idx.scatter_(-1, pos, j.to(torch.int32).expand(B, H, NC))
+        idx = torch.full((B, H, NC + 1), -1, dtype=torch.int32, device=s.device)
+        idx.scatter_(-1, pos, torch.arange(NC, dtype=torch.int32, device=s.device).expand(B, H, NC))
         idx = idx[..., :NC]
-    elif method in ("budget", "share"):
-        if method == "budget":
-            want = torch.full((B,), max(2, budget // block_size), device=dev)
-            kk = min(NC, max(2, budget // block_size) - 1)
-        else:
-            n_real = NC - first_block + 1
-            want = torch.ceil(share * n_real.double()).long().clamp_min(2)
-            kk = min(NC, max(1, math.ceil(share * (NC + 1)) - 1))
-        vals, idx = torch.topk(s.masked_fill(sink, float("inf")), kk, dim=-1)
-        rank = torch.arange(kk, device=dev)
-        drop = (vals == float("-inf")) | (rank[None, None, :] >= (want - 1)[:, None, None])
-        idx = idx.to(torch.int32).masked_fill(drop, -1)
     else:
-        raise ValueError(f"decode method must be one of {DECODE_METHODS}, got {method!r}")
-    idx = torch.cat([idx, torch.full((B, H, 1), NC, dtype=torch.int32, device=dev)], dim=-1)
+        vals, idx = torch.topk(s, prepared["k"], dim=-1)
+        drop = vals == float("-inf")
+        if prepared["last_rank"] is not None:
+            drop |= torch.arange(prepared["k"], device=s.device) >= prepared["last_rank"]
+        idx = idx.to(torch.int32).masked_fill_(drop, -1)
+    idx = torch.cat([idx, prepared["current"].expand(B, H, 1)], dim=-1)
     return idx, (idx >= 0).sum(-1, dtype=torch.int32)
