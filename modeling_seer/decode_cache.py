@@ -96,6 +96,25 @@ class PooledKCache:
         self._kept = share if self._kept is None else self._kept + share
         self._kept_n += 1
 
+    def rewind(self, length):
+        """Forget the slots from ``length`` on, as a KV cache cropped to ``length`` (e.g. rejected
+        draft tokens): only slots of the partly filled block can be dropped (a full block's
+        pooled keys cannot be split again); ValueError otherwise."""
+        for i, L in enumerate(self.layers):
+            kept = length - L.n * self.block_size
+            have = L.partial.shape[2] if L.partial is not None else 0
+            if not 0 <= kept <= have:
+                raise ValueError(f"cannot rewind the pooled-K cache of layer {i} to {length} slots: it holds {L.n} "
+                                 f"full blocks and {have} slots after them")
+        for L in self.layers:
+            kept = length - L.n * self.block_size
+            L.partial = L.partial[:, :, :kept].clone() if kept else None
+        self.length = length
+
+    def reset_statistics(self):
+        """Start :meth:`decode_density` afresh."""
+        self._kept, self._kept_n = None, 0
+
     def decode_density(self):
         """Mean kept share of each sequence's blocks over the decode steps and layers so far,
         float ``[B]`` (None before any sparse decode step)."""

@@ -75,7 +75,8 @@ class DecodeGate(nn.Module):
 
     def scores(self, qg, kg):
         """Logits ``[B, H, T, N]`` of projected queries ``[B, H, T, G]`` against block keys ``[B, H, N, G]``."""
-        return torch.matmul(qg, kg.to(qg.dtype).transpose(-1, -2)) / math.sqrt(self.hidden_size)
+        # in the keys' dtype (a decode step's cached keys are in the model's dtype: no float copy of them)
+        return torch.matmul(qg.to(kg.dtype), kg.transpose(-1, -2)).float() / math.sqrt(self.hidden_size)
 
 
 def sample_decode_rows(bounds, num_rows, block_size, min_blocks=2):

@@ -201,6 +201,30 @@ def test_unsupported_cache_handling_is_refused(tiny):
         m(ids, attention_mask=mask, use_cache=True)
 
 
+@torch.no_grad()
+def test_rewind_inside_the_partial_block(tiny):
+    """Cropping the KV cache and rewinding its pooled-K cache by as many slots (rejected draft
+    tokens) continues exactly as if the cropped tokens had never been fed; a rewind into a
+    full block is refused."""
+    m = tiny(**DECODE, seer_decode_sparsity=True, seer_decode_budget=2 * 64)
+    x = _ids(215, seed=9)
+
+    def steps(cache, lo, hi):
+        return torch.cat([m(x[:, t:t + 1], **{CACHE: cache}, use_cache=True).logits for t in range(lo, hi)], 1)
+
+    c1 = DynamicCache(config=m.config)
+    m(x[:, :200], **{CACHE: c1}, use_cache=True)
+    ref = steps(c1, 200, 215)
+    c2 = DynamicCache(config=m.config)
+    m(x[:, :200], **{CACHE: c2}, use_cache=True)
+    steps(c2, 200, 205)
+    c2.crop(-3)
+    pooled_k_cache(c2).rewind(202)
+    torch.testing.assert_close(steps(c2, 202, 215), ref[:, 2:], atol=1e-6, rtol=1e-6)
+    with pytest.raises(ValueError, match=r"cannot rewind the pooled-K cache of layer 0 to 150 slots: it holds 3 full"):
+        pooled_k_cache(c2).rewind(150)
+
+
 # ----------------------------------------------------------------------------- config and gates
 
 def test_decode_config_validation(tiny):
