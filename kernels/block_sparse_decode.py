@@ -34,7 +34,7 @@ _LOG2E = 1.4426950408889634
 def _decode_split_kernel(
     Q, K, V, IDX, CNT, LENS, STARTS, PO, PML, qk_scale,
     s_qb, s_qh, s_kb, s_kh, s_kt, s_vb, s_vh, s_vt, s_ib, s_ih,
-    H, NB, NSPLIT,
+    H, NSPLIT,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BS: tl.constexpr, NSUB: tl.constexpr,
     HAS_STARTS: tl.constexpr, PREC: tl.constexpr,
 ):
@@ -68,16 +68,16 @@ def _decode_split_kernel(
     r = tl.arange(0, BLOCK_N)
     for p in range(lo, hi, NSUB):
         if NSUB == 1:
-            j = tl.load(idx_row + p)
+            j = tl.load(idx_row + p).to(tl.int64)
             offs_n = j * BS + r
-            ok = (j >= 0) & (j < NB) & (offs_n >= start) & (offs_n < seq_len)
         else:  # NSUB blocks gathered into one tile (list positions past hi are masked)
             pos = p + r // BS
-            j = tl.load(idx_row + pos, mask=pos < hi, other=-1)
+            j = tl.load(idx_row + pos, mask=pos < hi, other=-1).to(tl.int64)
             offs_n = j * BS + r % BS
-            ok = (j >= 0) & (j < NB) & (offs_n >= start) & (offs_n < seq_len)
-        k = tl.load(k_base + offs_n[:, None].to(tl.int64) * s_kt + offs_d[None, :], mask=ok[:, None], other=0.0)
-        v = tl.load(v_base + offs_n[:, None].to(tl.int64) * s_vt + offs_d[None, :], mask=ok[:, None], other=0.0)
+        # a block outside [0, NB) has every slot outside [start, seq_len) (0 <= start, seq_len <= S)
+        ok = (offs_n >= start) & (offs_n < seq_len) & (offs_n >= 0)
+        k = tl.load(k_base + offs_n[:, None] * s_kt + offs_d[None, :], mask=ok[:, None], other=0.0)
+        v = tl.load(v_base + offs_n[:, None] * s_vt + offs_d[None, :], mask=ok[:, None], other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
         s = tl.where(ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -165,9 +165,8 @@ def _prec(dtype):
 
 def _decode_fwd(q, k, v, idx, cnt, lens, starts, sm_scale, block_size, num_splits):
     B, HQ, _, D = q.shape
-    H, S = k.shape[1], k.shape[2]
+    H = k.shape[1]
     group = HQ // H
-    NB = -(-S // block_size)
     nsplit = num_splits or num_decode_splits(B, H, idx.shape[-1], q.device)
     nsub, warps, stages = _config(D, q.is_cuda, q.dtype)
     out = new_output((B, HQ, 1, D), q.dtype, q.device)
@@ -176,7 +175,7 @@ def _decode_fwd(q, k, v, idx, cnt, lens, starts, sm_scale, block_size, num_split
     _decode_split_kernel[(B * H, nsplit)](
         q, k, v, idx, cnt, lens, starts if starts is not None else lens, po, pml, sm_scale * _LOG2E,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
-        idx.stride(0), idx.stride(1), H, NB, nsplit,
+        idx.stride(0), idx.stride(1), H, nsplit,
         GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=D, BS=block_size, NSUB=nsub,
         HAS_STARTS=starts is not None, PREC=_prec(q.dtype), num_warps=warps, num_stages=stages,
     )

@@ -233,3 +233,21 @@ def test_bad_inputs_raise_naming_the_value(override, exc, pattern):
     args.update({n: val for n, val in override.items() if n not in kw})
     with pytest.raises(exc, match=pattern):
         block_sparse_decode(args["q"], args["k"], args["v"], args["sel"], args["lens"], backend="torch", **kw)
+
+
+@pytest.mark.parametrize("cfg", [(1, 4, 1), (4, 4, 1)], ids=["one-block-tiles(gpu)", "four-block-tiles"])
+def test_other_launch_configs(cfg, gen, device, error_budget, monkeypatch):
+    """The kernel is right with the GPU's one-block steps (the interpreter's default gathers two
+    blocks per step) and with four-block gathers whose last step runs past the list."""
+    if device == "cuda" and cfg[0] == 4:
+        pytest.skip("the four-block gather is an interpreter check")
+    mod = __import__("seer_attn.kernels.block_sparse_decode", fromlist=["CONFIG_OVERRIDES"])
+    monkeypatch.setitem(mod.CONFIG_OVERRIDES, 64, cfg)
+    B, HQ, H, S, D = 2, 6, 2, 1000, 64
+    q, k, v = _inputs(gen, B, HQ, H, S, D, torch.float32, device)
+    sel = _selection(gen, B, H, _nb(S), "some", device)
+    lens = torch.tensor([1000, 617], device=device)
+    starts = torch.tensor([0, 90], device=device)
+    for splits in (1, 3):
+        out = block_sparse_decode(q, k, v, sel, lens, seq_starts=starts, num_splits=splits, backend="triton")
+        _check(out, q, k, v, sel, lens, error_budget, torch.float32, seq_starts=starts)
