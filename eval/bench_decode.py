@@ -329,7 +329,7 @@ def filled_cache(model, B, T, extra):
 
 
 @torch.no_grad()
-def decode_run(model, cache, B, T, steps, warmup=3):
+def decode_run(model, cache, B, T, steps, warmup=3, flash_only=True):
     """Median seconds per decode step of ``steps`` forwards (after ``warmup``; CUDA events on
     a GPU, where SDPA is restricted to its flash backend) and the first step's logits;
     rewinds the KV cache to T first."""
@@ -343,7 +343,7 @@ def decode_run(model, cache, B, T, steps, warmup=3):
     gen = torch.Generator(device=dev).manual_seed(1)
     tok = torch.randint(0, model.config.vocab_size, (B, 1), device=dev, generator=gen)
     times, first = [], None
-    with sdpa_kernel(SDPBackend.FLASH_ATTENTION) if cuda else contextlib.nullcontext():
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION) if cuda and flash_only else contextlib.nullcontext():
         for i in range(warmup + steps):
             pos = torch.full((B, 1), T + i, device=dev)
             if cuda:
@@ -379,8 +379,14 @@ def end_to_end(args):
         warmup = 3
         cache, state = filled_cache(model, B, T, args.steps + warmup + 1)
         model.set_seer_mode("dense", seer_decode_sparsity=False)
-        dense_s, dense_logits = decode_run(model, cache, B, T, args.steps, warmup)
-        row = {"B": B, "T": T, "layers": args.layers, "dense_s_per_token": dense_s}
+        backend = "flash"
+        try:
+            dense_s, dense_logits = decode_run(model, cache, B, T, args.steps, warmup)
+        except RuntimeError as e:  # SDPA's flash backend refused these inputs: say so, time the default choice
+            print(f"dense decode with SDPA flash failed ({str(e)[:120]}); timing SDPA's default backend", flush=True)
+            backend = "sdpa default"
+            dense_s, dense_logits = decode_run(model, cache, B, T, args.steps, warmup, flash_only=False)
+        row = {"B": B, "T": T, "layers": args.layers, "dense_s_per_token": dense_s, "dense_backend": backend}
         # every block selected: sparse decode is dense decode (checks the pre-filled setup)
         model.set_seer_mode("dense", seer_decode_sparsity=True, seer_decode_share=1.0)
         state.rewind(T)

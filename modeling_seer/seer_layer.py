@@ -139,8 +139,8 @@ class SeerAttentionMixin:
         step = seer_ctx.decode if seer_ctx is not None else None
         if step is not None:  # decode sparsity: the pooled-K cache sees every forward's keys
             step.record(self.layer_idx, k_pre, getattr(self.attn_gate, DECODE_GATE))
-            if step.sparse and q.shape[2] == 1:
-                return self._seer_decode(q, k, v, q_pre, step), None
+            if step.sparse and q.shape[2] == 1 and getattr(self, "sliding_window", None) is None:
+                return self._seer_decode(q, k, v, q_pre, step), None  # (sliding-window layers decode densely)
         if mode != "dense" and q.shape[2] == k.shape[2]:  # prefill: the gate and the kernels
             if seer_ctx is None:
                 raise ValueError(f"{type(self).__name__} in seer_mode {mode!r} needs the seer_ctx built by the "
@@ -414,8 +414,8 @@ class SeerCausalLMMixin:
 
     def seer_decode_density(self):
         """Kept share of each sequence's KV blocks over the sparse decode steps of the current
-        (or last) KV cache, averaged over steps, layers and KV heads: float ``[batch]`` (None
-        before any sparse decode step)."""
+        (or last) KV cache, averaged over steps, the layers that decode sparsely (all but
+        sliding-window ones) and KV heads: float ``[batch]`` (None before any sparse decode step)."""
         return getattr(self, "_last_decode_density", None)
 
     # -- gates only ------------------------------------------------------------------------

@@ -176,6 +176,35 @@ def test_static_cache_equals_dynamic_cache(tiny):
         assert torch.equal(_greedy(m, ids, 30, attention_mask=mask, cache_implementation="static"), dyn)
 
 
+@pytest.mark.parametrize("sliding", [False, True], ids=["full-attention", "sliding-window-layer"])
+@torch.no_grad()
+def test_qwen2_family_decodes_sparsely(sliding):
+    """The layer tier serves every family: a Qwen2 with decode gates gives dense decode's tokens
+    with every block selected, and drops blocks at a small budget; its sliding-window layers
+    decode densely (their window is not a block selection)."""
+    from seer_attn.modeling_seer.conversion import from_stock
+    from seer_attn.modeling_seer.families import FAMILIES
+    fam = FAMILIES["qwen2"]
+    kw = dict(use_sliding_window=True, sliding_window=128, max_window_layers=1) if sliding else {}
+    torch.manual_seed(0)
+    stock = fam.stock_model_class(fam.stock_config_class(
+        vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=4096, tie_word_embeddings=False, **kw)).eval()
+    m = from_stock(stock, seer_gate_hidden_size=32, seer_decode_gate=True)
+    x = _ids(300, seed=11)
+    dense = _greedy(m, x, 12)
+    m.set_seer_mode("dense", seer_decode_sparsity=True, seer_decode_method="share", seer_decode_share=1.0)
+    assert torch.equal(_greedy(m, x, 12), dense)
+    m.set_seer_mode("dense", seer_decode_sparsity=True, seer_decode_method="budget", seer_decode_budget=128)
+    calls = [0, 0]
+    for i, layer in enumerate(m.model.layers):
+        attn = layer.self_attn
+        attn._seer_decode = lambda *a, _f=attn._seer_decode, _i=i: (calls.__setitem__(_i, calls[_i] + 1), _f(*a))[1]
+    _greedy(m, x, 12)
+    assert calls == ([11, 0] if sliding else [11, 11])  # 11 decode steps after the prefill; layer 1 slides
+    assert torch.allclose(m.seer_decode_density(), torch.tensor([2 / 5]))  # over the sparse layers
+
+
 # ----------------------------------------------------------------------------- refusals
 
 @torch.no_grad()
