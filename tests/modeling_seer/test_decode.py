@@ -122,12 +122,12 @@ def test_select_decode_blocks_methods_and_forced_blocks():
 def test_every_block_selected_equals_dense_decode_token_for_token(tiny, prefill):
     m = tiny(**DECODE, seer_sparsity_method="nz_ratio", seer_nz_ratio=1.0)
     x = _ids(300, B=2, seed=3)
-    dense = m.generate(x, max_new_tokens=40, do_sample=False, pad_token_id=0, output_scores=True,
+    dense = m.generate(x, max_new_tokens=24, do_sample=False, pad_token_id=0, output_scores=True,
                        return_dict_in_generate=True)
     for kw in (dict(seer_decode_method="share", seer_decode_share=1.0),
                dict(seer_decode_method="budget", seer_decode_budget=64 * 64)):
         m.set_seer_mode(prefill, seer_decode_sparsity=True, **kw)
-        sparse = m.generate(x, max_new_tokens=40, do_sample=False, pad_token_id=0, output_scores=True,
+        sparse = m.generate(x, max_new_tokens=24, do_sample=False, pad_token_id=0, output_scores=True,
                             return_dict_in_generate=True)
         assert torch.equal(sparse.sequences, dense.sequences)
         torch.testing.assert_close(torch.stack(sparse.scores), torch.stack(dense.scores), atol=2e-5, rtol=1e-5)
