@@ -4,11 +4,11 @@
     seer-attn distill --model ... --data ... --seq-len ... --steps ... --output ...
     seer-attn eval --model ... --tasks ... --max-length ...
     seer-attn compare --model ...       PPL of the gate and every baseline at equal density
-    seer-attn bench-kernels / bench-ttft   GPU benchmarks (CSV + PNG)
+    seer-attn bench-kernels / bench-ttft / bench-decode   GPU benchmarks (CSV + PNG)
 
 Only the command that runs is imported, and only when it runs: ``seer-attn --help`` lists
 the commands without importing any, ``seer-attn distill --help`` imports no torch.
-``compare``, ``bench-kernels`` and ``bench-ttft`` hand every option (``--help`` included)
+``compare``, ``bench-kernels``, ``bench-ttft`` and ``bench-decode`` hand every option (``--help`` included)
 to their module's own ``main(argv)``.
 
 Bad input (an option value, a data file, a model path, a checkpoint) ends with one line,
@@ -123,6 +123,7 @@ COMMANDS = {
     "compare": ("PPL of the gate and baselines at equal density", "seer_attn.eval.baselines"),
     "bench-kernels": ("GPU kernel benchmark", "seer_attn.eval.bench_kernels"),
     "bench-ttft": ("GPU time-to-first-token benchmark", "seer_attn.eval.bench_ttft"),
+    "bench-decode": ("GPU sparse decode benchmark (kernel and time per output token)", "seer_attn.eval.bench_decode"),
 }
 
 

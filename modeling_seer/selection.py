@@ -295,3 +295,83 @@ register_selector(Selector("oracle_mass", _oracle("sum"), "true block attention 
                            baseline_methods=("nz_ratio", "coverage")))
 register_selector(Selector("meanpool", lambda x: meanpool_scores(x.q, x.k, x.block_size, x.valid),
                            "mean-pooled q.k (MoBA-like)", baseline_methods=("nz_ratio",)))
+
+
+# -- decode steps ------------------------------------------------------------------------
+
+#: How a decode step picks its KV blocks: a token budget, a share of the sequence's blocks,
+#: or a threshold on the decode gate's softmaxed scores.
+DECODE_METHODS = ("budget", "share", "threshold")
+
+
+def prepare_decode_selection(first_block, num_candidates, method, budget=2048, share=0.1, block_size=64):
+    """What :func:`select_decode_blocks` needs besides the scores, for one decode step of a
+    batch (the same for every layer, so a model computes it once per step).
+
+    Returns a dict: ``bias`` float ``[B, 1, NC]`` added to the scores (-inf on left-padding
+    blocks, +inf on the sink for the top-k methods), ``valid`` / ``sink`` bool ``[B, 1, NC]``,
+    ``k`` the top-k width, ``last_rank`` long ``[B, 1, 1]`` (the rank below which a row keeps
+    its top-k entries; None when every row keeps ``k``) and ``current`` int32 ``[B, 1, 1]``."""
+    NC = num_candidates
+    dev = first_block.device
+    j = torch.arange(NC, device=dev)
+    first_block = first_block.long()
+    valid = (j[None, :] >= first_block[:, None])[:, None]  # [B, 1, NC]
+    sink = (j[None, :] == first_block[:, None])[:, None]
+    bias = torch.zeros(valid.shape, device=dev).masked_fill_(~valid, float("-inf"))
+    last_rank = None
+    if method == "budget":
+        k = min(NC, max(2, budget // block_size) - 1)
+    elif method == "share":
+        n_real = NC - first_block + 1  # the sequence's blocks, the current one included
+        last_rank = (torch.ceil(share * n_real.double()).long().clamp_min(2) - 1)[:, None, None]
+        k = min(NC, max(1, math.ceil(share * (NC + 1)) - 1))
+    elif method == "threshold":
+        k = NC
+    else:
+        raise ValueError(f"decode method must be one of {DECODE_METHODS}, got {method!r}")
+    if method != "threshold":
+        bias.masked_fill_(sink, float("inf"))
+    current = torch.full((first_block.shape[0], 1, 1), NC, dtype=torch.int32, device=dev)
+    return {"method": method, "bias": bias, "valid": valid, "sink": sink, "k": k, "last_rank": last_rank,
+            "current": current}
+
+
+def select_decode_blocks(scores, first_block, method, budget=2048, share=0.1, threshold=1e-3, block_size=64,
+                         prepared=None):
+    """The KV blocks one decode step reads, per KV head (shared by its query group).
+
+    Args:
+        scores: float ``[B, H, NC]`` decode-gate logits of the full blocks ``0 .. NC - 1``
+            before the current block (whose index is NC).
+        first_block: long ``[B]``, each sequence's first block holding a real token (blocks
+            before it are left padding): the sink block.
+        method: ``"budget"`` keeps ``max(2, budget // block_size)`` blocks; ``"share"`` keeps
+            ``max(2, ceil(share * n))`` of the sequence's n blocks (the current one included);
+            ``"threshold"`` keeps the blocks whose score, softmaxed over the candidates, is
+            >= ``threshold``. The sink and the current block are always kept (and count in
+            the budget and the share).
+        prepared: :func:`prepare_decode_selection` of the same step (computed here when None).
+
+    Returns:
+        ``(idx, cnt)``: int32 ``[B, H, K]`` block lists for :func:`block_sparse_decode` (-1
+        entries are skipped; the current block last) and int32 ``[B, H]`` the number of kept blocks.
+    """
+    B, H, NC = scores.shape
+    if prepared is None:
+        prepared = prepare_decode_selection(first_block.to(scores.device), NC, method, budget, share, block_size)
+    s = scores.float() + prepared["bias"]
+    if method == "threshold":
+        keep = ((torch.softmax(s, dim=-1).nan_to_num_(0.0) >= threshold) | prepared["sink"]) & prepared["valid"]
+        pos = (keep.cumsum(-1) - 1).masked_fill(~keep, NC)
+        idx = torch.full((B, H, NC + 1), -1, dtype=torch.int32, device=s.device)
+        idx.scatter_(-1, pos, torch.arange(NC, dtype=torch.int32, device=s.device).expand(B, H, NC))
+        idx = idx[..., :NC]
+    else:
+        vals, idx = torch.topk(s, prepared["k"], dim=-1)
+        drop = vals == float("-inf")
+        if prepared["last_rank"] is not None:
+            drop |= torch.arange(prepared["k"], device=s.device) >= prepared["last_rank"]
+        idx = idx.to(torch.int32).masked_fill_(drop, -1)
+    idx = torch.cat([idx, prepared["current"].expand(B, H, 1)], dim=-1)
+    return idx, (idx >= 0).sum(-1, dtype=torch.int32)

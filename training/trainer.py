@@ -47,7 +47,8 @@ from seer_attn.modeling_seer.seer_layer import GATES_FILE
 
 logger = logging.getLogger(__name__)
 
-#: parameter names of the gates: ``...attn_gate.q_weight`` and ``...attn_gate.k_weight``
+#: parameter names of the gates: ``...attn_gate.q_weight`` and ``...attn_gate.k_weight``, and of
+#: the decode gates inside them (``...attn_gate.decode_gate.q_weight`` / ``k_weight``)
 GATE_MODULE = "attn_gate"
 GATE_PARAMS = ("q_weight", "k_weight")
 #: batch keys forwarded to the model (anything else, ``labels`` included, is dropped)
@@ -131,9 +132,11 @@ class SeerTrainingArguments(TrainingArguments):
 # ----------------------------------------------------------------------------- freezing
 
 def is_gate_parameter(name: str) -> bool:
-    """True for ``...attn_gate.q_weight`` / ``...attn_gate.k_weight`` parameter names."""
+    """True for ``...attn_gate.q_weight`` / ``...attn_gate.k_weight`` parameter names (and
+    those of the decode gates inside, ``...attn_gate.decode_gate.q_weight``)."""
     parts = name.split(".")
-    return len(parts) >= 2 and parts[-2] == GATE_MODULE and parts[-1] in GATE_PARAMS
+    return len(parts) >= 2 and parts[-1] in GATE_PARAMS and (
+        parts[-2] == GATE_MODULE or (len(parts) >= 3 and parts[-3:-1] == [GATE_MODULE, "decode_gate"]))
 
 
 def freeze_non_gate_parameters(model: torch.nn.Module) -> int:
