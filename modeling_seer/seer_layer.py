@@ -11,7 +11,10 @@ A family (``configuration_seer_X.py`` + ``modeling_seer_X.py``, one row of
   - ``dense``: the family's attention interface (same logits as the stock model);
   - ``distill``: prefill attention from :func:`attn_with_pooling`; the gate's KL loss
     against the pooled map is collected for ``outputs.gate_loss`` (LM loss unchanged);
-  - ``sparse``: selector scores -> block mask -> :func:`block_sparse_attn` at prefill.
+  - ``sparse``: selector scores -> block mask -> :func:`block_sparse_attn` at prefill (at
+    ``nz_ratio`` 1, every causal block, the same kernels' dense variant :func:`dense_attn`).
+    Layers named in the context's ``gate_loss_layers`` also compute their gate's KL loss
+    against the exact pooled map (fine-tuning with sparse attention while the gates learn).
 
   Decode steps and chunked prefill (queries shorter than keys) attend densely to the cache.
 - :class:`SeerModelMixin` on the base model: builds the per-forward
@@ -31,7 +34,7 @@ from torch import nn
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from seer_attn.kernels.block_sparse_attn import attn_with_pooling, block_sparse_attn
+from seer_attn.kernels.block_sparse_attn import attn_with_pooling, block_sparse_attn, dense_attn
 
 from .gate import AttnGate, gate_distill_loss
 from .hub_utils import hub_call, resolve_source
@@ -48,6 +51,10 @@ class SeerForwardContext:
     ``seq_bounds``: int32 ``[B, 2]`` real-token (start, end) per row, or None without
     padding; ``valid``: bool ``[B, T]`` or None; ``gate_rope``: ``(cos, sin)`` ``[B, NB, G]``.
     Layers append their gate losses (distill) and block densities ``[B, HQ]`` (sparse).
+    ``gate_loss_layers``: in sparse mode, the layer indices whose gate also learns in this
+    forward (its KL loss against the exact pooled map joins ``gate_losses``); the layers
+    record themselves in ``gate_loss_done``, so that the recompute of a checkpointed layer
+    selects its blocks without a second exact pass.
     """
 
     seq_bounds: torch.Tensor | None = None
@@ -57,6 +64,8 @@ class SeerForwardContext:
     densities: list = field(default_factory=list)
     masks: list | None = None  # set to [] to record every layer's block mask
     forced_masks: list | None = None  # per-layer block masks to use instead of the selector
+    gate_loss_layers: frozenset | None = None
+    gate_loss_done: set = field(default_factory=set)
 
 
 def padding_bounds(attention_mask, T):
@@ -130,14 +139,42 @@ class SeerAttentionMixin:
             return out.transpose(1, 2)
         if ctx.forced_masks is not None:
             mask = ctx.forced_masks[self.layer_idx]
+        elif ctx.gate_loss_layers is not None and self.layer_idx in ctx.gate_loss_layers \
+                and self.layer_idx not in ctx.gate_loss_done:
+            mask = self._gate_loss_and_mask(q, k, v, q_pre, k_pre, ctx)
         else:
             with torch.no_grad():
                 mask = select_blocks_for(self.block_scores(q, k, v, q_pre, k_pre, ctx), cfg)
-        out = block_sparse_attn(q, k, v, mask, True, self.scaling, cfg.seer_block_size, seq_bounds=ctx.seq_bounds)
+        if ctx.forced_masks is None and cfg.seer_sparsity_method == "nz_ratio" and cfg.seer_nz_ratio >= 1.0:
+            # every causal block is kept: the kernels' dense variant (no index lists, larger tiles)
+            out = dense_attn(q, k, v, True, self.scaling, cfg.seer_block_size, seq_bounds=ctx.seq_bounds)
+        else:
+            out = block_sparse_attn(q, k, v, mask, True, self.scaling, cfg.seer_block_size,
+                                    seq_bounds=ctx.seq_bounds)
         ctx.densities.append(causal_density(mask))
         if ctx.masks is not None:
             ctx.masks.append(mask)
         return out.transpose(1, 2)
+
+    def _gate_loss_and_mask(self, q, k, v, q_pre, k_pre, ctx):
+        """Sparse prefill of a layer in ``ctx.gate_loss_layers``: the gate's KL loss against
+        the exact pooled map of this forward joins ``ctx.gate_losses`` (inputs detached: it
+        trains the gate only), and the block mask comes from the same scores."""
+        cfg = self.config
+        if cfg.seer_selector != "gate":
+            raise ValueError(f"gate_loss_layers needs seer_selector='gate', got {cfg.seer_selector!r}")
+        ctx.gate_loss_done.add(self.layer_idx)
+        # What the loss saves for backward is kept as is, outside activation checkpointing's
+        # save-and-recompute: the recompute of a checkpointed layer then only selects blocks.
+        with torch.autograd.graph.saved_tensors_hooks(_keep, _keep):
+            scores = self.attn_gate(q_pre.detach(), k_pre.detach(), rope=ctx.gate_rope, valid=ctx.valid)
+            with torch.no_grad():
+                _, pooled = attn_with_pooling(q.detach(), k.detach(), v.detach(), True, self.scaling,
+                                              cfg.seer_block_size, seq_bounds=ctx.seq_bounds,
+                                              pool_op="max" if cfg.seer_distill_target == "max" else "sum")
+            ctx.gate_losses.append(gate_distill_loss(scores, pooled))
+        with torch.no_grad():
+            return select_blocks_for(scores.detach(), cfg)
 
     def block_scores(self, q, k, v, q_pre, k_pre, ctx):
         """Block logits ``[B, HQ, NB, NB]`` of the registered selector ``config.seer_selector``
@@ -145,6 +182,10 @@ class SeerAttentionMixin:
         return get_selector(self.config.seer_selector).scores(ScoreInputs(
             q, k, v, q_pre, k_pre, self.config.seer_block_size, self.scaling, gate=self.attn_gate,
             valid=ctx.valid, seq_bounds=ctx.seq_bounds, gate_rope=ctx.gate_rope))
+
+
+def _keep(t):
+    return t
 
 
 def gate_rotary_config(config):
