@@ -328,8 +328,9 @@ class SeerTrainer(Trainer):
         rest = [p for p in model.parameters() if p.requires_grad and id(p) not in gate_ids]
         if not gate_ids or not rest:
             return super()._clip_grad_norm(model)
-        gates = [p for p in model.parameters() if id(p) in gate_ids]
-        self._log_value("gate_grad_norm", self.accelerator.clip_grad_norm_(gates, self.args.max_grad_norm))
+        gates = [p for p in model.parameters() if id(p) in gate_ids and p.grad is not None]
+        if gates:  # none on a step whose layers computed no gate loss
+            self._log_value("gate_grad_norm", self.accelerator.clip_grad_norm_(gates, self.args.max_grad_norm))
         return self.accelerator.clip_grad_norm_(rest, self.args.max_grad_norm)
 
     # -- saving and resuming --------------------------------------------------------------
