@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import json
 import math
 import os
@@ -306,6 +307,7 @@ class Experiment:
         return model.eval()
 
     def _reset_peak(self):
+        gc.collect()  # the last phase's trainer (reference cycles) and its GPU tensors
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()

@@ -282,22 +282,25 @@ class _StopAt(TrainerCallback):
         return control
 
 
-def test_resume_matches_uninterrupted_run(tmp_path, make_tiny_model, packed_train_512):
-    kw = dict(density=0.5, gate_loss_stride=2, max_steps=6, logging_steps=1, save_strategy="steps", save_steps=3)
-    full = _model(make_tiny_model)
-    t_full = SeerFineTuneTrainer(model=full, args=_args(tmp_path / "full", **kw), train_dataset=packed_train_512)
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_resume_matches_uninterrupted_run(tmp_path, make_tiny_model, packed_train_512, lora):
+    kw = dict(density=0.5, gate_loss_stride=2, max_steps=6, logging_steps=1, save_strategy="steps", save_steps=3,
+              **({"lora_r": 4} if lora else {}))
+    t_full = SeerFineTuneTrainer(model=_model(make_tiny_model), args=_args(tmp_path / "full", **kw),
+                                 train_dataset=packed_train_512)
     t_full.train()
     SeerFineTuneTrainer(model=_model(make_tiny_model), args=_args(tmp_path / "split", **kw),
                         train_dataset=packed_train_512, callbacks=[_StopAt(3)]).train()
-    assert {"model.safetensors", "optimizer.pt", "trainer_state.json"} <= set(os.listdir(tmp_path / "split" /
-                                                                                          "checkpoint-3"))
-    resumed = _model(make_tiny_model, seed=1)  # other weights: everything must come from the checkpoint
-    t_res = SeerFineTuneTrainer(model=resumed, args=_args(tmp_path / "split", **kw), train_dataset=packed_train_512)
+    weights = "adapter_model.safetensors" if lora else "model.safetensors"
+    assert {weights, "optimizer.pt", "trainer_state.json"} <= set(os.listdir(tmp_path / "split" / "checkpoint-3"))
+    # full: other weights, everything must come from the checkpoint; LoRA: the same frozen base
+    t_res = SeerFineTuneTrainer(model=_model(make_tiny_model, seed=0 if lora else 1),
+                                args=_args(tmp_path / "split", **kw), train_dataset=packed_train_512)
     t_res.train(resume_from_checkpoint=True)
     assert t_res.state.global_step == 6
-    # the same operations in the same order (weights, AdamW moments, schedule, data position,
-    # gate-loss layers by step): bit-identical
-    a, b = _params(full), _params(resumed)
+    # the same operations in the same order (weights or adapter and gates, AdamW moments,
+    # schedule, data position, gate-loss layers by step): bit-identical
+    a, b = _params(t_full.model), _params(t_res.model)
     assert all(torch.equal(a[n], b[n]) for n in a)
     logs = lambda t: [(e["step"], e["loss"], e["lm_loss"]) for e in t.state.log_history if "loss" in e]  # noqa: E731
     assert logs(t_full)[3:] == logs(t_res)[-3:]
