@@ -4,7 +4,7 @@ in phases that can be resumed across separate runs.
 
     python -m seer_attn.eval.finetune_run --model /tmp/seer/smollm2.gguf \\
         --train /tmp/seer/corpora/train.jsonl --eval /tmp/seer/corpora/eval.jsonl \\
-        --work /tmp/seer/ft --out OUT --time-budget 540
+        --work /tmp/seer/ft --out OUT --time-budget 520
 
 Phases (``--phases``, default all, in this order; a finished phase is skipped unless named in
 ``--redo``):
@@ -105,7 +105,7 @@ def phase_names(args) -> list:
 def _needs(args, phase):
     kind = _kind(phase)
     lo = f"c{min(args.densities):g}"
-    return {"gates0": ["prepare"], "timing": ["gates0"], "a": ["gates0"], "b": ["a", "gates0"], "c": ["gates0"],
+    return {"timing": ["gates0"], "a": ["gates0"], "b": ["a", "gates0"], "c": ["gates0"],
             "d": ["gates0"], "passkey": ["a", lo]}.get(kind, [])
 
 
@@ -232,7 +232,7 @@ class Experiment:
             if self.done(name) and name not in self.args.redo:
                 print(f"[finetune_run] {name}: done before, skipped", flush=True)
                 continue
-            missing = [n for n in _needs(self.args, name) if n != "prepare" and not self.done(n)]
+            missing = [n for n in _needs(self.args, name) if not self.done(n)]
             if missing:
                 raise SystemExit(f"[finetune_run] phase {name} needs {missing} first (a returned GPU machine loses "
                                  f"--work: run them again)")
@@ -347,14 +347,14 @@ class Experiment:
     def _distill(self, model, steps, out_dir):
         """Distil ``model``'s gates (bf16 base, frozen) on the training sequences; returns the
         trainer and the step timer."""
-        from seer_attn.training.trainer import CHECKPOINTING_ARG, GateDistillationTrainer, SeerTrainingArguments
+        from seer_attn.training.trainer import GateDistillationTrainer, SeerTrainingArguments
         timer = StepTimer()
         targs = SeerTrainingArguments(
             output_dir=out_dir, max_steps=steps, per_device_train_batch_size=1, warmup_steps=min(20, steps // 5),
             logging_steps=max(1, steps // 10), save_strategy="no", save_final_model=False, use_cpu=self.args.cpu,
             bf16=not self.args.cpu, seed=self.args.seed, data_seed=self.args.seed, report_to="none",
-            disable_tqdm=self.args.no_progress, dataloader_num_workers=0,
-            **{CHECKPOINTING_ARG: not self.args.no_checkpointing})
+            disable_tqdm=self.args.no_progress, dataloader_num_workers=0)  # no checkpointing: the frozen base
+        # keeps no activations for backward (training/trainer.py), checkpointing would only recompute
         trainer = GateDistillationTrainer(model=model, args=targs, train_dataset=self.train_data(), callbacks=[timer])
         trainer.train()
         return trainer, timer

@@ -219,11 +219,6 @@ def check_context(cfg: FineTuneConfig, model_config) -> int:
     return original
 
 
-def _resume_checkpoint(resume, checkpoints_dir):
-    from .distill import _resume_checkpoint as resume_checkpoint
-    return resume_checkpoint(resume, checkpoints_dir)
-
-
 def training_arguments(cfg: FineTuneConfig, checkpoints_dir: str, model_dir: str, base_dir: str, original: int):
     """The :class:`~seer_attn.training.finetune_trainer.FineTuneArguments` of ``cfg``."""
     from .finetune_trainer import FineTuneArguments
@@ -276,6 +271,7 @@ def run_finetune(cfg: FineTuneConfig, callbacks=None) -> dict:
     from .data import default_corpus_path
     from .finetune_trainer import SeerFineTuneTrainer
     from .results import envelope, write_json
+    from .trainer import resolve_resume
 
     out_dir = os.path.abspath(cfg.output)
     model_dir, base_dir = os.path.join(out_dir, MODEL_DIR), os.path.join(out_dir, BASE_DIR)
@@ -284,7 +280,7 @@ def run_finetune(cfg: FineTuneConfig, callbacks=None) -> dict:
         _check_config(cfg)
         source = cfg.model if cfg.model is not None else default_model_path()
         original = check_context(cfg, source_config(source))
-        resume = _resume_checkpoint(cfg.resume, checkpoints_dir)
+        resume = resolve_resume(cfg.resume, checkpoints_dir, "finetune")
         if cfg.gates is not None and not os.path.exists(cfg.gates):
             raise FileNotFoundError(f"--gates file not found: {cfg.gates!r}")
         tokenizer = load_tokenizer(source)

@@ -228,6 +228,30 @@ def last_complete_checkpoint(folder: str) -> tuple[str | None, list[tuple[str, s
     return None, skipped
 
 
+def resolve_resume(resume, checkpoints_dir, command="seer-attn"):
+    """The checkpoint folder a command's ``--resume`` names (None: a fresh run). ``"last"``:
+    the newest complete one in ``checkpoints_dir``; newer ones a kill left half-written are
+    skipped, and said so (printed with the ``[command]`` prefix). A named folder must exist
+    and be complete (FileNotFoundError / ValueError otherwise)."""
+    if resume is None:
+        return None
+    if resume != "last":
+        if not os.path.isdir(resume):
+            raise FileNotFoundError(f"--resume checkpoint folder not found: {resume!r}")
+        problem = checkpoint_problem(resume)
+        if problem:
+            raise ValueError(f"--resume {resume!r} is an incomplete checkpoint ({problem}): its save was "
+                             "interrupted; name an earlier one, or give --resume alone for the newest complete one")
+        return resume
+    path, skipped = last_complete_checkpoint(checkpoints_dir)
+    for folder, problem in skipped:
+        print(f"[{command}] --resume: skipping {folder}: incomplete ({problem}; its save was interrupted)", flush=True)
+    if path is None:
+        raise FileNotFoundError(f"--resume: no complete checkpoint in {checkpoints_dir!r}")
+    print(f"[{command}] resuming from {path}", flush=True)
+    return path
+
+
 class _LogLastStep(TrainerCallback):
     """Log at the final step too, so the last loss/density window always reaches the logs."""
 
