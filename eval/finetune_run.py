@@ -548,7 +548,8 @@ def check_targets(rows, args) -> list:
         {"target": f"(c) better than (b) at {min(args.densities):g}",
          "value": clo and blo and f"(c) {clo['ppl']:.3f} vs (b) {blo['ppl']:.3f}",
          "ok": None if not (clo and blo) else clo["ppl"] < blo["ppl"]},
-        {"target": f"(c) at {min(args.densities):g}: s/step <= {TARGET_C01_STEP}", "value": clo and clo.get("s_per_step"),
+        {"target": f"(c) at {min(args.densities):g}: s/step <= {TARGET_C01_STEP}",
+         "value": clo and clo.get("s_per_step"),
          "ok": None if not clo or clo.get("s_per_step") is None else clo["s_per_step"] <= TARGET_C01_STEP},
     ]
     return out
@@ -583,13 +584,14 @@ def format_report(rows, extra, targets, args, phase_seconds) -> str:
         lines.append(f"- {t['target']}: {mark} ({val})")
     if "gates0" in extra:
         g = extra["gates0"]
-        lines += ["", f"gates0: initial gates {g['init']}, then {g['steps']} distillation steps at {args.seq_len} on the untrained "
-                      f"YaRN model; final gate loss {_fmt(g.get('final_loss'), '.3f')}, "
+        lines += ["", f"gates0: initial gates {g['init']}, then {g['steps']} distillation steps at {args.seq_len} "
+                      f"on the untrained YaRN model; final gate loss {_fmt(g.get('final_loss'), '.3f')}, "
                       f"{_fmt(g.get('s_per_step'), '.3f')} s/step"]
     if "timing" in extra:
         lines += ["", f"seconds per training step at {args.seq_len} tokens, density 0.1:"]
         for label, v in extra["timing"]["variants"].items():
-            lines.append(f"- {label}: {_fmt(v.get('s_per_step'), '.3f')} s/step, peak {_fmt(v.get('peak_gib'), '.1f')} GiB")
+            lines.append(f"- {label}: {_fmt(v.get('s_per_step'), '.3f')} s/step, "
+                         f"peak {_fmt(v.get('peak_gib'), '.1f')} GiB")
     if "passkey" in extra:
         pk = extra["passkey"]
         lines += ["", "passkey (5 depths x prompts per length; accuracy per length):"]

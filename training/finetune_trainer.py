@@ -40,22 +40,15 @@ Logged with the loss: ``lm_loss``, ``gate_loss`` (mean over the steps that compu
 """
 from __future__ import annotations
 
-import logging
 import os
 from dataclasses import dataclass, field
 
-import torch
-
 from seer_attn.modeling_seer.seer_layer import SeerForwardContext
 
+from .finetune import LORA_TARGETS as DEFAULT_LORA_TARGETS  # every linear map of attention and MLP
 from .trainer import (GATE_MODULE, MODEL_INPUTS, SeerTrainer, SeerTrainingArguments, check_seer_model, gate_modules,
                       is_gate_parameter)
 from .yarn import apply_yarn, check_yarn
-
-logger = logging.getLogger(__name__)
-
-#: LoRA targets of the Llama / Qwen2 families: every linear map of attention and MLP
-DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 @dataclass

@@ -325,8 +325,9 @@ class SeerTrainer(Trainer):
 
     # -- optimizer ------------------------------------------------------------------------
 
-    def _gate_parameters(self, trainable=True):
-        return [p for n, p in self.model.named_parameters() if is_gate_parameter(n) and (p.requires_grad or not trainable)]
+    def _gate_parameters(self):
+        """The trainable gate parameters."""
+        return [p for n, p in self.model.named_parameters() if is_gate_parameter(n) and p.requires_grad]
 
     def create_optimizer(self, model=None):
         """Trainer's optimizer, the gate parameters in groups of their own with ``gate_lr``."""
@@ -495,7 +496,8 @@ class GateDistillationTrainer(SeerTrainer):
     @torch.no_grad()
     def _gate_density_hook(self, module, args, scores):
         if self._record_density:
-            self._log_value("block_density", causal_density(select_blocks_for(scores.detach(), self._seer.config)).mean())
+            mask = select_blocks_for(scores.detach(), self._seer.config)
+            self._log_value("block_density", causal_density(mask).mean())
 
     def create_optimizer(self, model=None):
         check_only_gates_trainable(self._seer)

@@ -2,7 +2,6 @@
 into windows, up to N per source), its table, and the experiment script's pure parts and
 phase bookkeeping (one cheap phase on the CPU, the time budget, the target checks)."""
 import json
-import os
 
 import pytest
 import torch

@@ -190,7 +190,8 @@ def test_per_source_packing_joins_each_source_alone(tmp_path, byte_tokenizer, da
 
 def test_per_source_packing_errors(tmp_path, byte_tokenizer, datasets_cache):
     plain = _write_jsonl(tmp_path / "d.jsonl", DOCS)
-    with pytest.raises(ValueError, match=r"source column 'source' not found in .*d.jsonl; columns found: \['id', 'text'\]"):
+    with pytest.raises(ValueError, match=r"source column 'source' not found in .*d.jsonl; columns found: "
+                                         r"\['id', 'text'\]"):
         _load(plain, byte_tokenizer, datasets_cache, source_column="source")
     txt = tmp_path / "doc.txt"
     txt.write_text(DOCS[0])
