@@ -2,6 +2,7 @@
 
     seer-attn demo                      distill SmolLM2 on the bundled corpus, evaluate, plot
     seer-attn distill --model ... --data ... --seq-len ... --steps ... --output ...
+    seer-attn finetune --model ... --data ... --seq-len 32768 --yarn-factor 4 --density 0.1 --output ...
     seer-attn eval --model ... --tasks ... --max-length ...
     seer-attn compare --model ...       PPL of the gate and every baseline at equal density
     seer-attn bench-kernels / bench-ttft / bench-decode   GPU benchmarks (CSV + PNG)
@@ -102,6 +103,37 @@ def _configured(config_class, run):
     return func
 
 
+def _finetune(p):
+    from seer_attn.training.cli_args import positive_int
+    from seer_attn.training.finetune import add_finetune_args
+    add_finetune_args(p)
+    p.add_argument("--no-eval", action="store_true", help="skip the closing evaluation table")
+    p.add_argument("--eval-data", default=None,
+                   help="evaluation jsonl of the closing table: each source's documents joined with EOS, cut into "
+                        "--seq-len windows (default: the bundled eval corpus)")
+    p.add_argument("--eval-windows", type=positive_int, default=4, help="windows per source (default: 4)")
+    p.set_defaults(func=_run_finetune)
+
+
+def _run_finetune(args):
+    from .finetune_eval import closing_evaluation
+    from seer_attn.training.finetune import config_from_args, run_finetune
+    with user_input():
+        cfg = config_from_args(args)
+    res = run_finetune(cfg)
+    print(f"[finetune] model folder: {res['model_dir']}", flush=True)
+    if args.no_eval:
+        return res
+    print(f"[finetune] closing evaluation: PPL at {res['seq_len']} tokens on "
+          f"{args.eval_data or 'the bundled eval corpus'}, each source's documents joined (EOS between), up to "
+          f"{args.eval_windows} windows per source (--no-eval skips it)", flush=True)
+    with user_input():  # e.g. no source of the corpus as long as one window
+        ev = closing_evaluation(res, corpus=args.eval_data, windows_per_source=args.eval_windows,
+                                device="cpu" if args.cpu else None, progress=not args.no_progress, config=cfg)
+    print(ev["table"])
+    return res
+
+
 def _demo(p):
     from .demo import DemoConfig, add_demo_args, run_demo
     add_demo_args(p)
@@ -119,6 +151,8 @@ COMMANDS = {
     "demo": ("distill the embedded SmolLM2 and evaluate dense vs sparse (the main job)", _demo),
     "distill": ("train the gates of a model (base weights frozen), then print the perplexity table of dense vs "
                 "gate vs streaming", _distill),
+    "finetune": ("fine-tune a model with sparse attention (and YaRN context extension, LoRA), then print its "
+                 "long-context perplexity table", _finetune),
     "eval": ("lm-eval-harness tasks (perplexity, passkey, LongBench) with a SeerLlama model", _eval),
     "compare": ("PPL of the gate and baselines at equal density", "seer_attn.eval.baselines"),
     "bench-kernels": ("GPU kernel benchmark", "seer_attn.eval.bench_kernels"),

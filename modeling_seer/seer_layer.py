@@ -11,7 +11,10 @@ A family (``configuration_seer_X.py`` + ``modeling_seer_X.py``, one row of
   - ``dense``: the family's attention interface (same logits as the stock model);
   - ``distill``: prefill attention from :func:`attn_with_pooling`; the gate's KL loss
     against the pooled map is collected for ``outputs.gate_loss`` (LM loss unchanged);
-  - ``sparse``: selector scores -> block mask -> :func:`block_sparse_attn` at prefill.
+  - ``sparse``: selector scores -> block mask -> :func:`block_sparse_attn` at prefill (at
+    ``nz_ratio`` 1, every causal block, the same kernels' dense variant :func:`dense_attn`).
+    Layers named in the context's ``gate_loss_layers`` also compute their gate's KL loss
+    against the exact pooled map (fine-tuning with sparse attention while the gates learn).
 
   Decode steps and chunked prefill (queries shorter than keys) attend densely to the cache,
   unless ``config.seer_decode_sparsity``: then every forward with a KV cache records the
@@ -37,7 +40,7 @@ from transformers import DynamicCache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from seer_attn.kernels.block_sparse_attn import attn_with_pooling, block_sparse_attn
+from seer_attn.kernels.block_sparse_attn import attn_with_pooling, block_sparse_attn, dense_attn
 from seer_attn.kernels.block_sparse_decode import block_sparse_decode
 
 from .decode_cache import decode_step_for
@@ -65,6 +68,10 @@ class SeerForwardContext:
     ``decode``: the :class:`~.decode_cache.DecodeStep` of a forward with a KV cache under
     ``seer_decode_sparsity``; ``decode_rows`` long ``[B, R]`` and ``decode_rope`` ``(cos, sin)``
     ``[B, R, G]``: the query rows the decode gates are distilled on (distill mode, decode gates).
+    ``gate_loss_layers``: in sparse mode, the layer indices whose gate also learns in this
+    forward (its KL loss against the exact pooled map joins ``gate_losses``); the layers
+    record themselves in ``gate_loss_done``, so that the recompute of a checkpointed layer
+    selects its blocks without a second exact pass.
     """
 
     seq_bounds: torch.Tensor | None = None
@@ -77,6 +84,8 @@ class SeerForwardContext:
     decode: object = None
     decode_rows: torch.Tensor | None = None
     decode_rope: tuple | None = None
+    gate_loss_layers: frozenset | None = None
+    gate_loss_done: set = field(default_factory=set)
 
 
 def padding_bounds(attention_mask, T):
@@ -169,11 +178,19 @@ class SeerAttentionMixin:
             return out.transpose(1, 2)
         if ctx.forced_masks is not None:
             mask = ctx.forced_masks[self.layer_idx]
+        elif ctx.gate_loss_layers is not None and self.layer_idx in ctx.gate_loss_layers \
+                and self.layer_idx not in ctx.gate_loss_done:
+            mask = self._gate_loss_and_mask(q, k, v, q_pre, k_pre, ctx, window)
         else:
             with torch.no_grad():
                 mask = select_blocks_for(self.block_scores(q, k, v, q_pre, k_pre, ctx, window), cfg, window)
-        out = block_sparse_attn(q, k, v, mask, True, self.scaling, cfg.seer_block_size, seq_bounds=ctx.seq_bounds,
-                                window=window)
+        if ctx.forced_masks is None and cfg.seer_sparsity_method == "nz_ratio" and cfg.seer_nz_ratio >= 1.0:
+            # every causal block is kept: the kernels' dense variant (no index lists, larger tiles)
+            out = dense_attn(q, k, v, True, self.scaling, cfg.seer_block_size, seq_bounds=ctx.seq_bounds,
+                             window=window)
+        else:
+            out = block_sparse_attn(q, k, v, mask, True, self.scaling, cfg.seer_block_size,
+                                    seq_bounds=ctx.seq_bounds, window=window)
         ctx.densities.append(causal_density(mask, window, cfg.seer_block_size))
         if ctx.masks is not None:
             ctx.masks.append(mask)
@@ -217,12 +234,38 @@ class SeerAttentionMixin:
         cand = decode_candidates(rows, bounds[:, 0] // bs, kg.shape[2], bs)
         return decode_distill_loss(scores, target, cand)
 
+    def _gate_loss_and_mask(self, q, k, v, q_pre, k_pre, ctx, window=None):
+        """Sparse prefill of a layer in ``ctx.gate_loss_layers``: the gate's KL loss against
+        the exact pooled map of this forward joins ``ctx.gate_losses`` (inputs detached: it
+        trains the gate only), and the block mask comes from the same scores."""
+        cfg = self.config
+        if cfg.seer_selector != "gate":
+            raise ValueError(f"gate_loss_layers needs seer_selector='gate', got {cfg.seer_selector!r}")
+        ctx.gate_loss_done.add(self.layer_idx)
+        # What the loss saves for backward is kept as is, outside activation checkpointing's
+        # save-and-recompute: the recompute of a checkpointed layer then only selects blocks.
+        with torch.autograd.graph.saved_tensors_hooks(_keep, _keep):
+            scores = self.attn_gate(q_pre.detach(), k_pre.detach(), rope=ctx.gate_rope, valid=ctx.valid)
+            scores = window_fill(scores, window, cfg.seer_block_size)  # the gate ranks only reachable blocks
+            with torch.no_grad():
+                _, pooled = attn_with_pooling(q.detach(), k.detach(), v.detach(), True, self.scaling,
+                                              cfg.seer_block_size, seq_bounds=ctx.seq_bounds,
+                                              pool_op="max" if cfg.seer_distill_target == "max" else "sum",
+                                              window=window)
+            ctx.gate_losses.append(gate_distill_loss(scores, pooled))
+        with torch.no_grad():
+            return select_blocks_for(scores.detach(), cfg, window)
+
     def block_scores(self, q, k, v, q_pre, k_pre, ctx, window=None):
         """Block logits ``[B, HQ, NB, NB]`` of the registered selector ``config.seer_selector``
         (shapes as in :meth:`seer_attention`; ``window``: the layer's sliding window)."""
         return get_selector(self.config.seer_selector).scores(ScoreInputs(
             q, k, v, q_pre, k_pre, self.config.seer_block_size, self.scaling, gate=self.attn_gate,
             valid=ctx.valid, seq_bounds=ctx.seq_bounds, gate_rope=ctx.gate_rope, window=window))
+
+
+def _keep(t):
+    return t
 
 
 def gate_rotary_config(config):

@@ -158,28 +158,9 @@ def add_distill_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
 
 
 def _resume_checkpoint(resume, checkpoints_dir):
-    """The checkpoint folder to resume from (None: a fresh run). ``"last"``: the newest
-    complete one in ``checkpoints_dir``; newer ones a kill left half-written are skipped,
-    and said so."""
-    from .trainer import checkpoint_problem, last_complete_checkpoint
-
-    if resume is None:
-        return None
-    if resume != "last":
-        if not os.path.isdir(resume):
-            raise FileNotFoundError(f"--resume checkpoint folder not found: {resume!r}")
-        problem = checkpoint_problem(resume)
-        if problem:
-            raise ValueError(f"--resume {resume!r} is an incomplete checkpoint ({problem}): its save was "
-                             "interrupted; name an earlier one, or give --resume alone for the newest complete one")
-        return resume
-    path, skipped = last_complete_checkpoint(checkpoints_dir)
-    for folder, problem in skipped:
-        print(f"[distill] --resume: skipping {folder}: incomplete ({problem}; its save was interrupted)", flush=True)
-    if path is None:
-        raise FileNotFoundError(f"--resume: no complete checkpoint in {checkpoints_dir!r}")
-    print(f"[distill] resuming from {path}", flush=True)
-    return path
+    """The checkpoint folder to resume from (None: a fresh run); see :func:`.trainer.resolve_resume`."""
+    from .trainer import resolve_resume
+    return resolve_resume(resume, checkpoints_dir, "distill")
 
 
 def run_distill(config: DistillConfig) -> dict:
