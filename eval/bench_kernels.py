@@ -5,7 +5,7 @@ batch 1, causal. Columns: SDPA flash (FA2) and cuDNN backends, FlexAttention (de
 with the same 64x64 block masks as ours), ours at several densities, attn_with_pooling,
 and the backward pass (dense SDPA flash vs ours).
 
-    python -m seer_attn.eval.bench_kernels --lengths 8192 32768 131072 --out results/kernels
+    python -m seer_attn.eval.bench_kernels --lengths 8192 32768 131072 --out seer_outputs/kernels
 
 Writes ``kernels.csv``, ``kernels.json`` (a results envelope of kind ``"kernels"``,
 :mod:`seer_attn.training.results`: provenance, config, rows, plus ``checks`` and ``tuning``)
@@ -18,10 +18,12 @@ import csv
 import json
 import math
 import os
+from dataclasses import asdict, dataclass
 
 import torch
 
 from seer_attn.training import cli_args as ca
+from seer_attn.training.run_config import ConfigError, RunConfig, config_from_args, default, flag, option, text
 
 
 def rel_err(a, b):
@@ -55,18 +57,42 @@ def flex_block_mask(mask, idx, cnt, T, block_size):
                                     BLOCK_SIZE=block_size, mask_mod=causal, seq_lengths=(T, T))
 
 
+@dataclass(frozen=True, kw_only=True)
+class KernelBenchConfig(RunConfig):
+    """One kernel benchmark run (each field is the option of the same name)."""
+
+    lengths: tuple = option((8192, 32768, 65536, 131072), ca.positive_int, many="+")
+    densities: tuple = option((1.0, 0.5, 0.3, 0.1), ca.unit_interval, many="+")
+    heads: int = option(32, ca.positive_int)
+    kv_heads: int = option(8, ca.positive_int)
+    head_dim: int = option(128, ca.positive_int)
+    bwd_lengths: tuple = option((8192, 32768), ca.positive_int, many="*")
+    flex_lengths: tuple | None = option(None, ca.positive_int, many="*")  # None: every length
+    tune: bool = option(False, flag)
+    out: str = option("seer_outputs/kernels", text)
+
+    def check(self):
+        if self.heads % self.kv_heads:
+            raise ConfigError("{kv_heads}=%d does not divide {heads}=%d" % (self.kv_heads, self.heads),
+                              "kv_heads", "heads")
+
+
+def _default(name):
+    return default(KernelBenchConfig, name)
+
+
 def parser() -> argparse.ArgumentParser:
-    """The command line of the benchmark (module docstring)."""
+    """The command line of the benchmark (module docstring; defaults: :class:`KernelBenchConfig`'s)."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--lengths", type=ca.positive_int, nargs="+", default=[8192, 32768, 65536, 131072])
-    ap.add_argument("--densities", type=ca.unit_interval, nargs="+", default=[1.0, 0.5, 0.3, 0.1])
-    ap.add_argument("--heads", type=ca.positive_int, default=32)
-    ap.add_argument("--kv-heads", type=ca.positive_int, default=8)
-    ap.add_argument("--head-dim", type=ca.positive_int, default=128)
-    ap.add_argument("--bwd-lengths", type=ca.positive_int, nargs="*", default=[8192, 32768])
+    ap.add_argument("--lengths", type=ca.positive_int, nargs="+", default=_default("lengths"))
+    ap.add_argument("--densities", type=ca.unit_interval, nargs="+", default=_default("densities"))
+    ap.add_argument("--heads", type=ca.positive_int, default=_default("heads"))
+    ap.add_argument("--kv-heads", type=ca.positive_int, default=_default("kv_heads"))
+    ap.add_argument("--head-dim", type=ca.positive_int, default=_default("head_dim"))
+    ap.add_argument("--bwd-lengths", type=ca.positive_int, nargs="*", default=_default("bwd_lengths"))
     ap.add_argument("--flex-lengths", type=ca.positive_int, nargs="*", default=None, help="default: all lengths")
     ap.add_argument("--tune", action="store_true", help="sweep launch configs at 32k first, keep the fastest")
-    ap.add_argument("--out", default="results/kernels")
+    ap.add_argument("--out", default=_default("out"), help="output folder (default: %(default)s)")
     ap.add_argument("--plot", default=None, help="only redraw the PNG from this CSV")
     return ap
 
@@ -74,11 +100,20 @@ def parser() -> argparse.ArgumentParser:
 def main(argv=None):
     ap = parser()
     args = ap.parse_args(argv)
-    if args.heads % args.kv_heads:
-        ap.error(f"argument --kv-heads: {args.kv_heads} does not divide --heads {args.heads}")
+    config = config_from_args(KernelBenchConfig, args, parser=ap)
     if args.plot:
         return plot(args.plot, os.path.splitext(args.plot)[0] + ".png")
     ca.require_cuda(ap.prog)
+    return run_kernel_bench(config)
+
+
+def run_kernel_bench(config: KernelBenchConfig) -> dict:
+    """The benchmark (module docstring) as ``config`` says, on the CUDA GPU; returns the
+    envelope written to ``kernels.json``."""
+    if not isinstance(config, KernelBenchConfig):
+        raise TypeError(f"run_kernel_bench takes a KernelBenchConfig, got {type(config).__name__}")
+    if not torch.cuda.is_available():
+        raise ValueError("the kernel benchmark needs a CUDA GPU, and torch sees none")
 
     import triton
     from seer_attn.kernels import attn_with_pooling, block_mask_to_indices, block_sparse_attn, random_block_mask
@@ -86,10 +121,10 @@ def main(argv=None):
     from seer_attn.kernels.reference import block_sparse_attn_ref
 
     dev = "cuda"
-    HQ, H, D, BS = args.heads, args.kv_heads, args.head_dim, 64
+    HQ, H, D, BS = config.heads, config.kv_heads, config.head_dim, 64
     dt = torch.bfloat16
     bench = lambda fn: triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")  # noqa: E731
-    os.makedirs(args.out, exist_ok=True)
+    os.makedirs(config.out, exist_ok=True)
     rows, checks, tuning = [], [], []
     gen = torch.Generator(device=dev)
 
@@ -105,7 +140,7 @@ def main(argv=None):
         NB = (T + BS - 1) // BS
         return random_block_mask(1, HQ, NB, density, generator=gen, device=dev)
 
-    if args.tune:
+    if config.tune:
         T = 32768
         q, k, v = inputs(T)
         m = masks(T, 0.1)
@@ -133,7 +168,7 @@ def main(argv=None):
         print("chosen:", {str(k): v for k, v in CONFIG_OVERRIDES.items()}, flush=True)
         q = k = v = m = None
 
-    for T in args.lengths:
+    for T in config.lengths:
         torch.cuda.empty_cache()
         q, k, v = inputs(T)
         NB = (T + BS - 1) // BS
@@ -168,14 +203,14 @@ def main(argv=None):
             row["sdpa_cudnn"] = float("nan")
         row["ours_dense"] = bench(lambda: dense_attn(q, k, v))
         row["attn_with_pooling"] = bench(lambda: attn_with_pooling(q, k, v))
-        flex = args.flex_lengths is None or T in args.flex_lengths
+        flex = config.flex_lengths is None or T in config.flex_lengths
         if flex:
             from torch.nn.attention.flex_attention import create_block_mask, flex_attention
             flex_c = torch.compile(flex_attention, dynamic=False)
             # compiled mask_mod: the eager path materialises T x T (128 GiB at 128k)
             cm = create_block_mask(lambda b, h, qi, ki: qi >= ki, None, None, T, T, device=dev, _compile=True)
             row["flex_dense"] = bench(lambda: flex_c(q, k, v, block_mask=cm, enable_gqa=True))
-        for dens in args.densities:
+        for dens in config.densities:
             m = masks(T, dens)
             tag = f"{dens:g}"
             row[f"ours_d{tag}"] = bench(lambda: block_sparse_attn(q, k, v, m))
@@ -194,7 +229,7 @@ def main(argv=None):
                 del idx, cnt, bm, fo
         row["tflops_sdpa_flash"] = causal_flops / row["sdpa_flash"] / 1e9
         row["tflops_ours_dense"] = causal_flops / row["ours_dense"] / 1e9
-        if T in args.bwd_lengths:
+        if T in config.bwd_lengths:
             qg, kg, vg = inputs(T, grad=True)
             do = torch.randn_like(qg)
             o_ref = sdpa(qg, kg, vg, "flash")
@@ -221,23 +256,25 @@ def main(argv=None):
         print("row", json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}), flush=True)
         q = k = v = None  # free this length's inputs before the next allocation
 
-    env = write_results(args, rows, checks, tuning, {str(k): v for k, v in CONFIG_OVERRIDES.items()}, dev)
+    env = write_results(config, rows, checks, tuning, {str(k): v for k, v in CONFIG_OVERRIDES.items()}, dev)
     try:
-        plot(os.path.join(args.out, "kernels.csv"), os.path.join(args.out, "kernels.png"))
+        plot(os.path.join(config.out, "kernels.csv"), os.path.join(config.out, "kernels.png"))
     except ImportError:
-        print("matplotlib missing: CSV written, redraw with --plot", os.path.join(args.out, "kernels.csv"))
+        print("matplotlib missing: CSV written, redraw with --plot", os.path.join(config.out, "kernels.csv"))
     print_table(rows, env["provenance"])
+    return env
 
 
-def write_results(args, rows, checks, tuning, configs, device) -> dict:
-    """Write ``kernels.json`` (the envelope, returned) and ``kernels.csv`` to ``args.out``."""
+def write_results(config, rows, checks, tuning, configs, device) -> dict:
+    """Write ``kernels.json`` (the envelope, returned: ``config`` the :class:`KernelBenchConfig`,
+    ``resolved`` the shape and the launch configurations used) and ``kernels.csv`` to ``config.out``."""
     from seer_attn.training.results import write_envelope
-    shape = {"HQ": args.heads, "H": args.kv_heads, "D": args.head_dim, "dtype": "bf16", "B": 1}
-    env = write_envelope(os.path.join(args.out, "kernels.json"), "kernels", rows,
-                         config=ca.config_of(args, shape=shape, configs=configs), device=device,
-                         model=f"random q/k/v: {args.heads} query heads, {args.kv_heads} KV heads, "
-                               f"head_dim {args.head_dim}, bf16, batch 1", checks=checks, tuning=tuning)
-    write_csv(os.path.join(args.out, "kernels.csv"), rows)
+    shape = {"HQ": config.heads, "H": config.kv_heads, "D": config.head_dim, "dtype": "bf16", "B": 1}
+    env = write_envelope(os.path.join(config.out, "kernels.json"), "kernels", rows, config=asdict(config),
+                         resolved={"shape": shape, "configs": configs}, device=device,
+                         model=f"random q/k/v: {config.heads} query heads, {config.kv_heads} KV heads, "
+                               f"head_dim {config.head_dim}, bf16, batch 1", checks=checks, tuning=tuning)
+    write_csv(os.path.join(config.out, "kernels.csv"), rows)
     return env
 
 

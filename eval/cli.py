@@ -2,13 +2,14 @@
 
     seer-attn demo                      distill SmolLM2 on the bundled corpus, evaluate, plot
     seer-attn distill --model ... --data ... --seq-len ... --steps ... --output ...
+    seer-attn finetune --model ... --data ... --seq-len 32768 --yarn-factor 4 --density 0.1 --output ...
     seer-attn eval --model ... --tasks ... --max-length ...
     seer-attn compare --model ...       PPL of the gate and every baseline at equal density
-    seer-attn bench-kernels / bench-ttft   GPU benchmarks (CSV + PNG)
+    seer-attn bench-kernels / bench-ttft / bench-decode   GPU benchmarks (CSV + PNG)
 
 Only the command that runs is imported, and only when it runs: ``seer-attn --help`` lists
 the commands without importing any, ``seer-attn distill --help`` imports no torch.
-``compare``, ``bench-kernels`` and ``bench-ttft`` hand every option (``--help`` included)
+``compare``, ``bench-kernels``, ``bench-ttft`` and ``bench-decode`` hand every option (``--help`` included)
 to their module's own ``main(argv)``.
 
 Bad input (an option value, a data file, a model path, a checkpoint) ends with one line,
@@ -48,13 +49,13 @@ def _distill(p):
     p.set_defaults(func=_run_distill)
 
 
-def _eval_corpus(args):
+def _eval_corpus(config):
     """What the closing table evaluates on: ``(corpus for evaluate_gates, description)``;
     the corpus is None for the bundled eval corpus, False when ``--data`` cannot be read there."""
-    if not args.data:
+    if not config.data:
         return None, "the bundled held-out eval corpus"
-    path = str(args.data[0])
-    if len(args.data) == 1 and args.text_column == "text" and path.lower().endswith((".jsonl", ".jsonl.gz")):
+    path = str(config.data[0])
+    if len(config.data) == 1 and config.text_column == "text" and path.lower().endswith((".jsonl", ".jsonl.gz")):
         return path, f"your --data {path} (the training text itself: not held out)"
     return False, "your --data"
 
@@ -63,17 +64,19 @@ def _run_distill(args):
     import torch
 
     from .demo import PROFILES, evaluate_gates
-    from seer_attn.training.distill import run_distill
-    res = run_distill(args)
+    from seer_attn.training.distill import DistillConfig, run_distill
+    from seer_attn.training.run_config import config_from_args
+    config = config_from_args(DistillConfig, args)  # the options that configure the distillation itself
+    res = run_distill(config)
     print(f"[distill] model folder: {res['model_dir']}  (gates only: {res['gates_path']})", flush=True)
     if args.no_eval:
         return res
-    corpus, what = _eval_corpus(args)
+    corpus, what = _eval_corpus(config)
     if corpus is False:
         print(f"[distill] no closing evaluation: it reads one .jsonl(.gz) file with a 'text' field, not {what}; "
               f"evaluate with: seer-attn compare --model {res['model_dir']} --corpus FILE.jsonl", flush=True)
         return res
-    on_gpu = torch.cuda.is_available() and not args.cpu
+    on_gpu = torch.cuda.is_available() and not config.cpu
     prof = PROFILES["gpu" if on_gpu else "cpu"]
     pick = lambda val, default: default if val is None else val  # noqa: E731
     eval_len, windows = pick(args.eval_length, prof.eval_length), pick(args.eval_windows, prof.windows)
@@ -82,7 +85,7 @@ def _run_distill(args):
           f"the gate at densities {', '.join(f'{d:g}' for d in densities)}, "
           f"about {1 + 2 * len(densities)} passes over the windows (--no-eval skips it)", flush=True)
     with user_input():  # e.g. no document of the corpus as long as one window
-        ev = evaluate_gates(res["model_dir"], on_gpu, eval_len, windows, densities, args.output, corpus=corpus,
+        ev = evaluate_gates(res["model_dir"], on_gpu, eval_len, windows, densities, config.output, corpus=corpus,
                             calib_windows=min(prof.calib_windows, windows))
     print(ev["table"])
     print(ev["conclusion"])
@@ -90,16 +93,57 @@ def _run_distill(args):
     return res
 
 
+def _configured(config_class, run):
+    """The command's ``func``: ``run(config)`` with the run config its options build
+    (:func:`~seer_attn.training.run_config.config_from_args`; a config the options cannot
+    make is one usage line, exit code 2)."""
+    def func(args):
+        from seer_attn.training.run_config import config_from_args
+        return run(config_from_args(config_class, args))
+    return func
+
+
+def _finetune(p):
+    from seer_attn.training.cli_args import positive_int
+    from seer_attn.training.finetune import add_finetune_args
+    add_finetune_args(p)
+    p.add_argument("--no-eval", action="store_true", help="skip the closing evaluation table")
+    p.add_argument("--eval-data", default=None,
+                   help="evaluation jsonl of the closing table: each source's documents joined with EOS, cut into "
+                        "--seq-len windows (default: the bundled eval corpus)")
+    p.add_argument("--eval-windows", type=positive_int, default=4, help="windows per source (default: 4)")
+    p.set_defaults(func=_run_finetune)
+
+
+def _run_finetune(args):
+    from .finetune_eval import closing_evaluation
+    from seer_attn.training.finetune import config_from_args, run_finetune
+    with user_input():
+        cfg = config_from_args(args)
+    res = run_finetune(cfg)
+    print(f"[finetune] model folder: {res['model_dir']}", flush=True)
+    if args.no_eval:
+        return res
+    print(f"[finetune] closing evaluation: PPL at {res['seq_len']} tokens on "
+          f"{args.eval_data or 'the bundled eval corpus'}, each source's documents joined (EOS between), up to "
+          f"{args.eval_windows} windows per source (--no-eval skips it)", flush=True)
+    with user_input():  # e.g. no source of the corpus as long as one window
+        ev = closing_evaluation(res, corpus=args.eval_data, windows_per_source=args.eval_windows,
+                                device="cpu" if args.cpu else None, progress=not args.no_progress, config=cfg)
+    print(ev["table"])
+    return res
+
+
 def _demo(p):
-    from .demo import add_demo_args, run_demo
+    from .demo import DemoConfig, add_demo_args, run_demo
     add_demo_args(p)
-    p.set_defaults(func=run_demo)
+    p.set_defaults(func=_configured(DemoConfig, run_demo))
 
 
 def _eval(p):
-    from .harness import add_eval_args, run_eval
+    from .harness import EvalConfig, add_eval_args, run_eval
     add_eval_args(p)
-    p.set_defaults(func=run_eval)
+    p.set_defaults(func=_configured(EvalConfig, run_eval))
 
 
 #: name: (one-line help, the function adding its options, or the module whose main(argv) parses them)
@@ -107,10 +151,13 @@ COMMANDS = {
     "demo": ("distill the embedded SmolLM2 and evaluate dense vs sparse (the main job)", _demo),
     "distill": ("train the gates of a model (base weights frozen), then print the perplexity table of dense vs "
                 "gate vs streaming", _distill),
+    "finetune": ("fine-tune a model with sparse attention (and YaRN context extension, LoRA), then print its "
+                 "long-context perplexity table", _finetune),
     "eval": ("lm-eval-harness tasks (perplexity, passkey, LongBench) with a SeerLlama model", _eval),
     "compare": ("PPL of the gate and baselines at equal density", "seer_attn.eval.baselines"),
     "bench-kernels": ("GPU kernel benchmark", "seer_attn.eval.bench_kernels"),
     "bench-ttft": ("GPU time-to-first-token benchmark", "seer_attn.eval.bench_ttft"),
+    "bench-decode": ("GPU sparse decode benchmark (kernel and time per output token)", "seer_attn.eval.bench_decode"),
 }
 
 

@@ -19,7 +19,6 @@ Sizes adapt to the machine (``--profile``): on a GPU, 8192-token sequences; on a
 short distillation, so the demo ends within about 15 minutes on two cores.
 """
 import argparse
-import json
 import os
 import time
 from dataclasses import asdict, dataclass
@@ -27,6 +26,18 @@ from dataclasses import asdict, dataclass
 import torch
 
 import seer_attn.training
+from seer_attn.modeling_seer.conversion import load_seer_model, load_tokenizer
+from seer_attn.training import cli_args as ca
+from seer_attn.training.distill import DistillConfig, run_distill
+from seer_attn.training.results import write_envelope
+from seer_attn.training.run_config import RunConfig, default, flag, option, text
+
+from .baselines import compare
+from .calibration import calibrate, gate_thresholds_for, measure_density, pick_calibration_windows
+from .perplexity import load_documents, make_windows
+from .plots import plot_ppl_vs_density
+from .settings import Setting, apply_setting
+from .tables import format_table
 
 #: keep rules applied to every selection of the demo's comparison
 KEEP_RULES = dict(seer_keep_diagonal=True, seer_keep_sink=True, seer_keep_local=1, seer_dense_last_rows=0)
@@ -58,82 +69,91 @@ PROFILES = {
 }
 
 
+@dataclass(frozen=True, kw_only=True)
+class DemoConfig(RunConfig):
+    """One ``seer-attn demo`` run (each field is the option of the same name): the sizes
+    left None come from the profile (``profile`` None: gpu when CUDA is available and
+    ``cpu`` is False, else cpu)."""
+
+    model: str | None = option(None, text)  # None: the embedded SmolLM2-135M GGUF
+    output: str = option("seer_outputs/demo", text)
+    profile: str | None = option(None, choices=sorted(PROFILES))
+    seq_len: int | None = option(None, ca.positive_int)
+    steps: int | None = option(None, ca.positive_int)
+    eval_length: int | None = option(None, ca.positive_int)
+    windows: int | None = option(None, ca.positive_int)
+    densities: tuple | None = option(None, ca.unit_interval, many="+")
+    no_shipped_gates: bool = option(False, flag)
+    cpu: bool = option(False, flag)
+    seed: int = option(42, ca.nonneg_int)
+
+
 def add_demo_args(p: argparse.ArgumentParser):
-    from seer_attn.training.cli_args import positive_int, unit_interval
+    """The options of ``seer-attn demo`` (defaults: :class:`DemoConfig`'s)."""
     p.add_argument("--model", default=None, help="model to distill (default: the embedded SmolLM2-135M GGUF)")
-    p.add_argument("--output", default="seer_outputs/demo", help="output folder (default: seer_outputs/demo)")
+    p.add_argument("--output", default=default(DemoConfig, "output"), help="output folder (default: %(default)s)")
     p.add_argument("--profile", choices=sorted(PROFILES), default=None,
                    help="sizes: gpu (8192 tokens, 300 steps) or cpu (2048 tokens, 40 steps, 4 windows); "
                         "default: gpu when CUDA is available (and --cpu is not given), else cpu")
     for opt, what in (("--seq-len", "training sequence length"), ("--steps", "distillation steps"),
                       ("--eval-length", "evaluation window"), ("--windows", "evaluation windows")):
-        p.add_argument(opt, type=positive_int, default=None, help=f"{what} (default: the profile's)")
-    p.add_argument("--densities", type=unit_interval, nargs="+", default=None,
+        p.add_argument(opt, type=ca.positive_int, default=None, help=f"{what} (default: the profile's)")
+    p.add_argument("--densities", type=ca.unit_interval, nargs="+", default=None,
                    help="target densities of the comparison (default: 0.1 0.2 0.3 on gpu, 0.25 0.35 0.45 on cpu)")
     p.add_argument("--no-shipped-gates", action="store_true",
                    help="do not evaluate the gates shipped with the package beside the fresh ones")
     p.add_argument("--cpu", action="store_true", help="run on the CPU even when a GPU is present")
-    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--seed", type=ca.nonneg_int, default=default(DemoConfig, "seed"))
     return p
 
 
-def _resolve(args):
-    on_gpu = torch.cuda.is_available() and not args.cpu
-    prof = PROFILES[args.profile or ("gpu" if on_gpu else "cpu")]
-    over = {k: getattr(args, k) for k in ("seq_len", "steps", "eval_length", "windows") if getattr(args, k) is not None}
-    if args.densities is not None:
-        over["densities"] = tuple(args.densities)
-    prof = DemoProfile(**{**asdict(prof), **over})
-    for name in ("seq_len", "steps", "eval_length", "windows"):
-        val = getattr(prof, name)
-        if not isinstance(val, int) or val <= 0:
-            raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {val!r}")
-    bad = [d for d in prof.densities if not 0 < d <= 1]
-    if bad:
-        raise ValueError(f"--densities must lie in (0, 1], got {bad}")
-    return on_gpu, prof
+def resolve_profile(config: DemoConfig) -> tuple:
+    """``(on_gpu, profile)``: where the demo runs and its sizes (the profile's, with the
+    config's own sizes over them)."""
+    on_gpu = torch.cuda.is_available() and not config.cpu
+    prof = PROFILES[config.profile or ("gpu" if on_gpu else "cpu")]
+    over = {k: getattr(config, k) for k in ("seq_len", "steps", "eval_length", "windows", "densities")
+            if getattr(config, k) is not None}
+    return on_gpu, DemoProfile(**{**asdict(prof), **over})
 
 
-def run_demo(args) -> dict:
-    from seer_attn.training.cli_args import user_input
-    from seer_attn.training.distill import add_distill_args, run_distill
-    from seer_attn.training.results import write_envelope
-
-    on_gpu, prof = _resolve(args)
-    os.makedirs(args.output, exist_ok=True)
+def run_demo(config: DemoConfig) -> dict:
+    """The demo (module docstring) as ``config`` says; returns the evaluation (rows, table,
+    conclusion, plot), the model folder, the results file and the times."""
+    if not isinstance(config, DemoConfig):
+        raise TypeError(f"run_demo takes a DemoConfig, got {type(config).__name__}")
+    on_gpu, prof = resolve_profile(config)
+    os.makedirs(config.output, exist_ok=True)
     t0 = time.time()
     where = "GPU" if on_gpu else "CPU"
     print(f"[demo] 1/3 distilling gates: {prof.steps} steps of {prof.seq_len} tokens on {where}", flush=True)
-    dargs = add_distill_args(argparse.ArgumentParser()).parse_args([])
-    dargs.model, dargs.seq_len, dargs.steps = args.model, prof.seq_len, prof.steps
-    dargs.output, dargs.seed, dargs.cpu = os.path.join(args.output, "distill"), args.seed, not on_gpu
-    dargs.bf16 = prof.bf16 and on_gpu
-    dargs.save_steps = max(1, prof.steps // 2)
-    dist = run_distill(dargs)
+    dist = run_distill(DistillConfig(model=config.model, seq_len=prof.seq_len, steps=prof.steps,
+                                     output=os.path.join(config.output, "distill"), seed=config.seed,
+                                     cpu=not on_gpu, bf16=prof.bf16 and on_gpu, save_steps=max(1, prof.steps // 2)))
     t_train = time.time() - t0
 
     print(f"[demo] 2/3 perplexity on held-out text: {prof.windows} windows of {prof.eval_length} tokens, "
           f"densities {', '.join(f'{d:g}' for d in prof.densities)}", flush=True)
     shipped = None
-    if not args.no_shipped_gates and args.model is None and os.path.isfile(SHIPPED_GATES):
+    if not config.no_shipped_gates and config.model is None and os.path.isfile(SHIPPED_GATES):
         shipped = SHIPPED_GATES
-    with user_input():  # e.g. densities below what the keep rules keep anyway: one line, exit 2
+    with ca.user_input():  # e.g. densities below what the keep rules keep anyway: one line, exit 2
         ev = evaluate_gates(dist["model_dir"], on_gpu, prof.eval_length, prof.windows, prof.densities,
-                            args.output, extra_gates={"Seer gate, shipped": shipped} if shipped else None,
+                            config.output, extra_gates={"Seer gate, shipped": shipped} if shipped else None,
                             calib_windows=prof.calib_windows, dtype=torch.bfloat16 if prof.bf16 and on_gpu else None)
     print("[demo] 3/3 results", flush=True)
     print(ev["table"])
     print(density_table(ev["rows"]))
     print(ev["conclusion"])
     total = time.time() - t0
-    config = {"profile": asdict(prof), "seed": args.seed, "model": args.model, "keep_rules": KEEP_RULES,
-              "shipped_gates": shipped, "device": where}
-    res_path = os.path.join(args.output, "results.json")
-    write_envelope(res_path, "demo", ev["rows"], config=config, model=args.model or "embedded SmolLM2-135M GGUF",
-                   device="cuda" if on_gpu else "cpu", model_dir=dist["model_dir"], gates_path=dist["gates_path"],
-                   train_seconds=t_train, total_seconds=total, final_loss=dist.get("final_loss"),
-                   conclusion=ev["conclusion"], best=ev["best"], plot=ev["plot"])
-    with open(os.path.join(args.output, "results.md"), "w") as f:
+    resolved = {"profile": asdict(prof), "keep_rules": KEEP_RULES, "shipped_gates": shipped, "device": where}
+    res_path = os.path.join(config.output, "results.json")
+    write_envelope(res_path, "demo", ev["rows"], config=asdict(config), resolved=resolved,
+                   model=config.model or ca.DEFAULT_MODEL_LABEL, device="cuda" if on_gpu else "cpu",
+                   model_dir=dist["model_dir"], gates_path=dist["gates_path"], train_seconds=t_train,
+                   total_seconds=total, final_loss=dist.get("final_loss"), conclusion=ev["conclusion"],
+                   best=ev["best"], plot=ev["plot"])
+    with open(os.path.join(config.output, "results.md"), "w") as f:
         f.write(ev["table"] + "\n\n" + density_table(ev["rows"]) + "\n\n" + ev["conclusion"] + "\n")
     print(f"[demo] model folder: {dist['model_dir']}  (load with AutoModelForCausalLM.from_pretrained(folder, "
           f"trust_remote_code=True))")
@@ -163,11 +183,6 @@ def evaluate_gates(model_dir, on_gpu, eval_len, windows, densities, output, *, c
         dict with ``rows``, ``table`` (markdown), ``conclusion`` (one sentence), ``best``
         (the saved setting or None) and ``plot`` (path or None).
     """
-    from .baselines import (Setting, apply_setting, calibrate, compare, format_table, gate_thresholds_for,
-                            measure_density, pick_calibration_windows, plot_ppl_vs_density)
-    from .perplexity import load_documents, make_windows
-    from seer_attn.modeling_seer.conversion import load_seer_model, load_tokenizer
-
     device = "cuda" if on_gpu else "cpu"
     model = load_seer_model(model_dir, dtype=dtype or (torch.bfloat16 if on_gpu else torch.float32), device=device)
     tok = load_tokenizer(model_dir)
@@ -228,9 +243,10 @@ def evaluate_gates(model_dir, on_gpu, eval_len, windows, densities, output, *, c
     return {"rows": rows, "table": table, "conclusion": conclusion, "best": best, "plot": plot}
 
 
-def density_table(rows) -> str:
+def density_table(rows, footer=True) -> str:
     """Markdown: one line per matched density, each gate's and streaming's PPL above dense
-    (the compact view of :func:`evaluate_gates`' rows; the README's demo table)."""
+    (the compact view of :func:`evaluate_gates`' rows; the README's demo table), then, with
+    ``footer``, the dense PPL."""
     dense = next((r["ppl"] for r in rows if r["selector"] == "dense"), None)
     labels = list(dict.fromkeys(r.get("label") or "Seer gate" for r in rows if r["selector"] == "gate"))
     lines = ["| density | " + " | ".join(labels) + " | streaming (sink + recent) |",
@@ -242,7 +258,7 @@ def density_table(rows) -> str:
                       and r["target_density"] == s["target_density"] and r.get("ppl")), None)
             cells.append("—" if g is None else f"{100 * (g['ppl'] / dense - 1):+.1f}%")
         lines.append(f"| {s['density']:.2f} | " + " | ".join(cells) + f" | {100 * (s['ppl'] / dense - 1):+.1f}% |")
-    return "\n".join(lines) + f"\n\n(PPL above dense, {dense:.3f}.)"
+    return "\n".join(lines) + (f"\n\n(PPL above dense, {dense:.3f}.)" if footer else "")
 
 
 def summarize(rows) -> str:

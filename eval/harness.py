@@ -1,7 +1,10 @@
 """``seer-attn eval``: lm-eval-harness on a SeerLlama model, one run per block selection.
 
     seer-attn eval --model DIR_OR_HUB_ID_OR_GGUF --tasks seer_ppl,seer_passkey --max-length 8192 \\
-        --seer-mode sparse --selector gate --method threshold --param 2e-3 1e-3 --output results/eval
+        --seer-mode sparse --selector gate --method threshold --param 2e-3 1e-3 --output seer_outputs/eval
+
+A run is configured by an :class:`EvalConfig` (the Python API: ``run_eval(EvalConfig(...))``);
+the command line builds one from its options.
 
 For each setting (``--settings``, or the cross product of ``--selector``/``--method`` with
 ``--param`` values or calibrated ``--density`` targets; default: the model as loaded) the
@@ -12,8 +15,9 @@ to the config's ``max_position_embeddings``), with this package's task folder
 ``seer_passkey``) on the include path next to lm-eval's own tasks (``longbench_*`` ...).
 
 Written to ``--output``: ``results.json`` (a results envelope of kind ``"lm_eval"``,
-:mod:`seer_attn.training.results`: provenance, the run's ``config`` and one row per setting
-with its seer config, calibration, achieved density and the lm-eval results),
+:mod:`seer_attn.training.results`: provenance, the run's ``config``, ``resolved`` (dtype,
+device, task list and metadata, settings) and one row per setting with its seer config,
+calibration, achieved density and the lm-eval results),
 ``results.md`` (a table), ``tokenizer/`` (the tokenizer the tasks counted tokens with) and,
 with several settings and matplotlib installed, ``ppl_vs_density.png``.
 """
@@ -21,23 +25,78 @@ import argparse
 import json
 import os
 import sys
+from dataclasses import asdict, dataclass
 
 import torch
 
 from seer_attn.modeling_seer.selection import SELECTORS, SPARSITY_METHODS
-from seer_attn.training.results import envelope, write_json
-
 from seer_attn.training import cli_args as ca
+from seer_attn.training.results import envelope, write_json
+from seer_attn.training.run_config import ConfigError, RunConfig, config_from_args, default, flag, option, text
 
-from .baselines import (Setting, _check_param, apply_setting, calibrate, pick_calibration_windows, setting_arg,
-                        plot_ppl_vs_density, preserved_seer_mode)
+from .calibration import calibrate, pick_calibration_windows
 from .perplexity import (DensityMeter, default_corpus_path, load_documents, make_windows, model_device,
                          seer_settings)
+from .plots import plot_ppl_vs_density
+from .settings import METHOD_PARAM, Setting, apply_setting, check_param, preserved_seer_mode, setting_arg, setting_text
 
 TASKS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tasks")
-DEFAULT_TASKS = "seer_ppl"
+DEFAULT_TASKS = ("seer_ppl",)
+DEFAULT_OUTPUT = "seer_outputs/eval"
+DTYPES = ("bfloat16", "float16", "float32")
 MAX_LENGTH = ca.int_at_least(2)  # HFLM's rolling windows need a context token and a target
 _PPL_METRICS = ("token_perplexity", "word_perplexity")
+
+
+def _task_name(value):
+    tasks = ca.task_list([value]) if isinstance(value, str) else None
+    if tasks is None or len(tasks) != 1 or "," in value:
+        raise ValueError(f"expected one lm-eval task name, got {value!r}")
+    return tasks[0]
+
+
+def _metadata(value):
+    return dict(ca.json_object(value))
+
+
+@dataclass(frozen=True, kw_only=True)
+class EvalConfig(RunConfig):
+    """One ``seer-attn eval`` run (each field is the option of the same name, see
+    :func:`add_eval_args`): ``max_length`` is required (HFLM must never guess it)."""
+
+    model: str | None = option(None, text)
+    gates: str | None = option(None, text)
+    tokenizer: str | None = option(None, text)
+    dtype: str | None = option(None, choices=DTYPES)
+    device: str | None = option(None, text)
+    tasks: tuple = option(DEFAULT_TASKS, _task_name, many="+")
+    max_length: int = option(check=MAX_LENGTH)
+    batch_size: int = option(1, ca.positive_int)
+    limit: float | None = option(None, ca.positive_float)
+    metadata: dict | None = option(None, _metadata)
+    corpus: str | None = option(None, text)
+    bootstrap_iters: int = option(0, ca.nonneg_int)
+    log_samples: bool = option(False, flag)
+    seer_mode: str | None = option(None, choices=("dense", "sparse"))
+    selector: str | None = option(None, text)
+    method: str | None = option(None, choices=SPARSITY_METHODS)
+    param: tuple | None = option(None, ca.unit_interval, many="+")
+    density: tuple | None = option(None, ca.unit_interval, many="+")
+    settings: tuple | None = option(None, setting_text, many="+")
+    calib_windows: int = option(4, ca.positive_int)
+    calib_tol: float = option(0.01, ca.open_unit_interval)
+    output: str = option(DEFAULT_OUTPUT, text)
+
+    def check(self):
+        if self.selector is not None and self.selector not in SELECTORS:
+            raise ConfigError.invalid("selector", self.selector, f"expected one of {tuple(SELECTORS)}")
+        if self.param and self.density:
+            raise ConfigError("give either {param} or {density}, not both", "param", "density")
+        for p in (self.param or ()) if self.method else ():
+            try:
+                check_param(self.method, p, "{param}")
+            except ValueError as err:  # its message names "{param}": the field, or --param
+                raise ConfigError(str(err), "param") from None
 
 
 class _MethodParam(argparse.Action):
@@ -49,29 +108,33 @@ class _MethodParam(argparse.Action):
         method = getattr(namespace, "method", None)
         for p in (getattr(namespace, "param", None) or ()) if method else ():
             try:
-                _check_param(method, p, "--param")
+                check_param(method, p, "--param")
             except ValueError as err:
                 raise argparse.ArgumentError(None, str(err)) from None
 
 
+def _default(name):
+    return default(EvalConfig, name)
+
+
 def add_eval_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Arguments of ``seer-attn eval`` (see the module docstring); out-of-range values are
-    argparse errors (:mod:`seer_attn.training.cli_args`)."""
+    """Arguments of ``seer-attn eval`` (see the module docstring; defaults: :class:`EvalConfig`'s);
+    out-of-range values are argparse errors (:mod:`seer_attn.training.cli_args`)."""
     g = parser.add_argument_group("model")
     g.add_argument("--model", default=None,
                    help="SeerLlama or Llama folder / Hub id, or a .gguf file (default: the embedded SmolLM2-135M)")
     g.add_argument("--gates", default=None, help="gates file, folder or Hub id to load into the model")
     g.add_argument("--tokenizer", default=None, help="tokenizer folder / Hub id (default: the model's)")
-    g.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
+    g.add_argument("--dtype", default=None, choices=list(DTYPES),
                    help="base weights dtype (default: bfloat16 on CUDA, float32 on CPU)")
     g.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     g = parser.add_argument_group("lm-eval")
-    g.add_argument("--tasks", default=DEFAULT_TASKS, type=ca.task_list,
+    g.add_argument("--tasks", default=_default("tasks"), type=ca.task_list,
                    help="comma-separated lm-eval task names: seer_ppl, seer_ppl_pg19, seer_ppl_proofpile, "
                         "seer_passkey, or any lm-eval task such as longbench_passage_retrieval_en")
     g.add_argument("--max-length", type=MAX_LENGTH, required=True,
                    help="HFLM max_length: rolling-window length for perplexity, left-truncation length for prompts")
-    g.add_argument("--batch-size", type=ca.positive_int, default=1,
+    g.add_argument("--batch-size", type=ca.positive_int, default=_default("batch_size"),
                    help="HFLM batch size; keep 1 for sparse runs (HFLM right-pads loglikelihood batches "
                         "without a mask, and padding changes the pooled block scores)")
     g.add_argument("--limit", type=ca.positive_float, default=None, help="documents per task (testing only)")
@@ -79,7 +142,8 @@ def add_eval_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="JSON object of extra task metadata, e.g. '{\"passkey_lengths\": [2048, 4096]}'")
     g.add_argument("--corpus", default=None,
                    help="jsonl corpus for seer_ppl and for density calibration (default: the bundled eval corpus)")
-    g.add_argument("--bootstrap-iters", type=ca.nonneg_int, default=0, help="lm-eval stderr bootstrap iterations")
+    g.add_argument("--bootstrap-iters", type=ca.nonneg_int, default=_default("bootstrap_iters"),
+                   help="lm-eval stderr bootstrap iterations")
     g.add_argument("--log-samples", action="store_true", help="also write every sample to samples_<run>.json")
     g = parser.add_argument_group("block selection")
     g.add_argument("--seer-mode", default=None, choices=["dense", "sparse"],
@@ -93,46 +157,44 @@ def add_eval_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--settings", nargs="+", default=None, type=setting_arg,
                    help="explicit settings, e.g. dense gate:threshold=2e-3 streaming:nz_ratio@0.21 "
                         "(overrides --seer-mode/--selector/--method/--param/--density)")
-    g.add_argument("--calib-windows", type=ca.positive_int, default=4,
+    g.add_argument("--calib-windows", type=ca.positive_int, default=_default("calib_windows"),
                    help="corpus windows used to calibrate --density")
-    g.add_argument("--calib-tol", type=ca.open_unit_interval, default=0.01,
+    g.add_argument("--calib-tol", type=ca.open_unit_interval, default=_default("calib_tol"),
                    help="accepted density error of the calibration")
-    parser.add_argument("--output", required=True, help="output folder")
+    parser.add_argument("--output", default=_default("output"), help="output folder (default: %(default)s)")
     return parser
 
 
 # ----------------------------------------------------------------------------- settings
 
-def settings_from_args(args, model) -> list:
-    """The list of :class:`Setting` an eval run covers (see the module docstring)."""
-    if args.settings:
-        return [Setting.parse(s) for s in args.settings]
-    if args.param and args.density:
-        raise ValueError("give either --param or --density, not both")
+def settings_for(config, model) -> list:
+    """The list of :class:`Setting` the eval run ``config`` (an :class:`EvalConfig`) covers on
+    ``model`` (see the module docstring)."""
+    if config.settings:
+        return [Setting.parse(s) for s in config.settings]
     cfg = model.config
-    mode = args.seer_mode or cfg.seer_mode
+    mode = config.seer_mode or cfg.seer_mode
     if mode == "dense":
-        extra = [n for n in ("selector", "method", "param", "density") if getattr(args, n) is not None]
+        extra = [n for n in ("selector", "method", "param", "density") if getattr(config, n) is not None]
         if extra:
             raise ValueError(f"--{'/--'.join(extra)} given with dense mode; add --seer-mode sparse")
         return [Setting("dense")]
     if mode != "sparse":
         raise ValueError(f"seer mode {mode!r} cannot be evaluated: expected dense or sparse (distill is for training)")
-    selector = args.selector or cfg.seer_selector
-    method = args.method or cfg.seer_sparsity_method
-    if args.density:
-        return [Setting(selector, method, target_density=d) for d in args.density]
-    params = args.param or [getattr(cfg, {"threshold": "seer_threshold", "nz_ratio": "seer_nz_ratio",
-                                          "coverage": "seer_coverage"}[method])]
+    selector = config.selector or cfg.seer_selector
+    method = config.method or cfg.seer_sparsity_method
+    if config.density:
+        return [Setting(selector, method, target_density=d) for d in config.density]
+    params = config.param or [getattr(cfg, METHOD_PARAM[method])]
     return [Setting(selector, method, param=p) for p in params]
 
 
-def _metadata(args, tokenizer_dir):
-    meta = dict(ca.json_object(args.metadata)) if args.metadata else {}
+def _task_metadata(config, tokenizer_dir):
+    meta = dict(config.metadata or {})
     meta.setdefault("tokenizer", tokenizer_dir)
-    meta["max_length"] = args.max_length
-    if args.corpus:
-        meta.setdefault("corpus", os.path.abspath(args.corpus))
+    meta["max_length"] = config.max_length
+    if config.corpus:
+        meta.setdefault("corpus", os.path.abspath(config.corpus))
     return meta
 
 
@@ -176,49 +238,49 @@ def format_results_table(runs) -> str:
 
 # ----------------------------------------------------------------------------- run
 
-def _load(args):
+def _load(config):
     from seer_attn.modeling_seer.conversion import load_seer_model, load_tokenizer
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if str(device).startswith("cuda")
+    device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = getattr(torch, config.dtype) if config.dtype else (torch.bfloat16 if str(device).startswith("cuda")
                                                            else torch.float32)
-    model = load_seer_model(args.model, dtype=dtype, device=device, gates=args.gates)
-    tokenizer = load_tokenizer(args.tokenizer or args.model)
+    model = load_seer_model(config.model, dtype=dtype, device=device, gates=config.gates)
+    tokenizer = load_tokenizer(config.tokenizer or config.model)
     return model.eval(), tokenizer, str(dtype).replace("torch.", "")
 
 
-def run_eval(args) -> dict:
-    """Run ``seer-attn eval``: ``args`` parsed by :func:`add_eval_args`, or a dict of its
-    options (``max_length`` and ``output`` required; checked as the command line checks them).
-    Returns the envelope written to results.json, with ``table`` and ``plot`` added."""
-    if isinstance(args, dict):
-        args = ca.namespace_from_dict(add_eval_args(argparse.ArgumentParser()), args)
+def run_eval(config: EvalConfig) -> dict:
+    """Run ``seer-attn eval`` as ``config`` says. Returns the envelope written to
+    results.json, with ``table`` and ``plot`` added."""
+    if not isinstance(config, EvalConfig):
+        raise TypeError(f"run_eval takes an EvalConfig, got {type(config).__name__}")
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
-    tasks = ca.task_list(args.tasks)
-    os.makedirs(args.output, exist_ok=True)
-    model, tokenizer, dtype = _load(args)
-    settings = settings_from_args(args, model)
-    tok_dir = os.path.abspath(os.path.join(args.output, "tokenizer"))
+    tasks = list(config.tasks)
+    os.makedirs(config.output, exist_ok=True)
+    model, tokenizer, dtype = _load(config)
+    with ca.user_input():  # e.g. --param with a dense model: one line from seer-attn, exit 2
+        settings = settings_for(config, model)
+    tok_dir = os.path.abspath(os.path.join(config.output, "tokenizer"))
     tokenizer.save_pretrained(tok_dir)  # the tasks count tokens with exactly this tokenizer
-    metadata = _metadata(args, tok_dir)
-    from_hub_or_dir = isinstance(args.model, str) and not args.model.endswith(".gguf")
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, max_length=args.max_length, batch_size=args.batch_size,
+    metadata = _task_metadata(config, tok_dir)
+    from_hub_or_dir = isinstance(config.model, str) and not config.model.endswith(".gguf")
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, max_length=config.max_length, batch_size=config.batch_size,
               trust_remote_code=from_hub_or_dir)
 
     calib_windows = None
     if any(s.target_density is not None for s in settings):
-        docs = load_documents(args.corpus or default_corpus_path())
-        windows = make_windows(docs, tokenizer, args.max_length)
+        docs = load_documents(config.corpus or default_corpus_path())
+        windows = make_windows(docs, tokenizer, config.max_length)
         if not windows:
-            raise ValueError(f"no calibration window: no corpus document has {args.max_length} tokens")
-        calib_windows = pick_calibration_windows(windows, args.calib_windows)
+            raise ValueError(f"no calibration window: no corpus document has {config.max_length} tokens")
+        calib_windows = pick_calibration_windows(windows, config.calib_windows)
 
     runs = []
     # calibrate every density target first, so that an unreachable one fails before any lm-eval run
     calibs = [None if s.target_density is None else
-              calibrate(model, s.method, s.target_density, calib_windows, selector=s.selector, tol=args.calib_tol,
+              calibrate(model, s.method, s.target_density, calib_windows, selector=s.selector, tol=config.calib_tol,
                         progress=True)
               for s in settings]
     task_manager = TaskManager(include_path=TASKS_DIR, metadata=metadata)
@@ -236,8 +298,8 @@ def run_eval(args) -> dict:
             samples, all_densities = {}, []
             for task in tasks:  # one lm-eval call per requested task: the density of each is its own
                 with DensityMeter(model) as meter:
-                    res = simple_evaluate(model=lm, tasks=[task], task_manager=task_manager, limit=args.limit,
-                                          bootstrap_iters=args.bootstrap_iters, log_samples=args.log_samples)
+                    res = simple_evaluate(model=lm, tasks=[task], task_manager=task_manager, limit=config.limit,
+                                          bootstrap_iters=config.bootstrap_iters, log_samples=config.log_samples)
                 run["task_density"][task] = meter.mean
                 all_densities += meter.values
                 for key, val in run["lm_eval"].items():
@@ -246,27 +308,27 @@ def run_eval(args) -> dict:
             run["density"] = sum(all_densities) / len(all_densities) if all_densities else None
             run["prefills"] = len(all_densities)
             run["metrics"] = _main_metrics(run["lm_eval"]["results"])
-            if args.log_samples:
-                path = os.path.join(args.output, f"samples_{i}.json")
+            if config.log_samples:
+                path = os.path.join(config.output, f"samples_{i}.json")
                 with open(path, "w") as f:
                     json.dump(samples, f, default=str)
                 run["samples_file"] = os.path.basename(path)
             runs.append(run)
 
-    config = ca.config_of(args, tasks=tasks, dtype=dtype, device=str(model_device(model)), task_metadata=metadata,
-                          settings=[str(s) for s in settings])
-    out = envelope("lm_eval", runs, config=config, model=args.model or ca.DEFAULT_MODEL_LABEL,
-                   device=model_device(model))
-    write_json(os.path.join(args.output, "results.json"), out)
+    resolved = {"tasks": tasks, "dtype": dtype, "device": str(model_device(model)), "task_metadata": metadata,
+                "settings": [str(s) for s in settings]}
+    out = envelope("lm_eval", runs, config=asdict(config), resolved=resolved,
+                   model=config.model or ca.DEFAULT_MODEL_LABEL, device=model_device(model))
+    write_json(os.path.join(config.output, "results.json"), out)
     table = format_results_table(out["rows"])
     prov = out["provenance"]
-    with open(os.path.join(args.output, "results.md"), "w") as f:
-        f.write(f"{prov['model']} · max_length {args.max_length} · {prov['gpu']} · "
+    with open(os.path.join(config.output, "results.md"), "w") as f:
+        f.write(f"{prov['model']} · max_length {config.max_length} · {prov['gpu']} · "
                 f"commit {(prov['commit'] or 'unknown')[:12]}{' (dirty)' if prov['commit_dirty'] else ''}\n\n")
         f.write(table + "\n")
     print(table)
     out["table"] = table
-    out["plot"] = _plot(out["rows"], os.path.join(args.output, "ppl_vs_density.png"), args.max_length)
+    out["plot"] = _plot(out["rows"], os.path.join(config.output, "ppl_vs_density.png"), config.max_length)
     return out
 
 
@@ -291,7 +353,7 @@ def _plot(runs, path, max_length):
 
 def main(argv=None):
     parser = add_eval_args(argparse.ArgumentParser(description="lm-eval-harness on a SeerLlama model"))
-    return run_eval(parser.parse_args(argv))
+    return run_eval(config_from_args(EvalConfig, parser.parse_args(argv), parser=parser))
 
 
 if __name__ == "__main__":

@@ -16,6 +16,10 @@ Protocol (``evaluate_perplexity``):
 5. PPL = exp(mean NLL over every predicted token of every window); per-source PPL the
    same over the windows of that source.
 
+For long contexts (32k tokens), :func:`make_source_windows` replaces steps 2-3 by the
+"source-joined windows" protocol: each source's documents joined with EOS between them and
+cut into windows, up to ``windows_per_source`` per source.
+
 In sparse mode the achieved density is the mean over windows (each window weighs the
 same) of ``model.seer_density()`` averaged over layers and heads: the kept share of
 causal 64x64 blocks.
@@ -146,6 +150,38 @@ def make_windows(documents, tokenizer, max_length=DEFAULT_MAX_LENGTH, windows_pe
                                   torch.tensor(chunk, dtype=torch.long)))
             if len(chunk) < max_length:
                 break
+    return windows
+
+
+def make_source_windows(documents, tokenizer, max_length, windows_per_source=4, separator_id=None) -> list:
+    """The "source-joined windows" protocol (long-context evaluation, docs/finetune.md): the
+    documents of each source, in corpus order, tokenised without special tokens and joined
+    with one separator token between them (the tokenizer's EOS unless ``separator_id``), then
+    cut into non-overlapping windows of exactly ``max_length`` tokens, the first
+    ``windows_per_source`` of each source. Long windows exist even when most documents are
+    shorter; a source whose joined text is shorter than one window gives none.
+
+    Returns:
+        list of :class:`Window` (``doc_id`` ``"<source> (joined)"``, ``index`` the window
+        number in its source), sources in order of first appearance.
+    """
+    if not isinstance(max_length, int) or max_length < 2:
+        raise ValueError(f"max_length={max_length!r} is invalid: expected an integer >= 2")
+    if not isinstance(windows_per_source, int) or windows_per_source < 1:
+        raise ValueError(f"windows_per_source={windows_per_source!r} is invalid: expected an integer >= 1")
+    sep = tokenizer.eos_token_id if separator_id is None else separator_id
+    if sep is None:
+        raise ValueError(f"{type(tokenizer).__name__} has no eos_token_id; pass separator_id=")
+    streams = {}
+    for doc in documents:
+        ids = tokenizer(doc["text"], add_special_tokens=False)["input_ids"]
+        stream = streams.setdefault(doc.get("source", "unknown"), [])
+        stream += ([sep] if stream else []) + list(ids)
+    windows = []
+    for source, stream in streams.items():
+        for w in range(min(windows_per_source, len(stream) // max_length)):
+            windows.append(Window(f"{source} (joined)", source, w,
+                                  torch.tensor(stream[w * max_length:(w + 1) * max_length], dtype=torch.long)))
     return windows
 
 

@@ -5,15 +5,20 @@ Public API (tensors in the transformers layout ``[B, H, T, D]``):
 - :func:`attn_with_pooling` -- exact attention + max-pooled block attention map;
 - :func:`block_sparse_attn` -- attention over the blocks kept by a bool block mask;
 - :func:`dense_attn` -- the same kernels with every block kept;
-- :func:`block_mask_to_indices`, :func:`causal_block_density`, :func:`random_block_mask`;
+- :func:`block_sparse_decode` -- one new token per sequence over the selected KV-cache blocks
+  (split-KV, one selection per KV head);
+- :func:`block_mask_to_indices`, :func:`causal_block_density`, :func:`random_block_mask`,
+  :func:`window_block_mask` (the blocks a sliding window reaches);
 - ``*_ref`` torch references with the same signatures.
 """
-from .block_mask import block_mask_to_indices, causal_block_density, random_block_mask
+from .block_mask import block_mask_to_indices, causal_block_density, random_block_mask, window_block_mask
 from .block_sparse_attn import attn_with_pooling, block_sparse_attn, dense_attn
+from .block_sparse_decode import block_sparse_decode
 from .kernel_utils import HAS_TRITON
-from .reference import attn_with_pooling_ref, block_sparse_attn_ref
+from .reference import attn_with_pooling_ref, block_sparse_attn_ref, block_sparse_decode_ref
 
 __all__ = [
-    "attn_with_pooling", "block_sparse_attn", "dense_attn", "block_mask_to_indices", "causal_block_density",
-    "random_block_mask", "attn_with_pooling_ref", "block_sparse_attn_ref", "HAS_TRITON",
+    "attn_with_pooling", "block_sparse_attn", "dense_attn", "block_sparse_decode", "block_mask_to_indices",
+    "causal_block_density", "random_block_mask", "window_block_mask", "attn_with_pooling_ref",
+    "block_sparse_attn_ref", "block_sparse_decode_ref", "HAS_TRITON",
 ]

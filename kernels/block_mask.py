@@ -90,14 +90,29 @@ def block_mask_to_indices(block_mask: torch.Tensor, causal: bool = True, transpo
     return _indices_torch(m)
 
 
-def causal_block_density(block_mask: torch.Tensor, per_head: bool = False):
+def window_block_mask(NB: int, window=None, block_size: int = 64, device="cpu"):
+    """Bool ``[NB, NB]``: the causal blocks (i >= j) that a sliding window of ``window`` tokens
+    reaches, i.e. where some query of block i sees some key of block j (every causal block
+    when ``window`` is None). The nearest pair of blocks j < i, query ``i * block_size`` and
+    key ``(j + 1) * block_size - 1``, lies ``(i - j - 1) * block_size + 1`` tokens apart; the
+    block is reached iff that distance is below ``window``. The diagonal is always reached."""
+    i = torch.arange(NB, device=device)
+    allowed = i[None, :] <= i[:, None]
+    if window is not None:
+        allowed &= (i[:, None] - i[None, :] - 1) * block_size + 1 < window
+    return allowed
+
+
+def causal_block_density(block_mask: torch.Tensor, per_head: bool = False, window=None, block_size: int = 64):
     """Kept share of the causal blocks (i >= j): the density this project reports.
 
-    Returns a float over the whole mask, or with ``per_head`` a float tensor ``[B, HQ]``.
+    With a sliding ``window`` (tokens), the share of the blocks the window reaches
+    (:func:`window_block_mask`): kept reached blocks / reached blocks, so that keeping every
+    block the window allows is density 1. Returns a float over the whole mask, or with
+    ``per_head`` a float tensor ``[B, HQ]``.
     """
-    NB = block_mask.shape[-1]
-    tril = torch.ones(NB, NB, dtype=torch.bool, device=block_mask.device).tril()
-    kept = (block_mask & tril).sum(dim=(-1, -2)).float() / tril.sum().float()
+    allowed = window_block_mask(block_mask.shape[-1], window, block_size, block_mask.device)
+    kept = (block_mask & allowed).sum(dim=(-1, -2)).float() / allowed.sum().float()
     return kept if per_head else kept.mean().item()
 
 

@@ -19,11 +19,18 @@ backward pass; rows that attend no key store ``+inf`` so that they contribute no
 there. The pooling variant re-walks the key tiles after the softmax statistics are final
 and reduces ``max(s - lse)`` over each 64x64 tile: exactly the block max of the softmax
 probabilities, with O(B*HQ*T) extra memory.
+
+Sliding window (``window``, the ``HAS_WINDOW`` flag). Index lists ascend, so a program's
+key blocks come in three runs: wholly outside the window (skipped: a scalar load each), cut
+by it (at most ``BLOCK_M // 64 + 1`` blocks, masked one at a time), then inside it (the
+unmasked walk above). The dK/dV program sees the mirror image along its transposed lists:
+inside, cut, outside. The pooling pass starts at the first tile the window reaches and
+stores zeros before it.
 """
 import torch
 
 from .block_mask import block_mask_to_indices
-from .kernel_utils import (HAS_TRITON, check_attention_inputs, check_block_mask, check_seq_bounds,
+from .kernel_utils import (HAS_TRITON, check_attention_inputs, check_block_mask, check_seq_bounds, check_window,
                            interpreting, new_output, num_blocks, tl, triton)
 from .reference import attn_with_pooling_ref, block_sparse_attn_ref
 
@@ -74,6 +81,26 @@ def _query_block_list(IDX, CNT, pid_bh, qb0, NB, SPARSE: tl.constexpr, CAUSAL: t
 
 
 @triton.jit
+def _list_entry(idx_row, p, n, stop, SPARSE: tl.constexpr):
+    """Key (or query) block at list position ``p`` (dense: ``p`` itself); ``stop`` when ``p >= n``."""
+    if SPARSE:
+        e = tl.load(idx_row + p, mask=p < n, other=0)
+    else:
+        e = p
+    return tl.where(p < n, e, stop)
+
+
+@triton.jit
+def _window_key_blocks(m0, BLOCK_M: tl.constexpr, BS: tl.constexpr, WIN):
+    """For query rows ``m0 .. m0 + BLOCK_M - 1`` and a sliding window of ``WIN`` tokens: the
+    first key block any row sees (blocks before it are skipped) and the first key block
+    every row sees whole (blocks from ``lo`` up to it are masked)."""
+    lo = tl.maximum(m0 - WIN + 1, 0) // BS
+    full = (tl.maximum(m0 + BLOCK_M - WIN, 0) + BS - 1) // BS
+    return lo, full
+
+
+@triton.jit
 def _load_kv(k_base, v_base, s_kt, s_vt, offs_n, offs_d, T, BOUNDARY: tl.constexpr):
     """K and V rows ``offs_n``; only boundary tiles (which may run past T) are masked."""
     if BOUNDARY:
@@ -87,16 +114,18 @@ def _load_kv(k_base, v_base, s_kt, s_vt, offs_n, offs_d, T, BOUNDARY: tl.constex
 
 
 @triton.jit
-def _fwd_step(acc, l_i, m_i, q, k_base, v_base, s_kt, s_vt, offs_m, offs_n, offs_d, qk_scale, T, kv_lo, kv_hi,
-              CAUSAL_MASK: tl.constexpr, KV_MASK: tl.constexpr, PREC: tl.constexpr):
+def _fwd_step(acc, l_i, m_i, q, k_base, v_base, s_kt, s_vt, offs_m, offs_n, offs_d, qk_scale, T, kv_lo, kv_hi, win,
+              CAUSAL_MASK: tl.constexpr, KV_MASK: tl.constexpr, WIN_MASK: tl.constexpr, PREC: tl.constexpr):
     k, v = _load_kv(k_base, v_base, s_kt, s_vt, offs_n, offs_d, T, CAUSAL_MASK or KV_MASK)
     qk = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
     if CAUSAL_MASK:
         qk = tl.where(offs_m[:, None] >= offs_n[None, :], qk, float("-inf"))
     if KV_MASK:
         qk = tl.where(((offs_n >= kv_lo) & (offs_n < kv_hi))[None, :], qk, float("-inf"))
+    if WIN_MASK:
+        qk = tl.where(offs_n[None, :] > offs_m[:, None] - win, qk, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(qk, 1))
-    if CAUSAL_MASK or KV_MASK:
+    if CAUSAL_MASK or KV_MASK or WIN_MASK:
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # fully masked row so far
     else:
         m_use = m_new
@@ -112,10 +141,11 @@ def _fwd_step(acc, l_i, m_i, q, k_base, v_base, s_kt, s_vt, offs_m, offs_n, offs
 def _attn_fwd_kernel(
     Q, K, V, O, LSE, POOL, IDX, CNT, BOUNDS, qk_scale,
     s_qb, s_qh, s_qt, s_kb, s_kh, s_kt, s_vb, s_vh, s_vt, s_ob, s_oh, s_ot,
-    HQ, T, NB,
+    HQ, T, NB, WIN,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BS: tl.constexpr, SPARSE: tl.constexpr, CAUSAL: tl.constexpr, POOLING: tl.constexpr,
-    POOL_SUM: tl.constexpr, HAS_BOUNDS: tl.constexpr, EVEN_T: tl.constexpr, PREC: tl.constexpr,
+    POOL_SUM: tl.constexpr, HAS_BOUNDS: tl.constexpr, EVEN_T: tl.constexpr, HAS_WINDOW: tl.constexpr,
+    PREC: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -145,29 +175,44 @@ def _attn_fwd_kernel(
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
 
     idx_row, n_off, has_diag = _query_block_list(IDX, CNT, pid_bh, qb0, NB, SPARSE, CAUSAL)
+    win_lo, win_full = _window_key_blocks(m0, BLOCK_M, BS, WIN)
 
+    p0 = qb0 * 0  # first list position of the unmasked walk
+    if HAS_WINDOW:
+        # lists ascend: blocks wholly outside the window (skipped), then those the window
+        # cuts (masked, one at a time), then the unmasked ones
+        if not SPARSE:
+            p0 = tl.minimum(win_lo, n_off)
+        nxt = _list_entry(idx_row, p0, n_off, win_full, SPARSE)
+        while nxt < win_full:
+            if nxt >= win_lo:
+                offs_n = nxt * BS + tl.arange(0, BS)
+                acc, l_i, m_i = _fwd_step(acc, l_i, m_i, q, k_base, v_base, s_kt, s_vt, offs_m, offs_n, offs_d,
+                                          qk_scale, T, kv_lo, kv_hi, WIN, False, MASK_KV, True, PREC)
+            p0 += 1
+            nxt = _list_entry(idx_row, p0, n_off, win_full, SPARSE)
     # blocks strictly below the diagonal band: no causal mask, NSUB blocks per tile
-    n_full = n_off // NSUB
+    n_full = (n_off - p0) // NSUB
     for t in range(0, n_full):
-        offs_n = _tile_offsets(idx_row, t * NSUB, BLOCK_N, BS, SPARSE)
+        offs_n = _tile_offsets(idx_row, p0 + t * NSUB, BLOCK_N, BS, SPARSE)
         acc, l_i, m_i = _fwd_step(acc, l_i, m_i, q, k_base, v_base, s_kt, s_vt, offs_m, offs_n, offs_d, qk_scale,
-                                  T, kv_lo, kv_hi, False, MASK_KV, PREC)
-    for p in range(n_full * NSUB, n_off):
+                                  T, kv_lo, kv_hi, WIN, False, MASK_KV, False, PREC)
+    for p in range(p0 + n_full * NSUB, n_off):
         offs_n = _tile_offsets(idx_row, p, BS, BS, SPARSE)
         acc, l_i, m_i = _fwd_step(acc, l_i, m_i, q, k_base, v_base, s_kt, s_vt, offs_m, offs_n, offs_d, qk_scale,
-                                  T, kv_lo, kv_hi, False, MASK_KV, PREC)
-    # the diagonal band, causal mask inside
+                                  T, kv_lo, kv_hi, WIN, False, MASK_KV, False, PREC)
+    # the diagonal band, causal (and window) mask inside
     if CAUSAL:
         if SPARSE:
             if has_diag:
                 offs_n = qb0 * BS + tl.arange(0, BS)
                 acc, l_i, m_i = _fwd_step(acc, l_i, m_i, q, k_base, v_base, s_kt, s_vt, offs_m, offs_n, offs_d,
-                                          qk_scale, T, kv_lo, kv_hi, True, MASK_KV, PREC)
+                                          qk_scale, T, kv_lo, kv_hi, WIN, True, MASK_KV, HAS_WINDOW, PREC)
         else:
             for jb in range(qb0, tl.minimum(qb0 + RB, NB)):
                 offs_n = jb * BS + tl.arange(0, BS)
                 acc, l_i, m_i = _fwd_step(acc, l_i, m_i, q, k_base, v_base, s_kt, s_vt, offs_m, offs_n, offs_d,
-                                          qk_scale, T, kv_lo, kv_hi, True, MASK_KV, PREC)
+                                          qk_scale, T, kv_lo, kv_hi, WIN, True, MASK_KV, HAS_WINDOW, PREC)
 
     row_ok = offs_m < T
     if HAS_BOUNDS:
@@ -191,7 +236,15 @@ def _attn_fwd_kernel(
             n_cb = tl.minimum(qb0 + RB, NB)
         else:
             n_cb = NB
-        for n0 in range(0, n_cb * BS, BLOCK_N):
+        n_start = 0
+        if HAS_WINDOW:  # tiles wholly outside the window pool to zero without being computed
+            z_lo = (win_lo // RN) * RN
+            for c0 in range(0, z_lo, BS):
+                cols = c0 + tl.arange(0, BS)
+                tl.store(pool_base + rows_b[:, None] * NB + cols[None, :], tl.zeros([RB, BS], dtype=tl.float32),
+                         mask=(rows_b < NB)[:, None] & (cols < z_lo)[None, :])
+            n_start = z_lo * BS
+        for n0 in range(n_start, n_cb * BS, BLOCK_N):
             offs_n = n0 + tl.arange(0, BLOCK_N)
             k = tl.load(k_base + offs_n[:, None] * s_kt + offs_d[None, :], mask=(offs_n < T)[:, None], other=0.0)
             s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale - lse[:, None]
@@ -200,6 +253,8 @@ def _attn_fwd_kernel(
                 valid = valid & (offs_m[:, None] >= offs_n[None, :])
             if HAS_BOUNDS:
                 valid = valid & ((offs_n >= kv_lo) & (offs_n < kv_hi))[None, :]
+            if HAS_WINDOW:
+                valid = valid & (offs_n[None, :] > offs_m[:, None] - WIN)
             s = tl.where(valid, s, float("-inf"))
             if POOL_SUM:  # probability mass of each tile
                 blk = tl.sum(tl.sum(tl.reshape(tl.math.exp2(s), (RB, BS, RN, BS)), axis=3), axis=1)
@@ -235,7 +290,8 @@ def _bwd_preprocess_kernel(O, DO, DELTA, s_ob, s_oh, s_ot, s_db, s_dh, s_dt, HQ,
 
 @triton.jit
 def _bwd_dq_step(dq, q, do, lse, delta, k_base, v_base, s_kt, s_vt, offs_m, offs_n, offs_d, qk_scale, T,
-                 kv_lo, kv_hi, CAUSAL_MASK: tl.constexpr, KV_MASK: tl.constexpr, PREC: tl.constexpr):
+                 kv_lo, kv_hi, win, CAUSAL_MASK: tl.constexpr, KV_MASK: tl.constexpr, WIN_MASK: tl.constexpr,
+                 PREC: tl.constexpr):
     k, v = _load_kv(k_base, v_base, s_kt, s_vt, offs_n, offs_d, T, CAUSAL_MASK or KV_MASK)
     qk = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
     p = tl.math.exp2(qk - lse[:, None])
@@ -243,6 +299,8 @@ def _bwd_dq_step(dq, q, do, lse, delta, k_base, v_base, s_kt, s_vt, offs_m, offs
         p = tl.where(offs_m[:, None] >= offs_n[None, :], p, 0.0)
     if KV_MASK:
         p = tl.where(((offs_n >= kv_lo) & (offs_n < kv_hi))[None, :], p, 0.0)
+    if WIN_MASK:
+        p = tl.where(offs_n[None, :] > offs_m[:, None] - win, p, 0.0)
     dp = tl.dot(do, tl.trans(v), input_precision=PREC)
     ds = p * (dp - delta[:, None])
     dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PREC)
@@ -253,10 +311,10 @@ def _bwd_dq_step(dq, q, do, lse, delta, k_base, v_base, s_kt, s_vt, offs_m, offs
 def _attn_bwd_dq_kernel(
     Q, K, V, DO, DQ, LSE, DELTA, IDX, CNT, BOUNDS, qk_scale, sm_scale,
     s_qb, s_qh, s_qt, s_kb, s_kh, s_kt, s_vb, s_vh, s_vt, s_db, s_dh, s_dt, s_gb, s_gh, s_gt,
-    HQ, T, NB,
+    HQ, T, NB, WIN,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BS: tl.constexpr, SPARSE: tl.constexpr, CAUSAL: tl.constexpr, HAS_BOUNDS: tl.constexpr,
-    EVEN_T: tl.constexpr, PREC: tl.constexpr,
+    EVEN_T: tl.constexpr, HAS_WINDOW: tl.constexpr, PREC: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -287,26 +345,39 @@ def _attn_bwd_dq_kernel(
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
 
     idx_row, n_off, has_diag = _query_block_list(IDX, CNT, pid_bh, qb0, NB, SPARSE, CAUSAL)
-    n_full = n_off // NSUB
+    p0 = qb0 * 0
+    if HAS_WINDOW:  # as in the forward: skip, then mask, the blocks the window excludes or cuts
+        win_lo, win_full = _window_key_blocks(pid_m * BLOCK_M, BLOCK_M, BS, WIN)
+        if not SPARSE:
+            p0 = tl.minimum(win_lo, n_off)
+        nxt = _list_entry(idx_row, p0, n_off, win_full, SPARSE)
+        while nxt < win_full:
+            if nxt >= win_lo:
+                offs_n = nxt * BS + tl.arange(0, BS)
+                dq = _bwd_dq_step(dq, q, do, lse, delta, k_base, v_base, s_kt, s_vt, offs_m, offs_n, offs_d,
+                                  qk_scale, T, kv_lo, kv_hi, WIN, False, MASK_KV, True, PREC)
+            p0 += 1
+            nxt = _list_entry(idx_row, p0, n_off, win_full, SPARSE)
+    n_full = (n_off - p0) // NSUB
     for t in range(0, n_full):
-        offs_n = _tile_offsets(idx_row, t * NSUB, BLOCK_N, BS, SPARSE)
+        offs_n = _tile_offsets(idx_row, p0 + t * NSUB, BLOCK_N, BS, SPARSE)
         dq = _bwd_dq_step(dq, q, do, lse, delta, k_base, v_base, s_kt, s_vt, offs_m, offs_n, offs_d, qk_scale, T,
-                          kv_lo, kv_hi, False, MASK_KV, PREC)
-    for p in range(n_full * NSUB, n_off):
+                          kv_lo, kv_hi, WIN, False, MASK_KV, False, PREC)
+    for p in range(p0 + n_full * NSUB, n_off):
         offs_n = _tile_offsets(idx_row, p, BS, BS, SPARSE)
         dq = _bwd_dq_step(dq, q, do, lse, delta, k_base, v_base, s_kt, s_vt, offs_m, offs_n, offs_d, qk_scale, T,
-                          kv_lo, kv_hi, False, MASK_KV, PREC)
+                          kv_lo, kv_hi, WIN, False, MASK_KV, False, PREC)
     if CAUSAL:
         if SPARSE:
             if has_diag:
                 offs_n = qb0 * BS + tl.arange(0, BS)
                 dq = _bwd_dq_step(dq, q, do, lse, delta, k_base, v_base, s_kt, s_vt, offs_m, offs_n, offs_d,
-                                  qk_scale, T, kv_lo, kv_hi, True, MASK_KV, PREC)
+                                  qk_scale, T, kv_lo, kv_hi, WIN, True, MASK_KV, HAS_WINDOW, PREC)
         else:
             for jb in range(qb0, tl.minimum(qb0 + RB, NB)):
                 offs_n = jb * BS + tl.arange(0, BS)
                 dq = _bwd_dq_step(dq, q, do, lse, delta, k_base, v_base, s_kt, s_vt, offs_m, offs_n, offs_d,
-                                  qk_scale, T, kv_lo, kv_hi, True, MASK_KV, PREC)
+                                  qk_scale, T, kv_lo, kv_hi, WIN, True, MASK_KV, HAS_WINDOW, PREC)
     dq = dq * sm_scale
     tl.store(DQ + b.to(tl.int64) * s_gb + hq.to(tl.int64) * s_gh + offs_m[:, None] * s_gt + offs_d[None, :],
              dq.to(DQ.dtype.element_ty), mask=rmask)
@@ -314,7 +385,8 @@ def _attn_bwd_dq_kernel(
 
 @triton.jit
 def _bwd_dkdv_step(dk, dv, k, v, q_base, do_base, lse_base, delta_base, s_qt, s_dt, offs_m, offs_n, offs_d,
-                   qk_scale, T, CAUSAL_MASK: tl.constexpr, ROW_MASK: tl.constexpr, PREC: tl.constexpr):
+                   qk_scale, T, win, CAUSAL_MASK: tl.constexpr, ROW_MASK: tl.constexpr, WIN_MASK: tl.constexpr,
+                   PREC: tl.constexpr):
     if CAUSAL_MASK or ROW_MASK:
         rin = offs_m < T
         q = tl.load(q_base + offs_m[:, None] * s_qt + offs_d[None, :], mask=rin[:, None], other=0.0)
@@ -330,6 +402,8 @@ def _bwd_dkdv_step(dk, dv, k, v, q_base, do_base, lse_base, delta_base, s_qt, s_
     pT = tl.math.exp2(qkT - lse[None, :])
     if CAUSAL_MASK:
         pT = tl.where(offs_m[None, :] >= offs_n[:, None], pT, 0.0)
+    if WIN_MASK:
+        pT = tl.where(offs_m[None, :] - offs_n[:, None] < win, pT, 0.0)
     dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=PREC)
     dpT = tl.dot(v, tl.trans(do), input_precision=PREC)
     dsT = pT * (dpT - delta[None, :])
@@ -342,10 +416,10 @@ def _attn_bwd_dkdv_kernel(
     Q, K, V, DO, DK, DV, LSE, DELTA, IDXT, CNTT, BOUNDS, qk_scale, sm_scale,
     s_qb, s_qh, s_qt, s_kb, s_kh, s_kt, s_vb, s_vh, s_vt, s_db, s_dh, s_dt,
     s_kgb, s_kgh, s_kgt, s_vgb, s_vgh, s_vgt,
-    HQ, H, T, NB,
+    HQ, H, T, NB, WIN,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BS: tl.constexpr, SPARSE: tl.constexpr, CAUSAL: tl.constexpr, HAS_BOUNDS: tl.constexpr,
-    EVEN_T: tl.constexpr, PREC: tl.constexpr,
+    EVEN_T: tl.constexpr, HAS_WINDOW: tl.constexpr, PREC: tl.constexpr,
 ):
     # one program: BLOCK_N keys of one KV head; loops over the GROUP query heads that share it
     pid_n = tl.program_id(0)
@@ -370,6 +444,10 @@ def _attn_bwd_dkdv_kernel(
         kv_lo = tl.load(BOUNDS + 2 * b)
         kv_hi = tl.load(BOUNDS + 2 * b + 1)
         kv_ok = kv_ok & (offs_n >= kv_lo) & (offs_n < kv_hi)
+    # sliding window: query blocks from q_cut on see some key of this program only in part
+    # (masked); from q_end on, none (skipped)
+    q_cut = (kb0 * BS + WIN) // BS
+    q_end = (kb0 * BS + BLOCK_N - 1 + WIN + BS - 1) // BS
 
     for g in range(0, GROUP):
         hq = h * GROUP + g
@@ -401,21 +479,40 @@ def _attn_bwd_dkdv_kernel(
                 if has_diag:
                     offs_m = kb0 * BS + tl.arange(0, BS)
                     dk, dv = _bwd_dkdv_step(dk, dv, k, v, q_base, do_base, lse_base, delta_base, s_qt, s_dt,
-                                            offs_m, offs_n, offs_d, qk_scale, T, True, ROW_MASK, PREC)
+                                            offs_m, offs_n, offs_d, qk_scale, T, WIN, True, ROW_MASK, HAS_WINDOW, PREC)
             else:
                 for ib in range(kb0, tl.minimum(kb0 + RK, NB)):
                     offs_m = ib * BS + tl.arange(0, BS)
                     dk, dv = _bwd_dkdv_step(dk, dv, k, v, q_base, do_base, lse_base, delta_base, s_qt, s_dt,
-                                            offs_m, offs_n, offs_d, qk_scale, T, True, ROW_MASK, PREC)
-        n_full = (p1 - p0) // MSUB
+                                            offs_m, offs_n, offs_d, qk_scale, T, WIN, True, ROW_MASK, HAS_WINDOW, PREC)
+        p_end = p1  # end of the unmasked walk
+        if HAS_WINDOW:
+            # transposed lists ascend: unmasked query blocks, then those the window cuts,
+            # then those wholly outside it
+            if SPARSE:
+                prv = _list_entry(idx_row, tl.where(p_end > p0, p_end - 1, p1), p1, q_cut - 1, SPARSE)
+                while prv >= q_cut:
+                    p_end -= 1
+                    prv = _list_entry(idx_row, tl.where(p_end > p0, p_end - 1, p1), p1, q_cut - 1, SPARSE)
+            else:
+                p1 = tl.maximum(tl.minimum(p1, q_end), p0)
+                p_end = tl.minimum(tl.maximum(q_cut, p0), p1)
+        n_full = (p_end - p0) // MSUB
         for t in range(0, n_full):
             offs_m = _tile_offsets(idx_row, p0 + t * MSUB, BLOCK_M, BS, SPARSE)
             dk, dv = _bwd_dkdv_step(dk, dv, k, v, q_base, do_base, lse_base, delta_base, s_qt, s_dt,
-                                    offs_m, offs_n, offs_d, qk_scale, T, False, ROW_MASK, PREC)
-        for p in range(p0 + n_full * MSUB, p1):
+                                    offs_m, offs_n, offs_d, qk_scale, T, WIN, False, ROW_MASK, False, PREC)
+        for p in range(p0 + n_full * MSUB, p_end):
             offs_m = _tile_offsets(idx_row, p, BS, BS, SPARSE)
             dk, dv = _bwd_dkdv_step(dk, dv, k, v, q_base, do_base, lse_base, delta_base, s_qt, s_dt,
-                                    offs_m, offs_n, offs_d, qk_scale, T, False, ROW_MASK, PREC)
+                                    offs_m, offs_n, offs_d, qk_scale, T, WIN, False, ROW_MASK, False, PREC)
+        if HAS_WINDOW:
+            for p in range(p_end, p1):
+                ib = _list_entry(idx_row, p, p1, q_end, SPARSE)
+                if ib < q_end:
+                    offs_m = ib * BS + tl.arange(0, BS)
+                    dk, dv = _bwd_dkdv_step(dk, dv, k, v, q_base, do_base, lse_base, delta_base, s_qt, s_dt,
+                                            offs_m, offs_n, offs_d, qk_scale, T, WIN, False, ROW_MASK, True, PREC)
 
     # padded keys receive no gradient (their probabilities were masked in the forward)
     dk = tl.where(kv_ok[:, None], dk * sm_scale, 0.0)
@@ -455,7 +552,7 @@ def _prec(dtype):
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def _attn_fwd(q, k, v, idx, cnt, bounds, causal, sm_scale, block_size, pooling, pool_op="max"):
+def _attn_fwd(q, k, v, idx, cnt, bounds, causal, sm_scale, block_size, pooling, pool_op="max", window=None):
     B, HQ, T, D = q.shape
     H = k.shape[1]
     NB = num_blocks(T, block_size)
@@ -472,17 +569,18 @@ def _attn_fwd(q, k, v, idx, cnt, bounds, causal, sm_scale, block_size, pooling, 
         bounds if bounds is not None else dummy, sm_scale * _LOG2E,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
-        HQ, T, NB,
+        HQ, T, NB, window or 0,
         GROUP=HQ // H, HEAD_DIM=D, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BS=block_size, SPARSE=sparse,
-        CAUSAL=causal, POOLING=pooling, POOL_SUM=pool_op == "sum", HAS_BOUNDS=bounds is not None, EVEN_T=T % block_size == 0,
-        PREC=_prec(q.dtype), num_warps=warps, num_stages=stages,
+        CAUSAL=causal, POOLING=pooling, POOL_SUM=pool_op == "sum", HAS_BOUNDS=bounds is not None,
+        EVEN_T=T % block_size == 0, HAS_WINDOW=window is not None, PREC=_prec(q.dtype), num_warps=warps,
+        num_stages=stages,
     )
     if pooling:
         pool.div_(pool.sum(-1, keepdim=True).clamp_min_(torch.finfo(torch.float32).tiny))
     return o, lse, (pool if pooling else None)
 
 
-def _attn_bwd(do, q, k, v, o, lse, block_mask, bounds, causal, sm_scale, block_size):
+def _attn_bwd(do, q, k, v, o, lse, block_mask, bounds, causal, sm_scale, block_size, window=None):
     B, HQ, T, D = q.shape
     H = k.shape[1]
     NB = num_blocks(T, block_size)
@@ -498,7 +596,8 @@ def _attn_bwd(do, q, k, v, o, lse, block_mask, bounds, causal, sm_scale, block_s
     dummy = delta
     b_arg = bounds if bounds is not None else dummy
     common = dict(GROUP=HQ // H, HEAD_DIM=D, BS=block_size, SPARSE=sparse, CAUSAL=causal,
-                  HAS_BOUNDS=bounds is not None, EVEN_T=T % block_size == 0, PREC=_prec(q.dtype))
+                  HAS_BOUNDS=bounds is not None, EVEN_T=T % block_size == 0, HAS_WINDOW=window is not None,
+                  PREC=_prec(q.dtype))
     if sparse:
         idx, cnt = block_mask_to_indices(block_mask, causal=causal)
     BM, BN, warps, stages = _config("dq", sparse, D, q.is_cuda, q.dtype)
@@ -507,7 +606,7 @@ def _attn_bwd(do, q, k, v, o, lse, block_mask, bounds, causal, sm_scale, block_s
         sm_scale * _LOG2E, sm_scale,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1),
         v.stride(2), do.stride(0), do.stride(1), do.stride(2), dq.stride(0), dq.stride(1), dq.stride(2),
-        HQ, T, NB, BLOCK_M=BM, BLOCK_N=BN, num_warps=warps, num_stages=stages, **common)
+        HQ, T, NB, window or 0, BLOCK_M=BM, BLOCK_N=BN, num_warps=warps, num_stages=stages, **common)
     if sparse:
         del idx, cnt
         idx, cnt = block_mask_to_indices(block_mask, causal=causal, transpose=True)
@@ -518,7 +617,7 @@ def _attn_bwd(do, q, k, v, o, lse, block_mask, bounds, causal, sm_scale, block_s
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1),
         v.stride(2), do.stride(0), do.stride(1), do.stride(2), dk.stride(0), dk.stride(1), dk.stride(2),
         dv.stride(0), dv.stride(1), dv.stride(2),
-        HQ, H, T, NB, BLOCK_M=BM, BLOCK_N=BN, num_warps=warps, num_stages=stages, **common)
+        HQ, H, T, NB, window or 0, BLOCK_M=BM, BLOCK_N=BN, num_warps=warps, num_stages=stages, **common)
     return dq, dk, dv
 
 
@@ -530,14 +629,14 @@ def _last_dim_contiguous(t):
 
 class _AttnFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, block_mask, bounds, causal, sm_scale, block_size, pooling, pool_op):
+    def forward(ctx, q, k, v, block_mask, bounds, causal, sm_scale, block_size, pooling, pool_op, window):
         q, k, v = _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v)
         idx = cnt = None
         if block_mask is not None:
             idx, cnt = block_mask_to_indices(block_mask, causal=causal)
-        o, lse, pooled = _attn_fwd(q, k, v, idx, cnt, bounds, causal, sm_scale, block_size, pooling, pool_op)
+        o, lse, pooled = _attn_fwd(q, k, v, idx, cnt, bounds, causal, sm_scale, block_size, pooling, pool_op, window)
         ctx.save_for_backward(q, k, v, o, lse, block_mask, bounds)
-        ctx.cfg = (causal, sm_scale, block_size)
+        ctx.cfg = (causal, sm_scale, block_size, window)
         if pooled is not None:
             ctx.mark_non_differentiable(pooled)
         return o, pooled
@@ -545,9 +644,9 @@ class _AttnFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do, _dpooled):
         q, k, v, o, lse, block_mask, bounds = ctx.saved_tensors
-        causal, sm_scale, block_size = ctx.cfg
-        dq, dk, dv = _attn_bwd(do, q, k, v, o, lse, block_mask, bounds, causal, sm_scale, block_size)
-        return dq, dk, dv, None, None, None, None, None, None, None
+        causal, sm_scale, block_size, window = ctx.cfg
+        dq, dk, dv = _attn_bwd(do, q, k, v, o, lse, block_mask, bounds, causal, sm_scale, block_size, window)
+        return dq, dk, dv, None, None, None, None, None, None, None, None
 
 
 def _check_backend(backend, q):
@@ -565,7 +664,7 @@ def _check_backend(backend, q):
 # ----------------------------------------------------------------------------- public API
 
 def block_sparse_attn(q, k, v, block_mask, causal=True, sm_scale=None, block_size=64, *, seq_bounds=None,
-                      backend="auto"):
+                      backend="auto", window=None):
     """Block-sparse attention: only the (query block, key block) pairs kept by ``block_mask``.
 
     Args:
@@ -583,6 +682,10 @@ def block_sparse_attn(q, k, v, block_mask, causal=True, sm_scale=None, block_siz
             Left padding: (T - len, T); right padding: (0, len).
         backend: ``"auto"`` (Triton on CUDA, the torch reference elsewhere), ``"triton"``
             or ``"torch"``.
+        window: None (full causal attention) or a sliding window of that many tokens (needs
+            ``causal``): key j is visible to query i iff ``j <= i`` and ``i - j < window``,
+            as in transformers. Kept blocks the window cuts are masked inside; kept blocks
+            wholly outside it are skipped.
 
     Returns:
         ``[B, HQ, T, D]`` in q's dtype. A query row that attends no key (no selected block,
@@ -592,31 +695,36 @@ def block_sparse_attn(q, k, v, block_mask, causal=True, sm_scale=None, block_siz
     B, HQ, H, T, D, scale = check_attention_inputs(q, k, v, sm_scale, block_size, causal=causal)
     check_block_mask(block_mask, B, HQ, num_blocks(T, block_size), q.device)
     bounds = check_seq_bounds(seq_bounds, B, T, q.device)
+    window = check_window(window, causal)
     if not _check_backend(backend, q):
-        return block_sparse_attn_ref(q, k, v, block_mask, causal, scale, block_size, seq_bounds=bounds)
-    out, _ = _AttnFunction.apply(q, k, v, block_mask, bounds, bool(causal), scale, block_size, False, "max")
+        return block_sparse_attn_ref(q, k, v, block_mask, causal, scale, block_size, seq_bounds=bounds,
+                                     window=window)
+    out, _ = _AttnFunction.apply(q, k, v, block_mask, bounds, bool(causal), scale, block_size, False, "max", window)
     return out
 
 
-def dense_attn(q, k, v, causal=True, sm_scale=None, block_size=64, *, seq_bounds=None, backend="auto"):
+def dense_attn(q, k, v, causal=True, sm_scale=None, block_size=64, *, seq_bounds=None, backend="auto",
+               window=None):
     """Dense attention through the same kernels (every block kept); see :func:`block_sparse_attn`."""
     B, HQ, H, T, D, scale = check_attention_inputs(q, k, v, sm_scale, block_size, causal=causal)
     bounds = check_seq_bounds(seq_bounds, B, T, q.device)
+    window = check_window(window, causal)
     if not _check_backend(backend, q):
         full = torch.ones(B, HQ, num_blocks(T, block_size), num_blocks(T, block_size), dtype=torch.bool,
                           device=q.device)
-        return block_sparse_attn_ref(q, k, v, full, causal, scale, block_size, seq_bounds=bounds)
-    out, _ = _AttnFunction.apply(q, k, v, None, bounds, bool(causal), scale, block_size, False, "max")
+        return block_sparse_attn_ref(q, k, v, full, causal, scale, block_size, seq_bounds=bounds, window=window)
+    out, _ = _AttnFunction.apply(q, k, v, None, bounds, bool(causal), scale, block_size, False, "max", window)
     return out
 
 
 def attn_with_pooling(q, k, v, causal=True, sm_scale=None, block_size=64, *, seq_bounds=None, backend="auto",
-                      pool_op="max"):
+                      pool_op="max", window=None):
     """Exact attention plus the 2D max-pooled attention map (distillation ground truth).
 
     Args:
-        q, k, v, causal, sm_scale, block_size, seq_bounds, backend: as in
-            :func:`block_sparse_attn` (no mask: every causal block is computed).
+        q, k, v, causal, sm_scale, block_size, seq_bounds, backend, window: as in
+            :func:`block_sparse_attn` (no mask: every causal block the window reaches is
+            computed; blocks wholly outside the window are skipped and pool to 0).
         pool_op: ``"max"`` (SeerAttention's target) or ``"sum"`` (probability mass per
             block instead of its maximum), then row-normalised either way.
 
@@ -625,13 +733,16 @@ def attn_with_pooling(q, k, v, causal=True, sm_scale=None, block_size=64, *, seq
         differentiable); ``pooled`` is float32 ``[B, HQ, NB, NB]`` whose entry (i, j) is the
         maximum of softmax(q k^T * scale + mask)[r, c] over rows r of query block i and keys
         c of key block j, each row then divided by its sum (rows sum to 1; blocks above the
-        diagonal are 0 when causal; a block of rows that attends nothing is all zero).
+        diagonal are 0 when causal; a block of rows that attends nothing is all zero). With a
+        window, only visible keys enter the softmax and the pool.
         No T x T matrix is materialised; extra memory is O(B * HQ * T).
     """
     B, HQ, H, T, D, scale = check_attention_inputs(q, k, v, sm_scale, block_size, causal=causal)
     bounds = check_seq_bounds(seq_bounds, B, T, q.device)
     if pool_op not in ("max", "sum"):
         raise ValueError(f"pool_op must be 'max' or 'sum', got {pool_op!r}")
+    window = check_window(window, causal)
     if not _check_backend(backend, q):
-        return attn_with_pooling_ref(q, k, v, causal, scale, block_size, seq_bounds=bounds, pool_op=pool_op)
-    return _AttnFunction.apply(q, k, v, None, bounds, bool(causal), scale, block_size, True, pool_op)
+        return attn_with_pooling_ref(q, k, v, causal, scale, block_size, seq_bounds=bounds, pool_op=pool_op,
+                                     window=window)
+    return _AttnFunction.apply(q, k, v, None, bounds, bool(causal), scale, block_size, True, pool_op, window)

@@ -142,3 +142,15 @@ def check_seq_bounds(seq_bounds, B, T, device):
     if bool(((start < 0) | (end > T) | (start > end)).any()):
         raise ValueError(f"seq_bounds must satisfy 0 <= start <= end <= T={T}, got {seq_bounds.tolist()}")
     return sb
+
+
+def check_window(window, causal=True):
+    """``window``: None (full causal attention) or a positive int of tokens: key j is visible to
+    query i iff ``j <= i`` and ``i - j < window`` (transformers' sliding window). Returns it."""
+    if window is None:
+        return None
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+        raise ValueError(f"window must be None or a positive int (tokens), got {window!r}")
+    if not causal:
+        raise ValueError(f"window={window} needs causal=True (a sliding window is causal)")
+    return int(window)

@@ -9,17 +9,19 @@ import dataclasses
 import difflib
 import math
 
-from .selection import SELECTORS, SPARSITY_METHODS
+from .selection import DECODE_METHODS, SELECTORS, SPARSITY_METHODS
 
 SEER_MODES = ("dense", "distill", "sparse")
 POOLING_TYPES = ("avg", "max", "min")
 DISTILL_TARGETS = ("max", "mass")
-BOOL_FIELDS = ("seer_gate_rope", "seer_keep_diagonal", "seer_keep_sink")
-INT_FIELDS = ("seer_block_size", "seer_gate_hidden_size", "seer_keep_local", "seer_dense_last_rows")
-FLOAT_FIELDS = ("seer_threshold", "seer_nz_ratio", "seer_coverage", "seer_distill_loss_scale")
+BOOL_FIELDS = ("seer_gate_rope", "seer_keep_diagonal", "seer_keep_sink", "seer_decode_gate", "seer_decode_sparsity")
+INT_FIELDS = ("seer_block_size", "seer_gate_hidden_size", "seer_keep_local", "seer_dense_last_rows",
+              "seer_decode_budget", "seer_decode_distill_rows")
+FLOAT_FIELDS = ("seer_threshold", "seer_nz_ratio", "seer_coverage", "seer_distill_loss_scale", "seer_decode_share",
+                "seer_decode_threshold")
 #: Options the gates are built from (their shapes and RoPE): fixed once a model exists.
 STRUCTURAL_FIELDS = ("seer_block_size", "seer_gate_hidden_size", "seer_q_pooling", "seer_k_pooling",
-                     "seer_gate_rope")
+                     "seer_gate_rope", "seer_decode_gate")
 #: Fields of a gates-only checkpoint: the base model whose weights its gates apply to.
 BASE_FIELDS = ("seer_base_model", "seer_base_revision", "seer_base_gguf_file")
 
@@ -59,6 +61,20 @@ class SeerConfigMixin:
         seer_distill_loss_scale: multiplier of the summed per-layer KL loss (paper: 10).
         seer_distill_target: ``"max"`` (paper: row-normalised max-pooled probabilities)
             or ``"mass"`` (row-normalised probability mass per block, a variant).
+        seer_decode_gate: build a decode gate per layer (``attn_gate.decode_gate``; structural:
+            fixed once the model is built). Distillation then trains it too, and its tensors are
+            saved with the prefill gates.
+        seer_decode_sparsity: decode steps (one new token per sequence against a KV cache)
+            read only the KV blocks the decode gate selects, in any mode but ``"distill"``
+            (needs ``seer_decode_gate``); off: dense decode.
+        seer_decode_method: ``"budget"`` (``seer_decode_budget`` tokens), ``"share"``
+            (``seer_decode_share`` of the sequence's blocks) or ``"threshold"`` (blocks whose
+            softmaxed decode-gate score is >= ``seer_decode_threshold``); the first (sink) and
+            the current block are always read.
+        seer_decode_budget: tokens read per decode step and KV head, >= 2 blocks (default 2048).
+        seer_decode_share: share of the blocks read per decode step, in (0, 1].
+        seer_decode_threshold: decode threshold, in (0, 1).
+        seer_decode_distill_rows: query rows per sequence the decode gate is distilled on.
         seer_base_model: set in a *gates-only* checkpoint (config, ``seer_gates.safetensors`` and
             the remote code, no base weights): the Hub id or local path (folder or ``.gguf``
             file) of the base model whose weights ``from_pretrained`` loads before applying
@@ -85,6 +101,13 @@ class SeerConfigMixin:
     seer_dense_last_rows: int = 2
     seer_distill_loss_scale: float = 10.0
     seer_distill_target: str = "max"
+    seer_decode_gate: bool = False
+    seer_decode_sparsity: bool = False
+    seer_decode_method: str = "budget"
+    seer_decode_budget: int = 2048
+    seer_decode_share: float = 0.1
+    seer_decode_threshold: float = 1e-3
+    seer_decode_distill_rows: int = 64
     seer_base_model: str | None = None
     seer_base_revision: str | None = None
     seer_base_gguf_file: str | None = None
@@ -148,6 +171,24 @@ class SeerConfigMixin:
             bad("seer_distill_loss_scale", "expected > 0")
         if self.seer_distill_target not in DISTILL_TARGETS:
             bad("seer_distill_target", f"expected one of {DISTILL_TARGETS}")
+        self.validate_seer_decode(bad)
+
+    def validate_seer_decode(self, bad):
+        """The value checks of the decode fields, after :meth:`validate_seer`'s type checks
+        (``bad(name, why)`` raises)."""
+        if self.seer_decode_method not in DECODE_METHODS:
+            bad("seer_decode_method", f"expected one of {DECODE_METHODS}")
+        if self.seer_decode_budget < 2 * self.seer_block_size:
+            bad("seer_decode_budget", f"expected >= {2 * self.seer_block_size} tokens (the sink and the current block)")
+        if not 0.0 < self.seer_decode_share <= 1.0:
+            bad("seer_decode_share", "expected 0 < share <= 1")
+        if not 0.0 < self.seer_decode_threshold < 1.0:
+            bad("seer_decode_threshold", "expected 0 < threshold < 1")
+        if self.seer_decode_distill_rows < 1:
+            bad("seer_decode_distill_rows", "expected an integer >= 1")
+        if self.seer_decode_sparsity and not self.seer_decode_gate:
+            bad("seer_decode_sparsity", "decode sparsity needs decode gates: build the model with "
+                                        "seer_decode_gate=True (load_seer_model(base, seer_decode_gate=True))")
 
     def runtime_overrides(self, overrides):
         """``overrides`` less the structural options (:data:`STRUCTURAL_FIELDS`) equal to this

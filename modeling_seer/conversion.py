@@ -89,8 +89,10 @@ def load_seer_model(source=None, *, dtype=None, device=None, gates=None, **seer_
 
     Args:
         source: a Seer folder/Hub id (loaded as is), a stock folder/Hub id of a registered
-            family (Llama), a path to a ``.gguf`` file, or a stock model instance
-            (``LlamaForCausalLM``). None: the embedded SmolLM2.
+            family (Llama, Qwen2, Qwen3, Mistral), a path to a ``.gguf`` file (of the
+            families transformers reads from GGUF: Llama, Qwen2, Qwen3; a llama.cpp Mistral
+            file loads as Llama, see docs/design.md §3), or a stock model instance (e.g.
+            ``LlamaForCausalLM``). None: the embedded SmolLM2.
         dtype: torch dtype of the base weights (default: the checkpoint's; GGUF: float32).
         device: device to place the model on.
         gates: optional gates-only file/folder/Hub id (see ``save_gates``).

@@ -85,3 +85,9 @@ register_family(Family("llama", "llama", "seer_llama", "LlamaConfig", "LlamaForC
 register_family(Family("qwen2", "qwen2", "seer_qwen2", "Qwen2Config", "Qwen2ForCausalLM", "SeerQwen2Config",
                        "SeerQwen2ForCausalLM", "SeerQwen2DecoderLayer", "configuration_seer_qwen2",
                        "modeling_seer_qwen2"))
+register_family(Family("qwen3", "qwen3", "seer_qwen3", "Qwen3Config", "Qwen3ForCausalLM", "SeerQwen3Config",
+                       "SeerQwen3ForCausalLM", "SeerQwen3DecoderLayer", "configuration_seer_qwen3",
+                       "modeling_seer_qwen3"))
+register_family(Family("mistral", "mistral", "seer_mistral", "MistralConfig", "MistralForCausalLM",
+                       "SeerMistralConfig", "SeerMistralForCausalLM", "SeerMistralDecoderLayer",
+                       "configuration_seer_mistral", "modeling_seer_mistral"))

@@ -1,9 +1,9 @@
 """SeerQwen2ForCausalLM: Qwen2 with a per-layer AttnGate and block-sparse attention.
 
 transformers' Qwen2 classes composed with the layer tier (:mod:`.seer_layer`). Qwen2's q/k/v
-projections carry a bias: the gate sees q and k after it, before RoPE. Sliding-window
-layers attend as Qwen2 does in dense mode; sparse and distill modes refuse them (their
-window is not a block mask yet). Copied flat into saved folders.
+projections carry a bias: the gate sees q and k after it, before RoPE. Sliding-window layers
+(``use_sliding_window``) pass their window to the layer tier, which never selects a block
+outside it and masks the blocks it cuts. Copied flat into saved folders.
 """
 from torch import nn
 from transformers import Qwen2ForCausalLM, Qwen2Model
@@ -26,10 +26,6 @@ class SeerQwen2Attention(SeerAttentionMixin, Qwen2Attention):
     def forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None,
                 cache=None, seer_ctx: SeerForwardContext | None = None, **kwargs):
         cache = past_key_values if past_key_values is not None else cache
-        if self.sliding_window is not None and self.config.seer_mode != "dense":
-            raise ValueError(f"layer {self.layer_idx} uses sliding-window attention (sliding_window="
-                             f"{self.sliding_window}); seer_mode {self.config.seer_mode!r} supports full "
-                             "attention layers only (use_sliding_window=False)")
         input_shape = hidden_states.shape[:-1]
         hidden_shape = (*input_shape, -1, self.head_dim)
         q_pre = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)

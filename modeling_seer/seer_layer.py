@@ -11,9 +11,15 @@ A family (``configuration_seer_X.py`` + ``modeling_seer_X.py``, one row of
   - ``dense``: the family's attention interface (same logits as the stock model);
   - ``distill``: prefill attention from :func:`attn_with_pooling`; the gate's KL loss
     against the pooled map is collected for ``outputs.gate_loss`` (LM loss unchanged);
-  - ``sparse``: selector scores -> block mask -> :func:`block_sparse_attn` at prefill.
+  - ``sparse``: selector scores -> block mask -> :func:`block_sparse_attn` at prefill (at
+    ``nz_ratio`` 1, every causal block, the same kernels' dense variant :func:`dense_attn`).
+    Layers named in the context's ``gate_loss_layers`` also compute their gate's KL loss
+    against the exact pooled map (fine-tuning with sparse attention while the gates learn).
 
-  Decode steps and chunked prefill (queries shorter than keys) attend densely to the cache.
+  Decode steps and chunked prefill (queries shorter than keys) attend densely to the cache,
+  unless ``config.seer_decode_sparsity``: then every forward with a KV cache records the
+  pooled-K cache (:mod:`.decode_cache`) and a decode step (one new token) reads only the
+  KV blocks its decode gate selects (:func:`block_sparse_decode`).
 - :class:`SeerModelMixin` on the base model: builds the per-forward
   :class:`SeerForwardContext` (padding bounds, gate RoPE at block positions).
 - :class:`SeerPreTrainedMixin` and :class:`SeerCausalLMMixin`: gate init, modes, density,
@@ -23,24 +29,35 @@ A family (``configuration_seer_X.py`` + ``modeling_seer_X.py``, one row of
 Copied flat into saved folders (remote code): imports only torch/transformers; package
 imports are rewritten flat by ``remote_bundle.py``.
 """
+import inspect
 import json
+import logging
 import os
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from transformers import DynamicCache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from seer_attn.kernels.block_sparse_attn import attn_with_pooling, block_sparse_attn
+from seer_attn.kernels.block_sparse_attn import attn_with_pooling, block_sparse_attn, dense_attn
+from seer_attn.kernels.block_sparse_decode import block_sparse_decode
 
+from .decode_cache import decode_step_for
+from .decode_gate import DecodeGate, decode_block_target, decode_candidates, decode_distill_loss, sample_decode_rows
 from .gate import AttnGate, gate_distill_loss
 from .gates_only import is_gates_only, load_gates_only, peek_config
 from .hub_utils import hub_call, resolve_source
 from .remote_bundle import write_remote_code
-from .selection import ScoreInputs, causal_density, get_selector, select_blocks_for
+from .selection import (ScoreInputs, block_pool, causal_density, get_selector, prepare_decode_selection,
+                        select_blocks_for, select_decode_blocks, window_fill)
+
+logger = logging.getLogger(__name__)
 
 GATES_FILE = "seer_gates.safetensors"
+#: name of the decode gate module inside each layer's ``attn_gate``
+DECODE_GATE = "decode_gate"
 
 
 @dataclass
@@ -50,6 +67,13 @@ class SeerForwardContext:
     ``seq_bounds``: int32 ``[B, 2]`` real-token (start, end) per row, or None without
     padding; ``valid``: bool ``[B, T]`` or None; ``gate_rope``: ``(cos, sin)`` ``[B, NB, G]``.
     Layers append their gate losses (distill) and block densities ``[B, HQ]`` (sparse).
+    ``decode``: the :class:`~.decode_cache.DecodeStep` of a forward with a KV cache under
+    ``seer_decode_sparsity``; ``decode_rows`` long ``[B, R]`` and ``decode_rope`` ``(cos, sin)``
+    ``[B, R, G]``: the query rows the decode gates are distilled on (distill mode, decode gates).
+    ``gate_loss_layers``: in sparse mode, the layer indices whose gate also learns in this
+    forward (its KL loss against the exact pooled map joins ``gate_losses``); the layers
+    record themselves in ``gate_loss_done``, so that the recompute of a checkpointed layer
+    selects its blocks without a second exact pass.
     """
 
     seq_bounds: torch.Tensor | None = None
@@ -59,6 +83,11 @@ class SeerForwardContext:
     densities: list = field(default_factory=list)
     masks: list | None = None  # set to [] to record every layer's block mask
     forced_masks: list | None = None  # per-layer block masks to use instead of the selector
+    decode: object = None
+    decode_rows: torch.Tensor | None = None
+    decode_rope: tuple | None = None
+    gate_loss_layers: frozenset | None = None
+    gate_loss_done: set = field(default_factory=set)
 
 
 def padding_bounds(attention_mask, T):
@@ -92,6 +121,16 @@ class SeerAttentionMixin:
             config.num_attention_heads, config.num_key_value_heads, self.head_dim,
             hidden_size=config.seer_gate_hidden_size, block_size=config.seer_block_size,
             q_pooling=config.seer_q_pooling, k_pooling=config.seer_k_pooling, use_rope=config.seer_gate_rope)
+        self.init_seer_decode_gate(config)
+
+    def init_seer_decode_gate(self, config):
+        """With ``seer_decode_gate``, add this layer's :class:`DecodeGate` as ``attn_gate.decode_gate``
+        (saved, loaded and trained with the prefill gate)."""
+        if config.seer_decode_gate:
+            self.attn_gate.add_module(DECODE_GATE, DecodeGate(
+                config.num_attention_heads, config.num_key_value_heads, self.head_dim,
+                hidden_size=config.seer_gate_hidden_size, k_pooling=config.seer_k_pooling,
+                use_rope=config.seer_gate_rope))
 
     def seer_attention(self, q, k, v, q_pre, k_pre, attention_mask, seer_ctx, eager_attention, **kwargs):
         """Attention in ``config.seer_mode``.
@@ -100,7 +139,8 @@ class SeerAttentionMixin:
             q: ``[B, HQ, Tq, D]`` after RoPE; k, v: ``[B, H, Tk, D]`` after RoPE and the cache
                 (KV heads not repeated).
             q_pre, k_pre: q and k before RoPE (what the gate sees; family-specific norms applied).
-            attention_mask, kwargs: as the family's attention interface takes them (dense path).
+            attention_mask, kwargs: as the family's attention interface takes them (dense path);
+                ``sliding_window`` among them (tokens, or None) is the layer's window in every mode.
             seer_ctx: the :class:`SeerForwardContext` of this forward (needed at sparse/distill prefill).
             eager_attention: the family's eager attention function (the interface's fallback).
 
@@ -108,16 +148,21 @@ class SeerAttentionMixin:
             ``(output [B, Tq, HQ, D], attention weights or None)``.
         """
         mode = self.config.seer_mode
+        step = seer_ctx.decode if seer_ctx is not None else None
+        if step is not None:  # decode sparsity: the pooled-K cache sees every forward's keys
+            step.record(self.layer_idx, k_pre, getattr(self.attn_gate, DECODE_GATE))
+            if step.sparse and q.shape[2] == 1 and getattr(self, "sliding_window", None) is None:
+                return self._seer_decode(q, k, v, q_pre, step), None  # (sliding-window layers decode densely)
         if mode != "dense" and q.shape[2] == k.shape[2]:  # prefill: the gate and the kernels
             if seer_ctx is None:
                 raise ValueError(f"{type(self).__name__} in seer_mode {mode!r} needs the seer_ctx built by the "
                                  "model's forward")
-            return self._seer_prefill(mode, q, k, v, q_pre, k_pre, seer_ctx), None
+            return self._seer_prefill(mode, q, k, v, q_pre, k_pre, seer_ctx, kwargs.get("sliding_window")), None
         interface = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention)
         return interface(self, q, k, v, attention_mask, dropout=0.0 if not self.training else self.attention_dropout,
                          scaling=self.scaling, **kwargs)
 
-    def _seer_prefill(self, mode, q, k, v, q_pre, k_pre, ctx):
+    def _seer_prefill(self, mode, q, k, v, q_pre, k_pre, ctx, window=None):
         cfg = self.config
         if not q.dtype == k.dtype == v.dtype:  # e.g. autocast: RoPE in fp32, v in bf16
             q, k = q.to(v.dtype), k.to(v.dtype)
@@ -125,28 +170,104 @@ class SeerAttentionMixin:
             # Detached inputs: the gate learns to predict the model's attention; its loss must
             # never move the base weights (they stay frozen in post-training either way).
             scores = self.attn_gate(q_pre.detach(), k_pre.detach(), rope=ctx.gate_rope, valid=ctx.valid)
+            scores = window_fill(scores, window, cfg.seer_block_size)  # the gate ranks only reachable blocks
             pool_op = "max" if cfg.seer_distill_target == "max" else "sum"
             out, pooled = attn_with_pooling(q, k, v, True, self.scaling, cfg.seer_block_size,
-                                            seq_bounds=ctx.seq_bounds, pool_op=pool_op)
+                                            seq_bounds=ctx.seq_bounds, pool_op=pool_op, window=window)
             ctx.gate_losses.append(gate_distill_loss(scores, pooled))
+            if ctx.decode_rows is not None and hasattr(self.attn_gate, DECODE_GATE):
+                ctx.gate_losses.append(self._decode_distill_loss(q, k, q_pre, k_pre, ctx))
             return out.transpose(1, 2)
         if ctx.forced_masks is not None:
             mask = ctx.forced_masks[self.layer_idx]
+        elif ctx.gate_loss_layers is not None and self.layer_idx in ctx.gate_loss_layers \
+                and self.layer_idx not in ctx.gate_loss_done:
+            mask = self._gate_loss_and_mask(q, k, v, q_pre, k_pre, ctx, window)
         else:
             with torch.no_grad():
-                mask = select_blocks_for(self.block_scores(q, k, v, q_pre, k_pre, ctx), cfg)
-        out = block_sparse_attn(q, k, v, mask, True, self.scaling, cfg.seer_block_size, seq_bounds=ctx.seq_bounds)
-        ctx.densities.append(causal_density(mask))
+                mask = select_blocks_for(self.block_scores(q, k, v, q_pre, k_pre, ctx, window), cfg, window)
+        if ctx.forced_masks is None and cfg.seer_sparsity_method == "nz_ratio" and cfg.seer_nz_ratio >= 1.0:
+            # every causal block is kept: the kernels' dense variant (no index lists, larger tiles)
+            out = dense_attn(q, k, v, True, self.scaling, cfg.seer_block_size, seq_bounds=ctx.seq_bounds,
+                             window=window)
+        else:
+            out = block_sparse_attn(q, k, v, mask, True, self.scaling, cfg.seer_block_size,
+                                    seq_bounds=ctx.seq_bounds, window=window)
+        ctx.densities.append(causal_density(mask, window, cfg.seer_block_size))
         if ctx.masks is not None:
             ctx.masks.append(mask)
         return out.transpose(1, 2)
 
-    def block_scores(self, q, k, v, q_pre, k_pre, ctx):
+    def _seer_decode(self, q, k, v, q_pre, step):
+        """One decode step through the decode gate: score the cache's full blocks, select
+        (``seer_decode_method``; sink and current block always), read only those blocks."""
+        cfg, state = self.config, step.state
+        if not q.dtype == k.dtype == v.dtype:
+            q, k = q.to(v.dtype), k.to(v.dtype)
+        gate = getattr(self.attn_gate, DECODE_GATE)
+        current = step.current  # the new token's block
+        with torch.no_grad():
+            if step.selection is None:  # the same for every layer of this step
+                step.selection = prepare_decode_selection(state.first_block, current, cfg.seer_decode_method,
+                                                          cfg.seer_decode_budget, cfg.seer_decode_share,
+                                                          cfg.seer_block_size)
+            keys = state.gate_keys(self.layer_idx)
+            scores = gate.scores(gate.query(q_pre, rope=step.q_rope), keys[:, :, :current]).squeeze(2)
+            idx, cnt = select_decode_blocks(scores, state.first_block, cfg.seer_decode_method,
+                                            threshold=cfg.seer_decode_threshold, prepared=step.selection)
+        out = block_sparse_decode(q, k, v, idx, step.lens, self.scaling, cfg.seer_block_size,
+                                  seq_starts=step.seq_starts, block_counts=cnt, check_lengths=False)
+        step.note_kept(cnt)
+        return out.transpose(1, 2)
+
+    def _decode_distill_loss(self, q, k, q_pre, k_pre, ctx):
+        """The decode gate's KL loss on the sampled rows ``ctx.decode_rows`` (:mod:`.decode_gate`)."""
+        cfg = self.config
+        bs = cfg.seer_block_size
+        B, _, T, _ = q.shape
+        gate = getattr(self.attn_gate, DECODE_GATE)
+        rows = ctx.decode_rows.to(q.device)
+        bounds = ctx.seq_bounds.long() if ctx.seq_bounds is not None else \
+            torch.tensor([[0, T]], device=q.device).expand(B, 2)
+        target = decode_block_target(q, k, rows, self.scaling, bs, bounds=bounds if ctx.seq_bounds is not None else None)
+        kg = gate.block_keys(block_pool(k_pre.detach(), bs, gate.k_pooling, ctx.valid), rope=ctx.gate_rope)
+        qr = q_pre.detach().gather(2, rows.clamp_min(0)[:, None, :, None].expand(B, q_pre.shape[1], -1, q_pre.shape[3]))
+        scores = gate.scores(gate.query(qr, rope=ctx.decode_rope), kg)
+        cand = decode_candidates(rows, bounds[:, 0] // bs, kg.shape[2], bs)
+        return decode_distill_loss(scores, target, cand)
+
+    def _gate_loss_and_mask(self, q, k, v, q_pre, k_pre, ctx, window=None):
+        """Sparse prefill of a layer in ``ctx.gate_loss_layers``: the gate's KL loss against
+        the exact pooled map of this forward joins ``ctx.gate_losses`` (inputs detached: it
+        trains the gate only), and the block mask comes from the same scores."""
+        cfg = self.config
+        if cfg.seer_selector != "gate":
+            raise ValueError(f"gate_loss_layers needs seer_selector='gate', got {cfg.seer_selector!r}")
+        ctx.gate_loss_done.add(self.layer_idx)
+        # What the loss saves for backward is kept as is, outside activation checkpointing's
+        # save-and-recompute: the recompute of a checkpointed layer then only selects blocks.
+        with torch.autograd.graph.saved_tensors_hooks(_keep, _keep):
+            scores = self.attn_gate(q_pre.detach(), k_pre.detach(), rope=ctx.gate_rope, valid=ctx.valid)
+            scores = window_fill(scores, window, cfg.seer_block_size)  # the gate ranks only reachable blocks
+            with torch.no_grad():
+                _, pooled = attn_with_pooling(q.detach(), k.detach(), v.detach(), True, self.scaling,
+                                              cfg.seer_block_size, seq_bounds=ctx.seq_bounds,
+                                              pool_op="max" if cfg.seer_distill_target == "max" else "sum",
+                                              window=window)
+            ctx.gate_losses.append(gate_distill_loss(scores, pooled))
+        with torch.no_grad():
+            return select_blocks_for(scores.detach(), cfg, window)
+
+    def block_scores(self, q, k, v, q_pre, k_pre, ctx, window=None):
         """Block logits ``[B, HQ, NB, NB]`` of the registered selector ``config.seer_selector``
-        (shapes as in :meth:`seer_attention`)."""
+        (shapes as in :meth:`seer_attention`; ``window``: the layer's sliding window)."""
         return get_selector(self.config.seer_selector).scores(ScoreInputs(
             q, k, v, q_pre, k_pre, self.config.seer_block_size, self.scaling, gate=self.attn_gate,
-            valid=ctx.valid, seq_bounds=ctx.seq_bounds, gate_rope=ctx.gate_rope))
+            valid=ctx.valid, seq_bounds=ctx.seq_bounds, gate_rope=ctx.gate_rope, window=window))
+
+
+def _keep(t):
+    return t
 
 
 def gate_rotary_config(config):
@@ -165,7 +286,7 @@ class SeerPreTrainedMixin:
     _can_compile_fullgraph = False
 
     def _init_weights(self, module):
-        if isinstance(module, AttnGate):
+        if isinstance(module, (AttnGate, DecodeGate)):
             module.reset_parameters()
         else:
             super()._init_weights(module)
@@ -189,12 +310,55 @@ class SeerModelMixin:
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None,
                 seer_ctx: SeerForwardContext | None = None, **kwargs):
-        if self.config.seer_mode != "dense":
+        cfg = self.config
+        ref = input_ids if input_ids is not None else inputs_embeds
+        if cfg.seer_mode != "dense":
             seer_ctx = seer_ctx if seer_ctx is not None else SeerForwardContext()
-            ref = input_ids if input_ids is not None else inputs_embeds
             self._prepare_context(seer_ctx, attention_mask, position_ids, ref.shape[1], ref.device)
-        return super().forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                               inputs_embeds=inputs_embeds, seer_ctx=seer_ctx, **kwargs)
+        if cfg.seer_decode_sparsity and cfg.seer_mode != "distill":
+            seer_ctx = seer_ctx if seer_ctx is not None else SeerForwardContext()
+            kwargs = self._prepare_decode(seer_ctx, attention_mask, ref, kwargs)
+        elif cfg.seer_mode == "distill" and cfg.seer_decode_gate:
+            self._prepare_decode_distill(seer_ctx, position_ids, ref)
+        out = super().forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                              inputs_embeds=inputs_embeds, seer_ctx=seer_ctx, **kwargs)
+        if seer_ctx is not None and seer_ctx.decode is not None:
+            seer_ctx.decode.finish()
+        return out
+
+    def _gate_rope_at(self, positions):
+        """The gate's RoPE ``(cos, sin)`` ``[B, n, G]`` at long positions ``[B, n]``."""
+        return self.gate_rotary_emb(torch.empty(0, device=positions.device, dtype=torch.float32), positions)
+
+    def _prepare_decode(self, ctx, attention_mask, ref, kwargs):
+        """Attach this forward's :class:`~.decode_cache.DecodeStep` to ``ctx`` (decode sparsity):
+        the KV cache in ``kwargs`` (a DynamicCache is made here when ``use_cache`` asks for one,
+        so that its pooled-K cache exists from the first forward on). Returns the kwargs."""
+        cache = kwargs.get("cache") if kwargs.get("cache") is not None else kwargs.get("past_key_values")
+        if cache is None:
+            use = kwargs.get("use_cache")
+            if not (self.config.use_cache if use is None else use):
+                return kwargs
+            kwargs = {k: val for k, val in kwargs.items() if k not in ("cache", "past_key_values")}
+            params = inspect.signature(super().forward).parameters
+            cache = DynamicCache(config=self.config)
+            kwargs["cache" if "cache" in params else "past_key_values"] = cache
+        ctx.decode = decode_step_for(cache, self.config, ref.shape[0], ref.shape[1], attention_mask,
+                                     self._gate_rope_at, ref.device)
+        return kwargs
+
+    def _prepare_decode_distill(self, ctx, position_ids, ref):
+        """Distill mode with decode gates: the query rows the decode gates learn from
+        (``seer_decode_distill_rows`` per sequence) and the gate's RoPE at their positions."""
+        B, T = ref.shape[:2]
+        bs = self.config.seer_block_size
+        bounds = ctx.seq_bounds.long() if ctx.seq_bounds is not None else \
+            torch.tensor([[0, T]], device=ref.device).expand(B, 2)
+        rows = sample_decode_rows(bounds, self.config.seer_decode_distill_rows, bs).to(ref.device)
+        pos = position_ids[:, -T:] if position_ids is not None and position_ids.shape[-1] >= T else \
+            torch.arange(T, device=ref.device)[None]
+        ctx.decode_rows = rows
+        ctx.decode_rope = self._gate_rope_at(pos.expand(B, T).gather(1, rows.clamp_min(0)))
 
     def _prepare_context(self, ctx, attention_mask, position_ids, T, device):
         """Fill ``ctx`` for a prefill of ``T`` tokens: padding (``valid`` ``[B, T]``,
@@ -249,7 +413,20 @@ class SeerCausalLMMixin:
                 out = SeerCausalLMOutputWithPast(**out, gate_loss=loss)
         if ctx.densities:
             self._last_density = torch.stack(ctx.densities).detach()  # [L, B, HQ]
+        if ctx.decode is not None:
+            self._last_decode_density = ctx.decode.state.decode_density()
         return out
+
+    def generate(self, *args, **kwargs):
+        """``GenerationMixin.generate``; with ``seer_decode_sparsity`` beam search is refused
+        (it reorders the KV cache, which the pooled-K cache does not follow)."""
+        if self.config.seer_decode_sparsity:
+            gen_cfg = kwargs.get("generation_config") or self.generation_config
+            beams = kwargs.get("num_beams", getattr(gen_cfg, "num_beams", 1))
+            if beams is not None and beams > 1:
+                raise ValueError(f"num_beams={beams}: seer_decode_sparsity does not support beam search; use greedy "
+                                 "or sampling, or set_seer_mode(..., seer_decode_sparsity=False)")
+        return super().generate(*args, **kwargs)
 
     # -- modes and statistics ------------------------------------------------------------
 
@@ -282,6 +459,12 @@ class SeerCausalLMMixin:
         """Kept share of causal blocks of the last sparse prefill: float ``[layers, batch, heads]``
         (None before any sparse prefill)."""
         return getattr(self, "_last_density", None)
+
+    def seer_decode_density(self):
+        """Kept share of each sequence's KV blocks over the sparse decode steps of the current
+        (or last) KV cache, averaged over steps, the layers that decode sparsely (all but
+        sliding-window ones) and KV heads: float ``[batch]`` (None before any sparse decode step)."""
+        return getattr(self, "_last_decode_density", None)
 
     # -- gates only ------------------------------------------------------------------------
 
@@ -333,6 +516,7 @@ class SeerCausalLMMixin:
             raise ValueError("gates do not match this model: "
                              + ", ".join(f"{k}: gates {a!r} vs model {b!r}" for k, (a, b) in diffs.items()))
         own = self.gate_state_dict()
+        self._check_decode_gate_keys(tensors, own)
         if set(tensors) != set(own):
             raise ValueError(f"gate file keys differ from the model's: missing {sorted(set(own) - set(tensors))[:4]}, "
                              f"unexpected {sorted(set(tensors) - set(own))[:4]}")
@@ -345,6 +529,20 @@ class SeerCausalLMMixin:
                 raise ValueError(f"gate tensor {k} holds {int((~torch.isfinite(t)).sum())} NaN/inf values")
         self.load_state_dict(tensors, strict=False)
         return self
+
+    def _check_decode_gate_keys(self, tensors, own):
+        """Gate files of models without decode gates load into models with them (their decode
+        gates keep their values: a warning says so); decode gates into a model without them
+        are refused. ``tensors`` gains the missing decode-gate entries."""
+        dec = f".{DECODE_GATE}."
+        file_dec, own_dec = any(dec in k for k in tensors), any(dec in k for k in own)
+        if file_dec and not own_dec:
+            raise ValueError("the gate file holds decode gates but this model has none; build it with "
+                             "seer_decode_gate=True (load_seer_model(base, seer_decode_gate=True)) to load them")
+        if own_dec and not file_dec:
+            logger.warning("the gate file holds no decode gates: this model's decode gates keep their current "
+                           "(untrained) values; distil them before using seer_decode_sparsity")
+            tensors.update({k: v for k, v in own.items() if dec in k})
 
     # -- saving --------------------------------------------------------------------------
 

@@ -2,7 +2,8 @@
 
 A *selector* scores every (query block, key block) pair of a prefill; a *method*
 (``threshold`` / ``nz_ratio`` / ``coverage``) and the keep rules turn the scores into a
-block mask (docs/design.md §2). Every selector is one :class:`Selector` entry of
+block mask (docs/design.md §2). A sliding-window layer passes its ``window``: blocks the
+window does not reach are never selected and density counts only the blocks it reaches. Every selector is one :class:`Selector` entry of
 :data:`SELECTORS`, read by config validation, the model's sparse attention, eval and the
 CLI: adding a baseline is one :func:`register_selector` call.
 
@@ -15,7 +16,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from seer_attn.kernels.block_mask import causal_block_density
+from seer_attn.kernels.block_mask import causal_block_density, window_block_mask
 from seer_attn.kernels.block_sparse_attn import attn_with_pooling
 
 #: Logit given to blocks a selection must never pick (above the diagonal, padding-only keys).
@@ -64,22 +65,55 @@ def block_pool(x, block_size, kinds, valid=None):
     return torch.cat(outs, dim=-1)
 
 
+def window_fill(scores, window, block_size=64):
+    """``scores`` ``[..., NB, NB]`` with the blocks a sliding window of ``window`` tokens does
+    not reach (:func:`~seer_attn.kernels.block_mask.window_block_mask`) set to
+    :data:`MASKED_LOGIT`; unchanged when ``window`` is None."""
+    if window is None:
+        return scores
+    return scores.masked_fill(~window_block_mask(scores.shape[-1], window, block_size, scores.device), MASKED_LOGIT)
+
+
+def nz_ratio_k(nz_ratio, NB, window=None, block_size=64):
+    """Blocks per row that ``nz_ratio`` keeps.
+
+    Full causal (``window`` None, or a window reaching every causal block):
+    k = max(1, int((1 - sqrt(1 - nz_ratio)) * NB)), which keeps about ``nz_ratio`` of the
+    causal triangle. With a window, row i can keep at most the c_i blocks the window
+    reaches; k is the count (>= 1) whose kept share of the reached blocks,
+    sum_i min(k, c_i) / sum_i c_i, is closest to ``nz_ratio`` (the smaller k on a tie), so
+    1.0 keeps every reached block.
+    """
+    c = None if window is None else window_block_mask(NB, window, block_size).sum(-1)  # reached blocks per row
+    if c is None or int(c[-1]) == NB:
+        return min(NB, max(1, int((1.0 - math.sqrt(1.0 - nz_ratio)) * NB)))
+    ks = torch.arange(1, int(c.max()) + 1)
+    share = torch.minimum(ks[:, None], c[None, :]).sum(-1).double() / c.sum().double()
+    return int(ks[torch.argmin((share - nz_ratio).abs())])
+
+
 def select_blocks(scores, method, threshold=2e-3, nz_ratio=0.3, keep_diagonal=True, keep_sink=False,
-                  dense_last_rows=2, coverage=0.9, keep_local=0):
+                  dense_last_rows=2, coverage=0.9, keep_local=0, window=None, block_size=64):
     """Turn block logits ``[B, HQ, NB, NB]`` into a causal bool block mask of the same shape.
 
     Methods: ``threshold`` keeps blocks whose softmaxed score is >= ``threshold``;
-    ``nz_ratio`` keeps the top k = max(1, int((1 - sqrt(1 - nz_ratio)) * NB)) blocks of
-    every row; ``coverage`` keeps, per row, the fewest highest-scoring blocks whose
-    softmaxed scores sum to >= ``coverage``. Then the keep-options are applied (the
-    diagonal block, the sink block, the ``keep_local`` blocks just before the diagonal, the
-    ``dense_last_rows`` last rows) and everything above the diagonal is dropped.
+    ``nz_ratio`` keeps the top k (:func:`nz_ratio_k`) blocks of every row; ``coverage``
+    keeps, per row, the fewest highest-scoring blocks whose softmaxed scores sum to >=
+    ``coverage``. Then the keep-options are applied (the diagonal block, the sink block, the
+    ``keep_local`` blocks just before the diagonal, the ``dense_last_rows`` last rows) and
+    everything above the diagonal is dropped.
+
+    ``window``: a sliding window in tokens (None: full causal). The scores of blocks the
+    window does not reach are masked before the method runs (softmax and top-k see only
+    reached blocks) and, after the keep-options, every such block is dropped (the sink
+    block too when the window has left it behind).
     """
     NB = scores.shape[-1]
+    scores = window_fill(scores, window, block_size)
     if method == "threshold":
         mask = torch.softmax(scores.float(), dim=-1) >= threshold
     elif method == "nz_ratio":
-        k = min(NB, max(1, int((1.0 - math.sqrt(1.0 - nz_ratio)) * NB)))
+        k = nz_ratio_k(nz_ratio, NB, window, block_size)
         idx = torch.topk(scores, k, dim=-1).indices
         mask = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, idx, True)
     elif method == "coverage":
@@ -99,21 +133,26 @@ def select_blocks(scores, method, threshold=2e-3, nz_ratio=0.3, keep_diagonal=Tr
         mask |= (back >= 1) & (back <= keep_local)
     if dense_last_rows > 0:
         mask[..., -dense_last_rows:, :] = True
+    if window is not None:
+        return mask & window_block_mask(NB, window, block_size, mask.device)
     return mask.tril_()
 
 
-def select_blocks_for(scores, cfg):
+def select_blocks_for(scores, cfg, window=None):
     """:func:`select_blocks` with the method, parameter and keep-options of a Seer config:
-    the one place that maps config fields to the selection."""
+    the one place that maps config fields to the selection. ``window``: the layer's sliding
+    window in tokens (None: full causal)."""
     return select_blocks(scores, cfg.seer_sparsity_method, threshold=cfg.seer_threshold, nz_ratio=cfg.seer_nz_ratio,
                          keep_diagonal=cfg.seer_keep_diagonal, keep_sink=cfg.seer_keep_sink,
                          dense_last_rows=cfg.seer_dense_last_rows, coverage=cfg.seer_coverage,
-                         keep_local=cfg.seer_keep_local)
+                         keep_local=cfg.seer_keep_local, window=window, block_size=cfg.seer_block_size)
 
 
-def causal_density(mask):
-    """Kept share of causal blocks per (batch, head): float ``[B, HQ]``."""
-    return causal_block_density(mask, per_head=True)
+def causal_density(mask, window=None, block_size=64):
+    """Kept share of causal blocks per (batch, head): float ``[B, HQ]``. With a sliding
+    ``window`` (tokens): kept share of the blocks the window reaches (all reached blocks
+    kept = 1), see :func:`~seer_attn.kernels.block_mask.causal_block_density`."""
+    return causal_block_density(mask, per_head=True, window=window, block_size=block_size)
 
 
 def causal_fill(scores):
@@ -157,7 +196,8 @@ class ScoreInputs:
     ``q`` ``[B, HQ, T, D]``, ``k`` / ``v`` ``[B, H, T, D]`` after RoPE; ``q_pre`` / ``k_pre``
     the same before RoPE (what the gate sees); ``block_size``; ``scale`` the softmax scale;
     ``gate`` the layer's AttnGate; ``valid`` bool ``[B, T]``, ``seq_bounds`` int32 ``[B, 2]``
-    and ``gate_rope`` from the forward context (None without padding / gate RoPE).
+    and ``gate_rope`` from the forward context (None without padding / gate RoPE);
+    ``window`` the layer's sliding window in tokens (None: full causal).
     """
 
     q: torch.Tensor
@@ -171,6 +211,7 @@ class ScoreInputs:
     valid: torch.Tensor | None = None
     seq_bounds: torch.Tensor | None = None
     gate_rope: tuple | None = None
+    window: int | None = None
 
     @property
     def num_blocks(self):
@@ -238,7 +279,7 @@ def baseline_pairs() -> tuple:
 def _oracle(pool_op):
     def scores(x):
         _, pooled = attn_with_pooling(x.q, x.k, x.v, True, x.scale, x.block_size, seq_bounds=x.seq_bounds,
-                                      pool_op=pool_op)
+                                      pool_op=pool_op, window=x.window)
         return oracle_scores(pooled)
     return scores
 
@@ -254,3 +295,83 @@ register_selector(Selector("oracle_mass", _oracle("sum"), "true block attention 
                            baseline_methods=("nz_ratio", "coverage")))
 register_selector(Selector("meanpool", lambda x: meanpool_scores(x.q, x.k, x.block_size, x.valid),
                            "mean-pooled q.k (MoBA-like)", baseline_methods=("nz_ratio",)))
+
+
+# -- decode steps ------------------------------------------------------------------------
+
+#: How a decode step picks its KV blocks: a token budget, a share of the sequence's blocks,
+#: or a threshold on the decode gate's softmaxed scores.
+DECODE_METHODS = ("budget", "share", "threshold")
+
+
+def prepare_decode_selection(first_block, num_candidates, method, budget=2048, share=0.1, block_size=64):
+    """What :func:`select_decode_blocks` needs besides the scores, for one decode step of a
+    batch (the same for every layer, so a model computes it once per step).
+
+    Returns a dict: ``bias`` float ``[B, 1, NC]`` added to the scores (-inf on left-padding
+    blocks, +inf on the sink for the top-k methods), ``valid`` / ``sink`` bool ``[B, 1, NC]``,
+    ``k`` the top-k width, ``last_rank`` long ``[B, 1, 1]`` (the rank below which a row keeps
+    its top-k entries; None when every row keeps ``k``) and ``current`` int32 ``[B, 1, 1]``."""
+    NC = num_candidates
+    dev = first_block.device
+    j = torch.arange(NC, device=dev)
+    first_block = first_block.long()
+    valid = (j[None, :] >= first_block[:, None])[:, None]  # [B, 1, NC]
+    sink = (j[None, :] == first_block[:, None])[:, None]
+    bias = torch.zeros(valid.shape, device=dev).masked_fill_(~valid, float("-inf"))
+    last_rank = None
+    if method == "budget":
+        k = min(NC, max(2, budget // block_size) - 1)
+    elif method == "share":
+        n_real = NC - first_block + 1  # the sequence's blocks, the current one included
+        last_rank = (torch.ceil(share * n_real.double()).long().clamp_min(2) - 1)[:, None, None]
+        k = min(NC, max(1, math.ceil(share * (NC + 1)) - 1))
+    elif method == "threshold":
+        k = NC
+    else:
+        raise ValueError(f"decode method must be one of {DECODE_METHODS}, got {method!r}")
+    if method != "threshold":
+        bias.masked_fill_(sink, float("inf"))
+    current = torch.full((first_block.shape[0], 1, 1), NC, dtype=torch.int32, device=dev)
+    return {"method": method, "bias": bias, "valid": valid, "sink": sink, "k": k, "last_rank": last_rank,
+            "current": current}
+
+
+def select_decode_blocks(scores, first_block, method, budget=2048, share=0.1, threshold=1e-3, block_size=64,
+                         prepared=None):
+    """The KV blocks one decode step reads, per KV head (shared by its query group).
+
+    Args:
+        scores: float ``[B, H, NC]`` decode-gate logits of the full blocks ``0 .. NC - 1``
+            before the current block (whose index is NC).
+        first_block: long ``[B]``, each sequence's first block holding a real token (blocks
+            before it are left padding): the sink block.
+        method: ``"budget"`` keeps ``max(2, budget // block_size)`` blocks; ``"share"`` keeps
+            ``max(2, ceil(share * n))`` of the sequence's n blocks (the current one included);
+            ``"threshold"`` keeps the blocks whose score, softmaxed over the candidates, is
+            >= ``threshold``. The sink and the current block are always kept (and count in
+            the budget and the share).
+        prepared: :func:`prepare_decode_selection` of the same step (computed here when None).
+
+    Returns:
+        ``(idx, cnt)``: int32 ``[B, H, K]`` block lists for :func:`block_sparse_decode` (-1
+        entries are skipped; the current block last) and int32 ``[B, H]`` the number of kept blocks.
+    """
+    B, H, NC = scores.shape
+    if prepared is None:
+        prepared = prepare_decode_selection(first_block.to(scores.device), NC, method, budget, share, block_size)
+    s = scores.float() + prepared["bias"]
+    if method == "threshold":
+        keep = ((torch.softmax(s, dim=-1).nan_to_num_(0.0) >= threshold) | prepared["sink"]) & prepared["valid"]
+        pos = (keep.cumsum(-1) - 1).masked_fill(~keep, NC)
+        idx = torch.full((B, H, NC + 1), -1, dtype=torch.int32, device=s.device)
+        idx.scatter_(-1, pos, torch.arange(NC, dtype=torch.int32, device=s.device).expand(B, H, NC))
+        idx = idx[..., :NC]
+    else:
+        vals, idx = torch.topk(s, prepared["k"], dim=-1)
+        drop = vals == float("-inf")
+        if prepared["last_rank"] is not None:
+            drop |= torch.arange(prepared["k"], device=s.device) >= prepared["last_rank"]
+        idx = idx.to(torch.int32).masked_fill_(drop, -1)
+    idx = torch.cat([idx, prepared["current"].expand(B, H, 1)], dim=-1)
+    return idx, (idx >= 0).sum(-1, dtype=torch.int32)

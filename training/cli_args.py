@@ -1,13 +1,14 @@
-"""What the command lines share (training and eval): argparse ``type=`` checks, the no-GPU exit, the
-``config`` of a results envelope.
+"""What the command lines share (training and eval): the value checks, the no-GPU exit, the
+marking of bad user input.
 
 A bad value becomes one argparse line naming the option and the value, exit code 2::
 
     seer-attn compare: error: argument --max-length: invalid value '0': expected an integer >= 2
 
 The checks raise :class:`ArgValueError`, both an ``argparse.ArgumentTypeError`` (so argparse
-prints the message as is) and a ``ValueError`` (for callers outside argparse, e.g.
-:func:`namespace_from_dict`).
+prints the message as is) and a ``ValueError``; its ``reason`` (``expected an integer >= 2``)
+is what the run configs (:mod:`seer_attn.training.run_config`) say when the same check
+refuses a field, so the command line and the Python API check values with the same functions.
 """
 import argparse
 import contextlib
@@ -19,8 +20,16 @@ import sys
 DEFAULT_MODEL_LABEL = "embedded SmolLM2-135M-Instruct GGUF"
 
 
+_NO_VALUE = object()
+
+
 class ArgValueError(argparse.ArgumentTypeError, ValueError):
-    """An option value out of its range (see the module docstring)."""
+    """A value out of its range (see the module docstring): ``invalid value VALUE: REASON``,
+    or ``REASON`` alone when no value is given."""
+
+    def __init__(self, reason: str, value=_NO_VALUE):
+        self.reason = reason
+        super().__init__(reason if value is _NO_VALUE else f"invalid value {value!r}: {reason}")
 
 
 def _check(kind, expected, ok):
@@ -33,7 +42,7 @@ def _check(kind, expected, ok):
             value = None
         if value is None or isinstance(text, bool) or kind is float and not math.isfinite(value) or \
                 kind is int and isinstance(text, float) and not text.is_integer() or not ok(value):
-            raise ArgValueError(f"invalid value {text!r}: expected {expected}")
+            raise ArgValueError(f"expected {expected}", text)
         return value
     return check
 
@@ -71,9 +80,9 @@ def json_object(text):
     try:
         value = json.loads(text)
     except (TypeError, json.JSONDecodeError) as err:
-        raise ArgValueError(f"invalid value {text!r}: not valid JSON ({err})") from None
+        raise ArgValueError(f"not valid JSON ({err})", text) from None
     if not isinstance(value, dict):
-        raise ArgValueError(f"invalid value {text!r}: expected a JSON object, got {type(value).__name__}")
+        raise ArgValueError(f"expected a JSON object, got {type(value).__name__}", text)
     return value
 
 
@@ -81,32 +90,8 @@ def task_list(text):
     """``type=`` check: comma-separated lm-eval task names (a list passes as is), at least one."""
     tasks = [t.strip() for t in (text.split(",") if isinstance(text, str) else text) if t.strip()]
     if not tasks:
-        raise ArgValueError(f"invalid value {text!r}: names no task")
+        raise ArgValueError("names no task", text)
     return tasks
-
-
-def namespace_from_dict(parser: argparse.ArgumentParser, values: dict) -> argparse.Namespace:
-    """``parser``'s defaults updated by ``values`` (keys: option dests), each given value put
-    through its option's ``type=`` check as ``parse_args`` would; a bad or unknown key raises
-    ValueError naming the option."""
-    actions = {a.dest: a for a in parser._actions if a.dest != "help"}
-    unknown = sorted(set(values) - set(actions))
-    if unknown:
-        raise ValueError(f"unknown options {unknown}: expected some of {sorted(actions)}")
-    missing = [a.option_strings[-1] for a in actions.values() if a.required and a.dest not in values]
-    if missing:
-        raise ValueError(f"{', '.join(missing)} must be given")
-    out = {dest: a.default for dest, a in actions.items()}
-    for dest, value in values.items():
-        action = actions[dest]
-        if action.type is not None and value is not None:
-            many = action.nargs in ("+", "*") and isinstance(value, (list, tuple))
-            try:
-                value = [action.type(v) for v in value] if many else action.type(value)
-            except ValueError as err:
-                raise ValueError(f"{action.option_strings[-1]}: {err}") from None
-        out[dest] = value
-    return argparse.Namespace(**out)
 
 
 def require_cuda(prog: str, hint: str = "") -> None:
@@ -116,13 +101,6 @@ def require_cuda(prog: str, hint: str = "") -> None:
     if not torch.cuda.is_available():
         print(f"{prog}: error: needs a CUDA GPU, and torch sees none{hint}", file=sys.stderr)
         raise SystemExit(2)
-
-
-def config_of(args, **resolved) -> dict:
-    """A results envelope's ``config``: every option of ``args`` (a parsed command line; the
-    CLI's ``func`` callback left out), then ``resolved``, the values the run picked itself
-    (device, dtype, a default chosen at run time)."""
-    return {**{k: v for k, v in vars(args).items() if not callable(v)}, **resolved}
 
 
 #: the exception types :func:`user_input` marks as the user's input

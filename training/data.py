@@ -21,6 +21,10 @@ is logged. The document order is shuffled with ``seed`` (deterministic). With
 ``streaming=True`` nothing is downloaded or tokenised up front: the result is a
 :class:`datasets.IterableDataset` packing on the fly (use it with ``max_steps``).
 
+Per-source packing (``source_column=``, for long-context fine-tuning) joins the documents of
+each source only and cuts each source's stream on its own, then shuffles the sequences
+(:func:`pack_documents`).
+
 Entry point: :func:`load_packed_dataset`; its parts :func:`load_documents` and
 :func:`pack_documents` are public too.
 """
@@ -44,6 +48,8 @@ HUB_PREFIX = "hub:"
 CORPUS_SPLITS = ("train", "eval")
 #: column every loaded document dataset is normalised to
 TEXT = "text"
+#: column of the document's source (per-source packing)
+SOURCE = "source"
 
 
 # ----------------------------------------------------------------------------- sources
@@ -150,9 +156,10 @@ def _check_not_empty(path: str, kind: str) -> None:
                 return
 
 
-def _select_text(ds, text_column: str, where: str, files=()):
-    """Keep only ``text_column`` (renamed to "text"); clear error when it is missing or holds
-    anything but strings (:func:`_check_strings`; ``files``: the local files of ``ds``)."""
+def _select_text(ds, text_column: str, where: str, files=(), source_column: str | None = None):
+    """Keep only ``text_column`` (renamed to "text"), and ``source_column`` (renamed to
+    "source") when given; clear error when one is missing or the text holds anything but
+    strings (:func:`_check_strings`; ``files``: the local files of ``ds``)."""
     cols = ds.column_names
     if cols is None:  # streaming dataset with unknown features: peek at one example
         first = next(iter(ds), None)
@@ -160,8 +167,15 @@ def _select_text(ds, text_column: str, where: str, files=()):
     if text_column not in cols:
         raise ValueError(f"text column {text_column!r} not found in {where}; columns found: {list(cols)} "
                          "(choose one with text_column=... / --text-column)")
-    ds = ds.select_columns([text_column])
+    if source_column is not None and source_column not in cols:
+        raise ValueError(f"source column {source_column!r} not found in {where}; columns found: {list(cols)} "
+                         "(per-source packing joins the documents of each source; choose the column with "
+                         "--source-column, or pack the documents as one stream)")
+    keep = [text_column] + ([source_column] if source_column not in (None, text_column) else [])
+    ds = ds.select_columns(keep)
     ds = ds.rename_column(text_column, TEXT) if text_column != TEXT else ds
+    if source_column not in (None, text_column, SOURCE):
+        ds = ds.rename_column(source_column, SOURCE)
     return _check_strings(ds, text_column, where, list(files))
 
 
@@ -257,8 +271,8 @@ def _raise_not_string(records, column, where, files):
 
 
 def load_documents(sources=None, *, split: str = "train", text_column: str = TEXT, streaming: bool = False,
-                   cache_dir: str | None = None):
-    """Load raw documents as a dataset with a single ``"text"`` column.
+                   cache_dir: str | None = None, source_column: str | None = None):
+    """Load raw documents as a dataset with a ``"text"`` column (and ``"source"``, with ``source_column``).
 
     Args:
         sources: a path / glob / folder, a ``hub:name[:config[:split]]`` string, a
@@ -271,9 +285,13 @@ def load_documents(sources=None, *, split: str = "train", text_column: str = TEX
         streaming: return a :class:`datasets.IterableDataset` (nothing downloaded or
             converted up front).
         cache_dir: datasets cache folder (default: datasets' own).
+        source_column: also keep this column (jsonl/json/parquet/Hub), as ``"source"``: what
+            :func:`pack_documents` ``by_source=True`` groups documents by. Plain ``.txt`` files
+            have none (ValueError).
 
     Returns:
-        ``datasets.Dataset`` (or ``IterableDataset`` when streaming) with column ``"text"``.
+        ``datasets.Dataset`` (or ``IterableDataset`` when streaming) with column ``"text"``
+        (and ``"source"``).
 
     Raises:
         ValueError: an empty file, an unknown file type, a missing text column (the message
@@ -301,6 +319,9 @@ def load_documents(sources=None, *, split: str = "train", text_column: str = TEX
             return
         kwargs = {"sample_by": "document"} if run_kind == "text" else {}
         col = TEXT if run_kind == "text" else text_column
+        if run_kind == "text" and source_column is not None:
+            raise ValueError(f"plain text files ({run[0]}, ...) carry no {source_column!r} field for per-source "
+                             "packing; use .jsonl with a source field, or pack the documents as one stream")
         try:
             ds = datasets.load_dataset(run_kind, data_files=list(run), split="train", streaming=streaming,
                                        cache_dir=cache_dir, **kwargs)
@@ -310,7 +331,7 @@ def load_documents(sources=None, *, split: str = "train", text_column: str = TEX
                 raise _not_string_error(*found, col) from err
             raise
         where = run[0] if len(run) == 1 else f"{len(run)} {run_kind} files ({run[0]}, ...)"
-        parts.append(_select_text(ds, col, where, run if run_kind != "text" else ()))
+        parts.append(_select_text(ds, col, where, run if run_kind != "text" else (), source_column))
         run.clear()
 
     for src in sources:
@@ -319,7 +340,7 @@ def load_documents(sources=None, *, split: str = "train", text_column: str = TEX
             ds = datasets.load_dataset(src.name, src.config, split=src.split or split, streaming=streaming,
                                        cache_dir=cache_dir)
             parts.append(_select_text(ds, text_column, f"Hub dataset {src.name!r} (config {src.config!r}, "
-                                                       f"split {src.split or split!r})"))
+                                                       f"split {src.split or split!r})", (), source_column))
             continue
         for path in _expand_path(src):
             kind = _file_type(path)
@@ -389,8 +410,15 @@ def _pack_stream(docs, tokenizer, seq_len, sep, batch_size):
 
 def pack_documents(docs, tokenizer, seq_len: int, *, seed: int | None = 0, shuffle: bool = True,
                    separator_id: int | None = None, num_proc: int | None = None, batch_size: int = 256,
-                   shuffle_buffer: int = 1000):
+                   shuffle_buffer: int = 1000, by_source: bool = False):
     """Tokenise documents, join them with a separator token and cut fixed-length sequences.
+
+    ``by_source=True`` (per-source packing, for long sequences): the documents of each source
+    (``"source"`` column, :func:`load_documents` ``source_column=``) are joined in their
+    order in the data, each followed by the separator, and each source's stream is cut into
+    ``seq_len`` sequences on its own (its incomplete tail dropped): a sequence never mixes
+    sources, so 32k-token sequences of one kind of text exist even when most documents are
+    shorter. The sequences of all sources are then shuffled with ``seed`` (``shuffle``).
 
     Args:
         docs: ``datasets.Dataset`` or ``IterableDataset`` with a ``"text"`` column
@@ -403,6 +431,7 @@ def pack_documents(docs, tokenizer, seq_len: int, *, seed: int | None = 0, shuff
         num_proc: worker processes for tokenisation (map-style datasets only).
         batch_size: documents tokenised per call.
         shuffle_buffer: shuffle buffer size of streaming datasets.
+        by_source: per-source packing (above; map-style datasets only).
 
     Returns:
         A dataset whose rows are ``{"input_ids": LongTensor [seq_len]}`` (torch format):
@@ -420,6 +449,9 @@ def pack_documents(docs, tokenizer, seq_len: int, *, seed: int | None = 0, shuff
     sep = _separator(tokenizer, separator_id)
     features = datasets.Features({"input_ids": datasets.Sequence(datasets.Value("int32"), length=seq_len)})
 
+    if by_source:
+        return _pack_by_source(docs, tokenizer, seq_len, sep, seed if shuffle else None, num_proc, batch_size,
+                               features)
     if isinstance(docs, datasets.IterableDataset):
         if shuffle:
             docs = docs.shuffle(seed=seed, buffer_size=shuffle_buffer)
@@ -447,10 +479,52 @@ def pack_documents(docs, tokenizer, seq_len: int, *, seed: int | None = 0, shuff
     return datasets.Dataset.from_dict({"input_ids": arr}, features=features).with_format("torch")
 
 
+def _pack_by_source(docs, tokenizer, seq_len, sep, seed, num_proc, batch_size, features):
+    """:func:`pack_documents` with ``by_source=True`` (``seed`` None: sources in order of first
+    appearance, sequences in stream order)."""
+    import datasets
+
+    if isinstance(docs, datasets.IterableDataset):
+        raise ValueError("per-source packing needs a map-style dataset (not streaming): every source's stream is "
+                         "cut on its own")
+    if SOURCE not in docs.column_names:
+        raise ValueError(f"per-source packing needs a {SOURCE!r} column (load_documents(..., source_column=...)); "
+                         f"columns: {docs.column_names}")
+    tokens = docs.map(_tokenize_batch, batched=True, batch_size=batch_size, num_proc=num_proc,
+                      remove_columns=[TEXT], fn_kwargs={"tokenizer": tokenizer, "sep": sep}, desc="Tokenizing")
+    streams: dict = {}
+    for b in tokens.with_format("arrow").iter(batch_size=4096):
+        ids = b["input_ids"]
+        for i, src in enumerate(b[SOURCE].to_pylist()):
+            if src is None:
+                raise ValueError(f"a document has no {SOURCE!r} value; per-source packing needs one per document")
+            streams.setdefault(str(src), []).append(ids[i].values.to_numpy(zero_copy_only=False))
+    rows, total, per_source = [], 0, {}
+    for src, parts in streams.items():
+        flat = np.concatenate(parts) if parts else np.empty(0, dtype=np.int64)
+        n = flat.size // seq_len
+        total += flat.size
+        per_source[src] = n
+        rows.append(flat[:n * seq_len].astype(np.int32).reshape(n, seq_len))
+        logger.info(f"source {src!r}: {flat.size} tokens -> {n} sequences of {seq_len} tokens "
+                    f"(dropped the last {flat.size - n * seq_len})")
+    arr = np.concatenate(rows) if rows else np.empty((0, seq_len), dtype=np.int32)
+    if len(arr) == 0:
+        longest = max(streams, key=lambda k: sum(p.size for p in streams[k]), default=None)
+        raise ValueError(f"no source holds {seq_len} tokens (separators included) for one sequence: the longest, "
+                         f"{longest!r}, holds {sum(p.size for p in streams.get(longest, []))}; give more data or a "
+                         "smaller seq_len")
+    if seed is not None:
+        arr = arr[np.random.default_rng(seed).permutation(len(arr))]
+    logger.info(f"per-source packing: {len(arr)} sequences of {seq_len} tokens from {total} tokens "
+                f"({', '.join(f'{k}: {v}' for k, v in per_source.items())})")
+    return datasets.Dataset.from_dict({"input_ids": arr}, features=features).with_format("torch")
+
+
 def load_packed_dataset(sources=None, tokenizer=None, seq_len: int = 2048, *, split: str = "train",
                         text_column: str = TEXT, seed: int | None = 0, shuffle: bool = True,
                         streaming: bool = False, separator_id: int | None = None, num_proc: int | None = None,
-                        cache_dir: str | None = None):
+                        cache_dir: str | None = None, source_column: str | None = None):
     """Load documents and pack them into ``seq_len``-token sequences (see the module docstring).
 
     Args:
@@ -458,6 +532,8 @@ def load_packed_dataset(sources=None, tokenizer=None, seq_len: int = 2048, *, sp
         tokenizer: a Hugging Face tokenizer (required).
         seq_len, seed, shuffle, separator_id, num_proc: see :func:`pack_documents`.
         split, text_column, streaming, cache_dir: see :func:`load_documents`.
+        source_column: per-source packing by this column (:func:`pack_documents` ``by_source``);
+            None: one stream of all documents.
 
     Returns:
         ``datasets.Dataset`` (or ``IterableDataset`` when streaming) of
@@ -465,6 +541,7 @@ def load_packed_dataset(sources=None, tokenizer=None, seq_len: int = 2048, *, sp
     """
     if tokenizer is None:
         raise ValueError("load_packed_dataset needs a tokenizer")
-    docs = load_documents(sources, split=split, text_column=text_column, streaming=streaming, cache_dir=cache_dir)
+    docs = load_documents(sources, split=split, text_column=text_column, streaming=streaming, cache_dir=cache_dir,
+                          source_column=source_column)
     return pack_documents(docs, tokenizer, seq_len, seed=seed, shuffle=shuffle, separator_id=separator_id,
-                          num_proc=num_proc)
+                          num_proc=num_proc, by_source=source_column is not None)

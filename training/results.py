@@ -9,6 +9,11 @@ benchmarks) writes one JSON *envelope*::
                     "command": [...], "created": "2026-12-01T21:00:00Z"},
      "config": {...}, "rows": [...], ...}
 
+``config`` is the run's config, ``dataclasses.asdict`` of its run config
+(:mod:`seer_attn.training.run_config`), so ``Config(**env["config"])`` rebuilds it; a
+command that picks values at run time (device, dtype, a default length) records them in a
+``resolved`` field beside it.
+
 ``commit`` comes from ``git`` in the source tree, unless the environment names it:
 ``SEER_GIT_COMMIT`` and ``SEER_GIT_DIRTY`` (``0`` / ``1``) win over git, for copies of the
 tree whose ``.git`` is missing or stale (a GPU machine that receives the working tree over

@@ -1,4 +1,11 @@
-"""Gate distillation (post-training) with the Hugging Face ``Trainer``.
+"""Gate distillation (post-training) with the Hugging Face ``Trainer``, and the base all Seer
+trainers share.
+
+:class:`SeerTrainer` holds what every Seer trainer needs beside its loss (the fine-tuning
+trainer of :mod:`.finetune_trainer` is the other one): the final-model save (a shareable
+remote-code folder, no pickle), resuming from the newest *complete* checkpoint, the gates'
+own learning rate and gradient clipping, and extra logged values (block density, loss
+parts) averaged over each logging window.
 
 :class:`GateDistillationTrainer` trains only the AttnGate parameters
 (``*.attn_gate.q_weight`` / ``*.attn_gate.k_weight``) of a Seer causal LM of any family
@@ -39,7 +46,8 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments, default_data_collator
 from transformers.trainer import TRAINER_STATE_NAME, TRAINING_ARGS_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
-from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME
+from transformers.utils import (ADAPTER_SAFE_WEIGHTS_NAME, ADAPTER_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME,
+                                SAFE_WEIGHTS_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME)
 
 from seer_attn.modeling_seer import causal_density, select_blocks_for
 from seer_attn.modeling_seer.configuration_seer import SEER_MODES
@@ -47,7 +55,8 @@ from seer_attn.modeling_seer.seer_layer import GATES_FILE
 
 logger = logging.getLogger(__name__)
 
-#: parameter names of the gates: ``...attn_gate.q_weight`` and ``...attn_gate.k_weight``
+#: parameter names of the gates: ``...attn_gate.q_weight`` and ``...attn_gate.k_weight``, and of
+#: the decode gates inside them (``...attn_gate.decode_gate.q_weight`` / ``k_weight``)
 GATE_MODULE = "attn_gate"
 GATE_PARAMS = ("q_weight", "k_weight")
 #: batch keys forwarded to the model (anything else, ``labels`` included, is dropped)
@@ -117,9 +126,10 @@ class SeerTrainingArguments(TrainingArguments):
             self.final_model_dir = os.path.join(self.output_dir, "model")
         gc_kwargs = getattr(self, kwargs_name) or {}
         if gc_kwargs.get("use_reentrant", False):
-            raise ValueError(f"{kwargs_name}={gc_kwargs!r}: gate distillation needs non-reentrant "
+            raise ValueError(f"{kwargs_name}={gc_kwargs!r}: the Seer trainers need non-reentrant "
                              "checkpointing (use_reentrant=False); reentrant checkpointing would make gradients "
-                             "flow through the whole frozen model")
+                             "flow through the whole frozen model (distillation) and drop the gates' own loss "
+                             "(fine-tuning)")
         if self.gate_lr is not None and not self.gate_lr > 0:
             raise ValueError(f"gate_lr={self.gate_lr!r} is invalid: expected a positive learning rate or None")
         if self.export_seer_mode not in SEER_MODES:
@@ -131,9 +141,11 @@ class SeerTrainingArguments(TrainingArguments):
 # ----------------------------------------------------------------------------- freezing
 
 def is_gate_parameter(name: str) -> bool:
-    """True for ``...attn_gate.q_weight`` / ``...attn_gate.k_weight`` parameter names."""
+    """True for ``...attn_gate.q_weight`` / ``...attn_gate.k_weight`` parameter names, those of
+    the decode gates inside (``...attn_gate.decode_gate.q_weight``) and those inside a PEFT
+    ``modules_to_save`` copy (``...attn_gate.modules_to_save.default.q_weight``)."""
     parts = name.split(".")
-    return len(parts) >= 2 and parts[-2] == GATE_MODULE and parts[-1] in GATE_PARAMS
+    return len(parts) >= 2 and GATE_MODULE in parts[:-1] and parts[-1] in GATE_PARAMS
 
 
 def freeze_non_gate_parameters(model: torch.nn.Module) -> int:
@@ -185,14 +197,18 @@ def _has_full_weights(folder: str) -> bool:
                for n in (SAFE_WEIGHTS_NAME, WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME, WEIGHTS_INDEX_NAME))
 
 
+def _has_adapter(folder: str) -> bool:
+    return any(os.path.isfile(os.path.join(folder, n)) for n in (ADAPTER_SAFE_WEIGHTS_NAME, ADAPTER_WEIGHTS_NAME))
+
+
 def checkpoint_problem(folder: str) -> str | None:
     """What makes ``folder`` an incomplete checkpoint (a save a kill interrupted), or None
     when it is complete: Trainer writes ``trainer_state.json`` last, after the gates (or
-    model weights), optimizer, scheduler and RNG state."""
+    model weights, or a PEFT adapter), optimizer, scheduler and RNG state."""
     if not os.path.isfile(os.path.join(folder, TRAINER_STATE_NAME)):
         return f"no {TRAINER_STATE_NAME}"
-    if not (os.path.isfile(os.path.join(folder, GATES_FILE)) or _has_full_weights(folder)):
-        return f"no {GATES_FILE} and no model weights"
+    if not (os.path.isfile(os.path.join(folder, GATES_FILE)) or _has_full_weights(folder) or _has_adapter(folder)):
+        return f"no {GATES_FILE}, no model weights and no adapter"
     return None
 
 
@@ -214,6 +230,30 @@ def last_complete_checkpoint(folder: str) -> tuple[str | None, list[tuple[str, s
     return None, skipped
 
 
+def resolve_resume(resume, checkpoints_dir, command="seer-attn"):
+    """The checkpoint folder a command's ``--resume`` names (None: a fresh run). ``"last"``:
+    the newest complete one in ``checkpoints_dir``; newer ones a kill left half-written are
+    skipped, and said so (printed with the ``[command]`` prefix). A named folder must exist
+    and be complete (FileNotFoundError / ValueError otherwise)."""
+    if resume is None:
+        return None
+    if resume != "last":
+        if not os.path.isdir(resume):
+            raise FileNotFoundError(f"--resume checkpoint folder not found: {resume!r}")
+        problem = checkpoint_problem(resume)
+        if problem:
+            raise ValueError(f"--resume {resume!r} is an incomplete checkpoint ({problem}): its save was "
+                             "interrupted; name an earlier one, or give --resume alone for the newest complete one")
+        return resume
+    path, skipped = last_complete_checkpoint(checkpoints_dir)
+    for folder, problem in skipped:
+        print(f"[{command}] --resume: skipping {folder}: incomplete ({problem}; its save was interrupted)", flush=True)
+    if path is None:
+        raise FileNotFoundError(f"--resume: no complete checkpoint in {checkpoints_dir!r}")
+    print(f"[{command}] resuming from {path}", flush=True)
+    return path
+
+
 class _LogLastStep(TrainerCallback):
     """Log at the final step too, so the last loss/density window always reaches the logs."""
 
@@ -223,122 +263,102 @@ class _LogLastStep(TrainerCallback):
         return control
 
 
-# ----------------------------------------------------------------------------- trainer
+# ----------------------------------------------------------------------------- shared base
 
-class GateDistillationTrainer(Trainer):
-    """Distil the AttnGates of a Seer model against its own attention (base frozen).
+class SeerTrainer(Trainer):
+    """The base of the Seer trainers: what they share beside their loss.
 
-    On init the model is switched to ``seer_mode="distill"``, the gates are cast to float32,
-    every non-gate parameter is frozen and the result is checked (ValueError otherwise;
-    checked again when the optimizer is built). The loss is ``outputs.gate_loss``, with
-    last-token logits only and no KV cache. ``block_density`` is logged
-    next to the loss: forward hooks on the ``attn_gate`` modules receive the gate logits
-    ``[B, HQ, NB, NB]`` of the distillation forward itself (no extra forward), and
-    :func:`select_blocks_for` with the model's sparsity settings turns them into the block
-    mask a sparse prefill would use; the logged value is the kept share of causal blocks,
-    averaged over layers, heads, batch rows and the steps since the last log. It is
-    measured on the dense forward: from the second layer on, the gates of a real sparse
-    prefill see inputs computed with sparse attention, which can shift it slightly.
+    - ``train(resume_from_checkpoint=True)`` takes the newest *complete* checkpoint in
+      ``output_dir`` (:func:`last_complete_checkpoint`; the incomplete ones passed over are
+      logged); after training, with ``save_final_model``, :meth:`save_model` writes
+      ``final_model_dir``: the model in ``export_seer_mode`` (remote code included), the
+      tokenizer and, for a plain Seer model, the gates-only file; no pickle.
+    - Intermediate checkpoints hold the gates only when ``save_gates_only`` (resumed onto the
+      model the trainer was built with), else what a plain ``Trainer`` saves (full weights,
+      or a PEFT adapter).
+    - The gate parameters (:func:`is_gate_parameter`) get their own optimizer group with
+      ``gate_lr``, and their gradients are clipped to ``max_grad_norm`` apart from the other
+      trainable parameters' (a gate loss must not shrink the language model's step);
+      ``grad_norm`` in the logs is then the non-gate parameters' norm.
+    - :meth:`_log_value` accumulates extra logged values (``block_density``, loss parts);
+      each is logged with the loss as its mean over the steps since the last log.
+
+    Subclasses prepare the model (mode, trainable parameters) before calling this
+    ``__init__`` and override :meth:`compute_loss`.
 
     Args:
-        model: a Seer causal LM of any family, e.g. :class:`SeerLlamaForCausalLM` (or its
-            remote-code equivalent).
-        args: :class:`SeerTrainingArguments` (default: ``output_dir="seer_outputs/distill"``).
-        **kwargs: passed to :class:`~transformers.Trainer` (``train_dataset`` of
-            ``{"input_ids": [T]}`` rows, ``processing_class`` = the tokenizer (saved with full
-            models only; unlike a plain Trainer, its special tokens are not copied into the
-            model config), ``callbacks``, ...). ``data_collator`` defaults to
-            ``default_data_collator`` (the packed sequences need no padding).
-
-    Checkpoints and saving: see :class:`SeerTrainingArguments` (``save_gates_only``,
-    ``save_final_model``, ``final_model_dir``, ``export_seer_mode``).
-    ``train(resume_from_checkpoint=...)`` restores gates, optimizer, scheduler, RNG and data
-    position; ``resume_from_checkpoint=True`` takes the newest *complete* checkpoint in
-    ``output_dir`` (:func:`last_complete_checkpoint`; the incomplete ones skipped are logged).
+        model: the model handed to the ``Trainer`` (a Seer causal LM, or a PEFT model around one).
+        args: :class:`SeerTrainingArguments` (or a subclass).
+        seer_model: the Seer causal LM inside ``model`` (default: ``model``): its modes,
+            density and gate I/O.
+        **kwargs: passed to :class:`~transformers.Trainer`. ``processing_class`` (the
+            tokenizer) is saved with full models only and kept away from the ``Trainer``, whose
+            ``train()`` would otherwise copy its special-token ids into the model config.
+            ``data_collator`` defaults to ``default_data_collator`` (packed sequences need no padding).
     """
 
-    def __init__(self, model=None, args: SeerTrainingArguments | None = None, **kwargs):
-        if model is None or kwargs.get("model_init") is not None:
-            raise ValueError("GateDistillationTrainer needs a model instance (model_init is not supported)")
-        for method in ("set_seer_mode", "save_gates", "load_gates"):
-            if not hasattr(model, method):
-                raise TypeError(f"expected a SeerLlamaForCausalLM, got {type(model).__name__} (no {method}())")
-        if args is None:
-            args = SeerTrainingArguments(output_dir="seer_outputs/distill")
-        if not isinstance(args, SeerTrainingArguments):
-            raise TypeError(f"args must be SeerTrainingArguments, got {type(args).__name__}")
-        if args.bf16 or args.fp16:
-            _check_low_precision_base(model, "bf16" if args.bf16 else "fp16")
-        model.set_seer_mode("distill")
-        gate_modules = [m for name, m in model.named_modules() if name.split(".")[-1] == GATE_MODULE]
-        for m in gate_modules:
-            m.float()  # gates train in float32 whatever the base dtype (a no-op for converted models)
-        freeze_non_gate_parameters(model)
-        check_only_gates_trainable(model)
+    def __init__(self, model, args: SeerTrainingArguments, seer_model=None, **kwargs):
         kwargs.setdefault("data_collator", default_data_collator)
-        # The tokenizer is only saved with the final model. It is kept away from the Trainer,
-        # whose train() would otherwise copy its special-token ids into the model config and
-        # generation config (distillation changes the gates and nothing else).
         self.tokenizer = kwargs.pop("processing_class", None)
         super().__init__(model=model, args=args, **kwargs)
-        self._seer = model
-        # The loss is a mean over gate logits: no token-count normalisation from the Trainer.
+        self._seer = seer_model if seer_model is not None else model
+        # The losses are means (over gate logits, or over the tokens of a packed sequence without
+        # padding): no token-count normalisation from the Trainer.
         self.model_accepts_loss_kwargs = False
         # The model's forward is (*args, **kwargs); tell the Trainer which columns it consumes.
         self._signature_columns = list(MODEL_INPUTS)
         self._in_checkpoint = False
-        self._record_density = False
-        self._density_sum = None
-        self._density_n = 0
-        self._density_hooks = [m.register_forward_hook(self._gate_density_hook) for m in gate_modules]
+        self._log_sums = {}
         self.add_callback(_LogLastStep())
 
-    # -- loss -----------------------------------------------------------------------------
+    # -- logging --------------------------------------------------------------------------
 
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        """``outputs.gate_loss`` of a distill-mode forward (no labels, last-token logits only)."""
-        inputs = {k: v for k, v in inputs.items() if k in MODEL_INPUTS}
-        if getattr(self._seer, "_require_grads_hooks", None):
-            # Installed by activation_checkpointing_enable() for adapter training; here it would
-            # only make backward run through the frozen network (the gates get the same grads).
-            self._seer.disable_input_require_grads()
-        self._record_density = self.args.log_block_density and model.training
-        try:
-            outputs = model(**inputs, use_cache=False, logits_to_keep=1)
-        finally:
-            self._record_density = False
-        loss = outputs.get("gate_loss") if isinstance(outputs, dict) else None
-        if loss is None:
-            raise RuntimeError(f"the model returned no gate_loss (seer_mode={self._seer.config.seer_mode!r}; "
-                               "distillation needs seer_mode='distill' and a prefill forward)")
-        return (loss, outputs) if return_outputs else loss
-
-    @torch.no_grad()
-    def _gate_density_hook(self, module, args, scores):
-        if not self._record_density:
-            return
-        cfg = self._seer.config
-        mask = select_blocks_for(scores.detach(), cfg)
-        d = causal_density(mask).mean()
-        self._density_sum = d if self._density_sum is None else self._density_sum + d
-        self._density_n += 1
+    def _log_value(self, name, value):
+        """Add ``value`` (a number or 0-d tensor; no device sync here) to the mean logged as ``name``."""
+        total, n = self._log_sums.get(name, (0.0, 0))
+        self._log_sums[name] = (total + value.detach() if torch.is_tensor(value) else total + value, n + 1)
 
     def log(self, logs, start_time=None):
-        if "loss" in logs and self._density_n:
-            logs["block_density"] = (self._density_sum / self._density_n).item()
-            self._density_sum, self._density_n = None, 0
+        if "loss" in logs:
+            for name, (total, n) in self._log_sums.items():
+                logs[name] = float(total / n)
+            self._log_sums = {}
         super().log(logs, start_time)
 
     # -- optimizer ------------------------------------------------------------------------
 
+    def _gate_parameters(self):
+        """The trainable gate parameters."""
+        return [p for n, p in self.model.named_parameters() if is_gate_parameter(n) and p.requires_grad]
+
     def create_optimizer(self, model=None):
-        check_only_gates_trainable(self._seer)
+        """Trainer's optimizer, the gate parameters in groups of their own with ``gate_lr``."""
         created = self.optimizer is None
         optimizer = super().create_optimizer(model)
         if created and self.args.gate_lr is not None:
-            for group in optimizer.param_groups:  # every trainable parameter is a gate (checked above)
-                group["lr"] = self.args.gate_lr
+            gate_ids = {id(p) for p in self._gate_parameters()}
+            for group in list(optimizer.param_groups):
+                gates = [p for p in group["params"] if id(p) in gate_ids]
+                rest = [p for p in group["params"] if id(p) not in gate_ids]
+                if not rest:  # gates only (or an empty group): all of it at the gates' rate
+                    group["lr"] = self.args.gate_lr
+                elif gates:  # the gates move to a new group (no optimizer state exists yet)
+                    group["params"] = rest
+                    optimizer.add_param_group({**{k: v for k, v in group.items() if k != "params"},
+                                               "params": gates, "lr": self.args.gate_lr})
         return optimizer
+
+    def _clip_grad_norm(self, model):
+        """Clip the gate gradients and the others each to ``max_grad_norm``; returns the
+        non-gate norm (Trainer's ``grad_norm``), or the gates' when nothing else trains."""
+        gate_ids = {id(p) for p in self._gate_parameters()}
+        rest = [p for p in model.parameters() if p.requires_grad and id(p) not in gate_ids]
+        if not gate_ids or not rest:
+            return super()._clip_grad_norm(model)
+        gates = [p for p in model.parameters() if id(p) in gate_ids and p.grad is not None]
+        if gates:  # none on a step whose layers computed no gate loss
+            self._log_value("gate_grad_norm", self.accelerator.clip_grad_norm_(gates, self.args.max_grad_norm))
+        return self.accelerator.clip_grad_norm_(rest, self.args.max_grad_norm)
 
     # -- saving and resuming --------------------------------------------------------------
 
@@ -382,12 +402,105 @@ class GateDistillationTrainer(Trainer):
                 os.remove(os.path.join(output_dir, TRAINING_ARGS_NAME))
         if self.tokenizer is not None:
             self.tokenizer.save_pretrained(output_dir)
-        self._seer.save_gates(output_dir)
+        if self._seer is self.model:  # a PEFT adapter holds the trained gates itself
+            self._seer.save_gates(output_dir)
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         gates = os.path.join(resume_from_checkpoint, GATES_FILE)
-        if os.path.isfile(gates) and not _has_full_weights(resume_from_checkpoint):
-            logger.info(f"Resuming gates from {gates} (gates-only checkpoint; base weights unchanged)")
+        if os.path.isfile(gates) and not _has_full_weights(resume_from_checkpoint) \
+                and not _has_adapter(resume_from_checkpoint):
+            logger.info(f"Resuming gates from {gates} (gates-only checkpoint; other weights as the trainer got them)")
             self._seer.load_gates(gates)
             return
         super()._load_from_checkpoint(resume_from_checkpoint, model)
+
+
+def check_seer_model(model, who):
+    """TypeError unless ``model`` is a Seer causal LM (modes and gate I/O)."""
+    for method in ("set_seer_mode", "save_gates", "load_gates"):
+        if not hasattr(model, method):
+            raise TypeError(f"expected a SeerLlamaForCausalLM, got {type(model).__name__} (no {method}()); {who} "
+                            "trains Seer models (seer_attn.modeling_seer.conversion.load_seer_model converts one)")
+
+
+def gate_modules(model):
+    """The ``attn_gate`` modules of ``model`` (a PEFT ``modules_to_save`` wrapper counts once)."""
+    return [m for name, m in model.named_modules() if name.split(".")[-1] == GATE_MODULE]
+
+
+# ----------------------------------------------------------------------------- distillation
+
+class GateDistillationTrainer(SeerTrainer):
+    """Distil the AttnGates of a Seer model against its own attention (base frozen).
+
+    On init the model is switched to ``seer_mode="distill"``, the gates are cast to float32,
+    every non-gate parameter is frozen and the result is checked (ValueError otherwise;
+    checked again when the optimizer is built). The loss is ``outputs.gate_loss``, with
+    last-token logits only and no KV cache. ``block_density`` is logged
+    next to the loss: forward hooks on the ``attn_gate`` modules receive the gate logits
+    ``[B, HQ, NB, NB]`` of the distillation forward itself (no extra forward), and
+    :func:`select_blocks_for` with the model's sparsity settings turns them into the block
+    mask a sparse prefill would use; the logged value is the kept share of causal blocks,
+    averaged over layers, heads, batch rows and the steps since the last log. It is
+    measured on the dense forward: from the second layer on, the gates of a real sparse
+    prefill see inputs computed with sparse attention, which can shift it slightly.
+
+    Args:
+        model: a Seer causal LM of any family, e.g. :class:`SeerLlamaForCausalLM` (or its
+            remote-code equivalent).
+        args: :class:`SeerTrainingArguments` (default: ``output_dir="seer_outputs/distill"``).
+        **kwargs: passed to :class:`SeerTrainer` / :class:`~transformers.Trainer`
+            (``train_dataset`` of ``{"input_ids": [T]}`` rows, ``processing_class`` = the
+            tokenizer, ``callbacks``, ...).
+
+    Checkpoints, saving and resuming: :class:`SeerTrainer` and :class:`SeerTrainingArguments`
+    (``save_gates_only``, ``save_final_model``, ``final_model_dir``, ``export_seer_mode``).
+    """
+
+    def __init__(self, model=None, args: SeerTrainingArguments | None = None, **kwargs):
+        if model is None or kwargs.get("model_init") is not None:
+            raise ValueError("GateDistillationTrainer needs a model instance (model_init is not supported)")
+        check_seer_model(model, "GateDistillationTrainer")
+        if args is None:
+            args = SeerTrainingArguments(output_dir="seer_outputs/distill")
+        if not isinstance(args, SeerTrainingArguments):
+            raise TypeError(f"args must be SeerTrainingArguments, got {type(args).__name__}")
+        if args.bf16 or args.fp16:
+            _check_low_precision_base(model, "bf16" if args.bf16 else "fp16")
+        model.set_seer_mode("distill")
+        gates = gate_modules(model)
+        for m in gates:
+            m.float()  # gates train in float32 whatever the base dtype (a no-op for converted models)
+        freeze_non_gate_parameters(model)
+        check_only_gates_trainable(model)
+        super().__init__(model, args, **kwargs)
+        self._record_density = False
+        self._density_hooks = [m.register_forward_hook(self._gate_density_hook) for m in gates]
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """``outputs.gate_loss`` of a distill-mode forward (no labels, last-token logits only)."""
+        inputs = {k: v for k, v in inputs.items() if k in MODEL_INPUTS}
+        if getattr(self._seer, "_require_grads_hooks", None):
+            # Installed by activation_checkpointing_enable() for adapter training; here it would
+            # only make backward run through the frozen network (the gates get the same grads).
+            self._seer.disable_input_require_grads()
+        self._record_density = self.args.log_block_density and model.training
+        try:
+            outputs = model(**inputs, use_cache=False, logits_to_keep=1)
+        finally:
+            self._record_density = False
+        loss = outputs.get("gate_loss") if isinstance(outputs, dict) else None
+        if loss is None:
+            raise RuntimeError(f"the model returned no gate_loss (seer_mode={self._seer.config.seer_mode!r}; "
+                               "distillation needs seer_mode='distill' and a prefill forward)")
+        return (loss, outputs) if return_outputs else loss
+
+    @torch.no_grad()
+    def _gate_density_hook(self, module, args, scores):
+        if self._record_density:
+            mask = select_blocks_for(scores.detach(), self._seer.config)
+            self._log_value("block_density", causal_density(mask).mean())
+
+    def create_optimizer(self, model=None):
+        check_only_gates_trainable(self._seer)
+        return super().create_optimizer(model)

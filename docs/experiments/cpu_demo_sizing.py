@@ -7,11 +7,14 @@ gates file is then evaluated in float32 on the bundled eval corpus at ``--eval-l
 tokens: the gate at a threshold grid and streaming at a top-k grid, both with the keep
 rules of the demo (diagonal, sink, one local block; no dense last rows).
 
-    python docs/experiments/cpu_demo_sizing.py --model smollm2.gguf --out OUT \\
+    python docs/experiments/cpu_demo_sizing.py --out seer_outputs/sizing \\
         --runs 2048:40 2048:120 8192:800:bf16
+
+Runs from a clone (``bash .ci/install.sh``) on one GPU; without ``--model`` the embedded
+SmolLM2 GGUF. Each distillation writes under ``OUT/runs/``; ``OUT/sizing.json`` is a results
+envelope (:mod:`seer_attn.training.results`) of every row.
 """
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -23,9 +26,11 @@ KEEP = dict(seer_keep_diagonal=True, seer_keep_sink=True, seer_keep_local=1, see
 
 
 def distill(model, seq_len, steps, bf16, out, data):
-    cmd = [sys.executable, "-m", "seer_attn.eval.cli", "distill", "--model", model, "--seq-len", str(seq_len),
+    cmd = [sys.executable, "-m", "seer_attn.eval.cli", "distill", "--seq-len", str(seq_len),
            "--steps", str(steps), "--seed", "42", "--output", out, "--no-eval", "--no-progress",
            "--save-steps", str(10 ** 6)]
+    if model:
+        cmd += ["--model", model]
     if data:
         cmd += ["--data", data]
     if bf16:
@@ -44,7 +49,7 @@ def find_gates(folder):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--model", required=True)
+    ap.add_argument("--model", default=None, help="default: the embedded SmolLM2 GGUF")
     ap.add_argument("--data", default=None)
     ap.add_argument("--out", required=True)
     ap.add_argument("--runs", nargs="+", default=["2048:40"], help="SEQ_LEN:STEPS[:bf16]")
@@ -55,13 +60,14 @@ def main():
     args = ap.parse_args()
     from seer_attn.eval.perplexity import evaluate_perplexity, load_documents, make_windows
     from seer_attn.modeling_seer.conversion import load_seer_model, load_tokenizer
+    from seer_attn.training.results import write_envelope
 
     os.makedirs(args.out, exist_ok=True)
     gates = {}
     for spec in args.runs:
         parts = spec.split(":")
         L, S, bf16 = int(parts[0]), int(parts[1]), len(parts) > 2
-        d = os.path.join("/tmp/sizing", spec.replace(":", "_"))
+        d = os.path.join(args.out, "runs", spec.replace(":", "_"))
         secs = distill(args.model, L, S, bf16, d, args.data)
         g = find_gates(d)
         gates[spec] = g
@@ -98,9 +104,8 @@ def main():
             if r["eval_length"] == L:
                 print(f"{L:6d} {r['what']:32s} density {r['density']:.3f} ppl {r['ppl']:.3f} "
                       f"(+{100 * (r['ppl'] / dense - 1):.1f}%)", flush=True)
-    with open(os.path.join(args.out, "sizing.json"), "w") as f:
-        json.dump({"runs": args.runs, "gates": gates, "rows": rows,
-                   "commit": os.environ.get("SEER_GIT_COMMIT")}, f, indent=1)
+    write_envelope(os.path.join(args.out, "sizing.json"), "cpu_demo_sizing", rows, config=vars(args),
+                   model=args.model or "embedded SmolLM2-135M-Instruct GGUF", device="cuda", gates=gates)
 
 
 if __name__ == "__main__":

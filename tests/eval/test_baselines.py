@@ -9,6 +9,7 @@ import torch
 from seer_attn.eval.baselines import (BASELINES, SELECTOR_LABELS, Setting, apply_setting, calibrate, compare,
                                       default_settings, format_table, gate_densities, gate_thresholds_for,
                                       measure_density, plot_ppl_vs_density, preserved_seer_mode, setting_arg)
+from seer_attn.eval.baselines import CompareConfig, run_compare
 from seer_attn.eval.baselines import main as baselines_main
 from seer_attn.eval.perplexity import load_documents, make_windows
 from seer_attn.modeling_seer import SeerForwardContext, causal_density
@@ -261,12 +262,39 @@ def test_compare_main_cpu_default_and_envelope(model_dir, corpus_path, tmp_path,
     assert format_table(rows) in printed  # the table, as before
     env = check_envelope(json.loads((out / "baselines.json").read_text()), "ppl_compare")
     assert env["provenance"]["model"] == model_dir and env["provenance"]["gpu"] == "cpu"
-    cfg = env["config"]
-    assert cfg["max_length"] == 256 and cfg["dtype"] == "float32" and cfg["corpus"] == corpus_path
-    assert cfg["settings"] == ["dense", "streaming:nz_ratio=0.5"]
+    cfg, resolved = env["config"], env["resolved"]  # the options as given; what the run chose for the rest
+    assert cfg["max_length"] is None and cfg["corpus"] == corpus_path and cfg["out"] == str(out)
+    assert resolved["max_length"] == 256 and resolved["dtype"] == "float32" and resolved["device"] == "cpu"
+    assert cfg["settings"] == resolved["settings"] == ["dense", "streaming:nz_ratio=0.5"]
     assert [r["setting"] for r in env["rows"]] == [r["setting"] for r in rows]
     assert {(r["selector"], r["method"]) for r in env["rows"][2:]} == set(BASELINES)
     assert (out / "baselines.md").read_text().strip() == format_table(rows)
+
+
+def test_run_compare_from_python(model_dir, corpus_path, tmp_path):
+    """The Python API: a CompareConfig, no argparse; its envelope's config rebuilds it."""
+    config = CompareConfig(model=model_dir, corpus=corpus_path, max_length=256, windows_per_doc=1, device="cpu",
+                           settings=("dense", "streaming:nz_ratio=0.5"), out=str(tmp_path / "cmp"))
+    rows = run_compare(config)
+    env = json.loads((tmp_path / "cmp" / "baselines.json").read_text())
+    assert CompareConfig(**env["config"]) == config and env["resolved"]["max_length"] == 256
+    assert [r["setting"] for r in env["rows"]] == [r["setting"] for r in rows]
+    assert rows[0]["setting"] == "dense" and rows[0]["ppl"] > 1
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"max_length": 1}, "max_length=1 is invalid: expected an integer >= 2"),
+    ({"densities": ()}, r"densities=\(\) is invalid: expected at least one value"),
+    ({"densities": (0.2, 1.5)}, r"densities\[1\]=1.5 is invalid: expected a number 0 < x <= 1"),
+    ({"gate_methods": ("topk",)}, r"gate_methods\[0\]='topk' is invalid: expected one of"),
+    ({"settings": ("gate:coverage=2",)}, r"settings\[0\]='gate:coverage=2' is invalid: param=2.0"),
+    ({"tol": 0}, "tol=0 is invalid: expected a number 0 < x < 1"),
+    ({"dtype": "fp8"}, "dtype='fp8' is invalid: expected one of"),
+    ({"partial_windows": "yes"}, "partial_windows='yes' is invalid: expected True or False"),
+], ids=["max-length", "no-density", "density-range", "gate-method", "setting", "tol", "dtype", "flag"])
+def test_compare_config_refuses_bad_fields(fields, message):
+    with pytest.raises(ValueError, match=message):
+        CompareConfig(**fields)
 
 
 @pytest.mark.parametrize("extra, message", [

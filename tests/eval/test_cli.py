@@ -106,3 +106,49 @@ def test_closing_evaluation_reads_the_users_data(tmp_path, monkeypatch, capsys):
     assert cli.main(["distill", "--data", str(tmp_path / "mine.txt"), *out]) == 0
     assert len(calls) == 2 and "no closing evaluation" in capsys.readouterr().out
     assert cli.main(["distill", "--data", mine, "--no-eval", *out]) == 0 and len(calls) == 2
+
+
+def _configs():
+    import argparse
+
+    from seer_attn.eval import baselines, demo, harness, quality_run
+    from seer_attn.training import distill
+
+    def sub(add):
+        return lambda: add(argparse.ArgumentParser())
+    return {"distill": (distill.DistillConfig, sub(distill.add_distill_args), [], {}),
+            "demo": (demo.DemoConfig, sub(demo.add_demo_args), [], {}),
+            "eval": (harness.EvalConfig, sub(harness.add_eval_args), ["--max-length", "8"], {"max_length": 8}),
+            "compare": (baselines.CompareConfig, baselines.compare_parser, [], {}),
+            "quality_run": (quality_run.QualityRunConfig, quality_run.quality_parser, [], {})}
+
+
+@pytest.mark.parametrize("command", ["distill", "demo", "eval", "compare", "quality_run"])
+def test_every_config_field_is_an_option_with_the_configs_default(command):
+    """Defaults and checks live once, in the run config; the command line only builds it."""
+    import dataclasses
+
+    from seer_attn.training.run_config import config_from_args
+    cls, make_parser, argv, required = _configs()[command]
+    args = make_parser().parse_args(argv)
+    assert {f.name for f in dataclasses.fields(cls)} <= set(vars(args))  # every field can be set from the CLI
+    assert config_from_args(cls, args) == cls(**required)
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+@pytest.mark.parametrize("command", ["distill", "demo", "eval", "compare", "quality_run", "bench_kernels",
+                                     "bench_ttft"])
+def test_default_outputs_go_to_the_ignored_folder(command):
+    """Results written without an output option land in seer_outputs/, which git ignores."""
+    from seer_attn.eval import bench_kernels, bench_ttft
+    if command.startswith("bench"):
+        out = {"bench_kernels": bench_kernels, "bench_ttft": bench_ttft}[command].parser().parse_args([]).out
+    else:
+        cls, _, _, required = _configs()[command]
+        config = cls(**required)
+        out = getattr(config, "output", None) or config.out
+    with open(os.path.join(REPO, ".gitignore")) as f:
+        ignored = f.read().split()
+    assert out.startswith("seer_outputs/") and "seer_outputs/" in ignored

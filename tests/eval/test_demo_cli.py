@@ -86,3 +86,22 @@ def test_densities_at_the_keep_rules_floor_are_refused(tmp_path, capsys):
     out = capsys.readouterr()
     assert exc.value.code == 2 and "density 0.5: streaming's nearest top-k keeps only what the keep rules keep" in out.out
     assert "lies above the keep rules' floor (0.900) at 256 tokens" in out.err and "Traceback" not in out.err
+
+
+def test_demo_config_sizes_over_the_profile():
+    from seer_attn.eval.demo import PROFILES, DemoConfig, resolve_profile
+    on_gpu, prof = resolve_profile(DemoConfig(cpu=True, steps=3, densities=[0.5]))
+    assert not on_gpu and prof.steps == 3 and prof.densities == (0.5,)
+    assert prof.seq_len == PROFILES["cpu"].seq_len and prof.windows == PROFILES["cpu"].windows
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"steps": 0}, "steps=0 is invalid: expected an integer >= 1"),
+    ({"densities": (0.3, 2)}, r"densities\[1\]=2 is invalid: expected a number 0 < x <= 1"),
+    ({"profile": "tpu"}, "profile='tpu' is invalid: expected one of"),
+    ({"seed": -1}, "seed=-1 is invalid: expected an integer >= 0"),
+], ids=["steps", "densities", "profile", "seed"])
+def test_demo_config_refuses_bad_fields(fields, message):
+    from seer_attn.eval.demo import DemoConfig
+    with pytest.raises(ValueError, match=message):
+        DemoConfig(**fields)

@@ -10,7 +10,8 @@ import os
 import pytest
 import torch
 
-from seer_attn.eval.harness import TASKS_DIR, add_eval_args, run_eval, settings_from_args
+from seer_attn.eval.harness import TASKS_DIR, EvalConfig, add_eval_args, run_eval, settings_for
+from seer_attn.training.run_config import config_from_args
 from seer_attn.eval.passkey import PasskeyGenerator, score_passkey
 
 lm_eval = pytest.importorskip("lm_eval", reason="the eval extra (lm-eval) is not installed")
@@ -146,41 +147,48 @@ def test_hflm_truncates_prompts_from_the_left(model, tokenizer):
 
 # ----------------------------------------------------------------------------- harness
 
-def _args(argv):
+def _parse(argv):
     return add_eval_args(argparse.ArgumentParser()).parse_args(argv)
 
 
-def test_settings_from_args(model):
-    assert [str(s) for s in settings_from_args(_args(["--max-length", "8", "--output", "x"]), model)] == ["dense"]
+def _args(argv):
+    """The EvalConfig the command line ``seer-attn eval ARGV`` builds."""
+    return config_from_args(EvalConfig, _parse(argv))
+
+
+def test_settings_for(model):
+    assert [str(s) for s in settings_for(_args(["--max-length", "8", "--output", "x"]), model)] == ["dense"]
     a = _args(["--max-length", "8", "--output", "x", "--seer-mode", "sparse", "--selector", "oracle_max",
                "--method", "nz_ratio", "--param", "0.2", "0.1"])
-    assert [str(s) for s in settings_from_args(a, model)] == ["oracle_max:nz_ratio=0.2", "oracle_max:nz_ratio=0.1"]
+    assert [str(s) for s in settings_for(a, model)] == ["oracle_max:nz_ratio=0.2", "oracle_max:nz_ratio=0.1"]
     a = _args(["--max-length", "8", "--output", "x", "--seer-mode", "sparse", "--density", "0.3"])
-    assert [str(s) for s in settings_from_args(a, model)] == ["gate:threshold@0.3"]
+    assert [str(s) for s in settings_for(a, model)] == ["gate:threshold@0.3"]
     with pytest.raises(ValueError, match="add --seer-mode sparse"):
-        settings_from_args(_args(["--max-length", "8", "--output", "x", "--param", "0.1"]), model)
+        settings_for(_args(["--max-length", "8", "--output", "x", "--param", "0.1"]), model)
     with pytest.raises(ValueError, match="either --param or --density"):
-        settings_from_args(_args(["--max-length", "8", "--output", "x", "--seer-mode", "sparse", "--param", "0.1",
+        settings_for(_args(["--max-length", "8", "--output", "x", "--seer-mode", "sparse", "--param", "0.1",
                                   "--density", "0.2"]), model)
     with pytest.raises(SystemExit):  # --max-length is required: HFLM must never guess it
-        _args(["--output", "x"])
+        _parse(["--output", "x"])
 
 
 def test_run_eval_end_to_end(model_dir, corpus_path, tmp_path, check_envelope):
+    """From Python: an EvalConfig, no argparse; the envelope records the config as given."""
     out_dir = tmp_path / "out"
-    args = _args(["--model", model_dir, "--tasks", "seer_ppl,seer_passkey", "--max-length", "512", "--limit", "2",
-                  "--corpus", corpus_path, "--metadata", json.dumps({"passkey_lengths": [256, 512],
-                                                                     "passkey_depths": [0.5]}),
-                  "--settings", "dense", "streaming:nz_ratio=0.3", "--output", str(out_dir)])
-    out = run_eval(args)
+    config = EvalConfig(model=model_dir, tasks=("seer_ppl", "seer_passkey"), max_length=512, limit=2,
+                        corpus=corpus_path, metadata={"passkey_lengths": [256, 512], "passkey_depths": [0.5]},
+                        settings=("dense", "streaming:nz_ratio=0.3"), output=str(out_dir))
+    out = run_eval(config)
     saved = json.loads((out_dir / "results.json").read_text())
     check_envelope(saved, "lm_eval")
+    assert EvalConfig(**saved["config"]) == config  # the envelope's config rebuilds the run's
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"  # the harness's device
-    prov, cfg = saved["provenance"], saved["config"]
+    prov, cfg, resolved = saved["provenance"], saved["config"], saved["resolved"]
     assert prov["model"] == model_dir and prov["gpu"] == device and cfg["max_length"] == 512
-    assert cfg["tasks"] == ["seer_ppl", "seer_passkey"] and cfg["settings"] == ["dense", "streaming:nz_ratio=0.3"]
-    assert cfg["task_metadata"]["max_length"] == 512 and cfg["dtype"] == "float32"
-    assert os.path.isfile(os.path.join(cfg["task_metadata"]["tokenizer"], "tokenizer.json"))
+    assert resolved["tasks"] == ["seer_ppl", "seer_passkey"]
+    assert resolved["settings"] == ["dense", "streaming:nz_ratio=0.3"]
+    assert resolved["task_metadata"]["max_length"] == 512 and resolved["dtype"] == "float32"
+    assert os.path.isfile(os.path.join(resolved["task_metadata"]["tokenizer"], "tokenizer.json"))
     dense, sparse = saved["rows"]
     assert dense["setting"] == "dense" and dense["seer"] == {"mode": "dense"} and dense["density"] is None
     assert sparse["seer"]["selector"] == "streaming" and sparse["seer"]["param"] == pytest.approx(0.3)
@@ -215,20 +223,33 @@ def test_run_eval_end_to_end(model_dir, corpus_path, tmp_path, check_envelope):
 ])
 def test_eval_rejects_bad_arguments(extra, message, capsys):
     with pytest.raises(SystemExit) as exc:
-        _args(["--output", "x", *extra])
+        _parse(["--output", "x", *extra])
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert message in err.splitlines()[-1] and "Traceback" not in err
 
 
 def test_eval_accepts_nz_ratio_one():
-    assert _args(["--output", "x", "--max-length", "64", "--method", "nz_ratio", "--param", "1"]).param == [1.0]
+    assert _args(["--output", "x", "--max-length", "64", "--method", "nz_ratio", "--param", "1"]).param == (1.0,)
 
 
-def test_run_eval_checks_a_dict_of_options(tmp_path):
-    with pytest.raises(ValueError, match="--max-length: invalid value 1: expected an integer >= 2"):
-        run_eval({"max_length": 1, "output": str(tmp_path)})
-    with pytest.raises(ValueError, match="--output must be given"):
-        run_eval({"max_length": 64})
-    with pytest.raises(ValueError, match=r"unknown options \['max_len'\]"):
-        run_eval({"max_len": 64, "output": str(tmp_path)})
+@pytest.mark.parametrize("fields, message", [
+    ({"max_length": 1}, "max_length=1 is invalid: expected an integer >= 2"),
+    ({"max_length": 64, "param": (0.1,), "density": (0.2,)}, "give either param or density, not both"),
+    ({"max_length": 64, "method": "threshold", "param": (0.1, 1.0)},
+     "param=1.0 is invalid for method 'threshold': expected 0 < threshold < 1"),
+    ({"max_length": 64, "selector": "nope"}, "selector='nope' is invalid: expected one of"),
+    ({"max_length": 64, "tasks": "seer_ppl"}, "tasks='seer_ppl' is invalid: expected a list of values"),
+    ({"max_length": 64, "settings": ("gate:threshold=2",)}, r"settings\[0\]='gate:threshold=2' is invalid"),
+    ({"max_length": 64, "metadata": "{oops"}, "metadata='{oops' is invalid: not valid JSON"),
+], ids=["max-length", "param-and-density", "param-range", "selector", "tasks-string", "settings", "metadata"])
+def test_eval_config_refuses_bad_fields(fields, message):
+    with pytest.raises(ValueError, match=message):
+        EvalConfig(**fields)
+
+
+def test_eval_config_needs_max_length():
+    with pytest.raises(TypeError, match="max_length"):  # HFLM must never guess it
+        EvalConfig()
+    with pytest.raises(ValueError, match="max_length=None is invalid: a value is required"):
+        EvalConfig(max_length=None)

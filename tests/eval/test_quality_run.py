@@ -6,6 +6,7 @@ import pytest
 
 from seer_attn.eval import quality_run
 from seer_attn.eval.baselines import BASELINES
+from seer_attn.eval.quality_run import QualityRunConfig
 
 
 def _args(model_dir, corpus_path, out, *extra):
@@ -58,19 +59,23 @@ def test_passkey_samples_per_cell(model_dir, corpus_path, tmp_path):
             assert v["n"] == 15 and 0 <= v["lost"] + v["gained"] <= 15 and 0 < v["p_value"] <= 1
 
 
-def test_passkey_settings_alone(model_dir, corpus_path, tmp_path):
-    out = tmp_path / "out"
-    quality_run.main(_args(model_dir, corpus_path, out, "--no-progress", "--phases", "distill", "passkey",
-                           "--passkey-dense-last-rows", "0", "--passkey-settings", "gate:nz_ratio=0.3"))
-    res = json.loads((out / "quality.json").read_text())
+def test_passkey_settings_alone_from_python(model_dir, corpus_path, tmp_path):
+    """The Python API: a QualityRunConfig, no argparse; the envelope's config rebuilds it."""
+    config = QualityRunConfig(cpu=True, model=model_dir, train=(corpus_path,), eval=corpus_path, seq_len=256,
+                              eval_length=512, steps=2, passkey_lengths=(256,), out=str(tmp_path / "out"),
+                              work=str(tmp_path / "work"), no_progress=True, phases=("distill", "passkey"),
+                              passkey_dense_last_rows=(0,), passkey_settings=("gate:nz_ratio=0.30",))
+    env = quality_run.run_quality(config)
+    res = json.loads((tmp_path / "out" / "quality.json").read_text())
+    assert res == json.loads(json.dumps(env)) and QualityRunConfig(**res["config"]) == config
     assert set(res["passkey"]) == {"dense", "gate:nz_ratio=0.3_dense_last_rows_0"}
-    assert res["config"]["passkey_settings"] == ["gate:nz_ratio=0.3"]
+    assert res["config"]["passkey_settings"] == ["gate:nz_ratio=0.3"]  # the canonical form
 
 
 def test_stopped_run_is_marked_partial(model_dir, corpus_path, tmp_path, monkeypatch, check_envelope):
     def fail(*a, **k):
         raise RuntimeError("stopped")
-    monkeypatch.setattr("seer_attn.eval.passkey.run_passkey", fail)
+    monkeypatch.setattr("seer_attn.eval.quality_run.run_passkey", fail)
     out = tmp_path / "out"
     with pytest.raises(RuntimeError, match="stopped"):
         quality_run.main(_args(model_dir, corpus_path, out, "--phases", "distill", "ppl", "passkey"))
@@ -87,7 +92,8 @@ def test_stopped_run_is_marked_partial(model_dir, corpus_path, tmp_path, monkeyp
     (["--phases", "distill", "passkey"], "error: the passkey phase needs --passkey-threshold"),
     (["--passkey-samples", "0"], "error: argument --passkey-samples: invalid value '0': expected an integer >= 1"),
     (["--passkey-settings", "oracle_max:nz_ratio@0.2"], "'@DENSITY' calibration is for perplexity"),
-    (["--passkey-settings", "dense"], "argument --passkey-settings: dense: give a sparse SELECTOR:METHOD=PARAM"),
+    (["--passkey-settings", "dense"], "--passkey-settings: dense: give a sparse SELECTOR:METHOD=PARAM"),
+    (["--seq-len", "128"], "--seq-len=128 is invalid: expected an integer >= 256"),  # too short to distil
     (["--passkey-settings", "bogus:nz_ratio=0.2"], "argument --passkey-settings: selector='bogus' is invalid"),
     (["--steps", "-3"], "argument --steps: invalid value '-3': expected an integer >= 1"),
     (["--seq-len", "0"], "argument --seq-len: invalid value '0': expected an integer >= 2"),
@@ -113,3 +119,16 @@ def test_no_gpu_is_one_line(monkeypatch, capsys, tmp_path):
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].endswith("error: needs a CUDA GPU, and torch sees none "
                                                  "(or pass --cpu for a smoke test)")
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"gates": "g.safetensors"}, "gates skips distillation: drop 'distill' from phases or drop gates"),
+    ({"phases": ("ppl",)}, "without the distill phase, gates must name distilled gates"),
+    ({"phases": ("distill", "tune")}, r"phases\[1\]='tune' is invalid: expected one of"),
+    ({"passkey_settings": ("oracle_max:nz_ratio@0.2",)}, "passkey_settings: oracle_max:nz_ratio@0.2: give a sparse"),
+    ({"seq_len": 128}, "seq_len=128 is invalid: expected an integer >= 256"),  # the distill phase's own check
+    ({"keep_local": -1}, "keep_local=-1 is invalid: expected an integer >= 0"),
+], ids=["gates-and-distill", "no-gates", "phase", "passkey-setting", "seq-len", "keep-local"])
+def test_config_refuses_bad_fields(fields, message):
+    with pytest.raises(ValueError, match=message):
+        QualityRunConfig(**fields)

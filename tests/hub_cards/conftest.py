@@ -10,8 +10,8 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[2]
-DEMO_GPU = ROOT / "results" / "demo_h200" / "demo_gpu_profile.json"
-DEMO_CPU = ROOT / "results" / "demo_h200" / "demo_cpu_profile.json"
+DEMO_GPU = ROOT / "results" / "demo" / "h200.json"
+DEMO_CPU = ROOT / "results" / "demo" / "h200_cpu_profile.json"
 SHIPPED_DISTILL = ROOT / "training" / "gates" / "smollm2-135m-instruct.distill.json"
 SHIPPED_GATES = ROOT / "training" / "gates" / "smollm2-135m-instruct.seer_gates.safetensors"
 LEGACY_QUALITY = ROOT / "results" / "quality_h100" / "quality_keep_sink.json"

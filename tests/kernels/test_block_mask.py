@@ -1,9 +1,11 @@
 """The block-mask helpers: block_mask_to_indices (Triton path -- the interpreter on CPU -- and
-the torch path, both against a brute-force loop), causal_block_density, random_block_mask."""
+the torch path, both against a brute-force loop), causal_block_density, random_block_mask,
+window_block_mask."""
 import pytest
 import torch
 
-from seer_attn.kernels import block_mask_to_indices, causal_block_density, kernel_utils, random_block_mask
+from seer_attn.kernels import (block_mask_to_indices, causal_block_density, kernel_utils, random_block_mask,
+                               window_block_mask)
 
 
 def _brute_force_lists(mask, causal, transpose):
@@ -117,6 +119,33 @@ def test_causal_block_density_matches_count(gen):
     m = _random_mask(gen, 2, 3, 11, 0.4)
     kept = sum(bool(m[b, h, i, j]) for b in range(2) for h in range(3) for i in range(11) for j in range(i + 1))
     assert causal_block_density(m) == pytest.approx(kept / (2 * 3 * 11 * 12 / 2))
+
+
+@pytest.mark.parametrize("window", [1, 63, 64, 65, 100, 128, 129, 4096], ids=lambda w: f"w{w}")
+def test_window_block_mask_matches_token_visibility(window):
+    """A block is reached iff some (query, key) pair in it is visible: j <= i and i - j < window."""
+    NB, T = 9, 9 * 64 - 17  # a partial last block
+    pos = torch.arange(T)
+    vis = (pos[None, :] <= pos[:, None]) & (pos[:, None] - pos[None, :] < window)
+    vis = torch.nn.functional.pad(vis, (0, NB * 64 - T, 0, NB * 64 - T)).view(NB, 64, NB, 64).any(3).any(1)
+    assert torch.equal(window_block_mask(NB, window), vis)
+    assert torch.equal(window_block_mask(NB, None), torch.ones(NB, NB, dtype=torch.bool).tril())
+
+
+def test_causal_block_density_with_window():
+    """With a window the density counts only the blocks the window reaches: keeping all of
+    them is 1 whatever else is kept; the diagonal alone is NB / reached."""
+    NB, window = 8, 100  # reaches the diagonal and 2 blocks back (distances 1 and 65)
+    reached = window_block_mask(NB, window)
+    assert int(reached.sum()) == NB + (NB - 1) + (NB - 2)
+    full = torch.ones(1, 2, NB, NB, dtype=torch.bool)
+    assert causal_block_density(full, window=window) == 1.0
+    assert causal_block_density(reached.expand(1, 2, NB, NB), window=window) == 1.0
+    diag = torch.eye(NB, dtype=torch.bool).expand(1, 2, NB, NB)
+    assert causal_block_density(diag, window=window) == pytest.approx(NB / int(reached.sum()))
+    outside = (~reached & torch.ones(NB, NB, dtype=torch.bool).tril()).expand(1, 2, NB, NB)
+    assert causal_block_density(outside, window=window) == 0.0
+    assert causal_block_density(outside) == pytest.approx((36 - 21) / 36)  # the unreached causal blocks
 
 
 # ----------------------------------------------------------------------------- random masks

@@ -1,6 +1,7 @@
 """Compiled Triton kernels on a CUDA GPU: real shapes (8k/16k tokens, head_dim 128, GQA 4), bf16
 (which the CPU interpreter cannot check) and fp16, against the fp32 torch reference, the
-reference run in low precision, and torch SDPA. Skipped without CUDA.
+reference run in low precision, and torch SDPA; sliding windows (``-k window``) at 4k-16k
+tokens with a 4096-token window. Skipped without CUDA.
 
 Tolerance (style guide): error against the fp32 reference on the same (upcast) inputs
 <= 2x the error of a low-precision baseline (the reference with ``upcast=False``, and SDPA)
@@ -230,3 +231,93 @@ def test_sdpa_agreement_small(dtype, gen, error_budget):
         out = dense_attn(q, k, v, causal=causal, backend="triton")
         ref32 = block_sparse_attn_ref(*_up(q, k, v), _full(B, HQ, T), causal=causal)
         error_budget(out, ref32, _sdpa(q, k, v, causal), what=f"causal={causal}", **OUT_BUDGET[dt])
+
+
+# ----------------------------------------------------------------------------- sliding windows
+
+def _window_sdpa(q, k, v, window):
+    """SDPA under transformers' sliding-window mask (j <= i and i - j < window), materialised."""
+    T = q.shape[2]
+    pos = torch.arange(T, device=q.device)
+    vis = (pos[None, :] <= pos[:, None]) & (pos[:, None] - pos[None, :] < window)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=vis, enable_gqa=q.shape[1] != k.shape[1])
+
+
+def _window_mask(gen, B, HQ, T, density, window):
+    """A random mask plus every block the window does not reach (the kernel must skip those)."""
+    from seer_attn.kernels import window_block_mask
+    NB = _nb(T)
+    reached = window_block_mask(NB, window, device="cuda")
+    return _mask(gen, B, HQ, T, density, True) | (~reached & torch.ones_like(reached).tril())
+
+
+WINDOW_LONG = [pytest.param(T, id=f"T{T}-w4096-gqa4-d128-bf16") for T in (4096, 8192 + 37, 16384)]
+
+
+@pytest.mark.parametrize("T", WINDOW_LONG)
+@pytest.mark.parametrize("op", ["dense", "sparse", "pooling"])
+def test_long_window_vs_reference_and_sdpa(op, T, gen, error_budget):
+    """Window 4096 at 4k-16k tokens, bf16: output against the fp32 reference (and SDPA under the
+    same mask for dense/pooling); the pooled map against the reference, 0 where unreached."""
+    B, HQ, H, D, window = 1, 8, 2, 128, 4096
+    dt = torch.bfloat16
+    q, k, v = _qkv(gen, B, HQ, H, T, D, dt)
+    mask = _window_mask(gen, B, HQ, T, 0.3, window) if op == "sparse" else _full(B, HQ, T)
+    if op == "sparse":
+        out = block_sparse_attn(q, k, v, mask, window=window, backend="triton")
+    elif op == "dense":
+        out = dense_attn(q, k, v, window=window, backend="triton")
+    else:
+        out, pooled = attn_with_pooling(q, k, v, window=window, backend="triton")
+    ref32 = block_sparse_attn_ref(*_up(q, k, v), mask, window=window)
+    ref_lp = block_sparse_attn_ref(q, k, v, mask, window=window, upcast=False)
+    error_budget(out, ref32, ref_lp, what="vs reference", **OUT_BUDGET[dt])
+    if op != "sparse":
+        error_budget(out, ref32, _window_sdpa(q, k, v, window), what="vs SDPA", **OUT_BUDGET[dt])
+    if op == "pooling":
+        from seer_attn.kernels import window_block_mask
+        _, ref_pooled = attn_with_pooling_ref(*_up(q, k, v), window=window)
+        torch.testing.assert_close(pooled, ref_pooled, atol=POOL_ATOL, rtol=POOL_RTOL)
+        unreached = ~window_block_mask(_nb(T), window, device="cuda")
+        assert not pooled[..., unreached].any()
+
+
+@pytest.mark.parametrize("op", ["dense", "sparse"])
+def test_long_window_gradients(op, gen, error_budget):
+    B, HQ, H, T, D, window = 1, 4, 1, 8192, 128, 4096
+    dt = torch.bfloat16
+    q, k, v = _qkv(gen, B, HQ, H, T, D, dt)
+    do = _randn(gen, (B, HQ, T, D), dt)
+    mask = _full(B, HQ, T) if op == "dense" else _window_mask(gen, B, HQ, T, 0.3, window)
+    if op == "dense":
+        fn = lambda q, k, v: dense_attn(q, k, v, window=window, backend="triton")  # noqa: E731
+    else:
+        fn = lambda q, k, v: block_sparse_attn(q, k, v, mask, window=window, backend="triton")  # noqa: E731
+    got = _grads(fn, q, k, v, do)
+    ref = _grads(lambda q, k, v: block_sparse_attn_ref(q, k, v, mask, window=window), *_up(q, k, v, do))
+    ref_lp = _grads(lambda q, k, v: block_sparse_attn_ref(q, k, v, mask, window=window, upcast=False), q, k, v, do)
+    error_budget(got[0], ref[0], ref_lp[0], **OUT_BUDGET[dt])
+    for name, a, r, lp in zip(("dq", "dk", "dv"), got[1:], ref[1:], ref_lp[1:]):
+        error_budget(a, r, lp, rel=True, what=f"{name} vs reference", **GRAD_BUDGET[dt])
+
+
+@pytest.mark.parametrize("T, window, gqa", [pytest.param(T, w, g, id=f"T{T}-w{w}-gqa{g}-bf16")
+                                             for T in (1, 65, 1000) for w in (1, 64, 100) for g in (1, 3)])
+def test_bf16_window_small(T, window, gqa, gen, error_budget):
+    """bf16 (which the interpreter cannot check) at the interpreter's small shapes: all three ops."""
+    dt = torch.bfloat16
+    B, HQ, H = SMALL_SHAPES[gqa]
+    q, k, v = _qkv(gen, B, HQ, H, T, 64, dt)
+    do = _randn(gen, (B, HQ, T, 64), dt)
+    mask = _mask(gen, B, HQ, T, 0.5, True)
+    for op in ("sparse", "dense", "pooling"):
+        m = mask if op == "sparse" else _full(B, HQ, T)
+        fn = {"sparse": lambda q, k, v: block_sparse_attn(q, k, v, m, window=window, backend="triton"),
+              "dense": lambda q, k, v: dense_attn(q, k, v, window=window, backend="triton"),
+              "pooling": lambda q, k, v: attn_with_pooling(q, k, v, window=window, backend="triton")}[op]
+        got = _grads(fn, q, k, v, do)
+        ref = _grads(lambda q, k, v: block_sparse_attn_ref(q, k, v, m, window=window), *_up(q, k, v, do))
+        ref_lp = _grads(lambda q, k, v: block_sparse_attn_ref(q, k, v, m, window=window, upcast=False), q, k, v, do)
+        error_budget(got[0], ref[0], ref_lp[0], what=op, **OUT_BUDGET[dt])
+        for name, a, r, lp in zip(("dq", "dk", "dv"), got[1:], ref[1:], ref_lp[1:]):
+            error_budget(a, r, lp, rel=True, what=f"{op} {name}", **GRAD_BUDGET[dt])

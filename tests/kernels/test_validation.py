@@ -211,3 +211,17 @@ def test_largest_sm_scale_is_finite(op, device):
     out = _run(op, device, sm_scale=MAX_SM_SCALE, q=_t((B, HQ, T, D), device=device) * 100)
     out = out[0] if isinstance(out, tuple) else out
     assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("window", [0, -64, 1.5, 64.0, True, "64", torch.tensor(64)], ids=repr)
+@pytest.mark.parametrize("op", ALL_OPS)
+def test_bad_window_raises(op, window, device):
+    match = rf"window must be None or a positive int \(tokens\), got {re.escape(repr(window))}"
+    with pytest.raises(ValueError, match=match):
+        _run(op, device, window=window)
+
+
+@pytest.mark.parametrize("op", ALL_OPS)
+def test_window_needs_causal(op, device):
+    with pytest.raises(ValueError, match=r"window=64 needs causal=True"):
+        _run(op, device, window=64, causal=False)

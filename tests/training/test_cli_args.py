@@ -1,4 +1,4 @@
-"""seer_attn.training.cli_args: the argparse checks shared by the command lines."""
+"""seer_attn.training.cli_args: the value checks shared by the command lines and the run configs."""
 import argparse
 
 import pytest
@@ -34,25 +34,7 @@ def test_json_and_tasks():
         ca.task_list(" , ")
 
 
-def _parser():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--n", type=ca.positive_int, required=True)
-    ap.add_argument("--ratios", type=ca.unit_interval, nargs="+", default=[0.5])
-    ap.add_argument("--name", default="x")
-    return ap
-
-
-def test_namespace_from_dict():
-    ns = ca.namespace_from_dict(_parser(), {"n": "3", "ratios": [1, "0.25"]})
-    assert (ns.n, ns.ratios, ns.name) == (3, [1.0, 0.25], "x")
-    for values, match in (({"n": 0}, "--n: invalid value 0: expected an integer >= 1"),
-                          ({"n": 1, "ratios": [0.5, 2]}, "--ratios: invalid value 2"),
-                          ({"ratios": [0.5]}, "--n must be given"),
-                          ({"n": 1, "nmae": "y"}, r"unknown options \['nmae'\]")):
-        with pytest.raises(ValueError, match=match):
-            ca.namespace_from_dict(_parser(), values)
-
-
-def test_config_of_leaves_callbacks_out():
-    ns = argparse.Namespace(n=3, func=print, command="eval")
-    assert ca.config_of(ns, device="cpu") == {"n": 3, "command": "eval", "device": "cpu"}
+def test_reason_is_what_the_run_configs_say():
+    err = pytest.raises(ca.ArgValueError, ca.int_at_least(2), "1").value
+    assert str(err) == "invalid value '1': expected an integer >= 2" and err.reason == "expected an integer >= 2"
+    assert str(ca.ArgValueError("no value named")) == "no value named"

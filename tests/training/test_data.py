@@ -160,6 +160,51 @@ def test_streaming_matches_map_style_and_is_deterministic(tmp_path, byte_tokeniz
     assert torch.equal(torch.stack([r["input_ids"] for r in s1]), torch.stack([r["input_ids"] for r in s2]))
 
 
+# ----------------------------------------------------------------------------- per-source packing
+
+def _write_sourced(path, docs):
+    with open(path, "w", encoding="utf-8") as f:
+        for i, (src, text) in enumerate(docs):
+            f.write(json.dumps({"id": i, "source": src, "text": text}) + "\n")
+    return str(path)
+
+
+SOURCED = [("a" if i % 3 else "b", d) for i, d in enumerate(DOCS)]  # the sources interleaved in the file
+
+
+def test_per_source_packing_joins_each_source_alone(tmp_path, byte_tokenizer, datasets_cache):
+    src = _write_sourced(tmp_path / "s.jsonl", SOURCED)
+    ds = _load(src, byte_tokenizer, datasets_cache, source_column="source")
+    expected = []
+    for name in ("b", "a"):  # sources in order of first appearance, documents in file order
+        stream = _expected_stream([d for s, d in SOURCED if s == name])
+        n = len(stream) // SEQ
+        expected += [stream[i * SEQ:(i + 1) * SEQ] for i in range(n)]
+    assert ds[:]["input_ids"].tolist() == expected  # no sequence mixes sources; each tail dropped on its own
+    shuffled = _load(src, byte_tokenizer, datasets_cache, source_column="source", shuffle=True, seed=3)[:]["input_ids"]
+    again = _load(src, byte_tokenizer, datasets_cache, source_column="source", shuffle=True, seed=3)[:]["input_ids"]
+    other = _load(src, byte_tokenizer, datasets_cache, source_column="source", shuffle=True, seed=4)[:]["input_ids"]
+    assert torch.equal(shuffled, again) and not torch.equal(shuffled, other)  # a seeded order of the same sequences
+    assert sorted(map(tuple, shuffled.tolist())) == sorted(map(tuple, expected))
+
+
+def test_per_source_packing_errors(tmp_path, byte_tokenizer, datasets_cache):
+    plain = _write_jsonl(tmp_path / "d.jsonl", DOCS)
+    with pytest.raises(ValueError, match=r"source column 'source' not found in .*d.jsonl; columns found: "
+                                         r"\['id', 'text'\]"):
+        _load(plain, byte_tokenizer, datasets_cache, source_column="source")
+    txt = tmp_path / "doc.txt"
+    txt.write_text(DOCS[0])
+    with pytest.raises(ValueError, match="plain text files .* carry no 'source' field"):
+        _load(str(txt), byte_tokenizer, datasets_cache, source_column="source")
+    src = _write_sourced(tmp_path / "s.jsonl", SOURCED)
+    with pytest.raises(ValueError, match="no source holds 100000 tokens"):
+        _load(src, byte_tokenizer, datasets_cache, seq=100000, source_column="source")
+    docs = D.load_documents(src, source_column="source", streaming=True)
+    with pytest.raises(ValueError, match="per-source packing needs a map-style dataset"):
+        D.pack_documents(docs, byte_tokenizer, SEQ, by_source=True)
+
+
 # ----------------------------------------------------------------------------- errors
 
 @pytest.mark.parametrize("content", [b"", b"  \n\n \t\n"], ids=["zero-bytes", "whitespace"])

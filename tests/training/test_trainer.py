@@ -20,7 +20,8 @@ from transformers import TrainerCallback
 
 from seer_attn.modeling_seer.conversion import load_seer_model
 from seer_attn.modeling_seer.modeling_seer_llama import GATES_FILE
-from seer_attn.training.distill import SUMMARY_FILE, add_distill_args, run_distill
+from seer_attn.training.distill import SUMMARY_FILE, DistillConfig, add_distill_args, run_distill
+from seer_attn.training.run_config import config_from_args
 from seer_attn.training.trainer import (CHECKPOINTING_ARG, GateDistillationTrainer, SeerTrainingArguments,
                                         check_only_gates_trainable, freeze_non_gate_parameters, is_gate_parameter)
 
@@ -331,7 +332,8 @@ def _pickles_and_folders(folder):
 
 
 def _parse(argv):
-    return add_distill_args(argparse.ArgumentParser()).parse_args(argv)
+    """The DistillConfig the command line ``seer-attn distill ARGV`` builds."""
+    return config_from_args(DistillConfig, add_distill_args(argparse.ArgumentParser()).parse_args(argv))
 
 
 @pytest.fixture(scope="module")
@@ -396,10 +398,8 @@ def test_run_distill_end_to_end_and_resume(tmp_path, llama_folder, train_jsonl):
     assert res2["global_step"] == 6 and res2["resumed_from"] == os.path.join(res["checkpoints_dir"], "checkpoint-4")
     assert [e["step"] for e in res2["log_history"] if "loss" in e] == [2, 4, 6]
 
-    built_in_code = _parse(argv + ["--steps", "4"])
-    built_in_code.steps = 0  # as the demo or quality_run would set it: the command line's checks apply
-    with pytest.raises(ValueError, match="--steps: invalid value 0: expected an integer >= 1"):
-        run_distill(built_in_code)
+    with pytest.raises(ValueError, match="steps=0 is invalid: expected an integer >= 1"):
+        _parse(argv).replace(steps=0)  # a config built in code (the demo, quality_run): the same checks apply
     with pytest.raises(FileNotFoundError, match="--resume checkpoint folder not found"):
         run_distill(_parse(argv + ["--resume", str(tmp_path / "missing")]))
 

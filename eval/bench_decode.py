@@ -1,0 +1,489 @@
+"""Decode benchmark: the sparse decode kernel against dense decode, the decode gate's overhead,
+and time per output token of an 8B-shaped model, dense vs sparse decode, in one run.
+
+Kernel part: Llama-3.1-8B attention shape (32 query / 8 KV heads, head_dim 128), bf16, one
+decode step (one query token per sequence against a full KV cache of S slots), for every
+batch size B and length S: SDPA with the flash and cuDNN backends (dense, GQA without
+repeating K/V) and ours (:func:`block_sparse_decode`) with every block and with ``--share``
+of the blocks as the model selects them (the decode gate's top-k plus the sink and the
+current block); then the decode gate + selection alone (projection of the query, scores
+against the cached block keys, top-k) and its share of the sparse step
+(gate / (gate + kernel)). Correctness first: ours with every block vs SDPA, ours sparse vs
+the fp32 torch reference.
+
+End to end (``--e2e BxT``): a SeerLlama of the 8B shape with random weights (``--layers``
+layers, bf16, decode gates), a **pre-filled cache** of T random keys/values per layer
+(preallocated, so appending a token copies nothing; its pooled-K cache pooled from random
+pre-RoPE keys), then ``--steps`` decode steps of B sequences, timed one forward at a time
+with CUDA events (median); dense decode (SDPA restricted to the flash backend) vs sparse
+decode at ``--share``. The prefill is not timed (bench-ttft measures it).
+
+    python -m seer_attn.eval.bench_decode --out results/decode
+
+Writes ``decode.json`` (a results envelope of kind ``"decode"``,
+:mod:`seer_attn.training.results`: provenance, config, kernel rows, plus ``e2e``,
+``checks`` and ``tuning``), ``decode.csv``, ``decode_e2e.csv`` and, when matplotlib is
+installed, ``decode.png``. Needs a CUDA GPU (without one: a one-line error, exit code 2).
+Kernel times: ``triton.testing.do_bench`` medians (CUDA events), never wall clock.
+"""
+import argparse
+import json
+import math
+import os
+
+import torch
+
+from seer_attn.training import cli_args as ca
+from .bench_kernels import rel_err, write_csv
+
+HQ, H, D, BS = 32, 8, 128, 64
+
+
+def batch_by_length(text):
+    """``BxT`` (e.g. ``4x131072``) as ``(B, T)``."""
+    try:
+        b, t = (int(x) for x in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not BATCHxTOKENS (e.g. 4x131072)") from None
+    if b < 1 or t < 2 * BS or t % BS:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a batch >= 1 and a multiple of {BS} tokens >= {2 * BS} "
+                                         "(the timed steps then stay inside one block, so every run starts from the "
+                                         "same cache)")
+    return b, t
+
+
+def parser() -> argparse.ArgumentParser:
+    """The command line of the benchmark (module docstring)."""
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--lengths", type=ca.int_at_least(2 * BS), nargs="+", default=[32768, 131072],
+                    help="KV cache lengths of the kernel part")
+    ap.add_argument("--batches", type=ca.positive_int, nargs="+", default=[1, 16], help="batch sizes of the kernel part")
+    ap.add_argument("--share", type=ca.unit_interval, default=0.1, help="share of KV blocks read by sparse decode")
+    ap.add_argument("--e2e", type=batch_by_length, nargs="*", default=[(4, 131072), (16, 32768)],
+                    metavar="BxT", help="end-to-end settings (batch x cache tokens); none: skip")
+    ap.add_argument("--layers", type=ca.positive_int, default=32, help="decoder layers of the 8B-shaped model")
+    ap.add_argument("--steps", type=ca.positive_int, default=16,
+                    help=f"timed decode steps per end-to-end setting (at most {BS - 4})")
+    ap.add_argument("--tune", action="store_true", help="sweep the kernel's launch configs first, keep the fastest")
+    ap.add_argument("--out", default="seer_outputs/bench-decode")
+    ap.add_argument("--plot", default=None, help="only redraw the PNG from this CSV")
+    return ap
+
+
+def main(argv=None):
+    ap = parser()
+    args = ap.parse_args(argv)
+    if args.plot:
+        return plot(args.plot, None, os.path.join(os.path.dirname(args.plot), "decode.png"))
+    if args.steps > BS - 4:  # warm-up and timed steps stay inside one block
+        ap.error(f"argument --steps: at most {BS - 4} (3 warm-up steps and the timed ones stay in one block)")
+    ca.require_cuda(ap.prog)
+    os.makedirs(args.out, exist_ok=True)
+    checks, tuning = [], []
+    if args.tune:
+        tuning = tune(args)
+    rows = []
+    for S in args.lengths:
+        for B in args.batches:
+            torch.cuda.empty_cache()
+            row, check = kernel_row(B, S, args.share)
+            rows.append(row)
+            checks.append(check)
+            print("check", json.dumps(check), flush=True)
+            print("row", json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}),
+                  flush=True)
+    e2e = []
+    if args.e2e:
+        e2e, e2e_checks = end_to_end(args)
+        checks += e2e_checks
+    env = write_results(args, rows, e2e, checks, tuning)
+    try:
+        plot(os.path.join(args.out, "decode.csv"), os.path.join(args.out, "decode_e2e.csv") if e2e else None,
+             os.path.join(args.out, "decode.png"))
+    except ImportError:
+        print("matplotlib missing: CSV written, redraw with --plot", os.path.join(args.out, "decode.csv"))
+    print_table(rows, e2e, env["provenance"], args.share)
+
+
+# ----------------------------------------------------------------------------- kernel
+
+def _bench(fn):
+    import triton
+    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
+def _sdpa(q, k, v, backend):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    be = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION}[backend]
+    with sdpa_kernel(be):
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+
+
+def _decode_inputs(B, S, seed):
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    q = torch.randn(B, HQ, 1, D, device="cuda", dtype=torch.bfloat16, generator=gen)
+    k = torch.randn(B, H, S, D, device="cuda", dtype=torch.bfloat16, generator=gen)
+    v = torch.randn(B, H, S, D, device="cuda", dtype=torch.bfloat16, generator=gen)
+    return q, k, v
+
+
+def _gate_step(B, S, share, seed):
+    """What the model runs before the kernel in one layer's decode step, at this shape: a
+    decode gate (random weights), its cached block keys ``[B, H, NB - 1, G]`` (bf16, as the
+    pooled-K cache holds them) and the query RoPE; returns ``fn() -> (idx, cnt)``."""
+    from seer_attn.modeling_seer.decode_gate import DecodeGate
+    from seer_attn.modeling_seer.selection import prepare_decode_selection, select_decode_blocks
+    torch.manual_seed(seed)
+    gate = DecodeGate(HQ, H, D).cuda()
+    cur = (S - 1) // BS  # the new token's block; the full blocks before it are the candidates
+    keys = torch.randn(B, H, cur, gate.hidden_size, device="cuda", dtype=torch.bfloat16)
+    q_pre = torch.randn(B, HQ, 1, D, device="cuda", dtype=torch.bfloat16)
+    pos = torch.full((B, 1), S - 1, device="cuda")
+    inv = 1.0 / (500000.0 ** (torch.arange(0, gate.hidden_size, 2, device="cuda").float() / gate.hidden_size))
+    e = torch.cat([pos[..., None] * inv] * 2, -1)
+    rope = (e.cos(), e.sin())
+    first = torch.zeros(B, dtype=torch.long, device="cuda")
+
+    prepared = prepare_decode_selection(first, cur, "share", share=share)
+
+    @torch.no_grad()
+    def per_layer():  # what every layer runs
+        scores = gate.scores(gate.query(q_pre, rope=rope), keys).squeeze(2)
+        return select_decode_blocks(scores, first, "share", prepared=prepared)
+
+    @torch.no_grad()
+    def step():  # plus the preparation made once per decode step for all layers
+        return select_decode_blocks(gate.scores(gate.query(q_pre, rope=rope), keys).squeeze(2), first, "share",
+                                    prepared=prepare_decode_selection(first, cur, "share", share=share))
+    return step, per_layer
+
+
+def kernel_row(B, S, share):
+    from seer_attn.kernels import block_sparse_decode
+    from seer_attn.kernels.reference import block_sparse_decode_ref
+    q, k, v = _decode_inputs(B, S, seed=S + B)
+    NB = -(-S // BS)
+    lens = torch.full((B,), S, dtype=torch.int32, device="cuda")
+    full = torch.ones(B, H, NB, dtype=torch.bool, device="cuda")
+    step, per_layer = _gate_step(B, S, share, seed=B)
+    idx, cnt = per_layer()
+
+    def ours(sel, counts=None):
+        return block_sparse_decode(q, k, v, sel, lens, seq_starts=None, block_counts=counts, check_lengths=False)
+
+    ref = _sdpa(q, k, v, "flash")
+    check = {"B": B, "S": S, "all_blocks_vs_sdpa_flash": rel_err(ours(full), ref),
+             "nan": bool(torch.isnan(ours(idx, cnt)).any())}
+    if B * S <= 4 * 131072:
+        check["sparse_vs_fp32_ref"] = rel_err(ours(idx, cnt),
+                                              block_sparse_decode_ref(q.float(), k.float(), v.float(), idx, lens,
+                                                                      block_counts=cnt))
+    row = {"B": B, "S": S, "share_target": share, "blocks_read": cnt.float().mean().item(),
+           "share_read": cnt.float().mean().item() / NB}
+    row["sdpa_flash"] = _bench(lambda: _sdpa(q, k, v, "flash"))
+    try:
+        row["sdpa_cudnn"] = _bench(lambda: _sdpa(q, k, v, "cudnn"))
+    except RuntimeError as e:
+        print("cudnn unavailable:", str(e)[:100], flush=True)
+        row["sdpa_cudnn"] = float("nan")
+    row["ours_all"] = _bench(lambda: ours(full))
+    row["ours_sparse"] = _bench(lambda: ours(idx, cnt))
+    row["gate_select_layer"] = _bench(per_layer)
+    row["gate_select_step"] = _bench(step)  # with the per-step preparation (shared by all layers)
+    row["gate_share_of_sparse_step"] = row["gate_select_layer"] / (row["gate_select_layer"] + row["ours_sparse"])
+    row["speedup_vs_flash"] = row["sdpa_flash"] / row["ours_sparse"]
+    row["speedup_vs_cudnn"] = row["sdpa_cudnn"] / row["ours_sparse"]
+    kv_bytes = 2 * B * H * D * 2  # K and V, bf16, per cache slot
+    row["tbps_sdpa_flash"] = kv_bytes * S / row["sdpa_flash"] / 1e9
+    row["tbps_ours_sparse"] = kv_bytes * row["blocks_read"] * BS / row["ours_sparse"] / 1e9
+    return row, check
+
+
+def tune(args):
+    """Sweep the decode kernel's launch configs (tile blocks, warps, stages, programs per SM)
+    at B = 1 and 16 over the longest length; keep the one with the least summed time."""
+    import importlib
+
+    from seer_attn.kernels import block_sparse_decode
+    mod = importlib.import_module("seer_attn.kernels.block_sparse_decode")
+    S = max(args.lengths)
+    cases = []
+    for B in sorted(set(args.batches)):
+        q, k, v = _decode_inputs(B, S, seed=7)
+        _, per_layer = _gate_step(B, S, args.share, seed=B)
+        idx, cnt = per_layer()
+        lens = torch.full((B,), S, dtype=torch.int32, device="cuda")
+        cases.append((B, q, k, v, idx, cnt, lens))
+    out, best = [], None
+    for per_sm in (2, 4, 8):
+        for cfg in [(1, 4, 2), (1, 4, 3), (1, 4, 4), (1, 8, 3), (2, 4, 3), (2, 8, 3)]:
+            mod.CONFIG_OVERRIDES[D] = cfg
+            mod._TARGET_PROGRAMS_PER_SM = per_sm
+            total, entry = 0.0, {"config": cfg, "programs_per_sm": per_sm}
+            try:
+                for B, q, k, v, idx, cnt, lens in cases:
+                    ms = _bench(lambda: block_sparse_decode(q, k, v, idx, lens, block_counts=cnt, check_lengths=False))
+                    entry[f"B{B}_ms"] = ms
+                    total += ms
+            except Exception as e:  # a config that does not fit is skipped, reported
+                entry["error"] = str(e)[:80]
+                total = math.inf
+            out.append(entry)
+            print("tune", json.dumps(entry), flush=True)
+            if best is None or total < best[0]:
+                best = (total, cfg, per_sm)
+    mod.CONFIG_OVERRIDES[D] = best[1]
+    mod._TARGET_PROGRAMS_PER_SM = best[2]
+    print(f"chosen: config {best[1]}, {best[2]} programs per SM", flush=True)
+    del cases
+    torch.cuda.empty_cache()
+    return out
+
+
+# ----------------------------------------------------------------------------- end to end
+
+def _prealloc_layer_class():
+    from transformers.cache_utils import DynamicLayer
+
+    class PreallocLayer(DynamicLayer):
+        """A DynamicLayer over preallocated buffers: appending writes in place (no concatenation
+        copy of the whole cache per token), ``keys`` / ``values`` are views of the used slots."""
+
+        def __init__(self, keys, values, length):
+            super().__init__()
+            self.buf_k, self.buf_v, self.n = keys, values, length
+            self.device, self.dtype = keys.device, keys.dtype
+            self.is_initialized = True
+            self._views()
+
+        def _views(self):
+            self.keys, self.values = self.buf_k[:, :, :self.n], self.buf_v[:, :, :self.n]
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            t = key_states.shape[-2]
+            self.buf_k[:, :, self.n:self.n + t] = key_states
+            self.buf_v[:, :, self.n:self.n + t] = value_states
+            self.n += t
+            self._views()
+            return self.keys, self.values
+
+        def rewind(self, length):
+            self.n = length
+            self._views()
+
+    return PreallocLayer
+
+
+def _model(layers):
+    from seer_attn.modeling_seer import SeerLlamaForCausalLM
+    from .bench_ttft import llama8b_config
+    cfg = llama8b_config(131072, layers)
+    for key, val in dict(seer_decode_gate=True, seer_decode_method="share").items():
+        setattr(cfg, key, val)
+    cfg.validate_seer()
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device("cuda"):
+            model = SeerLlamaForCausalLM(cfg).eval()
+    finally:
+        torch.set_default_dtype(old)
+    for layer in model.model.layers:
+        layer.self_attn.attn_gate.float()
+    return model
+
+
+@torch.no_grad()
+def filled_cache(model, B, T, extra):
+    """A KV cache of T random keys/values per layer (room for ``extra`` more tokens) on the
+    model's device and dtype, and its pooled-K cache, pooled from random pre-RoPE keys."""
+    from transformers import DynamicCache
+    from seer_attn.modeling_seer.decode_cache import _STATES, DecodeStep, PooledKCache
+    cfg = model.config
+    p = next(model.model.layers[0].self_attn.k_proj.parameters())
+    dev, dt = p.device, p.dtype
+    kv_heads, head_dim = cfg.num_key_value_heads, model.model.layers[0].self_attn.head_dim
+    Layer = _prealloc_layer_class()
+    cache = DynamicCache(config=cfg)
+    gen = torch.Generator(device=dev).manual_seed(T + B)
+    layers = []
+    for _ in range(cfg.num_hidden_layers):
+        k = torch.zeros(B, kv_heads, T + extra, head_dim, device=dev, dtype=dt)
+        v = torch.zeros_like(k)
+        k[:, :, :T].normal_(generator=gen)
+        v[:, :, :T].normal_(generator=gen)
+        layers.append(Layer(k, v, T))
+    cache.layers = layers
+    state = PooledKCache(cfg.num_hidden_layers, torch.zeros(B, dtype=torch.long, device=dev), cfg.seer_block_size,
+                         cfg.seer_k_pooling)
+    _STATES[cache] = state
+    fill = DecodeStep(state, 0, T, model.model._gate_rope_at, dev)
+    for i, layer in enumerate(model.model.layers):
+        k_pre = torch.randn(B, kv_heads, T, head_dim, device=dev, dtype=dt, generator=gen)
+        fill.record(i, k_pre, layer.self_attn.attn_gate.decode_gate)
+        del k_pre
+    fill.finish()
+    return cache, state
+
+
+@torch.no_grad()
+def decode_run(model, cache, B, T, steps, warmup=3, flash_only=True):
+    """Median seconds per decode step of ``steps`` forwards (after ``warmup``; CUDA events on
+    a GPU, where SDPA is restricted to its flash backend) and the first step's logits;
+    rewinds the KV cache to T first."""
+    import contextlib
+    import time
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    dev = next(model.parameters()).device
+    cuda = dev.type == "cuda"
+    for layer in cache.layers:
+        layer.rewind(T)
+    gen = torch.Generator(device=dev).manual_seed(1)
+    tok = torch.randint(0, model.config.vocab_size, (B, 1), device=dev, generator=gen)
+    times, first = [], None
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION) if cuda and flash_only else contextlib.nullcontext():
+        for i in range(warmup + steps):
+            pos = torch.full((B, 1), T + i, device=dev)
+            if cuda:
+                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                a.record()
+            t0 = time.perf_counter()
+            logits = model(input_ids=tok, position_ids=pos, use_cache=True, logits_to_keep=1,
+                           **{_cache_arg(): cache}).logits
+            if cuda:
+                b.record()
+                torch.cuda.synchronize()
+            dt = a.elapsed_time(b) / 1e3 if cuda else time.perf_counter() - t0
+            if i == 0:
+                first = logits.float()
+            if i >= warmup:
+                times.append(dt)
+            tok = logits[:, -1:].argmax(-1)
+    return sorted(times)[len(times) // 2], first
+
+
+def _cache_arg():
+    """The name of the KV-cache argument of transformers' forward (``cache`` from 5.2x on)."""
+    import inspect
+    from transformers import LlamaForCausalLM
+    return "cache" if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters else "past_key_values"
+
+
+def end_to_end(args):
+    model = _model(args.layers)
+    rows, checks = [], []
+    for B, T in args.e2e:
+        torch.cuda.empty_cache()
+        warmup = 3
+        cache, state = filled_cache(model, B, T, args.steps + warmup + 1)
+        model.set_seer_mode("dense", seer_decode_sparsity=False)
+        backend = "flash"
+        try:
+            dense_s, dense_logits = decode_run(model, cache, B, T, args.steps, warmup)
+        except RuntimeError as e:  # SDPA's flash backend refused these inputs: say so, time the default choice
+            print(f"dense decode with SDPA flash failed ({str(e)[:120]}); timing SDPA's default backend", flush=True)
+            backend = "sdpa default"
+            dense_s, dense_logits = decode_run(model, cache, B, T, args.steps, warmup, flash_only=False)
+        row = {"B": B, "T": T, "layers": args.layers, "dense_s_per_token": dense_s, "dense_backend": backend}
+        # every block selected: sparse decode is dense decode (checks the pre-filled setup)
+        model.set_seer_mode("dense", seer_decode_sparsity=True, seer_decode_share=1.0)
+        state.rewind(T)
+        _, all_logits = decode_run(model, cache, B, T, 1, 0)
+        checks.append({f"e2e_all_blocks_vs_dense_logits_B{B}_T{T}": rel_err(all_logits, dense_logits)})
+        model.set_seer_mode("dense", seer_decode_sparsity=True, seer_decode_share=args.share)
+        state.rewind(T)
+        state.reset_statistics()
+        sparse_s, _ = decode_run(model, cache, B, T, args.steps, warmup)
+        row.update({"sparse_s_per_token": sparse_s, "share_read": model.seer_decode_density().mean().item(),
+                    "speedup": dense_s / sparse_s, "dense_tokens_per_s": B / dense_s,
+                    "sparse_tokens_per_s": B / sparse_s,
+                    "peak_gib": torch.cuda.max_memory_allocated() / 2**30})
+        rows.append(row)
+        print("e2e", json.dumps(row), flush=True)
+        del cache, state
+    model.set_seer_mode("dense", seer_decode_sparsity=False)
+    return rows, checks
+
+
+# ----------------------------------------------------------------------------- output
+
+def write_results(args, rows, e2e, checks, tuning, device="cuda") -> dict:
+    """Write ``decode.json`` (the envelope, returned), ``decode.csv`` and ``decode_e2e.csv``."""
+    import importlib
+    from seer_attn.training.results import write_envelope
+    mod = importlib.import_module("seer_attn.kernels.block_sparse_decode")
+    shape = {"HQ": HQ, "H": H, "D": D, "dtype": "bf16"}
+    env = write_envelope(os.path.join(args.out, "decode.json"), "decode", rows,
+                         config=ca.config_of(args, shape=shape, kernel_config=mod._config(D, True, torch.bfloat16),
+                                             programs_per_sm=mod._TARGET_PROGRAMS_PER_SM),
+                         device=device, model=f"kernel: random q/k/v, {HQ} query / {H} KV heads, head_dim {D}, bf16; "
+                                              f"e2e: random-weight Llama-3.1-8B shape, {args.layers} layers, "
+                                              "pre-filled random KV cache",
+                         e2e=e2e, checks=checks, tuning=tuning)
+    write_csv(os.path.join(args.out, "decode.csv"), [{"T": r["S"], **r} for r in rows])
+    if e2e:
+        write_csv(os.path.join(args.out, "decode_e2e.csv"), e2e)
+    return env
+
+
+def print_table(rows, e2e, prov, share):
+    v, commit = prov["versions"], (prov["commit"] or "unknown")[:7]
+    print(f"\n# {prov['gpu']}  torch {v['torch']}  triton {v.get('triton')}  commit {commit}")
+    print(f"decode step, median ms | B | S | SDPA flash | SDPA cuDNN | ours all | ours {share:g} (read) | "
+          "flash/ours | gate+select (share of step)")
+    for r in rows:
+        print(f"{r['B']} | {r['S']} | {r['sdpa_flash']:.3f} | {r['sdpa_cudnn']:.3f} | {r['ours_all']:.3f} | "
+              f"{r['ours_sparse']:.3f} ({r['share_read']:.3f}) | {r['speedup_vs_flash']:.2f}x | "
+              f"{r['gate_select_layer']:.3f} ({100 * r['gate_share_of_sparse_step']:.1f}%)")
+    if e2e:
+        print(f"time per output token, s | B | T | dense | sparse {share:g} (read) | speed-up")
+        for r in e2e:
+            print(f"{r['B']} | {r['T']} | {r['dense_s_per_token']:.4f} | {r['sparse_s_per_token']:.4f} "
+                  f"({r['share_read']:.3f}) | {r['speedup']:.2f}x")
+
+
+def plot(csv_path, e2e_path, png_path):
+    import csv
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    with open(csv_path) as f:
+        rows = list(csv.DictReader(f))
+    e2e = []
+    if e2e_path and os.path.isfile(e2e_path):
+        with open(e2e_path) as f:
+            e2e = list(csv.DictReader(f))
+    fig, axes = plt.subplots(1, 2 if e2e else 1, figsize=(12 if e2e else 7, 4.5), squeeze=False)
+    ax = axes[0][0]
+    labels = [f"B{r['B']}\n{int(r['S']) // 1024}k" for r in rows]
+    cols = [("sdpa_flash", "SDPA flash"), ("sdpa_cudnn", "SDPA cuDNN"), ("ours_all", "ours, all blocks"),
+            ("ours_sparse", "ours, sparse")]
+    width = 0.8 / len(cols)
+    for i, (c, name) in enumerate(cols):
+        ys = [float(r[c]) if r.get(c) not in (None, "") else math.nan for r in rows]
+        ax.bar([x + i * width for x in range(len(rows))], ys, width, label=name)
+    ax.set_xticks([x + 0.4 - width / 2 for x in range(len(rows))], labels)
+    ax.set_yscale("log")
+    ax.set_ylabel("median ms per decode step (one layer, bf16)")
+    ax.set_title("Decode attention, 32 q / 8 kv heads, d128")
+    ax.legend(fontsize=8)
+    if e2e:
+        ax = axes[0][1]
+        labels = [f"B{r['B']}\n{int(r['T']) // 1024}k" for r in e2e]
+        ax.bar([x - 0.2 for x in range(len(e2e))], [1e3 * float(r["dense_s_per_token"]) for r in e2e], 0.4,
+               label="dense decode")
+        ax.bar([x + 0.2 for x in range(len(e2e))], [1e3 * float(r["sparse_s_per_token"]) for r in e2e], 0.4,
+               label="sparse decode")
+        ax.set_xticks(range(len(e2e)), labels)
+        ax.set_ylabel("ms per output token (whole model)")
+        ax.set_title("8B-shaped model, random weights")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=120)
+    print("wrote", png_path)
+
+
+if __name__ == "__main__":
+    main()

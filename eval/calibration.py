@@ -1,0 +1,244 @@
+"""Density calibration: the parameter of a selection that keeps a target share of the causal
+blocks (docs/design.md §4: a selection is only compared at the density of another).
+
+:func:`calibrate` bisects over forwards (any selector and method); :func:`gate_thresholds_for`
+solves the gate's threshold from one exact pass's scores; :func:`measure_density` is the
+achieved density of the model's current selection.
+"""
+import math
+from dataclasses import dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+from seer_attn.modeling_seer.selection import SELECTORS, ScoreInputs, causal_density, select_blocks_for
+
+from .perplexity import model_device
+from .settings import Setting, apply_setting, preserved_seer_mode
+
+# Search interval of each method's parameter: (low, high, log-scale, density grows with the parameter)
+_SEARCH = {"threshold": (1e-7, 0.99, True, False), "nz_ratio": (1e-3, 1.0, False, True),
+           "coverage": (1e-3, 1.0, False, True)}
+# Smallest bisection step, as a share of the search interval (log-interval for the threshold:
+# a factor 1.0016): finer than any density step of top-k at 128k tokens (k / 2048).
+_MIN_STEP = 1e-4
+
+
+@torch.no_grad()
+def measure_density(model, windows, batch_size=1) -> float:
+    """Mean kept share of causal blocks over ``windows`` (model in sparse mode; only the last
+    position's logits are computed)."""
+    if getattr(model.config, "seer_mode", None) != "sparse":
+        raise ValueError(f"measure_density needs a model in sparse mode, got seer_mode="
+                         f"{getattr(model.config, 'seer_mode', None)!r}")
+    if not windows:
+        raise ValueError("measure_density needs at least one window")
+    if SELECTORS[model.config.seer_selector].content_free:
+        return _content_free_density(model.config, windows)
+    dev = model_device(model)
+    vals = []
+    for i in range(0, len(windows), batch_size):
+        group = windows[i:i + batch_size]
+        if len({w.input_ids.numel() for w in group}) > 1:
+            for w in group:  # unequal lengths: one at a time
+                vals.append(_one_density(model, w.input_ids[None].to(dev)))
+            continue
+        ids = torch.stack([w.input_ids for w in group]).to(dev)
+        before = model.seer_density()
+        model(input_ids=ids, use_cache=False, logits_to_keep=1)
+        d = model.seer_density()
+        if d is None or d is before:
+            raise RuntimeError("the model reported no block density for a sparse forward")
+        vals.extend(d.float().mean(dim=(0, 2)).tolist())
+    return sum(vals) / len(vals)
+
+
+def _content_free_density(cfg, windows):
+    """A content-free selection (e.g. streaming) reads only the block count: its density
+    follows from the window lengths, so no forward pass is needed (same selection code as
+    the model's, on placeholder tensors of the window's length)."""
+    vals = []
+    for w in windows:
+        x = torch.zeros(1, 1, w.input_ids.numel(), 1)
+        scores = SELECTORS[cfg.seer_selector].scores(ScoreInputs(x, x, x, x, x, cfg.seer_block_size, 1.0))
+        vals.append(causal_density(select_blocks_for(scores, cfg)).mean().item())
+    return sum(vals) / len(vals)
+
+
+def _one_density(model, ids):
+    model(input_ids=ids, use_cache=False, logits_to_keep=1)
+    return model.seer_density().float().mean().item()
+
+
+class CalibrationError(ValueError):
+    """The target density is out of reach, or not met within the tolerance."""
+
+
+@dataclass
+class Calibration:
+    """Result of :func:`calibrate`: ``param`` gives ``density`` (target ``target_density``)."""
+
+    selector: str
+    method: str
+    target_density: float
+    param: float
+    density: float
+    tol: float
+    within_tol: bool
+    history: list = field(default_factory=list)  # (param, density) in evaluation order
+
+
+def calibrate(model, method, target_density, windows, *, selector="gate", tol=0.01, max_iter=20, strict=True,
+              batch_size=1, progress=False) -> Calibration:
+    """Find the ``method`` parameter at which ``selector`` keeps ``target_density`` of the
+    causal blocks on ``windows`` (bisection; the density is monotone in the parameter:
+    falling with the threshold, rising with nz_ratio and coverage).
+
+    Args:
+        model: a ``SeerLlamaForCausalLM``; its mode is restored afterwards.
+        method: ``"threshold"`` (searched on a log scale in [1e-7, 0.99]), ``"nz_ratio"`` or
+            ``"coverage"`` (in [1e-3, 1]).
+        target_density: kept share of causal blocks, in (0, 1].
+        windows: calibration windows (:class:`~seer_attn.eval.perplexity.Window`), of the
+            length used for the evaluation (nz_ratio's density depends on it).
+        selector: ``"gate"`` or a baseline selector.
+        tol: accepted absolute density error; the search stops once inside it, after
+            ``max_iter`` bisection steps, or when the parameter interval is below 1e-4 of
+            the search range (a jump of the discrete density straddles the target).
+        strict: raise :class:`CalibrationError` (a ValueError) when the target is out of
+            reach or not met within ``tol`` (the densities are discrete: the diagonal, the
+            dense last rows and integer top-k put a floor and steps under them); otherwise
+            return the closest with ``within_tol=False``.
+
+    Returns:
+        :class:`Calibration`.
+    """
+    if method not in _SEARCH:
+        raise ValueError(f"method={method!r} is invalid: expected one of {tuple(_SEARCH)}")
+    target = float(target_density)
+    if not 0.0 < target <= 1.0:
+        raise ValueError(f"target_density={target_density!r} is invalid: expected 0 < density <= 1")
+    if not tol > 0:
+        raise ValueError(f"tol={tol!r} is invalid: expected > 0")
+    Setting(selector, method, target_density=target)  # validates the selector
+    lo_p, hi_p, logscale, rising = _SEARCH[method]
+
+    def param_at(u):
+        if logscale:
+            return math.exp(math.log(lo_p) + u * (math.log(hi_p) - math.log(lo_p)))
+        return lo_p + u * (hi_p - lo_p)
+
+    history = []
+    bar = tqdm(total=max_iter + 2, desc=f"calibrate {selector}:{method}@{target:g}", disable=not progress,
+               leave=False)
+
+    def density_at(u):
+        p = param_at(u)
+        apply_setting(model, Setting(selector, method, param=p))
+        d = measure_density(model, windows, batch_size)
+        history.append((p, d))
+        bar.update(1)
+        bar.set_postfix(param=f"{p:.4g}", density=f"{d:.4f}")
+        return d
+
+    with preserved_seer_mode(model):
+        try:
+            ends = {0.0: density_at(0.0), 1.0: density_at(1.0)}
+            d_min, d_max = min(ends.values()), max(ends.values())
+            if strict and not (d_min - tol <= target <= d_max + tol):
+                raise CalibrationError(
+                    f"target density {target:g} is out of reach for {selector}:{method} on these windows: "
+                    f"{method} in [{lo_p:g}, {hi_p:g}] keeps between {d_min:.4f} and {d_max:.4f} of the causal "
+                    "blocks (kept diagonal / dense last rows set the floor)")
+            lo, hi = 0.0, 1.0  # density(lo) is on the low side of the target when rising
+            if not rising:
+                lo, hi = hi, lo
+            for _ in range(max_iter):
+                best_p, best_d = min(history, key=lambda h: abs(h[1] - target))
+                if abs(best_d - target) <= tol:
+                    break
+                mid = (lo + hi) / 2
+                d = density_at(mid)
+                if d < target:
+                    lo = mid
+                else:
+                    hi = mid
+                if abs(hi - lo) < _MIN_STEP:  # a jump of the (discrete) density: no closer value exists
+                    break
+        finally:
+            bar.close()
+    best_p, best_d = min(history, key=lambda h: abs(h[1] - target))
+    within = abs(best_d - target) <= tol
+    if strict and not within:
+        tried = ", ".join(f"{p:.4g}->{d:.4f}" for p, d in sorted(history))
+        raise CalibrationError(f"could not calibrate {selector}:{method} to density {target:g} +- {tol:g}: "
+                               f"closest {best_d:.4f} at {method}={best_p:.6g} (densities are discrete; "
+                               f"tried {tried})")
+    return Calibration(selector, method, target, best_p, best_d, tol, within, history)
+
+
+@torch.no_grad()
+def gate_thresholds_for(model, windows, densities, *, iters=48) -> list:
+    """Gate thresholds that keep each of ``densities`` of the causal blocks on ``windows``,
+    solved from the gate's scores in one exact-attention pass (no search over forwards).
+
+    Each window runs once in ``seer_mode="distill"`` (exact attention, the gate scoring every
+    layer's blocks); the threshold of each target is then bisected (log scale, in
+    [1e-7, 0.99]) on those stored scores with the model's keep rules. The scores come from
+    the dense trajectory, so a sparse prefill at the returned threshold lands near, not
+    exactly on, the target: measure the achieved density (``evaluate_perplexity`` does). A
+    target below the keep rules' floor gives the highest threshold; above the reachable
+    maximum, the lowest.
+
+    Returns:
+        one threshold per target density, in the order given.
+    """
+    targets = [float(d) for d in densities]
+    bad = [d for d in targets if not 0.0 < d <= 1.0]
+    if bad:
+        raise ValueError(f"densities {bad} are invalid: expected 0 < density <= 1")
+    if not windows:
+        raise ValueError("gate_thresholds_for needs at least one window")
+    per_window = []
+    gates = [m for name, m in model.named_modules() if name.endswith("attn_gate")]
+    if not gates:
+        raise ValueError(f"{type(model).__name__} has no attn_gate modules")
+    scores = []
+    hooks = [m.register_forward_hook(lambda mod, args, out: scores.append(out.detach())) for m in gates]
+    dev = model_device(model)
+    with preserved_seer_mode(model):
+        try:
+            model.set_seer_mode("distill")
+            for w in windows:
+                model(input_ids=w.input_ids[None].to(dev), use_cache=False, logits_to_keep=1)
+                per_window.append(scores[:])
+                scores.clear()
+        finally:
+            for h in hooks:
+                h.remove()
+
+        def density(t):  # mean over windows of the mean over layers and heads, as measure_density
+            model.set_seer_mode("sparse", seer_selector="gate", seer_sparsity_method="threshold", seer_threshold=t)
+            return sum(torch.stack([causal_density(select_blocks_for(s, model.config)).mean() for s in layers]).mean()
+                       for layers in per_window).item() / len(per_window)
+
+        lo, hi = math.log(1e-7), math.log(0.99)
+        out = []
+        for target in targets:
+            a, b = lo, hi  # density falls as the threshold rises
+            for _ in range(iters):
+                mid = (a + b) / 2
+                if density(math.exp(mid)) > target:
+                    a = mid
+                else:
+                    b = mid
+            out.append(math.exp((a + b) / 2))
+    return out
+
+
+def pick_calibration_windows(windows, n) -> list:
+    """``n`` windows evenly spaced over ``windows`` (all of them when there are not more)."""
+    if n >= len(windows):
+        return list(windows)
+    step = len(windows) / n
+    return [windows[int(i * step)] for i in range(n)]

@@ -1,0 +1,330 @@
+"""Quality of sparse decode: distil prefill + decode gates, then "decode perplexity" and passkey
+retrieval, dense vs sparse decode, in one run (docs/design.md §4).
+
+**Decode perplexity.** Windows of ``--length`` (8192) tokens of the evaluation corpus
+(:func:`seer_attn.eval.perplexity.make_windows`, documents encoded without special tokens).
+Tokens ``[0, L/2)`` are one prefill into a KV cache; tokens ``L/2 .. L-1`` are then scored as
+decode steps: token ``L/2`` from the prefill's last logits, every later token t from the
+decode step that fed token t-1 against the cache of everything before
+(:func:`decode_nll`). The prefill is dense in every setting, so only decode differs. PPL is
+exp of the mean NLL over the scored tokens; ``ratio`` is PPL over the dense-decode PPL. The
+loop is checked against ``generate`` (:func:`generate_nll`: each step's token forced to the
+window's, raw logits returned) on a small case first.
+
+**Passkey.** :func:`seer_attn.eval.passkey.run_passkey` (needle in the prompt, greedy
+answer) dense, with sparse decode (dense prefill), and with sparse prefill and sparse
+decode together, each paired prompt by prompt against dense (lost, gained, sign-test p).
+
+**Gates.** Distilled here (``GateDistillationTrainer``: the prefill gates' KL plus the decode
+gates' KL on sampled query rows, docs/design.md §2) unless ``--gates`` names a file with
+decode gates. They are saved to ``--out`` in bfloat16.
+
+    python -m seer_attn.eval.decode_quality --model /tmp/seer/smollm2.gguf \\
+        --train /tmp/seer/corpora/train.jsonl --eval /tmp/seer/corpora/eval.jsonl --out results/decode_quality
+
+Writes ``decode_quality.json`` (a results envelope of kind ``"decode_quality"``: provenance,
+config, the perplexity rows, plus ``passkey``, ``checks`` and ``cost``) and
+``decode_quality.md``, rewritten after every phase with ``complete: false`` until the end.
+"""
+import argparse
+import inspect
+import json
+import os
+import time
+
+import torch
+import torch.nn.functional as F
+
+from seer_attn.training import cli_args as ca
+
+PHASES = ("distill", "check", "ppl", "passkey")
+
+
+def cache_kwarg():
+    """The name of transformers' KV-cache forward argument (``cache`` from 5.2x on, else
+    ``past_key_values``)."""
+    from transformers import LlamaForCausalLM
+    return "cache" if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters else "past_key_values"
+
+
+# ----------------------------------------------------------------------------- scoring
+
+@torch.no_grad()
+def decode_nll(model, input_ids, prefix):
+    """Per-token NLL of ``input_ids[:, prefix:]`` scored as decode steps (module docstring).
+
+    Args:
+        input_ids: long ``[B, L]`` windows of equal length (no padding), ``1 <= prefix < L``.
+
+    Returns:
+        float64 ``[B, L - prefix]`` NLL of tokens ``prefix .. L-1``.
+    """
+    from transformers import DynamicCache
+    B, L = input_ids.shape
+    if not 1 <= prefix < L:
+        raise ValueError(f"prefix={prefix} is invalid: expected 1 <= prefix < {L}")
+    cache = DynamicCache(config=model.config)
+    kw = {cache_kwarg(): cache, "use_cache": True}
+    logits = model(input_ids=input_ids[:, :prefix], logits_to_keep=1, **kw).logits[:, -1]
+    out = []
+    for t in range(prefix, L):
+        out.append(F.cross_entropy(logits.float(), input_ids[:, t], reduction="none").double())
+        if t + 1 < L:
+            logits = model(input_ids=input_ids[:, t:t + 1], **kw).logits[:, -1]
+    return torch.stack(out, 1)
+
+
+@torch.no_grad()
+def generate_nll(model, input_ids, prefix, pad_token_id=0):
+    """The same NLLs as :func:`decode_nll` through ``model.generate``: every generated token
+    is forced to the window's (``prefix_allowed_tokens_fn``) and the raw logits of each step
+    are scored."""
+    B, L = input_ids.shape
+    ref = input_ids
+
+    def allowed(batch_id, ids):
+        return [int(ref[batch_id, ids.shape[-1]])]
+
+    out = model.generate(input_ids[:, :prefix], attention_mask=torch.ones_like(input_ids[:, :prefix]),
+                         max_new_tokens=L - prefix, min_new_tokens=L - prefix, do_sample=False, num_beams=1,
+                         prefix_allowed_tokens_fn=allowed, output_logits=True, return_dict_in_generate=True,
+                         pad_token_id=pad_token_id)
+    if not torch.equal(out.sequences, input_ids):
+        raise RuntimeError("generate did not follow the forced tokens")
+    logits = torch.stack(out.logits, 1).float()  # [B, L - prefix, V]
+    return F.cross_entropy(logits.transpose(1, 2), input_ids[:, prefix:], reduction="none").double()
+
+
+def decode_perplexity(model, windows, prefix, batch_size, progress=True, desc="decode ppl"):
+    """:func:`decode_nll` over ``windows`` (:class:`~seer_attn.eval.perplexity.Window` of one
+    length) in batches: dict with ``ppl``, ``nll``, ``tokens``, ``windows``, ``decode_density``
+    (mean kept share of the KV blocks; None with dense decode) and ``seconds``."""
+    from tqdm.auto import tqdm
+    from .perplexity import model_device
+    dev = model_device(model)
+    total, count, dens = 0.0, 0, []
+    t0 = time.time()
+    for i in tqdm(range(0, len(windows), batch_size), desc=desc, disable=not progress):
+        ids = torch.stack([w.input_ids for w in windows[i:i + batch_size]]).to(dev)
+        nll = decode_nll(model, ids, prefix)
+        total += nll.sum().item()
+        count += nll.numel()
+        if model.config.seer_decode_sparsity:
+            dens += model.seer_decode_density().tolist()
+    return {"ppl": float(torch.tensor(total / count).exp()), "nll": total / count, "tokens": count,
+            "windows": len(windows), "decode_density": sum(dens) / len(dens) if dens else None,
+            "seconds": time.time() - t0}
+
+
+# ----------------------------------------------------------------------------- settings
+
+def decode_setting(text):
+    """``dense``, ``share=X`` or ``budget=N`` (the decode selection of one run)."""
+    if text == "dense":
+        return {}
+    name, _, val = text.partition("=")
+    if name == "share":
+        return {"seer_decode_method": "share", "seer_decode_share": ca.unit_interval(val)}
+    if name == "budget":
+        return {"seer_decode_method": "budget", "seer_decode_budget": ca.int_at_least(128)(val)}
+    raise argparse.ArgumentTypeError(f"invalid decode setting {text!r}: expected dense, share=X or budget=N")
+
+
+def apply_decode(model, setting, prefill="dense", prefill_opts=None):
+    """Set ``model`` to a prefill mode and a decode setting (:func:`decode_setting`)."""
+    model.set_seer_mode(prefill, seer_decode_sparsity=bool(setting), **setting, **(prefill_opts or {}))
+
+
+# ----------------------------------------------------------------------------- the run
+
+def parser():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default=None, help="default: the embedded SmolLM2 GGUF")
+    ap.add_argument("--gates", default=None, help="distilled gates with decode gates (skips the distill phase)")
+    ap.add_argument("--train", nargs="+", default=None, help="training files (default: bundled corpus)")
+    ap.add_argument("--eval", default=None, help="evaluation jsonl (default: bundled eval corpus)")
+    ap.add_argument("--steps", type=ca.positive_int, default=300, help="distillation steps")
+    ap.add_argument("--seq-len", type=ca.int_at_least(256), default=8192, help="distillation sequence length")
+    ap.add_argument("--length", type=ca.int_at_least(256), default=8192,
+                    help="decode-perplexity window; its second half is scored as decode steps")
+    ap.add_argument("--windows", type=ca.positive_int, default=16, help="decode-perplexity windows (at most)")
+    ap.add_argument("--batch-size", type=ca.positive_int, default=16, help="windows decoded together")
+    ap.add_argument("--settings", type=decode_setting, nargs="+", default=None, metavar="SETTING",
+                    help="sparse decode settings: share=X or budget=N (default: share=0.1 budget=2048)")
+    ap.add_argument("--passkey-lengths", type=ca.positive_int, nargs="*", default=[2048, 4096, 8192])
+    ap.add_argument("--passkey-samples", type=ca.positive_int, default=5,
+                    help="prompts per (length, depth) cell (5 depths)")
+    ap.add_argument("--prefill-threshold", type=ca.open_unit_interval, default=2e-3,
+                    help="gate threshold of the sparse-prefill passkey run (sink, one local block and the last two "
+                         "block rows kept)")
+    ap.add_argument("--phases", nargs="+", choices=PHASES, default=list(PHASES))
+    ap.add_argument("--out", default="results/decode_quality")
+    ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--cpu", action="store_true", help="smoke-test on the CPU (tiny sizes only)")
+    return ap
+
+
+def main(argv=None):
+    ap = parser()
+    args = ap.parse_args(argv)
+    if args.settings is None:
+        args.settings = [decode_setting("share=0.1"), decode_setting("budget=2048")]
+    if "distill" in args.phases and args.gates:
+        ap.error("--gates skips distillation: drop 'distill' from --phases or drop --gates")
+    if "distill" not in args.phases and not args.gates:
+        ap.error("without the distill phase, --gates must name distilled gates (with decode gates)")
+    if not args.cpu:
+        ca.require_cuda(ap.prog, " (or pass --cpu for a smoke test)")
+    return run(args)
+
+
+class Report:
+    """Everything measured so far, rewritten to ``decode_quality.json`` / ``.md`` on each save."""
+
+    def __init__(self, args):
+        self.args, self.rows, self.passkey, self.checks, self.cost = args, [], {}, [], {}
+
+    def text(self):
+        lines = ["| decode | PPL | vs dense | kept share of KV blocks | windows | s |", "|---|---|---|---|---|---|"]
+        dense = next((r["ppl"] for r in self.rows if r["setting"] == "dense"), None)
+        for r in self.rows:
+            ratio = f"{r['ppl'] / dense:.4f}x" if dense else "-"
+            dens = f"{r['decode_density']:.3f}" if r["decode_density"] is not None else "1"
+            lines.append(f"| {r['setting']} | {r['ppl']:.4f} | {ratio} | {dens} | {r['windows']} | {r['seconds']:.0f} |")
+        for name, res in self.passkey.items():
+            acc = " ".join(f"{n}: {a:.3f}" for n, a in res["per_length"].items())
+            line = f"passkey {name}: accuracy {res['accuracy']:.3f} ({acc})"
+            if res.get("vs_dense"):
+                v = res["vs_dense"]
+                line += f"; vs dense: lost {v['lost']}, gained {v['gained']} of {v['n']} (sign test p={v['p_value']:.3g})"
+            if res.get("density") is not None:
+                line += f"; prefill density {res['density']:.3f}"
+            lines.append(line)
+        for c in self.checks:
+            lines.append(f"check: {json.dumps(c)}")
+        if self.cost:
+            lines.append(f"cost: {json.dumps(self.cost)}")
+        return "\n".join(lines)
+
+    def save(self, complete=False):
+        from seer_attn.training.results import write_envelope
+        args = self.args
+        passkey = {k: {**v, "samples": [{kk: vv for kk, vv in r.items() if kk != "prompt"} for r in v["samples"]]}
+                   for k, v in self.passkey.items()}
+        write_envelope(os.path.join(args.out, "decode_quality.json"), "decode_quality", self.rows,
+                       config=ca.config_of(args), model=args.model or ca.DEFAULT_MODEL_LABEL,
+                       device="cpu" if args.cpu else "cuda", complete=complete, passkey=passkey,
+                       checks=self.checks, cost=self.cost)
+        status = "" if complete else "**partial run: not every phase finished**\n\n"
+        tmp = os.path.join(args.out, "decode_quality.md.tmp")
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(status + self.text() + "\n")
+        os.replace(tmp, os.path.join(args.out, "decode_quality.md"))
+
+
+def _setting_name(setting):
+    if not setting:
+        return "dense"
+    if setting["seer_decode_method"] == "share":
+        return f"share={setting['seer_decode_share']:g}"
+    return f"budget={setting['seer_decode_budget']}"
+
+
+def run(args):
+    from seer_attn.modeling_seer.conversion import load_seer_model, load_tokenizer
+    from .perplexity import load_documents, make_windows
+
+    dev, dtype = ("cpu", torch.float32) if args.cpu else ("cuda", torch.bfloat16)
+    os.makedirs(args.out, exist_ok=True)
+    report = Report(args)
+    tok = load_tokenizer(args.model)
+    if "distill" in args.phases:
+        model = distill(args, tok, dtype, dev, report)
+    else:
+        model = load_seer_model(args.model, dtype=dtype, device=dev, gates=args.gates, seer_decode_gate=True)
+    model.eval()
+    windows = make_windows(load_documents(args.eval), tok, args.length, 2)[:args.windows]
+    if not windows:
+        raise SystemExit(f"no evaluation window of {args.length} tokens in {args.eval or 'the bundled eval corpus'}")
+    prefix = args.length // 2
+    progress = not args.no_progress
+
+    if "check" in args.phases:  # the decode loop against generate, on a small case, with sparse decode
+        ids = windows[0].input_ids[None, :min(args.length, 1024)].to(dev)
+        apply_decode(model, args.settings[0])
+        a, b = decode_nll(model, ids, ids.shape[1] // 2), generate_nll(model, ids, ids.shape[1] // 2,
+                                                                        tok.pad_token_id or 0)
+        report.checks.append({"decode_nll_vs_generate_max_abs": (a - b).abs().max().item(),
+                              "tokens": a.numel(), "setting": _setting_name(args.settings[0])})
+        report.save()
+        print("check", json.dumps(report.checks[-1]), flush=True)
+
+    if "ppl" in args.phases:
+        for setting in [{}] + list(args.settings):
+            apply_decode(model, setting)
+            res = decode_perplexity(model, windows, prefix, args.batch_size, progress, desc=_setting_name(setting))
+            report.rows.append({"setting": _setting_name(setting), "prefill": "dense", "prefix": prefix,
+                                "length": args.length, **res})
+            report.save()
+            print("ppl", json.dumps(report.rows[-1]), flush=True)
+
+    if "passkey" in args.phases and args.passkey_lengths:
+        passkey(model, tok, args, report)
+    report.save(complete=True)
+    print("\n" + report.text())
+    return report
+
+
+def distill(args, tok, dtype, dev, report):
+    """Distil prefill and decode gates (GateDistillationTrainer, in memory), save them in bf16."""
+    from transformers import set_seed
+    from seer_attn.modeling_seer.conversion import load_seer_model
+    from seer_attn.training.data import load_documents, pack_documents
+    from seer_attn.training.trainer import GateDistillationTrainer, SeerTrainingArguments
+
+    docs = load_documents(args.train)
+    data = pack_documents(docs, tok, args.seq_len, seed=0)
+    set_seed(0)
+    model = load_seer_model(args.model, dtype=dtype, seer_mode="distill", seer_decode_gate=True)
+    targs = SeerTrainingArguments(output_dir=os.path.join(args.out, "work"), max_steps=args.steps,
+                                  per_device_train_batch_size=1, bf16=not args.cpu, use_cpu=args.cpu,
+                                  logging_steps=25, save_strategy="no", save_final_model=False, seed=0,
+                                  report_to="none", disable_tqdm=args.no_progress)
+    if not args.cpu:
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.time()
+    trainer = GateDistillationTrainer(model=model, args=targs, train_dataset=data)
+    trainer.train()
+    logged = [e for e in trainer.state.log_history if "loss" in e]
+    report.cost = {"train_seconds": time.time() - t0, "steps": args.steps, "seq_len": args.seq_len,
+                   "final_loss": logged[-1]["loss"] if logged else None,
+                   "peak_gib": None if args.cpu else torch.cuda.max_memory_allocated() / 2**30}
+    model.save_gates(os.path.join(args.out, "gates_decode_bf16.safetensors"), dtype=torch.bfloat16)
+    report.save()
+    print("cost", json.dumps(report.cost), flush=True)
+    return model.to(dev)
+
+
+def passkey(model, tok, args, report):
+    from .passkey import paired_passkey, run_passkey
+    progress = not args.no_progress
+    prefill_opts = dict(seer_sparsity_method="threshold", seer_threshold=args.prefill_threshold,
+                        seer_keep_sink=True, seer_keep_local=1, seer_dense_last_rows=2)
+    runs = [("dense", {}, "dense")]
+    runs += [(f"decode_{_setting_name(s)}", s, "dense") for s in args.settings]
+    runs.append((f"prefill_threshold_{args.prefill_threshold:g}+decode_{_setting_name(args.settings[0])}",
+                 args.settings[0], "sparse"))
+    for name, setting, prefill in runs:
+        apply_decode(model, setting, prefill, prefill_opts if prefill == "sparse" else None)
+        res = run_passkey(model, tok, args.passkey_lengths, samples_per_cell=args.passkey_samples, progress=progress)
+        if name != "dense":
+            res["vs_dense"] = paired_passkey(report.passkey["dense"], res)
+        report.passkey[name] = res
+        report.save()
+        print("passkey", name, json.dumps({k: res[k] for k in ("accuracy", "per_length")}),
+              json.dumps(res.get("vs_dense")), flush=True)
+    apply_decode(model, {}, "dense")
+
+
+if __name__ == "__main__":
+    main()

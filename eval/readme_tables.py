@@ -1,0 +1,317 @@
+"""README.md's results tables, generated from the committed results envelopes under results/.
+
+    python -m seer_attn.eval.readme_tables            # rewrite every table of README.md
+    python -m seer_attn.eval.readme_tables --check    # exit 1 when README.md is out of date
+
+Each table sits between two marker comments in README.md::
+
+    <!-- table:NAME -->
+    (generated: a caption with the run's numbers, then the markdown table)
+    <!-- /table -->
+
+``NAME`` is an entry of :data:`TABLES`: a function of the repository root that reads
+envelopes (:mod:`seer_attn.training.results`) under ``results/`` and returns the block's
+text. Every number between the markers comes from an envelope; nothing is typed. CI runs
+``--check`` (tests/eval/test_readme_tables.py), so a table that disagrees with the results it
+cites fails the suite; after a new run is committed under results/, rerun without
+``--check`` and commit README.md. Runs from the repository root (``--root`` to name another).
+"""
+import argparse
+import json
+import math
+import os
+import re
+import sys
+
+from .demo import density_table
+from .settings import SELECTOR_LABELS, Setting
+
+README = "README.md"
+_BLOCK = re.compile(r"<!-- table:(?P<name>[\w-]+) -->\n(?P<body>.*?)<!-- /table -->", re.DOTALL)
+
+
+def load_envelope(root, path) -> dict:
+    """The results envelope ``results/...`` at ``path`` (relative to ``root``); ValueError when
+    it is not one."""
+    with open(os.path.join(root, path), encoding="utf-8") as f:
+        env = json.load(f)
+    missing = [k for k in ("schema_version", "kind", "complete", "provenance", "config", "rows") if k not in env]
+    if missing:
+        raise ValueError(f"{path} is not a results envelope: no {', '.join(missing)}")
+    return env
+
+
+def sig3(x) -> str:
+    """``x`` with 3 significant digits, at most 2 decimals (1.70, 25.1, 430, 0.21)."""
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "—"
+    decimals = 2 if x == 0 else max(0, min(2, 2 - math.floor(math.log10(abs(x)))))
+    return f"{x:.{decimals}f}"
+
+
+def _tokens(t) -> str:
+    return f"{t // 1024}k" if t % 1024 == 0 else str(t)
+
+
+def _commit(prov) -> str:
+    return (prov.get("commit") or "commit unknown")[:7]
+
+
+def _table(head, rows) -> str:
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- demo
+
+def _dense_ppl(rows):
+    return next(r["ppl"] for r in rows if r["selector"] == "dense")
+
+
+def _demo(path):
+    def render(root):
+        env = load_envelope(root, path)
+        prov = env["provenance"]
+        argv = list(prov.get("command") or ["seer-attn", "demo"])[1:]
+        if "--output" in argv:  # where the run wrote is no part of what it measured
+            i = argv.index("--output")
+            del argv[i:i + 2]
+        cmd = " ".join(["seer-attn"] + argv)
+        caption = (f"`{cmd}` on {'a CPU' if prov['gpu'] == 'cpu' else prov['gpu']}, commit {_commit(prov)} "
+                   f"({path}): {env['total_seconds'] / 60:.1f} minutes, {env['train_seconds'] / 60:.1f} of them "
+                   f"distilling; PPL above dense ({_dense_ppl(env['rows']):.2f}):")
+        return caption + "\n\n" + density_table(env["rows"], footer=False)
+    return render
+
+
+def _above_dense(rows):
+    """{(label, target density): PPL above dense in %} of a demo's gate and streaming rows."""
+    dense = _dense_ppl(rows)
+    return {(r.get("label") or r["selector"], round(r["target_density"], 3)): 100 * (r["ppl"] / dense - 1)
+            for r in rows if r["selector"] != "dense" and r.get("ppl")}
+
+
+def demo_cpu_profile_on_gpu(root) -> str:
+    """The CPU demo's profile on a GPU in float32 against the CPU run: the largest difference."""
+    cpu, gpu = (load_envelope(root, f"results/demo/{n}.json") for n in ("cpu", "h200_cpu_profile"))
+    a, b = _above_dense(cpu["rows"]), _above_dense(gpu["rows"])
+    if set(a) != set(b):
+        raise ValueError("results/demo/cpu.json and h200_cpu_profile.json compare different selections")
+    worst = max(abs(a[k] - b[k]) for k in a)
+    return (f"The same profile on an {gpu['provenance']['gpu']} in float32 (results/demo/h200_cpu_profile.json, "
+            f"commit {_commit(gpu['provenance'])}) gives each of these percentages within {worst:.2f} points.")
+
+
+# ----------------------------------------------------------------------------- kernels, TTFT
+
+_KERNEL_COLUMNS = [("SDPA flash", "sdpa_flash"), ("SDPA cuDNN", "sdpa_cudnn"), ("Flex dense", "flex_dense"),
+                   ("ours dense", "ours_dense"), ("ours 50%", "ours_d0.5"), ("ours 30%", "ours_d0.3"),
+                   ("ours 10%", "ours_d0.1"), ("Flex64 10%", "flex64_d0.1"), ("attn_with_pooling", "attn_with_pooling")]
+
+
+def _kernels(path):
+    def render(root):
+        env = load_envelope(root, path)
+        prov = env["provenance"]
+        shape = env.get("resolved", {}).get("shape") or env["config"]["shape"]  # runs before resolved: in config
+        caption = (f"{prov['gpu']}, torch {prov['versions'].get('torch', '?').split('+')[0]}, triton "
+                   f"{prov['versions'].get('triton', '?')}, commit {_commit(prov)} ({path}); causal prefill, "
+                   f"{shape['dtype']}, {shape['HQ']} query / {shape['H']} KV heads, d={shape['D']}, batch "
+                   f"{shape['B']}, median ms:")
+        table = _table(["tokens"] + [c for c, _ in _KERNEL_COLUMNS],
+                       [[_tokens(r["T"])] + [sig3(r.get(k)) for _, k in _KERNEL_COLUMNS] for r in env["rows"]])
+        out = caption + "\n\n" + table
+        bwd = [r for r in env["rows"] if "bwd_sdpa_flash" in r]
+        for r in bwd[-1:]:  # the longest length with a backward pass
+            out += (f"\n\nBackward at {_tokens(r['T'])}: SDPA flash {sig3(r['bwd_sdpa_flash'])} ms, ours dense "
+                    f"{sig3(r['bwd_ours_dense'])} ms, ours at 10% {sig3(r['bwd_ours_d0.1'])} ms "
+                    f"({r['bwd_sdpa_flash'] / r['bwd_ours_d0.1']:.1f}× faster than SDPA flash).")
+        return out
+    return render
+
+
+def ttft_h100(root) -> str:
+    path = "results/ttft/h100.json"
+    env = load_envelope(root, path)
+    prov, rows = env["provenance"], env["rows"]
+    names = [k[len("seer_nz"):] for k in rows[0] if k.startswith("seer_nz") and k[len("seer_nz"):].replace(".", "")
+             .isdigit()]
+    caption = (f"{prov['gpu']} ({path}): {prov['model']}, seconds to the first token (median of the timed "
+               "prefills):")
+    head = ["tokens", "SDPA flash", "SDPA cuDNN"] + [f"seer nz_ratio {n}" for n in names] + \
+        [f"speed-up at {names[-1]} vs flash"]
+    body = [[_tokens(r["T"]), f"{sig3(r['sdpa_flash'])} s", f"{sig3(r['sdpa_cudnn'])} s"]
+            + [f"{sig3(r['seer_nz' + n])} s" for n in names]
+            + [f"{r['sdpa_flash'] / r['seer_nz' + names[-1]]:.2f}×"] for r in rows]
+    over = ", ".join(f"{100 * o['overhead_share']:.1f}% at {_tokens(o['T'])}" for o in env["overhead"])
+    return (caption + "\n\n" + _table(head, body) + "\n\nGate + block-mask overhead, as a share of one layer's "
+            f"dense attention time: {over}.")
+
+
+# ----------------------------------------------------------------------------- quality
+
+def _by_setting(rows):
+    return {r["setting"]: r for r in rows}
+
+
+def _ppl(row):
+    return "" if row is None or row.get("ppl") is None else f"{row['ppl']:.2f}"
+
+
+def quality_h100(root) -> str:
+    """Every gate threshold of the 400-step run, with streaming (and the oracle, where measured)
+    at the gate's own density."""
+    main_path, base_path = "results/quality/h100_400steps.json", "results/quality/h100_400steps_baselines.json"
+    env, base = load_envelope(root, main_path), load_envelope(root, base_path)
+    rows, extra = _by_setting(env["rows"]), _by_setting(base["rows"])
+    cost = env["cost"]
+    gates = sorted((r for r in env["rows"] if r["selector"] == "gate" and r["method"] == "threshold"),
+                   key=lambda r: -r["density"])
+    body = []
+    for g in gates:
+        at = f"@{round(g['density'], 3):g}"  # baselines were calibrated to the gate's density, 3 decimals
+        body.append([f"{g['density']:.2f}", f"{g['ppl']:.2f} ({g['param']:g})",
+                     _ppl(rows.get("streaming:nz_ratio" + at) or extra.get("streaming:nz_ratio" + at)),
+                     _ppl(extra.get("oracle_max:nz_ratio" + at))])
+    caption = (f"SmolLM2-135M, gates distilled for {cost['steps']} steps at {cost['seq_len']} tokens "
+               f"({cost['train_seconds']:.0f} s, {cost['peak_gib']:.2f} GiB peak, {env['provenance']['gpu']}), "
+               f"perplexity on `{os.path.basename(env['config']['eval'])}` in {env['config']['eval_length']}-token "
+               f"windows, dense "
+               f"{_ppl(rows['dense'])} ({main_path}, oracle from {base_path}):")
+    return caption + "\n\n" + _table(["density", "Seer gate (threshold)", "streaming (sink + recent)",
+                                      "oracle top-k of the true max-pooled map"], body)
+
+
+def quality_sink_local(root) -> str:
+    """The gate (400 and 2400 steps) against every baseline with the sink and local block kept."""
+    paths = {"400": "results/quality/h100_sink_local_400steps.json",
+             "2400": "results/quality/h100_sink_local_2400steps.json",
+             "base": "results/quality/h100_sink_local_baselines.json"}
+    envs = {k: load_envelope(root, p) for k, p in paths.items()}
+    rows = {k: _by_setting(e["rows"]) for k, e in envs.items()}
+    base_targets = sorted({r["target_density"] for r in envs["base"]["rows"]}, reverse=True)
+    body = []
+    for target in base_targets:
+        def gate(run):  # the threshold row of that run nearest the baselines' target
+            cands = [r for r in envs[run]["rows"] if r["selector"] == "gate" and r["method"] == "threshold"]
+            r = min(cands, key=lambda r: abs(r["density"] - target))
+            return f"{r['ppl']:.2f} ({r['density']:.3f})" if abs(r["density"] - target) < 0.02 else ""
+
+        def baseline(sel, method="nz_ratio"):
+            r = rows["base"].get(f"{sel}:{method}@{target:g}")
+            return "" if r is None or r.get("ppl") is None else f"{r['ppl']:.2f} ({r['density']:.3f})"
+        body.append([f"{target:.2f}", gate("400"), gate("2400"), baseline("meanpool"), baseline("streaming"),
+                     baseline("oracle_max")])
+    head = ["density", "Seer gate, 400 steps", "Seer gate, 2400 steps", SELECTOR_LABELS["meanpool"],
+            "streaming (sink + recent)", "oracle top-k of the true max-pooled map"]
+    return ("Sink block and the block before the diagonal kept for every selection (`--keep-sink --keep-local 1`; "
+            f"PPL (achieved density); dense {_ppl(rows['400']['dense'])}; {', '.join(paths.values())}):\n\n"
+            + _table(head, body))
+
+
+def _passkey_label(name):
+    spec = name.split("_dense_last_rows_")[0]
+    if spec.startswith("seer_threshold_"):
+        spec = "gate:threshold=" + spec[len("seer_threshold_"):]
+    s = Setting.parse(spec)
+    return f"{SELECTOR_LABELS[s.selector]}, {s.method} {s.param:g}"
+
+
+def passkey_h100(root) -> str:
+    path = "results/quality/h100_sink_local_passkey.json"
+    env = load_envelope(root, path)
+    runs = env["passkey"]
+    dense = runs["dense"]
+    lengths = list(dense["per_length"])
+    longest = lengths[-1]
+    body = [["dense", "1", "1", f"{dense['accuracy']:.3f}", "", "", ""]]
+    for name, run in runs.items():
+        if name == "dense":
+            continue
+        v = run["vs_dense"]
+        body.append([_passkey_label(name), f"{run['density']:.3f}", f"{run['density_per_length'][longest]:.3f}",
+                     f"{run['accuracy']:.3f}", v["lost"], v["gained"], f"{v['p_value']:.2g}"])
+    n = sum(c["n"] for c in dense["cells"])
+    cfg = env["config"]
+    depths = len({c["depth"] for c in dense["cells"]})
+    caption = (f"Passkey retrieval, {n} prompts ({' / '.join(_tokens(int(x)) for x in lengths)} tokens × {depths} "
+               f"depths × {cfg['passkey_samples']} prompts), greedy; last {cfg['passkey_dense_last_rows'][0]} block "
+               f"rows dense, sink + local block kept; each run paired prompt by prompt with dense (lost, gained, exact "
+               f"two-sided sign test p) ({path}):")
+    return caption + "\n\n" + _table(["selection", "density", f"density at {_tokens(int(longest))}", "accuracy",
+                                      "lost", "gained", "p"], body)
+
+
+#: README table name -> renderer (the repository root -> the text between the markers)
+TABLES = {
+    "demo-cpu": _demo("results/demo/cpu.json"),
+    "demo-cpu-profile-on-gpu": demo_cpu_profile_on_gpu,
+    "demo-gpu": _demo("results/demo/h200.json"),
+    "kernels-h100": _kernels("results/kernels/h100.json"),
+    "kernels-h200": _kernels("results/kernels/h200.json"),
+    "ttft-h100": ttft_h100,
+    "quality-h100": quality_h100,
+    "quality-sink-local": quality_sink_local,
+    "passkey-h100": passkey_h100,
+}
+
+
+# ----------------------------------------------------------------------------- README
+
+def render_readme(text: str, root: str) -> str:
+    """``text`` (README.md) with every marked table regenerated; ValueError for a marker
+    naming no table, or a table of :data:`TABLES` without its marker."""
+    seen = []
+
+    def replace(m):
+        name = m.group("name")
+        if name not in TABLES:
+            raise ValueError(f"README marker table:{name} names no table: expected one of {sorted(TABLES)}")
+        seen.append(name)
+        return f"<!-- table:{name} -->\n{TABLES[name](root).rstrip()}\n<!-- /table -->"
+
+    out = _BLOCK.sub(replace, text)
+    opened = len(re.findall(r"<!-- table:[\w-]+ -->", text))
+    if opened != len(seen):
+        raise ValueError(f"README has {opened} table markers but {len(seen)} closed by <!-- /table -->")
+    missing = sorted(set(TABLES) - set(seen))
+    if missing:
+        raise ValueError(f"README has no marker for tables {missing}")
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description="Regenerate README.md's results tables from results/ "
+                                             "(--check: fail when README.md is out of date)")
+    ap.add_argument("--root", default=".", help="repository root (default: the current folder)")
+    ap.add_argument("--check", action="store_true", help="change nothing; exit 1 when a table differs")
+    args = ap.parse_args(argv)
+    path = os.path.join(args.root, README)
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    try:
+        new = render_readme(text, args.root)
+    except (OSError, ValueError, KeyError) as err:
+        print(f"readme_tables: error: {err}", file=sys.stderr)
+        return 2
+    if args.check:
+        stale = [m.group("name") for m, n in zip(_BLOCK.finditer(text), _BLOCK.finditer(new))
+                 if m.group(0) != n.group(0)]
+        if stale:
+            print(f"README.md is out of date for tables {stale}: run python -m seer_attn.eval.readme_tables "
+                  "and commit README.md", file=sys.stderr)
+            return 1
+        print(f"README.md: {len(TABLES)} tables up to date")
+        return 0
+    if new != text:
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(new)
+        print("README.md: tables rewritten from results/")
+    else:
+        print("README.md: tables already up to date")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,79 @@
+"""SeerMistralForCausalLM: Mistral with a per-layer AttnGate and block-sparse attention.
+
+transformers' Mistral classes composed with the layer tier (:mod:`.seer_layer`). Every layer
+attends through the sliding window ``config.sliding_window`` (None: full causal), which the
+layer tier honours in every mode: the block mask never selects a block wholly outside the
+window and the kernels mask the blocks it cuts. The gate sees q/k before RoPE. Copied flat
+into saved folders.
+"""
+from torch import nn
+from transformers import MistralForCausalLM, MistralModel
+from transformers.models.mistral.modeling_mistral import (MistralAttention, MistralDecoderLayer, MistralMLP,
+                                                          MistralPreTrainedModel, MistralRMSNorm,
+                                                          MistralRotaryEmbedding, apply_rotary_pos_emb,
+                                                          eager_attention_forward)
+
+from .configuration_seer_mistral import SeerMistralConfig
+from .seer_layer import (SeerAttentionMixin, SeerCausalLMMixin, SeerForwardContext, SeerModelMixin,
+                         SeerPreTrainedMixin)
+
+
+class SeerMistralAttention(SeerAttentionMixin, MistralAttention):
+    """MistralAttention plus an :class:`AttnGate`; the gate sees q/k before RoPE."""
+
+    def __init__(self, config: SeerMistralConfig, layer_idx: int):
+        super().__init__(config, layer_idx)
+        self.init_seer_gate(config)
+
+    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None,
+                cache=None, seer_ctx: SeerForwardContext | None = None, **kwargs):
+        cache = past_key_values if past_key_values is not None else cache
+        input_shape = hidden_states.shape[:-1]
+        hidden_shape = (*input_shape, -1, self.head_dim)
+        q_pre = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        k_pre = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        v = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        q, k = apply_rotary_pos_emb(q_pre, k_pre, *position_embeddings)
+        if cache is not None:
+            k, v = cache.update(k, v, self.layer_idx)
+        out, weights = self.seer_attention(q, k, v, q_pre, k_pre, attention_mask, seer_ctx, eager_attention_forward,
+                                           sliding_window=getattr(self.config, "sliding_window", None), **kwargs)
+        return self.o_proj(out.reshape(*input_shape, -1).contiguous()), weights
+
+
+class SeerMistralDecoderLayer(MistralDecoderLayer):
+    def __init__(self, config: SeerMistralConfig, layer_idx: int):
+        # Same submodules as MistralDecoderLayer, with SeerMistralAttention (built once, not replaced).
+        nn.Module.__init__(self)
+        self.hidden_size = config.hidden_size
+        self.self_attn = SeerMistralAttention(config=config, layer_idx=layer_idx)
+        self.mlp = MistralMLP(config)
+        self.input_layernorm = MistralRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = MistralRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+
+class SeerMistralPreTrainedModel(SeerPreTrainedMixin, MistralPreTrainedModel):
+    config_class = SeerMistralConfig
+    config: SeerMistralConfig
+    _no_split_modules = ["SeerMistralDecoderLayer"]
+    _can_record_outputs = {"hidden_states": SeerMistralDecoderLayer, "attentions": SeerMistralAttention}
+
+
+class SeerMistralModel(SeerModelMixin, SeerMistralPreTrainedModel, MistralModel):
+    def __init__(self, config: SeerMistralConfig):
+        SeerMistralPreTrainedModel.__init__(self, config)
+        self.build_seer_model(config, SeerMistralDecoderLayer, MistralRMSNorm, MistralRotaryEmbedding)
+        self.post_init()
+
+
+class SeerMistralForCausalLM(SeerCausalLMMixin, SeerMistralPreTrainedModel, MistralForCausalLM):
+    """Mistral causal LM with SeerAttention gates (modes, density, gate I/O: :class:`SeerCausalLMMixin`)."""
+
+    def __init__(self, config: SeerMistralConfig):
+        SeerMistralPreTrainedModel.__init__(self, config)
+        self.build_seer_lm(config, SeerMistralModel)
+        self.post_init()
+
+
+SeerMistralConfig.register_for_auto_class()
+SeerMistralForCausalLM.register_for_auto_class("AutoModelForCausalLM")

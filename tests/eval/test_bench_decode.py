@@ -1,0 +1,93 @@
+"""bench_decode on a CPU: --help, the one-line no-GPU exit, option errors, the envelope and CSVs
+it writes (from fake rows), and its end-to-end machinery (a pre-filled preallocated KV cache
+with its pooled-K cache) on a tiny model: with every block selected, sparse decode gives the
+dense logits; at a lower share it reads that share."""
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from seer_attn.eval import bench_decode
+
+
+def test_help_and_no_gpu(monkeypatch, capsys, tmp_path):
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    r = subprocess.run([sys.executable, "-m", "seer_attn.eval.bench_decode", "--help"], capture_output=True,
+                       text=True, timeout=120, env=env)
+    assert r.returncode == 0 and "--e2e" in r.stdout and "--share" in r.stdout, r.stderr
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    with pytest.raises(SystemExit) as exc:
+        bench_decode.main(["--out", str(tmp_path / "out")])
+    assert exc.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].endswith("error: needs a CUDA GPU, and torch sees none")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--e2e", "4x1000"], "'4x1000': expected a batch >= 1 and a multiple of 64 tokens"),
+    (["--e2e", "four"], "'four' is not BATCHxTOKENS"),
+    (["--share", "0"], "argument --share: invalid value '0': expected a number 0 < x <= 1"),
+    (["--steps", "61"], "argument --steps: at most 60"),
+    (["--lengths", "100"], "argument --lengths: invalid value '100': expected an integer >= 128"),
+])
+def test_bad_options(extra, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        bench_decode.main(extra)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err.splitlines()[-1] and "Traceback" not in err
+
+
+def test_json_is_an_envelope(tmp_path, check_envelope):
+    args = bench_decode.parser().parse_args(["--out", str(tmp_path), "--e2e", "4x131072"])
+    rows = [{"B": 1, "S": 32768, "sdpa_flash": 0.058, "ours_sparse": 0.01}]
+    e2e = [{"B": 4, "T": 131072, "dense_s_per_token": 0.03, "sparse_s_per_token": 0.01}]
+    bench_decode.write_results(args, rows, e2e, [{"B": 1, "S": 32768, "all_blocks_vs_sdpa_flash": 1e-3}], [],
+                              "cpu")
+    saved = check_envelope(json.loads((tmp_path / "decode.json").read_text()), "decode")
+    assert saved["rows"] == rows and saved["e2e"] == e2e and saved["config"]["e2e"] == [[4, 131072]]
+    assert saved["config"]["shape"] == {"HQ": 32, "H": 8, "D": 128, "dtype": "bf16"}
+    with open(tmp_path / "decode.csv") as f:
+        assert next(csv.DictReader(f))["T"] == "32768"
+    assert (tmp_path / "decode_e2e.csv").is_file()
+
+
+@torch.no_grad()
+def test_end_to_end_machinery_on_a_tiny_model():
+    from seer_attn.modeling_seer import SeerLlamaConfig, SeerLlamaForCausalLM
+    cfg = SeerLlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+                          seer_gate_hidden_size=32, seer_decode_gate=True, seer_decode_method="share")
+    torch.manual_seed(0)
+    m = SeerLlamaForCausalLM(cfg).eval()
+    B, T = 2, 640
+    cache, state = bench_decode.filled_cache(m, B, T, 8)
+    assert state.length == T and state.gate_keys(1).shape[:3] == (B, 2, T // 64)
+    _, dense = bench_decode.decode_run(m, cache, B, T, 2, 1)
+    m.set_seer_mode("dense", seer_decode_sparsity=True, seer_decode_share=1.0)
+    state.rewind(T)
+    _, every = bench_decode.decode_run(m, cache, B, T, 1, 0)
+    torch.testing.assert_close(every, dense, atol=1e-5, rtol=1e-5)
+    m.set_seer_mode("dense", seer_decode_sparsity=True, seer_decode_share=0.2)
+    state.rewind(T)
+    state.reset_statistics()
+    _, sparse = bench_decode.decode_run(m, cache, B, T, 2, 1)
+    assert (sparse - dense).abs().max() > 1e-3
+    assert torch.allclose(m.seer_decode_density(), torch.full((B,), 3 / 11))  # ceil(0.2 * 11) of 11 blocks
+
+
+def test_seer_attn_bench_decode_forwards_every_option(capsys, monkeypatch):
+    from seer_attn.eval import cli
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["bench-decode", "--help"])
+    out = capsys.readouterr().out
+    assert exit_.value.code == 0 and out.startswith("usage: seer-attn bench-decode ") and "--e2e" in out
+    seen = []
+    monkeypatch.setattr(bench_decode, "main", seen.append)
+    assert cli.main(["bench-decode", "--e2e", "4x131072", "--out", "x"]) == 0
+    assert seen == [["--e2e", "4x131072", "--out", "x"]]

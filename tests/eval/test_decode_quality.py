@@ -1,0 +1,82 @@
+"""The decode-quality protocol on CPU with a tiny model: the decode-step scoring loop equals
+``generate``'s per-step logits (dense and sparse decode) and, with dense decode, the ordinary
+perplexity of the same tokens; the whole run (distil, check, decode perplexity, paired passkey)
+writes a complete results envelope."""
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from seer_attn.eval import decode_quality as dq
+
+
+def _decode_model(tokenizer, seed=0):
+    from seer_attn.modeling_seer import SeerLlamaConfig, SeerLlamaForCausalLM
+    cfg = SeerLlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+                          seer_gate_hidden_size=32, seer_decode_gate=True, bos_token_id=tokenizer.bos_token_id,
+                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(seed)
+    return SeerLlamaForCausalLM(cfg).eval()
+
+
+def _ids(tokenizer, B, L, seed=0):
+    eos = tokenizer.eos_token_id
+    ids = torch.randint(0, len(tokenizer), (B, L), generator=torch.Generator().manual_seed(seed))
+    return torch.where(ids == eos, (eos + 1) % len(tokenizer), ids)  # generate would stop at an EOS
+
+
+@pytest.mark.parametrize("setting", ["dense", "share=0.3", "budget=128"])
+def test_decode_loop_equals_generate_scoring(tokenizer, setting):
+    m = _decode_model(tokenizer)
+    dq.apply_decode(m, dq.decode_setting(setting))
+    ids = _ids(tokenizer, 2, 330)
+    a = dq.decode_nll(m, ids, 200)
+    b = dq.generate_nll(m, ids, 200, tokenizer.pad_token_id)
+    assert a.shape == (2, 130)
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    if setting != "dense":
+        assert m.seer_decode_density().max() < 1.0  # blocks were dropped
+
+
+@torch.no_grad()
+def test_dense_decode_scores_are_the_ordinary_perplexity(tokenizer):
+    m = _decode_model(tokenizer)
+    ids = _ids(tokenizer, 2, 300, seed=1)
+    logits = m(ids).logits[:, 149:-1].float()
+    full = F.cross_entropy(logits.transpose(1, 2), ids[:, 150:], reduction="none").double()
+    torch.testing.assert_close(dq.decode_nll(m, ids, 150), full, atol=1e-5, rtol=1e-5)
+    dq.apply_decode(m, dq.decode_setting("share=0.2"))
+    assert (dq.decode_nll(m, ids, 150) - full).abs().max() > 1e-3  # sparse decode changes the scores
+
+
+def test_settings_and_options(capsys):
+    assert dq.decode_setting("share=0.1") == {"seer_decode_method": "share", "seer_decode_share": 0.1}
+    assert dq.decode_setting("budget=2048") == {"seer_decode_method": "budget", "seer_decode_budget": 2048}
+    for bad, msg in [(["--settings", "topk=3"], "invalid decode setting 'topk=3'"),
+                     (["--settings", "budget=64"], "expected an integer >= 128"),
+                     (["--gates", "g.safetensors"], "--gates skips distillation")]:
+        with pytest.raises(SystemExit) as exc:
+            dq.main(bad + ["--cpu"])
+        assert exc.value.code == 2 and msg in capsys.readouterr().err
+
+
+def test_whole_run_on_cpu(tokenizer, corpus_path, tmp_path, check_envelope):
+    folder = tmp_path / "tiny_decode"
+    _decode_model(tokenizer).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    out = tmp_path / "out"
+    report = dq.main(["--cpu", "--model", str(folder), "--train", corpus_path, "--eval", corpus_path, "--steps", "2",
+                      "--seq-len", "256", "--length", "256", "--windows", "2", "--batch-size", "2",
+                      "--passkey-lengths", "384", "--passkey-samples", "1", "--out", str(out), "--no-progress"])
+    env = check_envelope(json.loads((out / "decode_quality.json").read_text()), "decode_quality")
+    assert [r["setting"] for r in env["rows"]] == ["dense", "share=0.1", "budget=2048"]
+    assert all(r["tokens"] == 2 * 128 and r["ppl"] > 1 for r in env["rows"])
+    assert env["rows"][0]["decode_density"] is None and 0 < env["rows"][1]["decode_density"] < 1
+    assert env["checks"][0]["decode_nll_vs_generate_max_abs"] < 1e-4
+    names = list(env["passkey"])
+    assert names == ["dense", "decode_share=0.1", "decode_budget=2048", "prefill_threshold_0.002+decode_share=0.1"]
+    assert all(env["passkey"][n]["vs_dense"]["n"] == 5 for n in names[1:])
+    assert env["cost"]["steps"] == 2 and (out / "gates_decode_bf16.safetensors").is_file()
+    assert "| share=0.1 |" in (out / "decode_quality.md").read_text() and report.rows

@@ -1,0 +1,112 @@
+"""Compiled block_sparse_decode on a CUDA GPU at real shapes (Llama-3.1-8B attention: 32 query /
+8 KV heads, head_dim 128; caches of 32k and 128k slots), bf16 (which the CPU interpreter cannot
+check) and fp16, against the fp32 torch reference, the reference in low precision and SDPA.
+Skipped without CUDA.
+
+Tolerance (style guide): error against the fp32 reference on the same (upcast) inputs <= 2x
+the error of a low-precision baseline plus a small slack, and <= a hard cap.
+"""
+from functools import partial
+
+import pytest
+import torch
+import torch.nn.functional as F
+from kernel_inputs import nb as _nb, randn, up as _up
+
+from seer_attn.kernels import block_sparse_decode, block_sparse_decode_ref
+
+pytestmark = pytest.mark.requires_cuda
+_randn = partial(randn, device="cuda")
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+OUT_BUDGET = {torch.bfloat16: dict(slack=4e-3, cap=5e-2), torch.float16: dict(slack=1e-3, cap=2e-2)}
+HQ, H, D = 32, 8, 128
+
+
+@pytest.fixture(autouse=True)
+def _exact_fp32_matmul():
+    """The fp32 reference must be fp32: no TF32 in torch's matmuls while these tests run."""
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32 = old
+    torch.cuda.empty_cache()
+
+
+def _cache(gen, B, S, dt):
+    q = _randn(gen, (B, HQ, 1, D), dt)
+    k = _randn(gen, (B, H, S, D), dt)
+    v = _randn(gen, (B, H, S, D), dt)
+    return q, k, v
+
+
+def _topk_selection(gen, B, S, share):
+    """Int block indices [B, H, K] as the model makes them: ``share`` of the blocks by random
+    scores, plus the first and the last (current) block."""
+    NB = _nb(S)
+    K = max(2, int(share * NB))
+    scores = torch.rand(B, H, NB, generator=gen)
+    scores[..., 0] = 2.0
+    scores[..., -1] = 3.0
+    return torch.topk(scores, K, dim=-1).indices.cuda()
+
+
+CASES = [pytest.param(B, S, dtype, id=f"B{B}-S{S}-gqa4-d128-{dtype}")
+         for B, S in ((1, 131072), (4, 32768 + 37)) for dtype in ("bf16", "fp16")]
+
+
+@pytest.mark.parametrize("B, S, dtype", CASES)
+def test_sparse_vs_reference(B, S, dtype, gen, error_budget):
+    dt = DTYPES[dtype]
+    q, k, v = _cache(gen, B, S, dt)
+    idx = _topk_selection(gen, B, S, 0.1)
+    lens = torch.full((B,), S, device="cuda")
+    out = block_sparse_decode(q, k, v, idx, lens, backend="triton")
+    ref32 = block_sparse_decode_ref(*_up(q, k, v), idx, lens)
+    ref_lp = block_sparse_decode_ref(q, k, v, idx, lens, upcast=False)
+    error_budget(out, ref32, ref_lp, **OUT_BUDGET[dt])
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_all_blocks_vs_sdpa(dtype, gen, error_budget):
+    """Every block selected is dense decode: within the budget of SDPA's own error."""
+    dt = DTYPES[dtype]
+    B, S = 2, 32768
+    q, k, v = _cache(gen, B, S, dt)
+    full = torch.ones(B, H, _nb(S), dtype=torch.bool, device="cuda")
+    lens = torch.full((B,), S, device="cuda")
+    out = block_sparse_decode(q, k, v, full, lens, backend="triton")
+    ref32 = block_sparse_decode_ref(*_up(q, k, v), full, lens)
+    sdpa = F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+    error_budget(out, ref32, sdpa, what="vs SDPA", **OUT_BUDGET[dt])
+
+
+def test_batch16_static_cache_left_padding(gen, error_budget):
+    """B=16 (the benchmark's batch) in a static-cache shape: unequal lengths and left padding;
+    slots outside [seq_starts, seq_lens) hold garbage that must not count."""
+    dt, B, S = torch.bfloat16, 16, 32768
+    q, k, v = _cache(gen, B, S, dt)
+    lens = torch.randint(S // 2, S + 1, (B,), generator=gen).cuda()
+    starts = (torch.rand(B, generator=gen) * 3000).long().cuda()
+    slot = torch.arange(S, device="cuda")
+    outside = ((slot[None, :] < starts[:, None]) | (slot[None, :] >= lens[:, None]))[:, None, :, None]
+    k = k.masked_fill(outside, 300.0)
+    v = v.masked_fill(outside, float("nan"))  # NaN at ignored slots: any leak shows
+    idx = _topk_selection(gen, B, S, 0.1)
+    out = block_sparse_decode(q, k, v, idx, lens, seq_starts=starts, backend="triton")
+    kk, vv = k.masked_fill(outside, 0.0), v.masked_fill(outside, 0.0)
+    ref32 = block_sparse_decode_ref(*_up(q, kk, vv), idx, lens, seq_starts=starts)
+    ref_lp = block_sparse_decode_ref(q, kk, vv, idx, lens, seq_starts=starts, upcast=False)
+    error_budget(out, ref32, ref_lp, **OUT_BUDGET[dt])
+
+
+@pytest.mark.parametrize("splits", [1, 7, 64], ids=lambda s: f"splits{s}")
+def test_split_counts_at_real_shape(splits, gen, error_budget):
+    dt, B, S = torch.bfloat16, 1, 65536
+    q, k, v = _cache(gen, B, S, dt)
+    idx = _topk_selection(gen, B, S, 0.1)
+    lens = torch.full((B,), S - 5, device="cuda")
+    out = block_sparse_decode(q, k, v, idx, lens, num_splits=splits, backend="triton")
+    ref32 = block_sparse_decode_ref(*_up(q, k, v), idx, lens)
+    ref_lp = block_sparse_decode_ref(q, k, v, idx, lens, upcast=False)
+    error_budget(out, ref32, ref_lp, **OUT_BUDGET[dt])

@@ -1,0 +1,313 @@
+"""Decode sparsity on CPU (torch references): the pooled-K cache, block selection per decode
+step, sparse decode equal to dense with every block selected, batched left-padded generate
+equal to each sequence alone, static caches, refusals, config and gate files.
+
+Left-padded batches use pads that are multiples of 64, so every sequence's blocks are the
+same as alone (blocks are 64 cache slots of the padded batch, as in the prefill)."""
+import inspect
+import logging
+
+import pytest
+import torch
+from transformers import DynamicCache, LlamaForCausalLM, StaticCache
+
+from seer_attn.modeling_seer.decode_cache import pooled_k_cache
+from seer_attn.modeling_seer.remote_bundle import bundle_sources
+from seer_attn.modeling_seer.selection import block_pool, select_decode_blocks
+
+DECODE = dict(seer_decode_gate=True)
+# transformers >= 5.2x renamed the cache argument (``past_key_values`` -> ``cache``)
+CACHE = "cache" if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters else "past_key_values"
+
+
+def _ids(T, B=1, seed=0):
+    return torch.randint(1, 96, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+def _left_pad(seqs, T):
+    ids = torch.zeros(len(seqs), T, dtype=torch.long)
+    mask = torch.zeros(len(seqs), T, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, T - len(s):] = s
+        mask[i, T - len(s):] = 1
+    return ids, mask
+
+
+def _greedy(m, ids, n, **kw):
+    return m.generate(ids, max_new_tokens=n, do_sample=False, pad_token_id=0, **kw)
+
+
+# ----------------------------------------------------------------------------- pooled-K cache
+
+@pytest.mark.parametrize("cache_kind", ["dynamic", "static"])
+@torch.no_grad()
+def test_pooled_k_cache_equals_pooling_the_full_k_at_every_step(tiny, cache_kind):
+    """A left-padded prefill (unaligned pad of 37 slots) then 80 decode steps across block
+    boundaries: after every step, each layer's pooled keys equal block_pool over every pre-RoPE
+    key seen so far (padding left out), and the gate keys equal the decode gate applied to them."""
+    m = tiny(**DECODE, seer_decode_sparsity=True)
+    k_seen = {i: [] for i in range(m.config.num_hidden_layers)}
+    hooks = [layer.self_attn.k_proj.register_forward_hook(
+        lambda mod, a, out, i=i: k_seen[i].append(out.view(*out.shape[:2], -1, 16).transpose(1, 2)))
+        for i, layer in enumerate(m.model.layers)]
+    ids, mask = _left_pad([_ids(150, seed=1)[0], _ids(113, seed=2)[0]], 150)
+    cache = DynamicCache(config=m.config) if cache_kind == "dynamic" else StaticCache(config=m.config,
+                                                                                       max_cache_len=240)
+    pos = (mask.cumsum(-1) - 1).clamp_min(0)
+    out = m(ids, attention_mask=mask, position_ids=pos, **{CACHE: cache}, use_cache=True)
+    state = pooled_k_cache(cache)
+    assert state is not None and state.starts.tolist() == [0, 37]
+    tok = out.logits[:, -1:].argmax(-1)
+    for step in range(80):
+        T = 150 + step + 1
+        mask = torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], 1)
+        out = m(tok, attention_mask=mask, position_ids=pos[:, -1:] + step + 1, **{CACHE: cache},
+                use_cache=True)
+        tok = out.logits[:, -1:].argmax(-1)
+        valid = mask.bool()
+        for layer in range(m.config.num_hidden_layers):
+            full_k = torch.cat(k_seen[layer], dim=2)
+            assert full_k.shape[2] == T
+            n = T // 64
+            want = block_pool(full_k, 64, m.config.seer_k_pooling, valid)[:, :, :n]
+            got = state.pooled_keys(layer)
+            assert got.shape == want.shape
+            torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+            gate = m.model.layers[layer].self_attn.attn_gate.decode_gate
+            starts = state.starts[:, None]
+            first = torch.maximum(torch.arange(n)[None] * 64, starts)
+            rope = m.model._gate_rope_at(torch.where((torch.arange(n)[None] + 1) * 64 > starts, first - starts, 0))
+            torch.testing.assert_close(state.gate_keys(layer), gate.block_keys(want, rope), atol=1e-5, rtol=1e-5)
+    for h in hooks:
+        h.remove()
+    assert m.seer_decode_density() is not None
+
+
+# ----------------------------------------------------------------------------- selection
+
+def test_select_decode_blocks_methods_and_forced_blocks():
+    gen = torch.Generator().manual_seed(0)
+    B, H, NC = 2, 3, 20
+    scores = torch.randn(B, H, NC, generator=gen)
+    first = torch.tensor([0, 5])  # row 1: blocks 0-4 are left padding, its sink is block 5
+    scores[1, :, :5] = 50.0  # padding blocks must never be read, whatever their score
+    for method, kw, want in [("budget", dict(budget=6 * 64), [6, 6]),
+                             ("share", dict(share=0.25), [6, 4]),  # ceil(0.25 * 21), ceil(0.25 * 16)
+                             ("budget", dict(budget=64 * 64), [21, 16])]:  # more than there is: everything
+        idx, cnt = select_decode_blocks(scores, first, method, **kw)
+        assert cnt.tolist() == [[want[0]] * H, [want[1]] * H], (method, kw)
+        for b in range(B):
+            for h in range(H):
+                blocks = idx[b, h][idx[b, h] >= 0].tolist()
+                assert len(blocks) == len(set(blocks)) == cnt[b, h]
+                assert blocks[-1] == NC and int(first[b]) in blocks  # current and sink
+                assert min(blocks) >= first[b]
+                if method == "budget" and want[b] < NC:  # the best-scoring candidates besides the sink
+                    cand = scores[b, h, int(first[b]) + 1:]
+                    best = set((torch.topk(cand, want[b] - 2).indices + int(first[b]) + 1).tolist())
+                    assert set(blocks[:-1]) - {int(first[b])} == best
+    idx, cnt = select_decode_blocks(scores, first, "threshold", threshold=0.05)
+    p = torch.softmax(scores[0].masked_fill(torch.zeros(NC, dtype=torch.bool), 0), -1)
+    for h in range(H):
+        want = set((p[h] >= 0.05).nonzero().flatten().tolist()) | {0, NC}
+        assert set(idx[0, h][idx[0, h] >= 0].tolist()) == want
+    idx, cnt = select_decode_blocks(torch.zeros(B, H, 0), torch.tensor([0, 0]), "budget")
+    assert idx.tolist() == [[[0]] * H] * B  # the first block: only itself
+
+
+# ----------------------------------------------------------------------------- generation
+
+@pytest.mark.parametrize("prefill", ["dense", "sparse"])
+@torch.no_grad()
+def test_every_block_selected_equals_dense_decode_token_for_token(tiny, prefill):
+    m = tiny(**DECODE, seer_sparsity_method="nz_ratio", seer_nz_ratio=1.0)
+    x = _ids(300, B=2, seed=3)
+    dense = m.generate(x, max_new_tokens=24, do_sample=False, pad_token_id=0, output_scores=True,
+                       return_dict_in_generate=True)
+    for kw in (dict(seer_decode_method="share", seer_decode_share=1.0),
+               dict(seer_decode_method="budget", seer_decode_budget=64 * 64)):
+        m.set_seer_mode(prefill, seer_decode_sparsity=True, **kw)
+        sparse = m.generate(x, max_new_tokens=24, do_sample=False, pad_token_id=0, output_scores=True,
+                            return_dict_in_generate=True)
+        assert torch.equal(sparse.sequences, dense.sequences)
+        torch.testing.assert_close(torch.stack(sparse.scores), torch.stack(dense.scores), atol=2e-5, rtol=1e-5)
+        assert torch.equal(m.seer_decode_density(), torch.ones(2))
+
+
+@torch.no_grad()
+def test_sparse_decode_reads_fewer_blocks_and_changes_the_output(tiny):
+    """A budget below the sequence's length drops blocks: the kept share is the budget's and
+    the logits move (so the equality tests above are not trivially true)."""
+    m = tiny(**DECODE)
+    x = _ids(600, seed=4)
+    dense = m.generate(x, max_new_tokens=5, do_sample=False, pad_token_id=0, output_scores=True,
+                       return_dict_in_generate=True)
+    m.set_seer_mode("dense", seer_decode_sparsity=True, seer_decode_budget=3 * 64)
+    sparse = m.generate(x, max_new_tokens=5, do_sample=False, pad_token_id=0, output_scores=True,
+                        return_dict_in_generate=True)
+    assert torch.equal(sparse.scores[0], dense.scores[0])  # the prefill's logits
+    assert (sparse.scores[1] - dense.scores[1]).abs().max() > 1e-3
+    assert torch.allclose(m.seer_decode_density(), torch.tensor([3 / 10]))  # 600..604 tokens: 10 blocks
+
+
+@torch.no_grad()
+def test_batched_left_padded_generate_equals_each_sequence_alone(tiny):
+    """Sparse prefill (threshold) and sparse decode (3 blocks of 7-10) in one generate call,
+    batched with left padding, give each sequence the tokens it gets alone."""
+    m = tiny(**DECODE, seer_mode="sparse", seer_sparsity_method="threshold", seer_threshold=0.05,
+             seer_dense_last_rows=1, seer_decode_sparsity=True, seer_decode_budget=3 * 64)
+    seqs = [_ids(n, seed=n)[0] for n in (450, 322, 258)]
+    ids, mask = _left_pad(seqs, 450)
+    out = _greedy(m, ids, 40, attention_mask=mask)
+    assert m.seer_density().mean() < 0.95 and (m.seer_decode_density() < 0.7).all()
+    for i, s in enumerate(seqs):
+        alone = _greedy(m, s[None], 40)
+        assert torch.equal(alone[0, len(s):], out[i, 450:]), f"sequence {i}"
+
+
+@torch.no_grad()
+def test_static_cache_equals_dynamic_cache(tiny):
+    """Dense prefill + sparse decode with a static cache (generate's 4D masks, fixed slots)
+    gives the dynamic cache's tokens, twice in a row (the cache is reused and reset)."""
+    m = tiny(**DECODE, seer_decode_sparsity=True, seer_decode_budget=3 * 64)
+    ids, mask = _left_pad([_ids(450, seed=5)[0], _ids(322, seed=6)[0]], 450)
+    dyn = _greedy(m, ids, 30, attention_mask=mask)
+    for _ in range(2):
+        assert torch.equal(_greedy(m, ids, 30, attention_mask=mask, cache_implementation="static"), dyn)
+
+
+@pytest.mark.parametrize("sliding", [False, True], ids=["full-attention", "sliding-window-layer"])
+@torch.no_grad()
+def test_qwen2_family_decodes_sparsely(sliding):
+    """The layer tier serves every family: a Qwen2 with decode gates gives dense decode's tokens
+    with every block selected, and drops blocks at a small budget; its sliding-window layers
+    decode densely (their window is not a block selection)."""
+    from seer_attn.modeling_seer.conversion import from_stock
+    from seer_attn.modeling_seer.families import FAMILIES
+    fam = FAMILIES["qwen2"]
+    kw = dict(use_sliding_window=True, sliding_window=128, max_window_layers=1) if sliding else {}
+    torch.manual_seed(0)
+    stock = fam.stock_model_class(fam.stock_config_class(
+        vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=4096, tie_word_embeddings=False, **kw)).eval()
+    m = from_stock(stock, seer_gate_hidden_size=32, seer_decode_gate=True)
+    x = _ids(300, seed=11)
+    dense = _greedy(m, x, 12)
+    m.set_seer_mode("dense", seer_decode_sparsity=True, seer_decode_method="share", seer_decode_share=1.0)
+    assert torch.equal(_greedy(m, x, 12), dense)
+    m.set_seer_mode("dense", seer_decode_sparsity=True, seer_decode_method="budget", seer_decode_budget=128)
+    calls = [0, 0]
+    for i, layer in enumerate(m.model.layers):
+        attn = layer.self_attn
+        attn._seer_decode = lambda *a, _f=attn._seer_decode, _i=i: (calls.__setitem__(_i, calls[_i] + 1), _f(*a))[1]
+    _greedy(m, x, 12)
+    assert calls == ([11, 0] if sliding else [11, 11])  # 11 decode steps after the prefill; layer 1 slides
+    assert torch.allclose(m.seer_decode_density(), torch.tensor([2 / 5]))  # over the sparse layers
+
+
+# ----------------------------------------------------------------------------- refusals
+
+@torch.no_grad()
+def test_unsupported_cache_handling_is_refused(tiny):
+    m = tiny(**DECODE, seer_decode_sparsity=True)
+    x = _ids(200)
+    with pytest.raises(ValueError, match=r"num_beams=2: seer_decode_sparsity does not support beam search"):
+        m.generate(x, max_new_tokens=3, num_beams=2, pad_token_id=0)
+    cache = DynamicCache(config=m.config)
+    m(x, **{CACHE: cache}, use_cache=True)
+    cache.crop(-5)
+    with pytest.raises(ValueError, match=r"holds 195 tokens but its pooled-K cache 200"):
+        m(x[:, :1], **{CACHE: cache}, use_cache=True)
+    m.set_seer_mode("dense", seer_decode_sparsity=False)
+    cache = DynamicCache(config=m.config)
+    m(x, **{CACHE: cache}, use_cache=True)
+    m.set_seer_mode("dense", seer_decode_sparsity=True)
+    with pytest.raises(ValueError, match=r"already holds 200 tokens that were not seen with decode sparsity on"):
+        m(x[:, :1], **{CACHE: cache}, use_cache=True)
+    ids = torch.cat([x, torch.zeros(1, 5, dtype=torch.long)], 1)
+    mask = torch.cat([torch.ones(1, 200), torch.zeros(1, 5)], 1).long()
+    with pytest.raises(ValueError, match=r"needs left padding .* rows \[0\]"):
+        m(ids, attention_mask=mask, use_cache=True)
+
+
+@torch.no_grad()
+def test_rewind_inside_the_partial_block(tiny):
+    """Cropping the KV cache and rewinding its pooled-K cache by as many slots (rejected draft
+    tokens) continues exactly as if the cropped tokens had never been fed; a rewind into a
+    full block is refused."""
+    m = tiny(**DECODE, seer_decode_sparsity=True, seer_decode_budget=2 * 64)
+    x = _ids(215, seed=9)
+
+    def steps(cache, lo, hi):
+        return torch.cat([m(x[:, t:t + 1], **{CACHE: cache}, use_cache=True).logits for t in range(lo, hi)], 1)
+
+    c1 = DynamicCache(config=m.config)
+    m(x[:, :200], **{CACHE: c1}, use_cache=True)
+    ref = steps(c1, 200, 215)
+    c2 = DynamicCache(config=m.config)
+    m(x[:, :200], **{CACHE: c2}, use_cache=True)
+    steps(c2, 200, 205)
+    c2.crop(-3)
+    pooled_k_cache(c2).rewind(202)
+    torch.testing.assert_close(steps(c2, 202, 215), ref[:, 2:], atol=1e-6, rtol=1e-6)
+    with pytest.raises(ValueError, match=r"cannot rewind the pooled-K cache of layer 0 to 150 slots: it holds 3 full"):
+        pooled_k_cache(c2).rewind(150)
+
+
+# ----------------------------------------------------------------------------- config and gates
+
+def test_decode_config_validation(tiny):
+    with pytest.raises(ValueError, match=r"seer_decode_sparsity=True is invalid: decode sparsity needs decode gates"):
+        tiny(seer_decode_sparsity=True)
+    m = tiny(**DECODE)
+    for kw, pattern in [(dict(seer_decode_method="topk"), r"seer_decode_method='topk' is invalid"),
+                        (dict(seer_decode_budget=100), r"seer_decode_budget=100 is invalid: expected >= 128"),
+                        (dict(seer_decode_share=0.0), r"seer_decode_share=0.0 is invalid"),
+                        (dict(seer_decode_threshold=1.0), r"seer_decode_threshold=1.0 is invalid"),
+                        (dict(seer_decode_sparsity=1), r"seer_decode_sparsity=1 is invalid: expected True or False"),
+                        (dict(seer_decode_distill_rows=0), r"seer_decode_distill_rows=0 is invalid")]:
+        with pytest.raises(ValueError, match=pattern):
+            m.set_seer_mode("dense", **kw)
+    assert m.config.seer_decode_method == "budget"  # a refused change leaves the config as it was
+    with pytest.raises(ValueError, match=r"seer_decode_gate=False cannot be changed on a built model"):
+        m.set_seer_mode("dense", seer_decode_gate=False)
+
+
+@torch.no_grad()
+def test_gate_files_with_and_without_decode_gates(tiny, tmp_path, caplog):
+    with_dec = tiny(seed=1, **DECODE)
+    for layer in with_dec.model.layers:
+        torch.nn.init.normal_(layer.self_attn.attn_gate.decode_gate.q_weight)
+    path = with_dec.save_gates(tmp_path / "dec")
+    other = tiny(seed=2, **DECODE)
+    other.load_gates(path)
+    for k, v in with_dec.gate_state_dict().items():
+        assert torch.equal(other.gate_state_dict()[k], v), k
+    assert any(".decode_gate." in k for k in with_dec.gate_state_dict())
+
+    old = tiny(seed=3).save_gates(tmp_path / "old")  # a gate file of a model without decode gates
+    before = {k: v.clone() for k, v in other.gate_state_dict().items() if ".decode_gate." in k}
+    with caplog.at_level(logging.WARNING):
+        other.load_gates(old)
+    assert "holds no decode gates" in caplog.text
+    assert all(torch.equal(other.gate_state_dict()[k], v) for k, v in before.items())
+    assert torch.equal(other.model.layers[0].self_attn.attn_gate.q_weight,
+                       tiny(seed=3).model.layers[0].self_attn.attn_gate.q_weight)
+    with pytest.raises(ValueError, match=r"holds decode gates but this model has none; build it with "
+                                         r"seer_decode_gate=True"):
+        tiny(seed=3).load_gates(path)
+
+
+@torch.no_grad()
+def test_saved_folder_keeps_decode_gates_and_bundles_their_code(tiny, tmp_path):
+    from transformers import AutoModelForCausalLM
+    m = tiny(seed=4, **DECODE, seer_decode_sparsity=True, seer_decode_budget=3 * 64)
+    x = _ids(400, seed=8)
+    ref = _greedy(m, x, 6)
+    m.save_pretrained(tmp_path)
+    m2 = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert m2.config.seer_decode_sparsity and m2.model.layers[0].self_attn.attn_gate.decode_gate.q_weight.dtype \
+        == torch.float32
+    assert torch.equal(_greedy(m2, x, 6), ref)
+    names = set(bundle_sources("seer_llama"))
+    assert {"decode_cache.py", "decode_gate.py", "block_sparse_decode.py"} <= names
