@@ -243,6 +243,68 @@ def passkey_h100(root) -> str:
                                       "lost", "gained", "p"], body)
 
 
+# ----------------------------------------------------------------------------- fine-tuning, decode
+
+def finetune_h200(root) -> str:
+    """The YaRN fine-tuning experiment (eval/finetune_run.py): every row with PPL per source,
+    step time and peak memory, then the issue's targets and the paired passkey."""
+    path = "results/finetune/h200.json"
+    env = load_envelope(root, path)
+    prov, cfg = env["provenance"], env["config"]
+    sources = sorted({s for r in env["rows"] for s in r.get("per_source", {})})
+    body = []
+    for r in env["rows"]:
+        body.append([r["setting"], sig3(r["density"]) if r.get("density") is not None else "1",
+                     f"{r['ppl']:.2f}"] + [f"{r['per_source'][s]:.2f}" if s in r.get("per_source", {}) else ""
+                                           for s in sources]
+                    + [f"{r['s_per_step']:.3f}" if r.get("s_per_step") else "", sig3(r.get("peak_gib"))
+                       if r.get("peak_gib") else ""])
+    done = [k for k, v in env.get("phases_done", {}).items() if v]
+    left = [k for k, v in env.get("phases_done", {}).items() if not v]
+    caption = (f"SmolLM2-135M, YaRN factor {cfg['yarn_factor']:g} ({_tokens(cfg['seq_len'])} tokens), "
+               f"{cfg['steps']} steps per training row, {prov['gpu']}, commit {_commit(prov)} ({path}; phases run: "
+               f"{', '.join(done)}" + (f"; not run: {', '.join(left)}" if left else "") + "). PPL on "
+               f"{_tokens(cfg['seq_len'])}-token source-joined windows of eval.jsonl (up to "
+               f"{cfg['windows_per_source']} per source); s/step of training ((b): of distillation), peak GiB:")
+    table = _table(["row", "density", "PPL all"] + sources + ["s/step", "peak GiB"], body)
+    targets = "\n".join(f"- {t['target']}: {'met' if t['ok'] else 'MISSED'} ("
+                         + (f"{t['value']:.3g}" if isinstance(t["value"], float) else str(t["value"])) + ")"
+                         for t in env.get("targets", []))
+    out = caption + "\n\n" + table + "\n\nTargets (issue 13):\n\n" + targets
+    pk = env.get("passkey") or {}
+    if pk:
+        parts = [f"{name}: {res['accuracy']:.2f}" for name, res in pk.items() if isinstance(res, dict)
+                 and "accuracy" in res]
+        pairs = [f"{res['other']} vs {res['reference']}: lost {res['lost']}, gained {res['gained']} of {res['n']} "
+                 f"(sign test p = {res['p_value']:.3g})" for res in pk.values() if isinstance(res, dict) and "lost" in res]
+        out += (f"\n\nPasskey at {', '.join(_tokens(t) for t in cfg['passkey_lengths'])} (5 depths x "
+                f"{cfg['passkey_samples']} prompts each), accuracy: {'; '.join(parts)}"
+                + (f"; paired: {'; '.join(pairs)}." if pairs else "."))
+    return out
+
+
+def decode_h200(root) -> str:
+    """The sparse decode benchmark (eval/bench_decode.py): kernel rows and time per output token."""
+    path = "results/decode/h200.json"
+    env = load_envelope(root, path)
+    prov, cfg = env["provenance"], env["config"]
+    shape = cfg["shape"]
+    caption = (f"{prov['gpu']}, commit {_commit(prov)} ({path}); one decode step, {shape['dtype']}, {shape['HQ']} "
+               f"query / {shape['H']} KV heads, d={shape['D']}, median ms; ours reads {cfg['share']:g} of the "
+               f"KV blocks (the decode gate's top-k plus the sink and current block):")
+    ms = "{:.3f}".format
+    body = [[r["B"], _tokens(r["S"]), ms(r["sdpa_flash"]), ms(r["sdpa_cudnn"]), ms(r["ours_all"]),
+             ms(r["ours_sparse"]), f"{r['speedup_vs_flash']:.2f}x", ms(r["gate_select_step"]),
+             f"{100 * r['gate_share_of_sparse_step']:.0f}%"] for r in env["rows"]]
+    table = _table(["B", "cache", "SDPA flash", "SDPA cuDNN", "ours, every block", "ours, sparse",
+                    "flash / ours sparse", "gate + selection", "gate share of the sparse step"], body)
+    e2e = _table(["B", "cache", "dense s/token", "sparse s/token", "speed-up"],
+                 [[r["B"], _tokens(r["T"]), f"{r['dense_s_per_token']:.4f}", f"{r['sparse_s_per_token']:.4f}",
+                   f"{r['speedup']:.2f}x"] for r in env["e2e"]])
+    return (caption + "\n\n" + table + f"\n\nTime per output token, {cfg['layers']}-layer 8B-shaped model, random "
+            "weights, pre-filled cache:\n\n" + e2e)
+
+
 #: README table name -> renderer (the repository root -> the text between the markers)
 TABLES = {
     "demo-cpu": _demo("results/demo/cpu.json"),
@@ -254,6 +316,8 @@ TABLES = {
     "quality-h100": quality_h100,
     "quality-sink-local": quality_sink_local,
     "passkey-h100": passkey_h100,
+    "finetune-h200": finetune_h200,
+    "decode-h200": decode_h200,
 }
 
 
