@@ -131,7 +131,7 @@ def _run_finetune(args):
         ev = closing_evaluation(res, corpus=args.eval_data, windows_per_source=args.eval_windows,
                                 device="cpu" if args.cpu else None, progress=not args.no_progress, config=cfg)
     print(ev["table"])
-    return res
+    return {**res, "eval_path": ev["path"]}
 
 
 def _demo(p):

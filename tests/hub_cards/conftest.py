@@ -1,5 +1,6 @@
 """Fixtures of the hub_cards tests: a Hugging Face cache laid out as huggingface_hub lays it
-out (so that Hub ids load offline), tiny models, and the committed results envelopes."""
+out (so that Hub ids load offline), tiny models, and the committed results envelopes (also
+rewritten in the layouts other than their own: the demo's current one, the pre-envelope one)."""
 from types import SimpleNamespace
 import hashlib
 import json
@@ -14,7 +15,8 @@ DEMO_GPU = ROOT / "results" / "demo" / "h200.json"
 DEMO_CPU = ROOT / "results" / "demo" / "h200_cpu_profile.json"
 SHIPPED_DISTILL = ROOT / "training" / "gates" / "smollm2-135m-instruct.distill.json"
 SHIPPED_GATES = ROOT / "training" / "gates" / "smollm2-135m-instruct.seer_gates.safetensors"
-LEGACY_QUALITY = ROOT / "results" / "quality_h100" / "quality_keep_sink.json"
+QUALITY = ROOT / "results" / "quality" / "h100_sink_local_400steps.json"
+KERNELS = ROOT / "results" / "kernels" / "h200.json"
 SHIPPED_LABEL = "Seer gate, shipped"
 
 TINY = dict(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -68,22 +70,69 @@ def hubfs():
 
 
 @pytest.fixture(scope="session")
-def committed():
-    """Paths of the committed envelopes and gates the tests render from."""
+def committed(tmp_path_factory):
+    """Paths of the committed envelopes and gates the tests render from, and ``legacy_quality``:
+    a results file of the format before envelopes (``meta`` instead of ``provenance``), as the
+    quality runs wrote until 2026-11."""
+    legacy = tmp_path_factory.mktemp("legacy") / "quality_keep_sink.json"
+    env = json.loads(QUALITY.read_text())
+    legacy.write_text(json.dumps({"meta": env["legacy_meta"], "rows": env["rows"], "cost": env["cost"],
+                                  "passkey": env["passkey"]}))
     return SimpleNamespace(demo_gpu=DEMO_GPU, demo_cpu=DEMO_CPU, distill=SHIPPED_DISTILL, gates=SHIPPED_GATES,
-                           legacy_quality=LEGACY_QUALITY, shipped_label=SHIPPED_LABEL)
+                           legacy_quality=legacy, kernels=KERNELS, shipped_label=SHIPPED_LABEL)
+
+
+@pytest.fixture(scope="session")
+def current_demo(tmp_path_factory):
+    """``{name: path}``: the committed demo envelopes (written before the demo took a run
+    config: profile and keep rules under ``config``) in the layout ``seer-attn demo`` writes
+    now: ``config`` the DemoConfig its recorded command line gives, ``resolved`` the profile,
+    keep rules, shipped gates and device."""
+    import argparse
+    from dataclasses import asdict
+
+    from seer_attn.eval.demo import DemoConfig, add_demo_args
+    from seer_attn.training.run_config import config_from_args
+    out = {}
+    folder = tmp_path_factory.mktemp("current-demo")
+    for path in (DEMO_GPU, DEMO_CPU):
+        env = json.loads(path.read_text())
+        old = env["config"]
+        args = add_demo_args(argparse.ArgumentParser()).parse_args(env["provenance"]["command"][2:])
+        env["config"] = json.loads(json.dumps(asdict(config_from_args(DemoConfig, args))))
+        env["resolved"] = {k: old[k] for k in ("profile", "keep_rules", "shipped_gates", "device")}
+        out[path.name] = folder / path.name
+        out[path.name].write_text(json.dumps(env))
+    return out
 
 
 @pytest.fixture(scope="session")
 def tiny():
-    """``tiny.stock(seed)``, ``tiny.seer(stock)`` (:func:`tiny_stock`, :func:`tiny_seer`), ``tiny.files(folder)``."""
-    return SimpleNamespace(stock=tiny_stock, seer=tiny_seer, files=folder_files, config=dict(TINY))
+    """``tiny.stock(seed)``, ``tiny.seer(stock)`` (:func:`tiny_stock`, :func:`tiny_seer`), ``tiny.files(folder)``,
+    ``tiny.tokenizer()`` (:func:`byte_tokenizer`)."""
+    return SimpleNamespace(stock=tiny_stock, seer=tiny_seer, files=folder_files, config=dict(TINY),
+                           tokenizer=byte_tokenizer)
 
 
 @pytest.fixture
-def quality_env(tmp_path):
-    """Path of a ``quality`` envelope built by :func:`quality_envelope`."""
-    return quality_envelope(tmp_path / "quality.json")
+def quality_env():
+    """Path of a committed ``quality`` envelope (sink + local block kept, passkey, training cost)."""
+    return QUALITY
+
+
+def byte_tokenizer():
+    """A byte-level tokenizer: id 0 = ``<eos>``, ids 1..256 the bytes (no merges, no files needed)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    vocab = {"<eos>": 0}
+    for _, char in sorted(bytes_to_unicode().items()):
+        vocab[char] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")
 
 
 def tiny_stock(seed=1):
@@ -103,16 +152,3 @@ def tiny_seer(stock, seed=7):
         for t in seer.gate_state_dict().values():
             t.copy_((torch.randn(t.shape, generator=g) * 0.2).to(torch.bfloat16).float())
     return seer
-
-
-def quality_envelope(path):
-    """A results envelope of kind ``quality`` (what ``seer_attn.eval.quality_run`` writes
-    now) holding the rows, passkey results and cost of a committed quality run of the older
-    format (``meta`` instead of ``provenance``): real measurements in today's layout."""
-    from seer_attn.training.results import envelope, write_json
-    legacy = json.loads(LEGACY_QUALITY.read_text())
-    env = envelope("quality", legacy["rows"], config=legacy["meta"]["args"], model=legacy["meta"]["args"]["model"],
-                   cost=legacy["cost"], passkey=legacy["passkey"])
-    env["provenance"].update(gpu=legacy["meta"]["gpu"], commit=None, commit_dirty=None)
-    write_json(path, env)
-    return path

