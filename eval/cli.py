@@ -131,7 +131,7 @@ def _run_finetune(args):
         ev = closing_evaluation(res, corpus=args.eval_data, windows_per_source=args.eval_windows,
                                 device="cpu" if args.cpu else None, progress=not args.no_progress, config=cfg)
     print(ev["table"])
-    return res
+    return {**res, "eval_path": ev["path"]}
 
 
 def _demo(p):
@@ -187,15 +187,18 @@ def _forward(prog, module, argv):
         sys.argv[:1] = [saved] if saved is not None else []
 
 
-def main(argv=None):
+def main(argv=None, commands=None):
+    """Run one command of ``commands`` (default :data:`COMMANDS`; ``seer_attn.hub_cards.cli``
+    passes its table, which adds export and push)."""
+    commands = COMMANDS if commands is None else commands
     argv = sys.argv[1:] if argv is None else list(argv)
-    name = argv[0] if argv and argv[0] in COMMANDS else None
-    if name is not None and isinstance(COMMANDS[name][1], str):  # the module parses its own options
-        return _run(f"seer-attn {name}", lambda rest: _forward(f"seer-attn {name}", COMMANDS[name][1], rest),
+    name = argv[0] if argv and argv[0] in commands else None
+    if name is not None and isinstance(commands[name][1], str):  # the module parses its own options
+        return _run(f"seer-attn {name}", lambda rest: _forward(f"seer-attn {name}", commands[name][1], rest),
                     argv[1:])
     parser = _Parser(prog="seer-attn", description="SeerAttention for Hugging Face models")
-    sub = parser.add_subparsers(dest="command", metavar="{" + ",".join(COMMANDS) + "}", parser_class=_Parser)
-    for cmd, (help_, add) in COMMANDS.items():
+    sub = parser.add_subparsers(dest="command", metavar="{" + ",".join(commands) + "}", parser_class=_Parser)
+    for cmd, (help_, add) in commands.items():
         p = sub.add_parser(cmd, help=help_, description=help_)
         if cmd == name:
             add(p)

@@ -22,6 +22,8 @@ FLOAT_FIELDS = ("seer_threshold", "seer_nz_ratio", "seer_coverage", "seer_distil
 #: Options the gates are built from (their shapes and RoPE): fixed once a model exists.
 STRUCTURAL_FIELDS = ("seer_block_size", "seer_gate_hidden_size", "seer_q_pooling", "seer_k_pooling",
                      "seer_gate_rope", "seer_decode_gate")
+#: Fields of a gates-only checkpoint: the base model whose weights its gates apply to.
+BASE_FIELDS = ("seer_base_model", "seer_base_revision", "seer_base_gguf_file")
 
 
 @dataclasses.dataclass(repr=False, eq=False, kw_only=True)
@@ -73,6 +75,13 @@ class SeerConfigMixin:
         seer_decode_share: share of the blocks read per decode step, in (0, 1].
         seer_decode_threshold: decode threshold, in (0, 1).
         seer_decode_distill_rows: query rows per sequence the decode gate is distilled on.
+        seer_base_model: set in a *gates-only* checkpoint (config, ``seer_gates.safetensors`` and
+            the remote code, no base weights): the Hub id or local path (folder or ``.gguf``
+            file) of the base model whose weights ``from_pretrained`` loads before applying
+            the gates (:mod:`.gates_only`). None: the checkpoint holds its own weights.
+        seer_base_revision: the base's Hub revision (a commit hash pins it), or None.
+        seer_base_gguf_file: a ``.gguf`` file inside the base repo or folder to take the
+            weights from (dequantised), or None.
     """
 
     seer_mode: str = "dense"
@@ -99,6 +108,9 @@ class SeerConfigMixin:
     seer_decode_share: float = 0.1
     seer_decode_threshold: float = 1e-3
     seer_decode_distill_rows: int = 64
+    seer_base_model: str | None = None
+    seer_base_revision: str | None = None
+    seer_base_gguf_file: str | None = None
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
@@ -118,6 +130,7 @@ class SeerConfigMixin:
             if name.startswith("seer_") and name not in declared:
                 close = difflib.get_close_matches(name, declared, 1)
                 bad(name, "no such seer option" + (f" (did you mean {close[0]}?)" if close else ""))
+        self._validate_seer_base(bad)
         for name in BOOL_FIELDS:
             if not isinstance(getattr(self, name), bool):
                 bad(name, "expected True or False")
@@ -192,3 +205,17 @@ class SeerConfigMixin:
             if type(val) is type(cur) or isinstance(val, tuple):
                 del out[name]  # unchanged (an equal value of another type is left to validate_seer)
         return out
+
+    def _validate_seer_base(self, bad):
+        """The gates-only fields: None or a non-empty string each; a revision or GGUF file
+        only with ``seer_base_model``; the GGUF file a relative ``.gguf`` name."""
+        for name in BASE_FIELDS:
+            val = getattr(self, name)
+            if val is not None and (not isinstance(val, str) or not val.strip()):
+                bad(name, "expected None or a non-empty string")
+        for name in BASE_FIELDS[1:]:
+            if getattr(self, name) is not None and self.seer_base_model is None:
+                bad(name, "needs seer_base_model (the base model it belongs to)")
+        gguf = self.seer_base_gguf_file
+        if gguf is not None and (not gguf.lower().endswith(".gguf") or gguf.startswith(("/", "~"))):
+            bad("seer_base_gguf_file", "expected a relative file name ending in .gguf")

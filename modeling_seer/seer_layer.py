@@ -23,7 +23,8 @@ A family (``configuration_seer_X.py`` + ``modeling_seer_X.py``, one row of
 - :class:`SeerModelMixin` on the base model: builds the per-forward
   :class:`SeerForwardContext` (padding bounds, gate RoPE at block positions).
 - :class:`SeerPreTrainedMixin` and :class:`SeerCausalLMMixin`: gate init, modes, density,
-  gate save/load, ``gate_loss`` output and saving with the remote-code bundle.
+  gate save/load, ``gate_loss`` output, saving with the remote-code bundle and loading
+  gates-only checkpoints onto their base (:mod:`.gates_only`).
 
 Copied flat into saved folders (remote code): imports only torch/transformers; package
 imports are rewritten flat by ``remote_bundle.py``.
@@ -46,6 +47,7 @@ from seer_attn.kernels.block_sparse_decode import block_sparse_decode
 from .decode_cache import decode_step_for
 from .decode_gate import DecodeGate, decode_block_target, decode_candidates, decode_distill_loss, sample_decode_rows
 from .gate import AttnGate, gate_distill_loss
+from .gates_only import is_gates_only, load_gates_only, peek_config
 from .hub_utils import hub_call, resolve_source
 from .remote_bundle import write_remote_code
 from .selection import (ScoreInputs, block_pool, causal_density, get_selector, prepare_decode_selection,
@@ -551,3 +553,19 @@ class SeerCausalLMMixin:
         super().save_pretrained(save_directory, *args, **kwargs)
         if kwargs.get("is_main_process", True):
             write_remote_code(save_directory, self.config.model_type)
+
+    # -- loading -------------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        """transformers' ``from_pretrained``, plus gates-only checkpoints: when the config
+        names a base model (``seer_base_model``), the base's weights load first (Hub id,
+        folder or GGUF file), then the checkpoint's gates (:mod:`.gates_only`)."""
+        given = kwargs.pop("config", None)
+        config = given
+        if given is None or isinstance(given, (str, os.PathLike)):
+            config = peek_config(cls, given or pretrained_model_name_or_path, kwargs)
+        if not is_gates_only(config):
+            return super().from_pretrained(pretrained_model_name_or_path, *model_args, config=given, **kwargs)
+        return load_gates_only(cls, super().from_pretrained, pretrained_model_name_or_path, config, *model_args,
+                               **kwargs)

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from seer_attn.modeling_seer import SeerLlamaConfig
+from seer_attn.modeling_seer.configuration_seer import BASE_FIELDS
 from seer_attn.modeling_seer.configuration_seer_llama import BOOL_FIELDS, FLOAT_FIELDS, INT_FIELDS
 
 
@@ -57,8 +58,10 @@ def test_field_groups_cover_every_typed_field(tiny_kwargs):
     assert all(type(getattr(c, f)) is bool for f in BOOL_FIELDS)
     assert all(type(getattr(c, f)) is int for f in INT_FIELDS)
     assert all(type(getattr(c, f)) is float for f in FLOAT_FIELDS)
+    assert all(getattr(c, f) is None for f in BASE_FIELDS)  # None or a string (gates-only checkpoints)
     assert set(BOOL_FIELDS) | set(INT_FIELDS) | set(FLOAT_FIELDS) == \
-        {k for k, v in vars(c).items() if k.startswith("seer_") and not isinstance(v, (str, list))}
+        {k for k, v in vars(c).items() if k.startswith("seer_") and not isinstance(v, (str, list))
+         and k not in BASE_FIELDS}
 
 
 def test_numbers_of_either_kind_are_accepted(tiny_kwargs):
