@@ -113,8 +113,8 @@ def test_inference_keeps_no_masks(tiny):
 def test_gate_scores_need_autograd_only_in_gate_loss_layers(tiny, gate_loss_layers):
     model = tiny(seer_mode="sparse", seer_sparsity_method="nz_ratio", seer_nz_ratio=0.4).train()
     graph = {}
-    hooks = [lyr.self_attn.attn_gate.register_forward_hook(
-        lambda mod, args, out, i=i: graph.__setitem__(i, out.requires_grad)) for i, lyr in enumerate(model.model.layers)]
+    hooks = [lyr.self_attn.attn_gate.register_forward_hook(lambda mod, args, out, i=i: graph.__setitem__(
+        i, out.requires_grad)) for i, lyr in enumerate(model.model.layers)]
     x = _ids(300, seed=5)
     out = model(input_ids=x, labels=x, use_cache=False, seer_ctx=SeerForwardContext(gate_loss_layers=gate_loss_layers))
     for h in hooks:
