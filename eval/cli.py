@@ -117,9 +117,9 @@ def _finetune(p):
 
 def _run_finetune(args):
     from .finetune_eval import closing_evaluation
-    from seer_attn.training.finetune import config_from_args, run_finetune
-    with user_input():
-        cfg = config_from_args(args)
+    from seer_attn.training.finetune import FineTuneConfig, run_finetune
+    from seer_attn.training.run_config import config_from_args
+    cfg = config_from_args(FineTuneConfig, args)  # the options that configure the fine-tuning itself
     res = run_finetune(cfg)
     print(f"[finetune] model folder: {res['model_dir']}", flush=True)
     if args.no_eval:

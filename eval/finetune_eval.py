@@ -65,7 +65,8 @@ def closing_evaluation(res: dict, *, corpus=None, windows_per_source=DEFAULT_WIN
             ``seq_len``, ``selection``, ``output_dir``).
         corpus: evaluation jsonl (default: the bundled eval corpus).
         device, dtype: where and how to evaluate (default: CUDA in bf16 when present, else CPU float32).
-        config: the run's options, for the envelope.
+        config: the run's :class:`~seer_attn.training.finetune.FineTuneConfig`, recorded in the envelope
+            (``dataclasses.asdict``).
 
     Returns:
         dict with ``rows``, ``table`` (markdown) and ``path`` (``OUT/finetune_eval.json``, a

@@ -12,7 +12,9 @@ A family (``configuration_seer_X.py`` + ``modeling_seer_X.py``, one row of
   - ``distill``: prefill attention from :func:`attn_with_pooling`; the gate's KL loss
     against the pooled map is collected for ``outputs.gate_loss`` (LM loss unchanged);
   - ``sparse``: selector scores -> block mask -> :func:`block_sparse_attn` at prefill (at
-    ``nz_ratio`` 1, every causal block, the same kernels' dense variant :func:`dense_attn`).
+    ``nz_ratio`` 1, every causal block: no scores, the same kernels' dense variant
+    :func:`dense_attn`). The recompute of an activation-checkpointed layer reuses the mask
+    of its forward (``SeerForwardContext.layer_masks``).
     Layers named in the context's ``gate_loss_layers`` also compute their gate's KL loss
     against the exact pooled map (fine-tuning with sparse attention while the gates learn).
 
@@ -41,6 +43,7 @@ from transformers import DynamicCache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from seer_attn.kernels.block_mask import window_block_mask
 from seer_attn.kernels.block_sparse_attn import attn_with_pooling, block_sparse_attn, dense_attn
 from seer_attn.kernels.block_sparse_decode import block_sparse_decode
 
@@ -73,7 +76,11 @@ class SeerForwardContext:
     ``gate_loss_layers``: in sparse mode, the layer indices whose gate also learns in this
     forward (its KL loss against the exact pooled map joins ``gate_losses``); the layers
     record themselves in ``gate_loss_done``, so that the recompute of a checkpointed layer
-    selects its blocks without a second exact pass.
+    runs no second exact pass. ``layer_masks``: layer index -> the block mask its sparse
+    prefill used (None: every causal block), kept when the forward records a graph (q
+    requires grad): the recompute of a checkpointed layer attends with that very mask instead
+    of scoring and selecting again, and adds no second density. A context serves one forward
+    pass (and the recompute of its checkpointed layers), never two.
     """
 
     seq_bounds: torch.Tensor | None = None
@@ -88,6 +95,7 @@ class SeerForwardContext:
     decode_rope: tuple | None = None
     gate_loss_layers: frozenset | None = None
     gate_loss_done: set = field(default_factory=set)
+    layer_masks: dict = field(default_factory=dict)
 
 
 def padding_bounds(attention_mask, T):
@@ -178,23 +186,41 @@ class SeerAttentionMixin:
             if ctx.decode_rows is not None and hasattr(self.attn_gate, DECODE_GATE):
                 ctx.gate_losses.append(self._decode_distill_loss(q, k, q_pre, k_pre, ctx))
             return out.transpose(1, 2)
-        if ctx.forced_masks is not None:
+        # nz_ratio 1 keeps every causal block (every block the window reaches) whatever the
+        # scores say: no scores are computed, and the kernels' dense variant runs
+        every_block = ctx.forced_masks is None and cfg.seer_sparsity_method == "nz_ratio" and cfg.seer_nz_ratio >= 1.0
+        recompute = self.layer_idx in ctx.layer_masks
+        if recompute:  # activation checkpointing: the mask of this layer's forward
+            mask = ctx.layer_masks[self.layer_idx]
+        elif ctx.forced_masks is not None:
             mask = ctx.forced_masks[self.layer_idx]
         elif ctx.gate_loss_layers is not None and self.layer_idx in ctx.gate_loss_layers \
                 and self.layer_idx not in ctx.gate_loss_done:
             mask = self._gate_loss_and_mask(q, k, v, q_pre, k_pre, ctx, window)
+        elif every_block:
+            mask = None
         else:
             with torch.no_grad():
                 mask = select_blocks_for(self.block_scores(q, k, v, q_pre, k_pre, ctx, window), cfg, window)
-        if ctx.forced_masks is None and cfg.seer_sparsity_method == "nz_ratio" and cfg.seer_nz_ratio >= 1.0:
-            # every causal block is kept: the kernels' dense variant (no index lists, larger tiles)
+        if every_block:  # (no index lists, larger tiles)
             out = dense_attn(q, k, v, True, self.scaling, cfg.seer_block_size, seq_bounds=ctx.seq_bounds,
                              window=window)
         else:
             out = block_sparse_attn(q, k, v, mask, True, self.scaling, cfg.seer_block_size,
                                     seq_bounds=ctx.seq_bounds, window=window)
-        ctx.densities.append(causal_density(mask, window, cfg.seer_block_size))
+        if recompute:
+            return out.transpose(1, 2)
+        if torch.is_grad_enabled() and q.requires_grad:  # a recompute may follow (see SeerForwardContext)
+            ctx.layer_masks[self.layer_idx] = mask
+        B, HQ, T = q.shape[:3]
+        if mask is None:
+            ctx.densities.append(torch.ones(B, HQ, dtype=torch.float32, device=q.device))
+        else:
+            ctx.densities.append(causal_density(mask, window, cfg.seer_block_size))
         if ctx.masks is not None:
+            if mask is None:
+                NB = (T + cfg.seer_block_size - 1) // cfg.seer_block_size
+                mask = window_block_mask(NB, window, cfg.seer_block_size, q.device).expand(B, HQ, NB, NB).clone()
             ctx.masks.append(mask)
         return out.transpose(1, 2)
 
@@ -245,7 +271,7 @@ class SeerAttentionMixin:
             raise ValueError(f"gate_loss_layers needs seer_selector='gate', got {cfg.seer_selector!r}")
         ctx.gate_loss_done.add(self.layer_idx)
         # What the loss saves for backward is kept as is, outside activation checkpointing's
-        # save-and-recompute: the recompute of a checkpointed layer then only selects blocks.
+        # save-and-recompute: the recompute of a checkpointed layer then reuses the mask alone.
         with torch.autograd.graph.saved_tensors_hooks(_keep, _keep):
             scores = self.attn_gate(q_pre.detach(), k_pre.detach(), rope=ctx.gate_rope, valid=ctx.valid)
             scores = window_fill(scores, window, cfg.seer_block_size)  # the gate ranks only reachable blocks

@@ -103,33 +103,9 @@ def require_cuda(prog: str, hint: str = "") -> None:
         raise SystemExit(2)
 
 
-def namespace_from_dict(parser: argparse.ArgumentParser, values: dict) -> argparse.Namespace:
-    """``parser``'s defaults updated by ``values`` (keys: option dests), each given value put
-    through its option's ``type=`` check as ``parse_args`` would; a bad or unknown key raises
-    ValueError naming the option."""
-    actions = {a.dest: a for a in parser._actions if a.dest != "help"}
-    unknown = sorted(set(values) - set(actions))
-    if unknown:
-        raise ValueError(f"unknown options {unknown}: expected some of {sorted(actions)}")
-    missing = [a.option_strings[-1] for a in actions.values() if a.required and a.dest not in values]
-    if missing:
-        raise ValueError(f"{', '.join(missing)} must be given")
-    out = {dest: a.default for dest, a in actions.items()}
-    for dest, value in values.items():
-        action = actions[dest]
-        if action.type is not None and value is not None:
-            many = action.nargs in ("+", "*") and isinstance(value, (list, tuple))
-            try:
-                value = [action.type(v) for v in value] if many else action.type(value)
-            except ValueError as err:
-                raise ValueError(f"{action.option_strings[-1]}: {err}") from None
-        out[dest] = value
-    return argparse.Namespace(**out)
-
-
 def config_of(args, **resolved) -> dict:
     """A results envelope's ``config`` for the commands still configured by an argparse
-    Namespace (finetune_run, bench_decode, decode_quality): every option of ``args`` (the
+    Namespace (bench_decode, decode_quality): every option of ``args`` (the
     CLI's ``func`` callback left out), then ``resolved``, the values the run picked itself."""
     return {**{k: v for k, v in vars(args).items() if not callable(v)}, **resolved}
 

@@ -1,10 +1,12 @@
 """``seer-attn finetune``: YaRN context extension with SeerAttention from the command line.
 
-The CLI entry point (``eval/cli.py``) registers :func:`add_finetune_args` on its ``finetune``
-sub-parser, builds a :class:`FineTuneConfig` with :func:`config_from_args` and calls
-:func:`run_finetune` (then prints its closing evaluation table). Flow:
+A run is configured by a :class:`FineTuneConfig` (the Python API: build one and call
+:func:`run_finetune`); the CLI entry point (``eval/cli.py``) registers :func:`add_finetune_args`
+on its ``finetune`` sub-parser, builds the config from the options
+(:func:`~seer_attn.training.run_config.config_from_args`), calls :func:`run_finetune` and
+prints its closing evaluation table. Flow:
 
-1. check what the user named before any model loads: the option values (argparse: factor
+1. check what the user named before any model loads: the config's values (on creation: factor
    < 1, density outside (0, 1], ...), the model's pretraining context (read from its config
    only) against ``--seq-len`` (at most ``factor x original`` positions), the checkpoint to
    resume, the data (files, text and source columns); the data is tokenised and packed into
@@ -25,18 +27,19 @@ Output folder ``--output OUT``::
     OUT/base/                   LoRA only: the frozen base the adapter names (YaRN config)
     OUT/checkpoints/checkpoint-N/  for --resume (full weights or adapter, optimizer, RNG, ...)
     OUT/finetune_summary.json   a results envelope of kind "finetune": provenance, the run
-                                config, the log history as rows, and the summary returned
+                                config (``dataclasses.asdict``), the log history as rows, and the
+                                summary returned
 
 :func:`load_finetuned` loads ``OUT/model`` either way.
 """
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass
 
 from . import cli_args as ca
+from .run_config import ConfigError, RunConfig, default, flag, option, text
 
 DEFAULT_OUTPUT = "seer_outputs/finetune"
 SUMMARY_FILE = "finetune_summary.json"
@@ -47,53 +50,58 @@ MIN_SEQ_LEN = 256
 #: LoRA targets (every linear map of attention and MLP of the Llama / Qwen2 families)
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
+_yarn_factor = ca.float_in(1, None, low_open=False)
+_dropout = ca.float_in(0, 1, low_open=False, high_open=True)
 
-@dataclass
-class FineTuneConfig:
-    """One fine-tuning run (the options of ``seer-attn finetune``; see :func:`add_finetune_args`)."""
 
-    model: str | None = None
-    data: list[str] | None = None
-    text_column: str = "text"
-    source_column: str = "source"
-    packing: str = "per-source"
-    seq_len: int = 32768
-    yarn_factor: float | None = None
-    original_context: int | None = None
-    density: float | None = None
-    threshold: float | None = None
-    freeze_gates: bool = False
-    gate_loss_weight: float = 1.0
-    gate_loss_stride: int = 4
-    gate_lr: float = 1e-3
-    gates: str | None = None
-    lora_r: int | None = None
-    lora_alpha: int | None = None
-    lora_dropout: float = 0.0
-    lora_targets: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
-    steps: int = 200
-    batch_size: int = 1
-    grad_accum: int = 1
-    lr: float = 5e-5
-    warmup_steps: int = 20
-    max_grad_norm: float = 1.0
-    bf16: bool = False
-    gradient_checkpointing: bool = False
-    seed: int = 42
-    output: str = DEFAULT_OUTPUT
-    resume: str | None = None
-    logging_steps: int = 10
-    save_steps: int = 50
-    save_total_limit: int = 1
-    num_proc: int | None = None
-    cpu: bool = False
-    no_progress: bool = False
+@dataclass(frozen=True, kw_only=True)
+class FineTuneConfig(RunConfig):
+    """One fine-tuning run (``seer-attn finetune``; each field is the option of the same name,
+    see :func:`add_finetune_args` for what it means). Checked on creation: a bad value is one
+    ValueError naming the field; the sequence length against the model's context is checked
+    by :func:`run_finetune` (it needs the model's config)."""
 
-    def __post_init__(self):
+    model: str | None = option(None, text)
+    data: tuple | None = option(None, text, many="+")
+    text_column: str = option("text", text)
+    source_column: str = option("source", text)
+    packing: str = option("per-source", choices=PACKINGS)
+    seq_len: int = option(32768, ca.int_at_least(MIN_SEQ_LEN))
+    yarn_factor: float | None = option(None, _yarn_factor)
+    original_context: int | None = option(None, ca.positive_int)
+    density: float | None = option(None, ca.unit_interval)
+    threshold: float | None = option(None, ca.open_unit_interval)
+    freeze_gates: bool = option(False, flag)
+    gate_loss_weight: float = option(1.0, ca.positive_float)
+    gate_loss_stride: int = option(4, ca.positive_int)
+    gate_lr: float = option(1e-3, ca.positive_float)
+    gates: str | None = option(None, text)
+    lora_r: int | None = option(None, ca.positive_int)
+    lora_alpha: int | None = option(None, ca.positive_int)
+    lora_dropout: float = option(0.0, _dropout)
+    lora_targets: tuple = option(LORA_TARGETS, text, many="+")
+    steps: int = option(200, ca.positive_int)
+    batch_size: int = option(1, ca.positive_int)
+    grad_accum: int = option(1, ca.positive_int)
+    lr: float = option(5e-5, ca.positive_float)
+    warmup_steps: int = option(20, ca.nonneg_int)
+    max_grad_norm: float = option(1.0, ca.positive_float)
+    bf16: bool = option(False, flag)
+    gradient_checkpointing: bool = option(False, flag)
+    seed: int = option(42, ca.nonneg_int)
+    output: str = option(DEFAULT_OUTPUT, text)
+    resume: str | None = option(None, text)
+    logging_steps: int = option(10, ca.positive_int)
+    save_steps: int = option(50, ca.positive_int)
+    save_total_limit: int = option(1, ca.positive_int)
+    num_proc: int | None = option(None, ca.positive_int)
+    cpu: bool = option(False, flag)
+    no_progress: bool = option(False, flag)
+
+    def check(self):
         if self.density is not None and self.threshold is not None:
-            raise ValueError(f"--density {self.density:g} and --threshold {self.threshold:g}: give one, not both")
-        if self.packing not in PACKINGS:
-            raise ValueError(f"packing={self.packing!r} is invalid: expected one of {PACKINGS}")
+            raise ConfigError("{density}=%g and {threshold}=%g: give one, not both" % (self.density, self.threshold),
+                              "density", "threshold")
 
     @property
     def selection(self) -> str:
@@ -103,96 +111,92 @@ class FineTuneConfig:
         return "dense" if self.density in (None, 1, 1.0) else f"nz_ratio={self.density:g}"
 
 
+def _default(name):
+    return default(FineTuneConfig, name)
+
+
 def add_finetune_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Add the ``finetune`` options to ``parser`` (returned for chaining); defaults are
-    :class:`FineTuneConfig`'s."""
-    d = FineTuneConfig()
-    parser.add_argument("--model", default=None,
+    """Add the ``finetune`` options to ``parser`` (returned for chaining); their defaults are
+    :class:`FineTuneConfig`'s, and :func:`~seer_attn.training.run_config.config_from_args`
+    builds the config from them."""
+    parser.add_argument("--model", default=_default("model"),
                         help="Hub id, local HF folder (stock or Seer) or .gguf file; default: the embedded "
                              "SmolLM2-135M-Instruct GGUF")
-    parser.add_argument("--data", nargs="+", default=None, metavar="SOURCE",
+    parser.add_argument("--data", nargs="+", default=_default("data"), metavar="SOURCE",
                         help="training text: .jsonl/.json/.parquet files (.gz allowed), folders, globs or "
                              "hub:name[:config[:split]]; default: the bundled corpus (train split)")
-    parser.add_argument("--text-column", default=d.text_column, help="column holding the text (default: text)")
-    parser.add_argument("--source-column", default=d.source_column,
-                        help="column naming each document's source, for per-source packing (default: source)")
-    parser.add_argument("--packing", choices=PACKINGS, default=d.packing,
+    parser.add_argument("--text-column", default=_default("text_column"),
+                        help="column holding the text (default: %(default)s)")
+    parser.add_argument("--source-column", default=_default("source_column"),
+                        help="column naming each document's source, for per-source packing (default: %(default)s)")
+    parser.add_argument("--packing", choices=PACKINGS, default=_default("packing"),
                         help="per-source: each source's documents joined with EOS and cut on their own (long "
                              "sequences of one kind of text); joined: all documents in one stream "
-                             "(default: per-source)")
-    parser.add_argument("--seq-len", type=ca.int_at_least(MIN_SEQ_LEN), default=d.seq_len,
-                        help=f"tokens per training sequence, at most yarn factor x the model's original context "
-                             f"(default: {d.seq_len})")
-    parser.add_argument("--yarn-factor", type=ca.float_in(1, None, low_open=False), default=None,
+                             "(default: %(default)s)")
+    parser.add_argument("--seq-len", type=ca.int_at_least(MIN_SEQ_LEN), default=_default("seq_len"),
+                        help="tokens per training sequence, at most yarn factor x the model's original context "
+                             "(default: %(default)s)")
+    parser.add_argument("--yarn-factor", type=_yarn_factor, default=_default("yarn_factor"),
                         help="YaRN context multiplier, >= 1 (default: none, the model's RoPE as is)")
-    parser.add_argument("--original-context", type=ca.positive_int, default=None,
+    parser.add_argument("--original-context", type=ca.positive_int, default=_default("original_context"),
                         help="the pretraining context YaRN stretches (default: the model config's)")
-    parser.add_argument("--density", type=ca.unit_interval, default=None,
+    parser.add_argument("--density", type=ca.unit_interval, default=_default("density"),
                         help="kept share of causal blocks while training (nz_ratio), 0 < d <= 1; 1 = dense "
                              "(default: 1 unless --threshold)")
-    parser.add_argument("--threshold", type=ca.open_unit_interval, default=None,
+    parser.add_argument("--threshold", type=ca.open_unit_interval, default=_default("threshold"),
                         help="train with the gate threshold selection instead of a fixed density")
     parser.add_argument("--freeze-gates", action="store_true", help="the gates do not learn while fine-tuning")
-    parser.add_argument("--gate-loss-weight", type=ca.positive_float, default=d.gate_loss_weight,
-                        help=f"weight of the gates' KL loss in the total loss (default: {d.gate_loss_weight:g})")
-    parser.add_argument("--gate-loss-stride", type=ca.positive_int, default=d.gate_loss_stride,
+    parser.add_argument("--gate-loss-weight", type=ca.positive_float, default=_default("gate_loss_weight"),
+                        help="weight of the gates' KL loss in the total loss (default: %(default)g)")
+    parser.add_argument("--gate-loss-stride", type=ca.positive_int, default=_default("gate_loss_stride"),
                         help="each step 1 layer in N computes the gate loss (an exact attention pass), rotating "
-                             f"(default: {d.gate_loss_stride}; 1: every layer every step)")
-    parser.add_argument("--gate-lr", type=ca.positive_float, default=d.gate_lr,
-                        help=f"learning rate of the gates (default: {d.gate_lr:g})")
-    parser.add_argument("--gates", default=None, help="initial gates (a seer_gates.safetensors file or folder)")
-    parser.add_argument("--lora-r", type=ca.positive_int, default=None,
+                             "(default: %(default)s; 1: every layer every step)")
+    parser.add_argument("--gate-lr", type=ca.positive_float, default=_default("gate_lr"),
+                        help="learning rate of the gates (default: %(default)g)")
+    parser.add_argument("--gates", default=_default("gates"),
+                        help="initial gates (a seer_gates.safetensors file or folder)")
+    parser.add_argument("--lora-r", type=ca.positive_int, default=_default("lora_r"),
                         help="LoRA rank: train LoRA adapters (and the gates in full) instead of every weight")
-    parser.add_argument("--lora-alpha", type=ca.positive_int, default=None, help="LoRA alpha (default: 2 x rank)")
-    parser.add_argument("--lora-dropout", type=ca.float_in(0, 1, low_open=False, high_open=True), default=0.0,
-                        help="LoRA dropout (default: 0)")
-    parser.add_argument("--lora-targets", nargs="+", default=list(LORA_TARGETS), metavar="MODULE",
+    parser.add_argument("--lora-alpha", type=ca.positive_int, default=_default("lora_alpha"),
+                        help="LoRA alpha (default: 2 x rank)")
+    parser.add_argument("--lora-dropout", type=_dropout, default=_default("lora_dropout"),
+                        help="LoRA dropout (default: %(default)g)")
+    parser.add_argument("--lora-targets", nargs="+", default=_default("lora_targets"), metavar="MODULE",
                         help=f"modules with LoRA adapters (default: {' '.join(LORA_TARGETS)})")
-    parser.add_argument("--steps", type=ca.positive_int, default=d.steps, help=f"optimizer steps (default: {d.steps})")
-    parser.add_argument("--batch-size", type=ca.positive_int, default=d.batch_size,
-                        help="sequences per device and step (default: 1)")
-    parser.add_argument("--grad-accum", type=ca.positive_int, default=d.grad_accum,
-                        help="gradient accumulation steps (default: 1)")
-    parser.add_argument("--lr", type=ca.positive_float, default=d.lr, help=f"peak learning rate (default: {d.lr:g})")
-    parser.add_argument("--warmup-steps", type=ca.nonneg_int, default=d.warmup_steps,
-                        help=f"linear warm-up steps, then cosine (default: {d.warmup_steps})")
-    parser.add_argument("--max-grad-norm", type=ca.positive_float, default=d.max_grad_norm,
-                        help="gradient-norm clip, the gates and the other weights each (default: 1.0)")
+    parser.add_argument("--steps", type=ca.positive_int, default=_default("steps"),
+                        help="optimizer steps (default: %(default)s)")
+    parser.add_argument("--batch-size", type=ca.positive_int, default=_default("batch_size"),
+                        help="sequences per device and step (default: %(default)s)")
+    parser.add_argument("--grad-accum", type=ca.positive_int, default=_default("grad_accum"),
+                        help="gradient accumulation steps (default: %(default)s)")
+    parser.add_argument("--lr", type=ca.positive_float, default=_default("lr"),
+                        help="peak learning rate (default: %(default)g)")
+    parser.add_argument("--warmup-steps", type=ca.nonneg_int, default=_default("warmup_steps"),
+                        help="linear warm-up steps, then cosine (default: %(default)s)")
+    parser.add_argument("--max-grad-norm", type=ca.positive_float, default=_default("max_grad_norm"),
+                        help="gradient-norm clip, the gates and the other weights each (default: %(default)g)")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast over float32 weights")
     parser.add_argument("--gradient-checkpointing", action="store_true",
                         help="non-reentrant activation checkpointing of the decoder layers")
-    parser.add_argument("--seed", type=ca.nonneg_int, default=d.seed,
-                        help="seed of new gates, the data order and training (default: 42)")
-    parser.add_argument("--output", default=d.output,
+    parser.add_argument("--seed", type=ca.nonneg_int, default=_default("seed"),
+                        help="seed of new gates, the data order and training (default: %(default)s)")
+    parser.add_argument("--output", default=_default("output"),
                         help=f"output folder: {MODEL_DIR}/, {CHECKPOINTS_DIR}/, {SUMMARY_FILE} "
-                             f"(default: {d.output})")
-    parser.add_argument("--resume", nargs="?", const="last", default=None, metavar="CHECKPOINT",
+                             "(default: %(default)s)")
+    parser.add_argument("--resume", nargs="?", const="last", default=_default("resume"), metavar="CHECKPOINT",
                         help=f"resume from a checkpoint folder, or (without a value) from the newest complete one "
                              f"in OUTPUT/{CHECKPOINTS_DIR}")
-    parser.add_argument("--logging-steps", type=ca.positive_int, default=d.logging_steps,
-                        help="log every N steps (default: 10)")
-    parser.add_argument("--save-steps", type=ca.positive_int, default=d.save_steps,
-                        help="checkpoint every N steps (default: 50)")
-    parser.add_argument("--save-total-limit", type=ca.positive_int, default=d.save_total_limit,
-                        help="checkpoints kept (default: 1)")
-    parser.add_argument("--num-proc", type=ca.positive_int, default=None, help="processes for tokenisation")
+    parser.add_argument("--logging-steps", type=ca.positive_int, default=_default("logging_steps"),
+                        help="log every N steps (default: %(default)s)")
+    parser.add_argument("--save-steps", type=ca.positive_int, default=_default("save_steps"),
+                        help="checkpoint every N steps (default: %(default)s)")
+    parser.add_argument("--save-total-limit", type=ca.positive_int, default=_default("save_total_limit"),
+                        help="checkpoints kept (default: %(default)s)")
+    parser.add_argument("--num-proc", type=ca.positive_int, default=_default("num_proc"),
+                        help="processes for tokenisation")
     parser.add_argument("--cpu", action="store_true", help="train on the CPU even when a GPU is present")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar (log lines only)")
     return parser
-
-
-def config_from_args(args: argparse.Namespace) -> FineTuneConfig:
-    """The :class:`FineTuneConfig` of a parsed command line (options the config does not know,
-    e.g. the closing evaluation's, are left out); ValueError for contradicting options."""
-    names = {f.name for f in dataclasses.fields(FineTuneConfig)}
-    return FineTuneConfig(**{k: v for k, v in vars(args).items() if k in names})
-
-
-def _check_config(cfg: FineTuneConfig):
-    """The command line's ``type=`` checks on a config built in code (ValueError naming the option)."""
-    parser = add_finetune_args(argparse.ArgumentParser())
-    dests = {a.dest for a in parser._actions}
-    ca.namespace_from_dict(parser, {k: v for k, v in dataclasses.asdict(cfg).items() if k in dests})
 
 
 def source_config(source):
@@ -219,8 +223,10 @@ def check_context(cfg: FineTuneConfig, model_config) -> int:
     return original
 
 
-def training_arguments(cfg: FineTuneConfig, checkpoints_dir: str, model_dir: str, base_dir: str, original: int):
-    """The :class:`~seer_attn.training.finetune_trainer.FineTuneArguments` of ``cfg``."""
+def training_arguments(cfg: FineTuneConfig, checkpoints_dir: str, model_dir: str, base_dir: str, original: int,
+                       **overrides):
+    """The :class:`~seer_attn.training.finetune_trainer.FineTuneArguments` of ``cfg``
+    (``overrides``: further arguments, e.g. ``save_strategy="no"``)."""
     from .finetune_trainer import FineTuneArguments
     from .trainer import CHECKPOINTING_ARG
 
@@ -234,7 +240,7 @@ def training_arguments(cfg: FineTuneConfig, checkpoints_dir: str, model_dir: str
         density=cfg.density, threshold=cfg.threshold, train_gates=not cfg.freeze_gates,
         gate_loss_weight=cfg.gate_loss_weight, gate_loss_stride=cfg.gate_loss_stride, lora_r=cfg.lora_r,
         lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, lora_target_modules=list(cfg.lora_targets),
-        dataloader_num_workers=0, **{CHECKPOINTING_ARG: cfg.gradient_checkpointing})
+        dataloader_num_workers=0, **{CHECKPOINTING_ARG: cfg.gradient_checkpointing, **overrides})
 
 
 def load_train_data(cfg: FineTuneConfig, tokenizer):
@@ -250,7 +256,8 @@ def load_train_data(cfg: FineTuneConfig, tokenizer):
 def run_finetune(cfg: FineTuneConfig, callbacks=None) -> dict:
     """Fine-tune as configured (layout of ``cfg.output``: module docstring). Errors in what the
     user named (options, model context, data, checkpoint) come before any model loads,
-    marked for the CLI (:func:`seer_attn.training.cli_args.user_input`). ``callbacks``:
+    marked for the CLI (:func:`seer_attn.training.cli_args.user_input`); bad values were
+    refused when the config was made. ``callbacks``:
     extra ``TrainerCallback`` objects (e.g. a step timer).
 
     Returns:
@@ -273,11 +280,12 @@ def run_finetune(cfg: FineTuneConfig, callbacks=None) -> dict:
     from .results import envelope, write_json
     from .trainer import resolve_resume
 
+    if not isinstance(cfg, FineTuneConfig):
+        raise TypeError(f"run_finetune takes a FineTuneConfig, got {type(cfg).__name__}")
     out_dir = os.path.abspath(cfg.output)
     model_dir, base_dir = os.path.join(out_dir, MODEL_DIR), os.path.join(out_dir, BASE_DIR)
     checkpoints_dir = os.path.join(out_dir, CHECKPOINTS_DIR)
     with user_input():
-        _check_config(cfg)
         source = cfg.model if cfg.model is not None else default_model_path()
         original = check_context(cfg, source_config(source))
         resume = resolve_resume(cfg.resume, checkpoints_dir, "finetune")
@@ -306,7 +314,7 @@ def run_finetune(cfg: FineTuneConfig, callbacks=None) -> dict:
     }
     summary_path = os.path.join(out_dir, SUMMARY_FILE)
     extra = {k: v for k, v in summary.items() if k != "model"}
-    env = envelope("finetune", trainer.state.log_history, config=cfg, model=summary["model"],
+    env = envelope("finetune", trainer.state.log_history, config=asdict(cfg), model=summary["model"],
                    device=trainer.args.device, **extra)
     if trainer.args.should_save:
         write_json(summary_path, env)

@@ -1,9 +1,11 @@
 """Run configs: the settings of one run of a command, as a frozen dataclass.
 
 Each command that runs something has one: :class:`~seer_attn.training.distill.DistillConfig`
-(``seer-attn distill``) here in training/, and in eval/ ``DemoConfig`` (``seer-attn demo``),
-``EvalConfig`` (``seer-attn eval``), ``CompareConfig`` (``seer-attn compare``) and
-``QualityRunConfig`` (``python -m seer_attn.eval.quality_run``). Python code builds them
+(``seer-attn distill``) and :class:`~seer_attn.training.finetune.FineTuneConfig`
+(``seer-attn finetune``) here in training/, and in eval/ ``DemoConfig`` (``seer-attn demo``),
+``EvalConfig`` (``seer-attn eval``), ``CompareConfig`` (``seer-attn compare``),
+``QualityRunConfig`` (``python -m seer_attn.eval.quality_run``), ``FineTuneRunConfig``
+(``python -m seer_attn.eval.finetune_run``) and the benchmarks'. Python code builds them
 directly and hands them to the command's ``run_*`` function; argparse exists only at the
 command-line edge, where :func:`config_from_args` turns the parsed options into the config::
 

@@ -51,16 +51,81 @@ def test_split_windows_keeps_the_text():
 
 
 def test_phases_and_targets():
-    args = fr.build_parser().parse_args(["--work", "w", "--out", "o"])
-    assert fr.phase_names(args) == ["anchors", "gates0", "timing", "a", "b", "c0.5", "c0.3", "c0.1", "d0.1", "passkey"]
-    assert all(fr._expected_s(args, p) > 0 for p in fr.phase_names(args))
+    config = fr.FineTuneRunConfig(work="w", out="o")
+    assert fr.phase_names(config) == ["anchors", "gates0", "timing", "a", "b", "c0.5", "c0.3", "c0.1", "d0.1",
+                                      "passkey"]
+    assert config.todo == fr.phase_names(config) and config.replace(phases=["c0.1", "a"]).todo == ["a", "c0.1"]
+    assert all(fr._expected_s(config, p) > 0 for p in fr.phase_names(config))
     rows = [{"row": "a", "ppl": 11.0, "s_per_step": 0.6}, {"row": "c0.5", "ppl": 11.1},
             {"row": "c0.1", "ppl": 11.2, "s_per_step": 0.35}, {"row": "b0.1", "ppl": 11.5}]
-    got = {t["target"]: t["ok"] for t in fr.check_targets(rows, args)}
+    got = {t["target"]: t["ok"] for t in fr.check_targets(rows, config)}
     assert got == {"(a) PPL <= 11.54 (plain transformers + SDPA)": True, "(a) s/step <= 0.64": True,
                    "(c) at 0.5 within 0.5% of (a)": False, "(c) at 0.1 within 3% of (a)": True,
                    "(c) better than (b) at 0.1": True, "(c) at 0.1: s/step <= 0.3": False}
-    assert all(t["ok"] is None for t in fr.check_targets([], args))
+    assert all(t["ok"] is None for t in fr.check_targets([], config))
+
+
+# ----------------------------------------------------------------------------- the run config
+
+def test_run_config_is_the_command_lines():
+    """Defaults and checks live once, in FineTuneRunConfig; the command line only builds it."""
+    import dataclasses
+
+    from seer_attn.training.run_config import config_from_args
+    args = fr.build_parser().parse_args(["--work", "w"])
+    assert {f.name for f in dataclasses.fields(fr.FineTuneRunConfig)} <= set(vars(args))
+    assert config_from_args(fr.FineTuneRunConfig, args) == fr.FineTuneRunConfig(work="w")
+    config = fr.FineTuneRunConfig(work="w", densities=[0.2, 0.05], phases=["c0.05", "timing"], passkey_lengths=[])
+    assert config.densities == (0.2, 0.05) and config.todo == ["timing", "c0.05"]
+    assert fr.FineTuneRunConfig(**json.loads(json.dumps(dataclasses.asdict(config)))) == config  # from an envelope
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"phases": ["c0.2"]}, r"phases: unknown phases \['c0.2'\]: expected some of \[.*'c0.1'.*\] or all"),
+    ({"phases": ["all", "a"]}, r"phases: unknown phases \['all'\]"),
+    ({"redo": ["e"]}, r"redo: unknown phases \['e'\]"),
+    ({"densities": [0.5, 0]}, r"densities\[1\]=0 is invalid: expected a number 0 < x <= 1"),
+    ({"timing_steps": 4}, "timing_steps=4 is invalid: expected an integer >= 5"),
+    ({"timing_variants": ["fast"]}, "timing_variants\\[0\\]='fast' is invalid: expected one of"),
+    ({"passkey_keep": "none"}, r"passkey_keep='none' is invalid: expected one of \('protocol', 'trained'\)"),
+    ({"work": None}, "work=None is invalid: a value is required"),
+], ids=["phase", "all-and-a-phase", "redo", "density", "timing-steps", "timing-variant", "passkey-keep", "work"])
+def test_run_config_refuses_bad_fields(fields, message):
+    with pytest.raises(ValueError, match=message) as err:
+        fr.FineTuneRunConfig(**{"work": "w", **fields})
+    assert "\n" not in str(err.value)
+
+
+def test_bad_phase_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        fr.main(["--work", "w", "--phases", "c0.2", "--cpu"])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert exit_.value.code == 2 and lines[-1].endswith("error: --phases: unknown phases ['c0.2']: expected some of "
+                                                        "['anchors', 'gates0', 'timing', 'a', 'b', 'c0.5', 'c0.3', "
+                                                        "'c0.1', 'd0.1', 'passkey'] or all")
+    with pytest.raises(SystemExit):
+        fr.main(["--work", "w", "--init-gates", "no/such/gates.safetensors", "--cpu"])
+    assert "init_gates='no/such/gates.safetensors': no such file" in capsys.readouterr().err
+    with pytest.raises(TypeError, match="run_experiment takes a FineTuneRunConfig, got Namespace"):
+        fr.run_experiment(fr.build_parser().parse_args(["--work", "w"]))
+
+
+# ----------------------------------------------------------------------------- timing and its profile
+
+def test_kernel_summary_sorts_kernels_by_kind():
+    from types import SimpleNamespace
+
+    from torch.autograd import DeviceType
+    ev = [SimpleNamespace(name=n, device_type=DeviceType.CUDA, device_time_total=us) for n, us in [
+        ("_attn_fwd_kernel", 1000), ("_attn_bwd_dkdv_kernel", 3000), ("flash_fwd_kernel<...>", 500),
+        ("sm90_xmma_gemm_bf16bf16", 2000), ("nvjet_hsh_128x256", 1500), ("vectorized_elementwise_kernel", 700),
+        ("_attn_fwd_kernel", 1000)]] + [SimpleNamespace(name="aten::mm", device_type=DeviceType.CPU,
+                                                         device_time_total=9999)]
+    got = fr.kernel_summary(ev, top=2)
+    assert got["busy_ms"] == pytest.approx(9.7)  # device events only: a CPU op's time holds its kernels' again
+    assert got["kinds"] == pytest.approx({"attention, ours": 5.0, "attention, SDPA": 0.5, "GEMM": 3.5, "other": 0.7})
+    assert got["top"] == [{"name": "_attn_bwd_dkdv_kernel", "ms": 3.0, "calls": 1},
+                          {"name": "_attn_fwd_kernel", "ms": 2.0, "calls": 2}]
 
 
 @pytest.fixture(scope="module")
@@ -98,3 +163,73 @@ def test_anchors_phase_on_cpu_and_the_time_budget(seer_folder, corpus_path, tmp_
     assert "anchors: done before, skipped" in printed and "stopping before gates0" in printed
     with pytest.raises(SystemExit, match=r"phase b needs \['a', 'gates0'\] first"):
         fr.main(argv + ["--phases", "b"])
+
+
+def test_timing_phase_on_cpu(seer_folder, corpus_path, tmp_path, capsys):
+    """Every timing variant trains a few steps through the fine-tuning trainer and gets its
+    s/step and a profile of its last step (on the CPU: no device kernels)."""
+    out = tmp_path / "o"
+    assert fr.main(["--cpu", "--model", seer_folder, "--train", corpus_path, "--eval", corpus_path, "--work",
+                    str(tmp_path / "w"), "--out", str(out), "--seq-len", "256", "--yarn-factor", "2",
+                    "--init-gates", "none", "--no-progress", "--phases", "timing", "--timing-steps", "5"]) == 0
+    with open(out / "finetune_run.json") as f:
+        env = json.load(f)
+    timing = env["timing"]
+    assert timing["gates"] is None and timing["density"] == 0.1 and list(timing["variants"]) == list(fr.TIMING_VARIANTS)
+    v = timing["variants"]
+    assert v["stride"]["label"] == "density 0.1, gate loss 1 layer in 4 (row c)"
+    assert (v["stride"]["gate_loss_stride"], v["frozen"]["gate_loss_stride"], v["every-layer"]["gate_loss_stride"]) \
+        == (4, None, 1)
+    assert [v[k]["checkpointing"] for k in ("stride", "stride-no-ckpt", "dense", "dense-no-ckpt")] == \
+        [True, False, True, False]
+    assert v["dense-sdpa"]["selection"] == "dense (SDPA)" and v["dense"]["selection"] == "dense"
+    assert v["dense-sdpa"]["attn_implementation"] != "seer kernels"
+    # 5 steps: the first 3 not timed, the last (profiled) left out
+    assert all(r["timed_steps"] == 1 and r["s_per_step"] > 0 for r in v.values())
+    assert all(r["profile"]["busy_ms"] == 0 and set(r["profile"]["kinds"]) == {"attention, ours", "attention, SDPA",
+                                                                             "GEMM", "other"} for r in v.values())
+    md = (out / "finetune_run.md").read_text()
+    assert "| density 1, SDPA (plain transformers' attention) |" in md and "| variant | s/step | peak GiB |" in md
+    assert env["config"]["timing_steps"] == 5 and env["config"]["phases"] == ["timing"]
+
+
+def test_passkey_phase_keeps_the_protocol_blocks(seer_folder, tmp_path, monkeypatch):
+    """The sparse passkey run keeps what the project's passkey protocol keeps (sink block,
+    local block, 2 dense last rows), whatever the fine-tuned model's own rules; ``trained``
+    keeps the model's."""
+    from seer_attn.modeling_seer.conversion import load_seer_model
+    from seer_attn.training.results import write_json
+    import seer_attn.eval.passkey as passkey
+
+    sparse = str(tmp_path / "c0.1")
+    load_seer_model(seer_folder).set_seer_mode("sparse", seer_sparsity_method="nz_ratio", seer_nz_ratio=0.1) \
+        .save_pretrained(sparse)
+    seen = []
+
+    def run(model, tokenizer, samples=None, seed=0, progress=True):
+        c = model.config
+        seen.append((c.seer_mode, c.seer_keep_sink, c.seer_keep_local, c.seer_dense_last_rows, c.seer_nz_ratio))
+        right = c.seer_mode == "dense"
+        return {"accuracy": float(right), "per_length": {256: float(right)},
+                "samples": [{"seed": seed, "length": s.length, "depth": s.depth, "sample": s.sample,
+                             "correct": right} for s in samples]}
+    monkeypatch.setattr(passkey, "run_passkey", run)
+    monkeypatch.setattr(fr.Experiment, "tokenizer", lambda self: __import__("transformers").AutoTokenizer
+                        .from_pretrained(seer_folder))
+    for keep, want in (("protocol", (True, 1, 2)), ("trained", (False, 0, 2))):
+        work = tmp_path / keep
+        for name, folder in (("a", seer_folder), ("c0.1", sparse)):
+            write_json(str(work / "phases" / f"{name}.json"), {"rows": [
+                {"row": name, "setting": name, "ppl": 10.0, "density": None, "per_source": {}, "model_dir": folder}]})
+        seen.clear()
+        assert fr.main(["--cpu", "--work", str(work), "--out", str(tmp_path / "o" / keep), "--phases", "passkey",
+                        "--passkey-lengths", "256", "--passkey-samples", "1", "--passkey-keep", keep,
+                        "--no-progress"]) == 0
+        assert seen[0][0] == "dense" and seen[1] == ("sparse", *want, 0.1)
+        with open(tmp_path / "o" / keep / "finetune_run.json") as f:
+            pk = json.load(f)["passkey"]
+        assert pk["passkey_keep"] == keep and pk["paired"]["lost"] == 5 and pk["paired"]["n"] == 5
+        assert (pk["keep_rules"]["seer_keep_sink"], pk["keep_rules"]["seer_keep_local"],
+                pk["keep_rules"]["seer_dense_last_rows"]) == want
+        assert f"keep rules of c0.1: seer_sparsity_method=nz_ratio, seer_nz_ratio=0.1, seer_keep_diagonal=True, " \
+               f"seer_keep_sink={want[0]}" in (tmp_path / "o" / keep / "finetune_run.md").read_text()

@@ -2,7 +2,7 @@
 sparse path's bf16 gradients (the kernels' dense variant, and every block kept through the
 block-sparse kernels) are within the 2x low-precision budget of the dense SDPA path's, and a
 YaRN step at 4096 tokens under bf16 autocast over float32 weights, with checkpointing and the
-gate loss, trains."""
+gate loss, trains; a checkpointed step selects once per layer and equals the plain one."""
 import pytest
 import torch
 
@@ -72,3 +72,33 @@ def test_yarn_step_with_gate_loss_under_autocast_and_checkpointing(tmp_path, mon
     assert calls == [torch.bfloat16] * 4  # 2 steps x 2 layers, no second pass in the recompute, bf16 kernels
     assert all(p.dtype == torch.float32 for p in model.parameters())  # float32 master weights
     assert all(not torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+@pytest.mark.parametrize("density", [0.3, 1.0], ids=["density-0.3", "density-1"])
+def test_checkpointed_step_selects_once_per_layer_and_equals_the_plain_step(tmp_path, density, monkeypatch):
+    """bf16 autocast, Triton kernels: the recompute of a checkpointed layer attends with its
+    forward's mask (one selection per layer and step; none at density 1), and the gradients
+    are those of the same step without checkpointing, bit for bit."""
+    import seer_attn.modeling_seer.seer_layer as layer
+
+    calls, real = [], layer.select_blocks_for
+    monkeypatch.setattr(layer, "select_blocks_for", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    x = torch.randint(0, 512, (1, 2048), generator=torch.Generator().manual_seed(2)).cuda()
+    grads = {}
+    for ckpt in (False, True):
+        model = _model(torch.float32)
+        trainer = SeerFineTuneTrainer(model=model, args=_args(tmp_path, density=density, train_gates=False, bf16=True,
+                                                              **{CHECKPOINTING_ARG: ckpt}))
+        if ckpt and hasattr(model, "activation_checkpointing_enable"):  # what train() does (5.x names it so)
+            model.activation_checkpointing_enable({"use_reentrant": False})
+        elif ckpt:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
+        calls.clear()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = trainer.compute_loss(model, {"input_ids": x})
+        loss.backward()
+        assert len(calls) == (2 if density < 1 else 0)  # 2 layers, forward only
+        grads[ckpt] = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert set(grads[False]) == set(grads[True])
+    assert all(torch.equal(grads[False][n], grads[True][n]) for n in grads[False])

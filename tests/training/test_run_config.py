@@ -1,5 +1,5 @@
 """seer_attn.training.run_config: run configs checked on creation, built from the command line
-at its edge, recorded in results envelopes; DistillConfig as the training tier's one."""
+at its edge, recorded in results envelopes; DistillConfig and FineTuneConfig, the training tier's."""
 import argparse
 import dataclasses
 import json
@@ -139,3 +139,46 @@ def test_run_distill_takes_a_config():
     from seer_attn.training.distill import run_distill
     with pytest.raises(TypeError, match="run_distill takes a DistillConfig, got Namespace"):
         run_distill(argparse.Namespace(steps=1))
+
+
+# ----------------------------------------------------------------------------- FineTuneConfig
+
+def test_finetune_config_defaults_are_the_command_lines():
+    from seer_attn.training.finetune import LORA_TARGETS, FineTuneConfig, add_finetune_args
+    args = add_finetune_args(argparse.ArgumentParser()).parse_args([])
+    assert {f.name for f in dataclasses.fields(FineTuneConfig)} == set(vars(args))  # every field is an option
+    assert config_from_args(FineTuneConfig, args) == FineTuneConfig()
+    cfg = FineTuneConfig(data=["a.jsonl"], lora_targets=["q_proj", "v_proj"], density=0.1, yarn_factor=4)
+    assert cfg.data == ("a.jsonl",) and cfg.lora_targets == ("q_proj", "v_proj") and cfg.selection == "nz_ratio=0.1"
+    assert FineTuneConfig().lora_targets == LORA_TARGETS and FineTuneConfig().selection == "dense"
+    assert FineTuneConfig().output == "seer_outputs/finetune"  # a git-ignored folder
+    env = json.loads(json.dumps(envelope("finetune", [], config=dataclasses.asdict(cfg), command=["x"])))
+    assert FineTuneConfig(**env["config"]) == cfg
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"yarn_factor": 0.5}, "yarn_factor=0.5 is invalid: expected a number 1 <= x"),
+    ({"density": 0}, "density=0 is invalid: expected a number 0 < x <= 1"),
+    ({"density": 1.5}, "density=1.5 is invalid: expected a number 0 < x <= 1"),
+    ({"threshold": 1}, "threshold=1 is invalid: expected a number 0 < x < 1"),
+    ({"density": 0.5, "threshold": 0.01}, "density=0.5 and threshold=0.01: give one, not both"),
+    ({"seq_len": 128}, "seq_len=128 is invalid: expected an integer >= 256"),
+    ({"gate_loss_stride": 0}, "gate_loss_stride=0 is invalid: expected an integer >= 1"),
+    ({"lora_r": 0}, "lora_r=0 is invalid: expected an integer >= 1"),
+    ({"lora_dropout": 1.0}, "lora_dropout=1.0 is invalid: expected a number 0 <= x < 1"),
+    ({"lora_targets": []}, "lora_targets=() is invalid: expected at least one value"),
+    ({"packing": "mixed"}, "packing='mixed' is invalid: expected one of ('per-source', 'joined')"),
+    ({"bf16": 1}, "bf16=1 is invalid: expected True or False"),
+], ids=["factor", "density-0", "density-1.5", "threshold-1", "density-and-threshold", "seq-len", "stride", "lora-r",
+        "dropout", "targets", "packing", "bf16"])
+def test_finetune_config_refuses_bad_fields(fields, message):
+    from seer_attn.training.finetune import FineTuneConfig
+    with pytest.raises(ValueError) as err:
+        FineTuneConfig(**fields)
+    assert str(err.value).startswith(message) and "\n" not in str(err.value)
+
+
+def test_run_finetune_takes_a_config():
+    from seer_attn.training.finetune import run_finetune
+    with pytest.raises(TypeError, match="run_finetune takes a FineTuneConfig, got Namespace"):
+        run_finetune(argparse.Namespace(steps=1))

@@ -1,0 +1,124 @@
+"""The work of a sparse prefill in training (docs/experiments/finetune_step_time.md): at
+nz_ratio 1 no block scores are computed (the mask is every causal block whatever the
+scores), the recompute of an activation-checkpointed layer attends with the mask of its
+forward instead of scoring and selecting again, and frozen gates build no autograd graph.
+Each shortcut is checked against the computation it replaces: same masks, densities,
+logits and gradients."""
+import pytest
+import torch
+
+import seer_attn.modeling_seer.seer_layer as layer
+from seer_attn.modeling_seer import SeerForwardContext, select_blocks_for
+from seer_attn.modeling_seer.conversion import from_stock
+from seer_attn.modeling_seer.families import FAMILIES
+
+
+
+class _Count:
+    """Counts the calls of ``seer_layer.select_blocks_for`` (every selection of a sparse prefill)."""
+
+    def __init__(self, monkeypatch):
+        self.calls = 0
+
+        def counted(*a, **kw):
+            self.calls += 1
+            return select_blocks_for(*a, **kw)
+        monkeypatch.setattr(layer, "select_blocks_for", counted)
+
+
+VOCAB = 96  # the tiny models' (tests/modeling_seer/conftest.py)
+
+
+def _ids(T, B=1, seed=0):
+    return torch.randint(0, VOCAB, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+def _windowed_mistral(tiny_kwargs):
+    torch.manual_seed(0)
+    fam = FAMILIES["mistral"]
+    stock = fam.stock_model_class(fam.stock_config_class(**tiny_kwargs, sliding_window=150)).eval()
+    return from_stock(stock, seer_gate_hidden_size=32), 150
+
+
+@pytest.mark.parametrize("case", ["llama", "llama-left-padded", "mistral-window-150"])
+@torch.no_grad()
+def test_every_block_computes_no_scores(tiny, tiny_kwargs, case, monkeypatch):
+    if case.startswith("mistral"):
+        model, window = _windowed_mistral(tiny_kwargs)
+    else:
+        model, window = tiny(seed=1), None
+    T, B = 450, 2
+    ids = _ids(T, B, seed=2)
+    mask = torch.ones(B, T, dtype=torch.long)
+    if case.endswith("padded"):
+        mask[1, :101] = 0
+    dense = model(ids, attention_mask=mask).logits
+    model.set_seer_mode("sparse", seer_sparsity_method="nz_ratio", seer_nz_ratio=1.0)
+
+    def no_scores(*a, **kw):
+        raise AssertionError("block scores computed at nz_ratio 1")
+    monkeypatch.setattr(layer.AttnGate, "forward", no_scores)
+    monkeypatch.setattr(layer, "select_blocks_for", no_scores)
+    ctx = SeerForwardContext(masks=[])
+    sparse = model(ids, attention_mask=mask, seer_ctx=ctx).logits
+    real = mask.bool()
+    torch.testing.assert_close(sparse[real], dense[real], atol=2e-5, rtol=1e-5)
+    assert torch.equal(model.seer_density(), torch.ones(2, B, 4))
+    # the recorded masks are what the selection gives at nz_ratio 1 for any scores
+    NB = (T + 63) // 64
+    want = select_blocks_for(torch.randn(B, 4, NB, NB), model.config, window)
+    assert len(ctx.masks) == 2 and all(torch.equal(m, want) for m in ctx.masks)
+
+
+def _enable_checkpointing(model):
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable({"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+@pytest.mark.parametrize("nz_ratio", [0.4, 1.0], ids=["nz_ratio-0.4", "nz_ratio-1"])
+def test_checkpoint_recompute_reuses_the_forward_mask(tiny, nz_ratio, monkeypatch):
+    count = _Count(monkeypatch)
+    x = _ids(400, seed=3)
+    runs = {}
+    for name in ("plain", "checkpointed"):
+        model = tiny(seed=4, seer_mode="sparse", seer_sparsity_method="nz_ratio", seer_nz_ratio=nz_ratio,
+                     seer_dense_last_rows=0).train()
+        if name == "checkpointed":
+            _enable_checkpointing(model)
+        count.calls = 0
+        ctx = SeerForwardContext()
+        model(input_ids=x, labels=x, use_cache=False, seer_ctx=ctx).loss.backward()
+        runs[name] = ({n: p.grad for n, p in model.named_parameters() if p.grad is not None}, count.calls,
+                      len(ctx.densities), set(ctx.layer_masks), model.seer_density())
+    (plain, calls, n_dens, kept, dens), (ckpt, ckpt_calls, ckpt_dens, ckpt_kept, ckpt_density) = runs.values()
+    # one selection per layer (none at nz_ratio 1), one density per layer: the recompute adds neither
+    assert calls == ckpt_calls == (2 if nz_ratio < 1 else 0)
+    assert n_dens == ckpt_dens == 2 and kept == ckpt_kept == {0, 1}
+    assert torch.equal(dens, ckpt_density) and (nz_ratio == 1.0) == bool((dens == 1).all())
+    # the recompute is the same computation with the same masks: bit-identical gradients
+    assert set(plain) == set(ckpt) and all(torch.equal(plain[n], ckpt[n]) for n in plain)
+
+
+@torch.no_grad()
+def test_inference_keeps_no_masks(tiny):
+    model = tiny(seer_mode="sparse", seer_sparsity_method="nz_ratio", seer_nz_ratio=0.4)
+    ctx = SeerForwardContext()
+    model(_ids(300), seer_ctx=ctx)
+    assert ctx.layer_masks == {} and len(ctx.densities) == 2  # nothing held past its layer without a graph
+
+
+@pytest.mark.parametrize("gate_loss_layers", [None, frozenset({0})], ids=["frozen", "gate-loss-layer-0"])
+def test_gate_scores_need_autograd_only_in_gate_loss_layers(tiny, gate_loss_layers):
+    model = tiny(seer_mode="sparse", seer_sparsity_method="nz_ratio", seer_nz_ratio=0.4).train()
+    graph = {}
+    hooks = [lyr.self_attn.attn_gate.register_forward_hook(lambda mod, args, out, i=i: graph.__setitem__(
+        i, out.requires_grad)) for i, lyr in enumerate(model.model.layers)]
+    x = _ids(300, seed=5)
+    out = model(input_ids=x, labels=x, use_cache=False, seer_ctx=SeerForwardContext(gate_loss_layers=gate_loss_layers))
+    for h in hooks:
+        h.remove()
+    assert out.loss.requires_grad
+    # frozen selection runs under no_grad: the pooled gate inputs and scores record no graph
+    assert graph == {0: gate_loss_layers is not None, 1: False}
