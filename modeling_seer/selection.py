@@ -354,8 +354,9 @@ def select_decode_blocks(scores, first_block, method, budget=2048, share=0.1, th
         prepared: :func:`prepare_decode_selection` of the same step (computed here when None).
 
     Returns:
-        ``(idx, cnt)``: int32 ``[B, H, K]`` block lists for :func:`block_sparse_decode` (-1
-        entries are skipped; the current block last) and int32 ``[B, H]`` the number of kept blocks.
+        ``(idx, cnt)``: int32 ``[B, H, K]`` block lists for :func:`block_sparse_decode` and int32
+        ``[B, H]`` the number of kept blocks: the first ``cnt`` entries of a row are the kept
+        blocks (the current block first), the rest -1.
     """
     B, H, NC = scores.shape
     if prepared is None:
@@ -373,5 +374,9 @@ def select_decode_blocks(scores, first_block, method, budget=2048, share=0.1, th
         if prepared["last_rank"] is not None:
             drop |= torch.arange(prepared["k"], device=s.device) >= prepared["last_rank"]
         idx = idx.to(torch.int32).masked_fill_(drop, -1)
-    idx = torch.cat([idx, prepared["current"].expand(B, H, 1)], dim=-1)
+    # The current block first: the kept blocks are then the first ``cnt`` entries of each row
+    # (top-k and threshold lists keep theirs as a prefix, -1 after), which is what
+    # ``block_counts`` means to the kernel. Appended last, it fell outside ``cnt`` whenever a
+    # row had dropped entries (left padding, ``share``'s per-row rank, ``threshold``).
+    idx = torch.cat([prepared["current"].expand(B, H, 1), idx], dim=-1)
     return idx, (idx >= 0).sum(-1, dtype=torch.int32)

@@ -100,17 +100,19 @@ def test_select_decode_blocks_methods_and_forced_blocks():
             for h in range(H):
                 blocks = idx[b, h][idx[b, h] >= 0].tolist()
                 assert len(blocks) == len(set(blocks)) == cnt[b, h]
-                assert blocks[-1] == NC and int(first[b]) in blocks  # current and sink
+                assert blocks[0] == NC and int(first[b]) in blocks  # current and sink
+                assert (idx[b, h, :cnt[b, h]] >= 0).all()  # the kept blocks are the first cnt entries
                 assert min(blocks) >= first[b]
                 if method == "budget" and want[b] < NC:  # the best-scoring candidates besides the sink
                     cand = scores[b, h, int(first[b]) + 1:]
                     best = set((torch.topk(cand, want[b] - 2).indices + int(first[b]) + 1).tolist())
-                    assert set(blocks[:-1]) - {int(first[b])} == best
+                    assert set(blocks[1:]) - {int(first[b])} == best
     idx, cnt = select_decode_blocks(scores, first, "threshold", threshold=0.05)
     p = torch.softmax(scores[0].masked_fill(torch.zeros(NC, dtype=torch.bool), 0), -1)
     for h in range(H):
         want = set((p[h] >= 0.05).nonzero().flatten().tolist()) | {0, NC}
         assert set(idx[0, h][idx[0, h] >= 0].tolist()) == want
+        assert set(idx[0, h, :cnt[0, h]].tolist()) == want
     idx, cnt = select_decode_blocks(torch.zeros(B, H, 0), torch.tensor([0, 0]), "budget")
     assert idx.tolist() == [[[0]] * H] * B  # the first block: only itself
 
@@ -132,6 +134,41 @@ def test_every_block_selected_equals_dense_decode_token_for_token(tiny, prefill)
         assert torch.equal(sparse.sequences, dense.sequences)
         torch.testing.assert_close(torch.stack(sparse.scores), torch.stack(dense.scores), atol=2e-5, rtol=1e-5)
         assert torch.equal(m.seer_decode_density(), torch.ones(2))
+
+
+SHARE_1 = dict(seer_decode_method="share", seer_decode_share=1.0)
+KEEP_ALL_THRESHOLD = dict(seer_decode_method="threshold", seer_decode_threshold=1e-9)
+
+
+@pytest.mark.parametrize("method, backend", [
+    pytest.param(SHARE_1, "torch", id="share-1-reference"),
+    pytest.param(KEEP_ALL_THRESHOLD, "torch", id="threshold-keeps-all-reference"),
+    pytest.param(SHARE_1, "triton", id="share-1-triton-kernel"),  # the interpreter is slow: one case
+])
+@torch.no_grad()
+def test_every_block_selected_equals_dense_decode_with_unaligned_left_padding(tiny, monkeypatch, backend, method):
+    """The GPU test's structure at CPU size: a batch left-padded by 0 / 40 / 100 slots (the
+    last sequence's first block is padding only), prompts of several blocks, decode steps
+    across a block boundary, every block selected: each step's logits are dense decode's,
+    through the torch reference and through the Triton kernel (interpreter on CPU). Selection
+    lists with dropped entries (padding blocks, thresholds) once put the current block after
+    the ``block_counts`` prefix the kernel reads."""
+    import functools
+
+    from seer_attn.kernels.block_sparse_decode import block_sparse_decode
+    from seer_attn.modeling_seer import seer_layer
+    monkeypatch.setattr(seer_layer, "block_sparse_decode", functools.partial(block_sparse_decode, backend=backend))
+    m = tiny(**DECODE)
+    ids, mask = _left_pad([_ids(250 - pad, seed=20 + pad)[0] for pad in (0, 40, 100)], 250)
+
+    def run(**kw):
+        out = _greedy(m, ids, 10, attention_mask=mask, output_logits=True, return_dict_in_generate=True, **kw)
+        return out.sequences, torch.stack(out.logits, 1)
+    seq, dense = run()
+    m.set_seer_mode("dense", seer_decode_sparsity=True, **method)
+    _, sparse = run(prefix_allowed_tokens_fn=lambda b, prefix: [int(seq[b, prefix.shape[-1]])])
+    assert torch.equal(m.seer_decode_density(), torch.ones(3))
+    torch.testing.assert_close(sparse, dense, atol=2e-5, rtol=1e-5)
 
 
 @torch.no_grad()
