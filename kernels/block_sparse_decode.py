@@ -163,6 +163,10 @@ def _prec(dtype):
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
+# torch.compile (e.g. transformers' auto-compiled decode loop) must not trace into the launch:
+# inductor re-analyses user-defined Triton kernels and refused this one's ``tl.dot`` with an
+# accumulator. Dynamo calls the launcher as it is, between graphs.
+@torch.compiler.disable
 def _decode_fwd(q, k, v, idx, cnt, lens, starts, sm_scale, block_size, num_splits):
     B, HQ, _, D = q.shape
     H = k.shape[1]

@@ -417,13 +417,17 @@ class SeerCausalLMMixin:
 
     def generate(self, *args, **kwargs):
         """``GenerationMixin.generate``; with ``seer_decode_sparsity`` beam search is refused
-        (it reorders the KV cache, which the pooled-K cache does not follow)."""
+        (it reorders the KV cache, which the pooled-K cache does not follow) and the forward
+        is never compiled: transformers compiles the decode steps of a static cache
+        (``torch.compile``, CUDA graphs by default), but the pooled-K cache is Python state that
+        each step updates and a compiled, graph-replayed step would not (``disable_compile``)."""
         if self.config.seer_decode_sparsity:
             gen_cfg = kwargs.get("generation_config") or self.generation_config
             beams = kwargs.get("num_beams", getattr(gen_cfg, "num_beams", 1))
             if beams is not None and beams > 1:
                 raise ValueError(f"num_beams={beams}: seer_decode_sparsity does not support beam search; use greedy "
                                  "or sampling, or set_seer_mode(..., seer_decode_sparsity=False)")
+            kwargs["disable_compile"] = True
         return super().generate(*args, **kwargs)
 
     # -- modes and statistics ------------------------------------------------------------

@@ -242,6 +242,66 @@ def test_qwen2_family_decodes_sparsely(sliding):
     assert torch.allclose(m.seer_decode_density(), torch.tensor([2 / 5]))  # over the sparse layers
 
 
+# ----------------------------------------------------------------------------- torch.compile
+
+def test_generate_never_compiles_the_forward_under_decode_sparsity(tiny, monkeypatch):
+    """transformers compiles a static cache's decode steps (CUDA only, unless the compile config
+    says every device): never with decode sparsity on, whose pooled-K cache is Python state."""
+    from transformers import CompileConfig
+    m = tiny(**DECODE, seer_decode_budget=3 * 64)
+    compiled = []
+    monkeypatch.setattr(m, "get_compiled_call", lambda cfg: (compiled.append(cfg), m.__call__)[1])
+    cfg = CompileConfig(backend="eager")
+    cfg._compile_all_devices = True
+    x = _ids(150, seed=12)
+    kw = dict(cache_implementation="static", compile_config=cfg)
+    _greedy(m, x, 3, **kw)
+    assert compiled  # dense decode: transformers would compile (the spy hands back the plain forward)
+    compiled.clear()
+    m.set_seer_mode("dense", seer_decode_sparsity=True)
+    _greedy(m, x, 3, **kw)
+    assert not compiled
+
+
+@torch.no_grad()
+def test_compiled_decode_step_launches_the_triton_kernel_eagerly(tiny, monkeypatch):
+    """torch.compile of a sparse decode step (backend "eager": dynamo only) does not trace into
+    the Triton launcher: every launch runs outside tracing (dynamo breaks the graph around it)
+    and the logits equal the uncompiled step's."""
+    import functools
+    import importlib
+
+    from seer_attn.modeling_seer import seer_layer
+    mod = importlib.import_module("seer_attn.kernels.block_sparse_decode")
+    monkeypatch.setattr(seer_layer, "block_sparse_decode", functools.partial(mod.block_sparse_decode, backend="triton"))
+    compiling = []
+
+    class Spy:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                compiling.append(torch.compiler.is_compiling())
+                return self.kernel[grid](*args, **kwargs)
+            return launch
+    monkeypatch.setattr(mod, "_decode_split_kernel", Spy(mod._decode_split_kernel))
+    m = tiny(**DECODE, seer_decode_sparsity=True, seer_decode_budget=2 * 64)
+    x = _ids(150, B=2, seed=13)
+    caches = [DynamicCache(config=m.config) for _ in range(2)]
+    for cache in caches:
+        tok = m(x, **{CACHE: cache}, use_cache=True).logits[:, -1:].argmax(-1)
+    eager = m(tok, **{CACHE: caches[0]}, use_cache=True).logits
+    torch._dynamo.reset()
+    compiling.clear()
+    try:
+        compiled = torch.compile(m, backend="eager")(tok, **{CACHE: caches[1]}, use_cache=True).logits
+    finally:
+        torch._dynamo.reset()
+    assert compiling == [False] * m.config.num_hidden_layers
+    torch.testing.assert_close(compiled, eager, atol=1e-6, rtol=1e-6)
+
+
 # ----------------------------------------------------------------------------- refusals
 
 @torch.no_grad()
