@@ -123,7 +123,7 @@ def check_decode_inputs(q, k_cache, v_cache, block_index_or_mask, seq_lens, sm_s
     """Validate the arguments of :func:`block_sparse_decode` (see there) and bring the block
     selection to its one internal form, per-row block lists.
 
-    Returns ``(B, HQ, H, S, D, scale, idx, cnt, lens, starts)``: ``idx`` int32 ``[B, H, K]``
+    Returns ``(B, HQ, H, S, D, scale, idx, cnt, lens, starts)``: ``idx`` int32 or int64 ``[B, H, K]``
     block indices of which the first ``cnt`` (int32 ``[B, H]``) entries are read (entries
     outside ``[0, NB)`` are skipped), ``lens`` / ``starts`` int32 ``[B]`` (``starts`` None when
     not given). Raises TypeError / ValueError naming the offending argument and value;
@@ -166,7 +166,7 @@ def check_decode_inputs(q, k_cache, v_cache, block_index_or_mask, seq_lens, sm_s
     else:
         if sel.dim() != 3 or tuple(sel.shape[:2]) != (B, H):
             raise ValueError(f"block indices must have shape [B, H, K] = ({B}, {H}, K), got {tuple(sel.shape)}")
-        idx = sel.to(torch.int32).contiguous()
+        idx = (sel if sel.dtype in (torch.int32, torch.int64) else sel.to(torch.int32)).contiguous()
         if block_counts is None:
             cnt = torch.full((B, H), idx.shape[-1], dtype=torch.int32, device=q.device)
         else:

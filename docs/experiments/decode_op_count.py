@@ -3,7 +3,7 @@
 A decode step on the GPU is launch-bound when every layer runs dozens of small torch ops
 around the attention kernel. This script counts, for a random SeerLlama at two depths,
 the aten operators one decode forward dispatches (views and other metadata-only ops apart
-from the ops that launch work) and the Triton launches, with dense decode and with sparse
+and allocations apart from the ops that launch work) and the Triton launches, with dense decode and with sparse
 decode through the Triton kernels (run by the interpreter here; the counts are the GPU's:
 the same Python runs there). From the two depths it solves ops = per_step + layers *
 per_layer, and prints the sparse decode's extra work per layer over dense decode.
@@ -31,6 +31,8 @@ VIEW_OPS = {"view", "_unsafe_view", "reshape", "permute", "transpose", "expand",
             "_reshape_alias", "view_as", "expand_as", "sym_size", "sym_stride", "sym_numel", "dim", "is_same_size",
             "_local_scalar_dense_meta", "sym_storage_offset", "unflatten", "flatten", "contiguous", "diagonal",
             "_to_copy_meta", "is_contiguous", "stride", "size"}
+#: ops that only allocate (the caching allocator; no kernel)
+ALLOC_OPS = {"empty", "empty_strided", "empty_like", "new_empty", "new_empty_strided"}
 
 
 class OpCounter(TorchDispatchMode):
@@ -44,7 +46,7 @@ class OpCounter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
     def launching(self):
-        return sum(n for name, n in self.ops.items() if name not in VIEW_OPS)
+        return sum(n for name, n in self.ops.items() if name not in VIEW_OPS and name not in ALLOC_OPS)
 
     def total(self):
         return sum(self.ops.values())

@@ -86,11 +86,14 @@ def test_pooled_k_cache_equals_pooling_the_full_k_at_every_step(tiny, cache_kind
 # ----------------------------------------------------------------------------- selection
 
 def test_select_decode_blocks_methods_and_forced_blocks():
+    """Each method's kept blocks are the first ``cnt`` entries of a row: distinct, the sink and
+    the current block among them, no padding block, the best-scoring full blocks otherwise."""
     gen = torch.Generator().manual_seed(0)
     B, H, NC = 2, 3, 20
-    scores = torch.randn(B, H, NC, generator=gen)
+    scores = torch.randn(B, H, NC + 1, generator=gen)  # full blocks 0 .. 19, then the current block 20
     first = torch.tensor([0, 5])  # row 1: blocks 0-4 are left padding, its sink is block 5
     scores[1, :, :5] = 50.0  # padding blocks must never be read, whatever their score
+    scores[:, :, NC] = -50.0  # the current block's value is ignored: it is always read
     for method, kw, want in [("budget", dict(budget=6 * 64), [6, 6]),
                              ("share", dict(share=0.25), [6, 4]),  # ceil(0.25 * 21), ceil(0.25 * 16)
                              ("budget", dict(budget=64 * 64), [21, 16])]:  # more than there is: everything
@@ -98,23 +101,23 @@ def test_select_decode_blocks_methods_and_forced_blocks():
         assert cnt.tolist() == [[want[0]] * H, [want[1]] * H], (method, kw)
         for b in range(B):
             for h in range(H):
-                blocks = idx[b, h][idx[b, h] >= 0].tolist()
-                assert len(blocks) == len(set(blocks)) == cnt[b, h]
-                assert blocks[0] == NC and int(first[b]) in blocks  # current and sink
-                assert (idx[b, h, :cnt[b, h]] >= 0).all()  # the kept blocks are the first cnt entries
-                assert min(blocks) >= first[b]
-                if method == "budget" and want[b] < NC:  # the best-scoring candidates besides the sink
-                    cand = scores[b, h, int(first[b]) + 1:]
+                blocks = idx[b, h, :cnt[b, h]].tolist()
+                assert len(set(blocks)) == len(blocks) == want[b]
+                assert {NC, int(first[b])} <= set(blocks)  # current and sink
+                assert min(blocks) >= first[b] and max(blocks) <= NC
+                if want[b] < NC + 1 - first[b]:  # the best-scoring full blocks besides the sink
+                    cand = scores[b, h, int(first[b]) + 1:NC]
                     best = set((torch.topk(cand, want[b] - 2).indices + int(first[b]) + 1).tolist())
-                    assert set(blocks[1:]) - {int(first[b])} == best
+                    assert set(blocks) - {NC, int(first[b])} == best
     idx, cnt = select_decode_blocks(scores, first, "threshold", threshold=0.05)
-    p = torch.softmax(scores[0].masked_fill(torch.zeros(NC, dtype=torch.bool), 0), -1)
-    for h in range(H):
-        want = set((p[h] >= 0.05).nonzero().flatten().tolist()) | {0, NC}
-        assert set(idx[0, h][idx[0, h] >= 0].tolist()) == want
-        assert set(idx[0, h, :cnt[0, h]].tolist()) == want
-    idx, cnt = select_decode_blocks(torch.zeros(B, H, 0), torch.tensor([0, 0]), "budget")
-    assert idx.tolist() == [[[0]] * H] * B  # the first block: only itself
+    for b in range(B):
+        p = torch.softmax(scores[b, :, first[b]:NC], -1)  # over the sequence's full blocks
+        for h in range(H):
+            want = set((p[h] >= 0.05).nonzero().flatten().add(int(first[b])).tolist()) | {int(first[b]), NC}
+            assert sorted(idx[b, h, :cnt[b, h]].tolist()) == sorted(want)
+    for method in ("budget", "share", "threshold"):  # the first block is the current one: only itself
+        idx, cnt = select_decode_blocks(torch.zeros(B, H, 1), torch.tensor([0, 0]), method)
+        assert cnt.tolist() == [[1] * H] * B and idx[..., 0].tolist() == [[0] * H] * B
 
 
 # ----------------------------------------------------------------------------- generation
