@@ -107,7 +107,9 @@ class PooledKCache:
     def __init__(self, num_layers, starts, block_size, k_pooling):
         self.block_size, self.k_pooling = block_size, tuple(k_pooling)
         self.starts = starts.long()
-        self.padded = bool((starts > 0).any())
+        starts_host = self.starts.tolist()  # one sync, at the prefill
+        self.padded = any(s > 0 for s in starts_host)
+        self.first_block_host = [s // block_size for s in starts_host]
         self.starts32 = self.starts.to(torch.int32) if self.padded else None  # the kernel's seq_starts
         self.first_block = self.starts // block_size  # each sequence's sink block
         self.layers = [_LayerBlocks() for _ in range(num_layers)]
@@ -278,7 +280,7 @@ class DecodeStep:
         sel = self.tables.selections.get(key)
         if sel is None:
             sel = prepare_decode_selection(self.state.first_block, self.current, method, budget, share,
-                                           self.state.block_size, num_heads)
+                                           self.state.block_size, num_heads, self.state.first_block_host)
             self.tables.selections[key] = sel
         return sel
 

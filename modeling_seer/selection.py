@@ -305,7 +305,7 @@ DECODE_METHODS = ("budget", "share", "threshold")
 
 
 def prepare_decode_selection(first_block, num_candidates, method, budget=2048, share=0.1, block_size=64,
-                             num_heads=1):
+                             num_heads=1, first_block_host=None):
     """What :func:`select_decode_blocks` needs besides the scores, for one decode step of a
     batch: the same for every layer, so a model makes it once per step.
 
@@ -313,13 +313,16 @@ def prepare_decode_selection(first_block, num_candidates, method, budget=2048, s
         first_block: long ``[B]``, each sequence's sink block (its first block holding a real token).
         num_candidates: NC, the full blocks before the current block (whose index is NC).
         num_heads: KV heads (the width of ``cnt``).
+        first_block_host: ``first_block`` as a list of ints (optional, no device sync): when
+            every row keeps all ``k`` top-k entries, the top-k need not sort them.
 
     Returns a dict: ``bias`` float32 ``[B, 1, NC + 1]`` added to the scores (-inf on
     left-padding blocks; for the top-k methods +inf on the sink and the current block, which
     top-k then lists first; for ``threshold`` -inf on the current block, left out of the
     softmax), ``forced`` bool ``[B, 1, NC + 1]`` (sink and current; ``threshold`` only), ``k``
-    the top-k width and ``cnt`` int32 ``[B, num_heads]`` the blocks each row keeps (top-k
-    methods; ``threshold`` counts per head)."""
+    the top-k width, ``cnt`` int32 ``[B, num_heads]`` the blocks each row keeps (top-k
+    methods; ``threshold`` counts per head) and ``sorted``: whether the top-k must list its
+    entries best first (a row keeps fewer than ``k``: its kept ones must come first)."""
     NC = num_candidates
     dev = first_block.device
     first_block = first_block.long()
@@ -327,7 +330,7 @@ def prepare_decode_selection(first_block, num_candidates, method, budget=2048, s
     padding = (j[None, :] < first_block[:, None])[:, None]  # [B, 1, NC + 1]
     forced = ((j[None, :] == first_block[:, None]) | (j[None, :] == NC))[:, None]
     bias = torch.zeros(padding.shape, device=dev).masked_fill_(padding, float("-inf"))
-    out = {"method": method, "k": NC + 1, "cnt": None, "forced": None}
+    out = {"method": method, "k": NC + 1, "cnt": None, "forced": None, "sorted": True}
     n = NC + 1 - first_block  # the sequence's blocks, the current one included
     if method == "budget":
         out["k"] = min(NC + 1, max(2, budget // block_size))
@@ -343,6 +346,10 @@ def prepare_decode_selection(first_block, num_candidates, method, budget=2048, s
     if method != "threshold":
         bias.masked_fill_(forced, float("inf"))
         out["cnt"] = cnt.to(torch.int32)[:, None].expand(-1, num_heads).contiguous()
+        if first_block_host is not None:  # the same counts on the host: does every row keep all k?
+            ns = [NC + 1 - f for f in first_block_host]
+            keep = ns if method == "budget" else [min(max(2, math.ceil(share * n)), n) for n in ns]
+            out["sorted"] = min(keep) < out["k"]
     out["bias"] = bias
     return out
 
@@ -375,7 +382,7 @@ def select_decode_blocks(scores, first_block, method, budget=2048, share=0.1, th
                                             block_size, H)
     s = scores + prepared["bias"]  # float32 (the bias's dtype wins)
     if method != "threshold":
-        return torch.topk(s, prepared["k"], dim=-1, sorted=True).indices, prepared["cnt"]
+        return torch.topk(s, prepared["k"], dim=-1, sorted=prepared["sorted"]).indices, prepared["cnt"]
     # threshold: the kept blocks are the best-scoring ones, so a sort lists them first
     forced = prepared["forced"]
     keep = (torch.softmax(s, dim=-1) >= threshold) | forced  # NaN (no full block) keeps nothing

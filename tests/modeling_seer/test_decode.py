@@ -120,6 +120,29 @@ def test_select_decode_blocks_methods_and_forced_blocks():
         assert cnt.tolist() == [[1] * H] * B and idx[..., 0].tolist() == [[0] * H] * B
 
 
+def test_top_k_skips_sorting_only_when_every_row_keeps_k():
+    """The model passes the sink blocks as host ints: a top-k whose rows all keep their k
+    entries need not sort them (the same kept sets); a row with fewer candidates than k must
+    get its kept blocks first, so it sorts."""
+    from seer_attn.modeling_seer.selection import prepare_decode_selection
+    gen = torch.Generator().manual_seed(1)
+    B, H, NC = 2, 3, 20
+    scores = torch.randn(B, H, NC + 1, generator=gen)
+    for first, method, kw, want_sorted in [([0, 2], "budget", dict(budget=6 * 64), False),
+                                           ([0, 17], "budget", dict(budget=6 * 64), True),  # row 1: 4 blocks
+                                           ([0, 2], "share", dict(share=0.25), True),  # 6 and 5 of k = 6
+                                           ([0, 0], "share", dict(share=0.25), False)]:
+        fb = torch.tensor(first)
+        prepared = prepare_decode_selection(fb, NC, method, num_heads=H, first_block_host=first, **kw)
+        assert prepared["sorted"] == want_sorted, (first, method)
+        idx, cnt = select_decode_blocks(scores, fb, method, prepared=prepared)
+        ref_idx, ref_cnt = select_decode_blocks(scores, fb, method, **kw)  # sorted
+        assert torch.equal(cnt, ref_cnt)
+        for b in range(B):
+            for h in range(H):
+                assert set(idx[b, h, :cnt[b, h]].tolist()) == set(ref_idx[b, h, :cnt[b, h]].tolist())
+
+
 # ----------------------------------------------------------------------------- generation
 
 @pytest.mark.parametrize("prefill", ["dense", "sparse"])
