@@ -216,7 +216,7 @@ def gate_step(B, S, share, seed, device="cuda"):
     keys = buf[:, :, :cur + 1]  # the full blocks and the current block's row
     q_pre = torch.randn(B, HQ, 1, D, device=device).to(dt)
     inv = 1.0 / (500000.0 ** (torch.arange(0, gate.hidden_size, 2, device=device).float() / gate.hidden_size))
-    e = torch.cat([torch.full((B, 1, 1), S - 1.0, device=device) * inv] * 2, -1)
+    e = torch.cat([torch.full((B, 1), S - 1.0, device=device) * inv] * 2, -1)  # [B, G]
     rope = (e.cos().to(dt), e.sin().to(dt))
     first = torch.zeros(B, dtype=torch.long, device=device)
     prepared = prepare_decode_selection(first, cur, "share", share=share, num_heads=H)

@@ -87,11 +87,12 @@ class _BlockTables:
         self.selections, self._cast = {}, {}
 
     def rope_at_slot(self, slot, dtype):
-        """``(cos, sin)`` ``[B, 1, G]`` in ``dtype`` at the block's slot ``slot`` (0 .. 63): views."""
+        """``(cos, sin)`` ``[B, G]`` in ``dtype`` at the block's slot ``slot`` (0 .. 63): views
+        made with the table, so that a layer's step indexes a list."""
         if dtype not in self._cast:
-            self._cast[dtype] = tuple(t.to(dtype) for t in self.rope)
-        cos, sin = self._cast[dtype]
-        return cos[:, slot:slot + 1], sin[:, slot:slot + 1]
+            cos, sin = (t.to(dtype) for t in self.rope)
+            self._cast[dtype] = [(cos[:, i], sin[:, i]) for i in range(cos.shape[1])]
+        return self._cast[dtype][slot]
 
 
 class PooledKCache:
@@ -271,7 +272,7 @@ class DecodeStep:
         self._counts = []
 
     def q_rope(self, dtype):
-        """The gate's ``(cos, sin)`` ``[B, 1, G]`` in ``dtype`` at the new token's position (decode steps)."""
+        """The gate's ``(cos, sin)`` ``[B, G]`` in ``dtype`` at the new token's position (decode steps)."""
         return self.tables.rope_at_slot(self.past % self.state.block_size, dtype)
 
     def selection(self, method, budget, share, num_heads):

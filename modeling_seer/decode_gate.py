@@ -107,8 +107,7 @@ class DecodeGate(nn.Module):
         Args:
             q_pre: pre-RoPE queries of the new token ``[B, HQ, 1, D]``.
             keys: block keys ``[B, H, N, G]`` (:meth:`block_keys`, as the pooled-K cache keeps them).
-            rope: ``(cos, sin)`` ``[B, 1, G]`` (or any shape of ``B * G`` elements) in the keys'
-                dtype at the token's position.
+            rope: ``(cos, sin)`` ``[B, G]`` in the keys' dtype at the token's position.
         """
         B, HQ, _, D = q_pre.shape
         H, G, N, dt = self.num_kv_heads, self.hidden_size, keys.shape[2], keys.dtype
@@ -117,8 +116,8 @@ class DecodeGate(nn.Module):
         qg = torch.empty(B, H, 1, G, dtype=dt, device=y.device)
         out = qg.view(B, H, G).transpose(0, 1)  # written in [H, B] order, laid out [B, H] for the next bmm
         if self.use_rope and rope is not None:
-            torch.mul(y[..., :G], rope[0].view(1, B, G), out=out)
-            out.addcmul_(y[..., G:], rope[1].view(1, B, G))
+            torch.mul(y[..., :G], rope[0], out=out)
+            out.addcmul_(y[..., G:], rope[1])
         else:
             out.copy_(y[..., :G])
         # keys: a slice of the cache's [B, H, capacity, G] buffer, so [B * H, N, G] is a view

@@ -83,6 +83,28 @@ def test_pooled_k_cache_equals_pooling_the_full_k_at_every_step(tiny, cache_kind
     assert m.seer_decode_density() is not None
 
 
+# ----------------------------------------------------------------------------- decode gate
+
+@pytest.mark.parametrize("use_rope", [True, False], ids=["rope", "no-rope"])
+@torch.no_grad()
+def test_step_logits_equal_the_gate_scores(use_rope):
+    """A decode step's two-matmul logits (RoPE folded into the query weight) equal the gate's
+    query / scores path, on keys that are a slice of a larger buffer (the cache's); the folded
+    weight follows q_weight when it changes in place."""
+    from seer_attn.modeling_seer.decode_gate import DecodeGate
+    gen = torch.Generator().manual_seed(2)
+    gate = DecodeGate(8, 2, 16, hidden_size=32, use_rope=use_rope)
+    B = 3
+    q = torch.randn(B, 1, 8, 16, generator=gen).transpose(1, 2)  # laid out as a model's q [B, T, HQ, D]
+    keys = torch.randn(B, 2, 12, 32, generator=gen)[:, :, :7]
+    pos = torch.tensor([[5.0], [9.0], [100.0]])
+    e = torch.cat([pos * 10000 ** (-torch.arange(0, 32, 2) / 32)] * 2, -1)  # [B, G]
+    for _ in range(2):
+        want = gate.scores(gate.query(q, rope=(e.cos()[:, None], e.sin()[:, None])), keys)
+        torch.testing.assert_close(gate.step_logits(q, keys, (e.cos(), e.sin())), want, atol=2e-6, rtol=1e-5)
+        gate.q_weight.mul_(-0.5)
+
+
 # ----------------------------------------------------------------------------- selection
 
 def test_select_decode_blocks_methods_and_forced_blocks():
