@@ -128,9 +128,9 @@ def namespace_from_dict(parser: argparse.ArgumentParser, values: dict) -> argpar
 
 
 def config_of(args, **resolved) -> dict:
-    """A results envelope's ``config`` for the command still configured by an argparse
-    Namespace (finetune_run): every option of ``args`` (the CLI's ``func`` callback left
-    out), then ``resolved``, the values the run picked itself."""
+    """A results envelope's ``config`` for the commands still configured by an argparse
+    Namespace (finetune_run, bench_decode, decode_quality): every option of ``args`` (the
+    CLI's ``func`` callback left out), then ``resolved``, the values the run picked itself."""
     return {**{k: v for k, v in vars(args).items() if not callable(v)}, **resolved}
 
 
