@@ -370,7 +370,8 @@ def passkey(model, tok, config, settings, report):
                  settings[0], "sparse"))
     for name, setting, prefill in runs:
         apply_decode(model, setting, prefill, prefill_opts if prefill == "sparse" else None)
-        res = run_passkey(model, tok, config.passkey_lengths, samples_per_cell=config.passkey_samples, progress=progress)
+        res = run_passkey(model, tok, config.passkey_lengths, samples_per_cell=config.passkey_samples,
+                          progress=progress)
         if name != "dense":
             res["vs_dense"] = paired_passkey(report.passkey["dense"], res)
         report.passkey[name] = res
