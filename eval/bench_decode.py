@@ -4,68 +4,112 @@ and time per output token of an 8B-shaped model, dense vs sparse decode, in one 
 Kernel part: Llama-3.1-8B attention shape (32 query / 8 KV heads, head_dim 128), bf16, one
 decode step (one query token per sequence against a full KV cache of S slots), for every
 batch size B and length S: SDPA with the flash and cuDNN backends (dense, GQA without
-repeating K/V) and ours (:func:`block_sparse_decode`) with every block and with ``--share``
+repeating K/V) and ours (:func:`block_sparse_decode`) with every block and with ``share``
 of the blocks as the model selects them (the decode gate's top-k plus the sink and the
-current block); then the decode gate + selection alone (projection of the query, scores
-against the cached block keys, top-k) and its share of the sparse step
-(gate / (gate + kernel)). Correctness first: ours with every block vs SDPA, ours sparse vs
-the fp32 torch reference.
+current block); ours with no block at all (the launch floor: host work and two launches);
+then what a layer runs before the kernel (the decode gate's logits and the top-k,
+``gate_select_layer``; with the selection's per-block preparation, ``gate_select_step``) and
+its share of the sparse step (gate / (gate + kernel)); and the layer's gate, selection and
+kernel replayed from a CUDA graph (``graph_layer``: the GPU's own time, no host work)
+against the same ops launched one by one (``eager_layer``). Correctness first: ours with
+every block vs SDPA, ours sparse vs the fp32 torch reference.
 
-End to end (``--e2e BxT``): a SeerLlama of the 8B shape with random weights (``--layers``
-layers, bf16, decode gates), a **pre-filled cache** of T random keys/values per layer
-(preallocated, so appending a token copies nothing; its pooled-K cache pooled from random
-pre-RoPE keys), then ``--steps`` decode steps of B sequences, timed one forward at a time
-with CUDA events (median); dense decode (SDPA restricted to the flash backend) vs sparse
-decode at ``--share``. The prefill is not timed (bench-ttft measures it).
+End to end (``e2e``, ``BxT`` settings): a SeerLlama of the 8B shape with random weights
+(``layers`` layers, bf16, decode gates), a **pre-filled cache** of T random keys/values per
+layer (preallocated, so appending a token copies nothing; its pooled-K cache pooled from
+random pre-RoPE keys), then ``steps`` decode steps of B sequences, timed one forward at a
+time with CUDA events (median); dense decode (SDPA restricted to the flash backend) vs
+sparse decode at ``share``. The prefill is not timed (bench-ttft measures it); the timed
+steps stay inside one block, so the pooling of a block that fills (once per 64 steps) is
+not timed either.
 
-    python -m seer_attn.eval.bench_decode --out results/decode
+    python -m seer_attn.eval.bench_decode --out seer_outputs/bench-decode
 
-Writes ``decode.json`` (a results envelope of kind ``"decode"``,
-:mod:`seer_attn.training.results`: provenance, config, kernel rows, plus ``e2e``,
-``checks`` and ``tuning``), ``decode.csv``, ``decode_e2e.csv`` and, when matplotlib is
-installed, ``decode.png``. Needs a CUDA GPU (without one: a one-line error, exit code 2).
-Kernel times: ``triton.testing.do_bench`` medians (CUDA events), never wall clock.
+or from Python, ``run_decode_bench(DecodeBenchConfig(lengths=(32768,), e2e=()))``. Writes
+``decode.json`` (a results envelope of kind ``"decode"``, :mod:`seer_attn.training.results`:
+provenance, ``config`` the :class:`DecodeBenchConfig`, ``resolved`` the shape and the
+kernel's launch configuration, kernel rows, plus ``e2e``, ``checks`` and ``tuning``),
+``decode.csv``, ``decode_e2e.csv`` and, when matplotlib is installed, ``decode.png``. Needs
+a CUDA GPU (without one: a one-line error, exit code 2). Kernel times:
+``triton.testing.do_bench`` medians (CUDA events), never wall clock.
 """
 import argparse
 import json
 import math
 import os
+from dataclasses import asdict, dataclass
 
 import torch
 
 from seer_attn.training import cli_args as ca
+from seer_attn.training.run_config import RunConfig, config_from_args, default, flag, option, text
 from .bench_kernels import rel_err, write_csv
 
 HQ, H, D, BS = 32, 8, 128, 64
+#: timed end-to-end steps at most: 3 warm-up steps and the timed ones stay inside one block
+MAX_STEPS = BS - 4
 
 
-def batch_by_length(text):
-    """``BxT`` (e.g. ``4x131072``) as ``(B, T)``."""
-    try:
-        b, t = (int(x) for x in text.lower().split("x"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not BATCHxTOKENS (e.g. 4x131072)") from None
-    if b < 1 or t < 2 * BS or t % BS:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected a batch >= 1 and a multiple of {BS} tokens >= {2 * BS} "
-                                         "(the timed steps then stay inside one block, so every run starts from the "
-                                         "same cache)")
+def batch_by_length(value):
+    """``BxT`` (e.g. ``4x131072``, or a ``(B, T)`` pair) as ``(B, T)``."""
+    if isinstance(value, (list, tuple)) and len(value) == 2:
+        b, t = value
+    else:
+        try:
+            b, t = (int(x) for x in str(value).lower().split("x"))
+        except ValueError:
+            raise ca.ArgValueError(f"{value!r} is not BATCHxTOKENS (e.g. 4x131072)") from None
+    if isinstance(b, bool) or isinstance(t, bool) or not isinstance(b, int) or not isinstance(t, int) \
+            or b < 1 or t < 2 * BS or t % BS:
+        raise ca.ArgValueError(f"{value!r}: expected a batch >= 1 and a multiple of {BS} tokens >= {2 * BS} (the "
+                               "timed steps then stay inside one block, so every run starts from the same cache)")
     return b, t
 
 
+def decode_steps(value):
+    """Timed end-to-end steps: an integer in [1, :data:`MAX_STEPS`]."""
+    n = ca.positive_int(value)
+    if n > MAX_STEPS:
+        raise ca.ArgValueError(f"expected at most {MAX_STEPS} (3 warm-up steps and the timed ones stay in one block)",
+                               value)
+    return n
+
+
+@dataclass(frozen=True, kw_only=True)
+class DecodeBenchConfig(RunConfig):
+    """One decode benchmark run (each field is the option of the same name)."""
+
+    lengths: tuple = option((32768, 131072), ca.int_at_least(2 * BS), many="+")  # kernel part: cache lengths
+    batches: tuple = option((1, 16), ca.positive_int, many="+")  # kernel part: batch sizes
+    share: float = option(0.1, ca.unit_interval)  # share of KV blocks read by sparse decode
+    e2e: tuple = option(((4, 131072), (16, 32768)), batch_by_length, many="*")  # (B, T); none: skip
+    layers: int = option(32, ca.positive_int)  # decoder layers of the 8B-shaped model
+    steps: int = option(16, decode_steps)  # timed decode steps per end-to-end setting
+    tune: bool = option(False, flag)  # sweep the kernel's launch configs first, keep the fastest
+    out: str = option("seer_outputs/bench-decode", text)
+
+
+def _default(name):
+    return default(DecodeBenchConfig, name)
+
+
 def parser() -> argparse.ArgumentParser:
-    """The command line of the benchmark (module docstring)."""
+    """The command line of the benchmark (module docstring; defaults: :class:`DecodeBenchConfig`'s)."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--lengths", type=ca.int_at_least(2 * BS), nargs="+", default=[32768, 131072],
+    ap.add_argument("--lengths", type=ca.int_at_least(2 * BS), nargs="+", default=_default("lengths"),
                     help="KV cache lengths of the kernel part")
-    ap.add_argument("--batches", type=ca.positive_int, nargs="+", default=[1, 16], help="batch sizes of the kernel part")
-    ap.add_argument("--share", type=ca.unit_interval, default=0.1, help="share of KV blocks read by sparse decode")
-    ap.add_argument("--e2e", type=batch_by_length, nargs="*", default=[(4, 131072), (16, 32768)],
-                    metavar="BxT", help="end-to-end settings (batch x cache tokens); none: skip")
-    ap.add_argument("--layers", type=ca.positive_int, default=32, help="decoder layers of the 8B-shaped model")
-    ap.add_argument("--steps", type=ca.positive_int, default=16,
-                    help=f"timed decode steps per end-to-end setting (at most {BS - 4})")
+    ap.add_argument("--batches", type=ca.positive_int, nargs="+", default=_default("batches"),
+                    help="batch sizes of the kernel part")
+    ap.add_argument("--share", type=ca.unit_interval, default=_default("share"),
+                    help="share of KV blocks read by sparse decode")
+    ap.add_argument("--e2e", type=batch_by_length, nargs="*", default=_default("e2e"), metavar="BxT",
+                    help="end-to-end settings (batch x cache tokens); none: skip")
+    ap.add_argument("--layers", type=ca.positive_int, default=_default("layers"),
+                    help="decoder layers of the 8B-shaped model")
+    ap.add_argument("--steps", type=decode_steps, default=_default("steps"),
+                    help=f"timed decode steps per end-to-end setting (at most {MAX_STEPS})")
     ap.add_argument("--tune", action="store_true", help="sweep the kernel's launch configs first, keep the fastest")
-    ap.add_argument("--out", default="seer_outputs/bench-decode")
+    ap.add_argument("--out", default=_default("out"), help="output folder (default: %(default)s)")
     ap.add_argument("--plot", default=None, help="only redraw the PNG from this CSV")
     return ap
 
@@ -73,36 +117,46 @@ def parser() -> argparse.ArgumentParser:
 def main(argv=None):
     ap = parser()
     args = ap.parse_args(argv)
+    config = config_from_args(DecodeBenchConfig, args, parser=ap)
     if args.plot:
         return plot(args.plot, None, os.path.join(os.path.dirname(args.plot), "decode.png"))
-    if args.steps > BS - 4:  # warm-up and timed steps stay inside one block
-        ap.error(f"argument --steps: at most {BS - 4} (3 warm-up steps and the timed ones stay in one block)")
     ca.require_cuda(ap.prog)
-    os.makedirs(args.out, exist_ok=True)
+    return run_decode_bench(config)
+
+
+def run_decode_bench(config: DecodeBenchConfig) -> dict:
+    """The benchmark (module docstring) as ``config`` says, on the CUDA GPU; returns the
+    envelope written to ``decode.json``."""
+    if not isinstance(config, DecodeBenchConfig):
+        raise TypeError(f"run_decode_bench takes a DecodeBenchConfig, got {type(config).__name__}")
+    if not torch.cuda.is_available():
+        raise ValueError("the decode benchmark needs a CUDA GPU, and torch sees none")
+    os.makedirs(config.out, exist_ok=True)
     checks, tuning = [], []
-    if args.tune:
-        tuning = tune(args)
+    if config.tune:
+        tuning = tune(config)
     rows = []
-    for S in args.lengths:
-        for B in args.batches:
+    for S in config.lengths:
+        for B in config.batches:
             torch.cuda.empty_cache()
-            row, check = kernel_row(B, S, args.share)
+            row, check = kernel_row(B, S, config.share)
             rows.append(row)
             checks.append(check)
             print("check", json.dumps(check), flush=True)
             print("row", json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}),
                   flush=True)
     e2e = []
-    if args.e2e:
-        e2e, e2e_checks = end_to_end(args)
+    if config.e2e:
+        e2e, e2e_checks = end_to_end(config)
         checks += e2e_checks
-    env = write_results(args, rows, e2e, checks, tuning)
+    env = write_results(config, rows, e2e, checks, tuning)
     try:
-        plot(os.path.join(args.out, "decode.csv"), os.path.join(args.out, "decode_e2e.csv") if e2e else None,
-             os.path.join(args.out, "decode.png"))
+        plot(os.path.join(config.out, "decode.csv"), os.path.join(config.out, "decode_e2e.csv") if e2e else None,
+             os.path.join(config.out, "decode.png"))
     except ImportError:
-        print("matplotlib missing: CSV written, redraw with --plot", os.path.join(args.out, "decode.csv"))
-    print_table(rows, e2e, env["provenance"], args.share)
+        print("matplotlib missing: CSV written, redraw with --plot", os.path.join(config.out, "decode.csv"))
+    print_table(rows, e2e, env["provenance"], config.share)
+    return env
 
 
 # ----------------------------------------------------------------------------- kernel
@@ -110,6 +164,24 @@ def main(argv=None):
 def _bench(fn):
     import triton
     return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
+def _graph_bench(fn):
+    """Median ms of ``fn`` replayed from a CUDA graph (captured after warm-up on a side stream),
+    or the capture's error as a string."""
+    try:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                fn()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        return _bench(graph.replay)
+    except Exception as e:  # reported in the row, not fatal: the eager numbers stand without it
+        return f"capture failed: {type(e).__name__}: {str(e)[:120]}"
 
 
 def _sdpa(q, k, v, backend):
@@ -127,34 +199,37 @@ def _decode_inputs(B, S, seed):
     return q, k, v
 
 
-def _gate_step(B, S, share, seed):
+def gate_step(B, S, share, seed, device="cuda"):
     """What the model runs before the kernel in one layer's decode step, at this shape: a
-    decode gate (random weights), its cached block keys ``[B, H, NB - 1, G]`` (bf16, as the
-    pooled-K cache holds them) and the query RoPE; returns ``fn() -> (idx, cnt)``."""
+    decode gate (random weights), its cached block keys (bf16, a view of a buffer with room
+    to grow, as the pooled-K cache holds them), the query's RoPE; returns ``(step, per_layer)``,
+    functions returning ``(idx, cnt)``: ``per_layer`` what every layer runs (logits, top-k),
+    ``step`` that plus the selection's preparation (made once per block of 64 steps for all
+    layers: an upper bound of its share)."""
     from seer_attn.modeling_seer.decode_gate import DecodeGate
     from seer_attn.modeling_seer.selection import prepare_decode_selection, select_decode_blocks
     torch.manual_seed(seed)
-    gate = DecodeGate(HQ, H, D).cuda()
+    dt = torch.bfloat16 if device == "cuda" else torch.float32
+    gate = DecodeGate(HQ, H, D).to(device)
     cur = (S - 1) // BS  # the new token's block; the full blocks before it are the candidates
-    keys = torch.randn(B, H, cur, gate.hidden_size, device="cuda", dtype=torch.bfloat16)
-    q_pre = torch.randn(B, HQ, 1, D, device="cuda", dtype=torch.bfloat16)
-    pos = torch.full((B, 1), S - 1, device="cuda")
-    inv = 1.0 / (500000.0 ** (torch.arange(0, gate.hidden_size, 2, device="cuda").float() / gate.hidden_size))
-    e = torch.cat([pos[..., None] * inv] * 2, -1)
-    rope = (e.cos(), e.sin())
-    first = torch.zeros(B, dtype=torch.long, device="cuda")
-
-    prepared = prepare_decode_selection(first, cur, "share", share=share)
+    buf = torch.randn(B, H, 2 * cur + 2, gate.hidden_size, device=device).to(dt)
+    keys = buf[:, :, :cur + 1]  # the full blocks and the current block's row
+    q_pre = torch.randn(B, HQ, 1, D, device=device).to(dt)
+    inv = 1.0 / (500000.0 ** (torch.arange(0, gate.hidden_size, 2, device=device).float() / gate.hidden_size))
+    e = torch.cat([torch.full((B, 1), S - 1.0, device=device) * inv] * 2, -1)  # [B, G]
+    rope = (e.cos().to(dt), e.sin().to(dt))
+    first = torch.zeros(B, dtype=torch.long, device=device)
+    prepared = prepare_decode_selection(first, cur, "share", share=share, num_heads=H)
 
     @torch.no_grad()
     def per_layer():  # what every layer runs
-        scores = gate.scores(gate.query(q_pre, rope=rope), keys).squeeze(2)
-        return select_decode_blocks(scores, first, "share", prepared=prepared)
+        return select_decode_blocks(gate.step_logits(q_pre, keys, rope).squeeze(2), first, "share",
+                                    prepared=prepared)
 
     @torch.no_grad()
-    def step():  # plus the preparation made once per decode step for all layers
-        return select_decode_blocks(gate.scores(gate.query(q_pre, rope=rope), keys).squeeze(2), first, "share",
-                                    prepared=prepare_decode_selection(first, cur, "share", share=share))
+    def step():  # plus the preparation made once per block for all layers
+        return select_decode_blocks(gate.step_logits(q_pre, keys, rope).squeeze(2), first, "share",
+                                    prepared=prepare_decode_selection(first, cur, "share", share=share, num_heads=H))
     return step, per_layer
 
 
@@ -165,11 +240,16 @@ def kernel_row(B, S, share):
     NB = -(-S // BS)
     lens = torch.full((B,), S, dtype=torch.int32, device="cuda")
     full = torch.ones(B, H, NB, dtype=torch.bool, device="cuda")
-    step, per_layer = _gate_step(B, S, share, seed=B)
+    step, per_layer = gate_step(B, S, share, seed=B)
     idx, cnt = per_layer()
+    none = torch.zeros_like(cnt)
 
     def ours(sel, counts=None):
         return block_sparse_decode(q, k, v, sel, lens, seq_starts=None, block_counts=counts, check_lengths=False)
+
+    def layer():  # gate, selection and kernel: one layer's sparse decode attention
+        i, c = per_layer()
+        return ours(i, c)
 
     ref = _sdpa(q, k, v, "flash")
     check = {"B": B, "S": S, "all_blocks_vs_sdpa_flash": rel_err(ours(full), ref),
@@ -188,9 +268,12 @@ def kernel_row(B, S, share):
         row["sdpa_cudnn"] = float("nan")
     row["ours_all"] = _bench(lambda: ours(full))
     row["ours_sparse"] = _bench(lambda: ours(idx, cnt))
+    row["ours_empty"] = _bench(lambda: ours(idx, none))  # no block read: the launch floor
     row["gate_select_layer"] = _bench(per_layer)
-    row["gate_select_step"] = _bench(step)  # with the per-step preparation (shared by all layers)
+    row["gate_select_step"] = _bench(step)  # with the per-block preparation (shared by all layers)
     row["gate_share_of_sparse_step"] = row["gate_select_layer"] / (row["gate_select_layer"] + row["ours_sparse"])
+    row["eager_layer"] = _bench(layer)
+    row["graph_layer"] = _graph_bench(layer)
     row["speedup_vs_flash"] = row["sdpa_flash"] / row["ours_sparse"]
     row["speedup_vs_cudnn"] = row["sdpa_cudnn"] / row["ours_sparse"]
     kv_bytes = 2 * B * H * D * 2  # K and V, bf16, per cache slot
@@ -199,23 +282,23 @@ def kernel_row(B, S, share):
     return row, check
 
 
-def tune(args):
+def tune(config):
     """Sweep the decode kernel's launch configs (tile blocks, warps, stages, programs per SM)
     at B = 1 and 16 over the longest length; keep the one with the least summed time."""
     import importlib
 
     from seer_attn.kernels import block_sparse_decode
     mod = importlib.import_module("seer_attn.kernels.block_sparse_decode")
-    S = max(args.lengths)
+    S = max(config.lengths)
     cases = []
-    for B in sorted(set(args.batches)):
+    for B in sorted(set(config.batches)):
         q, k, v = _decode_inputs(B, S, seed=7)
-        _, per_layer = _gate_step(B, S, args.share, seed=B)
+        _, per_layer = gate_step(B, S, config.share, seed=B)
         idx, cnt = per_layer()
         lens = torch.full((B,), S, dtype=torch.int32, device="cuda")
         cases.append((B, q, k, v, idx, cnt, lens))
     out, best = [], None
-    for per_sm in (2, 4, 8):
+    for per_sm in (0.5, 1, 2, 4, 8):  # 0.5: one part per list at B=16 on 132 SMs (one launch)
         for cfg in [(1, 4, 2), (1, 4, 3), (1, 4, 4), (1, 8, 3), (2, 4, 3), (2, 8, 3)]:
             mod.CONFIG_OVERRIDES[D] = cfg
             mod._TARGET_PROGRAMS_PER_SM = per_sm
@@ -371,31 +454,31 @@ def _cache_arg():
     return "cache" if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters else "past_key_values"
 
 
-def end_to_end(args):
-    model = _model(args.layers)
+def end_to_end(config):
+    model = _model(config.layers)
     rows, checks = [], []
-    for B, T in args.e2e:
+    for B, T in config.e2e:
         torch.cuda.empty_cache()
         warmup = 3
-        cache, state = filled_cache(model, B, T, args.steps + warmup + 1)
+        cache, state = filled_cache(model, B, T, config.steps + warmup + 1)
         model.set_seer_mode("dense", seer_decode_sparsity=False)
         backend = "flash"
         try:
-            dense_s, dense_logits = decode_run(model, cache, B, T, args.steps, warmup)
+            dense_s, dense_logits = decode_run(model, cache, B, T, config.steps, warmup)
         except RuntimeError as e:  # SDPA's flash backend refused these inputs: say so, time the default choice
             print(f"dense decode with SDPA flash failed ({str(e)[:120]}); timing SDPA's default backend", flush=True)
             backend = "sdpa default"
-            dense_s, dense_logits = decode_run(model, cache, B, T, args.steps, warmup, flash_only=False)
-        row = {"B": B, "T": T, "layers": args.layers, "dense_s_per_token": dense_s, "dense_backend": backend}
+            dense_s, dense_logits = decode_run(model, cache, B, T, config.steps, warmup, flash_only=False)
+        row = {"B": B, "T": T, "layers": config.layers, "dense_s_per_token": dense_s, "dense_backend": backend}
         # every block selected: sparse decode is dense decode (checks the pre-filled setup)
         model.set_seer_mode("dense", seer_decode_sparsity=True, seer_decode_share=1.0)
         state.rewind(T)
         _, all_logits = decode_run(model, cache, B, T, 1, 0)
         checks.append({f"e2e_all_blocks_vs_dense_logits_B{B}_T{T}": rel_err(all_logits, dense_logits)})
-        model.set_seer_mode("dense", seer_decode_sparsity=True, seer_decode_share=args.share)
+        model.set_seer_mode("dense", seer_decode_sparsity=True, seer_decode_share=config.share)
         state.rewind(T)
         state.reset_statistics()
-        sparse_s, _ = decode_run(model, cache, B, T, args.steps, warmup)
+        sparse_s, _ = decode_run(model, cache, B, T, config.steps, warmup)
         row.update({"sparse_s_per_token": sparse_s, "share_read": model.seer_decode_density().mean().item(),
                     "speedup": dense_s / sparse_s, "dense_tokens_per_s": B / dense_s,
                     "sparse_tokens_per_s": B / sparse_s,
@@ -409,34 +492,41 @@ def end_to_end(args):
 
 # ----------------------------------------------------------------------------- output
 
-def write_results(args, rows, e2e, checks, tuning, device="cuda") -> dict:
-    """Write ``decode.json`` (the envelope, returned), ``decode.csv`` and ``decode_e2e.csv``."""
+def write_results(config, rows, e2e, checks, tuning, device="cuda") -> dict:
+    """Write ``decode.json`` (the envelope, returned: ``config`` the :class:`DecodeBenchConfig`,
+    ``resolved`` the shape and the kernel's launch configuration), ``decode.csv`` and
+    ``decode_e2e.csv`` to ``config.out``."""
     import importlib
     from seer_attn.training.results import write_envelope
     mod = importlib.import_module("seer_attn.kernels.block_sparse_decode")
     shape = {"HQ": HQ, "H": H, "D": D, "dtype": "bf16"}
-    env = write_envelope(os.path.join(args.out, "decode.json"), "decode", rows,
-                         config=ca.config_of(args, shape=shape, kernel_config=mod._config(D, True, torch.bfloat16),
-                                             programs_per_sm=mod._TARGET_PROGRAMS_PER_SM),
+    env = write_envelope(os.path.join(config.out, "decode.json"), "decode", rows, config=asdict(config),
+                         resolved={"shape": shape, "kernel_config": mod._config(D, True, torch.bfloat16),
+                                   "programs_per_sm": mod._TARGET_PROGRAMS_PER_SM},
                          device=device, model=f"kernel: random q/k/v, {HQ} query / {H} KV heads, head_dim {D}, bf16; "
-                                              f"e2e: random-weight Llama-3.1-8B shape, {args.layers} layers, "
+                                              f"e2e: random-weight Llama-3.1-8B shape, {config.layers} layers, "
                                               "pre-filled random KV cache",
                          e2e=e2e, checks=checks, tuning=tuning)
-    write_csv(os.path.join(args.out, "decode.csv"), [{"T": r["S"], **r} for r in rows])
+    write_csv(os.path.join(config.out, "decode.csv"), [{"T": r["S"], **r} for r in rows])
     if e2e:
-        write_csv(os.path.join(args.out, "decode_e2e.csv"), e2e)
+        write_csv(os.path.join(config.out, "decode_e2e.csv"), e2e)
     return env
 
 
 def print_table(rows, e2e, prov, share):
     v, commit = prov["versions"], (prov["commit"] or "unknown")[:7]
+
+    def ms(x):
+        return f"{x:.3f}" if isinstance(x, (int, float)) else "-"
     print(f"\n# {prov['gpu']}  torch {v['torch']}  triton {v.get('triton')}  commit {commit}")
-    print(f"decode step, median ms | B | S | SDPA flash | SDPA cuDNN | ours all | ours {share:g} (read) | "
-          "flash/ours | gate+select (share of step)")
+    print(f"decode step, median ms | B | S | SDPA flash | SDPA cuDNN | ours all | ours {share:g} (read) | ours, no "
+          "block | flash/ours | gate+select per layer (share of step) | layer eager | layer CUDA graph")
     for r in rows:
-        print(f"{r['B']} | {r['S']} | {r['sdpa_flash']:.3f} | {r['sdpa_cudnn']:.3f} | {r['ours_all']:.3f} | "
-              f"{r['ours_sparse']:.3f} ({r['share_read']:.3f}) | {r['speedup_vs_flash']:.2f}x | "
-              f"{r['gate_select_layer']:.3f} ({100 * r['gate_share_of_sparse_step']:.1f}%)")
+        print(f"{r['B']} | {r['S']} | {ms(r['sdpa_flash'])} | {ms(r['sdpa_cudnn'])} | {ms(r['ours_all'])} | "
+              f"{ms(r['ours_sparse'])} ({r['share_read']:.3f}) | {ms(r.get('ours_empty'))} | "
+              f"{r['speedup_vs_flash']:.2f}x | {ms(r['gate_select_layer'])} "
+              f"({100 * r['gate_share_of_sparse_step']:.1f}%) | {ms(r.get('eager_layer'))} | "
+              f"{ms(r.get('graph_layer'))}")
     if e2e:
         print(f"time per output token, s | B | T | dense | sparse {share:g} (read) | speed-up")
         for r in e2e:

@@ -20,24 +20,29 @@ gates' KL on sampled query rows, docs/design.md §2) unless ``--gates`` names a 
 decode gates. They are saved to ``--out`` in bfloat16.
 
     python -m seer_attn.eval.decode_quality --model /tmp/seer/smollm2.gguf \\
-        --train /tmp/seer/corpora/train.jsonl --eval /tmp/seer/corpora/eval.jsonl --out results/decode_quality
+        --train /tmp/seer/corpora/train.jsonl --eval /tmp/seer/corpora/eval.jsonl --out seer_outputs/decode_quality
 
-Writes ``decode_quality.json`` (a results envelope of kind ``"decode_quality"``: provenance,
-config, the perplexity rows, plus ``passkey``, ``checks`` and ``cost``) and
-``decode_quality.md``, rewritten after every phase with ``complete: false`` until the end.
+or from Python, ``run_decode_quality(DecodeQualityConfig(model=..., steps=300))``. Writes
+``decode_quality.json`` (a results envelope of kind ``"decode_quality"``: provenance,
+``config`` the :class:`DecodeQualityConfig`, the perplexity rows, plus ``passkey``, ``checks``
+and ``cost``) and ``decode_quality.md``, rewritten after every phase with ``complete: false``
+until the end.
 """
 import argparse
 import inspect
 import json
 import os
 import time
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
 
 from seer_attn.training import cli_args as ca
+from seer_attn.training.run_config import ConfigError, RunConfig, config_from_args, default, flag, option, text
 
 PHASES = ("distill", "check", "ppl", "passkey")
+DEFAULT_OUTPUT = "seer_outputs/decode_quality"
 
 
 def cache_kwarg():
@@ -118,16 +123,22 @@ def decode_perplexity(model, windows, prefix, batch_size, progress=True, desc="d
 
 # ----------------------------------------------------------------------------- settings
 
-def decode_setting(text):
-    """``dense``, ``share=X`` or ``budget=N`` (the decode selection of one run)."""
-    if text == "dense":
+def decode_setting(value):
+    """``dense``, ``share=X`` or ``budget=N`` (the decode selection of one run) as the
+    ``seer_*`` options that set it (``{}``: dense decode)."""
+    if value == "dense":
         return {}
-    name, _, val = text.partition("=")
+    name, _, val = str(value).partition("=")
     if name == "share":
         return {"seer_decode_method": "share", "seer_decode_share": ca.unit_interval(val)}
     if name == "budget":
         return {"seer_decode_method": "budget", "seer_decode_budget": ca.int_at_least(128)(val)}
-    raise argparse.ArgumentTypeError(f"invalid decode setting {text!r}: expected dense, share=X or budget=N")
+    raise ca.ArgValueError(f"invalid decode setting {value!r}: expected dense, share=X or budget=N")
+
+
+def setting_text(value):
+    """Check: a decode setting (:func:`decode_setting`) in its canonical spelling (``share=0.1``)."""
+    return _setting_name(decode_setting(value))
 
 
 def apply_decode(model, setting, prefill="dense", prefill_opts=None):
@@ -137,28 +148,67 @@ def apply_decode(model, setting, prefill="dense", prefill_opts=None):
 
 # ----------------------------------------------------------------------------- the run
 
+@dataclass(frozen=True, kw_only=True)
+class DecodeQualityConfig(RunConfig):
+    """One decode-quality run (each field is the option of the same name, see :func:`parser`)."""
+
+    model: str | None = option(None, text)  # None: the embedded SmolLM2 GGUF
+    gates: str | None = option(None, text)  # distilled gates with decode gates: no distill phase
+    train: tuple | None = option(None, text, many="+")  # None: the bundled training corpus
+    eval: str | None = option(None, text)  # None: the bundled eval corpus
+    steps: int = option(300, ca.positive_int)  # distillation steps
+    seq_len: int = option(8192, ca.int_at_least(256))  # distillation sequence length
+    length: int = option(8192, ca.int_at_least(256))  # decode-perplexity window (second half: decode steps)
+    windows: int = option(16, ca.positive_int)  # decode-perplexity windows (at most)
+    batch_size: int = option(16, ca.positive_int)  # windows decoded together
+    settings: tuple = option(("share=0.1", "budget=2048"), setting_text, many="+")  # sparse decode settings
+    passkey_lengths: tuple = option((2048, 4096, 8192), ca.positive_int, many="*")
+    passkey_samples: int = option(5, ca.positive_int)  # prompts per (length, depth) cell (5 depths)
+    prefill_threshold: float = option(2e-3, ca.open_unit_interval)  # the sparse-prefill passkey run's threshold
+    phases: tuple = option(PHASES, many="+", choices=PHASES)
+    out: str = option(DEFAULT_OUTPUT, text)
+    no_progress: bool = option(False, flag)
+    cpu: bool = option(False, flag)  # smoke test on the CPU (tiny sizes only)
+
+    def check(self):
+        if "distill" in self.phases and self.gates:
+            raise ConfigError("{gates} skips distillation: drop 'distill' from {phases} or drop {gates}",
+                              "gates", "phases")
+        if "distill" not in self.phases and not self.gates:
+            raise ConfigError("without the distill phase, {gates} must name distilled gates (with decode gates)",
+                              "gates", "phases")
+
+
+def _default(name):
+    return default(DecodeQualityConfig, name)
+
+
 def parser():
+    """The command line (defaults: :class:`DecodeQualityConfig`'s)."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=None, help="default: the embedded SmolLM2 GGUF")
     ap.add_argument("--gates", default=None, help="distilled gates with decode gates (skips the distill phase)")
     ap.add_argument("--train", nargs="+", default=None, help="training files (default: bundled corpus)")
     ap.add_argument("--eval", default=None, help="evaluation jsonl (default: bundled eval corpus)")
-    ap.add_argument("--steps", type=ca.positive_int, default=300, help="distillation steps")
-    ap.add_argument("--seq-len", type=ca.int_at_least(256), default=8192, help="distillation sequence length")
-    ap.add_argument("--length", type=ca.int_at_least(256), default=8192,
+    ap.add_argument("--steps", type=ca.positive_int, default=_default("steps"), help="distillation steps")
+    ap.add_argument("--seq-len", type=ca.int_at_least(256), default=_default("seq_len"),
+                    help="distillation sequence length")
+    ap.add_argument("--length", type=ca.int_at_least(256), default=_default("length"),
                     help="decode-perplexity window; its second half is scored as decode steps")
-    ap.add_argument("--windows", type=ca.positive_int, default=16, help="decode-perplexity windows (at most)")
-    ap.add_argument("--batch-size", type=ca.positive_int, default=16, help="windows decoded together")
-    ap.add_argument("--settings", type=decode_setting, nargs="+", default=None, metavar="SETTING",
-                    help="sparse decode settings: share=X or budget=N (default: share=0.1 budget=2048)")
-    ap.add_argument("--passkey-lengths", type=ca.positive_int, nargs="*", default=[2048, 4096, 8192])
-    ap.add_argument("--passkey-samples", type=ca.positive_int, default=5,
+    ap.add_argument("--windows", type=ca.positive_int, default=_default("windows"),
+                    help="decode-perplexity windows (at most)")
+    ap.add_argument("--batch-size", type=ca.positive_int, default=_default("batch_size"),
+                    help="windows decoded together")
+    ap.add_argument("--settings", type=setting_text, nargs="+", default=_default("settings"), metavar="SETTING",
+                    help="sparse decode settings: share=X or budget=N (default: %(default)s)")
+    ap.add_argument("--passkey-lengths", type=ca.positive_int, nargs="*", default=_default("passkey_lengths"))
+    ap.add_argument("--passkey-samples", type=ca.positive_int, default=_default("passkey_samples"),
                     help="prompts per (length, depth) cell (5 depths)")
-    ap.add_argument("--prefill-threshold", type=ca.open_unit_interval, default=2e-3,
+    ap.add_argument("--prefill-threshold", type=ca.open_unit_interval, default=_default("prefill_threshold"),
                     help="gate threshold of the sparse-prefill passkey run (sink, one local block and the last two "
                          "block rows kept)")
-    ap.add_argument("--phases", nargs="+", choices=PHASES, default=list(PHASES))
-    ap.add_argument("--out", default="results/decode_quality")
+    ap.add_argument("--phases", nargs="+", choices=PHASES, default=_default("phases"))
+    ap.add_argument("--out", default=_default("out"), help="output folder (default: %(default)s)")
     ap.add_argument("--no-progress", action="store_true")
     ap.add_argument("--cpu", action="store_true", help="smoke-test on the CPU (tiny sizes only)")
     return ap
@@ -166,23 +216,17 @@ def parser():
 
 def main(argv=None):
     ap = parser()
-    args = ap.parse_args(argv)
-    if args.settings is None:
-        args.settings = [decode_setting("share=0.1"), decode_setting("budget=2048")]
-    if "distill" in args.phases and args.gates:
-        ap.error("--gates skips distillation: drop 'distill' from --phases or drop --gates")
-    if "distill" not in args.phases and not args.gates:
-        ap.error("without the distill phase, --gates must name distilled gates (with decode gates)")
-    if not args.cpu:
+    config = config_from_args(DecodeQualityConfig, ap.parse_args(argv), parser=ap)
+    if not config.cpu:
         ca.require_cuda(ap.prog, " (or pass --cpu for a smoke test)")
-    return run(args)
+    return run_decode_quality(config)
 
 
 class Report:
     """Everything measured so far, rewritten to ``decode_quality.json`` / ``.md`` on each save."""
 
-    def __init__(self, args):
-        self.args, self.rows, self.passkey, self.checks, self.cost = args, [], {}, [], {}
+    def __init__(self, config):
+        self.config, self.rows, self.passkey, self.checks, self.cost = config, [], {}, [], {}
 
     def text(self):
         lines = ["| decode | PPL | vs dense | kept share of KV blocks | windows | s |", "|---|---|---|---|---|---|"]
@@ -206,20 +250,22 @@ class Report:
             lines.append(f"cost: {json.dumps(self.cost)}")
         return "\n".join(lines)
 
-    def save(self, complete=False):
+    def save(self, complete=False) -> dict:
+        """Write the envelope and the markdown; returns the envelope."""
         from seer_attn.training.results import write_envelope
-        args = self.args
+        config = self.config
         passkey = {k: {**v, "samples": [{kk: vv for kk, vv in r.items() if kk != "prompt"} for r in v["samples"]]}
                    for k, v in self.passkey.items()}
-        write_envelope(os.path.join(args.out, "decode_quality.json"), "decode_quality", self.rows,
-                       config=ca.config_of(args), model=args.model or ca.DEFAULT_MODEL_LABEL,
-                       device="cpu" if args.cpu else "cuda", complete=complete, passkey=passkey,
-                       checks=self.checks, cost=self.cost)
+        env = write_envelope(os.path.join(config.out, "decode_quality.json"), "decode_quality", self.rows,
+                             config=asdict(config), model=config.model or ca.DEFAULT_MODEL_LABEL,
+                             device="cpu" if config.cpu else "cuda", complete=complete, passkey=passkey,
+                             checks=self.checks, cost=self.cost)
         status = "" if complete else "**partial run: not every phase finished**\n\n"
-        tmp = os.path.join(args.out, "decode_quality.md.tmp")
+        tmp = os.path.join(config.out, "decode_quality.md.tmp")
         with open(tmp, "w", encoding="utf-8") as f:
             f.write(status + self.text() + "\n")
-        os.replace(tmp, os.path.join(args.out, "decode_quality.md"))
+        os.replace(tmp, os.path.join(config.out, "decode_quality.md"))
+        return env
 
 
 def _setting_name(setting):
@@ -230,93 +276,102 @@ def _setting_name(setting):
     return f"budget={setting['seer_decode_budget']}"
 
 
-def run(args):
+def run_decode_quality(config: DecodeQualityConfig) -> dict:
+    """Every phase ``config`` names (module docstring); needs a CUDA GPU unless ``config.cpu``.
+    Returns the envelope written last to ``decode_quality.json``."""
+    if not isinstance(config, DecodeQualityConfig):
+        raise TypeError(f"run_decode_quality takes a DecodeQualityConfig, got {type(config).__name__}")
+    if not config.cpu and not torch.cuda.is_available():
+        raise ValueError("cpu=False needs a CUDA GPU, and torch sees none (cpu=True runs a smoke test)")
     from seer_attn.modeling_seer.conversion import load_seer_model, load_tokenizer
     from .perplexity import load_documents, make_windows
 
-    dev, dtype = ("cpu", torch.float32) if args.cpu else ("cuda", torch.bfloat16)
-    os.makedirs(args.out, exist_ok=True)
-    report = Report(args)
-    tok = load_tokenizer(args.model)
-    if "distill" in args.phases:
-        model = distill(args, tok, dtype, dev, report)
+    dev, dtype = ("cpu", torch.float32) if config.cpu else ("cuda", torch.bfloat16)
+    os.makedirs(config.out, exist_ok=True)
+    report = Report(config)
+    settings = [decode_setting(t) for t in config.settings]
+    tok = load_tokenizer(config.model)
+    if "distill" in config.phases:
+        model = distill(config, tok, dtype, dev, report)
     else:
-        model = load_seer_model(args.model, dtype=dtype, device=dev, gates=args.gates, seer_decode_gate=True)
+        model = load_seer_model(config.model, dtype=dtype, device=dev, gates=config.gates, seer_decode_gate=True)
     model.eval()
-    windows = make_windows(load_documents(args.eval), tok, args.length, 2)[:args.windows]
+    windows = make_windows(load_documents(config.eval), tok, config.length, 2)[:config.windows]
     if not windows:
-        raise SystemExit(f"no evaluation window of {args.length} tokens in {args.eval or 'the bundled eval corpus'}")
-    prefix = args.length // 2
-    progress = not args.no_progress
+        raise ValueError(f"no evaluation window of {config.length} tokens in "
+                         f"{config.eval or 'the bundled eval corpus'}")
+    prefix = config.length // 2
+    progress = not config.no_progress
 
-    if "check" in args.phases:  # the decode loop against generate, on a small case, with sparse decode
-        ids = windows[0].input_ids[None, :min(args.length, 1024)].to(dev)
-        apply_decode(model, args.settings[0])
+    if "check" in config.phases:  # the decode loop against generate, on a small case, with sparse decode
+        ids = windows[0].input_ids[None, :min(config.length, 1024)].to(dev)
+        apply_decode(model, settings[0])
         a, b = decode_nll(model, ids, ids.shape[1] // 2), generate_nll(model, ids, ids.shape[1] // 2,
                                                                         tok.pad_token_id or 0)
         report.checks.append({"decode_nll_vs_generate_max_abs": (a - b).abs().max().item(),
-                              "tokens": a.numel(), "setting": _setting_name(args.settings[0])})
+                              "tokens": a.numel(), "setting": _setting_name(settings[0])})
         report.save()
         print("check", json.dumps(report.checks[-1]), flush=True)
 
-    if "ppl" in args.phases:
-        for setting in [{}] + list(args.settings):
+    if "ppl" in config.phases:
+        for setting in [{}] + settings:
             apply_decode(model, setting)
-            res = decode_perplexity(model, windows, prefix, args.batch_size, progress, desc=_setting_name(setting))
+            res = decode_perplexity(model, windows, prefix, config.batch_size, progress, desc=_setting_name(setting))
             report.rows.append({"setting": _setting_name(setting), "prefill": "dense", "prefix": prefix,
-                                "length": args.length, **res})
+                                "length": config.length, **res})
             report.save()
             print("ppl", json.dumps(report.rows[-1]), flush=True)
 
-    if "passkey" in args.phases and args.passkey_lengths:
-        passkey(model, tok, args, report)
-    report.save(complete=True)
+    if "passkey" in config.phases and config.passkey_lengths:
+        passkey(model, tok, config, settings, report)
+    env = report.save(complete=True)
     print("\n" + report.text())
-    return report
+    return env
 
 
-def distill(args, tok, dtype, dev, report):
+def distill(config, tok, dtype, dev, report):
     """Distil prefill and decode gates (GateDistillationTrainer, in memory), save them in bf16."""
     from transformers import set_seed
     from seer_attn.modeling_seer.conversion import load_seer_model
     from seer_attn.training.data import load_documents, pack_documents
     from seer_attn.training.trainer import GateDistillationTrainer, SeerTrainingArguments
 
-    docs = load_documents(args.train)
-    data = pack_documents(docs, tok, args.seq_len, seed=0)
+    docs = load_documents(config.train)
+    data = pack_documents(docs, tok, config.seq_len, seed=0)
     set_seed(0)
-    model = load_seer_model(args.model, dtype=dtype, seer_mode="distill", seer_decode_gate=True)
-    targs = SeerTrainingArguments(output_dir=os.path.join(args.out, "work"), max_steps=args.steps,
-                                  per_device_train_batch_size=1, bf16=not args.cpu, use_cpu=args.cpu,
+    model = load_seer_model(config.model, dtype=dtype, seer_mode="distill", seer_decode_gate=True)
+    targs = SeerTrainingArguments(output_dir=os.path.join(config.out, "work"), max_steps=config.steps,
+                                  per_device_train_batch_size=1, bf16=not config.cpu, use_cpu=config.cpu,
                                   logging_steps=25, save_strategy="no", save_final_model=False, seed=0,
-                                  report_to="none", disable_tqdm=args.no_progress)
-    if not args.cpu:
+                                  report_to="none", disable_tqdm=config.no_progress)
+    if not config.cpu:
         torch.cuda.reset_peak_memory_stats()
     t0 = time.time()
     trainer = GateDistillationTrainer(model=model, args=targs, train_dataset=data)
     trainer.train()
     logged = [e for e in trainer.state.log_history if "loss" in e]
-    report.cost = {"train_seconds": time.time() - t0, "steps": args.steps, "seq_len": args.seq_len,
+    report.cost = {"train_seconds": time.time() - t0, "steps": config.steps, "seq_len": config.seq_len,
                    "final_loss": logged[-1]["loss"] if logged else None,
-                   "peak_gib": None if args.cpu else torch.cuda.max_memory_allocated() / 2**30}
-    model.save_gates(os.path.join(args.out, "gates_decode_bf16.safetensors"), dtype=torch.bfloat16)
+                   "peak_gib": None if config.cpu else torch.cuda.max_memory_allocated() / 2**30}
+    model.save_gates(os.path.join(config.out, "gates_decode_bf16.safetensors"), dtype=torch.bfloat16)
     report.save()
     print("cost", json.dumps(report.cost), flush=True)
     return model.to(dev)
 
 
-def passkey(model, tok, args, report):
+def passkey(model, tok, config, settings, report):
     from .passkey import paired_passkey, run_passkey
-    progress = not args.no_progress
-    prefill_opts = dict(seer_sparsity_method="threshold", seer_threshold=args.prefill_threshold,
+    progress = not config.no_progress
+    prefill_opts = dict(seer_sparsity_method="threshold", seer_threshold=config.prefill_threshold,
                         seer_keep_sink=True, seer_keep_local=1, seer_dense_last_rows=2)
     runs = [("dense", {}, "dense")]
-    runs += [(f"decode_{_setting_name(s)}", s, "dense") for s in args.settings]
-    runs.append((f"prefill_threshold_{args.prefill_threshold:g}+decode_{_setting_name(args.settings[0])}",
-                 args.settings[0], "sparse"))
+    runs += [(f"decode_{_setting_name(s)}", s, "dense") for s in settings]
+    runs.append((f"prefill_threshold_{config.prefill_threshold:g}+decode_{_setting_name(settings[0])}",
+                 settings[0], "sparse"))
     for name, setting, prefill in runs:
         apply_decode(model, setting, prefill, prefill_opts if prefill == "sparse" else None)
-        res = run_passkey(model, tok, args.passkey_lengths, samples_per_cell=args.passkey_samples, progress=progress)
+        res = run_passkey(model, tok, config.passkey_lengths, samples_per_cell=config.passkey_samples,
+                          progress=progress)
         if name != "dense":
             res["vs_dense"] = paired_passkey(report.passkey["dense"], res)
         report.passkey[name] = res

@@ -288,7 +288,7 @@ def decode_h200(root) -> str:
     path = "results/decode/h200.json"
     env = load_envelope(root, path)
     prov, cfg = env["provenance"], env["config"]
-    shape = cfg["shape"]
+    shape = (env.get("resolved") or {}).get("shape") or cfg["shape"]  # older envelopes kept it in the config
     caption = (f"{prov['gpu']}, commit {_commit(prov)} ({path}); one decode step, {shape['dtype']}, {shape['HQ']} "
                f"query / {shape['H']} KV heads, d={shape['D']}, median ms; ours reads {cfg['share']:g} of the "
                f"KV blocks (the decode gate's top-k plus the sink and current block):")

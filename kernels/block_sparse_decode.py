@@ -14,7 +14,9 @@ Kernel design (flash-decoding, split-KV). The work of one (sequence, KV head) pa
 list of selected blocks; the list is cut into ``NSPLIT`` contiguous parts and one program
 per (pair, part) runs the online softmax over its blocks for the group's query heads at
 once (the group's rows padded to 16 for ``tl.dot``), writing an unnormalised partial output
-with its row max and sum. A second kernel merges the parts of each query head. Each list
+with its row max and sum. A second kernel merges the parts of each query head; with one
+part per list (``NSPLIT == 1``, a large batch) the first writes the output and the second
+is not launched. Each list
 is split by its own length, so rows with short selections do little work; a block outside
 ``[0, NB)`` is skipped, and keys outside ``[seq_start, seq_len)`` (left padding, the unfilled
 rest of the current block, unwritten slots of a static cache) are masked. Scores live in
@@ -32,11 +34,11 @@ _LOG2E = 1.4426950408889634
 
 @triton.jit
 def _decode_split_kernel(
-    Q, K, V, IDX, CNT, LENS, STARTS, PO, PML, qk_scale,
-    s_qb, s_qh, s_kb, s_kh, s_kt, s_vb, s_vh, s_vt, s_ib, s_ih,
+    Q, K, V, IDX, CNT, LENS, STARTS, PO, PML, O, qk_scale,
+    s_qb, s_qh, s_kb, s_kh, s_kt, s_vb, s_vh, s_vt, s_ib, s_ih, s_ob, s_oh,
     H, NSPLIT,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BS: tl.constexpr, NSUB: tl.constexpr,
-    HAS_STARTS: tl.constexpr, PREC: tl.constexpr,
+    HAS_STARTS: tl.constexpr, PREC: tl.constexpr, DIRECT: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)  # b * H + h
     split = tl.program_id(1)
@@ -89,11 +91,17 @@ def _decode_split_kernel(
         acc = tl.dot(pr.to(v.dtype), v, acc, input_precision=PREC)
         m_i = m_new
 
-    # partials of row g: PO[(pid_bh * NSPLIT + split) * GROUP + g, :], PML[..., 0] = max, [..., 1] = sum
-    row = (pid_bh * NSPLIT + split).to(tl.int64) * GROUP + offs_g
-    tl.store(PO + row[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=g_ok[:, None])
-    tl.store(PML + row * 2, m_i, mask=g_ok)
-    tl.store(PML + row * 2 + 1, l_i, mask=g_ok)
+    if DIRECT:  # one part per list (NSPLIT == 1): the output itself, no partials to merge
+        l_safe = tl.where(l_i > 0.0, l_i, 1.0)
+        o = tl.where(l_i[:, None] > 0.0, acc / l_safe[:, None], 0.0)  # a head that attends no key outputs zeros
+        o_ptr = O + b.to(tl.int64) * s_ob + (h * GROUP + offs_g)[:, None].to(tl.int64) * s_oh + offs_d[None, :]
+        tl.store(o_ptr, o.to(O.dtype.element_ty), mask=g_ok[:, None])
+    else:
+        # partials of row g: PO[(pid_bh * NSPLIT + split) * GROUP + g, :], PML[..., 0] = max, [..., 1] = sum
+        row = (pid_bh * NSPLIT + split).to(tl.int64) * GROUP + offs_g
+        tl.store(PO + row[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=g_ok[:, None])
+        tl.store(PML + row * 2, m_i, mask=g_ok)
+        tl.store(PML + row * 2 + 1, l_i, mask=g_ok)
 
 
 @triton.jit
@@ -163,6 +171,10 @@ def _prec(dtype):
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
+# torch.compile (e.g. transformers' auto-compiled decode loop) must not trace into the launch:
+# inductor re-analyses user-defined Triton kernels and refused this one's ``tl.dot`` with an
+# accumulator. Dynamo calls the launcher as it is, between graphs.
+@torch.compiler.disable
 def _decode_fwd(q, k, v, idx, cnt, lens, starts, sm_scale, block_size, num_splits):
     B, HQ, _, D = q.shape
     H = k.shape[1]
@@ -170,19 +182,24 @@ def _decode_fwd(q, k, v, idx, cnt, lens, starts, sm_scale, block_size, num_split
     nsplit = num_splits or num_decode_splits(B, H, idx.shape[-1], q.device)
     nsub, warps, stages = _config(D, q.is_cuda, q.dtype)
     out = new_output((B, HQ, 1, D), q.dtype, q.device)
-    po = torch.empty(B * H * nsplit * group, D, dtype=torch.float32, device=q.device)
-    pml = torch.empty(B * H * nsplit * group, 2, dtype=torch.float32, device=q.device)
+    direct = nsplit == 1  # one launch: the split kernel writes the output
+    if direct:
+        po = pml = out  # unused
+    else:
+        po = torch.empty(B * H * nsplit * group, D, dtype=torch.float32, device=q.device)
+        pml = torch.empty(B * H * nsplit * group, 2, dtype=torch.float32, device=q.device)
     _decode_split_kernel[(B * H, nsplit)](
-        q, k, v, idx, cnt, lens, starts if starts is not None else lens, po, pml, sm_scale * _LOG2E,
+        q, k, v, idx, cnt, lens, starts if starts is not None else lens, po, pml, out, sm_scale * _LOG2E,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
-        idx.stride(0), idx.stride(1), H, nsplit,
+        idx.stride(0), idx.stride(1), out.stride(0), out.stride(1), H, nsplit,
         GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=D, BS=block_size, NSUB=nsub,
-        HAS_STARTS=starts is not None, PREC=_prec(q.dtype), num_warps=warps, num_stages=stages,
+        HAS_STARTS=starts is not None, PREC=_prec(q.dtype), DIRECT=direct, num_warps=warps, num_stages=stages,
     )
-    _decode_combine_kernel[(B * HQ,)](
-        po, pml, out, out.stride(0), out.stride(1), HQ, H, nsplit,
-        GROUP=group, HEAD_DIM=D, BLOCK_S=max(2, triton.next_power_of_2(nsplit)), num_warps=4,
-    )
+    if not direct:
+        _decode_combine_kernel[(B * HQ,)](
+            po, pml, out, out.stride(0), out.stride(1), HQ, H, nsplit,
+            GROUP=group, HEAD_DIM=D, BLOCK_S=max(2, triton.next_power_of_2(nsplit)), num_warps=4,
+        )
     return out
 
 

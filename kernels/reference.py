@@ -7,9 +7,12 @@ never holds a T x T matrix: memory is O(chunk * T) per head.
 ``upcast=False`` runs the same math in the inputs' own precision; tests use it to measure
 how much error low precision alone causes, and bound the kernels' error by it.
 """
+import math
+
 import torch
 
-from .kernel_utils import check_attention_inputs, check_block_mask, check_seq_bounds, check_window, num_blocks
+from .kernel_utils import (MAX_SM_SCALE, SUPPORTED_BLOCK_SIZES, SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS,
+                           check_attention_inputs, check_block_mask, check_seq_bounds, check_window, num_blocks)
 
 _CHUNK_ELEMS = 1 << 26  # ~256 MB of fp32 scores per chunk
 _CAUSAL_CHUNK = 256  # causal: query rows per chunk, each reading only the keys up to its last row
@@ -123,7 +126,7 @@ def check_decode_inputs(q, k_cache, v_cache, block_index_or_mask, seq_lens, sm_s
     """Validate the arguments of :func:`block_sparse_decode` (see there) and bring the block
     selection to its one internal form, per-row block lists.
 
-    Returns ``(B, HQ, H, S, D, scale, idx, cnt, lens, starts)``: ``idx`` int32 ``[B, H, K]``
+    Returns ``(B, HQ, H, S, D, scale, idx, cnt, lens, starts)``: ``idx`` int32 or int64 ``[B, H, K]``
     block indices of which the first ``cnt`` (int32 ``[B, H]``) entries are read (entries
     outside ``[0, NB)`` are skipped), ``lens`` / ``starts`` int32 ``[B]`` (``starts`` None when
     not given). Raises TypeError / ValueError naming the offending argument and value;
@@ -140,9 +143,7 @@ def check_decode_inputs(q, k_cache, v_cache, block_index_or_mask, seq_lens, sm_s
     if k_cache.shape[0] != q.shape[0] or k_cache.shape[3] != q.shape[3]:
         raise ValueError(f"k_cache shape {tuple(k_cache.shape)} does not match q shape {tuple(q.shape)} in batch or "
                          "head_dim")
-    # the prefill checks with the query length broadcast: dtypes, devices, GQA, head_dim, scale, block size
-    q_as_kv = q.expand(q.shape[0], q.shape[1], k_cache.shape[2], q.shape[3])
-    B, HQ, H, S, D, scale = check_attention_inputs(q_as_kv, k_cache, v_cache, sm_scale, block_size)
+    B, HQ, H, S, D, scale = _check_decode_tensors(q, k_cache, v_cache, sm_scale, block_size)
     NB = num_blocks(S, block_size)
     sel = block_index_or_mask
     if not isinstance(sel, torch.Tensor):
@@ -166,7 +167,7 @@ def check_decode_inputs(q, k_cache, v_cache, block_index_or_mask, seq_lens, sm_s
     else:
         if sel.dim() != 3 or tuple(sel.shape[:2]) != (B, H):
             raise ValueError(f"block indices must have shape [B, H, K] = ({B}, {H}, K), got {tuple(sel.shape)}")
-        idx = sel.to(torch.int32).contiguous()
+        idx = (sel if sel.dtype in (torch.int32, torch.int64) else sel.to(torch.int32)).contiguous()
         if block_counts is None:
             cnt = torch.full((B, H), idx.shape[-1], dtype=torch.int32, device=q.device)
         else:
@@ -188,6 +189,37 @@ def check_decode_inputs(q, k_cache, v_cache, block_index_or_mask, seq_lens, sm_s
             raise ValueError(f"seq_starts must be < seq_lens, got seq_starts={starts.tolist()}, "
                              f"seq_lens={lens.tolist()}")
     return B, HQ, H, S, D, scale, idx, cnt, lens, starts
+
+
+def _check_decode_tensors(q, k, v, sm_scale, block_size):
+    """The prefill kernels' checks of dtypes, devices, GQA, head_dim, scale and block size
+    (:func:`~.kernel_utils.check_attention_inputs`, same messages) for one query token against
+    S cache slots, without building tensors: this runs on every decode step of every layer.
+    Returns ``(B, HQ, H, S, D, scale)``."""
+    if q.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"q.dtype must be one of {[str(d) for d in SUPPORTED_DTYPES]}, got {q.dtype}")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise TypeError(f"q, k, v must share one dtype, got q={q.dtype}, k={k.dtype}, v={v.dtype}")
+    if k.device != q.device or v.device != q.device:
+        raise ValueError(f"q, k, v must be on one device, got q={q.device}, k={k.device}, v={v.device}")
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got k={tuple(k.shape)}, v={tuple(v.shape)}")
+    B, HQ, _, D = q.shape
+    H, S = k.shape[1], k.shape[2]
+    if H == 0 or HQ % H != 0:
+        raise ValueError(f"the number of query heads ({HQ}) must be a multiple of the number of key/value heads ({H})")
+    if S == 0:
+        raise ValueError("sequence length T must be >= 1, got 0")
+    if D not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"head_dim {D} is not supported; supported: {SUPPORTED_HEAD_DIMS}")
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size not in SUPPORTED_BLOCK_SIZES:
+        raise ValueError(f"block_size {block_size!r} is not supported; supported: {SUPPORTED_BLOCK_SIZES}")
+    if sm_scale is None:
+        sm_scale = 1.0 / math.sqrt(D)
+    elif isinstance(sm_scale, bool) or not isinstance(sm_scale, (int, float)) or not 0 < sm_scale <= MAX_SM_SCALE:
+        raise ValueError(f"sm_scale must be a positive finite number <= {MAX_SM_SCALE:g} (larger scales overflow "
+                         f"the fp32 logits), got {sm_scale!r}")
+    return B, HQ, H, S, D, float(sm_scale)
 
 
 def _check_lengths(name, t, B, S, device, check_values):

@@ -25,26 +25,43 @@ import weakref
 
 import torch
 
-from .selection import block_pool
+from .selection import block_pool, prepare_decode_selection
 
 _STATES = weakref.WeakKeyDictionary()  # KV cache object -> PooledKCache
 
 
 class _LayerBlocks:
     """One layer's pooled keys ``[B, H, n, D * |k_pool|]``, gate keys ``[B, H, n, G]`` (both
-    grown by doubling) and the pre-RoPE keys of the partly filled block ``[B, H, < 64, D]``."""
+    grown by doubling, always with a spare zeroed row after the ``n`` in use: a decode step
+    scores the current block's row too, whose bias then forces it in) and the pre-RoPE keys
+    of the partly filled block (``fill`` slots of a ``[B, H, 64, D]`` buffer, written in place
+    by decode steps)."""
 
     def __init__(self):
-        self.pooled = self.keys = self.partial = None
-        self.n = 0
+        self.pooled = self.keys = self.buf = None
+        self.n = self.fill = 0
+
+    @property
+    def partial(self):
+        """Pre-RoPE keys of the partly filled block ``[B, H, fill, D]`` (None when empty)."""
+        return self.buf[:, :, :self.fill] if self.fill else None
+
+    def keep_partial(self, rest, block_size):
+        """Hold ``rest`` ``[B, H, r, D]`` (``r < block_size``) as the partly filled block."""
+        r = rest.shape[2]
+        if r:
+            if self.buf is None or self.buf.shape[:2] != rest.shape[:2] or self.buf.dtype != rest.dtype:
+                self.buf = rest.new_empty(*rest.shape[:2], block_size, rest.shape[3])
+            self.buf[:, :, :r] = rest
+        self.fill = r
 
     def append(self, pooled, keys):
         add = pooled.shape[2]
-        if self.pooled is None or self.n + add > self.pooled.shape[2]:
-            cap = max(self.n + add, 2 * (self.pooled.shape[2] if self.pooled is not None else 0), 16)
+        if self.pooled is None or self.n + add >= self.pooled.shape[2]:
+            cap = max(self.n + add + 1, 2 * (self.pooled.shape[2] if self.pooled is not None else 0), 16)
             grow = []
             for old, new in ((self.pooled, pooled), (self.keys, keys)):
-                buf = new.new_empty(*new.shape[:2], cap, new.shape[3])
+                buf = new.new_zeros(*new.shape[:2], cap, new.shape[3])
                 if old is not None:
                     buf[:, :, :self.n] = old[:, :, :self.n]
                 grow.append(buf)
@@ -52,6 +69,30 @@ class _LayerBlocks:
         self.pooled[:, :, self.n:self.n + add] = pooled
         self.keys[:, :, self.n:self.n + add] = keys
         self.n += add
+
+
+class _BlockTables:
+    """What the decode steps whose new token falls in block ``current`` share, made once per
+    block (when its first decode step comes) instead of once per step: the gate's RoPE at each
+    of the block's 64 slots, ``(cos, sin)`` float32 ``[B, 64, G]`` (and cast copies per dtype),
+    the kernel's ``seq_lens`` per slot ``[64, B]`` int32, and the selections made for it
+    (:func:`~.selection.prepare_decode_selection`, keyed by their settings)."""
+
+    def __init__(self, state, current, rope_at, device):
+        bs, B = state.block_size, state.batch_size
+        self.current = current
+        slots = current * bs + torch.arange(bs, device=device)
+        self.rope = rope_at((slots[None, :] - state.starts[:, None]).clamp_min(0))
+        self.lens = (slots + 1).to(torch.int32)[:, None].expand(bs, B).contiguous()
+        self.selections, self._cast = {}, {}
+
+    def rope_at_slot(self, slot, dtype):
+        """``(cos, sin)`` ``[B, G]`` in ``dtype`` at the block's slot ``slot`` (0 .. 63): views
+        made with the table, so that a layer's step indexes a list."""
+        if dtype not in self._cast:
+            cos, sin = (t.to(dtype) for t in self.rope)
+            self._cast[dtype] = [(cos[:, i], sin[:, i]) for i in range(cos.shape[1])]
+        return self._cast[dtype][slot]
 
 
 class PooledKCache:
@@ -67,12 +108,21 @@ class PooledKCache:
     def __init__(self, num_layers, starts, block_size, k_pooling):
         self.block_size, self.k_pooling = block_size, tuple(k_pooling)
         self.starts = starts.long()
-        self.padded = bool((starts > 0).any())
+        starts_host = self.starts.tolist()  # one sync, at the prefill
+        self.padded = any(s > 0 for s in starts_host)
+        self.first_block_host = [s // block_size for s in starts_host]
+        self.starts32 = self.starts.to(torch.int32) if self.padded else None  # the kernel's seq_starts
         self.first_block = self.starts // block_size  # each sequence's sink block
         self.layers = [_LayerBlocks() for _ in range(num_layers)]
         self.length = 0  # cache slots recorded (after a whole forward)
-        self._kept = None  # sum over decode steps of the kept share (mean over layers and heads), per sequence
-        self._kept_n = 0
+        self.stats = DecodeStats(self.first_block)
+        self.tables = None  # the _BlockTables of the current block
+
+    def block_tables(self, current, rope_at, device):
+        """The :class:`_BlockTables` of block ``current`` (made when a decode step first reaches it)."""
+        if self.tables is None or self.tables.current != current:
+            self.tables = _BlockTables(self, current, rope_at, device)
+        return self.tables
 
     @property
     def batch_size(self):
@@ -83,18 +133,16 @@ class PooledKCache:
         L = self.layers[layer]
         return L.pooled[:, :, :L.n] if L.pooled is not None else None
 
-    def gate_keys(self, layer):
-        """The decode gate's keys of layer ``layer``'s full blocks, ``[B, H, n, G]``."""
+    def gate_keys(self, layer, blocks=None):
+        """The decode gate's keys of layer ``layer``'s first ``blocks`` blocks (default: its ``n``
+        full blocks), ``[B, H, blocks, G]``; at most ``n + 1`` (the row after the full blocks
+        holds zeros). A decode step takes the current block's row too (its bias forces it)."""
         L = self.layers[layer]
-        return L.keys[:, :, :L.n] if L.keys is not None else None
+        return L.keys[:, :, :L.n if blocks is None else blocks] if L.keys is not None else None
 
-    def note_kept(self, kept_sum, layers_heads, current):
-        """Record one decode step: ``kept_sum`` ``[B]`` blocks read summed over ``layers_heads``
-        (layer, KV head) pairs, ``current`` the current block's index (the sequence has
-        ``current - first_block + 1`` blocks)."""
-        share = kept_sum.float() / (layers_heads * (current - self.first_block + 1).float())
-        self._kept = share if self._kept is None else self._kept + share
-        self._kept_n += 1
+    def note_kept(self, counts, current):
+        """Record one decode step's kept block counts (:meth:`DecodeStats.note_kept`)."""
+        self.stats.note_kept(counts, current)
 
     def rewind(self, length):
         """Forget the slots from ``length`` on, as a KV cache cropped to ``length`` (e.g. rejected
@@ -107,17 +155,66 @@ class PooledKCache:
                 raise ValueError(f"cannot rewind the pooled-K cache of layer {i} to {length} slots: it holds {L.n} "
                                  f"full blocks and {have} slots after them")
         for L in self.layers:
-            kept = length - L.n * self.block_size
-            L.partial = L.partial[:, :, :kept].clone() if kept else None
+            L.fill = length - L.n * self.block_size
         self.length = length
 
     def reset_statistics(self):
         """Start :meth:`decode_density` afresh."""
-        self._kept, self._kept_n = None, 0
+        self.stats.reset()
 
     def decode_density(self):
         """Mean kept share of each sequence's blocks over the decode steps and layers so far,
         float ``[B]`` (None before any sparse decode step)."""
+        return self.stats.density()
+
+
+class DecodeStats:
+    """The kept share of the KV blocks over the sparse decode steps of one pooled-K cache (small:
+    the model keeps the last one for ``seer_decode_density`` without keeping the cache alive).
+
+    ``first_block``: long ``[B]``, each sequence's sink block."""
+
+    def __init__(self, first_block):
+        self.first_block = first_block
+        self.reset()
+
+    def reset(self):
+        self._kept = None  # sum over decode steps of the kept share (mean over layers and heads), per sequence
+        self._kept_n = 0
+        self._pending = None  # [counts, layers, current, steps]: steps whose kept counts are not summed yet
+
+    def note_kept(self, counts, current):
+        """Record one decode step: ``counts``, the kept block counts ``[B, H]`` of each layer
+        that decoded sparsely, ``current`` the current block's index (the sequence has
+        ``current - first_block + 1`` blocks). Steps whose layers all share one count tensor
+        (the top-k methods: one per block) are summed lazily, when that tensor changes or the
+        density is read, so that such a step costs no device op here."""
+        shared = all(c is counts[0] for c in counts)
+        p = self._pending
+        if shared and p is not None and p[0] is counts[0] and p[1] == len(counts) and p[2] == current:
+            p[3] += 1
+            return
+        self._flush()
+        if shared:
+            self._pending = [counts[0], len(counts), current, 1]
+        else:
+            self._add(torch.stack(counts).sum((0, 2)), len(counts) * counts[0].shape[1], current, 1)
+
+    def _add(self, kept_sum, layers_heads, current, steps):
+        share = kept_sum.float() / (layers_heads * (current - self.first_block + 1).float()) * steps
+        self._kept = share if self._kept is None else self._kept + share
+        self._kept_n += steps
+
+    def _flush(self):
+        if self._pending is not None:
+            cnt, layers, current, steps = self._pending
+            self._pending = None
+            self._add(cnt.sum(-1) * layers, layers * cnt.shape[1], current, steps)
+
+    def density(self):
+        """Mean kept share of each sequence's blocks over the steps and layers so far, float ``[B]``
+        (None before any sparse decode step)."""
+        self._flush()
         return None if self._kept is None else (self._kept / self._kept_n).detach()
 
 
@@ -149,7 +246,9 @@ class DecodeStep:
     ``past``: cache slots before this forward; ``T``: new tokens; ``rope_at``: a function of
     long positions ``[B, n]`` giving the gate's ``(cos, sin)`` ``[B, n, G]``. A forward of one
     token after a prefill (``sparse``) attends through the decode gate; every forward records
-    its keys (:meth:`record`).
+    its keys (:meth:`record`). What a sparse step's layers share comes from the state's
+    :class:`_BlockTables`, made once per block: the query's RoPE, the sequence lengths, the
+    selection's bias and counts (:meth:`selection`).
     """
 
     def __init__(self, state, past, T, rope_at, device):
@@ -157,34 +256,53 @@ class DecodeStep:
         self.state, self.past, self.T = state, past, T
         self.sparse = T == 1 and past > 0
         starts = state.starts
-        slot = torch.arange(past, past + T, device=device)
-        self.q_rope = rope_at((slot[None, :] - starts[:, None]).clamp_min(0)) if self.sparse else None
-        j = torch.arange(past // bs, (past + T) // bs, device=device)  # blocks that fill in this forward
-        if len(j):
+        self.tables = state.block_tables(past // bs, rope_at, device) if self.sparse else None
+        self.block_rope = None
+        if (past + T) // bs > past // bs:  # blocks fill in this forward: the gate's RoPE at their first tokens
+            j = torch.arange(past // bs, (past + T) // bs, device=device)
             first = torch.maximum(j[None, :] * bs, starts[:, None])
             real = (j[None, :] + 1) * bs > starts[:, None]
             self.block_rope = rope_at(torch.where(real, first - starts[:, None], 0))
+        if self.sparse:
+            self.lens = self.tables.lens[past % bs]
         else:
-            self.block_rope = None
-        self.lens = torch.full((state.batch_size,), past + T, dtype=torch.int32, device=device)
-        self.seq_starts = starts if state.padded else None
+            self.lens = torch.full((state.batch_size,), past + T, dtype=torch.int32, device=device)
+        self.seq_starts = state.starts32
         self.current = past // bs  # the new token's block (decode steps)
-        self.selection = None  # prepare_decode_selection of this step, made by the first layer
-        self._kept, self._kept_layers = None, 0
+        self._counts = []
+
+    def q_rope(self, dtype):
+        """The gate's ``(cos, sin)`` ``[B, G]`` in ``dtype`` at the new token's position (decode steps)."""
+        return self.tables.rope_at_slot(self.past % self.state.block_size, dtype)
+
+    def selection(self, method, budget, share, num_heads):
+        """:func:`~.selection.prepare_decode_selection` of this step (made once per block)."""
+        key = (method, budget, share, num_heads)
+        sel = self.tables.selections.get(key)
+        if sel is None:
+            sel = prepare_decode_selection(self.state.first_block, self.current, method, budget, share,
+                                           self.state.block_size, num_heads, self.state.first_block_host)
+            self.tables.selections[key] = sel
+        return sel
 
     def note_kept(self, cnt):
-        """Add one layer's kept block counts ``[B, H]`` (folded into the state by :meth:`finish`)."""
-        kept = cnt.sum(-1)
-        self._kept = kept if self._kept is None else self._kept + kept
-        self._kept_layers += cnt.shape[1]
+        """Add one layer's kept block counts ``[B, H]`` (folded into the state by :meth:`finish`;
+        layers of a step with one shared count tensor cost nothing here)."""
+        self._counts.append(cnt)
 
     def record(self, layer, k_pre, gate):
         """Add this forward's pre-RoPE keys ``[B, H, T, D]`` of layer ``layer``: pool and project
-        (``gate``, a :class:`~.decode_gate.DecodeGate`) the blocks they fill, keep the rest."""
+        (``gate``, a :class:`~.decode_gate.DecodeGate`) the blocks they fill, keep the rest. A
+        decode step that fills no block writes its key into the partial block's buffer (one copy)."""
         state, bs = self.state, self.state.block_size
         L = state.layers[layer]
-        assert L.n == self.past // bs, "pooled-K cache out of step with the KV cache"
-        x = k_pre if L.partial is None else torch.cat([L.partial, k_pre.to(L.partial.dtype)], dim=2)
+        assert L.n == self.past // bs and L.fill == self.past % bs, "pooled-K cache out of step with the KV cache"
+        T = k_pre.shape[2]
+        if L.fill + T < bs and L.buf is not None and L.buf.shape[:2] == k_pre.shape[:2]:
+            L.buf[:, :, L.fill:L.fill + T] = k_pre
+            L.fill += T
+            return
+        x = k_pre if not L.fill else torch.cat([L.partial, k_pre.to(L.buf.dtype)], dim=2)
         n_new = x.shape[2] // bs
         if n_new:
             valid = None
@@ -195,13 +313,12 @@ class DecodeStep:
                 pooled = block_pool(x[:, :, :n_new * bs], bs, state.k_pooling, valid)
                 keys = gate.block_keys(pooled, rope=self.block_rope)
             L.append(pooled.detach(), keys.to(pooled.dtype))
-        rest = x[:, :, n_new * bs:]
-        L.partial = rest.detach().clone() if rest.shape[2] else None
+        L.keep_partial(x[:, :, n_new * bs:].detach(), bs)
 
     def finish(self):
         self.state.length = self.past + self.T
-        if self._kept is not None:
-            self.state.note_kept(self._kept, self._kept_layers, self.current)
+        if self._counts:
+            self.state.note_kept(self._counts, self.current)
 
 
 def decode_step_for(cache, config, B, T, attention_mask, rope_at, device):

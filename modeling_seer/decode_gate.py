@@ -78,6 +78,51 @@ class DecodeGate(nn.Module):
         # in the keys' dtype (a decode step's cached keys are in the model's dtype: no float copy of them)
         return torch.matmul(qg.to(kg.dtype), kg.transpose(-1, -2)).float() / math.sqrt(self.hidden_size)
 
+    def _step_weight(self, dtype):
+        """``q_weight`` for :meth:`step_logits` in ``dtype``: ``[H, group * D, 2G]`` (``[.., G]``
+        without RoPE), the map and its RoPE partner side by side, both times ``1 / sqrt(G)``.
+        RoPE is linear: ``rope(x W) = (x W) cos + (x W_rot) sin`` with ``W_rot`` the columns of
+        ``W`` rotated as ``_rotate_half`` rotates channels. Rebuilt when ``q_weight`` changes
+        (its version counter, storage, device or dtype)."""
+        w = self.q_weight
+        key = (w._version, w.data_ptr(), w.device, w.dtype, self.use_rope, dtype)
+        cached = getattr(self, "_step_weight_cache", None)
+        if cached is None or cached[0] != key:
+            with torch.no_grad():
+                wf = w.detach().float() / math.sqrt(self.hidden_size)
+                if self.use_rope:
+                    half = wf.shape[-1] // 2
+                    wf = torch.cat([wf, -wf[..., half:], wf[..., :half]], dim=-1)
+            cached = (key, wf.to(dtype).contiguous())
+            self._step_weight_cache = cached  # a plain attribute: not in the state dict
+        return cached[1]
+
+    @torch.no_grad()
+    def step_logits(self, q_pre, keys, rope=None):
+        """A decode step's logits ``[B, H, 1, N]`` in the keys' dtype: ``scores(query(q_pre, rope),
+        keys)`` in four ops (one matmul projects and rotates the query, see
+        :meth:`_step_weight`; the scale is folded in), computed in the keys' dtype (the model's:
+        the step's query and cached keys are; the matmuls accumulate in float32).
+
+        Args:
+            q_pre: pre-RoPE queries of the new token ``[B, HQ, 1, D]``.
+            keys: block keys ``[B, H, N, G]`` (:meth:`block_keys`, as the pooled-K cache keeps them).
+            rope: ``(cos, sin)`` ``[B, G]`` in the keys' dtype at the token's position.
+        """
+        B, HQ, _, D = q_pre.shape
+        H, G, N, dt = self.num_kv_heads, self.hidden_size, keys.shape[2], keys.dtype
+        x = q_pre.reshape(B, H, (HQ // H) * D).transpose(0, 1).to(dt)  # [H, B, group * D] (a view)
+        y = torch.bmm(x, self._step_weight(dt))  # [H, B, G or 2G]
+        qg = torch.empty(B, H, 1, G, dtype=dt, device=y.device)
+        out = qg.view(B, H, G).transpose(0, 1)  # written in [H, B] order, laid out [B, H] for the next bmm
+        if self.use_rope and rope is not None:
+            torch.mul(y[..., :G], rope[0], out=out)
+            out.addcmul_(y[..., G:], rope[1])
+        else:
+            out.copy_(y[..., :G])
+        # keys: a slice of the cache's [B, H, capacity, G] buffer, so [B * H, N, G] is a view
+        return torch.bmm(qg.view(B * H, 1, G), keys.reshape(B * H, N, G).transpose(1, 2)).view(B, H, 1, N)
+
 
 def sample_decode_rows(bounds, num_rows, block_size, min_blocks=2):
     """``num_rows`` query rows per sequence to distil the decode gate on, long ``[B, R]``.

@@ -53,8 +53,8 @@ from .gate import AttnGate, gate_distill_loss
 from .gates_only import is_gates_only, load_gates_only, peek_config
 from .hub_utils import hub_call, resolve_source
 from .remote_bundle import write_remote_code
-from .selection import (ScoreInputs, block_pool, causal_density, get_selector, prepare_decode_selection,
-                        select_blocks_for, select_decode_blocks, window_fill)
+from .selection import (ScoreInputs, block_pool, causal_density, get_selector, select_blocks_for,
+                        select_decode_blocks, window_fill)
 
 logger = logging.getLogger(__name__)
 
@@ -226,21 +226,23 @@ class SeerAttentionMixin:
 
     def _seer_decode(self, q, k, v, q_pre, step):
         """One decode step through the decode gate: score the cache's full blocks, select
-        (``seer_decode_method``; sink and current block always), read only those blocks."""
+        (``seer_decode_method``; sink and current block always), read only those blocks. What
+        every layer of the step shares (RoPE, lengths, the selection's bias and counts) is made
+        once, in ``step``; a layer adds a few ops: project and score (:meth:`DecodeGate.step_logits`),
+        top-k, the kernel."""
         cfg, state = self.config, step.state
         if not q.dtype == k.dtype == v.dtype:
             q, k = q.to(v.dtype), k.to(v.dtype)
         gate = getattr(self.attn_gate, DECODE_GATE)
-        current = step.current  # the new token's block
+        current = step.current  # the new token's block: the full blocks 0 .. current - 1 are candidates
         with torch.no_grad():
-            if step.selection is None:  # the same for every layer of this step
-                step.selection = prepare_decode_selection(state.first_block, current, cfg.seer_decode_method,
-                                                          cfg.seer_decode_budget, cfg.seer_decode_share,
-                                                          cfg.seer_block_size)
-            keys = state.gate_keys(self.layer_idx)
-            scores = gate.scores(gate.query(q_pre, rope=step.q_rope), keys[:, :, :current]).squeeze(2)
-            idx, cnt = select_decode_blocks(scores, state.first_block, cfg.seer_decode_method,
-                                            threshold=cfg.seer_decode_threshold, prepared=step.selection)
+            selection = step.selection(cfg.seer_decode_method, cfg.seer_decode_budget, cfg.seer_decode_share,
+                                       k.shape[1])  # the same for every layer (and step) of this block
+            keys = state.gate_keys(self.layer_idx, current + 1)  # None before the first block fills
+            logits = gate.step_logits(q_pre, keys, rope=step.q_rope(keys.dtype)) if keys is not None else \
+                torch.zeros(k.shape[0], k.shape[1], 1, 1, device=q.device)
+            idx, cnt = select_decode_blocks(logits.squeeze(2), state.first_block, cfg.seer_decode_method,
+                                            threshold=cfg.seer_decode_threshold, prepared=selection)
         out = block_sparse_decode(q, k, v, idx, step.lens, self.scaling, cfg.seer_block_size,
                                   seq_starts=step.seq_starts, block_counts=cnt, check_lengths=False)
         step.note_kept(cnt)
@@ -440,18 +442,22 @@ class SeerCausalLMMixin:
         if ctx.densities:
             self._last_density = torch.stack(ctx.densities).detach()  # [L, B, HQ]
         if ctx.decode is not None:
-            self._last_decode_density = ctx.decode.state.decode_density()
+            self._last_decode_stats = ctx.decode.state.stats  # summed when read (no device op per step)
         return out
 
     def generate(self, *args, **kwargs):
         """``GenerationMixin.generate``; with ``seer_decode_sparsity`` beam search is refused
-        (it reorders the KV cache, which the pooled-K cache does not follow)."""
+        (it reorders the KV cache, which the pooled-K cache does not follow) and the forward
+        is never compiled: transformers compiles the decode steps of a static cache
+        (``torch.compile``, CUDA graphs by default), but the pooled-K cache is Python state that
+        each step updates and a compiled, graph-replayed step would not (``disable_compile``)."""
         if self.config.seer_decode_sparsity:
             gen_cfg = kwargs.get("generation_config") or self.generation_config
             beams = kwargs.get("num_beams", getattr(gen_cfg, "num_beams", 1))
             if beams is not None and beams > 1:
                 raise ValueError(f"num_beams={beams}: seer_decode_sparsity does not support beam search; use greedy "
                                  "or sampling, or set_seer_mode(..., seer_decode_sparsity=False)")
+            kwargs["disable_compile"] = True
         return super().generate(*args, **kwargs)
 
     # -- modes and statistics ------------------------------------------------------------
@@ -490,7 +496,8 @@ class SeerCausalLMMixin:
         """Kept share of each sequence's KV blocks over the sparse decode steps of the current
         (or last) KV cache, averaged over steps, the layers that decode sparsely (all but
         sliding-window ones) and KV heads: float ``[batch]`` (None before any sparse decode step)."""
-        return getattr(self, "_last_decode_density", None)
+        stats = getattr(self, "_last_decode_stats", None)
+        return stats.density() if stats is not None else None
 
     # -- gates only ------------------------------------------------------------------------
 

@@ -304,37 +304,54 @@ register_selector(Selector("meanpool", lambda x: meanpool_scores(x.q, x.k, x.blo
 DECODE_METHODS = ("budget", "share", "threshold")
 
 
-def prepare_decode_selection(first_block, num_candidates, method, budget=2048, share=0.1, block_size=64):
+def prepare_decode_selection(first_block, num_candidates, method, budget=2048, share=0.1, block_size=64,
+                             num_heads=1, first_block_host=None):
     """What :func:`select_decode_blocks` needs besides the scores, for one decode step of a
-    batch (the same for every layer, so a model computes it once per step).
+    batch: the same for every layer, so a model makes it once per step.
 
-    Returns a dict: ``bias`` float ``[B, 1, NC]`` added to the scores (-inf on left-padding
-    blocks, +inf on the sink for the top-k methods), ``valid`` / ``sink`` bool ``[B, 1, NC]``,
-    ``k`` the top-k width, ``last_rank`` long ``[B, 1, 1]`` (the rank below which a row keeps
-    its top-k entries; None when every row keeps ``k``) and ``current`` int32 ``[B, 1, 1]``."""
+    Args:
+        first_block: long ``[B]``, each sequence's sink block (its first block holding a real token).
+        num_candidates: NC, the full blocks before the current block (whose index is NC).
+        num_heads: KV heads (the width of ``cnt``).
+        first_block_host: ``first_block`` as a list of ints (optional, no device sync): when
+            every row keeps all ``k`` top-k entries, the top-k need not sort them.
+
+    Returns a dict: ``bias`` float32 ``[B, 1, NC + 1]`` added to the scores (-inf on
+    left-padding blocks; for the top-k methods +inf on the sink and the current block, which
+    top-k then lists first; for ``threshold`` -inf on the current block, left out of the
+    softmax), ``forced`` bool ``[B, 1, NC + 1]`` (sink and current; ``threshold`` only), ``k``
+    the top-k width, ``cnt`` int32 ``[B, num_heads]`` the blocks each row keeps (top-k
+    methods; ``threshold`` counts per head) and ``sorted``: whether the top-k must list its
+    entries best first (a row keeps fewer than ``k``: its kept ones must come first)."""
     NC = num_candidates
     dev = first_block.device
-    j = torch.arange(NC, device=dev)
     first_block = first_block.long()
-    valid = (j[None, :] >= first_block[:, None])[:, None]  # [B, 1, NC]
-    sink = (j[None, :] == first_block[:, None])[:, None]
-    bias = torch.zeros(valid.shape, device=dev).masked_fill_(~valid, float("-inf"))
-    last_rank = None
+    j = torch.arange(NC + 1, device=dev)
+    padding = (j[None, :] < first_block[:, None])[:, None]  # [B, 1, NC + 1]
+    forced = ((j[None, :] == first_block[:, None]) | (j[None, :] == NC))[:, None]
+    bias = torch.zeros(padding.shape, device=dev).masked_fill_(padding, float("-inf"))
+    out = {"method": method, "k": NC + 1, "cnt": None, "forced": None, "sorted": True}
+    n = NC + 1 - first_block  # the sequence's blocks, the current one included
     if method == "budget":
-        k = min(NC, max(2, budget // block_size) - 1)
+        out["k"] = min(NC + 1, max(2, budget // block_size))
+        cnt = n.clamp_max(out["k"])
     elif method == "share":
-        n_real = NC - first_block + 1  # the sequence's blocks, the current one included
-        last_rank = (torch.ceil(share * n_real.double()).long().clamp_min(2) - 1)[:, None, None]
-        k = min(NC, max(1, math.ceil(share * (NC + 1)) - 1))
+        out["k"] = min(NC + 1, max(2, math.ceil(share * (NC + 1))))
+        cnt = torch.minimum(torch.ceil(share * n.double()).long().clamp_min(2), n).clamp_max(out["k"])
     elif method == "threshold":
-        k = NC
+        out["forced"] = forced
+        bias.masked_fill_(j == NC, float("-inf"))
     else:
         raise ValueError(f"decode method must be one of {DECODE_METHODS}, got {method!r}")
     if method != "threshold":
-        bias.masked_fill_(sink, float("inf"))
-    current = torch.full((first_block.shape[0], 1, 1), NC, dtype=torch.int32, device=dev)
-    return {"method": method, "bias": bias, "valid": valid, "sink": sink, "k": k, "last_rank": last_rank,
-            "current": current}
+        bias.masked_fill_(forced, float("inf"))
+        out["cnt"] = cnt.to(torch.int32)[:, None].expand(-1, num_heads).contiguous()
+        if first_block_host is not None:  # the same counts on the host: does every row keep all k?
+            ns = [NC + 1 - f for f in first_block_host]
+            keep = ns if method == "budget" else [min(max(2, math.ceil(share * n)), n) for n in ns]
+            out["sorted"] = min(keep) < out["k"]
+    out["bias"] = bias
+    return out
 
 
 def select_decode_blocks(scores, first_block, method, budget=2048, share=0.1, threshold=1e-3, block_size=64,
@@ -342,36 +359,32 @@ def select_decode_blocks(scores, first_block, method, budget=2048, share=0.1, th
     """The KV blocks one decode step reads, per KV head (shared by its query group).
 
     Args:
-        scores: float ``[B, H, NC]`` decode-gate logits of the full blocks ``0 .. NC - 1``
-            before the current block (whose index is NC).
+        scores: float ``[B, H, NC + 1]`` decode-gate logits of the blocks ``0 .. NC``: the full
+            blocks before the current block, then the current block (index NC; its value is
+            ignored: the block is always read).
         first_block: long ``[B]``, each sequence's first block holding a real token (blocks
             before it are left padding): the sink block.
         method: ``"budget"`` keeps ``max(2, budget // block_size)`` blocks; ``"share"`` keeps
             ``max(2, ceil(share * n))`` of the sequence's n blocks (the current one included);
-            ``"threshold"`` keeps the blocks whose score, softmaxed over the candidates, is
+            ``"threshold"`` keeps the blocks whose score, softmaxed over the full blocks, is
             >= ``threshold``. The sink and the current block are always kept (and count in
             the budget and the share).
-        prepared: :func:`prepare_decode_selection` of the same step (computed here when None).
+        prepared: :func:`prepare_decode_selection` of the same step (made here when None).
 
     Returns:
-        ``(idx, cnt)``: int32 ``[B, H, K]`` block lists for :func:`block_sparse_decode` (-1
-        entries are skipped; the current block last) and int32 ``[B, H]`` the number of kept blocks.
+        ``(idx, cnt)``: long ``[B, H, K]`` block lists for :func:`block_sparse_decode` and int32
+        ``[B, H]`` the number of kept blocks: the first ``cnt`` entries of a row are its kept
+        blocks (the sink and the current block among them), the entries after them are not read.
     """
-    B, H, NC = scores.shape
+    B, H, NC1 = scores.shape
     if prepared is None:
-        prepared = prepare_decode_selection(first_block.to(scores.device), NC, method, budget, share, block_size)
-    s = scores.float() + prepared["bias"]
-    if method == "threshold":
-        keep = ((torch.softmax(s, dim=-1).nan_to_num_(0.0) >= threshold) | prepared["sink"]) & prepared["valid"]
-        pos = (keep.cumsum(-1) - 1).masked_fill(~keep, NC)
-        idx = torch.full((B, H, NC + 1), -1, dtype=torch.int32, device=s.device)
-        idx.scatter_(-1, pos, torch.arange(NC, dtype=torch.int32, device=s.device).expand(B, H, NC))
-        idx = idx[..., :NC]
-    else:
-        vals, idx = torch.topk(s, prepared["k"], dim=-1)
-        drop = vals == float("-inf")
-        if prepared["last_rank"] is not None:
-            drop |= torch.arange(prepared["k"], device=s.device) >= prepared["last_rank"]
-        idx = idx.to(torch.int32).masked_fill_(drop, -1)
-    idx = torch.cat([idx, prepared["current"].expand(B, H, 1)], dim=-1)
-    return idx, (idx >= 0).sum(-1, dtype=torch.int32)
+        prepared = prepare_decode_selection(first_block.to(scores.device), NC1 - 1, method, budget, share,
+                                            block_size, H)
+    s = scores + prepared["bias"]  # float32 (the bias's dtype wins)
+    if method != "threshold":
+        return torch.topk(s, prepared["k"], dim=-1, sorted=prepared["sorted"]).indices, prepared["cnt"]
+    # threshold: the kept blocks are the best-scoring ones, so a sort lists them first
+    forced = prepared["forced"]
+    keep = (torch.softmax(s, dim=-1) >= threshold) | forced  # NaN (no full block) keeps nothing
+    cnt = keep.sum(-1, dtype=torch.int32)
+    return torch.topk(s.masked_fill(forced, float("inf")), prepared["k"], dim=-1, sorted=True).indices, cnt

@@ -103,13 +103,6 @@ def require_cuda(prog: str, hint: str = "") -> None:
         raise SystemExit(2)
 
 
-def config_of(args, **resolved) -> dict:
-    """A results envelope's ``config`` for the commands still configured by an argparse
-    Namespace (bench_decode, decode_quality): every option of ``args`` (the
-    CLI's ``func`` callback left out), then ``resolved``, the values the run picked itself."""
-    return {**{k: v for k, v in vars(args).items() if not callable(v)}, **resolved}
-
-
 #: the exception types :func:`user_input` marks as the user's input
 USER_ERRORS = (ValueError, OSError)
 _MARK = "seer_user_input"

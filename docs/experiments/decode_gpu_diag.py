@@ -1,7 +1,12 @@
 """Diagnose the GPU decode mismatch of tests/modeling_seer/test_decode_gpu.py: the Triton
 decode kernel against its fp32 reference on the model test's shapes (group 3, head_dim 64,
-left pads 0 / 640 / 1000 of 4096 slots, every block selected), then the model's decode path
-with the reference forced instead of Triton. Prints one line per check."""
+left pads 0 / 640 / 1000 of 4096 slots, every block selected). Prints one line per check.
+
+Run on the H200 (commit 01be535): max error 5e-4 everywhere, so the kernel was not the cause.
+The cause was the model's block lists: the current block came after the entries counted by
+``block_counts`` whenever a row dropped entries (a left pad of a block or more), on CPU too;
+tests/modeling_seer/test_decode.py::test_every_block_selected_equals_dense_decode_with_unaligned_left_padding
+reproduces it on CPU and guards the fix (modeling_seer/selection.py lists the current block first)."""
 import torch
 
 from seer_attn.kernels import block_sparse_decode, block_sparse_decode_ref

@@ -32,7 +32,7 @@ def test_help_and_no_gpu(monkeypatch, capsys, tmp_path):
     (["--e2e", "4x1000"], "'4x1000': expected a batch >= 1 and a multiple of 64 tokens"),
     (["--e2e", "four"], "'four' is not BATCHxTOKENS"),
     (["--share", "0"], "argument --share: invalid value '0': expected a number 0 < x <= 1"),
-    (["--steps", "61"], "argument --steps: at most 60"),
+    (["--steps", "61"], "argument --steps: invalid value '61': expected at most 60"),
     (["--lengths", "100"], "argument --lengths: invalid value '100': expected an integer >= 128"),
 ])
 def test_bad_options(extra, message, capsys):
@@ -43,18 +43,43 @@ def test_bad_options(extra, message, capsys):
     assert message in err.splitlines()[-1] and "Traceback" not in err
 
 
+def test_config_checks_and_defaults():
+    cfg = bench_decode.DecodeBenchConfig()
+    assert cfg.out.startswith("seer_outputs/") and cfg.e2e == ((4, 131072), (16, 32768))
+    assert bench_decode.DecodeBenchConfig(e2e=["2x4096", (1, 8192)]).e2e == ((2, 4096), (1, 8192))
+    for kw, message in [(dict(e2e=["4x100"]), r"e2e\[0\]='4x100' is invalid: '4x100': expected a batch >= 1"),
+                        (dict(steps=61), r"steps=61 is invalid: expected at most 60"),
+                        (dict(share=1.5), r"share=1.5 is invalid: expected a number 0 < x <= 1"),
+                        (dict(lengths=()), r"lengths=\(\) is invalid: expected at least one value")]:
+        with pytest.raises(ValueError, match=message):
+            bench_decode.DecodeBenchConfig(**kw)
+    with pytest.raises(TypeError, match="run_decode_bench takes a DecodeBenchConfig, got dict"):
+        bench_decode.run_decode_bench({"lengths": (4096,)})
+
+
 def test_json_is_an_envelope(tmp_path, check_envelope):
-    args = bench_decode.parser().parse_args(["--out", str(tmp_path), "--e2e", "4x131072"])
+    config = bench_decode.DecodeBenchConfig(out=str(tmp_path), e2e=("4x131072",))
     rows = [{"B": 1, "S": 32768, "sdpa_flash": 0.058, "ours_sparse": 0.01}]
     e2e = [{"B": 4, "T": 131072, "dense_s_per_token": 0.03, "sparse_s_per_token": 0.01}]
-    bench_decode.write_results(args, rows, e2e, [{"B": 1, "S": 32768, "all_blocks_vs_sdpa_flash": 1e-3}], [],
-                              "cpu")
+    bench_decode.write_results(config, rows, e2e, [{"B": 1, "S": 32768, "all_blocks_vs_sdpa_flash": 1e-3}], [],
+                               "cpu")
     saved = check_envelope(json.loads((tmp_path / "decode.json").read_text()), "decode")
     assert saved["rows"] == rows and saved["e2e"] == e2e and saved["config"]["e2e"] == [[4, 131072]]
-    assert saved["config"]["shape"] == {"HQ": 32, "H": 8, "D": 128, "dtype": "bf16"}
+    assert bench_decode.DecodeBenchConfig(**saved["config"]) == config  # the envelope rebuilds the config
+    assert saved["resolved"]["shape"] == {"HQ": 32, "H": 8, "D": 128, "dtype": "bf16"}
     with open(tmp_path / "decode.csv") as f:
         assert next(csv.DictReader(f))["T"] == "32768"
     assert (tmp_path / "decode_e2e.csv").is_file()
+
+
+def test_gate_step_selects_the_share_on_cpu():
+    """The timed per-layer work (gate logits, top-k) runs on any device and keeps the share:
+    ceil(0.1 * 64) of the 64 blocks of a 4096-slot cache, the current block (63) among them."""
+    step, per_layer = bench_decode.gate_step(2, 4096, 0.1, seed=0, device="cpu")
+    for fn in (step, per_layer):
+        idx, cnt = fn()
+        assert cnt.tolist() == [[7] * 8] * 2
+        assert all(63 in idx[b, h, :7].tolist() and 0 in idx[b, h, :7].tolist() for b in range(2) for h in range(8))
 
 
 @torch.no_grad()

@@ -54,6 +54,17 @@ def test_dense_decode_scores_are_the_ordinary_perplexity(tokenizer):
 def test_settings_and_options(capsys):
     assert dq.decode_setting("share=0.1") == {"seer_decode_method": "share", "seer_decode_share": 0.1}
     assert dq.decode_setting("budget=2048") == {"seer_decode_method": "budget", "seer_decode_budget": 2048}
+    cfg = dq.DecodeQualityConfig(settings=["share=0.10", "budget=4096"], gates="g.safetensors",
+                                 phases=["ppl"])
+    assert cfg.settings == ("share=0.1", "budget=4096") and cfg.out.startswith("seer_outputs/")
+    for kw, msg in [(dict(settings=["topk=3"]), r"settings\[0\]='topk=3' is invalid: invalid decode setting"),
+                    (dict(gates="g.safetensors"), r"gates skips distillation"),
+                    (dict(phases=["ppl"]), r"without the distill phase, gates must name distilled gates"),
+                    (dict(length=100), r"length=100 is invalid: expected an integer >= 256")]:
+        with pytest.raises(ValueError, match=msg):
+            dq.DecodeQualityConfig(**kw)
+    with pytest.raises(TypeError, match="run_decode_quality takes a DecodeQualityConfig, got Namespace"):
+        dq.run_decode_quality(dq.parser().parse_args([]))
     for bad, msg in [(["--settings", "topk=3"], "invalid decode setting 'topk=3'"),
                      (["--settings", "budget=64"], "expected an integer >= 128"),
                      (["--gates", "g.safetensors"], "--gates skips distillation")]:
@@ -79,4 +90,5 @@ def test_whole_run_on_cpu(tokenizer, corpus_path, tmp_path, check_envelope):
     assert names == ["dense", "decode_share=0.1", "decode_budget=2048", "prefill_threshold_0.002+decode_share=0.1"]
     assert all(env["passkey"][n]["vs_dense"]["n"] == 5 for n in names[1:])
     assert env["cost"]["steps"] == 2 and (out / "gates_decode_bf16.safetensors").is_file()
-    assert "| share=0.1 |" in (out / "decode_quality.md").read_text() and report.rows
+    assert "| share=0.1 |" in (out / "decode_quality.md").read_text() and report == env
+    assert dq.DecodeQualityConfig(**env["config"]).settings == ("share=0.1", "budget=2048")  # rebuilt from the envelope

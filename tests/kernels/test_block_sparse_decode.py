@@ -251,3 +251,31 @@ def test_other_launch_configs(cfg, gen, device, error_budget, monkeypatch):
     for splits in (1, 3):
         out = block_sparse_decode(q, k, v, sel, lens, seq_starts=starts, num_splits=splits, backend="triton")
         _check(out, q, k, v, sel, lens, error_budget, torch.float32, seq_starts=starts)
+
+
+def test_one_part_per_list_is_one_launch(gen, device, error_budget, monkeypatch):
+    """With one part per block list (num_splits=1) the split kernel writes the output itself:
+    the merge kernel is not launched, and the output is the reference's (padding, an empty
+    head and a partial current block included)."""
+    mod = __import__("seer_attn.kernels.block_sparse_decode", fromlist=["_decode_combine_kernel"])
+    launches = []
+
+    class Counted:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            launches.append(grid)
+            return self.kernel[grid]
+    monkeypatch.setattr(mod, "_decode_combine_kernel", Counted(mod._decode_combine_kernel))
+    B, HQ, H, S, D = 2, 6, 2, 300, 64
+    q, k, v = _inputs(gen, B, HQ, H, S, D, torch.float16, device)
+    sel = _selection(gen, B, H, _nb(S), "some", device)
+    sel[1, 0] = False  # a head that reads nothing
+    lens = torch.tensor([300, 250], device=device)
+    starts = torch.tensor([0, 70], device=device)
+    out = block_sparse_decode(q, k, v, sel, lens, seq_starts=starts, num_splits=1, backend="triton")
+    assert launches == []
+    _check(out, q, k, v, sel, lens, error_budget, torch.float16, seq_starts=starts)
+    block_sparse_decode(q, k, v, sel, lens, seq_starts=starts, num_splits=2, backend="triton")
+    assert len(launches) == 1

@@ -83,14 +83,39 @@ def test_pooled_k_cache_equals_pooling_the_full_k_at_every_step(tiny, cache_kind
     assert m.seer_decode_density() is not None
 
 
+# ----------------------------------------------------------------------------- decode gate
+
+@pytest.mark.parametrize("use_rope", [True, False], ids=["rope", "no-rope"])
+@torch.no_grad()
+def test_step_logits_equal_the_gate_scores(use_rope):
+    """A decode step's two-matmul logits (RoPE folded into the query weight) equal the gate's
+    query / scores path, on keys that are a slice of a larger buffer (the cache's); the folded
+    weight follows q_weight when it changes in place."""
+    from seer_attn.modeling_seer.decode_gate import DecodeGate
+    gen = torch.Generator().manual_seed(2)
+    gate = DecodeGate(8, 2, 16, hidden_size=32, use_rope=use_rope)
+    B = 3
+    q = torch.randn(B, 1, 8, 16, generator=gen).transpose(1, 2)  # laid out as a model's q [B, T, HQ, D]
+    keys = torch.randn(B, 2, 12, 32, generator=gen)[:, :, :7]
+    pos = torch.tensor([[5.0], [9.0], [100.0]])
+    e = torch.cat([pos * 10000 ** (-torch.arange(0, 32, 2) / 32)] * 2, -1)  # [B, G]
+    for _ in range(2):
+        want = gate.scores(gate.query(q, rope=(e.cos()[:, None], e.sin()[:, None])), keys)
+        torch.testing.assert_close(gate.step_logits(q, keys, (e.cos(), e.sin())), want, atol=2e-6, rtol=1e-5)
+        gate.q_weight.mul_(-0.5)
+
+
 # ----------------------------------------------------------------------------- selection
 
 def test_select_decode_blocks_methods_and_forced_blocks():
+    """Each method's kept blocks are the first ``cnt`` entries of a row: distinct, the sink and
+    the current block among them, no padding block, the best-scoring full blocks otherwise."""
     gen = torch.Generator().manual_seed(0)
     B, H, NC = 2, 3, 20
-    scores = torch.randn(B, H, NC, generator=gen)
+    scores = torch.randn(B, H, NC + 1, generator=gen)  # full blocks 0 .. 19, then the current block 20
     first = torch.tensor([0, 5])  # row 1: blocks 0-4 are left padding, its sink is block 5
     scores[1, :, :5] = 50.0  # padding blocks must never be read, whatever their score
+    scores[:, :, NC] = -50.0  # the current block's value is ignored: it is always read
     for method, kw, want in [("budget", dict(budget=6 * 64), [6, 6]),
                              ("share", dict(share=0.25), [6, 4]),  # ceil(0.25 * 21), ceil(0.25 * 16)
                              ("budget", dict(budget=64 * 64), [21, 16])]:  # more than there is: everything
@@ -98,21 +123,46 @@ def test_select_decode_blocks_methods_and_forced_blocks():
         assert cnt.tolist() == [[want[0]] * H, [want[1]] * H], (method, kw)
         for b in range(B):
             for h in range(H):
-                blocks = idx[b, h][idx[b, h] >= 0].tolist()
-                assert len(blocks) == len(set(blocks)) == cnt[b, h]
-                assert blocks[-1] == NC and int(first[b]) in blocks  # current and sink
-                assert min(blocks) >= first[b]
-                if method == "budget" and want[b] < NC:  # the best-scoring candidates besides the sink
-                    cand = scores[b, h, int(first[b]) + 1:]
+                blocks = idx[b, h, :cnt[b, h]].tolist()
+                assert len(set(blocks)) == len(blocks) == want[b]
+                assert {NC, int(first[b])} <= set(blocks)  # current and sink
+                assert min(blocks) >= first[b] and max(blocks) <= NC
+                if want[b] < NC + 1 - first[b]:  # the best-scoring full blocks besides the sink
+                    cand = scores[b, h, int(first[b]) + 1:NC]
                     best = set((torch.topk(cand, want[b] - 2).indices + int(first[b]) + 1).tolist())
-                    assert set(blocks[:-1]) - {int(first[b])} == best
+                    assert set(blocks) - {NC, int(first[b])} == best
     idx, cnt = select_decode_blocks(scores, first, "threshold", threshold=0.05)
-    p = torch.softmax(scores[0].masked_fill(torch.zeros(NC, dtype=torch.bool), 0), -1)
-    for h in range(H):
-        want = set((p[h] >= 0.05).nonzero().flatten().tolist()) | {0, NC}
-        assert set(idx[0, h][idx[0, h] >= 0].tolist()) == want
-    idx, cnt = select_decode_blocks(torch.zeros(B, H, 0), torch.tensor([0, 0]), "budget")
-    assert idx.tolist() == [[[0]] * H] * B  # the first block: only itself
+    for b in range(B):
+        p = torch.softmax(scores[b, :, first[b]:NC], -1)  # over the sequence's full blocks
+        for h in range(H):
+            want = set((p[h] >= 0.05).nonzero().flatten().add(int(first[b])).tolist()) | {int(first[b]), NC}
+            assert sorted(idx[b, h, :cnt[b, h]].tolist()) == sorted(want)
+    for method in ("budget", "share", "threshold"):  # the first block is the current one: only itself
+        idx, cnt = select_decode_blocks(torch.zeros(B, H, 1), torch.tensor([0, 0]), method)
+        assert cnt.tolist() == [[1] * H] * B and idx[..., 0].tolist() == [[0] * H] * B
+
+
+def test_top_k_skips_sorting_only_when_every_row_keeps_k():
+    """The model passes the sink blocks as host ints: a top-k whose rows all keep their k
+    entries need not sort them (the same kept sets); a row with fewer candidates than k must
+    get its kept blocks first, so it sorts."""
+    from seer_attn.modeling_seer.selection import prepare_decode_selection
+    gen = torch.Generator().manual_seed(1)
+    B, H, NC = 2, 3, 20
+    scores = torch.randn(B, H, NC + 1, generator=gen)
+    for first, method, kw, want_sorted in [([0, 2], "budget", dict(budget=6 * 64), False),
+                                           ([0, 17], "budget", dict(budget=6 * 64), True),  # row 1: 4 blocks
+                                           ([0, 2], "share", dict(share=0.25), True),  # 6 and 5 of k = 6
+                                           ([0, 0], "share", dict(share=0.25), False)]:
+        fb = torch.tensor(first)
+        prepared = prepare_decode_selection(fb, NC, method, num_heads=H, first_block_host=first, **kw)
+        assert prepared["sorted"] == want_sorted, (first, method)
+        idx, cnt = select_decode_blocks(scores, fb, method, prepared=prepared)
+        ref_idx, ref_cnt = select_decode_blocks(scores, fb, method, **kw)  # sorted
+        assert torch.equal(cnt, ref_cnt)
+        for b in range(B):
+            for h in range(H):
+                assert set(idx[b, h, :cnt[b, h]].tolist()) == set(ref_idx[b, h, :cnt[b, h]].tolist())
 
 
 # ----------------------------------------------------------------------------- generation
@@ -132,6 +182,41 @@ def test_every_block_selected_equals_dense_decode_token_for_token(tiny, prefill)
         assert torch.equal(sparse.sequences, dense.sequences)
         torch.testing.assert_close(torch.stack(sparse.scores), torch.stack(dense.scores), atol=2e-5, rtol=1e-5)
         assert torch.equal(m.seer_decode_density(), torch.ones(2))
+
+
+SHARE_1 = dict(seer_decode_method="share", seer_decode_share=1.0)
+KEEP_ALL_THRESHOLD = dict(seer_decode_method="threshold", seer_decode_threshold=1e-9)
+
+
+@pytest.mark.parametrize("method, backend", [
+    pytest.param(SHARE_1, "torch", id="share-1-reference"),
+    pytest.param(KEEP_ALL_THRESHOLD, "torch", id="threshold-keeps-all-reference"),
+    pytest.param(SHARE_1, "triton", id="share-1-triton-kernel"),  # the interpreter is slow: one case
+])
+@torch.no_grad()
+def test_every_block_selected_equals_dense_decode_with_unaligned_left_padding(tiny, monkeypatch, backend, method):
+    """The GPU test's structure at CPU size: a batch left-padded by 0 / 40 / 100 slots (the
+    last sequence's first block is padding only), prompts of several blocks, decode steps
+    across a block boundary, every block selected: each step's logits are dense decode's,
+    through the torch reference and through the Triton kernel (interpreter on CPU). Selection
+    lists with dropped entries (padding blocks, thresholds) once put the current block after
+    the ``block_counts`` prefix the kernel reads."""
+    import functools
+
+    from seer_attn.kernels.block_sparse_decode import block_sparse_decode
+    from seer_attn.modeling_seer import seer_layer
+    monkeypatch.setattr(seer_layer, "block_sparse_decode", functools.partial(block_sparse_decode, backend=backend))
+    m = tiny(**DECODE)
+    ids, mask = _left_pad([_ids(250 - pad, seed=20 + pad)[0] for pad in (0, 40, 100)], 250)
+
+    def run(**kw):
+        out = _greedy(m, ids, 10, attention_mask=mask, output_logits=True, return_dict_in_generate=True, **kw)
+        return out.sequences, torch.stack(out.logits, 1)
+    seq, dense = run()
+    m.set_seer_mode("dense", seer_decode_sparsity=True, **method)
+    _, sparse = run(prefix_allowed_tokens_fn=lambda b, prefix: [int(seq[b, prefix.shape[-1]])])
+    assert torch.equal(m.seer_decode_density(), torch.ones(3))
+    torch.testing.assert_close(sparse, dense, atol=2e-5, rtol=1e-5)
 
 
 @torch.no_grad()
@@ -203,6 +288,66 @@ def test_qwen2_family_decodes_sparsely(sliding):
     _greedy(m, x, 12)
     assert calls == ([11, 0] if sliding else [11, 11])  # 11 decode steps after the prefill; layer 1 slides
     assert torch.allclose(m.seer_decode_density(), torch.tensor([2 / 5]))  # over the sparse layers
+
+
+# ----------------------------------------------------------------------------- torch.compile
+
+def test_generate_never_compiles_the_forward_under_decode_sparsity(tiny, monkeypatch):
+    """transformers compiles a static cache's decode steps (CUDA only, unless the compile config
+    says every device): never with decode sparsity on, whose pooled-K cache is Python state."""
+    from transformers import CompileConfig
+    m = tiny(**DECODE, seer_decode_budget=3 * 64)
+    compiled = []
+    monkeypatch.setattr(m, "get_compiled_call", lambda cfg: (compiled.append(cfg), m.__call__)[1])
+    cfg = CompileConfig(backend="eager")
+    cfg._compile_all_devices = True
+    x = _ids(150, seed=12)
+    kw = dict(cache_implementation="static", compile_config=cfg)
+    _greedy(m, x, 3, **kw)
+    assert compiled  # dense decode: transformers would compile (the spy hands back the plain forward)
+    compiled.clear()
+    m.set_seer_mode("dense", seer_decode_sparsity=True)
+    _greedy(m, x, 3, **kw)
+    assert not compiled
+
+
+@torch.no_grad()
+def test_compiled_decode_step_launches_the_triton_kernel_eagerly(tiny, monkeypatch):
+    """torch.compile of a sparse decode step (backend "eager": dynamo only) does not trace into
+    the Triton launcher: every launch runs outside tracing (dynamo breaks the graph around it)
+    and the logits equal the uncompiled step's."""
+    import functools
+    import importlib
+
+    from seer_attn.modeling_seer import seer_layer
+    mod = importlib.import_module("seer_attn.kernels.block_sparse_decode")
+    monkeypatch.setattr(seer_layer, "block_sparse_decode", functools.partial(mod.block_sparse_decode, backend="triton"))
+    compiling = []
+
+    class Spy:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                compiling.append(torch.compiler.is_compiling())
+                return self.kernel[grid](*args, **kwargs)
+            return launch
+    monkeypatch.setattr(mod, "_decode_split_kernel", Spy(mod._decode_split_kernel))
+    m = tiny(**DECODE, seer_decode_sparsity=True, seer_decode_budget=2 * 64)
+    x = _ids(150, B=2, seed=13)
+    caches = [DynamicCache(config=m.config) for _ in range(2)]
+    for cache in caches:
+        tok = m(x, **{CACHE: cache}, use_cache=True).logits[:, -1:].argmax(-1)
+    eager = m(tok, **{CACHE: caches[0]}, use_cache=True).logits
+    torch._dynamo.reset()
+    compiling.clear()
+    try:
+        compiled = torch.compile(m, backend="eager")(tok, **{CACHE: caches[1]}, use_cache=True).logits
+    finally:
+        torch._dynamo.reset()
+    assert compiling == [False] * m.config.num_hidden_layers
+    torch.testing.assert_close(compiled, eager, atol=1e-6, rtol=1e-6)
 
 
 # ----------------------------------------------------------------------------- refusals
