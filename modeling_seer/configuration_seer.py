@@ -16,7 +16,7 @@ POOLING_TYPES = ("avg", "max", "min")
 DISTILL_TARGETS = ("max", "mass")
 BOOL_FIELDS = ("seer_gate_rope", "seer_keep_diagonal", "seer_keep_sink")
 INT_FIELDS = ("seer_block_size", "seer_gate_hidden_size", "seer_keep_local", "seer_dense_last_rows")
-FLOAT_FIELDS = ("seer_threshold", "seer_nz_ratio", "seer_coverage", "seer_distill_loss_scale")
+FLOAT_FIELDS = ("seer_threshold", "seer_nz_ratio", "seer_coverage", "seer_distill_loss_scale", "seer_density")
 #: Options the gates are built from (their shapes and RoPE): fixed once a model exists.
 STRUCTURAL_FIELDS = ("seer_block_size", "seer_gate_hidden_size", "seer_q_pooling", "seer_k_pooling",
                      "seer_gate_rope")
@@ -42,9 +42,15 @@ class SeerConfigMixin:
             ``nz_ratio`` of the causal blocks are kept).
             ``"coverage"`` keeps per row the fewest best blocks whose softmaxed scores sum
             to >= ``seer_coverage`` (adaptive budget).
+            ``"density"`` keeps ``seer_density`` of the causal blocks in every layer: the keep
+            rules' blocks plus the most probable other blocks over all heads and rows of the
+            layer (a threshold solved per layer and sequence, so the budget stays adaptive
+            across heads and rows as with ``"threshold"``).
         seer_threshold: threshold tau, in (0, 1).
         seer_nz_ratio: target kept share of causal blocks, in (0, 1].
         seer_coverage: probability mass kept per row by ``"coverage"``, in (0, 1].
+        seer_density: kept share of causal blocks asked of ``"density"``, in (0, 1] (the keep
+            rules set a floor).
         seer_selector: what scores the blocks in sparse mode: ``"gate"`` (the learned
             AttnGate) or a training-free baseline of :data:`.selection.SELECTORS`: ``"streaming"`` (sink + recent blocks),
             ``"meanpool"`` (MoBA-like mean-pooled q.k), ``"oracle_max"`` / ``"oracle_mass"``
@@ -69,6 +75,7 @@ class SeerConfigMixin:
     seer_threshold: float = 2e-3
     seer_nz_ratio: float = 0.3
     seer_coverage: float = 0.9
+    seer_density: float = 0.2
     seer_selector: str = "gate"
     seer_keep_diagonal: bool = True
     seer_keep_sink: bool = False
@@ -125,6 +132,8 @@ class SeerConfigMixin:
             bad("seer_nz_ratio", "expected 0 < nz_ratio <= 1")
         if not 0.0 < self.seer_coverage <= 1.0:
             bad("seer_coverage", "expected 0 < coverage <= 1")
+        if not 0.0 < self.seer_density <= 1.0:
+            bad("seer_density", "expected 0 < density <= 1")
         if self.seer_selector not in SELECTORS:
             bad("seer_selector", f"expected one of the registered selectors {tuple(SELECTORS)}")
         if self.seer_keep_local < 0:
