@@ -16,7 +16,8 @@ POOLING_TYPES = ("avg", "max", "min")
 DISTILL_TARGETS = ("max", "mass")
 BOOL_FIELDS = ("seer_gate_rope", "seer_keep_diagonal", "seer_keep_sink")
 INT_FIELDS = ("seer_block_size", "seer_gate_hidden_size", "seer_keep_local", "seer_dense_last_rows")
-FLOAT_FIELDS = ("seer_threshold", "seer_nz_ratio", "seer_coverage", "seer_distill_loss_scale", "seer_density")
+FLOAT_FIELDS = ("seer_threshold", "seer_nz_ratio", "seer_coverage", "seer_distill_loss_scale", "seer_density",
+                "seer_distill_peak_weight")
 #: Options the gates are built from (their shapes and RoPE): fixed once a model exists.
 STRUCTURAL_FIELDS = ("seer_block_size", "seer_gate_hidden_size", "seer_q_pooling", "seer_k_pooling",
                      "seer_gate_rope")
@@ -63,6 +64,9 @@ class SeerConfigMixin:
         seer_distill_loss_scale: multiplier of the summed per-layer KL loss (paper: 10).
         seer_distill_target: ``"max"`` (paper: row-normalised max-pooled probabilities)
             or ``"mass"`` (row-normalised probability mass per block, a variant).
+        seer_distill_peak_weight: w >= 0: each block row's KL term weighs 1 + w * (the largest
+            entry of its target row), so rows whose true map is peaked count more (0: the
+            paper's plain mean).
     """
 
     seer_mode: str = "dense"
@@ -83,6 +87,7 @@ class SeerConfigMixin:
     seer_dense_last_rows: int = 2
     seer_distill_loss_scale: float = 10.0
     seer_distill_target: str = "max"
+    seer_distill_peak_weight: float = 0.0
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
@@ -144,6 +149,8 @@ class SeerConfigMixin:
             bad("seer_distill_loss_scale", "expected > 0")
         if self.seer_distill_target not in DISTILL_TARGETS:
             bad("seer_distill_target", f"expected one of {DISTILL_TARGETS}")
+        if self.seer_distill_peak_weight < 0:
+            bad("seer_distill_peak_weight", "expected >= 0")
 
     def runtime_overrides(self, overrides):
         """``overrides`` less the structural options (:data:`STRUCTURAL_FIELDS`) equal to this

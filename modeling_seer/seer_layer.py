@@ -128,7 +128,7 @@ class SeerAttentionMixin:
             pool_op = "max" if cfg.seer_distill_target == "max" else "sum"
             out, pooled = attn_with_pooling(q, k, v, True, self.scaling, cfg.seer_block_size,
                                             seq_bounds=ctx.seq_bounds, pool_op=pool_op, window=window)
-            ctx.gate_losses.append(gate_distill_loss(scores, pooled))
+            ctx.gate_losses.append(gate_distill_loss(scores, pooled, peak_weight=cfg.seer_distill_peak_weight))
             return out.transpose(1, 2)
         if ctx.forced_masks is not None:
             mask = ctx.forced_masks[self.layer_idx]
