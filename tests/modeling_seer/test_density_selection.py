@@ -145,3 +145,17 @@ def test_model_gives_every_layer_and_padded_row_the_density(tiny):
     dense = model.set_seer_mode("dense")(input_ids=ids[1:]).logits
     sparse = model.set_seer_mode("sparse", seer_density=1.0)(input_ids=ids[1:]).logits
     torch.testing.assert_close(sparse, dense, atol=1e-4, rtol=0)
+
+
+@pytest.mark.requires_cuda
+def test_density_on_the_gpu_at_32k_blocks():
+    """On CUDA at 32k tokens (512 blocks, 32 heads): every batch row keeps the asked density to one
+    block, and the mask is the CPU's up to blocks whose probabilities tie within rounding."""
+    gen = torch.Generator().manual_seed(0)
+    scores = _scores(gen, 2, 32, 512)
+    rules = KEEP_RULES["sink_local"]
+    gpu = select_blocks(scores.cuda(), "density", density=0.1, **rules)
+    want, _ = _expected_density(0.1, 512, 32, rules)
+    torch.testing.assert_close(causal_density(gpu).mean(-1).cpu(), torch.full((2,), want), atol=1e-6, rtol=0)
+    cpu = select_blocks(scores, "density", density=0.1, **rules)
+    assert (gpu.cpu() != cpu).sum().item() <= 1e-4 * cpu.sum().item()
