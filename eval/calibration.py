@@ -18,7 +18,7 @@ from .settings import Setting, apply_setting, preserved_seer_mode
 
 # Search interval of each method's parameter: (low, high, log-scale, density grows with the parameter)
 _SEARCH = {"threshold": (1e-7, 0.99, True, False), "nz_ratio": (1e-3, 1.0, False, True),
-           "coverage": (1e-3, 1.0, False, True)}
+           "coverage": (1e-3, 1.0, False, True), "density": (1e-3, 1.0, False, True)}
 # Smallest bisection step, as a share of the search interval (log-interval for the threshold:
 # a factor 1.0016): finer than any density step of top-k at 128k tokens (k / 2048).
 _MIN_STEP = 1e-4
@@ -96,8 +96,9 @@ def calibrate(model, method, target_density, windows, *, selector="gate", tol=0.
 
     Args:
         model: a ``SeerLlamaForCausalLM``; its mode is restored afterwards.
-        method: ``"threshold"`` (searched on a log scale in [1e-7, 0.99]), ``"nz_ratio"`` or
-            ``"coverage"`` (in [1e-3, 1]).
+        method: ``"threshold"`` (searched on a log scale in [1e-7, 0.99]), ``"nz_ratio"``,
+            ``"coverage"`` or ``"density"`` (in [1e-3, 1]; ``"density"`` keeps its parameter
+            already, so calibrating it only matters below the keep rules' floor).
         target_density: kept share of causal blocks, in (0, 1].
         windows: calibration windows (:class:`~seer_attn.eval.perplexity.Window`), of the
             length used for the evaluation (nz_ratio's density depends on it).

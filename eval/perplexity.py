@@ -50,7 +50,8 @@ from tqdm.auto import tqdm
 DEFAULT_MAX_LENGTH = 8192
 DEFAULT_WINDOWS_PER_DOC = 2
 _NLL_CHUNK = 2048  # positions per fp32 cross-entropy chunk (bounds the fp32 copy of the logits)
-_METHOD_PARAM = {"threshold": "seer_threshold", "nz_ratio": "seer_nz_ratio", "coverage": "seer_coverage"}
+_METHOD_PARAM = {"threshold": "seer_threshold", "nz_ratio": "seer_nz_ratio", "coverage": "seer_coverage",
+                 "density": "seer_density"}
 
 
 # ----------------------------------------------------------------------------- corpus

@@ -8,8 +8,10 @@ at the same densities, and passkey retrieval dense vs sparse.
 or from Python, ``run_quality(QualityRunConfig(model=..., train=(...,), eval=..., out=...))``.
 
 The work runs in phases (``--phases``, in this order): ``distill`` (skipped when
-``--gates`` gives distilled gates), ``ppl`` (dense, the gate at each threshold and
-nz_ratio, streaming at each gate density), ``baselines`` (oracle max / mass, mean-pooled
+``--gates`` gives distilled gates; ``--retrieval-mix`` / ``--peak-weight`` as in ``seer-attn
+distill``), ``ppl`` (dense, the gate at each threshold and nz_ratio, the density knob at each
+``--densities`` value beside the threshold at the knob's own achieved density
+(:func:`density_knob_rows`), streaming at each gate density), ``baselines`` (oracle max / mass, mean-pooled
 top-k and oracle coverage at ``--baseline-densities``, default: the nz_ratio rows'
 densities) and ``passkey`` (dense, then the gate at each ``--passkey-threshold`` and each
 ``--passkey-settings`` selection such as ``oracle_max:nz_ratio=0.1``, each paired prompt by
@@ -34,10 +36,12 @@ import torch
 
 from seer_attn.training import cli_args as ca
 from seer_attn.training.distill import DistillConfig, run_distill
+from seer_attn.training.retrieval_data import RETRIEVAL_KINDS
 from seer_attn.training.results import write_envelope
 from seer_attn.training.run_config import ConfigError, RunConfig, config_from_args, default, flag, option, text
 
 from .baselines import compare
+from .calibration import gate_thresholds_for, pick_calibration_windows
 from .passkey import paired_passkey, run_passkey
 from .settings import BASELINES, Setting, apply_setting, setting_arg, setting_text
 from .tables import format_table, gate_densities, sort_rows
@@ -46,6 +50,8 @@ THRESHOLDS = (5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2)
 NZ_RATIOS = (0.1, 0.2, 0.3)
 PHASES = ("distill", "ppl", "baselines", "passkey")
 DEFAULT_OUTPUT = "seer_outputs/quality"
+_share = ca.float_in(0, 1, low_open=False)
+_nonneg_float = ca.float_in(0, None, low_open=False)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -62,8 +68,12 @@ class QualityRunConfig(RunConfig):
     batch_size: int = option(1, ca.positive_int)
     thresholds: tuple = option(THRESHOLDS, ca.open_unit_interval, many="+")
     nz_ratios: tuple = option(NZ_RATIOS, ca.unit_interval, many="+")
+    densities: tuple = option((), ca.unit_interval, many="*")
     baseline_densities: tuple | None = option(None, ca.unit_interval, many="*")
     distill_target: str = option("max", choices=("max", "mass"))
+    retrieval_mix: float = option(0.0, _share)
+    retrieval_kinds: tuple = option(RETRIEVAL_KINDS, many="+", choices=RETRIEVAL_KINDS)
+    peak_weight: float = option(0.0, _nonneg_float)
     phases: tuple = option(PHASES, many="+", choices=PHASES)
     passkey_lengths: tuple = option((2048, 4096, 8192), ca.positive_int, many="*")
     passkey_samples: int = option(1, ca.positive_int)
@@ -106,7 +116,9 @@ class QualityRunConfig(RunConfig):
         return DistillConfig(model=self.model, data=self.train, seq_len=self.seq_len, steps=self.steps,
                              batch_size=self.batch_size, output=self.work_dir, bf16=not self.cpu,
                              save_steps=self.steps, logging_steps=25, cpu=self.cpu,
-                             distill_target=self.distill_target, no_progress=self.no_progress)
+                             distill_target=self.distill_target, no_progress=self.no_progress,
+                             retrieval_mix=self.retrieval_mix, retrieval_kinds=self.retrieval_kinds,
+                             peak_weight=self.peak_weight)
 
 
 def _default(name):
@@ -126,9 +138,18 @@ def quality_parser() -> argparse.ArgumentParser:
     ap.add_argument("--batch-size", type=ca.positive_int, default=_default("batch_size"))
     ap.add_argument("--thresholds", type=ca.open_unit_interval, nargs="+", default=_default("thresholds"))
     ap.add_argument("--nz-ratios", type=ca.unit_interval, nargs="+", default=_default("nz_ratios"))
+    ap.add_argument("--densities", type=ca.unit_interval, nargs="*", default=_default("densities"),
+                    help="density-knob values (gate:density=RHO) for the ppl phase, each beside the threshold solved "
+                         "to the same density and the knob again at the threshold's achieved density")
     ap.add_argument("--baseline-densities", type=ca.unit_interval, nargs="*", default=None,
                     help="densities for the oracle and mean-pool baselines (default: those of the nz_ratio rows)")
     ap.add_argument("--distill-target", choices=("max", "mass"), default=_default("distill_target"))
+    ap.add_argument("--retrieval-mix", type=_share, default=_default("retrieval_mix"),
+                    help="distill phase: share of sequences rewritten with retrieval structure (seer-attn distill)")
+    ap.add_argument("--retrieval-kinds", nargs="+", choices=RETRIEVAL_KINDS, default=_default("retrieval_kinds"),
+                    help="distill phase: kinds of retrieval sequences (default: all)")
+    ap.add_argument("--peak-weight", type=_nonneg_float, default=_default("peak_weight"),
+                    help="distill phase: seer_distill_peak_weight, extra KL weight of rows with a peaked true map")
     ap.add_argument("--phases", nargs="+", choices=PHASES, default=_default("phases"))
     ap.add_argument("--passkey-lengths", type=ca.positive_int, nargs="*", default=_default("passkey_lengths"))
     ap.add_argument("--passkey-samples", type=ca.positive_int, default=_default("passkey_samples"),
@@ -223,6 +244,11 @@ class Report:
 
     def text(self):
         lines = [format_table(sort_rows(self.rows)) if self.rows else "(no perplexity rows)", ""]
+        for r in self.rows:
+            if r.get("matched_to"):
+                thr = next(t for t in self.rows if t["setting"] == r["matched_to"])
+                lines.append(f"density knob vs {r['matched_to']} at density {thr['density']:.4f}: PPL "
+                             f"{r['ppl']:.3f} vs {thr['ppl']:.3f} ({100 * (r['ppl_ratio'] - 1):+.2f}%)")
         if self.cost:
             lines.append(f"training: {json.dumps(self.cost)}")
         for name, res in self.passkey.items():
@@ -278,10 +304,40 @@ def _ppl(model, windows, config, report):
     report.rows += compare(model, [Setting("dense")] + gate, windows=windows, with_baselines=False,
                            progress=not config.no_progress)
     report.save()
+    if config.densities:
+        report.rows += density_knob_rows(model, windows, config.densities, progress=not config.no_progress)
+        report.save()
     dens = gate_densities(report.rows)
     report.rows += compare(model, [Setting("streaming", "nz_ratio", target_density=x) for x in dens],
                            windows=windows, with_baselines=False, tol=0.01, progress=not config.no_progress)
     report.save()
+
+
+def density_knob_rows(model, windows, densities, *, calib_windows=4, progress=False) -> list:
+    """The density knob against the threshold at the same achieved density.
+
+    For each ``rho`` of ``densities``, three perplexity rows on ``windows``: the knob
+    (``gate:density=rho``); the threshold solved to keep ``rho`` on ``calib_windows`` windows
+    (:func:`~seer_attn.eval.calibration.gate_thresholds_for`, one exact pass), which lands near
+    ``rho``; and the knob at that threshold's achieved density, marked ``matched_to`` (the
+    threshold's setting) with ``ppl_ratio`` (its PPL over the threshold's). The knob keeps what
+    it is asked to the block, so the last two rows compare the two at one density. Each row
+    records ``knob_density``: its ``rho``."""
+    targets = [float(d) for d in densities]
+    calib = pick_calibration_windows(windows, calib_windows)
+    thresholds = gate_thresholds_for(model, calib, targets)
+    def row(setting):
+        return compare(model, [setting], windows=windows, with_baselines=False, progress=progress)[0]
+
+    rows = []
+    for rho, tau in zip(targets, thresholds):
+        knob, thr = row(Setting("gate", "density", param=rho)), row(Setting("gate", "threshold", param=tau))
+        matched = row(Setting("gate", "density", param=thr["density"]))
+        matched.update(matched_to=thr["setting"], ppl_ratio=matched["ppl"] / thr["ppl"])
+        for r in (knob, thr, matched):
+            r["knob_density"] = rho
+        rows += [knob, thr, matched]
+    return rows
 
 
 def _baselines(model, windows, config, report):

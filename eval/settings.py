@@ -1,7 +1,8 @@
 """Block-selection settings: what one row of a comparison runs, and putting a model in it.
 
 A setting is written ``SELECTOR:METHOD=PARAM`` (fixed parameter, e.g.
-``gate:threshold=2e-3``), ``SELECTOR:METHOD@DENSITY`` (parameter calibrated so that the kept
+``gate:threshold=2e-3``, or ``gate:density=0.1``, which keeps 0.1 of the causal blocks in
+every layer without calibration), ``SELECTOR:METHOD@DENSITY`` (parameter calibrated so that the kept
 share of causal blocks is ``DENSITY``, e.g. ``streaming:nz_ratio@0.21``,
 :mod:`seer_attn.eval.calibration`) or ``dense``. The selectors, their labels and baseline
 methods come from the selector registry (:data:`seer_attn.modeling_seer.selection.SELECTORS`):
@@ -15,7 +16,8 @@ from dataclasses import dataclass
 from seer_attn.modeling_seer.selection import SELECTORS, SPARSITY_METHODS, baseline_pairs
 from seer_attn.training.cli_args import ArgValueError
 
-METHOD_PARAM = {"threshold": "seer_threshold", "nz_ratio": "seer_nz_ratio", "coverage": "seer_coverage"}
+METHOD_PARAM = {"threshold": "seer_threshold", "nz_ratio": "seer_nz_ratio", "coverage": "seer_coverage",
+                "density": "seer_density"}
 #: (selector, method) of the training-free baselines, in table order, as registered at import
 #: (:data:`~seer_attn.modeling_seer.selection.SELECTORS`; the functions here read it live).
 BASELINES = baseline_pairs()
@@ -52,7 +54,7 @@ def check_param(method, value, what="param"):
 @dataclass(frozen=True)
 class Setting:
     """One block selection to evaluate: ``dense``, or a selector + method with either a fixed
-    ``param`` (threshold / nz_ratio / coverage) or a ``target_density`` to calibrate to."""
+    ``param`` (threshold / nz_ratio / coverage / density) or a ``target_density`` to calibrate to."""
 
     selector: str
     method: str | None = None

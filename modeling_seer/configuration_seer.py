@@ -18,7 +18,7 @@ BOOL_FIELDS = ("seer_gate_rope", "seer_keep_diagonal", "seer_keep_sink", "seer_d
 INT_FIELDS = ("seer_block_size", "seer_gate_hidden_size", "seer_keep_local", "seer_dense_last_rows",
               "seer_decode_budget", "seer_decode_distill_rows")
 FLOAT_FIELDS = ("seer_threshold", "seer_nz_ratio", "seer_coverage", "seer_distill_loss_scale", "seer_decode_share",
-                "seer_decode_threshold")
+                "seer_decode_threshold", "seer_density", "seer_distill_peak_weight")
 #: Options the gates are built from (their shapes and RoPE): fixed once a model exists.
 STRUCTURAL_FIELDS = ("seer_block_size", "seer_gate_hidden_size", "seer_q_pooling", "seer_k_pooling",
                      "seer_gate_rope", "seer_decode_gate")
@@ -46,9 +46,15 @@ class SeerConfigMixin:
             ``nz_ratio`` of the causal blocks are kept).
             ``"coverage"`` keeps per row the fewest best blocks whose softmaxed scores sum
             to >= ``seer_coverage`` (adaptive budget).
+            ``"density"`` keeps ``seer_density`` of the causal blocks in every layer: the keep
+            rules' blocks plus the most probable other blocks over all heads and rows of the
+            layer (a threshold solved per layer and sequence, so the budget stays adaptive
+            across heads and rows as with ``"threshold"``).
         seer_threshold: threshold tau, in (0, 1).
         seer_nz_ratio: target kept share of causal blocks, in (0, 1].
         seer_coverage: probability mass kept per row by ``"coverage"``, in (0, 1].
+        seer_density: kept share of causal blocks asked of ``"density"``, in (0, 1] (the keep
+            rules set a floor).
         seer_selector: what scores the blocks in sparse mode: ``"gate"`` (the learned
             AttnGate) or a training-free baseline of :data:`.selection.SELECTORS`: ``"streaming"`` (sink + recent blocks),
             ``"meanpool"`` (MoBA-like mean-pooled q.k), ``"oracle_max"`` / ``"oracle_mass"``
@@ -61,6 +67,9 @@ class SeerConfigMixin:
         seer_distill_loss_scale: multiplier of the summed per-layer KL loss (paper: 10).
         seer_distill_target: ``"max"`` (paper: row-normalised max-pooled probabilities)
             or ``"mass"`` (row-normalised probability mass per block, a variant).
+        seer_distill_peak_weight: w >= 0: each block row's KL term weighs 1 + w * (the largest
+            entry of its target row), so rows whose true map is peaked count more (0: the
+            paper's plain mean).
         seer_decode_gate: build a decode gate per layer (``attn_gate.decode_gate``; structural:
             fixed once the model is built). Distillation then trains it too, and its tensors are
             saved with the prefill gates.
@@ -94,6 +103,7 @@ class SeerConfigMixin:
     seer_threshold: float = 2e-3
     seer_nz_ratio: float = 0.3
     seer_coverage: float = 0.9
+    seer_density: float = 0.2
     seer_selector: str = "gate"
     seer_keep_diagonal: bool = True
     seer_keep_sink: bool = False
@@ -101,6 +111,7 @@ class SeerConfigMixin:
     seer_dense_last_rows: int = 2
     seer_distill_loss_scale: float = 10.0
     seer_distill_target: str = "max"
+    seer_distill_peak_weight: float = 0.0
     seer_decode_gate: bool = False
     seer_decode_sparsity: bool = False
     seer_decode_method: str = "budget"
@@ -161,6 +172,8 @@ class SeerConfigMixin:
             bad("seer_nz_ratio", "expected 0 < nz_ratio <= 1")
         if not 0.0 < self.seer_coverage <= 1.0:
             bad("seer_coverage", "expected 0 < coverage <= 1")
+        if not 0.0 < self.seer_density <= 1.0:
+            bad("seer_density", "expected 0 < density <= 1")
         if self.seer_selector not in SELECTORS:
             bad("seer_selector", f"expected one of the registered selectors {tuple(SELECTORS)}")
         if self.seer_keep_local < 0:
@@ -171,6 +184,8 @@ class SeerConfigMixin:
             bad("seer_distill_loss_scale", "expected > 0")
         if self.seer_distill_target not in DISTILL_TARGETS:
             bad("seer_distill_target", f"expected one of {DISTILL_TARGETS}")
+        if self.seer_distill_peak_weight < 0:
+            bad("seer_distill_peak_weight", "expected >= 0")
         self.validate_seer_decode(bad)
 
     def validate_seer_decode(self, bad):

@@ -82,7 +82,7 @@ class AttnGate(nn.Module):
         return scores.masked_fill(~allowed, MASKED_LOGIT)
 
 
-def gate_distill_loss(scores, target, skip_fraction=0.25):
+def gate_distill_loss(scores, target, skip_fraction=0.25, peak_weight=0.0):
     """KL(target || softmax(scores)) averaged over elements, skipping the first block rows.
 
     Args:
@@ -90,9 +90,16 @@ def gate_distill_loss(scores, target, skip_fraction=0.25):
         target: row-normalised pooled attention ``[B, HQ, NB, NB]`` (ground truth).
         skip_fraction: share of leading block rows left out (the paper skips a quarter
             for stability: early rows have few blocks and trivial targets).
+        peak_weight: w >= 0; each row's KL weighs 1 + w * (its target's largest entry), so
+            rows whose true map is peaked on few blocks count more; the weighted mean over
+            rows (0: the plain mean, the paper's loss).
     """
     r0 = int(scores.shape[2] * skip_fraction)
     logp = F.log_softmax(scores[:, :, r0:].float(), dim=-1)
     t = target[:, :, r0:].detach().float()  # the target trains the gate, never the base model
     # elementwise mean, as torch.nn.KLDivLoss() in the reference; xlogy makes 0 * log 0 = 0
-    return (torch.xlogy(t, t) - t * logp).mean()
+    kl = torch.xlogy(t, t) - t * logp
+    if not peak_weight:
+        return kl.mean()
+    w = 1.0 + peak_weight * t.amax(dim=-1, keepdim=True)  # [B, HQ, rows, 1]
+    return (kl * w).sum() / (w.sum() * kl.shape[-1])

@@ -182,7 +182,7 @@ class SeerAttentionMixin:
             pool_op = "max" if cfg.seer_distill_target == "max" else "sum"
             out, pooled = attn_with_pooling(q, k, v, True, self.scaling, cfg.seer_block_size,
                                             seq_bounds=ctx.seq_bounds, pool_op=pool_op, window=window)
-            ctx.gate_losses.append(gate_distill_loss(scores, pooled))
+            ctx.gate_losses.append(gate_distill_loss(scores, pooled, peak_weight=cfg.seer_distill_peak_weight))
             if ctx.decode_rows is not None and hasattr(self.attn_gate, DECODE_GATE):
                 ctx.gate_losses.append(self._decode_distill_loss(q, k, q_pre, k_pre, ctx))
             return out.transpose(1, 2)

@@ -1,7 +1,7 @@
 """Block selection, family-agnostic: the selector registry, block scores, keep rules, density.
 
 A *selector* scores every (query block, key block) pair of a prefill; a *method*
-(``threshold`` / ``nz_ratio`` / ``coverage``) and the keep rules turn the scores into a
+(``threshold`` / ``nz_ratio`` / ``coverage`` / ``density``) and the keep rules turn the scores into a
 block mask (docs/design.md §2). A sliding-window layer passes its ``window``: blocks the
 window does not reach are never selected and density counts only the blocks it reaches. Every selector is one :class:`Selector` entry of
 :data:`SELECTORS`, read by config validation, the model's sparse attention, eval and the
@@ -22,7 +22,7 @@ from seer_attn.kernels.block_sparse_attn import attn_with_pooling
 #: Logit given to blocks a selection must never pick (above the diagonal, padding-only keys).
 #: Finite, so that KL terms with a zero target stay 0 instead of NaN.
 MASKED_LOGIT = -1e9
-SPARSITY_METHODS = ("threshold", "nz_ratio", "coverage")
+SPARSITY_METHODS = ("threshold", "nz_ratio", "coverage", "density")
 
 
 def block_pool(x, block_size, kinds, valid=None):
@@ -92,8 +92,70 @@ def nz_ratio_k(nz_ratio, NB, window=None, block_size=64):
     return int(ks[torch.argmin((share - nz_ratio).abs())])
 
 
+def keep_rule_mask(NB, keep_diagonal=True, keep_sink=False, keep_local=0, dense_last_rows=2, window=None,
+                   block_size=64, device="cpu"):
+    """Bool ``[NB, NB]``: the blocks the keep rules add whatever the scores say (the diagonal,
+    the sink block, the ``keep_local`` blocks before the diagonal, the ``dense_last_rows``
+    last rows), within the causal blocks a ``window`` reaches (all causal blocks without one)."""
+    i = torch.arange(NB, device=device)
+    back = i[:, None] - i[None, :]  # how many blocks key j lies before query block i
+    keep = (back == 0) if keep_diagonal else torch.zeros(NB, NB, dtype=torch.bool, device=device)
+    if keep_sink:
+        keep[:, 0] = True
+    if keep_local > 0:
+        keep |= (back >= 1) & (back <= keep_local)
+    if dense_last_rows > 0:
+        keep[-dense_last_rows:, :] = True
+    return keep & window_block_mask(NB, window, block_size, device)
+
+
+def density_budget(density, NB, forced, reached, heads=1):
+    """Blocks the ``density`` method picks beyond the keep rules, per batch row of one layer.
+
+    ``forced`` / ``reached``: bool ``[NB, NB]`` (:func:`keep_rule_mask`, the blocks a window
+    reaches). The layer keeps round(density * heads * R) blocks (R = reached blocks per head),
+    never fewer than the forced ones nor more than every reached one: the count returned is
+    that total less the ``heads * |forced|`` blocks the keep rules add anyway."""
+    n_reached, n_forced = int(reached.sum()), int((forced & reached).sum())
+    total = min(heads * n_reached, max(heads * n_forced, math.floor(density * heads * n_reached + 0.5)))
+    return total - heads * n_forced
+
+
+def select_density(probs, density, forced, reached, masked=None):
+    """The ``density`` method: per batch row, the most probable blocks of the whole layer.
+
+    Args:
+        probs: float ``[B, HQ, NB, NB]``, each row's softmaxed scores.
+        density: target kept share of the reached causal blocks, in (0, 1].
+        forced, reached: bool ``[NB, NB]``, see :func:`density_budget`.
+        masked: optional bool ``[B, HQ, NB, NB]``, blocks whose score was masked (key blocks of
+            padding only, every block of a padding-only query row): taken only once every
+            other reached block is kept.
+
+    Returns:
+        bool ``[B, HQ, NB, NB]``: for each batch row on its own, the keep rules' blocks plus the
+        :func:`density_budget` highest-probability other reached blocks over all heads and
+        rows of the layer, i.e. a threshold on the probabilities solved per batch row so
+        that the layer's density (mean over heads of the kept share) is ``density`` up to
+        one block in ``HQ * R``, or the keep rules' floor, or 1. Ties at the cut are broken
+        by position.
+    """
+    B, HQ, NB, _ = probs.shape
+    m = density_budget(density, NB, forced, reached, HQ)
+    mask = forced.expand(B, HQ, NB, NB).clone()
+    if m > 0:
+        cand = (reached & ~forced).expand(B, HQ, NB, NB)
+        priority = probs.float()
+        if masked is not None:
+            priority = priority.masked_fill(masked, -1.0)  # probabilities are >= 0: after every real block
+        priority = priority.masked_fill(~cand, -2.0).reshape(B, -1)
+        idx = torch.topk(priority, m, dim=-1, sorted=False).indices
+        mask.view(B, -1).scatter_(-1, idx, True)
+    return mask
+
+
 def select_blocks(scores, method, threshold=2e-3, nz_ratio=0.3, keep_diagonal=True, keep_sink=False,
-                  dense_last_rows=2, coverage=0.9, keep_local=0, window=None, block_size=64):
+                  dense_last_rows=2, coverage=0.9, keep_local=0, window=None, block_size=64, density=0.2):
     """Turn block logits ``[B, HQ, NB, NB]`` into a causal bool block mask of the same shape.
 
     Methods: ``threshold`` keeps blocks whose softmaxed score is >= ``threshold``;
@@ -121,6 +183,12 @@ def select_blocks(scores, method, threshold=2e-3, nz_ratio=0.3, keep_diagonal=Tr
         before = p.cumsum(-1) - p  # mass of the strictly better blocks
         keep_sorted = before < coverage
         mask = torch.zeros_like(keep_sorted).scatter_(-1, order, keep_sorted)
+    elif method == "density":
+        forced = keep_rule_mask(NB, keep_diagonal, keep_sink, keep_local, dense_last_rows, window, block_size,
+                                scores.device)
+        reached = window_block_mask(NB, window, block_size, scores.device)
+        mask = select_density(torch.softmax(scores.float(), dim=-1), density, forced, reached,
+                              masked=scores <= MASKED_LOGIT / 2)
     else:
         raise ValueError(f"sparsity method must be one of {SPARSITY_METHODS}, got {method!r}")
     if keep_diagonal:
@@ -145,7 +213,8 @@ def select_blocks_for(scores, cfg, window=None):
     return select_blocks(scores, cfg.seer_sparsity_method, threshold=cfg.seer_threshold, nz_ratio=cfg.seer_nz_ratio,
                          keep_diagonal=cfg.seer_keep_diagonal, keep_sink=cfg.seer_keep_sink,
                          dense_last_rows=cfg.seer_dense_last_rows, coverage=cfg.seer_coverage,
-                         keep_local=cfg.seer_keep_local, window=window, block_size=cfg.seer_block_size)
+                         keep_local=cfg.seer_keep_local, window=window, block_size=cfg.seer_block_size,
+                         density=cfg.seer_density)
 
 
 def causal_density(mask, window=None, block_size=64):

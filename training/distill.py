@@ -35,7 +35,8 @@ import os
 from dataclasses import asdict, dataclass
 
 from . import cli_args as ca
-from .run_config import RunConfig, default, flag, option, text
+from .retrieval_data import RETRIEVAL_KINDS
+from .run_config import ConfigError, RunConfig, default, flag, option, text
 
 DEFAULT_OUTPUT = "seer_outputs/distill"
 #: what the gate learns (``seer_distill_target``): None keeps the model's
@@ -51,6 +52,9 @@ MIN_SEQ_LEN = 256
 
 
 _at_least_min = ca.int_at_least(MIN_SEQ_LEN)
+#: checks of the retrieval mix (a share, 0 allowed) and of the peak weight (>= 0)
+_share = ca.float_in(0, 1, low_open=False)
+_nonneg_float = ca.float_in(0, None, low_open=False)
 
 
 def _seq_len(text):
@@ -80,6 +84,9 @@ class DistillConfig(RunConfig):
     warmup_steps: int = option(20, ca.nonneg_int)
     threshold: float | None = option(None, ca.open_unit_interval)
     distill_target: str | None = option(None, choices=DISTILL_TARGETS)
+    retrieval_mix: float = option(0.0, _share)
+    retrieval_kinds: tuple = option(RETRIEVAL_KINDS, many="+", choices=RETRIEVAL_KINDS)
+    peak_weight: float | None = option(None, _nonneg_float)
     output: str = option(DEFAULT_OUTPUT, text)
     seed: int = option(42, ca.nonneg_int)
     bf16: bool = option(False, flag)
@@ -92,6 +99,11 @@ class DistillConfig(RunConfig):
     num_proc: int | None = option(None, ca.positive_int)
     cpu: bool = option(False, flag)
     no_progress: bool = option(False, flag)
+
+    def check(self):
+        if self.retrieval_mix and self.streaming:
+            raise ConfigError("{retrieval_mix} rewrites packed sequences, which a stream does not hold: drop "
+                              "{streaming} or {retrieval_mix}", "retrieval_mix", "streaming")
 
 
 def _default(name):
@@ -129,6 +141,15 @@ def add_distill_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
     parser.add_argument("--distill-target", choices=DISTILL_TARGETS, default=_default("distill_target"),
                         help="what the gate learns: max (paper: row-normalised max-pooled attention) or mass "
                              "(block attention mass); default: the model's, max for a new conversion")
+    parser.add_argument("--retrieval-mix", type=_share, default=_default("retrieval_mix"), metavar="SHARE",
+                        help="share of the packed sequences rewritten with retrieval structure built from the data "
+                             "itself: repeated passages, key-value records queried later (training/retrieval_data.py; "
+                             "default: %(default)s, none)")
+    parser.add_argument("--retrieval-kinds", nargs="+", choices=RETRIEVAL_KINDS, default=_default("retrieval_kinds"),
+                        help="kinds of retrieval sequences drawn from (default: all)")
+    parser.add_argument("--peak-weight", type=_nonneg_float, default=_default("peak_weight"),
+                        help="seer_distill_peak_weight: each block row's KL weighs 1 + W * its target's largest entry "
+                             "(rows with a peaked true map count more); default: the model's, 0 for a new conversion")
     parser.add_argument("--output", default=_default("output"),
                         help=f"output folder: {MODEL_DIR}/ (the model to load or share), {CHECKPOINTS_DIR}/, "
                              f"{SUMMARY_FILE} (default: %(default)s)")
@@ -189,6 +210,7 @@ def run_distill(config: DistillConfig) -> dict:
     from seer_attn.modeling_seer.modeling_seer_llama import GATES_FILE
 
     from .data import default_corpus_path, load_documents, pack_documents
+    from .retrieval_data import mix_retrieval
     from .results import envelope, write_json
     from .trainer import CHECKPOINTING_ARG, GateDistillationTrainer, SeerTrainingArguments
 
@@ -202,11 +224,16 @@ def run_distill(config: DistillConfig) -> dict:
         source = config.model if config.model is not None else default_model_path()
         tokenizer = load_tokenizer(source)
         train_dataset = pack_documents(docs, tokenizer, config.seq_len, seed=config.seed, num_proc=config.num_proc)
+        if config.retrieval_mix:
+            train_dataset = mix_retrieval(train_dataset, config.retrieval_mix, seed=config.seed, tokenizer=tokenizer,
+                                          kinds=config.retrieval_kinds)
         seer_kwargs = {"seer_mode": "distill"}
         if config.threshold is not None:
             seer_kwargs["seer_threshold"] = config.threshold
         if config.distill_target is not None:
             seer_kwargs["seer_distill_target"] = config.distill_target
+        if config.peak_weight is not None:
+            seer_kwargs["seer_distill_peak_weight"] = config.peak_weight
         set_seed(config.seed)  # before the model: a conversion draws the new gates from the RNG
         model = load_seer_model(source, dtype=torch.bfloat16 if config.bf16 else None, **seer_kwargs)
         targs = SeerTrainingArguments(

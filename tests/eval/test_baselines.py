@@ -39,6 +39,7 @@ def windows_1k(corpus_path, tokenizer):
     ("gate:threshold=2e-3", Setting("gate", "threshold", param=2e-3)),
     ("streaming:nz_ratio@0.21", Setting("streaming", "nz_ratio", target_density=0.21)),
     (" oracle_mass:coverage=0.9 ", Setting("oracle_mass", "coverage", param=0.9)),
+    ("gate:density=0.1", Setting("gate", "density", param=0.1)),
 ])
 def test_setting_parse_roundtrip(spec, expected):
     s = Setting.parse(spec)
@@ -131,6 +132,17 @@ def test_streaming_topk_density_is_exact(model, windows_1k):
     apply_setting(model, Setting("streaming", "nz_ratio", param=cal.param))
     assert _mask_density(model, windows_1k) == pytest.approx(70 / 136, abs=1e-6)
     assert model.config.seer_mode == "sparse"
+
+
+@pytest.mark.parametrize("target", [0.5, 0.75])
+def test_density_setting_keeps_the_asked_density(model, windows_1k, target):
+    """``gate:density=RHO`` needs no calibration: every layer of every window keeps RHO of the
+    causal blocks, to one block in the layer's 4 x 136 (the keep rules' floor is 45 / 136)."""
+    apply_setting(model, f"gate:density={target}")
+    assert model.config.seer_sparsity_method == "density" and model.config.seer_density == target
+    assert abs(_mask_density(model, windows_1k) - target) <= 0.5 / (4 * 136) + 1e-6
+    assert measure_density(model, windows_1k) == pytest.approx(_mask_density(model, windows_1k), abs=1e-6)
+    model.set_seer_mode("dense")
 
 
 @pytest.mark.parametrize("selector,method,target", [

@@ -163,6 +163,8 @@ def test_settings_for(model):
     assert [str(s) for s in settings_for(a, model)] == ["oracle_max:nz_ratio=0.2", "oracle_max:nz_ratio=0.1"]
     a = _args(["--max-length", "8", "--output", "x", "--seer-mode", "sparse", "--density", "0.3"])
     assert [str(s) for s in settings_for(a, model)] == ["gate:threshold@0.3"]
+    a = _args(["--max-length", "8", "--output", "x", "--seer-mode", "sparse", "--method", "density", "--param", "0.1"])
+    assert [str(s) for s in settings_for(a, model)] == ["gate:density=0.1"]
     with pytest.raises(ValueError, match="add --seer-mode sparse"):
         settings_for(_args(["--max-length", "8", "--output", "x", "--param", "0.1"]), model)
     with pytest.raises(ValueError, match="either --param or --density"):

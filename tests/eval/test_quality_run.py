@@ -132,3 +132,24 @@ def test_no_gpu_is_one_line(monkeypatch, capsys, tmp_path):
 def test_config_refuses_bad_fields(fields, message):
     with pytest.raises(ValueError, match=message):
         QualityRunConfig(**fields)
+
+
+def test_density_knob_rows_and_distill_options(model_dir, corpus_path, tmp_path, capsys):
+    """--densities: the knob keeps what it is asked (one block of the layer's 4 x 36), beside the
+    threshold solved to the same density and the knob again at the threshold's achieved density;
+    --retrieval-mix / --peak-weight reach the distillation."""
+    out = tmp_path / "out"
+    quality_run.main(_args(model_dir, corpus_path, out, "--no-progress", "--phases", "distill", "ppl",
+                           "--densities", "0.6", "--retrieval-mix", "0.5", "--peak-weight", "2"))
+    res = json.loads((out / "quality.json").read_text())
+    assert res["config"]["densities"] == [0.6] and res["config"]["retrieval_mix"] == 0.5
+    assert res["config"]["peak_weight"] == 2.0
+    rows = {r["setting"]: r for r in res["rows"]}
+    knob = rows["gate:density=0.6"]
+    assert abs(knob["density"] - 0.6) <= 0.5 / (4 * 36) + 1e-9
+    matched = next(r for r in res["rows"] if r.get("matched_to"))
+    thr = rows[matched["matched_to"]]
+    assert thr["method"] == "threshold" and matched["method"] == "density"
+    assert abs(matched["density"] - thr["density"]) <= 0.5 / (4 * 36) + 1e-9
+    assert matched["ppl_ratio"] == pytest.approx(matched["ppl"] / thr["ppl"])
+    assert f"density knob vs {thr['setting']} at density" in capsys.readouterr().out

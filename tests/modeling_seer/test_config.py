@@ -21,6 +21,8 @@ from seer_attn.modeling_seer.configuration_seer_llama import BOOL_FIELDS, FLOAT_
     ("seer_threshold", 1.5, "seer_threshold"),
     ("seer_nz_ratio", 0.0, "seer_nz_ratio"),
     ("seer_coverage", 1.2, "seer_coverage"),
+    ("seer_density", 0.0, "seer_density"),
+    ("seer_density", 1.5, "seer_density"),
     ("seer_selector", "random", "seer_selector"),
     ("seer_dense_last_rows", -1, "seer_dense_last_rows"),
     ("seer_keep_local", -1, "seer_keep_local"),
@@ -28,6 +30,7 @@ from seer_attn.modeling_seer.configuration_seer_llama import BOOL_FIELDS, FLOAT_
     ("seer_keep_local", True, "seer_keep_local"),
     ("seer_distill_loss_scale", 0.0, "seer_distill_loss_scale"),
     ("seer_distill_target", "mean", "seer_distill_target"),
+    ("seer_distill_peak_weight", -1.0, "seer_distill_peak_weight"),
 ], ids=lambda v: str(v))
 def test_bad_seer_values_raise_naming_the_field(field, value, match, tiny_kwargs):
     with pytest.raises(ValueError, match=match):

@@ -125,3 +125,31 @@ def test_distill_loss_zero_at_target_and_positive_elsewhere():
     wrong = torch.zeros(1, 2, NB, NB).masked_fill(~tril, MASKED_LOGIT)
     loss = gate_distill_loss(wrong, target)
     assert loss.item() > 1e-3 and torch.isfinite(loss)
+
+
+@pytest.mark.parametrize("w", [0.5, 4.0])
+def test_distill_loss_peak_weight_weighs_rows_by_their_largest_target(w):
+    """``peak_weight`` w: the mean of the per-row KL weighted by 1 + w * max(target row) (0: the
+    plain mean); an error on a peaked row costs more than the same error on a flat one."""
+    g = torch.Generator().manual_seed(6)
+    NB = 8
+    tril = torch.ones(NB, NB, dtype=torch.bool).tril()
+    target = (torch.rand(2, 3, NB, NB, generator=g) ** 4) * tril
+    target = target / target.sum(-1, keepdim=True)
+    scores = torch.randn(2, 3, NB, NB, generator=g).masked_fill(~tril, MASKED_LOGIT)
+    r0 = NB // 4
+    t, logp = target[:, :, r0:], torch.log_softmax(scores[:, :, r0:], -1)
+    kl_rows = (torch.xlogy(t, t) - t * logp).sum(-1)
+    weights = 1 + w * t.amax(-1)
+    torch.testing.assert_close(gate_distill_loss(scores, target, peak_weight=w),
+                               (kl_rows * weights).sum() / (weights.sum() * NB))
+    assert gate_distill_loss(scores, target, peak_weight=0.0) == gate_distill_loss(scores, target)
+    peaked = torch.zeros(1, 1, NB, NB)
+    peaked[..., 0] = 1.0  # every row's target: all on the sink block
+    flat = tril[None, None].float() / tril.sum(-1, keepdim=True)
+    both = torch.cat([peaked, flat], dim=1)
+    off = torch.zeros(1, 2, NB, NB).masked_fill(~tril, MASKED_LOGIT)  # a uniform guess, wrong for both
+    plain = gate_distill_loss(off, both)
+    shifted = torch.cat([peaked, peaked], dim=1)  # the error of the peaked head alone, twice
+    assert gate_distill_loss(off, both, peak_weight=w) > plain
+    assert gate_distill_loss(off, shifted, peak_weight=w) == pytest.approx(gate_distill_loss(off, shifted).item())

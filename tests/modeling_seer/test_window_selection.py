@@ -16,7 +16,8 @@ from seer_attn.modeling_seer.selection import (SELECTORS, SPARSITY_METHODS, Scor
 TINY = dict(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=4096, rms_norm_eps=1e-6,
             rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, tie_word_embeddings=False)
-METHOD_PARAM = {"threshold": dict(threshold=1e-3), "nz_ratio": dict(nz_ratio=0.5), "coverage": dict(coverage=0.9)}
+METHOD_PARAM = {"threshold": dict(threshold=1e-3), "nz_ratio": dict(nz_ratio=0.5), "coverage": dict(coverage=0.9),
+                "density": dict(density=0.3)}
 
 
 def _inputs(gen, T, window):

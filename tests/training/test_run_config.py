@@ -128,7 +128,12 @@ def test_distill_config_defaults_are_the_command_lines():
     ({"data": "train.jsonl"}, "data='train.jsonl' is invalid: expected a list of values"),
     ({"bf16": "true"}, "bf16='true' is invalid: expected True or False"),
     ({"output": ""}, "output='' is invalid: expected a non-empty string"),
-], ids=["steps", "seq-len", "lr", "threshold", "target", "data", "bf16", "output"])
+    ({"retrieval_mix": 1.5}, "retrieval_mix=1.5 is invalid: expected a number 0 <= x <= 1"),
+    ({"retrieval_kinds": ("needle",)}, "retrieval_kinds[0]='needle' is invalid: expected one of ('repeat', "),
+    ({"peak_weight": -1}, "peak_weight=-1 is invalid: expected a number 0 <= x"),
+    ({"retrieval_mix": 0.25, "streaming": True}, "retrieval_mix rewrites packed sequences, which a stream does not"),
+], ids=["steps", "seq-len", "lr", "threshold", "target", "data", "bf16", "output", "retrieval-mix", "retrieval-kinds",
+        "peak-weight", "retrieval-stream"])
 def test_distill_config_refuses_bad_fields(fields, message):
     with pytest.raises(ValueError) as err:
         DistillConfig(**fields)

@@ -501,3 +501,20 @@ def test_streaming_dataset_trains_and_resumes(tmp_path, make_tiny_model, byte_to
     # the stream is replayed and its first 2 steps skipped: same batches, bit-identical gates
     a, b = _gates(full), _gates(resumed)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_run_distill_with_retrieval_data_and_peak_weight(tmp_path, llama_folder, train_jsonl):
+    """``--retrieval-mix`` changes what the gates learn from (same seed, other losses), and
+    ``--peak-weight`` reaches the loss and the saved config; the envelope records both."""
+    def run(name, *extra):
+        return run_distill(_parse(_argv(llama_folder, train_jsonl, tmp_path / name, "--steps", "2", *extra)))
+
+    plain, mixed = run("plain"), run("mixed", "--retrieval-mix", "1", "--retrieval-kinds", "repeat", "lookup")
+    weighted = run("weighted", "--retrieval-mix", "1", "--retrieval-kinds", "repeat", "lookup", "--peak-weight", "3")
+    assert _losses(plain) != _losses(mixed) != _losses(weighted)
+    with open(weighted["summary_path"]) as f:
+        config = json.load(f)["config"]
+    assert config["retrieval_mix"] == 1.0 and config["retrieval_kinds"] == ["repeat", "lookup"]
+    assert config["peak_weight"] == 3.0
+    assert load_seer_model(weighted["model_dir"]).config.seer_distill_peak_weight == 3.0
+    assert load_seer_model(mixed["model_dir"]).config.seer_distill_peak_weight == 0.0
