@@ -24,6 +24,7 @@ import re
 import sys
 
 from .demo import density_table
+from .finetune_run import format_timing
 from .settings import SELECTOR_LABELS, Setting
 
 README = "README.md"
@@ -296,13 +297,83 @@ def decode_h200(root) -> str:
     body = [[r["B"], _tokens(r["S"]), ms(r["sdpa_flash"]), ms(r["sdpa_cudnn"]), ms(r["ours_all"]),
              ms(r["ours_sparse"]), f"{r['speedup_vs_flash']:.2f}x", ms(r["gate_select_step"]),
              f"{100 * r['gate_share_of_sparse_step']:.0f}%"] for r in env["rows"]]
-    table = _table(["B", "cache", "SDPA flash", "SDPA cuDNN", "ours, every block", "ours, sparse",
-                    "flash / ours sparse", "gate + selection", "gate share of the sparse step"], body)
+    head = ["B", "cache", "SDPA flash", "SDPA cuDNN", "ours, every block", "ours, sparse", "flash / ours sparse",
+            "gate + selection", "gate share of the sparse step"]
+    if all("graph_layer" in r for r in env["rows"]):  # measured since commit bdd4fe6
+        head += ["one sparse layer, eager", "the same, CUDA graph"]
+        body = [b + [ms(r["eager_layer"]), ms(r["graph_layer"])] for b, r in zip(body, env["rows"])]
+    table = _table(head, body)
     e2e = _table(["B", "cache", "dense s/token", "sparse s/token", "speed-up"],
                  [[r["B"], _tokens(r["T"]), f"{r['dense_s_per_token']:.4f}", f"{r['sparse_s_per_token']:.4f}",
                    f"{r['speedup']:.2f}x"] for r in env["e2e"]])
     return (caption + "\n\n" + table + f"\n\nTime per output token, {cfg['layers']}-layer 8B-shaped model, random "
             "weights, pre-filled cache:\n\n" + e2e)
+
+
+def finetune_timing_h200(root) -> str:
+    """The timing phase of the fine-tuning experiment: s/step, peak memory and GPU ms by kernel
+    kind of each variant (the busiest kernels stay in the envelope)."""
+    path = "results/finetune/h200_timing.json"
+    env = load_envelope(root, path)
+    prov, cfg = env["provenance"], env["config"]
+    caption = (f"SmolLM2-135M, YaRN factor {cfg['yarn_factor']:g}, {prov['gpu']}, commit {_commit(prov)} ({path}); "
+               "each variant a fresh model trained by the fine-tuning trainer with the recipe of the table above, ")
+    return caption + format_timing(env["timing"], cfg["seq_len"]).split("\n\nbusiest kernels")[0]
+
+
+def gate_quality_h200(root) -> str:
+    """Issue 17's run (docs/experiments/gate_quality.py): the density knob against the threshold
+    solved to the same density, per gate set, the training-free baselines, and passkey."""
+    path = "results/quality/h200_gate_quality.json"
+    env = load_envelope(root, path)
+    prov, cfg, rows = env["provenance"], env["config"], env["rows"]
+    dens = cfg["densities"]
+    dense = _dense_ppl(rows)
+
+    def cell(r):
+        return f"{r['ppl']:.2f} ({r['density']:.3f})" if r else "—"
+
+    def pick(label, d, kind):
+        for r in rows:
+            if r.get("label") == label and r.get("knob_density") == d:
+                matched = "matched_to" in r
+                if (kind == "knob" and r["method"] == "density" and not matched) or \
+                        (kind == "threshold" and r["method"] == "threshold") or (kind == "matched" and matched):
+                    return r
+        return None
+    body = []
+    variants = [v for v in cfg["variants"] if any(r.get("label") == f"gate {v} (density)" for r in rows)]
+    for v in variants:
+        for kind, what in (("knob", "density knob"), ("threshold", "threshold solved to that density"),
+                           ("matched", "knob at the threshold's density")):
+            label = f"gate {v} (threshold)" if kind == "threshold" else f"gate {v} (density)"
+            body.append([f"gate, {v} data: {what}"] + [cell(pick(label, d, kind)) for d in dens])
+        ratios = [pick(f"gate {v} (density)", d, "matched") for d in dens]
+        body.append([f"gate, {v} data: knob / threshold, same density"]
+                    + [f"{100 * (r['ppl_ratio'] - 1):+.1f}%" if r else "—" for r in ratios])
+    for sel in ("streaming", "meanpool"):
+        by_d = {r["target_density"]: r for r in rows if r["selector"] == sel}
+        body.append([f"{SELECTOR_LABELS.get(sel, sel)} (top-k calibrated)"] + [cell(by_d.get(d)) for d in dens])
+    caption = (f"SmolLM2-135M, gates distilled {cfg['steps']} steps of {_tokens(cfg['seq_len'])} tokens per data "
+               f"variant (retrieval: {cfg['retrieval_mix']:g} of the sequences rewritten), {prov['gpu']}, commit "
+               f"{_commit(prov)} ({path}). PPL (achieved density) on {_tokens(cfg['eval_length'])}-token windows of "
+               f"eval.jsonl, sink, local block and diagonal kept by every selection, dense {dense:.2f}; columns: "
+               "the knob's density:")
+    out = caption + "\n\n" + _table(["selection"] + [f"{d:g}" for d in dens], body)
+    pk = env.get("passkey") or {}
+    if pk.get("dense"):
+        parts = [f"dense {pk['dense']['accuracy']:.3f}"]
+        for v, res in pk.items():
+            if v != "dense" and res.get("vs_dense"):
+                vd = res["vs_dense"]
+                parts.append(f"{v} gates {res['accuracy']:.3f} at density {res['density']:.3f} (lost {vd['lost']}, "
+                             f"gained {vd['gained']} of {vd['n']} against dense, sign test p = {vd['p_value']:.3g})")
+        out += (f"\n\nPasskey ({', '.join(_tokens(t) for t in cfg['passkey_lengths'])} x 5 depths x "
+                f"{cfg['passkey_samples']}, knob at {cfg['passkey_density']:g} with the 2 last block rows dense): "
+                + "; ".join(parts) + ".")
+    if env.get("skipped"):
+        out += f" Not run (time budget): {', '.join(env['skipped'])}."
+    return out
 
 
 #: README table name -> renderer (the repository root -> the text between the markers)
@@ -318,6 +389,8 @@ TABLES = {
     "passkey-h100": passkey_h100,
     "finetune-h200": finetune_h200,
     "decode-h200": decode_h200,
+    "finetune-timing-h200": finetune_timing_h200,
+    "gate-quality-h200": gate_quality_h200,
 }
 
 
