@@ -122,3 +122,45 @@ def test_gate_scores_need_autograd_only_in_gate_loss_layers(tiny, gate_loss_laye
     assert out.loss.requires_grad
     # frozen selection runs under no_grad: the pooled gate inputs and scores record no graph
     assert graph == {0: gate_loss_layers is not None, 1: False}
+
+
+@pytest.mark.parametrize("case", ["llama", "llama-left-padded", "mistral-window-150"])
+def test_every_block_runs_sdpa_only_without_padding_or_window(tiny, tiny_kwargs, case, monkeypatch):
+    """nz_ratio 1 goes through torch's SDPA when no row is padded and no window applies (cuDNN or
+    flash on a GPU), else through the dense kernel; logits and gradients equal the dense kernel's."""
+    if case.startswith("mistral"):
+        model, _ = _windowed_mistral(tiny_kwargs)
+    else:
+        model = tiny(seed=1)
+    T, B = 300, 2
+    ids = _ids(T, B, seed=3)
+    mask = torch.ones(B, T, dtype=torch.long)
+    if case.endswith("padded"):
+        mask[1, :77] = 0
+    model.set_seer_mode("sparse", seer_sparsity_method="nz_ratio", seer_nz_ratio=1.0)
+    calls = {"sdpa": 0, "dense": 0}
+    sdpa, dense_attn = layer.causal_sdpa, layer.dense_attn
+
+    def counted(name, fn):
+        def f(*a, **kw):
+            calls[name] += 1
+            return fn(*a, **kw)
+        return f
+    monkeypatch.setattr(layer, "causal_sdpa", counted("sdpa", sdpa))
+    monkeypatch.setattr(layer, "dense_attn", counted("dense", dense_attn))
+
+    def run():
+        model.zero_grad()
+        out = model(ids, attention_mask=mask).logits
+        out[mask.bool()].float().pow(2).mean().backward()
+        return out.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
+    got, got_grads = run()
+    expect_sdpa = case == "llama"
+    assert calls == ({"sdpa": 2, "dense": 0} if expect_sdpa else {"sdpa": 0, "dense": 2})
+    monkeypatch.setattr(layer, "causal_sdpa", lambda q, k, v, scaling: dense_attn(q, k, v, True, scaling, 64))
+    want, want_grads = run()
+    real = mask.bool()
+    torch.testing.assert_close(got[real], want[real], atol=2e-5, rtol=1e-5)
+    assert len(got_grads) == len(want_grads) > 0
+    for g, w in zip(got_grads, want_grads):
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-4)
