@@ -85,10 +85,13 @@ PASSKEY_KEEP = {"protocol": {"seer_keep_sink": True, "seer_keep_local": 1, "seer
 #: ``--timing-variants``: name -> (label, FineTuneConfig changes, train through SDPA). ``{lo}``
 #: is the lowest of ``--densities``, ``{S}`` the ``--gate-loss-stride``. SDPA: the model in
 #: seer_mode "dense" (the family's attention interface, as plain transformers), same trainer.
+#: At density 1 the Seer layer itself runs SDPA where no row is padded and no window applies
+#: (our dense kernel before fd0399f: results/finetune/h200_timing.json), so "dense" and
+#: "dense-sdpa" differ only by the layer's own code around the attention.
 TIMING_VARIANTS = {
-    "dense": ("density 1, our dense kernel (row a)", dict(density=1.0, freeze_gates=True), False),
+    "dense": ("density 1, Seer layer (row a)", dict(density=1.0, freeze_gates=True), False),
     "dense-sdpa": ("density 1, SDPA (plain transformers' attention)", dict(density=1.0, freeze_gates=True), True),
-    "dense-no-ckpt": ("density 1, our dense kernel, no checkpointing",
+    "dense-no-ckpt": ("density 1, Seer layer, no checkpointing",
                       dict(density=1.0, freeze_gates=True, gradient_checkpointing=False), False),
     "frozen": ("density {lo}, gates frozen (no gate loss)", dict(freeze_gates=True), False),
     "stride": ("density {lo}, gate loss 1 layer in {S} (row c)", {}, False),

@@ -29,7 +29,7 @@ def _args(tmp_path, **kw):
 
 
 @pytest.mark.parametrize("selection", [dict(density=1.0), dict(threshold=1e-9)],
-                         ids=["nz_ratio-1-dense-variant", "all-blocks-sparse-kernels"])
+                         ids=["nz_ratio-1-sdpa", "all-blocks-sparse-kernels"])  # density 1: SDPA (unpadded, no window)
 def test_density_one_bf16_gradients_within_budget_of_dense(tmp_path, selection, error_budget):
     x = torch.randint(0, 512, (1, 2000), generator=torch.Generator().manual_seed(0)).cuda()
 
