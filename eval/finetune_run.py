@@ -17,7 +17,7 @@ Phases (``--phases``, default all, in this order; a finished phase is skipped un
   2048 tokens, native RoPE), distilled ``--gates0-steps`` more steps at 32k on the untrained
   YaRN model (base frozen);
 - ``timing``: seconds per training step at 32k of the variants ``--timing-variants`` names
-  (:data:`TIMING_VARIANTS`: density 1 through our dense kernel and through SDPA, the lowest
+  (:data:`TIMING_VARIANTS`: density 1 through the Seer layer and through plain SDPA, the lowest
   density with the gates frozen / the gate loss on 1 layer in ``--gate-loss-stride`` / on
   every layer, with and without activation checkpointing), ``--timing-steps`` steps each (the
   first 3 not timed), and a profile of each variant's last step: GPU kernel time by kind
