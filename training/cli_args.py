@@ -103,6 +103,39 @@ def require_cuda(prog: str, hint: str = "") -> None:
         raise SystemExit(2)
 
 
+def add_loop_args(parser, default) -> None:
+    """``--steps``, ``--batch-size``, ``--grad-accum``: a trainer command's loop, with the
+    defaults ``default(name)`` gives (its run config's)."""
+    parser.add_argument("--steps", type=positive_int, default=default("steps"),
+                        help="optimizer steps (default: %(default)s)")
+    parser.add_argument("--batch-size", type=positive_int, default=default("batch_size"),
+                        help="sequences per device and step (default: %(default)s)")
+    parser.add_argument("--grad-accum", type=positive_int, default=default("grad_accum"),
+                        help="gradient accumulation steps (default: %(default)s)")
+
+
+def add_checkpoint_args(parser, default, checkpoints_dir: str) -> None:
+    """``--resume``, ``--logging-steps``, ``--save-steps``, ``--save-total-limit`` of a trainer
+    command whose checkpoints go to ``OUTPUT/checkpoints_dir``."""
+    parser.add_argument("--resume", nargs="?", const="last", default=default("resume"), metavar="CHECKPOINT",
+                        help=f"resume from a checkpoint folder, or (without a value) from the newest complete one "
+                             f"in OUTPUT/{checkpoints_dir}")
+    parser.add_argument("--logging-steps", type=positive_int, default=default("logging_steps"),
+                        help="log every N steps (default: %(default)s)")
+    parser.add_argument("--save-steps", type=positive_int, default=default("save_steps"),
+                        help="checkpoint every N steps (default: %(default)s)")
+    parser.add_argument("--save-total-limit", type=positive_int, default=default("save_total_limit"),
+                        help="checkpoints kept (default: %(default)s)")
+
+
+def add_runtime_args(parser, default) -> None:
+    """``--num-proc``, ``--cpu``, ``--no-progress`` of a trainer command."""
+    parser.add_argument("--num-proc", type=positive_int, default=default("num_proc"),
+                        help="processes for tokenisation")
+    parser.add_argument("--cpu", action="store_true", help="train on the CPU even when a GPU is present")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar (log lines only)")
+
+
 #: the exception types :func:`user_input` marks as the user's input
 USER_ERRORS = (ValueError, OSError)
 _MARK = "seer_user_input"

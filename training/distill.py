@@ -125,12 +125,7 @@ def add_distill_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
                         help="stream the data (for large sets: nothing is tokenised up front)")
     parser.add_argument("--seq-len", type=_seq_len, default=_default("seq_len"),
                         help=f"tokens per packed sequence, at least {MIN_SEQ_LEN} (default: %(default)s)")
-    parser.add_argument("--steps", type=ca.positive_int, default=_default("steps"),
-                        help="optimizer steps (default: %(default)s)")
-    parser.add_argument("--batch-size", type=ca.positive_int, default=_default("batch_size"),
-                        help="sequences per device and step (default: %(default)s)")
-    parser.add_argument("--grad-accum", type=ca.positive_int, default=_default("grad_accum"),
-                        help="gradient accumulation steps (default: %(default)s)")
+    ca.add_loop_args(parser, _default)
     parser.add_argument("--lr", type=ca.positive_float, default=_default("lr"),
                         help="peak learning rate of the gates (paper: 1e-3)")
     parser.add_argument("--warmup-steps", type=ca.nonneg_int, default=_default("warmup_steps"),
@@ -160,21 +155,10 @@ def add_distill_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
     parser.add_argument("--gradient-checkpointing", action="store_true",
                         help="non-reentrant activation checkpointing of the decoder layers (same gates; slower, "
                              "and no memory gain here: the frozen base keeps no activations for backward)")
-    parser.add_argument("--resume", nargs="?", const="last", default=_default("resume"), metavar="CHECKPOINT",
-                        help=f"resume from a checkpoint folder, or (without a value) from the newest complete one "
-                             f"in OUTPUT/{CHECKPOINTS_DIR}")
-    parser.add_argument("--logging-steps", type=ca.positive_int, default=_default("logging_steps"),
-                        help="log every N steps (default: %(default)s)")
-    parser.add_argument("--save-steps", type=ca.positive_int, default=_default("save_steps"),
-                        help="checkpoint every N steps (default: %(default)s)")
-    parser.add_argument("--save-total-limit", type=ca.positive_int, default=_default("save_total_limit"),
-                        help="checkpoints kept (default: %(default)s)")
+    ca.add_checkpoint_args(parser, _default, CHECKPOINTS_DIR)
     parser.add_argument("--full-checkpoints", action="store_true",
                         help="write full model weights into checkpoints (default: gates only)")
-    parser.add_argument("--num-proc", type=ca.positive_int, default=_default("num_proc"),
-                        help="processes for tokenisation")
-    parser.add_argument("--cpu", action="store_true", help="train on the CPU even when a GPU is present")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar (log lines only)")
+    ca.add_runtime_args(parser, _default)
     return parser
 
 

@@ -163,12 +163,7 @@ def add_finetune_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
                         help="LoRA dropout (default: %(default)g)")
     parser.add_argument("--lora-targets", nargs="+", default=_default("lora_targets"), metavar="MODULE",
                         help=f"modules with LoRA adapters (default: {' '.join(LORA_TARGETS)})")
-    parser.add_argument("--steps", type=ca.positive_int, default=_default("steps"),
-                        help="optimizer steps (default: %(default)s)")
-    parser.add_argument("--batch-size", type=ca.positive_int, default=_default("batch_size"),
-                        help="sequences per device and step (default: %(default)s)")
-    parser.add_argument("--grad-accum", type=ca.positive_int, default=_default("grad_accum"),
-                        help="gradient accumulation steps (default: %(default)s)")
+    ca.add_loop_args(parser, _default)
     parser.add_argument("--lr", type=ca.positive_float, default=_default("lr"),
                         help="peak learning rate (default: %(default)g)")
     parser.add_argument("--warmup-steps", type=ca.nonneg_int, default=_default("warmup_steps"),
@@ -183,19 +178,8 @@ def add_finetune_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     parser.add_argument("--output", default=_default("output"),
                         help=f"output folder: {MODEL_DIR}/, {CHECKPOINTS_DIR}/, {SUMMARY_FILE} "
                              "(default: %(default)s)")
-    parser.add_argument("--resume", nargs="?", const="last", default=_default("resume"), metavar="CHECKPOINT",
-                        help=f"resume from a checkpoint folder, or (without a value) from the newest complete one "
-                             f"in OUTPUT/{CHECKPOINTS_DIR}")
-    parser.add_argument("--logging-steps", type=ca.positive_int, default=_default("logging_steps"),
-                        help="log every N steps (default: %(default)s)")
-    parser.add_argument("--save-steps", type=ca.positive_int, default=_default("save_steps"),
-                        help="checkpoint every N steps (default: %(default)s)")
-    parser.add_argument("--save-total-limit", type=ca.positive_int, default=_default("save_total_limit"),
-                        help="checkpoints kept (default: %(default)s)")
-    parser.add_argument("--num-proc", type=ca.positive_int, default=_default("num_proc"),
-                        help="processes for tokenisation")
-    parser.add_argument("--cpu", action="store_true", help="train on the CPU even when a GPU is present")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar (log lines only)")
+    ca.add_checkpoint_args(parser, _default, CHECKPOINTS_DIR)
+    ca.add_runtime_args(parser, _default)
     return parser
 
 
