@@ -25,7 +25,8 @@ by every selection; no dense last rows), in phases that each rewrite
    gate scores of 32 query heads at 32k and 128k tokens (``triton.testing.do_bench``, median ms;
    what the knob adds to a prefill is that difference times the layer count).
 
-A phase that would start after ``--budget-s`` seconds is skipped and said so (the envelope stays
+``--phases`` picks among ppl, baselines, passkey and cost (default all; the distillation always
+runs). A phase that would start after ``--budget-s`` seconds is skipped and said so (the envelope stays
 ``complete: false``). ``OUT/gate_quality.csv`` holds the perplexity rows, ``OUT/gate_quality.png``
 their plot; the table and the verdicts against the issue's targets are printed last.
 """
@@ -49,6 +50,7 @@ from seer_attn.training.results import write_envelope
 
 KEEP = dict(seer_keep_diagonal=True, seer_keep_sink=True, seer_keep_local=1, seer_dense_last_rows=0)
 BASELINES = (("streaming", "nz_ratio"), ("meanpool", "nz_ratio"))
+PHASES = ("ppl", "baselines", "passkey", "cost")
 #: the issue's dense PPL and targets on this protocol (results/quality/h100_sink_local_*.json)
 DENSE_H100, TARGET_LOW = 11.299, 12.2
 
@@ -72,6 +74,9 @@ def parse_args(argv=None):
     ap.add_argument("--passkey-lengths", type=int, nargs="*", default=[2048, 4096, 8192])
     ap.add_argument("--passkey-samples", type=int, default=5)
     ap.add_argument("--budget-s", type=float, default=330.0, help="no phase starts after this many seconds")
+    ap.add_argument("--phases", nargs="+", default=list(PHASES), choices=PHASES,
+                    help="what runs after the distillation (default: all); e.g. --variants retrieval --phases "
+                         "passkey for the passkey of one gate set alone")
     ap.add_argument("--cpu", action="store_true", help="smoke test on the CPU (give tiny sizes)")
     return ap.parse_args(argv)
 
@@ -142,21 +147,22 @@ def main(argv=None):
     for v, path in gates.items():  # the float32 gates stay in OUT/work; a bf16 copy beside the results
         model.load_gates(path).save_gates(os.path.join(args.out, f"gates_{v}_bf16.safetensors"), dtype=torch.bfloat16)
     model.set_seer_mode("sparse", **KEEP)
-    run.rows += compare(model, [Setting("dense")], windows=windows, with_baselines=False, progress=False)
+    if {"ppl", "baselines"} & set(args.phases):
+        run.rows += compare(model, [Setting("dense")], windows=windows, with_baselines=False, progress=False)
     for v, path in gates.items():
-        if run.may_start(f"density knob rows of {v}"):
+        if "ppl" in args.phases and run.may_start(f"density knob rows of {v}"):
             model.load_gates(path)
             model.set_seer_mode("sparse", **KEEP)
             for r in density_knob_rows(model, windows, args.densities):
                 run.rows.append({**r, "label": f"gate {v} ({r['method']})"})
             run.save()
     for sel, method in BASELINES:
-        if run.may_start(f"{sel} baseline"):
+        if "baselines" in args.phases and run.may_start(f"{sel} baseline"):
             run.rows += compare(model, [Setting(sel, method, target_density=d) for d in args.densities],
                                 windows=windows, with_baselines=False, tol=args.baseline_tol, progress=False)
             run.save()
 
-    if args.passkey_lengths and run.may_start("passkey"):
+    if "passkey" in args.phases and args.passkey_lengths and run.may_start("passkey"):
         model.set_seer_mode("dense")
         run.passkey["dense"] = run_passkey(model, tok, args.passkey_lengths, samples_per_cell=args.passkey_samples,
                                            progress=False)
@@ -172,10 +178,11 @@ def main(argv=None):
             res["vs_dense"] = paired_passkey(run.passkey["dense"], res)
             run.passkey[v] = res
             run.save()
-    if not args.cpu and run.may_start("selection cost"):
+    if "cost" in args.phases and not args.cpu and run.may_start("selection cost"):
         run.cost["selection_ms"] = selection_cost()
     run.save(complete=True)
-    plot_ppl_vs_density(run.rows, os.path.join(args.out, "gate_quality.png"), title="SmolLM2, 8k, eval.jsonl")
+    if run.rows:
+        plot_ppl_vs_density(run.rows, os.path.join(args.out, "gate_quality.png"), title="SmolLM2, 8k, eval.jsonl")
     print(report(run))
 
 
@@ -202,8 +209,9 @@ def report(run):
     """The closing table: PPL (achieved density) per target density of each selection, the knob
     against the threshold at one density, passkey, and the issue's targets met or not."""
     rows, dens, lines = run.rows, run.args.densities, []
-    dense = next(r["ppl"] for r in rows if r["selector"] == "dense")
-    lines.append(f"dense PPL {dense:.3f} (the issue's H100 runs: {DENSE_H100})")
+    dense = next((r["ppl"] for r in rows if r["selector"] == "dense"), None)
+    if dense is not None:
+        lines.append(f"dense PPL {dense:.3f} (the issue's H100 runs: {DENSE_H100})")
     lines.append("| selection | " + " | ".join(f"{d:g}" for d in dens) + " |")
     lines.append("|---|" + "---|" * len(dens))
 
