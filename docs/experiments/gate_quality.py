@@ -71,6 +71,9 @@ def parse_args(argv=None):
     ap.add_argument("--baseline-tol", type=float, default=0.01,
                     help="density tolerance of the baselines (their top-k densities step by ~0.015 at 8k)")
     ap.add_argument("--passkey-density", type=float, default=0.12)
+    ap.add_argument("--passkey-settings", nargs="*", default=[], metavar="SETTING",
+                    help="gate selections to run passkey with besides the knob at --passkey-density, each gate "
+                         "set, e.g. gate:threshold=0.03 gate:nz_ratio=0.1 (paired with dense the same way)")
     ap.add_argument("--passkey-lengths", type=int, nargs="*", default=[2048, 4096, 8192])
     ap.add_argument("--passkey-samples", type=int, default=5)
     ap.add_argument("--budget-s", type=float, default=330.0, help="no phase starts after this many seconds")
@@ -130,6 +133,13 @@ def main(argv=None):
     args = parse_args(argv)
     if not args.cpu and not torch.cuda.is_available():
         raise SystemExit("needs a CUDA GPU (or --cpu with tiny sizes)")
+    try:  # refused before any distillation
+        extra = [Setting.parse(spec) for spec in args.passkey_settings]
+    except ValueError as e:
+        raise SystemExit(f"--passkey-settings: {e}") from None
+    bad = [str(x) for x in extra if x.selector != "gate" or x.param is None]
+    if bad:
+        raise SystemExit(f"--passkey-settings {bad}: give gate:METHOD=PARAM (the gate sets are what is compared)")
     os.makedirs(args.out, exist_ok=True)
     run = Run(args)
     dev, dtype = ("cpu", torch.float32) if args.cpu else ("cuda", torch.bfloat16)
@@ -168,16 +178,18 @@ def main(argv=None):
                                            progress=False)
         run.save()
         for v, path in gates.items():
-            if not run.may_start(f"passkey {v}"):
-                continue
-            model.load_gates(path)
-            apply_setting(model, Setting("gate", "density", param=args.passkey_density))
-            model.set_seer_mode("sparse", **{**KEEP, "seer_dense_last_rows": 2})
-            res = run_passkey(model, tok, args.passkey_lengths, samples_per_cell=args.passkey_samples,
-                              progress=False)
-            res["vs_dense"] = paired_passkey(run.passkey["dense"], res)
-            run.passkey[v] = res
-            run.save()
+            for i, setting in enumerate([Setting("gate", "density", param=args.passkey_density)] + extra):
+                name = v if i == 0 else f"{v} {setting}"
+                if not run.may_start(f"passkey {name}"):
+                    continue
+                model.load_gates(path)
+                apply_setting(model, setting)
+                model.set_seer_mode("sparse", **{**KEEP, "seer_dense_last_rows": 2})
+                res = run_passkey(model, tok, args.passkey_lengths, samples_per_cell=args.passkey_samples,
+                                  progress=False)
+                res["vs_dense"] = paired_passkey(run.passkey["dense"], res)
+                run.passkey[name] = res
+                run.save()
     if "cost" in args.phases and not args.cpu and run.may_start("selection cost"):
         run.cost["selection_ms"] = selection_cost()
     run.save(complete=True)
