@@ -20,6 +20,10 @@ tree whose ``.git`` is missing or stale (a GPU machine that receives the working
 an old checkout reported that checkout's commit), e.g.
 ``SEER_GIT_COMMIT=$(git rev-parse HEAD) SEER_GIT_DIRTY=$(git status --porcelain -uno | grep -q . && echo 1 || echo 0)``.
 Without either, ``commit`` is ``None`` and ``commit_dirty`` is ``None``: nothing is guessed.
+The state is read when this module is first imported (the code a run executes is the tree of
+that moment) and again when an envelope is written; when HEAD moved in between (a commit
+during a long run), ``commit`` and ``commit_dirty`` are the first reading's and
+``commit_at_write`` names the later HEAD.
 
 Envelopes are written atomically (a temporary file renamed over the target), so a killed
 run never leaves a truncated file that looks complete; a run that stops early writes
@@ -59,6 +63,10 @@ def git_state() -> tuple:
         return None, None
     status = _git("status", "--porcelain", "--untracked-files=no")
     return commit, (bool(status) if status is not None else None)
+
+
+#: git_state() when this module was first imported: the tree the running process loaded
+_AT_START = git_state()
 
 
 def _versions() -> dict:
@@ -103,7 +111,12 @@ def provenance(model=None, *, device=None, command=None) -> dict:
             except (StopIteration, AttributeError):
                 device = None
     commit, dirty = git_state()
-    return {"model": model_name, "commit": commit, "commit_dirty": dirty, "gpu": _device_name(device),
+    moved = {}
+    start_commit, start_dirty = _AT_START
+    if start_commit and commit and start_commit != commit:  # HEAD moved while this process ran
+        moved = {"commit_at_write": commit}
+        commit, dirty = start_commit, start_dirty
+    return {"model": model_name, "commit": commit, "commit_dirty": dirty, **moved, "gpu": _device_name(device),
             "versions": _versions(), "command": list(sys.argv if command is None else command),
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 

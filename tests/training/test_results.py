@@ -69,3 +69,16 @@ def test_write_is_atomic_and_complete_flag_kept(tmp_path):
     data = json.loads(path.read_text())
     assert data["complete"] is False and data["rows"] == [1]
     assert [p.name for p in path.parent.iterdir()] == ["r.json"]  # no temporary file left behind
+
+
+def test_a_commit_during_the_run_keeps_the_commit_the_run_loaded(monkeypatch):
+    """A long run whose working tree gets a new commit before it writes reports the commit its
+    code came from (read at import), and names the later HEAD apart."""
+    monkeypatch.delenv(results.COMMIT_ENV, raising=False)
+    head = _head()
+    monkeypatch.setattr(results, "_AT_START", ("a" * 40, False))
+    prov = results.provenance("m", command=["x"])
+    assert prov["commit"] == "a" * 40 and prov["commit_dirty"] is False and prov["commit_at_write"] == head
+    monkeypatch.setattr(results, "_AT_START", (head, False))
+    prov = results.provenance("m", command=["x"])
+    assert prov["commit"] == head and "commit_at_write" not in prov
