@@ -24,7 +24,8 @@ def test_envelope_has_every_field(monkeypatch):
     assert env["schema_version"] == results.SCHEMA_VERSION and env["kind"] == "unit" and env["complete"] is True
     prov = env["provenance"]
     assert prov["model"] == "some/model" and prov["command"] == ["seer-attn", "x"] and prov["gpu"]
-    assert re.fullmatch(r"[0-9a-f]{40}", prov["commit"]) and prov["commit"] == _head()
+    assert re.fullmatch(r"[0-9a-f]{40}", prov["commit"]) and prov["commit"] == results._AT_START[0]
+    assert prov.get("commit_at_write", prov["commit"]) == _head()  # HEAD may move while the suite runs
     assert isinstance(prov["commit_dirty"], bool)
     assert {"python", "torch", "transformers"} <= set(prov["versions"])
     assert env["rows"] == [{"a": [1, 2]}] and env["config"] == {"seq_len": 2048} and env["extra_field"] == 3
