@@ -76,6 +76,24 @@ def check_attention_inputs(q, k, v, sm_scale, block_size, *, causal=True, allow_
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
         if t.dim() != 4:
             raise ValueError(f"{name} must have rank 4 [B, H, T, D], got shape {tuple(t.shape)}")
+    check_qkv_types(q, k, v, allow_fp32)
+    B, HQ, T, D = q.shape
+    if k.shape[0] != B or k.shape[2] != T or k.shape[3] != D:
+        raise ValueError(
+            f"k/v shape {tuple(k.shape)} does not match q shape {tuple(q.shape)} in batch, length or head_dim "
+            "(these kernels compute prefill attention, where queries and keys have the same length)"
+        )
+    H = k.shape[1]
+    check_heads_and_sizes(HQ, H, T, D, block_size)
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be True or False, got {causal!r}")
+    return B, HQ, H, T, D, resolve_sm_scale(sm_scale, D)
+
+
+def check_qkv_types(q, k, v, allow_fp32=True) -> None:
+    """The dtype, device and k/v shape checks every attention entry point shares (prefill
+    and decode): q in a supported dtype, k and v in q's dtype and on q's device, k and v of
+    one shape."""
     dtypes = SUPPORTED_DTYPES if allow_fp32 else SUPPORTED_DTYPES[:2]
     if q.dtype not in dtypes:
         raise TypeError(f"q.dtype must be one of {[str(d) for d in dtypes]}, got {q.dtype}")
@@ -83,15 +101,12 @@ def check_attention_inputs(q, k, v, sm_scale, block_size, *, causal=True, allow_
         raise TypeError(f"q, k, v must share one dtype, got q={q.dtype}, k={k.dtype}, v={v.dtype}")
     if k.device != q.device or v.device != q.device:
         raise ValueError(f"q, k, v must be on one device, got q={q.device}, k={k.device}, v={v.device}")
-    B, HQ, T, D = q.shape
     if tuple(k.shape) != tuple(v.shape):
         raise ValueError(f"k and v must have the same shape, got k={tuple(k.shape)}, v={tuple(v.shape)}")
-    if k.shape[0] != B or k.shape[2] != T or k.shape[3] != D:
-        raise ValueError(
-            f"k/v shape {tuple(k.shape)} does not match q shape {tuple(q.shape)} in batch, length or head_dim "
-            "(these kernels compute prefill attention, where queries and keys have the same length)"
-        )
-    H = k.shape[1]
+
+
+def check_heads_and_sizes(HQ, H, T, D, block_size) -> None:
+    """GQA head counts, a non-empty key length ``T``, a supported head_dim and block size."""
     if H == 0 or HQ % H != 0:
         raise ValueError(f"the number of query heads ({HQ}) must be a multiple of the number of key/value heads ({H})")
     if T == 0:
@@ -100,14 +115,16 @@ def check_attention_inputs(q, k, v, sm_scale, block_size, *, causal=True, allow_
         raise ValueError(f"head_dim {D} is not supported; supported: {SUPPORTED_HEAD_DIMS}")
     if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size not in SUPPORTED_BLOCK_SIZES:
         raise ValueError(f"block_size {block_size!r} is not supported; supported: {SUPPORTED_BLOCK_SIZES}")
-    if not isinstance(causal, bool):
-        raise TypeError(f"causal must be True or False, got {causal!r}")
+
+
+def resolve_sm_scale(sm_scale, D) -> float:
+    """``sm_scale`` checked (a real number in (0, :data:`MAX_SM_SCALE`]), or 1/sqrt(D) for None."""
     if sm_scale is None:
-        sm_scale = 1.0 / math.sqrt(D)
-    elif isinstance(sm_scale, bool) or not isinstance(sm_scale, (int, float)) or not 0 < sm_scale <= MAX_SM_SCALE:
+        return 1.0 / math.sqrt(D)
+    if isinstance(sm_scale, bool) or not isinstance(sm_scale, (int, float)) or not 0 < sm_scale <= MAX_SM_SCALE:
         raise ValueError(f"sm_scale must be a positive finite number <= {MAX_SM_SCALE:g} (larger scales overflow "
                          f"the fp32 logits), got {sm_scale!r}")
-    return B, HQ, H, T, D, float(sm_scale)
+    return float(sm_scale)
 
 
 def check_block_mask(block_mask, B, HQ, NB, device):

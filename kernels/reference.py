@@ -7,12 +7,10 @@ never holds a T x T matrix: memory is O(chunk * T) per head.
 ``upcast=False`` runs the same math in the inputs' own precision; tests use it to measure
 how much error low precision alone causes, and bound the kernels' error by it.
 """
-import math
-
 import torch
 
-from .kernel_utils import (MAX_SM_SCALE, SUPPORTED_BLOCK_SIZES, SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS,
-                           check_attention_inputs, check_block_mask, check_seq_bounds, check_window, num_blocks)
+from .kernel_utils import (check_attention_inputs, check_block_mask, check_heads_and_sizes, check_qkv_types,
+                           check_seq_bounds, check_window, num_blocks, resolve_sm_scale)
 
 _CHUNK_ELEMS = 1 << 26  # ~256 MB of fp32 scores per chunk
 _CAUSAL_CHUNK = 256  # causal: query rows per chunk, each reading only the keys up to its last row
@@ -193,33 +191,14 @@ def check_decode_inputs(q, k_cache, v_cache, block_index_or_mask, seq_lens, sm_s
 
 def _check_decode_tensors(q, k, v, sm_scale, block_size):
     """The prefill kernels' checks of dtypes, devices, GQA, head_dim, scale and block size
-    (:func:`~.kernel_utils.check_attention_inputs`, same messages) for one query token against
-    S cache slots, without building tensors: this runs on every decode step of every layer.
-    Returns ``(B, HQ, H, S, D, scale)``."""
-    if q.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"q.dtype must be one of {[str(d) for d in SUPPORTED_DTYPES]}, got {q.dtype}")
-    if k.dtype != q.dtype or v.dtype != q.dtype:
-        raise TypeError(f"q, k, v must share one dtype, got q={q.dtype}, k={k.dtype}, v={v.dtype}")
-    if k.device != q.device or v.device != q.device:
-        raise ValueError(f"q, k, v must be on one device, got q={q.device}, k={k.device}, v={v.device}")
-    if k.shape != v.shape:
-        raise ValueError(f"k and v must have the same shape, got k={tuple(k.shape)}, v={tuple(v.shape)}")
+    (the pieces of :func:`~.kernel_utils.check_attention_inputs`, same messages) for one query
+    token against S cache slots, without building tensors: this runs on every decode step of
+    every layer. Returns ``(B, HQ, H, S, D, scale)``."""
+    check_qkv_types(q, k, v)
     B, HQ, _, D = q.shape
     H, S = k.shape[1], k.shape[2]
-    if H == 0 or HQ % H != 0:
-        raise ValueError(f"the number of query heads ({HQ}) must be a multiple of the number of key/value heads ({H})")
-    if S == 0:
-        raise ValueError("sequence length T must be >= 1, got 0")
-    if D not in SUPPORTED_HEAD_DIMS:
-        raise ValueError(f"head_dim {D} is not supported; supported: {SUPPORTED_HEAD_DIMS}")
-    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size not in SUPPORTED_BLOCK_SIZES:
-        raise ValueError(f"block_size {block_size!r} is not supported; supported: {SUPPORTED_BLOCK_SIZES}")
-    if sm_scale is None:
-        sm_scale = 1.0 / math.sqrt(D)
-    elif isinstance(sm_scale, bool) or not isinstance(sm_scale, (int, float)) or not 0 < sm_scale <= MAX_SM_SCALE:
-        raise ValueError(f"sm_scale must be a positive finite number <= {MAX_SM_SCALE:g} (larger scales overflow "
-                         f"the fp32 logits), got {sm_scale!r}")
-    return B, HQ, H, S, D, float(sm_scale)
+    check_heads_and_sizes(HQ, H, S, D, block_size)
+    return B, HQ, H, S, D, resolve_sm_scale(sm_scale, D)
 
 
 def _check_lengths(name, t, B, S, device, check_values):
