@@ -101,7 +101,9 @@ def check_card(folder) -> dict:
     return meta
 
 
-LOAD_CHECK = """
+#: Script lines that make ``seer_attn`` unimportable (and import ``builtins``, ``sys``): what a
+#: user without this package has; the load check and the tests' fresh-process loads begin with it.
+NO_PACKAGE_PRELUDE = """
 import builtins, sys
 real_import = builtins.__import__
 def guard(name, *a, **kw):
@@ -109,7 +111,9 @@ def guard(name, *a, **kw):
         raise ImportError("seer_attn must not be importable here")
     return real_import(name, *a, **kw)
 builtins.__import__ = guard
-import torch
+"""
+
+LOAD_CHECK = NO_PACKAGE_PRELUDE + """import torch
 from transformers import AutoModelForCausalLM
 m = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True).eval()
 n = min(130, m.config.max_position_embeddings)

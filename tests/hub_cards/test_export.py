@@ -15,7 +15,7 @@ import torch
 from safetensors import safe_open
 
 from seer_attn.hub_cards.export import EMBEDDED_BASE, ExportOptions, export
-from seer_attn.hub_cards.push import PICKLE_SUFFIXES
+from seer_attn.hub_cards.push import NO_PACKAGE_PRELUDE, PICKLE_SUFFIXES
 from seer_attn.modeling_seer.remote_bundle import bundle_sources
 
 BASE_ID, BASE_COMMIT = "seer-test/tiny-base", "1" * 40
@@ -23,14 +23,8 @@ BASE_ID, BASE_COMMIT = "seer-test/tiny-base", "1" * 40
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
                    "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json")
 
-LOAD = """
-import builtins, sys, torch
-real_import = builtins.__import__
-def guard(name, *a, **kw):
-    if name.split(".")[0] == "seer_attn":
-        raise ImportError("seer_attn must not be importable here")
-    return real_import(name, *a, **kw)
-builtins.__import__ = guard
+LOAD = NO_PACKAGE_PRELUDE + """
+import torch
 from transformers import AutoModelForCausalLM
 x_path, out_path, dtype, device, *sources = sys.argv[1:]
 x = torch.load(x_path).to(device)

@@ -15,6 +15,7 @@ import sys
 import pytest
 import torch
 
+from seer_attn.hub_cards.push import NO_PACKAGE_PRELUDE
 from seer_attn.modeling_seer.conversion import from_stock
 from seer_attn.modeling_seer.families import FAMILIES
 
@@ -97,14 +98,8 @@ def test_distill_loss_finite_and_falling(family):
     assert losses[-1] < losses[0], losses
 
 
-FRESH = """
-import builtins, sys, torch
-real_import = builtins.__import__
-def guard(name, *a, **kw):
-    if name.split(".")[0] == "seer_attn":
-        raise ImportError("seer_attn must not be importable here")
-    return real_import(name, *a, **kw)
-builtins.__import__ = guard
+FRESH = NO_PACKAGE_PRELUDE + """
+import torch
 from transformers import AutoModelForCausalLM
 m = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True).eval()
 x, ref = torch.load(sys.argv[2])
