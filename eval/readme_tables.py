@@ -211,6 +211,31 @@ def quality_sink_local(root) -> str:
             + _table(head, body))
 
 
+def quality_rerun_h200(root) -> str:
+    """The 400-step sink + local run repeated on the H200 with the code after the layer-tier
+    refactor (issue 12), setting by setting against the H100 run of the code before it."""
+    paths = {"before": "results/quality/h100_sink_local_400steps.json",
+             "after": "results/quality/h200_sink_local_400steps.json"}
+    envs = {k: load_envelope(root, p) for k, p in paths.items()}
+    after = _by_setting(envs["after"]["rows"])
+    body = []
+    for r in envs["before"]["rows"]:
+        a = after.get(r["setting"])
+        if a is None:  # a baseline calibrated to a gate density that moved in the third decimal
+            a = next((x for x in envs["after"]["rows"] if x["selector"] == r["selector"] and x["method"] == r["method"]
+                      and x["param"] == r["param"]), None)
+        if a is None:
+            continue
+        label = r["setting"] if "@" not in r["setting"] else f"{r['selector']}:{r['method']}={r['param']:.4g}"
+        body.append([label, f"{r['ppl']:.3f} ({r['density']:.3f})",
+                     f"{a['ppl']:.3f} ({a['density']:.3f})", f"{100 * (a['ppl'] / r['ppl'] - 1):+.1f}%"])
+    prov = envs["after"]["provenance"]
+    head = ["setting", f"before ({envs['before']['provenance']['gpu']}, {paths['before']})",
+            f"after ({prov['gpu']}, commit {_commit(prov)}, {paths['after']})", "change"]
+    return ("`quality_run --keep-sink --keep-local 1 --steps 400 --thresholds 1e-2 2e-2 4e-2 --nz-ratios 0.1 0.2 "
+            "--phases distill ppl`, PPL (achieved density):\n\n" + _table(head, body))
+
+
 def _passkey_label(name):
     spec = name.split("_dense_last_rows_")[0]
     if spec.startswith("seer_threshold_"):
@@ -318,7 +343,13 @@ def finetune_timing_h200(root) -> str:
     prov, cfg = env["provenance"], env["config"]
     caption = (f"SmolLM2-135M, YaRN factor {cfg['yarn_factor']:g}, {prov['gpu']}, commit {_commit(prov)} ({path}); "
                "each variant a fresh model trained by the fine-tuning trainer with the recipe of the table above, ")
-    return caption + format_timing(env["timing"], cfg["seq_len"]).split("\n\nbusiest kernels")[0]
+    table = caption + format_timing(env["timing"], cfg["seq_len"]).split("\n\nbusiest kernels")[0]
+    later = "results/finetune/h200_timing_sdpa_route.json"  # density 1 through torch SDPA since fd0399f
+    env2 = load_envelope(root, later)
+    rows = format_timing(env2["timing"], env2["config"]["seq_len"]).split("\n\nbusiest kernels")[0]
+    rows = rows[rows.index("| variant"):]
+    return (table + f"\n\nThe first two rows again at commit {_commit(env2['provenance'])}, where the Seer layer "
+            f"sends density-1 rows to torch SDPA ({later}):\n\n" + rows)
 
 
 def gate_quality_h200(root) -> str:
@@ -386,6 +417,7 @@ TABLES = {
     "ttft-h100": ttft_h100,
     "quality-h100": quality_h100,
     "quality-sink-local": quality_sink_local,
+    "quality-rerun-h200": quality_rerun_h200,
     "passkey-h100": passkey_h100,
     "finetune-h200": finetune_h200,
     "decode-h200": decode_h200,

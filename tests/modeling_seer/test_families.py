@@ -8,14 +8,11 @@ Every family runs with its stock defaults, and the families with sliding windows
 with a 100-token window, shorter than the test sequences (``<family>-window`` ids): Qwen2 and
 Qwen3 with their second layer sliding (``max_window_layers=1``), Mistral with every layer.
 """
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from seer_attn.hub_cards.push import NO_PACKAGE_PRELUDE
+from seer_attn.hub_cards.push import run_without_package
 from seer_attn.modeling_seer.conversion import from_stock
 from seer_attn.modeling_seer.families import FAMILIES
 
@@ -98,7 +95,7 @@ def test_distill_loss_finite_and_falling(family):
     assert losses[-1] < losses[0], losses
 
 
-FRESH = NO_PACKAGE_PRELUDE + """
+FRESH = """
 import torch
 from transformers import AutoModelForCausalLM
 m = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True).eval()
@@ -118,11 +115,8 @@ def test_saved_folder_loads_without_the_package(family, tmp_path):
         ref = seer(x).logits
     seer.save_pretrained(tmp_path / "model")
     torch.save((x, ref), tmp_path / "ref.pt")
-    (tmp_path / "fresh.py").write_text(FRESH)
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"))
-    r = subprocess.run([sys.executable, str(tmp_path / "fresh.py"), str(tmp_path / "model"), str(tmp_path / "ref.pt")],
-                       capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    r = run_without_package(FRESH, [tmp_path / "model", tmp_path / "ref.pt"], tmp_path, 300, HF_HUB_OFFLINE="1",
+                            HF_MODULES_CACHE=str(tmp_path / "modules"))
     assert r.returncode == 0, r.stdout + r.stderr
     line = next(l for l in r.stdout.splitlines() if l.startswith("MAXDIFF")).split()
     assert float(line[1]) == 0.0 and line[2] == FAMILIES[_name(family)].seer_model

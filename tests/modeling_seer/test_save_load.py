@@ -1,19 +1,17 @@
 """Saving: full folders, gates only, and the flat trust_remote_code bundle."""
 import json
-import re
 import os
-import subprocess
-import sys
+import re
 import textwrap
 from pathlib import Path
 
 import pytest
-import torch
-from transformers import AutoModelForCausalLM
-
 import seer_attn.kernels as kernels_pkg
+import torch
+from seer_attn.hub_cards.push import run_without_package
 from seer_attn.modeling_seer import SeerLlamaConfig, SeerLlamaForCausalLM
 from seer_attn.modeling_seer.remote_bundle import bundle_sources, flatten_source
+from transformers import AutoModelForCausalLM
 
 SPARSE = dict(seer_mode="sparse", seer_sparsity_method="nz_ratio", seer_nz_ratio=0.4, seer_dense_last_rows=0)
 
@@ -106,12 +104,8 @@ def test_fresh_environment_trust_remote_code(tiny, tmp_path):
         ref = m(x).logits
     m.save_pretrained(tmp_path / "model")
     torch.save((x, ref), tmp_path / "ref.pt")
-    script = tmp_path / "fresh.py"
-    script.write_text(FRESH)
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"))
-    r = subprocess.run([sys.executable, str(script), str(tmp_path / "model"), str(tmp_path / "ref.pt")],
-                       capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    r = run_without_package(FRESH, [tmp_path / "model", tmp_path / "ref.pt"], tmp_path, 300, HF_HUB_OFFLINE="1",
+                            HF_MODULES_CACHE=str(tmp_path / "modules"))
     assert r.returncode == 0, r.stdout + r.stderr
     line = next(l for l in r.stdout.splitlines() if l.startswith("MAXDIFF"))
     assert float(line.split()[1]) == 0.0 and float(line.split()[3]) < 0.9

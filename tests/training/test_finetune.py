@@ -10,17 +10,15 @@ import importlib.util
 import json
 import math
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from transformers import TrainerCallback
-
+from seer_attn.hub_cards.push import run_without_package
 from seer_attn.training.finetune_trainer import FineTuneArguments, SeerFineTuneTrainer
 from seer_attn.training.trainer import CHECKPOINTING_ARG, is_gate_parameter
 from seer_attn.training.yarn import apply_yarn
+from transformers import TrainerCallback
 
 NATIVE = 256  # the tiny model's native context; YaRN factor 2 -> the 512-token training sequences
 
@@ -177,7 +175,6 @@ def test_gate_loss_layers_rotate_with_the_stride(tmp_path, make_tiny_model, eval
 def test_lora_adapter_reloads_with_identical_logits(tmp_path, make_tiny_model, packed_train_512, byte_tokenizer,
                                                     eval_batch):
     from peft import AutoPeftModelForCausalLM
-
     from seer_attn.training.finetune import load_finetuned
 
     model = _model(make_tiny_model)
@@ -224,10 +221,9 @@ def _families_fresh_script():
 
 
 def test_yarn_reaches_the_gate_and_survives_save_reload_and_a_bare_load(tmp_path, make_tiny_model, eval_batch):
-    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
-
     from seer_attn.modeling_seer.conversion import load_seer_model
     from seer_attn.modeling_seer.seer_layer import gate_rotary_config
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
     model = _model(make_tiny_model, 5, seer_mode="sparse", seer_sparsity_method="nz_ratio", seer_nz_ratio=0.5).eval()
     x = eval_batch[:1, :300]
@@ -260,11 +256,8 @@ def test_yarn_reaches_the_gate_and_survives_save_reload_and_a_bare_load(tmp_path
 
     # a process that cannot import seer_attn loads the folder's remote code: the same logits
     torch.save((x, yarn), tmp_path / "ref.pt")
-    (tmp_path / "fresh.py").write_text(_families_fresh_script())
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"))
-    r = subprocess.run([sys.executable, str(tmp_path / "fresh.py"), str(tmp_path / "model"), str(tmp_path / "ref.pt")],
-                       capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    r = run_without_package(_families_fresh_script(), [tmp_path / "model", tmp_path / "ref.pt"], tmp_path, 300,
+                            HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"))
     assert r.returncode == 0, r.stdout + r.stderr
     line = next(l for l in r.stdout.splitlines() if l.startswith("MAXDIFF")).split()
     assert float(line[1]) == 0.0 and line[2] == "SeerLlamaForCausalLM"

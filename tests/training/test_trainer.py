@@ -10,20 +10,24 @@ import json
 import logging
 import os
 import shutil
-import subprocess
-import sys
 import warnings
 
 import pytest
 import torch
-from transformers import TrainerCallback
-
+from seer_attn.hub_cards.push import run_without_package
 from seer_attn.modeling_seer.conversion import load_seer_model
 from seer_attn.modeling_seer.modeling_seer_llama import GATES_FILE
 from seer_attn.training.distill import SUMMARY_FILE, DistillConfig, add_distill_args, run_distill
 from seer_attn.training.run_config import config_from_args
-from seer_attn.training.trainer import (CHECKPOINTING_ARG, GateDistillationTrainer, SeerTrainingArguments,
-                                        check_only_gates_trainable, freeze_non_gate_parameters, is_gate_parameter)
+from seer_attn.training.trainer import (
+    CHECKPOINTING_ARG,
+    GateDistillationTrainer,
+    SeerTrainingArguments,
+    check_only_gates_trainable,
+    freeze_non_gate_parameters,
+    is_gate_parameter,
+)
+from transformers import TrainerCallback
 
 
 def _args(out, **kw):
@@ -440,7 +444,6 @@ def test_resume_skips_a_half_written_checkpoint(tmp_path, llama_folder, train_js
 
 
 FRESH_LOAD = """
-import sys
 from transformers import AutoModelForCausalLM, AutoTokenizer
 tok = AutoTokenizer.from_pretrained(sys.argv[1])
 print("IDS", tok("fox", add_special_tokens=False)["input_ids"])
@@ -457,12 +460,8 @@ def test_model_folder_is_what_a_user_uploads(tmp_path, llama_folder, train_jsonl
             "modeling_seer_llama.py"} <= set(os.listdir(model_dir))
     # a fresh process, with nothing of seer_attn imported or registered: the tokenizer loads
     # without trust_remote_code, the model with it (from the folder's own remote code)
-    script = tmp_path / "fresh.py"
-    script.write_text(FRESH_LOAD)
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"))
-    r = subprocess.run([sys.executable, str(script), model_dir], capture_output=True, text=True, env=env,
-                       cwd=tmp_path, stdin=subprocess.DEVNULL, timeout=300)
+    r = run_without_package(FRESH_LOAD, [model_dir], tmp_path, 300, HF_HUB_OFFLINE="1",
+                            HF_MODULES_CACHE=str(tmp_path / "modules"))
     assert r.returncode == 0, r.stdout + r.stderr
     assert "IDS [103, 112, 121]" in r.stdout  # the byte tokenizer: byte b -> id b + 1
     assert "MODEL SeerLlamaForCausalLM sparse False" in r.stdout
