@@ -16,9 +16,16 @@ sparse row still feeds the tensor cores 128-wide tiles); the leftover single blo
 diagonal band come after, the latter with the causal mask. Scores live in the log2
 domain (``qk_scale = sm_scale * log2(e)``) and the per-row log-sum-exp is stored for the
 backward pass; rows that attend no key store ``+inf`` so that they contribute nothing
-there. The pooling variant re-walks the key tiles after the softmax statistics are final
-and reduces ``max(s - lse)`` over each 64x64 tile: exactly the block max of the softmax
-probabilities, with O(B*HQ*T) extra memory.
+there. Programs start with the last query rows (under a causal mask the longest): the last
+wave of the launch then holds short programs instead of the longest ones.
+
+Pooling in the same pass. Each step also stores, per query row and key block, the row's
+maximum score (or, for ``pool_op="sum"``, the log2 of its summed exp2 scores) to a float32
+scratch ``[heads, NB, T]``; once the row's log-sum-exp is final, ``exp2(stat - lse)`` is that
+row's block max (or mass) of the softmax probabilities, and the program reduces it over the
+64 rows of each query block. The scores are computed once (a second walk over the key tiles
+cost ~1.6x the attention); the scratch is 4 bytes per row and key block, launched a few heads
+at a time above ``POOL_SCRATCH_BYTES``.
 
 Sliding window (``window``, the ``HAS_WINDOW`` flag). Index lists ascend, so a program's
 key blocks come in three runs: wholly outside the window (skipped: a scalar load each), cut
@@ -40,12 +47,18 @@ _LOG2E = 1.4426950408889634
 # ----------------------------------------------------------------------------- kernels
 
 @triton.jit
-def _tile_offsets(idx_row, p, BLOCK: tl.constexpr, BS: tl.constexpr, SPARSE: tl.constexpr):
-    """Token offsets of the tile made of the BLOCK // BS blocks at list positions p, p+1..."""
+def _tile_offsets(idx_row, p, BLOCK: tl.constexpr, BS: tl.constexpr, SPARSE: tl.constexpr,
+                  VEC_IDX: tl.constexpr = False):
+    """Token offsets of the tile made of the BLOCK // BS blocks at list positions p, p+1...
+    ``VEC_IDX``: read a one-block tile's index as a (broadcast) vector load, which the
+    software pipeliner may prefetch like any tile load, instead of a scalar load."""
     r = tl.arange(0, BLOCK)
     if SPARSE:
         if BLOCK == BS:
-            offs = tl.load(idx_row + p) * BS + r
+            if VEC_IDX:
+                offs = tl.max_contiguous(tl.multiple_of(tl.load(idx_row + p + r * 0) * BS + r, BS), BS)
+            else:
+                offs = tl.load(idx_row + p) * BS + r
         elif BLOCK == 2 * BS:  # two scalar loads instead of a BLOCK-wide gather
             b0 = tl.load(idx_row + p)
             b1 = tl.load(idx_row + p + 1)
@@ -115,7 +128,8 @@ def _load_kv(k_base, v_base, s_kt, s_vt, offs_n, offs_d, T, BOUNDARY: tl.constex
 
 @triton.jit
 def _fwd_step(acc, l_i, m_i, q, k_base, v_base, s_kt, s_vt, offs_m, offs_n, offs_d, qk_scale, T, kv_lo, kv_hi, win,
-              CAUSAL_MASK: tl.constexpr, KV_MASK: tl.constexpr, WIN_MASK: tl.constexpr, PREC: tl.constexpr):
+              scr_rows, blk0, scr_stride, CAUSAL_MASK: tl.constexpr, KV_MASK: tl.constexpr, WIN_MASK: tl.constexpr,
+              PREC: tl.constexpr, STATS: tl.constexpr, STAT_SUM: tl.constexpr, BS: tl.constexpr):
     k, v = _load_kv(k_base, v_base, s_kt, s_vt, offs_n, offs_d, T, CAUSAL_MASK or KV_MASK)
     qk = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
     if CAUSAL_MASK:
@@ -130,6 +144,13 @@ def _fwd_step(acc, l_i, m_i, q, k_base, v_base, s_kt, s_vt, offs_m, offs_n, offs
     else:
         m_use = m_new
     p = tl.math.exp2(qk - m_use[:, None])
+    if STATS:  # per row and key block of the tile: its max score, or the log2 of its exp2-sum
+        NS: tl.constexpr = offs_n.shape[0] // BS
+        if STAT_SUM:
+            stat = m_use[:, None] + tl.math.log2(tl.sum(tl.reshape(p, (offs_m.shape[0], NS, BS)), axis=2))
+        else:
+            stat = tl.max(tl.reshape(qk, (offs_m.shape[0], NS, BS)), axis=2)
+        tl.store(scr_rows[:, None] + (blk0 + tl.arange(0, NS))[None, :].to(tl.int64) * scr_stride, stat)
     alpha = tl.math.exp2(m_i - m_use)
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None]
@@ -139,16 +160,18 @@ def _fwd_step(acc, l_i, m_i, q, k_base, v_base, s_kt, s_vt, offs_m, offs_n, offs
 
 @triton.jit
 def _attn_fwd_kernel(
-    Q, K, V, O, LSE, POOL, IDX, CNT, BOUNDS, qk_scale,
+    Q, K, V, O, LSE, POOL, SCR, IDX, CNT, BOUNDS, qk_scale,
     s_qb, s_qh, s_qt, s_kb, s_kh, s_kt, s_vb, s_vh, s_vt, s_ob, s_oh, s_ot,
-    HQ, T, NB, WIN,
+    HQ, T, NB, WIN, BH0, T_PAD,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BS: tl.constexpr, SPARSE: tl.constexpr, CAUSAL: tl.constexpr, POOLING: tl.constexpr,
     POOL_SUM: tl.constexpr, HAS_BOUNDS: tl.constexpr, EVEN_T: tl.constexpr, HAS_WINDOW: tl.constexpr,
-    PREC: tl.constexpr,
+    PREC: tl.constexpr, VEC_IDX: tl.constexpr = False,
 ):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    # the last query rows (the most key blocks under a causal mask) start first: the GPU's
+    # last wave then holds the shortest programs
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
+    pid_bh = BH0 + tl.program_id(1)  # pooling launches a few heads at a time (its scratch)
     b = pid_bh // HQ
     hq = pid_bh % HQ
     h = hq // GROUP
@@ -176,6 +199,8 @@ def _attn_fwd_kernel(
 
     idx_row, n_off, has_diag = _query_block_list(IDX, CNT, pid_bh, qb0, NB, SPARSE, CAUSAL)
     win_lo, win_full = _window_key_blocks(m0, BLOCK_M, BS, WIN)
+    # pooling: row r's statistic for key block j goes to SCR[program's head, j, r]
+    scr_rows = SCR + tl.program_id(1).to(tl.int64) * NB * T_PAD + offs_m
 
     p0 = qb0 * 0  # first list position of the unmasked walk
     if HAS_WINDOW:
@@ -188,31 +213,36 @@ def _attn_fwd_kernel(
             if nxt >= win_lo:
                 offs_n = nxt * BS + tl.arange(0, BS)
                 acc, l_i, m_i = _fwd_step(acc, l_i, m_i, q, k_base, v_base, s_kt, s_vt, offs_m, offs_n, offs_d,
-                                          qk_scale, T, kv_lo, kv_hi, WIN, False, MASK_KV, True, PREC)
+                                          qk_scale, T, kv_lo, kv_hi, WIN, scr_rows, nxt, T_PAD, False, MASK_KV, True,
+                                          PREC, POOLING, POOL_SUM, BS)
             p0 += 1
             nxt = _list_entry(idx_row, p0, n_off, win_full, SPARSE)
     # blocks strictly below the diagonal band: no causal mask, NSUB blocks per tile
     n_full = (n_off - p0) // NSUB
     for t in range(0, n_full):
-        offs_n = _tile_offsets(idx_row, p0 + t * NSUB, BLOCK_N, BS, SPARSE)
+        offs_n = _tile_offsets(idx_row, p0 + t * NSUB, BLOCK_N, BS, SPARSE, VEC_IDX)
         acc, l_i, m_i = _fwd_step(acc, l_i, m_i, q, k_base, v_base, s_kt, s_vt, offs_m, offs_n, offs_d, qk_scale,
-                                  T, kv_lo, kv_hi, WIN, False, MASK_KV, False, PREC)
+                                  T, kv_lo, kv_hi, WIN, scr_rows, p0 + t * NSUB, T_PAD, False, MASK_KV, False, PREC,
+                                  POOLING, POOL_SUM, BS)
     for p in range(p0 + n_full * NSUB, n_off):
-        offs_n = _tile_offsets(idx_row, p, BS, BS, SPARSE)
+        offs_n = _tile_offsets(idx_row, p, BS, BS, SPARSE, VEC_IDX)
         acc, l_i, m_i = _fwd_step(acc, l_i, m_i, q, k_base, v_base, s_kt, s_vt, offs_m, offs_n, offs_d, qk_scale,
-                                  T, kv_lo, kv_hi, WIN, False, MASK_KV, False, PREC)
+                                  T, kv_lo, kv_hi, WIN, scr_rows, p, T_PAD, False, MASK_KV, False, PREC, POOLING,
+                                  POOL_SUM, BS)
     # the diagonal band, causal (and window) mask inside
     if CAUSAL:
         if SPARSE:
             if has_diag:
                 offs_n = qb0 * BS + tl.arange(0, BS)
                 acc, l_i, m_i = _fwd_step(acc, l_i, m_i, q, k_base, v_base, s_kt, s_vt, offs_m, offs_n, offs_d,
-                                          qk_scale, T, kv_lo, kv_hi, WIN, True, MASK_KV, HAS_WINDOW, PREC)
+                                          qk_scale, T, kv_lo, kv_hi, WIN, scr_rows, qb0, T_PAD, True, MASK_KV,
+                                          HAS_WINDOW, PREC, POOLING, POOL_SUM, BS)
         else:
             for jb in range(qb0, tl.minimum(qb0 + RB, NB)):
                 offs_n = jb * BS + tl.arange(0, BS)
                 acc, l_i, m_i = _fwd_step(acc, l_i, m_i, q, k_base, v_base, s_kt, s_vt, offs_m, offs_n, offs_d,
-                                          qk_scale, T, kv_lo, kv_hi, WIN, True, MASK_KV, HAS_WINDOW, PREC)
+                                          qk_scale, T, kv_lo, kv_hi, WIN, scr_rows, jb, T_PAD, True, MASK_KV,
+                                          HAS_WINDOW, PREC, POOLING, POOL_SUM, BS)
 
     row_ok = offs_m < T
     if HAS_BOUNDS:
@@ -227,46 +257,31 @@ def _attn_fwd_kernel(
     tl.store(LSE + pid_bh.to(tl.int64) * T + offs_m, lse, mask=offs_m < T)
 
     if POOLING:
-        # Second walk over the key tiles with final statistics: the block max (or sum) of
-        # exp2(s - lse) is the block max (or mass) of the softmax probabilities.
-        RN: tl.constexpr = BLOCK_N // BS
+        # With the final log-sum-exp known, exp2(stat - lse) turns each row's statistic into
+        # the block max (or mass) of its softmax probabilities; reduce over the rows of each
+        # query block. Only the blocks this program visited were written (the others pool to 0).
         pool_base = POOL + pid_bh.to(tl.int64) * NB * NB
         rows_b = qb0 + tl.arange(0, RB)
         if CAUSAL:
-            n_cb = tl.minimum(qb0 + RB, NB)
+            c_hi = tl.minimum(qb0 + RB, NB)
         else:
-            n_cb = NB
-        n_start = 0
-        if HAS_WINDOW:  # tiles wholly outside the window pool to zero without being computed
-            z_lo = (win_lo // RN) * RN
-            for c0 in range(0, z_lo, BS):
-                cols = c0 + tl.arange(0, BS)
-                tl.store(pool_base + rows_b[:, None] * NB + cols[None, :], tl.zeros([RB, BS], dtype=tl.float32),
-                         mask=(rows_b < NB)[:, None] & (cols < z_lo)[None, :])
-            n_start = z_lo * BS
-        for n0 in range(n_start, n_cb * BS, BLOCK_N):
-            offs_n = n0 + tl.arange(0, BLOCK_N)
-            k = tl.load(k_base + offs_n[:, None] * s_kt + offs_d[None, :], mask=(offs_n < T)[:, None], other=0.0)
-            s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale - lse[:, None]
-            valid = (offs_n < T)[None, :]
-            if CAUSAL:
-                valid = valid & (offs_m[:, None] >= offs_n[None, :])
-            if HAS_BOUNDS:
-                valid = valid & ((offs_n >= kv_lo) & (offs_n < kv_hi))[None, :]
-            if HAS_WINDOW:
-                valid = valid & (offs_n[None, :] > offs_m[:, None] - WIN)
-            s = tl.where(valid, s, float("-inf"))
-            if POOL_SUM:  # probability mass of each tile
-                blk = tl.sum(tl.sum(tl.reshape(tl.math.exp2(s), (RB, BS, RN, BS)), axis=3), axis=1)
-            else:
-                blk = tl.math.exp2(tl.max(tl.max(tl.reshape(s, (RB, BS, RN, BS)), axis=3), axis=1))
-            cols_b = n0 // BS + tl.arange(0, RN)
-            tl.store(pool_base + rows_b[:, None] * NB + cols_b[None, :], blk,
-                     mask=(rows_b < NB)[:, None] & (cols_b < NB)[None, :])
-        z0 = ((n_cb + RN - 1) // RN) * RN  # blocks above the diagonal band are zero
-        for c0 in range(z0, NB, BS):
+            c_hi = NB
+        if HAS_WINDOW:
+            c_lo = win_lo
+        else:
+            c_lo = 0
+        tl.debug_barrier()  # the statistics were stored by other threads of this program
+        for c0 in range(0, NB, BS):
             cols = c0 + tl.arange(0, BS)
-            tl.store(pool_base + rows_b[:, None] * NB + cols[None, :], tl.zeros([RB, BS], dtype=tl.float32),
+            seen = (cols >= c_lo) & (cols < c_hi)
+            st = tl.load(scr_rows[:, None] + cols[None, :].to(tl.int64) * T_PAD, mask=seen[None, :],
+                         other=float("-inf"))
+            s = st - lse[:, None]
+            if POOL_SUM:
+                blk = tl.sum(tl.reshape(tl.math.exp2(s), (RB, BS, BS)), axis=1)
+            else:
+                blk = tl.math.exp2(tl.max(tl.reshape(s, (RB, BS, BS)), axis=1))
+            tl.store(pool_base + rows_b[:, None] * NB + cols[None, :], blk,
                      mask=(rows_b < NB)[:, None] & (cols < NB)[None, :])
 
 
@@ -316,7 +331,7 @@ def _attn_bwd_dq_kernel(
     BS: tl.constexpr, SPARSE: tl.constexpr, CAUSAL: tl.constexpr, HAS_BOUNDS: tl.constexpr,
     EVEN_T: tl.constexpr, HAS_WINDOW: tl.constexpr, PREC: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)  # longest rows first, as in the forward
     pid_bh = tl.program_id(1)
     b = pid_bh // HQ
     hq = pid_bh % HQ
@@ -529,6 +544,13 @@ def _attn_bwd_dkdv_kernel(
 #: ``(kernel, sparse, head_dim)``; benchmarks may override entries to tune.
 CONFIG_OVERRIDES: dict = {}
 
+#: Code-path switches the benchmarks compare (docs/experiments/kernel_variants.py).
+KERNEL_FLAGS: dict = {"vector_index": False}
+
+#: Most bytes of the pooling pass's float32 scratch (``NB x T`` per head); above it the
+#: heads are launched a few at a time. At 128k tokens one head needs 1 GiB.
+POOL_SCRATCH_BYTES = 4 << 30
+
 
 def _config(kernel, sparse, head_dim, on_gpu, dtype=torch.bfloat16):
     key = (kernel, sparse, head_dim)
@@ -563,18 +585,25 @@ def _attn_fwd(q, k, v, idx, cnt, bounds, causal, sm_scale, block_size, pooling, 
     lse = new_output((B, HQ, T), torch.float32, q.device)
     pool = new_output((B, HQ, NB, NB), torch.float32, q.device) if pooling else lse
     dummy = lse
-    grid = (triton.cdiv(T, BLOCK_M), B * HQ)
-    _attn_fwd_kernel[grid](
-        q, k, v, o, lse, pool, idx if sparse else dummy, cnt if sparse else dummy,
-        bounds if bounds is not None else dummy, sm_scale * _LOG2E,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
-        HQ, T, NB, window or 0,
-        GROUP=HQ // H, HEAD_DIM=D, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BS=block_size, SPARSE=sparse,
-        CAUSAL=causal, POOLING=pooling, POOL_SUM=pool_op == "sum", HAS_BOUNDS=bounds is not None,
-        EVEN_T=T % block_size == 0, HAS_WINDOW=window is not None, PREC=_prec(q.dtype), num_warps=warps,
-        num_stages=stages,
-    )
+    n_m = triton.cdiv(T, BLOCK_M)
+    heads = B * HQ  # (batch, head) pairs per launch: all, or as many as the pooling scratch allows
+    scratch = dummy
+    if pooling:  # float32 [heads, NB, n_m * BLOCK_M]: every row's statistic per key block
+        per_head = NB * n_m * BLOCK_M * 4
+        heads = max(1, min(B * HQ, POOL_SCRATCH_BYTES // per_head))
+        scratch = new_output((heads, NB, n_m * BLOCK_M), torch.float32, q.device)
+    for bh0 in range(0, B * HQ, heads):
+        _attn_fwd_kernel[(n_m, min(heads, B * HQ - bh0))](
+            q, k, v, o, lse, pool, scratch, idx if sparse else dummy, cnt if sparse else dummy,
+            bounds if bounds is not None else dummy, sm_scale * _LOG2E,
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
+            HQ, T, NB, window or 0, bh0, n_m * BLOCK_M,
+            GROUP=HQ // H, HEAD_DIM=D, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BS=block_size, SPARSE=sparse,
+            CAUSAL=causal, POOLING=pooling, POOL_SUM=pool_op == "sum", HAS_BOUNDS=bounds is not None,
+            EVEN_T=T % block_size == 0, HAS_WINDOW=window is not None, PREC=_prec(q.dtype),
+            VEC_IDX=KERNEL_FLAGS["vector_index"], num_warps=warps, num_stages=stages,
+        )
     if pooling:
         pool.div_(pool.sum(-1, keepdim=True).clamp_min_(torch.finfo(torch.float32).tiny))
     return o, lse, (pool if pooling else None)
