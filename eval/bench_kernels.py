@@ -117,7 +117,7 @@ def run_kernel_bench(config: KernelBenchConfig) -> dict:
 
     import triton
     from seer_attn.kernels import attn_with_pooling, block_mask_to_indices, block_sparse_attn, random_block_mask
-    from seer_attn.kernels.block_sparse_attn import CONFIG_OVERRIDES, KERNEL_FLAGS, dense_attn
+    from seer_attn.kernels.block_sparse_attn import CONFIG_OVERRIDES, dense_attn
     from seer_attn.kernels.reference import block_sparse_attn_ref
 
     dev = "cuda"
@@ -144,33 +144,28 @@ def run_kernel_bench(config: KernelBenchConfig) -> dict:
         T = 32768
         q, k, v = inputs(T)
         m = masks(T, 0.1)
-        # (launch config, index read as a vector load) per kernel; the sparse forward at density 0.1
-        sparse_cfgs = [(64, 64, 4, 2), (64, 64, 4, 3), (64, 64, 4, 4)]
         cands = {
-            ("fwd", True): [(c, vec) for c in sparse_cfgs for vec in (False, True)],
-            ("fwd", False): [(c, False) for c in [(128, 128, 8, 3), (128, 128, 8, 2), (128, 64, 8, 3)]],
+            ("fwd", True): [(64, 64, 4, 3), (64, 64, 4, 4), (64, 128, 4, 3), (64, 128, 4, 4), (64, 64, 8, 3),
+                            (64, 128, 8, 2)],
+            ("fwd", False): [(128, 128, 8, 3), (128, 128, 8, 4), (128, 64, 8, 4), (128, 64, 8, 3)],
         }
         for (kern, sparse), cfgs in cands.items():
             best = None
-            for cfg, vec in cfgs:
+            for cfg in cfgs:
                 CONFIG_OVERRIDES[(kern, sparse, D)] = cfg
-                KERNEL_FLAGS["vector_index"] = vec
                 fn = (lambda: block_sparse_attn(q, k, v, m)) if sparse else (lambda: dense_attn(q, k, v))
-                entry = {"kernel": kern, "sparse": sparse, "config": cfg, "vector_index": vec}
                 try:
                     ms = bench(fn)
                 except Exception as e:  # a config that does not fit (shared memory) is skipped, reported
-                    tuning.append({**entry, "ms": None, "error": str(e)[:80]})
-                    print(f"tune {kern} sparse={sparse} {cfg} vector_index={vec}: failed {str(e)[:80]}", flush=True)
+                    tuning.append({"kernel": kern, "sparse": sparse, "config": cfg, "ms": None, "error": str(e)[:80]})
+                    print(f"tune {kern} sparse={sparse} {cfg}: failed {str(e)[:80]}", flush=True)
                     continue
-                tuning.append({**entry, "ms": ms})
-                print(f"tune {kern} sparse={sparse} {cfg} vector_index={vec}: {ms:.3f} ms", flush=True)
+                tuning.append({"kernel": kern, "sparse": sparse, "config": cfg, "ms": ms})
+                print(f"tune {kern} sparse={sparse} {cfg}: {ms:.3f} ms", flush=True)
                 if best is None or ms < best[0]:
-                    best = (ms, cfg, vec)
+                    best = (ms, cfg)
             CONFIG_OVERRIDES[(kern, sparse, D)] = best[1]
-            if sparse:
-                KERNEL_FLAGS["vector_index"] = best[2]
-        print("chosen:", {str(k): v for k, v in CONFIG_OVERRIDES.items()}, dict(KERNEL_FLAGS), flush=True)
+        print("chosen:", {str(k): v for k, v in CONFIG_OVERRIDES.items()}, flush=True)
         q = k = v = m = None
 
     for T in config.lengths:
@@ -261,8 +256,7 @@ def run_kernel_bench(config: KernelBenchConfig) -> dict:
         print("row", json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}), flush=True)
         q = k = v = None  # free this length's inputs before the next allocation
 
-    env = write_results(config, rows, checks, tuning,
-                        {**{str(k): v for k, v in CONFIG_OVERRIDES.items()}, "flags": dict(KERNEL_FLAGS)}, dev)
+    env = write_results(config, rows, checks, tuning, {str(k): v for k, v in CONFIG_OVERRIDES.items()}, dev)
     try:
         plot(os.path.join(config.out, "kernels.csv"), os.path.join(config.out, "kernels.png"))
     except ImportError:

@@ -132,6 +132,29 @@ def _kernels(path):
     return render
 
 
+def kernel_changes_h200(root) -> str:
+    """docs/experiments/kernel_variants.py: one kernel change timed against the kernels before
+    it in one process, with attn_with_pooling's cost relative to our dense kernel."""
+    path = "results/kernels/h200_one_pass_pooling.json"
+    env = load_envelope(root, path)
+    prov = env["provenance"]
+    rows = [r for r in env["rows"] if "vector_index" not in r["op"]]
+    by = {(r["T"], r["op"]): r for r in rows}
+    label = {"dense": "ours dense", "pool": "attn_with_pooling", "bwd_dense": "backward, dense",
+             "bwd_d0.1": "backward, 10%"}
+    body = []
+    for r in rows:
+        op = label.get(r["op"]) or f"ours {float(r['op'][1:]) * 100:g}%"
+        body.append([_tokens(r["T"]), op, sig3(r["before"]), sig3(r["after"]), f"{r['after'] / r['before']:.2f}"])
+    pool = ", ".join(f"{_tokens(T)} {by[(T, 'pool')]['after'] / by[(T, 'dense')]['after']:.2f}x "
+                     f"(before {by[(T, 'pool')]['before'] / by[(T, 'dense')]['before']:.2f}x)"
+                     for T in sorted({r["T"] for r in rows}) if (T, "pool") in by)
+    caption = (f"{prov['gpu']}, commit {_commit(prov)} against the kernels of af41b99, same inputs, one process "
+               f"({path}); causal, bf16, 32 query / 8 KV heads, d=128, batch 1, median ms:")
+    return (caption + "\n\n" + _table(["tokens", "kernel", "before", "after", "after / before"], body)
+            + f"\n\nattn_with_pooling over our dense kernel: {pool}.")
+
+
 def ttft_h100(root) -> str:
     path = "results/ttft/h100.json"
     env = load_envelope(root, path)
@@ -414,6 +437,7 @@ TABLES = {
     "demo-gpu": _demo("results/demo/h200.json"),
     "kernels-h100": _kernels("results/kernels/h100.json"),
     "kernels-h200": _kernels("results/kernels/h200.json"),
+    "kernel-changes-h200": kernel_changes_h200,
     "ttft-h100": ttft_h100,
     "quality-h100": quality_h100,
     "quality-sink-local": quality_sink_local,

@@ -31,8 +31,8 @@ Sliding window (``window``, the ``HAS_WINDOW`` flag). Index lists ascend, so a p
 key blocks come in three runs: wholly outside the window (skipped: a scalar load each), cut
 by it (at most ``BLOCK_M // 64 + 1`` blocks, masked one at a time), then inside it (the
 unmasked walk above). The dK/dV program sees the mirror image along its transposed lists:
-inside, cut, outside. The pooling pass starts at the first tile the window reaches and
-stores zeros before it.
+inside, cut, outside. Pooling reduces only the key blocks the window reaches; the others
+pool to zero.
 """
 import torch
 
@@ -47,18 +47,14 @@ _LOG2E = 1.4426950408889634
 # ----------------------------------------------------------------------------- kernels
 
 @triton.jit
-def _tile_offsets(idx_row, p, BLOCK: tl.constexpr, BS: tl.constexpr, SPARSE: tl.constexpr,
-                  VEC_IDX: tl.constexpr = False):
+def _tile_offsets(idx_row, p, BLOCK: tl.constexpr, BS: tl.constexpr, SPARSE: tl.constexpr):
     """Token offsets of the tile made of the BLOCK // BS blocks at list positions p, p+1...
-    ``VEC_IDX``: read a one-block tile's index as a (broadcast) vector load, which the
-    software pipeliner may prefetch like any tile load, instead of a scalar load."""
+    (A one-block tile's index read as a broadcast vector load, for the software pipeliner to
+    prefetch, was 3% slower on an H200: docs/experiments/kernel_changes_h200.md.)"""
     r = tl.arange(0, BLOCK)
     if SPARSE:
         if BLOCK == BS:
-            if VEC_IDX:
-                offs = tl.max_contiguous(tl.multiple_of(tl.load(idx_row + p + r * 0) * BS + r, BS), BS)
-            else:
-                offs = tl.load(idx_row + p) * BS + r
+            offs = tl.load(idx_row + p) * BS + r
         elif BLOCK == 2 * BS:  # two scalar loads instead of a BLOCK-wide gather
             b0 = tl.load(idx_row + p)
             b1 = tl.load(idx_row + p + 1)
@@ -166,7 +162,7 @@ def _attn_fwd_kernel(
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BS: tl.constexpr, SPARSE: tl.constexpr, CAUSAL: tl.constexpr, POOLING: tl.constexpr,
     POOL_SUM: tl.constexpr, HAS_BOUNDS: tl.constexpr, EVEN_T: tl.constexpr, HAS_WINDOW: tl.constexpr,
-    PREC: tl.constexpr, VEC_IDX: tl.constexpr = False,
+    PREC: tl.constexpr,
 ):
     # the last query rows (the most key blocks under a causal mask) start first: the GPU's
     # last wave then holds the shortest programs
@@ -220,12 +216,12 @@ def _attn_fwd_kernel(
     # blocks strictly below the diagonal band: no causal mask, NSUB blocks per tile
     n_full = (n_off - p0) // NSUB
     for t in range(0, n_full):
-        offs_n = _tile_offsets(idx_row, p0 + t * NSUB, BLOCK_N, BS, SPARSE, VEC_IDX)
+        offs_n = _tile_offsets(idx_row, p0 + t * NSUB, BLOCK_N, BS, SPARSE)
         acc, l_i, m_i = _fwd_step(acc, l_i, m_i, q, k_base, v_base, s_kt, s_vt, offs_m, offs_n, offs_d, qk_scale,
                                   T, kv_lo, kv_hi, WIN, scr_rows, p0 + t * NSUB, T_PAD, False, MASK_KV, False, PREC,
                                   POOLING, POOL_SUM, BS)
     for p in range(p0 + n_full * NSUB, n_off):
-        offs_n = _tile_offsets(idx_row, p, BS, BS, SPARSE, VEC_IDX)
+        offs_n = _tile_offsets(idx_row, p, BS, BS, SPARSE)
         acc, l_i, m_i = _fwd_step(acc, l_i, m_i, q, k_base, v_base, s_kt, s_vt, offs_m, offs_n, offs_d, qk_scale,
                                   T, kv_lo, kv_hi, WIN, scr_rows, p, T_PAD, False, MASK_KV, False, PREC, POOLING,
                                   POOL_SUM, BS)
@@ -544,9 +540,6 @@ def _attn_bwd_dkdv_kernel(
 #: ``(kernel, sparse, head_dim)``; benchmarks may override entries to tune.
 CONFIG_OVERRIDES: dict = {}
 
-#: Code-path switches the benchmarks compare (docs/experiments/kernel_variants.py).
-KERNEL_FLAGS: dict = {"vector_index": False}
-
 #: Most bytes of the pooling pass's float32 scratch (``NB x T`` per head); above it the
 #: heads are launched a few at a time. At 128k tokens one head needs 1 GiB.
 POOL_SCRATCH_BYTES = 4 << 30
@@ -601,8 +594,8 @@ def _attn_fwd(q, k, v, idx, cnt, bounds, causal, sm_scale, block_size, pooling, 
             HQ, T, NB, window or 0, bh0, n_m * BLOCK_M,
             GROUP=HQ // H, HEAD_DIM=D, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BS=block_size, SPARSE=sparse,
             CAUSAL=causal, POOLING=pooling, POOL_SUM=pool_op == "sum", HAS_BOUNDS=bounds is not None,
-            EVEN_T=T % block_size == 0, HAS_WINDOW=window is not None, PREC=_prec(q.dtype),
-            VEC_IDX=KERNEL_FLAGS["vector_index"], num_warps=warps, num_stages=stages,
+            EVEN_T=T % block_size == 0, HAS_WINDOW=window is not None, PREC=_prec(q.dtype), num_warps=warps,
+            num_stages=stages,
         )
     if pooling:
         pool.div_(pool.sum(-1, keepdim=True).clamp_min_(torch.finfo(torch.float32).tiny))

@@ -86,15 +86,6 @@ def main(argv=None):
             row["before"], row["after"] = min(row.pop("before2"), row["before"]), min(row.pop("after2"), row["after"])
             rows.append(row)
             print("row", json.dumps(row), flush=True)
-        flags = sys.modules["seer_attn.kernels.block_sparse_attn"].KERNEL_FLAGS
-        scalar = {r["op"]: r["after"] for r in rows[-len(masks):]}
-        for dens, mask in masks.items():  # "after" with the index read as a vector load vs scalar
-            flags["vector_index"] = True
-            row = {"T": T, "op": f"d{dens:g} vector_index", "before": scalar[f"d{dens:g}"],
-                   "after": bench(lambda: after.block_sparse_attn(q, k, v, mask))}
-            flags["vector_index"] = False
-            rows.append(row)
-            print("row", json.dumps(row), flush=True)
         if T in args.bwd_lengths:
             qg, kg, vg = (t.detach().requires_grad_(True) for t in (q, k, v))
             do = torch.randn_like(q)
