@@ -1,17 +1,18 @@
 """Saving: full folders, gates only, and the flat trust_remote_code bundle."""
 import json
-import os
 import re
+import os
 import textwrap
 from pathlib import Path
 
 import pytest
-import seer_attn.kernels as kernels_pkg
 import torch
+from transformers import AutoModelForCausalLM
+
+import seer_attn.kernels as kernels_pkg
 from seer_attn.hub_cards.push import run_without_package
 from seer_attn.modeling_seer import SeerLlamaConfig, SeerLlamaForCausalLM
 from seer_attn.modeling_seer.remote_bundle import bundle_sources, flatten_source
-from transformers import AutoModelForCausalLM
 
 SPARSE = dict(seer_mode="sparse", seer_sparsity_method="nz_ratio", seer_nz_ratio=0.4, seer_dense_last_rows=0)
 

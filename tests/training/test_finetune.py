@@ -14,11 +14,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from transformers import TrainerCallback
+
 from seer_attn.hub_cards.push import run_without_package
 from seer_attn.training.finetune_trainer import FineTuneArguments, SeerFineTuneTrainer
 from seer_attn.training.trainer import CHECKPOINTING_ARG, is_gate_parameter
 from seer_attn.training.yarn import apply_yarn
-from transformers import TrainerCallback
 
 NATIVE = 256  # the tiny model's native context; YaRN factor 2 -> the 512-token training sequences
 
@@ -175,6 +176,7 @@ def test_gate_loss_layers_rotate_with_the_stride(tmp_path, make_tiny_model, eval
 def test_lora_adapter_reloads_with_identical_logits(tmp_path, make_tiny_model, packed_train_512, byte_tokenizer,
                                                     eval_batch):
     from peft import AutoPeftModelForCausalLM
+
     from seer_attn.training.finetune import load_finetuned
 
     model = _model(make_tiny_model)
@@ -221,9 +223,10 @@ def _families_fresh_script():
 
 
 def test_yarn_reaches_the_gate_and_survives_save_reload_and_a_bare_load(tmp_path, make_tiny_model, eval_batch):
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
     from seer_attn.modeling_seer.conversion import load_seer_model
     from seer_attn.modeling_seer.seer_layer import gate_rotary_config
-    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
     model = _model(make_tiny_model, 5, seer_mode="sparse", seer_sparsity_method="nz_ratio", seer_nz_ratio=0.5).eval()
     x = eval_batch[:1, :300]
