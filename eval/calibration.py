@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
+from seer_attn.modeling_seer.seer_layer import SeerForwardContext
 from seer_attn.modeling_seer.selection import SELECTORS, ScoreInputs, causal_density, select_blocks_for
 
 from .perplexity import model_device
@@ -201,27 +202,22 @@ def gate_thresholds_for(model, windows, densities, *, iters=48) -> list:
     if not windows:
         raise ValueError("gate_thresholds_for needs at least one window")
     per_window = []
-    gates = [m for name, m in model.named_modules() if name.endswith("attn_gate")]
-    if not gates:
+    if not any(name.endswith("attn_gate") for name, _ in model.named_modules()):
         raise ValueError(f"{type(model).__name__} has no attn_gate modules")
-    scores = []
-    hooks = [m.register_forward_hook(lambda mod, args, out: scores.append(out.detach())) for m in gates]
     dev = model_device(model)
+    bs = model.config.seer_block_size
     with preserved_seer_mode(model):
-        try:
-            model.set_seer_mode("distill")
-            for w in windows:
-                model(input_ids=w.input_ids[None].to(dev), use_cache=False, logits_to_keep=1)
-                per_window.append(scores[:])
-                scores.clear()
-        finally:
-            for h in hooks:
-                h.remove()
+        model.set_seer_mode("distill")
+        for w in windows:  # every layer's (scores, sliding window) of this window
+            layers = []
+            ctx = SeerForwardContext(on_gate_scores=lambda i, s, win: layers.append((s, win)))
+            model(input_ids=w.input_ids[None].to(dev), use_cache=False, logits_to_keep=1, seer_ctx=ctx)
+            per_window.append(layers)
 
         def density(t):  # mean over windows of the mean over layers and heads, as measure_density
             model.set_seer_mode("sparse", seer_selector="gate", seer_sparsity_method="threshold", seer_threshold=t)
-            return sum(torch.stack([causal_density(select_blocks_for(s, model.config)).mean() for s in layers]).mean()
-                       for layers in per_window).item() / len(per_window)
+            return sum(torch.stack([causal_density(select_blocks_for(s, model.config, win), win, bs).mean()
+                                    for s, win in layers]).mean() for layers in per_window).item() / len(per_window)
 
         lo, hi = math.log(1e-7), math.log(0.99)
         out = []

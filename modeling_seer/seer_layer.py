@@ -79,8 +79,12 @@ class SeerForwardContext:
     runs no second exact pass. ``layer_masks``: layer index -> the block mask its sparse
     prefill used (None: every causal block), kept when the forward records a graph (q
     requires grad): the recompute of a checkpointed layer attends with that very mask instead
-    of scoring and selecting again, and adds no second density. A context serves one forward
-    pass (and the recompute of its checkpointed layers), never two.
+    of scoring and selecting again, and adds no second density. ``on_gate_scores``: called in
+    distill mode by every layer with ``(layer index, block scores, window)``, the scores
+    ``[B, HQ, NB, NB]`` detached and after the window fill, the window the layer's sliding
+    window in tokens (None: full causal), which :func:`select_blocks_for` and
+    :func:`causal_density` need. A context serves one forward pass (and the recompute of its
+    checkpointed layers), never two.
     """
 
     seq_bounds: torch.Tensor | None = None
@@ -96,6 +100,7 @@ class SeerForwardContext:
     gate_loss_layers: frozenset | None = None
     gate_loss_done: set = field(default_factory=set)
     layer_masks: dict = field(default_factory=dict)
+    on_gate_scores: object = None
 
 
 def padding_bounds(attention_mask, T):
@@ -190,6 +195,8 @@ class SeerAttentionMixin:
             # never move the base weights (they stay frozen in post-training either way).
             scores = self.attn_gate(q_pre.detach(), k_pre.detach(), rope=ctx.gate_rope, valid=ctx.valid)
             scores = window_fill(scores, window, cfg.seer_block_size)  # the gate ranks only reachable blocks
+            if ctx.on_gate_scores is not None:
+                ctx.on_gate_scores(self.layer_idx, scores.detach(), window)
             pool_op = "max" if cfg.seer_distill_target == "max" else "sum"
             out, pooled = attn_with_pooling(q, k, v, True, self.scaling, cfg.seer_block_size,
                                             seq_bounds=ctx.seq_bounds, pool_op=pool_op, window=window)

@@ -49,7 +49,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import (ADAPTER_SAFE_WEIGHTS_NAME, ADAPTER_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME,
                                 SAFE_WEIGHTS_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME)
 
-from seer_attn.modeling_seer import causal_density, select_blocks_for
+from seer_attn.modeling_seer import SeerForwardContext, causal_density, select_blocks_for
 from seer_attn.modeling_seer.configuration_seer import SEER_MODES
 from seer_attn.modeling_seer.seer_layer import GATES_FILE
 
@@ -474,8 +474,6 @@ class GateDistillationTrainer(SeerTrainer):
         freeze_non_gate_parameters(model)
         check_only_gates_trainable(model)
         super().__init__(model, args, **kwargs)
-        self._record_density = False
-        self._density_hooks = [m.register_forward_hook(self._gate_density_hook) for m in gates]
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """``outputs.gate_loss`` of a distill-mode forward (no labels, last-token logits only)."""
@@ -484,11 +482,9 @@ class GateDistillationTrainer(SeerTrainer):
             # Installed by activation_checkpointing_enable() for adapter training; here it would
             # only make backward run through the frozen network (the gates get the same grads).
             self._seer.disable_input_require_grads()
-        self._record_density = self.args.log_block_density and model.training
-        try:
-            outputs = model(**inputs, use_cache=False, logits_to_keep=1)
-        finally:
-            self._record_density = False
+        record = self.args.log_block_density and model.training
+        ctx = SeerForwardContext(on_gate_scores=self._log_gate_density if record else None)
+        outputs = model(**inputs, use_cache=False, logits_to_keep=1, seer_ctx=ctx)
         loss = outputs.get("gate_loss") if isinstance(outputs, dict) else None
         if loss is None:
             raise RuntimeError(f"the model returned no gate_loss (seer_mode={self._seer.config.seer_mode!r}; "
@@ -496,10 +492,12 @@ class GateDistillationTrainer(SeerTrainer):
         return (loss, outputs) if return_outputs else loss
 
     @torch.no_grad()
-    def _gate_density_hook(self, module, args, scores):
-        if self._record_density:
-            mask = select_blocks_for(scores.detach(), self._seer.config)
-            self._log_value("block_density", causal_density(mask).mean())
+    def _log_gate_density(self, layer_idx, scores, window):
+        """The kept share of causal blocks (of the blocks the window reaches) of the selection
+        the gate's scores make under the model's config: what a sparse prefill would keep."""
+        cfg = self._seer.config
+        mask = select_blocks_for(scores, cfg, window)
+        self._log_value("block_density", causal_density(mask, window, cfg.seer_block_size).mean())
 
     def create_optimizer(self, model=None):
         check_only_gates_trainable(self._seer)

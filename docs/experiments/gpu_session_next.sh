@@ -1,21 +1,23 @@
 #!/usr/bin/env bash
-# The next GPU session's measurements (after session 12's H200 runs of bdd4fe6), one STEP per
-# device call so that each fits the 10-minute limit; staging first (device_stage.py: chunk0,
-# chunk1, then chunk2 with the wheels installed to /tmp/site). Run from the repository root:
+# The next GPU session's measurements (after session 13's H200 runs of af41b99 and 5b912b1), one
+# STEP per device call so that each fits the 10-minute limit. Steps that read the real model or
+# the corpora need staging first (device_stage.py: chunk0, chunk1, then chunk2 with the wheels
+# installed to /tmp/site); the kernel steps need none. Run from the repository root:
 #
 #   bash docs/experiments/gpu_session_next.sh STEP OUT
 #
 # STEP, in order of priority (minutes on one H200):
-#   tests-kernels  ~4  kernel and decode GPU tests (the SDPA route at density 1 and the eager
-#                      static-cache decode test have not run on a GPU yet)
-#   tests-models   ~6  families, real-model, fine-tuning and export GPU tests
-#   timing-demo    ~4  fine-tuning step at density 1 through the Seer layer (SDPA now) vs plain
-#                      SDPA (issue 13 (a): <= 0.64 s/step), then the GPU demo (issue 12: the
-#                      command results/demo/h200.json cites)
-#   quality        ~6  issue 12's quality re-run: the q1 command of smollm2_quality_h100.md
-#                      (results/quality/h100_sink_local_400steps.json), without its passkey
+#   tests-kernels  ~7  the kernel GPU tests (more than 290 s since the one-pass pooling commit:
+#                      212 of 217 cases passed in session 13, the last five test_bf16_window_small
+#                      cases did not run)
+#   tests-decode   ~4  the decode GPU tests (decode kernels and model)
+#   bench-kernels  ~5  the issue 16 table with the one-pass pooling and longest-rows-first
+#                      kernels (8k / 32k / 128k, backward at 32k), then TTFT at 128k
+#   tests-export   ~2  the GPU export test (fixed on CPU in cc99e26: fresh processes keep PYTHONPATH)
 #   decode-quality ~6  issue 15: decode perplexity and passkey with sparse decode
 #   gate-passkey   ~6  issue 17: passkey of both gate sets, knob and threshold at ~0.12
+#   tests-models   ~6  families, real-model, fine-tuning and export GPU tests (passed at af41b99
+#                      but for the export test)
 #
 # Every step writes under OUT/STEP and prints its table last.
 set -u
@@ -30,19 +32,17 @@ DATA=(--train "$CORPORA/train.jsonl" --eval "$CORPORA/eval.jsonl")
 
 case "$STEP" in
   tests-kernels) PY=$PY bash docs/experiments/gpu_tests.sh kernels "$OUT" ;;
+  tests-decode) PY=$PY bash docs/experiments/gpu_tests.sh decode "$OUT" ;;
+  bench-kernels)
+    timeout 330 "$PY" -m seer_attn.eval.bench_kernels --lengths 8192 32768 131072 --bwd-lengths 32768 \
+      --out "$OUT/kernels" > "$OUT/kernels.log" 2>&1
+    echo "bench_kernels: exit $?"; tail -n 12 "$OUT/kernels.log"
+    timeout 200 "$PY" -m seer_attn.eval.bench_ttft --lengths 131072 --out "$OUT/ttft" > "$OUT/ttft.log" 2>&1
+    echo "bench_ttft: exit $?"; tail -n 8 "$OUT/ttft.log" ;;
+  tests-export)
+    timeout 110 "$PY" -m pytest -q -p no:cacheprovider -rfE tests/hub_cards/test_export.py -k gpu > "$OUT/export.log" 2>&1
+    echo "export: exit $?, $(tail -n 1 "$OUT/export.log")" ;;
   tests-models) PY=$PY bash docs/experiments/gpu_tests.sh models "$OUT" ;;
-  timing-demo)
-    timeout 200 "$PY" -m seer_attn.eval.finetune_run --model "$GGUF" "${DATA[@]}" --work /tmp/seer/ft \
-      --out "$OUT/finetune_timing" --phases timing --timing-variants dense dense-sdpa --no-progress \
-      > "$OUT/timing.log" 2>&1
-    echo "timing: exit $?"; grep -A6 "^| variant" "$OUT/timing.log"
-    timeout 300 "$PY" -m seer_attn.hub_cards.cli demo --output "$OUT/demo" > "$OUT/demo.log" 2>&1
-    echo "demo: exit $?"; tail -n 25 "$OUT/demo.log" ;;
-  quality)
-    timeout 560 "$PY" -m seer_attn.eval.quality_run "${DATA[@]}" --no-progress --keep-sink --keep-local 1 \
-      --steps 400 --thresholds 1e-2 2e-2 4e-2 --nz-ratios 0.1 0.2 --phases distill ppl --out "$OUT/q1" \
-      > "$OUT/quality.log" 2>&1
-    echo "quality: exit $?"; tail -n 25 "$OUT/quality.log" ;;
   decode-quality) PARTS=decode_quality DQ_LIMIT=560 PY=$PY bash docs/experiments/decode_gpu_session.sh "$OUT" ;;
   gate-passkey)
     timeout 560 "$PY" docs/experiments/gate_quality.py --model "$GGUF" "${DATA[@]}" --variants plain retrieval \

@@ -14,20 +14,15 @@ import warnings
 
 import pytest
 import torch
+from transformers import TrainerCallback
+
 from seer_attn.hub_cards.push import run_without_package
 from seer_attn.modeling_seer.conversion import load_seer_model
 from seer_attn.modeling_seer.modeling_seer_llama import GATES_FILE
 from seer_attn.training.distill import SUMMARY_FILE, DistillConfig, add_distill_args, run_distill
 from seer_attn.training.run_config import config_from_args
-from seer_attn.training.trainer import (
-    CHECKPOINTING_ARG,
-    GateDistillationTrainer,
-    SeerTrainingArguments,
-    check_only_gates_trainable,
-    freeze_non_gate_parameters,
-    is_gate_parameter,
-)
-from transformers import TrainerCallback
+from seer_attn.training.trainer import (CHECKPOINTING_ARG, GateDistillationTrainer, SeerTrainingArguments,
+                                        check_only_gates_trainable, freeze_non_gate_parameters, is_gate_parameter)
 
 
 def _args(out, **kw):
@@ -268,6 +263,36 @@ def test_logged_density_equals_the_sparse_prefill(tmp_path, make_tiny_model, eva
     with torch.no_grad():
         model.set_seer_mode("sparse")
         model(input_ids=eval_batch, use_cache=False)
+    expected = model.seer_density().mean().item()
+    assert 0.2 < expected < 0.99
+    assert logged == pytest.approx(expected, abs=1e-6)
+
+
+def _windowed_one_layer(**seer):
+    """A one-layer SeerMistral whose 200-token sliding window is shorter than the 500-token batch."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    from seer_attn.modeling_seer.conversion import from_stock
+    torch.manual_seed(0)
+    stock = MistralForCausalLM(MistralConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                             num_attention_heads=4, num_key_value_heads=2, sliding_window=200,
+                                             max_position_embeddings=4096))
+    return from_stock(stock, seer_gate_hidden_size=32, **seer)
+
+
+def test_logged_density_counts_the_blocks_the_window_reaches(tmp_path, eval_batch):
+    # The log reads the gate's scores with the layer's window, as a sparse prefill selects and
+    # counts: blocks the window never reaches are neither ranked nor in the denominator.
+    model = _windowed_one_layer(seer_threshold=0.2, seer_dense_last_rows=0)
+    trainer = GateDistillationTrainer(model=model, args=_args(tmp_path))
+    model.train()
+    batch = eval_batch[:, :500]
+    trainer.compute_loss(model, {"input_ids": batch})
+    trainer.log({"loss": 0.0})
+    logged = trainer.state.log_history[-1]["block_density"]
+    with torch.no_grad():
+        model.set_seer_mode("sparse")
+        model(input_ids=batch, use_cache=False)
     expected = model.seer_density().mean().item()
     assert 0.2 < expected < 0.99
     assert logged == pytest.approx(expected, abs=1e-6)
