@@ -122,6 +122,27 @@ def test_padded_batch(T, causal, dtype, pool_op, gen, device, error_budget):
     assert torch.equal(pooled2, pooled), "padded values leaked into the pooled map"
 
 
+@pytest.mark.parametrize("pool_op", ["max", "sum"])
+def test_scratch_in_head_chunks_gives_the_same_result(pool_op, gen, device, monkeypatch):
+    """Above POOL_SCRATCH_BYTES the (batch, head) pairs launch a few at a time (here one per
+    launch, seven launches, padded rows and a window in play): bit-identical output and map."""
+    import importlib
+    attn_mod = importlib.import_module("seer_attn.kernels.block_sparse_attn")
+    B, HQ, H, T, D = 1, 6, 2, 200, 64
+    q, k, v = _qkv(gen, B, HQ, H, T, D, torch.float32, device)
+    bounds = torch.tensor([[7, T]], device=device)
+    whole = attn_with_pooling(q, k, v, seq_bounds=bounds, window=90, backend="triton", pool_op=pool_op)
+    q2 = torch.cat([q, q[:, :1]], 1)  # seven query heads over one KV head
+    k2, v2 = k[:, :1], v[:, :1]
+    whole7 = attn_with_pooling(q2, k2, v2, seq_bounds=bounds, window=90, backend="triton", pool_op=pool_op)
+    monkeypatch.setattr(attn_mod, "POOL_SCRATCH_BYTES", 1)
+    for (o, p), args in ((whole, (q, k, v)), (whole7, (q2, k2, v2))):
+        o1, p1 = attn_with_pooling(*args, seq_bounds=bounds, window=90, backend="triton", pool_op=pool_op)
+        assert torch.equal(o1, o) and torch.equal(p1, p)
+    _, ref = attn_with_pooling_ref(q2, k2, v2, seq_bounds=bounds, window=90, pool_op=pool_op)
+    torch.testing.assert_close(whole7[1], ref, atol=POOL_ATOL, rtol=POOL_RTOL)
+
+
 @pytest.mark.parametrize("sm_scale", [0.05, 0.5], ids=lambda s: f"scale{s}")
 def test_custom_sm_scale(sm_scale, gen, device, error_budget):
     B, HQ, H, T, D = 1, 3, 1, 130, 64
