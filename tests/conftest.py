@@ -7,7 +7,8 @@
   (``kernel_utils.POISON_OUTPUTS``), so an element a kernel forgets to write is NaN.
 - Fixtures: ``device`` ("cuda" when available, else "cpu"), ``gen`` (a torch.Generator
   seeded from the test's id: fresh and reproducible per test), ``error_budget`` (the
-  style guide's low-precision tolerance rule).
+  style guide's low-precision tolerance rule), ``windowed_mistral`` (a one-layer
+  sliding-window model).
 - Marker ``requires_cuda``: the test is skipped, with a reason, when no CUDA GPU is there
   (or when Triton is being interpreted).
 """
@@ -97,3 +98,20 @@ def check_error_budget(actual, ref32, ref_lowp, *, cap, slack, rel=False, what="
 def error_budget():
     """:func:`check_error_budget` as a fixture (conftest modules are not imported by tests)."""
     return check_error_budget
+
+
+@pytest.fixture(scope="session")
+def windowed_mistral():
+    """``build(window, **seer)``: a one-layer SeerMistral (vocabulary 512, 4 query / 2 KV
+    heads, sliding window ``window`` tokens) converted from a stock model seeded with 0; the
+    ``seer`` options go to the conversion."""
+    def build(window, **seer):
+        from transformers import MistralConfig, MistralForCausalLM
+
+        from seer_attn.modeling_seer.conversion import from_stock
+        torch.manual_seed(0)
+        stock = MistralForCausalLM(MistralConfig(vocab_size=512, hidden_size=64, intermediate_size=128,
+                                                 num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                                                 sliding_window=window, max_position_embeddings=4096))
+        return from_stock(stock, seer_gate_hidden_size=32, **seer)
+    return build

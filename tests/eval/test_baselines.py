@@ -205,17 +205,10 @@ def test_gate_thresholds_for_solves_density_from_one_pass(model, windows_1k, tar
         gate_thresholds_for(model, windows_1k, [1.5])
 
 
-def test_gate_thresholds_for_sees_the_sliding_window(windows_1k):
+def test_gate_thresholds_for_sees_the_sliding_window(windows_1k, windowed_mistral):
     # One windowed layer (window 100 tokens, windows of 1k): the threshold solved from the
     # distill pass gives the target density as a sparse prefill counts it (reached blocks only).
-    from transformers import MistralConfig, MistralForCausalLM
-
-    from seer_attn.modeling_seer.conversion import from_stock
-    torch.manual_seed(0)
-    stock = MistralForCausalLM(MistralConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
-                                             num_attention_heads=4, num_key_value_heads=2, sliding_window=100,
-                                             max_position_embeddings=4096))
-    model = from_stock(stock, seer_gate_hidden_size=32, seer_dense_last_rows=0, seer_mode="sparse").eval()
+    model = windowed_mistral(100, seer_dense_last_rows=0, seer_mode="sparse").eval()
     (t,) = gate_thresholds_for(model, windows_1k[:2], [0.6])
     apply_setting(model, Setting("gate", "threshold", param=t))
     assert abs(measure_density(model, windows_1k[:2]) - 0.6) <= 0.02

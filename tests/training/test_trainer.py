@@ -251,43 +251,20 @@ def test_bf16(tmp_path, make_tiny_model, packed_train_512):
 
 # ----------------------------------------------------------------------------- density log
 
-def test_logged_density_equals_the_sparse_prefill(tmp_path, make_tiny_model, eval_batch):
+@pytest.mark.parametrize("windowed", [False, True], ids=["full", "window"])
+def test_logged_density_equals_the_sparse_prefill(tmp_path, make_tiny_model, eval_batch, windowed_mistral, windowed):
     # One layer, so the gate sees the same input in the distill forward and in a sparse
-    # prefill; threshold 0.05 without dense last rows keeps the density away from 1.
-    model = make_tiny_model(layers=1, seer_threshold=0.05, seer_dense_last_rows=0)
+    # prefill; the thresholds without dense last rows keep the density away from 1. With a
+    # sliding window the log reads the gate's scores with the layer's window, as a sparse
+    # prefill selects and counts: blocks the window never reaches are neither ranked nor in
+    # the denominator.
+    if windowed:
+        model, batch = windowed_mistral(200, seer_threshold=0.2, seer_dense_last_rows=0), eval_batch[:, :500]
+    else:
+        model, batch = make_tiny_model(layers=1, seer_threshold=0.05, seer_dense_last_rows=0), eval_batch
     trainer = GateDistillationTrainer(model=model, args=_args(tmp_path))
     model.train()
-    trainer.compute_loss(model, {"input_ids": eval_batch, "labels": eval_batch})  # labels are ignored
-    trainer.log({"loss": 0.0})
-    logged = trainer.state.log_history[-1]["block_density"]
-    with torch.no_grad():
-        model.set_seer_mode("sparse")
-        model(input_ids=eval_batch, use_cache=False)
-    expected = model.seer_density().mean().item()
-    assert 0.2 < expected < 0.99
-    assert logged == pytest.approx(expected, abs=1e-6)
-
-
-def _windowed_one_layer(**seer):
-    """A one-layer SeerMistral whose 200-token sliding window is shorter than the 500-token batch."""
-    from transformers import MistralConfig, MistralForCausalLM
-
-    from seer_attn.modeling_seer.conversion import from_stock
-    torch.manual_seed(0)
-    stock = MistralForCausalLM(MistralConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
-                                             num_attention_heads=4, num_key_value_heads=2, sliding_window=200,
-                                             max_position_embeddings=4096))
-    return from_stock(stock, seer_gate_hidden_size=32, **seer)
-
-
-def test_logged_density_counts_the_blocks_the_window_reaches(tmp_path, eval_batch):
-    # The log reads the gate's scores with the layer's window, as a sparse prefill selects and
-    # counts: blocks the window never reaches are neither ranked nor in the denominator.
-    model = _windowed_one_layer(seer_threshold=0.2, seer_dense_last_rows=0)
-    trainer = GateDistillationTrainer(model=model, args=_args(tmp_path))
-    model.train()
-    batch = eval_batch[:, :500]
-    trainer.compute_loss(model, {"input_ids": batch})
+    trainer.compute_loss(model, {"input_ids": batch, "labels": batch})  # labels are ignored
     trainer.log({"loss": 0.0})
     logged = trainer.state.log_history[-1]["block_density"]
     with torch.no_grad():
