@@ -23,6 +23,9 @@ class SeerMistralAttention(SeerAttentionMixin, MistralAttention):
 
     def __init__(self, config: SeerMistralConfig, layer_idx: int):
         super().__init__(config, layer_idx)
+        # every layer slides when the config has a window (as Qwen's sliding layers name theirs,
+        # so the layer tier decodes it densely: its cache holds only the window)
+        self.sliding_window = getattr(config, "sliding_window", None)
         self.init_seer_gate(config)
 
     def forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None,
@@ -37,7 +40,7 @@ class SeerMistralAttention(SeerAttentionMixin, MistralAttention):
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)
         out, weights = self.seer_attention(q, k, v, q_pre, k_pre, attention_mask, seer_ctx, eager_attention_forward,
-                                           sliding_window=getattr(self.config, "sliding_window", None), **kwargs)
+                                           sliding_window=self.sliding_window, **kwargs)
         return self.o_proj(out.reshape(*input_shape, -1).contiguous()), weights
 
 

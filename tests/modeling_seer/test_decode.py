@@ -261,16 +261,18 @@ def test_static_cache_equals_dynamic_cache(tiny):
         assert torch.equal(_greedy(m, ids, 30, attention_mask=mask, cache_implementation="static"), dyn)
 
 
-@pytest.mark.parametrize("sliding", [False, True], ids=["full-attention", "sliding-window-layer"])
+@pytest.mark.parametrize("family, sliding", [("qwen2", False), ("qwen2", True), ("mistral", True)],
+                         ids=["qwen2", "qwen2-sliding-window-layer", "mistral-sliding-window"])
 @torch.no_grad()
-def test_qwen2_family_decodes_sparsely(sliding):
+def test_other_families_decode_sparsely(family, sliding):
     """The layer tier serves every family: a Qwen2 with decode gates gives dense decode's tokens
-    with every block selected, and drops blocks at a small budget; its sliding-window layers
-    decode densely (their window is not a block selection)."""
+    with every block selected, and drops blocks at a small budget; sliding-window layers (Qwen2's
+    layer 1; every Mistral layer) decode densely (their window is not a block selection)."""
     from seer_attn.modeling_seer.conversion import from_stock
     from seer_attn.modeling_seer.families import FAMILIES
-    fam = FAMILIES["qwen2"]
-    kw = dict(use_sliding_window=True, sliding_window=128, max_window_layers=1) if sliding else {}
+    fam = FAMILIES[family]
+    kw = {"qwen2": dict(use_sliding_window=True, sliding_window=128, max_window_layers=1),
+          "mistral": dict(sliding_window=128)}[family] if sliding else {}
     torch.manual_seed(0)
     stock = fam.stock_model_class(fam.stock_config_class(
         vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -286,8 +288,10 @@ def test_qwen2_family_decodes_sparsely(sliding):
         attn = layer.self_attn
         attn._seer_decode = lambda *a, _f=attn._seer_decode, _i=i: (calls.__setitem__(_i, calls[_i] + 1), _f(*a))[1]
     _greedy(m, x, 12)
-    assert calls == ([11, 0] if sliding else [11, 11])  # 11 decode steps after the prefill; layer 1 slides
-    assert torch.allclose(m.seer_decode_density(), torch.tensor([2 / 5]))  # over the sparse layers
+    # 11 decode steps after the prefill; the sliding-window layers never reach the sparse step
+    assert calls == {False: [11, 11], True: [11, 0] if family == "qwen2" else [0, 0]}[sliding]
+    if any(calls):
+        assert torch.allclose(m.seer_decode_density(), torch.tensor([2 / 5]))  # over the sparse layers
 
 
 # ----------------------------------------------------------------------------- torch.compile
