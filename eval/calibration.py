@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from seer_attn.modeling_seer.seer_layer import SeerForwardContext
+from seer_attn.modeling_seer.seer_layer import SeerAttentionMixin, SeerForwardContext
 from seer_attn.modeling_seer.selection import SELECTORS, ScoreInputs, causal_density, select_blocks_for
 
 from .perplexity import model_device
@@ -35,7 +35,7 @@ def measure_density(model, windows, batch_size=1) -> float:
     if not windows:
         raise ValueError("measure_density needs at least one window")
     if SELECTORS[model.config.seer_selector].content_free:
-        return _content_free_density(model.config, windows)
+        return _content_free_density(model, windows)
     dev = model_device(model)
     vals = []
     for i in range(0, len(windows), batch_size):
@@ -54,15 +54,24 @@ def measure_density(model, windows, batch_size=1) -> float:
     return sum(vals) / len(vals)
 
 
-def _content_free_density(cfg, windows):
-    """A content-free selection (e.g. streaming) reads only the block count: its density
-    follows from the window lengths, so no forward pass is needed (same selection code as
-    the model's, on placeholder tensors of the window's length)."""
+def _content_free_density(model, windows):
+    """A content-free selection (e.g. streaming) reads only the block count (and each layer's
+    sliding window): its density follows from the window lengths, so no forward pass is
+    needed (same selection code as the model's, on placeholder tensors of the window's length;
+    mean over layers and heads, as a forward reports it)."""
+    cfg = model.config
+    layers = sorted((m for m in model.modules() if isinstance(m, SeerAttentionMixin)), key=lambda m: m.layer_idx)
+    slides = [getattr(m, "sliding_window", None) for m in layers] or [None]
     vals = []
     for w in windows:
         x = torch.zeros(1, 1, w.input_ids.numel(), 1)
-        scores = SELECTORS[cfg.seer_selector].scores(ScoreInputs(x, x, x, x, x, cfg.seer_block_size, 1.0))
-        vals.append(causal_density(select_blocks_for(scores, cfg)).mean().item())
+        per_window = {}  # sliding window -> density
+        for win in set(slides):
+            scores = SELECTORS[cfg.seer_selector].scores(ScoreInputs(x, x, x, x, x, cfg.seer_block_size, 1.0,
+                                                                     window=win))
+            mask = select_blocks_for(scores, cfg, win)
+            per_window[win] = causal_density(mask, win, cfg.seer_block_size).mean().item()
+        vals.append(sum(per_window[win] for win in slides) / len(slides))
     return sum(vals) / len(vals)
 
 

@@ -214,6 +214,17 @@ def test_gate_thresholds_for_sees_the_sliding_window(windows_1k, windowed_mistra
     assert abs(measure_density(model, windows_1k[:2]) - 0.6) <= 0.02
 
 
+@pytest.mark.parametrize("window", [None, 100], ids=["full", "window"])
+def test_content_free_density_equals_a_forward(windows_1k, windowed_mistral, window):
+    # streaming's density needs no forward pass; the shortcut must count what a sparse prefill
+    # keeps of the blocks each layer's window reaches
+    model = windowed_mistral(window, seer_mode="sparse", seer_selector="streaming", seer_sparsity_method="nz_ratio",
+                             seer_nz_ratio=0.5).eval()
+    with torch.no_grad():
+        model(input_ids=windows_1k[0].input_ids[None], use_cache=False, logits_to_keep=1)
+    assert measure_density(model, windows_1k[:1]) == pytest.approx(model.seer_density().mean().item(), abs=1e-6)
+
+
 def test_gate_thresholds_for_clips_to_the_floor(model, windows_1k):
     # below the keep rules' floor (diagonal + 2 dense last rows) the highest threshold comes back
     (t,) = gate_thresholds_for(model, windows_1k, [0.01])
