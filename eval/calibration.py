@@ -12,7 +12,7 @@ import torch
 from tqdm.auto import tqdm
 
 from seer_attn.modeling_seer.seer_layer import SeerAttentionMixin, SeerForwardContext
-from seer_attn.modeling_seer.selection import SELECTORS, ScoreInputs, causal_density, select_blocks_for
+from seer_attn.modeling_seer.selection import SELECTORS, ScoreInputs, selection_density
 
 from .perplexity import model_device
 from .settings import Setting, apply_setting, preserved_seer_mode
@@ -60,18 +60,17 @@ def _content_free_density(model, windows):
     needed (same selection code as the model's, on placeholder tensors of the window's length;
     mean over layers and heads, as a forward reports it)."""
     cfg = model.config
-    layers = sorted((m for m in model.modules() if isinstance(m, SeerAttentionMixin)), key=lambda m: m.layer_idx)
-    slides = [getattr(m, "sliding_window", None) for m in layers] or [None]
+    slides = [getattr(m, "sliding_window", None) for m in model.modules() if isinstance(m, SeerAttentionMixin)]
+    slides = slides or [None]
     vals = []
     for w in windows:
         x = torch.zeros(1, 1, w.input_ids.numel(), 1)
-        per_window = {}  # sliding window -> density
+        by_slide = {}  # sliding window -> density (layers sharing a window share it)
         for win in set(slides):
             scores = SELECTORS[cfg.seer_selector].scores(ScoreInputs(x, x, x, x, x, cfg.seer_block_size, 1.0,
                                                                      window=win))
-            mask = select_blocks_for(scores, cfg, win)
-            per_window[win] = causal_density(mask, win, cfg.seer_block_size).mean().item()
-        vals.append(sum(per_window[win] for win in slides) / len(slides))
+            by_slide[win] = selection_density(scores, cfg, win).mean().item()
+        vals.append(sum(by_slide[win] for win in slides) / len(slides))
     return sum(vals) / len(vals)
 
 
@@ -214,7 +213,6 @@ def gate_thresholds_for(model, windows, densities, *, iters=48) -> list:
     if not any(name.endswith("attn_gate") for name, _ in model.named_modules()):
         raise ValueError(f"{type(model).__name__} has no attn_gate modules")
     dev = model_device(model)
-    bs = model.config.seer_block_size
     with preserved_seer_mode(model):
         model.set_seer_mode("distill")
         for w in windows:  # every layer's (scores, sliding window) of this window
@@ -225,8 +223,8 @@ def gate_thresholds_for(model, windows, densities, *, iters=48) -> list:
 
         def density(t):  # mean over windows of the mean over layers and heads, as measure_density
             model.set_seer_mode("sparse", seer_selector="gate", seer_sparsity_method="threshold", seer_threshold=t)
-            return sum(torch.stack([causal_density(select_blocks_for(s, model.config, win), win, bs).mean()
-                                    for s, win in layers]).mean() for layers in per_window).item() / len(per_window)
+            return sum(torch.stack([selection_density(s, model.config, win).mean() for s, win in layers]).mean()
+                       for layers in per_window).item() / len(per_window)
 
         lo, hi = math.log(1e-7), math.log(0.99)
         out = []

@@ -224,6 +224,13 @@ def causal_density(mask, window=None, block_size=64):
     return causal_block_density(mask, per_head=True, window=window, block_size=block_size)
 
 
+def selection_density(scores, cfg, window=None):
+    """Kept share of causal blocks per (batch, head), float ``[B, HQ]``, of the selection
+    :func:`select_blocks_for` makes from ``scores`` under ``cfg`` for a layer with sliding
+    ``window`` (tokens, or None): what a sparse prefill of that layer reports."""
+    return causal_density(select_blocks_for(scores, cfg, window), window, cfg.seer_block_size)
+
+
 def causal_fill(scores):
     """``scores`` ``[..., NB, NB]`` with the entries above the diagonal set to :data:`MASKED_LOGIT`."""
     NB = scores.shape[-1]

@@ -49,7 +49,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import (ADAPTER_SAFE_WEIGHTS_NAME, ADAPTER_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME,
                                 SAFE_WEIGHTS_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME)
 
-from seer_attn.modeling_seer import SeerForwardContext, causal_density, select_blocks_for
+from seer_attn.modeling_seer import SeerForwardContext, selection_density
 from seer_attn.modeling_seer.configuration_seer import SEER_MODES
 from seer_attn.modeling_seer.seer_layer import GATES_FILE
 
@@ -437,10 +437,10 @@ class GateDistillationTrainer(SeerTrainer):
     every non-gate parameter is frozen and the result is checked (ValueError otherwise;
     checked again when the optimizer is built). The loss is ``outputs.gate_loss``, with
     last-token logits only and no KV cache. ``block_density`` is logged
-    next to the loss: forward hooks on the ``attn_gate`` modules receive the gate logits
-    ``[B, HQ, NB, NB]`` of the distillation forward itself (no extra forward), and
-    :func:`select_blocks_for` with the model's sparsity settings turns them into the block
-    mask a sparse prefill would use; the logged value is the kept share of causal blocks,
+    next to the loss: each layer hands the forward context's ``on_gate_scores`` its gate
+    logits ``[B, HQ, NB, NB]`` of the distillation forward itself (no extra forward) and its
+    sliding window, and :func:`~seer_attn.modeling_seer.selection_density` with the model's
+    sparsity settings measures the block mask a sparse prefill would use; the logged value is the kept share of causal blocks,
     averaged over layers, heads, batch rows and the steps since the last log. It is
     measured on the dense forward: from the second layer on, the gates of a real sparse
     prefill see inputs computed with sparse attention, which can shift it slightly.
@@ -495,9 +495,7 @@ class GateDistillationTrainer(SeerTrainer):
     def _log_gate_density(self, layer_idx, scores, window):
         """The kept share of causal blocks (of the blocks the window reaches) of the selection
         the gate's scores make under the model's config: what a sparse prefill would keep."""
-        cfg = self._seer.config
-        mask = select_blocks_for(scores, cfg, window)
-        self._log_value("block_density", causal_density(mask, window, cfg.seer_block_size).mean())
+        self._log_value("block_density", selection_density(scores, self._seer.config, window).mean())
 
     def create_optimizer(self, model=None):
         check_only_gates_trainable(self._seer)
