@@ -27,6 +27,14 @@ row's block max (or mass) of the softmax probabilities, and the program reduces 
 cost ~1.6x the attention); the scratch is 4 bytes per row and key block, launched a few heads
 at a time above ``POOL_SCRATCH_BYTES``.
 
+Long key-block lists (sparse dK/dV). A dK/dV program owns one key block and walks the query
+blocks of every query head of its KV head that keep it. A block that nearly every query block
+keeps (the sink a trained gate always selects) would be one program walking ``GROUP * NB``
+blocks while the average walks a few dozen; the whole launch then waits for it. Such lists
+are cut into pieces of ``DKDV_SPLIT_BLOCKS`` or more entries, one program each; the pieces of
+a block add their partial sums in a fixed order through a float32 scratch (so the result is
+the same every run), the last one stores.
+
 Sliding window (``window``, the ``HAS_WINDOW`` flag). Index lists ascend, so a program's
 key blocks come in three runs: wholly outside the window (skipped: a scalar load each), cut
 by it (at most ``BLOCK_M // 64 + 1`` blocks, masked one at a time), then inside it (the
@@ -424,22 +432,48 @@ def _bwd_dkdv_step(dk, dv, k, v, q_base, do_base, lse_base, delta_base, s_qt, s_
 
 @triton.jit
 def _attn_bwd_dkdv_kernel(
-    Q, K, V, DO, DK, DV, LSE, DELTA, IDXT, CNTT, BOUNDS, qk_scale, sm_scale,
+    Q, K, V, DO, DK, DV, LSE, DELTA, IDXT, CNTT, BOUNDS, SYNC, SDK, SDV, qk_scale, sm_scale,
     s_qb, s_qh, s_qt, s_kb, s_kh, s_kt, s_vb, s_vh, s_vt, s_db, s_dh, s_dt,
     s_kgb, s_kgh, s_kgt, s_vgb, s_vgh, s_vgt,
-    HQ, H, T, NB, WIN,
+    HQ, H, T, NB, WIN, NSPLIT, CHUNK,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BS: tl.constexpr, SPARSE: tl.constexpr, CAUSAL: tl.constexpr, HAS_BOUNDS: tl.constexpr,
     EVEN_T: tl.constexpr, HAS_WINDOW: tl.constexpr, PREC: tl.constexpr,
 ):
-    # one program: BLOCK_N keys of one KV head; loops over the GROUP query heads that share it
-    pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
+    # one program: BLOCK_N keys of one KV head; loops over the GROUP query heads that share it.
+    # Sparse: one key block, whose transposed lists (over the GROUP heads: W entries) may be
+    # far longer than the average one (a sink block is kept by every query block). Entries
+    # [s * CHUNK, (s + 1) * CHUNK) go to split s of the column; the splits of a column add
+    # their partial dK/dV in order s = 0, 1, ... through a float32 scratch (the same sum
+    # every run), the last one stores. Programs take their work in the order they start
+    # (a ticket from SYNC[0]), so a split only ever waits for splits that already run.
     RK: tl.constexpr = BLOCK_N // BS  # key blocks per program
     MSUB: tl.constexpr = BLOCK_M // BS  # query blocks per full tile
     ROW_MASK: tl.constexpr = not EVEN_T
+    if SPARSE:
+        v_id = tl.atomic_add(SYNC, 1, sem="relaxed")
+        pid_bh = v_id // (NB * NSPLIT)
+        pid_n = (v_id // NSPLIT) % NB
+        split = v_id % NSPLIT
+        b = pid_bh // H
+        h = pid_bh % H
+        work = 0
+        for g in range(0, GROUP):
+            work += tl.load(CNTT + (b * HQ + h * GROUP + g) * NB + pid_n)
+        n_split = tl.maximum(tl.cdiv(work, CHUNK), 1)
+        if split >= n_split:
+            return
+        lo = split * CHUNK
+        hi = lo + CHUNK
+    else:
+        pid_n = tl.program_id(0)
+        pid_bh = tl.program_id(1)
+        b = pid_bh // H
+        h = pid_bh % H
+        split = 0
+        n_split = 1
+        lo = 0
+        hi = NB
     kb0 = pid_n * RK
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -460,6 +494,7 @@ def _attn_bwd_dkdv_kernel(
     q_cut = (kb0 * BS + WIN) // BS
     q_end = (kb0 * BS + BLOCK_N - 1 + WIN + BS - 1) // BS
 
+    seen = 0  # list entries of the previous heads (the split's range counts across heads)
     for g in range(0, GROUP):
         hq = h * GROUP + g
         bhq = b * HQ + hq
@@ -479,15 +514,21 @@ def _attn_bwd_dkdv_kernel(
                 has_diag = (cnt > 0) & (first == kb0)
                 p0 = has_diag.to(tl.int32)
             p1 = cnt
+            # this split's share of the head's list: positions [a, z)
+            a = tl.minimum(tl.maximum(lo - seen, 0), cnt)
+            z = tl.minimum(tl.maximum(hi - seen, 0), cnt)
+            seen += cnt
         else:
             if CAUSAL:
                 p0 = tl.minimum(kb0 + RK, NB)
             else:
                 p0 = 0
             p1 = NB
+            a = 0
+            z = NB
         if CAUSAL:
             if SPARSE:
-                if has_diag:
+                if has_diag & (a == 0) & (z > 0):
                     offs_m = kb0 * BS + tl.arange(0, BS)
                     dk, dv = _bwd_dkdv_step(dk, dv, k, v, q_base, do_base, lse_base, delta_base, s_qt, s_dt,
                                             offs_m, offs_n, offs_d, qk_scale, T, WIN, True, ROW_MASK, HAS_WINDOW, PREC)
@@ -508,30 +549,48 @@ def _attn_bwd_dkdv_kernel(
             else:
                 p1 = tl.maximum(tl.minimum(p1, q_end), p0)
                 p_end = tl.minimum(tl.maximum(q_cut, p0), p1)
-        n_full = (p_end - p0) // MSUB
+        w0 = tl.maximum(p0, a)  # the unmasked walk within this split's share
+        w1 = tl.maximum(tl.minimum(p_end, z), w0)
+        n_full = (w1 - w0) // MSUB
         for t in range(0, n_full):
-            offs_m = _tile_offsets(idx_row, p0 + t * MSUB, BLOCK_M, BS, SPARSE)
+            offs_m = _tile_offsets(idx_row, w0 + t * MSUB, BLOCK_M, BS, SPARSE)
             dk, dv = _bwd_dkdv_step(dk, dv, k, v, q_base, do_base, lse_base, delta_base, s_qt, s_dt,
                                     offs_m, offs_n, offs_d, qk_scale, T, WIN, False, ROW_MASK, False, PREC)
-        for p in range(p0 + n_full * MSUB, p_end):
+        for p in range(w0 + n_full * MSUB, w1):
             offs_m = _tile_offsets(idx_row, p, BS, BS, SPARSE)
             dk, dv = _bwd_dkdv_step(dk, dv, k, v, q_base, do_base, lse_base, delta_base, s_qt, s_dt,
                                     offs_m, offs_n, offs_d, qk_scale, T, WIN, False, ROW_MASK, False, PREC)
         if HAS_WINDOW:
-            for p in range(p_end, p1):
+            for p in range(tl.maximum(p_end, a), tl.minimum(p1, z)):
                 ib = _list_entry(idx_row, p, p1, q_end, SPARSE)
                 if ib < q_end:
                     offs_m = ib * BS + tl.arange(0, BS)
                     dk, dv = _bwd_dkdv_step(dk, dv, k, v, q_base, do_base, lse_base, delta_base, s_qt, s_dt,
                                             offs_m, offs_n, offs_d, qk_scale, T, WIN, False, ROW_MASK, True, PREC)
 
-    # padded keys receive no gradient (their probabilities were masked in the forward)
-    dk = tl.where(kv_ok[:, None], dk * sm_scale, 0.0)
-    dv = tl.where(kv_ok[:, None], dv, 0.0)
-    tl.store(DK + b.to(tl.int64) * s_kgb + h.to(tl.int64) * s_kgh + offs_n[:, None] * s_kgt + offs_d[None, :],
-             dk.to(DK.dtype.element_ty), mask=kin)
-    tl.store(DV + b.to(tl.int64) * s_vgb + h.to(tl.int64) * s_vgh + offs_n[:, None] * s_vgt + offs_d[None, :],
-             dv.to(DV.dtype.element_ty), mask=kin)
+    if SPARSE:
+        if n_split > 1:  # add the earlier splits' sum, in split order
+            col = pid_bh * NB + pid_n
+            scr = col.to(tl.int64) * BLOCK_N * HEAD_DIM + tl.arange(0, BLOCK_N)[:, None] * HEAD_DIM + offs_d[None, :]
+            if split > 0:
+                turn = tl.atomic_add(SYNC + 1 + col, 0, sem="acquire")
+                while turn < split:
+                    turn = tl.atomic_add(SYNC + 1 + col, 0, sem="acquire")
+                dk += tl.load(SDK + scr, cache_modifier=".cg")
+                dv += tl.load(SDV + scr, cache_modifier=".cg")
+            if split < n_split - 1:
+                tl.store(SDK + scr, dk, cache_modifier=".cg")
+                tl.store(SDV + scr, dv, cache_modifier=".cg")
+                tl.debug_barrier()  # every thread's partial is written before the next split's turn
+                tl.atomic_add(SYNC + 1 + col, 1, sem="release")
+    if split == n_split - 1:
+        # padded keys receive no gradient (their probabilities were masked in the forward)
+        dk = tl.where(kv_ok[:, None], dk * sm_scale, 0.0)
+        dv = tl.where(kv_ok[:, None], dv, 0.0)
+        tl.store(DK + b.to(tl.int64) * s_kgb + h.to(tl.int64) * s_kgh + offs_n[:, None] * s_kgt + offs_d[None, :],
+                 dk.to(DK.dtype.element_ty), mask=kin)
+        tl.store(DV + b.to(tl.int64) * s_vgb + h.to(tl.int64) * s_vgh + offs_n[:, None] * s_vgt + offs_d[None, :],
+                 dv.to(DV.dtype.element_ty), mask=kin)
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -539,6 +598,13 @@ def _attn_bwd_dkdv_kernel(
 #: Per-kernel launch configurations ``(BLOCK_M, BLOCK_N, num_warps, num_stages)`` keyed by
 #: ``(kernel, sparse, head_dim)``; benchmarks may override entries to tune.
 CONFIG_OVERRIDES: dict = {}
+
+#: Sparse dK/dV: a key block's transposed lists (all query heads of its KV head) are cut
+#: into pieces of at least this many entries, at most ``DKDV_MAX_SPLITS`` of them, each its
+#: own program. A block that every query block keeps (an attention sink) would otherwise be
+#: one program walking ``GROUP * NB`` query blocks while the average walks a few dozen.
+DKDV_SPLIT_BLOCKS = 64
+DKDV_MAX_SPLITS = 16
 
 #: Most bytes of the pooling pass's float32 scratch (``NB x T`` per head); above it the
 #: heads are launched a few at a time. At 128k tokens one head needs 1 GiB.
@@ -633,13 +699,27 @@ def _attn_bwd(do, q, k, v, o, lse, block_mask, bounds, causal, sm_scale, block_s
         del idx, cnt
         idx, cnt = block_mask_to_indices(block_mask, causal=causal, transpose=True)
     BM, BN, warps, stages = _config("dkdv", sparse, D, q.is_cuda, q.dtype)
-    _attn_bwd_dkdv_kernel[(triton.cdiv(T, BN), B * H)](
-        q, k, v, do, dk, dv, lse, delta, idx if sparse else dummy, cnt if sparse else dummy, b_arg,
+    sync = sdk = sdv = dummy
+    n_split, chunk = 1, NB
+    if sparse:  # a key block's lists hold up to GROUP * NB entries: split the long ones
+        assert BN == block_size, f"sparse dK/dV programs own one key block (BLOCK_N {BN})"
+        chunk = max(DKDV_SPLIT_BLOCKS, triton.cdiv((HQ // H) * NB, DKDV_MAX_SPLITS))
+        n_split = triton.cdiv((HQ // H) * NB, chunk)
+        sync = torch.zeros(1 + B * H * NB, dtype=torch.int32, device=q.device)
+        if n_split > 1:
+            sdk = torch.empty(B * H * NB * BN, D, dtype=torch.float32, device=q.device)
+            sdv = torch.empty_like(sdk)
+        grid = (B * H * NB * n_split,)
+    else:
+        grid = (triton.cdiv(T, BN), B * H)
+    _attn_bwd_dkdv_kernel[grid](
+        q, k, v, do, dk, dv, lse, delta, idx if sparse else dummy, cnt if sparse else dummy, b_arg, sync, sdk, sdv,
         sm_scale * _LOG2E, sm_scale,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1),
         v.stride(2), do.stride(0), do.stride(1), do.stride(2), dk.stride(0), dk.stride(1), dk.stride(2),
         dv.stride(0), dv.stride(1), dv.stride(2),
-        HQ, H, T, NB, window or 0, BLOCK_M=BM, BLOCK_N=BN, num_warps=warps, num_stages=stages, **common)
+        HQ, H, T, NB, window or 0, n_split, chunk, BLOCK_M=BM, BLOCK_N=BN, num_warps=warps, num_stages=stages,
+        **common)
     return dq, dk, dv
 
 
