@@ -621,12 +621,15 @@ def _config(kernel, sparse, head_dim, on_gpu, dtype=torch.bfloat16):
         return {"fwd": (64 if sparse else 128, 128, 4, 1), "dq": (64 if sparse else 128, 128, 4, 1),
                 "dkdv": (128, 64 if sparse else 128, 4, 1)}[kernel]
     # Measured on an H100 (eval/bench_kernels.py --tune, bf16, d=128): sparse rows run best
-    # one 64-key block per step; gathered 128-key tiles were 35% slower.
+    # one 64-key block per step; gathered 128-key tiles were 35% slower. At d <= 64 (H200,
+    # SmolLM2's 9 / 3 heads at 32k, fine-tuning masks: docs/experiments/d64_training_kernels.py)
+    # one-block query tiles and 4 warps halve the sparse dK/dV time, 3 stages help the forward.
+    small = head_dim <= 64
     if kernel == "fwd":
-        return (64, 64, 4, 4) if sparse else (128, 128, 8, 3)
+        return (64, 64, 4, 3 if small else 4) if sparse else (128, 128, 8, 3)
     if kernel == "dq":
         return (64, 64, 4, 3) if sparse else (128, 64, 8, 2)
-    return (128, 64, 8, 2) if sparse else (128, 128, 8, 2)
+    return ((64, 64, 4, 2) if small else (128, 64, 8, 2)) if sparse else (128, 128, 8, 2)
 
 
 def _prec(dtype):

@@ -117,7 +117,7 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
     write_envelope(os.path.join(args.out, "d64_kernels.json"), "kernel_variants_d64", rows,
                    config={**vars(args), "default_configs": {k: list(v) for k, v in default.items()}},
-                   device=torch.cuda.get_device_name(), checks=checks)
+                   device="cuda", checks=checks)
     print(f"\n| density | kernel | config (BM, BN, warps, stages) | dK/dV lists | ms (fwd; else whole backward) |")
     print("|---|---|---|---|---|")
     for r in rows:
