@@ -100,6 +100,14 @@ TIMING_VARIANTS = {
                        dict(gradient_checkpointing=False), False),
     "frozen-no-ckpt": ("density {lo}, gates frozen, no checkpointing",
                        dict(freeze_gates=True, gradient_checkpointing=False), False),
+    "dense-sdpa-compile": ("density 1, SDPA, MLP / norms / RoPE / loss compiled",
+                           dict(density=1.0, freeze_gates=True, compile_pointwise=True), True),
+    "frozen-compile": ("density {lo}, gates frozen, MLP / norms / RoPE / loss compiled",
+                       dict(freeze_gates=True, compile_pointwise=True), False),
+    "stride-compile": ("density {lo}, gate loss 1 layer in {S}, MLP / norms / RoPE / loss compiled (row c)",
+                       dict(compile_pointwise=True), False),
+    "stride-no-ckpt-compile": ("density {lo}, gate loss 1 layer in {S}, no checkpointing, compiled",
+                               dict(gradient_checkpointing=False, compile_pointwise=True), False),
 }
 DEFAULT_OUT = "seer_outputs/finetune_run"
 #: the selection settings a sparse passkey run records (``keep_rules`` of the passkey result)

@@ -31,7 +31,7 @@ class SeerLlamaAttention(SeerAttentionMixin, LlamaAttention):
         q_pre = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)
         k_pre = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)
         v = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
-        q, k = apply_rotary_pos_emb(q_pre, k_pre, *position_embeddings)
+        q, k = self.seer_rotary(apply_rotary_pos_emb, q_pre, k_pre, position_embeddings)
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)
         out, weights = self.seer_attention(q, k, v, q_pre, k_pre, attention_mask, seer_ctx, eager_attention_forward,

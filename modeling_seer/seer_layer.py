@@ -135,6 +135,18 @@ def causal_sdpa(q, k, v, scaling):
                                                             enable_gqa=q.shape[1] != k.shape[1])
 
 
+#: torch.compile'd functions shared by every layer: ``(function, options) -> compiled``.
+_COMPILED = {}
+
+
+def compiled(fn, options):
+    """``fn`` through ``torch.compile(dynamic=False, **options)``, compiled once per function and options."""
+    key = (fn, tuple(sorted(options.items())))
+    if key not in _COMPILED:
+        _COMPILED[key] = torch.compile(fn, dynamic=False, **options)
+    return _COMPILED[key]
+
+
 class SeerAttentionMixin:
     """Mixed into a family's attention module (before the stock class), which provides
     ``config``, ``layer_idx``, ``scaling`` and ``attention_dropout``."""
@@ -155,6 +167,17 @@ class SeerAttentionMixin:
                 config.num_attention_heads, config.num_key_value_heads, self.head_dim,
                 hidden_size=config.seer_gate_hidden_size, k_pooling=config.seer_k_pooling,
                 use_rope=config.seer_gate_rope))
+
+    #: torch.compile options of the RoPE (set by :meth:`SeerCausalLMMixin.seer_compile_pointwise`)
+    _seer_compile = None
+
+    def seer_rotary(self, rope_fn, q, k, position_embeddings):
+        """The family's ``rope_fn(q, k, cos, sin)``, compiled after
+        :meth:`SeerCausalLMMixin.seer_compile_pointwise` (one fused kernel instead of a
+        chain of elementwise ones)."""
+        if self._seer_compile is not None:
+            rope_fn = compiled(rope_fn, self._seer_compile)
+        return rope_fn(q, k, *position_embeddings)
 
     def seer_attention(self, q, k, v, q_pre, k_pre, attention_mask, seer_ctx, eager_attention, **kwargs):
         """Attention in ``config.seer_mode``.
@@ -482,6 +505,50 @@ class SeerCausalLMMixin:
         return super().generate(*args, **kwargs)
 
     # -- modes and statistics ------------------------------------------------------------
+
+    def seer_compile_pointwise(self, enable: bool = True, **compile_options):
+        """``torch.compile`` the work around the attention core, in place: every decoder layer's
+        MLP and RMSNorms (with q/k norms where the family has them), its RoPE, the final norm
+        and the LM loss; the gate, the selection and the attention kernels stay eager. Each
+        compiled piece is one graph without breaks, so it composes with activation
+        checkpointing (a compiled function that breaks inside a checkpointed layer would run
+        eagerly) and with PEFT (compile after wrapping). The numerics change at rounding level
+        (fused kernels, e.g. the loss's float32 logits are never written out).
+
+        Args:
+            enable: False restores the eager functions.
+            compile_options: passed to ``torch.compile`` (``backend``, ``mode``; ``dynamic``
+                is False: training shapes are fixed).
+
+        Returns:
+            self.
+        """
+        pieces = [self.model.norm]
+        for layer in self.model.layers:
+            attn = layer.self_attn
+            pieces += [layer.mlp, layer.input_layernorm, layer.post_attention_layernorm]
+            pieces += [getattr(attn, name) for name in ("q_norm", "k_norm") if hasattr(attn, name)]
+            attn._seer_compile = dict(compile_options) if enable else None
+        for module in pieces:
+            module.__dict__.pop("forward", None)  # the class's forward again
+            if enable:
+                module.forward = torch.compile(module.forward, dynamic=False, **compile_options)
+        current = self.__dict__.get("_loss_function")
+        if hasattr(current, "seer_eager"):  # compiled here before: back to what was set then
+            self.__dict__.pop("_loss_function")
+            if current.seer_eager is not None:
+                self.loss_function = current.seer_eager
+        if enable:
+            eager = self.__dict__.get("_loss_function")  # None: the family's default loss
+            loss = compiled(self.loss_function, compile_options)
+
+            def lm_loss(logits, labels, vocab_size, num_items_in_batch=None, ignore_index=-100, shift_labels=None,
+                        **_):  # the forward's other keyword arguments (seer_ctx, ...) stay out of the graph
+                return loss(logits, labels, vocab_size, num_items_in_batch=num_items_in_batch,
+                            ignore_index=ignore_index, shift_labels=shift_labels)
+            lm_loss.seer_eager = eager
+            self.loss_function = lm_loss
+        return self
 
     def set_seer_mode(self, mode: str, **seer_overrides):
         """Switch the mode (and any runtime ``seer_*`` option, e.g. ``seer_threshold=1e-3``).

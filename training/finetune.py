@@ -88,6 +88,7 @@ class FineTuneConfig(RunConfig):
     max_grad_norm: float = option(1.0, ca.positive_float)
     bf16: bool = option(False, flag)
     gradient_checkpointing: bool = option(False, flag)
+    compile_pointwise: bool = option(False, flag)
     seed: int = option(42, ca.nonneg_int)
     output: str = option(DEFAULT_OUTPUT, text)
     resume: str | None = option(None, text)
@@ -166,6 +167,9 @@ def add_finetune_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast over float32 weights")
     parser.add_argument("--gradient-checkpointing", action="store_true",
                         help="non-reentrant activation checkpointing of the decoder layers")
+    parser.add_argument("--compile-pointwise", action="store_true",
+                        help="torch.compile the MLPs, norms, RoPE and the loss around the (eager) sparse attention: "
+                             "fused kernels, a faster step at 32k on a GPU")
     parser.add_argument("--seed", type=ca.nonneg_int, default=_default("seed"),
                         help="seed of new gates, the data order and training (default: %(default)s)")
     parser.add_argument("--output", default=_default("output"),
@@ -216,6 +220,7 @@ def training_arguments(cfg: FineTuneConfig, checkpoints_dir: str, model_dir: str
         yarn_factor=cfg.yarn_factor, yarn_original_max_position_embeddings=original if cfg.yarn_factor else None,
         density=cfg.density, threshold=cfg.threshold, train_gates=not cfg.freeze_gates,
         gate_loss_weight=cfg.gate_loss_weight, gate_loss_stride=cfg.gate_loss_stride, lora_r=cfg.lora_r,
+        compile_pointwise=cfg.compile_pointwise,
         lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, lora_target_modules=list(cfg.lora_targets),
         dataloader_num_workers=0, **{CHECKPOINTING_ARG: cfg.gradient_checkpointing, **overrides})
 

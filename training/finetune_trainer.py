@@ -77,6 +77,11 @@ class FineTuneArguments(SeerTrainingArguments):
             every linear map of attention and MLP).
         lora_base_dir: where the frozen base is written for the adapter to name (default:
             ``base`` beside ``final_model_dir``).
+        compile_pointwise: ``torch.compile`` the work around the attention (MLP, norms, RoPE,
+            LM loss; :meth:`~seer_attn.modeling_seer.seer_layer.SeerCausalLMMixin.seer_compile_pointwise`)
+            with ``compile_pointwise_backend``. transformers' own ``torch_compile`` (and its
+            backend / mode fields) compiles the whole model, which breaks at the sparse
+            attention inside each checkpointed layer: refused here.
     """
 
     learning_rate: float = field(default=5e-5, metadata={"help": "Peak learning rate of the model weights."})
@@ -99,6 +104,10 @@ class FineTuneArguments(SeerTrainingArguments):
     lora_target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_LORA_TARGETS),
                                            metadata={"help": "Modules with LoRA adapters."})
     lora_base_dir: str | None = field(default=None, metadata={"help": "Folder of the frozen base (LoRA)."})
+    compile_pointwise: bool = field(default=False, metadata={"help": "torch.compile MLP, norms, RoPE and the loss "
+                                                                     "around the (eager) sparse attention."})
+    compile_pointwise_backend: str = field(default="inductor", metadata={"help": "torch.compile backend of "
+                                                                                 "compile_pointwise."})
 
     def __post_init__(self):
         if self.yarn_factor is not None:
@@ -126,6 +135,11 @@ class FineTuneArguments(SeerTrainingArguments):
                              "float32 weights)")
         if self.save_gates_only:
             raise ValueError("save_gates_only=True would checkpoint the gates without the fine-tuned weights")
+        whole = {k: getattr(self, k) for k in ("torch_compile", "torch_compile_backend", "torch_compile_mode")}
+        if any(whole.values()):
+            given = ", ".join(f"{k}={v!r}" for k, v in whole.items() if v)
+            raise ValueError(f"{given}: transformers would compile the whole model, whose sparse attention breaks "
+                             "the graph inside every checkpointed layer; use compile_pointwise=True")
         if self.train_gates and self.gate_loss_stride > 1 and self.ddp_find_unused_parameters is None:
             # a layer's gate gets no gradient on the steps it computes no loss: DDP must not wait for it
             self.ddp_find_unused_parameters = True
@@ -197,6 +211,8 @@ class SeerFineTuneTrainer(SeerTrainer):
                 self._save_base(model, args, kwargs.get("processing_class"))
             model = get_peft_model(model, lora_config(args))
             model.peft_config["default"].base_model_name_or_path = os.path.abspath(args.lora_base_dir)
+        if args.compile_pointwise:  # after PEFT: the compiled MLPs trace the LoRA layers too
+            seer.seer_compile_pointwise(backend=args.compile_pointwise_backend)
         self.seer_model = seer
         super().__init__(model, args, seer_model=seer, **kwargs)
         self.num_layers = seer.config.num_hidden_layers
