@@ -51,6 +51,11 @@ def main(argv=None):
     ap.add_argument("--kv-heads", type=int, default=3)
     ap.add_argument("--head-dim", type=int, default=64)
     ap.add_argument("--densities", type=float, nargs="+", default=[0.1, 0.3])
+    ap.add_argument("--mask", choices=["training", "random"], default="training",
+                    help="training: top-k + sink + diagonal; random: bench_kernels' random masks")
+    ap.add_argument("--kernels", nargs="+", choices=["fwd", "dq", "dkdv"], default=["fwd", "dq", "dkdv"])
+    ap.add_argument("--max-splits", type=int, nargs="+", default=[16],
+                    help="DKDV_MAX_SPLITS values of the split dK/dV rows")
     ap.add_argument("--out", default="seer_outputs/d64_kernels")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -72,7 +77,11 @@ def main(argv=None):
         "dkdv": [(128, 64, 8, 2), (128, 64, 4, 2), (128, 64, 8, 3), (64, 64, 4, 3), (64, 64, 4, 2), (256, 64, 8, 2)],
     }
     for density in args.densities:
-        mask = training_mask(T, HQ, density, gen, dev)
+        if args.mask == "training":
+            mask = training_mask(T, HQ, density, gen, dev)
+        else:
+            from seer_attn.kernels import random_block_mask
+            mask = random_block_mask(1, HQ, (T + 63) // 64, density, generator=gen, device=dev)
         idx, cnt = bsa.block_mask_to_indices(mask)
         o, lse, _ = bsa._attn_fwd(q, k, v, idx, cnt, None, True, scale, 64, False)
         col = mask.tril().sum(-2).view(1, H, HQ // H, -1).sum(2)
@@ -94,12 +103,15 @@ def main(argv=None):
         checks.append({"density": density, "split_vs_whole_maxabs": diff, "split_repeatable": same})
         print("check", json.dumps(checks[-1]), flush=True)
 
-        for kern in ("fwd", "dq", "dkdv"):
+        max_splits0 = bsa.DKDV_MAX_SPLITS
+        for kern in args.kernels:
             for cfg in cands[kern]:
-                for split_lists in ((True, False) if kern == "dkdv" else (True,)):
+                variants = [(True, m) for m in args.max_splits] + [(False, 1)] if kern == "dkdv" else [(True, None)]
+                for split_lists, max_splits in variants:
                     bsa.CONFIG_OVERRIDES.clear()
                     bsa.CONFIG_OVERRIDES[(kern, True, D)] = cfg
                     bsa.DKDV_SPLIT_BLOCKS = old if split_lists else 1 << 30
+                    bsa.DKDV_MAX_SPLITS = max_splits or max_splits0
                     fn = (lambda: bsa._attn_fwd(q, k, v, idx, cnt, None, True, scale, 64, False)) \
                         if kern == "fwd" else bwd
                     try:
@@ -109,11 +121,12 @@ def main(argv=None):
                     else:
                         err = None
                     row = {"density": density, "kernel": kern, "config": list(cfg), "split": split_lists,
-                           "default": cfg == default[kern], "ms": ms, "error": err}
+                           "max_splits": max_splits, "default": cfg == default[kern], "ms": ms, "error": err}
                     rows.append(row)
                     print(json.dumps(row), flush=True)
         bsa.CONFIG_OVERRIDES.clear()
         bsa.DKDV_SPLIT_BLOCKS = old
+        bsa.DKDV_MAX_SPLITS = max_splits0
     os.makedirs(args.out, exist_ok=True)
     write_envelope(os.path.join(args.out, "d64_kernels.json"), "kernel_variants_d64", rows,
                    config={**vars(args), "default_configs": {k: list(v) for k, v in default.items()}},
@@ -124,7 +137,7 @@ def main(argv=None):
         ms = "failed" if r["ms"] is None else f"{r['ms']:.3f}"
         tag = " (default)" if r["default"] else ""
         print(f"| {r['density']} | {r['kernel']} | {tuple(r['config'])}{tag} | "
-              f"{'split' if r['split'] else 'whole'} | {ms} |")
+              f"{'split ' + str(r['max_splits']) if r['split'] and r['kernel'] == 'dkdv' else ('whole' if not r['split'] else '-')} | {ms} |")
 
 
 if __name__ == "__main__":
