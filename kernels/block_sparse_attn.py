@@ -443,18 +443,18 @@ def _attn_bwd_dkdv_kernel(
     # one program: BLOCK_N keys of one KV head; loops over the GROUP query heads that share it.
     # Sparse: one key block, whose transposed lists (over the GROUP heads: W entries) may be
     # far longer than the average one (a sink block is kept by every query block). Entries
-    # [s * CHUNK, (s + 1) * CHUNK) go to split s of the column; the splits of a column add
-    # their partial dK/dV in order s = 0, 1, ... through a float32 scratch (the same sum
-    # every run), the last one stores. Programs take their work in the order they start
-    # (a ticket from SYNC[0]), so a split only ever waits for splits that already run.
+    # [s * CHUNK, (s + 1) * CHUNK) go to split s of the column (programs past a column's
+    # last split exit at once); the splits add their partial dK/dV in order s = 0, 1, ...
+    # through a float32 scratch (the same sum every run), the last one stores. A split
+    # waits only for the split launched just before it (the program ids run split-fastest).
     RK: tl.constexpr = BLOCK_N // BS  # key blocks per program
     MSUB: tl.constexpr = BLOCK_M // BS  # query blocks per full tile
     ROW_MASK: tl.constexpr = not EVEN_T
     if SPARSE:
-        v_id = tl.atomic_add(SYNC, 1, sem="relaxed")
-        pid_bh = v_id // (NB * NSPLIT)
-        pid_n = (v_id // NSPLIT) % NB
-        split = v_id % NSPLIT
+        pid = tl.program_id(0)
+        pid_bh = pid // (NB * NSPLIT)
+        pid_n = (pid // NSPLIT) % NB
+        split = pid % NSPLIT
         b = pid_bh // H
         h = pid_bh % H
         work = 0
@@ -573,16 +573,16 @@ def _attn_bwd_dkdv_kernel(
             col = pid_bh * NB + pid_n
             scr = col.to(tl.int64) * BLOCK_N * HEAD_DIM + tl.arange(0, BLOCK_N)[:, None] * HEAD_DIM + offs_d[None, :]
             if split > 0:
-                turn = tl.atomic_add(SYNC + 1 + col, 0, sem="acquire")
+                turn = tl.atomic_add(SYNC + col, 0, sem="acquire")
                 while turn < split:
-                    turn = tl.atomic_add(SYNC + 1 + col, 0, sem="acquire")
+                    turn = tl.atomic_add(SYNC + col, 0, sem="acquire")
                 dk += tl.load(SDK + scr, cache_modifier=".cg")
                 dv += tl.load(SDV + scr, cache_modifier=".cg")
             if split < n_split - 1:
                 tl.store(SDK + scr, dk, cache_modifier=".cg")
                 tl.store(SDV + scr, dv, cache_modifier=".cg")
                 tl.debug_barrier()  # every thread's partial is written before the next split's turn
-                tl.atomic_add(SYNC + 1 + col, 1, sem="release")
+                tl.atomic_add(SYNC + col, 1, sem="release")
     if split == n_split - 1:
         # padded keys receive no gradient (their probabilities were masked in the forward)
         dk = tl.where(kv_ok[:, None], dk * sm_scale, 0.0)
@@ -604,7 +604,7 @@ CONFIG_OVERRIDES: dict = {}
 #: own program. A block that every query block keeps (an attention sink) would otherwise be
 #: one program walking ``GROUP * NB`` query blocks while the average walks a few dozen.
 DKDV_SPLIT_BLOCKS = 64
-DKDV_MAX_SPLITS = 16
+DKDV_MAX_SPLITS = 8
 
 #: Most bytes of the pooling pass's float32 scratch (``NB x T`` per head); above it the
 #: heads are launched a few at a time. At 128k tokens one head needs 1 GiB.
@@ -621,15 +621,16 @@ def _config(kernel, sparse, head_dim, on_gpu, dtype=torch.bfloat16):
         return {"fwd": (64 if sparse else 128, 128, 4, 1), "dq": (64 if sparse else 128, 128, 4, 1),
                 "dkdv": (128, 64 if sparse else 128, 4, 1)}[kernel]
     # Measured on an H100 (eval/bench_kernels.py --tune, bf16, d=128): sparse rows run best
-    # one 64-key block per step; gathered 128-key tiles were 35% slower. At d <= 64 (H200,
-    # SmolLM2's 9 / 3 heads at 32k, fine-tuning masks: docs/experiments/d64_training_kernels.py)
-    # one-block query tiles and 4 warps halve the sparse dK/dV time, 3 stages help the forward.
-    small = head_dim <= 64
+    # one 64-key block per step; gathered 128-key tiles were 35% slower. Sparse dK/dV
+    # (H200, docs/experiments/d64_training_kernels.py): one-block query tiles and 4 warps
+    # halve its time at d128 (32 / 8 heads, 32k, random masks: the backward at density 0.1
+    # 11.5 -> 5.9 ms) and at d64 (SmolLM2's fine-tuning masks); at d <= 64 3 stages help the
+    # forward (0.377 -> 0.356 ms).
     if kernel == "fwd":
-        return (64, 64, 4, 3 if small else 4) if sparse else (128, 128, 8, 3)
+        return (64, 64, 4, 3 if head_dim <= 64 else 4) if sparse else (128, 128, 8, 3)
     if kernel == "dq":
         return (64, 64, 4, 3) if sparse else (128, 64, 8, 2)
-    return ((64, 64, 4, 2) if small else (128, 64, 8, 2)) if sparse else (128, 128, 8, 2)
+    return (64, 64, 4, 2) if sparse else (128, 128, 8, 2)
 
 
 def _prec(dtype):
@@ -708,8 +709,8 @@ def _attn_bwd(do, q, k, v, o, lse, block_mask, bounds, causal, sm_scale, block_s
         assert BN == block_size, f"sparse dK/dV programs own one key block (BLOCK_N {BN})"
         chunk = max(DKDV_SPLIT_BLOCKS, triton.cdiv((HQ // H) * NB, DKDV_MAX_SPLITS))
         n_split = triton.cdiv((HQ // H) * NB, chunk)
-        sync = torch.zeros(1 + B * H * NB, dtype=torch.int32, device=q.device)
         if n_split > 1:
+            sync = torch.zeros(B * H * NB, dtype=torch.int32, device=q.device)
             sdk = torch.empty(B * H * NB * BN, D, dtype=torch.float32, device=q.device)
             sdv = torch.empty_like(sdk)
         grid = (B * H * NB * n_split,)
