@@ -375,6 +375,15 @@ def finetune_timing_h200(root) -> str:
             f"sends density-1 rows to torch SDPA ({later}):\n\n" + rows)
 
 
+def finetune_timing_compile_h200(root) -> str:
+    """The timing phase again with ``compile_pointwise`` and the split dK/dV lists (commit 8c84a20)."""
+    path = "results/finetune/h200_timing_compile.json"
+    env = load_envelope(root, path)
+    rows = format_timing(env["timing"], env["config"]["seq_len"]).split("\n\nbusiest kernels")[0]
+    return (f"{env['provenance']['gpu']}, commit {_commit(env['provenance'])} ({path}), the recipe above, "
+            + rows[0].lower() + rows[1:])
+
+
 def gate_quality_h200(root) -> str:
     """Issue 17's run (docs/experiments/gate_quality.py): the density knob against the threshold
     solved to the same density, per gate set, the training-free baselines, and passkey."""
@@ -438,6 +447,7 @@ TABLES = {
     "kernels-h100": _kernels("results/kernels/h100.json"),
     "kernels-h200": _kernels("results/kernels/h200.json"),
     "kernel-changes-h200": kernel_changes_h200,
+    "kernels-h200-dkdv": _kernels("results/kernels/h200_32k_dkdv.json"),
     "ttft-h100": ttft_h100,
     "quality-h100": quality_h100,
     "quality-sink-local": quality_sink_local,
@@ -446,6 +456,7 @@ TABLES = {
     "finetune-h200": finetune_h200,
     "decode-h200": decode_h200,
     "finetune-timing-h200": finetune_timing_h200,
+    "finetune-timing-compile-h200": finetune_timing_compile_h200,
     "gate-quality-h200": gate_quality_h200,
 }
 
