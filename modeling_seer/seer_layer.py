@@ -241,6 +241,10 @@ class SeerAttentionMixin:
             mask = self._gate_loss_and_mask(q, k, v, q_pre, k_pre, ctx, window)
         elif every_block:
             mask = None
+        elif self._seer_compile is not None and cfg.seer_selector == "gate":  # one graph, not ~50 launches
+            with torch.no_grad():
+                mask = compiled(_gate_selection, self._seer_compile)(self, q_pre, k_pre, ctx.valid, ctx.gate_rope,
+                                                                      window)
         else:
             with torch.no_grad():
                 mask = select_blocks_for(self.block_scores(q, k, v, q_pre, k_pre, ctx, window), cfg, window)
@@ -336,6 +340,16 @@ class SeerAttentionMixin:
         return get_selector(self.config.seer_selector).scores(ScoreInputs(
             q, k, v, q_pre, k_pre, self.config.seer_block_size, self.scaling, gate=self.attn_gate,
             valid=ctx.valid, seq_bounds=ctx.seq_bounds, gate_rope=ctx.gate_rope, window=window))
+
+
+def _gate_selection(attn, q_pre, k_pre, valid, gate_rope, window):
+    """The block mask of ``attn``'s gate (``seer_selector="gate"``): what ``block_scores``
+    then ``select_blocks_for`` compute, as one function of tensors for torch.compile."""
+    cfg = attn.config
+    scores = get_selector("gate").scores(ScoreInputs(
+        None, None, None, q_pre, k_pre, cfg.seer_block_size, attn.scaling, gate=attn.attn_gate, valid=valid,
+        seq_bounds=None, gate_rope=gate_rope, window=window))
+    return select_blocks_for(scores, cfg, window)
 
 
 def _keep(t):
@@ -507,9 +521,11 @@ class SeerCausalLMMixin:
     # -- modes and statistics ------------------------------------------------------------
 
     def seer_compile_pointwise(self, enable: bool = True, **compile_options):
-        """``torch.compile`` the work around the attention core, in place: every decoder layer's
-        MLP and RMSNorms (with q/k norms where the family has them), its RoPE, the final norm
-        and the LM loss; the gate, the selection and the attention kernels stay eager. Each
+        """``torch.compile`` the work around the attention kernels, in place: every decoder
+        layer's MLP and RMSNorms (with q/k norms where the family has them), its RoPE, the
+        gate's block selection at a sparse prefill (``seer_selector="gate"``: pooling, gate,
+        scores, the method and keep rules, one graph instead of ~50 small kernels), the final
+        norm and the LM loss; the attention kernels, the gate loss and decode stay eager. Each
         compiled piece is one graph without breaks, so it composes with activation
         checkpointing (a compiled function that breaks inside a checkpointed layer would run
         eagerly) and with PEFT (compile after wrapping). The numerics change at rounding level

@@ -1,23 +1,26 @@
 #!/usr/bin/env bash
-# The next GPU session's measurements (after session 13's H200 runs of af41b99 and 5b912b1), one
+# The next GPU session's measurements (after session 14's H200 runs of c88d92a-8c84a20), one
 # STEP per device call so that each fits the 10-minute limit. Steps that read the real model or
 # the corpora need staging first (device_stage.py: chunk0, chunk1, then chunk2 with the wheels
-# installed to /tmp/site); the kernel steps need none. Run from the repository root:
+# installed to /tmp/site, three calls back to back: /tmp goes with the machine); the kernel
+# steps need none. Run from the repository root:
 #
 #   bash docs/experiments/gpu_session_next.sh STEP OUT
 #
 # STEP, in order of priority (minutes on one H200):
-#   tests-kernels  ~7  the kernel GPU tests (more than 290 s since the one-pass pooling commit:
-#                      212 of 217 cases passed in session 13, the last five test_bf16_window_small
-#                      cases did not run)
-#   tests-decode   ~4  the decode GPU tests (decode kernels and model)
-#   bench-kernels  ~5  the issue 16 table with the one-pass pooling and longest-rows-first
-#                      kernels (8k / 32k / 128k, backward at 32k), then TTFT at 128k
+#   ft-timing      ~4  issue 13: row (c)'s step with the gate's block selection compiled too
+#                      (compile_pointwise since 8c84a20 compiles it), frozen gates, no checkpointing,
+#                      and density 1 through SDPA, all compiled (needs staging)
+#   tests-kernels  ~6  the kernel GPU tests in two processes at once (one call did not fit them
+#                      serially in session 13; every case passed at c88d92a / 72f2140)
+#   bench-kernels  ~5  the issue 16 table (8k / 32k / 128k, backward at 32k), then TTFT at 128k
+#   ft-passkey     ~9  issue 13: gates0, (a), (c) at 0.1 and their passkey under the protocol's keep
+#                      rules (two calls of --time-budget 520; needs staging)
 #   tests-export   ~2  the GPU export test (fixed on CPU in cc99e26: fresh processes keep PYTHONPATH)
+#   tests-decode   ~4  the decode GPU tests (decode kernels and model)
 #   decode-quality ~6  issue 15: decode perplexity and passkey with sparse decode
 #   gate-passkey   ~6  issue 17: passkey of both gate sets, knob and threshold at ~0.12
-#   tests-models   ~6  families, real-model, fine-tuning and export GPU tests (passed at af41b99
-#                      but for the export test)
+#   tests-models   ~6  families, real-model, fine-tuning and export GPU tests
 #
 # Every step writes under OUT/STEP and prints its table last.
 set -u
@@ -30,8 +33,23 @@ export SEER_SMOLLM2_GGUF=${SEER_SMOLLM2_GGUF:-$GGUF} PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
 DATA=(--train "$CORPORA/train.jsonl" --eval "$CORPORA/eval.jsonl")
 
+FT=(-m seer_attn.eval.finetune_run --model "$GGUF" "${DATA[@]}" --work /tmp/seer/ft --out "$OUT/ft" --no-progress)
+
 case "$STEP" in
-  tests-kernels) PY=$PY bash docs/experiments/gpu_tests.sh kernels "$OUT" ;;
+  ft-timing)
+    timeout 540 "$PY" "${FT[@]}" --phases timing --timing-variants stride-compile frozen-compile \
+      stride-no-ckpt-compile dense-sdpa-compile > "$OUT/ft.log" 2>&1
+    echo "finetune_run: exit $?"; grep "timing," "$OUT/ft.log" ;;
+  ft-passkey)
+    timeout 560 "$PY" "${FT[@]}" --phases gates0 a c passkey --densities 0.1 --time-budget 520 > "$OUT/ft.log" 2>&1
+    echo "finetune_run: exit $? (run again until no phase is 'not finished')"; tail -n 20 "$OUT/ft.log" ;;
+  tests-kernels)
+    T=tests/kernels/test_gpu_kernels.py
+    (timeout 540 "$PY" -m pytest -q -p no:cacheprovider -rfE $T -k "long or bf16_sparse or padded" \
+      > "$OUT/kernels_a.log" 2>&1; echo "A: exit $?" >> "$OUT/summary.txt") &
+    timeout 540 "$PY" -m pytest -q -p no:cacheprovider -rfE $T -k "not (long or bf16_sparse or padded)" \
+      > "$OUT/kernels_b.log" 2>&1; echo "B: exit $?" >> "$OUT/summary.txt"; wait
+    grep -hE "^(FAILED|ERROR)" "$OUT"/kernels_*.log; tail -qn 1 "$OUT"/kernels_*.log; cat "$OUT/summary.txt" ;;
   tests-decode) PY=$PY bash docs/experiments/gpu_tests.sh decode "$OUT" ;;
   bench-kernels)
     timeout 330 "$PY" -m seer_attn.eval.bench_kernels --lengths 8192 32768 131072 --bwd-lengths 32768 \

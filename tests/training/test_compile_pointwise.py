@@ -2,10 +2,11 @@
 ``aot_eager`` backend: dynamo's graphs run by eager aten ops, so the plumbing is checked
 without a compiler; the GPU timing run uses inductor).
 
-The compiled pieces (RMSNorm, MLP, RoPE, LM loss) are four graphs shared by every layer,
-without graph breaks, under activation checkpointing and a sparse prefill; loss and gradients
-equal the eager model's; ``enable=False`` restores the eager functions; the trainer applies
-it after PEFT and refuses transformers' whole-model ``torch_compile``.
+The compiled pieces (RMSNorm, MLP, RoPE, the gate's block selection, LM loss) are five graphs
+shared by every layer, without graph breaks, under activation checkpointing and a sparse
+prefill; loss, gradients and the selected blocks equal the eager model's; ``enable=False``
+restores the eager functions; the trainer applies it after PEFT and refuses transformers'
+whole-model ``torch_compile``.
 """
 import pytest
 import torch
@@ -42,13 +43,15 @@ def test_compiled_pieces_match_eager_without_graph_breaks(make_tiny_model):
     for _ in range(2):  # the second step reuses the graphs (no recompiles)
         loss, grads = _loss_and_grads(model, ids)
     assert sum(counters["graph_break"].values()) == 0, dict(counters["graph_break"])
-    # RMSNorm, MLP, RoPE and the loss: one graph each, whatever the number of layers
-    assert counters["stats"]["unique_graphs"] == 4, dict(counters["stats"])
+    # RMSNorm, MLP, RoPE, the gate's block selection and the loss: one graph each, whatever
+    # the number of layers
+    assert counters["stats"]["unique_graphs"] == 5, dict(counters["stats"])
     torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
     assert grads.keys() == ref_grads.keys()
     for name, g in grads.items():
         torch.testing.assert_close(g, ref_grads[name], rtol=1e-4, atol=1e-6, msg=name)
     assert model.seer_density() is not None and model.seer_density().mean() < 0.9  # the prefill stayed sparse
+    torch.testing.assert_close(model.seer_density(), eager.seer_density(), rtol=0, atol=0)  # the same blocks
 
     model.seer_compile_pointwise(enable=False)
     assert all("forward" not in m.__dict__ for m in model.modules())
