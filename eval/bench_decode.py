@@ -274,6 +274,10 @@ def kernel_row(B, S, share):
     row["gate_share_of_sparse_step"] = row["gate_select_layer"] / (row["gate_select_layer"] + row["ours_sparse"])
     row["eager_layer"] = _bench(layer)
     row["graph_layer"] = _graph_bench(layer)
+    # the kernel alone replayed from a CUDA graph: its GPU time without the host's launch work,
+    # which the eager numbers above include at B=1 (the empty selection costs as much as 10%)
+    row["ours_sparse_graph"] = _graph_bench(lambda: ours(idx, cnt))
+    row["ours_empty_graph"] = _graph_bench(lambda: ours(idx, none))
     row["speedup_vs_flash"] = row["sdpa_flash"] / row["ours_sparse"]
     row["speedup_vs_cudnn"] = row["sdpa_cudnn"] / row["ours_sparse"]
     kv_bytes = 2 * B * H * D * 2  # K and V, bf16, per cache slot
@@ -520,13 +524,14 @@ def print_table(rows, e2e, prov, share):
         return f"{x:.3f}" if isinstance(x, (int, float)) else "-"
     print(f"\n# {prov['gpu']}  torch {v['torch']}  triton {v.get('triton')}  commit {commit}")
     print(f"decode step, median ms | B | S | SDPA flash | SDPA cuDNN | ours all | ours {share:g} (read) | ours, no "
-          "block | flash/ours | gate+select per layer (share of step) | layer eager | layer CUDA graph")
+          "block | flash/ours | gate+select per layer (share of step) | layer eager | layer CUDA graph | ours "
+          f"{share:g}, CUDA graph | ours, no block, CUDA graph")
     for r in rows:
         print(f"{r['B']} | {r['S']} | {ms(r['sdpa_flash'])} | {ms(r['sdpa_cudnn'])} | {ms(r['ours_all'])} | "
               f"{ms(r['ours_sparse'])} ({r['share_read']:.3f}) | {ms(r.get('ours_empty'))} | "
               f"{r['speedup_vs_flash']:.2f}x | {ms(r['gate_select_layer'])} "
               f"({100 * r['gate_share_of_sparse_step']:.1f}%) | {ms(r.get('eager_layer'))} | "
-              f"{ms(r.get('graph_layer'))}")
+              f"{ms(r.get('graph_layer'))} | {ms(r.get('ours_sparse_graph'))} | {ms(r.get('ours_empty_graph'))}")
     if e2e:
         print(f"time per output token, s | B | T | dense | sparse {share:g} (read) | speed-up")
         for r in e2e:
