@@ -17,6 +17,8 @@
 #   ft-passkey     ~9  issue 13: gates0, (a), (c) at 0.1 and their passkey under the protocol's keep
 #                      rules (two calls of --time-budget 520; needs staging)
 #   tests-export   ~2  the GPU export test (fixed on CPU in cc99e26: fresh processes keep PYTHONPATH)
+#   bench-decode   ~3  issue 15: bench-decode --tune, now with the kernel alone replayed from a CUDA
+#                      graph (the eager B=1 numbers are host launch work: empty selection = sparse)
 #   tests-decode   ~4  the decode GPU tests (decode kernels and model)
 #   decode-quality ~6  issue 15: decode perplexity and passkey with sparse decode
 #   gate-passkey   ~6  issue 17: passkey of both gate sets, knob and threshold at ~0.12
@@ -50,6 +52,7 @@ case "$STEP" in
     timeout 540 "$PY" -m pytest -q -p no:cacheprovider -rfE $T -k "not (long or bf16_sparse or padded)" \
       > "$OUT/kernels_b.log" 2>&1; echo "B: exit $?" >> "$OUT/summary.txt"; wait
     grep -hE "^(FAILED|ERROR)" "$OUT"/kernels_*.log; tail -qn 1 "$OUT"/kernels_*.log; cat "$OUT/summary.txt" ;;
+  bench-decode) PARTS=bench_decode PY=$PY bash docs/experiments/decode_gpu_session.sh "$OUT" ;;
   tests-decode) PY=$PY bash docs/experiments/gpu_tests.sh decode "$OUT" ;;
   bench-kernels)
     timeout 330 "$PY" -m seer_attn.eval.bench_kernels --lengths 8192 32768 131072 --bwd-lengths 32768 \
