@@ -29,9 +29,9 @@ at a time above ``POOL_SCRATCH_BYTES``.
 
 Long key-block lists (sparse dK/dV). A dK/dV program owns one key block and walks the query
 blocks of every query head of its KV head that keep it. A block that nearly every query block
-keeps (the sink a trained gate always selects) would be one program walking ``GROUP * NB``
-blocks while the average walks a few dozen; the whole launch then waits for it. Such lists
-are cut into pieces of ``DKDV_SPLIT_BLOCKS`` or more entries, one program each; the pieces of
+keeps (the sink block, which a gate's top-k picks in nearly every row) would be one program
+walking ``GROUP * NB`` blocks while the average walks a few dozen; the whole launch then waits
+for it. Such lists are cut into pieces of ``DKDV_SPLIT_BLOCKS`` or more entries, one program each; the pieces of
 a block add their partial sums in a fixed order through a float32 scratch (so the result is
 the same every run), the last one stores.
 
