@@ -148,6 +148,7 @@ class FineTuneRunConfig(RunConfig):
     timing_variants: tuple = option(tuple(TIMING_VARIANTS), many="+", choices=tuple(TIMING_VARIANTS))
     save_steps: int = option(120, ca.positive_int)
     no_checkpointing: bool = option(False, flag)
+    compile_pointwise: bool = option(False, flag)
     seed: int = option(42, ca.nonneg_int)
     cpu: bool = option(False, flag)
     no_progress: bool = option(False, flag)
@@ -262,6 +263,9 @@ def build_parser():
     ap.add_argument("--save-steps", type=ca.positive_int, default=_default("save_steps"),
                     help="checkpoint every N steps (one mid-run checkpoint for 200 steps)")
     ap.add_argument("--no-checkpointing", action="store_true", help="train without activation checkpointing")
+    ap.add_argument("--compile-pointwise", action="store_true",
+                    help="train every row with compile_pointwise (MLP, norms, RoPE, selection and loss compiled); "
+                         "the timing variants set it themselves")
     ap.add_argument("--seed", type=ca.nonneg_int, default=_default("seed"))
     ap.add_argument("--cpu", action="store_true", help="smoke test on the CPU (tiny model and sizes only)")
     ap.add_argument("--no-progress", action="store_true")
@@ -565,7 +569,8 @@ class Experiment:
                       yarn_factor=self.cfg.yarn_factor, gates=os.path.join(self.work, "gates0.safetensors"),
                       gate_loss_stride=self.cfg.gate_loss_stride, steps=self.cfg.steps, lr=5e-5, warmup_steps=20,
                       max_grad_norm=1.0, gate_lr=1e-3, batch_size=1, bf16=not self.cfg.cpu,
-                      gradient_checkpointing=not self.cfg.no_checkpointing, seed=self.cfg.seed, output=out,
+                      gradient_checkpointing=not self.cfg.no_checkpointing,
+                      compile_pointwise=self.cfg.compile_pointwise, seed=self.cfg.seed, output=out,
                       logging_steps=1, save_steps=self.cfg.save_steps, cpu=self.cfg.cpu,
                       no_progress=self.cfg.no_progress)
         return FineTuneConfig(**{**recipe, **kw})

@@ -14,8 +14,9 @@
 #   tests-kernels  ~6  the kernel GPU tests in two processes at once (one call did not fit them
 #                      serially in session 13; every case passed at c88d92a / 72f2140)
 #   bench-kernels  ~5  the issue 16 table (8k / 32k / 128k, backward at 32k), then TTFT at 128k
-#   ft-passkey     ~9  issue 13: gates0, (a), (c) at 0.1 and their passkey under the protocol's keep
-#                      rules (two calls of --time-budget 520; needs staging)
+#   ft-passkey     ~8  issue 13: gates0, (a), (c) at 0.1 and their passkey under the protocol's keep
+#                      rules, trained with --compile-pointwise (their s/step is then the experiment's
+#                      own measure of the compiled step; two calls of --time-budget 520; needs staging)
 #   tests-export   ~2  the GPU export test (fixed on CPU in cc99e26: fresh processes keep PYTHONPATH)
 #   bench-decode   ~3  issue 15: bench-decode --tune, now with the kernel alone replayed from a CUDA
 #                      graph (the eager B=1 numbers are host launch work: empty selection = sparse)
@@ -43,7 +44,8 @@ case "$STEP" in
       stride-no-ckpt-compile dense-sdpa-compile > "$OUT/ft.log" 2>&1
     echo "finetune_run: exit $?"; grep "timing," "$OUT/ft.log" ;;
   ft-passkey)
-    timeout 560 "$PY" "${FT[@]}" --phases gates0 a c passkey --densities 0.1 --time-budget 520 > "$OUT/ft.log" 2>&1
+    timeout 560 "$PY" "${FT[@]}" --phases gates0 a c passkey --densities 0.1 --compile-pointwise --time-budget 520 \
+      > "$OUT/ft.log" 2>&1
     echo "finetune_run: exit $? (run again until no phase is 'not finished')"; tail -n 20 "$OUT/ft.log" ;;
   tests-kernels)
     T=tests/kernels/test_gpu_kernels.py
