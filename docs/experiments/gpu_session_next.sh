@@ -44,7 +44,7 @@ case "$STEP" in
       stride-no-ckpt-compile dense-sdpa-compile > "$OUT/ft.log" 2>&1
     echo "finetune_run: exit $?"; grep "timing," "$OUT/ft.log" ;;
   ft-passkey)
-    timeout 560 "$PY" "${FT[@]}" --phases gates0 a c passkey --densities 0.1 --compile-pointwise --time-budget 520 \
+    timeout 560 "$PY" "${FT[@]}" --phases gates0 a c0.1 passkey --densities 0.1 --compile-pointwise --time-budget 520 \
       > "$OUT/ft.log" 2>&1
     echo "finetune_run: exit $? (run again until no phase is 'not finished')"; tail -n 20 "$OUT/ft.log" ;;
   tests-kernels)
