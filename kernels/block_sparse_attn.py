@@ -633,6 +633,12 @@ def _config(kernel, sparse, head_dim, on_gpu, dtype=torch.bfloat16):
     return (64, 64, 4, 2) if sparse else (128, 128, 8, 2)
 
 
+def _bht_strides(*tensors):
+    """The batch, head and token strides of each ``[B, H, T, D]`` tensor, in order: the
+    launchers' shared argument list (every kernel takes its tensors' strides so)."""
+    return [t.stride(i) for t in tensors for i in range(3)]
+
+
 def _prec(dtype):
     return "ieee" if dtype == torch.float32 else "tf32"
 
@@ -659,8 +665,7 @@ def _attn_fwd(q, k, v, idx, cnt, bounds, causal, sm_scale, block_size, pooling, 
         _attn_fwd_kernel[(n_m, min(heads, B * HQ - bh0))](
             q, k, v, o, lse, pool, scratch, idx if sparse else dummy, cnt if sparse else dummy,
             bounds if bounds is not None else dummy, sm_scale * _LOG2E,
-            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-            v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
+            *_bht_strides(q, k, v, o),
             HQ, T, NB, window or 0, bh0, n_m * BLOCK_M,
             GROUP=HQ // H, HEAD_DIM=D, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BS=block_size, SPARSE=sparse,
             CAUSAL=causal, POOLING=pooling, POOL_SUM=pool_op == "sum", HAS_BOUNDS=bounds is not None,
@@ -680,7 +685,7 @@ def _attn_bwd(do, q, k, v, o, lse, block_mask, bounds, causal, sm_scale, block_s
     do = _last_dim_contiguous(do)
     delta = torch.empty(B, HQ, T, dtype=torch.float32, device=q.device)
     _bwd_preprocess_kernel[(triton.cdiv(T, 64), B * HQ)](
-        o, do, delta, o.stride(0), o.stride(1), o.stride(2), do.stride(0), do.stride(1), do.stride(2), HQ, T,
+        o, do, delta, *_bht_strides(o, do), HQ, T,
         HEAD_DIM=D, BLOCK=64)
     dq = new_output(q.shape, q.dtype, q.device)
     dk = new_output(k.shape, k.dtype, k.device)
@@ -696,8 +701,7 @@ def _attn_bwd(do, q, k, v, o, lse, block_mask, bounds, causal, sm_scale, block_s
     _attn_bwd_dq_kernel[(triton.cdiv(T, BM), B * HQ)](
         q, k, v, do, dq, lse, delta, idx if sparse else dummy, cnt if sparse else dummy, b_arg,
         sm_scale * _LOG2E, sm_scale,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1),
-        v.stride(2), do.stride(0), do.stride(1), do.stride(2), dq.stride(0), dq.stride(1), dq.stride(2),
+        *_bht_strides(q, k, v, do, dq),
         HQ, T, NB, window or 0, BLOCK_M=BM, BLOCK_N=BN, num_warps=warps, num_stages=stages, **common)
     if sparse:
         del idx, cnt
@@ -719,9 +723,7 @@ def _attn_bwd(do, q, k, v, o, lse, block_mask, bounds, causal, sm_scale, block_s
     _attn_bwd_dkdv_kernel[grid](
         q, k, v, do, dk, dv, lse, delta, idx if sparse else dummy, cnt if sparse else dummy, b_arg, sync, sdk, sdv,
         sm_scale * _LOG2E, sm_scale,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1),
-        v.stride(2), do.stride(0), do.stride(1), do.stride(2), dk.stride(0), dk.stride(1), dk.stride(2),
-        dv.stride(0), dv.stride(1), dv.stride(2),
+        *_bht_strides(q, k, v, do, dk, dv),
         HQ, H, T, NB, window or 0, n_split, chunk, BLOCK_M=BM, BLOCK_N=BN, num_warps=warps, num_stages=stages,
         **common)
     return dq, dk, dv
