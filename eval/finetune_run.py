@@ -100,13 +100,13 @@ TIMING_VARIANTS = {
                        dict(gradient_checkpointing=False), False),
     "frozen-no-ckpt": ("density {lo}, gates frozen, no checkpointing",
                        dict(freeze_gates=True, gradient_checkpointing=False), False),
-    "dense-sdpa-compile": ("density 1, SDPA, MLP / norms / RoPE / loss compiled",
+    "dense-sdpa-compile": ("density 1, SDPA, compile_pointwise",
                            dict(density=1.0, freeze_gates=True, compile_pointwise=True), True),
-    "frozen-compile": ("density {lo}, gates frozen, MLP / norms / RoPE / loss compiled",
+    "frozen-compile": ("density {lo}, gates frozen, compile_pointwise",
                        dict(freeze_gates=True, compile_pointwise=True), False),
-    "stride-compile": ("density {lo}, gate loss 1 layer in {S}, MLP / norms / RoPE / loss compiled (row c)",
+    "stride-compile": ("density {lo}, gate loss 1 layer in {S}, compile_pointwise (row c)",
                        dict(compile_pointwise=True), False),
-    "stride-no-ckpt-compile": ("density {lo}, gate loss 1 layer in {S}, no checkpointing, compiled",
+    "stride-no-ckpt-compile": ("density {lo}, gate loss 1 layer in {S}, no checkpointing, compile_pointwise",
                                dict(gradient_checkpointing=False, compile_pointwise=True), False),
 }
 DEFAULT_OUT = "seer_outputs/finetune_run"

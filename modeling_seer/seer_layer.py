@@ -241,13 +241,12 @@ class SeerAttentionMixin:
             mask = self._gate_loss_and_mask(q, k, v, q_pre, k_pre, ctx, window)
         elif every_block:
             mask = None
-        elif self._seer_compile is not None and cfg.seer_selector == "gate":  # one graph, not ~50 launches
-            with torch.no_grad():
-                mask = compiled(_gate_selection, self._seer_compile)(self, q_pre, k_pre, ctx.valid, ctx.gate_rope,
-                                                                      window)
         else:
+            select = _selection
+            if self._seer_compile is not None and cfg.seer_selector == "gate":  # one graph, not ~50 launches
+                select = compiled(_selection, self._seer_compile)
             with torch.no_grad():
-                mask = select_blocks_for(self.block_scores(q, k, v, q_pre, k_pre, ctx, window), cfg, window)
+                mask = select(self, q, k, v, q_pre, k_pre, ctx.valid, ctx.seq_bounds, ctx.gate_rope, window)
         if every_block and window is None and ctx.seq_bounds is None:
             out = causal_sdpa(q, k, v, self.scaling)
         elif every_block:  # (no index lists, larger tiles)
@@ -337,19 +336,22 @@ class SeerAttentionMixin:
     def block_scores(self, q, k, v, q_pre, k_pre, ctx, window=None):
         """Block logits ``[B, HQ, NB, NB]`` of the registered selector ``config.seer_selector``
         (shapes as in :meth:`seer_attention`; ``window``: the layer's sliding window)."""
-        return get_selector(self.config.seer_selector).scores(ScoreInputs(
-            q, k, v, q_pre, k_pre, self.config.seer_block_size, self.scaling, gate=self.attn_gate,
-            valid=ctx.valid, seq_bounds=ctx.seq_bounds, gate_rope=ctx.gate_rope, window=window))
+        return _block_scores(self, q, k, v, q_pre, k_pre, ctx.valid, ctx.seq_bounds, ctx.gate_rope, window)
 
 
-def _gate_selection(attn, q_pre, k_pre, valid, gate_rope, window):
-    """The block mask of ``attn``'s gate (``seer_selector="gate"``): what ``block_scores``
-    then ``select_blocks_for`` compute, as one function of tensors for torch.compile."""
+def _block_scores(attn, q, k, v, q_pre, k_pre, valid, seq_bounds, gate_rope, window):
+    """:meth:`SeerAttentionMixin.block_scores` with the context's tensors as arguments."""
     cfg = attn.config
-    scores = get_selector("gate").scores(ScoreInputs(
-        None, None, None, q_pre, k_pre, cfg.seer_block_size, attn.scaling, gate=attn.attn_gate, valid=valid,
-        seq_bounds=None, gate_rope=gate_rope, window=window))
-    return select_blocks_for(scores, cfg, window)
+    return get_selector(cfg.seer_selector).scores(ScoreInputs(
+        q, k, v, q_pre, k_pre, cfg.seer_block_size, attn.scaling, gate=attn.attn_gate, valid=valid,
+        seq_bounds=seq_bounds, gate_rope=gate_rope, window=window))
+
+
+def _selection(attn, q, k, v, q_pre, k_pre, valid, seq_bounds, gate_rope, window):
+    """The block mask of a sparse prefill (scores, then :func:`select_blocks_for`): a function
+    of tensors, which ``seer_compile_pointwise`` compiles for the gate selector."""
+    return select_blocks_for(_block_scores(attn, q, k, v, q_pre, k_pre, valid, seq_bounds, gate_rope, window),
+                             attn.config, window)
 
 
 def _keep(t):
