@@ -31,9 +31,9 @@ Long key-block lists (sparse dK/dV). A dK/dV program owns one key block and walk
 blocks of every query head of its KV head that keep it. A block that nearly every query block
 keeps (the sink block, which a gate's top-k picks in nearly every row) would be one program
 walking ``GROUP * NB`` blocks while the average walks a few dozen; the whole launch then waits
-for it. Such lists are cut into pieces of ``DKDV_SPLIT_BLOCKS`` or more entries, one program each; the pieces of
-a block add their partial sums in a fixed order through a float32 scratch (so the result is
-the same every run), the last one stores.
+for it. Such lists are cut into pieces of ``DKDV_SPLIT_BLOCKS`` or more entries, one program
+each; the pieces of a block add their partial sums in a fixed order through a float32
+scratch (so the result is the same every run), the last one stores.
 
 Sliding window (``window``, the ``HAS_WINDOW`` flag). Index lists ascend, so a program's
 key blocks come in three runs: wholly outside the window (skipped: a scalar load each), cut
@@ -442,7 +442,7 @@ def _attn_bwd_dkdv_kernel(
 ):
     # one program: BLOCK_N keys of one KV head; loops over the GROUP query heads that share it.
     # Sparse: one key block, whose transposed lists (over the GROUP heads: W entries) may be
-    # far longer than the average one (a sink block is kept by every query block). Entries
+    # far longer than the average one (module docstring, "Long key-block lists"). Entries
     # [s * CHUNK, (s + 1) * CHUNK) go to split s of the column (programs past a column's
     # last split exit at once); the splits add their partial dK/dV in order s = 0, 1, ...
     # through a float32 scratch (the same sum every run), the last one stores. A split
@@ -601,8 +601,7 @@ CONFIG_OVERRIDES: dict = {}
 
 #: Sparse dK/dV: a key block's transposed lists (all query heads of its KV head) are cut
 #: into pieces of at least this many entries, at most ``DKDV_MAX_SPLITS`` of them, each its
-#: own program. A block that every query block keeps (an attention sink) would otherwise be
-#: one program walking ``GROUP * NB`` query blocks while the average walks a few dozen.
+#: own program (module docstring, "Long key-block lists").
 DKDV_SPLIT_BLOCKS = 64
 DKDV_MAX_SPLITS = 8
 

@@ -440,8 +440,9 @@ class GateDistillationTrainer(SeerTrainer):
     next to the loss: each layer hands the forward context's ``on_gate_scores`` its gate
     logits ``[B, HQ, NB, NB]`` of the distillation forward itself (no extra forward) and its
     sliding window, and :func:`~seer_attn.modeling_seer.selection_density` with the model's
-    sparsity settings measures the block mask a sparse prefill would use; the logged value is the kept share of causal blocks,
-    averaged over layers, heads, batch rows and the steps since the last log. It is
+    sparsity settings measures the block mask a sparse prefill would use; the logged value
+    is the kept share of causal blocks, averaged over layers, heads, batch rows and the steps
+    since the last log. It is
     measured on the dense forward: from the second layer on, the gates of a real sparse
     prefill see inputs computed with sparse attention, which can shift it slightly.
 

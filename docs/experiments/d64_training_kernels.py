@@ -131,13 +131,13 @@ def main(argv=None):
     write_envelope(os.path.join(args.out, "d64_kernels.json"), "kernel_variants_d64", rows,
                    config={**vars(args), "default_configs": {k: list(v) for k, v in default.items()}},
                    device="cuda", checks=checks)
-    print(f"\n| density | kernel | config (BM, BN, warps, stages) | dK/dV lists | ms (fwd; else whole backward) |")
+    print("\n| density | kernel | config (BM, BN, warps, stages) | dK/dV lists | ms (fwd; else whole backward) |")
     print("|---|---|---|---|---|")
     for r in rows:
         ms = "failed" if r["ms"] is None else f"{r['ms']:.3f}"
         tag = " (default)" if r["default"] else ""
-        print(f"| {r['density']} | {r['kernel']} | {tuple(r['config'])}{tag} | "
-              f"{'split ' + str(r['max_splits']) if r['split'] and r['kernel'] == 'dkdv' else ('whole' if not r['split'] else '-')} | {ms} |")
+        lists = "-" if r["kernel"] != "dkdv" else f"split {r['max_splits']}" if r["split"] else "whole"
+        print(f"| {r['density']} | {r['kernel']} | {tuple(r['config'])}{tag} | {lists} | {ms} |")
 
 
 if __name__ == "__main__":
