@@ -13,11 +13,14 @@ from transformers.models.llama.modeling_llama import (LlamaAttention, LlamaDecod
 from .configuration_seer_llama import SeerLlamaConfig
 # names importers used before the layer tier existed
 from .seer_layer import GATES_FILE, SeerCausalLMOutputWithPast, SeerForwardContext  # noqa: F401
-from .seer_layer import SeerAttentionMixin, SeerCausalLMMixin, SeerModelMixin, SeerPreTrainedMixin
+from .seer_layer import (SeerAttentionMixin, SeerCausalLMMixin, SeerDecoderLayerMixin, SeerModelMixin,
+                         SeerPreTrainedMixin)
 
 
 class SeerLlamaAttention(SeerAttentionMixin, LlamaAttention):
     """LlamaAttention plus an :class:`AttnGate`; the gate sees q/k before RoPE."""
+
+    seer_rope_fn = staticmethod(apply_rotary_pos_emb)
 
     def __init__(self, config: SeerLlamaConfig, layer_idx: int):
         super().__init__(config, layer_idx)
@@ -27,11 +30,8 @@ class SeerLlamaAttention(SeerAttentionMixin, LlamaAttention):
                 cache=None, seer_ctx: SeerForwardContext | None = None, **kwargs):
         cache = past_key_values if past_key_values is not None else cache
         input_shape = hidden_states.shape[:-1]
-        hidden_shape = (*input_shape, -1, self.head_dim)
-        q_pre = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)
-        k_pre = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)
-        v = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
-        q, k = self.seer_rotary(apply_rotary_pos_emb, q_pre, k_pre, position_embeddings)
+        q_pre, k_pre, v = self.seer_project(hidden_states)
+        q, k = self.seer_rotary(q_pre, k_pre, position_embeddings)
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)
         out, weights = self.seer_attention(q, k, v, q_pre, k_pre, attention_mask, seer_ctx, eager_attention_forward,
@@ -39,7 +39,7 @@ class SeerLlamaAttention(SeerAttentionMixin, LlamaAttention):
         return self.o_proj(out.reshape(*input_shape, -1).contiguous()), weights
 
 
-class SeerLlamaDecoderLayer(LlamaDecoderLayer):
+class SeerLlamaDecoderLayer(SeerDecoderLayerMixin, LlamaDecoderLayer):
     def __init__(self, config: SeerLlamaConfig, layer_idx: int):
         # Same submodules as LlamaDecoderLayer, with SeerLlamaAttention (built once, not replaced).
         nn.Module.__init__(self)

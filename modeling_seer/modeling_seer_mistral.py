@@ -14,12 +14,14 @@ from transformers.models.mistral.modeling_mistral import (MistralAttention, Mist
                                                           eager_attention_forward)
 
 from .configuration_seer_mistral import SeerMistralConfig
-from .seer_layer import (SeerAttentionMixin, SeerCausalLMMixin, SeerForwardContext, SeerModelMixin,
-                         SeerPreTrainedMixin)
+from .seer_layer import (SeerAttentionMixin, SeerCausalLMMixin, SeerDecoderLayerMixin, SeerForwardContext,
+                         SeerModelMixin, SeerPreTrainedMixin)
 
 
 class SeerMistralAttention(SeerAttentionMixin, MistralAttention):
     """MistralAttention plus an :class:`AttnGate`; the gate sees q/k before RoPE."""
+
+    seer_rope_fn = staticmethod(apply_rotary_pos_emb)
 
     def __init__(self, config: SeerMistralConfig, layer_idx: int):
         super().__init__(config, layer_idx)
@@ -32,11 +34,8 @@ class SeerMistralAttention(SeerAttentionMixin, MistralAttention):
                 cache=None, seer_ctx: SeerForwardContext | None = None, **kwargs):
         cache = past_key_values if past_key_values is not None else cache
         input_shape = hidden_states.shape[:-1]
-        hidden_shape = (*input_shape, -1, self.head_dim)
-        q_pre = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)
-        k_pre = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)
-        v = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
-        q, k = self.seer_rotary(apply_rotary_pos_emb, q_pre, k_pre, position_embeddings)
+        q_pre, k_pre, v = self.seer_project(hidden_states)
+        q, k = self.seer_rotary(q_pre, k_pre, position_embeddings)
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)
         out, weights = self.seer_attention(q, k, v, q_pre, k_pre, attention_mask, seer_ctx, eager_attention_forward,
@@ -44,7 +43,7 @@ class SeerMistralAttention(SeerAttentionMixin, MistralAttention):
         return self.o_proj(out.reshape(*input_shape, -1).contiguous()), weights
 
 
-class SeerMistralDecoderLayer(MistralDecoderLayer):
+class SeerMistralDecoderLayer(SeerDecoderLayerMixin, MistralDecoderLayer):
     def __init__(self, config: SeerMistralConfig, layer_idx: int):
         # Same submodules as MistralDecoderLayer, with SeerMistralAttention (built once, not replaced).
         nn.Module.__init__(self)

@@ -12,12 +12,14 @@ from transformers.models.qwen2.modeling_qwen2 import (Qwen2Attention, Qwen2Decod
                                                       apply_rotary_pos_emb, eager_attention_forward)
 
 from .configuration_seer_qwen2 import SeerQwen2Config
-from .seer_layer import (SeerAttentionMixin, SeerCausalLMMixin, SeerForwardContext, SeerModelMixin,
-                         SeerPreTrainedMixin)
+from .seer_layer import (SeerAttentionMixin, SeerCausalLMMixin, SeerDecoderLayerMixin, SeerForwardContext,
+                         SeerModelMixin, SeerPreTrainedMixin)
 
 
 class SeerQwen2Attention(SeerAttentionMixin, Qwen2Attention):
     """Qwen2Attention plus an :class:`AttnGate`; the gate sees q/k (bias included) before RoPE."""
+
+    seer_rope_fn = staticmethod(apply_rotary_pos_emb)
 
     def __init__(self, config: SeerQwen2Config, layer_idx: int):
         super().__init__(config, layer_idx)
@@ -27,11 +29,8 @@ class SeerQwen2Attention(SeerAttentionMixin, Qwen2Attention):
                 cache=None, seer_ctx: SeerForwardContext | None = None, **kwargs):
         cache = past_key_values if past_key_values is not None else cache
         input_shape = hidden_states.shape[:-1]
-        hidden_shape = (*input_shape, -1, self.head_dim)
-        q_pre = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)
-        k_pre = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)
-        v = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
-        q, k = self.seer_rotary(apply_rotary_pos_emb, q_pre, k_pre, position_embeddings)
+        q_pre, k_pre, v = self.seer_project(hidden_states)
+        q, k = self.seer_rotary(q_pre, k_pre, position_embeddings)
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)
         out, weights = self.seer_attention(q, k, v, q_pre, k_pre, attention_mask, seer_ctx, eager_attention_forward,
@@ -39,7 +38,7 @@ class SeerQwen2Attention(SeerAttentionMixin, Qwen2Attention):
         return self.o_proj(out.reshape(*input_shape, -1).contiguous()), weights
 
 
-class SeerQwen2DecoderLayer(Qwen2DecoderLayer):
+class SeerQwen2DecoderLayer(SeerDecoderLayerMixin, Qwen2DecoderLayer):
     def __init__(self, config: SeerQwen2Config, layer_idx: int):
         # Same submodules as Qwen2DecoderLayer, with SeerQwen2Attention (built once, not replaced).
         nn.Module.__init__(self)

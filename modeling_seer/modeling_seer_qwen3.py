@@ -12,26 +12,32 @@ from transformers.models.qwen3.modeling_qwen3 import (Qwen3Attention, Qwen3Decod
                                                       apply_rotary_pos_emb, eager_attention_forward)
 
 from .configuration_seer_qwen3 import SeerQwen3Config
-from .seer_layer import (SeerAttentionMixin, SeerCausalLMMixin, SeerForwardContext, SeerModelMixin,
-                         SeerPreTrainedMixin)
+from .seer_layer import (SeerAttentionMixin, SeerCausalLMMixin, SeerDecoderLayerMixin, SeerForwardContext,
+                         SeerModelMixin, SeerPreTrainedMixin)
 
 
 class SeerQwen3Attention(SeerAttentionMixin, Qwen3Attention):
     """Qwen3Attention plus an :class:`AttnGate`; the gate sees q/k after the per-head norm, before RoPE."""
 
+    seer_rope_fn = staticmethod(apply_rotary_pos_emb)
+
     def __init__(self, config: SeerQwen3Config, layer_idx: int):
         super().__init__(config, layer_idx)
         self.init_seer_gate(config)
+
+    def seer_project(self, hidden_states):
+        hidden_shape = (*hidden_states.shape[:-1], -1, self.head_dim)
+        q_pre = self.q_norm(self.q_proj(hidden_states).view(hidden_shape)).transpose(1, 2)
+        k_pre = self.k_norm(self.k_proj(hidden_states).view(hidden_shape)).transpose(1, 2)
+        v = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        return q_pre, k_pre, v
 
     def forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None,
                 cache=None, seer_ctx: SeerForwardContext | None = None, **kwargs):
         cache = past_key_values if past_key_values is not None else cache
         input_shape = hidden_states.shape[:-1]
-        hidden_shape = (*input_shape, -1, self.head_dim)
-        q_pre = self.q_norm(self.q_proj(hidden_states).view(hidden_shape)).transpose(1, 2)
-        k_pre = self.k_norm(self.k_proj(hidden_states).view(hidden_shape)).transpose(1, 2)
-        v = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
-        q, k = self.seer_rotary(apply_rotary_pos_emb, q_pre, k_pre, position_embeddings)
+        q_pre, k_pre, v = self.seer_project(hidden_states)
+        q, k = self.seer_rotary(q_pre, k_pre, position_embeddings)
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)
         out, weights = self.seer_attention(q, k, v, q_pre, k_pre, attention_mask, seer_ctx, eager_attention_forward,
@@ -39,7 +45,7 @@ class SeerQwen3Attention(SeerAttentionMixin, Qwen3Attention):
         return self.o_proj(out.reshape(*input_shape, -1).contiguous()), weights
 
 
-class SeerQwen3DecoderLayer(Qwen3DecoderLayer):
+class SeerQwen3DecoderLayer(SeerDecoderLayerMixin, Qwen3DecoderLayer):
     def __init__(self, config: SeerQwen3Config, layer_idx: int):
         # Same submodules as Qwen3DecoderLayer, with SeerQwen3Attention (built once, not replaced).
         nn.Module.__init__(self)

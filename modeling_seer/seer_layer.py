@@ -168,13 +168,27 @@ class SeerAttentionMixin:
                 hidden_size=config.seer_gate_hidden_size, k_pooling=config.seer_k_pooling,
                 use_rope=config.seer_gate_rope))
 
-    #: torch.compile options of the RoPE (set by :meth:`SeerCausalLMMixin.seer_compile_pointwise`)
+    #: torch.compile options of the layer's work around the kernels (set by
+    #: :meth:`SeerCausalLMMixin.seer_compile_pointwise`; None: eager)
     _seer_compile = None
+    #: the family's RoPE ``(q, k, cos, sin) -> (q, k)`` (each family's attention class sets it)
+    seer_rope_fn = None
 
-    def seer_rotary(self, rope_fn, q, k, position_embeddings):
-        """The family's ``rope_fn(q, k, cos, sin)``, compiled after
+    def seer_project(self, hidden_states):
+        """q and k before RoPE (what the gate sees) and v, each ``[B, heads, T, D]``, from the
+        layer's normed input ``[B, T, hidden]``: the q/k/v projections (bias where the family
+        has one). Families with per-head q/k norms (Qwen3) override it."""
+        hidden_shape = (*hidden_states.shape[:-1], -1, self.head_dim)
+        q_pre = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        k_pre = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        v = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        return q_pre, k_pre, v
+
+    def seer_rotary(self, q, k, position_embeddings):
+        """The family's RoPE (:attr:`seer_rope_fn`), compiled after
         :meth:`SeerCausalLMMixin.seer_compile_pointwise` (one fused kernel instead of a
         chain of elementwise ones)."""
+        rope_fn = self.seer_rope_fn
         if self._seer_compile is not None:
             rope_fn = compiled(rope_fn, self._seer_compile)
         return rope_fn(q, k, *position_embeddings)
@@ -356,6 +370,46 @@ def _selection(attn, q, k, v, q_pre, k_pre, valid, seq_bounds, gate_rope, window
 
 def _keep(t):
     return t
+
+
+class SeerDecoderLayerMixin:
+    """Mixed into a family's decoder layer (before the stock class).
+
+    After :meth:`SeerCausalLMMixin.seer_compile_pointwise`, a prefill in a Seer mode without a
+    KV cache (a training or scoring forward) runs the layer as two compiled graphs around the
+    eager attention: (input norm, q/k/v projections, RoPE) and (output projection, residual,
+    norm, MLP, residual), the stock layer's computation regrouped. Each piece compiled alone
+    costs a compiled call, its guards and its autograd node in the forward, the recompute and
+    the backward; a 32k SmolLM2 fine-tuning step waited on that host work
+    (docs/experiments/finetune_step_time.md). Any other forward is the stock layer's."""
+
+    def forward(self, hidden_states, *args, **kwargs):
+        attn = self.self_attn
+        options, ctx, rope = attn._seer_compile, kwargs.get("seer_ctx"), kwargs.get("position_embeddings")
+        if options is None or args or ctx is None or ctx.decode is not None or rope is None \
+                or kwargs.get("cache") is not None or kwargs.get("past_key_values") is not None \
+                or attn.config.seer_mode == "dense":
+            return super().forward(hidden_states, *args, **kwargs)
+        q, k, v, q_pre, k_pre = compiled(_layer_in, options)(self, hidden_states, *rope)
+        out, _ = attn.seer_attention(q, k, v, q_pre, k_pre, kwargs.get("attention_mask"), ctx, None,
+                                     sliding_window=getattr(attn, "sliding_window", None))
+        return compiled(_layer_out, options)(self, hidden_states, out)
+
+
+def _layer_in(layer, hidden_states, cos, sin):
+    """A decoder layer up to its attention: ``(q, k, v, q_pre, k_pre)``, q and k after RoPE in
+    v's dtype (under autocast RoPE computes in float32; the cast the kernels need fuses here)."""
+    attn = layer.self_attn
+    q_pre, k_pre, v = attn.seer_project(layer.input_layernorm(hidden_states))
+    q, k = attn.seer_rope_fn(q_pre, k_pre, cos, sin)
+    return q.to(v.dtype), k.to(v.dtype), v, q_pre, k_pre
+
+
+def _layer_out(layer, residual, attn_out):
+    """A decoder layer after its attention (``attn_out`` ``[B, T, heads, D]``): output projection,
+    residual, norm, MLP, residual."""
+    h = residual + layer.self_attn.o_proj(attn_out.reshape(*residual.shape[:-1], -1))
+    return h + layer.mlp(layer.post_attention_layernorm(h))
 
 
 def gate_rotary_config(config):

@@ -38,6 +38,8 @@ VARIANTS = {
     "frozen-compile": dict(compile_pointwise=True, train_gates=False),
     "stride": dict(),
     "dense-compile": dict(compile_pointwise=True, density=1.0, train_gates=False),
+    # compile_pointwise before the decoder layer ran as two graphs (each piece compiled alone)
+    "stride-compile-unfused": dict(compile_pointwise=True),
 }
 
 
@@ -111,6 +113,17 @@ def summarize(prof):
 
 
 def run(variant, steps, seq_len, profile, out):
+    from seer_attn.modeling_seer.seer_layer import SeerDecoderLayerMixin
+    fused = SeerDecoderLayerMixin.forward
+    if variant.endswith("-unfused"):  # the stock layer's forward, the pieces compiled one by one
+        SeerDecoderLayerMixin.forward = lambda self, *a, **k: super(SeerDecoderLayerMixin, self).forward(*a, **k)
+    try:
+        return _run(variant, steps, seq_len, profile, out)
+    finally:
+        SeerDecoderLayerMixin.forward = fused
+
+
+def _run(variant, steps, seq_len, profile, out):
     torch.manual_seed(0)
     cuda = torch.cuda.is_available()  # (CPU: a smoke test of the script at a short length, 2 layers)
     model = SeerLlamaForCausalLM(SeerLlamaConfig(**{**SMOLLM2, **({} if cuda else dict(num_hidden_layers=2))}))

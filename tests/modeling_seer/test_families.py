@@ -131,3 +131,35 @@ def test_load_seer_model_converts_a_stock_folder(family, tmp_path):
     x = _x()
     with torch.no_grad():
         torch.testing.assert_close(seer(x).logits, stock(x).logits, atol=1e-5, rtol=0)
+
+
+def test_compile_pointwise_fuses_the_layer_and_matches_eager(family):
+    """compile_pointwise (aot_eager backend) runs a sparse training forward as two graphs per layer
+    around the attention, bypassing the attention module's own forward; loss and gradients equal the
+    eager model's. A forward with a KV cache still runs the stock layer."""
+    seer = from_stock(_stock(family, 6), seer_gate_hidden_size=32, seer_mode="sparse",
+                      seer_sparsity_method="nz_ratio", seer_nz_ratio=0.5).train()
+    x = _x(T=256, B=1)
+    calls = []
+    for layer in seer.model.layers:
+        layer.self_attn.register_forward_hook(lambda *a: calls.append(1))
+
+    def loss_and_grads():
+        seer.zero_grad()
+        loss = seer(input_ids=x, labels=x, use_cache=False).loss
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in seer.named_parameters() if p.grad is not None}
+
+    ref_loss, ref_grads = loss_and_grads()
+    assert len(calls) == TINY["num_hidden_layers"]
+    seer.seer_compile_pointwise(backend="aot_eager")
+    calls.clear()
+    loss, grads = loss_and_grads()
+    assert calls == []  # the fused path: the layer's graphs call the attention's pieces, not its forward
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
+    assert grads.keys() == ref_grads.keys()
+    for name, g in grads.items():
+        torch.testing.assert_close(g, ref_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+    with torch.no_grad():
+        seer.eval()(input_ids=x, use_cache=True)
+    assert len(calls) == TINY["num_hidden_layers"]  # with a cache: the stock layer and attention forward

@@ -2,8 +2,8 @@
 ``aot_eager`` backend: dynamo's graphs run by eager aten ops, so the plumbing is checked
 without a compiler; the GPU timing run uses inductor).
 
-The compiled pieces (RMSNorm, MLP, RoPE, the gate's block selection, LM loss) are five graphs
-shared by every layer, without graph breaks, under activation checkpointing and a sparse
+The compiled pieces (each decoder layer's work before and after its attention, the gate's block
+selection, the final norm, the LM loss) are five graphs shared by every layer, without graph breaks, under activation checkpointing and a sparse
 prefill; loss, gradients and the selected blocks equal the eager model's; ``enable=False``
 restores the eager functions; the trainer applies it after PEFT and refuses transformers'
 whole-model ``torch_compile``.
@@ -43,8 +43,8 @@ def test_compiled_pieces_match_eager_without_graph_breaks(make_tiny_model):
     for _ in range(2):  # the second step reuses the graphs (no recompiles)
         loss, grads = _loss_and_grads(model, ids)
     assert sum(counters["graph_break"].values()) == 0, dict(counters["graph_break"])
-    # RMSNorm, MLP, RoPE, the gate's block selection and the loss: one graph each, whatever
-    # the number of layers
+    # the layer before and after its attention, the gate's block selection, the final norm and
+    # the loss: one graph each, whatever the number of layers
     assert counters["stats"]["unique_graphs"] == 5, dict(counters["stats"])
     torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
     assert grads.keys() == ref_grads.keys()
