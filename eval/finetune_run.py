@@ -100,6 +100,8 @@ TIMING_VARIANTS = {
                        dict(gradient_checkpointing=False), False),
     "frozen-no-ckpt": ("density {lo}, gates frozen, no checkpointing",
                        dict(freeze_gates=True, gradient_checkpointing=False), False),
+    "dense-compile": ("density 1, Seer layer, compile_pointwise (row a)",
+                      dict(density=1.0, freeze_gates=True, compile_pointwise=True), False),
     "dense-sdpa-compile": ("density 1, SDPA, compile_pointwise",
                            dict(density=1.0, freeze_gates=True, compile_pointwise=True), True),
     "frozen-compile": ("density {lo}, gates frozen, compile_pointwise",

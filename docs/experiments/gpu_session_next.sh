@@ -40,7 +40,7 @@ FT=(-m seer_attn.eval.finetune_run --model "$GGUF" "${DATA[@]}" --work /tmp/seer
 
 case "$STEP" in
   ft-timing)
-    timeout 540 "$PY" "${FT[@]}" --phases timing --timing-variants stride-compile frozen-compile \
+    timeout 540 "$PY" "${FT[@]}" --phases timing --timing-steps 16 --timing-variants stride-compile frozen-compile dense-compile \
       stride-no-ckpt-compile dense-sdpa-compile > "$OUT/ft.log" 2>&1
     echo "finetune_run: exit $?"; grep "timing," "$OUT/ft.log" ;;
   ft-passkey)
