@@ -166,16 +166,21 @@ def _check_fit(missing, unexpected, mismatched, base):
 
 def _stock_onto_seer(cls, config, stock, base):
     """A ``cls`` model built from ``config`` holding the weights of the stock model ``stock``
-    (the same module names; gates new, in float32)."""
+    (the same module names; gates new), in the dtypes ``from_pretrained`` gives a full folder:
+    weights and gates in the stock model's dtype, the RoPE tables (buffers that are not saved)
+    in float32 as built. Casting those to bfloat16 changed every position's rotation but the
+    first (the gates-only model's logits then left the full folder's on the GPU)."""
     param = next(stock.parameters())
     config._attn_implementation = stock.config._attn_implementation
-    with torch.device(param.device):
-        model = cls(config)
-    model.to(param.dtype)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(param.dtype)  # as from_pretrained builds a model (RoPE tables ask for float32)
+    try:
+        with torch.device(param.device):
+            model = cls(config)
+    finally:
+        torch.set_default_dtype(default)
     res = model.load_state_dict(stock.state_dict(), strict=False)
     _check_fit(res.missing_keys, res.unexpected_keys, None, base)
-    for layer in model.model.layers:
-        layer.self_attn.attn_gate.float()
     model.generation_config = stock.generation_config
     return model.eval(), {"missing_keys": [k for k in res.missing_keys], "unexpected_keys": [],
                           "mismatched_keys": [], "error_msgs": []}

@@ -81,3 +81,39 @@ def test_load_seer_model_converts_a_gguf(family, tmp_path):
         torch.testing.assert_close(seer(x).logits, stock(x).logits, atol=1e-5, rtol=0)
         seer.set_seer_mode("sparse", seer_sparsity_method="nz_ratio", seer_nz_ratio=1.0)
         torch.testing.assert_close(seer(x).logits, stock(x).logits, atol=1e-4, rtol=0)
+
+
+def test_gates_only_on_a_gguf_loads_in_bfloat16_as_the_full_folder(tmp_path):
+    """A gates-only folder whose base is a GGUF file, loaded with dtype=bfloat16, gives the logits
+    of the full folder loaded so: the same dtypes everywhere, the RoPE tables in float32 as
+    from_pretrained builds them (cast to bfloat16 they moved every position but the first)."""
+    import copy
+
+    from seer_attn.modeling_seer.remote_bundle import write_remote_code
+
+    torch.manual_seed(0)
+    stock = FAMILIES["llama"].stock_model_class(FAMILIES["llama"].stock_config_class(**TINY)).eval()
+    write_tiny_gguf(stock, tmp_path / "tiny.gguf", "llama")
+    seer = load_seer_model(str(tmp_path / "tiny.gguf"), seer_gate_hidden_size=32, seer_mode="sparse",
+                           seer_sparsity_method="nz_ratio", seer_nz_ratio=0.3, seer_dense_last_rows=0)
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for t in seer.gate_state_dict().values():
+            t.copy_(torch.randn(t.shape, generator=g) * 0.2)
+    seer.save_pretrained(tmp_path / "full")
+    cfg = copy.deepcopy(seer.config)
+    cfg.seer_base_model = str(tmp_path / "tiny.gguf")
+    cfg.save_pretrained(tmp_path / "gates")
+    seer.save_gates(tmp_path / "gates")
+    write_remote_code(tmp_path / "gates", "seer_llama")
+    cls = type(seer)
+    full = cls.from_pretrained(tmp_path / "full", dtype=torch.bfloat16).eval()
+    gates = cls.from_pretrained(tmp_path / "gates", dtype=torch.bfloat16).eval()
+    dtypes = lambda m: {n: t.dtype for n, t in [*m.named_parameters(), *m.named_buffers()]}  # noqa: E731
+    assert dtypes(gates) == dtypes(full)
+    assert full.model.rotary_emb.inv_freq.dtype == torch.float32
+    x = torch.randint(0, TINY["vocab_size"], (1, 300), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = full(x).logits
+        assert torch.isfinite(ref).all() and torch.equal(gates(x).logits, ref)
+    assert full.seer_density().mean() < 0.9  # the prefill was sparse
