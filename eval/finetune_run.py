@@ -266,7 +266,8 @@ def build_parser():
                     help="checkpoint every N steps (one mid-run checkpoint for 200 steps)")
     ap.add_argument("--no-checkpointing", action="store_true", help="train without activation checkpointing")
     ap.add_argument("--compile-pointwise", action="store_true",
-                    help="train every row with compile_pointwise (MLP, norms, RoPE, selection and loss compiled); "
+                    help="train every row with compile_pointwise (each layer's work around the attention as two "
+                         "graphs, the selection and the loss compiled); "
                          "the timing variants set it themselves")
     ap.add_argument("--seed", type=ca.nonneg_int, default=_default("seed"))
     ap.add_argument("--cpu", action="store_true", help="smoke test on the CPU (tiny model and sizes only)")

@@ -297,7 +297,19 @@ def passkey_h100(root) -> str:
 def finetune_h200(root) -> str:
     """The YaRN fine-tuning experiment (eval/finetune_run.py): every row with PPL per source,
     step time and peak memory, then the issue's targets and the paired passkey."""
-    path = "results/finetune/h200.json"
+    return _finetune_rows(root, "results/finetune/h200.json")
+
+
+def finetune_compile_h200(root) -> str:
+    """Rows (a) and (c) at 0.1 trained with ``compile_pointwise`` (each decoder layer two graphs,
+    commit 66d893f), their passkey, and the timing phase of the same commit."""
+    path = "results/finetune/h200_compile.json"
+    env = load_envelope(root, path)
+    rows = format_timing(env["timing"], env["config"]["seq_len"]).split("\n\nbusiest kernels")[0]
+    return _finetune_rows(root, path) + "\n\nThe timing phase at the same commit: " + rows[0].lower() + rows[1:]
+
+
+def _finetune_rows(root, path) -> str:
     env = load_envelope(root, path)
     prov, cfg = env["provenance"], env["config"]
     sources = sorted({s for r in env["rows"] for s in r.get("per_source", {})})
@@ -311,13 +323,16 @@ def finetune_h200(root) -> str:
     done = [k for k, v in env.get("phases_done", {}).items() if v]
     left = [k for k, v in env.get("phases_done", {}).items() if not v]
     caption = (f"SmolLM2-135M, YaRN factor {cfg['yarn_factor']:g} ({_tokens(cfg['seq_len'])} tokens), "
-               f"{cfg['steps']} steps per training row, {prov['gpu']}, commit {_commit(prov)} ({path}; phases run: "
+               f"{cfg['steps']} steps per training row"
+               + (", `compile_pointwise`" if cfg.get("compile_pointwise") else "") + f", {prov['gpu']}, commit {_commit(prov)} ({path}; phases run: "
                f"{', '.join(done)}" + (f"; not run: {', '.join(left)}" if left else "") + "). PPL on "
                f"{_tokens(cfg['seq_len'])}-token source-joined windows of eval.jsonl (up to "
                f"{cfg['windows_per_source']} per source); s/step of training ((b): of distillation), peak GiB:")
     table = _table(["row", "density", "PPL all"] + sources + ["s/step", "peak GiB"], body)
-    targets = "\n".join(f"- {t['target']}: {'met' if t['ok'] else 'MISSED'} ("
-                         + (f"{t['value']:.3g}" if isinstance(t["value"], float) else str(t["value"])) + ")"
+    targets = "\n".join(f"- {t['target']}: " + ("not measured in this run" if t["value"] is None else
+                                                 f"{'met' if t['ok'] else 'MISSED'} ("
+                                                 + (f"{t['value']:.3g}" if isinstance(t["value"], float)
+                                                    else str(t["value"])) + ")")
                          for t in env.get("targets", []))
     out = caption + "\n\n" + table + "\n\nTargets (issue 13):\n\n" + targets
     pk = env.get("passkey") or {}
@@ -457,6 +472,7 @@ TABLES = {
     "decode-h200": decode_h200,
     "finetune-timing-h200": finetune_timing_h200,
     "finetune-timing-compile-h200": finetune_timing_compile_h200,
+    "finetune-compile-h200": finetune_compile_h200,
     "gate-quality-h200": gate_quality_h200,
 }
 

@@ -577,15 +577,19 @@ class SeerCausalLMMixin:
     # -- modes and statistics ------------------------------------------------------------
 
     def seer_compile_pointwise(self, enable: bool = True, **compile_options):
-        """``torch.compile`` the work around the attention kernels, in place: every decoder
-        layer's MLP and RMSNorms (with q/k norms where the family has them), its RoPE, the
-        gate's block selection at a sparse prefill (``seer_selector="gate"``: pooling, gate,
-        scores, the method and keep rules, one graph instead of ~50 small kernels), the final
-        norm and the LM loss; the attention kernels, the gate loss and decode stay eager. Each
-        compiled piece is one graph without breaks, so it composes with activation
-        checkpointing (a compiled function that breaks inside a checkpointed layer would run
-        eagerly) and with PEFT (compile after wrapping). The numerics change at rounding level
-        (fused kernels, e.g. the loss's float32 logits are never written out).
+        """``torch.compile`` the work around the attention kernels, in place. At a prefill in a
+        Seer mode without a KV cache (training, scoring) every decoder layer runs as two graphs
+        around its eager attention (:class:`SeerDecoderLayerMixin`: input norm, q/k/v
+        projections and RoPE; output projection, residual, norm, MLP, residual); the gate's
+        block selection (``seer_selector="gate"``: pooling, gate, scores, the method and keep
+        rules) is one graph instead of ~50 small kernels; the final norm and the LM loss are
+        compiled too. Other forwards (a KV cache, dense mode) compile the layer's MLP, RMSNorms
+        (q/k norms where the family has them) and RoPE one by one. The attention kernels, the
+        gate loss and decode stay eager. Each compiled piece is one graph without breaks, so it
+        composes with activation checkpointing (a compiled function that breaks inside a
+        checkpointed layer would run eagerly) and with PEFT (compile after wrapping). The
+        numerics change at rounding level (fused kernels, e.g. the loss's float32 logits are
+        never written out).
 
         Args:
             enable: False restores the eager functions.

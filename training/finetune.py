@@ -168,8 +168,8 @@ def add_finetune_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     parser.add_argument("--gradient-checkpointing", action="store_true",
                         help="non-reentrant activation checkpointing of the decoder layers")
     parser.add_argument("--compile-pointwise", action="store_true",
-                        help="torch.compile the MLPs, norms, RoPE, block selection and loss around the attention "
-                             "kernels: fused kernels, a faster step at 32k on a GPU")
+                        help="torch.compile the work around the attention kernels (each layer as two graphs, "
+                             "the block selection, the loss): a faster step at 32k on a GPU")
     parser.add_argument("--seed", type=ca.nonneg_int, default=_default("seed"),
                         help="seed of new gates, the data order and training (default: %(default)s)")
     parser.add_argument("--output", default=_default("output"),

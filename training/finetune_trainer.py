@@ -77,8 +77,8 @@ class FineTuneArguments(SeerTrainingArguments):
             every linear map of attention and MLP).
         lora_base_dir: where the frozen base is written for the adapter to name (default:
             ``base`` beside ``final_model_dir``).
-        compile_pointwise: ``torch.compile`` the work around the attention kernels (MLP,
-            norms, RoPE, the gate's block selection, LM loss;
+        compile_pointwise: ``torch.compile`` the work around the attention kernels (each
+            decoder layer as two graphs around its attention, the gate's block selection, LM loss;
             :meth:`~seer_attn.modeling_seer.seer_layer.SeerCausalLMMixin.seer_compile_pointwise`)
             with ``compile_pointwise_backend``. transformers' own ``torch_compile`` (and its
             backend / mode fields) compiles the whole model, which breaks at the sparse
@@ -106,7 +106,7 @@ class FineTuneArguments(SeerTrainingArguments):
                                            metadata={"help": "Modules with LoRA adapters."})
     lora_base_dir: str | None = field(default=None, metadata={"help": "Folder of the frozen base (LoRA)."})
     compile_pointwise: bool = field(default=False, metadata={
-        "help": "torch.compile MLP, norms, RoPE, block selection and loss around the attention kernels."})
+        "help": "torch.compile the layers' work around the attention kernels, block selection and loss."})
     compile_pointwise_backend: str = field(default="inductor", metadata={"help": "torch.compile backend of "
                                                                                  "compile_pointwise."})
 
