@@ -218,14 +218,28 @@ class DecodeStats:
         return None if self._kept is None else (self._kept / self._kept_n).detach()
 
 
-def _starts_from_mask(attention_mask, T, B, device):
-    """First real slot per row from the padding mask of a fresh cache's first forward: a 2D
-    0/1 mask ``[B, T]``, or the 4D mask ``generate`` builds for a static cache (bool, True =
-    attend, or additive, 0 = attend), whose last query row shows the padding."""
-    if attention_mask is not None and attention_mask.dim() == 4 and attention_mask.shape[-1] >= T:
-        last = attention_mask[:, 0, -1, :T]
-        attention_mask = last if last.dtype == torch.bool else last == 0
+def prompt_padding(attention_mask, T):
+    """The padding mask ``[B, T]`` (nonzero: a real token) of a fresh cache's first forward of
+    ``T`` tokens, from a 2D 0/1 mask or the 4D mask ``generate`` builds for a static cache
+    (bool, True = attend, or additive, 0 = attend; with sliding-window layers a dict of them per
+    layer type): token i is real iff query i may attend key i (the diagonal: causal and
+    sliding-window masks both keep it, padding masks it in every row). None when the mask says
+    nothing of it (None, or another shape)."""
+    if isinstance(attention_mask, dict):
+        attention_mask = attention_mask.get("full_attention", next(iter(attention_mask.values()), None))
+    if attention_mask is not None and attention_mask.dim() == 4 and min(attention_mask.shape[-2:]) >= T:
+        diag = attention_mask[:, 0, :T, :T].diagonal(dim1=-2, dim2=-1)
+        return diag if diag.dtype == torch.bool else diag == 0
     if attention_mask is None or attention_mask.dim() != 2 or attention_mask.shape[1] != T:
+        return None
+    return attention_mask
+
+
+def _starts_from_mask(attention_mask, T, B, device):
+    """First real slot per row from the padding mask of a fresh cache's first forward
+    (:func:`prompt_padding`)."""
+    attention_mask = prompt_padding(attention_mask, T)
+    if attention_mask is None:
         return torch.zeros(B, dtype=torch.long, device=device)
     valid = attention_mask.bool()
     count = valid.sum(-1)

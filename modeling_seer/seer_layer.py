@@ -47,7 +47,7 @@ from seer_attn.kernels.block_mask import window_block_mask
 from seer_attn.kernels.block_sparse_attn import attn_with_pooling, block_sparse_attn, dense_attn
 from seer_attn.kernels.block_sparse_decode import block_sparse_decode
 
-from .decode_cache import decode_step_for
+from .decode_cache import decode_step_for, prompt_padding
 from .decode_gate import DecodeGate, decode_block_target, decode_candidates, decode_distill_loss, sample_decode_rows
 from .gate import AttnGate, gate_distill_loss
 from .gates_only import is_gates_only, load_gates_only, peek_config
@@ -84,7 +84,9 @@ class SeerForwardContext:
     ``[B, HQ, NB, NB]`` detached and after the window fill, the window the layer's sliding
     window in tokens (None: full causal), which :func:`select_blocks_for` and
     :func:`causal_density` need. A context serves one forward pass (and the recompute of its
-    checkpointed layers), never two.
+    checkpointed layers), never two. ``prefill_slots``: T when this forward is the prefill of
+    T tokens into an empty static KV cache, whose layers return the whole cache: the prefill's
+    keys are its first T slots.
     """
 
     seq_bounds: torch.Tensor | None = None
@@ -101,6 +103,7 @@ class SeerForwardContext:
     gate_loss_done: set = field(default_factory=set)
     layer_masks: dict = field(default_factory=dict)
     on_gate_scores: object = None
+    prefill_slots: int | None = None
 
 
 def padding_bounds(attention_mask, T):
@@ -214,6 +217,8 @@ class SeerAttentionMixin:
             step.record(self.layer_idx, k_pre, getattr(self.attn_gate, DECODE_GATE))
             if step.sparse and q.shape[2] == 1 and getattr(self, "sliding_window", None) is None:
                 return self._seer_decode(q, k, v, q_pre, step), None  # (sliding-window layers decode densely)
+        if mode != "dense" and seer_ctx is not None and seer_ctx.prefill_slots == q.shape[2] < k.shape[2]:
+            k, v = k[:, :, :q.shape[2]], v[:, :, :q.shape[2]]  # a static cache's prefill: its first T slots
         if mode != "dense" and q.shape[2] == k.shape[2]:  # prefill: the gate and the kernels
             if seer_ctx is None:
                 raise ValueError(f"{type(self).__name__} in seer_mode {mode!r} needs the seer_ctx built by the "
@@ -456,7 +461,10 @@ class SeerModelMixin:
         ref = input_ids if input_ids is not None else inputs_embeds
         if cfg.seer_mode != "dense":
             seer_ctx = seer_ctx if seer_ctx is not None else SeerForwardContext()
-            self._prepare_context(seer_ctx, attention_mask, position_ids, ref.shape[1], ref.device)
+            padding = attention_mask
+            if isinstance(attention_mask, dict) or attention_mask is not None and attention_mask.dim() == 4:
+                padding = self._static_prefill(seer_ctx, attention_mask, ref.shape[1], kwargs)
+            self._prepare_context(seer_ctx, padding, position_ids, ref.shape[1], ref.device)
         if cfg.seer_decode_sparsity and cfg.seer_mode != "distill":
             seer_ctx = seer_ctx if seer_ctx is not None else SeerForwardContext()
             kwargs = self._prepare_decode(seer_ctx, attention_mask, ref, kwargs)
@@ -467,6 +475,24 @@ class SeerModelMixin:
         if seer_ctx is not None and seer_ctx.decode is not None:
             seer_ctx.decode.finish()
         return out
+
+    def _static_prefill(self, ctx, attention_mask, T, kwargs):
+        """The padding mask of a forward whose ``attention_mask`` is 4D (or a dict of them):
+        what ``generate`` passes with a static KV cache. At the prefill of an empty cache the
+        padding is read from the mask (:func:`~.decode_cache.prompt_padding`) and the layers
+        attend sparsely over the cache's first T slots (``ctx.prefill_slots``); other forwards
+        of a cache (decode steps, a prefill after earlier tokens) take the stock attention with
+        the 4D mask, and the context needs no padding (None). Without a cache a 4D mask is
+        refused (ValueError): sparse and distill prefills take a 2D padding mask."""
+        cache = kwargs.get("cache") if kwargs.get("cache") is not None else kwargs.get("past_key_values")
+        if cache is None:
+            shape = "a dict of" if isinstance(attention_mask, dict) else f"a {attention_mask.dim()}D"
+            raise ValueError(f"seer_mode {self.config.seer_mode!r} takes a 2D padding attention_mask [B, T]; got "
+                             f"{shape} mask")
+        if T > 1 and int(cache.get_seq_length()) == 0:  # one device sync, at the prefill
+            ctx.prefill_slots = T
+            return prompt_padding(attention_mask, T)
+        return None
 
     def _gate_rope_at(self, positions):
         """The gate's RoPE ``(cos, sin)`` ``[B, n, G]`` at long positions ``[B, n]``."""

@@ -261,6 +261,56 @@ def test_static_cache_equals_dynamic_cache(tiny):
         assert torch.equal(_greedy(m, ids, 30, attention_mask=mask, cache_implementation="static"), dyn)
 
 
+@pytest.mark.parametrize("decode_sparsity", [False, True], ids=["dense-decode", "sparse-decode"])
+@torch.no_grad()
+def test_sparse_prefill_with_a_static_cache_equals_the_dynamic_cache(tiny, decode_sparsity):
+    """seer_mode "sparse" with a static cache (generate passes a 4D mask): the prefill reads the
+    padding from the mask's last row and attends sparsely over the cache's first T slots, with
+    the dynamic cache's blocks and tokens, left-padded, sparse decode on or off."""
+    m = tiny(**DECODE, seer_mode="sparse", seer_sparsity_method="nz_ratio", seer_nz_ratio=0.3,
+             seer_decode_sparsity=decode_sparsity, seer_decode_budget=3 * 64)
+    ids, mask = _left_pad([_ids(450, seed=5)[0], _ids(322, seed=6)[0]], 450)
+    dyn = _greedy(m, ids, 20, attention_mask=mask)
+    dyn_density = m.seer_density()
+    assert dyn_density is not None and dyn_density.mean() < 0.9  # the prefill was sparse
+    static = _greedy(m, ids, 20, attention_mask=mask, cache_implementation="static")
+    assert torch.equal(static, dyn)
+    torch.testing.assert_close(m.seer_density(), dyn_density, rtol=0, atol=0)  # the same blocks
+
+
+@pytest.mark.parametrize("family", ["qwen2", "mistral"], ids=["qwen2-sliding-window-layer", "mistral-sliding-window"])
+@torch.no_grad()
+def test_sparse_prefill_with_a_static_cache_and_sliding_windows(family):
+    """With sliding-window layers generate passes a dict of 4D masks (Qwen2) or a sliding one
+    (Mistral), whose rows hide early keys: the padding comes from the diagonal, and the static
+    cache gives the dynamic cache's tokens and blocks."""
+    from seer_attn.modeling_seer.conversion import from_stock
+    from seer_attn.modeling_seer.families import FAMILIES
+    fam = FAMILIES[family]
+    kw = {"qwen2": dict(use_sliding_window=True, sliding_window=128, max_window_layers=1),
+          "mistral": dict(sliding_window=128)}[family]
+    torch.manual_seed(0)
+    stock = fam.stock_model_class(fam.stock_config_class(
+        vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=4096, tie_word_embeddings=False, **kw)).eval()
+    m = from_stock(stock, seer_gate_hidden_size=32, seer_mode="sparse", seer_sparsity_method="nz_ratio",
+                   seer_nz_ratio=0.3)
+    ids, mask = _left_pad([_ids(300, seed=1)[0], _ids(230, seed=2)[0]], 300)
+    dyn = _greedy(m, ids, 8, attention_mask=mask)
+    dyn_density = m.seer_density()
+    assert torch.equal(_greedy(m, ids, 8, attention_mask=mask, cache_implementation="static"), dyn)
+    torch.testing.assert_close(m.seer_density(), dyn_density, rtol=0, atol=0)
+
+
+def test_a_4d_mask_without_a_cache_is_refused_in_sparse_mode(tiny):
+    m = tiny(seer_mode="sparse", seer_sparsity_method="nz_ratio", seer_nz_ratio=0.3)
+    ids = _ids(130)
+    mask = torch.ones(1, 1, 130, 130, dtype=torch.bool).tril()
+    with pytest.raises(ValueError, match="takes a 2D padding attention_mask .* got a 4D mask") as err:
+        m(input_ids=ids, attention_mask=mask)
+    assert "\n" not in str(err.value)
+
+
 @pytest.mark.parametrize("family, sliding", [("qwen2", False), ("qwen2", True), ("mistral", True)],
                          ids=["qwen2", "qwen2-sliding-window-layer", "mistral-sliding-window"])
 @torch.no_grad()
