@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The next GPU session's measurements (after session 14's H200 runs of c88d92a-8c84a20), one
+# The next GPU session's measurements (after session 15's H200 runs of ac54ab7-9a403ff), one
 # STEP per device call so that each fits the 10-minute limit. Steps that read the real model or
 # the corpora need staging first (device_stage.py: chunk0, chunk1, then chunk2 with the wheels
 # installed to /tmp/site, three calls back to back: /tmp goes with the machine); the kernel
@@ -8,22 +8,22 @@
 #   bash docs/experiments/gpu_session_next.sh STEP OUT
 #
 # STEP, in order of priority (minutes on one H200):
-#   ft-timing      ~4  issue 13: row (c)'s step with the gate's block selection compiled too
-#                      (compile_pointwise since 8c84a20 compiles it), frozen gates, no checkpointing,
-#                      and density 1 through SDPA, all compiled (needs staging)
-#   tests-kernels  ~6  the kernel GPU tests in two processes at once (one call did not fit them
-#                      serially in session 13; every case passed at c88d92a / 72f2140)
-#   bench-kernels  ~5  the issue 16 table (8k / 32k / 128k, backward at 32k), then TTFT at 128k
-#   ft-passkey     ~8  issue 13: gates0, (a), (c) at 0.1 and their passkey under the protocol's keep
-#                      rules, trained with --compile-pointwise (their s/step is then the experiment's
-#                      own measure of the compiled step; two calls of --time-budget 520; needs staging)
-#   tests-export   ~2  the GPU export test (fixed on CPU in cc99e26: fresh processes keep PYTHONPATH)
-#   bench-decode   ~3  issue 15: bench-decode --tune, now with the kernel alone replayed from a CUDA
+#   tests-models   ~5  families, real-model, fine-tuning (the compile_pointwise inductor test of
+#                      1cc9dcc has not run on a GPU) and export GPU tests (the bf16 gates-only
+#                      export test failed at 66d893f; fixed on CPU in bb9fd7e); needs staging
+#   tests-decode   ~4  the decode GPU tests (decode kernels and model; static caches now take a
+#                      sparse prefill)
+#   bench-decode   ~3  issue 15: bench-decode --tune, with the kernel alone replayed from a CUDA
 #                      graph (the eager B=1 numbers are host launch work: empty selection = sparse)
-#   tests-decode   ~4  the decode GPU tests (decode kernels and model)
 #   decode-quality ~6  issue 15: decode perplexity and passkey with sparse decode
+#   bench-kernels  ~5  the issue 16 table (8k / 32k / 128k, backward at 32k), then TTFT at 128k
+#                      (kernels unchanged since 8c84a20 but for the launchers' stride helper;
+#                      every kernel GPU test passed at 66d893f)
 #   gate-passkey   ~6  issue 17: passkey of both gate sets, knob and threshold at ~0.12
-#   tests-models   ~6  families, real-model, fine-tuning and export GPU tests
+#   tests-kernels  ~6  the kernel GPU tests in two processes at once (after any kernel change)
+#   tests-export   ~2  the GPU export test alone
+#   ft-timing      ~2  issue 13's timing phase (done at 66d893f: row (c) 0.246 s/step)
+#   ft-passkey     ~5  issue 13's rows (a), (c) at 0.1 compiled and their passkey (done at 66d893f)
 #
 # Every step writes under OUT/STEP and prints its table last.
 set -u
