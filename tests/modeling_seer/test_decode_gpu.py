@@ -75,3 +75,22 @@ def test_sparse_decode_runs_and_reads_the_share():
     assert torch.isfinite(logits).all() and seq.shape == (3, 4096 + 24)
     d = m.seer_decode_density()
     assert ((d > 0.09) & (d < 0.13)).all(), d  # ceil(0.1 * n) of n = 55 .. 65 blocks
+
+
+@pytest.mark.parametrize("decode_sparsity", [False, True], ids=["compiled-dense-decode", "sparse-decode"])
+@torch.no_grad()
+def test_sparse_prefill_with_a_static_cache(decode_sparsity):
+    """A sparse prefill into a static cache (generate's 4D masks) keeps the dynamic cache's
+    blocks, then decodes: densely through transformers' compiled static-cache steps (CUDA
+    graphs), or sparsely (never compiled). The first step's logits come from the prefill alone
+    and match the dynamic cache's; the runs finish with finite logits."""
+    m = _model()
+    ids, mask = _batch()
+    m.set_seer_mode("sparse", seer_sparsity_method="nz_ratio", seer_nz_ratio=0.3,
+                    seer_decode_sparsity=decode_sparsity, seer_decode_method="share", seer_decode_share=0.1)
+    _, dyn = _run(m, ids, mask)
+    dyn_density = m.seer_density()
+    seq, static = _run(m, ids, mask, cache_implementation="static")
+    assert torch.equal(m.seer_density(), dyn_density) and dyn_density.mean() < 0.9
+    assert torch.isfinite(static).all() and seq.shape == (3, 4096 + 24)
+    assert torch.equal(static[:, 0], dyn[:, 0])
