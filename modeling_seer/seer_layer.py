@@ -486,9 +486,9 @@ class SeerModelMixin:
         refused (ValueError): sparse and distill prefills take a 2D padding mask."""
         cache = kwargs.get("cache") if kwargs.get("cache") is not None else kwargs.get("past_key_values")
         if cache is None:
-            shape = "a dict of" if isinstance(attention_mask, dict) else f"a {attention_mask.dim()}D"
+            got = "a dict of masks" if isinstance(attention_mask, dict) else f"a {attention_mask.dim()}D mask"
             raise ValueError(f"seer_mode {self.config.seer_mode!r} takes a 2D padding attention_mask [B, T]; got "
-                             f"{shape} mask")
+                             f"{got}")
         if T > 1 and int(cache.get_seq_length()) == 0:  # one device sync, at the prefill
             ctx.prefill_slots = T
             return prompt_padding(attention_mask, T)
