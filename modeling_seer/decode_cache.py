@@ -25,7 +25,7 @@ import weakref
 
 import torch
 
-from .selection import block_pool, prepare_decode_selection
+from .selection import block_pool, prepare_decode_selection, select_decode_blocks
 
 _STATES = weakref.WeakKeyDictionary()  # KV cache object -> PooledKCache
 
@@ -117,6 +117,7 @@ class PooledKCache:
         self.length = 0  # cache slots recorded (after a whole forward)
         self.stats = DecodeStats(self.first_block)
         self.tables = None  # the _BlockTables of the current block
+        self.graph = None  # a decode_graph.GraphDecodeState once graph-mode decoding took over
 
     def block_tables(self, current, rope_at, device):
         """The :class:`_BlockTables` of block ``current`` (made when a decode step first reaches it)."""
@@ -299,6 +300,17 @@ class DecodeStep:
             self.tables.selections[key] = sel
         return sel
 
+    def gate_keys(self, layer):
+        """The decode gate's keys this step scores, ``[B, H, current + 1, G]`` (None before a block filled)."""
+        return self.state.gate_keys(layer, self.current + 1)
+
+    def select(self, scores, cfg):
+        """``(idx, cnt)`` of the decode gate's logits ``[B, H, current + 1]`` by ``cfg``'s method."""
+        prepared = self.selection(cfg.seer_decode_method, cfg.seer_decode_budget, cfg.seer_decode_share,
+                                  scores.shape[1])  # the same for every layer (and step) of this block
+        return select_decode_blocks(scores, self.state.first_block, cfg.seer_decode_method,
+                                    threshold=cfg.seer_decode_threshold, prepared=prepared)
+
     def note_kept(self, cnt):
         """Add one layer's kept block counts ``[B, H]`` (folded into the state by :meth:`finish`;
         layers of a step with one shared count tensor cost nothing here)."""
@@ -340,10 +352,16 @@ def decode_step_for(cache, config, B, T, attention_mask, rope_at, device):
     ``cache`` (a transformers KV cache), creating its :class:`PooledKCache` when the cache is
     empty.
 
+    A decode step of a cache whose pooled-K cache went to graph mode
+    (:func:`~.decode_graph.graph_generate`) is a :class:`~.decode_graph.GraphDecodeStep`
+    (device ops only, no sync).
+
     Raises ValueError when the cache holds tokens its pooled-K cache never saw, or the batch
     size changed."""
-    past = int(cache.get_seq_length())
     state = _STATES.get(cache)
+    if state is not None and state.graph is not None and T == 1:
+        return state.graph.step(rope_at)
+    past = int(cache.get_seq_length())
     if past == 0 or state is None:
         if past != 0:
             raise ValueError(f"seer_decode_sparsity: the KV cache already holds {past} tokens that were not seen with "

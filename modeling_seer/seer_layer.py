@@ -48,13 +48,14 @@ from seer_attn.kernels.block_sparse_attn import attn_with_pooling, block_sparse_
 from seer_attn.kernels.block_sparse_decode import block_sparse_decode
 
 from .decode_cache import decode_step_for, prompt_padding
+from .decode_graph import graph_generate
 from .decode_gate import DecodeGate, decode_block_target, decode_candidates, decode_distill_loss, sample_decode_rows
 from .gate import AttnGate, gate_distill_loss
 from .gates_only import is_gates_only, load_gates_only, peek_config
 from .hub_utils import hub_call, resolve_source
 from .remote_bundle import write_remote_code
 from .selection import (ScoreInputs, block_pool, causal_density, get_selector, select_blocks_for,
-                        select_decode_blocks, window_fill)
+                        window_fill)
 
 logger = logging.getLogger(__name__)
 
@@ -296,19 +297,15 @@ class SeerAttentionMixin:
         every layer of the step shares (RoPE, lengths, the selection's bias and counts) is made
         once, in ``step``; a layer adds a few ops: project and score (:meth:`DecodeGate.step_logits`),
         top-k, the kernel."""
-        cfg, state = self.config, step.state
+        cfg = self.config
         if not q.dtype == k.dtype == v.dtype:
             q, k = q.to(v.dtype), k.to(v.dtype)
         gate = getattr(self.attn_gate, DECODE_GATE)
-        current = step.current  # the new token's block: the full blocks 0 .. current - 1 are candidates
         with torch.no_grad():
-            selection = step.selection(cfg.seer_decode_method, cfg.seer_decode_budget, cfg.seer_decode_share,
-                                       k.shape[1])  # the same for every layer (and step) of this block
-            keys = state.gate_keys(self.layer_idx, current + 1)  # None before the first block fills
+            keys = step.gate_keys(self.layer_idx)  # None before the first block fills
             logits = gate.step_logits(q_pre, keys, rope=step.q_rope(keys.dtype)) if keys is not None else \
                 torch.zeros(k.shape[0], k.shape[1], 1, 1, device=q.device)
-            idx, cnt = select_decode_blocks(logits.squeeze(2), state.first_block, cfg.seer_decode_method,
-                                            threshold=cfg.seer_decode_threshold, prepared=selection)
+            idx, cnt = step.select(logits.squeeze(2), cfg)
         out = block_sparse_decode(q, k, v, idx, step.lens, self.scaling, cfg.seer_block_size,
                                   seq_starts=step.seq_starts, block_counts=cnt, check_lengths=False)
         step.note_kept(cnt)
@@ -439,6 +436,16 @@ class SeerPreTrainedMixin:
             super()._init_weights(module)
 
 
+def _empty_static_cache(kwargs):
+    """Whether the forward's KV cache is a static one (preallocated layers) holding no token yet
+    (one device sync)."""
+    cache = kwargs.get("cache") if kwargs.get("cache") is not None else kwargs.get("past_key_values")
+    layers = getattr(cache, "layers", None)
+    if not layers or not all(getattr(layer, "max_cache_len", None) for layer in layers):
+        return False
+    return int(cache.get_seq_length()) == 0
+
+
 class SeerModelMixin:
     """Mixed into a family's base model (before the stock class); its ``__init__`` calls
     :meth:`build_seer_model` instead of the stock one (which would build stock layers)."""
@@ -464,6 +471,8 @@ class SeerModelMixin:
             padding = attention_mask
             if isinstance(attention_mask, dict) or attention_mask is not None and attention_mask.dim() == 4:
                 padding = self._static_prefill(seer_ctx, attention_mask, ref.shape[1], kwargs)
+            elif ref.shape[1] > 1 and _empty_static_cache(kwargs):  # a static cache's prefill, 2D mask
+                seer_ctx.prefill_slots = ref.shape[1]
             self._prepare_context(seer_ctx, padding, position_ids, ref.shape[1], ref.device)
         if cfg.seer_decode_sparsity and cfg.seer_mode != "distill":
             seer_ctx = seer_ctx if seer_ctx is not None else SeerForwardContext()
@@ -676,6 +685,14 @@ class SeerCausalLMMixin:
                     setattr(self.config, k, val)
             raise
         return self
+
+    def seer_generate(self, input_ids, attention_mask=None, max_new_tokens=32, eos_token_id=None, cuda_graph=None):
+        """Greedy generation whose decode steps replay from one CUDA graph: the prefill into a
+        static KV cache, then sparse decode steps (``seer_decode_sparsity``) or dense ones, with no
+        host work per token (:func:`~.decode_graph.graph_generate`). Returns the prompt and the
+        new tokens, long ``[B, T + n]``."""
+        return graph_generate(self, input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
+                              eos_token_id=eos_token_id, cuda_graph=cuda_graph)
 
     def seer_density(self):
         """Kept share of causal blocks of the last sparse prefill: float ``[layers, batch, heads]``

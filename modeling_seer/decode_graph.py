@@ -1,0 +1,315 @@
+"""Sparse decode steps that replay from a CUDA graph (docs/design.md §2, "Decode", graph mode).
+
+A sparse decode step of :mod:`.decode_cache` is cheap on the GPU but costs ~1 ms of Python
+per layer on the host (docs/experiments/decode_host_time.md): the pooled-K cache grows
+Python lists, the selection's bias is made per block on the host, the cache length is read
+with a device sync. Here the same step is written so that one forward of the whole model
+can be captured once in a CUDA graph and replayed for every later token:
+
+- a transformers ``StaticCache`` holds the KV cache (fixed addresses, written in place);
+- :class:`GraphDecodeState` holds, per layer, the decode gate's block keys for every block
+  the cache can hold (``[B, H, capacity / 64, G]``) and the pre-RoPE keys of the current,
+  partly filled block (``[B, H, 64, D]``), both preallocated;
+- everything that changes from token to token comes from one device tensor, ``slot`` (the
+  new token's cache slot): the new key is written at ``slot % 64``, the current block's
+  pooled key and gate key are recomputed each step into row ``slot // 64`` (when the block
+  is full, its last step leaves the final value there: no Python branch on a filling
+  block), and the selection's bias and counts are made from it with a fixed top-k width
+  (the budget, or the share of the capacity's blocks; the threshold method sorts them all).
+
+Selections equal those of :mod:`.decode_cache` (the same scores, bias and counts); the
+kernel may read a row's blocks in another order.
+
+:func:`graph_generate` (``model.seer_generate``) runs greedy decoding this way: the prefill
+into a static cache, then decode steps replayed from one CUDA graph (eagerly on a CPU).
+
+Copied flat into saved model folders (remote code): imports only torch/transformers.
+"""
+import inspect
+import math
+
+import torch
+
+from .selection import DECODE_METHODS, block_pool
+
+
+class GraphStats:
+    """Kept share of each sequence's blocks over the graph decode steps (``density()`` as
+    :class:`~.decode_cache.DecodeStats`), summed on the device."""
+
+    def __init__(self, batch, device):
+        self.kept = torch.zeros(batch, dtype=torch.float32, device=device)
+        self.layers = torch.zeros((), dtype=torch.float32, device=device)
+
+    def density(self):
+        return None if float(self.layers) == 0 else (self.kept / self.layers).detach()
+
+    def reset(self):
+        self.kept.zero_()
+        self.layers.zero_()
+
+
+class GraphDecodeState:
+    """The pooled-K cache of a static KV cache in preallocated tensors (module docstring).
+
+    Args:
+        pooled: the :class:`~.decode_cache.PooledKCache` left by the prefill (its full blocks'
+            gate keys and the partial block are copied in).
+        gates: each layer's :class:`~.decode_gate.DecodeGate`.
+        capacity: the KV cache's slots; ``slot``: long ``[1]`` device tensor, the next decode
+            step's cache slot (its owner advances it after each step).
+        kv_heads, head_dim, dtype: the KV cache's.
+    """
+
+    def __init__(self, pooled, gates, capacity, slot, kv_heads, head_dim, dtype):
+        bs = pooled.block_size
+        dev = slot.device
+        self.block_size, self.k_pooling, self.slot = bs, pooled.k_pooling, slot
+        self.starts, self.starts32, self.first_block = pooled.starts, pooled.starts32, pooled.first_block
+        self.num_blocks = -(-capacity // bs)
+        B = pooled.batch_size
+        self.keys, self.bufs = [], []
+        for layer, gate in zip(pooled.layers, gates):
+            keys = torch.zeros(B, kv_heads, self.num_blocks, gate.hidden_size, dtype=dtype, device=dev)
+            if layer.n:
+                keys[:, :, :layer.n] = layer.keys[:, :, :layer.n]
+            buf = torch.zeros(B, kv_heads, bs, head_dim, dtype=dtype, device=dev)
+            if layer.fill:
+                buf[:, :, :layer.fill] = layer.partial
+            self.keys.append(keys)
+            self.bufs.append(buf)
+        self.stats = GraphStats(B, dev)
+
+    @property
+    def batch_size(self):
+        return self.starts.shape[0]
+
+    def step(self, rope_at):
+        """The :class:`GraphDecodeStep` of the next forward (one new token per sequence)."""
+        return GraphDecodeStep(self, rope_at)
+
+
+class GraphDecodeStep:
+    """One graph-mode decode step: the interface the layers use of
+    :class:`~.decode_cache.DecodeStep` (``record``, ``gate_keys``, ``q_rope``, ``select``,
+    ``lens``, ``seq_starts``, ``note_kept``, ``finish``), made of device ops only."""
+
+    sparse = True
+
+    def __init__(self, state, rope_at):
+        bs = state.block_size
+        self.state = state
+        slot = state.slot.reshape(())
+        self.cur = torch.div(slot, bs, rounding_mode="floor")
+        off = slot - self.cur * bs
+        self.cur1, self.off1 = self.cur.reshape(1), off.reshape(1)
+        starts = state.starts
+        first_slot = torch.maximum(self.cur * bs, starts)  # the current block's first real token
+        block_pos = torch.where((self.cur + 1) * bs > starts, first_slot - starts, 0)
+        cos, sin = rope_at(torch.stack([(slot - starts).clamp_min(0), block_pos], dim=1))  # [B, 2, G]
+        self._q_rope, self._cast = (cos[:, 0], sin[:, 0]), {}
+        self.block_rope = (cos[:, 1:], sin[:, 1:])
+        ar = torch.arange(bs, device=slot.device)
+        self.valid = (ar[None, :] <= off) & (self.cur * bs + ar[None, :] >= starts[:, None])  # [B, 64]
+        self.lens = (slot + 1).to(torch.int32).repeat(state.batch_size)
+        self.seq_starts = state.starts32
+        self.n = (self.cur + 1 - state.first_block).float()  # each sequence's blocks, the current one included
+        self._selection = {}
+
+    def q_rope(self, dtype):
+        if dtype not in self._cast:
+            self._cast[dtype] = tuple(t.to(dtype) for t in self._q_rope)
+        return self._cast[dtype]
+
+    def record(self, layer, k_pre, gate):
+        """Write the new pre-RoPE key ``[B, H, 1, D]`` at ``slot % 64`` and recompute the current
+        block's pooled key and gate key (row ``slot // 64``)."""
+        st = self.state
+        buf, keys = st.bufs[layer], st.keys[layer]
+        buf.index_copy_(2, self.off1, k_pre.to(buf.dtype))
+        with torch.no_grad():
+            pooled = block_pool(buf, st.block_size, st.k_pooling, self.valid)
+            key = gate.block_keys(pooled, rope=self.block_rope)
+        keys.index_copy_(2, self.cur1, key.to(keys.dtype))
+
+    def gate_keys(self, layer):
+        return self.state.keys[layer]
+
+    def _prepared(self, cfg, num_heads):
+        """Bias ``[B, 1, NB]``, forced ``[B, 1, NB]`` (threshold), counts ``[B, H]`` and top-k
+        width of ``cfg``'s method, as :func:`~.selection.prepare_decode_selection` makes them."""
+        method, budget, share = cfg.seer_decode_method, cfg.seer_decode_budget, cfg.seer_decode_share
+        key = (method, budget, share, num_heads)
+        if key in self._selection:
+            return self._selection[key]
+        if method not in DECODE_METHODS:
+            raise ValueError(f"decode method must be one of {DECODE_METHODS}, got {method!r}")
+        st = self.state
+        NB = st.num_blocks
+        j = torch.arange(NB, device=self.cur.device)
+        first = st.first_block[:, None]
+        forced = ((j[None, :] == first) | (j[None, :] == self.cur))[:, None]
+        bias = torch.zeros(forced.shape, device=j.device)
+        bias.masked_fill_(((j[None, :] < first) | (j[None, :] > self.cur))[:, None], float("-inf"))
+        n = (self.cur + 1 - st.first_block).double()
+        cnt = None
+        if method == "threshold":
+            bias.masked_fill_(j == self.cur, float("-inf"))
+            k = NB
+        else:
+            bias.masked_fill_(forced, float("inf"))
+            if method == "budget":
+                k = min(NB, max(2, budget // st.block_size))
+                cnt = n.clamp_max(k)
+            else:
+                k = min(NB, max(2, math.ceil(share * NB)))
+                k_now = torch.ceil(share * (self.cur + 1).double()).clamp_min(2).clamp_max((self.cur + 1).double())
+                cnt = torch.minimum(torch.minimum(torch.ceil(share * n).clamp_min(2), n), k_now)
+            cnt = cnt.to(torch.int32)[:, None].expand(-1, num_heads).contiguous()
+        self._selection[key] = (bias, forced, cnt, k)
+        return self._selection[key]
+
+    def select(self, scores, cfg):
+        """``(idx, cnt)`` of the decode gate's logits ``[B, H, NB]`` (:func:`~.selection.select_decode_blocks`)."""
+        bias, forced, cnt, k = self._prepared(cfg, scores.shape[1])
+        s = scores.float() + bias
+        if cnt is not None:
+            return torch.topk(s, k, dim=-1, sorted=True).indices, cnt
+        keep = (torch.softmax(s, dim=-1) >= cfg.seer_decode_threshold) | forced
+        return torch.topk(s.masked_fill(forced, float("inf")), k, dim=-1, sorted=True).indices, \
+            keep.sum(-1, dtype=torch.int32)
+
+    def note_kept(self, cnt):
+        stats = self.state.stats
+        stats.kept.add_(cnt.float().mean(1) / self.n)
+        stats.layers.add_(1)
+
+    def finish(self):
+        pass
+
+
+def _cache_arg(model):
+    """The KV-cache argument of the stock forward (``cache`` from transformers 5.2x on)."""
+    stock = next(c for c in type(model).__mro__ if c.__module__.startswith("transformers.") and "forward" in vars(c))
+    return "cache" if "cache" in inspect.signature(stock.forward).parameters else "past_key_values"
+
+
+class GraphDecoder:
+    """Greedy decode steps over a filled static KV cache, eager or replayed from a CUDA graph.
+
+    Args:
+        model: a Seer causal LM; cache: a transformers ``StaticCache`` holding ``slot`` tokens
+            (with ``seer_decode_sparsity``: and the pooled-K cache its prefill left, which this
+            turns into a :class:`GraphDecodeState`).
+        ids: long ``[B, 1]`` the next input tokens; pos: long ``[B, 1]`` their positions;
+        slot: int, the next cache slot; mask: bool ``[B, 1, 1, S]``, the cache slots that
+            hold real tokens (each step adds its own).
+
+    :meth:`step` runs one step (its output token lands in ``ids``): after ``warmup_steps``
+    eager steps on a side stream the next is captured and every later one replayed.
+    """
+
+    def __init__(self, model, cache, ids, pos, slot, mask):
+        from .decode_cache import pooled_k_cache
+        self.model, self.cache, self.ids, self.pos, self.mask = model, cache, ids, pos, mask
+        self.slot = torch.full((1,), slot, dtype=torch.long, device=ids.device)
+        self.arg = _cache_arg(model)
+        self.graph, self.steps, self.state = None, 0, None
+        if model.config.seer_decode_sparsity:
+            pooled = pooled_k_cache(cache)
+            if pooled is None:
+                raise ValueError("seer_decode_sparsity is on but the cache has no pooled-K cache (prefill with decode "
+                                 "sparsity on)")
+            k0 = cache.layers[0].keys
+            gates = [layer.self_attn.attn_gate.decode_gate for layer in model.model.layers]
+            self.state = pooled.graph = GraphDecodeState(pooled, gates, k0.shape[2], self.slot, k0.shape[1],
+                                                         k0.shape[3], k0.dtype)
+            model._last_decode_stats = self.state.stats
+            model._seer_last_graph_state = self.state  # (for inspection)
+
+    def _forward(self):
+        self.mask.index_fill_(-1, self.slot, True)
+        logits = self.model(input_ids=self.ids, attention_mask=self.mask, position_ids=self.pos, use_cache=True,
+                            logits_to_keep=1, **{self.arg: self.cache}).logits
+        self.ids.copy_(logits[:, -1].argmax(-1, keepdim=True))
+        self.pos.add_(1)
+        self.slot.add_(1)
+
+    @torch.no_grad()
+    def step(self, cuda_graph=True, warmup_steps=2):
+        self.steps += 1
+        if self.graph is not None:
+            self.graph.replay()
+        elif not cuda_graph:
+            self._forward()
+        elif self.steps > warmup_steps:
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self._forward()
+            self.graph.replay()
+        else:  # warm-up on a side stream, as capture wants
+            dev = self.ids.device
+            side = torch.cuda.Stream(device=dev)
+            side.wait_stream(torch.cuda.current_stream(dev))
+            with torch.cuda.stream(side):
+                self._forward()
+            torch.cuda.current_stream(dev).wait_stream(side)
+
+
+@torch.no_grad()
+def graph_generate(model, input_ids, attention_mask=None, max_new_tokens=32, eos_token_id=None, cuda_graph=None,
+                   warmup_steps=2):
+    """Greedy generation with the decode steps replayed from one CUDA graph.
+
+    The prompt (left-padded when ``attention_mask`` has zeros) is prefilled into a
+    transformers ``StaticCache`` of ``prompt + max_new_tokens`` slots in the model's mode
+    (sparse prefill in ``seer_mode="sparse"``); the decode steps attend sparsely under
+    ``seer_decode_sparsity`` (:class:`GraphDecodeStep`) and densely otherwise (the stock
+    attention over the static cache with a ``[B, 1, 1, S]`` mask). After ``warmup_steps``
+    eager steps one step is captured (``cuda_graph``: default on CUDA) and replayed
+    (:class:`GraphDecoder`).
+
+    Returns long ``[B, prompt + n]``, n <= ``max_new_tokens`` (fewer when every row ended);
+    after a row's ``eos_token_id`` its tokens are ``eos_token_id``. Raises ValueError on bad
+    arguments and for models with sliding-window layers (their window is not in the mask).
+    """
+    from transformers import StaticCache
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype != torch.long:
+        raise ValueError(f"input_ids must be a long tensor [B, T], got {getattr(input_ids, 'shape', type(input_ids))}")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+    windowed = [i for i, layer in enumerate(model.model.layers) if getattr(layer.self_attn, "sliding_window", None)]
+    if windowed:
+        raise ValueError(f"seer_generate does not support sliding-window layers (layers {windowed[:4]}...): use "
+                         "generate")
+    dev = input_ids.device
+    cuda_graph = dev.type == "cuda" if cuda_graph is None else cuda_graph
+    B, T = input_ids.shape
+    if attention_mask is None:
+        attention_mask = torch.ones(B, T, dtype=torch.long, device=dev)
+    if tuple(attention_mask.shape) != (B, T):
+        raise ValueError(f"attention_mask must have the shape of input_ids {(B, T)}, got {tuple(attention_mask.shape)}")
+    S = T + max_new_tokens
+    cache = StaticCache(config=model.config, max_cache_len=S)
+    pos = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=pos, use_cache=True, logits_to_keep=1,
+                **{_cache_arg(model): cache})
+    tokens = torch.empty(B, max_new_tokens, dtype=torch.long, device=dev)
+    tokens[:, :1] = out.logits[:, -1].argmax(-1, keepdim=True)
+    mask = torch.zeros(B, 1, 1, S, dtype=torch.bool, device=dev)
+    mask[:, 0, 0, :T] = attention_mask.bool()
+    dec = GraphDecoder(model, cache, tokens[:, :1].clone(), pos[:, -1:] + 1, T, mask)
+    done = torch.zeros(B, dtype=torch.bool, device=dev)
+    for i in range(1, max_new_tokens):
+        dec.step(cuda_graph=cuda_graph, warmup_steps=warmup_steps)
+        tokens[:, i:i + 1] = dec.ids
+        if eos_token_id is not None and i % 16 == 0:
+            done |= (tokens[:, :i + 1] == eos_token_id).any(-1)
+            if bool(done.all()):
+                tokens = tokens[:, :i + 1]
+                break
+    if eos_token_id is not None:
+        after = (tokens == eos_token_id).long().cumsum(-1) > 0
+        after = torch.cat([torch.zeros_like(after[:, :1]), after[:, :-1]], dim=1)
+        tokens = tokens.masked_fill(after, eos_token_id)
+    return torch.cat([input_ids, tokens], dim=1)

@@ -1,0 +1,101 @@
+"""Graph-mode decode (modeling_seer/decode_graph.py): ``seer_generate`` runs the decode steps as
+device ops only (static KV cache, preallocated pooled-K buffers, selection from a slot
+tensor). On CPU the steps run eagerly; they must give ``generate``'s tokens."""
+import inspect
+
+import pytest
+import torch
+from transformers import DynamicCache, LlamaForCausalLM
+
+from seer_attn.modeling_seer.decode_cache import pooled_k_cache
+
+DECODE = dict(seer_decode_gate=True)
+CACHE = "cache" if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters else "past_key_values"
+
+
+def _ids(T, B=1, seed=0):
+    return torch.randint(1, 96, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+def _left_pad(seqs, T):
+    ids = torch.zeros(len(seqs), T, dtype=torch.long)
+    mask = torch.zeros(len(seqs), T, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, T - len(s):] = s
+        mask[i, T - len(s):] = 1
+    return ids, mask
+
+
+def _greedy(m, ids, n, **kw):
+    return m.generate(ids, max_new_tokens=n, do_sample=False, pad_token_id=0, **kw)
+
+
+@pytest.mark.parametrize("method, options", [
+    ("budget", dict(seer_decode_budget=3 * 64)),
+    ("share", dict(seer_decode_share=0.3)),
+    ("threshold", dict(seer_decode_threshold=0.25)),
+])
+@torch.no_grad()
+def test_graph_decode_equals_generate_left_padded(tiny, method, options):
+    """Sparse prefill, then sparse decode steps that cross block boundaries (70 new tokens),
+    batched with left padding: seer_generate's tokens and kept share equal generate's."""
+    m = tiny(**DECODE, seer_mode="sparse", seer_sparsity_method="nz_ratio", seer_nz_ratio=0.3,
+             seer_decode_sparsity=True, seer_decode_method=method, **options)
+    ids, mask = _left_pad([_ids(450, seed=5)[0], _ids(322, seed=6)[0], _ids(100, seed=7)[0]], 450)
+    ref = _greedy(m, ids, 70, attention_mask=mask)
+    ref_density = m.seer_decode_density()
+    assert ref_density[:2].max() < 0.8  # the decode steps of the long rows were sparse
+    out = m.seer_generate(ids, attention_mask=mask, max_new_tokens=70)
+    assert torch.equal(out, ref)
+    torch.testing.assert_close(m.seer_decode_density(), ref_density, rtol=1e-5, atol=1e-6)
+
+
+@torch.no_grad()
+def test_graph_decode_dense_equals_generate(tiny):
+    """Without decode sparsity the graph steps attend densely over the static cache with a
+    [B, 1, 1, S] mask: generate's tokens."""
+    m = tiny(**DECODE)
+    ids, mask = _left_pad([_ids(200, seed=1)[0], _ids(130, seed=2)[0]], 200)
+    assert torch.equal(m.seer_generate(ids, attention_mask=mask, max_new_tokens=30),
+                       _greedy(m, ids, 30, attention_mask=mask))
+
+
+@torch.no_grad()
+def test_graph_state_keys_equal_the_pooled_k_cache(tiny):
+    """After steps that filled blocks, the graph state's gate keys of every full block equal
+    those the dynamic pooled-K cache computes for the same tokens."""
+    m = tiny(**DECODE, seer_decode_sparsity=True, seer_decode_budget=4 * 64)
+    x = _ids(100)
+    seq = m.seer_generate(x, max_new_tokens=100)  # 199 slots hold keys: 3 full blocks
+    cache = DynamicCache(config=m.config)
+    m(input_ids=seq[:, :199], use_cache=True, **{CACHE: cache})
+    dyn = pooled_k_cache(cache)
+    graph_state = m._seer_last_graph_state
+    for layer in range(m.config.num_hidden_layers):
+        torch.testing.assert_close(graph_state.keys[layer][:, :, :3], dyn.gate_keys(layer), rtol=1e-5, atol=1e-5)
+
+
+@torch.no_grad()
+def test_graph_decode_short_prompt_and_eos(tiny):
+    """A prompt shorter than a block (no full block at the prefill) decodes; tokens after a
+    row's EOS are EOS, as generate pads them."""
+    m = tiny(**DECODE, seer_decode_sparsity=True, seer_decode_budget=2 * 64)
+    x = _ids(20, B=2, seed=3)
+    ref = _greedy(m, x, 80)
+    out = m.seer_generate(x, max_new_tokens=80)
+    assert torch.equal(out, ref)
+    eos = int(ref[0, 25])
+    ref_eos = m.generate(x, max_new_tokens=80, do_sample=False, pad_token_id=eos, eos_token_id=eos)
+    out_eos = m.seer_generate(x, max_new_tokens=80, eos_token_id=eos)
+    assert torch.equal(out_eos[:, :ref_eos.shape[1]], ref_eos)
+    assert (out_eos[:, ref_eos.shape[1]:] == eos).all()
+
+
+def test_graph_generate_refuses_bad_arguments(tiny):
+    m = tiny(**DECODE, seer_decode_sparsity=True)
+    with pytest.raises(ValueError, match="max_new_tokens must be an integer >= 1, got 0"):
+        m.seer_generate(_ids(10), max_new_tokens=0)
+    with pytest.raises(ValueError, match="input_ids must be a long tensor"):
+        m.seer_generate(_ids(10).float())
+    with pytest.raises(ValueError, match=r"attention_mask must have the shape of input_ids \(1, 10\)"):
+        m.seer_generate(_ids(10), attention_mask=torch.ones(1, 9, dtype=torch.long))
