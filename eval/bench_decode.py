@@ -387,7 +387,6 @@ def filled_cache(model, B, T, extra):
     """A KV cache of T random keys/values per layer (room for ``extra`` more tokens) on the
     model's device and dtype, and its pooled-K cache, pooled from random pre-RoPE keys."""
     from transformers import DynamicCache
-    from seer_attn.modeling_seer.decode_cache import _STATES, DecodeStep, PooledKCache
     cfg = model.config
     p = next(model.model.layers[0].self_attn.k_proj.parameters())
     dev, dt = p.device, p.dtype
@@ -405,14 +404,26 @@ def filled_cache(model, B, T, extra):
     cache.layers = layers
     state = PooledKCache(cfg.num_hidden_layers, torch.zeros(B, dtype=torch.long, device=dev), cfg.seer_block_size,
                          cfg.seer_k_pooling)
+    return cache, _pooled_for(model, cache, B, T, gen)
+
+
+@torch.no_grad()
+def _pooled_for(model, cache, B, T, gen):
+    """The pooled-K cache of ``cache``'s first T slots, pooled from random pre-RoPE keys."""
+    from seer_attn.modeling_seer.decode_cache import _STATES, DecodeStep, PooledKCache
+    cfg = model.config
+    p = next(model.model.layers[0].self_attn.k_proj.parameters())
+    kv_heads, head_dim = cfg.num_key_value_heads, model.model.layers[0].self_attn.head_dim
+    state = PooledKCache(cfg.num_hidden_layers, torch.zeros(B, dtype=torch.long, device=p.device),
+                         cfg.seer_block_size, cfg.seer_k_pooling)
     _STATES[cache] = state
-    fill = DecodeStep(state, 0, T, model.model._gate_rope_at, dev)
+    fill = DecodeStep(state, 0, T, model.model._gate_rope_at, p.device)
     for i, layer in enumerate(model.model.layers):
-        k_pre = torch.randn(B, kv_heads, T, head_dim, device=dev, dtype=dt, generator=gen)
+        k_pre = torch.randn(B, kv_heads, T, head_dim, device=p.device, dtype=p.dtype, generator=gen)
         fill.record(i, k_pre, layer.self_attn.attn_gate.decode_gate)
         del k_pre
     fill.finish()
-    return cache, state
+    return state
 
 
 @torch.no_grad()
@@ -487,11 +498,80 @@ def end_to_end(config):
                     "speedup": dense_s / sparse_s, "dense_tokens_per_s": B / dense_s,
                     "sparse_tokens_per_s": B / sparse_s,
                     "peak_gib": torch.cuda.max_memory_allocated() / 2**30})
+        del cache, state
+        torch.cuda.empty_cache()
+        row.update(graphed_rows(model, B, T, config.steps, config.share))
         rows.append(row)
         print("e2e", json.dumps(row), flush=True)
-        del cache, state
     model.set_seer_mode("dense", seer_decode_sparsity=False)
     return rows, checks
+
+
+@torch.no_grad()
+def static_filled(model, B, T, extra):
+    """A transformers StaticCache of ``T + extra`` slots holding T random keys/values per layer,
+    and its pooled-K cache (random pre-RoPE keys), as :func:`filled_cache` makes them."""
+    from transformers import StaticCache
+    cfg = model.config
+    p = next(model.model.layers[0].self_attn.k_proj.parameters())
+    kv_heads, head_dim = cfg.num_key_value_heads, model.model.layers[0].self_attn.head_dim
+    cache = StaticCache(config=cfg, max_cache_len=T + extra)
+    gen = torch.Generator(device=p.device).manual_seed(T + B)
+    one = torch.zeros(B, kv_heads, 1, head_dim, device=p.device, dtype=p.dtype)
+    for layer in cache.layers:
+        layer.lazy_initialization(one, one)
+        layer.keys[:, :, :T].normal_(generator=gen)
+        layer.values[:, :, :T].normal_(generator=gen)
+        layer.cumulative_length.fill_(T)
+    return cache, _pooled_for(model, cache, B, T, gen)
+
+
+def graph_decode_time(model, cache, B, T, steps, warmup=3):
+    """Seconds per decode step replayed from a CUDA graph (:class:`~seer_attn.modeling_seer.decode_graph.GraphDecoder`;
+    ``warmup`` steps first, the capture among them), over ``steps`` replays timed with CUDA
+    events; rewinds the cache to T first."""
+    from seer_attn.modeling_seer.decode_graph import GraphDecoder
+    dev = next(model.parameters()).device
+    for layer in cache.layers:
+        layer.cumulative_length.fill_(T)
+    mask = torch.zeros(B, 1, 1, cache.layers[0].keys.shape[2], dtype=torch.bool, device=dev)
+    mask[..., :T] = True
+    gen = torch.Generator(device=dev).manual_seed(1)
+    ids = torch.randint(0, model.config.vocab_size, (B, 1), device=dev, generator=gen)
+    dec = GraphDecoder(model, cache, ids, torch.full((B, 1), T, device=dev), T, mask)
+    for _ in range(warmup):
+        dec.step(cuda_graph=True, warmup_steps=warmup - 1)
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    a.record()
+    for _ in range(steps):
+        dec.step()
+    b.record()
+    torch.cuda.synchronize()
+    return a.elapsed_time(b) / 1e3 / steps, dec
+
+
+def graphed_rows(model, B, T, steps, share):
+    """The end-to-end step replayed from a CUDA graph over a static cache: dense decode through
+    our kernel with every block (``seer_decode_share=1``), sparse decode at ``share``, and the
+    stock dense attention over the static cache (SDPA with the ``[B, 1, 1, S]`` mask)."""
+    cache, state = static_filled(model, B, T, steps + 8)
+    out = {}
+    model.set_seer_mode("dense", seer_decode_sparsity=True, seer_decode_share=1.0)
+    out["graph_dense_s_per_token"], _ = graph_decode_time(model, cache, B, T, steps)
+    model.set_seer_mode("dense", seer_decode_sparsity=True, seer_decode_share=share)
+    out["graph_sparse_s_per_token"], dec = graph_decode_time(model, cache, B, T, steps)
+    out["graph_share_read"] = dec.state.stats.density().mean().item()
+    out["graph_speedup"] = out["graph_dense_s_per_token"] / out["graph_sparse_s_per_token"]
+    del dec
+    model.set_seer_mode("dense", seer_decode_sparsity=False)
+    try:
+        out["graph_sdpa_mask_s_per_token"], _ = graph_decode_time(model, cache, B, T, steps)
+    except RuntimeError as e:  # reported, not fatal
+        out["graph_sdpa_mask_s_per_token"] = f"failed: {str(e)[:120]}"
+    out["graph_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    del cache, state
+    torch.cuda.empty_cache()
+    return out
 
 
 # ----------------------------------------------------------------------------- output
@@ -522,6 +602,9 @@ def print_table(rows, e2e, prov, share):
 
     def ms(x):
         return f"{x:.3f}" if isinstance(x, (int, float)) else "-"
+
+    def sec(x):
+        return f"{x:.4f}" if isinstance(x, (int, float)) else "-"
     print(f"\n# {prov['gpu']}  torch {v['torch']}  triton {v.get('triton')}  commit {commit}")
     print(f"decode step, median ms | B | S | SDPA flash | SDPA cuDNN | ours all | ours {share:g} (read) | ours, no "
           "block | flash/ours | gate+select per layer (share of step) | layer eager | layer CUDA graph | ours "
@@ -533,10 +616,13 @@ def print_table(rows, e2e, prov, share):
               f"({100 * r['gate_share_of_sparse_step']:.1f}%) | {ms(r.get('eager_layer'))} | "
               f"{ms(r.get('graph_layer'))} | {ms(r.get('ours_sparse_graph'))} | {ms(r.get('ours_empty_graph'))}")
     if e2e:
-        print(f"time per output token, s | B | T | dense | sparse {share:g} (read) | speed-up")
+        print(f"time per output token, s | B | T | dense | sparse {share:g} (read) | speed-up | CUDA graph: dense "
+              f"(ours, every block) | sparse {share:g} (read) | speed-up | stock SDPA with mask")
         for r in e2e:
             print(f"{r['B']} | {r['T']} | {r['dense_s_per_token']:.4f} | {r['sparse_s_per_token']:.4f} "
-                  f"({r['share_read']:.3f}) | {r['speedup']:.2f}x")
+                  f"({r['share_read']:.3f}) | {r['speedup']:.2f}x | {sec(r.get('graph_dense_s_per_token'))} | "
+                  f"{sec(r.get('graph_sparse_s_per_token'))} ({r.get('graph_share_read', float('nan')):.3f}) | "
+                  f"{r.get('graph_speedup', float('nan')):.2f}x | {sec(r.get('graph_sdpa_mask_s_per_token'))}")
 
 
 def plot(csv_path, e2e_path, png_path):
