@@ -402,8 +402,6 @@ def filled_cache(model, B, T, extra):
         v[:, :, :T].normal_(generator=gen)
         layers.append(Layer(k, v, T))
     cache.layers = layers
-    state = PooledKCache(cfg.num_hidden_layers, torch.zeros(B, dtype=torch.long, device=dev), cfg.seer_block_size,
-                         cfg.seer_k_pooling)
     return cache, _pooled_for(model, cache, B, T, gen)
 
 

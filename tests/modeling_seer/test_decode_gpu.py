@@ -101,7 +101,9 @@ def test_sparse_prefill_with_a_static_cache(decode_sparsity):
 def test_seer_generate_replays_a_cuda_graph_with_the_eager_tokens(decode_sparsity):
     """seer_generate: sparse prefill into a static cache, then 90 decode steps (crossing a
     block boundary) replayed from one CUDA graph give the tokens of the same steps run
-    eagerly, and (sparse decode) the eager run's kept share; sparse decode reads fewer blocks."""
+    eagerly, and (sparse decode) the eager run's kept share; sparse decode reads fewer blocks.
+    (Equality with generate's tokens is tested on CPU in fp32: in bf16 generate's static-cache
+    steps round differently and a random model's greedy tokens part after a few steps.)"""
     m = _model()
     m.set_seer_mode("sparse", seer_sparsity_method="nz_ratio", seer_nz_ratio=0.3,
                     seer_decode_sparsity=decode_sparsity, seer_decode_budget=8 * 64)
@@ -113,6 +115,3 @@ def test_seer_generate_replays_a_cuda_graph_with_the_eager_tokens(decode_sparsit
     if decode_sparsity:
         assert (eager_density < 0.25).all()
         torch.testing.assert_close(m.seer_decode_density(), eager_density)
-    else:  # dense graph steps: generate's tokens with the same static cache
-        ref, _ = _run(m, ids, mask, cache_implementation="static", disable_compile=True)
-        assert torch.equal(graphed[:, :ref.shape[1]], ref)
