@@ -64,7 +64,7 @@ class GraphDecodeState:
     def __init__(self, pooled, gates, capacity, slot, kv_heads, head_dim, dtype):
         bs = pooled.block_size
         dev = slot.device
-        self.block_size, self.k_pooling, self.slot = bs, pooled.k_pooling, slot
+        self.block_size, self.k_pooling, self.slot, self.padded = bs, pooled.k_pooling, slot, pooled.padded
         self.starts, self.starts32, self.first_block = pooled.starts, pooled.starts32, pooled.first_block
         self.num_blocks = -(-capacity // bs)
         B = pooled.batch_size
@@ -79,6 +79,10 @@ class GraphDecodeState:
             self.keys.append(keys)
             self.bufs.append(buf)
         self.stats = GraphStats(B, dev)
+        #: whether the next step fills its block (slot % 64 == 63): only then are the block's
+        #: pooled and gate keys made (a Python flag: the step's owner knows the slot on the host
+        #: and keeps one graph per kind)
+        self.fills = False
 
     @property
     def batch_size(self):
@@ -109,12 +113,13 @@ class GraphDecodeStep:
         cos, sin = rope_at(torch.stack([(slot - starts).clamp_min(0), block_pos], dim=1))  # [B, 2, G]
         self._q_rope, self._cast = (cos[:, 0], sin[:, 0]), {}
         self.block_rope = (cos[:, 1:], sin[:, 1:])
-        ar = torch.arange(bs, device=slot.device)
-        self.valid = (ar[None, :] <= off) & (self.cur * bs + ar[None, :] >= starts[:, None])  # [B, 64]
+        self.valid = None
+        if state.fills and state.padded:  # the filled block's slots that are not left padding, [B, 64]
+            self.valid = self.cur * bs + torch.arange(bs, device=slot.device)[None, :] >= starts[:, None]
         self.lens = (slot + 1).to(torch.int32).repeat(state.batch_size)
         self.seq_starts = state.starts32
         self.n = (self.cur + 1 - state.first_block).float()  # each sequence's blocks, the current one included
-        self._selection = {}
+        self._selection, self._counts = {}, []
 
     def q_rope(self, dtype):
         if dtype not in self._cast:
@@ -122,11 +127,14 @@ class GraphDecodeStep:
         return self._cast[dtype]
 
     def record(self, layer, k_pre, gate):
-        """Write the new pre-RoPE key ``[B, H, 1, D]`` at ``slot % 64`` and recompute the current
-        block's pooled key and gate key (row ``slot // 64``)."""
+        """Write the new pre-RoPE key ``[B, H, 1, D]`` at ``slot % 64``; when it fills the block
+        (``state.fills``), pool the block and write its gate key into row ``slot // 64``. (Until
+        then the row is never scored: the current block is always read.)"""
         st = self.state
         buf, keys = st.bufs[layer], st.keys[layer]
         buf.index_copy_(2, self.off1, k_pre.to(buf.dtype))
+        if not st.fills:
+            return
         with torch.no_grad():
             pooled = block_pool(buf, st.block_size, st.k_pooling, self.valid)
             key = gate.block_keys(pooled, rope=self.block_rope)
@@ -180,12 +188,19 @@ class GraphDecodeStep:
             keep.sum(-1, dtype=torch.int32)
 
     def note_kept(self, cnt):
-        stats = self.state.stats
-        stats.kept.add_(cnt.float().mean(1) / self.n)
-        stats.layers.add_(1)
+        self._counts.append(cnt)
 
     def finish(self):
-        pass
+        """Add the step's kept shares to the statistics (one count tensor for every layer with
+        the top-k methods: two ops per step)."""
+        cnts, stats = self._counts, self.state.stats
+        if not cnts:
+            return
+        if all(c is cnts[0] for c in cnts):
+            stats.kept.add_(cnts[0].float().mean(1) * (len(cnts) / self.n))
+        else:
+            stats.kept.add_(torch.stack(cnts).float().mean(2).sum(0) / self.n)
+        stats.layers.add_(len(cnts))
 
 
 def _cache_arg(model):
@@ -212,9 +227,11 @@ class GraphDecoder:
     def __init__(self, model, cache, ids, pos, slot, mask):
         from .decode_cache import pooled_k_cache
         self.model, self.cache, self.ids, self.pos, self.mask = model, cache, ids, pos, mask
+        self.slot_host = slot
         self.slot = torch.full((1,), slot, dtype=torch.long, device=ids.device)
         self.arg = _cache_arg(model)
-        self.graph, self.steps, self.state = None, 0, None
+        self.graphs, self.seen, self.pool, self.state = {}, {}, None, None
+        self.block_size = model.config.seer_block_size
         if model.config.seer_decode_sparsity:
             pooled = pooled_k_cache(cache)
             if pooled is None:
@@ -237,17 +254,24 @@ class GraphDecoder:
 
     @torch.no_grad()
     def step(self, cuda_graph=True, warmup_steps=2):
-        self.steps += 1
-        if self.graph is not None:
-            self.graph.replay()
+        """One decode step. Two kinds of steps (the one that fills a block pools it), one graph
+        each, captured after ``warmup_steps`` eager steps of that kind."""
+        kind = self.slot_host % self.block_size == self.block_size - 1
+        self.slot_host += 1
+        if self.state is not None:
+            self.state.fills = kind
+        if kind in self.graphs:
+            self.graphs[kind].replay()
         elif not cuda_graph:
             self._forward()
-        elif self.steps > warmup_steps:
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
+        elif self.seen.get(kind, 0) >= warmup_steps:
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.pool):
                 self._forward()
-            self.graph.replay()
+            self.graphs[kind], self.pool = graph, graph.pool()
+            graph.replay()
         else:  # warm-up on a side stream, as capture wants
+            self.seen[kind] = self.seen.get(kind, 0) + 1
             dev = self.ids.device
             side = torch.cuda.Stream(device=dev)
             side.wait_stream(torch.cuda.current_stream(dev))
