@@ -106,6 +106,40 @@ def test_end_to_end_machinery_on_a_tiny_model():
     assert torch.allclose(m.seer_decode_density(), torch.full((B,), 3 / 11))  # ceil(0.2 * 11) of 11 blocks
 
 
+@torch.no_grad()
+def test_graphed_end_to_end_machinery_on_a_tiny_model():
+    """The CUDA-graph rows' setup, run eagerly: a filled static cache and its pooled-K cache;
+    decode with every block selected gives the stock dense attention's tokens over the same
+    cache, and share 0.2 reads that share."""
+    from seer_attn.modeling_seer import SeerLlamaConfig, SeerLlamaForCausalLM
+    from seer_attn.modeling_seer.decode_graph import GraphDecoder
+    cfg = SeerLlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+                          seer_gate_hidden_size=32, seer_decode_gate=True, seer_decode_method="share")
+    torch.manual_seed(0)
+    m = SeerLlamaForCausalLM(cfg).eval()
+    B, T = 2, 640
+    cache, state = bench_decode.static_filled(m, B, T, 8)
+    assert int(cache.get_seq_length()) == T and state.gate_keys(1).shape[:3] == (B, 2, T // 64)
+
+    def tokens(**mode):
+        m.set_seer_mode("dense", **mode)
+        for layer in cache.layers:
+            layer.cumulative_length.fill_(T)
+        mask = torch.zeros(B, 1, 1, T + 8, dtype=torch.bool)
+        mask[..., :T] = True
+        dec = GraphDecoder(m, cache, torch.tensor([[5], [7]]), torch.full((B, 1), T), T, mask)
+        out = []
+        for _ in range(4):
+            dec.step(cuda_graph=False)
+            out.append(dec.ids.clone())
+        return torch.cat(out, 1)
+    dense = tokens(seer_decode_sparsity=False)
+    assert torch.equal(tokens(seer_decode_sparsity=True, seer_decode_share=1.0), dense)
+    tokens(seer_decode_sparsity=True, seer_decode_share=0.2)
+    assert torch.allclose(m.seer_decode_density(), torch.full((B,), 3 / 11))  # ceil(0.2 * 11) of 11 blocks
+
+
 def test_seer_attn_bench_decode_forwards_every_option(capsys, monkeypatch):
     from seer_attn.eval import cli
     with pytest.raises(SystemExit) as exit_:
