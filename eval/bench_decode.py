@@ -561,6 +561,17 @@ def graphed_rows(model, B, T, steps, share):
     out["graph_share_read"] = dec.state.stats.density().mean().item()
     out["graph_speedup"] = out["graph_dense_s_per_token"] / out["graph_sparse_s_per_token"]
     del dec
+    try:  # the same with each layer's pointwise work fused (seer_compile_pointwise: two graphs per layer)
+        model.seer_compile_pointwise()
+        model.set_seer_mode("dense", seer_decode_sparsity=True, seer_decode_share=1.0)
+        out["graph_fused_dense_s_per_token"], _ = graph_decode_time(model, cache, B, T, steps)
+        model.set_seer_mode("dense", seer_decode_sparsity=True, seer_decode_share=share)
+        out["graph_fused_sparse_s_per_token"], _ = graph_decode_time(model, cache, B, T, steps)
+        out["graph_fused_speedup"] = out["graph_fused_dense_s_per_token"] / out["graph_fused_sparse_s_per_token"]
+    except Exception as e:  # reported, not fatal
+        out["graph_fused_error"] = f"{type(e).__name__}: {str(e)[:160]}"
+    finally:
+        model.seer_compile_pointwise(enable=False)
     model.set_seer_mode("dense", seer_decode_sparsity=False)
     try:
         out["graph_sdpa_mask_s_per_token"], _ = graph_decode_time(model, cache, B, T, steps)
@@ -615,12 +626,15 @@ def print_table(rows, e2e, prov, share):
               f"{ms(r.get('graph_layer'))} | {ms(r.get('ours_sparse_graph'))} | {ms(r.get('ours_empty_graph'))}")
     if e2e:
         print(f"time per output token, s | B | T | dense | sparse {share:g} (read) | speed-up | CUDA graph: dense "
-              f"(ours, every block) | sparse {share:g} (read) | speed-up | stock SDPA with mask")
+              f"(ours, every block) | sparse {share:g} (read) | speed-up | stock SDPA with mask | the same, layers "
+              "fused: dense | sparse | speed-up")
         for r in e2e:
             print(f"{r['B']} | {r['T']} | {r['dense_s_per_token']:.4f} | {r['sparse_s_per_token']:.4f} "
                   f"({r['share_read']:.3f}) | {r['speedup']:.2f}x | {sec(r.get('graph_dense_s_per_token'))} | "
                   f"{sec(r.get('graph_sparse_s_per_token'))} ({r.get('graph_share_read', float('nan')):.3f}) | "
-                  f"{r.get('graph_speedup', float('nan')):.2f}x | {sec(r.get('graph_sdpa_mask_s_per_token'))}")
+                  f"{r.get('graph_speedup', float('nan')):.2f}x | {sec(r.get('graph_sdpa_mask_s_per_token'))} | fused: "
+                  f"{sec(r.get('graph_fused_dense_s_per_token'))} | {sec(r.get('graph_fused_sparse_s_per_token'))} | "
+                  f"{r.get('graph_fused_speedup', float('nan')):.2f}x {r.get('graph_fused_error', '')}")
 
 
 def plot(csv_path, e2e_path, png_path):

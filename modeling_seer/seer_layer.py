@@ -48,7 +48,7 @@ from seer_attn.kernels.block_sparse_attn import attn_with_pooling, block_sparse_
 from seer_attn.kernels.block_sparse_decode import block_sparse_decode
 
 from .decode_cache import decode_step_for, prompt_padding
-from .decode_graph import graph_generate
+from .decode_graph import GraphDecodeStep, graph_generate
 from .decode_gate import DecodeGate, decode_block_target, decode_candidates, decode_distill_loss, sample_decode_rows
 from .gate import AttnGate, gate_distill_loss
 from .gates_only import is_gates_only, load_gates_only, peek_config
@@ -383,13 +383,22 @@ class SeerDecoderLayerMixin:
     norm, MLP, residual), the stock layer's computation regrouped. Each piece compiled alone
     costs a compiled call, its guards and its autograd node in the forward, the recompute and
     the backward; a 32k SmolLM2 fine-tuning step waited on that host work
-    (docs/experiments/finetune_step_time.md). Any other forward is the stock layer's."""
+    (docs/experiments/finetune_step_time.md). A graph-mode decode step (``seer_generate``) runs
+    the same two graphs around the static cache's update and the sparse decode (fewer
+    kernels in the replayed step). Any other forward is the stock layer's."""
 
     def forward(self, hidden_states, *args, **kwargs):
         attn = self.self_attn
         options, ctx, rope = attn._seer_compile, kwargs.get("seer_ctx"), kwargs.get("position_embeddings")
-        if options is None or args or ctx is None or ctx.decode is not None or rope is None \
-                or kwargs.get("cache") is not None or kwargs.get("past_key_values") is not None \
+        cache = kwargs.get("cache") if kwargs.get("cache") is not None else kwargs.get("past_key_values")
+        if options is not None and not args and rope is not None and isinstance(getattr(ctx, "decode", None),
+                                                                                 GraphDecodeStep):
+            # a graph-mode decode step: the same two graphs around the cache update and the sparse decode
+            q, k, v, q_pre, k_pre = compiled(_layer_in, options)(self, hidden_states, *rope)
+            k, v = cache.update(k, v, attn.layer_idx)
+            out, _ = attn.seer_attention(q, k, v, q_pre, k_pre, kwargs.get("attention_mask"), ctx, None)
+            return compiled(_layer_out, options)(self, hidden_states, out)
+        if options is None or args or ctx is None or ctx.decode is not None or rope is None or cache is not None \
                 or attn.config.seer_mode == "dense":
             return super().forward(hidden_states, *args, **kwargs)
         q, k, v, q_pre, k_pre = compiled(_layer_in, options)(self, hidden_states, *rope)

@@ -99,3 +99,23 @@ def test_graph_generate_refuses_bad_arguments(tiny):
         m.seer_generate(_ids(10).float())
     with pytest.raises(ValueError, match=r"attention_mask must have the shape of input_ids \(1, 10\)"):
         m.seer_generate(_ids(10), attention_mask=torch.ones(1, 9, dtype=torch.long))
+
+
+@torch.no_grad()
+def test_graph_decode_with_compiled_pointwise_layers(tiny, monkeypatch):
+    """With seer_compile_pointwise a graph-mode decode step runs each layer as the two compiled
+    graphs around the cache update and the sparse decode, with the eager layers' tokens."""
+    from seer_attn.modeling_seer import seer_layer
+    m = tiny(**DECODE, seer_decode_sparsity=True, seer_decode_budget=3 * 64)
+    ids, mask = _left_pad([_ids(300, seed=1)[0], _ids(200, seed=2)[0]], 300)
+    ref = m.seer_generate(ids, attention_mask=mask, max_new_tokens=40)
+    calls = []
+    layer_in = seer_layer._layer_in
+    monkeypatch.setattr(seer_layer, "_layer_in", lambda *a: calls.append(1) or layer_in(*a))
+    m.seer_compile_pointwise(backend="aot_eager")
+    try:
+        out = m.seer_generate(ids, attention_mask=mask, max_new_tokens=40)
+    finally:
+        m.seer_compile_pointwise(enable=False)
+    assert torch.equal(out, ref)
+    assert len(calls) == 39 * m.config.num_hidden_layers  # every decode step of every layer (not the prefill)
