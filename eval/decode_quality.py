@@ -6,10 +6,13 @@ retrieval, dense vs sparse decode, in one run (docs/design.md §4).
 Tokens ``[0, L/2)`` are one prefill into a KV cache; tokens ``L/2 .. L-1`` are then scored as
 decode steps: token ``L/2`` from the prefill's last logits, every later token t from the
 decode step that fed token t-1 against the cache of everything before
-(:func:`decode_nll`). The prefill is dense in every setting, so only decode differs. PPL is
-exp of the mean NLL over the scored tokens; ``ratio`` is PPL over the dense-decode PPL. The
-loop is checked against ``generate`` (:func:`generate_nll`: each step's token forced to the
-window's, raw logits returned) on a small case first.
+(:func:`graph_decode_nll`: graph-mode steps over a static cache, replayed from a CUDA graph;
+:func:`decode_nll` runs the same as eager forwards over a dynamic cache, ~70 ms a step on an
+H200 at batch 16, which made one setting of the protocol take ~5 minutes). The prefill is
+dense in every setting, so only decode differs. PPL is exp of the mean NLL over the scored
+tokens; ``ratio`` is PPL over the dense-decode PPL. The eager loop is checked against ``generate`` (:func:`generate_nll`: each step's token forced to
+the window's, raw logits returned) and the graph loop against the eager one on a small case
+first.
 
 **Passkey.** :func:`seer_attn.eval.passkey.run_passkey` (needle in the prompt, greedy
 answer) dense, with sparse decode (dense prefill), and with sparse prefill and sparse
@@ -80,6 +83,35 @@ def decode_nll(model, input_ids, prefix):
 
 
 @torch.no_grad()
+def graph_decode_nll(model, input_ids, prefix, cuda_graph=None):
+    """:func:`decode_nll` through graph-mode decode steps (``seer_generate``'s: a static KV
+    cache, every step replayed from a CUDA graph; eagerly on a CPU), teacher-forced: the same
+    NLLs without the host work of ~``L - prefix`` eager forwards.
+
+    Returns float64 ``[B, L - prefix]``."""
+    from transformers import StaticCache
+    from seer_attn.modeling_seer.decode_graph import GraphDecoder
+    B, L = input_ids.shape
+    if not 1 <= prefix < L:
+        raise ValueError(f"prefix={prefix} is invalid: expected 1 <= prefix < {L}")
+    cache = StaticCache(config=model.config, max_cache_len=L)
+    logits = model(input_ids=input_ids[:, :prefix], attention_mask=torch.ones_like(input_ids[:, :prefix]),
+                   logits_to_keep=1, use_cache=True, **{cache_kwarg(): cache}).logits[:, -1]
+    first = F.cross_entropy(logits.float(), input_ids[:, prefix], reduction="none").double()[:, None]
+    if prefix + 1 == L:
+        return first
+    mask = torch.zeros(B, 1, 1, L, dtype=torch.bool, device=input_ids.device)
+    mask[..., :prefix] = True
+    pos = torch.full((B, 1), prefix, dtype=torch.long, device=input_ids.device)
+    dec = GraphDecoder(model, cache, input_ids[:, prefix:prefix + 1].clone(), pos, prefix, mask,
+                       forced=input_ids[:, prefix + 1:].contiguous())
+    cuda_graph = input_ids.is_cuda if cuda_graph is None else cuda_graph
+    for _ in range(L - prefix - 1):
+        dec.step(cuda_graph=cuda_graph)
+    return torch.cat([first, dec.nll.double()], dim=1)
+
+
+@torch.no_grad()
 def generate_nll(model, input_ids, prefix, pad_token_id=0):
     """The same NLLs as :func:`decode_nll` through ``model.generate``: every generated token
     is forced to the window's (``prefix_allowed_tokens_fn``) and the raw logits of each step
@@ -100,10 +132,11 @@ def generate_nll(model, input_ids, prefix, pad_token_id=0):
     return F.cross_entropy(logits.transpose(1, 2), input_ids[:, prefix:], reduction="none").double()
 
 
-def decode_perplexity(model, windows, prefix, batch_size, progress=True, desc="decode ppl"):
-    """:func:`decode_nll` over ``windows`` (:class:`~seer_attn.eval.perplexity.Window` of one
-    length) in batches: dict with ``ppl``, ``nll``, ``tokens``, ``windows``, ``decode_density``
-    (mean kept share of the KV blocks; None with dense decode) and ``seconds``."""
+def decode_perplexity(model, windows, prefix, batch_size, progress=True, desc="decode ppl", graph=True):
+    """:func:`graph_decode_nll` (``graph``; else :func:`decode_nll`, the eager steps) over
+    ``windows`` (:class:`~seer_attn.eval.perplexity.Window` of one length) in batches: dict with
+    ``ppl``, ``nll``, ``tokens``, ``windows``, ``decode_density`` (mean kept share of the KV
+    blocks; None with dense decode) and ``seconds``."""
     from tqdm.auto import tqdm
     from .perplexity import model_device
     dev = model_device(model)
@@ -111,7 +144,7 @@ def decode_perplexity(model, windows, prefix, batch_size, progress=True, desc="d
     t0 = time.time()
     for i in tqdm(range(0, len(windows), batch_size), desc=desc, disable=not progress):
         ids = torch.stack([w.input_ids for w in windows[i:i + batch_size]]).to(dev)
-        nll = decode_nll(model, ids, prefix)
+        nll = graph_decode_nll(model, ids, prefix) if graph else decode_nll(model, ids, prefix)
         total += nll.sum().item()
         count += nll.numel()
         if model.config.seer_decode_sparsity:
@@ -308,7 +341,9 @@ def run_decode_quality(config: DecodeQualityConfig) -> dict:
         apply_decode(model, settings[0])
         a, b = decode_nll(model, ids, ids.shape[1] // 2), generate_nll(model, ids, ids.shape[1] // 2,
                                                                         tok.pad_token_id or 0)
+        g = graph_decode_nll(model, ids, ids.shape[1] // 2)
         report.checks.append({"decode_nll_vs_generate_max_abs": (a - b).abs().max().item(),
+                              "graph_decode_nll_vs_decode_nll_max_abs": (g - a).abs().max().item(),
                               "tokens": a.numel(), "setting": _setting_name(settings[0])})
         report.save()
         print("check", json.dumps(report.checks[-1]), flush=True)

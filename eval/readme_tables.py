@@ -365,12 +365,27 @@ def decode_h200(root) -> str:
     if all("graph_layer" in r for r in env["rows"]):  # measured since commit bdd4fe6
         head += ["one sparse layer, eager", "the same, CUDA graph"]
         body = [b + [ms(r["eager_layer"]), ms(r["graph_layer"])] for b, r in zip(body, env["rows"])]
+    if all(isinstance(r.get("ours_sparse_graph"), float) and isinstance(r.get("graph_layer"), float)
+           for r in env["rows"]):  # the kernel alone replayed, and the gate's share of the replayed layer
+        head += ["ours, sparse, CUDA graph", "gate share of the layer, CUDA graph"]
+        body = [b + [ms(r["ours_sparse_graph"]), f"{100 * (1 - r['ours_sparse_graph'] / r['graph_layer']):.0f}%"]
+                for b, r in zip(body, env["rows"])]
     table = _table(head, body)
-    e2e = _table(["B", "cache", "dense s/token", "sparse s/token", "speed-up"],
-                 [[r["B"], _tokens(r["T"]), f"{r['dense_s_per_token']:.4f}", f"{r['sparse_s_per_token']:.4f}",
-                   f"{r['speedup']:.2f}x"] for r in env["e2e"]])
+    e2e_head = ["B", "cache", "dense s/token", "sparse s/token", "speed-up"]
+    e2e_body = [[r["B"], _tokens(r["T"]), f"{r['dense_s_per_token']:.4f}", f"{r['sparse_s_per_token']:.4f}",
+                 f"{r['speedup']:.2f}x"] for r in env["e2e"]]
+    graphed = [("graph_dense_s_per_token", "graph_sparse_s_per_token", "graph_speedup", "CUDA graph"),
+               ("graph_fused_dense_s_per_token", "graph_fused_sparse_s_per_token", "graph_fused_speedup",
+                "CUDA graph, layers fused")]
+    for dense, sparse, speedup, name in graphed:  # seer_generate's graph mode (since commit 7867506)
+        if all(isinstance(r.get(sparse), float) for r in env["e2e"]):
+            e2e_head += [f"{name}: dense s/token", "sparse s/token", "speed-up"]
+            e2e_body = [b + [f"{r[dense]:.4f}", f"{r[sparse]:.4f}", f"{r[speedup]:.2f}x"]
+                        for b, r in zip(e2e_body, env["e2e"])]
     return (caption + "\n\n" + table + f"\n\nTime per output token, {cfg['layers']}-layer 8B-shaped model, random "
-            "weights, pre-filled cache:\n\n" + e2e)
+            "weights, pre-filled cache (eager: dense is SDPA flash over a DynamicCache; CUDA graph: the whole "
+            "step replayed over a static cache, dense through our kernel with every block selected; layers "
+            "fused: `seer_compile_pointwise`):\n\n" + _table(e2e_head, e2e_body))
 
 
 def finetune_timing_h200(root) -> str:

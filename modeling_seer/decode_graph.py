@@ -220,13 +220,21 @@ class GraphDecoder:
         slot: int, the next cache slot; mask: bool ``[B, 1, 1, S]``, the cache slots that
             hold real tokens (each step adds its own).
 
+        forced: optional long ``[B, N]``: teacher forcing (scoring a text as decode steps):
+            step i feeds ``forced[:, i]`` next instead of the argmax and writes the negative
+            log-likelihood of that token under the step's logits to ``nll[:, i]`` (float32).
+
     :meth:`step` runs one step (its output token lands in ``ids``): after ``warmup_steps``
     eager steps on a side stream the next is captured and every later one replayed.
     """
 
-    def __init__(self, model, cache, ids, pos, slot, mask):
+    def __init__(self, model, cache, ids, pos, slot, mask, forced=None):
         from .decode_cache import pooled_k_cache
         self.model, self.cache, self.ids, self.pos, self.mask = model, cache, ids, pos, mask
+        self.forced = forced
+        if forced is not None:
+            self.i = torch.zeros(1, dtype=torch.long, device=ids.device)
+            self.nll = torch.zeros(forced.shape, dtype=torch.float32, device=ids.device)
         self.slot_host = slot
         self.slot = torch.full((1,), slot, dtype=torch.long, device=ids.device)
         self.arg = _cache_arg(model)
@@ -248,7 +256,14 @@ class GraphDecoder:
         self.mask.index_fill_(-1, self.slot, True)
         logits = self.model(input_ids=self.ids, attention_mask=self.mask, position_ids=self.pos, use_cache=True,
                             logits_to_keep=1, **{self.arg: self.cache}).logits
-        self.ids.copy_(logits[:, -1].argmax(-1, keepdim=True))
+        if self.forced is None:
+            self.ids.copy_(logits[:, -1].argmax(-1, keepdim=True))
+        else:
+            target = self.forced.index_select(1, self.i)  # [B, 1]
+            logp = torch.log_softmax(logits[:, -1].float(), dim=-1)
+            self.nll.index_copy_(1, self.i, -logp.gather(1, target))
+            self.ids.copy_(target)
+            self.i.add_(1)
         self.pos.add_(1)
         self.slot.add_(1)
 

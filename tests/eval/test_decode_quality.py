@@ -40,6 +40,22 @@ def test_decode_loop_equals_generate_scoring(tokenizer, setting):
         assert m.seer_decode_density().max() < 1.0  # blocks were dropped
 
 
+@pytest.mark.parametrize("setting", ["dense", "share=0.3", "budget=128"])
+def test_graph_decode_loop_equals_the_eager_loop(tokenizer, setting):
+    """Teacher-forced graph-mode steps (static cache; eager here) score what the eager loop
+    scores, crossing block boundaries, with the same kept share."""
+    m = _decode_model(tokenizer)
+    dq.apply_decode(m, dq.decode_setting(setting))
+    ids = _ids(tokenizer, 2, 330, seed=2)
+    a = dq.decode_nll(m, ids, 200)
+    density = m.seer_decode_density()
+    g = dq.graph_decode_nll(m, ids, 200)
+    assert g.shape == (2, 130)
+    torch.testing.assert_close(g, a, atol=1e-5, rtol=1e-5)
+    if setting != "dense":
+        torch.testing.assert_close(m.seer_decode_density(), density)
+
+
 @torch.no_grad()
 def test_dense_decode_scores_are_the_ordinary_perplexity(tokenizer):
     m = _decode_model(tokenizer)
@@ -86,6 +102,7 @@ def test_whole_run_on_cpu(tokenizer, corpus_path, tmp_path, check_envelope):
     assert all(r["tokens"] == 2 * 128 and r["ppl"] > 1 for r in env["rows"])
     assert env["rows"][0]["decode_density"] is None and 0 < env["rows"][1]["decode_density"] < 1
     assert env["checks"][0]["decode_nll_vs_generate_max_abs"] < 1e-4
+    assert env["checks"][0]["graph_decode_nll_vs_decode_nll_max_abs"] < 1e-4
     names = list(env["passkey"])
     assert names == ["dense", "decode_share=0.1", "decode_budget=2048", "prefill_threshold_0.002+decode_share=0.1"]
     assert all(env["passkey"][n]["vs_dense"]["n"] == 5 for n in names[1:])
