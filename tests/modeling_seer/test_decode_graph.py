@@ -119,3 +119,20 @@ def test_graph_decode_with_compiled_pointwise_layers(tiny, monkeypatch):
         m.seer_compile_pointwise(enable=False)
     assert torch.equal(out, ref)
     assert len(calls) == 39 * m.config.num_hidden_layers  # every decode step of every layer (not the prefill)
+
+
+@torch.no_grad()
+def test_unsorted_top_k_once_every_row_keeps_the_budget(tiny, monkeypatch):
+    """Once every row holds at least the budget's blocks, the step's top-k does not sort (a
+    graph of its own) and the tokens stay generate's; before that it sorts."""
+    m = tiny(**DECODE, seer_decode_sparsity=True, seer_decode_budget=3 * 64)
+    ids, mask = _left_pad([_ids(200, seed=3)[0], _ids(40, seed=4)[0]], 200)
+    seen = []
+    topk = torch.topk
+    monkeypatch.setattr(torch, "topk", lambda *a, **k: seen.append(k.get("sorted")) or topk(*a, **k))
+    out = m.seer_generate(ids, attention_mask=mask, max_new_tokens=120)
+    monkeypatch.setattr(torch, "topk", topk)
+    assert torch.equal(out, _greedy(m, ids, 120, attention_mask=mask))
+    per_step = [seen[i:i + m.config.num_hidden_layers] for i in range(0, len(seen), m.config.num_hidden_layers)]
+    assert per_step[0] == [True] * m.config.num_hidden_layers  # the short row holds 2 blocks (of 3) at first
+    assert per_step[-1] == [False] * m.config.num_hidden_layers
