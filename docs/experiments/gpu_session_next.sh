@@ -1,29 +1,31 @@
 #!/usr/bin/env bash
-# The next GPU session's measurements (after session 15's H200 runs of ac54ab7-9a403ff), one
-# STEP per device call so that each fits the 10-minute limit. Steps that read the real model or
-# the corpora need staging first (device_stage.py: chunk0, chunk1, then chunk2 with the wheels
+# The next GPU session's measurements (after session 16's H200 runs of 7867506), one STEP per
+# device call so that each fits the 10-minute limit. Steps that read the real model or the
+# corpora need staging first (device_stage.py: chunk0, chunk1, then chunk2 with the wheels
 # installed to /tmp/site, three calls back to back: /tmp goes with the machine); the kernel
-# steps need none. Run from the repository root:
+# steps need none. A cold machine start cost ~400 s of the session's device time in session 16:
+# put the staging chunks into the first calls of real work. Run from the repository root:
 #
 #   bash docs/experiments/gpu_session_next.sh STEP OUT
 #
 # STEP, in order of priority (minutes on one H200):
-#   tests-models   ~5  families, real-model, fine-tuning (the compile_pointwise inductor test of
-#                      1cc9dcc has not run on a GPU) and export GPU tests (the bf16 gates-only
-#                      export test failed at 66d893f; fixed on CPU in bb9fd7e); needs staging
-#   tests-decode   ~4  the decode GPU tests (decode kernels and model; static caches now take a
-#                      sparse prefill)
-#   bench-decode   ~3  issue 15: bench-decode --tune, with the kernel alone replayed from a CUDA
-#                      graph (the eager B=1 numbers are host launch work: empty selection = sparse)
-#   decode-quality ~6  issue 15: decode perplexity and passkey with sparse decode
+#   decode-quality ~5  issue 15's full protocol (300-step gates at 8k, decode perplexity of 16
+#                      8192-token windows, dense / share=0.1 / budget=2048, passkey 75 prompts
+#                      paired, sparse decode and sparse prefill + decode); decode perplexity
+#                      now runs as teacher-forced graph-mode steps (at 7867506 the eager loop
+#                      took 295 s for the dense setting alone); needs staging
+#   tests-decode   ~4  the decode GPU tests (graph-mode decode: unsorted top-k kind of graph,
+#                      compiled layers in the replayed step, since 7867506)
+#   bench-decode   ~2  issue 15: bench-decode with graph-mode rows (7867506: 2.32x / 2.56x fused at
+#                      4 x 128k against >= 3x; the top-k no longer sorts there since b88a0c4)
+#   decode-profile ~1  issue 15: graph-replayed microseconds of each piece of a sparse layer's
+#                      attention (logits, bias, top-k sorted/unsorted, kernel, record, fill)
+#   tests-export   ~2  the GPU export test (cut by a time limit at 7867506; the families, model and
+#                      fine-tuning GPU tests passed there: 14, 2, 6)
 #   bench-kernels  ~5  the issue 16 table (8k / 32k / 128k, backward at 32k), then TTFT at 128k
-#                      (kernels unchanged since 8c84a20 but for the launchers' stride helper;
-#                      every kernel GPU test passed at 66d893f)
 #   gate-passkey   ~6  issue 17: passkey of both gate sets, knob and threshold at ~0.12
 #   tests-kernels  ~6  the kernel GPU tests in two processes at once (after any kernel change)
-#   tests-export   ~2  the GPU export test alone
-#   ft-timing      ~2  issue 13's timing phase (done at 66d893f: row (c) 0.246 s/step)
-#   ft-passkey     ~5  issue 13's rows (a), (c) at 0.1 compiled and their passkey (done at 66d893f)
+#   tests-models   ~7  families, real-model, fine-tuning and export GPU tests; needs staging
 #
 # Every step writes under OUT/STEP and prints its table last.
 set -u
@@ -54,7 +56,13 @@ case "$STEP" in
     timeout 540 "$PY" -m pytest -q -p no:cacheprovider -rfE $T -k "not (long or bf16_sparse or padded)" \
       > "$OUT/kernels_b.log" 2>&1; echo "B: exit $?" >> "$OUT/summary.txt"; wait
     grep -hE "^(FAILED|ERROR)" "$OUT"/kernels_*.log; tail -qn 1 "$OUT"/kernels_*.log; cat "$OUT/summary.txt" ;;
-  bench-decode) PARTS=bench_decode PY=$PY bash docs/experiments/decode_gpu_session.sh "$OUT" ;;
+  bench-decode)
+    timeout 400 "$PY" -m seer_attn.eval.bench_decode --lengths 32768 131072 --batches 1 16 \
+      --e2e 4x131072 16x32768 --out "$OUT/decode" > "$OUT/bench_decode.log" 2>&1
+    echo "bench_decode: exit $?"; sed -n '/^# /,$p' "$OUT/bench_decode.log" | tail -n 12 ;;
+  decode-profile)
+    timeout 200 "$PY" docs/experiments/decode_gate_profile.py > "$OUT/profile.log" 2>&1
+    echo "decode_gate_profile: exit $?"; tail -n 8 "$OUT/profile.log" ;;
   tests-decode) PY=$PY bash docs/experiments/gpu_tests.sh decode "$OUT" ;;
   bench-kernels)
     timeout 330 "$PY" -m seer_attn.eval.bench_kernels --lengths 8192 32768 131072 --bwd-lengths 32768 \
@@ -66,7 +74,10 @@ case "$STEP" in
     timeout 110 "$PY" -m pytest -q -p no:cacheprovider -rfE tests/hub_cards/test_export.py -k gpu > "$OUT/export.log" 2>&1
     echo "export: exit $?, $(tail -n 1 "$OUT/export.log")" ;;
   tests-models) PY=$PY bash docs/experiments/gpu_tests.sh models "$OUT" ;;
-  decode-quality) PARTS=decode_quality DQ_LIMIT=560 PY=$PY bash docs/experiments/decode_gpu_session.sh "$OUT" ;;
+  decode-quality)
+    timeout 560 "$PY" -m seer_attn.eval.decode_quality --model "$GGUF" "${DATA[@]}" --no-progress \
+      --out "$OUT/decode_quality" > "$OUT/decode_quality.log" 2>&1
+    echo "decode_quality: exit $?"; tail -n 14 "$OUT/decode_quality.log" ;;
   gate-passkey)
     timeout 560 "$PY" docs/experiments/gate_quality.py --model "$GGUF" "${DATA[@]}" --variants plain retrieval \
       --phases passkey --passkey-settings gate:threshold=0.03 --budget-s 480 --out "$OUT" \
