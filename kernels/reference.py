@@ -247,3 +247,18 @@ def block_sparse_decode_ref(q, k_cache, v_cache, block_index_or_mask, seq_lens, 
     p = p.masked_fill(~allowed.any(-1)[:, :, None, None], 0.0)  # nothing attended: zeros, not NaN
     out = torch.matmul(p.to(dt), v_cache.to(dt))  # [B, H, group, D]
     return out.reshape(B, HQ, 1, D).to(q.dtype)
+
+
+def top_blocks_ref(scores, bias, counts, k):
+    """Torch reference of :func:`~.decode_select.top_blocks`: per row of ``scores + bias``
+    (float32 ``[B, H, N]``) the indices of its ``counts`` largest entries (ties: the lower index
+    first) in increasing order, then -1; int32 ``[B, H, k]``."""
+    s = scores.float() + bias.float()
+    B, H, N = s.shape
+    order = torch.sort(s, dim=-1, descending=True, stable=True).indices  # ties keep the lower index first
+    rank = torch.empty_like(order).scatter_(-1, order, torch.arange(N, device=s.device).expand(B, H, N))
+    keep = rank < counts.to(s.device).long()[..., None]
+    pos = (keep.cumsum(-1) - 1).masked_fill(~keep, N)  # the kept ones in block order, the rest -> spill column N
+    idx = torch.full((B, H, N + 1), -1, dtype=torch.int32, device=s.device)
+    idx.scatter_(-1, pos, torch.arange(N, dtype=torch.int32, device=s.device).expand(B, H, N))
+    return idx[..., :k].contiguous()

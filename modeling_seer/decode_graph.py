@@ -30,6 +30,8 @@ import math
 
 import torch
 
+from seer_attn.kernels.decode_select import top_blocks
+
 from .selection import DECODE_METHODS, block_pool
 
 
@@ -83,10 +85,6 @@ class GraphDecodeState:
         #: pooled and gate keys made (a Python flag: the step's owner knows the slot on the host
         #: and keeps one graph per kind)
         self.fills = False
-        #: whether every row of the next step keeps the whole top-k width (the top-k methods,
-        #: known on the host): then the top-k need not sort (a third kind of graph)
-        self.keeps_all = False
-        self.first_block_host = pooled.first_block_host
 
     @property
     def batch_size(self):
@@ -184,9 +182,9 @@ class GraphDecodeStep:
     def select(self, scores, cfg):
         """``(idx, cnt)`` of the decode gate's logits ``[B, H, NB]`` (:func:`~.selection.select_decode_blocks`)."""
         bias, forced, cnt, k = self._prepared(cfg, scores.shape[1])
+        if cnt is not None:  # the kept ones first (one kernel on a GPU: bias add and selection, no sort)
+            return top_blocks(scores, bias, cnt, k), cnt
         s = scores.float() + bias
-        if cnt is not None:  # the kept ones first, unless every row keeps all k
-            return torch.topk(s, k, dim=-1, sorted=not self.state.keeps_all).indices, cnt
         keep = (torch.softmax(s, dim=-1) >= cfg.seer_decode_threshold) | forced
         return torch.topk(s.masked_fill(forced, float("inf")), k, dim=-1, sorted=True).indices, \
             keep.sum(-1, dtype=torch.int32)
@@ -271,31 +269,14 @@ class GraphDecoder:
         self.pos.add_(1)
         self.slot.add_(1)
 
-    def _keeps_all(self):
-        """Whether every row of the next step keeps the top-k's whole width (host arithmetic of
-        :meth:`GraphDecodeStep._prepared`'s counts)."""
-        cfg, st = self.model.config, self.state
-        cur, NB = self.slot_host // self.block_size, st.num_blocks
-        ns = [cur + 1 - f for f in st.first_block_host]
-        if cfg.seer_decode_method == "budget":
-            return min(ns) >= min(NB, max(2, cfg.seer_decode_budget // self.block_size))
-        if cfg.seer_decode_method == "share":
-            share = cfg.seer_decode_share
-            k = min(NB, max(2, math.ceil(share * NB)))
-            k_now = min(max(2, math.ceil(share * (cur + 1))), cur + 1)
-            return all(min(max(2, math.ceil(share * n)), n, k_now) == k for n in ns)
-        return False
-
     @torch.no_grad()
     def step(self, cuda_graph=True, warmup_steps=2):
-        """One decode step. Kinds of steps (the one that fills a block pools it; a top-k need
-        not sort when every row keeps its whole width), one graph each, captured after
-        ``warmup_steps`` eager steps of that kind."""
-        kind = (self.slot_host % self.block_size == self.block_size - 1,
-                self.state is not None and self._keeps_all())
+        """One decode step. Two kinds of steps (the one that fills a block pools it), one graph
+        each, captured after ``warmup_steps`` eager steps of that kind."""
+        kind = self.slot_host % self.block_size == self.block_size - 1
         self.slot_host += 1
         if self.state is not None:
-            self.state.fills, self.state.keeps_all = kind
+            self.state.fills = kind
         if kind in self.graphs:
             self.graphs[kind].replay()
         elif not cuda_graph:

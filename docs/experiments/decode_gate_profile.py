@@ -8,10 +8,13 @@ settings, and prints median microseconds per piece:
 - ``logits``: :meth:`DecodeGate.step_logits` (project and rotate the query, score the blocks);
 - ``bias``: the scores plus the selection's bias (what :meth:`GraphDecodeStep.select` adds);
 - ``topk_sorted`` / ``topk_unsorted``: the top-k of the share's width, sorted or not;
+- ``top_blocks``: the bias add and the selection in one kernel (:func:`top_blocks`, what the
+  graph-mode step runs since it replaced the two above);
 - ``kernel``: :func:`block_sparse_decode` over that selection;
 - ``record``: writing the new pre-RoPE key into the partial block (every step);
 - ``record_fill``: the step that fills a block (pool, project, write the row);
-- ``layer``: logits + bias + top-k (sorted) + kernel in one graph, as a layer runs them.
+- ``layer``: logits + bias + top-k (sorted) + kernel in one graph, as the eager step runs them;
+- ``layer_top_blocks``: logits + :func:`top_blocks` + kernel, as the graph-mode step runs them.
 
     python docs/experiments/decode_gate_profile.py [--settings 1x131072 4x131072 16x32768] [--share 0.1]
 
@@ -49,7 +52,7 @@ def graph_us(fn, reps=200):
 
 @torch.no_grad()
 def profile(B, S, share):
-    from seer_attn.kernels import block_sparse_decode
+    from seer_attn.kernels import block_sparse_decode, top_blocks
     from seer_attn.modeling_seer.decode_gate import DecodeGate
     from seer_attn.modeling_seer.selection import block_pool
     dev, dt = "cuda", torch.bfloat16
@@ -89,15 +92,21 @@ def profile(B, S, share):
         i = torch.topk(sc, K, dim=-1).indices
         return block_sparse_decode(q, k, v, i, lens, block_counts=cnt, check_lengths=False)
 
+    def layer_top_blocks():
+        i = top_blocks(gate.step_logits(q_pre, keys, rope).squeeze(2), bias, cnt, K)
+        return block_sparse_decode(q, k, v, i, lens, block_counts=cnt, check_lengths=False)
+
     return {
         "logits": graph_us(lambda: gate.step_logits(q_pre, keys, rope)),
         "bias": graph_us(lambda: scores.float() + bias),
         "topk_sorted": graph_us(lambda: torch.topk(s, K, dim=-1, sorted=True)),
         "topk_unsorted": graph_us(lambda: torch.topk(s, K, dim=-1, sorted=False)),
+        "top_blocks": graph_us(lambda: top_blocks(scores, bias, cnt, K)),
         "kernel": graph_us(lambda: block_sparse_decode(q, k, v, idx, lens, block_counts=cnt, check_lengths=False)),
         "record": graph_us(record),
         "record_fill": graph_us(record_fill),
         "layer": graph_us(layer),
+        "layer_top_blocks": graph_us(layer_top_blocks),
     }
 
 

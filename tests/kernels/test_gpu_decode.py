@@ -110,3 +110,19 @@ def test_split_counts_at_real_shape(splits, gen, error_budget):
     ref32 = block_sparse_decode_ref(*_up(q, k, v), idx, lens)
     ref_lp = block_sparse_decode_ref(q, k, v, idx, lens, upcast=False)
     error_budget(out, ref32, ref_lp, **OUT_BUDGET[dt])
+
+
+@pytest.mark.parametrize("B, N, k", [(16, 2048, 205), (4, 2049, 205), (1, 16384, 1639), (2, 513, 2)])
+def test_top_blocks_at_real_shapes(B, N, k):
+    """The decode selection kernel at 32k-1M-token caches (8 KV heads): the reference's kept
+    blocks, with bf16 scores (ties) and the sink / current block forced."""
+    from seer_attn.kernels.decode_select import top_blocks
+    from seer_attn.kernels.reference import top_blocks_ref
+    gen = torch.Generator(device="cuda").manual_seed(N)
+    scores = torch.randn(B, 8, N, device="cuda", generator=gen).to(torch.bfloat16)
+    bias = torch.zeros(B, 1, N, device="cuda")
+    bias[..., 0] = bias[..., N - 1] = float("inf")
+    counts = torch.randint(0, k + 1, (B, 8), device="cuda", generator=gen, dtype=torch.int32)
+    counts[0] = k
+    got = top_blocks(scores, bias, counts, k, backend="triton")
+    assert torch.equal(got, top_blocks_ref(scores, bias, counts, k))

@@ -122,17 +122,15 @@ def test_graph_decode_with_compiled_pointwise_layers(tiny, monkeypatch):
 
 
 @torch.no_grad()
-def test_unsorted_top_k_once_every_row_keeps_the_budget(tiny, monkeypatch):
-    """Once every row holds at least the budget's blocks, the step's top-k does not sort (a
-    graph of its own) and the tokens stay generate's; before that it sorts."""
+def test_top_k_methods_select_through_top_blocks(tiny, monkeypatch):
+    """The graph step's budget / share selection goes through kernels.decode_select.top_blocks
+    (the reference on a CPU), once per layer and step, with generate's tokens."""
+    from seer_attn.modeling_seer import decode_graph
     m = tiny(**DECODE, seer_decode_sparsity=True, seer_decode_budget=3 * 64)
     ids, mask = _left_pad([_ids(200, seed=3)[0], _ids(40, seed=4)[0]], 200)
-    seen = []
-    topk = torch.topk
-    monkeypatch.setattr(torch, "topk", lambda *a, **k: seen.append(k.get("sorted")) or topk(*a, **k))
-    out = m.seer_generate(ids, attention_mask=mask, max_new_tokens=120)
-    monkeypatch.setattr(torch, "topk", topk)
-    assert torch.equal(out, _greedy(m, ids, 120, attention_mask=mask))
-    per_step = [seen[i:i + m.config.num_hidden_layers] for i in range(0, len(seen), m.config.num_hidden_layers)]
-    assert per_step[0] == [True] * m.config.num_hidden_layers  # the short row holds 2 blocks (of 3) at first
-    assert per_step[-1] == [False] * m.config.num_hidden_layers
+    calls = []
+    top_blocks = decode_graph.top_blocks
+    monkeypatch.setattr(decode_graph, "top_blocks", lambda *a: calls.append(a[3]) or top_blocks(*a))
+    out = m.seer_generate(ids, attention_mask=mask, max_new_tokens=50)
+    assert torch.equal(out, _greedy(m, ids, 50, attention_mask=mask))
+    assert calls == [3] * (49 * m.config.num_hidden_layers)  # width: the budget's 3 blocks
