@@ -14,12 +14,14 @@
 #                      paired, sparse decode and sparse prefill + decode); decode perplexity
 #                      now runs as teacher-forced graph-mode steps (at 7867506 the eager loop
 #                      took 295 s for the dense setting alone); needs staging
-#   tests-decode   ~4  the decode GPU tests (graph-mode decode: unsorted top-k kind of graph,
-#                      compiled layers in the replayed step, since 7867506)
+#   tests-decode   ~4  the decode GPU tests, first after any change to the kernels: the new
+#                      top_blocks selection kernel (bea7e4f, interpreter-tested only) and
+#                      graph-mode decode with compiled layers (since 7867506)
 #   bench-decode   ~2  issue 15: bench-decode with graph-mode rows (7867506: 2.32x / 2.56x fused at
-#                      4 x 128k against >= 3x; the top-k no longer sorts there since b88a0c4)
+#                      4 x 128k against >= 3x; graph steps select through top_blocks since bea7e4f)
 #   decode-profile ~1  issue 15: graph-replayed microseconds of each piece of a sparse layer's
-#                      attention (logits, bias, top-k sorted/unsorted, kernel, record, fill)
+#                      attention (logits, bias, top-k sorted/unsorted vs top_blocks, kernel,
+#                      record, fill): keep top_blocks only if it beats torch.topk
 #   tests-export   ~2  the GPU export test (cut by a time limit at 7867506; the families, model and
 #                      fine-tuning GPU tests passed there: 14, 2, 6)
 #   bench-kernels  ~5  the issue 16 table (8k / 32k / 128k, backward at 32k), then TTFT at 128k
