@@ -28,26 +28,13 @@ import torch
 HQ, H, D, BS, G = 32, 8, 128, 64, 128
 
 
-def graph_us(fn, reps=200):
-    """Median microseconds of ``fn`` replayed from a CUDA graph (after warm-up on a side stream)."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        graph.replay()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b) * 1e3)
-    return sorted(times)[len(times) // 2]
+def graph_us(fn):
+    """Median microseconds of ``fn`` replayed from a CUDA graph (bench-decode's helper)."""
+    from seer_attn.eval.bench_decode import _graph_bench
+    ms = _graph_bench(fn)
+    if isinstance(ms, str):  # the capture's error
+        raise RuntimeError(ms)
+    return 1e3 * ms
 
 
 @torch.no_grad()

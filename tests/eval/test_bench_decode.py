@@ -82,14 +82,18 @@ def test_gate_step_selects_the_share_on_cpu():
         assert all(63 in idx[b, h, :7].tolist() and 0 in idx[b, h, :7].tolist() for b in range(2) for h in range(8))
 
 
-@torch.no_grad()
-def test_end_to_end_machinery_on_a_tiny_model():
+def _tiny_decode_model():
     from seer_attn.modeling_seer import SeerLlamaConfig, SeerLlamaForCausalLM
     cfg = SeerLlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
                           seer_gate_hidden_size=32, seer_decode_gate=True, seer_decode_method="share")
     torch.manual_seed(0)
-    m = SeerLlamaForCausalLM(cfg).eval()
+    return SeerLlamaForCausalLM(cfg).eval()
+
+
+@torch.no_grad()
+def test_end_to_end_machinery_on_a_tiny_model():
+    m = _tiny_decode_model()
     B, T = 2, 640
     cache, state = bench_decode.filled_cache(m, B, T, 8)
     assert state.length == T and state.gate_keys(1).shape[:3] == (B, 2, T // 64)
@@ -111,13 +115,8 @@ def test_graphed_end_to_end_machinery_on_a_tiny_model():
     """The CUDA-graph rows' setup, run eagerly: a filled static cache and its pooled-K cache;
     decode with every block selected gives the stock dense attention's tokens over the same
     cache, and share 0.2 reads that share."""
-    from seer_attn.modeling_seer import SeerLlamaConfig, SeerLlamaForCausalLM
     from seer_attn.modeling_seer.decode_graph import GraphDecoder
-    cfg = SeerLlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
-                          seer_gate_hidden_size=32, seer_decode_gate=True, seer_decode_method="share")
-    torch.manual_seed(0)
-    m = SeerLlamaForCausalLM(cfg).eval()
+    m = _tiny_decode_model()
     B, T = 2, 640
     cache, state = bench_decode.static_filled(m, B, T, 8)
     assert int(cache.get_seq_length()) == T and state.gate_keys(1).shape[:3] == (B, 2, T // 64)

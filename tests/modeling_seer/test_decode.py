@@ -4,37 +4,17 @@ equal to each sequence alone, static caches, refusals, config and gate files.
 
 Left-padded batches use pads that are multiples of 64, so every sequence's blocks are the
 same as alone (blocks are 64 cache slots of the padded batch, as in the prefill)."""
-import inspect
 import logging
 
 import pytest
 import torch
-from transformers import DynamicCache, LlamaForCausalLM, StaticCache
+from transformers import DynamicCache, StaticCache
 
 from seer_attn.modeling_seer.decode_cache import pooled_k_cache
 from seer_attn.modeling_seer.remote_bundle import bundle_sources
 from seer_attn.modeling_seer.selection import block_pool, select_decode_blocks
 
-DECODE = dict(seer_decode_gate=True)
-# transformers >= 5.2x renamed the cache argument (``past_key_values`` -> ``cache``)
-CACHE = "cache" if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters else "past_key_values"
-
-
-def _ids(T, B=1, seed=0):
-    return torch.randint(1, 96, (B, T), generator=torch.Generator().manual_seed(seed))
-
-
-def _left_pad(seqs, T):
-    ids = torch.zeros(len(seqs), T, dtype=torch.long)
-    mask = torch.zeros(len(seqs), T, dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, T - len(s):] = s
-        mask[i, T - len(s):] = 1
-    return ids, mask
-
-
-def _greedy(m, ids, n, **kw):
-    return m.generate(ids, max_new_tokens=n, do_sample=False, pad_token_id=0, **kw)
+from decode_inputs import CACHE, DECODE, greedy as _greedy, ids as _ids, left_pad as _left_pad
 
 
 # ----------------------------------------------------------------------------- pooled-K cache

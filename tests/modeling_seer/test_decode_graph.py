@@ -1,33 +1,13 @@
 """Graph-mode decode (modeling_seer/decode_graph.py): ``seer_generate`` runs the decode steps as
 device ops only (static KV cache, preallocated pooled-K buffers, selection from a slot
 tensor). On CPU the steps run eagerly; they must give ``generate``'s tokens."""
-import inspect
-
 import pytest
 import torch
-from transformers import DynamicCache, LlamaForCausalLM
+from transformers import DynamicCache
 
 from seer_attn.modeling_seer.decode_cache import pooled_k_cache
 
-DECODE = dict(seer_decode_gate=True)
-CACHE = "cache" if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters else "past_key_values"
-
-
-def _ids(T, B=1, seed=0):
-    return torch.randint(1, 96, (B, T), generator=torch.Generator().manual_seed(seed))
-
-
-def _left_pad(seqs, T):
-    ids = torch.zeros(len(seqs), T, dtype=torch.long)
-    mask = torch.zeros(len(seqs), T, dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, T - len(s):] = s
-        mask[i, T - len(s):] = 1
-    return ids, mask
-
-
-def _greedy(m, ids, n, **kw):
-    return m.generate(ids, max_new_tokens=n, do_sample=False, pad_token_id=0, **kw)
+from decode_inputs import CACHE, DECODE, greedy as _greedy, ids as _ids, left_pad as _left_pad
 
 
 @pytest.mark.parametrize("method, options", [
