@@ -205,6 +205,28 @@ class GraphDecodeStep:
         stats.layers.add_(len(cnts))
 
 
+def greedy_pick(logits):
+    """The argmax token of logits ``[B, V]``, long ``[B, 1]``."""
+    return logits.argmax(-1, keepdim=True)
+
+
+def sampling_pick(temperature=1.0, top_k=None):
+    """A ``pick`` that samples from ``softmax(logits / temperature)`` restricted to the ``top_k``
+    most likely tokens (None: all), by the Gumbel-max trick (argmax of the scaled logits minus
+    the log of Exp(1) noise): device ops only, so a CUDA graph replays it with fresh noise."""
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
+        raise ValueError(f"temperature must be a number > 0, got {temperature!r}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"top_k must be an integer >= 1 or None, got {top_k!r}")
+
+    def pick(logits):
+        x = logits.float() / temperature
+        if top_k is not None and top_k < x.shape[-1]:
+            x = x.masked_fill(x < torch.topk(x, top_k, dim=-1).values[:, -1:], float("-inf"))
+        return (x - torch.empty_like(x).exponential_().log()).argmax(-1, keepdim=True)
+    return pick
+
+
 def _cache_arg(model):
     """The KV-cache argument of the stock forward (``cache`` from transformers 5.2x on)."""
     stock = next(c for c in type(model).__mro__ if c.__module__.startswith("transformers.") and "forward" in vars(c))
@@ -222,6 +244,8 @@ class GraphDecoder:
         slot: int, the next cache slot; mask: bool ``[B, 1, 1, S]``, the cache slots that
             hold real tokens (each step adds its own).
 
+        pick: the next token of a step's logits ``[B, V]`` -> long ``[B, 1]`` (default
+            :func:`greedy_pick`; :func:`sampling_pick` samples), run inside the graph.
         forced: optional long ``[B, N]``: teacher forcing (scoring a text as decode steps):
             step i feeds ``forced[:, i]`` next instead of the argmax and writes the negative
             log-likelihood of that token under the step's logits to ``nll[:, i]`` (float32).
@@ -230,10 +254,10 @@ class GraphDecoder:
     eager steps on a side stream the next is captured and every later one replayed.
     """
 
-    def __init__(self, model, cache, ids, pos, slot, mask, forced=None):
+    def __init__(self, model, cache, ids, pos, slot, mask, forced=None, pick=None):
         from .decode_cache import pooled_k_cache
         self.model, self.cache, self.ids, self.pos, self.mask = model, cache, ids, pos, mask
-        self.forced = forced
+        self.forced, self.pick = forced, pick or greedy_pick
         if forced is not None:
             self.i = torch.zeros(1, dtype=torch.long, device=ids.device)
             self.nll = torch.zeros(forced.shape, dtype=torch.float32, device=ids.device)
@@ -259,7 +283,7 @@ class GraphDecoder:
         logits = self.model(input_ids=self.ids, attention_mask=self.mask, position_ids=self.pos, use_cache=True,
                             logits_to_keep=1, **{self.arg: self.cache}).logits
         if self.forced is None:
-            self.ids.copy_(logits[:, -1].argmax(-1, keepdim=True))
+            self.ids.copy_(self.pick(logits[:, -1]))
         else:
             target = self.forced.index_select(1, self.i)  # [B, 1]
             logp = torch.log_softmax(logits[:, -1].float(), dim=-1)
@@ -299,8 +323,10 @@ class GraphDecoder:
 
 @torch.no_grad()
 def graph_generate(model, input_ids, attention_mask=None, max_new_tokens=32, eos_token_id=None, cuda_graph=None,
-                   warmup_steps=2):
-    """Greedy generation with the decode steps replayed from one CUDA graph.
+                   warmup_steps=2, do_sample=False, temperature=1.0, top_k=None):
+    """Generation with the decode steps replayed from one CUDA graph: greedy, or sampled
+    (``do_sample``: :func:`sampling_pick` with ``temperature`` and ``top_k``; seed with
+    ``torch.manual_seed``).
 
     The prompt (left-padded when ``attention_mask`` has zeros) is prefilled into a
     transformers ``StaticCache`` of ``prompt + max_new_tokens`` slots in the model's mode
@@ -319,6 +345,7 @@ def graph_generate(model, input_ids, attention_mask=None, max_new_tokens=32, eos
         raise ValueError(f"input_ids must be a long tensor [B, T], got {getattr(input_ids, 'shape', type(input_ids))}")
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+    pick = sampling_pick(temperature, top_k) if do_sample else greedy_pick
     windowed = [i for i, layer in enumerate(model.model.layers) if getattr(layer.self_attn, "sliding_window", None)]
     if windowed:
         raise ValueError(f"seer_generate does not support sliding-window layers (layers {windowed[:4]}...): use "
@@ -336,10 +363,10 @@ def graph_generate(model, input_ids, attention_mask=None, max_new_tokens=32, eos
     out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=pos, use_cache=True, logits_to_keep=1,
                 **{_cache_arg(model): cache})
     tokens = torch.empty(B, max_new_tokens, dtype=torch.long, device=dev)
-    tokens[:, :1] = out.logits[:, -1].argmax(-1, keepdim=True)
+    tokens[:, :1] = pick(out.logits[:, -1])
     mask = torch.zeros(B, 1, 1, S, dtype=torch.bool, device=dev)
     mask[:, 0, 0, :T] = attention_mask.bool()
-    dec = GraphDecoder(model, cache, tokens[:, :1].clone(), pos[:, -1:] + 1, T, mask)
+    dec = GraphDecoder(model, cache, tokens[:, :1].clone(), pos[:, -1:] + 1, T, mask, pick=pick)
     done = torch.zeros(B, dtype=torch.bool, device=dev)
     for i in range(1, max_new_tokens):
         dec.step(cuda_graph=cuda_graph, warmup_steps=warmup_steps)

@@ -115,3 +115,20 @@ def test_seer_generate_replays_a_cuda_graph_with_the_eager_tokens(decode_sparsit
     if decode_sparsity:
         assert (eager_density < 0.25).all()
         torch.testing.assert_close(m.seer_decode_density(), eager_density)
+
+
+@torch.no_grad()
+def test_seer_generate_samples_inside_the_cuda_graph():
+    """Sampling replayed from the graph draws fresh noise each step (the tokens are not one
+    repeated draw) and a seed reproduces them; top_k=1 is greedy."""
+    m = _model()
+    m.set_seer_mode("dense", seer_decode_sparsity=True, seer_decode_budget=8 * 64)
+    ids, mask = _batch()
+    greedy = m.seer_generate(ids, attention_mask=mask, max_new_tokens=40)
+    assert torch.equal(m.seer_generate(ids, attention_mask=mask, max_new_tokens=40, do_sample=True, top_k=1), greedy)
+    torch.manual_seed(0)
+    a = m.seer_generate(ids, attention_mask=mask, max_new_tokens=40, do_sample=True, temperature=3.0)
+    torch.manual_seed(0)
+    b = m.seer_generate(ids, attention_mask=mask, max_new_tokens=40, do_sample=True, temperature=3.0)
+    assert torch.equal(a, b) and not torch.equal(a, greedy)
+    assert len(set(a[0, -30:].tolist())) > 5

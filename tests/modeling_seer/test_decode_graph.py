@@ -114,3 +114,29 @@ def test_top_k_methods_select_through_top_blocks(tiny, monkeypatch):
     out = m.seer_generate(ids, attention_mask=mask, max_new_tokens=50)
     assert torch.equal(out, _greedy(m, ids, 50, attention_mask=mask))
     assert calls == [3] * (49 * m.config.num_hidden_layers)  # width: the budget's 3 blocks
+
+
+@torch.no_grad()
+def test_sampling_in_graph_mode(tiny):
+    """do_sample: top_k=1 is greedy; a seed gives the same tokens again; a hot temperature
+    moves away from greedy; only the top_k most likely tokens are ever drawn."""
+    from seer_attn.modeling_seer.decode_graph import sampling_pick
+    m = tiny(**DECODE, seer_decode_sparsity=True, seer_decode_budget=2 * 64)
+    x = _ids(150, B=2, seed=5)
+    greedy = m.seer_generate(x, max_new_tokens=20)
+    assert torch.equal(m.seer_generate(x, max_new_tokens=20, do_sample=True, top_k=1), greedy)
+    torch.manual_seed(0)
+    a = m.seer_generate(x, max_new_tokens=20, do_sample=True, temperature=5.0)
+    torch.manual_seed(0)
+    assert torch.equal(m.seer_generate(x, max_new_tokens=20, do_sample=True, temperature=5.0), a)
+    assert not torch.equal(a, greedy)
+    logits = torch.randn(4, 96, generator=torch.Generator().manual_seed(1))
+    allowed = torch.topk(logits, 3, dim=-1).indices
+    pick = sampling_pick(2.0, top_k=3)
+    draws = torch.cat([pick(logits) for _ in range(200)], dim=1)
+    assert all(set(draws[b].tolist()) <= set(allowed[b].tolist()) for b in range(4))
+    assert all(len(set(draws[b].tolist())) > 1 for b in range(4))
+    with pytest.raises(ValueError, match="temperature must be a number > 0, got 0"):
+        m.seer_generate(x, do_sample=True, temperature=0)
+    with pytest.raises(ValueError, match="top_k must be an integer >= 1 or None, got 0"):
+        m.seer_generate(x, do_sample=True, top_k=0)
