@@ -322,15 +322,34 @@ class GraphDecoder:
 
 
 @torch.no_grad()
+def static_from(cache, config, capacity):
+    """A transformers ``StaticCache`` of ``capacity`` slots holding the keys and values of
+    ``cache`` (a filled DynamicCache), with its pooled-K cache (if any) attached to it."""
+    from transformers import StaticCache
+
+    from .decode_cache import _STATES
+    static = StaticCache(config=config, max_cache_len=capacity)
+    for src, dst in zip(cache.layers, static.layers):
+        dst.lazy_initialization(src.keys[:, :, :1], src.values[:, :, :1])
+        n = src.keys.shape[2]
+        dst.keys[:, :, :n] = src.keys
+        dst.values[:, :, :n] = src.values
+        dst.cumulative_length.fill_(n)
+    if cache in _STATES:
+        _STATES[static] = _STATES[cache]
+    return static
+
+
+@torch.no_grad()
 def graph_generate(model, input_ids, attention_mask=None, max_new_tokens=32, eos_token_id=None, cuda_graph=None,
                    warmup_steps=2, do_sample=False, temperature=1.0, top_k=None):
     """Generation with the decode steps replayed from one CUDA graph: greedy, or sampled
     (``do_sample``: :func:`sampling_pick` with ``temperature`` and ``top_k``; seed with
     ``torch.manual_seed``).
 
-    The prompt (left-padded when ``attention_mask`` has zeros) is prefilled into a
-    transformers ``StaticCache`` of ``prompt + max_new_tokens`` slots in the model's mode
-    (sparse prefill in ``seer_mode="sparse"``); the decode steps attend sparsely under
+    The prompt (left-padded when ``attention_mask`` has zeros) is prefilled in the model's mode
+    (sparse prefill in ``seer_mode="sparse"``) and moved into a transformers ``StaticCache`` of
+    ``prompt + max_new_tokens`` slots (:func:`static_from`); the decode steps attend sparsely under
     ``seer_decode_sparsity`` (:class:`GraphDecodeStep`) and densely otherwise (the stock
     attention over the static cache with a ``[B, 1, 1, S]`` mask). After ``warmup_steps``
     eager steps one step is captured (``cuda_graph``: default on CUDA) and replayed
@@ -340,7 +359,7 @@ def graph_generate(model, input_ids, attention_mask=None, max_new_tokens=32, eos
     after a row's ``eos_token_id`` its tokens are ``eos_token_id``. Raises ValueError on bad
     arguments and for models with sliding-window layers (their window is not in the mask).
     """
-    from transformers import StaticCache
+    from transformers import DynamicCache
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype != torch.long:
         raise ValueError(f"input_ids must be a long tensor [B, T], got {getattr(input_ids, 'shape', type(input_ids))}")
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
@@ -358,10 +377,14 @@ def graph_generate(model, input_ids, attention_mask=None, max_new_tokens=32, eos
     if tuple(attention_mask.shape) != (B, T):
         raise ValueError(f"attention_mask must have the shape of input_ids {(B, T)}, got {tuple(attention_mask.shape)}")
     S = T + max_new_tokens
-    cache = StaticCache(config=model.config, max_cache_len=S)
     pos = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+    # the prefill into a dynamic cache (a static one of S slots would make transformers build a
+    # [B, 1, T, S] mask), then its keys, values and pooled-K cache moved into the static cache
+    prefill = DynamicCache(config=model.config)
     out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=pos, use_cache=True, logits_to_keep=1,
-                **{_cache_arg(model): cache})
+                **{_cache_arg(model): prefill})
+    cache = static_from(prefill, model.config, S)
+    del prefill
     tokens = torch.empty(B, max_new_tokens, dtype=torch.long, device=dev)
     tokens[:, :1] = pick(out.logits[:, -1])
     mask = torch.zeros(B, 1, 1, S, dtype=torch.bool, device=dev)

@@ -140,3 +140,23 @@ def test_sampling_in_graph_mode(tiny):
         m.seer_generate(x, do_sample=True, temperature=0)
     with pytest.raises(ValueError, match="top_k must be an integer >= 1 or None, got 0"):
         m.seer_generate(x, do_sample=True, top_k=0)
+
+
+@torch.no_grad()
+def test_sparse_prefill_into_a_static_cache_with_a_2d_mask(tiny):
+    """A forward into an empty static cache with a 2D padding mask (not generate's 4D one)
+    attends sparsely over the cache's first T slots: the dynamic cache's logits and blocks."""
+    from transformers import StaticCache
+    m = tiny(**DECODE, seer_mode="sparse", seer_sparsity_method="nz_ratio", seer_nz_ratio=0.3)
+    ids, mask = _left_pad([_ids(450, seed=5)[0], _ids(322, seed=6)[0]], 450)
+    pos = (mask.cumsum(-1) - 1).clamp_min(0)
+    dyn = m(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True,
+            **{CACHE: DynamicCache(config=m.config)})
+    dyn_density = m.seer_density()
+    assert dyn_density.mean() < 0.9
+    m._last_density = None  # (so the density compared below is the static forward's)
+    static = m(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True,
+               **{CACHE: StaticCache(config=m.config, max_cache_len=500)})
+    real = mask.bool()
+    torch.testing.assert_close(static.logits[real], dyn.logits[real], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(m.seer_density(), dyn_density, rtol=0, atol=0)
