@@ -14,6 +14,8 @@
 #                      paired, sparse decode and sparse prefill + decode); decode perplexity
 #                      now runs as teacher-forced graph-mode steps (at 7867506 the eager loop
 #                      took 295 s for the dense setting alone); needs staging
+#   decode-all     ~9  tests-decode, bench-decode and decode-profile below in one call (fewer cold
+#                      starts); no staging: send chunk0 with it, then chunk1, then decode-quality
 #   tests-decode   ~4  the decode GPU tests, first after any change to the kernels: the new
 #                      top_blocks selection kernel (bea7e4f, interpreter-tested only) and
 #                      graph-mode decode with compiled layers (since 7867506)
@@ -62,6 +64,8 @@ case "$STEP" in
     timeout 400 "$PY" -m seer_attn.eval.bench_decode --lengths 32768 131072 --batches 1 16 \
       --e2e 4x131072 16x32768 --out "$OUT/decode" > "$OUT/bench_decode.log" 2>&1
     echo "bench_decode: exit $?"; sed -n '/^# /,$p' "$OUT/bench_decode.log" | tail -n 12 ;;
+  decode-all)
+    for s in tests-decode bench-decode decode-profile; do bash "$0" "$s" "${OUT%/*}"; done ;;
   decode-profile)
     timeout 200 "$PY" docs/experiments/decode_gate_profile.py > "$OUT/profile.log" 2>&1
     echo "decode_gate_profile: exit $?"; tail -n 8 "$OUT/profile.log" ;;

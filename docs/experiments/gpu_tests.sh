@@ -30,8 +30,8 @@ case "$GROUP" in
   kernels)  # alone: it needed more than 290 s at commit 5b912b1 (177 of 217 cases done)
     run 560 tests/kernels/test_gpu_kernels.py ;;
   decode)
-    run 100 tests/kernels/test_gpu_decode.py
-    run 100 tests/modeling_seer/test_decode_gpu.py
+    run 100 tests/kernels/test_gpu_decode.py tests/kernels/test_decode_select.py
+    run 150 tests/modeling_seer/test_decode_gpu.py
     run 40 tests/modeling_seer/test_density_selection.py -m requires_cuda ;;
   models)
     run 300 tests/modeling_seer/test_gpu_families.py
