@@ -10,9 +10,9 @@ decode step that fed token t-1 against the cache of everything before
 :func:`decode_nll` runs the same as eager forwards over a dynamic cache, ~70 ms a step on an
 H200 at batch 16, which made one setting of the protocol take ~5 minutes). The prefill is
 dense in every setting, so only decode differs. PPL is exp of the mean NLL over the scored
-tokens; ``ratio`` is PPL over the dense-decode PPL. The eager loop is checked against ``generate`` (:func:`generate_nll`: each step's token forced to
-the window's, raw logits returned) and the graph loop against the eager one on a small case
-first.
+tokens; ``ratio`` is PPL over the dense-decode PPL. The eager loop is checked against
+``generate`` (:func:`generate_nll`: each step's token forced to the window's, raw logits
+returned) and the graph loop against the eager one on a small case first.
 
 **Passkey.** :func:`seer_attn.eval.passkey.run_passkey` (needle in the prompt, greedy
 answer) dense, with sparse decode (dense prefill), and with sparse prefill and sparse
@@ -84,25 +84,20 @@ def decode_nll(model, input_ids, prefix):
 
 @torch.no_grad()
 def graph_decode_nll(model, input_ids, prefix, cuda_graph=None):
-    """:func:`decode_nll` through graph-mode decode steps (``seer_generate``'s: a static KV
-    cache, every step replayed from a CUDA graph; eagerly on a CPU), teacher-forced: the same
+    """:func:`decode_nll` through graph-mode decode steps (``seer_generate``'s: the prefill's
+    cache moved into a static one, every step replayed from a CUDA graph; eagerly on a CPU),
+    teacher-forced: the same
     NLLs without the host work of ~``L - prefix`` eager forwards.
 
     Returns float64 ``[B, L - prefix]``."""
-    from transformers import StaticCache
-    from seer_attn.modeling_seer.decode_graph import GraphDecoder
+    from seer_attn.modeling_seer.decode_graph import GraphDecoder, graph_prefill
     B, L = input_ids.shape
     if not 1 <= prefix < L:
         raise ValueError(f"prefix={prefix} is invalid: expected 1 <= prefix < {L}")
-    cache = StaticCache(config=model.config, max_cache_len=L)
-    logits = model(input_ids=input_ids[:, :prefix], attention_mask=torch.ones_like(input_ids[:, :prefix]),
-                   logits_to_keep=1, use_cache=True, **{cache_kwarg(): cache}).logits[:, -1]
+    logits, cache, mask, pos = graph_prefill(model, input_ids[:, :prefix], torch.ones_like(input_ids[:, :prefix]), L)
     first = F.cross_entropy(logits.float(), input_ids[:, prefix], reduction="none").double()[:, None]
     if prefix + 1 == L:
         return first
-    mask = torch.zeros(B, 1, 1, L, dtype=torch.bool, device=input_ids.device)
-    mask[..., :prefix] = True
-    pos = torch.full((B, 1), prefix, dtype=torch.long, device=input_ids.device)
     dec = GraphDecoder(model, cache, input_ids[:, prefix:prefix + 1].clone(), pos, prefix, mask,
                        forced=input_ids[:, prefix + 1:].contiguous())
     cuda_graph = input_ids.is_cuda if cuda_graph is None else cuda_graph

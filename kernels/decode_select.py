@@ -57,7 +57,7 @@ def top_blocks(scores, bias, counts, k, backend="auto"):
 
     Args:
         scores: float ``[B, H, N]`` (any float dtype; summed with the bias in float32).
-        bias: float32 ``[B, 1, N]`` (or ``[B, H, N]`` broadcast per head: give ``[B, 1, N]``).
+        bias: float ``[B, 1, N]``, the same for every head of a sequence.
         counts: int ``[B, H]``, each in ``[0, k]``.
         k: the output width, ``1 <= k <= N``.
         backend: ``"auto"`` (Triton on CUDA for rows of at most :data:`MAX_BLOCKS`), ``"triton"``

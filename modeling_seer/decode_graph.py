@@ -46,10 +46,6 @@ class GraphStats:
     def density(self):
         return None if float(self.layers) == 0 else (self.kept / self.layers).detach()
 
-    def reset(self):
-        self.kept.zero_()
-        self.layers.zero_()
-
 
 class GraphDecodeState:
     """The pooled-K cache of a static KV cache in preallocated tensors (module docstring).
@@ -234,7 +230,7 @@ def _cache_arg(model):
 
 
 class GraphDecoder:
-    """Greedy decode steps over a filled static KV cache, eager or replayed from a CUDA graph.
+    """Decode steps over a filled static KV cache, eager or replayed from a CUDA graph.
 
     Args:
         model: a Seer causal LM; cache: a transformers ``StaticCache`` holding ``slot`` tokens
@@ -243,7 +239,6 @@ class GraphDecoder:
         ids: long ``[B, 1]`` the next input tokens; pos: long ``[B, 1]`` their positions;
         slot: int, the next cache slot; mask: bool ``[B, 1, 1, S]``, the cache slots that
             hold real tokens (each step adds its own).
-
         pick: the next token of a step's logits ``[B, V]`` -> long ``[B, 1]`` (default
             :func:`greedy_pick`; :func:`sampling_pick` samples), run inside the graph.
         forced: optional long ``[B, N]``: teacher forcing (scoring a text as decode steps):
@@ -341,6 +336,27 @@ def static_from(cache, config, capacity):
 
 
 @torch.no_grad()
+def graph_prefill(model, input_ids, attention_mask, capacity):
+    """The prompt's forward for graph-mode decoding: into a dynamic cache (a static one of
+    ``capacity`` slots would make transformers build a ``[B, 1, T, capacity]`` mask), whose keys,
+    values and pooled-K cache then move into a static cache (:func:`static_from`).
+
+    Returns ``(logits, cache, mask, pos)``: the last position's logits ``[B, V]``, the static
+    cache, the bool ``[B, 1, 1, capacity]`` mask of its real slots and the next token's
+    positions long ``[B, 1]`` (what :class:`GraphDecoder` takes)."""
+    from transformers import DynamicCache
+    B, T = input_ids.shape
+    pos = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+    prefill = DynamicCache(config=model.config)
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=pos, use_cache=True, logits_to_keep=1,
+                **{_cache_arg(model): prefill})
+    cache = static_from(prefill, model.config, capacity)
+    mask = torch.zeros(B, 1, 1, capacity, dtype=torch.bool, device=input_ids.device)
+    mask[:, 0, 0, :T] = attention_mask.bool()
+    return out.logits[:, -1], cache, mask, pos[:, -1:] + 1
+
+
+@torch.no_grad()
 def graph_generate(model, input_ids, attention_mask=None, max_new_tokens=32, eos_token_id=None, cuda_graph=None,
                    warmup_steps=2, do_sample=False, temperature=1.0, top_k=None):
     """Generation with the decode steps replayed from one CUDA graph: greedy, or sampled
@@ -349,7 +365,7 @@ def graph_generate(model, input_ids, attention_mask=None, max_new_tokens=32, eos
 
     The prompt (left-padded when ``attention_mask`` has zeros) is prefilled in the model's mode
     (sparse prefill in ``seer_mode="sparse"``) and moved into a transformers ``StaticCache`` of
-    ``prompt + max_new_tokens`` slots (:func:`static_from`); the decode steps attend sparsely under
+    ``prompt + max_new_tokens`` slots (:func:`graph_prefill`); the decode steps attend sparsely under
     ``seer_decode_sparsity`` (:class:`GraphDecodeStep`) and densely otherwise (the stock
     attention over the static cache with a ``[B, 1, 1, S]`` mask). After ``warmup_steps``
     eager steps one step is captured (``cuda_graph``: default on CUDA) and replayed
@@ -359,7 +375,6 @@ def graph_generate(model, input_ids, attention_mask=None, max_new_tokens=32, eos
     after a row's ``eos_token_id`` its tokens are ``eos_token_id``. Raises ValueError on bad
     arguments and for models with sliding-window layers (their window is not in the mask).
     """
-    from transformers import DynamicCache
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype != torch.long:
         raise ValueError(f"input_ids must be a long tensor [B, T], got {getattr(input_ids, 'shape', type(input_ids))}")
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
@@ -376,20 +391,10 @@ def graph_generate(model, input_ids, attention_mask=None, max_new_tokens=32, eos
         attention_mask = torch.ones(B, T, dtype=torch.long, device=dev)
     if tuple(attention_mask.shape) != (B, T):
         raise ValueError(f"attention_mask must have the shape of input_ids {(B, T)}, got {tuple(attention_mask.shape)}")
-    S = T + max_new_tokens
-    pos = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
-    # the prefill into a dynamic cache (a static one of S slots would make transformers build a
-    # [B, 1, T, S] mask), then its keys, values and pooled-K cache moved into the static cache
-    prefill = DynamicCache(config=model.config)
-    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=pos, use_cache=True, logits_to_keep=1,
-                **{_cache_arg(model): prefill})
-    cache = static_from(prefill, model.config, S)
-    del prefill
+    logits, cache, mask, pos = graph_prefill(model, input_ids, attention_mask, T + max_new_tokens)
     tokens = torch.empty(B, max_new_tokens, dtype=torch.long, device=dev)
-    tokens[:, :1] = pick(out.logits[:, -1])
-    mask = torch.zeros(B, 1, 1, S, dtype=torch.bool, device=dev)
-    mask[:, 0, 0, :T] = attention_mask.bool()
-    dec = GraphDecoder(model, cache, tokens[:, :1].clone(), pos[:, -1:] + 1, T, mask, pick=pick)
+    tokens[:, :1] = pick(logits)
+    dec = GraphDecoder(model, cache, tokens[:, :1].clone(), pos, T, mask, pick=pick)
     done = torch.zeros(B, dtype=torch.bool, device=dev)
     for i in range(1, max_new_tokens):
         dec.step(cuda_graph=cuda_graph, warmup_steps=warmup_steps)

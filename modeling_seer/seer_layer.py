@@ -390,7 +390,7 @@ class SeerDecoderLayerMixin:
     def forward(self, hidden_states, *args, **kwargs):
         attn = self.self_attn
         options, ctx, rope = attn._seer_compile, kwargs.get("seer_ctx"), kwargs.get("position_embeddings")
-        cache = kwargs.get("cache") if kwargs.get("cache") is not None else kwargs.get("past_key_values")
+        cache = _kv_cache(kwargs)
         if options is not None and not args and rope is not None and isinstance(getattr(ctx, "decode", None),
                                                                                  GraphDecodeStep):
             # a graph-mode decode step: the same two graphs around the cache update and the sparse decode
@@ -445,10 +445,16 @@ class SeerPreTrainedMixin:
             super()._init_weights(module)
 
 
+def _kv_cache(kwargs):
+    """The KV cache among a forward's keyword arguments (``cache`` from transformers 5.2x on,
+    ``past_key_values`` before), or None."""
+    return kwargs.get("cache") if kwargs.get("cache") is not None else kwargs.get("past_key_values")
+
+
 def _empty_static_cache(kwargs):
     """Whether the forward's KV cache is a static one (preallocated layers) holding no token yet
     (one device sync)."""
-    cache = kwargs.get("cache") if kwargs.get("cache") is not None else kwargs.get("past_key_values")
+    cache = _kv_cache(kwargs)
     layers = getattr(cache, "layers", None)
     if not layers or not all(getattr(layer, "max_cache_len", None) for layer in layers):
         return False
@@ -502,7 +508,7 @@ class SeerModelMixin:
         of a cache (decode steps, a prefill after earlier tokens) take the stock attention with
         the 4D mask, and the context needs no padding (None). Without a cache a 4D mask is
         refused (ValueError): sparse and distill prefills take a 2D padding mask."""
-        cache = kwargs.get("cache") if kwargs.get("cache") is not None else kwargs.get("past_key_values")
+        cache = _kv_cache(kwargs)
         if cache is None:
             got = "a dict of masks" if isinstance(attention_mask, dict) else f"a {attention_mask.dim()}D mask"
             raise ValueError(f"seer_mode {self.config.seer_mode!r} takes a 2D padding attention_mask [B, T]; got "
@@ -520,7 +526,7 @@ class SeerModelMixin:
         """Attach this forward's :class:`~.decode_cache.DecodeStep` to ``ctx`` (decode sparsity):
         the KV cache in ``kwargs`` (a DynamicCache is made here when ``use_cache`` asks for one,
         so that its pooled-K cache exists from the first forward on). Returns the kwargs."""
-        cache = kwargs.get("cache") if kwargs.get("cache") is not None else kwargs.get("past_key_values")
+        cache = _kv_cache(kwargs)
         if cache is None:
             use = kwargs.get("use_cache")
             if not (self.config.use_cache if use is None else use):
@@ -697,8 +703,8 @@ class SeerCausalLMMixin:
 
     def seer_generate(self, input_ids, attention_mask=None, max_new_tokens=32, eos_token_id=None, cuda_graph=None,
                       do_sample=False, temperature=1.0, top_k=None):
-        """Generation whose decode steps replay from one CUDA graph: the prefill into a static KV
-        cache, then sparse decode steps (``seer_decode_sparsity``) or dense ones, with no host
+        """Generation whose decode steps replay from one CUDA graph: the prefill's KV cache moved
+        into a static one, then sparse decode steps (``seer_decode_sparsity``) or dense ones, with no host
         work per token (:func:`~.decode_graph.graph_generate`); greedy, or sampled with
         ``do_sample`` (``temperature``, ``top_k``). Returns the prompt and the new tokens, long
         ``[B, T + n]``."""
