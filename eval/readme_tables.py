@@ -388,6 +388,36 @@ def decode_h200(root) -> str:
             "fused: `seer_compile_pointwise`):\n\n" + _table(e2e_head, e2e_body))
 
 
+def _decode_quality(path):
+    def render(root) -> str:
+        """A decode-quality run (eval/decode_quality.py): decode perplexity by setting, passkey paired with dense."""
+        env = load_envelope(root, path)
+        prov, cfg = env["provenance"], env["config"]
+        rows = env["rows"]
+        dense = next(r["ppl"] for r in rows if r["setting"] == "dense")
+        caption = (f"SmolLM2-135M, {prov['gpu']}, commit {_commit(prov)} ({path}); gates distilled "
+                   f"{env['cost']['steps']} steps at {_tokens(env['cost']['seq_len'])} "
+                   f"({env['cost']['train_seconds']:.0f} s); {rows[0]['windows']} windows of "
+                   f"{_tokens(cfg['length'])}, the first half a dense prefill, the second half scored as "
+                   "decode steps:")
+        body = [[r["setting"], f"{r['ppl']:.3f}", f"{r['ppl'] / dense:.3f}x",
+                 "1" if r["decode_density"] is None else f"{r['decode_density']:.3f}"] for r in rows]
+        out = caption + "\n\n" + _table(["decode", "PPL", "vs dense", "kept share of KV blocks"], body)
+        lines = []
+        for name, res in env.get("passkey", {}).items():
+            line = f"{name} {res['accuracy']:.3f}"
+            v = res.get("vs_dense")
+            if v:
+                line += f" (lost {v['lost']}, gained {v['gained']} of {v['n']}, sign test p = {v['p_value']:.3g})"
+            lines.append(line)
+        if lines:
+            lengths = ", ".join(_tokens(t) for t in cfg["passkey_lengths"])
+            out += (f"\n\nPasskey ({lengths} x 5 depths x {cfg['passkey_samples']}, needle in the prompt, "
+                    f"paired with dense): " + "; ".join(lines) + ".")
+        return out
+    return render
+
+
 def finetune_timing_h200(root) -> str:
     """The timing phase of the fine-tuning experiment: s/step, peak memory and GPU ms by kernel
     kind of each variant (the busiest kernels stay in the envelope)."""
@@ -485,6 +515,7 @@ TABLES = {
     "passkey-h100": passkey_h100,
     "finetune-h200": finetune_h200,
     "decode-h200": decode_h200,
+    "decode-quality-h200": _decode_quality("results/decode/h200_quality.json"),
     "finetune-timing-h200": finetune_timing_h200,
     "finetune-timing-compile-h200": finetune_timing_compile_h200,
     "finetune-compile-h200": finetune_compile_h200,
