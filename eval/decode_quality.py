@@ -19,8 +19,14 @@ answer) dense, with sparse decode (dense prefill), and with sparse prefill and s
 decode together, each paired prompt by prompt against dense (lost, gained, sign-test p).
 
 **Gates.** Distilled here (``GateDistillationTrainer``: the prefill gates' KL plus the decode
-gates' KL on sampled query rows, docs/design.md §2) unless ``--gates`` names a file with
-decode gates. They are saved to ``--out`` in bfloat16.
+gates' KL on ``--decode-rows`` sampled query rows per sequence, docs/design.md §2; with
+``--retrieval-mix`` a share of the sequences rewritten with retrieval structure) unless
+``--gates`` names a file with decode gates. They are saved to ``--out`` in bfloat16.
+
+**Comparisons.** A setting may name a selector other than the decode gate: ``oracle`` (the
+step's true attention mass per block: what the gate is distilled to predict, an upper bound
+at the same share) and ``streaming`` (the most recent blocks); ``local=N`` keeps the N full
+blocks before the current one besides the selection.
 
     python -m seer_attn.eval.decode_quality --model /tmp/seer/smollm2.gguf \\
         --train /tmp/seer/corpora/train.jsonl --eval /tmp/seer/corpora/eval.jsonl --out seer_outputs/decode_quality
@@ -152,16 +158,31 @@ def decode_perplexity(model, windows, prefix, batch_size, progress=True, desc="d
 # ----------------------------------------------------------------------------- settings
 
 def decode_setting(value):
-    """``dense``, ``share=X`` or ``budget=N`` (the decode selection of one run) as the
-    ``seer_*`` options that set it (``{}``: dense decode)."""
+    """``dense``, or ``share=X`` / ``budget=N`` followed by optional ``,local=N`` (full blocks
+    before the current one always read) and ``,oracle`` / ``,streaming`` (the comparison
+    selectors of ``seer_decode_selector``), as the ``seer_*`` options that set that decode
+    selection (``{}``: dense decode)."""
     if value == "dense":
         return {}
-    name, _, val = str(value).partition("=")
+    head, *extras = str(value).split(",")
+    name, _, val = head.partition("=")
     if name == "share":
-        return {"seer_decode_method": "share", "seer_decode_share": ca.unit_interval(val)}
-    if name == "budget":
-        return {"seer_decode_method": "budget", "seer_decode_budget": ca.int_at_least(128)(val)}
-    raise ca.ArgValueError(f"invalid decode setting {value!r}: expected dense, share=X or budget=N")
+        out = {"seer_decode_method": "share", "seer_decode_share": ca.unit_interval(val)}
+    elif name == "budget":
+        out = {"seer_decode_method": "budget", "seer_decode_budget": ca.int_at_least(128)(val)}
+    else:
+        raise ca.ArgValueError(f"invalid decode setting {value!r}: expected dense, share=X or budget=N, "
+                               "optionally followed by ,local=N and ,oracle or ,streaming")
+    for extra in extras:
+        key, _, val = extra.partition("=")
+        if key == "local" and "seer_decode_keep_local" not in out:
+            out["seer_decode_keep_local"] = ca.int_at_least(0)(val)
+        elif key in ("oracle", "streaming") and not val and "seer_decode_selector" not in out:
+            out["seer_decode_selector"] = key
+        else:
+            raise ca.ArgValueError(f"invalid part {extra!r} of decode setting {value!r}: expected local=N, "
+                                   "oracle or streaming (each at most once)")
+    return out
 
 
 def setting_text(value):
@@ -170,7 +191,9 @@ def setting_text(value):
 
 
 def apply_decode(model, setting, prefill="dense", prefill_opts=None):
-    """Set ``model`` to a prefill mode and a decode setting (:func:`decode_setting`)."""
+    """Set ``model`` to a prefill mode and a decode setting (:func:`decode_setting`; the options
+    a setting leaves out, ``local`` and the selector, go back to their defaults)."""
+    setting = {"seer_decode_keep_local": 0, "seer_decode_selector": "gate", **setting} if setting else {}
     model.set_seer_mode(prefill, seer_decode_sparsity=bool(setting), **setting, **(prefill_opts or {}))
 
 
@@ -186,10 +209,13 @@ class DecodeQualityConfig(RunConfig):
     eval: str | None = option(None, text)  # None: the bundled eval corpus
     steps: int = option(300, ca.positive_int)  # distillation steps
     seq_len: int = option(8192, ca.int_at_least(256))  # distillation sequence length
+    decode_rows: int = option(64, ca.positive_int)  # query rows per sequence the decode gates learn from
+    retrieval_mix: float = option(0.0, ca.float_in(0, 1, low_open=False))  # share of retrieval sequences
     length: int = option(8192, ca.int_at_least(256))  # decode-perplexity window (second half: decode steps)
     windows: int = option(16, ca.positive_int)  # decode-perplexity windows (at most)
     batch_size: int = option(16, ca.positive_int)  # windows decoded together
     settings: tuple = option(("share=0.1", "budget=2048"), setting_text, many="+")  # sparse decode settings
+    # (the first one also runs with sparse prefill in the passkey phase)
     passkey_lengths: tuple = option((2048, 4096, 8192), ca.positive_int, many="*")
     passkey_samples: int = option(5, ca.positive_int)  # prompts per (length, depth) cell (5 depths)
     prefill_threshold: float = option(2e-3, ca.open_unit_interval)  # the sparse-prefill passkey run's threshold
@@ -221,6 +247,12 @@ def parser():
     ap.add_argument("--steps", type=ca.positive_int, default=_default("steps"), help="distillation steps")
     ap.add_argument("--seq-len", type=ca.int_at_least(256), default=_default("seq_len"),
                     help="distillation sequence length")
+    ap.add_argument("--decode-rows", type=ca.positive_int, default=_default("decode_rows"),
+                    help="query rows per training sequence the decode gates are distilled on "
+                         "(seer_decode_distill_rows)")
+    ap.add_argument("--retrieval-mix", type=ca.float_in(0, 1, low_open=False), default=_default("retrieval_mix"),
+                    help="share of the distillation sequences rewritten with retrieval structure "
+                         "(seer_attn.training.retrieval_data; 0: plain text)")
     ap.add_argument("--length", type=ca.int_at_least(256), default=_default("length"),
                     help="decode-perplexity window; its second half is scored as decode steps")
     ap.add_argument("--windows", type=ca.positive_int, default=_default("windows"),
@@ -228,7 +260,9 @@ def parser():
     ap.add_argument("--batch-size", type=ca.positive_int, default=_default("batch_size"),
                     help="windows decoded together")
     ap.add_argument("--settings", type=setting_text, nargs="+", default=_default("settings"), metavar="SETTING",
-                    help="sparse decode settings: share=X or budget=N (default: %(default)s)")
+                    help="sparse decode settings: share=X or budget=N, optionally with ,local=N (full blocks "
+                         "before the current one always read) and ,oracle or ,streaming (comparison selectors); "
+                         "the first also runs with sparse prefill in the passkey phase (default: %(default)s)")
     ap.add_argument("--passkey-lengths", type=ca.positive_int, nargs="*", default=_default("passkey_lengths"))
     ap.add_argument("--passkey-samples", type=ca.positive_int, default=_default("passkey_samples"),
                     help="prompts per (length, depth) cell (5 depths)")
@@ -300,8 +334,13 @@ def _setting_name(setting):
     if not setting:
         return "dense"
     if setting["seer_decode_method"] == "share":
-        return f"share={setting['seer_decode_share']:g}"
-    return f"budget={setting['seer_decode_budget']}"
+        name = f"share={setting['seer_decode_share']:g}"
+    else:
+        name = f"budget={setting['seer_decode_budget']}"
+    if setting.get("seer_decode_keep_local"):
+        name += f",local={setting['seer_decode_keep_local']}"
+    return name + (f",{setting['seer_decode_selector']}" if setting.get("seer_decode_selector", "gate") != "gate"
+                   else "")
 
 
 def run_decode_quality(config: DecodeQualityConfig) -> dict:
@@ -368,8 +407,12 @@ def distill(config, tok, dtype, dev, report):
 
     docs = load_documents(config.train)
     data = pack_documents(docs, tok, config.seq_len, seed=0)
+    if config.retrieval_mix:
+        from seer_attn.training.retrieval_data import mix_retrieval
+        data = mix_retrieval(data, config.retrieval_mix, seed=0, tokenizer=tok)
     set_seed(0)
-    model = load_seer_model(config.model, dtype=dtype, seer_mode="distill", seer_decode_gate=True)
+    model = load_seer_model(config.model, dtype=dtype, seer_mode="distill", seer_decode_gate=True,
+                            seer_decode_distill_rows=config.decode_rows)
     targs = SeerTrainingArguments(output_dir=os.path.join(config.out, "work"), max_steps=config.steps,
                                   per_device_train_batch_size=1, bf16=not config.cpu, use_cpu=config.cpu,
                                   logging_steps=25, save_strategy="no", save_final_model=False, seed=0,

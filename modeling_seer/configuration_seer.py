@@ -9,14 +9,14 @@ import dataclasses
 import difflib
 import math
 
-from .selection import DECODE_METHODS, SELECTORS, SPARSITY_METHODS
+from .selection import DECODE_METHODS, DECODE_SELECTORS, SELECTORS, SPARSITY_METHODS
 
 SEER_MODES = ("dense", "distill", "sparse")
 POOLING_TYPES = ("avg", "max", "min")
 DISTILL_TARGETS = ("max", "mass")
 BOOL_FIELDS = ("seer_gate_rope", "seer_keep_diagonal", "seer_keep_sink", "seer_decode_gate", "seer_decode_sparsity")
 INT_FIELDS = ("seer_block_size", "seer_gate_hidden_size", "seer_keep_local", "seer_dense_last_rows",
-              "seer_decode_budget", "seer_decode_distill_rows")
+              "seer_decode_budget", "seer_decode_distill_rows", "seer_decode_keep_local")
 FLOAT_FIELDS = ("seer_threshold", "seer_nz_ratio", "seer_coverage", "seer_distill_loss_scale", "seer_decode_share",
                 "seer_decode_threshold", "seer_density", "seer_distill_peak_weight")
 #: Options the gates are built from (their shapes and RoPE): fixed once a model exists.
@@ -84,6 +84,12 @@ class SeerConfigMixin:
         seer_decode_share: share of the blocks read per decode step, in (0, 1].
         seer_decode_threshold: decode threshold, in (0, 1).
         seer_decode_distill_rows: query rows per sequence the decode gate is distilled on.
+        seer_decode_keep_local: the N full blocks before the current one are always read too
+            (they count in the budget and the share; default 0).
+        seer_decode_selector: what scores the cache's blocks at a decode step: ``"gate"`` (the
+            decode gate), or for comparison ``"oracle"`` (the step's true attention mass per
+            block, summed over the query group: an exact pass over the cache, no speed-up) or
+            ``"streaming"`` (the most recent blocks).
         seer_base_model: set in a *gates-only* checkpoint (config, ``seer_gates.safetensors`` and
             the remote code, no base weights): the Hub id or local path (folder or ``.gguf``
             file) of the base model whose weights ``from_pretrained`` loads before applying
@@ -119,6 +125,8 @@ class SeerConfigMixin:
     seer_decode_share: float = 0.1
     seer_decode_threshold: float = 1e-3
     seer_decode_distill_rows: int = 64
+    seer_decode_keep_local: int = 0
+    seer_decode_selector: str = "gate"
     seer_base_model: str | None = None
     seer_base_revision: str | None = None
     seer_base_gguf_file: str | None = None
@@ -201,6 +209,10 @@ class SeerConfigMixin:
             bad("seer_decode_threshold", "expected 0 < threshold < 1")
         if self.seer_decode_distill_rows < 1:
             bad("seer_decode_distill_rows", "expected an integer >= 1")
+        if self.seer_decode_keep_local < 0:
+            bad("seer_decode_keep_local", "expected an integer >= 0")
+        if self.seer_decode_selector not in DECODE_SELECTORS:
+            bad("seer_decode_selector", f"expected one of {DECODE_SELECTORS}")
         if self.seer_decode_sparsity and not self.seer_decode_gate:
             bad("seer_decode_sparsity", "decode sparsity needs decode gates: build the model with "
                                         "seer_decode_gate=True (load_seer_model(base, seer_decode_gate=True))")

@@ -290,13 +290,14 @@ class DecodeStep:
         """The gate's ``(cos, sin)`` ``[B, G]`` in ``dtype`` at the new token's position (decode steps)."""
         return self.tables.rope_at_slot(self.past % self.state.block_size, dtype)
 
-    def selection(self, method, budget, share, num_heads):
+    def selection(self, method, budget, share, num_heads, keep_local=0):
         """:func:`~.selection.prepare_decode_selection` of this step (made once per block)."""
-        key = (method, budget, share, num_heads)
+        key = (method, budget, share, num_heads, keep_local)
         sel = self.tables.selections.get(key)
         if sel is None:
             sel = prepare_decode_selection(self.state.first_block, self.current, method, budget, share,
-                                           self.state.block_size, num_heads, self.state.first_block_host)
+                                           self.state.block_size, num_heads, self.state.first_block_host,
+                                           keep_local=keep_local)
             self.tables.selections[key] = sel
         return sel
 
@@ -307,7 +308,8 @@ class DecodeStep:
     def select(self, scores, cfg):
         """``(idx, cnt)`` of the decode gate's logits ``[B, H, current + 1]`` by ``cfg``'s method."""
         prepared = self.selection(cfg.seer_decode_method, cfg.seer_decode_budget, cfg.seer_decode_share,
-                                  scores.shape[1])  # the same for every layer (and step) of this block
+                                  scores.shape[1], cfg.seer_decode_keep_local)  # the same for every layer
+        # (and step) of this block
         return select_decode_blocks(scores, self.state.first_block, cfg.seer_decode_method,
                                     threshold=cfg.seer_decode_threshold, prepared=prepared)
 

@@ -145,7 +145,8 @@ class GraphDecodeStep:
         """Bias ``[B, 1, NB]``, forced ``[B, 1, NB]`` (threshold), counts ``[B, H]`` and top-k
         width of ``cfg``'s method, as :func:`~.selection.prepare_decode_selection` makes them."""
         method, budget, share = cfg.seer_decode_method, cfg.seer_decode_budget, cfg.seer_decode_share
-        key = (method, budget, share, num_heads)
+        local = cfg.seer_decode_keep_local
+        key = (method, budget, share, num_heads, local)
         if key in self._selection:
             return self._selection[key]
         if method not in DECODE_METHODS:
@@ -154,9 +155,10 @@ class GraphDecodeStep:
         NB = st.num_blocks
         j = torch.arange(NB, device=self.cur.device)
         first = st.first_block[:, None]
-        forced = ((j[None, :] == first) | (j[None, :] == self.cur))[:, None]
+        outside = (j[None, :] < first) | (j[None, :] > self.cur)
+        forced = (((j[None, :] == first) | (j[None, :] >= self.cur - local)) & ~outside)[:, None]
         bias = torch.zeros(forced.shape, device=j.device)
-        bias.masked_fill_(((j[None, :] < first) | (j[None, :] > self.cur))[:, None], float("-inf"))
+        bias.masked_fill_(outside[:, None], float("-inf"))
         n = (self.cur + 1 - st.first_block).double()
         cnt = None
         if method == "threshold":
@@ -164,13 +166,14 @@ class GraphDecodeStep:
             k = NB
         else:
             bias.masked_fill_(forced, float("inf"))
+            least = 2 + local  # sink, local, current
             if method == "budget":
-                k = min(NB, max(2, budget // st.block_size))
+                k = min(NB, max(least, budget // st.block_size))
                 cnt = n.clamp_max(k)
             else:
-                k = min(NB, max(2, math.ceil(share * NB)))
-                k_now = torch.ceil(share * (self.cur + 1).double()).clamp_min(2).clamp_max((self.cur + 1).double())
-                cnt = torch.minimum(torch.minimum(torch.ceil(share * n).clamp_min(2), n), k_now)
+                k = min(NB, max(least, math.ceil(share * NB)))
+                k_now = torch.ceil(share * (self.cur + 1).double()).clamp_min(least).clamp_max((self.cur + 1).double())
+                cnt = torch.minimum(torch.minimum(torch.ceil(share * n).clamp_min(least), n), k_now)
             cnt = cnt.to(torch.int32)[:, None].expand(-1, num_heads).contiguous()
         self._selection[key] = (bias, forced, cnt, k)
         return self._selection[key]

@@ -54,8 +54,8 @@ from .gate import AttnGate, gate_distill_loss
 from .gates_only import is_gates_only, load_gates_only, peek_config
 from .hub_utils import hub_call, resolve_source
 from .remote_bundle import write_remote_code
-from .selection import (ScoreInputs, block_pool, causal_density, get_selector, select_blocks_for,
-                        window_fill)
+from .selection import (ScoreInputs, block_pool, causal_density, decode_oracle_scores, decode_recency_scores,
+                        get_selector, select_blocks_for, window_fill)
 
 logger = logging.getLogger(__name__)
 
@@ -292,8 +292,9 @@ class SeerAttentionMixin:
         return out.transpose(1, 2)
 
     def _seer_decode(self, q, k, v, q_pre, step):
-        """One decode step through the decode gate: score the cache's full blocks, select
-        (``seer_decode_method``; sink and current block always), read only those blocks. What
+        """One decode step through the decode gate (or ``seer_decode_selector``'s comparison):
+        score the cache's full blocks, select (``seer_decode_method``; sink, ``seer_decode_keep_local``
+        and current block always), read only those blocks. What
         every layer of the step shares (RoPE, lengths, the selection's bias and counts) is made
         once, in ``step``; a layer adds a few ops: project and score (:meth:`DecodeGate.step_logits`),
         top-k, the kernel."""
@@ -303,9 +304,17 @@ class SeerAttentionMixin:
         gate = getattr(self.attn_gate, DECODE_GATE)
         with torch.no_grad():
             keys = step.gate_keys(self.layer_idx)  # None before the first block fills
-            logits = gate.step_logits(q_pre, keys, rope=step.q_rope(keys.dtype)) if keys is not None else \
-                torch.zeros(k.shape[0], k.shape[1], 1, 1, device=q.device)
-            idx, cnt = step.select(logits.squeeze(2), cfg)
+            width = keys.shape[2] if keys is not None else 1  # the blocks the step scores
+            if cfg.seer_decode_selector == "oracle":
+                logits = decode_oracle_scores(q, k, step.lens, self.scaling, cfg.seer_block_size, width,
+                                              step.seq_starts)
+            elif cfg.seer_decode_selector == "streaming":
+                logits = decode_recency_scores(k.shape[0], k.shape[1], width, q.device)
+            elif keys is not None:
+                logits = gate.step_logits(q_pre, keys, rope=step.q_rope(keys.dtype)).squeeze(2)
+            else:
+                logits = torch.zeros(k.shape[0], k.shape[1], 1, device=q.device)
+            idx, cnt = step.select(logits, cfg)
         out = block_sparse_decode(q, k, v, idx, step.lens, self.scaling, cfg.seer_block_size,
                                   seq_starts=step.seq_starts, block_counts=cnt, check_lengths=False)
         step.note_kept(cnt)

@@ -378,10 +378,45 @@ register_selector(Selector("meanpool", lambda x: meanpool_scores(x.q, x.k, x.blo
 #: How a decode step picks its KV blocks: a token budget, a share of the sequence's blocks,
 #: or a threshold on the decode gate's softmaxed scores.
 DECODE_METHODS = ("budget", "share", "threshold")
+#: What scores the cache's blocks at a decode step: the decode gate, or for comparison the
+#: step's true attention (:func:`decode_oracle_scores`) or recency (:func:`decode_recency_scores`).
+DECODE_SELECTORS = ("gate", "oracle", "streaming")
+
+
+@torch.no_grad()
+def decode_oracle_scores(q, k, lens, scale, block_size, num_blocks, seq_starts=None):
+    """The oracle's decode logits ``[B, H, num_blocks]``: log of each block's attention mass at
+    this step, the new token's softmax over the cache summed per block and over the query
+    heads of each KV head's group (the decode gate's distillation target, exact).
+
+    Args:
+        q: the new token's post-RoPE queries ``[B, HQ, 1, D]``; k: the KV cache's keys
+            ``[B, H, S, D]`` (slots from ``lens`` on are ignored).
+        lens: int ``[B]`` cache length of each sequence (the new token included);
+        seq_starts: int ``[B]`` first real slot (left padding before it), or None.
+        num_blocks: the width of the logits (blocks past ``S`` score -inf).
+    """
+    B, HQ, _, D = q.shape
+    H = k.shape[1]
+    S = min(k.shape[2], num_blocks * block_size)
+    pos = torch.arange(S, device=q.device)
+    ok = pos[None, :] < lens.to(q.device).long()[:, None]
+    if seq_starts is not None:
+        ok = ok & (pos[None, :] >= seq_starts.to(q.device).long()[:, None])
+    qg = q.reshape(B, H, HQ // H, D).float() * scale
+    s = torch.matmul(qg, k[:, :, :S].float().transpose(-1, -2))  # [B, H, group, S]
+    p = torch.softmax(s.masked_fill(~ok[:, None, None], float("-inf")), dim=-1).sum(2)
+    p = torch.nn.functional.pad(p, (0, num_blocks * block_size - S)).view(B, H, num_blocks, block_size).sum(-1)
+    return p.clamp_min(torch.finfo(torch.float32).tiny).log()  # finite: the selection's +-inf bias decides
+
+
+def decode_recency_scores(B, H, num_blocks, device):
+    """Streaming's decode logits ``[B, H, num_blocks]``: later blocks first."""
+    return torch.arange(num_blocks, device=device, dtype=torch.float32).expand(B, H, num_blocks)
 
 
 def prepare_decode_selection(first_block, num_candidates, method, budget=2048, share=0.1, block_size=64,
-                             num_heads=1, first_block_host=None):
+                             num_heads=1, first_block_host=None, keep_local=0):
     """What :func:`select_decode_blocks` needs besides the scores, for one decode step of a
     batch: the same for every layer, so a model makes it once per step.
 
@@ -391,11 +426,13 @@ def prepare_decode_selection(first_block, num_candidates, method, budget=2048, s
         num_heads: KV heads (the width of ``cnt``).
         first_block_host: ``first_block`` as a list of ints (optional, no device sync): when
             every row keeps all ``k`` top-k entries, the top-k need not sort them.
+        keep_local: the full blocks before the current one that are always kept, as the sink.
 
     Returns a dict: ``bias`` float32 ``[B, 1, NC + 1]`` added to the scores (-inf on
-    left-padding blocks; for the top-k methods +inf on the sink and the current block, which
-    top-k then lists first; for ``threshold`` -inf on the current block, left out of the
-    softmax), ``forced`` bool ``[B, 1, NC + 1]`` (sink and current; ``threshold`` only), ``k``
+    left-padding blocks; for the top-k methods +inf on the sink, the ``keep_local`` blocks and
+    the current block, which top-k then lists first; for ``threshold`` -inf on the current
+    block, left out of the softmax), ``forced`` bool ``[B, 1, NC + 1]`` (those blocks;
+    ``threshold`` only), ``k``
     the top-k width, ``cnt`` int32 ``[B, num_heads]`` the blocks each row keeps (top-k
     methods; ``threshold`` counts per head) and ``sorted``: whether the top-k must list its
     entries best first (a row keeps fewer than ``k``: its kept ones must come first)."""
@@ -404,16 +441,17 @@ def prepare_decode_selection(first_block, num_candidates, method, budget=2048, s
     first_block = first_block.long()
     j = torch.arange(NC + 1, device=dev)
     padding = (j[None, :] < first_block[:, None])[:, None]  # [B, 1, NC + 1]
-    forced = ((j[None, :] == first_block[:, None]) | (j[None, :] == NC))[:, None]
+    forced = ((j[None, :] == first_block[:, None]) | (j[None, :] >= NC - keep_local))[:, None] & ~padding
     bias = torch.zeros(padding.shape, device=dev).masked_fill_(padding, float("-inf"))
     out = {"method": method, "k": NC + 1, "cnt": None, "forced": None, "sorted": True}
     n = NC + 1 - first_block  # the sequence's blocks, the current one included
+    least = 2 + keep_local  # the forced blocks: sink, local, current
     if method == "budget":
-        out["k"] = min(NC + 1, max(2, budget // block_size))
+        out["k"] = min(NC + 1, max(least, budget // block_size))
         cnt = n.clamp_max(out["k"])
     elif method == "share":
-        out["k"] = min(NC + 1, max(2, math.ceil(share * (NC + 1))))
-        cnt = torch.minimum(torch.ceil(share * n.double()).long().clamp_min(2), n).clamp_max(out["k"])
+        out["k"] = min(NC + 1, max(least, math.ceil(share * (NC + 1))))
+        cnt = torch.minimum(torch.ceil(share * n.double()).long().clamp_min(least), n).clamp_max(out["k"])
     elif method == "threshold":
         out["forced"] = forced
         bias.masked_fill_(j == NC, float("-inf"))
@@ -424,14 +462,15 @@ def prepare_decode_selection(first_block, num_candidates, method, budget=2048, s
         out["cnt"] = cnt.to(torch.int32)[:, None].expand(-1, num_heads).contiguous()
         if first_block_host is not None:  # the same counts on the host: does every row keep all k?
             ns = [NC + 1 - f for f in first_block_host]
-            keep = ns if method == "budget" else [min(max(2, math.ceil(share * n)), n) for n in ns]
+            keep = [min(n, out["k"]) for n in ns] if method == "budget" else \
+                [min(max(least, math.ceil(share * n)), n, out["k"]) for n in ns]
             out["sorted"] = min(keep) < out["k"]
     out["bias"] = bias
     return out
 
 
 def select_decode_blocks(scores, first_block, method, budget=2048, share=0.1, threshold=1e-3, block_size=64,
-                         prepared=None):
+                         prepared=None, keep_local=0):
     """The KV blocks one decode step reads, per KV head (shared by its query group).
 
     Args:
@@ -444,7 +483,7 @@ def select_decode_blocks(scores, first_block, method, budget=2048, share=0.1, th
             ``max(2, ceil(share * n))`` of the sequence's n blocks (the current one included);
             ``"threshold"`` keeps the blocks whose score, softmaxed over the full blocks, is
             >= ``threshold``. The sink and the current block are always kept (and count in
-            the budget and the share).
+            the budget and the share), and so are the ``keep_local`` full blocks before the current one.
         prepared: :func:`prepare_decode_selection` of the same step (made here when None).
 
     Returns:
@@ -455,7 +494,7 @@ def select_decode_blocks(scores, first_block, method, budget=2048, share=0.1, th
     B, H, NC1 = scores.shape
     if prepared is None:
         prepared = prepare_decode_selection(first_block.to(scores.device), NC1 - 1, method, budget, share,
-                                            block_size, H)
+                                            block_size, H, keep_local=keep_local)
     s = scores + prepared["bias"]  # float32 (the bias's dtype wins)
     if method != "threshold":
         return torch.topk(s, prepared["k"], dim=-1, sorted=prepared["sorted"]).indices, prepared["cnt"]

@@ -14,6 +14,11 @@
 #                      paired, sparse decode and sparse prefill + decode); decode perplexity
 #                      now runs as teacher-forced graph-mode steps (at 7867506 the eager loop
 #                      took 295 s for the dense setting alone); needs staging
+#   decode-variants ~6 decode perplexity of one distillation's gates against the oracle (the
+#                      step's true block mass) and streaming at share 0.1 / 0.2 / budget 2048, and
+#                      with 2 local blocks always read; needs staging
+#   decode-retrieval ~9 gates distilled with retrieval-structured data (25%) and 256 decode rows
+#                      per sequence: decode perplexity and passkey at share 0.1, gate and oracle
 #   decode-all     ~9  tests-decode, bench-decode and decode-profile below in one call (fewer cold
 #                      starts); no staging: send chunk0 with it, then chunk1, then decode-quality
 #   tests-decode   ~4  the decode GPU tests, first after any change to the kernels: the new
@@ -84,6 +89,17 @@ case "$STEP" in
     timeout 560 "$PY" -m seer_attn.eval.decode_quality --model "$GGUF" "${DATA[@]}" --no-progress \
       --out "$OUT/decode_quality" > "$OUT/decode_quality.log" 2>&1
     echo "decode_quality: exit $?"; tail -n 14 "$OUT/decode_quality.log" ;;
+  decode-variants)
+    timeout 500 "$PY" -m seer_attn.eval.decode_quality --model "$GGUF" "${DATA[@]}" --no-progress --phases distill ppl \
+      --settings share=0.1 share=0.1,oracle share=0.1,streaming share=0.1,local=2 share=0.2 share=0.2,oracle \
+      budget=2048,oracle --out "$OUT/decode_quality" > "$OUT/decode_quality.log" 2>&1
+    echo "decode_quality: exit $?"; cp "$OUT/decode_quality/gates_decode_bf16.safetensors" /tmp/seer/gates_plain.safetensors
+    tail -n 12 "$OUT/decode_quality.log" ;;
+  decode-retrieval)
+    timeout 560 "$PY" -m seer_attn.eval.decode_quality --model "$GGUF" "${DATA[@]}" --no-progress \
+      --phases distill ppl passkey --retrieval-mix 0.25 --decode-rows 256 --settings share=0.1 share=0.1,oracle \
+      --out "$OUT/decode_quality" > "$OUT/decode_quality.log" 2>&1
+    echo "decode_quality: exit $?"; tail -n 12 "$OUT/decode_quality.log" ;;
   gate-passkey)
     timeout 560 "$PY" docs/experiments/gate_quality.py --model "$GGUF" "${DATA[@]}" --variants plain retrieval \
       --phases passkey --passkey-settings gate:threshold=0.03 --budget-s 480 --out "$OUT" \

@@ -64,16 +64,30 @@ def test_dense_decode_scores_are_the_ordinary_perplexity(tokenizer):
     full = F.cross_entropy(logits.transpose(1, 2), ids[:, 150:], reduction="none").double()
     torch.testing.assert_close(dq.decode_nll(m, ids, 150), full, atol=1e-5, rtol=1e-5)
     dq.apply_decode(m, dq.decode_setting("share=0.2"))
-    assert (dq.decode_nll(m, ids, 150) - full).abs().max() > 1e-3  # sparse decode changes the scores
+    sparse = dq.decode_nll(m, ids, 150)
+    assert (sparse - full).abs().max() > 1e-3  # sparse decode changes the scores
+    dq.apply_decode(m, dq.decode_setting("share=0.2,local=1,oracle"))
+    assert (m.config.seer_decode_selector, m.config.seer_decode_keep_local) == ("oracle", 1)
+    assert (dq.decode_nll(m, ids, 150) - sparse).abs().max() > 1e-3
+    dq.apply_decode(m, dq.decode_setting("share=0.2"))  # the options it leaves out go back to their defaults
+    assert (m.config.seer_decode_selector, m.config.seer_decode_keep_local) == ("gate", 0)
+    torch.testing.assert_close(dq.decode_nll(m, ids, 150), sparse)
 
 
 def test_settings_and_options(capsys):
     assert dq.decode_setting("share=0.1") == {"seer_decode_method": "share", "seer_decode_share": 0.1}
     assert dq.decode_setting("budget=2048") == {"seer_decode_method": "budget", "seer_decode_budget": 2048}
-    cfg = dq.DecodeQualityConfig(settings=["share=0.10", "budget=4096"], gates="g.safetensors",
-                                 phases=["ppl"])
-    assert cfg.settings == ("share=0.1", "budget=4096") and cfg.out.startswith("seer_outputs/")
+    assert dq.decode_setting("share=0.1,local=2,oracle") == {
+        "seer_decode_method": "share", "seer_decode_share": 0.1, "seer_decode_keep_local": 2,
+        "seer_decode_selector": "oracle"}
+    cfg = dq.DecodeQualityConfig(settings=["share=0.10", "budget=4096", "share=.1,streaming,local=1"],
+                                 gates="g.safetensors", phases=["ppl"])
+    assert cfg.settings == ("share=0.1", "budget=4096", "share=0.1,local=1,streaming")
+    assert cfg.out.startswith("seer_outputs/")
     for kw, msg in [(dict(settings=["topk=3"]), r"settings\[0\]='topk=3' is invalid: invalid decode setting"),
+                    (dict(settings=["share=0.1,local=1,local=2"]), r"invalid part 'local=2' of decode setting"),
+                    (dict(settings=["share=0.1,topk"]), r"invalid part 'topk' of decode setting"),
+                    (dict(settings=["share=0.1,local=-1"]), r"expected an integer >= 0"),
                     (dict(gates="g.safetensors"), r"gates skips distillation"),
                     (dict(phases=["ppl"]), r"without the distill phase, gates must name distilled gates"),
                     (dict(length=100), r"length=100 is invalid: expected an integer >= 256")]:
@@ -109,3 +123,26 @@ def test_whole_run_on_cpu(tokenizer, corpus_path, tmp_path, check_envelope):
     assert env["cost"]["steps"] == 2 and (out / "gates_decode_bf16.safetensors").is_file()
     assert "| share=0.1 |" in (out / "decode_quality.md").read_text() and report == env
     assert dq.DecodeQualityConfig(**env["config"]).settings == ("share=0.1", "budget=2048")  # rebuilt from the envelope
+
+
+def test_run_with_retrieval_data_and_comparison_selectors(tokenizer, corpus_path, tmp_path, monkeypatch):
+    """--retrieval-mix rewrites that share of the distillation data, --decode-rows reaches the
+    model; oracle and streaming settings are scored beside the gate's."""
+    from seer_attn.training import retrieval_data
+    calls = []
+    real = retrieval_data.mix_retrieval
+    monkeypatch.setattr(retrieval_data, "mix_retrieval",
+                        lambda data, frac, **kw: calls.append(frac) or real(data, frac, **kw))
+    folder = tmp_path / "tiny_decode"
+    _decode_model(tokenizer).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    out = tmp_path / "out"
+    dq.main(["--cpu", "--model", str(folder), "--train", corpus_path, "--eval", corpus_path, "--steps", "2",
+             "--seq-len", "256", "--length", "768", "--windows", "2", "--batch-size", "2", "--phases", "distill", "ppl",
+             "--retrieval-mix", "0.5", "--decode-rows", "4", "--settings", "share=0.3", "share=0.3,oracle",
+             "share=0.3,local=1,streaming", "--out", str(out), "--no-progress"])
+    env = json.loads((out / "decode_quality.json").read_text())
+    assert calls == [0.5] and env["config"]["decode_rows"] == 4
+    rows = {r["setting"]: r for r in env["rows"]}
+    assert list(rows) == ["dense", "share=0.3", "share=0.3,oracle", "share=0.3,local=1,streaming"]
+    assert len({round(r["nll"], 6) for r in env["rows"]}) == 4, [r["nll"] for r in env["rows"]]  # four selections

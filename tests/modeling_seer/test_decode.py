@@ -12,7 +12,9 @@ from transformers import DynamicCache, StaticCache
 
 from seer_attn.modeling_seer.decode_cache import pooled_k_cache
 from seer_attn.modeling_seer.remote_bundle import bundle_sources
-from seer_attn.modeling_seer.selection import block_pool, select_decode_blocks
+from seer_attn.modeling_seer.decode_gate import decode_block_target
+from seer_attn.modeling_seer.selection import (block_pool, decode_oracle_scores, decode_recency_scores,
+                                               select_decode_blocks)
 
 from decode_inputs import CACHE, DECODE, greedy as _greedy, ids as _ids, left_pad as _left_pad
 
@@ -120,6 +122,48 @@ def test_select_decode_blocks_methods_and_forced_blocks():
     for method in ("budget", "share", "threshold"):  # the first block is the current one: only itself
         idx, cnt = select_decode_blocks(torch.zeros(B, H, 1), torch.tensor([0, 0]), method)
         assert cnt.tolist() == [[1] * H] * B and idx[..., 0].tolist() == [[0] * H] * B
+
+
+def test_keep_local_blocks_are_always_read_and_count_in_the_budget():
+    """keep_local=3: the three full blocks before the current one are read whatever their
+    score (never a padding block), within the budget or share, whose floor becomes 5."""
+    gen = torch.Generator().manual_seed(1)
+    B, H, NC = 2, 2, 12
+    scores = torch.randn(B, H, NC + 1, generator=gen)
+    scores[:, :, NC - 3:NC] = -50.0  # the local blocks score worst
+    first = torch.tensor([0, 10])  # row 1: its only full blocks are 10 and 11
+    for method, kw, want in [("budget", dict(budget=6 * 64), [6, 3]), ("share", dict(share=0.1), [5, 3]),
+                             ("threshold", dict(threshold=0.5), None)]:
+        idx, cnt = select_decode_blocks(scores, first, method, keep_local=3, **kw)
+        if want is not None:
+            assert cnt[:, 0].tolist() == want, method
+        for h in range(H):
+            assert {0, 9, 10, 11, 12} <= set(idx[0, h, :cnt[0, h]].tolist()), method
+            assert sorted(idx[1, h, :cnt[1, h]].tolist()) == [10, 11, 12], method
+    idx0, cnt0 = select_decode_blocks(scores, first, "budget", budget=6 * 64)
+    assert not {9, 10, 11} <= set(idx0[0, 0, :cnt0[0, 0]].tolist())  # without keep_local they lose
+
+
+def test_decode_oracle_and_streaming_scores():
+    """The oracle's logits are the log of the decode gate's distillation target at the step's
+    row (times the group size), left padding and slots past the length ignored; streaming's
+    select the sink and the most recent blocks."""
+    gen = torch.Generator().manual_seed(2)
+    B, HQ, H, D, bs = 2, 6, 2, 8, 16
+    S, T = 80, 75  # cache slots, and the new token's slot + 1 (its length)
+    q = torch.randn(B, HQ, 1, D, generator=gen)
+    k = torch.randn(B, H, S, D, generator=gen)
+    starts = torch.tensor([0, 20])
+    got = decode_oracle_scores(q, k, torch.tensor([T, T]), 0.3, bs, 5, seq_starts=starts)
+    full_q = torch.zeros(B, HQ, T, D)
+    full_q[:, :, T - 1] = q[:, :, 0]
+    want = decode_block_target(full_q, k[:, :, :T], torch.full((B, 1), T - 1), 0.3, bs,
+                               bounds=torch.stack([starts, torch.tensor([T, T])], 1))[:, :, 0]  # [B, H, 5]
+    torch.testing.assert_close(got.exp(), want * (HQ // H), atol=1e-6, rtol=1e-5)
+    assert got[1, :, 0].max() < -80  # block 0 is left padding in row 1: no mass
+    idx, cnt = select_decode_blocks(decode_recency_scores(1, H, 13, "cpu"), torch.tensor([0]), "budget",
+                                    budget=5 * 64)
+    assert sorted(idx[0, 0, :cnt[0, 0]].tolist()) == [0, 9, 10, 11, 12]
 
 
 def test_top_k_skips_sorting_only_when_every_row_keeps_k():
@@ -444,7 +488,10 @@ def test_decode_config_validation(tiny):
                         (dict(seer_decode_share=0.0), r"seer_decode_share=0.0 is invalid"),
                         (dict(seer_decode_threshold=1.0), r"seer_decode_threshold=1.0 is invalid"),
                         (dict(seer_decode_sparsity=1), r"seer_decode_sparsity=1 is invalid: expected True or False"),
-                        (dict(seer_decode_distill_rows=0), r"seer_decode_distill_rows=0 is invalid")]:
+                        (dict(seer_decode_distill_rows=0), r"seer_decode_distill_rows=0 is invalid"),
+                        (dict(seer_decode_keep_local=-1), r"seer_decode_keep_local=-1 is invalid"),
+                        (dict(seer_decode_selector="top"), r"seer_decode_selector='top' is invalid: expected one "
+                                                           r"of \('gate', 'oracle', 'streaming'\)")]:
         with pytest.raises(ValueError, match=pattern):
             m.set_seer_mode("dense", **kw)
     assert m.config.seer_decode_method == "budget"  # a refused change leaves the config as it was
