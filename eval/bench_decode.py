@@ -41,6 +41,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from seer_attn.modeling_seer.decode_graph import cache_arg
 from seer_attn.training import cli_args as ca
 from seer_attn.training.run_config import RunConfig, config_from_args, default, flag, option, text
 from .bench_kernels import rel_err, write_csv
@@ -447,7 +448,7 @@ def decode_run(model, cache, B, T, steps, warmup=3, flash_only=True):
                 a.record()
             t0 = time.perf_counter()
             logits = model(input_ids=tok, position_ids=pos, use_cache=True, logits_to_keep=1,
-                           **{_cache_arg(): cache}).logits
+                           **{cache_arg(model): cache}).logits
             if cuda:
                 b.record()
                 torch.cuda.synchronize()
@@ -458,13 +459,6 @@ def decode_run(model, cache, B, T, steps, warmup=3, flash_only=True):
                 times.append(dt)
             tok = logits[:, -1:].argmax(-1)
     return sorted(times)[len(times) // 2], first
-
-
-def _cache_arg():
-    """The name of the KV-cache argument of transformers' forward (``cache`` from 5.2x on)."""
-    import inspect
-    from transformers import LlamaForCausalLM
-    return "cache" if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters else "past_key_values"
 
 
 def end_to_end(config):

@@ -38,7 +38,6 @@ and ``cost``) and ``decode_quality.md``, rewritten after every phase with ``comp
 until the end.
 """
 import argparse
-import inspect
 import json
 import os
 import time
@@ -47,18 +46,12 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
+from seer_attn.modeling_seer.decode_graph import cache_arg
 from seer_attn.training import cli_args as ca
 from seer_attn.training.run_config import ConfigError, RunConfig, config_from_args, default, flag, option, text
 
 PHASES = ("distill", "check", "ppl", "passkey")
 DEFAULT_OUTPUT = "seer_outputs/decode_quality"
-
-
-def cache_kwarg():
-    """The name of transformers' KV-cache forward argument (``cache`` from 5.2x on, else
-    ``past_key_values``)."""
-    from transformers import LlamaForCausalLM
-    return "cache" if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters else "past_key_values"
 
 
 # ----------------------------------------------------------------------------- scoring
@@ -78,7 +71,7 @@ def decode_nll(model, input_ids, prefix):
     if not 1 <= prefix < L:
         raise ValueError(f"prefix={prefix} is invalid: expected 1 <= prefix < {L}")
     cache = DynamicCache(config=model.config)
-    kw = {cache_kwarg(): cache, "use_cache": True}
+    kw = {cache_arg(model): cache, "use_cache": True}
     logits = model(input_ids=input_ids[:, :prefix], logits_to_keep=1, **kw).logits[:, -1]
     out = []
     for t in range(prefix, L):

@@ -226,8 +226,9 @@ def sampling_pick(temperature=1.0, top_k=None):
     return pick
 
 
-def _cache_arg(model):
-    """The KV-cache argument of the stock forward (``cache`` from transformers 5.2x on)."""
+def cache_arg(model):
+    """The name of the KV-cache argument of ``model``'s stock transformers forward (``cache``
+    from transformers 5.2x on, ``past_key_values`` before)."""
     stock = next(c for c in type(model).__mro__ if c.__module__.startswith("transformers.") and "forward" in vars(c))
     return "cache" if "cache" in inspect.signature(stock.forward).parameters else "past_key_values"
 
@@ -261,7 +262,7 @@ class GraphDecoder:
             self.nll = torch.zeros(forced.shape, dtype=torch.float32, device=ids.device)
         self.slot_host = slot
         self.slot = torch.full((1,), slot, dtype=torch.long, device=ids.device)
-        self.arg = _cache_arg(model)
+        self.arg = cache_arg(model)
         self.graphs, self.seen, self.pool, self.state = {}, {}, None, None
         self.block_size = model.config.seer_block_size
         if model.config.seer_decode_sparsity:
@@ -352,7 +353,7 @@ def graph_prefill(model, input_ids, attention_mask, capacity):
     pos = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
     prefill = DynamicCache(config=model.config)
     out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=pos, use_cache=True, logits_to_keep=1,
-                **{_cache_arg(model): prefill})
+                **{cache_arg(model): prefill})
     cache = static_from(prefill, model.config, capacity)
     mask = torch.zeros(B, 1, 1, capacity, dtype=torch.bool, device=input_ids.device)
     mask[:, 0, 0, :T] = attention_mask.bool()

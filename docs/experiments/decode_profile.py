@@ -15,7 +15,8 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.profiler import ProfilerActivity, profile
 
-from seer_attn.eval.bench_decode import _cache_arg, _model, decode_run, filled_cache
+from seer_attn.eval.bench_decode import _model, decode_run, filled_cache
+from seer_attn.modeling_seer.decode_graph import cache_arg
 
 
 def main(argv=None):
@@ -45,7 +46,7 @@ def main(argv=None):
         with ctx, torch.no_grad(), profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             for i in range(5):
                 pos = torch.full((B, 1), T + i, device="cuda")
-                model(input_ids=tok, position_ids=pos, use_cache=True, logits_to_keep=1, **{_cache_arg(): cache})
+                model(input_ids=tok, position_ids=pos, use_cache=True, logits_to_keep=1, **{cache_arg(model): cache})
                 torch.cuda.synchronize()
         print(f"\n== {mode}: GPU kernels (5 steps)")
         print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=22, max_name_column_width=70))
