@@ -20,7 +20,9 @@ decode together, each paired prompt by prompt against dense (lost, gained, sign-
 
 **Gates.** Distilled here (``GateDistillationTrainer``: the prefill gates' KL plus the decode
 gates' KL on ``--decode-rows`` sampled query rows per sequence, docs/design.md §2; with
-``--retrieval-mix`` a share of the sequences rewritten with retrieval structure) unless
+``--retrieval-mix`` a share of the sequences rewritten with retrieval structure: 256 rows and a
+quarter by default, which kept passkey retrieval at share 0.1 where 64 rows of plain text lost
+14 of 75 prompts, docs/experiments/decode_quality.md) unless
 ``--gates`` names a file with decode gates. They are saved to ``--out`` in bfloat16.
 
 **Comparisons.** A setting may name a selector other than the decode gate: ``oracle`` (the
@@ -202,8 +204,10 @@ class DecodeQualityConfig(RunConfig):
     eval: str | None = option(None, text)  # None: the bundled eval corpus
     steps: int = option(300, ca.positive_int)  # distillation steps
     seq_len: int = option(8192, ca.int_at_least(256))  # distillation sequence length
-    decode_rows: int = option(64, ca.positive_int)  # query rows per sequence the decode gates learn from
-    retrieval_mix: float = option(0.0, ca.float_in(0, 1, low_open=False))  # share of retrieval sequences
+    # the decode gates' recipe: 256 query rows per sequence and a quarter of the sequences with
+    # retrieval structure kept passkey at share 0.1 (1 of 75 lost, 14 with 64 rows of plain text)
+    decode_rows: int = option(256, ca.positive_int)  # query rows per sequence the decode gates learn from
+    retrieval_mix: float = option(0.25, ca.float_in(0, 1, low_open=False))  # share of retrieval sequences
     length: int = option(8192, ca.int_at_least(256))  # decode-perplexity window (second half: decode steps)
     windows: int = option(16, ca.positive_int)  # decode-perplexity windows (at most)
     batch_size: int = option(16, ca.positive_int)  # windows decoded together
@@ -242,10 +246,10 @@ def parser():
                     help="distillation sequence length")
     ap.add_argument("--decode-rows", type=ca.positive_int, default=_default("decode_rows"),
                     help="query rows per training sequence the decode gates are distilled on "
-                         "(seer_decode_distill_rows)")
+                         "(seer_decode_distill_rows; default: %(default)s)")
     ap.add_argument("--retrieval-mix", type=ca.float_in(0, 1, low_open=False), default=_default("retrieval_mix"),
                     help="share of the distillation sequences rewritten with retrieval structure "
-                         "(seer_attn.training.retrieval_data; 0: plain text)")
+                         "(seer_attn.training.retrieval_data; 0: plain text; default: %(default)s)")
     ap.add_argument("--length", type=ca.int_at_least(256), default=_default("length"),
                     help="decode-perplexity window; its second half is scored as decode steps")
     ap.add_argument("--windows", type=ca.positive_int, default=_default("windows"),

@@ -388,33 +388,39 @@ def decode_h200(root) -> str:
             "fused: `seer_compile_pointwise`):\n\n" + _table(e2e_head, e2e_body))
 
 
-def _decode_quality(path):
+def _decode_quality(*runs):
+    """Decode-quality runs (eval/decode_quality.py), each ``(path, gates label)``: decode
+    perplexity by setting against the same run's dense decode, passkey paired with dense."""
     def render(root) -> str:
-        """A decode-quality run (eval/decode_quality.py): decode perplexity by setting, passkey paired with dense."""
-        env = load_envelope(root, path)
-        prov, cfg = env["provenance"], env["config"]
-        rows = env["rows"]
-        dense = next(r["ppl"] for r in rows if r["setting"] == "dense")
-        caption = (f"SmolLM2-135M, {prov['gpu']}, commit {_commit(prov)} ({path}); gates distilled "
-                   f"{env['cost']['steps']} steps at {_tokens(env['cost']['seq_len'])} "
-                   f"({env['cost']['train_seconds']:.0f} s); {rows[0]['windows']} windows of "
-                   f"{_tokens(cfg['length'])}, the first half a dense prefill, the second half scored as "
-                   "decode steps:")
-        body = [[r["setting"], f"{r['ppl']:.3f}", f"{r['ppl'] / dense:.3f}x",
-                 "1" if r["decode_density"] is None else f"{r['decode_density']:.3f}"] for r in rows]
-        out = caption + "\n\n" + _table(["decode", "PPL", "vs dense", "kept share of KV blocks"], body)
-        lines = []
-        for name, res in env.get("passkey", {}).items():
-            line = f"{name} {res['accuracy']:.3f}"
-            v = res.get("vs_dense")
-            if v:
-                line += f" (lost {v['lost']}, gained {v['gained']} of {v['n']}, sign test p = {v['p_value']:.3g})"
-            lines.append(line)
-        if lines:
-            lengths = ", ".join(_tokens(t) for t in cfg["passkey_lengths"])
-            out += (f"\n\nPasskey ({lengths} x 5 depths x {cfg['passkey_samples']}, needle in the prompt, "
-                    f"paired with dense): " + "; ".join(lines) + ".")
-        return out
+        envs = [(load_envelope(root, path), path, label) for path, label in runs]
+        first, cfg = envs[0][0], envs[0][0]["config"]
+        commits = sorted({_commit(e["provenance"]) for e, _, _ in envs})
+        caption = (f"SmolLM2-135M, {first['provenance']['gpu']}, commit {', '.join(commits)} "
+                   f"({', '.join(p for _, p, _ in envs)}); gates distilled in each run at "
+                   f"{_tokens(first['cost']['seq_len'])}; {first['rows'][0]['windows']} windows of "
+                   f"{_tokens(cfg['length'])}, the first half a dense prefill, the second half scored as decode "
+                   "steps; `oracle`: the step's true attention mass per block, `streaming`: the latest blocks, "
+                   "`local=N`: N blocks before the current one always read:")
+        body, lines = [], []
+        for env, _, label in envs:
+            dense = next(r["ppl"] for r in env["rows"] if r["setting"] == "dense")
+            gates = f"{label}, {env['cost']['steps']} steps ({env['cost']['train_seconds']:.0f} s)"
+            body += [[gates, r["setting"], f"{r['ppl']:.3f}", f"{r['ppl'] / dense:.3f}x",
+                      "1" if r["decode_density"] is None else f"{r['decode_density']:.3f}"] for r in env["rows"]]
+            parts = []
+            for name, res in env.get("passkey", {}).items():
+                part = f"{name} {res['accuracy']:.3f}"
+                v = res.get("vs_dense")
+                if v:
+                    part += f" (lost {v['lost']}, gained {v['gained']} of {v['n']}, sign test p = {v['p_value']:.3g})"
+                parts.append(part)
+            if parts:
+                c = env["config"]
+                lines.append(f"Passkey, {label} gates ({', '.join(_tokens(t) for t in c['passkey_lengths'])} x 5 "
+                             f"depths x {c['passkey_samples']}, needle in the prompt, paired with dense): "
+                             + "; ".join(parts) + ".")
+        out = caption + "\n\n" + _table(["gates", "decode", "PPL", "vs dense", "kept share of KV blocks"], body)
+        return out + "".join("\n\n" + line for line in lines)
     return render
 
 
@@ -515,7 +521,11 @@ TABLES = {
     "passkey-h100": passkey_h100,
     "finetune-h200": finetune_h200,
     "decode-h200": decode_h200,
-    "decode-quality-h200": _decode_quality("results/decode/h200_quality.json"),
+    "decode-quality-h200": _decode_quality(("results/decode/h200_quality.json", "plain text")),
+    "decode-quality-variants-h200": _decode_quality(
+        ("results/decode/h200_quality_oracle.json", "plain text"),
+        ("results/decode/h200_quality_retrieval.json", "25% retrieval data, 256 rows"),
+        ("results/decode/h200_quality_retrieval_800steps.json", "25% retrieval data, 256 rows")),
     "finetune-timing-h200": finetune_timing_h200,
     "finetune-timing-compile-h200": finetune_timing_compile_h200,
     "finetune-compile-h200": finetune_compile_h200,
