@@ -12,15 +12,39 @@ Public API (tensors in the transformers layout ``[B, H, T, D]``):
   :func:`window_block_mask` (the blocks a sliding window reaches);
 - ``*_ref`` torch references with the same signatures.
 """
-from .block_mask import block_mask_to_indices, causal_block_density, random_block_mask, window_block_mask
-from .block_sparse_attn import attn_with_pooling, block_sparse_attn, dense_attn
-from .block_sparse_decode import block_sparse_decode
-from .decode_select import top_blocks
-from .kernel_utils import HAS_TRITON
-from .reference import attn_with_pooling_ref, block_sparse_attn_ref, block_sparse_decode_ref, top_blocks_ref
+if __name__ == "kernels":
+    # This folder was imported by its folder name, not as ``seer_attn.kernels``: the repository
+    # root is on sys.path (``python -m ...`` or ``python -c`` run from it) and something asked
+    # for the top-level package ``kernels``, which is Hugging Face's kernel-hub client
+    # (transformers >= 5.25 depends on it and imports it). Hand the name over to that installed
+    # package; seer-attn's kernels are only ever imported as ``seer_attn.kernels``.
+    import importlib.machinery as _machinery
+    import importlib.util as _util
+    import os as _os
+    import sys as _sys
 
-__all__ = [
-    "attn_with_pooling", "block_sparse_attn", "dense_attn", "block_sparse_decode", "block_mask_to_indices",
-    "causal_block_density", "random_block_mask", "window_block_mask", "attn_with_pooling_ref",
-    "block_sparse_attn_ref", "block_sparse_decode_ref", "top_blocks", "top_blocks_ref", "HAS_TRITON",
-]
+    _root = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
+    _spec = _machinery.PathFinder.find_spec(
+        "kernels", [p for p in _sys.path if _os.path.abspath(p or _os.curdir) != _root])
+    if _spec is None:  # none installed: an empty module without a file (what a stray namespace
+        # package looks like; transformers' availability check then reports the package missing)
+        import types as _types
+        _sys.modules["kernels"] = _types.ModuleType("kernels", "Not installed: seer-attn's kernels/ folder is "
+                                                                "seer_attn.kernels, not a top-level package.")
+    else:
+        _module = _util.module_from_spec(_spec)
+        _sys.modules["kernels"] = _module  # the import statement returns what sys.modules holds
+        _spec.loader.exec_module(_module)
+else:
+    from .block_mask import block_mask_to_indices, causal_block_density, random_block_mask, window_block_mask
+    from .block_sparse_attn import attn_with_pooling, block_sparse_attn, dense_attn
+    from .block_sparse_decode import block_sparse_decode
+    from .decode_select import top_blocks
+    from .kernel_utils import HAS_TRITON
+    from .reference import attn_with_pooling_ref, block_sparse_attn_ref, block_sparse_decode_ref, top_blocks_ref
+
+    __all__ = [
+        "attn_with_pooling", "block_sparse_attn", "dense_attn", "block_sparse_decode", "block_mask_to_indices",
+        "causal_block_density", "random_block_mask", "window_block_mask", "attn_with_pooling_ref",
+        "block_sparse_attn_ref", "block_sparse_decode_ref", "top_blocks", "top_blocks_ref", "HAS_TRITON",
+    ]

@@ -30,13 +30,15 @@ from seer_attn.modeling_seer.decode_gate import DecodeGate, decode_block_target,
     decode_distill_loss
 from seer_attn.modeling_seer.selection import block_pool
 
-#: variant -> (gate hidden size, target sharpening exponent, loss)
+#: variant -> (gate hidden size, target sharpening exponent, loss, key granularity in tokens)
 VARIANTS = {
-    "kl": (128, 1.0, "kl"),  # the trainer's loss
-    "kl_g256": (256, 1.0, "kl"),  # twice the gate width
-    "kl_sharp2": (128, 2.0, "kl"),  # target squared and renormalised: the heavy blocks weigh more
-    "kl_kept": (128, 1.0, "kl+kept"),  # plus the mass the share's top set misses (soft top-k)
+    "kl": (128, 1.0, "kl", 64),  # the trainer's loss
+    "kl_g256": (256, 1.0, "kl", 64),  # twice the gate width
+    "kl_sharp2": (128, 2.0, "kl", 64),  # target squared and renormalised: the heavy blocks weigh more
+    "kl_kept": (128, 1.0, "kl+kept", 64),  # plus the mass the share's top set misses (soft top-k)
+    "kl_sub16": (128, 1.0, "kl", 16),  # keys pooled per 16 tokens, a block scored by logsumexp of its four
 }
+SUB = 16
 
 
 def capture(model, seqs, rows):
@@ -53,6 +55,7 @@ def capture(model, seqs, rows):
         store.setdefault(self.layer_idx, []).append(dict(
             q=qr.float().clone(), pooled=block_pool(k_pre, bs, gate.k_pooling).float(),
             q_post=qpost.float() * self.scaling, k_bounds=block_pool(k, bs, ("max", "min")).float(),
+            pooled_sub=block_pool(k_pre, SUB, gate.k_pooling).float(),
             target=decode_block_target(q, k, r, self.scaling, bs), rows=r.clone(),
             q_rope=tuple(t.clone() for t in ctx.decode_rope), k_rope=tuple(t.clone() for t in ctx.gate_rope)))
         return q.new_zeros(())
@@ -76,9 +79,12 @@ def _cat(items, key):
     return torch.cat([it[key] for it in items])
 
 
-def _scores(gate, batch):
-    kg = gate.block_keys(batch["pooled"], rope=batch["k_rope"])
-    return gate.scores(gate.query(batch["q"], rope=batch["q_rope"]), kg)
+def _scores(gate, batch, sub=64):
+    qg = gate.query(batch["q"], rope=batch["q_rope"])
+    if sub == 64:
+        return gate.scores(qg, gate.block_keys(batch["pooled"], rope=batch["k_rope"]))
+    s = gate.scores(qg, gate.block_keys(batch["pooled_sub"], rope=batch["k_rope_sub"]))  # [B, H, R, NB * 64 / sub]
+    return s.unflatten(-1, (-1, 64 // sub)).logsumexp(-1)
 
 
 def quest_scores(q_post, k_bounds):
@@ -117,7 +123,7 @@ def _kept_loss(scores, target, cand, share):
 
 def train_gate(data, cfg, variant, steps, batch, seed):
     """One layer's decode gate trained on its captured ``data`` (RoPE tables at the variant's width)."""
-    hidden, sharp, loss = VARIANTS[variant]
+    hidden, sharp, loss, sub = VARIANTS[variant]
     torch.manual_seed(seed)
     gate = DecodeGate(cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, hidden,
                       tuple(cfg.seer_k_pooling), cfg.seer_gate_rope)
@@ -128,7 +134,7 @@ def train_gate(data, cfg, variant, steps, batch, seed):
     for _ in range(steps):
         pick = torch.randperm(len(data), generator=gen)[:batch].tolist()
         b = {key: _cat([data[i] for i in pick], key) for key in data[0]}
-        scores = _scores(gate, b)
+        scores = _scores(gate, b, sub)
         target = b["target"] ** sharp if sharp != 1.0 else b["target"]
         cand = decode_candidates(b["rows"], torch.zeros(len(pick), dtype=torch.long), scores.shape[-1], bs)
         out = decode_distill_loss(scores, target, cand)
@@ -152,12 +158,14 @@ def rope_tables(model, hidden):
 
 
 def with_rope(data, rope_at, bs):
-    """``data`` items with the gate's RoPE of ``rope_at`` at their rows and block starts (no padding)."""
+    """``data`` items with the gate's RoPE of ``rope_at`` at their rows, block starts and
+    sub-block starts (no padding)."""
     out = []
     for d in data:
-        nb = d["pooled"].shape[2]
-        blocks = (torch.arange(nb) * bs)[None].expand(d["rows"].shape[0], nb)
-        out.append(dict(d, q_rope=rope_at(d["rows"].clamp_min(0)), k_rope=rope_at(blocks)))
+        nb, ns, B = d["pooled"].shape[2], d["pooled_sub"].shape[2], d["rows"].shape[0]
+        out.append(dict(d, q_rope=rope_at(d["rows"].clamp_min(0)),
+                        k_rope=rope_at((torch.arange(nb) * bs)[None].expand(B, nb)),
+                        k_rope_sub=rope_at((torch.arange(ns) * SUB)[None].expand(B, ns))))
     return out
 
 
@@ -234,8 +242,8 @@ def main(argv=None):
             print(f"share {share:g} {name:>10}: kept mass {rows[-1]['kept']:.4f}", flush=True)
     for variant in args.variants:
         t1 = time.time()
-        hidden = VARIANTS[variant][0]
-        rope_at = rope_tables(model, hidden) if hidden != cfg.seer_gate_hidden_size else None
+        hidden, sub = VARIANTS[variant][0], VARIANTS[variant][3]
+        rope_at = rope_tables(model, hidden) if hidden != cfg.seer_gate_hidden_size or sub != bs else None
         gates = {}
         for layer in layers:
             data = with_rope(tr[layer], rope_at, bs) if rope_at else tr[layer]
@@ -246,7 +254,7 @@ def main(argv=None):
                 items = with_rope(ev[layer], rope_at, bs) if rope_at else ev[layer]
                 e = {key: _cat(items, key) for key in items[0]}
                 with torch.no_grad():
-                    sc = _scores(gates[layer], e)
+                    sc = _scores(gates[layer], e, sub)
                 per_layer.append(kept_mass(sc, e["target"], e["rows"], share, bs).mean().item())
             rows.append(dict(selector=f"gate:{variant}", share=share, kept=sum(per_layer) / len(per_layer),
                              per_layer=per_layer, train_seconds=time.time() - t1))
