@@ -262,3 +262,15 @@ def top_blocks_ref(scores, bias, counts, k):
     idx = torch.full((B, H, N + 1), -1, dtype=torch.int32, device=s.device)
     idx.scatter_(-1, pos, torch.arange(N, dtype=torch.int32, device=s.device).expand(B, H, N))
     return idx[..., :k].contiguous()
+
+
+def gate_scores_ref(y, keys, rope=None):
+    """Torch reference of :func:`~.decode_select.gate_scores`: float32 ``[B, H, N]`` logits of
+    the projected queries ``y`` ``[B, H, 2G]`` (rotated by ``rope`` = (cos, sin) ``[B, G]``;
+    ``[B, H, G]`` and no rotation without it) against block keys ``[B, H, N, G]``."""
+    G = keys.shape[-1]
+    q = y.float()
+    if rope is not None:
+        cos, sin = (t.float()[:, None] for t in rope)
+        q = q[..., :G] * cos + q[..., G:] * sin
+    return torch.einsum("bhg,bhng->bhn", q, keys.float())

@@ -15,7 +15,8 @@ the candidate blocks (full blocks before t's own block, holding a real token) an
 softmax over the same blocks. Only ``R`` rows per sequence are scored
 (``seer_decode_distill_rows``), so the target costs O(R * T) memory, never ``[B, H, T, NB]``.
 
-Copied flat into saved model folders (remote code): imports only torch/transformers.
+Copied flat into saved model folders (remote code): imports only torch/transformers and the
+kernels (rewritten flat by the bundle writer).
 """
 import math
 
@@ -23,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import initialization as hf_init
+
+from seer_attn.kernels.decode_select import gate_scores
 
 from .gate import _rotate_half
 from .selection import MASKED_LOGIT
@@ -99,10 +102,11 @@ class DecodeGate(nn.Module):
 
     @torch.no_grad()
     def step_logits(self, q_pre, keys, rope=None):
-        """A decode step's logits ``[B, H, 1, N]`` in the keys' dtype: ``scores(query(q_pre, rope),
-        keys)`` in four ops (one matmul projects and rotates the query, see
-        :meth:`_step_weight`; the scale is folded in), computed in the keys' dtype (the model's:
-        the step's query and cached keys are; the matmuls accumulate in float32).
+        """A decode step's logits, float32 ``[B, H, 1, N]``: ``scores(query(q_pre, rope), keys)``
+        in two launches on a GPU: one matmul projects the query and makes its RoPE partner (see
+        :meth:`_step_weight`; the scale is folded in), in the keys' dtype (the model's: the step's
+        query and cached keys are), then :func:`~seer_attn.kernels.decode_select.gate_scores`
+        rotates it and scores the blocks in float32 (its torch reference off a GPU).
 
         Args:
             q_pre: pre-RoPE queries of the new token ``[B, HQ, 1, D]``.
@@ -110,18 +114,12 @@ class DecodeGate(nn.Module):
             rope: ``(cos, sin)`` ``[B, G]`` in the keys' dtype at the token's position.
         """
         B, HQ, _, D = q_pre.shape
-        H, G, N, dt = self.num_kv_heads, self.hidden_size, keys.shape[2], keys.dtype
+        H, G, dt = self.num_kv_heads, self.hidden_size, keys.dtype
         x = q_pre.reshape(B, H, (HQ // H) * D).transpose(0, 1).to(dt)  # [H, B, group * D] (a view)
-        y = torch.bmm(x, self._step_weight(dt))  # [H, B, G or 2G]
-        qg = torch.empty(B, H, 1, G, dtype=dt, device=y.device)
-        out = qg.view(B, H, G).transpose(0, 1)  # written in [H, B] order, laid out [B, H] for the next bmm
+        y = torch.bmm(x, self._step_weight(dt)).transpose(0, 1)  # [B, H, G or 2G] (a view)
         if self.use_rope and rope is not None:
-            torch.mul(y[..., :G], rope[0], out=out)
-            out.addcmul_(y[..., G:], rope[1])
-        else:
-            out.copy_(y[..., :G])
-        # keys: a slice of the cache's [B, H, capacity, G] buffer, so [B * H, N, G] is a view
-        return torch.bmm(qg.view(B * H, 1, G), keys.reshape(B * H, N, G).transpose(1, 2)).view(B, H, 1, N)
+            return gate_scores(y, keys, rope).unsqueeze(2)
+        return gate_scores(y[..., :G], keys).unsqueeze(2)
 
 
 def sample_decode_rows(bounds, num_rows, block_size, min_blocks=2):

@@ -126,3 +126,18 @@ def test_top_blocks_at_real_shapes(B, N, k):
     counts[0] = k
     got = top_blocks(scores, bias, counts, k, backend="triton")
     assert torch.equal(got, top_blocks_ref(scores, bias, counts, k))
+
+
+@pytest.mark.parametrize("B, N", [(16, 2048), (4, 2049), (1, 16384)])
+def test_gate_scores_at_real_shapes(B, N):
+    """The decode gate's logits kernel at 128k-1M-token caches (8 KV heads, G 128, bf16 inputs,
+    keys a slice of a larger buffer as the pooled-K cache's): the float32 reference."""
+    from seer_attn.kernels.decode_select import gate_scores
+    from seer_attn.kernels.reference import gate_scores_ref
+    gen = torch.Generator(device="cuda").manual_seed(N)
+    y = torch.randn(8, B, 256, device="cuda", generator=gen).to(torch.bfloat16).transpose(0, 1)
+    keys = torch.randn(B, 8, N + 64, 128, device="cuda", generator=gen).to(torch.bfloat16)[:, :, :N]
+    e = torch.rand(B, 128, device="cuda", generator=gen) * 6.0
+    rope = (e.cos().to(torch.bfloat16), e.sin().to(torch.bfloat16))
+    got = gate_scores(y, keys, rope, backend="triton")
+    torch.testing.assert_close(got, gate_scores_ref(y, keys, rope), atol=2e-3, rtol=1e-4)
