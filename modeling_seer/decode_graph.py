@@ -212,11 +212,16 @@ def greedy_pick(logits):
 def sampling_pick(temperature=1.0, top_k=None):
     """A ``pick`` that samples from ``softmax(logits / temperature)`` restricted to the ``top_k``
     most likely tokens (None: all), by the Gumbel-max trick (argmax of the scaled logits minus
-    the log of Exp(1) noise): device ops only, so a CUDA graph replays it with fresh noise."""
+    the log of Exp(1) noise): device ops only, so a CUDA graph replays it with fresh noise.
+    ``top_k=1`` is greedy: the argmax, ties to the lowest index (a bf16 model's top two logits
+    are equal often enough, at 2 of 120 steps of a random SmolLM2-shaped one, that keeping
+    every tied token, as a top-k cut does for larger k, would draw between them)."""
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
         raise ValueError(f"temperature must be a number > 0, got {temperature!r}")
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
         raise ValueError(f"top_k must be an integer >= 1 or None, got {top_k!r}")
+    if top_k == 1:
+        return greedy_pick
 
     def pick(logits):
         x = logits.float() / temperature

@@ -50,8 +50,9 @@ def old_logits(gate, q_pre, keys, rope):
 
 @torch.no_grad()
 def sweep(B, S, share, emit):
-    import seer_attn.kernels.block_sparse_decode as dec
-    import seer_attn.kernels.decode_select as sel
+    import importlib
+    dec = importlib.import_module("seer_attn.kernels.block_sparse_decode")  # (the package's
+    sel = importlib.import_module("seer_attn.kernels.decode_select")  # attribute is the function)
     from seer_attn.kernels import block_sparse_decode, top_blocks
     from seer_attn.modeling_seer.decode_gate import DecodeGate
     dev, dt = "cuda", torch.bfloat16

@@ -139,6 +139,8 @@ def test_sampling_in_graph_mode(tiny):
     draws = torch.cat([pick(logits) for _ in range(200)], dim=1)
     assert all(set(draws[b].tolist()) <= set(allowed[b].tolist()) for b in range(4))
     assert all(len(set(draws[b].tolist())) > 1 for b in range(4))
+    tied = torch.tensor([[0.5, 2.0, -1.0, 2.0], [3.0, 3.0, 3.0, 0.0]])  # bf16 logits tie at the top
+    assert all(torch.equal(sampling_pick(1.5, top_k=1)(tied), torch.tensor([[1], [0]])) for _ in range(20))
     with pytest.raises(ValueError, match="temperature must be a number > 0, got 0"):
         m.seer_generate(x, do_sample=True, temperature=0)
     with pytest.raises(ValueError, match="top_k must be an integer >= 1 or None, got 0"):
