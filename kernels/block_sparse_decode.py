@@ -145,9 +145,9 @@ def _config(head_dim, on_gpu, dtype):
         return CONFIG_OVERRIDES[head_dim]
     if not on_gpu:  # interpreter: exercise the two-block gather
         return (2, 4, 1)
-    if dtype == torch.float32:
-        return (1, 4, 2)
-    return (1, 4, 3)
+    # fp16 / bf16: two stages (H200 sweep, docs/experiments/decode_step_sweep.py: 3-9% faster
+    # than three at 1 / 4 / 16 x 128k and 16 x 32k with 4 programs per SM)
+    return (1, 4, 2)
 
 
 def _sm_count(device):

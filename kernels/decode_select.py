@@ -14,7 +14,8 @@ row, so the kept set needs no sort.
 
 Kernel: one program per row holds the row's scores as order-preserving int32 keys in
 registers, finds the ``cnt``-th largest key by bisection over the 32-bit key range (32
-counting passes over the registers), then writes the indices of the keys above it and of
+counting passes over the registers, compares and counts in int32: a GPU runs 64-bit integer
+ops as pairs of 32-bit ones), then writes the indices of the keys above it and of
 the first ones equal to it at positions given by a prefix sum. Rows of up to
 :data:`MAX_BLOCKS` blocks (64k-token blocks: a 1M-token cache); longer rows and CPU tensors
 take the torch reference (:func:`~.reference.top_blocks_ref`).
@@ -57,26 +58,28 @@ def _top_blocks_kernel(S, BIAS, CNT, OUT, N, K, H, s_sb, s_sh, s_bb, s_ob, s_oh,
     pid = tl.program_id(0)  # b * H + h
     b = pid // H
     h = pid % H
-    cnt = tl.load(CNT + pid).to(tl.int64)
+    cnt = tl.load(CNT + pid)
     offs = tl.arange(0, BLOCK)
     m = offs < N
     x = tl.load(S + b.to(tl.int64) * s_sb + h.to(tl.int64) * s_sh + offs, mask=m, other=0.0).to(tl.float32)
     x += tl.load(BIAS + b.to(tl.int64) * s_bb + offs, mask=m, other=0.0)
     bits = x.to(tl.int32, bitcast=True)
-    key = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(tl.int64)  # increasing with x (-inf lowest)
-    key = tl.where(m, key, -4294967296)  # below every real key
-    lo = tl.min(key, 0) * 0 - 2147483648  # the largest t with count(key >= t) >= cnt lies in [lo, hi]
-    hi = lo + 4294967295
+    key = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # int32, increasing with x (-inf lowest)
+    # the largest t with count(key >= t) >= cnt lies in [lo, hi]; the bounds are int64 scalars
+    # (the int32 range's ends), the per-block compares and counts int32
+    lo = tl.full((), -2147483648, tl.int64)
+    hi = tl.full((), 2147483647, tl.int64)
     for _ in range(32):
         mid = lo + (hi - lo + 1) // 2
-        ok = tl.sum((key >= mid).to(tl.int64), 0) >= cnt
+        ok = tl.sum(((key >= mid.to(tl.int32)) & m).to(tl.int32), 0) >= cnt
         lo = tl.where(ok, mid, lo)
         hi = tl.where(ok, hi, mid - 1)
-    gt = key > lo
-    eq = key == lo
-    need = cnt - tl.sum(gt.to(tl.int64), 0)
-    take = gt | (eq & (tl.cumsum(eq.to(tl.int64), 0) <= need))
-    pos = tl.cumsum(take.to(tl.int64), 0) - 1
+    t = lo.to(tl.int32)
+    gt = (key > t) & m
+    eq = (key == t) & m
+    need = cnt - tl.sum(gt.to(tl.int32), 0)
+    take = gt | (eq & (tl.cumsum(eq.to(tl.int32), 0) <= need))
+    pos = tl.cumsum(take.to(tl.int32), 0) - 1
     out = OUT + b.to(tl.int64) * s_ob + h.to(tl.int64) * s_oh
     tl.store(out + pos, offs, mask=take & (pos < K))
     tl.store(out + offs, tl.full([BLOCK], -1, tl.int32), mask=(offs >= cnt) & (offs < K))

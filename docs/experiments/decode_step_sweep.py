@@ -144,6 +144,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--settings", nargs="+", default=["1x131072", "4x131072", "16x32768", "16x131072"])
     ap.add_argument("--share", type=float, default=0.1)
+    ap.add_argument("--quick", action="store_true", help="sweep only the two stage counts at 1 and 4 programs per SM")
     ap.add_argument("--out", default=None, help="write every line and the summary here (JSON)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -154,6 +155,9 @@ def main():
         lines.append(d)
         print(json.dumps(d), flush=True)
 
+    if args.quick:
+        CONFIGS[:] = [(1, 4, 2), (1, 4, 3)]
+        PER_SM[:] = [1, 4]
     rows = []
     for setting in args.settings:
         B, S = (int(x) for x in setting.split("x"))
