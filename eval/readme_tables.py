@@ -55,7 +55,9 @@ def _tokens(t) -> str:
 
 
 def _commit(prov) -> str:
-    return (prov.get("commit") or "commit unknown")[:7]
+    """The commit a run measured: ``tree_commit`` where the machine's checkout reported another
+    HEAD than the tree it ran (added to the envelope with a ``tree_note`` saying so)."""
+    return (prov.get("tree_commit") or prov.get("commit") or "commit unknown")[:7]
 
 
 def _table(head, rows) -> str:

@@ -16,7 +16,8 @@ CUDA graph and prints median microseconds:
 
     python docs/experiments/decode_step_sweep.py [--settings 1x131072 4x131072 16x32768 16x131072]
 
-Prints JSON lines as it goes and a table last; with ``--out F`` writes them to F with provenance.
+Prints JSON lines as it goes and a table last; ``--out F`` writes a results envelope (one
+summary row per setting, every timed variant under ``lines``).
 """
 import argparse
 import json
@@ -163,11 +164,10 @@ def main():
         B, S = (int(x) for x in setting.split("x"))
         rows.append(sweep(B, S, args.share, emit))
         torch.cuda.empty_cache()
-    if args.out:
-        from seer_attn.training.results import provenance
-        with open(args.out, "w") as f:
-            json.dump({"provenance": provenance("random weights, Llama-3.1-8B attention shape"),
-                       "config": vars(args), "lines": lines}, f, indent=1)
+    if args.out:  # a results envelope: one summary row per setting, every timed variant in "lines"
+        from seer_attn.training.results import write_envelope
+        write_envelope(args.out, "decode_step_sweep", rows, config=vars(args),
+                       model="random weights, Llama-3.1-8B attention shape", lines=lines)
     cols = ["kernel_default_us", "kernel_best_us", "kernel_best_config", "kernel_best_per_sm",
             "top_blocks_default_us", "top_blocks_best_us", "top_blocks_best_warps", "logits_old_us",
             "logits_new_us", "logits_max_abs_diff", "layer_old_us", "layer_new_us"]
