@@ -527,7 +527,8 @@ TABLES = {
     "decode-quality-variants-h200": _decode_quality(
         ("results/decode/h200_quality_oracle.json", "plain text"),
         ("results/decode/h200_quality_retrieval.json", "25% retrieval data, 256 rows"),
-        ("results/decode/h200_quality_retrieval_800steps.json", "25% retrieval data, 256 rows")),
+        ("results/decode/h200_quality_retrieval_800steps.json", "25% retrieval data, 256 rows"),
+        ("results/decode/h200_quality_gate_scores.json", "25% retrieval data, 256 rows, float32 step logits")),
     "finetune-timing-h200": finetune_timing_h200,
     "finetune-timing-compile-h200": finetune_timing_compile_h200,
     "finetune-compile-h200": finetune_compile_h200,
