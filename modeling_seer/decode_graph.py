@@ -209,10 +209,13 @@ def greedy_pick(logits):
     return logits.argmax(-1, keepdim=True)
 
 
-def sampling_pick(temperature=1.0, top_k=None):
+def sampling_pick(temperature=1.0, top_k=None, top_p=None):
     """A ``pick`` that samples from ``softmax(logits / temperature)`` restricted to the ``top_k``
-    most likely tokens (None: all), by the Gumbel-max trick (argmax of the scaled logits minus
-    the log of Exp(1) noise): device ops only, so a CUDA graph replays it with fresh noise.
+    most likely tokens (None: all) and then to the smallest set of the most likely ones whose
+    probability reaches ``top_p`` (nucleus sampling; None or 1: all; the most likely token is
+    always kept), by the Gumbel-max trick (argmax of the scaled logits minus the log of Exp(1)
+    noise): device ops only, so a CUDA graph replays it with fresh noise. The cuts are made
+    in the order transformers' ``generate`` applies them (temperature, top-k, top-p).
     ``top_k=1`` is greedy: the argmax, ties to the lowest index (a bf16 model's top two logits
     are equal often enough, at 2 of 120 steps of a random SmolLM2-shaped one, that keeping
     every tied token, as a top-k cut does for larger k, would draw between them)."""
@@ -220,13 +223,22 @@ def sampling_pick(temperature=1.0, top_k=None):
         raise ValueError(f"temperature must be a number > 0, got {temperature!r}")
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
         raise ValueError(f"top_k must be an integer >= 1 or None, got {top_k!r}")
+    if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, (int, float))
+                              or not 0.0 < top_p <= 1.0):
+        raise ValueError(f"top_p must be a number in (0, 1] or None, got {top_p!r}")
     if top_k == 1:
         return greedy_pick
+    nucleus = top_p is not None and top_p < 1.0
 
     def pick(logits):
         x = logits.float() / temperature
         if top_k is not None and top_k < x.shape[-1]:
             x = x.masked_fill(x < torch.topk(x, top_k, dim=-1).values[:, -1:], float("-inf"))
+        if nucleus:  # drop a token when the more likely ones already hold top_p of the mass
+            srt, order = torch.sort(x, dim=-1, descending=True)
+            p = torch.softmax(srt, dim=-1)
+            drop = (p.cumsum(-1) - p) >= top_p
+            x = x.masked_fill(torch.zeros_like(drop).scatter_(-1, order, drop), float("-inf"))
         return (x - torch.empty_like(x).exponential_().log()).argmax(-1, keepdim=True)
     return pick
 
@@ -367,9 +379,9 @@ def graph_prefill(model, input_ids, attention_mask, capacity):
 
 @torch.no_grad()
 def graph_generate(model, input_ids, attention_mask=None, max_new_tokens=32, eos_token_id=None, cuda_graph=None,
-                   warmup_steps=2, do_sample=False, temperature=1.0, top_k=None):
+                   warmup_steps=2, do_sample=False, temperature=1.0, top_k=None, top_p=None):
     """Generation with the decode steps replayed from one CUDA graph: greedy, or sampled
-    (``do_sample``: :func:`sampling_pick` with ``temperature`` and ``top_k``; seed with
+    (``do_sample``: :func:`sampling_pick` with ``temperature``, ``top_k`` and ``top_p``; seed with
     ``torch.manual_seed``).
 
     The prompt (left-padded when ``attention_mask`` has zeros) is prefilled in the model's mode
@@ -388,7 +400,7 @@ def graph_generate(model, input_ids, attention_mask=None, max_new_tokens=32, eos
         raise ValueError(f"input_ids must be a long tensor [B, T], got {getattr(input_ids, 'shape', type(input_ids))}")
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
-    pick = sampling_pick(temperature, top_k) if do_sample else greedy_pick
+    pick = sampling_pick(temperature, top_k, top_p) if do_sample else greedy_pick
     windowed = [i for i, layer in enumerate(model.model.layers) if getattr(layer.self_attn, "sliding_window", None)]
     if windowed:
         raise ValueError(f"seer_generate does not support sliding-window layers (layers {windowed[:4]}...): use "

@@ -711,15 +711,15 @@ class SeerCausalLMMixin:
         return self
 
     def seer_generate(self, input_ids, attention_mask=None, max_new_tokens=32, eos_token_id=None, cuda_graph=None,
-                      do_sample=False, temperature=1.0, top_k=None):
+                      do_sample=False, temperature=1.0, top_k=None, top_p=None):
         """Generation whose decode steps replay from one CUDA graph: the prefill's KV cache moved
         into a static one, then sparse decode steps (``seer_decode_sparsity``) or dense ones, with no host
         work per token (:func:`~.decode_graph.graph_generate`); greedy, or sampled with
-        ``do_sample`` (``temperature``, ``top_k``). Returns the prompt and the new tokens, long
-        ``[B, T + n]``."""
+        ``do_sample`` (``temperature``, ``top_k``, ``top_p``). Returns the prompt and the new tokens,
+        long ``[B, T + n]``."""
         return graph_generate(self, input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
                               eos_token_id=eos_token_id, cuda_graph=cuda_graph, do_sample=do_sample,
-                              temperature=temperature, top_k=top_k)
+                              temperature=temperature, top_k=top_k, top_p=top_p)
 
     def seer_density(self):
         """Kept share of causal blocks of the last sparse prefill: float ``[layers, batch, heads]``

@@ -139,8 +139,19 @@ def test_sampling_in_graph_mode(tiny):
     draws = torch.cat([pick(logits) for _ in range(200)], dim=1)
     assert all(set(draws[b].tolist()) <= set(allowed[b].tolist()) for b in range(4))
     assert all(len(set(draws[b].tolist())) > 1 for b in range(4))
+    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05], [0.05, 0.15, 0.3, 0.5]])
+    for top_p, kept in [(0.79, [{0, 1}, {3, 2}]), (0.81, [{0, 1, 2}, {3, 2, 1}]), (0.3, [{0}, {3}])]:
+        draws = torch.cat([sampling_pick(1.0, top_p=top_p)(probs.log()) for _ in range(300)], dim=1)
+        assert [set(d.tolist()) for d in draws] == kept, top_p  # the nucleus, every member drawn
     tied = torch.tensor([[0.5, 2.0, -1.0, 2.0], [3.0, 3.0, 3.0, 0.0]])  # bf16 logits tie at the top
     assert all(torch.equal(sampling_pick(1.5, top_k=1)(tied), torch.tensor([[1], [0]])) for _ in range(20))
+    torch.manual_seed(0)
+    c = m.seer_generate(x, max_new_tokens=20, do_sample=True, temperature=5.0, top_p=0.9)
+    torch.manual_seed(0)
+    assert torch.equal(m.seer_generate(x, max_new_tokens=20, do_sample=True, temperature=5.0, top_p=0.9), c)
+    assert torch.equal(m.seer_generate(x, max_new_tokens=20, do_sample=True, top_p=1e-6), greedy)  # the top alone
+    with pytest.raises(ValueError, match=r"top_p must be a number in \(0, 1\] or None, got 1.5"):
+        m.seer_generate(x, do_sample=True, top_p=1.5)
     with pytest.raises(ValueError, match="temperature must be a number > 0, got 0"):
         m.seer_generate(x, do_sample=True, temperature=0)
     with pytest.raises(ValueError, match="top_k must be an integer >= 1 or None, got 0"):
