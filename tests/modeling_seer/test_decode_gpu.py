@@ -120,7 +120,7 @@ def test_seer_generate_replays_a_cuda_graph_with_the_eager_tokens(decode_sparsit
 @torch.no_grad()
 def test_seer_generate_samples_inside_the_cuda_graph():
     """Sampling replayed from the graph draws fresh noise each step (the tokens are not one
-    repeated draw) and a seed reproduces them; top_k=1 is greedy."""
+    repeated draw) and a seed reproduces them, with and without a top-p cut; top_k=1 is greedy."""
     m = _model()
     m.set_seer_mode("dense", seer_decode_sparsity=True, seer_decode_budget=8 * 64)
     ids, mask = _batch()
@@ -132,3 +132,9 @@ def test_seer_generate_samples_inside_the_cuda_graph():
     b = m.seer_generate(ids, attention_mask=mask, max_new_tokens=40, do_sample=True, temperature=3.0)
     assert torch.equal(a, b) and not torch.equal(a, greedy)
     assert len(set(a[0, -30:].tolist())) > 5
+    torch.manual_seed(1)
+    c = m.seer_generate(ids, attention_mask=mask, max_new_tokens=40, do_sample=True, temperature=3.0, top_p=0.5)
+    torch.manual_seed(1)
+    assert torch.equal(m.seer_generate(ids, attention_mask=mask, max_new_tokens=40, do_sample=True, temperature=3.0,
+                                       top_p=0.5), c)
+    assert not torch.equal(c, a)
