@@ -38,25 +38,37 @@ def graph_us(fn):
 
 
 @torch.no_grad()
-def profile(B, S, share):
-    from seer_attn.kernels import block_sparse_decode, top_blocks
+def layer_inputs(B, S, share, seed=0):
+    """One sparse decode layer's inputs at the 8B attention shape, bf16 on the GPU: a decode
+    gate (random weights), its block keys (a slice of a larger buffer, as the pooled-K cache
+    holds them), pre-RoPE and post-RoPE queries, the KV cache, the query's RoPE, the selection's
+    bias (sink and current block forced), width ``K`` and counts, the cache lengths."""
     from seer_attn.modeling_seer.decode_gate import DecodeGate
-    from seer_attn.modeling_seer.selection import block_pool
     dev, dt = "cuda", torch.bfloat16
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     gate = DecodeGate(HQ, H, D).to(dev)
     NB = -(-S // BS)
-    keys = torch.randn(B, H, NB, G, device=dev).to(dt)
-    q_pre = torch.randn(B, HQ, 1, D, device=dev).to(dt)
-    q = torch.randn(B, HQ, 1, D, device=dev).to(dt)
-    k = torch.randn(B, H, S, D, device=dev).to(dt)
-    v = torch.randn(B, H, S, D, device=dev).to(dt)
-    rope = (torch.rand(B, G, device=dev).to(dt), torch.rand(B, G, device=dev).to(dt))
+    keys = torch.randn(B, H, NB + 64, G, device=dev).to(dt)[:, :, :NB]
+    e = torch.rand(B, G, device=dev) * 6.0
     bias = torch.zeros(B, 1, NB, device=dev)
     bias[..., 0] = bias[..., -1] = float("inf")
     K = max(2, math.ceil(share * NB))
-    cnt = torch.full((B, H), K, dtype=torch.int32, device=dev)
-    lens = torch.full((B,), S, dtype=torch.int32, device=dev)
+    return dict(gate=gate, keys=keys, q_pre=torch.randn(B, HQ, 1, D, device=dev).to(dt),
+                q=torch.randn(B, HQ, 1, D, device=dev).to(dt), k=torch.randn(B, H, S, D, device=dev).to(dt),
+                v=torch.randn(B, H, S, D, device=dev).to(dt), rope=(e.cos().to(dt), e.sin().to(dt)), bias=bias,
+                K=K, cnt=torch.full((B, H), K, dtype=torch.int32, device=dev),
+                lens=torch.full((B,), S, dtype=torch.int32, device=dev))
+
+
+@torch.no_grad()
+def profile(B, S, share):
+    from seer_attn.kernels import block_sparse_decode, top_blocks
+    from seer_attn.modeling_seer.selection import block_pool
+    dev, dt = "cuda", torch.bfloat16
+    x = layer_inputs(B, S, share)
+    gate, keys, q_pre, q, k, v, rope, bias, K, cnt, lens = (x[n] for n in (
+        "gate", "keys", "q_pre", "q", "k", "v", "rope", "bias", "K", "cnt", "lens"))
+    NB = keys.shape[2]
     scores = gate.step_logits(q_pre, keys, rope).squeeze(2)
     s = scores.float() + bias
     idx = torch.topk(s, K, dim=-1).indices

@@ -21,7 +21,6 @@ summary row per setting, every timed variant under ``lines``).
 """
 import argparse
 import json
-import math
 
 import torch
 
@@ -54,25 +53,13 @@ def sweep(B, S, share, emit):
     import importlib
     dec = importlib.import_module("seer_attn.kernels.block_sparse_decode")  # (the package's
     sel = importlib.import_module("seer_attn.kernels.decode_select")  # attribute is the function)
+    from decode_gate_profile import layer_inputs  # the sibling script (this folder is on sys.path)
+
     from seer_attn.kernels import block_sparse_decode, top_blocks
-    from seer_attn.modeling_seer.decode_gate import DecodeGate
-    dev, dt = "cuda", torch.bfloat16
-    torch.manual_seed(B * S)
-    gate = DecodeGate(HQ, H, D).to(dev)
-    NB = -(-S // BS)
-    buf = torch.randn(B, H, NB + 64, G, device=dev).to(dt)
-    keys = buf[:, :, :NB]  # a slice of a larger buffer, as the pooled-K cache holds them
-    q_pre = torch.randn(B, HQ, 1, D, device=dev).to(dt)
-    q = torch.randn(B, HQ, 1, D, device=dev).to(dt)
-    k = torch.randn(B, H, S, D, device=dev).to(dt)
-    v = torch.randn(B, H, S, D, device=dev).to(dt)
-    e = torch.rand(B, G, device=dev) * 6.0
-    rope = (e.cos().to(dt), e.sin().to(dt))
-    bias = torch.zeros(B, 1, NB, device=dev)
-    bias[..., 0] = bias[..., -1] = float("inf")
-    K = max(2, math.ceil(share * NB))
-    cnt = torch.full((B, H), K, dtype=torch.int32, device=dev)
-    lens = torch.full((B,), S, dtype=torch.int32, device=dev)
+    x = layer_inputs(B, S, share, seed=B * S)
+    gate, keys, q_pre, q, k, v, rope, bias, K, cnt, lens = (x[n] for n in (
+        "gate", "keys", "q_pre", "q", "k", "v", "rope", "bias", "K", "cnt", "lens"))
+    dt = keys.dtype
     scores = gate.step_logits(q_pre, keys, rope).squeeze(2)
     idx = top_blocks(scores, bias, cnt, K)
     old = old_logits(gate, q_pre, keys, rope).float()
