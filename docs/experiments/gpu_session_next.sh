@@ -26,6 +26,9 @@
 #                      graph-mode decode with compiled layers (since 7867506)
 #   bench-decode   ~2  issue 15: bench-decode with graph-mode rows (7867506: 2.32x / 2.56x fused at
 #                      4 x 128k against >= 3x; graph steps select through top_blocks since bea7e4f)
+#   decode-sweep   ~2  issue 15: a sparse layer's three kernels replayed, launch configs x programs per
+#                      SM, top_blocks warps, old vs new gate logits (H200 at 9842fea: 108 -> 91 us
+#                      per layer at 4 x 128k; results/decode/h200_step_sweep*.json)
 #   decode-profile ~1  issue 15: graph-replayed microseconds of each piece of a sparse layer's
 #                      attention (logits, bias, top-k sorted/unsorted vs top_blocks, kernel,
 #                      record, fill): keep top_blocks only if it beats torch.topk
@@ -71,6 +74,9 @@ case "$STEP" in
     echo "bench_decode: exit $?"; sed -n '/^# /,$p' "$OUT/bench_decode.log" | tail -n 12 ;;
   decode-all)
     for s in tests-decode bench-decode decode-profile; do bash "$0" "$s" "${OUT%/*}"; done ;;
+  decode-sweep)
+    timeout 300 "$PY" docs/experiments/decode_step_sweep.py --out "$OUT/sweep.json" > "$OUT/sweep.log" 2>&1
+    echo "decode_step_sweep: exit $?"; tail -n 7 "$OUT/sweep.log" ;;
   decode-profile)
     timeout 200 "$PY" docs/experiments/decode_gate_profile.py > "$OUT/profile.log" 2>&1
     echo "decode_gate_profile: exit $?"; tail -n 8 "$OUT/profile.log" ;;
