@@ -186,6 +186,60 @@ def kept_mass(scores, target, rows, share, bs):
     return (target * keep).sum(-1)  # [B, H, R]
 
 
+@torch.no_grad()
+def mass_keep(scores, rows, p, bs):
+    """Selection by predicted mass: softmax the scores over each row's causal blocks and keep
+    the best-scoring blocks until their softmaxed scores sum to ``p`` (the sink and the
+    current block first, counted in the sum; at least those two). Returns the keep mask
+    ``[B, H, R, NB]`` and each row's kept share of its blocks ``[B, H, R]``."""
+    B, H, R, NB = scores.shape
+    cur = (rows // bs)[:, None, :, None]
+    j = torch.arange(NB)
+    forced = (j == 0) | (j == cur)
+    prob = torch.softmax(scores.float().masked_fill(j > cur, float("-inf")), dim=-1)
+    key = prob.masked_fill(forced, 2.0)  # forced blocks first
+    order = key.argsort(-1, descending=True)
+    sorted_prob = prob.gather(-1, order)
+    before = sorted_prob.cumsum(-1) - sorted_prob  # the mass of the better-ranked blocks
+    keep_sorted = ((before < p) | (j < 2)) & (j <= cur)  # here j is the rank; a row keeps at most its n
+    keep = torch.zeros_like(keep_sorted).scatter_(-1, order, keep_sorted) & (j <= cur)
+    return keep, keep.sum(-1).float() / (cur[..., 0] + 1).float()
+
+
+def mass_rows(name, score_of, targets, rows_of, shares, bs):
+    """Kept mass of the predicted-mass selection, its ``p`` solved (bisection, one ``p`` for all
+    layers) so that the mean kept share over layers and rows is what the fixed share reaches
+    at each of ``shares`` (its ``max(2, ceil(s * n))`` blocks of n)."""
+    layers = sorted(targets)
+    n = (rows_of[layers[0]] // bs + 1).float()
+
+    def run(p):
+        kept, share = [], []
+        for layer in layers:
+            keep, sh = mass_keep(score_of[layer], rows_of[layer], p, bs)
+            km = (targets[layer] * keep).sum(-1)
+            kept.append(km.mean().item())
+            share.append(sh.mean().item())
+        return sum(kept) / len(kept), sum(share) / len(share), kept, share
+
+    out = []
+    for share_knob in shares:
+        target_share = (torch.minimum(torch.ceil(share_knob * n).clamp_min(2), n) / n).mean().item()
+        lo, hi = 0.0, 1.0
+        for _ in range(30):
+            mid = (lo + hi) / 2
+            if run(mid)[1] < target_share:
+                lo = mid
+            else:
+                hi = mid
+        kept, share, per_layer, per_share = run(hi)
+        out.append(dict(selector=f"{name}:mass", share=share_knob, achieved_share=share, p=hi, kept=kept,
+                        per_layer=per_layer, per_layer_share=per_share))
+        print(f"share {share_knob:g} {name + ':mass':>14}: kept mass {kept:.4f} at share {share:.4f} "
+              f"(p {hi:.4f})", flush=True)
+    return out
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=None)
@@ -200,6 +254,8 @@ def main(argv=None):
     ap.add_argument("--retrieval-mix", type=float, default=0.25)
     ap.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS))
     ap.add_argument("--shares", type=float, nargs="+", default=[0.1, 0.2])
+    ap.add_argument("--mass", action="store_true",
+                    help="also select by predicted mass (oracle and each gate), p solved per share")
     ap.add_argument("--out", default="seer_outputs/decode_gate_offline")
     args = ap.parse_args(argv)
     from seer_attn.modeling_seer.conversion import load_seer_model, load_tokenizer
@@ -224,6 +280,12 @@ def main(argv=None):
     bs = cfg.seer_block_size
     layers = sorted(ev)
     rows = []
+    ev_all = {layer: {key: _cat(ev[layer], key) for key in ev[layer][0]} for layer in layers}
+    if args.mass:
+        targets = {layer: ev_all[layer]["target"] for layer in layers}
+        rows_of = {layer: ev_all[layer]["rows"] for layer in layers}
+        rows += mass_rows("oracle", {layer: targets[layer].clamp_min(1e-30).log() for layer in layers},
+                          targets, rows_of, args.shares, bs)
     for share in args.shares:
         for name in ["oracle", "streaming", "quest", "quest_max"]:
             per_layer = []
@@ -248,6 +310,7 @@ def main(argv=None):
         for layer in layers:
             data = with_rope(tr[layer], rope_at, bs) if rope_at else tr[layer]
             gates[layer] = train_gate(data, cfg, variant, args.steps, args.batch, seed=layer)
+        gate_scores = {}
         for share in args.shares:
             per_layer = []
             for layer in layers:
@@ -255,11 +318,14 @@ def main(argv=None):
                 e = {key: _cat(items, key) for key in items[0]}
                 with torch.no_grad():
                     sc = _scores(gates[layer], e, sub)
+                gate_scores[layer] = sc
                 per_layer.append(kept_mass(sc, e["target"], e["rows"], share, bs).mean().item())
             rows.append(dict(selector=f"gate:{variant}", share=share, kept=sum(per_layer) / len(per_layer),
                              per_layer=per_layer, train_seconds=time.time() - t1))
             print(f"share {share:g} {variant:>10}: kept mass {rows[-1]['kept']:.4f} ({time.time() - t1:.0f} s)",
                   flush=True)
+        if args.mass:
+            rows += mass_rows(f"gate:{variant}", gate_scores, targets, rows_of, args.shares, bs)
     os.makedirs(args.out, exist_ok=True)
     write_envelope(os.path.join(args.out, "decode_gate_offline.json"), "decode_gate_offline", rows,
                    config=vars(args), model=args.model or "embedded SmolLM2-135M", device="cpu", complete=True)
