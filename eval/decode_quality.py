@@ -153,7 +153,7 @@ def decode_perplexity(model, windows, prefix, batch_size, progress=True, desc="d
 # ----------------------------------------------------------------------------- settings
 
 def decode_setting(value):
-    """``dense``, or ``share=X`` / ``budget=N`` followed by optional ``,local=N`` (full blocks
+    """``dense``, or ``share=X`` / ``budget=N`` / ``mass=P`` followed by optional ``,local=N`` (full blocks
     before the current one always read) and ``,oracle`` / ``,streaming`` (the comparison
     selectors of ``seer_decode_selector``), as the ``seer_*`` options that set that decode
     selection (``{}``: dense decode)."""
@@ -165,8 +165,10 @@ def decode_setting(value):
         out = {"seer_decode_method": "share", "seer_decode_share": ca.unit_interval(val)}
     elif name == "budget":
         out = {"seer_decode_method": "budget", "seer_decode_budget": ca.int_at_least(128)(val)}
+    elif name == "mass":
+        out = {"seer_decode_method": "mass", "seer_decode_mass": ca.unit_interval(val)}
     else:
-        raise ca.ArgValueError(f"invalid decode setting {value!r}: expected dense, share=X or budget=N, "
+        raise ca.ArgValueError(f"invalid decode setting {value!r}: expected dense, share=X, budget=N or mass=P, "
                                "optionally followed by ,local=N and ,oracle or ,streaming")
     for extra in extras:
         key, _, val = extra.partition("=")
@@ -257,8 +259,8 @@ def parser():
     ap.add_argument("--batch-size", type=ca.positive_int, default=_default("batch_size"),
                     help="windows decoded together")
     ap.add_argument("--settings", type=setting_text, nargs="+", default=_default("settings"), metavar="SETTING",
-                    help="sparse decode settings: share=X or budget=N, optionally with ,local=N (full blocks "
-                         "before the current one always read) and ,oracle or ,streaming (comparison selectors); "
+                    help="sparse decode settings: share=X, budget=N or mass=P (the predicted attention mass "
+                         "read), optionally with ,local=N (full blocks before the current one always read) and ,oracle or ,streaming (comparison selectors); "
                          "the first also runs with sparse prefill in the passkey phase (default: %(default)s)")
     ap.add_argument("--passkey-lengths", type=ca.positive_int, nargs="*", default=_default("passkey_lengths"))
     ap.add_argument("--passkey-samples", type=ca.positive_int, default=_default("passkey_samples"),
@@ -332,6 +334,8 @@ def _setting_name(setting):
         return "dense"
     if setting["seer_decode_method"] == "share":
         name = f"share={setting['seer_decode_share']:g}"
+    elif setting["seer_decode_method"] == "mass":
+        name = f"mass={setting['seer_decode_mass']:g}"
     else:
         name = f"budget={setting['seer_decode_budget']}"
     if setting.get("seer_decode_keep_local"):

@@ -18,7 +18,7 @@ BOOL_FIELDS = ("seer_gate_rope", "seer_keep_diagonal", "seer_keep_sink", "seer_d
 INT_FIELDS = ("seer_block_size", "seer_gate_hidden_size", "seer_keep_local", "seer_dense_last_rows",
               "seer_decode_budget", "seer_decode_distill_rows", "seer_decode_keep_local")
 FLOAT_FIELDS = ("seer_threshold", "seer_nz_ratio", "seer_coverage", "seer_distill_loss_scale", "seer_decode_share",
-                "seer_decode_threshold", "seer_density", "seer_distill_peak_weight")
+                "seer_decode_threshold", "seer_decode_mass", "seer_density", "seer_distill_peak_weight")
 #: Options the gates are built from (their shapes and RoPE): fixed once a model exists.
 STRUCTURAL_FIELDS = ("seer_block_size", "seer_gate_hidden_size", "seer_q_pooling", "seer_k_pooling",
                      "seer_gate_rope", "seer_decode_gate")
@@ -77,12 +77,15 @@ class SeerConfigMixin:
             read only the KV blocks the decode gate selects, in any mode but ``"distill"``
             (needs ``seer_decode_gate``); off: dense decode.
         seer_decode_method: ``"budget"`` (``seer_decode_budget`` tokens), ``"share"``
-            (``seer_decode_share`` of the sequence's blocks) or ``"threshold"`` (blocks whose
-            softmaxed decode-gate score is >= ``seer_decode_threshold``); the first (sink) and
-            the current block are always read.
+            (``seer_decode_share`` of the sequence's blocks), ``"threshold"`` (blocks whose
+            softmaxed decode-gate score is >= ``seer_decode_threshold``) or ``"mass"`` (the
+            best-scoring blocks until their softmaxed scores, the predicted attention mass, sum
+            to ``seer_decode_mass``: few blocks where attention is concentrated, many where it
+            is flat); the first (sink) and the current block are always read.
         seer_decode_budget: tokens read per decode step and KV head, >= 2 blocks (default 2048).
         seer_decode_share: share of the blocks read per decode step, in (0, 1].
         seer_decode_threshold: decode threshold, in (0, 1).
+        seer_decode_mass: predicted attention mass a decode step reads, in (0, 1] (default 0.9).
         seer_decode_distill_rows: query rows per sequence the decode gate is distilled on.
         seer_decode_keep_local: the N full blocks before the current one are always read too
             (they count in the budget and the share; default 0).
@@ -124,6 +127,7 @@ class SeerConfigMixin:
     seer_decode_budget: int = 2048
     seer_decode_share: float = 0.1
     seer_decode_threshold: float = 1e-3
+    seer_decode_mass: float = 0.9
     seer_decode_distill_rows: int = 64
     seer_decode_keep_local: int = 0
     seer_decode_selector: str = "gate"
@@ -207,6 +211,8 @@ class SeerConfigMixin:
             bad("seer_decode_share", "expected 0 < share <= 1")
         if not 0.0 < self.seer_decode_threshold < 1.0:
             bad("seer_decode_threshold", "expected 0 < threshold < 1")
+        if not 0.0 < self.seer_decode_mass <= 1.0:
+            bad("seer_decode_mass", "expected 0 < mass <= 1")
         if self.seer_decode_distill_rows < 1:
             bad("seer_decode_distill_rows", "expected an integer >= 1")
         if self.seer_decode_keep_local < 0:

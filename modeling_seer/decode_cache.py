@@ -311,7 +311,8 @@ class DecodeStep:
                                   scores.shape[1], cfg.seer_decode_keep_local)  # the same for every layer
         # (and step) of this block
         return select_decode_blocks(scores, self.state.first_block, cfg.seer_decode_method,
-                                    threshold=cfg.seer_decode_threshold, prepared=prepared)
+                                    threshold=cfg.seer_decode_threshold, mass=cfg.seer_decode_mass,
+                                    prepared=prepared)
 
     def note_kept(self, cnt):
         """Add one layer's kept block counts ``[B, H]`` (folded into the state by :meth:`finish`;

@@ -15,7 +15,7 @@ can be captured once in a CUDA graph and replayed for every later token:
   pooled key and gate key are recomputed each step into row ``slot // 64`` (when the block
   is full, its last step leaves the final value there: no Python branch on a filling
   block), and the selection's bias and counts are made from it with a fixed top-k width
-  (the budget, or the share of the capacity's blocks; the threshold method sorts them all).
+  (the budget, or the share of the capacity's blocks; the threshold and mass methods sort them all).
 
 Selections equal those of :mod:`.decode_cache` (the same scores, bias and counts); the
 kernel may read a row's blocks in another order.
@@ -32,7 +32,7 @@ import torch
 
 from seer_attn.kernels.decode_select import top_blocks
 
-from .selection import DECODE_METHODS, block_pool
+from .selection import DECODE_METHODS, DECODE_SCORE_METHODS, block_pool, score_selection
 
 
 class GraphStats:
@@ -142,7 +142,7 @@ class GraphDecodeStep:
         return self.state.keys[layer]
 
     def _prepared(self, cfg, num_heads):
-        """Bias ``[B, 1, NB]``, forced ``[B, 1, NB]`` (threshold), counts ``[B, H]`` and top-k
+        """Bias ``[B, 1, NB]``, forced ``[B, 1, NB]`` (threshold, mass), counts ``[B, H]`` and top-k
         width of ``cfg``'s method, as :func:`~.selection.prepare_decode_selection` makes them."""
         method, budget, share = cfg.seer_decode_method, cfg.seer_decode_budget, cfg.seer_decode_share
         local = cfg.seer_decode_keep_local
@@ -161,7 +161,7 @@ class GraphDecodeStep:
         bias.masked_fill_(outside[:, None], float("-inf"))
         n = (self.cur + 1 - st.first_block).double()
         cnt = None
-        if method == "threshold":
+        if method in DECODE_SCORE_METHODS:
             bias.masked_fill_(j == self.cur, float("-inf"))
             k = NB
         else:
@@ -183,10 +183,8 @@ class GraphDecodeStep:
         bias, forced, cnt, k = self._prepared(cfg, scores.shape[1])
         if cnt is not None:  # the kept ones first (one kernel on a GPU: bias add and selection, no sort)
             return top_blocks(scores, bias, cnt, k), cnt
-        s = scores.float() + bias
-        keep = (torch.softmax(s, dim=-1) >= cfg.seer_decode_threshold) | forced
-        return torch.topk(s.masked_fill(forced, float("inf")), k, dim=-1, sorted=True).indices, \
-            keep.sum(-1, dtype=torch.int32)
+        return score_selection(scores.float() + bias, forced, k, cfg.seer_decode_method,
+                               cfg.seer_decode_threshold, cfg.seer_decode_mass)
 
     def note_kept(self, cnt):
         self._counts.append(cnt)

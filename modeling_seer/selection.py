@@ -376,8 +376,11 @@ register_selector(Selector("meanpool", lambda x: meanpool_scores(x.q, x.k, x.blo
 # -- decode steps ------------------------------------------------------------------------
 
 #: How a decode step picks its KV blocks: a token budget, a share of the sequence's blocks,
-#: or a threshold on the decode gate's softmaxed scores.
-DECODE_METHODS = ("budget", "share", "threshold")
+#: a threshold on the decode gate's softmaxed scores, or the best blocks until their softmaxed
+#: scores (the predicted attention mass) reach a target.
+DECODE_METHODS = ("budget", "share", "threshold", "mass")
+#: The methods whose kept count is decided per row from the scores (the others fix it per step).
+DECODE_SCORE_METHODS = ("threshold", "mass")
 #: What scores the cache's blocks at a decode step: the decode gate, or for comparison the
 #: step's true attention (:func:`decode_oracle_scores`) or recency (:func:`decode_recency_scores`).
 DECODE_SELECTORS = ("gate", "oracle", "streaming")
@@ -430,11 +433,11 @@ def prepare_decode_selection(first_block, num_candidates, method, budget=2048, s
 
     Returns a dict: ``bias`` float32 ``[B, 1, NC + 1]`` added to the scores (-inf on
     left-padding blocks; for the top-k methods +inf on the sink, the ``keep_local`` blocks and
-    the current block, which top-k then lists first; for ``threshold`` -inf on the current
-    block, left out of the softmax), ``forced`` bool ``[B, 1, NC + 1]`` (those blocks;
-    ``threshold`` only), ``k``
+    the current block, which top-k then lists first; for ``threshold`` and ``mass`` -inf on
+    the current block, left out of the softmax), ``forced`` bool ``[B, 1, NC + 1]`` (those
+    blocks; ``threshold`` and ``mass`` only), ``k``
     the top-k width, ``cnt`` int32 ``[B, num_heads]`` the blocks each row keeps (top-k
-    methods; ``threshold`` counts per head) and ``sorted``: whether the top-k must list its
+    methods; ``threshold`` and ``mass`` count per head) and ``sorted``: whether the top-k must list its
     entries best first (a row keeps fewer than ``k``: its kept ones must come first)."""
     NC = num_candidates
     dev = first_block.device
@@ -452,12 +455,12 @@ def prepare_decode_selection(first_block, num_candidates, method, budget=2048, s
     elif method == "share":
         out["k"] = min(NC + 1, max(least, math.ceil(share * (NC + 1))))
         cnt = torch.minimum(torch.ceil(share * n.double()).long().clamp_min(least), n).clamp_max(out["k"])
-    elif method == "threshold":
+    elif method in DECODE_SCORE_METHODS:
         out["forced"] = forced
         bias.masked_fill_(j == NC, float("-inf"))
     else:
         raise ValueError(f"decode method must be one of {DECODE_METHODS}, got {method!r}")
-    if method != "threshold":
+    if method not in DECODE_SCORE_METHODS:
         bias.masked_fill_(forced, float("inf"))
         out["cnt"] = cnt.to(torch.int32)[:, None].expand(-1, num_heads).contiguous()
         if first_block_host is not None:  # the same counts on the host: does every row keep all k?
@@ -469,8 +472,27 @@ def prepare_decode_selection(first_block, num_candidates, method, budget=2048, s
     return out
 
 
+def mass_counts(s, forced, idx, mass):
+    """The kept count per row ``[B, H]`` (int32) of the ``mass`` method: the forced blocks, then
+    the best-ranked others while the softmaxed scores of the blocks ranked before them sum to
+    less than ``mass``.
+
+    Args:
+        s: biased logits ``[B, H, NB]`` (-inf on the blocks never kept: padding, the current block).
+        forced: bool ``[B, 1, NB]`` the blocks always kept.
+        idx: ``[B, H, NB]`` the blocks ranked forced first, then by ``s`` (a sorted top-k).
+    """
+    n_forced = forced.sum(-1, dtype=torch.int32)  # [B, 1]
+    rank = torch.arange(s.shape[-1], device=s.device)
+    more = (s.gather(-1, idx) > float("-inf")) & (rank >= n_forced[..., None])  # never padding or current
+    if mass < 1.0:  # 1 reads every block (the float32 sum may reach 1 before the last)
+        prob = torch.softmax(s, dim=-1).gather(-1, idx)  # a row without a full block: NaN, keeps the forced
+        more &= prob.cumsum(-1) - prob < mass  # the predicted mass of the better-ranked blocks
+    return n_forced + more.sum(-1, dtype=torch.int32)
+
+
 def select_decode_blocks(scores, first_block, method, budget=2048, share=0.1, threshold=1e-3, block_size=64,
-                         prepared=None, keep_local=0):
+                         prepared=None, keep_local=0, mass=0.9):
     """The KV blocks one decode step reads, per KV head (shared by its query group).
 
     Args:
@@ -482,8 +504,11 @@ def select_decode_blocks(scores, first_block, method, budget=2048, share=0.1, th
         method: ``"budget"`` keeps ``max(2, budget // block_size)`` blocks; ``"share"`` keeps
             ``max(2, ceil(share * n))`` of the sequence's n blocks (the current one included);
             ``"threshold"`` keeps the blocks whose score, softmaxed over the full blocks, is
-            >= ``threshold``. The sink and the current block are always kept (and count in
-            the budget and the share), and so are the ``keep_local`` full blocks before the current one.
+            >= ``threshold``; ``"mass"`` keeps the best-scoring blocks until their softmaxed
+            scores (the predicted share of the step's attention) reach ``mass``, so a row with
+            concentrated scores reads few blocks and a flat one many. The sink and the current
+            block are always kept (and count in the budget, the share and the mass), and so are
+            the ``keep_local`` full blocks before the current one.
         prepared: :func:`prepare_decode_selection` of the same step (made here when None).
 
     Returns:
@@ -496,10 +521,17 @@ def select_decode_blocks(scores, first_block, method, budget=2048, share=0.1, th
         prepared = prepare_decode_selection(first_block.to(scores.device), NC1 - 1, method, budget, share,
                                             block_size, H, keep_local=keep_local)
     s = scores + prepared["bias"]  # float32 (the bias's dtype wins)
-    if method != "threshold":
+    if method not in DECODE_SCORE_METHODS:
         return torch.topk(s, prepared["k"], dim=-1, sorted=prepared["sorted"]).indices, prepared["cnt"]
-    # threshold: the kept blocks are the best-scoring ones, so a sort lists them first
-    forced = prepared["forced"]
+    return score_selection(s, prepared["forced"], prepared["k"], method, threshold, mass)
+
+
+def score_selection(s, forced, k, method, threshold, mass):
+    """``(idx, cnt)`` of the methods that count per row (``threshold``, ``mass``) from the biased
+    logits ``s`` ``[B, H, NB]`` (float32) and the forced blocks ``[B, 1, NB]``: the kept blocks
+    are the best-scoring ones, so a sort (forced first) lists them first."""
+    idx = torch.topk(s.masked_fill(forced, float("inf")), k, dim=-1, sorted=True).indices
+    if method == "mass":
+        return idx, mass_counts(s, forced, idx, mass)
     keep = (torch.softmax(s, dim=-1) >= threshold) | forced  # NaN (no full block) keeps nothing
-    cnt = keep.sum(-1, dtype=torch.int32)
-    return torch.topk(s.masked_fill(forced, float("inf")), prepared["k"], dim=-1, sorted=True).indices, cnt
+    return idx, keep.sum(-1, dtype=torch.int32)

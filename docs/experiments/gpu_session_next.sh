@@ -17,6 +17,8 @@
 #   decode-variants ~6 decode perplexity of one distillation's gates against the oracle (the
 #                      step's true block mass) and streaming at share 0.1 / 0.2 / budget 2048, and
 #                      with 2 local blocks always read; needs staging
+#   decode-mass    ~9  decode perplexity and kept share of selection by predicted mass (mass=P,
+#                      0.5 .. 0.9) against share 0.1 / 0.2 / budget 2048, one distillation's gates
 #   decode-retrieval ~9 gates distilled with retrieval-structured data (25%) and 256 decode rows
 #                      per sequence: decode perplexity and passkey at share 0.1, gate and oracle
 #   decode-all     ~9  tests-decode, bench-decode and decode-profile below in one call (fewer cold
@@ -101,6 +103,12 @@ case "$STEP" in
       budget=2048,oracle --out "$OUT/decode_quality" > "$OUT/decode_quality.log" 2>&1
     echo "decode_quality: exit $?"; cp "$OUT/decode_quality/gates_decode_bf16.safetensors" /tmp/seer/gates_plain.safetensors
     tail -n 12 "$OUT/decode_quality.log" ;;
+  decode-mass)
+    timeout 570 "$PY" -m seer_attn.eval.decode_quality --model "$GGUF" "${DATA[@]}" --no-progress --phases distill ppl \
+      --settings share=0.1 share=0.2 budget=2048 mass=0.5 mass=0.6 mass=0.7 mass=0.8 mass=0.9 \
+      --out "$OUT/decode_quality" > "$OUT/decode_quality.log" 2>&1
+    echo "decode_quality: exit $?"; cp "$OUT/decode_quality/gates_decode_bf16.safetensors" /tmp/seer/gates_mass.safetensors
+    tail -n 14 "$OUT/decode_quality.log" ;;
   decode-retrieval)
     timeout 560 "$PY" -m seer_attn.eval.decode_quality --model "$GGUF" "${DATA[@]}" --no-progress \
       --phases distill ppl passkey --retrieval-mix 0.25 --decode-rows 256 --settings share=0.1 share=0.1,oracle \

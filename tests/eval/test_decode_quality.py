@@ -40,7 +40,7 @@ def test_decode_loop_equals_generate_scoring(tokenizer, setting):
         assert m.seer_decode_density().max() < 1.0  # blocks were dropped
 
 
-@pytest.mark.parametrize("setting", ["dense", "share=0.3", "budget=128"])
+@pytest.mark.parametrize("setting", ["dense", "share=0.3", "budget=128", "mass=0.5"])
 def test_graph_decode_loop_equals_the_eager_loop(tokenizer, setting):
     """Teacher-forced graph-mode steps (static cache; eager here) score what the eager loop
     scores, crossing block boundaries, with the same kept share."""
@@ -77,12 +77,14 @@ def test_dense_decode_scores_are_the_ordinary_perplexity(tokenizer):
 def test_settings_and_options(capsys):
     assert dq.decode_setting("share=0.1") == {"seer_decode_method": "share", "seer_decode_share": 0.1}
     assert dq.decode_setting("budget=2048") == {"seer_decode_method": "budget", "seer_decode_budget": 2048}
+    assert dq.decode_setting("mass=0.85,local=1") == {"seer_decode_method": "mass", "seer_decode_mass": 0.85,
+                                                      "seer_decode_keep_local": 1}
     assert dq.decode_setting("share=0.1,local=2,oracle") == {
         "seer_decode_method": "share", "seer_decode_share": 0.1, "seer_decode_keep_local": 2,
         "seer_decode_selector": "oracle"}
-    cfg = dq.DecodeQualityConfig(settings=["share=0.10", "budget=4096", "share=.1,streaming,local=1"],
+    cfg = dq.DecodeQualityConfig(settings=["share=0.10", "budget=4096", "share=.1,streaming,local=1", "mass=.90"],
                                  gates="g.safetensors", phases=["ppl"])
-    assert cfg.settings == ("share=0.1", "budget=4096", "share=0.1,local=1,streaming")
+    assert cfg.settings == ("share=0.1", "budget=4096", "share=0.1,local=1,streaming", "mass=0.9")
     assert cfg.out.startswith("seer_outputs/")
     for kw, msg in [(dict(settings=["topk=3"]), r"settings\[0\]='topk=3' is invalid: invalid decode setting"),
                     (dict(settings=["share=0.1,local=1,local=2"]), r"invalid part 'local=2' of decode setting"),

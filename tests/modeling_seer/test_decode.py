@@ -13,7 +13,7 @@ from transformers import DynamicCache, StaticCache
 from seer_attn.modeling_seer.decode_cache import pooled_k_cache
 from seer_attn.modeling_seer.remote_bundle import bundle_sources
 from seer_attn.modeling_seer.decode_gate import decode_block_target
-from seer_attn.modeling_seer.selection import (block_pool, decode_oracle_scores, decode_recency_scores,
+from seer_attn.modeling_seer.selection import (DECODE_METHODS, block_pool, decode_oracle_scores, decode_recency_scores,
                                                select_decode_blocks)
 
 from decode_inputs import CACHE, DECODE, greedy as _greedy, ids as _ids, left_pad as _left_pad
@@ -119,9 +119,38 @@ def test_select_decode_blocks_methods_and_forced_blocks():
         for h in range(H):
             want = set((p[h] >= 0.05).nonzero().flatten().add(int(first[b])).tolist()) | {int(first[b]), NC}
             assert sorted(idx[b, h, :cnt[b, h]].tolist()) == sorted(want)
-    for method in ("budget", "share", "threshold"):  # the first block is the current one: only itself
+    for method in DECODE_METHODS:  # the first block is the current one: only itself
         idx, cnt = select_decode_blocks(torch.zeros(B, H, 1), torch.tensor([0, 0]), method)
         assert cnt.tolist() == [[1] * H] * B and idx[..., 0].tolist() == [[0] * H] * B
+
+
+@pytest.mark.parametrize("mass", [0.05, 0.5, 0.8, 0.97, 1.0])
+def test_mass_selection_reads_the_best_blocks_until_their_predicted_mass_reaches_the_target(mass):
+    """``mass``: the sink and the current block, then the best-scoring full blocks while the
+    softmaxed scores (over the sequence's full blocks) of those already kept sum to less than
+    the target; written out one block at a time here. A concentrated row keeps fewer blocks
+    than a flat one; mass 1 keeps every block but the padding."""
+    gen = torch.Generator().manual_seed(2)
+    B, H, NC = 2, 3, 20
+    scores = torch.randn(B, H, NC + 1, generator=gen) * 2
+    scores[0, 0] = torch.linspace(-3.0, 3.0, NC + 1)  # flat
+    scores[0, 1, 7] = 30.0  # concentrated on one block
+    first = torch.tensor([0, 5])
+    scores[1, :, :5] = 50.0
+    idx, cnt = select_decode_blocks(scores, first, "mass", mass=mass)
+    for b in range(B):
+        f = int(first[b])
+        p = torch.softmax(scores[b, :, f:NC].double(), -1)
+        for h in range(H):
+            kept, acc = [f, NC], p[h, 0].item()  # the sink counts in the mass
+            for j in torch.argsort(p[h], descending=True).tolist():
+                if j != 0 and (acc < mass or mass == 1.0):
+                    kept.append(f + j)
+                    acc += p[h, j].item()
+            assert int(cnt[b, h]) == len(kept) <= NC + 1 - f, (b, h)
+            assert sorted(idx[b, h, :cnt[b, h]].tolist()) == sorted(kept), (b, h)
+    if 0.5 <= mass < 1.0:
+        assert cnt[0, 1] <= 3 and cnt[0, 1] < cnt[0, 0]  # one block holds nearly all the mass
 
 
 def test_keep_local_blocks_are_always_read_and_count_in_the_budget():
@@ -133,7 +162,7 @@ def test_keep_local_blocks_are_always_read_and_count_in_the_budget():
     scores[:, :, NC - 3:NC] = -50.0  # the local blocks score worst
     first = torch.tensor([0, 10])  # row 1: its only full blocks are 10 and 11
     for method, kw, want in [("budget", dict(budget=6 * 64), [6, 3]), ("share", dict(share=0.1), [5, 3]),
-                             ("threshold", dict(threshold=0.5), None)]:
+                             ("threshold", dict(threshold=0.5), None), ("mass", dict(mass=0.01), None)]:
         idx, cnt = select_decode_blocks(scores, first, method, keep_local=3, **kw)
         if want is not None:
             assert cnt[:, 0].tolist() == want, method
@@ -210,11 +239,13 @@ def test_every_block_selected_equals_dense_decode_token_for_token(tiny, prefill)
 
 SHARE_1 = dict(seer_decode_method="share", seer_decode_share=1.0)
 KEEP_ALL_THRESHOLD = dict(seer_decode_method="threshold", seer_decode_threshold=1e-9)
+KEEP_ALL_MASS = dict(seer_decode_method="mass", seer_decode_mass=1.0)
 
 
 @pytest.mark.parametrize("method, backend", [
     pytest.param(SHARE_1, "torch", id="share-1-reference"),
     pytest.param(KEEP_ALL_THRESHOLD, "torch", id="threshold-keeps-all-reference"),
+    pytest.param(KEEP_ALL_MASS, "torch", id="mass-1-keeps-all-reference"),
     pytest.param(SHARE_1, "triton", id="share-1-triton-kernel"),  # the interpreter is slow: one case
 ])
 @torch.no_grad()
@@ -487,6 +518,7 @@ def test_decode_config_validation(tiny):
                         (dict(seer_decode_budget=100), r"seer_decode_budget=100 is invalid: expected >= 128"),
                         (dict(seer_decode_share=0.0), r"seer_decode_share=0.0 is invalid"),
                         (dict(seer_decode_threshold=1.0), r"seer_decode_threshold=1.0 is invalid"),
+                        (dict(seer_decode_mass=0.0), r"seer_decode_mass=0.0 is invalid: expected 0 < mass <= 1"),
                         (dict(seer_decode_sparsity=1), r"seer_decode_sparsity=1 is invalid: expected True or False"),
                         (dict(seer_decode_distill_rows=0), r"seer_decode_distill_rows=0 is invalid"),
                         (dict(seer_decode_keep_local=-1), r"seer_decode_keep_local=-1 is invalid"),

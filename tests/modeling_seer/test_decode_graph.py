@@ -14,6 +14,8 @@ from decode_inputs import CACHE, DECODE, greedy as _greedy, ids as _ids, left_pa
     ("budget", dict(seer_decode_budget=3 * 64)),
     ("share", dict(seer_decode_share=0.3)),
     ("threshold", dict(seer_decode_threshold=0.25)),
+    ("mass", dict(seer_decode_mass=0.3)),
+    ("mass", dict(seer_decode_mass=0.5, seer_decode_keep_local=1, seer_decode_selector="oracle")),
     ("share", dict(seer_decode_share=0.3, seer_decode_keep_local=2)),
     ("share", dict(seer_decode_share=0.3, seer_decode_selector="oracle")),
     ("budget", dict(seer_decode_budget=4 * 64, seer_decode_selector="streaming", seer_decode_keep_local=1)),
