@@ -529,6 +529,9 @@ TABLES = {
         ("results/decode/h200_quality_retrieval.json", "25% retrieval data, 256 rows"),
         ("results/decode/h200_quality_retrieval_800steps.json", "25% retrieval data, 256 rows"),
         ("results/decode/h200_quality_gate_scores.json", "25% retrieval data, 256 rows, float32 step logits")),
+    "decode-quality-mass-h200": _decode_quality(
+        ("results/decode/h200_quality_mass.json", "25% retrieval data, 256 rows"),
+        ("results/decode/h200_quality_mass_oracle.json", "not read by the oracle")),
     "finetune-timing-h200": finetune_timing_h200,
     "finetune-timing-compile-h200": finetune_timing_compile_h200,
     "finetune-compile-h200": finetune_compile_h200,

@@ -19,6 +19,8 @@
 #                      with 2 local blocks always read; needs staging
 #   decode-mass    ~9  decode perplexity and kept share of selection by predicted mass (mass=P,
 #                      0.5 .. 0.9) against share 0.1 / 0.2 / budget 2048, one distillation's gates
+#   decode-mass-oracle ~8 the same with the oracle's scores (the step's true block mass): is it the
+#                      rule or the gate? (20-step gates: the oracle does not read them)
 #   decode-retrieval ~9 gates distilled with retrieval-structured data (25%) and 256 decode rows
 #                      per sequence: decode perplexity and passkey at share 0.1, gate and oracle
 #   decode-all     ~9  tests-decode, bench-decode and decode-profile below in one call (fewer cold
@@ -109,6 +111,11 @@ case "$STEP" in
       --out "$OUT/decode_quality" > "$OUT/decode_quality.log" 2>&1
     echo "decode_quality: exit $?"; cp "$OUT/decode_quality/gates_decode_bf16.safetensors" /tmp/seer/gates_mass.safetensors
     tail -n 14 "$OUT/decode_quality.log" ;;
+  decode-mass-oracle)
+    timeout 570 "$PY" -m seer_attn.eval.decode_quality --model "$GGUF" "${DATA[@]}" --no-progress --phases distill ppl \
+      --steps 20 --settings share=0.1,oracle mass=0.6,oracle mass=0.7,oracle mass=0.8,oracle mass=0.9,oracle \
+      --out "$OUT/decode_quality" > "$OUT/decode_quality.log" 2>&1
+    echo "decode_quality: exit $?"; tail -n 10 "$OUT/decode_quality.log" ;;
   decode-retrieval)
     timeout 560 "$PY" -m seer_attn.eval.decode_quality --model "$GGUF" "${DATA[@]}" --no-progress \
       --phases distill ppl passkey --retrieval-mix 0.25 --decode-rows 256 --settings share=0.1 share=0.1,oracle \
