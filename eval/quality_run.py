@@ -313,7 +313,7 @@ def _ppl(model, windows, config, report):
     report.save()
 
 
-def density_knob_rows(model, windows, densities, *, calib_windows=4, progress=False) -> list:
+def density_knob_rows(model, windows, densities, *, calib=None, calib_windows=4, progress=False) -> list:
     """The density knob against the threshold at the same achieved density.
 
     For each ``rho`` of ``densities``, three perplexity rows on ``windows``: the knob
@@ -322,9 +322,16 @@ def density_knob_rows(model, windows, densities, *, calib_windows=4, progress=Fa
     ``rho``; and the knob at that threshold's achieved density, marked ``matched_to`` (the
     threshold's setting) with ``ppl_ratio`` (its PPL over the threshold's). The knob keeps what
     it is asked to the block, so the last two rows compare the two at one density. Each row
-    records ``knob_density``: its ``rho``."""
+    records ``knob_density``: its ``rho``.
+
+    ``calib``: windows to solve the thresholds on instead, e.g. held out from ``windows``:
+    then the threshold row is the *calibrated* knob a user gets (a threshold that keeps
+    ``rho`` on average over text like the calibration sample) and its achieved density on
+    ``windows`` says how well that promise holds. The threshold rows record ``calibrated_on``
+    (``"held-out"`` or ``"evaluated"``: some of ``windows`` themselves)."""
     targets = [float(d) for d in densities]
-    calib = pick_calibration_windows(windows, calib_windows)
+    held_out = calib is not None
+    calib = pick_calibration_windows(calib if held_out else windows, calib_windows)
     thresholds = gate_thresholds_for(model, calib, targets)
     def row(setting):
         return compare(model, [setting], windows=windows, with_baselines=False, progress=progress)[0]
@@ -332,6 +339,7 @@ def density_knob_rows(model, windows, densities, *, calib_windows=4, progress=Fa
     rows = []
     for rho, tau in zip(targets, thresholds):
         knob, thr = row(Setting("gate", "density", param=rho)), row(Setting("gate", "threshold", param=tau))
+        thr["calibrated_on"] = "held-out" if held_out else "evaluated"
         matched = row(Setting("gate", "density", param=thr["density"]))
         matched.update(matched_to=thr["setting"], ppl_ratio=matched["ppl"] / thr["ppl"])
         for r in (knob, thr, matched):

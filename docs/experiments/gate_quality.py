@@ -15,7 +15,9 @@ by every selection; no dense last rows), in phases that each rewrite
    ``--variants`` (``plain``: the paper's data and loss; ``retrieval``: ``--retrieval-mix`` of the
    sequences rewritten with retrieval structure and ``--peak-weight``); gates saved in bf16;
 2. ``ppl``: dense, then for each variant the density knob at each ``--densities`` value, the
-   threshold solved to the same density and the knob at the threshold's achieved density
+   threshold solved to the same density (on 4 windows of ``--train``, held out: the calibrated
+   knob; ``--calib-from eval``: on 4 of the evaluated windows) and the knob at the threshold's
+   achieved density
    (:func:`seer_attn.eval.quality_run.density_knob_rows`: the issue's "within 1% of the threshold
    at the same achieved density"), then streaming and mean-pool top-k calibrated to each density;
 3. ``passkey``: dense and each variant's knob at ``--passkey-density`` (with the 2 last block rows
@@ -45,6 +47,7 @@ from seer_attn.eval.plots import plot_ppl_vs_density
 from seer_attn.eval.quality_run import density_knob_rows
 from seer_attn.eval.settings import Setting, apply_setting
 from seer_attn.modeling_seer.conversion import load_seer_model, load_tokenizer
+from seer_attn.training.data import default_corpus_path
 from seer_attn.training.distill import DistillConfig, run_distill
 from seer_attn.training.results import write_envelope
 
@@ -70,6 +73,9 @@ def parse_args(argv=None):
     ap.add_argument("--densities", type=float, nargs="+", default=[0.3, 0.2, 0.1, 0.05])
     ap.add_argument("--baseline-tol", type=float, default=0.01,
                     help="density tolerance of the baselines (their top-k densities step by ~0.015 at 8k)")
+    ap.add_argument("--calib-from", choices=["train", "eval"], default="train",
+                    help="where the threshold rows' thresholds are solved: 4 windows of --train (held out: "
+                         "the calibrated knob a user gets) or of --eval (the windows evaluated; before 2026-12-04)")
     ap.add_argument("--passkey-density", type=float, default=0.12)
     ap.add_argument("--passkey-settings", nargs="*", default=[], metavar="SETTING",
                     help="gate selections to run passkey with besides the knob at --passkey-density, each gate "
@@ -153,6 +159,9 @@ def main(argv=None):
         raise SystemExit("no gates distilled within the budget")
     tok = load_tokenizer(args.model)
     windows = make_windows(load_documents(args.eval), tok, args.eval_length, 2)
+    calib = None if args.calib_from == "eval" else \
+        make_windows(load_documents(args.train[0] if args.train else default_corpus_path("train")), tok,
+                     args.eval_length, 1)
     model = load_seer_model(args.model, dtype=dtype, device=dev)
     for v, path in gates.items():  # the float32 gates stay in OUT/work; a bf16 copy beside the results
         model.load_gates(path).save_gates(os.path.join(args.out, f"gates_{v}_bf16.safetensors"), dtype=torch.bfloat16)
@@ -163,7 +172,7 @@ def main(argv=None):
         if "ppl" in args.phases and run.may_start(f"density knob rows of {v}"):
             model.load_gates(path)
             model.set_seer_mode("sparse", **KEEP)
-            for r in density_knob_rows(model, windows, args.densities):
+            for r in density_knob_rows(model, windows, args.densities, calib=calib):
                 run.rows.append({**r, "label": f"gate {v} ({r['method']})"})
             run.save()
     for sel, method in BASELINES:
@@ -210,8 +219,8 @@ def selection_cost(lengths=(32768, 131072), heads=32, density=0.1):
         scores = causal_fill(torch.randn(1, heads, NB, NB, device="cuda") * 3)
         kw = dict(keep_sink=True, keep_local=1, dense_last_rows=0)
         out[f"{T // 1024}k"] = {
-            "threshold": do_bench(lambda: select_blocks(scores, "threshold", threshold=1e-2, **kw)),
-            "density": do_bench(lambda: select_blocks(scores, "density", density=density, **kw))}
+            "threshold": do_bench(lambda s=scores: select_blocks(s, "threshold", threshold=1e-2, **kw)),
+            "density": do_bench(lambda s=scores: select_blocks(s, "density", density=density, **kw))}
         del scores
         torch.cuda.empty_cache()
     return out
@@ -243,7 +252,8 @@ def report(run):
 
     for v in gates_of(run):
         for kind in ("knob", "threshold", "matched"):
-            name = {"knob": "density knob", "threshold": "threshold solved to it",
+            name = {"knob": "density knob", "threshold": "threshold solved to it" + (
+                        " on held-out windows" if run.args.calib_from == "train" else ""),
                     "matched": "knob at the threshold's density"}[kind]
             lines.append(f"| gate {v}: {name} | " + " | ".join(cell(gate_row(v, d, kind)) for d in dens) + " |")
     for sel, method in BASELINES:
@@ -256,6 +266,10 @@ def report(run):
                 lines.append(f"gate {v} at {d:g}: knob vs {m['matched_to']} at density {m['density']:.4f}: "
                              f"{100 * (m['ppl_ratio'] - 1):+.2f}% (target <= +1%: "
                              f"{'met' if m['ppl_ratio'] <= 1.01 else 'missed'})")
+            t = gate_row(v, d, "threshold")
+            if t is not None and t.get("calibrated_on") == "held-out":
+                lines.append(f"gate {v} at {d:g}: the threshold calibrated on held-out windows keeps "
+                             f"{t['density']:.4f} ({100 * (t['density'] / d - 1):+.1f}% of the asked density)")
         gate = [r for r in rows if r.get("label", "").startswith(f"gate {v} ") and r.get("ppl")]
         low = [r["ppl"] for r in gate if r["density"] <= 0.1 + 1e-3]
         if low:

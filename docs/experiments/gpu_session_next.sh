@@ -39,6 +39,9 @@
 #   tests-export   ~2  the GPU export test (cut by a time limit at 7867506; the families, model and
 #                      fine-tuning GPU tests passed there: 14, 2, 6)
 #   bench-kernels  ~5  the issue 16 table (8k / 32k / 128k, backward at 32k), then TTFT at 128k
+#   gate-calib     ~5  issue 17: the threshold calibrated on 4 held-out windows of train.jsonl for
+#                      density 0.3 / 0.2 / 0.1 / 0.05 (the calibrated knob): achieved density on the
+#                      eval windows and PPL beside the density knob at the same density
 #   gate-passkey   ~6  issue 17: passkey of both gate sets, knob and threshold at ~0.12
 #   tests-kernels  ~6  the kernel GPU tests in two processes at once (after any kernel change)
 #   tests-models   ~7  families, real-model, fine-tuning and export GPU tests; needs staging
@@ -121,6 +124,10 @@ case "$STEP" in
       --phases distill ppl passkey --retrieval-mix 0.25 --decode-rows 256 --settings share=0.1 share=0.1,oracle \
       --out "$OUT/decode_quality" > "$OUT/decode_quality.log" 2>&1
     echo "decode_quality: exit $?"; tail -n 12 "$OUT/decode_quality.log" ;;
+  gate-calib)
+    timeout 560 "$PY" docs/experiments/gate_quality.py --model "$GGUF" "${DATA[@]}" --variants plain \
+      --phases ppl --calib-from train --budget-s 480 --out "$OUT" > "$OUT/gate_quality.log" 2>&1
+    echo "gate_quality: exit $?"; tail -n 22 "$OUT/gate_quality.log" ;;
   gate-passkey)
     timeout 560 "$PY" docs/experiments/gate_quality.py --model "$GGUF" "${DATA[@]}" --variants plain retrieval \
       --phases passkey --passkey-settings gate:threshold=0.03 --budget-s 480 --out "$OUT" \

@@ -150,6 +150,7 @@ def test_density_knob_rows_and_distill_options(model_dir, corpus_path, tmp_path,
     matched = next(r for r in res["rows"] if r.get("matched_to"))
     thr = rows[matched["matched_to"]]
     assert thr["method"] == "threshold" and matched["method"] == "density"
+    assert thr["calibrated_on"] == "evaluated"  # quality_run solves it on the windows it evaluates
     assert abs(matched["density"] - thr["density"]) <= 0.5 / (4 * 36) + 1e-9
     assert matched["ppl_ratio"] == pytest.approx(matched["ppl"] / thr["ppl"])
     assert f"density knob vs {thr['setting']} at density" in capsys.readouterr().out
