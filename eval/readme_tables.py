@@ -452,6 +452,31 @@ def finetune_timing_compile_h200(root) -> str:
             + rows[0].lower() + rows[1:])
 
 
+def gate_calib_h200(root) -> str:
+    """The calibrated density knob (gate_quality.py --calib-from train): per asked density, the
+    threshold solved on held-out training windows, the density it keeps on the eval windows,
+    and its PPL beside the per-sequence knob at the asked and at the achieved density."""
+    path = "results/quality/h200_gate_calib.json"
+    env = load_envelope(root, path)
+    prov, cfg, rows = env["provenance"], env["config"], env["rows"]
+    body = []
+    for d in cfg["densities"]:
+        of = [r for r in rows if r.get("knob_density") == d]
+        thr = next(r for r in of if r["method"] == "threshold")
+        knob = next(r for r in of if r["method"] == "density" and "matched_to" not in r)
+        matched = next(r for r in of if "matched_to" in r)
+        body.append([f"{d:g}", f"{thr['param']:.3g}", f"{thr['density']:.3f} ({100 * (thr['density'] / d - 1):+.1f}%)",
+                     f"{thr['ppl']:.2f}", f"{knob['ppl']:.2f}", f"{matched['ppl']:.2f}",
+                     f"{100 * (matched['ppl_ratio'] - 1):+.1f}%"])
+    caption = (f"SmolLM2-135M, gates distilled {cfg['steps']} steps of {_tokens(cfg['seq_len'])} tokens, "
+               f"{prov['gpu']}, commit {_commit(prov)} ({path}); thresholds solved on 4 windows of train.jsonl, "
+               f"PPL on {_tokens(cfg['eval_length'])}-token windows of eval.jsonl (dense {_dense_ppl(rows):.2f}), "
+               "sink, local block and diagonal kept:")
+    return caption + "\n\n" + _table(["asked density", "calibrated threshold", "its density on eval",
+                                        "its PPL", "per-sequence knob at the asked density",
+                                        "knob at the achieved density", "knob / calibrated"], body)
+
+
 def gate_quality_h200(root) -> str:
     """Issue 17's run (docs/experiments/gate_quality.py): the density knob against the threshold
     solved to the same density, per gate set, the training-free baselines, and passkey."""
@@ -536,6 +561,7 @@ TABLES = {
     "finetune-timing-compile-h200": finetune_timing_compile_h200,
     "finetune-compile-h200": finetune_compile_h200,
     "gate-quality-h200": gate_quality_h200,
+    "gate-calib-h200": gate_calib_h200,
 }
 
 
