@@ -205,6 +205,34 @@ def test_gate_thresholds_for_solves_density_from_one_pass(model, windows_1k, tar
         gate_thresholds_for(model, windows_1k, [1.5])
 
 
+@pytest.mark.parametrize("target, off", [(0.35, 1.0), (0.35, 2.0), (0.6, 0.5)],
+                         ids=["d0.35", "d0.35-start-high", "d0.6-start-low"])
+def test_calibrate_threshold_corrects_the_one_pass_threshold_with_sparse_passes(model, windows_1k, monkeypatch,
+                                                                                  target, off):
+    """The calibrated knob: the threshold it returns keeps the target within 2% in sparse
+    forwards over the sample (what measure_density says at it), in at most 8 passes, from the
+    one-pass threshold; on the tiny model that one is already close, so two cases start it 2x
+    off and the secant steps must bring it back. Keep rules used and the mode kept."""
+    from seer_attn.eval import calibration
+    one_pass = calibration.gate_thresholds_for
+    monkeypatch.setattr(calibration, "gate_thresholds_for",
+                        lambda *a, **k: [min(0.99, t * off) for t in one_pass(*a, **k)])
+    with preserved_seer_mode(model):
+        model.set_seer_mode("sparse", seer_dense_last_rows=0, seer_keep_sink=True)
+        cal = calibration.calibrate_threshold(model, windows_1k, target, rel_tol=0.02)
+        assert cal.within_tol and abs(cal.density / target - 1) <= 0.02 and 1 <= len(cal.history) <= 8
+        if off != 1.0:
+            assert abs(cal.history[0][1] / target - 1) > 0.02 and len(cal.history) >= 2  # it had to correct
+        apply_setting(model, Setting("gate", "threshold", param=cal.param))
+        assert measure_density(model, windows_1k) == pytest.approx(cal.density)
+        assert model.config.seer_dense_last_rows == 0 and model.config.seer_keep_sink
+    for kw, msg in [(dict(target_density=0.0), r"target_density=0.0 is invalid"),
+                    (dict(target_density=0.3, rel_tol=0), r"rel_tol=0 is invalid"),
+                    (dict(target_density=0.3, max_forwards=0), r"max_forwards=0 is invalid")]:
+        with pytest.raises(ValueError, match=msg):
+            calibration.calibrate_threshold(model, windows_1k, **kw)
+
+
 def test_gate_thresholds_for_sees_the_sliding_window(windows_1k, windowed_mistral):
     # One windowed layer (window 100 tokens, windows of 1k): the threshold solved from the
     # distill pass gives the target density as a sparse prefill counts it (reached blocks only).
