@@ -227,7 +227,7 @@ def gate_thresholds_for(model, windows, densities, *, iters=48) -> list:
             return sum(torch.stack([selection_density(s, model.config, win).mean() for s, win in layers]).mean()
                        for layers in per_window).item() / len(per_window)
 
-        lo, hi = math.log(1e-7), math.log(0.99)
+        lo, hi = (math.log(v) for v in _SEARCH["threshold"][:2])
         out = []
         for target in targets:
             a, b = lo, hi  # density falls as the threshold rises
@@ -247,11 +247,12 @@ def calibrate_threshold(model, windows, target_density, *, rel_tol=0.02, max_for
     (docs/experiments/gate_quality.md §6).
 
     Starts from :func:`gate_thresholds_for` (one exact pass: dense-trajectory scores, which on
-    SmolLM2 put a sparse prefill up to ~7% off the target on the very windows solved on) and corrects it with secant steps on the
-    log-density of sparse passes over ``windows`` (halving the bracket of thresholds seen on
-    either side of the target when a step would leave it) until within ``rel_tol`` of the
-    target or after ``max_forwards`` passes; a few passes where :func:`calibrate`'s bisection
-    of the whole range needs about ten. The model's keep rules count, its mode is restored afterwards.
+    SmolLM2 put a sparse prefill up to ~7% off the target on the very windows solved on) and
+    corrects it with secant steps on the log-density of sparse passes over ``windows``
+    (halving the bracket of thresholds seen on either side of the target when a step would
+    leave it) until within ``rel_tol`` of the target or after ``max_forwards`` passes; a few
+    passes where :func:`calibrate`'s bisection of the whole range needs about ten. The
+    model's keep rules count, its mode is restored afterwards.
 
     Returns:
         :class:`Calibration` of the closest pass (``within_tol`` says whether it met ``rel_tol``).
@@ -263,7 +264,7 @@ def calibrate_threshold(model, windows, target_density, *, rel_tol=0.02, max_for
         raise ValueError(f"rel_tol={rel_tol!r} is invalid: expected > 0")
     if max_forwards < 1:
         raise ValueError(f"max_forwards={max_forwards!r} is invalid: expected an integer >= 1")
-    lo, hi = math.log(1e-7), math.log(0.99)
+    lo, hi = (math.log(v) for v in _SEARCH["threshold"][:2])
     taus = gate_thresholds_for(model, windows, [target, target * 0.8])
     # first slope of log density over log threshold: the exact pass's, from two asked densities
     slope = math.log(0.8) / (math.log(taus[1]) - math.log(taus[0])) if taus[1] != taus[0] else -1.0

@@ -153,8 +153,8 @@ def decode_perplexity(model, windows, prefix, batch_size, progress=True, desc="d
 # ----------------------------------------------------------------------------- settings
 
 def decode_setting(value):
-    """``dense``, or ``share=X`` / ``budget=N`` / ``mass=P`` followed by optional ``,local=N`` (full blocks
-    before the current one always read) and ``,oracle`` / ``,streaming`` (the comparison
+    """``dense``, or ``share=X`` / ``budget=N`` / ``mass=P`` followed by optional ``,local=N``
+    (full blocks before the current one always read) and ``,oracle`` / ``,streaming`` (the comparison
     selectors of ``seer_decode_selector``), as the ``seer_*`` options that set that decode
     selection (``{}``: dense decode)."""
     if value == "dense":
@@ -260,8 +260,9 @@ def parser():
                     help="windows decoded together")
     ap.add_argument("--settings", type=setting_text, nargs="+", default=_default("settings"), metavar="SETTING",
                     help="sparse decode settings: share=X, budget=N or mass=P (the predicted attention mass "
-                         "read), optionally with ,local=N (full blocks before the current one always read) and ,oracle or ,streaming (comparison selectors); "
-                         "the first also runs with sparse prefill in the passkey phase (default: %(default)s)")
+                         "read), optionally with ,local=N (full blocks before the current one always read) "
+                         "and ,oracle or ,streaming (comparison selectors); the first also runs with sparse "
+                         "prefill in the passkey phase (default: %(default)s)")
     ap.add_argument("--passkey-lengths", type=ca.positive_int, nargs="*", default=_default("passkey_lengths"))
     ap.add_argument("--passkey-samples", type=ca.positive_int, default=_default("passkey_samples"),
                     help="prompts per (length, depth) cell (5 depths)")

@@ -280,7 +280,7 @@ def main(argv=None):
     bs = cfg.seer_block_size
     layers = sorted(ev)
     rows = []
-    ev_all = {layer: {key: _cat(ev[layer], key) for key in ev[layer][0]} for layer in layers}
+    ev_all = {layer: {key: _cat(ev[layer], key) for key in ev[layer][0]} for layer in layers}  # once per layer
     if args.mass:
         targets = {layer: ev_all[layer]["target"] for layer in layers}
         rows_of = {layer: ev_all[layer]["rows"] for layer in layers}
@@ -290,7 +290,7 @@ def main(argv=None):
         for name in ["oracle", "streaming", "quest", "quest_max"]:
             per_layer = []
             for layer in layers:
-                e = {key: _cat(ev[layer], key) for key in ev[layer][0]}
+                e = ev_all[layer]
                 NB = e["target"].shape[-1]
                 if name == "oracle":
                     sc = e["target"]
@@ -310,16 +310,19 @@ def main(argv=None):
         for layer in layers:
             data = with_rope(tr[layer], rope_at, bs) if rope_at else tr[layer]
             gates[layer] = train_gate(data, cfg, variant, args.steps, args.batch, seed=layer)
-        gate_scores = {}
+        gate_scores = {}  # each layer's gate scores of the eval rows: the same at every share
+        for layer in layers:
+            e = ev_all[layer]
+            if rope_at:
+                items = with_rope(ev[layer], rope_at, bs)
+                e = {key: _cat(items, key) for key in items[0]}
+            with torch.no_grad():
+                gate_scores[layer] = _scores(gates[layer], e, sub)
         for share in args.shares:
             per_layer = []
             for layer in layers:
-                items = with_rope(ev[layer], rope_at, bs) if rope_at else ev[layer]
-                e = {key: _cat(items, key) for key in items[0]}
-                with torch.no_grad():
-                    sc = _scores(gates[layer], e, sub)
-                gate_scores[layer] = sc
-                per_layer.append(kept_mass(sc, e["target"], e["rows"], share, bs).mean().item())
+                e = ev_all[layer]
+                per_layer.append(kept_mass(gate_scores[layer], e["target"], e["rows"], share, bs).mean().item())
             rows.append(dict(selector=f"gate:{variant}", share=share, kept=sum(per_layer) / len(per_layer),
                              per_layer=per_layer, train_seconds=time.time() - t1))
             print(f"share {share:g} {variant:>10}: kept mass {rows[-1]['kept']:.4f} ({time.time() - t1:.0f} s)",
