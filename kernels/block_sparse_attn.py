@@ -13,7 +13,9 @@ sparse) and walks the key blocks it must visit: with a mask, the row's ascending
 list; dense, all blocks up to the diagonal. Blocks strictly below the diagonal need no
 masking and are processed ``BLOCK_N // 64`` at a time (gathered into one tile, so a
 sparse row still feeds the tensor cores 128-wide tiles); the leftover single block and the
-diagonal band come after, the latter with the causal mask. Scores live in the log2
+diagonal band come after, the latter with the causal mask. On Hopper, contiguous K/V tiles
+(dense, or one block per sparse step) are loaded through tensor descriptors (TMA) at
+head_dim 128 (``FWD_OPTIONS``); elsewhere by pointers. Scores live in the log2
 domain (``qk_scale = sm_scale * log2(e)``) and the per-row log-sum-exp is stored for the
 backward pass; rows that attend no key store ``+inf`` so that they contribute nothing
 there. Programs start with the last query rows (under a causal mask the longest): the last
@@ -49,6 +51,11 @@ from .kernel_utils import (HAS_TRITON, check_attention_inputs, check_block_mask,
                            interpreting, new_output, num_blocks, tl, triton)
 from .reference import attn_with_pooling_ref, block_sparse_attn_ref
 
+try:  # Hopper tensor descriptors (Triton >= 3.4); the pointer loads serve without them
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # pragma: no cover
+    TensorDescriptor = None
+
 _LOG2E = 1.4426950408889634
 
 
@@ -72,6 +79,17 @@ def _tile_offsets(idx_row, p, BLOCK: tl.constexpr, BS: tl.constexpr, SPARSE: tl.
     else:
         offs = p * BS + r
     return offs
+
+
+@triton.jit
+def _tile_start(idx_row, p, BS: tl.constexpr, SPARSE: tl.constexpr, TMA: tl.constexpr):
+    """First token of the tile at list position ``p`` (read only by TMA loads, whose tiles
+    are one block or, dense, contiguous blocks)."""
+    n0 = p * BS
+    if TMA:
+        if SPARSE:
+            n0 = tl.load(idx_row + p) * BS
+    return n0
 
 
 @triton.jit
@@ -131,10 +149,26 @@ def _load_kv(k_base, v_base, s_kt, s_vt, offs_n, offs_d, T, BOUNDARY: tl.constex
 
 
 @triton.jit
-def _fwd_step(acc, l_i, m_i, q, k_base, v_base, s_kt, s_vt, offs_m, offs_n, offs_d, qk_scale, T, kv_lo, kv_hi, win,
-              scr_rows, blk0, scr_stride, CAUSAL_MASK: tl.constexpr, KV_MASK: tl.constexpr, WIN_MASK: tl.constexpr,
-              PREC: tl.constexpr, STATS: tl.constexpr, STAT_SUM: tl.constexpr, BS: tl.constexpr):
-    k, v = _load_kv(k_base, v_base, s_kt, s_vt, offs_n, offs_d, T, CAUSAL_MASK or KV_MASK)
+def _load_kv_tile(k_base, v_base, s_kt, s_vt, kd, vd, b, h, n0, offs_n, offs_d, T, BOUNDARY: tl.constexpr,
+                  TMA: tl.constexpr):
+    """The K and V tile of keys ``offs_n`` (contiguous from ``n0`` when ``TMA``): through the
+    tensor descriptors ``kd``/``vd`` (Hopper TMA; rows past T read as zeros) or by pointers."""
+    if TMA:
+        N: tl.constexpr = offs_n.shape[0]
+        k = tl.reshape(kd.load([b, h, n0, 0]), (N, offs_d.shape[0]))
+        v = tl.reshape(vd.load([b, h, n0, 0]), (N, offs_d.shape[0]))
+    else:
+        k, v = _load_kv(k_base, v_base, s_kt, s_vt, offs_n, offs_d, T, BOUNDARY)
+    return k, v
+
+
+@triton.jit
+def _fwd_step(acc, l_i, m_i, q, k_base, v_base, s_kt, s_vt, kd, vd, b, h, n0, offs_m, offs_n, offs_d, qk_scale, T,
+              kv_lo, kv_hi, win, scr_rows, blk0, scr_stride, CAUSAL_MASK: tl.constexpr, KV_MASK: tl.constexpr,
+              WIN_MASK: tl.constexpr, PREC: tl.constexpr, STATS: tl.constexpr, STAT_SUM: tl.constexpr,
+              BS: tl.constexpr, TMA: tl.constexpr):
+    k, v = _load_kv_tile(k_base, v_base, s_kt, s_vt, kd, vd, b, h, n0, offs_n, offs_d, T, CAUSAL_MASK or KV_MASK,
+                         TMA)
     qk = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
     if CAUSAL_MASK:
         qk = tl.where(offs_m[:, None] >= offs_n[None, :], qk, float("-inf"))
@@ -164,13 +198,13 @@ def _fwd_step(acc, l_i, m_i, q, k_base, v_base, s_kt, s_vt, offs_m, offs_n, offs
 
 @triton.jit
 def _attn_fwd_kernel(
-    Q, K, V, O, LSE, POOL, SCR, IDX, CNT, BOUNDS, qk_scale,
+    Q, K, V, O, LSE, POOL, SCR, IDX, CNT, BOUNDS, KD, VD, KD1, VD1, qk_scale,
     s_qb, s_qh, s_qt, s_kb, s_kh, s_kt, s_vb, s_vh, s_vt, s_ob, s_oh, s_ot,
     HQ, T, NB, WIN, BH0, T_PAD,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BS: tl.constexpr, SPARSE: tl.constexpr, CAUSAL: tl.constexpr, POOLING: tl.constexpr,
     POOL_SUM: tl.constexpr, HAS_BOUNDS: tl.constexpr, EVEN_T: tl.constexpr, HAS_WINDOW: tl.constexpr,
-    PREC: tl.constexpr,
+    PREC: tl.constexpr, TMA: tl.constexpr,
 ):
     # the last query rows (the most key blocks under a causal mask) start first: the GPU's
     # last wave then holds the shortest programs
@@ -216,37 +250,39 @@ def _attn_fwd_kernel(
         while nxt < win_full:
             if nxt >= win_lo:
                 offs_n = nxt * BS + tl.arange(0, BS)
-                acc, l_i, m_i = _fwd_step(acc, l_i, m_i, q, k_base, v_base, s_kt, s_vt, offs_m, offs_n, offs_d,
-                                          qk_scale, T, kv_lo, kv_hi, WIN, scr_rows, nxt, T_PAD, False, MASK_KV, True,
-                                          PREC, POOLING, POOL_SUM, BS)
+                acc, l_i, m_i = _fwd_step(acc, l_i, m_i, q, k_base, v_base, s_kt, s_vt, KD1, VD1, b, h, nxt * BS,
+                                          offs_m, offs_n, offs_d, qk_scale, T, kv_lo, kv_hi, WIN, scr_rows, nxt,
+                                          T_PAD, False, MASK_KV, True, PREC, POOLING, POOL_SUM, BS, TMA)
             p0 += 1
             nxt = _list_entry(idx_row, p0, n_off, win_full, SPARSE)
     # blocks strictly below the diagonal band: no causal mask, NSUB blocks per tile
     n_full = (n_off - p0) // NSUB
     for t in range(0, n_full):
         offs_n = _tile_offsets(idx_row, p0 + t * NSUB, BLOCK_N, BS, SPARSE)
-        acc, l_i, m_i = _fwd_step(acc, l_i, m_i, q, k_base, v_base, s_kt, s_vt, offs_m, offs_n, offs_d, qk_scale,
-                                  T, kv_lo, kv_hi, WIN, scr_rows, p0 + t * NSUB, T_PAD, False, MASK_KV, False, PREC,
-                                  POOLING, POOL_SUM, BS)
+        acc, l_i, m_i = _fwd_step(acc, l_i, m_i, q, k_base, v_base, s_kt, s_vt, KD, VD, b, h,
+                                  _tile_start(idx_row, p0 + t * NSUB, BS, SPARSE, TMA), offs_m, offs_n, offs_d,
+                                  qk_scale, T, kv_lo, kv_hi, WIN, scr_rows, p0 + t * NSUB, T_PAD, False, MASK_KV,
+                                  False, PREC, POOLING, POOL_SUM, BS, TMA)
     for p in range(p0 + n_full * NSUB, n_off):
         offs_n = _tile_offsets(idx_row, p, BS, BS, SPARSE)
-        acc, l_i, m_i = _fwd_step(acc, l_i, m_i, q, k_base, v_base, s_kt, s_vt, offs_m, offs_n, offs_d, qk_scale,
-                                  T, kv_lo, kv_hi, WIN, scr_rows, p, T_PAD, False, MASK_KV, False, PREC, POOLING,
-                                  POOL_SUM, BS)
+        acc, l_i, m_i = _fwd_step(acc, l_i, m_i, q, k_base, v_base, s_kt, s_vt, KD1, VD1, b, h,
+                                  _tile_start(idx_row, p, BS, SPARSE, TMA), offs_m, offs_n, offs_d, qk_scale, T,
+                                  kv_lo, kv_hi, WIN, scr_rows, p, T_PAD, False, MASK_KV, False, PREC, POOLING,
+                                  POOL_SUM, BS, TMA)
     # the diagonal band, causal (and window) mask inside
     if CAUSAL:
         if SPARSE:
             if has_diag:
                 offs_n = qb0 * BS + tl.arange(0, BS)
-                acc, l_i, m_i = _fwd_step(acc, l_i, m_i, q, k_base, v_base, s_kt, s_vt, offs_m, offs_n, offs_d,
-                                          qk_scale, T, kv_lo, kv_hi, WIN, scr_rows, qb0, T_PAD, True, MASK_KV,
-                                          HAS_WINDOW, PREC, POOLING, POOL_SUM, BS)
+                acc, l_i, m_i = _fwd_step(acc, l_i, m_i, q, k_base, v_base, s_kt, s_vt, KD1, VD1, b, h, qb0 * BS,
+                                          offs_m, offs_n, offs_d, qk_scale, T, kv_lo, kv_hi, WIN, scr_rows, qb0,
+                                          T_PAD, True, MASK_KV, HAS_WINDOW, PREC, POOLING, POOL_SUM, BS, TMA)
         else:
             for jb in range(qb0, tl.minimum(qb0 + RB, NB)):
                 offs_n = jb * BS + tl.arange(0, BS)
-                acc, l_i, m_i = _fwd_step(acc, l_i, m_i, q, k_base, v_base, s_kt, s_vt, offs_m, offs_n, offs_d,
-                                          qk_scale, T, kv_lo, kv_hi, WIN, scr_rows, jb, T_PAD, True, MASK_KV,
-                                          HAS_WINDOW, PREC, POOLING, POOL_SUM, BS)
+                acc, l_i, m_i = _fwd_step(acc, l_i, m_i, q, k_base, v_base, s_kt, s_vt, KD1, VD1, b, h, jb * BS,
+                                          offs_m, offs_n, offs_d, qk_scale, T, kv_lo, kv_hi, WIN, scr_rows, jb,
+                                          T_PAD, True, MASK_KV, HAS_WINDOW, PREC, POOLING, POOL_SUM, BS, TMA)
 
     row_ok = offs_m < T
     if HAS_BOUNDS:
@@ -605,12 +641,19 @@ CONFIG_OVERRIDES: dict = {}
 DKDV_SPLIT_BLOCKS = 64
 DKDV_MAX_SPLITS = 8
 
+#: Forward-kernel options. ``tma``: load K/V tiles through tensor descriptors (Hopper's TMA)
+#: where the GPU and the tensors allow it: True, False or "auto" (head_dim >= 128). On an H200
+#: (docs/experiments/tma_variants.md) TMA took the d128 sparse forward to 0.84-0.89x and the
+#: dense one to 0.89-0.91x of pointer loads at 8k-128k; at head_dim 64 it gained nothing and
+#: the descriptors' host work showed at 8k.
+FWD_OPTIONS = {"tma": "auto"}
+
 #: Most bytes of the pooling pass's float32 scratch (``NB x T`` per head); above it the
 #: heads are launched a few at a time. At 128k tokens one head needs 1 GiB.
 POOL_SCRATCH_BYTES = 4 << 30
 
 
-def _config(kernel, sparse, head_dim, on_gpu, dtype=torch.bfloat16):
+def _config(kernel, sparse, head_dim, on_gpu, dtype=torch.bfloat16, tma=False):
     key = (kernel, sparse, head_dim)
     if key in CONFIG_OVERRIDES:
         return CONFIG_OVERRIDES[key]
@@ -625,11 +668,33 @@ def _config(kernel, sparse, head_dim, on_gpu, dtype=torch.bfloat16):
     # halve its time at d128 (32 / 8 heads, 32k, random masks: the backward at density 0.1
     # 11.5 -> 5.9 ms) and at d64 (SmolLM2's fine-tuning masks); at d <= 64 3 stages help the
     # forward (0.377 -> 0.356 ms).
+    # With K/V through tensor descriptors (TMA) the sparse forward at d128 runs best with 5
+    # stages (H200, docs/experiments/tma_variants.py: 0.84-0.88x of 4 stages at 32k / 128k).
     if kernel == "fwd":
-        return (64, 64, 4, 3 if head_dim <= 64 else 4) if sparse else (128, 128, 8, 3)
+        if sparse:
+            return (64, 64, 4, 3 if head_dim <= 64 else (5 if tma else 4))
+        return (128, 128, 8, 3)
     if kernel == "dq":
         return (64, 64, 4, 3) if sparse else (128, 64, 8, 2)
     return (64, 64, 4, 2) if sparse else (128, 128, 8, 2)
+
+
+def _tma_ok(*tensors):
+    """Whether K/V tiles may be loaded through tensor descriptors: asked for
+    (``FWD_OPTIONS["tma"]``), a Hopper-or-newer GPU or the interpreter, 16-bit tensors whose
+    base and outer strides are 16-byte aligned (TMA's rules)."""
+    want = FWD_OPTIONS["tma"]
+    if want not in (True, False, "auto"):
+        raise ValueError(f"FWD_OPTIONS['tma'] must be True, False or 'auto', got {want!r}")
+    if want == "auto":
+        want = tensors[0].shape[-1] >= 128
+    if not want or TensorDescriptor is None:
+        return False
+    t0 = tensors[0]
+    if t0.is_cuda and torch.cuda.get_device_capability(t0.device)[0] < 9:
+        return False
+    return all(t.dtype in (torch.float16, torch.bfloat16) and t.data_ptr() % 16 == 0 and t.stride(-1) == 1
+               and all(s * t.element_size() % 16 == 0 for s in t.stride()[:-1]) for t in tensors)
 
 
 def _bht_strides(*tensors):
@@ -647,8 +712,10 @@ def _attn_fwd(q, k, v, idx, cnt, bounds, causal, sm_scale, block_size, pooling, 
     H = k.shape[1]
     NB = num_blocks(T, block_size)
     sparse = idx is not None
-    BLOCK_M, BLOCK_N, warps, stages = _config("fwd", sparse, D, q.is_cuda, q.dtype)
+    tma = _tma_ok(k, v)
+    BLOCK_M, BLOCK_N, warps, stages = _config("fwd", sparse, D, q.is_cuda, q.dtype, tma)
     assert BLOCK_M % block_size == 0 and BLOCK_N % block_size == 0 and (not sparse or BLOCK_M == block_size)
+    tma = tma and (not sparse or BLOCK_N == block_size)  # a sparse tile of several blocks is a gather
     o = new_output((B, HQ, T, D), q.dtype, q.device)
     lse = new_output((B, HQ, T), torch.float32, q.device)
     pool = new_output((B, HQ, NB, NB), torch.float32, q.device) if pooling else lse
@@ -660,16 +727,22 @@ def _attn_fwd(q, k, v, idx, cnt, bounds, causal, sm_scale, block_size, pooling, 
         per_head = NB * n_m * BLOCK_M * 4
         heads = max(1, min(B * HQ, POOL_SCRATCH_BYTES // per_head))
         scratch = new_output((heads, NB, n_m * BLOCK_M), torch.float32, q.device)
+    kd, vd, kd1, vd1 = k, v, k, v
+    if tma:
+        kd, vd = (TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, BLOCK_N, D]) for t in (k, v))
+        kd1, vd1 = kd, vd
+        if BLOCK_N != block_size:
+            kd1, vd1 = (TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, block_size, D]) for t in (k, v))
     for bh0 in range(0, B * HQ, heads):
         _attn_fwd_kernel[(n_m, min(heads, B * HQ - bh0))](
             q, k, v, o, lse, pool, scratch, idx if sparse else dummy, cnt if sparse else dummy,
-            bounds if bounds is not None else dummy, sm_scale * _LOG2E,
+            bounds if bounds is not None else dummy, kd, vd, kd1, vd1, sm_scale * _LOG2E,
             *_bht_strides(q, k, v, o),
             HQ, T, NB, window or 0, bh0, n_m * BLOCK_M,
             GROUP=HQ // H, HEAD_DIM=D, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BS=block_size, SPARSE=sparse,
             CAUSAL=causal, POOLING=pooling, POOL_SUM=pool_op == "sum", HAS_BOUNDS=bounds is not None,
-            EVEN_T=T % block_size == 0, HAS_WINDOW=window is not None, PREC=_prec(q.dtype), num_warps=warps,
-            num_stages=stages,
+            EVEN_T=T % block_size == 0, HAS_WINDOW=window is not None, PREC=_prec(q.dtype), TMA=tma,
+            num_warps=warps, num_stages=stages,
         )
     if pooling:
         pool.div_(pool.sum(-1, keepdim=True).clamp_min_(torch.finfo(torch.float32).tiny))

@@ -400,3 +400,50 @@ def test_other_tile_configs(op, causal, tiles, gen, device, error_budget, monkey
         _, ref_pooled = attn_with_pooling_ref(q, k, v, causal=causal, seq_bounds=bounds)
         assert torch.isfinite(pooled).all()
         torch.testing.assert_close(pooled, ref_pooled, atol=1e-5, rtol=1e-4)
+
+
+# ----------------------------------------------------------------------------- TMA loads
+
+@pytest.mark.parametrize("case", ["causal", "window-padded", "full"])
+@pytest.mark.parametrize("op", ["sparse", "dense", "pooling"])
+def test_tma_loads_equal_pointer_loads(op, case, gen, device, monkeypatch):
+    """K/V tiles through tensor descriptors (FWD_OPTIONS["tma"]) give the pointer loads' bits:
+    strided [B, T, H, D] views, a length past the last full block (TMA pads those rows with
+    zeros where the pointer loads mask them), GQA, windows and padded rows; and the
+    descriptors are really built when asked for and not otherwise."""
+    if device == "cpu":  # the interpreter's sparse tiles gather two blocks; TMA needs one per step
+        monkeypatch.setitem(bsa_module.CONFIG_OVERRIDES, ("fwd", True, 64), (64, 64, 4, 1))
+    built = []
+    monkeypatch.setattr(bsa_module, "TensorDescriptor",
+                        lambda *a, _td=bsa_module.TensorDescriptor: built.append(a[3]) or _td(*a))
+    B, HQ, H, T, D = 2, 6, 2, 190, 64
+    causal, window = case != "full", (100 if case == "window-padded" else None)
+    bounds = torch.tensor([[9, T], [0, 170]], device=device) if case == "window-padded" else None
+    q, k, v = (_randn(gen, (B, T, n, D), torch.float16, device).transpose(1, 2) for n in (HQ, H, H))
+    mask = _mask(gen, B, HQ, T, 0.5, causal, device)
+    kw = dict(causal=causal, seq_bounds=bounds, window=window, backend="triton")
+    if op == "sparse":
+        run = lambda: (block_sparse_attn(q, k, v, mask, **kw),)  # noqa: E731
+    elif op == "dense":
+        run = lambda: (dense_attn(q, k, v, **kw),)  # noqa: E731
+    else:
+        run = lambda: attn_with_pooling(q, k, v, **kw)  # noqa: E731
+    monkeypatch.setitem(bsa_module.FWD_OPTIONS, "tma", False)
+    plain = run()
+    assert built == []
+    monkeypatch.setitem(bsa_module.FWD_OPTIONS, "tma", True)
+    tma = run()
+    assert built, "TMA asked for but no tensor descriptor built"
+    assert all(shape[2] in (64, 128) for shape in built), built
+    for a, b in zip(plain, tma):
+        assert torch.equal(a, b)
+    ref = block_sparse_attn_ref(q, k, v, mask if op == "sparse" else torch.ones_like(mask), causal=causal,
+                                seq_bounds=bounds, window=window)
+    assert (tma[0].float() - ref.float()).abs().max() < 2e-2
+
+
+def test_tma_option_is_checked():
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(bsa_module.FWD_OPTIONS, "tma", "yes")
+        with pytest.raises(ValueError, match="FWD_OPTIONS\\['tma'\\] must be True, False or 'auto', got 'yes'"):
+            bsa_module._tma_ok(torch.zeros(1, 1, 64, 128, dtype=torch.float16))

@@ -321,3 +321,31 @@ def test_bf16_window_small(T, window, gqa, gen, error_budget):
         error_budget(got[0], ref[0], ref_lp[0], what=op, **OUT_BUDGET[dt])
         for name, a, r, lp in zip(("dq", "dk", "dv"), got[1:], ref[1:], ref_lp[1:]):
             error_budget(a, r, lp, rel=True, what=f"{op} {name}", **GRAD_BUDGET[dt])
+
+
+# ----------------------------------------------------------------------------- TMA loads
+
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("op", ["sparse", "dense", "pooling"])
+def test_tma_loads_equal_pointer_loads_long(op, D, gen, monkeypatch):
+    """Compiled for the GPU, K/V through tensor descriptors (Hopper TMA) give the pointer loads'
+    bits at a real shape: 8k + 33 tokens (a partial last block), GQA 4, bf16, strided views."""
+    import importlib
+    bsa = importlib.import_module("seer_attn.kernels.block_sparse_attn")
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("tensor descriptors need a Hopper-or-newer GPU")
+    built = []
+    monkeypatch.setattr(bsa, "TensorDescriptor", lambda *a, _td=bsa.TensorDescriptor: built.append(a[3]) or _td(*a))
+    B, HQ, H, T = 1, 16, 4, 8192 + 33
+    q, k, v = (_randn(gen, (B, T, n, D), torch.bfloat16).transpose(1, 2) for n in (HQ, H, H))
+    mask = _mask(gen, B, HQ, T, 0.3, True)
+    run = {"sparse": lambda: (block_sparse_attn(q, k, v, mask),), "dense": lambda: (dense_attn(q, k, v),),
+           "pooling": lambda: attn_with_pooling(q, k, v)}[op]
+    monkeypatch.setitem(bsa.FWD_OPTIONS, "tma", False)
+    plain = run()
+    assert built == []
+    monkeypatch.setitem(bsa.FWD_OPTIONS, "tma", True)
+    tma = run()
+    assert built
+    for a, b in zip(plain, tma):
+        assert torch.equal(a, b)
