@@ -564,6 +564,8 @@ TABLES = {
     "kernels-h200-dkdv": _kernels("results/kernels/h200_32k_dkdv.json"),
     "ttft-h100": _ttft("results/ttft/h100.json"),
     "tma-variants-h200": tma_variants_h200,
+    "kernels-h200-tma": _kernels("results/kernels/h200_tma.json"),
+    "ttft-h200": _ttft("results/ttft/h200.json"),
     "quality-h100": quality_h100,
     "quality-sink-local": quality_sink_local,
     "quality-rerun-h200": quality_rerun_h200,
