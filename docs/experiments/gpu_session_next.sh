@@ -39,6 +39,9 @@
 #   tests-export   ~2  the GPU export test (cut by a time limit at 7867506; the families, model and
 #                      fine-tuning GPU tests passed there: 14, 2, 6)
 #   bench-kernels  ~5  the issue 16 table (8k / 32k / 128k, backward at 32k), then TTFT at 128k
+#   tma-variants   ~5  issue 16: forward K/V through tensor descriptors (TMA) vs pointer loads, stage
+#                      counts, dense tiles (H200 at fdc8d82: 0.84-0.91x; docs/experiments/tma_variants.md);
+#                      next to try there: TMA in the dQ and dK/dV kernels, cached descriptors at 8k
 #   gate-calib     ~5  issue 17: the threshold calibrated on 4 held-out windows of train.jsonl for
 #                      density 0.3 / 0.2 / 0.1 / 0.05 (the calibrated knob): achieved density on the
 #                      eval windows and PPL beside the density knob at the same density
@@ -94,6 +97,9 @@ case "$STEP" in
     echo "bench_kernels: exit $?"; tail -n 12 "$OUT/kernels.log"
     timeout 200 "$PY" -m seer_attn.eval.bench_ttft --lengths 131072 --out "$OUT/ttft" > "$OUT/ttft.log" 2>&1
     echo "bench_ttft: exit $?"; tail -n 8 "$OUT/ttft.log" ;;
+  tma-variants)
+    timeout 420 "$PY" docs/experiments/tma_variants.py --out "$OUT/tma" > "$OUT/tma.log" 2>&1
+    echo "tma_variants: exit $?"; sed -n '/^# /,$p' "$OUT/tma.log" ;;
   tests-export)
     timeout 110 "$PY" -m pytest -q -p no:cacheprovider -rfE tests/hub_cards/test_export.py -k gpu > "$OUT/export.log" 2>&1
     echo "export: exit $?, $(tail -n 1 "$OUT/export.log")" ;;
