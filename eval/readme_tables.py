@@ -134,6 +134,15 @@ def _kernels(path):
     return render
 
 
+_KERNEL_OPS = {"dense": "ours dense", "pool": "attn_with_pooling", "bwd_dense": "backward, dense",
+               "bwd_d0.1": "backward, 10%"}
+
+
+def _kernel_op_label(op):
+    """A kernel-variant row's op ("dense", "pool", "d0.5", "bwd_dense"...) as the tables name it."""
+    return _KERNEL_OPS.get(op) or f"ours {float(op[1:]) * 100:g}%"
+
+
 def kernel_changes_h200(root) -> str:
     """docs/experiments/kernel_variants.py: one kernel change timed against the kernels before
     it in one process, with attn_with_pooling's cost relative to our dense kernel."""
@@ -142,11 +151,9 @@ def kernel_changes_h200(root) -> str:
     prov = env["provenance"]
     rows = [r for r in env["rows"] if "vector_index" not in r["op"]]
     by = {(r["T"], r["op"]): r for r in rows}
-    label = {"dense": "ours dense", "pool": "attn_with_pooling", "bwd_dense": "backward, dense",
-             "bwd_d0.1": "backward, 10%"}
     body = []
     for r in rows:
-        op = label.get(r["op"]) or f"ours {float(r['op'][1:]) * 100:g}%"
+        op = _kernel_op_label(r["op"])
         body.append([_tokens(r["T"]), op, sig3(r["before"]), sig3(r["after"]), f"{r['after'] / r['before']:.2f}"])
     pool = ", ".join(f"{_tokens(T)} {by[(T, 'pool')]['after'] / by[(T, 'dense')]['after']:.2f}x "
                      f"(before {by[(T, 'pool')]['before'] / by[(T, 'dense')]['before']:.2f}x)"
@@ -163,11 +170,9 @@ def tma_variants_h200(root) -> str:
     path = "results/kernels/h200_tma_variants_d128.json"
     env = load_envelope(root, path)
     prov = env["provenance"]
-    label = {"dense": "ours dense", "pool": "attn_with_pooling"}
     body = []
     for r in env["rows"]:
-        op = label.get(r["op"]) or f"ours {float(r['op'][1:]) * 100:g}%"
-        body.append([_tokens(r["T"]), op, sig3(r["sdpa_cudnn"]), sig3(r["base"]), sig3(r["tma"]),
+        body.append([_tokens(r["T"]), _kernel_op_label(r["op"]), sig3(r["sdpa_cudnn"]), sig3(r["base"]), sig3(r["tma"]),
                      f"{r['tma'] / r['base']:.2f}"])
     caption = (f"{prov['gpu']}, commit {_commit(prov)}, same inputs, one process ({path}); causal, bf16, 32 query / "
                "8 KV heads, d=128, batch 1, median ms (lower of two rounds):")

@@ -697,6 +697,11 @@ def _tma_ok(*tensors):
                and all(s * t.element_size() % 16 == 0 for s in t.stride()[:-1]) for t in tensors)
 
 
+def _kv_descriptors(k, v, rows):
+    """Tensor descriptors of K and V whose loads return ``rows`` consecutive keys of one head."""
+    return [TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, rows, t.shape[-1]]) for t in (k, v)]
+
+
 def _bht_strides(*tensors):
     """The batch, head and token strides of each ``[B, H, T, D]`` tensor, in order: the
     launchers' shared argument list (every kernel takes its tensors' strides so)."""
@@ -728,11 +733,10 @@ def _attn_fwd(q, k, v, idx, cnt, bounds, causal, sm_scale, block_size, pooling, 
         heads = max(1, min(B * HQ, POOL_SCRATCH_BYTES // per_head))
         scratch = new_output((heads, NB, n_m * BLOCK_M), torch.float32, q.device)
     kd, vd, kd1, vd1 = k, v, k, v
-    if tma:
-        kd, vd = (TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, BLOCK_N, D]) for t in (k, v))
-        kd1, vd1 = kd, vd
+    if tma:  # tiles of BLOCK_N keys, and of one block (the same descriptors where those agree)
+        kd, vd = kd1, vd1 = _kv_descriptors(k, v, BLOCK_N)
         if BLOCK_N != block_size:
-            kd1, vd1 = (TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, block_size, D]) for t in (k, v))
+            kd1, vd1 = _kv_descriptors(k, v, block_size)
     for bh0 in range(0, B * HQ, heads):
         _attn_fwd_kernel[(n_m, min(heads, B * HQ - bh0))](
             q, k, v, o, lse, pool, scratch, idx if sparse else dummy, cnt if sparse else dummy,
