@@ -149,14 +149,20 @@ def _load_kv(k_base, v_base, s_kt, s_vt, offs_n, offs_d, T, BOUNDARY: tl.constex
 
 
 @triton.jit
+def _desc_rows(desc, b, h, n0, N: tl.constexpr, D: tl.constexpr):
+    """Rows ``n0 .. n0 + N - 1`` of head ``h`` of batch ``b`` through a ``[B, H, T, D]``
+    tensor descriptor (Hopper TMA; rows past T read as zeros)."""
+    return tl.reshape(desc.load([b, h, n0, 0]), (N, D))
+
+
+@triton.jit
 def _load_kv_tile(k_base, v_base, s_kt, s_vt, kd, vd, b, h, n0, offs_n, offs_d, T, BOUNDARY: tl.constexpr,
                   TMA: tl.constexpr):
     """The K and V tile of keys ``offs_n`` (contiguous from ``n0`` when ``TMA``): through the
-    tensor descriptors ``kd``/``vd`` (Hopper TMA; rows past T read as zeros) or by pointers."""
+    tensor descriptors ``kd``/``vd`` or by pointers."""
     if TMA:
-        N: tl.constexpr = offs_n.shape[0]
-        k = tl.reshape(kd.load([b, h, n0, 0]), (N, offs_d.shape[0]))
-        v = tl.reshape(vd.load([b, h, n0, 0]), (N, offs_d.shape[0]))
+        k = _desc_rows(kd, b, h, n0, offs_n.shape[0], offs_d.shape[0])
+        v = _desc_rows(vd, b, h, n0, offs_n.shape[0], offs_d.shape[0])
     else:
         k, v = _load_kv(k_base, v_base, s_kt, s_vt, offs_n, offs_d, T, BOUNDARY)
     return k, v
@@ -344,10 +350,11 @@ def _bwd_preprocess_kernel(O, DO, DELTA, s_ob, s_oh, s_ot, s_db, s_dh, s_dt, HQ,
 
 
 @triton.jit
-def _bwd_dq_step(dq, q, do, lse, delta, k_base, v_base, s_kt, s_vt, offs_m, offs_n, offs_d, qk_scale, T,
-                 kv_lo, kv_hi, win, CAUSAL_MASK: tl.constexpr, KV_MASK: tl.constexpr, WIN_MASK: tl.constexpr,
-                 PREC: tl.constexpr):
-    k, v = _load_kv(k_base, v_base, s_kt, s_vt, offs_n, offs_d, T, CAUSAL_MASK or KV_MASK)
+def _bwd_dq_step(dq, q, do, lse, delta, k_base, v_base, s_kt, s_vt, kd, vd, b, h, n0, offs_m, offs_n, offs_d,
+                 qk_scale, T, kv_lo, kv_hi, win, CAUSAL_MASK: tl.constexpr, KV_MASK: tl.constexpr,
+                 WIN_MASK: tl.constexpr, PREC: tl.constexpr, TMA: tl.constexpr):
+    k, v = _load_kv_tile(k_base, v_base, s_kt, s_vt, kd, vd, b, h, n0, offs_n, offs_d, T, CAUSAL_MASK or KV_MASK,
+                         TMA)
     qk = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
     p = tl.math.exp2(qk - lse[:, None])
     if CAUSAL_MASK:
@@ -364,12 +371,12 @@ def _bwd_dq_step(dq, q, do, lse, delta, k_base, v_base, s_kt, s_vt, offs_m, offs
 
 @triton.jit
 def _attn_bwd_dq_kernel(
-    Q, K, V, DO, DQ, LSE, DELTA, IDX, CNT, BOUNDS, qk_scale, sm_scale,
+    Q, K, V, DO, DQ, LSE, DELTA, IDX, CNT, BOUNDS, KD, VD, KD1, VD1, qk_scale, sm_scale,
     s_qb, s_qh, s_qt, s_kb, s_kh, s_kt, s_vb, s_vh, s_vt, s_db, s_dh, s_dt, s_gb, s_gh, s_gt,
     HQ, T, NB, WIN,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BS: tl.constexpr, SPARSE: tl.constexpr, CAUSAL: tl.constexpr, HAS_BOUNDS: tl.constexpr,
-    EVEN_T: tl.constexpr, HAS_WINDOW: tl.constexpr, PREC: tl.constexpr,
+    EVEN_T: tl.constexpr, HAS_WINDOW: tl.constexpr, PREC: tl.constexpr, TMA: tl.constexpr,
 ):
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)  # longest rows first, as in the forward
     pid_bh = tl.program_id(1)
@@ -409,48 +416,59 @@ def _attn_bwd_dq_kernel(
         while nxt < win_full:
             if nxt >= win_lo:
                 offs_n = nxt * BS + tl.arange(0, BS)
-                dq = _bwd_dq_step(dq, q, do, lse, delta, k_base, v_base, s_kt, s_vt, offs_m, offs_n, offs_d,
-                                  qk_scale, T, kv_lo, kv_hi, WIN, False, MASK_KV, True, PREC)
+                dq = _bwd_dq_step(dq, q, do, lse, delta, k_base, v_base, s_kt, s_vt, KD1, VD1, b, h, nxt * BS,
+                                  offs_m, offs_n, offs_d, qk_scale, T, kv_lo, kv_hi, WIN, False, MASK_KV, True, PREC,
+                                  TMA)
             p0 += 1
             nxt = _list_entry(idx_row, p0, n_off, win_full, SPARSE)
     n_full = (n_off - p0) // NSUB
     for t in range(0, n_full):
         offs_n = _tile_offsets(idx_row, p0 + t * NSUB, BLOCK_N, BS, SPARSE)
-        dq = _bwd_dq_step(dq, q, do, lse, delta, k_base, v_base, s_kt, s_vt, offs_m, offs_n, offs_d, qk_scale, T,
-                          kv_lo, kv_hi, WIN, False, MASK_KV, False, PREC)
+        dq = _bwd_dq_step(dq, q, do, lse, delta, k_base, v_base, s_kt, s_vt, KD, VD, b, h,
+                          _tile_start(idx_row, p0 + t * NSUB, BS, SPARSE, TMA), offs_m, offs_n, offs_d, qk_scale, T,
+                          kv_lo, kv_hi, WIN, False, MASK_KV, False, PREC, TMA)
     for p in range(p0 + n_full * NSUB, n_off):
         offs_n = _tile_offsets(idx_row, p, BS, BS, SPARSE)
-        dq = _bwd_dq_step(dq, q, do, lse, delta, k_base, v_base, s_kt, s_vt, offs_m, offs_n, offs_d, qk_scale, T,
-                          kv_lo, kv_hi, WIN, False, MASK_KV, False, PREC)
+        dq = _bwd_dq_step(dq, q, do, lse, delta, k_base, v_base, s_kt, s_vt, KD1, VD1, b, h,
+                          _tile_start(idx_row, p, BS, SPARSE, TMA), offs_m, offs_n, offs_d, qk_scale, T,
+                          kv_lo, kv_hi, WIN, False, MASK_KV, False, PREC, TMA)
     if CAUSAL:
         if SPARSE:
             if has_diag:
                 offs_n = qb0 * BS + tl.arange(0, BS)
-                dq = _bwd_dq_step(dq, q, do, lse, delta, k_base, v_base, s_kt, s_vt, offs_m, offs_n, offs_d,
-                                  qk_scale, T, kv_lo, kv_hi, WIN, True, MASK_KV, HAS_WINDOW, PREC)
+                dq = _bwd_dq_step(dq, q, do, lse, delta, k_base, v_base, s_kt, s_vt, KD1, VD1, b, h, qb0 * BS,
+                                  offs_m, offs_n, offs_d, qk_scale, T, kv_lo, kv_hi, WIN, True, MASK_KV, HAS_WINDOW,
+                                  PREC, TMA)
         else:
             for jb in range(qb0, tl.minimum(qb0 + RB, NB)):
                 offs_n = jb * BS + tl.arange(0, BS)
-                dq = _bwd_dq_step(dq, q, do, lse, delta, k_base, v_base, s_kt, s_vt, offs_m, offs_n, offs_d,
-                                  qk_scale, T, kv_lo, kv_hi, WIN, True, MASK_KV, HAS_WINDOW, PREC)
+                dq = _bwd_dq_step(dq, q, do, lse, delta, k_base, v_base, s_kt, s_vt, KD1, VD1, b, h, jb * BS,
+                                  offs_m, offs_n, offs_d, qk_scale, T, kv_lo, kv_hi, WIN, True, MASK_KV, HAS_WINDOW,
+                                  PREC, TMA)
     dq = dq * sm_scale
     tl.store(DQ + b.to(tl.int64) * s_gb + hq.to(tl.int64) * s_gh + offs_m[:, None] * s_gt + offs_d[None, :],
              dq.to(DQ.dtype.element_ty), mask=rmask)
 
 
 @triton.jit
-def _bwd_dkdv_step(dk, dv, k, v, q_base, do_base, lse_base, delta_base, s_qt, s_dt, offs_m, offs_n, offs_d,
-                   qk_scale, T, win, CAUSAL_MASK: tl.constexpr, ROW_MASK: tl.constexpr, WIN_MASK: tl.constexpr,
-                   PREC: tl.constexpr):
+def _bwd_dkdv_step(dk, dv, k, v, q_base, do_base, lse_base, delta_base, s_qt, s_dt, qd, dod, b, hq, m0, offs_m,
+                   offs_n, offs_d, qk_scale, T, win, CAUSAL_MASK: tl.constexpr, ROW_MASK: tl.constexpr,
+                   WIN_MASK: tl.constexpr, PREC: tl.constexpr, TMA: tl.constexpr):
+    # the Q and dO tile of query rows ``offs_m`` (contiguous from ``m0`` when ``TMA``)
+    if TMA:
+        q = _desc_rows(qd, b, hq, m0, offs_m.shape[0], offs_d.shape[0])
+        do = _desc_rows(dod, b, hq, m0, offs_m.shape[0], offs_d.shape[0])
     if CAUSAL_MASK or ROW_MASK:
         rin = offs_m < T
-        q = tl.load(q_base + offs_m[:, None] * s_qt + offs_d[None, :], mask=rin[:, None], other=0.0)
-        do = tl.load(do_base + offs_m[:, None] * s_dt + offs_d[None, :], mask=rin[:, None], other=0.0)
+        if not TMA:
+            q = tl.load(q_base + offs_m[:, None] * s_qt + offs_d[None, :], mask=rin[:, None], other=0.0)
+            do = tl.load(do_base + offs_m[:, None] * s_dt + offs_d[None, :], mask=rin[:, None], other=0.0)
         lse = tl.load(lse_base + offs_m, mask=rin, other=float("inf"))
         delta = tl.load(delta_base + offs_m, mask=rin, other=0.0)
     else:
-        q = tl.load(q_base + offs_m[:, None] * s_qt + offs_d[None, :])
-        do = tl.load(do_base + offs_m[:, None] * s_dt + offs_d[None, :])
+        if not TMA:
+            q = tl.load(q_base + offs_m[:, None] * s_qt + offs_d[None, :])
+            do = tl.load(do_base + offs_m[:, None] * s_dt + offs_d[None, :])
         lse = tl.load(lse_base + offs_m)
         delta = tl.load(delta_base + offs_m)
     qkT = tl.dot(k, tl.trans(q), input_precision=PREC) * qk_scale
@@ -468,13 +486,13 @@ def _bwd_dkdv_step(dk, dv, k, v, q_base, do_base, lse_base, delta_base, s_qt, s_
 
 @triton.jit
 def _attn_bwd_dkdv_kernel(
-    Q, K, V, DO, DK, DV, LSE, DELTA, IDXT, CNTT, BOUNDS, SYNC, SDK, SDV, qk_scale, sm_scale,
+    Q, K, V, DO, DK, DV, LSE, DELTA, IDXT, CNTT, BOUNDS, SYNC, SDK, SDV, QD, DOD, QD1, DOD1, qk_scale, sm_scale,
     s_qb, s_qh, s_qt, s_kb, s_kh, s_kt, s_vb, s_vh, s_vt, s_db, s_dh, s_dt,
     s_kgb, s_kgh, s_kgt, s_vgb, s_vgh, s_vgt,
     HQ, H, T, NB, WIN, NSPLIT, CHUNK,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BS: tl.constexpr, SPARSE: tl.constexpr, CAUSAL: tl.constexpr, HAS_BOUNDS: tl.constexpr,
-    EVEN_T: tl.constexpr, HAS_WINDOW: tl.constexpr, PREC: tl.constexpr,
+    EVEN_T: tl.constexpr, HAS_WINDOW: tl.constexpr, PREC: tl.constexpr, TMA: tl.constexpr,
 ):
     # one program: BLOCK_N keys of one KV head; loops over the GROUP query heads that share it.
     # Sparse: one key block, whose transposed lists (over the GROUP heads: W entries) may be
@@ -567,12 +585,14 @@ def _attn_bwd_dkdv_kernel(
                 if has_diag & (a == 0) & (z > 0):
                     offs_m = kb0 * BS + tl.arange(0, BS)
                     dk, dv = _bwd_dkdv_step(dk, dv, k, v, q_base, do_base, lse_base, delta_base, s_qt, s_dt,
-                                            offs_m, offs_n, offs_d, qk_scale, T, WIN, True, ROW_MASK, HAS_WINDOW, PREC)
+                                            QD1, DOD1, b, hq, kb0 * BS, offs_m, offs_n, offs_d, qk_scale, T, WIN,
+                                            True, ROW_MASK, HAS_WINDOW, PREC, TMA)
             else:
                 for ib in range(kb0, tl.minimum(kb0 + RK, NB)):
                     offs_m = ib * BS + tl.arange(0, BS)
                     dk, dv = _bwd_dkdv_step(dk, dv, k, v, q_base, do_base, lse_base, delta_base, s_qt, s_dt,
-                                            offs_m, offs_n, offs_d, qk_scale, T, WIN, True, ROW_MASK, HAS_WINDOW, PREC)
+                                            QD1, DOD1, b, hq, ib * BS, offs_m, offs_n, offs_d, qk_scale, T, WIN,
+                                            True, ROW_MASK, HAS_WINDOW, PREC, TMA)
         p_end = p1  # end of the unmasked walk
         if HAS_WINDOW:
             # transposed lists ascend: unmasked query blocks, then those the window cuts,
@@ -591,18 +611,21 @@ def _attn_bwd_dkdv_kernel(
         for t in range(0, n_full):
             offs_m = _tile_offsets(idx_row, w0 + t * MSUB, BLOCK_M, BS, SPARSE)
             dk, dv = _bwd_dkdv_step(dk, dv, k, v, q_base, do_base, lse_base, delta_base, s_qt, s_dt,
-                                    offs_m, offs_n, offs_d, qk_scale, T, WIN, False, ROW_MASK, False, PREC)
+                                    QD, DOD, b, hq, _tile_start(idx_row, w0 + t * MSUB, BS, SPARSE, TMA), offs_m,
+                                    offs_n, offs_d, qk_scale, T, WIN, False, ROW_MASK, False, PREC, TMA)
         for p in range(w0 + n_full * MSUB, w1):
             offs_m = _tile_offsets(idx_row, p, BS, BS, SPARSE)
             dk, dv = _bwd_dkdv_step(dk, dv, k, v, q_base, do_base, lse_base, delta_base, s_qt, s_dt,
-                                    offs_m, offs_n, offs_d, qk_scale, T, WIN, False, ROW_MASK, False, PREC)
+                                    QD1, DOD1, b, hq, _tile_start(idx_row, p, BS, SPARSE, TMA), offs_m, offs_n,
+                                    offs_d, qk_scale, T, WIN, False, ROW_MASK, False, PREC, TMA)
         if HAS_WINDOW:
             for p in range(tl.maximum(p_end, a), tl.minimum(p1, z)):
                 ib = _list_entry(idx_row, p, p1, q_end, SPARSE)
                 if ib < q_end:
                     offs_m = ib * BS + tl.arange(0, BS)
                     dk, dv = _bwd_dkdv_step(dk, dv, k, v, q_base, do_base, lse_base, delta_base, s_qt, s_dt,
-                                            offs_m, offs_n, offs_d, qk_scale, T, WIN, False, ROW_MASK, True, PREC)
+                                            QD1, DOD1, b, hq, ib * BS, offs_m, offs_n, offs_d, qk_scale, T, WIN,
+                                            False, ROW_MASK, True, PREC, TMA)
 
     if SPARSE:
         if n_split > 1:  # add the earlier splits' sum, in split order
@@ -648,6 +671,10 @@ DKDV_MAX_SPLITS = 8
 #: the descriptors' host work showed at 8k.
 FWD_OPTIONS = {"tma": "auto"}
 
+#: Backward-kernel options. ``tma``: as in the forward, for the dQ kernel's K/V tiles and the
+#: dK/dV kernel's Q/dO tiles (the vectors beside them, log-sum-exp and delta, keep pointer loads).
+BWD_OPTIONS = {"tma": "auto"}
+
 #: Most bytes of the pooling pass's float32 scratch (``NB x T`` per head); above it the
 #: heads are launched a few at a time. At 128k tokens one head needs 1 GiB.
 POOL_SCRATCH_BYTES = 4 << 30
@@ -679,13 +706,14 @@ def _config(kernel, sparse, head_dim, on_gpu, dtype=torch.bfloat16, tma=False):
     return (64, 64, 4, 2) if sparse else (128, 128, 8, 2)
 
 
-def _tma_ok(*tensors):
-    """Whether K/V tiles may be loaded through tensor descriptors: asked for
-    (``FWD_OPTIONS["tma"]``), a Hopper-or-newer GPU or the interpreter, 16-bit tensors whose
-    base and outer strides are 16-byte aligned (TMA's rules)."""
-    want = FWD_OPTIONS["tma"]
+def _tma_ok(options, *tensors):
+    """Whether tiles of ``tensors`` may be loaded through tensor descriptors: asked for
+    (``options["tma"]``, ``FWD_OPTIONS`` or ``BWD_OPTIONS``), a Hopper-or-newer GPU or the
+    interpreter, 16-bit tensors whose base and outer strides are 16-byte aligned (TMA's rules)."""
+    want = options["tma"]
     if want not in (True, False, "auto"):
-        raise ValueError(f"FWD_OPTIONS['tma'] must be True, False or 'auto', got {want!r}")
+        name = "FWD_OPTIONS" if options is FWD_OPTIONS else "BWD_OPTIONS"
+        raise ValueError(f"{name}['tma'] must be True, False or 'auto', got {want!r}")
     if want == "auto":
         want = tensors[0].shape[-1] >= 128
     if not want or TensorDescriptor is None:
@@ -697,9 +725,14 @@ def _tma_ok(*tensors):
                and all(s * t.element_size() % 16 == 0 for s in t.stride()[:-1]) for t in tensors)
 
 
-def _kv_descriptors(k, v, rows):
-    """Tensor descriptors of K and V whose loads return ``rows`` consecutive keys of one head."""
-    return [TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, rows, t.shape[-1]]) for t in (k, v)]
+def _row_descriptors(tensors, rows, one_block):
+    """Tensor descriptors of each ``[B, H, T, D]`` tensor whose loads return ``rows``
+    consecutive rows of one head, then those returning ``one_block`` rows (the same
+    descriptors where the two agree)."""
+    def build(n):
+        return [TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, n, t.shape[-1]]) for t in tensors]
+    tiles = build(rows)
+    return tiles + (tiles if one_block == rows else build(one_block))
 
 
 def _bht_strides(*tensors):
@@ -717,7 +750,7 @@ def _attn_fwd(q, k, v, idx, cnt, bounds, causal, sm_scale, block_size, pooling, 
     H = k.shape[1]
     NB = num_blocks(T, block_size)
     sparse = idx is not None
-    tma = _tma_ok(k, v)
+    tma = _tma_ok(FWD_OPTIONS, k, v)
     BLOCK_M, BLOCK_N, warps, stages = _config("fwd", sparse, D, q.is_cuda, q.dtype, tma)
     assert BLOCK_M % block_size == 0 and BLOCK_N % block_size == 0 and (not sparse or BLOCK_M == block_size)
     tma = tma and (not sparse or BLOCK_N == block_size)  # a sparse tile of several blocks is a gather
@@ -732,11 +765,7 @@ def _attn_fwd(q, k, v, idx, cnt, bounds, causal, sm_scale, block_size, pooling, 
         per_head = NB * n_m * BLOCK_M * 4
         heads = max(1, min(B * HQ, POOL_SCRATCH_BYTES // per_head))
         scratch = new_output((heads, NB, n_m * BLOCK_M), torch.float32, q.device)
-    kd, vd, kd1, vd1 = k, v, k, v
-    if tma:  # tiles of BLOCK_N keys, and of one block (the same descriptors where those agree)
-        kd, vd = kd1, vd1 = _kv_descriptors(k, v, BLOCK_N)
-        if BLOCK_N != block_size:
-            kd1, vd1 = _kv_descriptors(k, v, block_size)
+    kd, vd, kd1, vd1 = _row_descriptors((k, v), BLOCK_N, block_size) if tma else (k, v, k, v)
     for bh0 in range(0, B * HQ, heads):
         _attn_fwd_kernel[(n_m, min(heads, B * HQ - bh0))](
             q, k, v, o, lse, pool, scratch, idx if sparse else dummy, cnt if sparse else dummy,
@@ -774,15 +803,20 @@ def _attn_bwd(do, q, k, v, o, lse, block_mask, bounds, causal, sm_scale, block_s
     if sparse:
         idx, cnt = block_mask_to_indices(block_mask, causal=causal)
     BM, BN, warps, stages = _config("dq", sparse, D, q.is_cuda, q.dtype)
+    # TMA tiles are one block or (dense) contiguous blocks; a sparse tile of several is a gather
+    tma = _tma_ok(BWD_OPTIONS, k, v) and (not sparse or BN == block_size)
+    descs = _row_descriptors((k, v), BN, block_size) if tma else (k, v, k, v)
     _attn_bwd_dq_kernel[(triton.cdiv(T, BM), B * HQ)](
-        q, k, v, do, dq, lse, delta, idx if sparse else dummy, cnt if sparse else dummy, b_arg,
+        q, k, v, do, dq, lse, delta, idx if sparse else dummy, cnt if sparse else dummy, b_arg, *descs,
         sm_scale * _LOG2E, sm_scale,
         *_bht_strides(q, k, v, do, dq),
-        HQ, T, NB, window or 0, BLOCK_M=BM, BLOCK_N=BN, num_warps=warps, num_stages=stages, **common)
+        HQ, T, NB, window or 0, BLOCK_M=BM, BLOCK_N=BN, TMA=tma, num_warps=warps, num_stages=stages, **common)
     if sparse:
         del idx, cnt
         idx, cnt = block_mask_to_indices(block_mask, causal=causal, transpose=True)
     BM, BN, warps, stages = _config("dkdv", sparse, D, q.is_cuda, q.dtype)
+    tma = _tma_ok(BWD_OPTIONS, q, do) and (not sparse or BM == block_size)
+    descs = _row_descriptors((q, do), BM, block_size) if tma else (q, do, q, do)
     sync = sdk = sdv = dummy
     n_split, chunk = 1, NB
     if sparse:  # a key block's lists hold up to GROUP * NB entries: split the long ones
@@ -798,10 +832,10 @@ def _attn_bwd(do, q, k, v, o, lse, block_mask, bounds, causal, sm_scale, block_s
         grid = (triton.cdiv(T, BN), B * H)
     _attn_bwd_dkdv_kernel[grid](
         q, k, v, do, dk, dv, lse, delta, idx if sparse else dummy, cnt if sparse else dummy, b_arg, sync, sdk, sdv,
-        sm_scale * _LOG2E, sm_scale,
+        *descs, sm_scale * _LOG2E, sm_scale,
         *_bht_strides(q, k, v, do, dk, dv),
-        HQ, H, T, NB, window or 0, n_split, chunk, BLOCK_M=BM, BLOCK_N=BN, num_warps=warps, num_stages=stages,
-        **common)
+        HQ, H, T, NB, window or 0, n_split, chunk, BLOCK_M=BM, BLOCK_N=BN, TMA=tma, num_warps=warps,
+        num_stages=stages, **common)
     return dq, dk, dv
 
 

@@ -42,6 +42,9 @@
 #   tma-variants   ~5  issue 16: forward K/V through tensor descriptors (TMA) vs pointer loads, stage
 #                      counts, dense tiles (H200 at fdc8d82: 0.84-0.91x; docs/experiments/tma_variants.md);
 #                      next to try there: TMA in the dQ and dK/dV kernels, cached descriptors at 8k
+#   tma-bwd        ~8  issue 16: the TMA GPU tests, then the backward kernels' variants (BWD_OPTIONS:
+#                      K/V in dQ, Q/dO in dK/dV through tensor descriptors; stage counts, tiles) at
+#                      8k / 32k against SDPA flash and cuDNN backward
 #   gate-calib     ~5  issue 17: the threshold calibrated on 4 held-out windows of train.jsonl for
 #                      density 0.3 / 0.2 / 0.1 / 0.05 (the calibrated knob): achieved density on the
 #                      eval windows and PPL beside the density knob at the same density
@@ -100,6 +103,12 @@ case "$STEP" in
   tma-variants)
     timeout 420 "$PY" docs/experiments/tma_variants.py --out "$OUT/tma" > "$OUT/tma.log" 2>&1
     echo "tma_variants: exit $?"; sed -n '/^# /,$p' "$OUT/tma.log" ;;
+  tma-bwd)
+    timeout 150 "$PY" -m pytest -q -p no:cacheprovider -rfE tests/kernels/test_gpu_kernels.py -k tma > "$OUT/tests.log" 2>&1
+    echo "TMA GPU tests: exit $?, $(tail -n 1 "$OUT/tests.log")"; grep -E "^(FAILED|ERROR)" "$OUT/tests.log"
+    timeout 420 "$PY" docs/experiments/tma_variants.py --backward --lengths 8192 32768 \
+      --profile 8192:dense 32768:dense 32768:d0.1 --out "$OUT/tma_bwd" > "$OUT/tma_bwd.log" 2>&1
+    echo "tma_variants --backward: exit $?"; sed -n '/^# /,$p' "$OUT/tma_bwd.log"; grep -E "^error" "$OUT/tma_bwd.log" ;;
   tests-export)
     timeout 110 "$PY" -m pytest -q -p no:cacheprovider -rfE tests/hub_cards/test_export.py -k gpu > "$OUT/export.log" 2>&1
     echo "export: exit $?, $(tail -n 1 "$OUT/export.log")" ;;

@@ -442,8 +442,47 @@ def test_tma_loads_equal_pointer_loads(op, case, gen, device, monkeypatch):
     assert (tma[0].float() - ref.float()).abs().max() < 2e-2
 
 
+@pytest.mark.parametrize("case", ["causal", "window-padded", "full"])
+@pytest.mark.parametrize("op", ["sparse", "dense"])
+def test_tma_backward_equals_pointer_loads(op, case, gen, device, monkeypatch):
+    """The backward kernels' tiles through tensor descriptors (BWD_OPTIONS["tma"]: K/V in the dQ
+    kernel, Q/dO in the dK/dV kernel) give the pointer loads' gradients bit for bit: strided
+    views, a partial last block, GQA, windows, padded rows; descriptors built only when asked."""
+    if device == "cpu":  # one-block sparse tiles (the interpreter's default tiles gather two blocks)
+        for kernel in ("dq", "dkdv"):
+            monkeypatch.setitem(bsa_module.CONFIG_OVERRIDES, (kernel, True, 64), (64, 64, 4, 1))
+    built = []
+    monkeypatch.setattr(bsa_module, "TensorDescriptor",
+                        lambda *a, _td=bsa_module.TensorDescriptor: built.append(a[0].shape) or _td(*a))
+    monkeypatch.setitem(bsa_module.FWD_OPTIONS, "tma", False)
+    B, HQ, H, T, D = 2, 6, 2, 190, 64
+    causal, window = case != "full", (100 if case == "window-padded" else None)
+    bounds = torch.tensor([[9, T], [0, 170]], device=device) if case == "window-padded" else None
+    q, k, v, do = (_randn(gen, (B, T, n, D), torch.float16, device).transpose(1, 2) for n in (HQ, H, H, HQ))
+    mask = _mask(gen, B, HQ, T, 0.5, causal, device)
+    kw = dict(causal=causal, seq_bounds=bounds, window=window, backend="triton")
+    fn = (lambda q, k, v: block_sparse_attn(q, k, v, mask, **kw)) if op == "sparse" else (  # noqa: E731
+        lambda q, k, v: dense_attn(q, k, v, **kw))
+    monkeypatch.setitem(bsa_module.BWD_OPTIONS, "tma", False)
+    plain = _grads(fn, q, k, v, do)
+    assert built == []
+    monkeypatch.setitem(bsa_module.BWD_OPTIONS, "tma", True)
+    tma = _grads(fn, q, k, v, do)
+    # dQ reads K and V ([B, H, ...]), dK/dV reads Q and dO ([B, HQ, ...])
+    assert {s[1] for s in built} == {H, HQ}, built
+    for name, a, b in zip(("out", "dq", "dk", "dv"), plain, tma):
+        assert torch.equal(a, b), name
+    ref_mask = mask if op == "sparse" else torch.ones_like(mask)
+    ref = _grads(lambda q, k, v: block_sparse_attn_ref(q, k, v, ref_mask, causal=causal, seq_bounds=bounds,
+                                                       window=window), q, k, v, do)
+    for name, a, r in zip(("dq", "dk", "dv"), tma[1:], ref[1:]):
+        assert (a.float() - r.float()).abs().max() < 5e-2, name
+
+
 def test_tma_option_is_checked():
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setitem(bsa_module.FWD_OPTIONS, "tma", "yes")
-        with pytest.raises(ValueError, match="FWD_OPTIONS\\['tma'\\] must be True, False or 'auto', got 'yes'"):
-            bsa_module._tma_ok(torch.zeros(1, 1, 64, 128, dtype=torch.float16))
+    for name in ("FWD_OPTIONS", "BWD_OPTIONS"):
+        options = getattr(bsa_module, name)
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setitem(options, "tma", "yes")
+            with pytest.raises(ValueError, match=f"{name}\\['tma'\\] must be True, False or 'auto', got 'yes'"):
+                bsa_module._tma_ok(options, torch.zeros(1, 1, 64, 128, dtype=torch.float16))
