@@ -104,7 +104,7 @@ case "$STEP" in
     timeout 420 "$PY" docs/experiments/tma_variants.py --out "$OUT/tma" > "$OUT/tma.log" 2>&1
     echo "tma_variants: exit $?"; sed -n '/^# /,$p' "$OUT/tma.log" ;;
   tma-bwd)
-    timeout 150 "$PY" -m pytest -q -p no:cacheprovider -rfE tests/kernels/test_gpu_kernels.py -k tma > "$OUT/tests.log" 2>&1
+    timeout 150 "$PY" -m pytest -q -p no:cacheprovider -rfE tests/kernels/test_gpu_kernels.py -k "tma_loads or tma_backward" > "$OUT/tests.log" 2>&1
     echo "TMA GPU tests: exit $?, $(tail -n 1 "$OUT/tests.log")"; grep -E "^(FAILED|ERROR)" "$OUT/tests.log"
     timeout 420 "$PY" docs/experiments/tma_variants.py --backward --lengths 8192 32768 \
       --profile 8192:dense 32768:dense 32768:d0.1 --out "$OUT/tma_bwd" > "$OUT/tma_bwd.log" 2>&1

@@ -48,23 +48,28 @@ def variants(D):
 
 
 def bwd_variants(D):
-    """As :func:`variants`, for the backward kernels (BWD_OPTIONS); ``tma`` keeps the launch
-    table (dQ sparse 64x64 / 4 warps / 3 stages, dense 128x64 / 8 / 2; dK/dV sparse
-    64x64 / 4 / 2, dense 128x128 / 8 / 2)."""
+    """As :func:`variants`, for the backward kernels (BWD_OPTIONS). ``tma`` is the kernels' TMA
+    launch table (dQ sparse 64x64 / 4 warps / 3 stages, dense 128x64 / 8 / 3; dK/dV sparse
+    64x64 / 4 / 3, dense 64x128 / 8 / 3); ``base`` the pointer loads' table (dQ dense 2
+    stages, dK/dV sparse 2 stages, dense 128x128 / 8 / 2); ``tma_table0`` TMA with that table,
+    ``base_table1`` pointer loads with the TMA table."""
     qs, qd, ks, kd = (("dq", True, D), ("dq", False, D), ("dkdv", True, D), ("dkdv", False, D))
     off, on = {"tma": False}, {"tma": True}
+    table0 = {qs: (64, 64, 4, 3), qd: (128, 64, 8, 2), ks: (64, 64, 4, 2), kd: (128, 128, 8, 2)}
+    table1 = {qs: (64, 64, 4, 3), qd: (128, 64, 8, 3), ks: (64, 64, 4, 3), kd: (64, 128, 8, 3)}
     return {
         "base": (off, {}, "all"),
         "tma": (on, {}, "all"),
+        "tma_table0": (on, table0, "all"),
+        "base_table1": (off, table1, "all"),
         "tma_dq_s4": (on, {qs: (64, 64, 4, 4)}, "sparse"),
-        "tma_dq_s5": (on, {qs: (64, 64, 4, 5)}, "sparse"),
-        "tma_dkdv_s3": (on, {ks: (64, 64, 4, 3)}, "sparse"),
         "tma_dkdv_s4": (on, {ks: (64, 64, 4, 4)}, "sparse"),
-        "tma_dq_128x64s3": (on, {qd: (128, 64, 8, 3)}, "dense"),
+        "tma_dq_128x64s4": (on, {qd: (128, 64, 8, 4)}, "dense"),
         "tma_dq_128x128s2": (on, {qd: (128, 128, 8, 2)}, "dense"),
-        "tma_dkdv_64x128s3": (on, {kd: (64, 128, 8, 3)}, "dense"),
-        "tma_dkdv_64x128w4s3": (on, {kd: (64, 128, 4, 3)}, "dense"),
-        "tma_dkdv_128x64s3": (on, {kd: (128, 64, 8, 3)}, "dense"),
+        "tma_dkdv_64x128s2": (on, {kd: (64, 128, 8, 2)}, "dense"),
+        "tma_dkdv_64x128s4": (on, {kd: (64, 128, 8, 4)}, "dense"),
+        "tma_dkdv_64x64w4s3": (on, {kd: (64, 64, 4, 3)}, "dense"),
+        "tma_dkdv_128x128s2": (on, {kd: (128, 128, 8, 2)}, "dense"),
     }
 
 

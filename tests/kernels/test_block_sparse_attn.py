@@ -443,14 +443,18 @@ def test_tma_loads_equal_pointer_loads(op, case, gen, device, monkeypatch):
 
 
 @pytest.mark.parametrize("case", ["causal", "window-padded", "full"])
-@pytest.mark.parametrize("op", ["sparse", "dense"])
+@pytest.mark.parametrize("op", ["sparse", "dense", "dense-gpu-tiles"])
 def test_tma_backward_equals_pointer_loads(op, case, gen, device, monkeypatch):
     """The backward kernels' tiles through tensor descriptors (BWD_OPTIONS["tma"]: K/V in the dQ
     kernel, Q/dO in the dK/dV kernel) give the pointer loads' gradients bit for bit: strided
-    views, a partial last block, GQA, windows, padded rows; descriptors built only when asked."""
+    views, a partial last block, GQA, windows, padded rows; descriptors built only when asked.
+    ``dense-gpu-tiles``: the GPU's dense TMA tiles (dQ 128 x 64, dK/dV 64 query rows x 128 keys)."""
     if device == "cpu":  # one-block sparse tiles (the interpreter's default tiles gather two blocks)
         for kernel in ("dq", "dkdv"):
             monkeypatch.setitem(bsa_module.CONFIG_OVERRIDES, (kernel, True, 64), (64, 64, 4, 1))
+    if op == "dense-gpu-tiles":
+        monkeypatch.setitem(bsa_module.CONFIG_OVERRIDES, ("dq", False, 64), (128, 64, 4, 1))
+        monkeypatch.setitem(bsa_module.CONFIG_OVERRIDES, ("dkdv", False, 64), (64, 128, 4, 1))
     built = []
     monkeypatch.setattr(bsa_module, "TensorDescriptor",
                         lambda *a, _td=bsa_module.TensorDescriptor: built.append(a[0].shape) or _td(*a))
