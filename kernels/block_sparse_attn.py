@@ -182,18 +182,20 @@ def _fwd_step(acc, l_i, m_i, q, k_base, v_base, s_kt, s_vt, kd, vd, b, h, n0, of
         qk = tl.where(((offs_n >= kv_lo) & (offs_n < kv_hi))[None, :], qk, float("-inf"))
     if WIN_MASK:
         qk = tl.where(offs_n[None, :] > offs_m[:, None] - win, qk, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    NS: tl.constexpr = offs_n.shape[0] // BS
+    if STATS and not STAT_SUM:  # per row and key block: its max score, and the row's max from those
+        stat = tl.max(tl.reshape(qk, (offs_m.shape[0], NS, BS)), axis=2)
+        m_new = tl.maximum(m_i, tl.max(stat, 1))
+    else:
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
     if CAUSAL_MASK or KV_MASK or WIN_MASK:
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # fully masked row so far
     else:
         m_use = m_new
     p = tl.math.exp2(qk - m_use[:, None])
-    if STATS:  # per row and key block of the tile: its max score, or the log2 of its exp2-sum
-        NS: tl.constexpr = offs_n.shape[0] // BS
+    if STATS:  # per row and key block of the tile: its max score (above), or the log2 of its exp2-sum
         if STAT_SUM:
             stat = m_use[:, None] + tl.math.log2(tl.sum(tl.reshape(p, (offs_m.shape[0], NS, BS)), axis=2))
-        else:
-            stat = tl.max(tl.reshape(qk, (offs_m.shape[0], NS, BS)), axis=2)
         tl.store(scr_rows[:, None] + (blk0 + tl.arange(0, NS))[None, :].to(tl.int64) * scr_stride, stat)
     alpha = tl.math.exp2(m_i - m_use)
     l_i = l_i * alpha + tl.sum(p, 1)
@@ -672,8 +674,11 @@ DKDV_MAX_SPLITS = 8
 FWD_OPTIONS = {"tma": "auto"}
 
 #: Backward-kernel options. ``tma``: as in the forward, for the dQ kernel's K/V tiles and the
-#: dK/dV kernel's Q/dO tiles (the vectors beside them, log-sum-exp and delta, keep pointer loads).
-BWD_OPTIONS = {"tma": "auto"}
+#: dK/dV kernel's Q/dO tiles (the vectors beside them, log-sum-exp and delta, keep pointer
+#: loads). Off by default: on an H200 (docs/experiments/tma_variants.md) the kernels gained
+#: nothing dense and 3-4% sparse at 32k, and the host-bound backward at 8k and density 0.1
+#: took 0.85 ms against 0.62 with pointer loads in one of two runs.
+BWD_OPTIONS = {"tma": False}
 
 #: Most bytes of the pooling pass's float32 scratch (``NB x T`` per head); above it the
 #: heads are launched a few at a time. At 128k tokens one head needs 1 GiB.
@@ -701,14 +706,16 @@ def _config(kernel, sparse, head_dim, on_gpu, dtype=torch.bfloat16, tma=False):
         if sparse:
             return (64, 64, 4, 3 if head_dim <= 64 else (5 if tma else 4))
         return (128, 128, 8, 3)
-    # With TMA tiles (H200, tma_variants.py --backward, 32k): dense dQ 128x64 with 3 stages
-    # (23.7 -> 18.8 ms), dense dK/dV in 64-row query tiles over 128 keys (40.9 -> 32.0 ms),
-    # sparse dK/dV 3 stages (0.97x).
+    # Dense backward at d128 (H200, docs/experiments/tma_variants.py --backward, 32k): dQ
+    # 128x64 with 3 stages (24.1 -> 18.9 ms), dK/dV in 64-row query tiles over 128 keys
+    # (41.4 -> 34.2 ms); the whole backward 65.7 -> 53.5 ms. With TMA tiles sparse dK/dV
+    # runs best with 3 stages (0.97x).
+    wide = head_dim >= 128
     if kernel == "dq":
-        return (64, 64, 4, 3) if sparse else (128, 64, 8, 3 if tma else 2)
+        return (64, 64, 4, 3) if sparse else (128, 64, 8, 3 if wide else 2)
     if sparse:
         return (64, 64, 4, 3 if tma else 2)
-    return (64, 128, 8, 3) if tma else (128, 128, 8, 2)
+    return (64, 128, 8, 3) if wide else (128, 128, 8, 2)
 
 
 def _tma_ok(options, *tensors):

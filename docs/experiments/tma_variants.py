@@ -48,11 +48,12 @@ def variants(D):
 
 
 def bwd_variants(D):
-    """As :func:`variants`, for the backward kernels (BWD_OPTIONS). ``tma`` is the kernels' TMA
-    launch table (dQ sparse 64x64 / 4 warps / 3 stages, dense 128x64 / 8 / 3; dK/dV sparse
-    64x64 / 4 / 3, dense 64x128 / 8 / 3); ``base`` the pointer loads' table (dQ dense 2
-    stages, dK/dV sparse 2 stages, dense 128x128 / 8 / 2); ``tma_table0`` TMA with that table,
-    ``base_table1`` pointer loads with the TMA table."""
+    """As :func:`variants`, for the backward kernels (BWD_OPTIONS). The runs in
+    docs/experiments/tma_variants.md name the launch tables: ``table0`` (before: dQ sparse
+    64x64 / 4 warps / 3 stages, dense 128x64 / 8 / 2; dK/dV sparse 64x64 / 4 / 2, dense
+    128x128 / 8 / 2) and ``table1`` (dQ dense 3 stages, dK/dV sparse 3 stages, dense 64x128 /
+    8 / 3). The kernels' table now: ``table1`` at d >= 128 with pointer loads, except sparse
+    dK/dV's 2 stages (3 with TMA)."""
     qs, qd, ks, kd = (("dq", True, D), ("dq", False, D), ("dkdv", True, D), ("dkdv", False, D))
     off, on = {"tma": False}, {"tma": True}
     table0 = {qs: (64, 64, 4, 3), qd: (128, 64, 8, 2), ks: (64, 64, 4, 2), kd: (128, 128, 8, 2)}
