@@ -128,8 +128,13 @@ def _kernels(path):
         bwd = [r for r in env["rows"] if "bwd_sdpa_flash" in r]
         for r in bwd[-1:]:  # the longest length with a backward pass
             out += (f"\n\nBackward at {_tokens(r['T'])}: SDPA flash {sig3(r['bwd_sdpa_flash'])} ms, ours dense "
-                    f"{sig3(r['bwd_ours_dense'])} ms, ours at 10% {sig3(r['bwd_ours_d0.1'])} ms "
+                    f"{sig3(r['bwd_ours_dense'])} ms ({r['bwd_ours_dense'] / r['bwd_sdpa_flash']:.2f}× SDPA "
+                    f"flash's), ours at 10% {sig3(r['bwd_ours_d0.1'])} ms "
                     f"({r['bwd_sdpa_flash'] / r['bwd_ours_d0.1']:.1f}× faster than SDPA flash).")
+        pool = [r for r in env["rows"] if r.get("attn_with_pooling") and r.get("ours_dense")]
+        if pool:
+            out += ("\n\nattn_with_pooling over our dense kernel: " + ", ".join(
+                f"{_tokens(r['T'])} {r['attn_with_pooling'] / r['ours_dense']:.2f}×" for r in pool) + ".")
         return out
     return render
 
@@ -178,6 +183,28 @@ def tma_variants_h200(root) -> str:
                "8 KV heads, d=128, batch 1, median ms (lower of two rounds):")
     return caption + "\n\n" + _table(["tokens", "kernel", "SDPA cuDNN", "pointer loads", "TMA", "TMA / pointers"],
                                        body)
+
+
+def tma_bwd_variants_h200(root) -> str:
+    """docs/experiments/tma_variants.py --backward: the backward kernels' launch tables with
+    pointer loads and with tiles through tensor descriptors, same inputs, one process."""
+    path = "results/kernels/h200_tma_bwd_variants.json"
+    env = load_envelope(root, path)
+    prov = env["provenance"]
+    cols = [("pointers, table 0 (before)", "base"), ("TMA, table 0", "tma_table0"),
+            ("pointers, table 1", "base_table1"), ("TMA, table 1", "tma")]
+    body = []
+    for r in env["rows"]:
+        now = r["base_table1"] if r["op"] == "dense" else r["base"]
+        body.append([_tokens(r["T"]), _kernel_op_label(r["op"]), sig3(r["sdpa_flash"]), sig3(r["sdpa_cudnn"])]
+                    + [sig3(r[k]) for _, k in cols] + [f"{now / r['base']:.2f}", f"{now / r['sdpa_flash']:.2f}"])
+    caption = (f"{prov['gpu']}, commit {_commit(prov)}, same inputs, one process ({path}); the backward pass alone "
+               "(dQ, dK, dV of a causal forward), bf16, 32 query / 8 KV heads, d=128, batch 1, median ms (lower of "
+               "two rounds). Table 0: dQ dense 128x64 tiles / 2 stages, dK/dV dense 128x128, sparse 2 stages; "
+               "table 1: dQ dense 3 stages, dK/dV dense 64 query rows x 128 keys / 3 stages, sparse 3 stages. Now: "
+               "pointer loads, table 1 dense, table 0 sparse:")
+    return caption + "\n\n" + _table(["tokens", "backward of", "SDPA flash", "SDPA cuDNN"] + [c for c, _ in cols]
+                                      + ["now / before", "now / SDPA flash"], body)
 
 
 def _ttft(path):
@@ -571,6 +598,9 @@ TABLES = {
     "tma-variants-h200": tma_variants_h200,
     "kernels-h200-tma": _kernels("results/kernels/h200_tma.json"),
     "ttft-h200": _ttft("results/ttft/h200.json"),
+    "tma-bwd-variants-h200": tma_bwd_variants_h200,
+    "kernels-h200-bwd-tiles": _kernels("results/kernels/h200_bwd_tiles.json"),
+    "ttft-h200-bwd-tiles": _ttft("results/ttft/h200_bwd_tiles.json"),
     "quality-h100": quality_h100,
     "quality-sink-local": quality_sink_local,
     "quality-rerun-h200": quality_rerun_h200,
