@@ -42,6 +42,8 @@
 #   tma-variants   ~5  issue 16: forward K/V through tensor descriptors (TMA) vs pointer loads, stage
 #                      counts, dense tiles (H200 at fdc8d82: 0.84-0.91x; docs/experiments/tma_variants.md);
 #                      next to try there: TMA in the dQ and dK/dV kernels, cached descriptors at 8k
+#   gate-passkey225 ~10 issue 17's passkey protocol at its size: 225 prompts (2k/4k/8k x 5 depths x 15),
+#                      plain gates, knob and threshold at ~0.12, paired against dense (gate-passkey ran 75)
 #   tma-bwd        ~8  issue 16: the TMA GPU tests, then the backward kernels' variants (BWD_OPTIONS:
 #                      K/V in dQ, Q/dO in dK/dV through tensor descriptors; stage counts, tiles) at
 #                      8k / 32k against SDPA flash and cuDNN backward
@@ -146,6 +148,11 @@ case "$STEP" in
   gate-passkey)
     timeout 560 "$PY" docs/experiments/gate_quality.py --model "$GGUF" "${DATA[@]}" --variants plain retrieval \
       --phases passkey --passkey-settings gate:threshold=0.03 --budget-s 480 --out "$OUT" \
+      > "$OUT/gate_quality.log" 2>&1
+    echo "gate_quality: exit $?"; tail -n 8 "$OUT/gate_quality.log" ;;
+  gate-passkey225)
+    timeout 580 "$PY" docs/experiments/gate_quality.py --model "$GGUF" "${DATA[@]}" --variants plain \
+      --phases passkey --passkey-settings gate:threshold=0.03 --passkey-samples 15 --budget-s 540 --out "$OUT" \
       > "$OUT/gate_quality.log" 2>&1
     echo "gate_quality: exit $?"; tail -n 8 "$OUT/gate_quality.log" ;;
   *) echo "unknown step $STEP"; exit 2 ;;
