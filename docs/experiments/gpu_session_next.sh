@@ -41,7 +41,9 @@
 #   bench-kernels  ~5  the issue 16 table (8k / 32k / 128k, backward at 32k), then TTFT at 128k
 #   tma-variants   ~5  issue 16: forward K/V through tensor descriptors (TMA) vs pointer loads, stage
 #                      counts, dense tiles (H200 at fdc8d82: 0.84-0.91x; docs/experiments/tma_variants.md);
-#                      next to try there: TMA in the dQ and dK/dV kernels, cached descriptors at 8k
+#                      TMA in the backward: tma-bwd below. Next: tma_dense64s5, the dense kernel in the
+#                      sparse rows' 64x64 tile, against d1.0: how much of the sparse kernel's 1.17x over
+#                      dense is the tile shape and how much the list walk
 #   gate-passkey225 ~10 issue 17's passkey protocol at its size: 225 prompts (2k/4k/8k x 5 depths x 15),
 #                      plain gates, knob and threshold at ~0.12, paired against dense (gate-passkey ran 75)
 #   tma-bwd        ~8  issue 16: the TMA GPU tests, then the backward kernels' variants (BWD_OPTIONS:
@@ -103,7 +105,8 @@ case "$STEP" in
     timeout 200 "$PY" -m seer_attn.eval.bench_ttft --lengths 131072 --out "$OUT/ttft" > "$OUT/ttft.log" 2>&1
     echo "bench_ttft: exit $?"; tail -n 8 "$OUT/ttft.log" ;;
   tma-variants)
-    timeout 420 "$PY" docs/experiments/tma_variants.py --out "$OUT/tma" > "$OUT/tma.log" 2>&1
+    timeout 420 "$PY" docs/experiments/tma_variants.py --variants base tma tma_dense64s5 tma_s6 \
+      --out "$OUT/tma" > "$OUT/tma.log" 2>&1
     echo "tma_variants: exit $?"; sed -n '/^# /,$p' "$OUT/tma.log" ;;
   tma-bwd)
     timeout 150 "$PY" -m pytest -q -p no:cacheprovider -rfE tests/kernels/test_gpu_kernels.py -k "tma_loads or tma_backward" > "$OUT/tests.log" 2>&1

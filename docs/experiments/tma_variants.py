@@ -44,6 +44,9 @@ def variants(D):
         "tma_128x64s3": (on, {de: (128, 64, 8, 3)}, "dense"),
         "tma_128x64s4": (on, {de: (128, 64, 8, 4)}, "dense"),
         "tma_128x128s2": (on, {de: (128, 128, 8, 2)}, "dense"),
+        # the dense kernel in the sparse rows' tile (64 query rows, 64 keys, 4 warps, 5 stages):
+        # against d1.0 it splits the sparse kernel's gap to dense into tile shape and list walk
+        "tma_dense64s5": (on, {de: (64, 64, 4, 5)}, "dense"),
     }
 
 
