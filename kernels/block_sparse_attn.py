@@ -62,6 +62,44 @@ _LOG2E = 1.4426950408889634
 # ----------------------------------------------------------------------------- kernels
 
 @triton.jit
+def _program_heads(pid_bh, HQ, GROUP: tl.constexpr):
+    """Batch, query head and KV head of the (batch, query head) pair ``pid_bh``."""
+    b = pid_bh // HQ
+    hq = pid_bh % HQ
+    return b, hq, hq // GROUP
+
+
+@triton.jit
+def _head_base(X, b, head, s_b, s_h):
+    """Row 0 of ``head`` of batch ``b`` in a ``[B, H, T, D]`` tensor (64-bit offsets)."""
+    return X + b.to(tl.int64) * s_b + head.to(tl.int64) * s_h
+
+
+@triton.jit
+def _load_rows(base, s_t, offs, offs_d, T):
+    """Rows ``offs`` of one head (from :func:`_head_base`); rows past T read as zeros."""
+    return tl.load(base + offs[:, None] * s_t + offs_d[None, :], mask=(offs < T)[:, None], other=0.0)
+
+
+@triton.jit
+def _store_rows(base, s_t, offs, offs_d, val, T):
+    """Store ``val`` (cast to the tensor's dtype) as rows ``offs`` of one head, rows past T left out."""
+    tl.store(base + offs[:, None] * s_t + offs_d[None, :], val.to(base.dtype.element_ty), mask=(offs < T)[:, None])
+
+
+@triton.jit
+def _seq_bounds(BOUNDS, b, T, HAS_BOUNDS: tl.constexpr):
+    """The keys batch row ``b`` may attend, ``[kv_lo, kv_hi)``: its ``seq_bounds`` or all T."""
+    if HAS_BOUNDS:
+        kv_lo = tl.load(BOUNDS + 2 * b)
+        kv_hi = tl.load(BOUNDS + 2 * b + 1)
+    else:
+        kv_lo = 0
+        kv_hi = T
+    return kv_lo, kv_hi
+
+
+@triton.jit
 def _tile_offsets(idx_row, p, BLOCK: tl.constexpr, BS: tl.constexpr, SPARSE: tl.constexpr):
     """Token offsets of the tile made of the BLOCK // BS blocks at list positions p, p+1...
     (A one-block tile's index read as a broadcast vector load, for the software pipeliner to
@@ -218,9 +256,7 @@ def _attn_fwd_kernel(
     # last wave then holds the shortest programs
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
     pid_bh = BH0 + tl.program_id(1)  # pooling launches a few heads at a time (its scratch)
-    b = pid_bh // HQ
-    hq = pid_bh % HQ
-    h = hq // GROUP
+    b, hq, h = _program_heads(pid_bh, HQ, GROUP)
     RB: tl.constexpr = BLOCK_M // BS  # query blocks per program
     NSUB: tl.constexpr = BLOCK_N // BS  # key blocks per full tile
     MASK_KV: tl.constexpr = HAS_BOUNDS or ((not CAUSAL) and (not EVEN_T))
@@ -228,16 +264,10 @@ def _attn_fwd_kernel(
     qb0 = pid_m * RB
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
-    q_base = Q + b.to(tl.int64) * s_qb + hq.to(tl.int64) * s_qh
-    k_base = K + b.to(tl.int64) * s_kb + h.to(tl.int64) * s_kh
-    v_base = V + b.to(tl.int64) * s_vb + h.to(tl.int64) * s_vh
-    q = tl.load(q_base + offs_m[:, None] * s_qt + offs_d[None, :], mask=(offs_m < T)[:, None], other=0.0)
-    if HAS_BOUNDS:
-        kv_lo = tl.load(BOUNDS + 2 * b)
-        kv_hi = tl.load(BOUNDS + 2 * b + 1)
-    else:
-        kv_lo = 0
-        kv_hi = T
+    k_base = _head_base(K, b, h, s_kb, s_kh)
+    v_base = _head_base(V, b, h, s_vb, s_vh)
+    q = _load_rows(_head_base(Q, b, hq, s_qb, s_qh), s_qt, offs_m, offs_d, T)
+    kv_lo, kv_hi = _seq_bounds(BOUNDS, b, T, HAS_BOUNDS)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -299,9 +329,7 @@ def _attn_fwd_kernel(
     l_safe = tl.where(empty, 1.0, l_i)
     out = tl.where(empty[:, None], 0.0, acc / l_safe[:, None])
     lse = tl.where(empty, float("inf"), m_i + tl.math.log2(l_safe))
-    o_base = O + b.to(tl.int64) * s_ob + hq.to(tl.int64) * s_oh
-    tl.store(o_base + offs_m[:, None] * s_ot + offs_d[None, :], out.to(O.dtype.element_ty),
-             mask=(offs_m < T)[:, None])
+    _store_rows(_head_base(O, b, hq, s_ob, s_oh), s_ot, offs_m, offs_d, out, T)
     tl.store(LSE + pid_bh.to(tl.int64) * T + offs_m, lse, mask=offs_m < T)
 
     if POOLING:
@@ -338,15 +366,11 @@ def _bwd_preprocess_kernel(O, DO, DELTA, s_ob, s_oh, s_ot, s_db, s_dh, s_dt, HQ,
                            HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    b = pid_bh // HQ
-    hq = pid_bh % HQ
+    b, hq, _ = _program_heads(pid_bh, HQ, 1)
     offs_m = pid_m * BLOCK + tl.arange(0, BLOCK)
     offs_d = tl.arange(0, HEAD_DIM)
-    msk = (offs_m < T)[:, None]
-    o = tl.load(O + b.to(tl.int64) * s_ob + hq.to(tl.int64) * s_oh + offs_m[:, None] * s_ot + offs_d[None, :],
-                mask=msk, other=0.0)
-    do = tl.load(DO + b.to(tl.int64) * s_db + hq.to(tl.int64) * s_dh + offs_m[:, None] * s_dt + offs_d[None, :],
-                 mask=msk, other=0.0)
+    o = _load_rows(_head_base(O, b, hq, s_ob, s_oh), s_ot, offs_m, offs_d, T)
+    do = _load_rows(_head_base(DO, b, hq, s_db, s_dh), s_dt, offs_m, offs_d, T)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
     tl.store(DELTA + pid_bh.to(tl.int64) * T + offs_m, delta, mask=offs_m < T)
 
@@ -382,30 +406,20 @@ def _attn_bwd_dq_kernel(
 ):
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)  # longest rows first, as in the forward
     pid_bh = tl.program_id(1)
-    b = pid_bh // HQ
-    hq = pid_bh % HQ
-    h = hq // GROUP
+    b, hq, h = _program_heads(pid_bh, HQ, GROUP)
     RB: tl.constexpr = BLOCK_M // BS
     NSUB: tl.constexpr = BLOCK_N // BS
     MASK_KV: tl.constexpr = HAS_BOUNDS or ((not CAUSAL) and (not EVEN_T))
     qb0 = pid_m * RB
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
-    rmask = (offs_m < T)[:, None]
-    q = tl.load(Q + b.to(tl.int64) * s_qb + hq.to(tl.int64) * s_qh + offs_m[:, None] * s_qt + offs_d[None, :],
-                mask=rmask, other=0.0)
-    do = tl.load(DO + b.to(tl.int64) * s_db + hq.to(tl.int64) * s_dh + offs_m[:, None] * s_dt + offs_d[None, :],
-                 mask=rmask, other=0.0)
+    q = _load_rows(_head_base(Q, b, hq, s_qb, s_qh), s_qt, offs_m, offs_d, T)
+    do = _load_rows(_head_base(DO, b, hq, s_db, s_dh), s_dt, offs_m, offs_d, T)
     lse = tl.load(LSE + pid_bh.to(tl.int64) * T + offs_m, mask=offs_m < T, other=float("inf"))
     delta = tl.load(DELTA + pid_bh.to(tl.int64) * T + offs_m, mask=offs_m < T, other=0.0)
-    k_base = K + b.to(tl.int64) * s_kb + h.to(tl.int64) * s_kh
-    v_base = V + b.to(tl.int64) * s_vb + h.to(tl.int64) * s_vh
-    if HAS_BOUNDS:
-        kv_lo = tl.load(BOUNDS + 2 * b)
-        kv_hi = tl.load(BOUNDS + 2 * b + 1)
-    else:
-        kv_lo = 0
-        kv_hi = T
+    k_base = _head_base(K, b, h, s_kb, s_kh)
+    v_base = _head_base(V, b, h, s_vb, s_vh)
+    kv_lo, kv_hi = _seq_bounds(BOUNDS, b, T, HAS_BOUNDS)
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
 
     idx_row, n_off, has_diag = _query_block_list(IDX, CNT, pid_bh, qb0, NB, SPARSE, CAUSAL)
@@ -448,8 +462,7 @@ def _attn_bwd_dq_kernel(
                                   offs_m, offs_n, offs_d, qk_scale, T, kv_lo, kv_hi, WIN, True, MASK_KV, HAS_WINDOW,
                                   PREC, TMA)
     dq = dq * sm_scale
-    tl.store(DQ + b.to(tl.int64) * s_gb + hq.to(tl.int64) * s_gh + offs_m[:, None] * s_gt + offs_d[None, :],
-             dq.to(DQ.dtype.element_ty), mask=rmask)
+    _store_rows(_head_base(DQ, b, hq, s_gb, s_gh), s_gt, offs_m, offs_d, dq, T)
 
 
 @triton.jit
@@ -533,18 +546,12 @@ def _attn_bwd_dkdv_kernel(
     kb0 = pid_n * RK
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
-    kin = (offs_n < T)[:, None]
-    k = tl.load(K + b.to(tl.int64) * s_kb + h.to(tl.int64) * s_kh + offs_n[:, None] * s_kt + offs_d[None, :],
-                mask=kin, other=0.0)
-    v = tl.load(V + b.to(tl.int64) * s_vb + h.to(tl.int64) * s_vh + offs_n[:, None] * s_vt + offs_d[None, :],
-                mask=kin, other=0.0)
+    k = _load_rows(_head_base(K, b, h, s_kb, s_kh), s_kt, offs_n, offs_d, T)
+    v = _load_rows(_head_base(V, b, h, s_vb, s_vh), s_vt, offs_n, offs_d, T)
     dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
-    kv_ok = offs_n < T
-    if HAS_BOUNDS:
-        kv_lo = tl.load(BOUNDS + 2 * b)
-        kv_hi = tl.load(BOUNDS + 2 * b + 1)
-        kv_ok = kv_ok & (offs_n >= kv_lo) & (offs_n < kv_hi)
+    kv_lo, kv_hi = _seq_bounds(BOUNDS, b, T, HAS_BOUNDS)
+    kv_ok = (offs_n < T) & (offs_n >= kv_lo) & (offs_n < kv_hi)
     # sliding window: query blocks from q_cut on see some key of this program only in part
     # (masked); from q_end on, none (skipped)
     q_cut = (kb0 * BS + WIN) // BS
@@ -554,8 +561,8 @@ def _attn_bwd_dkdv_kernel(
     for g in range(0, GROUP):
         hq = h * GROUP + g
         bhq = b * HQ + hq
-        q_base = Q + b.to(tl.int64) * s_qb + hq.to(tl.int64) * s_qh
-        do_base = DO + b.to(tl.int64) * s_db + hq.to(tl.int64) * s_dh
+        q_base = _head_base(Q, b, hq, s_qb, s_qh)
+        do_base = _head_base(DO, b, hq, s_db, s_dh)
         lse_base = LSE + bhq.to(tl.int64) * T
         delta_base = DELTA + bhq.to(tl.int64) * T
         idx_row = IDXT
@@ -648,10 +655,8 @@ def _attn_bwd_dkdv_kernel(
         # padded keys receive no gradient (their probabilities were masked in the forward)
         dk = tl.where(kv_ok[:, None], dk * sm_scale, 0.0)
         dv = tl.where(kv_ok[:, None], dv, 0.0)
-        tl.store(DK + b.to(tl.int64) * s_kgb + h.to(tl.int64) * s_kgh + offs_n[:, None] * s_kgt + offs_d[None, :],
-                 dk.to(DK.dtype.element_ty), mask=kin)
-        tl.store(DV + b.to(tl.int64) * s_vgb + h.to(tl.int64) * s_vgh + offs_n[:, None] * s_vgt + offs_d[None, :],
-                 dv.to(DV.dtype.element_ty), mask=kin)
+        _store_rows(_head_base(DK, b, h, s_kgb, s_kgh), s_kgt, offs_n, offs_d, dk, T)
+        _store_rows(_head_base(DV, b, h, s_vgb, s_vgh), s_vgt, offs_n, offs_d, dv, T)
 
 
 # ----------------------------------------------------------------------------- launchers

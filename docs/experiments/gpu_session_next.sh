@@ -8,6 +8,11 @@
 #
 #   bash docs/experiments/gpu_session_next.sh STEP OUT
 #
+# First in the next session: tests-kernels. The kernels' shared preamble helpers (after bfaeb65:
+# _program_heads, _head_base, _load_rows, _store_rows, _seq_bounds) passed the interpreter suite
+# only; the device time of session 23 was spent. Then tma-variants (the 64x64 dense variant) and
+# gate-passkey225.
+#
 # STEP, in order of priority (minutes on one H200):
 #   decode-quality ~5  issue 15's full protocol (300-step gates at 8k, decode perplexity of 16
 #                      8192-token windows, dense / share=0.1 / budget=2048, passkey 75 prompts
