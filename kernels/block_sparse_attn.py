@@ -21,6 +21,14 @@ backward pass; rows that attend no key store ``+inf`` so that they contribute no
 there. Programs start with the last query rows (under a causal mask the longest): the last
 wave of the launch then holds short programs instead of the longest ones.
 
+Pair programs (``FWD_OPTIONS["pair_rows"]``, off by default). A sparse program may instead own
+two query blocks, 128 rows, and walk the union of their two lists (``block_mask_to_indices(...,
+pairs=True)``: each entry carries which of the two keeps the key block); a key block only one
+of them keeps is masked for the other's 64 rows. Where adjacent query blocks keep nearly the
+same key blocks (a gate's vertical stripes, density 1.0) this is the dense kernel's 128-row
+tile; where their lists are independent (random masks at density 0.1) the union is nearly twice
+as long. The backward reads the pair forward's log-sum-exp like any other.
+
 Pooling in the same pass. Each step also stores, per query row and key block, the row's
 maximum score (or, for ``pool_op="sum"``, the log2 of its summed exp2 scores) to a float32
 scratch ``[heads, NB, T]``; once the row's log-sum-exp is final, ``exp2(stat - lse)`` is that
@@ -154,6 +162,35 @@ def _query_block_list(IDX, CNT, pid_bh, qb0, NB, SPARSE: tl.constexpr, CAUSAL: t
 
 
 @triton.jit
+def _pair_list(IDX, CNT, pid_bh, pid_m, NB, qb0, CAUSAL: tl.constexpr):
+    """The union list of query blocks ``qb0`` and ``qb0 + 1`` (``block_mask_to_indices(...,
+    pairs=True)``: codes ``4 * j + flags``): its row, its length, and how many entries lie
+    strictly below both diagonals (causal: the last one or two entries are blocks qb0, qb0 + 1)."""
+    row = pid_bh * ((NB + 1) // 2) + pid_m
+    idx_row = IDX + row.to(tl.int64) * NB
+    cnt = tl.load(CNT + row)
+    n_off = cnt
+    if CAUSAL:
+        last = tl.load(idx_row + tl.maximum(cnt - 1, 0)) >> 2
+        prev = tl.load(idx_row + tl.maximum(cnt - 2, 0)) >> 2
+        n_off = cnt - ((cnt > 0) & (last >= qb0)).to(tl.int32) - ((cnt > 1) & (prev >= qb0)).to(tl.int32)
+    return idx_row, cnt, n_off
+
+
+@triton.jit
+def _pair_step(acc, l_i, m_i, q, k_base, v_base, s_kt, s_vt, kd, vd, b, h, e, half, offs_m, offs_d, qk_scale, T,
+               kv_lo, kv_hi, CAUSAL_MASK: tl.constexpr, KV_MASK: tl.constexpr, PREC: tl.constexpr,
+               BS: tl.constexpr, TMA: tl.constexpr):
+    """One key block of a pair program: entry ``e`` = 4 * block + flags; the rows of the half
+    whose query block did not keep it are masked."""
+    blk = e >> 2
+    rows_ok = tl.where(half, (e & 1) != 0, (e & 2) != 0)
+    return _fwd_step(acc, l_i, m_i, q, k_base, v_base, s_kt, s_vt, kd, vd, b, h, blk * BS, offs_m,
+                     blk * BS + tl.arange(0, BS), offs_d, qk_scale, T, kv_lo, kv_hi, 0, offs_m, blk, 0,
+                     CAUSAL_MASK, KV_MASK, False, PREC, False, False, BS, TMA, rows_ok, True)
+
+
+@triton.jit
 def _list_entry(idx_row, p, n, stop, SPARSE: tl.constexpr):
     """Key (or query) block at list position ``p`` (dense: ``p`` itself); ``stop`` when ``p >= n``."""
     if SPARSE:
@@ -210,7 +247,7 @@ def _load_kv_tile(k_base, v_base, s_kt, s_vt, kd, vd, b, h, n0, offs_n, offs_d, 
 def _fwd_step(acc, l_i, m_i, q, k_base, v_base, s_kt, s_vt, kd, vd, b, h, n0, offs_m, offs_n, offs_d, qk_scale, T,
               kv_lo, kv_hi, win, scr_rows, blk0, scr_stride, CAUSAL_MASK: tl.constexpr, KV_MASK: tl.constexpr,
               WIN_MASK: tl.constexpr, PREC: tl.constexpr, STATS: tl.constexpr, STAT_SUM: tl.constexpr,
-              BS: tl.constexpr, TMA: tl.constexpr):
+              BS: tl.constexpr, TMA: tl.constexpr, rows_ok=None, ROWS_MASK: tl.constexpr = False):
     k, v = _load_kv_tile(k_base, v_base, s_kt, s_vt, kd, vd, b, h, n0, offs_n, offs_d, T, CAUSAL_MASK or KV_MASK,
                          TMA)
     qk = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
@@ -220,13 +257,15 @@ def _fwd_step(acc, l_i, m_i, q, k_base, v_base, s_kt, s_vt, kd, vd, b, h, n0, of
         qk = tl.where(((offs_n >= kv_lo) & (offs_n < kv_hi))[None, :], qk, float("-inf"))
     if WIN_MASK:
         qk = tl.where(offs_n[None, :] > offs_m[:, None] - win, qk, float("-inf"))
+    if ROWS_MASK:  # pair programs: the rows whose query block did not keep this key block
+        qk = tl.where(rows_ok[:, None], qk, float("-inf"))
     NS: tl.constexpr = offs_n.shape[0] // BS
     if STATS and not STAT_SUM:  # per row and key block: its max score, and the row's max from those
         stat = tl.max(tl.reshape(qk, (offs_m.shape[0], NS, BS)), axis=2)
         m_new = tl.maximum(m_i, tl.max(stat, 1))
     else:
         m_new = tl.maximum(m_i, tl.max(qk, 1))
-    if CAUSAL_MASK or KV_MASK or WIN_MASK:
+    if CAUSAL_MASK or KV_MASK or WIN_MASK or ROWS_MASK:
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # fully masked row so far
     else:
         m_use = m_new
@@ -250,7 +289,7 @@ def _attn_fwd_kernel(
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BS: tl.constexpr, SPARSE: tl.constexpr, CAUSAL: tl.constexpr, POOLING: tl.constexpr,
     POOL_SUM: tl.constexpr, HAS_BOUNDS: tl.constexpr, EVEN_T: tl.constexpr, HAS_WINDOW: tl.constexpr,
-    PREC: tl.constexpr, TMA: tl.constexpr,
+    PREC: tl.constexpr, TMA: tl.constexpr, PAIR: tl.constexpr = False,
 ):
     # the last query rows (the most key blocks under a causal mask) start first: the GPU's
     # last wave then holds the shortest programs
@@ -273,54 +312,66 @@ def _attn_fwd_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
 
-    idx_row, n_off, has_diag = _query_block_list(IDX, CNT, pid_bh, qb0, NB, SPARSE, CAUSAL)
     win_lo, win_full = _window_key_blocks(m0, BLOCK_M, BS, WIN)
     # pooling: row r's statistic for key block j goes to SCR[program's head, j, r]
     scr_rows = SCR + tl.program_id(1).to(tl.int64) * NB * T_PAD + offs_m
 
-    p0 = qb0 * 0  # first list position of the unmasked walk
-    if HAS_WINDOW:
-        # lists ascend: blocks wholly outside the window (skipped), then those the window
-        # cuts (masked, one at a time), then the unmasked ones
-        if not SPARSE:
-            p0 = tl.minimum(win_lo, n_off)
-        nxt = _list_entry(idx_row, p0, n_off, win_full, SPARSE)
-        while nxt < win_full:
-            if nxt >= win_lo:
-                offs_n = nxt * BS + tl.arange(0, BS)
-                acc, l_i, m_i = _fwd_step(acc, l_i, m_i, q, k_base, v_base, s_kt, s_vt, KD1, VD1, b, h, nxt * BS,
-                                          offs_m, offs_n, offs_d, qk_scale, T, kv_lo, kv_hi, WIN, scr_rows, nxt,
-                                          T_PAD, False, MASK_KV, True, PREC, POOLING, POOL_SUM, BS, TMA)
-            p0 += 1
+    if PAIR:  # query blocks qb0, qb0 + 1 over the union of their lists, each half masked apart
+        idx_row, cnt, n_off = _pair_list(IDX, CNT, pid_bh, pid_m, NB, qb0, CAUSAL)
+        half = tl.arange(0, BLOCK_M) < BS
+        for p in range(0, n_off):
+            acc, l_i, m_i = _pair_step(acc, l_i, m_i, q, k_base, v_base, s_kt, s_vt, KD1, VD1, b, h,
+                                       tl.load(idx_row + p), half, offs_m, offs_d, qk_scale, T, kv_lo, kv_hi,
+                                       False, MASK_KV, PREC, BS, TMA)
+        for p in range(n_off, cnt):  # causal: blocks qb0 and qb0 + 1, the causal mask inside
+            acc, l_i, m_i = _pair_step(acc, l_i, m_i, q, k_base, v_base, s_kt, s_vt, KD1, VD1, b, h,
+                                       tl.load(idx_row + p), half, offs_m, offs_d, qk_scale, T, kv_lo, kv_hi,
+                                       True, MASK_KV, PREC, BS, TMA)
+    else:
+        idx_row, n_off, has_diag = _query_block_list(IDX, CNT, pid_bh, qb0, NB, SPARSE, CAUSAL)
+        p0 = qb0 * 0  # first list position of the unmasked walk
+        if HAS_WINDOW:
+            # lists ascend: blocks wholly outside the window (skipped), then those the window
+            # cuts (masked, one at a time), then the unmasked ones
+            if not SPARSE:
+                p0 = tl.minimum(win_lo, n_off)
             nxt = _list_entry(idx_row, p0, n_off, win_full, SPARSE)
-    # blocks strictly below the diagonal band: no causal mask, NSUB blocks per tile
-    n_full = (n_off - p0) // NSUB
-    for t in range(0, n_full):
-        offs_n = _tile_offsets(idx_row, p0 + t * NSUB, BLOCK_N, BS, SPARSE)
-        acc, l_i, m_i = _fwd_step(acc, l_i, m_i, q, k_base, v_base, s_kt, s_vt, KD, VD, b, h,
-                                  _tile_start(idx_row, p0 + t * NSUB, BS, SPARSE, TMA), offs_m, offs_n, offs_d,
-                                  qk_scale, T, kv_lo, kv_hi, WIN, scr_rows, p0 + t * NSUB, T_PAD, False, MASK_KV,
-                                  False, PREC, POOLING, POOL_SUM, BS, TMA)
-    for p in range(p0 + n_full * NSUB, n_off):
-        offs_n = _tile_offsets(idx_row, p, BS, BS, SPARSE)
-        acc, l_i, m_i = _fwd_step(acc, l_i, m_i, q, k_base, v_base, s_kt, s_vt, KD1, VD1, b, h,
-                                  _tile_start(idx_row, p, BS, SPARSE, TMA), offs_m, offs_n, offs_d, qk_scale, T,
-                                  kv_lo, kv_hi, WIN, scr_rows, p, T_PAD, False, MASK_KV, False, PREC, POOLING,
-                                  POOL_SUM, BS, TMA)
-    # the diagonal band, causal (and window) mask inside
-    if CAUSAL:
-        if SPARSE:
-            if has_diag:
-                offs_n = qb0 * BS + tl.arange(0, BS)
-                acc, l_i, m_i = _fwd_step(acc, l_i, m_i, q, k_base, v_base, s_kt, s_vt, KD1, VD1, b, h, qb0 * BS,
-                                          offs_m, offs_n, offs_d, qk_scale, T, kv_lo, kv_hi, WIN, scr_rows, qb0,
-                                          T_PAD, True, MASK_KV, HAS_WINDOW, PREC, POOLING, POOL_SUM, BS, TMA)
-        else:
-            for jb in range(qb0, tl.minimum(qb0 + RB, NB)):
-                offs_n = jb * BS + tl.arange(0, BS)
-                acc, l_i, m_i = _fwd_step(acc, l_i, m_i, q, k_base, v_base, s_kt, s_vt, KD1, VD1, b, h, jb * BS,
-                                          offs_m, offs_n, offs_d, qk_scale, T, kv_lo, kv_hi, WIN, scr_rows, jb,
-                                          T_PAD, True, MASK_KV, HAS_WINDOW, PREC, POOLING, POOL_SUM, BS, TMA)
+            while nxt < win_full:
+                if nxt >= win_lo:
+                    offs_n = nxt * BS + tl.arange(0, BS)
+                    acc, l_i, m_i = _fwd_step(acc, l_i, m_i, q, k_base, v_base, s_kt, s_vt, KD1, VD1, b, h, nxt * BS,
+                                              offs_m, offs_n, offs_d, qk_scale, T, kv_lo, kv_hi, WIN, scr_rows, nxt,
+                                              T_PAD, False, MASK_KV, True, PREC, POOLING, POOL_SUM, BS, TMA)
+                p0 += 1
+                nxt = _list_entry(idx_row, p0, n_off, win_full, SPARSE)
+        # blocks strictly below the diagonal band: no causal mask, NSUB blocks per tile
+        n_full = (n_off - p0) // NSUB
+        for t in range(0, n_full):
+            offs_n = _tile_offsets(idx_row, p0 + t * NSUB, BLOCK_N, BS, SPARSE)
+            acc, l_i, m_i = _fwd_step(acc, l_i, m_i, q, k_base, v_base, s_kt, s_vt, KD, VD, b, h,
+                                      _tile_start(idx_row, p0 + t * NSUB, BS, SPARSE, TMA), offs_m, offs_n, offs_d,
+                                      qk_scale, T, kv_lo, kv_hi, WIN, scr_rows, p0 + t * NSUB, T_PAD, False, MASK_KV,
+                                      False, PREC, POOLING, POOL_SUM, BS, TMA)
+        for p in range(p0 + n_full * NSUB, n_off):
+            offs_n = _tile_offsets(idx_row, p, BS, BS, SPARSE)
+            acc, l_i, m_i = _fwd_step(acc, l_i, m_i, q, k_base, v_base, s_kt, s_vt, KD1, VD1, b, h,
+                                      _tile_start(idx_row, p, BS, SPARSE, TMA), offs_m, offs_n, offs_d, qk_scale, T,
+                                      kv_lo, kv_hi, WIN, scr_rows, p, T_PAD, False, MASK_KV, False, PREC, POOLING,
+                                      POOL_SUM, BS, TMA)
+        # the diagonal band, causal (and window) mask inside
+        if CAUSAL:
+            if SPARSE:
+                if has_diag:
+                    offs_n = qb0 * BS + tl.arange(0, BS)
+                    acc, l_i, m_i = _fwd_step(acc, l_i, m_i, q, k_base, v_base, s_kt, s_vt, KD1, VD1, b, h, qb0 * BS,
+                                              offs_m, offs_n, offs_d, qk_scale, T, kv_lo, kv_hi, WIN, scr_rows, qb0,
+                                              T_PAD, True, MASK_KV, HAS_WINDOW, PREC, POOLING, POOL_SUM, BS, TMA)
+            else:
+                for jb in range(qb0, tl.minimum(qb0 + RB, NB)):
+                    offs_n = jb * BS + tl.arange(0, BS)
+                    acc, l_i, m_i = _fwd_step(acc, l_i, m_i, q, k_base, v_base, s_kt, s_vt, KD1, VD1, b, h, jb * BS,
+                                              offs_m, offs_n, offs_d, qk_scale, T, kv_lo, kv_hi, WIN, scr_rows, jb,
+                                              T_PAD, True, MASK_KV, HAS_WINDOW, PREC, POOLING, POOL_SUM, BS, TMA)
 
     row_ok = offs_m < T
     if HAS_BOUNDS:
@@ -676,7 +727,12 @@ DKDV_MAX_SPLITS = 8
 #: (docs/experiments/tma_variants.md) TMA took the d128 sparse forward to 0.84-0.89x and the
 #: dense one to 0.89-0.91x of pointer loads at 8k-128k; at head_dim 64 it gained nothing and
 #: the descriptors' host work showed at 8k.
-FWD_OPTIONS = {"tma": "auto"}
+#: ``pair_rows``: sparse programs of 128 query rows, two 64-row query blocks over the union of
+#: their key-block lists with each half's rows masked where its block did not keep the key
+#: block (``block_mask_to_indices(..., pairs=True)``): the dense kernel's 128-row tiles where
+#: adjacent rows' lists overlap, twice the work per block where they do not. True or False
+#: (no windows, no pooling, 64-token blocks; the rows path serves the rest). Off until measured.
+FWD_OPTIONS = {"tma": "auto", "pair_rows": False}
 
 #: Backward-kernel options. ``tma``: as in the forward, for the dQ kernel's K/V tiles and the
 #: dK/dV kernel's Q/dO tiles (the vectors beside them, log-sum-exp and delta, keep pointer
@@ -694,6 +750,10 @@ def _config(kernel, sparse, head_dim, on_gpu, dtype=torch.bfloat16, tma=False):
     key = (kernel, sparse, head_dim)
     if key in CONFIG_OVERRIDES:
         return CONFIG_OVERRIDES[key]
+    if kernel == "fwd_pair":  # two 64-row query blocks per program, one key block per step
+        if not on_gpu:
+            return (128, 64, 4, 1)
+        return (128, 64, 8, 2 if dtype == torch.float32 else (4 if tma else 3))
     if on_gpu and dtype == torch.float32:  # 4-byte tiles: the 16-bit configs overflow shared memory
         return (64, 64, 4, 2)
     if not on_gpu:  # interpreter: small tiles, but still exercising gathered multi-block tiles
@@ -742,6 +802,14 @@ def _tma_ok(options, *tensors):
                and all(s * t.element_size() % 16 == 0 for s in t.stride()[:-1]) for t in tensors)
 
 
+def _pair_rows(block_mask, block_size, pooling, window):
+    """Whether a sparse forward runs pair programs (``FWD_OPTIONS["pair_rows"]``)."""
+    want = FWD_OPTIONS["pair_rows"]
+    if want not in (True, False):
+        raise ValueError(f"FWD_OPTIONS['pair_rows'] must be True or False, got {want!r}")
+    return want and block_mask is not None and block_size == 64 and not pooling and window is None
+
+
 def _row_descriptors(tensors, rows, one_block):
     """Tensor descriptors of each ``[B, H, T, D]`` tensor whose loads return ``rows``
     consecutive rows of one head, then those returning ``one_block`` rows (the same
@@ -762,14 +830,18 @@ def _prec(dtype):
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def _attn_fwd(q, k, v, idx, cnt, bounds, causal, sm_scale, block_size, pooling, pool_op="max", window=None):
+def _attn_fwd(q, k, v, idx, cnt, bounds, causal, sm_scale, block_size, pooling, pool_op="max", window=None,
+              pairs=False):
+    """``pairs``: ``idx``/``cnt`` are pair lists (``block_mask_to_indices(..., pairs=True)``)."""
     B, HQ, T, D = q.shape
     H = k.shape[1]
     NB = num_blocks(T, block_size)
     sparse = idx is not None
     tma = _tma_ok(FWD_OPTIONS, k, v)
-    BLOCK_M, BLOCK_N, warps, stages = _config("fwd", sparse, D, q.is_cuda, q.dtype, tma)
-    assert BLOCK_M % block_size == 0 and BLOCK_N % block_size == 0 and (not sparse or BLOCK_M == block_size)
+    BLOCK_M, BLOCK_N, warps, stages = _config("fwd_pair" if pairs else "fwd", sparse, D, q.is_cuda, q.dtype, tma)
+    assert BLOCK_M % block_size == 0 and BLOCK_N % block_size == 0
+    assert not sparse or BLOCK_M == (2 if pairs else 1) * block_size, (BLOCK_M, pairs)
+    assert not pairs or (sparse and BLOCK_N == block_size and not pooling and window is None)
     tma = tma and (not sparse or BLOCK_N == block_size)  # a sparse tile of several blocks is a gather
     o = new_output((B, HQ, T, D), q.dtype, q.device)
     lse = new_output((B, HQ, T), torch.float32, q.device)
@@ -791,7 +863,7 @@ def _attn_fwd(q, k, v, idx, cnt, bounds, causal, sm_scale, block_size, pooling, 
             HQ, T, NB, window or 0, bh0, n_m * BLOCK_M,
             GROUP=HQ // H, HEAD_DIM=D, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BS=block_size, SPARSE=sparse,
             CAUSAL=causal, POOLING=pooling, POOL_SUM=pool_op == "sum", HAS_BOUNDS=bounds is not None,
-            EVEN_T=T % block_size == 0, HAS_WINDOW=window is not None, PREC=_prec(q.dtype), TMA=tma,
+            EVEN_T=T % block_size == 0, HAS_WINDOW=window is not None, PREC=_prec(q.dtype), TMA=tma, PAIR=pairs,
             num_warps=warps, num_stages=stages,
         )
     if pooling:
@@ -869,9 +941,11 @@ class _AttnFunction(torch.autograd.Function):
     def forward(ctx, q, k, v, block_mask, bounds, causal, sm_scale, block_size, pooling, pool_op, window):
         q, k, v = _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v)
         idx = cnt = None
+        pairs = _pair_rows(block_mask, block_size, pooling, window)
         if block_mask is not None:
-            idx, cnt = block_mask_to_indices(block_mask, causal=causal)
-        o, lse, pooled = _attn_fwd(q, k, v, idx, cnt, bounds, causal, sm_scale, block_size, pooling, pool_op, window)
+            idx, cnt = block_mask_to_indices(block_mask, causal=causal, pairs=pairs)
+        o, lse, pooled = _attn_fwd(q, k, v, idx, cnt, bounds, causal, sm_scale, block_size, pooling, pool_op, window,
+                                   pairs)
         ctx.save_for_backward(q, k, v, o, lse, block_mask, bounds)
         ctx.cfg = (causal, sm_scale, block_size, window)
         if pooled is not None:

@@ -10,8 +10,8 @@
 #
 # First in the next session: tests-kernels. The kernels' shared preamble helpers (after bfaeb65:
 # _program_heads, _head_base, _load_rows, _store_rows, _seq_bounds) passed the interpreter suite
-# only; the device time of session 23 was spent. Then tma-variants (the 64x64 dense variant) and
-# gate-passkey225.
+# only; the device time of session 23 was spent; so did the sparse pair programs (below). Then
+# pair-variants, tma-variants (the 64x64 dense variant) and gate-passkey225.
 #
 # STEP, in order of priority (minutes on one H200):
 #   decode-quality ~5  issue 15's full protocol (300-step gates at 8k, decode perplexity of 16
@@ -51,6 +51,10 @@
 #                      dense is the tile shape and how much the list walk
 #   gate-passkey225 ~10 issue 17's passkey protocol at its size: 225 prompts (2k/4k/8k x 5 depths x 15),
 #                      plain gates, knob and threshold at ~0.12, paired against dense (gate-passkey ran 75)
+#   pair-variants  ~9  issue 16: sparse pair programs (FWD_OPTIONS["pair_rows"]: 128 query rows over the
+#                      union of two blocks' lists; interpreter-tested only) against the row programs at
+#                      8k-128k, on bench_kernels' i.i.d. masks and on gate-like column stripes; run the
+#                      kernel tests first (test_pair_rows_long)
 #   tma-bwd        ~8  issue 16: the TMA GPU tests, then the backward kernels' variants (BWD_OPTIONS:
 #                      K/V in dQ, Q/dO in dK/dV through tensor descriptors; stage counts, tiles) at
 #                      8k / 32k against SDPA flash and cuDNN backward
@@ -119,6 +123,12 @@ case "$STEP" in
     timeout 420 "$PY" docs/experiments/tma_variants.py --backward --lengths 8192 32768 \
       --profile 8192:dense 32768:dense 32768:d0.1 --out "$OUT/tma_bwd" > "$OUT/tma_bwd.log" 2>&1
     echo "tma_variants --backward: exit $?"; sed -n '/^# /,$p' "$OUT/tma_bwd.log"; grep -E "^error" "$OUT/tma_bwd.log" ;;
+  pair-variants)
+    for M in random stripes; do
+      timeout 280 "$PY" docs/experiments/tma_variants.py --variants base tma pair pair_s3 pair_s5 --masks $M \
+        --densities 1.0 0.5 0.1 --profile 32768:d0.1 --out "$OUT/pair_$M" > "$OUT/pair_$M.log" 2>&1
+      echo "tma_variants --masks $M: exit $?"; sed -n '/^# /,$p' "$OUT/pair_$M.log"; grep -E "^error" "$OUT/pair_$M.log"
+    done ;;
   tests-export)
     timeout 110 "$PY" -m pytest -q -p no:cacheprovider -rfE tests/hub_cards/test_export.py -k gpu > "$OUT/export.log" 2>&1
     echo "export: exit $?, $(tail -n 1 "$OUT/export.log")" ;;

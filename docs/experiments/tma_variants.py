@@ -31,7 +31,7 @@ from seer_attn.training.results import write_envelope
 def variants(D):
     """name -> (FWD_OPTIONS, CONFIG_OVERRIDES, the ops it applies to: "sparse", "dense", "all").
     ``tma`` is the kernels' TMA launch table (sparse d128: 5 stages)."""
-    sp, de, off, on = ("fwd", True, D), ("fwd", False, D), {"tma": False}, {"tma": True}
+    sp, de, pp, off, on = ("fwd", True, D), ("fwd", False, D), ("fwd_pair", True, D), {"tma": False}, {"tma": True}
     return {
         "base": (off, {}, "all"),
         "s5": (off, {sp: (64, 64, 4, 5)}, "sparse"),
@@ -47,6 +47,10 @@ def variants(D):
         # the dense kernel in the sparse rows' tile (64 query rows, 64 keys, 4 warps, 5 stages):
         # against d1.0 it splits the sparse kernel's gap to dense into tile shape and list walk
         "tma_dense64s5": (on, {de: (64, 64, 4, 5)}, "dense"),
+        # pair programs (FWD_OPTIONS["pair_rows"]): 128 query rows over two rows' union lists
+        "pair": ({"pair_rows": True}, {}, "sparse"),
+        "pair_s3": ({"pair_rows": True}, {pp: (128, 64, 8, 3)}, "sparse"),
+        "pair_s5": ({"pair_rows": True}, {pp: (128, 64, 8, 5)}, "sparse"),
     }
 
 
@@ -77,6 +81,18 @@ def bwd_variants(D):
     }
 
 
+def stripe_block_mask(B, HQ, NB, density, generator, device):
+    """A causal mask shaped like a gate's: per head a random set of key-block columns (vertical
+    stripes, each column kept with probability ``density``) that every later query block keeps,
+    plus the sink and the diagonal. Adjacent query blocks' lists then differ by at most a block,
+    where ``random_block_mask``'s independent draws share only ``density`` of theirs."""
+    cols = torch.rand(B, HQ, 1, NB, generator=generator, device=device) < density
+    m = cols.expand(B, HQ, NB, NB).clone()
+    m[..., 0] = True
+    m |= torch.eye(NB, dtype=torch.bool, device=device)
+    return m & torch.ones(NB, NB, dtype=torch.bool, device=device).tril()
+
+
 def kernel_ms(fn, names, n=10):
     """Mean GPU time per call of each kernel in ``names`` (torch.profiler), without host work."""
     fn()
@@ -98,6 +114,8 @@ def main(argv=None):
                     help=f"default: all; forward {list(variants(128))}, backward {list(bwd_variants(128))}")
     ap.add_argument("--heads", type=int, nargs=2, default=[32, 8], metavar=("HQ", "H"))
     ap.add_argument("--head-dim", type=int, default=128)
+    ap.add_argument("--masks", choices=["random", "stripes"], default="random",
+                    help="sparse masks: bench_kernels' i.i.d. blocks, or gate-like column stripes (stripe_block_mask)")
     ap.add_argument("--profile", nargs="*", default=["8192:d0.1", "32768:d0.1", "8192:dense"],
                     help="T:op pairs also timed as GPU kernel time alone (torch.profiler)")
     ap.add_argument("--out", default="seer_outputs/tma_variants")
@@ -146,7 +164,10 @@ def main(argv=None):
             fwd["pool"] = ("dense", lambda: kernels.attn_with_pooling(q, k, v)[0])
         for dens in args.densities:
             gen.manual_seed(1000 + T + int(dens * 100))
-            mask = kernels.random_block_mask(1, HQ, NB, dens, generator=gen, device=dev)
+            if args.masks == "stripes":
+                mask = stripe_block_mask(1, HQ, NB, dens, gen, dev)
+            else:
+                mask = kernels.random_block_mask(1, HQ, NB, dens, generator=gen, device=dev)
             fwd[f"d{dens:g}"] = ("sparse", lambda mask=mask: kernels.block_sparse_attn(q, k, v, mask))
         if args.backward:  # each op's graph kept: the timed call is its backward alone
             ops = {}

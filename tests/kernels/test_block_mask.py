@@ -99,6 +99,51 @@ def test_indices_non_contiguous_mask(gen, device):
                 _check_indices(*got, m, causal, transpose)
 
 
+def _brute_force_pairs(mask, causal):
+    """Per pair of query blocks (2i, 2i + 1): the ascending codes 4 * j + flags of the key blocks
+    either keeps (bit 0: row 2i, bit 1: row 2i + 1), by plain python loops."""
+    B, HQ, NB, _ = mask.shape
+    m = mask.cpu().tolist()
+    lists = {}
+    for b in range(B):
+        for h in range(HQ):
+            for r in range((NB + 1) // 2):
+                codes = []
+                for j in range(NB):
+                    flags = 0
+                    for bit, i in ((1, 2 * r), (2, 2 * r + 1)):
+                        if i < NB and m[b][h][i][j] and (not causal or j <= i):
+                            flags |= bit
+                    if flags:
+                        codes.append(4 * j + flags)
+                lists[b, h, r] = codes
+    return lists
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+@pytest.mark.parametrize("B, HQ, NB, p", MASK_CASES)
+@pytest.mark.parametrize("path", ["triton", "torch"])
+def test_pair_lists(path, B, HQ, NB, p, causal, gen, device, monkeypatch):
+    """pairs=True: the union of each pair of rows with its membership flags, odd NB included
+    (the last pair has one row), on the Triton kernel (interpreter / CUDA) and the torch path."""
+    if path == "torch":
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
+        device = "cpu"
+    mask = _random_mask(gen, B, HQ, NB, p).to(device)
+    idx, cnt = block_mask_to_indices(mask, causal=causal, pairs=True)
+    R = (NB + 1) // 2
+    assert idx.shape == (B, HQ, R, NB) and cnt.shape == (B, HQ, R) and idx.dtype == cnt.dtype == torch.int32
+    idx, cnt = idx.cpu().tolist(), cnt.cpu().tolist()
+    for (b, h, r), codes in _brute_force_pairs(mask, causal).items():
+        n = cnt[b][h][r]
+        assert idx[b][h][r][:n] == codes, f"pair (b{b}, h{h}, {r}): {idx[b][h][r][:n]} != {codes}"
+
+
+def test_pair_lists_have_no_transpose():
+    with pytest.raises(ValueError, match="pairs=True lists query-block pairs; it has no transpose"):
+        block_mask_to_indices(torch.ones(1, 1, 4, 4, dtype=torch.bool), pairs=True, transpose=True)
+
+
 # ----------------------------------------------------------------------------- density
 
 def test_causal_block_density_known_masks():

@@ -483,6 +483,64 @@ def test_tma_backward_equals_pointer_loads(op, case, gen, device, monkeypatch):
         assert (a.float() - r.float()).abs().max() < 5e-2, name
 
 
+# ----------------------------------------------------------------------------- pair programs
+
+def _pair_cases():
+    cases = []
+    for T in (1, 63, 64, 65, 130, 200):  # one block, odd and even block counts, partial last blocks
+        for density in (0.0, 0.3, 1.0):
+            for causal in (True, False):
+                cases.append((T, 3, 64, density, "fp16", causal))
+    cases += [(200, 1, 128, 0.5, "fp16", True), (130, 3, 64, 0.5, "fp32", True), (130, 3, 64, 0.5, "fp32", False)]
+    return [pytest.param(*c, id=_case_id(*c)) for c in cases]
+
+
+@pytest.mark.parametrize("T, gqa, D, density, dtype, causal", _pair_cases())
+def test_pair_rows_forward_and_backward(T, gqa, D, density, dtype, causal, gen, device, error_budget, monkeypatch):
+    """FWD_OPTIONS["pair_rows"]: 128-row programs over the union of two query blocks' lists,
+    each half masked where its block did not keep the key block. Output and gradients (the
+    backward reads the pair forward's log-sum-exp) within the budget of the fp32 reference,
+    empty rows and odd block counts included; the pair lists are really used."""
+    monkeypatch.setitem(bsa_module.FWD_OPTIONS, "pair_rows", True)
+    used = []
+    convert = bsa_module.block_mask_to_indices
+    monkeypatch.setattr(bsa_module, "block_mask_to_indices",
+                        lambda *a, **kw: used.append(kw.get("pairs", False)) or convert(*a, **kw))
+    dt = DTYPES[dtype]
+    B, HQ, H = SHAPES[gqa]
+    q, k, v = _qkv(gen, B, HQ, H, T, D, dt, device)
+    mask = _mask(gen, B, HQ, T, density, causal, device)
+    if density > 0:  # a block keeping nothing beside one keeping something: its half stays empty
+        mask[0, 0, 0, :] = False
+    do = _randn(gen, q.shape, dt, device)
+    fn = lambda q, k, v: block_sparse_attn(q, k, v, mask, causal=causal, backend="triton")  # noqa: E731
+    got = _grads(fn, q, k, v, do)
+    assert used and used[0] is True, used
+    ref = _grads(lambda q, k, v: block_sparse_attn_ref(q, k, v, mask, causal=causal), *_up(q, k, v), _up(do)[0])
+    ref_lp = _grads(lambda q, k, v: block_sparse_attn_ref(q, k, v, mask, causal=causal, upcast=False), q, k, v, do)
+    error_budget(got[0], ref[0], ref_lp[0], **OUT_BUDGET[dt])
+    for name, a, r, lp in zip(("dq", "dk", "dv"), got[1:], ref[1:], ref_lp[1:]):
+        error_budget(a, r, lp, rel=True, what=name, **GRAD_BUDGET[dt])
+
+
+def test_pair_rows_padded_batch_and_fallbacks(gen, device, monkeypatch):
+    """Pair programs with padded rows (seq_bounds) match the row programs; windows and pooling
+    fall back to row programs; a bad option value is named."""
+    monkeypatch.setitem(bsa_module.FWD_OPTIONS, "pair_rows", True)
+    B, HQ, H, T, D = 2, 4, 2, 190, 64
+    q, k, v = (_randn(gen, (B, n, T, D), torch.float16, device) for n in (HQ, H, H))
+    mask = _mask(gen, B, HQ, T, 0.5, True, device)
+    bounds = torch.tensor([[9, T], [0, 170]], device=device)
+    paired = block_sparse_attn(q, k, v, mask, seq_bounds=bounds, backend="triton")
+    ref = block_sparse_attn_ref(q, k, v, mask, seq_bounds=bounds)
+    assert (paired.float() - ref.float()).abs().max() < 2e-2
+    assert not bsa_module._pair_rows(mask, 64, False, 100) and not bsa_module._pair_rows(mask, 64, True, None)
+    assert not bsa_module._pair_rows(mask, 128, False, None) and bsa_module._pair_rows(mask, 64, False, None)
+    monkeypatch.setitem(bsa_module.FWD_OPTIONS, "pair_rows", "auto")
+    with pytest.raises(ValueError, match="FWD_OPTIONS\\['pair_rows'\\] must be True or False, got 'auto'"):
+        block_sparse_attn(q, k, v, mask, backend="triton")
+
+
 def test_tma_option_is_checked():
     for name in ("FWD_OPTIONS", "BWD_OPTIONS"):
         options = getattr(bsa_module, name)

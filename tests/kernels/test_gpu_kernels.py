@@ -377,3 +377,23 @@ def test_tma_backward_equals_pointer_loads_long(op, D, gen, monkeypatch):
     assert {s[1] for s in built} == {H, HQ}, built
     for name, a, b in zip(("out", "dq", "dk", "dv"), plain, tma):
         assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("density", [0.1, 1.0])
+@pytest.mark.parametrize("D", [64, 128])
+def test_pair_rows_long(D, density, gen, monkeypatch, error_budget):
+    """Compiled for the GPU, pair programs (FWD_OPTIONS["pair_rows"]: 128 query rows over the
+    union of two blocks' lists) at 8k + 33 tokens, GQA 4, bf16: output and gradients within the
+    budget of the fp32 reference, as the row programs are."""
+    import importlib
+    bsa = importlib.import_module("seer_attn.kernels.block_sparse_attn")
+    monkeypatch.setitem(bsa.FWD_OPTIONS, "pair_rows", True)
+    B, HQ, H, T = 1, 16, 4, 8192 + 33
+    q, k, v, do = (_randn(gen, (B, n, T, D), torch.bfloat16) for n in (HQ, H, H, HQ))
+    mask = _mask(gen, B, HQ, T, density, True)
+    got = _grads(lambda q, k, v: block_sparse_attn(q, k, v, mask), q, k, v, do)
+    ref = _grads(lambda q, k, v: block_sparse_attn_ref(q, k, v, mask), *_up(q, k, v), _up(do)[0])
+    ref_lp = _grads(lambda q, k, v: block_sparse_attn_ref(q, k, v, mask, upcast=False), q, k, v, do)
+    error_budget(got[0], ref[0], ref_lp[0], what="pair output", **OUT_BUDGET[torch.bfloat16])
+    for name, a, r, lp in zip(("dq", "dk", "dv"), got[1:], ref[1:], ref_lp[1:]):
+        error_budget(a, r, lp, rel=True, what=f"pair {name}", **GRAD_BUDGET[torch.bfloat16])
