@@ -820,6 +820,19 @@ def _row_descriptors(tensors, rows, one_block):
     return tiles + (tiles if one_block == rows else build(one_block))
 
 
+def _launch_tiles(kernel, options, sparse, q, tensors, block_size, walked):
+    """One launch's ``(BLOCK_M, BLOCK_N, warps, stages)`` from :func:`_config`, whether its
+    tiles of ``tensors`` load through tensor descriptors (``options`` and :func:`_tma_ok`), and
+    the four tile arguments: descriptors of ``tensors`` at the walked tile's rows and at one
+    block's, or the tensors themselves for pointer loads. ``walked``: 1 when the kernel walks
+    key tiles (BLOCK_N), 0 for query tiles (BLOCK_M). TMA tiles are one block or, dense,
+    contiguous blocks: a sparse tile of several blocks is a gather and keeps pointer loads."""
+    tma = _tma_ok(options, *tensors)
+    cfg = _config(kernel, sparse, q.shape[-1], q.is_cuda, q.dtype, tma)
+    tma = tma and (not sparse or cfg[walked] == block_size)
+    return cfg, tma, (_row_descriptors(tensors, cfg[walked], block_size) if tma else tuple(tensors) * 2)
+
+
 def _bht_strides(*tensors):
     """The batch, head and token strides of each ``[B, H, T, D]`` tensor, in order: the
     launchers' shared argument list (every kernel takes its tensors' strides so)."""
@@ -837,12 +850,11 @@ def _attn_fwd(q, k, v, idx, cnt, bounds, causal, sm_scale, block_size, pooling, 
     H = k.shape[1]
     NB = num_blocks(T, block_size)
     sparse = idx is not None
-    tma = _tma_ok(FWD_OPTIONS, k, v)
-    BLOCK_M, BLOCK_N, warps, stages = _config("fwd_pair" if pairs else "fwd", sparse, D, q.is_cuda, q.dtype, tma)
+    (BLOCK_M, BLOCK_N, warps, stages), tma, (kd, vd, kd1, vd1) = _launch_tiles(
+        "fwd_pair" if pairs else "fwd", FWD_OPTIONS, sparse, q, (k, v), block_size, 1)
     assert BLOCK_M % block_size == 0 and BLOCK_N % block_size == 0
     assert not sparse or BLOCK_M == (2 if pairs else 1) * block_size, (BLOCK_M, pairs)
     assert not pairs or (sparse and BLOCK_N == block_size and not pooling and window is None)
-    tma = tma and (not sparse or BLOCK_N == block_size)  # a sparse tile of several blocks is a gather
     o = new_output((B, HQ, T, D), q.dtype, q.device)
     lse = new_output((B, HQ, T), torch.float32, q.device)
     pool = new_output((B, HQ, NB, NB), torch.float32, q.device) if pooling else lse
@@ -854,7 +866,6 @@ def _attn_fwd(q, k, v, idx, cnt, bounds, causal, sm_scale, block_size, pooling, 
         per_head = NB * n_m * BLOCK_M * 4
         heads = max(1, min(B * HQ, POOL_SCRATCH_BYTES // per_head))
         scratch = new_output((heads, NB, n_m * BLOCK_M), torch.float32, q.device)
-    kd, vd, kd1, vd1 = _row_descriptors((k, v), BLOCK_N, block_size) if tma else (k, v, k, v)
     for bh0 in range(0, B * HQ, heads):
         _attn_fwd_kernel[(n_m, min(heads, B * HQ - bh0))](
             q, k, v, o, lse, pool, scratch, idx if sparse else dummy, cnt if sparse else dummy,
@@ -891,11 +902,7 @@ def _attn_bwd(do, q, k, v, o, lse, block_mask, bounds, causal, sm_scale, block_s
                   PREC=_prec(q.dtype))
     if sparse:
         idx, cnt = block_mask_to_indices(block_mask, causal=causal)
-    tma = _tma_ok(BWD_OPTIONS, k, v)
-    BM, BN, warps, stages = _config("dq", sparse, D, q.is_cuda, q.dtype, tma)
-    # TMA tiles are one block or (dense) contiguous blocks; a sparse tile of several is a gather
-    tma = tma and (not sparse or BN == block_size)
-    descs = _row_descriptors((k, v), BN, block_size) if tma else (k, v, k, v)
+    (BM, BN, warps, stages), tma, descs = _launch_tiles("dq", BWD_OPTIONS, sparse, q, (k, v), block_size, 1)
     _attn_bwd_dq_kernel[(triton.cdiv(T, BM), B * HQ)](
         q, k, v, do, dq, lse, delta, idx if sparse else dummy, cnt if sparse else dummy, b_arg, *descs,
         sm_scale * _LOG2E, sm_scale,
@@ -904,10 +911,7 @@ def _attn_bwd(do, q, k, v, o, lse, block_mask, bounds, causal, sm_scale, block_s
     if sparse:
         del idx, cnt
         idx, cnt = block_mask_to_indices(block_mask, causal=causal, transpose=True)
-    tma = _tma_ok(BWD_OPTIONS, q, do)
-    BM, BN, warps, stages = _config("dkdv", sparse, D, q.is_cuda, q.dtype, tma)
-    tma = tma and (not sparse or BM == block_size)
-    descs = _row_descriptors((q, do), BM, block_size) if tma else (q, do, q, do)
+    (BM, BN, warps, stages), tma, descs = _launch_tiles("dkdv", BWD_OPTIONS, sparse, q, (q, do), block_size, 0)
     sync = sdk = sdv = dummy
     n_split, chunk = 1, NB
     if sparse:  # a key block's lists hold up to GROUP * NB entries: split the long ones
