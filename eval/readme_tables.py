@@ -207,6 +207,47 @@ def tma_bwd_variants_h200(root) -> str:
                                       + ["now / before", "now / SDPA flash"], body)
 
 
+def pair_variants_h200(root) -> str:
+    """docs/experiments/tma_variants.py --variants base tma pair ...: sparse pair programs (128
+    query rows over the union of two query blocks' lists) against the row programs, on i.i.d.
+    block masks and on gate-like column stripes, same inputs, one process per mask kind."""
+    parts, prov = [], None
+    for kind in ("random", "stripes"):
+        path = f"results/kernels/h200_pair_variants_{kind}.json"
+        env = load_envelope(root, path)
+        prov = env["provenance"]
+        for r in env["rows"]:
+            if "pair" not in r:
+                continue
+            parts.append([_tokens(r["T"]), kind, _kernel_op_label(r["op"]), sig3(r["tma"]), sig3(r["pair"]),
+                          sig3(r["pair_s3"]), sig3(r["pair_s5"]), f"{min(r['pair'], r['pair_s3'], r['pair_s5']) / r['tma']:.2f}"])
+    caption = (f"{prov['gpu']}, commit {_commit(prov)}, same inputs, one process per mask kind "
+               "(results/kernels/h200_pair_variants_random.json, results/kernels/h200_pair_variants_stripes.json); "
+               "causal, bf16, 32 query / 8 KV heads, d=128, batch 1, TMA loads, median ms (lower of two rounds). "
+               "Row programs: one 64-row query block per program (the default); pair programs: 128 rows over the "
+               "union of two blocks' lists, 4 / 3 / 5 stages:")
+    return caption + "\n\n" + _table(["tokens", "masks", "kernel", "row programs", "pairs", "pairs, 3 stages",
+                                       "pairs, 5 stages", "best pairs / rows"], parts)
+
+
+def dense64_h200(root) -> str:
+    """docs/experiments/tma_variants.py --variants ... tma_dense64s5: the dense kernel in the sparse
+    rows' 64x64 tile beside the dense kernel's 128x128 and the sparse kernel at density 1.0."""
+    path = "results/kernels/h200_tma_variants_dense64.json"
+    env = load_envelope(root, path)
+    prov = env["provenance"]
+    by = {(r["T"], r["op"]): r for r in env["rows"]}
+    body = []
+    for T in sorted({r["T"] for r in env["rows"]}):
+        dense, d1 = by[(T, "dense")], by[(T, "d1")]
+        body.append([_tokens(T), sig3(dense["sdpa_cudnn"]), sig3(dense["tma"]), sig3(dense["tma_dense64s5"]),
+                     sig3(d1["tma"]), f"{dense['tma_dense64s5'] / dense['tma']:.2f}", f"{d1['tma'] / dense['tma']:.2f}"])
+    caption = (f"{prov['gpu']}, commit {_commit(prov)}, same inputs, one process ({path}); causal, bf16, 32 query / "
+               "8 KV heads, d=128, batch 1, TMA loads, median ms (lower of two rounds):")
+    return caption + "\n\n" + _table(["tokens", "SDPA cuDNN", "dense, 128x128 tiles", "dense, 64x64 tiles / 5 stages",
+                                       "sparse at density 1.0 (64x64)", "64x64 / 128x128", "sparse 1.0 / dense"], body)
+
+
 def _ttft(path):
     return lambda root: ttft_table(root, path)
 
@@ -585,6 +626,38 @@ def gate_quality_h200(root) -> str:
     return out
 
 
+def gate_passkey225_h200(root) -> str:
+    """docs/experiments/gate_quality.py --phases passkey at issue 17's size (225 prompts): the
+    density knob's passkey per length, paired prompt by prompt with dense."""
+    from .passkey import paired_passkey
+    path = "results/quality/h200_gate_passkey225.json"
+    env = load_envelope(root, path)
+    prov, cfg, pk = env["provenance"], env["config"], env["passkey"]
+    dense = pk["dense"]
+    body = []
+    for v, res in pk.items():
+        if v == "dense":
+            continue
+        for T in cfg["passkey_lengths"] + ["all"]:
+            def part(r, T=T):
+                return {"samples": [s for s in r["samples"] if T == "all" or s["length"] == T]}
+            vd = paired_passkey(part(dense), part(res))
+            acc = (res["accuracy"], dense["accuracy"]) if T == "all" else \
+                (res["per_length"][str(T)], dense["per_length"][str(T)])
+            dens = res["density"] if T == "all" else res["density_per_length"][str(T)]
+            body.append([v, "all" if T == "all" else _tokens(T), f"{acc[1]:.3f}", f"{acc[0]:.3f}", f"{dens:.3f}",
+                         str(vd["lost"]), str(vd["gained"]), f"{vd['p_value']:.2g}"])
+    settings = ", ".join(cfg["passkey_settings"])
+    caption = (f"SmolLM2-135M, gates distilled {cfg['steps']} steps of {_tokens(cfg['seq_len'])} tokens "
+               f"(plain: the corpus as it is), {prov['gpu']}, commit {_commit(prov)} ({path}); passkey at {', '.join(_tokens(t) for t in cfg['passkey_lengths'])} x 5 "
+               f"depths x {cfg['passkey_samples']} prompts, knob at {cfg['passkey_density']:g}, the 2 last block "
+               "rows dense, sink and local block kept, greedy, paired prompt by prompt with dense")
+    if not env.get("complete"):
+        caption += f" (the run was cut by its time limit before the settings {settings} ran)"
+    return caption + ":\n\n" + _table(["gates", "tokens", "dense", "gate", "density", "lost", "gained",
+                                        "sign test p"], body)
+
+
 #: README table name -> renderer (the repository root -> the text between the markers)
 TABLES = {
     "demo-cpu": _demo("results/demo/cpu.json"),
@@ -599,6 +672,8 @@ TABLES = {
     "kernels-h200-tma": _kernels("results/kernels/h200_tma.json"),
     "ttft-h200": _ttft("results/ttft/h200.json"),
     "tma-bwd-variants-h200": tma_bwd_variants_h200,
+    "pair-variants-h200": pair_variants_h200,
+    "dense64-h200": dense64_h200,
     "kernels-h200-bwd-tiles": _kernels("results/kernels/h200_bwd_tiles.json"),
     "ttft-h200-bwd-tiles": _ttft("results/ttft/h200_bwd_tiles.json"),
     "quality-h100": quality_h100,
@@ -621,6 +696,7 @@ TABLES = {
     "finetune-compile-h200": finetune_compile_h200,
     "gate-quality-h200": gate_quality_h200,
     "gate-calib-h200": gate_calib_h200,
+    "gate-passkey225-h200": gate_passkey225_h200,
 }
 
 
