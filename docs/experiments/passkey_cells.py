@@ -1,0 +1,95 @@
+"""Passkey of a few (length, depth) cells under several selections, paired with dense (CPU, fp32).
+
+Where does the gate lose the passkey? The H200's 225-prompt run (results/quality/h200_gate_passkey225.json)
+lost 33 of its 38 prompts at 4k, depths 0.5-1.0. This replays those cells on the CPU with the
+same gates and prompts (the generator's seed 0, samples 0..N-1) under selections that each change
+one thing: the knob as on the GPU, layers made dense by halves, more dense last rows, the
+threshold, the oracle. Run from a clone (after ``bash .ci/install.sh``; the embedded SmolLM2)::
+
+    python docs/experiments/passkey_cells.py GATES --length 4096 --depths 0.5 0.75 --samples 8 \\
+        --settings knob knob,dense=0-14 knob,dense=15-29 knob,last=4 threshold=0.03 oracle
+
+A setting is comma-separated: ``knob`` (density 0.12, as gate_quality's passkey phase),
+``density=R``, ``threshold=T`` or ``oracle`` (the true max-pooled map's top blocks at the knob's
+density), then optional ``dense=A-B`` (layers A..B attend densely), ``last=N`` (N dense last
+block rows; default 2), ``local=N`` (local blocks kept; default 1). Prints one line per setting:
+accuracy, density, lost / gained against dense.
+"""
+import argparse
+import time
+
+import torch
+
+import seer_attn.modeling_seer.seer_layer as seer_layer
+from seer_attn.eval.passkey import generate_passkey_samples, paired_passkey, run_passkey
+from seer_attn.modeling_seer.conversion import default_model_path, load_seer_model, load_tokenizer
+
+
+def parse(spec):
+    """``spec`` -> (set_seer_mode keyword arguments, dense layer range or None)."""
+    kw = dict(seer_selector="gate", seer_sparsity_method="density", seer_density=0.12, seer_keep_sink=True,
+              seer_keep_local=1, seer_keep_diagonal=True, seer_dense_last_rows=2)
+    dense = None
+    for part in spec.split(","):
+        key, _, val = part.partition("=")
+        if key == "knob":
+            pass
+        elif key == "density":
+            kw.update(seer_sparsity_method="density", seer_density=float(val))
+        elif key == "threshold":
+            kw.update(seer_sparsity_method="threshold", seer_threshold=float(val))
+        elif key == "oracle":
+            kw.update(seer_selector="oracle_max")
+        elif key == "dense":
+            a, b = (int(x) for x in val.split("-"))
+            dense = range(a, b + 1)
+        elif key == "last":
+            kw["seer_dense_last_rows"] = int(val)
+        elif key == "local":
+            kw["seer_keep_local"] = int(val)
+        else:
+            raise ValueError(f"setting part {part!r}: expected knob, density=R, threshold=T, oracle, dense=A-B, "
+                             "last=N or local=N")
+    return kw, dense
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("gates", help="gates file (gates_*_bf16.safetensors of a gate_quality run)")
+    ap.add_argument("--length", type=int, default=4096)
+    ap.add_argument("--depths", type=float, nargs="+", default=[0.5, 0.75])
+    ap.add_argument("--samples", type=int, default=8, help="prompts per depth (the GPU run's first ones)")
+    ap.add_argument("--settings", nargs="+", default=["knob", "knob,dense=0-14", "knob,dense=15-29"])
+    args = ap.parse_args()
+    torch.set_num_threads(2)
+    path = default_model_path()
+    model = load_seer_model(path, dtype=torch.float32, gates=args.gates)
+    tok = load_tokenizer(path)
+    samples = generate_passkey_samples(tok, [args.length], args.depths, args.samples)
+    t0 = time.time()
+    model.set_seer_mode("dense")
+    dense = run_passkey(model, tok, samples=samples, progress=False)
+    print(f"dense: {dense['accuracy']:.3f} ({time.time() - t0:.0f} s)", flush=True)
+    select = seer_layer._selection
+    for spec in args.settings:
+        kw, dense_layers = parse(spec)
+
+        def selection(attn, q, *rest, layers=dense_layers):
+            mask = select(attn, q, *rest)
+            if layers is not None and attn.layer_idx in layers:
+                mask = torch.ones_like(mask).tril()  # every causal block
+            return mask
+        seer_layer._selection = selection
+        try:
+            model.set_seer_mode("sparse", **kw)
+            t0 = time.time()
+            res = run_passkey(model, tok, samples=samples, progress=False)
+        finally:
+            seer_layer._selection = select
+        vd = paired_passkey(dense, res)
+        print(f"{spec}: {res['accuracy']:.3f} at density {res['density']:.3f}, lost {vd['lost']} gained "
+              f"{vd['gained']} of {vd['n']} (p = {vd['p_value']:.2g}; {time.time() - t0:.0f} s)", flush=True)
+
+
+if __name__ == "__main__":
+    main()
