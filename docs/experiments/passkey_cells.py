@@ -1,4 +1,4 @@
-"""Passkey of a few (length, depth) cells under several selections, paired with dense (CPU, fp32).
+"""Passkey of a few (length, depth) cells under several selections, paired with dense (CPU fp32 or GPU bf16).
 
 Where does the gate lose the passkey? The H200's 225-prompt run (results/quality/h200_gate_passkey225.json)
 lost 33 of its 38 prompts at 4k, depths 0.5-1.0. This replays those cells on the CPU with the
@@ -23,6 +23,7 @@ import torch
 import seer_attn.modeling_seer.seer_layer as seer_layer
 from seer_attn.eval.passkey import generate_passkey_samples, paired_passkey, run_passkey
 from seer_attn.modeling_seer.conversion import default_model_path, load_seer_model, load_tokenizer
+from seer_attn.training.results import write_envelope
 
 
 def parse(spec):
@@ -58,18 +59,29 @@ def main():
     ap.add_argument("gates", help="gates file (gates_*_bf16.safetensors of a gate_quality run)")
     ap.add_argument("--length", type=int, default=4096)
     ap.add_argument("--depths", type=float, nargs="+", default=[0.5, 0.75])
+    ap.add_argument("--out", help="also write the results as a JSON envelope here")
     ap.add_argument("--samples", type=int, default=8, help="prompts per depth (the GPU run's first ones)")
     ap.add_argument("--settings", nargs="+", default=["knob", "knob,dense=0-14", "knob,dense=15-29"])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                    help="cuda runs bf16 (as gate_quality's passkey phase), cpu fp32")
     args = ap.parse_args()
     torch.set_num_threads(2)
     path = default_model_path()
-    model = load_seer_model(path, dtype=torch.float32, gates=args.gates)
+    dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
+    model = load_seer_model(path, dtype=dtype, gates=args.gates).to(args.device)
     tok = load_tokenizer(path)
     samples = generate_passkey_samples(tok, [args.length], args.depths, args.samples)
     t0 = time.time()
     model.set_seer_mode("dense")
     dense = run_passkey(model, tok, samples=samples, progress=False)
     print(f"dense: {dense['accuracy']:.3f} ({time.time() - t0:.0f} s)", flush=True)
+    rows = [{"setting": "dense", "accuracy": dense["accuracy"], "density": None, "samples": dense["samples"]}]
+
+    def save(complete):  # after every setting: a cut run keeps what it measured, marked incomplete
+        if args.out:
+            write_envelope(args.out, "passkey_cells", rows, config=vars(args), model=path, complete=complete,
+                           device=args.device)
+    save(False)
     select = seer_layer._selection
     for spec in args.settings:
         kw, dense_layers = parse(spec)
@@ -87,8 +99,12 @@ def main():
         finally:
             seer_layer._selection = select
         vd = paired_passkey(dense, res)
+        rows.append({"setting": spec, "accuracy": res["accuracy"], "density": res["density"], "vs_dense": vd,
+                     "samples": res["samples"]})
+        save(False)
         print(f"{spec}: {res['accuracy']:.3f} at density {res['density']:.3f}, lost {vd['lost']} gained "
               f"{vd['gained']} of {vd['n']} (p = {vd['p_value']:.2g}; {time.time() - t0:.0f} s)", flush=True)
+    save(True)
 
 
 if __name__ == "__main__":
