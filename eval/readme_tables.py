@@ -658,6 +658,31 @@ def gate_passkey225_h200(root) -> str:
                                         "sign test p"], body)
 
 
+def passkey_cells_4k_h200(root) -> str:
+    """docs/experiments/passkey_cells.py on the GPU: the 4k cells the knob lost, under selections
+    that each change one thing, paired with dense (two runs of the same prompts and gates)."""
+    paths = ["results/quality/h200_passkey_cells_4k.json", "results/quality/h200_passkey_cells_4k_b.json"]
+    body, env = [], None
+    for path in paths:
+        env = load_envelope(root, path)
+        for r in env["rows"]:
+            if r["setting"] == "dense":
+                if not body:
+                    body.append(["dense", f"{r['accuracy']:.3f}", "1", "—", "—"])
+                continue
+            vd = r["vs_dense"]
+            body.append([r["setting"], f"{r['accuracy']:.3f}", f"{r['density']:.3f}", f"{vd['lost']} / {vd['gained']}",
+                         f"{vd['p_value']:.2g}"])
+    prov, cfg = env["provenance"], env["config"]
+    caption = (f"SmolLM2-135M, the gates of results/quality/h200_gate_passkey225.json, {prov['gpu']}, bf16, commit "
+               f"{_commit(prov)} ({', '.join(paths)}); passkey at {_tokens(cfg['length'])} tokens, depths "
+               f"{', '.join(f'{d:g}' for d in cfg['depths'])} x {cfg['samples']} prompts (the 225-prompt run's), "
+               "paired with dense. knob = density 0.12, sink, 1 local block, diagonal, 2 dense last rows; "
+               "local=N: N local blocks; dense=A-B: layers A..B attend densely; oracle: the true max-pooled "
+               "map's top blocks at the knob's density:")
+    return caption + "\n\n" + _table(["selection", "accuracy", "density", "lost / gained", "sign test p"], body)
+
+
 #: README table name -> renderer (the repository root -> the text between the markers)
 TABLES = {
     "demo-cpu": _demo("results/demo/cpu.json"),
@@ -697,6 +722,7 @@ TABLES = {
     "gate-quality-h200": gate_quality_h200,
     "gate-calib-h200": gate_calib_h200,
     "gate-passkey225-h200": gate_passkey225_h200,
+    "passkey-cells-4k-h200": passkey_cells_4k_h200,
 }
 
 
