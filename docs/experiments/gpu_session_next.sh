@@ -8,10 +8,10 @@
 #
 #   bash docs/experiments/gpu_session_next.sh STEP OUT
 #
-# First in the next session: tests-kernels. The kernels' shared preamble helpers (after bfaeb65:
-# _program_heads, _head_base, _load_rows, _store_rows, _seq_bounds) passed the interpreter suite
-# only; the device time of session 23 was spent; so did the sparse pair programs (below). Then
-# pair-variants, tma-variants (the 64x64 dense variant) and gate-passkey225.
+# Session 24 ran tests-kernels (231 passed at 8b3ad26), pair-variants, tma-variants (dense64) and
+# gate-passkey225 (cut before its threshold setting), then passkey_cells.py on the 4k cells (the
+# first layers' selection loses them, docs/experiments/gate_quality.md section 7). Next: build
+# seer_dense_layers, then its PPL at equal overall density and gate-passkey225 with it.
 #
 # STEP, in order of priority (minutes on one H200):
 #   decode-quality ~5  issue 15's full protocol (300-step gates at 8k, decode perplexity of 16
