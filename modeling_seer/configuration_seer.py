@@ -16,7 +16,7 @@ POOLING_TYPES = ("avg", "max", "min")
 DISTILL_TARGETS = ("max", "mass")
 BOOL_FIELDS = ("seer_gate_rope", "seer_keep_diagonal", "seer_keep_sink", "seer_decode_gate", "seer_decode_sparsity")
 INT_FIELDS = ("seer_block_size", "seer_gate_hidden_size", "seer_keep_local", "seer_dense_last_rows",
-              "seer_decode_budget", "seer_decode_distill_rows", "seer_decode_keep_local")
+              "seer_dense_layers", "seer_decode_budget", "seer_decode_distill_rows", "seer_decode_keep_local")
 FLOAT_FIELDS = ("seer_threshold", "seer_nz_ratio", "seer_coverage", "seer_distill_loss_scale", "seer_decode_share",
                 "seer_decode_threshold", "seer_decode_mass", "seer_density", "seer_distill_peak_weight")
 #: Options the gates are built from (their shapes and RoPE): fixed once a model exists.
@@ -64,6 +64,9 @@ class SeerConfigMixin:
         seer_keep_local: always keep this many key blocks just before the diagonal (a
             local window, so tokens near a block start see their preceding text; 0: off).
         seer_dense_last_rows: number of last block rows kept dense (reference: 2).
+        seer_dense_layers: the first N layers attend densely at sparse prefill (no scores, no
+            selection); the sparsity options apply to the others. Retrieval at high sparsity
+            depends on the first layers (docs/experiments/gate_quality.md section 7). 0: off.
         seer_distill_loss_scale: multiplier of the summed per-layer KL loss (paper: 10).
         seer_distill_target: ``"max"`` (paper: row-normalised max-pooled probabilities)
             or ``"mass"`` (row-normalised probability mass per block, a variant).
@@ -118,6 +121,7 @@ class SeerConfigMixin:
     seer_keep_sink: bool = False
     seer_keep_local: int = 0
     seer_dense_last_rows: int = 2
+    seer_dense_layers: int = 0
     seer_distill_loss_scale: float = 10.0
     seer_distill_target: str = "max"
     seer_distill_peak_weight: float = 0.0
@@ -192,6 +196,8 @@ class SeerConfigMixin:
             bad("seer_keep_local", "expected an integer >= 0")
         if self.seer_dense_last_rows < 0:
             bad("seer_dense_last_rows", "expected an integer >= 0")
+        if self.seer_dense_layers < 0:
+            bad("seer_dense_layers", "expected an integer >= 0")
         if self.seer_distill_loss_scale <= 0:
             bad("seer_distill_loss_scale", "expected > 0")
         if self.seer_distill_target not in DISTILL_TARGETS:

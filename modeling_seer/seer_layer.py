@@ -247,10 +247,11 @@ class SeerAttentionMixin:
             if ctx.decode_rows is not None and hasattr(self.attn_gate, DECODE_GATE):
                 ctx.gate_losses.append(self._decode_distill_loss(q, k, q_pre, k_pre, ctx))
             return out.transpose(1, 2)
-        # nz_ratio 1 keeps every causal block (every block the window reaches) whatever the
-        # scores say: no scores are computed, and SDPA (unpadded, no window) or the kernels'
-        # dense variant runs
-        every_block = ctx.forced_masks is None and cfg.seer_sparsity_method == "nz_ratio" and cfg.seer_nz_ratio >= 1.0
+        # nz_ratio 1 (or a layer among the first seer_dense_layers) keeps every causal block
+        # (every block the window reaches) whatever the scores say: no scores are computed,
+        # and SDPA (unpadded, no window) or the kernels' dense variant runs
+        every_block = ctx.forced_masks is None and (self.layer_idx < cfg.seer_dense_layers or (
+            cfg.seer_sparsity_method == "nz_ratio" and cfg.seer_nz_ratio >= 1.0))
         recompute = self.layer_idx in ctx.layer_masks
         if recompute:  # activation checkpointing: the mask of this layer's forward
             mask = ctx.layer_masks[self.layer_idx]

@@ -10,8 +10,9 @@
 #
 # Session 24 ran tests-kernels (231 passed at 8b3ad26), pair-variants, tma-variants (dense64) and
 # gate-passkey225 (cut before its threshold setting), then passkey_cells.py on the 4k cells (the
-# first layers' selection loses them, docs/experiments/gate_quality.md section 7). Next: build
-# seer_dense_layers, then its PPL at equal overall density and gate-passkey225 with it.
+# first layers' selection loses them, docs/experiments/gate_quality.md section 7). Next:
+# seer_dense_layers (built after those runs, CPU-tested): its PPL at equal overall density (the
+# knob lowered on the other layers) and the 225-prompt passkey with it.
 #
 # STEP, in order of priority (minutes on one H200):
 #   decode-quality ~5  issue 15's full protocol (300-step gates at 8k, decode perplexity of 16

@@ -164,3 +164,31 @@ def test_every_block_runs_sdpa_only_without_padding_or_window(tiny, tiny_kwargs,
     assert len(got_grads) == len(want_grads) > 0
     for g, w in zip(got_grads, want_grads):
         torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-4)
+
+
+@torch.no_grad()
+def test_dense_layers_attend_densely_and_skip_scores(tiny, monkeypatch):
+    """seer_dense_layers=1: layer 0 computes no scores and keeps every block; layer 1 still
+    selects; every layer dense gives the dense model's logits."""
+    model = tiny(seed=1)
+    T = 450
+    ids = _ids(T, 1, seed=3)
+    dense = model(ids).logits
+    model.set_seer_mode("sparse", seer_sparsity_method="nz_ratio", seer_nz_ratio=0.3, seer_dense_layers=1)
+    scored = []
+    select = layer._selection
+
+    def spy(attn, *a):
+        scored.append(attn.layer_idx)
+        return select(attn, *a)
+    monkeypatch.setattr(layer, "_selection", spy)
+    ctx = SeerForwardContext(masks=[])
+    sparse = model(ids, seer_ctx=ctx).logits
+    assert scored == [1]
+    density = model.seer_density()
+    assert torch.equal(density[0], torch.ones_like(density[0])) and bool((density[1] < 1).all())
+    assert not torch.allclose(sparse, dense, atol=1e-3)  # layer 1 is sparse: the logits move
+    NB = (T + 63) // 64
+    assert torch.equal(ctx.masks[0], torch.ones(1, 4, NB, NB, dtype=torch.bool).tril())
+    model.set_seer_mode("sparse", seer_dense_layers=2)
+    torch.testing.assert_close(model(ids).logits, dense, atol=2e-5, rtol=1e-5)
