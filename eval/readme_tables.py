@@ -25,6 +25,7 @@ import sys
 
 from .demo import density_table
 from .finetune_run import format_timing
+from .passkey import paired_passkey
 from .settings import SELECTOR_LABELS, Setting
 
 README = "README.md"
@@ -219,8 +220,9 @@ def pair_variants_h200(root) -> str:
         for r in env["rows"]:
             if "pair" not in r:
                 continue
+            best = min(r["pair"], r["pair_s3"], r["pair_s5"])
             parts.append([_tokens(r["T"]), kind, _kernel_op_label(r["op"]), sig3(r["tma"]), sig3(r["pair"]),
-                          sig3(r["pair_s3"]), sig3(r["pair_s5"]), f"{min(r['pair'], r['pair_s3'], r['pair_s5']) / r['tma']:.2f}"])
+                          sig3(r["pair_s3"]), sig3(r["pair_s5"]), f"{best / r['tma']:.2f}"])
     caption = (f"{prov['gpu']}, commit {_commit(prov)}, same inputs, one process per mask kind "
                "(results/kernels/h200_pair_variants_random.json, results/kernels/h200_pair_variants_stripes.json); "
                "causal, bf16, 32 query / 8 KV heads, d=128, batch 1, TMA loads, median ms (lower of two rounds). "
@@ -241,7 +243,8 @@ def dense64_h200(root) -> str:
     for T in sorted({r["T"] for r in env["rows"]}):
         dense, d1 = by[(T, "dense")], by[(T, "d1")]
         body.append([_tokens(T), sig3(dense["sdpa_cudnn"]), sig3(dense["tma"]), sig3(dense["tma_dense64s5"]),
-                     sig3(d1["tma"]), f"{dense['tma_dense64s5'] / dense['tma']:.2f}", f"{d1['tma'] / dense['tma']:.2f}"])
+                     sig3(d1["tma"]), f"{dense['tma_dense64s5'] / dense['tma']:.2f}",
+                     f"{d1['tma'] / dense['tma']:.2f}"])
     caption = (f"{prov['gpu']}, commit {_commit(prov)}, same inputs, one process ({path}); causal, bf16, 32 query / "
                "8 KV heads, d=128, batch 1, TMA loads, median ms (lower of two rounds):")
     return caption + "\n\n" + _table(["tokens", "SDPA cuDNN", "dense, 128x128 tiles", "dense, 64x64 tiles / 5 stages",
@@ -629,7 +632,6 @@ def gate_quality_h200(root) -> str:
 def gate_passkey225_h200(root) -> str:
     """docs/experiments/gate_quality.py --phases passkey at issue 17's size (225 prompts): the
     density knob's passkey per length, paired prompt by prompt with dense."""
-    from .passkey import paired_passkey
     path = "results/quality/h200_gate_passkey225.json"
     env = load_envelope(root, path)
     prov, cfg, pk = env["provenance"], env["config"], env["passkey"]
@@ -649,7 +651,8 @@ def gate_passkey225_h200(root) -> str:
                          str(vd["lost"]), str(vd["gained"]), f"{vd['p_value']:.2g}"])
     settings = ", ".join(cfg["passkey_settings"])
     caption = (f"SmolLM2-135M, gates distilled {cfg['steps']} steps of {_tokens(cfg['seq_len'])} tokens "
-               f"(plain: the corpus as it is), {prov['gpu']}, commit {_commit(prov)} ({path}); passkey at {', '.join(_tokens(t) for t in cfg['passkey_lengths'])} x 5 "
+               f"(plain: the corpus as it is), {prov['gpu']}, commit {_commit(prov)} ({path}); passkey at "
+               f"{', '.join(_tokens(t) for t in cfg['passkey_lengths'])} x 5 "
                f"depths x {cfg['passkey_samples']} prompts, knob at {cfg['passkey_density']:g}, the 2 last block "
                "rows dense, sink and local block kept, greedy, paired prompt by prompt with dense")
     if not env.get("complete"):
