@@ -1,23 +1,26 @@
-"""Perplexity of the density knob with and without the first layers dense, at near-equal overall density (CPU).
+"""Perplexity of the density knob with and without the first layers dense, at near-equal overall density.
 
 ``seer_dense_layers`` brings back the 4k passkey prompts the knob loses (gate_quality.md
 section 7); this measures what it costs in perplexity when the other layers pay for it. Run
 from a clone (after ``bash .ci/install.sh``; the embedded SmolLM2)::
 
-    python docs/experiments/dense_layers_ppl.py GATES --eval eval.jsonl --length 4096 --windows 4
+    python docs/experiments/dense_layers_ppl.py GATES --eval eval.jsonl --length 4096 --windows 4 \\
+        --settings density=0.2 dense=0-3,density=0.1
 
-Prints dense PPL, then PPL and achieved density of each (dense layers, knob) pair; keep rules:
-diagonal, sink, 1 local block, no dense last rows (the perplexity protocol's).
+Settings are passkey_cells.py's (``dense=A-B``, ``early=A-B:R``, ``density=R``, ``oracle`` ...)
+under the perplexity protocol's keep rules: diagonal, sink, 1 local block, no dense last rows.
+``--device cuda`` runs bf16 over every window (``--windows 0``) as gate_quality's PPL phase.
+Prints dense PPL, then PPL and achieved density of each setting.
 """
 import argparse
 import time
 
 import torch
 
+from passkey_cells import applied
 from seer_attn.eval.perplexity import evaluate_perplexity, load_documents, make_windows
 from seer_attn.modeling_seer.conversion import default_model_path, load_seer_model, load_tokenizer
-
-KEEP = dict(seer_keep_diagonal=True, seer_keep_sink=True, seer_keep_local=1, seer_dense_last_rows=0)
+from seer_attn.training.results import write_envelope
 
 
 def main():
@@ -25,25 +28,37 @@ def main():
     ap.add_argument("gates", help="gates file (gates_*_bf16.safetensors of a gate_quality run)")
     ap.add_argument("--eval", help="jsonl corpus (default: the bundled eval corpus)")
     ap.add_argument("--length", type=int, default=4096)
-    ap.add_argument("--windows", type=int, default=4)
-    ap.add_argument("--pairs", nargs="+", default=["0:0.2", "4:0.1", "4:0.08", "0:0.12"],
-                    help="DENSE_LAYERS:KNOB pairs")
+    ap.add_argument("--windows", type=int, default=4, help="first N windows (2 per document); 0: all")
+    ap.add_argument("--settings", nargs="+", default=["density=0.2", "dense=0-3,density=0.1",
+                                                      "dense=0-3,density=0.08", "density=0.12"])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                    help="cuda runs bf16 (as gate_quality's PPL phase), cpu fp32")
+    ap.add_argument("--out", help="also write the results as a JSON envelope here")
     args = ap.parse_args()
     torch.set_num_threads(2)
     path = default_model_path()
-    model = load_seer_model(path, dtype=torch.float32, gates=args.gates)
+    dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
+    model = load_seer_model(path, dtype=dtype, gates=args.gates).to(args.device)
     tok = load_tokenizer(path)
-    wins = make_windows(load_documents(args.eval), tok, args.length, 1)[:args.windows]
+    wins = make_windows(load_documents(args.eval), tok, args.length, 2)
+    wins = wins[:args.windows] if args.windows else wins
     model.set_seer_mode("dense")
-    print(f"dense: ppl {evaluate_perplexity(model, windows=wins, progress=False)['ppl']:.3f}", flush=True)
-    for pair in args.pairs:
-        layers, _, rho = pair.partition(":")
+    r = evaluate_perplexity(model, windows=wins, progress=False)
+    rows = [{"setting": "dense", "ppl": r["ppl"], "density": None, "windows": r["windows"]}]
+    print(f"dense: ppl {r['ppl']:.3f} over {r['windows']} windows of {args.length}", flush=True)
+
+    def save(complete):
+        if args.out:
+            write_envelope(args.out, "dense_layers_ppl", rows, config=vars(args), model=path, complete=complete,
+                           device=args.device)
+    for spec in args.settings:
         t0 = time.time()
-        model.set_seer_mode("sparse", seer_sparsity_method="density", seer_density=float(rho),
-                            seer_dense_layers=int(layers), **KEEP)
-        r = evaluate_perplexity(model, windows=wins, progress=False)
-        print(f"dense layers {layers}, knob {rho}: ppl {r['ppl']:.3f} at density {r['density']:.3f} "
-              f"({time.time() - t0:.0f} s)", flush=True)
+        with applied(model, spec, seer_dense_last_rows=0):
+            r = evaluate_perplexity(model, windows=wins, progress=False)
+        rows.append({"setting": spec, "ppl": r["ppl"], "density": r["density"], "windows": r["windows"]})
+        save(False)
+        print(f"{spec}: ppl {r['ppl']:.3f} at density {r['density']:.3f} ({time.time() - t0:.0f} s)", flush=True)
+    save(True)
 
 
 if __name__ == "__main__":

@@ -75,6 +75,8 @@ GGUF=${GGUF:-/tmp/seer/smollm2.gguf}
 CORPORA=${CORPORA:-/tmp/seer/corpora}
 export SEER_SMOLLM2_GGUF=${SEER_SMOLLM2_GGUF:-$GGUF} PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
+GATES=${GATES:-seer_outputs/pk/gates_plain_bf16.safetensors}
+CELLS=${CELLS:-/tmp/seer/cells_layers.json}
 DATA=(--train "$CORPORA/train.jsonl" --eval "$CORPORA/eval.jsonl")
 
 FT=(-m seer_attn.eval.finetune_run --model "$GGUF" "${DATA[@]}" --work /tmp/seer/ft --out "$OUT/ft" --no-progress)
@@ -174,5 +176,21 @@ case "$STEP" in
       --phases passkey --passkey-settings gate:threshold=0.03 --passkey-samples 15 --budget-s 540 --out "$OUT" \
       > "$OUT/gate_quality.log" 2>&1
     echo "gate_quality: exit $?"; tail -n 8 "$OUT/gate_quality.log" ;;
+  dense-layers)  # GATES: the 225-run's gates (carried); cells first, then 8k perplexity of the same settings
+    "$PY" docs/experiments/passkey_cells.py "$GATES" --lengths 4096 --depths 0.5 0.75 1.0 --samples 15 \
+      --settings knob,dense=0-0 knob,dense=0-1 knob,dense=1-3 knob,early=0-3:0.5 knob,early=0-3:0.3 \
+      knob,early=0-1:0.5 oracle_mass knob,dense=0-1,density=0.08 knob,dense=0-3,density=0.08 \
+      --out "$OUT/cells_layers.json" 2>&1 | tee "$OUT/cells.log" | grep -v Warning
+    cp "$OUT/cells_layers.json" "$CELLS"  # for dense-layers225 (OUT is fresh in every device call)
+    "$PY" docs/experiments/dense_layers_ppl.py "$GATES" --eval "$CORPORA/eval.jsonl" --length 8192 --windows 0 \
+      --settings density=0.12 density=0.2 dense=0-0,density=0.1 dense=0-1,density=0.08 dense=0-1,density=0.1 \
+      early=0-3:0.5,density=0.1 early=0-3:0.3,density=0.1 dense=0-3,density=0.08 oracle,density=0.12 \
+      --out "$OUT/ppl_layers_8k.json" 2>&1 | tee "$OUT/ppl.log" | grep -v Warning ;;
+  dense-layers225)  # the 225 prompts under the two cells settings with the fewest net losses (CELLS: their json)
+    mapfile -t PICK < <("$PY" -c "import json,sys; r=[x for x in json.load(open(sys.argv[1]))['rows'] if 'vs_dense' in x]
+r.sort(key=lambda x: (x['vs_dense']['lost'] - x['vs_dense']['gained'], x['density'])); print(*[x['setting'] for x in r[:2]], sep='\\n')" "$CELLS")
+    echo "settings: ${PICK[*]}"
+    timeout 570 "$PY" docs/experiments/passkey_cells.py "$GATES" --lengths 2048 4096 8192 --depths 0 0.25 0.5 0.75 1.0 \
+      --samples 15 --settings "${PICK[@]}" --out "$OUT/passkey225_layers.json" 2>&1 | grep -v Warning ;;
   *) echo "unknown step $STEP"; exit 2 ;;
 esac

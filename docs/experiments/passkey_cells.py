@@ -10,11 +10,15 @@ threshold, the oracle. Run from a clone (after ``bash .ci/install.sh``; the embe
         --settings knob knob,dense=0-14 knob,dense=15-29 knob,last=4 threshold=0.03 oracle
 
 A setting is comma-separated: ``knob`` (density 0.12, as gate_quality's passkey phase),
-``density=R``, ``threshold=T`` or ``oracle`` (the true max-pooled map's top blocks at the knob's
-density), then optional ``dense=A-B`` (layers A..B attend densely), ``last=N`` (N dense last
-block rows; default 2), ``local=N`` (local blocks kept; default 1). Prints one line per setting:
-accuracy, density, lost / gained against dense.
+``density=R``, ``threshold=T``, ``oracle`` (the true max-pooled map's top blocks at the knob's
+density) or ``oracle_mass`` (the true block attention mass's), then optional ``dense=A-B``
+(layers A..B attend densely), ``early=A-B:R`` (layers A..B keep density R instead), ``last=N``
+(N dense last block rows; default 2), ``local=N`` (local blocks kept; default 1). Prints one
+line per setting: accuracy, density, lost / gained against dense. ``--lengths 2048 4096 8192
+--depths 0 0.25 0.5 0.75 1.0 --samples 15`` is issue 17's 225-prompt protocol (gate_quality's
+passkey phase). dense_layers_ppl.py measures the same settings' perplexity.
 """
+import contextlib
 import argparse
 import time
 
@@ -26,11 +30,13 @@ from seer_attn.modeling_seer.conversion import default_model_path, load_seer_mod
 from seer_attn.training.results import write_envelope
 
 
-def parse(spec):
-    """``spec`` -> (set_seer_mode keyword arguments, dense layer range or None)."""
+def parse(spec, **keep):
+    """``spec`` -> (set_seer_mode keyword arguments, {layer: density or None (dense)}); ``keep``
+    overrides the passkey phase's keep rules (the perplexity protocol has no dense last rows)."""
     kw = dict(seer_selector="gate", seer_sparsity_method="density", seer_density=0.12, seer_keep_sink=True,
               seer_keep_local=1, seer_keep_diagonal=True, seer_dense_last_rows=2)
-    dense = None
+    kw.update(keep)
+    layers = {}
     for part in spec.split(","):
         key, _, val = part.partition("=")
         if key == "knob":
@@ -39,28 +45,60 @@ def parse(spec):
             kw.update(seer_sparsity_method="density", seer_density=float(val))
         elif key == "threshold":
             kw.update(seer_sparsity_method="threshold", seer_threshold=float(val))
-        elif key == "oracle":
-            kw.update(seer_selector="oracle_max")
-        elif key == "dense":
-            a, b = (int(x) for x in val.split("-"))
-            dense = range(a, b + 1)
+        elif key in ("oracle", "oracle_mass"):
+            kw.update(seer_selector="oracle_max" if key == "oracle" else "oracle_mass")
+        elif key in ("dense", "early"):
+            span, _, rho = val.partition(":")
+            if (key == "early") != bool(rho):
+                raise ValueError(f"setting part {part!r}: expected dense=A-B or early=A-B:R")
+            a, b = (int(x) for x in span.split("-"))
+            layers.update(dict.fromkeys(range(a, b + 1), float(rho) if rho else None))
         elif key == "last":
             kw["seer_dense_last_rows"] = int(val)
         elif key == "local":
             kw["seer_keep_local"] = int(val)
         else:
-            raise ValueError(f"setting part {part!r}: expected knob, density=R, threshold=T, oracle, dense=A-B, "
-                             "last=N or local=N")
-    return kw, dense
+            raise ValueError(f"setting part {part!r}: expected knob, density=R, threshold=T, oracle, oracle_mass, "
+                             "dense=A-B, early=A-B:R, last=N or local=N")
+    return kw, layers
+
+
+@contextlib.contextmanager
+def applied(model, spec, **keep):
+    """``model`` in sparse mode under setting ``spec`` for the ``with`` body. Per-layer parts
+    wrap the prefill's selection: a dense layer keeps every causal block, an ``early`` layer
+    selects with its own density (the config's, swapped for the call)."""
+    kw, layers = parse(spec, **keep)
+    select = seer_layer._selection
+
+    def selection(attn, q, *rest):
+        if attn.layer_idx not in layers:
+            return select(attn, q, *rest)
+        rho = layers[attn.layer_idx]
+        if rho is None:
+            return torch.ones_like(select(attn, q, *rest)).tril()  # every causal block
+        cfg, old = attn.config, attn.config.seer_density
+        cfg.seer_density = rho
+        try:
+            return select(attn, q, *rest)
+        finally:
+            cfg.seer_density = old
+    seer_layer._selection = selection
+    try:
+        model.set_seer_mode("sparse", **kw)
+        yield
+    finally:
+        seer_layer._selection = select
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("gates", help="gates file (gates_*_bf16.safetensors of a gate_quality run)")
-    ap.add_argument("--length", type=int, default=4096)
+    ap.add_argument("--lengths", "--length", type=int, nargs="+", default=[4096])
     ap.add_argument("--depths", type=float, nargs="+", default=[0.5, 0.75])
     ap.add_argument("--out", help="also write the results as a JSON envelope here")
     ap.add_argument("--samples", type=int, default=8, help="prompts per depth (the GPU run's first ones)")
+    ap.add_argument("--indices", type=int, nargs="+", help="only these sample indices of each cell (< --samples)")
     ap.add_argument("--settings", nargs="+", default=["knob", "knob,dense=0-14", "knob,dense=15-29"])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                     help="cuda runs bf16 (as gate_quality's passkey phase), cpu fp32")
@@ -70,7 +108,9 @@ def main():
     dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
     model = load_seer_model(path, dtype=dtype, gates=args.gates).to(args.device)
     tok = load_tokenizer(path)
-    samples = generate_passkey_samples(tok, [args.length], args.depths, args.samples)
+    samples = generate_passkey_samples(tok, args.lengths, args.depths, args.samples)
+    if args.indices:
+        samples = [s for s in samples if s.sample in args.indices]
     t0 = time.time()
     model.set_seer_mode("dense")
     dense = run_passkey(model, tok, samples=samples, progress=False)
@@ -82,22 +122,10 @@ def main():
             write_envelope(args.out, "passkey_cells", rows, config=vars(args), model=path, complete=complete,
                            device=args.device)
     save(False)
-    select = seer_layer._selection
     for spec in args.settings:
-        kw, dense_layers = parse(spec)
-
-        def selection(attn, q, *rest, layers=dense_layers):
-            mask = select(attn, q, *rest)
-            if layers is not None and attn.layer_idx in layers:
-                mask = torch.ones_like(mask).tril()  # every causal block
-            return mask
-        seer_layer._selection = selection
-        try:
-            model.set_seer_mode("sparse", **kw)
-            t0 = time.time()
+        t0 = time.time()
+        with applied(model, spec):
             res = run_passkey(model, tok, samples=samples, progress=False)
-        finally:
-            seer_layer._selection = select
         vd = paired_passkey(dense, res)
         rows.append({"setting": spec, "accuracy": res["accuracy"], "density": res["density"], "vs_dense": vd,
                      "samples": res["samples"]})
