@@ -661,6 +661,24 @@ def gate_passkey225_h200(root) -> str:
                                         "sign test p"], body)
 
 
+def _passkey_cells_rows(env):
+    body = []
+    for r in env["rows"]:
+        if r["setting"] == "dense":
+            body.append(["dense", f"{r['accuracy']:.3f}", "1", "—", "—"])
+            continue
+        vd = r["vs_dense"]
+        body.append([r["setting"], f"{r['accuracy']:.3f}", f"{r['density']:.3f}", f"{vd['lost']} / {vd['gained']}",
+                     f"{vd['p_value']:.2g}"])
+    return body
+
+
+_CELLS_HEAD = ["selection", "accuracy", "density", "lost / gained", "sign test p"]
+_CELLS_LEGEND = ("knob = density 0.12, sink, 1 local block, diagonal, 2 dense last rows; local=N: N local blocks; "
+                 "dense=A-B: layers A..B attend densely; early=A-B:R: layers A..B keep density R; oracle / "
+                 "oracle_mass: the true max-pooled map's / block attention mass's top blocks at the knob's density")
+
+
 def passkey_cells_4k_h200(root) -> str:
     """docs/experiments/passkey_cells.py on the GPU: the 4k cells the knob lost, under selections
     that each change one thing, paired with dense (two runs of the same prompts and gates)."""
@@ -668,22 +686,61 @@ def passkey_cells_4k_h200(root) -> str:
     body, env = [], None
     for path in paths:
         env = load_envelope(root, path)
-        for r in env["rows"]:
-            if r["setting"] == "dense":
-                if not body:
-                    body.append(["dense", f"{r['accuracy']:.3f}", "1", "—", "—"])
-                continue
-            vd = r["vs_dense"]
-            body.append([r["setting"], f"{r['accuracy']:.3f}", f"{r['density']:.3f}", f"{vd['lost']} / {vd['gained']}",
-                         f"{vd['p_value']:.2g}"])
+        body += [r for r in _passkey_cells_rows(env) if r[0] != "dense" or not body]
     prov, cfg = env["provenance"], env["config"]
     caption = (f"SmolLM2-135M, the gates of results/quality/h200_gate_passkey225.json, {prov['gpu']}, bf16, commit "
                f"{_commit(prov)} ({', '.join(paths)}); passkey at {_tokens(cfg['length'])} tokens, depths "
                f"{', '.join(f'{d:g}' for d in cfg['depths'])} x {cfg['samples']} prompts (the 225-prompt run's), "
-               "paired with dense. knob = density 0.12, sink, 1 local block, diagonal, 2 dense last rows; "
-               "local=N: N local blocks; dense=A-B: layers A..B attend densely; oracle: the true max-pooled "
-               "map's top blocks at the knob's density:")
-    return caption + "\n\n" + _table(["selection", "accuracy", "density", "lost / gained", "sign test p"], body)
+               f"paired with dense. {_CELLS_LEGEND}:")
+    return caption + "\n\n" + _table(_CELLS_HEAD, body)
+
+
+def passkey_cells_layers_4k_h200(root) -> str:
+    """passkey_cells.py on the GPU, the same 4k cells: which first layers, and how dense."""
+    path = "results/quality/h200_passkey_cells_layers_4k.json"
+    env = load_envelope(root, path)
+    prov, cfg = env["provenance"], env["config"]
+    caption = (f"The same gates, prompts and pairing, {prov['gpu']}, bf16, commit {_commit(prov)} ({path}); "
+               f"{'/'.join(_tokens(t) for t in cfg['lengths'])} tokens, depths "
+               f"{', '.join(f'{d:g}' for d in cfg['depths'])} x {cfg['samples']} prompts:")
+    return caption + "\n\n" + _table(_CELLS_HEAD, _passkey_cells_rows(env))
+
+
+def passkey225_layers_h200(root) -> str:
+    """passkey_cells.py over the 225 prompts (2k/4k/8k x 5 depths x 15) with the two cells
+    settings that lost fewest, per length, paired with dense."""
+    path = "results/quality/h200_passkey225_layers.json"
+    env = load_envelope(root, path)
+    prov, cfg, rows = env["provenance"], env["config"], env["rows"]
+    dense, body = rows[0], []
+    for r in rows[1:]:
+        for T in cfg["lengths"] + ["all"]:
+            def part(x, T=T):
+                return [s for s in x["samples"] if T == "all" or s["length"] == T]
+            vd = paired_passkey({"samples": part(dense)}, {"samples": part(r)})
+            acc = [sum(s["correct"] for s in part(x)) / len(part(x)) for x in (dense, r)]
+            dens = sum(s["density"] for s in part(r)) / len(part(r))
+            body.append([r["setting"], "all" if T == "all" else _tokens(T), f"{acc[0]:.3f}", f"{acc[1]:.3f}",
+                         f"{dens:.3f}", str(vd["lost"]), str(vd["gained"]), f"{vd['p_value']:.2g}"])
+    caption = (f"SmolLM2-135M, the same gates, {prov['gpu']}, bf16, commit {_commit(prov)} ({path}); passkey at "
+               f"{', '.join(_tokens(t) for t in cfg['lengths'])} x {len(cfg['depths'])} depths x {cfg['samples']} "
+               "prompts (issue 17's 225), paired prompt by prompt with dense; density: mean over the length's prompts")
+    return caption + ":\n\n" + _table(["selection", "tokens", "dense", "sparse", "density", "lost", "gained",
+                                        "sign test p"], body)
+
+
+def dense_layers_ppl_8k_h200(root) -> str:
+    """docs/experiments/dense_layers_ppl.py on the GPU: perplexity of the passkey settings at 8k."""
+    path = "results/quality/h200_dense_layers_ppl_8k.json"
+    env = load_envelope(root, path)
+    prov, cfg, rows = env["provenance"], env["config"], env["rows"]
+    dense = rows[0]["ppl"]
+    body = [[r["setting"], f"{r['ppl']:.3f}", f"{r['ppl'] / dense:.3f}x",
+             "1" if r["density"] is None else f"{r['density']:.3f}"] for r in rows]
+    caption = (f"SmolLM2-135M, the same gates, {prov['gpu']}, bf16, commit {_commit(prov)} ({path}); perplexity "
+               f"over {rows[0]['windows']} windows of {_tokens(cfg['length'])} tokens of eval.jsonl (2 per document), "
+               "sink, 1 local block and diagonal kept, no dense last rows; settings as above, density=R: the knob at R")
+    return caption + ":\n\n" + _table(["selection", "PPL", "vs dense", "density"], body)
 
 
 #: README table name -> renderer (the repository root -> the text between the markers)
@@ -726,6 +783,9 @@ TABLES = {
     "gate-calib-h200": gate_calib_h200,
     "gate-passkey225-h200": gate_passkey225_h200,
     "passkey-cells-4k-h200": passkey_cells_4k_h200,
+    "passkey-cells-layers-4k-h200": passkey_cells_layers_4k_h200,
+    "passkey225-layers-h200": passkey225_layers_h200,
+    "dense-layers-ppl-8k-h200": dense_layers_ppl_8k_h200,
 }
 
 

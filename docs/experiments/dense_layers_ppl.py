@@ -10,14 +10,14 @@ from a clone (after ``bash .ci/install.sh``; the embedded SmolLM2)::
 Settings are passkey_cells.py's (``dense=A-B``, ``early=A-B:R``, ``density=R``, ``oracle`` ...)
 under the perplexity protocol's keep rules: diagonal, sink, 1 local block, no dense last rows.
 ``--device cuda`` runs bf16 over every window (``--windows 0``) as gate_quality's PPL phase.
-Prints dense PPL, then PPL and achieved density of each setting.
+Prints dense PPL, then PPL and achieved density of each setting, with the last window's density per layer.
 """
 import argparse
 import time
 
 import torch
 
-from passkey_cells import applied
+from passkey_cells import applied, model_dtype
 from seer_attn.eval.perplexity import evaluate_perplexity, load_documents, make_windows
 from seer_attn.modeling_seer.conversion import default_model_path, load_seer_model, load_tokenizer
 from seer_attn.training.results import write_envelope
@@ -31,13 +31,14 @@ def main():
     ap.add_argument("--windows", type=int, default=4, help="first N windows (2 per document); 0: all")
     ap.add_argument("--settings", nargs="+", default=["density=0.2", "dense=0-3,density=0.1",
                                                       "dense=0-3,density=0.08", "density=0.12"])
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                    help="cuda runs bf16 (as gate_quality's PPL phase), cpu fp32")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", choices=["bf16", "fp32"],
+                    help="default: bf16 on cuda (as gate_quality's PPL phase), fp32 on cpu")
     ap.add_argument("--out", help="also write the results as a JSON envelope here")
     args = ap.parse_args()
     torch.set_num_threads(2)
     path = default_model_path()
-    dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
+    dtype = model_dtype(args)
     model = load_seer_model(path, dtype=dtype, gates=args.gates).to(args.device)
     tok = load_tokenizer(path)
     wins = make_windows(load_documents(args.eval), tok, args.length, 2)
@@ -55,9 +56,12 @@ def main():
         t0 = time.time()
         with applied(model, spec, seer_dense_last_rows=0):
             r = evaluate_perplexity(model, windows=wins, progress=False)
-        rows.append({"setting": spec, "ppl": r["ppl"], "density": r["density"], "windows": r["windows"]})
+        per_layer = model.seer_density().float().mean(dim=(1, 2))  # the last window's, per layer
+        rows.append({"setting": spec, "ppl": r["ppl"], "density": r["density"], "windows": r["windows"],
+                     "layer_density_last_window": [round(x, 4) for x in per_layer.tolist()]})
         save(False)
-        print(f"{spec}: ppl {r['ppl']:.3f} at density {r['density']:.3f} ({time.time() - t0:.0f} s)", flush=True)
+        print(f"{spec}: ppl {r['ppl']:.3f} at density {r['density']:.3f} ({time.time() - t0:.0f} s); layers "
+              + " ".join(f"{x:.2f}" for x in per_layer.tolist()), flush=True)
     save(True)
 
 

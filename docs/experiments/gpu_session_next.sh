@@ -192,5 +192,19 @@ r.sort(key=lambda x: (x['vs_dense']['lost'] - x['vs_dense']['gained'], x['densit
     echo "settings: ${PICK[*]}"
     timeout 570 "$PY" docs/experiments/passkey_cells.py "$GATES" --lengths 2048 4096 8192 --depths 0 0.25 0.5 0.75 1.0 \
       --samples 15 --settings "${PICK[@]}" --out "$OUT/passkey225_layers.json" 2>&1 | grep -v Warning ;;
+  coverage-layers)  # the coverage rule (per row, fewest blocks holding C of the gate's probability) on the
+    # 4k cells, what brings back the 8k depth-0.75 prompts, and 8k perplexity with the per-layer density
+    PK=(docs/experiments/passkey_cells.py "$GATES" --samples 15)
+    "$PY" "${PK[@]}" --lengths 4096 --depths 0.5 0.75 1.0 --settings coverage=0.8 coverage=0.9 coverage=0.95 \
+      knob,early=0-0:0.5 --out "$OUT/cells_coverage_4k.json" 2>&1 | grep -v Warning
+    "$PY" "${PK[@]}" --lengths 8192 --depths 0.75 --settings knob knob,dense=0-14 knob,dense=0-0 coverage=0.9 \
+      density=0.3 --out "$OUT/cells_8k.json" 2>&1 | grep -v Warning
+    "$PY" docs/experiments/dense_layers_ppl.py "$GATES" --eval "$CORPORA/eval.jsonl" --length 8192 --windows 0 \
+      --settings density=0.1 coverage=0.8 coverage=0.9 coverage=0.95 early=0-0:0.5,density=0.1 \
+      early=0-0:0.5,density=0.12 --out "$OUT/ppl_coverage_8k.json" 2>&1 | grep -v Warning ;;
+  passkey225-fp32)  # the protocol's noise floor: dense and the best layer setting in float32, 225 prompts
+    timeout 570 "$PY" docs/experiments/passkey_cells.py "$GATES" --lengths 2048 4096 8192 --depths 0 0.25 0.5 0.75 \
+      1.0 --samples 15 --dtype fp32 --settings knob,early=0-1:0.5 --out "$OUT/passkey225_fp32.json" 2>&1 \
+      | grep -v Warning ;;
   *) echo "unknown step $STEP"; exit 2 ;;
 esac

@@ -10,7 +10,8 @@ threshold, the oracle. Run from a clone (after ``bash .ci/install.sh``; the embe
         --settings knob knob,dense=0-14 knob,dense=15-29 knob,last=4 threshold=0.03 oracle
 
 A setting is comma-separated: ``knob`` (density 0.12, as gate_quality's passkey phase),
-``density=R``, ``threshold=T``, ``oracle`` (the true max-pooled map's top blocks at the knob's
+``density=R``, ``threshold=T``, ``coverage=C`` (per row the fewest blocks holding C of the
+gate's probability), ``oracle`` (the true max-pooled map's top blocks at the knob's
 density) or ``oracle_mass`` (the true block attention mass's), then optional ``dense=A-B``
 (layers A..B attend densely), ``early=A-B:R`` (layers A..B keep density R instead), ``last=N``
 (N dense last block rows; default 2), ``local=N`` (local blocks kept; default 1). Prints one
@@ -45,6 +46,8 @@ def parse(spec, **keep):
             kw.update(seer_sparsity_method="density", seer_density=float(val))
         elif key == "threshold":
             kw.update(seer_sparsity_method="threshold", seer_threshold=float(val))
+        elif key == "coverage":
+            kw.update(seer_sparsity_method="coverage", seer_coverage=float(val))
         elif key in ("oracle", "oracle_mass"):
             kw.update(seer_selector="oracle_max" if key == "oracle" else "oracle_mass")
         elif key in ("dense", "early"):
@@ -58,9 +61,20 @@ def parse(spec, **keep):
         elif key == "local":
             kw["seer_keep_local"] = int(val)
         else:
-            raise ValueError(f"setting part {part!r}: expected knob, density=R, threshold=T, oracle, oracle_mass, "
+            raise ValueError(f"setting part {part!r}: expected knob, density=R, threshold=T, coverage=C, oracle, oracle_mass, "
                              "dense=A-B, early=A-B:R, last=N or local=N")
     return kw, layers
+
+
+def model_dtype(args):
+    """``--dtype``, or bf16 on a GPU and fp32 on the CPU."""
+    name = args.dtype or ("bf16" if args.device.startswith("cuda") else "fp32")
+    return torch.bfloat16 if name == "bf16" else torch.float32
+
+
+def lean(samples):
+    """Samples without their prompt texts (the generator rebuilds them from seed, length, depth and index)."""
+    return [{k: v for k, v in s.items() if k != "prompt"} for s in samples]
 
 
 @contextlib.contextmanager
@@ -100,12 +114,13 @@ def main():
     ap.add_argument("--samples", type=int, default=8, help="prompts per depth (the GPU run's first ones)")
     ap.add_argument("--indices", type=int, nargs="+", help="only these sample indices of each cell (< --samples)")
     ap.add_argument("--settings", nargs="+", default=["knob", "knob,dense=0-14", "knob,dense=15-29"])
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                    help="cuda runs bf16 (as gate_quality's passkey phase), cpu fp32")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", choices=["bf16", "fp32"],
+                    help="default: bf16 on cuda (as gate_quality's passkey phase), fp32 on cpu")
     args = ap.parse_args()
     torch.set_num_threads(2)
     path = default_model_path()
-    dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
+    dtype = model_dtype(args)
     model = load_seer_model(path, dtype=dtype, gates=args.gates).to(args.device)
     tok = load_tokenizer(path)
     samples = generate_passkey_samples(tok, args.lengths, args.depths, args.samples)
@@ -115,7 +130,7 @@ def main():
     model.set_seer_mode("dense")
     dense = run_passkey(model, tok, samples=samples, progress=False)
     print(f"dense: {dense['accuracy']:.3f} ({time.time() - t0:.0f} s)", flush=True)
-    rows = [{"setting": "dense", "accuracy": dense["accuracy"], "density": None, "samples": dense["samples"]}]
+    rows = [{"setting": "dense", "accuracy": dense["accuracy"], "density": None, "samples": lean(dense["samples"])}]
 
     def save(complete):  # after every setting: a cut run keeps what it measured, marked incomplete
         if args.out:
@@ -128,7 +143,7 @@ def main():
             res = run_passkey(model, tok, samples=samples, progress=False)
         vd = paired_passkey(dense, res)
         rows.append({"setting": spec, "accuracy": res["accuracy"], "density": res["density"], "vs_dense": vd,
-                     "samples": res["samples"]})
+                     "samples": lean(res["samples"])})
         save(False)
         print(f"{spec}: {res['accuracy']:.3f} at density {res['density']:.3f}, lost {vd['lost']} gained "
               f"{vd['gained']} of {vd['n']} (p = {vd['p_value']:.2g}; {time.time() - t0:.0f} s)", flush=True)
