@@ -1,8 +1,8 @@
 """Density calibration: the parameter of a selection that keeps a target share of the causal
 blocks (docs/design.md §4: a selection is only compared at the density of another).
 
-:func:`calibrate` bisects over forwards (any selector and method); :func:`gate_thresholds_for`
-solves the gate's threshold from one exact pass's scores; :func:`calibrate_threshold` corrects
+:func:`calibrate` bisects over forwards (any selector and method); :func:`gate_params_for`
+solves the gate's threshold or coverage from one exact pass's scores; :func:`calibrate_threshold` corrects
 that threshold with a few sparse passes (the calibrated density knob); :func:`measure_density` is the
 achieved density of the model's current selection.
 """
@@ -191,29 +191,42 @@ def calibrate(model, method, target_density, windows, *, selector="gate", tol=0.
 @torch.no_grad()
 def gate_thresholds_for(model, windows, densities, *, iters=48) -> list:
     """Gate thresholds that keep each of ``densities`` of the causal blocks on ``windows``,
-    solved from the gate's scores in one exact-attention pass (no search over forwards).
+    solved from the gate's scores in one exact-attention pass: :func:`gate_params_for` with
+    ``method="threshold"``."""
+    return gate_params_for(model, windows, densities, method="threshold", iters=iters)
+
+
+@torch.no_grad()
+def gate_params_for(model, windows, densities, *, method="threshold", iters=48) -> list:
+    """Parameters of the gate's ``method`` (``"threshold"`` or ``"coverage"``) that keep each of
+    ``densities`` of the causal blocks on ``windows``, solved from the gate's scores in one
+    exact-attention pass (no search over forwards).
 
     Each window runs once in ``seer_mode="distill"`` (exact attention, the gate scoring every
-    layer's blocks); the threshold of each target is then bisected (log scale, in
-    [1e-7, 0.99]) on those stored scores with the model's keep rules. The scores come from
-    the dense trajectory, so a sparse prefill at the returned threshold lands near, not
-    exactly on, the target: measure the achieved density (``evaluate_perplexity`` does). A
-    target below the keep rules' floor gives the highest threshold; above the reachable
-    maximum, the lowest.
+    layer's blocks); the parameter of each target is then bisected (the threshold on a log
+    scale in [1e-7, 0.99], the coverage in [1e-3, 1]) on those stored scores with the model's
+    keep rules. The scores come from the dense trajectory, so a sparse prefill at the returned
+    parameter lands near, not exactly on, the target: measure the achieved density
+    (``evaluate_perplexity`` does). A target below the keep rules' floor gives the sparsest
+    parameter; above the reachable maximum, the densest.
 
     Returns:
-        one threshold per target density, in the order given.
+        one parameter per target density, in the order given.
     """
+    if method not in ("threshold", "coverage"):
+        raise ValueError(f"method={method!r} is invalid: expected 'threshold' or 'coverage'")
     targets = [float(d) for d in densities]
     bad = [d for d in targets if not 0.0 < d <= 1.0]
     if bad:
         raise ValueError(f"densities {bad} are invalid: expected 0 < density <= 1")
     if not windows:
-        raise ValueError("gate_thresholds_for needs at least one window")
+        raise ValueError("gate_params_for needs at least one window")
     per_window = []
     if not any(name.endswith("attn_gate") for name, _ in model.named_modules()):
         raise ValueError(f"{type(model).__name__} has no attn_gate modules")
     dev = model_device(model)
+    lo_p, hi_p, logscale, rising = _SEARCH[method]
+    to_param = math.exp if logscale else float
     with preserved_seer_mode(model):
         model.set_seer_mode("distill")
         for w in windows:  # every layer's (scores, sliding window) of this window
@@ -222,22 +235,23 @@ def gate_thresholds_for(model, windows, densities, *, iters=48) -> list:
             model(input_ids=w.input_ids[None].to(dev), use_cache=False, logits_to_keep=1, seer_ctx=ctx)
             per_window.append(layers)
 
-        def density(t):  # mean over windows of the mean over layers and heads, as measure_density
-            model.set_seer_mode("sparse", seer_selector="gate", seer_sparsity_method="threshold", seer_threshold=t)
+        def density(x):  # mean over windows of the mean over layers and heads, as measure_density
+            model.set_seer_mode("sparse", seer_selector="gate", seer_sparsity_method=method,
+                                **{f"seer_{method}": to_param(x)})
             return sum(torch.stack([selection_density(s, model.config, win).mean() for s, win in layers]).mean()
                        for layers in per_window).item() / len(per_window)
 
-        lo, hi = (math.log(v) for v in _SEARCH["threshold"][:2])
+        lo, hi = (math.log(v) for v in (lo_p, hi_p)) if logscale else (lo_p, hi_p)
         out = []
         for target in targets:
-            a, b = lo, hi  # density falls as the threshold rises
+            a, b = lo, hi
             for _ in range(iters):
                 mid = (a + b) / 2
-                if density(math.exp(mid)) > target:
+                if (density(mid) > target) != rising:  # keeps too much (threshold) / too little (coverage)
                     a = mid
                 else:
                     b = mid
-            out.append(math.exp((a + b) / 2))
+            out.append(to_param((a + b) / 2))
     return out
 
 

@@ -41,7 +41,7 @@ from seer_attn.training.results import write_envelope
 from seer_attn.training.run_config import ConfigError, RunConfig, config_from_args, default, flag, option, text
 
 from .baselines import compare
-from .calibration import gate_thresholds_for, pick_calibration_windows
+from .calibration import calibrate, gate_params_for, gate_thresholds_for, pick_calibration_windows
 from .passkey import paired_passkey, run_passkey
 from .settings import BASELINES, Setting, apply_setting, setting_arg, setting_text
 from .tables import format_table, gate_densities, sort_rows
@@ -313,7 +313,8 @@ def _ppl(model, windows, config, report):
     report.save()
 
 
-def density_knob_rows(model, windows, densities, *, calib=None, calib_windows=4, progress=False) -> list:
+def density_knob_rows(model, windows, densities, *, calib=None, calib_windows=4, coverage=False,
+                      progress=False) -> list:
     """The density knob against the threshold at the same achieved density.
 
     For each ``rho`` of ``densities``, three perplexity rows on ``windows``: the knob
@@ -328,23 +329,40 @@ def density_knob_rows(model, windows, densities, *, calib=None, calib_windows=4,
     then the threshold row is the *calibrated* knob a user gets (a threshold that keeps
     ``rho`` on average over text like the calibration sample) and its achieved density on
     ``windows`` says how well that promise holds. The threshold rows record ``calibrated_on``
-    (``"held-out"`` or ``"evaluated"``: some of ``windows`` themselves)."""
+    (``"held-out"`` or ``"evaluated"``: some of ``windows`` themselves).
+
+    ``coverage``: two more rows per ``rho``: the coverage rule solved on the same calibration
+    windows (a calibrated knob that spends the budget where the gate is unsure: broad rows and
+    layers get more blocks), and the coverage bisected over sparse forwards on ``windows`` to
+    the threshold row's achieved density, marked ``coverage_matched_to`` with ``ppl_ratio``
+    (its PPL over the threshold's) and ``density_error`` (what the bisection left)."""
     targets = [float(d) for d in densities]
     held_out = calib is not None
     calib = pick_calibration_windows(calib if held_out else windows, calib_windows)
     thresholds = gate_thresholds_for(model, calib, targets)
+    coverages = gate_params_for(model, calib, targets, method="coverage") if coverage else [None] * len(targets)
+
     def row(setting):
         return compare(model, [setting], windows=windows, with_baselines=False, progress=progress)[0]
 
     rows = []
-    for rho, tau in zip(targets, thresholds):
+    for rho, tau, cov in zip(targets, thresholds, coverages):
         knob, thr = row(Setting("gate", "density", param=rho)), row(Setting("gate", "threshold", param=tau))
         thr["calibrated_on"] = "held-out" if held_out else "evaluated"
         matched = row(Setting("gate", "density", param=thr["density"]))
         matched.update(matched_to=thr["setting"], ppl_ratio=matched["ppl"] / thr["ppl"])
-        for r in (knob, thr, matched):
+        new = [knob, thr, matched]
+        if cov is not None:
+            cal = row(Setting("gate", "coverage", param=cov))
+            cal["calibrated_on"] = thr["calibrated_on"]
+            fit = calibrate(model, "coverage", thr["density"], windows, tol=1e-3, strict=False)
+            same = row(Setting("gate", "coverage", param=fit.param))
+            same.update(coverage_matched_to=thr["setting"], ppl_ratio=same["ppl"] / thr["ppl"],
+                        density_error=same["density"] - thr["density"])
+            new += [cal, same]
+        for r in new:
             r["knob_density"] = rho
-        rows += [knob, thr, matched]
+        rows += new
     return rows
 
 

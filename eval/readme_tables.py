@@ -695,52 +695,70 @@ def passkey_cells_4k_h200(root) -> str:
     return caption + "\n\n" + _table(_CELLS_HEAD, body)
 
 
-def passkey_cells_layers_4k_h200(root) -> str:
-    """passkey_cells.py on the GPU, the same 4k cells: which first layers, and how dense."""
-    path = "results/quality/h200_passkey_cells_layers_4k.json"
-    env = load_envelope(root, path)
-    prov, cfg = env["provenance"], env["config"]
-    caption = (f"The same gates, prompts and pairing, {prov['gpu']}, bf16, commit {_commit(prov)} ({path}); "
-               f"{'/'.join(_tokens(t) for t in cfg['lengths'])} tokens, depths "
-               f"{', '.join(f'{d:g}' for d in cfg['depths'])} x {cfg['samples']} prompts:")
-    return caption + "\n\n" + _table(_CELLS_HEAD, _passkey_cells_rows(env))
+def _passkey_cells(paths, lead):
+    """passkey_cells.py runs on the same prompts and gates, one table (the first run's dense row)."""
+    def render(root) -> str:
+        body, envs = [], [load_envelope(root, p) for p in paths]
+        for env in envs:
+            body += [r for r in _passkey_cells_rows(env) if r[0] != "dense" or not body]
+        prov, cfg = envs[0]["provenance"], envs[0]["config"]
+        caption = (f"{lead}, {prov['gpu']}, bf16, commit {', '.join(sorted({_commit(e['provenance']) for e in envs}))} "
+                   f"({', '.join(paths)}); {'/'.join(_tokens(t) for t in cfg['lengths'])} tokens, depths "
+                   f"{', '.join(f'{d:g}' for d in cfg['depths'])} x {cfg['samples']} prompts")
+        return caption + ":\n\n" + _table(_CELLS_HEAD, body)
+    return render
 
 
-def passkey225_layers_h200(root) -> str:
-    """passkey_cells.py over the 225 prompts (2k/4k/8k x 5 depths x 15) with the two cells
-    settings that lost fewest, per length, paired with dense."""
-    path = "results/quality/h200_passkey225_layers.json"
-    env = load_envelope(root, path)
-    prov, cfg, rows = env["provenance"], env["config"], env["rows"]
-    dense, body = rows[0], []
-    for r in rows[1:]:
-        for T in cfg["lengths"] + ["all"]:
-            def part(x, T=T):
-                return [s for s in x["samples"] if T == "all" or s["length"] == T]
-            vd = paired_passkey({"samples": part(dense)}, {"samples": part(r)})
-            acc = [sum(s["correct"] for s in part(x)) / len(part(x)) for x in (dense, r)]
-            dens = sum(s["density"] for s in part(r)) / len(part(r))
-            body.append([r["setting"], "all" if T == "all" else _tokens(T), f"{acc[0]:.3f}", f"{acc[1]:.3f}",
-                         f"{dens:.3f}", str(vd["lost"]), str(vd["gained"]), f"{vd['p_value']:.2g}"])
-    caption = (f"SmolLM2-135M, the same gates, {prov['gpu']}, bf16, commit {_commit(prov)} ({path}); passkey at "
-               f"{', '.join(_tokens(t) for t in cfg['lengths'])} x {len(cfg['depths'])} depths x {cfg['samples']} "
-               "prompts (issue 17's 225), paired prompt by prompt with dense; density: mean over the length's prompts")
-    return caption + ":\n\n" + _table(["selection", "tokens", "dense", "sparse", "density", "lost", "gained",
-                                        "sign test p"], body)
+def _passkey225(paths):
+    """passkey_cells.py over the 225 prompts (2k/4k/8k x 5 depths x 15), per length, each run's
+    settings paired with its own dense row."""
+    def render(root) -> str:
+        body, envs = [], [load_envelope(root, p) for p in paths]
+        for env in envs:
+            rows = env["rows"]
+            for r in rows[1:]:
+                for T in env["config"]["lengths"] + ["all"]:
+                    def part(x, T=T):
+                        return [s for s in x["samples"] if T == "all" or s["length"] == T]
+                    vd = paired_passkey({"samples": part(rows[0])}, {"samples": part(r)})
+                    acc = [sum(s["correct"] for s in part(x)) / len(part(x)) for x in (rows[0], r)]
+                    dens = sum(s["density"] for s in part(r)) / len(part(r))
+                    body.append([r["setting"], "all" if T == "all" else _tokens(T), f"{acc[0]:.3f}", f"{acc[1]:.3f}",
+                                 f"{dens:.3f}", str(vd["lost"]), str(vd["gained"]), f"{vd['p_value']:.2g}"])
+        prov, cfg = envs[0]["provenance"], envs[0]["config"]
+        caption = (f"SmolLM2-135M, the same gates, {prov['gpu']}, bf16, commit "
+                   f"{', '.join(sorted({_commit(e['provenance']) for e in envs}))} ({', '.join(paths)}); passkey at "
+                   f"{', '.join(_tokens(t) for t in cfg['lengths'])} x {len(cfg['depths'])} depths x "
+                   f"{cfg['samples']} prompts (issue 17's 225), paired prompt by prompt with dense; density: mean "
+                   "over the length's prompts")
+        return caption + ":\n\n" + _table(["selection", "tokens", "dense", "sparse", "density", "lost", "gained",
+                                            "sign test p"], body)
+    return render
 
 
-def dense_layers_ppl_8k_h200(root) -> str:
-    """docs/experiments/dense_layers_ppl.py on the GPU: perplexity of the passkey settings at 8k."""
-    path = "results/quality/h200_dense_layers_ppl_8k.json"
-    env = load_envelope(root, path)
-    prov, cfg, rows = env["provenance"], env["config"], env["rows"]
-    dense = rows[0]["ppl"]
-    body = [[r["setting"], f"{r['ppl']:.3f}", f"{r['ppl'] / dense:.3f}x",
-             "1" if r["density"] is None else f"{r['density']:.3f}"] for r in rows]
-    caption = (f"SmolLM2-135M, the same gates, {prov['gpu']}, bf16, commit {_commit(prov)} ({path}); perplexity "
-               f"over {rows[0]['windows']} windows of {_tokens(cfg['length'])} tokens of eval.jsonl (2 per document), "
-               "sink, 1 local block and diagonal kept, no dense last rows; settings as above, density=R: the knob at R")
-    return caption + ":\n\n" + _table(["selection", "PPL", "vs dense", "density"], body)
+def layers_ppl_8k_h200(root) -> str:
+    """docs/experiments/dense_layers_ppl.py on the GPU: perplexity of the knob, the first layers
+    made denser, the coverage rule and the threshold at 8k, ordered by achieved density."""
+    paths = ["results/quality/h200_dense_layers_ppl_8k.json", "results/quality/h200_coverage_ppl_8k.json",
+             "results/quality/h200_coverage_ppl_8k_b.json"]
+    envs = [load_envelope(root, p) for p in paths]
+    dense = envs[0]["rows"][0]
+    if any(e["rows"][0]["ppl"] != dense["ppl"] for e in envs):
+        raise ValueError(f"{paths}: the runs' dense perplexities differ")
+    rows = sorted((r for e in envs for r in e["rows"][1:]), key=lambda r: r["density"])
+    body = [["dense", f"{dense['ppl']:.3f}", "1.000x", "1", "1", "1"]]
+    for r in rows:
+        per = r.get("layer_density_last_window")
+        body.append([r["setting"], f"{r['ppl']:.3f}", f"{r['ppl'] / dense['ppl']:.3f}x", f"{r['density']:.3f}",
+                     f"{per[0]:.2f}" if per else "—", f"{min(per[1:]):.2f}-{max(per[1:]):.2f}" if per else "—"])
+    prov, cfg = envs[0]["provenance"], envs[0]["config"]
+    caption = (f"SmolLM2-135M, the same gates, {prov['gpu']}, bf16, commit "
+               f"{', '.join(sorted({_commit(e['provenance']) for e in envs}))} ({', '.join(paths)}); perplexity over "
+               f"{dense['windows']} windows of {_tokens(cfg['length'])} tokens of eval.jsonl (2 per document), sink, "
+               "1 local block and diagonal kept, no dense last rows; density=R: the knob at R (every layer keeps R), "
+               "coverage=C: per block row the fewest blocks holding C of the gate's probability, threshold=T: "
+               "blocks whose gate probability is >= T; layer densities: the last window's")
+    return caption + ":\n\n" + _table(["selection", "PPL", "vs dense", "density", "layer 0", "layers 1-29"], body)
 
 
 #: README table name -> renderer (the repository root -> the text between the markers)
@@ -783,9 +801,14 @@ TABLES = {
     "gate-calib-h200": gate_calib_h200,
     "gate-passkey225-h200": gate_passkey225_h200,
     "passkey-cells-4k-h200": passkey_cells_4k_h200,
-    "passkey-cells-layers-4k-h200": passkey_cells_layers_4k_h200,
-    "passkey225-layers-h200": passkey225_layers_h200,
-    "dense-layers-ppl-8k-h200": dense_layers_ppl_8k_h200,
+    "passkey-cells-layers-4k-h200": _passkey_cells(
+        ["results/quality/h200_passkey_cells_layers_4k.json", "results/quality/h200_passkey_cells_coverage_4k.json"],
+        "The same gates, prompts and pairing"),
+    "passkey-cells-8k-h200": _passkey_cells(["results/quality/h200_passkey_cells_8k.json"],
+                                            "The same gates and pairing, the 8k prompts at depth 0.75"),
+    "passkey225-layers-h200": _passkey225(["results/quality/h200_passkey225_layers.json",
+                                           "results/quality/h200_passkey225_coverage.json"]),
+    "layers-ppl-8k-h200": layers_ppl_8k_h200,
 }
 
 

@@ -19,7 +19,9 @@ by every selection; no dense last rows), in phases that each rewrite
    knob; ``--calib-from eval``: on 4 of the evaluated windows) and the knob at the threshold's
    achieved density
    (:func:`seer_attn.eval.quality_run.density_knob_rows`: the issue's "within 1% of the threshold
-   at the same achieved density"), then streaming and mean-pool top-k calibrated to each density;
+   at the same achieved density"); with ``--coverage`` also the coverage rule solved where the
+   threshold is and bisected to the threshold's achieved density; then streaming and mean-pool
+   top-k calibrated to each density;
 3. ``passkey``: dense and each variant's knob at ``--passkey-density`` (with the 2 last block rows
    dense, as a prompt's question needs), ``--passkey-samples`` prompts per length and depth,
    paired prompt by prompt with dense (lost, gained, sign-test p).
@@ -27,8 +29,9 @@ by every selection; no dense last rows), in phases that each rewrite
    gate scores of 32 query heads at 32k and 128k tokens (``triton.testing.do_bench``, median ms;
    what the knob adds to a prefill is that difference times the layer count).
 
-``--phases`` picks among ppl, baselines, passkey and cost (default all; the distillation always
-runs). A phase that would start after ``--budget-s`` seconds is skipped and said so (the envelope stays
+``--phases`` picks among ppl, baselines, passkey and cost (default all; the distillation runs
+unless ``--gates VARIANT=PATH`` hands over an earlier run's gates). A phase that would start
+after ``--budget-s`` seconds is skipped and said so (the envelope stays
 ``complete: false``). ``OUT/gate_quality.csv`` holds the perplexity rows, ``OUT/gate_quality.png``
 their plot; the table and the verdicts against the issue's targets are printed last.
 """
@@ -76,6 +79,12 @@ def parse_args(argv=None):
     ap.add_argument("--calib-from", choices=["train", "eval"], default="train",
                     help="where the threshold rows' thresholds are solved: 4 windows of --train (held out: "
                          "the calibrated knob a user gets) or of --eval (the windows evaluated; before 2026-12-04)")
+    ap.add_argument("--coverage", action="store_true",
+                    help="density knob rows also of the coverage rule: solved where the threshold is, and "
+                         "bisected to the threshold's achieved density (the knob's PPL against the threshold)")
+    ap.add_argument("--gates", nargs="+", default=[], metavar="VARIANT=PATH",
+                    help="gates of a variant from an earlier run (e.g. plain=OUT/gates_plain_bf16.safetensors): "
+                         "that variant is not distilled again")
     ap.add_argument("--passkey-density", type=float, default=0.12)
     ap.add_argument("--passkey-settings", nargs="*", default=[], metavar="SETTING",
                     help="gate selections to run passkey with besides the knob at --passkey-density, each gate "
@@ -150,9 +159,15 @@ def main(argv=None):
     run = Run(args)
     dev, dtype = ("cpu", torch.float32) if args.cpu else ("cuda", torch.bfloat16)
 
+    given = dict(g.split("=", 1) for g in args.gates)
+    bad = [v for v in given if v not in args.variants]
+    if bad:
+        raise SystemExit(f"--gates names variants {bad} that are not among --variants {args.variants}")
     gates = {}
     for v in args.variants:
-        if run.may_start(f"distill {v}"):
+        if v in given:
+            gates[v] = given[v]
+        elif run.may_start(f"distill {v}"):
             gates[v] = distill(args, v, run)
             run.save()
     if not gates:
@@ -172,7 +187,7 @@ def main(argv=None):
         if "ppl" in args.phases and run.may_start(f"density knob rows of {v}"):
             model.load_gates(path)
             model.set_seer_mode("sparse", **KEEP)
-            for r in density_knob_rows(model, windows, args.densities, calib=calib):
+            for r in density_knob_rows(model, windows, args.densities, calib=calib, coverage=args.coverage):
                 run.rows.append({**r, "label": f"gate {v} ({r['method']})"})
             run.save()
     for sel, method in BASELINES:
@@ -242,8 +257,9 @@ def report(run):
     def gate_row(v, d, kind):
         for r in rows:
             if r.get("label", "").startswith(f"gate {v} ") and r.get("knob_density") == d:
-                if kind == "knob" and r["method"] == "density" and not r.get("matched_to") or \
-                        kind == "threshold" and r["method"] == "threshold" or kind == "matched" and r.get("matched_to"):
+                method, m, cm = r["method"], r.get("matched_to"), r.get("coverage_matched_to")
+                if {"knob": method == "density" and not m, "threshold": method == "threshold", "matched": m,
+                        "coverage": method == "coverage" and not cm, "coverage matched": cm}[kind]:
                     return r
         return None
 
@@ -251,10 +267,13 @@ def report(run):
         return next((r for r in rows if r["selector"] == sel and r.get("target_density") == d), None)
 
     for v in gates_of(run):
-        for kind in ("knob", "threshold", "matched"):
-            name = {"knob": "density knob", "threshold": "threshold solved to it" + (
-                        " on held-out windows" if run.args.calib_from == "train" else ""),
-                    "matched": "knob at the threshold's density"}[kind]
+        for kind in ("knob", "threshold", "matched", "coverage", "coverage matched"):
+            held = " on held-out windows" if run.args.calib_from == "train" else ""
+            name = {"knob": "density knob", "threshold": "threshold solved to it" + held,
+                    "matched": "knob at the threshold's density", "coverage": "coverage solved to it" + held,
+                    "coverage matched": "coverage at the threshold's density"}[kind]
+            if kind.startswith("coverage") and not run.args.coverage:
+                continue
             lines.append(f"| gate {v}: {name} | " + " | ".join(cell(gate_row(v, d, kind)) for d in dens) + " |")
     for sel, method in BASELINES:
         lines.append(f"| {sel} ({method}) | " + " | ".join(cell(base_row(sel, d)) for d in dens) + " |")
@@ -266,6 +285,15 @@ def report(run):
                 lines.append(f"gate {v} at {d:g}: knob vs {m['matched_to']} at density {m['density']:.4f}: "
                              f"{100 * (m['ppl_ratio'] - 1):+.2f}% (target <= +1%: "
                              f"{'met' if m['ppl_ratio'] <= 1.01 else 'missed'})")
+            c = gate_row(v, d, "coverage matched")
+            if c is not None:
+                lines.append(f"gate {v} at {d:g}: coverage vs {c['coverage_matched_to']} at density "
+                             f"{c['density']:.4f} ({c['density_error']:+.4f}): {100 * (c['ppl_ratio'] - 1):+.2f}% "
+                             f"(target <= +1%: {'met' if c['ppl_ratio'] <= 1.01 else 'missed'})")
+            c = gate_row(v, d, "coverage")
+            if c is not None and c.get("calibrated_on") == "held-out":
+                lines.append(f"gate {v} at {d:g}: the coverage calibrated on held-out windows keeps "
+                             f"{c['density']:.4f} ({100 * (c['density'] / d - 1):+.1f}% of the asked density)")
             t = gate_row(v, d, "threshold")
             if t is not None and t.get("calibrated_on") == "held-out":
                 lines.append(f"gate {v} at {d:g}: the threshold calibrated on held-out windows keeps "

@@ -205,6 +205,47 @@ def test_gate_thresholds_for_solves_density_from_one_pass(model, windows_1k, tar
         gate_thresholds_for(model, windows_1k, [1.5])
 
 
+@pytest.mark.parametrize("target", [0.35, 0.6], ids=["d0.35", "d0.6"])
+def test_gate_params_for_solves_the_coverage_from_one_pass(model, windows_1k, target):
+    # the coverage rule's parameter rises with the density (the threshold's falls): solved the
+    # same way, it lands near the target and a lower / higher coverage keeps less / more
+    from seer_attn.eval.calibration import gate_params_for
+    with preserved_seer_mode(model):
+        model.set_seer_mode("sparse", seer_dense_last_rows=0, seer_keep_sink=True)
+        (c,) = gate_params_for(model, windows_1k, [target], method="coverage")
+        assert 0.0 < c < 1.0
+        apply_setting(model, Setting("gate", "coverage", param=c))
+        achieved = measure_density(model, windows_1k)
+        assert abs(achieved - target) <= 0.05
+        apply_setting(model, Setting("gate", "coverage", param=c * 0.7))
+        lower = measure_density(model, windows_1k)
+        apply_setting(model, Setting("gate", "coverage", param=min(1.0, c * 1.3)))
+        higher = measure_density(model, windows_1k)
+        assert lower <= achieved <= higher and lower < higher
+        assert model.config.seer_dense_last_rows == 0 and model.config.seer_keep_sink
+    (floor,) = gate_params_for(model, windows_1k, [0.01], method="coverage")  # below the keep rules' floor
+    assert floor == pytest.approx(1e-3, rel=1e-3)
+    with pytest.raises(ValueError, match="method='nz_ratio' is invalid"):
+        gate_params_for(model, windows_1k, [0.3], method="nz_ratio")
+
+
+def test_density_knob_rows_with_coverage(model, windows_1k):
+    # the coverage rows: one solved like the threshold (calibrated on the same windows), one
+    # bisected over sparse forwards to the threshold's achieved density, its PPL over the threshold's
+    from seer_attn.eval.quality_run import density_knob_rows
+    with preserved_seer_mode(model):
+        model.set_seer_mode("sparse", seer_dense_last_rows=0, seer_keep_sink=True)
+        rows = density_knob_rows(model, windows_1k[:2], [0.5], calib_windows=2, coverage=True)
+    assert [r["method"] for r in rows] == ["density", "threshold", "density", "coverage", "coverage"]
+    thr, cal, same = rows[1], rows[3], rows[4]
+    assert cal["calibrated_on"] == "evaluated" and abs(cal["density"] - 0.5) <= 0.05
+    assert same["coverage_matched_to"] == thr["setting"] and "matched_to" not in same
+    assert same["density_error"] == pytest.approx(same["density"] - thr["density"])
+    assert abs(same["density_error"]) <= 0.01  # the bisection's tolerance, or a discrete step of 2 windows
+    assert same["ppl_ratio"] == pytest.approx(same["ppl"] / thr["ppl"])
+    assert all(r["knob_density"] == 0.5 for r in rows)
+
+
 @pytest.mark.parametrize("target, off", [(0.35, 1.0), (0.35, 2.0), (0.6, 0.5)],
                          ids=["d0.35", "d0.35-start-high", "d0.6-start-low"])
 def test_calibrate_threshold_corrects_the_one_pass_threshold_with_sparse_passes(model, windows_1k, monkeypatch,
