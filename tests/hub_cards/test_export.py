@@ -131,6 +131,24 @@ def test_full_and_gates_only_repos_load_by_hub_id_offline(tiny_exports, hubfs, h
     assert "gates-only" in msg and "'seer-test/never-uploaded'" in msg and "offline" in msg, msg
 
 
+def test_card_reports_the_density_knob_and_dense_layers(tiny, tmp_path):
+    """The shipped setting names the configured method's parameter only, and the dense first
+    layers when there are any (a config with them behaves differently from one without)."""
+    stock = tiny.stock()
+    stock.save_pretrained(tmp_path / "base")
+    seer = tiny.seer(stock)
+    seer.set_seer_mode("sparse", seer_sparsity_method="density", seer_density=0.3, seer_dense_layers=1)
+    rec = export(ExportOptions(output=str(tmp_path / "knob"), model=str(tmp_path / "base")), model=seer)
+    assert rec["settings"]["seer_density"] == 0.3 and rec["settings"]["seer_dense_layers"] == 1
+    assert "seer_threshold" not in rec["settings"] and "seer_coverage" not in rec["settings"]
+    card = (tmp_path / "knob" / "README.md").read_text()
+    assert "`seer_dense_layers=1`" in card and "`seer_density=0.3`" in card
+    seer.set_seer_mode("sparse", seer_sparsity_method="threshold", seer_dense_layers=0)
+    rec = export(ExportOptions(output=str(tmp_path / "thr"), model=str(tmp_path / "base")), model=seer)
+    assert "seer_dense_layers" not in rec["settings"] and "seer_density" not in rec["settings"]
+    assert "seer_threshold" in rec["settings"]
+
+
 def test_gates_that_bf16_would_round_are_stored_in_float32(tiny, tmp_path):
     stock = tiny.stock()
     seer = tiny.seer(stock)
