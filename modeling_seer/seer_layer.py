@@ -340,7 +340,8 @@ class SeerAttentionMixin:
     def _gate_loss_and_mask(self, q, k, v, q_pre, k_pre, ctx, window=None):
         """Sparse prefill of a layer in ``ctx.gate_loss_layers``: the gate's KL loss against
         the exact pooled map of this forward joins ``ctx.gate_losses`` (inputs detached: it
-        trains the gate only), and the block mask comes from the same scores."""
+        trains the gate only), and the block mask comes from the same scores (None, every
+        block, in one of the first ``seer_dense_layers``)."""
         cfg = self.config
         if cfg.seer_selector != "gate":
             raise ValueError(f"gate_loss_layers needs seer_selector='gate', got {cfg.seer_selector!r}")
@@ -356,6 +357,8 @@ class SeerAttentionMixin:
                                               pool_op="max" if cfg.seer_distill_target == "max" else "sum",
                                               window=window)
             ctx.gate_losses.append(gate_distill_loss(scores, pooled))
+        if self.layer_idx < cfg.seer_dense_layers:  # the gate still learns; the layer attends to every block
+            return None
         with torch.no_grad():
             return select_blocks_for(scores.detach(), cfg, window)
 

@@ -124,6 +124,21 @@ def test_gate_scores_need_autograd_only_in_gate_loss_layers(tiny, gate_loss_laye
     assert graph == {0: gate_loss_layers is not None, 1: False}
 
 
+def test_dense_layer_in_gate_loss_layers_learns_but_attends_densely(tiny):
+    """A layer among the first seer_dense_layers that is also a gate-loss layer (fine-tuning
+    with the gate loss) adds its gate loss but attends to every block, as at inference."""
+    model = tiny(seer_mode="sparse", seer_sparsity_method="nz_ratio", seer_nz_ratio=0.3, seer_dense_layers=1).train()
+    x = _ids(450, seed=6)
+    ctx = SeerForwardContext(gate_loss_layers=frozenset({0, 1}))
+    out = model(input_ids=x, labels=x, use_cache=False, seer_ctx=ctx)
+    assert len(ctx.gate_losses) == 2 and all(g.requires_grad for g in ctx.gate_losses)
+    density = model.seer_density()
+    assert torch.equal(density[0], torch.ones_like(density[0])) and bool((density[1] < 1).all())
+    (out.loss + sum(ctx.gate_losses)).backward()
+    grad = model.model.layers[0].self_attn.attn_gate.q_weight.grad
+    assert grad is not None and bool(grad.abs().sum() > 0)  # the dense layer's gate is trained
+
+
 @pytest.mark.parametrize("case", ["llama", "llama-left-padded", "mistral-window-150"])
 def test_every_block_runs_sdpa_only_without_padding_or_window(tiny, tiny_kwargs, case, monkeypatch):
     """nz_ratio 1 goes through torch's SDPA when no row is padded and no window applies (cuDNN or
