@@ -2,8 +2,9 @@
 blocks (docs/design.md §4: a selection is only compared at the density of another).
 
 :func:`calibrate` bisects over forwards (any selector and method); :func:`gate_params_for`
-solves the gate's threshold or coverage from one exact pass's scores; :func:`calibrate_threshold` corrects
-that threshold with a few sparse passes (the calibrated density knob); :func:`measure_density` is the
+solves the gate's threshold or coverage from one exact pass's scores; :func:`calibrate_gate` corrects
+that parameter with a few sparse passes (the calibrated density knob; :func:`calibrate_threshold`
+for the threshold); :func:`measure_density` is the
 achieved density of the model's current selection.
 """
 import math
@@ -255,15 +256,33 @@ def gate_params_for(model, windows, densities, *, method="threshold", iters=48) 
     return out
 
 
+# The axis the secant steps walk for each gate method: parameter -> x, x -> parameter, the x range,
+# and the sign of d(density)/dx (the threshold's density falls on a log scale; the coverage's
+# rises, steeply near 1, so it walks -log(1 - coverage)).
+_GATE_AXIS = {
+    "threshold": (math.log, math.exp, math.log(_SEARCH["threshold"][0]), math.log(_SEARCH["threshold"][1]), -1.0),
+    "coverage": (lambda c: -math.log1p(-min(c, 1 - 1e-6)), lambda x: -math.expm1(-x),
+                 -math.log1p(-_SEARCH["coverage"][0]), -math.log(1e-6), 1.0),
+}
+
+
 def calibrate_threshold(model, windows, target_density, *, rel_tol=0.02, max_forwards=8) -> Calibration:
     """The gate threshold that keeps ``target_density`` of the causal blocks in sparse forwards
-    over ``windows`` (a sample of the user's text): the calibrated density knob
-    (docs/experiments/gate_quality.md §6).
+    over ``windows``: :func:`calibrate_gate` with ``method="threshold"``."""
+    return calibrate_gate(model, windows, target_density, method="threshold", rel_tol=rel_tol,
+                          max_forwards=max_forwards)
 
-    Starts from :func:`gate_thresholds_for` (one exact pass: dense-trajectory scores, which on
+
+def calibrate_gate(model, windows, target_density, *, method="threshold", rel_tol=0.02,
+                   max_forwards=8) -> Calibration:
+    """The parameter of the gate's ``method`` (``"threshold"`` or ``"coverage"``) that keeps
+    ``target_density`` of the causal blocks in sparse forwards over ``windows`` (a sample of
+    the user's text): the calibrated density knob (docs/experiments/gate_quality.md §6, §8).
+
+    Starts from :func:`gate_params_for` (one exact pass: dense-trajectory scores, which on
     SmolLM2 put a sparse prefill up to ~7% off the target on the very windows solved on) and
     corrects it with secant steps on the log-density of sparse passes over ``windows``
-    (halving the bracket of thresholds seen on either side of the target when a step would
+    (halving the bracket of parameters seen on either side of the target when a step would
     leave it) until within ``rel_tol`` of the target or after ``max_forwards`` passes; a few
     passes where :func:`calibrate`'s bisection of the whole range needs about ten. The
     model's keep rules count, its mode is restored afterwards.
@@ -271,6 +290,8 @@ def calibrate_threshold(model, windows, target_density, *, rel_tol=0.02, max_for
     Returns:
         :class:`Calibration` of the closest pass (``within_tol`` says whether it met ``rel_tol``).
     """
+    if method not in _GATE_AXIS:
+        raise ValueError(f"method={method!r} is invalid: expected one of {tuple(_GATE_AXIS)}")
     target = float(target_density)
     if not 0.0 < target <= 1.0:
         raise ValueError(f"target_density={target_density!r} is invalid: expected 0 < density <= 1")
@@ -278,40 +299,41 @@ def calibrate_threshold(model, windows, target_density, *, rel_tol=0.02, max_for
         raise ValueError(f"rel_tol={rel_tol!r} is invalid: expected > 0")
     if max_forwards < 1:
         raise ValueError(f"max_forwards={max_forwards!r} is invalid: expected an integer >= 1")
-    lo, hi = (math.log(v) for v in _SEARCH["threshold"][:2])
-    taus = gate_thresholds_for(model, windows, [target, target * 0.8])
-    # first slope of log density over log threshold: the exact pass's, from two asked densities
-    slope = math.log(0.8) / (math.log(taus[1]) - math.log(taus[0])) if taus[1] != taus[0] else -1.0
-    slope = slope if slope < 0 else -1.0  # density falls as the threshold rises
-    history, x = [], math.log(taus[0])
-    above, below = lo, hi  # log thresholds known to keep more / less than the target
+    to_x, to_param, left, right, sign = _GATE_AXIS[method]
+    params = gate_params_for(model, windows, [target, target * 0.8], method=method)
+    # first slope of log density over x: the exact pass's, from two asked densities
+    x0, x1 = to_x(params[0]), to_x(params[1])
+    slope = math.log(0.8) / (x1 - x0) if x1 != x0 else sign
+    slope = slope if slope * sign > 0 else sign
+    history, x = [], x0
     with preserved_seer_mode(model):
         for _ in range(max_forwards):
-            model.set_seer_mode("sparse", seer_selector="gate", seer_sparsity_method="threshold",
-                                seer_threshold=math.exp(x))
+            param = to_param(x)
+            model.set_seer_mode("sparse", seer_selector="gate", seer_sparsity_method=method,
+                                **{f"seer_{method}": param})
             d = measure_density(model, windows)
-            history.append((math.exp(x), d))
+            history.append((x, param, d))
             if abs(d / target - 1) <= rel_tol:
                 break
-            if d > target:
-                above = max(above, x)
+            if (d > target) == (sign < 0):  # the target lies at larger x
+                left = max(left, x)
             else:
-                below = min(below, x)
+                right = min(right, x)
             if len(history) >= 2:
-                (t0, d0), (t1, d1) = history[-2], history[-1]
-                if t0 != t1 and d0 != d1 and min(d0, d1) > 0:
-                    step = (math.log(d1) - math.log(d0)) / (math.log(t1) - math.log(t0))
-                    if step < 0:  # a plateau or noise keeps the last good slope
+                (xa, _, da), (xb, _, db) = history[-2], history[-1]
+                if xa != xb and da != db and min(da, db) > 0:
+                    step = (math.log(db) - math.log(da)) / (xb - xa)
+                    if step * sign > 0:  # a plateau or noise keeps the last good slope
                         slope = step
             x_new = x + (math.log(target) - math.log(max(d, 1e-9))) / slope
-            if not above < x_new < below:  # the secant left the bracket: halve it instead
-                x_new = (above + below) / 2
+            if not left < x_new < right:  # the secant left the bracket: halve it instead
+                x_new = (left + right) / 2
             if x_new == x:
                 break
             x = x_new
-    best_p, best_d = min(history, key=lambda h: abs(h[1] - target))
-    return Calibration("gate", "threshold", target, best_p, best_d, rel_tol * target,
-                       abs(best_d / target - 1) <= rel_tol, history)
+    _, best_p, best_d = min(history, key=lambda h: abs(h[2] - target))
+    return Calibration("gate", method, target, best_p, best_d, rel_tol * target,
+                       abs(best_d / target - 1) <= rel_tol, [(p, d) for _, p, d in history])
 
 
 def pick_calibration_windows(windows, n) -> list:

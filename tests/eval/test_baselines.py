@@ -246,32 +246,39 @@ def test_density_knob_rows_with_coverage(model, windows_1k):
     assert all(r["knob_density"] == 0.5 for r in rows)
 
 
-@pytest.mark.parametrize("target, off", [(0.35, 1.0), (0.35, 2.0), (0.6, 0.5)],
-                         ids=["d0.35", "d0.35-start-high", "d0.6-start-low"])
-def test_calibrate_threshold_corrects_the_one_pass_threshold_with_sparse_passes(model, windows_1k, monkeypatch,
-                                                                                  target, off):
-    """The calibrated knob: the threshold it returns keeps the target within 2% in sparse
-    forwards over the sample (what measure_density says at it), in at most 8 passes, from the
-    one-pass threshold; on the tiny model that one is already close, so two cases start it 2x
+@pytest.mark.parametrize("method, target, off", [("threshold", 0.35, 1.0), ("threshold", 0.35, 2.0),
+                                                 ("threshold", 0.6, 0.5), ("coverage", 0.35, 1.0),
+                                                 ("coverage", 0.35, 0.5), ("coverage", 0.6, 1.4)],
+                         ids=["thr-d0.35", "thr-d0.35-start-high", "thr-d0.6-start-low", "cov-d0.35",
+                              "cov-d0.35-start-low", "cov-d0.6-start-high"])
+def test_calibrate_gate_corrects_the_one_pass_parameter_with_sparse_passes(model, windows_1k, monkeypatch,
+                                                                           method, target, off):
+    """The calibrated knob: the threshold / coverage it returns keeps the target within 2% in
+    sparse forwards over the sample (what measure_density says at it), in at most 8 passes, from
+    the one-pass parameter; on the tiny model that one is already close, so some cases start it
     off and the secant steps must bring it back. Keep rules used and the mode kept."""
     from seer_attn.eval import calibration
-    one_pass = calibration.gate_thresholds_for
-    monkeypatch.setattr(calibration, "gate_thresholds_for",
-                        lambda *a, **k: [min(0.99, t * off) for t in one_pass(*a, **k)])
+    one_pass = calibration.gate_params_for
+    cap = 0.99 if method == "threshold" else 1.0
+    monkeypatch.setattr(calibration, "gate_params_for",
+                        lambda *a, **k: [min(cap, t * off) for t in one_pass(*a, **k)])
     with preserved_seer_mode(model):
         model.set_seer_mode("sparse", seer_dense_last_rows=0, seer_keep_sink=True)
-        cal = calibration.calibrate_threshold(model, windows_1k, target, rel_tol=0.02)
+        cal = (calibration.calibrate_threshold(model, windows_1k, target, rel_tol=0.02) if method == "threshold"
+               else calibration.calibrate_gate(model, windows_1k, target, method=method, rel_tol=0.02))
+        assert cal.method == method
         assert cal.within_tol and abs(cal.density / target - 1) <= 0.02 and 1 <= len(cal.history) <= 8
         if off != 1.0:
             assert abs(cal.history[0][1] / target - 1) > 0.02 and len(cal.history) >= 2  # it had to correct
-        apply_setting(model, Setting("gate", "threshold", param=cal.param))
+        apply_setting(model, Setting("gate", method, param=cal.param))
         assert measure_density(model, windows_1k) == pytest.approx(cal.density)
         assert model.config.seer_dense_last_rows == 0 and model.config.seer_keep_sink
     for kw, msg in [(dict(target_density=0.0), r"target_density=0.0 is invalid"),
                     (dict(target_density=0.3, rel_tol=0), r"rel_tol=0 is invalid"),
-                    (dict(target_density=0.3, max_forwards=0), r"max_forwards=0 is invalid")]:
+                    (dict(target_density=0.3, max_forwards=0), r"max_forwards=0 is invalid"),
+                    (dict(target_density=0.3, method="nz_ratio"), r"method='nz_ratio' is invalid")]:
         with pytest.raises(ValueError, match=msg):
-            calibration.calibrate_threshold(model, windows_1k, **kw)
+            calibration.calibrate_gate(model, windows_1k, **kw)
 
 
 def test_gate_thresholds_for_sees_the_sliding_window(windows_1k, windowed_mistral):
