@@ -310,6 +310,13 @@ def report(run):
                 best = min(base, key=lambda b: b["ppl"])
                 lines.append(f"gate {v} at {d:g}: knob {knob['ppl']:.3f} vs best baseline {best['setting']} "
                              f"{best['ppl']:.3f} ({'ahead' if knob['ppl'] < best['ppl'] else 'BEHIND'})")
+            cov = gate_row(v, d, "coverage")
+            if cov is not None and cov.get("ppl") and base:
+                best = min(base, key=lambda b: b["ppl"])
+                verdict = ("ahead" if cov["ppl"] < best["ppl"] else "BEHIND") if cov["density"] <= best["density"] \
+                    else "denser than the baseline: no verdict"
+                lines.append(f"gate {v} at {d:g}: coverage {cov['ppl']:.3f} at {cov['density']:.3f} vs best baseline "
+                             f"{best['setting']} {best['ppl']:.3f} at {best['density']:.3f} ({verdict})")
     for name, res in run.passkey.items():
         line = f"passkey {name}: {res['accuracy']:.3f} (" + " ".join(
             f"{n}: {a:.3f}" for n, a in res["per_length"].items()) + ")"

@@ -17,7 +17,8 @@
 # STEP, in order of priority (minutes on one H200):
 #   gate-calib-coverage ~5 issue 17: gate_quality.py --coverage with the carried gates (GATES): knob,
 #                      threshold and coverage solved on 4 held-out train windows at 0.3 / 0.2 / 0.1 /
-#                      0.05, the coverage bisected to the threshold's density (PPL ratio); needs staging
+#                      0.05, the coverage bisected to the threshold's density (PPL ratio), then streaming
+#                      and mean-pool at those densities; needs staging
 #   decode-quality ~5  issue 15's full protocol (300-step gates at 8k, decode perplexity of 16
 #                      8192-token windows, dense / share=0.1 / budget=2048, passkey 75 prompts
 #                      paired, sparse decode and sparse prefill + decode); decode perplexity
@@ -181,7 +182,7 @@ case "$STEP" in
     echo "gate_quality: exit $?"; tail -n 8 "$OUT/gate_quality.log" ;;
   gate-calib-coverage)
     timeout 570 "$PY" docs/experiments/gate_quality.py --model "$GGUF" "${DATA[@]}" --variants plain \
-      --gates plain="$GATES" --phases ppl --coverage --calib-from train --budget-s 500 --out "$OUT" \
+      --gates plain="$GATES" --phases ppl baselines --coverage --calib-from train --budget-s 500 --out "$OUT" \
       > "$OUT/gate_quality.log" 2>&1
     echo "gate_quality: exit $?"; tail -n 30 "$OUT/gate_quality.log" ;;
   dense-layers)  # GATES: the 225-run's gates (carried); cells first, then 8k perplexity of the same settings
