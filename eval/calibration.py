@@ -4,8 +4,9 @@ blocks (docs/design.md §4: a selection is only compared at the density of anoth
 :func:`calibrate` bisects over forwards (any selector and method); :func:`gate_params_for`
 solves the gate's threshold or coverage from one exact pass's scores; :func:`calibrate_gate` corrects
 that parameter with a few sparse passes (the calibrated density knob; :func:`calibrate_threshold`
-for the threshold); :func:`measure_density` is the
-achieved density of the model's current selection.
+for the threshold); :func:`density_profile` is the coverage rule's spread over the layers, for
+the density knob; :func:`measure_density` is the achieved density of the model's current
+selection.
 """
 import math
 from dataclasses import dataclass, field
@@ -334,6 +335,28 @@ def calibrate_gate(model, windows, target_density, *, method="threshold", rel_to
     _, best_p, best_d = min(history, key=lambda h: abs(h[2] - target))
     return Calibration("gate", method, target, best_p, best_d, rel_tol * target,
                        abs(best_d / target - 1) <= rel_tol, [(p, d) for _, p, d in history])
+
+
+@torch.no_grad()
+def density_profile(model, windows, coverage=0.8) -> list:
+    """Per-layer multipliers for ``seer_density_profile``: the share of causal blocks each
+    layer keeps under the gate's coverage rule at ``coverage`` over sparse forwards of
+    ``windows`` (a sample of the user's text, at the length it will be used), divided by their
+    mean. The knob with this profile spreads its budget over the layers as the coverage rule
+    does (more where the gate is unsure) while still keeping the asked share per sequence. The
+    model's keep rules count; its mode is restored afterwards."""
+    if not 0.0 < coverage <= 1.0:
+        raise ValueError(f"coverage={coverage!r} is invalid: expected 0 < coverage <= 1")
+    if not windows:
+        raise ValueError("density_profile needs at least one window")
+    dev, per_layer = model_device(model), []
+    with preserved_seer_mode(model):
+        model.set_seer_mode("sparse", seer_selector="gate", seer_sparsity_method="coverage", seer_coverage=coverage)
+        for w in windows:
+            model(input_ids=w.input_ids[None].to(dev), use_cache=False, logits_to_keep=1)
+            per_layer.append(model.seer_density().float().mean(dim=(1, 2)))
+    mean = torch.stack(per_layer).mean(dim=0)
+    return (mean / mean.mean()).tolist()
 
 
 def pick_calibration_windows(windows, n) -> list:

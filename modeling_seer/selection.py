@@ -206,15 +206,26 @@ def select_blocks(scores, method, threshold=2e-3, nz_ratio=0.3, keep_diagonal=Tr
     return mask.tril_()
 
 
-def select_blocks_for(scores, cfg, window=None):
+def layer_density(cfg, layer_idx=None):
+    """The density knob's share for layer ``layer_idx``: ``seer_density`` times the layer's
+    entry of ``seer_density_profile`` (capped at 1), or ``seer_density`` without a profile or
+    layer index."""
+    profile = getattr(cfg, "seer_density_profile", None)
+    if profile is None or layer_idx is None:
+        return cfg.seer_density
+    return min(1.0, cfg.seer_density * profile[layer_idx])
+
+
+def select_blocks_for(scores, cfg, window=None, layer_idx=None):
     """:func:`select_blocks` with the method, parameter and keep-options of a Seer config:
     the one place that maps config fields to the selection. ``window``: the layer's sliding
-    window in tokens (None: full causal)."""
+    window in tokens (None: full causal); ``layer_idx``: the layer (its share of the density
+    knob under ``seer_density_profile``)."""
     return select_blocks(scores, cfg.seer_sparsity_method, threshold=cfg.seer_threshold, nz_ratio=cfg.seer_nz_ratio,
                          keep_diagonal=cfg.seer_keep_diagonal, keep_sink=cfg.seer_keep_sink,
                          dense_last_rows=cfg.seer_dense_last_rows, coverage=cfg.seer_coverage,
                          keep_local=cfg.seer_keep_local, window=window, block_size=cfg.seer_block_size,
-                         density=cfg.seer_density)
+                         density=layer_density(cfg, layer_idx))
 
 
 def causal_density(mask, window=None, block_size=64):
@@ -224,11 +235,11 @@ def causal_density(mask, window=None, block_size=64):
     return causal_block_density(mask, per_head=True, window=window, block_size=block_size)
 
 
-def selection_density(scores, cfg, window=None):
+def selection_density(scores, cfg, window=None, layer_idx=None):
     """Kept share of causal blocks per (batch, head), float ``[B, HQ]``, of the selection
     :func:`select_blocks_for` makes from ``scores`` under ``cfg`` for a layer with sliding
     ``window`` (tokens, or None): what a sparse prefill of that layer reports."""
-    return causal_density(select_blocks_for(scores, cfg, window), window, cfg.seer_block_size)
+    return causal_density(select_blocks_for(scores, cfg, window, layer_idx), window, cfg.seer_block_size)
 
 
 def causal_fill(scores):

@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from passkey_cells import applied, model_dtype
+from passkey_cells import applied, model_dtype, profile_sample
 from seer_attn.eval.perplexity import evaluate_perplexity, load_documents, make_windows
 from seer_attn.modeling_seer.conversion import default_model_path, load_seer_model, load_tokenizer
 from seer_attn.training.results import write_envelope
@@ -31,11 +31,14 @@ def main():
     ap.add_argument("--windows", type=int, default=4, help="first N windows (2 per document); 0: all")
     ap.add_argument("--settings", nargs="+", default=["density=0.2", "dense=0-3,density=0.1",
                                                       "dense=0-3,density=0.08", "density=0.12"])
+    ap.add_argument("--profile-from", help="jsonl corpus of profile=C's sample (default: the bundled train corpus)")
+    ap.add_argument("--profile-length", type=int, help="tokens per window of that sample (default: --length)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", choices=["bf16", "fp32"],
                     help="default: bf16 on cuda (as gate_quality's PPL phase), fp32 on cpu")
     ap.add_argument("--out", help="also write the results as a JSON envelope here")
     args = ap.parse_args()
+    args.profile_length = args.profile_length or args.length
     torch.set_num_threads(2)
     path = default_model_path()
     dtype = model_dtype(args)
@@ -54,7 +57,7 @@ def main():
                            device=args.device)
     for spec in args.settings:
         t0 = time.time()
-        with applied(model, spec, seer_dense_last_rows=0):
+        with applied(model, spec, profile_sample(args, tok, spec), seer_dense_last_rows=0):
             r = evaluate_perplexity(model, windows=wins, progress=False)
         per_layer = model.seer_density().float().mean(dim=(1, 2))  # the last window's, per layer
         rows.append({"setting": spec, "ppl": r["ppl"], "density": r["density"], "windows": r["windows"],

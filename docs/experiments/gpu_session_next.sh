@@ -10,11 +10,15 @@
 #
 # Session 25 ran dense-layers, dense-layers225 and coverage-layers (gate_quality.md section 8:
 # layer 0 is what the knob breaks for passkey; the coverage rule beats the knob and the threshold
-# at 8k). Next: gate-calib-coverage (the coverage solved on held-out windows as the density knob,
-# and at the threshold's density: issue 17's knob target), carrying the 225-run's gates
+# at 8k). Next: density-profile (the per-sequence knob with the coverage rule's spread over the
+# layers, built after those runs) and gate-calib-coverage (the coverage solved on held-out windows
+# as the density knob, and at the threshold's density: issue 17's knob target), carrying the 225-run's gates
 # (seer_outputs/pk/gates_plain_bf16.safetensors, ignored by git) with the staging's chunk2.
 #
 # STEP, in order of priority (minutes on one H200):
+#   density-profile ~8  issue 17: seer_density_profile (the knob spread over the layers as coverage 0.75 /
+#                      0.9 spreads it on 4 train windows) at 8k perplexity beside the knob, the coverage
+#                      rule and the threshold, then its 225-prompt passkey; carries GATES; needs staging
 #   gate-calib-coverage ~5 issue 17: gate_quality.py --coverage with the carried gates (GATES): knob,
 #                      threshold and coverage solved on 4 held-out train windows at 0.3 / 0.2 / 0.1 /
 #                      0.05, the coverage bisected to the threshold's density (PPL ratio), then streaming
@@ -185,6 +189,15 @@ case "$STEP" in
       --gates plain="$GATES" --phases ppl baselines --coverage --calib-from train --budget-s 500 --out "$OUT" \
       > "$OUT/gate_quality.log" 2>&1
     echo "gate_quality: exit $?"; tail -n 30 "$OUT/gate_quality.log" ;;
+  density-profile)  # the density knob spread over the layers as the coverage rule spreads it (seer_density_profile,
+    # solved on 4 train windows at 8k) against the plain knob, the coverage rule and the threshold at 8k
+    "$PY" docs/experiments/dense_layers_ppl.py "$GATES" --eval "$CORPORA/eval.jsonl" --length 8192 --windows 0 \
+      --profile-from "$CORPORA/train.jsonl" --settings density=0.1 profile=0.75,density=0.1 density=0.12 \
+      profile=0.75,density=0.12 profile=0.9,density=0.12 density=0.2 profile=0.75,density=0.2 threshold=0.02 \
+      coverage=0.75 --out "$OUT/ppl_profile_8k.json" 2>&1 | grep -v Warning
+    "$PY" docs/experiments/passkey_cells.py "$GATES" --lengths 2048 4096 8192 --depths 0 0.25 0.5 0.75 1.0 \
+      --samples 15 --profile-from "$CORPORA/train.jsonl" --settings profile=0.75 profile=0.75,density=0.15 \
+      --out "$OUT/passkey225_profile.json" 2>&1 | grep -v Warning ;;
   dense-layers)  # GATES: the 225-run's gates (carried); cells first, then 8k perplexity of the same settings
     "$PY" docs/experiments/passkey_cells.py "$GATES" --lengths 4096 --depths 0.5 0.75 1.0 --samples 15 \
       --settings knob,dense=0-0 knob,dense=0-1 knob,dense=1-3 knob,early=0-3:0.5 knob,early=0-3:0.3 \

@@ -13,7 +13,9 @@ A setting is comma-separated: ``knob`` (density 0.12, as gate_quality's passkey 
 ``density=R``, ``threshold=T``, ``coverage=C`` (per row the fewest blocks holding C of the
 gate's probability), ``oracle`` (the true max-pooled map's top blocks at the knob's
 density) or ``oracle_mass`` (the true block attention mass's), then optional ``dense=A-B``
-(layers A..B attend densely), ``early=A-B:R`` (layers A..B keep density R instead), ``last=N``
+(layers A..B attend densely), ``early=A-B:R`` (layers A..B keep density R instead), ``profile=C``
+(the knob spread over the layers as the coverage rule at C spreads it on 4 windows of
+``--profile-from``, the bundled train corpus by default: ``seer_density_profile``), ``last=N``
 (N dense last block rows; default 2), ``local=N`` (local blocks kept; default 1). Prints one
 line per setting: accuracy, density, lost / gained against dense. ``--lengths 2048 4096 8192
 --depths 0 0.25 0.5 0.75 1.0 --samples 15`` is issue 17's 225-prompt protocol (gate_quality's
@@ -26,6 +28,7 @@ import time
 import torch
 
 import seer_attn.modeling_seer.seer_layer as seer_layer
+from seer_attn.eval.calibration import density_profile
 from seer_attn.eval.passkey import generate_passkey_samples, paired_passkey, run_passkey
 from seer_attn.modeling_seer.conversion import default_model_path, load_seer_model, load_tokenizer
 from seer_attn.training.results import write_envelope
@@ -35,7 +38,7 @@ def parse(spec, **keep):
     """``spec`` -> (set_seer_mode keyword arguments, {layer: density or None (dense)}); ``keep``
     overrides the passkey phase's keep rules (the perplexity protocol has no dense last rows)."""
     kw = dict(seer_selector="gate", seer_sparsity_method="density", seer_density=0.12, seer_keep_sink=True,
-              seer_keep_local=1, seer_keep_diagonal=True, seer_dense_last_rows=2)
+              seer_keep_local=1, seer_keep_diagonal=True, seer_dense_last_rows=2, seer_density_profile=None)
     kw.update(keep)
     layers = {}
     for part in spec.split(","):
@@ -56,14 +59,27 @@ def parse(spec, **keep):
                 raise ValueError(f"setting part {part!r}: expected dense=A-B or early=A-B:R")
             a, b = (int(x) for x in span.split("-"))
             layers.update(dict.fromkeys(range(a, b + 1), float(rho) if rho else None))
+        elif key == "profile":  # the knob spread over the layers as coverage C spreads it (on a sample)
+            kw["profile_coverage"] = float(val)
         elif key == "last":
             kw["seer_dense_last_rows"] = int(val)
         elif key == "local":
             kw["seer_keep_local"] = int(val)
         else:
             raise ValueError(f"setting part {part!r}: expected knob, density=R, threshold=T, coverage=C, oracle, oracle_mass, "
-                             "dense=A-B, early=A-B:R, last=N or local=N")
+                             "dense=A-B, early=A-B:R, profile=C, last=N or local=N")
     return kw, layers
+
+
+def profile_sample(args, tok, spec):
+    """4 windows of ``--profile-from`` (or the bundled train corpus) of ``--profile-length``
+    tokens when ``spec`` asks for ``profile=C``, else None."""
+    if "profile=" not in spec:
+        return None
+    from seer_attn.eval.perplexity import load_documents, make_windows
+    from seer_attn.training.data import default_corpus_path
+    return make_windows(load_documents(args.profile_from or default_corpus_path("train")), tok,
+                        args.profile_length, 1)[:4]
 
 
 def model_dtype(args):
@@ -78,11 +94,15 @@ def lean(samples):
 
 
 @contextlib.contextmanager
-def applied(model, spec, **keep):
+def applied(model, spec, profile_windows=None, **keep):
     """``model`` in sparse mode under setting ``spec`` for the ``with`` body. Per-layer parts
     wrap the prefill's selection: a dense layer keeps every causal block, an ``early`` layer
-    selects with its own density (the config's, swapped for the call)."""
+    selects with its own density (the config's, swapped for the call). ``profile=C`` solves
+    ``seer_density_profile`` on ``profile_windows`` (:func:`density_profile`)."""
     kw, layers = parse(spec, **keep)
+    cov = kw.pop("profile_coverage", None)
+    if cov is not None and not profile_windows:
+        raise ValueError(f"setting {spec!r}: profile=C needs sample windows (--profile-from)")
     select = seer_layer._selection
 
     def selection(attn, q, *rest):
@@ -100,6 +120,8 @@ def applied(model, spec, **keep):
     seer_layer._selection = selection
     try:
         model.set_seer_mode("sparse", **kw)
+        if cov is not None:
+            model.set_seer_mode("sparse", seer_density_profile=density_profile(model, profile_windows, cov))
         yield
     finally:
         seer_layer._selection = select
@@ -114,6 +136,8 @@ def main():
     ap.add_argument("--samples", type=int, default=8, help="prompts per depth (the GPU run's first ones)")
     ap.add_argument("--indices", type=int, nargs="+", help="only these sample indices of each cell (< --samples)")
     ap.add_argument("--settings", nargs="+", default=["knob", "knob,dense=0-14", "knob,dense=15-29"])
+    ap.add_argument("--profile-from", help="jsonl corpus of profile=C's sample (default: the bundled train corpus)")
+    ap.add_argument("--profile-length", type=int, default=8192, help="tokens per window of that sample")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", choices=["bf16", "fp32"],
                     help="default: bf16 on cuda (as gate_quality's passkey phase), fp32 on cpu")
@@ -139,7 +163,7 @@ def main():
     save(False)
     for spec in args.settings:
         t0 = time.time()
-        with applied(model, spec):
+        with applied(model, spec, profile_sample(args, tok, spec)):
             res = run_passkey(model, tok, samples=samples, progress=False)
         vd = paired_passkey(dense, res)
         rows.append({"setting": spec, "accuracy": res["accuracy"], "density": res["density"], "vs_dense": vd,

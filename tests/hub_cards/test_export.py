@@ -133,19 +133,21 @@ def test_full_and_gates_only_repos_load_by_hub_id_offline(tiny_exports, hubfs, h
 
 def test_card_reports_the_density_knob_and_dense_layers(tiny, tmp_path):
     """The shipped setting names the configured method's parameter only, and the dense first
-    layers when there are any (a config with them behaves differently from one without)."""
+    layers and the knob's per-layer profile when set (a config with them behaves differently)."""
     stock = tiny.stock()
     stock.save_pretrained(tmp_path / "base")
     seer = tiny.seer(stock)
-    seer.set_seer_mode("sparse", seer_sparsity_method="density", seer_density=0.3, seer_dense_layers=1)
+    seer.set_seer_mode("sparse", seer_sparsity_method="density", seer_density=0.3, seer_dense_layers=1,
+                       seer_density_profile=[1.0] * seer.config.num_hidden_layers)
     rec = export(ExportOptions(output=str(tmp_path / "knob"), model=str(tmp_path / "base")), model=seer)
     assert rec["settings"]["seer_density"] == 0.3 and rec["settings"]["seer_dense_layers"] == 1
+    assert rec["settings"]["seer_density_profile"] == [1.0] * seer.config.num_hidden_layers
     assert "seer_threshold" not in rec["settings"] and "seer_coverage" not in rec["settings"]
     card = (tmp_path / "knob" / "README.md").read_text()
     assert "`seer_dense_layers=1`" in card and "`seer_density=0.3`" in card
-    seer.set_seer_mode("sparse", seer_sparsity_method="threshold", seer_dense_layers=0)
+    seer.set_seer_mode("sparse", seer_sparsity_method="threshold", seer_dense_layers=0, seer_density_profile=None)
     rec = export(ExportOptions(output=str(tmp_path / "thr"), model=str(tmp_path / "base")), model=seer)
-    assert "seer_dense_layers" not in rec["settings"] and "seer_density" not in rec["settings"]
+    assert not {"seer_dense_layers", "seer_density", "seer_density_profile"} & set(rec["settings"])
     assert "seer_threshold" in rec["settings"]
 
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from seer_attn.modeling_seer import SeerLlamaConfig
-from seer_attn.modeling_seer.configuration_seer import BASE_FIELDS
+from seer_attn.modeling_seer.configuration_seer import BASE_FIELDS, OPTIONAL_LIST_FIELDS
 from seer_attn.modeling_seer.configuration_seer_llama import BOOL_FIELDS, FLOAT_FIELDS, INT_FIELDS
 
 
@@ -26,6 +26,12 @@ from seer_attn.modeling_seer.configuration_seer_llama import BOOL_FIELDS, FLOAT_
     ("seer_selector", "random", "seer_selector"),
     ("seer_dense_last_rows", -1, "seer_dense_last_rows"),
     ("seer_dense_layers", -1, "seer_dense_layers"),
+    ("seer_density_profile", [1.0], r"seer_density_profile=\[1.0\] is invalid: expected one entry per layer \(2\)"),
+    ("seer_density_profile", [1.0, -0.5], "seer_density_profile"),
+    ("seer_density_profile", [1.0, float("nan")], "seer_density_profile"),
+    ("seer_density_profile", [1.0, True], "seer_density_profile"),
+    ("seer_density_profile", 1.0, "seer_density_profile"),
+    ("seer_density_profile", [], "seer_density_profile"),
     ("seer_keep_local", -1, "seer_keep_local"),
     ("seer_keep_local", 1.5, "seer_keep_local"),
     ("seer_keep_local", True, "seer_keep_local"),
@@ -66,7 +72,7 @@ def test_field_groups_cover_every_typed_field(tiny_kwargs):
     assert all(getattr(c, f) is None for f in BASE_FIELDS)  # None or a string (gates-only checkpoints)
     assert set(BOOL_FIELDS) | set(INT_FIELDS) | set(FLOAT_FIELDS) == \
         {k for k, v in vars(c).items() if k.startswith("seer_") and not isinstance(v, (str, list))
-         and k not in BASE_FIELDS}
+         and k not in BASE_FIELDS + OPTIONAL_LIST_FIELDS}
 
 
 def test_numbers_of_either_kind_are_accepted(tiny_kwargs):

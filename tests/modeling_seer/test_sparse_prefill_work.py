@@ -124,6 +124,37 @@ def test_gate_scores_need_autograd_only_in_gate_loss_layers(tiny, gate_loss_laye
     assert graph == {0: gate_loss_layers is not None, 1: False}
 
 
+@torch.no_grad()
+def test_density_profile_spreads_the_knob_over_layers(tiny):
+    """seer_density_profile: layer i keeps seer_density x profile[i] of its causal blocks (to one
+    block of the layer), capped at 1; density_profile() gives the coverage rule's per-layer
+    spread, mean 1."""
+    from seer_attn.eval.calibration import density_profile
+    from seer_attn.eval.perplexity import Window
+    model = tiny(seed=2)
+    T = 450
+    ids = _ids(T, 1, seed=4)
+    NB = (T + 63) // 64
+    one_block = 1 / (4 * NB * (NB + 1) // 2)
+    keep = dict(seer_sparsity_method="density", seer_density=0.5, seer_dense_last_rows=0)
+    model.set_seer_mode("sparse", **keep, seer_density_profile=[1.5, 0.5])
+    model(ids)
+    per_layer = model.seer_density().float().mean(dim=(1, 2))
+    assert abs(per_layer[0].item() - 0.75) <= one_block and abs(per_layer[1].item() - 0.25) <= one_block
+    model.set_seer_mode("sparse", **keep, seer_density_profile=[3.0, 1.0])  # 1.5 is capped at every block
+    model(ids)
+    per_layer = model.seer_density().float().mean(dim=(1, 2))
+    assert per_layer[0].item() == 1.0 and abs(per_layer[1].item() - 0.5) <= one_block
+    model.set_seer_mode("sparse", seer_sparsity_method="coverage", seer_coverage=0.7, seer_density_profile=None)
+    model(ids)
+    expect = model.seer_density().float().mean(dim=(1, 2))
+    prof = density_profile(model, [Window("doc", "test", 0, ids[0])], coverage=0.7)
+    assert prof == pytest.approx((expect / expect.mean()).tolist(), rel=1e-6)
+    assert model.config.seer_sparsity_method == "coverage"  # the mode is kept
+    with pytest.raises(ValueError, match="coverage=0 is invalid"):
+        density_profile(model, [Window("doc", "test", 0, ids[0])], coverage=0)
+
+
 def test_dense_layer_in_gate_loss_layers_learns_but_attends_densely(tiny):
     """A layer among the first seer_dense_layers that is also a gate-loss layer (fine-tuning
     with the gate loss) adds its gate loss but attends to every block, as at inference."""
