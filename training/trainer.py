@@ -496,7 +496,7 @@ class GateDistillationTrainer(SeerTrainer):
     def _log_gate_density(self, layer_idx, scores, window):
         """The kept share of causal blocks (of the blocks the window reaches) of the selection
         the gate's scores make under the model's config: what a sparse prefill would keep."""
-        self._log_value("block_density", selection_density(scores, self._seer.config, window).mean())
+        self._log_value("block_density", selection_density(scores, self._seer.config, window, layer_idx).mean())
 
     def create_optimizer(self, model=None):
         check_only_gates_trainable(self._seer)

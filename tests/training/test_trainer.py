@@ -251,14 +251,17 @@ def test_bf16(tmp_path, make_tiny_model, packed_train_512):
 
 # ----------------------------------------------------------------------------- density log
 
-@pytest.mark.parametrize("windowed", [False, True], ids=["full", "window"])
+@pytest.mark.parametrize("windowed", [False, True, "profile"], ids=["full", "window", "density-profile"])
 def test_logged_density_equals_the_sparse_prefill(tmp_path, make_tiny_model, eval_batch, windowed_mistral, windowed):
     # One layer, so the gate sees the same input in the distill forward and in a sparse
     # prefill; the thresholds without dense last rows keep the density away from 1. With a
     # sliding window the log reads the gate's scores with the layer's window, as a sparse
     # prefill selects and counts: blocks the window never reaches are neither ranked nor in
     # the denominator.
-    if windowed:
+    if windowed == "profile":  # the density knob with the layer's share of seer_density_profile
+        model, batch = make_tiny_model(layers=1, seer_sparsity_method="density", seer_density=0.8,
+                                       seer_density_profile=[0.5], seer_dense_last_rows=0), eval_batch
+    elif windowed:
         model, batch = windowed_mistral(200, seer_threshold=0.2, seer_dense_last_rows=0), eval_batch[:, :500]
     else:
         model, batch = make_tiny_model(layers=1, seer_threshold=0.05, seer_dense_last_rows=0), eval_batch
