@@ -190,6 +190,16 @@ def calibrate(model, method, target_density, windows, *, selector="gate", tol=0.
     return Calibration(selector, method, target, best_p, best_d, tol, within, history)
 
 
+# The axis the gate methods are solved on (gate_params_for's bisection, calibrate_gate's secant steps): parameter -> x, x -> parameter, the x range,
+# and the sign of d(density)/dx (the threshold's density falls on a log scale; the coverage's
+# rises, steeply near 1, so it walks -log(1 - coverage)).
+_GATE_AXIS = {
+    "threshold": (math.log, math.exp, math.log(_SEARCH["threshold"][0]), math.log(_SEARCH["threshold"][1]), -1.0),
+    "coverage": (lambda c: -math.log1p(-min(c, 1 - 1e-6)), lambda x: -math.expm1(-x),
+                 -math.log1p(-_SEARCH["coverage"][0]), -math.log(1e-6), 1.0),
+}
+
+
 @torch.no_grad()
 def gate_thresholds_for(model, windows, densities, *, iters=48) -> list:
     """Gate thresholds that keep each of ``densities`` of the causal blocks on ``windows``,
@@ -206,17 +216,17 @@ def gate_params_for(model, windows, densities, *, method="threshold", iters=48) 
 
     Each window runs once in ``seer_mode="distill"`` (exact attention, the gate scoring every
     layer's blocks); the parameter of each target is then bisected (the threshold on a log
-    scale in [1e-7, 0.99], the coverage in [1e-3, 1]) on those stored scores with the model's
-    keep rules. The scores come from the dense trajectory, so a sparse prefill at the returned
-    parameter lands near, not exactly on, the target: measure the achieved density
-    (``evaluate_perplexity`` does). A target below the keep rules' floor gives the sparsest
+    scale in [1e-7, 0.99], the coverage on -log(1 - coverage) over [1e-3, 1 - 1e-6]) on those
+    stored scores with the model's keep rules. The scores come from the dense trajectory, so a
+    sparse prefill at the returned parameter lands near, not exactly on, the target: measure
+    the achieved density (``evaluate_perplexity`` does). A target below the keep rules' floor gives the sparsest
     parameter; above the reachable maximum, the densest.
 
     Returns:
         one parameter per target density, in the order given.
     """
-    if method not in ("threshold", "coverage"):
-        raise ValueError(f"method={method!r} is invalid: expected 'threshold' or 'coverage'")
+    if method not in _GATE_AXIS:
+        raise ValueError(f"method={method!r} is invalid: expected one of {tuple(_GATE_AXIS)}")
     targets = [float(d) for d in densities]
     bad = [d for d in targets if not 0.0 < d <= 1.0]
     if bad:
@@ -227,8 +237,7 @@ def gate_params_for(model, windows, densities, *, method="threshold", iters=48) 
     if not any(name.endswith("attn_gate") for name, _ in model.named_modules()):
         raise ValueError(f"{type(model).__name__} has no attn_gate modules")
     dev = model_device(model)
-    lo_p, hi_p, logscale, rising = _SEARCH[method]
-    to_param = math.exp if logscale else float
+    _, to_param, lo, hi, sign = _GATE_AXIS[method]
     with preserved_seer_mode(model):
         model.set_seer_mode("distill")
         for w in windows:  # every layer's (scores, sliding window) of this window
@@ -243,28 +252,17 @@ def gate_params_for(model, windows, densities, *, method="threshold", iters=48) 
             return sum(torch.stack([selection_density(s, model.config, win).mean() for s, win in layers]).mean()
                        for layers in per_window).item() / len(per_window)
 
-        lo, hi = (math.log(v) for v in (lo_p, hi_p)) if logscale else (lo_p, hi_p)
         out = []
         for target in targets:
             a, b = lo, hi
             for _ in range(iters):
                 mid = (a + b) / 2
-                if (density(mid) > target) != rising:  # keeps too much (threshold) / too little (coverage)
+                if (density(mid) > target) == (sign < 0):  # the target lies at larger x
                     a = mid
                 else:
                     b = mid
             out.append(to_param((a + b) / 2))
     return out
-
-
-# The axis the secant steps walk for each gate method: parameter -> x, x -> parameter, the x range,
-# and the sign of d(density)/dx (the threshold's density falls on a log scale; the coverage's
-# rises, steeply near 1, so it walks -log(1 - coverage)).
-_GATE_AXIS = {
-    "threshold": (math.log, math.exp, math.log(_SEARCH["threshold"][0]), math.log(_SEARCH["threshold"][1]), -1.0),
-    "coverage": (lambda c: -math.log1p(-min(c, 1 - 1e-6)), lambda x: -math.expm1(-x),
-                 -math.log1p(-_SEARCH["coverage"][0]), -math.log(1e-6), 1.0),
-}
 
 
 def calibrate_threshold(model, windows, target_density, *, rel_tol=0.02, max_forwards=8) -> Calibration:
