@@ -190,9 +190,10 @@ def calibrate(model, method, target_density, windows, *, selector="gate", tol=0.
     return Calibration(selector, method, target, best_p, best_d, tol, within, history)
 
 
-# The axis the gate methods are solved on (gate_params_for's bisection, calibrate_gate's secant steps): parameter -> x, x -> parameter, the x range,
-# and the sign of d(density)/dx (the threshold's density falls on a log scale; the coverage's
-# rises, steeply near 1, so it walks -log(1 - coverage)).
+# The axis each gate method is solved on (gate_params_for's bisection, calibrate_gate's secant
+# steps): parameter -> x, x -> parameter, the x range, and the sign of d(density)/dx (the
+# threshold's density falls on a log scale; the coverage's rises, steeply near 1, so it walks
+# -log(1 - coverage)).
 _GATE_AXIS = {
     "threshold": (math.log, math.exp, math.log(_SEARCH["threshold"][0]), math.log(_SEARCH["threshold"][1]), -1.0),
     "coverage": (lambda c: -math.log1p(-min(c, 1 - 1e-6)), lambda x: -math.expm1(-x),

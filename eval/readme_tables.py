@@ -679,32 +679,18 @@ _CELLS_LEGEND = ("knob = density 0.12, sink, 1 local block, diagonal, 2 dense la
                  "oracle_mass: the true max-pooled map's / block attention mass's top blocks at the knob's density")
 
 
-def passkey_cells_4k_h200(root) -> str:
-    """docs/experiments/passkey_cells.py on the GPU: the 4k cells the knob lost, under selections
-    that each change one thing, paired with dense (two runs of the same prompts and gates)."""
-    paths = ["results/quality/h200_passkey_cells_4k.json", "results/quality/h200_passkey_cells_4k_b.json"]
-    body, env = [], None
-    for path in paths:
-        env = load_envelope(root, path)
-        body += [r for r in _passkey_cells_rows(env) if r[0] != "dense" or not body]
-    prov, cfg = env["provenance"], env["config"]
-    caption = (f"SmolLM2-135M, the gates of results/quality/h200_gate_passkey225.json, {prov['gpu']}, bf16, commit "
-               f"{_commit(prov)} ({', '.join(paths)}); passkey at {_tokens(cfg['length'])} tokens, depths "
-               f"{', '.join(f'{d:g}' for d in cfg['depths'])} x {cfg['samples']} prompts (the 225-prompt run's), "
-               f"paired with dense. {_CELLS_LEGEND}:")
-    return caption + "\n\n" + _table(_CELLS_HEAD, body)
-
-
-def _passkey_cells(paths, lead):
-    """passkey_cells.py runs on the same prompts and gates, one table (the first run's dense row)."""
+def _passkey_cells(paths, lead, tail=""):
+    """docs/experiments/passkey_cells.py runs on the GPU on the same prompts and gates, one table
+    (the first run's dense row); ``tail`` follows the prompt count in the caption."""
     def render(root) -> str:
         body, envs = [], [load_envelope(root, p) for p in paths]
         for env in envs:
             body += [r for r in _passkey_cells_rows(env) if r[0] != "dense" or not body]
         prov, cfg = envs[0]["provenance"], envs[0]["config"]
+        lengths = cfg.get("lengths") or [cfg["length"]]  # runs before 2026-12-04 name one length
         caption = (f"{lead}, {prov['gpu']}, bf16, commit {', '.join(sorted({_commit(e['provenance']) for e in envs}))} "
-                   f"({', '.join(paths)}); {'/'.join(_tokens(t) for t in cfg['lengths'])} tokens, depths "
-                   f"{', '.join(f'{d:g}' for d in cfg['depths'])} x {cfg['samples']} prompts")
+                   f"({', '.join(paths)}); passkey at {'/'.join(_tokens(t) for t in lengths)} tokens, depths "
+                   f"{', '.join(f'{d:g}' for d in cfg['depths'])} x {cfg['samples']} prompts{tail}")
         return caption + ":\n\n" + _table(_CELLS_HEAD, body)
     return render
 
@@ -800,7 +786,10 @@ TABLES = {
     "gate-quality-h200": gate_quality_h200,
     "gate-calib-h200": gate_calib_h200,
     "gate-passkey225-h200": gate_passkey225_h200,
-    "passkey-cells-4k-h200": passkey_cells_4k_h200,
+    "passkey-cells-4k-h200": _passkey_cells(
+        ["results/quality/h200_passkey_cells_4k.json", "results/quality/h200_passkey_cells_4k_b.json"],
+        "SmolLM2-135M, the gates of results/quality/h200_gate_passkey225.json",
+        f" (the 225-prompt run's), paired with dense. {_CELLS_LEGEND}"),
     "passkey-cells-layers-4k-h200": _passkey_cells(
         ["results/quality/h200_passkey_cells_layers_4k.json", "results/quality/h200_passkey_cells_coverage_4k.json"],
         "The same gates, prompts and pairing"),
