@@ -15,7 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 from seer_attn.modeling_seer.seer_layer import SeerAttentionMixin, SeerForwardContext
-from seer_attn.modeling_seer.selection import SELECTORS, ScoreInputs, selection_density
+from seer_attn.modeling_seer.selection import SELECTORS, ScoreInputs, layer_density, selection_density
 
 from .perplexity import model_device
 from .settings import Setting, apply_setting, preserved_seer_mode
@@ -63,17 +63,19 @@ def _content_free_density(model, windows):
     needed (same selection code as the model's, on placeholder tensors of the window's length;
     mean over layers and heads, as a forward reports it)."""
     cfg = model.config
-    slides = [getattr(m, "sliding_window", None) for m in model.modules() if isinstance(m, SeerAttentionMixin)]
-    slides = slides or [None]
+    layers = [(m.layer_idx, getattr(m, "sliding_window", None)) for m in model.modules()
+              if isinstance(m, SeerAttentionMixin)] or [(None, None)]
     vals = []
     for w in windows:
         x = torch.zeros(1, 1, w.input_ids.numel(), 1)
-        by_slide = {}  # sliding window -> density (layers sharing a window share it)
-        for win in set(slides):
-            scores = SELECTORS[cfg.seer_selector].scores(ScoreInputs(x, x, x, x, x, cfg.seer_block_size, 1.0,
-                                                                     window=win))
-            by_slide[win] = selection_density(scores, cfg, win).mean().item()
-        vals.append(sum(by_slide[win] for win in slides) / len(slides))
+        seen = {}  # (dense layer, sliding window, density knob's share) -> density: layers alike share it
+        for i, win in layers:
+            key = (i is not None and i < cfg.seer_dense_layers, win, layer_density(cfg, i))
+            if key not in seen:
+                scores = SELECTORS[cfg.seer_selector].scores(ScoreInputs(x, x, x, x, x, cfg.seer_block_size, 1.0,
+                                                                         window=win))
+                seen[key] = selection_density(scores, cfg, win, i).mean().item()
+            vals.append(seen[key])
     return sum(vals) / len(vals)
 
 
@@ -210,7 +212,28 @@ def gate_thresholds_for(model, windows, densities, *, iters=48) -> list:
 
 
 @torch.no_grad()
-def gate_params_for(model, windows, densities, *, method="threshold", iters=48) -> list:
+def exact_gate_scores(model, windows) -> list:
+    """The gate's scores of every layer in one exact-attention pass over each of ``windows``
+    (``seer_mode="distill"``; the model's mode is restored): per window, a list of ``(layer index,
+    scores, sliding window)`` per layer, what :func:`gate_params_for` solves on (pass it as
+    ``scores`` to solve several methods from one pass)."""
+    if not windows:
+        raise ValueError("exact_gate_scores needs at least one window")
+    if not any(name.endswith("attn_gate") for name, _ in model.named_modules()):
+        raise ValueError(f"{type(model).__name__} has no attn_gate modules")
+    dev, per_window = model_device(model), []
+    with preserved_seer_mode(model):
+        model.set_seer_mode("distill")
+        for w in windows:
+            layers = []
+            ctx = SeerForwardContext(on_gate_scores=lambda i, s, win: layers.append((i, s, win)))
+            model(input_ids=w.input_ids[None].to(dev), use_cache=False, logits_to_keep=1, seer_ctx=ctx)
+            per_window.append(layers)
+    return per_window
+
+
+@torch.no_grad()
+def gate_params_for(model, windows, densities, *, method="threshold", iters=48, scores=None) -> list:
     """Parameters of the gate's ``method`` (``"threshold"`` or ``"coverage"``) that keep each of
     ``densities`` of the causal blocks on ``windows``, solved from the gate's scores in one
     exact-attention pass (no search over forwards).
@@ -221,7 +244,8 @@ def gate_params_for(model, windows, densities, *, method="threshold", iters=48) 
     stored scores with the model's keep rules. The scores come from the dense trajectory, so a
     sparse prefill at the returned parameter lands near, not exactly on, the target: measure
     the achieved density (``evaluate_perplexity`` does). A target below the keep rules' floor gives the sparsest
-    parameter; above the reachable maximum, the densest.
+    parameter; above the reachable maximum, the densest. ``scores``: :func:`exact_gate_scores` of
+    ``windows`` already taken (``windows`` is then not read again).
 
     Returns:
         one parameter per target density, in the order given.
@@ -232,25 +256,13 @@ def gate_params_for(model, windows, densities, *, method="threshold", iters=48) 
     bad = [d for d in targets if not 0.0 < d <= 1.0]
     if bad:
         raise ValueError(f"densities {bad} are invalid: expected 0 < density <= 1")
-    if not windows:
-        raise ValueError("gate_params_for needs at least one window")
-    per_window = []
-    if not any(name.endswith("attn_gate") for name, _ in model.named_modules()):
-        raise ValueError(f"{type(model).__name__} has no attn_gate modules")
-    dev = model_device(model)
+    per_window = exact_gate_scores(model, windows) if scores is None else scores
     _, to_param, lo, hi, sign = _GATE_AXIS[method]
     with preserved_seer_mode(model):
-        model.set_seer_mode("distill")
-        for w in windows:  # every layer's (scores, sliding window) of this window
-            layers = []
-            ctx = SeerForwardContext(on_gate_scores=lambda i, s, win: layers.append((s, win)))
-            model(input_ids=w.input_ids[None].to(dev), use_cache=False, logits_to_keep=1, seer_ctx=ctx)
-            per_window.append(layers)
-
         def density(x):  # mean over windows of the mean over layers and heads, as measure_density
             model.set_seer_mode("sparse", seer_selector="gate", seer_sparsity_method=method,
                                 **{f"seer_{method}": to_param(x)})
-            return sum(torch.stack([selection_density(s, model.config, win).mean() for s, win in layers]).mean()
+            return sum(torch.stack([selection_density(s, model.config, win, i).mean() for i, s, win in layers]).mean()
                        for layers in per_window).item() / len(per_window)
 
         out = []

@@ -41,7 +41,7 @@ from seer_attn.training.results import write_envelope
 from seer_attn.training.run_config import ConfigError, RunConfig, config_from_args, default, flag, option, text
 
 from .baselines import compare
-from .calibration import calibrate, gate_params_for, gate_thresholds_for, pick_calibration_windows
+from .calibration import calibrate, exact_gate_scores, gate_params_for, pick_calibration_windows
 from .passkey import paired_passkey, run_passkey
 from .settings import BASELINES, Setting, apply_setting, setting_arg, setting_text
 from .tables import format_table, gate_densities, sort_rows
@@ -319,8 +319,8 @@ def density_knob_rows(model, windows, densities, *, calib=None, calib_windows=4,
 
     For each ``rho`` of ``densities``, three perplexity rows on ``windows``: the knob
     (``gate:density=rho``); the threshold solved to keep ``rho`` on ``calib_windows`` windows
-    (:func:`~seer_attn.eval.calibration.gate_thresholds_for`, one exact pass), which lands near
-    ``rho``; and the knob at that threshold's achieved density, marked ``matched_to`` (the
+    (:func:`~seer_attn.eval.calibration.gate_params_for`, one exact pass shared with the coverage
+    rows), which lands near ``rho``; and the knob at that threshold's achieved density, marked ``matched_to`` (the
     threshold's setting) with ``ppl_ratio`` (its PPL over the threshold's). The knob keeps what
     it is asked to the block, so the last two rows compare the two at one density. Each row
     records ``knob_density``: its ``rho``.
@@ -339,8 +339,10 @@ def density_knob_rows(model, windows, densities, *, calib=None, calib_windows=4,
     targets = [float(d) for d in densities]
     held_out = calib is not None
     calib = pick_calibration_windows(calib if held_out else windows, calib_windows)
-    thresholds = gate_thresholds_for(model, calib, targets)
-    coverages = gate_params_for(model, calib, targets, method="coverage") if coverage else [None] * len(targets)
+    scores = exact_gate_scores(model, calib)  # one exact pass serves both methods
+    thresholds = gate_params_for(model, calib, targets, method="threshold", scores=scores)
+    coverages = gate_params_for(model, calib, targets, method="coverage", scores=scores) if coverage else \
+        [None] * len(targets)
 
     def row(setting):
         return compare(model, [setting], windows=windows, with_baselines=False, progress=progress)[0]

@@ -238,7 +238,10 @@ def causal_density(mask, window=None, block_size=64):
 def selection_density(scores, cfg, window=None, layer_idx=None):
     """Kept share of causal blocks per (batch, head), float ``[B, HQ]``, of the selection
     :func:`select_blocks_for` makes from ``scores`` under ``cfg`` for a layer with sliding
-    ``window`` (tokens, or None): what a sparse prefill of that layer reports."""
+    ``window`` (tokens, or None): what a sparse prefill of that layer reports (1 for a layer
+    ``layer_idx`` among the first ``seer_dense_layers``, which reads every block)."""
+    if layer_idx is not None and layer_idx < getattr(cfg, "seer_dense_layers", 0):
+        return torch.ones(scores.shape[:2], dtype=torch.float32, device=scores.device)
     return causal_density(select_blocks_for(scores, cfg, window, layer_idx), window, cfg.seer_block_size)
 
 

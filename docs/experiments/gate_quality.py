@@ -57,8 +57,25 @@ from seer_attn.training.results import write_envelope
 KEEP = dict(seer_keep_diagonal=True, seer_keep_sink=True, seer_keep_local=1, seer_dense_last_rows=0)
 BASELINES = (("streaming", "nz_ratio"), ("meanpool", "nz_ratio"))
 PHASES = ("ppl", "baselines", "passkey", "cost")
+VARIANTS = ("plain", "retrieval")
 #: the issue's dense PPL and targets on this protocol (results/quality/h100_sink_local_*.json)
 DENSE_H100, TARGET_LOW = 11.299, 12.2
+
+
+def gates_arg(text):
+    """``VARIANT=PATH`` of ``--gates``, checked (a one-line error names a bad entry); kept as given, so the
+    envelope's config records the command line's form (:func:`given_gates` splits it)."""
+    variant, sep, path = text.partition("=")
+    if not sep or variant not in VARIANTS or not path:
+        raise argparse.ArgumentTypeError(f"{text!r} is not VARIANT=PATH with VARIANT one of {list(VARIANTS)}")
+    if not os.path.isfile(path):
+        raise argparse.ArgumentTypeError(f"{text!r}: no such gates file {path}")
+    return text
+
+
+def given_gates(args) -> dict:
+    """``{variant: path}`` of ``--gates``."""
+    return dict(g.split("=", 1) for g in getattr(args, "gates", []))
 
 
 def parse_args(argv=None):
@@ -67,7 +84,7 @@ def parse_args(argv=None):
     ap.add_argument("--train", nargs="+", default=None, help="distillation data (default: the bundled corpus)")
     ap.add_argument("--eval", default=None, help="evaluation jsonl (default: the bundled eval corpus)")
     ap.add_argument("--out", default="seer_outputs/gate_quality")
-    ap.add_argument("--variants", nargs="+", default=["plain", "retrieval"], choices=["plain", "retrieval"])
+    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     ap.add_argument("--steps", type=int, default=250)
     ap.add_argument("--seq-len", type=int, default=8192)
     ap.add_argument("--eval-length", type=int, default=8192)
@@ -82,7 +99,7 @@ def parse_args(argv=None):
     ap.add_argument("--coverage", action="store_true",
                     help="density knob rows also of the coverage rule: solved where the threshold is, and "
                          "bisected to the threshold's achieved density (the knob's PPL against the threshold)")
-    ap.add_argument("--gates", nargs="+", default=[], metavar="VARIANT=PATH",
+    ap.add_argument("--gates", nargs="+", type=gates_arg, default=[], metavar="VARIANT=PATH",
                     help="gates of a variant from an earlier run (e.g. plain=OUT/gates_plain_bf16.safetensors): "
                          "that variant is not distilled again")
     ap.add_argument("--passkey-density", type=float, default=0.12)
@@ -159,7 +176,7 @@ def main(argv=None):
     run = Run(args)
     dev, dtype = ("cpu", torch.float32) if args.cpu else ("cuda", torch.bfloat16)
 
-    given = dict(g.split("=", 1) for g in args.gates)
+    given = given_gates(args)
     bad = [v for v in given if v not in args.variants]
     if bad:
         raise SystemExit(f"--gates names variants {bad} that are not among --variants {args.variants}")
@@ -333,7 +350,7 @@ def report(run):
 
 def gates_of(run):
     """The variants whose gates were distilled or handed over (``--gates``), in the order run."""
-    given = {g.split("=", 1)[0] for g in getattr(run.args, "gates", [])}
+    given = given_gates(run.args)
     return [v for v in run.args.variants if v in run.cost or v in given]
 
 

@@ -229,14 +229,22 @@ def test_gate_params_for_solves_the_coverage_from_one_pass(model, windows_1k, ta
         gate_params_for(model, windows_1k, [0.3], method="nz_ratio")
 
 
-def test_density_knob_rows_with_coverage(model, windows_1k):
-    # the coverage rows: one solved like the threshold (calibrated on the same windows), one
-    # bisected over sparse forwards to the threshold's achieved density, its PPL over the threshold's
-    from seer_attn.eval.quality_run import density_knob_rows
+def test_density_knob_rows_with_coverage(model, windows_1k, monkeypatch):
+    # the coverage rows: one solved like the threshold (calibrated on the same windows, from the
+    # threshold's exact pass: one pass for both), one bisected over sparse forwards to the
+    # threshold's achieved density, its PPL over the threshold's
+    from seer_attn.eval import calibration, quality_run
+    passes = []
+    real = calibration.exact_gate_scores
+    monkeypatch.setattr(quality_run, "exact_gate_scores", lambda m, w: passes.append(len(w)) or real(m, w))
     with preserved_seer_mode(model):
         model.set_seer_mode("sparse", seer_dense_last_rows=0, seer_keep_sink=True)
-        rows = density_knob_rows(model, windows_1k[:2], [0.5], calib_windows=2, coverage=True)
+        rows = quality_run.density_knob_rows(model, windows_1k[:2], [0.5], calib_windows=2, coverage=True)
+        separate = [calibration.gate_params_for(model, windows_1k[:2], [0.5], method=m)[0]
+                    for m in ("threshold", "coverage")]
+    assert passes == [2]
     assert [r["method"] for r in rows] == ["density", "threshold", "density", "coverage", "coverage"]
+    assert [rows[1]["param"], rows[3]["param"]] == pytest.approx(separate, rel=1e-6)
     thr, cal, same = rows[1], rows[3], rows[4]
     assert cal["calibrated_on"] == "evaluated" and abs(cal["density"] - 0.5) <= 0.05
     assert same["coverage_matched_to"] == thr["setting"] and "matched_to" not in same
@@ -299,6 +307,32 @@ def test_content_free_density_equals_a_forward(windows_1k, windowed_mistral, win
     with torch.no_grad():
         model(input_ids=windows_1k[0].input_ids[None], use_cache=False, logits_to_keep=1)
     assert measure_density(model, windows_1k[:1]) == pytest.approx(model.seer_density().mean().item(), abs=1e-6)
+
+
+def test_densities_count_the_dense_layers_as_a_forward_does(model, windows_1k):
+    # seer_dense_layers=1 of 2: layer 0 reads every block, so a forward reports 1 for it. The
+    # densities measured without a forward (content-free selectors), solved from the exact pass
+    # (gate_params_for) and logged from gate scores (selection_density with the layer) count it so.
+    from seer_attn.eval.calibration import exact_gate_scores
+    from seer_attn.modeling_seer.selection import selection_density
+    ids = windows_1k[0].input_ids[None]
+    model.set_seer_mode("sparse", seer_dense_last_rows=0, seer_dense_layers=1, seer_selector="streaming",
+                        seer_sparsity_method="nz_ratio", seer_nz_ratio=0.3)
+    with torch.no_grad():
+        model(input_ids=ids, use_cache=False, logits_to_keep=1)
+    per_layer = model.seer_density().float().mean(dim=(1, 2))
+    assert per_layer[0].item() == 1.0 and per_layer[1].item() < 0.6
+    assert measure_density(model, windows_1k[:1]) == pytest.approx(per_layer.mean().item(), abs=1e-6)
+    model.set_seer_mode("sparse", seer_selector="gate", seer_sparsity_method="threshold")
+    (t,) = gate_thresholds_for(model, windows_1k[:2], [0.75])  # layer 1 must keep about half
+    apply_setting(model, Setting("gate", "threshold", param=t))
+    assert abs(measure_density(model, windows_1k[:2]) - 0.75) <= 0.03
+    (layers,) = exact_gate_scores(model, windows_1k[:1])
+    (i0, s0, w0), (i1, s1, w1) = layers
+    assert (i0, i1) == (0, 1)
+    assert selection_density(s0, model.config, w0, i0).eq(1).all()
+    assert selection_density(s0, model.config, w0).lt(1).any()  # without the layer: the gate's own selection
+    assert selection_density(s1, model.config, w1, i1).lt(1).any()
 
 
 def test_gate_thresholds_for_clips_to_the_floor(model, windows_1k):
