@@ -70,7 +70,8 @@ def _content_free_density(model, windows):
         x = torch.zeros(1, 1, w.input_ids.numel(), 1)
         seen = {}  # (dense layer, sliding window, density knob's share) -> density: layers alike share it
         for i, win in layers:
-            key = (i is not None and i < cfg.seer_dense_layers, win, layer_density(cfg, i))
+            NB = -(-w.input_ids.numel() // cfg.seer_block_size)
+            key = (i is not None and i < cfg.seer_dense_layers, win, layer_density(cfg, i, NB))
             if key not in seen:
                 scores = SELECTORS[cfg.seer_selector].scores(ScoreInputs(x, x, x, x, x, cfg.seer_block_size, 1.0,
                                                                          window=win))

@@ -70,7 +70,9 @@ class SeerConfigMixin:
             selection); the sparsity options apply to the others. Retrieval at high sparsity
             depends on the first layers (docs/experiments/gate_quality.md section 7). 0: off.
         seer_density_profile: None, or one positive multiplier per layer of the density knob:
-            layer i keeps ``min(1, seer_density * profile[i])`` under ``"density"`` (e.g. the
+            layer i keeps ``min(1, seer_density * profile[i] * s)`` under ``"density"``, s solved
+            per block count so that the sparse layers still keep ``seer_density`` on average
+            where the keep rules' floor or the cap at 1 clip a layer (e.g. the
             per-layer densities the coverage rule reaches on a sample, divided by their mean:
             :func:`seer_attn.eval.calibration.density_profile`), so the budget goes where the
             gate is unsure while every sequence still keeps the asked share.

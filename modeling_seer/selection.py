@@ -9,6 +9,7 @@ CLI: adding a baseline is one :func:`register_selector` call.
 
 Copied flat into saved model folders (remote code): imports only torch/transformers.
 """
+import functools
 import math
 from dataclasses import dataclass
 from typing import Callable
@@ -206,14 +207,53 @@ def select_blocks(scores, method, threshold=2e-3, nz_ratio=0.3, keep_diagonal=Tr
     return mask.tril_()
 
 
-def layer_density(cfg, layer_idx=None):
-    """The density knob's share for layer ``layer_idx``: ``seer_density`` times the layer's
-    entry of ``seer_density_profile`` (capped at 1), or ``seer_density`` without a profile or
-    layer index."""
+def layer_density(cfg, layer_idx=None, NB=None):
+    """The density knob's share for layer ``layer_idx``: ``seer_density`` without a profile or
+    layer index; under ``seer_density_profile``, ``seer_density`` times the layer's entry times
+    one scale for every layer, capped at 1. With ``NB`` (the layer's block count) the scale is
+    solved so that the sparse layers (those after ``seer_dense_layers``) keep ``seer_density``
+    on average even where the profile asks a layer for less than the keep rules' floor or more
+    than every block (:func:`profile_scale`); without it the scale is 1."""
     profile = getattr(cfg, "seer_density_profile", None)
     if profile is None or layer_idx is None:
         return cfg.seer_density
-    return min(1.0, cfg.seer_density * profile[layer_idx])
+    scale = 1.0
+    if NB is not None:
+        floor = keep_rule_floor(int(NB), cfg.seer_keep_diagonal, cfg.seer_keep_sink, cfg.seer_keep_local,
+                                cfg.seer_dense_last_rows)
+        scale = profile_scale(cfg.seer_density, tuple(profile[getattr(cfg, "seer_dense_layers", 0):]) or
+                              tuple(profile), floor)
+    return min(1.0, cfg.seer_density * profile[layer_idx] * scale)
+
+
+@functools.lru_cache(maxsize=256)
+def keep_rule_floor(NB, keep_diagonal, keep_sink, keep_local, dense_last_rows) -> float:
+    """Share of the causal blocks of an ``NB``-block layer (no sliding window) that the keep
+    rules keep whatever the scores say: the density no selection goes below."""
+    forced = keep_rule_mask(NB, keep_diagonal, keep_sink, keep_local, dense_last_rows)
+    return int(forced.sum()) / (NB * (NB + 1) // 2)
+
+
+@functools.lru_cache(maxsize=256)
+def profile_scale(density, profile, floor) -> float:
+    """The factor s for which the layers' shares ``clip(s * density * p, floor, 1)`` over the
+    entries p of ``profile`` average ``density`` (or the floor, or 1, when ``density`` lies
+    beyond them): what the profile takes from a layer the floor holds up, or gives to a layer
+    already at every block, the others make up. Bisection on the (monotone) mean."""
+    target = min(1.0, max(density, floor))
+    if target <= floor or density * min(profile) >= 1.0:
+        return 1.0
+
+    def mean(s):
+        return sum(min(1.0, max(floor, s * density * p)) for p in profile) / len(profile)
+    lo, hi = 0.0, 1.0 / (density * min(profile))  # mean(lo) = floor <= target <= mean(hi) = 1
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        if mean(mid) < target:
+            lo = mid
+        else:
+            hi = mid
+    return hi
 
 
 def select_blocks_for(scores, cfg, window=None, layer_idx=None):
@@ -225,7 +265,7 @@ def select_blocks_for(scores, cfg, window=None, layer_idx=None):
                          keep_diagonal=cfg.seer_keep_diagonal, keep_sink=cfg.seer_keep_sink,
                          dense_last_rows=cfg.seer_dense_last_rows, coverage=cfg.seer_coverage,
                          keep_local=cfg.seer_keep_local, window=window, block_size=cfg.seer_block_size,
-                         density=layer_density(cfg, layer_idx))
+                         density=layer_density(cfg, layer_idx, scores.shape[-1]))
 
 
 def causal_density(mask, window=None, block_size=64):

@@ -126,9 +126,10 @@ def test_gate_scores_need_autograd_only_in_gate_loss_layers(tiny, gate_loss_laye
 
 @torch.no_grad()
 def test_density_profile_spreads_the_knob_over_layers(tiny):
-    """seer_density_profile: layer i keeps seer_density x profile[i] of its causal blocks (to one
-    block of the layer), capped at 1; density_profile() gives the coverage rule's per-layer
-    spread, mean 1."""
+    """seer_density_profile: layer i keeps seer_density x profile[i] x s of its causal blocks (to
+    one block of the layer), capped at 1, s such that the layers still keep seer_density on
+    average where the keep rules' floor or the cap clip one; density_profile() gives the coverage
+    rule's per-layer spread, mean 1."""
     from seer_attn.eval.calibration import density_profile
     from seer_attn.eval.perplexity import Window
     model = tiny(seed=2)
@@ -141,10 +142,22 @@ def test_density_profile_spreads_the_knob_over_layers(tiny):
     model(ids)
     per_layer = model.seer_density().float().mean(dim=(1, 2))
     assert abs(per_layer[0].item() - 0.75) <= one_block and abs(per_layer[1].item() - 0.25) <= one_block
-    model.set_seer_mode("sparse", **keep, seer_density_profile=[3.0, 1.0])  # 1.5 is capped at every block
+    model.set_seer_mode("sparse", **keep, seer_density_profile=[3.0, 1.0])  # the spread counts, not the mean
     model(ids)
     per_layer = model.seer_density().float().mean(dim=(1, 2))
-    assert per_layer[0].item() == 1.0 and abs(per_layer[1].item() - 0.5) <= one_block
+    assert abs(per_layer[0].item() - 0.75) <= one_block and abs(per_layer[1].item() - 0.25) <= one_block
+    # the cap: 0.7 x 1.6 is more than every block; layer 1 gets what layer 0 cannot take (0.7 x 0.4 x 1.43)
+    model.set_seer_mode("sparse", **{**keep, "seer_density": 0.7}, seer_density_profile=[1.6, 0.4])
+    model(ids)
+    per_layer = model.seer_density().float().mean(dim=(1, 2))
+    assert per_layer[0].item() == 1.0 and abs(per_layer[1].item() - 0.4) <= one_block
+    # the floor (the diagonal: 8 of 36 blocks): 0.6 x 0.2 is below it; layer 0 gives up what layer 1 must keep
+    floor = NB / (NB * (NB + 1) // 2)
+    model.set_seer_mode("sparse", **{**keep, "seer_density": 0.6}, seer_density_profile=[1.8, 0.2])
+    model(ids)
+    per_layer = model.seer_density().float().mean(dim=(1, 2))
+    assert per_layer[1].item() == pytest.approx(floor) and abs(per_layer[0].item() - (1.2 - floor)) <= one_block
+    assert abs(per_layer.mean().item() - 0.6) <= one_block
     model.set_seer_mode("sparse", seer_sparsity_method="coverage", seer_coverage=0.7, seer_density_profile=None)
     model(ids)
     expect = model.seer_density().float().mean(dim=(1, 2))
