@@ -5,8 +5,8 @@
 
 The gate's ``coverage`` (default) or ``threshold`` is solved so that sparse prefills over
 ``--windows`` windows of ``--data`` (default: the bundled training corpus) keep ``--density``
-of the causal blocks, under the model's own keep rules (diagonal, sink, local blocks, dense
-last rows, dense layers): one exact pass, then secant steps over sparse passes
+of the causal blocks, under the keep rules it will ship with (the model's config, or
+``--keep-sink``, ``--keep-local``, ``--dense-last-rows``, ``--dense-layers``): one exact pass, then secant steps over sparse passes
 (:func:`~seer_attn.eval.calibration.calibrate_gate`). Calibrate at the prompt length you will
 serve: an adaptive rule keeps a different share at other lengths. The coverage rule spends
 the blocks where the gate is unsure (broad rows and layers get more); at 8k on SmolLM2 it
@@ -64,6 +64,10 @@ class CalibrateConfig(RunConfig):
     windows: int = option(4, ca.positive_int)
     rel_tol: float = option(0.02, ca.open_unit_interval)
     max_forwards: int = option(8, ca.positive_int)
+    keep_sink: bool | None = option(None, flag)  # None (each keep rule): the model's config
+    keep_local: int | None = option(None, ca.nonneg_int)
+    dense_last_rows: int | None = option(None, ca.nonneg_int)
+    dense_layers: int | None = option(None, ca.nonneg_int)
     eval_data: str | None = option(None, text)  # None: the bundled eval corpus
     eval_windows: int = option(0, ca.nonneg_int)
     dtype: str | None = option(None, choices=DTYPES)  # None: bfloat16 on CUDA, float32 on a CPU
@@ -96,6 +100,15 @@ def add_calibrate_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="accepted relative density error on the sample (default: %(default)s)")
     p.add_argument("--max-forwards", type=ca.positive_int, default=d("max_forwards"),
                    help="sparse passes over the sample at most (default: %(default)s)")
+    p.add_argument("--keep-sink", action=argparse.BooleanOptionalAction, default=None,
+                   help="keep the first (sink) block of every row (default: as the model's config)")
+    p.add_argument("--keep-local", type=ca.nonneg_int, default=None,
+                   help="keep the N blocks before the diagonal (default: as the model's config)")
+    p.add_argument("--dense-last-rows", type=ca.nonneg_int, default=None,
+                   help="keep the last N block rows of a prompt in full, where its question sits (default: as the "
+                        "model's config)")
+    p.add_argument("--dense-layers", type=ca.nonneg_int, default=None,
+                   help="the first N layers attend densely (default: as the model's config)")
     p.add_argument("--eval-data", default=None, help="held-out jsonl for --eval-windows (default: the bundled eval "
                                                      "corpus)")
     p.add_argument("--eval-windows", type=ca.nonneg_int, default=d("eval_windows"),
@@ -174,7 +187,9 @@ def run_calibrate(config: CalibrateConfig) -> dict:
         model = load_seer_model(config.model, dtype=getattr(torch, dtype), device=device, gates=gates)
         tok = load_tokenizer(config.model)
         wins, available = _windows(data, tok, length, config.windows, "training", "--data")
-    model.set_seer_mode("sparse", seer_selector="gate")
+    rules = {f"seer_{k}": getattr(config, k) for k in ("keep_sink", "keep_local", "dense_last_rows", "dense_layers")
+             if getattr(config, k) is not None}
+    model.set_seer_mode("sparse", seer_selector="gate", **rules)
     keep = {k: getattr(model.config, k) for k in KEEP_FIELDS}
     print(f"[calibrate] {config.method} of the gate{f' ({gates})' if gates else ''} for density {config.density:g} on "
           f"{len(wins)} windows of {length} tokens of {config.data or 'the bundled training corpus'} ({available} "

@@ -18,7 +18,8 @@ from seer_attn.modeling_seer.conversion import load_seer_model
 def calibrated(model_dir, corpus_path, tmp_path_factory):
     out = tmp_path_factory.mktemp("calibrate")
     config = CalibrateConfig(density=0.6, model=str(model_dir), data=corpus_path, max_length=1024, windows=2,
-                             eval_data=corpus_path, eval_windows=2, out=str(out), no_progress=True)
+                             keep_sink=True, dense_last_rows=0, eval_data=corpus_path, eval_windows=2, out=str(out),
+                             no_progress=True)
     return config, run_calibrate(config), out
 
 
@@ -39,6 +40,9 @@ def test_the_setting_keeps_the_density_the_envelope_reports(calibrated, tokenize
     assert measure_density(model, wins) == pytest.approx(env["density"], rel=1e-4)
     assert env["gates_sha256"] == gates_sha256(model)
     assert env["sample"] == {"data": config.data, "windows": 2, "max_length": 1024}
+    # the keep rules given override the model's (sink off, 2 dense last rows) and are recorded
+    assert env["keep"] == dict(seer_keep_diagonal=True, seer_keep_sink=True, seer_keep_local=0, seer_dense_last_rows=0,
+                               seer_dense_layers=0)
 
 
 def test_held_out_rows_and_the_summary(calibrated):
