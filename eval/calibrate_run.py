@@ -7,7 +7,8 @@ The gate's ``coverage`` (default) or ``threshold`` is solved so that sparse pref
 ``--windows`` windows of ``--data`` (default: the bundled training corpus) keep ``--density``
 of the causal blocks, under the keep rules it will ship with (the model's config, or
 ``--keep-sink``, ``--keep-local``, ``--dense-last-rows``, ``--dense-layers``): one exact
-pass, then secant steps over sparse passes (:func:`~seer_attn.eval.calibration.calibrate_gate`). Calibrate at the prompt length you will
+pass, then secant steps over sparse passes
+(:func:`~seer_attn.eval.calibration.calibrate_gate`). Calibrate at the prompt length you will
 serve: an adaptive rule keeps a different share at other lengths. The coverage rule spends
 the blocks where the gate is unsure (broad rows and layers get more); at 8k on SmolLM2 it
 beat the threshold by 0.7% perplexity at equal density and the per-layer density knob by
