@@ -21,6 +21,7 @@ are printed that way instead of as a traceback. Anything else is a bug and keeps
 """
 import argparse
 import importlib
+import os
 import sys
 
 from seer_attn.training.cli_args import USER_ERRORS, _MARK, user_input
@@ -47,7 +48,30 @@ def _distill(p):
     p.add_argument("--eval-densities", type=unit_interval, nargs="+", default=None,
                    help="block densities at which the closing table compares the gate with streaming "
                         "(default: as in seer-attn demo)")
+    cal = p.add_argument_group("calibrate the trained gates to a density (seer-attn calibrate)")
+    cal.add_argument("--calibrate-density", type=unit_interval, default=None, metavar="RHO",
+                     help="after training, solve the gate's setting that keeps RHO of the causal blocks at --seq-len "
+                          "on a sample of --data (a .jsonl with 'text'; else the bundled training corpus), write "
+                          "OUTPUT/calibration.json; --push-to-hub then ships that setting")
+    cal.add_argument("--calibrate-method", choices=("coverage", "threshold"), default="coverage",
+                     help="the selection rule calibrated (default: %(default)s)")
     p.set_defaults(func=_run_distill)
+
+
+def _calibrate_trained(args, config, res):
+    """``--calibrate-density``: :func:`~seer_attn.eval.calibrate_run.run_calibrate` on the trained
+    model folder, at the distillation's length, on its data when the calibration can read it."""
+    from .calibrate_run import CalibrateConfig, run_calibrate
+    corpus, what = _eval_corpus(config)
+    if corpus is False:
+        print(f"[distill] calibration sample: the bundled training corpus (it reads one .jsonl(.gz) file with a "
+              f"'text' field, not {what})", flush=True)
+    cal = CalibrateConfig(density=args.calibrate_density, method=args.calibrate_method, model=res["model_dir"],
+                          data=corpus or None, max_length=config.seq_len, out=config.output,
+                          device="cpu" if config.cpu else None, no_progress=config.no_progress)
+    with user_input():  # e.g. no document of the sample as long as --seq-len
+        run_calibrate(cal)
+    return os.path.join(config.output, "calibration.json")
 
 
 def _eval_corpus(config):
@@ -70,6 +94,8 @@ def _run_distill(args):
     config = config_from_args(DistillConfig, args)  # the options that configure the distillation itself
     res = run_distill(config)
     print(f"[distill] model folder: {res['model_dir']}  (gates only: {res['gates_path']})", flush=True)
+    if args.calibrate_density is not None:
+        res = {**res, "calibration_path": _calibrate_trained(args, config, res)}
     if args.no_eval:
         return res
     corpus, what = _eval_corpus(config)

@@ -16,7 +16,8 @@ export and push render cards from eval's results, so eval cannot import them.
 
 A training command's ``func`` must return a dict with ``model_dir`` (the trained folder) and
 may name ``summary_path`` (its results envelope), ``eval_path`` (the envelope of its closing
-evaluation) and ``model`` (the base it started from): :func:`run_then_push` exports from them.
+evaluation), ``calibration_path`` (``distill --calibrate-density``: the setting to ship) and
+``model`` (the base it started from): :func:`run_then_push` exports from them.
 """
 import os
 import sys
@@ -87,7 +88,8 @@ def run_then_push(run, args):
         return res
     if not isinstance(res, dict) or not res.get("model_dir"):
         raise RuntimeError(f"--push-to-hub: the command returned no model folder ({type(res).__name__})")
-    results = [p for p in (res.get("summary_path"), res.get("eval_path")) if p and os.path.isfile(p)]
+    results = [p for p in (res.get("summary_path"), res.get("eval_path"), res.get("calibration_path"))
+               if p and os.path.isfile(p)]
     opts = ExportOptions(output=folder, model=res["model_dir"], gates_only=gates_only, base=res.get("model"),
                          results=results, repo_id=repo)
     print(listing(export(opts)), flush=True)

@@ -108,6 +108,39 @@ def test_closing_evaluation_reads_the_users_data(tmp_path, monkeypatch, capsys):
     assert cli.main(["distill", "--data", mine, "--no-eval", *out]) == 0 and len(calls) == 2
 
 
+def test_distill_calibrate_density_calibrates_the_trained_folder(tmp_path, monkeypatch):
+    """--calibrate-density: after training, the trained folder is calibrated at --seq-len on the
+    user's jsonl (else the bundled training corpus), into OUTPUT; the result names the envelope
+    for --push-to-hub."""
+    from seer_attn.eval import calibrate_run
+    from seer_attn.training import distill
+    calls = []
+    monkeypatch.setattr(distill, "run_distill", lambda args: {"model_dir": "M", "gates_path": "G"})
+    monkeypatch.setattr(calibrate_run, "run_calibrate", lambda config: calls.append(config) or {})
+    out = str(tmp_path / "out")
+    mine = str(tmp_path / "mine.jsonl")
+    res = cli._run_distill(cli_args(["distill", "--data", mine, "--cpu", "--seq-len", "512", "--output", out,
+                                     "--no-eval", "--calibrate-density", "0.2"]))
+    (c,) = calls
+    assert (c.density, c.method, c.model, c.data, c.max_length, c.out, c.device) == (0.2, "coverage", "M", mine, 512,
+                                                                                     out, "cpu")
+    assert res["calibration_path"] == os.path.join(out, "calibration.json")
+    cli._run_distill(cli_args(["distill", "--data", str(tmp_path / "mine.txt"), "--output", out, "--no-eval",
+                               "--calibrate-density", "0.1", "--calibrate-method", "threshold"]))
+    assert calls[-1].data is None and calls[-1].method == "threshold"  # unreadable by the calibration: bundled
+    res = cli._run_distill(cli_args(["distill", "--output", out, "--no-eval"]))
+    assert "calibration_path" not in res and len(calls) == 2
+
+
+def cli_args(argv):
+    """The parsed options of one ``seer-attn`` command line."""
+    import argparse
+    parser = argparse.ArgumentParser()
+    sub = parser.add_subparsers(dest="command")
+    cli.COMMANDS[argv[0]][1](sub.add_parser(argv[0]))
+    return parser.parse_args(argv)
+
+
 def _configs():
     import argparse
 

@@ -193,6 +193,33 @@ def test_push_to_hub_exports_the_trained_folder_with_its_envelope_and_pushes_it(
     assert "https://huggingface.co/me/tiny" in capsys.readouterr().out
 
 
+def test_push_to_hub_ships_the_calibration_distill_wrote(folders, hub_calls, committed, tmp_path):
+    """``distill --calibrate-density`` returns ``calibration_path``: the pushed folder's config
+    and card carry that setting."""
+    from seer_attn.eval.calibrate_run import gates_sha256
+    from seer_attn.hub_cards.cli import run_then_push
+    from seer_attn.modeling_seer.conversion import load_seer_model
+    from seer_attn.training.results import write_envelope
+    keep = dict(seer_keep_diagonal=True, seer_keep_sink=False, seer_keep_local=0, seer_dense_last_rows=2,
+                seer_dense_layers=0)
+    cal = write_envelope(tmp_path / "calibration.json", "calibration", [{"pass": 1, "param": 0.5, "density": 0.2}],
+                         config={"rel_tol": 0.02}, settings={"seer_mode": "sparse", "seer_selector": "gate",
+                                                             "seer_sparsity_method": "coverage", "seer_coverage": 0.5},
+                         keep=keep, method="coverage", param=0.5, target_density=0.2, density=0.2, within_tol=True,
+                         gates_sha256=gates_sha256(load_seer_model(str(folders / "full"))), ppl=[],
+                         sample={"data": "the bundled training corpus", "windows": 4, "max_length": 128})
+    assert cal["kind"] == "calibration"
+    args = SimpleNamespace(output=str(tmp_path / "out"), push_to_hub="me/tiny", push_gates_only=False,
+                           push_private=False, model="seer-test/tiny-base")
+    res = {"model_dir": str(folders / "full"), "summary_path": str(committed.distill), "model": args.model,
+           "calibration_path": str(tmp_path / "calibration.json")}
+    run_then_push(lambda a: res, args)
+    hub = tmp_path / "out" / "hub"
+    assert json.loads((hub / "config.json").read_text())["seer_coverage"] == 0.5
+    assert "Calibrated (`seer-attn calibrate`" in (hub / "README.md").read_text()
+    assert (hub / "results" / "calibration.json").is_file()
+
+
 # -- finetune --push-to-hub ------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
