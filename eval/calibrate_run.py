@@ -83,8 +83,8 @@ def add_calibrate_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--density", type=ca.unit_interval, required=True,
                    help="the share of causal blocks to keep, 0 < density <= 1 (e.g. 0.1: a tenth of the attention)")
     p.add_argument("--model", default=None,
-                   help="a Seer folder or Hub id (full or gates-only) or a .gguf file with --gates (default: the "
-                        "embedded SmolLM2-135M-Instruct GGUF)")
+                   help="a Seer folder or Hub id (full or gates-only), or a stock checkpoint or .gguf file with "
+                        "--gates (default: the embedded SmolLM2-135M-Instruct GGUF with the gates shipped for it)")
     p.add_argument("--gates", default=None, help="gates file or folder (seer_gates.safetensors) to load onto --model")
     p.add_argument("--method", choices=METHODS, default=d("method"),
                    help="coverage: fewest blocks holding a share of the gate's probability per row (spends blocks "
