@@ -237,11 +237,14 @@ def keep_rule_floor(NB, keep_diagonal, keep_sink, keep_local, dense_last_rows) -
 @functools.lru_cache(maxsize=256)
 def profile_scale(density, profile, floor) -> float:
     """The factor s for which the layers' shares ``clip(s * density * p, floor, 1)`` over the
-    entries p of ``profile`` average ``density`` (or the floor, or 1, when ``density`` lies
-    beyond them): what the profile takes from a layer the floor holds up, or gives to a layer
-    already at every block, the others make up. Bisection on the (monotone) mean."""
+    entries p of ``profile`` average ``density`` (0 when ``density`` is at or below the floor:
+    every layer keeps the floor, as the plain knob; 1 when every layer is at every block): what
+    the profile takes from a layer the floor holds up, or gives to a layer already at every
+    block, the others make up. Bisection on the (monotone) mean."""
     target = min(1.0, max(density, floor))
-    if target <= floor or density * min(profile) >= 1.0:
+    if target <= floor:  # asked for the floor or less: every layer keeps the floor, as the plain knob does
+        return 0.0
+    if density * min(profile) >= 1.0:
         return 1.0
 
     def mean(s):

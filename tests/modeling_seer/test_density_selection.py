@@ -159,3 +159,26 @@ def test_density_on_the_gpu_at_32k_blocks():
     torch.testing.assert_close(causal_density(gpu).mean(-1).cpu(), torch.full((2,), want), atol=1e-6, rtol=0)
     cpu = select_blocks(scores, "density", density=0.1, **rules)
     assert (gpu.cpu() != cpu).sum().item() <= 1e-4 * cpu.sum().item()
+
+
+@pytest.mark.parametrize("density, profile, floor, shares", [
+    (0.5, (1.5, 0.5), 0.1, (0.75, 0.25)),  # nothing clipped: the profile as given (mean 1)
+    (0.5, (3.0, 1.0), 0.1, (0.75, 0.25)),  # its mean does not matter, its spread does
+    (0.7, (1.6, 0.4), 0.1, (1.0, 0.4)),  # the cap: what layer 0 cannot take goes to layer 1
+    (0.6, (1.8, 0.2), 0.25, (0.95, 0.25)),  # the floor: what it holds up in layer 1 comes out of layer 0
+    (0.2, (1.0, 1.0, 4.0), 0.25, (0.25, 0.25, 0.25)),  # asked below the floor: the floor everywhere
+])
+def test_profile_scale_keeps_the_mean(density, profile, floor, shares):
+    from seer_attn.modeling_seer.selection import profile_scale
+    s = profile_scale(density, profile, floor)
+    got = [min(1.0, max(floor, s * density * p)) for p in profile]
+    assert got == pytest.approx(shares, abs=1e-9)
+    assert sum(got) / len(got) == pytest.approx(max(density, floor), abs=1e-9)
+
+
+def test_keep_rule_floor_counts_the_forced_blocks():
+    from seer_attn.modeling_seer.selection import keep_rule_floor
+    NB = 8  # 36 causal blocks; diagonal 8, sink +7, one local block +7 (one shared with the sink), 2 last rows
+    assert keep_rule_floor(NB, True, False, 0, 0) == pytest.approx(8 / 36)
+    assert keep_rule_floor(NB, True, True, 1, 0) == pytest.approx((8 + 7 + 7 - 1) / 36)
+    assert keep_rule_floor(NB, True, False, 0, 2) == pytest.approx((6 + 7 + 8) / 36)
