@@ -39,12 +39,10 @@ from seer_attn.training.run_config import RunConfig, config_from_args, default, 
 
 from .calibration import calibrate_gate, pick_calibration_windows
 from .perplexity import DEFAULT_MAX_LENGTH, load_documents, make_windows, model_device
-from .settings import Setting
+from .settings import METHOD_PARAM, Setting
 
 KIND = "calibration"
 METHODS = ("coverage", "threshold")
-#: the config field of each method's parameter
-PARAM_FIELD = {"coverage": "seer_coverage", "threshold": "seer_threshold"}
 #: the config fields a calibration counts (what the selection keeps whatever the scores say)
 KEEP_FIELDS = ("seer_keep_diagonal", "seer_keep_sink", "seer_keep_local", "seer_dense_last_rows",
                "seer_dense_layers")
@@ -198,13 +196,13 @@ def run_calibrate(config: CalibrateConfig) -> dict:
     cal = calibrate_gate(model, wins, config.density, method=config.method, rel_tol=config.rel_tol,
                          max_forwards=config.max_forwards)
     settings = {"seer_mode": "sparse", "seer_selector": "gate", "seer_sparsity_method": config.method,
-                PARAM_FIELD[config.method]: float(f"{cal.param:.6g}")}
+                METHOD_PARAM[config.method]: float(f"{cal.param:.6g}")}
     rows = [{"pass": i + 1, "param": p, "density": d} for i, (p, d) in enumerate(cal.history)]
     ppl = []
     if config.eval_windows:
         with user_input():
             held, _ = _windows(config.eval_data, tok, length, config.eval_windows, "eval", "--eval-data")
-        setting = Setting("gate", config.method, param=settings[PARAM_FIELD[config.method]])
+        setting = Setting("gate", config.method, param=settings[METHOD_PARAM[config.method]])
         kw = dict(windows=held, with_baselines=False, progress=not config.no_progress)
         both = compare(model, [Setting("dense"), setting], **kw)
         dense, got = (next(r for r in both if r["selector"] == sel) for sel in ("dense", "gate"))
@@ -215,7 +213,7 @@ def run_calibrate(config: CalibrateConfig) -> dict:
     env = write_envelope(
         os.path.join(config.out, "calibration.json"), KIND, rows, config=asdict(config),
         model=config.model or ca.DEFAULT_MODEL_LABEL, device=model_device(model), settings=settings, keep=keep,
-        method=config.method, param=settings[PARAM_FIELD[config.method]], target_density=config.density,
+        method=config.method, param=settings[METHOD_PARAM[config.method]], target_density=config.density,
         density=cal.density, within_tol=cal.within_tol, gates=gates, gates_sha256=gates_sha256(model), sample=sample,
         ppl=ppl, resolved={"max_length": length, "dtype": dtype, "device": device})
     print(summary(env))
@@ -225,7 +223,7 @@ def run_calibrate(config: CalibrateConfig) -> dict:
 def summary(env) -> str:
     """What a calibration envelope found, the perplexity rows if measured, and how to use it."""
     s, cfg = env["sample"], env["config"]
-    name, n = PARAM_FIELD[env["method"]], len(env["rows"])
+    name, n = METHOD_PARAM[env["method"]], len(env["rows"])
     lines = [f"[calibrate] {env['method']} {env['param']:.6g} keeps {env['density']:.4f} of the causal blocks on the "
              f"sample (asked {env['target_density']:g}, {n} sparse pass{'es' if n > 1 else ''}"
              + ("" if env["within_tol"] else f"; NOT within {cfg['rel_tol']:.0%} of it: the keep rules' floor, a "

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
+from seer_attn.kernels.kernel_utils import num_blocks
 from seer_attn.modeling_seer.seer_layer import SeerAttentionMixin, SeerForwardContext
 from seer_attn.modeling_seer.selection import SELECTORS, ScoreInputs, layer_density, selection_density
 
@@ -69,8 +70,8 @@ def _content_free_density(model, windows):
     for w in windows:
         x = torch.zeros(1, 1, w.input_ids.numel(), 1)
         seen = {}  # (dense layer, sliding window, density knob's share) -> density: layers alike share it
+        NB = num_blocks(w.input_ids.numel(), cfg.seer_block_size)
         for i, win in layers:
-            NB = -(-w.input_ids.numel() // cfg.seer_block_size)
             key = (i is not None and i < cfg.seer_dense_layers, win, layer_density(cfg, i, NB))
             if key not in seen:
                 scores = SELECTORS[cfg.seer_selector].scores(ScoreInputs(x, x, x, x, x, cfg.seer_block_size, 1.0,

@@ -368,9 +368,10 @@ def export(opts: ExportOptions, model=None) -> dict:
         cal = calibration_of(sources)
         if cal is not None:
             from seer_attn.eval.calibrate_run import gates_sha256
-            if cal.env.get("gates_sha256") != gates_sha256(model):
+            mine = gates_sha256(model)
+            if cal.env.get("gates_sha256") != mine:
                 raise ValueError(f"--results {cal.path} calibrated other gates than this model's (gates_sha256 "
-                                 f"{str(cal.env.get('gates_sha256'))[:12]}... vs {gates_sha256(model)[:12]}...): "
+                                 f"{str(cal.env.get('gates_sha256'))[:12]}... vs {mine[:12]}...): "
                                  "calibrate this model, or export the model that was calibrated")
     tables = [(s, ppl_setup(s), ppl_rows(s, opts.gate_label)) for s in sources if s.kind in PPL_KINDS]
     tables = [t for t in tables if any(r["selector"] == "gate" for r in t[2])]
