@@ -1,0 +1,214 @@
+"""Decode perplexity with the oracle selector in one forward per window: which allocation of a
+decode step's blocks could reach issue 15's 1.02x at 10% (docs/experiments/decode_quality.md).
+
+Teacher-forced sparse decode is a prefill in which every row t past the prefix attends only to
+the blocks its own decode step would read: row t's keys and values at a layer come from its
+hidden state, which came from its sparse attention in the layers below, exactly as in the step
+loop. So ``eval.decode_quality``'s protocol (tokens ``[0, L/2)`` a dense prefill, tokens
+``L/2 .. L-1`` scored as decode steps) is one forward of the stock model with an attention
+function (registered with transformers' ``AttentionInterface``) that, for rows past the prefix,
+computes the row's softmax over its causal keys, sums it per 64-token block and over the query
+heads of each KV head's group (the ``oracle`` selector's scores, ``decode_oracle_scores``), keeps
+the blocks a setting selects and attends over those alone. On the CPU that is ~1 minute per
+8192-token window instead of ~4096 step forwards; the ``--check`` option compares it with the
+step loop (``decode_perplexity`` with ``share=S,oracle``) on a short case.
+
+Settings: ``share=S`` the decode rule (the sink, the current block and the best others,
+``max(2, ceil(S * n))`` of a row's n blocks per KV head), optionally followed by
+``,pool`` (the same total per layer, the best (head, block) pairs of the row across its KV heads,
+each head's sink and current block forced), ``,dense=N`` (the first N layers read every block),
+``,late=F`` (a per-layer share ramp: layer i reads ``S * (1 + F * (2 i / (n_layers - 1) - 1))``,
+the same mean, F > 0 gives late layers more), ``,local=N``. ``dense`` is dense decode. The kept
+share is averaged over rows, layers and KV heads (a dense layer counts 1), as
+``seer_decode_density``.
+
+    python docs/experiments/decode_ppl_offline.py --windows 4 --settings dense share=0.1 share=0.1,pool \\
+        --out results/decode/cpu_oracle_alloc_8k.json
+"""
+import argparse
+import math
+import time
+
+import torch
+import torch.nn.functional as F
+
+from seer_attn.eval.perplexity import load_documents, make_windows
+from seer_attn.modeling_seer.conversion import default_model_path, load_tokenizer
+from seer_attn.training.results import write_envelope
+
+BS = 64
+NAME = "seer_offline_decode"
+STATE = {}
+
+
+def parse_setting(text):
+    """``dense`` -> None; ``share=S[,pool][,dense=N][,late=F][,local=N]`` -> dict."""
+    if text == "dense":
+        return None
+    head, *extras = text.split(",")
+    key, _, val = head.partition("=")
+    if key != "share":
+        raise SystemExit(f"bad setting {text!r}: expected dense or share=S[,pool][,dense=N][,late=F][,local=N]")
+    out = {"share": float(val), "pool": False, "dense": 0, "late": 0.0, "local": 0}
+    for e in extras:
+        k, _, v = e.partition("=")
+        if k == "pool" and not v:
+            out["pool"] = True
+        elif k in ("dense", "local"):
+            out[k] = int(v)
+        elif k == "late":
+            out["late"] = float(v)
+        else:
+            raise SystemExit(f"bad part {e!r} of setting {text!r}")
+    return out
+
+
+def layer_share(spec, layer, n_layers):
+    """The share layer ``layer`` reads (None: dense)."""
+    if layer < spec["dense"]:
+        return None
+    sparse = n_layers - spec["dense"]
+    i = layer - spec["dense"]
+    ramp = 2 * i / (sparse - 1) - 1 if sparse > 1 else 0.0
+    return min(1.0, max(0.0, spec["share"] * (1 + spec["late"] * ramp)))
+
+
+def select_blocks(mass, rows, share, pool, local):
+    """Bool ``[B, H, C, NB]``: the blocks each row's decode step reads, from the oracle mass
+    ``[B, H, C, NB]`` of rows ``rows`` (long ``[C]``), and the kept share per (row, head)."""
+    B, H, C, NB = mass.shape
+    j = torch.arange(NB)
+    cur = (rows // BS)[:, None]  # [C, 1]
+    n = cur + 1  # the row's blocks, the current one included
+    forced = (j[None] == 0) | (j[None] == cur) | ((j[None] >= cur - local) & (j[None] < cur))
+    allowed = j[None] <= cur
+    least = 2 + local
+    cnt = torch.minimum(torch.ceil(share * n.double()).long().clamp_min(least), n)  # [C, 1]
+    s = mass.masked_fill(forced, float("inf")).masked_fill(~allowed, float("-inf"))
+    if pool:
+        flat = s.permute(0, 2, 1, 3).reshape(B, C, H * NB)
+        order = flat.argsort(-1, descending=True)
+        rank = torch.empty_like(order).scatter_(-1, order, torch.arange(H * NB).expand(B, C, -1))
+        keep = (rank < (cnt * H)[None]).view(B, C, H, NB).permute(0, 2, 1, 3)
+    else:
+        order = s.argsort(-1, descending=True)
+        rank = torch.empty_like(order).scatter_(-1, order, torch.arange(NB).expand(B, H, C, -1))
+        keep = rank < cnt[None, None]
+    keep &= allowed
+    return keep, keep.sum(-1).double() / n[None, None, :, 0]
+
+
+def offline_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+    """Dense causal rows before the prefix; rows past it attend over their oracle-selected blocks."""
+    B, HQ, T, D = query.shape
+    H = key.shape[1]
+    g = HQ // H
+    P, spec, chunk = STATE["prefix"], STATE["spec"], STATE["chunk"]
+    kr, vr = key.repeat_interleave(g, 1), value.repeat_interleave(g, 1)
+    out = torch.empty(B, HQ, T, D, dtype=query.dtype)
+    out[:, :, :P] = F.scaled_dot_product_attention(query[:, :, :P], kr[:, :, :P], vr[:, :, :P], is_causal=True,
+                                                   scale=scaling)
+    share = None if spec is None else layer_share(spec, module.layer_idx, STATE["n_layers"])
+    for c0 in range(P, T, chunk):
+        c1 = min(T, c0 + chunk)
+        rows = torch.arange(c0, c1)
+        s = torch.matmul(query[:, :, c0:c1].float() * scaling, kr[:, :, :c1].float().transpose(-1, -2))
+        s = s.masked_fill(torch.arange(c1)[None, :] > rows[:, None], float("-inf"))
+        if share is not None:
+            NB = -(-c1 // BS)
+            p = F.pad(torch.softmax(s, -1), (0, NB * BS - c1))
+            mass = p.view(B, H, g, c1 - c0, NB, BS).sum((2, 5)) / g
+            keep, kept = select_blocks(mass, rows, share, spec["pool"], spec["local"])
+            STATE["kept"].append(kept.mean().item())
+            tok = keep.repeat_interleave(BS, -1)[..., :c1].repeat_interleave(g, 1)
+            s = s.masked_fill(~tok, float("-inf"))
+        elif spec is not None:
+            STATE["kept"].append(1.0)
+        out[:, :, c0:c1] = torch.matmul(torch.softmax(s, -1), vr[:, :, :c1].float()).to(query.dtype)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def decode_ppl(model, windows, spec, batch_size, chunk):
+    """PPL of the decode half of ``windows`` and the mean kept share (None: dense)."""
+    L = windows[0].input_ids.shape[0]
+    STATE.update(prefix=L // 2, spec=spec, chunk=chunk, n_layers=model.config.num_hidden_layers, kept=[])
+    total, count = 0.0, 0
+    for i in range(0, len(windows), batch_size):
+        ids = torch.stack([w.input_ids for w in windows[i:i + batch_size]])
+        with torch.no_grad():
+            logits = model(input_ids=ids).logits[:, L // 2 - 1:L - 1].float()
+        nll = F.cross_entropy(logits.transpose(1, 2), ids[:, L // 2:], reduction="none").double()
+        total += nll.sum().item()
+        count += nll.numel()
+    kept = sum(STATE["kept"]) / len(STATE["kept"]) if STATE["kept"] else None
+    return math.exp(total / count), kept
+
+
+def load_model(path):
+    import os
+    from transformers import AttentionInterface, AutoModelForCausalLM
+    AttentionInterface.register(NAME, offline_attention)
+    model = AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
+                                                 dtype=torch.float32)
+    model.set_attn_implementation(NAME)
+    return model.eval()
+
+
+def check(path, tok, corpus, share, length=1024, windows=2):
+    """The offline PPL against the step loop (``decode_perplexity``, the oracle selector) on a short case."""
+    from seer_attn.eval.decode_quality import apply_decode, decode_perplexity
+    from seer_attn.modeling_seer.conversion import load_seer_model
+    wins = make_windows(load_documents(corpus), tok, length, 2)[:windows]
+    seer = load_seer_model(path, dtype=torch.float32, seer_decode_gate=True)
+    apply_decode(seer, {"seer_decode_method": "share", "seer_decode_share": share, "seer_decode_selector": "oracle"})
+    loop = decode_perplexity(seer, wins, length // 2, windows, progress=False)
+    off = decode_ppl(load_model(path), wins, parse_setting(f"share={share}"), windows, 256)
+    return {"length": length, "windows": windows, "share": share, "loop_ppl": loop["ppl"],
+            "loop_kept": loop["decode_density"], "offline_ppl": off[0], "offline_kept": off[1]}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--eval", help="jsonl corpus (default: the bundled eval corpus)")
+    ap.add_argument("--length", type=int, default=8192)
+    ap.add_argument("--windows", type=int, default=4, help="first N windows (2 per document)")
+    ap.add_argument("--batch-size", type=int, default=2)
+    ap.add_argument("--chunk", type=int, default=256, help="decode rows per attention chunk")
+    ap.add_argument("--settings", nargs="+", default=["dense", "share=0.1"])
+    ap.add_argument("--check", type=float, metavar="SHARE", help="first compare with the step loop at this share")
+    ap.add_argument("--out", help="also write the results as a JSON envelope here")
+    args = ap.parse_args()
+    specs = [(s, parse_setting(s)) for s in args.settings]
+    torch.set_num_threads(2)
+    path = default_model_path()
+    tok = load_tokenizer(path)
+    rows, checks = [], []
+
+    def save(complete):
+        if args.out:
+            write_envelope(args.out, "decode_ppl_offline", rows, config=vars(args), model=path, complete=complete,
+                           device="cpu", checks=checks)
+
+    if args.check is not None:
+        t0 = time.time()
+        checks.append(check(path, tok, args.eval, args.check))
+        print(f"check {checks[-1]} ({time.time() - t0:.0f} s)", flush=True)
+        save(False)
+    model = load_model(path)
+    wins = make_windows(load_documents(args.eval), tok, args.length, 2)[:args.windows]
+    dense = None
+    for text, spec in specs:
+        t0 = time.time()
+        ppl, kept = decode_ppl(model, wins, spec, args.batch_size, args.chunk)
+        dense = ppl if spec is None else dense
+        rows.append({"setting": text, "ppl": ppl, "ratio": ppl / dense if dense else None,
+                     "kept_share": kept, "windows": len(wins), "seconds": time.time() - t0})
+        save(False)
+        ratio = f"{ppl / dense:.4f}x" if dense else "-"
+        kept_text = "1" if kept is None else f"{kept:.4f}"
+        print(f"{text}: ppl {ppl:.4f} {ratio} kept {kept_text} ({time.time() - t0:.0f} s)", flush=True)
+    save(True)
+
+
+if __name__ == "__main__":
+    main()
