@@ -34,6 +34,7 @@ import torch.nn.functional as F
 
 from seer_attn.eval.perplexity import load_documents, make_windows
 from seer_attn.modeling_seer.conversion import default_model_path, load_tokenizer
+from seer_attn.modeling_seer.selection import prepare_decode_selection, select_decode_blocks
 from seer_attn.training.results import write_envelope
 
 BS = 64
@@ -75,27 +76,28 @@ def layer_share(spec, layer, n_layers):
 
 def select_blocks(mass, rows, share, pool, local):
     """Bool ``[B, H, C, NB]``: the blocks each row's decode step reads, from the oracle mass
-    ``[B, H, C, NB]`` of rows ``rows`` (long ``[C]``), and the kept share per (row, head)."""
+    ``[B, H, C, NB]`` of rows ``rows`` (long ``[C]``, consecutive), and the kept share per (row,
+    head). The model's share rule (``prepare_decode_selection`` / ``select_decode_blocks``) per
+    group of rows sharing a current block; ``pool`` ranks the group's (head, block) pairs across
+    the KV heads instead, keeping the same total."""
     B, H, C, NB = mass.shape
-    j = torch.arange(NB)
-    cur = (rows // BS)[:, None]  # [C, 1]
-    n = cur + 1  # the row's blocks, the current one included
-    forced = (j[None] == 0) | (j[None] == cur) | ((j[None] >= cur - local) & (j[None] < cur))
-    allowed = j[None] <= cur
-    least = 2 + local
-    cnt = torch.minimum(torch.ceil(share * n.double()).long().clamp_min(least), n)  # [C, 1]
-    s = mass.masked_fill(forced, float("inf")).masked_fill(~allowed, float("-inf"))
-    if pool:
-        flat = s.permute(0, 2, 1, 3).reshape(B, C, H * NB)
-        order = flat.argsort(-1, descending=True)
-        rank = torch.empty_like(order).scatter_(-1, order, torch.arange(H * NB).expand(B, C, -1))
-        keep = (rank < (cnt * H)[None]).view(B, C, H, NB).permute(0, 2, 1, 3)
-    else:
-        order = s.argsort(-1, descending=True)
-        rank = torch.empty_like(order).scatter_(-1, order, torch.arange(NB).expand(B, H, C, -1))
-        keep = rank < cnt[None, None]
-    keep &= allowed
-    return keep, keep.sum(-1).double() / n[None, None, :, 0]
+    keep = torch.zeros(B, H, C, NB, dtype=torch.bool)
+    cur = rows // BS
+    for c in cur.unique().tolist():
+        at = (cur == c).nonzero().flatten()
+        s = mass[:, :, at, :c + 1].permute(0, 2, 1, 3).reshape(-1, H, c + 1)  # [B * R, H, c + 1]
+        first = torch.zeros(s.shape[0], dtype=torch.long)
+        prep = prepare_decode_selection(first, c, "share", share=share, block_size=BS, num_heads=H, keep_local=local)
+        if pool:
+            total = int(prep["cnt"][0].sum())
+            idx = torch.topk((s + prep["bias"]).flatten(1), total, dim=-1).indices
+            got = torch.zeros(s.shape[0], H * (c + 1), dtype=torch.bool).scatter_(1, idx, True).view_as(s)
+        else:
+            idx, cnt = select_decode_blocks(s, first, "share", share=share, block_size=BS, prepared=prep)
+            first_cnt = torch.arange(idx.shape[-1]) < cnt[..., None]
+            got = torch.zeros_like(s, dtype=torch.bool).scatter_(-1, idx, first_cnt)
+        keep[:, :, at, :c + 1] = got.view(B, len(at), H, c + 1).permute(0, 2, 1, 3)
+    return keep, keep.sum(-1).double() / (cur + 1)[None, None]
 
 
 def offline_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
