@@ -18,12 +18,16 @@ Settings: ``share=S`` the decode rule (the sink, the current block and the best 
 ``,pool`` (the same total per layer, the best (head, block) pairs of the row across its KV heads,
 each head's sink and current block forced), ``,dense=N`` (the first N layers read every block),
 ``,late=F`` (a per-layer share ramp: layer i reads ``S * (1 + F * (2 i / (n_layers - 1) - 1))``,
-the same mean, F > 0 gives late layers more), ``,local=N``. ``dense`` is dense decode. The kept
+the same mean, F > 0 gives late layers more), ``,local=N``, ``,gate`` (rank the blocks by the
+decode gate's logits instead of the oracle's mass: the model's own decode-step scores, the
+current query's projection against each full block's pooled pre-RoPE keys, needs ``--gates``
+with decode gates). ``dense`` is dense decode. The kept
 share is averaged over rows, layers and KV heads (a dense layer counts 1), as
 ``seer_decode_density``.
 
     python docs/experiments/decode_ppl_offline.py --windows 4 --settings dense share=0.1 share=0.1,pool \\
         --out results/decode/cpu_oracle_alloc_8k.json
+    python docs/experiments/decode_ppl_offline.py --gates GATES --check 0.25 --settings dense share=0.1,gate
 """
 import argparse
 import math
@@ -34,7 +38,7 @@ import torch.nn.functional as F
 
 from seer_attn.eval.perplexity import load_documents, make_windows
 from seer_attn.modeling_seer.conversion import default_model_path, load_tokenizer
-from seer_attn.modeling_seer.selection import prepare_decode_selection, select_decode_blocks
+from seer_attn.modeling_seer.selection import block_pool, prepare_decode_selection, select_decode_blocks
 from seer_attn.training.results import write_envelope
 
 BS = 64
@@ -43,18 +47,18 @@ STATE = {}
 
 
 def parse_setting(text):
-    """``dense`` -> None; ``share=S[,pool][,dense=N][,late=F][,local=N]`` -> dict."""
+    """``dense`` -> None; ``share=S[,pool][,dense=N][,late=F][,local=N][,gate]`` -> dict."""
     if text == "dense":
         return None
     head, *extras = text.split(",")
     key, _, val = head.partition("=")
     if key != "share":
-        raise SystemExit(f"bad setting {text!r}: expected dense or share=S[,pool][,dense=N][,late=F][,local=N]")
-    out = {"share": float(val), "pool": False, "dense": 0, "late": 0.0, "local": 0}
+        raise SystemExit(f"bad setting {text!r}: expected dense or share=S[,pool][,dense=N][,late=F][,local=N][,gate]")
+    out = {"share": float(val), "pool": False, "dense": 0, "late": 0.0, "local": 0, "gate": False}
     for e in extras:
         k, _, v = e.partition("=")
-        if k == "pool" and not v:
-            out["pool"] = True
+        if k in ("pool", "gate") and not v:
+            out[k] = True
         elif k in ("dense", "local"):
             out[k] = int(v)
         elif k == "late":
@@ -100,8 +104,36 @@ def select_blocks(mass, rows, share, pool, local):
     return keep, keep.sum(-1).double() / (cur + 1)[None, None]
 
 
+def gate_logits(module, c0, c1):
+    """The decode gate's logits ``[B, H, c1 - c0, NB]`` of rows ``c0 .. c1 - 1`` against the blocks
+    of the first ``c1`` tokens, from the layer's pre-RoPE q and k (kept by :func:`keep_pre_rope`):
+    what a decode step's ``DecodeGate.step_logits`` computes (the gate's RoPE at the row's position
+    and at each block's first token). A row's own (partial) block is scored too; the selection
+    forces it, so its score is never read."""
+    q_pre, k_pre = STATE["pre"]
+    gate = module.attn_gate.decode_gate
+    NB = -(-c1 // BS)
+    rope_at = STATE["rope_at"]
+    keys = gate.block_keys(block_pool(k_pre[:, :, :NB * BS].float(), BS, gate.k_pooling),
+                           rope=rope_at(torch.arange(NB)[None] * BS))
+    qg = gate.query(q_pre[:, :, c0:c1].float(), rope=rope_at(torch.arange(c0, c1)[None]))
+    return gate.scores(qg, keys)
+
+
+def keep_pre_rope(cls):
+    """Wrap ``cls.seer_attention`` so the attention function can read the layer's pre-RoPE q and k."""
+    inner = cls.seer_attention
+
+    def seer_attention(self, q, k, v, q_pre, k_pre, *args, **kwargs):
+        STATE["pre"] = (q_pre, k_pre)
+        return inner(self, q, k, v, q_pre, k_pre, *args, **kwargs)
+
+    cls.seer_attention = seer_attention
+
+
 def offline_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
-    """Dense causal rows before the prefix; rows past it attend over their oracle-selected blocks."""
+    """Dense causal rows before the prefix; rows past it attend over their selected blocks (the
+    oracle's, or the decode gate's with ``gate``)."""
     B, HQ, T, D = query.shape
     H = key.shape[1]
     g = HQ // H
@@ -118,8 +150,11 @@ def offline_attention(module, query, key, value, attention_mask, scaling, dropou
         s = s.masked_fill(torch.arange(c1)[None, :] > rows[:, None], float("-inf"))
         if share is not None:
             NB = -(-c1 // BS)
-            p = F.pad(torch.softmax(s, -1), (0, NB * BS - c1))
-            mass = p.view(B, H, g, c1 - c0, NB, BS).sum((2, 5)) / g
+            if spec["gate"]:
+                mass = gate_logits(module, c0, c1)
+            else:
+                p = F.pad(torch.softmax(s, -1), (0, NB * BS - c1))
+                mass = p.view(B, H, g, c1 - c0, NB, BS).sum((2, 5)) / g
             keep, kept = select_blocks(mass, rows, share, spec["pool"], spec["local"])
             STATE["kept"].append(kept.mean().item())
             tok = keep.repeat_interleave(BS, -1)[..., :c1].repeat_interleave(g, 1)
@@ -146,26 +181,41 @@ def decode_ppl(model, windows, spec, batch_size, chunk):
     return math.exp(total / count), kept
 
 
-def load_model(path):
+def load_model(path, gates=None):
+    """The stock model (the oracle) or, with ``gates``, the Seer model in dense mode with its decode
+    gates (``,gate`` settings); either way attention runs through :func:`offline_attention`."""
     import os
     from transformers import AttentionInterface, AutoModelForCausalLM
     AttentionInterface.register(NAME, offline_attention)
-    model = AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
-                                                 dtype=torch.float32)
+    if gates is None:
+        model = AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
+                                                     dtype=torch.float32)
+    else:
+        from seer_attn.modeling_seer.conversion import load_seer_model
+        from seer_attn.modeling_seer.seer_layer import SeerAttentionMixin
+        model = load_seer_model(path, dtype=torch.float32, gates=gates, seer_decode_gate=True)
+        if not hasattr(model.model.layers[0].self_attn.attn_gate, "decode_gate") or not torch.isfinite(
+                model.model.layers[0].self_attn.attn_gate.decode_gate.q_weight).all():
+            raise SystemExit(f"--gates {gates}: no decode gates in it")
+        keep_pre_rope(SeerAttentionMixin)
+        STATE["rope_at"] = model.model._gate_rope_at
     model.set_attn_implementation(NAME)
     return model.eval()
 
 
-def check(path, tok, corpus, share, length=1024, windows=2):
-    """The offline PPL against the step loop (``decode_perplexity``, the oracle selector) on a short case."""
+def check(path, tok, corpus, share, gates=None, length=1024, windows=2):
+    """The offline PPL against the step loop (``decode_perplexity``; the oracle selector, or the
+    decode gate with ``gates``) on a short case."""
     from seer_attn.eval.decode_quality import apply_decode, decode_perplexity
     from seer_attn.modeling_seer.conversion import load_seer_model
     wins = make_windows(load_documents(corpus), tok, length, 2)[:windows]
-    seer = load_seer_model(path, dtype=torch.float32, seer_decode_gate=True)
-    apply_decode(seer, {"seer_decode_method": "share", "seer_decode_share": share, "seer_decode_selector": "oracle"})
+    seer = load_seer_model(path, dtype=torch.float32, gates=gates, seer_decode_gate=True)
+    selector = "oracle" if gates is None else "gate"
+    apply_decode(seer, {"seer_decode_method": "share", "seer_decode_share": share, "seer_decode_selector": selector})
     loop = decode_perplexity(seer, wins, length // 2, windows, progress=False)
-    off = decode_ppl(load_model(path), wins, parse_setting(f"share={share}"), windows, 256)
-    return {"length": length, "windows": windows, "share": share, "loop_ppl": loop["ppl"],
+    setting = f"share={share}" + ("" if gates is None else ",gate")
+    off = decode_ppl(load_model(path, gates), wins, parse_setting(setting), windows, 256)
+    return {"length": length, "windows": windows, "share": share, "selector": selector, "loop_ppl": loop["ppl"],
             "loop_kept": loop["decode_density"], "offline_ppl": off[0], "offline_kept": off[1]}
 
 
@@ -178,6 +228,7 @@ def main():
     ap.add_argument("--chunk", type=int, default=256, help="decode rows per attention chunk")
     ap.add_argument("--settings", nargs="+", default=["dense", "share=0.1"])
     ap.add_argument("--check", type=float, metavar="SHARE", help="first compare with the step loop at this share")
+    ap.add_argument("--gates", help="distilled gates with decode gates (for ,gate settings and --check)")
     ap.add_argument("--out", help="also write the results as a JSON envelope here")
     args = ap.parse_args()
     specs = [(s, parse_setting(s)) for s in args.settings]
@@ -193,10 +244,12 @@ def main():
 
     if args.check is not None:
         t0 = time.time()
-        checks.append(check(path, tok, args.eval, args.check))
+        checks.append(check(path, tok, args.eval, args.check, args.gates))
         print(f"check {checks[-1]} ({time.time() - t0:.0f} s)", flush=True)
         save(False)
-    model = load_model(path)
+    if any(spec and spec["gate"] for _, spec in specs) and not args.gates:
+        raise SystemExit("a ,gate setting needs --gates (distilled gates with decode gates)")
+    model = load_model(path, args.gates)
     wins = make_windows(load_documents(args.eval), tok, args.length, 2)[:args.windows]
     dense = None
     for text, spec in specs:
