@@ -202,6 +202,15 @@ case "$STEP" in
       --gates plain="$GATES" --phases ppl baselines --coverage --calib-from train --budget-s 500 --out "$OUT" \
       > "$OUT/gate_quality.log" 2>&1
     echo "gate_quality: exit $?"; tail -n 30 "$OUT/gate_quality.log" ;;
+  decode-distill)  # decode gates (with prefill gates) for the CPU's offline decode evaluator (decode_ppl_offline.py
+    # --gates ... ,gate): STEPS (default 800, ~200 s on the H200) at 8192 tokens, the decode-quality run's defaults
+    timeout 300 "$PY" -m seer_attn.eval.decode_quality --model "$GGUF" "${DATA[@]}" --no-progress --phases distill \
+      --steps "${STEPS:-800}" --out "$OUT/decode_quality" > "$OUT/decode_quality.log" 2>&1
+    echo "decode_quality: exit $?"; tail -n 3 "$OUT/decode_quality.log" ;;
+  density-ppl)  # density-profile's 8k perplexity half alone, fewer settings (a call that also runs decode-distill)
+    timeout "${LIMIT:-300}" "$PY" docs/experiments/dense_layers_ppl.py "$GATES" --eval "$CORPORA/eval.jsonl" --length 8192 \
+      --windows 0 --profile-from "$CORPORA/train.jsonl" --settings density=0.1 profile=0.75,density=0.1 coverage=0.75 \
+      density=0.12 profile=0.75,density=0.12 threshold=0.02 --out "$OUT/ppl_profile_8k.json" 2>&1 | grep -v Warning ;;
   density-profile)  # the density knob spread over the layers as the coverage rule spreads it (seer_density_profile,
     # solved on 4 train windows at 8k) against the plain knob, the coverage rule and the threshold at 8k
     "$PY" docs/experiments/dense_layers_ppl.py "$GATES" --eval "$CORPORA/eval.jsonl" --length 8192 --windows 0 \
