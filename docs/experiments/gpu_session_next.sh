@@ -21,6 +21,11 @@
 # nearest measured route to issue 17's 8k perplexity targets (H100: 2400 steps took the threshold
 # from 12.39 to 12.21 at 0.12; the coverage rule was 0.7% below the threshold at 0.121).
 #
+# Session 28: gate-long ran (215 s, H200); the gates came back (seer_outputs/pk/gates_long_bf16.safetensors, ignored by git;
+# carry them with chunk2) but no machine could be started again. On the CPU they move 8k PPL at 0.1 by < 1%
+# (gate_quality.md section 10). Next: stage with those gates, gate-calib-coverage (GATES=the carried file), then
+# decode-distill (decode gates for the CPU's offline decode evaluator, decode_ppl_offline.py ,gate).
+#
 # STEP, in order of priority (minutes on one H200):
 #   gate-long      ~8  issue 17: distil STEPS (default 1200) of 8192 tokens, plain data (250 took 82 s); needs staging
 #   density-profile ~8  issue 17: seer_density_profile (the knob spread over the layers as coverage 0.75 /
