@@ -104,20 +104,24 @@ def select_blocks(mass, rows, share, pool, local):
     return keep, keep.sum(-1).double() / (cur + 1)[None, None]
 
 
-def gate_logits(module, c0, c1):
-    """The decode gate's logits ``[B, H, c1 - c0, NB]`` of rows ``c0 .. c1 - 1`` against the blocks
-    of the first ``c1`` tokens, from the layer's pre-RoPE q and k (kept by :func:`keep_pre_rope`):
-    what a decode step's ``DecodeGate.step_logits`` computes (the gate's RoPE at the row's position
-    and at each block's first token). A row's own (partial) block is scored too; the selection
-    forces it, so its score is never read."""
-    q_pre, k_pre = STATE["pre"]
+def gate_keys(module, T):
+    """The decode gate's block keys ``[B, H, ceil(T / 64), G]`` of a layer's T tokens, from its pre-RoPE
+    k (kept by :func:`keep_pre_rope`; the gate's RoPE at each block's first token), as the pooled-K cache
+    holds them. A block depends only on its own tokens, so one call per layer serves every chunk of rows."""
     gate = module.attn_gate.decode_gate
-    NB = -(-c1 // BS)
-    rope_at = STATE["rope_at"]
-    keys = gate.block_keys(block_pool(k_pre[:, :, :NB * BS].float(), BS, gate.k_pooling),
-                           rope=rope_at(torch.arange(NB)[None] * BS))
-    qg = gate.query(q_pre[:, :, c0:c1].float(), rope=rope_at(torch.arange(c0, c1)[None]))
-    return gate.scores(qg, keys)
+    NB = -(-T // BS)
+    return gate.block_keys(block_pool(STATE["pre"][1].float(), BS, gate.k_pooling),
+                           rope=STATE["rope_at"](torch.arange(NB)[None] * BS))
+
+
+def gate_logits(module, keys, c0, c1):
+    """The decode gate's logits ``[B, H, c1 - c0, NB]`` of rows ``c0 .. c1 - 1`` against ``keys`` (:func:`gate_keys`)
+    of the blocks of the first ``c1`` tokens: what a decode step's ``DecodeGate.step_logits`` computes (the
+    gate's RoPE at the row's position). A row's own (partial) block is scored too; the selection forces it,
+    so its score is never read."""
+    gate = module.attn_gate.decode_gate
+    qg = gate.query(STATE["pre"][0][:, :, c0:c1].float(), rope=STATE["rope_at"](torch.arange(c0, c1)[None]))
+    return gate.scores(qg, keys[:, :, :-(-c1 // BS)])
 
 
 def keep_pre_rope(cls):
@@ -143,6 +147,7 @@ def offline_attention(module, query, key, value, attention_mask, scaling, dropou
     out[:, :, :P] = F.scaled_dot_product_attention(query[:, :, :P], kr[:, :, :P], vr[:, :, :P], is_causal=True,
                                                    scale=scaling)
     share = None if spec is None else layer_share(spec, module.layer_idx, STATE["n_layers"])
+    keys = gate_keys(module, T) if share is not None and spec["gate"] else None
     for c0 in range(P, T, chunk):
         c1 = min(T, c0 + chunk)
         rows = torch.arange(c0, c1)
@@ -151,7 +156,7 @@ def offline_attention(module, query, key, value, attention_mask, scaling, dropou
         if share is not None:
             NB = -(-c1 // BS)
             if spec["gate"]:
-                mass = gate_logits(module, c0, c1)
+                mass = gate_logits(module, keys, c0, c1)
             else:
                 p = F.pad(torch.softmax(s, -1), (0, NB * BS - c1))
                 mass = p.view(B, H, g, c1 - c0, NB, BS).sum((2, 5)) / g
@@ -192,11 +197,12 @@ def load_model(path, gates=None):
                                                      dtype=torch.float32)
     else:
         from seer_attn.modeling_seer.conversion import load_seer_model
-        from seer_attn.modeling_seer.seer_layer import SeerAttentionMixin
+        from seer_attn.modeling_seer.seer_layer import DECODE_GATE, SeerAttentionMixin
+        from safetensors import safe_open
+        with safe_open(gates, "pt") as f:  # a prefill-only file would load with untrained decode gates
+            if not any(f".{DECODE_GATE}." in k for k in f.keys()):
+                raise SystemExit(f"--gates {gates}: no decode gates in it")
         model = load_seer_model(path, dtype=torch.float32, gates=gates, seer_decode_gate=True)
-        if not hasattr(model.model.layers[0].self_attn.attn_gate, "decode_gate") or not torch.isfinite(
-                model.model.layers[0].self_attn.attn_gate.decode_gate.q_weight).all():
-            raise SystemExit(f"--gates {gates}: no decode gates in it")
         keep_pre_rope(SeerAttentionMixin)
         STATE["rope_at"] = model.model._gate_rope_at
     model.set_attn_implementation(NAME)
