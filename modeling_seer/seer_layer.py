@@ -444,6 +444,39 @@ def gate_rotary_config(config):
     return gate_cfg
 
 
+def gates_file(path, **hub_kwargs) -> str:
+    """The local gates file of ``path`` (a ``.safetensors`` file, a folder holding
+    :data:`GATES_FILE`, or a Hub repo id, downloaded); FileNotFoundError when there is none."""
+    path, local = resolve_source(path)
+    if not local:
+        from huggingface_hub import hf_hub_download
+        path = hub_call(path, hf_hub_download, path, GATES_FILE, **hub_kwargs)
+    elif os.path.isdir(path):
+        path = os.path.join(path, GATES_FILE)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no gate file at {path}")
+    return path
+
+
+#: the gate-building options a gates file records (``save_gates``' metadata)
+GATE_STRUCTURE_FIELDS = ("seer_block_size", "seer_gate_hidden_size", "seer_q_pooling", "seer_k_pooling",
+                         "seer_gate_rope")
+
+
+def gate_structure(path, **hub_kwargs) -> dict:
+    """The ``seer_*`` options the gates in ``path`` were built with (as :meth:`save_gates`
+    recorded them, plus ``seer_decode_gate`` when the file holds decode gates): what a
+    conversion needs to build gates these load into (``load_seer_model(base, gates=path)``)."""
+    from safetensors import safe_open
+    with safe_open(gates_file(path, **hub_kwargs), framework="pt") as f:
+        meta = json.loads((f.metadata() or {}).get("seer", "{}"))
+        decode = any(f".{DECODE_GATE}." in k for k in f.keys())
+    out = {k: meta[k] for k in GATE_STRUCTURE_FIELDS if k in meta}
+    if decode:
+        out["seer_decode_gate"] = True
+    return out
+
+
 class SeerPreTrainedMixin:
     """Mixed into a family's PreTrainedModel (before the stock class): gates stay float32
     and are initialised by :meth:`AttnGate.reset_parameters`."""
@@ -746,8 +779,7 @@ class SeerCausalLMMixin:
         c = self.config
         return {"num_hidden_layers": c.num_hidden_layers, "num_attention_heads": c.num_attention_heads,
                 "num_key_value_heads": c.num_key_value_heads, "head_dim": c.head_dim,
-                **{k: getattr(c, k) for k in ("seer_block_size", "seer_gate_hidden_size", "seer_q_pooling",
-                                              "seer_k_pooling", "seer_gate_rope")}}
+                **{k: getattr(c, k) for k in GATE_STRUCTURE_FIELDS}}
 
     def save_gates(self, path, dtype=None):
         """Write the gate tensors only (a few MB) to ``path`` (a folder or a .safetensors file).
@@ -770,14 +802,7 @@ class SeerCausalLMMixin:
         Raises ValueError when the gates were trained for another shape (layers, heads,
         head_dim, gate width, poolings) or a tensor is not floating point or not finite."""
         from safetensors import safe_open
-        path, local = resolve_source(path)
-        if not local:
-            from huggingface_hub import hf_hub_download
-            path = hub_call(path, hf_hub_download, path, GATES_FILE, **hub_kwargs)
-        elif os.path.isdir(path):
-            path = os.path.join(path, GATES_FILE)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"no gate file at {path}")
+        path = gates_file(path, **hub_kwargs)
         with safe_open(path, framework="pt") as f:
             meta = json.loads((f.metadata() or {}).get("seer", "{}"))
             tensors = {k: f.get_tensor(k) for k in f.keys()}

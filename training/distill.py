@@ -42,6 +42,11 @@ DEFAULT_OUTPUT = "seer_outputs/distill"
 #: what the gate learns (``seer_distill_target``): None keeps the model's
 DISTILL_TARGETS = ("max", "mass")
 SUMMARY_FILE = "distill_summary.json"
+#: options passed on as the model's ``seer_*`` config when given (None: the model's own); the
+#: gate width and poolings build new gates (a conversion), a Seer model refuses other values
+SEER_OPTIONS = {"threshold": "seer_threshold", "distill_target": "seer_distill_target",
+                "peak_weight": "seer_distill_peak_weight", "gate_hidden_size": "seer_gate_hidden_size",
+                "q_pooling": "seer_q_pooling", "k_pooling": "seer_k_pooling"}
 #: sub-folders of ``--output``: the shareable model and the checkpoints
 MODEL_DIR, CHECKPOINTS_DIR = "model", "checkpoints"
 #: shortest ``--seq-len``: 4 blocks of 64 tokens. With 3 blocks or fewer a sparse prefill
@@ -55,6 +60,23 @@ _at_least_min = ca.int_at_least(MIN_SEQ_LEN)
 #: checks of the retrieval mix (a share, 0 allowed) and of the peak weight (>= 0)
 _share = ca.float_in(0, 1, low_open=False)
 _nonneg_float = ca.float_in(0, None, low_open=False)
+
+
+def _gate_width(text):
+    """Check of ``gate_hidden_size``: a positive even integer (the gate's RoPE rotates pairs)."""
+    width = ca.positive_int(text)
+    if width % 2:
+        raise ca.ArgValueError("expected a positive even integer (the gate's RoPE rotates pairs)", text)
+    return width
+
+
+def _pooling(text):
+    """Check of one pooling of ``q_pooling`` / ``k_pooling`` (the config's POOLING_TYPES, imported
+    here so that the CLI's parsing stays free of torch)."""
+    from seer_attn.modeling_seer.configuration_seer import POOLING_TYPES
+    if text not in POOLING_TYPES:
+        raise ca.ArgValueError(f"expected one of {POOLING_TYPES}", text)
+    return text
 
 
 def _seq_len(text):
@@ -87,6 +109,9 @@ class DistillConfig(RunConfig):
     retrieval_mix: float = option(0.0, _share)
     retrieval_kinds: tuple = option(RETRIEVAL_KINDS, many="+", choices=RETRIEVAL_KINDS)
     peak_weight: float | None = option(None, _nonneg_float)
+    gate_hidden_size: int | None = option(None, _gate_width)
+    q_pooling: tuple | None = option(None, _pooling, many="+")
+    k_pooling: tuple | None = option(None, _pooling, many="+")
     output: str = option(DEFAULT_OUTPUT, text)
     seed: int = option(42, ca.nonneg_int)
     bf16: bool = option(False, flag)
@@ -138,6 +163,14 @@ def add_distill_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
     parser.add_argument("--peak-weight", type=_nonneg_float, default=_default("peak_weight"),
                         help="seer_distill_peak_weight: each block row's KL weighs 1 + W * its target's largest entry "
                              "(rows with a peaked true map count more); default: the model's, 0 for a new conversion")
+    parser.add_argument("--gate-hidden-size", type=_gate_width, default=_default("gate_hidden_size"),
+                        help="seer_gate_hidden_size of new gates: width of each head's projections of pooled Q and K "
+                             "(paper and default: 128); a Seer model keeps its own")
+    parser.add_argument("--q-pooling", nargs="+", type=_pooling, default=_default("q_pooling"), metavar="POOL",
+                        help="seer_q_pooling of new gates: poolings of Q over each block (avg, max, min), "
+                             "concatenated (default: avg)")
+    parser.add_argument("--k-pooling", nargs="+", type=_pooling, default=_default("k_pooling"), metavar="POOL",
+                        help="seer_k_pooling of new gates (default: max min avg)")
     parser.add_argument("--output", default=_default("output"),
                         help=f"output folder: {MODEL_DIR}/ (the model to load or share), {CHECKPOINTS_DIR}/, "
                              f"{SUMMARY_FILE} (default: %(default)s)")
@@ -204,13 +237,8 @@ def run_distill(config: DistillConfig) -> dict:
         if config.retrieval_mix:
             train_dataset = mix_retrieval(train_dataset, config.retrieval_mix, seed=config.seed, tokenizer=tokenizer,
                                           kinds=config.retrieval_kinds)
-        seer_kwargs = {"seer_mode": "distill"}
-        if config.threshold is not None:
-            seer_kwargs["seer_threshold"] = config.threshold
-        if config.distill_target is not None:
-            seer_kwargs["seer_distill_target"] = config.distill_target
-        if config.peak_weight is not None:
-            seer_kwargs["seer_distill_peak_weight"] = config.peak_weight
+        seer_kwargs = {"seer_mode": "distill", **{key: getattr(config, name) for name, key in SEER_OPTIONS.items()
+                                                   if getattr(config, name) is not None}}
         set_seed(config.seed)  # before the model: a conversion draws the new gates from the RNG
         model = load_seer_model(source, dtype=torch.bfloat16 if config.bf16 else None, **seer_kwargs)
         targs = SeerTrainingArguments(

@@ -13,7 +13,8 @@ by every selection; no dense last rows), in phases that each rewrite
 
 1. ``distill``: the gates, ``--steps`` steps of 8192 tokens, once per variant of
    ``--variants`` (``plain``: the paper's data and loss; ``retrieval``: ``--retrieval-mix`` of the
-   sequences rewritten with retrieval structure and ``--peak-weight``); gates saved in bf16;
+   sequences rewritten with retrieval structure and ``--peak-weight``; the capacity variants
+   ``wide``: gate width 256, ``qmax``: Q pooled by avg and max; :data:`CAPACITY`); gates saved in bf16;
 2. ``ppl``: dense, then for each variant the density knob at each ``--densities`` value, the
    threshold solved to the same density (on 4 windows of ``--train``, held out: the calibrated
    knob; ``--calib-from eval``: on 4 of the evaluated windows) and the knob at the threshold's
@@ -50,6 +51,7 @@ from seer_attn.eval.plots import plot_ppl_vs_density
 from seer_attn.eval.quality_run import density_knob_rows
 from seer_attn.eval.settings import Setting, apply_setting
 from seer_attn.modeling_seer.conversion import load_seer_model, load_tokenizer
+from seer_attn.modeling_seer.seer_layer import gate_structure
 from seer_attn.training.data import default_corpus_path
 from seer_attn.training.distill import DistillConfig, run_distill
 from seer_attn.training.results import write_envelope
@@ -57,7 +59,10 @@ from seer_attn.training.results import write_envelope
 KEEP = dict(seer_keep_diagonal=True, seer_keep_sink=True, seer_keep_local=1, seer_dense_last_rows=0)
 BASELINES = (("streaming", "nz_ratio"), ("meanpool", "nz_ratio"))
 PHASES = ("ppl", "baselines", "passkey", "cost")
-VARIANTS = ("plain", "retrieval")
+VARIANTS = ("plain", "retrieval", "wide", "qmax")
+#: the gate-capacity variants' distillation options (issue 17's "gate capacity"): plain data and loss,
+#: other gates (``wide``: projections twice the paper's width; ``qmax``: Q pooled by max beside avg)
+CAPACITY = {"wide": {"gate_hidden_size": 256}, "qmax": {"q_pooling": ("avg", "max")}}
 #: the issue's dense PPL and targets on this protocol (results/quality/h100_sink_local_*.json)
 DENSE_H100, TARGET_LOW = 11.299, 12.2
 
@@ -84,7 +89,8 @@ def parse_args(argv=None):
     ap.add_argument("--train", nargs="+", default=None, help="distillation data (default: the bundled corpus)")
     ap.add_argument("--eval", default=None, help="evaluation jsonl (default: the bundled eval corpus)")
     ap.add_argument("--out", default="seer_outputs/gate_quality")
-    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    ap.add_argument("--variants", nargs="+", default=list(VARIANTS[:2]), choices=VARIANTS,
+                    help="gate sets compared (default: plain retrieval); wide / qmax: the capacity variants")
     ap.add_argument("--steps", type=int, default=250)
     ap.add_argument("--seq-len", type=int, default=8192)
     ap.add_argument("--eval-length", type=int, default=8192)
@@ -150,7 +156,8 @@ class Run:
 
 
 def distill(args, variant, run):
-    extra = dict(retrieval_mix=args.retrieval_mix, peak_weight=args.peak_weight) if variant == "retrieval" else {}
+    extra = dict(retrieval_mix=args.retrieval_mix, peak_weight=args.peak_weight) if variant == "retrieval" else \
+        dict(CAPACITY.get(variant, {}))
     config = DistillConfig(model=args.model, data=args.train, seq_len=args.seq_len, steps=args.steps,
                            output=os.path.join(args.out, "work", variant), bf16=not args.cpu, cpu=args.cpu,
                            save_steps=args.steps, logging_steps=25, no_progress=True, seed=42, **extra)
@@ -194,15 +201,24 @@ def main(argv=None):
     calib = None if args.calib_from == "eval" else \
         make_windows(load_documents(args.train[0] if args.train else default_corpus_path("train")), tok,
                      args.eval_length, 1)
-    model = load_seer_model(args.model, dtype=dtype, device=dev)
+    models = {}
+
+    def model_with(path):
+        """The model with the gates of ``path`` loaded (one model per gate structure: the capacity variants')."""
+        key = json.dumps(gate_structure(path), sort_keys=True)
+        if key not in models:
+            models[key] = load_seer_model(args.model, dtype=dtype, device=dev, gates=path)
+        return models[key].load_gates(path)
+
     for v, path in gates.items():  # the float32 gates stay in OUT/work; a bf16 copy beside the results
-        model.load_gates(path).save_gates(os.path.join(args.out, f"gates_{v}_bf16.safetensors"), dtype=torch.bfloat16)
+        model_with(path).save_gates(os.path.join(args.out, f"gates_{v}_bf16.safetensors"), dtype=torch.bfloat16)
+    model = model_with(next(iter(gates.values())))
     model.set_seer_mode("sparse", **KEEP)
     if {"ppl", "baselines"} & set(args.phases):
         run.rows += compare(model, [Setting("dense")], windows=windows, with_baselines=False, progress=False)
     for v, path in gates.items():
         if "ppl" in args.phases and run.may_start(f"density knob rows of {v}"):
-            model.load_gates(path)
+            model = model_with(path)
             model.set_seer_mode("sparse", **KEEP)
             for r in density_knob_rows(model, windows, args.densities, calib=calib, coverage=args.coverage):
                 run.rows.append({**r, "label": f"gate {v} ({r['method']})"})
@@ -223,7 +239,7 @@ def main(argv=None):
                 name = v if i == 0 else f"{v} {setting}"
                 if not run.may_start(f"passkey {name}"):
                     continue
-                model.load_gates(path)
+                model = model_with(path)
                 apply_setting(model, setting)
                 model.set_seer_mode("sparse", **{**KEEP, "seer_dense_last_rows": 2})
                 res = run_passkey(model, tok, args.passkey_lengths, samples_per_cell=args.passkey_samples,

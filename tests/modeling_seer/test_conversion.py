@@ -93,6 +93,33 @@ def test_structural_options_convert_a_llama_but_not_a_seer_folder(tiny_kwargs, t
     assert again.config.seer_mode == "sparse"
 
 
+def test_gates_given_to_a_conversion_build_it_as_they_were_built(tiny_kwargs, tmp_path):
+    """``load_seer_model(base, gates=file)`` on a stock base builds gates of the file's width,
+    poolings and decode gates (no options repeated); an option that contradicts the file is
+    refused by name; a Seer folder keeps its own check (load_gates)."""
+    llama = _llama(tiny_kwargs)
+    built = from_llama(llama, seer_gate_hidden_size=48, seer_q_pooling=["avg", "max"], seer_k_pooling=["max"],
+                       seer_decode_gate=True)
+    with torch.no_grad():
+        for t in built.gate_state_dict().values():
+            t.normal_()
+    path = built.save_gates(tmp_path / "g.safetensors")
+    llama.save_pretrained(tmp_path / "llama")
+    for base in (llama, str(tmp_path / "llama")):
+        seer = load_seer_model(base, gates=path)
+        c = seer.config
+        assert (c.seer_gate_hidden_size, c.seer_q_pooling, c.seer_k_pooling, c.seer_decode_gate) == \
+            (48, ["avg", "max"], ["max"], True)
+        got, want = seer.gate_state_dict(), built.gate_state_dict()
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    with pytest.raises(ValueError, match=r"^seer_gate_hidden_size=32 does not match the gates given, which were "
+                                         r"built with seer_gate_hidden_size=48"):
+        load_seer_model(llama, gates=path, seer_gate_hidden_size=32)
+    from_llama(llama, seer_gate_hidden_size=32).save_pretrained(tmp_path / "seer")
+    with pytest.raises(ValueError, match="gates do not match this model: seer_gate_hidden_size: gates 48 vs model 32"):
+        load_seer_model(str(tmp_path / "seer"), gates=path)
+
+
 MISSING = ["/nonexistent/folder", "./out/gates", "../nope", "~/no/such/dir", "a/b/c", "gates.safetensors",
            "model.gguf", "tok/config.json", "out/gates", "two words", "bad--id", "x" * 100]
 

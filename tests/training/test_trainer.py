@@ -522,3 +522,23 @@ def test_run_distill_with_retrieval_data_and_peak_weight(tmp_path, llama_folder,
     assert config["peak_weight"] == 3.0
     assert load_seer_model(weighted["model_dir"]).config.seer_distill_peak_weight == 3.0
     assert load_seer_model(mixed["model_dir"]).config.seer_distill_peak_weight == 0.0
+
+
+def test_run_distill_builds_gates_of_the_asked_width_and_poolings(tmp_path, llama_folder, train_jsonl):
+    """``--gate-hidden-size`` / ``--q-pooling`` / ``--k-pooling`` build the new gates; the saved model
+    and the gates-only file carry them, and the gates load back onto the stock base as they were
+    built (the conversion reads their structure from the file); a Seer model refuses another width."""
+    res = run_distill(_parse(_argv(llama_folder, train_jsonl, tmp_path / "wide", "--steps", "2",
+                                   "--gate-hidden-size", "48", "--q-pooling", "avg", "max", "--k-pooling", "max")))
+    model = load_seer_model(res["model_dir"])
+    c = model.config
+    assert (c.seer_gate_hidden_size, c.seer_q_pooling, c.seer_k_pooling) == (48, ["avg", "max"], ["max"])
+    gate = model.model.layers[0].self_attn.attn_gate
+    assert tuple(gate.q_weight.shape) == (4, 16 * 2, 48) and tuple(gate.k_weight.shape) == (2, 16, 48)
+    onto_base = load_seer_model(llama_folder, gates=res["gates_path"])
+    assert onto_base.config.seer_gate_hidden_size == 48
+    a, b = _gates(model), _gates(onto_base)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(ValueError, match="seer_gate_hidden_size=64 cannot be changed on a built model"):
+        run_distill(_parse(_argv(res["model_dir"], train_jsonl, tmp_path / "again", "--steps", "1",
+                                 "--gate-hidden-size", "64")))
