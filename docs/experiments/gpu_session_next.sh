@@ -26,7 +26,12 @@
 # (gate_quality.md section 10). Next: stage with those gates, gate-calib-coverage (GATES=the carried file), then
 # decode-distill (decode gates for the CPU's offline decode evaluator, decode_ppl_offline.py ,gate).
 #
+# Session 29: distill --gate-hidden-size / --q-pooling / --k-pooling exist now; gate-capacity measures them (issue 17's
+# untried "gate capacity" direction) after gate-calib-coverage and decode-distill.
+#
 # STEP, in order of priority (minutes on one H200):
+#   gate-capacity  ~9  issue 17: gates of twice the width (wide) and with Q max-pooled too (qmax) beside plain, 250
+#                      steps each, knob / threshold / coverage at 0.1 at 8k; needs staging
 #   gate-long      ~8  issue 17: distil STEPS (default 1200) of 8192 tokens, plain data (250 took 82 s); needs staging
 #   density-profile ~8  issue 17: seer_density_profile (the knob spread over the layers as coverage 0.75 /
 #                      0.9 spreads it on 4 train windows) at 8k perplexity beside the knob, the coverage
@@ -207,6 +212,12 @@ case "$STEP" in
       --gates plain="$GATES" --phases ppl baselines --coverage --calib-from train --budget-s 500 --out "$OUT" \
       > "$OUT/gate_quality.log" 2>&1
     echo "gate_quality: exit $?"; tail -n 30 "$OUT/gate_quality.log" ;;
+  gate-capacity)  # issue 17's "gate capacity": plain, wide (width 256) and qmax (Q pooled avg+max) gates, STEPS (default
+    # 250) each at 8192 tokens, then the knob and the threshold at 0.1 (gate_quality.py's ppl phase); needs staging
+    timeout 570 "$PY" docs/experiments/gate_quality.py --model "$GGUF" "${DATA[@]}" --variants plain wide qmax \
+      --steps "${STEPS:-250}" --phases ppl --densities 0.1 --coverage --budget-s 470 --out "$OUT" \
+      > "$OUT/gate_quality.log" 2>&1
+    echo "gate_quality: exit $?"; tail -n 16 "$OUT/gate_quality.log" ;;
   decode-distill)  # decode gates (with prefill gates) for the CPU's offline decode evaluator (decode_ppl_offline.py
     # --gates ... ,gate): STEPS (default 800, ~200 s on the H200) at 8192 tokens, the decode-quality run's defaults
     timeout 300 "$PY" -m seer_attn.eval.decode_quality --model "$GGUF" "${DATA[@]}" --no-progress --phases distill \
