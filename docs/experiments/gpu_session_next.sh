@@ -207,9 +207,9 @@ case "$STEP" in
       --steps "${STEPS:-1200}" --phases cost --budget-s 540 --out "$OUT" > "$OUT/gate_quality.log" 2>&1
     echo "gate_quality: exit $?"; cp "$OUT/gates_plain_bf16.safetensors" /tmp/seer/gates_long.safetensors
     "$PY" -c "import json,sys; print(json.load(open(sys.argv[1]))['cost'])" "$OUT/gate_quality.json" ;;
-  gate-calib-coverage)
-    timeout 570 "$PY" docs/experiments/gate_quality.py --model "$GGUF" "${DATA[@]}" --variants plain \
-      --gates plain="$GATES" --phases ppl baselines --coverage --calib-from train --budget-s 500 --out "$OUT" \
+  gate-calib-coverage)  # LIMIT: seconds (default 570; less in a call that also stages)
+    timeout "${LIMIT:-570}" "$PY" docs/experiments/gate_quality.py --model "$GGUF" "${DATA[@]}" --variants plain \
+      --gates plain="$GATES" --phases ppl baselines --coverage --calib-from train --budget-s "${BUDGET:-500}" --out "$OUT" \
       > "$OUT/gate_quality.log" 2>&1
     echo "gate_quality: exit $?"; tail -n 30 "$OUT/gate_quality.log" ;;
   gate-capacity)  # issue 17's "gate capacity": plain, wide (width 256) and qmax (Q pooled avg+max) gates, STEPS (default
