@@ -27,7 +27,8 @@
 # decode-distill (decode gates for the CPU's offline decode evaluator, decode_ppl_offline.py ,gate).
 #
 # Session 29: distill --gate-hidden-size / --q-pooling / --k-pooling exist now; gate-capacity measures them (issue 17's
-# untried "gate capacity" direction) after gate-calib-coverage and decode-distill.
+# untried "gate capacity" direction) after gate-calib-coverage and decode-distill. Session 29 got no machine (every start
+# refused); its CPU screen of wide / qmax (gate_quality.md section 11) gains <= 1% at 0.1. Next session: the same plan.
 #
 # STEP, in order of priority (minutes on one H200):
 #   gate-capacity  ~9  issue 17: gates of twice the width (wide) and with Q max-pooled too (qmax) beside plain, 250
