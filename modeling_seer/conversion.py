@@ -103,16 +103,14 @@ def load_seer_model(source=None, *, dtype=None, device=None, gates=None, **seer_
     """
     if source is None:
         source = default_model_path()
-    if gates is not None and (isinstance(source, PreTrainedModel) or not _is_seer(source)):
-        # a conversion builds new gates: with the structure the given ones were trained with
-        seer_kwargs = _with_gate_structure(seer_kwargs, gate_structure(gates))
     if isinstance(source, PreTrainedModel):
-        model = from_stock(source, **seer_kwargs)
+        model = from_stock(source, **_conversion_kwargs(seer_kwargs, gates))
     elif isinstance(source, (str, os.PathLike)):
         source, local = resolve_source(source)
         if source.endswith(".gguf"):
             if not os.path.isfile(source):
                 raise FileNotFoundError(f"GGUF file not found: {source}")
+            seer_kwargs = _conversion_kwargs(seer_kwargs, gates)  # a contradiction is refused before loading
             stock = AutoModelForCausalLM.from_pretrained(os.path.dirname(os.path.abspath(source)),
                                                          gguf_file=os.path.basename(source),
                                                          dtype=dtype or torch.float32)
@@ -130,7 +128,7 @@ def load_seer_model(source=None, *, dtype=None, device=None, gates=None, **seer_
                 if seer_kwargs:
                     model.set_seer_mode(seer_kwargs.pop("seer_mode", model.config.seer_mode), **seer_kwargs)
             else:
-                scfg = seer_config_from(cfg, **seer_kwargs)
+                scfg = seer_config_from(cfg, **_conversion_kwargs(seer_kwargs, gates))
                 model = _load(fam.seer_model_class.from_pretrained, source, local, config=scfg, dtype=dtype)
     else:
         raise TypeError(f"source must be a path, Hub id, .gguf file or stock model instance, got {type(source).__name__}")
@@ -141,24 +139,14 @@ def load_seer_model(source=None, *, dtype=None, device=None, gates=None, **seer_
     return model
 
 
-def _is_seer(source) -> bool:
-    """Whether ``source`` (a path or Hub id, not a GGUF file) holds a Seer model (loaded as is) rather
-    than a stock one (converted)."""
-    source, local = resolve_source(source)
-    if source.endswith(".gguf"):
-        return False
-    model_type = _load(AutoConfig.from_pretrained, source, local, trust_remote_code=False).model_type
-    try:
-        return model_type == family_for(model_type).seer_model_type
-    except ValueError:  # not a registered family: refused where it is loaded
-        return False
-
-
-def _with_gate_structure(seer_kwargs, structure):
-    """``seer_kwargs`` with the gate structure of a gates file (:func:`gate_structure`) for the
-    options not given; one given otherwise is refused (the gates would not load)."""
+def _conversion_kwargs(seer_kwargs, gates):
+    """The ``seer_*`` options of a conversion that will load ``gates`` (None: ``seer_kwargs`` as
+    given): the new gates are built as the file records them (:func:`gate_structure`) where an
+    option is not given; one given otherwise is refused (the gates would not load)."""
+    if gates is None:
+        return seer_kwargs
     out = dict(seer_kwargs)
-    for name, val in structure.items():
+    for name, val in gate_structure(gates).items():
         if name not in out:
             out[name] = val
             continue

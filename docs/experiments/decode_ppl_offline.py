@@ -197,12 +197,10 @@ def load_model(path, gates=None):
                                                      dtype=torch.float32)
     else:
         from seer_attn.modeling_seer.conversion import load_seer_model
-        from seer_attn.modeling_seer.seer_layer import DECODE_GATE, SeerAttentionMixin
-        from safetensors import safe_open
-        with safe_open(gates, "pt") as f:  # a prefill-only file would load with untrained decode gates
-            if not any(f".{DECODE_GATE}." in k for k in f.keys()):
-                raise SystemExit(f"--gates {gates}: no decode gates in it")
-        model = load_seer_model(path, dtype=torch.float32, gates=gates, seer_decode_gate=True)
+        from seer_attn.modeling_seer.seer_layer import SeerAttentionMixin, gate_structure
+        if not gate_structure(gates).get("seer_decode_gate"):  # a prefill-only file: untrained decode gates
+            raise SystemExit(f"--gates {gates}: no decode gates in it")
+        model = load_seer_model(path, dtype=torch.float32, gates=gates)
         keep_pre_rope(SeerAttentionMixin)
         STATE["rope_at"] = model.model._gate_rope_at
     model.set_attn_implementation(NAME)
