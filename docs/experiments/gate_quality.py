@@ -58,6 +58,9 @@ from seer_attn.training.results import write_envelope
 
 KEEP = dict(seer_keep_diagonal=True, seer_keep_sink=True, seer_keep_local=1, seer_dense_last_rows=0)
 BASELINES = (("streaming", "nz_ratio"), ("meanpool", "nz_ratio"))
+#: ``--oracle``: the reference the issue measures the gate's gap against (a dense pass per layer; not a baseline),
+#: as the issue's top-k per row and under the gate's own density knob
+ORACLE = ("oracle_max", "nz_ratio")
 PHASES = ("ppl", "baselines", "passkey", "cost")
 VARIANTS = ("plain", "retrieval", "wide", "qmax")
 #: the gate-capacity variants' distillation options (issue 17's "gate capacity"): plain data and loss,
@@ -105,6 +108,12 @@ def parse_args(argv=None):
     ap.add_argument("--coverage", action="store_true",
                     help="density knob rows also of the coverage rule: solved where the threshold is, and "
                          "bisected to the threshold's achieved density (the knob's PPL against the threshold)")
+    ap.add_argument("--oracle", action="store_true",
+                    help="with the baselines phase: the oracle top-k of the true max-pooled map at each density too "
+                         "(the gate's gap to it, issue 17's first target; not counted as a baseline)")
+    ap.add_argument("--knob-baselines", action="store_true",
+                    help="with the baselines phase: streaming and mean-pool under the gate's density knob too "
+                         "(their scores allocated over the layer as the gate's are; not the issue's baselines)")
     ap.add_argument("--gates", nargs="+", type=gates_arg, default=[], metavar="VARIANT=PATH",
                     help="gates of a variant from an earlier run (e.g. plain=OUT/gates_plain_bf16.safetensors): "
                          "that variant is not distilled again")
@@ -228,6 +237,16 @@ def main(argv=None):
             run.rows += compare(model, [Setting(sel, method, target_density=d) for d in args.densities],
                                 windows=windows, with_baselines=False, tol=args.baseline_tol, progress=False)
             run.save()
+    if args.oracle and "baselines" in args.phases and run.may_start("oracle"):
+        sel, method = ORACLE
+        run.rows += compare(model, [Setting(sel, method, target_density=d) for d in args.densities]
+                            + [Setting(sel, "density", param=d) for d in args.densities],
+                            windows=windows, with_baselines=False, tol=args.baseline_tol, progress=False)
+        run.save()
+    if args.knob_baselines and "baselines" in args.phases and run.may_start("baselines under the density knob"):
+        run.rows += compare(model, [Setting(sel, "density", param=d) for sel, _ in BASELINES for d in args.densities],
+                            windows=windows, with_baselines=False, progress=False)
+        run.save()
 
     if "passkey" in args.phases and args.passkey_lengths and run.may_start("passkey"):
         model.set_seer_mode("dense")
@@ -296,8 +315,9 @@ def report(run):
                     return r
         return None
 
-    def base_row(sel, d):
-        return next((r for r in rows if r["selector"] == sel and r.get("target_density") == d), None)
+    def base_row(sel, d, method="nz_ratio"):
+        return next((r for r in rows if r["selector"] == sel and r["method"] == method and (
+            r.get("target_density") == d if method != "density" else r.get("param") == d)), None)
 
     for v in gates_of(run):
         for kind in ("knob", "threshold", "matched", "coverage", "coverage matched"):
@@ -308,8 +328,10 @@ def report(run):
             if kind.startswith("coverage") and not run.args.coverage:
                 continue
             lines.append(f"| gate {v}: {name} | " + " | ".join(cell(gate_row(v, d, kind)) for d in dens) + " |")
-    for sel, method in BASELINES:
-        lines.append(f"| {sel} ({method}) | " + " | ".join(cell(base_row(sel, d)) for d in dens) + " |")
+    refs = list(BASELINES) + ([ORACLE, (ORACLE[0], "density")] if run.args.oracle else []) + (
+        [(sel, "density") for sel, _ in BASELINES] if run.args.knob_baselines else [])
+    for sel, method in refs:
+        lines.append(f"| {sel} ({method}) | " + " | ".join(cell(base_row(sel, d, method)) for d in dens) + " |")
     lines.append("")
     for v in gates_of(run):
         for d in dens:
@@ -343,6 +365,12 @@ def report(run):
                 best = min(base, key=lambda b: b["ppl"])
                 lines.append(f"gate {v} at {d:g}: knob {knob['ppl']:.3f} vs best baseline {best['setting']} "
                              f"{best['ppl']:.3f} ({'ahead' if knob['ppl'] < best['ppl'] else 'BEHIND'})")
+            for method in ("nz_ratio", "density"):
+                oracle = base_row(ORACLE[0], d, method)
+                if knob is not None and knob.get("ppl") and oracle is not None and oracle.get("ppl"):
+                    lines.append(f"gate {v} at {d:g}: knob {knob['ppl']:.3f} at {knob['density']:.3f} vs the oracle "
+                                 f"({method}) {oracle['ppl']:.3f} at {oracle['density']:.3f} "
+                                 f"({100 * (knob['ppl'] / oracle['ppl'] - 1):+.1f}%)")
             cov = gate_row(v, d, "coverage")
             if cov is not None and cov.get("ppl") and base:
                 best = min(base, key=lambda b: b["ppl"])
