@@ -26,11 +26,17 @@
 # (gate_quality.md section 10). Next: stage with those gates, gate-calib-coverage (GATES=the carried file), then
 # decode-distill (decode gates for the CPU's offline decode evaluator, decode_ppl_offline.py ,gate).
 #
+# Session 30 (H100): gate-calib-coverage (1200-step gates), decode-distill (its gates did not come back: 3 folders deep
+# under OUT and over 16 MiB; the step now splits them into parts beside its log) and gate-capacity ran (gate_quality.md
+# section 12). Next: stage with the 1200-step gates, decode-distill, gate-free, then tests-kernels / pair-variants.
+#
 # Session 29: distill --gate-hidden-size / --q-pooling / --k-pooling exist now; gate-capacity measures them (issue 17's
 # untried "gate capacity" direction) after gate-calib-coverage and decode-distill. Session 29 got no machine (every start
 # refused); its CPU screen of wide / qmax (gate_quality.md section 11) gains <= 1% at 0.1. Next session: the same plan.
 #
 # STEP, in order of priority (minutes on one H200):
+#   gate-free      ~9  issue 17: free_blocks.py (the gate's softmax without the forced blocks) trained and applied to
+#                      GATES' selection only, and the oracle at 0.1 / 0.05, 8k; needs staging
 #   gate-capacity  ~9  issue 17: gates of twice the width (wide) and with Q max-pooled too (qmax) beside plain, 250
 #                      steps each, knob / threshold / coverage at 0.1 at 8k; needs staging
 #   gate-long      ~8  issue 17: distil STEPS (default 1200) of 8192 tokens, plain data (250 took 82 s); needs staging
@@ -219,11 +225,25 @@ case "$STEP" in
       --steps "${STEPS:-250}" --phases ppl --densities 0.1 --coverage --budget-s 470 --out "$OUT" \
       > "$OUT/gate_quality.log" 2>&1
     echo "gate_quality: exit $?"; tail -n 16 "$OUT/gate_quality.log" ;;
+  gate-free)  # issue 17: the gate scoring only the blocks the keep rules leave to it (free_blocks.py), 250 steps of 8192
+    # tokens, beside the paper's loss with the same selection change and the oracle at 0.1 / 0.05; needs staging, GATES
+    timeout 250 "$PY" docs/experiments/free_blocks.py train --model "$GGUF" "${DATA[@]}" --variants plain \
+      --phases ppl --densities 0.1 0.05 --coverage --budget-s 200 --out "$OUT/train" > "$OUT/train.log" 2>&1
+    echo "free train: exit $?"; tail -n 14 "$OUT/train.log"
+    timeout 150 "$PY" docs/experiments/free_blocks.py infer --model "$GGUF" "${DATA[@]}" --variants plain \
+      --gates plain="$GATES" --phases ppl --densities 0.1 0.05 --coverage --budget-s 120 --out "$OUT/infer" \
+      > "$OUT/infer.log" 2>&1
+    echo "free infer: exit $?"; tail -n 14 "$OUT/infer.log"
+    timeout 150 "$PY" docs/experiments/gate_quality.py --model "$GGUF" "${DATA[@]}" --variants plain --gates plain="$GATES" \
+      --phases baselines --oracle --densities 0.1 0.05 --budget-s 120 --out "$OUT/oracle" > "$OUT/oracle.log" 2>&1
+    echo "oracle: exit $?"; tail -n 8 "$OUT/oracle.log" ;;
   decode-distill)  # decode gates (with prefill gates) for the CPU's offline decode evaluator (decode_ppl_offline.py
     # --gates ... ,gate): STEPS (default 800, ~200 s on the H200) at 8192 tokens, the decode-quality run's defaults
     timeout 300 "$PY" -m seer_attn.eval.decode_quality --model "$GGUF" "${DATA[@]}" --no-progress --phases distill \
       --steps "${STEPS:-800}" --out "$OUT/decode_quality" > "$OUT/decode_quality.log" 2>&1
-    echo "decode_quality: exit $?"; tail -n 3 "$OUT/decode_quality.log" ;;
+    echo "decode_quality: exit $?"; tail -n 3 "$OUT/decode_quality.log"
+    # files come back at most 2 folders down and 16 MiB each (17.7 MB here): parts beside the log, `cat` them back
+    split -b 15M "$OUT/decode_quality/gates_decode_bf16.safetensors" "$OUT/gates_decode_bf16.part" && ls -la "$OUT" ;;
   density-ppl)  # density-profile's 8k perplexity half alone, fewer settings (a call that also runs decode-distill)
     timeout "${LIMIT:-300}" "$PY" docs/experiments/dense_layers_ppl.py "$GATES" --eval "$CORPORA/eval.jsonl" --length 8192 \
       --windows 0 --profile-from "$CORPORA/train.jsonl" --settings density=0.1 profile=0.75,density=0.1 coverage=0.75 \
