@@ -28,7 +28,9 @@
 #
 # Session 30 (H100): gate-calib-coverage (1200-step gates), decode-distill (its gates did not come back: 3 folders deep
 # under OUT and over 16 MiB; the step now splits them into parts beside its log) and gate-capacity ran (gate_quality.md
-# section 12). Next: stage with the 1200-step gates, decode-distill, gate-free, then tests-kernels / pair-variants.
+# section 12), then tests-kernels on the H100 at 525a83c: 231 passed (the pair programs' test_pair_rows_long and the
+# preamble helpers since bfaeb65 included). Next: stage with the 1200-step gates, decode-distill, gate-free, then
+# pair-variants and bench-kernels.
 #
 # Session 29: distill --gate-hidden-size / --q-pooling / --k-pooling exist now; gate-capacity measures them (issue 17's
 # untried "gate capacity" direction) after gate-calib-coverage and decode-distill. Session 29 got no machine (every start
