@@ -30,7 +30,8 @@ KEEP = gate_quality.KEEP
 _select_blocks = selection.select_blocks
 
 
-def _forced(NB, device, keep_diagonal=True, keep_sink=True, keep_local=1, window=None, block_size=64):
+def _forced(NB, device, keep_diagonal, keep_sink, keep_local, window=None, block_size=64):
+    """The blocks the keep rules add whatever the scores say, the last rows' dense rule aside."""
     return keep_rule_mask(NB, keep_diagonal, keep_sink, keep_local, 0, window, block_size, device)
 
 

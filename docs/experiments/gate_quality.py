@@ -61,6 +61,19 @@ BASELINES = (("streaming", "nz_ratio"), ("meanpool", "nz_ratio"))
 #: ``--oracle``: the reference the issue measures the gate's gap against (a dense pass per layer; not a baseline),
 #: as the issue's top-k per row and under the gate's own density knob
 ORACLE = ("oracle_max", "nz_ratio")
+
+
+def references(args):
+    """(selector, method) of every reference row the baselines phase runs: the issue's baselines, then the oracle
+    (``--oracle``: top-k and the density knob) and the baselines under the knob (``--knob-baselines``)."""
+    return list(BASELINES) + ([ORACLE, (ORACLE[0], "density")] if args.oracle else []) + (
+        [(sel, "density") for sel, _ in BASELINES] if args.knob_baselines else [])
+
+
+def reference_setting(sel, method, density):
+    """The knob takes the density as its parameter; a top-k is calibrated to it."""
+    return Setting(sel, method, param=density) if method == "density" else \
+        Setting(sel, method, target_density=density)
 PHASES = ("ppl", "baselines", "passkey", "cost")
 VARIANTS = ("plain", "retrieval", "wide", "qmax")
 #: the gate-capacity variants' distillation options (issue 17's "gate capacity"): plain data and loss,
@@ -232,21 +245,12 @@ def main(argv=None):
             for r in density_knob_rows(model, windows, args.densities, calib=calib, coverage=args.coverage):
                 run.rows.append({**r, "label": f"gate {v} ({r['method']})"})
             run.save()
-    for sel, method in BASELINES:
-        if "baselines" in args.phases and run.may_start(f"{sel} baseline"):
-            run.rows += compare(model, [Setting(sel, method, target_density=d) for d in args.densities],
+    for sel, method in references(args):
+        what = f"{sel} baseline" if (sel, method) in BASELINES else f"{sel} {method}"
+        if "baselines" in args.phases and run.may_start(what):
+            run.rows += compare(model, [reference_setting(sel, method, d) for d in args.densities],
                                 windows=windows, with_baselines=False, tol=args.baseline_tol, progress=False)
             run.save()
-    if args.oracle and "baselines" in args.phases and run.may_start("oracle"):
-        sel, method = ORACLE
-        run.rows += compare(model, [Setting(sel, method, target_density=d) for d in args.densities]
-                            + [Setting(sel, "density", param=d) for d in args.densities],
-                            windows=windows, with_baselines=False, tol=args.baseline_tol, progress=False)
-        run.save()
-    if args.knob_baselines and "baselines" in args.phases and run.may_start("baselines under the density knob"):
-        run.rows += compare(model, [Setting(sel, "density", param=d) for sel, _ in BASELINES for d in args.densities],
-                            windows=windows, with_baselines=False, progress=False)
-        run.save()
 
     if "passkey" in args.phases and args.passkey_lengths and run.may_start("passkey"):
         model.set_seer_mode("dense")
@@ -316,8 +320,8 @@ def report(run):
         return None
 
     def base_row(sel, d, method="nz_ratio"):
-        return next((r for r in rows if r["selector"] == sel and r["method"] == method and (
-            r.get("target_density") == d if method != "density" else r.get("param") == d)), None)
+        want = str(reference_setting(sel, method, d))
+        return next((r for r in rows if r["setting"] == want), None)
 
     for v in gates_of(run):
         for kind in ("knob", "threshold", "matched", "coverage", "coverage matched"):
@@ -328,9 +332,7 @@ def report(run):
             if kind.startswith("coverage") and not run.args.coverage:
                 continue
             lines.append(f"| gate {v}: {name} | " + " | ".join(cell(gate_row(v, d, kind)) for d in dens) + " |")
-    refs = list(BASELINES) + ([ORACLE, (ORACLE[0], "density")] if run.args.oracle else []) + (
-        [(sel, "density") for sel, _ in BASELINES] if run.args.knob_baselines else [])
-    for sel, method in refs:
+    for sel, method in references(run.args):
         lines.append(f"| {sel} ({method}) | " + " | ".join(cell(base_row(sel, d, method)) for d in dens) + " |")
     lines.append("")
     for v in gates_of(run):
