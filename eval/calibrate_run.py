@@ -3,7 +3,7 @@
     seer-attn calibrate --model SOURCE [--gates GATES] --density 0.1 [--method coverage]
         [--data sample.jsonl] [--max-length 8192] [--windows 4] [--eval-windows 4] [--out DIR]
 
-The gate's ``coverage`` (default) or ``threshold`` is solved so that sparse prefills over
+The gate's ``coverage`` (default), ``threshold`` or ``gain`` is solved so that sparse prefills over
 ``--windows`` windows of ``--data`` (default: the bundled training corpus) keep ``--density``
 of the causal blocks, under the keep rules it will ship with (the model's config, or
 ``--keep-sink``, ``--keep-local``, ``--dense-last-rows``, ``--dense-layers``): one exact
@@ -42,7 +42,7 @@ from .perplexity import DEFAULT_MAX_LENGTH, load_documents, make_windows, model_
 from .settings import METHOD_PARAM, Setting
 
 KIND = "calibration"
-METHODS = ("coverage", "threshold")
+METHODS = ("coverage", "threshold", "gain")  # eval/cli.py's --calibrate-method lists them too (no torch)
 #: the config fields a calibration counts (what the selection keeps whatever the scores say)
 KEEP_FIELDS = ("seer_keep_diagonal", "seer_keep_sink", "seer_keep_local", "seer_dense_last_rows",
                "seer_dense_layers")
@@ -86,7 +86,9 @@ def add_calibrate_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--gates", default=None, help="gates file or folder (seer_gates.safetensors) to load onto --model")
     p.add_argument("--method", choices=METHODS, default=d("method"),
                    help="coverage: fewest blocks holding a share of the gate's probability per row (spends blocks "
-                        "where the gate is unsure; default); threshold: blocks whose gate probability is >= t")
+                        "where the gate is unsure; default); threshold: blocks whose gate probability is >= t; "
+                        "gain: per row, blocks that would each hold >= g of the row's kept mass (the most log-mass "
+                        "for the blocks kept)")
     p.add_argument("--data", default=None,
                    help="jsonl sample of your text ('text' field), one window per document (default: the bundled "
                         "training corpus)")

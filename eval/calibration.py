@@ -2,7 +2,7 @@
 blocks (docs/design.md §4: a selection is only compared at the density of another).
 
 :func:`calibrate` bisects over forwards (any selector and method); :func:`gate_params_for`
-solves the gate's threshold or coverage from one exact pass's scores; :func:`calibrate_gate` corrects
+solves the gate's threshold, coverage or gain from one exact pass's scores; :func:`calibrate_gate` corrects
 that parameter with a few sparse passes (the calibrated density knob; :func:`calibrate_threshold`
 for the threshold); :func:`density_profile` is the coverage rule's spread over the layers, for
 the density knob; :func:`measure_density` is the achieved density of the model's current
@@ -23,7 +23,8 @@ from .settings import Setting, apply_setting, preserved_seer_mode
 
 # Search interval of each method's parameter: (low, high, log-scale, density grows with the parameter)
 _SEARCH = {"threshold": (1e-7, 0.99, True, False), "nz_ratio": (1e-3, 1.0, False, True),
-           "coverage": (1e-3, 1.0, False, True), "density": (1e-3, 1.0, False, True)}
+           "coverage": (1e-3, 1.0, False, True), "gain": (1e-7, 0.99, True, False),
+           "density": (1e-3, 1.0, False, True)}
 # Smallest bisection step, as a share of the search interval (log-interval for the threshold:
 # a factor 1.0016): finer than any density step of top-k at 128k tokens (k / 2048).
 _MIN_STEP = 1e-4
@@ -108,11 +109,11 @@ def calibrate(model, method, target_density, windows, *, selector="gate", tol=0.
               batch_size=1, progress=False) -> Calibration:
     """Find the ``method`` parameter at which ``selector`` keeps ``target_density`` of the
     causal blocks on ``windows`` (bisection; the density is monotone in the parameter:
-    falling with the threshold, rising with nz_ratio and coverage).
+    falling with the threshold and the gain, rising with nz_ratio and coverage).
 
     Args:
         model: a ``SeerLlamaForCausalLM``; its mode is restored afterwards.
-        method: ``"threshold"`` (searched on a log scale in [1e-7, 0.99]), ``"nz_ratio"``,
+        method: ``"threshold"`` or ``"gain"`` (searched on a log scale in [1e-7, 0.99]), ``"nz_ratio"``,
             ``"coverage"`` or ``"density"`` (in [1e-3, 1]; ``"density"`` keeps its parameter
             already, so calibrating it only matters below the keep rules' floor).
         target_density: kept share of causal blocks, in (0, 1].
@@ -196,13 +197,14 @@ def calibrate(model, method, target_density, windows, *, selector="gate", tol=0.
 
 # The axis each gate method is solved on (gate_params_for's bisection, calibrate_gate's secant
 # steps): parameter -> x, x -> parameter, the x range, and the sign of d(density)/dx (the
-# threshold's density falls on a log scale; the coverage's rises, steeply near 1, so it walks
+# threshold's and the gain's density fall on a log scale; the coverage's rises, steeply near 1, so it walks
 # -log(1 - coverage)).
 _GATE_AXIS = {
     "threshold": (math.log, math.exp, math.log(_SEARCH["threshold"][0]), math.log(_SEARCH["threshold"][1]), -1.0),
     "coverage": (lambda c: -math.log1p(-min(c, 1 - 1e-6)), lambda x: -math.expm1(-x),
                  -math.log1p(-_SEARCH["coverage"][0]), -math.log(1e-6), 1.0),
 }
+_GATE_AXIS["gain"] = _GATE_AXIS["threshold"]
 
 
 @torch.no_grad()
@@ -236,13 +238,13 @@ def exact_gate_scores(model, windows) -> list:
 
 @torch.no_grad()
 def gate_params_for(model, windows, densities, *, method="threshold", iters=48, scores=None) -> list:
-    """Parameters of the gate's ``method`` (``"threshold"`` or ``"coverage"``) that keep each of
+    """Parameters of the gate's ``method`` (``"threshold"``, ``"coverage"`` or ``"gain"``) that keep each of
     ``densities`` of the causal blocks on ``windows``, solved from the gate's scores in one
     exact-attention pass (no search over forwards).
 
     Each window runs once in ``seer_mode="distill"`` (exact attention, the gate scoring every
     layer's blocks); the parameter of each target is then bisected (the threshold on a log
-    scale in [1e-7, 0.99], the coverage on -log(1 - coverage) over [1e-3, 1 - 1e-6]) on those
+    scale in [1e-7, 0.99], the gain likewise, the coverage on -log(1 - coverage) over [1e-3, 1 - 1e-6]) on those
     stored scores with the model's keep rules. The scores come from the dense trajectory, so a
     sparse prefill at the returned parameter lands near, not exactly on, the target: measure
     the achieved density (``evaluate_perplexity`` does). A target below the keep rules' floor gives the sparsest
@@ -289,7 +291,7 @@ def calibrate_threshold(model, windows, target_density, *, rel_tol=0.02, max_for
 
 def calibrate_gate(model, windows, target_density, *, method="threshold", rel_tol=0.02,
                    max_forwards=8) -> Calibration:
-    """The parameter of the gate's ``method`` (``"threshold"`` or ``"coverage"``) that keeps
+    """The parameter of the gate's ``method`` (``"threshold"``, ``"coverage"`` or ``"gain"``) that keeps
     ``target_density`` of the causal blocks in sparse forwards over ``windows`` (a sample of
     the user's text): the calibrated density knob (docs/experiments/gate_quality.md §6, §8).
 

@@ -50,8 +50,6 @@ from tqdm.auto import tqdm
 DEFAULT_MAX_LENGTH = 8192
 DEFAULT_WINDOWS_PER_DOC = 2
 _NLL_CHUNK = 2048  # positions per fp32 cross-entropy chunk (bounds the fp32 copy of the logits)
-_METHOD_PARAM = {"threshold": "seer_threshold", "nz_ratio": "seer_nz_ratio", "coverage": "seer_coverage",
-                 "density": "seer_density"}
 
 
 # ----------------------------------------------------------------------------- corpus
@@ -195,13 +193,15 @@ def model_device(model) -> torch.device:
 def seer_settings(model) -> dict:
     """The selection a Seer model is set to (``mode``, ``selector``, ``method``, ``param``);
     ``{"mode": "dense"}`` for dense Seer models and models without ``seer_*`` config."""
+    from seer_attn.modeling_seer.selection import METHOD_FIELD
+
     cfg = model.config
     mode = getattr(cfg, "seer_mode", None)
     if mode != "sparse":
         return {"mode": mode or "dense"}
     method = cfg.seer_sparsity_method
     return {"mode": "sparse", "selector": cfg.seer_selector, "method": method,
-            "param": float(getattr(cfg, _METHOD_PARAM[method])),
+            "param": float(getattr(cfg, METHOD_FIELD[method])),
             "keep_diagonal": bool(cfg.seer_keep_diagonal), "keep_sink": bool(cfg.seer_keep_sink),
             "keep_local": int(cfg.seer_keep_local), "dense_last_rows": int(cfg.seer_dense_last_rows)}
 

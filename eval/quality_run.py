@@ -313,7 +313,7 @@ def _ppl(model, windows, config, report):
     report.save()
 
 
-def density_knob_rows(model, windows, densities, *, calib=None, calib_windows=4, coverage=False,
+def density_knob_rows(model, windows, densities, *, calib=None, calib_windows=4, rules=(),
                       progress=False) -> list:
     """The density knob against the threshold at the same achieved density.
 
@@ -331,36 +331,39 @@ def density_knob_rows(model, windows, densities, *, calib=None, calib_windows=4,
     ``windows`` says how well that promise holds. The threshold rows record ``calibrated_on``
     (``"held-out"`` or ``"evaluated"``: some of ``windows`` themselves).
 
-    ``coverage``: two more rows per ``rho``: the coverage rule solved on the same calibration
-    windows (a calibrated knob that spends the budget where the gate is unsure: broad rows and
-    layers get more blocks), and the coverage bisected over sparse forwards on ``windows`` to
-    the threshold row's achieved density, marked ``coverage_matched_to`` with ``ppl_ratio``
-    (its PPL over the threshold's) and ``density_error`` (what the bisection left)."""
+    ``rules``: other gate methods that can serve as the knob (``"coverage"``: a calibrated knob
+    that spends the budget where the gate is unsure, broad rows and layers get more blocks;
+    ``"gain"``: the most log-mass for the blocks kept). Two more rows per rule and ``rho``: the
+    rule solved on the same calibration windows, and the rule bisected over sparse forwards on
+    ``windows`` to the threshold row's achieved density, marked ``<rule>_matched_to`` with
+    ``ppl_ratio`` (its PPL over the threshold's) and ``density_error`` (what the bisection left)."""
     targets = [float(d) for d in densities]
+    bad = [r for r in rules if r not in ("coverage", "gain")]
+    if bad:
+        raise ValueError(f"rules={bad} are invalid: expected methods from ('coverage', 'gain')")
     held_out = calib is not None
     calib = pick_calibration_windows(calib if held_out else windows, calib_windows)
-    scores = exact_gate_scores(model, calib)  # one exact pass serves both methods
+    scores = exact_gate_scores(model, calib)  # one exact pass serves every method
     thresholds = gate_params_for(model, calib, targets, method="threshold", scores=scores)
-    coverages = gate_params_for(model, calib, targets, method="coverage", scores=scores) if coverage else \
-        [None] * len(targets)
+    solved = {m: gate_params_for(model, calib, targets, method=m, scores=scores) for m in rules}
 
     def row(setting):
         return compare(model, [setting], windows=windows, with_baselines=False, progress=progress)[0]
 
     rows = []
-    for rho, tau, cov in zip(targets, thresholds, coverages):
+    for i, (rho, tau) in enumerate(zip(targets, thresholds)):
         knob, thr = row(Setting("gate", "density", param=rho)), row(Setting("gate", "threshold", param=tau))
         thr["calibrated_on"] = "held-out" if held_out else "evaluated"
         matched = row(Setting("gate", "density", param=thr["density"]))
         matched.update(matched_to=thr["setting"], ppl_ratio=matched["ppl"] / thr["ppl"])
         new = [knob, thr, matched]
-        if cov is not None:
-            cal = row(Setting("gate", "coverage", param=cov))
+        for m in rules:
+            cal = row(Setting("gate", m, param=solved[m][i]))
             cal["calibrated_on"] = thr["calibrated_on"]
-            fit = calibrate(model, "coverage", thr["density"], windows, tol=1e-3, strict=False)
-            same = row(Setting("gate", "coverage", param=fit.param))
-            same.update(coverage_matched_to=thr["setting"], ppl_ratio=same["ppl"] / thr["ppl"],
-                        density_error=same["density"] - thr["density"])
+            fit = calibrate(model, m, thr["density"], windows, tol=1e-3, strict=False)
+            same = row(Setting("gate", m, param=fit.param))
+            same.update({f"{m}_matched_to": thr["setting"], "ppl_ratio": same["ppl"] / thr["ppl"],
+                         "density_error": same["density"] - thr["density"]})
             new += [cal, same]
         for r in new:
             r["knob_density"] = rho

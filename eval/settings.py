@@ -13,11 +13,10 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from seer_attn.modeling_seer.selection import SELECTORS, SPARSITY_METHODS, baseline_pairs
+from seer_attn.modeling_seer.selection import METHOD_FIELD, SELECTORS, SPARSITY_METHODS, baseline_pairs
 from seer_attn.training.cli_args import ArgValueError
 
-METHOD_PARAM = {"threshold": "seer_threshold", "nz_ratio": "seer_nz_ratio", "coverage": "seer_coverage",
-                "density": "seer_density"}
+METHOD_PARAM = METHOD_FIELD  # the config field of each method's parameter (the selection module's)
 #: (selector, method) of the training-free baselines, in table order, as registered at import
 #: (:data:`~seer_attn.modeling_seer.selection.SELECTORS`; the functions here read it live).
 BASELINES = baseline_pairs()
@@ -41,12 +40,13 @@ DEFAULT_DENSITIES = (0.21, 0.11)
 
 
 def check_param(method, value, what="param"):
-    """``value`` as a float when it is a valid parameter of ``method`` (a threshold is below 1,
-    an nz_ratio or coverage may be 1), else ValueError naming ``what`` and the value."""
+    """``value`` as a float when it is a valid parameter of ``method`` (a threshold or gain is
+    below 1, an nz_ratio or coverage may be 1), else ValueError naming ``what`` and the value."""
     v = float(value)
-    ok = 0.0 < v < 1.0 if method == "threshold" else 0.0 < v <= 1.0
+    below_one = method in ("threshold", "gain")
+    ok = 0.0 < v < 1.0 if below_one else 0.0 < v <= 1.0
     if not ok or math.isnan(v):
-        bound = "0 < threshold < 1" if method == "threshold" else f"0 < {method} <= 1"
+        bound = f"0 < {method} < 1" if below_one else f"0 < {method} <= 1"
         raise ValueError(f"{what}={value!r} is invalid for method {method!r}: expected {bound}")
     return v
 
@@ -54,7 +54,7 @@ def check_param(method, value, what="param"):
 @dataclass(frozen=True)
 class Setting:
     """One block selection to evaluate: ``dense``, or a selector + method with either a fixed
-    ``param`` (threshold / nz_ratio / coverage / density) or a ``target_density`` to calibrate to."""
+    ``param`` (threshold / nz_ratio / coverage / gain / density) or a ``target_density`` to calibrate to."""
 
     selector: str
     method: str | None = None

@@ -28,6 +28,8 @@ import json
 import os
 from dataclasses import dataclass, field
 
+from seer_attn.modeling_seer.selection import METHOD_FIELD
+
 #: envelope kinds whose rows are perplexity measurements (docs/design.md §4)
 PPL_KINDS = ("demo", "quality", "ppl_compare")
 #: envelope kinds of training runs (the card's "Training" section)
@@ -45,8 +47,7 @@ THIS_GATE = "Seer gate (this model)"
 TAGS = ["sparse-attention", "long-context", "seer-attention", "custom_code"]
 PLOT_FILE = "ppl_vs_density.png"
 #: the per-method config field of a gate setting
-PARAM_FIELD = {"threshold": "seer_threshold", "nz_ratio": "seer_nz_ratio", "coverage": "seer_coverage",
-               "density": "seer_density"}
+PARAM_FIELD = METHOD_FIELD
 CITATION = """@article{gao2024seerattention,
   title   = {SeerAttention: Learning Intrinsic Sparse Attention in Your LLMs},
   author  = {Gao, Yizhao and Zeng, Zhichen and Du, Dayou and Cao, Shijie and So, Hayden Kwok-Hay and
@@ -349,7 +350,7 @@ def _setting_name(r) -> str:
 def _param_text(r) -> str:
     if r.get("param") is None:
         return "—"
-    name = {"threshold": "threshold", "nz_ratio": "top-k share", "coverage": "coverage",
+    name = {"threshold": "threshold", "nz_ratio": "top-k share", "coverage": "coverage", "gain": "log-mass gain",
             "density": "density knob"}.get(r.get("method"), r.get("method") or "")
     return f"{name} {r['param']:.4g}"
 

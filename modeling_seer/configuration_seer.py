@@ -17,8 +17,9 @@ DISTILL_TARGETS = ("max", "mass")
 BOOL_FIELDS = ("seer_gate_rope", "seer_keep_diagonal", "seer_keep_sink", "seer_decode_gate", "seer_decode_sparsity")
 INT_FIELDS = ("seer_block_size", "seer_gate_hidden_size", "seer_keep_local", "seer_dense_last_rows",
               "seer_dense_layers", "seer_decode_budget", "seer_decode_distill_rows", "seer_decode_keep_local")
-FLOAT_FIELDS = ("seer_threshold", "seer_nz_ratio", "seer_coverage", "seer_distill_loss_scale", "seer_decode_share",
-                "seer_decode_threshold", "seer_decode_mass", "seer_density", "seer_distill_peak_weight")
+FLOAT_FIELDS = ("seer_threshold", "seer_nz_ratio", "seer_coverage", "seer_gain", "seer_distill_loss_scale",
+                "seer_decode_share", "seer_decode_threshold", "seer_decode_mass", "seer_density",
+                "seer_distill_peak_weight")
 #: Options the gates are built from (their shapes and RoPE): fixed once a model exists.
 STRUCTURAL_FIELDS = ("seer_block_size", "seer_gate_hidden_size", "seer_q_pooling", "seer_k_pooling",
                      "seer_gate_rope", "seer_decode_gate")
@@ -48,6 +49,9 @@ class SeerConfigMixin:
             ``nz_ratio`` of the causal blocks are kept).
             ``"coverage"`` keeps per row the fewest best blocks whose softmaxed scores sum
             to >= ``seer_coverage`` (adaptive budget).
+            ``"gain"`` keeps per row the best blocks beyond the keep rules' while each would hold
+            >= ``seer_gain`` of the row's kept mass once added: the most log-mass for the
+            blocks kept (between the threshold and the coverage; selection.select_gain).
             ``"density"`` keeps ``seer_density`` of the causal blocks in every layer: the keep
             rules' blocks plus the most probable other blocks over all heads and rows of the
             layer (a threshold solved per layer and sequence, so the budget stays adaptive
@@ -55,6 +59,7 @@ class SeerConfigMixin:
         seer_threshold: threshold tau, in (0, 1).
         seer_nz_ratio: target kept share of causal blocks, in (0, 1].
         seer_coverage: probability mass kept per row by ``"coverage"``, in (0, 1].
+        seer_gain: the least share of a row's kept mass a block added by ``"gain"`` holds, in (0, 1).
         seer_density: kept share of causal blocks asked of ``"density"``, in (0, 1] (the keep
             rules set a floor).
         seer_selector: what scores the blocks in sparse mode: ``"gate"`` (the learned
@@ -124,6 +129,7 @@ class SeerConfigMixin:
     seer_threshold: float = 2e-3
     seer_nz_ratio: float = 0.3
     seer_coverage: float = 0.9
+    seer_gain: float = 0.05
     seer_density: float = 0.2
     seer_selector: str = "gate"
     seer_keep_diagonal: bool = True
@@ -198,6 +204,8 @@ class SeerConfigMixin:
             bad("seer_nz_ratio", "expected 0 < nz_ratio <= 1")
         if not 0.0 < self.seer_coverage <= 1.0:
             bad("seer_coverage", "expected 0 < coverage <= 1")
+        if not 0.0 < self.seer_gain < 1.0:
+            bad("seer_gain", "expected 0 < gain < 1")
         if not 0.0 < self.seer_density <= 1.0:
             bad("seer_density", "expected 0 < density <= 1")
         if self.seer_selector not in SELECTORS:

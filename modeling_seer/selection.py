@@ -1,7 +1,7 @@
 """Block selection, family-agnostic: the selector registry, block scores, keep rules, density.
 
 A *selector* scores every (query block, key block) pair of a prefill; a *method*
-(``threshold`` / ``nz_ratio`` / ``coverage`` / ``density``) and the keep rules turn the scores into a
+(``threshold`` / ``nz_ratio`` / ``coverage`` / ``gain`` / ``density``) and the keep rules turn the scores into a
 block mask (docs/design.md §2). A sliding-window layer passes its ``window``: blocks the
 window does not reach are never selected and density counts only the blocks it reaches. Every selector is one :class:`Selector` entry of
 :data:`SELECTORS`, read by config validation, the model's sparse attention, eval and the
@@ -23,7 +23,10 @@ from seer_attn.kernels.block_sparse_attn import attn_with_pooling
 #: Logit given to blocks a selection must never pick (above the diagonal, padding-only keys).
 #: Finite, so that KL terms with a zero target stay 0 instead of NaN.
 MASKED_LOGIT = -1e9
-SPARSITY_METHODS = ("threshold", "nz_ratio", "coverage", "density")
+SPARSITY_METHODS = ("threshold", "nz_ratio", "coverage", "gain", "density")
+#: the config field that holds each method's parameter
+METHOD_FIELD = {"threshold": "seer_threshold", "nz_ratio": "seer_nz_ratio", "coverage": "seer_coverage",
+                "gain": "seer_gain", "density": "seer_density"}
 
 
 def block_pool(x, block_size, kinds, valid=None):
@@ -155,14 +158,43 @@ def select_density(probs, density, forced, reached, masked=None):
     return mask
 
 
+def select_gain(probs, gain, forced):
+    """The ``gain`` method: per row, the free blocks (those ``forced`` does not hold) in falling
+    probability while each would hold at least ``gain`` of the row's kept mass once added.
+
+    A row keeping softmax mass M of the gate loses about -log M; adding a block of probability
+    p gains log(1 + p / M). Along a row's sorted free blocks p falls and M (the forced blocks'
+    mass plus the free blocks before) grows, so the gain falls and the kept blocks are a prefix;
+    keeping every block whose p / (M + p) >= ``gain`` is the greedy spend of the blocks it keeps
+    that maximises the summed log kept mass over the layer (one cut for all rows and heads).
+    Between the threshold (confident peaks first, whatever the row keeps) and the coverage
+    (unsure rows first): docs/experiments/gate_quality.md section 14.
+
+    Args:
+        probs: float ``[..., NB, NB]``, each row's softmaxed scores (0 where masked).
+        gain: in (0, 1); smaller keeps more.
+        forced: bool ``[NB, NB]``, the blocks the keep rules add whatever the scores say.
+
+    Returns:
+        bool ``[..., NB, NB]``: the free blocks kept (the forced ones are not set).
+    """
+    held = (probs * forced).sum(-1, keepdim=True)
+    p, order = torch.sort(probs.masked_fill(forced, 0.0), dim=-1, descending=True)
+    before = held + p.cumsum(-1) - p  # mass kept before each free block
+    keep_sorted = (p > 0) & (p >= gain * (before + p))
+    return torch.zeros_like(keep_sorted).scatter_(-1, order, keep_sorted)
+
+
 def select_blocks(scores, method, threshold=2e-3, nz_ratio=0.3, keep_diagonal=True, keep_sink=False,
-                  dense_last_rows=2, coverage=0.9, keep_local=0, window=None, block_size=64, density=0.2):
+                  dense_last_rows=2, coverage=0.9, keep_local=0, window=None, block_size=64, density=0.2,
+                  gain=0.05):
     """Turn block logits ``[B, HQ, NB, NB]`` into a causal bool block mask of the same shape.
 
     Methods: ``threshold`` keeps blocks whose softmaxed score is >= ``threshold``;
     ``nz_ratio`` keeps the top k (:func:`nz_ratio_k`) blocks of every row; ``coverage``
     keeps, per row, the fewest highest-scoring blocks whose softmaxed scores sum to >=
-    ``coverage``. Then the keep-options are applied (the diagonal block, the sink block, the
+    ``coverage``; ``gain`` keeps, per row, the free blocks that would each hold >= ``gain`` of the
+    row's kept mass (:func:`select_gain`). Then the keep-options are applied (the diagonal block, the sink block, the
     ``keep_local`` blocks just before the diagonal, the ``dense_last_rows`` last rows) and
     everything above the diagonal is dropped.
 
@@ -184,6 +216,9 @@ def select_blocks(scores, method, threshold=2e-3, nz_ratio=0.3, keep_diagonal=Tr
         before = p.cumsum(-1) - p  # mass of the strictly better blocks
         keep_sorted = before < coverage
         mask = torch.zeros_like(keep_sorted).scatter_(-1, order, keep_sorted)
+    elif method == "gain":
+        forced = keep_rule_mask(NB, keep_diagonal, keep_sink, keep_local, 0, window, block_size, scores.device)
+        mask = select_gain(torch.softmax(scores.float(), dim=-1), gain, forced)
     elif method == "density":
         forced = keep_rule_mask(NB, keep_diagonal, keep_sink, keep_local, dense_last_rows, window, block_size,
                                 scores.device)
@@ -268,7 +303,7 @@ def select_blocks_for(scores, cfg, window=None, layer_idx=None):
                          keep_diagonal=cfg.seer_keep_diagonal, keep_sink=cfg.seer_keep_sink,
                          dense_last_rows=cfg.seer_dense_last_rows, coverage=cfg.seer_coverage,
                          keep_local=cfg.seer_keep_local, window=window, block_size=cfg.seer_block_size,
-                         density=layer_density(cfg, layer_idx, scores.shape[-1]))
+                         density=layer_density(cfg, layer_idx, scores.shape[-1]), gain=cfg.seer_gain)
 
 
 def causal_density(mask, window=None, block_size=64):

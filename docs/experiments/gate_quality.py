@@ -121,6 +121,9 @@ def parse_args(argv=None):
     ap.add_argument("--coverage", action="store_true",
                     help="density knob rows also of the coverage rule: solved where the threshold is, and "
                          "bisected to the threshold's achieved density (the knob's PPL against the threshold)")
+    ap.add_argument("--gain", action="store_true",
+                    help="density knob rows also of the gain rule (per row, the blocks that would each hold >= g of "
+                         "the row's kept mass), solved and bisected as --coverage's are")
     ap.add_argument("--oracle", action="store_true",
                     help="with the baselines phase: the oracle top-k of the true max-pooled map at each density too "
                          "(the gate's gap to it, issue 17's first target; not counted as a baseline)")
@@ -242,7 +245,7 @@ def main(argv=None):
         if "ppl" in args.phases and run.may_start(f"density knob rows of {v}"):
             model = model_with(path)
             model.set_seer_mode("sparse", **KEEP)
-            for r in density_knob_rows(model, windows, args.densities, calib=calib, coverage=args.coverage):
+            for r in density_knob_rows(model, windows, args.densities, calib=calib, rules=rules_of(args)):
                 run.rows.append({**r, "label": f"gate {v} ({r['method']})"})
             run.save()
     for sel, method in references(args):
@@ -297,6 +300,11 @@ def selection_cost(lengths=(32768, 131072), heads=32, density=0.1):
     return out
 
 
+def rules_of(args):
+    """The knob rules asked for besides the threshold and the density knob (``--coverage``, ``--gain``)."""
+    return tuple(m for m in ("coverage", "gain") if getattr(args, m, False))
+
+
 def report(run):
     """The closing table: PPL (achieved density) per target density of each selection, the knob
     against the threshold at one density, passkey, and the issue's targets met or not."""
@@ -311,11 +319,17 @@ def report(run):
         return "—" if r is None or r.get("ppl") is None else f"{r['ppl']:.3f} ({r['density']:.3f})"
 
     def gate_row(v, d, kind):
+        """kind: knob, threshold, matched (the knob at the threshold's density), RULE (a rule of
+        rules_of solved to d) or "RULE matched" (that rule at the threshold's density)."""
+        rule, _, matched = kind.partition(" ")
         for r in rows:
             if r.get("label", "").startswith(f"gate {v} ") and r.get("knob_density") == d:
-                method, m, cm = r["method"], r.get("matched_to"), r.get("coverage_matched_to")
-                if {"knob": method == "density" and not m, "threshold": method == "threshold", "matched": m,
-                        "coverage": method == "coverage" and not cm, "coverage matched": cm}[kind]:
+                method, m = r["method"], r.get("matched_to")
+                if kind == "knob" and method == "density" and not m or kind == "threshold" and method == "threshold" \
+                        or kind == "matched" and m:
+                    return r
+                if rule in ("coverage", "gain") and method == rule \
+                        and bool(r.get(f"{rule}_matched_to")) == bool(matched):
                     return r
         return None
 
@@ -323,14 +337,13 @@ def report(run):
         want = str(reference_setting(sel, method, d))
         return next((r for r in rows if r["setting"] == want), None)
 
+    held = " on held-out windows" if run.args.calib_from == "train" else ""
+    kinds = {"knob": "density knob", "threshold": "threshold solved to it" + held,
+             "matched": "knob at the threshold's density"}
+    for rule in rules_of(run.args):
+        kinds.update({rule: f"{rule} solved to it" + held, f"{rule} matched": f"{rule} at the threshold's density"})
     for v in gates_of(run):
-        for kind in ("knob", "threshold", "matched", "coverage", "coverage matched"):
-            held = " on held-out windows" if run.args.calib_from == "train" else ""
-            name = {"knob": "density knob", "threshold": "threshold solved to it" + held,
-                    "matched": "knob at the threshold's density", "coverage": "coverage solved to it" + held,
-                    "coverage matched": "coverage at the threshold's density"}[kind]
-            if kind.startswith("coverage") and not run.args.coverage:
-                continue
+        for kind, name in kinds.items():
             lines.append(f"| gate {v}: {name} | " + " | ".join(cell(gate_row(v, d, kind)) for d in dens) + " |")
     for sel, method in references(run.args):
         lines.append(f"| {sel} ({method}) | " + " | ".join(cell(base_row(sel, d, method)) for d in dens) + " |")
@@ -342,15 +355,16 @@ def report(run):
                 lines.append(f"gate {v} at {d:g}: knob vs {m['matched_to']} at density {m['density']:.4f}: "
                              f"{100 * (m['ppl_ratio'] - 1):+.2f}% (target <= +1%: "
                              f"{'met' if m['ppl_ratio'] <= 1.01 else 'missed'})")
-            c = gate_row(v, d, "coverage matched")
-            if c is not None:
-                lines.append(f"gate {v} at {d:g}: coverage vs {c['coverage_matched_to']} at density "
-                             f"{c['density']:.4f} ({c['density_error']:+.4f}): {100 * (c['ppl_ratio'] - 1):+.2f}% "
-                             f"(target <= +1%: {'met' if c['ppl_ratio'] <= 1.01 else 'missed'})")
-            c = gate_row(v, d, "coverage")
-            if c is not None and c.get("calibrated_on") == "held-out":
-                lines.append(f"gate {v} at {d:g}: the coverage calibrated on held-out windows keeps "
-                             f"{c['density']:.4f} ({100 * (c['density'] / d - 1):+.1f}% of the asked density)")
+            for rule in rules_of(run.args):
+                c = gate_row(v, d, f"{rule} matched")
+                if c is not None:
+                    lines.append(f"gate {v} at {d:g}: {rule} vs {c[f'{rule}_matched_to']} at density "
+                                 f"{c['density']:.4f} ({c['density_error']:+.4f}): {100 * (c['ppl_ratio'] - 1):+.2f}% "
+                                 f"(target <= +1%: {'met' if c['ppl_ratio'] <= 1.01 else 'missed'})")
+                c = gate_row(v, d, rule)
+                if c is not None and c.get("calibrated_on") == "held-out":
+                    lines.append(f"gate {v} at {d:g}: the {rule} calibrated on held-out windows keeps "
+                                 f"{c['density']:.4f} ({100 * (c['density'] / d - 1):+.1f}% of the asked density)")
             t = gate_row(v, d, "threshold")
             if t is not None and t.get("calibrated_on") == "held-out":
                 lines.append(f"gate {v} at {d:g}: the threshold calibrated on held-out windows keeps "
@@ -373,13 +387,14 @@ def report(run):
                     lines.append(f"gate {v} at {d:g}: knob {knob['ppl']:.3f} at {knob['density']:.3f} vs the oracle "
                                  f"({method}) {oracle['ppl']:.3f} at {oracle['density']:.3f} "
                                  f"({100 * (knob['ppl'] / oracle['ppl'] - 1):+.1f}%)")
-            cov = gate_row(v, d, "coverage")
-            if cov is not None and cov.get("ppl") and base:
-                best = min(base, key=lambda b: b["ppl"])
-                verdict = ("ahead" if cov["ppl"] < best["ppl"] else "BEHIND") if cov["density"] <= best["density"] \
-                    else "denser than the baseline: no verdict"
-                lines.append(f"gate {v} at {d:g}: coverage {cov['ppl']:.3f} at {cov['density']:.3f} vs best baseline "
-                             f"{best['setting']} {best['ppl']:.3f} at {best['density']:.3f} ({verdict})")
+            for rule in rules_of(run.args):
+                cov = gate_row(v, d, rule)
+                if cov is not None and cov.get("ppl") and base:
+                    best = min(base, key=lambda b: b["ppl"])
+                    verdict = ("ahead" if cov["ppl"] < best["ppl"] else "BEHIND") \
+                        if cov["density"] <= best["density"] else "denser than the baseline: no verdict"
+                    lines.append(f"gate {v} at {d:g}: {rule} {cov['ppl']:.3f} at {cov['density']:.3f} vs best "
+                                 f"baseline {best['setting']} {best['ppl']:.3f} at {best['density']:.3f} ({verdict})")
     for name, res in run.passkey.items():
         line = f"passkey {name}: {res['accuracy']:.3f} (" + " ".join(
             f"{n}: {a:.3f}" for n, a in res["per_length"].items()) + ")"

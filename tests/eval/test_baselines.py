@@ -229,9 +229,9 @@ def test_gate_params_for_solves_the_coverage_from_one_pass(model, windows_1k, ta
         gate_params_for(model, windows_1k, [0.3], method="nz_ratio")
 
 
-def test_density_knob_rows_with_coverage(model, windows_1k, monkeypatch):
-    # the coverage rows: one solved like the threshold (calibrated on the same windows, from the
-    # threshold's exact pass: one pass for both), one bisected over sparse forwards to the
+def test_density_knob_rows_with_coverage_and_gain(model, windows_1k, monkeypatch):
+    # each rule's rows: one solved like the threshold (calibrated on the same windows, from the
+    # threshold's exact pass: one pass for every method), one bisected over sparse forwards to the
     # threshold's achieved density, its PPL over the threshold's
     from seer_attn.eval import calibration, quality_run
     passes = []
@@ -239,18 +239,21 @@ def test_density_knob_rows_with_coverage(model, windows_1k, monkeypatch):
     monkeypatch.setattr(quality_run, "exact_gate_scores", lambda m, w: passes.append(len(w)) or real(m, w))
     with preserved_seer_mode(model):
         model.set_seer_mode("sparse", seer_dense_last_rows=0, seer_keep_sink=True)
-        rows = quality_run.density_knob_rows(model, windows_1k[:2], [0.5], calib_windows=2, coverage=True)
+        rows = quality_run.density_knob_rows(model, windows_1k[:2], [0.5], calib_windows=2, rules=("coverage", "gain"))
         separate = [calibration.gate_params_for(model, windows_1k[:2], [0.5], method=m)[0]
-                    for m in ("threshold", "coverage")]
+                    for m in ("threshold", "coverage", "gain")]
+        with pytest.raises(ValueError, match=r"rules=\['nz_ratio'\] are invalid"):
+            quality_run.density_knob_rows(model, windows_1k[:2], [0.5], rules=("nz_ratio",))
     assert passes == [2]
-    assert [r["method"] for r in rows] == ["density", "threshold", "density", "coverage", "coverage"]
-    assert [rows[1]["param"], rows[3]["param"]] == pytest.approx(separate, rel=1e-6)
-    thr, cal, same = rows[1], rows[3], rows[4]
-    assert cal["calibrated_on"] == "evaluated" and abs(cal["density"] - 0.5) <= 0.05
-    assert same["coverage_matched_to"] == thr["setting"] and "matched_to" not in same
-    assert same["density_error"] == pytest.approx(same["density"] - thr["density"])
-    assert abs(same["density_error"]) <= 0.01  # the bisection's tolerance, or a discrete step of 2 windows
-    assert same["ppl_ratio"] == pytest.approx(same["ppl"] / thr["ppl"])
+    assert [r["method"] for r in rows] == ["density", "threshold", "density", "coverage", "coverage", "gain", "gain"]
+    assert [rows[1]["param"], rows[3]["param"], rows[5]["param"]] == pytest.approx(separate, rel=1e-6)
+    thr = rows[1]
+    for m, cal, same in (("coverage", rows[3], rows[4]), ("gain", rows[5], rows[6])):
+        assert cal["calibrated_on"] == "evaluated" and abs(cal["density"] - 0.5) <= 0.05
+        assert same[f"{m}_matched_to"] == thr["setting"] and "matched_to" not in same
+        assert same["density_error"] == pytest.approx(same["density"] - thr["density"])
+        assert abs(same["density_error"]) <= 0.01  # the bisection's tolerance, or a discrete step of 2 windows
+        assert same["ppl_ratio"] == pytest.approx(same["ppl"] / thr["ppl"])
     assert all(r["knob_density"] == 0.5 for r in rows)
 
 

@@ -58,6 +58,19 @@ def test_held_out_rows_and_the_summary(calibrated):
     assert "seer_sparsity_method='coverage'" in text and "--results" in text
 
 
+def test_the_gain_rule_calibrates_and_keeps_what_it_reports(model_dir, corpus_path, tokenizer, tmp_path):
+    config = CalibrateConfig(density=0.6, model=str(model_dir), method="gain", data=corpus_path, max_length=1024,
+                             windows=2, keep_sink=True, dense_last_rows=0, out=str(tmp_path), no_progress=True)
+    env = run_calibrate(config)
+    assert env["settings"]["seer_sparsity_method"] == "gain" and env["settings"]["seer_gain"] == env["param"]
+    assert 0 < env["param"] < 1 and abs(env["density"] - 0.6) <= 0.05
+    model = load_seer_model(config.model)
+    wins = pick_calibration_windows(make_windows(load_documents(config.data), tokenizer, 1024, 1), 2)
+    settings = dict(env["settings"])
+    model.set_seer_mode(settings.pop("seer_mode"), **settings, **env["keep"])
+    assert measure_density(model, wins) == pytest.approx(env["density"], rel=1e-4)
+
+
 def test_the_fingerprint_ignores_bf16_rounding_and_sees_a_change(model_dir):
     model = load_seer_model(str(model_dir))
     ref = gates_sha256(model)

@@ -21,6 +21,8 @@ from seer_attn.modeling_seer.configuration_seer_llama import BOOL_FIELDS, FLOAT_
     ("seer_threshold", 1.5, "seer_threshold"),
     ("seer_nz_ratio", 0.0, "seer_nz_ratio"),
     ("seer_coverage", 1.2, "seer_coverage"),
+    ("seer_gain", 0.0, "seer_gain"),
+    ("seer_gain", 1.0, r"seer_gain=1.0 is invalid: expected 0 < gain < 1"),
     ("seer_density", 0.0, "seer_density"),
     ("seer_density", 1.5, "seer_density"),
     ("seer_selector", "random", "seer_selector"),

@@ -17,7 +17,7 @@ TINY = dict(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_lay
             num_key_value_heads=2, max_position_embeddings=4096, rms_norm_eps=1e-6,
             rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, tie_word_embeddings=False)
 METHOD_PARAM = {"threshold": dict(threshold=1e-3), "nz_ratio": dict(nz_ratio=0.5), "coverage": dict(coverage=0.9),
-                "density": dict(density=0.3)}
+                "gain": dict(gain=0.02), "density": dict(density=0.3)}
 
 
 def _inputs(gen, T, window):
