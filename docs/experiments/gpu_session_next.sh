@@ -32,11 +32,18 @@
 # preamble helpers since bfaeb65 included). Next: stage with the 1200-step gates, decode-distill, gate-free, then
 # pair-variants and bench-kernels.
 #
+# Session 31: no device lent ("no new device machine is lent at present"). Built the gain rule (seer_sparsity_method="gain",
+# gate_quality.md section 14): on the CPU at 8k it beats the threshold by 2.6% / 1.8% and the coverage by 0.8% at 0.1 / 0.05.
+# The oracle phase of gate_quality.py --oracle ran end to end on the CPU (1024 tokens). Next: stage with the 1200-step gates,
+# gate-gain (the knob target with the gain rule), decode-distill, gate-free, then pair-variants and bench-kernels.
+#
 # Session 29: distill --gate-hidden-size / --q-pooling / --k-pooling exist now; gate-capacity measures them (issue 17's
 # untried "gate capacity" direction) after gate-calib-coverage and decode-distill. Session 29 got no machine (every start
 # refused); its CPU screen of wide / qmax (gate_quality.md section 11) gains <= 1% at 0.1. Next session: the same plan.
 #
 # STEP, in order of priority (minutes on one H200):
+#   gate-gain      ~6  issue 17: the gain rule beside the coverage and the threshold, held-out calibration at 0.3 / 0.2
+#                      / 0.1 / 0.05 and each bisected to the threshold's density (the knob target); GATES; needs staging
 #   gate-free      ~9  issue 17: free_blocks.py (the gate's softmax without the forced blocks) trained and applied to
 #                      GATES' selection only, and the oracle at 0.1 / 0.05, 8k; needs staging
 #   gate-capacity  ~9  issue 17: gates of twice the width (wide) and with Q max-pooled too (qmax) beside plain, 250
@@ -221,6 +228,12 @@ case "$STEP" in
       --gates plain="$GATES" --phases ppl baselines --coverage --calib-from train --budget-s "${BUDGET:-500}" --out "$OUT" \
       > "$OUT/gate_quality.log" 2>&1
     echo "gate_quality: exit $?"; tail -n 30 "$OUT/gate_quality.log" ;;
+  gate-gain)  # issue 17: the gain rule (session 31) beside the coverage and the threshold at the knob target's protocol
+    # (held-out calibration at 0.3 / 0.2 / 0.1 / 0.05, each rule bisected to the threshold's density); GATES: the 1200-step gates
+    timeout "${LIMIT:-570}" "$PY" docs/experiments/gate_quality.py --model "$GGUF" "${DATA[@]}" --variants plain \
+      --gates plain="$GATES" --phases ppl --coverage --gain --calib-from train --budget-s "${BUDGET:-500}" --out "$OUT" \
+      > "$OUT/gate_quality.log" 2>&1
+    echo "gate_quality: exit $?"; tail -n 40 "$OUT/gate_quality.log" ;;
   gate-capacity)  # issue 17's "gate capacity": plain, wide (width 256) and qmax (Q pooled avg+max) gates, STEPS (default
     # 250) each at 8192 tokens, then the knob and the threshold at 0.1 (gate_quality.py's ppl phase); needs staging
     timeout 570 "$PY" docs/experiments/gate_quality.py --model "$GGUF" "${DATA[@]}" --variants plain wide qmax \

@@ -1,5 +1,5 @@
-"""The coverage rule against the threshold at the same density, where the GPU runs left gaps
-(issue 17's knob target at rho = 0.05 and 0.3; gate_quality.md section 9).
+"""The coverage rule (and with ``--methods``, the gain rule) against the threshold at the same density,
+where the GPU runs left gaps (issue 17's knob target at rho = 0.05 and 0.3; gate_quality.md sections 9, 14).
 
 For each target density rho, the parameters of both methods that keep rho x (1 - spread) and
 rho x (1 + spread) on the evaluated windows are solved from one exact pass over them
@@ -48,6 +48,8 @@ def main():
     ap.add_argument("--windows", type=int, default=4, help="first N windows (2 per document)")
     ap.add_argument("--densities", type=float, nargs="+", default=[0.05, 0.3])
     ap.add_argument("--spread", type=float, default=0.12, help="the two points per method at rho x (1 -+ spread)")
+    ap.add_argument("--methods", nargs="+", default=["threshold", "coverage"], choices=["threshold", "coverage", "gain"],
+                    help="rules interpolated to the knob's density (the threshold is the reference: always run)")
     ap.add_argument("--out", help="also write the results as a JSON envelope here")
     args = ap.parse_args()
     torch.set_num_threads(2)
@@ -82,25 +84,28 @@ def main():
     model.set_seer_mode("sparse", **KEEP)
     scores = exact_gate_scores(model, wins)  # one exact pass: both methods' parameters
     asks = [d * f for d in args.densities for f in (1 - args.spread, 1 + args.spread)]
-    params = {m: gate_params_for(model, wins, asks, method=m, scores=scores) for m in ("threshold", "coverage")}
+    methods = ["threshold"] + [m for m in args.methods if m != "threshold"]
+    params = {m: gate_params_for(model, wins, asks, method=m, scores=scores) for m in methods}
     del scores
     for i, rho in enumerate(args.densities):
         knob = run(Setting("gate", "density", param=rho))
         at = knob["density"]
         line = {"rho": rho, "knob_density": at, "knob_ppl": knob["ppl"]}
-        for m in ("threshold", "coverage"):
+        for m in methods:
             pts = [run(Setting("gate", m, param=params[m][2 * i + j])) for j in (0, 1)]
             line[f"{m}_ppl_at_knob_density"] = interpolate([(p["density"], p["ppl"]) for p in pts], at)
             line[f"{m}_densities"] = [p["density"] for p in pts]
-        line["coverage_over_threshold"] = line["coverage_ppl_at_knob_density"] / line["threshold_ppl_at_knob_density"]
+        for m in methods[1:]:
+            line[f"{m}_over_threshold"] = line[f"{m}_ppl_at_knob_density"] / line["threshold_ppl_at_knob_density"]
         line["knob_over_threshold"] = knob["ppl"] / line["threshold_ppl_at_knob_density"]
         summary.append(line)
         save(False)
     save(True)
     for s in summary:
         print(f"rho {s['rho']:g}: at density {s['knob_density']:.4f} threshold {s['threshold_ppl_at_knob_density']:.3f}"
-              f", coverage {s['coverage_ppl_at_knob_density']:.3f} ({100 * (s['coverage_over_threshold'] - 1):+.1f}%)"
-              f", knob {s['knob_ppl']:.3f} ({100 * (s['knob_over_threshold'] - 1):+.1f}%)")
+              + "".join(f", {m} {s[f'{m}_ppl_at_knob_density']:.3f} ({100 * (s[f'{m}_over_threshold'] - 1):+.1f}%)"
+                        for m in methods[1:])
+              + f", knob {s['knob_ppl']:.3f} ({100 * (s['knob_over_threshold'] - 1):+.1f}%)")
 
 
 if __name__ == "__main__":
