@@ -313,6 +313,10 @@ def _ppl(model, windows, config, report):
     report.save()
 
 
+#: gate methods that can serve as the density knob besides the threshold (``density_knob_rows``' ``rules``)
+KNOB_RULES = ("coverage", "gain")
+
+
 def density_knob_rows(model, windows, densities, *, calib=None, calib_windows=4, rules=(),
                       progress=False) -> list:
     """The density knob against the threshold at the same achieved density.
@@ -338,9 +342,9 @@ def density_knob_rows(model, windows, densities, *, calib=None, calib_windows=4,
     ``windows`` to the threshold row's achieved density, marked ``<rule>_matched_to`` with
     ``ppl_ratio`` (its PPL over the threshold's) and ``density_error`` (what the bisection left)."""
     targets = [float(d) for d in densities]
-    bad = [r for r in rules if r not in ("coverage", "gain")]
+    bad = [r for r in rules if r not in KNOB_RULES]
     if bad:
-        raise ValueError(f"rules={bad} are invalid: expected methods from ('coverage', 'gain')")
+        raise ValueError(f"rules={bad} are invalid: expected methods from {KNOB_RULES}")
     held_out = calib is not None
     calib = pick_calibration_windows(calib if held_out else windows, calib_windows)
     scores = exact_gate_scores(model, calib)  # one exact pass serves every method

@@ -48,7 +48,7 @@ from seer_attn.eval.baselines import compare
 from seer_attn.eval.passkey import paired_passkey, run_passkey
 from seer_attn.eval.perplexity import load_documents, make_windows
 from seer_attn.eval.plots import plot_ppl_vs_density
-from seer_attn.eval.quality_run import density_knob_rows
+from seer_attn.eval.quality_run import KNOB_RULES, density_knob_rows
 from seer_attn.eval.settings import Setting, apply_setting
 from seer_attn.modeling_seer.conversion import load_seer_model, load_tokenizer
 from seer_attn.modeling_seer.seer_layer import gate_structure
@@ -302,7 +302,7 @@ def selection_cost(lengths=(32768, 131072), heads=32, density=0.1):
 
 def rules_of(args):
     """The knob rules asked for besides the threshold and the density knob (``--coverage``, ``--gain``)."""
-    return tuple(m for m in ("coverage", "gain") if getattr(args, m, False))
+    return tuple(m for m in KNOB_RULES if getattr(args, m, False))
 
 
 def report(run):
@@ -328,7 +328,7 @@ def report(run):
                 if kind == "knob" and method == "density" and not m or kind == "threshold" and method == "threshold" \
                         or kind == "matched" and m:
                     return r
-                if rule in ("coverage", "gain") and method == rule \
+                if rule in KNOB_RULES and method == rule \
                         and bool(r.get(f"{rule}_matched_to")) == bool(matched):
                     return r
         return None

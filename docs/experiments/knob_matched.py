@@ -23,6 +23,7 @@ import torch
 
 from seer_attn.eval.calibration import exact_gate_scores, gate_params_for
 from seer_attn.eval.perplexity import evaluate_perplexity, load_documents, make_windows
+from seer_attn.eval.quality_run import KNOB_RULES
 from seer_attn.eval.settings import Setting, apply_setting
 from seer_attn.modeling_seer.conversion import default_model_path, load_seer_model, load_tokenizer
 from seer_attn.training.results import write_envelope
@@ -48,8 +49,8 @@ def main():
     ap.add_argument("--windows", type=int, default=4, help="first N windows (2 per document)")
     ap.add_argument("--densities", type=float, nargs="+", default=[0.05, 0.3])
     ap.add_argument("--spread", type=float, default=0.12, help="the two points per method at rho x (1 -+ spread)")
-    ap.add_argument("--methods", nargs="+", default=["threshold", "coverage"], choices=["threshold", "coverage", "gain"],
-                    help="rules interpolated to the knob's density (the threshold is the reference: always run)")
+    ap.add_argument("--methods", nargs="+", default=["coverage"], choices=KNOB_RULES,
+                    help="rules interpolated to the knob's density beside the threshold (the reference, always run)")
     ap.add_argument("--out", help="also write the results as a JSON envelope here")
     args = ap.parse_args()
     torch.set_num_threads(2)
@@ -84,7 +85,7 @@ def main():
     model.set_seer_mode("sparse", **KEEP)
     scores = exact_gate_scores(model, wins)  # one exact pass: both methods' parameters
     asks = [d * f for d in args.densities for f in (1 - args.spread, 1 + args.spread)]
-    methods = ["threshold"] + [m for m in args.methods if m != "threshold"]
+    methods = ["threshold"] + list(dict.fromkeys(args.methods))
     params = {m: gate_params_for(model, wins, asks, method=m, scores=scores) for m in methods}
     del scores
     for i, rho in enumerate(args.densities):
