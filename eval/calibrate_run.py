@@ -67,6 +67,7 @@ class CalibrateConfig(RunConfig):
     keep_local: int | None = option(None, ca.nonneg_int)
     dense_last_rows: int | None = option(None, ca.nonneg_int)
     dense_layers: int | None = option(None, ca.nonneg_int)
+    meanpool_prior: float | None = option(None, ca.float_in(0, None, low_open=False))  # None: the model's config
     eval_data: str | None = option(None, text)  # None: the bundled eval corpus
     eval_windows: int = option(0, ca.nonneg_int)
     dtype: str | None = option(None, choices=DTYPES)  # None: bfloat16 on CUDA, float32 on a CPU
@@ -110,6 +111,9 @@ def add_calibrate_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         "model's config)")
     p.add_argument("--dense-layers", type=ca.nonneg_int, default=None,
                    help="the first N layers attend densely (default: as the model's config)")
+    p.add_argument("--meanpool-prior", type=ca.float_in(0, None, low_open=False), default=None, metavar="W",
+                   help="seer_meanpool_prior: the gate's scores times the mean-pooled q.k distribution to the power W "
+                        "(0: the gate alone; default: as the model's config); shipped with the solved parameter")
     p.add_argument("--eval-data", default=None, help="held-out jsonl for --eval-windows (default: the bundled eval "
                                                      "corpus)")
     p.add_argument("--eval-windows", type=ca.nonneg_int, default=d("eval_windows"),
@@ -188,8 +192,8 @@ def run_calibrate(config: CalibrateConfig) -> dict:
         model = load_seer_model(config.model, dtype=getattr(torch, dtype), device=device, gates=gates)
         tok = load_tokenizer(config.model)
         wins, available = _windows(data, tok, length, config.windows, "training", "--data")
-    rules = {f"seer_{k}": getattr(config, k) for k in ("keep_sink", "keep_local", "dense_last_rows", "dense_layers")
-             if getattr(config, k) is not None}
+    rules = {f"seer_{k}": getattr(config, k) for k in ("keep_sink", "keep_local", "dense_last_rows", "dense_layers",
+                                                       "meanpool_prior") if getattr(config, k) is not None}
     model.set_seer_mode("sparse", seer_selector="gate", **rules)
     keep = {k: getattr(model.config, k) for k in KEEP_FIELDS}
     print(f"[calibrate] {config.method} of the gate{f' ({gates})' if gates else ''} for density {config.density:g} on "
@@ -198,7 +202,9 @@ def run_calibrate(config: CalibrateConfig) -> dict:
     cal = calibrate_gate(model, wins, config.density, method=config.method, rel_tol=config.rel_tol,
                          max_forwards=config.max_forwards)
     settings = {"seer_mode": "sparse", "seer_selector": "gate", "seer_sparsity_method": config.method,
-                METHOD_PARAM[config.method]: float(f"{cal.param:.6g}")}
+                METHOD_PARAM[config.method]: float(f"{cal.param:.6g}"),
+                # the parameter was solved on the gate's scores with this prior (0: none): it ships with it
+                "seer_meanpool_prior": model.config.seer_meanpool_prior}
     rows = [{"pass": i + 1, "param": p, "density": d} for i, (p, d) in enumerate(cal.history)]
     ppl = []
     if config.eval_windows:

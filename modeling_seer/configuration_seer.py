@@ -19,7 +19,7 @@ INT_FIELDS = ("seer_block_size", "seer_gate_hidden_size", "seer_keep_local", "se
               "seer_dense_layers", "seer_decode_budget", "seer_decode_distill_rows", "seer_decode_keep_local")
 FLOAT_FIELDS = ("seer_threshold", "seer_nz_ratio", "seer_coverage", "seer_gain", "seer_distill_loss_scale",
                 "seer_decode_share", "seer_decode_threshold", "seer_decode_mass", "seer_density",
-                "seer_distill_peak_weight")
+                "seer_distill_peak_weight", "seer_meanpool_prior")
 #: Options the gates are built from (their shapes and RoPE): fixed once a model exists.
 STRUCTURAL_FIELDS = ("seer_block_size", "seer_gate_hidden_size", "seer_q_pooling", "seer_k_pooling",
                      "seer_gate_rope", "seer_decode_gate")
@@ -66,6 +66,11 @@ class SeerConfigMixin:
             AttnGate) or a training-free baseline of :data:`.selection.SELECTORS`: ``"streaming"`` (sink + recent blocks),
             ``"meanpool"`` (MoBA-like mean-pooled q.k), ``"oracle_max"`` / ``"oracle_mass"``
             (the true max-pooled / mass-pooled attention map, which costs a dense pass).
+        seer_meanpool_prior: weight w >= 0 of a training-free prior on the gate's scores: the
+            gate selector ranks blocks by log_softmax(gate) + w * log_softmax(mean-pooled q.k)
+            per row (selection.with_meanpool_prior), every method then reading its softmax.
+            0 (default): the gate alone, as the paper. Helps most at density <= 0.1, where the
+            gate's own picks trail the mean-pooled ones (docs/experiments/gate_quality.md section 15).
         seer_keep_diagonal: always keep each row's diagonal block.
         seer_keep_sink: always keep the first (sink) key block.
         seer_keep_local: always keep this many key blocks just before the diagonal (a
@@ -132,6 +137,7 @@ class SeerConfigMixin:
     seer_gain: float = 0.05
     seer_density: float = 0.2
     seer_selector: str = "gate"
+    seer_meanpool_prior: float = 0.0
     seer_keep_diagonal: bool = True
     seer_keep_sink: bool = False
     seer_keep_local: int = 0
@@ -208,6 +214,8 @@ class SeerConfigMixin:
             bad("seer_gain", "expected 0 < gain < 1")
         if not 0.0 < self.seer_density <= 1.0:
             bad("seer_density", "expected 0 < density <= 1")
+        if not 0.0 <= self.seer_meanpool_prior < float("inf"):
+            bad("seer_meanpool_prior", "expected a finite weight >= 0")
         if self.seer_selector not in SELECTORS:
             bad("seer_selector", f"expected one of the registered selectors {tuple(SELECTORS)}")
         if self.seer_keep_local < 0:

@@ -55,7 +55,7 @@ from .gates_only import is_gates_only, load_gates_only, peek_config
 from .hub_utils import hub_call, resolve_source
 from .remote_bundle import write_remote_code
 from .selection import (ScoreInputs, block_pool, causal_density, decode_oracle_scores, decode_recency_scores,
-                        get_selector, select_blocks_for, window_fill)
+                        get_selector, select_blocks_for, window_fill, with_meanpool_prior)
 
 logger = logging.getLogger(__name__)
 
@@ -238,8 +238,8 @@ class SeerAttentionMixin:
             # never move the base weights (they stay frozen in post-training either way).
             scores = self.attn_gate(q_pre.detach(), k_pre.detach(), rope=ctx.gate_rope, valid=ctx.valid)
             scores = window_fill(scores, window, cfg.seer_block_size)  # the gate ranks only reachable blocks
-            if ctx.on_gate_scores is not None:
-                ctx.on_gate_scores(self.layer_idx, scores.detach(), window)
+            if ctx.on_gate_scores is not None:  # what a sparse prefill would select from (the prior included)
+                ctx.on_gate_scores(self.layer_idx, self._with_prior(scores.detach(), q, k, ctx, window), window)
             pool_op = "max" if cfg.seer_distill_target == "max" else "sum"
             out, pooled = attn_with_pooling(q, k, v, True, self.scaling, cfg.seer_block_size,
                                             seq_bounds=ctx.seq_bounds, pool_op=pool_op, window=window)
@@ -360,7 +360,18 @@ class SeerAttentionMixin:
         if self.layer_idx < cfg.seer_dense_layers:  # the gate still learns; the layer attends to every block
             return None
         with torch.no_grad():
-            return select_blocks_for(scores.detach(), cfg, window, self.layer_idx)
+            return select_blocks_for(self._with_prior(scores.detach(), q, k, ctx, window), cfg, window,
+                                     self.layer_idx)
+
+    def _with_prior(self, scores, q, k, ctx, window):
+        """The gate's (window-filled) logits with ``seer_meanpool_prior`` applied, as the gate
+        selector scores them in sparse mode."""
+        weight = self.config.seer_meanpool_prior
+        if not weight:
+            return scores
+        with torch.no_grad():
+            out = with_meanpool_prior(scores, q.detach(), k.detach(), self.config.seer_block_size, weight, ctx.valid)
+        return window_fill(out, window, self.config.seer_block_size)
 
     def block_scores(self, q, k, v, q_pre, k_pre, ctx, window=None):
         """Block logits ``[B, HQ, NB, NB]`` of the registered selector ``config.seer_selector``
@@ -373,7 +384,7 @@ def _block_scores(attn, q, k, v, q_pre, k_pre, valid, seq_bounds, gate_rope, win
     cfg = attn.config
     return get_selector(cfg.seer_selector).scores(ScoreInputs(
         q, k, v, q_pre, k_pre, cfg.seer_block_size, attn.scaling, gate=attn.attn_gate, valid=valid,
-        seq_bounds=seq_bounds, gate_rope=gate_rope, window=window))
+        seq_bounds=seq_bounds, gate_rope=gate_rope, window=window, meanpool_prior=cfg.seer_meanpool_prior))
 
 
 def _selection(attn, q, k, v, q_pre, k_pre, valid, seq_bounds, gate_rope, window):

@@ -349,6 +349,20 @@ def meanpool_scores(q, k, block_size, valid=None):
     return causal_fill(torch.matmul(qp, kp.transpose(-1, -2)) / math.sqrt(q.shape[-1]))
 
 
+def with_meanpool_prior(gate_logits, q, k, block_size, weight, valid=None):
+    """The gate's block logits with a training-free prior (``seer_meanpool_prior``):
+    ``log_softmax(gate) + weight * log_softmax(mean-pooled q . k)`` per row, the log of the
+    product of the two rows' distributions up to a per-row constant, so the softmax every
+    selection method reads ranks first the blocks that both score high. ``weight`` 0 returns
+    the gate's logits unchanged; the entries the gate masks stay masked. ``q`` / ``k`` after
+    RoPE, as :func:`meanpool_scores` takes them (docs/experiments/gate_quality.md section 15)."""
+    if not weight:
+        return gate_logits
+    prior = meanpool_scores(q, k, block_size, valid)
+    out = torch.log_softmax(gate_logits.float(), -1) + weight * torch.log_softmax(prior, -1)
+    return out.masked_fill(gate_logits <= MASKED_LOGIT / 2, MASKED_LOGIT)
+
+
 def oracle_scores(pooled):
     """Oracle baselines: log of the true pooled attention map, so that the softmax used by
     the selection methods gives back the (row-normalised) map itself."""
@@ -365,7 +379,8 @@ class ScoreInputs:
     the same before RoPE (what the gate sees); ``block_size``; ``scale`` the softmax scale;
     ``gate`` the layer's AttnGate; ``valid`` bool ``[B, T]``, ``seq_bounds`` int32 ``[B, 2]``
     and ``gate_rope`` from the forward context (None without padding / gate RoPE);
-    ``window`` the layer's sliding window in tokens (None: full causal).
+    ``window`` the layer's sliding window in tokens (None: full causal); ``meanpool_prior``
+    the weight of :func:`with_meanpool_prior` (the gate selector's; 0: the gate alone).
     """
 
     q: torch.Tensor
@@ -380,6 +395,7 @@ class ScoreInputs:
     seq_bounds: torch.Tensor | None = None
     gate_rope: tuple | None = None
     window: int | None = None
+    meanpool_prior: float = 0.0
 
     @property
     def num_blocks(self):
@@ -452,8 +468,9 @@ def _oracle(pool_op):
     return scores
 
 
-register_selector(Selector("gate", lambda x: x.gate(x.q_pre, x.k_pre, rope=x.gate_rope, valid=x.valid),
-                           "Seer gate", trained=True))
+register_selector(Selector("gate", lambda x: with_meanpool_prior(
+    x.gate(x.q_pre, x.k_pre, rope=x.gate_rope, valid=x.valid), x.q, x.k, x.block_size, x.meanpool_prior, x.valid),
+    "Seer gate", trained=True))
 register_selector(Selector("streaming", lambda x: streaming_scores(x.q.shape[0], x.q.shape[1], x.num_blocks,
                                                                    x.q.device),
                            "sink + recent blocks (streaming)", content_free=True, baseline_methods=("nz_ratio",)))

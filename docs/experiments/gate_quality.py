@@ -124,6 +124,9 @@ def parse_args(argv=None):
     ap.add_argument("--gain", action="store_true",
                     help="density knob rows also of the gain rule (per row, the blocks that would each hold >= g of "
                          "the row's kept mass), solved and bisected as --coverage's are")
+    ap.add_argument("--meanpool-prior", type=float, default=0.0, metavar="W",
+                    help="seer_meanpool_prior of every gate row: the gate's scores times the mean-pooled q.k "
+                         "distribution to the power W (section 15; 0: the gate alone)")
     ap.add_argument("--oracle", action="store_true",
                     help="with the baselines phase: the oracle top-k of the true max-pooled map at each density too "
                          "(the gate's gap to it, issue 17's first target; not counted as a baseline)")
@@ -195,6 +198,7 @@ def distill(args, variant, run):
 
 def main(argv=None):
     args = parse_args(argv)
+    keep = dict(KEEP, seer_meanpool_prior=args.meanpool_prior)
     if not args.cpu and not torch.cuda.is_available():
         raise SystemExit("needs a CUDA GPU (or --cpu with tiny sizes)")
     try:  # refused before any distillation
@@ -238,13 +242,13 @@ def main(argv=None):
     for v, path in gates.items():  # the float32 gates stay in OUT/work; a bf16 copy beside the results
         model_with(path).save_gates(os.path.join(args.out, f"gates_{v}_bf16.safetensors"), dtype=torch.bfloat16)
     model = model_with(next(iter(gates.values())))
-    model.set_seer_mode("sparse", **KEEP)
+    model.set_seer_mode("sparse", **keep)
     if {"ppl", "baselines"} & set(args.phases):
         run.rows += compare(model, [Setting("dense")], windows=windows, with_baselines=False, progress=False)
     for v, path in gates.items():
         if "ppl" in args.phases and run.may_start(f"density knob rows of {v}"):
             model = model_with(path)
-            model.set_seer_mode("sparse", **KEEP)
+            model.set_seer_mode("sparse", **keep)
             for r in density_knob_rows(model, windows, args.densities, calib=calib, rules=rules_of(args)):
                 run.rows.append({**r, "label": f"gate {v} ({r['method']})"})
             run.save()
@@ -267,7 +271,7 @@ def main(argv=None):
                     continue
                 model = model_with(path)
                 apply_setting(model, setting)
-                model.set_seer_mode("sparse", **{**KEEP, "seer_dense_last_rows": 2})
+                model.set_seer_mode("sparse", **{**keep, "seer_dense_last_rows": 2})
                 res = run_passkey(model, tok, args.passkey_lengths, samples_per_cell=args.passkey_samples,
                                   progress=False)
                 res["vs_dense"] = paired_passkey(run.passkey["dense"], res)
@@ -312,6 +316,8 @@ def report(run):
     dense = next((r["ppl"] for r in rows if r["selector"] == "dense"), None)
     if dense is not None:
         lines.append(f"dense PPL {dense:.3f} (the issue's H100 runs: {DENSE_H100})")
+    if getattr(run.args, "meanpool_prior", 0.0):
+        lines.append(f"gate rows with the mean-pooled prior, seer_meanpool_prior={run.args.meanpool_prior:g}")
     lines.append("| selection | " + " | ".join(f"{d:g}" for d in dens) + " |")
     lines.append("|---|" + "---|" * len(dens))
 

@@ -29,10 +29,26 @@ def test_the_setting_keeps_the_density_the_envelope_reports(calibrated, tokenize
     assert env["kind"] == "calibration" and env["complete"]
     assert env["method"] == "coverage" and env["settings"]["seer_sparsity_method"] == "coverage"
     assert env["settings"]["seer_coverage"] == env["param"]
+    assert env["settings"]["seer_meanpool_prior"] == 0.0  # the gate alone, recorded with the parameter
     assert env["within_tol"] == (abs(env["density"] / 0.6 - 1) <= 0.02)
     assert abs(env["density"] - 0.6) <= 0.05
     assert [r["pass"] for r in env["rows"]] == list(range(1, len(env["rows"]) + 1))
     # the same windows, the shipped setting and keep rules: the model keeps what the envelope says
+    model = load_seer_model(config.model)
+    wins = pick_calibration_windows(make_windows(load_documents(config.data), tokenizer, 1024, 1), 2)
+    settings = dict(env["settings"])
+    model.set_seer_mode(settings.pop("seer_mode"), **settings, **env["keep"])
+    assert measure_density(model, wins) == pytest.approx(env["density"], rel=1e-4)
+
+
+def test_a_calibration_with_the_meanpool_prior_ships_it(model_dir, corpus_path, tokenizer, tmp_path):
+    """The parameter is solved on the gate's scores with the prior: the settings carry the
+    prior, and with them the model keeps the density the envelope reports."""
+    config = CalibrateConfig(density=0.6, model=str(model_dir), data=corpus_path, max_length=1024, windows=2,
+                             method="threshold", keep_sink=True, dense_last_rows=0, meanpool_prior=1.5,
+                             out=str(tmp_path), no_progress=True)
+    env = run_calibrate(config)
+    assert env["settings"]["seer_meanpool_prior"] == 1.5
     model = load_seer_model(config.model)
     wins = pick_calibration_windows(make_windows(load_documents(config.data), tokenizer, 1024, 1), 2)
     settings = dict(env["settings"])
