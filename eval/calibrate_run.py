@@ -67,7 +67,7 @@ class CalibrateConfig(RunConfig):
     keep_local: int | None = option(None, ca.nonneg_int)
     dense_last_rows: int | None = option(None, ca.nonneg_int)
     dense_layers: int | None = option(None, ca.nonneg_int)
-    meanpool_prior: float | None = option(None, ca.float_in(0, None, low_open=False))  # None: the model's config
+    meanpool_prior: float | None = option(None, ca.float_in(0, 1, low_open=False))  # None: the model's config
     eval_data: str | None = option(None, text)  # None: the bundled eval corpus
     eval_windows: int = option(0, ca.nonneg_int)
     dtype: str | None = option(None, choices=DTYPES)  # None: bfloat16 on CUDA, float32 on a CPU
@@ -111,9 +111,9 @@ def add_calibrate_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         "model's config)")
     p.add_argument("--dense-layers", type=ca.nonneg_int, default=None,
                    help="the first N layers attend densely (default: as the model's config)")
-    p.add_argument("--meanpool-prior", type=ca.float_in(0, None, low_open=False), default=None, metavar="W",
-                   help="seer_meanpool_prior: the gate's scores times the mean-pooled q.k distribution to the power W "
-                        "(0: the gate alone; default: as the model's config); shipped with the solved parameter")
+    p.add_argument("--meanpool-prior", type=ca.float_in(0, 1, low_open=False), default=None, metavar="A",
+                   help="seer_meanpool_prior: the share A of the mean-pooled q.k prior in the gate's scores (0: the "
+                        "gate alone; default: as the model's config); shipped with the solved parameter")
     p.add_argument("--eval-data", default=None, help="held-out jsonl for --eval-windows (default: the bundled eval "
                                                      "corpus)")
     p.add_argument("--eval-windows", type=ca.nonneg_int, default=d("eval_windows"),

@@ -66,11 +66,12 @@ class SeerConfigMixin:
             AttnGate) or a training-free baseline of :data:`.selection.SELECTORS`: ``"streaming"`` (sink + recent blocks),
             ``"meanpool"`` (MoBA-like mean-pooled q.k), ``"oracle_max"`` / ``"oracle_mass"``
             (the true max-pooled / mass-pooled attention map, which costs a dense pass).
-        seer_meanpool_prior: weight w >= 0 of a training-free prior on the gate's scores: the
-            gate selector ranks blocks by log_softmax(gate) + w * log_softmax(mean-pooled q.k)
-            per row (selection.with_meanpool_prior), every method then reading its softmax.
-            0 (default): the gate alone, as the paper. Helps most at density <= 0.1, where the
-            gate's own picks trail the mean-pooled ones (docs/experiments/gate_quality.md section 15).
+        seer_meanpool_prior: share a in [0, 1] of a training-free prior in the gate's scores:
+            the gate selector scores blocks by (1 - a) * log_softmax(gate) + a * log_softmax(mean-pooled
+            q.k) per row (selection.with_meanpool_prior), every method then reading its softmax.
+            0 (default): the gate alone, as the paper; 1: the mean-pooled baseline's ranking. Helps
+            most at density <= 0.1, where the gate's own picks trail the mean-pooled ones
+            (docs/experiments/gate_quality.md section 15).
         seer_keep_diagonal: always keep each row's diagonal block.
         seer_keep_sink: always keep the first (sink) key block.
         seer_keep_local: always keep this many key blocks just before the diagonal (a
@@ -214,8 +215,8 @@ class SeerConfigMixin:
             bad("seer_gain", "expected 0 < gain < 1")
         if not 0.0 < self.seer_density <= 1.0:
             bad("seer_density", "expected 0 < density <= 1")
-        if not 0.0 <= self.seer_meanpool_prior < float("inf"):
-            bad("seer_meanpool_prior", "expected a finite weight >= 0")
+        if not 0.0 <= self.seer_meanpool_prior <= 1.0:
+            bad("seer_meanpool_prior", "expected a share 0 <= a <= 1")
         if self.seer_selector not in SELECTORS:
             bad("seer_selector", f"expected one of the registered selectors {tuple(SELECTORS)}")
         if self.seer_keep_local < 0:

@@ -350,16 +350,18 @@ def meanpool_scores(q, k, block_size, valid=None):
 
 
 def with_meanpool_prior(gate_logits, q, k, block_size, weight, valid=None):
-    """The gate's block logits with a training-free prior (``seer_meanpool_prior``):
-    ``log_softmax(gate) + weight * log_softmax(mean-pooled q . k)`` per row, the log of the
-    product of the two rows' distributions up to a per-row constant, so the softmax every
-    selection method reads ranks first the blocks that both score high. ``weight`` 0 returns
-    the gate's logits unchanged; the entries the gate masks stay masked. ``q`` / ``k`` after
-    RoPE, as :func:`meanpool_scores` takes them (docs/experiments/gate_quality.md section 15)."""
+    """The gate's block logits mixed with a training-free prior (``seer_meanpool_prior``):
+    ``(1 - a) * log_softmax(gate) + a * log_softmax(mean-pooled q . k)`` per row, ``a = weight``
+    in [0, 1]: the log of the geometric mixture of the gate's and the MoBA-like baseline's row
+    distributions, so a block both rank high comes first and the scores every method reads keep
+    the temperature of one distribution (a plain product is sharper: it starves the rules that
+    read probabilities). ``a`` 0 returns the gate's logits unchanged, 1 ranks by the prior
+    alone; the entries the gate masks stay masked. ``q`` / ``k`` after RoPE, as
+    :func:`meanpool_scores` takes them (docs/experiments/gate_quality.md section 15)."""
     if not weight:
         return gate_logits
     prior = meanpool_scores(q, k, block_size, valid)
-    out = torch.log_softmax(gate_logits.float(), -1) + weight * torch.log_softmax(prior, -1)
+    out = (1 - weight) * torch.log_softmax(gate_logits.float(), -1) + weight * torch.log_softmax(prior, -1)
     return out.masked_fill(gate_logits <= MASKED_LOGIT / 2, MASKED_LOGIT)
 
 
@@ -380,7 +382,7 @@ class ScoreInputs:
     ``gate`` the layer's AttnGate; ``valid`` bool ``[B, T]``, ``seq_bounds`` int32 ``[B, 2]``
     and ``gate_rope`` from the forward context (None without padding / gate RoPE);
     ``window`` the layer's sliding window in tokens (None: full causal); ``meanpool_prior``
-    the weight of :func:`with_meanpool_prior` (the gate selector's; 0: the gate alone).
+    the prior's share in :func:`with_meanpool_prior` (the gate selector's; 0: the gate alone).
     """
 
     q: torch.Tensor

@@ -21,7 +21,9 @@ each head's sink and current block forced), ``,dense=N`` (the first N layers rea
 the same mean, F > 0 gives late layers more), ``,local=N``, ``,gate`` (rank the blocks by the
 decode gate's logits instead of the oracle's mass: the model's own decode-step scores, the
 current query's projection against each full block's pooled pre-RoPE keys, needs ``--gates``
-with decode gates). ``dense`` is dense decode. The kept
+with decode gates), ``,meanpool`` (rank them by the training-free MoBA-like score: the row's
+post-RoPE query against each block's mean post-RoPE key, softmaxed per query head and averaged
+over the KV head's group; session 32). ``dense`` is dense decode. The kept
 share is averaged over rows, layers and KV heads (a dense layer counts 1), as
 ``seer_decode_density``.
 
@@ -47,17 +49,18 @@ STATE = {}
 
 
 def parse_setting(text):
-    """``dense`` -> None; ``share=S[,pool][,dense=N][,late=F][,local=N][,gate]`` -> dict."""
+    """``dense`` -> None; ``share=S[,pool][,dense=N][,late=F][,local=N][,gate|,meanpool]`` -> dict."""
     if text == "dense":
         return None
     head, *extras = text.split(",")
     key, _, val = head.partition("=")
     if key != "share":
-        raise SystemExit(f"bad setting {text!r}: expected dense or share=S[,pool][,dense=N][,late=F][,local=N][,gate]")
-    out = {"share": float(val), "pool": False, "dense": 0, "late": 0.0, "local": 0, "gate": False}
+        raise SystemExit(f"bad setting {text!r}: expected dense or "
+                         "share=S[,pool][,dense=N][,late=F][,local=N][,gate|,meanpool]")
+    out = {"share": float(val), "pool": False, "dense": 0, "late": 0.0, "local": 0, "gate": False, "meanpool": False}
     for e in extras:
         k, _, v = e.partition("=")
-        if k in ("pool", "gate") and not v:
+        if k in ("pool", "gate", "meanpool") and not v:
             out[k] = True
         elif k in ("dense", "local"):
             out[k] = int(v)
@@ -65,6 +68,8 @@ def parse_setting(text):
             out["late"] = float(v)
         else:
             raise SystemExit(f"bad part {e!r} of setting {text!r}")
+    if out["gate"] and out["meanpool"]:
+        raise SystemExit(f"bad setting {text!r}: ,gate and ,meanpool are two selectors; give one")
     return out
 
 
@@ -148,6 +153,12 @@ def offline_attention(module, query, key, value, attention_mask, scaling, dropou
                                                    scale=scaling)
     share = None if spec is None else layer_share(spec, module.layer_idx, STATE["n_layers"])
     keys = gate_keys(module, T) if share is not None and spec["gate"] else None
+    if share is not None and spec["meanpool"]:  # each block's mean post-RoPE key (a row's own block is forced)
+        nbt = -(-T // BS)
+        count = torch.full((nbt, 1), float(BS))
+        count[-1] = T - (nbt - 1) * BS
+        kmean = F.pad(key.float(), (0, 0, 0, nbt * BS - T)).view(B, H, nbt, BS, D).sum(3) / count
+        kmean = kmean.repeat_interleave(g, 1)
     for c0 in range(P, T, chunk):
         c1 = min(T, c0 + chunk)
         rows = torch.arange(c0, c1)
@@ -157,6 +168,9 @@ def offline_attention(module, query, key, value, attention_mask, scaling, dropou
             NB = -(-c1 // BS)
             if spec["gate"]:
                 mass = gate_logits(module, keys, c0, c1)
+            elif spec["meanpool"]:  # the MoBA-like decode score: q . (mean key of the block), softmaxed per query
+                sc = torch.matmul(query[:, :, c0:c1].float() * scaling, kmean[:, :, :NB].transpose(-1, -2))
+                mass = torch.softmax(sc, -1).view(B, H, g, c1 - c0, NB).mean(2)
             else:
                 p = F.pad(torch.softmax(s, -1), (0, NB * BS - c1))
                 mass = p.view(B, H, g, c1 - c0, NB, BS).sum((2, 5)) / g

@@ -124,9 +124,9 @@ def parse_args(argv=None):
     ap.add_argument("--gain", action="store_true",
                     help="density knob rows also of the gain rule (per row, the blocks that would each hold >= g of "
                          "the row's kept mass), solved and bisected as --coverage's are")
-    ap.add_argument("--meanpool-prior", type=float, default=0.0, metavar="W",
-                    help="seer_meanpool_prior of every gate row: the gate's scores times the mean-pooled q.k "
-                         "distribution to the power W (section 15; 0: the gate alone)")
+    ap.add_argument("--meanpool-prior", type=float, default=0.0, metavar="A",
+                    help="seer_meanpool_prior of every gate row: the share A of the mean-pooled q.k prior in the "
+                         "gate's scores (section 15; 0: the gate alone)")
     ap.add_argument("--oracle", action="store_true",
                     help="with the baselines phase: the oracle top-k of the true max-pooled map at each density too "
                          "(the gate's gap to it, issue 17's first target; not counted as a baseline)")

@@ -44,7 +44,7 @@
 # STEP, in order of priority (minutes on one H200):
 #   gate-gain      ~6  issue 17: the gain rule beside the coverage and the threshold, held-out calibration at 0.3 / 0.2
 #                      / 0.1 / 0.05 and each bisected to the threshold's density (the knob target); GATES; needs staging
-#   gate-prior     ~8  issue 17: gate-gain with the mean-pooled prior (seer_meanpool_prior=PRIOR, default 1), then the
+#   gate-prior     ~8  issue 17: gate-gain with the mean-pooled prior (seer_meanpool_prior=PRIOR, default 0.5), then the
 #                      baselines at the same densities; GATES; needs staging
 #   gate-free      ~9  issue 17: free_blocks.py (the gate's softmax without the forced blocks) trained and applied to
 #                      GATES' selection only, and the oracle at 0.1 / 0.05, 8k; needs staging
@@ -237,9 +237,9 @@ case "$STEP" in
       > "$OUT/gate_quality.log" 2>&1
     echo "gate_quality: exit $?"; tail -n 40 "$OUT/gate_quality.log" ;;
   gate-prior)  # issue 17: gate-gain's protocol with the mean-pooled prior on the gate's scores (session 32,
-    # seer_meanpool_prior=PRIOR, default 1), then streaming and mean-pool at the same densities; GATES
+    # seer_meanpool_prior=PRIOR, default 0.5), then streaming and mean-pool at the same densities; GATES
     timeout "${LIMIT:-570}" "$PY" docs/experiments/gate_quality.py --model "$GGUF" "${DATA[@]}" --variants plain \
-      --gates plain="$GATES" --phases ppl baselines --coverage --gain --meanpool-prior "${PRIOR:-1}" \
+      --gates plain="$GATES" --phases ppl baselines --coverage --gain --meanpool-prior "${PRIOR:-0.5}" \
       --calib-from train --budget-s "${BUDGET:-500}" --out "$OUT" > "$OUT/gate_quality.log" 2>&1
     echo "gate_quality: exit $?"; tail -n 40 "$OUT/gate_quality.log" ;;
   gate-capacity)  # issue 17's "gate capacity": plain, wide (width 256) and qmax (Q pooled avg+max) gates, STEPS (default

@@ -2,16 +2,17 @@
 
 At density <= 0.1 the training-free mean-pooled baseline (MoBA-like, top-k of mean-pooled
 post-RoPE q . k) was ahead of every rule on the gate's scores (gate_quality.md sections 12 and
-15). The prior multiplies the two rows' distributions (selection.with_meanpool_prior: the
-gate's log-softmax plus ``w`` times the mean-pooled one), so a block both rank high comes first;
-every selection method then reads the product. Each SETTING runs on the same windows::
+15). The prior mixes the two rows' distributions geometrically (selection.with_meanpool_prior:
+``(1 - a)`` times the gate's log-softmax plus ``a`` times the mean-pooled one), so a block both
+rank high comes first; every selection method then reads the mixture. Each SETTING runs on the
+same windows::
 
-    gate:nz_ratio=0.05:prior=1   the gate's scores with prior weight 1, top-k (nz_ratio 0.05)
-    gate:gain@0.1:prior=1        the gain rule solved to density 0.1 on these windows (one exact
-                                 pass per prior weight, gate_params_for), then measured
-    meanpool:nz_ratio=0.05       the baseline itself
+    gate:nz_ratio=0.05:prior=0.5  the gate's scores with prior share 0.5, top-k (nz_ratio 0.05)
+    gate:gain@0.1:prior=0.5       the gain rule solved to density 0.1 on these windows (one exact
+                                  pass per prior share, gate_params_for), then measured
+    meanpool:nz_ratio=0.05        the baseline itself
 
-    python docs/experiments/meanpool_prior.py GATES gate:gain@0.1:prior=1 gate:gain@0.1 \\
+    python docs/experiments/meanpool_prior.py GATES gate:gain@0.1:prior=0.5 gate:gain@0.1 \\
         --out results/quality/cpu_meanpool_prior_8k.json
 
 Keep rules and windows are knob_matched.py's (4 windows of 8192 tokens of eval.jsonl, float32).
@@ -36,7 +37,7 @@ KEEP = knob_matched.KEEP
 
 
 def parse(spec):
-    """``SELECTOR:METHOD=PARAM[:prior=W]`` or ``gate:METHOD@DENSITY[:prior=W]`` -> dict."""
+    """``SELECTOR:METHOD=PARAM[:prior=A]`` or ``gate:METHOD@DENSITY[:prior=A]`` -> dict."""
     head, _, tail = spec.partition(":prior=")
     try:
         prior = float(tail) if tail else 0.0
@@ -48,7 +49,7 @@ def parse(spec):
         return dict(spec=spec, selector=sel, method=method, param=float(param), density=None, prior=prior)
     except ValueError:
         raise argparse.ArgumentTypeError(f"invalid setting {spec!r}: expected SELECTOR:METHOD=PARAM or "
-                                         f"gate:METHOD@DENSITY, optionally followed by :prior=W") from None
+                                         f"gate:METHOD@DENSITY, optionally followed by :prior=A") from None
 
 
 def main():

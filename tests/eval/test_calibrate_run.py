@@ -45,10 +45,10 @@ def test_a_calibration_with_the_meanpool_prior_ships_it(model_dir, corpus_path, 
     """The parameter is solved on the gate's scores with the prior: the settings carry the
     prior, and with them the model keeps the density the envelope reports."""
     config = CalibrateConfig(density=0.6, model=str(model_dir), data=corpus_path, max_length=1024, windows=2,
-                             method="threshold", keep_sink=True, dense_last_rows=0, meanpool_prior=1.5,
+                             method="threshold", keep_sink=True, dense_last_rows=0, meanpool_prior=0.5,
                              out=str(tmp_path), no_progress=True)
     env = run_calibrate(config)
-    assert env["settings"]["seer_meanpool_prior"] == 1.5
+    assert env["settings"]["seer_meanpool_prior"] == 0.5
     model = load_seer_model(config.model)
     wins = pick_calibration_windows(make_windows(load_documents(config.data), tokenizer, 1024, 1), 2)
     settings = dict(env["settings"])

@@ -40,7 +40,8 @@ from seer_attn.modeling_seer.configuration_seer_llama import BOOL_FIELDS, FLOAT_
     ("seer_distill_loss_scale", 0.0, "seer_distill_loss_scale"),
     ("seer_distill_target", "mean", "seer_distill_target"),
     ("seer_distill_peak_weight", -1.0, "seer_distill_peak_weight"),
-    ("seer_meanpool_prior", -0.5, r"seer_meanpool_prior=-0.5 is invalid: expected a finite weight >= 0"),
+    ("seer_meanpool_prior", -0.5, r"seer_meanpool_prior=-0.5 is invalid: expected a share 0 <= a <= 1"),
+    ("seer_meanpool_prior", 1.5, "seer_meanpool_prior"),
 ], ids=lambda v: str(v))
 def test_bad_seer_values_raise_naming_the_field(field, value, match, tiny_kwargs):
     with pytest.raises(ValueError, match=match):
