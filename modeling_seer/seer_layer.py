@@ -239,7 +239,9 @@ class SeerAttentionMixin:
             scores = self.attn_gate(q_pre.detach(), k_pre.detach(), rope=ctx.gate_rope, valid=ctx.valid)
             scores = window_fill(scores, window, cfg.seer_block_size)  # the gate ranks only reachable blocks
             if ctx.on_gate_scores is not None:  # what a sparse prefill would select from (the prior included)
-                ctx.on_gate_scores(self.layer_idx, self._with_prior(scores.detach(), q, k, ctx, window), window)
+                ctx.on_gate_scores(self.layer_idx, with_meanpool_prior(
+                    scores.detach(), q.detach(), k.detach(), cfg.seer_block_size, cfg.seer_meanpool_prior, ctx.valid),
+                    window)
             pool_op = "max" if cfg.seer_distill_target == "max" else "sum"
             out, pooled = attn_with_pooling(q, k, v, True, self.scaling, cfg.seer_block_size,
                                             seq_bounds=ctx.seq_bounds, pool_op=pool_op, window=window)
@@ -359,19 +361,9 @@ class SeerAttentionMixin:
             ctx.gate_losses.append(gate_distill_loss(scores, pooled))
         if self.layer_idx < cfg.seer_dense_layers:  # the gate still learns; the layer attends to every block
             return None
-        with torch.no_grad():
-            return select_blocks_for(self._with_prior(scores.detach(), q, k, ctx, window), cfg, window,
-                                     self.layer_idx)
-
-    def _with_prior(self, scores, q, k, ctx, window):
-        """The gate's (window-filled) logits with ``seer_meanpool_prior`` applied, as the gate
-        selector scores them in sparse mode."""
-        weight = self.config.seer_meanpool_prior
-        if not weight:
-            return scores
-        with torch.no_grad():
-            out = with_meanpool_prior(scores, q.detach(), k.detach(), self.config.seer_block_size, weight, ctx.valid)
-        return window_fill(out, window, self.config.seer_block_size)
+        with torch.no_grad():  # the prior keeps the window-filled entries masked
+            scores = with_meanpool_prior(scores.detach(), q, k, cfg.seer_block_size, cfg.seer_meanpool_prior, ctx.valid)
+            return select_blocks_for(scores, cfg, window, self.layer_idx)
 
     def block_scores(self, q, k, v, q_pre, k_pre, ctx, window=None):
         """Block logits ``[B, HQ, NB, NB]`` of the registered selector ``config.seer_selector``

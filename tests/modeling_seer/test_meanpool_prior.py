@@ -11,7 +11,7 @@ from seer_attn.modeling_seer import SeerForwardContext, SeerLlamaConfig, SeerLla
 from seer_attn.modeling_seer.gate import AttnGate
 from seer_attn.modeling_seer.selection import (MASKED_LOGIT, SELECTORS, SPARSITY_METHODS, ScoreInputs,
                                                meanpool_scores, select_blocks, select_blocks_for,
-                                               with_meanpool_prior)
+                                               window_fill, with_meanpool_prior)
 
 METHOD_PARAM = {"threshold": dict(threshold=1e-2), "nz_ratio": dict(nz_ratio=0.3), "coverage": dict(coverage=0.8),
                 "gain": dict(gain=0.05), "density": dict(density=0.3)}
@@ -54,6 +54,17 @@ def test_share_one_ranks_by_the_prior(gen):
     rows = torch.arange(1, 7)  # rows with a choice
     assert torch.equal(out[..., rows, :].argmax(-1), m[..., rows, :].argmax(-1))
     assert not torch.equal(g[..., rows, :].argmax(-1), m[..., rows, :].argmax(-1))  # the prior changed the ranking
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("weight", [0.5, 1.0])
+def test_the_prior_keeps_window_filled_entries_masked(weight, gen):
+    # the layer's distill and gate-loss paths window-fill the gate's logits once, before the prior
+    x = _inputs(gen)
+    g = window_fill(x.gate(x.q_pre, x.k_pre, rope=None), 100, 64)
+    out = with_meanpool_prior(g, x.q, x.k, 64, weight)
+    assert torch.equal(out == MASKED_LOGIT, g == MASKED_LOGIT)
+    assert (~window_block_mask(7, 100) & torch.ones(7, 7, dtype=torch.bool).tril()).any()  # the window masks some
 
 
 @torch.no_grad()
