@@ -154,11 +154,7 @@ def offline_attention(module, query, key, value, attention_mask, scaling, dropou
     share = None if spec is None else layer_share(spec, module.layer_idx, STATE["n_layers"])
     keys = gate_keys(module, T) if share is not None and spec["gate"] else None
     if share is not None and spec["meanpool"]:  # each block's mean post-RoPE key (a row's own block is forced)
-        nbt = -(-T // BS)
-        count = torch.full((nbt, 1), float(BS))
-        count[-1] = T - (nbt - 1) * BS
-        kmean = F.pad(key.float(), (0, 0, 0, nbt * BS - T)).view(B, H, nbt, BS, D).sum(3) / count
-        kmean = kmean.repeat_interleave(g, 1)
+        kmean = block_pool(key.float(), BS, ("avg",)).repeat_interleave(g, 1)  # as selection.meanpool_scores pools
     for c0 in range(P, T, chunk):
         c1 = min(T, c0 + chunk)
         rows = torch.arange(c0, c1)
