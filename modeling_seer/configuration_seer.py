@@ -14,7 +14,8 @@ from .selection import DECODE_METHODS, DECODE_SELECTORS, SELECTORS, SPARSITY_MET
 SEER_MODES = ("dense", "distill", "sparse")
 POOLING_TYPES = ("avg", "max", "min")
 DISTILL_TARGETS = ("max", "mass")
-BOOL_FIELDS = ("seer_gate_rope", "seer_keep_diagonal", "seer_keep_sink", "seer_decode_gate", "seer_decode_sparsity")
+BOOL_FIELDS = ("seer_gate_rope", "seer_keep_diagonal", "seer_keep_sink", "seer_decode_gate", "seer_decode_sparsity",
+               "seer_distill_prior")
 INT_FIELDS = ("seer_block_size", "seer_gate_hidden_size", "seer_keep_local", "seer_dense_last_rows",
               "seer_dense_layers", "seer_decode_budget", "seer_decode_distill_rows", "seer_decode_keep_local")
 FLOAT_FIELDS = ("seer_threshold", "seer_nz_ratio", "seer_coverage", "seer_gain", "seer_distill_loss_scale",
@@ -93,6 +94,11 @@ class SeerConfigMixin:
         seer_distill_peak_weight: w >= 0: each block row's KL term weighs 1 + w * (the largest
             entry of its target row), so rows whose true map is peaked count more (0: the
             paper's plain mean).
+        seer_distill_prior: the distillation loss (and fine-tuning's gate loss) reads the gate's
+            scores mixed with the mean-pooled prior at ``seer_meanpool_prior``, so the gate learns
+            what the prior misses; such gates are meant to be served with the same share (alone
+            they are a residual). Needs 0 < ``seer_meanpool_prior`` < 1. False (default): the paper's
+            loss on the gate alone.
         seer_decode_gate: build a decode gate per layer (``attn_gate.decode_gate``; structural:
             fixed once the model is built). Distillation then trains it too, and its tensors are
             saved with the prefill gates.
@@ -148,6 +154,7 @@ class SeerConfigMixin:
     seer_distill_loss_scale: float = 10.0
     seer_distill_target: str = "max"
     seer_distill_peak_weight: float = 0.0
+    seer_distill_prior: bool = False
     seer_decode_gate: bool = False
     seer_decode_sparsity: bool = False
     seer_decode_method: str = "budget"
@@ -232,6 +239,9 @@ class SeerConfigMixin:
             bad("seer_distill_target", f"expected one of {DISTILL_TARGETS}")
         if self.seer_distill_peak_weight < 0:
             bad("seer_distill_peak_weight", "expected >= 0")
+        if self.seer_distill_prior and not 0 < self.seer_meanpool_prior < 1:
+            bad("seer_distill_prior", f"needs 0 < seer_meanpool_prior < 1 (the prior's share in the loss; 0: no prior, "
+                f"1: the loss ignores the gate), got {self.seer_meanpool_prior!r}")
         self.validate_seer_decode(bad)
 
     def _validate_density_profile(self, bad):

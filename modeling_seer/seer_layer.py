@@ -238,14 +238,16 @@ class SeerAttentionMixin:
             # never move the base weights (they stay frozen in post-training either way).
             scores = self.attn_gate(q_pre.detach(), k_pre.detach(), rope=ctx.gate_rope, valid=ctx.valid)
             scores = window_fill(scores, window, cfg.seer_block_size)  # the gate ranks only reachable blocks
-            if ctx.on_gate_scores is not None:  # what a sparse prefill would select from (the prior included)
-                ctx.on_gate_scores(self.layer_idx, with_meanpool_prior(
-                    scores.detach(), q.detach(), k.detach(), cfg.seer_block_size, cfg.seer_meanpool_prior, ctx.valid),
-                    window)
+            # what a sparse prefill selects from (the prior included); the loss reads it too with seer_distill_prior
+            mixed = with_meanpool_prior(scores if cfg.seer_distill_prior else scores.detach(), q.detach(), k.detach(),
+                                        cfg.seer_block_size, cfg.seer_meanpool_prior, ctx.valid)
+            if ctx.on_gate_scores is not None:
+                ctx.on_gate_scores(self.layer_idx, mixed.detach(), window)
             pool_op = "max" if cfg.seer_distill_target == "max" else "sum"
             out, pooled = attn_with_pooling(q, k, v, True, self.scaling, cfg.seer_block_size,
                                             seq_bounds=ctx.seq_bounds, pool_op=pool_op, window=window)
-            ctx.gate_losses.append(gate_distill_loss(scores, pooled, peak_weight=cfg.seer_distill_peak_weight))
+            ctx.gate_losses.append(gate_distill_loss(mixed if cfg.seer_distill_prior else scores, pooled,
+                                                     peak_weight=cfg.seer_distill_peak_weight))
             if ctx.decode_rows is not None and hasattr(self.attn_gate, DECODE_GATE):
                 ctx.gate_losses.append(self._decode_distill_loss(q, k, q_pre, k_pre, ctx))
             return out.transpose(1, 2)
@@ -353,17 +355,18 @@ class SeerAttentionMixin:
         with torch.autograd.graph.saved_tensors_hooks(_keep, _keep):
             scores = self.attn_gate(q_pre.detach(), k_pre.detach(), rope=ctx.gate_rope, valid=ctx.valid)
             scores = window_fill(scores, window, cfg.seer_block_size)  # the gate ranks only reachable blocks
+            mixed = with_meanpool_prior(scores if cfg.seer_distill_prior else scores.detach(), q.detach(), k.detach(),
+                                        cfg.seer_block_size, cfg.seer_meanpool_prior, ctx.valid)
             with torch.no_grad():
                 _, pooled = attn_with_pooling(q.detach(), k.detach(), v.detach(), True, self.scaling,
                                               cfg.seer_block_size, seq_bounds=ctx.seq_bounds,
                                               pool_op="max" if cfg.seer_distill_target == "max" else "sum",
                                               window=window)
-            ctx.gate_losses.append(gate_distill_loss(scores, pooled))
+            ctx.gate_losses.append(gate_distill_loss(mixed if cfg.seer_distill_prior else scores, pooled))
         if self.layer_idx < cfg.seer_dense_layers:  # the gate still learns; the layer attends to every block
             return None
         with torch.no_grad():  # the prior keeps the window-filled entries masked
-            scores = with_meanpool_prior(scores.detach(), q, k, cfg.seer_block_size, cfg.seer_meanpool_prior, ctx.valid)
-            return select_blocks_for(scores, cfg, window, self.layer_idx)
+            return select_blocks_for(mixed.detach(), cfg, window, self.layer_idx)
 
     def block_scores(self, q, k, v, q_pre, k_pre, ctx, window=None):
         """Block logits ``[B, HQ, NB, NB]`` of the registered selector ``config.seer_selector``

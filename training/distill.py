@@ -109,6 +109,7 @@ class DistillConfig(RunConfig):
     retrieval_mix: float = option(0.0, _share)
     retrieval_kinds: tuple = option(RETRIEVAL_KINDS, many="+", choices=RETRIEVAL_KINDS)
     peak_weight: float | None = option(None, _nonneg_float)
+    distill_prior: float | None = option(None, ca.open_unit_interval)
     gate_hidden_size: int | None = option(None, _gate_width)
     q_pooling: tuple | None = option(None, _pooling, many="+")
     k_pooling: tuple | None = option(None, _pooling, many="+")
@@ -163,6 +164,11 @@ def add_distill_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
     parser.add_argument("--peak-weight", type=_nonneg_float, default=_default("peak_weight"),
                         help="seer_distill_peak_weight: each block row's KL weighs 1 + W * its target's largest entry "
                              "(rows with a peaked true map count more); default: the model's, 0 for a new conversion")
+    parser.add_argument("--distill-prior", type=ca.open_unit_interval, default=_default("distill_prior"), metavar="A",
+                        help="distil through the mean-pooled prior of share A: the loss reads (1 - A) log p_gate + "
+                             "A log p_meanpool, so the gates learn what the prior misses, and the saved model serves "
+                             "with seer_meanpool_prior=A (docs/experiments/gate_quality.md section 16; default: the "
+                             "gate alone)")
     parser.add_argument("--gate-hidden-size", type=_gate_width, default=_default("gate_hidden_size"),
                         help="seer_gate_hidden_size of new gates: width of each head's projections of pooled Q and K "
                              "(paper and default: 128); a Seer model keeps its own")
@@ -239,6 +245,8 @@ def run_distill(config: DistillConfig) -> dict:
                                           kinds=config.retrieval_kinds)
         seer_kwargs = {"seer_mode": "distill", **{key: getattr(config, name) for name, key in SEER_OPTIONS.items()
                                                    if getattr(config, name) is not None}}
+        if config.distill_prior is not None:  # the loss reads the mixture, and the model serves it
+            seer_kwargs.update(seer_meanpool_prior=config.distill_prior, seer_distill_prior=True)
         set_seed(config.seed)  # before the model: a conversion draws the new gates from the RNG
         model = load_seer_model(source, dtype=torch.bfloat16 if config.bf16 else None, **seer_kwargs)
         targs = SeerTrainingArguments(

@@ -14,7 +14,8 @@ by every selection; no dense last rows), in phases that each rewrite
 1. ``distill``: the gates, ``--steps`` steps of 8192 tokens, once per variant of
    ``--variants`` (``plain``: the paper's data and loss; ``retrieval``: ``--retrieval-mix`` of the
    sequences rewritten with retrieval structure and ``--peak-weight``; the capacity variants
-   ``wide``: gate width 256, ``qmax``: Q pooled by avg and max; :data:`CAPACITY`); gates saved in bf16;
+   ``wide``: gate width 256, ``qmax``: Q pooled by avg and max; :data:`CAPACITY`; ``through``: plain data, the
+   loss through the mean-pooled prior at ``--meanpool-prior``, section 16); gates saved in bf16;
 2. ``ppl``: dense, then for each variant the density knob at each ``--densities`` value, the
    threshold solved to the same density (on 4 windows of ``--train``, held out: the calibrated
    knob; ``--calib-from eval``: on 4 of the evaluated windows) and the knob at the threshold's
@@ -75,10 +76,13 @@ def reference_setting(sel, method, density):
     return Setting(sel, method, param=density) if method == "density" else \
         Setting(sel, method, target_density=density)
 PHASES = ("ppl", "baselines", "passkey", "cost")
-VARIANTS = ("plain", "retrieval", "wide", "qmax")
+VARIANTS = ("plain", "retrieval", "wide", "qmax", "through")
 #: the gate-capacity variants' distillation options (issue 17's "gate capacity"): plain data and loss,
 #: other gates (``wide``: projections twice the paper's width; ``qmax``: Q pooled by max beside avg)
 CAPACITY = {"wide": {"gate_hidden_size": 256}, "qmax": {"q_pooling": ("avg", "max")}}
+#: distilled through the mean-pooled prior at ``--meanpool-prior`` (seer_distill_prior, section 16): plain data,
+#: the loss reads the mixture the rows select from
+THROUGH = "through"
 #: the issue's dense PPL and targets on this protocol (results/quality/h100_sink_local_*.json)
 DENSE_H100, TARGET_LOW = 11.299, 12.2
 
@@ -106,7 +110,8 @@ def parse_args(argv=None):
     ap.add_argument("--eval", default=None, help="evaluation jsonl (default: the bundled eval corpus)")
     ap.add_argument("--out", default="seer_outputs/gate_quality")
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS[:2]), choices=VARIANTS,
-                    help="gate sets compared (default: plain retrieval); wide / qmax: the capacity variants")
+                    help="gate sets compared (default: plain retrieval); wide / qmax: the capacity variants; "
+                         "through: distilled through the prior at --meanpool-prior")
     ap.add_argument("--steps", type=int, default=250)
     ap.add_argument("--seq-len", type=int, default=8192)
     ap.add_argument("--eval-length", type=int, default=8192)
@@ -147,7 +152,13 @@ def parse_args(argv=None):
                     help="what runs after the distillation (default: all); e.g. --variants retrieval --phases "
                          "passkey for the passkey of one gate set alone")
     ap.add_argument("--cpu", action="store_true", help="smoke test on the CPU (give tiny sizes)")
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    if not 0 <= args.meanpool_prior <= 1:
+        ap.error(f"--meanpool-prior {args.meanpool_prior:g}: expected a share 0 <= A <= 1")
+    if THROUGH in args.variants and not 0 < args.meanpool_prior < 1:
+        ap.error(f"--variants {THROUGH} needs 0 < --meanpool-prior < 1 (the share it is distilled through and served "
+                 f"with), got {args.meanpool_prior:g}")
+    return args
 
 
 class Run:
@@ -185,7 +196,7 @@ class Run:
 
 def distill(args, variant, run):
     extra = dict(retrieval_mix=args.retrieval_mix, peak_weight=args.peak_weight) if variant == "retrieval" else \
-        dict(CAPACITY.get(variant, {}))
+        dict(distill_prior=args.meanpool_prior) if variant == THROUGH else dict(CAPACITY.get(variant, {}))
     config = DistillConfig(model=args.model, data=args.train, seq_len=args.seq_len, steps=args.steps,
                            output=os.path.join(args.out, "work", variant), bf16=not args.cpu, cpu=args.cpu,
                            save_steps=args.steps, logging_steps=25, no_progress=True, seed=42, **extra)

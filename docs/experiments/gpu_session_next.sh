@@ -46,6 +46,8 @@
 #                      / 0.1 / 0.05 and each bisected to the threshold's density (the knob target); GATES; needs staging
 #   gate-prior     ~8  issue 17: gate-gain with the mean-pooled prior (seer_meanpool_prior=PRIOR, default 0.5), then the
 #                      baselines at the same densities; GATES; needs staging
+#   gate-through   ~9  issue 17: gates distilled through the mean-pooled prior (--distill-prior PRIOR, default 0.5)
+#                      beside plain gates, 250 steps each, both served with the prior, at 0.1 / 0.05; needs staging
 #   gate-free      ~9  issue 17: free_blocks.py (the gate's softmax without the forced blocks) trained and applied to
 #                      GATES' selection only, and the oracle at 0.1 / 0.05, 8k; needs staging
 #   gate-capacity  ~9  issue 17: gates of twice the width (wide) and with Q max-pooled too (qmax) beside plain, 250
@@ -242,6 +244,13 @@ case "$STEP" in
       --gates plain="$GATES" --phases ppl baselines --coverage --gain --meanpool-prior "${PRIOR:-0.5}" \
       --calib-from train --budget-s "${BUDGET:-500}" --out "$OUT" > "$OUT/gate_quality.log" 2>&1
     echo "gate_quality: exit $?"; tail -n 40 "$OUT/gate_quality.log" ;;
+  gate-through)  # issue 17: plain gates and gates distilled through the mean-pooled prior (seer_distill_prior, session
+    # 33, share PRIOR, default 0.5), STEPS (default 250) each at 8192 tokens, both served with that prior: knob,
+    # threshold, coverage and gain at 0.1 / 0.05 (held-out calibration); needs staging
+    timeout 570 "$PY" docs/experiments/gate_quality.py --model "$GGUF" "${DATA[@]}" --variants plain through \
+      --steps "${STEPS:-250}" --meanpool-prior "${PRIOR:-0.5}" --phases ppl --densities 0.1 0.05 --coverage --gain \
+      --calib-from train --budget-s 470 --out "$OUT" > "$OUT/gate_quality.log" 2>&1
+    echo "gate_quality: exit $?"; tail -n 30 "$OUT/gate_quality.log" ;;
   gate-capacity)  # issue 17's "gate capacity": plain, wide (width 256) and qmax (Q pooled avg+max) gates, STEPS (default
     # 250) each at 8192 tokens, then the knob and the threshold at 0.1 (gate_quality.py's ppl phase); needs staging
     timeout 570 "$PY" docs/experiments/gate_quality.py --model "$GGUF" "${DATA[@]}" --variants plain wide qmax \

@@ -42,10 +42,19 @@ from seer_attn.modeling_seer.configuration_seer_llama import BOOL_FIELDS, FLOAT_
     ("seer_distill_peak_weight", -1.0, "seer_distill_peak_weight"),
     ("seer_meanpool_prior", -0.5, r"seer_meanpool_prior=-0.5 is invalid: expected a share 0 <= a <= 1"),
     ("seer_meanpool_prior", 1.5, "seer_meanpool_prior"),
+    ("seer_distill_prior", True, r"seer_distill_prior=True is invalid: needs 0 < seer_meanpool_prior < 1 .* got 0.0"),
+    ("seer_distill_prior", 1, "seer_distill_prior=1 is invalid: expected True or False"),
 ], ids=lambda v: str(v))
 def test_bad_seer_values_raise_naming_the_field(field, value, match, tiny_kwargs):
     with pytest.raises(ValueError, match=match):
         SeerLlamaConfig(**tiny_kwargs, **{field: value})
+
+
+def test_distill_prior_refuses_the_prior_alone(tiny_kwargs):
+    # at share 1 the mixture ignores the gate: nothing to distil
+    with pytest.raises(ValueError, match="seer_distill_prior=True is invalid: .* got 1.0"):
+        SeerLlamaConfig(**tiny_kwargs, seer_distill_prior=True, seer_meanpool_prior=1.0)
+    assert SeerLlamaConfig(**tiny_kwargs, seer_distill_prior=True, seer_meanpool_prior=0.5).seer_distill_prior
 
 
 # wrong types and non-finite numbers, refused where the config is built (they used to fail

@@ -103,3 +103,30 @@ def test_calibration_reads_what_sparse_mode_selects_from(method, tiny_kwargs):
         assert torch.equal(ctx.masks[0], select_blocks_for(got[0], model.config, None, 0))
         masks[prior] = ctx.masks[0]
     assert not torch.equal(masks[0.0], masks[0.8])
+
+
+@pytest.mark.parametrize("through", [False, True], ids=["gate-alone", "distill-prior"])
+def test_distill_prior_puts_the_mixture_in_the_loss(through, tiny_kwargs, monkeypatch):
+    """With ``seer_distill_prior`` the distillation loss, and fine-tuning's gate loss, read the
+    scores sparse mode selects from (the gate mixed with the prior), and the gate still learns;
+    without it they read the gate's own logits (the paper's loss)."""
+    import seer_attn.modeling_seer.seer_layer as layer
+    seen, real = [], layer.gate_distill_loss
+    monkeypatch.setattr(layer, "gate_distill_loss", lambda s, t, **kw: seen.append(s) or real(s, t, **kw))
+    torch.manual_seed(0)
+    cfg = SeerLlamaConfig(**{**tiny_kwargs, "num_hidden_layers": 1}, seer_gate_hidden_size=32,
+                          seer_meanpool_prior=0.5, seer_distill_prior=through, seer_dense_last_rows=0)
+    model = SeerLlamaForCausalLM(cfg)
+    gate = model.model.layers[0].self_attn.attn_gate
+    x = torch.randint(0, 96, (1, 9 * 64), generator=torch.Generator().manual_seed(3))
+    got = []
+    model.set_seer_mode("distill")
+    out = model(x, seer_ctx=SeerForwardContext(on_gate_scores=lambda i, s, w: got.append(s)))
+    assert torch.equal(seen[0].detach(), got[0]) == through
+    out.gate_loss.backward()
+    assert gate.q_weight.grad is not None and gate.q_weight.grad.abs().sum() > 0
+    model.set_seer_mode("sparse")
+    ctx = SeerForwardContext(gate_loss_layers=frozenset({0}), masks=[])
+    model(x, labels=x, seer_ctx=ctx)
+    assert torch.allclose(seen[1].detach(), got[0], atol=1e-5) == through
+    assert torch.equal(ctx.masks[0], select_blocks_for(got[0], model.config, None, 0))

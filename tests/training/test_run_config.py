@@ -131,9 +131,10 @@ def test_distill_config_defaults_are_the_command_lines():
     ({"retrieval_mix": 1.5}, "retrieval_mix=1.5 is invalid: expected a number 0 <= x <= 1"),
     ({"retrieval_kinds": ("needle",)}, "retrieval_kinds[0]='needle' is invalid: expected one of ('repeat', "),
     ({"peak_weight": -1}, "peak_weight=-1 is invalid: expected a number 0 <= x"),
+    ({"distill_prior": 1.0}, "distill_prior=1.0 is invalid: expected a number 0 < x < 1"),
     ({"retrieval_mix": 0.25, "streaming": True}, "retrieval_mix rewrites packed sequences, which a stream does not"),
 ], ids=["steps", "seq-len", "lr", "threshold", "target", "data", "bf16", "output", "retrieval-mix", "retrieval-kinds",
-        "peak-weight", "retrieval-stream"])
+        "peak-weight", "distill-prior", "retrieval-stream"])
 def test_distill_config_refuses_bad_fields(fields, message):
     with pytest.raises(ValueError) as err:
         DistillConfig(**fields)

@@ -524,6 +524,20 @@ def test_run_distill_with_retrieval_data_and_peak_weight(tmp_path, llama_folder,
     assert load_seer_model(mixed["model_dir"]).config.seer_distill_peak_weight == 0.0
 
 
+def test_run_distill_through_the_meanpool_prior(tmp_path, llama_folder, train_jsonl):
+    """``--distill-prior A`` puts the mixture in the loss (other losses than the plain run's, same
+    seed) and the saved model serves the share it was distilled through."""
+    def run(name, *extra):
+        return run_distill(_parse(_argv(llama_folder, train_jsonl, tmp_path / name, "--steps", "2", *extra)))
+
+    plain, through = run("plain"), run("through", "--distill-prior", "0.5")
+    assert _losses(plain) != _losses(through)
+    c = load_seer_model(through["model_dir"]).config
+    assert (c.seer_meanpool_prior, c.seer_distill_prior) == (0.5, True)
+    c = load_seer_model(plain["model_dir"]).config
+    assert (c.seer_meanpool_prior, c.seer_distill_prior) == (0.0, False)
+
+
 def test_run_distill_builds_gates_of_the_asked_width_and_poolings(tmp_path, llama_folder, train_jsonl):
     """``--gate-hidden-size`` / ``--q-pooling`` / ``--k-pooling`` build the new gates; the saved model
     and the gates-only file carry them, and the gates load back onto the stock base as they were
