@@ -46,6 +46,8 @@
 #                      / 0.1 / 0.05 and each bisected to the threshold's density (the knob target); GATES; needs staging
 #   gate-prior     ~8  issue 17: gate-gain with the mean-pooled prior (seer_meanpool_prior=PRIOR, default 0.5), then the
 #                      baselines at the same densities; GATES; needs staging
+#   prior-topk     ~3  issue 17: top-k of the gate's scores with the mean-pooled prior (PRIOR) against the mean-pooled
+#                      baseline at 0.1 / 0.05, every window; GATES; needs staging (first: cheapest issue-17 step)
 #   gate-through   ~9  issue 17: gates distilled through the mean-pooled prior (--distill-prior PRIOR, default 0.5)
 #                      beside plain gates, 250 steps each, both served with the prior, at 0.1 / 0.05; needs staging
 #   gate-free      ~9  issue 17: free_blocks.py (the gate's softmax without the forced blocks) trained and applied to
@@ -244,6 +246,14 @@ case "$STEP" in
       --gates plain="$GATES" --phases ppl baselines --coverage --gain --meanpool-prior "${PRIOR:-0.5}" \
       --calib-from train --budget-s "${BUDGET:-500}" --out "$OUT" > "$OUT/gate_quality.log" 2>&1
     echo "gate_quality: exit $?"; tail -n 40 "$OUT/gate_quality.log" ;;
+  prior-topk)  # issue 17: top-k (nz_ratio) of the gate's scores with and without the mean-pooled prior (PRIOR, default
+    # 0.5; and 2/3 at 0.05) against the mean-pooled baseline's top-k at 0.1 / 0.05, every window (meanpool_prior.py
+    # --gpu, the CPU's section 15 screen at the issue's protocol); GATES; needs staging
+    timeout 570 "$PY" docs/experiments/meanpool_prior.py "$GATES" --gpu --windows 0 --model "$GGUF" \
+      --eval "$CORPORA/eval.jsonl" gate:nz_ratio=0.1 gate:nz_ratio=0.05 "gate:nz_ratio=0.1:prior=${PRIOR:-0.5}" \
+      "gate:nz_ratio=0.05:prior=${PRIOR:-0.5}" meanpool:nz_ratio=0.1 meanpool:nz_ratio=0.05 \
+      gate:nz_ratio=0.05:prior=0.667 --out "$OUT/prior_topk.json" > "$OUT/prior_topk.log" 2>&1
+    echo "meanpool_prior: exit $?"; grep -v "Convert\|Loading" "$OUT/prior_topk.log" | tail -n 12 ;;
   gate-through)  # issue 17: plain gates and gates distilled through the mean-pooled prior (seer_distill_prior, session
     # 33, share PRIOR, default 0.5), STEPS (default 250) each at 8192 tokens, both served with that prior: knob,
     # threshold, coverage and gain at 0.1 / 0.05 (held-out calibration); needs staging

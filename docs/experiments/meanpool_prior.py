@@ -16,6 +16,8 @@ same windows::
         --out results/quality/cpu_meanpool_prior_8k.json
 
 Keep rules and windows are knob_matched.py's (4 windows of 8192 tokens of eval.jsonl, float32).
+``--gpu``: on CUDA in bf16, every window (``--windows 0``: the issue's protocol, 25 windows); GPU step
+``prior-topk`` of gpu_session_next.sh.
 """
 import argparse
 import os
@@ -58,13 +60,20 @@ def main():
     ap.add_argument("settings", nargs="+", type=parse)
     ap.add_argument("--eval", default=None, help="jsonl corpus (default: the bundled eval corpus)")
     ap.add_argument("--length", type=int, default=8192)
-    ap.add_argument("--windows", type=int, default=4)
+    ap.add_argument("--windows", type=int, default=4, help="first N windows (2 per document; 0: all)")
+    ap.add_argument("--gpu", action="store_true", help="CUDA, bf16 (default: CPU, float32, 2 threads)")
+    ap.add_argument("--model", default=None, help="GGUF / HF folder (default: the embedded SmolLM2 GGUF)")
     ap.add_argument("--out")
     args = ap.parse_args()
-    torch.set_num_threads(2)
-    path = default_model_path()
-    model = load_seer_model(path, dtype=torch.float32, gates=args.gates)
-    wins = make_windows(load_documents(args.eval), load_tokenizer(path), args.length, 2)[:args.windows]
+    if args.gpu and not torch.cuda.is_available():
+        raise SystemExit("--gpu: no CUDA device")
+    if not args.gpu:
+        torch.set_num_threads(2)
+    path = args.model or default_model_path()
+    device, dtype = ("cuda", torch.bfloat16) if args.gpu else ("cpu", torch.float32)
+    model = load_seer_model(path, dtype=dtype, device=device, gates=args.gates)
+    wins = make_windows(load_documents(args.eval), load_tokenizer(path), args.length, 2)
+    wins = wins[:args.windows] if args.windows else wins
     rows, solved = [], {}
     for s in args.settings:
         if s["density"] is not None and (s["method"], s["prior"]) not in solved:
@@ -87,7 +96,8 @@ def main():
         print(f"{s['spec']}: ppl {r['ppl']:.3f} at density {r['density']:.4f} ({time.time() - t0:.0f} s)", flush=True)
         if args.out:
             write_envelope(args.out, "meanpool_prior_screen", rows, config=vars(args), model=path,
-                           complete=len(rows) == len(args.settings), device="cpu", keep=KEEP)
+                           complete=len(rows) == len(args.settings), device=device, keep=KEEP,
+                           dtype=str(dtype).removeprefix("torch."))
 
 
 if __name__ == "__main__":
