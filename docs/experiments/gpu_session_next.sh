@@ -37,6 +37,12 @@
 # The oracle phase of gate_quality.py --oracle ran end to end on the CPU (1024 tokens). Next: stage with the 1200-step gates,
 # gate-gain (the knob target with the gain rule), decode-distill, gate-free, then pair-variants and bench-kernels.
 #
+# Session 33 (H100, ~10 minutes of device time after ~700 s of refused starts): prior-topk, then 250-step plain and
+# through-the-prior gates with their top-k, then share and density sweeps (gate_quality.md section 17; the mixture's
+# top-k beats the mean-pooled baseline from 0.05 to 0.4, distilling through it is level). Next: stage with the
+# 1200-step gates, gate-prior (the coverage rule on the mixture: does it beat coverage alone above 0.1?), gate-gain,
+# decode-distill, gate-free, then pair-variants and bench-kernels.
+#
 # Session 29: distill --gate-hidden-size / --q-pooling / --k-pooling exist now; gate-capacity measures them (issue 17's
 # untried "gate capacity" direction) after gate-calib-coverage and decode-distill. Session 29 got no machine (every start
 # refused); its CPU screen of wide / qmax (gate_quality.md section 11) gains <= 1% at 0.1. Next session: the same plan.
