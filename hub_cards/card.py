@@ -288,7 +288,8 @@ def training_of(sources, label=None) -> list:
                         "grad_accum": cfg.get("grad_accum"), "lr": cfg.get("lr"), "warmup": cfg.get("warmup_steps"),
                         "seed": cfg.get("seed"), "bf16": cfg.get("bf16"), "data": env.get("data") or cfg.get("data"),
                         "target": cfg.get("distill_target") or "max", "seconds": last.get("train_runtime"),
-                        "final_loss": env.get("final_loss"), "mean_loss": env.get("train_loss"), "source": s})
+                        "final_loss": env.get("final_loss"), "mean_loss": env.get("train_loss"),
+                        "distill_prior": cfg.get("distill_prior"), "source": s})
         elif s.kind == "quality" and env.get("cost") and not cfg.get("gates"):
             c = env["cost"]
             out.append({"kind": "quality", "steps": c.get("steps"), "seq_len": c.get("seq_len"),
@@ -613,6 +614,10 @@ def _training_text(training) -> list:
         if not tuned:
             parts.append(f"target: the {'max-pooled' if t.get('target', 'max') == 'max' else 'mass-pooled'} "
                          "attention map of the frozen model")
+        if t.get("distill_prior"):
+            a = t["distill_prior"]
+            parts.append(f"the loss read through the mean-pooled prior at share {a:g} (`seer_distill_prior`): the "
+                         f"gates are a residual, meant to be served with `seer_meanpool_prior` = {a:g}")
         cost = []
         if t.get("seconds"):
             cost.append(f"{t['seconds']:.0f} s" + _on(prov))

@@ -10,8 +10,8 @@ import pytest
 from huggingface_hub import ModelCard, ModelCardData, metadata_load
 from huggingface_hub.repocard_data import model_index_to_eval_results
 
-from seer_attn.hub_cards.card import (BaseRef, CardSpec, load_envelope, own_gate_rows, ppl_rows, ppl_setup,
-                                      recommend, render_card, settings_of)
+from seer_attn.hub_cards.card import (BaseRef, CardSpec, _training_text, load_envelope, own_gate_rows, ppl_rows,
+                                      ppl_setup, recommend, render_card, settings_of, training_of)
 
 PLACEHOLDERS = [r"\bTODO\b", r"\bTBD\b", r"\bFIXME\b", r"\bXXX\b", r"(?i)placeholder", r"More Information Needed",
                 r"\bNone\b", r"\bnan\b", r"\{\{", r"\}\}", r"\bunknown\b"]
@@ -177,3 +177,17 @@ def test_the_example_card_in_docs_is_rendered_from_the_committed_envelopes():
     text = (folder / "README.md").read_text()
     for pat in PLACEHOLDERS:
         assert not re.search(pat, text.split("---", 2)[2]), pat
+
+
+def test_gates_distilled_through_the_prior_say_so(committed, tmp_path):
+    """A distillation with ``--distill-prior`` trained a residual: the card's training line says which share the
+    gates are meant to be served with; a plain distillation's line does not mention the prior."""
+    env = json.loads(committed.distill.read_text())
+    plain = _training_text(training_of(_sources(committed.distill)))
+    env["config"]["distill_prior"] = 0.5
+    path = tmp_path / committed.distill.name
+    path.write_text(json.dumps(env))
+    through = _training_text(training_of(_sources(path)))
+    assert "mean-pooled prior" not in plain[0]
+    assert "the loss read through the mean-pooled prior at share 0.5" in through[0]
+    assert "served with `seer_meanpool_prior` = 0.5" in through[0]
