@@ -234,20 +234,14 @@ class SeerAttentionMixin:
         if not q.dtype == k.dtype == v.dtype:  # e.g. autocast: RoPE in fp32, v in bf16
             q, k = q.to(v.dtype), k.to(v.dtype)
         if mode == "distill":
-            # Detached inputs: the gate learns to predict the model's attention; its loss must
-            # never move the base weights (they stay frozen in post-training either way).
-            scores = self.attn_gate(q_pre.detach(), k_pre.detach(), rope=ctx.gate_rope, valid=ctx.valid)
-            scores = window_fill(scores, window, cfg.seer_block_size)  # the gate ranks only reachable blocks
-            # what a sparse prefill selects from (the prior included); the loss reads it too with seer_distill_prior
-            mixed = with_meanpool_prior(scores if cfg.seer_distill_prior else scores.detach(), q.detach(), k.detach(),
-                                        cfg.seer_block_size, cfg.seer_meanpool_prior, ctx.valid)
+            loss_scores, selected = self._gate_scores(q, k, q_pre, k_pre, ctx, window,
+                                                      select=ctx.on_gate_scores is not None)
             if ctx.on_gate_scores is not None:
-                ctx.on_gate_scores(self.layer_idx, mixed.detach(), window)
+                ctx.on_gate_scores(self.layer_idx, selected, window)
             pool_op = "max" if cfg.seer_distill_target == "max" else "sum"
             out, pooled = attn_with_pooling(q, k, v, True, self.scaling, cfg.seer_block_size,
                                             seq_bounds=ctx.seq_bounds, pool_op=pool_op, window=window)
-            ctx.gate_losses.append(gate_distill_loss(mixed if cfg.seer_distill_prior else scores, pooled,
-                                                     peak_weight=cfg.seer_distill_peak_weight))
+            ctx.gate_losses.append(gate_distill_loss(loss_scores, pooled, peak_weight=cfg.seer_distill_peak_weight))
             if ctx.decode_rows is not None and hasattr(self.attn_gate, DECODE_GATE):
                 ctx.gate_losses.append(self._decode_distill_loss(q, k, q_pre, k_pre, ctx))
             return out.transpose(1, 2)
@@ -352,21 +346,35 @@ class SeerAttentionMixin:
         ctx.gate_loss_done.add(self.layer_idx)
         # What the loss saves for backward is kept as is, outside activation checkpointing's
         # save-and-recompute: the recompute of a checkpointed layer then reuses the mask alone.
+        dense = self.layer_idx < cfg.seer_dense_layers  # the gate still learns; the layer attends to every block
         with torch.autograd.graph.saved_tensors_hooks(_keep, _keep):
-            scores = self.attn_gate(q_pre.detach(), k_pre.detach(), rope=ctx.gate_rope, valid=ctx.valid)
-            scores = window_fill(scores, window, cfg.seer_block_size)  # the gate ranks only reachable blocks
-            mixed = with_meanpool_prior(scores if cfg.seer_distill_prior else scores.detach(), q.detach(), k.detach(),
-                                        cfg.seer_block_size, cfg.seer_meanpool_prior, ctx.valid)
+            loss_scores, selected = self._gate_scores(q, k, q_pre, k_pre, ctx, window, select=not dense)
             with torch.no_grad():
                 _, pooled = attn_with_pooling(q.detach(), k.detach(), v.detach(), True, self.scaling,
                                               cfg.seer_block_size, seq_bounds=ctx.seq_bounds,
                                               pool_op="max" if cfg.seer_distill_target == "max" else "sum",
                                               window=window)
-            ctx.gate_losses.append(gate_distill_loss(mixed if cfg.seer_distill_prior else scores, pooled))
-        if self.layer_idx < cfg.seer_dense_layers:  # the gate still learns; the layer attends to every block
+            ctx.gate_losses.append(gate_distill_loss(loss_scores, pooled))
+        if dense:
             return None
-        with torch.no_grad():  # the prior keeps the window-filled entries masked
-            return select_blocks_for(mixed.detach(), cfg, window, self.layer_idx)
+        with torch.no_grad():
+            return select_blocks_for(selected, cfg, window, self.layer_idx)
+
+    def _gate_scores(self, q, k, q_pre, k_pre, ctx, window, select):
+        """The gate's logits for its loss (distill mode, gate-loss layers) and, with ``select``, the
+        scores a sparse prefill selects from (else None): the window-filled logits with
+        ``seer_meanpool_prior`` mixed in (the prior keeps the filled entries masked), detached.
+        The loss reads the mixture under ``seer_distill_prior``, the gate's own logits otherwise.
+        Inputs detached: the gate learns to predict the model's attention; its loss must never
+        move the base weights (they stay frozen in post-training either way)."""
+        cfg = self.config
+        scores = self.attn_gate(q_pre.detach(), k_pre.detach(), rope=ctx.gate_rope, valid=ctx.valid)
+        scores = window_fill(scores, window, cfg.seer_block_size)  # the gate ranks only reachable blocks
+        if not (select or cfg.seer_distill_prior):
+            return scores, None
+        mixed = with_meanpool_prior(scores if cfg.seer_distill_prior else scores.detach(), q.detach(), k.detach(),
+                                    cfg.seer_block_size, cfg.seer_meanpool_prior, ctx.valid)
+        return (mixed if cfg.seer_distill_prior else scores), mixed.detach()
 
     def block_scores(self, q, k, v, q_pre, k_pre, ctx, window=None):
         """Block logits ``[B, HQ, NB, NB]`` of the registered selector ``config.seer_selector``
