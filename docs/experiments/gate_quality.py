@@ -53,6 +53,7 @@ from seer_attn.eval.quality_run import KNOB_RULES, density_knob_rows
 from seer_attn.eval.settings import Setting, apply_setting
 from seer_attn.modeling_seer.conversion import load_seer_model, load_tokenizer
 from seer_attn.modeling_seer.seer_layer import gate_structure
+from seer_attn.training import cli_args as ca
 from seer_attn.training.data import default_corpus_path
 from seer_attn.training.distill import DistillConfig, run_distill
 from seer_attn.training.results import write_envelope
@@ -129,7 +130,7 @@ def parse_args(argv=None):
     ap.add_argument("--gain", action="store_true",
                     help="density knob rows also of the gain rule (per row, the blocks that would each hold >= g of "
                          "the row's kept mass), solved and bisected as --coverage's are")
-    ap.add_argument("--meanpool-prior", type=float, default=0.0, metavar="A",
+    ap.add_argument("--meanpool-prior", type=ca.float_in(0, 1, low_open=False), default=0.0, metavar="A",
                     help="seer_meanpool_prior of every gate row: the share A of the mean-pooled q.k prior in the "
                          "gate's scores (section 15; 0: the gate alone)")
     ap.add_argument("--oracle", action="store_true",
@@ -153,8 +154,6 @@ def parse_args(argv=None):
                          "passkey for the passkey of one gate set alone")
     ap.add_argument("--cpu", action="store_true", help="smoke test on the CPU (give tiny sizes)")
     args = ap.parse_args(argv)
-    if not 0 <= args.meanpool_prior <= 1:
-        ap.error(f"--meanpool-prior {args.meanpool_prior:g}: expected a share 0 <= A <= 1")
     if THROUGH in args.variants and not 0 < args.meanpool_prior < 1:
         ap.error(f"--variants {THROUGH} needs 0 < --meanpool-prior < 1 (the share it is distilled through and served "
                  f"with), got {args.meanpool_prior:g}")
