@@ -247,10 +247,12 @@ case "$STEP" in
       > "$OUT/gate_quality.log" 2>&1
     echo "gate_quality: exit $?"; tail -n 40 "$OUT/gate_quality.log" ;;
   gate-prior)  # issue 17: gate-gain's protocol with the mean-pooled prior on the gate's scores (session 32,
-    # seer_meanpool_prior=PRIOR, default 0.5), then streaming and mean-pool at the same densities; GATES
+    # seer_meanpool_prior=PRIOR, default 0.5), then streaming and mean-pool at the same densities; GATES; DENSITIES and
+    # PHASES (default "ppl baselines") narrow it
     timeout "${LIMIT:-570}" "$PY" docs/experiments/gate_quality.py --model "$GGUF" "${DATA[@]}" --variants plain \
-      --gates plain="$GATES" --phases ppl baselines --coverage --gain --meanpool-prior "${PRIOR:-0.5}" \
-      --calib-from train --budget-s "${BUDGET:-500}" --out "$OUT" > "$OUT/gate_quality.log" 2>&1
+      --gates plain="$GATES" --phases ${PHASES:-ppl baselines} --coverage --gain --meanpool-prior "${PRIOR:-0.5}" \
+      --densities ${DENSITIES:-0.3 0.2 0.1 0.05} --calib-from train --budget-s "${BUDGET:-500}" --out "$OUT" \
+      > "$OUT/gate_quality.log" 2>&1
     echo "gate_quality: exit $?"; tail -n 40 "$OUT/gate_quality.log" ;;
   prior-topk)  # issue 17: top-k (nz_ratio) of the gate's scores with and without the mean-pooled prior (PRIOR, default
     # 0.5; and 2/3 at 0.05) against the mean-pooled baseline's top-k at 0.1 / 0.05, every window (meanpool_prior.py
