@@ -1,18 +1,20 @@
 """``seer-attn calibrate``: "give me density rho", solved on a sample of your text and ready to ship.
 
-    seer-attn calibrate --model SOURCE [--gates GATES] --density 0.1 [--method coverage]
+    seer-attn calibrate --model SOURCE [--gates GATES] --density 0.1 [--method gain]
         [--data sample.jsonl] [--max-length 8192] [--windows 4] [--eval-windows 4] [--out DIR]
 
-The gate's ``coverage`` (default), ``threshold`` or ``gain`` is solved so that sparse prefills over
+The gate's ``gain`` (default), ``coverage`` or ``threshold`` is solved so that sparse prefills over
 ``--windows`` windows of ``--data`` (default: the bundled training corpus) keep ``--density``
 of the causal blocks, under the keep rules it will ship with (the model's config, or
 ``--keep-sink``, ``--keep-local``, ``--dense-last-rows``, ``--dense-layers``): one exact
 pass, then secant steps over sparse passes
 (:func:`~seer_attn.eval.calibration.calibrate_gate`). Calibrate at the prompt length you will
-serve: an adaptive rule keeps a different share at other lengths. The coverage rule spends
-the blocks where the gate is unsure (broad rows and layers get more); at 8k on SmolLM2 it
-beat the threshold by 0.7% perplexity at equal density and the per-layer density knob by
-4% (docs/experiments/gate_quality.md §8).
+serve: an adaptive rule keeps a different share at other lengths. The gain rule keeps, per row,
+the blocks that would each hold at least g of the row's kept mass; with the mean-pooled prior
+(``--meanpool-prior 0.5``) it was the best selection measured at SmolLM2's 8k protocol, within 1%
+of (and ahead of) the threshold at every density from 0.05 to 0.3, where the coverage rule (the
+default before) missed at 0.12 and below (docs/experiments/gate_quality.md §18; §8, §12 for the
+coverage rule).
 
 ``--eval-windows N`` also measures, on N held-out windows of ``--eval-data`` (default: the
 bundled eval corpus), the perplexity of dense, of the calibrated setting (and the density it
@@ -42,7 +44,7 @@ from .perplexity import DEFAULT_MAX_LENGTH, load_documents, make_windows, model_
 from .settings import METHOD_PARAM, Setting
 
 KIND = "calibration"
-METHODS = ("coverage", "threshold", "gain")  # eval/cli.py's --calibrate-method lists them too (no torch)
+METHODS = ("gain", "coverage", "threshold")  # eval/cli.py's --calibrate-method lists them too (no torch)
 #: the config fields a calibration counts (what the selection keeps whatever the scores say)
 KEEP_FIELDS = ("seer_keep_diagonal", "seer_keep_sink", "seer_keep_local", "seer_dense_last_rows",
                "seer_dense_layers")
@@ -57,7 +59,7 @@ class CalibrateConfig(RunConfig):
     density: float = option(None, ca.unit_interval, optional=False)
     model: str | None = option(None, text)  # folder / Hub id / .gguf; None: the embedded SmolLM2
     gates: str | None = option(None, text)
-    method: str = option("coverage", choices=METHODS)
+    method: str = option("gain", choices=METHODS)
     data: str | None = option(None, text)  # None: the bundled training corpus
     max_length: int | None = option(None, ca.int_at_least(128))  # None: 8192 on a GPU, CPU_MAX_LENGTH on a CPU
     windows: int = option(4, ca.positive_int)
@@ -86,10 +88,10 @@ def add_calibrate_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         "--gates (default: the embedded SmolLM2-135M-Instruct GGUF with the gates shipped for it)")
     p.add_argument("--gates", default=None, help="gates file or folder (seer_gates.safetensors) to load onto --model")
     p.add_argument("--method", choices=METHODS, default=d("method"),
-                   help="coverage: fewest blocks holding a share of the gate's probability per row (spends blocks "
-                        "where the gate is unsure; default); threshold: blocks whose gate probability is >= t; "
-                        "gain: per row, blocks that would each hold >= g of the row's kept mass (the most log-mass "
-                        "for the blocks kept)")
+                   help="gain: per row, blocks that would each hold >= g of the row's kept mass (the most log-mass for "
+                        "the blocks kept; default); coverage: fewest blocks holding a share of the gate's probability "
+                        "per row (spends blocks where the gate is unsure); threshold: blocks whose gate probability "
+                        "is >= t")
     p.add_argument("--data", default=None,
                    help="jsonl sample of your text ('text' field), one window per document (default: the bundled "
                         "training corpus)")
@@ -113,7 +115,8 @@ def add_calibrate_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="the first N layers attend densely (default: as the model's config)")
     p.add_argument("--meanpool-prior", type=ca.float_in(0, 1, low_open=False), default=None, metavar="A",
                    help="seer_meanpool_prior: the share A of the mean-pooled q.k prior in the gate's scores (0: the "
-                        "gate alone; default: as the model's config); shipped with the solved parameter")
+                        "gate alone; default: as the model's config); shipped with the solved parameter; 0.5 with "
+                        "the gain rule measured best at 8k (gate_quality.md section 18)")
     p.add_argument("--eval-data", default=None, help="held-out jsonl for --eval-windows (default: the bundled eval "
                                                      "corpus)")
     p.add_argument("--eval-windows", type=ca.nonneg_int, default=d("eval_windows"),

@@ -53,7 +53,7 @@ def _distill(p):
                      help="after training, solve the gate's setting that keeps RHO of the causal blocks at --seq-len "
                           "on a sample of --data (a .jsonl with 'text'; else the bundled training corpus), write "
                           "OUTPUT/calibration.json; --push-to-hub then ships that setting")
-    cal.add_argument("--calibrate-method", choices=("coverage", "threshold", "gain"), default="coverage",
+    cal.add_argument("--calibrate-method", choices=("gain", "coverage", "threshold"), default="gain",
                      help="the selection rule calibrated (default: %(default)s)")
     p.set_defaults(func=_run_distill)
 

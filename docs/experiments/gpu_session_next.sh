@@ -43,6 +43,12 @@
 # 1200-step gates, gate-prior (the coverage rule on the mixture: does it beat coverage alone above 0.1?), gate-gain,
 # decode-distill, gate-free, then pair-variants and bench-kernels.
 #
+# Session 34 (H100 at once, ~25 minutes of device time): gate-prior at 0.3 / 0.2 / 0.1 / 0.05, then 0.12 / 0.097 /
+# 0.0985 and shares 2/3 and 0.4, then a 75-prompt passkey with the prior (gate_quality.md section 18: gain on the
+# mixture meets the knob target at every density and reaches 12.19 at 0.0998, 11.92 at 0.122). Next: gate-gain (gain on
+# the gate alone: how much is the prior?), a 225-prompt passkey with the prior and gain solved per length,
+# decode-distill, then pair-variants and bench-kernels.
+#
 # Session 29: distill --gate-hidden-size / --q-pooling / --k-pooling exist now; gate-capacity measures them (issue 17's
 # untried "gate capacity" direction) after gate-calib-coverage and decode-distill. Session 29 got no machine (every start
 # refused); its CPU screen of wide / qmax (gate_quality.md section 11) gains <= 1% at 0.1. Next session: the same plan.

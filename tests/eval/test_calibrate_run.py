@@ -27,8 +27,8 @@ def test_the_setting_keeps_the_density_the_envelope_reports(calibrated, tokenize
     config, env, out = calibrated
     assert json.loads((out / "calibration.json").read_text())["settings"] == env["settings"]
     assert env["kind"] == "calibration" and env["complete"]
-    assert env["method"] == "coverage" and env["settings"]["seer_sparsity_method"] == "coverage"
-    assert env["settings"]["seer_coverage"] == env["param"]
+    assert env["method"] == "gain" and env["settings"]["seer_sparsity_method"] == "gain"  # the default rule
+    assert env["settings"]["seer_gain"] == env["param"] and 0 < env["param"] < 1
     assert env["settings"]["seer_meanpool_prior"] == 0.0  # the gate alone, recorded with the parameter
     assert env["within_tol"] == (abs(env["density"] / 0.6 - 1) <= 0.02)
     assert abs(env["density"] - 0.6) <= 0.05
@@ -64,21 +64,21 @@ def test_a_calibration_with_the_meanpool_prior_ships_it(model_dir, corpus_path, 
 def test_held_out_rows_and_the_summary(calibrated):
     _, env, _ = calibrated
     dense, mine, knob = env["ppl"]
-    assert dense["selector"] == "dense" and mine["method"] == "coverage" and knob["method"] == "density"
+    assert dense["selector"] == "dense" and mine["method"] == "gain" and knob["method"] == "density"
     assert mine["param"] == pytest.approx(env["param"])
     assert knob["matched_to"] == mine["setting"] and knob["ppl_ratio"] == pytest.approx(knob["ppl"] / mine["ppl"])
     assert abs(knob["density"] - mine["density"]) <= 0.02  # the knob at the calibrated setting's density
     from seer_attn.eval.calibrate_run import summary
     text = summary(env)
-    assert f"coverage {env['param']:.6g} keeps {env['density']:.4f}" in text
-    assert "seer_sparsity_method='coverage'" in text and "--results" in text
+    assert f"gain {env['param']:.6g} keeps {env['density']:.4f}" in text
+    assert "seer_sparsity_method='gain'" in text and "--results" in text
 
 
-def test_the_gain_rule_calibrates_and_keeps_what_it_reports(model_dir, corpus_path, tokenizer, tmp_path):
-    config = CalibrateConfig(density=0.6, model=str(model_dir), method="gain", data=corpus_path, max_length=1024,
+def test_the_coverage_rule_calibrates_and_keeps_what_it_reports(model_dir, corpus_path, tokenizer, tmp_path):
+    config = CalibrateConfig(density=0.6, model=str(model_dir), method="coverage", data=corpus_path, max_length=1024,
                              windows=2, keep_sink=True, dense_last_rows=0, out=str(tmp_path), no_progress=True)
     env = run_calibrate(config)
-    assert env["settings"]["seer_sparsity_method"] == "gain" and env["settings"]["seer_gain"] == env["param"]
+    assert env["settings"]["seer_sparsity_method"] == "coverage" and env["settings"]["seer_coverage"] == env["param"]
     assert 0 < env["param"] < 1 and abs(env["density"] - 0.6) <= 0.05
     model = load_seer_model(config.model)
     wins = pick_calibration_windows(make_windows(load_documents(config.data), tokenizer, 1024, 1), 2)

@@ -122,8 +122,8 @@ def test_distill_calibrate_density_calibrates_the_trained_folder(tmp_path, monke
     res = cli._run_distill(cli_args(["distill", "--data", mine, "--cpu", "--seq-len", "512", "--output", out,
                                      "--no-eval", "--calibrate-density", "0.2"]))
     (c,) = calls
-    assert (c.density, c.method, c.model, c.data, c.max_length, c.out, c.device) == (0.2, "coverage", "M", mine, 512,
-                                                                                     out, "cpu")
+    assert (c.density, c.method, c.model, c.data, c.max_length, c.out, c.device) == (0.2, "gain", "M", mine, 512,
+                                                                                 out, "cpu")
     assert res["calibration_path"] == os.path.join(out, "calibration.json")
     cli._run_distill(cli_args(["distill", "--data", str(tmp_path / "mine.txt"), "--output", out, "--no-eval",
                                "--calibrate-density", "0.1", "--calibrate-method", "threshold"]))
