@@ -11,10 +11,11 @@ pass, then secant steps over sparse passes
 (:func:`~seer_attn.eval.calibration.calibrate_gate`). Calibrate at the prompt length you will
 serve: an adaptive rule keeps a different share at other lengths. The gain rule keeps, per row,
 the blocks that would each hold at least g of the row's kept mass; with the mean-pooled prior
-(``--meanpool-prior 0.5``) it was the best selection measured at SmolLM2's 8k protocol, within 1%
-of (and ahead of) the threshold at every density from 0.05 to 0.3, where the coverage rule (the
-default before) missed at 0.12 and below (docs/experiments/gate_quality.md §18; §8, §12 for the
-coverage rule).
+(``--meanpool-prior``, default 0.5 unless the model's config sets a share; 0: the gate alone) it was
+the best selection measured at SmolLM2's 8k protocol, within 1% of (and ahead of) the threshold at
+every density from 0.05 to 0.3, where the coverage rule (the default before) missed at 0.12 and
+below, and its solved parameter kept the asked density on held-out text within 2% where the gate
+alone overshot by 11% (docs/experiments/gate_quality.md §18; §8, §12 for the coverage rule).
 
 ``--eval-windows N`` also measures, on N held-out windows of ``--eval-data`` (default: the
 bundled eval corpus), the perplexity of dense, of the calibrated setting (and the density it
@@ -49,6 +50,10 @@ METHODS = ("gain", "coverage", "threshold")  # eval/cli.py's --calibrate-method 
 KEEP_FIELDS = ("seer_keep_diagonal", "seer_keep_sink", "seer_keep_local", "seer_dense_last_rows",
                "seer_dense_layers")
 CPU_MAX_LENGTH = 2048
+#: the prior's share when neither --meanpool-prior nor the model's config gives one: with the gain rule it was the
+#: best selection measured at SmolLM2's 8k protocol and the one whose solved parameter carries over to held-out text
+#: (docs/experiments/gate_quality.md section 18)
+DEFAULT_MEANPOOL_PRIOR = 0.5
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -69,7 +74,8 @@ class CalibrateConfig(RunConfig):
     keep_local: int | None = option(None, ca.nonneg_int)
     dense_last_rows: int | None = option(None, ca.nonneg_int)
     dense_layers: int | None = option(None, ca.nonneg_int)
-    meanpool_prior: float | None = option(None, ca.float_in(0, 1, low_open=False))  # None: the model's config
+    # None: the model's config when it sets a share, else DEFAULT_MEANPOOL_PRIOR
+    meanpool_prior: float | None = option(None, ca.float_in(0, 1, low_open=False))
     eval_data: str | None = option(None, text)  # None: the bundled eval corpus
     eval_windows: int = option(0, ca.nonneg_int)
     dtype: str | None = option(None, choices=DTYPES)  # None: bfloat16 on CUDA, float32 on a CPU
@@ -114,9 +120,9 @@ def add_calibrate_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--dense-layers", type=ca.nonneg_int, default=None,
                    help="the first N layers attend densely (default: as the model's config)")
     p.add_argument("--meanpool-prior", type=ca.float_in(0, 1, low_open=False), default=None, metavar="A",
-                   help="seer_meanpool_prior: the share A of the mean-pooled q.k prior in the gate's scores (0: the "
-                        "gate alone; default: as the model's config); shipped with the solved parameter; 0.5 with "
-                        "the gain rule measured best at 8k (gate_quality.md section 18)")
+                   help="seer_meanpool_prior: the share A of the mean-pooled q.k prior in the gate's scores, "
+                        "shipped with the solved parameter (0: the gate alone; default: the model's config when it "
+                        f"sets one, else {DEFAULT_MEANPOOL_PRIOR:g}, the share measured best with the gain rule)")
     p.add_argument("--eval-data", default=None, help="held-out jsonl for --eval-windows (default: the bundled eval "
                                                      "corpus)")
     p.add_argument("--eval-windows", type=ca.nonneg_int, default=d("eval_windows"),
@@ -197,6 +203,8 @@ def run_calibrate(config: CalibrateConfig) -> dict:
         wins, available = _windows(data, tok, length, config.windows, "training", "--data")
     rules = {f"seer_{k}": getattr(config, k) for k in ("keep_sink", "keep_local", "dense_last_rows", "dense_layers",
                                                        "meanpool_prior") if getattr(config, k) is not None}
+    if config.meanpool_prior is None:  # the model's share when it has one (e.g. gates distilled through it)
+        rules["seer_meanpool_prior"] = model.config.seer_meanpool_prior or DEFAULT_MEANPOOL_PRIOR
     model.set_seer_mode("sparse", seer_selector="gate", **rules)
     keep = {k: getattr(model.config, k) for k in KEEP_FIELDS}
     print(f"[calibrate] {config.method} of the gate{f' ({gates})' if gates else ''} for density {config.density:g} on "

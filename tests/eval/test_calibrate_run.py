@@ -8,7 +8,8 @@ import sys
 import pytest
 import torch
 
-from seer_attn.eval.calibrate_run import CalibrateConfig, gates_sha256, gates_to_load, run_calibrate
+from seer_attn.eval.calibrate_run import (DEFAULT_MEANPOOL_PRIOR, CalibrateConfig, gates_sha256, gates_to_load,
+                                         run_calibrate)
 from seer_attn.eval.calibration import measure_density, pick_calibration_windows
 from seer_attn.eval.perplexity import load_documents, make_windows
 from seer_attn.modeling_seer.conversion import load_seer_model
@@ -29,7 +30,8 @@ def test_the_setting_keeps_the_density_the_envelope_reports(calibrated, tokenize
     assert env["kind"] == "calibration" and env["complete"]
     assert env["method"] == "gain" and env["settings"]["seer_sparsity_method"] == "gain"  # the default rule
     assert env["settings"]["seer_gain"] == env["param"] and 0 < env["param"] < 1
-    assert env["settings"]["seer_meanpool_prior"] == 0.0  # the gate alone, recorded with the parameter
+    # the model sets no share: the default prior, recorded with the parameter solved on it
+    assert env["settings"]["seer_meanpool_prior"] == DEFAULT_MEANPOOL_PRIOR == 0.5
     assert env["within_tol"] == (abs(env["density"] / 0.6 - 1) <= 0.02)
     assert abs(env["density"] - 0.6) <= 0.05
     assert [r["pass"] for r in env["rows"]] == list(range(1, len(env["rows"]) + 1))
@@ -41,14 +43,14 @@ def test_the_setting_keeps_the_density_the_envelope_reports(calibrated, tokenize
     assert measure_density(model, wins) == pytest.approx(env["density"], rel=1e-4)
 
 
-def test_a_calibration_with_the_meanpool_prior_ships_it(model_dir, corpus_path, tokenizer, tmp_path):
-    """The parameter is solved on the gate's scores with the prior: the settings carry the
-    prior, and with them the model keeps the density the envelope reports."""
+def test_a_calibration_of_the_gate_alone_ships_no_prior(model_dir, corpus_path, tokenizer, tmp_path):
+    """--meanpool-prior 0: the parameter is solved on the gate's scores alone, the settings say
+    so, and with them the model keeps the density the envelope reports."""
     config = CalibrateConfig(density=0.6, model=str(model_dir), data=corpus_path, max_length=1024, windows=2,
-                             method="threshold", keep_sink=True, dense_last_rows=0, meanpool_prior=0.5,
+                             method="threshold", keep_sink=True, dense_last_rows=0, meanpool_prior=0.0,
                              out=str(tmp_path), no_progress=True)
     env = run_calibrate(config)
-    assert env["settings"]["seer_meanpool_prior"] == 0.5
+    assert env["settings"]["seer_meanpool_prior"] == 0.0
     model = load_seer_model(config.model)
     wins = pick_calibration_windows(make_windows(load_documents(config.data), tokenizer, 1024, 1), 2)
     settings = dict(env["settings"])
@@ -59,6 +61,18 @@ def test_a_calibration_with_the_meanpool_prior_ships_it(model_dir, corpus_path, 
     # the keep rules given override the model's (sink off, 2 dense last rows) and are recorded
     assert env["keep"] == dict(seer_keep_diagonal=True, seer_keep_sink=True, seer_keep_local=0, seer_dense_last_rows=0,
                                seer_dense_layers=0)
+
+
+def test_the_models_own_prior_share_wins_over_the_default(model_dir, corpus_path, tmp_path):
+    """A model whose config sets a share (gates distilled through the prior) is calibrated with it."""
+    import shutil
+    folder = tmp_path / "model"
+    shutil.copytree(model_dir, folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**cfg, "seer_meanpool_prior": 0.3}))
+    config = CalibrateConfig(density=0.6, model=str(folder), data=corpus_path, max_length=1024, windows=2,
+                             max_forwards=1, out=str(tmp_path / "out"), no_progress=True)
+    assert run_calibrate(config)["settings"]["seer_meanpool_prior"] == 0.3
 
 
 def test_held_out_rows_and_the_summary(calibrated):
