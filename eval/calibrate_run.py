@@ -4,18 +4,18 @@
         [--data sample.jsonl] [--max-length 8192] [--windows 4] [--eval-windows 4] [--out DIR]
 
 The gate's ``gain`` (default), ``coverage`` or ``threshold`` is solved so that sparse prefills over
-``--windows`` windows of ``--data`` (default: the bundled training corpus) keep ``--density``
-of the causal blocks, under the keep rules it will ship with (the model's config, or
-``--keep-sink``, ``--keep-local``, ``--dense-last-rows``, ``--dense-layers``): one exact
-pass, then secant steps over sparse passes
-(:func:`~seer_attn.eval.calibration.calibrate_gate`). Calibrate at the prompt length you will
-serve: an adaptive rule keeps a different share at other lengths. The gain rule keeps, per row,
-the blocks that would each hold at least g of the row's kept mass; with the mean-pooled prior
-(``--meanpool-prior``, default 0.5 unless the model's config sets a share; 0: the gate alone) it was
-the best selection measured at SmolLM2's 8k protocol, within 1% of (and ahead of) the threshold at
-every density from 0.05 to 0.3, where the coverage rule (the default before) missed at 0.12 and
-below, and its solved parameter kept the asked density on held-out text within 2% where the gate
-alone overshot by 11% (docs/experiments/gate_quality.md §18; §8, §12 for the coverage rule).
+``--windows`` windows of ``--data`` (default: the bundled training corpus) keep ``--density`` of the
+causal blocks, under the keep rules it will ship with (the model's config, or ``--keep-sink``,
+``--keep-local``, ``--dense-last-rows``, ``--dense-layers``): one exact pass, then secant steps over
+sparse passes (:func:`~seer_attn.eval.calibration.calibrate_gate`). Calibrate at the prompt length
+you will serve: an adaptive rule keeps a different share at other lengths. The gain rule keeps, per
+row, the blocks that would each hold at least g of the row's kept mass; with the mean-pooled prior
+(``--meanpool-prior``; default 0.5 where the sink block is kept, unless the model's config sets a
+share; 0: the gate alone) it was the best selection measured at SmolLM2's 8k protocol, within 1% of
+(and ahead of) the threshold at every density from 0.05 to 0.3, where the coverage rule (the default
+before) missed at 0.12 and below, and its solved parameter kept the asked density on held-out text
+within 2% where the gate alone overshot by 11% (docs/experiments/gate_quality.md §18; §8, §12 for
+the coverage rule).
 
 ``--eval-windows N`` also measures, on N held-out windows of ``--eval-data`` (default: the
 bundled eval corpus), the perplexity of dense, of the calibrated setting (and the density it
@@ -50,9 +50,9 @@ METHODS = ("gain", "coverage", "threshold")  # eval/cli.py's --calibrate-method 
 KEEP_FIELDS = ("seer_keep_diagonal", "seer_keep_sink", "seer_keep_local", "seer_dense_last_rows",
                "seer_dense_layers")
 CPU_MAX_LENGTH = 2048
-#: the prior's share when neither --meanpool-prior nor the model's config gives one: with the gain rule it was the
-#: best selection measured at SmolLM2's 8k protocol and the one whose solved parameter carries over to held-out text
-#: (docs/experiments/gate_quality.md section 18)
+#: the prior's share when neither --meanpool-prior nor the model's config gives one and the sink block is kept (see
+#: default_prior): with the gain rule it was the best selection measured at SmolLM2's 8k protocol and the one whose
+#: solved parameter carries over to held-out text (docs/experiments/gate_quality.md section 18)
 DEFAULT_MEANPOOL_PRIOR = 0.5
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -74,7 +74,7 @@ class CalibrateConfig(RunConfig):
     keep_local: int | None = option(None, ca.nonneg_int)
     dense_last_rows: int | None = option(None, ca.nonneg_int)
     dense_layers: int | None = option(None, ca.nonneg_int)
-    # None: the model's config when it sets a share, else DEFAULT_MEANPOOL_PRIOR
+    # None: default_prior (the model's share, else DEFAULT_MEANPOOL_PRIOR where the sink block is kept, else 0)
     meanpool_prior: float | None = option(None, ca.float_in(0, 1, low_open=False))
     eval_data: str | None = option(None, text)  # None: the bundled eval corpus
     eval_windows: int = option(0, ca.nonneg_int)
@@ -122,7 +122,7 @@ def add_calibrate_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--meanpool-prior", type=ca.float_in(0, 1, low_open=False), default=None, metavar="A",
                    help="seer_meanpool_prior: the share A of the mean-pooled q.k prior in the gate's scores, "
                         "shipped with the solved parameter (0: the gate alone; default: the model's config when it "
-                        f"sets one, else {DEFAULT_MEANPOOL_PRIOR:g}, the share measured best with the gain rule)")
+                        f"sets one, else {DEFAULT_MEANPOOL_PRIOR:g} where the keep rules keep the sink block, else 0)")
     p.add_argument("--eval-data", default=None, help="held-out jsonl for --eval-windows (default: the bundled eval "
                                                      "corpus)")
     p.add_argument("--eval-windows", type=ca.nonneg_int, default=d("eval_windows"),
@@ -133,6 +133,17 @@ def add_calibrate_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--out", default=d("out"), help="folder of calibration.json (default: %(default)s)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
+
+
+def default_prior(cfg) -> float:
+    """The prior's share when ``--meanpool-prior`` is not given: the model's when its config sets one
+    (gates distilled through the prior), else :data:`DEFAULT_MEANPOOL_PRIOR` where the keep rules keep
+    the sink block and 0 where they do not: with the sink left to the scores the mixture costs
+    perplexity, likely by ranking the sink low (SmolLM2 at 2k on the CPU, gain at 0.2: 30.7 against the
+    gate alone's 25.4 without the sink kept, 11.79 against 12.10 with it; gate_quality.md section 18)."""
+    if cfg.seer_meanpool_prior:
+        return cfg.seer_meanpool_prior
+    return DEFAULT_MEANPOOL_PRIOR if cfg.seer_keep_sink else 0.0
 
 
 def gates_sha256(model) -> str:
@@ -203,13 +214,14 @@ def run_calibrate(config: CalibrateConfig) -> dict:
         wins, available = _windows(data, tok, length, config.windows, "training", "--data")
     rules = {f"seer_{k}": getattr(config, k) for k in ("keep_sink", "keep_local", "dense_last_rows", "dense_layers",
                                                        "meanpool_prior") if getattr(config, k) is not None}
-    if config.meanpool_prior is None:  # the model's share when it has one (e.g. gates distilled through it)
-        rules["seer_meanpool_prior"] = model.config.seer_meanpool_prior or DEFAULT_MEANPOOL_PRIOR
     model.set_seer_mode("sparse", seer_selector="gate", **rules)
+    if config.meanpool_prior is None:
+        model.set_seer_mode("sparse", seer_meanpool_prior=default_prior(model.config))
     keep = {k: getattr(model.config, k) for k in KEEP_FIELDS}
     print(f"[calibrate] {config.method} of the gate{f' ({gates})' if gates else ''} for density {config.density:g} on "
           f"{len(wins)} windows of {length} tokens of {config.data or 'the bundled training corpus'} ({available} "
-          "available); keep rules " + ", ".join(f"{k}={v}" for k, v in keep.items()), flush=True)
+          "available); keep rules " + ", ".join(f"{k}={v}" for k, v in keep.items())
+          + f"; mean-pooled prior share {model.config.seer_meanpool_prior:g}", flush=True)
     cal = calibrate_gate(model, wins, config.density, method=config.method, rel_tol=config.rel_tol,
                          max_forwards=config.max_forwards)
     settings = {"seer_mode": "sparse", "seer_selector": "gate", "seer_sparsity_method": config.method,

@@ -63,6 +63,14 @@ def test_a_calibration_of_the_gate_alone_ships_no_prior(model_dir, corpus_path, 
                                seer_dense_layers=0)
 
 
+def test_the_default_prior_needs_the_sink_kept(model_dir, corpus_path, tmp_path):
+    """Without --meanpool-prior and with the sink block left to the scores, the gate alone."""
+    config = CalibrateConfig(density=0.6, model=str(model_dir), data=corpus_path, max_length=1024, windows=2,
+                             keep_sink=False, max_forwards=1, out=str(tmp_path), no_progress=True)
+    env = run_calibrate(config)
+    assert env["settings"]["seer_meanpool_prior"] == 0.0 and env["keep"]["seer_keep_sink"] is False
+
+
 def test_the_models_own_prior_share_wins_over_the_default(model_dir, corpus_path, tmp_path):
     """A model whose config sets a share (gates distilled through the prior) is calibrated with it."""
     import shutil
