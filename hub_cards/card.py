@@ -174,7 +174,9 @@ def _calibration_text(src: Source, settings) -> list:
     field_ = PARAM_FIELD[env["method"]]
     shipped = settings.get("seer_sparsity_method") == env["method"] and settings.get(field_) == env["param"]
     text = ("Calibrated" if shipped else "Not shipped (the config keeps its own setting), a calibration")
-    text += (f" (`seer-attn calibrate`, [{src.name}]({src.name})): `{field_}={_py(env['param'])}` keeps "
+    prior = env["settings"].get("seer_meanpool_prior") or 0
+    on = f" on the gate's scores mixed with the mean-pooled prior (`seer_meanpool_prior={_py(prior)}`)" if prior else ""
+    text += (f" (`seer-attn calibrate`, [{src.name}]({src.name})): `{field_}={_py(env['param'])}`{on} keeps "
             f"{env['density']:.3f} of the causal blocks over {smp['windows']} windows of {smp['max_length']} tokens of "
             f"{smp['data']} (asked for {env['target_density']:g}; {_keep_text(env['keep'])}). An adaptive rule keeps "
             "a different share at other prompt lengths: calibrate at the length you serve.")

@@ -173,6 +173,22 @@ def _calibration(path, seer, **change):
     return str(path)
 
 
+def test_a_calibration_on_the_prior_ships_it_and_says_so(tiny, tmp_path):
+    """A calibration solved on the mixture (seer_meanpool_prior > 0): the config and the card carry the share."""
+    stock = tiny.stock()
+    stock.save_pretrained(tmp_path / "base")
+    seer = tiny.seer(stock)
+    settings = {"seer_mode": "sparse", "seer_selector": "gate", "seer_sparsity_method": "gain", "seer_gain": 0.02,
+                "seer_meanpool_prior": 0.5}
+    cal = _calibration(tmp_path / "cal.json", seer, settings=settings, method="gain", param=0.02)
+    export(ExportOptions(output=str(tmp_path / "a"), model=str(tmp_path / "base"), results=[cal]), model=seer)
+    cfg = json.loads((tmp_path / "a" / "config.json").read_text())
+    assert cfg["seer_gain"] == 0.02 and cfg["seer_meanpool_prior"] == 0.5
+    card = (tmp_path / "a" / "README.md").read_text()
+    assert "`seer_gain=0.02` on the gate's scores mixed with the mean-pooled prior (`seer_meanpool_prior=0.5`) " \
+           "keeps 0.310" in card
+
+
 def test_a_calibration_is_shipped_and_must_match_the_gates(tiny, tmp_path):
     """``--results calibration.json`` (seer-attn calibrate): the config ships its setting with the
     keep rules it counted (over the recommendation of a perplexity envelope), the card says what
@@ -192,6 +208,7 @@ def test_a_calibration_is_shipped_and_must_match_the_gates(tiny, tmp_path):
            "0.310 of the causal blocks over 4 windows of 8192 tokens of sample.jsonl (asked for 0.3" in card
     assert "it kept 0.320 at perplexity 10.500 against 10.000 dense (+5.0%)" in card and "knob at that density: " \
            "10.900" in card
+    assert "mean-pooled prior" not in card  # the gate alone
     seer.set_seer_mode("sparse", seer_sparsity_method="threshold", seer_threshold=0.01)
     export(ExportOptions(output=str(tmp_path / "k"), model=str(tmp_path / "base"), results=[cal], keep_config=True),
            model=seer)
