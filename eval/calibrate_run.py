@@ -225,7 +225,7 @@ def run_calibrate(config: CalibrateConfig) -> dict:
     cal = calibrate_gate(model, wins, config.density, method=config.method, rel_tol=config.rel_tol,
                          max_forwards=config.max_forwards)
     settings = {"seer_mode": "sparse", "seer_selector": "gate", "seer_sparsity_method": config.method,
-                METHOD_PARAM[config.method]: float(f"{cal.param:.6g}"),
+                METHOD_PARAM[config.method]: cal.param,  # already 6 significant digits: the value each pass measured
                 # the parameter was solved on the gate's scores with this prior (0: none): it ships with it
                 "seer_meanpool_prior": model.config.seer_meanpool_prior}
     rows = [{"pass": i + 1, "param": p, "density": d} for i, (p, d) in enumerate(cal.history)]

@@ -324,8 +324,9 @@ def calibrate_gate(model, windows, target_density, *, method="threshold", rel_to
     history, x = [], x0
     with preserved_seer_mode(model):
         for _ in range(max_forwards):
-            # the parameter as a config stores it (6 significant digits): the density reported is the shipped one's,
-            # though the solve ends at a step of the density where a last-digit change can move a block
+            # the parameter rounded as it is shipped (6 significant digits) before it is measured: the solve ends
+            # at a step of the density, where a last-digit change can move a block, so the density reported is the
+            # shipped parameter's
             param = float(f"{to_param(x):.6g}")
             model.set_seer_mode("sparse", seer_selector="gate", seer_sparsity_method=method,
                                 **{f"seer_{method}": param})
