@@ -208,13 +208,18 @@ def tma_bwd_variants_h200(root) -> str:
                                       + ["now / before", "now / SDPA flash"], body)
 
 
-def pair_variants_h200(root) -> str:
+def _pair_variants(gpu):
     """docs/experiments/tma_variants.py --variants base tma pair ...: sparse pair programs (128
     query rows over the union of two query blocks' lists) against the row programs, on i.i.d.
-    block masks and on gate-like column stripes, same inputs, one process per mask kind."""
+    block masks and on gate-like column stripes, same inputs, one process per mask kind; ``gpu``
+    names the files (``results/kernels/{gpu}_pair_variants_{random,stripes}.json``)."""
+    return lambda root: pair_variants_table(root, gpu)
+
+
+def pair_variants_table(root, gpu) -> str:
     parts, prov = [], None
     for kind in ("random", "stripes"):
-        path = f"results/kernels/h200_pair_variants_{kind}.json"
+        path = f"results/kernels/{gpu}_pair_variants_{kind}.json"
         env = load_envelope(root, path)
         prov = env["provenance"]
         for r in env["rows"]:
@@ -224,7 +229,7 @@ def pair_variants_h200(root) -> str:
             parts.append([_tokens(r["T"]), kind, _kernel_op_label(r["op"]), sig3(r["tma"]), sig3(r["pair"]),
                           sig3(r["pair_s3"]), sig3(r["pair_s5"]), f"{best / r['tma']:.2f}"])
     caption = (f"{prov['gpu']}, commit {_commit(prov)}, same inputs, one process per mask kind "
-               "(results/kernels/h200_pair_variants_random.json, results/kernels/h200_pair_variants_stripes.json); "
+               f"(results/kernels/{gpu}_pair_variants_random.json, results/kernels/{gpu}_pair_variants_stripes.json); "
                "causal, bf16, 32 query / 8 KV heads, d=128, batch 1, TMA loads, median ms (lower of two rounds). "
                "Row programs: one 64-row query block per program (the default); pair programs: 128 rows over the "
                "union of two blocks' lists, 4 / 3 / 5 stages:")
@@ -629,10 +634,14 @@ def gate_quality_h200(root) -> str:
     return out
 
 
-def gate_passkey225_h200(root) -> str:
+def _gate_passkey225(path, gates=None):
     """docs/experiments/gate_quality.py --phases passkey at issue 17's size (225 prompts): the
-    density knob's passkey per length, paired prompt by prompt with dense."""
-    path = "results/quality/h200_gate_passkey225.json"
+    density knob's passkey per length, paired prompt by prompt with dense. ``gates`` says how the
+    gates were made where the run loaded them (``--gates``) rather than distilling them itself."""
+    return lambda root: gate_passkey225_table(root, path, gates)
+
+
+def gate_passkey225_table(root, path, gates=None) -> str:
     env = load_envelope(root, path)
     prov, cfg, pk = env["provenance"], env["config"], env["passkey"]
     dense = pk["dense"]
@@ -650,8 +659,11 @@ def gate_passkey225_h200(root) -> str:
             body.append([v, "all" if T == "all" else _tokens(T), f"{acc[1]:.3f}", f"{acc[0]:.3f}", f"{dens:.3f}",
                          str(vd["lost"]), str(vd["gained"]), f"{vd['p_value']:.2g}"])
     settings = ", ".join(cfg["passkey_settings"])
-    caption = (f"SmolLM2-135M, gates distilled {cfg['steps']} steps of {_tokens(cfg['seq_len'])} tokens "
-               f"(plain: the corpus as it is), {prov['gpu']}, commit {_commit(prov)} ({path}); passkey at "
+    made = gates or (f"gates distilled {cfg['steps']} steps of {_tokens(cfg['seq_len'])} tokens (plain: the corpus "
+                     "as it is)")
+    prior = cfg.get("meanpool_prior") or 0.0
+    made += f", the mean-pooled prior at share {prior:g} on the gate's scores" if prior else ""
+    caption = (f"SmolLM2-135M, {made}, {prov['gpu']}, commit {_commit(prov)} ({path}); passkey at "
                f"{', '.join(_tokens(t) for t in cfg['passkey_lengths'])} x 5 "
                f"depths x {cfg['passkey_samples']} prompts, knob at {cfg['passkey_density']:g}, the 2 last block "
                "rows dense, sink and local block kept, greedy, paired prompt by prompt with dense")
@@ -761,10 +773,13 @@ TABLES = {
     "kernels-h200-tma": _kernels("results/kernels/h200_tma.json"),
     "ttft-h200": _ttft("results/ttft/h200.json"),
     "tma-bwd-variants-h200": tma_bwd_variants_h200,
-    "pair-variants-h200": pair_variants_h200,
+    "pair-variants-h200": _pair_variants("h200"),
+    "pair-variants-h100": _pair_variants("h100"),
     "dense64-h200": dense64_h200,
     "kernels-h200-bwd-tiles": _kernels("results/kernels/h200_bwd_tiles.json"),
     "ttft-h200-bwd-tiles": _ttft("results/ttft/h200_bwd_tiles.json"),
+    "kernels-h100-8dbd9c6": _kernels("results/kernels/h100_8dbd9c6.json"),
+    "ttft-h100-8dbd9c6": _ttft("results/ttft/h100_8dbd9c6.json"),
     "quality-h100": quality_h100,
     "quality-sink-local": quality_sink_local,
     "quality-rerun-h200": quality_rerun_h200,
@@ -785,7 +800,10 @@ TABLES = {
     "finetune-compile-h200": finetune_compile_h200,
     "gate-quality-h200": gate_quality_h200,
     "gate-calib-h200": gate_calib_h200,
-    "gate-passkey225-h200": gate_passkey225_h200,
+    "gate-passkey225-h200": _gate_passkey225("results/quality/h200_gate_passkey225.json"),
+    "passkey225-prior-h100": _gate_passkey225(
+        "results/quality/h100_prior_passkey225_8k.json",
+        gates="gates distilled 1200 steps of 8k tokens in a separate call of the same session (plain data)"),
     "passkey-cells-4k-h200": _passkey_cells(
         ["results/quality/h200_passkey_cells_4k.json", "results/quality/h200_passkey_cells_4k_b.json"],
         "SmolLM2-135M, the gates of results/quality/h200_gate_passkey225.json",

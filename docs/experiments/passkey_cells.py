@@ -11,9 +11,10 @@ threshold, the oracle. Run from a clone (after ``bash .ci/install.sh``; the embe
 
 A setting is comma-separated: ``knob`` (density 0.12, as gate_quality's passkey phase),
 ``density=R``, ``threshold=T``, ``coverage=C`` (per row the fewest blocks holding C of the
-gate's probability), ``oracle`` (the true max-pooled map's top blocks at the knob's
+gate's probability), ``gain=G`` (per row the best blocks while each holds >= G of the kept mass), ``oracle`` (the true max-pooled map's top blocks at the knob's
 density) or ``oracle_mass`` (the true block attention mass's), then optional ``dense=A-B``
-(layers A..B attend densely), ``early=A-B:R`` (layers A..B keep density R instead), ``profile=C``
+(layers A..B attend densely), ``prior=A`` (the mean-pooled q.k prior at share A in the gate's scores:
+``seer_meanpool_prior``), ``early=A-B:R`` (layers A..B keep density R instead), ``profile=C``
 (the knob spread over the layers as the coverage rule at C spreads it on 4 windows of
 ``--profile-from``, the bundled train corpus by default: ``seer_density_profile``), ``last=N``
 (N dense last block rows; default 2), ``local=N`` (local blocks kept; default 1). Prints one
@@ -38,7 +39,8 @@ def parse(spec, **keep):
     """``spec`` -> (set_seer_mode keyword arguments, {layer: density or None (dense)}); ``keep``
     overrides the passkey phase's keep rules (the perplexity protocol has no dense last rows)."""
     kw = dict(seer_selector="gate", seer_sparsity_method="density", seer_density=0.12, seer_keep_sink=True,
-              seer_keep_local=1, seer_keep_diagonal=True, seer_dense_last_rows=2, seer_density_profile=None)
+              seer_keep_local=1, seer_keep_diagonal=True, seer_dense_last_rows=2, seer_density_profile=None,
+              seer_meanpool_prior=0.0)
     kw.update(keep)
     layers = {}
     for part in spec.split(","):
@@ -51,6 +53,10 @@ def parse(spec, **keep):
             kw.update(seer_sparsity_method="threshold", seer_threshold=float(val))
         elif key == "coverage":
             kw.update(seer_sparsity_method="coverage", seer_coverage=float(val))
+        elif key == "gain":
+            kw.update(seer_sparsity_method="gain", seer_gain=float(val))
+        elif key == "prior":
+            kw["seer_meanpool_prior"] = float(val)
         elif key in ("oracle", "oracle_mass"):
             kw.update(seer_selector="oracle_max" if key == "oracle" else "oracle_mass")
         elif key in ("dense", "early"):
@@ -66,8 +72,8 @@ def parse(spec, **keep):
         elif key == "local":
             kw["seer_keep_local"] = int(val)
         else:
-            raise ValueError(f"setting part {part!r}: expected knob, density=R, threshold=T, coverage=C, oracle, oracle_mass, "
-                             "dense=A-B, early=A-B:R, profile=C, last=N or local=N")
+            raise ValueError(f"setting part {part!r}: expected knob, density=R, threshold=T, coverage=C, gain=G, "
+                             "oracle, oracle_mass, prior=A, dense=A-B, early=A-B:R, profile=C, last=N or local=N")
     return kw, layers
 
 
