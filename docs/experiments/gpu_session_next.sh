@@ -49,6 +49,11 @@
 # the gate alone: how much is the prior?), a 225-prompt passkey with the prior and gain solved per length,
 # decode-distill, then pair-variants and bench-kernels.
 #
+# Session 35 (H100 at once): gate-long again (the 1200-step gates were lost with an old checkout; 178 s), the 225-prompt
+# passkey with the prior (gate_quality.md section 19: the knob at 0.12 loses the same 38 as without it), bench-kernels
+# and pair-variants at 8dbd9c6. Next: passkey225-cells with the settings the 4k CPU screen of section 19 picks (carry
+# the gates with chunk2 as GATES), decode-distill, gate-free.
+#
 # Session 29: distill --gate-hidden-size / --q-pooling / --k-pooling exist now; gate-capacity measures them (issue 17's
 # untried "gate capacity" direction) after gate-calib-coverage and decode-distill. Session 29 got no machine (every start
 # refused); its CPU screen of wide / qmax (gate_quality.md section 11) gains <= 1% at 0.1. Next session: the same plan.
@@ -329,6 +334,11 @@ r.sort(key=lambda x: (x['vs_dense']['lost'] - x['vs_dense']['gained'], x['densit
     echo "settings: ${PICK[*]}"
     timeout 570 "$PY" docs/experiments/passkey_cells.py "$GATES" --lengths 2048 4096 8192 --depths 0 0.25 0.5 0.75 1.0 \
       --samples 15 --settings "${PICK[@]}" --out "$OUT/passkey225_layers.json" 2>&1 | grep -v Warning ;;
+  passkey225-cells)  # issue 17's 225 prompts under SETTINGS (passkey_cells.py parts, e.g. "knob,profile=0.9,prior=0.5"),
+    # paired with session 35's H100 bf16 dense answers (--dense-from; run it on an H100); GATES: the 1200-step gates
+    timeout "${LIMIT:-560}" "$PY" docs/experiments/passkey_cells.py "$GATES" --lengths 2048 4096 8192 \
+      --depths 0 0.25 0.5 0.75 1.0 --samples 15 --settings $SETTINGS --profile-from "$CORPORA/train.jsonl" \
+      --dense-from results/quality/h100_prior_passkey225_8k.json --out "$OUT/passkey225_cells.json" 2>&1 | grep -v Warning ;;
   coverage-layers)  # the coverage rule (per row, fewest blocks holding C of the gate's probability) on the
     # 4k cells, what brings back the 8k depth-0.75 prompts, and 8k perplexity with the per-layer density
     PK=(docs/experiments/passkey_cells.py "$GATES" --samples 15)

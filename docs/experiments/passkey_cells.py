@@ -11,19 +11,25 @@ threshold, the oracle. Run from a clone (after ``bash .ci/install.sh``; the embe
 
 A setting is comma-separated: ``knob`` (density 0.12, as gate_quality's passkey phase),
 ``density=R``, ``threshold=T``, ``coverage=C`` (per row the fewest blocks holding C of the
-gate's probability), ``gain=G`` (per row the best blocks while each holds >= G of the kept mass), ``oracle`` (the true max-pooled map's top blocks at the knob's
-density) or ``oracle_mass`` (the true block attention mass's), then optional ``dense=A-B``
-(layers A..B attend densely), ``prior=A`` (the mean-pooled q.k prior at share A in the gate's scores:
+gate's probability), ``gain=G`` (per row the best blocks while each holds >= G of the kept
+mass), ``oracle`` (the true max-pooled map's top blocks at the knob's density) or
+``oracle_mass`` (the true block attention mass's), then optional ``dense=A-B`` (layers A..B
+attend densely), ``prior=A`` (the mean-pooled q.k prior at share A in the gate's scores:
 ``seer_meanpool_prior``), ``early=A-B:R`` (layers A..B keep density R instead), ``profile=C``
 (the knob spread over the layers as the coverage rule at C spreads it on 4 windows of
 ``--profile-from``, the bundled train corpus by default: ``seer_density_profile``), ``last=N``
-(N dense last block rows; default 2), ``local=N`` (local blocks kept; default 1). Prints one
+(N dense last block rows; default 2), ``local=N`` (local blocks kept; default 1), ``bylen=L:P/L:P``
+(the rule's parameter by prompt length: the first L at least the prompt's tokens). Prints one
 line per setting: accuracy, density, lost / gained against dense. ``--lengths 2048 4096 8192
 --depths 0 0.25 0.5 0.75 1.0 --samples 15`` is issue 17's 225-prompt protocol (gate_quality's
-passkey phase). dense_layers_ppl.py measures the same settings' perplexity.
+passkey phase). dense_layers_ppl.py measures the same settings' perplexity. ``--dense-from
+ENVELOPE`` pairs with the dense answers of an earlier run on the same prompts (a gate_quality
+passkey run or one of this script's; same device kind and dtype, or the pairing mixes their
+disagreements in) instead of running dense again.
 """
 import contextlib
 import argparse
+import json
 import time
 
 import torch
@@ -67,13 +73,16 @@ def parse(spec, **keep):
             layers.update(dict.fromkeys(range(a, b + 1), float(rho) if rho else None))
         elif key == "profile":  # the knob spread over the layers as coverage C spreads it (on a sample)
             kw["profile_coverage"] = float(val)
+        elif key == "bylen":  # the rule's parameter per prompt length: L:P/L:P/... (first L >= the tokens)
+            kw["by_length"] = sorted((int(a), float(b)) for a, b in (x.split(":") for x in val.split("/")))
         elif key == "last":
             kw["seer_dense_last_rows"] = int(val)
         elif key == "local":
             kw["seer_keep_local"] = int(val)
         else:
             raise ValueError(f"setting part {part!r}: expected knob, density=R, threshold=T, coverage=C, gain=G, "
-                             "oracle, oracle_mass, prior=A, dense=A-B, early=A-B:R, profile=C, last=N or local=N")
+                             "oracle, oracle_mass, prior=A, dense=A-B, early=A-B:R, profile=C, bylen=L:P/.., "
+                             "last=N or local=N")
     return kw, layers
 
 
@@ -99,6 +108,27 @@ def lean(samples):
     return [{k: v for k, v in s.items() if k != "prompt"} for s in samples]
 
 
+def dense_from(path, samples):
+    """The dense answers to ``samples`` kept in envelope ``path`` (gate_quality's ``passkey.dense``
+    or this script's ``dense`` row) as a :func:`run_passkey`-like result; a clear error when the
+    envelope has none or lacks one of the prompts."""
+    with open(path) as f:
+        env = json.load(f)
+    got = (env.get("passkey") or {}).get("dense") or next(
+        (r for r in env.get("rows", []) if r.get("setting") == "dense"), None)
+    if not got or not got.get("samples"):
+        raise SystemExit(f"--dense-from {path}: no dense passkey samples in it (passkey.dense or a 'dense' row)")
+    key = lambda r: (r["seed"], r["length"], round(float(r["depth"]), 6), r["sample"])  # noqa: E731
+    have = {key(r): r for r in got["samples"]}
+    missing = [k for k in map(key, samples) if k not in have]
+    if missing:
+        raise SystemExit(f"--dense-from {path}: {len(missing)} of this run's {len(samples)} prompts are not in it "
+                         f"(first: seed, length, depth, sample = {missing[0]})")
+    picked = [have[key(r)] for r in samples]
+    return {"accuracy": sum(bool(r["correct"]) for r in picked) / len(picked), "samples": picked,
+            "from": path, "from_provenance": {k: env.get("provenance", {}).get(k) for k in ("commit", "gpu")}}
+
+
 @contextlib.contextmanager
 def applied(model, spec, profile_windows=None, **keep):
     """``model`` in sparse mode under setting ``spec`` for the ``with`` body. Per-layer parts
@@ -107,22 +137,29 @@ def applied(model, spec, profile_windows=None, **keep):
     ``seer_density_profile`` on ``profile_windows`` (:func:`density_profile`)."""
     kw, layers = parse(spec, **keep)
     cov = kw.pop("profile_coverage", None)
+    by_length = kw.pop("by_length", None)
     if cov is not None and not profile_windows:
         raise ValueError(f"setting {spec!r}: profile=C needs sample windows (--profile-from)")
     select = seer_layer._selection
 
-    def selection(attn, q, *rest):
-        if attn.layer_idx not in layers:
-            return select(attn, q, *rest)
-        rho = layers[attn.layer_idx]
-        if rho is None:
-            return torch.ones_like(select(attn, q, *rest)).tril()  # every causal block
-        cfg, old = attn.config, attn.config.seer_density
-        cfg.seer_density = rho
+    def swapped(attn, field, value, q, rest):  # select with config field set to value for the call
+        cfg, old = attn.config, getattr(attn.config, field)
+        setattr(cfg, field, value)
         try:
             return select(attn, q, *rest)
         finally:
-            cfg.seer_density = old
+            setattr(cfg, field, old)
+
+    def selection(attn, q, *rest):
+        rho = layers.get(attn.layer_idx, "rule")
+        if rho is None:
+            return torch.ones_like(select(attn, q, *rest)).tril()  # every causal block
+        if rho != "rule":
+            return swapped(attn, "seer_density", rho, q, rest)
+        if by_length:  # q [B, HQ, T, D]: the first listed length holding the prompt, else the longest
+            param = next((p for n, p in by_length if q.shape[2] <= n), by_length[-1][1])
+            return swapped(attn, f"seer_{attn.config.seer_sparsity_method}", param, q, rest)
+        return select(attn, q, *rest)
     seer_layer._selection = selection
     try:
         model.set_seer_mode("sparse", **kw)
@@ -145,6 +182,8 @@ def main():
     ap.add_argument("--profile-from", help="jsonl corpus of profile=C's sample (default: the bundled train corpus)")
     ap.add_argument("--profile-length", type=int, default=8192, help="tokens per window of that sample")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dense-from", metavar="ENVELOPE",
+                    help="pair with the dense answers of this earlier run on the same prompts instead of running dense")
     ap.add_argument("--dtype", choices=["bf16", "fp32"],
                     help="default: bf16 on cuda (as gate_quality's passkey phase), fp32 on cpu")
     args = ap.parse_args()
@@ -157,10 +196,16 @@ def main():
     if args.indices:
         samples = [s for s in samples if s.sample in args.indices]
     t0 = time.time()
-    model.set_seer_mode("dense")
-    dense = run_passkey(model, tok, samples=samples, progress=False)
-    print(f"dense: {dense['accuracy']:.3f} ({time.time() - t0:.0f} s)", flush=True)
-    rows = [{"setting": "dense", "accuracy": dense["accuracy"], "density": None, "samples": lean(dense["samples"])}]
+    if args.dense_from:
+        dense = dense_from(args.dense_from, [{"seed": s.seed, "length": s.length, "depth": s.depth,
+                                              "sample": s.sample} for s in samples])
+    else:
+        model.set_seer_mode("dense")
+        dense = run_passkey(model, tok, samples=samples, progress=False)
+    src = f", from {args.dense_from}" if args.dense_from else ""
+    print(f"dense: {dense['accuracy']:.3f} ({time.time() - t0:.0f} s{src})", flush=True)
+    rows = [{"setting": "dense", "accuracy": dense["accuracy"], "density": None, "samples": lean(dense["samples"]),
+             **{k: dense[k] for k in ("from", "from_provenance") if k in dense}}]
 
     def save(complete):  # after every setting: a cut run keeps what it measured, marked incomplete
         if args.out:
