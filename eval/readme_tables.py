@@ -707,9 +707,9 @@ def _passkey_cells(paths, lead, tail=""):
     return render
 
 
-def _passkey225(paths):
+def _passkey225(paths, gates="the same gates"):
     """passkey_cells.py over the 225 prompts (2k/4k/8k x 5 depths x 15), per length, each run's
-    settings paired with its own dense row."""
+    settings paired with its own dense row (run again, or an earlier run's: ``--dense-from``)."""
     def render(root) -> str:
         body, envs = [], [load_envelope(root, p) for p in paths]
         for env in envs:
@@ -724,11 +724,13 @@ def _passkey225(paths):
                     body.append([r["setting"], "all" if T == "all" else _tokens(T), f"{acc[0]:.3f}", f"{acc[1]:.3f}",
                                  f"{dens:.3f}", str(vd["lost"]), str(vd["gained"]), f"{vd['p_value']:.2g}"])
         prov, cfg = envs[0]["provenance"], envs[0]["config"]
-        caption = (f"SmolLM2-135M, the same gates, {prov['gpu']}, bf16, commit "
+        froms = sorted({e["rows"][0]["from"] for e in envs if e["rows"][0].get("from")})
+        caption = (f"SmolLM2-135M, {gates}, {prov['gpu']}, bf16, commit "
                    f"{', '.join(sorted({_commit(e['provenance']) for e in envs}))} ({', '.join(paths)}); passkey at "
                    f"{', '.join(_tokens(t) for t in cfg['lengths'])} x {len(cfg['depths'])} depths x "
-                   f"{cfg['samples']} prompts (issue 17's 225), paired prompt by prompt with dense; density: mean "
-                   "over the length's prompts")
+                   f"{cfg['samples']} prompts (issue 17's 225), paired prompt by prompt with dense"
+                   + (f" (the dense answers of {', '.join(froms)})" if froms else "")
+                   + "; density: mean over the length's prompts")
         return caption + ":\n\n" + _table(["selection", "tokens", "dense", "sparse", "density", "lost", "gained",
                                             "sign test p"], body)
     return render
@@ -816,6 +818,9 @@ TABLES = {
     "passkey225-layers-h200": _passkey225(["results/quality/h200_passkey225_layers.json",
                                            "results/quality/h200_passkey225_coverage.json"]),
     "layers-ppl-8k-h200": layers_ppl_8k_h200,
+    "passkey225-gain-bylen-h100": _passkey225(
+        ["results/quality/h100_passkey225_gain_bylen.json"],
+        "session 35's 1200-step gates with the mean-pooled prior at share 0.5"),
 }
 
 

@@ -51,8 +51,9 @@
 #
 # Session 35 (H100 at once): gate-long again (the 1200-step gates were lost with an old checkout; 178 s), the 225-prompt
 # passkey with the prior (gate_quality.md section 19: the knob at 0.12 loses the same 38 as without it), bench-kernels
-# and pair-variants at 8dbd9c6. Next: passkey225-cells with the settings the 4k CPU screen of section 19 picks (carry
-# the gates with chunk2 as GATES), decode-distill, gate-free.
+# and pair-variants at 8dbd9c6, then passkey225-cells with gain per prompt length (section 19: level with the knob at
+# 0.2; the passkey target stays missed). Next: decode-distill, gate-free; kernel work for issue 16 (dense 1.0002x
+# cuDNN at 128k, d1.0 1.16x dense, d0.1 1.21x rho x cuDNN).
 #
 # Session 29: distill --gate-hidden-size / --q-pooling / --k-pooling exist now; gate-capacity measures them (issue 17's
 # untried "gate capacity" direction) after gate-calib-coverage and decode-distill. Session 29 got no machine (every start
