@@ -78,8 +78,11 @@ def test_the_window_bounds_the_selection_with_the_prior(window, gen):
         assert not (m & ~reached).any(), method
 
 
+PARAM = {"threshold": 0.12, "gain": 0.1, "nz_ratio": 0.3, "density": 0.3}
+
+
 @torch.no_grad()
-@pytest.mark.parametrize("method", ["threshold", "gain", "nz_ratio", "density"])
+@pytest.mark.parametrize("method", list(PARAM))
 def test_calibration_reads_what_sparse_mode_selects_from(method, tiny_kwargs):
     """One layer, so both modes see the same q and k: the scores distill mode hands to
     calibration (the prior applied) select the very mask sparse mode uses, and the prior changes it."""
@@ -88,7 +91,7 @@ def test_calibration_reads_what_sparse_mode_selects_from(method, tiny_kwargs):
         torch.manual_seed(0)
         cfg = SeerLlamaConfig(**{**tiny_kwargs, "num_hidden_layers": 1}, seer_gate_hidden_size=32,
                               seer_meanpool_prior=prior, seer_sparsity_method=method, seer_dense_last_rows=0,
-                              **{f"seer_{method}": {"threshold": 0.12, "gain": 0.1, "nz_ratio": 0.3, "density": 0.3}[method]})
+                              **{f"seer_{method}": PARAM[method]})
         model = SeerLlamaForCausalLM(cfg).eval()
         for name, p in model.named_parameters():  # scores that rank (fresh ones are near uniform)
             if "attn_gate" in name or "q_proj" in name or "k_proj" in name:
