@@ -62,7 +62,8 @@ class SeerConfigMixin:
         seer_coverage: probability mass kept per row by ``"coverage"``, in (0, 1].
         seer_gain: the least share of a row's kept mass a block added by ``"gain"`` holds, in (0, 1).
         seer_density: kept share of causal blocks asked of ``"density"``, in (0, 1] (the keep
-            rules set a floor).
+            rules set a floor, which grows as prompts get shorter; a sparse prefill asked for
+            less than it logs a warning once per length: it then keeps the forced blocks only).
         seer_selector: what scores the blocks in sparse mode: ``"gate"`` (the learned
             AttnGate) or a training-free baseline of :data:`.selection.SELECTORS`: ``"streaming"`` (sink + recent blocks),
             ``"meanpool"`` (MoBA-like mean-pooled q.k), ``"oracle_max"`` / ``"oracle_mass"``

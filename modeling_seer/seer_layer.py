@@ -31,6 +31,7 @@ A family (``configuration_seer_X.py`` + ``modeling_seer_X.py``, one row of
 Copied flat into saved folders (remote code): imports only torch/transformers; package
 imports are rewritten flat by ``remote_bundle.py``.
 """
+import functools
 import inspect
 import json
 import logging
@@ -55,7 +56,7 @@ from .gates_only import is_gates_only, load_gates_only, peek_config
 from .hub_utils import hub_call, resolve_source
 from .remote_bundle import write_remote_code
 from .selection import (ScoreInputs, block_pool, causal_density, decode_oracle_scores, decode_recency_scores,
-                        get_selector, select_blocks_for, window_fill, with_meanpool_prior)
+                        get_selector, keep_rule_floor, select_blocks_for, window_fill, with_meanpool_prior)
 
 logger = logging.getLogger(__name__)
 
@@ -401,6 +402,29 @@ def _keep(t):
     return t
 
 
+def _check_density_floor(cfg, T):
+    """Warn (once per setting and length) when the density knob asks a sparse prefill of ``T``
+    tokens for less than the keep rules keep anyway: every layer then keeps only the forced
+    blocks (sink, local, diagonal, dense last rows) and none that the selector scored, i.e.
+    streaming's selection. Host arithmetic only; skipped under torch.compile and where a
+    sliding window shorter than ``T`` changes the floor."""
+    if (cfg.seer_mode != "sparse" or cfg.seer_sparsity_method != "density" or T <= cfg.seer_block_size
+            or torch.compiler.is_compiling() or (getattr(cfg, "sliding_window", None) or T) < T):
+        return
+    _warn_under_floor(-(-int(T) // cfg.seer_block_size), cfg.seer_block_size, float(cfg.seer_density),
+                      cfg.seer_keep_diagonal, cfg.seer_keep_sink, cfg.seer_keep_local, cfg.seer_dense_last_rows)
+
+
+@functools.lru_cache(maxsize=64)
+def _warn_under_floor(NB, block_size, density, keep_diagonal, keep_sink, keep_local, dense_last_rows):
+    floor = keep_rule_floor(NB, keep_diagonal, keep_sink, keep_local, dense_last_rows)
+    if density < floor:
+        logger.warning(f"seer_density={density:g} is under the keep rules' floor {floor:.3f} at {NB * block_size} "
+                       f"tokens ({NB} blocks): every layer keeps only the blocks the keep rules force (sink, local, "
+                       "diagonal, dense last rows) and none the selector scored; ask for more than the floor or keep "
+                       "fewer blocks by rule")
+
+
 class SeerDecoderLayerMixin:
     """Mixed into a family's decoder layer (before the stock class).
 
@@ -549,6 +573,7 @@ class SeerModelMixin:
             elif ref.shape[1] > 1 and _empty_static_cache(kwargs):  # a static cache's prefill, 2D mask
                 seer_ctx.prefill_slots = ref.shape[1]
             self._prepare_context(seer_ctx, padding, position_ids, ref.shape[1], ref.device)
+            _check_density_floor(cfg, ref.shape[1])
         if cfg.seer_decode_sparsity and cfg.seer_mode != "distill":
             seer_ctx = seer_ctx if seer_ctx is not None else SeerForwardContext()
             kwargs = self._prepare_decode(seer_ctx, attention_mask, ref, kwargs)

@@ -182,3 +182,26 @@ def test_keep_rule_floor_counts_the_forced_blocks():
     assert keep_rule_floor(NB, True, False, 0, 0) == pytest.approx(8 / 36)
     assert keep_rule_floor(NB, True, True, 1, 0) == pytest.approx((8 + 7 + 7 - 1) / 36)
     assert keep_rule_floor(NB, True, False, 0, 2) == pytest.approx((6 + 7 + 8) / 36)
+
+
+@torch.no_grad()
+def test_model_warns_once_when_the_density_is_under_the_floor(tiny, caplog):
+    """A sparse prefill asked for less than the keep rules keep anyway says so, once per setting
+    and length, naming the asked density and the floor; above the floor it says nothing."""
+    from seer_attn.modeling_seer import seer_layer
+    from seer_attn.modeling_seer.selection import keep_rule_floor
+    seer_layer._warn_under_floor.cache_clear()
+    model = tiny(seer_mode="sparse", seer_sparsity_method="density", seer_density=0.05, seer_keep_sink=True,
+                 seer_keep_local=1, seer_dense_last_rows=2)
+    ids = torch.randint(0, 96, (1, 6 * 64), generator=torch.Generator().manual_seed(2))
+    floor = keep_rule_floor(6, True, True, 1, 2)
+    with caplog.at_level("WARNING", logger=seer_layer.logger.name):
+        model(input_ids=ids)
+        model(input_ids=ids)
+        under = [r.getMessage() for r in caplog.records if "floor" in r.getMessage()]
+        assert len(under) == 1 and "seer_density=0.05" in under[0] and f"{floor:.3f}" in under[0], under
+        caplog.clear()
+        model.set_seer_mode("sparse", seer_density=min(1.0, floor + 0.2))(input_ids=ids)
+        model.set_seer_mode("dense")(input_ids=ids)
+        assert not [r for r in caplog.records if "floor" in r.getMessage()]
+    assert model.set_seer_mode("sparse", seer_density=0.05)(input_ids=ids).logits.isfinite().all()
