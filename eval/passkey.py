@@ -223,7 +223,9 @@ def run_passkey(model, tokenizer, lengths=DEFAULT_LENGTHS, depths=DEFAULT_DEPTHS
     }
 
 
-def _sample_key(r):
+def sample_key(r):
+    """A kept sample's prompt identity ``(seed, length, depth, sample index)``: what pairs two
+    results prompt by prompt (the generator rebuilds the same prompt from it)."""
     return r["seed"], r["length"], round(float(r["depth"]), 6), r["sample"]
 
 
@@ -242,8 +244,8 @@ def paired_passkey(reference: dict, other: dict) -> dict:
     for name, res in (("reference", reference), ("other", other)):
         if not res.get("samples"):
             raise ValueError(f"the {name} result has no samples to pair (run_passkey keeps them under 'samples')")
-    ref = {_sample_key(r): bool(r["correct"]) for r in reference["samples"]}
-    oth = {_sample_key(r): bool(r["correct"]) for r in other["samples"]}
+    ref = {sample_key(r): bool(r["correct"]) for r in reference["samples"]}
+    oth = {sample_key(r): bool(r["correct"]) for r in other["samples"]}
     if ref.keys() != oth.keys():
         raise ValueError(f"the results were run on different prompts ({len(ref.keys() - oth.keys())} only in the "
                          f"reference, {len(oth.keys() - ref.keys())} only in the other); pair runs of one prompt set")

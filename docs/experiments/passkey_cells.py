@@ -36,7 +36,7 @@ import torch
 
 import seer_attn.modeling_seer.seer_layer as seer_layer
 from seer_attn.eval.calibration import density_profile
-from seer_attn.eval.passkey import generate_passkey_samples, paired_passkey, run_passkey
+from seer_attn.eval.passkey import generate_passkey_samples, paired_passkey, run_passkey, sample_key
 from seer_attn.modeling_seer.conversion import default_model_path, load_seer_model, load_tokenizer
 from seer_attn.training.results import write_envelope
 
@@ -118,13 +118,12 @@ def dense_from(path, samples):
         (r for r in env.get("rows", []) if r.get("setting") == "dense"), None)
     if not got or not got.get("samples"):
         raise SystemExit(f"--dense-from {path}: no dense passkey samples in it (passkey.dense or a 'dense' row)")
-    key = lambda r: (r["seed"], r["length"], round(float(r["depth"]), 6), r["sample"])  # noqa: E731
-    have = {key(r): r for r in got["samples"]}
-    missing = [k for k in map(key, samples) if k not in have]
+    have = {sample_key(r): r for r in got["samples"]}
+    missing = [k for k in map(sample_key, samples) if k not in have]
     if missing:
         raise SystemExit(f"--dense-from {path}: {len(missing)} of this run's {len(samples)} prompts are not in it "
                          f"(first: seed, length, depth, sample = {missing[0]})")
-    picked = [have[key(r)] for r in samples]
+    picked = [have[sample_key(r)] for r in samples]
     return {"accuracy": sum(bool(r["correct"]) for r in picked) / len(picked), "samples": picked,
             "from": path, "from_provenance": {k: env.get("provenance", {}).get(k) for k in ("commit", "gpu")}}
 
@@ -151,10 +150,10 @@ def applied(model, spec, profile_windows=None, **keep):
             setattr(cfg, field, old)
 
     def selection(attn, q, *rest):
-        rho = layers.get(attn.layer_idx, "rule")
-        if rho is None:
-            return torch.ones_like(select(attn, q, *rest)).tril()  # every causal block
-        if rho != "rule":
+        if attn.layer_idx in layers:
+            rho = layers[attn.layer_idx]
+            if rho is None:
+                return torch.ones_like(select(attn, q, *rest)).tril()  # every causal block
             return swapped(attn, "seer_density", rho, q, rest)
         if by_length:  # q [B, HQ, T, D]: the first listed length holding the prompt, else the longest
             param = next((p for n, p in by_length if q.shape[2] <= n), by_length[-1][1])
