@@ -419,7 +419,7 @@ def _pooled_for(model, cache, B, T, gen):
     fill = DecodeStep(state, 0, T, model.model._gate_rope_at, p.device)
     for i, layer in enumerate(model.model.layers):
         k_pre = torch.randn(B, kv_heads, T, head_dim, device=p.device, dtype=p.dtype, generator=gen)
-        fill.record(i, k_pre, layer.self_attn.attn_gate.decode_gate)
+        fill.record(i, k_pre, layer.self_attn.attn_gate.decode_gate, cache.layers[i].keys)
         del k_pre
     fill.finish()
     return state

@@ -28,7 +28,8 @@ quarter by default, which kept passkey retrieval at share 0.1 where 64 rows of p
 **Comparisons.** A setting may name a selector other than the decode gate: ``oracle`` (the
 step's true attention mass per block: what the gate is distilled to predict, an upper bound
 at the same share) and ``streaming`` (the most recent blocks); ``local=N`` keeps the N full
-blocks before the current one besides the selection.
+blocks before the current one besides the selection; ``prior=A`` mixes the decode gate's
+scores with the training-free mean-pooled prior (``seer_decode_meanpool_prior``).
 
     python -m seer_attn.eval.decode_quality --model /tmp/seer/smollm2.gguf \\
         --train /tmp/seer/corpora/train.jsonl --eval /tmp/seer/corpora/eval.jsonl --out seer_outputs/decode_quality
@@ -154,8 +155,9 @@ def decode_perplexity(model, windows, prefix, batch_size, progress=True, desc="d
 
 def decode_setting(value):
     """``dense``, or ``share=X`` / ``budget=N`` / ``mass=P`` followed by optional ``,local=N``
-    (full blocks before the current one always read) and ``,oracle`` / ``,streaming`` (the comparison
-    selectors of ``seer_decode_selector``), as the ``seer_*`` options that set that decode
+    (full blocks before the current one always read), ``,prior=A`` (``seer_decode_meanpool_prior``)
+    and ``,oracle`` / ``,streaming`` (the comparison selectors of ``seer_decode_selector``), as the
+    ``seer_*`` options that set that decode
     selection (``{}``: dense decode)."""
     if value == "dense":
         return {}
@@ -169,16 +171,21 @@ def decode_setting(value):
         out = {"seer_decode_method": "mass", "seer_decode_mass": ca.unit_interval(val)}
     else:
         raise ca.ArgValueError(f"invalid decode setting {value!r}: expected dense, share=X, budget=N or mass=P, "
-                               "optionally followed by ,local=N and ,oracle or ,streaming")
+                               "optionally followed by ,local=N, ,prior=A and ,oracle or ,streaming")
     for extra in extras:
         key, _, val = extra.partition("=")
         if key == "local" and "seer_decode_keep_local" not in out:
             out["seer_decode_keep_local"] = ca.int_at_least(0)(val)
+        elif key == "prior" and "seer_decode_meanpool_prior" not in out:
+            out["seer_decode_meanpool_prior"] = ca.float_in(0, 1, low_open=False)(val)
         elif key in ("oracle", "streaming") and not val and "seer_decode_selector" not in out:
             out["seer_decode_selector"] = key
         else:
             raise ca.ArgValueError(f"invalid part {extra!r} of decode setting {value!r}: expected local=N, "
-                                   "oracle or streaming (each at most once)")
+                                   "prior=A, oracle or streaming (each at most once)")
+    if out.get("seer_decode_meanpool_prior") and out.get("seer_decode_selector"):
+        raise ca.ArgValueError(f"invalid decode setting {value!r}: prior=A mixes the decode gate's scores; the "
+                               f"{out['seer_decode_selector']} selector has none")
     return out
 
 
@@ -190,7 +197,8 @@ def setting_text(value):
 def apply_decode(model, setting, prefill="dense", prefill_opts=None):
     """Set ``model`` to a prefill mode and a decode setting (:func:`decode_setting`; the options
     a setting leaves out, ``local`` and the selector, go back to their defaults)."""
-    setting = {"seer_decode_keep_local": 0, "seer_decode_selector": "gate", **setting} if setting else {}
+    setting = {"seer_decode_keep_local": 0, "seer_decode_selector": "gate", "seer_decode_meanpool_prior": 0.0,
+               **setting} if setting else {}
     model.set_seer_mode(prefill, seer_decode_sparsity=bool(setting), **setting, **(prefill_opts or {}))
 
 
@@ -341,6 +349,8 @@ def _setting_name(setting):
         name = f"budget={setting['seer_decode_budget']}"
     if setting.get("seer_decode_keep_local"):
         name += f",local={setting['seer_decode_keep_local']}"
+    if setting.get("seer_decode_meanpool_prior"):
+        name += f",prior={setting['seer_decode_meanpool_prior']:g}"
     return name + (f",{setting['seer_decode_selector']}" if setting.get("seer_decode_selector", "gate") != "gate"
                    else "")
 

@@ -20,7 +20,7 @@ INT_FIELDS = ("seer_block_size", "seer_gate_hidden_size", "seer_keep_local", "se
               "seer_dense_layers", "seer_decode_budget", "seer_decode_distill_rows", "seer_decode_keep_local")
 FLOAT_FIELDS = ("seer_threshold", "seer_nz_ratio", "seer_coverage", "seer_gain", "seer_distill_loss_scale",
                 "seer_decode_share", "seer_decode_threshold", "seer_decode_mass", "seer_density",
-                "seer_distill_peak_weight", "seer_meanpool_prior")
+                "seer_distill_peak_weight", "seer_meanpool_prior", "seer_decode_meanpool_prior")
 #: Options the gates are built from (their shapes and RoPE): fixed once a model exists.
 STRUCTURAL_FIELDS = ("seer_block_size", "seer_gate_hidden_size", "seer_q_pooling", "seer_k_pooling",
                      "seer_gate_rope", "seer_decode_gate")
@@ -123,6 +123,11 @@ class SeerConfigMixin:
             decode gate), or for comparison ``"oracle"`` (the step's true attention mass per
             block, summed over the query group: an exact pass over the cache, no speed-up) or
             ``"streaming"`` (the most recent blocks).
+        seer_decode_meanpool_prior: share a in [0, 1] of a training-free prior in the decode gate's
+            scores: ``(1 - a) log p_gate + a log p_meanpool`` over the full blocks, p_meanpool the
+            new query's softmax over each block's mean post-RoPE key (kept by the pooled-K cache),
+            averaged over the KV head's group; 1 ranks by the prior alone. 0 (default): the gate.
+            One more small matmul per layer and step (docs/experiments/decode_quality.md, session 36).
         seer_base_model: set in a *gates-only* checkpoint (config, ``seer_gates.safetensors`` and
             the remote code, no base weights): the Hub id or local path (folder or ``.gguf``
             file) of the base model whose weights ``from_pretrained`` loads before applying
@@ -166,6 +171,7 @@ class SeerConfigMixin:
     seer_decode_distill_rows: int = 64
     seer_decode_keep_local: int = 0
     seer_decode_selector: str = "gate"
+    seer_decode_meanpool_prior: float = 0.0
     seer_base_model: str | None = None
     seer_base_revision: str | None = None
     seer_base_gguf_file: str | None = None
@@ -278,6 +284,8 @@ class SeerConfigMixin:
             bad("seer_decode_keep_local", "expected an integer >= 0")
         if self.seer_decode_selector not in DECODE_SELECTORS:
             bad("seer_decode_selector", f"expected one of {DECODE_SELECTORS}")
+        if not 0.0 <= self.seer_decode_meanpool_prior <= 1.0:
+            bad("seer_decode_meanpool_prior", "expected a share 0 <= a <= 1")
         if self.seer_decode_sparsity and not self.seer_decode_gate:
             bad("seer_decode_sparsity", "decode sparsity needs decode gates: build the model with "
                                         "seer_decode_gate=True (load_seer_model(base, seer_decode_gate=True))")

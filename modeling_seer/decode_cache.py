@@ -25,20 +25,21 @@ import weakref
 
 import torch
 
-from .selection import block_pool, prepare_decode_selection, select_decode_blocks
+from .selection import block_means, block_pool, prepare_decode_selection, select_decode_blocks
 
 _STATES = weakref.WeakKeyDictionary()  # KV cache object -> PooledKCache
 
 
 class _LayerBlocks:
-    """One layer's pooled keys ``[B, H, n, D * |k_pool|]``, gate keys ``[B, H, n, G]`` (both
-    grown by doubling, always with a spare zeroed row after the ``n`` in use: a decode step
-    scores the current block's row too, whose bias then forces it in) and the pre-RoPE keys
+    """One layer's pooled keys ``[B, H, n, D * |k_pool|]``, gate keys ``[B, H, n, G]``, mean
+    post-RoPE keys ``[B, H, n, D]`` (the decode prior's; all three grown by doubling, always with a
+    spare zeroed row after the ``n`` in use: a decode step scores the current block's row too,
+    whose bias then forces it in) and the pre-RoPE keys
     of the partly filled block (``fill`` slots of a ``[B, H, 64, D]`` buffer, written in place
     by decode steps)."""
 
     def __init__(self):
-        self.pooled = self.keys = self.buf = None
+        self.pooled = self.keys = self.means = self.buf = None
         self.n = self.fill = 0
 
     @property
@@ -55,19 +56,20 @@ class _LayerBlocks:
             self.buf[:, :, :r] = rest
         self.fill = r
 
-    def append(self, pooled, keys):
+    def append(self, pooled, keys, means):
         add = pooled.shape[2]
         if self.pooled is None or self.n + add >= self.pooled.shape[2]:
             cap = max(self.n + add + 1, 2 * (self.pooled.shape[2] if self.pooled is not None else 0), 16)
             grow = []
-            for old, new in ((self.pooled, pooled), (self.keys, keys)):
+            for old, new in ((self.pooled, pooled), (self.keys, keys), (self.means, means)):
                 buf = new.new_zeros(*new.shape[:2], cap, new.shape[3])
                 if old is not None:
                     buf[:, :, :self.n] = old[:, :, :self.n]
                 grow.append(buf)
-            self.pooled, self.keys = grow
+            self.pooled, self.keys, self.means = grow
         self.pooled[:, :, self.n:self.n + add] = pooled
         self.keys[:, :, self.n:self.n + add] = keys
+        self.means[:, :, self.n:self.n + add] = means
         self.n += add
 
 
@@ -140,6 +142,12 @@ class PooledKCache:
         holds zeros). A decode step takes the current block's row too (its bias forces it)."""
         L = self.layers[layer]
         return L.keys[:, :, :L.n if blocks is None else blocks] if L.keys is not None else None
+
+    def block_means(self, layer, blocks=None):
+        """The mean post-RoPE keys ``[B, H, blocks, D]`` of layer ``layer``'s first ``blocks`` blocks,
+        as :meth:`gate_keys` (the decode prior's, ``seer_decode_meanpool_prior``)."""
+        L = self.layers[layer]
+        return L.means[:, :, :L.n if blocks is None else blocks] if L.means is not None else None
 
     def note_kept(self, counts, current):
         """Record one decode step's kept block counts (:meth:`DecodeStats.note_kept`)."""
@@ -305,6 +313,20 @@ class DecodeStep:
         """The decode gate's keys this step scores, ``[B, H, current + 1, G]`` (None before a block filled)."""
         return self.state.gate_keys(layer, self.current + 1)
 
+    def block_means(self, layer):
+        """The mean post-RoPE keys this step's prior scores, ``[B, H, current + 1, D]`` (as :meth:`gate_keys`)."""
+        return self.state.block_means(layer, self.current + 1)
+
+    def full_blocks(self, width):
+        """Bool ``[B, 1, width]``: each sequence's full blocks (from its sink block to the one before
+        the current block), the blocks the decode prior's distributions span (made once per block)."""
+        full = self.tables.selections.get(("full", width))
+        if full is None:
+            j = torch.arange(width, device=self.state.first_block.device)
+            full = ((j[None, :] >= self.state.first_block[:, None]) & (j[None, :] < self.current))[:, None]
+            self.tables.selections[("full", width)] = full
+        return full
+
     def select(self, scores, cfg):
         """``(idx, cnt)`` of the decode gate's logits ``[B, H, current + 1]`` by ``cfg``'s method."""
         prepared = self.selection(cfg.seer_decode_method, cfg.seer_decode_budget, cfg.seer_decode_share,
@@ -319,10 +341,12 @@ class DecodeStep:
         layers of a step with one shared count tensor cost nothing here)."""
         self._counts.append(cnt)
 
-    def record(self, layer, k_pre, gate):
+    def record(self, layer, k_pre, gate, k):
         """Add this forward's pre-RoPE keys ``[B, H, T, D]`` of layer ``layer``: pool and project
-        (``gate``, a :class:`~.decode_gate.DecodeGate`) the blocks they fill, keep the rest. A
-        decode step that fills no block writes its key into the partial block's buffer (one copy)."""
+        (``gate``, a :class:`~.decode_gate.DecodeGate`) the blocks they fill and average their
+        post-RoPE keys (read from ``k``, the layer's KV cache keys ``[B, H, S, D]`` after this
+        forward's update), keep the rest. A decode step that fills no block writes its key into
+        the partial block's buffer (one copy)."""
         state, bs = self.state, self.state.block_size
         L = state.layers[layer]
         assert L.n == self.past // bs and L.fill == self.past % bs, "pooled-K cache out of step with the KV cache"
@@ -341,7 +365,8 @@ class DecodeStep:
             with torch.no_grad():
                 pooled = block_pool(x[:, :, :n_new * bs], bs, state.k_pooling, valid)
                 keys = gate.block_keys(pooled, rope=self.block_rope)
-            L.append(pooled.detach(), keys.to(pooled.dtype))
+                means = block_means(k[:, :, L.n * bs:(L.n + n_new) * bs], bs, valid)
+            L.append(pooled.detach(), keys.to(pooled.dtype), means.to(pooled.dtype))
         L.keep_partial(x[:, :, n_new * bs:].detach(), bs)
 
     def finish(self):

@@ -32,7 +32,7 @@ import torch
 
 from seer_attn.kernels.decode_select import top_blocks
 
-from .selection import DECODE_METHODS, DECODE_SCORE_METHODS, block_pool, score_selection
+from .selection import DECODE_METHODS, DECODE_SCORE_METHODS, block_means, block_pool, score_selection
 
 
 class GraphStats:
@@ -66,15 +66,18 @@ class GraphDecodeState:
         self.starts, self.starts32, self.first_block = pooled.starts, pooled.starts32, pooled.first_block
         self.num_blocks = -(-capacity // bs)
         B = pooled.batch_size
-        self.keys, self.bufs = [], []
+        self.keys, self.means, self.bufs = [], [], []
         for layer, gate in zip(pooled.layers, gates):
             keys = torch.zeros(B, kv_heads, self.num_blocks, gate.hidden_size, dtype=dtype, device=dev)
+            means = torch.zeros(B, kv_heads, self.num_blocks, head_dim, dtype=dtype, device=dev)
             if layer.n:
                 keys[:, :, :layer.n] = layer.keys[:, :, :layer.n]
+                means[:, :, :layer.n] = layer.means[:, :, :layer.n]
             buf = torch.zeros(B, kv_heads, bs, head_dim, dtype=dtype, device=dev)
             if layer.fill:
                 buf[:, :, :layer.fill] = layer.partial
             self.keys.append(keys)
+            self.means.append(means)
             self.bufs.append(buf)
         self.stats = GraphStats(B, dev)
         #: whether the next step fills its block (slot % 64 == 63): only then are the block's
@@ -117,29 +120,43 @@ class GraphDecodeStep:
         self.lens = (slot + 1).to(torch.int32).repeat(state.batch_size)
         self.seq_starts = state.starts32
         self.n = (self.cur + 1 - state.first_block).float()  # each sequence's blocks, the current one included
-        self._selection, self._counts = {}, []
+        self._selection, self._counts, self._full = {}, [], {}
 
     def q_rope(self, dtype):
         if dtype not in self._cast:
             self._cast[dtype] = tuple(t.to(dtype) for t in self._q_rope)
         return self._cast[dtype]
 
-    def record(self, layer, k_pre, gate):
+    def record(self, layer, k_pre, gate, k):
         """Write the new pre-RoPE key ``[B, H, 1, D]`` at ``slot % 64``; when it fills the block
-        (``state.fills``), pool the block and write its gate key into row ``slot // 64``. (Until
+        (``state.fills``), pool the block and write its gate key and its mean post-RoPE key (from
+        ``k``, the static cache's keys ``[B, H, capacity, D]``) into row ``slot // 64``. (Until
         then the row is never scored: the current block is always read.)"""
         st = self.state
         buf, keys = st.bufs[layer], st.keys[layer]
         buf.index_copy_(2, self.off1, k_pre.to(buf.dtype))
         if not st.fills:
             return
+        bs = st.block_size
         with torch.no_grad():
-            pooled = block_pool(buf, st.block_size, st.k_pooling, self.valid)
+            pooled = block_pool(buf, bs, st.k_pooling, self.valid)
             key = gate.block_keys(pooled, rope=self.block_rope)
+            mean = block_means(k.index_select(2, self.cur * bs + torch.arange(bs, device=k.device)), bs, self.valid)
         keys.index_copy_(2, self.cur1, key.to(keys.dtype))
+        st.means[layer].index_copy_(2, self.cur1, mean.to(keys.dtype))
 
     def gate_keys(self, layer):
         return self.state.keys[layer]
+
+    def block_means(self, layer):
+        return self.state.means[layer]
+
+    def full_blocks(self, width):
+        """Bool ``[B, 1, width]``: each sequence's full blocks (as :meth:`.decode_cache.DecodeStep.full_blocks`)."""
+        if width not in self._full:
+            j = torch.arange(width, device=self.cur.device)
+            self._full[width] = ((j[None, :] >= self.state.first_block[:, None]) & (j[None, :] < self.cur))[:, None]
+        return self._full[width]
 
     def _prepared(self, cfg, num_heads):
         """Bias ``[B, 1, NB]``, forced ``[B, 1, NB]`` (threshold, mass), counts ``[B, H]`` and top-k

@@ -56,7 +56,8 @@ from .gates_only import is_gates_only, load_gates_only, peek_config
 from .hub_utils import hub_call, resolve_source
 from .remote_bundle import write_remote_code
 from .selection import (ScoreInputs, block_pool, causal_density, decode_oracle_scores, decode_recency_scores,
-                        get_selector, keep_rule_floor, select_blocks_for, window_fill, with_meanpool_prior)
+                        get_selector, keep_rule_floor, select_blocks_for, window_fill, with_decode_meanpool_prior,
+                        with_meanpool_prior)
 
 logger = logging.getLogger(__name__)
 
@@ -216,7 +217,7 @@ class SeerAttentionMixin:
         mode = self.config.seer_mode
         step = seer_ctx.decode if seer_ctx is not None else None
         if step is not None:  # decode sparsity: the pooled-K cache sees every forward's keys
-            step.record(self.layer_idx, k_pre, getattr(self.attn_gate, DECODE_GATE))
+            step.record(self.layer_idx, k_pre, getattr(self.attn_gate, DECODE_GATE), k)
             if step.sparse and q.shape[2] == 1 and getattr(self, "sliding_window", None) is None:
                 return self._seer_decode(q, k, v, q_pre, step), None  # (sliding-window layers decode densely)
         if mode != "dense" and seer_ctx is not None and seer_ctx.prefill_slots == q.shape[2] < k.shape[2]:
@@ -312,6 +313,10 @@ class SeerAttentionMixin:
                 logits = decode_recency_scores(k.shape[0], k.shape[1], width, q.device)
             elif keys is not None:
                 logits = gate.step_logits(q_pre, keys, rope=step.q_rope(keys.dtype)).squeeze(2)
+                if cfg.seer_decode_meanpool_prior:
+                    logits = with_decode_meanpool_prior(logits, q, step.block_means(self.layer_idx),
+                                                        step.full_blocks(width), self.scaling,
+                                                        cfg.seer_decode_meanpool_prior)
             else:
                 logits = torch.zeros(k.shape[0], k.shape[1], 1, device=q.device)
             idx, cnt = step.select(logits, cfg)

@@ -529,6 +529,42 @@ def decode_recency_scores(B, H, num_blocks, device):
     return torch.arange(num_blocks, device=device, dtype=torch.float32).expand(B, H, num_blocks)
 
 
+def block_means(k, block_size, valid=None):
+    """Each block's mean post-RoPE key ``[B, H, n, D]`` of ``k`` ``[B, H, n * block_size, D]`` (whole
+    blocks), float32, padding slots (``valid`` bool ``[B, n * block_size]`` False) left out; a block of
+    padding only is zeros. The K side of :func:`with_decode_meanpool_prior`, kept per full block by the
+    pooled-K cache."""
+    B, H, S, D = k.shape
+    x = k.float().reshape(B, H, S // block_size, block_size, D)
+    if valid is None:
+        return x.mean(3)
+    w = valid.to(x.dtype).reshape(B, 1, S // block_size, block_size, 1)
+    return (x * w).sum(3) / w.sum(3).clamp_min(1.0)
+
+
+def with_decode_meanpool_prior(logits, q, means, full, scale, weight):
+    """A decode step's block logits mixed with the training-free mean-pooled prior
+    (``seer_decode_meanpool_prior``): ``(1 - a) * log p_gate + a * log p_meanpool`` over the
+    sequence's full blocks, ``a = weight`` in (0, 1]; ``p_gate`` the softmax of ``logits``, ``p_meanpool``
+    each query head's softmax of ``q . (block's mean key) * scale`` averaged over the KV head's
+    group (a MoBA-like score per KV head, as the gate's selection is shared by the group). The
+    other blocks (padding, the current block, and in graph mode the ones past it) score 0:
+    the selection's bias decides them. docs/experiments/decode_quality.md, session 36.
+
+    Args:
+        logits: the decode gate's ``[B, H, N]``; q: the new token's post-RoPE queries ``[B, HQ, 1, D]``;
+        means: the blocks' mean post-RoPE keys ``[B, H, N, D]`` (:func:`block_means`);
+        full: bool ``[B, 1, N]``, the sequence's full blocks (none: every entry 0).
+    """
+    B, H, N = logits.shape
+    HQ, D = q.shape[1], q.shape[3]
+    s = torch.matmul(q.reshape(B, H, HQ // H, D).float() * scale, means.float().transpose(-1, -2))  # [B, H, g, N]
+    p = torch.softmax(s.masked_fill(~full[:, :, None], float("-inf")), -1).mean(2)
+    prior = p.clamp_min(torch.finfo(torch.float32).tiny).log()
+    gate = torch.log_softmax(logits.float().masked_fill(~full, float("-inf")), -1)
+    return ((1 - weight) * gate + weight * prior).masked_fill(~full, 0.0)
+
+
 def prepare_decode_selection(first_block, num_candidates, method, budget=2048, share=0.1, block_size=64,
                              num_heads=1, first_block_host=None, keep_local=0):
     """What :func:`select_decode_blocks` needs besides the scores, for one decode step of a

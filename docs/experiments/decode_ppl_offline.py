@@ -23,7 +23,11 @@ decode gate's logits instead of the oracle's mass: the model's own decode-step s
 current query's projection against each full block's pooled pre-RoPE keys, needs ``--gates``
 with decode gates), ``,meanpool`` (rank them by the training-free MoBA-like score: the row's
 post-RoPE query against each block's mean post-RoPE key, softmaxed per query head and averaged
-over the KV head's group; session 32). ``dense`` is dense decode. The kept
+over the KV head's group; session 32; since session 36 the softmax spans the row's full blocks
+only, as a decode step sees them), ``,mix=A`` (the mixture ``(1 - A) log p_gate + A log p_meanpool``
+of the two, each a distribution over the row's full blocks, as ``seer_meanpool_prior`` mixes the prefill
+gate; needs ``--gates``). ``budget=N`` keeps ``N // 64`` blocks per row (the model's ``budget`` rule)
+instead of a share. ``dense`` is dense decode. The kept
 share is averaged over rows, layers and KV heads (a dense layer counts 1), as
 ``seer_decode_density``.
 
@@ -48,35 +52,45 @@ NAME = "seer_offline_decode"
 STATE = {}
 
 
+SELECTORS = ("gate", "meanpool")
+
+
 def parse_setting(text):
-    """``dense`` -> None; ``share=S[,pool][,dense=N][,late=F][,local=N][,gate|,meanpool]`` -> dict."""
+    """``dense`` -> None; ``share=S|budget=N[,pool][,dense=N][,late=F][,local=N][,gate|,meanpool|,mix=A]`` -> dict."""
     if text == "dense":
         return None
+    usage = "share=S|budget=N[,pool][,dense=N][,late=F][,local=N][,gate|,meanpool|,mix=A]"
     head, *extras = text.split(",")
     key, _, val = head.partition("=")
-    if key != "share":
-        raise SystemExit(f"bad setting {text!r}: expected dense or "
-                         "share=S[,pool][,dense=N][,late=F][,local=N][,gate|,meanpool]")
-    out = {"share": float(val), "pool": False, "dense": 0, "late": 0.0, "local": 0, "gate": False, "meanpool": False}
+    if key not in ("share", "budget"):
+        raise SystemExit(f"bad setting {text!r}: expected dense or {usage}")
+    out = {"share": float(val) if key == "share" else None, "budget": int(val) if key == "budget" else None,
+           "pool": False, "dense": 0, "late": 0.0, "local": 0, "gate": False, "meanpool": False, "mix": None}
     for e in extras:
         k, _, v = e.partition("=")
-        if k in ("pool", "gate", "meanpool") and not v:
+        if k in ("pool",) + SELECTORS and not v:
             out[k] = True
         elif k in ("dense", "local"):
             out[k] = int(v)
-        elif k == "late":
-            out["late"] = float(v)
+        elif k in ("late", "mix"):
+            out[k] = float(v)
         else:
             raise SystemExit(f"bad part {e!r} of setting {text!r}")
-    if out["gate"] and out["meanpool"]:
-        raise SystemExit(f"bad setting {text!r}: ,gate and ,meanpool are two selectors; give one")
+    if sum([out["gate"], out["meanpool"], out["mix"] is not None]) > 1:
+        raise SystemExit(f"bad setting {text!r}: ,gate ,meanpool and ,mix=A are three selectors; give one")
+    if out["mix"] is not None and not 0 <= out["mix"] <= 1:
+        raise SystemExit(f"bad setting {text!r}: mix={out['mix']} is not in [0, 1]")
+    if out["budget"] is not None and (out["pool"] or out["late"]):
+        raise SystemExit(f"bad setting {text!r}: ,pool and ,late apply to a share, not a budget")
     return out
 
 
 def layer_share(spec, layer, n_layers):
-    """The share layer ``layer`` reads (None: dense)."""
+    """The share layer ``layer`` reads (None: dense; a budget setting: the spec itself)."""
     if layer < spec["dense"]:
         return None
+    if spec["budget"] is not None:
+        return spec
     sparse = n_layers - spec["dense"]
     i = layer - spec["dense"]
     ramp = 2 * i / (sparse - 1) - 1 if sparse > 1 else 0.0
@@ -84,25 +98,30 @@ def layer_share(spec, layer, n_layers):
 
 
 def select_blocks(mass, rows, share, pool, local):
-    """Bool ``[B, H, C, NB]``: the blocks each row's decode step reads, from the oracle mass
+    """Bool ``[B, H, C, NB]``: the blocks each row's decode step reads (``share`` a float, or a budget
+    setting's spec: its token budget), from the oracle mass
     ``[B, H, C, NB]`` of rows ``rows`` (long ``[C]``, consecutive), and the kept share per (row,
     head). The model's share rule (``prepare_decode_selection`` / ``select_decode_blocks``) per
     group of rows sharing a current block; ``pool`` ranks the group's (head, block) pairs across
     the KV heads instead, keeping the same total."""
     B, H, C, NB = mass.shape
     keep = torch.zeros(B, H, C, NB, dtype=torch.bool)
+    method, budget = ("budget", share["budget"]) if isinstance(share, dict) else ("share", 2048)
+    share = 0.1 if isinstance(share, dict) else share  # (unread by the budget rule)
     cur = rows // BS
     for c in cur.unique().tolist():
         at = (cur == c).nonzero().flatten()
         s = mass[:, :, at, :c + 1].permute(0, 2, 1, 3).reshape(-1, H, c + 1)  # [B * R, H, c + 1]
         first = torch.zeros(s.shape[0], dtype=torch.long)
-        prep = prepare_decode_selection(first, c, "share", share=share, block_size=BS, num_heads=H, keep_local=local)
+        prep = prepare_decode_selection(first, c, method, budget=budget, share=share, block_size=BS, num_heads=H,
+                                        keep_local=local)
         if pool:
             total = int(prep["cnt"][0].sum())
             idx = torch.topk((s + prep["bias"]).flatten(1), total, dim=-1).indices
             got = torch.zeros(s.shape[0], H * (c + 1), dtype=torch.bool).scatter_(1, idx, True).view_as(s)
         else:
-            idx, cnt = select_decode_blocks(s, first, "share", share=share, block_size=BS, prepared=prep)
+            idx, cnt = select_decode_blocks(s, first, method, budget=budget, share=share, block_size=BS,
+                                            prepared=prep)
             first_cnt = torch.arange(idx.shape[-1]) < cnt[..., None]
             got = torch.zeros_like(s, dtype=torch.bool).scatter_(-1, idx, first_cnt)
         keep[:, :, at, :c + 1] = got.view(B, len(at), H, c + 1).permute(0, 2, 1, 3)
@@ -140,6 +159,16 @@ def keep_pre_rope(cls):
     cls.seer_attention = seer_attention
 
 
+def meanpool_logits(q, kmean, full, H):
+    """The MoBA-like decode score ``[B, H, C, NB]`` (log): each query head's q . (mean post-RoPE key of the block)
+    softmaxed over the row's full blocks (``full`` bool ``[C, NB]``), averaged over the KV head's group; 0 on the
+    other blocks (the current one is forced, later ones never read)."""
+    B, HQ, C, _ = q.shape
+    sc = torch.matmul(q, kmean.transpose(-1, -2)).masked_fill(~full, float("-inf"))
+    p = torch.softmax(sc, -1).view(B, H, HQ // H, C, -1).mean(2)
+    return p.clamp_min(torch.finfo(torch.float32).tiny).log().masked_fill(~full, 0.0)
+
+
 def offline_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
     """Dense causal rows before the prefix; rows past it attend over their selected blocks (the
     oracle's, or the decode gate's with ``gate``)."""
@@ -152,8 +181,9 @@ def offline_attention(module, query, key, value, attention_mask, scaling, dropou
     out[:, :, :P] = F.scaled_dot_product_attention(query[:, :, :P], kr[:, :, :P], vr[:, :, :P], is_causal=True,
                                                    scale=scaling)
     share = None if spec is None else layer_share(spec, module.layer_idx, STATE["n_layers"])
-    keys = gate_keys(module, T) if share is not None and spec["gate"] else None
-    if share is not None and spec["meanpool"]:  # each block's mean post-RoPE key (a row's own block is forced)
+    mix = None if share is None else spec["mix"]
+    keys = gate_keys(module, T) if share is not None and (spec["gate"] or mix is not None) else None
+    if share is not None and (spec["meanpool"] or mix is not None):  # each block's mean post-RoPE key
         kmean = block_pool(key.float(), BS, ("avg",)).repeat_interleave(g, 1)  # as selection.meanpool_scores pools
     for c0 in range(P, T, chunk):
         c1 = min(T, c0 + chunk)
@@ -162,11 +192,14 @@ def offline_attention(module, query, key, value, attention_mask, scaling, dropou
         s = s.masked_fill(torch.arange(c1)[None, :] > rows[:, None], float("-inf"))
         if share is not None:
             NB = -(-c1 // BS)
+            full = torch.arange(NB)[None, :] < (rows // BS)[:, None]  # [C, NB]: a row's full blocks
             if spec["gate"]:
                 mass = gate_logits(module, keys, c0, c1)
-            elif spec["meanpool"]:  # the MoBA-like decode score: q . (mean key of the block), softmaxed per query
-                sc = torch.matmul(query[:, :, c0:c1].float() * scaling, kmean[:, :, :NB].transpose(-1, -2))
-                mass = torch.softmax(sc, -1).view(B, H, g, c1 - c0, NB).mean(2)
+            elif spec["meanpool"] or mix is not None:
+                mass = meanpool_logits(query[:, :, c0:c1].float() * scaling, kmean[:, :, :NB], full, H)
+                if mix is not None:  # the mixture (1 - a) log p_gate + a log p_meanpool over the full blocks
+                    lg = gate_logits(module, keys, c0, c1).masked_fill(~full, float("-inf")).log_softmax(-1)
+                    mass = ((1 - mix) * lg + mix * mass).masked_fill(~full, 0.0)
             else:
                 p = F.pad(torch.softmax(s, -1), (0, NB * BS - c1))
                 mass = p.view(B, H, g, c1 - c0, NB, BS).sum((2, 5)) / g
@@ -261,8 +294,8 @@ def main():
         checks.append(check(path, tok, args.eval, args.check, args.gates))
         print(f"check {checks[-1]} ({time.time() - t0:.0f} s)", flush=True)
         save(False)
-    if any(spec and spec["gate"] for _, spec in specs) and not args.gates:
-        raise SystemExit("a ,gate setting needs --gates (distilled gates with decode gates)")
+    if any(spec and (spec["gate"] or spec["mix"] is not None) for _, spec in specs) and not args.gates:
+        raise SystemExit("a ,gate or ,mix=A setting needs --gates (distilled gates with decode gates)")
     model = load_model(path, args.gates)
     wins = make_windows(load_documents(args.eval), tok, args.length, 2)[:args.windows]
     dense = None

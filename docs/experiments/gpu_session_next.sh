@@ -55,6 +55,10 @@
 # 0.2; the passkey target stays missed). Next: decode-distill, gate-free; kernel work for issue 16 (dense 1.0002x
 # cuDNN at 128k, d1.0 1.16x dense, d0.1 1.21x rho x cuDNN).
 #
+# Session 36 (H100): decode-distill (800-step decode gates, kept in seer_outputs/dec/, ignored by git); on the CPU
+# the training-free mean-pooled decode score beat them at a 2048-token budget (decode_quality.md, session 36).
+# Then decode-prior: the model's seer_decode_meanpool_prior at the issue's protocol, carrying those gates as DGATES.
+#
 # Session 29: distill --gate-hidden-size / --q-pooling / --k-pooling exist now; gate-capacity measures them (issue 17's
 # untried "gate capacity" direction) after gate-calib-coverage and decode-distill. Session 29 got no machine (every start
 # refused); its CPU screen of wide / qmax (gate_quality.md section 11) gains <= 1% at 0.1. Next session: the same plan.
@@ -299,6 +303,15 @@ case "$STEP" in
     timeout 150 "$PY" docs/experiments/gate_quality.py --model "$GGUF" "${DATA[@]}" --variants plain --gates plain="$GATES" \
       --phases baselines --oracle --densities 0.1 0.05 --budget-s 120 --out "$OUT/oracle" > "$OUT/oracle.log" 2>&1
     echo "oracle: exit $?"; tail -n 8 "$OUT/oracle.log" ;;
+  decode-prior)  # issue 15: the mean-pooled decode prior (seer_decode_meanpool_prior) beside the decode gate alone and
+    # the oracle, with carried decode gates (DGATES: decode-distill's 800-step file), then the decode GPU tests
+    timeout "${LIMIT:-400}" "$PY" -m seer_attn.eval.decode_quality --model "$GGUF" "${DATA[@]}" --no-progress \
+      --gates "$DGATES" --phases ${PHASES:-ppl} --settings ${SETTINGS:-budget=2048 budget=2048,prior=0.3 \
+      budget=2048,prior=0.5 budget=2048,prior=0.7 budget=2048,prior=1 budget=2048,oracle share=0.1 share=0.1,prior=0.5 \
+      share=0.1,prior=1 share=0.2 share=0.2,prior=0.5 share=0.2,prior=1} --out "$OUT/decode_quality" \
+      > "$OUT/decode_quality.log" 2>&1
+    echo "decode_quality: exit $?"; tail -n 22 "$OUT/decode_quality.log"
+    [ -n "${TESTS:-1}" ] && PY=$PY bash docs/experiments/gpu_tests.sh decode "$OUT/tests" && cat "$OUT/tests/summary.txt" ;;
   decode-distill)  # decode gates (with prefill gates) for the CPU's offline decode evaluator (decode_ppl_offline.py
     # --gates ... ,gate): STEPS (default 800, ~200 s on the H200) at 8192 tokens, the decode-quality run's defaults
     timeout 300 "$PY" -m seer_attn.eval.decode_quality --model "$GGUF" "${DATA[@]}" --no-progress --phases distill \

@@ -13,8 +13,8 @@ from transformers import DynamicCache, StaticCache
 from seer_attn.modeling_seer.decode_cache import pooled_k_cache
 from seer_attn.modeling_seer.remote_bundle import bundle_sources
 from seer_attn.modeling_seer.decode_gate import decode_block_target
-from seer_attn.modeling_seer.selection import (DECODE_METHODS, block_pool, decode_oracle_scores, decode_recency_scores,
-                                               select_decode_blocks)
+from seer_attn.modeling_seer.selection import (DECODE_METHODS, block_means, block_pool, decode_oracle_scores,
+                                               decode_recency_scores, select_decode_blocks, with_decode_meanpool_prior)
 
 from decode_inputs import CACHE, DECODE, greedy as _greedy, ids as _ids, left_pad as _left_pad
 
@@ -60,6 +60,9 @@ def test_pooled_k_cache_equals_pooling_the_full_k_at_every_step(tiny, cache_kind
             first = torch.maximum(torch.arange(n)[None] * 64, starts)
             rope = m.model._gate_rope_at(torch.where((torch.arange(n)[None] + 1) * 64 > starts, first - starts, 0))
             torch.testing.assert_close(state.gate_keys(layer), gate.block_keys(want, rope), atol=1e-5, rtol=1e-5)
+            post = cache.layers[layer].keys[:, :, :n * 64]  # the KV cache's post-RoPE keys
+            torch.testing.assert_close(state.block_means(layer), block_means(post, 64, valid[:, :n * 64]),
+                                       atol=1e-6, rtol=1e-6)
     for h in hooks:
         h.remove()
     assert m.seer_decode_density() is not None
@@ -195,6 +198,40 @@ def test_decode_oracle_and_streaming_scores():
     assert sorted(idx[0, 0, :cnt[0, 0]].tolist()) == [0, 9, 10, 11, 12]
 
 
+def test_decode_meanpool_prior_mixes_two_distributions_over_the_full_blocks():
+    """``with_decode_meanpool_prior`` written out per KV head: the gate's softmax and the group's mean
+    of each query head's softmax of q . (block mean key), both over the full blocks only, mixed in
+    log space; every other block scores 0, a sequence without a full block scores 0 everywhere."""
+    gen = torch.Generator().manual_seed(3)
+    B, HQ, H, D, N = 3, 6, 2, 8, 7
+    logits = torch.randn(B, H, N, generator=gen)
+    q = torch.randn(B, HQ, 1, D, generator=gen)
+    means = torch.randn(B, H, N, D, generator=gen)
+    first, current = torch.tensor([0, 2, 3]), torch.tensor([5, 5, 3])  # row 2: no full block
+    j = torch.arange(N)
+    full = ((j[None] >= first[:, None]) & (j[None] < current[:, None]))[:, None]
+    for a in (0.3, 1.0):
+        got = with_decode_meanpool_prior(logits, q, means, full, 0.4, a)
+        for b in range(B):
+            blocks = list(range(int(first[b]), int(current[b])))
+            other = [i for i in range(N) if i not in blocks]
+            assert got[b, :, other].abs().max() == 0
+            if not blocks:
+                continue
+            for h in range(H):
+                pg = torch.softmax(logits[b, h, blocks], -1)
+                pm = torch.stack([torch.softmax(0.4 * means[b, h, blocks] @ q[b, h * 3 + r, 0], -1)
+                                  for r in range(3)]).mean(0)
+                torch.testing.assert_close(got[b, h, blocks], (1 - a) * pg.log() + a * pm.log(), atol=1e-5, rtol=1e-5)
+    valid = torch.ones(B, 128, dtype=torch.bool)
+    valid[1, :70] = False  # block 0 padding only, block 1 six real slots
+    k = torch.randn(B, H, 128, D, generator=gen)
+    m = block_means(k, 64, valid)
+    assert m[1, :, 0].abs().max() == 0
+    torch.testing.assert_close(m[1, :, 1], k[1, :, 70:128].mean(1))
+    torch.testing.assert_close(m[0], k[0].view(H, 2, 64, D).mean(2))
+
+
 def test_top_k_skips_sorting_only_when_every_row_keeps_k():
     """The model passes the sink blocks as host ints: a top-k whose rows all keep their k
     entries need not sort them (the same kept sets); a row with fewer candidates than k must
@@ -275,6 +312,46 @@ def test_every_block_selected_equals_dense_decode_with_unaligned_left_padding(ti
 
 
 @torch.no_grad()
+@torch.no_grad()
+def test_decode_meanpool_prior_alone_selects_the_blocks_with_the_most_mean_pooled_mass(tiny, monkeypatch):
+    """``seer_decode_meanpool_prior=1`` with a budget of 3 blocks: every sparse decode step of every
+    layer reads the sink, the current block and the full block whose mean post-RoPE key draws the
+    most of the query group's softmax (recomputed here from the kernel's q and KV cache); with the
+    gate alone (0) at least one step of some layer reads another block."""
+    from seer_attn.kernels.block_sparse_decode import block_sparse_decode
+    from seer_attn.modeling_seer import seer_layer
+    seen = []
+
+    def spy(q, k, v, idx, lens, scale, block_size, **kw):
+        seen.append((q, k, idx, kw["block_counts"], int(lens[0]), scale))
+        return block_sparse_decode(q, k, v, idx, lens, scale, block_size, **kw)
+    monkeypatch.setattr(seer_layer, "block_sparse_decode", spy)
+    m = tiny(**DECODE)
+    x = _ids(330, seed=4)
+
+    def meanpool_best():
+        best = []
+        for q, k, idx, cnt, T, scale in seen:
+            cur = (T - 1) // 64
+            H = k.shape[1]
+            means = block_means(k[:, :, 1 * 64:cur * 64], 64)  # the full blocks after the sink
+            p = torch.softmax(q.view(1, H, -1, q.shape[-1]) * scale @ means.transpose(-1, -2), -1).mean(2)
+            best.append((idx[0, :, :3].sort(-1).values, cnt, 1 + p[0].argmax(-1), cur))
+        seen.clear()
+        return best
+    for prior in (1.0, 0.0):
+        m.set_seer_mode("dense", seer_decode_sparsity=True, seer_decode_budget=3 * 64,
+                        seer_decode_meanpool_prior=prior)
+        _greedy(m, x, 12)
+        rows = meanpool_best()
+        assert len(rows) == 11 * m.config.num_hidden_layers  # every step after the prefill, every layer
+        agree = []
+        for kept, cnt, best, cur in rows:
+            assert cnt.eq(3).all() and kept[:, 0].eq(0).all() and kept[:, 2].eq(cur).all()
+            agree.append(torch.equal(kept[:, 1], best))
+        assert all(agree) if prior else not all(agree)
+
+
 def test_sparse_decode_reads_fewer_blocks_and_changes_the_output(tiny):
     """A budget below the sequence's length drops blocks: the kept share is the budget's and
     the logits move (so the equality tests above are not trivially true)."""
@@ -522,6 +599,8 @@ def test_decode_config_validation(tiny):
                         (dict(seer_decode_sparsity=1), r"seer_decode_sparsity=1 is invalid: expected True or False"),
                         (dict(seer_decode_distill_rows=0), r"seer_decode_distill_rows=0 is invalid"),
                         (dict(seer_decode_keep_local=-1), r"seer_decode_keep_local=-1 is invalid"),
+                        (dict(seer_decode_meanpool_prior=1.5), r"seer_decode_meanpool_prior=1.5 is invalid: expected "
+                                                               r"a share 0 <= a <= 1"),
                         (dict(seer_decode_selector="top"), r"seer_decode_selector='top' is invalid: expected one "
                                                            r"of \('gate', 'oracle', 'streaming'\)")]:
         with pytest.raises(ValueError, match=pattern):

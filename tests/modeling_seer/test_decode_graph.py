@@ -19,6 +19,8 @@ from decode_inputs import CACHE, DECODE, greedy as _greedy, ids as _ids, left_pa
     ("share", dict(seer_decode_share=0.3, seer_decode_keep_local=2)),
     ("share", dict(seer_decode_share=0.3, seer_decode_selector="oracle")),
     ("budget", dict(seer_decode_budget=4 * 64, seer_decode_selector="streaming", seer_decode_keep_local=1)),
+    ("budget", dict(seer_decode_budget=3 * 64, seer_decode_meanpool_prior=0.5)),
+    ("threshold", dict(seer_decode_threshold=0.25, seer_decode_meanpool_prior=1.0)),
 ])
 @torch.no_grad()
 def test_graph_decode_equals_generate_left_padded(tiny, method, options):
@@ -47,8 +49,8 @@ def test_graph_decode_dense_equals_generate(tiny):
 
 @torch.no_grad()
 def test_graph_state_keys_equal_the_pooled_k_cache(tiny):
-    """After steps that filled blocks, the graph state's gate keys of every full block equal
-    those the dynamic pooled-K cache computes for the same tokens."""
+    """After steps that filled blocks, the graph state's gate keys and mean keys of every full block
+    equal those the dynamic pooled-K cache computes for the same tokens."""
     m = tiny(**DECODE, seer_decode_sparsity=True, seer_decode_budget=4 * 64)
     x = _ids(100)
     seq = m.seer_generate(x, max_new_tokens=100)  # 199 slots hold keys: 3 full blocks
@@ -58,6 +60,7 @@ def test_graph_state_keys_equal_the_pooled_k_cache(tiny):
     graph_state = m._seer_last_graph_state
     for layer in range(m.config.num_hidden_layers):
         torch.testing.assert_close(graph_state.keys[layer][:, :, :3], dyn.gate_keys(layer), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(graph_state.means[layer][:, :, :3], dyn.block_means(layer), rtol=1e-5, atol=1e-5)
 
 
 @torch.no_grad()
