@@ -83,6 +83,7 @@ class DecodeBenchConfig(RunConfig):
     lengths: tuple = option((32768, 131072), ca.int_at_least(2 * BS), many="+")  # kernel part: cache lengths
     batches: tuple = option((1, 16), ca.positive_int, many="+")  # kernel part: batch sizes
     share: float = option(0.1, ca.unit_interval)  # share of KV blocks read by sparse decode
+    prior: float = option(0.0, ca.float_in(0, 1, low_open=False))  # seer_decode_meanpool_prior of the e2e sparse steps
     e2e: tuple = option(((4, 131072), (16, 32768)), batch_by_length, many="*")  # (B, T); none: skip
     layers: int = option(32, ca.positive_int)  # decoder layers of the 8B-shaped model
     steps: int = option(16, decode_steps)  # timed decode steps per end-to-end setting
@@ -103,6 +104,8 @@ def parser() -> argparse.ArgumentParser:
                     help="batch sizes of the kernel part")
     ap.add_argument("--share", type=ca.unit_interval, default=_default("share"),
                     help="share of KV blocks read by sparse decode")
+    ap.add_argument("--prior", type=ca.float_in(0, 1, low_open=False), default=_default("prior"),
+                    help="seer_decode_meanpool_prior of the end-to-end sparse steps (0: the decode gate alone)")
     ap.add_argument("--e2e", type=batch_by_length, nargs="*", default=_default("e2e"), metavar="BxT",
                     help="end-to-end settings (batch x cache tokens); none: skip")
     ap.add_argument("--layers", type=ca.positive_int, default=_default("layers"),
@@ -478,11 +481,13 @@ def end_to_end(config):
             dense_s, dense_logits = decode_run(model, cache, B, T, config.steps, warmup, flash_only=False)
         row = {"B": B, "T": T, "layers": config.layers, "dense_s_per_token": dense_s, "dense_backend": backend}
         # every block selected: sparse decode is dense decode (checks the pre-filled setup)
-        model.set_seer_mode("dense", seer_decode_sparsity=True, seer_decode_share=1.0)
+        model.set_seer_mode("dense", seer_decode_sparsity=True, seer_decode_share=1.0,
+                            seer_decode_meanpool_prior=0.0)
         state.rewind(T)
         _, all_logits = decode_run(model, cache, B, T, 1, 0)
         checks.append({f"e2e_all_blocks_vs_dense_logits_B{B}_T{T}": rel_err(all_logits, dense_logits)})
-        model.set_seer_mode("dense", seer_decode_sparsity=True, seer_decode_share=config.share)
+        model.set_seer_mode("dense", seer_decode_sparsity=True, seer_decode_share=config.share,
+                            seer_decode_meanpool_prior=config.prior)
         state.rewind(T)
         state.reset_statistics()
         sparse_s, _ = decode_run(model, cache, B, T, config.steps, warmup)
@@ -492,7 +497,7 @@ def end_to_end(config):
                     "peak_gib": torch.cuda.max_memory_allocated() / 2**30})
         del cache, state
         torch.cuda.empty_cache()
-        row.update(graphed_rows(model, B, T, config.steps, config.share))
+        row.update(graphed_rows(model, B, T, config.steps, config.share, config.prior))
         rows.append(row)
         print("e2e", json.dumps(row), flush=True)
     model.set_seer_mode("dense", seer_decode_sparsity=False)
@@ -542,24 +547,27 @@ def graph_decode_time(model, cache, B, T, steps, warmup=3):
     return a.elapsed_time(b) / 1e3 / steps, dec
 
 
-def graphed_rows(model, B, T, steps, share):
+def graphed_rows(model, B, T, steps, share, prior=0.0):
     """The end-to-end step replayed from a CUDA graph over a static cache: dense decode through
-    our kernel with every block (``seer_decode_share=1``), sparse decode at ``share``, and the
+    our kernel with every block (``seer_decode_share=1``), sparse decode at ``share`` (with the
+    decode prior ``prior``), and the
     stock dense attention over the static cache (SDPA with the ``[B, 1, 1, S]`` mask)."""
     cache, state = static_filled(model, B, T, steps + 8)
     out = {}
-    model.set_seer_mode("dense", seer_decode_sparsity=True, seer_decode_share=1.0)
+    model.set_seer_mode("dense", seer_decode_sparsity=True, seer_decode_share=1.0, seer_decode_meanpool_prior=0.0)
     out["graph_dense_s_per_token"], _ = graph_decode_time(model, cache, B, T, steps)
-    model.set_seer_mode("dense", seer_decode_sparsity=True, seer_decode_share=share)
+    model.set_seer_mode("dense", seer_decode_sparsity=True, seer_decode_share=share, seer_decode_meanpool_prior=prior)
     out["graph_sparse_s_per_token"], dec = graph_decode_time(model, cache, B, T, steps)
     out["graph_share_read"] = dec.state.stats.density().mean().item()
     out["graph_speedup"] = out["graph_dense_s_per_token"] / out["graph_sparse_s_per_token"]
     del dec
     try:  # the same with each layer's pointwise work fused (seer_compile_pointwise: two graphs per layer)
         model.seer_compile_pointwise()
-        model.set_seer_mode("dense", seer_decode_sparsity=True, seer_decode_share=1.0)
+        model.set_seer_mode("dense", seer_decode_sparsity=True, seer_decode_share=1.0,
+                            seer_decode_meanpool_prior=0.0)
         out["graph_fused_dense_s_per_token"], _ = graph_decode_time(model, cache, B, T, steps)
-        model.set_seer_mode("dense", seer_decode_sparsity=True, seer_decode_share=share)
+        model.set_seer_mode("dense", seer_decode_sparsity=True, seer_decode_share=share,
+                            seer_decode_meanpool_prior=prior)
         out["graph_fused_sparse_s_per_token"], _ = graph_decode_time(model, cache, B, T, steps)
         out["graph_fused_speedup"] = out["graph_fused_dense_s_per_token"] / out["graph_fused_sparse_s_per_token"]
     except Exception as e:  # reported, not fatal

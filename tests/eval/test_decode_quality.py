@@ -40,7 +40,7 @@ def test_decode_loop_equals_generate_scoring(tokenizer, setting):
         assert m.seer_decode_density().max() < 1.0  # blocks were dropped
 
 
-@pytest.mark.parametrize("setting", ["dense", "share=0.3", "budget=128", "mass=0.5"])
+@pytest.mark.parametrize("setting", ["dense", "share=0.3", "budget=128", "mass=0.5", "budget=128,prior=0.5"])
 def test_graph_decode_loop_equals_the_eager_loop(tokenizer, setting):
     """Teacher-forced graph-mode steps (static cache; eager here) score what the eager loop
     scores, crossing block boundaries, with the same kept share."""
@@ -82,6 +82,9 @@ def test_settings_and_options(capsys):
     assert dq.decode_setting("share=0.1,local=2,oracle") == {
         "seer_decode_method": "share", "seer_decode_share": 0.1, "seer_decode_keep_local": 2,
         "seer_decode_selector": "oracle"}
+    assert dq.decode_setting("budget=2048,prior=0.5") == {"seer_decode_method": "budget", "seer_decode_budget": 2048,
+                                                          "seer_decode_meanpool_prior": 0.5}
+    assert dq.setting_text("share=0.20,prior=1.0,local=1") == "share=0.2,local=1,prior=1"
     cfg = dq.DecodeQualityConfig(settings=["share=0.10", "budget=4096", "share=.1,streaming,local=1", "mass=.90"],
                                  gates="g.safetensors", phases=["ppl"])
     assert cfg.settings == ("share=0.1", "budget=4096", "share=0.1,local=1,streaming", "mass=0.9")
@@ -90,6 +93,9 @@ def test_settings_and_options(capsys):
                     (dict(settings=["share=0.1,local=1,local=2"]), r"invalid part 'local=2' of decode setting"),
                     (dict(settings=["share=0.1,topk"]), r"invalid part 'topk' of decode setting"),
                     (dict(settings=["share=0.1,local=-1"]), r"expected an integer >= 0"),
+                    (dict(settings=["share=0.1,prior=1.5"]), r"settings\[0\]='share=0.1,prior=1.5' is invalid: .*expected a number 0 <= x <= 1"),
+                    (dict(settings=["share=0.1,prior=0.5,oracle"]), r"prior=A mixes the decode gate's scores; the "
+                                                                    r"oracle selector has none"),
                     (dict(gates="g.safetensors"), r"gates skips distillation"),
                     (dict(phases=["ppl"]), r"without the distill phase, gates must name distilled gates"),
                     (dict(length=100), r"length=100 is invalid: expected an integer >= 256")]:

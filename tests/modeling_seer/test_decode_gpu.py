@@ -103,7 +103,8 @@ def test_seer_generate_replays_a_cuda_graph_with_the_eager_tokens(decode_sparsit
     """seer_generate: sparse prefill into a static cache, then 90 decode steps (crossing a
     block boundary) replayed from one CUDA graph give the tokens of the same steps run
     eagerly, and (sparse decode) the eager run's kept share; sparse decode reads fewer blocks;
-    the same with the mean-pooled decode prior (its block means written inside the graph). (Equality with generate's tokens is tested on CPU in fp32: in bf16 generate's static-cache
+    the same with the mean-pooled decode prior (its block means written inside the graph). (Equality
+    with generate's tokens is tested on CPU in fp32: in bf16 generate's static-cache
     steps round differently and a random model's greedy tokens part after a few steps.)"""
     m = _model()
     m.set_seer_mode("sparse", seer_sparsity_method="nz_ratio", seer_nz_ratio=0.3,
