@@ -558,7 +558,8 @@ def with_decode_meanpool_prior(logits, q, means, full, scale, weight):
     """
     B, H, N = logits.shape
     HQ, D = q.shape[1], q.shape[3]
-    s = torch.matmul(q.reshape(B, H, HQ // H, D).float() * scale, means.float().transpose(-1, -2))  # [B, H, g, N]
+    qs = (q.reshape(B, H, HQ // H, D).float() * scale).to(means.dtype)  # the means are read once, in their dtype
+    s = torch.matmul(qs, means.transpose(-1, -2)).float()  # [B, H, g, N]
     p = torch.softmax(s.masked_fill(~full[:, :, None], float("-inf")), -1).mean(2)
     prior = p.clamp_min(torch.finfo(torch.float32).tiny).log()
     gate = torch.log_softmax(logits.float().masked_fill(~full, float("-inf")), -1)
