@@ -311,7 +311,7 @@ case "$STEP" in
       share=0.1,prior=1 share=0.2 share=0.2,prior=0.5 share=0.2,prior=1} --out "$OUT/decode_quality" \
       > "$OUT/decode_quality.log" 2>&1
     echo "decode_quality: exit $?"; tail -n 22 "$OUT/decode_quality.log"
-    [ -n "${TESTS:-1}" ] && PY=$PY bash docs/experiments/gpu_tests.sh decode "$OUT/tests" && cat "$OUT/tests/summary.txt" ;;
+    [ "${TESTS:-1}" != 0 ] && PY=$PY bash docs/experiments/gpu_tests.sh decode "$OUT/tests" && cat "$OUT/tests/summary.txt" ;;
   decode-distill)  # decode gates (with prefill gates) for the CPU's offline decode evaluator (decode_ppl_offline.py
     # --gates ... ,gate): STEPS (default 800, ~200 s on the H200) at 8192 tokens, the decode-quality run's defaults
     timeout 300 "$PY" -m seer_attn.eval.decode_quality --model "$GGUF" "${DATA[@]}" --no-progress --phases distill \
