@@ -25,7 +25,7 @@ import weakref
 
 import torch
 
-from .selection import block_means, block_pool, prepare_decode_selection, select_decode_blocks
+from .selection import block_pool, decode_full_blocks, prepare_decode_selection, select_decode_blocks
 
 _STATES = weakref.WeakKeyDictionary()  # KV cache object -> PooledKCache
 
@@ -322,9 +322,8 @@ class DecodeStep:
         the current block), the blocks the decode prior's distributions span (made once per block)."""
         full = self.tables.selections.get(("full", width))
         if full is None:
-            j = torch.arange(width, device=self.state.first_block.device)
-            full = ((j[None, :] >= self.state.first_block[:, None]) & (j[None, :] < self.current))[:, None]
-            self.tables.selections[("full", width)] = full
+            full = self.tables.selections[("full", width)] = decode_full_blocks(self.state.first_block, self.current,
+                                                                               width)
         return full
 
     def select(self, scores, cfg):
@@ -365,7 +364,7 @@ class DecodeStep:
             with torch.no_grad():
                 pooled = block_pool(x[:, :, :n_new * bs], bs, state.k_pooling, valid)
                 keys = gate.block_keys(pooled, rope=self.block_rope)
-                means = block_means(k[:, :, L.n * bs:(L.n + n_new) * bs], bs, valid)
+                means = block_pool(k[:, :, L.n * bs:(L.n + n_new) * bs].float(), bs, ("avg",), valid)
             L.append(pooled.detach(), keys.to(pooled.dtype), means.to(pooled.dtype))
         L.keep_partial(x[:, :, n_new * bs:].detach(), bs)
 

@@ -32,7 +32,7 @@ import torch
 
 from seer_attn.kernels.decode_select import top_blocks
 
-from .selection import DECODE_METHODS, DECODE_SCORE_METHODS, block_means, block_pool, score_selection
+from .selection import DECODE_METHODS, DECODE_SCORE_METHODS, block_pool, decode_full_blocks, score_selection
 
 
 class GraphStats:
@@ -141,7 +141,8 @@ class GraphDecodeStep:
         with torch.no_grad():
             pooled = block_pool(buf, bs, st.k_pooling, self.valid)
             key = gate.block_keys(pooled, rope=self.block_rope)
-            mean = block_means(k.index_select(2, self.cur * bs + torch.arange(bs, device=k.device)), bs, self.valid)
+            block = k.index_select(2, self.cur * bs + torch.arange(bs, device=k.device))
+            mean = block_pool(block.float(), bs, ("avg",), self.valid)
         keys.index_copy_(2, self.cur1, key.to(keys.dtype))
         st.means[layer].index_copy_(2, self.cur1, mean.to(keys.dtype))
 
@@ -154,8 +155,7 @@ class GraphDecodeStep:
     def full_blocks(self, width):
         """Bool ``[B, 1, width]``: each sequence's full blocks (as :meth:`.decode_cache.DecodeStep.full_blocks`)."""
         if width not in self._full:
-            j = torch.arange(width, device=self.cur.device)
-            self._full[width] = ((j[None, :] >= self.state.first_block[:, None]) & (j[None, :] < self.cur))[:, None]
+            self._full[width] = decode_full_blocks(self.state.first_block, self.cur, width)
         return self._full[width]
 
     def _prepared(self, cfg, num_heads):

@@ -529,17 +529,12 @@ def decode_recency_scores(B, H, num_blocks, device):
     return torch.arange(num_blocks, device=device, dtype=torch.float32).expand(B, H, num_blocks)
 
 
-def block_means(k, block_size, valid=None):
-    """Each block's mean post-RoPE key ``[B, H, n, D]`` of ``k`` ``[B, H, n * block_size, D]`` (whole
-    blocks), float32, padding slots (``valid`` bool ``[B, n * block_size]`` False) left out; a block of
-    padding only is zeros. The K side of :func:`with_decode_meanpool_prior`, kept per full block by the
-    pooled-K cache."""
-    B, H, S, D = k.shape
-    x = k.float().reshape(B, H, S // block_size, block_size, D)
-    if valid is None:
-        return x.mean(3)
-    w = valid.to(x.dtype).reshape(B, 1, S // block_size, block_size, 1)
-    return (x * w).sum(3) / w.sum(3).clamp_min(1.0)
+def decode_full_blocks(first_block, current, width):
+    """Bool ``[B, 1, width]``: each sequence's full blocks at a decode step, from its sink block
+    ``first_block`` (long ``[B]``) to the one before the current block ``current`` (an int, or a
+    0-dim device tensor in graph mode): what :func:`with_decode_meanpool_prior`'s distributions span."""
+    j = torch.arange(width, device=first_block.device)
+    return ((j[None, :] >= first_block[:, None]) & (j[None, :] < current))[:, None]
 
 
 def with_decode_meanpool_prior(logits, q, means, full, scale, weight):
@@ -553,8 +548,9 @@ def with_decode_meanpool_prior(logits, q, means, full, scale, weight):
 
     Args:
         logits: the decode gate's ``[B, H, N]``; q: the new token's post-RoPE queries ``[B, HQ, 1, D]``;
-        means: the blocks' mean post-RoPE keys ``[B, H, N, D]`` (:func:`block_means`);
-        full: bool ``[B, 1, N]``, the sequence's full blocks (none: every entry 0).
+        means: the blocks' mean post-RoPE keys ``[B, H, N, D]`` (:func:`block_pool` ``("avg",)``, padding
+            left out, as the pooled-K cache keeps them);
+        full: bool ``[B, 1, N]``, the sequence's full blocks (:func:`decode_full_blocks`; none: every entry 0).
     """
     B, H, N = logits.shape
     HQ, D = q.shape[1], q.shape[3]

@@ -85,43 +85,41 @@ def parse_setting(text):
     return out
 
 
-def layer_share(spec, layer, n_layers):
-    """The share layer ``layer`` reads (None: dense; a budget setting: the spec itself)."""
+def layer_rule(spec, layer, n_layers):
+    """The rule layer ``layer`` selects by, ``{"share": S}`` or ``{"budget": N}`` (the keyword of
+    ``prepare_decode_selection`` / ``select_decode_blocks``), or None: dense."""
     if layer < spec["dense"]:
         return None
     if spec["budget"] is not None:
-        return spec
+        return {"budget": spec["budget"]}
     sparse = n_layers - spec["dense"]
     i = layer - spec["dense"]
     ramp = 2 * i / (sparse - 1) - 1 if sparse > 1 else 0.0
-    return min(1.0, max(0.0, spec["share"] * (1 + spec["late"] * ramp)))
+    return {"share": min(1.0, max(0.0, spec["share"] * (1 + spec["late"] * ramp)))}
 
 
-def select_blocks(mass, rows, share, pool, local):
-    """Bool ``[B, H, C, NB]``: the blocks each row's decode step reads (``share`` a float, or a budget
-    setting's spec: its token budget), from the oracle mass
+def select_blocks(mass, rows, rule, pool, local):
+    """Bool ``[B, H, C, NB]``: the blocks each row's decode step reads by ``rule`` (:func:`layer_rule`),
+    from the oracle mass
     ``[B, H, C, NB]`` of rows ``rows`` (long ``[C]``, consecutive), and the kept share per (row,
-    head). The model's share rule (``prepare_decode_selection`` / ``select_decode_blocks``) per
+    head). The model's share or budget rule (``prepare_decode_selection`` / ``select_decode_blocks``) per
     group of rows sharing a current block; ``pool`` ranks the group's (head, block) pairs across
     the KV heads instead, keeping the same total."""
     B, H, C, NB = mass.shape
     keep = torch.zeros(B, H, C, NB, dtype=torch.bool)
-    method, budget = ("budget", share["budget"]) if isinstance(share, dict) else ("share", 2048)
-    share = 0.1 if isinstance(share, dict) else share  # (unread by the budget rule)
+    (method,) = rule
     cur = rows // BS
     for c in cur.unique().tolist():
         at = (cur == c).nonzero().flatten()
         s = mass[:, :, at, :c + 1].permute(0, 2, 1, 3).reshape(-1, H, c + 1)  # [B * R, H, c + 1]
         first = torch.zeros(s.shape[0], dtype=torch.long)
-        prep = prepare_decode_selection(first, c, method, budget=budget, share=share, block_size=BS, num_heads=H,
-                                        keep_local=local)
+        prep = prepare_decode_selection(first, c, method, block_size=BS, num_heads=H, keep_local=local, **rule)
         if pool:
             total = int(prep["cnt"][0].sum())
             idx = torch.topk((s + prep["bias"]).flatten(1), total, dim=-1).indices
             got = torch.zeros(s.shape[0], H * (c + 1), dtype=torch.bool).scatter_(1, idx, True).view_as(s)
         else:
-            idx, cnt = select_decode_blocks(s, first, method, budget=budget, share=share, block_size=BS,
-                                            prepared=prep)
+            idx, cnt = select_decode_blocks(s, first, method, block_size=BS, prepared=prep, **rule)
             first_cnt = torch.arange(idx.shape[-1]) < cnt[..., None]
             got = torch.zeros_like(s, dtype=torch.bool).scatter_(-1, idx, first_cnt)
         keep[:, :, at, :c + 1] = got.view(B, len(at), H, c + 1).permute(0, 2, 1, 3)
@@ -180,17 +178,17 @@ def offline_attention(module, query, key, value, attention_mask, scaling, dropou
     out = torch.empty(B, HQ, T, D, dtype=query.dtype)
     out[:, :, :P] = F.scaled_dot_product_attention(query[:, :, :P], kr[:, :, :P], vr[:, :, :P], is_causal=True,
                                                    scale=scaling)
-    share = None if spec is None else layer_share(spec, module.layer_idx, STATE["n_layers"])
-    mix = None if share is None else spec["mix"]
-    keys = gate_keys(module, T) if share is not None and (spec["gate"] or mix is not None) else None
-    if share is not None and (spec["meanpool"] or mix is not None):  # each block's mean post-RoPE key
+    rule = None if spec is None else layer_rule(spec, module.layer_idx, STATE["n_layers"])
+    mix = None if rule is None else spec["mix"]
+    keys = gate_keys(module, T) if rule is not None and (spec["gate"] or mix is not None) else None
+    if rule is not None and (spec["meanpool"] or mix is not None):  # each block's mean post-RoPE key
         kmean = block_pool(key.float(), BS, ("avg",)).repeat_interleave(g, 1)  # as selection.meanpool_scores pools
     for c0 in range(P, T, chunk):
         c1 = min(T, c0 + chunk)
         rows = torch.arange(c0, c1)
         s = torch.matmul(query[:, :, c0:c1].float() * scaling, kr[:, :, :c1].float().transpose(-1, -2))
         s = s.masked_fill(torch.arange(c1)[None, :] > rows[:, None], float("-inf"))
-        if share is not None:
+        if rule is not None:
             NB = -(-c1 // BS)
             full = torch.arange(NB)[None, :] < (rows // BS)[:, None]  # [C, NB]: a row's full blocks
             if spec["gate"]:
@@ -203,7 +201,7 @@ def offline_attention(module, query, key, value, attention_mask, scaling, dropou
             else:
                 p = F.pad(torch.softmax(s, -1), (0, NB * BS - c1))
                 mass = p.view(B, H, g, c1 - c0, NB, BS).sum((2, 5)) / g
-            keep, kept = select_blocks(mass, rows, share, spec["pool"], spec["local"])
+            keep, kept = select_blocks(mass, rows, rule, spec["pool"], spec["local"])
             STATE["kept"].append(kept.mean().item())
             tok = keep.repeat_interleave(BS, -1)[..., :c1].repeat_interleave(g, 1)
             s = s.masked_fill(~tok, float("-inf"))

@@ -13,7 +13,7 @@ from transformers import DynamicCache, StaticCache
 from seer_attn.modeling_seer.decode_cache import pooled_k_cache
 from seer_attn.modeling_seer.remote_bundle import bundle_sources
 from seer_attn.modeling_seer.decode_gate import decode_block_target
-from seer_attn.modeling_seer.selection import (DECODE_METHODS, block_means, block_pool, decode_oracle_scores,
+from seer_attn.modeling_seer.selection import (DECODE_METHODS, block_pool, decode_oracle_scores,
                                                decode_recency_scores, select_decode_blocks, with_decode_meanpool_prior)
 
 from decode_inputs import CACHE, DECODE, greedy as _greedy, ids as _ids, left_pad as _left_pad
@@ -61,7 +61,7 @@ def test_pooled_k_cache_equals_pooling_the_full_k_at_every_step(tiny, cache_kind
             rope = m.model._gate_rope_at(torch.where((torch.arange(n)[None] + 1) * 64 > starts, first - starts, 0))
             torch.testing.assert_close(state.gate_keys(layer), gate.block_keys(want, rope), atol=1e-5, rtol=1e-5)
             post = cache.layers[layer].keys[:, :, :n * 64]  # the KV cache's post-RoPE keys
-            torch.testing.assert_close(state.block_means(layer), block_means(post, 64, valid[:, :n * 64]),
+            torch.testing.assert_close(state.block_means(layer), block_pool(post, 64, ("avg",), valid[:, :n * 64]),
                                        atol=1e-6, rtol=1e-6)
     for h in hooks:
         h.remove()
@@ -226,7 +226,7 @@ def test_decode_meanpool_prior_mixes_two_distributions_over_the_full_blocks():
     valid = torch.ones(B, 128, dtype=torch.bool)
     valid[1, :70] = False  # block 0 padding only, block 1 six real slots
     k = torch.randn(B, H, 128, D, generator=gen)
-    m = block_means(k, 64, valid)
+    m = block_pool(k, 64, ("avg",), valid)  # the means the pooled-K cache keeps for the prior
     assert m[1, :, 0].abs().max() == 0
     torch.testing.assert_close(m[1, :, 1], k[1, :, 70:128].mean(1))
     torch.testing.assert_close(m[0], k[0].view(H, 2, 64, D).mean(2))
@@ -334,7 +334,7 @@ def test_decode_meanpool_prior_alone_selects_the_blocks_with_the_most_mean_poole
         for q, k, idx, cnt, T, scale in seen:
             cur = (T - 1) // 64
             H = k.shape[1]
-            means = block_means(k[:, :, 1 * 64:cur * 64], 64)  # the full blocks after the sink
+            means = block_pool(k[:, :, 1 * 64:cur * 64], 64, ("avg",))  # the full blocks after the sink
             p = torch.softmax(q.view(1, H, -1, q.shape[-1]) * scale @ means.transpose(-1, -2), -1).mean(2)
             best.append((idx[0, :, :3].sort(-1).values, cnt, 1 + p[0].argmax(-1), cur))
         seen.clear()
