@@ -52,34 +52,37 @@ NAME = "seer_offline_decode"
 STATE = {}
 
 
-SELECTORS = ("gate", "meanpool")
+SELECTORS = ("gate", "meanpool", "quest")
 
 
 def parse_setting(text):
-    """``dense`` -> None; ``share=S|budget=N[,pool][,dense=N][,late=F][,local=N][,gate|,meanpool|,mix=A]`` -> dict."""
+    """``dense`` -> None; ``share=S|budget=N[,pool][,dense=N][,late=F][,local=N][,SELECTOR]`` -> dict, SELECTOR one
+    of gate, meanpool, quest, mix=A, qmix=A."""
     if text == "dense":
         return None
-    usage = "share=S|budget=N[,pool][,dense=N][,late=F][,local=N][,gate|,meanpool|,mix=A]"
+    usage = "share=S|budget=N[,pool][,dense=N][,late=F][,local=N][,gate|,meanpool|,quest|,mix=A|,qmix=A]"
     head, *extras = text.split(",")
     key, _, val = head.partition("=")
     if key not in ("share", "budget"):
         raise SystemExit(f"bad setting {text!r}: expected dense or {usage}")
     out = {"share": float(val) if key == "share" else None, "budget": int(val) if key == "budget" else None,
-           "pool": False, "dense": 0, "late": 0.0, "local": 0, "gate": False, "meanpool": False, "mix": None}
+           "pool": False, "dense": 0, "late": 0.0, "local": 0, "gate": False, "meanpool": False, "quest": False,
+           "mix": None, "qmix": None}
     for e in extras:
         k, _, v = e.partition("=")
         if k in ("pool",) + SELECTORS and not v:
             out[k] = True
         elif k in ("dense", "local"):
             out[k] = int(v)
-        elif k in ("late", "mix"):
+        elif k in ("late", "mix", "qmix"):
             out[k] = float(v)
         else:
             raise SystemExit(f"bad part {e!r} of setting {text!r}")
-    if sum([out["gate"], out["meanpool"], out["mix"] is not None]) > 1:
-        raise SystemExit(f"bad setting {text!r}: ,gate ,meanpool and ,mix=A are three selectors; give one")
-    if out["mix"] is not None and not 0 <= out["mix"] <= 1:
-        raise SystemExit(f"bad setting {text!r}: mix={out['mix']} is not in [0, 1]")
+    if sum([out["gate"], out["meanpool"], out["quest"], out["mix"] is not None, out["qmix"] is not None]) > 1:
+        raise SystemExit(f"bad setting {text!r}: ,gate ,meanpool ,quest ,mix=A and ,qmix=A are selectors; give one")
+    for k in ("mix", "qmix"):
+        if out[k] is not None and not 0 <= out[k] <= 1:
+            raise SystemExit(f"bad setting {text!r}: {k}={out[k]} is not in [0, 1]")
     if out["budget"] is not None and (out["pool"] or out["late"]):
         raise SystemExit(f"bad setting {text!r}: ,pool and ,late apply to a share, not a budget")
     return out
@@ -167,6 +170,16 @@ def meanpool_logits(q, kmean, full, H):
     return p.clamp_min(torch.finfo(torch.float32).tiny).log().masked_fill(~full, 0.0)
 
 
+def quest_logits(q, kmin, kmax, full, H):
+    """The Quest-bound decode score ``[B, H, C, NB]`` (log): per query head the largest ``q . k`` a key of the
+    block could give, ``relu(q) . kmax + min(q, 0) . kmin`` (per-channel min / max of its post-RoPE keys),
+    softmaxed over the row's full blocks and averaged over the KV head's group as :func:`meanpool_logits`."""
+    B, HQ, C, _ = q.shape
+    sc = torch.matmul(q.clamp_min(0), kmax.transpose(-1, -2)) + torch.matmul(q.clamp_max(0), kmin.transpose(-1, -2))
+    p = torch.softmax(sc.masked_fill(~full, float("-inf")), -1).view(B, H, HQ // H, C, -1).mean(2)
+    return p.clamp_min(torch.finfo(torch.float32).tiny).log().masked_fill(~full, 0.0)
+
+
 def offline_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
     """Dense causal rows before the prefix; rows past it attend over their selected blocks (the
     oracle's, or the decode gate's with ``gate``)."""
@@ -180,9 +193,13 @@ def offline_attention(module, query, key, value, attention_mask, scaling, dropou
                                                    scale=scaling)
     rule = None if spec is None else layer_rule(spec, module.layer_idx, STATE["n_layers"])
     mix = None if rule is None else spec["mix"]
-    keys = gate_keys(module, T) if rule is not None and (spec["gate"] or mix is not None) else None
+    qmix = None if rule is None else spec["qmix"]
+    keys = gate_keys(module, T) if rule is not None and (spec["gate"] or mix is not None or qmix is not None) else None
     if rule is not None and (spec["meanpool"] or mix is not None):  # each block's mean post-RoPE key
         kmean = block_pool(key.float(), BS, ("avg",)).repeat_interleave(g, 1)  # as selection.meanpool_scores pools
+    if rule is not None and (spec["quest"] or qmix is not None):  # each block's per-channel key min and max
+        kmax = block_pool(key.float(), BS, ("max",)).repeat_interleave(g, 1)
+        kmin = block_pool(key.float(), BS, ("min",)).repeat_interleave(g, 1)
     for c0 in range(P, T, chunk):
         c1 = min(T, c0 + chunk)
         rows = torch.arange(c0, c1)
@@ -193,6 +210,11 @@ def offline_attention(module, query, key, value, attention_mask, scaling, dropou
             full = torch.arange(NB)[None, :] < (rows // BS)[:, None]  # [C, NB]: a row's full blocks
             if spec["gate"]:
                 mass = gate_logits(module, keys, c0, c1)
+            elif spec["quest"] or qmix is not None:
+                mass = quest_logits(query[:, :, c0:c1].float() * scaling, kmin[:, :, :NB], kmax[:, :, :NB], full, H)
+                if qmix is not None:
+                    lg = gate_logits(module, keys, c0, c1).masked_fill(~full, float("-inf")).log_softmax(-1)
+                    mass = ((1 - qmix) * lg + qmix * mass).masked_fill(~full, 0.0)
             elif spec["meanpool"] or mix is not None:
                 mass = meanpool_logits(query[:, :, c0:c1].float() * scaling, kmean[:, :, :NB], full, H)
                 if mix is not None:  # the mixture (1 - a) log p_gate + a log p_meanpool over the full blocks
@@ -292,8 +314,9 @@ def main():
         checks.append(check(path, tok, args.eval, args.check, args.gates))
         print(f"check {checks[-1]} ({time.time() - t0:.0f} s)", flush=True)
         save(False)
-    if any(spec and (spec["gate"] or spec["mix"] is not None) for _, spec in specs) and not args.gates:
-        raise SystemExit("a ,gate or ,mix=A setting needs --gates (distilled gates with decode gates)")
+    if any(spec and (spec["gate"] or spec["mix"] is not None or spec["qmix"] is not None) for _, spec in specs) \
+            and not args.gates:
+        raise SystemExit("a ,gate ,mix=A or ,qmix=A setting needs --gates (distilled gates with decode gates)")
     model = load_model(path, args.gates)
     wins = make_windows(load_documents(args.eval), tok, args.length, 2)[:args.windows]
     dense = None
