@@ -528,6 +528,46 @@ def _decode_quality(*runs):
     return render
 
 
+def decode_prior_h100(root) -> str:
+    """Issue 15's decode gate beside the mean-pooled prior (``seer_decode_meanpool_prior``) with
+    carried 800-step decode gates: decode perplexity by setting, the passkey pairing (rebuilt from
+    its run's log) and the prior's cost per output token (two 16-layer bench_decode runs)."""
+    ppl_path = "results/decode/h100_quality_prior.json"
+    pk_path = "results/decode/h100_quality_prior_passkey.json"
+    bench = [("results/decode/h100_bench_16layers_prior0.json", "gate alone"),
+             ("results/decode/h100_bench_16layers_prior07.json", "prior 0.7")]
+    env = load_envelope(root, ppl_path)
+    cfg = env["config"]
+    dense = next(r["ppl"] for r in env["rows"] if r["setting"] == "dense")
+    caption = (f"SmolLM2-135M, {env['provenance']['gpu']}, commit {_commit(env['provenance'])} ({ppl_path}); "
+               f"session 36's 800-step decode gates carried in; {env['rows'][0]['windows']} windows of "
+               f"{_tokens(cfg['length'])}, the first half a dense prefill, the second half scored as decode steps; "
+               "`prior=A`: the mixture (1 - A) log p_gate + A log p_meanpool over the full blocks; `oracle`: the "
+               "step's true attention mass per block:")
+    body = [[r["setting"], f"{r['ppl']:.3f}", f"{r['ppl'] / dense:.4f}x",
+             "1" if r["decode_density"] is None else f"{r['decode_density']:.3f}"] for r in env["rows"]]
+    out = caption + "\n\n" + _table(["decode", "PPL", "vs dense", "kept share of KV blocks"], body)
+    pk = load_envelope(root, pk_path)
+    parts = []
+    for name, res in pk["passkey"].items():
+        v = res.get("vs_dense")
+        parts.append(f"{name} {res['accuracy']:.3f}" + (
+            f" (lost {v['lost']}, gained {v['gained']} of {v['n']}, sign test p = {v['p_value']:.3g})" if v else ""))
+    out += f"\n\nPasskey, the same gates ({pk_path}, 75 prompts paired with dense): " + "; ".join(parts) + "."
+    cells = []
+    for path, label in bench:
+        e = load_envelope(root, path)["e2e"][0]
+        cells.append(f"{label} {e['graph_sparse_s_per_token'] * 1e3:.2f} ms against dense "
+                     f"{e['graph_dense_s_per_token'] * 1e3:.2f} ms ({e['graph_speedup']:.2f}x; layers fused "
+                     f"{e['graph_fused_sparse_s_per_token'] * 1e3:.2f} / {e['graph_fused_dense_s_per_token'] * 1e3:.2f} "
+                     f"ms, {e['graph_fused_dense_s_per_token'] / e['graph_fused_sparse_s_per_token']:.2f}x)")
+    e0 = load_envelope(root, bench[0][0])
+    out += (f"\n\nThe prior's cost, {e0['provenance']['gpu']}, CUDA graph, time per output token of a "
+            f"{e0['config']['layers']}-layer 8B-shaped model at {e0['e2e'][0]['B']} x {_tokens(e0['e2e'][0]['T'])} "
+            f"(32 layers do not fit 80 GB), share 0.1 ({', '.join(p for p, _ in bench)}): " + "; ".join(cells) + ".")
+    return out
+
+
 def finetune_timing_h200(root) -> str:
     """The timing phase of the fine-tuning experiment: s/step, peak memory and GPU ms by kernel
     kind of each variant (the busiest kernels stay in the envelope)."""
@@ -797,6 +837,7 @@ TABLES = {
     "decode-quality-mass-h200": _decode_quality(
         ("results/decode/h200_quality_mass.json", "25% retrieval data, 256 rows"),
         ("results/decode/h200_quality_mass_oracle.json", "not read by the oracle")),
+    "decode-prior-h100": decode_prior_h100,
     "finetune-timing-h200": finetune_timing_h200,
     "finetune-timing-compile-h200": finetune_timing_compile_h200,
     "finetune-compile-h200": finetune_compile_h200,
