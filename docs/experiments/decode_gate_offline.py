@@ -37,6 +37,7 @@ VARIANTS = {
     "kl_sharp2": (128, 2.0, "kl", 64),  # target squared and renormalised: the heavy blocks weigh more
     "kl_kept": (128, 1.0, "kl+kept", 64),  # plus the mass the share's top set misses (soft top-k)
     "kl_sub16": (128, 1.0, "kl", 16),  # keys pooled per 16 tokens, a block scored by logsumexp of its four
+    "kl_nosink": (128, 1.0, "kl-sink", 64),  # the KL over the candidates without the sink block (always kept)
 }
 SUB = 16
 
@@ -137,6 +138,8 @@ def train_gate(data, cfg, variant, steps, batch, seed):
         scores = _scores(gate, b, sub)
         target = b["target"] ** sharp if sharp != 1.0 else b["target"]
         cand = decode_candidates(b["rows"], torch.zeros(len(pick), dtype=torch.long), scores.shape[-1], bs)
+        if loss == "kl-sink":  # the step keeps block 0 whatever its score: rank the others only
+            cand = cand & (torch.arange(scores.shape[-1]) > 0)
         out = decode_distill_loss(scores, target, cand)
         if loss == "kl+kept":
             out = out + 5.0 * _kept_loss(scores, b["target"], cand.expand_as(scores), 0.1)
