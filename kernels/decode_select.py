@@ -12,7 +12,16 @@ matmul of the torch path become one launch, in float32 throughout.
 increasing block order, then -1. The decode kernel reads the first ``counts`` entries of a
 row, so the kept set needs no sort.
 
-Kernel: one program per row holds the row's scores as order-preserving int32 keys in
+``prior_mix(logits, q, means, full, scale, weight)`` returns float32 ``[B, H, N]``: the gate's
+logits mixed with the training-free mean-pooled prior, ``(1 - weight) log p_gate + weight log
+p_meanpool`` over each sequence's full blocks, 0 on the others (``seer_decode_meanpool_prior``;
+the math in :func:`~.reference.prior_mix_ref`). Two launches of one program per (row, chunk of
+64 blocks): the first scores the chunk's mean keys against the group's query heads, keeps the
+scores and each head's (max, sum of exponentials) of the chunk; the second merges a row's
+chunk statistics into the log-sum-exps and writes its chunk of the mixture (the torch path took
+~15 small launches, ~85 us a layer in a CUDA-graph step at 4 x 128k on an H100).
+
+top_blocks kernel: one program per row holds the row's scores as order-preserving int32 keys in
 registers, finds the ``cnt``-th largest key by bisection over the 32-bit key range (32
 counting passes over the registers, compares and counts in int32: a GPU runs 64-bit integer
 ops as pairs of 32-bit ones), then writes the indices of the keys above it and of
@@ -23,12 +32,14 @@ take the torch reference (:func:`~.reference.top_blocks_ref`).
 import torch
 
 from .kernel_utils import HAS_TRITON, interpreting, tl, triton
-from .reference import gate_scores_ref, top_blocks_ref
+from .reference import gate_scores_ref, prior_mix_ref, top_blocks_ref
 
 #: the longest row (blocks) the kernel holds in registers
 MAX_BLOCKS = 16384
-#: block keys scored per gate_scores program
+#: block keys scored per gate_scores program (and blocks per prior_mix program)
 SCORE_CHUNK = 64
+#: the largest query heads x channels x blocks product a prior_mix program holds at once
+PRIOR_TILE = 8192
 #: launch warps of top_blocks by padded row length (the largest bound at or above it); benchmarks
 #: may override entries (docs/experiments/decode_step_sweep.py)
 TOP_BLOCKS_WARPS = {2048: 4, 8192: 8, MAX_BLOCKS: 16}
@@ -83,6 +94,87 @@ def _top_blocks_kernel(S, BIAS, CNT, OUT, N, K, H, s_sb, s_sh, s_bb, s_ob, s_oh,
     out = OUT + b.to(tl.int64) * s_ob + h.to(tl.int64) * s_oh
     tl.store(out + pos, offs, mask=take & (pos < K))
     tl.store(out + offs, tl.full([BLOCK], -1, tl.int32), mask=(offs >= cnt) & (offs < K))
+
+
+@triton.jit
+def _prior_scores_kernel(Q, MEANS, LOGITS, FULL, S, STATS, N, H, NCH, scale,
+                         s_qb, s_qh, s_mb, s_mh, s_mn, s_lb, s_lh, s_fb,
+                         GROUP: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, SUB: tl.constexpr,
+                         CHUNK: tl.constexpr, HALF: tl.constexpr):
+    pid = tl.program_id(0)  # b * H + h
+    c = tl.program_id(1)
+    b = (pid // H).to(tl.int64)
+    h = (pid % H).to(tl.int64)
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_d = tl.arange(0, D)
+    g_ok = offs_g < GROUP
+    q = tl.load(Q + b * s_qb + (h * GROUP + offs_g)[:, None].to(tl.int64) * s_qh + offs_d[None, :],
+                mask=g_ok[:, None], other=0.0).to(tl.float32) * scale
+    if HALF:  # the reference scores the query rounded to the means' dtype
+        q = q.to(MEANS.dtype.element_ty).to(tl.float32)
+    m_h = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    l_h = tl.zeros([BLOCK_G], tl.float32)
+    for i in range(0, CHUNK, SUB):
+        offs_n = c * CHUNK + i + tl.arange(0, SUB)
+        ok = offs_n < N
+        f = (tl.load(FULL + b * s_fb + offs_n, mask=ok, other=0) != 0) & ok
+        mk = tl.load(MEANS + b * s_mb + h * s_mh + offs_n.to(tl.int64)[:, None] * s_mn + offs_d[None, :],
+                     mask=ok[:, None], other=0.0).to(tl.float32)
+        s = tl.sum(q[:, None, :] * mk[None, :, :], 2)  # [BLOCK_G, SUB]
+        tl.store(S + (pid * BLOCK_G + offs_g).to(tl.int64)[:, None] * N + offs_n[None, :], s, mask=ok[None, :])
+        sm = tl.where(f[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_h, tl.max(sm, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        l_h = l_h * tl.exp(m_h - m_safe) + tl.sum(tl.exp(sm - m_safe[:, None]), 1)
+        m_h = m_new
+    offs_n = c * CHUNK + tl.arange(0, CHUNK)
+    ok = offs_n < N
+    f = (tl.load(FULL + b * s_fb + offs_n, mask=ok, other=0) != 0) & ok
+    lg = tl.where(f, tl.load(LOGITS + b * s_lb + h * s_lh + offs_n, mask=ok, other=0.0).to(tl.float32),
+                  float("-inf"))
+    m_g = tl.max(lg, 0)
+    l_g = tl.sum(tl.exp(lg - tl.where(m_g == float("-inf"), 0.0, m_g)), 0)
+    # per (row, chunk): BLOCK_G + 1 (max, sum) pairs, the gate's last
+    st = STATS + (pid * NCH + c).to(tl.int64) * (2 * (BLOCK_G + 1))
+    tl.store(st + 2 * offs_g, m_h)
+    tl.store(st + 2 * offs_g + 1, l_h)
+    tl.store(st + 2 * BLOCK_G, m_g)
+    tl.store(st + 2 * BLOCK_G + 1, l_g)
+
+
+@triton.jit
+def _merge_lse(st, offs_c, c_ok, j, W: tl.constexpr):
+    m = tl.load(st + offs_c * W + 2 * j, mask=c_ok, other=float("-inf"))
+    l = tl.load(st + offs_c * W + 2 * j + 1, mask=c_ok, other=0.0)
+    mx = tl.max(m, 0)
+    mx_safe = tl.where(mx == float("-inf"), 0.0, mx)
+    return mx_safe + tl.log(tl.sum(l * tl.exp(m - mx_safe), 0))  # -inf without a full block
+
+
+@triton.jit
+def _prior_mix_kernel(LOGITS, FULL, S, STATS, OUT, N, H, NCH, weight, s_lb, s_lh, s_fb, s_ob, s_oh,
+                      GROUP: tl.constexpr, BLOCK_G: tl.constexpr, CHUNK: tl.constexpr, BLOCK_C: tl.constexpr):
+    pid = tl.program_id(0)
+    c = tl.program_id(1)
+    b = (pid // H).to(tl.int64)
+    h = (pid % H).to(tl.int64)
+    W: tl.constexpr = 2 * (BLOCK_G + 1)
+    st = STATS + (pid * NCH).to(tl.int64) * W
+    offs_c = tl.arange(0, BLOCK_C)
+    c_ok = offs_c < NCH
+    offs_n = c * CHUNK + tl.arange(0, CHUNK)
+    ok = offs_n < N
+    f = (tl.load(FULL + b * s_fb + offs_n, mask=ok, other=0) != 0) & ok
+    p = tl.zeros([CHUNK], tl.float32)
+    for j in range(GROUP):
+        lse = _merge_lse(st, offs_c, c_ok, j, W)
+        s = tl.load(S + (pid * BLOCK_G + j).to(tl.int64) * N + offs_n, mask=ok, other=0.0)
+        p += tl.exp(s - lse)
+    prior = tl.log(tl.maximum(p / GROUP, 1.1754943508222875e-38))
+    gate = tl.load(LOGITS + b * s_lb + h * s_lh + offs_n, mask=ok, other=0.0).to(tl.float32) \
+        - _merge_lse(st, offs_c, c_ok, BLOCK_G, W)
+    out = tl.where(f, (1 - weight) * gate + weight * prior, 0.0)
+    tl.store(OUT + b * s_ob + h * s_oh + offs_n, out, mask=ok)
 
 
 def _use_triton(backend, t, what):
@@ -174,4 +266,60 @@ def top_blocks(scores, bias, counts, k, backend="auto"):
     _top_blocks_kernel[(B * H,)](scores, bias, counts, out, N, k, H, scores.stride(0), scores.stride(1),
                                  bias.stride(0), out.stride(0), out.stride(1), BLOCK=block,
                                  num_warps=TOP_BLOCKS_WARPS[min(b for b in TOP_BLOCKS_WARPS if b >= block)])
+    return out
+
+
+def prior_mix(logits, q, means, full, scale, weight, backend="auto"):
+    """The decode gate's logits mixed with the mean-pooled prior (module docstring).
+
+    Args:
+        logits: float ``[B, H, N]``, the decode gate's.
+        q: the new token's post-RoPE queries ``[B, HQ, 1, D]`` (``HQ % H == 0``).
+        means: ``[B, H, N, D]``, each block's mean post-RoPE key (may be a slice of a larger
+            buffer; last stride 1).
+        full: bool ``[B, 1, N]``, each sequence's full blocks (the distributions' support).
+        scale: the attention's softmax scale; weight: the prior's share, in [0, 1].
+        backend: ``"auto"`` (Triton on CUDA when D is a power of two), ``"triton"`` or ``"torch"``.
+
+    Returns:
+        float32 ``[B, H, N]``.
+    """
+    _check_backend(backend)
+    if logits.dim() != 3:
+        raise ValueError(f"logits must be [B, H, N], got shape {tuple(logits.shape)}")
+    B, H, N = logits.shape
+    if q.dim() != 4 or q.shape[0] != B or q.shape[2] != 1 or q.shape[1] % H:
+        raise ValueError(f"q must be [B, HQ, 1, D] with B = {B} and HQ a multiple of H = {H}, got {tuple(q.shape)}")
+    D = q.shape[3]
+    if tuple(means.shape) != (B, H, N, D):
+        raise ValueError(f"means must have shape [B, H, N, D] = {(B, H, N, D)}, got {tuple(means.shape)}")
+    if tuple(full.shape) != (B, 1, N) or full.dtype != torch.bool:
+        raise ValueError(f"full must be bool of shape [B, 1, N] = {(B, 1, N)}, got {full.dtype} {tuple(full.shape)}")
+    if not 0.0 <= float(weight) <= 1.0:
+        raise ValueError(f"weight must be in [0, 1], got {weight!r}")
+    pow2 = D >= 16 and D & (D - 1) == 0
+    if backend == "triton" and not pow2:
+        raise ValueError(f"backend='triton' needs D a power of two >= 16, got {D}")
+    if not (pow2 and _use_triton(backend, logits, "prior_mix")):
+        return prior_mix_ref(logits, q, means, full, scale, weight)
+    group = q.shape[1] // H
+    block_g = max(2, triton.next_power_of_2(group))
+    sub = max(2, min(SCORE_CHUNK, PRIOR_TILE // (block_g * D)))
+    nch = triton.cdiv(N, SCORE_CHUNK)
+    qv = q[:, :, 0]
+    qv, means, logits = (t if t.stride(-1) == 1 else t.contiguous() for t in (qv, means, logits))
+    fb = full[:, 0].to(torch.uint8)
+    dev = logits.device
+    s = torch.empty(B * H * block_g, N, dtype=torch.float32, device=dev)
+    stats = torch.empty(B * H * nch, 2 * (block_g + 1), dtype=torch.float32, device=dev)
+    out = torch.empty(B, H, N, dtype=torch.float32, device=dev)
+    half = means.dtype in (torch.float16, torch.bfloat16)
+    _prior_scores_kernel[(B * H, nch)](
+        qv, means, logits, fb, s, stats, N, H, nch, float(scale), qv.stride(0), qv.stride(1), means.stride(0),
+        means.stride(1), means.stride(2), logits.stride(0), logits.stride(1), fb.stride(0),
+        GROUP=group, BLOCK_G=block_g, D=D, SUB=sub, CHUNK=SCORE_CHUNK, HALF=half, num_warps=4)
+    _prior_mix_kernel[(B * H, nch)](
+        logits, fb, s, stats, out, N, H, nch, float(weight), logits.stride(0), logits.stride(1), fb.stride(0),
+        out.stride(0), out.stride(1), GROUP=group, BLOCK_G=block_g, CHUNK=SCORE_CHUNK,
+        BLOCK_C=max(2, triton.next_power_of_2(nch)), num_warps=4)
     return out

@@ -274,3 +274,20 @@ def gate_scores_ref(y, keys, rope=None):
         cos, sin = (t.float()[:, None] for t in rope)
         q = q[..., :G] * cos + q[..., G:] * sin
     return torch.einsum("bhg,bhng->bhn", q, keys.float())
+
+
+def prior_mix_ref(logits, q, means, full, scale, weight):
+    """Torch reference of :func:`~.decode_select.prior_mix`: float32 ``[B, H, N]``,
+    ``(1 - weight) * log p_gate + weight * log p_meanpool`` over each sequence's full blocks
+    (``full`` bool ``[B, 1, N]``), 0 elsewhere. ``p_gate`` is the softmax of ``logits`` ``[B, H, N]``;
+    ``p_meanpool`` each query head's softmax of ``q . mean key * scale`` (q ``[B, HQ, 1, D]``,
+    means ``[B, H, N, D]``, the query rounded to the means' dtype) averaged over the KV head's
+    group, floored at float32's smallest normal before the log."""
+    B, H, N = logits.shape
+    HQ, D = q.shape[1], q.shape[3]
+    qs = (q.reshape(B, H, HQ // H, D).float() * scale).to(means.dtype)  # the means are read once, in their dtype
+    s = torch.matmul(qs, means.transpose(-1, -2)).float()  # [B, H, g, N]
+    p = torch.softmax(s.masked_fill(~full[:, :, None], float("-inf")), -1).mean(2)
+    prior = p.clamp_min(torch.finfo(torch.float32).tiny).log()
+    gate = torch.log_softmax(logits.float().masked_fill(~full, float("-inf")), -1)
+    return ((1 - weight) * gate + weight * prior).masked_fill(~full, 0.0)

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from seer_attn.kernels.block_mask import causal_block_density, window_block_mask
 from seer_attn.kernels.block_sparse_attn import attn_with_pooling
+from seer_attn.kernels.decode_select import prior_mix
 
 #: Logit given to blocks a selection must never pick (above the diagonal, padding-only keys).
 #: Finite, so that KL terms with a zero target stay 0 instead of NaN.
@@ -544,7 +545,9 @@ def with_decode_meanpool_prior(logits, q, means, full, scale, weight):
     each query head's softmax of ``q . (block's mean key) * scale`` averaged over the KV head's
     group (a MoBA-like score per KV head, as the gate's selection is shared by the group). The
     other blocks (padding, the current block, and in graph mode the ones past it) score 0:
-    the selection's bias decides them. docs/experiments/decode_quality.md, session 36.
+    the selection's bias decides them. docs/experiments/decode_quality.md, session 36. Computed by
+    :func:`~seer_attn.kernels.decode_select.prior_mix` (two launches on a GPU, its torch reference
+    elsewhere).
 
     Args:
         logits: the decode gate's ``[B, H, N]``; q: the new token's post-RoPE queries ``[B, HQ, 1, D]``;
@@ -552,14 +555,7 @@ def with_decode_meanpool_prior(logits, q, means, full, scale, weight):
             left out, as the pooled-K cache keeps them);
         full: bool ``[B, 1, N]``, the sequence's full blocks (:func:`decode_full_blocks`; none: every entry 0).
     """
-    B, H, N = logits.shape
-    HQ, D = q.shape[1], q.shape[3]
-    qs = (q.reshape(B, H, HQ // H, D).float() * scale).to(means.dtype)  # the means are read once, in their dtype
-    s = torch.matmul(qs, means.transpose(-1, -2)).float()  # [B, H, g, N]
-    p = torch.softmax(s.masked_fill(~full[:, :, None], float("-inf")), -1).mean(2)
-    prior = p.clamp_min(torch.finfo(torch.float32).tiny).log()
-    gate = torch.log_softmax(logits.float().masked_fill(~full, float("-inf")), -1)
-    return ((1 - weight) * gate + weight * prior).masked_fill(~full, 0.0)
+    return prior_mix(logits, q, means, full, scale, weight)
 
 
 def prepare_decode_selection(first_block, num_candidates, method, budget=2048, share=0.1, block_size=64,

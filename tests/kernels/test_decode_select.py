@@ -5,8 +5,8 @@ scores with and without RoPE, on keys that are a slice of a larger buffer."""
 import pytest
 import torch
 
-from seer_attn.kernels.decode_select import gate_scores, top_blocks
-from seer_attn.kernels.reference import gate_scores_ref, top_blocks_ref
+from seer_attn.kernels.decode_select import gate_scores, prior_mix, top_blocks
+from seer_attn.kernels.reference import gate_scores_ref, prior_mix_ref, top_blocks_ref
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -128,3 +128,67 @@ def test_gate_scores_bad_arguments():
     with pytest.raises(ValueError, match="needs G a power of two >= 16, got 24"):
         gate_scores(y24, keys24, r24, backend="triton")
     torch.testing.assert_close(gate_scores(y24, keys24, r24), gate_scores_ref(y24, keys24, r24))  # auto: torch
+
+
+def _prior_case(B, HQ, H, N, D, dtype, seed=0):
+    """Logits, queries, means (a slice of a larger buffer) and full masks: sequences with their first
+    full block past 0 (left padding), one with none, one whose every block is full."""
+    gen = torch.Generator().manual_seed(seed)
+    logits = torch.randn(B, H, N, generator=gen) * 3
+    q = torch.randn(B, HQ, 1, D, generator=gen).to(dtype)
+    means = torch.randn(B, H, N + 5, D, generator=gen).to(dtype)[:, :, :N]
+    j = torch.arange(N)
+    first = torch.randint(0, max(1, N // 2), (B,), generator=gen)
+    cur = torch.randint(0, N + 1, (B,), generator=gen)
+    cur[0], first[-1], cur[-1] = 0, 0, N  # row 0: no full block; the last: all of them
+    full = ((j[None] >= first[:, None]) & (j[None] < cur[:, None]))[:, None]
+    return logits, q, means, full
+
+
+@pytest.mark.parametrize("B, HQ, H, N, D", [(3, 6, 2, 7, 16), (2, 9, 3, 130, 32), (4, 4, 4, 64, 64),
+                                            (2, 8, 2, 300, 16)])
+@pytest.mark.parametrize("weight", [0.0, 0.5, 1.0])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_prior_mix_kernel_equals_the_reference(B, HQ, H, N, D, weight, dtype):
+    """Groups of 1 to 4 heads (3: padded), rows of 1 to 5 chunks, the mixture's ends included."""
+    logits, q, means, full = _prior_case(B, HQ, H, N, D, dtype)
+    got = prior_mix(logits.to(DEV), q.to(DEV), means.to(DEV), full.to(DEV), D ** -0.5, weight, backend="triton")
+    assert got.dtype == torch.float32 and got.shape == (B, H, N)
+    want = prior_mix_ref(logits, q, means, full, D ** -0.5, weight)
+    assert (got.cpu()[~full.expand(B, H, N)] == 0).all()
+    # float16: the reference's matmul rounds each score to float16 (the kernel keeps float32), ~5e-4 of |s| <= 4
+    tol = 2e-4 if dtype == torch.float32 else 2e-3
+    torch.testing.assert_close(got.cpu(), want, atol=tol, rtol=tol)
+
+
+def test_prior_mix_reference_by_hand():
+    """The reference written out per KV head: log of the gate's softmax and of the group's mean of
+    each head's softmax over the full blocks, mixed; 0 elsewhere."""
+    logits, q, means, full = _prior_case(2, 6, 2, 9, 16, torch.float32, seed=4)
+    got = prior_mix_ref(logits, q, means, full, 0.3, 0.25)
+    b = 1
+    blocks = full[b, 0].nonzero().flatten()
+    for h in range(2):
+        pg = torch.softmax(logits[b, h, blocks], -1)
+        pm = torch.stack([torch.softmax(0.3 * means[b, h, blocks] @ q[b, h * 3 + r, 0], -1) for r in range(3)]).mean(0)
+        torch.testing.assert_close(got[b, h, blocks], 0.75 * pg.log() + 0.25 * pm.log())
+    assert (got[0] == 0).all()  # row 0 has no full block
+
+
+def test_prior_mix_bad_arguments():
+    logits, q, means, full = _prior_case(2, 6, 2, 9, 16, torch.float32)
+    with pytest.raises(ValueError,
+                       match=r"means must have shape \[B, H, N, D\] = \(2, 2, 9, 16\), got \(2, 2, 8, 16\)"):
+        prior_mix(logits, q, means[:, :, :8], full, 0.25, 0.5)
+    with pytest.raises(ValueError, match=r"q must be \[B, HQ, 1, D\] with B = 2 and HQ a multiple of H = 2"):
+        prior_mix(logits, q[:, :5], means, full, 0.25, 0.5)
+    with pytest.raises(ValueError, match="full must be bool of shape"):
+        prior_mix(logits, q, means, full.float(), 0.25, 0.5)
+    with pytest.raises(ValueError, match=r"weight must be in \[0, 1\], got 1.5"):
+        prior_mix(logits, q, means, full, 0.25, 1.5)
+    with pytest.raises(ValueError, match="backend must be 'auto', 'triton' or 'torch', got 'gpu'"):
+        prior_mix(logits, q, means, full, 0.25, 0.5, backend="gpu")
+    l24, q24, m24, f24 = _prior_case(1, 2, 1, 4, 24, torch.float32)
+    with pytest.raises(ValueError, match="needs D a power of two >= 16, got 24"):
+        prior_mix(l24, q24, m24, f24, 0.2, 0.5, backend="triton")
+    torch.testing.assert_close(prior_mix(l24, q24, m24, f24, 0.2, 0.5), prior_mix_ref(l24, q24, m24, f24, 0.2, 0.5))

@@ -141,3 +141,23 @@ def test_gate_scores_at_real_shapes(B, N):
     rope = (e.cos().to(torch.bfloat16), e.sin().to(torch.bfloat16))
     got = gate_scores(y, keys, rope, backend="triton")
     torch.testing.assert_close(got, gate_scores_ref(y, keys, rope), atol=2e-3, rtol=1e-4)
+
+
+@pytest.mark.parametrize("B, N", [(4, 2048), (1, 16384), (16, 513)])
+def test_prior_mix_at_real_shapes(B, N):
+    """The decode prior's mixture at 32k-1M-token caches (32 query / 8 KV heads, D 128, bf16 queries and
+    means, the means a slice of a larger buffer as the pooled-K cache's, some rows left-padded): the
+    float32 reference on the same inputs, within the kernel's rounding of the scaled query to bf16."""
+    from seer_attn.kernels.decode_select import prior_mix
+    from seer_attn.kernels.reference import prior_mix_ref
+    gen = torch.Generator(device="cuda").manual_seed(N)
+    logits = torch.randn(B, H, N, device="cuda", generator=gen) * 4
+    q = torch.randn(B, HQ, 1, D, device="cuda", generator=gen).to(torch.bfloat16)
+    means = torch.randn(B, H, N + 64, D, device="cuda", generator=gen).to(torch.bfloat16)[:, :, :N]
+    j = torch.arange(N, device="cuda")
+    first = torch.randint(0, 3, (B,), device="cuda", generator=gen)
+    full = ((j[None] >= first[:, None]) & (j[None] < N - 1))[:, None]
+    for w in (0.5, 0.7):
+        got = prior_mix(logits, q, means, full, D ** -0.5, w, backend="triton")
+        want = prior_mix_ref(logits, q.float(), means.float(), full, D ** -0.5, w)
+        torch.testing.assert_close(got, want, atol=1e-2, rtol=1e-3)
