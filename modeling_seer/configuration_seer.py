@@ -15,7 +15,7 @@ SEER_MODES = ("dense", "distill", "sparse")
 POOLING_TYPES = ("avg", "max", "min")
 DISTILL_TARGETS = ("max", "mass")
 BOOL_FIELDS = ("seer_gate_rope", "seer_keep_diagonal", "seer_keep_sink", "seer_decode_gate", "seer_decode_sparsity",
-               "seer_distill_prior")
+               "seer_distill_prior", "seer_decode_distill_forced")
 INT_FIELDS = ("seer_block_size", "seer_gate_hidden_size", "seer_keep_local", "seer_dense_last_rows",
               "seer_dense_layers", "seer_decode_budget", "seer_decode_distill_rows", "seer_decode_keep_local")
 FLOAT_FIELDS = ("seer_threshold", "seer_nz_ratio", "seer_coverage", "seer_gain", "seer_distill_loss_scale",
@@ -119,6 +119,10 @@ class SeerConfigMixin:
         seer_decode_distill_rows: query rows per sequence the decode gate is distilled on.
         seer_decode_keep_local: the N full blocks before the current one are always read too
             (they count in the budget and the share; default 0).
+        seer_decode_distill_forced: the decode gate's distillation loss spans the blocks every
+            step reads anyway (the sink and the ``seer_decode_keep_local`` ones) with the others
+            (True, default); False leaves them out, the target renormalised over the blocks the
+            gate decides (docs/experiments/decode_quality.md, session 37).
         seer_decode_selector: what scores the cache's blocks at a decode step: ``"gate"`` (the
             decode gate), or for comparison ``"oracle"`` (the step's true attention mass per
             block, summed over the query group: an exact pass over the cache, no speed-up) or
@@ -170,6 +174,7 @@ class SeerConfigMixin:
     seer_decode_mass: float = 0.9
     seer_decode_distill_rows: int = 64
     seer_decode_keep_local: int = 0
+    seer_decode_distill_forced: bool = True
     seer_decode_selector: str = "gate"
     seer_decode_meanpool_prior: float = 0.0
     seer_base_model: str | None = None

@@ -190,6 +190,16 @@ def decode_candidates(rows, first_block, num_blocks, block_size):
             & (rows >= 0)[:, :, None])[:, None]
 
 
+def decode_forced_blocks(rows, first_block, num_blocks, block_size, keep_local=0):
+    """Bool ``[B, 1, R, NB]``: the full blocks a decode step at row t reads whatever the gate scores,
+    the sequence's sink (``first_block``) and the ``keep_local`` blocks before t's own
+    (``seer_decode_distill_forced=False`` leaves them out of :func:`decode_candidates`)."""
+    j = torch.arange(num_blocks, device=rows.device)
+    cur = (rows // block_size)[:, :, None]
+    sink = j[None, None, :] == first_block.to(rows.device)[:, None, None]
+    return (sink | ((j[None, None, :] < cur) & (j[None, None, :] >= cur - keep_local)))[:, None]
+
+
 def decode_distill_loss(scores, target, candidates):
     """KL(target || softmax(scores)) over the candidate blocks, per row, averaged over the rows
     (and heads) that have a candidate holding attention mass.

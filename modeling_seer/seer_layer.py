@@ -50,7 +50,8 @@ from seer_attn.kernels.block_sparse_decode import block_sparse_decode
 
 from .decode_cache import decode_step_for, prompt_padding
 from .decode_graph import GraphDecodeStep, graph_generate
-from .decode_gate import DecodeGate, decode_block_target, decode_candidates, decode_distill_loss, sample_decode_rows
+from .decode_gate import (DecodeGate, decode_block_target, decode_candidates, decode_distill_loss, decode_forced_blocks,
+                          sample_decode_rows)
 from .gate import AttnGate, gate_distill_loss
 from .gates_only import is_gates_only, load_gates_only, peek_config
 from .hub_utils import hub_call, resolve_source
@@ -339,6 +340,8 @@ class SeerAttentionMixin:
         qr = q_pre.detach().gather(2, rows.clamp_min(0)[:, None, :, None].expand(B, q_pre.shape[1], -1, q_pre.shape[3]))
         scores = gate.scores(gate.query(qr, rope=ctx.decode_rope), kg)
         cand = decode_candidates(rows, bounds[:, 0] // bs, kg.shape[2], bs)
+        if not cfg.seer_decode_distill_forced:  # rank only the blocks a step's selection decides
+            cand = cand & ~decode_forced_blocks(rows, bounds[:, 0] // bs, kg.shape[2], bs, cfg.seer_decode_keep_local)
         return decode_distill_loss(scores, target, cand)
 
     def _gate_loss_and_mask(self, q, k, v, q_pre, k_pre, ctx, window=None):

@@ -84,6 +84,8 @@
 #                      threshold and coverage solved on 4 held-out train windows at 0.3 / 0.2 / 0.1 /
 #                      0.05, the coverage bisected to the threshold's density (PPL ratio), then streaming
 #                      and mean-pool at those densities; needs staging
+#   decode-free    ~9  issue 15: decode gates distilled without the sink in their loss (--free-loss), 800 steps,
+#                      then decode-prior's perplexity settings; needs staging
 #   decode-quality ~5  issue 15's full protocol (300-step gates at 8k, decode perplexity of 16
 #                      8192-token windows, dense / share=0.1 / budget=2048, passkey 75 prompts
 #                      paired, sparse decode and sparse prefill + decode); decode perplexity
@@ -312,6 +314,13 @@ case "$STEP" in
       > "$OUT/decode_quality.log" 2>&1
     echo "decode_quality: exit $?"; tail -n 22 "$OUT/decode_quality.log"
     [ "${TESTS:-1}" != 0 ] && PY=$PY bash docs/experiments/gpu_tests.sh decode "$OUT/tests" && cat "$OUT/tests/summary.txt" ;;
+  decode-free)  # issue 15 (session 37): decode gates distilled without the sink in their loss (--free-loss,
+    # seer_decode_distill_forced=False; decode_gate_offline.py's kl_nosink), STEPS (default 800) as decode-distill,
+    # then decode perplexity at decode-prior's protocol: compare results/decode/h100_quality_prior.json
+    timeout "${LIMIT:-560}" "$PY" -m seer_attn.eval.decode_quality --model "$GGUF" "${DATA[@]}" --no-progress \
+      --free-loss --steps "${STEPS:-800}" --phases distill ppl --settings ${SETTINGS:-budget=2048 budget=2048,prior=0.7 \
+      share=0.1 share=0.1,prior=0.5 share=0.2} --out "$OUT/decode_quality" > "$OUT/decode_quality.log" 2>&1
+    echo "decode_quality: exit $?"; tail -n 12 "$OUT/decode_quality.log" ;;
   decode-distill)  # decode gates (with prefill gates) for the CPU's offline decode evaluator (decode_ppl_offline.py
     # --gates ... ,gate): STEPS (default 800, ~200 s on the H200) at 8192 tokens, the decode-quality run's defaults
     timeout 300 "$PY" -m seer_attn.eval.decode_quality --model "$GGUF" "${DATA[@]}" --no-progress --phases distill \

@@ -3,7 +3,7 @@ the candidate blocks, and the decode loss inside ``gate_loss`` in distill mode."
 import torch
 
 from seer_attn.modeling_seer.decode_gate import (decode_block_target, decode_candidates, decode_distill_loss,
-                                                 sample_decode_rows)
+                                                 decode_forced_blocks, sample_decode_rows)
 
 
 def test_target_is_the_group_mean_of_block_attention_mass(gen):
@@ -106,3 +106,44 @@ def test_decode_loss_falls_when_training(tiny):
         opt.step()
     after = held_loss()
     assert after < before - 0.1 * abs(before), (before, after)
+
+
+def test_forced_blocks_are_the_sink_and_the_local_ones():
+    rows = torch.tensor([[64 * 5 + 3, 64 * 2], [64 * 4, 64 * 5 + 60]])
+    first = torch.tensor([0, 2])
+    got = decode_forced_blocks(rows, first, 6, 64, keep_local=2)
+    assert got[0, 0, 0].tolist() == [True, False, False, True, True, False]  # sink 0, local 3-4 (own block 5)
+    assert got[0, 0, 1].tolist() == [True, True, False, False, False, False]  # own block 2: local 0-1
+    assert got[1, 0, 1].tolist() == [False, False, True, True, True, False]  # sink 2 (left padding before it)
+    assert decode_forced_blocks(rows, first, 6, 64)[0, 0, 0].tolist() == [True] + [False] * 5
+
+
+def test_free_loss_leaves_the_forced_blocks_out(tiny):
+    """``seer_decode_distill_forced=False``: the decode loss is the KL over the candidates without the
+    sink, whatever the gate scores the sink (and differs from the default loss)."""
+    x = _ids(600, B=2)
+    losses = {}
+    for forced in (True, False):
+        m = tiny(seed=0, seer_mode="distill", seer_decode_gate=True, seer_decode_distill_forced=forced).train()
+        captured = []
+        real = decode_distill_loss
+
+        def spy(scores, target, cand):
+            captured.append((scores.detach(), target, cand))
+            return real(scores, target, cand)
+
+        import seer_attn.modeling_seer.seer_layer as layer
+        old, layer.decode_distill_loss = layer.decode_distill_loss, spy
+        try:
+            torch.manual_seed(1)
+            losses[forced] = m(x).gate_loss.item()
+        finally:
+            layer.decode_distill_loss = old
+        scores, target, cand = captured[0]
+        sink_in = cand[..., 0].any().item()
+        assert sink_in == forced, forced  # block 0 is every row's sink here (no padding)
+        if not forced:  # the sink's score changes nothing
+            bumped = scores.clone()
+            bumped[..., 0] += 50.0
+            torch.testing.assert_close(real(bumped, target, cand), real(scores, target, cand))
+    assert abs(losses[True] - losses[False]) > 1e-4
