@@ -243,6 +243,25 @@ def mass_rows(name, score_of, targets, rows_of, shares, bs):
     return out
 
 
+def save_gates(base, gates, path):
+    """``base``'s tensors and metadata with each layer's decode gate replaced by ``gates[layer]`` (in the
+    base's dtype)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    with safe_open(base, "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        meta = f.metadata()
+    for layer, gate in gates.items():
+        for name in ("q_weight", "k_weight"):
+            key = f"model.layers.{layer}.self_attn.attn_gate.decode_gate.{name}"
+            if key not in tensors:
+                raise SystemExit(f"--save-gates {base}: no {key} in it (a file with decode gates is needed)")
+            tensors[key] = getattr(gate, name).detach().to(tensors[key].dtype).contiguous()
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    save_file(tensors, path, metadata=meta)
+    print(f"wrote {path}", flush=True)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=None)
@@ -260,6 +279,10 @@ def main(argv=None):
     ap.add_argument("--mass", action="store_true",
                     help="also select by predicted mass (oracle and each gate), p solved per share")
     ap.add_argument("--out", default="seer_outputs/decode_gate_offline")
+    ap.add_argument("--save-gates", metavar="GATES",
+                    help="also write, per variant with 64-token keys and the base width, GATES (a distilled gates "
+                         "file with decode gates) with its decode gates replaced by the variant's: "
+                         "OUT/gates_VARIANT.safetensors, for decode_ppl_offline.py --gates")
     args = ap.parse_args(argv)
     from seer_attn.modeling_seer.conversion import load_seer_model, load_tokenizer
     from seer_attn.training.data import load_documents, pack_documents
@@ -332,6 +355,8 @@ def main(argv=None):
                   flush=True)
         if args.mass:
             rows += mass_rows(f"gate:{variant}", gate_scores, targets, rows_of, args.shares, bs)
+        if args.save_gates and not rope_at:
+            save_gates(args.save_gates, gates, os.path.join(args.out, f"gates_{variant}.safetensors"))
     os.makedirs(args.out, exist_ok=True)
     write_envelope(os.path.join(args.out, "decode_gate_offline.json"), "decode_gate_offline", rows,
                    config=vars(args), model=args.model or "embedded SmolLM2-135M", device="cpu", complete=True)
