@@ -187,6 +187,16 @@ def _use_triton(backend, t, what):
     return use
 
 
+def _use_triton_width(backend, t, what, name, n):
+    """:func:`_use_triton` for a kernel whose channel width ``n`` (named ``name``) must be a power
+    of two >= 16: ``backend='triton'`` with another width is an error, ``'auto'`` takes the torch
+    reference then."""
+    pow2 = n >= 16 and n & (n - 1) == 0
+    if backend == "triton" and not pow2:
+        raise ValueError(f"backend='triton' needs {name} a power of two >= 16, got {n}")
+    return pow2 and _use_triton(backend, t, what)
+
+
 def _check_backend(backend):
     if backend not in ("auto", "triton", "torch"):
         raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
@@ -215,10 +225,7 @@ def gate_scores(y, keys, rope=None, backend="auto"):
                          f"got {tuple(y.shape)}")
     if rope is not None and any(tuple(t.shape) != (B, G) for t in rope):
         raise ValueError(f"rope must be (cos, sin) of shape [B, G] = {(B, G)}, got {[tuple(t.shape) for t in rope]}")
-    pow2 = G >= 16 and G & (G - 1) == 0
-    if backend == "triton" and not pow2:
-        raise ValueError(f"backend='triton' needs G a power of two >= 16, got {G}")
-    if not (pow2 and _use_triton(backend, keys, "gate_scores")):
+    if not _use_triton_width(backend, keys, "gate_scores", "G", G):
         return gate_scores_ref(y, keys, rope)
     y, keys = (t if t.stride(-1) == 1 else t.contiguous() for t in (y, keys))
     cos, sin = (t if t.stride(-1) == 1 else t.contiguous() for t in rope) if rope is not None else (y, y)
@@ -297,10 +304,7 @@ def prior_mix(logits, q, means, full, scale, weight, backend="auto"):
         raise ValueError(f"full must be bool of shape [B, 1, N] = {(B, 1, N)}, got {full.dtype} {tuple(full.shape)}")
     if not 0.0 <= float(weight) <= 1.0:
         raise ValueError(f"weight must be in [0, 1], got {weight!r}")
-    pow2 = D >= 16 and D & (D - 1) == 0
-    if backend == "triton" and not pow2:
-        raise ValueError(f"backend='triton' needs D a power of two >= 16, got {D}")
-    if not (pow2 and _use_triton(backend, logits, "prior_mix")):
+    if not _use_triton_width(backend, logits, "prior_mix", "D", D):
         return prior_mix_ref(logits, q, means, full, scale, weight)
     group = q.shape[1] // H
     block_g = max(2, triton.next_power_of_2(group))

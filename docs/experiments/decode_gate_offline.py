@@ -27,7 +27,7 @@ import torch
 
 from seer_attn.modeling_seer import seer_layer
 from seer_attn.modeling_seer.decode_gate import DecodeGate, decode_block_target, decode_candidates, \
-    decode_distill_loss
+    decode_distill_loss, decode_forced_blocks
 from seer_attn.modeling_seer.selection import block_pool
 
 #: variant -> (gate hidden size, target sharpening exponent, loss, key granularity in tokens)
@@ -137,9 +137,10 @@ def train_gate(data, cfg, variant, steps, batch, seed):
         b = {key: _cat([data[i] for i in pick], key) for key in data[0]}
         scores = _scores(gate, b, sub)
         target = b["target"] ** sharp if sharp != 1.0 else b["target"]
-        cand = decode_candidates(b["rows"], torch.zeros(len(pick), dtype=torch.long), scores.shape[-1], bs)
-        if loss == "kl-sink":  # the step keeps block 0 whatever its score: rank the others only
-            cand = cand & (torch.arange(scores.shape[-1]) > 0)
+        first = torch.zeros(len(pick), dtype=torch.long)
+        cand = decode_candidates(b["rows"], first, scores.shape[-1], bs)
+        if loss == "kl-sink":  # the step keeps the sink whatever its score: rank the others only
+            cand = cand & ~decode_forced_blocks(b["rows"], first, scores.shape[-1], bs)
         out = decode_distill_loss(scores, target, cand)
         if loss == "kl+kept":
             out = out + 5.0 * _kept_loss(scores, b["target"], cand.expand_as(scores), 0.1)

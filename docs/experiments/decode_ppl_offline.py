@@ -160,24 +160,28 @@ def keep_pre_rope(cls):
     cls.seer_attention = seer_attention
 
 
+def group_log_softmax(sc, full, H):
+    """Per-query-head scores ``[B, HQ, C, NB]`` softmaxed over each row's full blocks (``full`` bool ``[C, NB]``),
+    averaged over the KV head's group, logged (floored at float32's smallest normal): ``[B, H, C, NB]``, 0 on the
+    other blocks (the current one is forced, later ones never read)."""
+    B, HQ, C, _ = sc.shape
+    p = torch.softmax(sc.masked_fill(~full, float("-inf")), -1).view(B, H, HQ // H, C, -1).mean(2)
+    return p.clamp_min(torch.finfo(torch.float32).tiny).log().masked_fill(~full, 0.0)
+
+
 def meanpool_logits(q, kmean, full, H):
     """The MoBA-like decode score ``[B, H, C, NB]`` (log): each query head's q . (mean post-RoPE key of the block)
     softmaxed over the row's full blocks (``full`` bool ``[C, NB]``), averaged over the KV head's group; 0 on the
     other blocks (the current one is forced, later ones never read)."""
-    B, HQ, C, _ = q.shape
-    sc = torch.matmul(q, kmean.transpose(-1, -2)).masked_fill(~full, float("-inf"))
-    p = torch.softmax(sc, -1).view(B, H, HQ // H, C, -1).mean(2)
-    return p.clamp_min(torch.finfo(torch.float32).tiny).log().masked_fill(~full, 0.0)
+    return group_log_softmax(torch.matmul(q, kmean.transpose(-1, -2)), full, H)
 
 
 def quest_logits(q, kmin, kmax, full, H):
     """The Quest-bound decode score ``[B, H, C, NB]`` (log): per query head the largest ``q . k`` a key of the
     block could give, ``relu(q) . kmax + min(q, 0) . kmin`` (per-channel min / max of its post-RoPE keys),
     softmaxed over the row's full blocks and averaged over the KV head's group as :func:`meanpool_logits`."""
-    B, HQ, C, _ = q.shape
     sc = torch.matmul(q.clamp_min(0), kmax.transpose(-1, -2)) + torch.matmul(q.clamp_max(0), kmin.transpose(-1, -2))
-    p = torch.softmax(sc.masked_fill(~full, float("-inf")), -1).view(B, H, HQ // H, C, -1).mean(2)
-    return p.clamp_min(torch.finfo(torch.float32).tiny).log().masked_fill(~full, 0.0)
+    return group_log_softmax(sc, full, H)
 
 
 def offline_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
@@ -212,17 +216,15 @@ def offline_attention(module, query, key, value, attention_mask, scaling, dropou
                 mass = gate_logits(module, keys, c0, c1)
             elif spec["quest"] or qmix is not None:
                 mass = quest_logits(query[:, :, c0:c1].float() * scaling, kmin[:, :, :NB], kmax[:, :, :NB], full, H)
-                if qmix is not None:
-                    lg = gate_logits(module, keys, c0, c1).masked_fill(~full, float("-inf")).log_softmax(-1)
-                    mass = ((1 - qmix) * lg + qmix * mass).masked_fill(~full, 0.0)
             elif spec["meanpool"] or mix is not None:
                 mass = meanpool_logits(query[:, :, c0:c1].float() * scaling, kmean[:, :, :NB], full, H)
-                if mix is not None:  # the mixture (1 - a) log p_gate + a log p_meanpool over the full blocks
-                    lg = gate_logits(module, keys, c0, c1).masked_fill(~full, float("-inf")).log_softmax(-1)
-                    mass = ((1 - mix) * lg + mix * mass).masked_fill(~full, 0.0)
             else:
                 p = F.pad(torch.softmax(s, -1), (0, NB * BS - c1))
                 mass = p.view(B, H, g, c1 - c0, NB, BS).sum((2, 5)) / g
+            a = mix if mix is not None else qmix
+            if a is not None:  # the mixture (1 - a) log p_gate + a log p_free over the full blocks
+                lg = gate_logits(module, keys, c0, c1).masked_fill(~full, float("-inf")).log_softmax(-1)
+                mass = ((1 - a) * lg + a * mass).masked_fill(~full, 0.0)
             keep, kept = select_blocks(mass, rows, rule, spec["pool"], spec["local"])
             STATE["kept"].append(kept.mean().item())
             tok = keep.repeat_interleave(BS, -1)[..., :c1].repeat_interleave(g, 1)
