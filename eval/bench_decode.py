@@ -7,8 +7,8 @@ batch size B and length S: SDPA with the flash and cuDNN backends (dense, GQA wi
 repeating K/V) and ours (:func:`block_sparse_decode`) with every block and with ``share``
 of the blocks as the model selects them (the decode gate's top-k plus the sink and the
 current block); ours with no block at all (the launch floor: host work and two launches);
-then what a layer runs before the kernel (the decode gate's logits and the top-k,
-``gate_select_layer``; with the selection's per-block preparation, ``gate_select_step``) and
+then what a layer runs before the kernel (the decode gate's logits, with ``prior`` > 0 the
+mean-pooled prior mixed in, and the top-k, ``gate_select_layer``; with the selection's per-block preparation, ``gate_select_step``) and
 its share of the sparse step (gate / (gate + kernel)); and the layer's gate, selection and
 kernel replayed from a CUDA graph (``graph_layer``: the GPU's own time, no host work)
 against the same ops launched one by one (``eager_layer``). Correctness first: ours with
@@ -83,7 +83,7 @@ class DecodeBenchConfig(RunConfig):
     lengths: tuple = option((32768, 131072), ca.int_at_least(2 * BS), many="+")  # kernel part: cache lengths
     batches: tuple = option((1, 16), ca.positive_int, many="+")  # kernel part: batch sizes
     share: float = option(0.1, ca.unit_interval)  # share of KV blocks read by sparse decode
-    prior: float = option(0.0, ca.float_in(0, 1, low_open=False))  # seer_decode_meanpool_prior of the e2e sparse steps
+    prior: float = option(0.0, ca.float_in(0, 1, low_open=False))  # seer_decode_meanpool_prior of the sparse steps
     e2e: tuple = option(((4, 131072), (16, 32768)), batch_by_length, many="*")  # (B, T); none: skip
     layers: int = option(32, ca.positive_int)  # decoder layers of the 8B-shaped model
     steps: int = option(16, decode_steps)  # timed decode steps per end-to-end setting
@@ -105,7 +105,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--share", type=ca.unit_interval, default=_default("share"),
                     help="share of KV blocks read by sparse decode")
     ap.add_argument("--prior", type=ca.float_in(0, 1, low_open=False), default=_default("prior"),
-                    help="seer_decode_meanpool_prior of the end-to-end sparse steps (0: the decode gate alone)")
+                    help="seer_decode_meanpool_prior of the sparse steps, in the kernel rows' gate_select and "
+                         "layer times and end to end (0: the decode gate alone)")
     ap.add_argument("--e2e", type=batch_by_length, nargs="*", default=_default("e2e"), metavar="BxT",
                     help="end-to-end settings (batch x cache tokens); none: skip")
     ap.add_argument("--layers", type=ca.positive_int, default=_default("layers"),
@@ -143,7 +144,7 @@ def run_decode_bench(config: DecodeBenchConfig) -> dict:
     for S in config.lengths:
         for B in config.batches:
             torch.cuda.empty_cache()
-            row, check = kernel_row(B, S, config.share)
+            row, check = kernel_row(B, S, config.share, config.prior)
             rows.append(row)
             checks.append(check)
             print("check", json.dumps(check), flush=True)
@@ -203,15 +204,18 @@ def _decode_inputs(B, S, seed):
     return q, k, v
 
 
-def gate_step(B, S, share, seed, device="cuda"):
+def gate_step(B, S, share, seed, device="cuda", prior=0.0):
     """What the model runs before the kernel in one layer's decode step, at this shape: a
     decode gate (random weights), its cached block keys (bf16, a view of a buffer with room
-    to grow, as the pooled-K cache holds them), the query's RoPE; returns ``(step, per_layer)``,
+    to grow, as the pooled-K cache holds them), the query's RoPE; with ``prior`` > 0 the
+    mean-pooled prior mixed in (:func:`~seer_attn.modeling_seer.selection.with_decode_meanpool_prior`,
+    on random block means laid out as the pooled-K cache keeps them); returns ``(step, per_layer)``,
     functions returning ``(idx, cnt)``: ``per_layer`` what every layer runs (logits, top-k),
     ``step`` that plus the selection's preparation (made once per block of 64 steps for all
     layers: an upper bound of its share)."""
     from seer_attn.modeling_seer.decode_gate import DecodeGate
-    from seer_attn.modeling_seer.selection import prepare_decode_selection, select_decode_blocks
+    from seer_attn.modeling_seer.selection import (prepare_decode_selection, select_decode_blocks,
+                                                   with_decode_meanpool_prior)
     torch.manual_seed(seed)
     dt = torch.bfloat16 if device == "cuda" else torch.float32
     gate = DecodeGate(HQ, H, D).to(device)
@@ -224,27 +228,34 @@ def gate_step(B, S, share, seed, device="cuda"):
     rope = (e.cos().to(dt), e.sin().to(dt))
     first = torch.zeros(B, dtype=torch.long, device=device)
     prepared = prepare_decode_selection(first, cur, "share", share=share, num_heads=H)
+    if prior > 0:
+        means = torch.randn(B, H, 2 * cur + 2, D, device=device).to(dt)[:, :, :cur + 1]
+        q_post = torch.randn(B, HQ, 1, D, device=device).to(dt)
+        full = (torch.arange(cur + 1, device=device) < cur).expand(B, 1, cur + 1).contiguous()
+
+    def logits():
+        s = gate.step_logits(q_pre, keys, rope).squeeze(2)
+        return with_decode_meanpool_prior(s, q_post, means, full, D ** -0.5, prior) if prior > 0 else s
 
     @torch.no_grad()
     def per_layer():  # what every layer runs
-        return select_decode_blocks(gate.step_logits(q_pre, keys, rope).squeeze(2), first, "share",
-                                    prepared=prepared)
+        return select_decode_blocks(logits(), first, "share", prepared=prepared)
 
     @torch.no_grad()
     def step():  # plus the preparation made once per block for all layers
-        return select_decode_blocks(gate.step_logits(q_pre, keys, rope).squeeze(2), first, "share",
+        return select_decode_blocks(logits(), first, "share",
                                     prepared=prepare_decode_selection(first, cur, "share", share=share, num_heads=H))
     return step, per_layer
 
 
-def kernel_row(B, S, share):
+def kernel_row(B, S, share, prior=0.0):
     from seer_attn.kernels import block_sparse_decode
     from seer_attn.kernels.reference import block_sparse_decode_ref
     q, k, v = _decode_inputs(B, S, seed=S + B)
     NB = -(-S // BS)
     lens = torch.full((B,), S, dtype=torch.int32, device="cuda")
     full = torch.ones(B, H, NB, dtype=torch.bool, device="cuda")
-    step, per_layer = gate_step(B, S, share, seed=B)
+    step, per_layer = gate_step(B, S, share, seed=B, prior=prior)
     idx, cnt = per_layer()
     none = torch.zeros_like(cnt)
 
@@ -262,7 +273,7 @@ def kernel_row(B, S, share):
         check["sparse_vs_fp32_ref"] = rel_err(ours(idx, cnt),
                                               block_sparse_decode_ref(q.float(), k.float(), v.float(), idx, lens,
                                                                       block_counts=cnt))
-    row = {"B": B, "S": S, "share_target": share, "blocks_read": cnt.float().mean().item(),
+    row = {"B": B, "S": S, "share_target": share, "prior": prior, "blocks_read": cnt.float().mean().item(),
            "share_read": cnt.float().mean().item() / NB}
     row["sdpa_flash"] = _bench(lambda: _sdpa(q, k, v, "flash"))
     try:
