@@ -88,7 +88,7 @@ def test_gate_step_with_the_prior_keeps_the_share_and_changes_the_choice_on_cpu(
     at weight 1 the gate's random logits no longer decide it."""
     _, gate_only = bench_decode.gate_step(2, 4096, 0.1, seed=0, device="cpu")
     _, with_prior = bench_decode.gate_step(2, 4096, 0.1, seed=0, device="cpu", prior=1.0)
-    (i0, c0), (i1, c1) = gate_only(), with_prior()
+    (i0, _), (i1, c1) = gate_only(), with_prior()
     assert c1.tolist() == [[7] * 8] * 2
     assert all(63 in i1[b, h, :7].tolist() and 0 in i1[b, h, :7].tolist() for b in range(2) for h in range(8))
     assert any(set(i0[b, h, :7].tolist()) != set(i1[b, h, :7].tolist()) for b in range(2) for h in range(8))
