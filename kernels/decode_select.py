@@ -38,8 +38,12 @@ from .reference import gate_scores_ref, prior_mix_ref, top_blocks_ref
 MAX_BLOCKS = 16384
 #: block keys scored per gate_scores program (and blocks per prior_mix program)
 SCORE_CHUNK = 64
-#: the largest query heads x channels x blocks product a prior_mix program holds at once
+#: the largest query heads x channels x blocks product a prior_mix program holds at once (without DOT)
 PRIOR_TILE = 8192
+#: blocks per prior_mix program (a power of two >= 16); benchmarks may override it
+PRIOR_CHUNK = SCORE_CHUNK
+#: prior_mix scores 16-bit means with tl.dot (the query heads padded to 16 rows); benchmarks may override it
+PRIOR_DOT = True
 #: launch warps of top_blocks by padded row length (the largest bound at or above it); benchmarks
 #: may override entries (docs/experiments/decode_step_sweep.py)
 TOP_BLOCKS_WARPS = {2048: 4, 8192: 8, MAX_BLOCKS: 16}
@@ -100,7 +104,7 @@ def _top_blocks_kernel(S, BIAS, CNT, OUT, N, K, H, s_sb, s_sh, s_bb, s_ob, s_oh,
 def _prior_scores_kernel(Q, MEANS, LOGITS, FULL, S, STATS, N, H, NCH, scale,
                          s_qb, s_qh, s_mb, s_mh, s_mn, s_lb, s_lh, s_fb,
                          GROUP: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, SUB: tl.constexpr,
-                         CHUNK: tl.constexpr, HALF: tl.constexpr):
+                         CHUNK: tl.constexpr, HALF: tl.constexpr, DOT: tl.constexpr):
     pid = tl.program_id(0)  # b * H + h
     c = tl.program_id(1)
     b = (pid // H).to(tl.int64)
@@ -112,6 +116,8 @@ def _prior_scores_kernel(Q, MEANS, LOGITS, FULL, S, STATS, N, H, NCH, scale,
                 mask=g_ok[:, None], other=0.0).to(tl.float32) * scale
     if HALF:  # the reference scores the query rounded to the means' dtype
         q = q.to(MEANS.dtype.element_ty).to(tl.float32)
+    if DOT:  # 16-bit means: one tensor-core product per SUB blocks (products exact, float32 sums)
+        qh = q.to(MEANS.dtype.element_ty)
     m_h = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l_h = tl.zeros([BLOCK_G], tl.float32)
     for i in range(0, CHUNK, SUB):
@@ -119,9 +125,13 @@ def _prior_scores_kernel(Q, MEANS, LOGITS, FULL, S, STATS, N, H, NCH, scale,
         ok = offs_n < N
         f = (tl.load(FULL + b * s_fb + offs_n, mask=ok, other=0) != 0) & ok
         mk = tl.load(MEANS + b * s_mb + h * s_mh + offs_n.to(tl.int64)[:, None] * s_mn + offs_d[None, :],
-                     mask=ok[:, None], other=0.0).to(tl.float32)
-        s = tl.sum(q[:, None, :] * mk[None, :, :], 2)  # [BLOCK_G, SUB]
-        tl.store(S + (pid * BLOCK_G + offs_g).to(tl.int64)[:, None] * N + offs_n[None, :], s, mask=ok[None, :])
+                     mask=ok[:, None], other=0.0)
+        if DOT:
+            s = tl.dot(qh, tl.trans(mk))  # [BLOCK_G, SUB]
+        else:
+            s = tl.sum(q[:, None, :] * mk.to(tl.float32)[None, :, :], 2)
+        tl.store(S + (pid * GROUP + offs_g).to(tl.int64)[:, None] * N + offs_n[None, :], s,
+                 mask=g_ok[:, None] & ok[None, :])
         sm = tl.where(f[None, :], s, float("-inf"))
         m_new = tl.maximum(m_h, tl.max(sm, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -168,7 +178,7 @@ def _prior_mix_kernel(LOGITS, FULL, S, STATS, OUT, N, H, NCH, weight, s_lb, s_lh
     p = tl.zeros([CHUNK], tl.float32)
     for j in range(GROUP):
         lse = _merge_lse(st, offs_c, c_ok, j, W)
-        s = tl.load(S + (pid * BLOCK_G + j).to(tl.int64) * N + offs_n, mask=ok, other=0.0)
+        s = tl.load(S + (pid * GROUP + j).to(tl.int64) * N + offs_n, mask=ok, other=0.0)
         p += tl.exp(s - lse)
     prior = tl.log(tl.maximum(p / GROUP, 1.1754943508222875e-38))
     gate = tl.load(LOGITS + b * s_lb + h * s_lh + offs_n, mask=ok, other=0.0).to(tl.float32) \
@@ -307,23 +317,25 @@ def prior_mix(logits, q, means, full, scale, weight, backend="auto"):
     if not _use_triton_width(backend, logits, "prior_mix", "D", D):
         return prior_mix_ref(logits, q, means, full, scale, weight)
     group = q.shape[1] // H
-    block_g = max(2, triton.next_power_of_2(group))
-    sub = max(2, min(SCORE_CHUNK, PRIOR_TILE // (block_g * D)))
-    nch = triton.cdiv(N, SCORE_CHUNK)
+    half = means.dtype in (torch.float16, torch.bfloat16)
+    dot = PRIOR_DOT and half and D >= 16
+    block_g = max(16 if dot else 2, triton.next_power_of_2(group))
+    chunk = PRIOR_CHUNK
+    sub = min(chunk, 64) if dot else max(2, min(chunk, PRIOR_TILE // (block_g * D)))
+    nch = triton.cdiv(N, chunk)
     qv = q[:, :, 0]
     qv, means, logits = (t if t.stride(-1) == 1 else t.contiguous() for t in (qv, means, logits))
     fb = full[:, 0].to(torch.uint8)
     dev = logits.device
-    s = torch.empty(B * H * block_g, N, dtype=torch.float32, device=dev)
+    s = torch.empty(B * H * group, N, dtype=torch.float32, device=dev)
     stats = torch.empty(B * H * nch, 2 * (block_g + 1), dtype=torch.float32, device=dev)
     out = torch.empty(B, H, N, dtype=torch.float32, device=dev)
-    half = means.dtype in (torch.float16, torch.bfloat16)
     _prior_scores_kernel[(B * H, nch)](
         qv, means, logits, fb, s, stats, N, H, nch, float(scale), qv.stride(0), qv.stride(1), means.stride(0),
         means.stride(1), means.stride(2), logits.stride(0), logits.stride(1), fb.stride(0),
-        GROUP=group, BLOCK_G=block_g, D=D, SUB=sub, CHUNK=SCORE_CHUNK, HALF=half, num_warps=4)
+        GROUP=group, BLOCK_G=block_g, D=D, SUB=sub, CHUNK=chunk, HALF=half, DOT=dot, num_warps=4)
     _prior_mix_kernel[(B * H, nch)](
         logits, fb, s, stats, out, N, H, nch, float(weight), logits.stride(0), logits.stride(1), fb.stride(0),
-        out.stride(0), out.stride(1), GROUP=group, BLOCK_G=block_g, CHUNK=SCORE_CHUNK,
+        out.stride(0), out.stride(1), GROUP=group, BLOCK_G=block_g, CHUNK=chunk,
         BLOCK_C=max(2, triton.next_power_of_2(nch)), num_warps=4)
     return out

@@ -161,6 +161,19 @@ def test_prior_mix_kernel_equals_the_reference(B, HQ, H, N, D, weight, dtype):
     torch.testing.assert_close(got.cpu(), want, atol=tol, rtol=tol)
 
 
+@pytest.mark.parametrize("dot, chunk", [(False, 64), (True, 128), (False, 256)])
+def test_prior_mix_kernel_variants_equal_the_reference(monkeypatch, dot, chunk):
+    """The launch variants a benchmark may pick (decode_select.PRIOR_DOT, PRIOR_CHUNK): the broadcast
+    product instead of tl.dot for 16-bit means, and programs of 2 or 4 sub-tiles of blocks."""
+    from seer_attn.kernels import decode_select
+    monkeypatch.setattr(decode_select, "PRIOR_DOT", dot)
+    monkeypatch.setattr(decode_select, "PRIOR_CHUNK", chunk)
+    B, HQ, H, N, D = 2, 9, 3, 300, 32
+    logits, q, means, full = _prior_case(B, HQ, H, N, D, torch.float16, seed=chunk)
+    got = prior_mix(logits.to(DEV), q.to(DEV), means.to(DEV), full.to(DEV), D ** -0.5, 0.5, backend="triton")
+    torch.testing.assert_close(got.cpu(), prior_mix_ref(logits, q, means, full, D ** -0.5, 0.5), atol=2e-3, rtol=2e-3)
+
+
 def test_prior_mix_reference_by_hand():
     """The reference written out per KV head: log of the gate's softmax and of the group's mean of
     each head's softmax over the full blocks, mixed; 0 elsewhere."""
