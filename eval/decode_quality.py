@@ -218,7 +218,7 @@ class DecodeQualityConfig(RunConfig):
     # retrieval structure kept passkey at share 0.1 (1 of 75 lost, 14 with 64 rows of plain text)
     decode_rows: int = option(256, ca.positive_int)  # query rows per sequence the decode gates learn from
     retrieval_mix: float = option(0.25, ca.float_in(0, 1, low_open=False))  # share of retrieval sequences
-    free_loss: bool = option(False, flag)  # the decode loss without the always-read blocks (seer_decode_distill_forced)
+    forced_loss: bool = option(False, flag)  # the decode loss spans the always-read blocks (seer_decode_distill_forced)
     length: int = option(8192, ca.int_at_least(256))  # decode-perplexity window (second half: decode steps)
     windows: int = option(16, ca.positive_int)  # decode-perplexity windows (at most)
     batch_size: int = option(16, ca.positive_int)  # windows decoded together
@@ -280,9 +280,9 @@ def parser():
                          "block rows kept)")
     ap.add_argument("--phases", nargs="+", choices=PHASES, default=_default("phases"))
     ap.add_argument("--out", default=_default("out"), help="output folder (default: %(default)s)")
-    ap.add_argument("--free-loss", action="store_true",
-                    help="distil the decode gates on the blocks a step decides only, the sink left out of the loss "
-                         "(seer_decode_distill_forced=False)")
+    ap.add_argument("--forced-loss", action="store_true",
+                    help="distil the decode gates with the sink in the loss, as up to session 37 "
+                         "(seer_decode_distill_forced=True; default: the blocks a step decides only)")
     ap.add_argument("--no-progress", action="store_true")
     ap.add_argument("--cpu", action="store_true", help="smoke-test on the CPU (tiny sizes only)")
     return ap
@@ -429,7 +429,7 @@ def distill(config, tok, dtype, dev, report):
     set_seed(0)
     model = load_seer_model(config.model, dtype=dtype, seer_mode="distill", seer_decode_gate=True,
                             seer_decode_distill_rows=config.decode_rows,
-                            seer_decode_distill_forced=not config.free_loss)
+                            seer_decode_distill_forced=config.forced_loss)
     targs = SeerTrainingArguments(output_dir=os.path.join(config.out, "work"), max_steps=config.steps,
                                   per_device_train_batch_size=1, bf16=not config.cpu, use_cpu=config.cpu,
                                   logging_steps=25, save_strategy="no", save_final_model=False, seed=0,

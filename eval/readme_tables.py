@@ -568,6 +568,64 @@ def decode_prior_h100(root) -> str:
     return out
 
 
+def decode_free_h100(root) -> str:
+    """Issue 15, session 38: decode gates distilled without the sink in their loss (the default since)
+    beside session 37's gates with it, setting by setting at the same protocol, the passkey pairing,
+    and the prior's cost per output token with ``prior_mix``'s two versions (bench_decode runs and the
+    kernel's launch sweep)."""
+    free_path, forced_path = "results/decode/h100_quality_free_loss.json", "results/decode/h100_quality_prior.json"
+    pk_path = "results/decode/h100_quality_free_loss_passkey.json"
+    free, forced = load_envelope(root, free_path), load_envelope(root, forced_path)
+    before = {r["setting"]: r["ppl"] for r in forced["rows"]}
+    dense_forced, dense_free = before["dense"], next(r["ppl"] for r in free["rows"] if r["setting"] == "dense")
+    caption = (f"SmolLM2-135M, {free['provenance']['gpu']}, commit {_commit(free['provenance'])} ({free_path}); "
+               f"decode gates distilled {free['cost']['steps']} steps of {_tokens(free['cost']['seq_len'])} in the run "
+               f"with the sink left out of the decode loss, beside session 37's gates of the same recipe with it "
+               f"({forced_path}); {free['rows'][0]['windows']} windows of {_tokens(free['config']['length'])}, the "
+               "second half scored as decode steps:")
+    body = []
+    for r in free["rows"]:
+        if r["setting"] == "dense":
+            continue
+        old = before.get(r["setting"])
+        body.append([r["setting"], f"{r['decode_density']:.3f}",
+                     "-" if old is None else f"{old / dense_forced:.4f}x", f"{r['ppl'] / dense_free:.4f}x"])
+    out = caption + "\n\n" + _table(["decode", "kept share of KV blocks", "sink in the loss (up to session 37)",
+                                      "sink left out (default)"], body)
+    pk = load_envelope(root, pk_path)
+    parts = []
+    for name, res in pk["passkey"].items():
+        v = res.get("vs_dense")
+        parts.append(f"{name} {res['accuracy']:.3f}" + (
+            f" (lost {v['lost']}, gained {v['gained']} of {v['n']}, sign test p = {v['p_value']:.3g})" if v else ""))
+    out += (f"\n\nPasskey, gates of the same recipe distilled again in the passkey run ({pk_path}, 75 prompts "
+            "paired with dense): " + "; ".join(parts) + ".")
+    bench = [("results/decode/h100_bench_16layers_prior0_b.json", "gate alone"),
+             ("results/decode/h100_bench_16layers_prior07_mix.json", "prior 0.7, prior_mix's broadcast product"),
+             ("results/decode/h100_bench_16layers_prior07_dot.json", "prior 0.7, prior_mix with tl.dot")]
+    rows = []
+    for path, label in bench:
+        env = load_envelope(root, path)
+        e, k = env["e2e"][0], {r["B"]: r for r in env["rows"]}
+        rows.append([label, _commit(env["provenance"]), f"{k[1]['graph_layer'] * 1e3:.0f}",
+                     f"{k[16]['graph_layer'] * 1e3:.0f}", f"{e['graph_sparse_s_per_token'] * 1e3:.2f}",
+                     f"{e['graph_speedup']:.2f}x", f"{e['graph_fused_speedup']:.2f}x"])
+    env = load_envelope(root, bench[0][0])
+    out += (f"\n\nThe prior's cost, {env['provenance']['gpu']}, "
+            "CUDA graph: one sparse layer's gate, selection and kernel at 128k (us, B = 1 and 16) and time per output "
+            f"token of a {env['config']['layers']}-layer 8B-shaped model at {env['e2e'][0]['B']} x "
+            f"{_tokens(env['e2e'][0]['T'])}, share 0.1, against dense ({', '.join(p for p, _ in bench)}):\n\n")
+    out += _table(["decode scores", "commit", "layer B=1 (us)", "layer B=16 (us)", "sparse ms/token", "speed-up",
+                   "layers fused"], rows)
+    sweep_path = "results/decode/h100_prior_mix_sweep.json"
+    sw = load_envelope(root, sweep_path)
+    keys = [k for k in sw["rows"][0] if k in ("torch", "sum64", "dot64", "dot128", "dot256")]
+    body = [[f"{r['B']} x {r['N']}", r["means_MB"]] + [r[k] for k in keys] for r in sw["rows"]]
+    out += (f"\n\n`prior_mix` alone replayed from a CUDA graph, median us ({sweep_path}; `torch`: the reference; "
+            "`sumN` / `dotN`: broadcast product or tl.dot, N blocks per program):\n\n")
+    return out + _table(["B x blocks", "means MB"] + keys, body)
+
+
 def finetune_timing_h200(root) -> str:
     """The timing phase of the fine-tuning experiment: s/step, peak memory and GPU ms by kernel
     kind of each variant (the busiest kernels stay in the envelope)."""
@@ -838,6 +896,7 @@ TABLES = {
         ("results/decode/h200_quality_mass.json", "25% retrieval data, 256 rows"),
         ("results/decode/h200_quality_mass_oracle.json", "not read by the oracle")),
     "decode-prior-h100": decode_prior_h100,
+    "decode-free-h100": decode_free_h100,
     "finetune-timing-h200": finetune_timing_h200,
     "finetune-timing-compile-h200": finetune_timing_compile_h200,
     "finetune-compile-h200": finetune_compile_h200,

@@ -16,10 +16,12 @@ row, so the kept set needs no sort.
 logits mixed with the training-free mean-pooled prior, ``(1 - weight) log p_gate + weight log
 p_meanpool`` over each sequence's full blocks, 0 on the others (``seer_decode_meanpool_prior``;
 the math in :func:`~.reference.prior_mix_ref`). Two launches of one program per (row, chunk of
-64 blocks): the first scores the chunk's mean keys against the group's query heads, keeps the
-scores and each head's (max, sum of exponentials) of the chunk; the second merges a row's
-chunk statistics into the log-sum-exps and writes its chunk of the mixture (the torch path took
-~15 small launches, ~85 us a layer in a CUDA-graph step at 4 x 128k on an H100).
+64 blocks): the first scores the chunk's mean keys against the group's query heads (16-bit
+means: one ``tl.dot``, the heads padded to 16 rows; a broadcast product and sum took 3x as long
+at 16 x 128k on an H100), keeps the scores and each head's (max, sum of exponentials) of the
+chunk; the second merges a row's chunk statistics into the log-sum-exps and writes its chunk of
+the mixture (the torch path took ~15 small launches, ~85 us a layer in a CUDA-graph step at
+4 x 128k on an H100).
 
 top_blocks kernel: one program per row holds the row's scores as order-preserving int32 keys in
 registers, finds the ``cnt``-th largest key by bisection over the 32-bit key range (32

@@ -121,8 +121,9 @@ class SeerConfigMixin:
             (they count in the budget and the share; default 0).
         seer_decode_distill_forced: the decode gate's distillation loss spans the blocks every
             step reads anyway (the sink and the ``seer_decode_keep_local`` ones) with the others
-            (True, default); False leaves them out, the target renormalised over the blocks the
-            gate decides (docs/experiments/decode_quality.md, session 37).
+            (True, the loss up to session 37); False (default) leaves them out, the target
+            renormalised over the blocks the gate decides: lower decode perplexity at every
+            setting measured (docs/experiments/decode_quality.md, sessions 37-38).
         seer_decode_selector: what scores the cache's blocks at a decode step: ``"gate"`` (the
             decode gate), or for comparison ``"oracle"`` (the step's true attention mass per
             block, summed over the query group: an exact pass over the cache, no speed-up) or
@@ -174,7 +175,7 @@ class SeerConfigMixin:
     seer_decode_mass: float = 0.9
     seer_decode_distill_rows: int = 64
     seer_decode_keep_local: int = 0
-    seer_decode_distill_forced: bool = True
+    seer_decode_distill_forced: bool = False
     seer_decode_selector: str = "gate"
     seer_decode_meanpool_prior: float = 0.0
     seer_base_model: str | None = None

@@ -84,8 +84,10 @@
 #                      threshold and coverage solved on 4 held-out train windows at 0.3 / 0.2 / 0.1 /
 #                      0.05, the coverage bisected to the threshold's density (PPL ratio), then streaming
 #                      and mean-pool at those densities; needs staging
-#   decode-free    ~9  issue 15: decode gates distilled without the sink in their loss (--free-loss), 800 steps,
-#                      then decode-prior's perplexity settings; needs staging
+#   decode-free    ~9  issue 15: decode gates distilled without the sink in their loss (the default since session 38;
+#                      FORCED=1: with it, the loss up to session 37), 800 steps, then decode-prior's perplexity settings;
+#                      needs staging (session 38, H100: results/decode/h100_quality_free_loss.json)
+#   prior-sweep    ~2  issue 15: prior_mix's variants (tl.dot vs broadcast, 64-256 blocks per program), graph-replayed
 #   decode-quality ~5  issue 15's full protocol (300-step gates at 8k, decode perplexity of 16
 #                      8192-token windows, dense / share=0.1 / budget=2048, passkey 75 prompts
 #                      paired, sparse decode and sparse prefill + decode); decode perplexity
@@ -174,6 +176,11 @@ case "$STEP" in
     echo "bench_decode: exit $?"; sed -n '/^# /,$p' "$OUT/bench_decode.log" | tail -n 12 ;;
   decode-all)
     for s in tests-decode bench-decode decode-profile; do bash "$0" "$s" "${OUT%/*}"; done ;;
+  prior-sweep)  # issue 15 (session 38): prior_mix's launch variants (tl.dot or broadcast, blocks per program) replayed
+    # from CUDA graphs at 1 / 4 / 16 x 128k and 1 x 1M, then its GPU tests; no staging
+    timeout 200 "$PY" docs/experiments/prior_mix_sweep.py --out "$OUT/prior_mix_sweep.json" > "$OUT/sweep.log" 2>&1
+    echo "prior_mix_sweep: exit $?"; tail -n 5 "$OUT/sweep.log"
+    timeout 120 "$PY" -m pytest -q -p no:cacheprovider tests/kernels/test_gpu_decode.py -k prior 2>&1 | tail -n 1 ;;
   decode-sweep)
     timeout 300 "$PY" docs/experiments/decode_step_sweep.py --out "$OUT/sweep.json" > "$OUT/sweep.log" 2>&1
     echo "decode_step_sweep: exit $?"; tail -n 7 "$OUT/sweep.log" ;;
@@ -314,13 +321,15 @@ case "$STEP" in
       > "$OUT/decode_quality.log" 2>&1
     echo "decode_quality: exit $?"; tail -n 22 "$OUT/decode_quality.log"
     [ "${TESTS:-1}" != 0 ] && PY=$PY bash docs/experiments/gpu_tests.sh decode "$OUT/tests" && cat "$OUT/tests/summary.txt" ;;
-  decode-free)  # issue 15 (session 37): decode gates distilled without the sink in their loss (--free-loss,
-    # seer_decode_distill_forced=False; decode_gate_offline.py's kl_nosink), STEPS (default 800) as decode-distill,
-    # then decode perplexity at decode-prior's protocol: compare results/decode/h100_quality_prior.json
+  decode-free)  # issue 15 (sessions 37-38): decode gates distilled without the sink in their loss
+    # (seer_decode_distill_forced=False, the default since session 38; FORCED=1 passes --forced-loss for the loss up to
+    # session 37), STEPS (default 800) as decode-distill, then decode perplexity at decode-prior's protocol
     timeout "${LIMIT:-560}" "$PY" -m seer_attn.eval.decode_quality --model "$GGUF" "${DATA[@]}" --no-progress \
-      --free-loss --steps "${STEPS:-800}" --phases distill ppl --settings ${SETTINGS:-budget=2048 budget=2048,prior=0.7 \
-      share=0.1 share=0.1,prior=0.5 share=0.2} --out "$OUT/decode_quality" > "$OUT/decode_quality.log" 2>&1
-    echo "decode_quality: exit $?"; tail -n 12 "$OUT/decode_quality.log" ;;
+      ${FORCED:+--forced-loss} --steps "${STEPS:-800}" --phases distill ppl --settings ${SETTINGS:-budget=2048 \
+      budget=2048,prior=0.7 share=0.1 share=0.1,prior=0.5 share=0.2} --out "$OUT/decode_quality" \
+      > "$OUT/decode_quality.log" 2>&1
+    echo "decode_quality: exit $?"; tail -n 12 "$OUT/decode_quality.log"
+    cp "$OUT"/decode_quality/*.json "$OUT"/ ;;  # files come back at most 2 folders down
   decode-distill)  # decode gates (with prefill gates) for the CPU's offline decode evaluator (decode_ppl_offline.py
     # --gates ... ,gate): STEPS (default 800, ~200 s on the H200) at 8192 tokens, the decode-quality run's defaults
     timeout 300 "$PY" -m seer_attn.eval.decode_quality --model "$GGUF" "${DATA[@]}" --no-progress --phases distill \
