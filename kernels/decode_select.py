@@ -318,6 +318,18 @@ def prior_mix(logits, q, means, full, scale, weight, backend="auto"):
         raise ValueError(f"weight must be in [0, 1], got {weight!r}")
     if not _use_triton_width(backend, logits, "prior_mix", "D", D):
         return prior_mix_ref(logits, q, means, full, scale, weight)
+    out, scores, mix = _prior_mix_launches(logits, q, means, full, scale, weight)
+    scores()
+    mix()
+    return out
+
+
+def _prior_mix_launches(logits, q, means, full, scale, weight):
+    """prior_mix's output buffer and its two launches as calls (checked arguments, Triton on CUDA):
+    ``scores()`` fills the scores and chunk statistics, ``mix()`` then writes the output. Separate
+    so that a benchmark can time each (docs/experiments/prior_mix_sweep.py)."""
+    B, H, N = logits.shape
+    D = q.shape[3]
     group = q.shape[1] // H
     half = means.dtype in (torch.float16, torch.bfloat16)
     dot = PRIOR_DOT and half and D >= 16
@@ -332,12 +344,16 @@ def prior_mix(logits, q, means, full, scale, weight, backend="auto"):
     s = torch.empty(B * H * group, N, dtype=torch.float32, device=dev)
     stats = torch.empty(B * H * nch, 2 * (block_g + 1), dtype=torch.float32, device=dev)
     out = torch.empty(B, H, N, dtype=torch.float32, device=dev)
-    _prior_scores_kernel[(B * H, nch)](
-        qv, means, logits, fb, s, stats, N, H, nch, float(scale), qv.stride(0), qv.stride(1), means.stride(0),
-        means.stride(1), means.stride(2), logits.stride(0), logits.stride(1), fb.stride(0),
-        GROUP=group, BLOCK_G=block_g, D=D, SUB=sub, CHUNK=chunk, HALF=half, DOT=dot, num_warps=4)
-    _prior_mix_kernel[(B * H, nch)](
-        logits, fb, s, stats, out, N, H, nch, float(weight), logits.stride(0), logits.stride(1), fb.stride(0),
-        out.stride(0), out.stride(1), GROUP=group, BLOCK_G=block_g, CHUNK=chunk,
-        BLOCK_C=max(2, triton.next_power_of_2(nch)), num_warps=4)
-    return out
+
+    def scores():
+        _prior_scores_kernel[(B * H, nch)](
+            qv, means, logits, fb, s, stats, N, H, nch, float(scale), qv.stride(0), qv.stride(1), means.stride(0),
+            means.stride(1), means.stride(2), logits.stride(0), logits.stride(1), fb.stride(0),
+            GROUP=group, BLOCK_G=block_g, D=D, SUB=sub, CHUNK=chunk, HALF=half, DOT=dot, num_warps=4)
+
+    def mix():
+        _prior_mix_kernel[(B * H, nch)](
+            logits, fb, s, stats, out, N, H, nch, float(weight), logits.stride(0), logits.stride(1), fb.stride(0),
+            out.stride(0), out.stride(1), GROUP=group, BLOCK_G=block_g, CHUNK=chunk,
+            BLOCK_C=max(2, triton.next_power_of_2(nch)), num_warps=4)
+    return out, scores, mix

@@ -9,7 +9,9 @@ prints median microseconds, against the float32 torch reference's answer:
 - ``dot``: 16-bit means scored with ``tl.dot`` (query heads padded to 16 rows) or with the
   broadcast product and sum of the first version;
 - ``chunk``: blocks per program (64 / 128 / 256): fewer programs, fewer chunk statistics to merge;
-- ``torch``: the reference on the GPU (the mixture before the kernel).
+- ``torch``: the reference on the GPU (the mixture before the kernel);
+- ``..._first``: each variant's first launch alone (scores and chunk statistics), the rest being
+  the second (the merged log-sum-exps and the mixture).
 
     python docs/experiments/prior_mix_sweep.py [--settings 1x2048 4x2048 16x2048 1x16384] [--out F]
 
@@ -61,9 +63,11 @@ def main(argv=None):
             key = f"{'dot' if dot else 'sum'}{chunk}"
             row[key] = us(lambda: decode_select.prior_mix(logits, q, means, full, D ** -0.5, 0.7, backend="triton"))
             row[key + "_maxerr"] = round(err, 5)
+            _, scores, _ = decode_select._prior_mix_launches(logits, q, means, full, D ** -0.5, 0.7)
+            row[key + "_first"] = us(scores)  # the scoring launch alone: the rest is the merge and mixture
         print(json.dumps(row), flush=True)
         lines.append(row)
-    keys = ["torch"] + [f"{'dot' if d else 'sum'}{c}" for d, c in VARIANTS]
+    keys = ["torch"] + [f"{'dot' if d else 'sum'}{c}{part}" for d, c in VARIANTS for part in ("", "_first")]
     print("prior_mix, CUDA-graph median us | B | N | means MB | " + " | ".join(keys))
     for r in lines:
         print(f"{r['B']} | {r['N']} | {r['means_MB']} | " + " | ".join(str(r[k]) for k in keys))
