@@ -59,6 +59,11 @@
 # the training-free mean-pooled decode score beat them at a 2048-token budget (decode_quality.md, session 36).
 # Then decode-prior: the model's seer_decode_meanpool_prior at the issue's protocol, carrying those gates as DGATES.
 #
+# Session 37 (H100): decode-prior and its passkey (the prior at 0.7: 1.0193x at 2048 tokens), bench-decode --prior.
+# Session 38 (H100): prior-sweep (prior_mix with tl.dot: 16-55 us a layer at 128k), decode-free (the loss without the
+# sink: lower decode perplexity everywhere, the default since) and its passkey (decode_quality.md, session 38). Next:
+# prior-sweep again (each launch alone) with decode-profile, then issue 17's gate-free and issue 16's kernels.
+#
 # Session 29: distill --gate-hidden-size / --q-pooling / --k-pooling exist now; gate-capacity measures them (issue 17's
 # untried "gate capacity" direction) after gate-calib-coverage and decode-distill. Session 29 got no machine (every start
 # refused); its CPU screen of wide / qmax (gate_quality.md section 11) gains <= 1% at 0.1. Next session: the same plan.
