@@ -193,6 +193,9 @@ COMMANDS = {
     "bench-kernels": ("GPU kernel benchmark", "seer_attn.eval.bench_kernels"),
     "bench-ttft": ("GPU time-to-first-token benchmark", "seer_attn.eval.bench_ttft"),
     "bench-decode": ("GPU sparse decode benchmark (kernel and time per output token)", "seer_attn.eval.bench_decode"),
+    "decode-quality": ("distil decode gates (or take --gates) and measure sparse decode against dense: decode "
+                       "perplexity and passkey (GPU; the envelope gives an exported card its sparse-decode section)",
+                       "seer_attn.eval.decode_quality"),
 }
 
 

@@ -31,10 +31,14 @@ at the same share) and ``streaming`` (the most recent blocks); ``local=N`` keeps
 blocks before the current one besides the selection; ``prior=A`` mixes the decode gate's
 scores with the training-free mean-pooled prior (``seer_decode_meanpool_prior``).
 
-    python -m seer_attn.eval.decode_quality --model /tmp/seer/smollm2.gguf \\
-        --train /tmp/seer/corpora/train.jsonl --eval /tmp/seer/corpora/eval.jsonl --out seer_outputs/decode_quality
+    seer-attn decode-quality --model /tmp/seer/smollm2.gguf --train /tmp/seer/corpora/train.jsonl \\
+        --eval /tmp/seer/corpora/eval.jsonl --settings share=0.1 budget=2048 budget=2048,prior=0.7
 
-or from Python, ``run_decode_quality(DecodeQualityConfig(model=..., steps=300))``. Writes
+(or ``python -m seer_attn.eval.decode_quality``) or from Python, ``run_decode_quality(DecodeQualityConfig(model=...,
+steps=300))``. ``seer-attn export --results .../decode_quality.json`` then gives the model's card a
+sparse-decode section (docs/hub.md).
+
+Writes
 ``decode_quality.json`` (a results envelope of kind ``"decode_quality"``: provenance,
 ``config`` the :class:`DecodeQualityConfig`, the perplexity rows, plus ``passkey``, ``checks``
 and ``cost``) and ``decode_quality.md``, rewritten after every phase with ``complete: false``
@@ -54,7 +58,7 @@ from seer_attn.training import cli_args as ca
 from seer_attn.training.run_config import ConfigError, RunConfig, config_from_args, default, flag, option, text
 
 PHASES = ("distill", "check", "ppl", "passkey")
-DEFAULT_OUTPUT = "seer_outputs/decode_quality"
+DEFAULT_OUTPUT = "seer_outputs/decode-quality"
 
 
 # ----------------------------------------------------------------------------- scoring
@@ -269,9 +273,9 @@ def parser():
                     help="windows decoded together")
     ap.add_argument("--settings", type=setting_text, nargs="+", default=_default("settings"), metavar="SETTING",
                     help="sparse decode settings: share=X, budget=N or mass=P (the predicted attention mass "
-                         "read), optionally with ,local=N (full blocks before the current one always read) "
-                         "and ,oracle or ,streaming (comparison selectors); the first also runs with sparse "
-                         "prefill in the passkey phase (default: %(default)s)")
+                         "read), optionally with ,local=N (full blocks before the current one always read), "
+                         ",prior=A (seer_decode_meanpool_prior) and ,oracle or ,streaming (comparison selectors); "
+                         "the first also runs with sparse prefill in the passkey phase (default: %(default)s)")
     ap.add_argument("--passkey-lengths", type=ca.positive_int, nargs="*", default=_default("passkey_lengths"))
     ap.add_argument("--passkey-samples", type=ca.positive_int, default=_default("passkey_samples"),
                     help="prompts per (length, depth) cell (5 depths)")

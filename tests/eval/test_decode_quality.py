@@ -154,3 +154,19 @@ def test_run_with_retrieval_data_and_comparison_selectors(tokenizer, corpus_path
     rows = {r["setting"]: r for r in env["rows"]}
     assert list(rows) == ["dense", "share=0.3", "share=0.3,oracle", "share=0.3,local=1,streaming"]
     assert len({round(r["nll"], 6) for r in env["rows"]}) == 4, [r["nll"] for r in env["rows"]]  # four selections
+
+
+def test_seer_attn_decode_quality_forwards_every_option(capsys, monkeypatch):
+    """``seer-attn decode-quality`` is the module's command line (its options and errors, named by the command)."""
+    from seer_attn.eval import cli
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["decode-quality", "--help"])
+    out = capsys.readouterr().out
+    assert exit_.value.code == 0 and out.startswith("usage: seer-attn decode-quality ") and ",prior=A" in out
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["decode-quality", "--settings", "topk=3", "--cpu"])
+    assert exit_.value.code == 2 and "seer-attn decode-quality: error:" in capsys.readouterr().err
+    seen = []
+    monkeypatch.setattr(dq, "main", seen.append)
+    assert cli.main(["decode-quality", "--settings", "budget=2048,prior=0.7"]) == 0
+    assert seen == [["--settings", "budget=2048,prior=0.7"]]
