@@ -57,6 +57,8 @@ from seer_attn.modeling_seer.decode_graph import cache_arg
 from seer_attn.training import cli_args as ca
 from seer_attn.training.run_config import ConfigError, RunConfig, config_from_args, default, flag, option, text
 
+from .settings import apply_decode, decode_setting, decode_setting_name, decode_setting_text
+
 PHASES = ("distill", "check", "ppl", "passkey")
 DEFAULT_OUTPUT = "seer_outputs/decode-quality"
 
@@ -157,55 +159,6 @@ def decode_perplexity(model, windows, prefix, batch_size, progress=True, desc="d
 
 # ----------------------------------------------------------------------------- settings
 
-def decode_setting(value):
-    """``dense``, or ``share=X`` / ``budget=N`` / ``mass=P`` followed by optional ``,local=N``
-    (full blocks before the current one always read), ``,prior=A`` (``seer_decode_meanpool_prior``)
-    and ``,oracle`` / ``,streaming`` (the comparison selectors of ``seer_decode_selector``), as the
-    ``seer_*`` options that set that decode
-    selection (``{}``: dense decode)."""
-    if value == "dense":
-        return {}
-    head, *extras = str(value).split(",")
-    name, _, val = head.partition("=")
-    if name == "share":
-        out = {"seer_decode_method": "share", "seer_decode_share": ca.unit_interval(val)}
-    elif name == "budget":
-        out = {"seer_decode_method": "budget", "seer_decode_budget": ca.int_at_least(128)(val)}
-    elif name == "mass":
-        out = {"seer_decode_method": "mass", "seer_decode_mass": ca.unit_interval(val)}
-    else:
-        raise ca.ArgValueError(f"invalid decode setting {value!r}: expected dense, share=X, budget=N or mass=P, "
-                               "optionally followed by ,local=N, ,prior=A and ,oracle or ,streaming")
-    for extra in extras:
-        key, _, val = extra.partition("=")
-        if key == "local" and "seer_decode_keep_local" not in out:
-            out["seer_decode_keep_local"] = ca.int_at_least(0)(val)
-        elif key == "prior" and "seer_decode_meanpool_prior" not in out:
-            out["seer_decode_meanpool_prior"] = ca.float_in(0, 1, low_open=False)(val)
-        elif key in ("oracle", "streaming") and not val and "seer_decode_selector" not in out:
-            out["seer_decode_selector"] = key
-        else:
-            raise ca.ArgValueError(f"invalid part {extra!r} of decode setting {value!r}: expected local=N, "
-                                   "prior=A, oracle or streaming (each at most once)")
-    if out.get("seer_decode_meanpool_prior") and out.get("seer_decode_selector"):
-        raise ca.ArgValueError(f"invalid decode setting {value!r}: prior=A mixes the decode gate's scores; the "
-                               f"{out['seer_decode_selector']} selector has none")
-    return out
-
-
-def setting_text(value):
-    """Check: a decode setting (:func:`decode_setting`) in its canonical spelling (``share=0.1``)."""
-    return _setting_name(decode_setting(value))
-
-
-def apply_decode(model, setting, prefill="dense", prefill_opts=None):
-    """Set ``model`` to a prefill mode and a decode setting (:func:`decode_setting`; the options
-    a setting leaves out, ``local`` and the selector, go back to their defaults)."""
-    setting = {"seer_decode_keep_local": 0, "seer_decode_selector": "gate", "seer_decode_meanpool_prior": 0.0,
-               **setting} if setting else {}
-    model.set_seer_mode(prefill, seer_decode_sparsity=bool(setting), **setting, **(prefill_opts or {}))
-
-
 # ----------------------------------------------------------------------------- the run
 
 @dataclass(frozen=True, kw_only=True)
@@ -226,7 +179,7 @@ class DecodeQualityConfig(RunConfig):
     length: int = option(8192, ca.int_at_least(256))  # decode-perplexity window (second half: decode steps)
     windows: int = option(16, ca.positive_int)  # decode-perplexity windows (at most)
     batch_size: int = option(16, ca.positive_int)  # windows decoded together
-    settings: tuple = option(("share=0.1", "budget=2048"), setting_text, many="+")  # sparse decode settings
+    settings: tuple = option(("share=0.1", "budget=2048"), decode_setting_text, many="+")  # sparse decode settings
     # (the first one also runs with sparse prefill in the passkey phase)
     passkey_lengths: tuple = option((2048, 4096, 8192), ca.positive_int, many="*")
     passkey_samples: int = option(5, ca.positive_int)  # prompts per (length, depth) cell (5 depths)
@@ -271,7 +224,7 @@ def parser():
                     help="decode-perplexity windows (at most)")
     ap.add_argument("--batch-size", type=ca.positive_int, default=_default("batch_size"),
                     help="windows decoded together")
-    ap.add_argument("--settings", type=setting_text, nargs="+", default=_default("settings"), metavar="SETTING",
+    ap.add_argument("--settings", type=decode_setting_text, nargs="+", default=_default("settings"), metavar="SETTING",
                     help="sparse decode settings: share=X, budget=N or mass=P (the predicted attention mass "
                          "read), optionally with ,local=N (full blocks before the current one always read), "
                          ",prior=A (seer_decode_meanpool_prior) and ,oracle or ,streaming (comparison selectors); "
@@ -346,23 +299,6 @@ class Report:
         return env
 
 
-def _setting_name(setting):
-    if not setting:
-        return "dense"
-    if setting["seer_decode_method"] == "share":
-        name = f"share={setting['seer_decode_share']:g}"
-    elif setting["seer_decode_method"] == "mass":
-        name = f"mass={setting['seer_decode_mass']:g}"
-    else:
-        name = f"budget={setting['seer_decode_budget']}"
-    if setting.get("seer_decode_keep_local"):
-        name += f",local={setting['seer_decode_keep_local']}"
-    if setting.get("seer_decode_meanpool_prior"):
-        name += f",prior={setting['seer_decode_meanpool_prior']:g}"
-    return name + (f",{setting['seer_decode_selector']}" if setting.get("seer_decode_selector", "gate") != "gate"
-                   else "")
-
-
 def run_decode_quality(config: DecodeQualityConfig) -> dict:
     """Every phase ``config`` names (module docstring); needs a CUDA GPU unless ``config.cpu``.
     Returns the envelope written last to ``decode_quality.json``."""
@@ -398,15 +334,15 @@ def run_decode_quality(config: DecodeQualityConfig) -> dict:
         g = graph_decode_nll(model, ids, ids.shape[1] // 2)
         report.checks.append({"decode_nll_vs_generate_max_abs": (a - b).abs().max().item(),
                               "graph_decode_nll_vs_decode_nll_max_abs": (g - a).abs().max().item(),
-                              "tokens": a.numel(), "setting": _setting_name(settings[0])})
+                              "tokens": a.numel(), "setting": decode_setting_name(settings[0])})
         report.save()
         print("check", json.dumps(report.checks[-1]), flush=True)
 
     if "ppl" in config.phases:
         for setting in [{}] + settings:
             apply_decode(model, setting)
-            res = decode_perplexity(model, windows, prefix, config.batch_size, progress, desc=_setting_name(setting))
-            report.rows.append({"setting": _setting_name(setting), "prefill": "dense", "prefix": prefix,
+            res = decode_perplexity(model, windows, prefix, config.batch_size, progress, desc=decode_setting_name(setting))
+            report.rows.append({"setting": decode_setting_name(setting), "prefill": "dense", "prefix": prefix,
                                 "length": config.length, **res})
             report.save()
             print("ppl", json.dumps(report.rows[-1]), flush=True)
@@ -459,8 +395,8 @@ def passkey(model, tok, config, settings, report):
     prefill_opts = dict(seer_sparsity_method="threshold", seer_threshold=config.prefill_threshold,
                         seer_keep_sink=True, seer_keep_local=1, seer_dense_last_rows=2)
     runs = [("dense", {}, "dense")]
-    runs += [(f"decode_{_setting_name(s)}", s, "dense") for s in settings]
-    runs.append((f"prefill_threshold_{config.prefill_threshold:g}+decode_{_setting_name(settings[0])}",
+    runs += [(f"decode_{decode_setting_name(s)}", s, "dense") for s in settings]
+    runs.append((f"prefill_threshold_{config.prefill_threshold:g}+decode_{decode_setting_name(settings[0])}",
                  settings[0], "sparse"))
     for name, setting, prefill in runs:
         apply_decode(model, setting, prefill, prefill_opts if prefill == "sparse" else None)

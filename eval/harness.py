@@ -38,7 +38,8 @@ from .calibration import calibrate, pick_calibration_windows
 from .perplexity import (DensityMeter, default_corpus_path, load_documents, make_windows, model_device,
                          seer_settings)
 from .plots import plot_ppl_vs_density
-from .settings import METHOD_PARAM, Setting, apply_setting, check_param, preserved_seer_mode, setting_arg, setting_text
+from .settings import (METHOD_PARAM, Setting, apply_decode, apply_setting, check_param, decode_setting,
+                       decode_setting_text, preserved_seer_mode, setting_arg, setting_text)
 
 TASKS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tasks")
 DEFAULT_TASKS = ("seer_ppl",)
@@ -85,6 +86,7 @@ class EvalConfig(RunConfig):
     settings: tuple | None = option(None, setting_text, many="+")
     calib_windows: int = option(4, ca.positive_int)
     calib_tol: float = option(0.01, ca.open_unit_interval)
+    decode: str = option("dense", decode_setting_text)  # sparse decode in every run (generation tasks)
     output: str = option(DEFAULT_OUTPUT, text)
 
     def check(self):
@@ -161,6 +163,10 @@ def add_eval_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="corpus windows used to calibrate --density")
     g.add_argument("--calib-tol", type=ca.open_unit_interval, default=_default("calib_tol"),
                    help="accepted density error of the calibration")
+    g.add_argument("--decode", type=decode_setting_text, default=_default("decode"), metavar="SETTING",
+                   help="decode in every run: dense, or sparse decode share=X / budget=N / mass=P with optional "
+                        ",local=N and ,prior=A (e.g. budget=2048,prior=0.7; generation tasks such as seer_passkey "
+                        "and LongBench; needs a model with decode gates; default: %(default)s)")
     parser.add_argument("--output", default=_default("output"), help="output folder (default: %(default)s)")
     return parser
 
@@ -262,6 +268,10 @@ def run_eval(config: EvalConfig) -> dict:
     model, tokenizer, dtype = _load(config)
     with ca.user_input():  # e.g. --param with a dense model: one line from seer-attn, exit 2
         settings = settings_for(config, model)
+        decode = decode_setting(config.decode)
+        if decode and not getattr(model.config, "seer_decode_gate", False):
+            raise ValueError(f"--decode {config.decode} needs a model with decode gates (seer_decode_gate): distil "
+                             "them with seer-attn decode-quality, or load gates that hold them")
     tok_dir = os.path.abspath(os.path.join(config.output, "tokenizer"))
     tokenizer.save_pretrained(tok_dir)  # the tasks count tokens with exactly this tokenizer
     metadata = _task_metadata(config, tok_dir)
@@ -287,8 +297,10 @@ def run_eval(config: EvalConfig) -> dict:
     with preserved_seer_mode(model):
         for i, (setting, calib) in enumerate(zip(settings, calibs)):
             apply_setting(model, setting, param=calib.param if calib else None)
-            print(f"[seer-attn eval] run {i + 1}/{len(settings)}: {setting}", file=sys.stderr)
-            run = {"setting": str(setting), "seer": seer_settings(model),
+            if decode:
+                apply_decode(model, decode, prefill=model.config.seer_mode)
+            print(f"[seer-attn eval] run {i + 1}/{len(settings)}: {setting}, decode {config.decode}", file=sys.stderr)
+            run = {"setting": str(setting), "decode": config.decode, "seer": seer_settings(model),
                    "calibration": None if calib is None else {
                        "target_density": calib.target_density, "param": calib.param, "density": calib.density,
                        "tol": calib.tol, "windows": len(calib_windows)},
@@ -316,14 +328,14 @@ def run_eval(config: EvalConfig) -> dict:
             runs.append(run)
 
     resolved = {"tasks": tasks, "dtype": dtype, "device": str(model_device(model)), "task_metadata": metadata,
-                "settings": [str(s) for s in settings]}
+                "settings": [str(s) for s in settings], "decode": config.decode}
     out = envelope("lm_eval", runs, config=asdict(config), resolved=resolved,
                    model=config.model or ca.DEFAULT_MODEL_LABEL, device=model_device(model))
     write_json(os.path.join(config.output, "results.json"), out)
     table = format_results_table(out["rows"])
     prov = out["provenance"]
     with open(os.path.join(config.output, "results.md"), "w") as f:
-        f.write(f"{prov['model']} · max_length {config.max_length} · {prov['gpu']} · "
+        f.write(f"{prov['model']} · max_length {config.max_length} · decode {config.decode} · {prov['gpu']} · "
                 f"commit {(prov['commit'] or 'unknown')[:12]}{' (dirty)' if prov['commit_dirty'] else ''}\n\n")
         f.write(table + "\n")
     print(table)

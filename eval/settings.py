@@ -7,6 +7,10 @@ share of causal blocks is ``DENSITY``, e.g. ``streaming:nz_ratio@0.21``,
 :mod:`seer_attn.eval.calibration`) or ``dense``. The selectors, their labels and baseline
 methods come from the selector registry (:data:`seer_attn.modeling_seer.selection.SELECTORS`):
 a new baseline is one entry there.
+
+A decode setting (sparse decode, used by ``seer-attn decode-quality`` and ``seer-attn eval
+--decode``) is written ``share=X``, ``budget=N`` or ``mass=P`` with optional ``,local=N``,
+``,prior=A`` and ``,oracle`` / ``,streaming`` parts (:func:`decode_setting`), or ``dense``.
 """
 import contextlib
 import math
@@ -14,6 +18,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from seer_attn.modeling_seer.selection import METHOD_FIELD, SELECTORS, SPARSITY_METHODS, baseline_pairs
+from seer_attn.training import cli_args as ca
 from seer_attn.training.cli_args import ArgValueError
 
 METHOD_PARAM = METHOD_FIELD  # the config field of each method's parameter (the selection module's)
@@ -161,3 +166,72 @@ def setting_text(value) -> str:
     """Check of a run config's setting field: the canonical string of a :class:`Setting` or
     of its string form (``gate:threshold=0.002``); ValueError for a bad one."""
     return str(Setting.parse(value))
+
+
+# -- decode settings (sparse decode, docs/design.md §2 "Decode") ----------------------------------
+
+def decode_setting(value):
+    """``dense``, or ``share=X`` / ``budget=N`` / ``mass=P`` followed by optional ``,local=N``
+    (full blocks before the current one always read), ``,prior=A`` (``seer_decode_meanpool_prior``)
+    and ``,oracle`` / ``,streaming`` (the comparison selectors of ``seer_decode_selector``), as the
+    ``seer_*`` options that set that decode
+    selection (``{}``: dense decode)."""
+    if value == "dense":
+        return {}
+    head, *extras = str(value).split(",")
+    name, _, val = head.partition("=")
+    if name == "share":
+        out = {"seer_decode_method": "share", "seer_decode_share": ca.unit_interval(val)}
+    elif name == "budget":
+        out = {"seer_decode_method": "budget", "seer_decode_budget": ca.int_at_least(128)(val)}
+    elif name == "mass":
+        out = {"seer_decode_method": "mass", "seer_decode_mass": ca.unit_interval(val)}
+    else:
+        raise ca.ArgValueError(f"invalid decode setting {value!r}: expected dense, share=X, budget=N or mass=P, "
+                               "optionally followed by ,local=N, ,prior=A and ,oracle or ,streaming")
+    for extra in extras:
+        key, _, val = extra.partition("=")
+        if key == "local" and "seer_decode_keep_local" not in out:
+            out["seer_decode_keep_local"] = ca.int_at_least(0)(val)
+        elif key == "prior" and "seer_decode_meanpool_prior" not in out:
+            out["seer_decode_meanpool_prior"] = ca.float_in(0, 1, low_open=False)(val)
+        elif key in ("oracle", "streaming") and not val and "seer_decode_selector" not in out:
+            out["seer_decode_selector"] = key
+        else:
+            raise ca.ArgValueError(f"invalid part {extra!r} of decode setting {value!r}: expected local=N, "
+                                   "prior=A, oracle or streaming (each at most once)")
+    if out.get("seer_decode_meanpool_prior") and out.get("seer_decode_selector"):
+        raise ca.ArgValueError(f"invalid decode setting {value!r}: prior=A mixes the decode gate's scores; the "
+                               f"{out['seer_decode_selector']} selector has none")
+    return out
+
+
+def decode_setting_text(value):
+    """Check: a decode setting (:func:`decode_setting`) in its canonical spelling (``share=0.1``)."""
+    return decode_setting_name(decode_setting(value))
+
+
+def apply_decode(model, setting, prefill="dense", prefill_opts=None):
+    """Set ``model`` to a prefill mode and a decode setting (:func:`decode_setting`; the options
+    a setting leaves out, ``local`` and the selector, go back to their defaults)."""
+    setting = {"seer_decode_keep_local": 0, "seer_decode_selector": "gate", "seer_decode_meanpool_prior": 0.0,
+               **setting} if setting else {}
+    model.set_seer_mode(prefill, seer_decode_sparsity=bool(setting), **setting, **(prefill_opts or {}))
+
+
+def decode_setting_name(setting):
+    """The canonical spelling of a decode setting's options (:func:`decode_setting`'s inverse)."""
+    if not setting:
+        return "dense"
+    if setting["seer_decode_method"] == "share":
+        name = f"share={setting['seer_decode_share']:g}"
+    elif setting["seer_decode_method"] == "mass":
+        name = f"mass={setting['seer_decode_mass']:g}"
+    else:
+        name = f"budget={setting['seer_decode_budget']}"
+    if setting.get("seer_decode_keep_local"):
+        name += f",local={setting['seer_decode_keep_local']}"
+    if setting.get("seer_decode_meanpool_prior"):
+        name += f",prior={setting['seer_decode_meanpool_prior']:g}"
+    return name + (f",{setting['seer_decode_selector']}" if setting.get("seer_decode_selector", "gate") != "gate"
+                   else "")

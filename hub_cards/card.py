@@ -521,7 +521,7 @@ def recommend_decode(rows, ratio=DECODE_PPL_RATIO) -> dict | None:
 
 def _decode_options(setting) -> dict:
     """``set_seer_mode`` options of a decode setting's name (``budget=2048,prior=0.7``)."""
-    from seer_attn.eval.decode_quality import decode_setting
+    from seer_attn.eval.settings import decode_setting
     return {"seer_decode_sparsity": True, **decode_setting(setting)}
 
 

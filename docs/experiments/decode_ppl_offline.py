@@ -275,7 +275,8 @@ def load_model(path, gates=None):
 def check(path, tok, corpus, share, gates=None, length=1024, windows=2):
     """The offline PPL against the step loop (``decode_perplexity``; the oracle selector, or the
     decode gate with ``gates``) on a short case."""
-    from seer_attn.eval.decode_quality import apply_decode, decode_perplexity
+    from seer_attn.eval.decode_quality import decode_perplexity
+    from seer_attn.eval.settings import apply_decode
     from seer_attn.modeling_seer.conversion import load_seer_model
     wins = make_windows(load_documents(corpus), tok, length, 2)[:windows]
     seer = load_seer_model(path, dtype=torch.float32, gates=gates, seer_decode_gate=True)

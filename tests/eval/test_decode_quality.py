@@ -84,7 +84,7 @@ def test_settings_and_options(capsys):
         "seer_decode_selector": "oracle"}
     assert dq.decode_setting("budget=2048,prior=0.5") == {"seer_decode_method": "budget", "seer_decode_budget": 2048,
                                                           "seer_decode_meanpool_prior": 0.5}
-    assert dq.setting_text("share=0.20,prior=1.0,local=1") == "share=0.2,local=1,prior=1"
+    assert dq.decode_setting_text("share=0.20,prior=1.0,local=1") == "share=0.2,local=1,prior=1"
     cfg = dq.DecodeQualityConfig(settings=["share=0.10", "budget=4096", "share=.1,streaming,local=1", "mass=.90"],
                                  gates="g.safetensors", phases=["ppl"])
     assert cfg.settings == ("share=0.1", "budget=4096", "share=0.1,local=1,streaming", "mass=0.9")

@@ -255,3 +255,39 @@ def test_eval_config_needs_max_length():
         EvalConfig()
     with pytest.raises(ValueError, match="max_length=None is invalid: a value is required"):
         EvalConfig(max_length=None)
+
+
+def _tiny_decode_model(tokenizer):
+    from seer_attn.modeling_seer import SeerLlamaConfig, SeerLlamaForCausalLM
+    cfg = SeerLlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+                          seer_gate_hidden_size=32, seer_decode_gate=True, bos_token_id=tokenizer.bos_token_id,
+                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    return SeerLlamaForCausalLM(cfg).eval()
+
+
+def test_run_eval_with_sparse_decode(tokenizer, corpus_path, tmp_path, monkeypatch):
+    """``--decode share=0.5,prior=0.5``: lm-eval's generation (passkey) runs sparse decode steps on the
+    model's decode gates, each run records its decode setting, and the model's options come back
+    afterwards; a model without decode gates is refused in one line before any run."""
+    from seer_attn.eval import harness
+    model = _tiny_decode_model(tokenizer)
+    monkeypatch.setattr(harness, "_load", lambda config: (model, tokenizer, "float32"))
+    config = EvalConfig(model="tiny", tasks=("seer_passkey",), max_length=512, limit=2, corpus=corpus_path,
+                        metadata={"passkey_lengths": [512], "passkey_depths": [0.5]}, settings=("dense",),
+                        decode="share=0.5,prior=0.5", output=str(tmp_path / "out"))
+    out = run_eval(config)
+    (row,) = out["rows"]
+    assert row["decode"] == "share=0.5,prior=0.5" and out["resolved"]["decode"] == "share=0.5,prior=0.5"
+    kept = model.seer_decode_density()  # the last generation's decode steps: about half of ~8 blocks
+    assert kept is not None and bool(((kept > 0.3) & (kept < 0.9)).all())
+    assert not model.config.seer_decode_sparsity and model.config.seer_decode_meanpool_prior == 0.0
+    assert "decode share=0.5,prior=0.5" in (tmp_path / "out" / "results.md").read_text()
+    plain = _tiny_decode_model(tokenizer)
+    plain.config.seer_decode_gate = False
+    monkeypatch.setattr(harness, "_load", lambda config: (plain, tokenizer, "float32"))
+    with pytest.raises(ValueError, match=r"--decode share=0.5,prior=0.5 needs a model with decode gates"):
+        run_eval(config)
+    with pytest.raises(ValueError, match="invalid decode setting 'topk=3'"):
+        EvalConfig(max_length=64, decode="topk=3")
