@@ -511,13 +511,7 @@ def _decode_quality(*runs):
             gates = f"{label}, {env['cost']['steps']} steps ({env['cost']['train_seconds']:.0f} s)"
             body += [[gates, r["setting"], f"{r['ppl']:.3f}", f"{r['ppl'] / dense:.3f}x",
                       "1" if r["decode_density"] is None else f"{r['decode_density']:.3f}"] for r in env["rows"]]
-            parts = []
-            for name, res in env.get("passkey", {}).items():
-                part = f"{name} {res['accuracy']:.3f}"
-                v = res.get("vs_dense")
-                if v:
-                    part += f" (lost {v['lost']}, gained {v['gained']} of {v['n']}, sign test p = {v['p_value']:.3g})"
-                parts.append(part)
+            parts = _passkey_parts(env.get("passkey", {}))
             if parts:
                 c = env["config"]
                 lines.append(f"Passkey, {label} gates ({', '.join(_tokens(t) for t in c['passkey_lengths'])} x 5 "
@@ -526,6 +520,16 @@ def _decode_quality(*runs):
         out = caption + "\n\n" + _table(["gates", "decode", "PPL", "vs dense", "kept share of KV blocks"], body)
         return out + "".join("\n\n" + line for line in lines)
     return render
+
+
+def _passkey_parts(passkey) -> list:
+    """``name accuracy (lost L, gained G of N, sign test p = P)`` of each entry of a decode run's passkey."""
+    parts = []
+    for name, res in passkey.items():
+        v = res.get("vs_dense")
+        parts.append(f"{name} {res['accuracy']:.3f}" + (
+            f" (lost {v['lost']}, gained {v['gained']} of {v['n']}, sign test p = {v['p_value']:.3g})" if v else ""))
+    return parts
 
 
 def decode_prior_h100(root) -> str:
@@ -548,11 +552,7 @@ def decode_prior_h100(root) -> str:
              "1" if r["decode_density"] is None else f"{r['decode_density']:.3f}"] for r in env["rows"]]
     out = caption + "\n\n" + _table(["decode", "PPL", "vs dense", "kept share of KV blocks"], body)
     pk = load_envelope(root, pk_path)
-    parts = []
-    for name, res in pk["passkey"].items():
-        v = res.get("vs_dense")
-        parts.append(f"{name} {res['accuracy']:.3f}" + (
-            f" (lost {v['lost']}, gained {v['gained']} of {v['n']}, sign test p = {v['p_value']:.3g})" if v else ""))
+    parts = _passkey_parts(pk["passkey"])
     out += f"\n\nPasskey, the same gates ({pk_path}, 75 prompts paired with dense): " + "; ".join(parts) + "."
     cells = []
     for path, label in bench:
@@ -593,11 +593,7 @@ def decode_free_h100(root) -> str:
     out = caption + "\n\n" + _table(["decode", "kept share of KV blocks", "sink in the loss (up to session 37)",
                                       "sink left out (default)"], body)
     pk = load_envelope(root, pk_path)
-    parts = []
-    for name, res in pk["passkey"].items():
-        v = res.get("vs_dense")
-        parts.append(f"{name} {res['accuracy']:.3f}" + (
-            f" (lost {v['lost']}, gained {v['gained']} of {v['n']}, sign test p = {v['p_value']:.3g})" if v else ""))
+    parts = _passkey_parts(pk["passkey"])
     out += (f"\n\nPasskey, gates of the same recipe distilled again in the passkey run ({pk_path}, 75 prompts "
             "paired with dense): " + "; ".join(parts) + ".")
     bench = [("results/decode/h100_bench_16layers_prior0_b.json", "gate alone"),
