@@ -35,7 +35,7 @@ from seer_attn.training.results import envelope, write_json
 from seer_attn.training.run_config import ConfigError, RunConfig, config_from_args, default, flag, option, text
 
 from .calibration import calibrate, pick_calibration_windows
-from .perplexity import (DensityMeter, default_corpus_path, load_documents, make_windows, model_device,
+from .perplexity import (DecodeDensityMeter, DensityMeter, default_corpus_path, load_documents, make_windows, model_device,
                          seer_settings)
 from .plots import plot_ppl_vs_density
 from .settings import (METHOD_PARAM, Setting, apply_decode, apply_setting, check_param, decode_setting,
@@ -217,7 +217,8 @@ def _main_metrics(results) -> dict:
 
 def format_results_table(runs) -> str:
     """Markdown table: one row per setting, its density (overall, then per task when there are
-    several), then every main metric of every task."""
+    several), the kept share of KV blocks over sparse decode steps when a run decoded sparsely,
+    then every main metric of every task."""
     cols = []
     for run in runs:
         for task, metrics in run["metrics"].items():
@@ -227,7 +228,9 @@ def format_results_table(runs) -> str:
     dens_cols = list(dict.fromkeys(t for run in runs for t in run.get("task_density", {})))
     if len(dens_cols) < 2:
         dens_cols = []  # one task: its density is the overall one
-    head = ["setting", "density"] + [f"density {t}" for t in dens_cols] + [f"{t} {m}" for t, m in cols]
+    sparse_decode = any(run.get("decode", "dense") != "dense" for run in runs)
+    head = ["setting", "density"] + [f"density {t}" for t in dens_cols] + \
+        (["decode", "decode density"] if sparse_decode else []) + [f"{t} {m}" for t, m in cols]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
 
     def dens(run, d):
@@ -236,6 +239,10 @@ def format_results_table(runs) -> str:
     for run in runs:
         cells = [run["setting"], dens(run, run["density"])]
         cells += [dens(run, run.get("task_density", {}).get(t)) for t in dens_cols]
+        if sparse_decode:
+            d = run.get("decode_density")
+            cells += [run.get("decode", "dense"), "1.000" if run.get("decode", "dense") == "dense" else
+                      ("—" if d is None else f"{d:.3f}")]
         cells += [f"{run['metrics'].get(t, {}).get(m):.4g}" if run["metrics"].get(t, {}).get(m) is not None else "—"
                   for t, m in cols]
         lines.append("| " + " | ".join(cells) + " |")
@@ -304,21 +311,26 @@ def run_eval(config: EvalConfig) -> dict:
                    "calibration": None if calib is None else {
                        "target_density": calib.target_density, "param": calib.param, "density": calib.density,
                        "tol": calib.tol, "windows": len(calib_windows)},
-                   "density": None, "task_density": {}, "prefills": 0, "metrics": {},
+                   "density": None, "task_density": {}, "prefills": 0, "decode_density": None,
+                   "task_decode_density": {}, "metrics": {},
                    "lm_eval": {k: {} for k in ("results", "groups", "versions", "n-shot", "higher_is_better",
                                                "n-samples")}}
-            samples, all_densities = {}, []
+            samples, all_densities, all_decode = {}, [], []
             for task in tasks:  # one lm-eval call per requested task: the density of each is its own
-                with DensityMeter(model) as meter:
+                with DensityMeter(model) as meter, DecodeDensityMeter(model) as decode_meter:
                     res = simple_evaluate(model=lm, tasks=[task], task_manager=task_manager, limit=config.limit,
                                           bootstrap_iters=config.bootstrap_iters, log_samples=config.log_samples)
                 run["task_density"][task] = meter.mean
                 all_densities += meter.values
+                if decode:
+                    run["task_decode_density"][task] = decode_meter.mean
+                    all_decode += decode_meter.values
                 for key, val in run["lm_eval"].items():
                     val.update(res.get(key) or {})
                 samples.update(res.get("samples") or {})
             run["density"] = sum(all_densities) / len(all_densities) if all_densities else None
             run["prefills"] = len(all_densities)
+            run["decode_density"] = sum(all_decode) / len(all_decode) if all_decode else None
             run["metrics"] = _main_metrics(run["lm_eval"]["results"])
             if config.log_samples:
                 path = os.path.join(config.output, f"samples_{i}.json")

@@ -254,6 +254,50 @@ class DensityMeter:
         return sum(self.values) / len(self.values) if self.values else None
 
 
+class DecodeDensityMeter:
+    """Records the kept share of KV blocks of every KV cache a model decodes sparsely while active.
+
+    A forward hook notes the model's decode statistics after each forward (one object per KV
+    cache: a ``generate`` call); on exit each cache's per-sequence share over its sparse decode
+    steps (:meth:`seer_decode_density`) becomes one value per sequence. Read once at exit, so
+    the steps add no device synchronisation.
+
+        with DecodeDensityMeter(model) as meter:
+            model.generate(...)
+        meter.mean  # None when no sparse decode step ran
+    """
+
+    def __init__(self, model):
+        self.model = model
+        self.values = []
+        self._stats = []
+        self._handle = None
+
+    def __enter__(self):
+        self._before = getattr(self.model, "_last_decode_stats", None)
+        self._handle = self.model.register_forward_hook(self._hook)
+        return self
+
+    def __exit__(self, *exc):
+        self._handle.remove()
+        self._handle = None
+        for stats in self._stats:
+            d = stats.density()
+            if d is not None:
+                self.values.extend(d.float().tolist())
+        self._stats = []
+        return False
+
+    def _hook(self, module, args, output):
+        s = getattr(module, "_last_decode_stats", None)
+        if s is not None and s is not self._before and not any(s is t for t in self._stats):
+            self._stats.append(s)
+
+    @property
+    def mean(self):
+        return sum(self.values) / len(self.values) if self.values else None
+
+
 @torch.no_grad()
 def window_nll(model, input_ids: torch.Tensor):
     """Summed NLL of a batch of equal-length windows.

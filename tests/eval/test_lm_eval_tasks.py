@@ -282,8 +282,12 @@ def test_run_eval_with_sparse_decode(tokenizer, corpus_path, tmp_path, monkeypat
     assert row["decode"] == "share=0.5,prior=0.5" and out["resolved"]["decode"] == "share=0.5,prior=0.5"
     kept = model.seer_decode_density()  # the last generation's decode steps: about half of ~8 blocks
     assert kept is not None and bool(((kept > 0.3) & (kept < 0.9)).all())
+    # every generation's decode steps (2 prompts): the run's decode density averages them
+    assert 0.3 < row["decode_density"] < 0.9 and row["task_decode_density"]["seer_passkey"] == row["decode_density"]
     assert not model.config.seer_decode_sparsity and model.config.seer_decode_meanpool_prior == 0.0
-    assert "decode share=0.5,prior=0.5" in (tmp_path / "out" / "results.md").read_text()
+    table = (tmp_path / "out" / "results.md").read_text()
+    assert "decode share=0.5,prior=0.5" in table and "| decode | decode density |" in table
+    assert f"| share=0.5,prior=0.5 | {row['decode_density']:.3f} |" in table
     plain = _tiny_decode_model(tokenizer)
     plain.config.seer_decode_gate = False
     monkeypatch.setattr(harness, "_load", lambda config: (plain, tokenizer, "float32"))

@@ -181,3 +181,27 @@ def test_density_meter_counts_prefills_not_decode_steps(model, tokenizer):
         model(ids)
     assert meter.values == [] and meter.mean is None
     assert seer_settings(model) == {"mode": "dense"}
+
+
+def test_decode_density_meter_averages_every_generation(tokenizer):
+    """One value per sequence of each generate call that decoded sparsely (the kept share over its decode
+    steps, as seer_decode_density gives it), none for dense decode or a model that never decoded."""
+    from seer_attn.eval.perplexity import DecodeDensityMeter
+    from seer_attn.modeling_seer import SeerLlamaConfig, SeerLlamaForCausalLM
+    cfg = SeerLlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+                          seer_gate_hidden_size=32, seer_decode_gate=True)
+    torch.manual_seed(0)
+    m = SeerLlamaForCausalLM(cfg).eval()
+    ids = torch.randint(5, len(tokenizer), (2, 640), generator=torch.Generator().manual_seed(0))
+    gen = dict(attention_mask=torch.ones_like(ids), max_new_tokens=3, do_sample=False, pad_token_id=0)
+    with DecodeDensityMeter(m) as meter, torch.no_grad():
+        m.generate(input_ids=ids, **gen)  # dense decode: nothing recorded
+    assert meter.values == [] and meter.mean is None
+    m.set_seer_mode("dense", seer_decode_sparsity=True, seer_decode_method="share", seer_decode_share=0.2)
+    kept = []
+    with DecodeDensityMeter(m) as meter, torch.no_grad():
+        for n in (640, 320):
+            m.generate(input_ids=ids[:, :n], **{**gen, "attention_mask": torch.ones_like(ids[:, :n])})
+            kept += m.seer_decode_density().tolist()
+    assert meter.values == pytest.approx(kept) and len(kept) == 4 and all(0 < k < 1 for k in kept)
