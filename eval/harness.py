@@ -13,6 +13,9 @@ model is switched with ``model.set_seer_mode`` and ``lm_eval.simple_evaluate`` r
 to the config's ``max_position_embeddings``), with this package's task folder
 (``seer_attn/eval/tasks``: ``seer_ppl``, ``seer_ppl_pg19``, ``seer_ppl_proofpile``,
 ``seer_passkey``) on the include path next to lm-eval's own tasks (``longbench_*`` ...).
+``--decode`` (a decode setting, e.g. ``budget=2048,prior=0.7``) runs every setting's
+generations with sparse decode on the model's decode gates; each run then records the kept
+share of KV blocks over its decode steps (``decode_density``, per task too).
 
 Written to ``--output``: ``results.json`` (a results envelope of kind ``"lm_eval"``,
 :mod:`seer_attn.training.results`: provenance, the run's ``config``, ``resolved`` (dtype,
