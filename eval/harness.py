@@ -42,7 +42,8 @@ from .perplexity import (DecodeDensityMeter, DensityMeter, default_corpus_path, 
                          seer_settings)
 from .plots import plot_ppl_vs_density
 from .settings import (METHOD_PARAM, Setting, apply_decode, apply_setting, check_param, decode_setting,
-                       decode_setting_text, preserved_seer_mode, setting_arg, setting_text)
+                       decode_setting_name, decode_setting_of, decode_setting_text, preserved_seer_mode, setting_arg,
+                       setting_text)
 
 TASKS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tasks")
 DEFAULT_TASKS = ("seer_ppl",)
@@ -89,7 +90,7 @@ class EvalConfig(RunConfig):
     settings: tuple | None = option(None, setting_text, many="+")
     calib_windows: int = option(4, ca.positive_int)
     calib_tol: float = option(0.01, ca.open_unit_interval)
-    decode: str = option("dense", decode_setting_text)  # sparse decode in every run (generation tasks)
+    decode: str | None = option(None, decode_setting_text)  # decode of every run (None: the model's as loaded)
     output: str = option(DEFAULT_OUTPUT, text)
 
     def check(self):
@@ -169,7 +170,7 @@ def add_eval_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--decode", type=decode_setting_text, default=_default("decode"), metavar="SETTING",
                    help="decode in every run: dense, or sparse decode share=X / budget=N / mass=P with optional "
                         ",local=N and ,prior=A (e.g. budget=2048,prior=0.7; generation tasks such as seer_passkey "
-                        "and LongBench; needs a model with decode gates; default: %(default)s)")
+                        "and LongBench; needs a model with decode gates; default: as the model is set)")
     parser.add_argument("--output", default=_default("output"), help="output folder (default: %(default)s)")
     return parser
 
@@ -278,7 +279,7 @@ def run_eval(config: EvalConfig) -> dict:
     model, tokenizer, dtype = _load(config)
     with ca.user_input():  # e.g. --param with a dense model: one line from seer-attn, exit 2
         settings = settings_for(config, model)
-        decode = decode_setting(config.decode)
+        decode = None if config.decode is None else decode_setting(config.decode)
         if decode and not getattr(model.config, "seer_decode_gate", False):
             raise ValueError(f"--decode {config.decode} needs a model with decode gates (seer_decode_gate): distil "
                              "them with seer-attn decode-quality, or load gates that hold them")
@@ -307,10 +308,11 @@ def run_eval(config: EvalConfig) -> dict:
     with preserved_seer_mode(model):
         for i, (setting, calib) in enumerate(zip(settings, calibs)):
             apply_setting(model, setting, param=calib.param if calib else None)
-            if decode:
+            if decode is not None:
                 apply_decode(model, decode, prefill=model.config.seer_mode)
-            print(f"[seer-attn eval] run {i + 1}/{len(settings)}: {setting}, decode {config.decode}", file=sys.stderr)
-            run = {"setting": str(setting), "decode": config.decode, "seer": seer_settings(model),
+            decode_name = decode_setting_name(decode_setting_of(model))
+            print(f"[seer-attn eval] run {i + 1}/{len(settings)}: {setting}, decode {decode_name}", file=sys.stderr)
+            run = {"setting": str(setting), "decode": decode_name, "seer": seer_settings(model),
                    "calibration": None if calib is None else {
                        "target_density": calib.target_density, "param": calib.param, "density": calib.density,
                        "tol": calib.tol, "windows": len(calib_windows)},
@@ -325,7 +327,7 @@ def run_eval(config: EvalConfig) -> dict:
                                           bootstrap_iters=config.bootstrap_iters, log_samples=config.log_samples)
                 run["task_density"][task] = meter.mean
                 all_densities += meter.values
-                if decode:
+                if decode_name != "dense":
                     run["task_decode_density"][task] = decode_meter.mean
                     all_decode += decode_meter.values
                 for key, val in run["lm_eval"].items():
@@ -343,14 +345,15 @@ def run_eval(config: EvalConfig) -> dict:
             runs.append(run)
 
     resolved = {"tasks": tasks, "dtype": dtype, "device": str(model_device(model)), "task_metadata": metadata,
-                "settings": [str(s) for s in settings], "decode": config.decode}
+                "settings": [str(s) for s in settings], "decode": [r["decode"] for r in runs]}
     out = envelope("lm_eval", runs, config=asdict(config), resolved=resolved,
                    model=config.model or ca.DEFAULT_MODEL_LABEL, device=model_device(model))
     write_json(os.path.join(config.output, "results.json"), out)
     table = format_results_table(out["rows"])
     prov = out["provenance"]
     with open(os.path.join(config.output, "results.md"), "w") as f:
-        f.write(f"{prov['model']} · max_length {config.max_length} · decode {config.decode} · {prov['gpu']} · "
+        decodes = ", ".join(dict.fromkeys(resolved["decode"]))
+        f.write(f"{prov['model']} · max_length {config.max_length} · decode {decodes} · {prov['gpu']} · "
                 f"commit {(prov['commit'] or 'unknown')[:12]}{' (dirty)' if prov['commit_dirty'] else ''}\n\n")
         f.write(table + "\n")
     print(table)

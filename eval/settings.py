@@ -219,6 +219,20 @@ def apply_decode(model, setting, prefill="dense", prefill_opts=None):
     model.set_seer_mode(prefill, seer_decode_sparsity=bool(setting), **setting, **(prefill_opts or {}))
 
 
+def decode_setting_of(model) -> dict:
+    """The decode setting ``model`` is set to, as :func:`decode_setting` writes it (``{}``: dense decode)."""
+    cfg = model.config
+    if not getattr(cfg, "seer_decode_sparsity", False):
+        return {}
+    method = cfg.seer_decode_method
+    field = {"share": "seer_decode_share", "budget": "seer_decode_budget", "mass": "seer_decode_mass"}.get(method)
+    if field is None:  # a method decode settings do not spell (threshold)
+        return {"seer_decode_method": method}
+    return {"seer_decode_method": method, field: getattr(cfg, field),
+            "seer_decode_keep_local": cfg.seer_decode_keep_local, "seer_decode_selector": cfg.seer_decode_selector,
+            "seer_decode_meanpool_prior": cfg.seer_decode_meanpool_prior}
+
+
 def decode_setting_name(setting):
     """The canonical spelling of a decode setting's options (:func:`decode_setting`'s inverse)."""
     if not setting:
@@ -227,8 +241,10 @@ def decode_setting_name(setting):
         name = f"share={setting['seer_decode_share']:g}"
     elif setting["seer_decode_method"] == "mass":
         name = f"mass={setting['seer_decode_mass']:g}"
-    else:
+    elif setting["seer_decode_method"] == "budget":
         name = f"budget={setting['seer_decode_budget']}"
+    else:
+        name = setting["seer_decode_method"]
     if setting.get("seer_decode_keep_local"):
         name += f",local={setting['seer_decode_keep_local']}"
     if setting.get("seer_decode_meanpool_prior"):

@@ -3,6 +3,7 @@ random SeerLlama: tasks load from local files, token perplexity is exp(-sum ll /
 with lm-eval's own windows, passkey prompts come from the generator, densities are recorded."""
 import argparse
 import importlib.util
+from dataclasses import asdict
 import json
 import math
 import os
@@ -279,7 +280,7 @@ def test_run_eval_with_sparse_decode(tokenizer, corpus_path, tmp_path, monkeypat
                         decode="share=0.5,prior=0.5", output=str(tmp_path / "out"))
     out = run_eval(config)
     (row,) = out["rows"]
-    assert row["decode"] == "share=0.5,prior=0.5" and out["resolved"]["decode"] == "share=0.5,prior=0.5"
+    assert row["decode"] == "share=0.5,prior=0.5" and out["resolved"]["decode"] == ["share=0.5,prior=0.5"]
     kept = model.seer_decode_density()  # the last generation's decode steps: about half of ~8 blocks
     assert kept is not None and bool(((kept > 0.3) & (kept < 0.9)).all())
     # every generation's decode steps (2 prompts): the run's decode density averages them
@@ -288,6 +289,13 @@ def test_run_eval_with_sparse_decode(tokenizer, corpus_path, tmp_path, monkeypat
     table = (tmp_path / "out" / "results.md").read_text()
     assert "decode share=0.5,prior=0.5" in table and "| decode | decode density |" in table
     assert f"| share=0.5,prior=0.5 | {row['decode_density']:.3f} |" in table
+    # without --decode the model decodes as it is set (and says so); --decode dense forces dense decode
+    model.set_seer_mode("dense", seer_decode_sparsity=True, seer_decode_method="budget", seer_decode_budget=256)
+    as_set = run_eval(EvalConfig(**{**asdict(config), "decode": None}))
+    assert as_set["rows"][0]["decode"] == "budget=256" and as_set["rows"][0]["decode_density"] is not None
+    dense = run_eval(EvalConfig(**{**asdict(config), "decode": "dense"}))
+    assert dense["rows"][0]["decode"] == "dense" and dense["rows"][0]["decode_density"] is None
+    assert model.config.seer_decode_budget == 256  # put back after the runs
     plain = _tiny_decode_model(tokenizer)
     plain.config.seer_decode_gate = False
     monkeypatch.setattr(harness, "_load", lambda config: (plain, tokenizer, "float32"))
