@@ -8,7 +8,8 @@ repeating K/V) and ours (:func:`block_sparse_decode`) with every block and with 
 of the blocks as the model selects them (the decode gate's top-k plus the sink and the
 current block); ours with no block at all (the launch floor: host work and two launches);
 then what a layer runs before the kernel (the decode gate's logits, with ``prior`` > 0 the
-mean-pooled prior mixed in, and the top-k, ``gate_select_layer``; with the selection's per-block preparation, ``gate_select_step``) and
+mean-pooled prior mixed in, and the top-k, ``gate_select_layer``; with the selection's
+per-block preparation, ``gate_select_step``) and
 its share of the sparse step (gate / (gate + kernel)); and the layer's gate, selection and
 kernel replayed from a CUDA graph (``graph_layer``: the GPU's own time, no host work)
 against the same ops launched one by one (``eager_layer``). Correctness first: ours with

@@ -38,8 +38,8 @@ from seer_attn.training.results import envelope, write_json
 from seer_attn.training.run_config import ConfigError, RunConfig, config_from_args, default, flag, option, text
 
 from .calibration import calibrate, pick_calibration_windows
-from .perplexity import (DecodeDensityMeter, DensityMeter, default_corpus_path, load_documents, make_windows, model_device,
-                         seer_settings)
+from .perplexity import (DecodeDensityMeter, DensityMeter, default_corpus_path, load_documents, make_windows,
+                         model_device, seer_settings)
 from .plots import plot_ppl_vs_density
 from .settings import (METHOD_PARAM, Setting, apply_decode, apply_setting, check_param, decode_setting,
                        decode_setting_name, decode_setting_of, decode_setting_text, preserved_seer_mode, setting_arg,

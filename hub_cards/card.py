@@ -581,7 +581,8 @@ def _decode_section(decodes) -> list:
         entries = list((src.env.get("passkey") or {}).items())
         if entries:
             out += ["", f"Passkey retrieval with sparse decode ([{src.name}]({src.name})), each setting paired prompt "
-                    "by prompt with dense (`prefill threshold T+decode ...`: sparse prefill at gate threshold T too):", "",
+                    "by prompt with dense (`prefill threshold T+decode ...`: sparse prefill at gate threshold T "
+                    "too):", "",
                     _decode_passkey_table(entries)]
     return out + [""]
 

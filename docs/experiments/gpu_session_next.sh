@@ -93,7 +93,7 @@
 #                      FORCED=1: with it, the loss up to session 37), 800 steps, then decode-prior's perplexity settings;
 #                      needs staging (session 38, H100: results/decode/h100_quality_free_loss.json)
 #   prior-sweep    ~2  issue 15: prior_mix's variants (tl.dot vs broadcast, 64-256 blocks per program), graph-replayed
-#   decode-quality ~5  issue 15's full protocol (300-step gates at 8k, decode perplexity of 16
+#   decode-quality ~6  issue 15's full protocol (300-step gates at 8k, decode perplexity of 16
 #                      8192-token windows, dense / share=0.1 / budget=2048, passkey 75 prompts
 #                      paired, sparse decode and sparse prefill + decode); decode perplexity
 #                      now runs as teacher-forced graph-mode steps (at 7867506 the eager loop

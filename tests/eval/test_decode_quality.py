@@ -120,17 +120,18 @@ def test_whole_run_on_cpu(tokenizer, corpus_path, tmp_path, check_envelope):
                       "--seq-len", "256", "--length", "256", "--windows", "2", "--batch-size", "2",
                       "--passkey-lengths", "384", "--passkey-samples", "1", "--out", str(out), "--no-progress"])
     env = check_envelope(json.loads((out / "decode_quality.json").read_text()), "decode_quality")
-    assert [r["setting"] for r in env["rows"]] == ["dense", "share=0.1", "budget=2048"]
+    assert [r["setting"] for r in env["rows"]] == ["dense", "share=0.1", "budget=2048", "budget=2048,prior=0.7"]
     assert all(r["tokens"] == 2 * 128 and r["ppl"] > 1 for r in env["rows"])
     assert env["rows"][0]["decode_density"] is None and 0 < env["rows"][1]["decode_density"] < 1
     assert env["checks"][0]["decode_nll_vs_generate_max_abs"] < 1e-4
     assert env["checks"][0]["graph_decode_nll_vs_decode_nll_max_abs"] < 1e-4
     names = list(env["passkey"])
-    assert names == ["dense", "decode_share=0.1", "decode_budget=2048", "prefill_threshold_0.002+decode_share=0.1"]
+    assert names == ["dense", "decode_share=0.1", "decode_budget=2048", "decode_budget=2048,prior=0.7",
+                     "prefill_threshold_0.002+decode_share=0.1"]
     assert all(env["passkey"][n]["vs_dense"]["n"] == 5 for n in names[1:])
     assert env["cost"]["steps"] == 2 and (out / "gates_decode_bf16.safetensors").is_file()
     assert "| share=0.1 |" in (out / "decode_quality.md").read_text() and report == env
-    assert dq.DecodeQualityConfig(**env["config"]).settings == ("share=0.1", "budget=2048")  # rebuilt from the envelope
+    assert dq.DecodeQualityConfig(**env["config"]).settings == ("share=0.1", "budget=2048", "budget=2048,prior=0.7")
 
 
 def test_run_with_retrieval_data_and_comparison_selectors(tokenizer, corpus_path, tmp_path, monkeypatch):

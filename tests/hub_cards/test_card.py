@@ -212,8 +212,9 @@ def test_a_decode_quality_run_gives_a_sparse_decode_section_and_model_index(comm
     card.save(tmp_path / "README.md")
     text = card.text
     assert "## Sparse decode" in text and "Recommended: **budget=2048,prior=0.7**" in text
-    assert ('model.set_seer_mode("sparse", seer_decode_sparsity=True,\n                     seer_decode_method="budget",'
-            '\n                     seer_decode_budget=2048,\n                     seer_decode_meanpool_prior=0.7)') in text
+    pad = "\n" + " " * 21
+    assert (f'model.set_seer_mode("sparse", seer_decode_sparsity=True,{pad}seer_decode_method="budget",'
+            f'{pad}seer_decode_budget=2048,{pad}seer_decode_meanpool_prior=0.7)') in text
     from seer_attn.hub_cards.card import _decode_options
     from seer_attn.modeling_seer import SeerLlamaConfig, SeerLlamaForCausalLM
     from tests.hub_cards.conftest import TINY
