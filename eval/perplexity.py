@@ -274,7 +274,7 @@ class DecodeDensityMeter:
         self._handle = None
 
     def __enter__(self):
-        self._before = getattr(self.model, "_last_decode_stats", None)
+        self._last = getattr(self.model, "_last_decode_stats", None)  # a cache decoded before: not counted
         self._handle = self.model.register_forward_hook(self._hook)
         return self
 
@@ -290,7 +290,8 @@ class DecodeDensityMeter:
 
     def _hook(self, module, args, output):
         s = getattr(module, "_last_decode_stats", None)
-        if s is not None and s is not self._before and not any(s is t for t in self._stats):
+        if s is not None and s is not self._last:  # a new cache (caches follow each other, none returns)
+            self._last = s
             self._stats.append(s)
 
     @property

@@ -225,9 +225,7 @@ def decode_setting_of(model) -> dict:
     if not getattr(cfg, "seer_decode_sparsity", False):
         return {}
     method = cfg.seer_decode_method
-    field = {"share": "seer_decode_share", "budget": "seer_decode_budget", "mass": "seer_decode_mass"}.get(method)
-    if field is None:  # a method decode settings do not spell (threshold)
-        return {"seer_decode_method": method}
+    field = f"seer_decode_{method}"  # each method's parameter (threshold's too, which settings do not spell)
     return {"seer_decode_method": method, field: getattr(cfg, field),
             "seer_decode_keep_local": cfg.seer_decode_keep_local, "seer_decode_selector": cfg.seer_decode_selector,
             "seer_decode_meanpool_prior": cfg.seer_decode_meanpool_prior}

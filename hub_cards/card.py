@@ -398,16 +398,19 @@ def _passkey_rows(src: Source):
     return list((src.env.get("passkey") or {}).items())
 
 
-def _passkey_table(entries) -> str:
+def _passkey_table(entries, density=True) -> str:
+    """Passkey accuracy by setting and prompt length, paired with dense; ``density``: with the
+    prefill's block density column (a decode run's entries have none)."""
     lengths = sorted({int(n) for _, res in entries for n in (res.get("per_length") or {})})
-    head = ["setting", "density", "accuracy"] + [f"{n} tokens" for n in lengths] + \
+    head = ["setting"] + (["density"] if density else []) + ["accuracy"] + [f"{n} tokens" for n in lengths] + \
         ["vs dense (lost / gained, sign test p)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, res in entries:
         per = res.get("per_length") or {}
         v = res.get("vs_dense")
-        cells = [name.replace("_", " "), f"{res['density']:.3f}" if res.get("density") is not None else "1 (dense)",
-                 f"{res['accuracy']:.3f}"] + [f"{per[str(n)]:.2f}" if str(n) in per else "—" for n in lengths]
+        dens = [f"{res['density']:.3f}" if res.get("density") is not None else "1 (dense)"] if density else []
+        cells = [name.replace("_", " ")] + dens + [f"{res['accuracy']:.3f}"] + \
+            [f"{per[str(n)]:.2f}" if str(n) in per else "—" for n in lengths]
         cells.append(f"{v['lost']} / {v['gained']} of {v['n']}, p = {v['p_value']:.3g}" if v else "—")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -500,7 +503,8 @@ def decode_rows(src: Source) -> list:
 
 def _is_gate_decode(setting) -> bool:
     """A decode setting the model runs with its own decode gates (not the oracle or streaming)."""
-    return setting != "dense" and not setting.endswith((",oracle", ",streaming"))
+    from seer_attn.eval.settings import decode_setting
+    return setting != "dense" and "seer_decode_selector" not in decode_setting(setting)
 
 
 def recommend_decode(rows, ratio=DECODE_PPL_RATIO) -> dict | None:
@@ -531,19 +535,6 @@ def _decode_table(rows) -> str:
     for r in rows:
         kept = "1 (dense)" if r["setting"] == "dense" else f"{r['decode_density']:.3f}"
         lines.append(f"| {r['setting']} | {kept} | {r['ppl']:.3f} | {r['ppl'] / dense:.4f}x |")
-    return "\n".join(lines)
-
-
-def _decode_passkey_table(entries) -> str:
-    lengths = sorted({int(n) for _, res in entries for n in (res.get("per_length") or {})})
-    head = ["setting", "accuracy"] + [f"{n} tokens" for n in lengths] + ["vs dense (lost / gained, sign test p)"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for name, res in entries:
-        per, v = res.get("per_length") or {}, res.get("vs_dense")
-        cells = [name.replace("_", " "), f"{res['accuracy']:.3f}"] + \
-            [f"{per[str(n)]:.2f}" if str(n) in per else "—" for n in lengths]
-        cells.append(f"{v['lost']} / {v['gained']} of {v['n']}, p = {v['p_value']:.3g}" if v else "—")
-        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -583,7 +574,7 @@ def _decode_section(decodes) -> list:
             out += ["", f"Passkey retrieval with sparse decode ([{src.name}]({src.name})), each setting paired prompt "
                     "by prompt with dense (`prefill threshold T+decode ...`: sparse prefill at gate threshold T "
                     "too):", "",
-                    _decode_passkey_table(entries)]
+                    _passkey_table(entries, density=False)]
     return out + [""]
 
 
