@@ -9,6 +9,7 @@ Public API (tensors in the transformers layout ``[B, H, T, D]``):
   (split-KV, one selection per KV head);
 - :func:`gate_scores` -- a decode step's gate logits (RoPE and the block keys' dot, one launch);
 - :func:`top_blocks` -- a decode step's kept KV blocks: each row's ``cnt`` best scores, no sort;
+- :func:`gate_top_blocks` -- ``top_blocks(gate_scores(...))`` in one launch;
 - :func:`prior_mix` -- a decode step's gate logits mixed with the mean-pooled prior (two launches);
 - :func:`block_mask_to_indices`, :func:`causal_block_density`, :func:`random_block_mask`,
   :func:`window_block_mask` (the blocks a sliding window reaches);
@@ -41,7 +42,7 @@ else:
     from .block_mask import block_mask_to_indices, causal_block_density, random_block_mask, window_block_mask
     from .block_sparse_attn import attn_with_pooling, block_sparse_attn, dense_attn
     from .block_sparse_decode import block_sparse_decode
-    from .decode_select import gate_scores, prior_mix, top_blocks
+    from .decode_select import gate_scores, gate_top_blocks, prior_mix, top_blocks
     from .kernel_utils import HAS_TRITON
     from .reference import (attn_with_pooling_ref, block_sparse_attn_ref, block_sparse_decode_ref, gate_scores_ref,
                             prior_mix_ref, top_blocks_ref)
@@ -49,6 +50,6 @@ else:
     __all__ = [
         "attn_with_pooling", "block_sparse_attn", "dense_attn", "block_sparse_decode", "block_mask_to_indices",
         "causal_block_density", "random_block_mask", "window_block_mask", "attn_with_pooling_ref",
-        "block_sparse_attn_ref", "block_sparse_decode_ref", "top_blocks", "top_blocks_ref", "gate_scores",
+        "block_sparse_attn_ref", "block_sparse_decode_ref", "top_blocks", "top_blocks_ref", "gate_scores", "gate_top_blocks",
         "gate_scores_ref", "prior_mix", "prior_mix_ref", "HAS_TRITON",
     ]

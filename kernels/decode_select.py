@@ -49,6 +49,12 @@ PRIOR_DOT = True
 #: launch warps of top_blocks by padded row length (the largest bound at or above it); benchmarks
 #: may override entries (docs/experiments/decode_step_sweep.py)
 TOP_BLOCKS_WARPS = {2048: 4, 8192: 8, MAX_BLOCKS: 16}
+#: key bits each selection pass settles (1: bisection, 32 passes; 2 / 4: 16 / 8 passes of 4 / 16
+#: counts each); benchmarks may override it
+TOP_BLOCKS_BITS = 1
+#: block keys scored per step of gate_top_blocks' loop, and its warps; benchmarks may override them
+FUSED_CHUNK = 64
+FUSED_WARPS = 4
 
 
 @triton.jit
@@ -71,7 +77,42 @@ def _gate_scores_kernel(Y, COS, SIN, KEYS, OUT, N, H, s_yb, s_yh, s_cb, s_sb, s_
 
 
 @triton.jit
-def _top_blocks_kernel(S, BIAS, CNT, OUT, N, K, H, s_sb, s_sh, s_bb, s_ob, s_oh, BLOCK: tl.constexpr):
+def _select_row(x, m, cnt, offs, out, K, BLOCK: tl.constexpr, BITS: tl.constexpr):
+    """Write the indices of the ``cnt`` largest of ``x`` (float32 ``[BLOCK]``, ``m`` its valid
+    entries) in increasing order at ``out``, then -1 up to ``K`` (top_blocks' contract)."""
+    bits = x.to(tl.int32, bitcast=True)
+    key = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # int32, increasing with x (-inf lowest)
+    # the largest t with count(key >= t) >= cnt: 2^BITS candidates per pass over the 32-bit key
+    # range (BITS = 1: bisection); the bounds are int64 scalars, the per-block compares and
+    # counts int32. Candidate 0 is the range's low end, which always qualifies.
+    lo = tl.full((), -2147483648, tl.int64)
+    step = tl.full((), 1 << (32 - BITS), tl.int64)
+    if BITS == 1:
+        for _ in range(32):
+            mid = lo + step
+            ok = tl.sum(((key >= mid.to(tl.int32)) & m).to(tl.int32), 0) >= cnt
+            lo = tl.where(ok, mid, lo)
+            step = step // 2
+    else:
+        offs_t = tl.arange(0, 1 << BITS).to(tl.int64)
+        for _ in range(32 // BITS):
+            mids = (lo + offs_t * step).to(tl.int32)
+            n_ge = tl.sum(((key[None, :] >= mids[:, None]) & m[None, :]).to(tl.int32), 1)
+            lo = lo + (tl.sum((n_ge >= cnt).to(tl.int64), 0) - 1) * step
+            step = step >> BITS
+    t = lo.to(tl.int32)
+    gt = (key > t) & m
+    eq = (key == t) & m
+    need = cnt - tl.sum(gt.to(tl.int32), 0)
+    take = gt | (eq & (tl.cumsum(eq.to(tl.int32), 0) <= need))
+    pos = tl.cumsum(take.to(tl.int32), 0) - 1
+    tl.store(out + pos, offs, mask=take & (pos < K))
+    tl.store(out + offs, tl.full([BLOCK], -1, tl.int32), mask=(offs >= cnt) & (offs < K))
+
+
+@triton.jit
+def _top_blocks_kernel(S, BIAS, CNT, OUT, N, K, H, s_sb, s_sh, s_bb, s_ob, s_oh, BLOCK: tl.constexpr,
+                       BITS: tl.constexpr):
     pid = tl.program_id(0)  # b * H + h
     b = pid // H
     h = pid % H
@@ -80,26 +121,35 @@ def _top_blocks_kernel(S, BIAS, CNT, OUT, N, K, H, s_sb, s_sh, s_bb, s_ob, s_oh,
     m = offs < N
     x = tl.load(S + b.to(tl.int64) * s_sb + h.to(tl.int64) * s_sh + offs, mask=m, other=0.0).to(tl.float32)
     x += tl.load(BIAS + b.to(tl.int64) * s_bb + offs, mask=m, other=0.0)
-    bits = x.to(tl.int32, bitcast=True)
-    key = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # int32, increasing with x (-inf lowest)
-    # the largest t with count(key >= t) >= cnt lies in [lo, hi]; the bounds are int64 scalars
-    # (the int32 range's ends), the per-block compares and counts int32
-    lo = tl.full((), -2147483648, tl.int64)
-    hi = tl.full((), 2147483647, tl.int64)
-    for _ in range(32):
-        mid = lo + (hi - lo + 1) // 2
-        ok = tl.sum(((key >= mid.to(tl.int32)) & m).to(tl.int32), 0) >= cnt
-        lo = tl.where(ok, mid, lo)
-        hi = tl.where(ok, hi, mid - 1)
-    t = lo.to(tl.int32)
-    gt = (key > t) & m
-    eq = (key == t) & m
-    need = cnt - tl.sum(gt.to(tl.int32), 0)
-    take = gt | (eq & (tl.cumsum(eq.to(tl.int32), 0) <= need))
-    pos = tl.cumsum(take.to(tl.int32), 0) - 1
-    out = OUT + b.to(tl.int64) * s_ob + h.to(tl.int64) * s_oh
-    tl.store(out + pos, offs, mask=take & (pos < K))
-    tl.store(out + offs, tl.full([BLOCK], -1, tl.int32), mask=(offs >= cnt) & (offs < K))
+    _select_row(x, m, cnt, offs, OUT + b.to(tl.int64) * s_ob + h.to(tl.int64) * s_oh, K, BLOCK, BITS)
+
+
+@triton.jit
+def _gate_top_blocks_kernel(Y, COS, SIN, KEYS, S, BIAS, CNT, OUT, N, K, H, s_yb, s_yh, s_cb, s_sb, s_kb, s_kh,
+                            s_kn, s_bb, s_ob, s_oh, G: tl.constexpr, ROPE: tl.constexpr, CHUNK: tl.constexpr,
+                            BLOCK: tl.constexpr, BITS: tl.constexpr):
+    pid = tl.program_id(0)  # b * H + h
+    b = (pid // H).to(tl.int64)
+    h = (pid % H).to(tl.int64)
+    offs_g = tl.arange(0, G)
+    y_row = Y + b * s_yb + h * s_yh
+    q = tl.load(y_row + offs_g).to(tl.float32)
+    if ROPE:
+        q = q * tl.load(COS + b * s_cb + offs_g).to(tl.float32) \
+            + tl.load(y_row + G + offs_g).to(tl.float32) * tl.load(SIN + b * s_sb + offs_g).to(tl.float32)
+    s_row = S + pid.to(tl.int64) * N  # the row's scores, written chunk by chunk, read back whole
+    for c in range(0, N, CHUNK):
+        offs_n = c + tl.arange(0, CHUNK)
+        ok = offs_n < N
+        k = tl.load(KEYS + b * s_kb + h * s_kh + offs_n.to(tl.int64)[:, None] * s_kn + offs_g[None, :],
+                    mask=ok[:, None], other=0.0).to(tl.float32)
+        tl.store(s_row + offs_n, tl.sum(k * q[None, :], 1), mask=ok)
+    tl.debug_barrier()  # the program's own stores, visible to all its threads
+    cnt = tl.load(CNT + pid)
+    offs = tl.arange(0, BLOCK)
+    m = offs < N
+    x = tl.load(s_row + offs, mask=m, other=0.0) + tl.load(BIAS + b * s_bb + offs, mask=m, other=0.0)
+    _select_row(x, m, cnt, offs, OUT + b * s_ob + h * s_oh, K, BLOCK, BITS)
 
 
 @triton.jit
@@ -283,8 +333,46 @@ def top_blocks(scores, bias, counts, k, backend="auto"):
     out = torch.empty(B, H, k, dtype=torch.int32, device=scores.device)
     block = max(16, triton.next_power_of_2(N))
     _top_blocks_kernel[(B * H,)](scores, bias, counts, out, N, k, H, scores.stride(0), scores.stride(1),
-                                 bias.stride(0), out.stride(0), out.stride(1), BLOCK=block,
+                                 bias.stride(0), out.stride(0), out.stride(1), BLOCK=block, BITS=TOP_BLOCKS_BITS,
                                  num_warps=TOP_BLOCKS_WARPS[min(b for b in TOP_BLOCKS_WARPS if b >= block)])
+    return out
+
+
+def gate_top_blocks(y, keys, rope, bias, counts, k, backend="auto"):
+    """``top_blocks(gate_scores(y, keys, rope), bias, counts, k)`` in one launch (module
+    docstring): one program per (sequence, KV head) scores the row's block keys chunk by chunk
+    into a float32 scratch row, then selects from it. Arguments as those two functions take them
+    (``rope`` may be None). Returns int32 ``[B, H, k]``."""
+    _check_backend(backend)
+    if keys.dim() != 4:
+        raise ValueError(f"keys must be [B, H, N, G], got shape {tuple(keys.shape)}")
+    B, H, N, G = keys.shape
+    fused = N <= MAX_BLOCKS and _use_triton_width(backend, keys, "gate_top_blocks", "G", G)
+    if not fused:
+        return top_blocks(gate_scores(y, keys, rope, backend=backend), bias, counts, k, backend=backend)
+    width = 2 * G if rope is not None else G
+    if tuple(y.shape) != (B, H, width):
+        raise ValueError(f"y must have shape [B, H, {'2G' if rope is not None else 'G'}] = {(B, H, width)}, "
+                         f"got {tuple(y.shape)}")
+    if rope is not None and any(tuple(t.shape) != (B, G) for t in rope):
+        raise ValueError(f"rope must be (cos, sin) of shape [B, G] = {(B, G)}, got {[tuple(t.shape) for t in rope]}")
+    if tuple(bias.shape) != (B, 1, N):
+        raise ValueError(f"bias must have shape [B, 1, N] = {(B, 1, N)}, got {tuple(bias.shape)}")
+    if tuple(counts.shape) != (B, H):
+        raise ValueError(f"counts must have shape [B, H] = {(B, H)}, got {tuple(counts.shape)}")
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= N:
+        raise ValueError(f"k must be an integer in [1, N={N}], got {k!r}")
+    y, keys = (t if t.stride(-1) == 1 else t.contiguous() for t in (y, keys))
+    cos, sin = (t if t.stride(-1) == 1 else t.contiguous() for t in rope) if rope is not None else (y, y)
+    bias = bias.float().contiguous()
+    counts = counts.to(torch.int32).contiguous()
+    scratch = torch.empty(B * H, N, dtype=torch.float32, device=keys.device)
+    out = torch.empty(B, H, k, dtype=torch.int32, device=keys.device)
+    _gate_top_blocks_kernel[(B * H,)](
+        y, cos, sin, keys, scratch, bias, counts, out, N, k, H, y.stride(0), y.stride(1), cos.stride(0),
+        sin.stride(0), keys.stride(0), keys.stride(1), keys.stride(2), bias.stride(0), out.stride(0), out.stride(1),
+        G=G, ROPE=rope is not None, CHUNK=FUSED_CHUNK, BLOCK=max(16, triton.next_power_of_2(N)), BITS=TOP_BLOCKS_BITS,
+        num_warps=FUSED_WARPS)
     return out
 
 

@@ -92,6 +92,7 @@
 #   decode-free    ~9  issue 15: decode gates distilled without the sink in their loss (the default since session 38;
 #                      FORCED=1: with it, the loss up to session 37), 800 steps, then decode-prior's perplexity settings;
 #                      needs staging (session 38, H100: results/decode/h100_quality_free_loss.json)
+#   gate-select    ~3  issue 15: bmm + gate_top_blocks (one launch) vs gate_scores + top_blocks, 1/2/4-bit passes
 #   prior-sweep    ~2  issue 15: prior_mix's variants (tl.dot vs broadcast, 64-256 blocks per program), graph-replayed
 #   decode-quality ~6  issue 15's full protocol (300-step gates at 8k, decode perplexity of 16
 #                      8192-token windows, dense / share=0.1 / budget=2048, passkey 75 prompts
@@ -186,6 +187,12 @@ case "$STEP" in
     timeout 200 "$PY" docs/experiments/prior_mix_sweep.py --out "$OUT/prior_mix_sweep.json" > "$OUT/sweep.log" 2>&1
     echo "prior_mix_sweep: exit $?"; tail -n 5 "$OUT/sweep.log"
     timeout 120 "$PY" -m pytest -q -p no:cacheprovider tests/kernels/test_gpu_decode.py -k prior 2>&1 | tail -n 1 ;;
+  gate-select)  # issue 15 (session 39): the gate's scoring and selection in one launch (gate_top_blocks) against the
+    # two launches, selection passes of 1 / 2 / 4 key bits, then their GPU tests; no staging
+    timeout 300 "$PY" docs/experiments/gate_select_sweep.py --out "$OUT/gate_select_sweep.json" > "$OUT/sweep.log" 2>&1
+    echo "gate_select_sweep: exit $?"; sed -n '/^# /,$p' "$OUT/sweep.log"; grep -E "Error|error" "$OUT/sweep.log" | tail -n 3
+    timeout 200 "$PY" -m pytest -q -p no:cacheprovider -rfE tests/kernels/test_gpu_decode.py -k "top_blocks or gate_scores" \
+      2>&1 | tail -n 4 ;;
   decode-sweep)
     timeout 300 "$PY" docs/experiments/decode_step_sweep.py --out "$OUT/sweep.json" > "$OUT/sweep.log" 2>&1
     echo "decode_step_sweep: exit $?"; tail -n 7 "$OUT/sweep.log" ;;

@@ -1,11 +1,12 @@
-"""kernels/decode_select.py: top_blocks and gate_scores, the Triton kernels (the interpreter on
+"""kernels/decode_select.py: top_blocks, gate_scores and gate_top_blocks, the Triton kernels (the interpreter on
 CPU, compiled on a GPU) against their torch references, and the top_blocks reference against
 torch.topk's kept sets; ties, forced (+inf) and masked (-inf) blocks, counts 0 .. k; the gate
 scores with and without RoPE, on keys that are a slice of a larger buffer."""
 import pytest
 import torch
 
-from seer_attn.kernels.decode_select import gate_scores, prior_mix, top_blocks
+from seer_attn.kernels import decode_select
+from seer_attn.kernels.decode_select import gate_scores, gate_top_blocks, prior_mix, top_blocks
 from seer_attn.kernels.reference import gate_scores_ref, prior_mix_ref, top_blocks_ref
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -128,6 +129,57 @@ def test_gate_scores_bad_arguments():
     with pytest.raises(ValueError, match="needs G a power of two >= 16, got 24"):
         gate_scores(y24, keys24, r24, backend="triton")
     torch.testing.assert_close(gate_scores(y24, keys24, r24), gate_scores_ref(y24, keys24, r24))  # auto: torch
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+def test_top_blocks_passes_of_several_bits_equal_the_reference(monkeypatch, bits):
+    """The selection settling 2 or 4 key bits per pass (16 / 8 passes) keeps the bisection's
+    blocks: ties, forced and masked blocks, counts 0 .. k."""
+    monkeypatch.setattr(decode_select, "TOP_BLOCKS_BITS", bits)
+    for B, H, N, k, seed in [(2, 3, 10, 4, 0), (3, 2, 300, 40, 2)]:
+        scores, bias, n = _case(B, H, N, seed, torch.float16)
+        counts = torch.minimum(n, torch.tensor(k)).to(torch.int32)
+        counts[0, 0] = 0
+        got = top_blocks(scores.to(DEV), bias.to(DEV), counts.to(DEV), k, backend="triton")
+        assert torch.equal(got.cpu(), top_blocks_ref(scores, bias, counts, k))
+
+
+# ----------------------------------------------------------------------------- gate_top_blocks
+
+@pytest.mark.parametrize("B, H, N, G, k", [(2, 3, 1, 16, 1), (1, 2, 63, 32, 9), (2, 2, 130, 16, 20)])
+@pytest.mark.parametrize("rope", [True, False], ids=["rope", "no-rope"])
+@pytest.mark.parametrize("bits", [1, 2])
+def test_gate_top_blocks_equals_scores_then_selection(monkeypatch, B, H, N, G, k, rope, bits):
+    """The one-launch gate + selection keeps what the references keep: the torch scores (float32
+    keys, so no near-ties move) then top_blocks' reference, with forced and masked blocks and
+    counts from 0 to k; chunks of 32 keys, so rows of several chunks and a partial one."""
+    monkeypatch.setattr(decode_select, "TOP_BLOCKS_BITS", bits)
+    monkeypatch.setattr(decode_select, "FUSED_CHUNK", 32)
+    y, keys, r = _gate_case(B, H, N, G, N + G, torch.float32, rope)
+    _, bias, n = _case(B, H, N, N) if N > 1 else (None, torch.zeros(B, 1, 1), torch.ones(B, H, dtype=torch.long))
+    counts = torch.minimum(n, torch.tensor(k)).to(torch.int32)
+    counts[0, 0] = 0
+    got = gate_top_blocks(y.to(DEV), keys.to(DEV), tuple(t.to(DEV) for t in r) if rope else None, bias.to(DEV),
+                          counts.to(DEV), k, backend="triton")
+    assert got.dtype == torch.int32 and got.shape == (B, H, k)
+    assert torch.equal(got.cpu(), top_blocks_ref(gate_scores_ref(y, keys, r), bias, counts, k))
+
+
+def test_gate_top_blocks_bad_arguments_and_torch_path():
+    y, keys, r = _gate_case(2, 3, 5, 16, 0, torch.float32)
+    bias, counts = torch.zeros(2, 1, 5), torch.full((2, 3), 2, dtype=torch.int32)
+    want = top_blocks_ref(gate_scores_ref(y, keys, r), bias, counts, 3)
+    assert torch.equal(gate_top_blocks(y, keys, r, bias, counts, 3, backend="torch"), want)
+    with pytest.raises(ValueError, match=r"y must have shape \[B, H, 2G\] = \(2, 3, 32\), got \(2, 3, 16\)"):
+        gate_top_blocks(y[..., :16], keys, r, bias, counts, 3, backend="triton")
+    with pytest.raises(ValueError, match=r"bias must have shape \[B, 1, N\] = \(2, 1, 5\), got \(2, 3, 5\)"):
+        gate_top_blocks(y, keys, r, torch.zeros(2, 3, 5), counts, 3, backend="triton")
+    with pytest.raises(ValueError, match=r"counts must have shape \[B, H\] = \(2, 3\), got \(3, 2\)"):
+        gate_top_blocks(y, keys, r, bias, counts.T, 3, backend="triton")
+    with pytest.raises(ValueError, match=r"k must be an integer in \[1, N=5\], got 0"):
+        gate_top_blocks(y, keys, r, bias, counts, 0, backend="triton")
+    with pytest.raises(ValueError, match=r"keys must be \[B, H, N, G\], got shape \(3, 5, 16\)"):
+        gate_top_blocks(y, keys[0], r, bias, counts, 3)
 
 
 def _prior_case(B, HQ, H, N, D, dtype, seed=0):

@@ -143,6 +143,41 @@ def test_gate_scores_at_real_shapes(B, N):
     torch.testing.assert_close(got, gate_scores_ref(y, keys, rope), atol=2e-3, rtol=1e-4)
 
 
+@pytest.mark.parametrize("B, N, k", [(16, 2048, 205), (1, 2048, 205), (4, 2049, 32), (1, 16384, 1639)])
+@pytest.mark.parametrize("bits", [1, 2, 4])
+def test_gate_top_blocks_at_real_shapes(monkeypatch, B, N, k, bits):
+    """The decode gate's scoring and selection in one launch at 128k-1M-token caches (8 KV heads,
+    G 128, bf16 inputs, keys a slice of a larger buffer): each row keeps ``counts`` blocks in
+    increasing order, the forced ones among them, and no left-out block scores more than a kept one
+    by the float32 reference's scores beyond float32 summation noise (a near-tie may go either way)."""
+    from seer_attn.kernels import decode_select
+    from seer_attn.kernels.reference import gate_scores_ref
+    monkeypatch.setattr(decode_select, "TOP_BLOCKS_BITS", bits)
+    gen = torch.Generator(device="cuda").manual_seed(N + bits)
+    y = torch.randn(8, B, 256, device="cuda", generator=gen).to(torch.bfloat16).transpose(0, 1)
+    keys = torch.randn(B, 8, N + 64, 128, device="cuda", generator=gen).to(torch.bfloat16)[:, :, :N]
+    e = torch.rand(B, 128, device="cuda", generator=gen) * 6.0
+    rope = (e.cos().to(torch.bfloat16), e.sin().to(torch.bfloat16))
+    bias = torch.zeros(B, 1, N, device="cuda")
+    bias[..., 0] = bias[..., N - 2] = float("inf")
+    bias[..., N - 1] = float("-inf")
+    counts = torch.randint(2, k + 1, (B, 8), device="cuda", generator=gen, dtype=torch.int32)
+    counts[0] = k
+    got = decode_select.gate_top_blocks(y, keys, rope, bias, counts, k, backend="triton")
+    s = gate_scores_ref(y, keys, rope) + bias
+    for b in range(B):
+        for h in range(8):
+            c = int(counts[b, h])
+            row = got[b, h]
+            assert (row[c:] == -1).all() and (row[:c] >= 0).all()
+            kept = row[:c].long()
+            assert (kept[1:] > kept[:-1]).all()
+            assert {0, N - 2} <= set(kept.tolist())
+            out = torch.ones(N, dtype=torch.bool, device="cuda")
+            out[kept] = False
+            assert s[b, h, kept].min() >= s[b, h, out].max() - 1e-3
+
+
 @pytest.mark.parametrize("B, N", [(4, 2048), (1, 16384), (16, 513)])
 def test_prior_mix_at_real_shapes(B, N):
     """The decode prior's mixture at 32k-1M-token caches (32 query / 8 KV heads, D 128, bf16 queries and

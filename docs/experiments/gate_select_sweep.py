@@ -1,0 +1,116 @@
+"""The decode gate's scoring and selection in one launch (``kernels.decode_select.gate_top_blocks``,
+issue 15), against the two launches the graph step ran up to session 39, on the 8B shape.
+
+Issue 15 bounds the gate + selection at 15% of a sparse decode step; session 38 measured 19% at
+16 x 128k and 57% at 1 x 128k (H100, graph-replayed). A layer's gate ran three launches before
+the decode kernel: the query's projection (one bmm), ``gate_scores`` (one program per 64 block
+keys) and ``top_blocks`` (one program per row: 32 bisection passes). This script replays from
+its own CUDA graph each of:
+
+- ``two_bB``: bmm + gate_scores + top_blocks settling B key bits per selection pass (1: the
+  bisection up to session 39; 2 / 4: 16 / 8 passes);
+- ``fused_cC_wW_bB``: bmm + gate_top_blocks (one program per row scores the row's keys C at a
+  time into a scratch row, then selects; W warps);
+- ``layer_...``: the same with the decode kernel over the selection (10% of the blocks),
+
+and checks that each variant keeps the same blocks as ``two_b1``: ``same`` is the share of rows
+with equal kept sets (summation order may move a near-tie).
+
+    python docs/experiments/gate_select_sweep.py [--settings 1x131072 4x131072 16x32768 16x131072] [--out F]
+
+Prints JSON lines as it goes and a table last; ``--out F`` writes a results envelope.
+"""
+import argparse
+import json
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+FUSED = [(64, 4, 1), (64, 4, 2), (64, 4, 4), (64, 8, 2), (128, 8, 2), (32, 4, 2), (64, 8, 4)]
+TWO_BITS = [1, 2, 4]
+
+
+def us(fn):
+    from seer_attn.eval.bench_decode import _graph_bench
+    ms = _graph_bench(fn)
+    return ms if isinstance(ms, str) else round(1e3 * ms, 2)
+
+
+@torch.no_grad()
+def sweep(B, S, share):
+    from decode_gate_profile import layer_inputs
+    from seer_attn.kernels import block_sparse_decode
+    from seer_attn.kernels import decode_select as ds
+    x = layer_inputs(B, S, share)
+    gate, keys, q_pre, q, k, v, rope, bias, K, cnt, lens = (x[n] for n in (
+        "gate", "keys", "q_pre", "q", "k", "v", "rope", "bias", "K", "cnt", "lens"))
+    H = keys.shape[1]
+    HQ, D = q_pre.shape[1], q_pre.shape[3]
+    w = gate._step_weight(keys.dtype)
+
+    def query():
+        return torch.bmm(q_pre.reshape(B, H, (HQ // H) * D).transpose(0, 1), w).transpose(0, 1)
+
+    def two():
+        return ds.top_blocks(ds.gate_scores(query(), keys, rope), bias, cnt, K)
+
+    def fused():
+        return ds.gate_top_blocks(query(), keys, rope, bias, cnt, K)
+
+    kept = dict(bits=ds.TOP_BLOCKS_BITS, chunk=ds.FUSED_CHUNK, warps=ds.FUSED_WARPS)
+    row = {"B": B, "S": S, "share": share, "K": K, "keys_MB": round(keys.numel() * 2 / 2 ** 20, 1)}
+    ref = None
+    variants = [(f"two_b{b}", two, dict(bits=b)) for b in TWO_BITS]
+    variants += [(f"fused_c{c}_w{wp}_b{b}", fused, dict(bits=b, chunk=c, warps=wp)) for c, wp, b in FUSED]
+    try:
+        for name, fn, cfg in variants:
+            ds.TOP_BLOCKS_BITS = cfg["bits"]
+            ds.FUSED_CHUNK, ds.FUSED_WARPS = cfg.get("chunk", kept["chunk"]), cfg.get("warps", kept["warps"])
+            idx = fn()
+            sets = torch.sort(idx.long().masked_fill(idx < 0, 1 << 40), dim=-1).values
+            if ref is None:
+                ref = sets
+            row[name + "_same"] = round((sets == ref).all(-1).float().mean().item(), 4)
+            row[name] = us(fn)
+            row["layer_" + name] = us(lambda: block_sparse_decode(q, k, v, fn(), lens, block_counts=cnt,
+                                                                  check_lengths=False))
+    finally:
+        ds.TOP_BLOCKS_BITS, ds.FUSED_CHUNK, ds.FUSED_WARPS = kept["bits"], kept["chunk"], kept["warps"]
+    idx = two()
+    row["query"] = us(query)
+    row["kernel"] = us(lambda: block_sparse_decode(q, k, v, idx, lens, block_counts=cnt, check_lengths=False))
+    return row
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--settings", nargs="+", default=["1x131072", "4x131072", "16x32768", "16x131072"])
+    ap.add_argument("--share", type=float, default=0.1)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("gate_select_sweep.py needs a CUDA GPU")
+    lines = []
+    for setting in args.settings:
+        B, S = (int(t) for t in setting.split("x"))
+        row = sweep(B, S, args.share)
+        print(json.dumps(row), flush=True)
+        lines.append(row)
+        torch.cuda.empty_cache()
+    names = [f"two_b{b}" for b in TWO_BITS] + [f"fused_c{c}_w{wp}_b{b}" for c, wp, b in FUSED]
+    print(f"\n# {torch.cuda.get_device_name()}: gate + selection, CUDA-graph median us (layer: + the decode kernel)")
+    print("B x cache | query | kernel | " + " | ".join(names))
+    for r in lines:
+        print(f"{r['B']} x {r['S'] // 1024}k | {r['query']} | {r['kernel']} | "
+              + " | ".join(f"{r[n]} / {r['layer_' + n]} ({r[n + '_same']})" for n in names))
+    if args.out:
+        from seer_attn.training.results import write_envelope
+        write_envelope(args.out, "gate_select_sweep", lines, config=vars(args),
+                       model="random decode gate and bf16 KV cache, 32 query / 8 KV heads, D 128, G 128")
+
+
+if __name__ == "__main__":
+    main()
