@@ -335,6 +335,12 @@ class DecodeStep:
                                     threshold=cfg.seer_decode_threshold, mass=cfg.seer_decode_mass,
                                     prepared=prepared)
 
+    def gate_select(self, gate, q_pre, keys, cfg):
+        """None: an eager step scores (:meth:`.DecodeGate.step_logits`) and then selects
+        (:meth:`select`); the graph step's one-launch path is
+        :meth:`.decode_graph.GraphDecodeStep.gate_select`."""
+        return None
+
     def note_kept(self, cnt):
         """Add one layer's kept block counts ``[B, H]`` (folded into the state by :meth:`finish`;
         layers of a step with one shared count tensor cost nothing here)."""

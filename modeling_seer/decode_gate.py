@@ -101,25 +101,40 @@ class DecodeGate(nn.Module):
         return cached[1]
 
     @torch.no_grad()
+    def step_query(self, q_pre, dtype, rope=None):
+        """``(y, rope)`` for :func:`~seer_attn.kernels.decode_select.gate_scores` (or its fused
+        selection, :func:`~seer_attn.kernels.decode_select.gate_top_blocks`) at a decode step: one
+        matmul projects the query and makes its RoPE partner (see :meth:`_step_weight`; the scale
+        is folded in) in ``dtype``, the keys' (the model's: the step's query and cached keys are);
+        ``y`` is ``[B, H, 2G]`` with ``rope``, ``[B, H, G]`` and ``rope`` None for a gate without
+        RoPE or when none is given.
+
+        Args:
+            q_pre: pre-RoPE queries of the new token ``[B, HQ, 1, D]``.
+            rope: ``(cos, sin)`` ``[B, G]`` in ``dtype`` at the token's position.
+        """
+        B, HQ, _, D = q_pre.shape
+        H, G = self.num_kv_heads, self.hidden_size
+        x = q_pre.reshape(B, H, (HQ // H) * D).transpose(0, 1).to(dtype)  # [H, B, group * D] (a view)
+        y = torch.bmm(x, self._step_weight(dtype)).transpose(0, 1)  # [B, H, G or 2G] (a view)
+        if self.use_rope and rope is not None:
+            return y, rope
+        return y[..., :G], None
+
+    @torch.no_grad()
     def step_logits(self, q_pre, keys, rope=None):
         """A decode step's logits, float32 ``[B, H, 1, N]``: ``scores(query(q_pre, rope), keys)``
-        in two launches on a GPU: one matmul projects the query and makes its RoPE partner (see
-        :meth:`_step_weight`; the scale is folded in), in the keys' dtype (the model's: the step's
-        query and cached keys are), then :func:`~seer_attn.kernels.decode_select.gate_scores`
-        rotates it and scores the blocks in float32 (its torch reference off a GPU).
+        in two launches on a GPU: :meth:`step_query`'s matmul, then
+        :func:`~seer_attn.kernels.decode_select.gate_scores` rotates the query and scores the
+        blocks in float32 (its torch reference off a GPU).
 
         Args:
             q_pre: pre-RoPE queries of the new token ``[B, HQ, 1, D]``.
             keys: block keys ``[B, H, N, G]`` (:meth:`block_keys`, as the pooled-K cache keeps them).
             rope: ``(cos, sin)`` ``[B, G]`` in the keys' dtype at the token's position.
         """
-        B, HQ, _, D = q_pre.shape
-        H, G, dt = self.num_kv_heads, self.hidden_size, keys.dtype
-        x = q_pre.reshape(B, H, (HQ // H) * D).transpose(0, 1).to(dt)  # [H, B, group * D] (a view)
-        y = torch.bmm(x, self._step_weight(dt)).transpose(0, 1)  # [B, H, G or 2G] (a view)
-        if self.use_rope and rope is not None:
-            return gate_scores(y, keys, rope).unsqueeze(2)
-        return gate_scores(y[..., :G], keys).unsqueeze(2)
+        y, rope = self.step_query(q_pre, keys.dtype, rope)
+        return gate_scores(y, keys, rope).unsqueeze(2)
 
 
 def sample_decode_rows(bounds, num_rows, block_size, min_blocks=2):

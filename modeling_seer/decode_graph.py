@@ -30,7 +30,7 @@ import math
 
 import torch
 
-from seer_attn.kernels.decode_select import top_blocks
+from seer_attn.kernels.decode_select import gate_top_blocks, top_blocks
 
 from .selection import DECODE_METHODS, DECODE_SCORE_METHODS, block_pool, decode_full_blocks, score_selection
 
@@ -202,6 +202,18 @@ class GraphDecodeStep:
             return top_blocks(scores, bias, cnt, k), cnt
         return score_selection(scores.float() + bias, forced, k, cfg.seer_decode_method,
                                cfg.seer_decode_threshold, cfg.seer_decode_mass)
+
+    def gate_select(self, gate, q_pre, keys, cfg):
+        """``(idx, cnt)`` of the decode gate's own logits (no prior) by a method that keeps a count
+        per row (budget, share): the query's projection, then the scoring and the selection in one
+        launch on a GPU (:func:`~seer_attn.kernels.decode_select.gate_top_blocks`); the same blocks
+        as :meth:`select` of :meth:`.DecodeGate.step_logits` (up to float32 summation order). None
+        for the methods that count per row from the softmaxed logits (threshold, mass)."""
+        bias, _, cnt, k = self._prepared(cfg, keys.shape[1])
+        if cnt is None:
+            return None
+        y, rope = gate.step_query(q_pre, keys.dtype, self.q_rope(keys.dtype))
+        return gate_top_blocks(y, keys, rope, bias, cnt, k), cnt
 
     def note_kept(self, cnt):
         self._counts.append(cnt)

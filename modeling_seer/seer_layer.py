@@ -299,7 +299,8 @@ class SeerAttentionMixin:
         and current block always), read only those blocks. What
         every layer of the step shares (RoPE, lengths, the selection's bias and counts) is made
         once, in ``step``; a layer adds a few ops: project and score (:meth:`DecodeGate.step_logits`),
-        top-k, the kernel."""
+        top-k, the kernel (a graph step with a budget or share and no prior scores and selects in one
+        launch: ``step.gate_select``)."""
         cfg = self.config
         if not q.dtype == k.dtype == v.dtype:
             q, k = q.to(v.dtype), k.to(v.dtype)
@@ -307,20 +308,24 @@ class SeerAttentionMixin:
         with torch.no_grad():
             keys = step.gate_keys(self.layer_idx)  # None before the first block fills
             width = keys.shape[2] if keys is not None else 1  # the blocks the step scores
+            picked = None  # (idx, cnt) when the gate scores and selects in one launch
             if cfg.seer_decode_selector == "oracle":
                 logits = decode_oracle_scores(q, k, step.lens, self.scaling, cfg.seer_block_size, width,
                                               step.seq_starts)
             elif cfg.seer_decode_selector == "streaming":
                 logits = decode_recency_scores(k.shape[0], k.shape[1], width, q.device)
             elif keys is not None:
-                logits = gate.step_logits(q_pre, keys, rope=step.q_rope(keys.dtype)).squeeze(2)
-                if cfg.seer_decode_meanpool_prior:
-                    logits = with_decode_meanpool_prior(logits, q, step.block_means(self.layer_idx),
-                                                        step.full_blocks(width), self.scaling,
-                                                        cfg.seer_decode_meanpool_prior)
+                if not cfg.seer_decode_meanpool_prior:  # graph steps with budget / share: one launch
+                    picked = step.gate_select(gate, q_pre, keys, cfg)
+                if picked is None:
+                    logits = gate.step_logits(q_pre, keys, rope=step.q_rope(keys.dtype)).squeeze(2)
+                    if cfg.seer_decode_meanpool_prior:
+                        logits = with_decode_meanpool_prior(logits, q, step.block_means(self.layer_idx),
+                                                            step.full_blocks(width), self.scaling,
+                                                            cfg.seer_decode_meanpool_prior)
             else:
                 logits = torch.zeros(k.shape[0], k.shape[1], 1, device=q.device)
-            idx, cnt = step.select(logits, cfg)
+            idx, cnt = picked if picked is not None else step.select(logits, cfg)
         out = block_sparse_decode(q, k, v, idx, step.lens, self.scaling, cfg.seer_block_size,
                                   seq_starts=step.seq_starts, block_counts=cnt, check_lengths=False)
         step.note_kept(cnt)

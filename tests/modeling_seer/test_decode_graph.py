@@ -110,18 +110,23 @@ def test_graph_decode_with_compiled_pointwise_layers(tiny, monkeypatch):
 
 
 @torch.no_grad()
-def test_top_k_methods_select_through_top_blocks(tiny, monkeypatch):
-    """The graph step's budget / share selection goes through kernels.decode_select.top_blocks
-    (the reference on a CPU), once per layer and step, with generate's tokens."""
+@pytest.mark.parametrize("prior", [0.0, 0.7], ids=["gate", "prior"])
+def test_top_k_methods_select_through_one_launch(tiny, monkeypatch, prior):
+    """The graph step's budget / share selection of the gate alone goes through
+    kernels.decode_select.gate_top_blocks (scoring and selection in one launch; the references on
+    a CPU), with the prior through top_blocks after the mixture; once per layer and step, with
+    generate's tokens."""
     from seer_attn.modeling_seer import decode_graph
-    m = tiny(**DECODE, seer_decode_sparsity=True, seer_decode_budget=3 * 64)
+    m = tiny(**DECODE, seer_decode_sparsity=True, seer_decode_budget=3 * 64, seer_decode_meanpool_prior=prior)
     ids, mask = _left_pad([_ids(200, seed=3)[0], _ids(40, seed=4)[0]], 200)
-    calls = []
-    top_blocks = decode_graph.top_blocks
-    monkeypatch.setattr(decode_graph, "top_blocks", lambda *a: calls.append(a[3]) or top_blocks(*a))
+    calls = {"gate_top_blocks": [], "top_blocks": []}
+    for name, fn in [(n, getattr(decode_graph, n)) for n in calls]:
+        monkeypatch.setattr(decode_graph, name, lambda *a, _n=name, _f=fn: calls[_n].append(a[-1]) or _f(*a))
     out = m.seer_generate(ids, attention_mask=mask, max_new_tokens=50)
     assert torch.equal(out, _greedy(m, ids, 50, attention_mask=mask))
-    assert calls == [3] * (49 * m.config.num_hidden_layers)  # width: the budget's 3 blocks
+    used, unused = ("top_blocks", "gate_top_blocks") if prior else ("gate_top_blocks", "top_blocks")
+    assert calls[used] == [3] * (49 * m.config.num_hidden_layers)  # width: the budget's 3 blocks
+    assert calls[unused] == []
 
 
 @torch.no_grad()
