@@ -12,6 +12,11 @@ matmul of the torch path become one launch, in float32 throughout.
 increasing block order, then -1. The decode kernel reads the first ``counts`` entries of a
 row, so the kept set needs no sort.
 
+``gate_top_blocks(y, keys, rope, bias, counts, k)`` is ``top_blocks(gate_scores(y, keys, rope),
+bias, counts, k)`` in one launch: one program per row scores the row's keys
+(:data:`FUSED_CHUNK` at a time) into a float32 scratch row, then selects from it as top_blocks
+does. The graph decode step runs it for the gate alone (no prior) with a budget or a share.
+
 ``prior_mix(logits, q, means, full, scale, weight)`` returns float32 ``[B, H, N]``: the gate's
 logits mixed with the training-free mean-pooled prior, ``(1 - weight) log p_gate + weight log
 p_meanpool`` over each sequence's full blocks, 0 on the others (``seer_decode_meanpool_prior``;
@@ -24,8 +29,9 @@ the mixture (the torch path took ~15 small launches, ~85 us a layer in a CUDA-gr
 4 x 128k on an H100).
 
 top_blocks kernel: one program per row holds the row's scores as order-preserving int32 keys in
-registers, finds the ``cnt``-th largest key by bisection over the 32-bit key range (32
-counting passes over the registers, compares and counts in int32: a GPU runs 64-bit integer
+registers, finds the ``cnt``-th largest key by a search over the 32-bit key range that settles
+:data:`TOP_BLOCKS_BITS` bits per counting pass over the registers (1: bisection, 32 passes; 4:
+8 passes of 16 counts each; compares and counts in int32: a GPU runs 64-bit integer
 ops as pairs of 32-bit ones), then writes the indices of the keys above it and of
 the first ones equal to it at positions given by a prefix sum. Rows of up to
 :data:`MAX_BLOCKS` blocks (64k-token blocks: a 1M-token cache); longer rows and CPU tensors
