@@ -15,7 +15,9 @@ row, so the kept set needs no sort.
 ``gate_top_blocks(y, keys, rope, bias, counts, k)`` is ``top_blocks(gate_scores(y, keys, rope),
 bias, counts, k)`` in one launch: one program per row scores the row's keys
 (:data:`FUSED_CHUNK` at a time) into a float32 scratch row, then selects from it as top_blocks
-does. The graph decode step runs it for the gate alone (no prior) with a budget or a share.
+does (with :data:`FUSED_SPLIT` > 1, that many programs per row score a part each and the last
+to finish, counted by an atomic, selects). The graph decode step runs it for the gate alone (no
+prior) with a budget or a share.
 
 ``prior_mix(logits, q, means, full, scale, weight)`` returns float32 ``[B, H, N]``: the gate's
 logits mixed with the training-free mean-pooled prior, ``(1 - weight) log p_gate + weight log
@@ -61,6 +63,8 @@ TOP_BLOCKS_BITS = 1
 #: block keys scored per step of gate_top_blocks' loop, and its warps; benchmarks may override them
 FUSED_CHUNK = 64
 FUSED_WARPS = 4
+#: programs per row of gate_top_blocks (> 1: each scores a part, the row's last to finish selects)
+FUSED_SPLIT = 1
 
 
 @triton.jit
@@ -131,9 +135,9 @@ def _top_blocks_kernel(S, BIAS, CNT, OUT, N, K, H, s_sb, s_sh, s_bb, s_ob, s_oh,
 
 
 @triton.jit
-def _gate_top_blocks_kernel(Y, COS, SIN, KEYS, S, BIAS, CNT, OUT, N, K, H, s_yb, s_yh, s_cb, s_sb, s_kb, s_kh,
-                            s_kn, s_bb, s_ob, s_oh, G: tl.constexpr, ROPE: tl.constexpr, CHUNK: tl.constexpr,
-                            BLOCK: tl.constexpr, BITS: tl.constexpr):
+def _gate_top_blocks_kernel(Y, COS, SIN, KEYS, S, BIAS, CNT, OUT, ARRIVED, N, K, H, s_yb, s_yh, s_cb, s_sb, s_kb,
+                            s_kh, s_kn, s_bb, s_ob, s_oh, G: tl.constexpr, ROPE: tl.constexpr,
+                            CHUNK: tl.constexpr, BLOCK: tl.constexpr, BITS: tl.constexpr, SPLIT: tl.constexpr):
     pid = tl.program_id(0)  # b * H + h
     b = (pid // H).to(tl.int64)
     h = (pid % H).to(tl.int64)
@@ -144,18 +148,28 @@ def _gate_top_blocks_kernel(Y, COS, SIN, KEYS, S, BIAS, CNT, OUT, N, K, H, s_yb,
         q = q * tl.load(COS + b * s_cb + offs_g).to(tl.float32) \
             + tl.load(y_row + G + offs_g).to(tl.float32) * tl.load(SIN + b * s_sb + offs_g).to(tl.float32)
     s_row = S + pid.to(tl.int64) * N  # the row's scores, written chunk by chunk, read back whole
-    for c in range(0, N, CHUNK):
+    part = tl.cdiv(tl.cdiv(N, CHUNK), SPLIT) * CHUNK  # the keys each of the row's SPLIT programs scores
+    start = tl.program_id(1) * part
+    for c in range(start, tl.minimum(start + part, N), CHUNK):
         offs_n = c + tl.arange(0, CHUNK)
         ok = offs_n < N
         k = tl.load(KEYS + b * s_kb + h * s_kh + offs_n.to(tl.int64)[:, None] * s_kn + offs_g[None, :],
                     mask=ok[:, None], other=0.0).to(tl.float32)
         tl.store(s_row + offs_n, tl.sum(k * q[None, :], 1), mask=ok)
-    tl.debug_barrier()  # the program's own stores, visible to all its threads
-    cnt = tl.load(CNT + pid)
-    offs = tl.arange(0, BLOCK)
-    m = offs < N
-    x = tl.load(s_row + offs, mask=m, other=0.0) + tl.load(BIAS + b * s_bb + offs, mask=m, other=0.0)
-    _select_row(x, m, cnt, offs, OUT + b * s_ob + h * s_oh, K, BLOCK, BITS)
+    tl.debug_barrier()  # the program's own stores, visible to all its threads (and, through the
+    # release below, to the row's last program)
+    last = True
+    if SPLIT > 1:  # the row's last program to finish selects; it resets the counter for the next call
+        last = tl.atomic_add(ARRIVED + pid, 1, sem="acq_rel") == SPLIT - 1
+    if last:
+        if SPLIT > 1:
+            tl.atomic_xchg(ARRIVED + pid, 0)
+        cnt = tl.load(CNT + pid)
+        offs = tl.arange(0, BLOCK)
+        m = offs < N
+        x = tl.load(s_row + offs, mask=m, other=0.0, cache_modifier=".cg") \
+            + tl.load(BIAS + b * s_bb + offs, mask=m, other=0.0)
+        _select_row(x, m, cnt, offs, OUT + b * s_ob + h * s_oh, K, BLOCK, BITS)
 
 
 @triton.jit
@@ -374,11 +388,13 @@ def gate_top_blocks(y, keys, rope, bias, counts, k, backend="auto"):
     counts = counts.to(torch.int32).contiguous()
     scratch = torch.empty(B * H, N, dtype=torch.float32, device=keys.device)
     out = torch.empty(B, H, k, dtype=torch.int32, device=keys.device)
-    _gate_top_blocks_kernel[(B * H,)](
-        y, cos, sin, keys, scratch, bias, counts, out, N, k, H, y.stride(0), y.stride(1), cos.stride(0),
+    split = max(1, min(FUSED_SPLIT, triton.cdiv(N, FUSED_CHUNK)))
+    arrived = torch.zeros(B * H if split > 1 else 1, dtype=torch.int32, device=keys.device)
+    _gate_top_blocks_kernel[(B * H, split)](
+        y, cos, sin, keys, scratch, bias, counts, out, arrived, N, k, H, y.stride(0), y.stride(1), cos.stride(0),
         sin.stride(0), keys.stride(0), keys.stride(1), keys.stride(2), bias.stride(0), out.stride(0), out.stride(1),
         G=G, ROPE=rope is not None, CHUNK=FUSED_CHUNK, BLOCK=max(16, triton.next_power_of_2(N)), BITS=TOP_BLOCKS_BITS,
-        num_warps=FUSED_WARPS)
+        SPLIT=split, num_warps=FUSED_WARPS)
     return out
 
 

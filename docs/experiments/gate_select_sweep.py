@@ -9,8 +9,8 @@ its own CUDA graph each of:
 
 - ``two_bB``: bmm + gate_scores + top_blocks settling B key bits per selection pass (1: the
   bisection up to session 39; 2 / 4: 16 / 8 passes);
-- ``fused_cC_wW_bB``: bmm + gate_top_blocks (one program per row scores the row's keys C at a
-  time into a scratch row, then selects; W warps);
+- ``fused_cC_wW_bB_sP``: bmm + gate_top_blocks (P programs per row score the row's keys C at a
+  time into a scratch row, then the row's last selects; W warps);
 - ``layer_...``: the same with the decode kernel over the selection (10% of the blocks),
 
 and checks that each variant keeps the same blocks as ``two_b1``: ``same`` is the share of rows
@@ -29,7 +29,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-FUSED = [(64, 4, 1), (64, 4, 2), (64, 4, 4), (64, 8, 2), (128, 8, 2), (32, 4, 2), (64, 8, 4)]
+FUSED = [(64, 4, 1, 1), (64, 4, 2, 1), (64, 4, 4, 1), (64, 8, 2, 1), (128, 8, 2, 1), (64, 4, 2, 4), (64, 4, 2, 16),
+         (64, 8, 4, 4), (64, 8, 4, 16)]
 TWO_BITS = [1, 2, 4]
 
 
@@ -60,15 +61,17 @@ def sweep(B, S, share):
     def fused():
         return ds.gate_top_blocks(query(), keys, rope, bias, cnt, K)
 
-    kept = dict(bits=ds.TOP_BLOCKS_BITS, chunk=ds.FUSED_CHUNK, warps=ds.FUSED_WARPS)
+    kept = dict(bits=ds.TOP_BLOCKS_BITS, chunk=ds.FUSED_CHUNK, warps=ds.FUSED_WARPS, split=ds.FUSED_SPLIT)
     row = {"B": B, "S": S, "share": share, "K": K, "keys_MB": round(keys.numel() * 2 / 2 ** 20, 1)}
     ref = None
     variants = [(f"two_b{b}", two, dict(bits=b)) for b in TWO_BITS]
-    variants += [(f"fused_c{c}_w{wp}_b{b}", fused, dict(bits=b, chunk=c, warps=wp)) for c, wp, b in FUSED]
+    variants += [(f"fused_c{c}_w{wp}_b{b}_s{sp}", fused, dict(bits=b, chunk=c, warps=wp, split=sp))
+                 for c, wp, b, sp in FUSED]
     try:
         for name, fn, cfg in variants:
             ds.TOP_BLOCKS_BITS = cfg["bits"]
             ds.FUSED_CHUNK, ds.FUSED_WARPS = cfg.get("chunk", kept["chunk"]), cfg.get("warps", kept["warps"])
+            ds.FUSED_SPLIT = cfg.get("split", kept["split"])
             idx = fn()
             sets = torch.sort(idx.long().masked_fill(idx < 0, 1 << 40), dim=-1).values
             if ref is None:
@@ -79,6 +82,7 @@ def sweep(B, S, share):
                                                                   check_lengths=False))
     finally:
         ds.TOP_BLOCKS_BITS, ds.FUSED_CHUNK, ds.FUSED_WARPS = kept["bits"], kept["chunk"], kept["warps"]
+        ds.FUSED_SPLIT = kept["split"]
     idx = two()
     row["query"] = us(query)
     row["kernel"] = us(lambda: block_sparse_decode(q, k, v, idx, lens, block_counts=cnt, check_lengths=False))
@@ -100,7 +104,7 @@ def main(argv=None):
         print(json.dumps(row), flush=True)
         lines.append(row)
         torch.cuda.empty_cache()
-    names = [f"two_b{b}" for b in TWO_BITS] + [f"fused_c{c}_w{wp}_b{b}" for c, wp, b in FUSED]
+    names = [f"two_b{b}" for b in TWO_BITS] + [f"fused_c{c}_w{wp}_b{b}_s{sp}" for c, wp, b, sp in FUSED]
     print(f"\n# {torch.cuda.get_device_name()}: gate + selection, CUDA-graph median us (layer: + the decode kernel)")
     print("B x cache | query | kernel | " + " | ".join(names))
     for r in lines:

@@ -148,12 +148,14 @@ def test_top_blocks_passes_of_several_bits_equal_the_reference(monkeypatch, bits
 
 @pytest.mark.parametrize("B, H, N, G, k", [(2, 3, 1, 16, 1), (1, 2, 63, 32, 9), (2, 2, 130, 16, 20)])
 @pytest.mark.parametrize("rope", [True, False], ids=["rope", "no-rope"])
-@pytest.mark.parametrize("bits", [1, 2])
-def test_gate_top_blocks_equals_scores_then_selection(monkeypatch, B, H, N, G, k, rope, bits):
+@pytest.mark.parametrize("bits, split", [(1, 1), (2, 3)], ids=["bisect", "bits2-split3"])
+def test_gate_top_blocks_equals_scores_then_selection(monkeypatch, B, H, N, G, k, rope, bits, split):
     """The one-launch gate + selection keeps what the references keep: the torch scores (float32
     keys, so no near-ties move) then top_blocks' reference, with forced and masked blocks and
-    counts from 0 to k; chunks of 32 keys, so rows of several chunks and a partial one."""
+    counts from 0 to k; chunks of 32 keys, so rows of several chunks and a partial one; one
+    program per row, or three scoring a part each (the last selects)."""
     monkeypatch.setattr(decode_select, "TOP_BLOCKS_BITS", bits)
+    monkeypatch.setattr(decode_select, "FUSED_SPLIT", split)
     monkeypatch.setattr(decode_select, "FUSED_CHUNK", 32)
     y, keys, r = _gate_case(B, H, N, G, N + G, torch.float32, rope)
     _, bias, n = _case(B, H, N, N) if N > 1 else (None, torch.zeros(B, 1, 1), torch.ones(B, H, dtype=torch.long))

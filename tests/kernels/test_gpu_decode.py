@@ -144,15 +144,16 @@ def test_gate_scores_at_real_shapes(B, N):
 
 
 @pytest.mark.parametrize("B, N, k", [(16, 2048, 205), (1, 2048, 205), (4, 2049, 32), (1, 16384, 1639)])
-@pytest.mark.parametrize("bits", [1, 2, 4])
-def test_gate_top_blocks_at_real_shapes(monkeypatch, B, N, k, bits):
+@pytest.mark.parametrize("bits, split", [(1, 1), (2, 1), (4, 1), (2, 8)])
+def test_gate_top_blocks_at_real_shapes(monkeypatch, B, N, k, bits, split):
     """The decode gate's scoring and selection in one launch at 128k-1M-token caches (8 KV heads,
-    G 128, bf16 inputs, keys a slice of a larger buffer): each row keeps ``counts`` blocks in
+    G 128, bf16 inputs, keys a slice of a larger buffer; one program per row or eight): each row keeps ``counts`` blocks in
     increasing order, the forced ones among them, and no left-out block scores more than a kept one
     by the float32 reference's scores beyond float32 summation noise (a near-tie may go either way)."""
     from seer_attn.kernels import decode_select
     from seer_attn.kernels.reference import gate_scores_ref
     monkeypatch.setattr(decode_select, "TOP_BLOCKS_BITS", bits)
+    monkeypatch.setattr(decode_select, "FUSED_SPLIT", split)
     gen = torch.Generator(device="cuda").manual_seed(N + bits)
     y = torch.randn(8, B, 256, device="cuda", generator=gen).to(torch.bfloat16).transpose(0, 1)
     keys = torch.randn(B, 8, N + 64, 128, device="cuda", generator=gen).to(torch.bfloat16)[:, :, :N]
