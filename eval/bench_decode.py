@@ -11,8 +11,10 @@ then what a layer runs before the kernel (the decode gate's logits, with ``prior
 mean-pooled prior mixed in, and the top-k, ``gate_select_layer``; with the selection's
 per-block preparation, ``gate_select_step``) and
 its share of the sparse step (gate / (gate + kernel)); and the layer's gate, selection and
-kernel replayed from a CUDA graph (``graph_layer``: the GPU's own time, no host work)
-against the same ops launched one by one (``eager_layer``). Correctness first: ours with
+kernel replayed from a CUDA graph as a graph-mode step runs them (``graph_layer``: the GPU's own
+time, no host work; since session 39 the gate alone scored and selected in one launch,
+``graph_gate_select`` without the kernel) against the eager step's ops launched one by one
+(``eager_layer``). Correctness first: ours with
 every block vs SDPA, ours sparse vs the fp32 torch reference.
 
 End to end (``e2e``, ``BxT`` settings): a SeerLlama of the 8B shape with random weights
@@ -213,7 +215,11 @@ def gate_step(B, S, share, seed, device="cuda", prior=0.0):
     on random block means laid out as the pooled-K cache keeps them); returns ``(step, per_layer)``,
     functions returning ``(idx, cnt)``: ``per_layer`` what every layer runs (logits, top-k),
     ``step`` that plus the selection's preparation (made once per block of 64 steps for all
-    layers: an upper bound of its share)."""
+    layers: an upper bound of its share), as an eager step selects (sorted top-k); and
+    ``graph_select``, what a layer of a graph-mode step runs: the gate alone scored and selected in
+    one launch (:func:`~seer_attn.kernels.decode_select.gate_top_blocks`), with the prior the
+    mixture then :func:`~seer_attn.kernels.decode_select.top_blocks`. Returns ``(step, per_layer,
+    graph_select)``."""
     from seer_attn.modeling_seer.decode_gate import DecodeGate
     from seer_attn.modeling_seer.selection import (prepare_decode_selection, select_decode_blocks,
                                                    with_decode_meanpool_prior)
@@ -234,6 +240,8 @@ def gate_step(B, S, share, seed, device="cuda", prior=0.0):
         q_post = torch.randn(B, HQ, 1, D, device=device).to(dt)
         full = (torch.arange(cur + 1, device=device) < cur).expand(B, 1, cur + 1).contiguous()
 
+    from seer_attn.kernels.decode_select import gate_top_blocks, top_blocks
+
     def logits():
         s = gate.step_logits(q_pre, keys, rope).squeeze(2)
         return with_decode_meanpool_prior(s, q_post, means, full, D ** -0.5, prior) if prior > 0 else s
@@ -246,7 +254,15 @@ def gate_step(B, S, share, seed, device="cuda", prior=0.0):
     def step():  # plus the preparation made once per block for all layers
         return select_decode_blocks(logits(), first, "share",
                                     prepared=prepare_decode_selection(first, cur, "share", share=share, num_heads=H))
-    return step, per_layer
+
+    @torch.no_grad()
+    def graph_select():  # what a layer of a graph-mode step runs (decode_graph.GraphDecodeStep)
+        bias, cnt, k = prepared["bias"], prepared["cnt"], prepared["k"]
+        if prior > 0:
+            return top_blocks(logits(), bias, cnt, k), cnt
+        y, r = gate.step_query(q_pre, dt, rope)
+        return gate_top_blocks(y, keys, r, bias, cnt, k), cnt
+    return step, per_layer, graph_select
 
 
 def kernel_row(B, S, share, prior=0.0):
@@ -256,7 +272,7 @@ def kernel_row(B, S, share, prior=0.0):
     NB = -(-S // BS)
     lens = torch.full((B,), S, dtype=torch.int32, device="cuda")
     full = torch.ones(B, H, NB, dtype=torch.bool, device="cuda")
-    step, per_layer = gate_step(B, S, share, seed=B, prior=prior)
+    step, per_layer, graph_select = gate_step(B, S, share, seed=B, prior=prior)
     idx, cnt = per_layer()
     none = torch.zeros_like(cnt)
 
@@ -289,7 +305,9 @@ def kernel_row(B, S, share, prior=0.0):
     row["gate_select_step"] = _bench(step)  # with the per-block preparation (shared by all layers)
     row["gate_share_of_sparse_step"] = row["gate_select_layer"] / (row["gate_select_layer"] + row["ours_sparse"])
     row["eager_layer"] = _bench(layer)
-    row["graph_layer"] = _graph_bench(layer)
+    # replayed from a CUDA graph as a graph-mode step runs it (the gate alone scored and selected in one launch)
+    row["graph_layer"] = _graph_bench(lambda: ours(*graph_select()))
+    row["graph_gate_select"] = _graph_bench(graph_select)
     # the kernel alone replayed from a CUDA graph: its GPU time without the host's launch work,
     # which the eager numbers above include at B=1 (the empty selection costs as much as 10%)
     row["ours_sparse_graph"] = _graph_bench(lambda: ours(idx, cnt))
@@ -313,7 +331,7 @@ def tune(config):
     cases = []
     for B in sorted(set(config.batches)):
         q, k, v = _decode_inputs(B, S, seed=7)
-        _, per_layer = gate_step(B, S, config.share, seed=B)
+        _, per_layer, _ = gate_step(B, S, config.share, seed=B)
         idx, cnt = per_layer()
         lens = torch.full((B,), S, dtype=torch.int32, device="cuda")
         cases.append((B, q, k, v, idx, cnt, lens))

@@ -73,10 +73,10 @@ def test_json_is_an_envelope(tmp_path, check_envelope):
 
 
 def test_gate_step_selects_the_share_on_cpu():
-    """The timed per-layer work (gate logits, top-k) runs on any device and keeps the share:
+    """The timed per-layer work (gate logits, top-k; eager and graph-mode) runs on any device and keeps the share:
     ceil(0.1 * 64) of the 64 blocks of a 4096-slot cache, the current block (63) among them."""
-    step, per_layer = bench_decode.gate_step(2, 4096, 0.1, seed=0, device="cpu")
-    for fn in (step, per_layer):
+    step, per_layer, graph_select = bench_decode.gate_step(2, 4096, 0.1, seed=0, device="cpu")
+    for fn in (step, per_layer, graph_select):
         idx, cnt = fn()
         assert cnt.tolist() == [[7] * 8] * 2
         assert all(63 in idx[b, h, :7].tolist() and 0 in idx[b, h, :7].tolist() for b in range(2) for h in range(8))
@@ -86,9 +86,13 @@ def test_gate_step_with_the_prior_keeps_the_share_and_changes_the_choice_on_cpu(
     """With the mean-pooled prior mixed in (its torch reference on the CPU), the per-layer work still
     keeps ceil(0.1 * 64) blocks with the sink and the current block, and the prior moves the choice:
     at weight 1 the gate's random logits no longer decide it."""
-    _, gate_only = bench_decode.gate_step(2, 4096, 0.1, seed=0, device="cpu")
-    _, with_prior = bench_decode.gate_step(2, 4096, 0.1, seed=0, device="cpu", prior=1.0)
+    _, gate_only, graph_only = bench_decode.gate_step(2, 4096, 0.1, seed=0, device="cpu")
+    _, with_prior, graph_prior = bench_decode.gate_step(2, 4096, 0.1, seed=0, device="cpu", prior=1.0)
     (i0, _), (i1, c1) = gate_only(), with_prior()
+    for eager, graph in ((gate_only, graph_only), (with_prior, graph_prior)):  # the same kept sets
+        (ie, ce), (ig, cg) = eager(), graph()
+        assert torch.equal(ce, cg)
+        assert torch.equal(ie[..., :7].sort(-1).values, ig[..., :7].long())
     assert c1.tolist() == [[7] * 8] * 2
     assert all(63 in i1[b, h, :7].tolist() and 0 in i1[b, h, :7].tolist() for b in range(2) for h in range(8))
     assert any(set(i0[b, h, :7].tolist()) != set(i1[b, h, :7].tolist()) for b in range(2) for h in range(8))
