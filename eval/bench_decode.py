@@ -241,6 +241,7 @@ def gate_step(B, S, share, seed, device="cuda", prior=0.0):
         full = (torch.arange(cur + 1, device=device) < cur).expand(B, 1, cur + 1).contiguous()
 
     from seer_attn.kernels.decode_select import gate_top_blocks, top_blocks
+    from seer_attn.modeling_seer import decode_graph
 
     def logits():
         s = gate.step_logits(q_pre, keys, rope).squeeze(2)
@@ -258,7 +259,7 @@ def gate_step(B, S, share, seed, device="cuda", prior=0.0):
     @torch.no_grad()
     def graph_select():  # what a layer of a graph-mode step runs (decode_graph.GraphDecodeStep)
         bias, cnt, k = prepared["bias"], prepared["cnt"], prepared["k"]
-        if prior > 0:
+        if prior > 0 or not decode_graph.ONE_LAUNCH_GATE:
             return top_blocks(logits(), bias, cnt, k), cnt
         y, r = gate.step_query(q_pre, dt, rope)
         return gate_top_blocks(y, keys, r, bias, cnt, k), cnt

@@ -34,6 +34,10 @@ from seer_attn.kernels.decode_select import gate_top_blocks, top_blocks
 
 from .selection import DECODE_METHODS, DECODE_SCORE_METHODS, block_pool, decode_full_blocks, score_selection
 
+#: whether graph steps score and select the gate alone in one launch (:meth:`GraphDecodeStep.gate_select`);
+#: False: the query's projection, gate_scores, then top_blocks (the path up to session 39)
+ONE_LAUNCH_GATE = True
+
 
 class GraphStats:
     """Kept share of each sequence's blocks over the graph decode steps (``density()`` as
@@ -210,7 +214,7 @@ class GraphDecodeStep:
         as :meth:`select` of :meth:`.DecodeGate.step_logits` (up to float32 summation order). None
         for the methods that count per row from the softmaxed logits (threshold, mass)."""
         bias, _, cnt, k = self._prepared(cfg, keys.shape[1])
-        if cnt is None:
+        if cnt is None or not ONE_LAUNCH_GATE:
             return None
         y, rope = gate.step_query(q_pre, keys.dtype, self.q_rope(keys.dtype))
         return gate_top_blocks(y, keys, rope, bias, cnt, k), cnt

@@ -110,13 +110,15 @@ def test_graph_decode_with_compiled_pointwise_layers(tiny, monkeypatch):
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("prior", [0.0, 0.7], ids=["gate", "prior"])
-def test_top_k_methods_select_through_one_launch(tiny, monkeypatch, prior):
+@pytest.mark.parametrize("prior, one_launch", [(0.0, True), (0.7, True), (0.0, False)],
+                         ids=["gate", "prior", "gate-two-launches"])
+def test_top_k_methods_select_through_one_launch(tiny, monkeypatch, prior, one_launch):
     """The graph step's budget / share selection of the gate alone goes through
     kernels.decode_select.gate_top_blocks (scoring and selection in one launch; the references on
-    a CPU), with the prior through top_blocks after the mixture; once per layer and step, with
-    generate's tokens."""
+    a CPU), with the prior (or ONE_LAUNCH_GATE off) through top_blocks after the scores; once per
+    layer and step, with generate's tokens."""
     from seer_attn.modeling_seer import decode_graph
+    monkeypatch.setattr(decode_graph, "ONE_LAUNCH_GATE", one_launch)
     m = tiny(**DECODE, seer_decode_sparsity=True, seer_decode_budget=3 * 64, seer_decode_meanpool_prior=prior)
     ids, mask = _left_pad([_ids(200, seed=3)[0], _ids(40, seed=4)[0]], 200)
     calls = {"gate_top_blocks": [], "top_blocks": []}
@@ -124,7 +126,7 @@ def test_top_k_methods_select_through_one_launch(tiny, monkeypatch, prior):
         monkeypatch.setattr(decode_graph, name, lambda *a, _n=name, _f=fn: calls[_n].append(a[-1]) or _f(*a))
     out = m.seer_generate(ids, attention_mask=mask, max_new_tokens=50)
     assert torch.equal(out, _greedy(m, ids, 50, attention_mask=mask))
-    used, unused = ("top_blocks", "gate_top_blocks") if prior else ("gate_top_blocks", "top_blocks")
+    used, unused = ("top_blocks", "gate_top_blocks") if prior or not one_launch else ("gate_top_blocks", "top_blocks")
     assert calls[used] == [3] * (49 * m.config.num_hidden_layers)  # width: the budget's 3 blocks
     assert calls[unused] == []
 
