@@ -68,17 +68,23 @@ FUSED_SPLIT = 1
 
 
 @triton.jit
+def _gate_query(y_row, cos, sin, offs_g, G: tl.constexpr, ROPE: tl.constexpr):
+    """The row's projected query in float32, rotated by RoPE (its partner columns after the map's)."""
+    q = tl.load(y_row + offs_g).to(tl.float32)
+    if ROPE:
+        q = q * tl.load(cos + offs_g).to(tl.float32) \
+            + tl.load(y_row + G + offs_g).to(tl.float32) * tl.load(sin + offs_g).to(tl.float32)
+    return q
+
+
+@triton.jit
 def _gate_scores_kernel(Y, COS, SIN, KEYS, OUT, N, H, s_yb, s_yh, s_cb, s_sb, s_kb, s_kh, s_kn, s_ob, s_oh,
                         G: tl.constexpr, ROPE: tl.constexpr, CHUNK: tl.constexpr):
     pid = tl.program_id(0)  # b * H + h
     b = (pid // H).to(tl.int64)
     h = (pid % H).to(tl.int64)
     offs_g = tl.arange(0, G)
-    y_row = Y + b * s_yb + h * s_yh
-    q = tl.load(y_row + offs_g).to(tl.float32)
-    if ROPE:
-        q = q * tl.load(COS + b * s_cb + offs_g).to(tl.float32) \
-            + tl.load(y_row + G + offs_g).to(tl.float32) * tl.load(SIN + b * s_sb + offs_g).to(tl.float32)
+    q = _gate_query(Y + b * s_yb + h * s_yh, COS + b * s_cb, SIN + b * s_sb, offs_g, G, ROPE)
     offs_n = tl.program_id(1) * CHUNK + tl.arange(0, CHUNK)
     m = offs_n < N
     k = tl.load(KEYS + b * s_kb + h * s_kh + offs_n.to(tl.int64)[:, None] * s_kn + offs_g[None, :],
@@ -142,11 +148,7 @@ def _gate_top_blocks_kernel(Y, COS, SIN, KEYS, S, BIAS, CNT, OUT, ARRIVED, N, K,
     b = (pid // H).to(tl.int64)
     h = (pid % H).to(tl.int64)
     offs_g = tl.arange(0, G)
-    y_row = Y + b * s_yb + h * s_yh
-    q = tl.load(y_row + offs_g).to(tl.float32)
-    if ROPE:
-        q = q * tl.load(COS + b * s_cb + offs_g).to(tl.float32) \
-            + tl.load(y_row + G + offs_g).to(tl.float32) * tl.load(SIN + b * s_sb + offs_g).to(tl.float32)
+    q = _gate_query(Y + b * s_yb + h * s_yh, COS + b * s_cb, SIN + b * s_sb, offs_g, G, ROPE)
     s_row = S + pid.to(tl.int64) * N  # the row's scores, written chunk by chunk, read back whole
     part = tl.cdiv(tl.cdiv(N, CHUNK), SPLIT) * CHUNK  # the keys each of the row's SPLIT programs scores
     start = tl.program_id(1) * part
@@ -284,6 +286,26 @@ def _check_backend(backend):
         raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
 
 
+def _check_gate_query(y, rope, B, H, G):
+    """gate_scores' query arguments against the keys' ``B, H, G``."""
+    width = 2 * G if rope is not None else G
+    if tuple(y.shape) != (B, H, width):
+        raise ValueError(f"y must have shape [B, H, {'2G' if rope is not None else 'G'}] = {(B, H, width)}, "
+                         f"got {tuple(y.shape)}")
+    if rope is not None and any(tuple(t.shape) != (B, G) for t in rope):
+        raise ValueError(f"rope must be (cos, sin) of shape [B, G] = {(B, G)}, got {[tuple(t.shape) for t in rope]}")
+
+
+def _check_selection(bias, counts, k, B, H, N):
+    """top_blocks' selection arguments against the scores' ``B, H, N``."""
+    if tuple(bias.shape) != (B, 1, N):
+        raise ValueError(f"bias must have shape [B, 1, N] = {(B, 1, N)}, got {tuple(bias.shape)}")
+    if tuple(counts.shape) != (B, H):
+        raise ValueError(f"counts must have shape [B, H] = {(B, H)}, got {tuple(counts.shape)}")
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= N:
+        raise ValueError(f"k must be an integer in [1, N={N}], got {k!r}")
+
+
 def gate_scores(y, keys, rope=None, backend="auto"):
     """The decode gate's block logits of one step (module docstring).
 
@@ -301,12 +323,7 @@ def gate_scores(y, keys, rope=None, backend="auto"):
     if keys.dim() != 4:
         raise ValueError(f"keys must be [B, H, N, G], got shape {tuple(keys.shape)}")
     B, H, N, G = keys.shape
-    width = 2 * G if rope is not None else G
-    if tuple(y.shape) != (B, H, width):
-        raise ValueError(f"y must have shape [B, H, {'2G' if rope is not None else 'G'}] = {(B, H, width)}, "
-                         f"got {tuple(y.shape)}")
-    if rope is not None and any(tuple(t.shape) != (B, G) for t in rope):
-        raise ValueError(f"rope must be (cos, sin) of shape [B, G] = {(B, G)}, got {[tuple(t.shape) for t in rope]}")
+    _check_gate_query(y, rope, B, H, G)
     if not _use_triton_width(backend, keys, "gate_scores", "G", G):
         return gate_scores_ref(y, keys, rope)
     y, keys = (t if t.stride(-1) == 1 else t.contiguous() for t in (y, keys))
@@ -337,12 +354,7 @@ def top_blocks(scores, bias, counts, k, backend="auto"):
     if scores.dim() != 3:
         raise ValueError(f"scores must be [B, H, N], got shape {tuple(scores.shape)}")
     B, H, N = scores.shape
-    if tuple(bias.shape) != (B, 1, N):
-        raise ValueError(f"bias must have shape [B, 1, N] = {(B, 1, N)}, got {tuple(bias.shape)}")
-    if tuple(counts.shape) != (B, H):
-        raise ValueError(f"counts must have shape [B, H] = {(B, H)}, got {tuple(counts.shape)}")
-    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= N:
-        raise ValueError(f"k must be an integer in [1, N={N}], got {k!r}")
+    _check_selection(bias, counts, k, B, H, N)
     if backend == "triton" and N > MAX_BLOCKS:
         raise ValueError(f"rows of {N} blocks exceed the kernel's {MAX_BLOCKS}; use backend='torch'")
     if not (N <= MAX_BLOCKS and _use_triton(backend, scores, "top_blocks")):
@@ -370,18 +382,8 @@ def gate_top_blocks(y, keys, rope, bias, counts, k, backend="auto"):
     fused = N <= MAX_BLOCKS and _use_triton_width(backend, keys, "gate_top_blocks", "G", G)
     if not fused:
         return top_blocks(gate_scores(y, keys, rope, backend=backend), bias, counts, k, backend=backend)
-    width = 2 * G if rope is not None else G
-    if tuple(y.shape) != (B, H, width):
-        raise ValueError(f"y must have shape [B, H, {'2G' if rope is not None else 'G'}] = {(B, H, width)}, "
-                         f"got {tuple(y.shape)}")
-    if rope is not None and any(tuple(t.shape) != (B, G) for t in rope):
-        raise ValueError(f"rope must be (cos, sin) of shape [B, G] = {(B, G)}, got {[tuple(t.shape) for t in rope]}")
-    if tuple(bias.shape) != (B, 1, N):
-        raise ValueError(f"bias must have shape [B, 1, N] = {(B, 1, N)}, got {tuple(bias.shape)}")
-    if tuple(counts.shape) != (B, H):
-        raise ValueError(f"counts must have shape [B, H] = {(B, H)}, got {tuple(counts.shape)}")
-    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= N:
-        raise ValueError(f"k must be an integer in [1, N={N}], got {k!r}")
+    _check_gate_query(y, rope, B, H, G)
+    _check_selection(bias, counts, k, B, H, N)
     y, keys = (t if t.stride(-1) == 1 else t.contiguous() for t in (y, keys))
     cos, sin = (t if t.stride(-1) == 1 else t.contiguous() for t in rope) if rope is not None else (y, y)
     bias = bias.float().contiguous()
