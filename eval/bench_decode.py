@@ -91,6 +91,7 @@ class DecodeBenchConfig(RunConfig):
     layers: int = option(32, ca.positive_int)  # decoder layers of the 8B-shaped model
     steps: int = option(16, decode_steps)  # timed decode steps per end-to-end setting
     tune: bool = option(False, flag)  # sweep the kernel's launch configs first, keep the fastest
+    two_launch_gate: bool = option(False, flag)  # graph steps score, then select (decode_graph.ONE_LAUNCH_GATE off)
     out: str = option("seer_outputs/bench-decode", text)
 
 
@@ -117,6 +118,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--steps", type=decode_steps, default=_default("steps"),
                     help=f"timed decode steps per end-to-end setting (at most {MAX_STEPS})")
     ap.add_argument("--tune", action="store_true", help="sweep the kernel's launch configs first, keep the fastest")
+    ap.add_argument("--two-launch-gate", action="store_true",
+                    help="graph-mode steps score the gate's blocks and then select them in two launches (the path "
+                         "before the one-launch gate_top_blocks), in the kernel rows' graph_layer and end to end")
     ap.add_argument("--out", default=_default("out"), help="output folder (default: %(default)s)")
     ap.add_argument("--plot", default=None, help="only redraw the PNG from this CSV")
     return ap
@@ -140,6 +144,15 @@ def run_decode_bench(config: DecodeBenchConfig) -> dict:
     if not torch.cuda.is_available():
         raise ValueError("the decode benchmark needs a CUDA GPU, and torch sees none")
     os.makedirs(config.out, exist_ok=True)
+    from seer_attn.modeling_seer import decode_graph
+    kept, decode_graph.ONE_LAUNCH_GATE = decode_graph.ONE_LAUNCH_GATE, not config.two_launch_gate
+    try:
+        return _run(config)
+    finally:
+        decode_graph.ONE_LAUNCH_GATE = kept
+
+
+def _run(config):
     checks, tuning = [], []
     if config.tune:
         tuning = tune(config)

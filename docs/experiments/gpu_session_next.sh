@@ -196,6 +196,9 @@ case "$STEP" in
     timeout 240 "$PY" -m seer_attn.eval.bench_decode --lengths 32768 131072 --batches 1 16 "${E[@]}" --out "$OUT/decode" \
       > "$OUT/bench_decode.log" 2>&1
     echo "bench_decode: exit $?"; sed -n '/^# /,$p' "$OUT/bench_decode.log" | tail -n 14
+    timeout 150 "$PY" -m seer_attn.eval.bench_decode --lengths 131072 --batches 16 "${E[@]}" --two-launch-gate \
+      --out "$OUT/decode_two" > "$OUT/bench_decode_two.log" 2>&1
+    echo "bench_decode --two-launch-gate: exit $?"; sed -n '/^# /,$p' "$OUT/bench_decode_two.log" | tail -n 6
     timeout 120 "$PY" -m pytest -q -p no:cacheprovider -rfE tests/kernels/test_gpu_decode.py -k "top_blocks or gate_scores" \
       tests/modeling_seer/test_decode_gpu.py 2>&1 | tail -n 4 ;;
   decode-sweep)
