@@ -188,19 +188,19 @@ case "$STEP" in
     echo "prior_mix_sweep: exit $?"; tail -n 5 "$OUT/sweep.log"
     timeout 120 "$PY" -m pytest -q -p no:cacheprovider tests/kernels/test_gpu_decode.py -k prior 2>&1 | tail -n 1 ;;
   gate-select)  # issue 15 (session 39): the gate's scoring and selection in one launch (gate_top_blocks) against the
-    # two launches, selection passes of 1 / 2 / 4 key bits, then bench-decode (graph_layer runs it; 32 layers end to end
-    # on an H200, 16 on an H100) and the GPU tests; no staging
-    timeout 200 "$PY" docs/experiments/gate_select_sweep.py --out "$OUT/gate_select_sweep.json" > "$OUT/sweep.log" 2>&1
+    # two launches, selection passes of 1 / 2 / 4 key bits, the GPU tests, then bench-decode with each (graph_layer and
+    # end to end; 32 layers on an H200, 16 on an H100); no staging
+    timeout 150 "$PY" docs/experiments/gate_select_sweep.py --out "$OUT/gate_select_sweep.json" > "$OUT/sweep.log" 2>&1
     echo "gate_select_sweep: exit $?"; sed -n '/^# /,$p' "$OUT/sweep.log"; grep -E "Error|error" "$OUT/sweep.log" | tail -n 3
+    timeout 100 "$PY" -m pytest -q -p no:cacheprovider -rfE tests/kernels/test_gpu_decode.py -k "top_blocks or gate_scores" \
+      tests/modeling_seer/test_decode_gpu.py 2>&1 | tail -n 4
     if nvidia-smi | grep -q H200; then E=(--e2e 4x131072 16x32768); else E=(--e2e 4x131072 --layers 16); fi
-    timeout 240 "$PY" -m seer_attn.eval.bench_decode --lengths 32768 131072 --batches 1 16 "${E[@]}" --out "$OUT/decode" \
-      > "$OUT/bench_decode.log" 2>&1
-    echo "bench_decode: exit $?"; sed -n '/^# /,$p' "$OUT/bench_decode.log" | tail -n 14
-    timeout 150 "$PY" -m seer_attn.eval.bench_decode --lengths 131072 --batches 16 "${E[@]}" --two-launch-gate \
-      --out "$OUT/decode_two" > "$OUT/bench_decode_two.log" 2>&1
-    echo "bench_decode --two-launch-gate: exit $?"; sed -n '/^# /,$p' "$OUT/bench_decode_two.log" | tail -n 6
-    timeout 120 "$PY" -m pytest -q -p no:cacheprovider -rfE tests/kernels/test_gpu_decode.py -k "top_blocks or gate_scores" \
-      tests/modeling_seer/test_decode_gpu.py 2>&1 | tail -n 4 ;;
+    for V in one two; do
+      A=(); [ $V = two ] && A=(--two-launch-gate)
+      timeout 150 "$PY" -m seer_attn.eval.bench_decode --lengths 131072 --batches 1 16 "${E[@]}" "${A[@]}" \
+        --out "$OUT/decode_$V" > "$OUT/bench_decode_$V.log" 2>&1
+      echo "bench_decode $V: exit $?"; sed -n '/^# /,$p' "$OUT/bench_decode_$V.log" | tail -n 9
+    done ;;
   decode-sweep)
     timeout 300 "$PY" docs/experiments/decode_step_sweep.py --out "$OUT/sweep.json" > "$OUT/sweep.log" 2>&1
     echo "decode_step_sweep: exit $?"; tail -n 7 "$OUT/sweep.log" ;;
