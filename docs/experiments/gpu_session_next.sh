@@ -194,7 +194,7 @@ case "$STEP" in
     echo "gate_select_sweep: exit $?"; sed -n '/^# /,$p' "$OUT/sweep.log"; grep -E "Error|error" "$OUT/sweep.log" | tail -n 3
     timeout 100 "$PY" -m pytest -q -p no:cacheprovider -rfE tests/kernels/test_gpu_decode.py -k "top_blocks or gate_scores" \
       tests/modeling_seer/test_decode_gpu.py 2>&1 | tail -n 4
-    if nvidia-smi | grep -q H200; then E=(--e2e 4x131072 16x32768); else E=(--e2e 4x131072 --layers 16); fi
+    if nvidia-smi | grep -q H200; then E=(--e2e 4x131072); else E=(--e2e 4x131072 --layers 16); fi
     for V in one two; do
       A=(); [ $V = two ] && A=(--two-launch-gate)
       timeout 150 "$PY" -m seer_attn.eval.bench_decode --lengths 131072 --batches 1 16 "${E[@]}" "${A[@]}" \
