@@ -72,7 +72,13 @@ def sweep(B, S, share):
             ds.TOP_BLOCKS_BITS = cfg["bits"]
             ds.FUSED_CHUNK, ds.FUSED_WARPS = cfg.get("chunk", kept["chunk"]), cfg.get("warps", kept["warps"])
             ds.FUSED_SPLIT = cfg.get("split", kept["split"])
-            idx = fn()
+            try:
+                idx = fn()
+            except Exception as e:  # a variant that does not compile: recorded, the others still run
+                row[name] = row["layer_" + name] = f"error: {type(e).__name__}: {e}"[:300]
+                row[name + "_same"] = None
+                print(name, row[name], flush=True)
+                continue
             sets = torch.sort(idx.long().masked_fill(idx < 0, 1 << 40), dim=-1).values
             if ref is None:
                 ref = sets
