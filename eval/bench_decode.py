@@ -12,9 +12,10 @@ mean-pooled prior mixed in, and the top-k, ``gate_select_layer``; with the selec
 per-block preparation, ``gate_select_step``) and
 its share of the sparse step (gate / (gate + kernel)); and the layer's gate, selection and
 kernel replayed from a CUDA graph as a graph-mode step runs them (``graph_layer``: the GPU's own
-time, no host work; since session 39 the gate alone scored and selected in one launch,
-``graph_gate_select`` without the kernel) against the eager step's ops launched one by one
-(``eager_layer``). Correctness first: ours with
+time, no host work: since session 39 the query's projection, ``gate_scores`` and ``top_blocks``,
+or with ``--one-launch-gate`` ``gate_top_blocks``; ``graph_gate_select`` without the kernel;
+up to session 38 this row replayed the eager step's sorted torch top-k instead) against the
+eager step's ops launched one by one (``eager_layer``). Correctness first: ours with
 every block vs SDPA, ours sparse vs the fp32 torch reference.
 
 End to end (``e2e``, ``BxT`` settings): a SeerLlama of the 8B shape with random weights
@@ -91,7 +92,7 @@ class DecodeBenchConfig(RunConfig):
     layers: int = option(32, ca.positive_int)  # decoder layers of the 8B-shaped model
     steps: int = option(16, decode_steps)  # timed decode steps per end-to-end setting
     tune: bool = option(False, flag)  # sweep the kernel's launch configs first, keep the fastest
-    two_launch_gate: bool = option(False, flag)  # graph steps score, then select (decode_graph.ONE_LAUNCH_GATE off)
+    one_launch_gate: bool = option(False, flag)  # graph steps score and select in one launch (decode_graph.ONE_LAUNCH_GATE)
     out: str = option("seer_outputs/bench-decode", text)
 
 
@@ -118,9 +119,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--steps", type=decode_steps, default=_default("steps"),
                     help=f"timed decode steps per end-to-end setting (at most {MAX_STEPS})")
     ap.add_argument("--tune", action="store_true", help="sweep the kernel's launch configs first, keep the fastest")
-    ap.add_argument("--two-launch-gate", action="store_true",
-                    help="graph-mode steps score the gate's blocks and then select them in two launches (the path "
-                         "before the one-launch gate_top_blocks), in the kernel rows' graph_layer and end to end")
+    ap.add_argument("--one-launch-gate", action="store_true",
+                    help="graph-mode steps score the gate's blocks and select them in one launch (gate_top_blocks; "
+                         "measured slower than the default two), in the kernel rows' graph_layer and end to end")
     ap.add_argument("--out", default=_default("out"), help="output folder (default: %(default)s)")
     ap.add_argument("--plot", default=None, help="only redraw the PNG from this CSV")
     return ap
@@ -145,7 +146,7 @@ def run_decode_bench(config: DecodeBenchConfig) -> dict:
         raise ValueError("the decode benchmark needs a CUDA GPU, and torch sees none")
     os.makedirs(config.out, exist_ok=True)
     from seer_attn.modeling_seer import decode_graph
-    kept, decode_graph.ONE_LAUNCH_GATE = decode_graph.ONE_LAUNCH_GATE, not config.two_launch_gate
+    kept, decode_graph.ONE_LAUNCH_GATE = decode_graph.ONE_LAUNCH_GATE, config.one_launch_gate
     try:
         return _run(config)
     finally:
@@ -319,7 +320,7 @@ def kernel_row(B, S, share, prior=0.0):
     row["gate_select_step"] = _bench(step)  # with the per-block preparation (shared by all layers)
     row["gate_share_of_sparse_step"] = row["gate_select_layer"] / (row["gate_select_layer"] + row["ours_sparse"])
     row["eager_layer"] = _bench(layer)
-    # replayed from a CUDA graph as a graph-mode step runs it (the gate alone scored and selected in one launch)
+    # replayed from a CUDA graph as a graph-mode step runs it (decode_graph.GraphDecodeStep's selection)
     row["graph_layer"] = _graph_bench(lambda: ours(*graph_select()))
     row["graph_gate_select"] = _graph_bench(graph_select)
     # the kernel alone replayed from a CUDA graph: its GPU time without the host's launch work,

@@ -622,6 +622,40 @@ def decode_free_h100(root) -> str:
     return out + _table(["B x blocks", "means MB"] + keys, body)
 
 
+def decode_gate_select_h100(root) -> str:
+    """Session 39: the decode gate's scoring and selection in one launch against two, and the gate's
+    share of a graph-mode sparse layer as the graph step runs it."""
+    sweep_path = "results/decode/h100_gate_select_sweep.json"
+    sw = load_envelope(root, sweep_path)
+    cols = [("two_b1", "two launches, bisection"), ("two_b2", "two, 2 bits a pass"), ("two_b4", "two, 4 bits a pass"),
+            ("fused_c64_w4_b1_s1", "one launch"), ("fused_c64_w4_b2_s16", "one launch, 16 programs a row")]
+    body = [[f"{r['B']} x {_tokens(r['S'])}", r["query"], r["kernel"]] + [r[k] for k, _ in cols] for r in sw["rows"]]
+    out = (f"{sw['provenance']['gpu']}, commit {_commit(sw['provenance'])} ({sweep_path}); one sparse layer's gate and "
+           "selection replayed from a CUDA graph, median us, 8B attention shape, share 0.1 (`query`: the query's "
+           "projection, in every variant; `kernel`: the decode kernel alone); "
+           + ("every variant kept the same blocks as the first" if all(r[k + "_same"] == 1.0 for r in sw["rows"] for k, _ in cols)
+              else "the kept blocks differed between variants in some rows (`*_same` in the file)") + ":\n\n")
+    out += _table(["B x cache", "query", "kernel"] + [label for _, label in cols], body)
+    bench = [("results/decode/h100_bench_16layers_two_launch_gate.json", "two launches (default)"),
+             ("results/decode/h100_bench_16layers_one_launch_gate.json", "one launch")]
+    rows = []
+    for path, label in bench:
+        env = load_envelope(root, path)
+        e, k = env["e2e"][0], {r["B"]: r for r in env["rows"]}
+        share = [1 - k[b]["ours_sparse_graph"] / k[b]["graph_layer"] for b in (1, 16)]
+        rows.append([label, f"{k[1]['graph_layer'] * 1e3:.0f}", f"{100 * share[0]:.0f}%",
+                     f"{k[16]['graph_layer'] * 1e3:.0f}", f"{100 * share[1]:.0f}%",
+                     f"{e['graph_sparse_s_per_token'] * 1e3:.2f}", f"{e['graph_speedup']:.2f}x",
+                     f"{e['graph_fused_speedup']:.2f}x"])
+    env = load_envelope(root, bench[0][0])
+    out += (f"\n\nThe same in bench-decode (one run each, {', '.join(p for p, _ in bench)}): a sparse layer replayed "
+            "from a CUDA graph as the graph step runs it at 128k (us) and the gate's share of it (1 - kernel alone / "
+            f"layer), and time per output token of a {env['config']['layers']}-layer 8B-shaped model at "
+            f"{env['e2e'][0]['B']} x {_tokens(env['e2e'][0]['T'])} against dense:\n\n")
+    return out + _table(["gate + selection", "layer B=1", "gate share B=1", "layer B=16", "gate share B=16",
+                         "sparse ms/token", "speed-up", "layers fused"], rows)
+
+
 def finetune_timing_h200(root) -> str:
     """The timing phase of the fine-tuning experiment: s/step, peak memory and GPU ms by kernel
     kind of each variant (the busiest kernels stay in the envelope)."""
@@ -893,6 +927,7 @@ TABLES = {
         ("results/decode/h200_quality_mass_oracle.json", "not read by the oracle")),
     "decode-prior-h100": decode_prior_h100,
     "decode-free-h100": decode_free_h100,
+    "decode-gate-select-h100": decode_gate_select_h100,
     "finetune-timing-h200": finetune_timing_h200,
     "finetune-timing-compile-h200": finetune_timing_compile_h200,
     "finetune-compile-h200": finetune_compile_h200,

@@ -34,9 +34,11 @@ from seer_attn.kernels.decode_select import gate_top_blocks, top_blocks
 
 from .selection import DECODE_METHODS, DECODE_SCORE_METHODS, block_pool, decode_full_blocks, score_selection
 
-#: whether graph steps score and select the gate alone in one launch (:meth:`GraphDecodeStep.gate_select`);
-#: False: the query's projection, gate_scores, then top_blocks (the path up to session 39)
-ONE_LAUNCH_GATE = True
+#: whether graph steps score and select the gate alone in one launch (:meth:`GraphDecodeStep.gate_select`,
+#: :func:`~seer_attn.kernels.decode_select.gate_top_blocks`). Off: the query's projection, gate_scores, then
+#: top_blocks, which measured faster (H100, session 39: 22 against 47 us a layer at 1 x 128k, 50 against 62 at
+#: 16 x 128k; 16-layer model at 4 x 128k 2.60x against 2.50x dense; results/decode/h100_gate_select_sweep.json)
+ONE_LAUNCH_GATE = False
 
 
 class GraphStats:
@@ -208,11 +210,12 @@ class GraphDecodeStep:
                                cfg.seer_decode_threshold, cfg.seer_decode_mass)
 
     def gate_select(self, gate, q_pre, keys, cfg):
-        """``(idx, cnt)`` of the decode gate's own logits (no prior) by a method that keeps a count
-        per row (budget, share): the query's projection, then the scoring and the selection in one
-        launch on a GPU (:func:`~seer_attn.kernels.decode_select.gate_top_blocks`); the same blocks
-        as :meth:`select` of :meth:`.DecodeGate.step_logits` (up to float32 summation order). None
-        for the methods that count per row from the softmaxed logits (threshold, mass)."""
+        """With :data:`ONE_LAUNCH_GATE` on, ``(idx, cnt)`` of the decode gate's own logits (no prior)
+        by a method that keeps a count per row (budget, share): the query's projection, then the
+        scoring and the selection in one launch on a GPU
+        (:func:`~seer_attn.kernels.decode_select.gate_top_blocks`); the same blocks as :meth:`select`
+        of :meth:`.DecodeGate.step_logits` (up to float32 summation order). None otherwise (the
+        caller scores, then selects)."""
         bias, _, cnt, k = self._prepared(cfg, keys.shape[1])
         if cnt is None or not ONE_LAUNCH_GATE:
             return None

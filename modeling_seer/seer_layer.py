@@ -299,8 +299,8 @@ class SeerAttentionMixin:
         and current block always), read only those blocks. What
         every layer of the step shares (RoPE, lengths, the selection's bias and counts) is made
         once, in ``step``; a layer adds a few ops: project and score (:meth:`DecodeGate.step_logits`),
-        top-k, the kernel (a graph step with a budget or share and no prior scores and selects in one
-        launch: ``step.gate_select``)."""
+        top-k, the kernel (``step.gate_select`` may score and select in one launch instead: graph steps
+        with a budget or share and no prior, when ``decode_graph.ONE_LAUNCH_GATE`` is on)."""
         cfg = self.config
         if not q.dtype == k.dtype == v.dtype:
             q, k = q.to(v.dtype), k.to(v.dtype)
@@ -315,7 +315,7 @@ class SeerAttentionMixin:
             elif cfg.seer_decode_selector == "streaming":
                 logits = decode_recency_scores(k.shape[0], k.shape[1], width, q.device)
             elif keys is not None:
-                if not cfg.seer_decode_meanpool_prior:  # graph steps with budget / share: one launch
+                if not cfg.seer_decode_meanpool_prior:  # one launch where the step offers it
                     picked = step.gate_select(gate, q_pre, keys, cfg)
                 if picked is None:
                     logits = gate.step_logits(q_pre, keys, rope=step.q_rope(keys.dtype)).squeeze(2)

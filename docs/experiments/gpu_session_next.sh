@@ -196,7 +196,7 @@ case "$STEP" in
       tests/modeling_seer/test_decode_gpu.py 2>&1 | tail -n 4
     if nvidia-smi | grep -q H200; then E=(--e2e 4x131072); else E=(--e2e 4x131072 --layers 16); fi
     for V in one two; do
-      A=(); [ $V = two ] && A=(--two-launch-gate)
+      A=(); [ $V = one ] && A=(--one-launch-gate)
       timeout 150 "$PY" -m seer_attn.eval.bench_decode --lengths 131072 --batches 1 16 "${E[@]}" "${A[@]}" \
         --out "$OUT/decode_$V" > "$OUT/bench_decode_$V.log" 2>&1
       echo "bench_decode $V: exit $?"; sed -n '/^# /,$p' "$OUT/bench_decode_$V.log" | tail -n 9
