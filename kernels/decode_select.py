@@ -16,8 +16,9 @@ row, so the kept set needs no sort.
 bias, counts, k)`` in one launch: one program per row scores the row's keys
 (:data:`FUSED_CHUNK` at a time) into a float32 scratch row, then selects from it as top_blocks
 does (with :data:`FUSED_SPLIT` > 1, that many programs per row score a part each and the last
-to finish, counted by an atomic, selects). The graph decode step runs it for the gate alone (no
-prior) with a budget or a share.
+to finish, counted by an atomic, selects). The graph decode step can run it for the gate alone
+(no prior) with a budget or a share (``decode_graph.ONE_LAUNCH_GATE``), off by default: on an H100
+it measured slower than the two launches it replaces (docs/experiments/decode_host_time.md).
 
 ``prior_mix(logits, q, means, full, scale, weight)`` returns float32 ``[B, H, N]``: the gate's
 logits mixed with the training-free mean-pooled prior, ``(1 - weight) log p_gate + weight log
@@ -373,8 +374,10 @@ def top_blocks(scores, bias, counts, k, backend="auto"):
 def gate_top_blocks(y, keys, rope, bias, counts, k, backend="auto"):
     """``top_blocks(gate_scores(y, keys, rope), bias, counts, k)`` in one launch (module
     docstring): one program per (sequence, KV head) scores the row's block keys chunk by chunk
-    into a float32 scratch row, then selects from it. Arguments as those two functions take them
-    (``rope`` may be None). Returns int32 ``[B, H, k]``."""
+    into a float32 scratch row, then selects from it (:data:`FUSED_SPLIT` programs per row: the
+    last to finish selects). Arguments as those two functions take them (``rope`` may be None).
+    Returns int32 ``[B, H, k]``. Slower than the two launches on an H100 (session 39): a measured
+    option."""
     _check_backend(backend)
     if keys.dim() != 4:
         raise ValueError(f"keys must be [B, H, N, G], got shape {tuple(keys.shape)}")
