@@ -633,8 +633,8 @@ def decode_gate_select_h100(root) -> str:
     out = (f"{sw['provenance']['gpu']}, commit {_commit(sw['provenance'])} ({sweep_path}); one sparse layer's gate and "
            "selection replayed from a CUDA graph, median us, 8B attention shape, share 0.1 (`query`: the query's "
            "projection, in every variant; `kernel`: the decode kernel alone); "
-           + ("every variant kept the same blocks as the first" if all(r[k + "_same"] == 1.0 for r in sw["rows"] for k, _ in cols)
-              else "the kept blocks differed between variants in some rows (`*_same` in the file)") + ":\n\n")
+           + ("every variant kept the same blocks as the first"
+              if all(r[k + "_same"] == 1.0 for r in sw["rows"] for k, _ in cols) else "the kept blocks differed between variants in some rows (`*_same` in the file)") + ":\n\n")
     out += _table(["B x cache", "query", "kernel"] + [label for _, label in cols], body)
     bench = [("results/decode/h100_bench_16layers_two_launch_gate.json", "two launches (default)"),
              ("results/decode/h100_bench_16layers_one_launch_gate.json", "one launch")]
@@ -654,6 +654,32 @@ def decode_gate_select_h100(root) -> str:
             f"{env['e2e'][0]['B']} x {_tokens(env['e2e'][0]['T'])} against dense:\n\n")
     return out + _table(["gate + selection", "layer B=1", "gate share B=1", "layer B=16", "gate share B=16",
                          "sparse ms/token", "speed-up", "layers fused"], rows)
+
+
+def decode_graph_gate_h200(root) -> str:
+    """Session 39: bench-decode on the H200 with the graph row as the graph step runs it (the gate's
+    share of a sparse layer against issue 15's anchors) and time per output token, 32 layers."""
+    paths = ["results/decode/h200_graph_gate_32k.json", "results/decode/h200_graph_gate_128k.json"]
+    envs = [load_envelope(root, p) for p in paths]
+    rows, e2e = [], []
+    for env in envs:
+        for r in env["rows"]:
+            rows.append([r["B"], _tokens(r["S"]), f"{r['ours_sparse_graph'] * 1e3:.0f}",
+                         f"{r['graph_layer'] * 1e3:.0f}",
+                         f"{100 * (1 - r['ours_sparse_graph'] / r['graph_layer']):.0f}%",
+                         f"{r['sdpa_flash'] / r['ours_sparse']:.2f}x"])
+        for e in env["e2e"]:
+            e2e.append([e["B"], _tokens(e["T"]), e["layers"], f"{e['graph_dense_s_per_token'] * 1e3:.1f}",
+                        f"{e['graph_sparse_s_per_token'] * 1e3:.1f}", f"{e['graph_speedup']:.2f}x",
+                        f"{e['graph_fused_speedup']:.2f}x"])
+    prov = envs[0]["provenance"]
+    out = (f"{prov['gpu']}, commit {_commit(prov)} ({', '.join(paths)}); share 0.1; one sparse layer replayed from a "
+           "CUDA graph as the graph step runs it (us) and the gate's share of it (1 - kernel alone / layer); SDPA "
+           "flash over ours, eager kernel:\n\n")
+    out += _table(["B", "cache", "kernel alone", "layer", "gate share", "flash / ours (eager)"], rows)
+    return out + ("\n\nTime per output token, 8B-shaped model, CUDA graph (ms; dense: our kernel with every block), "
+                  "layers fused: `seer_compile_pointwise`:\n\n"
+                  + _table(["B", "cache", "layers", "dense", "sparse", "speed-up", "layers fused"], e2e))
 
 
 def finetune_timing_h200(root) -> str:
@@ -928,6 +954,7 @@ TABLES = {
     "decode-prior-h100": decode_prior_h100,
     "decode-free-h100": decode_free_h100,
     "decode-gate-select-h100": decode_gate_select_h100,
+    "decode-graph-gate-h200": decode_graph_gate_h200,
     "finetune-timing-h200": finetune_timing_h200,
     "finetune-timing-compile-h200": finetune_timing_compile_h200,
     "finetune-compile-h200": finetune_compile_h200,
