@@ -64,6 +64,11 @@
 # sink: lower decode perplexity everywhere, the default since) and its passkey (decode_quality.md, session 38). Next:
 # prior-sweep again (each launch alone) with decode-profile, then issue 17's gate-free and issue 16's kernels.
 #
+# Session 39 (one H100 call, then two H200 calls, after ~10 refused starts): gate-select (the one-launch gate and
+# wider selection passes: slower, off; the gate share as the graph step runs it: 11% at 16 x 128k), then bench-decode
+# on the H200 at 128k and 32k (13% / 20% at B=16). Next: issue 17's gate-free, issue 16's kernels, bench-decode at
+# B=1 with a Triton projection of the gate's query (the cuBLAS bmm is ~8 us of B=1's ~19 us of gate).
+#
 # Session 29: distill --gate-hidden-size / --q-pooling / --k-pooling exist now; gate-capacity measures them (issue 17's
 # untried "gate capacity" direction) after gate-calib-coverage and decode-distill. Session 29 got no machine (every start
 # refused); its CPU screen of wide / qmax (gate_quality.md section 11) gains <= 1% at 0.1. Next session: the same plan.
@@ -191,9 +196,10 @@ case "$STEP" in
     # two launches, selection passes of 1 / 2 / 4 key bits, the GPU tests, then bench-decode with each (graph_layer and
     # end to end; 32 layers on an H200, 16 on an H100); no staging
     timeout 150 "$PY" docs/experiments/gate_select_sweep.py --out "$OUT/gate_select_sweep.json" > "$OUT/sweep.log" 2>&1
-    echo "gate_select_sweep: exit $?"; sed -n '/^# /,$p' "$OUT/sweep.log"; grep -E "Error|error" "$OUT/sweep.log" | tail -n 3
-    timeout 100 "$PY" -m pytest -q -p no:cacheprovider -rfE tests/kernels/test_gpu_decode.py -k "top_blocks or gate_scores" \
-      tests/modeling_seer/test_decode_gpu.py 2>&1 | tail -n 4
+    echo "gate_select_sweep: exit $?"; sed -n '/^# /,$p' "$OUT/sweep.log"
+    grep -E "Error|error" "$OUT/sweep.log" | tail -n 3
+    timeout 100 "$PY" -m pytest -q -p no:cacheprovider -rfE tests/kernels/test_gpu_decode.py \
+      -k "top_blocks or gate_scores" tests/modeling_seer/test_decode_gpu.py 2>&1 | tail -n 4
     if nvidia-smi | grep -q H200; then E=(--e2e 4x131072); else E=(--e2e 4x131072 --layers 16); fi
     for V in one two; do
       A=(); [ $V = one ] && A=(--one-launch-gate)
