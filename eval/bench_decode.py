@@ -92,7 +92,7 @@ class DecodeBenchConfig(RunConfig):
     layers: int = option(32, ca.positive_int)  # decoder layers of the 8B-shaped model
     steps: int = option(16, decode_steps)  # timed decode steps per end-to-end setting
     tune: bool = option(False, flag)  # sweep the kernel's launch configs first, keep the fastest
-    one_launch_gate: bool = option(False, flag)  # graph steps score and select in one launch (decode_graph.ONE_LAUNCH_GATE)
+    one_launch_gate: bool = option(False, flag)  # graph steps: gate_top_blocks (decode_graph.ONE_LAUNCH_GATE)
     out: str = option("seer_outputs/bench-decode", text)
 
 
@@ -226,14 +226,13 @@ def gate_step(B, S, share, seed, device="cuda", prior=0.0):
     decode gate (random weights), its cached block keys (bf16, a view of a buffer with room
     to grow, as the pooled-K cache holds them), the query's RoPE; with ``prior`` > 0 the
     mean-pooled prior mixed in (:func:`~seer_attn.modeling_seer.selection.with_decode_meanpool_prior`,
-    on random block means laid out as the pooled-K cache keeps them); returns ``(step, per_layer)``,
-    functions returning ``(idx, cnt)``: ``per_layer`` what every layer runs (logits, top-k),
-    ``step`` that plus the selection's preparation (made once per block of 64 steps for all
-    layers: an upper bound of its share), as an eager step selects (sorted top-k); and
-    ``graph_select``, what a layer of a graph-mode step runs: the gate alone scored and selected in
-    one launch (:func:`~seer_attn.kernels.decode_select.gate_top_blocks`), with the prior the
-    mixture then :func:`~seer_attn.kernels.decode_select.top_blocks`. Returns ``(step, per_layer,
-    graph_select)``."""
+    on random block means laid out as the pooled-K cache keeps them); returns ``(step, per_layer,
+    graph_select)``, functions returning ``(idx, cnt)``: ``per_layer`` what every layer of an
+    eager step runs (logits, sorted top-k), ``step`` that plus the selection's preparation (made
+    once per block of 64 steps for all layers: an upper bound of its share), ``graph_select`` what
+    a layer of a graph-mode step runs (the logits, with the prior mixed in, then
+    :func:`~seer_attn.kernels.decode_select.top_blocks`; with ``decode_graph.ONE_LAUNCH_GATE`` and
+    no prior, :func:`~seer_attn.kernels.decode_select.gate_top_blocks`)."""
     from seer_attn.modeling_seer.decode_gate import DecodeGate
     from seer_attn.modeling_seer.selection import (prepare_decode_selection, select_decode_blocks,
                                                    with_decode_meanpool_prior)

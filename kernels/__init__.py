@@ -50,6 +50,6 @@ else:
     __all__ = [
         "attn_with_pooling", "block_sparse_attn", "dense_attn", "block_sparse_decode", "block_mask_to_indices",
         "causal_block_density", "random_block_mask", "window_block_mask", "attn_with_pooling_ref",
-        "block_sparse_attn_ref", "block_sparse_decode_ref", "top_blocks", "top_blocks_ref", "gate_scores", "gate_top_blocks",
-        "gate_scores_ref", "prior_mix", "prior_mix_ref", "HAS_TRITON",
+        "block_sparse_attn_ref", "block_sparse_decode_ref", "top_blocks", "top_blocks_ref", "gate_scores",
+        "gate_top_blocks", "gate_scores_ref", "prior_mix", "prior_mix_ref", "HAS_TRITON",
     ]

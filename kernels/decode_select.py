@@ -394,7 +394,8 @@ def gate_top_blocks(y, keys, rope, bias, counts, k, backend="auto"):
     scratch = torch.empty(B * H, N, dtype=torch.float32, device=keys.device)
     out = torch.empty(B, H, k, dtype=torch.int32, device=keys.device)
     split = max(1, min(FUSED_SPLIT, triton.cdiv(N, FUSED_CHUNK)))
-    arrived = torch.zeros(B * H if split > 1 else 1, dtype=torch.int32, device=keys.device)
+    # the rows' arrival counters (one zeroing launch), read only when a row has several programs
+    arrived = torch.zeros(B * H, dtype=torch.int32, device=keys.device) if split > 1 else counts
     _gate_top_blocks_kernel[(B * H, split)](
         y, cos, sin, keys, scratch, bias, counts, out, arrived, N, k, H, y.stride(0), y.stride(1), cos.stride(0),
         sin.stride(0), keys.stride(0), keys.stride(1), keys.stride(2), bias.stride(0), out.stride(0), out.stride(1),

@@ -216,8 +216,10 @@ class GraphDecodeStep:
         (:func:`~seer_attn.kernels.decode_select.gate_top_blocks`); the same blocks as :meth:`select`
         of :meth:`.DecodeGate.step_logits` (up to float32 summation order). None otherwise (the
         caller scores, then selects)."""
+        if not ONE_LAUNCH_GATE:
+            return None
         bias, _, cnt, k = self._prepared(cfg, keys.shape[1])
-        if cnt is None or not ONE_LAUNCH_GATE:
+        if cnt is None:
             return None
         y, rope = gate.step_query(q_pre, keys.dtype, self.q_rope(keys.dtype))
         return gate_top_blocks(y, keys, rope, bias, cnt, k), cnt
