@@ -215,7 +215,39 @@ def _is_sparse(model) -> bool:
     return getattr(model.config, "seer_mode", "dense") == "sparse"
 
 
-class DensityMeter:
+class _ForwardMeter:
+    """A forward hook's values while active (``with``): after each forward ``_current(model)``
+    is read, and each object different from the last one seen (the one before entry included)
+    goes to ``_new``; ``mean`` averages ``values``."""
+
+    def __init__(self, model):
+        self.model = model
+        self.values = []
+        self._handle = None
+        self._last = None
+
+    def __enter__(self):
+        self._last = self._current(self.model)  # what ran before: not counted
+        self._handle = self.model.register_forward_hook(self._hook)
+        return self
+
+    def __exit__(self, *exc):
+        self._handle.remove()
+        self._handle = None
+        return False
+
+    def _hook(self, module, args, output):
+        x = self._current(module)
+        if x is not None and x is not self._last:
+            self._last = x
+            self._new(x)
+
+    @property
+    def mean(self):
+        return sum(self.values) / len(self.values) if self.values else None
+
+
+class DensityMeter(_ForwardMeter):
     """Records the kept-block density of every sparse prefill a model runs while active.
 
     A forward hook reads ``model.seer_density()`` after each forward; a new tensor means a
@@ -227,40 +259,19 @@ class DensityMeter:
         meter.mean  # None when no sparse prefill ran
     """
 
-    def __init__(self, model):
-        self.model = model
-        self.values = []
-        self._handle = None
-        self._last = None
+    _current = staticmethod(_density_tensor)
 
-    def __enter__(self):
-        self._last = _density_tensor(self.model)
-        self._handle = self.model.register_forward_hook(self._hook)
-        return self
-
-    def __exit__(self, *exc):
-        self._handle.remove()
-        self._handle = None
-        return False
-
-    def _hook(self, module, args, output):
-        d = _density_tensor(module)
-        if d is not None and d is not self._last:
-            self._last = d
-            self.values.extend(d.float().mean(dim=(0, 2)).tolist())  # [L, B, H] -> per sequence
-
-    @property
-    def mean(self):
-        return sum(self.values) / len(self.values) if self.values else None
+    def _new(self, d):
+        self.values.extend(d.float().mean(dim=(0, 2)).tolist())  # [L, B, H] -> per sequence
 
 
-class DecodeDensityMeter:
+class DecodeDensityMeter(_ForwardMeter):
     """Records the kept share of KV blocks of every KV cache a model decodes sparsely while active.
 
     A forward hook notes the model's decode statistics after each forward (one object per KV
-    cache: a ``generate`` call); on exit each cache's per-sequence share over its sparse decode
-    steps (:meth:`seer_decode_density`) becomes one value per sequence. Read once at exit, so
-    the steps add no device synchronisation.
+    cache: a ``generate`` call; caches follow each other, none returns); on exit each cache's
+    per-sequence share over its sparse decode steps (:meth:`seer_decode_density`) becomes one
+    value per sequence. Read once at exit, so the steps add no device synchronisation.
 
         with DecodeDensityMeter(model) as meter:
             model.generate(...)
@@ -268,35 +279,24 @@ class DecodeDensityMeter:
     """
 
     def __init__(self, model):
-        self.model = model
-        self.values = []
+        super().__init__(model)
         self._stats = []
-        self._handle = None
 
-    def __enter__(self):
-        self._last = getattr(self.model, "_last_decode_stats", None)  # a cache decoded before: not counted
-        self._handle = self.model.register_forward_hook(self._hook)
-        return self
+    @staticmethod
+    def _current(model):
+        return getattr(model, "_last_decode_stats", None)
+
+    def _new(self, stats):
+        self._stats.append(stats)
 
     def __exit__(self, *exc):
-        self._handle.remove()
-        self._handle = None
+        super().__exit__(*exc)
         for stats in self._stats:
             d = stats.density()
             if d is not None:
                 self.values.extend(d.float().tolist())
         self._stats = []
         return False
-
-    def _hook(self, module, args, output):
-        s = getattr(module, "_last_decode_stats", None)
-        if s is not None and s is not self._last:  # a new cache (caches follow each other, none returns)
-            self._last = s
-            self._stats.append(s)
-
-    @property
-    def mean(self):
-        return sum(self.values) / len(self.values) if self.values else None
 
 
 @torch.no_grad()
