@@ -123,6 +123,8 @@
 #   decode-sweep   ~2  issue 15: a sparse layer's three kernels replayed, launch configs x programs per
 #                      SM, top_blocks warps, old vs new gate logits (H200 at 9842fea: 108 -> 91 us
 #                      per layer at 4 x 128k; results/decode/h200_step_sweep*.json)
+#   e2e-profile    ~3  issue 15: one end-to-end graph step's kernels by group (GEMMs, decode kernel, gate,
+#                      pointwise), dense and sparse, fused or not, and the projections alone
 #   decode-profile ~1  issue 15: graph-replayed microseconds of each piece of a sparse layer's
 #                      attention (logits, bias, top-k sorted/unsorted vs top_blocks, kernel,
 #                      record, fill): keep top_blocks only if it beats torch.topk
@@ -207,6 +209,12 @@ case "$STEP" in
         --out "$OUT/decode_$V" > "$OUT/bench_decode_$V.log" 2>&1
       echo "bench_decode $V: exit $?"; sed -n '/^# /,$p' "$OUT/bench_decode_$V.log" | tail -n 9
     done ;;
+  e2e-profile)  # issue 15 (session 40): the end-to-end graph step's GPU kernels by group, dense and sparse, with and
+    # without the fused pointwise work, and the projections alone (M 1 / 4 / 16); 32 layers on an H200, 16 on an H100
+    if nvidia-smi | grep -q H200; then L=32; else L=16; fi
+    timeout 300 "$PY" docs/experiments/decode_e2e_profile.py --layers $L --out "$OUT/e2e_profile.json" \
+      > "$OUT/e2e_profile.log" 2>&1
+    echo "decode_e2e_profile: exit $?"; sed -n '/^# /,$p' "$OUT/e2e_profile.log"; grep -E "Error" "$OUT/e2e_profile.log" | tail -n 3 ;;
   decode-sweep)
     timeout 300 "$PY" docs/experiments/decode_step_sweep.py --out "$OUT/sweep.json" > "$OUT/sweep.log" 2>&1
     echo "decode_step_sweep: exit $?"; tail -n 7 "$OUT/sweep.log" ;;

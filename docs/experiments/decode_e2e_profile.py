@@ -1,0 +1,167 @@
+"""Where an end-to-end decode token's time goes, dense and sparse, as the graph-mode step runs it
+(issue 15: >= 3x end to end at 4 x 128k, measured 2.71x fused on the H200 in session 39).
+
+Session 39's arithmetic put ~5.5 ms of a token outside attention (the fused step at 8.4 ms minus
+32 sparse layers of ~91 us) for dense and sparse alike, against ~3.4 ms for reading the 8B
+shape's 15 GB of weights at 4.4 TB/s; 3x needs that part or the sparse layer to shrink. This
+script replays the bench's model (``eval/bench_decode.py``: random weights, bf16, a filled
+static cache) from the graph-mode step, dense (our kernel, every block) and sparse (``--share``),
+with and without ``seer_compile_pointwise``, and profiles a few replays: every GPU kernel of
+the graph by name, summed per token and grouped (GEMMs, the decode kernel, the gate, Triton
+pointwise, other), beside the replay's wall time (the gap is launch latency between nodes).
+Then the projections alone at the step's shapes (``--gemm``): q/k/v as three GEMMs or one over
+concatenated weights, gate/up as two or one, down, the LM head, each replayed from a CUDA graph,
+as microseconds and weight-read TB/s.
+
+    python docs/experiments/decode_e2e_profile.py [--layers 32] [--batch 4] [--tokens 131072] [--out F]
+
+Prints JSON lines and tables; ``--out F`` writes a results envelope.
+"""
+import argparse
+import json
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+GROUPS = (("decode kernel", ("_decode_split_kernel", "_decode_combine_kernel")),
+          ("gate", ("_gate_scores_kernel", "_top_blocks_kernel", "_prior_", "_gate_top_blocks")),
+          ("gemm", ("gemm", "gemv", "nvjet", "cutlass", "xmma", "sm90_", "sm80_", "splitk", "ampere")),
+          ("triton pointwise", ("triton_",)),
+          ("copy", ("memcpy", "memset", "copy", "index_put", "scatter", "index_copy")))
+
+
+def group(name):
+    low = name.lower()
+    for g, keys in GROUPS:
+        if any(k.lower() in low for k in keys):
+            return g
+    return "other"
+
+
+def profile_replays(dec, n):
+    """GPU kernels of ``n`` replays of ``dec``'s graph: {name: (us per step, launches per step)}."""
+    from torch.profiler import ProfilerActivity, profile
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(n):
+            dec.step()
+        torch.cuda.synchronize()
+    out = {}
+    for e in prof.key_averages():
+        t = getattr(e, "device_time_total", None)
+        if t is None:
+            t = e.cuda_time_total
+        if t and e.count:
+            out[e.key] = (t / n, e.count / n)
+    return out
+
+
+def e2e(args):
+    from seer_attn.eval.bench_decode import _model, graph_decode_time, static_filled
+    model = _model(args.layers)
+    B, T = args.batch, args.tokens
+    cache, state = static_filled(model, B, T, 4 * args.steps + 64)
+    rows = []
+    for fused in (False, True):
+        if fused:
+            model.seer_compile_pointwise()
+        for mode, share in (("dense", 1.0), ("sparse", args.share)):
+            model.set_seer_mode("dense", seer_decode_sparsity=True, seer_decode_share=share,
+                                seer_decode_meanpool_prior=0.0)
+            wall, dec = graph_decode_time(model, cache, B, T, args.steps)
+            kernels = profile_replays(dec, args.profile_steps)
+            by_group = {}
+            for name, (us, n) in kernels.items():
+                g = by_group.setdefault(group(name), [0.0, 0.0])
+                g[0] += us
+                g[1] += n
+            row = {"B": B, "T": T, "layers": args.layers, "fused": fused, "mode": mode, "share": share,
+                   "wall_ms": round(1e3 * wall, 3),
+                   "kernel_ms": round(sum(us for us, _ in kernels.values()) / 1e3, 3),
+                   "launches": round(sum(n for _, n in kernels.values()), 1),
+                   "groups_ms": {g: round(v[0] / 1e3, 3) for g, v in sorted(by_group.items())},
+                   "group_launches": {g: round(v[1], 1) for g, v in sorted(by_group.items())},
+                   "top": [[name[:90], round(us, 1), round(n, 1)] for name, (us, n) in
+                           sorted(kernels.items(), key=lambda kv: -kv[1][0])[:args.top]]}
+            rows.append(row)
+            print("e2e", json.dumps(row), flush=True)
+            del dec
+            torch.cuda.empty_cache()
+    model.seer_compile_pointwise(enable=False)
+    del cache, state, model
+    torch.cuda.empty_cache()
+    return rows
+
+
+@torch.no_grad()
+def gemms(args):
+    """The decode step's projections at the 8B shape, replayed from CUDA graphs."""
+    from seer_attn.eval.bench_decode import _graph_bench
+    torch.manual_seed(0)
+    E, F, HQ, HK, D, V = 4096, 14336, 32, 8, 128, 128256
+    dt = torch.bfloat16
+    w = {n: torch.randn(o, E, device="cuda", dtype=dt) * 0.02 for n, o in
+         (("q", HQ * D), ("k", HK * D), ("v", HK * D), ("o", E), ("gate", F), ("up", F), ("head", V))}
+    w["qkv"] = torch.cat([w["q"], w["k"], w["v"]])
+    w["gate_up"] = torch.cat([w["gate"], w["up"]])
+    w["down"] = torch.randn(E, F, device="cuda", dtype=dt) * 0.02
+    F_ = torch.nn.functional
+    rows = []
+    for M in args.gemm:
+        x = torch.randn(M, E, device="cuda", dtype=dt)
+        h = torch.randn(M, F, device="cuda", dtype=dt)
+        cases = {
+            "q,k,v (3)": (lambda: (F_.linear(x, w["q"]), F_.linear(x, w["k"]), F_.linear(x, w["v"])),
+                          w["qkv"].numel()),
+            "qkv (1)": (lambda: F_.linear(x, w["qkv"]), w["qkv"].numel()),
+            "o": (lambda: F_.linear(x, w["o"]), w["o"].numel()),
+            "gate,up (2)": (lambda: (F_.linear(x, w["gate"]), F_.linear(x, w["up"])), w["gate_up"].numel()),
+            "gate_up (1)": (lambda: F_.linear(x, w["gate_up"]), w["gate_up"].numel()),
+            "down": (lambda: F_.linear(h, w["down"]), w["down"].numel()),
+            "lm head": (lambda: F_.linear(x, w["head"]), w["head"].numel()),
+        }
+        for name, (fn, n) in cases.items():
+            ms = _graph_bench(fn)
+            row = {"M": M, "gemm": name, "us": None if isinstance(ms, str) else round(1e3 * ms, 2),
+                   "tb_s": None if isinstance(ms, str) else round(2 * n / ms / 1e9, 2)}
+            rows.append(row)
+            print("gemm", json.dumps(row), flush=True)
+    return rows
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--layers", type=int, default=32)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--tokens", type=int, default=131072)
+    ap.add_argument("--share", type=float, default=0.1)
+    ap.add_argument("--steps", type=int, default=20, help="replays timed")
+    ap.add_argument("--profile-steps", type=int, default=5, help="replays profiled")
+    ap.add_argument("--top", type=int, default=14, help="kernels listed per row")
+    ap.add_argument("--gemm", type=int, nargs="*", default=[1, 4, 16], help="rows of the projection benchmark")
+    ap.add_argument("--no-e2e", action="store_true")
+    ap.add_argument("--out")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("decode_e2e_profile.py needs a CUDA GPU")
+    rows = [] if args.no_e2e else e2e(args)
+    grows = gemms(args) if args.gemm else []
+    print("\n# fused | mode | wall ms | kernel ms | launches | " + " | ".join(g for g, _ in GROUPS) + " | other")
+    for r in rows:
+        g = r["groups_ms"]
+        print(f"{r['fused']} | {r['mode']} | {r['wall_ms']} | {r['kernel_ms']} | {r['launches']} | "
+              + " | ".join(str(g.get(k, 0)) for k, _ in GROUPS) + f" | {g.get('other', 0)}")
+    print("# M | gemm | us | TB/s")
+    for r in grows:
+        print(f"{r['M']} | {r['gemm']} | {r['us']} | {r['tb_s']}")
+    if args.out:
+        from seer_attn.training.results import write_envelope
+        write_envelope(args.out, "decode_e2e_profile", rows, config=vars(args), gemm=grows,
+                       model=f"random 8B-shaped SeerLlama, {args.layers} layers, bf16")
+
+
+if __name__ == "__main__":
+    main()
