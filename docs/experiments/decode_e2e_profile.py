@@ -59,13 +59,51 @@ def profile_replays(dec, n):
     return out
 
 
+def merge_projections(model):
+    """Experiment only: each layer's q/k/v projections as one GEMM over their concatenated weights
+    and the MLP's gate/up as one (the stock weights become views of the concatenations: no copy)."""
+    import types
+    F_ = torch.nn.functional
+    for layer in model.model.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        projs = [attn.q_proj, attn.k_proj, attn.v_proj]
+        if any(p.bias is not None for p in projs + [mlp.gate_proj, mlp.up_proj]):
+            raise ValueError("merge_projections: projections with a bias are not handled")
+        wqkv = torch.cat([p.weight.data for p in projs])
+        sizes, o = [], 0
+        for p in projs:
+            n = p.weight.shape[0]
+            p.weight.data = wqkv[o:o + n]
+            sizes.append(n)
+            o += n
+
+        def seer_project(self, hidden_states, _w=wqkv, _sizes=tuple(sizes)):
+            shape = (*hidden_states.shape[:-1], -1, self.head_dim)
+            q, k, v = F_.linear(hidden_states, _w).split(_sizes, dim=-1)
+            return tuple(t.reshape(shape).transpose(1, 2) for t in (q, k, v))
+        attn.seer_project = types.MethodType(seer_project, attn)
+        wgu = torch.cat([mlp.gate_proj.weight.data, mlp.up_proj.weight.data])
+        n = mlp.gate_proj.weight.shape[0]
+        mlp.gate_proj.weight.data, mlp.up_proj.weight.data = wgu[:n], wgu[n:]
+        mlp.seer_gate_up = wgu
+
+        class Merged(type(mlp)):
+            def forward(self, x):
+                g, u = F_.linear(x, self.seer_gate_up).chunk(2, dim=-1)
+                return self.down_proj(self.act_fn(g) * u)
+        mlp.__class__ = Merged
+
+
 def e2e(args):
     from seer_attn.eval.bench_decode import _model, graph_decode_time, static_filled
     model = _model(args.layers)
     B, T = args.batch, args.tokens
-    cache, state = static_filled(model, B, T, 4 * args.steps + 64)
+    cache, state = static_filled(model, B, T, 6 * args.steps + 64)
     rows = []
-    for fused in (False, True):
+    for variant in args.variants:
+        fused = variant in ("fused", "merged")
+        if variant == "merged":
+            merge_projections(model)
         if fused:
             model.seer_compile_pointwise()
         for mode, share in (("dense", 1.0), ("sparse", args.share)):
@@ -78,7 +116,7 @@ def e2e(args):
                 g = by_group.setdefault(group(name), [0.0, 0.0])
                 g[0] += us
                 g[1] += n
-            row = {"B": B, "T": T, "layers": args.layers, "fused": fused, "mode": mode, "share": share,
+            row = {"B": B, "T": T, "layers": args.layers, "variant": variant, "mode": mode, "share": share,
                    "wall_ms": round(1e3 * wall, 3),
                    "kernel_ms": round(sum(us for us, _ in kernels.values()) / 1e3, 3),
                    "launches": round(sum(n for _, n in kernels.values()), 1),
@@ -96,6 +134,33 @@ def e2e(args):
     return rows
 
 
+def _kernel_us(fn, n=20):
+    """GPU-kernel microseconds of one call of ``fn`` replayed from a CUDA graph (summed over its
+    kernels; no launch latency) and its kernel count."""
+    from torch.profiler import ProfilerActivity, profile
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(n):
+            graph.replay()
+        torch.cuda.synchronize()
+    total, count = 0.0, 0
+    for e in prof.key_averages():
+        t = getattr(e, "device_time_total", None) or e.cuda_time_total
+        if t and e.count:
+            total += t
+            count += e.count
+    return total / n, count / n
+
+
 @torch.no_grad()
 def gemms(args):
     """The decode step's projections at the 8B shape, replayed from CUDA graphs."""
@@ -106,6 +171,7 @@ def gemms(args):
     w = {n: torch.randn(o, E, device="cuda", dtype=dt) * 0.02 for n, o in
          (("q", HQ * D), ("k", HK * D), ("v", HK * D), ("o", E), ("gate", F), ("up", F), ("head", V))}
     w["qkv"] = torch.cat([w["q"], w["k"], w["v"]])
+    w["kv"] = torch.cat([w["k"], w["v"]])
     w["gate_up"] = torch.cat([w["gate"], w["up"]])
     w["down"] = torch.randn(E, F, device="cuda", dtype=dt) * 0.02
     F_ = torch.nn.functional
@@ -117,6 +183,8 @@ def gemms(args):
             "q,k,v (3)": (lambda: (F_.linear(x, w["q"]), F_.linear(x, w["k"]), F_.linear(x, w["v"])),
                           w["qkv"].numel()),
             "qkv (1)": (lambda: F_.linear(x, w["qkv"]), w["qkv"].numel()),
+            "k,v (2)": (lambda: (F_.linear(x, w["k"]), F_.linear(x, w["v"])), w["kv"].numel()),
+            "kv (1)": (lambda: F_.linear(x, w["kv"]), w["kv"].numel()),
             "o": (lambda: F_.linear(x, w["o"]), w["o"].numel()),
             "gate,up (2)": (lambda: (F_.linear(x, w["gate"]), F_.linear(x, w["up"])), w["gate_up"].numel()),
             "gate_up (1)": (lambda: F_.linear(x, w["gate_up"]), w["gate_up"].numel()),
@@ -125,8 +193,9 @@ def gemms(args):
         }
         for name, (fn, n) in cases.items():
             ms = _graph_bench(fn)
+            kus, launches = _kernel_us(fn)
             row = {"M": M, "gemm": name, "us": None if isinstance(ms, str) else round(1e3 * ms, 2),
-                   "tb_s": None if isinstance(ms, str) else round(2 * n / ms / 1e9, 2)}
+                   "kernel_us": round(kus, 2), "launches": launches, "tb_s": round(2 * n / kus / 1e6, 2)}
             rows.append(row)
             print("gemm", json.dumps(row), flush=True)
     return rows
@@ -140,8 +209,11 @@ def main(argv=None):
     ap.add_argument("--share", type=float, default=0.1)
     ap.add_argument("--steps", type=int, default=20, help="replays timed")
     ap.add_argument("--profile-steps", type=int, default=5, help="replays profiled")
-    ap.add_argument("--top", type=int, default=14, help="kernels listed per row")
+    ap.add_argument("--top", type=int, default=60, help="kernels listed per row")
     ap.add_argument("--gemm", type=int, nargs="*", default=[1, 4, 16], help="rows of the projection benchmark")
+    ap.add_argument("--variants", nargs="*", default=["eager", "fused", "merged"], choices=["eager", "fused", "merged"],
+                    help="eager; fused (seer_compile_pointwise); merged (fused, q/k/v and gate/up as one GEMM each); "
+                         "in this order (merged changes the model for what follows)")
     ap.add_argument("--no-e2e", action="store_true")
     ap.add_argument("--out")
     args = ap.parse_args(argv)
@@ -149,14 +221,14 @@ def main(argv=None):
         raise SystemExit("decode_e2e_profile.py needs a CUDA GPU")
     rows = [] if args.no_e2e else e2e(args)
     grows = gemms(args) if args.gemm else []
-    print("\n# fused | mode | wall ms | kernel ms | launches | " + " | ".join(g for g, _ in GROUPS) + " | other")
+    print("\n# variant | mode | wall ms | kernel ms | launches | " + " | ".join(g for g, _ in GROUPS) + " | other")
     for r in rows:
         g = r["groups_ms"]
-        print(f"{r['fused']} | {r['mode']} | {r['wall_ms']} | {r['kernel_ms']} | {r['launches']} | "
+        print(f"{r['variant']} | {r['mode']} | {r['wall_ms']} | {r['kernel_ms']} | {r['launches']} | "
               + " | ".join(str(g.get(k, 0)) for k, _ in GROUPS) + f" | {g.get('other', 0)}")
-    print("# M | gemm | us | TB/s")
+    print("# M | gemm | replayed us | kernel us | kernels | weight TB/s (kernel time)")
     for r in grows:
-        print(f"{r['M']} | {r['gemm']} | {r['us']} | {r['tb_s']}")
+        print(f"{r['M']} | {r['gemm']} | {r['us']} | {r['kernel_us']} | {r['launches']} | {r['tb_s']}")
     if args.out:
         from seer_attn.training.results import write_envelope
         write_envelope(args.out, "decode_e2e_profile", rows, config=vars(args), gemm=grows,

@@ -212,7 +212,7 @@ case "$STEP" in
   e2e-profile)  # issue 15 (session 40): the end-to-end graph step's GPU kernels by group, dense and sparse, with and
     # without the fused pointwise work, and the projections alone (M 1 / 4 / 16); 32 layers on an H200, 16 on an H100
     if nvidia-smi | grep -q H200; then L=32; else L=16; fi
-    timeout 300 "$PY" docs/experiments/decode_e2e_profile.py --layers $L --out "$OUT/e2e_profile.json" \
+    timeout 300 "$PY" docs/experiments/decode_e2e_profile.py --layers $L --gemm 1 4 16 --out "$OUT/e2e_profile.json" \
       > "$OUT/e2e_profile.log" 2>&1
     echo "decode_e2e_profile: exit $?"; sed -n '/^# /,$p' "$OUT/e2e_profile.log"; grep -E "Error" "$OUT/e2e_profile.log" | tail -n 3 ;;
   decode-sweep)
