@@ -34,7 +34,8 @@ the mixture (the torch path took ~15 small launches, ~85 us a layer in a CUDA-gr
 top_blocks kernel: one program per row holds the row's scores as order-preserving int32 keys in
 registers, finds the ``cnt``-th largest key by a search over the 32-bit key range that settles
 :data:`TOP_BLOCKS_BITS` bits per counting pass over the registers (1: bisection, 32 passes; 4:
-8 passes of 16 counts each; compares and counts in int32: a GPU runs 64-bit integer
+8 passes of 16 counts each; 8: a radix select, 4 passes of one 256-bin ``tl.histogram`` of a key
+byte over the keys that match the bytes settled so far; compares and counts in int32: a GPU runs 64-bit integer
 ops as pairs of 32-bit ones), then writes the indices of the keys above it and of
 the first ones equal to it at positions given by a prefix sum. Rows of up to
 :data:`MAX_BLOCKS` blocks (64k-token blocks: a 1M-token cache); longer rows and CPU tensors
@@ -59,7 +60,7 @@ PRIOR_DOT = True
 #: may override entries (docs/experiments/decode_step_sweep.py)
 TOP_BLOCKS_WARPS = {2048: 4, 8192: 8, MAX_BLOCKS: 16}
 #: key bits each selection pass settles (1: bisection, 32 passes; 2 / 4: 16 / 8 passes of 4 / 16
-#: counts each); benchmarks may override it
+#: counts each; 8: 4 passes of a 256-bin histogram, a radix select); benchmarks may override it
 TOP_BLOCKS_BITS = 1
 #: block keys scored per step of gate_top_blocks' loop, and its warps; benchmarks may override them
 FUSED_CHUNK = 64
@@ -104,7 +105,27 @@ def _select_row(x, m, cnt, offs, out, K, BLOCK: tl.constexpr, BITS: tl.constexpr
     # counts int32. Candidate 0 is the range's low end, which always qualifies.
     lo = tl.full((), -2147483648, tl.int64)
     step = tl.full((), 1 << (32 - BITS), tl.int64)
-    if BITS == 1:
+    if BITS == 8:  # radix select: one 256-bin histogram per key byte, high byte first (4 passes)
+        bins = tl.arange(0, 256)
+        need = cnt  # of the candidates (keys matching the bytes settled so far), the largest still to take
+        cand = m
+        t = tl.full((), 0, tl.int32)
+        for p in tl.static_range(4):
+            if p == 0:
+                digit = (key >> 24) + 128  # arithmetic shift: -128..127 -> 0..255, increasing with key
+            else:
+                digit = (key >> (24 - 8 * p)) & 255
+            hist = tl.histogram(digit, 256, mask=cand)
+            ge = tl.sum(hist, 0) - tl.cumsum(hist, 0) + hist  # candidates whose byte is >= each bin
+            d = tl.max(tl.where(ge >= need, bins, 0), 0)  # the largest byte still holding `need` (0: none)
+            need = need - tl.sum(tl.where(bins > d, hist, 0), 0)
+            cand = cand & (digit == d)
+            if p == 0:
+                t = (d - 128) << 24
+            else:
+                t = t | (d << (24 - 8 * p))
+        lo = t.to(tl.int64)
+    elif BITS == 1:
         for _ in range(32):
             mid = lo + step
             ok = tl.sum(((key >= mid.to(tl.int32)) & m).to(tl.int32), 0) >= cnt

@@ -25,7 +25,8 @@ import weakref
 
 import torch
 
-from .selection import block_pool, decode_full_blocks, prepare_decode_selection, select_decode_blocks
+from .selection import (block_pool, decode_every_block, decode_full_blocks, prepare_decode_selection,
+                        select_decode_blocks)
 
 _STATES = weakref.WeakKeyDictionary()  # KV cache object -> PooledKCache
 
@@ -325,6 +326,16 @@ class DecodeStep:
             full = self.tables.selections[("full", width)] = decode_full_blocks(self.state.first_block, self.current,
                                                                                width)
         return full
+
+    def every_block(self, num_heads):
+        """``(idx, cnt)`` reading every block of each sequence (:func:`~.selection.decode_every_block`;
+        made once per block)."""
+        key = ("every", num_heads)
+        sel = self.tables.selections.get(key)
+        if sel is None:
+            sel = self.tables.selections[key] = decode_every_block(self.state.first_block, self.current,
+                                                                   self.current + 1, num_heads)
+        return sel
 
     def select(self, scores, cfg):
         """``(idx, cnt)`` of the decode gate's logits ``[B, H, current + 1]`` by ``cfg``'s method."""

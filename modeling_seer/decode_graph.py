@@ -32,7 +32,8 @@ import torch
 
 from seer_attn.kernels.decode_select import gate_top_blocks, top_blocks
 
-from .selection import DECODE_METHODS, DECODE_SCORE_METHODS, block_pool, decode_full_blocks, score_selection
+from .selection import (DECODE_METHODS, DECODE_SCORE_METHODS, block_pool, decode_every_block, decode_full_blocks,
+                        score_selection)
 
 #: whether graph steps score and select the gate alone in one launch (:meth:`GraphDecodeStep.gate_select`,
 #: :func:`~seer_attn.kernels.decode_select.gate_top_blocks`). Off: the query's projection, gate_scores, then
@@ -199,6 +200,15 @@ class GraphDecodeStep:
                 cnt = torch.minimum(torch.minimum(torch.ceil(share * n).clamp_min(least), n), k_now)
             cnt = cnt.to(torch.int32)[:, None].expand(-1, num_heads).contiguous()
         self._selection[key] = (bias, forced, cnt, k)
+        return self._selection[key]
+
+    def every_block(self, num_heads):
+        """``(idx, cnt)`` reading every block of each sequence (:func:`~.selection.decode_every_block`
+        over the cache's capacity in blocks; made once per step)."""
+        key = ("every", num_heads)
+        if key not in self._selection:
+            self._selection[key] = decode_every_block(self.state.first_block, self.cur, self.state.num_blocks,
+                                                      num_heads)
         return self._selection[key]
 
     def select(self, scores, cfg):

@@ -57,8 +57,8 @@ from .gates_only import is_gates_only, load_gates_only, peek_config
 from .hub_utils import hub_call, resolve_source
 from .remote_bundle import write_remote_code
 from .selection import (ScoreInputs, block_pool, causal_density, decode_oracle_scores, decode_recency_scores,
-                        get_selector, keep_rule_floor, select_blocks_for, window_fill, with_decode_meanpool_prior,
-                        with_meanpool_prior)
+                        get_selector, keep_rule_floor, reads_every_block, select_blocks_for, window_fill,
+                        with_decode_meanpool_prior, with_meanpool_prior)
 
 logger = logging.getLogger(__name__)
 
@@ -300,7 +300,8 @@ class SeerAttentionMixin:
         every layer of the step shares (RoPE, lengths, the selection's bias and counts) is made
         once, in ``step``; a layer adds a few ops: project and score (:meth:`DecodeGate.step_logits`),
         top-k, the kernel (``step.gate_select`` may score and select in one launch instead: graph steps
-        with a budget or share and no prior, when ``decode_graph.ONE_LAUNCH_GATE`` is on)."""
+        with a budget or share and no prior, when ``decode_graph.ONE_LAUNCH_GATE`` is on). At
+        ``seer_decode_share >= 1`` nothing is scored: the kernel reads every block (dense decode)."""
         cfg = self.config
         if not q.dtype == k.dtype == v.dtype:
             q, k = q.to(v.dtype), k.to(v.dtype)
@@ -308,8 +309,10 @@ class SeerAttentionMixin:
         with torch.no_grad():
             keys = step.gate_keys(self.layer_idx)  # None before the first block fills
             width = keys.shape[2] if keys is not None else 1  # the blocks the step scores
-            picked = None  # (idx, cnt) when the gate scores and selects in one launch
-            if cfg.seer_decode_selector == "oracle":
+            picked = None  # (idx, cnt) when the gate scores and selects in one launch, or every block is read
+            if reads_every_block(cfg):  # no scores: dense decode through the kernel
+                picked = step.every_block(k.shape[1])
+            elif cfg.seer_decode_selector == "oracle":
                 logits = decode_oracle_scores(q, k, step.lens, self.scaling, cfg.seer_block_size, width,
                                               step.seq_starts)
             elif cfg.seer_decode_selector == "streaming":

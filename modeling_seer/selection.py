@@ -538,6 +538,24 @@ def decode_full_blocks(first_block, current, width):
     return ((j[None, :] >= first_block[:, None]) & (j[None, :] < current))[:, None]
 
 
+def reads_every_block(cfg):
+    """Whether ``cfg``'s decode selection keeps every block whatever the scores (``seer_decode_method``
+    "share" at ``seer_decode_share >= 1``): the step then reads the whole cache without scoring
+    (:func:`decode_every_block`), as dense decode through the sparse kernel."""
+    return cfg.seer_decode_method == "share" and cfg.seer_decode_share >= 1.0
+
+
+def decode_every_block(first_block, current, width, num_heads):
+    """``(idx, cnt)`` of a decode step that reads every block of each sequence: int32 ``[B, num_heads,
+    width]`` block indices from the sequence's sink block ``first_block`` (long ``[B]``) on, and int32
+    ``[B, num_heads]`` counts up to the current block ``current`` (an int, or a 0-dim device tensor in
+    graph mode) included; ``width``: the step's blocks (the current one + 1, or the cache's capacity)."""
+    j = torch.arange(width, device=first_block.device)
+    idx = (first_block[:, None] + j[None, :]).clamp_max(width - 1).to(torch.int32)
+    cnt = (current + 1 - first_block).to(torch.int32)
+    return idx[:, None].expand(-1, num_heads, -1).contiguous(), cnt[:, None].expand(-1, num_heads).contiguous()
+
+
 def with_decode_meanpool_prior(logits, q, means, full, scale, weight):
     """A decode step's block logits mixed with the training-free mean-pooled prior
     (``seer_decode_meanpool_prior``): ``(1 - a) * log p_gate + a * log p_meanpool`` over the

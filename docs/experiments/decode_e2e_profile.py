@@ -100,12 +100,16 @@ def e2e(args):
     B, T = args.batch, args.tokens
     cache, state = static_filled(model, B, T, 6 * args.steps + 64)
     rows = []
+    from seer_attn.kernels import decode_select
+    merged = False
     for variant in args.variants:
-        fused = variant in ("fused", "merged")
-        if variant == "merged":
+        fused = variant != "eager"
+        if variant.startswith("merged") and not merged:
             merge_projections(model)
+            merged = True
         if fused:
             model.seer_compile_pointwise()
+        decode_select.TOP_BLOCKS_BITS = 8 if variant.endswith("radix") else 1
         for mode, share in (("dense", 1.0), ("sparse", args.share)):
             model.set_seer_mode("dense", seer_decode_sparsity=True, seer_decode_share=share,
                                 seer_decode_meanpool_prior=0.0)
@@ -129,6 +133,7 @@ def e2e(args):
             del dec
             torch.cuda.empty_cache()
     model.seer_compile_pointwise(enable=False)
+    decode_select.TOP_BLOCKS_BITS = 1
     del cache, state, model
     torch.cuda.empty_cache()
     return rows
@@ -211,9 +216,11 @@ def main(argv=None):
     ap.add_argument("--profile-steps", type=int, default=5, help="replays profiled")
     ap.add_argument("--top", type=int, default=60, help="kernels listed per row")
     ap.add_argument("--gemm", type=int, nargs="*", default=[1, 4, 16], help="rows of the projection benchmark")
-    ap.add_argument("--variants", nargs="*", default=["eager", "fused", "merged"], choices=["eager", "fused", "merged"],
+    ap.add_argument("--variants", nargs="*", default=["fused", "fused_radix", "merged", "merged_radix"],
+                    choices=["eager", "fused", "fused_radix", "merged", "merged_radix"],
                     help="eager; fused (seer_compile_pointwise); merged (fused, q/k/v and gate/up as one GEMM each); "
-                         "in this order (merged changes the model for what follows)")
+                         "_radix: top_blocks by radix select (TOP_BLOCKS_BITS 8); merged changes the model for the "
+                         "variants after it")
     ap.add_argument("--no-e2e", action="store_true")
     ap.add_argument("--out")
     args = ap.parse_args(argv)

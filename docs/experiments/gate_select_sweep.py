@@ -8,7 +8,7 @@ keys) and ``top_blocks`` (one program per row: 32 bisection passes). This script
 its own CUDA graph each of:
 
 - ``two_bB``: bmm + gate_scores + top_blocks settling B key bits per selection pass (1: the
-  bisection up to session 39; 2 / 4: 16 / 8 passes);
+  bisection up to session 39; 2 / 4: 16 / 8 passes; 8: four 256-bin histograms, session 40);
 - ``fused_cC_wW_bB_sP``: bmm + gate_top_blocks (P programs per row score the row's keys C at a
   time into a scratch row, then the row's last selects; W warps);
 - ``layer_...``: the same with the decode kernel over the selection (10% of the blocks),
@@ -31,7 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 FUSED = [(64, 4, 1, 1), (64, 4, 2, 1), (64, 4, 4, 1), (64, 8, 2, 1), (128, 8, 2, 1), (64, 4, 2, 4), (64, 4, 2, 16),
          (64, 8, 4, 4), (64, 8, 4, 16)]
-TWO_BITS = [1, 2, 4]
+TWO_BITS = [1, 2, 4, 8]
 
 
 def us(fn):
@@ -41,7 +41,7 @@ def us(fn):
 
 
 @torch.no_grad()
-def sweep(B, S, share):
+def sweep(B, S, share, fused_configs=FUSED):
     from decode_gate_profile import layer_inputs
     from seer_attn.kernels import block_sparse_decode
     from seer_attn.kernels import decode_select as ds
@@ -66,7 +66,7 @@ def sweep(B, S, share):
     ref = None
     variants = [(f"two_b{b}", two, dict(bits=b)) for b in TWO_BITS]
     variants += [(f"fused_c{c}_w{wp}_b{b}_s{sp}", fused, dict(bits=b, chunk=c, warps=wp, split=sp))
-                 for c, wp, b, sp in FUSED]
+                 for c, wp, b, sp in fused_configs]
     try:
         for name, fn, cfg in variants:
             ds.TOP_BLOCKS_BITS = cfg["bits"]
@@ -99,6 +99,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--settings", nargs="+", default=["1x131072", "4x131072", "16x32768", "16x131072"])
     ap.add_argument("--share", type=float, default=0.1)
+    ap.add_argument("--no-fused", action="store_true", help="only the two-launch variants (selection passes)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -106,11 +107,12 @@ def main(argv=None):
     lines = []
     for setting in args.settings:
         B, S = (int(t) for t in setting.split("x"))
-        row = sweep(B, S, args.share)
+        row = sweep(B, S, args.share, [] if args.no_fused else FUSED)
         print(json.dumps(row), flush=True)
         lines.append(row)
         torch.cuda.empty_cache()
-    names = [f"two_b{b}" for b in TWO_BITS] + [f"fused_c{c}_w{wp}_b{b}_s{sp}" for c, wp, b, sp in FUSED]
+    names = [f"two_b{b}" for b in TWO_BITS] + [f"fused_c{c}_w{wp}_b{b}_s{sp}" for c, wp, b, sp in
+                                               ([] if args.no_fused else FUSED)]
     print(f"\n# {torch.cuda.get_device_name()}: gate + selection, CUDA-graph median us (layer: + the decode kernel)")
     print("B x cache | query | kernel | " + " | ".join(names))
     for r in lines:

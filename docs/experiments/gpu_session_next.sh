@@ -123,6 +123,7 @@
 #   decode-sweep   ~2  issue 15: a sparse layer's three kernels replayed, launch configs x programs per
 #                      SM, top_blocks warps, old vs new gate logits (H200 at 9842fea: 108 -> 91 us
 #                      per layer at 4 x 128k; results/decode/h200_step_sweep*.json)
+#   radix-e2e      ~6  issue 15: decode GPU tests, top_blocks' selection passes (radix: 8 bits), then e2e-profile
 #   e2e-profile    ~3  issue 15: one end-to-end graph step's kernels by group (GEMMs, decode kernel, gate,
 #                      pointwise), dense and sparse, fused or not, and the projections alone
 #   decode-profile ~1  issue 15: graph-replayed microseconds of each piece of a sparse layer's
@@ -209,6 +210,16 @@ case "$STEP" in
         --out "$OUT/decode_$V" > "$OUT/bench_decode_$V.log" 2>&1
       echo "bench_decode $V: exit $?"; sed -n '/^# /,$p' "$OUT/bench_decode_$V.log" | tail -n 9
     done ;;
+  radix-e2e)  # issue 15 (session 40): the decode GPU tests (top_blocks by bisection and by radix select, the model's
+    # decode with share 1 reading every block unscored), the selection passes (1 / 2 / 4 / 8 bits) at four shapes,
+    # then e2e-profile
+    timeout 150 "$PY" -m pytest -q -p no:cacheprovider -rfE tests/kernels/test_gpu_decode.py \
+      -k "top_blocks or gate_scores" tests/modeling_seer/test_decode_gpu.py > "$OUT/tests.log" 2>&1
+    echo "decode GPU tests: exit $?, $(tail -n 1 "$OUT/tests.log")"; grep -E "^(FAILED|ERROR)" "$OUT/tests.log"
+    timeout 100 "$PY" docs/experiments/gate_select_sweep.py --no-fused --out "$OUT/gate_select_sweep.json" \
+      > "$OUT/sweep.log" 2>&1
+    echo "gate_select_sweep: exit $?"; sed -n '/^# /,$p' "$OUT/sweep.log"
+    bash "$0" e2e-profile "${OUT%/*}" ;;
   e2e-profile)  # issue 15 (session 40): the end-to-end graph step's GPU kernels by group, dense and sparse, with and
     # without the fused pointwise work, and the projections alone (M 1 / 4 / 16); 32 layers on an H200, 16 on an H100
     if nvidia-smi | grep -q H200; then L=32; else L=16; fi

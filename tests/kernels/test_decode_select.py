@@ -131,10 +131,10 @@ def test_gate_scores_bad_arguments():
     torch.testing.assert_close(gate_scores(y24, keys24, r24), gate_scores_ref(y24, keys24, r24))  # auto: torch
 
 
-@pytest.mark.parametrize("bits", [2, 4])
+@pytest.mark.parametrize("bits", [2, 4, 8])
 def test_top_blocks_passes_of_several_bits_equal_the_reference(monkeypatch, bits):
-    """The selection settling 2 or 4 key bits per pass (16 / 8 passes) keeps the bisection's
-    blocks: ties, forced and masked blocks, counts 0 .. k."""
+    """The selection settling 2, 4 or 8 key bits per pass (16 / 8 passes of counts, 4 of a
+    histogram) keeps the bisection's blocks: ties, forced and masked blocks, counts 0 .. k."""
     monkeypatch.setattr(decode_select, "TOP_BLOCKS_BITS", bits)
     for B, H, N, k, seed in [(2, 3, 10, 4, 0), (3, 2, 300, 40, 2)]:
         scores, bias, n = _case(B, H, N, seed, torch.float16)
@@ -144,11 +144,33 @@ def test_top_blocks_passes_of_several_bits_equal_the_reference(monkeypatch, bits
         assert torch.equal(got.cpu(), top_blocks_ref(scores, bias, counts, k))
 
 
+@pytest.mark.parametrize("spread", ["near", "negative", "mixed"])
+def test_top_blocks_radix_select_settles_every_key_byte(monkeypatch, spread):
+    """The radix select (TOP_BLOCKS_BITS = 8) on float32 scores whose keys share their high bytes
+    (1 + 1e-6 noise: the choice falls in the low bytes), all negative, or of both signs with
+    repeats: the reference's blocks, counts 0 .. k and every valid block."""
+    monkeypatch.setattr(decode_select, "TOP_BLOCKS_BITS", 8)
+    B, H, N, k = 2, 3, 200, 60
+    scores, bias, n = _case(B, H, N, 7)
+    gen = torch.Generator().manual_seed(8)
+    if spread == "near":
+        scores = 1.0 + 1e-6 * torch.randint(0, 50, scores.shape, generator=gen).float()
+    elif spread == "negative":
+        scores = -scores.abs() - 1e-3
+    else:
+        scores = torch.randint(-4, 5, scores.shape, generator=gen).float() * 0.5
+    counts = torch.minimum(n, torch.tensor(k)).to(torch.int32)
+    counts[0, 0], counts[1, 2] = 0, 1
+    counts[1, 1] = min(int(n[1, 1]), k)
+    got = top_blocks(scores.to(DEV), bias.to(DEV), counts.to(DEV), k, backend="triton")
+    assert torch.equal(got.cpu(), top_blocks_ref(scores, bias, counts, k))
+
+
 # ----------------------------------------------------------------------------- gate_top_blocks
 
 @pytest.mark.parametrize("B, H, N, G, k", [(2, 3, 1, 16, 1), (1, 2, 63, 32, 9), (2, 2, 130, 16, 20)])
 @pytest.mark.parametrize("rope", [True, False], ids=["rope", "no-rope"])
-@pytest.mark.parametrize("bits, split", [(1, 1), (2, 3)], ids=["bisect", "bits2-split3"])
+@pytest.mark.parametrize("bits, split", [(1, 1), (2, 3), (8, 1)], ids=["bisect", "bits2-split3", "radix"])
 def test_gate_top_blocks_equals_scores_then_selection(monkeypatch, B, H, N, G, k, rope, bits, split):
     """The one-launch gate + selection keeps what the references keep: the torch scores (float32
     keys, so no near-ties move) then top_blocks' reference, with forced and masked blocks and

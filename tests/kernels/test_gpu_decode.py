@@ -113,10 +113,14 @@ def test_split_counts_at_real_shape(splits, gen, error_budget):
 
 
 @pytest.mark.parametrize("B, N, k", [(16, 2048, 205), (4, 2049, 205), (1, 16384, 1639), (2, 513, 2)])
-def test_top_blocks_at_real_shapes(B, N, k):
-    """The decode selection kernel at 32k-1M-token caches (8 KV heads): the reference's kept
-    blocks, with bf16 scores (ties) and the sink / current block forced."""
+@pytest.mark.parametrize("bits", [1, 8], ids=["bisect", "radix"])
+def test_top_blocks_at_real_shapes(monkeypatch, B, N, k, bits):
+    """The decode selection kernel at 32k-1M-token caches (8 KV heads), by bisection and by the
+    radix select: the reference's kept blocks, with bf16 scores (ties) and the sink / current
+    block forced."""
+    from seer_attn.kernels import decode_select
     from seer_attn.kernels.decode_select import top_blocks
+    monkeypatch.setattr(decode_select, "TOP_BLOCKS_BITS", bits)
     from seer_attn.kernels.reference import top_blocks_ref
     gen = torch.Generator(device="cuda").manual_seed(N)
     scores = torch.randn(B, 8, N, device="cuda", generator=gen).to(torch.bfloat16)
@@ -144,7 +148,7 @@ def test_gate_scores_at_real_shapes(B, N):
 
 
 @pytest.mark.parametrize("B, N, k", [(16, 2048, 205), (1, 2048, 205), (4, 2049, 32), (1, 16384, 1639)])
-@pytest.mark.parametrize("bits, split", [(1, 1), (2, 1), (4, 1), (2, 8)])
+@pytest.mark.parametrize("bits, split", [(1, 1), (2, 1), (4, 1), (8, 1), (2, 8)])
 def test_gate_top_blocks_at_real_shapes(monkeypatch, B, N, k, bits, split):
     """The decode gate's scoring and selection in one launch at 128k-1M-token caches (8 KV heads,
     G 128, bf16 inputs, keys a slice of a larger buffer; one program per row or eight): each row keeps ``counts`` blocks in

@@ -48,6 +48,42 @@ def test_graph_decode_dense_equals_generate(tiny):
 
 
 @torch.no_grad()
+def test_share_one_reads_every_block_without_scoring(tiny, monkeypatch):
+    """seer_decode_share=1 keeps every block whatever the scores: the eager and the graph steps read
+    the whole cache without calling the decode gate or a selection (dense decode through the
+    sparse kernel, the bench's dense row), with generate's dense tokens, left-padded, across block
+    boundaries, and a kept share of 1."""
+    from seer_attn.modeling_seer import decode_cache, decode_graph
+    from seer_attn.modeling_seer.decode_gate import DecodeGate
+    m = tiny(**DECODE)
+    ids, mask = _left_pad([_ids(300, seed=1)[0], _ids(170, seed=2)[0]], 300)
+    dense = _greedy(m, ids, 70, attention_mask=mask)
+
+    def refuse(*a, **k):
+        raise AssertionError("scored or selected at seer_decode_share=1")
+    for target in (DecodeGate, decode_cache.DecodeStep, decode_graph.GraphDecodeStep):
+        for name in ("step_logits", "step_query", "select"):
+            if hasattr(target, name):
+                monkeypatch.setattr(target, name, refuse)
+    m.set_seer_mode("dense", seer_decode_sparsity=True, seer_decode_method="share", seer_decode_share=1.0)
+    assert torch.equal(_greedy(m, ids, 70, attention_mask=mask), dense)
+    assert torch.equal(m.seer_decode_density(), torch.ones(2))
+    assert torch.equal(m.seer_generate(ids, attention_mask=mask, max_new_tokens=70), dense)
+    assert torch.equal(m.seer_decode_density(), torch.ones(2))
+
+
+def test_decode_every_block_lists_each_sequence_from_its_sink():
+    from seer_attn.modeling_seer.selection import decode_every_block
+    idx, cnt = decode_every_block(torch.tensor([0, 2, 5]), 5, 8, 2)
+    assert idx.dtype == cnt.dtype == torch.int32 and idx.shape == (3, 2, 8) and cnt.shape == (3, 2)
+    assert cnt[:, 0].tolist() == [6, 4, 1] and torch.equal(cnt[:, 0], cnt[:, 1])
+    for b, first in enumerate([0, 2, 5]):
+        n = cnt[b, 0].item()
+        assert idx[b, 1, :n].tolist() == list(range(first, 6))  # sink .. current block
+        assert idx[b].max() <= 7  # never past the width
+
+
+@torch.no_grad()
 def test_graph_state_keys_equal_the_pooled_k_cache(tiny):
     """After steps that filled blocks, the graph state's gate keys and mean keys of every full block
     equal those the dynamic pooled-K cache computes for the same tokens."""
