@@ -93,6 +93,7 @@ class DecodeBenchConfig(RunConfig):
     steps: int = option(16, decode_steps)  # timed decode steps per end-to-end setting
     tune: bool = option(False, flag)  # sweep the kernel's launch configs first, keep the fastest
     one_launch_gate: bool = option(False, flag)  # graph steps: gate_top_blocks (decode_graph.ONE_LAUNCH_GATE)
+    top_blocks_bits: int = option(None, ca.positive_int, choices=(1, 2, 4, 8))  # None: decode_select's default
     out: str = option("seer_outputs/bench-decode", text)
 
 
@@ -122,6 +123,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--one-launch-gate", action="store_true",
                     help="graph-mode steps score the gate's blocks and select them in one launch (gate_top_blocks; "
                          "measured slower than the default two), in the kernel rows' graph_layer and end to end")
+    ap.add_argument("--top-blocks-bits", type=int, choices=(1, 2, 4, 8), default=None,
+                    help="key bits each selection pass of top_blocks settles (1: bisection, 8: radix select; "
+                         "default: kernels.decode_select.TOP_BLOCKS_BITS)")
     ap.add_argument("--out", default=_default("out"), help="output folder (default: %(default)s)")
     ap.add_argument("--plot", default=None, help="only redraw the PNG from this CSV")
     return ap
@@ -145,12 +149,16 @@ def run_decode_bench(config: DecodeBenchConfig) -> dict:
     if not torch.cuda.is_available():
         raise ValueError("the decode benchmark needs a CUDA GPU, and torch sees none")
     os.makedirs(config.out, exist_ok=True)
+    from seer_attn.kernels import decode_select
     from seer_attn.modeling_seer import decode_graph
-    kept, decode_graph.ONE_LAUNCH_GATE = decode_graph.ONE_LAUNCH_GATE, config.one_launch_gate
+    kept = decode_graph.ONE_LAUNCH_GATE, decode_select.TOP_BLOCKS_BITS
+    decode_graph.ONE_LAUNCH_GATE = config.one_launch_gate
+    if config.top_blocks_bits is not None:
+        decode_select.TOP_BLOCKS_BITS = config.top_blocks_bits
     try:
         return _run(config)
     finally:
-        decode_graph.ONE_LAUNCH_GATE = kept
+        decode_graph.ONE_LAUNCH_GATE, decode_select.TOP_BLOCKS_BITS = kept
 
 
 def _run(config):
@@ -641,7 +649,10 @@ def write_results(config, rows, e2e, checks, tuning, device="cuda") -> dict:
     shape = {"HQ": HQ, "H": H, "D": D, "dtype": "bf16"}
     env = write_envelope(os.path.join(config.out, "decode.json"), "decode", rows, config=asdict(config),
                          resolved={"shape": shape, "kernel_config": mod._config(D, True, torch.bfloat16),
-                                   "programs_per_sm": mod._TARGET_PROGRAMS_PER_SM},
+                                   "programs_per_sm": mod._TARGET_PROGRAMS_PER_SM,
+                                   "top_blocks_bits": importlib.import_module(
+                                       "seer_attn.kernels.decode_select").TOP_BLOCKS_BITS,
+                                   "dense_row": "share 1: every block, no gate (since session 40)"},
                          device=device, model=f"kernel: random q/k/v, {HQ} query / {H} KV heads, head_dim {D}, bf16; "
                                               f"e2e: random-weight Llama-3.1-8B shape, {config.layers} layers, "
                                               "pre-filled random KV cache",

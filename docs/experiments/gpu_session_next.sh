@@ -124,6 +124,7 @@
 #                      SM, top_blocks warps, old vs new gate logits (H200 at 9842fea: 108 -> 91 us
 #                      per layer at 4 x 128k; results/decode/h200_step_sweep*.json)
 #   radix-e2e      ~6  issue 15: decode GPU tests, top_blocks' selection passes (radix: 8 bits), then e2e-profile
+#   bench-radix    ~5  issue 15: bench-decode at 128k with top_blocks by bisection and by radix select
 #   e2e-profile    ~3  issue 15: one end-to-end graph step's kernels by group (GEMMs, decode kernel, gate,
 #                      pointwise), dense and sparse, fused or not, and the projections alone
 #   decode-profile ~1  issue 15: graph-replayed microseconds of each piece of a sparse layer's
@@ -220,6 +221,14 @@ case "$STEP" in
       > "$OUT/sweep.log" 2>&1
     echo "gate_select_sweep: exit $?"; sed -n '/^# /,$p' "$OUT/sweep.log"
     bash "$0" e2e-profile "${OUT%/*}" ;;
+  bench-radix)  # issue 15 (session 40): bench-decode at 128k (B 1 / 16; end to end 4 x 128k, 32 layers on an H200, 16
+    # on an H100) with top_blocks by bisection, then by radix select; the dense row reads every block unscored
+    if nvidia-smi | grep -q H200; then E=(--e2e 4x131072); else E=(--e2e 4x131072 --layers 16); fi
+    for BITS in 1 8; do
+      timeout 200 "$PY" -m seer_attn.eval.bench_decode --lengths 131072 --batches 1 16 "${E[@]}" \
+        --top-blocks-bits $BITS --out "$OUT/decode_b$BITS" > "$OUT/bench_decode_b$BITS.log" 2>&1
+      echo "bench_decode bits $BITS: exit $?"; sed -n '/^# /,$p' "$OUT/bench_decode_b$BITS.log" | tail -n 9
+    done ;;
   e2e-profile)  # issue 15 (session 40): the end-to-end graph step's GPU kernels by group, dense and sparse, with and
     # without the fused pointwise work, and the projections alone (M 1 / 4 / 16); 32 layers on an H200, 16 on an H100
     if nvidia-smi | grep -q H200; then L=32; else L=16; fi
