@@ -682,6 +682,27 @@ def decode_graph_gate_h200(root) -> str:
                   + _table(["B", "cache", "layers", "dense", "sparse", "speed-up", "layers fused"], e2e))
 
 
+def decode_e2e_profile_h100(root) -> str:
+    """Session 40: where an end-to-end graph decode token's GPU time goes, dense and sparse, by kernel group."""
+    path = "results/decode/h100_e2e_profile.json"
+    env = load_envelope(root, path)
+    groups = ["gemm", "decode kernel", "gate", "triton pointwise", "copy", "other"]
+    body = []
+    for r in env["rows"]:
+        g = r["groups_ms"]
+        label = r.get("variant") or ("fused" if r.get("fused") else "eager")
+        body.append([label, r["mode"], f"{r['wall_ms']:.2f}", f"{r['kernel_ms']:.2f}",
+                     f"{r['wall_ms'] - r['kernel_ms']:.2f}", f"{r['launches']:.0f}"]
+                    + [f"{g.get(k, 0.0):.2f}" for k in groups])
+    cfg = env["config"]
+    out = (f"{env['provenance']['gpu']}, commit {_commit(env['provenance'])} ({path}); {cfg['layers']} layers of the "
+           f"8B shape, random weights, bf16, {cfg['batch']} x {_tokens(cfg['tokens'])}, one token replayed from the "
+           f"graph-mode step, GPU kernels summed over {cfg['profile_steps']} profiled replays (ms per token; `gaps`: "
+           "replay wall time minus kernel time); dense: every block through our kernel (in this run still "
+           "scored by the gate, as up to session 39); fused: `seer_compile_pointwise`:\n\n")
+    return out + _table(["layers", "mode", "wall", "kernels", "gaps", "launches"] + groups, body)
+
+
 def finetune_timing_h200(root) -> str:
     """The timing phase of the fine-tuning experiment: s/step, peak memory and GPU ms by kernel
     kind of each variant (the busiest kernels stay in the envelope)."""
@@ -955,6 +976,7 @@ TABLES = {
     "decode-free-h100": decode_free_h100,
     "decode-gate-select-h100": decode_gate_select_h100,
     "decode-graph-gate-h200": decode_graph_gate_h200,
+    "decode-e2e-profile-h100": decode_e2e_profile_h100,
     "finetune-timing-h200": finetune_timing_h200,
     "finetune-timing-compile-h200": finetune_timing_compile_h200,
     "finetune-compile-h200": finetune_compile_h200,
