@@ -69,6 +69,11 @@
 # on the H200 at 128k and 32k (13% / 20% at B=16). Next: issue 17's gate-free, issue 16's kernels, bench-decode at
 # B=1 with a Triton projection of the gate's query (the cuBLAS bmm is ~8 us of B=1's ~19 us of gate).
 #
+# Session 40 (one H100 call, then ~15 refused starts): e2e-profile (the end-to-end token by kernel group, H100, 16 layers:
+# GEMMs 3.16 of the fused sparse token's 5.48 ms). Built since, unmeasured: top_blocks by radix select (TOP_BLOCKS_BITS 8)
+# and the dense row without the gate. Next: radix-e2e (GPU tests, selection passes, profile with the radix and merged
+# projections), then bench-radix (bench-decode with bits 1 and 8; its dense row now reads every block unscored).
+#
 # Session 29: distill --gate-hidden-size / --q-pooling / --k-pooling exist now; gate-capacity measures them (issue 17's
 # untried "gate capacity" direction) after gate-calib-coverage and decode-distill. Session 29 got no machine (every start
 # refused); its CPU screen of wide / qmax (gate_quality.md section 11) gains <= 1% at 0.1. Next session: the same plan.
