@@ -106,25 +106,20 @@ def _select_row(x, m, cnt, offs, out, K, BLOCK: tl.constexpr, BITS: tl.constexpr
     lo = tl.full((), -2147483648, tl.int64)
     step = tl.full((), 1 << (32 - BITS), tl.int64)
     if BITS == 8:  # radix select: one 256-bin histogram per key byte, high byte first (4 passes)
+        ukey = key ^ -2147483648  # sign bit flipped: the bytes, read as unsigned, increase with key
         bins = tl.arange(0, 256)
         need = cnt  # of the candidates (keys matching the bytes settled so far), the largest still to take
         cand = m
-        t = tl.full((), 0, tl.int32)
+        t = tl.full((), 0, tl.int32)  # the settled bytes, in ukey's order
         for p in tl.static_range(4):
-            if p == 0:
-                digit = (key >> 24) + 128  # arithmetic shift: -128..127 -> 0..255, increasing with key
-            else:
-                digit = (key >> (24 - 8 * p)) & 255
+            digit = (ukey >> (24 - 8 * p)) & 255
             hist = tl.histogram(digit, 256, mask=cand)
             ge = tl.sum(hist, 0) - tl.cumsum(hist, 0) + hist  # candidates whose byte is >= each bin
             d = tl.max(tl.where(ge >= need, bins, 0), 0)  # the largest byte still holding `need` (0: none)
             need = need - tl.sum(tl.where(bins > d, hist, 0), 0)
             cand = cand & (digit == d)
-            if p == 0:
-                t = (d - 128) << 24
-            else:
-                t = t | (d << (24 - 8 * p))
-        lo = t.to(tl.int64)
+            t = t | (d << (24 - 8 * p))
+        lo = (t ^ -2147483648).to(tl.int64)
     elif BITS == 1:
         for _ in range(32):
             mid = lo + step
