@@ -196,20 +196,25 @@ def _bench(fn):
     return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
 
 
-def _graph_bench(fn):
-    """Median ms of ``fn`` replayed from a CUDA graph (captured after warm-up on a side stream),
-    or the capture's error as a string."""
-    try:
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(3):
-                fn()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+def capture_graph(fn, warmup=3):
+    """A CUDA graph of ``fn``, captured after ``warmup`` calls on a side stream."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
             fn()
-        return _bench(graph.replay)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph
+
+
+def _graph_bench(fn):
+    """Median ms of ``fn`` replayed from a CUDA graph (:func:`capture_graph`), or the capture's
+    error as a string."""
+    try:
+        return _bench(capture_graph(fn).replay)
     except Exception as e:  # reported in the row, not fatal: the eager numbers stand without it
         return f"capture failed: {type(e).__name__}: {str(e)[:120]}"
 
@@ -646,12 +651,12 @@ def write_results(config, rows, e2e, checks, tuning, device="cuda") -> dict:
     import importlib
     from seer_attn.training.results import write_envelope
     mod = importlib.import_module("seer_attn.kernels.block_sparse_decode")
+    select = importlib.import_module("seer_attn.kernels.decode_select")
     shape = {"HQ": HQ, "H": H, "D": D, "dtype": "bf16"}
     env = write_envelope(os.path.join(config.out, "decode.json"), "decode", rows, config=asdict(config),
                          resolved={"shape": shape, "kernel_config": mod._config(D, True, torch.bfloat16),
                                    "programs_per_sm": mod._TARGET_PROGRAMS_PER_SM,
-                                   "top_blocks_bits": importlib.import_module(
-                                       "seer_attn.kernels.decode_select").TOP_BLOCKS_BITS,
+                                   "top_blocks_bits": select.TOP_BLOCKS_BITS,
                                    "dense_row": "share 1: every block, no gate (since session 40)"},
                          device=device, model=f"kernel: random q/k/v, {HQ} query / {H} KV heads, head_dim {D}, bf16; "
                                               f"e2e: random-weight Llama-3.1-8B shape, {config.layers} layers, "

@@ -101,6 +101,7 @@ def e2e(args):
     cache, state = static_filled(model, B, T, 6 * args.steps + 64)
     rows = []
     from seer_attn.kernels import decode_select
+    kept_bits = decode_select.TOP_BLOCKS_BITS
     merged = False
     for variant in args.variants:
         fused = variant != "eager"
@@ -109,7 +110,7 @@ def e2e(args):
             merged = True
         if fused:
             model.seer_compile_pointwise()
-        decode_select.TOP_BLOCKS_BITS = 8 if variant.endswith("radix") else 1
+        decode_select.TOP_BLOCKS_BITS = 8 if variant.endswith("radix") else kept_bits
         for mode, share in (("dense", 1.0), ("sparse", args.share)):
             model.set_seer_mode("dense", seer_decode_sparsity=True, seer_decode_share=share,
                                 seer_decode_meanpool_prior=0.0)
@@ -133,7 +134,7 @@ def e2e(args):
             del dec
             torch.cuda.empty_cache()
     model.seer_compile_pointwise(enable=False)
-    decode_select.TOP_BLOCKS_BITS = 1
+    decode_select.TOP_BLOCKS_BITS = kept_bits
     del cache, state, model
     torch.cuda.empty_cache()
     return rows
@@ -143,14 +144,9 @@ def _kernel_us(fn, n=20):
     """GPU-kernel microseconds of one call of ``fn`` replayed from a CUDA graph (summed over its
     kernels; no launch latency) and its kernel count."""
     from torch.profiler import ProfilerActivity, profile
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
+
+    from seer_attn.eval.bench_decode import capture_graph
+    graph = capture_graph(fn)
     graph.replay()
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
@@ -219,8 +215,8 @@ def main(argv=None):
     ap.add_argument("--variants", nargs="*", default=["fused", "fused_radix", "merged", "merged_radix"],
                     choices=["eager", "fused", "fused_radix", "merged", "merged_radix"],
                     help="eager; fused (seer_compile_pointwise); merged (fused, q/k/v and gate/up as one GEMM each); "
-                         "_radix: top_blocks by radix select (TOP_BLOCKS_BITS 8); merged changes the model for the "
-                         "variants after it")
+                         "_radix: top_blocks by radix select (TOP_BLOCKS_BITS 8; else the module's setting); merged "
+                         "changes the model for the variants after it")
     ap.add_argument("--no-e2e", action="store_true")
     ap.add_argument("--out")
     args = ap.parse_args(argv)

@@ -104,15 +104,15 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("gate_select_sweep.py needs a CUDA GPU")
+    fused = [] if args.no_fused else FUSED
     lines = []
     for setting in args.settings:
         B, S = (int(t) for t in setting.split("x"))
-        row = sweep(B, S, args.share, [] if args.no_fused else FUSED)
+        row = sweep(B, S, args.share, fused)
         print(json.dumps(row), flush=True)
         lines.append(row)
         torch.cuda.empty_cache()
-    names = [f"two_b{b}" for b in TWO_BITS] + [f"fused_c{c}_w{wp}_b{b}_s{sp}" for c, wp, b, sp in
-                                               ([] if args.no_fused else FUSED)]
+    names = [f"two_b{b}" for b in TWO_BITS] + [f"fused_c{c}_w{wp}_b{b}_s{sp}" for c, wp, b, sp in fused]
     print(f"\n# {torch.cuda.get_device_name()}: gate + selection, CUDA-graph median us (layer: + the decode kernel)")
     print("B x cache | query | kernel | " + " | ".join(names))
     for r in lines:
