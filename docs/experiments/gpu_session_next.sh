@@ -129,6 +129,7 @@
 #                      SM, top_blocks warps, old vs new gate logits (H200 at 9842fea: 108 -> 91 us
 #                      per layer at 4 x 128k; results/decode/h200_step_sweep*.json)
 #   radix-e2e      ~6  issue 15: decode GPU tests, top_blocks' selection passes (radix: 8 bits), then e2e-profile
+#   skinny-gemm    ~4  issue 15: a Triton skinny GEMM (M <= 16, split-K in one launch) vs cuBLAS, decode shapes
 #   bench-radix    ~5  issue 15: bench-decode at 128k with top_blocks by bisection and by radix select
 #   e2e-profile    ~3  issue 15: one end-to-end graph step's kernels by group (GEMMs, decode kernel, gate,
 #                      pointwise), dense and sparse, fused or not, and the projections alone
@@ -226,6 +227,10 @@ case "$STEP" in
       > "$OUT/sweep.log" 2>&1
     echo "gate_select_sweep: exit $?"; sed -n '/^# /,$p' "$OUT/sweep.log"
     bash "$0" e2e-profile "${OUT%/*}" ;;
+  skinny-gemm)  # issue 15 (session 41): a Triton skinny GEMM (split-K finished in one launch) against cuBLAS at the
+    # decode projections' shapes, M 4 / 16, best config per shape
+    timeout 400 "$PY" docs/experiments/skinny_gemm.py --out "$OUT/skinny_gemm.json" > "$OUT/skinny.log" 2>&1
+    echo "skinny_gemm: exit $?"; sed -n '/^# /,$p' "$OUT/skinny.log"; grep -E "Error" "$OUT/skinny.log" | tail -n 3 ;;
   bench-radix)  # issue 15 (session 40): bench-decode at 128k (B 1 / 16; end to end 4 x 128k, 32 layers on an H200, 16
     # on an H100) with top_blocks by bisection, then by radix select; the dense row reads every block unscored
     if nvidia-smi | grep -q H200; then E=(--e2e 4x131072); else E=(--e2e 4x131072 --layers 16); fi
