@@ -30,6 +30,7 @@ import math
 
 import torch
 
+from seer_attn.kernels.decode_append import decode_append
 from seer_attn.kernels.decode_select import gate_top_blocks, top_blocks
 
 from .selection import (DECODE_METHODS, DECODE_SCORE_METHODS, block_pool, decode_every_block, decode_full_blocks,
@@ -40,6 +41,12 @@ from .selection import (DECODE_METHODS, DECODE_SCORE_METHODS, block_pool, decode
 #: top_blocks, which measured faster (H100, session 39: 22 against 47 us a layer at 1 x 128k, 50 against 62 at
 #: 16 x 128k; 16-layer model at 4 x 128k 2.60x against 2.50x dense; results/decode/h100_gate_select_sweep.json)
 ONE_LAUNCH_GATE = False
+#: whether a graph step writes each layer's new key and value into a transformers static layer, its pre-RoPE key
+#: into the current-block buffer and the layer's length in one launch (:meth:`GraphDecodeStep.append`,
+#: :func:`~seer_attn.kernels.decode_append.decode_append`) instead of the static layer's update (five launches)
+#: and an ``index_copy_`` (session 41); the backend :func:`decode_append` runs with
+FUSED_APPEND = True
+APPEND_BACKEND = "auto"
 
 
 class GraphStats:
@@ -127,21 +134,39 @@ class GraphDecodeStep:
         self.lens = (slot + 1).to(torch.int32).repeat(state.batch_size)
         self.seq_starts = state.starts32
         self.n = (self.cur + 1 - state.first_block).float()  # each sequence's blocks, the current one included
-        self._selection, self._counts, self._full = {}, [], {}
+        self._selection, self._counts, self._full, self._appended = {}, [], {}, set()
 
     def q_rope(self, dtype):
         if dtype not in self._cast:
             self._cast[dtype] = tuple(t.to(dtype) for t in self._q_rope)
         return self._cast[dtype]
 
+    def append(self, layer, cache, k, v, k_pre):
+        """The layer's cache update for this step: ``cache.update(k, v, layer)``'s keys and values
+        ``[B, H, capacity, D]``. With :data:`FUSED_APPEND` on and a plain transformers static
+        layer, one launch writes ``k`` and ``v`` at ``slot``, ``k_pre`` into the current-block
+        buffer (so :meth:`record` does not) and the layer's length (``slot + 1``, as its update
+        would leave it: :class:`GraphDecoder` checks that the two agree)."""
+        from transformers.cache_utils import StaticLayer
+        lyr = cache.layers[layer] if FUSED_APPEND and hasattr(cache, "layers") else None
+        if type(lyr) is not StaticLayer or not lyr.is_initialized or k.shape[2] != 1:
+            return cache.update(k, v, layer)
+        buf = self.state.bufs[layer]
+        decode_append(lyr.keys, lyr.values, k, v, self.state.slot, lyr.cumulative_length, buf, k_pre,
+                      backend=APPEND_BACKEND)
+        self._appended.add(layer)
+        return lyr.keys, lyr.values
+
     def record(self, layer, k_pre, gate, k):
-        """Write the new pre-RoPE key ``[B, H, 1, D]`` at ``slot % 64``; when it fills the block
+        """Write the new pre-RoPE key ``[B, H, 1, D]`` at ``slot % 64`` (unless :meth:`append`
+        did); when it fills the block
         (``state.fills``), pool the block and write its gate key and its mean post-RoPE key (from
         ``k``, the static cache's keys ``[B, H, capacity, D]``) into row ``slot // 64``. (Until
         then the row is never scored: the current block is always read.)"""
         st = self.state
         buf, keys = st.bufs[layer], st.keys[layer]
-        buf.index_copy_(2, self.off1, k_pre.to(buf.dtype))
+        if layer not in self._appended:
+            buf.index_copy_(2, self.off1, k_pre.to(buf.dtype))
         if not st.fills:
             return
         bs = st.block_size
@@ -334,6 +359,10 @@ class GraphDecoder:
                 raise ValueError("seer_decode_sparsity is on but the cache has no pooled-K cache (prefill with decode "
                                  "sparsity on)")
             k0 = cache.layers[0].keys
+            lengths = {int(lyr.cumulative_length) for lyr in cache.layers if torch.is_tensor(lyr.cumulative_length)}
+            if lengths - {slot}:
+                raise ValueError(f"the static cache holds {sorted(lengths)} tokens but the next slot is {slot}: they must "
+                                 "agree (each step writes its token at the slot)")
             gates = [layer.self_attn.attn_gate.decode_gate for layer in model.model.layers]
             self.state = pooled.graph = GraphDecodeState(pooled, gates, k0.shape[2], self.slot, k0.shape[1],
                                                          k0.shape[3], k0.dtype)

@@ -451,8 +451,9 @@ class SeerDecoderLayerMixin:
     costs a compiled call, its guards and its autograd node in the forward, the recompute and
     the backward; a 32k SmolLM2 fine-tuning step waited on that host work
     (docs/experiments/finetune_step_time.md). A graph-mode decode step (``seer_generate``) runs
-    the same two graphs around the static cache's update and the sparse decode (fewer
-    kernels in the replayed step). Any other forward is the stock layer's."""
+    the same two graphs around the cache writes (:meth:`.decode_graph.GraphDecodeStep.append`:
+    one launch) and the sparse decode (fewer kernels in the replayed step). Any other forward
+    is the stock layer's."""
 
     def forward(self, hidden_states, *args, **kwargs):
         attn = self.self_attn
@@ -462,7 +463,7 @@ class SeerDecoderLayerMixin:
                                                                                  GraphDecodeStep):
             # a graph-mode decode step: the same two graphs around the cache update and the sparse decode
             q, k, v, q_pre, k_pre = compiled(_layer_in, options)(self, hidden_states, *rope)
-            k, v = cache.update(k, v, attn.layer_idx)
+            k, v = ctx.decode.append(attn.layer_idx, cache, k, v, k_pre)  # one launch for the cache writes
             out, _ = attn.seer_attention(q, k, v, q_pre, k_pre, kwargs.get("attention_mask"), ctx, None)
             return compiled(_layer_out, options)(self, hidden_states, out)
         if options is None or args or ctx is None or ctx.decode is not None or rope is None or cache is not None \

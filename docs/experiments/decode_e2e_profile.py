@@ -101,7 +101,8 @@ def e2e(args):
     cache, state = static_filled(model, B, T, 6 * args.steps + 64)
     rows = []
     from seer_attn.kernels import decode_select
-    kept_bits = decode_select.TOP_BLOCKS_BITS
+    from seer_attn.modeling_seer import decode_graph
+    kept_bits, kept_append = decode_select.TOP_BLOCKS_BITS, decode_graph.FUSED_APPEND
     merged = False
     for variant in args.variants:
         fused = variant != "eager"
@@ -111,6 +112,7 @@ def e2e(args):
         if fused:
             model.seer_compile_pointwise()
         decode_select.TOP_BLOCKS_BITS = 8 if variant.endswith("radix") else kept_bits
+        decode_graph.FUSED_APPEND = variant != "fused_stock_append"
         for mode, share in (("dense", 1.0), ("sparse", args.share)):
             model.set_seer_mode("dense", seer_decode_sparsity=True, seer_decode_share=share,
                                 seer_decode_meanpool_prior=0.0)
@@ -134,7 +136,7 @@ def e2e(args):
             del dec
             torch.cuda.empty_cache()
     model.seer_compile_pointwise(enable=False)
-    decode_select.TOP_BLOCKS_BITS = kept_bits
+    decode_select.TOP_BLOCKS_BITS, decode_graph.FUSED_APPEND = kept_bits, kept_append
     del cache, state, model
     torch.cuda.empty_cache()
     return rows
@@ -212,11 +214,14 @@ def main(argv=None):
     ap.add_argument("--profile-steps", type=int, default=5, help="replays profiled")
     ap.add_argument("--top", type=int, default=60, help="kernels listed per row")
     ap.add_argument("--gemm", type=int, nargs="*", default=[1, 4, 16], help="rows of the projection benchmark")
-    ap.add_argument("--variants", nargs="*", default=["fused", "fused_radix", "merged", "merged_radix"],
-                    choices=["eager", "fused", "fused_radix", "merged", "merged_radix"],
-                    help="eager; fused (seer_compile_pointwise); merged (fused, q/k/v and gate/up as one GEMM each); "
-                         "_radix: top_blocks by radix select (TOP_BLOCKS_BITS 8; else the module's setting); merged "
-                         "changes the model for the variants after it")
+    ap.add_argument("--variants", nargs="*",
+                    default=["fused_stock_append", "fused", "fused_radix", "merged", "merged_radix"],
+                    choices=["eager", "fused", "fused_stock_append", "fused_radix", "merged", "merged_radix"],
+                    help="eager; fused (seer_compile_pointwise; the cache writes in one launch, decode_append); "
+                         "fused_stock_append (fused with the static cache's own update, as up to session 40); merged "
+                         "(fused, q/k/v and gate/up as one GEMM each); _radix: top_blocks by radix select "
+                         "(TOP_BLOCKS_BITS 8; else the module's setting); merged changes the model for the variants "
+                         "after it")
     ap.add_argument("--no-e2e", action="store_true")
     ap.add_argument("--out")
     args = ap.parse_args(argv)

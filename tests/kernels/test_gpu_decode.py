@@ -201,3 +201,24 @@ def test_prior_mix_at_real_shapes(B, N):
         got = prior_mix(logits, q, means, full, D ** -0.5, w, backend="triton")
         want = prior_mix_ref(logits, q.float(), means.float(), full, D ** -0.5, w)
         torch.testing.assert_close(got, want, atol=1e-2, rtol=1e-3)
+
+
+@pytest.mark.parametrize("B, S, slot", [(4, 131072 + 64, 131072), (16, 32768 + 64, 32831)])
+def test_decode_append_at_real_shapes(B, S, slot):
+    """One decode token's cache writes (kernels/decode_append.py) into 8 KV heads x 128 caches of
+    32k-128k slots, bf16, the key from a transposed projection view: the torch ops' caches,
+    buffer and length, and nothing else written."""
+    from seer_attn.kernels.decode_append import decode_append, decode_append_ref
+    gen = torch.Generator(device="cuda").manual_seed(S)
+    keys, values = (torch.randn(B, H, S, D, device="cuda", generator=gen).to(torch.bfloat16) for _ in range(2))
+    buf = torch.randn(B, H, 64, D, device="cuda", generator=gen).to(torch.bfloat16)
+    k, v, kp = (torch.randn(B, 1, H, D, device="cuda", generator=gen).to(torch.bfloat16).transpose(1, 2)
+                for _ in range(3))
+    s = torch.tensor([slot], device="cuda")
+    ln, ln_ref = torch.tensor(slot, device="cuda"), torch.tensor(slot, device="cuda")
+    want = [t.clone() for t in (keys, values, buf)]
+    decode_append_ref(*want[:2], k, v, s, ln_ref, want[2], kp)
+    decode_append(keys, values, k, v, s, ln, buf, kp, backend="triton")
+    for got, ref in zip((keys, values, buf), want):
+        assert torch.equal(got, ref)
+    assert int(ln) == int(ln_ref) == slot + 1

@@ -120,6 +120,30 @@ def test_seer_generate_replays_a_cuda_graph_with_the_eager_tokens(decode_sparsit
 
 
 @torch.no_grad()
+def test_compiled_graph_steps_write_the_cache_in_one_launch(monkeypatch):
+    """With seer_compile_pointwise the graph steps write each layer's key, value, pre-RoPE key
+    and length with decode_append (one launch): the tokens and kept share of the same steps with
+    the static cache's own update (pure copies either way: equal, not close), across a block
+    boundary."""
+    from seer_attn.modeling_seer import decode_graph
+    m = _model()
+    m.set_seer_mode("sparse", seer_sparsity_method="nz_ratio", seer_nz_ratio=0.3, seer_decode_sparsity=True,
+                    seer_decode_budget=8 * 64)
+    ids, mask = _batch()
+    m.seer_compile_pointwise()
+    try:
+        runs = []
+        for fused in (False, True):
+            monkeypatch.setattr(decode_graph, "FUSED_APPEND", fused)
+            runs.append((m.seer_generate(ids, attention_mask=mask, max_new_tokens=90), m.seer_decode_density()))
+    finally:
+        m.seer_compile_pointwise(enable=False)
+    assert torch.equal(runs[0][0], runs[1][0])
+    assert torch.equal(runs[0][1], runs[1][1])
+    assert (runs[1][1] < 0.25).all()
+
+
+@torch.no_grad()
 def test_seer_generate_samples_inside_the_cuda_graph():
     """Sampling replayed from the graph draws fresh noise each step (the tokens are not one
     repeated draw) and a seed reproduces them, with and without a top-p cut; top_k=1 is greedy."""

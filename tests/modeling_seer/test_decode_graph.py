@@ -126,23 +126,44 @@ def test_graph_generate_refuses_bad_arguments(tiny):
 
 
 @torch.no_grad()
-def test_graph_decode_with_compiled_pointwise_layers(tiny, monkeypatch):
+@pytest.mark.parametrize("append", ["triton", "torch", "off"])
+def test_graph_decode_with_compiled_pointwise_layers(tiny, monkeypatch, append):
     """With seer_compile_pointwise a graph-mode decode step runs each layer as the two compiled
-    graphs around the cache update and the sparse decode, with the eager layers' tokens."""
-    from seer_attn.modeling_seer import seer_layer
+    graphs around the cache writes (one decode_append launch: its Triton kernel in the
+    interpreter, its torch ops, or with FUSED_APPEND off the static cache's update) and the
+    sparse decode, with the eager layers' tokens, crossing block boundaries (the pooled-K
+    buffer is written by the append)."""
+    from seer_attn.modeling_seer import decode_graph, seer_layer
     m = tiny(**DECODE, seer_decode_sparsity=True, seer_decode_budget=3 * 64)
     ids, mask = _left_pad([_ids(300, seed=1)[0], _ids(200, seed=2)[0]], 300)
     ref = m.seer_generate(ids, attention_mask=mask, max_new_tokens=40)
-    calls = []
-    layer_in = seer_layer._layer_in
+    ref_density = m.seer_decode_density()
+    calls, appends = [], []
+    layer_in, decode_append = seer_layer._layer_in, decode_graph.decode_append
     monkeypatch.setattr(seer_layer, "_layer_in", lambda *a: calls.append(1) or layer_in(*a))
+    monkeypatch.setattr(decode_graph, "decode_append", lambda *a, **k: appends.append(k) or decode_append(*a, **k))
+    monkeypatch.setattr(decode_graph, "FUSED_APPEND", append != "off")
+    monkeypatch.setattr(decode_graph, "APPEND_BACKEND", append if append != "off" else "auto")
     m.seer_compile_pointwise(backend="aot_eager")
     try:
         out = m.seer_generate(ids, attention_mask=mask, max_new_tokens=40)
     finally:
         m.seer_compile_pointwise(enable=False)
     assert torch.equal(out, ref)
+    torch.testing.assert_close(m.seer_decode_density(), ref_density, rtol=1e-5, atol=1e-6)
     assert len(calls) == 39 * m.config.num_hidden_layers  # every decode step of every layer (not the prefill)
+    assert len(appends) == (0 if append == "off" else len(calls))
+    assert all(k["backend"] == append for k in appends)
+
+
+@torch.no_grad()
+def test_graph_decoder_refuses_a_cache_length_other_than_the_slot(tiny):
+    from seer_attn.modeling_seer.decode_graph import GraphDecoder, graph_prefill
+    m = tiny(**DECODE, seer_decode_sparsity=True, seer_decode_budget=3 * 64)
+    ids = _ids(100, seed=3)
+    _, cache, mask, pos = graph_prefill(m, ids, torch.ones_like(ids), 140)
+    with pytest.raises(ValueError, match=r"the static cache holds \[100\] tokens but the next slot is 101"):
+        GraphDecoder(m, cache, ids[:, -1:], pos, 101, mask)
 
 
 @torch.no_grad()
