@@ -129,6 +129,7 @@
 #                      SM, top_blocks warps, old vs new gate logits (H200 at 9842fea: 108 -> 91 us
 #                      per layer at 4 x 128k; results/decode/h200_step_sweep*.json)
 #   radix-e2e      ~6  issue 15: decode GPU tests, top_blocks' selection passes (radix: 8 bits), then e2e-profile
+#   radix-tests    ~4  issue 15: the decode GPU tests (radix top_blocks, decode_append, the model's), selection passes
 #   skinny-gemm    ~4  issue 15: a Triton skinny GEMM (M <= 16, split-K in one launch) vs cuBLAS, decode shapes
 #   bench-radix    ~5  issue 15: bench-decode at 128k with top_blocks by bisection and by radix select
 #   e2e-profile    ~3  issue 15: one end-to-end graph step's kernels by group (GEMMs, decode kernel, gate,
@@ -217,9 +218,11 @@ case "$STEP" in
         --out "$OUT/decode_$V" > "$OUT/bench_decode_$V.log" 2>&1
       echo "bench_decode $V: exit $?"; sed -n '/^# /,$p' "$OUT/bench_decode_$V.log" | tail -n 9
     done ;;
-  radix-e2e)  # issue 15 (session 40): the decode GPU tests (top_blocks by bisection and by radix select, the model's
-    # decode with share 1 reading every block unscored), the selection passes (1 / 2 / 4 / 8 bits) at four shapes,
-    # then e2e-profile
+  radix-e2e)  # radix-tests, then e2e-profile
+    bash "$0" radix-tests "${OUT%/*}"; bash "$0" e2e-profile "${OUT%/*}" ;;
+  radix-tests)  # issue 15 (sessions 40-41): the decode GPU tests (top_blocks by bisection and by radix select,
+    # decode_append, the model's decode with share 1 reading every block unscored, the compiled graph step's one-launch
+    # cache writes), then the selection passes (1 / 2 / 4 / 8 bits) at four shapes
     # (two runs: -k would filter the model's tests too)
     timeout 60 "$PY" -m pytest -q -p no:cacheprovider -rfE tests/kernels/test_gpu_decode.py \
       -k "top_blocks or gate_scores or decode_append" > "$OUT/tests.log" 2>&1
@@ -228,8 +231,7 @@ case "$STEP" in
     echo "decode model GPU tests: exit $?, $(tail -n 1 "$OUT/tests_model.log")"; grep -E "^(FAILED|ERROR)" "$OUT/tests_model.log"
     timeout 100 "$PY" docs/experiments/gate_select_sweep.py --no-fused --out "$OUT/gate_select_sweep.json" \
       > "$OUT/sweep.log" 2>&1
-    echo "gate_select_sweep: exit $?"; sed -n '/^# /,$p' "$OUT/sweep.log"
-    bash "$0" e2e-profile "${OUT%/*}" ;;
+    echo "gate_select_sweep: exit $?"; sed -n '/^# /,$p' "$OUT/sweep.log" ;;
   skinny-gemm)  # issue 15 (session 41): a Triton skinny GEMM (split-K finished in one launch) against cuBLAS at the
     # decode projections' shapes, M 4 / 16, best config per shape
     timeout 400 "$PY" docs/experiments/skinny_gemm.py --out "$OUT/skinny_gemm.json" > "$OUT/skinny.log" 2>&1
