@@ -25,7 +25,9 @@ random pre-RoPE keys), then ``steps`` decode steps of B sequences, timed one for
 time with CUDA events (median); dense decode (SDPA restricted to the flash backend) vs
 sparse decode at ``share``. The prefill is not timed (bench-ttft measures it); the timed
 steps stay inside one block, so the pooling of a block that fills (once per 64 steps) is
-not timed either.
+not timed either. The same steps replayed from a CUDA graph (``graph_*``: dense through our
+kernel with every block, unscored), and with the layers fused (``graph_fused_*``:
+``seer_compile_pointwise``, and since session 41 ``seer_merge_projections``) for both.
 
     python -m seer_attn.eval.bench_decode --out seer_outputs/bench-decode
 
@@ -618,8 +620,10 @@ def graphed_rows(model, B, T, steps, share, prior=0.0):
     out["graph_share_read"] = dec.state.stats.density().mean().item()
     out["graph_speedup"] = out["graph_dense_s_per_token"] / out["graph_sparse_s_per_token"]
     del dec
-    try:  # the same with each layer's pointwise work fused (seer_compile_pointwise: two graphs per layer)
+    try:  # the same with each layer's pointwise work fused (seer_compile_pointwise: two graphs per layer) and its
+        # q/k/v and gate/up projections as one GEMM each (seer_merge_projections, since session 41)
         model.seer_compile_pointwise()
+        model.seer_merge_projections()
         model.set_seer_mode("dense", seer_decode_sparsity=True, seer_decode_share=1.0,
                             seer_decode_meanpool_prior=0.0)
         out["graph_fused_dense_s_per_token"], _ = graph_decode_time(model, cache, B, T, steps)
@@ -631,6 +635,7 @@ def graphed_rows(model, B, T, steps, share, prior=0.0):
         out["graph_fused_error"] = f"{type(e).__name__}: {str(e)[:160]}"
     finally:
         model.seer_compile_pointwise(enable=False)
+        model.seer_merge_projections(enable=False)
     model.set_seer_mode("dense", seer_decode_sparsity=False)
     try:
         out["graph_sdpa_mask_s_per_token"], _ = graph_decode_time(model, cache, B, T, steps)

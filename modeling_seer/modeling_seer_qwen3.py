@@ -12,6 +12,7 @@ from transformers.models.qwen3.modeling_qwen3 import (Qwen3Attention, Qwen3Decod
                                                       apply_rotary_pos_emb, eager_attention_forward)
 
 from .configuration_seer_qwen3 import SeerQwen3Config
+from .merged_projections import qkv as project_qkv
 from .seer_layer import (SeerAttentionMixin, SeerCausalLMMixin, SeerDecoderLayerMixin, SeerForwardContext,
                          SeerModelMixin, SeerPreTrainedMixin)
 
@@ -27,10 +28,10 @@ class SeerQwen3Attention(SeerAttentionMixin, Qwen3Attention):
 
     def seer_project(self, hidden_states):
         hidden_shape = (*hidden_states.shape[:-1], -1, self.head_dim)
-        q_pre = self.q_norm(self.q_proj(hidden_states).view(hidden_shape)).transpose(1, 2)
-        k_pre = self.k_norm(self.k_proj(hidden_states).view(hidden_shape)).transpose(1, 2)
-        v = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
-        return q_pre, k_pre, v
+        q, k, v = project_qkv(self, hidden_states)
+        q_pre = self.q_norm(q.view(hidden_shape)).transpose(1, 2)
+        k_pre = self.k_norm(k.view(hidden_shape)).transpose(1, 2)
+        return q_pre, k_pre, v.view(hidden_shape).transpose(1, 2)
 
     def forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None,
                 cache=None, seer_ctx: SeerForwardContext | None = None, **kwargs):

@@ -51,47 +51,10 @@ def profile_replays(dec, n):
         torch.cuda.synchronize()
     out = {}
     for e in prof.key_averages():
-        t = getattr(e, "device_time_total", None)
-        if t is None:
-            t = e.cuda_time_total
+        t = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
         if t and e.count:
             out[e.key] = (t / n, e.count / n)
     return out
-
-
-def merge_projections(model):
-    """Experiment only: each layer's q/k/v projections as one GEMM over their concatenated weights
-    and the MLP's gate/up as one (the stock weights become views of the concatenations: no copy)."""
-    import types
-    F_ = torch.nn.functional
-    for layer in model.model.layers:
-        attn, mlp = layer.self_attn, layer.mlp
-        projs = [attn.q_proj, attn.k_proj, attn.v_proj]
-        if any(p.bias is not None for p in projs + [mlp.gate_proj, mlp.up_proj]):
-            raise ValueError("merge_projections: projections with a bias are not handled")
-        wqkv = torch.cat([p.weight.data for p in projs])
-        sizes, o = [], 0
-        for p in projs:
-            n = p.weight.shape[0]
-            p.weight.data = wqkv[o:o + n]
-            sizes.append(n)
-            o += n
-
-        def seer_project(self, hidden_states, _w=wqkv, _sizes=tuple(sizes)):
-            shape = (*hidden_states.shape[:-1], -1, self.head_dim)
-            q, k, v = F_.linear(hidden_states, _w).split(_sizes, dim=-1)
-            return tuple(t.reshape(shape).transpose(1, 2) for t in (q, k, v))
-        attn.seer_project = types.MethodType(seer_project, attn)
-        wgu = torch.cat([mlp.gate_proj.weight.data, mlp.up_proj.weight.data])
-        n = mlp.gate_proj.weight.shape[0]
-        mlp.gate_proj.weight.data, mlp.up_proj.weight.data = wgu[:n], wgu[n:]
-        mlp.seer_gate_up = wgu
-
-        class Merged(type(mlp)):
-            def forward(self, x):
-                g, u = F_.linear(x, self.seer_gate_up).chunk(2, dim=-1)
-                return self.down_proj(self.act_fn(g) * u)
-        mlp.__class__ = Merged
 
 
 def e2e(args):
@@ -107,7 +70,7 @@ def e2e(args):
     for variant in args.variants:
         fused = variant != "eager"
         if variant.startswith("merged") and not merged:
-            merge_projections(model)
+            model.seer_merge_projections()
             merged = True
         if fused:
             model.seer_compile_pointwise()
@@ -157,7 +120,7 @@ def _kernel_us(fn, n=20):
         torch.cuda.synchronize()
     total, count = 0.0, 0
     for e in prof.key_averages():
-        t = getattr(e, "device_time_total", None) or e.cuda_time_total
+        t = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
         if t and e.count:
             total += t
             count += e.count
@@ -219,7 +182,7 @@ def main(argv=None):
                     choices=["eager", "fused", "fused_stock_append", "fused_radix", "merged", "merged_radix"],
                     help="eager; fused (seer_compile_pointwise; the cache writes in one launch, decode_append); "
                          "fused_stock_append (fused with the static cache's own update, as up to session 40); merged "
-                         "(fused, q/k/v and gate/up as one GEMM each); _radix: top_blocks by radix select "
+                         "(fused, q/k/v and gate/up as one GEMM each: seer_merge_projections; up to session 41 this script's own copy); _radix: top_blocks by radix select "
                          "(TOP_BLOCKS_BITS 8; else the module's setting); merged changes the model for the variants "
                          "after it")
     ap.add_argument("--no-e2e", action="store_true")
