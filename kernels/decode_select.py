@@ -60,7 +60,8 @@ PRIOR_DOT = True
 #: may override entries (docs/experiments/decode_step_sweep.py)
 TOP_BLOCKS_WARPS = {2048: 4, 8192: 8, MAX_BLOCKS: 16}
 #: key bits each selection pass settles (1: bisection, 32 passes; 2 / 4: 16 / 8 passes of 4 / 16
-#: counts each; 8: 4 passes of a 256-bin histogram, a radix select); benchmarks may override it
+#: counts each; 8: 4 passes of a 256-bin histogram, a radix select); benchmarks may override it. 1
+#: measured fastest on the H100 (sessions 39 and 41: results/decode/h100_gate_select_sweep*.json)
 TOP_BLOCKS_BITS = 1
 #: block keys scored per step of gate_top_blocks' loop, and its warps; benchmarks may override them
 FUSED_CHUNK = 64
