@@ -129,6 +129,7 @@
 #                      SM, top_blocks warps, old vs new gate logits (H200 at 9842fea: 108 -> 91 us
 #                      per layer at 4 x 128k; results/decode/h200_step_sweep*.json)
 #   radix-e2e      ~6  issue 15: decode GPU tests, top_blocks' selection passes (radix: 8 bits), then e2e-profile
+#   bench-merged   ~8  issue 15: model decode GPU tests, bench-decode e2e (fused = compiled + merged projections), profile
 #   radix-tests    ~4  issue 15: the decode GPU tests (radix top_blocks, decode_append, the model's), selection passes
 #   skinny-gemm    ~4  issue 15: a Triton skinny GEMM (M <= 16, split-K in one launch) vs cuBLAS, decode shapes
 #   bench-radix    ~5  issue 15: bench-decode at 128k with top_blocks by bisection and by radix select
@@ -232,6 +233,18 @@ case "$STEP" in
     timeout 100 "$PY" docs/experiments/gate_select_sweep.py --no-fused --out "$OUT/gate_select_sweep.json" \
       > "$OUT/sweep.log" 2>&1
     echo "gate_select_sweep: exit $?"; sed -n '/^# /,$p' "$OUT/sweep.log" ;;
+  bench-merged)  # issue 15 (session 41): the model's decode GPU tests (one-launch cache writes), then bench-decode's
+    # end-to-end rows (fused: seer_compile_pointwise + seer_merge_projections; 32 layers on an H200, 16 on an H100),
+    # then the profile of fused and merged
+    timeout 150 "$PY" -m pytest -q -p no:cacheprovider -rfE tests/modeling_seer/test_decode_gpu.py > "$OUT/tests_model.log" 2>&1
+    echo "decode model GPU tests: exit $?, $(tail -n 1 "$OUT/tests_model.log")"; grep -E "^(FAILED|ERROR)" "$OUT/tests_model.log"
+    if nvidia-smi | grep -q H200; then L=32; else L=16; fi
+    timeout 240 "$PY" -m seer_attn.eval.bench_decode --lengths 131072 --batches 1 16 --e2e 4x131072 16x32768 \
+      --layers $L --out "$OUT/decode" > "$OUT/bench_decode.log" 2>&1
+    echo "bench_decode: exit $?"; sed -n '/^# /,$p' "$OUT/bench_decode.log" | tail -n 9
+    timeout 150 "$PY" docs/experiments/decode_e2e_profile.py --layers $L --gemm --variants fused merged \
+      --out "$OUT/e2e_profile.json" > "$OUT/e2e_profile.log" 2>&1
+    echo "decode_e2e_profile: exit $?"; sed -n '/^# /,$p' "$OUT/e2e_profile.log"; grep -E "Error" "$OUT/e2e_profile.log" | tail -n 3 ;;
   skinny-gemm)  # issue 15 (session 41): a Triton skinny GEMM (split-K finished in one launch) against cuBLAS at the
     # decode projections' shapes, M 4 / 16, best config per shape
     timeout 400 "$PY" docs/experiments/skinny_gemm.py --out "$OUT/skinny_gemm.json" > "$OUT/skinny.log" 2>&1
