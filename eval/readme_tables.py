@@ -682,25 +682,27 @@ def decode_graph_gate_h200(root) -> str:
                   + _table(["B", "cache", "layers", "dense", "sparse", "speed-up", "layers fused"], e2e))
 
 
-def decode_e2e_profile_h100(root) -> str:
-    """Session 40: where an end-to-end graph decode token's GPU time goes, dense and sparse, by kernel group."""
-    path = "results/decode/h100_e2e_profile.json"
-    env = load_envelope(root, path)
-    groups = ["gemm", "decode kernel", "gate", "triton pointwise", "copy", "other"]
-    body = []
-    for r in env["rows"]:
-        g = r["groups_ms"]
-        label = r.get("variant") or ("fused" if r.get("fused") else "eager")
-        body.append([label, r["mode"], f"{r['wall_ms']:.2f}", f"{r['kernel_ms']:.2f}",
-                     f"{r['wall_ms'] - r['kernel_ms']:.2f}", f"{r['launches']:.0f}"]
-                    + [f"{g.get(k, 0.0):.2f}" for k in groups])
-    cfg = env["config"]
-    out = (f"{env['provenance']['gpu']}, commit {_commit(env['provenance'])} ({path}); {cfg['layers']} layers of the "
-           f"8B shape, random weights, bf16, {cfg['batch']} x {_tokens(cfg['tokens'])}, one token replayed from the "
-           f"graph-mode step, GPU kernels summed over {cfg['profile_steps']} profiled replays (ms per token; `gaps`: "
-           "replay wall time minus kernel time); dense: every block through our kernel (in this run still "
-           "scored by the gate, as up to session 39); fused: `seer_compile_pointwise`:\n\n")
-    return out + _table(["layers", "mode", "wall", "kernels", "gaps", "launches"] + groups, body)
+def _e2e_profile(path, dense_note, fused_note):
+    """Where an end-to-end graph decode token's GPU time goes, dense and sparse, by kernel group
+    (docs/experiments/decode_e2e_profile.py; session 40 on)."""
+    def table(root) -> str:
+        env = load_envelope(root, path)
+        groups = ["gemm", "decode kernel", "gate", "triton pointwise", "copy", "other"]
+        body = []
+        for r in env["rows"]:
+            g = r["groups_ms"]
+            label = r.get("variant") or ("fused" if r.get("fused") else "eager")
+            body.append([label, r["mode"], f"{r['wall_ms']:.2f}", f"{r['kernel_ms']:.2f}",
+                         f"{r['wall_ms'] - r['kernel_ms']:.2f}", f"{r['launches']:.0f}"]
+                        + [f"{g.get(k, 0.0):.2f}" for k in groups])
+        cfg = env["config"]
+        out = (f"{env['provenance']['gpu']}, commit {_commit(env['provenance'])} ({path}); {cfg['layers']} layers of "
+               f"the 8B shape, random weights, bf16, {cfg['batch']} x {_tokens(cfg['tokens'])}, one token replayed "
+               f"from the graph-mode step, GPU kernels summed over {cfg['profile_steps']} profiled replays (ms per "
+               f"token; `gaps`: replay wall time minus kernel time); dense: every block through our kernel "
+               f"{dense_note}; {fused_note}:\n\n")
+        return out + _table(["variant", "mode", "wall", "kernels", "gaps", "launches"] + groups, body)
+    return table
 
 
 def finetune_timing_h200(root) -> str:
@@ -976,7 +978,14 @@ TABLES = {
     "decode-free-h100": decode_free_h100,
     "decode-gate-select-h100": decode_gate_select_h100,
     "decode-graph-gate-h200": decode_graph_gate_h200,
-    "decode-e2e-profile-h100": decode_e2e_profile_h100,
+    "decode-e2e-profile-h100": _e2e_profile(
+        "results/decode/h100_e2e_profile.json", "(in this run still scored by the gate, as up to session 39)",
+        "fused: `seer_compile_pointwise`"),
+    "decode-e2e-profile-append-h100": _e2e_profile(
+        "results/decode/h100_e2e_profile_append.json", "(unscored, since session 40)",
+        "fused: `seer_compile_pointwise` with the cache writes in one launch (`decode_append`); fused_stock_append: "
+        "with the static cache's own update, as up to session 40; fused_radix: `top_blocks` by radix select; merged: "
+        "fused with q/k/v and gate/up as one GEMM each (`seer_merge_projections`)"),
     "finetune-timing-h200": finetune_timing_h200,
     "finetune-timing-compile-h200": finetune_timing_compile_h200,
     "finetune-compile-h200": finetune_compile_h200,
