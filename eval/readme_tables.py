@@ -682,6 +682,27 @@ def decode_graph_gate_h200(root) -> str:
                   + _table(["B", "cache", "layers", "dense", "sparse", "speed-up", "layers fused"], e2e))
 
 
+def decode_e2e_h100_s41(root) -> str:
+    """Session 41: bench-decode's time per output token on the H100 after the one-launch cache
+    writes, then with the merged projections in the fused rows."""
+    bench = [("results/decode/h100_bench_16layers_append.json", "cache writes in one launch"),
+             ("results/decode/h100_bench_16layers_merged.json", "+ merged projections (fused rows)")]
+    rows = []
+    for path, label in bench:
+        env = load_envelope(root, path)
+        for e in env["e2e"]:
+            rows.append([label, e["B"], _tokens(e["T"]), e["layers"], f"{e['graph_dense_s_per_token'] * 1e3:.1f}",
+                         f"{e['graph_sparse_s_per_token'] * 1e3:.1f}", f"{e['graph_speedup']:.2f}x",
+                         f"{e['graph_fused_dense_s_per_token'] * 1e3:.2f}",
+                         f"{e['graph_fused_sparse_s_per_token'] * 1e3:.2f}", f"{e['graph_fused_speedup']:.2f}x"])
+    prov = load_envelope(root, bench[0][0])["provenance"]
+    out = (f"{prov['gpu']}, one run each ({', '.join(p for p, _ in bench)}); time per output token of the 8B-shaped "
+           "model, random weights, bf16, share 0.1, replayed from a CUDA graph (ms; dense: our kernel with every "
+           "block, unscored); fused: `seer_compile_pointwise` (and in the second run `seer_merge_projections`):\n\n")
+    return out + _table(["run", "B", "cache", "layers", "dense", "sparse", "speed-up", "fused dense", "fused sparse",
+                         "fused speed-up"], rows)
+
+
 def _e2e_profile(path, dense_note, fused_note):
     """Where an end-to-end graph decode token's GPU time goes, dense and sparse, by kernel group
     (docs/experiments/decode_e2e_profile.py; session 40 on)."""
@@ -981,6 +1002,10 @@ TABLES = {
     "decode-e2e-profile-h100": _e2e_profile(
         "results/decode/h100_e2e_profile.json", "(in this run still scored by the gate, as up to session 39)",
         "fused: `seer_compile_pointwise`"),
+    "decode-e2e-h100-s41": decode_e2e_h100_s41,
+    "decode-e2e-profile-merged-h100": _e2e_profile(
+        "results/decode/h100_e2e_profile_merged.json", "(unscored)",
+        "fused: `seer_compile_pointwise` with the one-launch cache writes; merged: and `seer_merge_projections`"),
     "decode-e2e-profile-append-h100": _e2e_profile(
         "results/decode/h100_e2e_profile_append.json", "(unscored, since session 40)",
         "fused: `seer_compile_pointwise` with the cache writes in one launch (`decode_append`); fused_stock_append: "
