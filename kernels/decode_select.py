@@ -33,7 +33,8 @@ the mixture (the torch path took ~15 small launches, ~85 us a layer in a CUDA-gr
 
 top_blocks kernel: one program per row holds the row's scores as order-preserving int32 keys in
 registers, finds the ``cnt``-th largest key by a search over the 32-bit key range that settles
-:data:`TOP_BLOCKS_BITS` bits per counting pass over the registers (1: bisection, 32 passes; 4:
+:data:`TOP_BLOCKS_BITS` bits per counting pass over the registers (1: bisection, at most 32
+passes, ending as soon as exactly ``cnt`` keys are at or above the candidate (session 41); 4:
 8 passes of 16 counts each; 8: a radix select, 4 passes of one 256-bin ``tl.histogram`` of a key
 byte over the keys that match the bytes settled so far; compares and counts in int32: a GPU runs 64-bit integer
 ops as pairs of 32-bit ones), then writes the indices of the keys above it and of
@@ -121,12 +122,17 @@ def _select_row(x, m, cnt, offs, out, K, BLOCK: tl.constexpr, BITS: tl.constexpr
             cand = cand & (digit == d)
             t = t | (d << (24 - 8 * p))
         lo = (t ^ -2147483648).to(tl.int64)
-    elif BITS == 1:
-        for _ in range(32):
+    elif BITS == 1:  # bisection, stopping early once exactly cnt keys are >= the candidate
+        c = tl.full((), -1, tl.int32)
+        i = tl.full((), 0, tl.int32)
+        while (i < 32) & (c != cnt):
             mid = lo + step
-            ok = tl.sum(((key >= mid.to(tl.int32)) & m).to(tl.int32), 0) >= cnt
-            lo = tl.where(ok, mid, lo)
+            c = tl.sum(((key >= mid.to(tl.int32)) & m).to(tl.int32), 0)
+            lo = tl.where(c >= cnt, mid, lo)
             step = step // 2
+            i += 1
+        # (an early stop leaves lo below the cnt-th largest key, but with exactly cnt keys >= lo:
+        # the placement below takes those above it and every one equal to it, the same set)
     else:
         offs_t = tl.arange(0, 1 << BITS).to(tl.int64)
         for _ in range(32 // BITS):

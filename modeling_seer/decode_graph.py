@@ -275,9 +275,22 @@ class GraphDecodeStep:
         stats.layers.add_(len(cnts))
 
 
+#: vocabulary chunk of :func:`greedy_pick`'s two-stage argmax
+ARGMAX_CHUNK = 256
+
+
 def greedy_pick(logits):
-    """The argmax token of logits ``[B, V]``, long ``[B, 1]``."""
-    return logits.argmax(-1, keepdim=True)
+    """The argmax token of logits ``[B, V]``, long ``[B, 1]`` (ties and NaN as ``argmax``: the
+    first). In two stages when ``V`` is a multiple of :data:`ARGMAX_CHUNK`: each chunk's max
+    and its first index, then the first chunk holding the largest (torch's one-stage argmax
+    of a few long rows runs with few programs: 36 us of an 8B-shaped decode token at B = 4 on
+    an H100, session 41)."""
+    B, V = logits.shape
+    if V % ARGMAX_CHUNK or V < 4 * ARGMAX_CHUNK:
+        return logits.argmax(-1, keepdim=True)
+    best, within = logits.view(B, V // ARGMAX_CHUNK, ARGMAX_CHUNK).max(-1)  # [B, chunks]
+    chunk = best.argmax(-1, keepdim=True)
+    return chunk * ARGMAX_CHUNK + within.gather(1, chunk)
 
 
 def sampling_pick(temperature=1.0, top_k=None, top_p=None):

@@ -245,3 +245,23 @@ def test_sparse_prefill_into_a_static_cache_with_a_2d_mask(tiny):
     real = mask.bool()
     torch.testing.assert_close(static.logits[real], dyn.logits[real], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(m.seer_density(), dyn_density, rtol=0, atol=0)
+
+
+def test_greedy_pick_equals_argmax_with_ties_and_nan():
+    """The two-stage argmax: torch.argmax's token, ties to the first index, NaN first, across and
+    within chunks, and the one-stage path for a vocabulary that is not a multiple of the chunk."""
+    from seer_attn.modeling_seer.decode_graph import ARGMAX_CHUNK, greedy_pick
+    gen = torch.Generator().manual_seed(0)
+    V = 8 * ARGMAX_CHUNK
+    x = torch.randn(6, V, generator=gen).to(torch.bfloat16)
+    x[1, 3 * ARGMAX_CHUNK + 5] = x[1, 7 * ARGMAX_CHUNK + 1] = 9.0  # tie across chunks: the first
+    x[2, 40] = x[2, 41] = 9.0  # tie within a chunk
+    x[3, 2 * ARGMAX_CHUNK + 7] = float("nan")
+    x[3, 6 * ARGMAX_CHUNK] = float("nan")
+    x[4] = float("-inf")
+    x[5, V - 1] = 50.0
+    assert torch.equal(greedy_pick(x), x.argmax(-1, keepdim=True))
+    assert greedy_pick(x)[:4, 0].tolist() == [x[0].float().argmax().item(), 3 * ARGMAX_CHUNK + 5, 40,
+                                              2 * ARGMAX_CHUNK + 7]
+    y = torch.randn(3, V + 3, generator=gen)
+    assert torch.equal(greedy_pick(y), y.argmax(-1, keepdim=True))
