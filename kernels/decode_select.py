@@ -45,7 +45,7 @@ take the torch reference (:func:`~.reference.top_blocks_ref`).
 import torch
 
 from .kernel_utils import HAS_TRITON, interpreting, tl, triton
-from .reference import gate_scores_ref, prior_mix_ref, top_blocks_ref
+from .reference import decode_window_ref, gate_scores_ref, prior_mix_ref, top_blocks_ref
 
 #: the longest row (blocks) the kernel holds in registers
 MAX_BLOCKS = 16384
@@ -148,6 +148,30 @@ def _select_row(x, m, cnt, offs, out, K, BLOCK: tl.constexpr, BITS: tl.constexpr
     pos = tl.cumsum(take.to(tl.int32), 0) - 1
     tl.store(out + pos, offs, mask=take & (pos < K))
     tl.store(out + offs, tl.full([BLOCK], -1, tl.int32), mask=(offs >= cnt) & (offs < K))
+
+
+@triton.jit
+def _decode_window_kernel(FIRST, CUR, BIAS, CNT, NB, H, local, least, k, share, HAS_SHARE: tl.constexpr,
+                          BLOCK: tl.constexpr):
+    b = tl.program_id(0)
+    first = tl.load(FIRST + b).to(tl.int64)
+    cur = tl.load(CUR).to(tl.int64)
+    for c in range(0, NB, BLOCK):
+        j = c + tl.arange(0, BLOCK)
+        inside = (j >= first) & (j <= cur)
+        forced = ((j == first) | (j >= cur - local)) & inside
+        x = tl.where(inside, tl.where(forced, float("inf"), 0.0), float("-inf"))
+        tl.store(BIAS + b.to(tl.int64) * NB + j, x, mask=j < NB)
+    n = (cur + 1 - first).to(tl.float64)
+    if HAS_SHARE:  # least, k, share: float64 scalars (as the reference's double ceilings)
+        now = (cur + 1).to(tl.float64)
+        k_now = tl.minimum(tl.maximum(tl.ceil(share * now), least), now)
+        cnt = tl.minimum(tl.minimum(tl.maximum(tl.ceil(share * n), least), n), k_now)
+    else:
+        cnt = tl.minimum(n, k)
+    offs_h = tl.arange(0, 16)
+    for h0 in range(0, H, 16):
+        tl.store(CNT + b * H + h0 + offs_h, tl.full([16], 0, tl.int32) + cnt.to(tl.int32), mask=h0 + offs_h < H)
 
 
 @triton.jit
@@ -392,6 +416,36 @@ def top_blocks(scores, bias, counts, k, backend="auto"):
                                  bias.stride(0), out.stride(0), out.stride(1), BLOCK=block, BITS=TOP_BLOCKS_BITS,
                                  num_warps=TOP_BLOCKS_WARPS[min(b for b in TOP_BLOCKS_WARPS if b >= block)])
     return out
+
+
+def decode_window(first_block, cur, num_blocks, keep_local, num_heads, k, share=None, backend="auto"):
+    """A graph decode step's selection window for the top-k methods in one launch: the bias
+    float32 ``[B, 1, num_blocks]`` that ``top_blocks`` adds (-inf outside each sequence's blocks
+    ``[first_block, cur]``, +inf on its sink, the ``keep_local`` blocks before ``cur`` and
+    ``cur`` itself) and the kept counts int32 ``[B, num_heads]`` (``share`` None: a budget of
+    ``k`` blocks; else a share of each sequence's blocks, floored at the forced ones and capped
+    as the fixed top-k width ``k`` needs). Exactly :func:`~.reference.decode_window_ref` (the
+    ~20 small launches it replaces; float64 for the share's ceiling, as there).
+
+    Args:
+        first_block: long ``[B]``, each sequence's sink block; cur: long one-element tensor, the
+            current block (the same for every sequence: a static cache's slot).
+        backend: ``"auto"`` (Triton on CUDA), ``"triton"`` or ``"torch"``.
+    """
+    _check_backend(backend)
+    if first_block.dim() != 1 or cur.numel() != 1:
+        raise ValueError(f"first_block must be [B] and cur one element, got {tuple(first_block.shape)} and "
+                         f"{tuple(cur.shape)}")
+    if not _use_triton(backend, first_block, "decode_window"):
+        return decode_window_ref(first_block, cur.reshape(()), num_blocks, keep_local, num_heads, k, share)
+    B = first_block.shape[0]
+    bias = torch.empty(B, 1, num_blocks, dtype=torch.float32, device=first_block.device)
+    cnt = torch.empty(B, num_heads, dtype=torch.int32, device=first_block.device)
+    _decode_window_kernel[(B,)](first_block.contiguous(), cur, bias, cnt, num_blocks, num_heads, keep_local,
+                                float(2 + keep_local), float(k), 0.0 if share is None else float(share),
+                                HAS_SHARE=share is not None,
+                                BLOCK=min(4096, max(16, triton.next_power_of_2(num_blocks))), num_warps=4)
+    return bias, cnt
 
 
 def gate_top_blocks(y, keys, rope, bias, counts, k, backend="auto"):

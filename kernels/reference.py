@@ -249,6 +249,29 @@ def block_sparse_decode_ref(q, k_cache, v_cache, block_index_or_mask, seq_lens, 
     return out.reshape(B, HQ, 1, D).to(q.dtype)
 
 
+def decode_window_ref(first_block, cur, num_blocks, keep_local, num_heads, k, share=None):
+    """Torch reference of :func:`~.decode_select.decode_window`: the top-k methods' bias
+    float32 ``[B, 1, num_blocks]`` (-inf outside ``[first_block, cur]``, +inf on the sink, the
+    ``keep_local`` blocks before ``cur`` and ``cur``, 0 elsewhere) and counts int32
+    ``[B, num_heads]``: with ``share`` None (a budget of ``k`` blocks) ``min(n, k)``, else
+    ``min(ceil(share * n) floored at the forced blocks, n, the same of cur + 1)`` with ``n = cur
+    + 1 - first_block``; ``cur`` a long scalar tensor."""
+    j = torch.arange(num_blocks, device=first_block.device)
+    first = first_block.long()[:, None]
+    outside = (j[None, :] < first) | (j[None, :] > cur)
+    forced = ((j[None, :] == first) | (j[None, :] >= cur - keep_local)) & ~outside
+    bias = torch.zeros(outside.shape, device=j.device).masked_fill_(outside, float("-inf"))
+    bias.masked_fill_(forced, float("inf"))
+    n = (cur + 1 - first_block.long()).double()
+    least = 2 + keep_local  # sink, local, current
+    if share is None:
+        cnt = n.clamp_max(k)
+    else:
+        k_now = torch.ceil(share * (cur + 1).double()).clamp_min(least).clamp_max((cur + 1).double())
+        cnt = torch.minimum(torch.minimum(torch.ceil(share * n).clamp_min(least), n), k_now)
+    return bias[:, None], cnt.to(torch.int32)[:, None].expand(-1, num_heads).contiguous()
+
+
 def top_blocks_ref(scores, bias, counts, k):
     """Torch reference of :func:`~.decode_select.top_blocks`: per row of ``scores + bias``
     (float32 ``[B, H, N]``) the indices of its ``counts`` largest entries (ties: the lower index

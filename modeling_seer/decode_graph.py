@@ -31,7 +31,7 @@ import math
 import torch
 
 from seer_attn.kernels.decode_append import decode_append
-from seer_attn.kernels.decode_select import gate_top_blocks, top_blocks
+from seer_attn.kernels.decode_select import decode_window, gate_top_blocks, top_blocks
 
 from .selection import (DECODE_METHODS, DECODE_SCORE_METHODS, block_pool, decode_every_block, decode_full_blocks,
                         score_selection)
@@ -191,8 +191,10 @@ class GraphDecodeStep:
         return self._full[width]
 
     def _prepared(self, cfg, num_heads):
-        """Bias ``[B, 1, NB]``, forced ``[B, 1, NB]`` (threshold, mass), counts ``[B, H]`` and top-k
-        width of ``cfg``'s method, as :func:`~.selection.prepare_decode_selection` makes them."""
+        """Bias ``[B, 1, NB]``, forced ``[B, 1, NB]`` (threshold, mass; None for the top-k
+        methods), counts ``[B, H]`` (top-k methods) and top-k width of ``cfg``'s method, as
+        :func:`~.selection.prepare_decode_selection` makes them (the top-k methods' by
+        :func:`~seer_attn.kernels.decode_select.decode_window`, one launch on a GPU)."""
         method, budget, share = cfg.seer_decode_method, cfg.seer_decode_budget, cfg.seer_decode_share
         local = cfg.seer_decode_keep_local
         key = (method, budget, share, num_heads, local)
@@ -202,28 +204,21 @@ class GraphDecodeStep:
             raise ValueError(f"decode method must be one of {DECODE_METHODS}, got {method!r}")
         st = self.state
         NB = st.num_blocks
+        if method not in DECODE_SCORE_METHODS:  # one launch on a GPU (kernels.decode_select.decode_window)
+            least = 2 + local  # sink, local, current
+            k = min(NB, max(least, budget // st.block_size if method == "budget" else math.ceil(share * NB)))
+            bias, cnt = decode_window(st.first_block, self.cur, NB, local, num_heads, k,
+                                      share if method == "share" else None)
+            self._selection[key] = (bias, None, cnt, k)
+            return self._selection[key]
         j = torch.arange(NB, device=self.cur.device)
         first = st.first_block[:, None]
         outside = (j[None, :] < first) | (j[None, :] > self.cur)
         forced = (((j[None, :] == first) | (j[None, :] >= self.cur - local)) & ~outside)[:, None]
         bias = torch.zeros(forced.shape, device=j.device)
         bias.masked_fill_(outside[:, None], float("-inf"))
-        n = (self.cur + 1 - st.first_block).double()
-        cnt = None
-        if method in DECODE_SCORE_METHODS:
-            bias.masked_fill_(j == self.cur, float("-inf"))
-            k = NB
-        else:
-            bias.masked_fill_(forced, float("inf"))
-            least = 2 + local  # sink, local, current
-            if method == "budget":
-                k = min(NB, max(least, budget // st.block_size))
-                cnt = n.clamp_max(k)
-            else:
-                k = min(NB, max(least, math.ceil(share * NB)))
-                k_now = torch.ceil(share * (self.cur + 1).double()).clamp_min(least).clamp_max((self.cur + 1).double())
-                cnt = torch.minimum(torch.minimum(torch.ceil(share * n).clamp_min(least), n), k_now)
-            cnt = cnt.to(torch.int32)[:, None].expand(-1, num_heads).contiguous()
+        bias.masked_fill_(j == self.cur, float("-inf"))
+        cnt, k = None, NB
         self._selection[key] = (bias, forced, cnt, k)
         return self._selection[key]
 

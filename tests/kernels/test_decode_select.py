@@ -281,3 +281,25 @@ def test_prior_mix_bad_arguments():
     with pytest.raises(ValueError, match="needs D a power of two >= 16, got 24"):
         prior_mix(l24, q24, m24, f24, 0.2, 0.5, backend="triton")
     torch.testing.assert_close(prior_mix(l24, q24, m24, f24, 0.2, 0.5), prior_mix_ref(l24, q24, m24, f24, 0.2, 0.5))
+
+
+@pytest.mark.parametrize("NB, cur, local, heads", [(10, 7, 0, 1), (300, 250, 1, 3), (64, 0, 0, 8), (5000, 4999, 2, 20),
+                                                   (200, 150, 0, 17)])
+@pytest.mark.parametrize("share", [None, 0.1, 0.3])
+def test_decode_window_equals_the_reference(NB, cur, local, heads, share):
+    """A graph step's top-k bias and counts in one launch: exactly the torch reference, with sequences
+    whose sink is block 0, later, the current block itself; rows longer than one program's chunk
+    (5000 blocks) and more heads than one store (17, 20)."""
+    from seer_attn.kernels.decode_select import decode_window
+    from seer_attn.kernels.reference import decode_window_ref
+    first = torch.tensor([0, 3, min(cur, 9), cur], device=DEV)
+    c = torch.tensor(cur, device=DEV)
+    k = min(NB, max(2 + local, 32 if share is None else -(-int(share * NB * 1000) // 1000)))
+    got = decode_window(first, c, NB, local, heads, k, share, backend="triton")
+    want = decode_window_ref(first, c, NB, local, heads, k, share)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert got[0].shape == (4, 1, NB) and got[1].shape == (4, heads) and got[1].dtype == torch.int32
+    if cur >= 3:
+        assert got[0][1, 0, 3] == float("inf") and got[0][1, 0, 2] == float("-inf")  # the sink kept, padding out
+    if cur + 1 < NB:
+        assert got[0][0, 0, cur + 1] == float("-inf")  # after the current block

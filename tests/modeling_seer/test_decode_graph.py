@@ -265,3 +265,25 @@ def test_greedy_pick_equals_argmax_with_ties_and_nan():
                                               2 * ARGMAX_CHUNK + 7]
     y = torch.randn(3, V + 3, generator=gen)
     assert torch.equal(greedy_pick(y), y.argmax(-1, keepdim=True))
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("method, options", [("share", dict(seer_decode_share=0.3, seer_decode_keep_local=1)),
+                                             ("budget", dict(seer_decode_budget=3 * 64))])
+def test_graph_steps_take_the_window_from_one_launch(tiny, monkeypatch, method, options):
+    """The graph step's top-k bias and counts from decode_window's Triton kernel (the interpreter
+    here): generate's tokens and kept share, batched with left padding across block boundaries."""
+    from seer_attn.modeling_seer import decode_graph
+    m = tiny(**DECODE, seer_mode="sparse", seer_sparsity_method="nz_ratio", seer_nz_ratio=0.3,
+             seer_decode_sparsity=True, seer_decode_method=method, **options)
+    ids, mask = _left_pad([_ids(450, seed=5)[0], _ids(322, seed=6)[0], _ids(100, seed=7)[0]], 450)
+    ref = _greedy(m, ids, 70, attention_mask=mask)
+    ref_density = m.seer_decode_density()
+    calls = []
+    window = decode_graph.decode_window
+    monkeypatch.setattr(decode_graph, "decode_window",
+                        lambda *a, **k: calls.append(1) or window(*a, **k, backend="triton"))
+    out = m.seer_generate(ids, attention_mask=mask, max_new_tokens=70)
+    assert torch.equal(out, ref)
+    torch.testing.assert_close(m.seer_decode_density(), ref_density, rtol=1e-5, atol=1e-6)
+    assert len(calls) == 69  # once per decode step, shared by the layers
