@@ -222,3 +222,17 @@ def test_decode_append_at_real_shapes(B, S, slot):
     for got, ref in zip((keys, values, buf), want):
         assert torch.equal(got, ref)
     assert int(ln) == int(ln_ref) == slot + 1
+
+
+@pytest.mark.parametrize("B, NB, share", [(4, 2049, 0.1), (16, 512, None), (1, 16384, 0.1)])
+def test_decode_window_at_real_shapes(B, NB, share):
+    """The graph step's top-k bias and counts (kernels/decode_select.py, decode_window) at 32k-1M-token
+    capacities, 8 KV heads, left-padded sequences: the torch reference exactly."""
+    from seer_attn.kernels.decode_select import decode_window
+    from seer_attn.kernels.reference import decode_window_ref
+    first = torch.arange(B, device="cuda") * 3
+    cur = torch.tensor(NB - 2, device="cuda")
+    k = 32 if share is None else -(-int(share * NB * 1000) // 1000)
+    got = decode_window(first, cur, NB, 1, 8, k, share, backend="triton")
+    want = decode_window_ref(first, cur, NB, 1, 8, k, share)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
