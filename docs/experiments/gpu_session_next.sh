@@ -225,7 +225,7 @@ case "$STEP" in
     # decode_append, the model's decode with share 1 reading every block unscored, the compiled graph step's one-launch
     # cache writes), then the selection passes (1 / 2 / 4 / 8 bits) at four shapes
     # (two runs: -k would filter the model's tests too)
-    timeout 60 "$PY" -m pytest -q -p no:cacheprovider -rfE tests/kernels/test_gpu_decode.py \
+    timeout 150 "$PY" -m pytest -q -p no:cacheprovider -rfE tests/kernels/test_gpu_decode.py \
       -k "top_blocks or gate_scores or decode_append or decode_window" > "$OUT/tests.log" 2>&1
     echo "decode kernel GPU tests: exit $?, $(tail -n 1 "$OUT/tests.log")"; grep -E "^(FAILED|ERROR)" "$OUT/tests.log"
     timeout 150 "$PY" -m pytest -q -p no:cacheprovider -rfE tests/modeling_seer/test_decode_gpu.py > "$OUT/tests_model.log" 2>&1
