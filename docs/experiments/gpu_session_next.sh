@@ -129,6 +129,7 @@
 #                      SM, top_blocks warps, old vs new gate logits (H200 at 9842fea: 108 -> 91 us
 #                      per layer at 4 x 128k; results/decode/h200_step_sweep*.json)
 #   radix-e2e      ~6  issue 15: decode GPU tests, top_blocks' selection passes (radix: 8 bits), then e2e-profile
+#   tests-bench    ~6  issue 15: the decode kernel GPU tests, then bench-merged
 #   bench-merged   ~8  issue 15: model decode GPU tests, bench-decode e2e (fused = compiled + merged projections), profile
 #   radix-tests    ~4  issue 15: the decode GPU tests (radix top_blocks, decode_append, the model's), selection passes
 #   skinny-gemm    ~4  issue 15: a Triton skinny GEMM (M <= 16, split-K in one launch) vs cuBLAS, decode shapes
@@ -233,6 +234,11 @@ case "$STEP" in
     timeout 100 "$PY" docs/experiments/gate_select_sweep.py --no-fused --out "$OUT/gate_select_sweep.json" \
       > "$OUT/sweep.log" 2>&1
     echo "gate_select_sweep: exit $?"; sed -n '/^# /,$p' "$OUT/sweep.log" ;;
+  tests-bench)  # issue 15 (session 41): the decode kernel GPU tests (selection, append, window), then bench-merged
+    timeout 150 "$PY" -m pytest -q -p no:cacheprovider -rfE tests/kernels/test_gpu_decode.py \
+      -k "top_blocks or gate_scores or decode_append or decode_window" > "$OUT/tests.log" 2>&1
+    echo "decode kernel GPU tests: exit $?, $(tail -n 1 "$OUT/tests.log")"; grep -E "^(FAILED|ERROR)" "$OUT/tests.log"
+    bash "$0" bench-merged "${OUT%/*}" ;;
   bench-merged)  # issue 15 (session 41): the model's decode GPU tests (one-launch cache writes), then bench-decode's
     # end-to-end rows (fused: seer_compile_pointwise + seer_merge_projections; 32 layers on an H200, 16 on an H100),
     # then the profile of fused and merged
