@@ -234,6 +234,14 @@ case "$STEP" in
     timeout 100 "$PY" docs/experiments/gate_select_sweep.py --no-fused --out "$OUT/gate_select_sweep.json" \
       > "$OUT/sweep.log" 2>&1
     echo "gate_select_sweep: exit $?"; sed -n '/^# /,$p' "$OUT/sweep.log" ;;
+  tests-bench-lean)  # issue 15 (session 41): the selection kernels' GPU tests, then bench-decode end to end at 4 x 128k
+    timeout 90 "$PY" -m pytest -q -p no:cacheprovider -rfE tests/kernels/test_gpu_decode.py \
+      -k "top_blocks or decode_window or decode_append" > "$OUT/tests.log" 2>&1
+    echo "decode kernel GPU tests: exit $?, $(tail -n 1 "$OUT/tests.log")"; grep -E "^(FAILED|ERROR)" "$OUT/tests.log"
+    if nvidia-smi | grep -q H200; then L=32; else L=16; fi
+    timeout 130 "$PY" -m seer_attn.eval.bench_decode --lengths 131072 --batches 16 --e2e 4x131072 --layers $L \
+      --out "$OUT/decode" > "$OUT/bench_decode.log" 2>&1
+    echo "bench_decode: exit $?"; sed -n '/^# /,$p' "$OUT/bench_decode.log" | tail -n 6 ;;
   tests-bench)  # issue 15 (session 41): the decode kernel GPU tests (selection, append, window), then bench-merged
     timeout 150 "$PY" -m pytest -q -p no:cacheprovider -rfE tests/kernels/test_gpu_decode.py \
       -k "top_blocks or gate_scores or decode_append or decode_window" > "$OUT/tests.log" 2>&1
