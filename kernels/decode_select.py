@@ -34,7 +34,8 @@ the mixture (the torch path took ~15 small launches, ~85 us a layer in a CUDA-gr
 top_blocks kernel: one program per row holds the row's scores as order-preserving int32 keys in
 registers, finds the ``cnt``-th largest key by a search over the 32-bit key range that settles
 :data:`TOP_BLOCKS_BITS` bits per counting pass over the registers (1: bisection, at most 32
-passes, ending as soon as exactly ``cnt`` keys are at or above the candidate (session 41); 4:
+passes, or with :data:`TOP_BLOCKS_EARLY_STOP` ending as soon as exactly ``cnt`` keys are at or
+above the candidate (session 41); 4:
 8 passes of 16 counts each; 8: a radix select, 4 passes of one 256-bin ``tl.histogram`` of a key
 byte over the keys that match the bytes settled so far; compares and counts in int32: a GPU runs 64-bit integer
 ops as pairs of 32-bit ones), then writes the indices of the keys above it and of
@@ -64,6 +65,9 @@ TOP_BLOCKS_WARPS = {2048: 4, 8192: 8, MAX_BLOCKS: 16}
 #: counts each; 8: 4 passes of a 256-bin histogram, a radix select); benchmarks may override it. 1
 #: measured fastest on the H100 (sessions 39 and 41: results/decode/h100_gate_select_sweep*.json)
 TOP_BLOCKS_BITS = 1
+#: whether the bisection (1 bit a pass) stops once exactly cnt keys are at or above its candidate
+#: (the same kept set; session 41, interpreter-tested, off until measured on a GPU)
+TOP_BLOCKS_EARLY_STOP = False
 #: block keys scored per step of gate_top_blocks' loop, and its warps; benchmarks may override them
 FUSED_CHUNK = 64
 FUSED_WARPS = 4
@@ -97,7 +101,7 @@ def _gate_scores_kernel(Y, COS, SIN, KEYS, OUT, N, H, s_yb, s_yh, s_cb, s_sb, s_
 
 
 @triton.jit
-def _select_row(x, m, cnt, offs, out, K, BLOCK: tl.constexpr, BITS: tl.constexpr):
+def _select_row(x, m, cnt, offs, out, K, BLOCK: tl.constexpr, BITS: tl.constexpr, EARLY: tl.constexpr):
     """Write the indices of the ``cnt`` largest of ``x`` (float32 ``[BLOCK]``, ``m`` its valid
     entries) in increasing order at ``out``, then -1 up to ``K`` (top_blocks' contract)."""
     bits = x.to(tl.int32, bitcast=True)
@@ -122,7 +126,7 @@ def _select_row(x, m, cnt, offs, out, K, BLOCK: tl.constexpr, BITS: tl.constexpr
             cand = cand & (digit == d)
             t = t | (d << (24 - 8 * p))
         lo = (t ^ -2147483648).to(tl.int64)
-    elif BITS == 1:  # bisection, stopping early once exactly cnt keys are >= the candidate
+    elif BITS == 1 and EARLY:  # bisection, stopping once exactly cnt keys are >= the candidate
         c = tl.full((), -1, tl.int32)
         i = tl.full((), 0, tl.int32)
         while (i < 32) & (c != cnt):
@@ -133,6 +137,12 @@ def _select_row(x, m, cnt, offs, out, K, BLOCK: tl.constexpr, BITS: tl.constexpr
             i += 1
         # (an early stop leaves lo below the cnt-th largest key, but with exactly cnt keys >= lo:
         # the placement below takes those above it and every one equal to it, the same set)
+    elif BITS == 1:
+        for _ in range(32):
+            mid = lo + step
+            ok = tl.sum(((key >= mid.to(tl.int32)) & m).to(tl.int32), 0) >= cnt
+            lo = tl.where(ok, mid, lo)
+            step = step // 2
     else:
         offs_t = tl.arange(0, 1 << BITS).to(tl.int64)
         for _ in range(32 // BITS):
@@ -176,7 +186,7 @@ def _decode_window_kernel(FIRST, CUR, BIAS, CNT, NB, H, local, least, k, share, 
 
 @triton.jit
 def _top_blocks_kernel(S, BIAS, CNT, OUT, N, K, H, s_sb, s_sh, s_bb, s_ob, s_oh, BLOCK: tl.constexpr,
-                       BITS: tl.constexpr):
+                       BITS: tl.constexpr, EARLY: tl.constexpr):
     pid = tl.program_id(0)  # b * H + h
     b = pid // H
     h = pid % H
@@ -185,13 +195,14 @@ def _top_blocks_kernel(S, BIAS, CNT, OUT, N, K, H, s_sb, s_sh, s_bb, s_ob, s_oh,
     m = offs < N
     x = tl.load(S + b.to(tl.int64) * s_sb + h.to(tl.int64) * s_sh + offs, mask=m, other=0.0).to(tl.float32)
     x += tl.load(BIAS + b.to(tl.int64) * s_bb + offs, mask=m, other=0.0)
-    _select_row(x, m, cnt, offs, OUT + b.to(tl.int64) * s_ob + h.to(tl.int64) * s_oh, K, BLOCK, BITS)
+    _select_row(x, m, cnt, offs, OUT + b.to(tl.int64) * s_ob + h.to(tl.int64) * s_oh, K, BLOCK, BITS, EARLY)
 
 
 @triton.jit
 def _gate_top_blocks_kernel(Y, COS, SIN, KEYS, S, BIAS, CNT, OUT, ARRIVED, N, K, H, s_yb, s_yh, s_cb, s_sb, s_kb,
                             s_kh, s_kn, s_bb, s_ob, s_oh, G: tl.constexpr, ROPE: tl.constexpr,
-                            CHUNK: tl.constexpr, BLOCK: tl.constexpr, BITS: tl.constexpr, SPLIT: tl.constexpr):
+                            CHUNK: tl.constexpr, BLOCK: tl.constexpr, BITS: tl.constexpr, SPLIT: tl.constexpr,
+                            EARLY: tl.constexpr):
     pid = tl.program_id(0)  # b * H + h
     b = (pid // H).to(tl.int64)
     h = (pid % H).to(tl.int64)
@@ -219,7 +230,7 @@ def _gate_top_blocks_kernel(Y, COS, SIN, KEYS, S, BIAS, CNT, OUT, ARRIVED, N, K,
         m = offs < N
         x = tl.load(s_row + offs, mask=m, other=0.0, cache_modifier=".cg") \
             + tl.load(BIAS + b * s_bb + offs, mask=m, other=0.0)
-        _select_row(x, m, cnt, offs, OUT + b * s_ob + h * s_oh, K, BLOCK, BITS)
+        _select_row(x, m, cnt, offs, OUT + b * s_ob + h * s_oh, K, BLOCK, BITS, EARLY)
 
 
 @triton.jit
@@ -414,6 +425,7 @@ def top_blocks(scores, bias, counts, k, backend="auto"):
     block = max(16, triton.next_power_of_2(N))
     _top_blocks_kernel[(B * H,)](scores, bias, counts, out, N, k, H, scores.stride(0), scores.stride(1),
                                  bias.stride(0), out.stride(0), out.stride(1), BLOCK=block, BITS=TOP_BLOCKS_BITS,
+                                 EARLY=TOP_BLOCKS_EARLY_STOP,
                                  num_warps=TOP_BLOCKS_WARPS[min(b for b in TOP_BLOCKS_WARPS if b >= block)])
     return out
 
@@ -477,6 +489,7 @@ def gate_top_blocks(y, keys, rope, bias, counts, k, backend="auto"):
         y, cos, sin, keys, scratch, bias, counts, out, arrived, N, k, H, y.stride(0), y.stride(1), cos.stride(0),
         sin.stride(0), keys.stride(0), keys.stride(1), keys.stride(2), bias.stride(0), out.stride(0), out.stride(1),
         G=G, ROPE=rope is not None, CHUNK=FUSED_CHUNK, BLOCK=max(16, triton.next_power_of_2(N)), BITS=TOP_BLOCKS_BITS,
+        EARLY=TOP_BLOCKS_EARLY_STOP,
         SPLIT=split, num_warps=FUSED_WARPS)
     return out
 

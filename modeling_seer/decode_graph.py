@@ -47,6 +47,10 @@ ONE_LAUNCH_GATE = False
 #: and an ``index_copy_`` (session 41); the backend :func:`decode_append` runs with
 FUSED_APPEND = True
 APPEND_BACKEND = "auto"
+#: whether a graph step makes the top-k methods' bias and counts in one launch on a GPU
+#: (:func:`~seer_attn.kernels.decode_select.decode_window`; session 41, interpreter-tested, off until measured
+#: on a GPU); off: the same torch ops (its reference)
+ONE_LAUNCH_WINDOW = False
 
 
 class GraphStats:
@@ -194,7 +198,8 @@ class GraphDecodeStep:
         """Bias ``[B, 1, NB]``, forced ``[B, 1, NB]`` (threshold, mass; None for the top-k
         methods), counts ``[B, H]`` (top-k methods) and top-k width of ``cfg``'s method, as
         :func:`~.selection.prepare_decode_selection` makes them (the top-k methods' by
-        :func:`~seer_attn.kernels.decode_select.decode_window`, one launch on a GPU)."""
+        :func:`~seer_attn.kernels.decode_select.decode_window`: one launch on a GPU with
+        :data:`ONE_LAUNCH_WINDOW`, its torch reference otherwise)."""
         method, budget, share = cfg.seer_decode_method, cfg.seer_decode_budget, cfg.seer_decode_share
         local = cfg.seer_decode_keep_local
         key = (method, budget, share, num_heads, local)
@@ -204,11 +209,12 @@ class GraphDecodeStep:
             raise ValueError(f"decode method must be one of {DECODE_METHODS}, got {method!r}")
         st = self.state
         NB = st.num_blocks
-        if method not in DECODE_SCORE_METHODS:  # one launch on a GPU (kernels.decode_select.decode_window)
+        if method not in DECODE_SCORE_METHODS:  # one launch on a GPU with ONE_LAUNCH_WINDOW
             least = 2 + local  # sink, local, current
             k = min(NB, max(least, budget // st.block_size if method == "budget" else math.ceil(share * NB)))
             bias, cnt = decode_window(st.first_block, self.cur, NB, local, num_heads, k,
-                                      share if method == "share" else None)
+                                      share if method == "share" else None,
+                                      backend="auto" if ONE_LAUNCH_WINDOW else "torch")
             self._selection[key] = (bias, None, cnt, k)
             return self._selection[key]
         j = torch.arange(NB, device=self.cur.device)
@@ -369,8 +375,8 @@ class GraphDecoder:
             k0 = cache.layers[0].keys
             lengths = {int(lyr.cumulative_length) for lyr in cache.layers if torch.is_tensor(lyr.cumulative_length)}
             if lengths - {slot}:
-                raise ValueError(f"the static cache holds {sorted(lengths)} tokens but the next slot is {slot}: they must "
-                                 "agree (each step writes its token at the slot)")
+                raise ValueError(f"the static cache holds {sorted(lengths)} tokens but the next slot is {slot}: they "
+                                 "must agree (each step writes its token at the slot)")
             gates = [layer.self_attn.attn_gate.decode_gate for layer in model.model.layers]
             self.state = pooled.graph = GraphDecodeState(pooled, gates, k0.shape[2], self.slot, k0.shape[1],
                                                          k0.shape[3], k0.dtype)

@@ -60,7 +60,8 @@ class Merged:
         return any(p.requires_grad for m in self.owners for p in m.parameters(recurse=False))
 
     def _ptrs(self):
-        return [p.data_ptr() for m in self.owners for p in ((m.weight, m.bias) if self.bias is not None else (m.weight,))]
+        params = (lambda m: (m.weight, m.bias)) if self.bias is not None else (lambda m: (m.weight,))
+        return [p.data_ptr() for m in self.owners for p in params(m)]
 
     def current(self):
         """Whether every owner is still a plain ``nn.Linear`` whose parameters are the views made

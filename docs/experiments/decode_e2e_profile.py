@@ -65,7 +65,9 @@ def e2e(args):
     rows = []
     from seer_attn.kernels import decode_select
     from seer_attn.modeling_seer import decode_graph
-    kept_bits, kept_append = decode_select.TOP_BLOCKS_BITS, decode_graph.FUSED_APPEND
+    kept = (decode_select.TOP_BLOCKS_BITS, decode_graph.FUSED_APPEND, decode_select.TOP_BLOCKS_EARLY_STOP,
+            decode_graph.ONE_LAUNCH_WINDOW)
+    kept_bits = kept[0]
     merged = False
     for variant in args.variants:
         fused = variant != "eager"
@@ -76,6 +78,8 @@ def e2e(args):
             model.seer_compile_pointwise()
         decode_select.TOP_BLOCKS_BITS = 8 if variant.endswith("radix") else kept_bits
         decode_graph.FUSED_APPEND = variant != "fused_stock_append"
+        # session 41's off-until-measured options: the bisection's early stop, the window in one launch
+        decode_select.TOP_BLOCKS_EARLY_STOP = decode_graph.ONE_LAUNCH_WINDOW = variant == "merged_early"
         for mode, share in (("dense", 1.0), ("sparse", args.share)):
             model.set_seer_mode("dense", seer_decode_sparsity=True, seer_decode_share=share,
                                 seer_decode_meanpool_prior=0.0)
@@ -99,7 +103,8 @@ def e2e(args):
             del dec
             torch.cuda.empty_cache()
     model.seer_compile_pointwise(enable=False)
-    decode_select.TOP_BLOCKS_BITS, decode_graph.FUSED_APPEND = kept_bits, kept_append
+    (decode_select.TOP_BLOCKS_BITS, decode_graph.FUSED_APPEND, decode_select.TOP_BLOCKS_EARLY_STOP,
+     decode_graph.ONE_LAUNCH_WINDOW) = kept
     del cache, state, model
     torch.cuda.empty_cache()
     return rows
@@ -179,12 +184,15 @@ def main(argv=None):
     ap.add_argument("--gemm", type=int, nargs="*", default=[1, 4, 16], help="rows of the projection benchmark")
     ap.add_argument("--variants", nargs="*",
                     default=["fused_stock_append", "fused", "fused_radix", "merged", "merged_radix"],
-                    choices=["eager", "fused", "fused_stock_append", "fused_radix", "merged", "merged_radix"],
+                    choices=["eager", "fused", "fused_stock_append", "fused_radix", "merged", "merged_radix",
+                             "merged_early"],
                     help="eager; fused (seer_compile_pointwise; the cache writes in one launch, decode_append); "
-                         "fused_stock_append (fused with the static cache's own update, as up to session 40); merged "
-                         "(fused, q/k/v and gate/up as one GEMM each: seer_merge_projections; up to session 41 this script's own copy); _radix: top_blocks by radix select "
-                         "(TOP_BLOCKS_BITS 8; else the module's setting); merged changes the model for the variants "
-                         "after it")
+                         "fused_stock_append (fused with the static cache's own update, as up to session 40); "
+                         "merged (fused, q/k/v and gate/up as one GEMM each: seer_merge_projections; up to session "
+                         "41 this script's own copy); _radix: top_blocks by radix select (TOP_BLOCKS_BITS 8; else "
+                         "the module's setting); merged_early: merged with top_blocks' early stop and the window in "
+                         "one launch (TOP_BLOCKS_EARLY_STOP, ONE_LAUNCH_WINDOW); merged changes the model for the "
+                         "variants after it")
     ap.add_argument("--no-e2e", action="store_true")
     ap.add_argument("--out")
     args = ap.parse_args(argv)

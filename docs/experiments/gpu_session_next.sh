@@ -256,7 +256,7 @@ case "$STEP" in
     timeout 240 "$PY" -m seer_attn.eval.bench_decode --lengths 131072 --batches 1 16 --e2e 4x131072 16x32768 \
       --layers $L --out "$OUT/decode" > "$OUT/bench_decode.log" 2>&1
     echo "bench_decode: exit $?"; sed -n '/^# /,$p' "$OUT/bench_decode.log" | tail -n 9
-    timeout 150 "$PY" docs/experiments/decode_e2e_profile.py --layers $L --gemm --variants fused merged \
+    timeout 150 "$PY" docs/experiments/decode_e2e_profile.py --layers $L --gemm --variants fused merged merged_early \
       --out "$OUT/e2e_profile.json" > "$OUT/e2e_profile.log" 2>&1
     echo "decode_e2e_profile: exit $?"; sed -n '/^# /,$p' "$OUT/e2e_profile.log"; grep -E "Error" "$OUT/e2e_profile.log" | tail -n 3 ;;
   skinny-gemm)  # issue 15 (session 41): a Triton skinny GEMM (split-K finished in one launch) against cuBLAS at the

@@ -52,7 +52,9 @@ def test_reference_breaks_ties_by_the_lower_index():
 @pytest.mark.parametrize("B, H, N, k, seed", [(2, 3, 10, 4, 0), (1, 8, 70, 13, 1), (3, 2, 300, 40, 2),
                                             (2, 2, 64, 64, 3)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_kernel_equals_the_reference(B, H, N, k, seed, dtype):
+@pytest.mark.parametrize("early", [False, True], ids=["bisect", "bisect-early-stop"])
+def test_kernel_equals_the_reference(monkeypatch, B, H, N, k, seed, dtype, early):
+    monkeypatch.setattr(decode_select, "TOP_BLOCKS_EARLY_STOP", early)
     scores, bias, n = _case(B, H, N, seed, dtype)
     counts = torch.minimum(n, torch.tensor(k)).to(torch.int32)
     counts[0, 0] = 0
@@ -62,7 +64,9 @@ def test_kernel_equals_the_reference(B, H, N, k, seed, dtype):
     assert torch.equal(got.cpu(), top_blocks_ref(scores, bias, counts, k))
 
 
-def test_kernel_with_ties_and_negative_scores():
+@pytest.mark.parametrize("early", [False, True], ids=["bisect", "bisect-early-stop"])
+def test_kernel_with_ties_and_negative_scores(monkeypatch, early):
+    monkeypatch.setattr(decode_select, "TOP_BLOCKS_EARLY_STOP", early)
     scores = torch.tensor([[[-1.0, -0.5, -0.5, -0.5, 2.0, -3.0, -0.5, 0.0]]])
     bias = torch.zeros(1, 1, 8)
     bias[..., 7] = float("-inf")
@@ -170,13 +174,16 @@ def test_top_blocks_radix_select_settles_every_key_byte(monkeypatch, spread):
 
 @pytest.mark.parametrize("B, H, N, G, k", [(2, 3, 1, 16, 1), (1, 2, 63, 32, 9), (2, 2, 130, 16, 20)])
 @pytest.mark.parametrize("rope", [True, False], ids=["rope", "no-rope"])
-@pytest.mark.parametrize("bits, split", [(1, 1), (2, 3), (8, 1)], ids=["bisect", "bits2-split3", "radix"])
+@pytest.mark.parametrize("bits, split", [(1, 1), (0, 1), (2, 3), (8, 1)],
+                         ids=["bisect", "bisect-early-stop", "bits2-split3", "radix"])
 def test_gate_top_blocks_equals_scores_then_selection(monkeypatch, B, H, N, G, k, rope, bits, split):
     """The one-launch gate + selection keeps what the references keep: the torch scores (float32
     keys, so no near-ties move) then top_blocks' reference, with forced and masked blocks and
     counts from 0 to k; chunks of 32 keys, so rows of several chunks and a partial one; one
-    program per row, or three scoring a part each (the last selects)."""
-    monkeypatch.setattr(decode_select, "TOP_BLOCKS_BITS", bits)
+    program per row, or three scoring a part each (the last selects). Bits 0: bisection with the
+    early stop."""
+    monkeypatch.setattr(decode_select, "TOP_BLOCKS_BITS", max(bits, 1))
+    monkeypatch.setattr(decode_select, "TOP_BLOCKS_EARLY_STOP", bits == 0)
     monkeypatch.setattr(decode_select, "FUSED_SPLIT", split)
     monkeypatch.setattr(decode_select, "FUSED_CHUNK", 32)
     y, keys, r = _gate_case(B, H, N, G, N + G, torch.float32, rope)

@@ -113,14 +113,15 @@ def test_split_counts_at_real_shape(splits, gen, error_budget):
 
 
 @pytest.mark.parametrize("B, N, k", [(16, 2048, 205), (4, 2049, 205), (1, 16384, 1639), (2, 513, 2)])
-@pytest.mark.parametrize("bits", [1, 8], ids=["bisect", "radix"])
+@pytest.mark.parametrize("bits", [1, 0, 8], ids=["bisect", "bisect-early-stop", "radix"])
 def test_top_blocks_at_real_shapes(monkeypatch, B, N, k, bits):
-    """The decode selection kernel at 32k-1M-token caches (8 KV heads), by bisection and by the
-    radix select: the reference's kept blocks, with bf16 scores (ties) and the sink / current
-    block forced."""
+    """The decode selection kernel at 32k-1M-token caches (8 KV heads), by bisection (with and
+    without the early stop) and by the radix select: the reference's kept blocks, with bf16
+    scores (ties) and the sink / current block forced."""
     from seer_attn.kernels import decode_select
     from seer_attn.kernels.decode_select import top_blocks
-    monkeypatch.setattr(decode_select, "TOP_BLOCKS_BITS", bits)
+    monkeypatch.setattr(decode_select, "TOP_BLOCKS_BITS", max(bits, 1))
+    monkeypatch.setattr(decode_select, "TOP_BLOCKS_EARLY_STOP", bits == 0)
     from seer_attn.kernels.reference import top_blocks_ref
     gen = torch.Generator(device="cuda").manual_seed(N)
     scores = torch.randn(B, 8, N, device="cuda", generator=gen).to(torch.bfloat16)

@@ -282,8 +282,9 @@ def test_graph_steps_take_the_window_from_one_launch(tiny, monkeypatch, method, 
     calls = []
     window = decode_graph.decode_window
     monkeypatch.setattr(decode_graph, "decode_window",
-                        lambda *a, **k: calls.append(1) or window(*a, **k, backend="triton"))
+                        lambda *a, **k: calls.append(k["backend"]) or window(*a, **{**k, "backend": "triton"}))
+    monkeypatch.setattr(decode_graph, "ONE_LAUNCH_WINDOW", True)
     out = m.seer_generate(ids, attention_mask=mask, max_new_tokens=70)
     assert torch.equal(out, ref)
     torch.testing.assert_close(m.seer_decode_density(), ref_density, rtol=1e-5, atol=1e-6)
-    assert len(calls) == 69  # once per decode step, shared by the layers
+    assert calls == ["auto"] * 69  # once per decode step, shared by the layers
