@@ -39,9 +39,7 @@ class Merged:
     def __init__(self, modules):
         self.owners = list(modules)
         ws = [m.weight for m in self.owners]
-        has_bias = [m.bias is not None for m in self.owners]
-        if any(has_bias) and not all(has_bias):
-            raise ValueError("seer_merge_projections: some projections of a group have a bias and some do not")
+        has_bias = [m.bias is not None for m in self.owners]  # all or none (_check_group)
         with torch.no_grad():
             self.weight = torch.cat([w.detach() for w in ws])
             self.bias = torch.cat([m.bias.detach() for m in self.owners]) if all(has_bias) else None
@@ -84,6 +82,10 @@ def _check_group(where, modules, names):
         if type(m) is not nn.Linear:
             raise ValueError(f"seer_merge_projections: {where}.{name} is a {type(m).__name__}, not a plain nn.Linear "
                              "(wrapped by PEFT or quantised: run it unmerged)")
+    if len({m.bias is None for m in modules}) > 1:
+        raise ValueError(f"seer_merge_projections: in {where} some of {list(names)} have a bias and some do not")
+    if len({(m.weight.dtype, m.weight.device, m.in_features) for m in modules}) > 1:
+        raise ValueError(f"seer_merge_projections: {where}'s {list(names)} differ in dtype, device or input width")
 
 
 def merge(layers, enable=True):
