@@ -560,7 +560,12 @@ def _decode_section(decodes) -> list:
                 f"Recommended: **{rec['setting']}** (kept share of KV blocks {rec['decode_density']:.3f}, decode "
                 f"perplexity {rec['ppl']:.3f} against {dense:.3f} dense, {_pct(rec['ppl'], dense)}): {rec['why']}. "
                 "`budget=N` reads N tokens of blocks per step, `share=S` that share of them, `prior=A` mixes a "
-                "training-free score of each block's mean key into the gate's (`seer_decode_meanpool_prior`)."]
+                "training-free score of each block's mean key into the gate's (`seer_decode_meanpool_prior`).",
+                "", "On a GPU, `generate`'s decode steps are bound by host work; `seer_generate` replays each step "
+                "from a CUDA graph (greedy or sampled), fastest with the layers' pointwise work compiled and their "
+                "q/k/v and gate/up projections merged (inference options: the weights stay as they are):", "",
+                "```python", "model.seer_compile_pointwise()", "model.seer_merge_projections()",
+                "out = model.seer_generate(ids, max_new_tokens=512)", "```"]
     for src, rows in measured:
         cfg = src.env["config"]
         if rows:

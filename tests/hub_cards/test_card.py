@@ -215,6 +215,7 @@ def test_a_decode_quality_run_gives_a_sparse_decode_section_and_model_index(comm
     pad = "\n" + " " * 21
     assert (f'model.set_seer_mode("sparse", seer_decode_sparsity=True,{pad}seer_decode_method="budget",'
             f'{pad}seer_decode_budget=2048,{pad}seer_decode_meanpool_prior=0.7)') in text
+    assert "model.seer_merge_projections()\nout = model.seer_generate(ids, max_new_tokens=512)" in text
     from seer_attn.hub_cards.card import _decode_options
     from seer_attn.modeling_seer import SeerLlamaConfig, SeerLlamaForCausalLM
     from tests.hub_cards.conftest import TINY
