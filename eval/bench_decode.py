@@ -96,6 +96,8 @@ class DecodeBenchConfig(RunConfig):
     tune: bool = option(False, flag)  # sweep the kernel's launch configs first, keep the fastest
     one_launch_gate: bool = option(False, flag)  # graph steps: gate_top_blocks (decode_graph.ONE_LAUNCH_GATE)
     top_blocks_bits: int = option(None, ca.positive_int, choices=(1, 2, 4, 8))  # None: decode_select's default
+    early_stop: bool = option(False, flag)  # top_blocks' bisection stops early (decode_select.TOP_BLOCKS_EARLY_STOP)
+    one_launch_window: bool = option(False, flag)  # graph steps' bias and counts: decode_window (ONE_LAUNCH_WINDOW)
     out: str = option("seer_outputs/bench-decode", text)
 
 
@@ -128,6 +130,12 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--top-blocks-bits", type=int, choices=(1, 2, 4, 8), default=None,
                     help="key bits each selection pass of top_blocks settles (1: bisection, 8: radix select; "
                          "default: kernels.decode_select.TOP_BLOCKS_BITS)")
+    ap.add_argument("--early-stop", action="store_true",
+                    help="top_blocks' bisection stops once exactly the kept count is at or above its candidate "
+                         "(kernels.decode_select.TOP_BLOCKS_EARLY_STOP; off by default until measured)")
+    ap.add_argument("--one-launch-window", action="store_true",
+                    help="graph-mode steps make the selection's bias and counts in one launch (decode_window; "
+                         "decode_graph.ONE_LAUNCH_WINDOW; off by default until measured)")
     ap.add_argument("--out", default=_default("out"), help="output folder (default: %(default)s)")
     ap.add_argument("--plot", default=None, help="only redraw the PNG from this CSV")
     return ap
@@ -153,14 +161,18 @@ def run_decode_bench(config: DecodeBenchConfig) -> dict:
     os.makedirs(config.out, exist_ok=True)
     from seer_attn.kernels import decode_select
     from seer_attn.modeling_seer import decode_graph
-    kept = decode_graph.ONE_LAUNCH_GATE, decode_select.TOP_BLOCKS_BITS
+    kept = (decode_graph.ONE_LAUNCH_GATE, decode_select.TOP_BLOCKS_BITS, decode_select.TOP_BLOCKS_EARLY_STOP,
+            decode_graph.ONE_LAUNCH_WINDOW)
     decode_graph.ONE_LAUNCH_GATE = config.one_launch_gate
     if config.top_blocks_bits is not None:
         decode_select.TOP_BLOCKS_BITS = config.top_blocks_bits
+    decode_select.TOP_BLOCKS_EARLY_STOP = config.early_stop or decode_select.TOP_BLOCKS_EARLY_STOP
+    decode_graph.ONE_LAUNCH_WINDOW = config.one_launch_window or decode_graph.ONE_LAUNCH_WINDOW
     try:
         return _run(config)
     finally:
-        decode_graph.ONE_LAUNCH_GATE, decode_select.TOP_BLOCKS_BITS = kept
+        (decode_graph.ONE_LAUNCH_GATE, decode_select.TOP_BLOCKS_BITS, decode_select.TOP_BLOCKS_EARLY_STOP,
+         decode_graph.ONE_LAUNCH_WINDOW) = kept
 
 
 def _run(config):
@@ -662,6 +674,9 @@ def write_results(config, rows, e2e, checks, tuning, device="cuda") -> dict:
                          resolved={"shape": shape, "kernel_config": mod._config(D, True, torch.bfloat16),
                                    "programs_per_sm": mod._TARGET_PROGRAMS_PER_SM,
                                    "top_blocks_bits": select.TOP_BLOCKS_BITS,
+                                   "top_blocks_early_stop": select.TOP_BLOCKS_EARLY_STOP,
+                                   "one_launch_window": importlib.import_module(
+                                       "seer_attn.modeling_seer.decode_graph").ONE_LAUNCH_WINDOW,
                                    "dense_row": "share 1: every block, no gate (since session 40)"},
                          device=device, model=f"kernel: random q/k/v, {HQ} query / {H} KV heads, head_dim {D}, bf16; "
                                               f"e2e: random-weight Llama-3.1-8B shape, {config.layers} layers, "

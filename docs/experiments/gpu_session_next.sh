@@ -78,7 +78,8 @@
 # dropped), e2e-profile (one-launch cache writes and merged projections: 0.21 + 0.22 ms a token), bench-merged (fused
 # 2.93x / 2.91x, 16 layers). Built after, interpreter-tested, off until measured: top_blocks' early stop
 # (TOP_BLOCKS_EARLY_STOP) and decode_window (ONE_LAUNCH_WINDOW). Next: early-lean (or tests-bench with merged_early in
-# its profile); if faster, turn both on and run bench-merged on an H200 (32 layers) for the issue's machine.
+# its profile; bench-decode takes --early-stop --one-launch-window); if faster, turn both on and run bench-merged on an
+# H200 (32 layers) for the issue's machine.
 #
 # Session 29: distill --gate-hidden-size / --q-pooling / --k-pooling exist now; gate-capacity measures them (issue 17's
 # untried "gate capacity" direction) after gate-calib-coverage and decode-distill. Session 29 got no machine (every start
