@@ -82,6 +82,10 @@ def _check_group(where, modules, names):
         if type(m) is not nn.Linear:
             raise ValueError(f"seer_merge_projections: {where}.{name} is a {type(m).__name__}, not a plain nn.Linear "
                              "(wrapped by PEFT or quantised: run it unmerged)")
+    for name, m in zip(names, modules):
+        if hasattr(m, "_hf_hook") or m.weight.device.type == "meta":
+            raise ValueError(f"seer_merge_projections: {where}.{name} is dispatched by accelerate (device_map with "
+                             "offloading, or hooks that move its weights): run it unmerged")
     if len({m.bias is None for m in modules}) > 1:
         raise ValueError(f"seer_merge_projections: in {where} some of {list(names)} have a bias and some do not")
     if len({(m.weight.dtype, m.weight.device, m.in_features) for m in modules}) > 1:

@@ -788,7 +788,8 @@ class SeerCausalLMMixin:
         stock layer's MLP otherwise). The stock parameters become views of the concatenations
         (no copy; state dict and saving unchanged). At a decode step the k and v GEMMs are small
         and read their weights slowly; merged, a 16-layer 8B-shaped token at 4 x 128k took 0.23 ms
-        less (:mod:`.merged_projections`). Refused for projections wrapped by PEFT or quantised;
+        less (:mod:`.merged_projections`). Refused for projections wrapped by PEFT, quantised or
+        dispatched by accelerate (offloading);
         undone with a warning if the projections change after (moved, cast, wrapped); a forward
         that needs their gradients runs them unmerged.
 

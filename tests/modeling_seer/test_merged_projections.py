@@ -109,6 +109,14 @@ def test_wrapped_projections_are_refused_and_trained_ones_run_unmerged(tiny):
     assert wrapped.base_model.model.model.layers[1].self_attn._seer_qkv is None  # every layer checked first
 
 
+def test_offloaded_projections_are_refused(tiny):
+    m = _frozen(tiny(seed=8))
+    m.model.layers[1].mlp.up_proj._hf_hook = object()  # as accelerate's dispatch leaves it
+    with pytest.raises(ValueError, match=r"model\.layers\.1\.mlp\.up_proj is dispatched by accelerate"):
+        m.seer_merge_projections()
+    assert m.model.layers[0].self_attn._seer_qkv is None
+
+
 @torch.no_grad()
 def test_a_cast_after_the_merge_undoes_it_with_a_warning(tiny, caplog):
     m = _frozen(tiny(seed=6)).seer_merge_projections()
