@@ -24,7 +24,7 @@ the log2 domain (``qk_scale = sm_scale * log2(e)``).
 """
 import torch
 
-from .kernel_utils import HAS_TRITON, interpreting, new_output, tl, triton
+from .kernel_utils import check_backend, new_output, tl, triton, use_triton
 from .reference import block_sparse_decode_ref, check_decode_inputs
 
 _LOG2E = 1.4426950408889634
@@ -237,21 +237,14 @@ def block_sparse_decode(q, k_cache, v_cache, block_index_or_mask, seq_lens, sm_s
     Returns:
         ``[B, HQ, 1, D]`` in q's dtype. A head whose selection holds no real key outputs zeros.
     """
-    if backend not in ("auto", "triton", "torch"):
-        raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
+    check_backend(backend)
     if num_splits is not None and (isinstance(num_splits, bool) or not isinstance(num_splits, int)
                                    or not 1 <= num_splits <= MAX_SPLITS):
         raise ValueError(f"num_splits must be an integer in [1, {MAX_SPLITS}] or None, got {num_splits!r}")
     B, HQ, H, S, D, scale, idx, cnt, lens, starts = check_decode_inputs(
         q, k_cache, v_cache, block_index_or_mask, seq_lens, sm_scale, block_size, seq_starts, block_counts,
         check_lengths)
-    use_triton = backend == "triton" or (backend == "auto" and HAS_TRITON and q.is_cuda)
-    if use_triton:
-        if not HAS_TRITON:
-            raise RuntimeError("backend='triton' needs the triton package (pip install triton)")
-        if not (q.is_cuda or interpreting()):
-            raise ValueError(f"backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1), got device {q.device}")
-    else:
+    if not use_triton(backend, q, "block_sparse_decode"):
         return block_sparse_decode_ref(q, k_cache, v_cache, idx, lens, scale, block_size, seq_starts=starts,
                                        block_counts=cnt)
 

@@ -14,7 +14,7 @@ caches ``[B, H, S, D]``; ``buf`` ``[B, H, block, D]``; ``slot`` and ``length`` o
 integer device tensors (``slot`` read, ``length`` written). On CPU (or ``backend="torch"``)
 the same writes run as torch ops (:func:`decode_append_ref`).
 """
-from .kernel_utils import HAS_TRITON, interpreting, tl, triton
+from .kernel_utils import check_backend, tl, triton, use_triton
 
 
 @triton.jit
@@ -84,16 +84,9 @@ def decode_append(keys, values, k, v, slot, length=None, buf=None, k_pre=None, b
             key ``[B, H, 1, D]``, written at row ``slot % block``.
         backend: ``"auto"`` (Triton on CUDA), ``"triton"`` or ``"torch"``.
     """
-    if backend not in ("auto", "triton", "torch"):
-        raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
+    check_backend(backend)
     _check(keys, values, k, v, slot, length, buf, k_pre)
-    use = backend == "triton" or (backend == "auto" and HAS_TRITON and keys.is_cuda)
-    if use and not HAS_TRITON:
-        raise RuntimeError("decode_append: backend='triton' needs the triton package (pip install triton)")
-    if use and not (keys.is_cuda or interpreting()):
-        raise ValueError(f"decode_append: backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1), got device "
-                         f"{keys.device}")
-    if not use:
+    if not use_triton(backend, keys, "decode_append"):
         decode_append_ref(keys, values, k, v, slot, length, buf, k_pre)
         return
     B, H, _, D = keys.shape

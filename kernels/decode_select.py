@@ -45,7 +45,7 @@ take the torch reference (:func:`~.reference.top_blocks_ref`).
 """
 import torch
 
-from .kernel_utils import HAS_TRITON, interpreting, tl, triton
+from .kernel_utils import check_backend, tl, triton, use_triton
 from .reference import decode_window_ref, gate_scores_ref, prior_mix_ref, top_blocks_ref
 
 #: the longest row (blocks) the kernel holds in registers
@@ -320,29 +320,14 @@ def _prior_mix_kernel(LOGITS, FULL, S, STATS, OUT, N, H, NCH, weight, s_lb, s_lh
     tl.store(OUT + b * s_ob + h * s_oh + offs_n, out, mask=ok)
 
 
-def _use_triton(backend, t, what):
-    """Whether a public function runs its Triton kernel (``backend`` checked by the caller)."""
-    use = backend == "triton" or (backend == "auto" and HAS_TRITON and t.is_cuda)
-    if use and not HAS_TRITON:
-        raise RuntimeError(f"{what}: backend='triton' needs the triton package (pip install triton)")
-    if use and not (t.is_cuda or interpreting()):
-        raise ValueError(f"{what}: backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1), got device {t.device}")
-    return use
-
-
 def _use_triton_width(backend, t, what, name, n):
-    """:func:`_use_triton` for a kernel whose channel width ``n`` (named ``name``) must be a power
+    """:func:`~.kernel_utils.use_triton` for a kernel whose channel width ``n`` (named ``name``) must be a power
     of two >= 16: ``backend='triton'`` with another width is an error, ``'auto'`` takes the torch
     reference then."""
     pow2 = n >= 16 and n & (n - 1) == 0
     if backend == "triton" and not pow2:
         raise ValueError(f"backend='triton' needs {name} a power of two >= 16, got {n}")
-    return pow2 and _use_triton(backend, t, what)
-
-
-def _check_backend(backend):
-    if backend not in ("auto", "triton", "torch"):
-        raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
+    return pow2 and use_triton(backend, t, what)
 
 
 def _check_gate_query(y, rope, B, H, G):
@@ -378,7 +363,7 @@ def gate_scores(y, keys, rope=None, backend="auto"):
     Returns:
         float32 ``[B, H, N]``.
     """
-    _check_backend(backend)
+    check_backend(backend)
     if keys.dim() != 4:
         raise ValueError(f"keys must be [B, H, N, G], got shape {tuple(keys.shape)}")
     B, H, N, G = keys.shape
@@ -409,14 +394,14 @@ def top_blocks(scores, bias, counts, k, backend="auto"):
     Returns:
         int32 ``[B, H, k]``.
     """
-    _check_backend(backend)
+    check_backend(backend)
     if scores.dim() != 3:
         raise ValueError(f"scores must be [B, H, N], got shape {tuple(scores.shape)}")
     B, H, N = scores.shape
     _check_selection(bias, counts, k, B, H, N)
     if backend == "triton" and N > MAX_BLOCKS:
         raise ValueError(f"rows of {N} blocks exceed the kernel's {MAX_BLOCKS}; use backend='torch'")
-    if not (N <= MAX_BLOCKS and _use_triton(backend, scores, "top_blocks")):
+    if not (N <= MAX_BLOCKS and use_triton(backend, scores, "top_blocks")):
         return top_blocks_ref(scores, bias, counts, k)
     scores = scores if scores.stride(-1) == 1 else scores.contiguous()
     bias = bias.float().contiguous()
@@ -444,11 +429,11 @@ def decode_window(first_block, cur, num_blocks, keep_local, num_heads, k, share=
             current block (the same for every sequence: a static cache's slot).
         backend: ``"auto"`` (Triton on CUDA), ``"triton"`` or ``"torch"``.
     """
-    _check_backend(backend)
+    check_backend(backend)
     if first_block.dim() != 1 or cur.numel() != 1:
         raise ValueError(f"first_block must be [B] and cur one element, got {tuple(first_block.shape)} and "
                          f"{tuple(cur.shape)}")
-    if not _use_triton(backend, first_block, "decode_window"):
+    if not use_triton(backend, first_block, "decode_window"):
         return decode_window_ref(first_block, cur.reshape(()), num_blocks, keep_local, num_heads, k, share)
     B = first_block.shape[0]
     bias = torch.empty(B, 1, num_blocks, dtype=torch.float32, device=first_block.device)
@@ -467,7 +452,7 @@ def gate_top_blocks(y, keys, rope, bias, counts, k, backend="auto"):
     last to finish selects). Arguments as those two functions take them (``rope`` may be None).
     Returns int32 ``[B, H, k]``. Slower than the two launches on an H100 (session 39): a measured
     option."""
-    _check_backend(backend)
+    check_backend(backend)
     if keys.dim() != 4:
         raise ValueError(f"keys must be [B, H, N, G], got shape {tuple(keys.shape)}")
     B, H, N, G = keys.shape
@@ -509,7 +494,7 @@ def prior_mix(logits, q, means, full, scale, weight, backend="auto"):
     Returns:
         float32 ``[B, H, N]``.
     """
-    _check_backend(backend)
+    check_backend(backend)
     if logits.dim() != 3:
         raise ValueError(f"logits must be [B, H, N], got shape {tuple(logits.shape)}")
     B, H, N = logits.shape

@@ -53,6 +53,25 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def check_backend(backend) -> None:
+    """A public op's ``backend`` argument: ``"auto"``, ``"triton"`` or ``"torch"``."""
+    if backend not in ("auto", "triton", "torch"):
+        raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
+
+
+def use_triton(backend, t, what) -> bool:
+    """Whether the public op ``what`` runs its Triton kernel on tensor ``t`` (``backend``
+    checked by :func:`check_backend`): ``"triton"``, or ``"auto"`` on a CUDA tensor with
+    Triton installed; ``"triton"`` without the package or off CUDA (outside the interpreter) is
+    an error."""
+    use = backend == "triton" or (backend == "auto" and HAS_TRITON and t.is_cuda)
+    if use and not HAS_TRITON:
+        raise RuntimeError(f"{what}: backend='triton' needs the triton package (pip install triton)")
+    if use and not (t.is_cuda or interpreting()):
+        raise ValueError(f"{what}: backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1), got device {t.device}")
+    return use
+
+
 def new_output(shape, dtype, device) -> torch.Tensor:
     if POISON_OUTPUTS:
         return torch.full(shape, float("nan"), dtype=dtype, device=device)
