@@ -249,6 +249,17 @@ def block_sparse_decode_ref(q, k_cache, v_cache, block_index_or_mask, seq_lens, 
     return out.reshape(B, HQ, 1, D).to(q.dtype)
 
 
+def decode_window_masks(first_block, cur, num_blocks, keep_local):
+    """Bool ``[B, num_blocks]`` masks of a decode step's window: ``outside`` each sequence's
+    blocks ``[first_block, cur]``, and ``forced`` (inside it: the sink, the ``keep_local``
+    blocks before ``cur`` and ``cur``); ``cur`` a long scalar tensor."""
+    j = torch.arange(num_blocks, device=first_block.device)
+    first = first_block.long()[:, None]
+    outside = (j[None, :] < first) | (j[None, :] > cur)
+    forced = ((j[None, :] == first) | (j[None, :] >= cur - keep_local)) & ~outside
+    return outside, forced
+
+
 def decode_window_ref(first_block, cur, num_blocks, keep_local, num_heads, k, share=None):
     """Torch reference of :func:`~.decode_select.decode_window`: the top-k methods' bias
     float32 ``[B, 1, num_blocks]`` (-inf outside ``[first_block, cur]``, +inf on the sink, the
@@ -256,11 +267,8 @@ def decode_window_ref(first_block, cur, num_blocks, keep_local, num_heads, k, sh
     ``[B, num_heads]``: with ``share`` None (a budget of ``k`` blocks) ``min(n, k)``, else
     ``min(ceil(share * n) floored at the forced blocks, n, the same of cur + 1)`` with ``n = cur
     + 1 - first_block``; ``cur`` a long scalar tensor."""
-    j = torch.arange(num_blocks, device=first_block.device)
-    first = first_block.long()[:, None]
-    outside = (j[None, :] < first) | (j[None, :] > cur)
-    forced = ((j[None, :] == first) | (j[None, :] >= cur - keep_local)) & ~outside
-    bias = torch.zeros(outside.shape, device=j.device).masked_fill_(outside, float("-inf"))
+    outside, forced = decode_window_masks(first_block, cur, num_blocks, keep_local)
+    bias = torch.zeros(outside.shape, device=outside.device).masked_fill_(outside, float("-inf"))
     bias.masked_fill_(forced, float("inf"))
     n = (cur + 1 - first_block.long()).double()
     least = 2 + keep_local  # sink, local, current

@@ -32,6 +32,7 @@ import torch
 
 from seer_attn.kernels.decode_append import decode_append
 from seer_attn.kernels.decode_select import decode_window, gate_top_blocks, top_blocks
+from seer_attn.kernels.reference import decode_window_masks
 
 from .selection import (DECODE_METHODS, DECODE_SCORE_METHODS, block_pool, decode_every_block, decode_full_blocks,
                         score_selection)
@@ -217,15 +218,10 @@ class GraphDecodeStep:
                                       backend="auto" if ONE_LAUNCH_WINDOW else "torch")
             self._selection[key] = (bias, None, cnt, k)
             return self._selection[key]
-        j = torch.arange(NB, device=self.cur.device)
-        first = st.first_block[:, None]
-        outside = (j[None, :] < first) | (j[None, :] > self.cur)
-        forced = (((j[None, :] == first) | (j[None, :] >= self.cur - local)) & ~outside)[:, None]
-        bias = torch.zeros(forced.shape, device=j.device)
-        bias.masked_fill_(outside[:, None], float("-inf"))
-        bias.masked_fill_(j == self.cur, float("-inf"))
-        cnt, k = None, NB
-        self._selection[key] = (bias, forced, cnt, k)
+        outside, forced = decode_window_masks(st.first_block, self.cur, NB, local)
+        outside.index_fill_(1, self.cur1, True)  # (the score methods leave the current block out of the softmax)
+        bias = torch.zeros(forced.shape, device=forced.device).masked_fill_(outside, float("-inf"))
+        self._selection[key] = (bias[:, None], forced[:, None], None, NB)
         return self._selection[key]
 
     def every_block(self, num_heads):
