@@ -29,6 +29,7 @@ import inspect
 import math
 
 import torch
+from transformers.cache_utils import StaticLayer
 
 from seer_attn.kernels.decode_append import decode_append
 from seer_attn.kernels.decode_select import decode_window, gate_top_blocks, top_blocks
@@ -152,7 +153,6 @@ class GraphDecodeStep:
         layer, one launch writes ``k`` and ``v`` at ``slot``, ``k_pre`` into the current-block
         buffer (so :meth:`record` does not) and the layer's length (``slot + 1``, as its update
         would leave it: :class:`GraphDecoder` checks that the two agree)."""
-        from transformers.cache_utils import StaticLayer
         lyr = cache.layers[layer] if FUSED_APPEND and hasattr(cache, "layers") else None
         if type(lyr) is not StaticLayer or not lyr.is_initialized or k.shape[2] != 1:
             return cache.update(k, v, layer)

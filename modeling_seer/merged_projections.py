@@ -39,10 +39,10 @@ class Merged:
     def __init__(self, modules):
         self.owners = list(modules)
         ws = [m.weight for m in self.owners]
-        has_bias = [m.bias is not None for m in self.owners]  # all or none (_check_group)
+        biased = self.owners[0].bias is not None  # all or none (_check_group)
         with torch.no_grad():
             self.weight = torch.cat([w.detach() for w in ws])
-            self.bias = torch.cat([m.bias.detach() for m in self.owners]) if all(has_bias) else None
+            self.bias = torch.cat([m.bias.detach() for m in self.owners]) if biased else None
         self.sizes = tuple(w.shape[0] for w in ws)
         o = 0
         for m, n in zip(self.owners, self.sizes):
@@ -82,7 +82,6 @@ def _check_group(where, modules, names):
         if type(m) is not nn.Linear:
             raise ValueError(f"seer_merge_projections: {where}.{name} is a {type(m).__name__}, not a plain nn.Linear "
                              "(wrapped by PEFT or quantised: run it unmerged)")
-    for name, m in zip(names, modules):
         if hasattr(m, "_hf_hook") or m.weight.device.type == "meta":
             raise ValueError(f"seer_merge_projections: {where}.{name} is dispatched by accelerate (device_map with "
                              "offloading, or hooks that move its weights): run it unmerged")
@@ -94,8 +93,8 @@ def _check_group(where, modules, names):
 
 def merge(layers, enable=True):
     """Merge (or with ``enable=False`` unmerge) each decoder layer's q/k/v projections, and the
-    MLP's gate/up where the MLP is ``down(act(gate(x)) * up(x))``. Checks every layer before
-    changing any. Returns the number of groups merged."""
+    MLP's gate/up where the MLP is ``down(act(gate(x)) * up(x))``. An earlier merge is undone
+    first; every layer is checked before any is merged. Returns the number of groups merged."""
     for layer in layers:
         layer.self_attn.__dict__.pop("_seer_qkv", None)
         layer.mlp.__dict__.pop("_seer_gate_up", None)
