@@ -41,13 +41,13 @@ def group(name):
     return "other"
 
 
-def profile_replays(dec, n):
-    """GPU kernels of ``n`` replays of ``dec``'s graph: {name: (us per step, launches per step)}."""
+def profile_replays(step, n):
+    """GPU kernels of ``n`` calls of ``step`` (a replay): {name: (us per call, launches per call)}."""
     from torch.profiler import ProfilerActivity, profile
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(n):
-            dec.step()
+            step()
         torch.cuda.synchronize()
     out = {}
     for e in prof.key_averages():
@@ -84,7 +84,7 @@ def e2e(args):
             model.set_seer_mode("dense", seer_decode_sparsity=True, seer_decode_share=share,
                                 seer_decode_meanpool_prior=0.0)
             wall, dec = graph_decode_time(model, cache, B, T, args.steps)
-            kernels = profile_replays(dec, args.profile_steps)
+            kernels = profile_replays(dec.step, args.profile_steps)
             by_group = {}
             for name, (us, n) in kernels.items():
                 g = by_group.setdefault(group(name), [0.0, 0.0])
@@ -113,23 +113,11 @@ def e2e(args):
 def _kernel_us(fn, n=20):
     """GPU-kernel microseconds of one call of ``fn`` replayed from a CUDA graph (summed over its
     kernels; no launch latency) and its kernel count."""
-    from torch.profiler import ProfilerActivity, profile
-
     from seer_attn.eval.bench_decode import capture_graph
     graph = capture_graph(fn)
     graph.replay()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(n):
-            graph.replay()
-        torch.cuda.synchronize()
-    total, count = 0.0, 0
-    for e in prof.key_averages():
-        t = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
-        if t and e.count:
-            total += t
-            count += e.count
-    return total / n, count / n
+    kernels = profile_replays(graph.replay, n)
+    return sum(us for us, _ in kernels.values()), sum(c for _, c in kernels.values())
 
 
 @torch.no_grad()
