@@ -55,8 +55,8 @@ pool to zero.
 import torch
 
 from .block_mask import block_mask_to_indices
-from .kernel_utils import (HAS_TRITON, check_attention_inputs, check_block_mask, check_seq_bounds, check_window,
-                           interpreting, new_output, num_blocks, tl, triton)
+from .kernel_utils import (check_attention_inputs, check_backend, check_block_mask, check_seq_bounds, check_window,
+                           new_output, num_blocks, tl, triton, use_triton)
 from .reference import attn_with_pooling_ref, block_sparse_attn_ref
 
 try:  # Hopper tensor descriptors (Triton >= 3.4); the pointer loads serve without them
@@ -964,16 +964,9 @@ class _AttnFunction(torch.autograd.Function):
         return dq, dk, dv, None, None, None, None, None, None, None, None
 
 
-def _check_backend(backend, q):
-    if backend not in ("auto", "triton", "torch"):
-        raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
-    if backend == "triton":
-        if not HAS_TRITON:
-            raise RuntimeError("backend='triton' needs the triton package (pip install triton)")
-        if not (q.is_cuda or interpreting()):
-            raise ValueError(f"backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1), got device {q.device}")
-        return True
-    return backend == "auto" and HAS_TRITON and q.is_cuda
+def _use_triton(backend, q, what):
+    check_backend(backend)
+    return use_triton(backend, q, what)
 
 
 # ----------------------------------------------------------------------------- public API
@@ -1011,7 +1004,7 @@ def block_sparse_attn(q, k, v, block_mask, causal=True, sm_scale=None, block_siz
     check_block_mask(block_mask, B, HQ, num_blocks(T, block_size), q.device)
     bounds = check_seq_bounds(seq_bounds, B, T, q.device)
     window = check_window(window, causal)
-    if not _check_backend(backend, q):
+    if not _use_triton(backend, q, "block_sparse_attn"):
         return block_sparse_attn_ref(q, k, v, block_mask, causal, scale, block_size, seq_bounds=bounds,
                                      window=window)
     out, _ = _AttnFunction.apply(q, k, v, block_mask, bounds, bool(causal), scale, block_size, False, "max", window)
@@ -1024,7 +1017,7 @@ def dense_attn(q, k, v, causal=True, sm_scale=None, block_size=64, *, seq_bounds
     B, HQ, H, T, D, scale = check_attention_inputs(q, k, v, sm_scale, block_size, causal=causal)
     bounds = check_seq_bounds(seq_bounds, B, T, q.device)
     window = check_window(window, causal)
-    if not _check_backend(backend, q):
+    if not _use_triton(backend, q, "dense_attn"):
         full = torch.ones(B, HQ, num_blocks(T, block_size), num_blocks(T, block_size), dtype=torch.bool,
                           device=q.device)
         return block_sparse_attn_ref(q, k, v, full, causal, scale, block_size, seq_bounds=bounds, window=window)
@@ -1057,7 +1050,7 @@ def attn_with_pooling(q, k, v, causal=True, sm_scale=None, block_size=64, *, seq
     if pool_op not in ("max", "sum"):
         raise ValueError(f"pool_op must be 'max' or 'sum', got {pool_op!r}")
     window = check_window(window, causal)
-    if not _check_backend(backend, q):
+    if not _use_triton(backend, q, "attn_with_pooling"):
         return attn_with_pooling_ref(q, k, v, causal, scale, block_size, seq_bounds=bounds, pool_op=pool_op,
                                      window=window)
     return _AttnFunction.apply(q, k, v, None, bounds, bool(causal), scale, block_size, True, pool_op, window)

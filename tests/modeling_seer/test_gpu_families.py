@@ -13,7 +13,7 @@ from seer_attn.modeling_seer import SeerForwardContext
 from seer_attn.modeling_seer.conversion import from_stock
 from seer_attn.modeling_seer.families import FAMILIES
 
-bsa = importlib.import_module("seer_attn.kernels.block_sparse_attn")
+kernel_utils = importlib.import_module("seer_attn.kernels.kernel_utils")
 pytestmark = pytest.mark.requires_cuda
 
 TINY = dict(vocab_size=96, hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
@@ -53,7 +53,7 @@ def test_triton_sparse_paths(name, extra, monkeypatch):
     seer.set_seer_mode("sparse", seer_nz_ratio=0.3)
     ctx = SeerForwardContext(masks=[])
     fast = seer(x, seer_ctx=ctx).logits
-    monkeypatch.setattr(bsa, "HAS_TRITON", False)  # the public functions fall back to the references
+    monkeypatch.setattr(kernel_utils, "HAS_TRITON", False)  # the public functions fall back to the references
     slow = seer(x, seer_ctx=SeerForwardContext(forced_masks=ctx.masks)).logits
     torch.testing.assert_close(fast, slow, atol=1e-4, rtol=0)
 

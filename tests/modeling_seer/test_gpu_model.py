@@ -12,7 +12,7 @@ from seer_attn.modeling_seer import SeerForwardContext
 from seer_attn.modeling_seer.conversion import default_model_path, load_seer_model
 
 # the module, not the function of the same name that seer_attn.kernels re-exports
-bsa = importlib.import_module("seer_attn.kernels.block_sparse_attn")
+kernel_utils = importlib.import_module("seer_attn.kernels.kernel_utils")
 
 pytestmark = pytest.mark.requires_cuda
 
@@ -40,7 +40,7 @@ def test_smollm2_sparse_prefill_triton_equals_torch_reference(method, monkeypatc
     fast = model(x, seer_ctx=ctx, logits_to_keep=1024).logits.float()
     density = model.seer_density().mean().item()
     assert 0.0 < density < 0.9
-    monkeypatch.setattr(bsa, "HAS_TRITON", False)  # same model, torch-reference kernels
+    monkeypatch.setattr(kernel_utils, "HAS_TRITON", False)  # same model, torch-reference kernels
     ref = model(x, seer_ctx=SeerForwardContext(forced_masks=ctx.masks), logits_to_keep=1024).logits.float()
     del model
     truth_model = load_seer_model(_smollm2_path(), dtype=torch.float32, **kw).eval()
