@@ -241,6 +241,15 @@ case "$STEP" in
     timeout 100 "$PY" docs/experiments/gate_select_sweep.py --no-fused --out "$OUT/gate_select_sweep.json" \
       > "$OUT/sweep.log" 2>&1
     echo "gate_select_sweep: exit $?"; sed -n '/^# /,$p' "$OUT/sweep.log" ;;
+  s42-lean)  # issue 15 (session 42, little budget left): the decode GPU test files, then the profile of merged against
+    # merged_early (its wall ratio dense / sparse is bench-decode's fused speed-up to ~1%: 2.93x both in session 41)
+    timeout 180 "$PY" -m pytest -q -p no:cacheprovider -rfE tests/kernels/test_gpu_decode.py \
+      tests/modeling_seer/test_decode_gpu.py > "$OUT/tests.log" 2>&1
+    echo "decode GPU tests: exit $?, $(tail -n 1 "$OUT/tests.log")"; grep -E "^(FAILED|ERROR)" "$OUT/tests.log"
+    if nvidia-smi | grep -q H200; then L=32; else L=16; fi
+    timeout 130 "$PY" docs/experiments/decode_e2e_profile.py --layers $L --gemm --variants merged merged_early \
+      --out "$OUT/e2e_profile.json" > "$OUT/e2e_profile.log" 2>&1
+    echo "decode_e2e_profile: exit $?"; sed -n '/^# /,$p' "$OUT/e2e_profile.log"; grep -E "Error" "$OUT/e2e_profile.log" | tail -n 3 ;;
   s42-one)  # issue 15 (session 42, one call): the decode GPU test files, bench-decode's end-to-end rows with both
     # session-41 options on (early stop, window in one launch), then the profile of merged against merged_early
     timeout 200 "$PY" -m pytest -q -p no:cacheprovider -rfE tests/kernels/test_gpu_decode.py \
