@@ -96,8 +96,8 @@ class DecodeBenchConfig(RunConfig):
     tune: bool = option(False, flag)  # sweep the kernel's launch configs first, keep the fastest
     one_launch_gate: bool = option(False, flag)  # graph steps: gate_top_blocks (decode_graph.ONE_LAUNCH_GATE)
     top_blocks_bits: int = option(None, ca.positive_int, choices=(1, 2, 4, 8))  # None: decode_select's default
-    early_stop: bool = option(False, flag)  # top_blocks' bisection stops early (decode_select.TOP_BLOCKS_EARLY_STOP)
-    one_launch_window: bool = option(False, flag)  # graph steps' bias and counts: decode_window (ONE_LAUNCH_WINDOW)
+    no_early_stop: bool = option(False, flag)  # top_blocks' bisection runs every pass (TOP_BLOCKS_EARLY_STOP off)
+    no_one_launch_window: bool = option(False, flag)  # graph steps' bias and counts by torch ops (ONE_LAUNCH_WINDOW off)
     out: str = option("seer_outputs/bench-decode", text)
 
 
@@ -130,12 +130,12 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--top-blocks-bits", type=int, choices=(1, 2, 4, 8), default=None,
                     help="key bits each selection pass of top_blocks settles (1: bisection, 8: radix select; "
                          "default: kernels.decode_select.TOP_BLOCKS_BITS)")
-    ap.add_argument("--early-stop", action="store_true",
-                    help="top_blocks' bisection stops once exactly the kept count is at or above its candidate "
-                         "(kernels.decode_select.TOP_BLOCKS_EARLY_STOP; off by default until measured)")
-    ap.add_argument("--one-launch-window", action="store_true",
-                    help="graph-mode steps make the selection's bias and counts in one launch (decode_window; "
-                         "decode_graph.ONE_LAUNCH_WINDOW; off by default until measured)")
+    ap.add_argument("--no-early-stop", action="store_true",
+                    help="top_blocks' bisection runs all 32 passes instead of stopping once exactly the kept count is "
+                         "at or above its candidate (kernels.decode_select.TOP_BLOCKS_EARLY_STOP, on since session 42)")
+    ap.add_argument("--no-one-launch-window", action="store_true",
+                    help="graph-mode steps make the selection's bias and counts by ~20 torch ops instead of one "
+                         "launch (decode_window; decode_graph.ONE_LAUNCH_WINDOW, on since session 42)")
     ap.add_argument("--out", default=_default("out"), help="output folder (default: %(default)s)")
     ap.add_argument("--plot", default=None, help="only redraw the PNG from this CSV")
     return ap
@@ -166,8 +166,8 @@ def run_decode_bench(config: DecodeBenchConfig) -> dict:
     decode_graph.ONE_LAUNCH_GATE = config.one_launch_gate
     if config.top_blocks_bits is not None:
         decode_select.TOP_BLOCKS_BITS = config.top_blocks_bits
-    decode_select.TOP_BLOCKS_EARLY_STOP = config.early_stop or decode_select.TOP_BLOCKS_EARLY_STOP
-    decode_graph.ONE_LAUNCH_WINDOW = config.one_launch_window or decode_graph.ONE_LAUNCH_WINDOW
+    decode_select.TOP_BLOCKS_EARLY_STOP = decode_select.TOP_BLOCKS_EARLY_STOP and not config.no_early_stop
+    decode_graph.ONE_LAUNCH_WINDOW = decode_graph.ONE_LAUNCH_WINDOW and not config.no_one_launch_window
     try:
         return _run(config)
     finally:

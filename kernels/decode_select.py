@@ -35,7 +35,7 @@ top_blocks kernel: one program per row holds the row's scores as order-preservin
 registers, finds the ``cnt``-th largest key by a search over the 32-bit key range that settles
 :data:`TOP_BLOCKS_BITS` bits per counting pass over the registers (1: bisection, at most 32
 passes, or with :data:`TOP_BLOCKS_EARLY_STOP` ending as soon as exactly ``cnt`` keys are at or
-above the candidate (session 41); 4:
+above the candidate (session 41, the default since session 42); 4:
 8 passes of 16 counts each; 8: a radix select, 4 passes of one 256-bin ``tl.histogram`` of a key
 byte over the keys that match the bytes settled so far; compares and counts in int32: a GPU runs 64-bit integer
 ops as pairs of 32-bit ones), then writes the indices of the keys above it and of
@@ -65,9 +65,10 @@ TOP_BLOCKS_WARPS = {2048: 4, 8192: 8, MAX_BLOCKS: 16}
 #: counts each; 8: 4 passes of a 256-bin histogram, a radix select); benchmarks may override it. 1
 #: measured fastest on the H100 (sessions 39 and 41: results/decode/h100_gate_select_sweep*.json)
 TOP_BLOCKS_BITS = 1
-#: whether the bisection (1 bit a pass) stops once exactly cnt keys are at or above its candidate
-#: (the same kept set; session 41, interpreter-tested, off until measured on a GPU)
-TOP_BLOCKS_EARLY_STOP = False
+#: whether the bisection (1 bit a pass) stops once exactly cnt keys are at or above its candidate (the same
+#: kept set; session 41; on since session 42: with the one-launch window 0.10 ms off a 4.96 ms sparse token,
+#: H100, 16 layers, 4 x 128k, results/decode/h100_e2e_profile_early.json)
+TOP_BLOCKS_EARLY_STOP = True
 #: block keys scored per step of gate_top_blocks' loop, and its warps; benchmarks may override them
 FUSED_CHUNK = 64
 FUSED_WARPS = 4

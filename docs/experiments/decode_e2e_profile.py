@@ -78,7 +78,8 @@ def e2e(args):
             model.seer_compile_pointwise()
         decode_select.TOP_BLOCKS_BITS = 8 if variant.endswith("radix") else kept_bits
         decode_graph.FUSED_APPEND = variant != "fused_stock_append"
-        # session 41's off-until-measured options: the bisection's early stop, the window in one launch
+        # session 41's options (the defaults since session 42), on only in merged_early so that the variants before
+        # it keep measuring what they measured: the bisection's early stop, the window in one launch
         decode_select.TOP_BLOCKS_EARLY_STOP = decode_graph.ONE_LAUNCH_WINDOW = variant == "merged_early"
         for mode, share in (("dense", 1.0), ("sparse", args.share)):
             model.set_seer_mode("dense", seer_decode_sparsity=True, seer_decode_share=share,
@@ -179,8 +180,8 @@ def main(argv=None):
                          "merged (fused, q/k/v and gate/up as one GEMM each: seer_merge_projections; up to session "
                          "41 this script's own copy); _radix: top_blocks by radix select (TOP_BLOCKS_BITS 8; else "
                          "the module's setting); merged_early: merged with top_blocks' early stop and the window in "
-                         "one launch (TOP_BLOCKS_EARLY_STOP, ONE_LAUNCH_WINDOW); merged changes the model for the "
-                         "variants after it")
+                         "one launch (TOP_BLOCKS_EARLY_STOP, ONE_LAUNCH_WINDOW, the defaults since session 42; the other "
+                         "variants run without them); merged changes the model for the variants after it")
     ap.add_argument("--no-e2e", action="store_true")
     ap.add_argument("--out")
     args = ap.parse_args(argv)
