@@ -656,30 +656,32 @@ def decode_gate_select_h100(root) -> str:
                          "sparse ms/token", "speed-up", "layers fused"], rows)
 
 
-def decode_graph_gate_h200(root) -> str:
-    """Session 39: bench-decode on the H200 with the graph row as the graph step runs it (the gate's
-    share of a sparse layer against issue 15's anchors) and time per output token, 32 layers."""
-    paths = ["results/decode/h200_graph_gate_32k.json", "results/decode/h200_graph_gate_128k.json"]
-    envs = [load_envelope(root, p) for p in paths]
-    rows, e2e = [], []
-    for env in envs:
-        for r in env["rows"]:
-            rows.append([r["B"], _tokens(r["S"]), f"{r['ours_sparse_graph'] * 1e3:.0f}",
-                         f"{r['graph_layer'] * 1e3:.0f}",
-                         f"{100 * (1 - r['ours_sparse_graph'] / r['graph_layer']):.0f}%",
-                         f"{r['sdpa_flash'] / r['ours_sparse']:.2f}x"])
-        for e in env["e2e"]:
-            e2e.append([e["B"], _tokens(e["T"]), e["layers"], f"{e['graph_dense_s_per_token'] * 1e3:.1f}",
-                        f"{e['graph_sparse_s_per_token'] * 1e3:.1f}", f"{e['graph_speedup']:.2f}x",
-                        f"{e['graph_fused_speedup']:.2f}x"])
-    prov = envs[0]["provenance"]
-    out = (f"{prov['gpu']}, commit {_commit(prov)} ({', '.join(paths)}); share 0.1; one sparse layer replayed from a "
-           "CUDA graph as the graph step runs it (us) and the gate's share of it (1 - kernel alone / layer); SDPA "
-           "flash over ours, eager kernel:\n\n")
-    out += _table(["B", "cache", "kernel alone", "layer", "gate share", "flash / ours (eager)"], rows)
-    return out + ("\n\nTime per output token, 8B-shaped model, CUDA graph (ms; dense: our kernel with every block), "
-                  "layers fused: `seer_compile_pointwise`:\n\n"
-                  + _table(["B", "cache", "layers", "dense", "sparse", "speed-up", "layers fused"], e2e))
+def _decode_graph_gate(row_paths, e2e_paths, note=""):
+    """bench-decode with the graph row as the graph step runs it (the gate's share of a sparse layer
+    against issue 15's anchors) and time per output token (session 39 on)."""
+    def table(root) -> str:
+        rows, e2e = [], []
+        for path in row_paths:
+            for r in load_envelope(root, path)["rows"]:
+                rows.append([r["B"], _tokens(r["S"]), f"{r['ours_sparse_graph'] * 1e3:.0f}",
+                             f"{r['graph_layer'] * 1e3:.0f}",
+                             f"{100 * (1 - r['ours_sparse_graph'] / r['graph_layer']):.0f}%",
+                             f"{r['sdpa_flash'] / r['ours_sparse']:.2f}x"])
+        for path in e2e_paths:
+            for e in load_envelope(root, path)["e2e"]:
+                e2e.append([e["B"], _tokens(e["T"]), e["layers"], f"{e['graph_dense_s_per_token'] * 1e3:.1f}",
+                            f"{e['graph_sparse_s_per_token'] * 1e3:.1f}", f"{e['graph_speedup']:.2f}x",
+                            f"{e['graph_fused_speedup']:.2f}x"])
+        paths = list(dict.fromkeys(row_paths + e2e_paths))
+        prov = load_envelope(root, paths[0])["provenance"]
+        out = (f"{prov['gpu']}, commit {_commit(prov)} ({', '.join(paths)}); share 0.1{note}; one sparse layer "
+               "replayed from a CUDA graph as the graph step runs it (us) and the gate's share of it (1 - kernel alone "
+               "/ layer); SDPA flash over ours, eager kernel:\n\n")
+        out += _table(["B", "cache", "kernel alone", "layer", "gate share", "flash / ours (eager)"], rows)
+        return out + ("\n\nTime per output token, 8B-shaped model, CUDA graph (ms; dense: our kernel with every "
+                      "block), layers fused: `seer_compile_pointwise`:\n\n"
+                      + _table(["B", "cache", "layers", "dense", "sparse", "speed-up", "layers fused"], e2e))
+    return table
 
 
 def decode_e2e_h100_s41(root) -> str:
@@ -998,7 +1000,17 @@ TABLES = {
     "decode-prior-h100": decode_prior_h100,
     "decode-free-h100": decode_free_h100,
     "decode-gate-select-h100": decode_gate_select_h100,
-    "decode-graph-gate-h200": decode_graph_gate_h200,
+    "decode-graph-gate-h200": _decode_graph_gate(
+        ["results/decode/h200_graph_gate_32k.json", "results/decode/h200_graph_gate_128k.json"],
+        ["results/decode/h200_graph_gate_32k.json", "results/decode/h200_graph_gate_128k.json"]),
+    "decode-graph-gate-early-h100": _decode_graph_gate(
+        ["results/decode/h100_graph_gate_early.json"], ["results/decode/h100_bench_16layers_early.json"],
+        " (session 42: `top_blocks`' early stop and the one-launch window, the defaults since; layers fused: and "
+        "`seer_merge_projections`)"),
+    "decode-e2e-profile-early-h100": _e2e_profile(
+        "results/decode/h100_e2e_profile_early.json", "(unscored)",
+        "merged: `seer_compile_pointwise` with the one-launch cache writes and `seer_merge_projections`; "
+        "merged_early: and `top_blocks`' early stop and the window in one launch (the defaults since session 42)"),
     "decode-e2e-profile-h100": _e2e_profile(
         "results/decode/h100_e2e_profile.json", "(in this run still scored by the gate, as up to session 39)",
         "fused: `seer_compile_pointwise`"),
