@@ -81,6 +81,12 @@
 # its profile; bench-decode takes --early-stop --one-launch-window); if faster, turn both on and run bench-merged on an
 # H200 (32 layers) for the issue's machine.
 #
+# Session 42 (one H100 stretch of four calls after ~9 refused starts, ~1000 s of the budget): s42-lean (decode GPU
+# tests 61 passed before its 180 s limit, the last 2 in a second call; the profile: merged_early 0.10 ms faster), then
+# bench-decode with both options on (fused 2.93x / 2.95x) and its kernel rows; both options are the defaults now (and
+# bench-decode's flags --no-early-stop / --no-one-launch-window). Next: bench-merged on an H200 (32 layers), the GPU
+# test files in full (tests-decode), tests-models (test_gpu_families.py: 7 passed before a 130 s limit).
+#
 # Session 29: distill --gate-hidden-size / --q-pooling / --k-pooling exist now; gate-capacity measures them (issue 17's
 # untried "gate capacity" direction) after gate-calib-coverage and decode-distill. Session 29 got no machine (every start
 # refused); its CPU screen of wide / qmax (gate_quality.md section 11) gains <= 1% at 0.1. Next session: the same plan.
@@ -250,14 +256,14 @@ case "$STEP" in
     timeout 130 "$PY" docs/experiments/decode_e2e_profile.py --layers $L --gemm --variants merged merged_early \
       --out "$OUT/e2e_profile.json" > "$OUT/e2e_profile.log" 2>&1
     echo "decode_e2e_profile: exit $?"; sed -n '/^# /,$p' "$OUT/e2e_profile.log"; grep -E "Error" "$OUT/e2e_profile.log" | tail -n 3 ;;
-  s42-one)  # issue 15 (session 42, one call): the decode GPU test files, bench-decode's end-to-end rows with both
-    # session-41 options on (early stop, window in one launch), then the profile of merged against merged_early
+  s42-one)  # issue 15 (session 42, one call): the decode GPU test files, bench-decode's end-to-end rows (both
+    # session-41 options on: the defaults since session 42), then the profile of merged against merged_early
     timeout 200 "$PY" -m pytest -q -p no:cacheprovider -rfE tests/kernels/test_gpu_decode.py \
       tests/modeling_seer/test_decode_gpu.py > "$OUT/tests.log" 2>&1
     echo "decode GPU tests: exit $?, $(tail -n 1 "$OUT/tests.log")"; grep -E "^(FAILED|ERROR)" "$OUT/tests.log"
     if nvidia-smi | grep -q H200; then L=32; else L=16; fi
     timeout 200 "$PY" -m seer_attn.eval.bench_decode --lengths 131072 --batches 16 --e2e 4x131072 16x32768 \
-      --layers $L --early-stop --one-launch-window --out "$OUT/decode" > "$OUT/bench_decode.log" 2>&1
+      --layers $L --out "$OUT/decode" > "$OUT/bench_decode.log" 2>&1
     echo "bench_decode: exit $?"; sed -n '/^# /,$p' "$OUT/bench_decode.log" | tail -n 9
     timeout 120 "$PY" docs/experiments/decode_e2e_profile.py --layers $L --gemm --variants merged merged_early \
       --out "$OUT/e2e_profile.json" > "$OUT/e2e_profile.log" 2>&1
