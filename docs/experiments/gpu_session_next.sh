@@ -81,7 +81,7 @@
 # its profile; bench-decode takes --early-stop --one-launch-window); if faster, turn both on and run bench-merged on an
 # H200 (32 layers) for the machine.
 #
-# Session 42 (one H100 stretch of four calls after ~9 refused starts, ~1000 s of the budget): s42-lean (decode GPU
+# Session 42 (one H100 stretch of four calls after 11 refused or lost starts, ~1130 s of the budget): s42-lean (decode GPU
 # tests 61 passed before its 180 s limit, the last 2 in a second call; the profile: merged_early 0.10 ms faster), then
 # bench-decode with both options on (fused 2.93x / 2.95x) and its kernel rows; both options are the defaults now (and
 # bench-decode's flags --no-early-stop / --no-one-launch-window). Next: bench-merged on an H200 (32 layers), the GPU
