@@ -669,14 +669,14 @@ def write_results(config, rows, e2e, checks, tuning, device="cuda") -> dict:
     from seer_attn.training.results import write_envelope
     mod = importlib.import_module("seer_attn.kernels.block_sparse_decode")
     select = importlib.import_module("seer_attn.kernels.decode_select")
+    graph = importlib.import_module("seer_attn.modeling_seer.decode_graph")
     shape = {"HQ": HQ, "H": H, "D": D, "dtype": "bf16"}
     env = write_envelope(os.path.join(config.out, "decode.json"), "decode", rows, config=asdict(config),
                          resolved={"shape": shape, "kernel_config": mod._config(D, True, torch.bfloat16),
                                    "programs_per_sm": mod._TARGET_PROGRAMS_PER_SM,
                                    "top_blocks_bits": select.TOP_BLOCKS_BITS,
                                    "top_blocks_early_stop": select.TOP_BLOCKS_EARLY_STOP,
-                                   "one_launch_window": importlib.import_module(
-                                       "seer_attn.modeling_seer.decode_graph").ONE_LAUNCH_WINDOW,
+                                   "one_launch_window": graph.ONE_LAUNCH_WINDOW,
                                    "dense_row": "share 1: every block, no gate (since session 40)"},
                          device=device, model=f"kernel: random q/k/v, {HQ} query / {H} KV heads, head_dim {D}, bf16; "
                                               f"e2e: random-weight Llama-3.1-8B shape, {config.layers} layers, "
