@@ -55,14 +55,9 @@ pool to zero.
 import torch
 
 from .block_mask import block_mask_to_indices
-from .kernel_utils import (check_attention_inputs, check_backend, check_block_mask, check_seq_bounds, check_window,
-                           new_output, num_blocks, tl, triton, use_triton)
+from .kernel_utils import (TensorDescriptor, check_attention_inputs, check_backend, check_block_mask, check_seq_bounds,
+                           check_window, desc_rows, new_output, num_blocks, tl, tma_capable, triton, use_triton)
 from .reference import attn_with_pooling_ref, block_sparse_attn_ref
-
-try:  # Hopper tensor descriptors (Triton >= 3.4); the pointer loads serve without them
-    from triton.tools.tensor_descriptor import TensorDescriptor
-except ImportError:  # pragma: no cover
-    TensorDescriptor = None
 
 _LOG2E = 1.4426950408889634
 
@@ -224,20 +219,13 @@ def _load_kv(k_base, v_base, s_kt, s_vt, offs_n, offs_d, T, BOUNDARY: tl.constex
 
 
 @triton.jit
-def _desc_rows(desc, b, h, n0, N: tl.constexpr, D: tl.constexpr):
-    """Rows ``n0 .. n0 + N - 1`` of head ``h`` of batch ``b`` through a ``[B, H, T, D]``
-    tensor descriptor (Hopper TMA; rows past T read as zeros)."""
-    return tl.reshape(desc.load([b, h, n0, 0]), (N, D))
-
-
-@triton.jit
 def _load_kv_tile(k_base, v_base, s_kt, s_vt, kd, vd, b, h, n0, offs_n, offs_d, T, BOUNDARY: tl.constexpr,
                   TMA: tl.constexpr):
     """The K and V tile of keys ``offs_n`` (contiguous from ``n0`` when ``TMA``): through the
     tensor descriptors ``kd``/``vd`` or by pointers."""
     if TMA:
-        k = _desc_rows(kd, b, h, n0, offs_n.shape[0], offs_d.shape[0])
-        v = _desc_rows(vd, b, h, n0, offs_n.shape[0], offs_d.shape[0])
+        k = desc_rows(kd, b, h, n0, offs_n.shape[0], offs_d.shape[0])
+        v = desc_rows(vd, b, h, n0, offs_n.shape[0], offs_d.shape[0])
     else:
         k, v = _load_kv(k_base, v_base, s_kt, s_vt, offs_n, offs_d, T, BOUNDARY)
     return k, v
@@ -522,8 +510,8 @@ def _bwd_dkdv_step(dk, dv, k, v, q_base, do_base, lse_base, delta_base, s_qt, s_
                    WIN_MASK: tl.constexpr, PREC: tl.constexpr, TMA: tl.constexpr):
     # the Q and dO tile of query rows ``offs_m`` (contiguous from ``m0`` when ``TMA``)
     if TMA:
-        q = _desc_rows(qd, b, hq, m0, offs_m.shape[0], offs_d.shape[0])
-        do = _desc_rows(dod, b, hq, m0, offs_m.shape[0], offs_d.shape[0])
+        q = desc_rows(qd, b, hq, m0, offs_m.shape[0], offs_d.shape[0])
+        do = desc_rows(dod, b, hq, m0, offs_m.shape[0], offs_d.shape[0])
     if CAUSAL_MASK or ROW_MASK:
         rin = offs_m < T
         if not TMA:
@@ -793,13 +781,7 @@ def _tma_ok(options, *tensors):
         raise ValueError(f"{name}['tma'] must be True, False or 'auto', got {want!r}")
     if want == "auto":
         want = tensors[0].shape[-1] >= 128
-    if not want or TensorDescriptor is None:
-        return False
-    t0 = tensors[0]
-    if t0.is_cuda and torch.cuda.get_device_capability(t0.device)[0] < 9:
-        return False
-    return all(t.dtype in (torch.float16, torch.bfloat16) and t.data_ptr() % 16 == 0 and t.stride(-1) == 1
-               and all(s * t.element_size() % 16 == 0 for s in t.stride()[:-1]) for t in tensors)
+    return bool(want) and TensorDescriptor is not None and tma_capable(*tensors)
 
 
 def _pair_rows(block_mask, block_size, pooling, window):

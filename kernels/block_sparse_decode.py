@@ -24,7 +24,7 @@ the log2 domain (``qk_scale = sm_scale * log2(e)``).
 """
 import torch
 
-from .kernel_utils import check_backend, new_output, tl, triton, use_triton
+from .kernel_utils import TensorDescriptor, check_backend, desc_rows, new_output, tl, tma_capable, triton, use_triton
 from .reference import block_sparse_decode_ref, check_decode_inputs
 
 _LOG2E = 1.4426950408889634
@@ -34,11 +34,11 @@ _LOG2E = 1.4426950408889634
 
 @triton.jit
 def _decode_split_kernel(
-    Q, K, V, IDX, CNT, LENS, STARTS, PO, PML, O, qk_scale,
+    Q, K, V, KD, VD, IDX, CNT, LENS, STARTS, PO, PML, O, qk_scale,
     s_qb, s_qh, s_kb, s_kh, s_kt, s_vb, s_vh, s_vt, s_ib, s_ih, s_ob, s_oh,
     H, NSPLIT,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BS: tl.constexpr, NSUB: tl.constexpr,
-    HAS_STARTS: tl.constexpr, PREC: tl.constexpr, DIRECT: tl.constexpr,
+    HAS_STARTS: tl.constexpr, PREC: tl.constexpr, DIRECT: tl.constexpr, TMA: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)  # b * H + h
     split = tl.program_id(1)
@@ -78,8 +78,15 @@ def _decode_split_kernel(
             offs_n = j * BS + r % BS
         # a block outside [0, NB) has every slot outside [start, seq_len) (0 <= start, seq_len <= S)
         ok = (offs_n >= start) & (offs_n < seq_len) & (offs_n >= 0)
-        k = tl.load(k_base + offs_n[:, None] * s_kt + offs_d[None, :], mask=ok[:, None], other=0.0)
-        v = tl.load(v_base + offs_n[:, None] * s_vt + offs_d[None, :], mask=ok[:, None], other=0.0)
+        if TMA:  # one block through the descriptors (NSUB == 1); a block past NB reads zeros
+            n0 = (tl.maximum(j, 0) * BS).to(tl.int32)
+            k = desc_rows(KD, b, h, n0, BS, HEAD_DIM)
+            # masked slots are real cache memory here (unwritten static slots, another
+            # sequence's padding): zero them so that 0 * V stays 0 whatever they hold
+            v = tl.where(ok[:, None], desc_rows(VD, b, h, n0, BS, HEAD_DIM), 0.0)
+        else:
+            k = tl.load(k_base + offs_n[:, None] * s_kt + offs_d[None, :], mask=ok[:, None], other=0.0)
+            v = tl.load(v_base + offs_n[:, None] * s_vt + offs_d[None, :], mask=ok[:, None], other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
         s = tl.where(ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -134,6 +141,11 @@ def _decode_combine_kernel(PO, PML, O, s_ob, s_oh, HQ, H, NSPLIT,
 #: Launch configuration ``(NSUB, num_warps, num_stages)`` keyed by head_dim; benchmarks may
 #: override entries to tune (``eval/bench_decode.py --tune``).
 CONFIG_OVERRIDES: dict = {}
+#: Kernel options. ``tma``: load each selected K/V block through tensor descriptors (Hopper's
+#: TMA) instead of pointer loads, where the GPU and the cache tensors allow it (16-bit, 16-byte
+#: aligned strides) and the launch reads one block per step (NSUB 1): True or False. Off until
+#: measured on the GPU (docs/experiments/decode_host_time.md, session 43).
+DECODE_OPTIONS = {"tma": False}
 #: programs to aim for per launch when choosing the number of splits (a few per SM)
 _TARGET_PROGRAMS_PER_SM = 4
 MAX_SPLITS = 64
@@ -167,6 +179,14 @@ def num_decode_splits(B, H, max_blocks, device):
     return int(max(1, min(want, MAX_SPLITS, -(-max_blocks // 2))))
 
 
+def _decode_tma(nsub, k, v):
+    """Whether this launch loads its K/V blocks through tensor descriptors (``DECODE_OPTIONS``)."""
+    want = DECODE_OPTIONS["tma"]
+    if want not in (True, False):
+        raise ValueError(f"DECODE_OPTIONS['tma'] must be True or False, got {want!r}")
+    return want and nsub == 1 and tma_capable(k, v)
+
+
 def _prec(dtype):
     return "ieee" if dtype == torch.float32 else "tf32"
 
@@ -181,6 +201,11 @@ def _decode_fwd(q, k, v, idx, cnt, lens, starts, sm_scale, block_size, num_split
     group = HQ // H
     nsplit = num_splits or num_decode_splits(B, H, idx.shape[-1], q.device)
     nsub, warps, stages = _config(D, q.is_cuda, q.dtype)
+    tma = _decode_tma(nsub, k, v)
+    if tma:
+        kd, vd = (TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, block_size, D]) for t in (k, v))
+    else:
+        kd, vd = k, v
     out = new_output((B, HQ, 1, D), q.dtype, q.device)
     direct = nsplit == 1  # one launch: the split kernel writes the output
     if direct:
@@ -189,11 +214,12 @@ def _decode_fwd(q, k, v, idx, cnt, lens, starts, sm_scale, block_size, num_split
         po = torch.empty(B * H * nsplit * group, D, dtype=torch.float32, device=q.device)
         pml = torch.empty(B * H * nsplit * group, 2, dtype=torch.float32, device=q.device)
     _decode_split_kernel[(B * H, nsplit)](
-        q, k, v, idx, cnt, lens, starts if starts is not None else lens, po, pml, out, sm_scale * _LOG2E,
+        q, k, v, kd, vd, idx, cnt, lens, starts if starts is not None else lens, po, pml, out, sm_scale * _LOG2E,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         idx.stride(0), idx.stride(1), out.stride(0), out.stride(1), H, nsplit,
         GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=D, BS=block_size, NSUB=nsub,
-        HAS_STARTS=starts is not None, PREC=_prec(q.dtype), DIRECT=direct, num_warps=warps, num_stages=stages,
+        HAS_STARTS=starts is not None, PREC=_prec(q.dtype), DIRECT=direct, TMA=tma, num_warps=warps,
+        num_stages=stages,
     )
     if not direct:
         _decode_combine_kernel[(B * HQ,)](

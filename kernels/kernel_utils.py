@@ -34,6 +34,11 @@ except ImportError:  # pragma: no cover - exercised in the fresh-environment tes
     triton = _TritonStub()
     tl = _TlStub()
 
+try:  # Hopper tensor descriptors (Triton >= 3.4); the kernels' pointer loads serve without them
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # pragma: no cover
+    TensorDescriptor = None
+
 #: The only block size the kernels implement (SeerAttention's 64x64 blocks).
 SUPPORTED_BLOCK_SIZES = (64,)
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
@@ -51,6 +56,26 @@ POISON_OUTPUTS = False
 def interpreting() -> bool:
     """True when Triton runs in its CPU interpreter (``TRITON_INTERPRET=1``)."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def tma_capable(*tensors) -> bool:
+    """Whether tiles of ``tensors`` can load through tensor descriptors (Hopper's TMA): Triton
+    has them, a Hopper-or-newer GPU or the interpreter, 16-bit tensors whose base and outer
+    strides are 16-byte aligned and whose last dim is contiguous (TMA's rules)."""
+    if TensorDescriptor is None:
+        return False
+    t0 = tensors[0]
+    if t0.is_cuda and torch.cuda.get_device_capability(t0.device)[0] < 9:
+        return False
+    return all(t.dtype in (torch.float16, torch.bfloat16) and t.data_ptr() % 16 == 0 and t.stride(-1) == 1
+               and all(s * t.element_size() % 16 == 0 for s in t.stride()[:-1]) for t in tensors)
+
+
+@triton.jit
+def desc_rows(desc, b, h, n0, N: tl.constexpr, D: tl.constexpr):
+    """Rows ``n0 .. n0 + N - 1`` of head ``h`` of batch ``b`` through a ``[B, H, T, D]``
+    tensor descriptor built with block ``[1, 1, N, D]`` (rows past T read as zeros)."""
+    return tl.reshape(desc.load([b, h, n0, 0]), (N, D))
 
 
 def check_backend(backend) -> None:

@@ -18,6 +18,7 @@ as microseconds and weight-read TB/s.
 Prints JSON lines and tables; ``--out F`` writes a results envelope.
 """
 import argparse
+import importlib
 import json
 import os
 import sys
@@ -65,8 +66,10 @@ def e2e(args):
     rows = []
     from seer_attn.kernels import decode_select
     from seer_attn.modeling_seer import decode_graph
+    dec_mod = importlib.import_module("seer_attn.kernels.block_sparse_decode")  # (the package's attribute: the op)
     kept = (decode_select.TOP_BLOCKS_BITS, decode_graph.FUSED_APPEND, decode_select.TOP_BLOCKS_EARLY_STOP,
             decode_graph.ONE_LAUNCH_WINDOW)
+    kept_dec = (dict(dec_mod.CONFIG_OVERRIDES), dict(dec_mod.DECODE_OPTIONS), dec_mod._TARGET_PROGRAMS_PER_SM)
     kept_bits = kept[0]
     merged = False
     for variant in args.variants:
@@ -80,7 +83,17 @@ def e2e(args):
         decode_graph.FUSED_APPEND = variant != "fused_stock_append"
         # session 41's options (the defaults since session 42), on only in merged_early so that the variants before
         # it keep measuring what they measured: the bisection's early stop, the window in one launch
-        decode_select.TOP_BLOCKS_EARLY_STOP = decode_graph.ONE_LAUNCH_WINDOW = variant == "merged_early"
+        decode_select.TOP_BLOCKS_EARLY_STOP = decode_graph.ONE_LAUNCH_WINDOW = variant.startswith("merged_early")
+        # session 43: the decode kernel's K/V blocks through tensor descriptors at --tma-config's launch
+        dec_mod.CONFIG_OVERRIDES.clear()
+        dec_mod.CONFIG_OVERRIDES.update(kept_dec[0])
+        dec_mod.DECODE_OPTIONS.update(kept_dec[1])
+        dec_mod._TARGET_PROGRAMS_PER_SM = kept_dec[2]
+        if variant == "merged_early_tma":
+            warps, stages, per_sm = args.tma_config
+            dec_mod.CONFIG_OVERRIDES[128] = (1, warps, stages)
+            dec_mod.DECODE_OPTIONS["tma"] = True
+            dec_mod._TARGET_PROGRAMS_PER_SM = per_sm
         for mode, share in (("dense", 1.0), ("sparse", args.share)):
             model.set_seer_mode("dense", seer_decode_sparsity=True, seer_decode_share=share,
                                 seer_decode_meanpool_prior=0.0)
@@ -104,6 +117,10 @@ def e2e(args):
             del dec
             torch.cuda.empty_cache()
     model.seer_compile_pointwise(enable=False)
+    dec_mod.CONFIG_OVERRIDES.clear()
+    dec_mod.CONFIG_OVERRIDES.update(kept_dec[0])
+    dec_mod.DECODE_OPTIONS.update(kept_dec[1])
+    dec_mod._TARGET_PROGRAMS_PER_SM = kept_dec[2]
     (decode_select.TOP_BLOCKS_BITS, decode_graph.FUSED_APPEND, decode_select.TOP_BLOCKS_EARLY_STOP,
      decode_graph.ONE_LAUNCH_WINDOW) = kept
     del cache, state, model
@@ -174,14 +191,18 @@ def main(argv=None):
     ap.add_argument("--variants", nargs="*",
                     default=["fused_stock_append", "fused", "fused_radix", "merged", "merged_radix"],
                     choices=["eager", "fused", "fused_stock_append", "fused_radix", "merged", "merged_radix",
-                             "merged_early"],
+                             "merged_early", "merged_early_tma"],
                     help="eager; fused (seer_compile_pointwise; the cache writes in one launch, decode_append); "
                          "fused_stock_append (fused with the static cache's own update, as up to session 40); "
                          "merged (fused, q/k/v and gate/up as one GEMM each: seer_merge_projections; up to session "
                          "41 this script's own copy); _radix: top_blocks by radix select (TOP_BLOCKS_BITS 8; else "
                          "the module's setting); merged_early: merged with top_blocks' early stop and the window in "
                          "one launch (TOP_BLOCKS_EARLY_STOP, ONE_LAUNCH_WINDOW, the defaults since session 42; the other "
-                         "variants run without them); merged changes the model for the variants after it")
+                         "variants run without them); merged_early_tma: merged_early with the decode kernel's K/V "
+                         "through tensor descriptors at --tma-config; merged changes the model for the variants "
+                         "after it")
+    ap.add_argument("--tma-config", type=int, nargs=3, default=[4, 3, 4], metavar=("WARPS", "STAGES", "PER_SM"),
+                    help="merged_early_tma's decode launch: warps, stages, programs per SM")
     ap.add_argument("--no-e2e", action="store_true")
     ap.add_argument("--out")
     args = ap.parse_args(argv)

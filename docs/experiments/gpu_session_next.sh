@@ -247,6 +247,21 @@ case "$STEP" in
     timeout 100 "$PY" docs/experiments/gate_select_sweep.py --no-fused --out "$OUT/gate_select_sweep.json" \
       > "$OUT/sweep.log" 2>&1
     echo "gate_select_sweep: exit $?"; sed -n '/^# /,$p' "$OUT/sweep.log" ;;
+  s43-tma)  # issue 15 (session 43): the decode kernel's K/V blocks through tensor descriptors (DECODE_OPTIONS["tma"]):
+    # its GPU tests (both load paths) and the prefill TMA tests (the TMA check moved to kernel_utils), the launch
+    # sweep (decode_kernel_tma.py), then the profile of merged_early against merged_early_tma at the sweep's best
+    # TMA launch for 4 x 128k
+    timeout 150 "$PY" -m pytest -q -p no:cacheprovider -rfE tests/kernels/test_gpu_decode.py tests/kernels/test_gpu_kernels.py \
+      -k "sparse_vs_reference or all_blocks_vs_sdpa or batch16 or split_counts or tma" > "$OUT/tests.log" 2>&1
+    echo "decode + TMA GPU tests: exit $?, $(tail -n 1 "$OUT/tests.log")"; grep -E "^(FAILED|ERROR)" "$OUT/tests.log"
+    timeout 220 "$PY" docs/experiments/decode_kernel_tma.py --out "$OUT/tma_sweep.json" > "$OUT/tma_sweep.log" 2>&1
+    echo "decode_kernel_tma: exit $?"; sed -n '/^# /,$p' "$OUT/tma_sweep.log"; grep -E "Error" "$OUT/tma_sweep.log" | tail -n 3
+    CFG=$("$PY" -c "import json,sys; r=[r for r in json.load(open(sys.argv[1]))['rows'] if r['B']==4][0]['tma_best']; \
+print(r['config'][1], r['config'][2], r['per_sm'])" "$OUT/tma_sweep.json" 2>/dev/null || echo "4 3 4")
+    if nvidia-smi | grep -q H200; then L=32; else L=16; fi
+    timeout 160 "$PY" docs/experiments/decode_e2e_profile.py --layers $L --gemm --variants merged_early merged_early_tma \
+      --tma-config $CFG --out "$OUT/e2e_profile.json" > "$OUT/e2e_profile.log" 2>&1
+    echo "decode_e2e_profile (tma $CFG): exit $?"; sed -n '/^# /,$p' "$OUT/e2e_profile.log"; grep -E "Error" "$OUT/e2e_profile.log" | tail -n 3 ;;
   s42-lean)  # issue 15 (session 42, little budget left): the decode GPU test files, then the profile of merged against
     # merged_early (its wall ratio dense / sparse is bench-decode's fused speed-up to ~1%: 2.93x both in session 41)
     timeout 180 "$PY" -m pytest -q -p no:cacheprovider -rfE tests/kernels/test_gpu_decode.py \

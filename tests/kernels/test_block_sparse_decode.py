@@ -279,3 +279,50 @@ def test_one_part_per_list_is_one_launch(gen, device, error_budget, monkeypatch)
     _check(out, q, k, v, sel, lens, error_budget, torch.float16, seq_starts=starts)
     block_sparse_decode(q, k, v, sel, lens, seq_starts=starts, num_splits=2, backend="triton")
     assert len(launches) == 1
+
+
+@pytest.mark.parametrize("splits", [1, 3], ids=lambda s: f"splits{s}")
+def test_tma_blocks_match_the_reference(splits, gen, device, error_budget, monkeypatch):
+    """``DECODE_OPTIONS["tma"]``: each selected block loads through tensor descriptors (built for
+    K and V, checked), with left padding, a partial current block, unsorted -1-padded index lists
+    with an entry past NB, and NaN / inf in every slot outside [seq_starts, seq_lens): the same
+    output as on clean slots, bit for bit, and the reference's within budget."""
+    mod = __import__("seer_attn.kernels.block_sparse_decode", fromlist=["DECODE_OPTIONS"])
+    monkeypatch.setitem(mod.DECODE_OPTIONS, "tma", True)
+    monkeypatch.setitem(mod.CONFIG_OVERRIDES, 64, (1, 4, 1 if device == "cpu" else 3))
+    built = []
+    monkeypatch.setattr(mod, "TensorDescriptor", lambda *a, _td=mod.TensorDescriptor: built.append(a[3]) or _td(*a))
+    dt = torch.float16
+    B, HQ, H, S, D = 3, 6, 2, 1030, 64
+    NB = _nb(S)
+    q, k, v = _inputs(gen, B, HQ, H, S, D, dt, device)
+    lens = torch.tensor([1000, 193, 500], device=device)
+    starts = torch.tensor([37, 128, 499], device=device)
+    sel = _selection(gen, B, H, NB, "some", device)
+    sel[:, :, 0] = True
+    sel[2, :, 7] = True
+    idx = torch.full((B, H, NB + 1), -1, dtype=torch.int64)
+    for b in range(B):
+        for h in range(H):
+            cols = sel[b, h].nonzero().flatten().cpu()
+            idx[b, h, :len(cols)] = cols[torch.randperm(len(cols), generator=gen)]
+    idx[0, 0, -1] = NB + 5  # past the cache: skipped
+    idx = idx.to(device)
+    out = block_sparse_decode(q, k, v, idx, lens, seq_starts=starts, num_splits=splits, backend="triton")
+    assert built == [[1, 1, 64, D]] * 2
+    _check(out, q, k, v, sel, lens, error_budget, dt, seq_starts=starts)
+    slot = torch.arange(S, device=device)
+    outside = ((slot[None, :] < starts[:, None]) | (slot[None, :] >= lens[:, None]))[:, None, :, None]
+    k2 = torch.where(outside, torch.full_like(k, float("inf")), k)
+    v2 = torch.where(outside, torch.full_like(v, float("nan")), v)
+    assert torch.equal(block_sparse_decode(q, k2, v2, idx, lens, seq_starts=starts, num_splits=splits,
+                                           backend="triton"), out)
+
+
+def test_tma_option_is_checked(gen, device, monkeypatch):
+    mod = __import__("seer_attn.kernels.block_sparse_decode", fromlist=["DECODE_OPTIONS"])
+    monkeypatch.setitem(mod.DECODE_OPTIONS, "tma", "yes")
+    q, k, v = _inputs(gen, 1, 2, 2, 64, 64, torch.float16, device)
+    with pytest.raises(ValueError, match=r"DECODE_OPTIONS\['tma'\] must be True or False, got 'yes'"):
+        block_sparse_decode(q, k, v, torch.ones(1, 2, 1, dtype=torch.bool, device=device),
+                            torch.tensor([64], device=device), backend="triton")

@@ -33,6 +33,19 @@ def _exact_fp32_matmul():
     torch.cuda.empty_cache()
 
 
+@pytest.fixture(params=[False, True], ids=["ptr", "tma"])
+def loads(request, monkeypatch):
+    """The kernel's K/V loads: pointers (the default) or tensor descriptors
+    (``DECODE_OPTIONS["tma"]``); with descriptors, checks after the test that they were built."""
+    mod = __import__("seer_attn.kernels.block_sparse_decode", fromlist=["DECODE_OPTIONS"])
+    built = []
+    if request.param:
+        monkeypatch.setitem(mod.DECODE_OPTIONS, "tma", True)
+        monkeypatch.setattr(mod, "TensorDescriptor", lambda *a, _td=mod.TensorDescriptor: built.append(a) or _td(*a))
+    yield request.param
+    assert bool(built) == request.param
+
+
 def _cache(gen, B, S, dt):
     q = _randn(gen, (B, HQ, 1, D), dt)
     k = _randn(gen, (B, H, S, D), dt)
@@ -56,7 +69,7 @@ CASES = [pytest.param(B, S, dtype, id=f"B{B}-S{S}-gqa4-d128-{dtype}")
 
 
 @pytest.mark.parametrize("B, S, dtype", CASES)
-def test_sparse_vs_reference(B, S, dtype, gen, error_budget):
+def test_sparse_vs_reference(B, S, dtype, gen, error_budget, loads):
     dt = DTYPES[dtype]
     q, k, v = _cache(gen, B, S, dt)
     idx = _topk_selection(gen, B, S, 0.1)
@@ -68,7 +81,7 @@ def test_sparse_vs_reference(B, S, dtype, gen, error_budget):
 
 
 @pytest.mark.parametrize("dtype", ["bf16", "fp16"])
-def test_all_blocks_vs_sdpa(dtype, gen, error_budget):
+def test_all_blocks_vs_sdpa(dtype, gen, error_budget, loads):
     """Every block selected is dense decode: within the budget of SDPA's own error."""
     dt = DTYPES[dtype]
     B, S = 2, 32768
@@ -81,7 +94,7 @@ def test_all_blocks_vs_sdpa(dtype, gen, error_budget):
     error_budget(out, ref32, sdpa, what="vs SDPA", **OUT_BUDGET[dt])
 
 
-def test_batch16_static_cache_left_padding(gen, error_budget):
+def test_batch16_static_cache_left_padding(gen, error_budget, loads):
     """B=16 (the benchmark's batch) in a static-cache shape: unequal lengths and left padding;
     slots outside [seq_starts, seq_lens) hold garbage that must not count."""
     dt, B, S = torch.bfloat16, 16, 32768
@@ -101,7 +114,7 @@ def test_batch16_static_cache_left_padding(gen, error_budget):
 
 
 @pytest.mark.parametrize("splits", [1, 7, 64], ids=lambda s: f"splits{s}")
-def test_split_counts_at_real_shape(splits, gen, error_budget):
+def test_split_counts_at_real_shape(splits, gen, error_budget, loads):
     dt, B, S = torch.bfloat16, 1, 65536
     q, k, v = _cache(gen, B, S, dt)
     idx = _topk_selection(gen, B, S, 0.1)
