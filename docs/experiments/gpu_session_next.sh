@@ -247,6 +247,21 @@ case "$STEP" in
     timeout 100 "$PY" docs/experiments/gate_select_sweep.py --no-fused --out "$OUT/gate_select_sweep.json" \
       > "$OUT/sweep.log" 2>&1
     echo "gate_select_sweep: exit $?"; sed -n '/^# /,$p' "$OUT/sweep.log" ;;
+  s43-h200)  # issue 15 (session 43, an H200 for the 32-layer shape that does not fit an H100): bench-decode's rows
+    # (kernel at 1 / 16 x 128k, end to end 4 x 128k and 16 x 32k), the TMA sweep at 128k, then the profile of
+    # merged_early against merged_early_tma at the sweep's best TMA launch for 4 x 128k
+    if nvidia-smi | grep -q H200; then L=32; else L=16; fi
+    timeout 250 "$PY" -m seer_attn.eval.bench_decode --lengths 131072 --batches 1 16 --e2e 4x131072 16x32768 \
+      --layers $L --out "$OUT/decode" > "$OUT/bench_decode.log" 2>&1
+    echo "bench_decode ($L layers): exit $?"; sed -n '/^# /,$p' "$OUT/bench_decode.log" | tail -n 9
+    timeout 90 "$PY" docs/experiments/decode_kernel_tma.py --settings 4x131072 16x131072 1x131072 --stages 2 3 4 \
+      --warps 4 --per-sm 2 3 4 --out "$OUT/tma_sweep.json" > "$OUT/tma_sweep.log" 2>&1
+    echo "decode_kernel_tma: exit $?"; sed -n '/^# /,$p' "$OUT/tma_sweep.log"; grep -E "Error" "$OUT/tma_sweep.log" | tail -n 3
+    CFG=$("$PY" -c "import json,sys; r=[r for r in json.load(open(sys.argv[1]))['rows'] if r['B']==4][0]['tma_best']; \
+print(r['config'][1], r['config'][2], r['per_sm'])" "$OUT/tma_sweep.json" 2>/dev/null || echo "4 2 4")
+    timeout 200 "$PY" docs/experiments/decode_e2e_profile.py --layers $L --gemm --variants merged_early merged_early_tma \
+      --tma-config $CFG --out "$OUT/e2e_profile.json" > "$OUT/e2e_profile.log" 2>&1
+    echo "decode_e2e_profile (tma $CFG): exit $?"; sed -n '/^# /,$p' "$OUT/e2e_profile.log"; grep -E "Error" "$OUT/e2e_profile.log" | tail -n 3 ;;
   s43-tma)  # issue 15 (session 43): the decode kernel's K/V blocks through tensor descriptors (DECODE_OPTIONS["tma"]):
     # its GPU tests (both load paths) and the prefill TMA tests (the TMA check moved to kernel_utils), the launch
     # sweep (decode_kernel_tma.py), then the profile of merged_early against merged_early_tma at the sweep's best
