@@ -28,6 +28,10 @@ steps stay inside one block, so the pooling of a block that fills (once per 64 s
 not timed either. The same steps replayed from a CUDA graph (``graph_*``: dense through our
 kernel with every block, unscored), and with the layers fused (``graph_fused_*``:
 ``seer_compile_pointwise``, and since session 41 ``seer_merge_projections``) for both.
+``--shared-kv`` gives every layer one KV buffer (each with its own length): the 8B shape's
+32 layers at 4 x 128k hold 69 GB of KV cache apart, ~2 GB shared, so an 80 GB GPU runs them;
+each layer's reads still come from HBM (a layer's cache is 2.1 GB, its 10% 215 MB, the L2
+50 MB), which keeps the time per token, not the memory, the 8B model's.
 
     python -m seer_attn.eval.bench_decode --out seer_outputs/bench-decode
 
@@ -53,6 +57,9 @@ from seer_attn.training.run_config import RunConfig, config_from_args, default, 
 from .bench_kernels import rel_err, write_csv
 
 HQ, H, D, BS = 32, 8, 128, 64
+#: What ``--shared-kv`` changes, for results and tables: HBM traffic per layer stays a layer's own
+SHARED_KV_NOTE = ("every layer's KV cache one buffer: each layer still reads its blocks from HBM, "
+                  "2.1 GB dense / 215 MB sparse a layer at 4 x 128k against a 50 MB L2")
 #: timed end-to-end steps at most: 3 warm-up steps and the timed ones stay inside one block
 MAX_STEPS = BS - 4
 
@@ -98,6 +105,7 @@ class DecodeBenchConfig(RunConfig):
     top_blocks_bits: int = option(None, ca.positive_int, choices=(1, 2, 4, 8))  # None: decode_select's default
     no_early_stop: bool = option(False, flag)  # top_blocks' bisection runs every pass (TOP_BLOCKS_EARLY_STOP off)
     no_one_launch_window: bool = option(False, flag)  # graph steps' bias and counts by torch ops (ONE_LAUNCH_WINDOW off)
+    shared_kv: bool = option(False, flag)  # e2e: all layers' KV cache one buffer (32 layers fit an 80 GB GPU)
     out: str = option("seer_outputs/bench-decode", text)
 
 
@@ -136,6 +144,10 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--no-one-launch-window", action="store_true",
                     help="graph-mode steps make the selection's bias and counts by ~20 torch ops instead of one "
                          "launch (decode_window; decode_graph.ONE_LAUNCH_WINDOW, on since session 42)")
+    ap.add_argument("--shared-kv", action="store_true",
+                    help="end to end: every layer's KV cache is one buffer, so that 32 layers at 4 x 128k fit an 80 GB "
+                         "GPU; each layer still reads its own blocks from HBM (2.1 GB dense / 215 MB sparse a layer "
+                         "against a 50 MB L2)")
     ap.add_argument("--out", default=_default("out"), help="output folder (default: %(default)s)")
     ap.add_argument("--plot", default=None, help="only redraw the PNG from this CSV")
     return ap
@@ -458,9 +470,11 @@ def _model(layers):
 
 
 @torch.no_grad()
-def filled_cache(model, B, T, extra):
+def filled_cache(model, B, T, extra, shared=False):
     """A KV cache of T random keys/values per layer (room for ``extra`` more tokens) on the
-    model's device and dtype, and its pooled-K cache, pooled from random pre-RoPE keys."""
+    model's device and dtype, and its pooled-K cache, pooled from random pre-RoPE keys. With
+    ``shared`` every layer's keys/values are one buffer (:data:`SHARED_KV_NOTE`); each layer keeps its
+    own length."""
     from transformers import DynamicCache
     cfg = model.config
     p = next(model.model.layers[0].self_attn.k_proj.parameters())
@@ -470,11 +484,12 @@ def filled_cache(model, B, T, extra):
     cache = DynamicCache(config=cfg)
     gen = torch.Generator(device=dev).manual_seed(T + B)
     layers = []
-    for _ in range(cfg.num_hidden_layers):
-        k = torch.zeros(B, kv_heads, T + extra, head_dim, device=dev, dtype=dt)
-        v = torch.zeros_like(k)
-        k[:, :, :T].normal_(generator=gen)
-        v[:, :, :T].normal_(generator=gen)
+    for i in range(cfg.num_hidden_layers):
+        if i == 0 or not shared:
+            k = torch.zeros(B, kv_heads, T + extra, head_dim, device=dev, dtype=dt)
+            v = torch.zeros_like(k)
+            k[:, :, :T].normal_(generator=gen)
+            v[:, :, :T].normal_(generator=gen)
         layers.append(Layer(k, v, T))
     cache.layers = layers
     return cache, _pooled_for(model, cache, B, T, gen)
@@ -541,7 +556,7 @@ def end_to_end(config):
     for B, T in config.e2e:
         torch.cuda.empty_cache()
         warmup = 3
-        cache, state = filled_cache(model, B, T, config.steps + warmup + 1)
+        cache, state = filled_cache(model, B, T, config.steps + warmup + 1, config.shared_kv)
         model.set_seer_mode("dense", seer_decode_sparsity=False)
         backend = "flash"
         try:
@@ -550,7 +565,8 @@ def end_to_end(config):
             print(f"dense decode with SDPA flash failed ({str(e)[:120]}); timing SDPA's default backend", flush=True)
             backend = "sdpa default"
             dense_s, dense_logits = decode_run(model, cache, B, T, config.steps, warmup, flash_only=False)
-        row = {"B": B, "T": T, "layers": config.layers, "dense_s_per_token": dense_s, "dense_backend": backend}
+        row = {"B": B, "T": T, "layers": config.layers, "shared_kv": config.shared_kv, "dense_s_per_token": dense_s,
+               "dense_backend": backend}
         # every block selected: sparse decode is dense decode (checks the pre-filled setup)
         model.set_seer_mode("dense", seer_decode_sparsity=True, seer_decode_share=1.0,
                             seer_decode_meanpool_prior=0.0)
@@ -568,7 +584,7 @@ def end_to_end(config):
                     "peak_gib": torch.cuda.max_memory_allocated() / 2**30})
         del cache, state
         torch.cuda.empty_cache()
-        row.update(graphed_rows(model, B, T, config.steps, config.share, config.prior))
+        row.update(graphed_rows(model, B, T, config.steps, config.share, config.prior, config.shared_kv))
         rows.append(row)
         print("e2e", json.dumps(row), flush=True)
     model.set_seer_mode("dense", seer_decode_sparsity=False)
@@ -576,9 +592,10 @@ def end_to_end(config):
 
 
 @torch.no_grad()
-def static_filled(model, B, T, extra):
+def static_filled(model, B, T, extra, shared=False):
     """A transformers StaticCache of ``T + extra`` slots holding T random keys/values per layer,
-    and its pooled-K cache (random pre-RoPE keys), as :func:`filled_cache` makes them."""
+    and its pooled-K cache (random pre-RoPE keys), as :func:`filled_cache` makes them (``shared``
+    likewise: every layer a view of layer 0's buffers, its own length)."""
     from transformers import StaticCache
     cfg = model.config
     p = next(model.model.layers[0].self_attn.k_proj.parameters())
@@ -586,10 +603,15 @@ def static_filled(model, B, T, extra):
     cache = StaticCache(config=cfg, max_cache_len=T + extra)
     gen = torch.Generator(device=p.device).manual_seed(T + B)
     one = torch.zeros(B, kv_heads, 1, head_dim, device=p.device, dtype=p.dtype)
-    for layer in cache.layers:
-        layer.lazy_initialization(one, one)
-        layer.keys[:, :, :T].normal_(generator=gen)
-        layer.values[:, :, :T].normal_(generator=gen)
+    for i, layer in enumerate(cache.layers):
+        if i and shared:  # layer 0's state (buffers, sizes, flags), its own length counter
+            own = layer.cumulative_length
+            layer.__dict__.update(cache.layers[0].__dict__)
+            layer.cumulative_length = own.to(cache.layers[0].cumulative_length.device).clone()
+        else:
+            layer.lazy_initialization(one, one)
+            layer.keys[:, :, :T].normal_(generator=gen)
+            layer.values[:, :, :T].normal_(generator=gen)
         layer.cumulative_length.fill_(T)
     return cache, _pooled_for(model, cache, B, T, gen)
 
@@ -618,12 +640,12 @@ def graph_decode_time(model, cache, B, T, steps, warmup=3):
     return a.elapsed_time(b) / 1e3 / steps, dec
 
 
-def graphed_rows(model, B, T, steps, share, prior=0.0):
+def graphed_rows(model, B, T, steps, share, prior=0.0, shared_kv=False):
     """The end-to-end step replayed from a CUDA graph over a static cache: dense decode through
     our kernel with every block (``seer_decode_share=1``), sparse decode at ``share`` (with the
     decode prior ``prior``), and the
     stock dense attention over the static cache (SDPA with the ``[B, 1, 1, S]`` mask)."""
-    cache, state = static_filled(model, B, T, steps + 8)
+    cache, state = static_filled(model, B, T, steps + 8, shared_kv)
     out = {}
     model.set_seer_mode("dense", seer_decode_sparsity=True, seer_decode_share=1.0, seer_decode_meanpool_prior=0.0)
     out["graph_dense_s_per_token"], _ = graph_decode_time(model, cache, B, T, steps)
@@ -680,7 +702,8 @@ def write_results(config, rows, e2e, checks, tuning, device="cuda") -> dict:
                                    "dense_row": "share 1: every block, no gate (since session 40)"},
                          device=device, model=f"kernel: random q/k/v, {HQ} query / {H} KV heads, head_dim {D}, bf16; "
                                               f"e2e: random-weight Llama-3.1-8B shape, {config.layers} layers, "
-                                              "pre-filled random KV cache",
+                                              "pre-filled random KV cache"
+                                              + (f" ({SHARED_KV_NOTE})" if config.shared_kv else ""),
                          e2e=e2e, checks=checks, tuning=tuning)
     write_csv(os.path.join(config.out, "decode.csv"), [{"T": r["S"], **r} for r in rows])
     if e2e:
@@ -707,6 +730,8 @@ def print_table(rows, e2e, prov, share):
               f"({100 * r['gate_share_of_sparse_step']:.1f}%) | {ms(r.get('eager_layer'))} | "
               f"{ms(r.get('graph_layer'))} | {ms(r.get('ours_sparse_graph'))} | {ms(r.get('ours_empty_graph'))}")
     if e2e:
+        r0 = e2e[0]
+        print(f"end to end: {r0['layers']} layers" + (f", {SHARED_KV_NOTE}" if r0.get("shared_kv") else ""))
         print(f"time per output token, s | B | T | dense | sparse {share:g} (read) | speed-up | CUDA graph: dense "
               f"(ours, every block) | sparse {share:g} (read) | speed-up | stock SDPA with mask | the same, layers "
               "fused: dense | sparse | speed-up")

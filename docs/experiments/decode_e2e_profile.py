@@ -62,7 +62,7 @@ def e2e(args):
     from seer_attn.eval.bench_decode import _model, graph_decode_time, static_filled
     model = _model(args.layers)
     B, T = args.batch, args.tokens
-    cache, state = static_filled(model, B, T, 6 * args.steps + 64)
+    cache, state = static_filled(model, B, T, 6 * args.steps + 64, args.shared_kv)
     rows = []
     from seer_attn.kernels import decode_select
     from seer_attn.modeling_seer import decode_graph
@@ -104,7 +104,8 @@ def e2e(args):
                 g = by_group.setdefault(group(name), [0.0, 0.0])
                 g[0] += us
                 g[1] += n
-            row = {"B": B, "T": T, "layers": args.layers, "variant": variant, "mode": mode, "share": share,
+            row = {"B": B, "T": T, "layers": args.layers, "shared_kv": args.shared_kv, "variant": variant, "mode": mode,
+                   "share": share,
                    "wall_ms": round(1e3 * wall, 3),
                    "kernel_ms": round(sum(us for us, _ in kernels.values()) / 1e3, 3),
                    "launches": round(sum(n for _, n in kernels.values()), 1),
@@ -203,6 +204,8 @@ def main(argv=None):
                          "after it")
     ap.add_argument("--tma-config", type=int, nargs=3, default=[4, 3, 4], metavar=("WARPS", "STAGES", "PER_SM"),
                     help="merged_early_tma's decode launch: warps, stages, programs per SM")
+    ap.add_argument("--shared-kv", action="store_true",
+                    help="every layer's KV cache one buffer (bench_decode's --shared-kv: 32 layers on an 80 GB GPU)")
     ap.add_argument("--no-e2e", action="store_true")
     ap.add_argument("--out")
     args = ap.parse_args(argv)

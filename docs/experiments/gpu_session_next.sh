@@ -247,6 +247,18 @@ case "$STEP" in
     timeout 100 "$PY" docs/experiments/gate_select_sweep.py --no-fused --out "$OUT/gate_select_sweep.json" \
       > "$OUT/sweep.log" 2>&1
     echo "gate_select_sweep: exit $?"; sed -n '/^# /,$p' "$OUT/sweep.log" ;;
+  s43-32)  # issue 15 (session 43): the 8B shape's 32 layers end to end. On an H100 (80 GB) with --shared-kv (every layer's
+    # KV cache one buffer, each layer's reads still from HBM); first the check that sharing does not change the time per
+    # token: the profile at 16 layers without and with --shared-kv (merged_early, the defaults)
+    for SH in "" "--shared-kv"; do
+      timeout 90 "$PY" docs/experiments/decode_e2e_profile.py --layers 16 --gemm --variants merged_early $SH \
+        --out "$OUT/e2e_profile16${SH:+_shared}.json" > "$OUT/e2e_profile16${SH:+_shared}.log" 2>&1
+      echo "decode_e2e_profile 16 layers ${SH:-unshared}: exit $?"; sed -n '/^# variant/,/^# M/p' "$OUT/e2e_profile16${SH:+_shared}.log"
+    done
+    if nvidia-smi | grep -q H200; then SH=""; else SH="--shared-kv"; fi
+    timeout 360 "$PY" -m seer_attn.eval.bench_decode --lengths 131072 --batches 16 --e2e 4x131072 16x32768 \
+      --layers 32 $SH --out "$OUT/decode32" > "$OUT/bench_decode32.log" 2>&1
+    echo "bench_decode (32 layers $SH): exit $?"; sed -n '/^# /,$p' "$OUT/bench_decode32.log" | tail -n 9 ;;
   s43-h200)  # issue 15 (session 43, an H200 for the 32-layer shape that does not fit an H100): bench-decode's rows
     # (kernel at 1 / 16 x 128k, end to end 4 x 128k and 16 x 32k), the TMA sweep at 128k, then the profile of
     # merged_early against merged_early_tma at the sweep's best TMA launch for 4 x 128k

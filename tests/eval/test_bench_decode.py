@@ -155,6 +155,34 @@ def test_graphed_end_to_end_machinery_on_a_tiny_model():
     assert torch.allclose(m.seer_decode_density(), torch.full((B,), 3 / 11))  # ceil(0.2 * 11) of 11 blocks
 
 
+@torch.no_grad()
+def test_shared_kv_caches_are_one_buffer_with_own_lengths():
+    """``--shared-kv``: every layer's keys/values are layer 0's storage (both cache kinds), each
+    layer counts its own length, and decode over it runs: every block selected equals dense."""
+    m = _tiny_decode_model()
+    B, T = 2, 640
+    cache, state = bench_decode.filled_cache(m, B, T, 8, shared=True)
+    ptrs = {(layer.buf_k.data_ptr(), layer.buf_v.data_ptr()) for layer in cache.layers}
+    assert len(ptrs) == 1 and state.length == T
+    _, dense = bench_decode.decode_run(m, cache, B, T, 2, 1)
+    assert [layer.n for layer in cache.layers] == [T + 3] * 2  # each layer appended its own 3 tokens
+    m.set_seer_mode("dense", seer_decode_sparsity=True, seer_decode_share=1.0)
+    state.rewind(T)
+    _, every = bench_decode.decode_run(m, cache, B, T, 1, 0)
+    torch.testing.assert_close(every, dense, atol=1e-5, rtol=1e-5)
+    m.set_seer_mode("dense", seer_decode_sparsity=False)
+
+    static, _ = bench_decode.static_filled(m, B, T, 8, shared=True)
+    first = static.layers[0]
+    assert all(layer.keys.data_ptr() == first.keys.data_ptr() and layer.values.data_ptr() == first.values.data_ptr()
+               for layer in static.layers)
+    assert len({id(layer.cumulative_length) for layer in static.layers}) == len(static.layers)
+    first.cumulative_length.fill_(T + 1)
+    assert int(static.layers[1].cumulative_length) == T
+    unshared, _ = bench_decode.static_filled(m, B, T, 8)
+    assert unshared.layers[0].keys.data_ptr() != unshared.layers[1].keys.data_ptr()
+
+
 def test_seer_attn_bench_decode_forwards_every_option(capsys, monkeypatch):
     from seer_attn.eval import cli
     with pytest.raises(SystemExit) as exit_:
