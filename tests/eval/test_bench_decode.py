@@ -181,6 +181,16 @@ def test_shared_kv_caches_are_one_buffer_with_own_lengths():
     assert int(static.layers[1].cumulative_length) == T
     unshared, _ = bench_decode.static_filled(m, B, T, 8)
     assert unshared.layers[0].keys.data_ptr() != unshared.layers[1].keys.data_ptr()
+    from seer_attn.modeling_seer.decode_graph import GraphDecoder
+    first.cumulative_length.fill_(T)
+    m.set_seer_mode("dense", seer_decode_sparsity=True, seer_decode_share=0.2)
+    mask = torch.zeros(B, 1, 1, T + 8, dtype=torch.bool)
+    mask[..., :T] = True
+    dec = GraphDecoder(m, static, torch.tensor([[5], [7]]), torch.full((B, 1), T), T, mask)
+    for _ in range(2):
+        dec.step(cuda_graph=False)
+    assert [int(layer.cumulative_length) for layer in static.layers] == [T + 2] * 2
+    assert torch.allclose(m.seer_decode_density(), torch.full((B,), 3 / 11))
 
 
 def test_seer_attn_bench_decode_forwards_every_option(capsys, monkeypatch):
