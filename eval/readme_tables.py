@@ -684,6 +684,51 @@ def _decode_graph_gate(row_paths, e2e_paths, note=""):
     return table
 
 
+def decode_shared_kv_check_h100(root) -> str:
+    """Session 43: the end-to-end profile at 16 layers with every layer's KV cache its own and with
+    one buffer for all (bench-decode's ``--shared-kv``): the same time per token is what lets the
+    32-layer shape run on an 80 GB GPU."""
+    paths = [("results/decode/h100_e2e_profile16_unshared.json", "own KV cache per layer"),
+             ("results/decode/h100_e2e_profile16_shared_kv.json", "one KV buffer (`--shared-kv`)")]
+    body = []
+    for path, label in paths:
+        env = load_envelope(root, path)
+        rows = {r["mode"]: r for r in env["rows"]}
+        d, sp = rows["dense"], rows["sparse"]
+        body.append([label, f"{d['wall_ms']:.3f}", f"{sp['wall_ms']:.3f}", f"{d['wall_ms'] / sp['wall_ms']:.3f}x",
+                     f"{d['groups_ms']['decode kernel']:.3f}", f"{sp['groups_ms']['decode kernel']:.3f}",
+                     f"{sp['groups_ms']['gemm']:.3f}"])
+    env = load_envelope(root, paths[0][0])
+    cfg = env["config"]
+    out = (f"{env['provenance']['gpu']}, commit {_commit(env['provenance'])} ({', '.join(p for p, _ in paths)}); "
+           f"{cfg['layers']} layers of the 8B shape, {cfg['batch']} x {_tokens(cfg['tokens'])}, merged_early (the "
+           "defaults), one token replayed from the graph-mode step (ms; dense: every block through our kernel):\n\n")
+    return out + _table(["KV cache", "dense wall", "sparse wall", "dense / sparse", "decode kernel, dense",
+                         "decode kernel, sparse", "GEMMs, sparse"], body)
+
+
+def decode_kernel_tma_h100(root) -> str:
+    """Session 43: the decode kernel's K/V blocks through tensor descriptors against pointer loads
+    (docs/experiments/decode_kernel_tma.py), best launch of each per setting."""
+    path = "results/decode/h100_decode_kernel_tma.json"
+    env = load_envelope(root, path)
+    body = []
+    for r in env["rows"]:
+        pb, tb = r["ptr_best"], r["tma_best"]
+        body.append([r["B"], _tokens(r["S"]), f"{r['ptr_default_us']:.1f}",
+                     f"{r['ptr_best_us']:.1f} ({pb['per_sm']}/SM)", f"{r['ptr_best_gb_per_s'] / 1e3:.2f}",
+                     f"{r['tma_best_us']:.1f} ({tb['config'][1]} warps, {tb['config'][2]} stages, {tb['per_sm']}/SM)",
+                     f"{r['tma_best_gb_per_s'] / 1e3:.2f}", f"{r['tma_best_us'] / r['ptr_default_us']:.3f}x"])
+    cfg = env["config"]
+    out = (f"{env['provenance']['gpu']}, commit {_commit(env['provenance'])} ({path}); 32 query / 8 KV heads, d128, "
+           f"bf16, share {cfg['share']:g} of the blocks (random, per KV head), each launch replayed from its own CUDA "
+           f"graph (us, split kernel and merge); pointer loads at 4 warps, 2 stages and "
+           f"{', '.join(map(str, cfg['per_sm']))} programs per SM, TMA at {' / '.join(map(str, cfg['warps']))} warps, {min(cfg['stages'])}-"
+           f"{max(cfg['stages'])} stages and the same targets; TB/s of the K/V bytes read:\n\n")
+    return out + _table(["B", "cache", "pointers (default)", "best pointers", "TB/s", "best TMA", "TB/s",
+                         "TMA / default"], body)
+
+
 def decode_e2e_h100_s41(root) -> str:
     """Session 41: bench-decode's time per output token on the H100 after the one-launch cache
     writes, then with the merged projections in the fused rows."""
@@ -1011,6 +1056,18 @@ TABLES = {
         "results/decode/h100_e2e_profile_early.json", "(unscored)",
         "merged: `seer_compile_pointwise` with the one-launch cache writes and `seer_merge_projections`; "
         "merged_early: and `top_blocks`' early stop and the window in one launch (the defaults since session 42)"),
+    "decode-e2e-32-shared-kv-h100": _decode_graph_gate(
+        ["results/decode/h100_bench_32layers_shared_kv.json"],
+        ["results/decode/h100_bench_32layers_shared_kv_a.json", "results/decode/h100_bench_32layers_shared_kv.json"],
+        " (session 43, two runs on one machine; end to end the 8B shape's 32 layers with `--shared-kv`: every layer's "
+        "KV cache one buffer, each layer's reads still from HBM; layers fused: and `seer_merge_projections`)"),
+    "decode-shared-kv-check-h100": decode_shared_kv_check_h100,
+    "decode-kernel-tma-h100": decode_kernel_tma_h100,
+    "decode-e2e-profile-tma-h100": _e2e_profile(
+        "results/decode/h100_e2e_profile_tma.json", "(unscored)",
+        "merged_early: the defaults (merged projections, `top_blocks`' early stop, the window in one launch); "
+        "merged_early_tma: and the decode kernel's K/V blocks through tensor descriptors (4 warps, 2 stages, 2 "
+        "programs per SM: the sweep's best TMA launch at 4 x 128k)"),
     "decode-e2e-profile-h100": _e2e_profile(
         "results/decode/h100_e2e_profile.json", "(in this run still scored by the gate, as up to session 39)",
         "fused: `seer_compile_pointwise`"),

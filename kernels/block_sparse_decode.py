@@ -143,8 +143,9 @@ def _decode_combine_kernel(PO, PML, O, s_ob, s_oh, HQ, H, NSPLIT,
 CONFIG_OVERRIDES: dict = {}
 #: Kernel options. ``tma``: load each selected K/V block through tensor descriptors (Hopper's
 #: TMA) instead of pointer loads, where the GPU and the cache tensors allow it (16-bit, 16-byte
-#: aligned strides) and the launch reads one block per step (NSUB 1): True or False. Off until
-#: measured on the GPU (docs/experiments/decode_host_time.md, session 43).
+#: aligned strides) and the launch reads one block per step (NSUB 1): True or False. Off: on an
+#: H100 (docs/experiments/decode_host_time.md, session 43) the best TMA launch was within 1% of
+#: pointer loads at 1 / 4 / 16 x 128k and 16 x 32k, and more stages were slower.
 DECODE_OPTIONS = {"tma": False}
 #: programs to aim for per launch when choosing the number of splits (a few per SM)
 _TARGET_PROGRAMS_PER_SM = 4

@@ -87,6 +87,11 @@
 # bench-decode's flags --no-early-stop / --no-one-launch-window). Next: bench-merged on an H200 (32 layers), the GPU
 # test files in full (tests-decode), tests-models (test_gpu_families.py: 7 passed before a 130 s limit).
 #
+# Session 43 (H100 at once for s43-tma; one H200 start refused, ~120 s; then H100 for s43-32 and a second 32-layer run):
+# s43-tma (decode kernel through TMA: within 1% of pointers, off; its GPU tests ran past their 150 s limit, no failure
+# among the first ~75), s43-32 (--shared-kv at 16 layers equals unshared to 0.2%; 32 layers fused 3.06x / 3.03x, a
+# second run 3.07x / 3.03x). Next: s43-h200 on an H200 (32 layers unshared), tests-decode, tests-models.
+#
 # Session 29: distill --gate-hidden-size / --q-pooling / --k-pooling exist now; gate-capacity measures them (issue 17's
 # untried "gate capacity" direction) after gate-calib-coverage and decode-distill. Session 29 got no machine (every start
 # refused); its CPU screen of wide / qmax (gate_quality.md section 11) gains <= 1% at 0.1. Next session: the same plan.
