@@ -97,6 +97,43 @@ def sweep(B, S, share, per_sms, stages, warps, emit):
     return row
 
 
+@torch.no_grad()
+def layout(B, S, share, pads, emit):
+    """The default launch (pointer loads) on caches of ``S + pad`` slots (``seq_lens`` S: the same
+    blocks, other strides between heads; an S of 2^17 slots puts every head 32 MB apart) and on three
+    selection patterns of the same count: uniform random blocks, runs of 8 consecutive blocks, and
+    one uniform selection shared by every (sequence, KV head)."""
+    from seer_attn.eval.bench_decode import _graph_bench
+    from seer_attn.kernels import block_sparse_decode
+    gen = torch.Generator(device="cuda").manual_seed(B * S + 1)
+    NB = S // BS
+    K = max(8, round(share * NB) // 8 * 8)
+    gbytes = B * H * K * BS * D * 2 * 2 / 1e9
+    uniform = torch.rand(B, H, NB, device="cuda", generator=gen).topk(K, dim=-1).indices.sort(-1).values
+    starts = torch.rand(B, H, NB // 8, device="cuda", generator=gen).topk(K // 8, dim=-1).indices * 8
+    runs = (starts[..., None] + torch.arange(8, device="cuda")).flatten(2).sort(-1).values
+    shared = uniform[:1, :1].expand(B, H, K).contiguous()
+    cnt = torch.full((B, H), K, dtype=torch.int32, device="cuda")
+    lens = torch.full((B,), S, device="cuda")
+    q = torch.randn(B, HQ, 1, D, device="cuda", dtype=torch.bfloat16, generator=gen)
+    rows = []
+    for pad in pads:
+        k = torch.randn(B, H, S + pad, D, device="cuda", dtype=torch.bfloat16, generator=gen)
+        v = torch.randn(B, H, S + pad, D, device="cuda", dtype=torch.bfloat16, generator=gen)
+        for name, idx in (("uniform", uniform), ("runs of 8", runs), ("one selection for all", shared)):
+            ms = _graph_bench(lambda k=k, v=v, idx=idx: block_sparse_decode(q, k, v, idx, lens, block_counts=cnt,
+                                                                             check_lengths=False))
+            line = {"B": B, "S": S, "K": K, "pad": pad, "pattern": name, "variant": "layout",
+                    "us": round(1e3 * ms, 2) if isinstance(ms, float) else ms}
+            if isinstance(ms, float):
+                line["gb_per_s"] = round(gbytes / ms * 1e3, 1)
+            emit(line)
+            rows.append(line)
+        del k, v
+        torch.cuda.empty_cache()
+    return rows
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--settings", nargs="+", default=["1x131072", "4x131072", "16x32768", "16x131072"])
@@ -104,6 +141,10 @@ def main():
     ap.add_argument("--per-sm", type=int, nargs="+", default=[1, 2, 3, 4, 8])
     ap.add_argument("--stages", type=int, nargs="+", default=[2, 3, 4, 5, 6])
     ap.add_argument("--warps", type=int, nargs="+", default=[4, 8])
+    ap.add_argument("--layout", type=int, nargs="*", default=None, metavar="PAD",
+                    help="also time the default launch on caches of S + PAD slots and three selection patterns "
+                         "(e.g. --layout 0 64 184); --no-sweep: only that")
+    ap.add_argument("--no-sweep", action="store_true")
     ap.add_argument("--out", default=None, help="write every line and the summary here (JSON)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -114,15 +155,18 @@ def main():
         lines.append(d)
         print(json.dumps(d), flush=True)
 
-    rows = []
+    rows, layout_rows = [], []
     for setting in args.settings:
         B, S = (int(x) for x in setting.split("x"))
-        rows.append(sweep(B, S, args.share, args.per_sm, args.stages, args.warps, emit))
-        torch.cuda.empty_cache()
+        if not args.no_sweep:
+            rows.append(sweep(B, S, args.share, args.per_sm, args.stages, args.warps, emit))
+            torch.cuda.empty_cache()
+        if args.layout:
+            layout_rows += layout(B, S, args.share, args.layout, emit)
     if args.out:
         from seer_attn.training.results import write_envelope
         write_envelope(args.out, "decode_kernel_tma", rows, config=vars(args),
-                       model="random weights, Llama-3.1-8B attention shape", lines=lines)
+                       model="random weights, Llama-3.1-8B attention shape", lines=lines, layout=layout_rows)
     print(f"\n# {torch.cuda.get_device_name()}  graph-replayed us (split + merge), share {args.share}")
     print("B x cache | ptr default | best ptr (cfg, per SM) | GB/s | best TMA (cfg, per SM) | GB/s | TMA / ptr")
     for r in rows:
@@ -130,6 +174,10 @@ def main():
         print(f"{r['B']} x {r['S'] // 1024}k | {r['ptr_default_us']} | {r.get('ptr_best_us')} {r.get('ptr_best')} | "
               f"{r.get('ptr_best_gb_per_s')} | {r.get('tma_best_us')} {r.get('tma_best')} | "
               f"{r.get('tma_best_gb_per_s')} | {ratio and round(ratio, 3)}")
+    if layout_rows:
+        print("\nB x cache | slots past S | selection | us | GB/s")
+        for r in layout_rows:
+            print(f"{r['B']} x {r['S'] // 1024}k | {r['pad']} | {r['pattern']} | {r['us']} | {r.get('gb_per_s')}")
 
 
 if __name__ == "__main__":

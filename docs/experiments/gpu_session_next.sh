@@ -264,6 +264,16 @@ case "$STEP" in
     timeout 360 "$PY" -m seer_attn.eval.bench_decode --lengths 131072 --batches 16 --e2e 4x131072 16x32768 \
       --layers 32 $SH --out "$OUT/decode32" > "$OUT/bench_decode32.log" 2>&1
     echo "bench_decode (32 layers $SH): exit $?"; sed -n '/^# /,$p' "$OUT/bench_decode32.log" | tail -n 9 ;;
+  s43-tests)  # issue 15 (session 43): the decode kernel GPU tests in full (both load paths) and the TMA tests of the
+    # prefill kernels after 7d8d18c (s43-tma's run of them stopped at its time limit), then the decode kernel on caches
+    # of S + 0 / 64 / 184 slots and three selection patterns (decode_kernel_tma.py --layout)
+    timeout 250 "$PY" -m pytest -q -p no:cacheprovider -rfE --durations=5 tests/kernels/test_gpu_decode.py > "$OUT/tests_decode.log" 2>&1
+    echo "test_gpu_decode: exit $?, $(tail -n 1 "$OUT/tests_decode.log")"; grep -E "^(FAILED|ERROR)" "$OUT/tests_decode.log"
+    timeout 120 "$PY" -m pytest -q -p no:cacheprovider -rfE tests/kernels/test_gpu_kernels.py -k tma > "$OUT/tests_tma.log" 2>&1
+    echo "test_gpu_kernels -k tma: exit $?, $(tail -n 1 "$OUT/tests_tma.log")"; grep -E "^(FAILED|ERROR)" "$OUT/tests_tma.log"
+    timeout 150 "$PY" docs/experiments/decode_kernel_tma.py --no-sweep --layout 0 64 184 \
+      --settings 4x131072 16x32768 1x131072 16x131072 --out "$OUT/layout.json" > "$OUT/layout.log" 2>&1
+    echo "decode_kernel_tma --layout: exit $?"; sed -n '/^B x cache | slots/,$p' "$OUT/layout.log"; grep -E "Error" "$OUT/layout.log" | tail -n 3 ;;
   s43-h200)  # issue 15 (session 43, an H200 for the 32-layer shape that does not fit an H100): bench-decode's rows
     # (kernel at 1 / 16 x 128k, end to end 4 x 128k and 16 x 32k), the TMA sweep at 128k, then the profile of
     # merged_early against merged_early_tma at the sweep's best TMA launch for 4 x 128k
@@ -271,8 +281,8 @@ case "$STEP" in
     timeout 250 "$PY" -m seer_attn.eval.bench_decode --lengths 131072 --batches 1 16 --e2e 4x131072 16x32768 \
       --layers $L --out "$OUT/decode" > "$OUT/bench_decode.log" 2>&1
     echo "bench_decode ($L layers): exit $?"; sed -n '/^# /,$p' "$OUT/bench_decode.log" | tail -n 9
-    timeout 90 "$PY" docs/experiments/decode_kernel_tma.py --settings 4x131072 16x131072 1x131072 --stages 2 3 4 \
-      --warps 4 --per-sm 2 3 4 --out "$OUT/tma_sweep.json" > "$OUT/tma_sweep.log" 2>&1
+    timeout 100 "$PY" docs/experiments/decode_kernel_tma.py --settings 4x131072 16x131072 1x131072 --stages 2 3 4 \
+      --warps 4 --per-sm 2 3 4 --layout 0 64 --out "$OUT/tma_sweep.json" > "$OUT/tma_sweep.log" 2>&1
     echo "decode_kernel_tma: exit $?"; sed -n '/^# /,$p' "$OUT/tma_sweep.log"; grep -E "Error" "$OUT/tma_sweep.log" | tail -n 3
     CFG=$("$PY" -c "import json,sys; r=[r for r in json.load(open(sys.argv[1]))['rows'] if r['B']==4][0]['tma_best']; \
 print(r['config'][1], r['config'][2], r['per_sm'])" "$OUT/tma_sweep.json" 2>/dev/null || echo "4 2 4")
