@@ -264,6 +264,20 @@ case "$STEP" in
     timeout 360 "$PY" -m seer_attn.eval.bench_decode --lengths 131072 --batches 16 --e2e 4x131072 16x32768 \
       --layers 32 $SH --out "$OUT/decode32" > "$OUT/bench_decode32.log" 2>&1
     echo "bench_decode (32 layers $SH): exit $?"; sed -n '/^# /,$p' "$OUT/bench_decode32.log" | tail -n 9 ;;
+  s43-pdl)  # issue 15 (session 43): the decode chain's kernels by programmatic dependent launch (kernel_utils.DECODE_PDL):
+    # its GPU tests (eager and replayed from a graph, bit for bit), bench-decode's kernel rows without and with --pdl
+    # (the gate's share of a graph-replayed layer), then the profile of merged_early against merged_early_pdl
+    timeout 100 "$PY" -m pytest -q -p no:cacheprovider -rfE tests/kernels/test_gpu_decode.py -k pdl > "$OUT/tests.log" 2>&1
+    echo "test_gpu_decode -k pdl: exit $?, $(tail -n 1 "$OUT/tests.log")"; grep -E "^(FAILED|ERROR)" "$OUT/tests.log"
+    for P in "" "--pdl"; do
+      timeout 100 "$PY" -m seer_attn.eval.bench_decode --lengths 32768 131072 --batches 1 16 --e2e $P \
+        --out "$OUT/rows${P:+_pdl}" > "$OUT/rows${P:+_pdl}.log" 2>&1
+      echo "bench_decode rows ${P:-plain}: exit $?"; sed -n '/^# /,$p' "$OUT/rows${P:+_pdl}.log" | tail -n 5
+    done
+    if nvidia-smi | grep -q H200; then L=32; else L=16; fi
+    timeout 150 "$PY" docs/experiments/decode_e2e_profile.py --layers $L --gemm --variants merged_early merged_early_pdl \
+      --out "$OUT/e2e_profile.json" > "$OUT/e2e_profile.log" 2>&1
+    echo "decode_e2e_profile: exit $?"; sed -n '/^# variant/,/^# M/p' "$OUT/e2e_profile.log"; grep -E "Error" "$OUT/e2e_profile.log" | tail -n 3 ;;
   s43-tests)  # issue 15 (session 43): the decode kernel GPU tests in full (both load paths) and the TMA tests of the
     # prefill kernels after 7d8d18c (s43-tma's run of them stopped at its time limit), then the decode kernel on caches
     # of S + 0 / 64 / 184 slots and three selection patterns (decode_kernel_tma.py --layout)

@@ -250,3 +250,53 @@ def test_decode_window_at_real_shapes(B, NB, share):
     got = decode_window(first, cur, NB, 1, 8, k, share, backend="triton")
     want = decode_window_ref(first, cur, NB, 1, 8, k, share)
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+@pytest.mark.parametrize("B, S", [(4, 131072), (16, 32768), (1, 131072)])
+def test_pdl_chain_equals_plain_launches(monkeypatch, B, S):
+    """``kernel_utils.DECODE_PDL``: the gate's scores, the selection and the split-KV decode with
+    its merge, launched with programmatic dependent launch, eagerly and replayed from a CUDA graph
+    (where each kernel may be scheduled while the one before drains, the inputs rewritten between
+    replays), give the plain launches' results bit for bit."""
+    from seer_attn.kernels import kernel_utils
+    from seer_attn.kernels.decode_select import gate_scores, top_blocks
+    gen = torch.Generator(device="cuda").manual_seed(S + B)
+    N = S // 64
+    k = -(-N // 10)
+    y = torch.randn(B, 8, 256, device="cuda", generator=gen).to(torch.bfloat16)
+    keys = torch.randn(B, 8, N, 128, device="cuda", generator=gen).to(torch.bfloat16)
+    e = torch.rand(B, 128, device="cuda", generator=gen) * 6.0
+    rope = (e.cos().to(torch.bfloat16), e.sin().to(torch.bfloat16))
+    bias = torch.zeros(B, 1, N, device="cuda")
+    bias[..., 0] = bias[..., N - 1] = float("inf")
+    counts = torch.full((B, 8), k, device="cuda", dtype=torch.int32)
+    q, kc, vc = _cache(gen, B, S, torch.bfloat16)
+    lens = torch.full((B,), S, device="cuda")
+
+    def chain():
+        idx = top_blocks(gate_scores(y, keys, rope, backend="triton"), bias, counts, k, backend="triton")
+        return idx, block_sparse_decode(q, kc, vc, idx, lens, block_counts=counts, check_lengths=False,
+                                        backend="triton")
+
+    plain = chain()
+    monkeypatch.setattr(kernel_utils, "DECODE_PDL", True)
+    assert kernel_utils.pdl_launch(q) == {"launch_pdl": True} or torch.cuda.get_device_capability()[0] < 9
+    eager = chain()
+    assert torch.equal(eager[0], plain[0]) and torch.equal(eager[1], plain[1])
+    graph = torch.cuda.CUDAGraph()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        chain()  # warm-up on the capture stream
+    torch.cuda.current_stream().wait_stream(side)
+    with torch.cuda.graph(graph):
+        out = chain()
+    for _ in range(3):  # new inputs each time: the replay must read them, not stale ones
+        y.copy_(torch.randn(B, 8, 256, device="cuda", generator=gen))
+        q.copy_(torch.randn(q.shape, device="cuda", generator=gen))
+        graph.replay()
+        monkeypatch.setattr(kernel_utils, "DECODE_PDL", False)
+        want = chain()
+        monkeypatch.setattr(kernel_utils, "DECODE_PDL", True)
+        torch.cuda.synchronize()
+        assert torch.equal(out[0], want[0]) and torch.equal(out[1], want[1])
