@@ -106,7 +106,6 @@ class DecodeBenchConfig(RunConfig):
     no_early_stop: bool = option(False, flag)  # top_blocks' bisection runs every pass (TOP_BLOCKS_EARLY_STOP off)
     no_one_launch_window: bool = option(False, flag)  # graph steps' bias and counts by torch ops (ONE_LAUNCH_WINDOW off)
     shared_kv: bool = option(False, flag)  # e2e: all layers' KV cache one buffer (32 layers fit an 80 GB GPU)
-    pdl: bool = option(False, flag)  # decode-chain kernels by programmatic dependent launch
     out: str = option("seer_outputs/bench-decode", text)
 
 
@@ -145,9 +144,6 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--no-one-launch-window", action="store_true",
                     help="graph-mode steps make the selection's bias and counts by ~20 torch ops instead of one "
                          "launch (decode_window; decode_graph.ONE_LAUNCH_WINDOW, on since session 42)")
-    ap.add_argument("--pdl", action="store_true",
-                    help="launch the decode step's gate scores, selection, decode and merge kernels by programmatic "
-                         "dependent launch (kernels.kernel_utils.DECODE_PDL; Hopper or newer), in every row")
     ap.add_argument("--shared-kv", action="store_true",
                     help="end to end: every layer's KV cache is one buffer, so that 32 layers at 4 x 128k fit an 80 GB "
                          "GPU; each layer still reads its own blocks from HBM (2.1 GB dense / 215 MB sparse a layer "
@@ -175,11 +171,10 @@ def run_decode_bench(config: DecodeBenchConfig) -> dict:
     if not torch.cuda.is_available():
         raise ValueError("the decode benchmark needs a CUDA GPU, and torch sees none")
     os.makedirs(config.out, exist_ok=True)
-    from seer_attn.kernels import decode_select, kernel_utils
+    from seer_attn.kernels import decode_select
     from seer_attn.modeling_seer import decode_graph
     kept = (decode_graph.ONE_LAUNCH_GATE, decode_select.TOP_BLOCKS_BITS, decode_select.TOP_BLOCKS_EARLY_STOP,
-            decode_graph.ONE_LAUNCH_WINDOW, kernel_utils.DECODE_PDL)
-    kernel_utils.DECODE_PDL = kernel_utils.DECODE_PDL or config.pdl
+            decode_graph.ONE_LAUNCH_WINDOW)
     decode_graph.ONE_LAUNCH_GATE = config.one_launch_gate
     if config.top_blocks_bits is not None:
         decode_select.TOP_BLOCKS_BITS = config.top_blocks_bits
@@ -189,7 +184,7 @@ def run_decode_bench(config: DecodeBenchConfig) -> dict:
         return _run(config)
     finally:
         (decode_graph.ONE_LAUNCH_GATE, decode_select.TOP_BLOCKS_BITS, decode_select.TOP_BLOCKS_EARLY_STOP,
-         decode_graph.ONE_LAUNCH_WINDOW, kernel_utils.DECODE_PDL) = kept
+         decode_graph.ONE_LAUNCH_WINDOW) = kept
 
 
 def _run(config):
@@ -704,7 +699,6 @@ def write_results(config, rows, e2e, checks, tuning, device="cuda") -> dict:
                                    "top_blocks_bits": select.TOP_BLOCKS_BITS,
                                    "top_blocks_early_stop": select.TOP_BLOCKS_EARLY_STOP,
                                    "one_launch_window": graph.ONE_LAUNCH_WINDOW,
-                                   "decode_pdl": importlib.import_module("seer_attn.kernels.kernel_utils").DECODE_PDL,
                                    "dense_row": "share 1: every block, no gate (since session 40)"},
                          device=device, model=f"kernel: random q/k/v, {HQ} query / {H} KV heads, head_dim {D}, bf16; "
                                               f"e2e: random-weight Llama-3.1-8B shape, {config.layers} layers, "

@@ -24,8 +24,7 @@ the log2 domain (``qk_scale = sm_scale * log2(e)``).
 """
 import torch
 
-from .kernel_utils import (TensorDescriptor, check_backend, desc_rows, new_output, pdl_launch, pdl_wait, tl,
-                           tma_capable, triton, use_triton)
+from .kernel_utils import TensorDescriptor, check_backend, desc_rows, new_output, tl, tma_capable, triton, use_triton
 from .reference import block_sparse_decode_ref, check_decode_inputs
 
 _LOG2E = 1.4426950408889634
@@ -39,9 +38,8 @@ def _decode_split_kernel(
     s_qb, s_qh, s_kb, s_kh, s_kt, s_vb, s_vh, s_vt, s_ib, s_ih, s_ob, s_oh,
     H, NSPLIT,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BS: tl.constexpr, NSUB: tl.constexpr,
-    HAS_STARTS: tl.constexpr, PREC: tl.constexpr, DIRECT: tl.constexpr, TMA: tl.constexpr, PDL: tl.constexpr,
+    HAS_STARTS: tl.constexpr, PREC: tl.constexpr, DIRECT: tl.constexpr, TMA: tl.constexpr,
 ):
-    pdl_wait(PDL)
     pid_bh = tl.program_id(0)  # b * H + h
     split = tl.program_id(1)
     b = pid_bh // H
@@ -115,8 +113,7 @@ def _decode_split_kernel(
 
 @triton.jit
 def _decode_combine_kernel(PO, PML, O, s_ob, s_oh, HQ, H, NSPLIT,
-                           GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, PDL: tl.constexpr):
-    pdl_wait(PDL)
+                           GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr):
     pid = tl.program_id(0)  # b * HQ + hq
     b = pid // HQ
     hq = pid % HQ
@@ -206,7 +203,6 @@ def _decode_fwd(q, k, v, idx, cnt, lens, starts, sm_scale, block_size, num_split
     nsplit = num_splits or num_decode_splits(B, H, idx.shape[-1], q.device)
     nsub, warps, stages = _config(D, q.is_cuda, q.dtype)
     tma = _decode_tma(nsub, k, v)
-    pdl = pdl_launch(q)
     if tma:
         kd, vd = (TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, block_size, D]) for t in (k, v))
     else:
@@ -223,14 +219,13 @@ def _decode_fwd(q, k, v, idx, cnt, lens, starts, sm_scale, block_size, num_split
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         idx.stride(0), idx.stride(1), out.stride(0), out.stride(1), H, nsplit,
         GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=D, BS=block_size, NSUB=nsub,
-        HAS_STARTS=starts is not None, PREC=_prec(q.dtype), DIRECT=direct, TMA=tma, PDL=bool(pdl), num_warps=warps,
-        num_stages=stages, **pdl,
+        HAS_STARTS=starts is not None, PREC=_prec(q.dtype), DIRECT=direct, TMA=tma, num_warps=warps,
+        num_stages=stages,
     )
     if not direct:
         _decode_combine_kernel[(B * HQ,)](
             po, pml, out, out.stride(0), out.stride(1), HQ, H, nsplit,
-            GROUP=group, HEAD_DIM=D, BLOCK_S=max(2, triton.next_power_of_2(nsplit)), PDL=bool(pdl), num_warps=4,
-            **pdl,
+            GROUP=group, HEAD_DIM=D, BLOCK_S=max(2, triton.next_power_of_2(nsplit)), num_warps=4,
         )
     return out
 

@@ -45,7 +45,7 @@ take the torch reference (:func:`~.reference.top_blocks_ref`).
 """
 import torch
 
-from .kernel_utils import check_backend, pdl_launch, pdl_wait, tl, triton, use_triton
+from .kernel_utils import check_backend, tl, triton, use_triton
 from .reference import decode_window_ref, gate_scores_ref, prior_mix_ref, top_blocks_ref
 
 #: the longest row (blocks) the kernel holds in registers
@@ -88,8 +88,7 @@ def _gate_query(y_row, cos, sin, offs_g, G: tl.constexpr, ROPE: tl.constexpr):
 
 @triton.jit
 def _gate_scores_kernel(Y, COS, SIN, KEYS, OUT, N, H, s_yb, s_yh, s_cb, s_sb, s_kb, s_kh, s_kn, s_ob, s_oh,
-                        G: tl.constexpr, ROPE: tl.constexpr, CHUNK: tl.constexpr, PDL: tl.constexpr):
-    pdl_wait(PDL)
+                        G: tl.constexpr, ROPE: tl.constexpr, CHUNK: tl.constexpr):
     pid = tl.program_id(0)  # b * H + h
     b = (pid // H).to(tl.int64)
     h = (pid % H).to(tl.int64)
@@ -188,8 +187,7 @@ def _decode_window_kernel(FIRST, CUR, BIAS, CNT, NB, H, local, least, k, share, 
 
 @triton.jit
 def _top_blocks_kernel(S, BIAS, CNT, OUT, N, K, H, s_sb, s_sh, s_bb, s_ob, s_oh, BLOCK: tl.constexpr,
-                       BITS: tl.constexpr, EARLY: tl.constexpr, PDL: tl.constexpr):
-    pdl_wait(PDL)
+                       BITS: tl.constexpr, EARLY: tl.constexpr):
     pid = tl.program_id(0)  # b * H + h
     b = pid // H
     h = pid % H
@@ -376,11 +374,10 @@ def gate_scores(y, keys, rope=None, backend="auto"):
     y, keys = (t if t.stride(-1) == 1 else t.contiguous() for t in (y, keys))
     cos, sin = (t if t.stride(-1) == 1 else t.contiguous() for t in rope) if rope is not None else (y, y)
     out = torch.empty(B, H, N, dtype=torch.float32, device=keys.device)
-    pdl = pdl_launch(keys)
     _gate_scores_kernel[(B * H, triton.cdiv(N, SCORE_CHUNK))](
         y, cos, sin, keys, out, N, H, y.stride(0), y.stride(1), cos.stride(0), sin.stride(0),
         keys.stride(0), keys.stride(1), keys.stride(2), out.stride(0), out.stride(1),
-        G=G, ROPE=rope is not None, CHUNK=SCORE_CHUNK, PDL=bool(pdl), num_warps=4, **pdl)
+        G=G, ROPE=rope is not None, CHUNK=SCORE_CHUNK, num_warps=4)
     return out
 
 
@@ -412,11 +409,10 @@ def top_blocks(scores, bias, counts, k, backend="auto"):
     counts = counts.to(torch.int32).contiguous()
     out = torch.empty(B, H, k, dtype=torch.int32, device=scores.device)
     block = max(16, triton.next_power_of_2(N))
-    pdl = pdl_launch(scores)
     _top_blocks_kernel[(B * H,)](scores, bias, counts, out, N, k, H, scores.stride(0), scores.stride(1),
                                  bias.stride(0), out.stride(0), out.stride(1), BLOCK=block, BITS=TOP_BLOCKS_BITS,
-                                 EARLY=TOP_BLOCKS_EARLY_STOP, PDL=bool(pdl),
-                                 num_warps=TOP_BLOCKS_WARPS[min(b for b in TOP_BLOCKS_WARPS if b >= block)], **pdl)
+                                 EARLY=TOP_BLOCKS_EARLY_STOP,
+                                 num_warps=TOP_BLOCKS_WARPS[min(b for b in TOP_BLOCKS_WARPS if b >= block)])
     return out
 
 

@@ -48,12 +48,6 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 #: bf16 activations reach, while 1e38 (say) makes the fp32 logits inf and the output NaN.
 MAX_SM_SCALE = 1e4
 
-#: Programmatic dependent launch (Hopper and newer) for the decode step's chain of kernels (the
-#: gate's scores, the selection, the split-KV decode and its merge): each is launched so that the
-#: GPU may schedule it while the kernel before it drains, and waits (``griddepcontrol.wait``, the
-#: kernel before complete and its writes visible) before it touches memory. Off until measured.
-DECODE_PDL = False
-
 #: Tests set this to True: launchers then fill outputs with NaN before the kernel runs,
 #: so an element the kernel forgets to write shows up as NaN instead of stale memory.
 POISON_OUTPUTS = False
@@ -82,25 +76,6 @@ def desc_rows(desc, b, h, n0, N: tl.constexpr, D: tl.constexpr):
     """Rows ``n0 .. n0 + N - 1`` of head ``h`` of batch ``b`` through a ``[B, H, T, D]``
     tensor descriptor built with block ``[1, 1, N, D]`` (rows past T read as zeros)."""
     return tl.reshape(desc.load([b, h, n0, 0]), (N, D))
-
-
-def pdl_launch(t) -> dict:
-    """The launch options of a decode-chain kernel on ``t``'s device: ``{"launch_pdl": True}``
-    where :data:`DECODE_PDL` is on and the GPU has programmatic dependent launch (compute
-    capability 9 or newer; never in the interpreter), else none. The kernel's ``PDL`` constexpr
-    is ``bool`` of this (:func:`pdl_wait`)."""
-    if not (DECODE_PDL and HAS_TRITON and t.is_cuda and not interpreting()):
-        return {}
-    return {"launch_pdl": True} if torch.cuda.get_device_capability(t.device)[0] >= 9 else {}
-
-
-@triton.jit
-def pdl_wait(PDL: tl.constexpr):
-    """First in a decode-chain kernel: with ``PDL``, wait until the kernel before it has finished
-    and its writes are visible, then let the next one be scheduled (:data:`DECODE_PDL`)."""
-    if PDL:
-        tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
 
 
 def check_backend(backend) -> None:

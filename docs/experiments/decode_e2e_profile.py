@@ -70,8 +70,6 @@ def e2e(args):
     kept = (decode_select.TOP_BLOCKS_BITS, decode_graph.FUSED_APPEND, decode_select.TOP_BLOCKS_EARLY_STOP,
             decode_graph.ONE_LAUNCH_WINDOW)
     kept_dec = (dict(dec_mod.CONFIG_OVERRIDES), dict(dec_mod.DECODE_OPTIONS), dec_mod._TARGET_PROGRAMS_PER_SM)
-    from seer_attn.kernels import kernel_utils
-    kept_pdl = kernel_utils.DECODE_PDL
     kept_bits = kept[0]
     merged = False
     for variant in args.variants:
@@ -91,7 +89,6 @@ def e2e(args):
         dec_mod.CONFIG_OVERRIDES.update(kept_dec[0])
         dec_mod.DECODE_OPTIONS.update(kept_dec[1])
         dec_mod._TARGET_PROGRAMS_PER_SM = kept_dec[2]
-        kernel_utils.DECODE_PDL = variant == "merged_early_pdl"  # session 43: programmatic dependent launch
         if variant == "merged_early_tma":
             warps, stages, per_sm = args.tma_config
             dec_mod.CONFIG_OVERRIDES[128] = (1, warps, stages)
@@ -125,7 +122,6 @@ def e2e(args):
     dec_mod.CONFIG_OVERRIDES.update(kept_dec[0])
     dec_mod.DECODE_OPTIONS.update(kept_dec[1])
     dec_mod._TARGET_PROGRAMS_PER_SM = kept_dec[2]
-    kernel_utils.DECODE_PDL = kept_pdl
     (decode_select.TOP_BLOCKS_BITS, decode_graph.FUSED_APPEND, decode_select.TOP_BLOCKS_EARLY_STOP,
      decode_graph.ONE_LAUNCH_WINDOW) = kept
     del cache, state, model
@@ -196,7 +192,7 @@ def main(argv=None):
     ap.add_argument("--variants", nargs="*",
                     default=["fused_stock_append", "fused", "fused_radix", "merged", "merged_radix"],
                     choices=["eager", "fused", "fused_stock_append", "fused_radix", "merged", "merged_radix",
-                             "merged_early", "merged_early_tma", "merged_early_pdl"],
+                             "merged_early", "merged_early_tma"],
                     help="eager; fused (seer_compile_pointwise; the cache writes in one launch, decode_append); "
                          "fused_stock_append (fused with the static cache's own update, as up to session 40); "
                          "merged (fused, q/k/v and gate/up as one GEMM each: seer_merge_projections; up to session "
@@ -204,9 +200,7 @@ def main(argv=None):
                          "the module's setting); merged_early: merged with top_blocks' early stop and the window in "
                          "one launch (TOP_BLOCKS_EARLY_STOP, ONE_LAUNCH_WINDOW, the defaults since session 42; the other "
                          "variants run without them); merged_early_tma: merged_early with the decode kernel's K/V "
-                         "through tensor descriptors at --tma-config; merged_early_pdl: merged_early with the decode "
-                         "chain's kernels by programmatic dependent launch (DECODE_PDL); merged changes the model for "
-                         "the variants "
+                         "through tensor descriptors at --tma-config; merged changes the model for the variants "
                          "after it")
     ap.add_argument("--tma-config", type=int, nargs=3, default=[4, 3, 4], metavar=("WARPS", "STAGES", "PER_SM"),
                     help="merged_early_tma's decode launch: warps, stages, programs per SM")

@@ -90,7 +90,9 @@
 # Session 43 (H100 at once for s43-tma; one H200 start refused, ~120 s; then H100 for s43-32 and a second 32-layer run):
 # s43-tma (decode kernel through TMA: within 1% of pointers, off; its GPU tests ran past their 150 s limit, no failure
 # among the first ~75), s43-32 (--shared-kv at 16 layers equals unshared to 0.2%; 32 layers fused 3.06x / 3.03x, a
-# second run 3.07x / 3.03x). Next: s43-h200 on an H200 (32 layers unshared), tests-decode, tests-models.
+# second run 3.07x / 3.03x), s43-tests (test_gpu_decode 63 passed; the kernel indifferent to cache padding and block
+# pattern), s43-pdl at ad699fa (programmatic dependent launch of the decode chain: slower, removed). Next: s43-h200 on
+# an H200 (32 layers unshared), tests-decode, tests-models.
 #
 # Session 29: distill --gate-hidden-size / --q-pooling / --k-pooling exist now; gate-capacity measures them (issue 17's
 # untried "gate capacity" direction) after gate-calib-coverage and decode-distill. Session 29 got no machine (every start
@@ -264,20 +266,6 @@ case "$STEP" in
     timeout 360 "$PY" -m seer_attn.eval.bench_decode --lengths 131072 --batches 16 --e2e 4x131072 16x32768 \
       --layers 32 $SH --out "$OUT/decode32" > "$OUT/bench_decode32.log" 2>&1
     echo "bench_decode (32 layers $SH): exit $?"; sed -n '/^# /,$p' "$OUT/bench_decode32.log" | tail -n 9 ;;
-  s43-pdl)  # issue 15 (session 43): the decode chain's kernels by programmatic dependent launch (kernel_utils.DECODE_PDL):
-    # its GPU tests (eager and replayed from a graph, bit for bit), bench-decode's kernel rows without and with --pdl
-    # (the gate's share of a graph-replayed layer), then the profile of merged_early against merged_early_pdl
-    timeout 100 "$PY" -m pytest -q -p no:cacheprovider -rfE tests/kernels/test_gpu_decode.py -k pdl > "$OUT/tests.log" 2>&1
-    echo "test_gpu_decode -k pdl: exit $?, $(tail -n 1 "$OUT/tests.log")"; grep -E "^(FAILED|ERROR)" "$OUT/tests.log"
-    for P in "" "--pdl"; do
-      timeout 100 "$PY" -m seer_attn.eval.bench_decode --lengths 32768 131072 --batches 1 16 --e2e $P \
-        --out "$OUT/rows${P:+_pdl}" > "$OUT/rows${P:+_pdl}.log" 2>&1
-      echo "bench_decode rows ${P:-plain}: exit $?"; sed -n '/^# /,$p' "$OUT/rows${P:+_pdl}.log" | tail -n 5
-    done
-    if nvidia-smi | grep -q H200; then L=32; else L=16; fi
-    timeout 150 "$PY" docs/experiments/decode_e2e_profile.py --layers $L --gemm --variants merged_early merged_early_pdl \
-      --out "$OUT/e2e_profile.json" > "$OUT/e2e_profile.log" 2>&1
-    echo "decode_e2e_profile: exit $?"; sed -n '/^# variant/,/^# M/p' "$OUT/e2e_profile.log"; grep -E "Error" "$OUT/e2e_profile.log" | tail -n 3 ;;
   s43-tests)  # issue 15 (session 43): the decode kernel GPU tests in full (both load paths) and the TMA tests of the
     # prefill kernels after 7d8d18c (s43-tma's run of them stopped at its time limit), then the decode kernel on caches
     # of S + 0 / 64 / 184 slots and three selection patterns (decode_kernel_tma.py --layout)

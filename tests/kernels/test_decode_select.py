@@ -310,16 +310,3 @@ def test_decode_window_equals_the_reference(NB, cur, local, heads, share):
         assert got[0][1, 0, 3] == float("inf") and got[0][1, 0, 2] == float("-inf")  # the sink kept, padding out
     if cur + 1 < NB:
         assert got[0][0, 0, cur + 1] == float("-inf")  # after the current block
-
-
-def test_pdl_needs_a_hopper_gpu(monkeypatch):
-    """``DECODE_PDL`` asks for programmatic dependent launch only where a GPU runs the kernels:
-    off the GPU (and in the interpreter) the launches stay plain and the selection unchanged."""
-    from seer_attn.kernels import kernel_utils
-    from seer_attn.kernels.decode_select import top_blocks
-    monkeypatch.setattr(kernel_utils, "DECODE_PDL", True)
-    assert kernel_utils.pdl_launch(torch.zeros(1)) == {}
-    scores = torch.tensor([[[0.5, 2.0, -1.0, 3.0, 1.0]]])
-    bias = torch.zeros(1, 1, 5)
-    got = top_blocks(scores, bias, torch.tensor([[2]], dtype=torch.int32), 3, backend="triton")
-    assert got.tolist() == [[[1, 3, -1]]]
