@@ -91,8 +91,9 @@
 # s43-tma (decode kernel through TMA: within 1% of pointers, off; its GPU tests ran past their 150 s limit, no failure
 # among the first ~75), s43-32 (--shared-kv at 16 layers equals unshared to 0.2%; 32 layers fused 3.06x / 3.03x, a
 # second run 3.07x / 3.03x), s43-tests (test_gpu_decode 63 passed; the kernel indifferent to cache padding and block
-# pattern), s43-pdl at ad699fa (programmatic dependent launch of the decode chain: slower, removed). Next: s43-h200 on
-# an H200 (32 layers unshared), tests-decode, tests-models.
+# pattern), s43-pdl at ad699fa (programmatic dependent launch of the decode chain: slower, removed), then
+# test_gpu_families.py -k distill_step (7 passed, 56 s) and tests/modeling_seer/test_decode_gpu.py (10 passed) at
+# c7ff6a1. Next: s43-h200 (or s43-h200-lean) on an H200 (32 layers unshared).
 #
 # Session 29: distill --gate-hidden-size / --q-pooling / --k-pooling exist now; gate-capacity measures them (issue 17's
 # untried "gate capacity" direction) after gate-calib-coverage and decode-distill. Session 29 got no machine (every start
@@ -276,6 +277,12 @@ case "$STEP" in
     timeout 150 "$PY" docs/experiments/decode_kernel_tma.py --no-sweep --layout 0 64 184 \
       --settings 4x131072 16x32768 1x131072 16x131072 --out "$OUT/layout.json" > "$OUT/layout.log" 2>&1
     echo "decode_kernel_tma --layout: exit $?"; sed -n '/^B x cache | slots/,$p' "$OUT/layout.log"; grep -E "Error" "$OUT/layout.log" | tail -n 3 ;;
+  s43-h200-lean)  # issue 15 (session 43, little budget left): bench-decode at the 8B shape's 32 layers on an H200,
+    # unshared (end to end 4 x 128k and 16 x 32k; kernel rows at 16 x 128k)
+    if nvidia-smi | grep -q H200; then L=32; SH=""; else L=32; SH="--shared-kv"; fi
+    timeout 220 "$PY" -m seer_attn.eval.bench_decode --lengths 131072 --batches 16 --e2e 4x131072 16x32768 \
+      --layers $L $SH --out "$OUT/decode" > "$OUT/bench_decode.log" 2>&1
+    echo "bench_decode ($L layers $SH): exit $?"; sed -n '/^# /,$p' "$OUT/bench_decode.log" | tail -n 6 ;;
   s43-h200)  # issue 15 (session 43, an H200 for the 32-layer shape that does not fit an H100): bench-decode's rows
     # (kernel at 1 / 16 x 128k, end to end 4 x 128k and 16 x 32k), the TMA sweep at 128k, then the profile of
     # merged_early against merged_early_tma at the sweep's best TMA launch for 4 x 128k
