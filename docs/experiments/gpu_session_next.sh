@@ -8,6 +8,10 @@
 #
 #   bash docs/experiments/gpu_session_next.sh STEP OUT
 #
+# The device's copy of the tree sits over a stale checkout whose .git reports an old, dirty commit: put the local
+# HEAD into the command line, SEER_GIT_COMMIT=<git rev-parse HEAD here> SEER_GIT_DIRTY=0 (training/results.py lets
+# them win), instead of adding tree_commit to the envelopes by hand afterwards (sessions 40-43 did).
+#
 # Session 25 ran dense-layers, dense-layers225 and coverage-layers (gate_quality.md section 8:
 # layer 0 is what the knob breaks for passkey; the coverage rule beats the knob and the threshold
 # at 8k). Next: density-profile (the per-sequence knob with the coverage rule's spread over the
