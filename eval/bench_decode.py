@@ -365,6 +365,13 @@ def kernel_row(B, S, share, prior=0.0):
     # which the eager numbers above include at B=1 (the empty selection costs as much as 10%)
     row["ours_sparse_graph"] = _graph_bench(lambda: ours(idx, cnt))
     row["ours_empty_graph"] = _graph_bench(lambda: ours(idx, none))
+    # dense decode replayed the same way (session 43): our kernel over every block (the end-to-end rows' dense
+    # baseline inside the graph step) against SDPA's flash and cuDNN kernels, none with the host's launch work
+    every = torch.arange(NB, dtype=torch.int32, device="cuda").expand(B, H, NB).contiguous()
+    every_cnt = torch.full((B, H), NB, dtype=torch.int32, device="cuda")
+    row["ours_all_graph"] = _graph_bench(lambda: ours(every, every_cnt))
+    row["sdpa_flash_graph"] = _graph_bench(lambda: _sdpa(q, k, v, "flash"))
+    row["sdpa_cudnn_graph"] = _graph_bench(lambda: _sdpa(q, k, v, "cudnn"))
     row["speedup_vs_flash"] = row["sdpa_flash"] / row["ours_sparse"]
     row["speedup_vs_cudnn"] = row["sdpa_cudnn"] / row["ours_sparse"]
     kv_bytes = 2 * B * H * D * 2  # K and V, bf16, per cache slot
@@ -729,6 +736,13 @@ def print_table(rows, e2e, prov, share):
               f"{r['speedup_vs_flash']:.2f}x | {ms(r['gate_select_layer'])} "
               f"({100 * r['gate_share_of_sparse_step']:.1f}%) | {ms(r.get('eager_layer'))} | "
               f"{ms(r.get('graph_layer'))} | {ms(r.get('ours_sparse_graph'))} | {ms(r.get('ours_empty_graph'))}")
+    if rows and "ours_all_graph" in rows[0]:
+        print("dense decode replayed from a CUDA graph, median ms | B | S | ours, every block | SDPA flash | "
+              "SDPA cuDNN | ours / flash")
+        for r in rows:
+            a, f = r.get("ours_all_graph"), r.get("sdpa_flash_graph")
+            ratio = f"{a / f:.3f}x" if isinstance(a, float) and isinstance(f, float) else "-"
+            print(f"{r['B']} | {r['S']} | {ms(a)} | {ms(f)} | {ms(r.get('sdpa_cudnn_graph'))} | {ratio}")
     if e2e:
         r0 = e2e[0]
         print(f"end to end: {r0['layers']} layers" + (f", {SHARED_KV_NOTE}" if r0.get("shared_kv") else ""))
