@@ -97,7 +97,8 @@
 # second run 3.07x / 3.03x), s43-tests (test_gpu_decode 63 passed; the kernel indifferent to cache padding and block
 # pattern), s43-pdl at ad699fa (programmatic dependent launch of the decode chain: slower, removed), then
 # test_gpu_families.py -k distill_step (7 passed, 56 s) and tests/modeling_seer/test_decode_gpu.py (10 passed) at
-# c7ff6a1. Next: s43-h200 (or s43-h200-lean) on an H200 (32 layers unshared).
+# c7ff6a1. Next: s44-first (32 layers with the dense rows replayed from a graph; the 16 x 32k profile), on an H200 if
+# one comes (s43-h200 for its TMA sweep too).
 #
 # Session 29: distill --gate-hidden-size / --q-pooling / --k-pooling exist now; gate-capacity measures them (issue 17's
 # untried "gate capacity" direction) after gate-calib-coverage and decode-distill. Session 29 got no machine (every start
@@ -271,6 +272,16 @@ case "$STEP" in
     timeout 360 "$PY" -m seer_attn.eval.bench_decode --lengths 131072 --batches 16 --e2e 4x131072 16x32768 \
       --layers 32 $SH --out "$OUT/decode32" > "$OUT/bench_decode32.log" 2>&1
     echo "bench_decode (32 layers $SH): exit $?"; sed -n '/^# /,$p' "$OUT/bench_decode32.log" | tail -n 9 ;;
+  s44-first)  # issue 15 (next session): bench-decode at the 8B shape's 32 layers (an H200 unshared, an H100 with
+    # --shared-kv) with session 43's dense rows replayed from a graph (ours every block vs SDPA flash / cuDNN: the
+    # end-to-end ratio's dense baseline), then the profile at 16 x 32k (the gate's kernels where its share misses)
+    if nvidia-smi | grep -q H200; then SH=""; else SH="--shared-kv"; fi
+    timeout 300 "$PY" -m seer_attn.eval.bench_decode --lengths 32768 131072 --batches 1 4 16 --e2e 4x131072 16x32768 \
+      --layers 32 $SH --out "$OUT/decode32" > "$OUT/bench_decode32.log" 2>&1
+    echo "bench_decode (32 layers $SH): exit $?"; sed -n '/^# /,$p' "$OUT/bench_decode32.log" | tail -n 16
+    timeout 150 "$PY" docs/experiments/decode_e2e_profile.py --layers 16 --batch 16 --tokens 32768 --gemm \
+      --variants merged_early --out "$OUT/e2e_profile_16x32k.json" > "$OUT/e2e_profile_16x32k.log" 2>&1
+    echo "decode_e2e_profile 16 x 32k: exit $?"; sed -n '/^# variant/,/^# M/p' "$OUT/e2e_profile_16x32k.log" ;;
   s43-tests)  # issue 15 (session 43): the decode kernel GPU tests in full (both load paths) and the TMA tests of the
     # prefill kernels after 7d8d18c (s43-tma's run of them stopped at its time limit), then the decode kernel on caches
     # of S + 0 / 64 / 184 slots and three selection patterns (decode_kernel_tma.py --layout)
