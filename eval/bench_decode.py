@@ -367,8 +367,8 @@ def kernel_row(B, S, share, prior=0.0):
     row["ours_empty_graph"] = _graph_bench(lambda: ours(idx, none))
     # dense decode replayed the same way (session 43): our kernel over every block (the end-to-end rows' dense
     # baseline inside the graph step) against SDPA's flash and cuDNN kernels, none with the host's launch work
-    every = torch.arange(NB, dtype=torch.int32, device="cuda").expand(B, H, NB).contiguous()
-    every_cnt = torch.full((B, H), NB, dtype=torch.int32, device="cuda")
+    from seer_attn.modeling_seer.selection import decode_every_block
+    every, every_cnt = decode_every_block(torch.zeros(B, dtype=torch.long, device="cuda"), NB - 1, NB, H)
     row["ours_all_graph"] = _graph_bench(lambda: ours(every, every_cnt))
     row["sdpa_flash_graph"] = _graph_bench(lambda: _sdpa(q, k, v, "flash"))
     row["sdpa_cudnn_graph"] = _graph_bench(lambda: _sdpa(q, k, v, "cudnn"))

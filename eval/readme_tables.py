@@ -723,8 +723,8 @@ def decode_kernel_tma_h100(root) -> str:
     out = (f"{env['provenance']['gpu']}, commit {_commit(env['provenance'])} ({path}); 32 query / 8 KV heads, d128, "
            f"bf16, share {cfg['share']:g} of the blocks (random, per KV head), each launch replayed from its own CUDA "
            f"graph (us, split kernel and merge); pointer loads at 4 warps, 2 stages and "
-           f"{', '.join(map(str, cfg['per_sm']))} programs per SM, TMA at {' / '.join(map(str, cfg['warps']))} warps, {min(cfg['stages'])}-"
-           f"{max(cfg['stages'])} stages and the same targets; TB/s of the K/V bytes read:\n\n")
+           f"{', '.join(map(str, cfg['per_sm']))} programs per SM, TMA at {' / '.join(map(str, cfg['warps']))} warps, "
+           f"{min(cfg['stages'])}-{max(cfg['stages'])} stages and the same targets; TB/s of the K/V bytes read:\n\n")
     return out + _table(["B", "cache", "pointers (default)", "best pointers", "TB/s", "best TMA", "TB/s",
                          "TMA / default"], body)
 

@@ -781,7 +781,7 @@ def _tma_ok(options, *tensors):
         raise ValueError(f"{name}['tma'] must be True, False or 'auto', got {want!r}")
     if want == "auto":
         want = tensors[0].shape[-1] >= 128
-    return bool(want) and TensorDescriptor is not None and tma_capable(*tensors)
+    return bool(want) and tma_capable(*tensors)
 
 
 def _pair_rows(block_mask, block_size, pooling, window):

@@ -70,6 +70,12 @@ def e2e(args):
     kept = (decode_select.TOP_BLOCKS_BITS, decode_graph.FUSED_APPEND, decode_select.TOP_BLOCKS_EARLY_STOP,
             decode_graph.ONE_LAUNCH_WINDOW)
     kept_dec = (dict(dec_mod.CONFIG_OVERRIDES), dict(dec_mod.DECODE_OPTIONS), dec_mod._TARGET_PROGRAMS_PER_SM)
+
+    def restore_decode_launch():
+        dec_mod.CONFIG_OVERRIDES.clear()
+        dec_mod.CONFIG_OVERRIDES.update(kept_dec[0])
+        dec_mod.DECODE_OPTIONS.update(kept_dec[1])
+        dec_mod._TARGET_PROGRAMS_PER_SM = kept_dec[2]
     kept_bits = kept[0]
     merged = False
     for variant in args.variants:
@@ -85,10 +91,7 @@ def e2e(args):
         # it keep measuring what they measured: the bisection's early stop, the window in one launch
         decode_select.TOP_BLOCKS_EARLY_STOP = decode_graph.ONE_LAUNCH_WINDOW = variant.startswith("merged_early")
         # session 43: the decode kernel's K/V blocks through tensor descriptors at --tma-config's launch
-        dec_mod.CONFIG_OVERRIDES.clear()
-        dec_mod.CONFIG_OVERRIDES.update(kept_dec[0])
-        dec_mod.DECODE_OPTIONS.update(kept_dec[1])
-        dec_mod._TARGET_PROGRAMS_PER_SM = kept_dec[2]
+        restore_decode_launch()
         if variant == "merged_early_tma":
             warps, stages, per_sm = args.tma_config
             dec_mod.CONFIG_OVERRIDES[128] = (1, warps, stages)
@@ -118,10 +121,7 @@ def e2e(args):
             del dec
             torch.cuda.empty_cache()
     model.seer_compile_pointwise(enable=False)
-    dec_mod.CONFIG_OVERRIDES.clear()
-    dec_mod.CONFIG_OVERRIDES.update(kept_dec[0])
-    dec_mod.DECODE_OPTIONS.update(kept_dec[1])
-    dec_mod._TARGET_PROGRAMS_PER_SM = kept_dec[2]
+    restore_decode_launch()
     (decode_select.TOP_BLOCKS_BITS, decode_graph.FUSED_APPEND, decode_select.TOP_BLOCKS_EARLY_STOP,
      decode_graph.ONE_LAUNCH_WINDOW) = kept
     del cache, state, model

@@ -30,13 +30,11 @@ HQ, H, D, BS = 32, 8, 128, 64
 
 @torch.no_grad()
 def sweep(B, S, share, per_sms, stages, warps, emit):
-    from seer_attn.eval.bench_decode import _graph_bench
+    from seer_attn.eval.bench_decode import _decode_inputs, _graph_bench
     from seer_attn.kernels import block_sparse_decode
     dec = importlib.import_module("seer_attn.kernels.block_sparse_decode")
-    gen = torch.Generator(device="cuda").manual_seed(B * S)
-    q = torch.randn(B, HQ, 1, D, device="cuda", dtype=torch.bfloat16, generator=gen)
-    k = torch.randn(B, H, S, D, device="cuda", dtype=torch.bfloat16, generator=gen)
-    v = torch.randn(B, H, S, D, device="cuda", dtype=torch.bfloat16, generator=gen)
+    q, k, v = _decode_inputs(B, S, seed=B * S)
+    gen = torch.Generator(device="cuda").manual_seed(B * S + 2)
     NB = S // BS
     K = max(1, round(share * NB))
     idx = torch.rand(B, H, NB, device="cuda", generator=gen).topk(K, dim=-1).indices.sort(-1).values
@@ -56,6 +54,7 @@ def sweep(B, S, share, per_sms, stages, warps, emit):
         dec.CONFIG_OVERRIDES[D] = cfg
         dec._TARGET_PROGRAMS_PER_SM = per_sm
         dec.DECODE_OPTIONS["tma"] = tma
+        splits = dec.num_decode_splits(B, H, K, q.device)
         try:
             err = float((kern().float() - ref).abs().max())
             ms = _graph_bench(kern)
@@ -65,9 +64,6 @@ def sweep(B, S, share, per_sms, stages, warps, emit):
             dec.CONFIG_OVERRIDES.clear()
             dec._TARGET_PROGRAMS_PER_SM = default_per_sm
             dec.DECODE_OPTIONS["tma"] = False
-        dec._TARGET_PROGRAMS_PER_SM = per_sm
-        splits = dec.num_decode_splits(B, H, K, q.device)
-        dec._TARGET_PROGRAMS_PER_SM = default_per_sm
         line = {"B": B, "S": S, "variant": name, "config": list(cfg), "per_sm": per_sm, "tma": tma,
                 "splits": splits, "us": round(1e3 * ms, 2) if isinstance(ms, float) else ms, "max_abs_diff": err}
         if isinstance(ms, float):
