@@ -2,9 +2,10 @@
 head), the ``cnt`` best-scoring blocks (docs/design.md §2, "Decode"), one launch each.
 
 ``gate_scores(y, keys, rope)`` returns float32 ``[B, H, N]``: the projected query of each
-(sequence, KV head), rotated by RoPE (``y[..., :G] * cos + y[..., G:] * sin``, the partner
-columns made by the projection) when ``rope`` is given, dotted with each of its ``N`` block
-keys. One program per (row, chunk of 64 blocks): the three elementwise ops and the batched
+(sequence, KV head), rotated by RoPE when ``rope`` is given (``y * cos + rotate_half(y) * sin``,
+the partner columns read from ``y``'s own with a sign; or, for a ``y`` of width 2G,
+``y[..., :G] * cos + y[..., G:] * sin``, the partner columns made by the projection), dotted with
+each of its ``N`` block keys. One program per (row, chunk of 64 blocks): the three elementwise ops and the batched
 matmul of the torch path become one launch, in float32 throughout.
 
 ``top_blocks(scores, bias, counts, k)`` returns int32 ``[B, H, k]``: the indices of the
@@ -77,23 +78,29 @@ FUSED_SPLIT = 1
 
 
 @triton.jit
-def _gate_query(y_row, cos, sin, offs_g, G: tl.constexpr, ROPE: tl.constexpr):
-    """The row's projected query in float32, rotated by RoPE (its partner columns after the map's)."""
+def _gate_query(y_row, cos, sin, offs_g, G: tl.constexpr, ROPE: tl.constexpr, PARTNER: tl.constexpr):
+    """The row's projected query in float32, rotated by RoPE: the partner columns after the map's
+    (``PARTNER``) or made from the map's own columns as ``_rotate_half`` makes them
+    (``[-y[G/2:], y[:G/2]]``)."""
     q = tl.load(y_row + offs_g).to(tl.float32)
     if ROPE:
-        q = q * tl.load(cos + offs_g).to(tl.float32) \
-            + tl.load(y_row + G + offs_g).to(tl.float32) * tl.load(sin + offs_g).to(tl.float32)
+        if PARTNER:
+            p = tl.load(y_row + G + offs_g).to(tl.float32)
+        else:
+            p = tl.load(y_row + (offs_g + G // 2) % G).to(tl.float32)
+            p = tl.where(offs_g < G // 2, -p, p)
+        q = q * tl.load(cos + offs_g).to(tl.float32) + p * tl.load(sin + offs_g).to(tl.float32)
     return q
 
 
 @triton.jit
 def _gate_scores_kernel(Y, COS, SIN, KEYS, OUT, N, H, s_yb, s_yh, s_cb, s_sb, s_kb, s_kh, s_kn, s_ob, s_oh,
-                        G: tl.constexpr, ROPE: tl.constexpr, CHUNK: tl.constexpr):
+                        G: tl.constexpr, ROPE: tl.constexpr, PARTNER: tl.constexpr, CHUNK: tl.constexpr):
     pid = tl.program_id(0)  # b * H + h
     b = (pid // H).to(tl.int64)
     h = (pid % H).to(tl.int64)
     offs_g = tl.arange(0, G)
-    q = _gate_query(Y + b * s_yb + h * s_yh, COS + b * s_cb, SIN + b * s_sb, offs_g, G, ROPE)
+    q = _gate_query(Y + b * s_yb + h * s_yh, COS + b * s_cb, SIN + b * s_sb, offs_g, G, ROPE, PARTNER)
     offs_n = tl.program_id(1) * CHUNK + tl.arange(0, CHUNK)
     m = offs_n < N
     k = tl.load(KEYS + b * s_kb + h * s_kh + offs_n.to(tl.int64)[:, None] * s_kn + offs_g[None, :],
@@ -202,13 +209,13 @@ def _top_blocks_kernel(S, BIAS, CNT, OUT, N, K, H, s_sb, s_sh, s_bb, s_ob, s_oh,
 @triton.jit
 def _gate_top_blocks_kernel(Y, COS, SIN, KEYS, S, BIAS, CNT, OUT, ARRIVED, N, K, H, s_yb, s_yh, s_cb, s_sb, s_kb,
                             s_kh, s_kn, s_bb, s_ob, s_oh, G: tl.constexpr, ROPE: tl.constexpr,
-                            CHUNK: tl.constexpr, BLOCK: tl.constexpr, BITS: tl.constexpr, SPLIT: tl.constexpr,
-                            EARLY: tl.constexpr):
+                            PARTNER: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr, BITS: tl.constexpr,
+                            SPLIT: tl.constexpr, EARLY: tl.constexpr):
     pid = tl.program_id(0)  # b * H + h
     b = (pid // H).to(tl.int64)
     h = (pid % H).to(tl.int64)
     offs_g = tl.arange(0, G)
-    q = _gate_query(Y + b * s_yb + h * s_yh, COS + b * s_cb, SIN + b * s_sb, offs_g, G, ROPE)
+    q = _gate_query(Y + b * s_yb + h * s_yh, COS + b * s_cb, SIN + b * s_sb, offs_g, G, ROPE, PARTNER)
     s_row = S + pid.to(tl.int64) * N  # the row's scores, written chunk by chunk, read back whole
     part = tl.cdiv(tl.cdiv(N, CHUNK), SPLIT) * CHUNK  # the keys each of the row's SPLIT programs scores
     start = tl.program_id(1) * part
@@ -332,13 +339,16 @@ def _use_triton_width(backend, t, what, name, n):
 
 
 def _check_gate_query(y, rope, B, H, G):
-    """gate_scores' query arguments against the keys' ``B, H, G``."""
-    width = 2 * G if rope is not None else G
-    if tuple(y.shape) != (B, H, width):
-        raise ValueError(f"y must have shape [B, H, {'2G' if rope is not None else 'G'}] = {(B, H, width)}, "
+    """gate_scores' query arguments against the keys' ``B, H, G``; returns whether ``y`` carries
+    the RoPE partner columns (``[B, H, 2G]``)."""
+    if rope is None and tuple(y.shape) != (B, H, G):
+        raise ValueError(f"y must have shape [B, H, G] = {(B, H, G)} without rope, got {tuple(y.shape)}")
+    if rope is not None and tuple(y.shape) not in ((B, H, G), (B, H, 2 * G)):
+        raise ValueError(f"y must have shape [B, H, G] = {(B, H, G)} or [B, H, 2G] = {(B, H, 2 * G)} with rope, "
                          f"got {tuple(y.shape)}")
     if rope is not None and any(tuple(t.shape) != (B, G) for t in rope):
         raise ValueError(f"rope must be (cos, sin) of shape [B, G] = {(B, G)}, got {[tuple(t.shape) for t in rope]}")
+    return rope is not None and y.shape[-1] == 2 * G
 
 
 def _check_selection(bias, counts, k, B, H, N):
@@ -355,8 +365,9 @@ def gate_scores(y, keys, rope=None, backend="auto"):
     """The decode gate's block logits of one step (module docstring).
 
     Args:
-        y: ``[B, H, 2G]`` projected queries, the map's columns then their RoPE partners (or
-            ``[B, H, G]`` without ``rope``); any strides with the last one 1.
+        y: ``[B, H, G]`` projected queries (with ``rope``, their RoPE partners are made from them as
+            ``_rotate_half`` makes them), or ``[B, H, 2G]``, the map's columns then their partners;
+            any strides with the last one 1.
         keys: ``[B, H, N, G]`` block keys (may be a slice of a larger buffer; last stride 1).
         rope: optional ``(cos, sin)``, each ``[B, G]``, at the token's position.
         backend: ``"auto"`` (Triton on CUDA when G is a power of two), ``"triton"`` or ``"torch"``.
@@ -368,7 +379,7 @@ def gate_scores(y, keys, rope=None, backend="auto"):
     if keys.dim() != 4:
         raise ValueError(f"keys must be [B, H, N, G], got shape {tuple(keys.shape)}")
     B, H, N, G = keys.shape
-    _check_gate_query(y, rope, B, H, G)
+    partner = _check_gate_query(y, rope, B, H, G)
     if not _use_triton_width(backend, keys, "gate_scores", "G", G):
         return gate_scores_ref(y, keys, rope)
     y, keys = (t if t.stride(-1) == 1 else t.contiguous() for t in (y, keys))
@@ -377,7 +388,7 @@ def gate_scores(y, keys, rope=None, backend="auto"):
     _gate_scores_kernel[(B * H, triton.cdiv(N, SCORE_CHUNK))](
         y, cos, sin, keys, out, N, H, y.stride(0), y.stride(1), cos.stride(0), sin.stride(0),
         keys.stride(0), keys.stride(1), keys.stride(2), out.stride(0), out.stride(1),
-        G=G, ROPE=rope is not None, CHUNK=SCORE_CHUNK, num_warps=4)
+        G=G, ROPE=rope is not None, PARTNER=partner, CHUNK=SCORE_CHUNK, num_warps=4)
     return out
 
 
@@ -460,7 +471,7 @@ def gate_top_blocks(y, keys, rope, bias, counts, k, backend="auto"):
     fused = N <= MAX_BLOCKS and _use_triton_width(backend, keys, "gate_top_blocks", "G", G)
     if not fused:
         return top_blocks(gate_scores(y, keys, rope, backend=backend), bias, counts, k, backend=backend)
-    _check_gate_query(y, rope, B, H, G)
+    partner = _check_gate_query(y, rope, B, H, G)
     _check_selection(bias, counts, k, B, H, N)
     y, keys = (t if t.stride(-1) == 1 else t.contiguous() for t in (y, keys))
     cos, sin = (t if t.stride(-1) == 1 else t.contiguous() for t in rope) if rope is not None else (y, y)
@@ -474,9 +485,8 @@ def gate_top_blocks(y, keys, rope, bias, counts, k, backend="auto"):
     _gate_top_blocks_kernel[(B * H, split)](
         y, cos, sin, keys, scratch, bias, counts, out, arrived, N, k, H, y.stride(0), y.stride(1), cos.stride(0),
         sin.stride(0), keys.stride(0), keys.stride(1), keys.stride(2), bias.stride(0), out.stride(0), out.stride(1),
-        G=G, ROPE=rope is not None, CHUNK=FUSED_CHUNK, BLOCK=max(16, triton.next_power_of_2(N)), BITS=TOP_BLOCKS_BITS,
-        EARLY=TOP_BLOCKS_EARLY_STOP,
-        SPLIT=split, num_warps=FUSED_WARPS)
+        G=G, ROPE=rope is not None, PARTNER=partner, CHUNK=FUSED_CHUNK, BLOCK=max(16, triton.next_power_of_2(N)),
+        BITS=TOP_BLOCKS_BITS, EARLY=TOP_BLOCKS_EARLY_STOP, SPLIT=split, num_warps=FUSED_WARPS)
     return out
 
 

@@ -297,13 +297,15 @@ def top_blocks_ref(scores, bias, counts, k):
 
 def gate_scores_ref(y, keys, rope=None):
     """Torch reference of :func:`~.decode_select.gate_scores`: float32 ``[B, H, N]`` logits of
-    the projected queries ``y`` ``[B, H, 2G]`` (rotated by ``rope`` = (cos, sin) ``[B, G]``;
-    ``[B, H, G]`` and no rotation without it) against block keys ``[B, H, N, G]``."""
+    the projected queries ``y`` ``[B, H, G]`` (rotated by ``rope`` = (cos, sin) ``[B, G]``, the
+    partner columns ``[-y[G/2:], y[:G/2]]``; with a ``y`` of width 2G, its second half) against
+    block keys ``[B, H, N, G]``."""
     G = keys.shape[-1]
     q = y.float()
     if rope is not None:
         cos, sin = (t.float()[:, None] for t in rope)
-        q = q[..., :G] * cos + q[..., G:] * sin
+        partner = q[..., G:] if q.shape[-1] == 2 * G else torch.cat([-q[..., G // 2:], q[..., :G // 2]], -1)
+        q = q[..., :G] * cos + partner * sin
     return torch.einsum("bhg,bhng->bhn", q, keys.float())
 
 

@@ -31,6 +31,12 @@ from .gate import _rotate_half
 from .selection import MASKED_LOGIT
 
 
+#: whether :meth:`DecodeGate.step_query`'s matmul also makes the query's RoPE partner columns (``[H, group * D,
+#: 2G]``: twice the weight read; the way up to session 44) instead of leaving them to the scoring kernel, which
+#: reads them from the map's own columns (``_rotate_half`` is a signed permutation); benchmarks may override it
+STEP_PARTNER_COLUMNS = True
+
+
 def _rope(x, rope):
     cos, sin = (t.float().unsqueeze(1) for t in rope)
     return x * cos + _rotate_half(x) * sin
@@ -82,18 +88,19 @@ class DecodeGate(nn.Module):
         return torch.matmul(qg.to(kg.dtype), kg.transpose(-1, -2)).float() / math.sqrt(self.hidden_size)
 
     def _step_weight(self, dtype):
-        """``q_weight`` for :meth:`step_logits` in ``dtype``: ``[H, group * D, 2G]`` (``[.., G]``
-        without RoPE), the map and its RoPE partner side by side, both times ``1 / sqrt(G)``.
-        RoPE is linear: ``rope(x W) = (x W) cos + (x W_rot) sin`` with ``W_rot`` the columns of
-        ``W`` rotated as ``_rotate_half`` rotates channels. Rebuilt when ``q_weight`` changes
-        (its version counter, storage, device or dtype)."""
+        """``q_weight`` for :meth:`step_logits` in ``dtype``, times ``1 / sqrt(G)``: ``[H, group * D, G]``,
+        or with :data:`STEP_PARTNER_COLUMNS` and RoPE ``[H, group * D, 2G]``, the map and its RoPE
+        partner side by side. RoPE is linear: ``rope(x W) = (x W) cos + (x W_rot) sin`` with
+        ``W_rot`` the columns of ``W`` rotated as ``_rotate_half`` rotates channels. Rebuilt when
+        ``q_weight`` changes (its version counter, storage, device or dtype) or the flag does."""
         w = self.q_weight
-        key = (w._version, w.data_ptr(), w.device, w.dtype, self.use_rope, dtype)
+        partner = STEP_PARTNER_COLUMNS and self.use_rope
+        key = (w._version, w.data_ptr(), w.device, w.dtype, partner, dtype)
         cached = getattr(self, "_step_weight_cache", None)
         if cached is None or cached[0] != key:
             with torch.no_grad():
                 wf = w.detach().float() / math.sqrt(self.hidden_size)
-                if self.use_rope:
+                if partner:
                     half = wf.shape[-1] // 2
                     wf = torch.cat([wf, -wf[..., half:], wf[..., :half]], dim=-1)
             cached = (key, wf.to(dtype).contiguous())
@@ -104,10 +111,10 @@ class DecodeGate(nn.Module):
     def step_query(self, q_pre, dtype, rope=None):
         """``(y, rope)`` for :func:`~seer_attn.kernels.decode_select.gate_scores` (or its fused
         selection, :func:`~seer_attn.kernels.decode_select.gate_top_blocks`) at a decode step: one
-        matmul projects the query and makes its RoPE partner (see :meth:`_step_weight`; the scale
-        is folded in) in ``dtype``, the keys' (the model's: the step's query and cached keys are);
-        ``y`` is ``[B, H, 2G]`` with ``rope``, ``[B, H, G]`` and ``rope`` None for a gate without
-        RoPE or when none is given.
+        matmul projects the query (see :meth:`_step_weight`; the scale is folded in) in ``dtype``,
+        the keys' (the model's: the step's query and cached keys are); ``y`` is ``[B, H, G]``
+        (``[B, H, 2G]``, the RoPE partner columns made too, with :data:`STEP_PARTNER_COLUMNS` and
+        ``rope``), and ``rope`` None for a gate without RoPE or when none is given.
 
         Args:
             q_pre: pre-RoPE queries of the new token ``[B, HQ, 1, D]``.
@@ -116,10 +123,11 @@ class DecodeGate(nn.Module):
         B, HQ, _, D = q_pre.shape
         H, G = self.num_kv_heads, self.hidden_size
         x = q_pre.reshape(B, H, (HQ // H) * D).transpose(0, 1).to(dtype)  # [H, B, group * D] (a view)
-        y = torch.bmm(x, self._step_weight(dtype)).transpose(0, 1)  # [B, H, G or 2G] (a view)
-        if self.use_rope and rope is not None:
-            return y, rope
-        return y[..., :G], None
+        w = self._step_weight(dtype)
+        if w.shape[-1] > G and (not self.use_rope or rope is None):
+            w = w[..., :G]  # no rotation: the partner columns are not needed
+        y = torch.bmm(x, w).transpose(0, 1)  # [B, H, G or 2G] (a view)
+        return (y, rope) if self.use_rope and rope is not None else (y, None)
 
     @torch.no_grad()
     def step_logits(self, q_pre, keys, rope=None):

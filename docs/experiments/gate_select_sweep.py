@@ -11,12 +11,17 @@ its own CUDA graph each of:
   bisection up to session 39; 2 / 4: 16 / 8 passes; 8: four 256-bin histograms, session 40);
 - ``fused_cC_wW_bB_sP``: bmm + gate_top_blocks (P programs per row score the row's keys C at a
   time into a scratch row, then the row's last selects; W warps);
+- ``two_b1_rot`` (session 44): ``two_b1`` with the query's matmul making G columns instead of 2G,
+  ``gate_scores`` making the RoPE partner columns from them (``decode_gate.STEP_PARTNER_COLUMNS``
+  off: half the matmul's weight read); ``two_b1_rot_wW``: that with ``top_blocks`` at W warps
+  whatever the row's length (``TOP_BLOCKS_WARPS``);
 - ``layer_...``: the same with the decode kernel over the selection (10% of the blocks),
 
 and checks that each variant keeps the same blocks as ``two_b1``: ``same`` is the share of rows
 with equal kept sets (summation order may move a near-tie).
 
     python docs/experiments/gate_select_sweep.py [--settings 1x131072 4x131072 16x32768 16x131072] [--out F]
+        [--no-fused] [--bits 1 2 4 8]
 
 Prints JSON lines as it goes and a table last; ``--out F`` writes a results envelope.
 """
@@ -32,6 +37,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 FUSED = [(64, 4, 1, 1), (64, 4, 2, 1), (64, 4, 4, 1), (64, 8, 2, 1), (128, 8, 2, 1), (64, 4, 2, 4), (64, 4, 2, 16),
          (64, 8, 4, 4), (64, 8, 4, 16)]
 TWO_BITS = [1, 2, 4, 8]
+SEL_WARPS = [1, 2, 4]
 
 
 def us(fn):
@@ -41,7 +47,7 @@ def us(fn):
 
 
 @torch.no_grad()
-def sweep(B, S, share, fused_configs=FUSED):
+def sweep(B, S, share, fused_configs=FUSED, bits=TWO_BITS):
     from decode_gate_profile import layer_inputs
     from seer_attn.kernels import block_sparse_decode
     from seer_attn.kernels import decode_select as ds
@@ -50,21 +56,34 @@ def sweep(B, S, share, fused_configs=FUSED):
         "gate", "keys", "q_pre", "q", "k", "v", "rope", "bias", "K", "cnt", "lens"))
     H = keys.shape[1]
     HQ, D = q_pre.shape[1], q_pre.shape[3]
-    w = gate._step_weight(keys.dtype)
+    from seer_attn.modeling_seer import decode_gate
+    kept_partner = decode_gate.STEP_PARTNER_COLUMNS
+    decode_gate.STEP_PARTNER_COLUMNS = True
+    try:
+        w = gate._step_weight(keys.dtype)  # [H, group * D, 2G]: the map, then its RoPE partner
+    finally:
+        decode_gate.STEP_PARTNER_COLUMNS = kept_partner
+    weights = {False: w, True: w[..., :w.shape[-1] // 2].contiguous()}  # rotated in gate_scores: G columns
 
-    def query():
-        return torch.bmm(q_pre.reshape(B, H, (HQ // H) * D).transpose(0, 1), w).transpose(0, 1)
+    def query(rot=False):
+        return torch.bmm(q_pre.reshape(B, H, (HQ // H) * D).transpose(0, 1), weights[rot]).transpose(0, 1)
 
     def two():
         return ds.top_blocks(ds.gate_scores(query(), keys, rope), bias, cnt, K)
 
+    def two_rot():
+        return ds.top_blocks(ds.gate_scores(query(True), keys, rope), bias, cnt, K)
+
     def fused():
         return ds.gate_top_blocks(query(), keys, rope, bias, cnt, K)
 
-    kept = dict(bits=ds.TOP_BLOCKS_BITS, chunk=ds.FUSED_CHUNK, warps=ds.FUSED_WARPS, split=ds.FUSED_SPLIT)
+    kept = dict(bits=ds.TOP_BLOCKS_BITS, chunk=ds.FUSED_CHUNK, warps=ds.FUSED_WARPS, split=ds.FUSED_SPLIT,
+                sel_warps=dict(ds.TOP_BLOCKS_WARPS))
     row = {"B": B, "S": S, "share": share, "K": K, "keys_MB": round(keys.numel() * 2 / 2 ** 20, 1)}
     ref = None
-    variants = [(f"two_b{b}", two, dict(bits=b)) for b in TWO_BITS]
+    variants = [(f"two_b{b}", two, dict(bits=b)) for b in sorted(set(bits) | {1})]
+    variants += [("two_b1_rot", two_rot, dict(bits=1))]
+    variants += [(f"two_b1_rot_w{wp}", two_rot, dict(bits=1, sel_warps={ds.MAX_BLOCKS: wp})) for wp in SEL_WARPS]
     variants += [(f"fused_c{c}_w{wp}_b{b}_s{sp}", fused, dict(bits=b, chunk=c, warps=wp, split=sp))
                  for c, wp, b, sp in fused_configs]
     try:
@@ -72,6 +91,8 @@ def sweep(B, S, share, fused_configs=FUSED):
             ds.TOP_BLOCKS_BITS = cfg["bits"]
             ds.FUSED_CHUNK, ds.FUSED_WARPS = cfg.get("chunk", kept["chunk"]), cfg.get("warps", kept["warps"])
             ds.FUSED_SPLIT = cfg.get("split", kept["split"])
+            ds.TOP_BLOCKS_WARPS.clear()
+            ds.TOP_BLOCKS_WARPS.update(cfg.get("sel_warps", kept["sel_warps"]))
             try:
                 idx = fn()
             except Exception as e:  # a variant that does not compile: recorded, the others still run
@@ -89,8 +110,11 @@ def sweep(B, S, share, fused_configs=FUSED):
     finally:
         ds.TOP_BLOCKS_BITS, ds.FUSED_CHUNK, ds.FUSED_WARPS = kept["bits"], kept["chunk"], kept["warps"]
         ds.FUSED_SPLIT = kept["split"]
+        ds.TOP_BLOCKS_WARPS.clear()
+        ds.TOP_BLOCKS_WARPS.update(kept["sel_warps"])
     idx = two()
     row["query"] = us(query)
+    row["query_rot"] = us(lambda: query(True))
     row["kernel"] = us(lambda: block_sparse_decode(q, k, v, idx, lens, block_counts=cnt, check_lengths=False))
     return row
 
@@ -100,6 +124,7 @@ def main(argv=None):
     ap.add_argument("--settings", nargs="+", default=["1x131072", "4x131072", "16x32768", "16x131072"])
     ap.add_argument("--share", type=float, default=0.1)
     ap.add_argument("--no-fused", action="store_true", help="only the two-launch variants (selection passes)")
+    ap.add_argument("--bits", type=int, nargs="+", default=TWO_BITS, help="two-launch selection bits to time")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -108,16 +133,22 @@ def main(argv=None):
     lines = []
     for setting in args.settings:
         B, S = (int(t) for t in setting.split("x"))
-        row = sweep(B, S, args.share, fused)
+        row = sweep(B, S, args.share, fused, args.bits)
         print(json.dumps(row), flush=True)
         lines.append(row)
         torch.cuda.empty_cache()
-    names = [f"two_b{b}" for b in TWO_BITS] + [f"fused_c{c}_w{wp}_b{b}_s{sp}" for c, wp, b, sp in fused]
-    print(f"\n# {torch.cuda.get_device_name()}: gate + selection, CUDA-graph median us (layer: + the decode kernel)")
-    print("B x cache | query | kernel | " + " | ".join(names))
+    names = [f"two_b{b}" for b in sorted(set(args.bits) | {1})] + ["two_b1_rot"]
+    names += [f"two_b1_rot_w{wp}" for wp in SEL_WARPS] + [f"fused_c{c}_w{wp}_b{b}_s{sp}" for c, wp, b, sp in fused]
+    for r in lines:  # the gate's share of the layer: (layer - kernel) / layer
+        for n in names:
+            if isinstance(r.get("layer_" + n), float) and isinstance(r["kernel"], float):
+                r["share_" + n] = round((r["layer_" + n] - r["kernel"]) / r["layer_" + n], 4)
+    print(f"\n# {torch.cuda.get_device_name()}: gate + selection, CUDA-graph median us (layer: + the decode kernel; "
+          "the gate's share of the layer)")
+    print("B x cache | query (2G / G) | kernel | " + " | ".join(names))
     for r in lines:
-        print(f"{r['B']} x {r['S'] // 1024}k | {r['query']} | {r['kernel']} | "
-              + " | ".join(f"{r[n]} / {r['layer_' + n]} ({r[n + '_same']})" for n in names))
+        print(f"{r['B']} x {r['S'] // 1024}k | {r['query']} / {r['query_rot']} | {r['kernel']} | "
+              + " | ".join(f"{r[n]} / {r['layer_' + n]} ({r[n + '_same']}, {r.get('share_' + n)})" for n in names))
     if args.out:
         from seer_attn.training.results import write_envelope
         write_envelope(args.out, "gate_select_sweep", lines, config=vars(args),

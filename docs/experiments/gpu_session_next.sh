@@ -272,6 +272,16 @@ case "$STEP" in
     timeout 360 "$PY" -m seer_attn.eval.bench_decode --lengths 131072 --batches 16 --e2e 4x131072 16x32768 \
       --layers 32 $SH --out "$OUT/decode32" > "$OUT/bench_decode32.log" 2>&1
     echo "bench_decode (32 layers $SH): exit $?"; sed -n '/^# /,$p' "$OUT/bench_decode32.log" | tail -n 9 ;;
+  s44-gate)  # issue 15 (session 44): the query's matmul making G columns, gate_scores the RoPE partners
+    # (decode_gate.STEP_PARTNER_COLUMNS off) and top_blocks at 1 / 2 / 4 warps, against the default, in one
+    # graph-replayed layer (gate_select_sweep.py); the gate kernels' GPU tests on both query widths; then s44-first
+    timeout 100 "$PY" -m pytest -q -p no:cacheprovider -rfE tests/kernels/test_gpu_decode.py -k "gate_scores or gate_top \
+      or top_blocks" > "$OUT/tests_gate.log" 2>&1
+    echo "test_gpu_decode -k gate: exit $?, $(tail -n 1 "$OUT/tests_gate.log")"; grep -E "^(FAILED|ERROR)" "$OUT/tests_gate.log"
+    timeout 150 "$PY" docs/experiments/gate_select_sweep.py --no-fused --bits 1 \
+      --settings 1x32768 16x32768 1x131072 16x131072 4x131072 --out "$OUT/gate_rot.json" > "$OUT/gate_rot.log" 2>&1
+    echo "gate_select_sweep: exit $?"; sed -n '/^# /,$p' "$OUT/gate_rot.log"; grep -E "Error" "$OUT/gate_rot.log" | tail -n 3
+    bash "$0" s44-first "$OUT" ;;
   s44-first)  # issue 15 (next session): bench-decode at the 8B shape's 32 layers (an H200 unshared, an H100 with
     # --shared-kv) with session 43's dense rows replayed from a graph (ours every block vs SDPA flash / cuDNN: the
     # end-to-end ratio's dense baseline), then the profile at 16 x 32k (the gate's kernels where its share misses)

@@ -89,19 +89,25 @@ def test_bad_arguments():
 
 # ----------------------------------------------------------------------------- gate_scores
 
-def _gate_case(B, H, N, G, seed, dtype, rope=True):
+def _gate_case(B, H, N, G, seed, dtype, rope=True, partner=True):
+    """``rope`` with ``partner``: y ``[B, H, 2G]``, the partner columns given; without: ``[B, H, G]``."""
     gen = torch.Generator().manual_seed(seed)
-    y = torch.randn(H, B, 2 * G if rope else G, generator=gen).to(dtype).transpose(0, 1)  # [B, H, .] a view
+    width = 2 * G if rope and partner else G
+    y = torch.randn(H, B, width, generator=gen).to(dtype).transpose(0, 1)  # [B, H, .] a view
     keys = torch.randn(B, H, N + 7, G, generator=gen).to(dtype)[:, :, :N]  # a slice of the cache's buffer
     e = torch.rand(B, G, generator=gen) * 6.0
     return y, keys, ((e.cos().to(dtype), e.sin().to(dtype)) if rope else None)
 
 
+ROPES = [(True, True), (True, False), (False, True)]
+ROPE_IDS = ["rope-partner-columns", "rope-rotated", "no-rope"]
+
+
 @pytest.mark.parametrize("B, H, N, G", [(2, 3, 1, 16), (1, 2, 63, 32), (3, 2, 64, 16), (2, 1, 130, 64)])
-@pytest.mark.parametrize("rope", [True, False], ids=["rope", "no-rope"])
+@pytest.mark.parametrize("rope, partner", ROPES, ids=ROPE_IDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_gate_scores_kernel_equals_the_reference(B, H, N, G, rope, dtype):
-    y, keys, r = _gate_case(B, H, N, G, N + G, dtype, rope)
+def test_gate_scores_kernel_equals_the_reference(B, H, N, G, rope, partner, dtype):
+    y, keys, r = _gate_case(B, H, N, G, N + G, dtype, rope, partner)
     got = gate_scores(y.to(DEV), keys.to(DEV), tuple(t.to(DEV) for t in r) if rope else None, backend="triton")
     assert got.dtype == torch.float32 and got.shape == (B, H, N)
     want = gate_scores_ref(y, keys, r)
@@ -117,11 +123,24 @@ def test_gate_scores_reference_rotates_then_scores():
     torch.testing.assert_close(gate_scores(y, keys, (cos, sin), backend="torch"), want)
 
 
+def test_gate_scores_reference_makes_the_partner_columns_as_rotate_half():
+    """A query of width G with rope scores as the same query with its partner columns
+    ``[-y[G/2:], y[:G/2]]`` (the gate's ``_rotate_half``) given after it."""
+    from seer_attn.modeling_seer.gate import _rotate_half
+    y, keys, r = _gate_case(2, 3, 9, 16, 1, torch.float32, partner=False)
+    want = gate_scores_ref(torch.cat([y, _rotate_half(y)], -1), keys, r)
+    torch.testing.assert_close(gate_scores_ref(y, keys, r), want)
+    torch.testing.assert_close(gate_scores(y.to(DEV), keys.to(DEV), tuple(t.to(DEV) for t in r),
+                                           backend="triton").cpu(), want, atol=1e-4, rtol=1e-4)
+
+
 def test_gate_scores_bad_arguments():
     y, keys, r = _gate_case(2, 3, 5, 16, 0, torch.float32)
-    with pytest.raises(ValueError, match=r"y must have shape \[B, H, 2G\] = \(2, 3, 32\), got \(2, 3, 16\)"):
-        gate_scores(y[..., :16], keys, r)
-    with pytest.raises(ValueError, match=r"y must have shape \[B, H, G\] = \(2, 3, 16\), got \(2, 3, 32\)"):
+    with pytest.raises(ValueError, match=r"y must have shape \[B, H, G\] = \(2, 3, 16\) or \[B, H, 2G\] = "
+                                         r"\(2, 3, 32\) with rope, got \(2, 3, 24\)"):
+        gate_scores(y[..., :24], keys, r)
+    with pytest.raises(ValueError, match=r"y must have shape \[B, H, G\] = \(2, 3, 16\) without rope, "
+                                         r"got \(2, 3, 32\)"):
         gate_scores(y, keys)
     with pytest.raises(ValueError, match=r"rope must be \(cos, sin\) of shape \[B, G\]"):
         gate_scores(y, keys, (r[0][:1], r[1]))
@@ -173,10 +192,10 @@ def test_top_blocks_radix_select_settles_every_key_byte(monkeypatch, spread):
 # ----------------------------------------------------------------------------- gate_top_blocks
 
 @pytest.mark.parametrize("B, H, N, G, k", [(2, 3, 1, 16, 1), (1, 2, 63, 32, 9), (2, 2, 130, 16, 20)])
-@pytest.mark.parametrize("rope", [True, False], ids=["rope", "no-rope"])
+@pytest.mark.parametrize("rope, partner", ROPES, ids=ROPE_IDS)
 @pytest.mark.parametrize("bits, split", [(1, 1), (0, 1), (2, 3), (8, 1)],
                          ids=["bisect", "bisect-early-stop", "bits2-split3", "radix"])
-def test_gate_top_blocks_equals_scores_then_selection(monkeypatch, B, H, N, G, k, rope, bits, split):
+def test_gate_top_blocks_equals_scores_then_selection(monkeypatch, B, H, N, G, k, rope, partner, bits, split):
     """The one-launch gate + selection keeps what the references keep: the torch scores (float32
     keys, so no near-ties move) then top_blocks' reference, with forced and masked blocks and
     counts from 0 to k; chunks of 32 keys, so rows of several chunks and a partial one; one
@@ -186,7 +205,7 @@ def test_gate_top_blocks_equals_scores_then_selection(monkeypatch, B, H, N, G, k
     monkeypatch.setattr(decode_select, "TOP_BLOCKS_EARLY_STOP", bits == 0)
     monkeypatch.setattr(decode_select, "FUSED_SPLIT", split)
     monkeypatch.setattr(decode_select, "FUSED_CHUNK", 32)
-    y, keys, r = _gate_case(B, H, N, G, N + G, torch.float32, rope)
+    y, keys, r = _gate_case(B, H, N, G, N + G, torch.float32, rope, partner)
     _, bias, n = _case(B, H, N, N) if N > 1 else (None, torch.zeros(B, 1, 1), torch.ones(B, H, dtype=torch.long))
     counts = torch.minimum(n, torch.tensor(k)).to(torch.int32)
     counts[0, 0] = 0
@@ -201,8 +220,8 @@ def test_gate_top_blocks_bad_arguments_and_torch_path():
     bias, counts = torch.zeros(2, 1, 5), torch.full((2, 3), 2, dtype=torch.int32)
     want = top_blocks_ref(gate_scores_ref(y, keys, r), bias, counts, 3)
     assert torch.equal(gate_top_blocks(y, keys, r, bias, counts, 3, backend="torch"), want)
-    with pytest.raises(ValueError, match=r"y must have shape \[B, H, 2G\] = \(2, 3, 32\), got \(2, 3, 16\)"):
-        gate_top_blocks(y[..., :16], keys, r, bias, counts, 3, backend="triton")
+    with pytest.raises(ValueError, match=r"y must have shape \[B, H, G\] = \(2, 3, 16\) or \[B, H, 2G\]"):
+        gate_top_blocks(y[..., :20], keys, r, bias, counts, 3, backend="triton")
     with pytest.raises(ValueError, match=r"bias must have shape \[B, 1, N\] = \(2, 1, 5\), got \(2, 3, 5\)"):
         gate_top_blocks(y, keys, r, torch.zeros(2, 3, 5), counts, 3, backend="triton")
     with pytest.raises(ValueError, match=r"counts must have shape \[B, H\] = \(2, 3\), got \(3, 2\)"):

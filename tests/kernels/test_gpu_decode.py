@@ -146,14 +146,16 @@ def test_top_blocks_at_real_shapes(monkeypatch, B, N, k, bits):
     assert torch.equal(got, top_blocks_ref(scores, bias, counts, k))
 
 
-@pytest.mark.parametrize("B, N", [(16, 2048), (4, 2049), (1, 16384)])
-def test_gate_scores_at_real_shapes(B, N):
-    """The decode gate's logits kernel at 128k-1M-token caches (8 KV heads, G 128, bf16 inputs,
-    keys a slice of a larger buffer as the pooled-K cache's): the float32 reference."""
+@pytest.mark.parametrize("B, N", [(16, 2048), (4, 2049), (1, 16384), (16, 512)])
+@pytest.mark.parametrize("width", [256, 128], ids=["partner-columns", "rotated"])
+def test_gate_scores_at_real_shapes(B, N, width):
+    """The decode gate's logits kernel at 32k-1M-token caches (8 KV heads, G 128, bf16 inputs,
+    keys a slice of a larger buffer as the pooled-K cache's; the query with its RoPE partner
+    columns or without): the float32 reference."""
     from seer_attn.kernels.decode_select import gate_scores
     from seer_attn.kernels.reference import gate_scores_ref
     gen = torch.Generator(device="cuda").manual_seed(N)
-    y = torch.randn(8, B, 256, device="cuda", generator=gen).to(torch.bfloat16).transpose(0, 1)
+    y = torch.randn(8, B, width, device="cuda", generator=gen).to(torch.bfloat16).transpose(0, 1)
     keys = torch.randn(B, 8, N + 64, 128, device="cuda", generator=gen).to(torch.bfloat16)[:, :, :N]
     e = torch.rand(B, 128, device="cuda", generator=gen) * 6.0
     rope = (e.cos().to(torch.bfloat16), e.sin().to(torch.bfloat16))
@@ -162,18 +164,20 @@ def test_gate_scores_at_real_shapes(B, N):
 
 
 @pytest.mark.parametrize("B, N, k", [(16, 2048, 205), (1, 2048, 205), (4, 2049, 32), (1, 16384, 1639)])
-@pytest.mark.parametrize("bits, split", [(1, 1), (2, 1), (4, 1), (8, 1), (2, 8)])
-def test_gate_top_blocks_at_real_shapes(monkeypatch, B, N, k, bits, split):
+@pytest.mark.parametrize("bits, split, width", [(1, 1, 256), (1, 1, 128), (2, 1, 256), (4, 1, 256), (8, 1, 256),
+                                                (2, 8, 128)])
+def test_gate_top_blocks_at_real_shapes(monkeypatch, B, N, k, bits, split, width):
     """The decode gate's scoring and selection in one launch at 128k-1M-token caches (8 KV heads,
-    G 128, bf16 inputs, keys a slice of a larger buffer; one program per row or eight): each row keeps ``counts`` blocks in
-    increasing order, the forced ones among them, and no left-out block scores more than a kept one
-    by the float32 reference's scores beyond float32 summation noise (a near-tie may go either way)."""
+    G 128, bf16 inputs, keys a slice of a larger buffer; one program per row or eight; the query with
+    its RoPE partner columns or without): each row keeps ``counts`` blocks in increasing order, the
+    forced ones among them, and no left-out block scores more than a kept one by the float32
+    reference's scores beyond float32 summation noise (a near-tie may go either way)."""
     from seer_attn.kernels import decode_select
     from seer_attn.kernels.reference import gate_scores_ref
     monkeypatch.setattr(decode_select, "TOP_BLOCKS_BITS", bits)
     monkeypatch.setattr(decode_select, "FUSED_SPLIT", split)
     gen = torch.Generator(device="cuda").manual_seed(N + bits)
-    y = torch.randn(8, B, 256, device="cuda", generator=gen).to(torch.bfloat16).transpose(0, 1)
+    y = torch.randn(8, B, width, device="cuda", generator=gen).to(torch.bfloat16).transpose(0, 1)
     keys = torch.randn(B, 8, N + 64, 128, device="cuda", generator=gen).to(torch.bfloat16)[:, :, :N]
     e = torch.rand(B, 128, device="cuda", generator=gen) * 6.0
     rope = (e.cos().to(torch.bfloat16), e.sin().to(torch.bfloat16))

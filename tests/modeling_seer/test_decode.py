@@ -70,13 +70,17 @@ def test_pooled_k_cache_equals_pooling_the_full_k_at_every_step(tiny, cache_kind
 
 # ----------------------------------------------------------------------------- decode gate
 
+@pytest.mark.parametrize("partner", [True, False], ids=["partner-columns", "rotated-in-kernel"])
 @pytest.mark.parametrize("use_rope", [True, False], ids=["rope", "no-rope"])
 @torch.no_grad()
-def test_step_logits_equal_the_gate_scores(use_rope):
-    """A decode step's two-matmul logits (RoPE folded into the query weight) equal the gate's
-    query / scores path, on keys that are a slice of a larger buffer (the cache's); the folded
-    weight follows q_weight when it changes in place."""
+def test_step_logits_equal_the_gate_scores(monkeypatch, use_rope, partner):
+    """A decode step's two-matmul logits (RoPE folded into the query weight, the partner columns
+    made by the matmul or by the scoring from the map's own) equal the gate's query / scores path,
+    on keys that are a slice of a larger buffer (the cache's); the folded weight follows q_weight
+    when it changes in place, and the flag."""
+    from seer_attn.modeling_seer import decode_gate
     from seer_attn.modeling_seer.decode_gate import DecodeGate
+    monkeypatch.setattr(decode_gate, "STEP_PARTNER_COLUMNS", not partner)
     gen = torch.Generator().manual_seed(2)
     gate = DecodeGate(8, 2, 16, hidden_size=32, use_rope=use_rope)
     B = 3
@@ -84,8 +88,12 @@ def test_step_logits_equal_the_gate_scores(use_rope):
     keys = torch.randn(B, 2, 12, 32, generator=gen)[:, :, :7]
     pos = torch.tensor([[5.0], [9.0], [100.0]])
     e = torch.cat([pos * 10000 ** (-torch.arange(0, 32, 2) / 32)] * 2, -1)  # [B, G]
+    gate.step_logits(q, keys, (e.cos(), e.sin()))  # caches the weight under the other setting
+    monkeypatch.setattr(decode_gate, "STEP_PARTNER_COLUMNS", partner)
     for _ in range(2):
         want = gate.scores(gate.query(q, rope=(e.cos()[:, None], e.sin()[:, None])), keys)
+        y, _ = gate.step_query(q, keys.dtype, (e.cos(), e.sin()))
+        assert y.shape == (B, 2, 64 if partner and use_rope else 32)
         torch.testing.assert_close(gate.step_logits(q, keys, (e.cos(), e.sin())), want, atol=2e-6, rtol=1e-5)
         gate.q_weight.mul_(-0.5)
 
