@@ -14,7 +14,8 @@ its own CUDA graph each of:
 - ``two_b1_rot`` (session 44): ``two_b1`` with the query's matmul making G columns instead of 2G,
   ``gate_scores`` making the RoPE partner columns from them (``decode_gate.STEP_PARTNER_COLUMNS``
   off: half the matmul's weight read); ``two_b1_rot_wW``: that with ``top_blocks`` at W warps
-  whatever the row's length (``TOP_BLOCKS_WARPS``);
+  whatever the row's length (``TOP_BLOCKS_WARPS``); ``two_b1_rot_cC``: ``gate_scores`` scoring C block
+  keys a program (``SCORE_CHUNK``, default 64);
 - ``layer_...``: the same with the decode kernel over the selection (10% of the blocks),
 
 and checks that each variant keeps the same blocks as ``two_b1``: ``same`` is the share of rows
@@ -38,6 +39,7 @@ FUSED = [(64, 4, 1, 1), (64, 4, 2, 1), (64, 4, 4, 1), (64, 8, 2, 1), (128, 8, 2,
          (64, 8, 4, 4), (64, 8, 4, 16)]
 TWO_BITS = [1, 2, 4, 8]
 SEL_WARPS = [1, 2, 4]
+SCORE_CHUNKS = [32, 128]
 
 
 def us(fn):
@@ -78,12 +80,13 @@ def sweep(B, S, share, fused_configs=FUSED, bits=TWO_BITS):
         return ds.gate_top_blocks(query(), keys, rope, bias, cnt, K)
 
     kept = dict(bits=ds.TOP_BLOCKS_BITS, chunk=ds.FUSED_CHUNK, warps=ds.FUSED_WARPS, split=ds.FUSED_SPLIT,
-                sel_warps=dict(ds.TOP_BLOCKS_WARPS))
+                sel_warps=dict(ds.TOP_BLOCKS_WARPS), score_chunk=ds.SCORE_CHUNK)
     row = {"B": B, "S": S, "share": share, "K": K, "keys_MB": round(keys.numel() * 2 / 2 ** 20, 1)}
     ref = None
     variants = [(f"two_b{b}", two, dict(bits=b)) for b in sorted(set(bits) | {1})]
     variants += [("two_b1_rot", two_rot, dict(bits=1))]
     variants += [(f"two_b1_rot_w{wp}", two_rot, dict(bits=1, sel_warps={ds.MAX_BLOCKS: wp})) for wp in SEL_WARPS]
+    variants += [(f"two_b1_rot_c{c}", two_rot, dict(bits=1, score_chunk=c)) for c in SCORE_CHUNKS]
     variants += [(f"fused_c{c}_w{wp}_b{b}_s{sp}", fused, dict(bits=b, chunk=c, warps=wp, split=sp))
                  for c, wp, b, sp in fused_configs]
     try:
@@ -93,6 +96,7 @@ def sweep(B, S, share, fused_configs=FUSED, bits=TWO_BITS):
             ds.FUSED_SPLIT = cfg.get("split", kept["split"])
             ds.TOP_BLOCKS_WARPS.clear()
             ds.TOP_BLOCKS_WARPS.update(cfg.get("sel_warps", kept["sel_warps"]))
+            ds.SCORE_CHUNK = cfg.get("score_chunk", kept["score_chunk"])
             try:
                 idx = fn()
             except Exception as e:  # a variant that does not compile: recorded, the others still run
@@ -112,6 +116,7 @@ def sweep(B, S, share, fused_configs=FUSED, bits=TWO_BITS):
         ds.FUSED_SPLIT = kept["split"]
         ds.TOP_BLOCKS_WARPS.clear()
         ds.TOP_BLOCKS_WARPS.update(kept["sel_warps"])
+        ds.SCORE_CHUNK = kept["score_chunk"]
     idx = two()
     row["query"] = us(query)
     row["query_rot"] = us(lambda: query(True))
@@ -138,7 +143,8 @@ def main(argv=None):
         lines.append(row)
         torch.cuda.empty_cache()
     names = [f"two_b{b}" for b in sorted(set(args.bits) | {1})] + ["two_b1_rot"]
-    names += [f"two_b1_rot_w{wp}" for wp in SEL_WARPS] + [f"fused_c{c}_w{wp}_b{b}_s{sp}" for c, wp, b, sp in fused]
+    names += [f"two_b1_rot_w{wp}" for wp in SEL_WARPS] + [f"two_b1_rot_c{c}" for c in SCORE_CHUNKS]
+    names += [f"fused_c{c}_w{wp}_b{b}_s{sp}" for c, wp, b, sp in fused]
     for r in lines:  # the gate's share of the layer: (layer - kernel) / layer
         for n in names:
             if isinstance(r.get("layer_" + n), float) and isinstance(r["kernel"], float):
