@@ -87,14 +87,15 @@ class DecodeGate(nn.Module):
         # in the keys' dtype (a decode step's cached keys are in the model's dtype: no float copy of them)
         return torch.matmul(qg.to(kg.dtype), kg.transpose(-1, -2)).float() / math.sqrt(self.hidden_size)
 
-    def _step_weight(self, dtype):
+    def _step_weight(self, dtype, partner=None):
         """``q_weight`` for :meth:`step_logits` in ``dtype``, times ``1 / sqrt(G)``: ``[H, group * D, G]``,
         or with :data:`STEP_PARTNER_COLUMNS` and RoPE ``[H, group * D, 2G]``, the map and its RoPE
         partner side by side. RoPE is linear: ``rope(x W) = (x W) cos + (x W_rot) sin`` with
         ``W_rot`` the columns of ``W`` rotated as ``_rotate_half`` rotates channels. Rebuilt when
-        ``q_weight`` changes (its version counter, storage, device or dtype) or the flag does."""
+        ``q_weight`` changes (its version counter, storage, device or dtype) or the flag does;
+        ``partner`` True / False overrides the flag (benchmarks)."""
         w = self.q_weight
-        partner = STEP_PARTNER_COLUMNS and self.use_rope
+        partner = (STEP_PARTNER_COLUMNS if partner is None else partner) and self.use_rope
         key = (w._version, w.data_ptr(), w.device, w.dtype, partner, dtype)
         cached = getattr(self, "_step_weight_cache", None)
         if cached is None or cached[0] != key:

@@ -40,7 +40,7 @@ def old_logits(gate, q_pre, keys, rope):
     B, HQ_, _, D_ = q_pre.shape
     N, dt = keys.shape[2], keys.dtype
     x = q_pre.reshape(B, H, (HQ_ // H) * D_).transpose(0, 1).to(dt)
-    y = torch.bmm(x, gate._step_weight(dt))
+    y = torch.bmm(x, gate._step_weight(dt, partner=True))
     qg = torch.empty(B, H, 1, G, dtype=dt, device=y.device)
     out = qg.view(B, H, G).transpose(0, 1)
     torch.mul(y[..., :G], rope[0], out=out)

@@ -58,14 +58,8 @@ def sweep(B, S, share, fused_configs=FUSED, bits=TWO_BITS):
         "gate", "keys", "q_pre", "q", "k", "v", "rope", "bias", "K", "cnt", "lens"))
     H = keys.shape[1]
     HQ, D = q_pre.shape[1], q_pre.shape[3]
-    from seer_attn.modeling_seer import decode_gate
-    kept_partner = decode_gate.STEP_PARTNER_COLUMNS
-    decode_gate.STEP_PARTNER_COLUMNS = True
-    try:
-        w = gate._step_weight(keys.dtype)  # [H, group * D, 2G]: the map, then its RoPE partner
-    finally:
-        decode_gate.STEP_PARTNER_COLUMNS = kept_partner
-    weights = {False: w, True: w[..., :w.shape[-1] // 2].contiguous()}  # rotated in gate_scores: G columns
+    # [H, group * D, 2G]: the map, then its RoPE partner; [.., G]: the partner made in gate_scores
+    weights = {False: gate._step_weight(keys.dtype, partner=True), True: gate._step_weight(keys.dtype, partner=False)}
 
     def query(rot=False):
         return torch.bmm(q_pre.reshape(B, H, (HQ // H) * D).transpose(0, 1), weights[rot]).transpose(0, 1)
