@@ -59,9 +59,12 @@ PRIOR_TILE = 8192
 PRIOR_CHUNK = SCORE_CHUNK
 #: prior_mix scores 16-bit means with tl.dot (the query heads padded to 16 rows); benchmarks may override it
 PRIOR_DOT = True
-#: launch warps of top_blocks by padded row length (the largest bound at or above it); benchmarks
-#: may override entries (docs/experiments/decode_step_sweep.py)
-TOP_BLOCKS_WARPS = {2048: 4, 8192: 8, MAX_BLOCKS: 16}
+#: launch warps of top_blocks by padded row length (the smallest bound at or above it); benchmarks
+#: may override entries (docs/experiments/decode_step_sweep.py). One warp for rows of up to 512 blocks
+#: (32k tokens; its counts need no cross-warp reduction) since session 44: a graph-replayed layer
+#: 0.35-0.5 us faster at 1 / 16 x 32k on an H100, 2-11 us slower at 2048 blocks
+#: (results/decode/h100_gate_rot_sweep.json)
+TOP_BLOCKS_WARPS = {512: 1, 2048: 4, 8192: 8, MAX_BLOCKS: 16}
 #: key bits each selection pass settles (1: bisection, 32 passes; 2 / 4: 16 / 8 passes of 4 / 16
 #: counts each; 8: 4 passes of a 256-bin histogram, a radix select); benchmarks may override it. 1
 #: measured fastest on the H100 (sessions 39 and 41: results/decode/h100_gate_select_sweep*.json)

@@ -33,8 +33,10 @@ from .selection import MASKED_LOGIT
 
 #: whether :meth:`DecodeGate.step_query`'s matmul also makes the query's RoPE partner columns (``[H, group * D,
 #: 2G]``: twice the weight read; the way up to session 44) instead of leaving them to the scoring kernel, which
-#: reads them from the map's own columns (``_rotate_half`` is a signed permutation); benchmarks may override it
-STEP_PARTNER_COLUMNS = True
+#: reads them from the map's own columns (``_rotate_half`` is a signed permutation); benchmarks may override it.
+#: Off since session 44: a graph-replayed layer 0.2-1.2 us faster at 1 / 16 x 32k / 128k on an H100, the same
+#: blocks kept (results/decode/h100_gate_rot_sweep.json)
+STEP_PARTNER_COLUMNS = False
 
 
 def _rope(x, rope):
