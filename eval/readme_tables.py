@@ -656,6 +656,26 @@ def decode_gate_select_h100(root) -> str:
                          "sparse ms/token", "speed-up", "layers fused"], rows)
 
 
+def decode_gate_rot_h100(root) -> str:
+    """Session 44: the query's matmul making G columns (gate_scores makes the RoPE partners), top_blocks'
+    warps and gate_scores' keys per program, each in one graph-replayed sparse layer."""
+    path = "results/decode/h100_gate_rot_sweep.json"
+    sw = load_envelope(root, path)
+    cols = [("two_b1", "2G query (up to session 44)"), ("two_b1_rot", "G query"), ("two_b1_rot_w1", "G, 1 warp"),
+            ("two_b1_rot_w2", "G, 2 warps"), ("two_b1_rot_w4", "G, 4 warps"), ("two_b1_rot_c32", "G, 32 keys"),
+            ("two_b1_rot_c128", "G, 128 keys")]
+    body = [[f"{r['B']} x {_tokens(r['S'])}", f"{r['query']} / {r['query_rot']}", r["kernel"]]
+            + [f"{r['layer_' + k]:.1f} ({100 * r['share_' + k]:.1f}%)" for k, _ in cols] for r in sw["rows"]]
+    same = all(r[k + "_same"] == 1.0 for r in sw["rows"] for k, _ in cols)
+    out = (f"{sw['provenance']['gpu']}, commit {_commit(sw['provenance'])} ({path}); one sparse layer (query "
+           "projection, `gate_scores`, `top_blocks`, the decode kernel) replayed from a CUDA graph, median us, and the "
+           "gate's share of it (1 - kernel / layer), 8B attention shape, share 0.1; `query`: the projection alone, "
+           "2G / G columns; `kernel`: the decode kernel alone; warps: `top_blocks` at that many whatever the row's "
+           "length (else 4 up to 2048 blocks); keys: per `gate_scores` program (else 64); "
+           + ("every variant kept the same blocks" if same else "the kept blocks differed in some rows") + ":\n\n")
+    return out + _table(["B x cache", "query", "kernel"] + [label for _, label in cols], body)
+
+
 def _decode_graph_gate(row_paths, e2e_paths, note=""):
     """bench-decode with the graph row as the graph step runs it (the gate's share of a sparse layer
     against issue 15's anchors) and time per output token (session 39 on)."""
@@ -1045,6 +1065,7 @@ TABLES = {
     "decode-prior-h100": decode_prior_h100,
     "decode-free-h100": decode_free_h100,
     "decode-gate-select-h100": decode_gate_select_h100,
+    "decode-gate-rot-h100": decode_gate_rot_h100,
     "decode-graph-gate-h200": _decode_graph_gate(
         ["results/decode/h200_graph_gate_32k.json", "results/decode/h200_graph_gate_128k.json"],
         ["results/decode/h200_graph_gate_32k.json", "results/decode/h200_graph_gate_128k.json"]),
