@@ -10,7 +10,7 @@ its own CUDA graph each of:
 - ``two_bB``: bmm + gate_scores + top_blocks settling B key bits per selection pass (1: the
   bisection up to session 39; 2 / 4: 16 / 8 passes; 8: four 256-bin histograms, session 40);
 - ``fused_cC_wW_bB_sP``: bmm + gate_top_blocks (P programs per row score the row's keys C at a
-  time into a scratch row, then the row's last selects; W warps);
+  time into a scratch row, then the row's last selects; W warps; the G-column query since session 44);
 - ``two_b1_rot`` (session 44): ``two_b1`` with the query's matmul making G columns instead of 2G,
   ``gate_scores`` making the RoPE partner columns from them (``decode_gate.STEP_PARTNER_COLUMNS``
   off: half the matmul's weight read); ``two_b1_rot_wW``: that with ``top_blocks`` at W warps
@@ -22,7 +22,7 @@ and checks that each variant keeps the same blocks as ``two_b1``: ``same`` is th
 with equal kept sets (summation order may move a near-tie).
 
     python docs/experiments/gate_select_sweep.py [--settings 1x131072 4x131072 16x32768 16x131072] [--out F]
-        [--no-fused] [--bits 1 2 4 8]
+        [--no-fused | --fused C,W,B,S ...] [--bits 1 2 4 8]
 
 Prints JSON lines as it goes and a table last; ``--out F`` writes a results envelope.
 """
@@ -70,8 +70,8 @@ def sweep(B, S, share, fused_configs=FUSED, bits=TWO_BITS):
     def two_rot():
         return ds.top_blocks(ds.gate_scores(query(True), keys, rope), bias, cnt, K)
 
-    def fused():
-        return ds.gate_top_blocks(query(), keys, rope, bias, cnt, K)
+    def fused():  # the G-column query since session 44 (2G before)
+        return ds.gate_top_blocks(query(True), keys, rope, bias, cnt, K)
 
     kept = dict(bits=ds.TOP_BLOCKS_BITS, chunk=ds.FUSED_CHUNK, warps=ds.FUSED_WARPS, split=ds.FUSED_SPLIT,
                 sel_warps=dict(ds.TOP_BLOCKS_WARPS), score_chunk=ds.SCORE_CHUNK)
@@ -124,11 +124,17 @@ def main(argv=None):
     ap.add_argument("--share", type=float, default=0.1)
     ap.add_argument("--no-fused", action="store_true", help="only the two-launch variants (selection passes)")
     ap.add_argument("--bits", type=int, nargs="+", default=TWO_BITS, help="two-launch selection bits to time")
+    ap.add_argument("--fused", nargs="+", default=None, metavar="C,W,B,S",
+                    help="the one-launch configs to time (keys a step, warps, bits, programs a row; default: the "
+                         "session 39 list)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("gate_select_sweep.py needs a CUDA GPU")
-    fused = [] if args.no_fused else FUSED
+    fused = [] if args.no_fused else FUSED if args.fused is None else [tuple(int(x) for x in f.split(","))
+                                                                        for f in args.fused]
+    if any(len(f) != 4 for f in fused):
+        raise SystemExit(f"--fused takes C,W,B,S quadruples, got {args.fused}")
     lines = []
     for setting in args.settings:
         B, S = (int(t) for t in setting.split("x"))

@@ -292,7 +292,10 @@ case "$STEP" in
     if nvidia-smi | grep -q H200; then SH=""; else SH="--shared-kv"; fi
     timeout 240 "$PY" -m seer_attn.eval.bench_decode --lengths 32768 131072 --batches 1 4 16 --e2e 4x131072 16x32768 \
       --layers 32 $SH --out "$OUT/decode32" > "$OUT/bench_decode32.log" 2>&1
-    echo "bench_decode (32 layers $SH): exit $?"; sed -n '/^# /,$p' "$OUT/bench_decode32.log" | tail -n 20 ;;
+    echo "bench_decode (32 layers $SH): exit $?"; sed -n '/^# /,$p' "$OUT/bench_decode32.log" | tail -n 20
+    timeout 100 "$PY" docs/experiments/gate_select_sweep.py --bits 1 --fused 64,4,1,8 64,4,1,16 32,4,1,16 \
+      --settings 1x32768 16x32768 1x131072 --out "$OUT/gate_fused.json" > "$OUT/gate_fused.log" 2>&1
+    echo "gate_select_sweep --fused: exit $?"; sed -n '/^# /,$p' "$OUT/gate_fused.log"; grep -E "Error" "$OUT/gate_fused.log" | tail -n 3 ;;
   s44-first)  # issue 15 (next session): bench-decode at the 8B shape's 32 layers (an H200 unshared, an H100 with
     # --shared-kv) with session 43's dense rows replayed from a graph (ours every block vs SDPA flash / cuDNN: the
     # end-to-end ratio's dense baseline), then the profile at 16 x 32k (the gate's kernels where its share misses)
