@@ -283,19 +283,20 @@ case "$STEP" in
     echo "gate_select_sweep: exit $?"; sed -n '/^# /,$p' "$OUT/gate_rot.log"; grep -E "Error" "$OUT/gate_rot.log" | tail -n 3
     bash "$0" s44-first "$OUT" ;;
   s44-defaults)  # issue 15 (session 44): after s44-gate, the G-column query and one-warp top_blocks at <= 512 blocks
-    # are the defaults: the decode kernels' GPU tests in full and the model's decode GPU tests, then bench-decode's
-    # kernel rows (the gate's share) and the end to end at 32 layers (an H200 unshared, an H100 with --shared-kv)
-    timeout 230 "$PY" -m pytest -q -p no:cacheprovider -rfE tests/kernels/test_gpu_decode.py > "$OUT/tests_decode.log" 2>&1
-    echo "test_gpu_decode: exit $?, $(tail -n 1 "$OUT/tests_decode.log")"; grep -E "^(FAILED|ERROR)" "$OUT/tests_decode.log"
-    timeout 100 "$PY" -m pytest -q -p no:cacheprovider -rfE tests/modeling_seer/test_decode_gpu.py > "$OUT/tests_model.log" 2>&1
-    echo "test_decode_gpu: exit $?, $(tail -n 1 "$OUT/tests_model.log")"; grep -E "^(FAILED|ERROR)" "$OUT/tests_model.log"
+    # are the defaults: bench-decode's kernel rows (the gate's share) and the end to end at 32 layers (an H200
+    # unshared, an H100 with --shared-kv), the decode kernels' GPU tests, one-launch gate configs, the model's decode
+    # GPU tests
     if nvidia-smi | grep -q H200; then SH=""; else SH="--shared-kv"; fi
-    timeout 240 "$PY" -m seer_attn.eval.bench_decode --lengths 32768 131072 --batches 1 4 16 --e2e 4x131072 16x32768 \
+    timeout 200 "$PY" -m seer_attn.eval.bench_decode --lengths 32768 131072 --batches 1 4 16 --e2e 4x131072 16x32768 \
       --layers 32 $SH --out "$OUT/decode32" > "$OUT/bench_decode32.log" 2>&1
     echo "bench_decode (32 layers $SH): exit $?"; sed -n '/^# /,$p' "$OUT/bench_decode32.log" | tail -n 20
-    timeout 100 "$PY" docs/experiments/gate_select_sweep.py --bits 1 --fused 64,4,1,8 64,4,1,16 32,4,1,16 \
+    timeout 190 "$PY" -m pytest -q -p no:cacheprovider -rfE tests/kernels/test_gpu_decode.py > "$OUT/tests_decode.log" 2>&1
+    echo "test_gpu_decode: exit $?, $(tail -n 1 "$OUT/tests_decode.log")"; grep -E "^(FAILED|ERROR)" "$OUT/tests_decode.log"
+    timeout 80 "$PY" docs/experiments/gate_select_sweep.py --bits 1 --fused 64,4,1,8 64,4,1,16 32,4,1,16 \
       --settings 1x32768 16x32768 1x131072 --out "$OUT/gate_fused.json" > "$OUT/gate_fused.log" 2>&1
-    echo "gate_select_sweep --fused: exit $?"; sed -n '/^# /,$p' "$OUT/gate_fused.log"; grep -E "Error" "$OUT/gate_fused.log" | tail -n 3 ;;
+    echo "gate_select_sweep --fused: exit $?"; sed -n '/^# /,$p' "$OUT/gate_fused.log"; grep -E "Error" "$OUT/gate_fused.log" | tail -n 3
+    timeout 90 "$PY" -m pytest -q -p no:cacheprovider -rfE tests/modeling_seer/test_decode_gpu.py > "$OUT/tests_model.log" 2>&1
+    echo "test_decode_gpu: exit $?, $(tail -n 1 "$OUT/tests_model.log")"; grep -E "^(FAILED|ERROR)" "$OUT/tests_model.log" ;;
   s44-first)  # issue 15 (next session): bench-decode at the 8B shape's 32 layers (an H200 unshared, an H100 with
     # --shared-kv) with session 43's dense rows replayed from a graph (ours every block vs SDPA flash / cuDNN: the
     # end-to-end ratio's dense baseline), then the profile at 16 x 32k (the gate's kernels where its share misses)
