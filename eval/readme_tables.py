@@ -704,6 +704,21 @@ def _decode_graph_gate(row_paths, e2e_paths, note=""):
     return table
 
 
+def _decode_dense_graph(path):
+    """Session 44: dense decode replayed from a CUDA graph, our kernel over every block (the end-to-end rows'
+    dense side) against SDPA's flash and cuDNN kernels, none paying the launch's host time."""
+    def table(root) -> str:
+        env = load_envelope(root, path)
+        body = [[r["B"], _tokens(r["S"]), f"{r['ours_all_graph'] * 1e3:.1f}", f"{r['sdpa_flash_graph'] * 1e3:.1f}",
+                 f"{r['sdpa_cudnn_graph'] * 1e3:.1f}", f"{r['ours_all_graph'] / r['sdpa_flash_graph']:.3f}x",
+                 f"{r['ours_all_graph'] / r['sdpa_cudnn_graph']:.3f}x"] for r in env["rows"]]
+        out = (f"{env['provenance']['gpu']}, commit {_commit(env['provenance'])} ({path}); dense decode of one "
+               "layer, 32 query / 8 KV heads, d128, bf16, each kernel replayed from a CUDA graph (us):\n\n")
+        return out + _table(["B", "cache", "ours, every block", "SDPA flash", "SDPA cuDNN", "ours / flash",
+                             "ours / cuDNN"], body)
+    return table
+
+
 def decode_shared_kv_check_h100(root) -> str:
     """Session 43: the end-to-end profile at 16 layers with every layer's KV cache its own and with
     one buffer for all (bench-decode's ``--shared-kv``): the same time per token is what lets the
@@ -1082,6 +1097,11 @@ TABLES = {
         ["results/decode/h100_bench_32layers_shared_kv_a.json", "results/decode/h100_bench_32layers_shared_kv.json"],
         " (session 43, two runs on one machine; end to end the 8B shape's 32 layers with `--shared-kv`: every layer's "
         "KV cache one buffer, each layer's reads still from HBM; layers fused: and `seer_merge_projections`)"),
+    "decode-e2e-32-h200": _decode_graph_gate(
+        ["results/decode/h200_bench_32layers.json"], ["results/decode/h200_bench_32layers.json"],
+        " (session 44: the G-column gate query and one-warp `top_blocks` at <= 512 blocks; end to end the 8B shape's 32 "
+        "layers, each its own KV cache; layers fused: and `seer_merge_projections`)"),
+    "decode-dense-graph-h200": _decode_dense_graph("results/decode/h200_bench_32layers.json"),
     "decode-shared-kv-check-h100": decode_shared_kv_check_h100,
     "decode-kernel-tma-h100": decode_kernel_tma_h100,
     "decode-e2e-profile-tma-h100": _e2e_profile(
