@@ -1099,8 +1099,8 @@ TABLES = {
         "KV cache one buffer, each layer's reads still from HBM; layers fused: and `seer_merge_projections`)"),
     "decode-e2e-32-h200": _decode_graph_gate(
         ["results/decode/h200_bench_32layers.json"], ["results/decode/h200_bench_32layers.json"],
-        " (session 44: the G-column gate query and one-warp `top_blocks` at <= 512 blocks; end to end the 8B shape's 32 "
-        "layers, each its own KV cache; layers fused: and `seer_merge_projections`)"),
+        " (session 44: the G-column gate query and one-warp `top_blocks` at <= 512 blocks; end to end the 8B "
+        "shape's 32 layers, each its own KV cache; layers fused: and `seer_merge_projections`)"),
     "decode-dense-graph-h200": _decode_dense_graph("results/decode/h200_bench_32layers.json"),
     "decode-shared-kv-check-h100": decode_shared_kv_check_h100,
     "decode-kernel-tma-h100": decode_kernel_tma_h100,

@@ -100,6 +100,15 @@
 # c7ff6a1. Next: s44-first (32 layers with the dense rows replayed from a graph; the 16 x 32k profile), on an H200 if
 # one comes (s43-h200 for its TMA sweep too).
 #
+# Session 44 (two H100 calls and one H200 call among ~8 refused starts, ~1000 s of the budget): s44-gate on an H100
+# (the G-column gate query and one-warp top_blocks at <= 512 blocks: 16 x 32k gate share 16.8% -> 15.8%; both the
+# defaults since cf1b800; s44-first's 32 layers 3.07x / 3.03x again, the dense rows replayed from a graph at flash's
+# rate; its bench envelope nested too deep to come back), s44-defaults on an H200 at 851e47e (32 layers unshared
+# 2.85x / 2.86x; test_gpu_decode 72 passed, test_decode_gpu 10 passed; the --fused sweep cut after 1 x 32k: one
+# launch slower). Next: s44-fused-rest (the one-launch configs at 16 x 32k / 1 x 128k, ~80 s), then issue 15's
+# H200 gap (~11 us a layer: the gate's ~18 us and the kernel's 70 us at 4 x 128k) if an idea comes first.
+# Keep $OUT's files at most two folders deep (a step that calls another step nests a level).
+#
 # Session 29: distill --gate-hidden-size / --q-pooling / --k-pooling exist now; gate-capacity measures them (issue 17's
 # untried "gate capacity" direction) after gate-calib-coverage and decode-distill. Session 29 got no machine (every start
 # refused); its CPU screen of wide / qmax (gate_quality.md section 11) gains <= 1% at 0.1. Next session: the same plan.
@@ -297,6 +306,10 @@ case "$STEP" in
     echo "gate_select_sweep --fused: exit $?"; sed -n '/^# /,$p' "$OUT/gate_fused.log"; grep -E "Error" "$OUT/gate_fused.log" | tail -n 3
     timeout 90 "$PY" -m pytest -q -p no:cacheprovider -rfE tests/modeling_seer/test_decode_gpu.py > "$OUT/tests_model.log" 2>&1
     echo "test_decode_gpu: exit $?, $(tail -n 1 "$OUT/tests_model.log")"; grep -E "^(FAILED|ERROR)" "$OUT/tests_model.log" ;;
+  s44-fused-rest)  # issue 15 (next session): the one-launch gate configs where s44-defaults' call ran out of time
+    timeout 100 "$PY" docs/experiments/gate_select_sweep.py --bits 1 --fused 64,4,1,8 64,4,1,16 32,4,1,16 \
+      --settings 16x32768 1x131072 4x131072 --out "$OUT/gate_fused.json" > "$OUT/gate_fused.log" 2>&1
+    echo "gate_select_sweep --fused: exit $?"; sed -n '/^# /,$p' "$OUT/gate_fused.log"; grep -E "Error" "$OUT/gate_fused.log" | tail -n 3 ;;
   s44-first)  # issue 15 (next session): bench-decode at the 8B shape's 32 layers (an H200 unshared, an H100 with
     # --shared-kv) with session 43's dense rows replayed from a graph (ours every block vs SDPA flash / cuDNN: the
     # end-to-end ratio's dense baseline), then the profile at 16 x 32k (the gate's kernels where its share misses)
