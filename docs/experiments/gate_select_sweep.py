@@ -64,11 +64,11 @@ def sweep(B, S, share, fused_configs=FUSED, bits=TWO_BITS):
     def query(rot=False):
         return torch.bmm(q_pre.reshape(B, H, (HQ // H) * D).transpose(0, 1), weights[rot]).transpose(0, 1)
 
-    def two():
-        return ds.top_blocks(ds.gate_scores(query(), keys, rope), bias, cnt, K)
+    def two(rot=False):
+        return ds.top_blocks(ds.gate_scores(query(rot), keys, rope), bias, cnt, K)
 
     def two_rot():
-        return ds.top_blocks(ds.gate_scores(query(True), keys, rope), bias, cnt, K)
+        return two(True)
 
     def fused():  # the G-column query since session 44 (2G before)
         return ds.gate_top_blocks(query(True), keys, rope, bias, cnt, K)
@@ -142,9 +142,7 @@ def main(argv=None):
         print(json.dumps(row), flush=True)
         lines.append(row)
         torch.cuda.empty_cache()
-    names = [f"two_b{b}" for b in sorted(set(args.bits) | {1})] + ["two_b1_rot"]
-    names += [f"two_b1_rot_w{wp}" for wp in SEL_WARPS] + [f"two_b1_rot_c{c}" for c in SCORE_CHUNKS]
-    names += [f"fused_c{c}_w{wp}_b{b}_s{sp}" for c, wp, b, sp in fused]
+    names = [k[len("layer_"):] for k in lines[0] if k.startswith("layer_")]  # sweep's variants, in its order
     for r in lines:  # the gate's share of the layer: (layer - kernel) / layer
         for n in names:
             if isinstance(r.get("layer_" + n), float) and isinstance(r["kernel"], float):
