@@ -15,18 +15,22 @@ its own CUDA graph each of:
   ``gate_scores`` making the RoPE partner columns from them (``decode_gate.STEP_PARTNER_COLUMNS``
   off: half the matmul's weight read); ``two_b1_rot_wW``: that with ``top_blocks`` at W warps
   whatever the row's length (``TOP_BLOCKS_WARPS``); ``two_b1_rot_cC``: ``gate_scores`` scoring C block
-  keys a program (``SCORE_CHUNK``, default 64);
-- ``layer_...``: the same with the decode kernel over the selection (10% of the blocks),
+  keys a program (``SCORE_CHUNK``, default 64); ``two_b1_rot_v`` (session 45): the bisection over the
+  row's finite values before the key search (``TOP_BLOCKS_VALUE_SEARCH``);
+- ``layer_...``: the same with the decode kernel over the selection (10% of the blocks); ``kernel``: that
+  kernel alone, and ``kernel_merge`` (session 45) with each pair's last part merging the partials
+  (``DECODE_OPTIONS["merge"]``) instead of the combine launch,
 
 and checks that each variant keeps the same blocks as ``two_b1``: ``same`` is the share of rows
 with equal kept sets (summation order may move a near-tie).
 
     python docs/experiments/gate_select_sweep.py [--settings 1x131072 4x131072 16x32768 16x131072] [--out F]
-        [--no-fused | --fused C,W,B,S ...] [--bits 1 2 4 8]
+        [--no-fused | --fused C,W,B,S ...] [--bits 1 2 4 8] [--only NAME ...]
 
 Prints JSON lines as it goes and a table last; ``--out F`` writes a results envelope.
 """
 import argparse
+import importlib
 import json
 import os
 import sys
@@ -49,7 +53,7 @@ def us(fn):
 
 
 @torch.no_grad()
-def sweep(B, S, share, fused_configs=FUSED, bits=TWO_BITS):
+def sweep(B, S, share, fused_configs=FUSED, bits=TWO_BITS, only=None):
     from decode_gate_profile import layer_inputs
     from seer_attn.kernels import block_sparse_decode
     from seer_attn.kernels import decode_select as ds
@@ -74,15 +78,18 @@ def sweep(B, S, share, fused_configs=FUSED, bits=TWO_BITS):
         return ds.gate_top_blocks(query(True), keys, rope, bias, cnt, K)
 
     kept = dict(bits=ds.TOP_BLOCKS_BITS, chunk=ds.FUSED_CHUNK, warps=ds.FUSED_WARPS, split=ds.FUSED_SPLIT,
-                sel_warps=dict(ds.TOP_BLOCKS_WARPS), score_chunk=ds.SCORE_CHUNK)
+                sel_warps=dict(ds.TOP_BLOCKS_WARPS), score_chunk=ds.SCORE_CHUNK, value=ds.TOP_BLOCKS_VALUE_SEARCH)
     row = {"B": B, "S": S, "share": share, "K": K, "keys_MB": round(keys.numel() * 2 / 2 ** 20, 1)}
     ref = None
     variants = [(f"two_b{b}", two, dict(bits=b)) for b in sorted(set(bits) | {1})]
     variants += [("two_b1_rot", two_rot, dict(bits=1))]
     variants += [(f"two_b1_rot_w{wp}", two_rot, dict(bits=1, sel_warps={ds.MAX_BLOCKS: wp})) for wp in SEL_WARPS]
     variants += [(f"two_b1_rot_c{c}", two_rot, dict(bits=1, score_chunk=c)) for c in SCORE_CHUNKS]
+    variants += [("two_b1_rot_v", two_rot, dict(bits=1, value=True))]
     variants += [(f"fused_c{c}_w{wp}_b{b}_s{sp}", fused, dict(bits=b, chunk=c, warps=wp, split=sp))
                  for c, wp, b, sp in fused_configs]
+    if only:  # two_b1 stays: the reference kept sets
+        variants = [v for v in variants if v[0] == "two_b1" or v[0] in only]
     try:
         for name, fn, cfg in variants:
             ds.TOP_BLOCKS_BITS = cfg["bits"]
@@ -91,6 +98,7 @@ def sweep(B, S, share, fused_configs=FUSED, bits=TWO_BITS):
             ds.TOP_BLOCKS_WARPS.clear()
             ds.TOP_BLOCKS_WARPS.update(cfg.get("sel_warps", kept["sel_warps"]))
             ds.SCORE_CHUNK = cfg.get("score_chunk", kept["score_chunk"])
+            ds.TOP_BLOCKS_VALUE_SEARCH = cfg.get("value", False)
             try:
                 idx = fn()
             except Exception as e:  # a variant that does not compile: recorded, the others still run
@@ -111,10 +119,19 @@ def sweep(B, S, share, fused_configs=FUSED, bits=TWO_BITS):
         ds.TOP_BLOCKS_WARPS.clear()
         ds.TOP_BLOCKS_WARPS.update(kept["sel_warps"])
         ds.SCORE_CHUNK = kept["score_chunk"]
+        ds.TOP_BLOCKS_VALUE_SEARCH = kept["value"]
     idx = two()
     row["query"] = us(query)
     row["query_rot"] = us(lambda: query(True))
     row["kernel"] = us(lambda: block_sparse_decode(q, k, v, idx, lens, block_counts=cnt, check_lengths=False))
+    dk = importlib.import_module("seer_attn.kernels.block_sparse_decode")
+    kept_merge = dk.DECODE_OPTIONS["merge"]
+    try:  # the kernel whose last part of each pair merges (session 45) against the combine launch above
+        dk.DECODE_OPTIONS["merge"] = not kept_merge
+        row["kernel_merge" if not kept_merge else "kernel_combine"] = us(
+            lambda: block_sparse_decode(q, k, v, idx, lens, block_counts=cnt, check_lengths=False))
+    finally:
+        dk.DECODE_OPTIONS["merge"] = kept_merge
     return row
 
 
@@ -127,6 +144,8 @@ def main(argv=None):
     ap.add_argument("--fused", nargs="+", default=None, metavar="C,W,B,S",
                     help="the one-launch configs to time (keys a step, warps, bits, programs a row; default: the "
                          "session 39 list)")
+    ap.add_argument("--only", nargs="+", default=None, metavar="NAME",
+                    help="time only these variants (and two_b1, the reference)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -138,7 +157,7 @@ def main(argv=None):
     lines = []
     for setting in args.settings:
         B, S = (int(t) for t in setting.split("x"))
-        row = sweep(B, S, args.share, fused, args.bits)
+        row = sweep(B, S, args.share, fused, args.bits, args.only)
         print(json.dumps(row), flush=True)
         lines.append(row)
         torch.cuda.empty_cache()
@@ -149,9 +168,10 @@ def main(argv=None):
                 r["share_" + n] = round((r["layer_" + n] - r["kernel"]) / r["layer_" + n], 4)
     print(f"\n# {torch.cuda.get_device_name()}: gate + selection, CUDA-graph median us (layer: + the decode kernel; "
           "the gate's share of the layer)")
-    print("B x cache | query (2G / G) | kernel | " + " | ".join(names))
+    print("B x cache | query (2G / G) | kernel (merge in kernel) | " + " | ".join(names))
     for r in lines:
-        print(f"{r['B']} x {r['S'] // 1024}k | {r['query']} / {r['query_rot']} | {r['kernel']} | "
+        other = r.get("kernel_merge", r.get("kernel_combine"))
+        print(f"{r['B']} x {r['S'] // 1024}k | {r['query']} / {r['query_rot']} | {r['kernel']} ({other}) | "
               + " | ".join(f"{r[n]} / {r['layer_' + n]} ({r[n + '_same']}, {r.get('share_' + n)})" for n in names))
     if args.out:
         from seer_attn.training.results import write_envelope

@@ -109,6 +109,10 @@
 # H200 gap (~11 us a layer: the gate's ~18 us and the kernel's 70 us at 4 x 128k) if an idea comes first.
 # Keep $OUT's files at most two folders deep (a step that calls another step nests a level).
 #
+# Session 45: s45-first measures two options of issue 15, both off until measured: top_blocks bisecting the row's
+# finite values before the keys (~9 passes on 512 spread scores against ~16; TOP_BLOCKS_VALUE_SEARCH) and the decode
+# kernel's last part of each pair merging the partials instead of the combine launch (DECODE_OPTIONS["merge"]).
+#
 # Session 29: distill --gate-hidden-size / --q-pooling / --k-pooling exist now; gate-capacity measures them (issue 17's
 # untried "gate capacity" direction) after gate-calib-coverage and decode-distill. Session 29 got no machine (every start
 # refused); its CPU screen of wide / qmax (gate_quality.md section 11) gains <= 1% at 0.1. Next session: the same plan.
@@ -281,6 +285,24 @@ case "$STEP" in
     timeout 360 "$PY" -m seer_attn.eval.bench_decode --lengths 131072 --batches 16 --e2e 4x131072 16x32768 \
       --layers 32 $SH --out "$OUT/decode32" > "$OUT/bench_decode32.log" 2>&1
     echo "bench_decode (32 layers $SH): exit $?"; sed -n '/^# /,$p' "$OUT/bench_decode32.log" | tail -n 9 ;;
+  s45-first)  # issue 15 (session 45): the value bisection in top_blocks and the in-kernel merge of the decode
+    # kernel's parts: their GPU tests, one graph-replayed layer (gate_select_sweep.py: the gate's share with each
+    # selection; the kernel with and without the merge), then bench-decode's end to end at 32 layers without and with
+    # both (an H200 unshared, an H100 with --shared-kv)
+    timeout 100 "$PY" -m pytest -q -p no:cacheprovider -rfE tests/kernels/test_gpu_decode.py -k "merge or top_blocks" \
+      > "$OUT/tests_s45.log" 2>&1
+    echo "test_gpu_decode -k merge/top_blocks: exit $?, $(tail -n 1 "$OUT/tests_s45.log")"
+    grep -E "^(FAILED|ERROR)" "$OUT/tests_s45.log"
+    timeout 110 "$PY" docs/experiments/gate_select_sweep.py --no-fused --bits 1 --only two_b1_rot two_b1_rot_v \
+      --settings 1x32768 16x32768 1x131072 16x131072 4x131072 --out "$OUT/gate_value.json" > "$OUT/gate_value.log" 2>&1
+    echo "gate_select_sweep: exit $?"; sed -n '/^# /,$p' "$OUT/gate_value.log"; grep -E "Error" "$OUT/gate_value.log" | tail -n 3
+    if nvidia-smi | grep -q H200; then SH=""; else SH="--shared-kv"; fi
+    for V in base new; do
+      if [ $V = new ]; then X="--value-search --merge-in-kernel"; else X=""; fi
+      timeout 170 "$PY" -m seer_attn.eval.bench_decode --lengths 32768 --batches 16 --e2e 4x131072 16x32768 \
+        --layers 32 $SH $X --out "$OUT/decode32_$V" > "$OUT/bench_decode32_$V.log" 2>&1
+      echo "bench_decode $V (32 layers $SH $X): exit $?"; sed -n '/^# /,$p' "$OUT/bench_decode32_$V.log" | tail -n 8
+    done ;;
   s44-gate)  # issue 15 (session 44): the query's matmul making G columns, gate_scores the RoPE partners
     # (decode_gate.STEP_PARTNER_COLUMNS off) and top_blocks at 1 / 2 / 4 warps, against the default, in one
     # graph-replayed layer (gate_select_sweep.py); the gate kernels' GPU tests on both query widths; then s44-first
