@@ -16,7 +16,9 @@ its own CUDA graph each of:
   off: half the matmul's weight read); ``two_b1_rot_wW``: that with ``top_blocks`` at W warps
   whatever the row's length (``TOP_BLOCKS_WARPS``); ``two_b1_rot_cC``: ``gate_scores`` scoring C block
   keys a program (``SCORE_CHUNK``, default 64); ``two_b1_rot_v`` (session 45): the bisection over the
-  row's finite values before the key search (``TOP_BLOCKS_VALUE_SEARCH``);
+  row's finite values before the key search (``TOP_BLOCKS_VALUE_SEARCH``); ``two_b1_rot_f8``: ``gate_scores`` on
+  float8 (e4m3) block keys at one scale per layer, what 8-bit keys would save (timing only; ``same`` here is on
+  random keys, not a quality measure);
 - ``layer_...``: the same with the decode kernel over the selection (10% of the blocks); ``kernel``: that
   kernel alone, and ``kernel_merge`` (session 45) with each pair's last part merging the partials
   (``DECODE_OPTIONS["merge"]``) instead of the combine launch,
@@ -74,6 +76,13 @@ def sweep(B, S, share, fused_configs=FUSED, bits=TWO_BITS, only=None):
     def two_rot():
         return two(True)
 
+    # 8-bit block keys (session 45, timing only: the model's cache keeps 16-bit keys): float8 e4m3 at one scale
+    # for the layer, which scales every score of a row alike and so keeps its order up to the rounding
+    keys_f8 = (keys.float() * (448.0 / keys.float().abs().amax().clamp_min(1e-30))).to(torch.float8_e4m3fn)
+
+    def two_rot_f8():
+        return ds.top_blocks(ds.gate_scores(query(True), keys_f8, rope), bias, cnt, K)
+
     def fused():  # the G-column query since session 44 (2G before)
         return ds.gate_top_blocks(query(True), keys, rope, bias, cnt, K)
 
@@ -85,7 +94,7 @@ def sweep(B, S, share, fused_configs=FUSED, bits=TWO_BITS, only=None):
     variants += [("two_b1_rot", two_rot, dict(bits=1))]
     variants += [(f"two_b1_rot_w{wp}", two_rot, dict(bits=1, sel_warps={ds.MAX_BLOCKS: wp})) for wp in SEL_WARPS]
     variants += [(f"two_b1_rot_c{c}", two_rot, dict(bits=1, score_chunk=c)) for c in SCORE_CHUNKS]
-    variants += [("two_b1_rot_v", two_rot, dict(bits=1, value=True))]
+    variants += [("two_b1_rot_v", two_rot, dict(bits=1, value=True)), ("two_b1_rot_f8", two_rot_f8, dict(bits=1))]
     variants += [(f"fused_c{c}_w{wp}_b{b}_s{sp}", fused, dict(bits=b, chunk=c, warps=wp, split=sp))
                  for c, wp, b, sp in fused_configs]
     if only:  # two_b1 stays: the reference kept sets

@@ -293,7 +293,8 @@ case "$STEP" in
       > "$OUT/tests_s45.log" 2>&1
     echo "test_gpu_decode -k merge/top_blocks: exit $?, $(tail -n 1 "$OUT/tests_s45.log")"
     grep -E "^(FAILED|ERROR)" "$OUT/tests_s45.log"
-    timeout 110 "$PY" docs/experiments/gate_select_sweep.py --no-fused --bits 1 --only two_b1_rot two_b1_rot_v \
+    timeout 110 "$PY" docs/experiments/gate_select_sweep.py --no-fused --bits 1 \
+      --only two_b1_rot two_b1_rot_v two_b1_rot_f8 \
       --settings 1x32768 16x32768 1x131072 16x131072 4x131072 --out "$OUT/gate_value.json" > "$OUT/gate_value.log" 2>&1
     echo "gate_select_sweep: exit $?"; sed -n '/^# /,$p' "$OUT/gate_value.log"; grep -E "Error" "$OUT/gate_value.log" | tail -n 3
     if nvidia-smi | grep -q H200; then SH=""; else SH="--shared-kv"; fi
