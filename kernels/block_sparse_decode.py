@@ -115,34 +115,38 @@ def _decode_split_kernel(
             tl.debug_barrier()  # every thread's partial stores, before the release below
             if tl.atomic_add(ARRIVED + pid_bh, 1, sem="acq_rel") == NSPLIT - 1:
                 tl.atomic_xchg(ARRIVED + pid_bh, 0)
-                _merge_parts(PO, PML, O, pid_bh, b, h, NSPLIT, s_ob, s_oh, offs_g, offs_d, g_ok, GROUP, BLOCK_G,
-                             HEAD_DIM, BLOCK_S)
+                _merge_parts(PO, PML, O, pid_bh, b, h, NSPLIT, s_ob, s_oh, GROUP, HEAD_DIM, BLOCK_S)
 
 
 @triton.jit
-def _merge_parts(PO, PML, O, pid_bh, b, h, NSPLIT, s_ob, s_oh, offs_g, offs_d, g_ok, GROUP: tl.constexpr,
-                 BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr):
-    """The output of the group's query heads from the NSPLIT partials of pair ``pid_bh`` (the
-    combine kernel's merge, run by the pair's last split program)."""
+def _merge_parts(PO, PML, O, pid_bh, b, h, NSPLIT, s_ob, s_oh, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
+                 BLOCK_S: tl.constexpr):
+    """The output of the group's query heads from the NSPLIT partials of pair ``pid_bh``, run by
+    the pair's last split program: the combine kernel's merge, one head after the other."""
+    for g in tl.static_range(GROUP):
+        _merge_head(PO, PML, O + b.to(tl.int64) * s_ob + (h * GROUP + g).to(tl.int64) * s_oh,
+                    (pid_bh * NSPLIT).to(tl.int64) * GROUP + g, NSPLIT, GROUP, HEAD_DIM, BLOCK_S)
+
+
+@triton.jit
+def _merge_head(PO, PML, o_ptr, row0, NSPLIT, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr):
+    """One query head's output from its NSPLIT partials (rows ``row0 + s * GROUP``; read past the
+    SM's L1: in the merging split program, other programs wrote them)."""
     offs_s = tl.arange(0, BLOCK_S)
-    rows = (pid_bh * NSPLIT + offs_s).to(tl.int64)[:, None] * GROUP + offs_g[None, :]  # [BLOCK_S, BLOCK_G]
-    ok = (offs_s < NSPLIT)[:, None] & g_ok[None, :]
-    m = tl.load(PML + rows * 2, mask=ok, other=float("-inf"), cache_modifier=".cg")
-    l = tl.load(PML + rows * 2 + 1, mask=ok, other=0.0, cache_modifier=".cg")
+    offs_d = tl.arange(0, HEAD_DIM)
+    s_ok = offs_s < NSPLIT
+    row = row0 + offs_s.to(tl.int64) * GROUP
+    m = tl.load(PML + row * 2, mask=s_ok, other=float("-inf"), cache_modifier=".cg")
+    l = tl.load(PML + row * 2 + 1, mask=s_ok, other=0.0, cache_modifier=".cg")
     m_max = tl.max(m, 0)
     m_use = tl.where(m_max == float("-inf"), 0.0, m_max)
-    w = tl.math.exp2(m - m_use[None, :])  # 0 for parts that attended nothing
+    w = tl.math.exp2(m - m_use)  # 0 for parts that attended nothing
     l_tot = tl.sum(l * w, 0)
-    out = tl.zeros([BLOCK_G, HEAD_DIM], dtype=tl.float32)
-    for sp in range(0, NSPLIT):
-        w_s = tl.sum(tl.where(offs_s[:, None] == sp, w, 0.0), 0)
-        row = (pid_bh * NSPLIT + sp).to(tl.int64) * GROUP + offs_g
-        out += tl.load(PO + row[:, None] * HEAD_DIM + offs_d[None, :], mask=g_ok[:, None], other=0.0,
-                       cache_modifier=".cg") * w_s[:, None]
+    acc = tl.load(PO + row[:, None] * HEAD_DIM + offs_d[None, :], mask=s_ok[:, None], other=0.0, cache_modifier=".cg")
+    out = tl.sum(acc * w[:, None], 0)
     l_safe = tl.where(l_tot > 0.0, l_tot, 1.0)
-    out = tl.where(l_tot[:, None] > 0.0, out / l_safe[:, None], 0.0)  # a head that attends no key outputs zeros
-    o_ptr = O + b.to(tl.int64) * s_ob + (h * GROUP + offs_g)[:, None].to(tl.int64) * s_oh + offs_d[None, :]
-    tl.store(o_ptr, out.to(O.dtype.element_ty), mask=g_ok[:, None])
+    out = tl.where(l_tot > 0.0, out / l_safe, 0.0)  # a head that attends no key outputs zeros
+    tl.store(o_ptr + offs_d, out.to(o_ptr.dtype.element_ty))
 
 
 @triton.jit
@@ -153,21 +157,8 @@ def _decode_combine_kernel(PO, PML, O, s_ob, s_oh, HQ, H, NSPLIT,
     hq = pid % HQ
     h = hq // GROUP
     g = hq % GROUP
-    offs_s = tl.arange(0, BLOCK_S)
-    offs_d = tl.arange(0, HEAD_DIM)
-    s_ok = offs_s < NSPLIT
-    row = ((b * H + h) * NSPLIT + offs_s).to(tl.int64) * GROUP + g
-    m = tl.load(PML + row * 2, mask=s_ok, other=float("-inf"))
-    l = tl.load(PML + row * 2 + 1, mask=s_ok, other=0.0)
-    m_max = tl.max(m, 0)
-    m_use = tl.where(m_max == float("-inf"), 0.0, m_max)
-    w = tl.math.exp2(m - m_use)  # 0 for parts that attended nothing
-    l_tot = tl.sum(l * w, 0)
-    acc = tl.load(PO + row[:, None] * HEAD_DIM + offs_d[None, :], mask=s_ok[:, None], other=0.0)
-    out = tl.sum(acc * w[:, None], 0)
-    l_safe = tl.where(l_tot > 0.0, l_tot, 1.0)
-    out = tl.where(l_tot > 0.0, out / l_safe, 0.0)  # a head that attends no key outputs zeros
-    tl.store(O + b.to(tl.int64) * s_ob + hq.to(tl.int64) * s_oh + offs_d, out.to(O.dtype.element_ty))
+    _merge_head(PO, PML, O + b.to(tl.int64) * s_ob + hq.to(tl.int64) * s_oh,
+                ((b * H + h) * NSPLIT).to(tl.int64) * GROUP + g, NSPLIT, GROUP, HEAD_DIM, BLOCK_S)
 
 
 # ----------------------------------------------------------------------------- launcher

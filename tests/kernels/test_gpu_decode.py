@@ -127,8 +127,10 @@ def test_split_counts_at_real_shape(splits, gen, error_budget, loads):
 
 @pytest.mark.parametrize("B, S, splits", [(1, 131072, None), (16, 32768 + 37, None), (1, 65536, 64)])
 def test_merge_in_kernel_at_real_shapes(B, S, splits, gen, monkeypatch):
-    """``DECODE_OPTIONS["merge"]`` (each pair's last part merges): the combine launch's output bit
-    for bit, eagerly and replayed three times from a CUDA graph (the arrival counters go back to 0)."""
+    """``DECODE_OPTIONS["merge"]`` (each pair's last part merges, with the combine kernel's code):
+    the combine launch's output, eagerly and replayed three times from a CUDA graph (the arrival
+    counters go back to 0). Bit for bit: the same partials and the same merge function, at the same
+    warps."""
     mod = __import__("seer_attn.kernels.block_sparse_decode", fromlist=["DECODE_OPTIONS"])
     q, k, v = _cache(gen, B, S, torch.bfloat16)
     idx = _topk_selection(gen, B, S, 0.1)
