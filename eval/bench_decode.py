@@ -44,7 +44,6 @@ a CUDA GPU (without one: a one-line error, exit code 2). Kernel times:
 ``triton.testing.do_bench`` medians (CUDA events), never wall clock.
 """
 import argparse
-import importlib
 import json
 import math
 import os
@@ -105,8 +104,6 @@ class DecodeBenchConfig(RunConfig):
     one_launch_gate: bool = option(False, flag)  # graph steps: gate_top_blocks (decode_graph.ONE_LAUNCH_GATE)
     top_blocks_bits: int = option(None, ca.positive_int, choices=(1, 2, 4, 8))  # None: decode_select's default
     no_early_stop: bool = option(False, flag)  # top_blocks' bisection runs every pass (TOP_BLOCKS_EARLY_STOP off)
-    value_search: bool = option(False, flag)  # top_blocks bisects the row's values first (TOP_BLOCKS_VALUE_SEARCH)
-    merge_in_kernel: bool = option(False, flag)  # the decode kernel's last part merges (DECODE_OPTIONS["merge"])
     no_one_launch_window: bool = option(False, flag)  # graph steps' bias and counts by torch ops (ONE_LAUNCH_WINDOW off)
     shared_kv: bool = option(False, flag)  # e2e: all layers' KV cache one buffer (32 layers fit an 80 GB GPU)
     out: str = option("seer_outputs/bench-decode", text)
@@ -144,12 +141,6 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--no-early-stop", action="store_true",
                     help="top_blocks' bisection runs all 32 passes instead of stopping once exactly the kept count is "
                          "at or above its candidate (kernels.decode_select.TOP_BLOCKS_EARLY_STOP, on since session 42)")
-    ap.add_argument("--value-search", action="store_true",
-                    help="top_blocks' early-stopping bisection first bisects the row's finite values, then the keys "
-                         "only where that met ties (kernels.decode_select.TOP_BLOCKS_VALUE_SEARCH, off by default)")
-    ap.add_argument("--merge-in-kernel", action="store_true",
-                    help="the sparse decode kernel's last part of each (sequence, KV head) merges the partials instead "
-                         "of a second launch (kernels.block_sparse_decode.DECODE_OPTIONS['merge'], off by default)")
     ap.add_argument("--no-one-launch-window", action="store_true",
                     help="graph-mode steps make the selection's bias and counts by ~20 torch ops instead of one "
                          "launch (decode_window; decode_graph.ONE_LAUNCH_WINDOW, on since session 42)")
@@ -181,24 +172,19 @@ def run_decode_bench(config: DecodeBenchConfig) -> dict:
         raise ValueError("the decode benchmark needs a CUDA GPU, and torch sees none")
     os.makedirs(config.out, exist_ok=True)
     from seer_attn.kernels import decode_select
-    decode_kernel = importlib.import_module("seer_attn.kernels.block_sparse_decode")  # the module, not the function
     from seer_attn.modeling_seer import decode_graph
-    kept_merge = decode_kernel.DECODE_OPTIONS["merge"]
-    decode_kernel.DECODE_OPTIONS["merge"] = kept_merge or config.merge_in_kernel
     kept = (decode_graph.ONE_LAUNCH_GATE, decode_select.TOP_BLOCKS_BITS, decode_select.TOP_BLOCKS_EARLY_STOP,
-            decode_graph.ONE_LAUNCH_WINDOW, decode_select.TOP_BLOCKS_VALUE_SEARCH)
+            decode_graph.ONE_LAUNCH_WINDOW)
     decode_graph.ONE_LAUNCH_GATE = config.one_launch_gate
     if config.top_blocks_bits is not None:
         decode_select.TOP_BLOCKS_BITS = config.top_blocks_bits
     decode_select.TOP_BLOCKS_EARLY_STOP = decode_select.TOP_BLOCKS_EARLY_STOP and not config.no_early_stop
     decode_graph.ONE_LAUNCH_WINDOW = decode_graph.ONE_LAUNCH_WINDOW and not config.no_one_launch_window
-    decode_select.TOP_BLOCKS_VALUE_SEARCH = decode_select.TOP_BLOCKS_VALUE_SEARCH or config.value_search
     try:
         return _run(config)
     finally:
         (decode_graph.ONE_LAUNCH_GATE, decode_select.TOP_BLOCKS_BITS, decode_select.TOP_BLOCKS_EARLY_STOP,
-         decode_graph.ONE_LAUNCH_WINDOW, decode_select.TOP_BLOCKS_VALUE_SEARCH) = kept
-        decode_kernel.DECODE_OPTIONS["merge"] = kept_merge
+         decode_graph.ONE_LAUNCH_WINDOW) = kept
 
 
 def _run(config):
@@ -397,6 +383,8 @@ def kernel_row(B, S, share, prior=0.0):
 def tune(config):
     """Sweep the decode kernel's launch configs (tile blocks, warps, stages, programs per SM)
     at B = 1 and 16 over the longest length; keep the one with the least summed time."""
+    import importlib
+
     from seer_attn.kernels import block_sparse_decode
     mod = importlib.import_module("seer_attn.kernels.block_sparse_decode")
     S = max(config.lengths)
@@ -706,6 +694,7 @@ def write_results(config, rows, e2e, checks, tuning, device="cuda") -> dict:
     """Write ``decode.json`` (the envelope, returned: ``config`` the :class:`DecodeBenchConfig`,
     ``resolved`` the shape and the kernel's launch configuration), ``decode.csv`` and
     ``decode_e2e.csv`` to ``config.out``."""
+    import importlib
     from seer_attn.training.results import write_envelope
     mod = importlib.import_module("seer_attn.kernels.block_sparse_decode")
     select = importlib.import_module("seer_attn.kernels.decode_select")
@@ -716,8 +705,6 @@ def write_results(config, rows, e2e, checks, tuning, device="cuda") -> dict:
                                    "programs_per_sm": mod._TARGET_PROGRAMS_PER_SM,
                                    "top_blocks_bits": select.TOP_BLOCKS_BITS,
                                    "top_blocks_early_stop": select.TOP_BLOCKS_EARLY_STOP,
-                                   "top_blocks_value_search": select.TOP_BLOCKS_VALUE_SEARCH,
-                                   "decode_options": dict(mod.DECODE_OPTIONS),
                                    "one_launch_window": graph.ONE_LAUNCH_WINDOW,
                                    "dense_row": "share 1: every block, no gate (since session 40)"},
                          device=device, model=f"kernel: random q/k/v, {HQ} query / {H} KV heads, head_dim {D}, bf16; "

@@ -676,6 +676,23 @@ def decode_gate_rot_h100(root) -> str:
     return out + _table(["B x cache", "query", "kernel"] + [label for _, label in cols], body)
 
 
+def decode_gate_s45_h100(root) -> str:
+    """Session 45: two options tried and removed (the value bisection in top_blocks, the decode kernel's
+    in-kernel merge) and 8-bit block keys for gate_scores (timing only), each in one graph-replayed layer."""
+    path = "results/decode/h100_gate_s45_sweep.json"
+    sw = load_envelope(root, path)
+    cols = [("two_b1_rot", "default"), ("two_b1_rot_v", "value bisection"), ("two_b1_rot_f8", "float8 keys")]
+    body = [[f"{r['B']} x {_tokens(r['S'])}", f"{r['kernel']} / {r['kernel_merge']}"]
+            + [f"{r[k]} / {r['layer_' + k]:.1f} ({100 * r['share_' + k]:.1f}%)" for k, _ in cols] for r in sw["rows"]]
+    out = (f"{sw['provenance']['gpu']}, commit {_commit(sw['provenance'])} ({path}); one sparse layer replayed from a "
+           "CUDA graph, median us, 8B attention shape, share 0.1: the gate (query projection, `gate_scores`, "
+           "`top_blocks`) / the layer (and the decode kernel) and the gate's share of it (1 - kernel / layer); "
+           "`kernel`: the decode kernel alone, with its combine launch / with the last part of each pair merging "
+           "instead; value bisection: `top_blocks` first bisecting the row's finite values (the same blocks); float8 "
+           "keys: `gate_scores` on e4m3 block keys at one scale (timing only, random keys):\n\n")
+    return out + _table(["B x cache", "kernel / merged"] + [label for _, label in cols], body)
+
+
 def _decode_graph_gate(row_paths, e2e_paths, note=""):
     """bench-decode with the graph row as the graph step runs it (the gate's share of a sparse layer
     against issue 15's anchors) and time per output token (session 39 on)."""
@@ -1081,6 +1098,7 @@ TABLES = {
     "decode-free-h100": decode_free_h100,
     "decode-gate-select-h100": decode_gate_select_h100,
     "decode-gate-rot-h100": decode_gate_rot_h100,
+    "decode-gate-s45-h100": decode_gate_s45_h100,
     "decode-graph-gate-h200": _decode_graph_gate(
         ["results/decode/h200_graph_gate_32k.json", "results/decode/h200_graph_gate_128k.json"],
         ["results/decode/h200_graph_gate_32k.json", "results/decode/h200_graph_gate_128k.json"]),

@@ -14,8 +14,7 @@ Kernel design (flash-decoding, split-KV). The work of one (sequence, KV head) pa
 list of selected blocks; the list is cut into ``NSPLIT`` contiguous parts and one program
 per (pair, part) runs the online softmax over its blocks for the group's query heads at
 once (the group's rows padded to 16 for ``tl.dot``), writing an unnormalised partial output
-with its row max and sum. A second kernel merges the parts of each query head (or, with
-``DECODE_OPTIONS["merge"]``, the last part of each pair to finish does); with one
+with its row max and sum. A second kernel merges the parts of each query head; with one
 part per list (``NSPLIT == 1``, a large batch) the first writes the output and the second
 is not launched. Each list
 is split by its own length, so rows with short selections do little work; a block outside
@@ -35,12 +34,11 @@ _LOG2E = 1.4426950408889634
 
 @triton.jit
 def _decode_split_kernel(
-    Q, K, V, KD, VD, IDX, CNT, LENS, STARTS, PO, PML, O, ARRIVED, qk_scale,
+    Q, K, V, KD, VD, IDX, CNT, LENS, STARTS, PO, PML, O, qk_scale,
     s_qb, s_qh, s_kb, s_kh, s_kt, s_vb, s_vh, s_vt, s_ib, s_ih, s_ob, s_oh,
     H, NSPLIT,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BS: tl.constexpr, NSUB: tl.constexpr,
-    HAS_STARTS: tl.constexpr, PREC: tl.constexpr, DIRECT: tl.constexpr, TMA: tl.constexpr, MERGE: tl.constexpr,
-    BLOCK_S: tl.constexpr,
+    HAS_STARTS: tl.constexpr, PREC: tl.constexpr, DIRECT: tl.constexpr, TMA: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)  # b * H + h
     split = tl.program_id(1)
@@ -111,42 +109,6 @@ def _decode_split_kernel(
         tl.store(PO + row[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=g_ok[:, None])
         tl.store(PML + row * 2, m_i, mask=g_ok)
         tl.store(PML + row * 2 + 1, l_i, mask=g_ok)
-        if MERGE:  # the pair's last part to finish merges them all; it resets the counter for the next call
-            tl.debug_barrier()  # every thread's partial stores, before the release below
-            if tl.atomic_add(ARRIVED + pid_bh, 1, sem="acq_rel") == NSPLIT - 1:
-                tl.atomic_xchg(ARRIVED + pid_bh, 0)
-                _merge_parts(PO, PML, O, pid_bh, b, h, NSPLIT, s_ob, s_oh, GROUP, HEAD_DIM, BLOCK_S)
-
-
-@triton.jit
-def _merge_parts(PO, PML, O, pid_bh, b, h, NSPLIT, s_ob, s_oh, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
-                 BLOCK_S: tl.constexpr):
-    """The output of the group's query heads from the NSPLIT partials of pair ``pid_bh``, run by
-    the pair's last split program: the combine kernel's merge, one head after the other."""
-    for g in tl.static_range(GROUP):
-        _merge_head(PO, PML, O + b.to(tl.int64) * s_ob + (h * GROUP + g).to(tl.int64) * s_oh,
-                    (pid_bh * NSPLIT).to(tl.int64) * GROUP + g, NSPLIT, GROUP, HEAD_DIM, BLOCK_S)
-
-
-@triton.jit
-def _merge_head(PO, PML, o_ptr, row0, NSPLIT, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr):
-    """One query head's output from its NSPLIT partials (rows ``row0 + s * GROUP``; read past the
-    SM's L1: in the merging split program, other programs wrote them)."""
-    offs_s = tl.arange(0, BLOCK_S)
-    offs_d = tl.arange(0, HEAD_DIM)
-    s_ok = offs_s < NSPLIT
-    row = row0 + offs_s.to(tl.int64) * GROUP
-    m = tl.load(PML + row * 2, mask=s_ok, other=float("-inf"), cache_modifier=".cg")
-    l = tl.load(PML + row * 2 + 1, mask=s_ok, other=0.0, cache_modifier=".cg")
-    m_max = tl.max(m, 0)
-    m_use = tl.where(m_max == float("-inf"), 0.0, m_max)
-    w = tl.math.exp2(m - m_use)  # 0 for parts that attended nothing
-    l_tot = tl.sum(l * w, 0)
-    acc = tl.load(PO + row[:, None] * HEAD_DIM + offs_d[None, :], mask=s_ok[:, None], other=0.0, cache_modifier=".cg")
-    out = tl.sum(acc * w[:, None], 0)
-    l_safe = tl.where(l_tot > 0.0, l_tot, 1.0)
-    out = tl.where(l_tot > 0.0, out / l_safe, 0.0)  # a head that attends no key outputs zeros
-    tl.store(o_ptr + offs_d, out.to(o_ptr.dtype.element_ty))
 
 
 @triton.jit
@@ -157,8 +119,21 @@ def _decode_combine_kernel(PO, PML, O, s_ob, s_oh, HQ, H, NSPLIT,
     hq = pid % HQ
     h = hq // GROUP
     g = hq % GROUP
-    _merge_head(PO, PML, O + b.to(tl.int64) * s_ob + hq.to(tl.int64) * s_oh,
-                ((b * H + h) * NSPLIT).to(tl.int64) * GROUP + g, NSPLIT, GROUP, HEAD_DIM, BLOCK_S)
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, HEAD_DIM)
+    s_ok = offs_s < NSPLIT
+    row = ((b * H + h) * NSPLIT + offs_s).to(tl.int64) * GROUP + g
+    m = tl.load(PML + row * 2, mask=s_ok, other=float("-inf"))
+    l = tl.load(PML + row * 2 + 1, mask=s_ok, other=0.0)
+    m_max = tl.max(m, 0)
+    m_use = tl.where(m_max == float("-inf"), 0.0, m_max)
+    w = tl.math.exp2(m - m_use)  # 0 for parts that attended nothing
+    l_tot = tl.sum(l * w, 0)
+    acc = tl.load(PO + row[:, None] * HEAD_DIM + offs_d[None, :], mask=s_ok[:, None], other=0.0)
+    out = tl.sum(acc * w[:, None], 0)
+    l_safe = tl.where(l_tot > 0.0, l_tot, 1.0)
+    out = tl.where(l_tot > 0.0, out / l_safe, 0.0)  # a head that attends no key outputs zeros
+    tl.store(O + b.to(tl.int64) * s_ob + hq.to(tl.int64) * s_oh + offs_d, out.to(O.dtype.element_ty))
 
 
 # ----------------------------------------------------------------------------- launcher
@@ -171,10 +146,7 @@ CONFIG_OVERRIDES: dict = {}
 #: aligned strides) and the launch reads one block per step (NSUB 1): True or False. Off: on an
 #: H100 (docs/experiments/decode_host_time.md, session 43) the best TMA launch was within 1% of
 #: pointer loads at 1 / 4 / 16 x 128k and 16 x 32k, and more stages were slower.
-DECODE_OPTIONS = {"tma": False, "merge": False}
-#: ``merge`` (session 45): with several parts per list, the last part of a (sequence, KV head) pair
-#: to finish merges the pair's partials (an arrival counter per pair, kept zeroed between calls in
-#: a buffer per CUDA stream) instead of a second launch: True or False.
+DECODE_OPTIONS = {"tma": False}
 #: programs to aim for per launch when choosing the number of splits (a few per SM)
 _TARGET_PROGRAMS_PER_SM = 4
 MAX_SPLITS = 64
@@ -208,26 +180,6 @@ def num_decode_splits(B, H, max_blocks, device):
     return int(max(1, min(want, MAX_SPLITS, -(-max_blocks // 2))))
 
 
-_ARRIVED = {}
-
-
-def _arrival_counters(n, device):
-    """A zeroed int32 buffer of at least ``n`` counters for the current stream of ``device``,
-    kept between calls: the merging program of each pair sets its counter back to 0."""
-    key = (device, torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0)
-    buf = _ARRIVED.get(key)
-    if buf is None or buf.numel() < n:
-        buf = _ARRIVED[key] = torch.zeros(max(n, 1024), dtype=torch.int32, device=device)
-    return buf
-
-
-def _decode_merge():
-    want = DECODE_OPTIONS["merge"]
-    if not isinstance(want, bool):
-        raise ValueError(f"DECODE_OPTIONS['merge'] must be True or False, got {want!r}")
-    return want
-
-
 def _decode_tma(nsub, k, v):
     """Whether this launch loads its K/V blocks through tensor descriptors (``DECODE_OPTIONS``)."""
     want = DECODE_OPTIONS["tma"]
@@ -257,23 +209,20 @@ def _decode_fwd(q, k, v, idx, cnt, lens, starts, sm_scale, block_size, num_split
         kd, vd = k, v
     out = new_output((B, HQ, 1, D), q.dtype, q.device)
     direct = nsplit == 1  # one launch: the split kernel writes the output
-    merge = not direct and _decode_merge()  # one launch: each pair's last part merges
     if direct:
         po = pml = out  # unused
     else:
         po = torch.empty(B * H * nsplit * group, D, dtype=torch.float32, device=q.device)
         pml = torch.empty(B * H * nsplit * group, 2, dtype=torch.float32, device=q.device)
-    arrived = _arrival_counters(B * H, q.device) if merge else cnt
     _decode_split_kernel[(B * H, nsplit)](
-        q, k, v, kd, vd, idx, cnt, lens, starts if starts is not None else lens, po, pml, out, arrived,
-        sm_scale * _LOG2E,
+        q, k, v, kd, vd, idx, cnt, lens, starts if starts is not None else lens, po, pml, out, sm_scale * _LOG2E,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         idx.stride(0), idx.stride(1), out.stride(0), out.stride(1), H, nsplit,
         GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=D, BS=block_size, NSUB=nsub,
-        HAS_STARTS=starts is not None, PREC=_prec(q.dtype), DIRECT=direct, TMA=tma, MERGE=merge,
-        BLOCK_S=max(2, triton.next_power_of_2(nsplit)), num_warps=warps, num_stages=stages,
+        HAS_STARTS=starts is not None, PREC=_prec(q.dtype), DIRECT=direct, TMA=tma, num_warps=warps,
+        num_stages=stages,
     )
-    if not (direct or merge):
+    if not direct:
         _decode_combine_kernel[(B * HQ,)](
             po, pml, out, out.stride(0), out.stride(1), HQ, H, nsplit,
             GROUP=group, HEAD_DIM=D, BLOCK_S=max(2, triton.next_power_of_2(nsplit)), num_warps=4,

@@ -73,10 +73,6 @@ TOP_BLOCKS_BITS = 1
 #: kept set; session 41; on since session 42: with the one-launch window 0.10 ms off a 4.96 ms sparse token,
 #: H100, 16 layers, 4 x 128k, results/decode/h100_e2e_profile_early.json)
 TOP_BLOCKS_EARLY_STOP = True
-#: whether that early-stopping bisection first bisects the row's finite values (``_value_search``:
-#: ~9 passes on 512 spread scores against ~16 over the keys; the same kept set); benchmarks may
-#: override it
-TOP_BLOCKS_VALUE_SEARCH = False
 #: block keys scored per step of gate_top_blocks' loop, and its warps; benchmarks may override them
 FUSED_CHUNK = 64
 FUSED_WARPS = 4
@@ -116,47 +112,11 @@ def _gate_scores_kernel(Y, COS, SIN, KEYS, OUT, N, H, s_yb, s_yh, s_cb, s_sb, s_
 
 
 @triton.jit
-def _order_key(x):
-    """float32 -> int32 keys in the same order (-inf lowest); elementwise, or of one scalar."""
-    bits = x.to(tl.int32, bitcast=True)
-    return tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
-
-
-@triton.jit
-def _value_search(x, key, m, cnt):
-    """Bisection over the row's finite values (not their 32-bit keys) for a ``t`` with exactly
-    ``cnt`` keys above it: ``(found, t)``. Its passes follow how far apart the values lie: about
-    log2(N) + 2 on spread scores, against the key search's ~16-19 (module docstring). Counts are
-    taken on the keys, so NaNs and infinities sort as in the reference; ties at the cut (no such
-    ``t``) end it within 24 passes, and the caller then runs the key search."""
-    pos_inf = _order_key(tl.full((), float("inf"), tl.float32))
-    neg_inf = _order_key(tl.full((), float("-inf"), tl.float32))
-    fin = m & (key > neg_inf) & (key < pos_inf)
-    lo = tl.min(tl.where(fin, x, float("inf")), 0)  # the least finite value (+inf: none)
-    hi = tl.max(tl.where(fin, x, float("-inf")), 0)
-    n_top = tl.sum((m & (key >= pos_inf)).to(tl.int32), 0)  # +inf (and NaN) keys: above every candidate
-    n_fin = tl.sum(fin.to(tl.int32), 0)
-    # t = key(lo) - 1 keeps every finite and top key; t = key(+inf) - 1 only the top ones
-    c = tl.where(n_top == cnt, cnt, tl.where(n_fin + n_top == cnt, cnt, -1))
-    t = tl.where(n_top == cnt, pos_inf - 1, _order_key(lo) - 1)
-    i = tl.where((c == cnt) | (n_top > cnt) | (n_fin + n_top < cnt) | (n_fin < 2), 24, 0)
-    while (i < 24) & (c != cnt):
-        mid = lo * 0.5 + hi * 0.5
-        mk = _order_key(mid)
-        c = tl.where((mid == lo) | (mid == hi), -1, tl.sum(((key >= mk) & m).to(tl.int32), 0))
-        lo = tl.where(c > cnt, mid, lo)
-        hi = tl.where((c < cnt) & (c >= 0), mid, hi)
-        t = mk - 1
-        i = tl.where(c < 0, 24, i + 1)  # no float strictly between: ties at the cut
-    return c == cnt, t
-
-
-@triton.jit
-def _select_row(x, m, cnt, offs, out, K, BLOCK: tl.constexpr, BITS: tl.constexpr, EARLY: tl.constexpr,
-                VALUE: tl.constexpr):
+def _select_row(x, m, cnt, offs, out, K, BLOCK: tl.constexpr, BITS: tl.constexpr, EARLY: tl.constexpr):
     """Write the indices of the ``cnt`` largest of ``x`` (float32 ``[BLOCK]``, ``m`` its valid
     entries) in increasing order at ``out``, then -1 up to ``K`` (top_blocks' contract)."""
-    key = _order_key(x)  # int32, increasing with x (-inf lowest)
+    bits = x.to(tl.int32, bitcast=True)
+    key = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # int32, increasing with x (-inf lowest)
     # the largest t with count(key >= t) >= cnt: 2^BITS candidates per pass over the 32-bit key
     # range (BITS = 1: bisection); the bounds are int64 scalars, the per-block compares and
     # counts int32. Candidate 0 is the range's low end, which always qualifies.
@@ -180,10 +140,6 @@ def _select_row(x, m, cnt, offs, out, K, BLOCK: tl.constexpr, BITS: tl.constexpr
     elif BITS == 1 and EARLY:  # bisection, stopping once exactly cnt keys are >= the candidate
         c = tl.full((), -1, tl.int32)
         i = tl.full((), 0, tl.int32)
-        if VALUE:  # first over the values; the key search below only where that met ties
-            found, t_val = _value_search(x, key, m, cnt)
-            c = tl.where(found, cnt, c)
-            lo = tl.where(found, t_val.to(tl.int64), lo)
         while (i < 32) & (c != cnt):
             mid = lo + step
             c = tl.sum(((key >= mid.to(tl.int32)) & m).to(tl.int32), 0)
@@ -241,7 +197,7 @@ def _decode_window_kernel(FIRST, CUR, BIAS, CNT, NB, H, local, least, k, share, 
 
 @triton.jit
 def _top_blocks_kernel(S, BIAS, CNT, OUT, N, K, H, s_sb, s_sh, s_bb, s_ob, s_oh, BLOCK: tl.constexpr,
-                       BITS: tl.constexpr, EARLY: tl.constexpr, VALUE: tl.constexpr):
+                       BITS: tl.constexpr, EARLY: tl.constexpr):
     pid = tl.program_id(0)  # b * H + h
     b = pid // H
     h = pid % H
@@ -250,15 +206,14 @@ def _top_blocks_kernel(S, BIAS, CNT, OUT, N, K, H, s_sb, s_sh, s_bb, s_ob, s_oh,
     m = offs < N
     x = tl.load(S + b.to(tl.int64) * s_sb + h.to(tl.int64) * s_sh + offs, mask=m, other=0.0).to(tl.float32)
     x += tl.load(BIAS + b.to(tl.int64) * s_bb + offs, mask=m, other=0.0)
-    _select_row(x, m, cnt, offs, OUT + b.to(tl.int64) * s_ob + h.to(tl.int64) * s_oh, K, BLOCK, BITS, EARLY,
-                VALUE)
+    _select_row(x, m, cnt, offs, OUT + b.to(tl.int64) * s_ob + h.to(tl.int64) * s_oh, K, BLOCK, BITS, EARLY)
 
 
 @triton.jit
 def _gate_top_blocks_kernel(Y, COS, SIN, KEYS, S, BIAS, CNT, OUT, ARRIVED, N, K, H, s_yb, s_yh, s_cb, s_sb, s_kb,
                             s_kh, s_kn, s_bb, s_ob, s_oh, G: tl.constexpr, ROPE: tl.constexpr,
                             PARTNER: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr, BITS: tl.constexpr,
-                            SPLIT: tl.constexpr, EARLY: tl.constexpr, VALUE: tl.constexpr):
+                            SPLIT: tl.constexpr, EARLY: tl.constexpr):
     pid = tl.program_id(0)  # b * H + h
     b = (pid // H).to(tl.int64)
     h = (pid % H).to(tl.int64)
@@ -286,7 +241,7 @@ def _gate_top_blocks_kernel(Y, COS, SIN, KEYS, S, BIAS, CNT, OUT, ARRIVED, N, K,
         m = offs < N
         x = tl.load(s_row + offs, mask=m, other=0.0, cache_modifier=".cg") \
             + tl.load(BIAS + b * s_bb + offs, mask=m, other=0.0)
-        _select_row(x, m, cnt, offs, OUT + b * s_ob + h * s_oh, K, BLOCK, BITS, EARLY, VALUE)
+        _select_row(x, m, cnt, offs, OUT + b * s_ob + h * s_oh, K, BLOCK, BITS, EARLY)
 
 
 @triton.jit
@@ -470,7 +425,7 @@ def top_blocks(scores, bias, counts, k, backend="auto"):
     block = max(16, triton.next_power_of_2(N))
     _top_blocks_kernel[(B * H,)](scores, bias, counts, out, N, k, H, scores.stride(0), scores.stride(1),
                                  bias.stride(0), out.stride(0), out.stride(1), BLOCK=block, BITS=TOP_BLOCKS_BITS,
-                                 EARLY=TOP_BLOCKS_EARLY_STOP, VALUE=TOP_BLOCKS_VALUE_SEARCH,
+                                 EARLY=TOP_BLOCKS_EARLY_STOP,
                                  num_warps=TOP_BLOCKS_WARPS[min(b for b in TOP_BLOCKS_WARPS if b >= block)])
     return out
 
@@ -534,8 +489,7 @@ def gate_top_blocks(y, keys, rope, bias, counts, k, backend="auto"):
         y, cos, sin, keys, scratch, bias, counts, out, arrived, N, k, H, y.stride(0), y.stride(1), cos.stride(0),
         sin.stride(0), keys.stride(0), keys.stride(1), keys.stride(2), bias.stride(0), out.stride(0), out.stride(1),
         G=G, ROPE=rope is not None, PARTNER=partner, CHUNK=FUSED_CHUNK, BLOCK=max(16, triton.next_power_of_2(N)),
-        BITS=TOP_BLOCKS_BITS, EARLY=TOP_BLOCKS_EARLY_STOP, VALUE=TOP_BLOCKS_VALUE_SEARCH, SPLIT=split,
-        num_warps=FUSED_WARPS)
+        BITS=TOP_BLOCKS_BITS, EARLY=TOP_BLOCKS_EARLY_STOP, SPLIT=split, num_warps=FUSED_WARPS)
     return out
 
 

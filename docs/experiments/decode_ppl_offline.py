@@ -26,7 +26,8 @@ post-RoPE query against each block's mean post-RoPE key, softmaxed per query hea
 over the KV head's group; session 32; since session 36 the softmax spans the row's full blocks
 only, as a decode step sees them), ``,mix=A`` (the mixture ``(1 - A) log p_gate + A log p_meanpool``
 of the two, each a distribution over the row's full blocks, as ``seer_meanpool_prior`` mixes the prefill
-gate; needs ``--gates``). ``budget=N`` keeps ``N // 64`` blocks per row (the model's ``budget`` rule)
+gate; needs ``--gates``), ``,keys=f8`` / ``,keys=i8`` (session 45: the gate's block keys rounded to float8
+e4m3 or int8 at one scale per key, what an 8-bit pooled-K cache would score; with ``,gate``). ``budget=N`` keeps ``N // 64`` blocks per row (the model's ``budget`` rule)
 instead of a share. ``dense`` is dense decode. The kept
 share is averaged over rows, layers and KV heads (a dense layer counts 1), as
 ``seer_decode_density``.
@@ -60,14 +61,14 @@ def parse_setting(text):
     of gate, meanpool, quest, mix=A, qmix=A."""
     if text == "dense":
         return None
-    usage = "share=S|budget=N[,pool][,dense=N][,late=F][,local=N][,gate|,meanpool|,quest|,mix=A|,qmix=A]"
+    usage = "share=S|budget=N[,pool][,dense=N][,late=F][,local=N][,gate|,meanpool|,quest|,mix=A|,qmix=A][,keys=f8|i8]"
     head, *extras = text.split(",")
     key, _, val = head.partition("=")
     if key not in ("share", "budget"):
         raise SystemExit(f"bad setting {text!r}: expected dense or {usage}")
     out = {"share": float(val) if key == "share" else None, "budget": int(val) if key == "budget" else None,
            "pool": False, "dense": 0, "late": 0.0, "local": 0, "gate": False, "meanpool": False, "quest": False,
-           "mix": None, "qmix": None}
+           "mix": None, "qmix": None, "keys": None}
     for e in extras:
         k, _, v = e.partition("=")
         if k in ("pool",) + SELECTORS and not v:
@@ -76,6 +77,8 @@ def parse_setting(text):
             out[k] = int(v)
         elif k in ("late", "mix", "qmix"):
             out[k] = float(v)
+        elif k == "keys" and v in KEY_FORMATS:
+            out[k] = v
         else:
             raise SystemExit(f"bad part {e!r} of setting {text!r}")
     if sum([out["gate"], out["meanpool"], out["quest"], out["mix"] is not None, out["qmix"] is not None]) > 1:
@@ -139,6 +142,20 @@ def gate_keys(module, T):
                            rope=STATE["rope_at"](torch.arange(NB)[None] * BS))
 
 
+#: 8-bit block keys (session 45): each key row rounded to float8 e4m3 or int8 at its own scale (its largest
+#: magnitude to the format's largest value), as a cache holding 8-bit keys and one scale a block would score them
+KEY_FORMATS = {"f8": 448.0, "i8": 127.0}
+
+
+def eight_bit_keys(keys, fmt):
+    """``keys`` ``[..., G]`` after a round trip through ``fmt`` (:data:`KEY_FORMATS`) at one scale per row."""
+    top = KEY_FORMATS[fmt]
+    scale = keys.abs().amax(-1, keepdim=True).clamp_min(1e-30) / top
+    x = keys / scale
+    x = x.to(torch.float8_e4m3fn).float() if fmt == "f8" else x.round().clamp(-top, top)
+    return x * scale
+
+
 def gate_logits(module, keys, c0, c1):
     """The decode gate's logits ``[B, H, c1 - c0, NB]`` of rows ``c0 .. c1 - 1`` against ``keys`` (:func:`gate_keys`)
     of the blocks of the first ``c1`` tokens: what a decode step's ``DecodeGate.step_logits`` computes (the
@@ -199,6 +216,8 @@ def offline_attention(module, query, key, value, attention_mask, scaling, dropou
     mix = None if rule is None else spec["mix"]
     qmix = None if rule is None else spec["qmix"]
     keys = gate_keys(module, T) if rule is not None and (spec["gate"] or mix is not None or qmix is not None) else None
+    if keys is not None and spec["keys"] is not None:
+        keys = eight_bit_keys(keys, spec["keys"])
     if rule is not None and (spec["meanpool"] or mix is not None):  # each block's mean post-RoPE key
         kmean = block_pool(key.float(), BS, ("avg",)).repeat_interleave(g, 1)  # as selection.meanpool_scores pools
     if rule is not None and (spec["quest"] or qmix is not None):  # each block's per-channel key min and max

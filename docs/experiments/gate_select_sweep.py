@@ -15,13 +15,10 @@ its own CUDA graph each of:
   ``gate_scores`` making the RoPE partner columns from them (``decode_gate.STEP_PARTNER_COLUMNS``
   off: half the matmul's weight read); ``two_b1_rot_wW``: that with ``top_blocks`` at W warps
   whatever the row's length (``TOP_BLOCKS_WARPS``); ``two_b1_rot_cC``: ``gate_scores`` scoring C block
-  keys a program (``SCORE_CHUNK``, default 64); ``two_b1_rot_v`` (session 45): the bisection over the
-  row's finite values before the key search (``TOP_BLOCKS_VALUE_SEARCH``); ``two_b1_rot_f8``: ``gate_scores`` on
-  float8 (e4m3) block keys at one scale per layer, what 8-bit keys would save (timing only; ``same`` here is on
-  random keys, not a quality measure);
-- ``layer_...``: the same with the decode kernel over the selection (10% of the blocks); ``kernel``: that
-  kernel alone, and ``kernel_merge`` (session 45) with each pair's last part merging the partials
-  (``DECODE_OPTIONS["merge"]``) instead of the combine launch,
+  keys a program (``SCORE_CHUNK``, default 64); ``two_b1_rot_f8`` (session 45): ``gate_scores`` on float8
+  (e4m3) block keys at one scale per layer, what 8-bit keys would save (timing only: the model's cache keeps
+  16-bit keys, and ``same`` here is on random keys, not a quality measure);
+- ``layer_...``: the same with the decode kernel over the selection (10% of the blocks),
 
 and checks that each variant keeps the same blocks as ``two_b1``: ``same`` is the share of rows
 with equal kept sets (summation order may move a near-tie).
@@ -32,7 +29,6 @@ with equal kept sets (summation order may move a near-tie).
 Prints JSON lines as it goes and a table last; ``--out F`` writes a results envelope.
 """
 import argparse
-import importlib
 import json
 import os
 import sys
@@ -87,14 +83,14 @@ def sweep(B, S, share, fused_configs=FUSED, bits=TWO_BITS, only=None):
         return ds.gate_top_blocks(query(True), keys, rope, bias, cnt, K)
 
     kept = dict(bits=ds.TOP_BLOCKS_BITS, chunk=ds.FUSED_CHUNK, warps=ds.FUSED_WARPS, split=ds.FUSED_SPLIT,
-                sel_warps=dict(ds.TOP_BLOCKS_WARPS), score_chunk=ds.SCORE_CHUNK, value=ds.TOP_BLOCKS_VALUE_SEARCH)
+                sel_warps=dict(ds.TOP_BLOCKS_WARPS), score_chunk=ds.SCORE_CHUNK)
     row = {"B": B, "S": S, "share": share, "K": K, "keys_MB": round(keys.numel() * 2 / 2 ** 20, 1)}
     ref = None
     variants = [(f"two_b{b}", two, dict(bits=b)) for b in sorted(set(bits) | {1})]
     variants += [("two_b1_rot", two_rot, dict(bits=1))]
     variants += [(f"two_b1_rot_w{wp}", two_rot, dict(bits=1, sel_warps={ds.MAX_BLOCKS: wp})) for wp in SEL_WARPS]
     variants += [(f"two_b1_rot_c{c}", two_rot, dict(bits=1, score_chunk=c)) for c in SCORE_CHUNKS]
-    variants += [("two_b1_rot_v", two_rot, dict(bits=1, value=True)), ("two_b1_rot_f8", two_rot_f8, dict(bits=1))]
+    variants += [("two_b1_rot_f8", two_rot_f8, dict(bits=1))]
     variants += [(f"fused_c{c}_w{wp}_b{b}_s{sp}", fused, dict(bits=b, chunk=c, warps=wp, split=sp))
                  for c, wp, b, sp in fused_configs]
     if only:  # two_b1 stays: the reference kept sets
@@ -107,7 +103,6 @@ def sweep(B, S, share, fused_configs=FUSED, bits=TWO_BITS, only=None):
             ds.TOP_BLOCKS_WARPS.clear()
             ds.TOP_BLOCKS_WARPS.update(cfg.get("sel_warps", kept["sel_warps"]))
             ds.SCORE_CHUNK = cfg.get("score_chunk", kept["score_chunk"])
-            ds.TOP_BLOCKS_VALUE_SEARCH = cfg.get("value", False)
             try:
                 idx = fn()
             except Exception as e:  # a variant that does not compile: recorded, the others still run
@@ -128,19 +123,10 @@ def sweep(B, S, share, fused_configs=FUSED, bits=TWO_BITS, only=None):
         ds.TOP_BLOCKS_WARPS.clear()
         ds.TOP_BLOCKS_WARPS.update(kept["sel_warps"])
         ds.SCORE_CHUNK = kept["score_chunk"]
-        ds.TOP_BLOCKS_VALUE_SEARCH = kept["value"]
     idx = two()
     row["query"] = us(query)
     row["query_rot"] = us(lambda: query(True))
     row["kernel"] = us(lambda: block_sparse_decode(q, k, v, idx, lens, block_counts=cnt, check_lengths=False))
-    dk = importlib.import_module("seer_attn.kernels.block_sparse_decode")
-    kept_merge = dk.DECODE_OPTIONS["merge"]
-    try:  # the kernel whose last part of each pair merges (session 45) against the combine launch above
-        dk.DECODE_OPTIONS["merge"] = not kept_merge
-        row["kernel_merge" if not kept_merge else "kernel_combine"] = us(
-            lambda: block_sparse_decode(q, k, v, idx, lens, block_counts=cnt, check_lengths=False))
-    finally:
-        dk.DECODE_OPTIONS["merge"] = kept_merge
     return row
 
 
@@ -177,10 +163,9 @@ def main(argv=None):
                 r["share_" + n] = round((r["layer_" + n] - r["kernel"]) / r["layer_" + n], 4)
     print(f"\n# {torch.cuda.get_device_name()}: gate + selection, CUDA-graph median us (layer: + the decode kernel; "
           "the gate's share of the layer)")
-    print("B x cache | query (2G / G) | kernel (merge in kernel) | " + " | ".join(names))
+    print("B x cache | query (2G / G) | kernel | " + " | ".join(names))
     for r in lines:
-        other = r.get("kernel_merge", r.get("kernel_combine"))
-        print(f"{r['B']} x {r['S'] // 1024}k | {r['query']} / {r['query_rot']} | {r['kernel']} ({other}) | "
+        print(f"{r['B']} x {r['S'] // 1024}k | {r['query']} / {r['query_rot']} | {r['kernel']} | "
               + " | ".join(f"{r[n]} / {r['layer_' + n]} ({r[n + '_same']}, {r.get('share_' + n)})" for n in names))
     if args.out:
         from seer_attn.training.results import write_envelope

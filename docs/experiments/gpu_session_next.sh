@@ -109,9 +109,12 @@
 # H200 gap (~11 us a layer: the gate's ~18 us and the kernel's 70 us at 4 x 128k) if an idea comes first.
 # Keep $OUT's files at most two folders deep (a step that calls another step nests a level).
 #
-# Session 45: s45-first measures two options of issue 15, both off until measured: top_blocks bisecting the row's
-# finite values before the keys (~9 passes on 512 spread scores against ~16; TOP_BLOCKS_VALUE_SEARCH) and the decode
-# kernel's last part of each pair merging the partials instead of the combine launch (DECODE_OPTIONS["merge"]).
+# Session 45 (one H100 call after ~7 refused starts): s45-first at 7b6543f measured two options of issue 15, top_blocks
+# bisecting the row's finite values before its keys (level: within 0.5 us) and the decode kernel's last part of each
+# pair merging the partials instead of the combine launch (slower everywhere; its 3 GPU tests failed); both removed
+# since, so s45-first runs only at 7b6543f. gate_scores on float8 block keys: 3.5 us off at 16 x 32k (share 14.0%),
+# 14 us at 16 x 128k (results/decode/h100_gate_s45_sweep.json). bench-decode base reproduced 3.07x / 3.03x. Next: an
+# 8-bit pooled-K cache if the CPU screen (decode_ppl_offline.py ,keys=f8 / i8; decode_host_time.md) keeps quality.
 #
 # Session 29: distill --gate-hidden-size / --q-pooling / --k-pooling exist now; gate-capacity measures them (issue 17's
 # untried "gate capacity" direction) after gate-calib-coverage and decode-distill. Session 29 got no machine (every start
@@ -285,7 +288,8 @@ case "$STEP" in
     timeout 360 "$PY" -m seer_attn.eval.bench_decode --lengths 131072 --batches 16 --e2e 4x131072 16x32768 \
       --layers 32 $SH --out "$OUT/decode32" > "$OUT/bench_decode32.log" 2>&1
     echo "bench_decode (32 layers $SH): exit $?"; sed -n '/^# /,$p' "$OUT/bench_decode32.log" | tail -n 9 ;;
-  s45-first)  # issue 15 (session 45): the value bisection in top_blocks and the in-kernel merge of the decode
+  s45-first)  # (ran at 7b6543f; its options were removed after) issue 15 (session 45): the value bisection in
+    # top_blocks and the in-kernel merge of the decode
     # kernel's parts: their GPU tests, one graph-replayed layer (gate_select_sweep.py: the gate's share with each
     # selection; the kernel with and without the merge), then bench-decode's end to end at 32 layers without and with
     # both (an H200 unshared, an H100 with --shared-kv)

@@ -326,32 +326,3 @@ def test_tma_option_is_checked(gen, device, monkeypatch):
     with pytest.raises(ValueError, match=r"DECODE_OPTIONS\['tma'\] must be True or False, got 'yes'"):
         block_sparse_decode(q, k, v, torch.ones(1, 2, 1, dtype=torch.bool, device=device),
                             torch.tensor([64], device=device), backend="triton")
-
-
-@pytest.mark.parametrize("splits", [2, 5], ids=lambda s: f"splits{s}")
-def test_merge_in_the_split_kernel_equals_the_combine_launch(splits, gen, device, error_budget, monkeypatch):
-    """``DECODE_OPTIONS["merge"]``: each pair's last part merges the partials, so the combine
-    kernel is not launched; the output equals the combine launch's bit for bit (same partials,
-    same merge order) with left padding, an empty head and a partial current block, twice in a row
-    (the arrival counters are back at 0 after each call), and the option is checked."""
-    mod = __import__("seer_attn.kernels.block_sparse_decode", fromlist=["DECODE_OPTIONS"])
-    B, HQ, H, S, D = 2, 6, 2, 700, 64
-    q, k, v = _inputs(gen, B, HQ, H, S, D, torch.float16, device)
-    sel = _selection(gen, B, H, _nb(S), "some", device)
-    sel[1, 0] = False  # a head that reads nothing
-    lens = torch.tensor([700, 450], device=device)
-    starts = torch.tensor([0, 70], device=device)
-    want = block_sparse_decode(q, k, v, sel, lens, seq_starts=starts, num_splits=splits, backend="triton")
-    launches = []
-    monkeypatch.setattr(mod, "_decode_combine_kernel", type("Counted", (), {
-        "__getitem__": lambda self, grid: launches.append(grid)})())
-    monkeypatch.setitem(mod.DECODE_OPTIONS, "merge", True)
-    for _ in range(2):
-        out = block_sparse_decode(q, k, v, sel, lens, seq_starts=starts, num_splits=splits, backend="triton")
-        assert launches == []
-        torch.testing.assert_close(out, want, rtol=0, atol=0)
-        assert not mod._arrival_counters(B * H, q.device).any()
-    _check(out, q, k, v, sel, lens, error_budget, torch.float16, seq_starts=starts)
-    monkeypatch.setitem(mod.DECODE_OPTIONS, "merge", 1)
-    with pytest.raises(ValueError, match=r"DECODE_OPTIONS\['merge'\] must be True or False, got 1"):
-        block_sparse_decode(q, k, v, sel, lens, num_splits=splits, backend="triton")

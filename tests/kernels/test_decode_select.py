@@ -52,11 +52,9 @@ def test_reference_breaks_ties_by_the_lower_index():
 @pytest.mark.parametrize("B, H, N, k, seed", [(2, 3, 10, 4, 0), (1, 8, 70, 13, 1), (3, 2, 300, 40, 2),
                                             (2, 2, 64, 64, 3)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("early, value", [(False, False), (True, False), (True, True)],
-                         ids=["bisect", "bisect-early-stop", "value-search"])
-def test_kernel_equals_the_reference(monkeypatch, B, H, N, k, seed, dtype, early, value):
+@pytest.mark.parametrize("early", [False, True], ids=["bisect", "bisect-early-stop"])
+def test_kernel_equals_the_reference(monkeypatch, B, H, N, k, seed, dtype, early):
     monkeypatch.setattr(decode_select, "TOP_BLOCKS_EARLY_STOP", early)
-    monkeypatch.setattr(decode_select, "TOP_BLOCKS_VALUE_SEARCH", value)
     scores, bias, n = _case(B, H, N, seed, dtype)
     counts = torch.minimum(n, torch.tensor(k)).to(torch.int32)
     counts[0, 0] = 0
@@ -66,11 +64,9 @@ def test_kernel_equals_the_reference(monkeypatch, B, H, N, k, seed, dtype, early
     assert torch.equal(got.cpu(), top_blocks_ref(scores, bias, counts, k))
 
 
-@pytest.mark.parametrize("early, value", [(False, False), (True, False), (True, True)],
-                         ids=["bisect", "bisect-early-stop", "value-search"])
-def test_kernel_with_ties_and_negative_scores(monkeypatch, early, value):
+@pytest.mark.parametrize("early", [False, True], ids=["bisect", "bisect-early-stop"])
+def test_kernel_with_ties_and_negative_scores(monkeypatch, early):
     monkeypatch.setattr(decode_select, "TOP_BLOCKS_EARLY_STOP", early)
-    monkeypatch.setattr(decode_select, "TOP_BLOCKS_VALUE_SEARCH", value)
     scores = torch.tensor([[[-1.0, -0.5, -0.5, -0.5, 2.0, -3.0, -0.5, 0.0]]])
     bias = torch.zeros(1, 1, 8)
     bias[..., 7] = float("-inf")
@@ -78,34 +74,6 @@ def test_kernel_with_ties_and_negative_scores(monkeypatch, early, value):
         counts = torch.tensor([[c]], dtype=torch.int32)
         got = top_blocks(scores.to(DEV), bias.to(DEV), counts.to(DEV), 8, backend="triton")
         assert torch.equal(got.cpu(), top_blocks_ref(scores, bias, counts, 8)), c
-
-
-@pytest.mark.parametrize("rows", ["ties-at-cut", "forced-only", "one-finite", "wide-exponents", "max-repeated"])
-def test_value_search_falls_back_where_no_value_splits_the_row(monkeypatch, rows):
-    """The value bisection (TOP_BLOCKS_VALUE_SEARCH) keeps the reference's blocks on rows where
-    it cannot end on its own: repeated values at the cut, counts met by the forced (+inf) blocks
-    alone or by every finite one, a single finite value, values from 1e-30 to 1e30 of both signs,
-    and a repeated maximum; every count from 0 to the row's valid blocks."""
-    monkeypatch.setattr(decode_select, "TOP_BLOCKS_VALUE_SEARCH", True)
-    N = 40
-    gen = torch.Generator().manual_seed(5)
-    bias = torch.zeros(1, 1, N)
-    bias[..., 30:] = float("-inf")
-    scores = torch.randn(1, 1, N, generator=gen)
-    if rows == "ties-at-cut":
-        scores = torch.randint(0, 4, (1, 1, N), generator=gen).float()
-    elif rows == "forced-only":
-        bias[..., :5] = float("inf")
-    elif rows == "one-finite":
-        bias[..., :29] = float("inf")
-    elif rows == "wide-exponents":
-        scores = torch.sign(scores) * 10.0 ** torch.randint(-30, 31, (1, 1, N), generator=gen).float()
-    else:
-        scores[..., [3, 17, 25]] = 9.0
-    for c in range(0, 31):
-        counts = torch.tensor([[c]], dtype=torch.int32)
-        got = top_blocks(scores.to(DEV), bias.to(DEV), counts.to(DEV), N, backend="triton")
-        assert torch.equal(got.cpu(), top_blocks_ref(scores, bias, counts, N)), c
 
 
 def test_bad_arguments():

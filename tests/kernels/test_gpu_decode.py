@@ -125,40 +125,16 @@ def test_split_counts_at_real_shape(splits, gen, error_budget, loads):
     error_budget(out, ref32, ref_lp, **OUT_BUDGET[dt])
 
 
-@pytest.mark.parametrize("B, S, splits", [(1, 131072, None), (16, 32768 + 37, None), (1, 65536, 64)])
-def test_merge_in_kernel_at_real_shapes(B, S, splits, gen, monkeypatch):
-    """``DECODE_OPTIONS["merge"]`` (each pair's last part merges, with the combine kernel's code):
-    the combine launch's output, eagerly and replayed three times from a CUDA graph (the arrival
-    counters go back to 0). Bit for bit: the same partials and the same merge function, at the same
-    warps."""
-    mod = __import__("seer_attn.kernels.block_sparse_decode", fromlist=["DECODE_OPTIONS"])
-    q, k, v = _cache(gen, B, S, torch.bfloat16)
-    idx = _topk_selection(gen, B, S, 0.1)
-    lens = torch.full((B,), S - 3, device="cuda")
-    want = block_sparse_decode(q, k, v, idx, lens, num_splits=splits, backend="triton")
-    monkeypatch.setitem(mod.DECODE_OPTIONS, "merge", True)
-    assert torch.equal(block_sparse_decode(q, k, v, idx, lens, num_splits=splits, backend="triton"), want)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = block_sparse_decode(q, k, v, idx, lens, num_splits=splits, backend="triton")
-    for _ in range(3):
-        out.zero_()
-        graph.replay()
-        torch.cuda.synchronize()
-        assert torch.equal(out, want)
-
-
 @pytest.mark.parametrize("B, N, k", [(16, 2048, 205), (4, 2049, 205), (1, 16384, 1639), (2, 513, 2)])
-@pytest.mark.parametrize("bits", [1, 0, -1, 8], ids=["bisect", "bisect-early-stop", "value-search", "radix"])
+@pytest.mark.parametrize("bits", [1, 0, 8], ids=["bisect", "bisect-early-stop", "radix"])
 def test_top_blocks_at_real_shapes(monkeypatch, B, N, k, bits):
     """The decode selection kernel at 32k-1M-token caches (8 KV heads), by bisection (with and
-    without the early stop, over the keys or first over the values) and by the radix select: the
-    reference's kept blocks, with bf16 scores (ties) and the sink / current block forced."""
+    without the early stop) and by the radix select: the reference's kept blocks, with bf16
+    scores (ties) and the sink / current block forced."""
     from seer_attn.kernels import decode_select
     from seer_attn.kernels.decode_select import top_blocks
     monkeypatch.setattr(decode_select, "TOP_BLOCKS_BITS", max(bits, 1))
-    monkeypatch.setattr(decode_select, "TOP_BLOCKS_EARLY_STOP", bits <= 0)
-    monkeypatch.setattr(decode_select, "TOP_BLOCKS_VALUE_SEARCH", bits == -1)
+    monkeypatch.setattr(decode_select, "TOP_BLOCKS_EARLY_STOP", bits == 0)
     from seer_attn.kernels.reference import top_blocks_ref
     gen = torch.Generator(device="cuda").manual_seed(N)
     scores = torch.randn(B, 8, N, device="cuda", generator=gen).to(torch.bfloat16)
