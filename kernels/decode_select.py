@@ -6,7 +6,10 @@ head), the ``cnt`` best-scoring blocks (docs/design.md §2, "Decode"), one launc
 the partner columns read from ``y``'s own with a sign; or, for a ``y`` of width 2G,
 ``y[..., :G] * cos + y[..., G:] * sin``, the partner columns made by the projection), dotted with
 each of its ``N`` block keys. One program per (row, chunk of 64 blocks): the three elementwise ops and the batched
-matmul of the torch path become one launch, in float32 throughout.
+matmul of the torch path become one launch, in float32 throughout. 8-bit keys (float8 e4m3 or int8,
+``eight_bit_keys``) come with one float32 scale per block (``key_scales``), which multiplies the block's
+logit: half the bytes of 16-bit keys, the read that dominates the launch at B = 16 (session 45:
+docs/experiments/decode_host_time.md; the pooled-K cache still keeps 16-bit keys).
 
 ``top_blocks(scores, bias, counts, k)`` returns int32 ``[B, H, k]``: the indices of the
 ``counts[b, h]`` largest entries of ``scores + bias`` (ties: the lower index first), in
@@ -97,8 +100,9 @@ def _gate_query(y_row, cos, sin, offs_g, G: tl.constexpr, ROPE: tl.constexpr, PA
 
 
 @triton.jit
-def _gate_scores_kernel(Y, COS, SIN, KEYS, OUT, N, H, s_yb, s_yh, s_cb, s_sb, s_kb, s_kh, s_kn, s_ob, s_oh,
-                        G: tl.constexpr, ROPE: tl.constexpr, PARTNER: tl.constexpr, CHUNK: tl.constexpr):
+def _gate_scores_kernel(Y, COS, SIN, KEYS, SCALES, OUT, N, H, s_yb, s_yh, s_cb, s_sb, s_kb, s_kh, s_kn, s_ob, s_oh,
+                        s_xb, s_xh, G: tl.constexpr, ROPE: tl.constexpr, PARTNER: tl.constexpr, CHUNK: tl.constexpr,
+                        SCALED: tl.constexpr):
     pid = tl.program_id(0)  # b * H + h
     b = (pid // H).to(tl.int64)
     h = (pid % H).to(tl.int64)
@@ -108,7 +112,10 @@ def _gate_scores_kernel(Y, COS, SIN, KEYS, OUT, N, H, s_yb, s_yh, s_cb, s_sb, s_
     m = offs_n < N
     k = tl.load(KEYS + b * s_kb + h * s_kh + offs_n.to(tl.int64)[:, None] * s_kn + offs_g[None, :],
                 mask=m[:, None], other=0.0).to(tl.float32)
-    tl.store(OUT + b * s_ob + h * s_oh + offs_n, tl.sum(k * q[None, :], 1), mask=m)
+    score = tl.sum(k * q[None, :], 1)
+    if SCALED:  # 8-bit keys: each block's logit times its key's scale
+        score *= tl.load(SCALES + b * s_xb + h * s_xh + offs_n, mask=m, other=0.0)
+    tl.store(OUT + b * s_ob + h * s_oh + offs_n, score, mask=m)
 
 
 @triton.jit
@@ -364,16 +371,38 @@ def _check_selection(bias, counts, k, B, H, N):
         raise ValueError(f"k must be an integer in [1, N={N}], got {k!r}")
 
 
-def gate_scores(y, keys, rope=None, backend="auto"):
+#: 8-bit block key formats: the torch dtype and the largest magnitude a key row is scaled to
+EIGHT_BIT_KEYS = {"f8": (torch.float8_e4m3fn, 448.0), "i8": (torch.int8, 127.0)}
+
+
+def eight_bit_keys(keys, fmt):
+    """Block keys ``[..., G]`` in 8 bits: ``(keys8, scales)`` with ``keys8`` in ``fmt``'s dtype
+    (:data:`EIGHT_BIT_KEYS`: ``"f8"`` float8 e4m3, ``"i8"`` int8 rounded to nearest) and float32
+    ``scales`` ``[...]``, one per key row (its largest magnitude over the format's), so that
+    ``keys8.float() * scales[..., None]`` approximates ``keys``; what :func:`gate_scores` scores
+    with ``key_scales``."""
+    if fmt not in EIGHT_BIT_KEYS:
+        raise ValueError(f"8-bit key format must be one of {sorted(EIGHT_BIT_KEYS)}, got {fmt!r}")
+    dtype, top = EIGHT_BIT_KEYS[fmt]
+    x = keys.float()
+    scales = x.abs().amax(-1).clamp_min(torch.finfo(torch.float32).tiny) / top
+    x = x / scales[..., None]
+    return (x if fmt == "f8" else x.round().clamp(-top, top)).to(dtype), scales
+
+
+def gate_scores(y, keys, rope=None, backend="auto", key_scales=None):
     """The decode gate's block logits of one step (module docstring).
 
     Args:
         y: ``[B, H, G]`` projected queries (with ``rope``, their RoPE partners are made from them as
             ``_rotate_half`` makes them), or ``[B, H, 2G]``, the map's columns then their partners;
             any strides with the last one 1.
-        keys: ``[B, H, N, G]`` block keys (may be a slice of a larger buffer; last stride 1).
+        keys: ``[B, H, N, G]`` block keys (may be a slice of a larger buffer; last stride 1): 16 or
+            32-bit floats, or 8-bit (float8 e4m3 or int8, :func:`eight_bit_keys`) with ``key_scales``.
         rope: optional ``(cos, sin)``, each ``[B, G]``, at the token's position.
         backend: ``"auto"`` (Triton on CUDA when G is a power of two), ``"triton"`` or ``"torch"``.
+        key_scales: float ``[B, H, N]`` (last stride 1), each block's scale: required with 8-bit
+            keys (multiplies the block's logit), None otherwise.
 
     Returns:
         float32 ``[B, H, N]``.
@@ -383,15 +412,27 @@ def gate_scores(y, keys, rope=None, backend="auto"):
         raise ValueError(f"keys must be [B, H, N, G], got shape {tuple(keys.shape)}")
     B, H, N, G = keys.shape
     partner = _check_gate_query(y, rope, B, H, G)
+    eight = keys.element_size() == 1
+    if eight and keys.dtype not in [d for d, _ in EIGHT_BIT_KEYS.values()]:
+        raise ValueError(f"8-bit keys must be float8_e4m3fn or int8, got {keys.dtype}")
+    if eight != (key_scales is not None):
+        raise ValueError(f"key_scales goes with 8-bit keys and only with them; keys are {keys.dtype}, key_scales "
+                         f"is {'given' if key_scales is not None else 'None'}")
+    if key_scales is not None and (tuple(key_scales.shape) != (B, H, N) or not key_scales.is_floating_point()):
+        raise ValueError(f"key_scales must be float [B, H, N] = {(B, H, N)}, got {key_scales.dtype} "
+                         f"{tuple(key_scales.shape)}")
     if not _use_triton_width(backend, keys, "gate_scores", "G", G):
-        return gate_scores_ref(y, keys, rope)
+        return gate_scores_ref(y, keys, rope, key_scales)
     y, keys = (t if t.stride(-1) == 1 else t.contiguous() for t in (y, keys))
     cos, sin = (t if t.stride(-1) == 1 else t.contiguous() for t in rope) if rope is not None else (y, y)
+    scales = key_scales.float() if key_scales is not None else keys
+    scales = scales if scales.stride(-1) == 1 else scales.contiguous()
     out = torch.empty(B, H, N, dtype=torch.float32, device=keys.device)
     _gate_scores_kernel[(B * H, triton.cdiv(N, SCORE_CHUNK))](
-        y, cos, sin, keys, out, N, H, y.stride(0), y.stride(1), cos.stride(0), sin.stride(0),
+        y, cos, sin, keys, scales, out, N, H, y.stride(0), y.stride(1), cos.stride(0), sin.stride(0),
         keys.stride(0), keys.stride(1), keys.stride(2), out.stride(0), out.stride(1),
-        G=G, ROPE=rope is not None, PARTNER=partner, CHUNK=SCORE_CHUNK, num_warps=4)
+        scales.stride(0) if eight else 0, scales.stride(1) if eight else 0,
+        G=G, ROPE=rope is not None, PARTNER=partner, CHUNK=SCORE_CHUNK, SCALED=eight, num_warps=4)
     return out
 
 
@@ -471,6 +512,9 @@ def gate_top_blocks(y, keys, rope, bias, counts, k, backend="auto"):
     if keys.dim() != 4:
         raise ValueError(f"keys must be [B, H, N, G], got shape {tuple(keys.shape)}")
     B, H, N, G = keys.shape
+    if keys.element_size() == 1:
+        raise ValueError(f"gate_top_blocks takes 16 or 32-bit keys, got {keys.dtype}; score 8-bit keys with "
+                         "gate_scores(..., key_scales=...)")
     fused = N <= MAX_BLOCKS and _use_triton_width(backend, keys, "gate_top_blocks", "G", G)
     if not fused:
         return top_blocks(gate_scores(y, keys, rope, backend=backend), bias, counts, k, backend=backend)

@@ -295,18 +295,20 @@ def top_blocks_ref(scores, bias, counts, k):
     return idx[..., :k].contiguous()
 
 
-def gate_scores_ref(y, keys, rope=None):
+def gate_scores_ref(y, keys, rope=None, key_scales=None):
     """Torch reference of :func:`~.decode_select.gate_scores`: float32 ``[B, H, N]`` logits of
     the projected queries ``y`` ``[B, H, G]`` (rotated by ``rope`` = (cos, sin) ``[B, G]``, the
     partner columns ``[-y[G/2:], y[:G/2]]``; with a ``y`` of width 2G, its second half) against
-    block keys ``[B, H, N, G]``."""
+    block keys ``[B, H, N, G]``, each block's logit times ``key_scales`` ``[B, H, N]`` when given
+    (8-bit keys: :func:`~.decode_select.eight_bit_keys`)."""
     G = keys.shape[-1]
     q = y.float()
     if rope is not None:
         cos, sin = (t.float()[:, None] for t in rope)
         partner = q[..., G:] if q.shape[-1] == 2 * G else torch.cat([-q[..., G // 2:], q[..., :G // 2]], -1)
         q = q[..., :G] * cos + partner * sin
-    return torch.einsum("bhg,bhng->bhn", q, keys.float())
+    out = torch.einsum("bhg,bhng->bhn", q, keys.float())
+    return out if key_scales is None else out * key_scales.float()
 
 
 def prior_mix_ref(logits, q, means, full, scale, weight):

@@ -15,9 +15,10 @@ its own CUDA graph each of:
   ``gate_scores`` making the RoPE partner columns from them (``decode_gate.STEP_PARTNER_COLUMNS``
   off: half the matmul's weight read); ``two_b1_rot_wW``: that with ``top_blocks`` at W warps
   whatever the row's length (``TOP_BLOCKS_WARPS``); ``two_b1_rot_cC``: ``gate_scores`` scoring C block
-  keys a program (``SCORE_CHUNK``, default 64); ``two_b1_rot_f8`` (session 45): ``gate_scores`` on float8
-  (e4m3) block keys at one scale per layer, what 8-bit keys would save (timing only: the model's cache keeps
-  16-bit keys, and ``same`` here is on random keys, not a quality measure);
+  keys a program (``SCORE_CHUNK``, default 64); ``two_b1_rot_f8`` / ``two_b1_rot_i8`` (session 45):
+  ``gate_scores`` on float8 e4m3 / int8 block keys with one scale per key row (``eight_bit_keys``; the first
+  run, results/decode/h100_gate_s45_sweep.json, used one scale for the layer and no scale read), what an 8-bit
+  pooled-K cache would save (``same`` here is on random keys, not a quality measure);
 - ``layer_...``: the same with the decode kernel over the selection (10% of the blocks),
 
 and checks that each variant keeps the same blocks as ``two_b1``: ``same`` is the share of rows
@@ -72,12 +73,13 @@ def sweep(B, S, share, fused_configs=FUSED, bits=TWO_BITS, only=None):
     def two_rot():
         return two(True)
 
-    # 8-bit block keys (session 45, timing only: the model's cache keeps 16-bit keys): float8 e4m3 at one scale
-    # for the layer, which scales every score of a row alike and so keeps its order up to the rounding
-    keys_f8 = (keys.float() * (448.0 / keys.float().abs().amax().clamp_min(1e-30))).to(torch.float8_e4m3fn)
+    # 8-bit block keys (session 45; the model's cache keeps 16-bit keys): each key row in float8 e4m3 or int8 at
+    # its own scale, which multiplies the block's logit in gate_scores
+    keys8 = {fmt: ds.eight_bit_keys(keys, fmt) for fmt in ds.EIGHT_BIT_KEYS}
 
-    def two_rot_f8():
-        return ds.top_blocks(ds.gate_scores(query(True), keys_f8, rope), bias, cnt, K)
+    def two_rot_8(fmt):
+        k8, sc = keys8[fmt]
+        return lambda: ds.top_blocks(ds.gate_scores(query(True), k8, rope, key_scales=sc), bias, cnt, K)
 
     def fused():  # the G-column query since session 44 (2G before)
         return ds.gate_top_blocks(query(True), keys, rope, bias, cnt, K)
@@ -90,7 +92,7 @@ def sweep(B, S, share, fused_configs=FUSED, bits=TWO_BITS, only=None):
     variants += [("two_b1_rot", two_rot, dict(bits=1))]
     variants += [(f"two_b1_rot_w{wp}", two_rot, dict(bits=1, sel_warps={ds.MAX_BLOCKS: wp})) for wp in SEL_WARPS]
     variants += [(f"two_b1_rot_c{c}", two_rot, dict(bits=1, score_chunk=c)) for c in SCORE_CHUNKS]
-    variants += [("two_b1_rot_f8", two_rot_f8, dict(bits=1))]
+    variants += [(f"two_b1_rot_{fmt}", two_rot_8(fmt), dict(bits=1)) for fmt in ds.EIGHT_BIT_KEYS]
     variants += [(f"fused_c{c}_w{wp}_b{b}_s{sp}", fused, dict(bits=b, chunk=c, warps=wp, split=sp))
                  for c, wp, b, sp in fused_configs]
     if only:  # two_b1 stays: the reference kept sets

@@ -288,6 +288,16 @@ case "$STEP" in
     timeout 360 "$PY" -m seer_attn.eval.bench_decode --lengths 131072 --batches 16 --e2e 4x131072 16x32768 \
       --layers 32 $SH --out "$OUT/decode32" > "$OUT/bench_decode32.log" 2>&1
     echo "bench_decode (32 layers $SH): exit $?"; sed -n '/^# /,$p' "$OUT/bench_decode32.log" | tail -n 9 ;;
+  s45-keys8)  # issue 15 (session 45): gate_scores on 8-bit block keys with one scale per key row (float8 e4m3,
+    # int8): their GPU tests, then one graph-replayed layer against 16-bit keys (gate_select_sweep.py)
+    timeout 90 "$PY" -m pytest -q -p no:cacheprovider -rfE tests/kernels/test_gpu_decode.py -k "gate_scores" \
+      > "$OUT/tests_keys8.log" 2>&1
+    echo "test_gpu_decode -k gate_scores: exit $?, $(tail -n 1 "$OUT/tests_keys8.log")"
+    grep -E "^(FAILED|ERROR)" "$OUT/tests_keys8.log"
+    timeout 120 "$PY" docs/experiments/gate_select_sweep.py --no-fused --bits 1 \
+      --only two_b1_rot two_b1_rot_f8 two_b1_rot_i8 \
+      --settings 1x32768 16x32768 1x131072 16x131072 4x131072 --out "$OUT/gate_keys8.json" > "$OUT/gate_keys8.log" 2>&1
+    echo "gate_select_sweep: exit $?"; sed -n '/^# /,$p' "$OUT/gate_keys8.log"; grep -E "Error" "$OUT/gate_keys8.log" | tail -n 3 ;;
   s45-first)  # (ran at 7b6543f; its options were removed after) issue 15 (session 45): the value bisection in
     # top_blocks and the in-kernel merge of the decode
     # kernel's parts: their GPU tests, one graph-replayed layer (gate_select_sweep.py: the gate's share with each

@@ -134,6 +134,40 @@ def test_gate_scores_reference_makes_the_partner_columns_as_rotate_half():
                                            backend="triton").cpu(), want, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("fmt", ["i8", "f8"])
+def test_eight_bit_keys_round_trip_and_score(fmt):
+    """eight_bit_keys: the keys' dtype, one scale per row, the round trip within the format's
+    rounding (int8: half a step of the row's scale; float8 e4m3: 2^-4 relative to the row's largest
+    magnitude), a zero row kept finite; gate_scores' torch path on 8-bit keys and scales equals the
+    reference on the rounded-back keys."""
+    from seer_attn.kernels.decode_select import eight_bit_keys
+    y, keys, r = _gate_case(2, 3, 40, 32, 4, torch.float32)
+    keys[1, 2, 7] = 0.0
+    k8, sc = eight_bit_keys(keys, fmt)
+    assert k8.dtype == {"i8": torch.int8, "f8": torch.float8_e4m3fn}[fmt] and sc.shape == (2, 3, 40)
+    back = k8.float() * sc[..., None]
+    step = {"i8": 0.5 / 127, "f8": 2.0 ** -4}[fmt] * keys.abs().amax(-1, keepdim=True)
+    assert ((back - keys).abs() <= step + 1e-7).all()
+    assert torch.isfinite(sc).all() and (back[1, 2, 7] == 0).all()
+    torch.testing.assert_close(gate_scores(y, k8, r, backend="torch", key_scales=sc), gate_scores_ref(y, back, r))
+
+
+@pytest.mark.parametrize("rope, partner", ROPES, ids=ROPE_IDS)
+def test_gate_scores_kernel_on_int8_keys(rope, partner):
+    """The Triton kernel on int8 keys with their scales (the interpreter has no float8: that runs
+    on the GPU, tests/kernels/test_gpu_decode.py) equals the reference on the rounded-back keys,
+    with a partial chunk of blocks and keys sliced from a larger buffer."""
+    from seer_attn.kernels.decode_select import eight_bit_keys
+    y, keys, r = _gate_case(2, 2, 70, 16, 9, torch.float32, rope, partner)
+    k8, sc = eight_bit_keys(keys, "i8")
+    big = torch.zeros(2, 2, 80, 16, dtype=torch.int8)
+    big[:, :, :70] = k8
+    got = gate_scores(y.to(DEV), big[:, :, :70].to(DEV), tuple(t.to(DEV) for t in r) if rope else None,
+                      backend="triton", key_scales=sc.to(DEV))
+    want = gate_scores_ref(y, k8.float() * sc[..., None], r)
+    torch.testing.assert_close(got.cpu(), want, atol=1e-4 * 16 ** 0.5, rtol=1e-4)
+
+
 def test_gate_scores_bad_arguments():
     y, keys, r = _gate_case(2, 3, 5, 16, 0, torch.float32)
     with pytest.raises(ValueError, match=r"y must have shape \[B, H, G\] = \(2, 3, 16\) or \[B, H, 2G\] = "
@@ -146,6 +180,22 @@ def test_gate_scores_bad_arguments():
         gate_scores(y, keys, (r[0][:1], r[1]))
     with pytest.raises(ValueError, match=r"keys must be \[B, H, N, G\], got shape \(3, 5, 16\)"):
         gate_scores(y, keys[0], r)
+    from seer_attn.kernels.decode_select import eight_bit_keys
+    k8, sc = eight_bit_keys(keys, "i8")
+    with pytest.raises(ValueError, match=r"key_scales goes with 8-bit keys and only with them; keys are "
+                                         r"torch.int8, key_scales is None"):
+        gate_scores(y, k8, r)
+    with pytest.raises(ValueError, match=r"keys are torch.float32, key_scales is given"):
+        gate_scores(y, keys, r, key_scales=sc)
+    with pytest.raises(ValueError, match=r"key_scales must be float \[B, H, N\] = \(2, 3, 5\), got torch.float32 "
+                                         r"\(2, 3, 4\)"):
+        gate_scores(y, k8, r, key_scales=sc[..., :4])
+    with pytest.raises(ValueError, match=r"8-bit keys must be float8_e4m3fn or int8, got torch.uint8"):
+        gate_scores(y, k8.view(torch.uint8), r, key_scales=sc)
+    with pytest.raises(ValueError, match=r"8-bit key format must be one of \['f8', 'i8'\], got 'u8'"):
+        eight_bit_keys(keys, "u8")
+    with pytest.raises(ValueError, match=r"gate_top_blocks takes 16 or 32-bit keys, got torch.int8"):
+        gate_top_blocks(y, k8, r, torch.zeros(2, 1, 5), torch.ones(2, 3, dtype=torch.int32), 2)
     with pytest.raises(ValueError, match="backend must be 'auto', 'triton' or 'torch', got 'cuda'"):
         gate_scores(y, keys, r, backend="cuda")
     y24, keys24, r24 = _gate_case(1, 1, 4, 24, 0, torch.float32)

@@ -163,6 +163,22 @@ def test_gate_scores_at_real_shapes(B, N, width):
     torch.testing.assert_close(got, gate_scores_ref(y, keys, rope), atol=2e-3, rtol=1e-4)
 
 
+@pytest.mark.parametrize("B, N", [(16, 512), (1, 16384)])
+@pytest.mark.parametrize("fmt", ["f8", "i8"])
+def test_gate_scores_on_eight_bit_keys_at_real_shapes(B, N, fmt):
+    """gate_scores on 8-bit keys (float8 e4m3, which the interpreter cannot run, and int8) with
+    one scale per block: the float32 reference on the same keys and scales."""
+    from seer_attn.kernels.decode_select import eight_bit_keys, gate_scores
+    from seer_attn.kernels.reference import gate_scores_ref
+    gen = torch.Generator(device="cuda").manual_seed(N + len(fmt))
+    y = torch.randn(B, 8, 128, device="cuda", generator=gen).to(torch.bfloat16)
+    k8, sc = eight_bit_keys(torch.randn(B, 8, N, 128, device="cuda", generator=gen), fmt)
+    e = torch.rand(B, 128, device="cuda", generator=gen) * 6.0
+    rope = (e.cos().to(torch.bfloat16), e.sin().to(torch.bfloat16))
+    got = gate_scores(y, k8, rope, backend="triton", key_scales=sc)
+    torch.testing.assert_close(got, gate_scores_ref(y, k8, rope, sc), atol=2e-3, rtol=1e-4)
+
+
 @pytest.mark.parametrize("B, N, k", [(16, 2048, 205), (1, 2048, 205), (4, 2049, 32), (1, 16384, 1639)])
 @pytest.mark.parametrize("bits, split, width", [(1, 1, 256), (1, 1, 128), (2, 1, 256), (4, 1, 256), (8, 1, 256),
                                                 (2, 8, 128)])
