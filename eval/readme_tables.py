@@ -693,6 +693,22 @@ def decode_gate_s45_h100(root) -> str:
     return out + _table(["B x cache", "kernel / merged"] + [label for _, label in cols], body)
 
 
+def decode_gate_keys8_h100(root) -> str:
+    """Session 45: gate_scores on 8-bit block keys with one scale per key row, in one graph-replayed layer."""
+    path = "results/decode/h100_gate_keys8_sweep.json"
+    sw = load_envelope(root, path)
+    cols = [("two_b1_rot", "16-bit keys"), ("two_b1_rot_f8", "float8 keys"), ("two_b1_rot_i8", "int8 keys")]
+    body = [[f"{r['B']} x {_tokens(r['S'])}", r["kernel"]]
+            + [f"{r[k]} / {r['layer_' + k]:.1f} ({100 * r['share_' + k]:.1f}%)" for k, _ in cols] for r in sw["rows"]]
+    out = (f"{sw['provenance']['gpu']}, commit {_commit(sw['provenance'])} ({path}); one sparse layer replayed from a "
+           "CUDA graph, median us, 8B attention shape, share 0.1: the gate (query projection, `gate_scores`, "
+           "`top_blocks`) / the layer (and the decode kernel) and the gate's share of it (1 - kernel / layer); "
+           "`kernel`: the decode kernel alone; 8-bit keys: `gate_scores` on float8 e4m3 / int8 keys, one float32 "
+           "scale per key row multiplying its logit (`eight_bit_keys`; random keys, so the kept sets are not a "
+           "quality measure):\n\n")
+    return out + _table(["B x cache", "kernel"] + [label for _, label in cols], body)
+
+
 def _decode_graph_gate(row_paths, e2e_paths, note=""):
     """bench-decode with the graph row as the graph step runs it (the gate's share of a sparse layer
     against issue 15's anchors) and time per output token (session 39 on)."""
@@ -1099,6 +1115,7 @@ TABLES = {
     "decode-gate-select-h100": decode_gate_select_h100,
     "decode-gate-rot-h100": decode_gate_rot_h100,
     "decode-gate-s45-h100": decode_gate_s45_h100,
+    "decode-gate-keys8-h100": decode_gate_keys8_h100,
     "decode-graph-gate-h200": _decode_graph_gate(
         ["results/decode/h200_graph_gate_32k.json", "results/decode/h200_graph_gate_128k.json"],
         ["results/decode/h200_graph_gate_32k.json", "results/decode/h200_graph_gate_128k.json"]),
