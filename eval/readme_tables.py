@@ -676,37 +676,37 @@ def decode_gate_rot_h100(root) -> str:
     return out + _table(["B x cache", "query", "kernel"] + [label for _, label in cols], body)
 
 
-def decode_gate_s45_h100(root) -> str:
-    """Session 45: two options tried and removed (the value bisection in top_blocks, the decode kernel's
-    in-kernel merge) and 8-bit block keys for gate_scores (timing only), each in one graph-replayed layer."""
-    path = "results/decode/h100_gate_s45_sweep.json"
-    sw = load_envelope(root, path)
-    cols = [("two_b1_rot", "default"), ("two_b1_rot_v", "value bisection"), ("two_b1_rot_f8", "float8 keys")]
-    body = [[f"{r['B']} x {_tokens(r['S'])}", f"{r['kernel']} / {r['kernel_merge']}"]
-            + [f"{r[k]} / {r['layer_' + k]:.1f} ({100 * r['share_' + k]:.1f}%)" for k, _ in cols] for r in sw["rows"]]
-    out = (f"{sw['provenance']['gpu']}, commit {_commit(sw['provenance'])} ({path}); one sparse layer replayed from a "
-           "CUDA graph, median us, 8B attention shape, share 0.1: the gate (query projection, `gate_scores`, "
-           "`top_blocks`) / the layer (and the decode kernel) and the gate's share of it (1 - kernel / layer); "
-           "`kernel`: the decode kernel alone, with its combine launch / with the last part of each pair merging "
-           "instead; value bisection: `top_blocks` first bisecting the row's finite values (the same blocks); float8 "
-           "keys: `gate_scores` on e4m3 block keys at one scale (timing only, random keys):\n\n")
-    return out + _table(["B x cache", "kernel / merged"] + [label for _, label in cols], body)
+def _gate_layer_sweep(path, cols, kernel_head, kernel_cell, note):
+    """A gate_select_sweep envelope (session 45 on) as a table: per setting the decode kernel
+    (``kernel_cell`` of the row) and each variant's gate / layer us and the gate's share."""
+    def table(root) -> str:
+        sw = load_envelope(root, path)
+        body = [[f"{r['B']} x {_tokens(r['S'])}", kernel_cell(r)]
+                + [f"{r[k]} / {r['layer_' + k]:.1f} ({100 * r['share_' + k]:.1f}%)" for k, _ in cols]
+                for r in sw["rows"]]
+        out = (f"{sw['provenance']['gpu']}, commit {_commit(sw['provenance'])} ({path}); one sparse layer replayed "
+               "from a CUDA graph, median us, 8B attention shape, share 0.1: the gate (query projection, "
+               "`gate_scores`, `top_blocks`) / the layer (and the decode kernel) and the gate's share of it (1 - "
+               f"kernel / layer); `kernel`: the decode kernel alone{note}:\n\n")
+        return out + _table(["B x cache", kernel_head] + [label for _, label in cols], body)
+    return table
 
 
-def decode_gate_keys8_h100(root) -> str:
-    """Session 45: gate_scores on 8-bit block keys with one scale per key row, in one graph-replayed layer."""
-    path = "results/decode/h100_gate_keys8_sweep.json"
-    sw = load_envelope(root, path)
-    cols = [("two_b1_rot", "16-bit keys"), ("two_b1_rot_f8", "float8 keys"), ("two_b1_rot_i8", "int8 keys")]
-    body = [[f"{r['B']} x {_tokens(r['S'])}", r["kernel"]]
-            + [f"{r[k]} / {r['layer_' + k]:.1f} ({100 * r['share_' + k]:.1f}%)" for k, _ in cols] for r in sw["rows"]]
-    out = (f"{sw['provenance']['gpu']}, commit {_commit(sw['provenance'])} ({path}); one sparse layer replayed from a "
-           "CUDA graph, median us, 8B attention shape, share 0.1: the gate (query projection, `gate_scores`, "
-           "`top_blocks`) / the layer (and the decode kernel) and the gate's share of it (1 - kernel / layer); "
-           "`kernel`: the decode kernel alone; 8-bit keys: `gate_scores` on float8 e4m3 / int8 keys, one float32 "
-           "scale per key row multiplying its logit (`eight_bit_keys`; random keys, so the kept sets are not a "
-           "quality measure):\n\n")
-    return out + _table(["B x cache", "kernel"] + [label for _, label in cols], body)
+# session 45: two options tried and removed (the value bisection in top_blocks, the decode kernel's in-kernel
+# merge) and float8 keys at one scale (timing only); then 8-bit keys with one scale per key row
+decode_gate_s45_h100 = _gate_layer_sweep(
+    "results/decode/h100_gate_s45_sweep.json",
+    [("two_b1_rot", "default"), ("two_b1_rot_v", "value bisection"), ("two_b1_rot_f8", "float8 keys")],
+    "kernel / merged", lambda r: f"{r['kernel']} / {r['kernel_merge']}",
+    ", with its combine launch / with the last part of each pair merging instead; value bisection: `top_blocks` "
+    "first bisecting the row's finite values (the same blocks); float8 keys: `gate_scores` on e4m3 block keys at "
+    "one scale (timing only, random keys)")
+decode_gate_keys8_h100 = _gate_layer_sweep(
+    "results/decode/h100_gate_keys8_sweep.json",
+    [("two_b1_rot", "16-bit keys"), ("two_b1_rot_f8", "float8 keys"), ("two_b1_rot_i8", "int8 keys")],
+    "kernel", lambda r: r["kernel"],
+    "; 8-bit keys: `gate_scores` on float8 e4m3 / int8 keys, one float32 scale per key row multiplying its logit "
+    "(`eight_bit_keys`; random keys, so the kept sets are not a quality measure)")
 
 
 def _decode_graph_gate(row_paths, e2e_paths, note=""):
