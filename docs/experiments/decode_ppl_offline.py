@@ -28,7 +28,8 @@ only, as a decode step sees them), ``,mix=A`` (the mixture ``(1 - A) log p_gate 
 of the two, each a distribution over the row's full blocks, as ``seer_meanpool_prior`` mixes the prefill
 gate; needs ``--gates``), ``,keys=f8`` / ``,keys=i8`` (session 45: the gate's block keys rounded to float8
 e4m3 or int8 at one scale per key, what an 8-bit pooled-K cache would score; with ``,gate``).
-``budget=N`` keeps ``N // 64`` blocks per row (the model's ``budget`` rule) instead of a share. ``dense`` is dense decode. The kept
+``budget=N`` keeps ``N // 64`` blocks per row (the model's ``budget`` rule) instead of a share.
+``dense`` is dense decode. The kept
 share is averaged over rows, layers and KV heads (a dense layer counts 1), as
 ``seer_decode_density``.
 
