@@ -109,12 +109,15 @@
 # H200 gap (~11 us a layer: the gate's ~18 us and the kernel's 70 us at 4 x 128k) if an idea comes first.
 # Keep $OUT's files at most two folders deep (a step that calls another step nests a level).
 #
-# Session 45 (one H100 call after ~7 refused starts): s45-first at 7b6543f measured two options of issue 15, top_blocks
+# Session 45 (two H100 calls among ~9 refused starts): s45-first at 7b6543f measured two options of issue 15, top_blocks
 # bisecting the row's finite values before its keys (level: within 0.5 us) and the decode kernel's last part of each
 # pair merging the partials instead of the combine launch (slower everywhere; its 3 GPU tests failed); both removed
 # since, so s45-first runs only at 7b6543f. gate_scores on float8 block keys: 3.5 us off at 16 x 32k (share 14.0%),
-# 14 us at 16 x 128k (results/decode/h100_gate_s45_sweep.json). bench-decode base reproduced 3.07x / 3.03x. Next: an
-# 8-bit pooled-K cache if the CPU screen (decode_ppl_offline.py ,keys=f8 / i8; decode_host_time.md) keeps quality.
+# 14 us at 16 x 128k (results/decode/h100_gate_s45_sweep.json). bench-decode base reproduced 3.07x / 3.03x. Then
+# s45-keys8 at 15a6d7e: gate_scores on float8 / int8 keys with a scale per block, 16 x 32k share 15.5% -> 13.4% / 14.6%
+# (results/decode/h100_gate_keys8_sweep.json); the CPU screen (decode_ppl_offline.py ,keys=f8 / i8) kept decode PPL
+# within 0.06%. Next: the pooled-K cache storing float8 keys and scales (eager cache, graph state, prefill fill), then
+# the decode-quality protocol, bench-decode's kernel rows (gate share) and the end to end with it.
 #
 # Session 29: distill --gate-hidden-size / --q-pooling / --k-pooling exist now; gate-capacity measures them (issue 17's
 # untried "gate capacity" direction) after gate-calib-coverage and decode-distill. Session 29 got no machine (every start
