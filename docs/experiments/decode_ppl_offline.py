@@ -45,6 +45,7 @@ import torch
 import torch.nn.functional as F
 
 from seer_attn.eval.perplexity import load_documents, make_windows
+from seer_attn.kernels.decode_select import EIGHT_BIT_KEYS, eight_bit_keys
 from seer_attn.modeling_seer.conversion import default_model_path, load_tokenizer
 from seer_attn.modeling_seer.selection import block_pool, prepare_decode_selection, select_decode_blocks
 from seer_attn.training.results import write_envelope
@@ -78,7 +79,7 @@ def parse_setting(text):
             out[k] = int(v)
         elif k in ("late", "mix", "qmix"):
             out[k] = float(v)
-        elif k == "keys" and v in KEY_FORMATS:
+        elif k == "keys" and v in EIGHT_BIT_KEYS:
             out[k] = v
         else:
             raise SystemExit(f"bad part {e!r} of setting {text!r}")
@@ -143,18 +144,12 @@ def gate_keys(module, T):
                            rope=STATE["rope_at"](torch.arange(NB)[None] * BS))
 
 
-#: 8-bit block keys (session 45): each key row rounded to float8 e4m3 or int8 at its own scale (its largest
-#: magnitude to the format's largest value), as a cache holding 8-bit keys and one scale a block would score them
-KEY_FORMATS = {"f8": 448.0, "i8": 127.0}
-
-
-def eight_bit_keys(keys, fmt):
-    """``keys`` ``[..., G]`` after a round trip through ``fmt`` (:data:`KEY_FORMATS`) at one scale per row."""
-    top = KEY_FORMATS[fmt]
-    scale = keys.abs().amax(-1, keepdim=True).clamp_min(1e-30) / top
-    x = keys / scale
-    x = x.to(torch.float8_e4m3fn).float() if fmt == "f8" else x.round().clamp(-top, top)
-    return x * scale
+def rounded_keys(keys, fmt):
+    """``keys`` ``[..., G]`` after a round trip through 8 bits (session 45): each key row in float8 e4m3 or int8
+    at its own scale (``kernels.decode_select.eight_bit_keys``, ``fmt`` one of its ``EIGHT_BIT_KEYS``), as a
+    cache holding 8-bit keys and one scale a block would score them."""
+    k8, scales = eight_bit_keys(keys, fmt)
+    return k8.float() * scales[..., None]
 
 
 def gate_logits(module, keys, c0, c1):
@@ -218,7 +213,7 @@ def offline_attention(module, query, key, value, attention_mask, scaling, dropou
     qmix = None if rule is None else spec["qmix"]
     keys = gate_keys(module, T) if rule is not None and (spec["gate"] or mix is not None or qmix is not None) else None
     if keys is not None and spec["keys"] is not None:
-        keys = eight_bit_keys(keys, spec["keys"])
+        keys = rounded_keys(keys, spec["keys"])
     if rule is not None and (spec["meanpool"] or mix is not None):  # each block's mean post-RoPE key
         kmean = block_pool(key.float(), BS, ("avg",)).repeat_interleave(g, 1)  # as selection.meanpool_scores pools
     if rule is not None and (spec["quest"] or qmix is not None):  # each block's per-channel key min and max
