@@ -16,7 +16,9 @@ time, no host work: since session 39 the query's projection, ``gate_scores`` and
 or with ``--one-launch-gate`` ``gate_top_blocks``; ``graph_gate_select`` without the kernel;
 up to session 38 this row replayed the eager step's sorted torch top-k instead) against the
 eager step's ops launched one by one (``eager_layer``). Correctness first: ours with
-every block vs SDPA, ours sparse vs the fp32 torch reference.
+every block vs SDPA, ours sparse vs the fp32 torch reference. ``--key-format f8`` / ``i8``
+scores block keys stored in 8 bits with a scale per block (``seer_decode_key_format``), in
+the kernel rows and end to end.
 
 End to end (``e2e``, ``BxT`` settings): a SeerLlama of the 8B shape with random weights
 (``layers`` layers, bf16, decode gates), a **pre-filled cache** of T random keys/values per
@@ -106,6 +108,7 @@ class DecodeBenchConfig(RunConfig):
     no_early_stop: bool = option(False, flag)  # top_blocks' bisection runs every pass (TOP_BLOCKS_EARLY_STOP off)
     no_one_launch_window: bool = option(False, flag)  # graph steps' bias and counts by torch ops (ONE_LAUNCH_WINDOW off)
     shared_kv: bool = option(False, flag)  # e2e: all layers' KV cache one buffer (32 layers fit an 80 GB GPU)
+    key_format: str = option("model", text, choices=("model", "f8", "i8"))  # seer_decode_key_format of the gate keys
     out: str = option("seer_outputs/bench-decode", text)
 
 
@@ -148,6 +151,9 @@ def parser() -> argparse.ArgumentParser:
                     help="end to end: every layer's KV cache is one buffer, so that 32 layers at 4 x 128k fit an 80 GB "
                          "GPU; each layer still reads its own blocks from HBM (2.1 GB dense / 215 MB sparse a layer "
                          "against a 50 MB L2)")
+    ap.add_argument("--key-format", choices=("model", "f8", "i8"), default=_default("key_format"),
+                    help="how the decode gate's block keys are stored (seer_decode_key_format): the model's dtype, or "
+                         "8 bits (float8 e4m3 / int8) with a float32 scale per block; kernel rows and end to end")
     ap.add_argument("--out", default=_default("out"), help="output folder (default: %(default)s)")
     ap.add_argument("--plot", default=None, help="only redraw the PNG from this CSV")
     return ap
@@ -195,7 +201,7 @@ def _run(config):
     for S in config.lengths:
         for B in config.batches:
             torch.cuda.empty_cache()
-            row, check = kernel_row(B, S, config.share, config.prior)
+            row, check = kernel_row(B, S, config.share, config.prior, config.key_format)
             rows.append(row)
             checks.append(check)
             print("check", json.dumps(check), flush=True)
@@ -260,9 +266,10 @@ def _decode_inputs(B, S, seed):
     return q, k, v
 
 
-def gate_step(B, S, share, seed, device="cuda", prior=0.0):
+def gate_step(B, S, share, seed, device="cuda", prior=0.0, key_format="model"):
     """What the model runs before the kernel in one layer's decode step, at this shape: a
-    decode gate (random weights), its cached block keys (bf16, a view of a buffer with room
+    decode gate (random weights), its cached block keys (bf16, or 8-bit with a scale per block
+    under ``key_format`` ``"f8"`` / ``"i8"``; a view of a buffer with room
     to grow, as the pooled-K cache holds them), the query's RoPE; with ``prior`` > 0 the
     mean-pooled prior mixed in (:func:`~seer_attn.modeling_seer.selection.with_decode_meanpool_prior`,
     on random block means laid out as the pooled-K cache keeps them); returns ``(step, per_layer,
@@ -280,6 +287,11 @@ def gate_step(B, S, share, seed, device="cuda", prior=0.0):
     gate = DecodeGate(HQ, H, D).to(device)
     cur = (S - 1) // BS  # the new token's block; the full blocks before it are the candidates
     buf = torch.randn(B, H, 2 * cur + 2, gate.hidden_size, device=device).to(dt)
+    scales = None
+    if key_format != "model":  # as the pooled-K cache stores them (seer_decode_key_format)
+        from seer_attn.kernels.decode_select import eight_bit_keys
+        buf, scale_buf = eight_bit_keys(buf, key_format)
+        scales = scale_buf[:, :, :cur + 1]
     keys = buf[:, :, :cur + 1]  # the full blocks and the current block's row
     q_pre = torch.randn(B, HQ, 1, D, device=device).to(dt)
     inv = 1.0 / (500000.0 ** (torch.arange(0, gate.hidden_size, 2, device=device).float() / gate.hidden_size))
@@ -296,7 +308,7 @@ def gate_step(B, S, share, seed, device="cuda", prior=0.0):
     from seer_attn.modeling_seer import decode_graph
 
     def logits():
-        s = gate.step_logits(q_pre, keys, rope).squeeze(2)
+        s = gate.step_logits(q_pre, keys, rope, scales).squeeze(2)
         return with_decode_meanpool_prior(s, q_post, means, full, D ** -0.5, prior) if prior > 0 else s
 
     @torch.no_grad()
@@ -311,21 +323,21 @@ def gate_step(B, S, share, seed, device="cuda", prior=0.0):
     @torch.no_grad()
     def graph_select():  # what a layer of a graph-mode step runs (decode_graph.GraphDecodeStep)
         bias, cnt, k = prepared["bias"], prepared["cnt"], prepared["k"]
-        if prior > 0 or not decode_graph.ONE_LAUNCH_GATE:
+        if prior > 0 or not decode_graph.ONE_LAUNCH_GATE or scales is not None:
             return top_blocks(logits(), bias, cnt, k), cnt
         y, r = gate.step_query(q_pre, dt, rope)
         return gate_top_blocks(y, keys, r, bias, cnt, k), cnt
     return step, per_layer, graph_select
 
 
-def kernel_row(B, S, share, prior=0.0):
+def kernel_row(B, S, share, prior=0.0, key_format="model"):
     from seer_attn.kernels import block_sparse_decode
     from seer_attn.kernels.reference import block_sparse_decode_ref
     q, k, v = _decode_inputs(B, S, seed=S + B)
     NB = -(-S // BS)
     lens = torch.full((B,), S, dtype=torch.int32, device="cuda")
     full = torch.ones(B, H, NB, dtype=torch.bool, device="cuda")
-    step, per_layer, graph_select = gate_step(B, S, share, seed=B, prior=prior)
+    step, per_layer, graph_select = gate_step(B, S, share, seed=B, prior=prior, key_format=key_format)
     idx, cnt = per_layer()
     none = torch.zeros_like(cnt)
 
@@ -343,8 +355,8 @@ def kernel_row(B, S, share, prior=0.0):
         check["sparse_vs_fp32_ref"] = rel_err(ours(idx, cnt),
                                               block_sparse_decode_ref(q.float(), k.float(), v.float(), idx, lens,
                                                                       block_counts=cnt))
-    row = {"B": B, "S": S, "share_target": share, "prior": prior, "blocks_read": cnt.float().mean().item(),
-           "share_read": cnt.float().mean().item() / NB}
+    row = {"B": B, "S": S, "share_target": share, "prior": prior, "key_format": key_format,
+           "blocks_read": cnt.float().mean().item(), "share_read": cnt.float().mean().item() / NB}
     row["sdpa_flash"] = _bench(lambda: _sdpa(q, k, v, "flash"))
     try:
         row["sdpa_cudnn"] = _bench(lambda: _sdpa(q, k, v, "cudnn"))
@@ -510,7 +522,7 @@ def _pooled_for(model, cache, B, T, gen):
     p = next(model.model.layers[0].self_attn.k_proj.parameters())
     kv_heads, head_dim = cfg.num_key_value_heads, model.model.layers[0].self_attn.head_dim
     state = PooledKCache(cfg.num_hidden_layers, torch.zeros(B, dtype=torch.long, device=p.device),
-                         cfg.seer_block_size, cfg.seer_k_pooling)
+                         cfg.seer_block_size, cfg.seer_k_pooling, cfg.seer_decode_key_format)
     _STATES[cache] = state
     fill = DecodeStep(state, 0, T, model.model._gate_rope_at, p.device)
     for i, layer in enumerate(model.model.layers):
@@ -559,6 +571,7 @@ def decode_run(model, cache, B, T, steps, warmup=3, flash_only=True):
 
 def end_to_end(config):
     model = _model(config.layers)
+    model.set_seer_mode("dense", seer_decode_key_format=config.key_format)  # kept by the later set_seer_mode calls
     rows, checks = [], []
     for B, T in config.e2e:
         torch.cuda.empty_cache()
@@ -572,7 +585,8 @@ def end_to_end(config):
             print(f"dense decode with SDPA flash failed ({str(e)[:120]}); timing SDPA's default backend", flush=True)
             backend = "sdpa default"
             dense_s, dense_logits = decode_run(model, cache, B, T, config.steps, warmup, flash_only=False)
-        row = {"B": B, "T": T, "layers": config.layers, "shared_kv": config.shared_kv, "dense_s_per_token": dense_s,
+        row = {"B": B, "T": T, "layers": config.layers, "shared_kv": config.shared_kv, "key_format": config.key_format,
+               "dense_s_per_token": dense_s,
                "dense_backend": backend}
         # every block selected: sparse decode is dense decode (checks the pre-filled setup)
         model.set_seer_mode("dense", seer_decode_sparsity=True, seer_decode_share=1.0,
@@ -726,7 +740,8 @@ def print_table(rows, e2e, prov, share):
 
     def sec(x):
         return f"{x:.4f}" if isinstance(x, (int, float)) else "-"
-    print(f"\n# {prov['gpu']}  torch {v['torch']}  triton {v.get('triton')}  commit {commit}")
+    fmt = (rows or e2e or [{}])[0].get("key_format", "model")
+    print(f"\n# {prov['gpu']}  torch {v['torch']}  triton {v.get('triton')}  commit {commit}  gate keys: {fmt}")
     print(f"decode step, median ms | B | S | SDPA flash | SDPA cuDNN | ours all | ours {share:g} (read) | ours, no "
           "block | flash/ours | gate+select per layer (share of step) | layer eager | layer CUDA graph | ours "
           f"{share:g}, CUDA graph | ours, no block, CUDA graph")

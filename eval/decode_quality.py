@@ -29,7 +29,8 @@ quarter by default, which kept passkey retrieval at share 0.1 where 64 rows of p
 step's true attention mass per block: what the gate is distilled to predict, an upper bound
 at the same share) and ``streaming`` (the most recent blocks); ``local=N`` keeps the N full
 blocks before the current one besides the selection; ``prior=A`` mixes the decode gate's
-scores with the training-free mean-pooled prior (``seer_decode_meanpool_prior``).
+scores with the training-free mean-pooled prior (``seer_decode_meanpool_prior``); ``keys=f8`` /
+``keys=i8`` stores the gate's block keys in 8 bits (``seer_decode_key_format``).
 
     seer-attn decode-quality --model /tmp/seer/smollm2.gguf --train /tmp/seer/corpora/train.jsonl \\
         --eval /tmp/seer/corpora/eval.jsonl --settings share=0.1 budget=2048 budget=2048,prior=0.7
@@ -229,7 +230,8 @@ def parser():
     ap.add_argument("--settings", type=decode_setting_text, nargs="+", default=_default("settings"), metavar="SETTING",
                     help="sparse decode settings: share=X, budget=N or mass=P (the predicted attention mass "
                          "read), optionally with ,local=N (full blocks before the current one always read), "
-                         ",prior=A (seer_decode_meanpool_prior) and ,oracle or ,streaming (comparison selectors); "
+                         ",prior=A (seer_decode_meanpool_prior), ,keys=f8|i8 (8-bit gate keys, seer_decode_key_format) "
+                         "and ,oracle or ,streaming (comparison selectors); "
                          "the first also runs with sparse prefill in the passkey phase (default: %(default)s)")
     ap.add_argument("--passkey-lengths", type=ca.positive_int, nargs="*", default=_default("passkey_lengths"))
     ap.add_argument("--passkey-samples", type=ca.positive_int, default=_default("passkey_samples"),

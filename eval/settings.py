@@ -10,7 +10,8 @@ a new baseline is one entry there.
 
 A decode setting (sparse decode, used by ``seer-attn decode-quality`` and ``seer-attn eval
 --decode``) is written ``share=X``, ``budget=N`` or ``mass=P`` with optional ``,local=N``,
-``,prior=A`` and ``,oracle`` / ``,streaming`` parts (:func:`decode_setting`), or ``dense``.
+``,prior=A``, ``,keys=f8`` / ``,keys=i8`` and ``,oracle`` / ``,streaming`` parts (:func:`decode_setting`), or
+``dense``.
 """
 import contextlib
 import math
@@ -172,7 +173,8 @@ def setting_text(value) -> str:
 
 def decode_setting(value):
     """``dense``, or ``share=X`` / ``budget=N`` / ``mass=P`` followed by optional ``,local=N``
-    (full blocks before the current one always read), ``,prior=A`` (``seer_decode_meanpool_prior``)
+    (full blocks before the current one always read), ``,prior=A`` (``seer_decode_meanpool_prior``),
+    ``,keys=f8`` / ``,keys=i8`` (8-bit block keys, ``seer_decode_key_format``)
     and ``,oracle`` / ``,streaming`` (the comparison selectors of ``seer_decode_selector``), as the
     ``seer_*`` options that set that decode
     selection (``{}``: dense decode)."""
@@ -188,21 +190,26 @@ def decode_setting(value):
         out = {"seer_decode_method": "mass", "seer_decode_mass": ca.unit_interval(val)}
     else:
         raise ca.ArgValueError(f"invalid decode setting {value!r}: expected dense, share=X, budget=N or mass=P, "
-                               "optionally followed by ,local=N, ,prior=A and ,oracle or ,streaming")
+                               "optionally followed by ,local=N, ,prior=A, ,keys=f8|i8 and ,oracle or ,streaming")
     for extra in extras:
         key, _, val = extra.partition("=")
         if key == "local" and "seer_decode_keep_local" not in out:
             out["seer_decode_keep_local"] = ca.int_at_least(0)(val)
         elif key == "prior" and "seer_decode_meanpool_prior" not in out:
             out["seer_decode_meanpool_prior"] = ca.float_in(0, 1, low_open=False)(val)
+        elif key == "keys" and val in ("f8", "i8") and "seer_decode_key_format" not in out:
+            out["seer_decode_key_format"] = val
         elif key in ("oracle", "streaming") and not val and "seer_decode_selector" not in out:
             out["seer_decode_selector"] = key
         else:
             raise ca.ArgValueError(f"invalid part {extra!r} of decode setting {value!r}: expected local=N, "
-                                   "prior=A, oracle or streaming (each at most once)")
+                                   "prior=A, keys=f8, keys=i8, oracle or streaming (each at most once)")
     if out.get("seer_decode_meanpool_prior") and out.get("seer_decode_selector"):
         raise ca.ArgValueError(f"invalid decode setting {value!r}: prior=A mixes the decode gate's scores; the "
                                f"{out['seer_decode_selector']} selector has none")
+    if out.get("seer_decode_key_format") and out.get("seer_decode_selector"):
+        raise ca.ArgValueError(f"invalid decode setting {value!r}: keys=... stores the decode gate's keys; the "
+                               f"{out['seer_decode_selector']} selector scores none")
     return out
 
 
@@ -215,7 +222,7 @@ def apply_decode(model, setting, prefill="dense", prefill_opts=None):
     """Set ``model`` to a prefill mode and a decode setting (:func:`decode_setting`; the options
     a setting leaves out, ``local`` and the selector, go back to their defaults)."""
     setting = {"seer_decode_keep_local": 0, "seer_decode_selector": "gate", "seer_decode_meanpool_prior": 0.0,
-               **setting} if setting else {}
+               "seer_decode_key_format": "model", **setting} if setting else {}
     model.set_seer_mode(prefill, seer_decode_sparsity=bool(setting), **setting, **(prefill_opts or {}))
 
 
@@ -228,7 +235,8 @@ def decode_setting_of(model) -> dict:
     field = f"seer_decode_{method}"  # each method's parameter (threshold's too, which settings do not spell)
     return {"seer_decode_method": method, field: getattr(cfg, field),
             "seer_decode_keep_local": cfg.seer_decode_keep_local, "seer_decode_selector": cfg.seer_decode_selector,
-            "seer_decode_meanpool_prior": cfg.seer_decode_meanpool_prior}
+            "seer_decode_meanpool_prior": cfg.seer_decode_meanpool_prior,
+            "seer_decode_key_format": cfg.seer_decode_key_format}
 
 
 def decode_setting_name(setting):
@@ -247,5 +255,7 @@ def decode_setting_name(setting):
         name += f",local={setting['seer_decode_keep_local']}"
     if setting.get("seer_decode_meanpool_prior"):
         name += f",prior={setting['seer_decode_meanpool_prior']:g}"
+    if setting.get("seer_decode_key_format", "model") != "model":
+        name += f",keys={setting['seer_decode_key_format']}"
     return name + (f",{setting['seer_decode_selector']}" if setting.get("seer_decode_selector", "gate") != "gate"
                    else "")

@@ -9,7 +9,7 @@ import dataclasses
 import difflib
 import math
 
-from .selection import DECODE_METHODS, DECODE_SELECTORS, SELECTORS, SPARSITY_METHODS
+from .selection import DECODE_KEY_FORMATS, DECODE_METHODS, DECODE_SELECTORS, SELECTORS, SPARSITY_METHODS
 
 SEER_MODES = ("dense", "distill", "sparse")
 POOLING_TYPES = ("avg", "max", "min")
@@ -133,6 +133,10 @@ class SeerConfigMixin:
             new query's softmax over each block's mean post-RoPE key (kept by the pooled-K cache),
             averaged over the KV head's group; 1 ranks by the prior alone. 0 (default): the gate.
             One more small matmul per layer and step (docs/experiments/decode_quality.md, session 36).
+        seer_decode_key_format: how the pooled-K cache stores the decode gate's block keys: ``"model"``
+            (default: the model's dtype), ``"f8"`` (float8 e4m3) or ``"i8"`` (int8), each 8-bit block
+            key row with one float32 scale: the gate's scoring reads half the bytes per step. Fixed
+            for a cache once its prefill ran (a changed value is refused at the next step).
         seer_base_model: set in a *gates-only* checkpoint (config, ``seer_gates.safetensors`` and
             the remote code, no base weights): the Hub id or local path (folder or ``.gguf``
             file) of the base model whose weights ``from_pretrained`` loads before applying
@@ -178,6 +182,7 @@ class SeerConfigMixin:
     seer_decode_distill_forced: bool = False
     seer_decode_selector: str = "gate"
     seer_decode_meanpool_prior: float = 0.0
+    seer_decode_key_format: str = "model"
     seer_base_model: str | None = None
     seer_base_revision: str | None = None
     seer_base_gguf_file: str | None = None
@@ -292,6 +297,8 @@ class SeerConfigMixin:
             bad("seer_decode_selector", f"expected one of {DECODE_SELECTORS}")
         if not 0.0 <= self.seer_decode_meanpool_prior <= 1.0:
             bad("seer_decode_meanpool_prior", "expected a share 0 <= a <= 1")
+        if self.seer_decode_key_format not in DECODE_KEY_FORMATS:
+            bad("seer_decode_key_format", f"expected one of {DECODE_KEY_FORMATS}")
         if self.seer_decode_sparsity and not self.seer_decode_gate:
             bad("seer_decode_sparsity", "decode sparsity needs decode gates: build the model with "
                                         "seer_decode_gate=True (load_seer_model(base, seer_decode_gate=True))")

@@ -5,7 +5,9 @@ block's pre-RoPE keys pooled as the gate expects (``seer_k_pooling``, padding le
 the decode gate's projected keys of that block, both computed once, when the block fills
 (a prefill fills every full block of the prompt), plus the pre-RoPE keys of the partly
 filled last block. Decode steps then score the new query against those keys without
-touching the KV cache.
+touching the KV cache. The gate keys are kept in the model's dtype or, with
+``seer_decode_key_format`` ``"f8"`` / ``"i8"``, in 8 bits with one float32 scale per block
+(:func:`~seer_attn.kernels.decode_select.eight_bit_keys`; fixed for the cache at its creation).
 
 It is attached to the KV cache object it describes (a ``DynamicCache`` or a ``StaticCache``;
 kept in a weak mapping, so it dies with the cache) and follows it by length: a cache that
@@ -19,28 +21,32 @@ Slots are the cache's: with left padding (what ``generate`` produces) block j co
 real slots, blocks before ``starts // 64`` hold padding only, and each block sits at the
 position of its first real token for the gate's RoPE (position = slot - start).
 
-Copied flat into saved model folders (remote code): imports only torch/transformers.
+Copied flat into saved model folders (remote code): imports only torch/transformers and the
+kernels (rewritten flat by the bundle writer).
 """
 import weakref
 
 import torch
 
-from .selection import (block_pool, decode_every_block, decode_full_blocks, prepare_decode_selection,
-                        select_decode_blocks)
+from seer_attn.kernels.decode_select import eight_bit_keys
+
+from .selection import (DECODE_KEY_FORMATS, block_pool, decode_every_block, decode_full_blocks,
+                        prepare_decode_selection, select_decode_blocks)
 
 _STATES = weakref.WeakKeyDictionary()  # KV cache object -> PooledKCache
 
 
 class _LayerBlocks:
-    """One layer's pooled keys ``[B, H, n, D * |k_pool|]``, gate keys ``[B, H, n, G]``, mean
-    post-RoPE keys ``[B, H, n, D]`` (the decode prior's; all three grown by doubling, always with a
+    """One layer's pooled keys ``[B, H, n, D * |k_pool|]``, gate keys ``[B, H, n, G]`` (with 8-bit
+    keys their scales ``[B, H, n]`` too), mean
+    post-RoPE keys ``[B, H, n, D]`` (the decode prior's; all grown by doubling, always with a
     spare zeroed row after the ``n`` in use: a decode step scores the current block's row too,
     whose bias then forces it in) and the pre-RoPE keys
     of the partly filled block (``fill`` slots of a ``[B, H, 64, D]`` buffer, written in place
     by decode steps)."""
 
     def __init__(self):
-        self.pooled = self.keys = self.means = self.buf = None
+        self.pooled = self.keys = self.means = self.scales = self.buf = None
         self.n = self.fill = 0
 
     @property
@@ -57,20 +63,21 @@ class _LayerBlocks:
             self.buf[:, :, :r] = rest
         self.fill = r
 
-    def append(self, pooled, keys, means):
+    def append(self, pooled, keys, means, scales=None):
+        """Add ``add`` full blocks: ``pooled`` ``[B, H, add, D * |k_pool|]``, ``keys`` ``[B, H, add, G]``,
+        ``means`` ``[B, H, add, D]`` and, with 8-bit keys, their ``scales`` ``[B, H, add]``."""
         add = pooled.shape[2]
+        names = ("pooled", "keys", "means") + (("scales",) if scales is not None else ())
         if self.pooled is None or self.n + add >= self.pooled.shape[2]:
             cap = max(self.n + add + 1, 2 * (self.pooled.shape[2] if self.pooled is not None else 0), 16)
-            grow = []
-            for old, new in ((self.pooled, pooled), (self.keys, keys), (self.means, means)):
-                buf = new.new_zeros(*new.shape[:2], cap, new.shape[3])
+            for name, new in zip(names, (pooled, keys, means, scales)):
+                buf = new.new_zeros(*new.shape[:2], cap, *new.shape[3:])
+                old = getattr(self, name)
                 if old is not None:
                     buf[:, :, :self.n] = old[:, :, :self.n]
-                grow.append(buf)
-            self.pooled, self.keys, self.means = grow
-        self.pooled[:, :, self.n:self.n + add] = pooled
-        self.keys[:, :, self.n:self.n + add] = keys
-        self.means[:, :, self.n:self.n + add] = means
+                setattr(self, name, buf)
+        for name, new in zip(names, (pooled, keys, means, scales)):
+            getattr(self, name)[:, :, self.n:self.n + add] = new
         self.n += add
 
 
@@ -106,10 +113,13 @@ class PooledKCache:
         starts: long ``[B]`` first real cache slot of each sequence (left padding; zeros without).
         block_size: 64.
         k_pooling: the gate's K poolings (``seer_k_pooling``).
+        key_format: how the gate keys are stored (``seer_decode_key_format``: ``"model"``, ``"f8"``, ``"i8"``).
     """
 
-    def __init__(self, num_layers, starts, block_size, k_pooling):
-        self.block_size, self.k_pooling = block_size, tuple(k_pooling)
+    def __init__(self, num_layers, starts, block_size, k_pooling, key_format="model"):
+        if key_format not in DECODE_KEY_FORMATS:
+            raise ValueError(f"key_format must be one of {DECODE_KEY_FORMATS}, got {key_format!r}")
+        self.block_size, self.k_pooling, self.key_format = block_size, tuple(k_pooling), key_format
         self.starts = starts.long()
         starts_host = self.starts.tolist()  # one sync, at the prefill
         self.padded = any(s > 0 for s in starts_host)
@@ -143,6 +153,12 @@ class PooledKCache:
         holds zeros). A decode step takes the current block's row too (its bias forces it)."""
         L = self.layers[layer]
         return L.keys[:, :, :L.n if blocks is None else blocks] if L.keys is not None else None
+
+    def key_scales(self, layer, blocks=None):
+        """The float32 scales ``[B, H, blocks]`` of layer ``layer``'s 8-bit gate keys (as :meth:`gate_keys`;
+        None with keys in the model's dtype)."""
+        L = self.layers[layer]
+        return L.scales[:, :, :L.n if blocks is None else blocks] if L.scales is not None else None
 
     def block_means(self, layer, blocks=None):
         """The mean post-RoPE keys ``[B, H, blocks, D]`` of layer ``layer``'s first ``blocks`` blocks,
@@ -314,6 +330,10 @@ class DecodeStep:
         """The decode gate's keys this step scores, ``[B, H, current + 1, G]`` (None before a block filled)."""
         return self.state.gate_keys(layer, self.current + 1)
 
+    def key_scales(self, layer):
+        """The scales of 8-bit :meth:`gate_keys`, float32 ``[B, H, current + 1]`` (None otherwise)."""
+        return self.state.key_scales(layer, self.current + 1)
+
     def block_means(self, layer):
         """The mean post-RoPE keys this step's prior scores, ``[B, H, current + 1, D]`` (as :meth:`gate_keys`)."""
         return self.state.block_means(layer, self.current + 1)
@@ -382,7 +402,9 @@ class DecodeStep:
                 pooled = block_pool(x[:, :, :n_new * bs], bs, state.k_pooling, valid)
                 keys = gate.block_keys(pooled, rope=self.block_rope)
                 means = block_pool(k[:, :, L.n * bs:(L.n + n_new) * bs].float(), bs, ("avg",), valid)
-            L.append(pooled.detach(), keys.to(pooled.dtype), means.to(pooled.dtype))
+                keys, scales = (keys.to(pooled.dtype), None) if state.key_format == "model" else \
+                    eight_bit_keys(keys, state.key_format)
+            L.append(pooled.detach(), keys, means.to(pooled.dtype), scales)
         L.keep_partial(x[:, :, n_new * bs:].detach(), bs)
 
     def finish(self):
@@ -401,9 +423,10 @@ def decode_step_for(cache, config, B, T, attention_mask, rope_at, device):
     (device ops only, no sync).
 
     Raises ValueError when the cache holds tokens its pooled-K cache never saw, or the batch
-    size changed."""
+    size or ``seer_decode_key_format`` changed."""
     state = _STATES.get(cache)
     if state is not None and state.graph is not None and T == 1:
+        _check_key_format(state, config)
         return state.graph.step(rope_at)
     past = int(cache.get_seq_length())
     if past == 0 or state is None:
@@ -411,7 +434,8 @@ def decode_step_for(cache, config, B, T, attention_mask, rope_at, device):
             raise ValueError(f"seer_decode_sparsity: the KV cache already holds {past} tokens that were not seen with "
                              "decode sparsity on; turn it on before the prefill (or start from an empty cache)")
         starts = _starts_from_mask(attention_mask, T, B, device)
-        state = PooledKCache(config.num_hidden_layers, starts, config.seer_block_size, config.seer_k_pooling)
+        state = PooledKCache(config.num_hidden_layers, starts, config.seer_block_size, config.seer_k_pooling,
+                             config.seer_decode_key_format)
         _STATES[cache] = state
     elif state.length != past:
         raise ValueError(f"seer_decode_sparsity: the KV cache holds {past} tokens but its pooled-K cache {state.length}; "
@@ -419,7 +443,16 @@ def decode_step_for(cache, config, B, T, attention_mask, rope_at, device):
                          "sparsity does not support")
     elif state.batch_size != B:
         raise ValueError(f"seer_decode_sparsity: a batch of {B} sequences for a KV cache of {state.batch_size}")
+    else:
+        _check_key_format(state, config)
     return DecodeStep(state, past, T, rope_at, device)
+
+
+def _check_key_format(state, config):
+    if state.key_format != config.seer_decode_key_format:
+        raise ValueError(f"seer_decode_key_format={config.seer_decode_key_format!r}, but this KV cache's pooled-K "
+                         f"cache stores its block keys as {state.key_format!r} (set at its prefill); start from an "
+                         "empty cache to change it")
 
 
 def pooled_k_cache(cache):

@@ -114,8 +114,8 @@ class DecodeGate(nn.Module):
     def step_query(self, q_pre, dtype, rope=None):
         """``(y, rope)`` for :func:`~seer_attn.kernels.decode_select.gate_scores` (or its fused
         selection, :func:`~seer_attn.kernels.decode_select.gate_top_blocks`) at a decode step: one
-        matmul projects the query (see :meth:`_step_weight`; the scale is folded in) in ``dtype``,
-        the keys' (the model's: the step's query and cached keys are); ``y`` is ``[B, H, G]``
+        matmul projects the query (see :meth:`_step_weight`; the scale is folded in) in ``dtype``
+        (:meth:`step_dtype`: the model's); ``y`` is ``[B, H, G]``
         (``[B, H, 2G]``, the RoPE partner columns made too, with :data:`STEP_PARTNER_COLUMNS` and
         ``rope``), and ``rope`` None for a gate without RoPE or when none is given.
 
@@ -132,8 +132,14 @@ class DecodeGate(nn.Module):
         y = torch.bmm(x, w).transpose(0, 1)  # [B, H, G or 2G] (a view)
         return (y, rope) if self.use_rope and rope is not None else (y, None)
 
+    @staticmethod
+    def step_dtype(q_pre, keys):
+        """The dtype a decode step's query is projected in (:meth:`step_query`): the cached keys'
+        (the model's), or the query's own with 8-bit keys."""
+        return q_pre.dtype if keys.element_size() == 1 else keys.dtype
+
     @torch.no_grad()
-    def step_logits(self, q_pre, keys, rope=None):
+    def step_logits(self, q_pre, keys, rope=None, key_scales=None):
         """A decode step's logits, float32 ``[B, H, 1, N]``: ``scores(query(q_pre, rope), keys)``
         in two launches on a GPU: :meth:`step_query`'s matmul, then
         :func:`~seer_attn.kernels.decode_select.gate_scores` rotates the query and scores the
@@ -141,11 +147,13 @@ class DecodeGate(nn.Module):
 
         Args:
             q_pre: pre-RoPE queries of the new token ``[B, HQ, 1, D]``.
-            keys: block keys ``[B, H, N, G]`` (:meth:`block_keys`, as the pooled-K cache keeps them).
-            rope: ``(cos, sin)`` ``[B, G]`` in the keys' dtype at the token's position.
+            keys: block keys ``[B, H, N, G]`` (:meth:`block_keys`, as the pooled-K cache keeps them:
+                in the model's dtype, or 8-bit with ``key_scales`` ``[B, H, N]``,
+                ``seer_decode_key_format``).
+            rope: ``(cos, sin)`` ``[B, G]`` in :meth:`step_dtype` at the token's position.
         """
-        y, rope = self.step_query(q_pre, keys.dtype, rope)
-        return gate_scores(y, keys, rope).unsqueeze(2)
+        y, rope = self.step_query(q_pre, self.step_dtype(q_pre, keys), rope)
+        return gate_scores(y, keys, rope, key_scales=key_scales).unsqueeze(2)
 
 
 def sample_decode_rows(bounds, num_rows, block_size, min_blocks=2):

@@ -8,8 +8,9 @@ can be captured once in a CUDA graph and replayed for every later token:
 
 - a transformers ``StaticCache`` holds the KV cache (fixed addresses, written in place);
 - :class:`GraphDecodeState` holds, per layer, the decode gate's block keys for every block
-  the cache can hold (``[B, H, capacity / 64, G]``) and the pre-RoPE keys of the current,
-  partly filled block (``[B, H, 64, D]``), both preallocated;
+  the cache can hold (``[B, H, capacity / 64, G]``; 8-bit with their scales ``[B, H, capacity / 64]``
+  under ``seer_decode_key_format`` ``"f8"`` / ``"i8"``) and the pre-RoPE keys of the current,
+  partly filled block (``[B, H, 64, D]``), all preallocated;
 - everything that changes from token to token comes from one device tensor, ``slot`` (the
   new token's cache slot): the new key is written at ``slot % 64``, the current block's
   pooled key and gate key are recomputed each step into row ``slot // 64`` (when the block
@@ -32,7 +33,7 @@ import torch
 from transformers.cache_utils import StaticLayer
 
 from seer_attn.kernels.decode_append import decode_append
-from seer_attn.kernels.decode_select import decode_window, gate_top_blocks, top_blocks
+from seer_attn.kernels.decode_select import EIGHT_BIT_KEYS, decode_window, eight_bit_keys, gate_top_blocks, top_blocks
 from seer_attn.kernels.reference import decode_window_masks
 
 from .selection import (DECODE_METHODS, DECODE_SCORE_METHODS, block_pool, decode_every_block, decode_full_blocks,
@@ -86,17 +87,24 @@ class GraphDecodeState:
         self.starts, self.starts32, self.first_block = pooled.starts, pooled.starts32, pooled.first_block
         self.num_blocks = -(-capacity // bs)
         B = pooled.batch_size
-        self.keys, self.means, self.bufs = [], [], []
+        self.key_format = pooled.key_format
+        eight = self.key_format != "model"
+        key_dtype = EIGHT_BIT_KEYS[self.key_format][0] if eight else dtype
+        self.keys, self.means, self.bufs, self.scales = [], [], [], []
         for layer, gate in zip(pooled.layers, gates):
-            keys = torch.zeros(B, kv_heads, self.num_blocks, gate.hidden_size, dtype=dtype, device=dev)
+            keys = torch.zeros(B, kv_heads, self.num_blocks, gate.hidden_size, dtype=key_dtype, device=dev)
             means = torch.zeros(B, kv_heads, self.num_blocks, head_dim, dtype=dtype, device=dev)
+            scales = torch.zeros(B, kv_heads, self.num_blocks, device=dev) if eight else None
             if layer.n:
                 keys[:, :, :layer.n] = layer.keys[:, :, :layer.n]
                 means[:, :, :layer.n] = layer.means[:, :, :layer.n]
+                if eight:
+                    scales[:, :, :layer.n] = layer.scales[:, :, :layer.n]
             buf = torch.zeros(B, kv_heads, bs, head_dim, dtype=dtype, device=dev)
             if layer.fill:
                 buf[:, :, :layer.fill] = layer.partial
             self.keys.append(keys)
+            self.scales.append(scales)
             self.means.append(means)
             self.bufs.append(buf)
         self.stats = GraphStats(B, dev)
@@ -180,11 +188,20 @@ class GraphDecodeStep:
             key = gate.block_keys(pooled, rope=self.block_rope)
             block = k.index_select(2, self.cur * bs + torch.arange(bs, device=k.device))
             mean = block_pool(block.float(), bs, ("avg",), self.valid)
-        keys.index_copy_(2, self.cur1, key.to(keys.dtype))
-        st.means[layer].index_copy_(2, self.cur1, mean.to(keys.dtype))
+        if st.key_format == "model":
+            keys.index_copy_(2, self.cur1, key.to(keys.dtype))
+        else:  # (index_copy_ through byte views: float8 has no index_copy_ kernel everywhere)
+            key8, scale = eight_bit_keys(key, st.key_format)
+            keys.view(torch.uint8).index_copy_(2, self.cur1, key8.view(torch.uint8))
+            st.scales[layer].index_copy_(2, self.cur1, scale)
+        st.means[layer].index_copy_(2, self.cur1, mean.to(st.means[layer].dtype))
 
     def gate_keys(self, layer):
         return self.state.keys[layer]
+
+    def key_scales(self, layer):
+        """The scales ``[B, H, NB]`` of 8-bit :meth:`gate_keys` (None with keys in the model's dtype)."""
+        return self.state.scales[layer]
 
     def block_means(self, layer):
         return self.state.means[layer]
@@ -247,8 +264,8 @@ class GraphDecodeStep:
         scoring and the selection in one launch on a GPU
         (:func:`~seer_attn.kernels.decode_select.gate_top_blocks`); the same blocks as :meth:`select`
         of :meth:`.DecodeGate.step_logits` (up to float32 summation order). None otherwise (the
-        caller scores, then selects)."""
-        if not ONE_LAUNCH_GATE:
+        caller scores, then selects; also with 8-bit keys, which the one launch does not score)."""
+        if not ONE_LAUNCH_GATE or keys.element_size() == 1:
             return None
         bias, _, cnt, k = self._prepared(cfg, keys.shape[1])
         if cnt is None:

@@ -323,7 +323,9 @@ class SeerAttentionMixin:
                 if not cfg.seer_decode_meanpool_prior:  # one launch where the step offers it
                     picked = step.gate_select(gate, q_pre, keys, cfg)
                 if picked is None:
-                    logits = gate.step_logits(q_pre, keys, rope=step.q_rope(keys.dtype)).squeeze(2)
+                    scales = step.key_scales(self.layer_idx)  # 8-bit keys' (seer_decode_key_format), or None
+                    logits = gate.step_logits(q_pre, keys, step.q_rope(gate.step_dtype(q_pre, keys)),
+                                              scales).squeeze(2)
                     if cfg.seer_decode_meanpool_prior:
                         logits = with_decode_meanpool_prior(logits, q, step.block_means(self.layer_idx),
                                                             step.full_blocks(width), self.scaling,

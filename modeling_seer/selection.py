@@ -496,6 +496,11 @@ DECODE_SCORE_METHODS = ("threshold", "mass")
 #: What scores the cache's blocks at a decode step: the decode gate, or for comparison the
 #: step's true attention (:func:`decode_oracle_scores`) or recency (:func:`decode_recency_scores`).
 DECODE_SELECTORS = ("gate", "oracle", "streaming")
+#: How the pooled-K cache stores the decode gate's block keys: in the model's dtype, or in 8 bits with one float32
+#: scale per block (float8 e4m3 or int8; the formats of ``kernels.decode_select.EIGHT_BIT_KEYS``): half the bytes
+#: the gate's scoring reads at every decode step, within 0.06% of the 16-bit keys' decode perplexity on a CPU screen
+#: (docs/experiments/decode_host_time.md, session 45)
+DECODE_KEY_FORMATS = ("model", "f8", "i8")
 
 
 @torch.no_grad()

@@ -291,6 +291,24 @@ case "$STEP" in
     timeout 360 "$PY" -m seer_attn.eval.bench_decode --lengths 131072 --batches 16 --e2e 4x131072 16x32768 \
       --layers 32 $SH --out "$OUT/decode32" > "$OUT/bench_decode32.log" 2>&1
     echo "bench_decode (32 layers $SH): exit $?"; sed -n '/^# /,$p' "$OUT/bench_decode32.log" | tail -n 9 ;;
+  s46-keys8)  # issue 15 (session 46): the pooled-K cache stores the gate's block keys in 8 bits
+    # (seer_decode_key_format="f8" / "i8"): the model's decode GPU tests (graph replay = eager steps with 8-bit keys),
+    # then bench-decode's kernel rows and the end to end at 32 layers with float8 keys (an H200 unshared, an H100 with
+    # --shared-kv); s46-base runs the same with the model's dtype on the same machine
+    timeout 150 "$PY" -m pytest -q -p no:cacheprovider -rfE tests/modeling_seer/test_decode_gpu.py \
+      > "$OUT/tests_decode.log" 2>&1
+    echo "test_decode_gpu: exit $?, $(tail -n 1 "$OUT/tests_decode.log")"; grep -E "^(FAILED|ERROR)" "$OUT/tests_decode.log"
+    bash "$0" s46-bench "$OUT" f8 ;;
+  s46-base)  # the same bench with the gate keys in the model's dtype, then int8 keys' kernel rows
+    bash "$0" s46-bench "$OUT" model
+    timeout 120 "$PY" -m seer_attn.eval.bench_decode --lengths 32768 131072 --batches 1 4 16 --e2e --key-format i8 \
+      --out "$OUT/decode_i8" > "$OUT/bench_decode_i8.log" 2>&1
+    echo "bench_decode i8 kernel rows: exit $?"; sed -n '/^# /,$p' "$OUT/bench_decode_i8.log" | tail -n 12 ;;
+  s46-bench)  # bench-decode with --key-format $3 (kernel rows at 1 / 4 / 16 x 32k / 128k, end to end at 32 layers)
+    if nvidia-smi | grep -q H200; then SH=""; else SH="--shared-kv"; fi
+    timeout 330 "$PY" -m seer_attn.eval.bench_decode --lengths 32768 131072 --batches 1 4 16 --e2e 4x131072 16x32768 \
+      --layers 32 $SH --key-format "$3" --out "$OUT/decode32_$3" > "$OUT/bench_decode32_$3.log" 2>&1
+    echo "bench_decode (32 layers $SH, keys $3): exit $?"; sed -n '/^# /,$p' "$OUT/bench_decode32_$3.log" | tail -n 16 ;;
   s45-keys8)  # issue 15 (session 45): gate_scores on 8-bit block keys with one scale per key row (float8 e4m3,
     # int8): their GPU tests, then one graph-replayed layer against 16-bit keys (gate_select_sweep.py)
     timeout 90 "$PY" -m pytest -q -p no:cacheprovider -rfE tests/kernels/test_gpu_decode.py -k "gate_scores" \

@@ -40,7 +40,8 @@ def test_decode_loop_equals_generate_scoring(tokenizer, setting):
         assert m.seer_decode_density().max() < 1.0  # blocks were dropped
 
 
-@pytest.mark.parametrize("setting", ["dense", "share=0.3", "budget=128", "mass=0.5", "budget=128,prior=0.5"])
+@pytest.mark.parametrize("setting", ["dense", "share=0.3", "budget=128", "mass=0.5", "budget=128,prior=0.5",
+                                     "budget=128,keys=f8", "share=0.3,keys=i8"])
 def test_graph_decode_loop_equals_the_eager_loop(tokenizer, setting):
     """Teacher-forced graph-mode steps (static cache; eager here) score what the eager loop
     scores, crossing block boundaries, with the same kept share."""
@@ -85,6 +86,9 @@ def test_settings_and_options(capsys):
     assert dq.decode_setting("budget=2048,prior=0.5") == {"seer_decode_method": "budget", "seer_decode_budget": 2048,
                                                           "seer_decode_meanpool_prior": 0.5}
     assert dq.decode_setting_text("share=0.20,prior=1.0,local=1") == "share=0.2,local=1,prior=1"
+    assert dq.decode_setting("budget=2048,keys=f8") == {"seer_decode_method": "budget", "seer_decode_budget": 2048,
+                                                        "seer_decode_key_format": "f8"}
+    assert dq.decode_setting_text("share=0.1,keys=i8,prior=0.5") == "share=0.1,prior=0.5,keys=i8"
     cfg = dq.DecodeQualityConfig(settings=["share=0.10", "budget=4096", "share=.1,streaming,local=1", "mass=.90"],
                                  gates="g.safetensors", phases=["ppl"])
     assert cfg.settings == ("share=0.1", "budget=4096", "share=0.1,local=1,streaming", "mass=0.9")
@@ -96,6 +100,8 @@ def test_settings_and_options(capsys):
                     (dict(settings=["share=0.1,prior=1.5"]), r"settings\[0\]='share=0.1,prior=1.5' is invalid: .*expected a number 0 <= x <= 1"),
                     (dict(settings=["share=0.1,prior=0.5,oracle"]), r"prior=A mixes the decode gate's scores; the "
                                                                     r"oracle selector has none"),
+                    (dict(settings=["share=0.1,keys=f4"]), r"invalid part 'keys=f4' of decode setting"),
+                    (dict(settings=["share=0.1,keys=f8,streaming"]), r"keys=... stores the decode gate's keys"),
                     (dict(gates="g.safetensors"), r"gates skips distillation"),
                     (dict(phases=["ppl"]), r"without the distill phase, gates must name distilled gates"),
                     (dict(length=100), r"length=100 is invalid: expected an integer >= 256")]:

@@ -96,19 +96,23 @@ def test_sparse_prefill_with_a_static_cache(decode_sparsity):
     assert torch.equal(static[:, 0], dyn[:, 0])
 
 
-@pytest.mark.parametrize("decode_sparsity, prior", [(False, 0.0), (True, 0.0), (True, 0.5)],
-                         ids=["dense-decode", "sparse-decode", "sparse-decode-prior"])
+@pytest.mark.parametrize("decode_sparsity, prior, keys", [(False, 0.0, "model"), (True, 0.0, "model"),
+                                                       (True, 0.5, "model"), (True, 0.0, "f8"), (True, 0.0, "i8")],
+                         ids=["dense-decode", "sparse-decode", "sparse-decode-prior", "sparse-decode-f8-keys",
+                              "sparse-decode-i8-keys"])
 @torch.no_grad()
-def test_seer_generate_replays_a_cuda_graph_with_the_eager_tokens(decode_sparsity, prior):
+def test_seer_generate_replays_a_cuda_graph_with_the_eager_tokens(decode_sparsity, prior, keys):
     """seer_generate: sparse prefill into a static cache, then 90 decode steps (crossing a
     block boundary) replayed from one CUDA graph give the tokens of the same steps run
     eagerly, and (sparse decode) the eager run's kept share; sparse decode reads fewer blocks;
-    the same with the mean-pooled decode prior (its block means written inside the graph). (Equality
+    the same with the mean-pooled decode prior (its block means written inside the graph) and with
+    8-bit gate keys (``seer_decode_key_format``: quantized inside the graph). (Equality
     with generate's tokens is tested on CPU in fp32: in bf16 generate's static-cache
     steps round differently and a random model's greedy tokens part after a few steps.)"""
     m = _model()
     m.set_seer_mode("sparse", seer_sparsity_method="nz_ratio", seer_nz_ratio=0.3,
-                    seer_decode_sparsity=decode_sparsity, seer_decode_budget=8 * 64, seer_decode_meanpool_prior=prior)
+                    seer_decode_sparsity=decode_sparsity, seer_decode_budget=8 * 64, seer_decode_meanpool_prior=prior,
+                    seer_decode_key_format=keys)
     ids, mask = _batch()
     eager = m.seer_generate(ids, attention_mask=mask, max_new_tokens=90, cuda_graph=False)
     eager_density = m.seer_decode_density()

@@ -21,6 +21,8 @@ from decode_inputs import CACHE, DECODE, greedy as _greedy, ids as _ids, left_pa
     ("budget", dict(seer_decode_budget=4 * 64, seer_decode_selector="streaming", seer_decode_keep_local=1)),
     ("budget", dict(seer_decode_budget=3 * 64, seer_decode_meanpool_prior=0.5)),
     ("threshold", dict(seer_decode_threshold=0.25, seer_decode_meanpool_prior=1.0)),
+    ("budget", dict(seer_decode_budget=3 * 64, seer_decode_key_format="f8")),
+    ("share", dict(seer_decode_share=0.3, seer_decode_key_format="i8", seer_decode_meanpool_prior=0.5)),
 ])
 @torch.no_grad()
 def test_graph_decode_equals_generate_left_padded(tiny, method, options):
@@ -83,11 +85,14 @@ def test_decode_every_block_lists_each_sequence_from_its_sink():
         assert idx[b].max() <= 7  # never past the width
 
 
+@pytest.mark.parametrize("key_format", ["model", "f8", "i8"])
 @torch.no_grad()
-def test_graph_state_keys_equal_the_pooled_k_cache(tiny):
+def test_graph_state_keys_equal_the_pooled_k_cache(tiny, key_format):
     """After steps that filled blocks, the graph state's gate keys and mean keys of every full block
-    equal those the dynamic pooled-K cache computes for the same tokens."""
-    m = tiny(**DECODE, seer_decode_sparsity=True, seer_decode_budget=4 * 64)
+    equal those the dynamic pooled-K cache computes for the same tokens; 8-bit keys (two blocks
+    filled by decode steps, one by the prefill) in their format with their scales, codes equal up to
+    one rounding step where the float32 projections differ in their last bits."""
+    m = tiny(**DECODE, seer_decode_sparsity=True, seer_decode_budget=4 * 64, seer_decode_key_format=key_format)
     x = _ids(100)
     seq = m.seer_generate(x, max_new_tokens=100)  # 199 slots hold keys: 3 full blocks
     cache = DynamicCache(config=m.config)
@@ -95,8 +100,34 @@ def test_graph_state_keys_equal_the_pooled_k_cache(tiny):
     dyn = pooled_k_cache(cache)
     graph_state = m._seer_last_graph_state
     for layer in range(m.config.num_hidden_layers):
-        torch.testing.assert_close(graph_state.keys[layer][:, :, :3], dyn.gate_keys(layer), rtol=1e-5, atol=1e-5)
+        g, d = graph_state.keys[layer][:, :, :3], dyn.gate_keys(layer)
         torch.testing.assert_close(graph_state.means[layer][:, :, :3], dyn.block_means(layer), rtol=1e-5, atol=1e-5)
+        if key_format == "model":
+            assert dyn.key_scales(layer) is None and graph_state.scales[layer] is None
+            torch.testing.assert_close(g, d, rtol=1e-5, atol=1e-5)
+            continue
+        assert g.dtype == d.dtype == {"f8": torch.float8_e4m3fn, "i8": torch.int8}[key_format]
+        torch.testing.assert_close(graph_state.scales[layer][:, :, :3], dyn.key_scales(layer), rtol=1e-5, atol=0)
+        g, d = g.float(), d.float()
+        step = 1.0 if key_format == "i8" else torch.maximum(g.abs(), d.abs()) / 8  # e4m3: 3 mantissa bits
+        assert bool(((g - d).abs() <= step).all()) and (g == d).float().mean() > 0.98
+        assert g.abs().amax(-1).min() > 100  # each block's largest code near the format's top (scaled)
+
+
+@torch.no_grad()
+def test_decode_key_format_is_fixed_per_cache(tiny):
+    """A pooled-K cache keeps the key format of its prefill: a decode step with another
+    seer_decode_key_format is refused naming both; an emptied cache may start with the new one."""
+    m = tiny(**DECODE, seer_decode_sparsity=True, seer_decode_budget=2 * 64, seer_decode_key_format="f8")
+    cache = DynamicCache(config=m.config)
+    out = m(input_ids=_ids(150), use_cache=True, **{CACHE: cache})
+    assert pooled_k_cache(cache).gate_keys(0).dtype == torch.float8_e4m3fn
+    m.set_seer_mode("dense", seer_decode_key_format="model")
+    nxt = out.logits[:, -1:].argmax(-1)
+    with pytest.raises(ValueError, match="seer_decode_key_format='model'.*'f8'"):
+        m(input_ids=nxt, use_cache=True, **{CACHE: cache})
+    with pytest.raises(ValueError, match="seer_decode_key_format='q4' is invalid"):
+        m.set_seer_mode("dense", seer_decode_key_format="q4")
 
 
 @torch.no_grad()
