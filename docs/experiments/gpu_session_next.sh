@@ -298,9 +298,11 @@ case "$STEP" in
     timeout 150 "$PY" -m pytest -q -p no:cacheprovider -rfE tests/modeling_seer/test_decode_gpu.py \
       > "$OUT/tests_decode.log" 2>&1
     echo "test_decode_gpu: exit $?, $(tail -n 1 "$OUT/tests_decode.log")"; grep -E "^(FAILED|ERROR)" "$OUT/tests_decode.log"
-    bash "$0" s46-bench "$OUT" f8 ;;
-  s46-base)  # the same bench with the gate keys in the model's dtype, then int8 keys' kernel rows
-    bash "$0" s46-bench "$OUT" model
+    bash "$0" s46-bench "$2" f8 ;;
+  s46-base)  # the same bench with the gate keys in the model's dtype and again with float8 keys (session 46's first
+    # call lost the envelope: nested a folder too deep), then int8 keys' kernel rows
+    bash "$0" s46-bench "$2" model
+    bash "$0" s46-bench "$2" f8
     timeout 120 "$PY" -m seer_attn.eval.bench_decode --lengths 32768 131072 --batches 1 4 16 --e2e --key-format i8 \
       --out "$OUT/decode_i8" > "$OUT/bench_decode_i8.log" 2>&1
     echo "bench_decode i8 kernel rows: exit $?"; sed -n '/^# /,$p' "$OUT/bench_decode_i8.log" | tail -n 12 ;;
