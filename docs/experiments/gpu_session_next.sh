@@ -299,6 +299,13 @@ case "$STEP" in
       > "$OUT/tests_decode.log" 2>&1
     echo "test_decode_gpu: exit $?, $(tail -n 1 "$OUT/tests_decode.log")"; grep -E "^(FAILED|ERROR)" "$OUT/tests_decode.log"
     bash "$0" s46-bench "$2" f8 ;;
+  s46-quality)  # issue 15 (session 46): 8-bit gate keys at the decode-quality protocol (300-step decode gates, 16
+    # windows of 8k, second half decoded): share 0.1 and budget 2048 with the keys in the model's dtype, float8, int8;
+    # needs staging (the chunks before it)
+    timeout 560 "$PY" -m seer_attn.eval.decode_quality --model "$GGUF" "${DATA[@]}" --no-progress --phases distill ppl \
+      --settings share=0.1 share=0.1,keys=f8 share=0.1,keys=i8 budget=2048 budget=2048,keys=f8 budget=2048,keys=i8 \
+      --out "$OUT/dq" > "$OUT/decode_quality.log" 2>&1
+    echo "decode_quality: exit $?"; rm -f "$OUT/dq/gates_decode_bf16.safetensors"; grep "^ppl" "$OUT/decode_quality.log" ;;
   s46-base)  # the same bench with the gate keys in the model's dtype and again with float8 keys (session 46's first
     # call lost the envelope: nested a folder too deep), then int8 keys' kernel rows
     bash "$0" s46-bench "$2" model
