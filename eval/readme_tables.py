@@ -709,6 +709,67 @@ decode_gate_keys8_h100 = _gate_layer_sweep(
     "(`eight_bit_keys`; random keys, so the kept sets are not a quality measure)")
 
 
+def decode_keys_h100(root) -> str:
+    """Session 46: the pooled-K cache storing the gate's block keys in 8 bits (``seer_decode_key_format``),
+    bench-decode on one machine: one graph-replayed sparse layer and the 32-layer end to end, keys in the
+    model's dtype against float8 (and int8's kernel rows)."""
+    runs = [("results/decode/h100_decode32_keys_model.json", "16-bit keys"),
+            ("results/decode/h100_decode32_keys_f8.json", "float8 keys"),
+            ("results/decode/h100_decode_keys_i8.json", "int8 keys")]
+    envs = [load_envelope(root, path) for path, _ in runs]
+    body = []
+    for i, r0 in enumerate(envs[0]["rows"]):
+        cells = [f"{r0['B']} x {_tokens(r0['S'])}", f"{r0['ours_sparse_graph'] * 1e3:.1f}"]
+        for env in envs:
+            r = env["rows"][i]
+            assert (r["B"], r["S"]) == (r0["B"], r0["S"]), "the runs' kernel rows differ in shape"
+            cells.append(f"{r['graph_layer'] * 1e3:.1f} ({100 * (1 - r['ours_sparse_graph'] / r['graph_layer']):.1f}%)")
+        body.append(cells)
+    prov = envs[0]["provenance"]
+    out = (f"{prov['gpu']}, commits {', '.join(sorted({_commit(e['provenance']) for e in envs}))} "
+           f"({', '.join(path for path, _ in runs)}; one machine); share 0.1, 8B attention shape; one sparse layer "
+           "replayed from a CUDA graph as the graph step runs it (us) and the gate's share of it (1 - kernel alone / "
+           "layer), with the gate's block keys as the pooled-K cache stores them (`seer_decode_key_format`; random "
+           "keys):\n\n")
+    out += _table(["B x cache", "kernel alone"] + [label for _, label in runs], body)
+    e2e = []
+    for e16, e8 in zip(envs[0]["e2e"], envs[1]["e2e"]):
+        e2e.append([f"{e16['B']} x {_tokens(e16['T'])}", e16["layers"],
+                    f"{e16['graph_fused_dense_s_per_token'] * 1e3:.2f}",
+                    " / ".join(f"{e['graph_fused_sparse_s_per_token'] * 1e3:.2f}" for e in (e16, e8)),
+                    f"{e16['graph_speedup']:.2f}x / {e8['graph_speedup']:.2f}x",
+                    f"{e16['graph_fused_speedup']:.2f}x / {e8['graph_fused_speedup']:.2f}x"])
+    return out + ("\n\nTime per output token, 8B-shaped model, 32 layers with `--shared-kv`, CUDA graph (ms; dense: "
+                  "our kernel over every block), 16-bit / float8 gate keys; layers fused: `seer_compile_pointwise` "
+                  "and `seer_merge_projections`:\n\n"
+                  + _table(["B x cache", "layers", "dense, fused", "sparse, fused", "speed-up", "speed-up, fused"],
+                           e2e))
+
+
+def _decode_keys_quality(path, gates):
+    """Session 46: decode perplexity with the gate's block keys stored in 8 bits by the pooled-K cache
+    (``,keys=f8`` / ``,keys=i8`` settings of eval/decode_quality.py) against the same setting with
+    16-bit keys and dense decode, one run."""
+    def table(root) -> str:
+        env = load_envelope(root, path)
+        rows = env["rows"]
+        ppl = {r["setting"]: r["ppl"] for r in rows}
+        dense = ppl["dense"]
+        body = []
+        for r in rows:
+            base = r["setting"].split(",keys=")[0]
+            vs16 = f"{100 * (r['ppl'] / ppl[base] - 1):+.2f}%" if ",keys=" in r["setting"] and base in ppl else ""
+            body.append([r["setting"], f"{r['ppl']:.3f}", f"{r['ppl'] / dense:.4f}x", vs16,
+                         "1" if r["decode_density"] is None else f"{r['decode_density']:.3f}"])
+        prov, cfg = env["provenance"], env["config"]
+        out = (f"SmolLM2-135M, {prov['gpu']}, commit {_commit(prov)} ({path}); {gates}; {rows[0]['windows']} "
+               f"windows of {_tokens(cfg['length'])}, the first half a dense prefill, the second half scored as "
+               "decode steps through the model's pooled-K cache; `keys=f8` / `keys=i8`: the gate's block keys "
+               "stored as float8 e4m3 / int8 with a float32 scale per block (`seer_decode_key_format`):\n\n")
+        return out + _table(["decode", "PPL", "vs dense", "vs 16-bit keys", "kept share of KV blocks"], body)
+    return table
+
+
 def _decode_graph_gate(row_paths, e2e_paths, note=""):
     """bench-decode with the graph row as the graph step runs it (the gate's share of a sparse layer
     against issue 15's anchors) and time per output token (session 39 on)."""
@@ -1116,6 +1177,9 @@ TABLES = {
     "decode-gate-rot-h100": decode_gate_rot_h100,
     "decode-gate-s45-h100": decode_gate_s45_h100,
     "decode-gate-keys8-h100": decode_gate_keys8_h100,
+    "decode-keys-h100": decode_keys_h100,
+    "decode-keys-cpu": _decode_keys_quality("results/decode/cpu_decode_keys_model_2k.json",
+                                            "session 45's decode gates (40 CPU steps of 2048 tokens)"),
     "decode-graph-gate-h200": _decode_graph_gate(
         ["results/decode/h200_graph_gate_32k.json", "results/decode/h200_graph_gate_128k.json"],
         ["results/decode/h200_graph_gate_32k.json", "results/decode/h200_graph_gate_128k.json"]),
