@@ -222,6 +222,8 @@ def test_a_decode_quality_run_gives_a_sparse_decode_section_and_model_index(comm
     model = SeerLlamaForCausalLM(SeerLlamaConfig(**TINY, seer_gate_hidden_size=32, seer_decode_gate=True))
     model.set_seer_mode("sparse", **_decode_options(rec["setting"]))  # the snippet's options are the model's
     assert model.config.seer_decode_budget == 2048 and model.config.seer_decode_meanpool_prior == 0.7
+    model.set_seer_mode("sparse", **_decode_options("budget=2048,keys=f8"))  # a recommended 8-bit-key setting
+    assert model.config.seer_decode_key_format == "f8"
     dense = rows[0]["ppl"]
     assert all(f"| {r['setting']} | " in text and f"{r['ppl'] / dense:.4f}x" in text for r in rows)
     assert "| decode budget=2048,prior=0.7 | 0.773 |" in text and "0 / 0 of 75, p = 1" in text
