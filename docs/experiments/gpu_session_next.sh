@@ -301,10 +301,11 @@ case "$STEP" in
     bash "$0" s46-bench "$2" f8 ;;
   s46-quality)  # issue 15 (session 46): 8-bit gate keys at the decode-quality protocol (800-step decode gates as
     # session 38's, 16 windows of 8k, second half decoded): share 0.1 and budget 2048 with the keys in the model's
-    # dtype, float8, int8 (STEPS=300: the shorter distillation of the protocol's first runs); needs staging
+    # dtype, float8, int8 (STEPS=300: the shorter distillation of the protocol's first runs; SETTINGS: fewer
+    # settings); needs staging
     timeout 560 "$PY" -m seer_attn.eval.decode_quality --model "$GGUF" "${DATA[@]}" --no-progress --phases distill ppl \
       --steps "${STEPS:-800}" \
-      --settings share=0.1 share=0.1,keys=f8 share=0.1,keys=i8 budget=2048 budget=2048,keys=f8 budget=2048,keys=i8 \
+      --settings ${SETTINGS:-share=0.1 share=0.1,keys=f8 share=0.1,keys=i8 budget=2048 budget=2048,keys=f8 budget=2048,keys=i8} \
       --out "$OUT/dq" > "$OUT/decode_quality.log" 2>&1
     echo "decode_quality: exit $?"; rm -f "$OUT/dq/gates_decode_bf16.safetensors"; grep "^ppl" "$OUT/decode_quality.log" ;;
   s46-base)  # the same bench with the gate keys in the model's dtype and again with float8 keys (session 46's first
