@@ -308,6 +308,15 @@ case "$STEP" in
       --settings ${SETTINGS:-share=0.1 share=0.1,keys=f8 share=0.1,keys=i8 budget=2048 budget=2048,keys=f8 budget=2048,keys=i8} \
       --out "$OUT/dq" > "$OUT/decode_quality.log" 2>&1
     echo "decode_quality: exit $?"; rm -f "$OUT/dq/gates_decode_bf16.safetensors"; grep "^ppl" "$OUT/decode_quality.log" ;;
+  s46-e2e)  # issue 15 (session 46): the 32-layer end to end with 16-bit and float8 gate keys on one machine (an H200
+    # unshared, an H100 with --shared-kv), one kernel row each; only the envelopes and logs come back
+    if nvidia-smi | grep -q H200; then SH=""; else SH="--shared-kv"; fi
+    for F in model f8; do
+      timeout 160 "$PY" -m seer_attn.eval.bench_decode --lengths 32768 --batches 16 --e2e 4x131072 16x32768 --layers 32 \
+        $SH --key-format $F --out "$OUT/e2e_$F" > "$OUT/e2e_$F.log" 2>&1
+      echo "bench_decode (32 layers $SH, keys $F): exit $?"; sed -n '/^end to end/,$p' "$OUT/e2e_$F.log"
+      rm -f "$OUT/e2e_$F"/*.csv "$OUT/e2e_$F"/*.png
+    done ;;
   s46-base)  # the same bench with the gate keys in the model's dtype and again with float8 keys (session 46's first
     # call lost the envelope: nested a folder too deep), then int8 keys' kernel rows
     bash "$0" s46-bench "$2" model
