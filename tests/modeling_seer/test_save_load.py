@@ -150,3 +150,40 @@ def test_load_gates_refuses_non_finite_or_integer_tensors(tiny, tmp_path, bad):
     with pytest.raises(ValueError, match=match):
         fresh.load_gates(tmp_path / "bad.safetensors")
     assert all(torch.equal(v, before[k]) for k, v in fresh.gate_state_dict().items())  # nothing half-loaded
+
+
+FRESH_DECODE = textwrap.dedent("""
+    import importlib.abc, sys, torch
+    class Block(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] in ("seer_attn", "triton"):
+                raise ImportError("not installed here: " + name)
+    sys.meta_path.insert(0, Block())
+    from transformers import AutoModelForCausalLM
+    folder, ref_path = sys.argv[1], sys.argv[2]
+    m = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
+    x, ref = torch.load(ref_path)
+    assert m.config.seer_decode_key_format == "f8" and m.config.seer_decode_sparsity
+    out = m.generate(x, max_new_tokens=80, do_sample=False, pad_token_id=0)
+    print("SAME", bool(torch.equal(out, ref)), "DENSITY", m.seer_decode_density().max().item())
+""")
+
+
+@torch.no_grad()
+def test_fresh_environment_sparse_decode_with_8bit_keys(tiny, tmp_path):
+    """A saved model with decode sparsity on float8 gate keys (``seer_decode_key_format``) loads through
+    the flat remote-code bundle where neither seer_attn nor triton is importable and generates the
+    tokens it generates here, reading a share of the KV blocks (its pooled-K cache's 8-bit keys come
+    from the bundle's copy of the kernels' rounding)."""
+    m = tiny(seed=3, seer_decode_gate=True, seer_decode_sparsity=True, seer_decode_budget=2 * 64,
+             seer_decode_key_format="f8")
+    x = _x(300)
+    ref = m.generate(x, max_new_tokens=80, do_sample=False, pad_token_id=0)
+    assert m.seer_decode_density().max() < 0.8
+    m.save_pretrained(tmp_path / "model")
+    torch.save((x, ref), tmp_path / "ref.pt")
+    r = run_without_package(FRESH_DECODE, [tmp_path / "model", tmp_path / "ref.pt"], tmp_path, 300,
+                            HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"))
+    assert r.returncode == 0, r.stdout + r.stderr
+    line = next(l for l in r.stdout.splitlines() if l.startswith("SAME"))
+    assert line.split()[1] == "True" and float(line.split()[3]) < 0.8, line
