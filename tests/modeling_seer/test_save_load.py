@@ -70,13 +70,16 @@ def test_bundle_is_generated_from_the_kernel_sources():
         assert "seer_attn." not in "".join(l for l in text.splitlines() if l.lstrip().startswith(("from", "import"))), name
 
 
-FRESH = textwrap.dedent("""
+#: the scripts' first lines: seer_attn and triton cannot be imported in them
+NO_PACKAGES = textwrap.dedent("""
     import importlib.abc, sys, torch
     class Block(importlib.abc.MetaPathFinder):
         def find_spec(self, name, path=None, target=None):
             if name.split(".")[0] in ("seer_attn", "triton"):
                 raise ImportError("not installed here: " + name)
     sys.meta_path.insert(0, Block())
+""")
+FRESH = NO_PACKAGES + textwrap.dedent("""
     for mod in ("seer_attn.kernels", "triton"):
         try:
             __import__(mod)
@@ -152,13 +155,7 @@ def test_load_gates_refuses_non_finite_or_integer_tensors(tiny, tmp_path, bad):
     assert all(torch.equal(v, before[k]) for k, v in fresh.gate_state_dict().items())  # nothing half-loaded
 
 
-FRESH_DECODE = textwrap.dedent("""
-    import importlib.abc, sys, torch
-    class Block(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path=None, target=None):
-            if name.split(".")[0] in ("seer_attn", "triton"):
-                raise ImportError("not installed here: " + name)
-    sys.meta_path.insert(0, Block())
+FRESH_DECODE = NO_PACKAGES + textwrap.dedent("""
     from transformers import AutoModelForCausalLM
     folder, ref_path = sys.argv[1], sys.argv[2]
     m = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
