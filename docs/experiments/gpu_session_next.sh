@@ -122,7 +122,7 @@
 # Session 46 (three H100 calls among ~6 refused starts): the pooled-K cache stores float8 / int8 gate keys
 # (seer_decode_key_format, cb3d2ac). s46-keys8 (test_decode_gpu.py 12 passed; its bench envelope nested too deep), then
 # s46-base and s46-bench model at e9b9262 on one machine: 16 x 32k gate share 15.8% -> 13.6% float8 / 14.2% int8,
-# fused end to end 3.07x / 3.05x -> 3.10x / 3.07x (results/decode/h100_decode32_keys_*.json). Next: stage, then
+# fused end to end 3.07x / 3.05x -> 3.10x / 3.07x (results/decode/h100_decode32_keys_f8.json). Next: stage, then
 # s46-quality (the protocol's decode PPL with 8-bit keys: what making them the default needs), then s46-e2e on an H200.
 #
 # Session 29: distill --gate-hidden-size / --q-pooling / --k-pooling exist now; gate-capacity measures them (issue 17's
