@@ -315,10 +315,10 @@ case "$STEP" in
       --out "$OUT/dq" > "$OUT/decode_quality.log" 2>&1
     echo "decode_quality: exit $?"; rm -f "$OUT/dq/gates_decode_bf16.safetensors"; grep "^ppl" "$OUT/decode_quality.log" ;;
   s46-e2e)  # issue 15 (session 46): the 32-layer end to end with 16-bit and float8 gate keys on one machine (an H200
-    # unshared, an H100 with --shared-kv), one kernel row each; only the envelopes and logs come back
+    # unshared, an H100 with --shared-kv), one kernel row each (E2E: fewer settings); only the envelopes and logs come back
     if nvidia-smi | grep -q H200; then SH=""; else SH="--shared-kv"; fi
     for F in model f8; do
-      timeout 160 "$PY" -m seer_attn.eval.bench_decode --lengths 32768 --batches 16 --e2e 4x131072 16x32768 --layers 32 \
+      timeout 160 "$PY" -m seer_attn.eval.bench_decode --lengths 32768 --batches 16 --e2e ${E2E:-4x131072 16x32768} --layers 32 \
         $SH --key-format $F --out "$OUT/e2e_$F" > "$OUT/e2e_$F.log" 2>&1
       echo "bench_decode (32 layers $SH, keys $F): exit $?"; sed -n '/^end to end/,$p' "$OUT/e2e_$F.log"
       rm -f "$OUT/e2e_$F"/*.csv "$OUT/e2e_$F"/*.png
