@@ -18,7 +18,8 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from seer_attn.modeling_seer.selection import METHOD_FIELD, SELECTORS, SPARSITY_METHODS, baseline_pairs
+from seer_attn.modeling_seer.selection import (DECODE_KEY_FORMATS, METHOD_FIELD, SELECTORS, SPARSITY_METHODS,
+                                               baseline_pairs)
 from seer_attn.training import cli_args as ca
 from seer_attn.training.cli_args import ArgValueError
 
@@ -197,7 +198,7 @@ def decode_setting(value):
             out["seer_decode_keep_local"] = ca.int_at_least(0)(val)
         elif key == "prior" and "seer_decode_meanpool_prior" not in out:
             out["seer_decode_meanpool_prior"] = ca.float_in(0, 1, low_open=False)(val)
-        elif key == "keys" and val in ("f8", "i8") and "seer_decode_key_format" not in out:
+        elif key == "keys" and val in DECODE_KEY_FORMATS[1:] and "seer_decode_key_format" not in out:
             out["seer_decode_key_format"] = val
         elif key in ("oracle", "streaming") and not val and "seer_decode_selector" not in out:
             out["seer_decode_selector"] = key

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from seer_attn.kernels.block_mask import causal_block_density, window_block_mask
 from seer_attn.kernels.block_sparse_attn import attn_with_pooling
-from seer_attn.kernels.decode_select import prior_mix
+from seer_attn.kernels.decode_select import EIGHT_BIT_KEYS, prior_mix
 
 #: Logit given to blocks a selection must never pick (above the diagonal, padding-only keys).
 #: Finite, so that KL terms with a zero target stay 0 instead of NaN.
@@ -497,10 +497,10 @@ DECODE_SCORE_METHODS = ("threshold", "mass")
 #: step's true attention (:func:`decode_oracle_scores`) or recency (:func:`decode_recency_scores`).
 DECODE_SELECTORS = ("gate", "oracle", "streaming")
 #: How the pooled-K cache stores the decode gate's block keys: in the model's dtype, or in 8 bits with one float32
-#: scale per block (float8 e4m3 or int8; the formats of ``kernels.decode_select.EIGHT_BIT_KEYS``): half the bytes
+#: scale per block (float8 e4m3 or int8: the formats of ``kernels.decode_select.EIGHT_BIT_KEYS``): half the bytes
 #: the gate's scoring reads at every decode step, within 0.06% of the 16-bit keys' decode perplexity on a CPU screen
 #: (docs/experiments/decode_host_time.md, session 45)
-DECODE_KEY_FORMATS = ("model", "f8", "i8")
+DECODE_KEY_FORMATS = ("model", *EIGHT_BIT_KEYS)
 
 
 @torch.no_grad()
