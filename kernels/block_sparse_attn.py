@@ -776,7 +776,7 @@ def _tma_ok(options, *tensors):
     (``options["tma"]``, ``FWD_OPTIONS`` or ``BWD_OPTIONS``), a Hopper-or-newer GPU or the
     interpreter, 16-bit tensors whose base and outer strides are 16-byte aligned (TMA's rules)."""
     want = options["tma"]
-    if want not in (True, False, "auto"):
+    if not (isinstance(want, bool) or want == "auto"):  # 1 == True: a plain `in` lets 0 / 1 through
         name = "FWD_OPTIONS" if options is FWD_OPTIONS else "BWD_OPTIONS"
         raise ValueError(f"{name}['tma'] must be True, False or 'auto', got {want!r}")
     if want == "auto":
@@ -787,7 +787,7 @@ def _tma_ok(options, *tensors):
 def _pair_rows(block_mask, block_size, pooling, window):
     """Whether a sparse forward runs pair programs (``FWD_OPTIONS["pair_rows"]``)."""
     want = FWD_OPTIONS["pair_rows"]
-    if want not in (True, False):
+    if not isinstance(want, bool):
         raise ValueError(f"FWD_OPTIONS['pair_rows'] must be True or False, got {want!r}")
     return want and block_mask is not None and block_size == 64 and not pooling and window is None
 

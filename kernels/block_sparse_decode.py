@@ -183,7 +183,7 @@ def num_decode_splits(B, H, max_blocks, device):
 def _decode_tma(nsub, k, v):
     """Whether this launch loads its K/V blocks through tensor descriptors (``DECODE_OPTIONS``)."""
     want = DECODE_OPTIONS["tma"]
-    if want not in (True, False):
+    if not isinstance(want, bool):  # 1 == True: a plain `in` lets 0 / 1 through
         raise ValueError(f"DECODE_OPTIONS['tma'] must be True or False, got {want!r}")
     return want and nsub == 1 and tma_capable(k, v)
 

@@ -536,15 +536,17 @@ def test_pair_rows_padded_batch_and_fallbacks(gen, device, monkeypatch):
     assert (paired.float() - ref.float()).abs().max() < 2e-2
     assert not bsa_module._pair_rows(mask, 64, False, 100) and not bsa_module._pair_rows(mask, 64, True, None)
     assert not bsa_module._pair_rows(mask, 128, False, None) and bsa_module._pair_rows(mask, 64, False, None)
-    monkeypatch.setitem(bsa_module.FWD_OPTIONS, "pair_rows", "auto")
-    with pytest.raises(ValueError, match="FWD_OPTIONS\\['pair_rows'\\] must be True or False, got 'auto'"):
-        block_sparse_attn(q, k, v, mask, backend="triton")
+    for bad in ("auto", 1):  # 1 == True, yet not a bool
+        monkeypatch.setitem(bsa_module.FWD_OPTIONS, "pair_rows", bad)
+        with pytest.raises(ValueError, match=f"FWD_OPTIONS\\['pair_rows'\\] must be True or False, got {bad!r}"):
+            block_sparse_attn(q, k, v, mask, backend="triton")
 
 
 def test_tma_option_is_checked():
     for name in ("FWD_OPTIONS", "BWD_OPTIONS"):
         options = getattr(bsa_module, name)
-        with pytest.MonkeyPatch.context() as mp:
-            mp.setitem(options, "tma", "yes")
-            with pytest.raises(ValueError, match=f"{name}\\['tma'\\] must be True, False or 'auto', got 'yes'"):
-                bsa_module._tma_ok(options, torch.zeros(1, 1, 64, 128, dtype=torch.float16))
+        for bad in ("yes", 1, 0):  # 1 == True, 0 == False, yet not bools
+            with pytest.MonkeyPatch.context() as mp:
+                mp.setitem(options, "tma", bad)
+                with pytest.raises(ValueError, match=f"{name}\\['tma'\\] must be True, False or 'auto', got {bad!r}"):
+                    bsa_module._tma_ok(options, torch.zeros(1, 1, 64, 128, dtype=torch.float16))

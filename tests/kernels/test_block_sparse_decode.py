@@ -319,10 +319,11 @@ def test_tma_blocks_match_the_reference(splits, gen, device, error_budget, monke
                                            backend="triton"), out)
 
 
-def test_tma_option_is_checked(gen, device, monkeypatch):
+@pytest.mark.parametrize("bad", ["yes", 1])  # 1 == True, yet not a bool
+def test_tma_option_is_checked(gen, device, monkeypatch, bad):
     mod = __import__("seer_attn.kernels.block_sparse_decode", fromlist=["DECODE_OPTIONS"])
-    monkeypatch.setitem(mod.DECODE_OPTIONS, "tma", "yes")
+    monkeypatch.setitem(mod.DECODE_OPTIONS, "tma", bad)
     q, k, v = _inputs(gen, 1, 2, 2, 64, 64, torch.float16, device)
-    with pytest.raises(ValueError, match=r"DECODE_OPTIONS\['tma'\] must be True or False, got 'yes'"):
+    with pytest.raises(ValueError, match=rf"DECODE_OPTIONS\['tma'\] must be True or False, got {bad!r}"):
         block_sparse_decode(q, k, v, torch.ones(1, 2, 1, dtype=torch.bool, device=device),
                             torch.tensor([64], device=device), backend="triton")
