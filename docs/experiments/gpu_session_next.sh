@@ -124,6 +124,7 @@
 # s46-base and s46-bench model at e9b9262 on one machine: 16 x 32k gate share 15.8% -> 13.6% float8 / 14.2% int8,
 # fused end to end 3.07x / 3.05x -> 3.10x / 3.07x (results/decode/h100_decode32_keys_f8.json). Next: stage, then
 # s46-quality (the protocol's decode PPL with 8-bit keys: what making them the default needs), then s46-e2e on an H200.
+# Session 47: s47-first (with chunk0), s47-skinny (with chunk1), s46-quality (with chunk2).
 #
 # Session 29: distill --gate-hidden-size / --q-pooling / --k-pooling exist now; gate-capacity measures them (issue 17's
 # untried "gate capacity" direction) after gate-calib-coverage and decode-distill. Session 29 got no machine (every start
@@ -314,6 +315,16 @@ case "$STEP" in
       --settings ${SETTINGS:-share=0.1 share=0.1,keys=f8 share=0.1,keys=i8 budget=2048 budget=2048,keys=f8 budget=2048,keys=i8} \
       --out "$OUT/dq" > "$OUT/decode_quality.log" 2>&1
     echo "decode_quality: exit $?"; rm -f "$OUT/dq/gates_decode_bf16.safetensors"; grep "^ppl" "$OUT/decode_quality.log" ;;
+  s47-first)  # session 47, no staging: the decode kernel's GPU tests (acc453b changed its option check), then
+    # s46-e2e (the 32-layer end to end with 16-bit and float8 gate keys; E2E narrows it)
+    timeout 150 "$PY" -m pytest -q -x tests/kernels/test_block_sparse_decode.py > "$OUT/tests_decode.log" 2>&1
+    echo "decode kernel GPU tests: exit $?"; tail -n 2 "$OUT/tests_decode.log"
+    bash "$0" s46-e2e "$2" ;;
+  s47-skinny)  # issue 15 (session 47): is cuBLAS's decode GEMM rate a lever on the H200? the skinny-GEMM screen
+    # (session 41, H100: 1.00-1.15x a shape) at M = 4 on the merged decode shapes and the LM head
+    timeout 300 "$PY" docs/experiments/skinny_gemm.py --m 4 --shapes qkv o gate_up down "lm head" \
+      --out "$OUT/skinny_gemm.json" > "$OUT/skinny.log" 2>&1
+    echo "skinny_gemm: exit $?"; sed -n '/^# /,$p' "$OUT/skinny.log"; grep -E "Error" "$OUT/skinny.log" | tail -n 3 ;;
   s46-e2e)  # issue 15 (session 46): the 32-layer end to end with 16-bit and float8 gate keys on one machine (an H200
     # unshared, an H100 with --shared-kv), one kernel row each (E2E: fewer settings); only the envelopes and logs come back
     if nvidia-smi | grep -q H200; then SH=""; else SH="--shared-kv"; fi
