@@ -94,6 +94,10 @@ def _run_distill(args):
     config = config_from_args(DistillConfig, args)  # the options that configure the distillation itself
     res = run_distill(config)
     print(f"[distill] model folder: {res['model_dir']}  (gates only: {res['gates_path']})", flush=True)
+    if res.get("decode_gate"):
+        print(f"[distill] decode gates saved with them; the model still decodes densely. Measure sparse decode with: "
+              f"seer-attn decode-quality --model {res['model']} --gates {res['gates_path']} --phases ppl passkey; "
+              f"then turn it on with seer_decode_sparsity=True (README, 'Sparse decode')", flush=True)
     if args.calibrate_density is not None:
         res = {**res, "calibration_path": _calibrate_trained(args, config, res)}
     if args.no_eval:

@@ -56,6 +56,7 @@ import torch.nn.functional as F
 
 from seer_attn.modeling_seer.decode_graph import cache_arg
 from seer_attn.training import cli_args as ca
+from seer_attn.training.distill import DECODE_ROWS
 from seer_attn.training.run_config import ConfigError, RunConfig, config_from_args, default, flag, option, text
 
 from .settings import apply_decode, decode_setting, decode_setting_name, decode_setting_text
@@ -174,7 +175,7 @@ class DecodeQualityConfig(RunConfig):
     seq_len: int = option(8192, ca.int_at_least(256))  # distillation sequence length
     # the decode gates' recipe: 256 query rows per sequence and a quarter of the sequences with
     # retrieval structure kept passkey at share 0.1 (1 of 75 lost, 14 with 64 rows of plain text)
-    decode_rows: int = option(256, ca.positive_int)  # query rows per sequence the decode gates learn from
+    decode_rows: int = option(DECODE_ROWS, ca.positive_int)  # query rows per sequence the decode gates learn from
     retrieval_mix: float = option(0.25, ca.float_in(0, 1, low_open=False))  # share of retrieval sequences
     forced_loss: bool = option(False, flag)  # the decode loss spans the always-read blocks (seer_decode_distill_forced)
     length: int = option(8192, ca.int_at_least(256))  # decode-perplexity window (second half: decode steps)

@@ -566,6 +566,13 @@ def _decode_section(decodes) -> list:
                 "q/k/v and gate/up projections merged (inference options: the weights stay as they are):", "",
                 "```python", "model.seer_compile_pointwise()", "model.seer_merge_projections()",
                 "out = model.seer_generate(ids, max_new_tokens=512)", "```"]
+    elif first is None:  # decode gates, no decode perplexity given to the export
+        out += ["", "Sparse decode was not measured for this model (the export was given no `decode-quality` "
+                "results; `seer-attn decode-quality --model BASE --gates seer_gates.safetensors` measures it). "
+                "To try it:", "", "```python",
+                "model.set_seer_mode(\"sparse\", seer_decode_sparsity=True, seer_decode_method=\"budget\", "
+                "seer_decode_budget=2048)",
+                "out = model.generate(ids, max_new_tokens=512)", "```"]
     for src, rows in measured:
         cfg = src.env["config"]
         if rows:
@@ -868,7 +875,7 @@ def render_card(spec: CardSpec, sources, plot_file=PLOT_FILE):
             body += [f"Passkey retrieval (a five-digit key hidden at several depths of repeated filler, greedy "
                      f"decoding; [{src.name}]({src.name})); each sparse setting is paired prompt by prompt with "
                      "dense:", "", _passkey_table(entries), ""]
-    if decodes:
+    if decodes or spec.decode_gates:
         body += _decode_section(decodes)
     body += ["## Training", ""]
     body += _training_text(training) if training else [

@@ -47,6 +47,10 @@ SUMMARY_FILE = "distill_summary.json"
 SEER_OPTIONS = {"threshold": "seer_threshold", "distill_target": "seer_distill_target",
                 "peak_weight": "seer_distill_peak_weight", "gate_hidden_size": "seer_gate_hidden_size",
                 "q_pooling": "seer_q_pooling", "k_pooling": "seer_k_pooling"}
+#: query rows per sequence a decode gate learns from (``seer_decode_distill_rows``) when ``--decode-gate``
+#: gives none: ``decode-quality``'s protocol, where 256 rows (with a quarter of retrieval sequences) kept
+#: passkey retrieval at a share of 0.1 and 64 rows of plain text lost it (docs/experiments/decode_quality.md)
+DECODE_ROWS = 256
 #: sub-folders of ``--output``: the shareable model and the checkpoints
 MODEL_DIR, CHECKPOINTS_DIR = "model", "checkpoints"
 #: shortest ``--seq-len``: 4 blocks of 64 tokens. With 3 blocks or fewer a sparse prefill
@@ -110,6 +114,8 @@ class DistillConfig(RunConfig):
     retrieval_kinds: tuple = option(RETRIEVAL_KINDS, many="+", choices=RETRIEVAL_KINDS)
     peak_weight: float | None = option(None, _nonneg_float)
     distill_prior: float | None = option(None, ca.open_unit_interval)
+    decode_gate: bool = option(False, flag)
+    decode_rows: int | None = option(None, ca.positive_int)
     gate_hidden_size: int | None = option(None, _gate_width)
     q_pooling: tuple | None = option(None, _pooling, many="+")
     k_pooling: tuple | None = option(None, _pooling, many="+")
@@ -130,6 +136,9 @@ class DistillConfig(RunConfig):
         if self.retrieval_mix and self.streaming:
             raise ConfigError("{retrieval_mix} rewrites packed sequences, which a stream does not hold: drop "
                               "{streaming} or {retrieval_mix}", "retrieval_mix", "streaming")
+        if self.decode_rows is not None and not self.decode_gate:
+            raise ConfigError("{decode_rows} sets what the decode gates learn from, and without {decode_gate} "
+                              "there are none: add {decode_gate} or drop {decode_rows}", "decode_rows", "decode_gate")
 
 
 def _default(name):
@@ -169,6 +178,15 @@ def add_distill_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
                              "A log p_meanpool, so the gates learn what the prior misses, and the saved model serves "
                              "with seer_meanpool_prior=A (docs/experiments/gate_quality.md section 16; default: the "
                              "gate alone)")
+    parser.add_argument("--decode-gate", action="store_true",
+                        help="also distil a decode gate per layer (seer_decode_gate): it picks the KV-cache blocks "
+                             "each generated token reads, saved with the prefill gates; the saved model still decodes "
+                             "densely until seer_decode_sparsity is set (measure it first with seer-attn "
+                             "decode-quality --gates OUTPUT/model/seer_gates.safetensors; its protocol also passes "
+                             "--retrieval-mix 0.25)")
+    parser.add_argument("--decode-rows", type=ca.positive_int, default=_default("decode_rows"),
+                        help="with --decode-gate: query rows per sequence the decode gates learn from "
+                             f"(seer_decode_distill_rows; default: {DECODE_ROWS}, decode-quality's)")
     parser.add_argument("--gate-hidden-size", type=_gate_width, default=_default("gate_hidden_size"),
                         help="seer_gate_hidden_size of new gates: width of each head's projections of pooled Q and K "
                              "(paper and default: 128); a Seer model keeps its own")
@@ -247,6 +265,8 @@ def run_distill(config: DistillConfig) -> dict:
                                                    if getattr(config, name) is not None}}
         if config.distill_prior is not None:  # the loss reads the mixture, and the model serves it
             seer_kwargs.update(seer_meanpool_prior=config.distill_prior, seer_distill_prior=True)
+        if config.decode_gate:  # a second loss per layer beside the prefill gate's; saved with the gates
+            seer_kwargs.update(seer_decode_gate=True, seer_decode_distill_rows=config.decode_rows or DECODE_ROWS)
         set_seed(config.seed)  # before the model: a conversion draws the new gates from the RNG
         model = load_seer_model(source, dtype=torch.bfloat16 if config.bf16 else None, **seer_kwargs)
         targs = SeerTrainingArguments(
@@ -275,6 +295,7 @@ def run_distill(config: DistillConfig) -> dict:
         "data": [str(d) for d in config.data] if config.data else [default_corpus_path("train")],
         "seq_len": config.seq_len,
         "threshold": model.config.seer_threshold,
+        "decode_gate": bool(model.config.seer_decode_gate),
         "resumed_from": resume,
     }
     summary_path = os.path.join(out_dir, SUMMARY_FILE)

@@ -108,6 +108,27 @@ def test_closing_evaluation_reads_the_users_data(tmp_path, monkeypatch, capsys):
     assert cli.main(["distill", "--data", mine, "--no-eval", *out]) == 0 and len(calls) == 2
 
 
+def test_distill_with_decode_gates_says_how_to_measure_them(tmp_path, monkeypatch, capsys):
+    """--decode-gate: the saved model still decodes densely; the command names the one that measures it."""
+    from seer_attn.training import distill
+    seen = []
+    monkeypatch.setattr(distill, "run_distill", lambda config: seen.append(config) or
+                        {"model_dir": "M", "gates_path": "M/g.safetensors", "model": "src", "decode_gate": True})
+    assert cli.main(["distill", "--decode-gate", "--no-eval", "--output", str(tmp_path / "out")]) == 0
+    out = capsys.readouterr().out
+    assert seen[-1].decode_gate and seen[-1].decode_rows is None
+    assert "seer-attn decode-quality --model src --gates M/g.safetensors" in out and "decodes densely" in out
+    monkeypatch.setattr(distill, "run_distill", lambda config: {"model_dir": "M", "gates_path": "G"})
+    assert cli.main(["distill", "--no-eval", "--output", str(tmp_path / "out")]) == 0
+    assert "decode-quality" not in capsys.readouterr().out  # no decode gates: no hint
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["distill", "--decode-rows", "32", "--output", str(tmp_path / "out")])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("seer-attn distill: error: --decode-rows sets what the decode gates learn from") \
+        and "add --decode-gate" in err
+
+
 def test_distill_calibrate_density_calibrates_the_trained_folder(tmp_path, monkeypatch):
     """--calibrate-density: after training, the trained folder is calibrated at --seq-len on the
     user's jsonl (else the bundled training corpus), into OUTPUT; the result names the envelope

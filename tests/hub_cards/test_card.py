@@ -245,6 +245,24 @@ def test_the_decode_recommendation_when_no_setting_is_close_enough():
     assert recommend_decode(rows[:1]) is None
 
 
+def test_decode_gates_without_a_decode_run_say_how_to_try_and_measure_them(committed):
+    """A model distilled with decode gates (``seer-attn distill --decode-gate``) and exported without a
+    decode-quality run: the card still says it has them, that they were not measured, and how to try them."""
+    from seer_attn.hub_cards.card import _decode_options
+    spec = _spec(label=committed.shipped_label)
+    spec.decode_gates = True
+    text = render_card(spec, _sources(committed.demo_gpu)).text
+    assert "## Sparse decode" in text and "Sparse decode was not measured for this model" in text
+    assert "seer-attn decode-quality --model BASE --gates seer_gates.safetensors" in text
+    assert ('model.set_seer_mode("sparse", seer_decode_sparsity=True, seer_decode_method="budget", '
+            'seer_decode_budget=2048)') in text and "Recommended" not in text.split("## Sparse decode")[1]
+    assert _decode_options("budget=2048") == {"seer_decode_sparsity": True, "seer_decode_method": "budget",
+                                              "seer_decode_budget": 2048}  # the snippet's options, as a setting's
+    for flag in (False, None):  # no decode gates, or not known: no section
+        spec.decode_gates = flag
+        assert "## Sparse decode" not in render_card(spec, _sources(committed.demo_gpu)).text
+
+
 def test_a_decode_run_needs_a_model_with_decode_gates(committed):
     spec = _spec(label=committed.shipped_label)
     spec.decode_gates = False

@@ -171,6 +171,12 @@ def test_a_decode_run_needs_decode_gates_and_gives_the_sparse_decode_section(tin
     assert "## Sparse decode" in card and "Recommended: **budget=2048,prior=0.7**" in card
     assert (tmp_path / "dec" / "results" / "h100_quality_free_loss.json").is_file()
     assert not json.loads((tmp_path / "dec" / "config.json").read_text()).get("seer_decode_sparsity")
+    # the same model without a decode run: its card says it has decode gates, not measured
+    export(ExportOptions(output=str(tmp_path / "dec0"), model=str(tmp_path / "base")), model=seer)
+    card = (tmp_path / "dec0" / "README.md").read_text()
+    assert "## Sparse decode" in card and "Sparse decode was not measured for this model" in card
+    export(ExportOptions(output=str(tmp_path / "plain0"), model=str(tmp_path / "base")), model=tiny.seer(stock))
+    assert "## Sparse decode" not in (tmp_path / "plain0" / "README.md").read_text()
 
 
 def _calibration(path, seer, **change):

@@ -379,6 +379,42 @@ def _losses(res):
     return [e["loss"] for e in res["log_history"] if "loss" in e]
 
 
+def test_run_distill_with_decode_gates(tmp_path, llama_folder, train_jsonl):
+    """--decode-gate: decode gates learn beside the prefill gates, go into the checkpoints (resume) and the
+    gates file, and the saved model has them with dense decode still on; --decode-rows sets their rows."""
+    from safetensors import safe_open
+
+    from seer_attn.training.distill import DECODE_ROWS
+    out = tmp_path / "run"
+    argv = _argv(llama_folder, train_jsonl, out, "--decode-gate", "--decode-rows", "8")
+    res = run_distill(_parse(argv + ["--steps", "4"]))
+    assert res["decode_gate"] and res["global_step"] == 4 and all(l > 0 for l in _losses(res))
+    torch.manual_seed(1)  # the run's seed: the conversion draws the same new gates
+    fresh = load_seer_model(llama_folder, seer_mode="distill", seer_decode_gate=True)
+    model = load_seer_model(res["model_dir"])
+    cfg = model.config
+    assert cfg.seer_decode_gate and cfg.seer_decode_distill_rows == 8 and not cfg.seer_decode_sparsity
+    trained, start = model.gate_state_dict(), fresh.gate_state_dict()
+    decode = [k for k in trained if ".decode_gate." in k]
+    assert decode and all(not torch.equal(trained[k], start[k]) for k in decode)  # every decode gate learned
+    with safe_open(res["gates_path"], framework="pt") as f:
+        assert set(decode) <= set(f.keys())
+    ckpt = os.path.join(res["checkpoints_dir"], "checkpoint-4")
+    held = set()
+    for name in os.listdir(ckpt):
+        if name.endswith(".safetensors"):
+            with safe_open(os.path.join(ckpt, name), framework="pt") as f:
+                held |= {k for k in f.keys() if ".decode_gate." in k}
+    assert held and {k.split("decode_gate.")[-1] for k in held} == {"q_weight", "k_weight"}
+    res2 = run_distill(_parse(argv + ["--steps", "6", "--resume"]))
+    assert res2["global_step"] == 6 and res2["resumed_from"] == os.path.join(res["checkpoints_dir"], "checkpoint-4")
+    # without --decode-rows: decode-quality's rows
+    res3 = run_distill(_parse(_argv(llama_folder, train_jsonl, tmp_path / "run3", "--decode-gate", "--steps", "2")))
+    assert load_seer_model(res3["model_dir"]).config.seer_decode_distill_rows == DECODE_ROWS
+    with pytest.raises(ValueError, match="decode_rows sets what the decode gates learn from"):
+        DistillConfig(decode_rows=8)
+
+
 def test_run_distill_end_to_end_and_resume(tmp_path, llama_folder, train_jsonl):
     out = tmp_path / "run"
     argv = _argv(llama_folder, train_jsonl, out)
