@@ -359,8 +359,9 @@ class SeerAttentionMixin:
     def _gate_loss_and_mask(self, q, k, v, q_pre, k_pre, ctx, window=None):
         """Sparse prefill of a layer in ``ctx.gate_loss_layers``: the gate's KL loss against
         the exact pooled map of this forward joins ``ctx.gate_losses`` (inputs detached: it
-        trains the gate only), and the block mask comes from the same scores (None, every
-        block, in one of the first ``seer_dense_layers``)."""
+        trains the gate only), with the decode gate's loss when the layer has one (as in
+        distillation), and the block mask comes from the same scores (None, every block, in
+        one of the first ``seer_dense_layers``)."""
         cfg = self.config
         if cfg.seer_selector != "gate":
             raise ValueError(f"gate_loss_layers needs seer_selector='gate', got {cfg.seer_selector!r}")
@@ -376,6 +377,8 @@ class SeerAttentionMixin:
                                               pool_op="max" if cfg.seer_distill_target == "max" else "sum",
                                               window=window)
             ctx.gate_losses.append(gate_distill_loss(loss_scores, pooled))
+            if ctx.decode_rows is not None and hasattr(self.attn_gate, DECODE_GATE):  # its inputs detached too
+                ctx.gate_losses.append(self._decode_distill_loss(q, k, q_pre, k_pre, ctx))
         if dense:
             return None
         with torch.no_grad():
@@ -599,7 +602,8 @@ class SeerModelMixin:
         if cfg.seer_decode_sparsity and cfg.seer_mode != "distill":
             seer_ctx = seer_ctx if seer_ctx is not None else SeerForwardContext()
             kwargs = self._prepare_decode(seer_ctx, attention_mask, ref, kwargs)
-        elif cfg.seer_mode == "distill" and cfg.seer_decode_gate:
+        if cfg.seer_decode_gate and (cfg.seer_mode == "distill" or seer_ctx is not None and seer_ctx.gate_loss_layers):
+            # the decode gates learn where the prefill gates do: distillation, and fine-tuning's gate-loss layers
             self._prepare_decode_distill(seer_ctx, position_ids, ref)
         out = super().forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                               inputs_embeds=inputs_embeds, seer_ctx=seer_ctx, **kwargs)

@@ -11,7 +11,8 @@ The gates either stay frozen (``train_gates=False``) or keep learning from the m
 attention as it changes: in the layers chosen for a step the layer also runs the exact
 attention pass that emits the max-pooled map (:func:`attn_with_pooling`, no gradient) and
 adds the gate's KL loss against it (the distillation loss of docs/design.md §2; the gate's
-inputs are detached, so it trains the gates only). The loss is then
+inputs are detached, so it trains the gates only; a model with decode gates adds their KL loss
+too, on ``seer_decode_distill_rows`` sampled rows, as distillation does). The loss is then
 ``lm_loss + gate_loss_weight * gate_loss``, ``gate_loss`` being the chosen layers' KL summed,
 scaled by ``seer_distill_loss_scale`` and by ``layers / chosen layers`` (an estimate of the
 all-layer loss, so its size does not depend on the stride).

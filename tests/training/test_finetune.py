@@ -157,6 +157,26 @@ def test_gate_loss_gives_gradients_to_the_gates_only(tmp_path, make_tiny_model, 
     assert all(torch.equal(grads["frozen"][n], grads["learning"][n]) for n in grads["frozen"])
 
 
+def test_decode_gates_learn_beside_the_prefill_gates(tmp_path, make_tiny_model, eval_batch):
+    """A model with decode gates: fine-tuning's gate-loss layers train its decode gates too (as distillation
+    does; else they would go stale while the weights move), from detached inputs: the base gradients are
+    those of the run with frozen gates, and frozen gates get none."""
+    grads = {}
+    for name, train_gates in (("learning", True), ("frozen", False)):
+        model = _model(make_tiny_model, seer_decode_gate=True, seer_decode_distill_rows=16)
+        trainer = SeerFineTuneTrainer(model=model, args=_args(tmp_path, density=0.5, gate_loss_stride=1,
+                                                              train_gates=train_gates))
+        model.train()
+        trainer.compute_loss(model, {"input_ids": eval_batch[:1]}).backward()
+        grads[name] = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    decode = [n for n, _ in model.named_parameters() if ".decode_gate." in n]
+    assert len(decode) == 2 * 2 and all(n in grads["learning"] and grads["learning"][n].abs().sum() > 0
+                                        for n in decode)
+    assert not any(is_gate_parameter(n) for n in grads["frozen"])
+    assert sorted(grads["frozen"]) == sorted(n for n in grads["learning"] if not is_gate_parameter(n))
+    assert all(torch.equal(grads["frozen"][n], grads["learning"][n]) for n in grads["frozen"])
+
+
 def test_gate_loss_layers_rotate_with_the_stride(tmp_path, make_tiny_model, eval_batch):
     model = _model(make_tiny_model, layers=4)
     trainer = SeerFineTuneTrainer(model=model, args=_args(tmp_path, density=0.5, gate_loss_stride=2))
