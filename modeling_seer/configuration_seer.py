@@ -312,9 +312,13 @@ class SeerConfigMixin:
                 continue
             val, cur = overrides[name], getattr(self, name)
             if (list(val) if isinstance(val, tuple) else val) != cur:
+                grow = name == "seer_decode_gate" and val is True  # a saved model takes them when it loads
                 raise ValueError(f"{name}={val!r} cannot be changed on a built model (its gates were built with "
-                                 f"{name}={cur!r}); convert the base model again to get new gates: "
-                                 f"load_seer_model(base, {name}={val!r})")
+                                 f"{name}={cur!r}); " + (
+                                     "load the saved model with them: load_seer_model(folder, seer_decode_gate=True) "
+                                     "adds decode gates beside its gates" if grow else
+                                     f"convert the base model again to get new gates: load_seer_model(base, "
+                                     f"{name}={val!r})"))
             if type(val) is type(cur) or isinstance(val, tuple):
                 del out[name]  # unchanged (an equal value of another type is left to validate_seer)
         return out

@@ -123,8 +123,16 @@ def load_seer_model(source=None, *, dtype=None, device=None, gates=None, **seer_
                 raise ValueError(f"{source!r} is a {cfg.model_type!r} model; Seer converts the families "
                                  f"{sorted(FAMILIES)} only") from None
             if cfg.model_type == fam.seer_model_type:
+                # decode gates added to a built model: new modules beside the gates it has (drawn as a
+                # conversion draws them), the only structural change a built model takes
+                grow = seer_kwargs.get("seer_decode_gate") is True and not cfg.seer_decode_gate
+                if grow:
+                    seer_kwargs = {k: v for k, v in seer_kwargs.items() if k != "seer_decode_gate"}
                 seer_kwargs = cfg.runtime_overrides(seer_kwargs)  # refuses new gate structure before loading
-                model = _load(fam.seer_model_class.from_pretrained, source, local, dtype=dtype)
+                if grow:
+                    cfg.seer_decode_gate = True
+                model = _load(fam.seer_model_class.from_pretrained, source, local, dtype=dtype,
+                              **({"config": cfg} if grow else {}))
                 if seer_kwargs:
                     model.set_seer_mode(seer_kwargs.pop("seer_mode", model.config.seer_mode), **seer_kwargs)
             else:

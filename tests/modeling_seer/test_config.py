@@ -157,6 +157,14 @@ def test_set_seer_mode_refuses_structural_options(tiny, field, value):
     assert m.config.to_dict() == before
 
 
+def test_set_seer_mode_names_the_way_to_add_decode_gates(tiny):
+    m = tiny()
+    with pytest.raises(ValueError, match=r"^seer_decode_gate=True cannot be changed on a built model .*load the saved "
+                                         r"model with them: load_seer_model\(folder, seer_decode_gate=True\)"):
+        m.set_seer_mode("sparse", seer_decode_gate=True)
+    assert not m.config.seer_decode_gate
+
+
 def test_set_seer_mode_accepts_structural_options_at_their_values(tiny):
     m = tiny()
     current = {k: v for k, v in vars(m.config).items() if k.startswith("seer_")}

@@ -134,3 +134,33 @@ def test_a_base_that_cannot_be_had_fails_in_one_line(tiny_kwargs, tmp_path, monk
         SeerLlamaForCausalLM.from_pretrained(tmp_path / "gates")
     msg = str(err.value)
     assert "\n" not in msg and "gates-only" in msg and str(base) in msg and reason in msg, msg
+
+
+@pytest.mark.parametrize("kind", ["full-folder", "gates-only"])
+def test_decode_gates_added_to_a_saved_seer_model_keep_its_gates(tiny_kwargs, tmp_path, kind):
+    """``load_seer_model(seer_folder, seer_decode_gate=True)`` (``seer-attn distill --decode-gate`` from a
+    distilled model): decode gates are new modules beside the gates it has, which load unchanged, so the
+    prefill path gives the same logits; the other structural options stay refused."""
+    stock = _stock(tiny_kwargs)
+    seer = _trained_gates(from_stock(stock, **SPARSE))
+    x = _x()
+    with torch.no_grad():
+        ref = seer(x).logits
+    if kind == "full-folder":
+        seer.save_pretrained(tmp_path / "m")
+    else:
+        stock.save_pretrained(tmp_path / "base")
+        write_gates_only(seer, tmp_path / "m", tmp_path / "base")
+    grown = load_seer_model(str(tmp_path / "m"), seer_decode_gate=True).eval()
+    assert grown.config.seer_decode_gate and not grown.config.seer_decode_sparsity
+    decode = {k: v for k, v in grown.gate_state_dict().items() if ".decode_gate." in k}
+    assert len(decode) == 2 * tiny_kwargs["num_hidden_layers"]
+    # drawn as a conversion draws them (uniform within 1 / sqrt(fan-in), per head), not left uninitialised
+    assert all(0 < v.abs().max() <= v.shape[1] ** -0.5 and v.std() > 0.2 * v.shape[1] ** -0.5 for v in decode.values())
+    kept = {k: v for k, v in grown.gate_state_dict().items() if ".decode_gate." not in k}
+    assert kept.keys() == seer.gate_state_dict().keys()
+    assert all(torch.equal(v, seer.gate_state_dict()[k]) for k, v in kept.items())
+    with torch.no_grad():
+        assert torch.equal(grown(x).logits, ref)
+    with pytest.raises(ValueError, match=r"seer_gate_hidden_size=16 cannot be changed on a built model"):
+        load_seer_model(str(tmp_path / "m"), seer_decode_gate=True, seer_gate_hidden_size=16)
