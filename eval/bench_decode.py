@@ -54,7 +54,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from seer_attn.modeling_seer.decode_graph import cache_arg
-from seer_attn.modeling_seer.selection import DECODE_KEY_FORMATS
+from seer_attn.modeling_seer.selection import DECODE_KEY_FORMATS, DEFAULT_DECODE_KEY_FORMAT
 from seer_attn.training import cli_args as ca
 from seer_attn.training.run_config import RunConfig, config_from_args, default, flag, option, text
 from .bench_kernels import rel_err, write_csv
@@ -109,7 +109,7 @@ class DecodeBenchConfig(RunConfig):
     no_early_stop: bool = option(False, flag)  # top_blocks' bisection runs every pass (TOP_BLOCKS_EARLY_STOP off)
     no_one_launch_window: bool = option(False, flag)  # graph steps' bias and counts by torch ops (ONE_LAUNCH_WINDOW off)
     shared_kv: bool = option(False, flag)  # e2e: all layers' KV cache one buffer (32 layers fit an 80 GB GPU)
-    key_format: str = option("model", text, choices=DECODE_KEY_FORMATS)  # seer_decode_key_format of the gate keys
+    key_format: str = option(DEFAULT_DECODE_KEY_FORMAT, text, choices=DECODE_KEY_FORMATS)  # of the gate keys
     out: str = option("seer_outputs/bench-decode", text)
 
 
@@ -154,7 +154,8 @@ def parser() -> argparse.ArgumentParser:
                          "against a 50 MB L2)")
     ap.add_argument("--key-format", choices=DECODE_KEY_FORMATS, default=_default("key_format"),
                     help="how the decode gate's block keys are stored (seer_decode_key_format): the model's dtype, or "
-                         "8 bits (float8 e4m3 / int8) with a float32 scale per block; kernel rows and end to end")
+                         "8 bits (float8 e4m3 / int8) with a float32 scale per block; kernel rows and end to end "
+                         "(default: %(default)s, the model's)")
     ap.add_argument("--out", default=_default("out"), help="output folder (default: %(default)s)")
     ap.add_argument("--plot", default=None, help="only redraw the PNG from this CSV")
     return ap

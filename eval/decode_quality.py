@@ -231,7 +231,8 @@ def parser():
     ap.add_argument("--settings", type=decode_setting_text, nargs="+", default=_default("settings"), metavar="SETTING",
                     help="sparse decode settings: share=X, budget=N or mass=P (the predicted attention mass "
                          "read), optionally with ,local=N (full blocks before the current one always read), "
-                         ",prior=A (seer_decode_meanpool_prior), ,keys=f8|i8 (8-bit gate keys, seer_decode_key_format) "
+                         ",prior=A (seer_decode_meanpool_prior), ,keys=i8|f8|model (the gate keys, "
+                         "seer_decode_key_format; without it: the model's dtype) "
                          "and ,oracle or ,streaming (comparison selectors); "
                          "the first also runs with sparse prefill in the passkey phase (default: %(default)s)")
     ap.add_argument("--passkey-lengths", type=ca.positive_int, nargs="*", default=_default("passkey_lengths"))

@@ -169,8 +169,9 @@ def add_eval_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="accepted density error of the calibration")
     g.add_argument("--decode", type=decode_setting_text, default=_default("decode"), metavar="SETTING",
                    help="decode in every run: dense, or sparse decode share=X / budget=N / mass=P with optional "
-                        ",local=N, ,prior=A and ,keys=f8|i8 (e.g. budget=2048,prior=0.7; generation tasks such as "
-                        "seer_passkey and LongBench; needs a model with decode gates; default: as the model is set)")
+                        ",local=N, ,prior=A and ,keys=i8|f8|model (e.g. budget=2048,prior=0.7; generation tasks "
+                        "such as seer_passkey and LongBench; needs a model with decode gates; default: as the model "
+                        "is set)")
     parser.add_argument("--output", default=_default("output"), help="output folder (default: %(default)s)")
     return parser
 

@@ -732,16 +732,21 @@ def decode_keys_h100(root) -> str:
            "layer), with the gate's block keys as the pooled-K cache stores them (`seer_decode_key_format`; random "
            "keys):\n\n")
     out += _table(["B x cache", "kernel alone"] + [label for _, label in runs], body)
+    i8_path = "results/decode/h100_decode32_keys_i8_e2e.json"  # session 47, the same machine kind
+    i8 = load_envelope(root, i8_path)
     e2e = []
-    for e16, e8 in zip(envs[0]["e2e"], envs[1]["e2e"]):
+    for e16, e8, ei in zip(envs[0]["e2e"], envs[1]["e2e"], i8["e2e"]):
+        assert (e16["B"], e16["T"]) == (ei["B"], ei["T"]), "the end-to-end runs differ in shape"
+        trio = (e16, e8, ei)
         e2e.append([f"{e16['B']} x {_tokens(e16['T'])}", e16["layers"],
-                    f"{e16['graph_fused_dense_s_per_token'] * 1e3:.2f}",
-                    " / ".join(f"{e['graph_fused_sparse_s_per_token'] * 1e3:.2f}" for e in (e16, e8)),
-                    f"{e16['graph_speedup']:.2f}x / {e8['graph_speedup']:.2f}x",
-                    f"{e16['graph_fused_speedup']:.2f}x / {e8['graph_fused_speedup']:.2f}x"])
+                    " / ".join(f"{e['graph_fused_dense_s_per_token'] * 1e3:.2f}" for e in (e16, ei)),
+                    " / ".join(f"{e['graph_fused_sparse_s_per_token'] * 1e3:.2f}" for e in trio),
+                    " / ".join(f"{e['graph_speedup']:.2f}x" for e in trio),
+                    " / ".join(f"{e['graph_fused_speedup']:.2f}x" for e in trio)])
     return out + ("\n\nTime per output token, 8B-shaped model, 32 layers with `--shared-kv`, CUDA graph (ms; dense: "
-                  "our kernel over every block), 16-bit / float8 gate keys; layers fused: `seer_compile_pointwise` "
-                  "and `seer_merge_projections`:\n\n"
+                  "our kernel over every block), 16-bit / float8 / int8 gate keys (int8: another H100 machine, "
+                  f"commit {_commit(i8['provenance'])}, {i8_path}, its own dense run second in the dense column); "
+                  "layers fused: `seer_compile_pointwise` and `seer_merge_projections`:\n\n"
                   + _table(["B x cache", "layers", "dense, fused", "sparse, fused", "speed-up", "speed-up, fused"],
                            e2e))
 
@@ -768,6 +773,20 @@ def _decode_keys_quality(path, gates):
                "stored as float8 e4m3 / int8 with a float32 scale per block (`seer_decode_key_format`):\n\n")
         return out + _table(["decode", "PPL", "vs dense", "vs 16-bit keys", "kept share of KV blocks"], body)
     return table
+
+
+def decode_keys_protocol_h100(root) -> str:
+    """Session 47: 8-bit gate keys at issue 15's decode-quality protocol (eval/decode_quality.py, 16 windows of
+    8k, gates distilled in the run): decode perplexity by key format, then a second run's paired passkey."""
+    ppl = _decode_keys_quality("results/decode/h100_quality_keys8.json",
+                               "decode gates distilled in the run (300 steps of 8192 tokens, bf16)")(root)
+    pk_path = "results/decode/h100_quality_keys8_passkey.json"
+    env = load_envelope(root, pk_path)
+    c = env["config"]
+    return ppl + (f"\n\nPasskey ({pk_path}, commit {_commit(env['provenance'])}: its own 300-step gates; "
+                  f"{', '.join(_tokens(t) for t in c['passkey_lengths'])} x 5 depths x {c['passkey_samples']}, "
+                  "needle in the prompt, each paired with dense; `prefill_threshold_T+`: sparse prefill too): "
+                  + "; ".join(_passkey_parts(env["passkey"])) + ".")
 
 
 def _decode_graph_gate(row_paths, e2e_paths, note=""):
@@ -1178,6 +1197,7 @@ TABLES = {
     "decode-gate-s45-h100": decode_gate_s45_h100,
     "decode-gate-keys8-h100": decode_gate_keys8_h100,
     "decode-keys-h100": decode_keys_h100,
+    "decode-keys-protocol-h100": decode_keys_protocol_h100,
     "decode-keys-cpu": _decode_keys_quality("results/decode/cpu_decode_keys_model_2k.json",
                                             "session 45's decode gates (40 CPU steps of 2048 tokens)"),
     "decode-graph-gate-h200": _decode_graph_gate(

@@ -175,7 +175,9 @@ def setting_text(value) -> str:
 def decode_setting(value):
     """``dense``, or ``share=X`` / ``budget=N`` / ``mass=P`` followed by optional ``,local=N``
     (full blocks before the current one always read), ``,prior=A`` (``seer_decode_meanpool_prior``),
-    ``,keys=f8`` / ``,keys=i8`` (8-bit block keys, ``seer_decode_key_format``)
+    ``,keys=i8`` / ``,keys=f8`` / ``,keys=model`` (the gate's block keys, ``seer_decode_key_format``: a
+    setting without ``keys=`` keeps them in the model's dtype, as every run up to session 47 measured them,
+    though a model's own default is ``i8`` since then)
     and ``,oracle`` / ``,streaming`` (the comparison selectors of ``seer_decode_selector``), as the
     ``seer_*`` options that set that decode
     selection (``{}``: dense decode)."""
@@ -191,20 +193,20 @@ def decode_setting(value):
         out = {"seer_decode_method": "mass", "seer_decode_mass": ca.unit_interval(val)}
     else:
         raise ca.ArgValueError(f"invalid decode setting {value!r}: expected dense, share=X, budget=N or mass=P, "
-                               "optionally followed by ,local=N, ,prior=A, ,keys=f8|i8 and ,oracle or ,streaming")
+                               "optionally followed by ,local=N, ,prior=A, ,keys=i8|f8|model and ,oracle or ,streaming")
     for extra in extras:
         key, _, val = extra.partition("=")
         if key == "local" and "seer_decode_keep_local" not in out:
             out["seer_decode_keep_local"] = ca.int_at_least(0)(val)
         elif key == "prior" and "seer_decode_meanpool_prior" not in out:
             out["seer_decode_meanpool_prior"] = ca.float_in(0, 1, low_open=False)(val)
-        elif key == "keys" and val in DECODE_KEY_FORMATS[1:] and "seer_decode_key_format" not in out:
+        elif key == "keys" and val in DECODE_KEY_FORMATS and "seer_decode_key_format" not in out:
             out["seer_decode_key_format"] = val
         elif key in ("oracle", "streaming") and not val and "seer_decode_selector" not in out:
             out["seer_decode_selector"] = key
         else:
             raise ca.ArgValueError(f"invalid part {extra!r} of decode setting {value!r}: expected local=N, "
-                                   "prior=A, keys=f8, keys=i8, oracle or streaming (each at most once)")
+                                   "prior=A, keys=i8, keys=f8, keys=model, oracle or streaming (each at most once)")
     if out.get("seer_decode_meanpool_prior") and out.get("seer_decode_selector"):
         raise ca.ArgValueError(f"invalid decode setting {value!r}: prior=A mixes the decode gate's scores; the "
                                f"{out['seer_decode_selector']} selector has none")

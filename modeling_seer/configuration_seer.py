@@ -9,7 +9,8 @@ import dataclasses
 import difflib
 import math
 
-from .selection import DECODE_KEY_FORMATS, DECODE_METHODS, DECODE_SELECTORS, SELECTORS, SPARSITY_METHODS
+from .selection import (DECODE_KEY_FORMATS, DECODE_METHODS, DECODE_SELECTORS, DEFAULT_DECODE_KEY_FORMAT, SELECTORS,
+                        SPARSITY_METHODS)
 
 SEER_MODES = ("dense", "distill", "sparse")
 POOLING_TYPES = ("avg", "max", "min")
@@ -133,9 +134,11 @@ class SeerConfigMixin:
             new query's softmax over each block's mean post-RoPE key (kept by the pooled-K cache),
             averaged over the KV head's group; 1 ranks by the prior alone. 0 (default): the gate.
             One more small matmul per layer and step (docs/experiments/decode_quality.md, session 36).
-        seer_decode_key_format: how the pooled-K cache stores the decode gate's block keys: ``"model"``
-            (default: the model's dtype), ``"f8"`` (float8 e4m3) or ``"i8"`` (int8), each 8-bit block
-            key row with one float32 scale: the gate's scoring reads half the bytes per step. Fixed
+        seer_decode_key_format: how the pooled-K cache stores the decode gate's block keys: ``"i8"``
+            (default since session 47: int8, any device), ``"f8"`` (float8 e4m3, a GPU with float8
+            loads) or ``"model"`` (the model's dtype); each 8-bit block key row with one float32
+            scale: the gate's scoring reads half the bytes per step, decode perplexity within 0.04%
+            of the model's dtype at issue 15's protocol (docs/experiments/decode_quality.md). Fixed
             for a cache once its prefill ran (a changed value is refused at the next step).
         seer_base_model: set in a *gates-only* checkpoint (config, ``seer_gates.safetensors`` and
             the remote code, no base weights): the Hub id or local path (folder or ``.gguf``
@@ -182,7 +185,7 @@ class SeerConfigMixin:
     seer_decode_distill_forced: bool = False
     seer_decode_selector: str = "gate"
     seer_decode_meanpool_prior: float = 0.0
-    seer_decode_key_format: str = "model"
+    seer_decode_key_format: str = DEFAULT_DECODE_KEY_FORMAT
     seer_base_model: str | None = None
     seer_base_revision: str | None = None
     seer_base_gguf_file: str | None = None

@@ -501,6 +501,10 @@ DECODE_SELECTORS = ("gate", "oracle", "streaming")
 #: the gate's scoring reads at every decode step, within 0.06% of the 16-bit keys' decode perplexity on a CPU screen
 #: (docs/experiments/decode_host_time.md, session 45)
 DECODE_KEY_FORMATS = ("model", *EIGHT_BIT_KEYS)
+#: ``seer_decode_key_format``'s default since session 47: int8 (any device; float8 needs float8 loads), within 0.04%
+#: of the 16-bit keys' decode perplexity at issue 15's protocol on an H100 and the same passkey (lost 0 of 75), the
+#: 15% gate bound met at 16 x 32k there (14.2%) (docs/experiments/decode_quality.md, session 47)
+DEFAULT_DECODE_KEY_FORMAT = "i8"
 
 
 @torch.no_grad()

@@ -72,6 +72,9 @@ def test_dense_decode_scores_are_the_ordinary_perplexity(tokenizer):
     assert (dq.decode_nll(m, ids, 150) - sparse).abs().max() > 1e-3
     dq.apply_decode(m, dq.decode_setting("share=0.2"))  # the options it leaves out go back to their defaults
     assert (m.config.seer_decode_selector, m.config.seer_decode_keep_local) == ("gate", 0)
+    # ... the gate keys to the model's dtype (a setting's name means what it meant in every earlier run), though
+    # a model's own default is int8 since session 47
+    assert m.config.seer_decode_key_format == "model" and type(m.config)().seer_decode_key_format == "i8"
     torch.testing.assert_close(dq.decode_nll(m, ids, 150), sparse)
 
 
@@ -89,6 +92,9 @@ def test_settings_and_options(capsys):
     assert dq.decode_setting("budget=2048,keys=f8") == {"seer_decode_method": "budget", "seer_decode_budget": 2048,
                                                         "seer_decode_key_format": "f8"}
     assert dq.decode_setting_text("share=0.1,keys=i8,prior=0.5") == "share=0.1,prior=0.5,keys=i8"
+    # the model's dtype spelled out is the setting without keys= (what every run up to session 47 measured)
+    assert dq.decode_setting("share=0.1,keys=model")["seer_decode_key_format"] == "model"
+    assert dq.decode_setting_text("share=0.1,keys=model") == "share=0.1"
     cfg = dq.DecodeQualityConfig(settings=["share=0.10", "budget=4096", "share=.1,streaming,local=1", "mass=.90"],
                                  gates="g.safetensors", phases=["ppl"])
     assert cfg.settings == ("share=0.1", "budget=4096", "share=0.1,local=1,streaming", "mass=0.9")

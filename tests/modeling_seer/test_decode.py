@@ -26,8 +26,9 @@ from decode_inputs import CACHE, DECODE, greedy as _greedy, ids as _ids, left_pa
 def test_pooled_k_cache_equals_pooling_the_full_k_at_every_step(tiny, cache_kind):
     """A left-padded prefill (unaligned pad of 37 slots) then 80 decode steps across block
     boundaries: after every step, each layer's pooled keys equal block_pool over every pre-RoPE
-    key seen so far (padding left out), and the gate keys equal the decode gate applied to them."""
-    m = tiny(**DECODE, seer_decode_sparsity=True)
+    key seen so far (padding left out), and the gate keys equal the decode gate applied to them (kept
+    in the model's dtype here; 8-bit keys, the default, against these: test_decode_graph.py)."""
+    m = tiny(**DECODE, seer_decode_sparsity=True, seer_decode_key_format="model")
     k_seen = {i: [] for i in range(m.config.num_hidden_layers)}
     hooks = [layer.self_attn.k_proj.register_forward_hook(
         lambda mod, a, out, i=i: k_seen[i].append(out.view(*out.shape[:2], -1, 16).transpose(1, 2)))

@@ -207,7 +207,8 @@ def test_top_k_methods_select_through_one_launch(tiny, monkeypatch, prior, one_l
     layer and step, with generate's tokens."""
     from seer_attn.modeling_seer import decode_graph
     monkeypatch.setattr(decode_graph, "ONE_LAUNCH_GATE", one_launch)
-    m = tiny(**DECODE, seer_decode_sparsity=True, seer_decode_budget=3 * 64, seer_decode_meanpool_prior=prior)
+    m = tiny(**DECODE, seer_decode_sparsity=True, seer_decode_budget=3 * 64, seer_decode_meanpool_prior=prior,
+             seer_decode_key_format="model")  # the one-launch gate scores 16-bit keys only
     ids, mask = _left_pad([_ids(200, seed=3)[0], _ids(40, seed=4)[0]], 200)
     calls = {"gate_top_blocks": [], "top_blocks": []}
     for name, fn in [(n, getattr(decode_graph, n)) for n in calls]:
