@@ -124,7 +124,8 @@
 # s46-base and s46-bench model at e9b9262 on one machine: 16 x 32k gate share 15.8% -> 13.6% float8 / 14.2% int8,
 # fused end to end 3.07x / 3.05x -> 3.10x / 3.07x (results/decode/h100_decode32_keys_f8.json). Next: stage, then
 # s46-quality (the protocol's decode PPL with 8-bit keys: what making them the default needs), then s46-e2e on an H200.
-# Session 47: s47-first (with chunk0), s47-skinny (with chunk1), s46-quality (with chunk2).
+# Session 47: s46-quality ran (H100: int8 keys the default since); next, on an H200: s47-first (the end to end with
+# 16-bit and float8 keys; add --key-format i8 for the default), then s47-skinny (is cuBLAS's decode GEMM a lever there?).
 #
 # Session 29: distill --gate-hidden-size / --q-pooling / --k-pooling exist now; gate-capacity measures them (issue 17's
 # untried "gate capacity" direction) after gate-calib-coverage and decode-distill. Session 29 got no machine (every start
