@@ -292,7 +292,8 @@ def test_run_eval_with_sparse_decode(tokenizer, corpus_path, tmp_path, monkeypat
     # without --decode the model decodes as it is set (and says so); --decode dense forces dense decode
     model.set_seer_mode("dense", seer_decode_sparsity=True, seer_decode_method="budget", seer_decode_budget=256)
     as_set = run_eval(EvalConfig(**{**asdict(config), "decode": None}))
-    assert as_set["rows"][0]["decode"] == "budget=256" and as_set["rows"][0]["decode_density"] is not None
+    # the model as set decodes on its default int8 gate keys (since session 47), and the row names them
+    assert as_set["rows"][0]["decode"] == "budget=256,keys=i8" and as_set["rows"][0]["decode_density"] is not None
     dense = run_eval(EvalConfig(**{**asdict(config), "decode": "dense"}))
     assert dense["rows"][0]["decode"] == "dense" and dense["rows"][0]["decode_density"] is None
     assert model.config.seer_decode_budget == 256  # put back after the runs
