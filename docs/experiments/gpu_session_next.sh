@@ -125,7 +125,8 @@
 # fused end to end 3.07x / 3.05x -> 3.10x / 3.07x (results/decode/h100_decode32_keys_f8.json). Next: stage, then
 # s46-quality (the protocol's decode PPL with 8-bit keys: what making them the default needs), then s46-e2e on an H200.
 # Session 47: s46-quality ran (H100: int8 keys the default since); next, on an H200: s47-first (the end to end with
-# 16-bit and float8 keys; add --key-format i8 for the default), then s47-skinny (is cuBLAS's decode GEMM a lever there?).
+# 16-bit and float8 keys; FORMATS="model i8" for the default int8 keys instead), then s47-skinny (is cuBLAS's decode
+# GEMM a lever there?).
 #
 # Session 29: distill --gate-hidden-size / --q-pooling / --k-pooling exist now; gate-capacity measures them (issue 17's
 # untried "gate capacity" direction) after gate-calib-coverage and decode-distill. Session 29 got no machine (every start
@@ -329,7 +330,7 @@ case "$STEP" in
   s46-e2e)  # issue 15 (session 46): the 32-layer end to end with 16-bit and float8 gate keys on one machine (an H200
     # unshared, an H100 with --shared-kv), one kernel row each (E2E: fewer settings); only the envelopes and logs come back
     if nvidia-smi | grep -q H200; then SH=""; else SH="--shared-kv"; fi
-    for F in model f8; do
+    for F in ${FORMATS:-model f8}; do  # FORMATS: the key formats to run (i8: the model's default since session 47)
       timeout 160 "$PY" -m seer_attn.eval.bench_decode --lengths 32768 --batches 16 --e2e ${E2E:-4x131072 16x32768} --layers 32 \
         $SH --key-format $F --out "$OUT/e2e_$F" > "$OUT/e2e_$F.log" 2>&1
       echo "bench_decode (32 layers $SH, keys $F): exit $?"; sed -n '/^end to end/,$p' "$OUT/e2e_$F.log"
