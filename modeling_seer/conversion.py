@@ -127,10 +127,8 @@ def load_seer_model(source=None, *, dtype=None, device=None, gates=None, **seer_
                 # conversion draws them), the only structural change a built model takes
                 grow = seer_kwargs.get("seer_decode_gate") is True and not cfg.seer_decode_gate
                 if grow:
-                    seer_kwargs = {k: v for k, v in seer_kwargs.items() if k != "seer_decode_gate"}
+                    cfg.seer_decode_gate = True  # the model is built from this config: the override is then unchanged
                 seer_kwargs = cfg.runtime_overrides(seer_kwargs)  # refuses new gate structure before loading
-                if grow:
-                    cfg.seer_decode_gate = True
                 model = _load(fam.seer_model_class.from_pretrained, source, local, dtype=dtype,
                               **({"config": cfg} if grow else {}))
                 if seer_kwargs:

@@ -48,6 +48,16 @@ def _x(T=300):
     return torch.randint(0, 96, (1, T), generator=torch.Generator().manual_seed(3))
 
 
+@torch.no_grad()
+def _trained_seer(tiny_kwargs):
+    """``(stock, seer, x, logits)``: a stock model, its conversion with trained gates, an input and the
+    conversion's logits on it (what a folder written from them must give back)."""
+    stock = _stock(tiny_kwargs)
+    seer = _trained_gates(from_stock(stock, **SPARSE))
+    x = _x()
+    return stock, seer, x, seer(x).logits
+
+
 @pytest.mark.parametrize("fields, bad", [
     (dict(seer_base_revision="abc"), "seer_base_revision"),
     (dict(seer_base_gguf_file="x.gguf"), "seer_base_gguf_file"),
@@ -72,11 +82,7 @@ def test_base_fields_round_trip(tiny_kwargs, tmp_path):
 
 @pytest.mark.parametrize("base_kind", ["stock-folder", "seer-folder"])
 def test_gates_only_folder_gives_the_full_model(tiny_kwargs, tmp_path, base_kind):
-    stock = _stock(tiny_kwargs)
-    seer = _trained_gates(from_stock(stock, **SPARSE))
-    x = _x()
-    with torch.no_grad():
-        ref = seer(x).logits
+    stock, seer, x, ref = _trained_seer(tiny_kwargs)
     if base_kind == "stock-folder":
         stock.save_pretrained(tmp_path / "base")
     else:  # a Seer folder with other (fresh) gates: the gates-only folder's gates win
@@ -141,11 +147,7 @@ def test_decode_gates_added_to_a_saved_seer_model_keep_its_gates(tiny_kwargs, tm
     """``load_seer_model(seer_folder, seer_decode_gate=True)`` (``seer-attn distill --decode-gate`` from a
     distilled model): decode gates are new modules beside the gates it has, which load unchanged, so the
     prefill path gives the same logits; the other structural options stay refused."""
-    stock = _stock(tiny_kwargs)
-    seer = _trained_gates(from_stock(stock, **SPARSE))
-    x = _x()
-    with torch.no_grad():
-        ref = seer(x).logits
+    stock, seer, x, ref = _trained_seer(tiny_kwargs)
     if kind == "full-folder":
         seer.save_pretrained(tmp_path / "m")
     else:
