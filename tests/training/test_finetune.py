@@ -140,15 +140,22 @@ def test_gate_loss_runs_once_per_layer_and_step_even_when_checkpointed(tmp_path,
     assert all(not torch.equal(plain[n], before[n]) for n in plain if is_gate_parameter(n))
 
 
-def test_gate_loss_gives_gradients_to_the_gates_only(tmp_path, make_tiny_model, eval_batch):
+def _step_grads(tmp_path, make_tiny_model, eval_batch, **model_kw):
+    """``(model, grads)``: the gradients of one gate-loss step (every layer) with the gates learning
+    (``grads["learning"]``) and frozen (``grads["frozen"]``), each on a fresh model, by parameter name."""
     grads = {}
     for name, train_gates in (("learning", True), ("frozen", False)):
-        model = _model(make_tiny_model)
+        model = _model(make_tiny_model, **model_kw)
         trainer = SeerFineTuneTrainer(model=model, args=_args(tmp_path, density=0.5, gate_loss_stride=1,
                                                               train_gates=train_gates))
         model.train()
         trainer.compute_loss(model, {"input_ids": eval_batch[:1]}).backward()
         grads[name] = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    return model, grads
+
+
+def test_gate_loss_gives_gradients_to_the_gates_only(tmp_path, make_tiny_model, eval_batch):
+    _, grads = _step_grads(tmp_path, make_tiny_model, eval_batch)
     gates = [n for n in grads["learning"] if is_gate_parameter(n)]
     assert len(gates) == 2 * 2 and all(grads["learning"][n].abs().sum() > 0 for n in gates)
     assert not any(is_gate_parameter(n) for n in grads["frozen"])
@@ -161,14 +168,8 @@ def test_decode_gates_learn_beside_the_prefill_gates(tmp_path, make_tiny_model, 
     """A model with decode gates: fine-tuning's gate-loss layers train its decode gates too (as distillation
     does; else they would go stale while the weights move), from detached inputs: the base gradients are
     those of the run with frozen gates, and frozen gates get none."""
-    grads = {}
-    for name, train_gates in (("learning", True), ("frozen", False)):
-        model = _model(make_tiny_model, seer_decode_gate=True, seer_decode_distill_rows=16)
-        trainer = SeerFineTuneTrainer(model=model, args=_args(tmp_path, density=0.5, gate_loss_stride=1,
-                                                              train_gates=train_gates))
-        model.train()
-        trainer.compute_loss(model, {"input_ids": eval_batch[:1]}).backward()
-        grads[name] = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    model, grads = _step_grads(tmp_path, make_tiny_model, eval_batch, seer_decode_gate=True,
+                               seer_decode_distill_rows=16)
     decode = [n for n, _ in model.named_parameters() if ".decode_gate." in n]
     assert len(decode) == 2 * 2 and all(n in grads["learning"] and grads["learning"][n].abs().sum() > 0
                                         for n in decode)
