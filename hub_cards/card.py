@@ -524,9 +524,12 @@ def recommend_decode(rows, ratio=DECODE_PPL_RATIO) -> dict | None:
 
 
 def _decode_options(setting) -> dict:
-    """``set_seer_mode`` options of a decode setting's name (``budget=2048,prior=0.7``)."""
+    """``set_seer_mode`` options of a decode setting's name (``budget=2048,prior=0.7``), as it was
+    measured: a setting without ``keys=`` ran with the gate's block keys in the model's dtype
+    (``eval.settings.apply_decode``), so the options say so rather than take the model's int8 default."""
     from seer_attn.eval.settings import decode_setting
-    return {"seer_decode_sparsity": True, **decode_setting(setting)}
+    opts = decode_setting(setting)
+    return {"seer_decode_sparsity": True, **opts, "seer_decode_key_format": opts.get("seer_decode_key_format", "model")}
 
 
 def _decode_table(rows) -> str:
@@ -560,7 +563,9 @@ def _decode_section(decodes) -> list:
                 f"Recommended: **{rec['setting']}** (kept share of KV blocks {rec['decode_density']:.3f}, decode "
                 f"perplexity {rec['ppl']:.3f} against {dense:.3f} dense, {_pct(rec['ppl'], dense)}): {rec['why']}. "
                 "`budget=N` reads N tokens of blocks per step, `share=S` that share of them, `prior=A` mixes a "
-                "training-free score of each block's mean key into the gate's (`seer_decode_meanpool_prior`).",
+                "training-free score of each block's mean key into the gate's (`seer_decode_meanpool_prior`); "
+                "`seer_decode_key_format` is how the gate's block keys were stored in that run (`\"model\"`: the "
+                "model's dtype; the model's own default, `\"i8\"`, keeps them in int8, half the bytes).",
                 "", "On a GPU, `generate`'s decode steps are bound by host work; `seer_generate` replays each step "
                 "from a CUDA graph (greedy or sampled), fastest with the layers' pointwise work compiled and their "
                 "q/k/v and gate/up projections merged (inference options: the weights stay as they are):", "",

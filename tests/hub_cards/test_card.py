@@ -214,7 +214,8 @@ def test_a_decode_quality_run_gives_a_sparse_decode_section_and_model_index(comm
     assert "## Sparse decode" in text and "Recommended: **budget=2048,prior=0.7**" in text
     pad = "\n" + " " * 21
     assert (f'model.set_seer_mode("sparse", seer_decode_sparsity=True,{pad}seer_decode_method="budget",'
-            f'{pad}seer_decode_budget=2048,{pad}seer_decode_meanpool_prior=0.7)') in text
+            f'{pad}seer_decode_budget=2048,{pad}seer_decode_meanpool_prior=0.7,'
+            f'{pad}seer_decode_key_format="model")') in text
     assert "model.seer_merge_projections()\nout = model.seer_generate(ids, max_new_tokens=512)" in text
     from seer_attn.hub_cards.card import _decode_options
     from seer_attn.modeling_seer import SeerLlamaConfig, SeerLlamaForCausalLM
@@ -222,6 +223,7 @@ def test_a_decode_quality_run_gives_a_sparse_decode_section_and_model_index(comm
     model = SeerLlamaForCausalLM(SeerLlamaConfig(**TINY, seer_gate_hidden_size=32, seer_decode_gate=True))
     model.set_seer_mode("sparse", **_decode_options(rec["setting"]))  # the snippet's options are the model's
     assert model.config.seer_decode_budget == 2048 and model.config.seer_decode_meanpool_prior == 0.7
+    assert model.config.seer_decode_key_format == "model"  # as measured (16-bit keys), not the model's int8 default
     model.set_seer_mode("sparse", **_decode_options("budget=2048,keys=f8"))  # a recommended 8-bit-key setting
     assert model.config.seer_decode_key_format == "f8"
     dense = rows[0]["ppl"]
@@ -257,7 +259,7 @@ def test_decode_gates_without_a_decode_run_say_how_to_try_and_measure_them(commi
     assert ('model.set_seer_mode("sparse", seer_decode_sparsity=True, seer_decode_method="budget", '
             'seer_decode_budget=2048)') in text and "Recommended" not in text.split("## Sparse decode")[1]
     assert _decode_options("budget=2048") == {"seer_decode_sparsity": True, "seer_decode_method": "budget",
-                                              "seer_decode_budget": 2048}  # the snippet's options, as a setting's
+                                              "seer_decode_budget": 2048, "seer_decode_key_format": "model"}
     for flag in (False, None):  # no decode gates, or not known: no section
         spec.decode_gates = flag
         assert "## Sparse decode" not in render_card(spec, _sources(committed.demo_gpu)).text
