@@ -98,7 +98,8 @@ def layout(B, S, share, pads, emit):
     """The default launch (pointer loads) on caches of ``S + pad`` slots (``seq_lens`` S: the same
     blocks, other strides between heads; an S of 2^17 slots puts every head 32 MB apart) and on three
     selection patterns of the same count: uniform random blocks, runs of 8 consecutive blocks, and
-    one uniform selection shared by every (sequence, KV head)."""
+    one uniform selection shared by every (sequence, KV head); session 48 added runs of 32, one run of
+    consecutive blocks, every block, and SDPA flash over every block (GB/s: the bytes each reads)."""
     from seer_attn.eval.bench_decode import _graph_bench
     from seer_attn.kernels import block_sparse_decode
     gen = torch.Generator(device="cuda").manual_seed(B * S + 1)
@@ -109,20 +110,37 @@ def layout(B, S, share, pads, emit):
     starts = torch.rand(B, H, NB // 8, device="cuda", generator=gen).topk(K // 8, dim=-1).indices * 8
     runs = (starts[..., None] + torch.arange(8, device="cuda")).flatten(2).sort(-1).values
     shared = uniform[:1, :1].expand(B, H, K).contiguous()
-    cnt = torch.full((B, H), K, dtype=torch.int32, device="cuda")
+    # session 48 (the H200's ~3.1 TB/s plateau at every launch config): how much is the scatter?
+    starts32 = torch.rand(B, H, NB // 32, device="cuda", generator=gen).topk(K // 32, dim=-1).indices * 32
+    runs32 = (starts32[..., None] + torch.arange(32, device="cuda")).flatten(2).sort(-1).values
+    first = torch.randint(0, NB - K + 1, (B, H, 1), device="cuda", generator=gen)
+    one_run = first + torch.arange(K // 32 * 32, device="cuda")
+    every = torch.arange(NB, device="cuda").expand(B, H, NB).contiguous()
     lens = torch.full((B,), S, device="cuda")
     q = torch.randn(B, HQ, 1, D, device="cuda", dtype=torch.bfloat16, generator=gen)
     rows = []
     for pad in pads:
         k = torch.randn(B, H, S + pad, D, device="cuda", dtype=torch.bfloat16, generator=gen)
         v = torch.randn(B, H, S + pad, D, device="cuda", dtype=torch.bfloat16, generator=gen)
-        for name, idx in (("uniform", uniform), ("runs of 8", runs), ("one selection for all", shared)):
-            ms = _graph_bench(lambda k=k, v=v, idx=idx: block_sparse_decode(q, k, v, idx, lens, block_counts=cnt,
-                                                                             check_lengths=False))
-            line = {"B": B, "S": S, "K": K, "pad": pad, "pattern": name, "variant": "layout",
+        for name, idx in (("uniform", uniform), ("runs of 8", runs), ("one selection for all", shared),
+                          ("runs of 32", runs32), ("one run", one_run), ("every block", every)):
+            n = idx.shape[-1]
+            c = torch.full((B, H), n, dtype=torch.int32, device="cuda")
+            ms = _graph_bench(lambda k=k, v=v, idx=idx, c=c: block_sparse_decode(q, k, v, idx, lens, block_counts=c,
+                                                                                 check_lengths=False))
+            line = {"B": B, "S": S, "K": n, "pad": pad, "pattern": name, "variant": "layout",
                     "us": round(1e3 * ms, 2) if isinstance(ms, float) else ms}
             if isinstance(ms, float):
-                line["gb_per_s"] = round(gbytes / ms * 1e3, 1)
+                line["gb_per_s"] = round(gbytes * n / K / ms * 1e3, 1)
+            emit(line)
+            rows.append(line)
+        if pad == 0:  # the dense reference on the same cache: SDPA's flash backend reads every block
+            from seer_attn.eval.bench_decode import _sdpa
+            ms = _graph_bench(lambda k=k, v=v: _sdpa(q, k, v, "flash"))
+            line = {"B": B, "S": S, "K": NB, "pad": 0, "pattern": "SDPA flash, every block", "variant": "layout",
+                    "us": round(1e3 * ms, 2) if isinstance(ms, float) else ms}
+            if isinstance(ms, float):
+                line["gb_per_s"] = round(gbytes * NB / K / ms * 1e3, 1)
             emit(line)
             rows.append(line)
         del k, v
