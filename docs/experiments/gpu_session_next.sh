@@ -127,6 +127,11 @@
 # Session 47: s46-quality ran (H100: int8 keys the default since); next, on an H200: s47-first (the end to end with
 # 16-bit and float8 keys; FORMATS="model i8" for the default int8 keys instead), then s47-skinny (is cuBLAS's decode
 # GEMM a lever there?).
+# Session 48 (~10 refused starts, then one H100 machine for three calls; a cold start took most of the budget): the
+# decode kernel's selection patterns (decode_kernel_tma.py --layout: ~24 us a call plus the dense rate over the blocks
+# read, the pattern indifferent), s46-e2e with int8 keys (3.07x / 3.06x), gate-long and gate-prior at DENSITIES=0.5
+# (issue 17: the gate on the mixture ahead of both baselines at 0.5). Next, on an H200: s47-first, the same --layout
+# run there (is the H200's fixed part the same ~24 us?), then s47-skinny.
 #
 # Session 29: distill --gate-hidden-size / --q-pooling / --k-pooling exist now; gate-capacity measures them (issue 17's
 # untried "gate capacity" direction) after gate-calib-coverage and decode-distill. Session 29 got no machine (every start
