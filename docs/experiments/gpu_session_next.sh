@@ -130,8 +130,8 @@
 # Session 48 (~10 refused starts, then one H100 machine for three calls; a cold start took most of the budget): the
 # decode kernel's selection patterns (decode_kernel_tma.py --layout: ~24 us a call plus the dense rate over the blocks
 # read, the pattern indifferent), s46-e2e with int8 keys (3.07x / 3.06x), gate-long and gate-prior at DENSITIES=0.5
-# (issue 17: the gate on the mixture ahead of both baselines at 0.5). Next, on an H200: s47-first, the same --layout
-# run there (is the H200's fixed part the same ~24 us?), then s47-skinny.
+# (issue 17: the gate on the mixture ahead of both baselines at 0.5). Next, on an H200: s48-h200 (the --layout run and
+# the int8-key end to end there), the decode kernel's GPU tests, then s47-skinny.
 #
 # Session 29: distill --gate-hidden-size / --q-pooling / --k-pooling exist now; gate-capacity measures them (issue 17's
 # untried "gate capacity" direction) after gate-calib-coverage and decode-distill. Session 29 got no machine (every start
@@ -322,6 +322,12 @@ case "$STEP" in
       --settings ${SETTINGS:-share=0.1 share=0.1,keys=f8 share=0.1,keys=i8 budget=2048 budget=2048,keys=f8 budget=2048,keys=i8} \
       --out "$OUT/dq" > "$OUT/decode_quality.log" 2>&1
     echo "decode_quality: exit $?"; rm -f "$OUT/dq/gates_decode_bf16.safetensors"; grep "^ppl" "$OUT/decode_quality.log" ;;
+  s48-h200)  # issue 15 (session 48), no staging, on an H200: the decode kernel's selection patterns and SDPA flash
+    # (--layout: is the fixed part per call the H100's ~24 us there too?), then s46-e2e with the default int8 keys
+    timeout 100 "$PY" docs/experiments/decode_kernel_tma.py --no-sweep --layout 0 --settings 4x131072 16x32768 \
+      --out "$OUT/layout.json" > "$OUT/layout.log" 2>&1
+    echo "decode_kernel_tma --layout: exit $?"; sed -n '/^# /,$p' "$OUT/layout.log"; grep -E "Error" "$OUT/layout.log" | tail -n 3
+    FORMATS=${FORMATS:-i8} bash "$0" s46-e2e "$2" ;;
   s47-first)  # session 47, no staging: the decode kernel's GPU tests (acc453b changed its option check), then
     # s46-e2e (the 32-layer end to end with 16-bit and float8 gate keys; E2E narrows it)
     timeout 150 "$PY" -m pytest -q -x tests/kernels/test_block_sparse_decode.py > "$OUT/tests_decode.log" 2>&1
