@@ -172,6 +172,11 @@ def setting_text(value) -> str:
 
 # -- decode settings (sparse decode, docs/design.md §2 "Decode") ----------------------------------
 
+#: the gate-key format (``seer_decode_key_format``) of a decode setting without ``keys=``: the model's dtype, as
+#: every run up to session 47 measured it (a model's own default is int8 since then)
+SETTING_KEY_FORMAT = "model"
+
+
 def decode_setting(value):
     """``dense``, or ``share=X`` / ``budget=N`` / ``mass=P`` followed by optional ``,local=N``
     (full blocks before the current one always read), ``,prior=A`` (``seer_decode_meanpool_prior``),
@@ -225,7 +230,7 @@ def apply_decode(model, setting, prefill="dense", prefill_opts=None):
     """Set ``model`` to a prefill mode and a decode setting (:func:`decode_setting`; the options
     a setting leaves out, ``local`` and the selector, go back to their defaults)."""
     setting = {"seer_decode_keep_local": 0, "seer_decode_selector": "gate", "seer_decode_meanpool_prior": 0.0,
-               "seer_decode_key_format": "model", **setting} if setting else {}
+               "seer_decode_key_format": SETTING_KEY_FORMAT, **setting} if setting else {}
     model.set_seer_mode(prefill, seer_decode_sparsity=bool(setting), **setting, **(prefill_opts or {}))
 
 
@@ -258,7 +263,7 @@ def decode_setting_name(setting):
         name += f",local={setting['seer_decode_keep_local']}"
     if setting.get("seer_decode_meanpool_prior"):
         name += f",prior={setting['seer_decode_meanpool_prior']:g}"
-    if setting.get("seer_decode_key_format", "model") != "model":
+    if setting.get("seer_decode_key_format", SETTING_KEY_FORMAT) != SETTING_KEY_FORMAT:
         name += f",keys={setting['seer_decode_key_format']}"
     return name + (f",{setting['seer_decode_selector']}" if setting.get("seer_decode_selector", "gate") != "gate"
                    else "")

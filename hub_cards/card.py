@@ -527,9 +527,10 @@ def _decode_options(setting) -> dict:
     """``set_seer_mode`` options of a decode setting's name (``budget=2048,prior=0.7``), as it was
     measured: a setting without ``keys=`` ran with the gate's block keys in the model's dtype
     (``eval.settings.apply_decode``), so the options say so rather than take the model's int8 default."""
-    from seer_attn.eval.settings import decode_setting
+    from seer_attn.eval.settings import SETTING_KEY_FORMAT, decode_setting
     opts = decode_setting(setting)
-    return {"seer_decode_sparsity": True, **opts, "seer_decode_key_format": opts.get("seer_decode_key_format", "model")}
+    return {"seer_decode_sparsity": True, **opts,
+            "seer_decode_key_format": opts.get("seer_decode_key_format", SETTING_KEY_FORMAT)}
 
 
 def _decode_table(rows) -> str:

@@ -131,7 +131,8 @@ def test_index_lists_equal_the_mask(gen, device):
     torch.testing.assert_close(block_sparse_decode(q, k, v, junk.to(device), lens, block_counts=cnt.to(device),
                                                    backend="triton", num_splits=1), base, **close)
     ref = block_sparse_decode_ref(q, k, v, sel, lens)
-    torch.testing.assert_close(block_sparse_decode_ref(q, k, v, junk.to(device), lens, block_counts=cnt.to(device)), ref)
+    torch.testing.assert_close(block_sparse_decode_ref(q, k, v, junk.to(device), lens, block_counts=cnt.to(device)),
+                               ref)
 
 
 @pytest.mark.parametrize("splits", [1, 2, 5, 64], ids=lambda s: f"splits{s}")
