@@ -119,6 +119,15 @@ def layout(B, S, share, pads, emit):
     lens = torch.full((B,), S, device="cuda")
     q = torch.randn(B, HQ, 1, D, device="cuda", dtype=torch.bfloat16, generator=gen)
     rows = []
+
+    def record(pad, pattern, n, ms):  # one timed call reading n blocks of every list
+        line = {"B": B, "S": S, "K": n, "pad": pad, "pattern": pattern, "variant": "layout",
+                "us": round(1e3 * ms, 2) if isinstance(ms, float) else ms}
+        if isinstance(ms, float):
+            line["gb_per_s"] = round(gbytes * n / K / ms * 1e3, 1)
+        emit(line)
+        rows.append(line)
+
     for pad in pads:
         k = torch.randn(B, H, S + pad, D, device="cuda", dtype=torch.bfloat16, generator=gen)
         v = torch.randn(B, H, S + pad, D, device="cuda", dtype=torch.bfloat16, generator=gen)
@@ -126,23 +135,11 @@ def layout(B, S, share, pads, emit):
                           ("runs of 32", runs32), ("one run", one_run), ("every block", every)):
             n = idx.shape[-1]
             c = torch.full((B, H), n, dtype=torch.int32, device="cuda")
-            ms = _graph_bench(lambda k=k, v=v, idx=idx, c=c: block_sparse_decode(q, k, v, idx, lens, block_counts=c,
-                                                                                 check_lengths=False))
-            line = {"B": B, "S": S, "K": n, "pad": pad, "pattern": name, "variant": "layout",
-                    "us": round(1e3 * ms, 2) if isinstance(ms, float) else ms}
-            if isinstance(ms, float):
-                line["gb_per_s"] = round(gbytes * n / K / ms * 1e3, 1)
-            emit(line)
-            rows.append(line)
+            record(pad, name, n, _graph_bench(lambda k=k, v=v, idx=idx, c=c: block_sparse_decode(
+                q, k, v, idx, lens, block_counts=c, check_lengths=False)))
         if pad == 0:  # the dense reference on the same cache: SDPA's flash backend reads every block
             from seer_attn.eval.bench_decode import _sdpa
-            ms = _graph_bench(lambda k=k, v=v: _sdpa(q, k, v, "flash"))
-            line = {"B": B, "S": S, "K": NB, "pad": 0, "pattern": "SDPA flash, every block", "variant": "layout",
-                    "us": round(1e3 * ms, 2) if isinstance(ms, float) else ms}
-            if isinstance(ms, float):
-                line["gb_per_s"] = round(gbytes * NB / K / ms * 1e3, 1)
-            emit(line)
-            rows.append(line)
+            record(0, "SDPA flash, every block", NB, _graph_bench(lambda k=k, v=v: _sdpa(q, k, v, "flash")))
         del k, v
         torch.cuda.empty_cache()
     return rows
